@@ -1,0 +1,35 @@
+//! Foundations shared by every shrink crate: atomic file output, the cache location, sha256 hashing
+//! and the progress-reporting trait through which libraries report long work without printing.
+//!
+//! ```
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("out.txt");
+//! shrink_core::atomic_write(&path, b"hello").unwrap();
+//! assert_eq!(std::fs::read(&path).unwrap(), b"hello");
+//! assert_eq!(
+//!     shrink_core::sha256_hex(b"abc"),
+//!     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+//! );
+//! ```
+
+mod fsio;
+mod progress;
+
+pub use fsio::{atomic_write, atomic_write_with, cache_dir, sha256_file, sha256_hex, AtomicDir};
+pub use progress::{NoProgress, Progress};
+
+/// Errors from the shared foundations: always name the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot locate a cache directory: set SHRINK_CACHE_DIR, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+}
+
+pub type Result<T> = std::result::Result<T, CoreError>;

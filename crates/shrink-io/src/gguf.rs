@@ -1,0 +1,653 @@
+//! GGUF: read (memory-mapped; dequantize every type candle knows; undo llama.cpp's Q/K permutation;
+//! rebuild config and tokenizer from metadata) and write (version 3, aligned, any ggml type).
+
+use crate::tokenizer::{GgufVocab, TokenizerBundle};
+use crate::{io_error, Checkpoint, Format, IoError, Result};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::{Cursor, Write};
+use std::path::Path;
+
+const SUPPORTED_ARCHS: &str = "llama, qwen2";
+
+/// Memory-maps a GGUF file; the mapping is read once, tensor by tensor.
+pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    // SAFETY: the file is opened read-only; shrink never writes to its inputs. As with every mmap,
+    // a concurrent writer from another process could change the bytes under us.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io_error(path))
+}
+
+/// Reads the header, metadata and tensor table.
+pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Content> {
+    let content = gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: format!("corrupt or truncated GGUF header: {e}"),
+    })?;
+    for (name, info) in &content.tensor_infos {
+        let size = tensor_bytes(info.ggml_dtype, info.shape.elem_count()).ok_or_else(|| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message: format!(
+                "{} elements are not a whole number of {:?} blocks",
+                info.shape.elem_count(),
+                info.ggml_dtype
+            ),
+        })?;
+        let start = content.tensor_data_offset + info.offset;
+        let end = start.checked_add(size as u64).unwrap_or(u64::MAX);
+        if end > bytes.len() as u64 {
+            return Err(IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                message: format!(
+                    "the file is truncated: the tensor's data spans bytes {start}..{end} but the file has {} bytes",
+                    bytes.len()
+                ),
+            });
+        }
+    }
+    Ok(content)
+}
+
+pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
+    let block = dtype.block_size();
+    (elems % block == 0).then(|| elems / block * dtype.type_size())
+}
+
+fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a Value> {
+    content.metadata.get(key)
+}
+
+fn meta_err(path: &Path, key: &str, message: impl Into<String>) -> IoError {
+    IoError::Metadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn meta_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Option<u64>> {
+    match meta(content, key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_u64()
+            .or_else(|_| v.to_u32().map(u64::from))
+            .or_else(|_| v.to_i32().map(|x| x as u64))
+            .map(Some)
+            .map_err(|_| meta_err(path, key, format!("expected an integer, found {:?}", v.value_type()))),
+    }
+}
+
+fn meta_req_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<u64> {
+    meta_u64(path, content, key)?.ok_or_else(|| meta_err(path, key, "missing"))
+}
+
+fn meta_f64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
+    match meta(content, key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_f32()
+            .map(f64::from)
+            .or_else(|_| v.to_f64())
+            .map(Some)
+            .map_err(|_| meta_err(path, key, "expected a float")),
+    }
+}
+
+fn meta_str<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<Option<&'a str>> {
+    match meta(content, key) {
+        None => Ok(None),
+        Some(v) => v
+            .to_string()
+            .map(|s| Some(s.as_str()))
+            .map_err(|_| meta_err(path, key, "expected a string")),
+    }
+}
+
+fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
+    meta(content, key).and_then(|v| v.to_bool().ok())
+}
+
+fn meta_array<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<&'a Vec<Value>> {
+    meta(content, key)
+        .ok_or_else(|| meta_err(path, key, "missing"))?
+        .to_vec()
+        .map_err(|_| meta_err(path, key, "expected an array"))
+}
+
+/// The Hugging Face name for a GGUF tensor name (llama layout), or `None` if unknown.
+fn gguf_to_hf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The GGUF name for a Hugging Face tensor name (llama layout), or `None` if unknown.
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    let fixed = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let g = match part {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// llama.cpp's `llama` architecture stores Q/K rows with RoPE pairs interleaved: HF row
+/// `h*hd + half*hd/2 + j` is GGUF row `h*hd + 2*j + half`. `to_hf` selects the direction.
+fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
+    let hd = rows / n_head;
+    let split = if to_hf { (n_head, hd / 2, 2, cols) } else { (n_head, 2, hd / 2, cols) };
+    t.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+}
+
+/// Loads a GGUF file as a checkpoint.
+pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
+    let mmap = map(path)?;
+    let content = read_content(path, &mmap)?;
+    let arch = meta_str(path, &content, "general.architecture")?
+        .ok_or_else(|| meta_err(path, "general.architecture", "missing"))?
+        .to_string();
+    let model_type = match arch.as_str() {
+        "llama" => "llama",
+        "qwen2" => "qwen2",
+        _ => {
+            return Err(IoError::UnknownArchitecture {
+                path: path.to_path_buf(),
+                architecture: arch,
+                supported: SUPPORTED_ARCHS,
+            })
+        }
+    };
+    let a = |k: &str| format!("{arch}.{k}");
+    let n_head = meta_req_u64(path, &content, &a("attention.head_count"))? as usize;
+    let n_head_kv = meta_u64(path, &content, &a("attention.head_count_kv"))?.unwrap_or(n_head as u64) as usize;
+    let hidden = meta_req_u64(path, &content, &a("embedding_length"))? as usize;
+    let n_layer = meta_req_u64(path, &content, &a("block_count"))? as usize;
+    let ffn = meta_req_u64(path, &content, &a("feed_forward_length"))? as usize;
+    if n_head == 0 || n_head_kv == 0 {
+        return Err(meta_err(path, &a("attention.head_count"), "must be positive"));
+    }
+    let head_dim = meta_u64(path, &content, &a("attention.key_length"))?
+        .map(|v| v as usize)
+        .unwrap_or(hidden / n_head);
+    if let Some(rot) = meta_u64(path, &content, &a("rope.dimension_count"))? {
+        if rot as usize != head_dim {
+            return Err(meta_err(
+                path,
+                &a("rope.dimension_count"),
+                format!("partial rotary embeddings ({rot} of {head_dim}) are not supported"),
+            ));
+        }
+    }
+    let eps = meta_f64(path, &content, &a("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| meta_err(path, &a("attention.layer_norm_rms_epsilon"), "missing"))?;
+    let theta = meta_f64(path, &content, &a("rope.freq_base"))?.unwrap_or(10_000.0);
+    let ctx_len = meta_u64(path, &content, &a("context_length"))?.unwrap_or(2048);
+
+    // Tokenizer.
+    let tokens: Vec<String> = meta_array(path, &content, "tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<candle_core::Result<_>>()
+        .map_err(|_| meta_err(path, "tokenizer.ggml.tokens", "expected strings"))?;
+    let token_types: Vec<i32> = match meta(&content, "tokenizer.ggml.token_type") {
+        Some(_) => meta_array(path, &content, "tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| v.to_i32())
+            .collect::<candle_core::Result<_>>()
+            .map_err(|_| meta_err(path, "tokenizer.ggml.token_type", "expected i32 values"))?,
+        None => vec![1; tokens.len()],
+    };
+    let merges: Vec<String> = match meta(&content, "tokenizer.ggml.merges") {
+        Some(_) => meta_array(path, &content, "tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<_>>()
+            .map_err(|_| meta_err(path, "tokenizer.ggml.merges", "expected strings"))?,
+        None => vec![],
+    };
+    let vocab = GgufVocab {
+        model: meta_str(path, &content, "tokenizer.ggml.model")?
+            .ok_or_else(|| meta_err(path, "tokenizer.ggml.model", "missing"))?
+            .to_string(),
+        pre: meta_str(path, &content, "tokenizer.ggml.pre")?.map(str::to_string),
+        tokens,
+        token_types,
+        merges,
+    };
+    let vocab_size = meta_u64(path, &content, &a("vocab_size"))?
+        .map(|v| v as usize)
+        .unwrap_or(vocab.tokens.len());
+    let bos = meta_u64(path, &content, "tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+    let eos = meta_u64(path, &content, "tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
+    let add_bos = meta_bool(&content, "tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let chat_template = meta_str(path, &content, "tokenizer.chat_template")?.map(str::to_string);
+    let tokenizer = TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
+
+    // Tensors, in file order, dequantized to f32 under HF names.
+    let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, info)| info.offset);
+    let mut tensors = BTreeMap::new();
+    let mut cursor = Cursor::new(&mmap[..]);
+    for (name, info) in infos {
+        let tensor_err = |message: String| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message,
+        };
+        if name == "rope_freqs.weight" {
+            continue; // a precomputed RoPE table; the model computes its own
+        }
+        let hf = gguf_to_hf_name(name).ok_or_else(|| tensor_err("unknown tensor name for the llama architecture".into()))?;
+        let q = info
+            .read(&mut cursor, content.tensor_data_offset, &Device::Cpu)
+            .map_err(|e| tensor_err(e.to_string()))?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .map_err(|e| tensor_err(format!("cannot dequantize {:?}: {e}", info.ggml_dtype)))?;
+        if arch == "llama" {
+            if hf.contains("self_attn.q_proj") {
+                t = permute_qk(&t, n_head, true).map_err(|e| tensor_err(e.to_string()))?;
+            } else if hf.contains("self_attn.k_proj") {
+                t = permute_qk(&t, n_head_kv, true).map_err(|e| tensor_err(e.to_string()))?;
+            }
+        }
+        tensors.insert(hf, t);
+    }
+    let tie = !tensors.contains_key("lm_head.weight");
+    let config = json!({
+        "architectures": [if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "max_position_embeddings": ctx_len,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tie,
+        "attention_bias": false,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+    });
+    let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos }));
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        format: Format::Gguf,
+        config,
+        tensors,
+        tokenizer: Some(tokenizer),
+        generation_config,
+    })
+}
+
+/// A metadata value to write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GgufValue {
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    StringArray(Vec<String>),
+    I32Array(Vec<i32>),
+}
+
+// GGUF value type ids.
+const GGUF_U32: u32 = 4;
+const GGUF_I32: u32 = 5;
+const GGUF_F32: u32 = 6;
+const GGUF_BOOL: u32 = 7;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    w.extend((s.len() as u64).to_le_bytes());
+    w.extend(s.as_bytes());
+}
+
+impl GgufValue {
+    /// Appends the value type id and the value.
+    fn encode(&self, w: &mut Vec<u8>) {
+        match self {
+            GgufValue::U32(v) => {
+                w.extend(GGUF_U32.to_le_bytes());
+                w.extend(v.to_le_bytes());
+            }
+            GgufValue::I32(v) => {
+                w.extend(GGUF_I32.to_le_bytes());
+                w.extend(v.to_le_bytes());
+            }
+            GgufValue::F32(v) => {
+                w.extend(GGUF_F32.to_le_bytes());
+                w.extend(v.to_le_bytes());
+            }
+            GgufValue::Bool(v) => {
+                w.extend(GGUF_BOOL.to_le_bytes());
+                w.push(u8::from(*v));
+            }
+            GgufValue::String(v) => {
+                w.extend(GGUF_STRING.to_le_bytes());
+                put_str(w, v);
+            }
+            GgufValue::StringArray(v) => {
+                w.extend(GGUF_ARRAY.to_le_bytes());
+                w.extend(GGUF_STRING.to_le_bytes());
+                w.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|s| put_str(w, s));
+            }
+            GgufValue::I32Array(v) => {
+                w.extend(GGUF_ARRAY.to_le_bytes());
+                w.extend(GGUF_I32.to_le_bytes());
+                w.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| w.extend(x.to_le_bytes()));
+            }
+        }
+    }
+}
+
+/// ggml's type id (ggml.h `enum ggml_type`).
+fn ggml_type_id(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
+/// A tensor to write: its GGUF name and ggml-typed data, in PyTorch dimension order.
+#[derive(Debug)]
+pub struct GgufTensor {
+    pub name: String,
+    pub tensor: QTensor,
+}
+
+/// Writes a GGUF (version 3) atomically: header, metadata in the given order, tensor table, data
+/// aligned to 32 bytes.
+pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[GgufTensor]) -> Result<()> {
+    const ALIGN: usize = 32;
+    let pad = |n: usize| (ALIGN - n % ALIGN) % ALIGN;
+    let mut header = Vec::new();
+    let w = &mut header;
+    w.extend(0x4655_4747u32.to_le_bytes());
+    w.extend(3u32.to_le_bytes());
+    w.extend((tensors.len() as u64).to_le_bytes());
+    w.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_str(w, key);
+        value.encode(w);
+    }
+    let mut offset = 0usize;
+    let mut datas = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        put_str(w, &t.name);
+        let dims = t.tensor.shape().dims();
+        w.extend((dims.len() as u32).to_le_bytes());
+        for &d in dims.iter().rev() {
+            w.extend((d as u64).to_le_bytes());
+        }
+        w.extend(ggml_type_id(t.tensor.dtype()).to_le_bytes());
+        w.extend((offset as u64).to_le_bytes());
+        let data = t.tensor.data().map_err(|e| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: t.name.clone(),
+            message: e.to_string(),
+        })?;
+        offset += data.len() + pad(data.len());
+        datas.push(data);
+    }
+    let header_pad = pad(header.len());
+    header.extend(std::iter::repeat_n(0u8, header_pad));
+    shrink_core::atomic_write_with(path, |out| -> Result<()> {
+        out.write_all(&header).map_err(io_error(path))?;
+        for data in &datas {
+            out.write_all(data).map_err(io_error(path))?;
+            out.write_all(&vec![0u8; pad(data.len())]).map_err(io_error(path))?;
+        }
+        Ok(())
+    })
+}
+
+/// The ggml type to store a checkpoint's 2-D weights in (1-D tensors always stay F32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufWriteType {
+    F32,
+    F16,
+    Q8_0,
+}
+
+impl GgufWriteType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            GgufWriteType::F32 => GgmlDType::F32,
+            GgufWriteType::F16 => GgmlDType::F16,
+            GgufWriteType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    fn file_type(self) -> u32 {
+        match self {
+            GgufWriteType::F32 => 0,
+            GgufWriteType::F16 => 1,
+            GgufWriteType::Q8_0 => 7,
+        }
+    }
+}
+
+/// Writes a Llama-family checkpoint as a GGUF llama.cpp loads: llama metadata, the tokenizer
+/// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted.
+pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufWriteType) -> Result<()> {
+    let cfg = &checkpoint.config;
+    let bad = |key: &str| IoError::Metadata {
+        path: checkpoint.path.clone(),
+        key: key.to_string(),
+        message: "missing or not a number in config.json".into(),
+    };
+    let get = |key: &str| cfg.get(key).and_then(|v| v.as_u64()).ok_or_else(|| bad(key));
+    let getf = |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
+    let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+    let arch = match model_type {
+        "llama" | "mistral" => "llama",
+        "qwen2" => "qwen2",
+        other => {
+            return Err(IoError::UnknownArchitecture {
+                path: checkpoint.path.clone(),
+                architecture: other.to_string(),
+                supported: SUPPORTED_ARCHS,
+            })
+        }
+    };
+    let n_head = get("num_attention_heads")? as usize;
+    let n_head_kv = cfg.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(n_head as u64) as usize;
+    let hidden = get("hidden_size")?;
+    let head_dim = cfg.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(hidden / n_head as u64);
+    let tok = checkpoint.tokenizer()?;
+    let vocab = tok.gguf_vocab.as_ref().ok_or_else(|| IoError::Tokenizer {
+        path: checkpoint.path.clone(),
+        message: "writing GGUF needs a GGUF vocabulary (convert from a GGUF source)".into(),
+    })?;
+    let a = |k: &str| format!("{arch}.{k}");
+    let s = |v: &str| GgufValue::String(v.to_string());
+    let mut metadata = vec![
+        ("general.architecture".to_string(), s(arch)),
+        ("general.name".to_string(), s(cfg.get("_name_or_path").and_then(|v| v.as_str()).unwrap_or("shrink"))),
+        ("general.file_type".to_string(), GgufValue::U32(weight_type.file_type())),
+        ("general.quantization_version".to_string(), GgufValue::U32(2)),
+        (a("context_length"), GgufValue::U32(cfg.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as u32)),
+        (a("embedding_length"), GgufValue::U32(hidden as u32)),
+        (a("block_count"), GgufValue::U32(get("num_hidden_layers")? as u32)),
+        (a("feed_forward_length"), GgufValue::U32(get("intermediate_size")? as u32)),
+        (a("attention.head_count"), GgufValue::U32(n_head as u32)),
+        (a("attention.head_count_kv"), GgufValue::U32(n_head_kv as u32)),
+        (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
+        (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
+        (a("rope.freq_base"), GgufValue::F32(getf("rope_theta", 10_000.0) as f32)),
+        (a("attention.layer_norm_rms_epsilon"), GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32)),
+        (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
+        (a("vocab_size"), GgufValue::U32(get("vocab_size")? as u32)),
+        ("tokenizer.ggml.model".to_string(), s(&vocab.model)),
+    ];
+    if let Some(pre) = &vocab.pre {
+        metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
+    }
+    metadata.push(("tokenizer.ggml.tokens".into(), GgufValue::StringArray(vocab.tokens.clone())));
+    metadata.push(("tokenizer.ggml.token_type".into(), GgufValue::I32Array(vocab.token_types.clone())));
+    metadata.push(("tokenizer.ggml.merges".into(), GgufValue::StringArray(vocab.merges.clone())));
+    if let Some(bos) = tok.bos_token_id {
+        metadata.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
+    }
+    if let Some(eos) = tok.eos_token_ids.first() {
+        metadata.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*eos)));
+    }
+    metadata.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(tok.add_bos)));
+    metadata.push(("tokenizer.ggml.add_space_prefix".into(), GgufValue::Bool(false)));
+    if let Some(t) = &tok.chat_template {
+        metadata.push(("tokenizer.chat_template".into(), s(t)));
+    }
+
+    // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
+    let mut ordered: Vec<(&String, &Tensor)> = checkpoint.tensors.iter().collect();
+    let layer_of = |n: &str| -> (usize, usize) {
+        match n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse().ok()) {
+            Some(l) => (1, l),
+            None if n == "model.embed_tokens.weight" => (0, 0),
+            None => (2, 0),
+        }
+    };
+    ordered.sort_by(|a, b| layer_of(a.0).cmp(&layer_of(b.0)).then(a.0.cmp(b.0)));
+    let mut out = Vec::with_capacity(ordered.len());
+    for (name, t) in ordered {
+        let err = |message: String| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message,
+        };
+        let gname = hf_to_gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+        let mut t = t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?;
+        if arch == "llama" {
+            if name.contains("self_attn.q_proj") {
+                t = permute_qk(&t, n_head, false).map_err(|e| err(e.to_string()))?;
+            } else if name.contains("self_attn.k_proj") {
+                t = permute_qk(&t, n_head_kv, false).map_err(|e| err(e.to_string()))?;
+            }
+        }
+        let row = *t.dims().last().unwrap_or(&0);
+        let ggml = if t.rank() == 2 && row % weight_type.ggml().block_size() == 0 {
+            weight_type.ggml()
+        } else {
+            GgmlDType::F32
+        };
+        let q = QTensor::quantize(&t, ggml).map_err(|e| err(e.to_string()))?;
+        out.push(GgufTensor { name: gname, tensor: q });
+    }
+    write_gguf(path, &metadata, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qk_permutation_matches_the_documented_row_mapping() {
+        // 2 heads of head_dim 4, 1 column: HF row h*4 + half*2 + j -> GGUF row h*4 + 2*j + half.
+        let hf: Vec<f32> = (0..8).map(|v| v as f32).collect();
+        let t = Tensor::from_vec(hf, (8, 1), &Device::Cpu).unwrap();
+        let g: Vec<f32> = permute_qk(&t, 2, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let mut want = [0f32; 8];
+        for h in 0..2 {
+            for half in 0..2 {
+                for j in 0..2 {
+                    want[h * 4 + 2 * j + half] = (h * 4 + half * 2 + j) as f32;
+                }
+            }
+        }
+        assert_eq!(g, want);
+        let back = permute_qk(&Tensor::from_vec(g, (8, 1), &Device::Cpu).unwrap(), 2, true).unwrap();
+        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..8).map(|v| v as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn tensor_names_round_trip() {
+        for n in [
+            "model.embed_tokens.weight",
+            "model.layers.12.self_attn.k_proj.bias",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.3.post_attention_layernorm.weight",
+            "lm_head.weight",
+        ] {
+            assert_eq!(gguf_to_hf_name(&hf_to_gguf_name(n).unwrap()).unwrap(), n);
+        }
+        assert_eq!(hf_to_gguf_name("model.layers.1.mlp.gate_proj.weight").unwrap(), "blk.1.ffn_gate.weight");
+        assert!(gguf_to_hf_name("blk.1.ffn_gate_exps.weight").is_none());
+    }
+}

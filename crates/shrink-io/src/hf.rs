@@ -1,0 +1,217 @@
+//! Hugging Face folders: `config.json`, `model.safetensors` or a sharded
+//! `model.safetensors.index.json`, `tokenizer.json`, `tokenizer_config.json`,
+//! `generation_config.json`. Safetensors files are memory-mapped.
+
+use crate::{io_error, Checkpoint, Format, IoError, Result};
+use candle_core::{DType, Tensor};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
+    if !path.is_file() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+    serde_json::from_str(&text).map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: format!("invalid JSON: {e}"),
+    })
+}
+
+/// The safetensors files of a folder: the shards listed by the index, or `model.safetensors`.
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let value = read_json(&index)?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| IoError::Metadata {
+                path: index.clone(),
+                key: "weight_map".into(),
+                message: "missing or not an object".into(),
+            })?;
+        let mut files = BTreeSet::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| IoError::Metadata {
+                path: index.clone(),
+                key: format!("weight_map.{tensor}"),
+                message: "not a file name".into(),
+            })?;
+            files.insert(dir.join(file));
+        }
+        return Ok(files.into_iter().collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(IoError::NotFound { path: single })
+}
+
+/// Memory-maps one safetensors file and loads its tensors (as f32 unless `keep_dtype`).
+pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    if !path.is_file() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    // SAFETY: read-only mapping of an input file that shrink never writes.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: format!("corrupt or truncated safetensors file: {e}"),
+    })?;
+    for (name, _) in st.tensors() {
+        let t = st.load(&name, &candle_core::Device::Cpu).map_err(|e| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            message: e.to_string(),
+        })?;
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                message: e.to_string(),
+            })?,
+            other => t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                message: format!("cannot convert {other:?} to f32: {e}"),
+            })?,
+        };
+        if out.insert(name.clone(), t).is_some() {
+            return Err(IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name,
+                message: "appears in more than one shard".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
+    let config = read_json(&dir.join("config.json"))?;
+    let mut tensors = BTreeMap::new();
+    for file in safetensors_files(dir)? {
+        read_safetensors(&file, &mut tensors)?;
+    }
+    let tokenizer = crate::tokenizer::load_hf_tokenizer(dir, &config)?;
+    let gen_path = dir.join("generation_config.json");
+    let generation_config = if gen_path.is_file() {
+        Some(read_json(&gen_path)?)
+    } else {
+        None
+    };
+    Ok(Checkpoint {
+        path: dir.to_path_buf(),
+        format: Format::HfFolder,
+        config,
+        tensors,
+        tokenizer,
+        generation_config,
+    })
+}
+
+/// The float type tensors are stored in when saving a Hugging Face folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl SaveDType {
+    fn dtype(self) -> DType {
+        match self {
+            SaveDType::F32 => DType::F32,
+            SaveDType::F16 => DType::F16,
+            SaveDType::BF16 => DType::BF16,
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            SaveDType::F32 => "float32",
+            SaveDType::F16 => "float16",
+            SaveDType::BF16 => "bfloat16",
+        }
+    }
+}
+
+/// Writes `checkpoint` as a Hugging Face folder at `out`: built in a staging folder and renamed
+/// into place, so an interrupted save leaves nothing behind.
+pub fn save_hf(checkpoint: &Checkpoint, out: &Path, dtype: SaveDType) -> Result<()> {
+    let staged = shrink_core::AtomicDir::new(out)?;
+    let dir = staged.path().to_path_buf();
+    let json_file = |name: &str, value: &serde_json::Value| -> Result<()> {
+        let mut text = serde_json::to_string_pretty(value).map_err(|e| IoError::Format {
+            path: dir.join(name),
+            message: e.to_string(),
+        })?;
+        text.push('\n');
+        Ok(shrink_core::atomic_write(&dir.join(name), text.as_bytes())?)
+    };
+    let mut config = checkpoint.config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
+    }
+    json_file("config.json", &config)?;
+
+    let mut converted = Vec::with_capacity(checkpoint.tensors.len());
+    for (name, t) in &checkpoint.tensors {
+        let t = t.to_dtype(dtype.dtype()).map_err(|e| IoError::Tensor {
+            path: out.to_path_buf(),
+            tensor: name.clone(),
+            message: e.to_string(),
+        })?;
+        converted.push((name.clone(), t));
+    }
+    let st_path = dir.join("model.safetensors");
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(converted.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| IoError::Format {
+            path: st_path.clone(),
+            message: format!("serializing safetensors: {e}"),
+        })?;
+    shrink_core::atomic_write(&st_path, &bytes)?;
+
+    if let Some(tok) = &checkpoint.tokenizer {
+        let text = tok.tokenizer.to_string(true).map_err(|e| IoError::Tokenizer {
+            path: dir.join("tokenizer.json"),
+            message: e.to_string(),
+        })?;
+        shrink_core::atomic_write(&dir.join("tokenizer.json"), text.as_bytes())?;
+        let token = |id: Option<u32>| id.and_then(|id| tok.token_text(id));
+        let mut tc = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": tok.add_bos,
+            "add_eos_token": false,
+            "clean_up_tokenization_spaces": false,
+            "model_max_length": config.get("max_position_embeddings").cloned().unwrap_or(2048.into()),
+        });
+        if let Some(b) = token(tok.bos_token_id) {
+            tc["bos_token"] = b.into();
+        }
+        if let Some(e) = token(tok.eos_token_ids.first().copied()) {
+            tc["eos_token"] = e.into();
+        }
+        if let Some(t) = &tok.chat_template {
+            tc["chat_template"] = t.clone().into();
+        }
+        json_file("tokenizer_config.json", &tc)?;
+    }
+    let generation = checkpoint.generation_config.clone().unwrap_or_else(|| {
+        serde_json::json!({
+            "bos_token_id": config.get("bos_token_id"),
+            "eos_token_id": config.get("eos_token_id"),
+        })
+    });
+    json_file("generation_config.json", &generation)?;
+    staged.commit()?;
+    Ok(())
+}

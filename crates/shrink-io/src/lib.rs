@@ -1,0 +1,140 @@
+//! Reading and writing model files. Every format is loaded into one in-memory form, a
+//! [`Checkpoint`]: a Hugging Face `config.json`, tensors under Hugging Face names and layout, and the
+//! tokenizer. GGUF files are memory-mapped, their tensors dequantized to f32, llama.cpp's Q/K row
+//! permutation undone and their tokenizer rebuilt from the metadata.
+//!
+//! ```no_run
+//! let checkpoint = shrink_io::load(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
+//! assert_eq!(checkpoint.config["num_hidden_layers"], 30);
+//! let tokens = checkpoint.tokenizer()?.encode("To be, or not to be", false)?;
+//! shrink_io::save_hf(&checkpoint, std::path::Path::new("smollm2-hf"), shrink_io::SaveDType::F32)?;
+//! # Ok::<(), shrink_io::IoError>(())
+//! ```
+
+mod gguf;
+mod hf;
+mod inspect;
+mod tokenizer;
+
+pub use gguf::{
+    hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue, GgufWriteType,
+};
+pub use hf::{save_hf, SaveDType};
+pub use inspect::{inspect, Inspection, TensorSummary};
+pub use tokenizer::{GgufVocab, TokenizerBundle};
+
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Errors from reading or writing model files; each names the file and, where it applies, the
+/// tensor or metadata key.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("{path}: no such file or directory")]
+    NotFound { path: PathBuf },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: metadata key '{key}': {message}")]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: unsupported architecture '{architecture}' (supported: {supported})")]
+    UnknownArchitecture {
+        path: PathBuf,
+        architecture: String,
+        supported: &'static str,
+    },
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
+}
+
+pub type Result<T> = std::result::Result<T, IoError>;
+
+pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> IoError + '_ {
+    move |source| IoError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The on-disk format a checkpoint came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Gguf,
+    #[serde(rename = "hf")]
+    HfFolder,
+}
+
+/// A model in memory, whatever file it came from: Hugging Face config, names and layout.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub format: Format,
+    /// The Hugging Face `config.json` (for GGUF files, derived from the metadata).
+    pub config: serde_json::Value,
+    /// Tensors under Hugging Face names, `[out, in]` layout, f32 (or the file's float dtype).
+    pub tensors: BTreeMap<String, Tensor>,
+    pub tokenizer: Option<TokenizerBundle>,
+    pub generation_config: Option<serde_json::Value>,
+}
+
+impl Checkpoint {
+    /// The tokenizer, or an error naming the file when the checkpoint has none.
+    pub fn tokenizer(&self) -> Result<&TokenizerBundle> {
+        self.tokenizer.as_ref().ok_or_else(|| IoError::Tokenizer {
+            path: self.path.clone(),
+            message: "the model has no tokenizer (tokenizer.json missing)".into(),
+        })
+    }
+}
+
+/// Loads a GGUF file or a Hugging Face folder (chosen by what `path` is).
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    if !path.exists() {
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.is_dir() {
+        hf::load_hf(path)
+    } else if is_gguf(path)? {
+        gguf::load_gguf(path)
+    } else {
+        Err(IoError::Format {
+            path: path.to_path_buf(),
+            message: "not a GGUF file (bad magic) nor a Hugging Face folder".into(),
+        })
+    }
+}
+
+fn is_gguf(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(io_error(path))?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == b"GGUF"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(io_error(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! Round trips through GGUF and Hugging Face folders on a tiny generated model, and every kind of
+//! bad input named in the error.
+
+use super::*;
+use candle_core::{DType, Device};
+use shrink_models::{Llama, LlamaConfig};
+
+/// GPT-2's byte-to-character table.
+fn byte_chars() -> Vec<char> {
+    let mut chars = vec!['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        chars[b as usize] = if (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b) {
+            char::from_u32(b).unwrap()
+        } else {
+            extra += 1;
+            char::from_u32(255 + extra).unwrap()
+        };
+    }
+    chars
+}
+
+fn tiny_vocab() -> GgufVocab {
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    tokens.extend(byte_chars().iter().map(|c| c.to_string()));
+    tokens.extend(["Ġt", "he", "Ġthe"].iter().map(|s| s.to_string()));
+    let mut token_types = vec![3, 3, 3];
+    token_types.resize(tokens.len(), 1);
+    GgufVocab {
+        model: "gpt2".into(),
+        pre: Some("smollm".into()),
+        tokens,
+        token_types,
+        merges: vec!["Ġ t".into(), "h e".into(), "Ġt he".into()],
+    }
+}
+
+fn tiny_config() -> LlamaConfig {
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    cfg.vocab_size = tiny_vocab().tokens.len();
+    cfg.tie_word_embeddings = true;
+    cfg
+}
+
+fn tiny_checkpoint() -> (Llama, Checkpoint) {
+    let cfg = tiny_config();
+    let model = Llama::random(&cfg, 11, &Device::Cpu).unwrap();
+    let tokenizer =
+        TokenizerBundle::from_gguf_vocab(Path::new("test"), tiny_vocab(), Some(1), Some(2), false, Some("{{ messages[0]['content'] }}".into()))
+            .unwrap();
+    let checkpoint = Checkpoint {
+        path: "tiny".into(),
+        format: Format::HfFolder,
+        config: serde_json::to_value(&cfg).unwrap(),
+        tensors: model.named_tensors(),
+        tokenizer: Some(tokenizer),
+        generation_config: None,
+    };
+    (model, checkpoint)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn logits(c: &Checkpoint) -> Tensor {
+    let cfg = LlamaConfig::from_json(&c.config).unwrap();
+    let model = Llama::from_tensors(&cfg, c.tensors.clone(), DType::F32).unwrap();
+    let ids = Tensor::new(&[[5u32, 80, 200, 259, 260, 7, 3]], &Device::Cpu).unwrap();
+    model.forward(&ids).unwrap()
+}
+
+#[test]
+fn tokenizer_from_gguf_vocab_applies_merges_digits_and_specials() {
+    let (_, c) = tiny_checkpoint();
+    let tok = c.tokenizer().unwrap();
+    let the = tok.tokenizer.token_to_id("Ġthe").unwrap();
+    let ids = tok.encode("the the 12", false).unwrap();
+    // "the" has no leading space, so it is t + he; " the" is one token; digits split one by one.
+    let t = tok.tokenizer.token_to_id("t").unwrap();
+    let he = tok.tokenizer.token_to_id("he").unwrap();
+    let space = tok.tokenizer.token_to_id("Ġ").unwrap();
+    let one = tok.tokenizer.token_to_id("1").unwrap();
+    let two = tok.tokenizer.token_to_id("2").unwrap();
+    assert_eq!(ids, vec![t, he, the, space, one, two]);
+    assert_eq!(tok.decode(&ids, false).unwrap(), "the the 12");
+    // Special tokens are parsed only when asked for.
+    assert_eq!(tok.encode("<|im_start|>", true).unwrap(), vec![1]);
+    assert!(tok.encode("<|im_start|>", false).unwrap().len() > 1);
+}
+
+#[test]
+fn gguf_f32_round_trip_is_exact_and_hf_round_trip_keeps_logits() {
+    let (_, c) = tiny_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_llama_gguf(&c, &gguf, GgufWriteType::F32).unwrap();
+    let loaded = load(&gguf).unwrap();
+    assert_eq!(loaded.format, Format::Gguf);
+    assert_eq!(loaded.tensors.len(), c.tensors.len());
+    for (name, t) in &c.tensors {
+        assert_eq!(max_diff(t, &loaded.tensors[name]), 0.0, "{name}");
+    }
+    let cfg = LlamaConfig::from_json(&loaded.config).unwrap();
+    assert_eq!(cfg.num_kv_heads(), 2);
+    assert!(cfg.tie_word_embeddings);
+    let text = "the theatre, 1601";
+    assert_eq!(loaded.tokenizer().unwrap().encode(text, false).unwrap(), c.tokenizer().unwrap().encode(text, false).unwrap());
+
+    // GGUF -> HF folder -> load: same logits, same tokens.
+    let hf = dir.path().join("hf");
+    save_hf(&loaded, &hf, SaveDType::F32).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+    let back = load(&hf).unwrap();
+    assert!(max_diff(&logits(&loaded), &logits(&back)) <= 1e-4);
+    assert_eq!(back.tokenizer().unwrap().encode(text, false).unwrap(), c.tokenizer().unwrap().encode(text, false).unwrap());
+    assert_eq!(back.tokenizer().unwrap().chat_template, c.tokenizer().unwrap().chat_template);
+    assert_eq!(back.tokenizer().unwrap().eos_token_ids, vec![2]);
+
+    // Saving again is byte-identical (deterministic artifacts).
+    let hf2 = dir.path().join("hf2");
+    save_hf(&loaded, &hf2, SaveDType::F32).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert_eq!(std::fs::read(hf.join(f)).unwrap(), std::fs::read(hf2.join(f)).unwrap(), "{f}");
+    }
+}
+
+#[test]
+fn q8_gguf_is_close_and_inspect_reports_bits_per_weight() {
+    let (_, c) = tiny_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    write_llama_gguf(&c, &path, GgufWriteType::Q8_0).unwrap();
+    let loaded = load(&path).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let (orig, q) = (&c.tensors[name], &loaded.tensors[name]);
+    let scale = orig.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = max_diff(orig, q);
+    assert!(diff > 0.0 && diff <= scale / 127.0, "Q8_0 error {diff} vs step {}", scale / 127.0);
+    let info = inspect(&path).unwrap();
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.parameters as usize, c.tensors.values().map(|t| t.elem_count()).sum::<usize>());
+    let t = info.tensors.iter().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    assert_eq!(t.dtype, "Q8_0");
+    assert_eq!(t.shape, vec![32, 32]);
+    assert_eq!(t.bits_per_weight, 8.5);
+    let norm = info.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap();
+    assert_eq!((norm.dtype.as_str(), norm.bits_per_weight), ("F32", 32.0));
+    assert_eq!(info.file_size_bytes, std::fs::metadata(&path).unwrap().len());
+    let hf = dir.path().join("hf");
+    save_hf(&loaded, &hf, SaveDType::BF16).unwrap();
+    let info = inspect(&hf).unwrap();
+    assert_eq!(info.architecture, "LlamaForCausalLM");
+    assert_eq!(info.bits_per_weight, 16.0);
+}
+
+#[test]
+fn sharded_folders_load_through_the_index() {
+    let (_, c) = tiny_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    save_hf(&c, dir.path(), SaveDType::F32).unwrap();
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let names: Vec<&String> = c.tensors.keys().collect();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let tensors: Vec<(&str, &Tensor)> = part.iter().map(|n| (n.as_str(), &c.tensors[*n])).collect();
+        safetensors::serialize_to_file(tensors, None, &dir.path().join(file)).unwrap();
+        for n in part.iter() {
+            map.insert(n.to_string(), file.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let loaded = load(dir.path()).unwrap();
+    assert_eq!(loaded.tensors.len(), c.tensors.len());
+    assert!(max_diff(&logits(&c), &logits(&loaded)) == 0.0);
+}
+
+fn err_of<T: std::fmt::Debug>(r: Result<T>) -> String {
+    r.unwrap_err().to_string()
+}
+
+#[test]
+fn bad_files_are_named_in_errors() {
+    let (_, c) = tiny_checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    write_llama_gguf(&c, &gguf, GgufWriteType::F32).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+
+    // Missing file.
+    let missing = dir.path().join("nope.gguf");
+    assert!(err_of(load(&missing)).contains("nope.gguf: no such file"));
+
+    // Truncated data section: the error names the file and a tensor.
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let e = err_of(load(&cut));
+    assert!(e.contains("cut.gguf") && e.contains("tensor '") && e.contains("truncated"), "{e}");
+
+    // Truncated header.
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let e = err_of(load(&cut));
+    assert!(e.contains("cut.gguf") && e.contains("corrupt or truncated GGUF header"), "{e}");
+
+    // Not a model file at all.
+    let junk = dir.path().join("junk.bin");
+    std::fs::write(&junk, b"hello world, not a model").unwrap();
+    assert!(err_of(load(&junk)).contains("not a GGUF file"));
+
+    // Unknown architecture.
+    let arch = dir.path().join("arch.gguf");
+    let patched = replace_once(&bytes, b"llama", b"mamba");
+    std::fs::write(&arch, patched).unwrap();
+    let e = err_of(load(&arch));
+    assert!(e.contains("arch.gguf") && e.contains("unsupported architecture 'mamba'"), "{e}");
+
+    // Unknown pre-tokenizer names its metadata key.
+    let pre = dir.path().join("pre.gguf");
+    std::fs::write(&pre, replace_once(&bytes, b"smollm", b"zzzzzz")).unwrap();
+    let e = err_of(load(&pre));
+    assert!(e.contains("pre.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("zzzzzz"), "{e}");
+
+    // HF folder problems.
+    let hf = dir.path().join("hf");
+    save_hf(&c, &hf, SaveDType::F32).unwrap();
+    let st = hf.join("model.safetensors");
+    let full = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &full[..full.len() / 2]).unwrap();
+    let e = err_of(load(&hf));
+    assert!(e.contains("model.safetensors") && e.contains("corrupt or truncated safetensors"), "{e}");
+    std::fs::write(&st, &full).unwrap();
+
+    std::fs::write(hf.join("tokenizer.json"), "{\"model\": 5}").unwrap();
+    let e = err_of(load(&hf));
+    assert!(e.contains("tokenizer.json") && e.contains("tokenizer"), "{e}");
+    std::fs::remove_file(hf.join("tokenizer.json")).unwrap();
+    let no_tok = load(&hf).unwrap();
+    assert!(err_of(no_tok.tokenizer()).contains("no tokenizer"));
+
+    std::fs::write(hf.join("config.json"), "{not json").unwrap();
+    let e = err_of(load(&hf));
+    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    std::fs::remove_file(hf.join("config.json")).unwrap();
+    assert!(err_of(load(&hf)).contains("config.json: no such file"));
+}
+
+fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let pos = haystack.windows(from.len()).position(|w| w == from).unwrap();
+    let mut out = haystack.to_vec();
+    out[pos..pos + to.len()].copy_from_slice(to);
+    out
+}

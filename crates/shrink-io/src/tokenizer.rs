@@ -1,0 +1,270 @@
+//! Tokenizers: loaded from `tokenizer.json`, or rebuilt from GGUF metadata so that token ids match
+//! llama.cpp's exactly (byte-level BPE, the `tokenizer.ggml.pre` pre-tokenizer, control tokens).
+
+use crate::{IoError, Result};
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// The raw GGUF vocabulary, kept so that a GGUF written back carries it unchanged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufVocab {
+    pub model: String,
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+}
+
+/// A tokenizer with the special-token facts evaluation and generation need.
+#[derive(Debug, Clone)]
+pub struct TokenizerBundle {
+    pub tokenizer: Tokenizer,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    /// Whether a BOS token starts every encoded text (`add_bos_token`).
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    pub gguf_vocab: Option<GgufVocab>,
+}
+
+impl TokenizerBundle {
+    /// Encodes `text`, adding BOS if the model asks for it. With `parse_special = false`, text
+    /// that looks like a special token (`<|im_start|>`) is tokenized as plain text, as
+    /// `llama-perplexity` does; with `true` it becomes the special token (chat prompts).
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let encoding = if parse_special {
+            self.tokenizer.encode_fast(text, false)
+        } else {
+            let mut plain = self.tokenizer.clone();
+            plain.set_encode_special_tokens(true);
+            plain.encode_fast(text, false)
+        }
+        .map_err(|e| IoError::Tokenizer {
+            path: PathBuf::from("<tokenizer>"),
+            message: format!("encoding failed: {e}"),
+        })?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if self.add_bos {
+            if let Some(bos) = self.bos_token_id {
+                ids.push(bos);
+            }
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids back to text (special tokens included when `keep_special`).
+    pub fn decode(&self, ids: &[u32], keep_special: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, !keep_special)
+            .map_err(|e| IoError::Tokenizer {
+                path: PathBuf::from("<tokenizer>"),
+                message: format!("decoding failed: {e}"),
+            })
+    }
+
+    /// The text of a token id.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Builds a byte-level BPE tokenizer from GGUF vocabulary metadata.
+    pub(crate) fn from_gguf_vocab(
+        path: &Path,
+        vocab: GgufVocab,
+        bos_token_id: Option<u32>,
+        eos_token_id: Option<u32>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Result<Self> {
+        let bad = |message: String| IoError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        if vocab.model != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model '{}' is not supported (supported: gpt2, i.e. byte-level BPE)",
+                vocab.model
+            )));
+        }
+        if vocab.token_types.len() != vocab.tokens.len() {
+            return Err(bad(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                vocab.token_types.len(),
+                vocab.tokens.len()
+            )));
+        }
+        let map: tokenizers::models::bpe::Vocab = vocab
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.clone(), id as u32))
+            .collect();
+        let mut merges = Vec::with_capacity(vocab.merges.len());
+        for (i, merge) in vocab.merges.iter().enumerate() {
+            let (a, b) = merge.split_once(' ').ok_or_else(|| {
+                bad(format!("tokenizer.ggml.merges[{i}] '{merge}' is not two tokens separated by a space"))
+            })?;
+            merges.push((a.to_string(), b.to_string()));
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(map, merges)
+            .build()
+            .map_err(|e| bad(format!("building BPE from tokenizer.ggml.tokens/merges: {e}")))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer(path, vocab.pre.as_deref())?));
+        tokenizer.with_decoder(Some(ByteLevel::default()));
+        let added: Vec<AddedToken> = vocab
+            .tokens
+            .iter()
+            .zip(&vocab.token_types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(tok, &t)| AddedToken::from(tok.clone(), t == TOKEN_TYPE_CONTROL))
+            .collect();
+        tokenizer.add_tokens(&added);
+        if add_bos {
+            let bos = bos_token_id
+                .and_then(|id| vocab.tokens.get(id as usize).cloned())
+                .ok_or_else(|| bad("add_bos_token is set but bos_token_id is missing or out of range".into()))?;
+            let template = tokenizers::processors::template::TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .map_err(|e| bad(e.to_string()))?
+                .special_tokens(vec![(bos.clone(), bos_token_id.unwrap_or(0))])
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            tokenizer.with_post_processor(Some(template));
+        }
+        for (key, id) in [("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)] {
+            if let Some(id) = id {
+                if id as usize >= vocab.tokens.len() {
+                    return Err(bad(format!("tokenizer.ggml.{key} {id} is outside the vocabulary")));
+                }
+            }
+        }
+        Ok(Self {
+            tokenizer,
+            bos_token_id,
+            eos_token_ids: eos_token_id.into_iter().collect(),
+            add_bos,
+            chat_template,
+            gguf_vocab: Some(vocab),
+        })
+    }
+}
+
+/// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value (llama-vocab.cpp).
+fn pre_tokenizer(path: &Path, pre: Option<&str>) -> Result<PreTokenizerWrapper> {
+    let byte_level = |use_regex: bool| -> PreTokenizerWrapper {
+        ByteLevel::default()
+            .add_prefix_space(false)
+            .trim_offsets(false)
+            .use_regex(use_regex)
+            .into()
+    };
+    let split = |regex: &str| -> Result<PreTokenizerWrapper> {
+        let pattern = SplitPattern::Regex(regex.to_string());
+        Split::new(pattern, SplitDelimiterBehavior::Isolated, false)
+            .map(Into::into)
+            .map_err(|e| IoError::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!("pre-tokenizer regex: {e}"),
+            })
+    };
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    Ok(match pre.unwrap_or("default") {
+        "default" | "gpt-2" | "gpt2" => byte_level(true),
+        // Digits one by one, then the GPT-2 regex.
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into()
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => {
+            Sequence::new(vec![split(LLAMA3)?, byte_level(false)]).into()
+        }
+        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2)?, byte_level(false)]).into(),
+        other => {
+            return Err(IoError::Metadata {
+                path: path.to_path_buf(),
+                key: "tokenizer.ggml.pre".into(),
+                message: format!(
+                    "pre-tokenizer '{other}' is not supported (supported: default, gpt2, smollm, starcoder, llama-bpe, qwen2)"
+                ),
+            })
+        }
+    })
+}
+
+/// Loads `tokenizer.json` plus `tokenizer_config.json` (BOS/EOS, chat template) from a folder.
+pub(crate) fn load_hf_tokenizer(
+    dir: &Path,
+    config: &serde_json::Value,
+) -> Result<Option<TokenizerBundle>> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tokenizer = Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc: serde_json::Value = if tc_path.is_file() {
+        let text = std::fs::read_to_string(&tc_path).map_err(crate::io_error(&tc_path))?;
+        serde_json::from_str(&text).map_err(|e| IoError::Format {
+            path: tc_path.clone(),
+            message: format!("invalid JSON: {e}"),
+        })?
+    } else {
+        serde_json::Value::Null
+    };
+    // A token given as a string or as {"content": ...} in tokenizer_config.json.
+    let token_id = |key: &str| -> Option<u32> {
+        let v = tc.get(key)?;
+        let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+        tokenizer.token_to_id(s)
+    };
+    let config_id = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
+    let bos_token_id = token_id("bos_token").or_else(|| config_id("bos_token_id"));
+    let mut eos_token_ids: Vec<u32> = token_id("eos_token").into_iter().collect();
+    match config.get("eos_token_id") {
+        Some(serde_json::Value::Array(ids)) => {
+            eos_token_ids.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+        }
+        Some(v) => eos_token_ids.extend(v.as_u64().map(|v| v as u32)),
+        None => {}
+    }
+    eos_token_ids.dedup();
+    let add_bos = match tc.get("add_bos_token").and_then(|v| v.as_bool()) {
+        Some(flag) => flag,
+        // No explicit flag: whatever the tokenizer's own post-processor does.
+        None => match (tokenizer.encode_fast("a", true), bos_token_id) {
+            (Ok(enc), Some(bos)) => enc.get_ids().first() == Some(&bos),
+            _ => false,
+        },
+    };
+    let chat_template = tc
+        .get("chat_template")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    Ok(Some(TokenizerBundle {
+        tokenizer,
+        bos_token_id,
+        eos_token_ids,
+        add_bos,
+        chat_template,
+        gguf_vocab: None,
+    }))
+}

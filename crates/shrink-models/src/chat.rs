@@ -1,0 +1,55 @@
+//! Chat prompts rendered with the model's own Jinja chat template (from GGUF metadata or
+//! `tokenizer_config.json`), as transformers and llama.cpp do.
+
+use crate::{ModelError, Result};
+use serde::Serialize;
+
+/// One chat turn.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Renders `messages` with `template`, ending with the assistant prompt.
+pub fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template)
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    let tmpl = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    tmpl.render(minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    })
+    .map_err(|e| ModelError::ChatTemplate(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_template_renders() {
+        let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let msgs = [ChatMessage { role: "user".into(), content: "Hi".into() }];
+        let out = render_chat(template, &msgs, "", "").unwrap();
+        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn template_errors_are_reported() {
+        let err = render_chat("{{ raise_exception('no system role') }}", &[], "", "").unwrap_err();
+        assert!(err.to_string().contains("no system role"), "{err}");
+        assert!(render_chat("{% for %}", &[], "", "").is_err());
+    }
+}

@@ -1,0 +1,370 @@
+//! The model checked against a straightforward scalar implementation written from the equations.
+
+use super::*;
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+fn vec2(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+}
+
+fn vec1(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+}
+
+/// y = x·Wᵀ (+ b) on plain vectors.
+fn linear_ref(x: &[f32], w: &[Vec<f32>], b: Option<&Vec<f32>>) -> Vec<f32> {
+    w.iter()
+        .enumerate()
+        .map(|(o, row)| {
+            let dot: f64 = row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+            dot as f32 + b.map(|b| b[o]).unwrap_or(0.0)
+        })
+        .collect()
+}
+
+fn rms_ref(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let ms: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, g)| (*v as f64 * r) as f32 * g).collect()
+}
+
+/// Rotate-half RoPE on one head vector at position `pos`.
+fn rope_ref(x: &mut [f32], pos: usize, theta: f64) {
+    let d = x.len();
+    for i in 0..d / 2 {
+        let angle = pos as f64 / theta.powf(2.0 * i as f64 / d as f64);
+        let (c, s) = (angle.cos(), angle.sin());
+        let (x1, x2) = (x[i] as f64, x[i + d / 2] as f64);
+        x[i] = (x1 * c - x2 * s) as f32;
+        x[i + d / 2] = (x2 * c + x1 * s) as f32;
+    }
+}
+
+/// Logits of one sequence computed token by token from the equations.
+fn reference_logits(model: &Llama, tokens: &[u32], window: Option<usize>) -> Vec<Vec<f32>> {
+    let cfg = &model.config;
+    let w = model.named_tensors();
+    let m2 = |n: &str| vec2(&w[n]);
+    let m1 = |n: &str| vec1(&w[n]);
+    let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let embed = m2("model.embed_tokens.weight");
+    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize].clone()).collect();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let bias = |n: &str| w.get(&format!("{p}.self_attn.{n}.bias")).map(vec1);
+        let (wq, wk, wv, wo) = (
+            m2(&format!("{p}.self_attn.q_proj.weight")),
+            m2(&format!("{p}.self_attn.k_proj.weight")),
+            m2(&format!("{p}.self_attn.v_proj.weight")),
+            m2(&format!("{p}.self_attn.o_proj.weight")),
+        );
+        let (bq, bk, bv, bo) = (bias("q_proj"), bias("k_proj"), bias("v_proj"), bias("o_proj"));
+        let ln1 = m1(&format!("{p}.input_layernorm.weight"));
+        let mut qs = vec![];
+        let mut ks = vec![];
+        let mut vs = vec![];
+        for (pos, x) in xs.iter().enumerate() {
+            let h = rms_ref(x, &ln1, cfg.rms_norm_eps);
+            let mut q = linear_ref(&h, &wq, bq.as_ref());
+            let mut k = linear_ref(&h, &wk, bk.as_ref());
+            for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
+                rope_ref(head, pos, cfg.rope_theta);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(linear_ref(&h, &wv, bv.as_ref()));
+        }
+        let mut new_xs = vec![];
+        for i in 0..xs.len() {
+            let mut attn = vec![0f32; nh * hd];
+            for head in 0..nh {
+                let kvh = head / (nh / nkv);
+                let q = &qs[i][head * hd..(head + 1) * hd];
+                let lo = window.map(|w| (i + 1).saturating_sub(w)).unwrap_or(0);
+                let scores: Vec<f64> = (lo..=i)
+                    .map(|j| {
+                        let k = &ks[j][kvh * hd..(kvh + 1) * hd];
+                        q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = exps.iter().sum();
+                for (e, j) in exps.iter().zip(lo..=i) {
+                    for d in 0..hd {
+                        attn[head * hd + d] += (e / z * vs[j][kvh * hd + d] as f64) as f32;
+                    }
+                }
+            }
+            let o = linear_ref(&attn, &wo, bo.as_ref());
+            let x: Vec<f32> = xs[i].iter().zip(&o).map(|(a, b)| a + b).collect();
+            let h = rms_ref(&x, &m1(&format!("{p}.post_attention_layernorm.weight")), cfg.rms_norm_eps);
+            let g = linear_ref(&h, &m2(&format!("{p}.mlp.gate_proj.weight")), None);
+            let u = linear_ref(&h, &m2(&format!("{p}.mlp.up_proj.weight")), None);
+            let a: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp())) as f32 * u)
+                .collect();
+            let dn = linear_ref(&a, &m2(&format!("{p}.mlp.down_proj.weight")), None);
+            new_xs.push(x.iter().zip(&dn).map(|(a, b)| a + b).collect());
+        }
+        xs = new_xs;
+    }
+    let head = w.get("lm_head.weight").map(vec2).unwrap_or(embed);
+    let norm = m1("model.norm.weight");
+    xs.iter()
+        .map(|x| linear_ref(&rms_ref(x, &norm, cfg.rms_norm_eps), &head, None))
+        .collect()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn batch_logits(model: &Llama, batch: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    let ids = Tensor::new(batch.to_vec(), &cpu()).unwrap();
+    model.forward(&ids).unwrap().to_vec3().unwrap()
+}
+
+#[test]
+fn gqa_forward_matches_scalar_reference_with_batch() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    assert_eq!(cfg.num_attention_heads / cfg.num_kv_heads(), 2, "grouped-query attention");
+    let model = Llama::random(&cfg, 7, &cpu()).unwrap();
+    let batch = vec![vec![3u32, 17, 9, 40, 2, 63, 11], vec![5, 5, 60, 1, 0, 22, 31]];
+    let logits = batch_logits(&model, &batch);
+    for (seq, got) in batch.iter().zip(&logits) {
+        let want = reference_logits(&model, seq, None);
+        let diff = max_abs_diff(got, &want);
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+}
+
+#[test]
+fn qwen2_biases_tied_embeddings_and_head_dim_match_reference() {
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    cfg.model_type = "qwen2".into();
+    cfg.architectures = vec!["Qwen2ForCausalLM".into()];
+    cfg.tie_word_embeddings = true;
+    cfg.head_dim = Some(6);
+    cfg.rope_theta = 1_000_000.0;
+    let model = Llama::random(&cfg, 3, &cpu()).unwrap();
+    assert!(model.named_tensors().contains_key("model.layers.1.self_attn.k_proj.bias"));
+    assert!(!model.named_tensors().contains_key("lm_head.weight"));
+    let seq = vec![1u32, 2, 3, 50, 4];
+    let got = &batch_logits(&model, std::slice::from_ref(&seq))[0];
+    assert!(max_abs_diff(got, &reference_logits(&model, &seq, None)) < 1e-4);
+}
+
+#[test]
+fn mistral_sliding_window_matches_reference() {
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    cfg.model_type = "mistral".into();
+    cfg.sliding_window = Some(3);
+    let model = Llama::random(&cfg, 5, &cpu()).unwrap();
+    let seq = vec![9u32, 8, 7, 6, 5, 4, 3, 2];
+    let got = &batch_logits(&model, std::slice::from_ref(&seq))[0];
+    assert!(max_abs_diff(got, &reference_logits(&model, &seq, Some(3))) < 1e-4);
+    // The window matters: without it the last logits differ.
+    let full = reference_logits(&model, &seq, None);
+    assert!(max_abs_diff(&got[7..], &full[7..]) > 1e-4);
+}
+
+#[test]
+fn causal_mask_hides_future_tokens() {
+    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 1, &cpu()).unwrap();
+    let a = batch_logits(&model, &[vec![1, 2, 3, 4, 5, 6]]);
+    let b = batch_logits(&model, &[vec![1, 2, 3, 40, 50, 60]]);
+    assert_eq!(a[0][..3], b[0][..3], "positions before the change are bit-identical");
+    assert!(max_abs_diff(&a[0][3..], &b[0][3..]) > 1e-3);
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 2, &cpu()).unwrap();
+    let seq = vec![4u32, 8, 15, 16, 23, 42, 7];
+    let full = &batch_logits(&model, std::slice::from_ref(&seq))[0];
+    let mut cache = model.new_cache();
+    let prefill = Tensor::new(vec![seq[..3].to_vec()], &cpu()).unwrap();
+    let last = model.forward_cached(&prefill, &mut cache).unwrap();
+    assert!(max_abs_diff(&vec2(&last), &full[2..3]) < 1e-5);
+    for (i, &tok) in seq.iter().enumerate().skip(3) {
+        let step = Tensor::new(&[[tok]], &cpu()).unwrap();
+        let logits = model.forward_cached(&step, &mut cache).unwrap();
+        assert!(max_abs_diff(&vec2(&logits), &full[i..i + 1]) < 1e-5, "position {i}");
+    }
+    assert_eq!(cache[0].len(), seq.len());
+}
+
+#[test]
+fn rms_norm_matches_hand_computation() {
+    let norm = RmsNorm {
+        weight: Tensor::new(&[1f32, 2.0, 0.5, 1.0], &cpu()).unwrap(),
+        eps: 0.0,
+    };
+    let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &cpu()).unwrap();
+    // mean(x²) = 7.5, so x / sqrt(7.5) * w.
+    let r = 1.0 / 7.5f32.sqrt();
+    let got = vec2(&norm.forward(&x).unwrap());
+    let want = [r, 4.0 * r, 1.5 * r, 4.0 * r];
+    for (g, w) in got[0].iter().zip(want) {
+        assert!((g - w).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn rope_rotates_pairs_by_position_times_frequency() {
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    cfg.hidden_size = 16;
+    cfg.num_attention_heads = 4;
+    cfg.num_key_value_heads = Some(4);
+    let model = Llama::random(&cfg, 0, &cpu()).unwrap();
+    let ctx = model.attention_context(3, 0).unwrap();
+    // head_dim 4: frequencies 1 and 1/100. Position 2, x = (1, 0, 0, 1) (pairs are (x0, x2), (x1, x3)).
+    let x = Tensor::new(&[1f32, 0.0, 0.0, 1.0], &cpu()).unwrap();
+    let x = Tensor::stack(&[&x, &x, &x], 0).unwrap().reshape((1, 1, 3, 4)).unwrap();
+    let y = candle_nn::rotary_emb::rope(&x, &ctx.cos, &ctx.sin).unwrap();
+    let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+    let (a, b) = (2.0f32, 0.02f32);
+    let want = [a.cos(), -b.sin(), a.sin(), b.cos()];
+    for (g, w) in y[8..12].iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+    }
+}
+
+#[test]
+fn hooks_see_every_linear_input() {
+    struct Recorder(Vec<(String, Vec<usize>)>, Option<Tensor>);
+    impl LinearHook for Recorder {
+        fn observe(&mut self, name: &str, input: &Tensor) -> candle_core::Result<()> {
+            if name == "model.layers.0.self_attn.q_proj" {
+                self.1 = Some(input.clone());
+            }
+            self.0.push((name.to_string(), input.dims().to_vec()));
+            Ok(())
+        }
+    }
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::random(&cfg, 4, &cpu()).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &cpu()).unwrap();
+    let mut rec = Recorder(vec![], None);
+    model.forward_hidden(&ids, &mut rec).unwrap();
+    let names: Vec<&str> = rec.0.iter().map(|(n, _)| n.as_str()).collect();
+    // The blocks' linears in execution order; lm_head's input is forward_hidden's output itself.
+    let expected: Vec<String> = model.linear_names();
+    assert_eq!(expected.last().unwrap(), "lm_head");
+    assert_eq!(names, expected[..expected.len() - 1].iter().map(String::as_str).collect::<Vec<_>>());
+    let down = rec.0.iter().find(|(n, _)| n.ends_with("1.mlp.down_proj")).unwrap();
+    assert_eq!(down.1, vec![2, 3, cfg.intermediate_size]);
+    // The first q_proj input is the first block's normalised embedding.
+    let want = model.blocks[0].input_layernorm.forward(&model.embed(&ids).unwrap()).unwrap();
+    let diff = (rec.1.unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn block_by_block_execution_equals_forward() {
+    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 9, &cpu()).unwrap();
+    let ids = Tensor::new(&[[7u32, 1, 9, 12]], &cpu()).unwrap();
+    let ctx = model.attention_context(4, 0).unwrap();
+    let mut x = model.embed(&ids).unwrap();
+    for block in &model.blocks {
+        x = block.forward(&x, &ctx, None, &mut NoHook).unwrap();
+    }
+    let logits = model.lm_head(&model.final_hidden(&x).unwrap()).unwrap();
+    let full = model.forward(&ids).unwrap();
+    let diff = (logits - full).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn weights_can_be_swapped_by_name() {
+    let mut model = Llama::random(&LlamaConfig::tiny_for_tests(), 6, &cpu()).unwrap();
+    let ids = Tensor::new(&[[1u32, 2, 3]], &cpu()).unwrap();
+    let before = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
+    let name = "model.layers.1.mlp.up_proj";
+    let zeros = model.linear_mut(name).unwrap().weight().zeros_like().unwrap();
+    model.linear_mut(name).unwrap().set_weight(zeros).unwrap();
+    let after = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
+    assert!(max_abs_diff(&before, &after) > 1e-4);
+    let wrong = Tensor::zeros((3, 3), DType::F32, &cpu()).unwrap();
+    assert!(model.linear_mut(name).unwrap().set_weight(wrong).is_err());
+    assert!(model.linear_mut("model.layers.9.mlp.up_proj").is_err());
+    assert!(model.linear_mut("model.layers.0.mlp.sideways").is_err());
+    assert_eq!(model.named_tensors()[&format!("{name}.weight")].sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn bf16_forward_stays_close_to_f32() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::random(&cfg, 8, &cpu()).unwrap();
+    let bf16 = Llama::from_tensors(&cfg, model.named_tensors(), DType::BF16).unwrap();
+    assert_eq!(bf16.dtype(), DType::BF16);
+    let ids = Tensor::new(&[[1u32, 2, 3, 4]], &cpu()).unwrap();
+    let a = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
+    let b = vec2(&bf16.forward(&ids).unwrap().squeeze(0).unwrap());
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff < 0.05 && diff > 0.0, "bf16 diff {diff}");
+}
+
+#[test]
+fn bad_weights_and_configs_are_named() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let good = Llama::random(&cfg, 0, &cpu()).unwrap().named_tensors();
+
+    let mut missing = good.clone();
+    missing.remove("model.layers.1.mlp.gate_proj.weight");
+    let err = Llama::from_tensors(&cfg, missing, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("missing tensor 'model.layers.1.mlp.gate_proj.weight'"), "{err}");
+
+    let mut wrong = good.clone();
+    wrong.insert("model.layers.0.self_attn.k_proj.weight".into(), Tensor::zeros((32, 32), DType::F32, &cpu()).unwrap());
+    let err = Llama::from_tensors(&cfg, wrong, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[16, 32]"), "{err}");
+
+    let mut extra = good.clone();
+    extra.insert("model.layers.0.mlp.extra.weight".into(), Tensor::zeros(2, DType::F32, &cpu()).unwrap());
+    let err = Llama::from_tensors(&cfg, extra, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("unexpected tensor 'model.layers.0.mlp.extra.weight'"), "{err}");
+
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["model_type"] = "gpt_neox".into();
+    json["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    assert!(err.contains("unsupported architecture 'gpt_neox'"), "{err}");
+
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["num_key_value_heads"] = 3.into();
+    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    assert!(err.contains("multiple of num_key_value_heads"), "{err}");
+
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json.as_object_mut().unwrap().remove("hidden_size");
+    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    assert!(err.contains("hidden_size"), "{err}");
+
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+    assert!(LlamaConfig::from_json(&json).unwrap_err().to_string().contains("yarn"));
+}
+
+#[test]
+fn llama3_rope_scaling_changes_low_frequencies_only() {
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    let plain = cfg.rope_inv_freq().unwrap();
+    cfg.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}));
+    let scaled = cfg.rope_inv_freq().unwrap();
+    assert_eq!(plain[0], scaled[0], "the highest frequency is kept");
+    let last = plain.len() - 1;
+    assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12, "the lowest is divided by factor");
+}
