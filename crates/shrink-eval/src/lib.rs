@@ -1,1 +1,356 @@
+//! Evaluation: perplexity exactly as `llama-perplexity` computes it (protocol `llama-cpp`) or over
+//! every token (`full`), and fidelity against a reference model (mean per-token KL(ref ‖ model),
+//! top-1 agreement), measured on the same scored positions in one pass.
+//!
+//! ```
+//! use candle_core::Device;
+//! use shrink_models::{Llama, LlamaConfig};
+//! use shrink_eval::{evaluate, EvalConfig, Protocol};
+//! let model = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! let tokens: Vec<u32> = (0..64).map(|i| (i * 7 % 64) as u32).collect();
+//! let cfg = EvalConfig { protocol: Protocol::LlamaCpp, ctx: 16, chunks: None, batch: 2 };
+//! let report = evaluate(&model, Some(&model), &tokens, None, &cfg, &shrink_core::NoProgress).unwrap();
+//! assert_eq!(report.chunks, 4);
+//! assert_eq!(report.tokens_scored, 4 * 7); // 16/2 .. 16-2 in each chunk
+//! let fidelity = report.fidelity.unwrap();
+//! assert!(fidelity.kl_mean.abs() < 1e-9 && fidelity.top1_agreement == 1.0);
+//! ```
 
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use shrink_core::Progress;
+use shrink_models::{Llama, NoHook};
+use std::time::Instant;
+
+/// The JSON schema of [`EvalReport`]; bumped on any incompatible change.
+pub const EVAL_SCHEMA: &str = "shrink.eval/v1";
+
+/// Errors from evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("the text has {tokens} tokens; protocol {protocol} with ctx {ctx} needs at least {needed}")]
+    TooFewTokens {
+        tokens: usize,
+        protocol: Protocol,
+        ctx: usize,
+        needed: usize,
+    },
+    #[error("invalid evaluation setting: {0}")]
+    Config(String),
+    #[error("token id {id} at position {position} is outside the model's vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, position: usize, vocab: usize },
+    #[error("the reference model's vocabulary ({reference}) differs from the model's ({model})")]
+    VocabMismatch { model: usize, reference: usize },
+    #[error("non-finite logits in chunk {chunk}: the model produced NaN or infinity")]
+    NonFinite { chunk: usize },
+    #[error(transparent)]
+    Model(#[from] shrink_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// Which predictions are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// `llama-perplexity`: consecutive chunks of `ctx` tokens (at most `text/ctx`), each from an
+    /// empty cache, first token replaced by BOS when the model adds one, and only the second half
+    /// of each chunk scored (positions `ctx/2 .. ctx-2` predicting the next token).
+    LlamaCpp,
+    /// Every token after the first of each chunk (after BOS when the model adds one); the last,
+    /// shorter chunk included.
+    Full,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::LlamaCpp => "llama-cpp",
+            Protocol::Full => "full",
+        })
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = EvalError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "llama-cpp" | "llama.cpp" => Ok(Protocol::LlamaCpp),
+            "full" => Ok(Protocol::Full),
+            _ => Err(EvalError::Config(format!("unknown protocol '{s}' (use llama-cpp or full)"))),
+        }
+    }
+}
+
+/// How to cut and batch the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    pub protocol: Protocol,
+    /// Tokens per chunk (llama.cpp's `-c`).
+    pub ctx: usize,
+    /// At most this many chunks (llama.cpp's `--chunks`); all by default.
+    pub chunks: Option<usize>,
+    /// Chunks run together in one forward pass.
+    pub batch: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            protocol: Protocol::LlamaCpp,
+            ctx: 512,
+            chunks: None,
+            batch: 4,
+        }
+    }
+}
+
+/// Perplexity over the scored tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    /// llama.cpp's ± figure: ppl × the standard error of the mean NLL.
+    pub ppl_stderr: f64,
+    pub nll_mean: f64,
+    /// Perplexity of each chunk on its own.
+    pub chunk_ppl: Vec<f64>,
+}
+
+/// Agreement with a reference model on the same scored positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fidelity {
+    /// Mean over positions of KL(reference ‖ model), nats.
+    pub kl_mean: f64,
+    pub kl_stderr: f64,
+    /// Largest per-position KL.
+    pub kl_max: f64,
+    /// Fraction of positions where both models' most likely next token is the same.
+    pub top1_agreement: f64,
+    /// Perplexity of the reference on the same positions.
+    pub reference_ppl: f64,
+}
+
+/// Everything one evaluation measured (`--json` prints this).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub schema: String,
+    pub config: EvalConfig,
+    pub tokens_in_text: usize,
+    pub chunks: usize,
+    pub tokens_processed: usize,
+    pub tokens_scored: usize,
+    pub perplexity: Perplexity,
+    pub fidelity: Option<Fidelity>,
+    pub wall_s: f64,
+    /// Tokens run through the evaluated model per second of wall time (both models' forward
+    /// passes count in wall time when a reference is given).
+    pub tokens_per_s: f64,
+}
+
+/// One chunk: its input ids and the positions whose next-token prediction is scored.
+#[derive(Debug, Clone, PartialEq)]
+struct Chunk {
+    ids: Vec<u32>,
+    first_scored: usize,
+}
+
+fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec<Chunk>> {
+    if cfg.ctx < 4 {
+        return Err(EvalError::Config(format!("ctx must be at least 4, got {}", cfg.ctx)));
+    }
+    if cfg.batch == 0 || cfg.chunks == Some(0) {
+        return Err(EvalError::Config("batch and chunks must be at least 1".into()));
+    }
+    let ctx = cfg.ctx;
+    let limit = cfg.chunks.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    match cfg.protocol {
+        Protocol::LlamaCpp => {
+            if tokens.len() < 2 * ctx {
+                return Err(EvalError::TooFewTokens {
+                    tokens: tokens.len(),
+                    protocol: cfg.protocol,
+                    ctx,
+                    needed: 2 * ctx,
+                });
+            }
+            let n = (tokens.len() / ctx).min(limit);
+            for i in 0..n {
+                let mut ids = tokens[i * ctx..(i + 1) * ctx].to_vec();
+                if let Some(bos) = bos {
+                    ids[0] = bos;
+                }
+                out.push(Chunk { ids, first_scored: ctx / 2 });
+            }
+        }
+        Protocol::Full => {
+            let body = if bos.is_some() { ctx - 1 } else { ctx };
+            for piece in tokens.chunks(body).take(limit) {
+                let mut ids = Vec::with_capacity(ctx);
+                ids.extend(bos);
+                ids.extend_from_slice(piece);
+                if ids.len() >= 2 {
+                    out.push(Chunk { ids, first_scored: 0 });
+                }
+            }
+            if out.is_empty() {
+                return Err(EvalError::TooFewTokens {
+                    tokens: tokens.len(),
+                    protocol: cfg.protocol,
+                    ctx,
+                    needed: 2,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Log-probabilities of one row of logits, as llama.cpp computes them (f32 max, f64 sum).
+fn log_softmax_row(row: &[f32], out: &mut Vec<f64>) -> Option<()> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return None;
+    }
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    out.clear();
+    out.extend(row.iter().map(|&v| v as f64 - log_z));
+    out.iter().all(|v| v.is_finite()).then_some(())
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+        .0
+}
+
+/// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
+fn scored_logits(model: &Llama, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f32>>>> {
+    let rows: Vec<Vec<u32>> = batch.iter().map(|c| c.ids.clone()).collect();
+    let len = rows[0].len();
+    let first = batch[0].first_scored;
+    let ids = Tensor::new(rows, model.device())?;
+    let hidden = model.forward_hidden(&ids, &mut NoHook)?;
+    // Only the scored positions go through the (large) output projection.
+    let hidden = hidden.narrow(1, first, len - 1 - first)?;
+    Ok(model.lm_head(&hidden)?.to_vec3()?)
+}
+
+/// Evaluates `model` on `tokens`; with `reference`, also KL and top-1 agreement against it.
+/// `bos` is the BOS id when the model adds one (llama.cpp's `add_bos_token`).
+pub fn evaluate(
+    model: &Llama,
+    reference: Option<&Llama>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    cfg: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    let vocab = model.config.vocab_size;
+    if let Some(r) = reference {
+        if r.config.vocab_size != vocab {
+            return Err(EvalError::VocabMismatch {
+                model: vocab,
+                reference: r.config.vocab_size,
+            });
+        }
+    }
+    if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        return Err(EvalError::TokenOutOfRange { id, position, vocab });
+    }
+    let start = Instant::now();
+    let chunks = make_chunks(tokens, bos, cfg)?;
+    progress.start("evaluating", chunks.len() as u64);
+    let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+    let (mut kl, mut kl2, mut kl_max, mut agree, mut ref_nll) = (0f64, 0f64, 0f64, 0usize, 0f64);
+    let mut chunk_ppl = Vec::with_capacity(chunks.len());
+    let mut processed = 0;
+    let (mut lp, mut lp_ref) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    // Batches of equal-length chunks (only the last chunk of protocol `full` can be shorter).
+    let mut i = 0;
+    while i < chunks.len() {
+        let len = chunks[i].ids.len();
+        let mut j = i;
+        while j < chunks.len() && j - i < cfg.batch && chunks[j].ids.len() == len {
+            j += 1;
+        }
+        let batch: Vec<&Chunk> = chunks[i..j].iter().collect();
+        let logits = scored_logits(model, &batch)?;
+        let ref_logits = match reference {
+            Some(r) => Some(scored_logits(r, &batch)?),
+            None => None,
+        };
+        for (b, chunk) in batch.iter().enumerate() {
+            let mut chunk_nll = 0f64;
+            let rows = &logits[b];
+            for (p, row) in rows.iter().enumerate() {
+                let target = chunk.ids[chunk.first_scored + p + 1] as usize;
+                log_softmax_row(row, &mut lp).ok_or(EvalError::NonFinite { chunk: i + b })?;
+                let v = -lp[target];
+                nll += v;
+                nll2 += v * v;
+                chunk_nll += v;
+                if let Some(refs) = &ref_logits {
+                    let rrow = &refs[b][p];
+                    log_softmax_row(rrow, &mut lp_ref).ok_or(EvalError::NonFinite { chunk: i + b })?;
+                    let d: f64 = lp_ref.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
+                    kl += d;
+                    kl2 += d * d;
+                    kl_max = kl_max.max(d);
+                    agree += usize::from(argmax(rrow) == argmax(row));
+                    ref_nll -= lp_ref[target];
+                }
+            }
+            count += rows.len();
+            chunk_ppl.push((chunk_nll / rows.len().max(1) as f64).exp());
+            processed += chunk.ids.len();
+        }
+        done += batch.len();
+        let running = (nll / count.max(1) as f64).exp();
+        progress.advance(batch.len() as u64, Some(&format!("ppl {running:.4} [{done}/{}]", chunks.len())));
+        i = j;
+    }
+    progress.finish();
+    let wall_s = start.elapsed().as_secs_f64();
+    let n = count as f64;
+    let nll_mean = nll / n;
+    let var = nll2 / n - nll_mean * nll_mean;
+    let ppl = nll_mean.exp();
+    let ppl_stderr = if var > 0.0 && count > 1 { ppl * (var / (n - 1.0)).sqrt() } else { 0.0 };
+    let fidelity = reference.map(|_| {
+        let kl_mean = kl / n;
+        let kl_var = kl2 / n - kl_mean * kl_mean;
+        Fidelity {
+            kl_mean,
+            kl_stderr: if kl_var > 0.0 && count > 1 { (kl_var / (n - 1.0)).sqrt() } else { 0.0 },
+            kl_max,
+            top1_agreement: agree as f64 / n,
+            reference_ppl: (ref_nll / n).exp(),
+        }
+    });
+    Ok(EvalReport {
+        schema: EVAL_SCHEMA.to_string(),
+        config: *cfg,
+        tokens_in_text: tokens.len(),
+        chunks: chunks.len(),
+        tokens_processed: processed,
+        tokens_scored: count,
+        perplexity: Perplexity {
+            ppl,
+            ppl_stderr,
+            nll_mean,
+            chunk_ppl,
+        },
+        fidelity,
+        wall_s,
+        tokens_per_s: processed as f64 / wall_s.max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests;

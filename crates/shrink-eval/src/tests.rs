@@ -1,0 +1,134 @@
+use super::*;
+use candle_core::{DType, Device, D};
+use shrink_core::NoProgress;
+use shrink_models::LlamaConfig;
+
+fn tiny() -> Llama {
+    Llama::random(&LlamaConfig::tiny_for_tests(), 21, &Device::Cpu).unwrap()
+}
+
+fn text(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + i / 3) % 64) as u32).collect()
+}
+
+fn cfg(protocol: Protocol, ctx: usize, chunks: Option<usize>, batch: usize) -> EvalConfig {
+    EvalConfig { protocol, ctx, chunks, batch }
+}
+
+#[test]
+fn llama_cpp_chunks_follow_perplexity_cpp() {
+    let t = text(100);
+    let c = make_chunks(&t, None, &cfg(Protocol::LlamaCpp, 16, None, 4)).unwrap();
+    assert_eq!(c.len(), 6, "100 / 16 whole chunks");
+    assert_eq!(c[1].ids, t[16..32].to_vec());
+    assert_eq!(c[0].first_scored, 8);
+    let c = make_chunks(&t, Some(63), &cfg(Protocol::LlamaCpp, 16, Some(2), 4)).unwrap();
+    assert_eq!(c.len(), 2);
+    assert_eq!(c[1].ids[0], 63, "first token replaced by BOS");
+    assert_eq!(c[1].ids[1..], t[17..32]);
+    let err = make_chunks(&t[..31], None, &cfg(Protocol::LlamaCpp, 16, None, 4)).unwrap_err();
+    assert!(err.to_string().contains("needs at least 32"), "{err}");
+}
+
+#[test]
+fn full_chunks_cover_every_token_after_the_first() {
+    let t = text(40);
+    let c = make_chunks(&t, None, &cfg(Protocol::Full, 16, None, 4)).unwrap();
+    assert_eq!(c.iter().map(|c| c.ids.len()).collect::<Vec<_>>(), vec![16, 16, 8]);
+    assert!(c.iter().all(|c| c.first_scored == 0));
+    let c = make_chunks(&t, Some(1), &cfg(Protocol::Full, 16, None, 4)).unwrap();
+    assert_eq!(c[0].ids[0], 1);
+    assert_eq!(c[0].ids[1..], t[..15]);
+    assert_eq!(c.iter().map(|c| c.ids.len() - 1).sum::<usize>(), 40, "every text token is a target");
+}
+
+#[test]
+fn uniform_logits_give_perplexity_equal_to_vocab_size() {
+    let mut model = tiny();
+    // A zero output projection makes every next-token distribution uniform over 64 tokens.
+    let mut tensors = model.named_tensors();
+    let head = tensors["lm_head.weight"].zeros_like().unwrap();
+    tensors.insert("lm_head.weight".into(), head);
+    model = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
+    let r = evaluate(&model, None, &text(64), None, &cfg(Protocol::Full, 16, None, 2), &NoProgress).unwrap();
+    assert!((r.perplexity.ppl - 64.0).abs() < 1e-9, "{}", r.perplexity.ppl);
+    assert_eq!(r.tokens_scored, 60);
+    assert_eq!(r.perplexity.ppl_stderr, 0.0);
+}
+
+/// NLL of the scored positions computed from full logits with candle's own log-softmax.
+fn direct_nll(model: &Llama, chunk: &[u32], first: usize) -> Vec<f64> {
+    let ids = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let lp = candle_nn::ops::log_softmax(&model.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1).unwrap();
+    let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
+    (first..chunk.len() - 1).map(|p| -(lp[p][chunk[p + 1] as usize] as f64)).collect()
+}
+
+#[test]
+fn perplexity_matches_direct_computation_for_any_batch() {
+    let model = tiny();
+    let t = text(200);
+    let mut all = vec![];
+    for i in 0..200 / 32 {
+        all.extend(direct_nll(&model, &t[i * 32..(i + 1) * 32], 16));
+    }
+    let want = (all.iter().sum::<f64>() / all.len() as f64).exp();
+    for batch in [1, 3, 8] {
+        let r = evaluate(&model, None, &t, None, &cfg(Protocol::LlamaCpp, 32, None, batch), &NoProgress).unwrap();
+        assert_eq!(r.tokens_scored, all.len());
+        assert!((r.perplexity.ppl / want - 1.0).abs() < 1e-5, "batch {batch}: {} vs {want}", r.perplexity.ppl);
+        assert_eq!(r.perplexity.chunk_ppl.len(), 6);
+        assert_eq!(r.tokens_processed, 6 * 32);
+    }
+}
+
+#[test]
+fn fidelity_is_zero_against_itself_and_matches_direct_kl() {
+    let model = tiny();
+    let t = text(64);
+    let c = cfg(Protocol::LlamaCpp, 32, None, 2);
+    let same = evaluate(&model, Some(&model), &t, None, &c, &NoProgress).unwrap().fidelity.unwrap();
+    assert!(same.kl_mean.abs() < 1e-12 && same.top1_agreement == 1.0);
+
+    let mut other = model.clone();
+    let w = other.linear_mut("model.layers.0.mlp.down_proj").unwrap();
+    let noisy = (w.weight() * 3.0).unwrap();
+    w.set_weight(noisy).unwrap();
+    let r = evaluate(&other, Some(&model), &t, None, &c, &NoProgress).unwrap();
+    let f = r.fidelity.unwrap();
+    // Direct KL(ref || model) over the same positions.
+    let lp = |m: &Llama, chunk: &[u32]| -> Vec<Vec<f32>> {
+        let ids = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        candle_nn::ops::log_softmax(&m.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1).unwrap().to_vec2().unwrap()
+    };
+    let mut kls = vec![];
+    for chunk in t.chunks(32) {
+        let (a, b) = (lp(&model, chunk), lp(&other, chunk));
+        for p in 16..31 {
+            kls.push(a[p].iter().zip(&b[p]).map(|(r, m)| (*r as f64).exp() * (*r as f64 - *m as f64)).sum::<f64>());
+        }
+    }
+    let want = kls.iter().sum::<f64>() / kls.len() as f64;
+    assert!(want > 1e-4);
+    assert!((f.kl_mean / want - 1.0).abs() < 1e-3, "{} vs {want}", f.kl_mean);
+    assert!(f.top1_agreement < 1.0 + 1e-12);
+    let ref_alone = evaluate(&model, None, &t, None, &c, &NoProgress).unwrap();
+    assert!((f.reference_ppl / ref_alone.perplexity.ppl - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let model = tiny();
+    let mut t = text(64);
+    t[40] = 64;
+    let err = evaluate(&model, None, &t, None, &EvalConfig { ctx: 16, ..Default::default() }, &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("token id 64 at position 40"), "{err}");
+
+    let mut tensors = model.named_tensors();
+    let nan = (tensors["model.norm.weight"].ones_like().unwrap() * f64::NAN).unwrap();
+    tensors.insert("model.norm.weight".into(), nan);
+    let broken = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
+    let err = evaluate(&broken, None, &text(64), None, &cfg(Protocol::Full, 16, None, 1), &NoProgress).unwrap_err();
+    assert!(err.to_string().contains("non-finite logits in chunk 0"), "{err}");
+    assert!("nope".parse::<Protocol>().is_err());
+}
