@@ -87,6 +87,7 @@ enum FloatType {
     F32,
     F16,
     Bf16,
+    #[value(name = "q8_0")]
     Q8_0,
 }
 
@@ -252,6 +253,8 @@ fn read_text(spec: &str) -> Result<String> {
     if let Ok(reference) = spec.parse::<shrink_data::TextRef>() {
         if !Path::new(spec).exists() {
             if let Ok(m) = shrink_data::find(&reference.dataset) {
+                // Check the split before downloading anything.
+                shrink_data::split_files(&m, &reference.split)?;
                 fetch_with_message(&m)?;
             }
         }

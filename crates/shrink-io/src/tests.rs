@@ -5,34 +5,8 @@ use super::*;
 use candle_core::{DType, Device};
 use shrink_models::{Llama, LlamaConfig};
 
-/// GPT-2's byte-to-character table.
-fn byte_chars() -> Vec<char> {
-    let mut chars = vec!['\0'; 256];
-    let mut extra = 0;
-    for b in 0..256u32 {
-        chars[b as usize] = if (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b) {
-            char::from_u32(b).unwrap()
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra).unwrap()
-        };
-    }
-    chars
-}
-
 fn tiny_vocab() -> GgufVocab {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
-    tokens.extend(byte_chars().iter().map(|c| c.to_string()));
-    tokens.extend(["Ġt", "he", "Ġthe"].iter().map(|s| s.to_string()));
-    let mut token_types = vec![3, 3, 3];
-    token_types.resize(tokens.len(), 1);
-    GgufVocab {
-        model: "gpt2".into(),
-        pre: Some("smollm".into()),
-        tokens,
-        token_types,
-        merges: vec!["Ġ t".into(), "h e".into(), "Ġt he".into()],
-    }
+    GgufVocab::byte_level(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"], &["Ġ t", "h e", "Ġt he"], Some("smollm"))
 }
 
 fn tiny_config() -> LlamaConfig {

@@ -24,6 +24,36 @@ pub struct GgufVocab {
     pub merges: Vec<String>,
 }
 
+impl GgufVocab {
+    /// A byte-level BPE vocabulary: `specials` (control tokens, ids from 0), the 256 byte tokens
+    /// (GPT-2's byte-to-character table), then one token per merge, in merge order. Handy for
+    /// building small models in tests and examples.
+    pub fn byte_level(specials: &[&str], merges: &[&str], pre: Option<&str>) -> Self {
+        let mut tokens: Vec<String> = specials.iter().map(|s| s.to_string()).collect();
+        let mut token_types = vec![TOKEN_TYPE_CONTROL; specials.len()];
+        let mut extra = 0;
+        for b in 0..=255u32 {
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let c = if printable {
+                b
+            } else {
+                extra += 1;
+                255 + extra
+            };
+            tokens.push(char::from_u32(c).map(String::from).unwrap_or_default());
+        }
+        tokens.extend(merges.iter().map(|m| m.replace(' ', "")));
+        token_types.resize(tokens.len(), 1);
+        Self {
+            model: "gpt2".into(),
+            pre: pre.map(str::to_string),
+            tokens,
+            token_types,
+            merges: merges.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+}
+
 /// A tokenizer with the special-token facts evaluation and generation need.
 #[derive(Debug, Clone)]
 pub struct TokenizerBundle {
@@ -81,8 +111,9 @@ impl TokenizerBundle {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// Builds a byte-level BPE tokenizer from GGUF vocabulary metadata.
-    pub(crate) fn from_gguf_vocab(
+    /// Builds a byte-level BPE tokenizer from GGUF vocabulary metadata; `path` names the source
+    /// in errors.
+    pub fn from_gguf_vocab(
         path: &Path,
         vocab: GgufVocab,
         bos_token_id: Option<u32>,
