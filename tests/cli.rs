@@ -10,7 +10,10 @@ use std::process::{Command, Output};
 fn shrink(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shrink"))
         .args(args)
-        .env("SHRINK_CACHE_DIR", std::env::temp_dir().join("shrink-cli-test-cache"))
+        .env(
+            "SHRINK_CACHE_DIR",
+            std::env::temp_dir().join("shrink-cli-test-cache"),
+        )
         .output()
         .expect("the shrink binary runs")
 }
@@ -26,8 +29,15 @@ fn ok(args: &[&str]) -> String {
 fn fails(args: &[&str]) -> String {
     let out = shrink(args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "shrink {args:?} should exit 1:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "shrink {args:?} panicked:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "shrink {args:?} should exit 1:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "shrink {args:?} panicked:\n{stderr}"
+    );
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr
 }
@@ -38,12 +48,24 @@ fn sample_text() -> PathBuf {
 
 /// A 2-block GQA model with a byte-level tokenizer, written as a GGUF.
 fn tiny_gguf(dir: &Path) -> PathBuf {
-    let vocab = GgufVocab::byte_level(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"], &["Ġ t", "h e", "Ġt he"], Some("smollm"));
+    let vocab = GgufVocab::byte_level(
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        &["Ġ t", "h e", "Ġt he"],
+        Some("smollm"),
+    );
     let mut cfg = LlamaConfig::tiny_for_tests();
     cfg.vocab_size = vocab.tokens.len();
     let model = Llama::random(&cfg, 5, &candle_core::Device::Cpu).unwrap();
     let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
-    let tokenizer = TokenizerBundle::from_gguf_vocab(Path::new("tiny"), vocab, Some(1), Some(2), false, Some(template.into())).unwrap();
+    let tokenizer = TokenizerBundle::from_gguf_vocab(
+        Path::new("tiny"),
+        vocab,
+        Some(1),
+        Some(2),
+        false,
+        Some(template.into()),
+    )
+    .unwrap();
     let checkpoint = Checkpoint {
         path: "tiny".into(),
         format: Format::HfFolder,
@@ -59,7 +81,17 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
 
 fn eval_json(model: &str, extra: &[&str]) -> serde_json::Value {
     let text = sample_text();
-    let mut args = vec!["eval", model, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "6", "--json"];
+    let mut args = vec![
+        "eval",
+        model,
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "6",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     serde_json::from_str(&ok(&args)).unwrap()
 }
@@ -93,7 +125,15 @@ fn inspect_eval_convert_generate_on_a_tiny_model() {
 
     // Q8_0 GGUF: smaller, close to the original.
     let q8 = dir.path().join("q8.gguf");
-    ok(&["convert", g, "--to", "gguf", q8.to_str().unwrap(), "--dtype", "q8_0"]);
+    ok(&[
+        "convert",
+        g,
+        "--to",
+        "gguf",
+        q8.to_str().unwrap(),
+        "--dtype",
+        "q8_0",
+    ]);
     assert!(std::fs::metadata(&q8).unwrap().len() < std::fs::metadata(&gguf).unwrap().len());
     let q = eval_json(q8.to_str().unwrap(), &["--reference", g]);
     let kl = q["fidelity"]["kl_mean"].as_f64().unwrap();
@@ -101,17 +141,57 @@ fn inspect_eval_convert_generate_on_a_tiny_model() {
 
     // Human-readable eval, protocol full.
     let text = sample_text();
-    let table = ok(&["eval", g, "--text", text.to_str().unwrap(), "--ctx", "64", "--chunks", "2", "--protocol", "full"]);
-    assert!(table.contains("protocol    full, ctx 64, 2 chunks") && table.contains("tokens/s"), "{table}");
+    let table = ok(&[
+        "eval",
+        g,
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "2",
+        "--protocol",
+        "full",
+    ]);
+    assert!(
+        table.contains("protocol    full, ctx 64, 2 chunks") && table.contains("tokens/s"),
+        "{table}"
+    );
 
     // Generation, greedy and seeded sampling, plain and with the chat template.
     let out = shrink(&["generate", g, "--prompt", "the", "--max-tokens", "5"]);
     assert!(out.status.success());
     let stats = String::from_utf8_lossy(&out.stderr);
-    assert!(stats.contains("time to first token") && stats.contains("ms/token"), "{stats}");
-    let sampled = |seed: &str| ok(&["generate", g, "--prompt", "the", "--max-tokens", "8", "--temperature", "1", "--seed", seed]);
+    assert!(
+        stats.contains("time to first token") && stats.contains("ms/token"),
+        "{stats}"
+    );
+    let sampled = |seed: &str| {
+        ok(&[
+            "generate",
+            g,
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+        ])
+    };
     assert_eq!(sampled("7"), sampled("7"));
-    assert!(shrink(&["generate", g, "--prompt", "hi", "--chat", "--max-tokens", "3"]).status.success());
+    assert!(shrink(&[
+        "generate",
+        g,
+        "--prompt",
+        "hi",
+        "--chat",
+        "--max-tokens",
+        "3"
+    ])
+    .status
+    .success());
 }
 
 #[test]
@@ -128,7 +208,10 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 4096]).unwrap();
     let e = fails(&["eval", cut.to_str().unwrap(), "--text", text]);
-    assert!(e.contains("cut.gguf") && e.contains("tensor '") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("cut.gguf") && e.contains("tensor '") && e.contains("truncated"),
+        "{e}"
+    );
     let e = fails(&["inspect", cut.to_str().unwrap()]);
     assert!(e.contains("truncated"), "{e}");
 
@@ -142,26 +225,43 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
 
     // HF folder with a wrong-shaped tensor, a corrupt safetensors file, a bad tokenizer.
     let hf = dir.path().join("hf");
-    ok(&["convert", gguf.to_str().unwrap(), "--to", "hf", hf.to_str().unwrap()]);
+    ok(&[
+        "convert",
+        gguf.to_str().unwrap(),
+        "--to",
+        "hf",
+        hf.to_str().unwrap(),
+    ]);
     let config_path = hf.join("config.json");
     let good_config = std::fs::read_to_string(&config_path).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&good_config).unwrap();
     cfg["intermediate_size"] = 40.into();
     std::fs::write(&config_path, cfg.to_string()).unwrap();
     let e = fails(&["eval", hf.to_str().unwrap(), "--text", text]);
-    assert!(e.contains("tensor 'model.layers.0.mlp.gate_proj.weight' has shape [48, 32], expected [40, 32]"), "{e}");
+    assert!(
+        e.contains(
+            "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [48, 32], expected [40, 32]"
+        ),
+        "{e}"
+    );
     cfg["model_type"] = "mamba".into();
     cfg["architectures"] = serde_json::json!(["MambaForCausalLM"]);
     std::fs::write(&config_path, cfg.to_string()).unwrap();
     let e = fails(&["eval", hf.to_str().unwrap(), "--text", text]);
-    assert!(e.contains("unsupported architecture 'mamba'") && e.contains("hf"), "{e}");
+    assert!(
+        e.contains("unsupported architecture 'mamba'") && e.contains("hf"),
+        "{e}"
+    );
     std::fs::write(&config_path, &good_config).unwrap();
 
     let st = hf.join("model.safetensors");
     let full = std::fs::read(&st).unwrap();
     std::fs::write(&st, &full[..full.len() - 100]).unwrap();
     let e = fails(&["eval", hf.to_str().unwrap(), "--text", text]);
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     std::fs::write(&st, &full).unwrap();
 
     std::fs::write(hf.join("tokenizer.json"), "{ broken").unwrap();
@@ -179,7 +279,18 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
     let e = fails(&["eval", g, "--text", text, "--ctx", "4096"]);
     assert!(e.contains("needs at least 8192"), "{e}");
     let e = fails(&["eval", "llama-70b", "--text", text]);
-    assert!(e.contains("llama-70b") && e.contains("nor a known model"), "{e}");
-    let e = fails(&["convert", g, "--to", "hf", dir.path().join("x").to_str().unwrap(), "--dtype", "q8_0"]);
+    assert!(
+        e.contains("llama-70b") && e.contains("nor a known model"),
+        "{e}"
+    );
+    let e = fails(&[
+        "convert",
+        g,
+        "--to",
+        "hf",
+        dir.path().join("x").to_str().unwrap(),
+        "--dtype",
+        "q8_0",
+    ]);
     assert!(e.contains("--dtype q8_0 is for --to gguf"), "{e}");
 }

@@ -37,40 +37,80 @@ fn text(file: &str) -> Option<String> {
 fn llama_tool(tool: &str) -> Option<PathBuf> {
     let dir = match std::env::var_os("SHRINK_LLAMA_CPP_BIN") {
         Some(d) => PathBuf::from(d),
-        None => shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36/bin"),
+        None => shrink_core::cache_dir()
+            .unwrap()
+            .join("llama.cpp/0.3.36/bin"),
     };
     let path = dir.join(tool);
     if path.is_file() {
         return Some(path);
     }
-    assert!(!required(), "{} is missing: run scripts/build-llama-cpp.sh", path.display());
-    eprintln!("SKIPPED: {} not built (scripts/build-llama-cpp.sh)", path.display());
+    assert!(
+        !required(),
+        "{} is missing: run scripts/build-llama-cpp.sh",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} not built (scripts/build-llama-cpp.sh)",
+        path.display()
+    );
     None
 }
 
 #[test]
 fn tokenizer_matches_llama_cpp_on_hamlet_and_round_trips() {
-    let (Some(model), Some(hamlet)) = (model_path(), text("hamlet")) else { return };
+    let (Some(model), Some(hamlet)) = (model_path(), text("hamlet")) else {
+        return;
+    };
     let checkpoint = shrink_io::load(&model).unwrap();
     let tok = checkpoint.tokenizer().unwrap();
     let ids = tok.encode(&hamlet, false).unwrap();
     // The count llama-tokenize gives (../shared/ANCHORS.md); the transformers tokenizer gives 52,803.
     assert_eq!(ids.len(), 52_755);
-    assert_eq!(tok.decode(&ids, true).unwrap(), hamlet, "decode(encode(text)) == text");
+    assert_eq!(
+        tok.decode(&ids, true).unwrap(),
+        hamlet,
+        "decode(encode(text)) == text"
+    );
     let calib = text("macbeth").unwrap() + &text("tempest").unwrap();
-    assert_eq!(tok.decode(&tok.encode(&calib, false).unwrap(), true).unwrap(), calib);
+    assert_eq!(
+        tok.decode(&tok.encode(&calib, false).unwrap(), true)
+            .unwrap(),
+        calib
+    );
     // Digits one by one, no prefix space, special tokens only when parsed.
-    assert_eq!(tok.encode("HAMLET, 12345 <|im_start|>", true).unwrap(), vec![56, 38348, 3438, 28, 216, 33, 34, 35, 36, 37, 216, 1]);
+    assert_eq!(
+        tok.encode("HAMLET, 12345 <|im_start|>", true).unwrap(),
+        vec![56, 38348, 3438, 28, 216, 33, 34, 35, 36, 37, 216, 1]
+    );
 
-    let Some(tool) = llama_tool("llama-tokenize") else { return };
+    let Some(tool) = llama_tool("llama-tokenize") else {
+        return;
+    };
     let hamlet_path = asset("shakespeare").unwrap().join("hamlet");
     let out = Command::new(tool)
-        .args(["-m", model.to_str().unwrap(), "-f", hamlet_path.to_str().unwrap(), "--ids", "--no-parse-special", "--log-disable"])
+        .args([
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            hamlet_path.to_str().unwrap(),
+            "--ids",
+            "--no-parse-special",
+            "--log-disable",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let list = stdout.lines().rev().find(|l| l.starts_with('[')).expect("an id list");
+    let list = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('['))
+        .expect("an id list");
     let theirs: Vec<u32> = list
         .trim_matches(|c| c == '[' || c == ']')
         .split(", ")
@@ -89,49 +129,121 @@ fn inspect_reports_the_real_file() {
     assert_eq!(info.file_size_bytes, 98_362_432);
     let count = |t: &str| info.tensors.iter().filter(|x| x.dtype == t).count();
     assert_eq!((count("Q4_1"), count("F32"), count("Q8_0")), (210, 61, 1));
-    let q = info.tensors.iter().find(|t| t.name == "blk.0.ffn_down.weight").unwrap();
+    let q = info
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.ffn_down.weight")
+        .unwrap();
     assert_eq!((q.shape.clone(), q.bits_per_weight), (vec![576, 1536], 5.0));
 }
 
 #[test]
 fn gguf_to_hf_folder_round_trip_keeps_logits_and_tokens() {
-    let (Some(model), Some(hamlet)) = (model_path(), text("hamlet")) else { return };
+    let (Some(model), Some(hamlet)) = (model_path(), text("hamlet")) else {
+        return;
+    };
     let gguf = shrink_io::load(&model).unwrap();
     let cfg = LlamaConfig::from_json(&gguf.config).unwrap();
-    assert_eq!((cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.rope_theta), (30, 9, 3, 100_000.0));
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.rope_theta
+        ),
+        (30, 9, 3, 100_000.0)
+    );
     assert!(cfg.tie_word_embeddings);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2-hf");
     shrink_io::save_hf(&gguf, &out, shrink_io::SaveDType::F32).unwrap();
     let hf = shrink_io::load(&out).unwrap();
 
-    let ids: Vec<u32> = gguf.tokenizer().unwrap().encode(&hamlet[..4000], false).unwrap();
-    assert_eq!(hf.tokenizer().unwrap().encode(&hamlet, false).unwrap().len(), 52_755);
-    let batch = Tensor::new(vec![ids[..96].to_vec(), ids[96..192].to_vec()], &Device::Cpu).unwrap();
-    let a = Llama::from_tensors(&cfg, gguf.tensors.clone(), DType::F32).unwrap().forward(&batch).unwrap();
+    let ids: Vec<u32> = gguf
+        .tokenizer()
+        .unwrap()
+        .encode(&hamlet[..4000], false)
+        .unwrap();
+    assert_eq!(
+        hf.tokenizer()
+            .unwrap()
+            .encode(&hamlet, false)
+            .unwrap()
+            .len(),
+        52_755
+    );
+    let batch = Tensor::new(
+        vec![ids[..96].to_vec(), ids[96..192].to_vec()],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let a = Llama::from_tensors(&cfg, gguf.tensors.clone(), DType::F32)
+        .unwrap()
+        .forward(&batch)
+        .unwrap();
     let hf_cfg = LlamaConfig::from_json(&hf.config).unwrap();
-    let b = Llama::from_tensors(&hf_cfg, hf.tensors, DType::F32).unwrap().forward(&batch).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let b = Llama::from_tensors(&hf_cfg, hf.tensors, DType::F32)
+        .unwrap()
+        .forward(&batch)
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
 }
 
 fn llama_perplexity_ppl(stderr: &str) -> f64 {
-    let line = stderr.lines().find(|l| l.contains("Final estimate: PPL =")).expect("a final estimate");
-    line.split("PPL =").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Final estimate: PPL ="))
+        .expect("a final estimate");
+    line.split("PPL =")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The acceptance check of the evaluation: `shrink eval` and `llama-perplexity` on the same GGUF
 /// and text, same protocol, computed live.
 #[test]
 fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
-    let (Some(model), Some(_)) = (model_path(), text("hamlet")) else { return };
-    let Some(tool) = llama_tool("llama-perplexity") else { return };
+    let (Some(model), Some(_)) = (model_path(), text("hamlet")) else {
+        return;
+    };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
     let hamlet = asset("shakespeare").unwrap().join("hamlet");
     let ours = Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args(["eval", model.to_str().unwrap(), "--text", "shakespeare:eval", "--protocol", "llama-cpp", "--ctx", "512", "--chunks", "32", "--json"])
+        .args([
+            "eval",
+            model.to_str().unwrap(),
+            "--text",
+            "shakespeare:eval",
+            "--protocol",
+            "llama-cpp",
+            "--ctx",
+            "512",
+            "--chunks",
+            "32",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
     assert_eq!(report["tokens_in_text"], 52_755);
     assert_eq!(report["chunks"], 32);
@@ -139,7 +251,18 @@ fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
     let ours = report["perplexity"]["ppl"].as_f64().unwrap();
 
     let theirs = Command::new(tool)
-        .args(["-m", model.to_str().unwrap(), "-f", hamlet.to_str().unwrap(), "-c", "512", "--chunks", "32", "-t", "2"])
+        .args([
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            hamlet.to_str().unwrap(),
+            "-c",
+            "512",
+            "--chunks",
+            "32",
+            "-t",
+            "2",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&theirs.stderr);
@@ -147,5 +270,8 @@ fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
     let theirs = llama_perplexity_ppl(&stderr);
     let ratio = ours / theirs;
     eprintln!("shrink {ours:.4} vs llama-perplexity {theirs:.4}: ratio {ratio:.5}");
-    assert!((ratio - 1.0).abs() < 0.005, "shrink {ours} vs llama.cpp {theirs}");
+    assert!(
+        (ratio - 1.0).abs() < 0.005,
+        "shrink {ours} vs llama.cpp {theirs}"
+    );
 }

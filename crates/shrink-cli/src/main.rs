@@ -24,7 +24,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Parser)]
-#[command(name = "shrink", version, about = "Model compression toolkit: load, evaluate and shrink language models")]
+#[command(
+    name = "shrink",
+    version,
+    about = "Model compression toolkit: load, evaluate and shrink language models"
+)]
 struct Cli {
     /// Worker threads for tensor math (default: all cores).
     #[arg(long, global = true)]
@@ -222,7 +226,11 @@ fn resolve_model(spec: &str) -> Result<PathBuf> {
         Ok(m) if m.kind == shrink_data::Kind::Model => m,
         _ if looks_like_path => bail!("{spec}: no such file or directory"),
         Ok(_) => bail!("'{spec}' is a dataset, not a model"),
-        Err(e) => return Err(e).context(format!("{spec}: no such file or directory, nor a known model")),
+        Err(e) => {
+            return Err(e).context(format!(
+                "{spec}: no such file or directory, nor a known model"
+            ))
+        }
     };
     let dir = fetch_with_message(&manifest)?;
     Ok(dir.join(manifest.model.as_deref().unwrap_or_default()))
@@ -267,7 +275,11 @@ fn data(cmd: DataCommand) -> Result<()> {
         DataCommand::List => {
             for name in shrink_data::builtin_names() {
                 let m = shrink_data::builtin(name)?;
-                let cached = if shrink_data::is_cached(&m)? { "cached" } else { "not fetched" };
+                let cached = if shrink_data::is_cached(&m)? {
+                    "cached"
+                } else {
+                    "not fetched"
+                };
                 let splits: Vec<String> = m
                     .splits
                     .iter()
@@ -281,7 +293,11 @@ fn data(cmd: DataCommand) -> Result<()> {
                     m.package.version,
                     cached,
                     m.description,
-                    if splits.is_empty() { String::new() } else { format!(" [{}]", splits.join("; ")) }
+                    if splits.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [{}]", splits.join("; "))
+                    }
                 );
             }
         }
@@ -289,7 +305,12 @@ fn data(cmd: DataCommand) -> Result<()> {
             for name in names {
                 let m = shrink_data::find(&name)?;
                 let dir = fetch_with_message(&m)?;
-                outln!("{}: {} file(s) verified in {}", m.name, m.files.len(), dir.display());
+                outln!(
+                    "{}: {} file(s) verified in {}",
+                    m.name,
+                    m.files.len(),
+                    dir.display()
+                );
             }
         }
         DataCommand::Path { name } => {
@@ -324,16 +345,28 @@ fn human_count(n: u64) -> String {
 
 fn inspect(model: &str, json: bool) -> Result<()> {
     let path = resolve_model(model)?;
-    let info = shrink_io::inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;
+    let info =
+        shrink_io::inspect(&path).with_context(|| format!("inspecting {}", path.display()))?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&info)?);
         return Ok(());
     }
     outln!("path           {}", info.path);
-    outln!("format         {}", serde_json::to_value(info.format)?.as_str().unwrap_or("?"));
+    outln!(
+        "format         {}",
+        serde_json::to_value(info.format)?.as_str().unwrap_or("?")
+    );
     outln!("architecture   {}", info.architecture);
-    outln!("parameters     {} ({})", info.parameters, human_count(info.parameters));
-    outln!("file size      {} bytes ({:.1} MB)", info.file_size_bytes, info.file_size_bytes as f64 / 1e6);
+    outln!(
+        "parameters     {} ({})",
+        info.parameters,
+        human_count(info.parameters)
+    );
+    outln!(
+        "file size      {} bytes ({:.1} MB)",
+        info.file_size_bytes,
+        info.file_size_bytes as f64 / 1e6
+    );
     outln!("bits/weight    {:.3}", info.bits_per_weight);
     let mut by_type: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
     for t in &info.tensors {
@@ -347,10 +380,29 @@ fn inspect(model: &str, json: bool) -> Result<()> {
         .collect();
     outln!("tensor types   {}", types.join(", "));
     outln!();
-    outln!("{:<40} {:<6} {:>16} {:>12} {:>7}", "tensor", "dtype", "shape", "bytes", "bpw");
+    outln!(
+        "{:<40} {:<6} {:>16} {:>12} {:>7}",
+        "tensor",
+        "dtype",
+        "shape",
+        "bytes",
+        "bpw"
+    );
     for t in &info.tensors {
-        let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("×");
-        outln!("{:<40} {:<6} {:>16} {:>12} {:>7.3}", t.name, t.dtype, shape, t.size_bytes, t.bits_per_weight);
+        let shape = t
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("×");
+        outln!(
+            "{:<40} {:<6} {:>16} {:>12} {:>7.3}",
+            t.name,
+            t.dtype,
+            shape,
+            t.size_bytes,
+            t.bits_per_weight
+        );
     }
     Ok(())
 }
@@ -364,7 +416,9 @@ fn convert(args: ConvertArgs) -> Result<()> {
                 FloatType::F32 => shrink_io::SaveDType::F32,
                 FloatType::F16 => shrink_io::SaveDType::F16,
                 FloatType::Bf16 => shrink_io::SaveDType::BF16,
-                FloatType::Q8_0 => bail!("--dtype q8_0 is for --to gguf; a Hugging Face folder takes f32, f16 or bf16"),
+                FloatType::Q8_0 => bail!(
+                    "--dtype q8_0 is for --to gguf; a Hugging Face folder takes f32, f16 or bf16"
+                ),
             };
             shrink_io::save_hf(&checkpoint, &args.out, dtype)
                 .with_context(|| format!("writing {}", args.out.display()))?;
@@ -374,7 +428,9 @@ fn convert(args: ConvertArgs) -> Result<()> {
                 FloatType::F32 => shrink_io::GgufWriteType::F32,
                 FloatType::F16 => shrink_io::GgufWriteType::F16,
                 FloatType::Q8_0 => shrink_io::GgufWriteType::Q8_0,
-                FloatType::Bf16 => bail!("--dtype bf16 is not offered for GGUF output; use f32, f16 or q8_0"),
+                FloatType::Bf16 => {
+                    bail!("--dtype bf16 is not offered for GGUF output; use f32, f16 or q8_0")
+                }
             };
             shrink_io::write_llama_gguf(&checkpoint, &args.out, ty)
                 .with_context(|| format!("writing {}", args.out.display()))?;
@@ -399,8 +455,16 @@ fn eval(args: EvalArgs) -> Result<()> {
     let text = read_text(&args.text)?;
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
     let tokens = tokenizer.encode(&text, false)?;
-    let tokens = if tokenizer.add_bos { tokens[1..].to_vec() } else { tokens };
-    let bos = if tokenizer.add_bos { tokenizer.bos_token_id } else { None };
+    let tokens = if tokenizer.add_bos {
+        tokens[1..].to_vec()
+    } else {
+        tokens
+    };
+    let bos = if tokenizer.add_bos {
+        tokenizer.bos_token_id
+    } else {
+        None
+    };
     let model = build_llama(&checkpoint, args.dtype.dtype())?;
     let reference = match &args.reference {
         Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
@@ -426,21 +490,48 @@ fn eval(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     let p = &report.perplexity;
-    outln!("model       {} ({} parameters)", checkpoint.path.display(), human_count(model.num_parameters() as u64));
-    outln!("text        {} ({} tokens)", args.text, report.tokens_in_text);
+    outln!(
+        "model       {} ({} parameters)",
+        checkpoint.path.display(),
+        human_count(model.num_parameters() as u64)
+    );
+    outln!(
+        "text        {} ({} tokens)",
+        args.text,
+        report.tokens_in_text
+    );
     outln!(
         "protocol    {}, ctx {}, {} chunks, batch {}",
-        protocol, cfg.ctx, report.chunks, cfg.batch
+        protocol,
+        cfg.ctx,
+        report.chunks,
+        cfg.batch
     );
-    outln!("perplexity  {:.4} ± {:.4}   ({} tokens scored)", p.ppl, p.ppl_stderr, report.tokens_scored);
+    outln!(
+        "perplexity  {:.4} ± {:.4}   ({} tokens scored)",
+        p.ppl,
+        p.ppl_stderr,
+        report.tokens_scored
+    );
     if let Some(f) = &report.fidelity {
-        outln!("reference   {} (perplexity {:.4})", args.reference.as_deref().unwrap_or(""), f.reference_ppl);
-        outln!("KL(ref‖m)   {:.6} ± {:.6} nats/token (max {:.4})", f.kl_mean, f.kl_stderr, f.kl_max);
+        outln!(
+            "reference   {} (perplexity {:.4})",
+            args.reference.as_deref().unwrap_or(""),
+            f.reference_ppl
+        );
+        outln!(
+            "KL(ref‖m)   {:.6} ± {:.6} nats/token (max {:.4})",
+            f.kl_mean,
+            f.kl_stderr,
+            f.kl_max
+        );
         outln!("top-1       {:.2}%", f.top1_agreement * 100.0);
     }
     outln!(
         "time        {:.1} s, {:.1} tokens/s ({} tokens processed)",
-        report.wall_s, report.tokens_per_s, report.tokens_processed
+        report.wall_s,
+        report.tokens_per_s,
+        report.tokens_processed
     );
     Ok(())
 }
@@ -468,7 +559,10 @@ fn generate(args: GenerateArgs) -> Result<()> {
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
         shrink_models::render_chat(
             template,
-            &[ChatMessage { role: "user".into(), content: args.prompt.clone() }],
+            &[ChatMessage {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }],
             &text(tok.bos_token_id),
             &text(tok.eos_token_ids.first().copied()),
         )?
@@ -482,9 +576,17 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let model = build_llama(&checkpoint, args.dtype.dtype())?;
     let max_len = model.config.max_position_embeddings;
     if ids.len() + args.max_tokens > max_len {
-        bail!("prompt ({} tokens) + --max-tokens {} exceeds the model's context of {max_len}", ids.len(), args.max_tokens);
+        bail!(
+            "prompt ({} tokens) + --max-tokens {} exceeds the model's context of {max_len}",
+            ids.len(),
+            args.max_tokens
+        );
     }
-    let mut sampler = Sampler::new(SamplingConfig { temperature: args.temperature, top_p: args.top_p, seed: args.seed });
+    let mut sampler = Sampler::new(SamplingConfig {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
     let mut cache = model.new_cache();
     let start = Instant::now();
     let device = model.device().clone();

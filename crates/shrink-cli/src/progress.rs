@@ -10,16 +10,20 @@ pub struct Bar {
 
 impl Bar {
     pub fn new() -> Self {
-        Self { bar: Mutex::new(None) }
+        Self {
+            bar: Mutex::new(None),
+        }
     }
 }
 
 impl shrink_core::Progress for Bar {
     fn start(&self, phase: &str, total: u64) {
         let bar = ProgressBar::new(total);
-        let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+        let style = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
         bar.set_style(style);
         bar.set_prefix(phase.to_string());
         if let Ok(mut slot) = self.bar.lock() {

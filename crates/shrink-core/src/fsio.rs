@@ -5,7 +5,10 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CoreError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> CoreError + 'a {
     move |source| CoreError::Io {
         action,
         path: path.to_path_buf(),
@@ -78,7 +81,10 @@ impl AtomicDir {
 
     /// Where files are written before the commit.
     pub fn path(&self) -> &Path {
-        self.staging.as_ref().map(|s| s.path()).unwrap_or(&self.target)
+        self.staging
+            .as_ref()
+            .map(|s| s.path())
+            .unwrap_or(&self.target)
     }
 
     /// Replaces `target` (removing a previous version) with the staged directory.
@@ -160,10 +166,16 @@ mod tests {
         std::fs::write(target.join("old.txt"), "old").unwrap();
         let staged = AtomicDir::new(&target).unwrap();
         std::fs::write(staged.path().join("new.txt"), "new").unwrap();
-        assert!(target.join("old.txt").exists(), "target untouched before commit");
+        assert!(
+            target.join("old.txt").exists(),
+            "target untouched before commit"
+        );
         staged.commit().unwrap();
         assert!(!target.join("old.txt").exists());
-        assert_eq!(std::fs::read_to_string(target.join("new.txt")).unwrap(), "new");
+        assert_eq!(
+            std::fs::read_to_string(target.join("new.txt")).unwrap(),
+            "new"
+        );
         let leftovers: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no staging or old folders left behind");
     }

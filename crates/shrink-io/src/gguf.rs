@@ -23,19 +23,22 @@ pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
 
 /// Reads the header, metadata and tensor table.
 pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Content> {
-    let content = gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
-        path: path.to_path_buf(),
-        message: format!("corrupt or truncated GGUF header: {e}"),
-    })?;
-    for (name, info) in &content.tensor_infos {
-        let size = tensor_bytes(info.ggml_dtype, info.shape.elem_count()).ok_or_else(|| IoError::Tensor {
+    let content =
+        gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
             path: path.to_path_buf(),
-            tensor: name.clone(),
-            message: format!(
-                "{} elements are not a whole number of {:?} blocks",
-                info.shape.elem_count(),
-                info.ggml_dtype
-            ),
+            message: format!("corrupt or truncated GGUF header: {e}"),
+        })?;
+    for (name, info) in &content.tensor_infos {
+        let size = tensor_bytes(info.ggml_dtype, info.shape.elem_count()).ok_or_else(|| {
+            IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                message: format!(
+                    "{} elements are not a whole number of {:?} blocks",
+                    info.shape.elem_count(),
+                    info.ggml_dtype
+                ),
+            }
         })?;
         let start = content.tensor_data_offset + info.offset;
         let end = start.checked_add(size as u64).unwrap_or(u64::MAX);
@@ -78,7 +81,13 @@ fn meta_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Opti
             .or_else(|_| v.to_u32().map(u64::from))
             .or_else(|_| v.to_i32().map(|x| x as u64))
             .map(Some)
-            .map_err(|_| meta_err(path, key, format!("expected an integer, found {:?}", v.value_type()))),
+            .map_err(|_| {
+                meta_err(
+                    path,
+                    key,
+                    format!("expected an integer, found {:?}", v.value_type()),
+                )
+            }),
     }
 }
 
@@ -98,7 +107,11 @@ fn meta_f64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Opti
     }
 }
 
-fn meta_str<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<Option<&'a str>> {
+fn meta_str<'a>(
+    path: &Path,
+    content: &'a gguf_file::Content,
+    key: &str,
+) -> Result<Option<&'a str>> {
     match meta(content, key) {
         None => Ok(None),
         Some(v) => v
@@ -112,7 +125,11 @@ fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
     meta(content, key).and_then(|v| v.to_bool().ok())
 }
 
-fn meta_array<'a>(path: &Path, content: &'a gguf_file::Content, key: &str) -> Result<&'a Vec<Value>> {
+fn meta_array<'a>(
+    path: &Path,
+    content: &'a gguf_file::Content,
+    key: &str,
+) -> Result<&'a Vec<Value>> {
     meta(content, key)
         .ok_or_else(|| meta_err(path, key, "missing"))?
         .to_vec()
@@ -189,8 +206,15 @@ fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Ten
     let rows = dims[0];
     let cols: usize = dims[1..].iter().product();
     let hd = rows / n_head;
-    let split = if to_hf { (n_head, hd / 2, 2, cols) } else { (n_head, 2, hd / 2, cols) };
-    t.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    let split = if to_hf {
+        (n_head, hd / 2, 2, cols)
+    } else {
+        (n_head, 2, hd / 2, cols)
+    };
+    t.reshape(split)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// Loads a GGUF file as a checkpoint.
@@ -213,12 +237,17 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
     };
     let a = |k: &str| format!("{arch}.{k}");
     let n_head = meta_req_u64(path, &content, &a("attention.head_count"))? as usize;
-    let n_head_kv = meta_u64(path, &content, &a("attention.head_count_kv"))?.unwrap_or(n_head as u64) as usize;
+    let n_head_kv =
+        meta_u64(path, &content, &a("attention.head_count_kv"))?.unwrap_or(n_head as u64) as usize;
     let hidden = meta_req_u64(path, &content, &a("embedding_length"))? as usize;
     let n_layer = meta_req_u64(path, &content, &a("block_count"))? as usize;
     let ffn = meta_req_u64(path, &content, &a("feed_forward_length"))? as usize;
     if n_head == 0 || n_head_kv == 0 {
-        return Err(meta_err(path, &a("attention.head_count"), "must be positive"));
+        return Err(meta_err(
+            path,
+            &a("attention.head_count"),
+            "must be positive",
+        ));
     }
     let head_dim = meta_u64(path, &content, &a("attention.key_length"))?
         .map(|v| v as usize)
@@ -275,7 +304,8 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let eos = meta_u64(path, &content, "tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
     let add_bos = meta_bool(&content, "tokenizer.ggml.add_bos_token").unwrap_or(false);
     let chat_template = meta_str(path, &content, "tokenizer.chat_template")?.map(str::to_string);
-    let tokenizer = TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
+    let tokenizer =
+        TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
 
     // Tensors, in file order, dequantized to f32 under HF names.
     let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
@@ -291,7 +321,8 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         if name == "rope_freqs.weight" {
             continue; // a precomputed RoPE table; the model computes its own
         }
-        let hf = gguf_to_hf_name(name).ok_or_else(|| tensor_err("unknown tensor name for the llama architecture".into()))?;
+        let hf = gguf_to_hf_name(name)
+            .ok_or_else(|| tensor_err("unknown tensor name for the llama architecture".into()))?;
         let q = info
             .read(&mut cursor, content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| tensor_err(e.to_string()))?;
@@ -434,7 +465,11 @@ pub struct GgufTensor {
 
 /// Writes a GGUF (version 3) atomically: header, metadata in the given order, tensor table, data
 /// aligned to 32 bytes.
-pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[GgufTensor]) -> Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(String, GgufValue)],
+    tensors: &[GgufTensor],
+) -> Result<()> {
     const ALIGN: usize = 32;
     let pad = |n: usize| (ALIGN - n % ALIGN) % ALIGN;
     let mut header = Vec::new();
@@ -472,7 +507,8 @@ pub fn write_gguf(path: &Path, metadata: &[(String, GgufValue)], tensors: &[Gguf
         out.write_all(&header).map_err(io_error(path))?;
         for data in &datas {
             out.write_all(data).map_err(io_error(path))?;
-            out.write_all(&vec![0u8; pad(data.len())]).map_err(io_error(path))?;
+            out.write_all(&vec![0u8; pad(data.len())])
+                .map_err(io_error(path))?;
         }
         Ok(())
     })
@@ -506,16 +542,27 @@ impl GgufWriteType {
 
 /// Writes a Llama-family checkpoint as a GGUF llama.cpp loads: llama metadata, the tokenizer
 /// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted.
-pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufWriteType) -> Result<()> {
+pub fn write_llama_gguf(
+    checkpoint: &Checkpoint,
+    path: &Path,
+    weight_type: GgufWriteType,
+) -> Result<()> {
     let cfg = &checkpoint.config;
     let bad = |key: &str| IoError::Metadata {
         path: checkpoint.path.clone(),
         key: key.to_string(),
         message: "missing or not a number in config.json".into(),
     };
-    let get = |key: &str| cfg.get(key).and_then(|v| v.as_u64()).ok_or_else(|| bad(key));
+    let get = |key: &str| {
+        cfg.get(key)
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| bad(key))
+    };
     let getf = |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
-    let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+    let model_type = cfg
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("llama");
     let arch = match model_type {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
@@ -528,9 +575,15 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
         }
     };
     let n_head = get("num_attention_heads")? as usize;
-    let n_head_kv = cfg.get("num_key_value_heads").and_then(|v| v.as_u64()).unwrap_or(n_head as u64) as usize;
+    let n_head_kv = cfg
+        .get("num_key_value_heads")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(n_head as u64) as usize;
     let hidden = get("hidden_size")?;
-    let head_dim = cfg.get("head_dim").and_then(|v| v.as_u64()).unwrap_or(hidden / n_head as u64);
+    let head_dim = cfg
+        .get("head_dim")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(hidden / n_head as u64);
     let tok = checkpoint.tokenizer()?;
     let vocab = tok.gguf_vocab.as_ref().ok_or_else(|| IoError::Tokenizer {
         path: checkpoint.path.clone(),
@@ -540,19 +593,53 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
     let s = |v: &str| GgufValue::String(v.to_string());
     let mut metadata = vec![
         ("general.architecture".to_string(), s(arch)),
-        ("general.name".to_string(), s(cfg.get("_name_or_path").and_then(|v| v.as_str()).unwrap_or("shrink"))),
-        ("general.file_type".to_string(), GgufValue::U32(weight_type.file_type())),
-        ("general.quantization_version".to_string(), GgufValue::U32(2)),
-        (a("context_length"), GgufValue::U32(cfg.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as u32)),
+        (
+            "general.name".to_string(),
+            s(cfg
+                .get("_name_or_path")
+                .and_then(|v| v.as_str())
+                .unwrap_or("shrink")),
+        ),
+        (
+            "general.file_type".to_string(),
+            GgufValue::U32(weight_type.file_type()),
+        ),
+        (
+            "general.quantization_version".to_string(),
+            GgufValue::U32(2),
+        ),
+        (
+            a("context_length"),
+            GgufValue::U32(
+                cfg.get("max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(2048) as u32,
+            ),
+        ),
         (a("embedding_length"), GgufValue::U32(hidden as u32)),
-        (a("block_count"), GgufValue::U32(get("num_hidden_layers")? as u32)),
-        (a("feed_forward_length"), GgufValue::U32(get("intermediate_size")? as u32)),
+        (
+            a("block_count"),
+            GgufValue::U32(get("num_hidden_layers")? as u32),
+        ),
+        (
+            a("feed_forward_length"),
+            GgufValue::U32(get("intermediate_size")? as u32),
+        ),
         (a("attention.head_count"), GgufValue::U32(n_head as u32)),
-        (a("attention.head_count_kv"), GgufValue::U32(n_head_kv as u32)),
+        (
+            a("attention.head_count_kv"),
+            GgufValue::U32(n_head_kv as u32),
+        ),
         (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
         (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
-        (a("rope.freq_base"), GgufValue::F32(getf("rope_theta", 10_000.0) as f32)),
-        (a("attention.layer_norm_rms_epsilon"), GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32)),
+        (
+            a("rope.freq_base"),
+            GgufValue::F32(getf("rope_theta", 10_000.0) as f32),
+        ),
+        (
+            a("attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32),
+        ),
         (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
         (a("vocab_size"), GgufValue::U32(get("vocab_size")? as u32)),
         ("tokenizer.ggml.model".to_string(), s(&vocab.model)),
@@ -560,17 +647,32 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
     if let Some(pre) = &vocab.pre {
         metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
     }
-    metadata.push(("tokenizer.ggml.tokens".into(), GgufValue::StringArray(vocab.tokens.clone())));
-    metadata.push(("tokenizer.ggml.token_type".into(), GgufValue::I32Array(vocab.token_types.clone())));
-    metadata.push(("tokenizer.ggml.merges".into(), GgufValue::StringArray(vocab.merges.clone())));
+    metadata.push((
+        "tokenizer.ggml.tokens".into(),
+        GgufValue::StringArray(vocab.tokens.clone()),
+    ));
+    metadata.push((
+        "tokenizer.ggml.token_type".into(),
+        GgufValue::I32Array(vocab.token_types.clone()),
+    ));
+    metadata.push((
+        "tokenizer.ggml.merges".into(),
+        GgufValue::StringArray(vocab.merges.clone()),
+    ));
     if let Some(bos) = tok.bos_token_id {
         metadata.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
     }
     if let Some(eos) = tok.eos_token_ids.first() {
         metadata.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*eos)));
     }
-    metadata.push(("tokenizer.ggml.add_bos_token".into(), GgufValue::Bool(tok.add_bos)));
-    metadata.push(("tokenizer.ggml.add_space_prefix".into(), GgufValue::Bool(false)));
+    metadata.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        GgufValue::Bool(tok.add_bos),
+    ));
+    metadata.push((
+        "tokenizer.ggml.add_space_prefix".into(),
+        GgufValue::Bool(false),
+    ));
     if let Some(t) = &tok.chat_template {
         metadata.push(("tokenizer.chat_template".into(), s(t)));
     }
@@ -578,7 +680,10 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
     // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
     let mut ordered: Vec<(&String, &Tensor)> = checkpoint.tensors.iter().collect();
     let layer_of = |n: &str| -> (usize, usize) {
-        match n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse().ok()) {
+        match n
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next()?.parse().ok())
+        {
             Some(l) => (1, l),
             None if n == "model.embed_tokens.weight" => (0, 0),
             None => (2, 0),
@@ -592,7 +697,8 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
             tensor: name.clone(),
             message,
         };
-        let gname = hf_to_gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+        let gname =
+            hf_to_gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
         let mut t = t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?;
         if arch == "llama" {
             if name.contains("self_attn.q_proj") {
@@ -608,7 +714,10 @@ pub fn write_llama_gguf(checkpoint: &Checkpoint, path: &Path, weight_type: GgufW
             GgmlDType::F32
         };
         let q = QTensor::quantize(&t, ggml).map_err(|e| err(e.to_string()))?;
-        out.push(GgufTensor { name: gname, tensor: q });
+        out.push(GgufTensor {
+            name: gname,
+            tensor: q,
+        });
     }
     write_gguf(path, &metadata, &out)
 }
@@ -622,7 +731,12 @@ mod tests {
         // 2 heads of head_dim 4, 1 column: HF row h*4 + half*2 + j -> GGUF row h*4 + 2*j + half.
         let hf: Vec<f32> = (0..8).map(|v| v as f32).collect();
         let t = Tensor::from_vec(hf, (8, 1), &Device::Cpu).unwrap();
-        let g: Vec<f32> = permute_qk(&t, 2, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let g: Vec<f32> = permute_qk(&t, 2, false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let mut want = [0f32; 8];
         for h in 0..2 {
             for half in 0..2 {
@@ -632,8 +746,12 @@ mod tests {
             }
         }
         assert_eq!(g, want);
-        let back = permute_qk(&Tensor::from_vec(g, (8, 1), &Device::Cpu).unwrap(), 2, true).unwrap();
-        assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..8).map(|v| v as f32).collect::<Vec<_>>());
+        let back =
+            permute_qk(&Tensor::from_vec(g, (8, 1), &Device::Cpu).unwrap(), 2, true).unwrap();
+        assert_eq!(
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (0..8).map(|v| v as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -647,7 +765,10 @@ mod tests {
         ] {
             assert_eq!(gguf_to_hf_name(&hf_to_gguf_name(n).unwrap()).unwrap(), n);
         }
-        assert_eq!(hf_to_gguf_name("model.layers.1.mlp.gate_proj.weight").unwrap(), "blk.1.ffn_gate.weight");
+        assert_eq!(
+            hf_to_gguf_name("model.layers.1.mlp.gate_proj.weight").unwrap(),
+            "blk.1.ffn_gate.weight"
+        );
         assert!(gguf_to_hf_name("blk.1.ffn_gate_exps.weight").is_none());
     }
 }

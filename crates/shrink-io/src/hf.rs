@@ -59,23 +59,29 @@ pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, Tensor>) 
         });
     }
     // SAFETY: read-only mapping of an input file that shrink never writes.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| IoError::Format {
-        path: path.to_path_buf(),
-        message: format!("corrupt or truncated safetensors file: {e}"),
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+        IoError::Format {
+            path: path.to_path_buf(),
+            message: format!("corrupt or truncated safetensors file: {e}"),
+        }
     })?;
     for (name, _) in st.tensors() {
-        let t = st.load(&name, &candle_core::Device::Cpu).map_err(|e| IoError::Tensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            message: e.to_string(),
-        })?;
-        let t = match t.dtype() {
-            DType::F32 => t,
-            DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
+        let t = st
+            .load(&name, &candle_core::Device::Cpu)
+            .map_err(|e| IoError::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
                 message: e.to_string(),
-            })?,
+            })?;
+        let t = match t.dtype() {
+            DType::F32 => t,
+            DType::F16 | DType::BF16 | DType::F64 => {
+                t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name.clone(),
+                    message: e.to_string(),
+                })?
+            }
             other => t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
@@ -173,18 +179,24 @@ pub fn save_hf(checkpoint: &Checkpoint, out: &Path, dtype: SaveDType) -> Result<
     let st_path = dir.join("model.safetensors");
     let mut metadata = std::collections::HashMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
-    let bytes = safetensors::serialize(converted.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| IoError::Format {
-            path: st_path.clone(),
-            message: format!("serializing safetensors: {e}"),
-        })?;
+    let bytes = safetensors::serialize(
+        converted.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+    )
+    .map_err(|e| IoError::Format {
+        path: st_path.clone(),
+        message: format!("serializing safetensors: {e}"),
+    })?;
     shrink_core::atomic_write(&st_path, &bytes)?;
 
     if let Some(tok) = &checkpoint.tokenizer {
-        let text = tok.tokenizer.to_string(true).map_err(|e| IoError::Tokenizer {
-            path: dir.join("tokenizer.json"),
-            message: e.to_string(),
-        })?;
+        let text = tok
+            .tokenizer
+            .to_string(true)
+            .map_err(|e| IoError::Tokenizer {
+                path: dir.join("tokenizer.json"),
+                message: e.to_string(),
+            })?;
         shrink_core::atomic_write(&dir.join("tokenizer.json"), text.as_bytes())?;
         let token = |id: Option<u32>| id.and_then(|id| tok.token_text(id));
         let mut tc = serde_json::json!({

@@ -33,7 +33,11 @@ pub struct Inspection {
 fn summary(name: String, dtype: String, shape: Vec<usize>, size_bytes: u64) -> TensorSummary {
     let parameters: u64 = shape.iter().map(|&d| d as u64).product();
     TensorSummary {
-        bits_per_weight: if parameters == 0 { 0.0 } else { size_bytes as f64 * 8.0 / parameters as f64 },
+        bits_per_weight: if parameters == 0 {
+            0.0
+        } else {
+            size_bytes as f64 * 8.0 / parameters as f64
+        },
         name,
         dtype,
         shape,
@@ -45,7 +49,9 @@ fn summary(name: String, dtype: String, shape: Vec<usize>, size_bytes: u64) -> T
 /// Summarises a GGUF file or a Hugging Face folder.
 pub fn inspect(path: &Path) -> Result<Inspection> {
     if !path.exists() {
-        return Err(IoError::NotFound { path: path.to_path_buf() });
+        return Err(IoError::NotFound {
+            path: path.to_path_buf(),
+        });
     }
     let (format, architecture, file_size_bytes, mut tensors) = if path.is_dir() {
         let config = read_json(&path.join("config.json"))?;
@@ -61,13 +67,19 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         for file in safetensors_files(path)? {
             let mmap = crate::gguf::map(&file)?;
             size += mmap.len() as u64;
-            let (_, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| IoError::Format {
-                path: file.clone(),
-                message: format!("corrupt or truncated safetensors header: {e}"),
-            })?;
+            let (_, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| IoError::Format {
+                    path: file.clone(),
+                    message: format!("corrupt or truncated safetensors header: {e}"),
+                })?;
             for (name, info) in meta.tensors() {
                 let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
-                tensors.push(summary(name, format!("{:?}", info.dtype), info.shape.clone(), bytes));
+                tensors.push(summary(
+                    name,
+                    format!("{:?}", info.dtype),
+                    info.shape.clone(),
+                    bytes,
+                ));
             }
         }
         (Format::HfFolder, arch, size, tensors)
@@ -85,7 +97,12 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             .map(|(name, info)| {
                 let elems = info.shape.elem_count();
                 let bytes = crate::gguf::tensor_bytes(info.ggml_dtype, elems).unwrap_or(0) as u64;
-                summary(name.clone(), format!("{:?}", info.ggml_dtype), info.shape.dims().to_vec(), bytes)
+                summary(
+                    name.clone(),
+                    format!("{:?}", info.ggml_dtype),
+                    info.shape.dims().to_vec(),
+                    bytes,
+                )
             })
             .collect();
         let size = std::fs::metadata(path).map_err(io_error(path))?.len();
@@ -101,7 +118,11 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         file_size_bytes,
         parameters,
         tensor_bytes,
-        bits_per_weight: if parameters == 0 { 0.0 } else { tensor_bytes as f64 * 8.0 / parameters as f64 },
+        bits_per_weight: if parameters == 0 {
+            0.0
+        } else {
+            tensor_bytes as f64 * 8.0 / parameters as f64
+        },
         tensors,
     })
 }

@@ -6,7 +6,11 @@ use candle_core::{DType, Device};
 use shrink_models::{Llama, LlamaConfig};
 
 fn tiny_vocab() -> GgufVocab {
-    GgufVocab::byte_level(&["<|endoftext|>", "<|im_start|>", "<|im_end|>"], &["Ġ t", "h e", "Ġt he"], Some("smollm"))
+    GgufVocab::byte_level(
+        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        &["Ġ t", "h e", "Ġt he"],
+        Some("smollm"),
+    )
 }
 
 fn tiny_config() -> LlamaConfig {
@@ -19,9 +23,15 @@ fn tiny_config() -> LlamaConfig {
 fn tiny_checkpoint() -> (Llama, Checkpoint) {
     let cfg = tiny_config();
     let model = Llama::random(&cfg, 11, &Device::Cpu).unwrap();
-    let tokenizer =
-        TokenizerBundle::from_gguf_vocab(Path::new("test"), tiny_vocab(), Some(1), Some(2), false, Some("{{ messages[0]['content'] }}".into()))
-            .unwrap();
+    let tokenizer = TokenizerBundle::from_gguf_vocab(
+        Path::new("test"),
+        tiny_vocab(),
+        Some(1),
+        Some(2),
+        false,
+        Some("{{ messages[0]['content'] }}".into()),
+    )
+    .unwrap();
     let checkpoint = Checkpoint {
         path: "tiny".into(),
         format: Format::HfFolder,
@@ -34,7 +44,14 @@ fn tiny_checkpoint() -> (Llama, Checkpoint) {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn logits(c: &Checkpoint) -> Tensor {
@@ -79,25 +96,44 @@ fn gguf_f32_round_trip_is_exact_and_hf_round_trip_keeps_logits() {
     assert_eq!(cfg.num_kv_heads(), 2);
     assert!(cfg.tie_word_embeddings);
     let text = "the theatre, 1601";
-    assert_eq!(loaded.tokenizer().unwrap().encode(text, false).unwrap(), c.tokenizer().unwrap().encode(text, false).unwrap());
+    assert_eq!(
+        loaded.tokenizer().unwrap().encode(text, false).unwrap(),
+        c.tokenizer().unwrap().encode(text, false).unwrap()
+    );
 
     // GGUF -> HF folder -> load: same logits, same tokens.
     let hf = dir.path().join("hf");
     save_hf(&loaded, &hf, SaveDType::F32).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(hf.join(f).is_file(), "{f}");
     }
     let back = load(&hf).unwrap();
     assert!(max_diff(&logits(&loaded), &logits(&back)) <= 1e-4);
-    assert_eq!(back.tokenizer().unwrap().encode(text, false).unwrap(), c.tokenizer().unwrap().encode(text, false).unwrap());
-    assert_eq!(back.tokenizer().unwrap().chat_template, c.tokenizer().unwrap().chat_template);
+    assert_eq!(
+        back.tokenizer().unwrap().encode(text, false).unwrap(),
+        c.tokenizer().unwrap().encode(text, false).unwrap()
+    );
+    assert_eq!(
+        back.tokenizer().unwrap().chat_template,
+        c.tokenizer().unwrap().chat_template
+    );
     assert_eq!(back.tokenizer().unwrap().eos_token_ids, vec![2]);
 
     // Saving again is byte-identical (deterministic artifacts).
     let hf2 = dir.path().join("hf2");
     save_hf(&loaded, &hf2, SaveDType::F32).unwrap();
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
-        assert_eq!(std::fs::read(hf.join(f)).unwrap(), std::fs::read(hf2.join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(hf.join(f)).unwrap(),
+            std::fs::read(hf2.join(f)).unwrap(),
+            "{f}"
+        );
     }
 }
 
@@ -110,19 +146,43 @@ fn q8_gguf_is_close_and_inspect_reports_bits_per_weight() {
     let loaded = load(&path).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let (orig, q) = (&c.tensors[name], &loaded.tensors[name]);
-    let scale = orig.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = orig
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let diff = max_diff(orig, q);
-    assert!(diff > 0.0 && diff <= scale / 127.0, "Q8_0 error {diff} vs step {}", scale / 127.0);
+    assert!(
+        diff > 0.0 && diff <= scale / 127.0,
+        "Q8_0 error {diff} vs step {}",
+        scale / 127.0
+    );
     let info = inspect(&path).unwrap();
     assert_eq!(info.architecture, "llama");
-    assert_eq!(info.parameters as usize, c.tensors.values().map(|t| t.elem_count()).sum::<usize>());
-    let t = info.tensors.iter().find(|t| t.name == "blk.0.attn_q.weight").unwrap();
+    assert_eq!(
+        info.parameters as usize,
+        c.tensors.values().map(|t| t.elem_count()).sum::<usize>()
+    );
+    let t = info
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_q.weight")
+        .unwrap();
     assert_eq!(t.dtype, "Q8_0");
     assert_eq!(t.shape, vec![32, 32]);
     assert_eq!(t.bits_per_weight, 8.5);
-    let norm = info.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap();
+    let norm = info
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_norm.weight")
+        .unwrap();
     assert_eq!((norm.dtype.as_str(), norm.bits_per_weight), ("F32", 32.0));
-    assert_eq!(info.file_size_bytes, std::fs::metadata(&path).unwrap().len());
+    assert_eq!(
+        info.file_size_bytes,
+        std::fs::metadata(&path).unwrap().len()
+    );
     let hf = dir.path().join("hf");
     save_hf(&loaded, &hf, SaveDType::BF16).unwrap();
     let info = inspect(&hf).unwrap();
@@ -139,15 +199,23 @@ fn sharded_folders_load_through_the_index() {
     let names: Vec<&String> = c.tensors.keys().collect();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
-        let tensors: Vec<(&str, &Tensor)> = part.iter().map(|n| (n.as_str(), &c.tensors[*n])).collect();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let tensors: Vec<(&str, &Tensor)> =
+            part.iter().map(|n| (n.as_str(), &c.tensors[*n])).collect();
         safetensors::serialize_to_file(tensors, None, &dir.path().join(file)).unwrap();
         for n in part.iter() {
             map.insert(n.to_string(), file.into());
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let loaded = load(dir.path()).unwrap();
     assert_eq!(loaded.tensors.len(), c.tensors.len());
     assert!(max_diff(&logits(&c), &logits(&loaded)) == 0.0);
@@ -173,12 +241,18 @@ fn bad_files_are_named_in_errors() {
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     let e = err_of(load(&cut));
-    assert!(e.contains("cut.gguf") && e.contains("tensor '") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("cut.gguf") && e.contains("tensor '") && e.contains("truncated"),
+        "{e}"
+    );
 
     // Truncated header.
     std::fs::write(&cut, &bytes[..100]).unwrap();
     let e = err_of(load(&cut));
-    assert!(e.contains("cut.gguf") && e.contains("corrupt or truncated GGUF header"), "{e}");
+    assert!(
+        e.contains("cut.gguf") && e.contains("corrupt or truncated GGUF header"),
+        "{e}"
+    );
 
     // Not a model file at all.
     let junk = dir.path().join("junk.bin");
@@ -190,13 +264,19 @@ fn bad_files_are_named_in_errors() {
     let patched = replace_once(&bytes, b"llama", b"mamba");
     std::fs::write(&arch, patched).unwrap();
     let e = err_of(load(&arch));
-    assert!(e.contains("arch.gguf") && e.contains("unsupported architecture 'mamba'"), "{e}");
+    assert!(
+        e.contains("arch.gguf") && e.contains("unsupported architecture 'mamba'"),
+        "{e}"
+    );
 
     // Unknown pre-tokenizer names its metadata key.
     let pre = dir.path().join("pre.gguf");
     std::fs::write(&pre, replace_once(&bytes, b"smollm", b"zzzzzz")).unwrap();
     let e = err_of(load(&pre));
-    assert!(e.contains("pre.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("zzzzzz"), "{e}");
+    assert!(
+        e.contains("pre.gguf") && e.contains("tokenizer.ggml.pre") && e.contains("zzzzzz"),
+        "{e}"
+    );
 
     // HF folder problems.
     let hf = dir.path().join("hf");
@@ -205,25 +285,37 @@ fn bad_files_are_named_in_errors() {
     let full = std::fs::read(&st).unwrap();
     std::fs::write(&st, &full[..full.len() / 2]).unwrap();
     let e = err_of(load(&hf));
-    assert!(e.contains("model.safetensors") && e.contains("corrupt or truncated safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("corrupt or truncated safetensors"),
+        "{e}"
+    );
     std::fs::write(&st, &full).unwrap();
 
     std::fs::write(hf.join("tokenizer.json"), "{\"model\": 5}").unwrap();
     let e = err_of(load(&hf));
-    assert!(e.contains("tokenizer.json") && e.contains("tokenizer"), "{e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("tokenizer"),
+        "{e}"
+    );
     std::fs::remove_file(hf.join("tokenizer.json")).unwrap();
     let no_tok = load(&hf).unwrap();
     assert!(err_of(no_tok.tokenizer()).contains("no tokenizer"));
 
     std::fs::write(hf.join("config.json"), "{not json").unwrap();
     let e = err_of(load(&hf));
-    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
     std::fs::remove_file(hf.join("config.json")).unwrap();
     assert!(err_of(load(&hf)).contains("config.json: no such file"));
 }
 
 fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
-    let pos = haystack.windows(from.len()).position(|w| w == from).unwrap();
+    let pos = haystack
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap();
     let mut out = haystack.to_vec();
     out[pos..pos + to.len()].copy_from_slice(to);
     out

@@ -33,7 +33,8 @@ impl GgufVocab {
         let mut token_types = vec![TOKEN_TYPE_CONTROL; specials.len()];
         let mut extra = 0;
         for b in 0..=255u32 {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             let c = if printable {
                 b
             } else {
@@ -147,14 +148,20 @@ impl TokenizerBundle {
         let mut merges = Vec::with_capacity(vocab.merges.len());
         for (i, merge) in vocab.merges.iter().enumerate() {
             let (a, b) = merge.split_once(' ').ok_or_else(|| {
-                bad(format!("tokenizer.ggml.merges[{i}] '{merge}' is not two tokens separated by a space"))
+                bad(format!(
+                    "tokenizer.ggml.merges[{i}] '{merge}' is not two tokens separated by a space"
+                ))
             })?;
             merges.push((a.to_string(), b.to_string()));
         }
         let bpe = BPE::builder()
             .vocab_and_merges(map, merges)
             .build()
-            .map_err(|e| bad(format!("building BPE from tokenizer.ggml.tokens/merges: {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "building BPE from tokenizer.ggml.tokens/merges: {e}"
+                ))
+            })?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer(path, vocab.pre.as_deref())?));
         tokenizer.with_decoder(Some(ByteLevel::default()));
@@ -169,7 +176,9 @@ impl TokenizerBundle {
         if add_bos {
             let bos = bos_token_id
                 .and_then(|id| vocab.tokens.get(id as usize).cloned())
-                .ok_or_else(|| bad("add_bos_token is set but bos_token_id is missing or out of range".into()))?;
+                .ok_or_else(|| {
+                    bad("add_bos_token is set but bos_token_id is missing or out of range".into())
+                })?;
             let template = tokenizers::processors::template::TemplateProcessing::builder()
                 .try_single(format!("{bos} $A"))
                 .map_err(|e| bad(e.to_string()))?
@@ -178,10 +187,15 @@ impl TokenizerBundle {
                 .map_err(|e| bad(e.to_string()))?;
             tokenizer.with_post_processor(Some(template));
         }
-        for (key, id) in [("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)] {
+        for (key, id) in [
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ] {
             if let Some(id) = id {
                 if id as usize >= vocab.tokens.len() {
-                    return Err(bad(format!("tokenizer.ggml.{key} {id} is outside the vocabulary")));
+                    return Err(bad(format!(
+                        "tokenizer.ggml.{key} {id} is outside the vocabulary"
+                    )));
                 }
             }
         }
@@ -264,7 +278,9 @@ pub(crate) fn load_hf_tokenizer(
     // A token given as a string or as {"content": ...} in tokenizer_config.json.
     let token_id = |key: &str| -> Option<u32> {
         let v = tc.get(key)?;
-        let s = v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str()))?;
+        let s = v
+            .as_str()
+            .or_else(|| v.get("content").and_then(|c| c.as_str()))?;
         tokenizer.token_to_id(s)
     };
     let config_id = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);

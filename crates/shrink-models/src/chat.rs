@@ -19,12 +19,20 @@ pub fn render_chat(
     eos_token: &str,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template("chat", template)
         .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
-    let tmpl = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+    let tmpl = env
+        .get_template("chat")
+        .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
     tmpl.render(minijinja::context! {
         messages => messages,
         add_generation_prompt => true,
@@ -41,9 +49,15 @@ mod tests {
     #[test]
     fn chatml_template_renders() {
         let template = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-        let msgs = [ChatMessage { role: "user".into(), content: "Hi".into() }];
+        let msgs = [ChatMessage {
+            role: "user".into(),
+            content: "Hi".into(),
+        }];
         let out = render_chat(template, &msgs, "", "").unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

@@ -50,7 +50,13 @@ impl Sampler {
             logits
                 .iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
                 .0 as u32
         };
         if self.config.temperature <= 0.0 {
@@ -98,26 +104,43 @@ mod tests {
 
     #[test]
     fn tiny_top_p_is_greedy_and_seed_is_reproducible() {
-        let cfg = SamplingConfig { temperature: 1.0, top_p: 1e-9, seed: 1 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 1e-9,
+            seed: 1,
+        };
         let mut s = Sampler::new(cfg);
         for _ in 0..20 {
             assert_eq!(s.sample_slice(&[0.1, 3.0, -1.0, 2.9]), 1);
         }
-        let cfg = SamplingConfig { temperature: 1.0, top_p: 1.0, seed: 42 };
+        let cfg = SamplingConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 42,
+        };
         let draw = |cfg| {
             let mut s = Sampler::new(cfg);
-            (0..50).map(|_| s.sample_slice(&[0.0, 0.0, 0.0, 0.0])).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample_slice(&[0.0, 0.0, 0.0, 0.0]))
+                .collect::<Vec<_>>()
         };
         let a = draw(cfg);
         assert_eq!(a, draw(cfg));
-        assert!(a.iter().any(|&t| t != a[0]), "uniform logits give varied draws");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "uniform logits give varied draws"
+        );
     }
 
     #[test]
     fn top_p_excludes_the_tail() {
         // Probabilities ~ [0.5, 0.3, 0.2, ~0]: top_p 0.75 keeps only tokens 0 and 1.
         let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln(), -50.0];
-        let mut s = Sampler::new(SamplingConfig { temperature: 1.0, top_p: 0.75, seed: 3 });
+        let mut s = Sampler::new(SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.75,
+            seed: 3,
+        });
         for _ in 0..200 {
             assert!(s.sample_slice(&logits) < 2);
         }

@@ -15,12 +15,14 @@
 
 mod chat;
 mod generate;
+mod kernels;
 mod llama;
 
 pub use chat::{render_chat, ChatMessage};
 pub use generate::{Sampler, SamplingConfig};
 pub use llama::{
-    AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig, NoHook, RmsNorm,
+    AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig, NoHook,
+    RmsNorm,
 };
 
 /// Errors from building or running a model.

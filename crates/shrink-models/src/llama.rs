@@ -117,7 +117,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim()));
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
@@ -234,7 +237,10 @@ impl LlamaConfig {
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim());
         let (nq, nkv) = (self.num_attention_heads * hd, self.num_kv_heads() * hd);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for l in 0..self.num_hidden_layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
@@ -344,12 +350,12 @@ impl RmsNorm {
 }
 
 /// Per-call attention inputs shared by all blocks: RoPE tables for the positions being processed
-/// and the additive attention mask (causal, plus a sliding window where the model has one).
+/// and the sliding window (attention is always causal).
 #[derive(Debug, Clone)]
 pub struct AttentionContext {
     cos: Tensor,
     sin: Tensor,
-    mask: Option<Tensor>,
+    window: Option<usize>,
 }
 
 /// The key/value cache of one decoder block, for incremental decoding.
@@ -361,7 +367,10 @@ pub struct KvCache {
 impl KvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.kv.as_ref().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.kv
+            .as_ref()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -434,12 +443,7 @@ impl DecoderBlock {
         };
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match &ctx.mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::kernels::causal_softmax(&q.matmul(&k.t()?)?, scale, ctx.window)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -450,7 +454,8 @@ impl DecoderBlock {
         let h = self.post_attention_layernorm.forward(&x)?;
         hook.observe(&self.names[4], &h)?;
         hook.observe(&self.names[5], &h)?;
-        let gated = (self.gate_proj.forward(&h)?.silu()? * self.up_proj.forward(&h)?)?;
+        let gated =
+            crate::kernels::silu_mul(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
         hook.observe(&self.names[6], &gated)?;
         Ok((x + self.down_proj.forward(&gated)?)?)
     }
@@ -488,8 +493,7 @@ fn repeat_kv(x: Tensor, groups: usize) -> Result<Tensor> {
         return Ok(x);
     }
     let (b, n_kv, s, d) = x.dims4()?;
-    Ok(x
-        .unsqueeze(2)?
+    Ok(x.unsqueeze(2)?
         .expand((b, n_kv, groups, s, d))?
         .reshape((b, n_kv * groups, s, d))?)
 }
@@ -529,7 +533,8 @@ impl Llama {
             }
             Ok(t.to_dtype(dtype)?)
         };
-        let expected: BTreeMap<String, Vec<usize>> = config.expected_tensors().into_iter().collect();
+        let expected: BTreeMap<String, Vec<usize>> =
+            config.expected_tensors().into_iter().collect();
         let mut get = |name: String| -> Result<Tensor> {
             let shape = expected
                 .get(&name)
@@ -665,23 +670,11 @@ impl Llama {
         let dtype = self.dtype();
         let cos = Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?;
-        let total = offset + seq_len;
-        let window = self.sliding_window.unwrap_or(usize::MAX);
-        let needs_mask = seq_len > 1 || total > window;
-        let mask = if needs_mask {
-            let mut m = Vec::with_capacity(seq_len * total);
-            for i in 0..seq_len {
-                let pos = offset + i;
-                for j in 0..total {
-                    let visible = j <= pos && pos - j < window;
-                    m.push(if visible { 0f32 } else { f32::NEG_INFINITY });
-                }
-            }
-            Some(Tensor::from_vec(m, (seq_len, total), device)?.to_dtype(dtype)?)
-        } else {
-            None
-        };
-        Ok(AttentionContext { cos, sin, mask })
+        Ok(AttentionContext {
+            cos,
+            sin,
+            window: self.sliding_window,
+        })
     }
 
     /// Applies the final norm.
@@ -772,10 +765,16 @@ impl Llama {
     /// Every weight under its Hugging Face name (the inverse of [`Llama::from_tensors`]).
     pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".into(), self.embed_tokens.clone());
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.clone(),
+        );
         for b in &self.blocks {
             let p = format!("model.layers.{}", b.index);
-            out.insert(format!("{p}.input_layernorm.weight"), b.input_layernorm.weight.clone());
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.weight.clone(),
+            );
             out.insert(
                 format!("{p}.post_attention_layernorm.weight"),
                 b.post_attention_layernorm.weight.clone(),

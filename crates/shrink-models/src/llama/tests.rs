@@ -28,7 +28,10 @@ fn linear_ref(x: &[f32], w: &[Vec<f32>], b: Option<&Vec<f32>>) -> Vec<f32> {
 fn rms_ref(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
     let ms: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(w).map(|(v, g)| (*v as f64 * r) as f32 * g).collect()
+    x.iter()
+        .zip(w)
+        .map(|(v, g)| (*v as f64 * r) as f32 * g)
+        .collect()
 }
 
 /// Rotate-half RoPE on one head vector at position `pos`.
@@ -61,7 +64,12 @@ fn reference_logits(model: &Llama, tokens: &[u32], window: Option<usize>) -> Vec
             m2(&format!("{p}.self_attn.v_proj.weight")),
             m2(&format!("{p}.self_attn.o_proj.weight")),
         );
-        let (bq, bk, bv, bo) = (bias("q_proj"), bias("k_proj"), bias("v_proj"), bias("o_proj"));
+        let (bq, bk, bv, bo) = (
+            bias("q_proj"),
+            bias("k_proj"),
+            bias("v_proj"),
+            bias("o_proj"),
+        );
         let ln1 = m1(&format!("{p}.input_layernorm.weight"));
         let mut qs = vec![];
         let mut ks = vec![];
@@ -87,7 +95,10 @@ fn reference_logits(model: &Llama, tokens: &[u32], window: Option<usize>) -> Vec
                 let scores: Vec<f64> = (lo..=i)
                     .map(|j| {
                         let k = &ks[j][kvh * hd..(kvh + 1) * hd];
-                        q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
                             / (hd as f64).sqrt()
                     })
                     .collect();
@@ -102,7 +113,11 @@ fn reference_logits(model: &Llama, tokens: &[u32], window: Option<usize>) -> Vec
             }
             let o = linear_ref(&attn, &wo, bo.as_ref());
             let x: Vec<f32> = xs[i].iter().zip(&o).map(|(a, b)| a + b).collect();
-            let h = rms_ref(&x, &m1(&format!("{p}.post_attention_layernorm.weight")), cfg.rms_norm_eps);
+            let h = rms_ref(
+                &x,
+                &m1(&format!("{p}.post_attention_layernorm.weight")),
+                cfg.rms_norm_eps,
+            );
             let g = linear_ref(&h, &m2(&format!("{p}.mlp.gate_proj.weight")), None);
             let u = linear_ref(&h, &m2(&format!("{p}.mlp.up_proj.weight")), None);
             let a: Vec<f32> = g
@@ -138,9 +153,16 @@ fn batch_logits(model: &Llama, batch: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
 #[test]
 fn gqa_forward_matches_scalar_reference_with_batch() {
     let cfg = LlamaConfig::tiny_for_tests();
-    assert_eq!(cfg.num_attention_heads / cfg.num_kv_heads(), 2, "grouped-query attention");
+    assert_eq!(
+        cfg.num_attention_heads / cfg.num_kv_heads(),
+        2,
+        "grouped-query attention"
+    );
     let model = Llama::random(&cfg, 7, &cpu()).unwrap();
-    let batch = vec![vec![3u32, 17, 9, 40, 2, 63, 11], vec![5, 5, 60, 1, 0, 22, 31]];
+    let batch = vec![
+        vec![3u32, 17, 9, 40, 2, 63, 11],
+        vec![5, 5, 60, 1, 0, 22, 31],
+    ];
     let logits = batch_logits(&model, &batch);
     for (seq, got) in batch.iter().zip(&logits) {
         let want = reference_logits(&model, seq, None);
@@ -158,7 +180,9 @@ fn qwen2_biases_tied_embeddings_and_head_dim_match_reference() {
     cfg.head_dim = Some(6);
     cfg.rope_theta = 1_000_000.0;
     let model = Llama::random(&cfg, 3, &cpu()).unwrap();
-    assert!(model.named_tensors().contains_key("model.layers.1.self_attn.k_proj.bias"));
+    assert!(model
+        .named_tensors()
+        .contains_key("model.layers.1.self_attn.k_proj.bias"));
     assert!(!model.named_tensors().contains_key("lm_head.weight"));
     let seq = vec![1u32, 2, 3, 50, 4];
     let got = &batch_logits(&model, std::slice::from_ref(&seq))[0];
@@ -184,7 +208,11 @@ fn causal_mask_hides_future_tokens() {
     let model = Llama::random(&LlamaConfig::tiny_for_tests(), 1, &cpu()).unwrap();
     let a = batch_logits(&model, &[vec![1, 2, 3, 4, 5, 6]]);
     let b = batch_logits(&model, &[vec![1, 2, 3, 40, 50, 60]]);
-    assert_eq!(a[0][..3], b[0][..3], "positions before the change are bit-identical");
+    assert_eq!(
+        a[0][..3],
+        b[0][..3],
+        "positions before the change are bit-identical"
+    );
     assert!(max_abs_diff(&a[0][3..], &b[0][3..]) > 1e-3);
 }
 
@@ -200,7 +228,10 @@ fn kv_cache_decoding_matches_full_forward() {
     for (i, &tok) in seq.iter().enumerate().skip(3) {
         let step = Tensor::new(&[[tok]], &cpu()).unwrap();
         let logits = model.forward_cached(&step, &mut cache).unwrap();
-        assert!(max_abs_diff(&vec2(&logits), &full[i..i + 1]) < 1e-5, "position {i}");
+        assert!(
+            max_abs_diff(&vec2(&logits), &full[i..i + 1]) < 1e-5,
+            "position {i}"
+        );
     }
     assert_eq!(cache[0].len(), seq.len());
 }
@@ -231,7 +262,10 @@ fn rope_rotates_pairs_by_position_times_frequency() {
     let ctx = model.attention_context(3, 0).unwrap();
     // head_dim 4: frequencies 1 and 1/100. Position 2, x = (1, 0, 0, 1) (pairs are (x0, x2), (x1, x3)).
     let x = Tensor::new(&[1f32, 0.0, 0.0, 1.0], &cpu()).unwrap();
-    let x = Tensor::stack(&[&x, &x, &x], 0).unwrap().reshape((1, 1, 3, 4)).unwrap();
+    let x = Tensor::stack(&[&x, &x, &x], 0)
+        .unwrap()
+        .reshape((1, 1, 3, 4))
+        .unwrap();
     let y = candle_nn::rotary_emb::rope(&x, &ctx.cos, &ctx.sin).unwrap();
     let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
     let (a, b) = (2.0f32, 0.02f32);
@@ -262,12 +296,30 @@ fn hooks_see_every_linear_input() {
     // The blocks' linears in execution order; lm_head's input is forward_hidden's output itself.
     let expected: Vec<String> = model.linear_names();
     assert_eq!(expected.last().unwrap(), "lm_head");
-    assert_eq!(names, expected[..expected.len() - 1].iter().map(String::as_str).collect::<Vec<_>>());
-    let down = rec.0.iter().find(|(n, _)| n.ends_with("1.mlp.down_proj")).unwrap();
+    assert_eq!(
+        names,
+        expected[..expected.len() - 1]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+    let down = rec
+        .0
+        .iter()
+        .find(|(n, _)| n.ends_with("1.mlp.down_proj"))
+        .unwrap();
     assert_eq!(down.1, vec![2, 3, cfg.intermediate_size]);
     // The first q_proj input is the first block's normalised embedding.
-    let want = model.blocks[0].input_layernorm.forward(&model.embed(&ids).unwrap()).unwrap();
-    let diff = (rec.1.unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
+    let want = model.blocks[0]
+        .input_layernorm
+        .forward(&model.embed(&ids).unwrap())
+        .unwrap();
+    let diff = (rec.1.unwrap() - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
 }
 
@@ -292,7 +344,12 @@ fn weights_can_be_swapped_by_name() {
     let ids = Tensor::new(&[[1u32, 2, 3]], &cpu()).unwrap();
     let before = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
     let name = "model.layers.1.mlp.up_proj";
-    let zeros = model.linear_mut(name).unwrap().weight().zeros_like().unwrap();
+    let zeros = model
+        .linear_mut(name)
+        .unwrap()
+        .weight()
+        .zeros_like()
+        .unwrap();
     model.linear_mut(name).unwrap().set_weight(zeros).unwrap();
     let after = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
     assert!(max_abs_diff(&before, &after) > 1e-4);
@@ -300,7 +357,14 @@ fn weights_can_be_swapped_by_name() {
     assert!(model.linear_mut(name).unwrap().set_weight(wrong).is_err());
     assert!(model.linear_mut("model.layers.9.mlp.up_proj").is_err());
     assert!(model.linear_mut("model.layers.0.mlp.sideways").is_err());
-    assert_eq!(model.named_tensors()[&format!("{name}.weight")].sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        model.named_tensors()[&format!("{name}.weight")]
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
 }
 
 #[test]
@@ -323,18 +387,39 @@ fn bad_weights_and_configs_are_named() {
 
     let mut missing = good.clone();
     missing.remove("model.layers.1.mlp.gate_proj.weight");
-    let err = Llama::from_tensors(&cfg, missing, DType::F32).unwrap_err().to_string();
-    assert!(err.contains("missing tensor 'model.layers.1.mlp.gate_proj.weight'"), "{err}");
+    let err = Llama::from_tensors(&cfg, missing, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing tensor 'model.layers.1.mlp.gate_proj.weight'"),
+        "{err}"
+    );
 
     let mut wrong = good.clone();
-    wrong.insert("model.layers.0.self_attn.k_proj.weight".into(), Tensor::zeros((32, 32), DType::F32, &cpu()).unwrap());
-    let err = Llama::from_tensors(&cfg, wrong, DType::F32).unwrap_err().to_string();
-    assert!(err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[16, 32]"), "{err}");
+    wrong.insert(
+        "model.layers.0.self_attn.k_proj.weight".into(),
+        Tensor::zeros((32, 32), DType::F32, &cpu()).unwrap(),
+    );
+    let err = Llama::from_tensors(&cfg, wrong, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[16, 32]"),
+        "{err}"
+    );
 
     let mut extra = good.clone();
-    extra.insert("model.layers.0.mlp.extra.weight".into(), Tensor::zeros(2, DType::F32, &cpu()).unwrap());
-    let err = Llama::from_tensors(&cfg, extra, DType::F32).unwrap_err().to_string();
-    assert!(err.contains("unexpected tensor 'model.layers.0.mlp.extra.weight'"), "{err}");
+    extra.insert(
+        "model.layers.0.mlp.extra.weight".into(),
+        Tensor::zeros(2, DType::F32, &cpu()).unwrap(),
+    );
+    let err = Llama::from_tensors(&cfg, extra, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unexpected tensor 'model.layers.0.mlp.extra.weight'"),
+        "{err}"
+    );
 
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["model_type"] = "gpt_neox".into();
@@ -354,7 +439,10 @@ fn bad_weights_and_configs_are_named() {
 
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
-    assert!(LlamaConfig::from_json(&json).unwrap_err().to_string().contains("yarn"));
+    assert!(LlamaConfig::from_json(&json)
+        .unwrap_err()
+        .to_string()
+        .contains("yarn"));
 }
 
 #[test]
@@ -366,5 +454,8 @@ fn llama3_rope_scaling_changes_low_frequencies_only() {
     let scaled = cfg.rope_inv_freq().unwrap();
     assert_eq!(plain[0], scaled[0], "the highest frequency is kept");
     let last = plain.len() - 1;
-    assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12, "the lowest is divided by factor");
+    assert!(
+        (scaled[last] - plain[last] / 8.0).abs() < 1e-12,
+        "the lowest is divided by factor"
+    );
 }

@@ -1,0 +1,190 @@
+//! Fused CPU kernels for the two steps where candle's generic ops cost more than the matmuls around
+//! them: the masked softmax of attention (candle would materialise a mask, add it, then run a
+//! single-threaded softmax over the full square) and the SwiGLU product `silu(gate) * up`. Both run
+//! in parallel over rows; the softmax only touches the visible (causal, in-window) positions.
+//! Inference only: these ops carry no gradient.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: expected f32 input")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: input must be contiguous")
+    };
+    Ok(&data[start..end])
+}
+
+/// Softmax over the last dimension of `scale * scores`, where query row `i` (of `t` rows) sits at
+/// position `s - t + i` and sees keys `j` with `pos - window < j <= pos`; other entries are 0.
+struct CausalSoftmax {
+    scale: f32,
+    window: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(storage, layout, self.name())?;
+        let dims = layout.shape().dims();
+        let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if t > s {
+            candle_core::bail!("causal-softmax: {t} queries but only {s} keys");
+        }
+        let offset = s - t;
+        let mut dst = vec![0f32; src.len()];
+        dst.par_chunks_mut(s)
+            .zip(src.par_chunks(s))
+            .enumerate()
+            .for_each(|(row, (out, x))| {
+                let pos = offset + row % t;
+                let lo = (pos + 1).saturating_sub(self.window);
+                let (x, out) = (&x[lo..=pos], &mut out[lo..=pos]);
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+                let mut sum = 0f32;
+                for (o, &v) in out.iter_mut().zip(x) {
+                    *o = (v * self.scale - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+            });
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+/// `softmax(scale * scores + causal/window mask)` over the last dimension, computed in f32.
+pub(crate) fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let dtype = scores.dtype();
+    let op = CausalSoftmax {
+        scale: scale as f32,
+        window: window.unwrap_or(usize::MAX),
+    };
+    scores
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op1_no_bwd(&op)?
+        .to_dtype(dtype)
+}
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "silu-mul: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (a, b) = (
+            contiguous_f32(s1, l1, self.name())?,
+            contiguous_f32(s2, l2, self.name())?,
+        );
+        let mut dst = vec![0f32; a.len()];
+        const CHUNK: usize = 4096;
+        dst.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a / (1.0 + (-a).exp()) * b;
+                }
+            });
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+}
+
+/// `silu(gate) * up`, fused for f32; other dtypes use candle's ops.
+pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+        gate.contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+    } else {
+        gate.silu()? * up
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The same computation with candle's generic ops: additive mask, then softmax.
+    fn reference(scores: &Tensor, scale: f64, window: usize) -> Tensor {
+        let (t, s) = scores.dims4().map(|d| (d.2, d.3)).unwrap();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| (i, j)))
+            .map(|(i, j)| {
+                let pos = s - t + i;
+                if j <= pos && pos - j < window {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
+        candle_nn::ops::softmax_last_dim(&(scores * scale).unwrap().broadcast_add(&mask).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn causal_softmax_matches_mask_then_softmax() {
+        let scores = Tensor::randn(0f32, 3.0, (2, 3, 5, 9), &Device::Cpu).unwrap();
+        for window in [usize::MAX, 3] {
+            let got = causal_softmax(&scores, 0.125, Some(window)).unwrap();
+            let want = reference(&scores, 0.125, window);
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "window {window}: {diff}");
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_separate_ops() {
+        let a = Tensor::randn(0f32, 2.0, (3, 5000), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 2.0, (3, 5000), &Device::Cpu).unwrap();
+        let want = (a.silu().unwrap() * &b).unwrap();
+        let diff = (silu_mul(&a, &b).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+}

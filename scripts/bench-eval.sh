@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): evaluation throughput of `shrink eval` against `llama-perplexity` on the
+# same F32 GGUF of SmolLM2-135M, same text and protocol (hamlet, ctx 512, 32 chunks), 2 threads,
+# measured back to back in one run. Prints a table and writes target/bench/eval.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS="${THREADS:-2}"
+CHUNKS="${CHUNKS:-32}"
+cargo build --release -p shrink-cli >&2
+SHRINK=target/release/shrink
+BIN="$(scripts/build-llama-cpp.sh)"
+MODEL="$($SHRINK data path smollm2)"
+HAMLET="$($SHRINK data path shakespeare:eval)"
+CACHE="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
+F32="$CACHE/bench/smollm2-f32.gguf"
+if [ ! -f "$F32" ]; then
+  mkdir -p "$(dirname "$F32")"
+  "$BIN/llama-quantize" --allow-requantize "$MODEL" "$F32.part" F32 >/dev/null 2>&1
+  mv "$F32.part" "$F32"
+fi
+mkdir -p target/bench
+python3 - "$SHRINK" "$BIN/llama-perplexity" "$F32" "$MODEL" "$HAMLET" "$THREADS" "$CHUNKS" <<'PY'
+import json, os, re, subprocess, sys, tempfile, time
+shrink, llama, f32, q41, hamlet, threads, chunks = sys.argv[1:]
+tokens = int(chunks) * 512
+
+class Done:
+    pass
+
+def run(cmd):
+    # wait4 gives this child's own peak RSS (getrusage(CHILDREN) would report the max of all).
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    t = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=out, stderr=err)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t
+    out.seek(0); err.seek(0)
+    p = Done()
+    p.stdout, p.stderr = out.read().decode(), err.read().decode()
+    if status != 0:
+        sys.exit(f"{cmd[0]} failed:\n{p.stderr[-2000:]}")
+    return p, wall, usage.ru_maxrss / 1024
+
+rows = []
+def llama_cpp(model, label):
+    p, wall, rss = run([llama, "-m", model, "-f", hamlet, "-c", "512", "--chunks", chunks, "-t", threads])
+    ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", p.stderr).group(1))
+    rows.append(dict(tool="llama-perplexity", weights=label, ppl=ppl, wall_s=wall, tokens_per_s=tokens / wall, peak_rss_mb=rss))
+
+def ours(model, label):
+    p, wall, rss = run([shrink, "--threads", threads, "eval", model, "--text", hamlet, "--ctx", "512", "--chunks", chunks, "--json"])
+    r = json.loads(p.stdout)
+    rows.append(dict(tool="shrink eval", weights=label, ppl=r["perplexity"]["ppl"], wall_s=wall, tokens_per_s=tokens / wall,
+                     eval_tokens_per_s=r["tokens_per_s"], peak_rss_mb=rss))
+
+llama_cpp(f32, "F32")
+ours(f32, "F32")
+llama_cpp(q41, "Q4_1")
+ours(q41, "Q4_1 (dequantized to f32)")
+print(f"{'tool':<18} {'weights':<26} {'ppl':>9} {'wall s':>8} {'tokens/s':>9} {'peak RSS MB':>12}")
+for r in rows:
+    print(f"{r['tool']:<18} {r['weights']:<26} {r['ppl']:>9.4f} {r['wall_s']:>8.1f} {r['tokens_per_s']:>9.1f} {r['peak_rss_mb']:>12.0f}")
+ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+print(f"\nF32 throughput ratio shrink / llama.cpp (end-to-end wall, {tokens} tokens, {threads} threads): {ratio:.2f}x")
+json.dump(dict(threads=int(threads), tokens=tokens, rows=rows, f32_ratio=ratio), open("target/bench/eval.json", "w"), indent=2)
+PY
