@@ -41,7 +41,7 @@ pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Conte
             }
         })?;
         let start = content.tensor_data_offset + info.offset;
-        let end = start.checked_add(size as u64).unwrap_or(u64::MAX);
+        let end = start.saturating_add(size as u64);
         if end > bytes.len() as u64 {
             return Err(IoError::Tensor {
                 path: path.to_path_buf(),
@@ -58,7 +58,7 @@ pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Conte
 
 pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
     let block = dtype.block_size();
-    (elems % block == 0).then(|| elems / block * dtype.type_size())
+    elems.is_multiple_of(block).then(|| elems / block * dtype.type_size())
 }
 
 fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a Value> {

@@ -108,7 +108,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
         let size = std::fs::metadata(path).map_err(io_error(path))?.len();
         (Format::Gguf, arch, size, tensors)
     };
-    tensors.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+    tensors.sort_by_key(|a| natural_key(&a.name));
     let parameters = tensors.iter().map(|t| t.parameters).sum();
     let tensor_bytes = tensors.iter().map(|t| t.size_bytes).sum::<u64>();
     Ok(Inspection {

@@ -104,19 +104,19 @@ impl LlamaConfig {
             return bad("hidden_size, num_attention_heads and vocab_size must be positive".into());
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size ({}) is not divisible by num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim()
@@ -596,7 +596,6 @@ impl Llama {
         } else {
             Some(Linear::new(get("lm_head.weight".into())?, None))
         };
-        drop(get);
         // Checkpoints may carry precomputed RoPE tables; anything else left over is an error.
         tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
         if let Some(name) = tensors.keys().next() {
