@@ -58,7 +58,9 @@ pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Conte
 
 pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
     let block = dtype.block_size();
-    elems.is_multiple_of(block).then(|| elems / block * dtype.type_size())
+    elems
+        .is_multiple_of(block)
+        .then(|| elems / block * dtype.type_size())
 }
 
 fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a Value> {
