@@ -275,3 +275,180 @@ fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
         "shrink {ours} vs llama.cpp {theirs}"
     );
 }
+
+/// The cached F32 reference GGUF (`llama-quantize --allow-requantize … F32`), made on first use.
+fn f32_reference(model: &std::path::Path) -> Option<PathBuf> {
+    let quantize = llama_tool("llama-quantize")?;
+    let out = shrink_core::cache_dir()
+        .unwrap()
+        .join("bench/smollm2-f32.gguf");
+    if !out.is_file() {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let part = out.with_extension("part");
+        let st = Command::new(quantize)
+            .args([
+                model.to_str().unwrap(),
+                part.to_str().unwrap(),
+                "F32",
+                "--allow-requantize",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        std::fs::rename(&part, &out).unwrap();
+    }
+    Some(out)
+}
+
+fn gguf_tensor_bytes(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+            .unwrap();
+    content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| {
+            let start = (content.tensor_data_offset + info.offset) as usize;
+            let len = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
+            (
+                name.clone(),
+                (
+                    format!("{:?}", info.ggml_dtype),
+                    bytes[start..start + len].to_vec(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// RTN to Q4_0 writes exactly the blocks `llama-quantize` writes from the same F32 weights.
+#[test]
+fn rtn_q4_0_gguf_is_byte_identical_to_llama_quantize() {
+    let Some(model) = model_path() else { return };
+    let Some(f32_ref) = f32_reference(&model) else {
+        return;
+    };
+    let Some(quantize) = llama_tool("llama-quantize") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("llama-q4_0.gguf");
+    let st = Command::new(quantize)
+        .args([f32_ref.to_str().unwrap(), theirs.to_str().unwrap(), "Q4_0"])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let ours = dir.path().join("rtn-q4_0.gguf");
+    let st = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args([
+            "quantize",
+            model.to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--format",
+            "gguf:q4_0",
+            "-o",
+            ours.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (a, b) = (gguf_tensor_bytes(&ours), gguf_tensor_bytes(&theirs));
+    assert_eq!(a.len(), 272);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, (ty, data)) in &a {
+        assert_eq!(ty, &b[name].0, "{name} type");
+        assert!(
+            data == &b[name].1,
+            "{name}: blocks differ from llama-quantize's"
+        );
+    }
+}
+
+/// A GPTQ Q4_0 GGUF written by shrink loads in llama.cpp and scores the same there as in shrink.
+#[test]
+fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
+    let Some(model) = model_path() else { return };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let hamlet = asset("shakespeare").unwrap().join("hamlet");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gptq-q4_0.gguf");
+    let shrink = env!("CARGO_BIN_EXE_shrink");
+    // A small calibration set keeps the test quick; the benchmark uses 128 × 512.
+    let st = Command::new(shrink)
+        .args([
+            "quantize",
+            model.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--format",
+            "gguf:q4_0",
+            "--samples",
+            "16",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let ours = Command::new(shrink)
+        .args([
+            "eval",
+            out.to_str().unwrap(),
+            "--text",
+            "shakespeare:eval",
+            "--chunks",
+            "16",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    let ours = ours["perplexity"]["ppl"].as_f64().unwrap();
+    let theirs = Command::new(tool)
+        .args([
+            "-m",
+            out.to_str().unwrap(),
+            "-f",
+            hamlet.to_str().unwrap(),
+            "-c",
+            "512",
+            "--chunks",
+            "16",
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&theirs.stderr);
+    assert!(theirs.status.success(), "{stderr}");
+    let theirs = llama_perplexity_ppl(&stderr);
+    eprintln!("GPTQ Q4_0: shrink {ours:.4} vs llama-perplexity {theirs:.4}");
+    assert!(
+        (ours / theirs - 1.0).abs() < 0.005,
+        "shrink {ours} vs llama.cpp {theirs}"
+    );
+}

@@ -55,6 +55,8 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text with a KV cache; reports time to first token and ms per token.
     Generate(GenerateArgs),
+    /// Quantize a model's linear layers (RTN or GPTQ) and write a GGUF llama.cpp loads.
+    Quantize(QuantizeArgs),
     /// Tokenize text with a model's tokenizer.
     Tokenize {
         model: String,
@@ -151,6 +153,61 @@ struct EvalArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantMethod {
+    Rtn,
+    Gptq,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EmbeddingType {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    model: String,
+    #[arg(long, value_enum, default_value = "gptq")]
+    method: QuantMethod,
+    /// Output format and block type: gguf:q4_0, gguf:q4_1 or gguf:q8_0.
+    #[arg(long, default_value = "gguf:q4_0")]
+    format: String,
+    /// Search each group's range clip to minimise the activation-weighted error.
+    #[arg(long)]
+    search: bool,
+    /// Calibration text: DATASET:SPLIT or a file (required for GPTQ).
+    #[arg(long, default_value = "shakespeare:calib")]
+    calib: String,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// GPTQ dampening, as a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Quantize GPTQ columns in their original order instead of by decreasing activation energy.
+    #[arg(long)]
+    no_act_order: bool,
+    /// Type of the token embedding (and untied output head) in the GGUF.
+    #[arg(long, value_enum, default_value = "q8_0")]
+    embeddings: EmbeddingType,
+    /// Windows per forward pass during calibration.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// Print the summary, with every layer, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     model: String,
@@ -212,6 +269,7 @@ fn run(command: Command) -> Result<()> {
         Command::Eval(args) => eval(args),
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
+        Command::Quantize(args) => quantize(args),
     }
 }
 
@@ -432,7 +490,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
                     bail!("--dtype bf16 is not offered for GGUF output; use f32, f16 or q8_0")
                 }
             };
-            shrink_io::write_llama_gguf(&checkpoint, &args.out, ty)
+            shrink_io::write_llama_gguf(&checkpoint, &args.out, ty, &Default::default())
                 .with_context(|| format!("writing {}", args.out.display()))?;
         }
     }
@@ -532,6 +590,155 @@ fn eval(args: EvalArgs) -> Result<()> {
         report.wall_s,
         report.tokens_per_s,
         report.tokens_processed
+    );
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    use shrink_quant::{GptqConfig, Method, QuantScheme};
+    let scheme = match args.format.as_str() {
+        "gguf:q4_0" => QuantScheme::Q4_0,
+        "gguf:q4_1" => QuantScheme::Q4_1,
+        "gguf:q8_0" => QuantScheme::Q8_0,
+        other => bail!("--format {other} is not supported (use gguf:q4_0, gguf:q4_1 or gguf:q8_0)"),
+    };
+    let scheme = QuantScheme {
+        search: args.search,
+        ..scheme
+    };
+    let method = match args.method {
+        QuantMethod::Rtn => Method::Rtn,
+        QuantMethod::Gptq => Method::Gptq(GptqConfig {
+            damp: args.damp,
+            act_order: !args.no_act_order,
+            static_groups: true,
+        }),
+    };
+    let start = Instant::now();
+    let checkpoint = load_checkpoint(&args.model)?;
+    let size_before = shrink_io::inspect(&checkpoint.path)?;
+    let mut model = build_llama(&checkpoint, DType::F32)?;
+    let calibrate = matches!(method, Method::Gptq(_)) || args.search;
+    let windows = if calibrate {
+        let tokens = checkpoint
+            .tokenizer()?
+            .encode(&read_text(&args.calib)?, false)?;
+        Some(
+            shrink_calib::sample_windows(&tokens, args.samples, args.seq_len, args.seed)
+                .with_context(|| format!("sampling calibration windows from '{}'", args.calib))?,
+        )
+    } else {
+        None
+    };
+    let bar = progress::Bar::new();
+    let result = shrink_quant::quantize_model(
+        &mut model,
+        method,
+        &scheme,
+        windows.as_deref(),
+        args.batch,
+        &bar,
+    )?;
+    let mut blocks = std::collections::BTreeMap::new();
+    for (name, q) in &result.tensors {
+        let (dtype, bytes) = q.to_ggml_blocks()?;
+        blocks.insert(name.clone(), shrink_io::QuantizedBlocks { dtype, bytes });
+    }
+    let embeddings = match args.embeddings {
+        EmbeddingType::F32 => shrink_io::GgufWriteType::F32,
+        EmbeddingType::F16 => shrink_io::GgufWriteType::F16,
+        EmbeddingType::Q8_0 => shrink_io::GgufWriteType::Q8_0,
+    };
+    shrink_io::write_llama_gguf(&checkpoint, &args.out, embeddings, &blocks)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let after = shrink_io::inspect(&args.out)?;
+    let wall_s = start.elapsed().as_secs_f64();
+    let errors: Vec<f64> = result
+        .layers
+        .iter()
+        .filter_map(|l| l.relative_output_error)
+        .collect();
+    let linear_bits: f64 = result
+        .layers
+        .iter()
+        .map(|l| l.bits_per_weight * (l.shape[0] * l.shape[1]) as f64)
+        .sum::<f64>()
+        / result
+            .layers
+            .iter()
+            .map(|l| (l.shape[0] * l.shape[1]) as f64)
+            .sum::<f64>()
+            .max(1.0);
+    if args.json {
+        let summary = serde_json::json!({
+            "schema": "shrink.quantize/v1",
+            "model": checkpoint.path.display().to_string(),
+            "out": args.out.display().to_string(),
+            "method": format!("{:?}", method),
+            "scheme": scheme,
+            "calibration": windows.as_ref().map(|w| serde_json::json!({"text": args.calib, "samples": w.len(), "seq_len": args.seq_len, "seed": args.seed})),
+            "size_bytes_before": size_before.file_size_bytes,
+            "size_bytes_after": after.file_size_bytes,
+            "bits_per_weight_before": size_before.bits_per_weight,
+            "bits_per_weight_after": after.bits_per_weight,
+            "linear_bits_per_weight": linear_bits,
+            "wall_s": wall_s,
+            "layers": result.layers,
+        });
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    outln!("model        {}", checkpoint.path.display());
+    outln!("method       {:?}", method);
+    outln!(
+        "scheme       {} bits, {:?}, {:?} grid{}",
+        scheme.bits,
+        scheme.granularity,
+        scheme.grid,
+        if scheme.search { ", clip search" } else { "" }
+    );
+    if let Some(w) = &windows {
+        outln!(
+            "calibration  {}: {} windows × {} tokens, seed {}",
+            args.calib,
+            w.len(),
+            args.seq_len,
+            args.seed
+        );
+    }
+    outln!("wrote        {}", args.out.display());
+    outln!(
+        "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",
+        size_before.file_size_bytes as f64 / 1e6,
+        after.file_size_bytes as f64 / 1e6,
+        size_before.bits_per_weight,
+        after.bits_per_weight,
+        linear_bits
+    );
+    if !errors.is_empty() {
+        let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+        outln!(
+            "error        mean relative output error {mean:.5} over {} layers; worst:",
+            errors.len()
+        );
+        let mut worst: Vec<&shrink_quant::LayerReport> = result.layers.iter().collect();
+        worst.sort_by(|a, b| {
+            b.relative_output_error
+                .unwrap_or(0.0)
+                .total_cmp(&a.relative_output_error.unwrap_or(0.0))
+        });
+        for l in worst.iter().take(5) {
+            outln!(
+                "             {:<40} {:.5}",
+                l.name,
+                l.relative_output_error.unwrap_or(0.0)
+            );
+        }
+    }
+    outln!(
+        "time         {:.1} s ({} layers)",
+        wall_s,
+        result.layers.len()
     );
     Ok(())
 }

@@ -44,6 +44,14 @@ where
         buffered.flush().map_err(io_err("writing", path))?;
     }
     tmp.as_file().sync_all().map_err(io_err("syncing", path))?;
+    // Temporary files are created private (0600); an artifact gets the usual 0644.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("setting permissions of", path))?;
+    }
     tmp.persist(path)
         .map_err(|e| io_err("renaming into place", path)(e.error))?;
     Ok(())

@@ -542,12 +542,50 @@ impl GgufWriteType {
     }
 }
 
+/// A weight already quantized into ggml blocks (row-major, Hugging Face row order), written as is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedBlocks {
+    pub dtype: GgmlDType,
+    pub bytes: Vec<u8>,
+}
+
+/// Reorders whole rows of raw ggml blocks as [`permute_qk`] reorders tensor rows (HF → GGUF).
+fn permute_block_rows(bytes: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
+    let row_bytes = bytes.len() / rows;
+    let hd = rows / n_head;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..n_head {
+        for half in 0..2 {
+            for j in 0..hd / 2 {
+                let src = h * hd + half * (hd / 2) + j;
+                let dst = h * hd + 2 * j + half;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+fn file_type_of(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q8_0 => 7,
+        _ => 0,
+    }
+}
+
 /// Writes a Llama-family checkpoint as a GGUF llama.cpp loads: llama metadata, the tokenizer
-/// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted.
+/// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted. Tensors in
+/// `prequantized` (by Hugging Face name) are written block for block as given, never re-rounded;
+/// other 2-D tensors are stored as `weight_type`, 1-D ones as F32.
 pub fn write_llama_gguf(
     checkpoint: &Checkpoint,
     path: &Path,
     weight_type: GgufWriteType,
+    prequantized: &BTreeMap<String, QuantizedBlocks>,
 ) -> Result<()> {
     let cfg = &checkpoint.config;
     let bad = |key: &str| IoError::Metadata {
@@ -593,6 +631,16 @@ pub fn write_llama_gguf(
     })?;
     let a = |k: &str| format!("{arch}.{k}");
     let s = |v: &str| GgufValue::String(v.to_string());
+    // The file type names the type most weights have.
+    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+    for q in prequantized.values() {
+        *counts.entry(file_type_of(q.dtype)).or_default() += 1;
+    }
+    let file_type = counts
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(t, _)| *t)
+        .unwrap_or(weight_type.file_type());
     let mut metadata = vec![
         ("general.architecture".to_string(), s(arch)),
         (
@@ -602,10 +650,7 @@ pub fn write_llama_gguf(
                 .and_then(|v| v.as_str())
                 .unwrap_or("shrink")),
         ),
-        (
-            "general.file_type".to_string(),
-            GgufValue::U32(weight_type.file_type()),
-        ),
+        ("general.file_type".to_string(), GgufValue::U32(file_type)),
         (
             "general.quantization_version".to_string(),
             GgufValue::U32(2),
@@ -701,6 +746,39 @@ pub fn write_llama_gguf(
         };
         let gname =
             hf_to_gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+        if let Some(q) = prequantized.get(name.as_str()) {
+            let (rows, cols) = t.dims2().map_err(|e| err(e.to_string()))?;
+            if !cols.is_multiple_of(q.dtype.block_size())
+                || tensor_bytes(q.dtype, rows * cols) != Some(q.bytes.len())
+            {
+                return Err(err(format!(
+                    "{} bytes of {:?} blocks do not fit a {rows}×{cols} tensor",
+                    q.bytes.len(),
+                    q.dtype
+                )));
+            }
+            let bytes = match (
+                arch,
+                name.contains("self_attn.q_proj"),
+                name.contains("self_attn.k_proj"),
+            ) {
+                ("llama", true, _) => permute_block_rows(&q.bytes, rows, n_head),
+                ("llama", _, true) => permute_block_rows(&q.bytes, rows, n_head_kv),
+                _ => q.bytes.clone(),
+            };
+            let tensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                q.dtype,
+                &bytes,
+                vec![rows, cols],
+                &Device::Cpu,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            out.push(GgufTensor {
+                name: gname,
+                tensor,
+            });
+            continue;
+        }
         let mut t = t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?;
         if arch == "llama" {
             if name.contains("self_attn.q_proj") {

@@ -18,6 +18,7 @@ mod tokenizer;
 
 pub use gguf::{
     hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue, GgufWriteType,
+    QuantizedBlocks,
 };
 pub use hf::{save_hf, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};

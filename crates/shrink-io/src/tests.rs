@@ -4,6 +4,7 @@
 use super::*;
 use candle_core::{DType, Device};
 use shrink_models::{Llama, LlamaConfig};
+use std::collections::BTreeMap;
 
 fn tiny_vocab() -> GgufVocab {
     GgufVocab::byte_level(
@@ -85,7 +86,7 @@ fn gguf_f32_round_trip_is_exact_and_hf_round_trip_keeps_logits() {
     let (_, c) = tiny_checkpoint();
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
-    write_llama_gguf(&c, &gguf, GgufWriteType::F32).unwrap();
+    write_llama_gguf(&c, &gguf, GgufWriteType::F32, &Default::default()).unwrap();
     let loaded = load(&gguf).unwrap();
     assert_eq!(loaded.format, Format::Gguf);
     assert_eq!(loaded.tensors.len(), c.tensors.len());
@@ -142,7 +143,7 @@ fn q8_gguf_is_close_and_inspect_reports_bits_per_weight() {
     let (_, c) = tiny_checkpoint();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q8.gguf");
-    write_llama_gguf(&c, &path, GgufWriteType::Q8_0).unwrap();
+    write_llama_gguf(&c, &path, GgufWriteType::Q8_0, &Default::default()).unwrap();
     let loaded = load(&path).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
     let (orig, q) = (&c.tensors[name], &loaded.tensors[name]);
@@ -230,7 +231,7 @@ fn bad_files_are_named_in_errors() {
     let (_, c) = tiny_checkpoint();
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("m.gguf");
-    write_llama_gguf(&c, &gguf, GgufWriteType::F32).unwrap();
+    write_llama_gguf(&c, &gguf, GgufWriteType::F32, &Default::default()).unwrap();
     let bytes = std::fs::read(&gguf).unwrap();
 
     // Missing file.
@@ -319,4 +320,65 @@ fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let mut out = haystack.to_vec();
     out[pos..pos + to.len()].copy_from_slice(to);
     out
+}
+
+#[test]
+fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let (_, c) = tiny_checkpoint();
+    let mut pre = BTreeMap::new();
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ] {
+        let q = QTensor::quantize(&c.tensors[name], GgmlDType::Q4_0).unwrap();
+        pre.insert(
+            name.to_string(),
+            QuantizedBlocks {
+                dtype: GgmlDType::Q4_0,
+                bytes: q.data().unwrap().to_vec(),
+            },
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pre.gguf");
+    write_llama_gguf(&c, &path, GgufWriteType::F32, &pre).unwrap();
+    let info = inspect(&path).unwrap();
+    let ty = |n: &str| {
+        info.tensors
+            .iter()
+            .find(|t| t.name == n)
+            .unwrap()
+            .dtype
+            .clone()
+    };
+    assert_eq!(
+        (
+            ty("blk.0.attn_q.weight"),
+            ty("blk.1.ffn_up.weight"),
+            ty("blk.1.ffn_down.weight")
+        ),
+        ("Q4_0".into(), "Q4_0".into(), "F32".into())
+    );
+    // Loading undoes the row permutation: the dequantized blocks come back in HF row order.
+    let loaded = load(&path).unwrap();
+    for name in pre.keys() {
+        let want = QTensor::quantize(&c.tensors[name], GgmlDType::Q4_0)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        assert_eq!(max_diff(&loaded.tensors[name], &want), 0.0, "{name}");
+    }
+    let mut bad = pre.clone();
+    bad.get_mut("model.layers.1.mlp.up_proj.weight")
+        .unwrap()
+        .bytes
+        .pop();
+    let e = write_llama_gguf(&c, &path, GgufWriteType::F32, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("do not fit"),
+        "{e}"
+    );
 }

@@ -474,16 +474,17 @@ impl DecoderBlock {
         std::array::from_fn(|i| (self.names[i].as_str(), l[i]))
     }
 
-    fn linear_mut(&mut self, suffix: &str) -> Option<&mut Linear> {
-        Some(match suffix {
-            "self_attn.q_proj" => &mut self.q_proj,
-            "self_attn.k_proj" => &mut self.k_proj,
-            "self_attn.v_proj" => &mut self.v_proj,
-            "self_attn.o_proj" => &mut self.o_proj,
-            "mlp.gate_proj" => &mut self.gate_proj,
-            "mlp.up_proj" => &mut self.up_proj,
-            "mlp.down_proj" => &mut self.down_proj,
-            _ => return None,
+    /// A linear of this block by its full name (`model.layers.3.mlp.up_proj`), to swap its weight.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let i = self.names.iter().position(|n| n == name)?;
+        Some(match i {
+            0 => &mut self.q_proj,
+            1 => &mut self.k_proj,
+            2 => &mut self.v_proj,
+            3 => &mut self.o_proj,
+            4 => &mut self.gate_proj,
+            5 => &mut self.up_proj,
+            _ => &mut self.down_proj,
         })
     }
 }
@@ -753,11 +754,11 @@ impl Llama {
             return self.lm_head.as_mut().ok_or_else(unknown);
         }
         let rest = name.strip_prefix("model.layers.").ok_or_else(unknown)?;
-        let (index, suffix) = rest.split_once('.').ok_or_else(unknown)?;
+        let (index, _) = rest.split_once('.').ok_or_else(unknown)?;
         let index: usize = index.parse().map_err(|_| unknown())?;
         self.blocks
             .get_mut(index)
-            .and_then(|b| b.linear_mut(suffix))
+            .and_then(|b| b.linear_mut(name))
             .ok_or_else(unknown)
     }
 

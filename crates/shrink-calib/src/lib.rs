@@ -1,0 +1,270 @@
+//! Calibration shared by every technique that looks at activations (GPTQ, AWQ, SparseGPT, Wanda):
+//! seeded sampling of token windows, per-linear input statistics (the Hessian `XᵀX` and channel
+//! norms), the sequential engine that calibrates one decoder block at a time on the outputs of the
+//! already-compressed blocks before it, and the Cholesky routines on the Hessian.
+//!
+//! ```
+//! use candle_core::Device;
+//! use shrink_calib::{sample_windows, sequential, BlockStats};
+//! use shrink_models::{DecoderBlock, Llama, LlamaConfig};
+//! let mut model = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! let tokens: Vec<u32> = (0..500).map(|i| (i * 13 % 64) as u32).collect();
+//! let windows = sample_windows(&tokens, 4, 32, 0).unwrap();
+//! let mut seen = vec![];
+//! sequential(&mut model, &windows, 2, &shrink_core::NoProgress, &mut |block: &mut DecoderBlock, stats: &BlockStats| {
+//!     seen.push((block.index, stats.get("model.layers.0.self_attn.q_proj").map(|s| s.rows)));
+//!     Ok(())
+//! }).unwrap();
+//! assert_eq!(seen, [(0, Some(4 * 32)), (1, None)]);
+//! ```
+
+mod hessian;
+mod linalg;
+
+pub use hessian::LinearStats;
+pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use shrink_core::Progress;
+use shrink_models::{DecoderBlock, LinearHook, Llama, NoHook};
+use std::collections::BTreeMap;
+
+/// Errors from calibration.
+#[derive(Debug, thiserror::Error)]
+pub enum CalibError {
+    #[error("calibration needs {needed} tokens per window but the text has only {available}")]
+    TooLittleText { needed: usize, available: usize },
+    #[error("the Hessian of '{linear}' is not positive definite even after dampening (pivot {pivot} at column {column})")]
+    NotPositiveDefinite {
+        linear: String,
+        column: usize,
+        pivot: f64,
+    },
+    #[error("non-finite values in the inputs of '{0}': the model produced NaN or infinity")]
+    NonFinite(String),
+    #[error("{0}")]
+    Compress(String),
+    #[error(transparent)]
+    Model(#[from] shrink_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CalibError>;
+
+/// `count` windows of `len` tokens at seeded random offsets in `tokens`.
+pub fn sample_windows(
+    tokens: &[u32],
+    count: usize,
+    len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if tokens.len() < len || len == 0 {
+        return Err(CalibError::TooLittleText {
+            needed: len,
+            available: tokens.len(),
+        });
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    Ok((0..count)
+        .map(|_| {
+            let start = rng.gen_range(0..=tokens.len() - len);
+            tokens[start..start + len].to_vec()
+        })
+        .collect())
+}
+
+/// Input statistics of one block's linears, by full linear name. Linears that read the same input
+/// (q/k/v, gate/up) share one accumulation.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    stats: Vec<LinearStats>,
+    index: BTreeMap<String, usize>,
+}
+
+impl BlockStats {
+    /// The statistics of a linear's input, if it ran.
+    pub fn get(&self, linear: &str) -> Option<&LinearStats> {
+        self.index.get(linear).map(|&i| &self.stats[i])
+    }
+}
+
+/// Accumulates [`LinearStats`] for every linear it observes.
+struct StatsHook {
+    stats: BlockStats,
+    last: Option<(candle_core::TensorId, usize)>,
+}
+
+impl LinearHook for StatsHook {
+    fn observe(&mut self, linear: &str, input: &Tensor) -> candle_core::Result<()> {
+        // q/k/v and gate/up receive the very same tensor: accumulate it once.
+        let slot = match self.last {
+            Some((id, slot)) if id == input.id() => slot,
+            _ => {
+                let slot = match self.stats.index.get(linear) {
+                    Some(&s) => s,
+                    None => {
+                        self.stats
+                            .stats
+                            .push(LinearStats::new(input.dim(candle_core::D::Minus1)?));
+                        self.stats.stats.len() - 1
+                    }
+                };
+                self.stats.stats[slot].accumulate(input)?;
+                slot
+            }
+        };
+        self.last = Some((input.id(), slot));
+        self.stats.index.insert(linear.to_string(), slot);
+        Ok(())
+    }
+}
+
+/// Runs `windows` through `model` block by block. For each block: its linears' input statistics
+/// are gathered on the current activations, `compress` modifies the block, and the compressed
+/// block's outputs become the next block's inputs. Only the activations of the calibration
+/// windows at one depth are held in memory.
+pub fn sequential(
+    model: &mut Llama,
+    windows: &[Vec<u32>],
+    batch: usize,
+    progress: &dyn Progress,
+    compress: &mut dyn FnMut(&mut DecoderBlock, &BlockStats) -> Result<()>,
+) -> Result<()> {
+    let batch = batch.max(1);
+    let Some(len) = windows.first().map(Vec::len) else {
+        return Ok(());
+    };
+    let ctx = model.attention_context(len, 0)?;
+    let mut xs: Vec<Tensor> = Vec::new();
+    for group in windows.chunks(batch) {
+        let ids = Tensor::new(group.to_vec(), model.device())?;
+        xs.push(model.embed(&ids)?);
+    }
+    progress.start("calibrating blocks", model.blocks.len() as u64);
+    for block in model.blocks.iter_mut() {
+        let mut hook = StatsHook {
+            stats: BlockStats::default(),
+            last: None,
+        };
+        for x in &xs {
+            block.forward(x, &ctx, None, &mut hook)?;
+        }
+        for (name, &slot) in &hook.stats.index {
+            if !hook.stats.stats[slot].is_finite() {
+                return Err(CalibError::NonFinite(name.clone()));
+            }
+        }
+        compress(block, &hook.stats)?;
+        for x in xs.iter_mut() {
+            *x = block.forward(x, &ctx, None, &mut NoHook)?;
+        }
+        progress.advance(1, Some(&format!("block {}", block.index)));
+    }
+    progress.finish();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use shrink_models::LlamaConfig;
+
+    #[test]
+    fn windows_are_seeded_and_in_range() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let a = sample_windows(&tokens, 5, 10, 3).unwrap();
+        assert_eq!(a, sample_windows(&tokens, 5, 10, 3).unwrap());
+        assert_ne!(a, sample_windows(&tokens, 5, 10, 4).unwrap());
+        for w in &a {
+            assert_eq!(w.len(), 10);
+            assert_eq!(w[9], w[0] + 9, "contiguous");
+        }
+        assert!(sample_windows(&tokens, 1, 101, 0).is_err());
+    }
+
+    #[test]
+    fn sequential_feeds_compressed_outputs_forward() {
+        let cfg = LlamaConfig::tiny_for_tests();
+        let mut model = Llama::random(&cfg, 1, &Device::Cpu).unwrap();
+        let reference = model.clone();
+        let windows = vec![
+            vec![1u32, 2, 3, 4, 5, 6],
+            vec![7, 8, 9, 10, 11, 12],
+            vec![3, 3, 3, 3, 3, 3],
+        ];
+        let mut hessians = vec![];
+        sequential(
+            &mut model,
+            &windows,
+            2,
+            &shrink_core::NoProgress,
+            &mut |block, stats| {
+                let s = stats
+                    .get(&format!("model.layers.{}.mlp.up_proj", block.index))
+                    .unwrap();
+                assert_eq!(s.rows, 18);
+                assert!(std::ptr::eq(
+                    s,
+                    stats
+                        .get(&format!("model.layers.{}.mlp.gate_proj", block.index))
+                        .unwrap()
+                ));
+                hessians.push(
+                    stats
+                        .get(&format!("model.layers.{}.self_attn.k_proj", block.index))
+                        .unwrap()
+                        .hessian
+                        .clone(),
+                );
+                // "Compress" block 0 by zeroing its MLP output.
+                if block.index == 0 {
+                    let zeros = block.down_proj.weight().zeros_like()?;
+                    block.down_proj.set_weight(zeros)?;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        // Block 1's inputs were computed with block 0 compressed: its Hessian must equal the
+        // one from a direct run of the modified model, not of the original.
+        let ids = Tensor::new(windows.clone(), &Device::Cpu).unwrap();
+        let ctx = model.attention_context(6, 0).unwrap();
+        let x0 = model.embed(&ids).unwrap();
+        let x1 = model.blocks[0]
+            .forward(&x0, &ctx, None, &mut NoHook)
+            .unwrap();
+        let h1 = model.blocks[1].input_layernorm.forward(&x1).unwrap();
+        let mut direct = LinearStats::new(cfg.hidden_size);
+        direct.accumulate(&h1).unwrap();
+        let diff = hessians[1]
+            .iter()
+            .zip(&direct.hessian)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(diff < 1e-3, "{diff}");
+        let x1_ref = reference.blocks[0]
+            .forward(&x0, &ctx, None, &mut NoHook)
+            .unwrap();
+        let mut orig = LinearStats::new(cfg.hidden_size);
+        orig.accumulate(
+            &reference.blocks[1]
+                .input_layernorm
+                .forward(&x1_ref)
+                .unwrap(),
+        )
+        .unwrap();
+        let moved = orig
+            .hessian
+            .iter()
+            .zip(&direct.hessian)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            moved > 1e-2,
+            "compression of block 0 must change block 1's statistics"
+        );
+    }
+}

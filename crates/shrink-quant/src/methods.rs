@@ -1,0 +1,257 @@
+//! Round-to-nearest and GPTQ on one weight matrix.
+//!
+//! GPTQ (Frantar et al., 2022) quantizes columns in order and spreads each column's rounding error
+//! over the columns not yet quantized, using the upper Cholesky factor `U` of the inverse Hessian.
+//! Rows are independent given `U`, so each row runs the whole recurrence on its own, in parallel;
+//! that is the CPU-friendly form of the same computation (no lazy batch update needed).
+
+use crate::grid::GroupParams;
+use crate::{Granularity, QuantError, QuantScheme, QuantizedTensor, Result};
+use rayon::prelude::*;
+use shrink_calib::LinearStats;
+
+/// GPTQ settings.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GptqConfig {
+    /// Dampening added to the Hessian diagonal, as a fraction of its mean.
+    pub damp: f64,
+    /// Quantize columns in order of decreasing Hessian diagonal ("act-order").
+    pub act_order: bool,
+    /// Fix every group's scale from the original weights before the error feedback starts (always
+    /// the case with act-order, so that groups stay contiguous runs of the original columns).
+    pub static_groups: bool,
+}
+
+impl Default for GptqConfig {
+    fn default() -> Self {
+        Self {
+            damp: 0.01,
+            act_order: true,
+            static_groups: true,
+        }
+    }
+}
+
+/// Parameters of every group from the given values (and importance per column).
+fn group_params(
+    scheme: &QuantScheme,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    importance: Option<&[f32]>,
+) -> Vec<GroupParams> {
+    let mut scratch =
+        vec![0u8; cols.max(rows * cols * usize::from(scheme.granularity == Granularity::Tensor))];
+    match scheme.granularity {
+        Granularity::Tensor => {
+            let imp: Option<Vec<f32>> =
+                importance.map(|i| (0..rows).flat_map(|_| i.iter().copied()).collect());
+            vec![scheme.grid.quantize_group(
+                scheme.bits,
+                w,
+                imp.as_deref(),
+                scheme.search,
+                &mut scratch,
+            )]
+        }
+        Granularity::Channel => w
+            .par_chunks(cols)
+            .map(|row| {
+                scheme.grid.quantize_group(
+                    scheme.bits,
+                    row,
+                    importance,
+                    scheme.search,
+                    &mut vec![0u8; cols],
+                )
+            })
+            .collect(),
+        Granularity::Group(g) => w
+            .par_chunks(g)
+            .enumerate()
+            .map(|(k, group)| {
+                let start = (k * g) % cols;
+                let imp = importance.map(|i| &i[start..start + g]);
+                scheme.grid.quantize_group(
+                    scheme.bits,
+                    group,
+                    imp,
+                    scheme.search,
+                    &mut vec![0u8; g],
+                )
+            })
+            .collect(),
+    }
+}
+
+fn check(w: &[f32], rows: usize, cols: usize, scheme: &QuantScheme, name: &str) -> Result<()> {
+    if w.len() != rows * cols {
+        return Err(QuantError::Shape {
+            tensor: name.to_string(),
+            message: format!("{} values for {rows}×{cols}", w.len()),
+        });
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            tensor: name.to_string(),
+            index: i,
+        });
+    }
+    scheme.validate(cols).map_err(|e| QuantError::Shape {
+        tensor: name.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Round-to-nearest: every weight to the nearest grid value of its group. `importance` (one
+/// weight per input column, e.g. activation energy) steers the clip search when the scheme has one.
+pub fn rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: &QuantScheme,
+    importance: Option<&[f32]>,
+    name: &str,
+) -> Result<QuantizedTensor> {
+    check(w, rows, cols, scheme, name)?;
+    let params = group_params(scheme, w, rows, cols, importance);
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|k| {
+            let (r, c) = (k / cols, k % cols);
+            scheme
+                .grid
+                .code(scheme.bits, &params[scheme.group_of(cols, r, c)], w[k])
+        })
+        .collect();
+    Ok(QuantizedTensor::from_parts(
+        rows, cols, *scheme, &codes, &params,
+    ))
+}
+
+/// GPTQ with the input statistics of the layer.
+pub fn gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    stats: &LinearStats,
+    scheme: &QuantScheme,
+    cfg: &GptqConfig,
+    name: &str,
+) -> Result<QuantizedTensor> {
+    check(w, rows, cols, scheme, name)?;
+    if stats.in_features != cols {
+        return Err(QuantError::Shape {
+            tensor: name.to_string(),
+            message: format!(
+                "statistics for {} inputs, weight has {cols}",
+                stats.in_features
+            ),
+        });
+    }
+    let n = cols;
+    let diag: Vec<f64> = (0..n).map(|i| stats.hessian[i * n + i]).collect();
+    let importance: Vec<f32> = diag.iter().map(|&d| d as f32).collect();
+    // Inputs that were always zero carry no information: their weights are zero for GPTQ.
+    let mut w = w.to_vec();
+    for (c, &d) in diag.iter().enumerate() {
+        if d == 0.0 {
+            (0..rows).for_each(|r| w[r * n + c] = 0.0);
+        }
+    }
+    let mut perm: Vec<usize> = (0..n).collect();
+    if cfg.act_order {
+        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
+    }
+    let hp: Vec<f64> = (0..n * n)
+        .map(|k| stats.hessian[perm[k / n] * n + perm[k % n]])
+        .collect();
+    let u = shrink_calib::damped_inverse_cholesky_upper(&hp, n, cfg.damp, name)?;
+    let fixed =
+        cfg.static_groups || cfg.act_order || !matches!(scheme.granularity, Granularity::Group(_));
+    let static_params = fixed.then(|| group_params(scheme, &w, rows, cols, Some(&importance)));
+    let group_size = match scheme.granularity {
+        Granularity::Group(g) => g,
+        _ => n,
+    };
+    let (grid, bits) = (scheme.grid, scheme.bits);
+    let rows_out: Vec<(Vec<u8>, Vec<GroupParams>)> = w
+        .par_chunks(n)
+        .enumerate()
+        .map(|(r, row)| {
+            let mut x: Vec<f64> = perm.iter().map(|&c| row[c] as f64).collect();
+            let mut codes = vec![0u8; n];
+            let mut dynamic = Vec::new();
+            for i in 0..n {
+                let orig = perm[i];
+                let params = match &static_params {
+                    Some(p) => p[scheme.group_of(n, r, orig)],
+                    None => {
+                        // No act-order: perm is the identity and groups start here.
+                        if orig % group_size == 0 {
+                            let values: Vec<f32> =
+                                x[i..i + group_size].iter().map(|&v| v as f32).collect();
+                            let mut scratch = vec![0u8; group_size];
+                            dynamic.push(grid.quantize_group(
+                                bits,
+                                &values,
+                                Some(&importance[i..i + group_size]),
+                                scheme.search,
+                                &mut scratch,
+                            ));
+                        }
+                        dynamic[orig / group_size]
+                    }
+                };
+                let q = grid.code(bits, &params, x[i] as f32);
+                codes[orig] = q;
+                let err = (x[i] - grid.value(bits, &params, q) as f64) / u[i * n + i];
+                let urow = &u[i * n + i + 1..(i + 1) * n];
+                for (xj, &uij) in x[i + 1..].iter_mut().zip(urow) {
+                    *xj -= err * uij;
+                }
+            }
+            (codes, dynamic)
+        })
+        .collect();
+    let mut codes = Vec::with_capacity(rows * n);
+    let mut params = static_params.unwrap_or_default();
+    for (row_codes, row_params) in rows_out {
+        codes.extend(row_codes);
+        params.extend(row_params);
+    }
+    debug_assert_eq!(params.len(), scheme.groups(rows, cols));
+    Ok(QuantizedTensor::from_parts(
+        rows, cols, *scheme, &codes, &params,
+    ))
+}
+
+/// The layer objective: ‖(W − Ŵ) X‖² relative to ‖W X‖², computed from the Hessian as
+/// Σ_rows δᵀ H δ / Σ_rows wᵀ H w.
+pub fn relative_output_error(w: &[f32], approx: &[f32], cols: usize, stats: &LinearStats) -> f64 {
+    let n = cols;
+    let quad = |v: &[f64]| -> f64 {
+        (0..n)
+            .map(|i| {
+                v[i] * stats.hessian[i * n..(i + 1) * n]
+                    .iter()
+                    .zip(v)
+                    .map(|(h, x)| h * x)
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let (num, den) = w
+        .par_chunks(n)
+        .zip(approx.par_chunks(n))
+        .map(|(a, b)| {
+            let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| (*x - *y) as f64).collect();
+            let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+            (quad(&d), quad(&a))
+        })
+        .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,63 @@
+//! Codes packed at their real bit width: `bits` ∈ 1..=8, little-endian bit order, a row-major
+//! stream with no padding between rows.
+
+/// Packs unsigned codes (each `< 2^bits`) into a byte stream.
+pub fn pack(codes: &[u8], bits: u8) -> Vec<u8> {
+    assert!((1..=8).contains(&bits), "bits must be 1..=8");
+    let mut out = vec![0u8; (codes.len() * bits as usize).div_ceil(8)];
+    let mut bit = 0usize;
+    for &c in codes {
+        debug_assert!(u16::from(c) < 1u16 << bits);
+        let v = u16::from(c) << (bit % 8);
+        out[bit / 8] |= v as u8;
+        if bit % 8 + bits as usize > 8 {
+            out[bit / 8 + 1] |= (v >> 8) as u8;
+        }
+        bit += bits as usize;
+    }
+    out
+}
+
+/// Unpacks `count` codes of `bits` bits.
+pub fn unpack(bytes: &[u8], bits: u8, count: usize) -> Vec<u8> {
+    let mask = ((1u16 << bits) - 1) as u16;
+    (0..count)
+        .map(|k| {
+            let bit = k * bits as usize;
+            let lo = u16::from(bytes[bit / 8]);
+            let hi = bytes.get(bit / 8 + 1).copied().map(u16::from).unwrap_or(0);
+            (((lo | hi << 8) >> (bit % 8)) & mask) as u8
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn round_trip_every_width_and_length() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        for bits in 1..=8u8 {
+            for len in [0, 1, 7, 8, 9, 31, 32, 33, 1000] {
+                let codes: Vec<u8> = (0..len)
+                    .map(|_| rng.gen_range(0..(1u16 << bits)) as u8)
+                    .collect();
+                let packed = pack(&codes, bits);
+                assert_eq!(
+                    packed.len(),
+                    (len * bits as usize).div_ceil(8),
+                    "real bit width"
+                );
+                assert_eq!(unpack(&packed, bits, len), codes, "bits {bits} len {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn layout_is_little_endian_bits() {
+        assert_eq!(pack(&[1, 2, 3], 4), vec![0x21, 0x03]);
+        assert_eq!(pack(&[0b101, 0b011, 0b111], 3), vec![0b11_011_101, 0b1]);
+    }
+}

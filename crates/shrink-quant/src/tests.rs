@@ -1,0 +1,260 @@
+use super::*;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::Device;
+use rand::{Rng, SeedableRng};
+use shrink_calib::LinearStats;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| (0..4).map(|_| rng.gen_range(-1f32..1.0)).sum::<f32>() * 0.05)
+        .collect()
+}
+
+#[test]
+fn rtn_blocks_are_byte_identical_to_llama_cpp_quantizers() {
+    // candle's quantizers are bit-compatible ports of ggml-quants.c's reference functions.
+    let (rows, cols) = (6, 96);
+    let mut w = random(rows * cols, 1);
+    w[7] = 0.0; // a group with an exact zero and one all-zero group
+    (32..64).for_each(|i| w[i] = 0.0);
+    let t = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+    for (scheme, dtype) in [
+        (QuantScheme::Q4_0, GgmlDType::Q4_0),
+        (QuantScheme::Q4_1, GgmlDType::Q4_1),
+        (QuantScheme::Q8_0, GgmlDType::Q8_0),
+    ] {
+        let ours = rtn(&w, rows, cols, &scheme, None, "t").unwrap();
+        let (ty, bytes) = ours.to_ggml_blocks().unwrap();
+        assert_eq!(ty, dtype);
+        let theirs = QTensor::quantize(&t, dtype)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec();
+        assert_eq!(bytes, theirs, "{dtype:?} blocks");
+        // And their dequantizer reads our codes as the values we say they are.
+        let deq: Vec<f32> = qtensor_from_ggml(dtype, &bytes, vec![rows, cols], &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(deq, ours.dequantize(), "{dtype:?} values");
+        assert_eq!(ours.size_bytes(), bytes.len());
+    }
+}
+
+#[test]
+fn packed_storage_is_at_the_real_bit_width() {
+    for bits in 2..=8u8 {
+        let scheme = QuantScheme {
+            bits,
+            grid: Grid::Asymmetric,
+            granularity: Granularity::Group(64),
+            search: false,
+        };
+        let w = random(4 * 128, bits as u64);
+        let q = rtn(&w, 4, 128, &scheme, None, "t").unwrap();
+        assert_eq!(q.packed.len(), 4 * 128 * bits as usize / 8);
+        assert!((q.bits_per_weight() - (bits as f64 + 32.0 / 64.0)).abs() < 1e-12);
+        let err = w
+            .iter()
+            .zip(q.dequantize())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let range = 0.4f32;
+        assert!(
+            err <= range / ((1 << bits) - 1) as f32,
+            "bits {bits}: {err}"
+        );
+    }
+    let per_channel = QuantScheme {
+        bits: 8,
+        grid: Grid::Symmetric,
+        granularity: Granularity::Channel,
+        search: false,
+    };
+    assert_eq!(
+        rtn(&random(3 * 10, 0), 3, 10, &per_channel, None, "t")
+            .unwrap()
+            .scales
+            .len(),
+        3
+    );
+    let per_tensor = QuantScheme {
+        granularity: Granularity::Tensor,
+        ..per_channel
+    };
+    assert_eq!(
+        rtn(&random(3 * 10, 0), 3, 10, &per_tensor, None, "t")
+            .unwrap()
+            .scales
+            .len(),
+        1
+    );
+}
+
+/// Inputs with strongly correlated channels (a few latent factors plus noise).
+fn correlated_stats(cols: usize, rows: usize, seed: u64) -> LinearStats {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let factors = 6;
+    let mix: Vec<f32> = (0..factors * cols)
+        .map(|_| rng.gen_range(-1f32..1.0))
+        .collect();
+    let mut x = Vec::with_capacity(rows * cols);
+    for _ in 0..rows {
+        let z: Vec<f32> = (0..factors).map(|_| rng.gen_range(-2f32..2.0)).collect();
+        for c in 0..cols {
+            let scale = 1.0 + (c % 7) as f32;
+            x.push(
+                scale * (0..factors).map(|f| z[f] * mix[f * cols + c]).sum::<f32>()
+                    + rng.gen_range(-0.1f32..0.1),
+            );
+        }
+    }
+    let mut stats = LinearStats::new(cols);
+    stats
+        .accumulate(&Tensor::from_vec(x, (rows, cols), &Device::Cpu).unwrap())
+        .unwrap();
+    stats
+}
+
+#[test]
+fn gptq_beats_rtn_on_correlated_inputs_and_is_deterministic() {
+    let (rows, cols) = (48, 128);
+    let w = random(rows * cols, 7);
+    let stats = correlated_stats(cols, 2000, 3);
+    let error = |q: &QuantizedTensor| relative_output_error(&w, &q.dequantize(), cols, &stats);
+    let rtn_err = error(&rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t").unwrap());
+    for cfg in [
+        GptqConfig {
+            damp: 0.01,
+            act_order: false,
+            static_groups: false,
+        },
+        GptqConfig {
+            damp: 0.01,
+            act_order: false,
+            static_groups: true,
+        },
+        GptqConfig {
+            damp: 0.01,
+            act_order: true,
+            static_groups: true,
+        },
+    ] {
+        let q = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &cfg, "t").unwrap();
+        let e = error(&q);
+        assert!(e < 0.7 * rtn_err, "{cfg:?}: GPTQ {e} vs RTN {rtn_err}");
+        assert_eq!(
+            q,
+            gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &cfg, "t").unwrap(),
+            "deterministic"
+        );
+        q.to_ggml_blocks().unwrap();
+    }
+}
+
+#[test]
+fn gptq_equals_rtn_when_inputs_are_uncorrelated() {
+    // H = c·I: no error can be compensated, so GPTQ (static groups, no reordering) is RTN.
+    let (rows, cols) = (8, 64);
+    let w = random(rows * cols, 11);
+    let mut stats = LinearStats::new(cols);
+    (0..cols).for_each(|i| stats.hessian[i * cols + i] = 5.0);
+    let cfg = GptqConfig {
+        damp: 0.01,
+        act_order: false,
+        static_groups: true,
+    };
+    let g = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &cfg, "t").unwrap();
+    assert_eq!(
+        g,
+        rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t").unwrap()
+    );
+}
+
+#[test]
+fn bad_weights_and_schemes_name_the_tensor() {
+    let mut w = random(64, 0);
+    w[9] = f32::NAN;
+    let e = rtn(&w, 2, 32, &QuantScheme::Q4_0, None, "blk.3.attn_q")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("blk.3.attn_q") && e.contains("index 9"), "{e}");
+    let e = rtn(&random(2 * 48, 0), 2, 48, &QuantScheme::Q4_0, None, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("group size 32 does not divide the row length 48"),
+        "{e}"
+    );
+    let nine = QuantScheme {
+        bits: 9,
+        ..QuantScheme::Q8_0
+    };
+    assert!(rtn(&random(64, 0), 2, 32, &nine, None, "x").is_err());
+    let per_channel = QuantScheme {
+        granularity: Granularity::Channel,
+        ..QuantScheme::Q4_0
+    };
+    assert!(rtn(&random(64, 0), 2, 32, &per_channel, None, "x")
+        .unwrap()
+        .to_ggml_blocks()
+        .is_err());
+}
+
+#[test]
+fn quantize_model_replaces_every_block_linear() {
+    use shrink_models::{Llama, LlamaConfig};
+    let mut cfg = LlamaConfig::tiny_for_tests();
+    cfg.intermediate_size = 64; // rows of down_proj must hold whole groups of 32
+    let original = Llama::random(&cfg, 2, &Device::Cpu).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 64) as u32).collect())
+        .collect();
+    let mut results = vec![];
+    for method in [Method::Rtn, Method::Gptq(GptqConfig::default())] {
+        let mut model = original.clone();
+        let q = quantize_model(
+            &mut model,
+            method,
+            &QuantScheme::Q4_0,
+            Some(&windows),
+            2,
+            &shrink_core::NoProgress,
+        )
+        .unwrap();
+        assert_eq!(q.tensors.len(), 2 * 7);
+        assert_eq!(q.layers.len(), 14);
+        for (name, qt) in &q.tensors {
+            let w: Vec<f32> = model.named_tensors()[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(w, qt.dequantize(), "{name} holds its dequantized value");
+        }
+        assert_eq!(
+            model.named_tensors()["model.embed_tokens.weight"]
+                .to_vec2::<f32>()
+                .unwrap(),
+            original.embed_tokens.to_vec2::<f32>().unwrap()
+        );
+        let total: f64 = q
+            .layers
+            .iter()
+            .map(|l| l.relative_output_error.unwrap())
+            .sum();
+        results.push(total);
+    }
+    assert!(
+        results[1] < results[0],
+        "GPTQ's summed layer error {} should be below RTN's {}",
+        results[1],
+        results[0]
+    );
+}
