@@ -10,10 +10,7 @@ pub fn cholesky_lower(a: &[f64], n: usize) -> std::result::Result<Vec<f64>, (usi
     for j in 0..n {
         let (_, rest) = l.split_at_mut(j * n);
         let row_j = &mut rest[..n];
-        let mut d = a[j * n + j];
-        for k in 0..j {
-            d -= row_j[k] * row_j[k];
-        }
+        let d = a[j * n + j] - row_j[..j].iter().map(|v| v * v).sum::<f64>();
         if d <= 0.0 || !d.is_finite() {
             return Err((j, d));
         }

@@ -187,7 +187,7 @@ pub fn gptq(
                     Some(p) => p[scheme.group_of(n, r, orig)],
                     None => {
                         // No act-order: perm is the identity and groups start here.
-                        if orig % group_size == 0 {
+                        if orig.is_multiple_of(group_size) {
                             let values: Vec<f32> =
                                 x[i..i + group_size].iter().map(|&v| v as f32).collect();
                             let mut scratch = vec![0u8; group_size];

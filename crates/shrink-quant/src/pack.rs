@@ -20,7 +20,7 @@ pub fn pack(codes: &[u8], bits: u8) -> Vec<u8> {
 
 /// Unpacks `count` codes of `bits` bits.
 pub fn unpack(bytes: &[u8], bits: u8, count: usize) -> Vec<u8> {
-    let mask = ((1u16 << bits) - 1) as u16;
+    let mask = (1u16 << bits) - 1;
     (0..count)
         .map(|k| {
             let bit = k * bits as usize;
