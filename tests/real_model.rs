@@ -197,7 +197,60 @@ fn gguf_to_hf_folder_round_trip_keeps_logits_and_tokens() {
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
 }
 
-fn llama_perplexity_ppl(stderr: &str) -> f64 {
+/// Runs `shrink` with `args`, asserting success; returns stdout.
+fn run_shrink(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shrink {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `shrink eval --json` on hamlet, llama-cpp protocol, ctx 512.
+fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value {
+    let chunks = chunks.to_string();
+    let args = [
+        "eval",
+        model.to_str().unwrap(),
+        "--text",
+        "shakespeare:eval",
+        "--protocol",
+        "llama-cpp",
+        "--ctx",
+        "512",
+        "--chunks",
+        &chunks,
+        "--json",
+    ];
+    serde_json::from_slice(&run_shrink(&args)).unwrap()
+}
+
+/// `llama-perplexity -c 512` on hamlet: its final estimate.
+fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usize) -> f64 {
+    let hamlet = asset("shakespeare").unwrap().join("hamlet");
+    let chunks = chunks.to_string();
+    let out = Command::new(tool)
+        .args([
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            hamlet.to_str().unwrap(),
+            "-c",
+            "512",
+            "--chunks",
+            &chunks,
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     let line = stderr
         .lines()
         .find(|l| l.contains("Final estimate: PPL ="))
@@ -222,52 +275,12 @@ fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
     let Some(tool) = llama_tool("llama-perplexity") else {
         return;
     };
-    let hamlet = asset("shakespeare").unwrap().join("hamlet");
-    let ours = Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args([
-            "eval",
-            model.to_str().unwrap(),
-            "--text",
-            "shakespeare:eval",
-            "--protocol",
-            "llama-cpp",
-            "--ctx",
-            "512",
-            "--chunks",
-            "32",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ours.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ours.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    let report = shrink_eval(&model, 32);
     assert_eq!(report["tokens_in_text"], 52_755);
     assert_eq!(report["chunks"], 32);
     assert_eq!(report["tokens_scored"], 32 * 255);
     let ours = report["perplexity"]["ppl"].as_f64().unwrap();
-
-    let theirs = Command::new(tool)
-        .args([
-            "-m",
-            model.to_str().unwrap(),
-            "-f",
-            hamlet.to_str().unwrap(),
-            "-c",
-            "512",
-            "--chunks",
-            "32",
-            "-t",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&theirs.stderr);
-    assert!(theirs.status.success(), "{stderr}");
-    let theirs = llama_perplexity_ppl(&stderr);
+    let theirs = llama_perplexity(&tool, &model, 32);
     let ratio = ours / theirs;
     eprintln!("shrink {ours:.4} vs llama-perplexity {theirs:.4}: ratio {ratio:.5}");
     assert!(
@@ -347,24 +360,16 @@ fn rtn_q4_0_gguf_is_byte_identical_to_llama_quantize() {
         .unwrap();
     assert!(st.status.success());
     let ours = dir.path().join("rtn-q4_0.gguf");
-    let st = Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args([
-            "quantize",
-            model.to_str().unwrap(),
-            "--method",
-            "rtn",
-            "--format",
-            "gguf:q4_0",
-            "-o",
-            ours.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    run_shrink(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--method",
+        "rtn",
+        "--format",
+        "gguf:q4_0",
+        "-o",
+        ours.to_str().unwrap(),
+    ]);
     let (a, b) = (gguf_tensor_bytes(&ours), gguf_tensor_bytes(&theirs));
     assert_eq!(a.len(), 272);
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
@@ -384,68 +389,23 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
     let Some(tool) = llama_tool("llama-perplexity") else {
         return;
     };
-    let hamlet = asset("shakespeare").unwrap().join("hamlet");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("gptq-q4_0.gguf");
-    let shrink = env!("CARGO_BIN_EXE_shrink");
     // A small calibration set keeps the test quick; the benchmark uses 128 × 512.
-    let st = Command::new(shrink)
-        .args([
-            "quantize",
-            model.to_str().unwrap(),
-            "--method",
-            "gptq",
-            "--format",
-            "gguf:q4_0",
-            "--samples",
-            "16",
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let ours = Command::new(shrink)
-        .args([
-            "eval",
-            out.to_str().unwrap(),
-            "--text",
-            "shakespeare:eval",
-            "--chunks",
-            "16",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ours.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ours.stderr)
-    );
-    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
-    let ours = ours["perplexity"]["ppl"].as_f64().unwrap();
-    let theirs = Command::new(tool)
-        .args([
-            "-m",
-            out.to_str().unwrap(),
-            "-f",
-            hamlet.to_str().unwrap(),
-            "-c",
-            "512",
-            "--chunks",
-            "16",
-            "-t",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&theirs.stderr);
-    assert!(theirs.status.success(), "{stderr}");
-    let theirs = llama_perplexity_ppl(&stderr);
+    run_shrink(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--method",
+        "gptq",
+        "--format",
+        "gguf:q4_0",
+        "--samples",
+        "16",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let ours = shrink_eval(&out, 16)["perplexity"]["ppl"].as_f64().unwrap();
+    let theirs = llama_perplexity(&tool, &out, 16);
     eprintln!("GPTQ Q4_0: shrink {ours:.4} vs llama-perplexity {theirs:.4}");
     assert!(
         (ours / theirs - 1.0).abs() < 0.005,

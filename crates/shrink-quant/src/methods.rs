@@ -116,6 +116,7 @@ pub fn rtn(
     check(w, rows, cols, scheme, name)?;
     let params = group_params(scheme, w, rows, cols, importance);
     let codes: Vec<u8> = (0..rows * cols)
+        .into_par_iter()
         .map(|k| {
             let (r, c) = (k / cols, k % cols);
             scheme

@@ -137,20 +137,22 @@ impl QuantizedTensor {
 
     /// The values the codes stand for, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let codes = self.codes();
         let grid = self.scheme.grid;
-        let mut out = Vec::with_capacity(codes.len());
-        for r in 0..self.rows {
-            for c in 0..self.cols {
-                let g = self.scheme.group_of(self.cols, r, c);
+        (0..codes.len())
+            .into_par_iter()
+            .map(|k| {
+                let g = self
+                    .scheme
+                    .group_of(self.cols, k / self.cols, k % self.cols);
                 let p = GroupParams::from_stored(
                     self.scales[g],
                     self.mins.get(g).copied().unwrap_or(f16::ZERO),
                 );
-                out.push(grid.value(self.scheme.bits, &p, codes[r * self.cols + c]));
-            }
-        }
-        out
+                grid.value(self.scheme.bits, &p, codes[k])
+            })
+            .collect()
     }
 
     /// Bytes of storage: packed codes plus fp16 scales and minimums.
