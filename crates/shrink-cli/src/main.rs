@@ -157,6 +157,10 @@ struct EvalArgs {
 enum QuantMethod {
     Rtn,
     Gptq,
+    /// AWQ scales folded into the norms, then RTN.
+    Awq,
+    /// AWQ scales, then GPTQ.
+    AwqGptq,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -606,19 +610,28 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         search: args.search,
         ..scheme
     };
+    let gptq = GptqConfig {
+        damp: args.damp,
+        act_order: !args.no_act_order,
+        static_groups: true,
+    };
     let method = match args.method {
         QuantMethod::Rtn => Method::Rtn,
-        QuantMethod::Gptq => Method::Gptq(GptqConfig {
-            damp: args.damp,
-            act_order: !args.no_act_order,
-            static_groups: true,
-        }),
+        QuantMethod::Gptq => Method::Gptq(gptq),
+        QuantMethod::Awq => Method::Awq {
+            grid: 20,
+            gptq: None,
+        },
+        QuantMethod::AwqGptq => Method::Awq {
+            grid: 20,
+            gptq: Some(gptq),
+        },
     };
     let start = Instant::now();
     let checkpoint = load_checkpoint(&args.model)?;
     let size_before = shrink_io::inspect(&checkpoint.path)?;
     let mut model = build_llama(&checkpoint, DType::F32)?;
-    let calibrate = matches!(method, Method::Gptq(_)) || args.search;
+    let calibrate = !matches!(method, Method::Rtn) || args.search;
     let windows = if calibrate {
         let tokens = checkpoint
             .tokenizer()?

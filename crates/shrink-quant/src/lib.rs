@@ -14,6 +14,7 @@
 //! assert!(w.iter().zip(&back).all(|(a, b)| (a - b).abs() <= 3.2 / 8.0));
 //! ```
 
+pub mod awq;
 mod grid;
 mod methods;
 pub mod pack;
@@ -53,6 +54,11 @@ pub type Result<T> = std::result::Result<T, QuantError>;
 pub enum Method {
     Rtn,
     Gptq(GptqConfig),
+    /// AWQ scales (α grid of `grid` points) folded into the model, then RTN, or GPTQ when given.
+    Awq {
+        grid: usize,
+        gptq: Option<GptqConfig>,
+    },
 }
 
 /// What happened to one linear layer.
@@ -99,17 +105,39 @@ pub fn quantize_model(
                               stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
         let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
+        // AWQ rescales the block first; its linears then see scaled inputs.
+        let scaled = match (method, stats) {
+            (Method::Awq { grid, .. }, Some(stats)) => awq::apply(block, stats, scheme, grid)?,
+            (Method::Awq { .. }, None) => {
+                return Err(QuantError::Scheme("AWQ needs calibration data".into()))
+            }
+            _ => BTreeMap::new(),
+        };
+        let method = match method {
+            Method::Awq {
+                gptq: Some(cfg), ..
+            } => Method::Gptq(cfg),
+            Method::Awq { gptq: None, .. } => Method::Rtn,
+            m => m,
+        };
         for name in names {
             let start = Instant::now();
             let linear = block_linear(block, &name)?;
             let (w, rows, cols) = weight_rows(linear.weight())?;
-            let layer_stats = stats.and_then(|s| s.get(&name));
+            let layer_stats = scaled
+                .get(&name)
+                .or_else(|| stats.and_then(|s| s.get(&name)));
             let q = match (method, layer_stats) {
                 (Method::Gptq(cfg), Some(st)) => gptq(&w, rows, cols, st, scheme, &cfg, &name)?,
                 (Method::Gptq(_), None) => {
                     return Err(QuantError::Scheme(format!(
                         "GPTQ needs calibration data for '{name}'"
                     )))
+                }
+                (Method::Awq { .. }, _) => {
+                    return Err(QuantError::Scheme(
+                        "AWQ resolves to RTN or GPTQ per layer".into(),
+                    ))
                 }
                 (Method::Rtn, st) => {
                     let importance: Option<Vec<f32>> =
@@ -118,7 +146,9 @@ pub fn quantize_model(
                 }
             };
             let deq = q.dequantize();
-            let error = layer_stats.map(|st| relative_output_error(&w, &deq, cols, st));
+            let error = layer_stats
+                .map(|st| relative_output_error(&w, &deq, cols, st))
+                .transpose()?;
             let linear = block_linear(block, &name)?;
             linear.set_weight(Tensor::from_vec(
                 deq,

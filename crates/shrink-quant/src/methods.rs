@@ -226,33 +226,36 @@ pub fn gptq(
     ))
 }
 
+/// The Hessian as an f32 `n × n` tensor, for output-error evaluation by matrix products.
+pub(crate) fn hessian_tensor(stats: &LinearStats) -> candle_core::Result<candle_core::Tensor> {
+    let h: Vec<f32> = stats.hessian.iter().map(|&v| v as f32).collect();
+    candle_core::Tensor::from_vec(
+        h,
+        (stats.in_features, stats.in_features),
+        &candle_core::Device::Cpu,
+    )
+}
+
+/// Σ_rows vᵀ H v for the rows of `v` (`rows × n`), by one matrix product.
+pub(crate) fn quadratic(v: &[f32], n: usize, h: &candle_core::Tensor) -> candle_core::Result<f64> {
+    let v = candle_core::Tensor::from_slice(v, (v.len() / n, n), &candle_core::Device::Cpu)?;
+    Ok((v.matmul(h)? * &v)?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
 /// The layer objective: ‖(W − Ŵ) X‖² relative to ‖W X‖², computed from the Hessian as
 /// Σ_rows δᵀ H δ / Σ_rows wᵀ H w.
-pub fn relative_output_error(w: &[f32], approx: &[f32], cols: usize, stats: &LinearStats) -> f64 {
-    let n = cols;
-    let quad = |v: &[f64]| -> f64 {
-        (0..n)
-            .map(|i| {
-                v[i] * stats.hessian[i * n..(i + 1) * n]
-                    .iter()
-                    .zip(v)
-                    .map(|(h, x)| h * x)
-                    .sum::<f64>()
-            })
-            .sum()
-    };
-    let (num, den) = w
-        .par_chunks(n)
-        .zip(approx.par_chunks(n))
-        .map(|(a, b)| {
-            let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| (*x - *y) as f64).collect();
-            let a: Vec<f64> = a.iter().map(|&x| x as f64).collect();
-            (quad(&d), quad(&a))
-        })
-        .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
-    if den > 0.0 {
-        num / den
+pub fn relative_output_error(
+    w: &[f32],
+    approx: &[f32],
+    cols: usize,
+    stats: &LinearStats,
+) -> Result<f64> {
+    let h = hessian_tensor(stats)?;
+    let delta: Vec<f32> = w.iter().zip(approx).map(|(a, b)| a - b).collect();
+    let den = quadratic(w, cols, &h)?;
+    Ok(if den > 0.0 {
+        quadratic(&delta, cols, &h)? / den
     } else {
         0.0
-    }
+    })
 }

@@ -127,7 +127,8 @@ fn gptq_beats_rtn_on_correlated_inputs_and_is_deterministic() {
     let (rows, cols) = (48, 128);
     let w = random(rows * cols, 7);
     let stats = correlated_stats(cols, 2000, 3);
-    let error = |q: &QuantizedTensor| relative_output_error(&w, &q.dequantize(), cols, &stats);
+    let error =
+        |q: &QuantizedTensor| relative_output_error(&w, &q.dequantize(), cols, &stats).unwrap();
     let rtn_err = error(&rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t").unwrap());
     for cfg in [
         GptqConfig {
@@ -217,7 +218,14 @@ fn quantize_model_replaces_every_block_linear() {
         .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 64) as u32).collect())
         .collect();
     let mut results = vec![];
-    for method in [Method::Rtn, Method::Gptq(GptqConfig::default())] {
+    for method in [
+        Method::Rtn,
+        Method::Gptq(GptqConfig::default()),
+        Method::Awq {
+            grid: 10,
+            gptq: None,
+        },
+    ] {
         let mut model = original.clone();
         let q = quantize_model(
             &mut model,
@@ -257,4 +265,70 @@ fn quantize_model_replaces_every_block_linear() {
         results[1],
         results[0]
     );
+}
+
+#[test]
+fn awq_folding_keeps_the_float_model_exact() {
+    use shrink_models::{Llama, LlamaConfig};
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::random(&cfg, 4, &Device::Cpu).unwrap();
+    let mut folded = model.clone();
+    let s = |n: usize, k: u64| -> Vec<f32> {
+        random(n, k).iter().map(|v| 0.25 + 8.0 * v.abs()).collect()
+    };
+    for block in folded.blocks.iter_mut() {
+        awq::fold_scales(block, &s(32, 1), &s(32, 2), &s(48, 3)).unwrap();
+    }
+    assert_ne!(
+        folded.blocks[0].q_proj.weight().to_vec2::<f32>().unwrap(),
+        model.blocks[0].q_proj.weight().to_vec2::<f32>().unwrap()
+    );
+    let ids = Tensor::new(&[[3u32, 9, 27, 17, 51, 1]], &Device::Cpu).unwrap();
+    let diff = (model.forward(&ids).unwrap() - folded.forward(&ids).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{diff}");
+}
+
+#[test]
+fn awq_scales_never_lose_to_rtn_and_help_with_outlier_channels() {
+    // Inputs where a few channels carry much larger activations than the rest.
+    let (rows, cols) = (32, 128);
+    let w = random(rows * cols, 5);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let x: Vec<f32> = (0..4000 * cols)
+        .map(|k| rng.gen_range(-1f32..1.0) * if k % cols < 4 { 30.0 } else { 1.0 })
+        .collect();
+    let mut stats = LinearStats::new(cols);
+    stats
+        .accumulate(&Tensor::from_vec(x, (4000, cols), &Device::Cpu).unwrap())
+        .unwrap();
+    let linear = shrink_models::Linear::new(
+        Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap(),
+        None,
+    );
+    let s = awq::search_scales(&[&linear], &stats, &QuantScheme::Q4_0, 20, "t").unwrap();
+    let rtn_err = relative_output_error(
+        &w,
+        &rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t")
+            .unwrap()
+            .dequantize(),
+        cols,
+        &stats,
+    )
+    .unwrap();
+    let scaled: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * s[i % cols]).collect();
+    let back: Vec<f32> = rtn(&scaled, rows, cols, &QuantScheme::Q4_0, None, "t")
+        .unwrap()
+        .dequantize()
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v / s[i % cols])
+        .collect();
+    let awq_err = relative_output_error(&w, &back, cols, &stats).unwrap();
+    assert!(awq_err < 0.8 * rtn_err, "AWQ {awq_err} vs RTN {rtn_err}");
+    assert!(s[0] > s[100], "outlier channels get larger scales");
 }
