@@ -174,8 +174,8 @@ pub(crate) fn apply(
     let mut out = BTreeMap::new();
     let attn_scaled = scaled_stats(attn_stats, &attn);
     let mlp_scaled = scaled_stats(mlp_stats, &mlp);
-    for i in 0..3 {
-        out.insert(names[i].clone(), attn_scaled.clone());
+    for name in &names[..3] {
+        out.insert(name.clone(), attn_scaled.clone());
     }
     out.insert(names[4].clone(), mlp_scaled.clone());
     out.insert(names[5].clone(), mlp_scaled);
