@@ -179,6 +179,10 @@ struct QuantizeArgs {
     /// Output format and block type: gguf:q4_0, gguf:q4_1 or gguf:q8_0.
     #[arg(long, default_value = "gguf:q4_0")]
     format: String,
+    /// Another format for the linears whose name matches PATTERN (substring, or glob with `*`),
+    /// e.g. `--override down_proj=gguf:q8_0`; repeatable, the last match wins.
+    #[arg(long = "override", value_name = "PATTERN=FORMAT")]
+    overrides: Vec<String>,
     /// Search each group's range clip to minimise the activation-weighted error.
     #[arg(long)]
     search: bool,
@@ -599,17 +603,32 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    use shrink_quant::{GptqConfig, Method, QuantScheme};
-    let scheme = match args.format.as_str() {
-        "gguf:q4_0" => QuantScheme::Q4_0,
-        "gguf:q4_1" => QuantScheme::Q4_1,
-        "gguf:q8_0" => QuantScheme::Q8_0,
-        other => bail!("--format {other} is not supported (use gguf:q4_0, gguf:q4_1 or gguf:q8_0)"),
+    use shrink_quant::{GptqConfig, Method, QuantPlan, QuantScheme};
+    let format = |f: &str| -> Result<QuantScheme> {
+        let scheme = match f {
+            "gguf:q4_0" => QuantScheme::Q4_0,
+            "gguf:q4_1" => QuantScheme::Q4_1,
+            "gguf:q8_0" => QuantScheme::Q8_0,
+            other => {
+                bail!("format {other} is not supported (use gguf:q4_0, gguf:q4_1 or gguf:q8_0)")
+            }
+        };
+        Ok(QuantScheme {
+            search: args.search,
+            ..scheme
+        })
     };
-    let scheme = QuantScheme {
-        search: args.search,
-        ..scheme
-    };
+    let scheme = format(&args.format)?;
+    let mut plan = QuantPlan::uniform(scheme);
+    for spec in &args.overrides {
+        let (pattern, f) = spec.split_once('=').with_context(|| {
+            format!("--override '{spec}': expected PATTERN=FORMAT, e.g. down_proj=gguf:q8_0")
+        })?;
+        plan.overrides.push((
+            pattern.to_string(),
+            format(f).with_context(|| format!("--override '{spec}'"))?,
+        ));
+    }
     let gptq = GptqConfig {
         damp: args.damp,
         act_order: !args.no_act_order,
@@ -647,7 +666,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let result = shrink_quant::quantize_model(
         &mut model,
         method,
-        &scheme,
+        &plan,
         windows.as_deref(),
         args.batch,
         &bar,

@@ -61,6 +61,54 @@ pub enum Method {
     },
 }
 
+/// A scheme for every linear: `default`, except where the name matches an override pattern (the
+/// last matching one wins). A pattern with `*` is a glob over the whole name
+/// (`model.layers.*.mlp.down_proj`); without, it matches any name containing it (`down_proj`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantPlan {
+    pub default: QuantScheme,
+    pub overrides: Vec<(String, QuantScheme)>,
+}
+
+impl QuantPlan {
+    pub fn uniform(scheme: QuantScheme) -> Self {
+        Self {
+            default: scheme,
+            overrides: vec![],
+        }
+    }
+
+    /// The scheme of the linear called `name`.
+    pub fn scheme_for(&self, name: &str) -> QuantScheme {
+        self.overrides
+            .iter()
+            .rev()
+            .find(|(pattern, _)| name_matches(pattern, name))
+            .map(|(_, s)| *s)
+            .unwrap_or(self.default)
+    }
+}
+
+/// `*` matches any run of characters; a pattern without `*` matches as a substring.
+fn name_matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
 /// What happened to one linear layer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LayerReport {
@@ -88,14 +136,14 @@ fn weight_rows(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
     ))
 }
 
-/// Quantizes every linear of every decoder block (embeddings, norms and the output head are left
-/// as they are) and replaces each weight in `model` by its dequantized value, so that evaluating
+/// Quantizes every linear of every decoder block with its scheme from `plan` (embeddings, norms
+/// and the output head are left as they are) and replaces each weight in `model` by its dequantized value, so that evaluating
 /// the model measures the quantized weights. GPTQ needs calibration `windows`; with RTN they are
 /// optional and only add the per-layer output error to the report.
 pub fn quantize_model(
     model: &mut Llama,
     method: Method,
-    scheme: &QuantScheme,
+    plan: &QuantPlan,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     progress: &dyn Progress,
@@ -107,7 +155,9 @@ pub fn quantize_model(
         let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
         // AWQ rescales the block first; its linears then see scaled inputs.
         let scaled = match (method, stats) {
-            (Method::Awq { grid, .. }, Some(stats)) => awq::apply(block, stats, scheme, grid)?,
+            (Method::Awq { grid, .. }, Some(stats)) => {
+                awq::apply(block, stats, &plan.default, grid)?
+            }
             (Method::Awq { .. }, None) => {
                 return Err(QuantError::Scheme("AWQ needs calibration data".into()))
             }
@@ -122,6 +172,7 @@ pub fn quantize_model(
         };
         for name in names {
             let start = Instant::now();
+            let scheme = &plan.scheme_for(&name);
             let linear = block_linear(block, &name)?;
             let (w, rows, cols) = weight_rows(linear.weight())?;
             let layer_stats = scaled
@@ -196,3 +247,35 @@ fn block_linear<'a>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    #[test]
+    fn overrides_match_by_substring_or_glob_last_wins() {
+        let plan = QuantPlan {
+            default: QuantScheme::Q4_0,
+            overrides: vec![
+                ("down_proj".into(), QuantScheme::Q8_0),
+                ("model.layers.1*.mlp.down_proj".into(), QuantScheme::Q4_1),
+            ],
+        };
+        assert_eq!(
+            plan.scheme_for("model.layers.0.self_attn.q_proj"),
+            QuantScheme::Q4_0
+        );
+        assert_eq!(
+            plan.scheme_for("model.layers.2.mlp.down_proj"),
+            QuantScheme::Q8_0
+        );
+        assert_eq!(
+            plan.scheme_for("model.layers.12.mlp.down_proj"),
+            QuantScheme::Q4_1
+        );
+        assert!(name_matches("*", "anything"));
+        assert!(name_matches("a*b*c", "a-x-b-y-c"));
+        assert!(!name_matches("a*b*c", "a-x-c-y-b"));
+        assert!(!name_matches("ab*ba", "aba"));
+    }
+}

@@ -227,15 +227,27 @@ fn quantize_model_replaces_every_block_linear() {
         },
     ] {
         let mut model = original.clone();
+        let plan = QuantPlan {
+            default: QuantScheme::Q4_0,
+            overrides: vec![("layers.1.mlp.down_proj".into(), QuantScheme::Q8_0)],
+        };
         let q = quantize_model(
             &mut model,
             method,
-            &QuantScheme::Q4_0,
+            &plan,
             Some(&windows),
             2,
             &shrink_core::NoProgress,
         )
         .unwrap();
+        assert_eq!(
+            q.tensors["model.layers.1.mlp.down_proj.weight"].scheme,
+            QuantScheme::Q8_0
+        );
+        assert_eq!(
+            q.tensors["model.layers.0.mlp.down_proj.weight"].scheme,
+            QuantScheme::Q4_0
+        );
         assert_eq!(q.tensors.len(), 2 * 7);
         assert_eq!(q.layers.len(), 14);
         for (name, qt) in &q.tensors {
