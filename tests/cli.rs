@@ -263,7 +263,13 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
             "{method} is deterministic"
         );
     }
-    assert!(kls.iter().all(|&kl| kl > 0.0 && kl < 0.5), "{kls:?}");
+    // Every method stays close to the original; none is far worse than plain RTN (a GGUF whose
+    // norms missed AWQ's folding would be).
+    eprintln!("KL vs original for rtn, gptq, awq, awq-gptq: {kls:?}");
+    assert!(
+        kls.iter().all(|&kl| kl > 0.0 && kl < 1.5 * kls[0]),
+        "{kls:?}"
+    );
     let e = fails(&[
         "quantize",
         g,

@@ -681,7 +681,12 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         EmbeddingType::F16 => shrink_io::GgufWriteType::F16,
         EmbeddingType::Q8_0 => shrink_io::GgufWriteType::Q8_0,
     };
-    shrink_io::write_llama_gguf(&checkpoint, &args.out, embeddings, &blocks)
+    // Export what the model holds now: AWQ has rescaled norms as well as linears.
+    let quantized = shrink_io::Checkpoint {
+        tensors: model.named_tensors(),
+        ..checkpoint.clone()
+    };
+    shrink_io::write_llama_gguf(&quantized, &args.out, embeddings, &blocks)
         .with_context(|| format!("writing {}", args.out.display()))?;
     let after = shrink_io::inspect(&args.out)?;
     let wall_s = start.elapsed().as_secs_f64();
