@@ -203,27 +203,27 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
     let g = gguf.to_str().unwrap();
     let text = sample_text();
     let calib = text.to_str().unwrap();
-    let mut kls = vec![];
-    for method in ["rtn", "gptq", "awq", "awq-gptq"] {
-        let out = dir.path().join(format!("{method}.gguf"));
-        let summary: serde_json::Value = serde_json::from_str(&ok(&[
-            "quantize",
-            g,
-            "--method",
-            method,
-            "--format",
-            "gguf:q4_0",
-            "--calib",
-            calib,
+    // `shrink quantize` with the small calibration set every run here uses.
+    let quantize = |method: &str, format: &str, out: &Path, extra: &[&str]| -> String {
+        let mut args = vec![
+            "quantize", g, "--method", method, "--format", format, "--calib", calib,
+        ];
+        args.extend([
             "--samples",
             "8",
             "--seq-len",
             "64",
             "-o",
             out.to_str().unwrap(),
-            "--json",
-        ]))
-        .unwrap();
+        ]);
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
+    let mut kls = vec![];
+    for method in ["rtn", "gptq", "awq", "awq-gptq"] {
+        let out = dir.path().join(format!("{method}.gguf"));
+        let summary: serde_json::Value =
+            serde_json::from_str(&quantize(method, "gguf:q4_0", &out, &["--json"])).unwrap();
         assert_eq!(summary["layers"].as_array().unwrap().len(), 14);
         assert!(
             summary["size_bytes_after"].as_u64().unwrap()
@@ -243,20 +243,7 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
         kls.push(report["fidelity"]["kl_mean"].as_f64().unwrap());
         // Same inputs, same seed: the same bytes.
         let again = dir.path().join(format!("{method}-again.gguf"));
-        ok(&[
-            "quantize",
-            g,
-            "--method",
-            method,
-            "--calib",
-            calib,
-            "--samples",
-            "8",
-            "--seq-len",
-            "64",
-            "-o",
-            again.to_str().unwrap(),
-        ]);
+        quantize(method, "gguf:q4_0", &again, &[]);
         assert_eq!(
             std::fs::read(&out).unwrap(),
             std::fs::read(&again).unwrap(),
@@ -269,6 +256,19 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
     assert!(
         kls.iter().all(|&kl| kl > 0.0 && kl < 1.5 * kls[0]),
         "{kls:?}"
+    );
+    // At 8 bits AWQ is nearly lossless, as RTN is, only if the file carries the folded norms too.
+    let q8_kl = |method: &str| {
+        let out = dir.path().join(format!("{method}-q8.gguf"));
+        quantize(method, "gguf:q8_0", &out, &[]);
+        eval_json(out.to_str().unwrap(), &["--reference", g])["fidelity"]["kl_mean"]
+            .as_f64()
+            .unwrap()
+    };
+    let (rtn8, awq8) = (q8_kl("rtn"), q8_kl("awq"));
+    assert!(
+        awq8 < 3.0 * rtn8 && awq8 < 1e-4,
+        "AWQ Q8_0 KL {awq8} vs RTN Q8_0 {rtn8}"
     );
     let e = fails(&[
         "quantize",
