@@ -55,7 +55,8 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
     );
     let mut cfg = LlamaConfig::tiny_for_tests();
     cfg.vocab_size = vocab.tokens.len();
-    cfg.intermediate_size = 64; // whole groups of 32 in every row, for quantization
+    // Rows of 32 (whole Q4_0 groups) and 256 (one k-quant super-block, in down_proj).
+    cfg.intermediate_size = 256;
     let model = Llama::random(&cfg, 5, &candle_core::Device::Cpu).unwrap();
     let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
     let tokenizer = TokenizerBundle::from_gguf_vocab(
@@ -278,7 +279,10 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
         "-o",
         dir.path().join("x.gguf").to_str().unwrap(),
     ]);
-    assert!(e.contains("gguf:q3_k"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("multiple of 256"),
+        "{e}"
+    );
     let e = fails(&[
         "quantize",
         g,
@@ -290,6 +294,166 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
         dir.path().join("x.gguf").to_str().unwrap(),
     ]);
     assert!(e.contains("calibration"), "{e}");
+}
+
+#[test]
+fn presets_kquants_and_hugging_face_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let g = gguf.to_str().unwrap();
+    let text = sample_text();
+    let calib = text.to_str().unwrap();
+    let quantize = |out: &Path, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["quantize", g, "--calib", calib, "--samples", "8"];
+        args.extend(["--seq-len", "64", "-o", out.to_str().unwrap(), "--json"]);
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let dtypes = |path: &Path| -> std::collections::BTreeMap<String, usize> {
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", path.to_str().unwrap(), "--json"])).unwrap();
+        let mut counts = std::collections::BTreeMap::new();
+        for t in info["tensors"].as_array().unwrap() {
+            if t["shape"].as_array().unwrap().len() == 2 {
+                *counts
+                    .entry(t["dtype"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+        counts
+    };
+    let kl = |path: &Path| -> f64 {
+        eval_json(path.to_str().unwrap(), &["--reference", g])["fidelity"]["kl_mean"]
+            .as_f64()
+            .unwrap()
+    };
+    // llama.cpp's Q4_K_M choice on 2 layers: attn_v and ffn_down get Q6_K in layer 1 only
+    // (use_more_bits), 32-wide rows fall back (Q4_K → Q5_0, Q6_K → Q8_0), the embedding follows
+    // the output head (Q6_K → Q8_0). GPTQ writes k-quant blocks llama.cpp's layout reads.
+    let q4km = dir.path().join("q4km.gguf");
+    let summary = quantize(&q4km, &["--preset", "q4_k_m"]);
+    assert_eq!(
+        summary["method"].as_str().unwrap().split('(').next(),
+        Some("Gptq")
+    );
+    let want: std::collections::BTreeMap<String, usize> = [
+        ("Q4K", 1),
+        ("Q5_0", 11),
+        ("Q6K", 1),
+        ("Q8_0", 3), // attn_v of layer 1, the embedding and the untied output head
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(dtypes(&q4km), want);
+    let again = dir.path().join("q4km-again.gguf");
+    quantize(&again, &["--preset", "q4_k_m"]);
+    assert_eq!(
+        std::fs::read(&q4km).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    let q4_0 = dir.path().join("q4_0.gguf");
+    quantize(&q4_0, &["--format", "gguf:q4_0", "--method", "gptq"]);
+    let (kl_q4km, kl_q4_0) = (kl(&q4km), kl(&q4_0));
+    assert!(kl_q4km < kl_q4_0, "Q4_K_M mix {kl_q4km} vs Q4_0 {kl_q4_0}");
+    // imatrix-weighted RTN into k-quants.
+    let imat = dir.path().join("imatrix.gguf");
+    quantize(
+        &imat,
+        &["--preset", "q4_k_m", "--method", "rtn", "--imatrix"],
+    );
+    assert_eq!(dtypes(&imat), want);
+
+    // Hugging Face folder in compressed-tensors' layout: int4 groups of 32, packed in int32.
+    let hf = dir.path().join("w4-hf");
+    let summary = quantize(
+        &hf,
+        &[
+            "--format", "hf", "--bits", "4", "--group", "32", "--method", "gptq",
+        ],
+    );
+    assert_eq!(summary["linear_bits_per_weight"], 4.5);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let qc = &config["quantization_config"];
+    assert_eq!(qc["quant_method"], "compressed-tensors");
+    assert_eq!(qc["format"], "pack-quantized");
+    assert_eq!(qc["config_groups"]["group_0"]["weights"]["group_size"], 32);
+    assert_eq!(qc["config_groups"]["group_0"]["weights"]["num_bits"], 4);
+    let types = dtypes(&hf);
+    assert_eq!(types.get("I32 (int4 packed)"), Some(&14), "{types:?}");
+    let kl_hf = kl(&hf);
+    assert!(kl_hf > 0.0 && kl_hf < 2.0 * kl_q4_0, "{kl_hf} vs {kl_q4_0}");
+
+    // W8A8: SmoothQuant, int8 per-channel weights, int8 per-token activations simulated on load.
+    let w8a8 = dir.path().join("w8a8");
+    let summary = quantize(&w8a8, &["--preset", "w8a8"]);
+    assert!(summary["method"]
+        .as_str()
+        .unwrap()
+        .starts_with("SmoothQuant"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(w8a8.join("config.json")).unwrap()).unwrap();
+    let qc = &config["quantization_config"];
+    assert_eq!(qc["format"], "int-quantized");
+    assert_eq!(
+        qc["config_groups"]["group_0"]["input_activations"]["strategy"],
+        "token"
+    );
+    let w8 = dir.path().join("w8a16");
+    quantize(&w8, &["--preset", "w8a8", "--activations", "none"]);
+    let (kl_w8a8, kl_w8) = (kl(&w8a8), kl(&w8));
+    assert!(
+        kl_w8 < 1e-3,
+        "W8 weights alone are nearly lossless: {kl_w8}"
+    );
+    assert!(
+        kl_w8a8 > kl_w8 && kl_w8a8 < 0.05,
+        "int8 activations add a little error: {kl_w8a8} vs {kl_w8}"
+    );
+
+    // What the formats cannot hold is refused by name.
+    let e = fails(&[
+        "quantize",
+        g,
+        "--method",
+        "rtn",
+        "--format",
+        "hf",
+        "--bits",
+        "5",
+        "--group",
+        "32",
+        "-o",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(e.contains("4- or 8-bit"), "{e}");
+    let e = fails(&[
+        "quantize",
+        g,
+        "--format",
+        "gguf:q4_0",
+        "--bits",
+        "8",
+        "-o",
+        dir.path().join("x.gguf").to_str().unwrap(),
+    ]);
+    assert!(e.contains("do not describe gguf:q4_0"), "{e}");
+    let bad = dir.path().join("bad-preset.toml");
+    std::fs::write(
+        &bad,
+        "description = \"x\"\nmethod = \"gptq\"\nformat = \"q4_k\"\nexport = \"gguf\"\n[[rule]]\nmatch = \"v_proj\"\nformat = \"q7_k\"\n",
+    )
+    .unwrap();
+    let e = fails(&[
+        "quantize",
+        g,
+        "--preset",
+        bad.to_str().unwrap(),
+        "-o",
+        dir.path().join("x.gguf").to_str().unwrap(),
+    ]);
+    assert!(e.contains("bad-preset.toml") && e.contains("q7_k"), "{e}");
 }
 
 #[test]
@@ -338,7 +502,7 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
     let e = fails(&["eval", hf.to_str().unwrap(), "--text", text]);
     assert!(
         e.contains(
-            "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [64, 32], expected [40, 32]"
+            "tensor 'model.layers.0.mlp.gate_proj.weight' has shape [256, 32], expected [40, 32]"
         ),
         "{e}"
     );

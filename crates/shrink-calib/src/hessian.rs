@@ -12,6 +12,8 @@ pub struct LinearStats {
     pub channel_sq: Vec<f64>,
     /// Σ |x_j| per input channel (AWQ's activation magnitude, once divided by `rows`).
     pub channel_abs: Vec<f64>,
+    /// max |x_j| per input channel (SmoothQuant's activation range).
+    pub channel_max: Vec<f64>,
     pub rows: usize,
 }
 
@@ -22,6 +24,7 @@ impl LinearStats {
             hessian: vec![0.0; in_features * in_features],
             channel_sq: vec![0.0; in_features],
             channel_abs: vec![0.0; in_features],
+            channel_max: vec![0.0; in_features],
             rows: 0,
         }
     }
@@ -37,10 +40,13 @@ impl LinearStats {
             *h += *v as f64;
         }
         let sq: Vec<f32> = x.sqr()?.sum(0)?.to_vec1()?;
-        let abs: Vec<f32> = x.abs()?.sum(0)?.to_vec1()?;
+        let absx = x.abs()?;
+        let abs: Vec<f32> = absx.sum(0)?.to_vec1()?;
+        let max: Vec<f32> = absx.max(0)?.to_vec1()?;
         for j in 0..n {
             self.channel_sq[j] += sq[j] as f64;
             self.channel_abs[j] += abs[j] as f64;
+            self.channel_max[j] = self.channel_max[j].max(max[j] as f64);
         }
         self.rows += rows;
         Ok(())
@@ -72,6 +78,8 @@ mod tests {
             assert!((s.channel_sq[i] - s.hessian[i * 3 + i]).abs() < 1e-6);
             let abs: f64 = rows.iter().map(|r| f64::abs(r[i])).sum();
             assert!((s.channel_abs[i] - abs).abs() < 1e-6);
+            let max = rows.iter().map(|r| f64::abs(r[i])).fold(0.0, f64::max);
+            assert_eq!(s.channel_max[i], max);
         }
         assert_eq!(s.rows, 3);
     }

@@ -163,29 +163,46 @@ enum QuantMethod {
     AwqGptq,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum EmbeddingType {
-    F32,
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-}
-
 #[derive(Args)]
 struct QuantizeArgs {
     model: String,
-    #[arg(long, value_enum, default_value = "gptq")]
-    method: QuantMethod,
-    /// Output format and block type: gguf:q4_0, gguf:q4_1 or gguf:q8_0.
-    #[arg(long, default_value = "gguf:q4_0")]
-    format: String,
-    /// Another format for the linears whose name matches PATTERN (substring, or glob with `*`),
-    /// e.g. `--override down_proj=gguf:q8_0`; repeatable, the last match wins.
-    #[arg(long = "override", value_name = "PATTERN=FORMAT")]
+    /// A recipe from configs/quant (q4_0, q4_k_m, w4a16-g128, w8a8) or a preset TOML file; the
+    /// flags below override it.
+    #[arg(long)]
+    preset: Option<String>,
+    /// [default: gptq, or the preset's]
+    #[arg(long, value_enum)]
+    method: Option<QuantMethod>,
+    /// gguf:TYPE with TYPE one of q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k;
+    /// or `hf`: a Hugging Face folder in compressed-tensors' layout (vLLM, transformers), with
+    /// the grid of --bits/--group [default: gguf:q4_0, or the preset's]
+    #[arg(long)]
+    format: Option<String>,
+    /// Weight bits of a grid scheme (with --format hf; with gguf types, checked against the type).
+    #[arg(long)]
+    bits: Option<u8>,
+    /// Group size along the input, or `channel` (with --format hf; checked with gguf types).
+    #[arg(long)]
+    group: Option<String>,
+    /// SmoothQuant: migrate activation outliers into the weights with this alpha (0..1) before
+    /// quantizing [default: the preset's].
+    #[arg(long)]
+    smooth: Option<f64>,
+    /// Quantize activations too: int8-per-token (W8A8, with --format hf) [default: the preset's].
+    #[arg(long)]
+    activations: Option<String>,
+    /// Another block type for the linears whose name matches PATTERN (substring, or glob with
+    /// `*`), e.g. `--override down_proj=q8_0`; repeatable, the last match wins.
+    #[arg(long = "override", value_name = "PATTERN=TYPE")]
     overrides: Vec<String>,
-    /// Search each group's range clip to minimise the activation-weighted error.
+    /// Search each group's scale to minimise the activation-weighted error (grid types).
     #[arg(long)]
     search: bool,
+    /// With RTN: calibrate and weight the quantization error by each input channel's mean squared
+    /// activation, as llama.cpp's --imatrix (k-quants: ggml's weighted quantizer; other types: the
+    /// scale search).
+    #[arg(long)]
+    imatrix: bool,
     /// Calibration text: DATASET:SPLIT or a file (required for GPTQ).
     #[arg(long, default_value = "shakespeare:calib")]
     calib: String,
@@ -203,9 +220,10 @@ struct QuantizeArgs {
     /// Quantize GPTQ columns in their original order instead of by decreasing activation energy.
     #[arg(long)]
     no_act_order: bool,
-    /// Type of the token embedding (and untied output head) in the GGUF.
-    #[arg(long, value_enum, default_value = "q8_0")]
-    embeddings: EmbeddingType,
+    /// Type of the token embedding (and untied output head): f32, f16 or a block type
+    /// [default: q8_0, or the preset's].
+    #[arg(long)]
+    embeddings: Option<String>,
     /// Windows per forward pass during calibration.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -320,7 +338,24 @@ fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
 fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
     let context = || format!("building the model from {}", checkpoint.path.display());
     let cfg = LlamaConfig::from_json(&checkpoint.config).with_context(context)?;
-    Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype).with_context(context)
+    let mut model =
+        Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype).with_context(context)?;
+    // A W8A8 checkpoint's linears see int8 per-token activations, as in vLLM.
+    let dynamic_tokens = checkpoint
+        .config
+        .pointer("/quantization_config/config_groups")
+        .and_then(|g| g.as_object())
+        .is_some_and(|groups| {
+            groups.values().any(|g| {
+                g.pointer("/input_activations/strategy")
+                    .and_then(|s| s.as_str())
+                    == Some("token")
+            })
+        });
+    if dynamic_tokens {
+        model.set_act_quant(Some(shrink_models::ActQuant::Int8PerToken));
+    }
+    Ok(model)
 }
 
 fn read_text(spec: &str) -> Result<String> {
@@ -603,30 +638,106 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    use shrink_quant::{GptqConfig, Method, QuantPlan, QuantScheme};
-    let format = |f: &str| -> Result<QuantScheme> {
-        let scheme = match f {
-            "gguf:q4_0" => QuantScheme::Q4_0,
-            "gguf:q4_1" => QuantScheme::Q4_1,
-            "gguf:q8_0" => QuantScheme::Q8_0,
-            other => {
-                bail!("format {other} is not supported (use gguf:q4_0, gguf:q4_1 or gguf:q8_0)")
-            }
-        };
-        Ok(QuantScheme {
-            search: args.search,
-            ..scheme
-        })
+    use shrink_quant::{Format, GptqConfig, Method, Preset, QuantPlan, Rule};
+    let preset = args
+        .preset
+        .as_deref()
+        .map(Preset::load)
+        .transpose()
+        .context("--preset")?;
+    let block_type = |f: &str| -> Result<Format> {
+        let t = f.strip_prefix("gguf:").unwrap_or(f);
+        Ok(Format::parse(t)?.with_search(args.search || args.imatrix))
     };
-    let scheme = format(&args.format)?;
-    let mut plan = QuantPlan::uniform(scheme);
+    let export = match (&args.format, &preset) {
+        (Some(f), _) if f == "hf" => "hf",
+        (Some(f), _) if f.starts_with("gguf:") => "gguf",
+        (Some(f), _) => bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf"),
+        (None, Some(p)) => p.export.as_str(),
+        (None, None) => "gguf",
+    };
+    let grid_flags = || -> Result<Option<Format>> {
+        if args.bits.is_none() && args.group.is_none() {
+            return Ok(None);
+        }
+        let granularity = match args.group.as_deref() {
+            None => shrink_quant::Granularity::Group(128),
+            Some("channel") => shrink_quant::Granularity::Channel,
+            Some("tensor") => shrink_quant::Granularity::Tensor,
+            Some(g) => shrink_quant::Granularity::Group(
+                g.parse()
+                    .with_context(|| format!("--group {g}: a size, channel or tensor"))?,
+            ),
+        };
+        Ok(Some(Format::Scheme(shrink_quant::QuantScheme {
+            bits: args.bits.unwrap_or(4),
+            grid: shrink_quant::Grid::Symmetric,
+            granularity,
+            search: false,
+        })))
+    };
+    let mut plan = match (&args.format, &preset) {
+        (Some(f), _) if export == "gguf" => {
+            let format = block_type(f).context("--format")?;
+            if let Some(Format::Scheme(want)) = grid_flags()? {
+                let (bits, group) = match format {
+                    Format::Scheme(s) => (s.bits, s.granularity),
+                    Format::K(k) => (k.bits(), shrink_quant::Granularity::Group(k.group())),
+                };
+                if args.bits.is_some_and(|b| b != bits)
+                    || (args.group.is_some() && want.granularity != group)
+                {
+                    bail!(
+                        "--bits/--group ({} bits, {:?}) do not describe {f} ({bits} bits, {group:?})",
+                        want.bits,
+                        want.granularity
+                    );
+                }
+            }
+            QuantPlan::uniform(format)
+        }
+        (_, Some(p)) if grid_flags()?.is_none() => p.plan()?,
+        _ => QuantPlan::uniform(match grid_flags()? {
+            Some(f) => f,
+            None if export == "hf" => bail!("--format hf needs a grid: --bits/--group or a preset"),
+            None => block_type("q4_0")?,
+        }),
+    };
+    if let Some(p) = &preset {
+        // A preset's fallbacks still apply to a --format given on the command line.
+        plan.fallbacks = p.plan()?.fallbacks;
+    }
+    let smoothing = args.smooth.or(preset.as_ref().and_then(|p| p.smoothing));
+    if let Some(alpha) = smoothing {
+        if !(0.0..=1.0).contains(&alpha) {
+            bail!("--smooth {alpha}: alpha must be within 0..=1");
+        }
+    }
+    let activations = match args
+        .activations
+        .as_deref()
+        .or(preset.as_ref().and_then(|p| p.activations.as_deref()))
+    {
+        None | Some("none") => None,
+        Some("int8-per-token") => Some(shrink_models::ActQuant::Int8PerToken),
+        Some(other) => bail!("--activations {other}: expected int8-per-token or none"),
+    };
+    if activations.is_some() && export != "hf" {
+        bail!("int8 activations are exported to Hugging Face folders only (--format hf)");
+    }
+    if args.search || args.imatrix {
+        plan.default = plan.default.with_search(true);
+        for r in &mut plan.rules {
+            r.format = r.format.with_search(true);
+        }
+    }
     for spec in &args.overrides {
         let (pattern, f) = spec.split_once('=').with_context(|| {
-            format!("--override '{spec}': expected PATTERN=FORMAT, e.g. down_proj=gguf:q8_0")
+            format!("--override '{spec}': expected PATTERN=TYPE, e.g. down_proj=q8_0")
         })?;
-        plan.overrides.push((
-            pattern.to_string(),
-            format(f).with_context(|| format!("--override '{spec}'"))?,
+        plan.rules.push(Rule::new(
+            pattern,
+            block_type(f).with_context(|| format!("--override '{spec}'"))?,
         ));
     }
     let gptq = GptqConfig {
@@ -634,23 +745,51 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         act_order: !args.no_act_order,
         static_groups: true,
     };
-    let method = match args.method {
-        QuantMethod::Rtn => Method::Rtn,
-        QuantMethod::Gptq => Method::Gptq(gptq),
-        QuantMethod::Awq => Method::Awq {
+    let method_name = match (args.method, &preset) {
+        (Some(m), _) => m,
+        (None, Some(p)) => QuantMethod::from_str(&p.method, true)
+            .map_err(|e| anyhow::anyhow!("preset method '{}': {e}", p.method))?,
+        (None, None) => QuantMethod::Gptq,
+    };
+    let method = match (method_name, smoothing) {
+        (QuantMethod::Rtn, Some(alpha)) => Method::SmoothQuant { alpha, gptq: None },
+        (QuantMethod::Gptq, Some(alpha)) => Method::SmoothQuant {
+            alpha,
+            gptq: Some(gptq),
+        },
+        (_, Some(_)) => bail!("SmoothQuant (--smooth) combines with rtn or gptq, not AWQ"),
+        (QuantMethod::Rtn, None) => Method::Rtn,
+        (QuantMethod::Gptq, None) => Method::Gptq(gptq),
+        (QuantMethod::Awq, None) => Method::Awq {
             grid: 20,
             gptq: None,
         },
-        QuantMethod::AwqGptq => Method::Awq {
+        (QuantMethod::AwqGptq, None) => Method::Awq {
             grid: 20,
             gptq: Some(gptq),
         },
+    };
+    let embeddings_spec = match (&args.embeddings, &preset) {
+        (Some(e), _) => e.clone(),
+        (None, Some(p)) => match &p.embeddings {
+            Some(shrink_quant::FormatSpec::Name(n)) => n.clone(),
+            Some(other) => bail!("preset embeddings must be a block type, got {other:?}"),
+            None => "q8_0".into(),
+        },
+        (None, None) => "q8_0".into(),
+    };
+    let embeddings = match embeddings_spec.as_str() {
+        "f32" => None,
+        "f16" => Some(Err(shrink_io::GgufWriteType::F16)),
+        t => Some(Ok(
+            Format::parse(t.strip_prefix("gguf:").unwrap_or(t)).context("--embeddings")?
+        )),
     };
     let start = Instant::now();
     let checkpoint = load_checkpoint(&args.model)?;
     let size_before = shrink_io::inspect(&checkpoint.path)?;
     let mut model = build_llama(&checkpoint, DType::F32)?;
-    let calibrate = !matches!(method, Method::Rtn) || args.search;
+    let calibrate = !matches!(method, Method::Rtn) || args.search || args.imatrix;
     let windows = if calibrate {
         let tokens = checkpoint
             .tokenizer()?
@@ -672,22 +811,65 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         &bar,
     )?;
     let mut blocks = std::collections::BTreeMap::new();
-    for (name, q) in &result.tensors {
-        let (dtype, bytes) = q.to_ggml_blocks()?;
-        blocks.insert(name.clone(), shrink_io::QuantizedBlocks { dtype, bytes });
-    }
-    let embeddings = match args.embeddings {
-        EmbeddingType::F32 => shrink_io::GgufWriteType::F32,
-        EmbeddingType::F16 => shrink_io::GgufWriteType::F16,
-        EmbeddingType::Q8_0 => shrink_io::GgufWriteType::Q8_0,
-    };
-    // Export what the model holds now: AWQ has rescaled norms as well as linears.
-    let quantized = shrink_io::Checkpoint {
-        tensors: model.named_tensors(),
-        ..checkpoint.clone()
-    };
-    shrink_io::write_llama_gguf(&quantized, &args.out, embeddings, &blocks)
+    if export == "hf" {
+        // Export what the model holds now (AWQ and SmoothQuant rescale norms too); quantized
+        // weights go in compressed-tensors' layout, everything else in fp16.
+        let hf = shrink_quant::compressed_tensors(&result.tensors, activations)?;
+        let mut tensors = model.named_tensors();
+        tensors.retain(|name, _| !result.tensors.contains_key(name));
+        let quantized = shrink_io::Checkpoint {
+            tensors,
+            ..checkpoint.clone()
+        };
+        shrink_io::save_hf_with(
+            &quantized,
+            &args.out,
+            shrink_io::SaveDType::F16,
+            &hf.tensors,
+            Some(&hf.quantization_config),
+        )
         .with_context(|| format!("writing {}", args.out.display()))?;
+    } else {
+        for (name, q) in &result.tensors {
+            let (dtype, bytes) = q.to_ggml_blocks()?;
+            blocks.insert(name.clone(), shrink_io::QuantizedBlocks { dtype, bytes });
+        }
+        // The token embedding (and an untied output head) by round-to-nearest, as llama-quantize.
+        let mut weight_type = shrink_io::GgufWriteType::F32;
+        match embeddings {
+            None => {}
+            Some(Err(t)) => weight_type = t,
+            Some(Ok(format)) => {
+                let tensors = model.named_tensors();
+                for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+                    if let Some(t) = tensors.get(name) {
+                        let (rows, cols) = t.dims2()?;
+                        let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                        let q = shrink_quant::rtn_format(
+                            &w,
+                            rows,
+                            cols,
+                            &plan.fit(format.with_search(false), cols),
+                            None,
+                            name,
+                        )?;
+                        let (dtype, bytes) = q.to_ggml_blocks()?;
+                        blocks.insert(
+                            name.to_string(),
+                            shrink_io::QuantizedBlocks { dtype, bytes },
+                        );
+                    }
+                }
+            }
+        }
+        // Export what the model holds now: AWQ has rescaled norms as well as linears.
+        let quantized = shrink_io::Checkpoint {
+            tensors: model.named_tensors(),
+            ..checkpoint.clone()
+        };
+        shrink_io::write_llama_gguf(&quantized, &args.out, weight_type, &blocks)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+    }
     let after = shrink_io::inspect(&args.out)?;
     let wall_s = start.elapsed().as_secs_f64();
     let errors: Vec<f64> = result
@@ -706,13 +888,24 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             .map(|l| (l.shape[0] * l.shape[1]) as f64)
             .sum::<f64>()
             .max(1.0);
+    let mut types: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in &result.layers {
+        *types.entry(l.format.clone()).or_default() += 1;
+    }
+    for (name, b) in &blocks {
+        if !result.tensors.contains_key(name) {
+            *types
+                .entry(format!("{:?}", b.dtype).to_lowercase())
+                .or_default() += 1;
+        }
+    }
     if args.json {
         let summary = serde_json::json!({
             "schema": "shrink.quantize/v1",
             "model": checkpoint.path.display().to_string(),
             "out": args.out.display().to_string(),
             "method": format!("{:?}", method),
-            "scheme": scheme,
+            "types": types,
             "calibration": windows.as_ref().map(|w| serde_json::json!({"text": args.calib, "samples": w.len(), "seq_len": args.seq_len, "seed": args.seed})),
             "size_bytes_before": size_before.file_size_bytes,
             "size_bytes_after": after.file_size_bytes,
@@ -728,11 +921,12 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     outln!("model        {}", checkpoint.path.display());
     outln!("method       {:?}", method);
     outln!(
-        "scheme       {} bits, {:?}, {:?} grid{}",
-        scheme.bits,
-        scheme.granularity,
-        scheme.grid,
-        if scheme.search { ", clip search" } else { "" }
+        "types        {}",
+        types
+            .iter()
+            .map(|(t, n)| format!("{n} × {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if let Some(w) = &windows {
         outln!(

@@ -573,6 +573,13 @@ fn file_type_of(dtype: GgmlDType) -> u32 {
         GgmlDType::Q4_0 => 2,
         GgmlDType::Q4_1 => 3,
         GgmlDType::Q8_0 => 7,
+        GgmlDType::Q5_0 => 8,
+        GgmlDType::Q5_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 12,
+        GgmlDType::Q4K => 15,
+        GgmlDType::Q5K => 17,
+        GgmlDType::Q6K => 18,
         _ => 0,
     }
 }

@@ -52,7 +52,11 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Memory-maps one safetensors file and loads its tensors (as f32 unless `keep_dtype`).
-pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> {
+pub(crate) fn read_safetensors(
+    path: &Path,
+    out: &mut BTreeMap<String, Tensor>,
+    ints: &mut BTreeMap<String, crate::compressed::IntTensor>,
+) -> Result<()> {
     if !path.is_file() {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
@@ -65,7 +69,14 @@ pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, Tensor>) 
             message: format!("corrupt or truncated safetensors file: {e}"),
         }
     })?;
-    for (name, _) in st.tensors() {
+    for (name, view) in st.tensors() {
+        if matches!(
+            view.dtype(),
+            safetensors::Dtype::I8 | safetensors::Dtype::I32
+        ) {
+            ints.insert(name.clone(), crate::compressed::IntTensor::from_view(&view));
+            continue;
+        }
         let t = st
             .load(&name, &candle_core::Device::Cpu)
             .map_err(|e| IoError::Tensor {
@@ -102,9 +113,11 @@ pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, Tensor>) 
 pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
     let config = read_json(&dir.join("config.json"))?;
     let mut tensors = BTreeMap::new();
+    let mut ints = BTreeMap::new();
     for file in safetensors_files(dir)? {
-        read_safetensors(&file, &mut tensors)?;
+        read_safetensors(&file, &mut tensors, &mut ints)?;
     }
+    crate::compressed::decompress(dir, &config, &mut tensors, ints)?;
     let tokenizer = crate::tokenizer::load_hf_tokenizer(dir, &config)?;
     let gen_path = dir.join("generation_config.json");
     let generation_config = if gen_path.is_file() {
@@ -151,6 +164,18 @@ impl SaveDType {
 /// Writes `checkpoint` as a Hugging Face folder at `out`: built in a staging folder and renamed
 /// into place, so an interrupted save leaves nothing behind.
 pub fn save_hf(checkpoint: &Checkpoint, out: &Path, dtype: SaveDType) -> Result<()> {
+    save_hf_with(checkpoint, out, dtype, &BTreeMap::new(), None)
+}
+
+/// [`save_hf`] plus stored-as-is tensors (`raw`, e.g. packed integer weights, which replace any
+/// float tensor of the same name) and a `quantization_config` for `config.json`.
+pub fn save_hf_with(
+    checkpoint: &Checkpoint,
+    out: &Path,
+    dtype: SaveDType,
+    raw: &BTreeMap<String, crate::compressed::RawTensor>,
+    quantization_config: Option<&serde_json::Value>,
+) -> Result<()> {
     let staged = shrink_core::AtomicDir::new(out)?;
     let dir = staged.path().to_path_buf();
     let json_file = |name: &str, value: &serde_json::Value| -> Result<()> {
@@ -164,17 +189,30 @@ pub fn save_hf(checkpoint: &Checkpoint, out: &Path, dtype: SaveDType) -> Result<
     let mut config = checkpoint.config.clone();
     if let Some(obj) = config.as_object_mut() {
         obj.insert("torch_dtype".into(), dtype.torch_name().into());
+        if let Some(q) = quantization_config {
+            obj.insert("quantization_config".into(), q.clone());
+        }
     }
     json_file("config.json", &config)?;
 
-    let mut converted = Vec::with_capacity(checkpoint.tensors.len());
+    let mut converted: BTreeMap<String, crate::compressed::RawTensor> = BTreeMap::new();
     for (name, t) in &checkpoint.tensors {
         let t = t.to_dtype(dtype.dtype()).map_err(|e| IoError::Tensor {
             path: out.to_path_buf(),
             tensor: name.clone(),
             message: e.to_string(),
         })?;
-        converted.push((name.clone(), t));
+        converted.insert(
+            name.clone(),
+            crate::compressed::RawTensor::from_tensor(&t).map_err(|e| IoError::Tensor {
+                path: out.to_path_buf(),
+                tensor: name.clone(),
+                message: e.to_string(),
+            })?,
+        );
+    }
+    for (name, t) in raw {
+        converted.insert(name.clone(), t.clone());
     }
     let st_path = dir.join("model.safetensors");
     let mut metadata = std::collections::HashMap::new();

@@ -72,14 +72,45 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     path: file.clone(),
                     message: format!("corrupt or truncated safetensors header: {e}"),
                 })?;
+            // compressed-tensors: packed int32 words hold 32/bits weights each; scales, zero
+            // points and shapes are overhead, not parameters.
+            let packed_bits = config
+                .pointer("/quantization_config/config_groups")
+                .and_then(|g| g.as_object())
+                .and_then(|g| g.values().next())
+                .and_then(|g| g.pointer("/weights/num_bits"))
+                .and_then(|b| b.as_u64());
             for (name, info) in meta.tensors() {
                 let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
-                tensors.push(summary(
-                    name,
+                let mut t = summary(
+                    name.clone(),
                     format!("{:?}", info.dtype),
                     info.shape.clone(),
                     bytes,
-                ));
+                );
+                if let (Some(bits), true) = (packed_bits, name.ends_with(".weight_packed")) {
+                    t = summary(
+                        name.clone(),
+                        format!("I32 (int{bits} packed)"),
+                        info.shape.clone(),
+                        bytes,
+                    );
+                    t.parameters *= 32 / bits.max(1);
+                    t.bits_per_weight = bytes as f64 * 8.0 / t.parameters.max(1) as f64;
+                } else if packed_bits.is_some()
+                    && [
+                        ".weight_scale",
+                        ".weight_zero_point",
+                        ".weight_shape",
+                        ".input_scale",
+                    ]
+                    .iter()
+                    .any(|s| name.ends_with(s))
+                {
+                    t.parameters = 0;
+                    t.bits_per_weight = 0.0;
+                }
+                tensors.push(t);
             }
         }
         (Format::HfFolder, arch, size, tensors)

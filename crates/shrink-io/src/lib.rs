@@ -11,16 +11,18 @@
 //! # Ok::<(), shrink_io::IoError>(())
 //! ```
 
+mod compressed;
 mod gguf;
 mod hf;
 mod inspect;
 mod tokenizer;
 
+pub use compressed::{pack_rows, IntTensor, RawTensor};
 pub use gguf::{
     hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue, GgufWriteType,
     QuantizedBlocks,
 };
-pub use hf::{save_hf, SaveDType};
+pub use hf::{save_hf, save_hf_with, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use tokenizer::{GgufVocab, TokenizerBundle};
 

@@ -21,8 +21,8 @@ mod llama;
 pub use chat::{render_chat, ChatMessage};
 pub use generate::{Sampler, SamplingConfig};
 pub use llama::{
-    AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig, NoHook,
-    RmsNorm,
+    ActQuant, AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig,
+    NoHook, RmsNorm,
 };
 
 /// Errors from building or running a model.

@@ -292,11 +292,50 @@ impl LinearHook for NoHook {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    act_quant: Option<ActQuant>,
+}
+
+/// Simulated activation quantization at a linear's input (W8A8 inference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActQuant {
+    /// Each token (row) scaled by its own max |x| / 127 and rounded to int8, as vLLM's dynamic
+    /// per-token W8A8 kernels do.
+    Int8PerToken,
+}
+
+impl ActQuant {
+    /// Quantizes and dequantizes the rows of `x` (`rows × in`).
+    pub fn fake_quantize(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ActQuant::Int8PerToken => {
+                let scale = (x.abs()?.max_keepdim(1)? / 127.0)?;
+                // All-zero rows keep scale 1 so that 0/1 rounds to 0.
+                let ones = scale.ones_like()?;
+                let safe = scale.eq(0.0)?.where_cond(&ones, &scale)?;
+                let q = x.broadcast_div(&safe)?.round()?.clamp(-127f32, 127f32)?;
+                Ok(q.broadcast_mul(&safe)?)
+            }
+        }
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            act_quant: None,
+        }
+    }
+
+    /// Quantizes this linear's input activations in every forward pass from now on.
+    pub fn set_act_quant(&mut self, q: Option<ActQuant>) {
+        self.act_quant = q;
+    }
+
+    pub fn act_quant(&self) -> Option<ActQuant> {
+        self.act_quant
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -324,7 +363,13 @@ impl Linear {
         let dims = x.dims().to_vec();
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features.max(1);
-        let y = x.reshape((rows, in_features))?.matmul(&self.weight.t()?)?;
+        let mut x2 = x.reshape((rows, in_features))?;
+        if let Some(q) = self.act_quant {
+            x2 = q
+                .fake_quantize(&x2.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?;
+        }
+        let y = x2.matmul(&self.weight.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -745,6 +790,23 @@ impl Llama {
             names.push("lm_head".into());
         }
         names
+    }
+
+    /// Simulates activation quantization at the input of every block linear (not the LM head).
+    pub fn set_act_quant(&mut self, q: Option<ActQuant>) {
+        for b in &mut self.blocks {
+            for l in [
+                &mut b.q_proj,
+                &mut b.k_proj,
+                &mut b.v_proj,
+                &mut b.o_proj,
+                &mut b.gate_proj,
+                &mut b.up_proj,
+                &mut b.down_proj,
+            ] {
+                l.set_act_quant(q);
+            }
+        }
     }
 
     /// A linear layer by full name, to swap its weight.

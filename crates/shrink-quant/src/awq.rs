@@ -14,7 +14,7 @@ use shrink_calib::{BlockStats, LinearStats};
 use shrink_models::{DecoderBlock, Linear};
 use std::collections::BTreeMap;
 
-fn weights_of(linear: &Linear) -> Result<(Vec<f32>, usize)> {
+pub(crate) fn weights_of(linear: &Linear) -> Result<(Vec<f32>, usize)> {
     let (rows, _) = linear.weight().dims2()?;
     Ok((
         linear
@@ -127,7 +127,7 @@ pub fn fold_scales(
 }
 
 /// Statistics of inputs divided channel-wise by `s`.
-fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
+pub(crate) fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
     let n = stats.in_features;
     let mut out = stats.clone();
     for i in 0..n {
@@ -136,6 +136,7 @@ fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
         }
         out.channel_sq[i] /= (s[i] as f64).powi(2);
         out.channel_abs[i] /= s[i] as f64;
+        out.channel_max[i] /= s[i] as f64;
     }
     out
 }

@@ -15,13 +15,20 @@
 //! ```
 
 pub mod awq;
+mod export;
 mod grid;
+pub mod kquant;
 mod methods;
 pub mod pack;
+mod preset;
+pub mod smooth;
 mod tensor;
 
+pub use export::{compressed_tensors, HfExport};
 pub use grid::{Grid, GroupParams};
-pub use methods::{gptq, relative_output_error, rtn, GptqConfig};
+pub use kquant::{GgmlTensor, KQuant};
+pub use methods::{gptq, gptq_kquant, relative_output_error, rtn, GptqConfig};
+pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 
 use candle_core::{DType, Tensor};
@@ -59,33 +66,273 @@ pub enum Method {
         grid: usize,
         gptq: Option<GptqConfig>,
     },
+    /// SmoothQuant scales with migration strength `alpha`, then RTN or GPTQ.
+    SmoothQuant {
+        alpha: f64,
+        gptq: Option<GptqConfig>,
+    },
 }
 
-/// A scheme for every linear: `default`, except where the name matches an override pattern (the
-/// last matching one wins). A pattern with `*` is a glob over the whole name
-/// (`model.layers.*.mlp.down_proj`); without, it matches any name containing it (`down_proj`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct QuantPlan {
-    pub default: QuantScheme,
-    pub overrides: Vec<(String, QuantScheme)>,
+/// The storage format of one quantized weight: a grid scheme (any bits and granularity; the
+/// llama.cpp-compatible ones map to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks) or a k-quant block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    Scheme(QuantScheme),
+    K(KQuant),
 }
 
-impl QuantPlan {
-    pub fn uniform(scheme: QuantScheme) -> Self {
-        Self {
-            default: scheme,
-            overrides: vec![],
+impl Format {
+    /// Parses a ggml type name: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k.
+    pub fn parse(name: &str) -> Result<Format> {
+        let lower = name.to_ascii_lowercase();
+        Ok(match lower.as_str() {
+            "q4_0" => Format::Scheme(QuantScheme::Q4_0),
+            "q4_1" => Format::Scheme(QuantScheme::Q4_1),
+            "q5_0" => Format::Scheme(QuantScheme::Q5_0),
+            "q5_1" => Format::Scheme(QuantScheme::Q5_1),
+            "q8_0" => Format::Scheme(QuantScheme::Q8_0),
+            other => match KQuant::ALL.into_iter().find(|k| k.name() == other) {
+                Some(k) => Format::K(k),
+                None => {
+                    return Err(QuantError::Scheme(format!(
+                        "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)"
+                    )))
+                }
+            },
+        })
+    }
+
+    pub fn ggml_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+        match self {
+            Format::Scheme(s) => s.ggml_type(),
+            Format::K(k) => Some(k.ggml()),
         }
     }
 
-    /// The scheme of the linear called `name`.
-    pub fn scheme_for(&self, name: &str) -> QuantScheme {
-        self.overrides
+    /// The ggml type name (`q4_k`), or a description of a grid scheme without one.
+    pub fn label(&self) -> String {
+        match self {
+            Format::K(k) => k.name().to_string(),
+            Format::Scheme(s) => match s.ggml_type() {
+                Some(t) => format!("{t:?}").to_lowercase(),
+                None => format!(
+                    "int{} {} {}",
+                    s.bits,
+                    match s.grid {
+                        Grid::Asymmetric => "asymmetric",
+                        _ => "symmetric",
+                    },
+                    match s.granularity {
+                        Granularity::Tensor => "per-tensor".to_string(),
+                        Granularity::Channel => "per-channel".to_string(),
+                        Granularity::Group(g) => format!("g{g}"),
+                    }
+                ),
+            },
+        }
+    }
+
+    /// Weights per block along a row: a row length must be a multiple of it.
+    pub fn row_multiple(&self) -> usize {
+        match self {
+            Format::Scheme(s) => match s.granularity {
+                Granularity::Group(g) => g,
+                _ => 1,
+            },
+            Format::K(_) => kquant::QK_K,
+        }
+    }
+
+    /// The grid scheme closest to this format, for searches that simulate quantization (AWQ).
+    pub fn simulation_scheme(&self) -> QuantScheme {
+        match *self {
+            Format::Scheme(s) => s,
+            Format::K(k) => QuantScheme {
+                bits: k.bits(),
+                grid: match k {
+                    KQuant::Q3K | KQuant::Q6K => Grid::SymmetricFull,
+                    _ => Grid::Asymmetric,
+                },
+                granularity: Granularity::Group(k.group()),
+                search: false,
+            },
+        }
+    }
+
+    /// The same format with the grid schemes' clip search switched on or off.
+    pub fn with_search(self, search: bool) -> Format {
+        match self {
+            Format::Scheme(s) => Format::Scheme(QuantScheme { search, ..s }),
+            k => k,
+        }
+    }
+}
+
+impl From<QuantScheme> for Format {
+    fn from(s: QuantScheme) -> Self {
+        Format::Scheme(s)
+    }
+}
+
+/// A quantized weight in its stored, packed form.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuantizedWeight {
+    Packed(QuantizedTensor),
+    Blocks(GgmlTensor),
+}
+
+impl QuantizedWeight {
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        match self {
+            QuantizedWeight::Packed(q) => Ok(q.dequantize()),
+            QuantizedWeight::Blocks(b) => b.dequantize(),
+        }
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            QuantizedWeight::Packed(q) => q.size_bytes(),
+            QuantizedWeight::Blocks(b) => b.size_bytes(),
+        }
+    }
+
+    pub fn bits_per_weight(&self) -> f64 {
+        match self {
+            QuantizedWeight::Packed(q) => q.bits_per_weight(),
+            QuantizedWeight::Blocks(b) => b.bits_per_weight(),
+        }
+    }
+
+    /// The ggml type and blocks llama.cpp reads.
+    pub fn to_ggml_blocks(&self) -> Result<(candle_core::quantized::GgmlDType, Vec<u8>)> {
+        match self {
+            QuantizedWeight::Packed(q) => q.to_ggml_blocks(),
+            QuantizedWeight::Blocks(b) => Ok((b.dtype, b.bytes.clone())),
+        }
+    }
+}
+
+/// Quantizes one weight matrix by round-to-nearest into `format`; `importance` (one weight per
+/// input column) steers the scale search of grid schemes and the k-quants' importance-weighted
+/// quantizer (llama.cpp's imatrix).
+pub fn rtn_format(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    format: &Format,
+    importance: Option<&[f32]>,
+    name: &str,
+) -> Result<QuantizedWeight> {
+    Ok(match format {
+        Format::Scheme(s) => QuantizedWeight::Packed(rtn(w, rows, cols, s, importance, name)?),
+        Format::K(k) => QuantizedWeight::Blocks(GgmlTensor::quantize(
+            w,
+            rows,
+            cols,
+            k.ggml(),
+            importance,
+            name,
+        )?),
+    })
+}
+
+/// Which layers a rule applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Layers {
+    #[default]
+    All,
+    /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one
+    /// between them.
+    MoreBits,
+    /// Layers whose index is below `n_layers / d`.
+    FirstFraction(usize),
+    List(Vec<usize>),
+}
+
+impl Layers {
+    pub fn contains(&self, layer: usize, n_layers: usize) -> bool {
+        match self {
+            Layers::All => true,
+            Layers::MoreBits => {
+                let (i, n) = (layer as i64, n_layers as i64);
+                i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+            }
+            Layers::FirstFraction(d) => layer < n_layers / d,
+            Layers::List(l) => l.contains(&layer),
+        }
+    }
+}
+
+/// Linears whose name matches `pattern` (in the selected layers) get `format`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub pattern: String,
+    pub format: Format,
+    pub layers: Layers,
+}
+
+impl Rule {
+    pub fn new(pattern: impl Into<String>, format: impl Into<Format>) -> Self {
+        Self {
+            pattern: pattern.into(),
+            format: format.into(),
+            layers: Layers::All,
+        }
+    }
+}
+
+/// A format for every linear: `default`, except where a rule matches the name (the last matching
+/// one wins). A pattern with `*` is a glob over the whole name (`model.layers.*.mlp.down_proj`);
+/// without, it matches any name containing it (`down_proj`). A format whose blocks do not divide
+/// a row length is replaced through `fallbacks` (llama.cpp: Q4_K → Q5_0 on 576-wide rows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantPlan {
+    pub default: Format,
+    pub rules: Vec<Rule>,
+    pub fallbacks: Vec<(Format, Format)>,
+}
+
+impl QuantPlan {
+    pub fn uniform(format: impl Into<Format>) -> Self {
+        Self {
+            default: format.into(),
+            rules: vec![],
+            fallbacks: vec![],
+        }
+    }
+
+    /// The format of the linear called `name`, with rows of `cols` values, in a model of
+    /// `n_layers` layers.
+    pub fn format_for(&self, name: &str, cols: usize, n_layers: usize) -> Format {
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+        let format = self
+            .rules
             .iter()
             .rev()
-            .find(|(pattern, _)| name_matches(pattern, name))
-            .map(|(_, s)| *s)
-            .unwrap_or(self.default)
+            .find(|r| {
+                name_matches(&r.pattern, name)
+                    && layer.is_none_or(|l| r.layers.contains(l, n_layers))
+            })
+            .map(|r| r.format)
+            .unwrap_or(self.default);
+        self.fit(format, cols)
+    }
+
+    /// `format`, or its fallback when its blocks do not divide rows of `cols` values.
+    pub fn fit(&self, mut format: Format, cols: usize) -> Format {
+        for _ in 0..self.fallbacks.len() {
+            if cols.is_multiple_of(format.row_multiple()) {
+                break;
+            }
+            match self.fallbacks.iter().find(|(from, _)| *from == format) {
+                Some((_, to)) => format = *to,
+                None => break,
+            }
+        }
+        format
     }
 }
 
@@ -113,6 +360,8 @@ fn name_matches(pattern: &str, name: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LayerReport {
     pub name: String,
+    /// The stored format (`q4_k`, `q5_0`, `int4 symmetric g128`).
+    pub format: String,
     pub shape: [usize; 2],
     pub bits_per_weight: f64,
     /// ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs (when calibration data was given).
@@ -123,7 +372,7 @@ pub struct LayerReport {
 /// The quantized linears of a model, by Hugging Face weight name (`….q_proj.weight`).
 #[derive(Debug, Clone, Default)]
 pub struct QuantizedModel {
-    pub tensors: BTreeMap<String, QuantizedTensor>,
+    pub tensors: BTreeMap<String, QuantizedWeight>,
     pub layers: Vec<LayerReport>,
 }
 
@@ -149,6 +398,7 @@ pub fn quantize_model(
     progress: &dyn Progress,
 ) -> Result<QuantizedModel> {
     let mut out = QuantizedModel::default();
+    let n_layers = model.blocks.len();
     let mut quantize_block = |block: &mut shrink_models::DecoderBlock,
                               stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
@@ -156,10 +406,16 @@ pub fn quantize_model(
         // AWQ rescales the block first; its linears then see scaled inputs.
         let scaled = match (method, stats) {
             (Method::Awq { grid, .. }, Some(stats)) => {
-                awq::apply(block, stats, &plan.default, grid)?
+                awq::apply(block, stats, &plan.default.simulation_scheme(), grid)?
             }
+            (Method::SmoothQuant { alpha, .. }, Some(stats)) => smooth::apply(block, stats, alpha)?,
             (Method::Awq { .. }, None) => {
                 return Err(QuantError::Scheme("AWQ needs calibration data".into()))
+            }
+            (Method::SmoothQuant { .. }, None) => {
+                return Err(QuantError::Scheme(
+                    "SmoothQuant needs calibration data".into(),
+                ))
             }
             _ => BTreeMap::new(),
         };
@@ -168,35 +424,44 @@ pub fn quantize_model(
                 gptq: Some(cfg), ..
             } => Method::Gptq(cfg),
             Method::Awq { gptq: None, .. } => Method::Rtn,
+            Method::SmoothQuant {
+                gptq: Some(cfg), ..
+            } => Method::Gptq(cfg),
+            Method::SmoothQuant { gptq: None, .. } => Method::Rtn,
             m => m,
         };
         for name in names {
             let start = Instant::now();
-            let scheme = &plan.scheme_for(&name);
             let linear = block_linear(block, &name)?;
             let (w, rows, cols) = weight_rows(linear.weight())?;
+            let format = plan.format_for(&name, cols, n_layers);
             let layer_stats = scaled
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
-            let q = match (method, layer_stats) {
-                (Method::Gptq(cfg), Some(st)) => gptq(&w, rows, cols, st, scheme, &cfg, &name)?,
-                (Method::Gptq(_), None) => {
+            let q = match (method, layer_stats, format) {
+                (Method::Gptq(cfg), Some(st), Format::Scheme(s)) => {
+                    QuantizedWeight::Packed(gptq(&w, rows, cols, st, &s, &cfg, &name)?)
+                }
+                (Method::Gptq(cfg), Some(st), Format::K(k)) => {
+                    QuantizedWeight::Blocks(gptq_kquant(&w, rows, cols, st, k, &cfg, &name)?)
+                }
+                (Method::Gptq(_), None, _) => {
                     return Err(QuantError::Scheme(format!(
                         "GPTQ needs calibration data for '{name}'"
                     )))
                 }
-                (Method::Awq { .. }, _) => {
+                (Method::Awq { .. } | Method::SmoothQuant { .. }, _, _) => {
                     return Err(QuantError::Scheme(
-                        "AWQ resolves to RTN or GPTQ per layer".into(),
+                        "AWQ and SmoothQuant resolve to RTN or GPTQ per layer".into(),
                     ))
                 }
-                (Method::Rtn, st) => {
+                (Method::Rtn, st, format) => {
                     let importance: Option<Vec<f32>> =
                         st.map(|s| (0..cols).map(|i| s.hessian[i * cols + i] as f32).collect());
-                    rtn(&w, rows, cols, scheme, importance.as_deref(), &name)?
+                    rtn_format(&w, rows, cols, &format, importance.as_deref(), &name)?
                 }
             };
-            let deq = q.dequantize();
+            let deq = q.dequantize()?;
             let error = layer_stats
                 .map(|st| relative_output_error(&w, &deq, cols, st))
                 .transpose()?;
@@ -208,6 +473,7 @@ pub fn quantize_model(
             )?)?;
             out.layers.push(LayerReport {
                 name: name.clone(),
+                format: format.label(),
                 shape: [rows, cols],
                 bits_per_weight: q.bits_per_weight(),
                 relative_output_error: error,
@@ -255,27 +521,69 @@ mod plan_tests {
     #[test]
     fn overrides_match_by_substring_or_glob_last_wins() {
         let plan = QuantPlan {
-            default: QuantScheme::Q4_0,
-            overrides: vec![
-                ("down_proj".into(), QuantScheme::Q8_0),
-                ("model.layers.1*.mlp.down_proj".into(), QuantScheme::Q4_1),
+            default: QuantScheme::Q4_0.into(),
+            rules: vec![
+                Rule::new("down_proj", QuantScheme::Q8_0),
+                Rule::new("model.layers.1*.mlp.down_proj", QuantScheme::Q4_1),
             ],
+            fallbacks: vec![],
         };
+        let f = |name: &str| plan.format_for(name, 1536, 30);
         assert_eq!(
-            plan.scheme_for("model.layers.0.self_attn.q_proj"),
-            QuantScheme::Q4_0
+            f("model.layers.0.self_attn.q_proj"),
+            QuantScheme::Q4_0.into()
         );
-        assert_eq!(
-            plan.scheme_for("model.layers.2.mlp.down_proj"),
-            QuantScheme::Q8_0
-        );
-        assert_eq!(
-            plan.scheme_for("model.layers.12.mlp.down_proj"),
-            QuantScheme::Q4_1
-        );
+        assert_eq!(f("model.layers.2.mlp.down_proj"), QuantScheme::Q8_0.into());
+        assert_eq!(f("model.layers.12.mlp.down_proj"), QuantScheme::Q4_1.into());
         assert!(name_matches("*", "anything"));
         assert!(name_matches("a*b*c", "a-x-b-y-c"));
         assert!(!name_matches("a*b*c", "a-x-c-y-b"));
         assert!(!name_matches("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn layer_selection_and_fallbacks_follow_llama_cpp() {
+        // use_more_bits for 30 layers: 0..3, 26..29 and every third from 3 + 2.
+        let more: Vec<usize> = (0..30)
+            .filter(|&i| Layers::MoreBits.contains(i, 30))
+            .collect();
+        assert_eq!(
+            more,
+            vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+        );
+        let q4k = Format::K(KQuant::Q4K);
+        let q6k = Format::K(KQuant::Q6K);
+        let plan = QuantPlan {
+            default: q4k,
+            rules: vec![Rule {
+                pattern: "v_proj".into(),
+                format: q6k,
+                layers: Layers::MoreBits,
+            }],
+            fallbacks: vec![
+                (q4k, QuantScheme::Q5_0.into()),
+                (q6k, QuantScheme::Q8_0.into()),
+            ],
+        };
+        assert_eq!(
+            plan.format_for("model.layers.4.mlp.down_proj", 1536, 30),
+            q4k
+        );
+        assert_eq!(
+            plan.format_for("model.layers.4.mlp.up_proj", 576, 30),
+            QuantScheme::Q5_0.into()
+        );
+        assert_eq!(
+            plan.format_for("model.layers.5.self_attn.v_proj", 576, 30),
+            QuantScheme::Q8_0.into()
+        );
+        assert_eq!(
+            plan.format_for("model.layers.4.self_attn.v_proj", 576, 30),
+            QuantScheme::Q5_0.into()
+        );
+        assert_eq!(
+            plan.format_for("model.layers.5.self_attn.v_proj", 512, 30),
+            q6k
+        );
     }
 }

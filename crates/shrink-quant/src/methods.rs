@@ -6,6 +6,7 @@
 //! that is the CPU-friendly form of the same computation (no lazy batch update needed).
 
 use crate::grid::GroupParams;
+use crate::kquant::{Affine, GgmlTensor, KQuant, QK_K};
 use crate::{Granularity, QuantError, QuantScheme, QuantizedTensor, Result};
 use rayon::prelude::*;
 use shrink_calib::LinearStats;
@@ -130,16 +131,23 @@ pub fn rtn(
 }
 
 /// GPTQ with the input statistics of the layer.
-pub fn gptq(
+/// What GPTQ needs before quantizing rows: the weights with dead inputs zeroed, the column order,
+/// the upper Cholesky factor of the (permuted, damped) inverse Hessian, and per-column importance.
+struct Prepared {
+    w: Vec<f32>,
+    perm: Vec<usize>,
+    u: Vec<f64>,
+    importance: Vec<f32>,
+}
+
+fn prepare(
     w: &[f32],
     rows: usize,
     cols: usize,
     stats: &LinearStats,
-    scheme: &QuantScheme,
     cfg: &GptqConfig,
     name: &str,
-) -> Result<QuantizedTensor> {
-    check(w, rows, cols, scheme, name)?;
+) -> Result<Prepared> {
     if stats.in_features != cols {
         return Err(QuantError::Shape {
             tensor: name.to_string(),
@@ -167,6 +175,50 @@ pub fn gptq(
         .map(|k| stats.hessian[perm[k / n] * n + perm[k % n]])
         .collect();
     let u = shrink_calib::damped_inverse_cholesky_upper(&hp, n, cfg.damp, name)?;
+    Ok(Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    })
+}
+
+/// One row of GPTQ: columns in `perm` order, each quantized by `quantize(i, x[i..])` (which
+/// returns the dequantized value it chose), its error spread over the remaining columns by `u`.
+fn error_feedback_row(
+    row: &[f32],
+    perm: &[usize],
+    u: &[f64],
+    mut quantize: impl FnMut(usize, &[f64]) -> f64,
+) {
+    let n = perm.len();
+    let mut x: Vec<f64> = perm.iter().map(|&c| row[c] as f64).collect();
+    for i in 0..n {
+        let err = (x[i] - quantize(i, &x[i..])) / u[i * n + i];
+        let urow = &u[i * n + i + 1..(i + 1) * n];
+        for (xj, &uij) in x[i + 1..].iter_mut().zip(urow) {
+            *xj -= err * uij;
+        }
+    }
+}
+
+pub fn gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    stats: &LinearStats,
+    scheme: &QuantScheme,
+    cfg: &GptqConfig,
+    name: &str,
+) -> Result<QuantizedTensor> {
+    check(w, rows, cols, scheme, name)?;
+    let Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    } = prepare(w, rows, cols, stats, cfg, name)?;
+    let n = cols;
     let fixed =
         cfg.static_groups || cfg.act_order || !matches!(scheme.granularity, Granularity::Group(_));
     let static_params = fixed.then(|| group_params(scheme, &w, rows, cols, Some(&importance)));
@@ -179,10 +231,9 @@ pub fn gptq(
         .par_chunks(n)
         .enumerate()
         .map(|(r, row)| {
-            let mut x: Vec<f64> = perm.iter().map(|&c| row[c] as f64).collect();
             let mut codes = vec![0u8; n];
             let mut dynamic = Vec::new();
-            for i in 0..n {
+            error_feedback_row(row, &perm, &u, |i, x| {
                 let orig = perm[i];
                 let params = match &static_params {
                     Some(p) => p[scheme.group_of(n, r, orig)],
@@ -190,7 +241,7 @@ pub fn gptq(
                         // No act-order: perm is the identity and groups start here.
                         if orig.is_multiple_of(group_size) {
                             let values: Vec<f32> =
-                                x[i..i + group_size].iter().map(|&v| v as f32).collect();
+                                x[..group_size].iter().map(|&v| v as f32).collect();
                             let mut scratch = vec![0u8; group_size];
                             dynamic.push(grid.quantize_group(
                                 bits,
@@ -203,14 +254,10 @@ pub fn gptq(
                         dynamic[orig / group_size]
                     }
                 };
-                let q = grid.code(bits, &params, x[i] as f32);
+                let q = grid.code(bits, &params, x[0] as f32);
                 codes[orig] = q;
-                let err = (x[i] - grid.value(bits, &params, q) as f64) / u[i * n + i];
-                let urow = &u[i * n + i + 1..(i + 1) * n];
-                for (xj, &uij) in x[i + 1..].iter_mut().zip(urow) {
-                    *xj -= err * uij;
-                }
-            }
+                grid.value(bits, &params, q) as f64
+            });
             (codes, dynamic)
         })
         .collect();
@@ -226,7 +273,88 @@ pub fn gptq(
     ))
 }
 
-/// The Hessian as an f32 `n × n` tensor, for output-error evaluation by matrix products.
+/// GPTQ into k-quant blocks. Each super-block's scales and minima come from ggml's
+/// importance-weighted quantizer (on the original weights with act-order or static groups,
+/// otherwise on the error-updated weights when GPTQ reaches the super-block); GPTQ then chooses
+/// every code inside those fixed grids, and the codes are written into the blocks as chosen.
+pub fn gptq_kquant(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    stats: &LinearStats,
+    k: KQuant,
+    cfg: &GptqConfig,
+    name: &str,
+) -> Result<GgmlTensor> {
+    // Validates the shape and values too.
+    let rtn = GgmlTensor::quantize(w, rows, cols, k.ggml(), None, name)?;
+    let Prepared {
+        w,
+        perm,
+        u,
+        importance,
+    } = prepare(w, rows, cols, stats, cfg, name)?;
+    let n = cols;
+    let blocks_per_row = n / QK_K;
+    let bb = k.block_bytes();
+    let fixed = cfg.static_groups || cfg.act_order;
+    let static_blocks = if fixed {
+        Some(GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&importance), name)?.bytes)
+    } else {
+        None
+    };
+    let rows_out: Vec<Result<Vec<u8>>> = w
+        .par_chunks(n)
+        .enumerate()
+        .map(|(r, row)| {
+            let mut bytes = match &static_blocks {
+                Some(b) => b[r * blocks_per_row * bb..(r + 1) * blocks_per_row * bb].to_vec(),
+                None => vec![0u8; blocks_per_row * bb],
+            };
+            let mut grids: Vec<Vec<Affine>> = bytes.chunks(bb).map(|b| k.grids(b)).collect();
+            let mut codes = vec![0u8; n];
+            let mut failure = None;
+            error_feedback_row(row, &perm, &u, |i, x| {
+                let orig = perm[i];
+                let sb = orig / QK_K;
+                if static_blocks.is_none() && orig.is_multiple_of(QK_K) {
+                    // No act-order: perm is the identity and the super-block starts here.
+                    let values: Vec<f32> = x[..QK_K].iter().map(|&v| v as f32).collect();
+                    match GgmlTensor::quantize(
+                        &values,
+                        1,
+                        QK_K,
+                        k.ggml(),
+                        Some(&importance[i..i + QK_K]),
+                        name,
+                    ) {
+                        Ok(block) => {
+                            grids[sb] = k.grids(&block.bytes);
+                            bytes[sb * bb..(sb + 1) * bb].copy_from_slice(&block.bytes);
+                        }
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                let (q, v) = grids[sb][(orig % QK_K) / k.group()].nearest(x[0] as f32);
+                codes[orig] = q;
+                v as f64
+            });
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            for (sb, block) in bytes.chunks_mut(bb).enumerate() {
+                k.write_codes(block, &codes[sb * QK_K..(sb + 1) * QK_K]);
+            }
+            Ok(bytes)
+        })
+        .collect();
+    let mut bytes = Vec::with_capacity(rtn.bytes.len());
+    for row in rows_out {
+        bytes.extend(row?);
+    }
+    Ok(GgmlTensor { bytes, ..rtn })
+}
+
 pub(crate) fn hessian_tensor(stats: &LinearStats) -> candle_core::Result<candle_core::Tensor> {
     let h: Vec<f32> = stats.hessian.iter().map(|&v| v as f32).collect();
     candle_core::Tensor::from_vec(

@@ -44,6 +44,18 @@ impl QuantScheme {
         search: false,
     };
     /// llama.cpp's Q8_0 block: 8 bits, groups of 32, symmetric grid.
+    pub const Q5_0: QuantScheme = QuantScheme {
+        bits: 5,
+        grid: Grid::SymmetricFull,
+        granularity: Granularity::Group(32),
+        search: false,
+    };
+    pub const Q5_1: QuantScheme = QuantScheme {
+        bits: 5,
+        grid: Grid::Asymmetric,
+        granularity: Granularity::Group(32),
+        search: false,
+    };
     pub const Q8_0: QuantScheme = QuantScheme {
         bits: 8,
         grid: Grid::Symmetric,
@@ -90,6 +102,8 @@ impl QuantScheme {
         match (self.bits, self.grid, self.granularity) {
             (4, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlDType::Q4_0),
             (4, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlDType::Q4_1),
+            (5, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlDType::Q5_0),
+            (5, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlDType::Q5_1),
             (8, Grid::Symmetric, Granularity::Group(32)) => Some(GgmlDType::Q8_0),
             _ => None,
         }
@@ -169,7 +183,7 @@ impl QuantizedTensor {
     pub fn to_ggml_blocks(&self) -> Result<(GgmlDType, Vec<u8>)> {
         let dtype = self.scheme.ggml_type().ok_or_else(|| {
             QuantError::Scheme(format!(
-                "{:?} is not a ggml block type (Q4_0, Q4_1 or Q8_0 need groups of 32)",
+                "{:?} is not a ggml block type (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 need groups of 32)",
                 self.scheme
             ))
         })?;
@@ -180,10 +194,14 @@ impl QuantizedTensor {
             match dtype {
                 GgmlDType::Q8_0 => out.extend(block.iter().map(|&q| (q as i32 - 128) as i8 as u8)),
                 _ => {
-                    if dtype == GgmlDType::Q4_1 {
+                    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
                         out.extend(self.mins[g].to_le_bytes());
                     }
-                    out.extend((0..16).map(|j| block[j] | block[j + 16] << 4));
+                    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+                        let qh = (0..32).fold(0u32, |h, j| h | ((block[j] >> 4) as u32) << j);
+                        out.extend(qh.to_le_bytes());
+                    }
+                    out.extend((0..16).map(|j| (block[j] & 15) | (block[j + 16] & 15) << 4));
                 }
             }
         }

@@ -22,6 +22,8 @@ fn rtn_blocks_are_byte_identical_to_llama_cpp_quantizers() {
     for (scheme, dtype) in [
         (QuantScheme::Q4_0, GgmlDType::Q4_0),
         (QuantScheme::Q4_1, GgmlDType::Q4_1),
+        (QuantScheme::Q5_0, GgmlDType::Q5_0),
+        (QuantScheme::Q5_1, GgmlDType::Q5_1),
         (QuantScheme::Q8_0, GgmlDType::Q8_0),
     ] {
         let ours = rtn(&w, rows, cols, &scheme, None, "t").unwrap();
@@ -160,6 +162,42 @@ fn gptq_beats_rtn_on_correlated_inputs_and_is_deterministic() {
 }
 
 #[test]
+fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
+    // GPTQ keeps the importance-weighted quantizer's block scales and only chooses codes, so it
+    // must beat that quantizer on the layer objective; and with dynamic super-blocks too.
+    let (rows, cols) = (24, 512);
+    let w = random(rows * cols, 5);
+    let stats = correlated_stats(cols, 3000, 9);
+    let imp: Vec<f32> = (0..cols)
+        .map(|i| stats.hessian[i * cols + i] as f32)
+        .collect();
+    let error =
+        |q: &GgmlTensor| relative_output_error(&w, &q.dequantize().unwrap(), cols, &stats).unwrap();
+    for k in KQuant::ALL {
+        let rtn_err =
+            error(&GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&imp), "t").unwrap());
+        for act_order in [false, true] {
+            let cfg = GptqConfig {
+                damp: 0.01,
+                act_order,
+                static_groups: act_order,
+            };
+            let q = gptq_kquant(&w, rows, cols, &stats, k, &cfg, "t").unwrap();
+            let e = error(&q);
+            assert!(
+                e < 0.8 * rtn_err,
+                "{k:?} {cfg:?}: GPTQ {e} vs imatrix RTN {rtn_err}"
+            );
+            assert_eq!(q.bytes.len(), rows * cols / 256 * k.block_bytes());
+            assert_eq!(
+                q,
+                gptq_kquant(&w, rows, cols, &stats, k, &cfg, "t").unwrap()
+            );
+        }
+    }
+}
+
+#[test]
 fn gptq_equals_rtn_when_inputs_are_uncorrelated() {
     // H = c·I: no error can be compensated, so GPTQ (static groups, no reordering) is RTN.
     let (rows, cols) = (8, 64);
@@ -228,8 +266,9 @@ fn quantize_model_replaces_every_block_linear() {
     ] {
         let mut model = original.clone();
         let plan = QuantPlan {
-            default: QuantScheme::Q4_0,
-            overrides: vec![("layers.1.mlp.down_proj".into(), QuantScheme::Q8_0)],
+            default: QuantScheme::Q4_0.into(),
+            rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],
+            fallbacks: vec![],
         };
         let q = quantize_model(
             &mut model,
@@ -241,12 +280,18 @@ fn quantize_model_replaces_every_block_linear() {
         )
         .unwrap();
         assert_eq!(
-            q.tensors["model.layers.1.mlp.down_proj.weight"].scheme,
-            QuantScheme::Q8_0
+            q.tensors["model.layers.1.mlp.down_proj.weight"]
+                .to_ggml_blocks()
+                .unwrap()
+                .0,
+            GgmlDType::Q8_0
         );
         assert_eq!(
-            q.tensors["model.layers.0.mlp.down_proj.weight"].scheme,
-            QuantScheme::Q4_0
+            q.tensors["model.layers.0.mlp.down_proj.weight"]
+                .to_ggml_blocks()
+                .unwrap()
+                .0,
+            GgmlDType::Q4_0
         );
         assert_eq!(q.tensors.len(), 2 * 7);
         assert_eq!(q.layers.len(), 14);
@@ -256,7 +301,11 @@ fn quantize_model_replaces_every_block_linear() {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            assert_eq!(w, qt.dequantize(), "{name} holds its dequantized value");
+            assert_eq!(
+                w,
+                qt.dequantize().unwrap(),
+                "{name} holds its dequantized value"
+            );
         }
         assert_eq!(
             model.named_tensors()["model.embed_tokens.weight"]
@@ -343,4 +392,133 @@ fn awq_scales_never_lose_to_rtn_and_help_with_outlier_channels() {
     let awq_err = relative_output_error(&w, &back, cols, &stats).unwrap();
     assert!(awq_err < 0.8 * rtn_err, "AWQ {awq_err} vs RTN {rtn_err}");
     assert!(s[0] > s[100], "outlier channels get larger scales");
+}
+
+#[test]
+fn smoothquant_lowers_w8a8_error_on_outlier_channels() {
+    // A few input channels carry 50× larger activations: per-token int8 activations lose the
+    // small channels unless SmoothQuant migrates the range into the weights.
+    let (rows, cols, tokens) = (64, 128, 2000);
+    let w = random(rows * cols, 6);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|k| rng.gen_range(-1f32..1.0) * if k % cols < 3 { 50.0 } else { 1.0 })
+        .collect();
+    let xt = Tensor::from_vec(x, (tokens, cols), &Device::Cpu).unwrap();
+    let mut stats = LinearStats::new(cols);
+    stats.accumulate(&xt).unwrap();
+    let wt = Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+    let exact = xt.matmul(&wt.t().unwrap()).unwrap();
+    let scheme = QuantScheme {
+        bits: 8,
+        grid: Grid::Symmetric,
+        granularity: Granularity::Channel,
+        search: false,
+    };
+    let w8a8_error = |alpha: f64| -> f32 {
+        let linear = shrink_models::Linear::new(wt.clone(), None);
+        let s = smooth::smoothing_scales(&[&linear], &stats, alpha).unwrap();
+        let st = Tensor::from_slice(&s, (1, cols), &Device::Cpu).unwrap();
+        let ws: Vec<f32> = wt
+            .broadcast_mul(&st)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let q = rtn(&ws, rows, cols, &scheme, None, "t")
+            .unwrap()
+            .dequantize();
+        let mut l = shrink_models::Linear::new(
+            Tensor::from_vec(q, (rows, cols), &Device::Cpu).unwrap(),
+            None,
+        );
+        l.set_act_quant(Some(shrink_models::ActQuant::Int8PerToken));
+        let y = l.forward(&xt.broadcast_div(&st).unwrap()).unwrap();
+        let e = (y - &exact).unwrap().sqr().unwrap().sum_all().unwrap();
+        e.to_scalar::<f32>().unwrap()
+    };
+    let (plain, smoothed) = (w8a8_error(0.0), w8a8_error(0.5));
+    // alpha = 0 gives s = 1 / max|W_j|: not plain; compare with no scaling at all too.
+    let none = {
+        let q = rtn(&w, rows, cols, &scheme, None, "t")
+            .unwrap()
+            .dequantize();
+        let mut l = shrink_models::Linear::new(
+            Tensor::from_vec(q, (rows, cols), &Device::Cpu).unwrap(),
+            None,
+        );
+        l.set_act_quant(Some(shrink_models::ActQuant::Int8PerToken));
+        let y = l.forward(&xt).unwrap();
+        (y - &exact)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert!(
+        smoothed < 0.5 * none && smoothed < plain,
+        "SmoothQuant {smoothed} vs unsmoothed {none} vs alpha 0 {plain}"
+    );
+}
+
+#[test]
+fn compressed_tensors_export_decodes_to_the_quantized_values() {
+    // Decoded here by compressed-tensors' rules (int32 words, lowest bits first, offset
+    // 2^(bits-1), value = q · scale), independently of shrink-io's reader; then through the reader.
+    let (rows, cols) = (6, 64);
+    let w = random(rows * cols, 12);
+    for (bits, granularity) in [(4u8, Granularity::Group(32)), (8, Granularity::Channel)] {
+        let scheme = QuantScheme {
+            bits,
+            grid: Grid::Symmetric,
+            granularity,
+            search: false,
+        };
+        let q = rtn(&w, rows, cols, &scheme, None, "t").unwrap();
+        let want = q.dequantize();
+        let mut weights = std::collections::BTreeMap::new();
+        weights.insert("m.weight".to_string(), QuantizedWeight::Packed(q));
+        let hf = compressed_tensors(&weights, None).unwrap();
+        let packed = &hf.tensors["m.weight_packed"];
+        let words: Vec<u32> = packed
+            .data
+            .chunks(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let scale = &hf.tensors["m.weight_scale"];
+        let scales: Vec<f32> = scale
+            .data
+            .chunks(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        let per_word = 32 / bits as usize;
+        let per_row = cols / per_word;
+        assert_eq!(packed.shape, vec![rows, per_row]);
+        for r in 0..rows {
+            for c in 0..cols {
+                let word = words[r * per_row + c / per_word];
+                let u = (word >> (bits as usize * (c % per_word))) & ((1 << bits) - 1);
+                let qv = u as i32 - (1 << (bits - 1));
+                let g = scales.len() / rows;
+                let s = scales[r * g + c / (cols / g)];
+                assert_eq!(qv as f32 * s, want[r * cols + c], "{bits} bits ({r}, {c})");
+            }
+        }
+        assert_eq!(
+            hf.quantization_config["config_groups"]["group_0"]["weights"]["num_bits"],
+            bits
+        );
+    }
+    // Asymmetric grids (float minima) and k-quant blocks are refused by name.
+    let mut weights = std::collections::BTreeMap::new();
+    weights.insert(
+        "a.weight".to_string(),
+        QuantizedWeight::Packed(rtn(&w, rows, cols, &QuantScheme::Q4_1, None, "a").unwrap()),
+    );
+    let e = compressed_tensors(&weights, None).unwrap_err().to_string();
+    assert!(e.contains("a.weight") && e.contains("asymmetric"), "{e}");
 }

@@ -459,3 +459,20 @@ fn llama3_rope_scaling_changes_low_frequencies_only() {
         "the lowest is divided by factor"
     );
 }
+
+#[test]
+fn int8_per_token_activation_quantization_by_hand() {
+    // Row 1: scale 2/127; x/scale = 63.5, -127, 31.75 → 64, -127, 32 (round half away from 0).
+    // Row 2 is all zeros and stays zero.
+    let x = Tensor::new(&[[1f32, -2.0, 0.5], [0.0, 0.0, 0.0]], &cpu()).unwrap();
+    let q = vec2(&ActQuant::Int8PerToken.fake_quantize(&x).unwrap());
+    let s = 2.0f32 / 127.0;
+    assert_eq!(q[0], vec![64.0 * s, -127.0 * s, 32.0 * s]);
+    assert_eq!(q[1], vec![0.0; 3]);
+    // A linear with activation quantization sees the quantized rows.
+    let w = Tensor::new(&[[1f32, 1.0, 1.0]], &cpu()).unwrap();
+    let mut l = Linear::new(w, None);
+    l.set_act_quant(Some(ActQuant::Int8PerToken));
+    let y = vec2(&l.forward(&x).unwrap());
+    assert!((y[0][0] - (64.0 - 127.0 + 32.0) * s).abs() < 1e-6);
+}

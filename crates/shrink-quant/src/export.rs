@@ -1,0 +1,140 @@
+//! Hugging Face export in compressed-tensors' layout, the format vLLM and transformers load:
+//! weight-only schemes as `pack-quantized` (int4/int8 codes packed into int32 along the input,
+//! `weight_packed`, `weight_scale`, `weight_shape`), W8A8 as `int-quantized` (int8 `weight`,
+//! per-channel `weight_scale`, dynamic per-token int8 activations). The codes and fp16 scales are
+//! the quantizer's own: nothing is re-rounded.
+
+use crate::{Granularity, Grid, QuantError, QuantizedWeight, Result};
+use shrink_io::RawTensor;
+use shrink_models::ActQuant;
+use std::collections::BTreeMap;
+
+/// Tensors (by safetensors name) and the `quantization_config` for `config.json`.
+#[derive(Debug, Clone)]
+pub struct HfExport {
+    pub tensors: BTreeMap<String, RawTensor>,
+    pub quantization_config: serde_json::Value,
+}
+
+/// Converts quantized linears (by weight name, `….weight`) to compressed-tensors tensors. Grids
+/// must be symmetric (compressed-tensors stores integer zero points, not float minima).
+pub fn compressed_tensors(
+    weights: &BTreeMap<String, QuantizedWeight>,
+    activations: Option<ActQuant>,
+) -> Result<HfExport> {
+    let mut tensors = BTreeMap::new();
+    // (bits, strategy, group) → module names
+    let mut groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>> = BTreeMap::new();
+    for (name, w) in weights {
+        let q = match w {
+            QuantizedWeight::Packed(q) => q,
+            QuantizedWeight::Blocks(b) => {
+                return Err(QuantError::Scheme(format!(
+                    "'{name}' is stored as {:?} blocks, which exist in GGUF only; export it to a Hugging Face folder with a grid scheme (e.g. the w4a16-g128 preset)",
+                    b.dtype
+                )))
+            }
+        };
+        let module = name
+            .strip_suffix(".weight")
+            .ok_or_else(|| QuantError::Scheme(format!("'{name}' is not a weight (….weight)")))?;
+        let s = q.scheme;
+        if s.grid == Grid::Asymmetric {
+            return Err(QuantError::Scheme(format!(
+                "'{name}': asymmetric grids store a float minimum per group, which compressed-tensors cannot represent; use a symmetric grid"
+            )));
+        }
+        if !(s.bits == 4 || s.bits == 8) {
+            return Err(QuantError::Scheme(format!(
+                "'{name}': compressed-tensors packs 4- or 8-bit integers, not {}-bit",
+                s.bits
+            )));
+        }
+        let (strategy, group, scale_shape) = match s.granularity {
+            Granularity::Tensor => ("tensor", None, vec![1]),
+            Granularity::Channel => ("channel", None, vec![q.rows, 1]),
+            Granularity::Group(g) => ("group", Some(g), vec![q.rows, q.cols / g]),
+        };
+        if activations.is_some() && (s.bits != 8 || strategy != "channel") {
+            return Err(QuantError::Scheme(format!(
+                "'{name}': int8 activations need int8 per-channel weights (the w8a8 preset)"
+            )));
+        }
+        let offset = 1i16 << (s.bits - 1);
+        let signed: Vec<i8> = q
+            .codes()
+            .iter()
+            .map(|&c| (c as i16 - offset) as i8)
+            .collect();
+        tensors.insert(
+            format!("{module}.weight_scale"),
+            RawTensor::f16(scale_shape, &q.scales),
+        );
+        if activations.is_some() {
+            tensors.insert(
+                format!("{module}.weight"),
+                RawTensor::i8(vec![q.rows, q.cols], &signed),
+            );
+        } else {
+            let packed = shrink_io::pack_rows(&signed, s.bits as u32, q.rows, q.cols);
+            let per_row = packed.len() / q.rows;
+            tensors.insert(
+                format!("{module}.weight_packed"),
+                RawTensor::i32(vec![q.rows, per_row], &packed),
+            );
+            tensors.insert(
+                format!("{module}.weight_shape"),
+                RawTensor::i64(vec![2], &[q.rows as i64, q.cols as i64]),
+            );
+        }
+        groups
+            .entry((s.bits, strategy, group))
+            .or_default()
+            .push(module.to_string());
+    }
+    let uniform = groups.len() == 1;
+    let config_groups: serde_json::Map<String, serde_json::Value> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, ((bits, strategy, group), modules))| {
+            let input = activations.map(|_| {
+                serde_json::json!({
+                    "num_bits": 8, "type": "int", "symmetric": true, "strategy": "token",
+                    "dynamic": true, "group_size": null, "block_structure": null,
+                    "actorder": null, "observer": null, "observer_kwargs": {}
+                })
+            });
+            (
+                format!("group_{i}"),
+                serde_json::json!({
+                    "targets": if uniform { vec!["Linear".to_string()] } else { modules },
+                    "weights": {
+                        "num_bits": bits, "type": "int", "symmetric": true,
+                        "strategy": strategy, "group_size": group, "dynamic": false,
+                        "block_structure": null, "actorder": null,
+                        "observer": "minmax", "observer_kwargs": {}
+                    },
+                    "input_activations": input,
+                    "output_activations": null,
+                }),
+            )
+        })
+        .collect();
+    let format = if activations.is_some() {
+        "int-quantized"
+    } else {
+        "pack-quantized"
+    };
+    Ok(HfExport {
+        tensors,
+        quantization_config: serde_json::json!({
+            "quant_method": "compressed-tensors",
+            "format": format,
+            "quantization_status": "compressed",
+            "config_groups": config_groups,
+            "ignore": ["lm_head"],
+            "kv_cache_scheme": null,
+            "global_compression_ratio": null,
+        }),
+    })
+}

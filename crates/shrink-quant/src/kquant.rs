@@ -1,0 +1,406 @@
+//! llama.cpp's k-quants (Q2_K … Q6_K): super-blocks of 256 weights whose 16 or 8 group scales are
+//! themselves quantized. Scales and minima come from candle's ports of ggml's quantizers, plain or
+//! importance-weighted (llama.cpp's `--imatrix`); GPTQ then picks the codes inside those fixed
+//! blocks. Each block is read here as per-group affine grids, `value = a·(q − offset) − m`, with
+//! llama.cpp's exact arithmetic, and codes are written back into the block at their bit positions.
+
+use crate::{QuantError, Result};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// Weights per super-block.
+pub const QK_K: usize = 256;
+
+/// A k-quant block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KQuant {
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// One group's grid inside a block: `value = a·(q − offset) − m` for codes `0..=qmax`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    pub a: f32,
+    pub m: f32,
+    pub offset: f32,
+    pub qmax: u8,
+}
+
+impl Affine {
+    /// The nearest code to `x` on this grid, and its value.
+    pub fn nearest(&self, x: f32) -> (u8, f32) {
+        let q = if self.a != 0.0 {
+            ((x + self.m) / self.a + self.offset)
+                .round()
+                .clamp(0.0, self.qmax as f32) as u8
+        } else {
+            self.offset as u8
+        };
+        (q, self.value(q))
+    }
+
+    pub fn value(&self, q: u8) -> f32 {
+        self.a * (q as f32 - self.offset) - self.m
+    }
+}
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+impl KQuant {
+    pub const ALL: [KQuant; 5] = [
+        KQuant::Q2K,
+        KQuant::Q3K,
+        KQuant::Q4K,
+        KQuant::Q5K,
+        KQuant::Q6K,
+    ];
+
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            KQuant::Q2K => GgmlDType::Q2K,
+            KQuant::Q3K => GgmlDType::Q3K,
+            KQuant::Q4K => GgmlDType::Q4K,
+            KQuant::Q5K => GgmlDType::Q5K,
+            KQuant::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        KQuant::ALL.into_iter().find(|k| k.ggml() == dtype)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KQuant::Q2K => "q2_k",
+            KQuant::Q3K => "q3_k",
+            KQuant::Q4K => "q4_k",
+            KQuant::Q5K => "q5_k",
+            KQuant::Q6K => "q6_k",
+        }
+    }
+
+    /// Bytes per super-block.
+    pub fn block_bytes(self) -> usize {
+        self.ggml().type_size()
+    }
+
+    pub fn bits(self) -> u8 {
+        match self {
+            KQuant::Q2K => 2,
+            KQuant::Q3K => 3,
+            KQuant::Q4K => 4,
+            KQuant::Q5K => 5,
+            KQuant::Q6K => 6,
+        }
+    }
+
+    /// Weights per group sharing one scale.
+    pub fn group(self) -> usize {
+        match self {
+            KQuant::Q4K | KQuant::Q5K => 32,
+            _ => 16,
+        }
+    }
+
+    /// The per-group grids of one block.
+    pub fn grids(self, b: &[u8]) -> Vec<Affine> {
+        let n = QK_K / self.group();
+        let qmax = ((1u32 << self.bits()) - 1) as u8;
+        (0..n)
+            .map(|g| match self {
+                KQuant::Q2K => {
+                    let sc = b[g];
+                    Affine {
+                        a: h(b, 80) * (sc & 15) as f32,
+                        m: h(b, 82) * (sc >> 4) as f32,
+                        offset: 0.0,
+                        qmax,
+                    }
+                }
+                KQuant::Q3K => {
+                    let s = &b[96..108];
+                    let low = if g < 8 { s[g] & 15 } else { s[g - 8] >> 4 };
+                    let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
+                    let sc = (low | high << 4) as i32 - 32;
+                    Affine {
+                        a: h(b, 108) * sc as f32,
+                        m: 0.0,
+                        offset: 4.0,
+                        qmax,
+                    }
+                }
+                KQuant::Q4K | KQuant::Q5K => {
+                    let s = &b[4..16];
+                    let (sc, mn) = if g < 4 {
+                        (s[g] & 63, s[g + 4] & 63)
+                    } else {
+                        (
+                            (s[g + 4] & 15) | (s[g - 4] >> 6) << 4,
+                            (s[g + 4] >> 4) | (s[g] >> 6) << 4,
+                        )
+                    };
+                    Affine {
+                        a: h(b, 0) * sc as f32,
+                        m: h(b, 2) * mn as f32,
+                        offset: 0.0,
+                        qmax,
+                    }
+                }
+                KQuant::Q6K => Affine {
+                    a: h(b, 208) * b[192 + g] as i8 as f32,
+                    m: 0.0,
+                    offset: 32.0,
+                    qmax,
+                },
+            })
+            .collect()
+    }
+
+    /// Writes 256 codes into a block, keeping its scales.
+    pub fn write_codes(self, b: &mut [u8], codes: &[u8]) {
+        debug_assert_eq!(codes.len(), QK_K);
+        match self {
+            KQuant::Q2K => {
+                b[16..80].fill(0);
+                for (y, &c) in codes.iter().enumerate() {
+                    let (n, j, l) = (y / 128, (y % 128) / 32, y % 32);
+                    b[16 + 32 * n + l] |= (c & 3) << (2 * j);
+                }
+            }
+            KQuant::Q3K => {
+                b[..96].fill(0);
+                for (y, &c) in codes.iter().enumerate() {
+                    let (n, j, l) = (y / 128, (y % 128) / 32, y % 32);
+                    b[32 + 32 * n + l] |= (c & 3) << (2 * j);
+                    b[l] |= (c >> 2 & 1) << (4 * n + j);
+                }
+            }
+            KQuant::Q4K => {
+                for j in 0..4 {
+                    for l in 0..32 {
+                        b[16 + 32 * j + l] = codes[64 * j + l] | codes[64 * j + 32 + l] << 4;
+                    }
+                }
+            }
+            KQuant::Q5K => {
+                b[16..48].fill(0);
+                for j in 0..4 {
+                    for l in 0..32 {
+                        let (lo, hi) = (codes[64 * j + l], codes[64 * j + 32 + l]);
+                        b[48 + 32 * j + l] = (lo & 15) | (hi & 15) << 4;
+                        b[16 + l] |= (lo >> 4) << (2 * j) | (hi >> 4) << (2 * j + 1);
+                    }
+                }
+            }
+            KQuant::Q6K => {
+                for n in 0..2 {
+                    let (y, ql, qh) = (128 * n, 64 * n, 128 + 32 * n);
+                    for l in 0..32 {
+                        let c = [
+                            codes[y + l],
+                            codes[y + l + 32],
+                            codes[y + l + 64],
+                            codes[y + l + 96],
+                        ];
+                        b[ql + l] = (c[0] & 15) | (c[2] & 15) << 4;
+                        b[ql + l + 32] = (c[1] & 15) | (c[3] & 15) << 4;
+                        b[qh + l] =
+                            c[0] >> 4 | (c[1] >> 4) << 2 | (c[2] >> 4) << 4 | (c[3] >> 4) << 6;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A weight matrix stored as ggml blocks of any type candle can quantize, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgmlTensor {
+    pub dtype: GgmlDType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: Vec<u8>,
+}
+
+impl GgmlTensor {
+    /// Quantizes by candle's (ggml's) reference quantizer; with `importance` (one weight per input
+    /// column, e.g. mean squared activation) by the importance-weighted one, as llama.cpp's
+    /// `--imatrix`. Importance weighting exists for the k-quants only.
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        dtype: GgmlDType,
+        importance: Option<&[f32]>,
+        name: &str,
+    ) -> Result<Self> {
+        let shape_err = |message: String| QuantError::Shape {
+            tensor: name.to_string(),
+            message,
+        };
+        if w.len() != rows * cols {
+            return Err(shape_err(format!("{} values for {rows}×{cols}", w.len())));
+        }
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(shape_err(format!(
+                "{dtype:?} needs rows that are a multiple of {} values, this one has {cols}",
+                dtype.block_size()
+            )));
+        }
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(QuantError::NonFinite {
+                tensor: name.to_string(),
+                index: i,
+            });
+        }
+        let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu)?;
+        let q = match importance {
+            None => QTensor::quantize(&t, dtype)?,
+            Some(imp) if KQuant::from_ggml(dtype).is_some() => {
+                if imp.len() != cols {
+                    return Err(shape_err(format!(
+                        "{} importance weights for rows of {cols}",
+                        imp.len()
+                    )));
+                }
+                QTensor::quantize_imatrix(&t, imp, dtype)?
+            }
+            Some(_) => {
+                return Err(QuantError::Scheme(format!(
+                    "importance-weighted quantization to {dtype:?} goes through the grid schemes, not ggml blocks"
+                )))
+            }
+        };
+        Ok(Self {
+            dtype,
+            rows,
+            cols,
+            bytes: q.data()?.to_vec(),
+        })
+    }
+
+    /// The weights as llama.cpp reads them (candle's dequantizer).
+    pub fn dequantize(&self) -> Result<Vec<f32>> {
+        let q = qtensor_from_ggml(
+            self.dtype,
+            &self.bytes,
+            vec![self.rows, self.cols],
+            &Device::Cpu,
+        )?;
+        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes.len() as f64 * 8.0 / (self.rows * self.cols) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let k = (i as u32).wrapping_mul(2654435761).wrapping_add(seed * 97);
+                ((k % 2001) as f32 / 1000.0 - 1.0) * if i % 37 == 0 { 3.0 } else { 0.2 }
+            })
+            .collect()
+    }
+
+    /// Our reading of each block (grids + codes) reproduces candle's dequantizer exactly, and
+    /// rewriting codes is an exact inverse: the layouts agree bit for bit.
+    #[test]
+    fn block_layouts_agree_with_candles_dequantizer() {
+        let (rows, cols) = (3, 512);
+        let w = sample(rows * cols, 1);
+        for k in KQuant::ALL {
+            let q = GgmlTensor::quantize(&w, rows, cols, k.ggml(), None, "t").unwrap();
+            let deq = q.dequantize().unwrap();
+            let mut rewritten = q.bytes.clone();
+            for (bi, block) in q.bytes.chunks(k.block_bytes()).enumerate() {
+                let grids = k.grids(block);
+                let mut codes = vec![0u8; QK_K];
+                for (y, code) in codes.iter_mut().enumerate() {
+                    let x = deq[bi * QK_K + y];
+                    let g = &grids[y / k.group()];
+                    let (c, v) = g.nearest(x);
+                    assert_eq!(v, x, "{k:?} block {bi} weight {y}");
+                    *code = c;
+                }
+                // Scrambled codes written and read back give the values the grids predict.
+                let scrambled: Vec<u8> = codes
+                    .iter()
+                    .enumerate()
+                    .map(|(y, &c)| (c as usize + y) as u8 % (grids[0].qmax + 1))
+                    .collect();
+                let block_out = &mut rewritten[bi * k.block_bytes()..(bi + 1) * k.block_bytes()];
+                k.write_codes(block_out, &scrambled);
+                let t = GgmlTensor {
+                    dtype: k.ggml(),
+                    rows: 1,
+                    cols: QK_K,
+                    bytes: block_out.to_vec(),
+                };
+                let back = t.dequantize().unwrap();
+                for y in 0..QK_K {
+                    assert_eq!(
+                        back[y],
+                        grids[y / k.group()].value(scrambled[y]),
+                        "{k:?} {y}"
+                    );
+                }
+                k.write_codes(block_out, &codes);
+                assert_eq!(block_out, block, "{k:?} codes round trip");
+            }
+        }
+    }
+
+    #[test]
+    fn importance_weighting_lowers_weighted_error() {
+        let (rows, cols) = (8, 256);
+        let w = sample(rows * cols, 2);
+        let imp: Vec<f32> = (0..cols)
+            .map(|c| if c % 5 == 0 { 50.0 } else { 0.1 })
+            .collect();
+        for k in KQuant::ALL {
+            let err = |q: &GgmlTensor| -> f64 {
+                let d = q.dequantize().unwrap();
+                (0..rows * cols)
+                    .map(|i| ((w[i] - d[i]) as f64).powi(2) * imp[i % cols] as f64)
+                    .sum()
+            };
+            let plain = GgmlTensor::quantize(&w, rows, cols, k.ggml(), None, "t").unwrap();
+            let weighted = GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&imp), "t").unwrap();
+            assert!(err(&weighted) < err(&plain), "{k:?}");
+            assert!((plain.bits_per_weight() - weighted.bits_per_weight()).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_values_are_named() {
+        let w = vec![0.5f32; 2 * 576];
+        let e = GgmlTensor::quantize(&w, 2, 576, GgmlDType::Q4K, None, "blk.0.attn_q")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("blk.0.attn_q") && e.contains("256"), "{e}");
+        let mut w = vec![0.5f32; 256];
+        w[9] = f32::NAN;
+        let e = GgmlTensor::quantize(&w, 1, 256, GgmlDType::Q6K, None, "x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index 9"), "{e}");
+    }
+}
