@@ -412,3 +412,67 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
         "shrink {ours} vs llama.cpp {theirs}"
     );
 }
+
+/// The q4_k_m preset by RTN chooses llama-quantize's Q4_K_M type for every tensor (layer rules
+/// and fallbacks included), writes the same Q5_0/Q8_0 blocks, and its k-quant blocks (candle's
+/// ports of ggml's quantizers) score the same: in llama.cpp as llama.cpp's own file, and in shrink
+/// as in llama.cpp.
+#[test]
+fn q4_k_m_preset_matches_llama_quantize() {
+    let Some(model) = model_path() else { return };
+    let Some(f32_ref) = f32_reference(&model) else {
+        return;
+    };
+    let (Some(quantize), Some(perplexity)) =
+        (llama_tool("llama-quantize"), llama_tool("llama-perplexity"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("llama-q4_k_m.gguf");
+    let st = Command::new(quantize)
+        .args([
+            f32_ref.to_str().unwrap(),
+            theirs.to_str().unwrap(),
+            "Q4_K_M",
+        ])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let ours = dir.path().join("rtn-q4_k_m.gguf");
+    run_shrink(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "--preset",
+        "q4_k_m",
+        "--method",
+        "rtn",
+        "-o",
+        ours.to_str().unwrap(),
+    ]);
+    let (a, b) = (gguf_tensor_bytes(&ours), gguf_tensor_bytes(&theirs));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut types = std::collections::BTreeMap::new();
+    for (name, (ty, data)) in &a {
+        assert_eq!(ty, &b[name].0, "{name} type");
+        *types.entry(ty.clone()).or_insert(0) += 1;
+        if !ty.ends_with('K') {
+            assert!(data == &b[name].1, "{name}: {ty} blocks differ");
+        }
+    }
+    eprintln!("Q4_K_M types: {types:?}");
+    assert_eq!(types.get("Q4K"), Some(&16));
+    assert_eq!(types.get("Q6K"), Some(&14));
+    let (ours_in_llama, theirs_in_llama) = (
+        llama_perplexity(&perplexity, &ours, 16),
+        llama_perplexity(&perplexity, &theirs, 16),
+    );
+    let ours_in_shrink = shrink_eval(&ours, 16)["perplexity"]["ppl"]
+        .as_f64()
+        .unwrap();
+    eprintln!(
+        "Q4_K_M: ours in llama.cpp {ours_in_llama:.4}, theirs {theirs_in_llama:.4}, ours in shrink {ours_in_shrink:.4}"
+    );
+    assert!((ours_in_llama / theirs_in_llama - 1.0).abs() < 0.005);
+    assert!((ours_in_shrink / ours_in_llama - 1.0).abs() < 0.005);
+}

@@ -127,7 +127,7 @@ pub fn fold_scales(
 }
 
 /// Statistics of inputs divided channel-wise by `s`.
-pub(crate) fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
+fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
     let n = stats.in_features;
     let mut out = stats.clone();
     for i in 0..n {
@@ -141,13 +141,12 @@ pub(crate) fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
     out
 }
 
-/// Searches and folds AWQ scales into `block`; returns the statistics of the scaled inputs of the
-/// linears whose inputs changed, for the quantization that follows.
-pub(crate) fn apply(
+/// Computes input scales for a block's three input groups (q/k/v, gate/up, down) with `scales`,
+/// folds them in, and returns the statistics of the scaled inputs of the linears they feed.
+pub(crate) fn rescale_block(
     block: &mut DecoderBlock,
     stats: &BlockStats,
-    scheme: &QuantScheme,
-    grid: usize,
+    scales: impl Fn(&[&Linear], &LinearStats, &str) -> Result<Vec<f32>>,
 ) -> Result<BTreeMap<String, LinearStats>> {
     let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
     let get = |i: usize| {
@@ -156,21 +155,13 @@ pub(crate) fn apply(
         })
     };
     let (attn_stats, mlp_stats, down_stats) = (get(0)?, get(4)?, get(6)?);
-    let attn = search_scales(
+    let attn = scales(
         &[&block.q_proj, &block.k_proj, &block.v_proj],
         attn_stats,
-        scheme,
-        grid,
         &names[0],
     )?;
-    let mlp = search_scales(
-        &[&block.gate_proj, &block.up_proj],
-        mlp_stats,
-        scheme,
-        grid,
-        &names[4],
-    )?;
-    let down = search_scales(&[&block.down_proj], down_stats, scheme, grid, &names[6])?;
+    let mlp = scales(&[&block.gate_proj, &block.up_proj], mlp_stats, &names[4])?;
+    let down = scales(&[&block.down_proj], down_stats, &names[6])?;
     fold_scales(block, &attn, &mlp, &down)?;
     let mut out = BTreeMap::new();
     let attn_scaled = scaled_stats(attn_stats, &attn);
@@ -182,4 +173,17 @@ pub(crate) fn apply(
     out.insert(names[5].clone(), mlp_scaled);
     out.insert(names[6].clone(), scaled_stats(down_stats, &down));
     Ok(out)
+}
+
+/// Searches and folds AWQ scales into `block`; returns the statistics of the scaled inputs of the
+/// linears whose inputs changed, for the quantization that follows.
+pub(crate) fn apply(
+    block: &mut DecoderBlock,
+    stats: &BlockStats,
+    scheme: &QuantScheme,
+    grid: usize,
+) -> Result<BTreeMap<String, LinearStats>> {
+    rescale_block(block, stats, |linears, st, name| {
+        search_scales(linears, st, scheme, grid, name)
+    })
 }

@@ -1,7 +1,9 @@
-//! Post-training weight quantization: llama.cpp-exact grids (Q4_0, Q4_1, Q8_0 and their b-bit
-//! generalisations), per-tensor / per-channel / per-group scales with an optional error-minimising
-//! clip search, codes packed at their real bit width, round-to-nearest and GPTQ. GPTQ calibrates
-//! block by block through `shrink-calib`'s sequential engine.
+//! Post-training weight quantization: llama.cpp-exact grids (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and their
+//! b-bit generalisations), per-tensor / per-channel / per-group scales with an optional
+//! error-minimising clip search, codes packed at their real bit width; k-quant blocks (Q2_K…Q6_K)
+//! through candle's ggml quantizers, optionally importance-weighted; round-to-nearest, GPTQ (also
+//! inside k-quant blocks), AWQ and SmoothQuant, calibrated block by block through `shrink-calib`'s
+//! sequential engine; presets (`configs/quant`) and compressed-tensors export.
 //!
 //! ```
 //! use shrink_quant::{rtn, QuantScheme};

@@ -3,7 +3,7 @@
 //! share the input, folded like AWQ's (norm weights, `up_proj` rows), so the float model is
 //! unchanged while the inputs every linear sees become easier to quantize per token.
 
-use crate::awq::{fold_scales, scaled_stats, weights_of};
+use crate::awq::{rescale_block, weights_of};
 use crate::Result;
 use shrink_calib::{BlockStats, LinearStats};
 use shrink_models::{DecoderBlock, Linear};
@@ -38,29 +38,7 @@ pub(crate) fn apply(
     stats: &BlockStats,
     alpha: f64,
 ) -> Result<BTreeMap<String, LinearStats>> {
-    let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
-    let get = |i: usize| {
-        stats.get(&names[i]).ok_or_else(|| {
-            crate::QuantError::Scheme(format!("no calibration statistics for '{}'", names[i]))
-        })
-    };
-    let (attn_stats, mlp_stats, down_stats) = (get(0)?, get(4)?, get(6)?);
-    let attn = smoothing_scales(
-        &[&block.q_proj, &block.k_proj, &block.v_proj],
-        attn_stats,
-        alpha,
-    )?;
-    let mlp = smoothing_scales(&[&block.gate_proj, &block.up_proj], mlp_stats, alpha)?;
-    let down = smoothing_scales(&[&block.down_proj], down_stats, alpha)?;
-    fold_scales(block, &attn, &mlp, &down)?;
-    let mut out = BTreeMap::new();
-    let attn_scaled = scaled_stats(attn_stats, &attn);
-    let mlp_scaled = scaled_stats(mlp_stats, &mlp);
-    for name in &names[..3] {
-        out.insert(name.clone(), attn_scaled.clone());
-    }
-    out.insert(names[4].clone(), mlp_scaled.clone());
-    out.insert(names[5].clone(), mlp_scaled);
-    out.insert(names[6].clone(), scaled_stats(down_stats, &down));
-    Ok(out)
+    rescale_block(block, stats, |linears, st, _| {
+        smoothing_scales(linears, st, alpha)
+    })
 }
