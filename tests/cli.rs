@@ -457,6 +457,36 @@ fn presets_kquants_and_hugging_face_exports() {
 }
 
 #[test]
+fn every_example_pipeline_validates_and_bad_ones_say_where() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = ok(&["validate", path.to_str().unwrap()]);
+            assert!(out.contains(": valid"), "{out}");
+            let plan: serde_json::Value =
+                serde_json::from_str(&ok(&["validate", path.to_str().unwrap(), "--json"])).unwrap();
+            assert!(!plan["stages"].as_array().unwrap().is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 2, "pipelines/ holds {n} pipelines");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[model]\nsource = \"smollm2\"\n[[stage]]\nkind = \"quantize.gptq\"\nprest = \"q4_k_m\"\n",
+    )
+    .unwrap();
+    let e = fails(&["validate", bad.to_str().unwrap()]);
+    assert!(
+        e.contains("bad.toml:6:1: unknown key `prest`; did you mean `preset`?"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_inputs_fail_cleanly_with_named_causes() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = tiny_gguf(dir.path());

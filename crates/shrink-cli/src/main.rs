@@ -55,8 +55,15 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text with a KV cache; reports time to first token and ms per token.
     Generate(GenerateArgs),
-    /// Quantize a model's linear layers (RTN or GPTQ) and write a GGUF llama.cpp loads.
+    /// Quantize a model's linear layers (RTN, GPTQ, AWQ, SmoothQuant) to a GGUF llama.cpp loads
+    /// or a compressed-tensors folder.
     Quantize(QuantizeArgs),
+    /// Check a pipeline file and print its plan: stages, inputs, outputs, estimated peak memory.
+    Validate {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Tokenize text with a model's tokenizer.
     Tokenize {
         model: String,
@@ -296,6 +303,7 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
         Command::Quantize(args) => quantize(args),
+        Command::Validate { file, json } => validate(&file, json),
     }
 }
 
@@ -635,6 +643,104 @@ fn eval(args: EvalArgs) -> Result<()> {
         report.tokens_processed
     );
     Ok(())
+}
+
+fn validate(file: &Path, json: bool) -> Result<()> {
+    let pipeline = shrink_pipeline::load(file)?;
+    let plan = pipeline.plan();
+    // The memory estimate needs the model's shape: read it if the model is already here.
+    let shape = resolve_model_if_present(&pipeline.model.source).and_then(|path| {
+        let info = shrink_io::inspect(&path).ok()?;
+        let cfg = shrink_io::load(&path).ok()?.config;
+        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
+        Some((
+            info.parameters,
+            get("hidden_size")?,
+            get("intermediate_size")?,
+        ))
+    });
+    let peak = shape.map(|(p, h, i)| pipeline.estimated_peak_bytes(p, h, i));
+    let run_dir = Path::new("runs").join(&pipeline.name);
+    if json {
+        let stages: Vec<serde_json::Value> = plan
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "kind": s.kind.name(), "input": s.input,
+                    "output": run_dir.join(&s.name).display().to_string(),
+                    "calibrates": s.calibrates,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": "shrink.plan/v1",
+                "file": file.display().to_string(),
+                "name": pipeline.name,
+                "model": pipeline.model.source,
+                "stages": stages,
+                "export": pipeline.export.formats,
+                "estimated_peak_bytes": peak,
+            }))?
+        );
+        return Ok(());
+    }
+    outln!("{}: valid", file.display());
+    outln!(
+        "name      {} (run folder {})",
+        pipeline.name,
+        run_dir.display()
+    );
+    outln!("model     {}", pipeline.model.source);
+    outln!(
+        "data      calibration {} ({} × {} tokens, seed {}), evaluation {}",
+        pipeline.data.calib,
+        pipeline.data.samples,
+        pipeline.data.seq_len,
+        pipeline.seed,
+        pipeline.data.eval
+    );
+    for (i, s) in plan.iter().enumerate() {
+        outln!(
+            "stage {}   {:<24} {:<22} {} → {}{}",
+            i + 1,
+            s.name,
+            s.kind.name(),
+            s.input,
+            run_dir.join(&s.name).display(),
+            if s.calibrates { "  (calibrates)" } else { "" }
+        );
+    }
+    outln!(
+        "eval      {} protocol, ctx {}, {} chunks",
+        pipeline.eval.protocol,
+        pipeline.eval.ctx,
+        pipeline.eval.chunks
+    );
+    outln!(
+        "export    {} → {}",
+        pipeline.export.formats.join(", "),
+        run_dir.join("model").display()
+    );
+    match peak {
+        Some(b) => outln!("memory    ≈ {:.1} GB peak (estimate)", b as f64 / 1e9),
+        None => outln!("memory    unknown until the model is fetched"),
+    }
+    Ok(())
+}
+
+/// The model's path if it exists or is a demo model already in the cache (nothing is fetched).
+fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let manifest = shrink_data::find(spec).ok()?;
+    if !shrink_data::is_cached(&manifest).ok()? {
+        return None;
+    }
+    resolve_model(spec).ok()
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {

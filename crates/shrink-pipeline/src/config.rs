@@ -1,0 +1,641 @@
+//! The pipeline file's schema, parsing with positions, and validation.
+
+use crate::{PipelineError, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// The run's name: its folder is `runs/NAME`.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default, rename = "stage")]
+    pub stages: Vec<Stage>,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
+    pub export: ExportConfig,
+    #[serde(default)]
+    pub gates: Gates,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A demo model name (`smollm2`), a GGUF file or a Hugging Face folder.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Calibration text: `DATASET:SPLIT` or a file.
+    #[serde(default = "default_calib")]
+    pub calib: String,
+    /// Evaluation text.
+    #[serde(default = "default_eval")]
+    pub eval: String,
+    /// Calibration windows and their length in tokens.
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+}
+
+fn default_calib() -> String {
+    "shakespeare:calib".into()
+}
+fn default_eval() -> String {
+    "shakespeare:eval".into()
+}
+fn default_samples() -> usize {
+    128
+}
+fn default_seq_len() -> usize {
+    512
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            calib: default_calib(),
+            eval: default_eval(),
+            samples: default_samples(),
+            seq_len: default_seq_len(),
+        }
+    }
+}
+
+/// The kinds of stage; technique crates add theirs as they land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum StageKind {
+    #[serde(rename = "quantize.rtn")]
+    QuantizeRtn,
+    #[serde(rename = "quantize.gptq")]
+    QuantizeGptq,
+    #[serde(rename = "quantize.awq")]
+    QuantizeAwq,
+    #[serde(rename = "quantize.smoothquant")]
+    QuantizeSmoothQuant,
+}
+
+impl StageKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::QuantizeRtn => "quantize.rtn",
+            StageKind::QuantizeGptq => "quantize.gptq",
+            StageKind::QuantizeAwq => "quantize.awq",
+            StageKind::QuantizeSmoothQuant => "quantize.smoothquant",
+        }
+    }
+
+    /// Keys that only some kinds accept.
+    fn accepts(self, key: &str) -> bool {
+        match key {
+            "damp" | "act_order" => self != StageKind::QuantizeRtn,
+            "imatrix" => self == StageKind::QuantizeRtn,
+            "alpha" => self == StageKind::QuantizeSmoothQuant,
+            "awq_grid" => self == StageKind::QuantizeAwq,
+            _ => true,
+        }
+    }
+
+    fn needs_calibration(self) -> bool {
+        self != StageKind::QuantizeRtn
+    }
+}
+
+/// One step of the pipeline.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub kind: StageKind,
+    /// Defaults to the kind; must be unique.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `model` or an earlier stage's name; defaults to the previous stage (or the model).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// A preset from `configs/quant` or a preset file.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A ggml block type (`q4_k`) for GGUF, or `hf` with `bits` / `group`.
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub bits: Option<u8>,
+    /// A group size or `"channel"`.
+    #[serde(default)]
+    pub group: Option<toml::Value>,
+    /// Name pattern → block type.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, String>,
+    #[serde(default)]
+    pub embeddings: Option<String>,
+    #[serde(default)]
+    pub damp: Option<f64>,
+    #[serde(default)]
+    pub act_order: Option<bool>,
+    #[serde(default)]
+    pub imatrix: Option<bool>,
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub awq_grid: Option<usize>,
+    /// `int8-per-token` or `none`.
+    #[serde(default)]
+    pub activations: Option<String>,
+}
+
+impl Stage {
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.name().to_string())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// `llama-cpp` or `full`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default = "default_ctx")]
+    pub ctx: usize,
+    /// 0 = every chunk.
+    #[serde(default = "default_chunks")]
+    pub chunks: usize,
+}
+
+fn default_protocol() -> String {
+    "llama-cpp".into()
+}
+fn default_ctx() -> usize {
+    512
+}
+fn default_chunks() -> usize {
+    32
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            protocol: default_protocol(),
+            ctx: default_ctx(),
+            chunks: default_chunks(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// `gguf` and/or `hf`.
+    #[serde(default = "default_formats")]
+    pub formats: Vec<String>,
+}
+
+fn default_formats() -> Vec<String> {
+    vec!["gguf".into()]
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            formats: default_formats(),
+        }
+    }
+}
+
+/// Quality gates: a run whose final model misses one fails.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Gates {
+    pub max_ppl_increase_pct: Option<f64>,
+    pub min_top1_agreement: Option<f64>,
+    pub max_kl: Option<f64>,
+    pub max_size_mb: Option<f64>,
+    pub min_compression_ratio: Option<f64>,
+}
+
+/// A stage with its resolved input and output names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedStage {
+    pub name: String,
+    pub kind: StageKind,
+    pub input: String,
+    pub calibrates: bool,
+}
+
+impl Pipeline {
+    /// Estimated peak memory in bytes of running the pipeline on a model with `parameters`
+    /// weights, `hidden` wide with `intermediate` MLP rows: the checkpoint and the f32 model,
+    /// plus, when a stage calibrates, the calibration activations entering and leaving a block,
+    /// one block's Hessians and a batch's working set.
+    pub fn estimated_peak_bytes(&self, parameters: u64, hidden: u64, intermediate: u64) -> u64 {
+        let model = 2 * parameters * 4;
+        let calibrates = self.plan().iter().any(|s| s.calibrates);
+        if !calibrates {
+            return model + (64 << 20);
+        }
+        let tokens = (self.data.samples * self.data.seq_len) as u64;
+        let activations = 2 * tokens * hidden * 4;
+        let hessians = (3 * hidden * hidden + intermediate * intermediate) * 8;
+        let batch = 8 * self.data.seq_len as u64 * intermediate * 4 * 4;
+        model + activations + hessians + batch + (64 << 20)
+    }
+
+    /// Stages in order with their inputs resolved.
+    pub fn plan(&self) -> Vec<PlannedStage> {
+        let mut previous = "model".to_string();
+        self.stages
+            .iter()
+            .map(|s| {
+                let p = PlannedStage {
+                    name: s.display_name(),
+                    kind: s.kind,
+                    input: s.input.clone().unwrap_or_else(|| previous.clone()),
+                    calibrates: s.kind.needs_calibration()
+                        || s.imatrix == Some(true)
+                        || s.alpha.is_some(),
+                };
+                previous = p.name.clone();
+                p
+            })
+            .collect()
+    }
+}
+
+/// Reads and validates a pipeline file.
+pub fn load(path: &Path) -> Result<Pipeline> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Io {
+        file: file.clone(),
+        message: e.to_string(),
+    })?;
+    parse(&text, &file)
+}
+
+/// Parses and validates pipeline text; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
+    let at = |offset: usize, message: String| {
+        let (line, column) = line_column(text, offset);
+        PipelineError::Config {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        }
+    };
+    let pipeline: Pipeline = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        let message = e.message().trim().to_string();
+        match unknown_field(&message) {
+            Some((key, expected)) if message.starts_with("unknown variant") => {
+                let hint = closest(&key, &expected)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                at(
+                    offset,
+                    format!(
+                        "unknown stage kind `{key}`{hint} (known: {})",
+                        expected.join(", ")
+                    ),
+                )
+            }
+            Some((key, expected)) => {
+                let hint = closest(&key, &expected)
+                    .map(|k| format!("; did you mean `{k}`?"))
+                    .unwrap_or_default();
+                let offset = key_offset(text, offset, &key).unwrap_or(offset);
+                at(
+                    offset,
+                    format!(
+                        "unknown key `{key}`{hint} (expected one of: {})",
+                        expected.join(", ")
+                    ),
+                )
+            }
+            None => at(offset, message),
+        }
+    })?;
+    // Semantic checks, each pointing at the key it is about.
+    let stage_starts: Vec<usize> = header_offsets(text, "[[stage]]");
+    // Where a key is: in the i-th [[stage]], in a [section], or at the top.
+    let key_at = |place: Place, key: &str| -> usize {
+        let from = match place {
+            Place::Top => 0,
+            Place::Stage(i) => stage_starts.get(i).copied().unwrap_or(0),
+            Place::Section(h) => header_offsets(text, h).first().copied().unwrap_or(0),
+        };
+        key_offset(text, from, key).unwrap_or(from)
+    };
+    let fail = |place: Place, key: &str, message: String| -> PipelineError {
+        at(key_at(place, key), message)
+    };
+    if pipeline.name.trim().is_empty()
+        || pipeline
+            .name
+            .contains(|c: char| c == '/' || c == '\\' || c.is_whitespace())
+    {
+        return Err(fail(
+            Place::Top,
+            "name",
+            format!(
+                "name `{}` must be a non-empty folder name without spaces or slashes",
+                pipeline.name
+            ),
+        ));
+    }
+    let d = &pipeline.data;
+    if d.samples == 0 || d.seq_len < 2 {
+        return Err(fail(
+            Place::Section("[data]"),
+            if d.samples == 0 { "samples" } else { "seq_len" },
+            "calibration needs samples ≥ 1 and seq_len ≥ 2".into(),
+        ));
+    }
+    let e = &pipeline.eval;
+    if !["llama-cpp", "full"].contains(&e.protocol.as_str()) {
+        return Err(fail(
+            Place::Section("[eval]"),
+            "protocol",
+            format!("protocol `{}` is not one of: llama-cpp, full", e.protocol),
+        ));
+    }
+    if e.ctx < 2 {
+        return Err(fail(
+            Place::Section("[eval]"),
+            "ctx",
+            "ctx must be at least 2".into(),
+        ));
+    }
+    for f in &pipeline.export.formats {
+        if !["gguf", "hf"].contains(&f.as_str()) {
+            return Err(fail(
+                Place::Section("[export]"),
+                "formats",
+                format!("export format `{f}` is not one of: gguf, hf"),
+            ));
+        }
+    }
+    let g = &pipeline.gates;
+    for (key, value, lo, hi) in [
+        (
+            "max_ppl_increase_pct",
+            g.max_ppl_increase_pct,
+            0.0,
+            f64::MAX,
+        ),
+        ("min_top1_agreement", g.min_top1_agreement, 0.0, 1.0),
+        ("max_kl", g.max_kl, 0.0, f64::MAX),
+        ("max_size_mb", g.max_size_mb, 0.0, f64::MAX),
+        (
+            "min_compression_ratio",
+            g.min_compression_ratio,
+            0.0,
+            f64::MAX,
+        ),
+    ] {
+        if let Some(v) = value {
+            if !(lo..=hi).contains(&v) || !v.is_finite() {
+                return Err(fail(
+                    Place::Section("[gates]"),
+                    key,
+                    format!(
+                        "{key} = {v} is outside {lo}..={}",
+                        if hi == f64::MAX {
+                            "∞".to_string()
+                        } else {
+                            hi.to_string()
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+    if pipeline.stages.is_empty() {
+        return Err(at(
+            text.len(),
+            "no [[stage]]: a pipeline needs at least one stage".into(),
+        ));
+    }
+    let mut names: Vec<String> = vec!["model".into()];
+    for (i, s) in pipeline.stages.iter().enumerate() {
+        let here = Place::Stage(i);
+        let name = s.display_name();
+        if names.contains(&name) {
+            return Err(fail(
+                here,
+                "name",
+                format!("stage name `{name}` is used twice (give the stage a `name`)"),
+            ));
+        }
+        if let Some(input) = &s.input {
+            if !names.contains(input) {
+                return Err(fail(
+                    here,
+                    "input",
+                    format!(
+                        "input `{input}` is not the model or an earlier stage (known: {})",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (key, set) in [
+            ("damp", s.damp.is_some()),
+            ("act_order", s.act_order.is_some()),
+            ("imatrix", s.imatrix.is_some()),
+            ("alpha", s.alpha.is_some()),
+            ("awq_grid", s.awq_grid.is_some()),
+        ] {
+            if set && !s.kind.accepts(key) {
+                return Err(fail(
+                    here,
+                    key,
+                    format!("`{key}` does not apply to a {} stage", s.kind.name()),
+                ));
+            }
+        }
+        if let Some(damp) = s.damp {
+            if !(0.0..=1.0).contains(&damp) {
+                return Err(fail(
+                    here,
+                    "damp",
+                    format!("damp = {damp} is outside 0..=1"),
+                ));
+            }
+        }
+        if let Some(alpha) = s.alpha {
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(fail(
+                    here,
+                    "alpha",
+                    format!("alpha = {alpha} is outside 0..=1"),
+                ));
+            }
+        }
+        if let Some(b) = s.bits {
+            if !(2..=8).contains(&b) {
+                return Err(fail(here, "bits", format!("bits = {b} is outside 2..=8")));
+            }
+        }
+        if let Some(group) = &s.group {
+            let ok = match group {
+                toml::Value::Integer(n) => *n > 0,
+                toml::Value::String(k) => k == "channel" || k == "tensor",
+                _ => false,
+            };
+            if !ok {
+                return Err(fail(
+                    here,
+                    "group",
+                    format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
+                ));
+            }
+        }
+        if let Some(p) = &s.preset {
+            shrink_quant::Preset::load(p)
+                .map_err(|e| fail(here, "preset", format!("preset `{p}`: {e}")))?;
+        }
+        if let Some(f) = &s.format {
+            if f != "hf" {
+                shrink_quant::Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
+                    .map_err(|e| fail(here, "format", e.to_string()))?;
+            }
+        }
+        if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
+            return Err(at(
+                stage_starts.get(i).copied().unwrap_or(0),
+                format!(
+                    "stage `{name}` says nothing about the format: give `preset`, `format` or `bits`"
+                ),
+            ));
+        }
+        for (pattern, ty) in &s.overrides {
+            shrink_quant::Format::parse(ty)
+                .map_err(|e| fail(here, pattern, format!("override `{pattern}`: {e}")))?;
+        }
+        if let Some(a) = &s.activations {
+            if !["int8-per-token", "none"].contains(&a.as_str()) {
+                return Err(fail(
+                    here,
+                    "activations",
+                    format!("activations `{a}` is not one of: int8-per-token, none"),
+                ));
+            }
+        }
+        names.push(name);
+    }
+    Ok(pipeline)
+}
+
+#[derive(Clone, Copy)]
+enum Place {
+    Top,
+    Stage(usize),
+    Section(&'static str),
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}
+
+/// Byte offsets of lines that are exactly `header` (ignoring surrounding spaces).
+fn header_offsets(text: &str, header: &str) -> Vec<usize> {
+    let mut offset = 0;
+    let mut out = vec![];
+    for line in text.split_inclusive('\n') {
+        if line.trim() == header {
+            out.push(offset + line.len() - line.trim_start().len());
+        }
+        offset += line.len();
+    }
+    out
+}
+
+/// The offset of the line that assigns `key` (bare or quoted) at or after `from`, before the next
+/// table header.
+fn key_offset(text: &str, from: usize, key: &str) -> Option<usize> {
+    let from = text[..from.min(text.len())]
+        .rfind('\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let mut offset = from;
+    for (n, line) in text[from..].split_inclusive('\n').enumerate() {
+        let t = line.trim_start();
+        if n > 0 && t.starts_with('[') {
+            return None;
+        }
+        let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+        if t.contains('=') && k == key {
+            return Some(offset + line.len() - t.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`"; or "unknown variant").
+fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (key, rest) = rest.split_once('`')?;
+    let expected = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    Some((key.to_string(), expected))
+}
+
+/// The expected key nearest to `key` by edit distance, if it is close enough to be a typo.
+fn closest<'a>(key: &str, expected: &'a [String]) -> Option<&'a str> {
+    expected
+        .iter()
+        .map(|e| (levenshtein(key, e), e.as_str()))
+        .filter(|(d, e)| *d <= 2.max(e.len() / 3))
+        .min()
+        .map(|(_, e)| e)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests;

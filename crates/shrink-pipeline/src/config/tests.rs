@@ -1,0 +1,134 @@
+use super::*;
+
+const GOOD: &str = r#"name = "w4"
+seed = 0
+
+[model]
+source = "smollm2"
+
+[data]
+calib = "shakespeare:calib"
+samples = 16
+
+[[stage]]
+kind = "quantize.gptq"
+preset = "q4_k_m"
+damp = 0.01
+
+[[stage]]
+kind = "quantize.rtn"
+name = "q8"
+input = "model"
+format = "q8_0"
+
+[eval]
+chunks = 8
+
+[gates]
+max_ppl_increase_pct = 5.0
+"#;
+
+fn err(text: &str) -> String {
+    parse(text, "p.toml").unwrap_err().to_string()
+}
+
+#[test]
+fn a_good_pipeline_plans_its_stages() {
+    let p = parse(GOOD, "p.toml").unwrap();
+    let plan = p.plan();
+    assert_eq!(plan.len(), 2);
+    assert_eq!(
+        (plan[0].name.as_str(), plan[0].input.as_str()),
+        ("quantize.gptq", "model")
+    );
+    assert_eq!(
+        (plan[1].name.as_str(), plan[1].input.as_str()),
+        ("q8", "model")
+    );
+    assert!(plan[0].calibrates && !plan[1].calibrates);
+    assert_eq!(p.data.seq_len, 512, "defaults fill what is not given");
+    assert_eq!(p.eval.chunks, 8);
+    // SmolLM2: 134.5M parameters, width 576, MLP 1536, 16 × 512 calibration tokens.
+    let gb = p.estimated_peak_bytes(134_515_008, 576, 1536) as f64 / 1e9;
+    assert!((1.0..1.6).contains(&gb), "{gb}");
+}
+
+#[test]
+fn every_kind_of_mistake_is_one_positioned_message() {
+    // Unknown key, with a suggestion, at the key's own line.
+    let e = err(&GOOD.replace("damp = 0.01", "dmap = 0.01"));
+    assert!(
+        e.starts_with("p.toml:14:1: unknown key `dmap`; did you mean `damp`?"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("[eval]\nchunks", "[eval]\nchunk"));
+    assert!(
+        e.starts_with("p.toml:23:1: unknown key `chunk`; did you mean `chunks`?"),
+        "{e}"
+    );
+    // Wrong type.
+    let e = err(&GOOD.replace("samples = 16", "samples = \"many\""));
+    assert!(
+        e.starts_with("p.toml:9:11: invalid type: string \"many\", expected usize"),
+        "{e}"
+    );
+    // Missing field.
+    let e = err(&GOOD.replace("source = \"smollm2\"\n", ""));
+    assert!(e.contains("missing field `source`"), "{e}");
+    // Unknown stage kind.
+    let e = err(&GOOD.replace("quantize.gptq", "quantize.gpt"));
+    assert!(
+        e.starts_with("p.toml:12:")
+            && e.contains("unknown stage kind `quantize.gpt`; did you mean `quantize.gptq`?"),
+        "{e}"
+    );
+    // Bad value range.
+    let e = err(&GOOD.replace("damp = 0.01", "damp = 3.0"));
+    assert!(
+        e.starts_with("p.toml:14:1: damp = 3 is outside 0..=1"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("max_ppl_increase_pct = 5.0", "max_ppl_increase_pct = -1.0"));
+    assert!(
+        e.starts_with("p.toml:26:1: max_ppl_increase_pct = -1"),
+        "{e}"
+    );
+    // A stage whose input does not exist.
+    let e = err(&GOOD.replace("input = \"model\"", "input = \"gptq\""));
+    assert!(
+        e.starts_with("p.toml:19:1: input `gptq` is not the model or an earlier stage"),
+        "{e}"
+    );
+    // A key that does not apply to the kind, an unknown preset, a bad block type.
+    let e = err(&GOOD.replace("format = \"q8_0\"", "format = \"q8_0\"\nalpha = 0.5"));
+    assert!(
+        e.starts_with("p.toml:21:1: `alpha` does not apply to a quantize.rtn stage"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("q4_k_m", "q4_k_x"));
+    assert!(e.starts_with("p.toml:13:1: preset `q4_k_x`"), "{e}");
+    let e = err(&GOOD.replace("\"q8_0\"", "\"q9_0\""));
+    assert!(
+        e.starts_with("p.toml:20:1: quantization scheme: unknown block type 'q9_0'"),
+        "{e}"
+    );
+    // Duplicate stage names, no stages, syntax errors.
+    let e = err(&GOOD.replace("name = \"q8\"", "name = \"quantize.gptq\""));
+    assert!(e.contains("used twice"), "{e}");
+    let e = err(&GOOD[..GOOD.find("[[stage]]").unwrap()]);
+    assert!(e.contains("no [[stage]]"), "{e}");
+    let e = err(&GOOD.replace("seed = 0", "seed = "));
+    assert!(e.starts_with("p.toml:2:"), "{e}");
+}
+
+#[test]
+fn typo_suggestions_only_when_close() {
+    let expected: Vec<String> = ["preset", "format", "bits"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(closest("prest", &expected), Some("preset"));
+    assert_eq!(closest("colour", &expected), None);
+    assert_eq!(levenshtein("kitten", "sitting"), 3);
+    assert_eq!(line_column("ab\ncd", 4), (2, 2));
+}
