@@ -188,8 +188,17 @@ pub(crate) fn decompress(
                         "no quantization_config group targets this module".into(),
                     )
                 })?;
+            if !(1..=8).contains(&bits) {
+                return Err(IoError::Metadata {
+                    path: dir.join("config.json"),
+                    key: "quantization_config.config_groups.*.weights.num_bits".into(),
+                    message: format!("{bits} bits for {module}: expected 1 to 8"),
+                });
+            }
             let scale_name = format!("{module}.weight_scale");
-            let scale = tensors.remove(&scale_name).expect("listed above");
+            let scale = tensors
+                .remove(&scale_name)
+                .ok_or_else(|| err(&scale_name, "missing".into()))?;
             let (codes, rows, cols) =
                 if let Some(packed) = ints.remove(&format!("{module}.weight_packed")) {
                     let shape_name = format!("{module}.weight_shape");
@@ -231,7 +240,9 @@ pub(crate) fn decompress(
             } else {
                 scales.len() / rows.max(1)
             };
-            if !(scales.len() == 1 || (scales.len() == rows * per_row && cols % per_row == 0)) {
+            if !(scales.len() == 1
+                || (per_row > 0 && scales.len() == rows * per_row && cols % per_row == 0))
+            {
                 return Err(err(
                     &scale_name,
                     format!("shape {scale_dims:?} does not fit a {rows}×{cols} weight"),
@@ -259,6 +270,14 @@ pub(crate) fn decompress(
                     .transpose()
                     .map_err(|e| err(&zp_name, e.to_string()))?,
             };
+            if let Some(z) = &zero {
+                if z.len() != 1 && z.len() != scales.len() {
+                    return Err(err(
+                        &zp_name,
+                        format!("{} zero points for {} scales", z.len(), scales.len()),
+                    ));
+                }
+            }
             let w: Vec<f32> = (0..rows * cols)
                 .map(|k| {
                     let g = if scales.len() == 1 {
@@ -266,7 +285,10 @@ pub(crate) fn decompress(
                     } else {
                         (k / cols) * per_row + (k % cols) / group
                     };
-                    let z = zero.as_ref().map(|z| z[g.min(z.len() - 1)]).unwrap_or(0);
+                    let z = zero
+                        .as_ref()
+                        .map(|z| if z.len() == 1 { z[0] } else { z[g] })
+                        .unwrap_or(0);
                     (codes[k] - z) as f32 * scales[g]
                 })
                 .collect();
@@ -405,6 +427,60 @@ mod tests {
             let back = unpack_rows(&t, bits, rows, cols).unwrap();
             assert_eq!(back, codes.iter().map(|&c| c as i64).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn malformed_folders_are_errors_not_panics() {
+        let dir = Path::new("m");
+        let config = |bits: u64| {
+            serde_json::json!({"quantization_config": {
+                "quant_method": "compressed-tensors", "format": "int-quantized",
+                "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": bits}}}
+            }})
+        };
+        let setup = |scales: usize, zero: Option<usize>| {
+            let mut tensors = BTreeMap::new();
+            tensors.insert(
+                "l.weight_scale".to_string(),
+                Tensor::ones(scales, DType::F32, &Device::Cpu).unwrap(),
+            );
+            let mut ints = BTreeMap::new();
+            ints.insert(
+                "l.weight".to_string(),
+                IntTensor {
+                    shape: vec![4, 8],
+                    values: vec![1; 32],
+                },
+            );
+            if let Some(n) = zero {
+                ints.insert(
+                    "l.weight_zero_point".to_string(),
+                    IntTensor {
+                        shape: vec![n],
+                        values: vec![0; n],
+                    },
+                );
+            }
+            (tensors, ints)
+        };
+        let run = |bits, scales, zero| {
+            let (mut t, i) = setup(scales, zero);
+            decompress(dir, &config(bits), &mut t, i).map(|_| t)
+        };
+        let t = run(8, 4, Some(4)).unwrap();
+        assert_eq!(t["l.weight"].dims(), &[4, 8]);
+        assert!(run(0, 4, None)
+            .unwrap_err()
+            .to_string()
+            .contains("expected 1 to 8"));
+        assert!(run(8, 3, None)
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit"));
+        assert!(run(8, 4, Some(3))
+            .unwrap_err()
+            .to_string()
+            .contains("zero points"));
     }
 
     #[test]
