@@ -19,37 +19,22 @@ if [ ! -f "$F32" ]; then
   mv "$F32.part" "$F32"
 fi
 mkdir -p target/bench
-python3 - "$SHRINK" "$BIN/llama-perplexity" "$F32" "$MODEL" "$HAMLET" "$THREADS" "$CHUNKS" <<'PY'
-import json, os, re, subprocess, sys, tempfile, time
+SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN/llama-perplexity" "$F32" "$MODEL" "$HAMLET" "$THREADS" "$CHUNKS" <<'PY'
+import json, os, re, sys
+sys.path.insert(0, os.environ["SCRIPTS"])
+from benchlib import run
 shrink, llama, f32, q41, hamlet, threads, chunks = sys.argv[1:]
 tokens = int(chunks) * 512
 
-class Done:
-    pass
-
-def run(cmd):
-    # wait4 gives this child's own peak RSS (getrusage(CHILDREN) would report the max of all).
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=out, stderr=err)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t
-    out.seek(0); err.seek(0)
-    p = Done()
-    p.stdout, p.stderr = out.read().decode(), err.read().decode()
-    if status != 0:
-        sys.exit(f"{cmd[0]} failed:\n{p.stderr[-2000:]}")
-    return p, wall, usage.ru_maxrss / 1024
-
 rows = []
 def llama_cpp(model, label):
-    p, wall, rss = run([llama, "-m", model, "-f", hamlet, "-c", "512", "--chunks", chunks, "-t", threads])
-    ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", p.stderr).group(1))
+    _, stderr, wall, rss = run([llama, "-m", model, "-f", hamlet, "-c", "512", "--chunks", chunks, "-t", threads])
+    ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", stderr).group(1))
     rows.append(dict(tool="llama-perplexity", weights=label, ppl=ppl, wall_s=wall, tokens_per_s=tokens / wall, peak_rss_mb=rss))
 
 def ours(model, label):
-    p, wall, rss = run([shrink, "--threads", threads, "eval", model, "--text", hamlet, "--ctx", "512", "--chunks", chunks, "--json"])
-    r = json.loads(p.stdout)
+    stdout, _, wall, rss = run([shrink, "--threads", threads, "eval", model, "--text", hamlet, "--ctx", "512", "--chunks", chunks, "--json"])
+    r = json.loads(stdout)
     rows.append(dict(tool="shrink eval", weights=label, ppl=r["perplexity"]["ppl"], wall_s=wall, tokens_per_s=tokens / wall,
                      eval_tokens_per_s=r["tokens_per_s"], peak_rss_mb=rss))
 

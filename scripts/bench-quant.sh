@@ -13,23 +13,13 @@ SHRINK="$PWD/target/release/shrink"
 BIN="$(scripts/build-llama-cpp.sh)"
 OUT="${OUT:-$PWD/target/bench/quant}"
 mkdir -p "$OUT"
-python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
-import json, os, re, subprocess, sys, tempfile, time
+SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
+import json, os, re, subprocess, sys
+sys.path.insert(0, os.environ["SCRIPTS"])
+from benchlib import run
 shrink, bin_dir, out, threads = sys.argv[1:]
 hamlet = subprocess.check_output([shrink, "data", "path", "shakespeare:eval"]).decode().split()[0]
 model = subprocess.check_output([shrink, "data", "path", "smollm2"]).decode().split()[0]
-
-def run(cmd):
-    o, e = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=o, stderr=e)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t
-    o.seek(0); e.seek(0)
-    stdout, stderr = o.read().decode(), e.read().decode()
-    if status != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
-    return stdout, stderr, wall, usage.ru_maxrss / 1024
 
 def llama_ppl(path):
     _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", hamlet, "-c", "512", "--chunks", "32", "-t", threads])

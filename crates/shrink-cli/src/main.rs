@@ -649,15 +649,19 @@ fn validate(file: &Path, json: bool) -> Result<()> {
     let pipeline = shrink_pipeline::load(file)?;
     let plan = pipeline.plan();
     // The memory estimate needs the model's shape: read it if the model is already here.
+    // Headers only: the embedding's width and the MLP down projection's other dimension.
     let shape = resolve_model_if_present(&pipeline.model.source).and_then(|path| {
         let info = shrink_io::inspect(&path).ok()?;
-        let cfg = shrink_io::load(&path).ok()?.config;
-        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64());
-        Some((
-            info.parameters,
-            get("hidden_size")?,
-            get("intermediate_size")?,
-        ))
+        let dims = |names: [&str; 2]| {
+            info.tensors
+                .iter()
+                .find(|t| names.iter().any(|n| t.name.contains(n)) && t.shape.len() == 2)
+                .map(|t| (t.shape[0] as u64, t.shape[1] as u64))
+        };
+        let (a, b) = dims(["embed_tokens", "token_embd"])?;
+        let hidden = a.min(b);
+        let (c, d) = dims(["down_proj.weight", "ffn_down.weight"])?;
+        Some((info.parameters, hidden, if c == hidden { d } else { c }))
     });
     let peak = shape.map(|(p, h, i)| pipeline.estimated_peak_bytes(p, h, i));
     let run_dir = Path::new("runs").join(&pipeline.name);
@@ -762,6 +766,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         (None, Some(p)) => p.export.as_str(),
         (None, None) => "gguf",
     };
+    let preset_plan = preset.as_ref().map(|p| p.plan()).transpose()?;
     let grid_flags = || -> Result<Option<Format>> {
         if args.bits.is_none() && args.group.is_none() {
             return Ok(None);
@@ -782,7 +787,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             search: false,
         })))
     };
-    let mut plan = match (&args.format, &preset) {
+    let mut plan = match (&args.format, &preset_plan) {
         (Some(f), _) if export == "gguf" => {
             let format = block_type(f).context("--format")?;
             if let Some(Format::Scheme(want)) = grid_flags()? {
@@ -802,16 +807,16 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             }
             QuantPlan::uniform(format)
         }
-        (_, Some(p)) if grid_flags()?.is_none() => p.plan()?,
+        (_, Some(p)) if grid_flags()?.is_none() => p.clone(),
         _ => QuantPlan::uniform(match grid_flags()? {
             Some(f) => f,
             None if export == "hf" => bail!("--format hf needs a grid: --bits/--group or a preset"),
             None => block_type("q4_0")?,
         }),
     };
-    if let Some(p) = &preset {
+    if let Some(p) = &preset_plan {
         // A preset's fallbacks still apply to a --format given on the command line.
-        plan.fallbacks = p.plan()?.fallbacks;
+        plan.fallbacks = p.fallbacks.clone();
     }
     let smoothing = args.smooth.or(preset.as_ref().and_then(|p| p.smoothing));
     if let Some(alpha) = smoothing {

@@ -221,6 +221,36 @@ impl KQuant {
     }
 }
 
+/// Checks that `w` is a finite `rows × cols` matrix whose rows hold whole `dtype` blocks.
+pub(crate) fn check(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    name: &str,
+) -> Result<()> {
+    let shape_err = |message: String| QuantError::Shape {
+        tensor: name.to_string(),
+        message,
+    };
+    if w.len() != rows * cols {
+        return Err(shape_err(format!("{} values for {rows}×{cols}", w.len())));
+    }
+    if !cols.is_multiple_of(dtype.block_size()) {
+        return Err(shape_err(format!(
+            "{dtype:?} needs rows that are a multiple of {} values, this one has {cols}",
+            dtype.block_size()
+        )));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite {
+            tensor: name.to_string(),
+            index: i,
+        });
+    }
+    Ok(())
+}
+
 /// A weight matrix stored as ggml blocks of any type candle can quantize, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgmlTensor {
@@ -242,34 +272,16 @@ impl GgmlTensor {
         importance: Option<&[f32]>,
         name: &str,
     ) -> Result<Self> {
-        let shape_err = |message: String| QuantError::Shape {
-            tensor: name.to_string(),
-            message,
-        };
-        if w.len() != rows * cols {
-            return Err(shape_err(format!("{} values for {rows}×{cols}", w.len())));
-        }
-        if !cols.is_multiple_of(dtype.block_size()) {
-            return Err(shape_err(format!(
-                "{dtype:?} needs rows that are a multiple of {} values, this one has {cols}",
-                dtype.block_size()
-            )));
-        }
-        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-            return Err(QuantError::NonFinite {
-                tensor: name.to_string(),
-                index: i,
-            });
-        }
+        check(w, rows, cols, dtype, name)?;
         let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu)?;
         let q = match importance {
             None => QTensor::quantize(&t, dtype)?,
             Some(imp) if KQuant::from_ggml(dtype).is_some() => {
                 if imp.len() != cols {
-                    return Err(shape_err(format!(
-                        "{} importance weights for rows of {cols}",
-                        imp.len()
-                    )));
+                    return Err(QuantError::Shape {
+                        tensor: name.to_string(),
+                        message: format!("{} importance weights for rows of {cols}", imp.len()),
+                    });
                 }
                 QTensor::quantize_imatrix(&t, imp, dtype)?
             }

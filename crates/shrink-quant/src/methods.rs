@@ -286,8 +286,7 @@ pub fn gptq_kquant(
     cfg: &GptqConfig,
     name: &str,
 ) -> Result<GgmlTensor> {
-    // Validates the shape and values too.
-    let rtn = GgmlTensor::quantize(w, rows, cols, k.ggml(), None, name)?;
+    crate::kquant::check(w, rows, cols, k.ggml(), name)?;
     let Prepared {
         w,
         perm,
@@ -348,11 +347,16 @@ pub fn gptq_kquant(
             Ok(bytes)
         })
         .collect();
-    let mut bytes = Vec::with_capacity(rtn.bytes.len());
+    let mut bytes = Vec::with_capacity(rows * blocks_per_row * bb);
     for row in rows_out {
         bytes.extend(row?);
     }
-    Ok(GgmlTensor { bytes, ..rtn })
+    Ok(GgmlTensor {
+        dtype: k.ggml(),
+        rows,
+        cols,
+        bytes,
+    })
 }
 
 pub(crate) fn hessian_tensor(stats: &LinearStats) -> candle_core::Result<candle_core::Tensor> {
