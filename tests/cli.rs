@@ -586,3 +586,332 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
     ]);
     assert!(e.contains("--dtype q8_0 is for --to gguf"), "{e}");
 }
+
+/// A small pipeline on the tiny model: GPTQ into the Q4_K_M mix (GGUF), int8 per-channel RTN to a
+/// compressed-tensors folder, and a sweep of the latter's bits.
+fn tiny_pipeline(dir: &Path, gates: &str) -> PathBuf {
+    let gguf = tiny_gguf(dir);
+    let text = sample_text();
+    let text = text.to_str().unwrap();
+    let toml = format!(
+        r#"name = "tiny"
+seed = 3
+[model]
+source = "{model}"
+[data]
+calib = "{text}"
+eval = "{text}"
+samples = 8
+seq_len = 64
+[[stage]]
+kind = "quantize.gptq"
+name = "gptq"
+preset = "q4_k_m"
+[[stage]]
+kind = "quantize.rtn"
+name = "int8"
+input = "model"
+format = "hf"
+bits = 8
+group = "channel"
+[eval]
+ctx = 64
+chunks = 6
+prompts = ["To be, or not", "The tempest"]
+max_new_tokens = 6
+prefill_tokens = 24
+decode_tokens = 6
+[export]
+formats = ["gguf", "hf"]
+[sweep]
+stage = "int8"
+key = "bits"
+values = [4, 8]
+[gates]
+{gates}
+"#,
+        model = gguf.display()
+    );
+    let path = dir.join(format!("tiny-{}.toml", toml.len()));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Every file under `dir` (relative name → bytes), for comparing runs byte for byte.
+fn tree_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// The artifacts of a run folder: every stage's model and the exported model/.
+fn artifacts(run: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    tree_bytes(run)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("model/") || k.contains("/model"))
+        .collect()
+}
+
+#[test]
+fn pipeline_runs_end_to_end_reuses_stages_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_pipeline(
+        dir.path(),
+        "max_ppl_increase_pct = 50.0\nmin_top1_agreement = 0.5",
+    );
+    let f = file.to_str().unwrap();
+    let run = dir.path().join("run");
+    let r = run.to_str().unwrap();
+
+    // --dry-run prints the plan, sweep variant included, and runs nothing.
+    let plan = ok(&["run", f, "-o", r, "--dry-run"]);
+    assert!(
+        plan.contains("int8@bits=4") && plan.contains("sweep     int8.bits"),
+        "{plan}"
+    );
+    assert!(!run.exists());
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&["run", f, "-o", r, "--json"])).unwrap();
+    assert_eq!(summary["schema"], "shrink.run/v1");
+    assert_eq!(summary["passed"], true);
+    let names: Vec<&str> = summary["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    // bits = 8 is what the pipeline runs already: only bits = 4 is a new variant.
+    assert_eq!(names, ["baseline", "gptq", "int8", "int8@bits=4"]);
+    for file in [
+        "report.json",
+        "report.md",
+        "report.html",
+        "model/model.gguf",
+        "model/hf/config.json",
+    ] {
+        assert!(run.join(file).exists(), "{file}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema"], "shrink.report/v1");
+    let rows = report["rows"].as_array().unwrap();
+    let base = &rows[0];
+    assert!(base["kl_mean"].is_null() && base["perplexity"].as_f64().unwrap() > 1.0);
+    // The exported GGUF is the GPTQ stage's, scored against the input model.
+    assert_eq!(
+        std::fs::read(run.join("model/model.gguf")).unwrap(),
+        std::fs::read(run.join("stages/gptq/model.gguf")).unwrap()
+    );
+    let (gptq, int8, int4) = (&rows[1], &rows[2], &rows[3]);
+    for row in [gptq, int8, int4] {
+        assert!(row["kl_mean"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["compression_ratio"].as_f64().unwrap() > 1.0, "{row}");
+        assert_eq!(row["cached"], false);
+        assert!(row["decode"]["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(gptq["decode"]["backend"], "candle-quantized");
+    assert_eq!(int8["decode"]["backend"], "candle-f32");
+    assert!(int4["size_bytes"].as_u64() < int8["size_bytes"].as_u64());
+    assert!(
+        int4["kl_mean"].as_f64() > int8["kl_mean"].as_f64(),
+        "fewer bits, more error"
+    );
+    // Per-layer tables: every linear of both blocks, with its calibrated error.
+    let layers = &report["layers"][0];
+    assert_eq!(layers["stage"], "gptq");
+    assert_eq!(layers["layers"].as_array().unwrap().len(), 14);
+    assert!(
+        layers["layers"][0]["relative_output_error"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // Generations from every model, side by side.
+    assert_eq!(report["generations"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        report["generations"][0]["outputs"]
+            .as_object()
+            .unwrap()
+            .len(),
+        4
+    );
+    // The Pareto front of the sweep (and the baseline), recomputed here: rows no other row beats
+    // on both size and perplexity.
+    let swept: Vec<(&str, u64, f64)> = rows
+        .iter()
+        .filter(|r| r["name"] != "gptq")
+        .map(|r| {
+            let name = r["name"].as_str().unwrap();
+            (
+                name,
+                r["size_bytes"].as_u64().unwrap(),
+                r["perplexity"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let mut front: Vec<(&str, u64, f64)> = swept
+        .iter()
+        .copied()
+        .filter(|a| {
+            !swept
+                .iter()
+                .any(|b| b.1 <= a.1 && b.2 <= a.2 && (b.1 < a.1 || b.2 < a.2))
+        })
+        .collect();
+    front.sort_by_key(|r| r.1);
+    let front: Vec<&str> = front.iter().map(|r| r.0).collect();
+    let pareto: Vec<&str> = report["sweep"]["pareto"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(pareto, front);
+    assert_eq!(
+        report["sweep"]["variants"],
+        serde_json::json!(["int8", "int8@bits=4"])
+    );
+    let p = &report["provenance"];
+    assert_eq!(p["seed"], 3);
+    assert_eq!(p["inputs"][0]["role"], "model");
+    assert_eq!(p["inputs"][0]["sha256"].as_str().unwrap().len(), 64);
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("int8@bits=4"));
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(md.contains("| gptq"), "{md}");
+
+    // A second run reuses every stage and writes the same artifacts.
+    let first = artifacts(&run);
+    let again: serde_json::Value =
+        serde_json::from_str(&ok(&["run", f, "-o", r, "--json"])).unwrap();
+    let cached: Vec<bool> = again["models"].as_array().unwrap()[1..]
+        .iter()
+        .map(|m| m["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, [true, true, true]);
+    assert_eq!(artifacts(&run), first);
+
+    // The report renders in a browser (Debian's chromium), when one is installed.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check-report.sh");
+    if Path::new("/usr/bin/chromium").exists() {
+        let shot = dir.path().join("report.png");
+        let out = Command::new("bash")
+            .args([
+                script.to_str().unwrap(),
+                run.join("report.html").to_str().unwrap(),
+                shot.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("SKIPPED: chromium is not installed; report.html not rendered");
+    }
+}
+
+#[test]
+fn a_run_killed_mid_stage_resumes_to_the_same_bytes_and_gates_fail_loudly() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_pipeline(dir.path(), "max_ppl_increase_pct = 50.0");
+    let f = file.to_str().unwrap();
+    let whole = dir.path().join("whole");
+    ok(&["run", f, "-o", whole.to_str().unwrap()]);
+
+    // Start again elsewhere and SIGKILL the process while a stage is being written.
+    let killed = dir.path().join("killed");
+    let stages = killed.join("stages");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(["run", f, "-o", killed.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = |d: &Path| -> bool {
+        std::fs::read_dir(d).is_ok_and(|mut it| {
+            it.any(|e| {
+                e.is_ok_and(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(".shrink-staging-")
+                })
+            })
+        })
+    };
+    let start = std::time::Instant::now();
+    while !staging(&stages) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before a stage began"
+        );
+        assert!(start.elapsed().as_secs() < 120, "no stage started");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        staging(&stages),
+        "killed while the stage was still in its staging folder"
+    );
+    assert!(!killed.join("report.json").exists());
+
+    let resumed = ok(&["run", f, "-o", killed.to_str().unwrap()]);
+    assert!(resumed.contains("report"), "{resumed}");
+    assert!(
+        !staging(&stages),
+        "the interrupted stage's leftovers are gone"
+    );
+    assert_eq!(
+        artifacts(&killed),
+        artifacts(&whole),
+        "same bytes as an uninterrupted run"
+    );
+
+    // A failed gate: the report is written, the gate is named with its margin, exit code 3.
+    let strict = tiny_pipeline(
+        dir.path(),
+        "max_ppl_increase_pct = 0.0\nmin_compression_ratio = 100.0",
+    );
+    std::fs::remove_file(whole.join("report.json")).unwrap();
+    let out = shrink(&[
+        "run",
+        strict.to_str().unwrap(),
+        "-o",
+        whole.to_str().unwrap(),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("quality gates failed") && stderr.contains("min_compression_ratio on gptq"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["passed"], false);
+    let failed = summary["failed_gates"].as_array().unwrap();
+    assert!(failed.iter().any(|g| g["gate"] == "min_compression_ratio"
+        && g["message"].as_str().unwrap().contains("< 100×")));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("report.json")).unwrap()).unwrap();
+    assert!(report["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["passed"] == false));
+}

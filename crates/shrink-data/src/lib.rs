@@ -58,6 +58,10 @@ pub enum DataError {
     MissingMember { archive: PathBuf, member: String },
     #[error("cannot read package archive {archive}: {message}")]
     Archive { archive: PathBuf, message: String },
+    #[error("'{name}' is a dataset, not a model")]
+    NotAModel { name: String },
+    #[error("{path}: no such file or directory")]
+    NoSuchPath { path: PathBuf },
     #[error("text file {path} is not valid UTF-8")]
     NotUtf8 { path: PathBuf },
     #[error(transparent)]
@@ -114,38 +118,73 @@ pub fn split_files<'m>(manifest: &'m Manifest, split: &str) -> Result<Vec<&'m st
     })
 }
 
-/// Fetches (if needed) and returns the text of `reference`, the split's files concatenated.
-pub fn load_text(reference: &TextRef) -> Result<String> {
+/// The files (in order) of `reference`'s split, fetched and verified if needed.
+pub fn split_paths(reference: &TextRef) -> Result<Vec<PathBuf>> {
     let manifest = find(&reference.dataset)?;
     let keys = split_files(&manifest, &reference.split)?;
     let dir = fetch(&manifest)?;
-    let mut text = String::new();
-    for key in keys {
-        let path = dir.join(key);
-        let bytes = std::fs::read(&path).map_err(|source| shrink_core::CoreError::Io {
-            action: "reading",
-            path: path.clone(),
-            source,
-        })?;
-        text.push_str(&String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path })?);
+    Ok(keys.into_iter().map(|k| dir.join(k)).collect())
+}
+
+/// The files that `spec` names: an existing file, or the files of a `DATASET:SPLIT` reference
+/// (fetched and verified if needed).
+pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
+    let path = std::path::Path::new(spec);
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
     }
-    Ok(text)
+    split_paths(&spec.parse()?)
+}
+
+/// Fetches (if needed) and returns the text of `reference`, the split's files concatenated.
+pub fn load_text(reference: &TextRef) -> Result<String> {
+    concat_files(&split_paths(reference)?)
 }
 
 /// Reads text from `spec`: an existing file path, or a `DATASET:SPLIT` reference.
 pub fn read_text(spec: &str) -> Result<String> {
-    let path = std::path::Path::new(spec);
-    if path.is_file() {
+    concat_files(&text_files(spec)?)
+}
+
+fn concat_files(paths: &[PathBuf]) -> Result<String> {
+    let mut text = String::new();
+    for path in paths {
         let bytes = std::fs::read(path).map_err(|source| shrink_core::CoreError::Io {
             action: "reading",
-            path: path.to_path_buf(),
+            path: path.clone(),
             source,
         })?;
-        return String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 {
-            path: path.to_path_buf(),
-        });
+        text.push_str(
+            &String::from_utf8(bytes).map_err(|_| DataError::NotUtf8 { path: path.clone() })?,
+        );
     }
-    load_text(&spec.parse()?)
+    Ok(text)
+}
+
+/// The model that `spec` names: an existing file or folder, or a demo model's manifest name
+/// (`smollm2`), fetched and verified if needed.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    let path = std::path::Path::new(spec);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_like_path = spec.contains(['/', '\\']) || spec.contains('.');
+    let manifest = match find(spec) {
+        Ok(m) if m.kind == Kind::Model => m,
+        _ if looks_like_path => {
+            return Err(DataError::NoSuchPath {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(_) => {
+            return Err(DataError::NotAModel {
+                name: spec.to_string(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = fetch(&manifest)?;
+    Ok(dir.join(manifest.model.as_deref().unwrap_or_default()))
 }
 
 #[cfg(test)]

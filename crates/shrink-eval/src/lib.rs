@@ -16,6 +16,10 @@
 //! assert!(fidelity.kl_mean.abs() < 1e-9 && fidelity.top1_agreement == 1.0);
 //! ```
 
+mod decode;
+
+pub use decode::{f32_decode_speed, quantized_decode_speed, DecodeSpeed};
+
 use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

@@ -218,3 +218,48 @@ fn bad_inputs_are_errors() {
     );
     assert!("nope".parse::<Protocol>().is_err());
 }
+
+/// candle-transformers' quantized Llama reads a GGUF written by shrink (Q/K rows permuted back to
+/// llama.cpp's layout, interleaved RoPE) and continues a prompt exactly as shrink's own model does.
+#[test]
+fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
+    let vocab = shrink_io::GgufVocab::byte_level(&["<s>", "</s>"], &[], Some("smollm"));
+    let mut config = LlamaConfig::tiny_for_tests();
+    config.vocab_size = vocab.tokens.len();
+    let model = Llama::random(&config, 9, &Device::Cpu).unwrap();
+    let tokenizer = shrink_io::TokenizerBundle::from_gguf_vocab(
+        std::path::Path::new("tiny"),
+        vocab,
+        Some(0),
+        Some(1),
+        false,
+        None,
+    )
+    .unwrap();
+    let checkpoint = shrink_io::Checkpoint {
+        path: "tiny".into(),
+        format: shrink_io::Format::HfFolder,
+        config: serde_json::to_value(&config).unwrap(),
+        tensors: model.named_tensors(),
+        tokenizer: Some(tokenizer),
+        generation_config: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    shrink_io::write_llama_gguf(
+        &checkpoint,
+        &path,
+        shrink_io::GgufWriteType::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 29 % 200 + 3) as u32).collect();
+    let quantized = quantized_decode_speed(&path, &prompt, 16).unwrap();
+    let ours = f32_decode_speed(&model, &prompt, 16).unwrap();
+    assert_eq!(quantized.backend, "candle-quantized");
+    assert_eq!(quantized.tokens.len(), 17);
+    assert_eq!(quantized.tokens, ours.tokens);
+    assert!(quantized.decode_ms_per_token > 0.0 && quantized.prefill_tokens_per_s > 0.0);
+    let err = quantized_decode_speed(&dir.path().join("missing.gguf"), &prompt, 1).unwrap_err();
+    assert!(err.to_string().contains("missing.gguf"), "{err}");
+}

@@ -1,8 +1,70 @@
 //! Token sampling for generation: greedy, temperature and nucleus (top-p), seeded.
 
-use crate::Result;
+use crate::{Llama, Result};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// Tokens generated from a prompt, with the timings a server cares about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// Prompt processing until the first token is chosen.
+    pub time_to_first_token_s: f64,
+    /// Every later token: one cached forward of one token each.
+    pub decode_s: f64,
+}
+
+impl Generation {
+    /// Mean time per decoded token after the first (0 when fewer than two tokens).
+    pub fn ms_per_token(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(1);
+        if n == 0 {
+            0.0
+        } else {
+            self.decode_s * 1e3 / n as f64
+        }
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt` with a KV cache, stopping at a `stop` token (not
+/// included). `on_token` sees each token as it is chosen.
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    stop: &[u32],
+    mut on_token: impl FnMut(&[u32]) -> Result<()>,
+) -> Result<Generation> {
+    let device = model.device().clone();
+    let mut cache = model.new_cache();
+    let start = Instant::now();
+    let mut logits =
+        model.forward_cached(&Tensor::new(vec![prompt.to_vec()], &device)?, &mut cache)?;
+    let mut tokens = Vec::new();
+    let mut first = None;
+    for _ in 0..max_tokens {
+        let next = sampler.sample(&logits.squeeze(0)?)?;
+        first.get_or_insert_with(|| start.elapsed().as_secs_f64());
+        if stop.contains(&next) {
+            break;
+        }
+        tokens.push(next);
+        on_token(&tokens)?;
+        if tokens.len() == max_tokens {
+            break;
+        }
+        logits = model.forward_cached(&Tensor::new(&[[next]], &device)?, &mut cache)?;
+    }
+    let total = start.elapsed().as_secs_f64();
+    let time_to_first_token_s = first.unwrap_or(total);
+    Ok(Generation {
+        tokens,
+        time_to_first_token_s,
+        decode_s: total - time_to_first_token_s,
+    })
+}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,6 +157,35 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn greedy_generation_follows_the_full_forward() {
+        let cfg = crate::LlamaConfig::tiny_for_tests();
+        let model = Llama::random(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+        let prompt = [1u32, 4, 9];
+        let mut sampler = Sampler::new(SamplingConfig::default());
+        let g = generate(&model, &prompt, 5, &mut sampler, &[], |_| Ok(())).unwrap();
+        assert_eq!(g.tokens.len(), 5);
+        // Each token is the argmax of a full forward over everything before it.
+        let mut ids = prompt.to_vec();
+        for &t in &g.tokens {
+            let x = Tensor::new(vec![ids.clone()], &candle_core::Device::Cpu).unwrap();
+            let logits = model.forward(&x).unwrap();
+            let last = logits.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
+            assert_eq!(
+                Sampler::new(SamplingConfig::default())
+                    .sample(&last)
+                    .unwrap(),
+                t
+            );
+            ids.push(t);
+        }
+        // A stop token ends generation before it is emitted.
+        let mut sampler = Sampler::new(SamplingConfig::default());
+        let stopped =
+            generate(&model, &prompt, 5, &mut sampler, &[g.tokens[2]], |_| Ok(())).unwrap();
+        assert_eq!(stopped.tokens, g.tokens[..2]);
+    }
 
     #[test]
     fn greedy_takes_argmax() {

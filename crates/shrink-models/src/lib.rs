@@ -19,7 +19,7 @@ mod kernels;
 mod llama;
 
 pub use chat::{render_chat, ChatMessage};
-pub use generate::{Sampler, SamplingConfig};
+pub use generate::{generate, Generation, Sampler, SamplingConfig};
 pub use llama::{
     ActQuant, AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig,
     NoHook, RmsNorm,

@@ -1,12 +1,13 @@
 //! The pipeline file's schema, parsing with positions, and validation.
 
+use crate::quantize::{Export, QuantMethod, QuantizeRequest};
 use crate::{PipelineError, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A whole pipeline file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// The run's name: its folder is `runs/NAME`.
@@ -26,16 +27,35 @@ pub struct Pipeline {
     pub export: ExportConfig,
     #[serde(default)]
     pub gates: Gates,
+    #[serde(default)]
+    pub sweep: Option<Sweep>,
+    /// Filled by validation.
+    #[serde(skip)]
+    planned: Vec<PlannedStage>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Runs a stage once per value of one of its keys; the stages before it are shared.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sweep {
+    /// The swept stage's name.
+    pub stage: String,
+    /// `bits`, `group`, `format`, `preset`, `damp` or `alpha`.
+    pub key: String,
+    pub values: Vec<toml::Value>,
+}
+
+/// The stage keys a sweep can vary.
+pub const SWEEP_KEYS: &[&str] = &["bits", "group", "format", "preset", "damp", "alpha"];
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// A demo model name (`smollm2`), a GGUF file or a Hugging Face folder.
     pub source: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Calibration text: `DATASET:SPLIT` or a file.
@@ -76,7 +96,7 @@ impl Default for DataConfig {
 }
 
 /// The kinds of stage; technique crates add theirs as they land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum StageKind {
     #[serde(rename = "quantize.rtn")]
     QuantizeRtn,
@@ -105,17 +125,17 @@ impl StageKind {
             "imatrix" => self == StageKind::QuantizeRtn,
             "alpha" => self == StageKind::QuantizeSmoothQuant,
             "awq_grid" => self == StageKind::QuantizeAwq,
+            "weights" => matches!(
+                self,
+                StageKind::QuantizeAwq | StageKind::QuantizeSmoothQuant
+            ),
             _ => true,
         }
-    }
-
-    fn needs_calibration(self) -> bool {
-        self != StageKind::QuantizeRtn
     }
 }
 
 /// One step of the pipeline.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     pub kind: StageKind,
@@ -154,6 +174,12 @@ pub struct Stage {
     /// `int8-per-token` or `none`.
     #[serde(default)]
     pub activations: Option<String>,
+    /// Search each group's scale on the activation-weighted error.
+    #[serde(default)]
+    pub search: Option<bool>,
+    /// How AWQ and SmoothQuant pick the codes after rescaling: `rtn` or `gptq`.
+    #[serde(default)]
+    pub weights: Option<String>,
 }
 
 impl Stage {
@@ -162,9 +188,74 @@ impl Stage {
             .clone()
             .unwrap_or_else(|| self.kind.name().to_string())
     }
+
+    /// The quantization job this stage describes.
+    pub fn request(&self) -> Result<QuantizeRequest> {
+        let weights = self
+            .weights
+            .as_deref()
+            .map(QuantMethod::parse)
+            .transpose()?;
+        let (method, smooth) = match self.kind {
+            StageKind::QuantizeRtn => (Some(QuantMethod::Rtn), None),
+            StageKind::QuantizeGptq => (Some(QuantMethod::Gptq), None),
+            StageKind::QuantizeAwq => (
+                Some(match weights {
+                    Some(QuantMethod::Gptq) => QuantMethod::AwqGptq,
+                    _ => QuantMethod::Awq,
+                }),
+                None,
+            ),
+            // The weights' method defaults to the preset's; alpha to the preset's, then 0.8.
+            StageKind::QuantizeSmoothQuant => {
+                let preset_alpha = match &self.preset {
+                    Some(p) => shrink_quant::Preset::load(p)?.smoothing,
+                    None => None,
+                };
+                (weights, Some(self.alpha.or(preset_alpha).unwrap_or(0.8)))
+            }
+        };
+        let defaults = QuantizeRequest::default();
+        Ok(QuantizeRequest {
+            preset: self.preset.clone(),
+            method,
+            format: self.format.clone(),
+            bits: self.bits,
+            group: self.group.as_ref().map(|g| match g {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }),
+            smooth,
+            activations: self.activations.clone(),
+            overrides: self
+                .overrides
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            search: self.search.unwrap_or(false),
+            imatrix: self.imatrix.unwrap_or(false),
+            damp: self.damp.unwrap_or(defaults.damp),
+            act_order: self.act_order.unwrap_or(defaults.act_order),
+            awq_grid: self.awq_grid.unwrap_or(defaults.awq_grid),
+            embeddings: self.embeddings.clone(),
+            batch: defaults.batch,
+        })
+    }
+
+    /// This stage with `key` set to `value` (a sweep variant).
+    pub fn with_value(&self, key: &str, value: &toml::Value) -> Result<Stage> {
+        let mut table = toml::Value::try_from(self)
+            .map_err(|e| PipelineError::Invalid(format!("stage `{}`: {e}", self.display_name())))?;
+        if let Some(t) = table.as_table_mut() {
+            t.insert(key.to_string(), value.clone());
+        }
+        table
+            .try_into()
+            .map_err(|e| PipelineError::Invalid(format!("sweep value {key} = {value}: {e}")))
+    }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// `llama-cpp` or `full`.
@@ -175,6 +266,41 @@ pub struct EvalConfig {
     /// 0 = every chunk.
     #[serde(default = "default_chunks")]
     pub chunks: usize,
+    /// Prompts whose greedy continuations the report shows side by side.
+    #[serde(default = "default_prompts")]
+    pub prompts: Vec<String>,
+    /// Tokens generated per prompt.
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Wrap prompts in the model's chat template when it has one.
+    #[serde(default = "default_true")]
+    pub chat: bool,
+    /// Decode-speed measurement: a prompt of this many evaluation-text tokens, then this many
+    /// greedy steps.
+    #[serde(default = "default_prefill_tokens")]
+    pub prefill_tokens: usize,
+    #[serde(default = "default_decode_tokens")]
+    pub decode_tokens: usize,
+}
+
+fn default_prompts() -> Vec<String> {
+    vec![
+        "What is the capital of France?".into(),
+        "Write a short poem about the sea.".into(),
+        "Explain in one sentence why the sky is blue.".into(),
+    ]
+}
+fn default_max_new_tokens() -> usize {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+fn default_prefill_tokens() -> usize {
+    128
+}
+fn default_decode_tokens() -> usize {
+    32
 }
 
 fn default_protocol() -> String {
@@ -193,11 +319,16 @@ impl Default for EvalConfig {
             protocol: default_protocol(),
             ctx: default_ctx(),
             chunks: default_chunks(),
+            prompts: default_prompts(),
+            max_new_tokens: default_max_new_tokens(),
+            chat: true,
+            prefill_tokens: default_prefill_tokens(),
+            decode_tokens: default_decode_tokens(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// `gguf` and/or `hf`.
@@ -218,7 +349,7 @@ impl Default for ExportConfig {
 }
 
 /// Quality gates: a run whose final model misses one fails.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Gates {
     pub max_ppl_increase_pct: Option<f64>,
@@ -228,23 +359,29 @@ pub struct Gates {
     pub min_compression_ratio: Option<f64>,
 }
 
-/// A stage with its resolved input and output names.
+/// A stage ready to run: its input resolved, its quantization job made, its output format known.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedStage {
     pub name: String,
     pub kind: StageKind,
+    /// `model` or an earlier planned stage's name.
     pub input: String,
     pub calibrates: bool,
+    pub export: Export,
+    pub request: QuantizeRequest,
+    /// For a sweep variant: `key=value`.
+    pub sweep_value: Option<String>,
 }
 
 impl Pipeline {
     /// Estimated peak memory in bytes of running the pipeline on a model with `parameters`
-    /// weights, `hidden` wide with `intermediate` MLP rows: the checkpoint and the f32 model,
-    /// plus, when a stage calibrates, the calibration activations entering and leaving a block,
-    /// one block's Hessians and a batch's working set.
+    /// weights, `hidden` wide with `intermediate` MLP rows: the checkpoint, the f32 model and the
+    /// reference model the evaluation compares against, plus, when a stage calibrates, the
+    /// calibration activations entering and leaving a block, one block's Hessians and a batch's
+    /// working set.
     pub fn estimated_peak_bytes(&self, parameters: u64, hidden: u64, intermediate: u64) -> u64 {
-        let model = 2 * parameters * 4;
-        let calibrates = self.plan().iter().any(|s| s.calibrates);
+        let model = 3 * parameters * 4;
+        let calibrates = self.planned.iter().any(|s| s.calibrates);
         if !calibrates {
             return model + (64 << 20);
         }
@@ -255,24 +392,15 @@ impl Pipeline {
         model + activations + hessians + batch + (64 << 20)
     }
 
-    /// Stages in order with their inputs resolved.
-    pub fn plan(&self) -> Vec<PlannedStage> {
-        let mut previous = "model".to_string();
-        self.stages
-            .iter()
-            .map(|s| {
-                let p = PlannedStage {
-                    name: s.display_name(),
-                    kind: s.kind,
-                    input: s.input.clone().unwrap_or_else(|| previous.clone()),
-                    calibrates: s.kind.needs_calibration()
-                        || s.imatrix == Some(true)
-                        || s.alpha.is_some(),
-                };
-                previous = p.name.clone();
-                p
-            })
-            .collect()
+    /// Stages in the order they run (sweep variants after the stages they branch from), with
+    /// their inputs resolved.
+    pub fn plan(&self) -> &[PlannedStage] {
+        &self.planned
+    }
+
+    /// The planned stages of the pipeline as written, without sweep variants.
+    pub fn main_chain(&self) -> impl Iterator<Item = &PlannedStage> {
+        self.planned.iter().filter(|s| s.sweep_value.is_none())
     }
 }
 
@@ -430,7 +558,9 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             "no [[stage]]: a pipeline needs at least one stage".into(),
         ));
     }
+    let mut pipeline = pipeline;
     let mut names: Vec<String> = vec!["model".into()];
+    let mut previous = "model".to_string();
     for (i, s) in pipeline.stages.iter().enumerate() {
         let here = Place::Stage(i);
         let name = s.display_name();
@@ -453,92 +583,206 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                 ));
             }
         }
-        for (key, set) in [
-            ("damp", s.damp.is_some()),
-            ("act_order", s.act_order.is_some()),
-            ("imatrix", s.imatrix.is_some()),
-            ("alpha", s.alpha.is_some()),
-            ("awq_grid", s.awq_grid.is_some()),
-        ] {
-            if set && !s.kind.accepts(key) {
-                return Err(fail(
-                    here,
-                    key,
-                    format!("`{key}` does not apply to a {} stage", s.kind.name()),
-                ));
-            }
-        }
-        if let Some(damp) = s.damp {
-            if !(0.0..=1.0).contains(&damp) {
-                return Err(fail(
-                    here,
-                    "damp",
-                    format!("damp = {damp} is outside 0..=1"),
-                ));
-            }
-        }
-        if let Some(alpha) = s.alpha {
-            if !(0.0..=1.0).contains(&alpha) {
-                return Err(fail(
-                    here,
-                    "alpha",
-                    format!("alpha = {alpha} is outside 0..=1"),
-                ));
-            }
-        }
-        if let Some(b) = s.bits {
-            if !(2..=8).contains(&b) {
-                return Err(fail(here, "bits", format!("bits = {b} is outside 2..=8")));
-            }
-        }
-        if let Some(group) = &s.group {
-            let ok = match group {
-                toml::Value::Integer(n) => *n > 0,
-                toml::Value::String(k) => k == "channel" || k == "tensor",
-                _ => false,
-            };
-            if !ok {
-                return Err(fail(
-                    here,
-                    "group",
-                    format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
-                ));
-            }
-        }
-        if let Some(p) = &s.preset {
-            shrink_quant::Preset::load(p)
-                .map_err(|e| fail(here, "preset", format!("preset `{p}`: {e}")))?;
-        }
-        if let Some(f) = &s.format {
-            if f != "hf" {
-                shrink_quant::Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
-                    .map_err(|e| fail(here, "format", e.to_string()))?;
-            }
-        }
-        if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
-            return Err(at(
+        let planned = check_stage(s).map_err(|(key, message)| match key {
+            Some(key) => fail(here, key, message),
+            None => at(
                 stage_starts.get(i).copied().unwrap_or(0),
+                format!("stage `{name}`: {message}"),
+            ),
+        })?;
+        let input = s.input.clone().unwrap_or_else(|| previous.clone());
+        pipeline.planned.push(PlannedStage {
+            name: name.clone(),
+            input,
+            ..planned
+        });
+        previous = name.clone();
+        names.push(name);
+    }
+    for f in &pipeline.export.formats {
+        let wanted = if f == "hf" { Export::Hf } else { Export::Gguf };
+        if !pipeline.planned.iter().any(|s| s.export == wanted) {
+            return Err(fail(
+                Place::Section("[export]"),
+                "formats",
+                format!("no stage writes a {f} model to export (set a stage's `format`)"),
+            ));
+        }
+    }
+    if let Some(sweep) = pipeline.sweep.clone() {
+        let at_sweep = |key: &str, message: String| fail(Place::Section("[sweep]"), key, message);
+        let Some(index) = pipeline
+            .stages
+            .iter()
+            .position(|s| s.display_name() == sweep.stage)
+        else {
+            return Err(at_sweep(
+                "stage",
                 format!(
-                    "stage `{name}` says nothing about the format: give `preset`, `format` or `bits`"
+                    "sweep stage `{}` is not a stage of this pipeline (stages: {})",
+                    sweep.stage,
+                    names[1..].join(", ")
+                ),
+            ));
+        };
+        let swept = &pipeline.stages[index];
+        if !SWEEP_KEYS.contains(&sweep.key.as_str()) || !swept.kind.accepts(&sweep.key) {
+            let hint = closest(
+                &sweep.key,
+                &SWEEP_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            )
+            .map(|k| format!("; did you mean `{k}`?"))
+            .unwrap_or_default();
+            return Err(at_sweep(
+                "key",
+                format!(
+                    "cannot sweep `{}` of a {} stage{hint} (sweepable: {})",
+                    sweep.key,
+                    swept.kind.name(),
+                    SWEEP_KEYS.join(", ")
                 ),
             ));
         }
-        for (pattern, ty) in &s.overrides {
-            shrink_quant::Format::parse(ty)
-                .map_err(|e| fail(here, pattern, format!("override `{pattern}`: {e}")))?;
+        if sweep.values.is_empty() {
+            return Err(at_sweep(
+                "values",
+                "a sweep needs at least one value".into(),
+            ));
         }
-        if let Some(a) = &s.activations {
-            if !["int8-per-token", "none"].contains(&a.as_str()) {
-                return Err(fail(
-                    here,
-                    "activations",
-                    format!("activations `{a}` is not one of: int8-per-token, none"),
-                ));
+        let mut variants = Vec::new();
+        for value in &sweep.values {
+            let shown = match value {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let label = format!("{}={shown}", sweep.key);
+            let suffix = format!("@{label}");
+            let problem = |message: String| at_sweep("values", format!("{label}: {message}"));
+            let stage = swept
+                .with_value(&sweep.key, value)
+                .map_err(|e| problem(e.to_string()))?;
+            let planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
+            let main = &pipeline.planned[index];
+            if planned.request == main.request {
+                continue; // the pipeline as written already runs this value
+            }
+            // The swept stage and every later stage that (transitively) reads from it.
+            let mut renamed: Vec<String> = vec![main.name.clone()];
+            variants.push(PlannedStage {
+                name: format!("{}{suffix}", main.name),
+                input: main.input.clone(),
+                sweep_value: Some(label.clone()),
+                ..planned
+            });
+            for later in &pipeline.planned[index + 1..] {
+                if renamed.contains(&later.input) {
+                    renamed.push(later.name.clone());
+                    variants.push(PlannedStage {
+                        name: format!("{}{suffix}", later.name),
+                        input: format!("{}{suffix}", later.input),
+                        sweep_value: Some(label.clone()),
+                        ..later.clone()
+                    });
+                }
             }
         }
-        names.push(name);
+        pipeline.planned.extend(variants);
     }
     Ok(pipeline)
+}
+
+/// Checks one stage's own keys and makes its job; on error, the key at fault (if one is) and why.
+fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
+    for (key, set) in [
+        ("damp", s.damp.is_some()),
+        ("act_order", s.act_order.is_some()),
+        ("imatrix", s.imatrix.is_some()),
+        ("alpha", s.alpha.is_some()),
+        ("awq_grid", s.awq_grid.is_some()),
+        ("weights", s.weights.is_some()),
+    ] {
+        if set && !s.kind.accepts(key) {
+            return Err((
+                Some(key),
+                format!("`{key}` does not apply to a {} stage", s.kind.name()),
+            ));
+        }
+    }
+    if let Some(damp) = s.damp {
+        if !(0.0..=1.0).contains(&damp) {
+            return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
+        }
+    }
+    if let Some(alpha) = s.alpha {
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err((Some("alpha"), format!("alpha = {alpha} is outside 0..=1")));
+        }
+    }
+    if let Some(b) = s.bits {
+        if !(2..=8).contains(&b) {
+            return Err((Some("bits"), format!("bits = {b} is outside 2..=8")));
+        }
+    }
+    if let Some(group) = &s.group {
+        let ok = match group {
+            toml::Value::Integer(n) => *n > 0,
+            toml::Value::String(k) => k == "channel" || k == "tensor",
+            _ => false,
+        };
+        if !ok {
+            return Err((
+                Some("group"),
+                format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
+            ));
+        }
+    }
+    if let Some(w) = &s.weights {
+        if !["rtn", "gptq"].contains(&w.as_str()) {
+            return Err((
+                Some("weights"),
+                format!("weights `{w}` is not one of: rtn, gptq"),
+            ));
+        }
+    }
+    if let Some(p) = &s.preset {
+        shrink_quant::Preset::load(p)
+            .map_err(|e| (Some("preset"), format!("preset `{p}`: {e}")))?;
+    }
+    if let Some(f) = &s.format {
+        if f != "hf" {
+            shrink_quant::Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
+                .map_err(|e| (Some("format"), e.to_string()))?;
+        }
+    }
+    if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
+        return Err((
+            None,
+            "says nothing about the format: give `preset`, `format` or `bits`".into(),
+        ));
+    }
+    for (pattern, ty) in &s.overrides {
+        shrink_quant::Format::parse(ty)
+            .map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
+    }
+    if let Some(a) = &s.activations {
+        if !["int8-per-token", "none"].contains(&a.as_str()) {
+            return Err((
+                Some("activations"),
+                format!("activations `{a}` is not one of: int8-per-token, none"),
+            ));
+        }
+    }
+    let request = s.request().map_err(|e| (None, e.to_string()))?;
+    let resolved = request.resolve().map_err(|e| (None, e.to_string()))?;
+    Ok(PlannedStage {
+        name: s.display_name(),
+        kind: s.kind,
+        input: String::new(),
+        calibrates: resolved.calibrates,
+        export: resolved.export,
+        request,
+        sweep_value: None,
+    })
 }
 
 #[derive(Clone, Copy)]

@@ -1,6 +1,9 @@
 //! Declarative compression pipelines: a TOML file names the input model, the data, an ordered list
-//! of stages, the evaluation, the export and the quality gates. [`load`] parses and validates it;
-//! every mistake is reported once, with `file:line:column`, and a "did you mean" for misspelt keys.
+//! of stages, the evaluation, the export, the quality gates and an optional sweep. [`load`] parses
+//! and validates it (every mistake reported once, with `file:line:column` and a "did you mean" for
+//! misspelt keys); [`run`] executes it in a run folder where every stage is keyed by a hash of its
+//! inputs and settings, so a re-run skips finished stages and an interrupted one resumes; the run
+//! ends with `report.json`, `report.md`, `report.html` and the gates' verdict.
 //!
 //! ```
 //! let text = r#"
@@ -15,19 +18,35 @@
 //! let plan = p.plan();
 //! assert_eq!(plan[0].name, "quantize.gptq");
 //! assert_eq!(plan[0].input, "model");
+//! assert!(plan[0].calibrates);
 //! let e = shrink_pipeline::parse(&text.replace("preset", "prest"), "w4.toml").unwrap_err();
 //! assert!(e.to_string().starts_with("w4.toml:7:1: unknown key `prest`"), "{e}");
 //! assert!(e.to_string().contains("did you mean `preset`?"));
 //! ```
+//!
+//! Running it (`shrink_pipeline::run(&p, &RunOptions::new("w4.toml"), &NoProgress)`) fetches the
+//! demo model, quantizes, evaluates and writes `runs/w4/`.
 
 mod config;
+pub mod quantize;
+pub mod render;
+pub mod report;
+mod run;
+mod sys;
 
 pub use config::{
     load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
-    Stage, StageKind,
+    Stage, StageKind, Sweep, SWEEP_KEYS,
 };
+pub use quantize::{
+    build_model, quantize_and_write, Export, QuantMethod, QuantizeOutcome, QuantizeRequest,
+    ResolvedQuantize,
+};
+pub use run::{eval_tokens, prompt_tokens, run, RunOptions, RunOutcome};
 
-/// A pipeline file that cannot be used, with where and why.
+use std::path::PathBuf;
+
+/// A pipeline that cannot be used or run, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     /// `file:line:column: message`
@@ -40,6 +59,35 @@ pub enum PipelineError {
     },
     #[error("{file}: {message}")]
     Io { file: String, message: String },
+    /// A combination of settings that cannot be carried out.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: Box<shrink_io::IoError>,
+    },
+    #[error("stage `{stage}`: {source}")]
+    Stage {
+        stage: String,
+        source: Box<PipelineError>,
+    },
+    #[error(transparent)]
+    Quant(#[from] shrink_quant::QuantError),
+    #[error(transparent)]
+    Model(#[from] shrink_models::ModelError),
+    #[error(transparent)]
+    ModelFile(#[from] shrink_io::IoError),
+    #[error(transparent)]
+    Eval(#[from] shrink_eval::EvalError),
+    #[error(transparent)]
+    Data(#[from] shrink_data::DataError),
+    #[error(transparent)]
+    Calib(#[from] shrink_calib::CalibError),
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;

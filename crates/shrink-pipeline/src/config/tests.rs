@@ -50,7 +50,7 @@ fn a_good_pipeline_plans_its_stages() {
     assert_eq!(p.eval.chunks, 8);
     // SmolLM2: 134.5M parameters, width 576, MLP 1536, 16 × 512 calibration tokens.
     let gb = p.estimated_peak_bytes(134_515_008, 576, 1536) as f64 / 1e9;
-    assert!((1.0..1.6).contains(&gb), "{gb}");
+    assert!((1.5..2.2).contains(&gb), "{gb}");
 }
 
 #[test]

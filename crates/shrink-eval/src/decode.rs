@@ -1,0 +1,92 @@
+//! Serving speed: prefill throughput and per-token decode latency. GGUF files run through candle's
+//! quantized kernels (candle-transformers' quantized Llama reading the file itself, so this also
+//! checks that an independent reader loads what shrink wrote); anything else runs the f32 model.
+
+use crate::{EvalError, Result};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use serde::{Deserialize, Serialize};
+use shrink_models::{Llama, Sampler, SamplingConfig};
+use std::path::Path;
+use std::time::Instant;
+
+/// How fast a model answers: one prompt's prefill, then greedy decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeSpeed {
+    /// `candle-quantized` or `candle-f32`.
+    pub backend: String,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_ms_per_token: f64,
+    /// The greedy continuation that was timed.
+    pub tokens: Vec<u32>,
+}
+
+/// Times a GGUF file through candle's quantized kernels: prefill of `prompt`, then `decode_tokens`
+/// greedy steps of one token each.
+pub fn quantized_decode_speed(
+    path: &Path,
+    prompt: &[u32],
+    decode_tokens: usize,
+) -> Result<DecodeSpeed> {
+    let gguf_err = |e: candle_core::Error| EvalError::Config(format!("{}: {e}", path.display()));
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| EvalError::Config(format!("{}: {e}", path.display())))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(gguf_err)?;
+    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).map_err(gguf_err)?;
+    time_decode("candle-quantized", prompt, decode_tokens, |ids, pos| {
+        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        Ok(model.forward(&x, pos)?.squeeze(0)?)
+    })
+}
+
+/// The same measurement on shrink's own f32 model (dequantized weights).
+pub fn f32_decode_speed(
+    model: &Llama,
+    prompt: &[u32],
+    decode_tokens: usize,
+) -> Result<DecodeSpeed> {
+    let mut cache = model.new_cache();
+    time_decode("candle-f32", prompt, decode_tokens, |ids, _| {
+        let x = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+        Ok(model.forward_cached(&x, &mut cache)?.squeeze(0)?)
+    })
+}
+
+/// `step(ids, position)` returns the logits after `ids` given that `position` tokens came before.
+fn time_decode(
+    backend: &str,
+    prompt: &[u32],
+    decode_tokens: usize,
+    mut step: impl FnMut(&[u32], usize) -> Result<Tensor>,
+) -> Result<DecodeSpeed> {
+    if prompt.is_empty() {
+        return Err(EvalError::Config("the decode prompt is empty".into()));
+    }
+    let mut sampler = Sampler::new(SamplingConfig::default());
+    let start = Instant::now();
+    let mut logits = step(prompt, 0)?;
+    let mut next = sampler.sample(&logits)?;
+    let prefill_s = start.elapsed().as_secs_f64();
+    let mut tokens = vec![next];
+    let start = Instant::now();
+    for i in 0..decode_tokens {
+        logits = step(&[next], prompt.len() + i)?;
+        next = sampler.sample(&logits)?;
+        tokens.push(next);
+    }
+    let decode_s = start.elapsed().as_secs_f64();
+    Ok(DecodeSpeed {
+        backend: backend.into(),
+        prefill_tokens: prompt.len(),
+        prefill_tokens_per_s: prompt.len() as f64 / prefill_s.max(1e-9),
+        decode_tokens,
+        decode_ms_per_token: if decode_tokens == 0 {
+            0.0
+        } else {
+            decode_s * 1e3 / decode_tokens as f64
+        },
+        tokens,
+    })
+}

@@ -1,0 +1,445 @@
+//! One quantization job: the options of `shrink quantize` and of a `quantize.*` stage resolved into
+//! a per-linear plan and a method, run on a model, and written as a GGUF or a compressed-tensors
+//! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
+
+use crate::{PipelineError, Result};
+use candle_core::DType;
+use serde::Serialize;
+use shrink_core::Progress;
+use shrink_io::{Checkpoint, GgufWriteType, QuantizedBlocks};
+use shrink_models::{ActQuant, Llama, LlamaConfig};
+use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Which algorithm picks the codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuantMethod {
+    Rtn,
+    Gptq,
+    /// AWQ scales folded into the norms, then RTN.
+    Awq,
+    /// AWQ scales, then GPTQ.
+    AwqGptq,
+}
+
+impl QuantMethod {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "rtn" => Ok(Self::Rtn),
+            "gptq" => Ok(Self::Gptq),
+            "awq" => Ok(Self::Awq),
+            "awq-gptq" => Ok(Self::AwqGptq),
+            other => Err(invalid(format!(
+                "method '{other}' (expected rtn, gptq, awq or awq-gptq)"
+            ))),
+        }
+    }
+}
+
+/// Where the quantized model goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Export {
+    /// A GGUF file llama.cpp loads.
+    Gguf,
+    /// A Hugging Face folder in compressed-tensors' layout.
+    Hf,
+}
+
+/// What to quantize and how. Unset options take the preset's value, then the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuantizeRequest {
+    /// A built-in preset (`q4_k_m`) or a preset TOML file.
+    pub preset: Option<String>,
+    pub method: Option<QuantMethod>,
+    /// `gguf:TYPE` (or just `TYPE`) or `hf`.
+    pub format: Option<String>,
+    pub bits: Option<u8>,
+    /// A group size, `channel` or `tensor`.
+    pub group: Option<String>,
+    /// SmoothQuant's alpha.
+    pub smooth: Option<f64>,
+    /// `int8-per-token` or `none`.
+    pub activations: Option<String>,
+    /// (name pattern, block type), later ones win.
+    pub overrides: Vec<(String, String)>,
+    /// Search each group's scale on the activation-weighted error.
+    pub search: bool,
+    /// RTN weighted by the calibration activations (llama.cpp's imatrix).
+    pub imatrix: bool,
+    pub damp: f64,
+    pub act_order: bool,
+    pub awq_grid: usize,
+    /// `f32`, `f16` or a block type for the token embedding and an untied head.
+    pub embeddings: Option<String>,
+    /// Calibration windows per forward pass.
+    pub batch: usize,
+}
+
+impl Default for QuantizeRequest {
+    fn default() -> Self {
+        Self {
+            preset: None,
+            method: None,
+            format: None,
+            bits: None,
+            group: None,
+            smooth: None,
+            activations: None,
+            overrides: Vec::new(),
+            search: false,
+            imatrix: false,
+            damp: 0.01,
+            act_order: true,
+            awq_grid: 20,
+            embeddings: None,
+            batch: 8,
+        }
+    }
+}
+
+/// A request with every choice made.
+#[derive(Debug, Clone)]
+pub struct ResolvedQuantize {
+    pub plan: QuantPlan,
+    pub method: Method,
+    pub export: Export,
+    pub activations: Option<ActQuant>,
+    /// `None`: f32; `Some(Err(t))`: a float type; `Some(Ok(f))`: a block format.
+    pub embeddings: Option<std::result::Result<Format, GgufWriteType>>,
+    /// Whether the method needs calibration windows.
+    pub calibrates: bool,
+}
+
+/// What a quantization run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeOutcome {
+    /// `Gptq(GptqConfig { … })`
+    pub method: String,
+    /// Stored type → number of tensors.
+    pub types: BTreeMap<String, usize>,
+    pub layers: Vec<shrink_quant::LayerReport>,
+    /// Bits per weight over the quantized linears.
+    pub linear_bits_per_weight: f64,
+}
+
+fn invalid(message: String) -> PipelineError {
+    PipelineError::Invalid(message)
+}
+
+fn block_type(name: &str, search: bool) -> Result<Format> {
+    let t = name.strip_prefix("gguf:").unwrap_or(name);
+    Ok(Format::parse(t)?.with_search(search))
+}
+
+impl QuantizeRequest {
+    /// Makes every choice: the preset's, overridden by what the request sets.
+    pub fn resolve(&self) -> Result<ResolvedQuantize> {
+        let preset = self
+            .preset
+            .as_deref()
+            .map(Preset::load)
+            .transpose()
+            .map_err(|e| invalid(format!("preset: {e}")))?;
+        let search = self.search || self.imatrix;
+        let export = match (&self.format, &preset) {
+            (Some(f), _) if f == "hf" => Export::Hf,
+            (Some(_), _) => Export::Gguf,
+            (None, Some(p)) if p.export == "hf" => Export::Hf,
+            (None, _) => Export::Gguf,
+        };
+        let preset_plan = preset.as_ref().map(|p| p.plan()).transpose()?;
+        let grid = self.grid()?;
+        let mut plan = match (&self.format, &preset_plan) {
+            (Some(f), _) if export == Export::Gguf => {
+                let format = block_type(f, search)?;
+                if let Some(Format::Scheme(want)) = grid {
+                    let (bits, group) = match format {
+                        Format::Scheme(s) => (s.bits, s.granularity),
+                        Format::K(k) => (k.bits(), Granularity::Group(k.group())),
+                    };
+                    if self.bits.is_some_and(|b| b != bits)
+                        || (self.group.is_some() && want.granularity != group)
+                    {
+                        return Err(invalid(format!(
+                            "bits/group ({} bits, {:?}) do not describe {f} ({bits} bits, {group:?})",
+                            want.bits, want.granularity
+                        )));
+                    }
+                }
+                QuantPlan::uniform(format)
+            }
+            (_, Some(p)) if grid.is_none() => p.clone(),
+            _ => QuantPlan::uniform(match grid {
+                Some(f) => f,
+                None if export == Export::Hf => {
+                    return Err(invalid(
+                        "a Hugging Face export needs a grid: bits/group or a preset".into(),
+                    ))
+                }
+                None => block_type("q4_0", search)?,
+            }),
+        };
+        if let Some(p) = &preset_plan {
+            // A preset's fallbacks still apply to a format given explicitly.
+            plan.fallbacks = p.fallbacks.clone();
+        }
+        let smoothing = self.smooth.or(preset.as_ref().and_then(|p| p.smoothing));
+        if let Some(alpha) = smoothing {
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(invalid(format!("smoothing alpha {alpha} is outside 0..=1")));
+            }
+        }
+        let activations = match self
+            .activations
+            .as_deref()
+            .or(preset.as_ref().and_then(|p| p.activations.as_deref()))
+        {
+            None | Some("none") => None,
+            Some("int8-per-token") => Some(ActQuant::Int8PerToken),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "activations '{other}': expected int8-per-token or none"
+                )))
+            }
+        };
+        if activations.is_some() && export != Export::Hf {
+            return Err(invalid(
+                "int8 activations are exported to Hugging Face folders only (format hf)".into(),
+            ));
+        }
+        if search {
+            plan.default = plan.default.with_search(true);
+            for r in &mut plan.rules {
+                r.format = r.format.with_search(true);
+            }
+        }
+        for (pattern, f) in &self.overrides {
+            plan.rules.push(Rule::new(
+                pattern,
+                block_type(f, search).map_err(|e| invalid(format!("override '{pattern}': {e}")))?,
+            ));
+        }
+        let gptq = GptqConfig {
+            damp: self.damp,
+            act_order: self.act_order,
+            static_groups: true,
+        };
+        let method_name = match (self.method, &preset) {
+            (Some(m), _) => m,
+            (None, Some(p)) => QuantMethod::parse(&p.method)?,
+            (None, None) => QuantMethod::Gptq,
+        };
+        let method = match (method_name, smoothing) {
+            (QuantMethod::Rtn, Some(alpha)) => Method::SmoothQuant { alpha, gptq: None },
+            (QuantMethod::Gptq, Some(alpha)) => Method::SmoothQuant {
+                alpha,
+                gptq: Some(gptq),
+            },
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "SmoothQuant combines with rtn or gptq weights, not AWQ".into(),
+                ))
+            }
+            (QuantMethod::Rtn, None) => Method::Rtn,
+            (QuantMethod::Gptq, None) => Method::Gptq(gptq),
+            (QuantMethod::Awq, None) => Method::Awq {
+                grid: self.awq_grid,
+                gptq: None,
+            },
+            (QuantMethod::AwqGptq, None) => Method::Awq {
+                grid: self.awq_grid,
+                gptq: Some(gptq),
+            },
+        };
+        let embeddings_spec = match (&self.embeddings, &preset) {
+            (Some(e), _) => e.clone(),
+            (None, Some(p)) => match &p.embeddings {
+                Some(shrink_quant::FormatSpec::Name(n)) => n.clone(),
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "preset embeddings must be a block type, got {other:?}"
+                    )))
+                }
+                None => "q8_0".into(),
+            },
+            (None, None) => "q8_0".into(),
+        };
+        let embeddings = match embeddings_spec.as_str() {
+            "f32" => None,
+            "f16" => Some(Err(GgufWriteType::F16)),
+            t => Some(Ok(
+                block_type(t, false).map_err(|e| invalid(format!("embeddings: {e}")))?
+            )),
+        };
+        let calibrates = !matches!(method, Method::Rtn) || search;
+        Ok(ResolvedQuantize {
+            plan,
+            method,
+            export,
+            activations,
+            embeddings,
+            calibrates,
+        })
+    }
+
+    /// The grid that `bits` / `group` describe, if either is set.
+    fn grid(&self) -> Result<Option<Format>> {
+        if self.bits.is_none() && self.group.is_none() {
+            return Ok(None);
+        }
+        let granularity = match self.group.as_deref() {
+            None => Granularity::Group(128),
+            Some("channel") => Granularity::Channel,
+            Some("tensor") => Granularity::Tensor,
+            Some(g) => Granularity::Group(g.parse().map_err(|_| {
+                invalid(format!("group '{g}': expected a size, channel or tensor"))
+            })?),
+        };
+        Ok(Some(Format::Scheme(shrink_quant::QuantScheme {
+            bits: self.bits.unwrap_or(4),
+            grid: shrink_quant::Grid::Symmetric,
+            granularity,
+            search: false,
+        })))
+    }
+}
+
+/// Builds the f32 (or bf16) model of a checkpoint. A W8A8 checkpoint's linears see int8 per-token
+/// activations, as in vLLM.
+pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
+    let cfg = LlamaConfig::from_json(&checkpoint.config)?;
+    let mut model = Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype)?;
+    let dynamic_tokens = checkpoint
+        .config
+        .pointer("/quantization_config/config_groups")
+        .and_then(|g| g.as_object())
+        .is_some_and(|groups| {
+            groups.values().any(|g| {
+                g.pointer("/input_activations/strategy")
+                    .and_then(|s| s.as_str())
+                    == Some("token")
+            })
+        });
+    if dynamic_tokens {
+        model.set_act_quant(Some(ActQuant::Int8PerToken));
+    }
+    Ok(model)
+}
+
+/// Quantizes `model` (built from `checkpoint`) as `resolved` says and writes the result to `out`
+/// (a GGUF file or a Hugging Face folder, atomically). `windows` are the calibration windows,
+/// required when `resolved.calibrates`.
+pub fn quantize_and_write(
+    checkpoint: &Checkpoint,
+    model: &mut Llama,
+    resolved: &ResolvedQuantize,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<QuantizeOutcome> {
+    let result = shrink_quant::quantize_model(
+        model,
+        resolved.method,
+        &resolved.plan,
+        windows,
+        batch,
+        progress,
+    )?;
+    let mut blocks = BTreeMap::new();
+    let write_err = |e: shrink_io::IoError| PipelineError::Write {
+        path: out.to_path_buf(),
+        source: Box::new(e),
+    };
+    match resolved.export {
+        Export::Hf => {
+            // What the model holds now (AWQ and SmoothQuant rescale norms too); quantized weights
+            // in compressed-tensors' layout, everything else in fp16.
+            let hf = shrink_quant::compressed_tensors(&result.tensors, resolved.activations)?;
+            let mut tensors = model.named_tensors();
+            tensors.retain(|name, _| !result.tensors.contains_key(name));
+            let quantized = Checkpoint {
+                tensors,
+                ..checkpoint.clone()
+            };
+            shrink_io::save_hf_with(
+                &quantized,
+                out,
+                shrink_io::SaveDType::F16,
+                &hf.tensors,
+                Some(&hf.quantization_config),
+            )
+            .map_err(write_err)?;
+        }
+        Export::Gguf => {
+            for (name, q) in &result.tensors {
+                let (dtype, bytes) = q.to_ggml_blocks()?;
+                blocks.insert(name.clone(), QuantizedBlocks { dtype, bytes });
+            }
+            // The token embedding (and an untied output head) by round-to-nearest, as
+            // llama-quantize does.
+            let mut weight_type = GgufWriteType::F32;
+            match resolved.embeddings {
+                None => {}
+                Some(Err(t)) => weight_type = t,
+                Some(Ok(format)) => {
+                    let tensors = model.named_tensors();
+                    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+                        if let Some(t) = tensors.get(name) {
+                            let (rows, cols) = t.dims2()?;
+                            let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                            let q = shrink_quant::rtn_format(
+                                &w,
+                                rows,
+                                cols,
+                                &resolved.plan.fit(format.with_search(false), cols),
+                                None,
+                                name,
+                            )?;
+                            let (dtype, bytes) = q.to_ggml_blocks()?;
+                            blocks.insert(name.to_string(), QuantizedBlocks { dtype, bytes });
+                        }
+                    }
+                }
+            }
+            // What the model holds now: AWQ has rescaled norms as well as linears.
+            let quantized = Checkpoint {
+                tensors: model.named_tensors(),
+                ..checkpoint.clone()
+            };
+            shrink_io::write_llama_gguf(&quantized, out, weight_type, &blocks)
+                .map_err(write_err)?;
+        }
+    }
+    let weights: f64 = result
+        .layers
+        .iter()
+        .map(|l| (l.shape[0] * l.shape[1]) as f64)
+        .sum();
+    let linear_bits_per_weight = result
+        .layers
+        .iter()
+        .map(|l| l.bits_per_weight * (l.shape[0] * l.shape[1]) as f64)
+        .sum::<f64>()
+        / weights.max(1.0);
+    let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &result.layers {
+        *types.entry(l.format.clone()).or_default() += 1;
+    }
+    for (name, b) in &blocks {
+        if !result.tensors.contains_key(name) {
+            *types
+                .entry(format!("{:?}", b.dtype).to_lowercase())
+                .or_default() += 1;
+        }
+    }
+    Ok(QuantizeOutcome {
+        method: format!("{:?}", resolved.method),
+        types,
+        layers: result.layers,
+        linear_bits_per_weight,
+    })
+}

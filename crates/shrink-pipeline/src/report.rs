@@ -1,0 +1,206 @@
+//! The run report: one serializable value (`report.json`, schema `shrink.report/v1`) from which
+//! `report.md` and the self-contained `report.html` are rendered.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Everything a run measured, baseline first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// `shrink.report/v1`
+    pub schema: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// The pipeline file as given on the command line.
+    pub pipeline_file: String,
+    pub provenance: Provenance,
+    pub eval: EvalSettings,
+    /// The input model first (`kind = "baseline"`), then every stage (sweep variants included) in
+    /// the order they ran.
+    pub rows: Vec<ModelRow>,
+    /// Names of the rows exported to `model/`.
+    pub exported: Vec<String>,
+    pub gates: Vec<GateResult>,
+    /// Greedy continuations of fixed prompts by the input model and each stage's model.
+    pub generations: Vec<Generation>,
+    /// Per-linear tables, one per stage that changed weights.
+    pub layers: Vec<StageLayers>,
+    pub sweep: Option<SweepSummary>,
+    /// Loss curves of stages that train (none of today's stage kinds do).
+    pub training: Vec<LossCurve>,
+    /// Wall time of the whole `shrink run`, cached stages included at their cost of zero.
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Provenance {
+    pub shrink_version: String,
+    /// sha256 of the pipeline file's bytes.
+    pub config_sha256: String,
+    pub inputs: Vec<InputHash>,
+    pub seed: u64,
+    pub machine: Machine,
+    /// RFC 3339, UTC.
+    pub date_utc: String,
+    /// The command line that produced the report.
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InputHash {
+    /// `model`, `calibration text`, `evaluation text`.
+    pub role: String,
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalSettings {
+    pub text: String,
+    pub protocol: String,
+    pub ctx: usize,
+    pub chunks: usize,
+    pub tokens_scored: usize,
+}
+
+/// One model of the run: the input (baseline) or a stage's output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelRow {
+    pub name: String,
+    /// `baseline` or a stage kind (`quantize.gptq`).
+    pub kind: String,
+    /// The row this model was made from (`None` for the baseline).
+    pub input: Option<String>,
+    /// The artifact, relative to the run folder (`stages/gptq/model.gguf`).
+    pub artifact: String,
+    /// `gguf` or `hf`.
+    pub format: String,
+    /// True when the stage was already done and this run reused it.
+    pub cached: bool,
+    /// For a sweep variant: `key=value`.
+    pub sweep_value: Option<String>,
+    pub perplexity: f64,
+    pub perplexity_stderr: f64,
+    /// (ppl / baseline ppl − 1) × 100.
+    pub ppl_increase_pct: f64,
+    /// KL(input model ‖ this model), nats per scored token (`None` for the baseline).
+    pub kl_mean: Option<f64>,
+    /// Fraction of scored positions where the top token equals the input model's.
+    pub top1_agreement: Option<f64>,
+    pub size_bytes: u64,
+    pub bits_per_weight: f64,
+    pub parameters: u64,
+    /// Fraction of exactly-zero weights in the linear layers.
+    pub sparsity: f64,
+    /// Input model size / this size.
+    pub compression_ratio: f64,
+    /// Evaluation throughput (f32 forward on the dequantized weights).
+    pub eval_tokens_per_s: f64,
+    /// Wall time of making the model (0 for the baseline).
+    pub stage_wall_s: f64,
+    /// Peak resident memory while making the model (0 for the baseline).
+    pub peak_rss_bytes: u64,
+    pub decode: Option<DecodeSpeed>,
+}
+
+/// Speed of the model as it would be served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DecodeSpeed {
+    /// `candle-quantized` (candle's quantized GGUF kernels) or `candle-f32` (dequantized weights,
+    /// for formats candle has no kernels for).
+    pub backend: String,
+    pub prefill_tokens: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens: usize,
+    pub decode_ms_per_token: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateResult {
+    /// The `[gates]` key, e.g. `max_ppl_increase_pct`.
+    pub gate: String,
+    /// The row it was checked on.
+    pub model: String,
+    pub limit: f64,
+    pub value: f64,
+    pub passed: bool,
+    /// `ppl increase 4.12% > 3% (by 1.12 points)`.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    pub prompt: String,
+    /// Row name → continuation (the baseline's under its row name).
+    pub outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageLayers {
+    pub stage: String,
+    pub layers: Vec<LayerRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerRow {
+    /// Hugging Face weight name.
+    pub name: String,
+    /// Stored format (`q4_k`, `int8 symmetric channel`).
+    pub format: String,
+    pub shape: [usize; 2],
+    pub bits_per_weight: f64,
+    /// ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs, when the stage calibrated.
+    pub relative_output_error: Option<f64>,
+    /// Fraction of exactly-zero weights.
+    pub sparsity: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepSummary {
+    /// The swept stage and key (`gptq`, `bits`).
+    pub stage: String,
+    pub key: String,
+    /// Row names of the variants, in the order of the values.
+    pub variants: Vec<String>,
+    /// Row names (variants and baseline) on the size/perplexity Pareto front, smallest first.
+    pub pareto: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LossCurve {
+    pub stage: String,
+    /// (step, loss)
+    pub points: Vec<(u64, f64)>,
+}
+
+/// Row names on the Pareto front of (size, perplexity): no other row is at most as large and at
+/// most as perplexing while better in one of the two. Smallest first.
+pub fn pareto_front(rows: &[&ModelRow]) -> Vec<String> {
+    let mut front: Vec<&ModelRow> = rows
+        .iter()
+        .copied()
+        .filter(|r| {
+            !rows.iter().any(|o| {
+                o.size_bytes <= r.size_bytes
+                    && o.perplexity <= r.perplexity
+                    && (o.size_bytes < r.size_bytes || o.perplexity < r.perplexity)
+            })
+        })
+        .collect();
+    front.sort_by(|a, b| {
+        a.size_bytes
+            .cmp(&b.size_bytes)
+            .then(a.perplexity.total_cmp(&b.perplexity))
+    });
+    front.iter().map(|r| r.name.clone()).collect()
+}

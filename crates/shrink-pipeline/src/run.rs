@@ -1,0 +1,862 @@
+//! Running a pipeline in its run folder. Every stage lives in `stages/NAME/` with a record keyed by
+//! a hash of (its input's key, its job, its calibration data, shrink's version): a finished stage
+//! whose key still matches is reused, a stage interrupted at any point left only a staging folder
+//! that the next run removes before doing the stage again. Measurements are cached beside each
+//! artifact under a key that adds the evaluation settings.
+
+use crate::quantize::{build_model, quantize_and_write, Export};
+use crate::report::{
+    pareto_front, DecodeSpeed, EvalSettings, GateResult, Generation, InputHash, LayerRow, ModelRow,
+    Provenance, Report, StageLayers, SweepSummary,
+};
+use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
+use candle_core::DType;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
+use shrink_io::{Checkpoint, TokenizerBundle};
+use shrink_models::{Llama, Sampler, SamplingConfig};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+const REPORT_SCHEMA: &str = "shrink.report/v1";
+
+/// Where and how to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The pipeline file (hashed into the report's provenance).
+    pub pipeline_file: PathBuf,
+    /// The run folder; default `runs/NAME`.
+    pub run_dir: Option<PathBuf>,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+impl RunOptions {
+    pub fn new(pipeline_file: impl Into<PathBuf>) -> Self {
+        Self {
+            pipeline_file: pipeline_file.into(),
+            run_dir: None,
+            command: String::new(),
+        }
+    }
+}
+
+/// A finished run: the report is written; `passed` is false when a gate failed.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub report: Report,
+    pub passed: bool,
+}
+
+/// What a finished stage left in `stages/NAME/stage.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StageRecord {
+    schema: String,
+    key: String,
+    name: String,
+    kind: String,
+    input: String,
+    /// File or folder name inside the stage folder.
+    artifact: String,
+    format: String,
+    method: String,
+    types: BTreeMap<String, usize>,
+    linear_bits_per_weight: f64,
+    layers: Vec<LayerRow>,
+    wall_s: f64,
+    peak_rss_bytes: u64,
+    shrink_version: String,
+}
+
+/// What was measured on one model, cached in `metrics.json` beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Metrics {
+    key: String,
+    eval: shrink_eval::EvalReport,
+    generations: Vec<String>,
+    decode: Option<DecodeSpeed>,
+    size_bytes: u64,
+    bits_per_weight: f64,
+    parameters: u64,
+    sparsity: f64,
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
+    move |e| PipelineError::Io {
+        file: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| PipelineError::Invalid(format!("{}: {e}", path.display())))?;
+    text.push('\n');
+    Ok(shrink_core::atomic_write(path, text.as_bytes())?)
+}
+
+fn key_of(value: &serde_json::Value) -> String {
+    sha256_hex(value.to_string().as_bytes())
+}
+
+/// sha256 of a file, or of a folder's files (names and contents, in name order).
+fn hash_path(path: &Path) -> Result<String> {
+    if path.is_file() {
+        return Ok(sha256_file(path)?);
+    }
+    let mut entries = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io_error(path))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in files {
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
+        entries.push(serde_json::json!([name, sha256_file(&f)?]));
+    }
+    Ok(key_of(&serde_json::Value::Array(entries)))
+}
+
+/// Removes what an interrupted run left: staging folders and temporary files of atomic writes.
+fn remove_leftovers(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(|e| e.ok()) {
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with(".shrink-") {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(io_error(&path))?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(io_error(to))?;
+    for e in std::fs::read_dir(from).map_err(io_error(from))? {
+        let e = e.map_err(io_error(from))?;
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target).map_err(io_error(&target))?;
+        }
+    }
+    Ok(())
+}
+
+/// The evaluation tokens of `text` as `llama-perplexity` makes them (special-token text not
+/// parsed; a BOS only when the model adds one, given separately) and that BOS.
+pub fn eval_tokens(checkpoint: &Checkpoint, text: &str) -> Result<(Vec<u32>, Option<u32>)> {
+    let tokenizer = checkpoint.tokenizer()?;
+    let tokens = tokenizer.encode(text, false)?;
+    if tokenizer.add_bos {
+        Ok((tokens[1..].to_vec(), tokenizer.bos_token_id))
+    } else {
+        Ok((tokens, None))
+    }
+}
+
+/// A prompt's token ids, wrapped in the model's chat template when `chat` and it has one.
+pub fn prompt_tokens(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = match (&tokenizer.chat_template, chat) {
+        (Some(template), true) => {
+            let token =
+                |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
+            shrink_models::render_chat(
+                template,
+                &[shrink_models::ChatMessage {
+                    role: "user".into(),
+                    content: prompt.to_string(),
+                }],
+                &token(tokenizer.bos_token_id),
+                &token(tokenizer.eos_token_ids.first().copied()),
+            )?
+        }
+        _ => prompt.to_string(),
+    };
+    Ok(tokenizer.encode(&text, true)?)
+}
+
+/// Fraction of exactly-zero values of a tensor.
+fn zero_fraction(t: &candle_core::Tensor) -> Result<f64> {
+    let n = t.elem_count().max(1);
+    let zeros = t
+        .eq(0f32)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok(zeros / n as f64)
+}
+
+/// Everything the measurements of every model share.
+struct Bench<'a> {
+    tokens: Vec<u32>,
+    bos: Option<u32>,
+    eval: shrink_eval::EvalConfig,
+    prompts: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+    stop: Vec<u32>,
+    decode_prompt: Vec<u32>,
+    decode_tokens: usize,
+    tokenizer: &'a TokenizerBundle,
+    progress: &'a dyn Progress,
+}
+
+impl Bench<'_> {
+    /// Evaluates `model` (loaded from `artifact`) against `reference`, generates from the
+    /// prompts and times decoding.
+    fn measure(
+        &self,
+        key: String,
+        model: &Llama,
+        reference: Option<&Llama>,
+        artifact: &Path,
+    ) -> Result<Metrics> {
+        let eval = shrink_eval::evaluate(
+            model,
+            reference,
+            &self.tokens,
+            self.bos,
+            &self.eval,
+            self.progress,
+        )?;
+        let mut generations = Vec::with_capacity(self.prompts.len());
+        for prompt in &self.prompts {
+            let mut greedy = Sampler::new(SamplingConfig::default());
+            let g = shrink_models::generate(
+                model,
+                prompt,
+                self.max_new_tokens,
+                &mut greedy,
+                &self.stop,
+                |_| Ok(()),
+            )?;
+            generations.push(self.tokenizer.decode(&g.tokens, false)?);
+        }
+        let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
+            None
+        } else if artifact.is_file() {
+            Some(shrink_eval::quantized_decode_speed(
+                artifact,
+                &self.decode_prompt,
+                self.decode_tokens,
+            )?)
+        } else {
+            Some(shrink_eval::f32_decode_speed(
+                model,
+                &self.decode_prompt,
+                self.decode_tokens,
+            )?)
+        };
+        let info = shrink_io::inspect(artifact)?;
+        let (mut zeros, mut weights) = (0.0, 0.0);
+        for block in &model.blocks {
+            for (_, linear) in block.linears() {
+                let n = linear.weight().elem_count() as f64;
+                zeros += zero_fraction(linear.weight())? * n;
+                weights += n;
+            }
+        }
+        Ok(Metrics {
+            key,
+            eval,
+            generations,
+            decode: decode.map(|d| DecodeSpeed {
+                backend: d.backend,
+                prefill_tokens: d.prefill_tokens,
+                prefill_tokens_per_s: d.prefill_tokens_per_s,
+                decode_tokens: d.decode_tokens,
+                decode_ms_per_token: d.decode_ms_per_token,
+            }),
+            size_bytes: info.file_size_bytes,
+            bits_per_weight: info.bits_per_weight,
+            parameters: info.parameters,
+            sparsity: zeros / weights.max(1.0),
+        })
+    }
+}
+
+/// Runs `pipeline` (validated by [`crate::load`]): every stage not already done, the measurements,
+/// the export to `model/`, the report files and the gates. `log` receives one line per step.
+pub fn run(
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    log: &dyn Fn(&str),
+) -> Result<RunOutcome> {
+    let start = Instant::now();
+    let run_dir = opts
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
+    let stages_dir = run_dir.join("stages");
+    std::fs::create_dir_all(&stages_dir).map_err(io_error(&stages_dir))?;
+    remove_leftovers(&run_dir)?;
+    remove_leftovers(&stages_dir)?;
+
+    let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
+    let model_sha = hash_path(&model_path)?;
+    let checkpoint = shrink_io::load(&model_path)?;
+    let tokenizer = checkpoint.tokenizer()?;
+    let mut inputs = vec![InputHash {
+        role: "model".into(),
+        path: model_path.display().to_string(),
+        sha256: model_sha.clone(),
+    }];
+    let text_inputs = |role: &str, spec: &str, inputs: &mut Vec<InputHash>| -> Result<String> {
+        let files = shrink_data::text_files(spec)?;
+        let mut hashes = Vec::new();
+        for f in &files {
+            let sha256 = sha256_file(f)?;
+            hashes.push(sha256.clone());
+            inputs.push(InputHash {
+                role: role.into(),
+                path: f.display().to_string(),
+                sha256,
+            });
+        }
+        Ok(key_of(&serde_json::json!(hashes)))
+    };
+    let eval_sha = text_inputs("evaluation text", &pipeline.data.eval, &mut inputs)?;
+    let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
+    let calib_sha = if calibrates {
+        Some(text_inputs(
+            "calibration text",
+            &pipeline.data.calib,
+            &mut inputs,
+        )?)
+    } else {
+        None
+    };
+
+    let (tokens, bos) = eval_tokens(&checkpoint, &shrink_data::read_text(&pipeline.data.eval)?)?;
+    let e = &pipeline.eval;
+    let bench = Bench {
+        decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
+        tokens,
+        bos,
+        eval: shrink_eval::EvalConfig {
+            protocol: e.protocol.parse()?,
+            ctx: e.ctx,
+            chunks: (e.chunks > 0).then_some(e.chunks),
+            batch: 4,
+        },
+        prompts: e
+            .prompts
+            .iter()
+            .map(|p| prompt_tokens(tokenizer, p, e.chat))
+            .collect::<Result<_>>()?,
+        max_new_tokens: e.max_new_tokens,
+        stop: tokenizer.eos_token_ids.clone(),
+        decode_tokens: e.decode_tokens,
+        tokenizer,
+        progress,
+    };
+    let eval_key = key_of(&serde_json::json!({
+        "shrink": VERSION, "text": eval_sha, "eval": pipeline.eval,
+    }));
+    // Measurements are reused while the model and the evaluation settings are unchanged.
+    let metrics_for = |dir: &Path,
+                       model_key: &str,
+                       measure: &dyn Fn(String) -> Result<Metrics>|
+     -> Result<Metrics> {
+        let key = key_of(&serde_json::json!([model_key, eval_key]));
+        let path = dir.join("metrics.json");
+        if let Some(m) = read_json::<Metrics>(&path).filter(|m| m.key == key) {
+            return Ok(m);
+        }
+        let metrics = measure(key)?;
+        write_json(&path, &metrics)?;
+        Ok(metrics)
+    };
+
+    log(&format!("baseline  {}", model_path.display()));
+    let baseline = build_model(&checkpoint, DType::F32)?;
+    let base = metrics_for(&run_dir.join("baseline"), &model_sha, &|key| {
+        bench.measure(key, &baseline, None, &model_path)
+    })?;
+    let mut rows = vec![row(
+        "baseline",
+        "baseline",
+        None,
+        &model_path,
+        &model_path,
+        &base,
+        &base,
+        None,
+        None,
+        false,
+    )];
+    let mut generations: Vec<Generation> = pipeline
+        .eval
+        .prompts
+        .iter()
+        .zip(&base.generations)
+        .map(|(prompt, text)| Generation {
+            prompt: prompt.clone(),
+            outputs: [("baseline".to_string(), text.clone())].into(),
+        })
+        .collect();
+    let mut layers = Vec::new();
+    let mut keys: BTreeMap<String, String> = [("model".to_string(), model_sha.clone())].into();
+    let mut artifacts: BTreeMap<String, PathBuf> =
+        [("model".to_string(), model_path.clone())].into();
+    let mut windows: Option<Vec<Vec<u32>>> = None;
+
+    for stage in pipeline.plan() {
+        let input_key = &keys[&stage.input];
+        let calibration = stage.calibrates.then(|| {
+            serde_json::json!({
+                "text": calib_sha, "samples": pipeline.data.samples,
+                "seq_len": pipeline.data.seq_len, "seed": pipeline.seed,
+            })
+        });
+        let key = key_of(&serde_json::json!({
+            "shrink": VERSION, "input": input_key, "job": stage.request, "calibration": calibration,
+        }));
+        let dir = stages_dir.join(&stage.name);
+        let done = read_json::<StageRecord>(&dir.join("stage.json"))
+            .filter(|r| r.key == key && dir.join(&r.artifact).exists());
+        let cached = done.is_some();
+        let record = match done {
+            Some(r) => {
+                log(&format!("stage     {}: done before, reused", stage.name));
+                r
+            }
+            None => {
+                log(&format!(
+                    "stage     {}: {} ← {}",
+                    stage.name,
+                    stage.kind.name(),
+                    stage.input
+                ));
+                let input = if stage.input == "model" {
+                    checkpoint.clone()
+                } else {
+                    shrink_io::load(&artifacts[&stage.input])?
+                };
+                if stage.calibrates && windows.is_none() {
+                    let text = shrink_data::read_text(&pipeline.data.calib)?;
+                    let ids = tokenizer.encode(&text, false)?;
+                    windows = Some(shrink_calib::sample_windows(
+                        &ids,
+                        pipeline.data.samples,
+                        pipeline.data.seq_len,
+                        pipeline.seed,
+                    )?);
+                }
+                let stage_windows = if stage.calibrates {
+                    windows.as_deref()
+                } else {
+                    None
+                };
+                run_stage(stage, key.clone(), &input, stage_windows, &dir, progress).map_err(
+                    |e| PipelineError::Stage {
+                        stage: stage.name.clone(),
+                        source: Box::new(e),
+                    },
+                )?
+            }
+        };
+        let artifact = dir.join(&record.artifact);
+        let metrics = metrics_for(&dir, &key, &|key| {
+            let model = build_model(&shrink_io::load(&artifact)?, DType::F32)?;
+            bench.measure(key, &model, Some(&baseline), &artifact)
+        })?;
+        rows.push(row(
+            &stage.name,
+            stage.kind.name(),
+            Some(&stage.input),
+            &run_dir,
+            &artifact,
+            &metrics,
+            &base,
+            Some(&record),
+            stage.sweep_value.clone(),
+            cached,
+        ));
+        for (g, text) in generations.iter_mut().zip(&metrics.generations) {
+            g.outputs.insert(stage.name.clone(), text.clone());
+        }
+        layers.push(StageLayers {
+            stage: stage.name.clone(),
+            layers: record.layers.clone(),
+        });
+        keys.insert(stage.name.clone(), key);
+        artifacts.insert(stage.name.clone(), artifact);
+    }
+
+    // The final models: for each export format, the last stage of the pipeline as written that
+    // produces it.
+    let mut exported = Vec::new();
+    let model_dir = AtomicDir::new(&run_dir.join("model"))?;
+    for format in &pipeline.export.formats {
+        let wanted = if format == "hf" {
+            Export::Hf
+        } else {
+            Export::Gguf
+        };
+        let Some(stage) = pipeline.main_chain().filter(|s| s.export == wanted).last() else {
+            continue; // validation guarantees one
+        };
+        let from = &artifacts[&stage.name];
+        match wanted {
+            Export::Gguf => {
+                let to = model_dir.path().join("model.gguf");
+                std::fs::copy(from, &to).map_err(io_error(&to))?;
+            }
+            Export::Hf => copy_dir(from, &model_dir.path().join("hf"))?,
+        }
+        exported.push(stage.name.clone());
+    }
+    model_dir.commit()?;
+
+    let gates: Vec<GateResult> = exported
+        .iter()
+        .filter_map(|name| rows.iter().find(|r| &r.name == name))
+        .flat_map(|r| check_gates(&pipeline.gates, r))
+        .collect();
+    let passed = gates.iter().all(|g| g.passed);
+    let sweep = pipeline.sweep.as_ref().map(|s| {
+        let variants: Vec<String> = rows
+            .iter()
+            .filter(|r| r.name == s.stage || r.name.starts_with(&format!("{}@", s.stage)))
+            .map(|r| r.name.clone())
+            .collect();
+        let candidates: Vec<&ModelRow> = rows
+            .iter()
+            .filter(|r| r.kind == "baseline" || variants.contains(&r.name))
+            .collect();
+        SweepSummary {
+            stage: s.stage.clone(),
+            key: s.key.clone(),
+            pareto: pareto_front(&candidates),
+            variants,
+        }
+    });
+    let report = Report {
+        schema: REPORT_SCHEMA.into(),
+        name: pipeline.name.clone(),
+        description: pipeline.description.clone(),
+        pipeline_file: opts.pipeline_file.display().to_string(),
+        provenance: Provenance {
+            shrink_version: VERSION.into(),
+            config_sha256: sha256_file(&opts.pipeline_file).unwrap_or_default(),
+            inputs,
+            seed: pipeline.seed,
+            machine: sys::machine(),
+            date_utc: sys::now_utc(),
+            command: opts.command.clone(),
+        },
+        eval: EvalSettings {
+            text: pipeline.data.eval.clone(),
+            protocol: pipeline.eval.protocol.clone(),
+            ctx: pipeline.eval.ctx,
+            chunks: base.eval.chunks,
+            tokens_scored: base.eval.tokens_scored,
+        },
+        rows,
+        exported,
+        gates,
+        generations,
+        layers,
+        sweep,
+        training: Vec::new(),
+        wall_s: start.elapsed().as_secs_f64(),
+    };
+    write_json(&run_dir.join("report.json"), &report)?;
+    shrink_core::atomic_write(
+        &run_dir.join("report.md"),
+        crate::render::to_markdown(&report).as_bytes(),
+    )?;
+    shrink_core::atomic_write(
+        &run_dir.join("report.html"),
+        crate::render::to_html(&report).as_bytes(),
+    )?;
+    Ok(RunOutcome {
+        run_dir,
+        report,
+        passed,
+    })
+}
+
+/// Makes one stage's artifact in a staging folder and commits it as `dir`.
+fn run_stage(
+    stage: &PlannedStage,
+    key: String,
+    input: &Checkpoint,
+    windows: Option<&[Vec<u32>]>,
+    dir: &Path,
+    progress: &dyn Progress,
+) -> Result<StageRecord> {
+    let staged = AtomicDir::new(dir)?;
+    let resolved = stage.request.resolve()?;
+    let mut model = build_model(input, DType::F32)?;
+    let artifact = match resolved.export {
+        Export::Gguf => "model.gguf",
+        Export::Hf => "model",
+    };
+    sys::reset_peak_rss();
+    let start = Instant::now();
+    let outcome = quantize_and_write(
+        input,
+        &mut model,
+        &resolved,
+        windows,
+        stage.request.batch,
+        &staged.path().join(artifact),
+        progress,
+    )?;
+    let wall_s = start.elapsed().as_secs_f64();
+    let weights = model.named_tensors();
+    let layers = outcome
+        .layers
+        .iter()
+        .map(|l| {
+            let sparsity = match weights.get(&format!("{}.weight", l.name)) {
+                Some(w) => zero_fraction(w)?,
+                None => 0.0,
+            };
+            Ok(LayerRow {
+                name: l.name.clone(),
+                format: l.format.clone(),
+                shape: l.shape,
+                bits_per_weight: l.bits_per_weight,
+                relative_output_error: l.relative_output_error,
+                sparsity,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let record = StageRecord {
+        schema: "shrink.stage/v1".into(),
+        key,
+        name: stage.name.clone(),
+        kind: stage.kind.name().into(),
+        input: stage.input.clone(),
+        artifact: artifact.into(),
+        format: serde_json::to_value(resolved.export)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        method: outcome.method,
+        types: outcome.types,
+        linear_bits_per_weight: outcome.linear_bits_per_weight,
+        layers,
+        wall_s,
+        peak_rss_bytes: sys::peak_rss_bytes(),
+        shrink_version: VERSION.into(),
+    };
+    // The record is written last: its presence means the artifact beside it is complete.
+    write_json(&staged.path().join("stage.json"), &record)?;
+    staged.commit()?;
+    Ok(record)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn row(
+    name: &str,
+    kind: &str,
+    input: Option<&str>,
+    run_dir: &Path,
+    artifact: &Path,
+    m: &Metrics,
+    base: &Metrics,
+    record: Option<&StageRecord>,
+    sweep_value: Option<String>,
+    cached: bool,
+) -> ModelRow {
+    let ppl = m.eval.perplexity.ppl;
+    ModelRow {
+        name: name.into(),
+        kind: kind.into(),
+        input: input.map(String::from),
+        artifact: artifact
+            .strip_prefix(run_dir)
+            .unwrap_or(artifact)
+            .display()
+            .to_string(),
+        format: if artifact.is_dir() { "hf" } else { "gguf" }.into(),
+        cached,
+        sweep_value,
+        perplexity: ppl,
+        perplexity_stderr: m.eval.perplexity.ppl_stderr,
+        ppl_increase_pct: (ppl / base.eval.perplexity.ppl - 1.0) * 100.0,
+        kl_mean: m.eval.fidelity.as_ref().map(|f| f.kl_mean),
+        top1_agreement: m.eval.fidelity.as_ref().map(|f| f.top1_agreement),
+        size_bytes: m.size_bytes,
+        bits_per_weight: m.bits_per_weight,
+        parameters: m.parameters,
+        sparsity: m.sparsity,
+        compression_ratio: base.size_bytes as f64 / m.size_bytes.max(1) as f64,
+        eval_tokens_per_s: m.eval.tokens_per_s,
+        stage_wall_s: record.map_or(0.0, |r| r.wall_s),
+        peak_rss_bytes: record.map_or(0, |r| r.peak_rss_bytes),
+        decode: m.decode.clone(),
+    }
+}
+
+/// Checks `[gates]` on one exported model.
+fn check_gates(gates: &crate::Gates, r: &ModelRow) -> Vec<GateResult> {
+    let mut out = Vec::new();
+    // (key, limit, value, passes when value ≤ limit, what it measures, unit)
+    let checks = [
+        (
+            "max_ppl_increase_pct",
+            gates.max_ppl_increase_pct,
+            Some(r.ppl_increase_pct),
+            true,
+            "perplexity increase",
+            "%",
+        ),
+        (
+            "min_top1_agreement",
+            gates.min_top1_agreement,
+            r.top1_agreement,
+            false,
+            "top-1 agreement",
+            "",
+        ),
+        ("max_kl", gates.max_kl, r.kl_mean, true, "KL", " nats"),
+        (
+            "max_size_mb",
+            gates.max_size_mb,
+            Some(r.size_bytes as f64 / 1e6),
+            true,
+            "size",
+            " MB",
+        ),
+        (
+            "min_compression_ratio",
+            gates.min_compression_ratio,
+            Some(r.compression_ratio),
+            false,
+            "compression ratio",
+            "×",
+        ),
+    ];
+    for (gate, limit, value, at_most, what, unit) in checks {
+        let Some(limit) = limit else { continue };
+        // A measurement that is missing (no reference) fails its gate rather than passing.
+        let value = value.unwrap_or(f64::NAN);
+        let passed = if at_most {
+            value <= limit
+        } else {
+            value >= limit
+        };
+        let message = if passed {
+            format!("{what} {value:.4}{unit} within {limit}{unit}")
+        } else {
+            format!(
+                "{what} {value:.4}{unit} {} {limit}{unit} (off by {:.4}{unit})",
+                if at_most { ">" } else { "<" },
+                (value - limit).abs()
+            )
+        };
+        out.push(GateResult {
+            gate: gate.into(),
+            model: r.name.clone(),
+            limit,
+            value,
+            passed,
+            message,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row_with(ppl_pct: f64, top1: f64, size: u64) -> ModelRow {
+        ModelRow {
+            name: "q".into(),
+            kind: "quantize.rtn".into(),
+            input: Some("model".into()),
+            artifact: "stages/q/model.gguf".into(),
+            format: "gguf".into(),
+            cached: false,
+            sweep_value: None,
+            perplexity: 10.0,
+            perplexity_stderr: 0.1,
+            ppl_increase_pct: ppl_pct,
+            kl_mean: Some(0.01),
+            top1_agreement: Some(top1),
+            size_bytes: size,
+            bits_per_weight: 4.5,
+            parameters: 1000,
+            sparsity: 0.0,
+            compression_ratio: 2.0,
+            eval_tokens_per_s: 1.0,
+            stage_wall_s: 1.0,
+            peak_rss_bytes: 0,
+            decode: None,
+        }
+    }
+
+    #[test]
+    fn gates_say_which_failed_and_by_how_much() {
+        let gates = crate::Gates {
+            max_ppl_increase_pct: Some(3.0),
+            min_top1_agreement: Some(0.9),
+            max_kl: None,
+            max_size_mb: Some(100.0),
+            min_compression_ratio: Some(2.5),
+        };
+        let results = check_gates(&gates, &row_with(4.25, 0.95, 90_000_000));
+        assert_eq!(results.len(), 4);
+        let failed: Vec<&GateResult> = results.iter().filter(|g| !g.passed).collect();
+        assert_eq!(failed.len(), 2);
+        assert_eq!(failed[0].gate, "max_ppl_increase_pct");
+        assert!(
+            failed[0].message.contains("4.2500% > 3%")
+                && failed[0].message.contains("off by 1.2500%"),
+            "{}",
+            failed[0].message
+        );
+        assert_eq!(failed[1].gate, "min_compression_ratio");
+        assert!(
+            failed[1].message.contains("2.0000× < 2.5×"),
+            "{}",
+            failed[1].message
+        );
+        // A fidelity gate without a measurement fails.
+        let mut r = row_with(0.0, 1.0, 1);
+        r.top1_agreement = None;
+        let g = check_gates(&gates, &r);
+        assert!(
+            !g.iter()
+                .find(|g| g.gate == "min_top1_agreement")
+                .unwrap()
+                .passed
+        );
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_run_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".shrink-staging-abc/model")).unwrap();
+        std::fs::write(dir.path().join(".shrink-tmp-x"), "partial").unwrap();
+        std::fs::create_dir_all(dir.path().join("gptq")).unwrap();
+        remove_leftovers(dir.path()).unwrap();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["gptq"]);
+    }
+}
