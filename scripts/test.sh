@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # The test command (README and CI): fetch the demo model and text (sha256-checked, cached), build
 # llama.cpp's reference tools from the vendored source (cached), then run every test, including the
-# real-model tests against llama.cpp. Extra arguments go to `cargo test`.
+# real-model tests against llama.cpp, the default pipeline on SmolLM2 and the check that its
+# report.html renders in headless Chromium. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v cmake >/dev/null; then
+# cmake builds llama.cpp; Debian's chromium renders report.html.
+missing=()
+command -v cmake >/dev/null || missing+=(cmake)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[test] installing cmake" >&2
-    apt-get update -qq >&2 && apt-get install -y -qq cmake >&2
+    echo "[test] installing ${missing[*]}" >&2
+    apt-get update -qq >&2 && apt-get install -y -qq "${missing[@]}" >&2
   else
-    echo "[test] cmake is required to build the llama.cpp reference tools (apt-get install cmake)" >&2
+    echo "[test] needed: ${missing[*]} (apt-get install ${missing[*]})" >&2
     exit 2
   fi
 fi

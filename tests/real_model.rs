@@ -476,3 +476,69 @@ fn q4_k_m_preset_matches_llama_quantize() {
     assert!((ours_in_llama / theirs_in_llama - 1.0).abs() < 0.005);
     assert!((ours_in_shrink / ours_in_llama - 1.0).abs() < 0.005);
 }
+
+/// The README's main job: the default pipeline (GPTQ into llama.cpp's Q4_K_M types) end to end on
+/// SmolLM2, gates included. The exported GGUF scores in llama.cpp as the report says, and the
+/// report renders in headless Chromium.
+#[test]
+fn default_pipeline_runs_end_to_end() {
+    let (Some(_), Some(_)) = (model_path(), text("hamlet")) else {
+        return;
+    };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let file = root.join("pipelines/smollm2-gptq-q4_k_m.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let summary: serde_json::Value = serde_json::from_slice(&run_shrink(&[
+        "run",
+        file.to_str().unwrap(),
+        "-o",
+        run.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&summary).unwrap());
+    assert_eq!(summary["passed"], true);
+    let models = summary["models"].as_array().unwrap();
+    let (base, gptq) = (&models[0], &models[1]);
+    // The baseline is the F32 reference figure (dequantized weights), as in `shrink eval`.
+    let base_ppl = base["perplexity"].as_f64().unwrap();
+    assert!((base_ppl - 37.1896).abs() < 0.01, "{base_ppl}");
+    // Better than llama.cpp's Q4_K_M with an importance matrix (38.0930, ../shared/ANCHORS.md)
+    // at its size.
+    let ppl = gptq["perplexity"].as_f64().unwrap();
+    assert!(ppl < 38.0930, "GPTQ q4_k_m {ppl}");
+    assert_eq!(gptq["size_bytes"], 105_453_792);
+    assert!(gptq["top1_agreement"].as_f64().unwrap() > 0.8);
+    let gguf = run.join("model/model.gguf");
+    let theirs = llama_perplexity(&tool, &gguf, 32);
+    eprintln!("report {ppl:.4} vs llama-perplexity {theirs:.4} on the exported model");
+    assert!((ppl / theirs - 1.0).abs() < 0.01, "{ppl} vs {theirs}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["rows"][1]["decode"]["backend"], "candle-quantized");
+    assert_eq!(report["layers"][0]["layers"].as_array().unwrap().len(), 210);
+    let chromium = std::path::Path::new("/usr/bin/chromium");
+    assert!(
+        chromium.exists() || !required(),
+        "chromium is needed to check report.html"
+    );
+    if chromium.exists() {
+        let out = Command::new("bash")
+            .args([
+                root.join("scripts/check-report.sh").to_str().unwrap(),
+                run.join("report.html").to_str().unwrap(),
+                dir.path().join("report.png").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -758,7 +758,8 @@ fn check_gates(gates: &crate::Gates, r: &ModelRow) -> Vec<GateResult> {
             value >= limit
         };
         let message = if passed {
-            format!("{what} {value:.4}{unit} within {limit}{unit}")
+            let bound = if at_most { "≤" } else { "≥" };
+            format!("{what} {value:.4}{unit} {bound} {limit}{unit}")
         } else {
             format!(
                 "{what} {value:.4}{unit} {} {limit}{unit} (off by {:.4}{unit})",

@@ -132,3 +132,84 @@ fn typo_suggestions_only_when_close() {
     assert_eq!(levenshtein("kitten", "sitting"), 3);
     assert_eq!(line_column("ab\ncd", 4), (2, 2));
 }
+
+const SWEEP: &str = r#"name = "s"
+[model]
+source = "smollm2"
+[[stage]]
+kind = "quantize.gptq"
+name = "gptq"
+format = "q4_0"
+[[stage]]
+kind = "quantize.rtn"
+name = "after"
+format = "q8_0"
+[[stage]]
+kind = "quantize.rtn"
+name = "side"
+input = "model"
+format = "q8_0"
+[sweep]
+stage = "gptq"
+key = "format"
+values = ["q4_0", "q5_0", "q8_0"]
+"#;
+
+#[test]
+fn sweeps_branch_after_the_shared_stages() {
+    let p = parse(SWEEP, "s.toml").unwrap();
+    let names: Vec<(&str, &str)> = p
+        .plan()
+        .iter()
+        .map(|s| (s.name.as_str(), s.input.as_str()))
+        .collect();
+    // q4_0 is what the pipeline runs already; "after" reads from the swept stage, "side" does not.
+    assert_eq!(
+        names,
+        [
+            ("gptq", "model"),
+            ("after", "gptq"),
+            ("side", "model"),
+            ("gptq@format=q5_0", "model"),
+            ("after@format=q5_0", "gptq@format=q5_0"),
+            ("gptq@format=q8_0", "model"),
+            ("after@format=q8_0", "gptq@format=q8_0"),
+        ]
+    );
+    assert_eq!(p.main_chain().count(), 3);
+    assert_eq!(p.plan()[3].request.format.as_deref(), Some("q5_0"));
+    assert_eq!(p.plan()[3].sweep_value.as_deref(), Some("format=q5_0"));
+
+    let e = err(&SWEEP.replace("stage = \"gptq\"", "stage = \"gptpq\""));
+    assert!(
+        e.starts_with("p.toml:18:1: sweep stage `gptpq` is not a stage"),
+        "{e}"
+    );
+    let e = err(&SWEEP.replace("key = \"format\"", "key = \"formt\""));
+    assert!(
+        e.starts_with("p.toml:19:1: cannot sweep `formt`") && e.contains("did you mean `format`?"),
+        "{e}"
+    );
+    let e = err(&SWEEP.replace("\"q8_0\"]", "\"q9_0\"]"));
+    assert!(
+        e.starts_with("p.toml:20:1: format=q9_0: ") && e.contains("q9_0"),
+        "{e}"
+    );
+    let e = err(&SWEEP.replace("key = \"format\"", "key = \"alpha\""));
+    assert!(
+        e.contains("cannot sweep `alpha` of a quantize.gptq stage"),
+        "{e}"
+    );
+}
+
+#[test]
+fn exports_need_a_stage_that_writes_them() {
+    let e = err(&format!("{GOOD}[export]\nformats = [\"gguf\", \"hf\"]\n"));
+    assert!(
+        e.starts_with("p.toml:28:1: no stage writes a hf model to export"),
+        "{e}"
+    );
+    // Settings that cannot be combined are caught before anything runs.
+    let e = err(&GOOD.replace("format = \"q8_0\"", "format = \"q8_0\"\nbits = 4"));
+    assert!(e.contains("stage `q8`: bits/group (4 bits"), "{e}");
+}
