@@ -822,6 +822,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     let size_before = shrink_io::inspect(&checkpoint.path)?;
     let mut model = shrink_pipeline::build_model(&checkpoint, DType::F32)
         .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    // Refuse what the formats cannot hold before fetching and calibrating.
+    resolved.plan.check_model(&model)?;
     let windows = if resolved.calibrates {
         let tokens = checkpoint
             .tokenizer()?

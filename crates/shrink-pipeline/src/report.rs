@@ -2,6 +2,10 @@
 //! `report.md` and the self-contained `report.html` are rendered.
 
 use serde::{Deserialize, Serialize};
+/// Speed of the model as it would be served: prefill and greedy decoding, `candle-quantized`
+/// (candle's quantized GGUF kernels) or `candle-f32` (dequantized weights, for formats candle has
+/// no kernels for).
+pub use shrink_eval::DecodeSpeed;
 use std::collections::BTreeMap;
 
 /// Everything a run measured, baseline first.
@@ -111,18 +115,6 @@ pub struct ModelRow {
     /// Peak resident memory while making the model (0 for the baseline).
     pub peak_rss_bytes: u64,
     pub decode: Option<DecodeSpeed>,
-}
-
-/// Speed of the model as it would be served.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct DecodeSpeed {
-    /// `candle-quantized` (candle's quantized GGUF kernels) or `candle-f32` (dequantized weights,
-    /// for formats candle has no kernels for).
-    pub backend: String,
-    pub prefill_tokens: usize,
-    pub prefill_tokens_per_s: f64,
-    pub decode_tokens: usize,
-    pub decode_ms_per_token: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

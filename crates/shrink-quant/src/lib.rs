@@ -323,6 +323,29 @@ impl QuantPlan {
         self.fit(format, cols)
     }
 
+    /// Checks, before any work, that every linear of `model` gets a format whose blocks divide its
+    /// rows.
+    pub fn check_model(&self, model: &Llama) -> Result<()> {
+        let n_layers = model.blocks.len();
+        for block in &model.blocks {
+            for (name, linear) in block.linears() {
+                let (_, cols) = linear.weight().dims2()?;
+                let format = self.format_for(name, cols, n_layers);
+                let multiple = format.row_multiple();
+                if !cols.is_multiple_of(multiple) {
+                    return Err(QuantError::Shape {
+                        tensor: name.to_string(),
+                        message: format!(
+                            "{} needs rows that are a multiple of {multiple} values, this one has {cols}",
+                            format.label()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `format`, or its fallback when its blocks do not divide rows of `cols` values.
     pub fn fit(&self, mut format: Format, cols: usize) -> Format {
         for _ in 0..self.fallbacks.len() {
@@ -399,6 +422,7 @@ pub fn quantize_model(
     batch: usize,
     progress: &dyn Progress,
 ) -> Result<QuantizedModel> {
+    plan.check_model(model)?;
     let mut out = QuantizedModel::default();
     let n_layers = model.blocks.len();
     let mut quantize_block = |block: &mut shrink_models::DecoderBlock,
