@@ -2,6 +2,8 @@
 //! and every kind of bad input gives a clear message naming the file, tensor or key, a non-zero
 //! exit and no panic.
 
+mod common;
+
 use shrink_io::{Checkpoint, Format, GgufVocab, GgufWriteType, TokenizerBundle};
 use shrink_models::{Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
@@ -804,23 +806,8 @@ fn pipeline_runs_end_to_end_reuses_stages_and_reports() {
     assert_eq!(artifacts(&run), first);
 
     // The report renders in a browser (Debian's chromium), when one is installed.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check-report.sh");
-    if Path::new("/usr/bin/chromium").exists() {
-        let shot = dir.path().join("report.png");
-        let out = Command::new("bash")
-            .args([
-                script.to_str().unwrap(),
-                run.join("report.html").to_str().unwrap(),
-                shot.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    } else {
+    let shot = dir.path().join("report.png");
+    if !common::check_report_renders(&run.join("report.html"), &shot) {
         eprintln!("SKIPPED: chromium is not installed; report.html not rendered");
     }
 }

@@ -19,7 +19,8 @@ pub struct DecodeSpeed {
     pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
     pub decode_ms_per_token: f64,
-    /// The greedy continuation that was timed.
+    /// The greedy continuation that was timed (absent from reports written without it).
+    #[serde(default)]
     pub tokens: Vec<u32>,
 }
 

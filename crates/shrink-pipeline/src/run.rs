@@ -125,6 +125,32 @@ fn hash_path(path: &Path) -> Result<String> {
     Ok(key_of(&serde_json::Value::Array(entries)))
 }
 
+/// The text `spec` names (fetched if needed), each file read once: its sha256 goes into `inputs`
+/// under `role`. Returns the text and a key over the files' hashes.
+fn read_text_input(
+    role: &str,
+    spec: &str,
+    inputs: &mut Vec<InputHash>,
+) -> Result<(String, String)> {
+    let mut text = String::new();
+    let mut hashes = Vec::new();
+    for path in shrink_data::text_files(spec)? {
+        let bytes = std::fs::read(&path).map_err(io_error(&path))?;
+        let sha256 = sha256_hex(&bytes);
+        match std::str::from_utf8(&bytes) {
+            Ok(t) => text.push_str(t),
+            Err(_) => return Err(shrink_data::DataError::NotUtf8 { path }.into()),
+        }
+        hashes.push(sha256.clone());
+        inputs.push(InputHash {
+            role: role.into(),
+            path: path.display().to_string(),
+            sha256,
+        });
+    }
+    Ok((text, key_of(&serde_json::json!(hashes))))
+}
+
 /// Removes what an interrupted run left: staging folders and temporary files of atomic writes.
 fn remove_leftovers(dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -311,24 +337,11 @@ pub fn run(
         path: model_path.display().to_string(),
         sha256: model_sha.clone(),
     }];
-    let text_inputs = |role: &str, spec: &str, inputs: &mut Vec<InputHash>| -> Result<String> {
-        let files = shrink_data::text_files(spec)?;
-        let mut hashes = Vec::new();
-        for f in &files {
-            let sha256 = sha256_file(f)?;
-            hashes.push(sha256.clone());
-            inputs.push(InputHash {
-                role: role.into(),
-                path: f.display().to_string(),
-                sha256,
-            });
-        }
-        Ok(key_of(&serde_json::json!(hashes)))
-    };
-    let eval_sha = text_inputs("evaluation text", &pipeline.data.eval, &mut inputs)?;
+    let (eval_text, eval_sha) =
+        read_text_input("evaluation text", &pipeline.data.eval, &mut inputs)?;
     let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
-    let calib_sha = if calibrates {
-        Some(text_inputs(
+    let calib = if calibrates {
+        Some(read_text_input(
             "calibration text",
             &pipeline.data.calib,
             &mut inputs,
@@ -336,8 +349,9 @@ pub fn run(
     } else {
         None
     };
+    let calib_sha = calib.as_ref().map(|(_, key)| key.clone());
 
-    let (tokens, bos) = eval_tokens(&checkpoint, &shrink_data::read_text(&pipeline.data.eval)?)?;
+    let (tokens, bos) = eval_tokens(&checkpoint, &eval_text)?;
     let e = &pipeline.eval;
     let bench = Bench {
         decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
@@ -443,9 +457,8 @@ pub fn run(
                 } else {
                     shrink_io::load(&artifacts[&stage.input])?
                 };
-                if stage.calibrates && windows.is_none() {
-                    let text = shrink_data::read_text(&pipeline.data.calib)?;
-                    let ids = tokenizer.encode(&text, false)?;
+                if let (true, None, Some((text, _))) = (stage.calibrates, &windows, &calib) {
+                    let ids = tokenizer.encode(text, false)?;
                     windows = Some(shrink_calib::sample_windows(
                         &ids,
                         pipeline.data.samples,
