@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"
 cargo build --release -p shrink-cli >&2
-SHRINK="$PWD/target/release/shrink"
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+SHRINK="$TARGET/release/shrink"
 BIN="$(scripts/build-llama-cpp.sh)"
 OUT="${OUT:-$PWD/target/bench/quant}"
 mkdir -p "$OUT"

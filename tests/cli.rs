@@ -902,3 +902,311 @@ fn a_run_killed_mid_stage_resumes_to_the_same_bytes_and_gates_fail_loudly() {
         .iter()
         .any(|g| g["passed"] == false));
 }
+
+/// A weight of a model file as rows, by Hugging Face name.
+fn weight_rows(model: &Path, name: &str) -> Vec<Vec<f32>> {
+    let ck = shrink_io::load(model).unwrap();
+    ck.tensors[name]
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn prune_unstructured_and_structured_write_loadable_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let g = gguf.to_str().unwrap();
+    let text = sample_text();
+    let calib = text.to_str().unwrap();
+    let prune = |out: &Path, args: &[&str]| -> serde_json::Value {
+        let mut all = vec![
+            "prune",
+            g,
+            "--calib",
+            calib,
+            "--samples",
+            "8",
+            "--seq-len",
+            "64",
+        ];
+        all.extend_from_slice(args);
+        all.extend(["-o", out.to_str().unwrap(), "--json"]);
+        serde_json::from_str(&ok(&all)).unwrap()
+    };
+    let base = eval_json(g, &[])["perplexity"]["ppl"].as_f64().unwrap();
+    for method in ["magnitude", "wanda", "sparsegpt"] {
+        for sparsity in ["0.5", "2:4"] {
+            let out = dir
+                .path()
+                .join(format!("{method}-{}.gguf", sparsity.replace(':', "_")));
+            let s = prune(&out, &["--method", method, "--sparsity", sparsity]);
+            assert_eq!(s["schema"], "shrink.prune/v1");
+            let layers = s["layers"].as_array().unwrap();
+            assert_eq!(layers.len(), 14);
+            assert!(
+                layers.iter().all(|l| l["sparsity"] == 0.5),
+                "{method} {sparsity}"
+            );
+            assert_eq!(s["linear_sparsity"], 0.5);
+            assert_eq!(s["parameters_after"], s["parameters_before"]);
+            // The file holds the zeros: every group of 4 keeps at most 2 for 2:4.
+            let w = weight_rows(&out, "model.layers.1.mlp.up_proj.weight");
+            let zeros = w.iter().flatten().filter(|v| **v == 0.0).count();
+            assert_eq!(zeros * 2, w.len() * w[0].len());
+            if sparsity == "2:4" {
+                for row in &w {
+                    assert!(row
+                        .chunks(4)
+                        .all(|g| g.iter().filter(|v| **v != 0.0).count() <= 2));
+                }
+            }
+            let ppl = eval_json(out.to_str().unwrap(), &[])["perplexity"]["ppl"]
+                .as_f64()
+                .unwrap();
+            assert!(ppl.is_finite() && ppl != base, "{method} {sparsity}: {ppl}");
+        }
+    }
+    // Structured: the written model has the new shape in its metadata and loads.
+    for (args, key, want) in [
+        (
+            vec!["--method", "heads", "--fraction", "0.5"],
+            "num_attention_heads",
+            2,
+        ),
+        (
+            vec![
+                "--method",
+                "heads",
+                "--fraction",
+                "0.5",
+                "--kv-groups",
+                "--importance",
+                "magnitude",
+            ],
+            "num_key_value_heads",
+            1,
+        ),
+        (
+            vec!["--method", "channels", "--fraction", "0.25"],
+            "intermediate_size",
+            192,
+        ),
+        (
+            vec![
+                "--method",
+                "layers",
+                "--fraction",
+                "0.5",
+                "--criterion",
+                "perplexity",
+            ],
+            "num_hidden_layers",
+            1,
+        ),
+        (
+            vec!["--method", "width", "--fraction", "0.25"],
+            "hidden_size",
+            24,
+        ),
+    ] {
+        for format in ["gguf", "hf"] {
+            let out = dir.path().join(format!("{}-{key}.{format}", args[1]));
+            let mut a = args.clone();
+            a.extend(["--format", format]);
+            let s = prune(&out, &a);
+            assert_eq!(s["config"][key], want, "{args:?}");
+            assert!(s["parameters_after"].as_u64() < s["parameters_before"].as_u64());
+            let info: serde_json::Value =
+                serde_json::from_str(&ok(&["inspect", out.to_str().unwrap(), "--json"])).unwrap();
+            assert_eq!(
+                info["parameters"], s["parameters_after"],
+                "{args:?} {format}"
+            );
+            let ppl = eval_json(out.to_str().unwrap(), &[])["perplexity"]["ppl"]
+                .as_f64()
+                .unwrap();
+            assert!(ppl.is_finite(), "{args:?} {format}");
+        }
+    }
+    // Mistakes are refused before any work, naming what is wrong.
+    let out = dir.path().join("x.gguf");
+    let o = out.to_str().unwrap();
+    let e = fails(&["prune", g, "--method", "wanda", "-o", o]);
+    assert!(e.contains("needs a sparsity"), "{e}");
+    let e = fails(&[
+        "prune",
+        g,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "1.5",
+        "-o",
+        o,
+    ]);
+    assert!(e.contains("sparsity '1.5'"), "{e}");
+    let e = fails(&[
+        "prune",
+        g,
+        "--method",
+        "heads",
+        "--sparsity",
+        "0.5",
+        "-o",
+        o,
+    ]);
+    assert!(e.contains("does not apply to heads"), "{e}");
+    let e = fails(&[
+        "prune",
+        g,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "3:7",
+        "-o",
+        o,
+    ]);
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj") && e.contains("groups of 7"),
+        "{e}"
+    );
+    let e = fails(&[
+        "prune",
+        g,
+        "--method",
+        "layers",
+        "--fraction",
+        "1.0",
+        "-o",
+        o,
+    ]);
+    assert!(e.contains("fraction 1"), "{e}");
+    let e = fails(&[
+        "prune",
+        g,
+        "--method",
+        "width",
+        "--fraction",
+        "0.5",
+        "--importance",
+        "gradient",
+        "-o",
+        o,
+    ]);
+    assert!(e.contains("importance 'gradient'"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn prune_then_quantize_pipeline_keeps_the_sparsity_and_reports_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let text = sample_text();
+    let text = text.to_str().unwrap();
+    let toml = format!(
+        r#"name = "sparse"
+[model]
+source = "{model}"
+[data]
+calib = "{text}"
+eval = "{text}"
+samples = 8
+seq_len = 64
+[[stage]]
+kind = "prune.sparsegpt"
+name = "sparse"
+sparsity = "2:4"
+[[stage]]
+kind = "quantize.gptq"
+name = "sparse-q4"
+format = "q4_0"
+[[stage]]
+kind = "prune.layers"
+name = "shallow"
+input = "model"
+fraction = 0.5
+[[stage]]
+kind = "prune.width"
+name = "narrow"
+input = "model"
+fraction = 0.25
+importance = "magnitude"
+format = "hf"
+[eval]
+ctx = 64
+chunks = 4
+prompts = ["To be"]
+max_new_tokens = 4
+prefill_tokens = 16
+decode_tokens = 4
+[sweep]
+stage = "sparse"
+key = "sparsity"
+values = ["2:4", 0.25]
+"#,
+        model = gguf.display()
+    );
+    let file = dir.path().join("sparse.toml");
+    std::fs::write(&file, toml).unwrap();
+    let run = dir.path().join("run");
+    let summary: serde_json::Value = serde_json::from_str(&ok(&[
+        "run",
+        file.to_str().unwrap(),
+        "-o",
+        run.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    let models = report["rows"].as_array().unwrap();
+    let by = |name: &str| models.iter().find(|m| m["name"] == name).unwrap().clone();
+    assert_eq!(summary["passed"], true);
+    assert_eq!(by("sparse")["sparsity"], 0.5);
+    assert!((by("sparse@sparsity=0.25")["sparsity"].as_f64().unwrap() - 0.25).abs() < 1e-9);
+    // GPTQ on the pruned model keeps its zeros: pruned and quantized in one chain.
+    let q = by("sparse-q4");
+    assert!(q["sparsity"].as_f64().unwrap() >= 0.5, "{q}");
+    assert!(q["size_bytes"].as_u64() < by("sparse")["size_bytes"].as_u64());
+    assert!(by("shallow")["parameters"].as_u64() < by("baseline")["parameters"].as_u64());
+    assert_eq!(by("shallow")["shape"], "1 × 32, MLP 256, 4/2 heads");
+    assert_eq!(by("narrow")["shape"], "2 × 24, MLP 256, 4/2 heads");
+    assert!(by("narrow")["parameters"].as_u64() < by("baseline")["parameters"].as_u64());
+    for m in models {
+        assert!(m["perplexity"].as_f64().unwrap().is_finite(), "{m}");
+    }
+    // Per-layer sparsity of the pruned stages is in the report and its markdown.
+    let layers = report["layers"].as_array().unwrap();
+    let sparse = layers.iter().find(|l| l["stage"] == "sparse").unwrap();
+    let rows = sparse["layers"].as_array().unwrap();
+    assert_eq!(rows.len(), 14);
+    assert!(rows
+        .iter()
+        .all(|l| l["sparsity"] == 0.5 && l["relative_output_error"].as_f64().unwrap() > 0.0));
+    let q4 = layers.iter().find(|l| l["stage"] == "sparse-q4").unwrap();
+    assert!(q4["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["sparsity"].as_f64().unwrap() >= 0.5));
+    let stage: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("stages/shallow/stage.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        stage["pruning"]["structured"]["config"]["num_hidden_layers"],
+        1
+    );
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(md.contains("sparse-q4") && md.contains("shallow"), "{md}");
+    // A prune key on a quantization stage is refused with its position.
+    let bad = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("format = \"q4_0\"", "format = \"q4_0\"\nsparsity = 0.5");
+    std::fs::write(&file, bad).unwrap();
+    let e = fails(&["validate", file.to_str().unwrap()]);
+    assert!(
+        e.contains("`sparsity` does not apply to a quantize.gptq stage"),
+        "{e}"
+    );
+}

@@ -421,6 +421,54 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
     );
 }
 
+/// Structurally pruned SmolLM2 models (fewer layers; a narrower residual stream, whose 9 heads of
+/// 64 no longer equal the width; fewer query heads per KV group) are standard GGUFs: llama.cpp
+/// loads them and scores them as shrink does.
+#[test]
+fn pruned_smollm2_ggufs_load_and_score_the_same_in_llama_cpp() {
+    let Some(model) = model_path() else { return };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (args, key, want) in [
+        (
+            ["--method", "layers", "--fraction", "0.25"],
+            "num_hidden_layers",
+            22,
+        ),
+        (
+            ["--method", "width", "--fraction", "0.25"],
+            "hidden_size",
+            432,
+        ),
+        (
+            ["--method", "heads", "--fraction", "0.34"],
+            "num_attention_heads",
+            6,
+        ),
+    ] {
+        let out = dir.path().join(format!("{}.gguf", args[1]));
+        let mut all = vec!["prune", model.to_str().unwrap()];
+        all.extend(args);
+        all.extend(["--samples", "8", "-o", out.to_str().unwrap(), "--json"]);
+        let summary: serde_json::Value = serde_json::from_slice(&run_shrink(&all)).unwrap();
+        assert_eq!(summary["config"][key], want, "{args:?}");
+        let ours = shrink_eval(&out, 8)["perplexity"]["ppl"].as_f64().unwrap();
+        let theirs = llama_perplexity(&tool, &out, 8);
+        eprintln!("{args:?}: shrink {ours:.4} vs llama-perplexity {theirs:.4}");
+        // F32 weights on both sides: the same figure up to summation order.
+        assert!(
+            (ours / theirs - 1.0).abs() < 0.005,
+            "{args:?}: shrink {ours} vs llama.cpp {theirs}"
+        );
+        assert!(
+            ours > 37.0,
+            "{args:?}: pruning cannot improve on the dense model here ({ours})"
+        );
+    }
+}
+
 /// The q4_k_m preset by RTN chooses llama-quantize's Q4_K_M type for every tensor (layer rules
 /// and fallbacks included), writes the same Q5_0/Q8_0 blocks, and its k-quant blocks (candle's
 /// ports of ggml's quantizers) score the same: in llama.cpp as llama.cpp's own file, and in shrink

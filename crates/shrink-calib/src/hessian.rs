@@ -6,7 +6,8 @@ use candle_core::{DType, Tensor};
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearStats {
     pub in_features: usize,
-    /// Σ x xᵀ over all rows, row-major `in × in` (GPTQ's and SparseGPT's H, up to a factor 2/rows).
+    /// Σ x xᵀ over all rows, row-major `in × in` (GPTQ's and SparseGPT's H, up to a factor 2/rows);
+    /// empty for per-channel statistics only ([`LinearStats::diagonal`]).
     pub hessian: Vec<f64>,
     /// Σ x_j² per input channel (the diagonal of `hessian`; Wanda's ‖X_j‖²).
     pub channel_sq: Vec<f64>,
@@ -29,15 +30,31 @@ impl LinearStats {
         }
     }
 
+    /// Per-channel statistics only, without the `in × in` Hessian (Wanda needs no more; the
+    /// Hessian's product dominates calibration time on wide layers).
+    pub fn diagonal(in_features: usize) -> Self {
+        Self {
+            hessian: Vec::new(),
+            ..Self::new(in_features)
+        }
+    }
+
+    /// Whether the full Hessian is accumulated.
+    pub fn has_hessian(&self) -> bool {
+        !self.hessian.is_empty()
+    }
+
     /// Adds the rows of `x` (any shape ending in `in_features`).
     pub fn accumulate(&mut self, x: &Tensor) -> candle_core::Result<()> {
         let n = self.in_features;
         let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
         let rows = x.dim(0)?;
-        // XᵀX in f32 by candle's matmul, summed in f64 across calls.
-        let xtx: Vec<f32> = x.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
-        for (h, v) in self.hessian.iter_mut().zip(&xtx) {
-            *h += *v as f64;
+        if self.has_hessian() {
+            // XᵀX in f32 by candle's matmul, summed in f64 across calls.
+            let xtx: Vec<f32> = x.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
+            for (h, v) in self.hessian.iter_mut().zip(&xtx) {
+                *h += *v as f64;
+            }
         }
         let sq: Vec<f32> = x.sqr()?.sum(0)?.to_vec1()?;
         let absx = x.abs()?;
@@ -53,8 +70,43 @@ impl LinearStats {
     }
 
     pub fn is_finite(&self) -> bool {
-        self.hessian.iter().all(|v| v.is_finite())
+        self.hessian.iter().all(|v| v.is_finite()) && self.channel_sq.iter().all(|v| v.is_finite())
     }
+}
+
+impl LinearStats {
+    /// The Hessian `Σ x xᵀ` as an f32 tensor on the CPU.
+    pub fn hessian_tensor(&self) -> candle_core::Result<Tensor> {
+        if !self.has_hessian() {
+            candle_core::bail!("these statistics were gathered without the Hessian");
+        }
+        let h: Vec<f32> = self.hessian.iter().map(|&v| v as f32).collect();
+        Tensor::from_vec(
+            h,
+            (self.in_features, self.in_features),
+            &candle_core::Device::Cpu,
+        )
+    }
+
+    /// The layer objective of replacing `w` (`rows × in_features`) by `approx`:
+    /// ‖(W − Ŵ) X‖² relative to ‖W X‖², computed from the Hessian as Σ_rows δᵀ H δ / Σ_rows wᵀ H w.
+    pub fn relative_output_error(&self, w: &[f32], approx: &[f32]) -> candle_core::Result<f64> {
+        let h = self.hessian_tensor()?;
+        let n = self.in_features;
+        let delta: Vec<f32> = w.iter().zip(approx).map(|(a, b)| a - b).collect();
+        let den = quadratic(w, n, &h)?;
+        Ok(if den > 0.0 {
+            quadratic(&delta, n, &h)? / den
+        } else {
+            0.0
+        })
+    }
+}
+
+/// Σ_rows vᵀ H v for the rows of `v` (`rows × n`), by one matrix product.
+pub fn quadratic(v: &[f32], n: usize, h: &Tensor) -> candle_core::Result<f64> {
+    let v = Tensor::from_slice(v, (v.len() / n, n), &candle_core::Device::Cpu)?;
+    Ok((v.matmul(h)? * &v)?.sum_all()?.to_scalar::<f32>()? as f64)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! let tokens: Vec<u32> = (0..500).map(|i| (i * 13 % 64) as u32).collect();
 //! let windows = sample_windows(&tokens, 4, 32, 0).unwrap();
 //! let mut seen = vec![];
-//! sequential(&mut model, &windows, 2, &shrink_core::NoProgress, &mut |block: &mut DecoderBlock, stats: &BlockStats| {
+//! sequential(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut DecoderBlock, stats: &BlockStats| {
 //!     seen.push((block.index, stats.get("model.layers.0.self_attn.q_proj").map(|s| s.rows)));
 //!     Ok(())
 //! }).unwrap();
@@ -21,7 +21,7 @@
 mod hessian;
 mod linalg;
 
-pub use hessian::LinearStats;
+pub use hessian::{quadratic, LinearStats};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
 
 use candle_core::Tensor;
@@ -94,6 +94,7 @@ impl BlockStats {
 struct StatsHook {
     stats: BlockStats,
     last: Option<(candle_core::TensorId, usize)>,
+    hessian: bool,
 }
 
 impl LinearHook for StatsHook {
@@ -105,9 +106,12 @@ impl LinearHook for StatsHook {
                 let slot = match self.stats.index.get(linear) {
                     Some(&s) => s,
                     None => {
-                        self.stats
-                            .stats
-                            .push(LinearStats::new(input.dim(candle_core::D::Minus1)?));
+                        let n = input.dim(candle_core::D::Minus1)?;
+                        self.stats.stats.push(if self.hessian {
+                            LinearStats::new(n)
+                        } else {
+                            LinearStats::diagonal(n)
+                        });
                         self.stats.stats.len() - 1
                     }
                 };
@@ -124,11 +128,13 @@ impl LinearHook for StatsHook {
 /// Runs `windows` through `model` block by block. For each block: its linears' input statistics
 /// are gathered on the current activations, `compress` modifies the block, and the compressed
 /// block's outputs become the next block's inputs. Only the activations of the calibration
-/// windows at one depth are held in memory.
+/// windows at one depth are held in memory. Without `hessian`, only per-channel statistics are
+/// gathered.
 pub fn sequential(
     model: &mut Llama,
     windows: &[Vec<u32>],
     batch: usize,
+    hessian: bool,
     progress: &dyn Progress,
     compress: &mut dyn FnMut(&mut DecoderBlock, &BlockStats) -> Result<()>,
 ) -> Result<()> {
@@ -147,6 +153,7 @@ pub fn sequential(
         let mut hook = StatsHook {
             stats: BlockStats::default(),
             last: None,
+            hessian,
         };
         for x in &xs {
             block.forward(x, &ctx, None, &mut hook)?;
@@ -200,6 +207,7 @@ mod tests {
             &mut model,
             &windows,
             2,
+            true,
             &shrink_core::NoProgress,
             &mut |block, stats| {
                 let s = stats

@@ -58,6 +58,9 @@ enum Command {
     /// Quantize a model's linear layers (RTN, GPTQ, AWQ, SmoothQuant) to a GGUF llama.cpp loads
     /// or a compressed-tensors folder.
     Quantize(QuantizeArgs),
+    /// Prune a model: unstructured or N:M (magnitude, Wanda, SparseGPT) or structured (attention
+    /// heads, MLP channels, layers, hidden width), to a GGUF or a Hugging Face folder.
+    Prune(PruneArgs),
     /// Run a pipeline file: its stages (reusing finished ones), evaluation, export to model/,
     /// report.{json,md,html} and gates (exit code 3 when a gate fails).
     Run(RunArgs),
@@ -237,6 +240,78 @@ struct QuantizeArgs {
     /// Windows per forward pass during calibration.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    /// GPTQ keeps weights that are exactly zero (a pruned model's mask) at zero.
+    #[arg(long)]
+    keep_sparsity: bool,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// Print the summary, with every layer, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PruneMethodArg {
+    Magnitude,
+    Wanda,
+    Sparsegpt,
+    Heads,
+    Channels,
+    Layers,
+    Width,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    model: String,
+    #[arg(long, value_enum)]
+    method: PruneMethodArg,
+    /// Unstructured methods: a fraction (0.5), a percentage (50%) or N:M (2:4, 4:8).
+    #[arg(long)]
+    sparsity: Option<String>,
+    /// Another sparsity for the linears whose name matches PATTERN, e.g.
+    /// `--override down_proj=0.3`; repeatable, the last match wins.
+    #[arg(long = "override", value_name = "PATTERN=SPARSITY")]
+    overrides: Vec<String>,
+    /// Magnitude: one threshold over all block linears instead of the same fraction per layer.
+    #[arg(long)]
+    global: bool,
+    /// SparseGPT dampening, as a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// SparseGPT: columns per adaptive mask selection.
+    #[arg(long, default_value_t = 128)]
+    block_size: usize,
+    /// Structured methods: the fraction of heads, channels, layers or hidden width to remove.
+    #[arg(long)]
+    fraction: Option<f64>,
+    /// Structured methods: magnitude (weight norms), activation (energy on the calibration
+    /// tokens) or taylor (|gradient · weight| of the calibration loss) [default: activation].
+    #[arg(long)]
+    importance: Option<String>,
+    /// Layers: block-influence, angular (a contiguous run) or perplexity [default: block-influence].
+    #[arg(long)]
+    criterion: Option<String>,
+    /// Heads: remove whole key/value groups instead of query heads within every group.
+    #[arg(long)]
+    kv_groups: bool,
+    /// gguf or hf [default: gguf].
+    #[arg(long)]
+    format: Option<String>,
+    /// f32 or f16 [default: f32].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Calibration text: DATASET:SPLIT or a file.
+    #[arg(long, default_value = "shakespeare:calib")]
+    calib: String,
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     #[arg(short = 'o', long)]
     out: PathBuf,
     /// Print the summary, with every layer, as JSON.
@@ -322,6 +397,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
         Command::Quantize(args) => quantize(args),
+        Command::Prune(args) => prune(args),
         Command::Validate { file, json } => validate(&file, json),
     }?;
     Ok(ExitCode::SUCCESS)
@@ -815,6 +891,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         awq_grid: 20,
         embeddings: args.embeddings.clone(),
         batch: args.batch,
+        keep_zeros: args.keep_sparsity,
     };
     let resolved = request.resolve()?;
     let start = Instant::now();
@@ -925,6 +1002,151 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         wall_s,
         outcome.layers.len()
     );
+    Ok(())
+}
+
+fn prune(args: PruneArgs) -> Result<()> {
+    use shrink_pipeline::{PruneKind as K, PruneRequest};
+    let kind = match args.method {
+        PruneMethodArg::Magnitude => K::Magnitude,
+        PruneMethodArg::Wanda => K::Wanda,
+        PruneMethodArg::Sparsegpt => K::Sparsegpt,
+        PruneMethodArg::Heads => K::Heads,
+        PruneMethodArg::Channels => K::Channels,
+        PruneMethodArg::Layers => K::Layers,
+        PruneMethodArg::Width => K::Width,
+    };
+    let overrides = args
+        .overrides
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(p, t)| (p.to_string(), t.to_string()))
+                .with_context(|| {
+                    format!("--override '{spec}': expected PATTERN=SPARSITY, e.g. down_proj=0.3")
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let request = PruneRequest {
+        sparsity: args.sparsity.clone(),
+        overrides,
+        global: args.global,
+        damp: args.damp,
+        block_size: args.block_size,
+        fraction: args.fraction,
+        importance: args.importance.clone(),
+        criterion: args.criterion.clone(),
+        kv_groups: args.kv_groups,
+        format: args.format.clone(),
+        dtype: args.dtype.clone(),
+        batch: args.batch,
+        ..PruneRequest::new(kind)
+    };
+    let resolved = request.resolve()?;
+    let start = Instant::now();
+    let checkpoint = load_checkpoint(&args.model)?;
+    let size_before = shrink_io::inspect(&checkpoint.path)?;
+    let mut model = shrink_pipeline::build_model(&checkpoint, DType::F32)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    shrink_pipeline::prune::check_prune(&resolved, &model)?;
+    let windows = if resolved.calibrates {
+        let tokens = checkpoint
+            .tokenizer()?
+            .encode(&read_text(&args.calib)?, false)?;
+        Some(
+            shrink_calib::sample_windows(&tokens, args.samples, args.seq_len, args.seed)
+                .with_context(|| format!("sampling calibration windows from '{}'", args.calib))?,
+        )
+    } else {
+        None
+    };
+    let bar = progress::Bar::new();
+    let outcome = shrink_pipeline::prune_and_write(
+        &checkpoint,
+        &mut model,
+        &resolved,
+        windows.as_deref(),
+        args.batch,
+        &args.out,
+        &bar,
+    )?;
+    let after = shrink_io::inspect(&args.out)?;
+    let wall_s = start.elapsed().as_secs_f64();
+    let (zeros, weights) = outcome.layers.iter().fold((0.0, 0.0), |(z, n), l| {
+        let w = (l.shape[0] * l.shape[1]) as f64;
+        (z + l.sparsity * w, n + w)
+    });
+    if args.json {
+        let summary = serde_json::json!({
+            "schema": "shrink.prune/v1",
+            "model": checkpoint.path.display().to_string(),
+            "out": args.out.display().to_string(),
+            "method": outcome.method,
+            "calibration": windows.as_ref().map(|w| serde_json::json!({"text": args.calib, "samples": w.len(), "seq_len": args.seq_len, "seed": args.seed})),
+            "parameters_before": outcome.parameters_before,
+            "parameters_after": outcome.parameters_after,
+            "config": shrink_prune::shape_keys(&model.config),
+            "size_bytes_before": size_before.file_size_bytes,
+            "size_bytes_after": after.file_size_bytes,
+            "linear_sparsity": (weights > 0.0).then(|| zeros / weights),
+            "structured": outcome.structured,
+            "wall_s": wall_s,
+            "layers": outcome.layers,
+        });
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    outln!("model        {}", checkpoint.path.display());
+    outln!("method       {}", outcome.method);
+    if let Some(w) = &windows {
+        outln!(
+            "calibration  {}: {} windows × {} tokens, seed {}",
+            args.calib,
+            w.len(),
+            args.seq_len,
+            args.seed
+        );
+    }
+    outln!(
+        "parameters   {} → {} ({:.1}% removed)",
+        outcome.parameters_before,
+        outcome.parameters_after,
+        100.0 * (1.0 - outcome.parameters_after as f64 / outcome.parameters_before.max(1) as f64)
+    );
+    let c = &model.config;
+    outln!(
+        "shape        {} layers, hidden {}, MLP {}, {} query / {} KV heads of {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.head_dim()
+    );
+    if weights > 0.0 {
+        let errors: Vec<f64> = outcome
+            .layers
+            .iter()
+            .filter_map(|l| l.relative_output_error)
+            .collect();
+        let mean = errors.iter().sum::<f64>() / errors.len().max(1) as f64;
+        outln!(
+            "sparsity     {:.2}% of the block linears' weights are zero{}",
+            100.0 * zeros / weights,
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; mean relative output error {mean:.5}")
+            }
+        );
+    }
+    outln!("wrote        {}", args.out.display());
+    outln!(
+        "size         {:.1} MB → {:.1} MB",
+        size_before.file_size_bytes as f64 / 1e6,
+        after.file_size_bytes as f64 / 1e6
+    );
+    outln!("time         {wall_s:.1} s");
     Ok(())
 }
 

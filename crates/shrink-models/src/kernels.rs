@@ -2,7 +2,8 @@
 //! them: the masked softmax of attention (candle would materialise a mask, add it, then run a
 //! single-threaded softmax over the full square) and the SwiGLU product `silu(gate) * up`. Both run
 //! in parallel over rows; the softmax only touches the visible (causal, in-window) positions.
-//! Inference only: these ops carry no gradient.
+//! The fused ops carry no gradient: when an input takes part in a gradient computation
+//! (`track_op`), the same function is computed with candle's differentiable ops instead.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -73,6 +74,9 @@ pub(crate) fn causal_softmax(
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let dtype = scores.dtype();
+    if scores.track_op() {
+        return differentiable_causal_softmax(scores, scale, window);
+    }
     let op = CausalSoftmax {
         scale: scale as f32,
         window: window.unwrap_or(usize::MAX),
@@ -82,6 +86,31 @@ pub(crate) fn causal_softmax(
         .contiguous()?
         .apply_op1_no_bwd(&op)?
         .to_dtype(dtype)
+}
+
+/// The same softmax from candle's differentiable ops: an additive mask, then softmax.
+fn differentiable_causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let dims = scores.dims();
+    let (t, s) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let window = window.unwrap_or(usize::MAX);
+    let mask: Vec<f32> = (0..t * s)
+        .map(|idx| {
+            let (i, j) = (idx / s, idx % s);
+            let pos = s - t + i;
+            if j <= pos && pos - j < window {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, s), scores.device())?;
+    let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+    candle_nn::ops::softmax(&x, candle_core::D::Minus1)?.to_dtype(scores.dtype())
 }
 
 struct SiluMul;
@@ -124,7 +153,8 @@ impl CustomOp2 for SiluMul {
 
 /// `silu(gate) * up`, fused for f32; other dtypes use candle's ops.
 pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && !gate.track_op() && !up.track_op()
+    {
         gate.contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
     } else {
@@ -137,31 +167,12 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The same computation with candle's generic ops: additive mask, then softmax.
-    fn reference(scores: &Tensor, scale: f64, window: usize) -> Tensor {
-        let (t, s) = scores.dims4().map(|d| (d.2, d.3)).unwrap();
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| (i, j)))
-            .map(|(i, j)| {
-                let pos = s - t + i;
-                if j <= pos && pos - j < window {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
-        candle_nn::ops::softmax_last_dim(&(scores * scale).unwrap().broadcast_add(&mask).unwrap())
-            .unwrap()
-    }
-
     #[test]
     fn causal_softmax_matches_mask_then_softmax() {
         let scores = Tensor::randn(0f32, 3.0, (2, 3, 5, 9), &Device::Cpu).unwrap();
         for window in [usize::MAX, 3] {
             let got = causal_softmax(&scores, 0.125, Some(window)).unwrap();
-            let want = reference(&scores, 0.125, window);
+            let want = differentiable_causal_softmax(&scores, 0.125, Some(window)).unwrap();
             let diff = (got - want)
                 .unwrap()
                 .abs()

@@ -390,7 +390,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+        // candle's fused kernel carries no gradient: the composed form does when training.
+        Ok(if x.track_op() || self.weight.track_op() {
+            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32)?
+        } else {
+            candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?
+        })
     }
 }
 
@@ -473,8 +478,15 @@ impl DecoderBlock {
         let q = heads(self.q_proj.forward(&h)?, nh)?;
         let k = heads(self.k_proj.forward(&h)?, nkv)?;
         let v = heads(self.v_proj.forward(&h)?, nkv)?;
-        let q = candle_nn::rotary_emb::rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &ctx.cos, &ctx.sin)?;
+        // candle's fused RoPE carries no gradient: the composed form does when training.
+        let rope = |x: &Tensor| -> Result<Tensor> {
+            Ok(if x.track_op() {
+                candle_nn::rotary_emb::rope_slow(x, &ctx.cos, &ctx.sin)?
+            } else {
+                candle_nn::rotary_emb::rope(x, &ctx.cos, &ctx.sin)?
+            })
+        };
+        let (q, k) = (rope(&q)?, rope(&k)?);
         let (k, v) = match cache {
             Some(cache) => {
                 let (k, v) = match &cache.kv {
@@ -777,6 +789,19 @@ impl Llama {
         }
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
         self.lm_head(&self.final_hidden(&last)?)
+    }
+
+    /// Mean next-token cross-entropy over `ids` `(batch, seq)` (every position predicts the next
+    /// one), as a scalar tensor. Differentiable: with weights held in `candle_core::Var`s,
+    /// `backward()` gives their gradients.
+    pub fn lm_loss(&self, ids: &Tensor) -> Result<Tensor> {
+        let logits = self.forward(ids)?.to_dtype(DType::F32)?;
+        let (b, t, v) = logits.dims3()?;
+        let logits = logits.narrow(1, 0, t - 1)?.reshape((b * (t - 1), v))?;
+        let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
+        let logz = logits.log_sum_exp(candle_core::D::Minus1)?;
+        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        Ok((logz - picked)?.mean_all()?)
     }
 
     /// Names of every linear layer, in execution order (plus `lm_head` when untied).

@@ -1,5 +1,6 @@
 //! The pipeline file's schema, parsing with positions, and validation.
 
+use crate::prune::{PruneKind, PruneRequest};
 use crate::quantize::{Export, QuantMethod, QuantizeRequest};
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,9 @@ pub struct Sweep {
 }
 
 /// The stage keys a sweep can vary.
-pub const SWEEP_KEYS: &[&str] = &["bits", "group", "format", "preset", "damp", "alpha"];
+pub const SWEEP_KEYS: &[&str] = &[
+    "bits", "group", "format", "preset", "damp", "alpha", "sparsity", "fraction",
+];
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +109,20 @@ pub enum StageKind {
     QuantizeAwq,
     #[serde(rename = "quantize.smoothquant")]
     QuantizeSmoothQuant,
+    #[serde(rename = "prune.magnitude")]
+    PruneMagnitude,
+    #[serde(rename = "prune.wanda")]
+    PruneWanda,
+    #[serde(rename = "prune.sparsegpt")]
+    PruneSparseGpt,
+    #[serde(rename = "prune.heads")]
+    PruneHeads,
+    #[serde(rename = "prune.channels")]
+    PruneChannels,
+    #[serde(rename = "prune.layers")]
+    PruneLayers,
+    #[serde(rename = "prune.width")]
+    PruneWidth,
 }
 
 impl StageKind {
@@ -115,12 +132,48 @@ impl StageKind {
             StageKind::QuantizeGptq => "quantize.gptq",
             StageKind::QuantizeAwq => "quantize.awq",
             StageKind::QuantizeSmoothQuant => "quantize.smoothquant",
+            StageKind::PruneMagnitude => "prune.magnitude",
+            StageKind::PruneWanda => "prune.wanda",
+            StageKind::PruneSparseGpt => "prune.sparsegpt",
+            StageKind::PruneHeads => "prune.heads",
+            StageKind::PruneChannels => "prune.channels",
+            StageKind::PruneLayers => "prune.layers",
+            StageKind::PruneWidth => "prune.width",
         }
+    }
+
+    /// The pruning method of a `prune.*` kind.
+    pub fn prune_kind(self) -> Option<PruneKind> {
+        self.name()
+            .strip_prefix("prune.")
+            .and_then(|k| PruneKind::parse(k).ok())
     }
 
     /// Keys that only some kinds accept.
     fn accepts(self, key: &str) -> bool {
+        let prune = self.prune_kind();
+        let structured = prune.is_some_and(PruneKind::structured);
         match key {
+            "preset" | "bits" | "group" | "embeddings" | "act_order" | "imatrix" | "alpha"
+            | "awq_grid" | "activations" | "search" | "weights"
+                if prune.is_some() =>
+            {
+                false
+            }
+            "sparsity" | "overrides" | "global" | "block_size" | "fraction" | "importance"
+            | "criterion" | "kv_groups" | "dtype"
+                if prune.is_none() =>
+            {
+                key == "overrides"
+            }
+            "keep_sparsity" => prune.is_none(),
+            "sparsity" | "overrides" => !structured,
+            "global" => prune == Some(PruneKind::Magnitude),
+            "block_size" => prune == Some(PruneKind::Sparsegpt),
+            "fraction" | "importance" => structured,
+            "criterion" => prune == Some(PruneKind::Layers),
+            "kv_groups" => prune == Some(PruneKind::Heads),
+            "damp" if prune.is_some() => prune == Some(PruneKind::Sparsegpt),
             "damp" | "act_order" => self != StageKind::QuantizeRtn,
             "imatrix" => self == StageKind::QuantizeRtn,
             "alpha" => self == StageKind::QuantizeSmoothQuant,
@@ -156,9 +209,9 @@ pub struct Stage {
     /// A group size or `"channel"`.
     #[serde(default)]
     pub group: Option<toml::Value>,
-    /// Name pattern → block type.
+    /// Name pattern → block type (quantization) or sparsity (pruning).
     #[serde(default)]
-    pub overrides: BTreeMap<String, String>,
+    pub overrides: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub embeddings: Option<String>,
     #[serde(default)]
@@ -180,6 +233,60 @@ pub struct Stage {
     /// How AWQ and SmoothQuant pick the codes after rescaling: `rtn` or `gptq`.
     #[serde(default)]
     pub weights: Option<String>,
+    /// Unstructured pruning: a fraction (`0.5`), a percentage (`"50%"`) or N:M (`"2:4"`).
+    #[serde(default)]
+    pub sparsity: Option<toml::Value>,
+    /// Magnitude pruning over all block linears at once.
+    #[serde(default)]
+    pub global: Option<bool>,
+    /// SparseGPT's columns per mask selection.
+    #[serde(default)]
+    pub block_size: Option<usize>,
+    /// Structured pruning: the fraction of heads, channels, layers or width removed.
+    #[serde(default)]
+    pub fraction: Option<f64>,
+    /// `magnitude`, `activation` or `taylor`.
+    #[serde(default)]
+    pub importance: Option<String>,
+    /// Layer ranking: `block-influence`, `angular` or `perplexity`.
+    #[serde(default)]
+    pub criterion: Option<String>,
+    /// Heads: remove whole key/value groups.
+    #[serde(default)]
+    pub kv_groups: Option<bool>,
+    /// Pruning: `f32` or `f16` storage.
+    #[serde(default)]
+    pub dtype: Option<String>,
+    /// Quantization: keep exactly-zero weights at zero (a pruning mask). Defaults to true when
+    /// the input is an unstructured pruning stage (or a quantization of one that keeps them).
+    #[serde(default)]
+    pub keep_sparsity: Option<bool>,
+}
+
+/// A value written as a string or a number, as text.
+fn value_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// What a stage does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StageJob {
+    Quantize(QuantizeRequest),
+    Prune(PruneRequest),
+}
+
+impl StageJob {
+    /// Whether the job calibrates and where it writes.
+    pub fn resolve(&self) -> Result<(bool, Export)> {
+        match self {
+            StageJob::Quantize(r) => r.resolve().map(|r| (r.calibrates, r.export)),
+            StageJob::Prune(r) => r.resolve().map(|r| (r.calibrates, r.export)),
+        }
+    }
 }
 
 impl Stage {
@@ -187,6 +294,36 @@ impl Stage {
         self.name
             .clone()
             .unwrap_or_else(|| self.kind.name().to_string())
+    }
+
+    /// The job this stage describes.
+    pub fn job(&self) -> Result<StageJob> {
+        match self.kind.prune_kind() {
+            Some(kind) => Ok(StageJob::Prune(self.prune_request(kind))),
+            None => self.request().map(StageJob::Quantize),
+        }
+    }
+
+    fn prune_request(&self, kind: PruneKind) -> PruneRequest {
+        let defaults = PruneRequest::new(kind);
+        PruneRequest {
+            sparsity: self.sparsity.as_ref().map(value_text),
+            overrides: self
+                .overrides
+                .iter()
+                .map(|(k, v)| (k.clone(), value_text(v)))
+                .collect(),
+            global: self.global.unwrap_or(false),
+            damp: self.damp.unwrap_or(defaults.damp),
+            block_size: self.block_size.unwrap_or(defaults.block_size),
+            fraction: self.fraction,
+            importance: self.importance.clone(),
+            criterion: self.criterion.clone(),
+            kv_groups: self.kv_groups.unwrap_or(false),
+            format: self.format.clone(),
+            dtype: self.dtype.clone(),
+            ..defaults
+        }
     }
 
     /// The quantization job this stage describes.
@@ -214,6 +351,12 @@ impl Stage {
                 };
                 (weights, Some(self.alpha.or(preset_alpha).unwrap_or(0.8)))
             }
+            other => {
+                return Err(PipelineError::Invalid(format!(
+                    "a {} stage is not a quantization",
+                    other.name()
+                )))
+            }
         };
         let defaults = QuantizeRequest::default();
         Ok(QuantizeRequest {
@@ -221,16 +364,13 @@ impl Stage {
             method,
             format: self.format.clone(),
             bits: self.bits,
-            group: self.group.as_ref().map(|g| match g {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            }),
+            group: self.group.as_ref().map(value_text),
             smooth,
             activations: self.activations.clone(),
             overrides: self
                 .overrides
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), value_text(v)))
                 .collect(),
             search: self.search.unwrap_or(false),
             imatrix: self.imatrix.unwrap_or(false),
@@ -239,6 +379,7 @@ impl Stage {
             awq_grid: self.awq_grid.unwrap_or(defaults.awq_grid),
             embeddings: self.embeddings.clone(),
             batch: defaults.batch,
+            keep_zeros: self.keep_sparsity.unwrap_or(false),
         })
     }
 
@@ -368,7 +509,7 @@ pub struct PlannedStage {
     pub input: String,
     pub calibrates: bool,
     pub export: Export,
-    pub request: QuantizeRequest,
+    pub job: StageJob,
     /// For a sweep variant: `key=value`.
     pub sweep_value: Option<String>,
 }
@@ -591,11 +732,22 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             ),
         })?;
         let input = s.input.clone().unwrap_or_else(|| previous.clone());
-        pipeline.planned.push(PlannedStage {
+        let mut planned = PlannedStage {
             name: name.clone(),
             input,
             ..planned
-        });
+        };
+        if let (StageJob::Quantize(request), None) = (&mut planned.job, s.keep_sparsity) {
+            // Quantizing a pruned model keeps its mask unless the stage says otherwise.
+            request.keep_zeros = pipeline.planned.iter().any(|p| {
+                p.name == planned.input
+                    && match &p.job {
+                        StageJob::Prune(r) => !r.kind.structured(),
+                        StageJob::Quantize(r) => r.keep_zeros,
+                    }
+            });
+        }
+        pipeline.planned.push(planned);
         previous = name.clone();
         names.push(name);
     }
@@ -661,9 +813,14 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             let stage = swept
                 .with_value(&sweep.key, value)
                 .map_err(|e| problem(e.to_string()))?;
-            let planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
+            let mut planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
             let main = &pipeline.planned[index];
-            if planned.request == main.request {
+            if let (StageJob::Quantize(r), StageJob::Quantize(m), None) =
+                (&mut planned.job, &main.job, stage.keep_sparsity)
+            {
+                r.keep_zeros = m.keep_zeros; // the same input as the stage as written
+            }
+            if planned.job == main.job {
                 continue; // the pipeline as written already runs this value
             }
             // The swept stage and every later stage that (transitively) reads from it.
@@ -700,6 +857,22 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
         ("alpha", s.alpha.is_some()),
         ("awq_grid", s.awq_grid.is_some()),
         ("weights", s.weights.is_some()),
+        ("preset", s.preset.is_some()),
+        ("bits", s.bits.is_some()),
+        ("group", s.group.is_some()),
+        ("embeddings", s.embeddings.is_some()),
+        ("activations", s.activations.is_some()),
+        ("search", s.search.is_some()),
+        ("overrides", !s.overrides.is_empty()),
+        ("sparsity", s.sparsity.is_some()),
+        ("global", s.global.is_some()),
+        ("block_size", s.block_size.is_some()),
+        ("fraction", s.fraction.is_some()),
+        ("importance", s.importance.is_some()),
+        ("criterion", s.criterion.is_some()),
+        ("kv_groups", s.kv_groups.is_some()),
+        ("dtype", s.dtype.is_some()),
+        ("keep_sparsity", s.keep_sparsity.is_some()),
     ] {
         if set && !s.kind.accepts(key) {
             return Err((
@@ -712,6 +885,9 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
         if !(0.0..=1.0).contains(&damp) {
             return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
         }
+    }
+    if s.kind.prune_kind().is_some() {
+        return check_prune_stage(s);
     }
     if let Some(alpha) = s.alpha {
         if !(0.0..=1.0).contains(&alpha) {
@@ -761,7 +937,7 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
         ));
     }
     for (pattern, ty) in &s.overrides {
-        shrink_quant::Format::parse(ty)
+        shrink_quant::Format::parse(&value_text(ty))
             .map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
     }
     if let Some(a) = &s.activations {
@@ -772,17 +948,69 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
             ));
         }
     }
-    let request = s.request().map_err(|e| (None, e.to_string()))?;
-    let resolved = request.resolve().map_err(|e| (None, e.to_string()))?;
+    planned(s)
+}
+
+fn planned(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
+    let job = s.job().map_err(|e| (None, e.to_string()))?;
+    let (calibrates, export) = job.resolve().map_err(|e| (None, e.to_string()))?;
     Ok(PlannedStage {
         name: s.display_name(),
         kind: s.kind,
         input: String::new(),
-        calibrates: resolved.calibrates,
-        export: resolved.export,
-        request,
+        calibrates,
+        export,
+        job,
         sweep_value: None,
     })
+}
+
+/// The keys of a `prune.*` stage, each error pointing at its key.
+fn check_prune_stage(
+    s: &Stage,
+) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
+    if let Some(v) = &s.sparsity {
+        shrink_prune::Sparsity::parse(&value_text(v))
+            .map_err(|e| (Some("sparsity"), e.to_string()))?;
+    }
+    for (pattern, v) in &s.overrides {
+        shrink_prune::Sparsity::parse(&value_text(v))
+            .map_err(|e| (Some("overrides"), format!("override `{pattern}`: {e}")))?;
+    }
+    if let Some(f) = s.fraction {
+        if !(0.0..1.0).contains(&f) {
+            return Err((
+                Some("fraction"),
+                format!("fraction = {f} is outside [0, 1)"),
+            ));
+        }
+    }
+    if let Some(i) = &s.importance {
+        shrink_prune::Importance::parse(i).map_err(|e| (Some("importance"), e.to_string()))?;
+    }
+    if let Some(c) = &s.criterion {
+        shrink_prune::LayerCriterion::parse(c).map_err(|e| (Some("criterion"), e.to_string()))?;
+    }
+    if let Some(f) = &s.format {
+        if !["gguf", "hf"].contains(&f.as_str()) {
+            return Err((
+                Some("format"),
+                format!("format `{f}` is not one of: gguf, hf"),
+            ));
+        }
+    }
+    if let Some(d) = &s.dtype {
+        if !["f32", "f16"].contains(&d.as_str()) {
+            return Err((
+                Some("dtype"),
+                format!("dtype `{d}` is not one of: f32, f16"),
+            ));
+        }
+    }
+    if s.block_size == Some(0) {
+        return Err((Some("block_size"), "block_size must be positive".into()));
+    }
+    planned(s)
 }
 
 #[derive(Clone, Copy)]

@@ -28,6 +28,7 @@
 //! demo model, quantizes, evaluates and writes `runs/w4/`.
 
 mod config;
+pub mod prune;
 pub mod quantize;
 pub mod render;
 pub mod report;
@@ -36,8 +37,9 @@ mod sys;
 
 pub use config::{
     load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
-    Stage, StageKind, Sweep, SWEEP_KEYS,
+    Stage, StageJob, StageKind, Sweep, SWEEP_KEYS,
 };
+pub use prune::{prune_and_write, PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use quantize::{
     build_model, quantize_and_write, Export, QuantMethod, QuantizeOutcome, QuantizeRequest,
     ResolvedQuantize,
@@ -84,6 +86,8 @@ pub enum PipelineError {
     Data(#[from] shrink_data::DataError),
     #[error(transparent)]
     Calib(#[from] shrink_calib::CalibError),
+    #[error(transparent)]
+    Prune(#[from] shrink_prune::PruneError),
     #[error(transparent)]
     Core(#[from] shrink_core::CoreError),
     #[error(transparent)]

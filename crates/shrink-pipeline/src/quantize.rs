@@ -76,6 +76,9 @@ pub struct QuantizeRequest {
     pub embeddings: Option<String>,
     /// Calibration windows per forward pass.
     pub batch: usize,
+    /// GPTQ keeps exactly-zero weights (a pruning mask) at the grid value nearest zero.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_zeros: bool,
 }
 
 impl Default for QuantizeRequest {
@@ -96,6 +99,7 @@ impl Default for QuantizeRequest {
             awq_grid: 20,
             embeddings: None,
             batch: 8,
+            keep_zeros: false,
         }
     }
 }
@@ -226,6 +230,7 @@ impl QuantizeRequest {
             damp: self.damp,
             act_order: self.act_order,
             static_groups: true,
+            keep_zeros: self.keep_zeros,
         };
         let method_name = match (self.method, &preset) {
             (Some(m), _) => m,

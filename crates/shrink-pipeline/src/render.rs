@@ -13,7 +13,7 @@ macro_rules! w {
 }
 
 const SUMMARY_HEAD: &str = "model,kind,ppl ± se,Δppl %,KL,top-1 %,size MB,bits/w,params,\
-    sparsity %,compr. ×,eval tok/s,stage s,peak RSS MB,decode ms/tok,prefill tok/s,backend,cached";
+    shape,sparsity %,compr. ×,eval tok/s,stage s,peak RSS MB,decode ms/tok,prefill tok/s,backend,cached";
 const LINEAR_KINDS: [&str; 7] = [
     "q_proj",
     "k_proj",
@@ -201,6 +201,7 @@ fn summary_table(report: &Report) -> Table {
             mb(r.size_bytes),
             format!("{:.2}", r.bits_per_weight),
             count(r.parameters),
+            r.shape.clone(),
             format!("{:.1}", r.sparsity * 100.0),
             format!("{:.2}", r.compression_ratio),
             format!("{:.0}", r.eval_tokens_per_s),

@@ -104,6 +104,9 @@ pub struct ModelRow {
     pub size_bytes: u64,
     pub bits_per_weight: f64,
     pub parameters: u64,
+    /// Layers × width, MLP width and heads (query/KV): structured pruning changes them.
+    #[serde(default)]
+    pub shape: String,
     /// Fraction of exactly-zero weights in the linear layers.
     pub sparsity: f64,
     /// Input model size / this size.

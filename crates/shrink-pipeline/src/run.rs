@@ -4,11 +4,13 @@
 //! that the next run removes before doing the stage again. Measurements are cached beside each
 //! artifact under a key that adds the evaluation settings.
 
+use crate::prune::prune_and_write;
 use crate::quantize::{build_model, quantize_and_write, Export};
 use crate::report::{
     pareto_front, DecodeSpeed, EvalSettings, GateResult, Generation, InputHash, LayerRow, ModelRow,
     Provenance, Report, StageLayers, SweepSummary,
 };
+use crate::StageJob;
 use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
 use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -66,6 +68,9 @@ struct StageRecord {
     types: BTreeMap<String, usize>,
     linear_bits_per_weight: f64,
     layers: Vec<LayerRow>,
+    /// Parameters before and after, and for structured pruning what was removed and the new shape.
+    #[serde(default)]
+    pruning: Option<serde_json::Value>,
     wall_s: f64,
     peak_rss_bytes: u64,
     shrink_version: String,
@@ -82,6 +87,9 @@ struct Metrics {
     bits_per_weight: f64,
     parameters: u64,
     sparsity: f64,
+    /// Layers, widths and heads, as `30 × 576, MLP 1536, 9/3 heads`.
+    #[serde(default)]
+    shape: String,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
@@ -275,7 +283,13 @@ impl Bench<'_> {
         }
         let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
             None
-        } else if artifact.is_file() {
+        } else if artifact.is_file()
+            && model.config.head_dim() * model.config.num_attention_heads
+                == model.config.hidden_size
+        {
+            // candle's quantized Llama derives the head size from the width; a structurally
+            // pruned model whose heads no longer fill the width runs on the f32 path instead (the
+            // report's backend column says which).
             Some(shrink_eval::quantized_decode_speed(
                 artifact,
                 &self.decode_prompt,
@@ -306,6 +320,7 @@ impl Bench<'_> {
             bits_per_weight: info.bits_per_weight,
             parameters: info.parameters,
             sparsity: zeros / weights.max(1.0),
+            shape: shape_of(&model.config),
         })
     }
 }
@@ -434,7 +449,7 @@ pub fn run(
             })
         });
         let key = key_of(&serde_json::json!({
-            "shrink": VERSION, "input": input_key, "job": stage.request, "calibration": calibration,
+            "shrink": VERSION, "input": input_key, "job": stage.job, "calibration": calibration,
         }));
         let dir = stages_dir.join(&stage.name);
         let done = read_json::<StageRecord>(&dir.join("stage.json"))
@@ -611,43 +626,98 @@ fn run_stage(
     progress: &dyn Progress,
 ) -> Result<StageRecord> {
     let staged = AtomicDir::new(dir)?;
-    let resolved = stage.request.resolve()?;
     let mut model = build_model(input, DType::F32)?;
-    let artifact = match resolved.export {
+    let artifact = match stage.export {
         Export::Gguf => "model.gguf",
         Export::Hf => "model",
     };
+    let out = staged.path().join(artifact);
     sys::reset_peak_rss();
     let start = Instant::now();
-    let outcome = quantize_and_write(
-        input,
-        &mut model,
-        &resolved,
-        windows,
-        stage.request.batch,
-        &staged.path().join(artifact),
-        progress,
-    )?;
-    let wall_s = start.elapsed().as_secs_f64();
-    let weights = model.named_tensors();
-    let layers = outcome
-        .layers
-        .iter()
-        .map(|l| {
-            let sparsity = match weights.get(&format!("{}.weight", l.name)) {
-                Some(w) => zero_fraction(w)?,
-                None => 0.0,
+    let sparsity_of = |weights: &BTreeMap<String, candle_core::Tensor>, name: &str| match weights
+        .get(&format!("{name}.weight"))
+    {
+        Some(w) => zero_fraction(w),
+        None => Ok(0.0),
+    };
+    let (method, types, linear_bits_per_weight, layers, pruning) = match &stage.job {
+        StageJob::Quantize(request) => {
+            let resolved = request.resolve()?;
+            let outcome = quantize_and_write(
+                input,
+                &mut model,
+                &resolved,
+                windows,
+                request.batch,
+                &out,
+                progress,
+            )?;
+            let weights = model.named_tensors();
+            let layers = outcome
+                .layers
+                .iter()
+                .map(|l| {
+                    Ok(LayerRow {
+                        name: l.name.clone(),
+                        format: l.format.clone(),
+                        shape: l.shape,
+                        bits_per_weight: l.bits_per_weight,
+                        relative_output_error: l.relative_output_error,
+                        sparsity: sparsity_of(&weights, &l.name)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (
+                outcome.method,
+                outcome.types,
+                outcome.linear_bits_per_weight,
+                layers,
+                None,
+            )
+        }
+        StageJob::Prune(request) => {
+            let resolved = request.resolve()?;
+            let outcome = prune_and_write(
+                input,
+                &mut model,
+                &resolved,
+                windows,
+                request.batch,
+                &out,
+                progress,
+            )?;
+            let (format, bits) = match resolved.dtype {
+                shrink_io::GgufWriteType::F16 => ("f16", 16.0),
+                _ => ("f32", 32.0),
             };
-            Ok(LayerRow {
-                name: l.name.clone(),
-                format: l.format.clone(),
-                shape: l.shape,
-                bits_per_weight: l.bits_per_weight,
-                relative_output_error: l.relative_output_error,
-                sparsity,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            let layers = outcome
+                .layers
+                .iter()
+                .map(|l| LayerRow {
+                    name: l.name.clone(),
+                    format: format!("{format}, sparsity {}", l.target),
+                    shape: l.shape,
+                    bits_per_weight: bits,
+                    relative_output_error: l.relative_output_error,
+                    sparsity: l.sparsity,
+                })
+                .collect();
+            let linears = model.blocks.len() * 7;
+            let pruning = serde_json::json!({
+                "parameters_before": outcome.parameters_before,
+                "parameters_after": outcome.parameters_after,
+                "structured": outcome.structured,
+            });
+            (
+                outcome.method,
+                [(format.to_string(), linears)].into(),
+                bits,
+                layers,
+                Some(pruning),
+            )
+        }
+    };
+    let wall_s = start.elapsed().as_secs_f64();
     let record = StageRecord {
         schema: "shrink.stage/v1".into(),
         key,
@@ -655,14 +725,15 @@ fn run_stage(
         kind: stage.kind.name().into(),
         input: stage.input.clone(),
         artifact: artifact.into(),
-        format: serde_json::to_value(resolved.export)
+        format: serde_json::to_value(stage.export)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default(),
-        method: outcome.method,
-        types: outcome.types,
-        linear_bits_per_weight: outcome.linear_bits_per_weight,
+        method,
+        types,
+        linear_bits_per_weight,
         layers,
+        pruning,
         wall_s,
         peak_rss_bytes: sys::peak_rss_bytes(),
         shrink_version: VERSION.into(),
@@ -671,6 +742,19 @@ fn run_stage(
     write_json(&staged.path().join("stage.json"), &record)?;
     staged.commit()?;
     Ok(record)
+}
+
+#[allow(clippy::too_many_arguments)]
+/// `30 × 576, MLP 1536, 9/3 heads`: the model's shape in the report.
+fn shape_of(c: &shrink_models::LlamaConfig) -> String {
+    format!(
+        "{} × {}, MLP {}, {}/{} heads",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_kv_heads()
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -707,6 +791,7 @@ fn row(
         size_bytes: m.size_bytes,
         bits_per_weight: m.bits_per_weight,
         parameters: m.parameters,
+        shape: m.shape.clone(),
         sparsity: m.sparsity,
         compression_ratio: base.size_bytes as f64 / m.size_bytes.max(1) as f64,
         eval_tokens_per_s: m.eval.tokens_per_s,
@@ -807,6 +892,7 @@ mod tests {
             size_bytes: size,
             bits_per_weight: 4.5,
             parameters: 1000,
+            shape: String::new(),
             sparsity: 0.0,
             compression_ratio: 2.0,
             eval_tokens_per_s: 1.0,

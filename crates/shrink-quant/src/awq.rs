@@ -7,9 +7,9 @@
 //! model is unchanged. (`v → o` is not scaled: with grouped-query attention one v channel feeds
 //! several o channels.)
 
-use crate::methods::{hessian_tensor, quadratic};
 use crate::{rtn, QuantScheme, Result};
 use candle_core::Tensor;
+use shrink_calib::quadratic;
 use shrink_calib::{BlockStats, LinearStats};
 use shrink_models::{DecoderBlock, Linear};
 use std::collections::BTreeMap;
@@ -37,7 +37,7 @@ pub fn search_scales(
     name: &str,
 ) -> Result<Vec<f32>> {
     let n = stats.in_features;
-    let h = hessian_tensor(stats)?;
+    let h = stats.hessian_tensor()?;
     let weights: Vec<(Vec<f32>, usize)> = linears
         .iter()
         .map(|l| weights_of(l))

@@ -29,7 +29,7 @@ mod tensor;
 pub use export::{compressed_tensors, HfExport};
 pub use grid::{Grid, GroupParams};
 pub use kquant::{GgmlTensor, KQuant};
-pub use methods::{gptq, gptq_kquant, relative_output_error, rtn, GptqConfig};
+pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 
@@ -315,7 +315,7 @@ impl QuantPlan {
             .iter()
             .rev()
             .find(|r| {
-                name_matches(&r.pattern, name)
+                shrink_models::name_matches(&r.pattern, name)
                     && layer.is_none_or(|l| r.layers.contains(l, n_layers))
             })
             .map(|r| r.format)
@@ -359,26 +359,6 @@ impl QuantPlan {
         }
         format
     }
-}
-
-/// `*` matches any run of characters; a pattern without `*` matches as a substring.
-fn name_matches(pattern: &str, name: &str) -> bool {
-    if !pattern.contains('*') {
-        return name.contains(pattern);
-    }
-    let parts: Vec<&str> = pattern.split('*').collect();
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(i) => rest = &rest[i + part.len()..],
-            None => return false,
-        }
-    }
-    true
 }
 
 /// What happened to one linear layer.
@@ -489,7 +469,7 @@ pub fn quantize_model(
             };
             let deq = q.dequantize()?;
             let error = layer_stats
-                .map(|st| relative_output_error(&w, &deq, cols, st))
+                .map(|st| st.relative_output_error(&w, &deq))
                 .transpose()?;
             let linear = block_linear(block, &name)?;
             linear.set_weight(Tensor::from_vec(
@@ -511,10 +491,17 @@ pub fn quantize_model(
     };
     match windows {
         Some(windows) => {
-            shrink_calib::sequential(model, windows, batch, progress, &mut |block, stats| {
-                quantize_block(block, Some(stats))
-                    .map_err(|e| shrink_calib::CalibError::Compress(e.to_string()))
-            })?;
+            shrink_calib::sequential(
+                model,
+                windows,
+                batch,
+                true,
+                progress,
+                &mut |block, stats| {
+                    quantize_block(block, Some(stats))
+                        .map_err(|e| shrink_calib::CalibError::Compress(e.to_string()))
+                },
+            )?;
         }
         None => {
             progress.start("quantizing blocks", model.blocks.len() as u64);
@@ -561,10 +548,10 @@ mod plan_tests {
         );
         assert_eq!(f("model.layers.2.mlp.down_proj"), QuantScheme::Q8_0.into());
         assert_eq!(f("model.layers.12.mlp.down_proj"), QuantScheme::Q4_1.into());
-        assert!(name_matches("*", "anything"));
-        assert!(name_matches("a*b*c", "a-x-b-y-c"));
-        assert!(!name_matches("a*b*c", "a-x-c-y-b"));
-        assert!(!name_matches("ab*ba", "aba"));
+        assert!(shrink_models::name_matches("*", "anything"));
+        assert!(shrink_models::name_matches("a*b*c", "a-x-b-y-c"));
+        assert!(!shrink_models::name_matches("a*b*c", "a-x-c-y-b"));
+        assert!(!shrink_models::name_matches("ab*ba", "aba"));
     }
 
     #[test]

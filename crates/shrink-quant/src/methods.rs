@@ -21,6 +21,11 @@ pub struct GptqConfig {
     /// Fix every group's scale from the original weights before the error feedback starts (always
     /// the case with act-order, so that groups stay contiguous runs of the original columns).
     pub static_groups: bool,
+    /// Weights that are exactly zero (a pruning mask) are stored as the grid value nearest zero
+    /// (zero itself on symmetric grids) instead of absorbing the error of earlier columns: GPTQ
+    /// on a pruned model keeps its sparsity, as SparseGPT's joint sparsify-and-quantize pass does.
+    #[serde(default)]
+    pub keep_zeros: bool,
 }
 
 impl Default for GptqConfig {
@@ -29,6 +34,7 @@ impl Default for GptqConfig {
             damp: 0.01,
             act_order: true,
             static_groups: true,
+            keep_zeros: false,
         }
     }
 }
@@ -254,7 +260,12 @@ pub fn gptq(
                         dynamic[orig / group_size]
                     }
                 };
-                let q = grid.code(bits, &params, x[0] as f32);
+                let target = if cfg.keep_zeros && row[orig] == 0.0 {
+                    0.0
+                } else {
+                    x[0] as f32
+                };
+                let q = grid.code(bits, &params, target);
                 codes[orig] = q;
                 grid.value(bits, &params, q) as f64
             });
@@ -334,7 +345,12 @@ pub fn gptq_kquant(
                         Err(e) => failure = Some(e),
                     }
                 }
-                let (q, v) = grids[sb][(orig % QK_K) / k.group()].nearest(x[0] as f32);
+                let target = if cfg.keep_zeros && row[orig] == 0.0 {
+                    0.0
+                } else {
+                    x[0] as f32
+                };
+                let (q, v) = grids[sb][(orig % QK_K) / k.group()].nearest(target);
                 codes[orig] = q;
                 v as f64
             });
@@ -356,38 +372,5 @@ pub fn gptq_kquant(
         rows,
         cols,
         bytes,
-    })
-}
-
-pub(crate) fn hessian_tensor(stats: &LinearStats) -> candle_core::Result<candle_core::Tensor> {
-    let h: Vec<f32> = stats.hessian.iter().map(|&v| v as f32).collect();
-    candle_core::Tensor::from_vec(
-        h,
-        (stats.in_features, stats.in_features),
-        &candle_core::Device::Cpu,
-    )
-}
-
-/// Σ_rows vᵀ H v for the rows of `v` (`rows × n`), by one matrix product.
-pub(crate) fn quadratic(v: &[f32], n: usize, h: &candle_core::Tensor) -> candle_core::Result<f64> {
-    let v = candle_core::Tensor::from_slice(v, (v.len() / n, n), &candle_core::Device::Cpu)?;
-    Ok((v.matmul(h)? * &v)?.sum_all()?.to_scalar::<f32>()? as f64)
-}
-
-/// The layer objective: ‖(W − Ŵ) X‖² relative to ‖W X‖², computed from the Hessian as
-/// Σ_rows δᵀ H δ / Σ_rows wᵀ H w.
-pub fn relative_output_error(
-    w: &[f32],
-    approx: &[f32],
-    cols: usize,
-    stats: &LinearStats,
-) -> Result<f64> {
-    let h = hessian_tensor(stats)?;
-    let delta: Vec<f32> = w.iter().zip(approx).map(|(a, b)| a - b).collect();
-    let den = quadratic(w, cols, &h)?;
-    Ok(if den > 0.0 {
-        quadratic(&delta, cols, &h)? / den
-    } else {
-        0.0
     })
 }

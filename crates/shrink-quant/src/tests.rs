@@ -129,24 +129,26 @@ fn gptq_beats_rtn_on_correlated_inputs_and_is_deterministic() {
     let (rows, cols) = (48, 128);
     let w = random(rows * cols, 7);
     let stats = correlated_stats(cols, 2000, 3);
-    let error =
-        |q: &QuantizedTensor| relative_output_error(&w, &q.dequantize(), cols, &stats).unwrap();
+    let error = |q: &QuantizedTensor| stats.relative_output_error(&w, &q.dequantize()).unwrap();
     let rtn_err = error(&rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t").unwrap());
     for cfg in [
         GptqConfig {
             damp: 0.01,
             act_order: false,
             static_groups: false,
+            ..Default::default()
         },
         GptqConfig {
             damp: 0.01,
             act_order: false,
             static_groups: true,
+            ..Default::default()
         },
         GptqConfig {
             damp: 0.01,
             act_order: true,
             static_groups: true,
+            ..Default::default()
         },
     ] {
         let q = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &cfg, "t").unwrap();
@@ -171,8 +173,11 @@ fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
     let imp: Vec<f32> = (0..cols)
         .map(|i| stats.hessian[i * cols + i] as f32)
         .collect();
-    let error =
-        |q: &GgmlTensor| relative_output_error(&w, &q.dequantize().unwrap(), cols, &stats).unwrap();
+    let error = |q: &GgmlTensor| {
+        stats
+            .relative_output_error(&w, &q.dequantize().unwrap())
+            .unwrap()
+    };
     for k in KQuant::ALL {
         let rtn_err =
             error(&GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&imp), "t").unwrap());
@@ -181,6 +186,7 @@ fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
                 damp: 0.01,
                 act_order,
                 static_groups: act_order,
+                ..Default::default()
             };
             let q = gptq_kquant(&w, rows, cols, &stats, k, &cfg, "t").unwrap();
             let e = error(&q);
@@ -208,6 +214,7 @@ fn gptq_equals_rtn_when_inputs_are_uncorrelated() {
         damp: 0.01,
         act_order: false,
         static_groups: true,
+        ..Default::default()
     };
     let g = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &cfg, "t").unwrap();
     assert_eq!(
@@ -372,15 +379,14 @@ fn awq_scales_never_lose_to_rtn_and_help_with_outlier_channels() {
         None,
     );
     let s = awq::search_scales(&[&linear], &stats, &QuantScheme::Q4_0, 20, "t").unwrap();
-    let rtn_err = relative_output_error(
-        &w,
-        &rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t")
-            .unwrap()
-            .dequantize(),
-        cols,
-        &stats,
-    )
-    .unwrap();
+    let rtn_err = stats
+        .relative_output_error(
+            &w,
+            &rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t")
+                .unwrap()
+                .dequantize(),
+        )
+        .unwrap();
     let scaled: Vec<f32> = w.iter().enumerate().map(|(i, v)| v * s[i % cols]).collect();
     let back: Vec<f32> = rtn(&scaled, rows, cols, &QuantScheme::Q4_0, None, "t")
         .unwrap()
@@ -389,7 +395,7 @@ fn awq_scales_never_lose_to_rtn_and_help_with_outlier_channels() {
         .enumerate()
         .map(|(i, v)| v / s[i % cols])
         .collect();
-    let awq_err = relative_output_error(&w, &back, cols, &stats).unwrap();
+    let awq_err = stats.relative_output_error(&w, &back).unwrap();
     assert!(awq_err < 0.8 * rtn_err, "AWQ {awq_err} vs RTN {rtn_err}");
     assert!(s[0] > s[100], "outlier channels get larger scales");
 }
@@ -506,4 +512,54 @@ fn compressed_tensors_export_decodes_to_the_quantized_values() {
     );
     let e = compressed_tensors(&weights, None).unwrap_err().to_string();
     assert!(e.contains("a.weight") && e.contains("asymmetric"), "{e}");
+}
+
+#[test]
+fn gptq_keeps_a_pruning_mask_when_asked() {
+    let (rows, cols) = (16, 256);
+    let mut w = random(rows * cols, 21);
+    for (i, v) in w.iter_mut().enumerate() {
+        if (i * 7 + i / 3) % 2 == 0 {
+            *v = 0.0;
+        }
+    }
+    let zeros: Vec<bool> = w.iter().map(|v| *v == 0.0).collect();
+    let stats = correlated_stats(cols, 2000, 5);
+    let masked = |deq: &[f32]| {
+        deq.iter()
+            .zip(&zeros)
+            .filter(|(v, z)| **z && **v != 0.0)
+            .count()
+    };
+    let keep = GptqConfig {
+        keep_zeros: true,
+        ..Default::default()
+    };
+    let q = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &keep, "t").unwrap();
+    assert_eq!(masked(&q.dequantize()), 0);
+    let k = gptq_kquant(&w, rows, cols, &stats, KQuant::Q6K, &keep, "t").unwrap();
+    assert_eq!(masked(&k.dequantize().unwrap()), 0);
+    // Without it the error feedback fills the holes.
+    let plain = gptq(
+        &w,
+        rows,
+        cols,
+        &stats,
+        &QuantScheme::Q4_0,
+        &GptqConfig::default(),
+        "t",
+    )
+    .unwrap();
+    let filled = masked(&plain.dequantize());
+    assert!(filled > rows * cols / 100, "{filled}");
+    // Keeping the mask still compensates: better than rounding the pruned weights directly.
+    let err = |d: &[f32]| stats.relative_output_error(&w, d).unwrap();
+    let rtn_err = err(&rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t")
+        .unwrap()
+        .dequantize());
+    assert!(
+        err(&q.dequantize()) < rtn_err,
+        "{} vs {rtn_err}",
+        err(&q.dequantize())
+    );
 }

@@ -476,3 +476,77 @@ fn int8_per_token_activation_quantization_by_hand() {
     let y = vec2(&l.forward(&x).unwrap());
     assert!((y[0][0] - (64.0 - 127.0 + 32.0) * s).abs() < 1e-6);
 }
+
+#[test]
+fn gradients_flow_through_the_differentiable_path_and_match_finite_differences() {
+    let cfg = LlamaConfig::tiny_for_tests();
+    let model = Llama::random(&cfg, 3, &cpu()).unwrap();
+    let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 7, 3], [4, 4, 8, 1, 0, 6, 2]], &cpu()).unwrap();
+    let vars: BTreeMap<String, candle_core::Var> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
+        .collect();
+    let tracked = Llama::from_tensors(
+        &cfg,
+        vars.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+        DType::F32,
+    )
+    .unwrap();
+    // The composed (differentiable) ops compute what the fused kernels do.
+    let fast = model.forward(&ids).unwrap().flatten_to(1).unwrap();
+    let slow = tracked.forward(&ids).unwrap().flatten_to(1).unwrap();
+    let d = max_abs_diff(&vec2(&fast), &vec2(&slow.detach()));
+    assert!(d < 1e-4, "{d}");
+    let loss = tracked.lm_loss(&ids).unwrap();
+    let grads = loss.backward().unwrap();
+    for v in vars.values() {
+        let g = grads
+            .get(v.as_tensor())
+            .expect("every parameter gets a gradient");
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
+    }
+    // Central differences on a few weights of different kinds.
+    let base = model.named_tensors();
+    for (name, index) in [
+        ("model.layers.0.self_attn.q_proj.weight", 37),
+        ("model.layers.1.mlp.down_proj.weight", 101),
+        ("model.layers.0.input_layernorm.weight", 5),
+        ("model.embed_tokens.weight", 9 * 32 + 3),
+    ] {
+        let g: Vec<f32> = grads
+            .get(vars[name].as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let h = 1e-2f32;
+        let loss_at = |delta: f32| -> f64 {
+            let mut t = base.clone();
+            let shape = t[name].dims().to_vec();
+            let mut flat: Vec<f32> = t[name].flatten_all().unwrap().to_vec1().unwrap();
+            flat[index] += delta;
+            t.insert(name.into(), Tensor::from_vec(flat, shape, &cpu()).unwrap());
+            let m = Llama::from_tensors(&cfg, t, DType::F32).unwrap();
+            m.lm_loss(&ids).unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
+        let rel = (fd - g[index] as f64).abs() / fd.abs().max(1e-3);
+        assert!(
+            rel < 0.05,
+            "{name}[{index}]: finite difference {fd} vs gradient {}",
+            g[index]
+        );
+    }
+}

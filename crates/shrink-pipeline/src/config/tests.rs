@@ -177,7 +177,10 @@ fn sweeps_branch_after_the_shared_stages() {
         ]
     );
     assert_eq!(p.main_chain().count(), 3);
-    assert_eq!(p.plan()[3].request.format.as_deref(), Some("q5_0"));
+    let crate::StageJob::Quantize(request) = &p.plan()[3].job else {
+        panic!("a quantization stage")
+    };
+    assert_eq!(request.format.as_deref(), Some("q5_0"));
     assert_eq!(p.plan()[3].sweep_value.as_deref(), Some("format=q5_0"));
 
     let e = err(&SWEEP.replace("stage = \"gptq\"", "stage = \"gptpq\""));
@@ -212,4 +215,149 @@ fn exports_need_a_stage_that_writes_them() {
     // Settings that cannot be combined are caught before anything runs.
     let e = err(&GOOD.replace("format = \"q8_0\"", "format = \"q8_0\"\nbits = 4"));
     assert!(e.contains("stage `q8`: bits/group (4 bits"), "{e}");
+}
+
+const PRUNE: &str = r#"name = "sparse"
+[model]
+source = "smollm2"
+
+[[stage]]
+kind = "prune.sparsegpt"
+name = "sparse"
+sparsity = "2:4"
+overrides = { down_proj = 0.25 }
+
+[[stage]]
+kind = "quantize.gptq"
+name = "q4"
+format = "q4_0"
+
+[[stage]]
+kind = "prune.layers"
+name = "shallow"
+input = "model"
+fraction = 0.25
+criterion = "angular"
+
+[[stage]]
+kind = "quantize.rtn"
+name = "shallow-q8"
+format = "q8_0"
+"#;
+
+#[test]
+fn prune_stages_plan_and_quantizing_a_sparse_model_keeps_its_mask() {
+    let p = parse(PRUNE, "p.toml").unwrap();
+    let plan = p.plan();
+    let keep: Vec<Option<bool>> = plan
+        .iter()
+        .map(|s| match &s.job {
+            StageJob::Quantize(r) => Some(r.keep_zeros),
+            StageJob::Prune(_) => None,
+        })
+        .collect();
+    // GPTQ after SparseGPT keeps the zeros; RTN after depth pruning has none to keep.
+    assert_eq!(keep, [None, Some(true), None, Some(false)]);
+    assert!(plan[0].calibrates && plan[2].calibrates);
+    let StageJob::Prune(r) = &plan[0].job else {
+        panic!()
+    };
+    assert_eq!(r.sparsity.as_deref(), Some("2:4"));
+    assert_eq!(r.overrides, [("down_proj".to_string(), "0.25".to_string())]);
+    // An explicit keep_sparsity wins.
+    let p = parse(
+        &PRUNE.replace(
+            "format = \"q4_0\"",
+            "format = \"q4_0\"\nkeep_sparsity = false",
+        ),
+        "p.toml",
+    )
+    .unwrap();
+    assert!(matches!(&p.plan()[1].job, StageJob::Quantize(r) if !r.keep_zeros));
+    // Magnitude needs no calibration.
+    let p = parse(
+        &PRUNE.replace("prune.sparsegpt", "prune.magnitude"),
+        "p.toml",
+    )
+    .unwrap();
+    assert!(!p.plan()[0].calibrates);
+
+    for (from, to, want) in [
+        (
+            "sparsity = \"2:4\"",
+            "sparsity = \"5:4\"",
+            "p.toml:8:1: sparsity '5:4'",
+        ),
+        (
+            "sparsity = \"2:4\"",
+            "sparsity = 1.5",
+            "p.toml:8:1: sparsity '1.5'",
+        ),
+        (
+            "fraction = 0.25",
+            "fraction = 1.0",
+            "p.toml:20:1: fraction = 1 is outside",
+        ),
+        (
+            "criterion = \"angular\"",
+            "criterion = \"cosine\"",
+            "p.toml:21:1: criterion 'cosine'",
+        ),
+        (
+            "criterion = \"angular\"",
+            "importance = \"taylor2\"",
+            "p.toml:21:1: importance 'taylor2'",
+        ),
+        (
+            "fraction = 0.25",
+            "sparsity = 0.25",
+            "p.toml:20:1: `sparsity` does not apply to a prune.layers stage",
+        ),
+        (
+            "sparsity = \"2:4\"",
+            "sparsity = \"2:4\"\nfraction = 0.5",
+            "p.toml:9:1: `fraction` does not apply to a prune.sparsegpt stage",
+        ),
+        (
+            "sparsity = \"2:4\"",
+            "sparsity = \"2:4\"\npreset = \"q4_0\"",
+            "p.toml:9:1: `preset` does not apply to a prune.sparsegpt stage",
+        ),
+        (
+            "sparsity = \"2:4\"",
+            "sparsity = \"2:4\"\nglobal = true",
+            "p.toml:9:1: `global` does not apply",
+        ),
+        ("overrides = { down_proj = 0.25 }", "", "stage `sparse`: "),
+    ] {
+        let text = PRUNE.replace(from, to);
+        let text = if want.starts_with("stage") {
+            text.replace("sparsity = \"2:4\"\n", "")
+        } else {
+            text
+        };
+        let e = err(&text);
+        assert!(e.contains(want), "{to}: {e}");
+    }
+    // A sweep over a pruning stage's sparsity.
+    let p = parse(
+        &format!(
+            "{PRUNE}\n[sweep]\nstage = \"sparse\"\nkey = \"sparsity\"\nvalues = [0.5, \"2:4\"]\n"
+        ),
+        "p.toml",
+    )
+    .unwrap();
+    let names: Vec<&str> = p.plan().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "sparse",
+            "q4",
+            "shallow",
+            "shallow-q8",
+            "sparse@sparsity=0.5",
+            "q4@sparsity=0.5"
+        ]
+    );
+    assert!(matches!(&p.plan()[5].job, StageJob::Quantize(r) if r.keep_zeros));
 }

@@ -1,0 +1,358 @@
+//! One pruning job: the options of `shrink prune` and of a `prune.*` stage resolved into an
+//! unstructured plan or a structural removal, run on a model, and written as a GGUF or a Hugging
+//! Face folder with the pruned model's own config. The CLI command and pipeline stages both go
+//! through [`PruneRequest`].
+
+use crate::quantize::Export;
+use crate::{PipelineError, Result};
+use serde::Serialize;
+use shrink_core::Progress;
+use shrink_io::{Checkpoint, GgufWriteType};
+use shrink_models::Llama;
+use shrink_prune::{
+    Importance, LayerCriterion, LayerSparsity, PruneMethod, PrunePlan, SparseGptConfig, Sparsity,
+    Structure, StructuredOutcome, Target,
+};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The pruning methods, as `shrink prune --method` and the `prune.*` stage kinds name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PruneKind {
+    Magnitude,
+    Wanda,
+    Sparsegpt,
+    Heads,
+    Channels,
+    Layers,
+    Width,
+}
+
+impl PruneKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "magnitude" => Self::Magnitude,
+            "wanda" => Self::Wanda,
+            "sparsegpt" => Self::Sparsegpt,
+            "heads" => Self::Heads,
+            "channels" => Self::Channels,
+            "layers" => Self::Layers,
+            "width" => Self::Width,
+            other => {
+                return Err(invalid(format!(
+                    "pruning method '{other}' (expected magnitude, wanda, sparsegpt, heads, channels, layers or width)"
+                )))
+            }
+        })
+    }
+
+    /// Whether the method removes whole structures (and changes the config).
+    pub fn structured(self) -> bool {
+        matches!(
+            self,
+            Self::Heads | Self::Channels | Self::Layers | Self::Width
+        )
+    }
+}
+
+/// What to prune and how. Unstructured methods read `sparsity` and `overrides`; structured ones
+/// `fraction`, `importance`, `criterion` and `kv_groups`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PruneRequest {
+    pub kind: PruneKind,
+    /// `0.5`, `50%` or `2:4`.
+    pub sparsity: Option<String>,
+    /// (name pattern, sparsity), later ones win.
+    pub overrides: Vec<(String, String)>,
+    /// Magnitude over all block linears at once instead of per layer.
+    pub global: bool,
+    pub damp: f64,
+    pub block_size: usize,
+    /// The fraction of heads, channels, layers or hidden width removed.
+    pub fraction: Option<f64>,
+    /// `magnitude`, `activation` or `taylor`.
+    pub importance: Option<String>,
+    /// Layers: `block-influence`, `angular` or `perplexity`.
+    pub criterion: Option<String>,
+    /// Heads: remove whole key/value groups instead of query heads within each group.
+    pub kv_groups: bool,
+    /// `gguf` or `hf`.
+    pub format: Option<String>,
+    /// `f32` or `f16`: how the pruned weights are stored.
+    pub dtype: Option<String>,
+    pub batch: usize,
+}
+
+impl PruneRequest {
+    pub fn new(kind: PruneKind) -> Self {
+        Self {
+            kind,
+            sparsity: None,
+            overrides: Vec::new(),
+            global: false,
+            damp: 0.01,
+            block_size: 128,
+            fraction: None,
+            importance: None,
+            criterion: None,
+            kv_groups: false,
+            format: None,
+            dtype: None,
+            batch: 8,
+        }
+    }
+}
+
+/// The pruning to carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PruneJob {
+    Unstructured(PrunePlan),
+    Structured {
+        target: Target,
+        fraction: f64,
+        importance: Importance,
+        criterion: LayerCriterion,
+    },
+}
+
+/// A request with every choice made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedPrune {
+    pub job: PruneJob,
+    pub export: Export,
+    pub dtype: GgufWriteType,
+    /// Whether the job needs calibration windows.
+    pub calibrates: bool,
+}
+
+/// What a pruning run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneOutcome {
+    /// `Wanda 2:4`, `layers 0.25 (block-influence)`…
+    pub method: String,
+    pub layers: Vec<LayerSparsity>,
+    pub structured: Option<StructuredOutcome>,
+    pub parameters_before: usize,
+    pub parameters_after: usize,
+}
+
+fn invalid(message: String) -> PipelineError {
+    PipelineError::Invalid(message)
+}
+
+fn sparsity(text: &str) -> Result<Sparsity> {
+    Sparsity::parse(text).map_err(|e| invalid(e.to_string()))
+}
+
+impl PruneRequest {
+    /// Checks the options against the method and makes every choice.
+    pub fn resolve(&self) -> Result<ResolvedPrune> {
+        let export = match self.format.as_deref() {
+            None | Some("gguf") => Export::Gguf,
+            Some("hf") => Export::Hf,
+            Some(other) => return Err(invalid(format!("format '{other}' (expected gguf or hf)"))),
+        };
+        let dtype = match self.dtype.as_deref() {
+            None | Some("f32") => GgufWriteType::F32,
+            Some("f16") => GgufWriteType::F16,
+            Some(other) => return Err(invalid(format!("dtype '{other}' (expected f32 or f16)"))),
+        };
+        let structured = self.kind.structured();
+        let misplaced = |what: &str| {
+            invalid(format!(
+                "{what} does not apply to {} pruning",
+                serde_json::to_value(self.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ))
+        };
+        let job = if structured {
+            if self.sparsity.is_some() || !self.overrides.is_empty() || self.global {
+                return Err(misplaced("sparsity, overrides or global"));
+            }
+            if self.kv_groups && self.kind != PruneKind::Heads {
+                return Err(misplaced("kv_groups"));
+            }
+            if self.criterion.is_some() && self.kind != PruneKind::Layers {
+                return Err(misplaced("criterion"));
+            }
+            let fraction = self.fraction.ok_or_else(|| {
+                invalid(
+                    "structured pruning needs a fraction of units to remove (fraction = 0.25)"
+                        .into(),
+                )
+            })?;
+            if !(0.0..1.0).contains(&fraction) {
+                return Err(invalid(format!("fraction {fraction} is outside [0, 1)")));
+            }
+            let importance = Importance::parse(self.importance.as_deref().unwrap_or("activation"))
+                .map_err(|e| invalid(e.to_string()))?;
+            let criterion =
+                LayerCriterion::parse(self.criterion.as_deref().unwrap_or("block-influence"))
+                    .map_err(|e| invalid(e.to_string()))?;
+            let target = match self.kind {
+                PruneKind::Heads if self.kv_groups => Target::KvGroups,
+                PruneKind::Heads => Target::Heads,
+                PruneKind::Channels => Target::Channels,
+                PruneKind::Layers => Target::Layers,
+                _ => Target::Width,
+            };
+            PruneJob::Structured {
+                target,
+                fraction,
+                importance,
+                criterion,
+            }
+        } else {
+            if self.fraction.is_some() || self.importance.is_some() || self.criterion.is_some() {
+                return Err(misplaced("fraction, importance or criterion"));
+            }
+            if self.global && self.kind != PruneKind::Magnitude {
+                return Err(misplaced("global"));
+            }
+            let method = match self.kind {
+                PruneKind::Magnitude => PruneMethod::Magnitude {
+                    global: self.global,
+                },
+                PruneKind::Wanda => PruneMethod::Wanda,
+                _ => PruneMethod::SparseGpt(SparseGptConfig {
+                    damp: self.damp,
+                    block_size: self.block_size,
+                }),
+            };
+            let default = sparsity(self.sparsity.as_deref().ok_or_else(|| {
+                invalid("unstructured pruning needs a sparsity (0.5, 50% or 2:4)".into())
+            })?)?;
+            let mut plan = PrunePlan::uniform(method, default);
+            for (pattern, s) in &self.overrides {
+                plan.rules.push((
+                    pattern.clone(),
+                    sparsity(s).map_err(|e| invalid(format!("override '{pattern}': {e}")))?,
+                ));
+            }
+            if matches!(method, PruneMethod::Magnitude { global: true })
+                && (!plan.rules.is_empty() || matches!(default, Sparsity::NM { .. }))
+            {
+                return Err(invalid(
+                    "global magnitude pruning takes one fraction (no N:M, no overrides)".into(),
+                ));
+            }
+            PruneJob::Unstructured(plan)
+        };
+        let calibrates = match &job {
+            PruneJob::Unstructured(plan) => plan.method.calibrates(),
+            PruneJob::Structured {
+                target, importance, ..
+            } => *target == Target::Layers || *importance != Importance::Magnitude,
+        };
+        Ok(ResolvedPrune {
+            job,
+            export,
+            dtype,
+            calibrates,
+        })
+    }
+}
+
+/// The checkpoint's config with the model's (possibly pruned) shape.
+pub fn config_for(checkpoint: &Checkpoint, model: &Llama) -> serde_json::Value {
+    let mut config = checkpoint.config.clone();
+    if let Some(map) = config.as_object_mut() {
+        for (key, value) in shrink_prune::shape_keys(&model.config) {
+            map.insert(key, value.into());
+        }
+        map.insert("rms_norm_eps".into(), model.config.rms_norm_eps.into());
+    }
+    config
+}
+
+/// Checks a job against the model before any calibration (N:M groups must divide every row).
+pub fn check_prune(resolved: &ResolvedPrune, model: &Llama) -> Result<()> {
+    if let PruneJob::Unstructured(plan) = &resolved.job {
+        plan.check_model(model)
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Prunes `model` (built from `checkpoint`) as `resolved` says and writes the result to `out`.
+pub fn prune_and_write(
+    checkpoint: &Checkpoint,
+    model: &mut Llama,
+    resolved: &ResolvedPrune,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<PruneOutcome> {
+    check_prune(resolved, model)?;
+    let parameters_before = model.num_parameters();
+    let (method, layers, structured) = match &resolved.job {
+        PruneJob::Unstructured(plan) => {
+            let layers = shrink_prune::prune_model(model, plan, windows, batch, progress)?;
+            let name = match plan.method {
+                PruneMethod::Magnitude { global: true } => "magnitude (global)".to_string(),
+                PruneMethod::Magnitude { .. } => "magnitude".into(),
+                PruneMethod::Wanda => "wanda".into(),
+                PruneMethod::SparseGpt(c) => {
+                    format!("sparsegpt (damp {}, blocks of {})", c.damp, c.block_size)
+                }
+            };
+            (format!("{name} {}", plan.default), layers, None)
+        }
+        PruneJob::Structured {
+            target,
+            fraction,
+            importance,
+            criterion,
+        } => {
+            let structure =
+                Structure::from_fraction(*target, *fraction, *criterion, &model.config)?;
+            let outcome = shrink_prune::prune_structured(
+                model,
+                structure,
+                *importance,
+                windows,
+                batch,
+                progress,
+            )?;
+            let name = match structure {
+                Structure::Layers { criterion, .. } => {
+                    format!("{target:?} {fraction} by {criterion:?}")
+                }
+                _ => format!("{target:?} {fraction} by {importance:?}"),
+            };
+            (name.to_lowercase(), Vec::new(), Some(outcome))
+        }
+    };
+    let pruned = Checkpoint {
+        tensors: model.named_tensors(),
+        config: config_for(checkpoint, model),
+        ..checkpoint.clone()
+    };
+    let write_err = |e: shrink_io::IoError| PipelineError::Write {
+        path: out.to_path_buf(),
+        source: Box::new(e),
+    };
+    match resolved.export {
+        Export::Gguf => shrink_io::write_llama_gguf(&pruned, out, resolved.dtype, &BTreeMap::new())
+            .map_err(write_err)?,
+        Export::Hf => {
+            let dtype = match resolved.dtype {
+                GgufWriteType::F16 => shrink_io::SaveDType::F16,
+                _ => shrink_io::SaveDType::F32,
+            };
+            shrink_io::save_hf_with(&pruned, out, dtype, &BTreeMap::new(), None)
+                .map_err(write_err)?
+        }
+    }
+    Ok(PruneOutcome {
+        method,
+        layers,
+        structured,
+        parameters_before,
+        parameters_after: model.num_parameters(),
+    })
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): pruning quality and cost on SmolLM2-135M. Each variant is pruned by
+# `shrink prune` (calibration: 128 × 512 tokens of shakespeare:calib, seed 0), written as an F32
+# GGUF and scored on Hamlet (ctx 512, 32 chunks) by llama-perplexity and by shrink eval; wall time
+# and peak RSS of the pruning are recorded. Unstructured: magnitude, Wanda and SparseGPT at 50% and
+# 2:4. Structured (no distillation): 25% and 50% of the layers (Block Influence) and of the hidden
+# width (activation importance), plus 25% of the MLP channels and one query head per KV group.
+# Writes target/bench/prune.json. VARIANTS selects a subset: "sparsegpt-50 layers-25 …".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS="${THREADS:-2}"
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release -p shrink-cli >&2
+SHRINK="$TARGET/release/shrink"
+BIN="$(scripts/build-llama-cpp.sh)"
+OUT="${OUT:-$PWD/target/bench/prune}"
+mkdir -p "$OUT"
+SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
+import json, os, re, subprocess, sys
+sys.path.insert(0, os.environ["SCRIPTS"])
+from benchlib import run
+shrink, bin_dir, out, threads = sys.argv[1:]
+hamlet = subprocess.check_output([shrink, "data", "path", "shakespeare:eval"]).decode().split()[0]
+model = subprocess.check_output([shrink, "data", "path", "smollm2"]).decode().split()[0]
+
+def llama_ppl(path):
+    _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", hamlet, "-c", "512", "--chunks", "32", "-t", threads])
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))
+
+def shrink_ppl(path):
+    so, _, _, _ = run([shrink, "--threads", threads, "eval", path, "--text", "shakespeare:eval", "--ctx", "512", "--chunks", "32", "--json"])
+    return json.loads(so)["perplexity"]["ppl"]
+
+variants = {}
+for method in ["magnitude", "wanda", "sparsegpt"]:
+    variants[f"{method}-50"] = ["--method", method, "--sparsity", "0.5"]
+    variants[f"{method}-2:4"] = ["--method", method, "--sparsity", "2:4"]
+for pct in [25, 50]:
+    variants[f"layers-{pct}"] = ["--method", "layers", "--fraction", str(pct / 100)]
+    variants[f"width-{pct}"] = ["--method", "width", "--fraction", str(pct / 100)]
+variants["layers-25-perplexity"] = ["--method", "layers", "--fraction", "0.25", "--criterion", "perplexity", "--samples", "16"]
+variants["layers-25-angular"] = ["--method", "layers", "--fraction", "0.25", "--criterion", "angular"]
+variants["channels-25"] = ["--method", "channels", "--fraction", "0.25"]
+variants["heads-1-of-3"] = ["--method", "heads", "--fraction", "0.34"]
+wanted = os.environ.get("VARIANTS", " ".join(variants)).split()
+rows = []
+for name in wanted:
+    args = variants[name]
+    path = os.path.join(out, name.replace(":", "_") + ".gguf")
+    so, _, wall, rss = run([shrink, "--threads", threads, "prune", model, *args, "-o", path, "--json"])
+    s = json.loads(so)
+    row = dict(variant=name, args=" ".join(args), bytes=os.path.getsize(path), prune_s=round(wall, 1),
+               peak_rss_mb=round(rss), parameters=s["parameters_after"], config=s["config"],
+               linear_sparsity=s["linear_sparsity"], shrink_ppl=shrink_ppl(path), llama_ppl=llama_ppl(path))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+print(f"\n{'variant':<22} {'parameters':>12} {'llama ppl':>10} {'shrink ppl':>10} {'prune s':>8} {'RSS MB':>7}")
+for r in rows:
+    print(f"{r['variant']:<22} {r['parameters']:>12,} {r['llama_ppl']:>10.4f} {r['shrink_ppl']:>10.4f} {r['prune_s']:>8} {r['peak_rss_mb']:>7}")
+json.dump(rows, open(os.path.join(os.path.dirname(out), "prune.json"), "w"), indent=2)
+PY
