@@ -4,7 +4,8 @@
 # GGUF and scored on Hamlet (ctx 512, 32 chunks) by llama-perplexity and by shrink eval; wall time
 # and peak RSS of the pruning are recorded. Unstructured: magnitude, Wanda and SparseGPT at 50% and
 # 2:4. Structured (no distillation): 25% and 50% of the layers (Block Influence) and of the hidden
-# width (activation importance), plus 25% of the MLP channels and one query head per KV group.
+# width (activation importance; also magnitude and first-order Taylor for the width), plus 25% of
+# the MLP channels (activation and Taylor) and one query head per KV group.
 # Writes target/bench/prune.json. VARIANTS selects a subset: "sparsegpt-50 layers-25 …".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +42,9 @@ for pct in [25, 50]:
 variants["layers-25-perplexity"] = ["--method", "layers", "--fraction", "0.25", "--criterion", "perplexity", "--samples", "16"]
 variants["layers-25-angular"] = ["--method", "layers", "--fraction", "0.25", "--criterion", "angular"]
 variants["channels-25"] = ["--method", "channels", "--fraction", "0.25"]
+variants["channels-25-taylor"] = ["--method", "channels", "--fraction", "0.25", "--importance", "taylor", "--samples", "32"]
+variants["width-25-taylor"] = ["--method", "width", "--fraction", "0.25", "--importance", "taylor", "--samples", "32"]
+variants["width-25-magnitude"] = ["--method", "width", "--fraction", "0.25", "--importance", "magnitude"]
 variants["heads-1-of-3"] = ["--method", "heads", "--fraction", "0.34"]
 wanted = os.environ.get("VARIANTS", " ".join(variants)).split()
 rows = []

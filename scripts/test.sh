@@ -2,7 +2,8 @@
 # The test command (README and CI): fetch the demo model and text (sha256-checked, cached), build
 # llama.cpp's reference tools from the vendored source (cached), then run every test, including the
 # real-model tests against llama.cpp, the default pipeline on SmolLM2 and the check that its
-# report.html renders in headless Chromium. Extra arguments go to `cargo test`.
+# report.html renders in headless Chromium, and SparseGPT against an independent numpy
+# implementation. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cmake builds llama.cpp; Debian's chromium renders report.html.
@@ -18,8 +19,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 2
   fi
 fi
+# numpy runs the independent reference implementations in scripts/reference/.
+if ! python3 -c "import numpy" 2>/dev/null; then
+  echo "[test] installing numpy" >&2
+  python3 -m pip install --quiet --user numpy >&2 \
+    || python3 -m pip install --quiet --user --break-system-packages numpy >&2
+fi
 export SHRINK_LLAMA_CPP_BIN="$(scripts/build-llama-cpp.sh)"
 cargo build --release -p shrink-cli
-target/release/shrink data fetch smollm2 shakespeare
+"${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare
 export SHRINK_REAL_TESTS=require
 cargo test --workspace --release "$@"

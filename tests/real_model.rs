@@ -421,6 +421,177 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
     );
 }
 
+/// A `.npy` file (format 1.0, little-endian) of `values` shaped `shape`.
+fn write_npy<T: Copy>(path: &std::path::Path, shape: &[usize], descr: &str, values: &[T]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut header = format!(
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    let raw = unsafe {
+        std::slice::from_raw_parts(values.as_ptr() as *const u8, std::mem::size_of_val(values))
+    };
+    bytes.extend(raw);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The f32 values of a `.npy` file written by numpy (`<f4`, C order).
+fn read_npy_f32(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = String::from_utf8_lossy(&bytes[10..10 + len]);
+    assert!(
+        header.contains("'<f4'") && header.contains("False"),
+        "{header}"
+    );
+    bytes[10 + len..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// python3 with numpy, for the independent reference implementations in scripts/reference/.
+fn numpy_python() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some("python3");
+    }
+    assert!(
+        !required(),
+        "python3 with numpy is missing (scripts/test.sh installs it)"
+    );
+    eprintln!("SKIPPED: python3 with numpy is not installed");
+    None
+}
+
+/// SparseGPT on real SmolLM2 layers (their Hessians from calibration text) agrees with an
+/// independent numpy implementation (scripts/reference/sparsegpt.py, written from the paper with
+/// the lazy block updates of the original code): the same weights removed and the same updated
+/// weights kept, at 50% and 2:4.
+#[test]
+fn sparsegpt_matches_an_independent_numpy_implementation_on_real_layers() {
+    let (Some(model), Some(calib)) = (model_path(), text("macbeth")) else {
+        return;
+    };
+    let Some(python) = numpy_python() else { return };
+    let checkpoint = shrink_io::load(&model).unwrap();
+    let cfg = LlamaConfig::from_json(&checkpoint.config).unwrap();
+    let mut llama = Llama::from_tensors(&cfg, checkpoint.tensors.clone(), DType::F32).unwrap();
+    let ids = checkpoint
+        .tokenizer()
+        .unwrap()
+        .encode(&calib, false)
+        .unwrap();
+    let windows = shrink_calib::sample_windows(&ids, 8, 256, 0).unwrap();
+    let mut layers = Vec::new();
+    // Block 0's statistics, then stop.
+    let _ = shrink_calib::sequential(
+        &mut llama,
+        &windows,
+        4,
+        true,
+        &shrink_core::NoProgress,
+        &mut |block, stats| {
+            for name in ["self_attn.q_proj", "mlp.down_proj"] {
+                let full = format!("model.layers.{}.{name}", block.index);
+                let (_, linear) = block
+                    .linears()
+                    .into_iter()
+                    .find(|(n, _)| *n == full)
+                    .unwrap();
+                let w: Vec<f32> = linear.weight().flatten_all()?.to_vec1()?;
+                let (rows, cols) = linear.weight().dims2()?;
+                layers.push((
+                    full.clone(),
+                    w,
+                    rows,
+                    cols,
+                    stats.get(&full).unwrap().clone(),
+                ));
+            }
+            Err(shrink_calib::CalibError::Compress(
+                "block 0 is enough".into(),
+            ))
+        },
+    );
+    assert_eq!(layers.len(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/reference/sparsegpt.py");
+    for (name, w, rows, cols, stats) in &layers {
+        for (sparsity, text) in [
+            (shrink_prune::Sparsity::Fraction(0.5), "0.5"),
+            (shrink_prune::Sparsity::NM { n: 2, m: 4 }, "2:4"),
+        ] {
+            let mut ours = w.clone();
+            shrink_prune::sparsegpt(
+                &mut ours,
+                *rows,
+                *cols,
+                stats,
+                sparsity,
+                &Default::default(),
+                name,
+            )
+            .unwrap();
+            let (wp, hp, out) = (
+                dir.path().join("w.npy"),
+                dir.path().join("h.npy"),
+                dir.path().join("out.npy"),
+            );
+            write_npy(&wp, &[*rows, *cols], "<f4", w);
+            write_npy(&hp, &[*cols, *cols], "<f8", &stats.hessian);
+            let status = Command::new(python)
+                .args([
+                    script.to_str().unwrap(),
+                    wp.to_str().unwrap(),
+                    hp.to_str().unwrap(),
+                    text,
+                    out.to_str().unwrap(),
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let theirs = read_npy_f32(&out);
+            let differ = ours
+                .iter()
+                .zip(&theirs)
+                .filter(|(a, b)| (**a == 0.0) != (**b == 0.0))
+                .count();
+            let scale = w.iter().map(|v| v.abs()).fold(0.0, f32::max);
+            let diff = ours
+                .iter()
+                .zip(&theirs)
+                .filter(|(a, b)| **a != 0.0 && **b != 0.0)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            let (e_ours, e_theirs) = (
+                stats.relative_output_error(w, &ours).unwrap(),
+                stats.relative_output_error(w, &theirs).unwrap(),
+            );
+            eprintln!("{name} {text}: masks differ at {differ} of {}; max |Δw| {diff:.2e} (max |w| {scale:.3}); objective {e_ours:.6} vs {e_theirs:.6}", w.len());
+            assert!(
+                differ * 10_000 <= w.len(),
+                "{name} {text}: {differ} mask differences"
+            );
+            assert!(
+                (e_ours / e_theirs - 1.0).abs() < 1e-3,
+                "{name} {text}: {e_ours} vs {e_theirs}"
+            );
+        }
+    }
+}
+
 /// Structurally pruned SmolLM2 models (fewer layers; a narrower residual stream, whose 9 heads of
 /// 64 no longer equal the width; fewer query heads per KV group) are standard GGUFs: llama.cpp
 /// loads them and scores them as shrink does.

@@ -852,6 +852,33 @@ fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
     resolve_model(spec).ok()
 }
 
+/// `PATTERN=VALUE` options as pairs; `what` and `example` explain a malformed one.
+fn pattern_pairs(specs: &[String], what: &str, example: &str) -> Result<Vec<(String, String)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(p, t)| (p.to_string(), t.to_string()))
+                .with_context(|| {
+                    format!("--override '{spec}': expected PATTERN={what}, e.g. {example}")
+                })
+        })
+        .collect()
+}
+
+/// Seeded calibration windows from a text, tokenized by the model's tokenizer.
+fn calibration_windows(
+    checkpoint: &Checkpoint,
+    calib: &str,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    let tokens = checkpoint.tokenizer()?.encode(&read_text(calib)?, false)?;
+    shrink_calib::sample_windows(&tokens, samples, seq_len, seed)
+        .with_context(|| format!("sampling calibration windows from '{calib}'"))
+}
+
 fn quantize(args: QuantizeArgs) -> Result<()> {
     use shrink_pipeline::{QuantMethod as M, QuantizeRequest};
     if let Some(f) = &args.format {
@@ -859,17 +886,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
             bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf");
         }
     }
-    let overrides = args
-        .overrides
-        .iter()
-        .map(|spec| {
-            spec.split_once('=')
-                .map(|(p, t)| (p.to_string(), t.to_string()))
-                .with_context(|| {
-                    format!("--override '{spec}': expected PATTERN=TYPE, e.g. down_proj=q8_0")
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
     let request = QuantizeRequest {
         preset: args.preset.clone(),
         method: args.method.map(|m| match m {
@@ -902,13 +919,13 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     // Refuse what the formats cannot hold before fetching and calibrating.
     resolved.plan.check_model(&model)?;
     let windows = if resolved.calibrates {
-        let tokens = checkpoint
-            .tokenizer()?
-            .encode(&read_text(&args.calib)?, false)?;
-        Some(
-            shrink_calib::sample_windows(&tokens, args.samples, args.seq_len, args.seed)
-                .with_context(|| format!("sampling calibration windows from '{}'", args.calib))?,
-        )
+        Some(calibration_windows(
+            &checkpoint,
+            &args.calib,
+            args.samples,
+            args.seq_len,
+            args.seed,
+        )?)
     } else {
         None
     };
@@ -1016,17 +1033,7 @@ fn prune(args: PruneArgs) -> Result<()> {
         PruneMethodArg::Layers => K::Layers,
         PruneMethodArg::Width => K::Width,
     };
-    let overrides = args
-        .overrides
-        .iter()
-        .map(|spec| {
-            spec.split_once('=')
-                .map(|(p, t)| (p.to_string(), t.to_string()))
-                .with_context(|| {
-                    format!("--override '{spec}': expected PATTERN=SPARSITY, e.g. down_proj=0.3")
-                })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let overrides = pattern_pairs(&args.overrides, "SPARSITY", "down_proj=0.3")?;
     let request = PruneRequest {
         sparsity: args.sparsity.clone(),
         overrides,
@@ -1050,13 +1057,13 @@ fn prune(args: PruneArgs) -> Result<()> {
         .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
     shrink_pipeline::prune::check_prune(&resolved, &model)?;
     let windows = if resolved.calibrates {
-        let tokens = checkpoint
-            .tokenizer()?
-            .encode(&read_text(&args.calib)?, false)?;
-        Some(
-            shrink_calib::sample_windows(&tokens, args.samples, args.seq_len, args.seed)
-                .with_context(|| format!("sampling calibration windows from '{}'", args.calib))?,
-        )
+        Some(calibration_windows(
+            &checkpoint,
+            &args.calib,
+            args.samples,
+            args.seq_len,
+            args.seed,
+        )?)
     } else {
         None
     };
@@ -1107,12 +1114,20 @@ fn prune(args: PruneArgs) -> Result<()> {
             args.seed
         );
     }
-    outln!(
-        "parameters   {} → {} ({:.1}% removed)",
-        outcome.parameters_before,
-        outcome.parameters_after,
-        100.0 * (1.0 - outcome.parameters_after as f64 / outcome.parameters_before.max(1) as f64)
-    );
+    if outcome.structured.is_some() {
+        outln!(
+            "parameters   {} → {} ({:.1}% removed)",
+            outcome.parameters_before,
+            outcome.parameters_after,
+            100.0
+                * (1.0 - outcome.parameters_after as f64 / outcome.parameters_before.max(1) as f64)
+        );
+    } else {
+        outln!(
+            "parameters   {} (shape unchanged; pruned weights are stored as zeros)",
+            outcome.parameters_after
+        );
+    }
     let c = &model.config;
     outln!(
         "shape        {} layers, hidden {}, MLP {}, {} query / {} KV heads of {}",

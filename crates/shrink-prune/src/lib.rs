@@ -257,25 +257,12 @@ pub fn prune_model(
                 }
                 _ => None,
             };
-            let mut failure = None;
             // Wanda reads only the channel norms: no Hessian, half the calibration time or less.
             let hessian = !matches!(method, PruneMethod::Wanda);
-            shrink_calib::sequential(
-                model,
-                windows,
-                batch,
-                hessian,
-                progress,
-                &mut |block, stats| {
-                    let t = threshold.as_mut().map(|(t, ties)| (*t, ties));
-                    prune_block(block, Some(stats), t).map_err(|e| {
-                        let msg = e.to_string();
-                        failure = Some(e);
-                        shrink_calib::CalibError::Compress(msg)
-                    })
-                },
-            )
-            .map_err(|e| failure.take().unwrap_or(PruneError::from(e)))?;
+            for_each_block(model, windows, batch, hessian, progress, |block, stats| {
+                let t = threshold.as_mut().map(|(t, ties)| (*t, ties));
+                prune_block(block, Some(stats), t)
+            })?;
         }
         (_, None) => {
             return Err(PruneError::Config(
@@ -284,6 +271,34 @@ pub fn prune_model(
         }
     }
     Ok(out)
+}
+
+/// Runs the sequential calibration engine, calling `each` with every block and its input
+/// statistics (before the block's outputs feed the next block); `each`'s error is returned as is.
+pub(crate) fn for_each_block(
+    model: &mut Llama,
+    windows: &[Vec<u32>],
+    batch: usize,
+    hessian: bool,
+    progress: &dyn Progress,
+    mut each: impl FnMut(&mut DecoderBlock, &shrink_calib::BlockStats) -> Result<()>,
+) -> Result<()> {
+    let mut failure = None;
+    shrink_calib::sequential(
+        model,
+        windows,
+        batch,
+        hessian,
+        progress,
+        &mut |block, stats| {
+            each(block, stats).map_err(|e| {
+                let message = e.to_string();
+                failure = Some(e);
+                shrink_calib::CalibError::Compress(message)
+            })
+        },
+    )
+    .map_err(|e| failure.take().unwrap_or(PruneError::from(e)))
 }
 
 /// The |w| below which global magnitude pruning removes every block-linear weight, and how many

@@ -190,33 +190,6 @@ fn sum_ranges(v: &[f64], width: usize) -> Vec<f64> {
     v.chunks(width).map(|c| c.iter().sum()).collect()
 }
 
-/// Per-block input statistics of the unmodified model on the calibration windows.
-fn block_stats(
-    model: &mut Llama,
-    windows: &[Vec<u32>],
-    batch: usize,
-    hessian: bool,
-    progress: &dyn Progress,
-    mut each: impl FnMut(&shrink_models::DecoderBlock, &BlockStats) -> Result<()>,
-) -> Result<()> {
-    let mut failure = None;
-    shrink_calib::sequential(
-        model,
-        windows,
-        batch,
-        hessian,
-        progress,
-        &mut |block, stats| {
-            if let Err(e) = each(block, stats) {
-                failure = Some(e);
-                return Err(shrink_calib::CalibError::Compress("importance".into()));
-            }
-            Ok(())
-        },
-    )
-    .map_err(|e| failure.take().unwrap_or(PruneError::from(e)))
-}
-
 fn stats_of<'a>(stats: &'a BlockStats, name: &str) -> Result<&'a shrink_calib::LinearStats> {
     stats
         .get(name)
@@ -278,7 +251,7 @@ fn head_scores(
             })
             .collect(),
         Importance::Taylor => {
-            let p = taylor_products(model, need_windows(windows)?, batch, progress)?;
+            let p = taylor_products(model, need_windows(windows)?, progress)?;
             (0..model.blocks.len())
                 .map(|i| {
                     let t = |name: &str| &p[&format!("model.layers.{i}.{name}.weight")];
@@ -299,7 +272,7 @@ fn head_scores(
         Importance::Activation => {
             let windows = need_windows(windows)?;
             let mut out = Vec::new();
-            block_stats(model, windows, batch, true, progress, |b, stats| {
+            crate::for_each_block(model, windows, batch, true, progress, |b, stats| {
                 let name = format!("model.layers.{}.self_attn.o_proj", b.index);
                 let st = stats_of(stats, &name)?;
                 out.push(output_energy(b.o_proj.weight(), &st.hessian, width)?);
@@ -467,7 +440,7 @@ pub fn prune_structured(
                     })
                     .collect::<Result<_>>()?,
                 Importance::Taylor => {
-                    let p = taylor_products(model, need_windows(windows)?, batch, progress)?;
+                    let p = taylor_products(model, need_windows(windows)?, progress)?;
                     (0..model.blocks.len())
                         .map(|i| {
                             let t = |name: &str| &p[&format!("model.layers.{i}.mlp.{name}.weight")];
@@ -481,7 +454,7 @@ pub fn prune_structured(
                 Importance::Activation => {
                     let windows = need_windows(windows)?;
                     let mut out = Vec::new();
-                    block_stats(model, windows, batch, false, progress, |b, stats| {
+                    crate::for_each_block(model, windows, batch, false, progress, |b, stats| {
                         let st =
                             stats_of(stats, &format!("model.layers.{}.mlp.down_proj", b.index))?;
                         let d = col_sq(b.down_proj.weight())?;
@@ -561,7 +534,7 @@ pub fn prune_structured(
                     s
                 }
                 Importance::Taylor => {
-                    let p = taylor_products(model, need_windows(windows)?, batch, progress)?;
+                    let p = taylor_products(model, need_windows(windows)?, progress)?;
                     let mut s = vec![0.0; d];
                     for (name, t) in &p {
                         let add: Vec<f64> =
@@ -587,7 +560,7 @@ pub fn prune_structured(
                 Importance::Activation => {
                     let windows = need_windows(windows)?;
                     let mut s = vec![0.0; d];
-                    block_stats(model, windows, batch, false, progress, |b, stats| {
+                    crate::for_each_block(model, windows, batch, false, progress, |b, stats| {
                         // The RMS of each channel at the output of both norms (Minitron).
                         for linear in ["self_attn.q_proj", "mlp.gate_proj"] {
                             let st =
@@ -615,9 +588,14 @@ pub fn prune_structured(
                     select(&t, 1, &keep)?
                 } else if name.ends_with("norm.weight") {
                     (select(&t, 0, &keep)? * rescale)?
-                } else if ["o_proj.weight", "down_proj.weight", "o_proj.bias", "down_proj.bias"]
-                    .iter()
-                    .any(|s| name.ends_with(s))
+                } else if [
+                    "o_proj.weight",
+                    "down_proj.weight",
+                    "o_proj.bias",
+                    "down_proj.bias",
+                ]
+                .iter()
+                .any(|s| name.ends_with(s))
                 {
                     select(&t, 0, &keep)? // o and down write the residual stream
                 } else if name.ends_with(".weight") && t.rank() == 2 {
@@ -673,7 +651,6 @@ fn col_sum(t: &Tensor) -> Result<Vec<f64>> {
 fn taylor_products(
     model: &Llama,
     windows: &[Vec<u32>],
-    batch: usize,
     progress: &dyn Progress,
 ) -> Result<BTreeMap<String, Tensor>> {
     let vars: BTreeMap<String, candle_core::Var> = model
@@ -689,7 +666,8 @@ fn taylor_products(
         DType::F32,
     )?;
     let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
-    let groups: Vec<&[Vec<u32>]> = windows.chunks(batch.max(1)).collect();
+    // A backward pass keeps every activation of the forward: one window at a time bounds memory.
+    let groups: Vec<&[Vec<u32>]> = windows.chunks(1).collect();
     progress.start("gradients", groups.len() as u64);
     for group in groups {
         let ids = Tensor::new(group.to_vec(), model.device())?;
