@@ -1184,6 +1184,10 @@ values = ["2:4", 0.25]
     assert!(rows
         .iter()
         .all(|l| l["sparsity"] == 0.5 && l["relative_output_error"].as_f64().unwrap() > 0.0));
+    assert!(
+        !layers.iter().any(|l| l["stage"] == "shallow"),
+        "no empty per-layer table"
+    );
     let q4 = layers.iter().find(|l| l["stage"] == "sparse-q4").unwrap();
     assert!(q4["layers"]
         .as_array()

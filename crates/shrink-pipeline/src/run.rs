@@ -514,10 +514,13 @@ pub fn run(
         for (g, text) in generations.iter_mut().zip(&metrics.generations) {
             g.outputs.insert(stage.name.clone(), text.clone());
         }
-        layers.push(StageLayers {
-            stage: stage.name.clone(),
-            layers: record.layers.clone(),
-        });
+        // Structured pruning changes shapes, not individual linears: no per-layer table.
+        if !record.layers.is_empty() {
+            layers.push(StageLayers {
+                stage: stage.name.clone(),
+                layers: record.layers.clone(),
+            });
+        }
         keys.insert(stage.name.clone(), key);
         artifacts.insert(stage.name.clone(), artifact);
     }
