@@ -250,22 +250,12 @@ struct QuantizeArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum PruneMethodArg {
-    Magnitude,
-    Wanda,
-    Sparsegpt,
-    Heads,
-    Channels,
-    Layers,
-    Width,
-}
-
 #[derive(Args)]
 struct PruneArgs {
     model: String,
-    #[arg(long, value_enum)]
-    method: PruneMethodArg,
+    /// magnitude, wanda, sparsegpt (unstructured) or heads, channels, layers, width (structured).
+    #[arg(long)]
+    method: String,
     /// Unstructured methods: a fraction (0.5), a percentage (50%) or N:M (2:4, 4:8).
     #[arg(long)]
     sparsity: Option<String>,
@@ -852,6 +842,16 @@ fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
     resolve_model(spec).ok()
 }
 
+/// A model to compress: its checkpoint, the input file's inspection (size before) and the f32
+/// model built from it.
+fn load_f32_model(spec: &str) -> Result<(Checkpoint, shrink_io::Inspection, Llama)> {
+    let checkpoint = load_checkpoint(spec)?;
+    let info = shrink_io::inspect(&checkpoint.path)?;
+    let model = shrink_pipeline::build_model(&checkpoint, DType::F32)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    Ok((checkpoint, info, model))
+}
+
 /// `PATTERN=VALUE` options as pairs; `what` and `example` explain a malformed one.
 fn pattern_pairs(specs: &[String], what: &str, example: &str) -> Result<Vec<(String, String)>> {
     specs
@@ -912,10 +912,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
     };
     let resolved = request.resolve()?;
     let start = Instant::now();
-    let checkpoint = load_checkpoint(&args.model)?;
-    let size_before = shrink_io::inspect(&checkpoint.path)?;
-    let mut model = shrink_pipeline::build_model(&checkpoint, DType::F32)
-        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
     // Refuse what the formats cannot hold before fetching and calibrating.
     resolved.plan.check_model(&model)?;
     let windows = if resolved.calibrates {
@@ -1023,16 +1020,8 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
 }
 
 fn prune(args: PruneArgs) -> Result<()> {
-    use shrink_pipeline::{PruneKind as K, PruneRequest};
-    let kind = match args.method {
-        PruneMethodArg::Magnitude => K::Magnitude,
-        PruneMethodArg::Wanda => K::Wanda,
-        PruneMethodArg::Sparsegpt => K::Sparsegpt,
-        PruneMethodArg::Heads => K::Heads,
-        PruneMethodArg::Channels => K::Channels,
-        PruneMethodArg::Layers => K::Layers,
-        PruneMethodArg::Width => K::Width,
-    };
+    use shrink_pipeline::PruneRequest;
+    let kind = shrink_pipeline::PruneKind::parse(&args.method)?;
     let overrides = pattern_pairs(&args.overrides, "SPARSITY", "down_proj=0.3")?;
     let request = PruneRequest {
         sparsity: args.sparsity.clone(),
@@ -1051,10 +1040,7 @@ fn prune(args: PruneArgs) -> Result<()> {
     };
     let resolved = request.resolve()?;
     let start = Instant::now();
-    let checkpoint = load_checkpoint(&args.model)?;
-    let size_before = shrink_io::inspect(&checkpoint.path)?;
-    let mut model = shrink_pipeline::build_model(&checkpoint, DType::F32)
-        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
     shrink_pipeline::prune::check_prune(&resolved, &model)?;
     let windows = if resolved.calibrates {
         Some(calibration_windows(

@@ -219,7 +219,9 @@ pub fn prune_model(
                 .filter(|s| s.has_hessian())
                 .map(|s| s.relative_output_error(&orig, &w))
                 .transpose()?;
-            let linear = block.linear_mut(&name).expect("listed above");
+            let linear = block
+                .linear_mut(&name)
+                .ok_or_else(|| PruneError::Config(format!("no linear '{name}'")))?;
             linear
                 .set_weight(Tensor::from_vec(w.clone(), (rows, cols), &device)?.to_dtype(dtype)?)?;
             out.push(LayerSparsity {

@@ -232,26 +232,8 @@ fn head_scores(
     let width = hd * heads_per_unit;
     let group = model.config.num_attention_heads / model.config.num_kv_heads();
     match importance {
-        Importance::Magnitude => model
-            .blocks
-            .iter()
-            .map(|b| {
-                let q = sum_ranges(&row_sq(b.q_proj.weight())?, width);
-                let o = sum_ranges(&col_sq(b.o_proj.weight())?, width);
-                let mut s: Vec<f64> = q.iter().zip(&o).map(|(a, b)| a + b).collect();
-                if heads_per_unit == group {
-                    // A whole KV group also takes its key and value heads.
-                    let k = sum_ranges(&row_sq(b.k_proj.weight())?, hd);
-                    let v = sum_ranges(&row_sq(b.v_proj.weight())?, hd);
-                    for (i, x) in s.iter_mut().enumerate() {
-                        *x += k[i] + v[i];
-                    }
-                }
-                Ok(s)
-            })
-            .collect(),
-        Importance::Taylor => {
-            let p = taylor_products(model, need_windows(windows)?, progress)?;
+        Importance::Magnitude | Importance::Taylor => {
+            let p = parameter_scores(model, importance, windows, progress)?;
             (0..model.blocks.len())
                 .map(|i| {
                     let t = |name: &str| &p[&format!("model.layers.{i}.{name}.weight")];
@@ -259,6 +241,7 @@ fn head_scores(
                     let o = sum_ranges(&col_sum(t("self_attn.o_proj"))?, width);
                     let mut s: Vec<f64> = q.iter().zip(&o).map(|(a, b)| a + b).collect();
                     if heads_per_unit == group {
+                        // A whole KV group also takes its key and value heads.
                         let k = sum_ranges(&row_sum(t("self_attn.k_proj"))?, hd);
                         let v = sum_ranges(&row_sum(t("self_attn.v_proj"))?, hd);
                         for (i, x) in s.iter_mut().enumerate() {
@@ -429,18 +412,8 @@ pub fn prune_structured(
                 return Err(too_many("MLP channels", count, inter));
             }
             let scores: Vec<Vec<f64>> = match importance {
-                Importance::Magnitude => model
-                    .blocks
-                    .iter()
-                    .map(|b| {
-                        let g = row_sq(b.gate_proj.weight())?;
-                        let u = row_sq(b.up_proj.weight())?;
-                        let d = col_sq(b.down_proj.weight())?;
-                        Ok((0..inter).map(|c| g[c] + u[c] + d[c]).collect())
-                    })
-                    .collect::<Result<_>>()?,
-                Importance::Taylor => {
-                    let p = taylor_products(model, need_windows(windows)?, progress)?;
+                Importance::Magnitude | Importance::Taylor => {
+                    let p = parameter_scores(model, importance, windows, progress)?;
                     (0..model.blocks.len())
                         .map(|i| {
                             let t = |name: &str| &p[&format!("model.layers.{i}.mlp.{name}.weight")];
@@ -493,26 +466,33 @@ pub fn prune_structured(
             }
             let windows = need_windows(windows)?;
             let gone = rank_layers(model, criterion, count, windows, batch, progress)?;
-            let mut renamed = BTreeMap::new();
+            // Old layer index → new one (None: removed); other tensors keep their names.
             let mut next = 0;
-            for i in 0..n {
-                let prefix = format!("model.layers.{i}.");
-                let keys: Vec<String> = tensors
-                    .keys()
-                    .filter(|k| k.starts_with(&prefix))
-                    .cloned()
-                    .collect();
-                for k in keys {
-                    let t = tensors.remove(&k).expect("listed");
-                    if !gone.contains(&i) {
-                        renamed.insert(format!("model.layers.{next}.{}", &k[prefix.len()..]), t);
+            let new_index: Vec<Option<usize>> = (0..n)
+                .map(|i| {
+                    (!gone.contains(&i)).then(|| {
+                        next += 1;
+                        next - 1
+                    })
+                })
+                .collect();
+            tensors = std::mem::take(&mut tensors)
+                .into_iter()
+                .filter_map(|(name, t)| {
+                    let layer = name
+                        .strip_prefix("model.layers.")
+                        .and_then(|r| r.split_once('.'))
+                        .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)));
+                    match layer {
+                        Some((i, rest)) => new_index
+                            .get(i)
+                            .copied()
+                            .flatten()
+                            .map(|j| (format!("model.layers.{j}.{rest}"), t)),
+                        None => Some((name, t)),
                     }
-                }
-                if !gone.contains(&i) {
-                    next += 1;
-                }
-            }
-            tensors.extend(renamed);
+                })
+                .collect();
             new_cfg.num_hidden_layers = n - count;
             removed = vec![gone];
         }
@@ -643,6 +623,24 @@ fn row_sum(t: &Tensor) -> Result<Vec<f64>> {
 /// Sum over each column of a 2-D tensor.
 fn col_sum(t: &Tensor) -> Result<Vec<f64>> {
     row_sum(&t.t()?)
+}
+
+/// Per-parameter scores whose sum over a part ranks it: W² by magnitude, G ⊙ W by Taylor (whose
+/// sums are taken in absolute value by the callers; W² sums are already non-negative).
+fn parameter_scores(
+    model: &Llama,
+    importance: Importance,
+    windows: Option<&[Vec<u32>]>,
+    progress: &dyn Progress,
+) -> Result<BTreeMap<String, Tensor>> {
+    match importance {
+        Importance::Taylor => taylor_products(model, need_windows(windows)?, progress),
+        _ => model
+            .named_tensors()
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?.sqr()?)))
+            .collect(),
+    }
 }
 
 /// G ⊙ W for every parameter (by Hugging Face name), with G the gradient of the calibration
