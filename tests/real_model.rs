@@ -755,3 +755,83 @@ fn default_pipeline_runs_end_to_end() {
         "chromium is needed to check report.html"
     );
 }
+
+/// A distilled student and a QAT Q4_0 model (packed through the quantization writer) are standard
+/// GGUFs: llama.cpp loads them and scores them as shrink does.
+#[test]
+fn distilled_and_qat_smollm2_ggufs_score_the_same_in_llama_cpp() {
+    let Some(model) = model_path() else { return };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--seq-len",
+        "128",
+        "--warmup",
+        "1",
+        "--eval-windows",
+        "1",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--json",
+    ];
+    let student = dir.path().join("student.gguf");
+    let mut args = vec![
+        "distill",
+        model.to_str().unwrap(),
+        "--layers",
+        "every:3",
+        "--hidden",
+        "auto",
+    ];
+    args.extend(common);
+    args.extend(["-o", student.to_str().unwrap()]);
+    let s: serde_json::Value = serde_json::from_slice(&run_shrink(&args)).unwrap();
+    assert_eq!(
+        s["outcome"]["training"]["log"]["train"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let qat = dir.path().join("qat.gguf");
+    let mut args = vec![
+        "distill",
+        model.to_str().unwrap(),
+        "--qat",
+        "q4_0",
+        "--qat-init",
+        "rtn",
+        "--lr",
+        "5e-5",
+    ];
+    args.extend(common);
+    args.extend(["-o", qat.to_str().unwrap()]);
+    let q: serde_json::Value = serde_json::from_slice(&run_shrink(&args)).unwrap();
+    assert_eq!(
+        q["quantization"]["types"]["q4_0"], 210,
+        "{}",
+        q["quantization"]["types"]
+    );
+    for (path, tolerance) in [(&student, 0.005), (&qat, 0.01)] {
+        let ours = shrink_eval(path, 8)["perplexity"]["ppl"].as_f64().unwrap();
+        let theirs = llama_perplexity(&tool, path, 8);
+        eprintln!(
+            "{}: shrink {ours:.4} vs llama-perplexity {theirs:.4}",
+            path.display()
+        );
+        // Q4_0 in llama.cpp multiplies against 8-bit activations: a little more slack.
+        assert!(
+            (ours / theirs - 1.0).abs() < tolerance,
+            "{}: shrink {ours} vs llama.cpp {theirs}",
+            path.display()
+        );
+    }
+}

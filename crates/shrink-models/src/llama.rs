@@ -97,7 +97,8 @@ impl LlamaConfig {
         })
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the shape keys are consistent (heads divide, sizes non-zero, known family).
+    pub fn validate(&self) -> Result<()> {
         self.family()?;
         let bad = |m: String| Err(ModelError::Config(m));
         if self.num_attention_heads == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
@@ -274,6 +275,18 @@ pub trait LinearHook {
     /// Called with the full name of the linear (e.g. `model.layers.3.mlp.down_proj`) and its input,
     /// shaped `(batch, seq, in_features)`, before the linear runs.
     fn observe(&mut self, linear: &str, input: &Tensor) -> candle_core::Result<()>;
+
+    /// Called with the attention probabilities of block `layer`, `(batch, heads, seq, keys)`
+    /// (distillation of attention maps). Ignored by default.
+    fn attention(&mut self, _layer: usize, _probs: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    /// Called with the output hidden states of block `layer`, `(batch, seq, hidden)`
+    /// (distillation of hidden states). Ignored by default.
+    fn block_output(&mut self, _layer: usize, _hidden: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
 }
 
 /// A hook that observes nothing.
@@ -314,7 +327,14 @@ impl ActQuant {
                 let ones = scale.ones_like()?;
                 let safe = scale.eq(0.0)?.where_cond(&ones, &scale)?;
                 let q = x.broadcast_div(&safe)?.round()?.clamp(-127f32, 127f32)?;
-                Ok(q.broadcast_mul(&safe)?)
+                let q = q.broadcast_mul(&safe)?;
+                // Quantization-aware training: a straight-through gradient (no values are
+                // clipped: the scale comes from each row's own maximum).
+                Ok(if x.track_op() {
+                    (x + (q - x)?.detach())?
+                } else {
+                    q
+                })
             }
         }
     }
@@ -501,6 +521,7 @@ impl DecoderBlock {
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let probs = crate::kernels::causal_softmax(&q.matmul(&k.t()?)?, scale, ctx.window)?;
+        hook.attention(self.index, &probs)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -514,7 +535,9 @@ impl DecoderBlock {
         let gated =
             crate::kernels::silu_mul(&self.gate_proj.forward(&h)?, &self.up_proj.forward(&h)?)?;
         hook.observe(&self.names[6], &gated)?;
-        Ok((x + self.down_proj.forward(&gated)?)?)
+        let out = (x + self.down_proj.forward(&gated)?)?;
+        hook.block_output(self.index, &out)?;
+        Ok(out)
     }
 
     /// The block's linear layers with their full names.

@@ -28,6 +28,7 @@
 //! demo model, quantizes, evaluates and writes `runs/w4/`.
 
 mod config;
+pub mod distill;
 pub mod prune;
 pub mod quantize;
 pub mod render;
@@ -38,6 +39,10 @@ mod sys;
 pub use config::{
     load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
     Stage, StageJob, StageKind, Sweep, SWEEP_KEYS,
+};
+pub use distill::{
+    distill_and_write, qat_and_write, DistillOutcome, DistillRequest, QatRequest, StudentInit,
+    TrainKeys,
 };
 pub use prune::{prune_and_write, PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use quantize::{
@@ -88,6 +93,8 @@ pub enum PipelineError {
     Calib(#[from] shrink_calib::CalibError),
     #[error(transparent)]
     Prune(#[from] shrink_prune::PruneError),
+    #[error(transparent)]
+    Train(#[from] shrink_train::TrainError),
     #[error(transparent)]
     Core(#[from] shrink_core::CoreError),
     #[error(transparent)]

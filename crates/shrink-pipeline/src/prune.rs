@@ -148,16 +148,7 @@ fn sparsity(text: &str) -> Result<Sparsity> {
 impl PruneRequest {
     /// Checks the options against the method and makes every choice.
     pub fn resolve(&self) -> Result<ResolvedPrune> {
-        let export = match self.format.as_deref() {
-            None | Some("gguf") => Export::Gguf,
-            Some("hf") => Export::Hf,
-            Some(other) => return Err(invalid(format!("format '{other}' (expected gguf or hf)"))),
-        };
-        let dtype = match self.dtype.as_deref() {
-            None | Some("f32") => GgufWriteType::F32,
-            Some("f16") => GgufWriteType::F16,
-            Some(other) => return Err(invalid(format!("dtype '{other}' (expected f32 or f16)"))),
-        };
+        let (export, dtype) = float_export(self.format.as_deref(), self.dtype.as_deref())?;
         let structured = self.kind.structured();
         let misplaced = |what: &str| {
             invalid(format!(
@@ -268,6 +259,63 @@ pub fn config_for(checkpoint: &Checkpoint, model: &Llama) -> serde_json::Value {
     config
 }
 
+/// Where and in which float type a pruned or distilled model is written: `gguf` (default) or
+/// `hf`, `f32` (default) or `f16`.
+pub fn float_export(format: Option<&str>, dtype: Option<&str>) -> Result<(Export, GgufWriteType)> {
+    let export = match format {
+        None | Some("gguf") => Export::Gguf,
+        Some("hf") => Export::Hf,
+        Some(other) => return Err(invalid(format!("format '{other}' (expected gguf or hf)"))),
+    };
+    let dtype = match dtype {
+        None | Some("f32") => GgufWriteType::F32,
+        Some("f16") => GgufWriteType::F16,
+        Some(other) => return Err(invalid(format!("dtype '{other}' (expected f32 or f16)"))),
+    };
+    Ok((export, dtype))
+}
+
+/// The stored float type's name and bits per weight.
+pub fn float_storage(dtype: GgufWriteType) -> (&'static str, f64) {
+    match dtype {
+        GgufWriteType::F16 => ("f16", 16.0),
+        _ => ("f32", 32.0),
+    }
+}
+
+/// Writes `model` to `out` as a GGUF or a Hugging Face folder, with `checkpoint`'s tokenizer and
+/// metadata and the model's own shape in the config.
+pub fn write_model(
+    checkpoint: &Checkpoint,
+    model: &Llama,
+    export: Export,
+    dtype: GgufWriteType,
+    out: &Path,
+) -> Result<()> {
+    let written = Checkpoint {
+        tensors: model.named_tensors(),
+        config: config_for(checkpoint, model),
+        ..checkpoint.clone()
+    };
+    let write_err = |e: shrink_io::IoError| PipelineError::Write {
+        path: out.to_path_buf(),
+        source: Box::new(e),
+    };
+    match export {
+        Export::Gguf => shrink_io::write_llama_gguf(&written, out, dtype, &BTreeMap::new())
+            .map_err(write_err)?,
+        Export::Hf => {
+            let dtype = match dtype {
+                GgufWriteType::F16 => shrink_io::SaveDType::F16,
+                _ => shrink_io::SaveDType::F32,
+            };
+            shrink_io::save_hf_with(&written, out, dtype, &BTreeMap::new(), None)
+                .map_err(write_err)?
+        }
+    }
+    Ok(())
+}
+
 /// Checks a job against the model before any calibration (N:M groups must divide every row).
 pub fn check_prune(resolved: &ResolvedPrune, model: &Llama) -> Result<()> {
     if let PruneJob::Unstructured(plan) = &resolved.job {
@@ -327,27 +375,7 @@ pub fn prune_and_write(
             (name.to_lowercase(), Vec::new(), Some(outcome))
         }
     };
-    let pruned = Checkpoint {
-        tensors: model.named_tensors(),
-        config: config_for(checkpoint, model),
-        ..checkpoint.clone()
-    };
-    let write_err = |e: shrink_io::IoError| PipelineError::Write {
-        path: out.to_path_buf(),
-        source: Box::new(e),
-    };
-    match resolved.export {
-        Export::Gguf => shrink_io::write_llama_gguf(&pruned, out, resolved.dtype, &BTreeMap::new())
-            .map_err(write_err)?,
-        Export::Hf => {
-            let dtype = match resolved.dtype {
-                GgufWriteType::F16 => shrink_io::SaveDType::F16,
-                _ => shrink_io::SaveDType::F32,
-            };
-            shrink_io::save_hf_with(&pruned, out, dtype, &BTreeMap::new(), None)
-                .map_err(write_err)?
-        }
-    }
+    write_model(checkpoint, model, resolved.export, resolved.dtype, out)?;
     Ok(PruneOutcome {
         method,
         layers,

@@ -354,6 +354,19 @@ pub fn quantize_and_write(
         batch,
         progress,
     )?;
+    write_quantized(checkpoint, model, &result, resolved, out)
+}
+
+/// Writes `model`, whose linears hold the dequantized values of `result`, with those linears
+/// stored packed: a GGUF (the embeddings as `resolved` says) or a compressed-tensors folder.
+/// Post-training quantization and QAT both write through here.
+pub fn write_quantized(
+    checkpoint: &Checkpoint,
+    model: &Llama,
+    result: &shrink_quant::QuantizedModel,
+    resolved: &ResolvedQuantize,
+    out: &Path,
+) -> Result<QuantizeOutcome> {
     let mut blocks = BTreeMap::new();
     let write_err = |e: shrink_io::IoError| PipelineError::Write {
         path: out.to_path_buf(),
@@ -444,7 +457,7 @@ pub fn quantize_and_write(
     Ok(QuantizeOutcome {
         method: format!("{:?}", resolved.method),
         types,
-        layers: result.layers,
+        layers: result.layers.clone(),
         linear_bits_per_weight,
     })
 }

@@ -71,6 +71,9 @@ struct StageRecord {
     /// Parameters before and after, and for structured pruning what was removed and the new shape.
     #[serde(default)]
     pruning: Option<serde_json::Value>,
+    /// Distillation and QAT: the training log (loss per step, held-out metrics, throughput).
+    #[serde(default)]
+    training: Option<shrink_train::TrainOutcome>,
     wall_s: f64,
     peak_rss_bytes: u64,
     shrink_version: String,
@@ -365,6 +368,18 @@ pub fn run(
         None
     };
     let calib_sha = calib.as_ref().map(|(_, key)| key.clone());
+    let trains = pipeline.plan().iter().any(|s| s.job.trains());
+    let training = if trains {
+        let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs)?;
+        let tokenizer = checkpoint.tokenizer()?;
+        Some(TrainingText {
+            train: tokenizer.encode(&text, false)?,
+            eval: tokenizer.encode(&eval_text, false)?,
+            key: key_of(&serde_json::json!([sha, eval_sha])),
+        })
+    } else {
+        None
+    };
 
     let (tokens, bos) = eval_tokens(&checkpoint, &eval_text)?;
     let e = &pipeline.eval;
@@ -435,6 +450,7 @@ pub fn run(
         })
         .collect();
     let mut layers = Vec::new();
+    let mut curves = Vec::new();
     let mut keys: BTreeMap<String, String> = [("model".to_string(), model_sha.clone())].into();
     let mut artifacts: BTreeMap<String, PathBuf> =
         [("model".to_string(), model_path.clone())].into();
@@ -448,8 +464,14 @@ pub fn run(
                 "seq_len": pipeline.data.seq_len, "seed": pipeline.seed,
             })
         });
+        let teacher_key = stage.teacher.as_ref().map(|t| keys[t].clone());
+        let training_key = stage
+            .job
+            .trains()
+            .then(|| training.as_ref().map(|t| t.key.clone()));
         let key = key_of(&serde_json::json!({
             "shrink": VERSION, "input": input_key, "job": stage.job, "calibration": calibration,
+            "teacher": teacher_key, "training": training_key,
         }));
         let dir = stages_dir.join(&stage.name);
         let done = read_json::<StageRecord>(&dir.join("stage.json"))
@@ -486,12 +508,23 @@ pub fn run(
                 } else {
                     None
                 };
-                run_stage(stage, key.clone(), &input, stage_windows, &dir, progress).map_err(
-                    |e| PipelineError::Stage {
+                let teacher = match stage.teacher.as_deref() {
+                    None => None,
+                    Some("model") => Some(baseline.clone()),
+                    Some(t) => Some(build_model(&shrink_io::load(&artifacts[t])?, DType::F32)?),
+                };
+                let inputs = StageInputs {
+                    checkpoint: &input,
+                    calibration: stage_windows,
+                    teacher: teacher.as_ref(),
+                    training: training.as_ref(),
+                };
+                run_stage(stage, key.clone(), &inputs, &dir, progress).map_err(|e| {
+                    PipelineError::Stage {
                         stage: stage.name.clone(),
                         source: Box::new(e),
-                    },
-                )?
+                    }
+                })?
             }
         };
         let artifact = dir.join(&record.artifact);
@@ -513,6 +546,12 @@ pub fn run(
         ));
         for (g, text) in generations.iter_mut().zip(&metrics.generations) {
             g.outputs.insert(stage.name.clone(), text.clone());
+        }
+        if let Some(t) = &record.training {
+            curves.push(crate::report::LossCurve {
+                stage: stage.name.clone(),
+                points: t.log.train.iter().map(|p| (p.step, p.loss)).collect(),
+            });
         }
         // Structured pruning changes shapes, not individual linears: no per-layer table.
         if !record.layers.is_empty() {
@@ -600,7 +639,7 @@ pub fn run(
         generations,
         layers,
         sweep,
-        training: Vec::new(),
+        training: curves,
         wall_s: start.elapsed().as_secs_f64(),
     };
     write_json(&run_dir.join("report.json"), &report)?;
@@ -620,14 +659,46 @@ pub fn run(
 }
 
 /// Makes one stage's artifact in a staging folder and commits it as `dir`.
+/// The training and held-out text of training stages, tokenized.
+struct TrainingText {
+    train: Vec<u32>,
+    eval: Vec<u32>,
+    key: String,
+}
+
+/// What a stage reads.
+struct StageInputs<'a> {
+    checkpoint: &'a Checkpoint,
+    /// Calibration windows, for stages that calibrate.
+    calibration: Option<&'a [Vec<u32>]>,
+    /// Distillation's teacher.
+    teacher: Option<&'a Llama>,
+    training: Option<&'a TrainingText>,
+}
+
+impl StageInputs<'_> {
+    /// Training and held-out windows of `seq_len` tokens.
+    fn windows(&self, seq_len: usize, eval_windows: usize) -> Result<[Vec<Vec<u32>>; 2]> {
+        let t = self
+            .training
+            .ok_or_else(|| PipelineError::Invalid("no training text was read".into()))?;
+        Ok([
+            crate::distill::chunk_windows(&t.train, seq_len, None),
+            crate::distill::chunk_windows(&t.eval, seq_len, Some(eval_windows)),
+        ])
+    }
+}
+
 fn run_stage(
     stage: &PlannedStage,
     key: String,
-    input: &Checkpoint,
-    windows: Option<&[Vec<u32>]>,
+    inputs: &StageInputs,
     dir: &Path,
     progress: &dyn Progress,
 ) -> Result<StageRecord> {
+    let (input, windows) = (inputs.checkpoint, inputs.calibration);
+    // Checkpoints of training stages live outside the staging folder, so a rerun resumes.
+    let workdir = dir.with_extension("train");
     let staged = AtomicDir::new(dir)?;
     let mut model = build_model(input, DType::F32)?;
     let artifact = match stage.export {
@@ -643,7 +714,108 @@ fn run_stage(
         Some(w) => zero_fraction(w),
         None => Ok(0.0),
     };
+    let mut training = None;
+    // A quantization's record fields, with each linear's sparsity as it is now.
+    let quantized = |outcome: crate::QuantizeOutcome, model: &Llama| -> Result<_> {
+        let weights = model.named_tensors();
+        let layers = outcome
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerRow {
+                    name: l.name.clone(),
+                    format: l.format.clone(),
+                    shape: l.shape,
+                    bits_per_weight: l.bits_per_weight,
+                    relative_output_error: l.relative_output_error,
+                    sparsity: sparsity_of(&weights, &l.name)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((
+            outcome.method,
+            outcome.types,
+            outcome.linear_bits_per_weight,
+            layers,
+            None,
+        ))
+    };
     let (method, types, linear_bits_per_weight, layers, pruning) = match &stage.job {
+        StageJob::Distill(request) => {
+            let mut resolved = request.resolve()?;
+            let teacher = inputs
+                .teacher
+                .ok_or_else(|| PipelineError::Invalid("a distill stage needs a teacher".into()))?;
+            let student =
+                crate::distill::build_student(request, &mut resolved, teacher, Some(&model))?;
+            let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
+            let fingerprint = key_of(&serde_json::json!([key, "distill"]));
+            let (trained, outcome) = crate::distill_and_write(
+                input,
+                teacher,
+                &student,
+                &resolved,
+                &train,
+                &eval,
+                &workdir,
+                &fingerprint,
+                &out,
+                progress,
+            )?;
+            let (format, bits) = crate::prune::float_storage(resolved.dtype);
+            let d = &resolved.job.loss;
+            let method = format!(
+                "distill: {:?} KL, T = {}, α = {}{}{} ({} steps)",
+                d.divergence,
+                d.temperature,
+                d.alpha,
+                if d.hidden.is_empty() {
+                    ""
+                } else {
+                    ", hidden states"
+                },
+                if d.attention.is_some() {
+                    ", attention"
+                } else {
+                    ""
+                },
+                resolved.job.train.steps
+            )
+            .to_lowercase();
+            let summary = serde_json::json!({
+                "parameters_before": outcome.parameters_teacher,
+                "parameters_after": outcome.parameters_student,
+                "config": shrink_prune::shape_keys(&trained.config),
+            });
+            training = Some(outcome.training);
+            (
+                method,
+                [(format.to_string(), trained.blocks.len() * 7)].into(),
+                bits,
+                Vec::new(),
+                Some(summary),
+            )
+        }
+        StageJob::Qat(request) => {
+            let resolved = request.resolve()?;
+            let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
+            let fingerprint = key_of(&serde_json::json!([key, "qat"]));
+            let (outcome, log) = crate::qat_and_write(
+                input,
+                &mut model,
+                &resolved,
+                windows,
+                request.quantize.batch,
+                &train,
+                &eval,
+                &workdir,
+                &fingerprint,
+                &out,
+                progress,
+            )?;
+            training = Some(log);
+            quantized(outcome, &model)?
+        }
         StageJob::Quantize(request) => {
             let resolved = request.resolve()?;
             let outcome = quantize_and_write(
@@ -655,28 +827,7 @@ fn run_stage(
                 &out,
                 progress,
             )?;
-            let weights = model.named_tensors();
-            let layers = outcome
-                .layers
-                .iter()
-                .map(|l| {
-                    Ok(LayerRow {
-                        name: l.name.clone(),
-                        format: l.format.clone(),
-                        shape: l.shape,
-                        bits_per_weight: l.bits_per_weight,
-                        relative_output_error: l.relative_output_error,
-                        sparsity: sparsity_of(&weights, &l.name)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            (
-                outcome.method,
-                outcome.types,
-                outcome.linear_bits_per_weight,
-                layers,
-                None,
-            )
+            quantized(outcome, &model)?
         }
         StageJob::Prune(request) => {
             let resolved = request.resolve()?;
@@ -689,10 +840,7 @@ fn run_stage(
                 &out,
                 progress,
             )?;
-            let (format, bits) = match resolved.dtype {
-                shrink_io::GgufWriteType::F16 => ("f16", 16.0),
-                _ => ("f32", 32.0),
-            };
+            let (format, bits) = crate::prune::float_storage(resolved.dtype);
             let layers = outcome
                 .layers
                 .iter()
@@ -737,6 +885,7 @@ fn run_stage(
         linear_bits_per_weight,
         layers,
         pruning,
+        training,
         wall_s,
         peak_rss_bytes: sys::peak_rss_bytes(),
         shrink_version: VERSION.into(),
@@ -744,6 +893,9 @@ fn run_stage(
     // The record is written last: its presence means the artifact beside it is complete.
     write_json(&staged.path().join("stage.json"), &record)?;
     staged.commit()?;
+    if workdir.exists() {
+        std::fs::remove_dir_all(&workdir).map_err(io_error(&workdir))?;
+    }
     Ok(record)
 }
 

@@ -23,6 +23,7 @@ pub mod kquant;
 mod methods;
 pub mod pack;
 mod preset;
+pub mod qat;
 pub mod smooth;
 mod tensor;
 

@@ -49,7 +49,7 @@ fn a_good_pipeline_plans_its_stages() {
     assert_eq!(p.data.seq_len, 512, "defaults fill what is not given");
     assert_eq!(p.eval.chunks, 8);
     // SmolLM2: 134.5M parameters, width 576, MLP 1536, 16 × 512 calibration tokens.
-    let gb = p.estimated_peak_bytes(134_515_008, 576, 1536) as f64 / 1e9;
+    let gb = p.estimated_peak_bytes(134_515_008, 576, 1536, 49_152) as f64 / 1e9;
     assert!((1.5..2.2).contains(&gb), "{gb}");
 }
 
@@ -253,7 +253,7 @@ fn prune_stages_plan_and_quantizing_a_sparse_model_keeps_its_mask() {
         .iter()
         .map(|s| match &s.job {
             StageJob::Quantize(r) => Some(r.keep_zeros),
-            StageJob::Prune(_) => None,
+            _ => None,
         })
         .collect();
     // GPTQ after SparseGPT keeps the zeros; RTN after depth pruning has none to keep.

@@ -1,0 +1,481 @@
+//! One distillation job: the options of `shrink distill` and of a `distill` stage resolved into a
+//! student initialisation and a [`DistillJob`], trained, and written as a GGUF or a Hugging Face
+//! folder. The CLI command and the pipeline stage both go through [`DistillRequest`].
+
+use crate::prune::write_model;
+use crate::quantize::Export;
+use crate::{PipelineError, Result};
+use serde::{Deserialize, Serialize};
+use shrink_core::Progress;
+use shrink_distill::{DistillJob, TrainConfig, TrainOutcome};
+use shrink_io::{Checkpoint, GgufWriteType};
+use shrink_models::Llama;
+use shrink_train::{AdamWConfig, DistillConfig, Divergence, HiddenLoss};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn invalid(message: String) -> PipelineError {
+    PipelineError::Invalid(message)
+}
+
+/// Optimisation settings, as `shrink distill` flags and a stage's `[stage.train]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainKeys {
+    pub steps: u64,
+    /// Windows per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per update.
+    pub accumulation: usize,
+    /// Tokens per training window.
+    pub seq_len: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 disables it.
+    pub clip: f64,
+    /// Evaluate every this many updates (0: at the start and the end only).
+    pub eval_every: u64,
+    /// Held-out windows (of `seq_len` tokens) evaluated.
+    pub eval_windows: usize,
+    /// Checkpoint every this many updates (0: never).
+    pub checkpoint_every: u64,
+    pub seed: u64,
+}
+
+impl Default for TrainKeys {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch: 4,
+            accumulation: 1,
+            seq_len: 256,
+            lr: 2e-4,
+            warmup: 20,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            clip: 1.0,
+            eval_every: 50,
+            eval_windows: 8,
+            checkpoint_every: 50,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainKeys {
+    pub fn config(&self) -> Result<TrainConfig> {
+        let c = TrainConfig {
+            steps: self.steps,
+            batch: self.batch,
+            accumulation: self.accumulation,
+            lr: self.lr,
+            warmup: self.warmup,
+            min_lr_ratio: self.min_lr_ratio,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            clip_norm: (self.clip > 0.0).then_some(self.clip),
+            eval_every: self.eval_every,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+        };
+        c.validate().map_err(|e| invalid(e.to_string()))?;
+        if self.seq_len < 2 {
+            return Err(invalid("seq_len must be at least 2".into()));
+        }
+        Ok(c)
+    }
+}
+
+/// How the student starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StudentInit {
+    /// The given model as it is (e.g. a structurally pruned teacher).
+    Model,
+    /// The teacher's blocks at these positions (`0,2,4`, `0-7`, `every:2`).
+    Layers(String),
+    /// Random weights with the teacher's config and these shape keys changed.
+    Random(BTreeMap<String, usize>),
+}
+
+/// What to distil and how.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DistillRequest {
+    pub student: StudentInit,
+    /// `forward-kl` or `reverse-kl`.
+    pub loss: String,
+    pub temperature: f64,
+    /// Weight of cross-entropy on the text; the KL gets 1 − alpha.
+    pub alpha: f64,
+    /// `auto` (each kept layer to its source; layer subsets only) or `S:T,S:T`.
+    pub hidden: Option<String>,
+    /// `mse` or `cosine`.
+    pub hidden_loss: String,
+    pub hidden_weight: f64,
+    /// `S:T`: MiniLM attention transfer between these layers.
+    pub attention: Option<String>,
+    pub attention_weight: f64,
+    pub freeze: Vec<String>,
+    pub top_k: Option<usize>,
+    pub train: TrainKeys,
+    /// `gguf` or `hf`.
+    pub format: Option<String>,
+    /// `f32` or `f16`.
+    pub dtype: Option<String>,
+}
+
+impl Default for DistillRequest {
+    fn default() -> Self {
+        Self {
+            student: StudentInit::Model,
+            loss: "forward-kl".into(),
+            temperature: 1.0,
+            alpha: 0.0,
+            hidden: None,
+            hidden_loss: "mse".into(),
+            hidden_weight: 1.0,
+            attention: None,
+            attention_weight: 1.0,
+            freeze: Vec::new(),
+            top_k: None,
+            train: TrainKeys::default(),
+            format: None,
+            dtype: None,
+        }
+    }
+}
+
+/// A request with every choice made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedDistill {
+    pub job: DistillJob,
+    pub export: Export,
+    pub dtype: GgufWriteType,
+    pub seq_len: usize,
+    pub eval_windows: usize,
+    /// The `auto` hidden pairs wait for the layer list.
+    auto_hidden: bool,
+}
+
+/// Parses `S:T,S:T` layer pairs.
+fn pairs(spec: &str, what: &str) -> Result<Vec<(usize, usize)>> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (s, t) = p.split_once(':').ok_or_else(|| {
+                invalid(format!(
+                    "{what} '{spec}': expected STUDENT:TEACHER layer pairs such as 3:7"
+                ))
+            })?;
+            let n = |x: &str| {
+                x.trim()
+                    .parse::<usize>()
+                    .map_err(|_| invalid(format!("{what} '{spec}': '{x}' is not a layer number")))
+            };
+            Ok((n(s)?, n(t)?))
+        })
+        .collect()
+}
+
+impl DistillRequest {
+    /// Checks the options and makes every choice that does not need the models.
+    pub fn resolve(&self) -> Result<ResolvedDistill> {
+        let (export, dtype) =
+            crate::prune::float_export(self.format.as_deref(), self.dtype.as_deref())?;
+        let auto_hidden = self.hidden.as_deref() == Some("auto");
+        if auto_hidden && !matches!(self.student, StudentInit::Layers(_)) {
+            return Err(invalid(
+                "hidden = auto pairs each kept layer with its source: it needs a layer subset (layers = ...)"
+                    .into(),
+            ));
+        }
+        let hidden = match self.hidden.as_deref() {
+            None | Some("auto") => Vec::new(),
+            Some(spec) => pairs(spec, "hidden")?,
+        };
+        let attention = match self.attention.as_deref() {
+            None => None,
+            Some(spec) => match pairs(spec, "attention")?.as_slice() {
+                [one] => Some(*one),
+                _ => {
+                    return Err(invalid(format!(
+                        "attention '{spec}': expected one S:T pair"
+                    )))
+                }
+            },
+        };
+        if self.top_k == Some(0) {
+            return Err(invalid("top_k must be at least 1".into()));
+        }
+        for (what, w) in [
+            ("hidden_weight", self.hidden_weight),
+            ("attention_weight", self.attention_weight),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(invalid(format!(
+                    "{what} must be a non-negative number, got {w}"
+                )));
+            }
+        }
+        let loss = DistillConfig {
+            divergence: Divergence::parse(&self.loss).map_err(|e| invalid(e.to_string()))?,
+            temperature: self.temperature,
+            alpha: self.alpha,
+            hidden,
+            hidden_loss: HiddenLoss::parse(&self.hidden_loss)
+                .map_err(|e| invalid(e.to_string()))?,
+            hidden_weight: self.hidden_weight,
+            attention,
+            attention_weight: self.attention_weight,
+        };
+        if !(0.0..=1.0).contains(&loss.alpha) {
+            return Err(invalid(format!("alpha = {} is outside [0, 1]", loss.alpha)));
+        }
+        if loss.temperature.is_nan() || loss.temperature <= 0.0 {
+            return Err(invalid(format!(
+                "temperature must be positive, got {}",
+                loss.temperature
+            )));
+        }
+        Ok(ResolvedDistill {
+            job: DistillJob {
+                train: self.train.config()?,
+                loss,
+                frozen: self.freeze.clone(),
+                top_k: self.top_k,
+            },
+            export,
+            dtype,
+            seq_len: self.train.seq_len,
+            eval_windows: self.train.eval_windows,
+            auto_hidden,
+        })
+    }
+}
+
+/// The student a request starts from: `given` (the stage input, when it is not the teacher) or
+/// one built from the teacher.
+pub fn build_student(
+    request: &DistillRequest,
+    resolved: &mut ResolvedDistill,
+    teacher: &Llama,
+    given: Option<&Llama>,
+) -> Result<Llama> {
+    let err = |e: shrink_distill::DistillError| invalid(e.to_string());
+    match &request.student {
+        StudentInit::Model => given.cloned().ok_or_else(|| {
+            invalid(
+                "no student: give a smaller model (--student, or a pruning stage as input), a layer subset (layers) or a student config"
+                    .into(),
+            )
+        }),
+        StudentInit::Layers(spec) => {
+            let layers = shrink_distill::parse_layers(spec, teacher.config.num_hidden_layers)
+                .map_err(err)?;
+            if resolved.auto_hidden {
+                resolved.job.loss.hidden = layers.iter().copied().enumerate().collect();
+            }
+            shrink_distill::layer_subset(teacher, &layers).map_err(err)
+        }
+        StudentInit::Random(overrides) => {
+            let config = shrink_distill::student_config(&teacher.config, overrides).map_err(err)?;
+            shrink_distill::random_student(teacher, config, request.train.seed).map_err(err)
+        }
+    }
+}
+
+/// Consecutive non-overlapping windows of `len` tokens (at most `max`, when given).
+pub fn chunk_windows(tokens: &[u32], len: usize, max: Option<usize>) -> Vec<Vec<u32>> {
+    tokens
+        .chunks_exact(len.max(1))
+        .take(max.unwrap_or(usize::MAX))
+        .map(<[u32]>::to_vec)
+        .collect()
+}
+
+/// What a distillation run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct DistillOutcome {
+    pub parameters_student: usize,
+    pub parameters_teacher: usize,
+    pub train_windows: usize,
+    pub training: TrainOutcome,
+}
+
+/// Distils `teacher` into `student` and writes the student to `out` (with `checkpoint`'s
+/// tokenizer and the student's shape). `workdir` holds checkpoints and the top-k cache, so an
+/// interrupted run resumes there; `fingerprint` identifies the run.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_and_write(
+    checkpoint: &Checkpoint,
+    teacher: &Llama,
+    student: &Llama,
+    resolved: &ResolvedDistill,
+    train: &[Vec<u32>],
+    eval: &[Vec<u32>],
+    workdir: &Path,
+    fingerprint: &str,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<(Llama, DistillOutcome)> {
+    if train.is_empty() {
+        return Err(invalid(format!(
+            "the training text is shorter than one window of {} tokens",
+            resolved.seq_len
+        )));
+    }
+    let (trained, training) = shrink_distill::distill(
+        teacher,
+        student,
+        &resolved.job,
+        train,
+        eval,
+        Some(workdir),
+        fingerprint,
+        progress,
+    )
+    .map_err(|e| invalid(e.to_string()))?;
+    write_model(checkpoint, &trained, resolved.export, resolved.dtype, out)?;
+    let outcome = DistillOutcome {
+        parameters_student: trained.num_parameters(),
+        parameters_teacher: teacher.num_parameters(),
+        train_windows: train.len(),
+        training,
+    };
+    Ok((trained, outcome))
+}
+
+/// A run identity for resuming: the request, both models' sources and the training tokens.
+pub fn fingerprint(request: &impl Serialize, sources: &[&Path], train: &[Vec<u32>]) -> String {
+    let mut text = serde_json::to_string(request).unwrap_or_default();
+    for s in sources {
+        let len = std::fs::metadata(s).map(|m| m.len()).unwrap_or(0);
+        text.push_str(&format!("|{}:{len}", s.display()));
+    }
+    let bytes: Vec<u8> = train
+        .iter()
+        .flatten()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    text.push('|');
+    text.push_str(&shrink_core::sha256_hex(&bytes));
+    shrink_core::sha256_hex(text.as_bytes())
+}
+
+/// Quantization-aware training: the model is quantized as `quantize` says (GPTQ by default),
+/// then trained with fake-quantized linears against its unquantized self, and written through
+/// the same packed GGUF / compressed-tensors path as post-training quantization.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QatRequest {
+    pub quantize: crate::QuantizeRequest,
+    /// `forward-kl` or `reverse-kl`.
+    pub loss: String,
+    pub temperature: f64,
+    pub alpha: f64,
+    /// Frozen tensors [default: the token embedding].
+    pub freeze: Option<Vec<String>>,
+    /// Learn the grid schemes' scales (LSQ).
+    pub learn_scales: bool,
+    pub train: TrainKeys,
+}
+
+impl QatRequest {
+    pub fn new(quantize: crate::QuantizeRequest) -> Self {
+        Self {
+            quantize,
+            loss: "forward-kl".into(),
+            temperature: 1.0,
+            alpha: 0.0,
+            freeze: None,
+            learn_scales: true,
+            train: TrainKeys::default(),
+        }
+    }
+
+    pub fn resolve(&self) -> Result<ResolvedQat> {
+        let quantize = self.quantize.resolve()?;
+        let distill = DistillRequest {
+            loss: self.loss.clone(),
+            temperature: self.temperature,
+            alpha: self.alpha,
+            train: self.train.clone(),
+            ..DistillRequest::default()
+        }
+        .resolve()?;
+        let defaults = shrink_quant::qat::QatJob::default();
+        let job = shrink_quant::qat::QatJob {
+            train: distill.job.train,
+            loss: distill.job.loss,
+            frozen: self.freeze.clone().unwrap_or(defaults.frozen),
+            activations: quantize.activations,
+            learn_scales: self.learn_scales,
+        };
+        Ok(ResolvedQat {
+            quantize,
+            job,
+            seq_len: self.train.seq_len,
+            eval_windows: self.train.eval_windows,
+        })
+    }
+}
+
+/// A QAT request with every choice made.
+#[derive(Debug, Clone)]
+pub struct ResolvedQat {
+    pub quantize: crate::ResolvedQuantize,
+    pub job: shrink_quant::qat::QatJob,
+    pub seq_len: usize,
+    pub eval_windows: usize,
+}
+
+/// Quantizes `model` (the initial codes, e.g. GPTQ on `calibration`), trains it with QAT against
+/// the unquantized model on `train`, and writes the packed result to `out`. On return `model`
+/// holds the trained quantized values.
+#[allow(clippy::too_many_arguments)]
+pub fn qat_and_write(
+    checkpoint: &Checkpoint,
+    model: &mut Llama,
+    resolved: &ResolvedQat,
+    calibration: Option<&[Vec<u32>]>,
+    batch: usize,
+    train: &[Vec<u32>],
+    eval: &[Vec<u32>],
+    workdir: &Path,
+    fingerprint: &str,
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<(crate::QuantizeOutcome, TrainOutcome)> {
+    if train.is_empty() {
+        return Err(invalid(format!(
+            "the training text is shorter than one window of {} tokens",
+            resolved.seq_len
+        )));
+    }
+    let teacher = model.clone();
+    let q = &resolved.quantize;
+    let initial =
+        shrink_quant::quantize_model(model, q.method, &q.plan, calibration, batch, progress)?;
+    let (trained, result, training) = shrink_quant::qat::qat(
+        &teacher,
+        model,
+        &initial,
+        &resolved.job,
+        train,
+        eval,
+        Some(workdir),
+        fingerprint,
+        progress,
+    )?;
+    *model = trained;
+    let mut outcome = crate::quantize::write_quantized(checkpoint, model, &result, q, out)?;
+    outcome.method = format!(
+        "QAT ({} steps) from {}",
+        resolved.job.train.steps, outcome.method
+    );
+    Ok((outcome, training))
+}
