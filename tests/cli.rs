@@ -566,8 +566,8 @@ fn bad_inputs_fail_cleanly_with_named_causes() {
     let g = gguf.to_str().unwrap();
     let e = fails(&["eval", g, "--text", "nosuchdata:eval"]);
     assert!(e.contains("unknown dataset or model 'nosuchdata'"), "{e}");
-    let e = fails(&["eval", g, "--text", "shakespeare:train"]);
-    assert!(e.contains("no split or file named 'train'"), "{e}");
+    let e = fails(&["eval", g, "--text", "shakespeare:test"]);
+    assert!(e.contains("no split or file named 'test'"), "{e}");
     let e = fails(&["eval", g, "--text", text, "--protocol", "strided"]);
     assert!(e.contains("unknown protocol 'strided'"), "{e}");
     let e = fails(&["eval", g, "--text", text, "--ctx", "4096"]);
