@@ -205,8 +205,11 @@ mod tests {
         let m = builtin("shakespeare").unwrap();
         assert_eq!(split_files(&m, "calib").unwrap(), ["macbeth", "tempest"]);
         assert_eq!(split_files(&m, "hamlet").unwrap(), ["hamlet"]);
-        let err = split_files(&m, "train").unwrap_err().to_string();
-        assert!(err.contains("'train'") && err.contains("calib"), "{err}");
+        let train = split_files(&m, "train").unwrap();
+        assert_eq!(train.len(), 10);
+        assert!(!train.contains(&"hamlet"), "Hamlet is held out");
+        let err = split_files(&m, "test").unwrap_err().to_string();
+        assert!(err.contains("'test'") && err.contains("calib"), "{err}");
     }
 
     #[test]

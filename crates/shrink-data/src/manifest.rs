@@ -169,9 +169,9 @@ mod tests {
             .to_string();
         assert!(err.starts_with("manifest x.toml:"), "{err}");
         let text =
-            builtin_text("shakespeare").replace("calib = [\"macbeth\"", "calib = [\"othello\"");
+            builtin_text("shakespeare").replace("calib = [\"macbeth\"", "calib = [\"cymbeline\"");
         let err = Manifest::parse(&text, "y.toml").unwrap_err().to_string();
-        assert!(err.contains("unknown file 'othello'"), "{err}");
+        assert!(err.contains("unknown file 'cymbeline'"), "{err}");
         let text = builtin_text("shakespeare").replace("[splits]", "colour = 1\n[splits]");
         assert!(Manifest::parse(&text, "z.toml").is_err());
     }
