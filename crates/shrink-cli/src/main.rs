@@ -1379,6 +1379,18 @@ fn distill(args: DistillArgs) -> Result<()> {
         args.eval,
         eval.len()
     );
+    print_training(t);
+    outln!(
+        "wrote        {} (log: {})",
+        args.out.display(),
+        log_path.display()
+    );
+    outln!("time         {wall_s:.1} s");
+    Ok(())
+}
+
+/// The resumed step, held-out metrics and throughput of a training run.
+fn print_training(t: &shrink_train::TrainOutcome) {
     if let Some(step) = t.resumed_from {
         outln!("resumed      from step {step}");
     }
@@ -1392,13 +1404,6 @@ fn distill(args: DistillArgs) -> Result<()> {
         t.log.tokens,
         t.tokens_per_s
     );
-    outln!(
-        "wrote        {} (log: {})",
-        args.out.display(),
-        log_path.display()
-    );
-    outln!("time         {wall_s:.1} s");
-    Ok(())
 }
 
 /// The training windows (all of `--train`) and held-out windows (the first `--eval-windows` of
@@ -1490,16 +1495,7 @@ fn qat(args: &DistillArgs, target: &str, request: shrink_pipeline::DistillReques
         "bits/weight  {:.3} over the quantized linears",
         outcome.linear_bits_per_weight
     );
-    for (step, metrics) in &training.log.eval {
-        let text: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
-        outln!("eval @ {step:<5} {}", text.join(", "));
-    }
-    outln!(
-        "trained      {} steps, {} tokens, {:.1} tokens/s (teacher forward included)",
-        training.steps,
-        training.log.tokens,
-        training.tokens_per_s
-    );
+    print_training(&training);
     outln!(
         "wrote        {} ({:.1} MB; log: {})",
         args.out.display(),

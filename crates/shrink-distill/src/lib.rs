@@ -208,9 +208,7 @@ pub fn distill(
             Teacher::TopK(cache, Some(teacher.clone()))
         }
     };
-    let mut objective = Distiller::new(model, params, source, job.loss.clone())?;
-    let outcome = shrink_train::train(
-        &mut objective,
+    let (trained, outcome) = Distiller::new(model, params, source, job.loss.clone())?.fit(
         &job.train,
         windows,
         eval,
@@ -218,8 +216,7 @@ pub fn distill(
         fingerprint,
         progress,
     )?;
-    let plain = objective.trained_student()?;
-    Ok((plain, outcome))
+    Ok((trained, outcome))
 }
 
 #[cfg(test)]

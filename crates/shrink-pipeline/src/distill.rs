@@ -323,12 +323,6 @@ pub fn distill_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(Llama, DistillOutcome)> {
-    if train.is_empty() {
-        return Err(invalid(format!(
-            "the training text is shorter than one window of {} tokens",
-            resolved.seq_len
-        )));
-    }
     let (trained, training) = shrink_distill::distill(
         teacher,
         student,
@@ -450,12 +444,6 @@ pub fn qat_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(crate::QuantizeOutcome, TrainOutcome)> {
-    if train.is_empty() {
-        return Err(invalid(format!(
-            "the training text is shorter than one window of {} tokens",
-            resolved.seq_len
-        )));
-    }
     let teacher = model.clone();
     let q = &resolved.quantize;
     let initial =

@@ -749,18 +749,8 @@ fn run_stage(
             let student =
                 crate::distill::build_student(request, &mut resolved, teacher, Some(&model))?;
             let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
-            let fingerprint = key_of(&serde_json::json!([key, "distill"]));
             let (trained, outcome) = crate::distill_and_write(
-                input,
-                teacher,
-                &student,
-                &resolved,
-                &train,
-                &eval,
-                &workdir,
-                &fingerprint,
-                &out,
-                progress,
+                input, teacher, &student, &resolved, &train, &eval, &workdir, &key, &out, progress,
             )?;
             let (format, bits) = crate::prune::float_storage(resolved.dtype);
             let d = &resolved.job.loss;
@@ -799,7 +789,6 @@ fn run_stage(
         StageJob::Qat(request) => {
             let resolved = request.resolve()?;
             let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
-            let fingerprint = key_of(&serde_json::json!([key, "qat"]));
             let (outcome, log) = crate::qat_and_write(
                 input,
                 &mut model,
@@ -809,7 +798,7 @@ fn run_stage(
                 &train,
                 &eval,
                 &workdir,
-                &fingerprint,
+                &key,
                 &out,
                 progress,
             )?;

@@ -406,23 +406,15 @@ pub fn qat(
         }
         Ok(())
     };
-    let mut objective = Distiller::new(
+    let (trained, outcome) = Distiller::new(
         student,
         params,
         Teacher::Model(teacher.clone()),
         job.loss.clone(),
     )
     .map_err(train_err)?
-    .with_prepare(Box::new(prepare));
-    let outcome = shrink_train::train(
-        &mut objective,
-        &job.train,
-        windows,
-        eval,
-        workdir,
-        fingerprint,
-        progress,
-    )
+    .with_prepare(Box::new(prepare))
+    .fit(&job.train, windows, eval, workdir, fingerprint, progress)
     .map_err(train_err)?;
     let mut result = QuantizedModel::default();
     for l in &linears {
@@ -440,7 +432,6 @@ pub fn qat(
         });
         result.tensors.insert(format!("{}.weight", l.name), q);
     }
-    let trained = objective.trained_student().map_err(train_err)?;
     let mut tensors = trained.named_tensors();
     // The stored values, exactly.
     for (name, q) in &result.tensors {

@@ -357,6 +357,30 @@ impl Distiller {
         Ok(&self.student)
     }
 
+    /// Trains the student with [`crate::train`] and returns it (see
+    /// [`Distiller::trained_student`]) with the training log.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fit(
+        mut self,
+        config: &crate::TrainConfig,
+        windows: &[Vec<u32>],
+        eval: &[Vec<u32>],
+        checkpoints: Option<&Path>,
+        fingerprint: &str,
+        progress: &dyn Progress,
+    ) -> Result<(Llama, crate::TrainOutcome)> {
+        let outcome = crate::train(
+            &mut self,
+            config,
+            windows,
+            eval,
+            checkpoints,
+            fingerprint,
+            progress,
+        )?;
+        Ok((self.trained_student()?, outcome))
+    }
+
     /// A plain copy of the student with its current (prepared) weights, detached from training.
     pub fn trained_student(&mut self) -> Result<Llama> {
         let student = self.student()?;
@@ -485,10 +509,12 @@ impl Objective for Distiller {
 
     fn evaluate(&mut self, windows: &[Vec<u32>]) -> Result<Vec<(String, f64)>> {
         let device = self.student.device().clone();
+        // Prepared once: QAT's fake quantization does not change during an evaluation.
+        let student = self.student()?.clone();
         let (mut ce_sum, mut kl_sum, mut n) = (0.0, 0.0, 0.0);
         for chunk in windows.chunks(2) {
             let ids = ids_tensor(chunk, &device)?;
-            let logits = self.student()?.forward(&ids)?.flatten_to(1)?.detach();
+            let logits = student.forward(&ids)?.flatten_to(1)?.detach();
             let w = chunk.len() as f64;
             ce_sum += next_token_ce(&logits, &ids)?.to_scalar::<f32>()? as f64 * w;
             if let Some(teacher) = self.teacher.model() {

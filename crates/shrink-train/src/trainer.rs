@@ -204,6 +204,11 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     config.validate()?;
     let seq = windows.first().map(Vec::len).unwrap_or(0);
+    if windows.is_empty() {
+        return Err(TrainError::Config(
+            "no training windows: the training text is shorter than one window".into(),
+        ));
+    }
     if seq < 2 || windows.iter().any(|w| w.len() != seq) {
         return Err(TrainError::Config(
             "training needs windows of at least 2 tokens, all of one length".into(),
