@@ -27,6 +27,6 @@ if ! python3 -c "import numpy" 2>/dev/null; then
 fi
 export SHRINK_LLAMA_CPP_BIN="$(scripts/build-llama-cpp.sh)"
 cargo build --release -p shrink-cli
-"${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare
+"${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare minilm
 export SHRINK_REAL_TESTS=require
 cargo test --workspace --release "$@"

@@ -5,7 +5,7 @@
 mod common;
 
 use shrink_io::{Checkpoint, Format, GgufVocab, GgufWriteType, TokenizerBundle};
-use shrink_models::{Llama, LlamaConfig};
+use shrink_models::{ModelConfig, Transformer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -55,11 +55,11 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
         &["Ġ t", "h e", "Ġt he"],
         Some("smollm"),
     );
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.vocab_size = vocab.tokens.len();
     // Rows of 32 (whole Q4_0 groups) and 256 (one k-quant super-block, in down_proj).
     cfg.intermediate_size = 256;
-    let model = Llama::random(&cfg, 5, &candle_core::Device::Cpu).unwrap();
+    let model = Transformer::random(&cfg, 5, &candle_core::Device::Cpu).unwrap();
     let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
     let tokenizer = TokenizerBundle::from_gguf_vocab(
         Path::new("tiny"),
@@ -77,6 +77,7 @@ fn tiny_gguf(dir: &Path) -> PathBuf {
         tensors: model.named_tensors(),
         tokenizer: Some(tokenizer),
         generation_config: None,
+        side_files: Default::default(),
     };
     let path = dir.join("tiny.gguf");
     shrink_io::write_llama_gguf(&checkpoint, &path, GgufWriteType::F32, &Default::default())
@@ -1446,4 +1447,207 @@ decode_tokens = 4
         e.contains("`layers` does not apply to a quantize.qat stage"),
         "{e}"
     );
+}
+
+/// The `[rows, cols]` of one tensor of a model file, from `shrink inspect --json`.
+fn tensor_shape(model: &Path, name: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", model.to_str().unwrap(), "--json"])).unwrap();
+    info["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no tensor {name} in {info}"))
+        .clone()
+}
+
+/// GPT-2 from a Hugging Face folder: evaluates, converts to a GGUF that evaluates the same (the
+/// GGUF's `attn_qkv` is the fused, transposed c_attn), quantizes with GPTQ to a Q8_0 GGUF whose
+/// c_attn is q, k and v's blocks stacked, prunes, distils and generates; a quantized
+/// compressed-tensors export and head pruning (which GPT-2's format cannot express) are refused
+/// with the reason.
+#[test]
+fn gpt2_folder_evaluates_converts_quantizes_prunes_and_distils() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = common::tiny_gpt2_folder(dir.path(), 128);
+    let f = folder.to_str().unwrap();
+    let text = sample_text();
+    let t = text.to_str().unwrap();
+    let eval = |m: &Path| -> serde_json::Value {
+        serde_json::from_str(&ok(&[
+            "eval",
+            m.to_str().unwrap(),
+            "--text",
+            t,
+            "--ctx",
+            "64",
+            "--chunks",
+            "4",
+            "--protocol",
+            "full",
+            "--json",
+        ]))
+        .unwrap()
+    };
+    let ppl = |v: &serde_json::Value| v["perplexity"]["ppl"].as_f64().unwrap();
+    let base = eval(&folder);
+    assert!(ppl(&base) > 20.0 && ppl(&base) < 5000.0, "{}", ppl(&base));
+
+    let gguf = dir.path().join("gpt2.gguf");
+    ok(&["convert", f, "--to", "gguf", gguf.to_str().unwrap()]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", gguf.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(info["architecture"], "gpt2");
+    assert_eq!(
+        tensor_shape(&gguf, "blk.1.attn_qkv.weight")["shape"],
+        serde_json::json!([96, 32])
+    );
+    assert_eq!(
+        tensor_shape(&gguf, "position_embd.weight")["shape"],
+        serde_json::json!([128, 32])
+    );
+    assert!(
+        !info.to_string().contains("\"output.weight\""),
+        "the head is tied to token_embd"
+    );
+    let back = eval(&gguf);
+    assert!(
+        (ppl(&back) / ppl(&base) - 1.0).abs() < 1e-5,
+        "{} vs {}",
+        ppl(&back),
+        ppl(&base)
+    );
+
+    let q8 = dir.path().join("q8.gguf");
+    let out = ok(&[
+        "quantize",
+        f,
+        "--method",
+        "gptq",
+        "--format",
+        "gguf:q8_0",
+        "--calib",
+        t,
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "-o",
+        q8.to_str().unwrap(),
+    ]);
+    assert!(out.contains("h.0.attn.c_attn.q"), "{out}");
+    let q = eval(&q8);
+    assert!(
+        (ppl(&q) / ppl(&base) - 1.0).abs() < 0.02,
+        "{} vs {}",
+        ppl(&q),
+        ppl(&base)
+    );
+    let qkv = tensor_shape(&q8, "blk.0.attn_qkv.weight");
+    assert_eq!(qkv["dtype"], "Q8_0", "{qkv}");
+    assert_eq!(qkv["shape"], serde_json::json!([96, 32]), "{qkv}");
+
+    let hf_q = dir.path().join("hf-q");
+    let refused = fails(&[
+        "quantize",
+        f,
+        "--method",
+        "rtn",
+        "--format",
+        "hf",
+        "--bits",
+        "8",
+        "--group",
+        "channel",
+        "-o",
+        hf_q.to_str().unwrap(),
+    ]);
+    assert!(
+        refused.contains("c_attn") && refused.contains("GGUF"),
+        "{refused}"
+    );
+    assert!(!hf_q.exists());
+
+    let sparse = dir.path().join("wanda.gguf");
+    ok(&[
+        "prune",
+        f,
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--calib",
+        t,
+        "--samples",
+        "8",
+        "--seq-len",
+        "32",
+        "-o",
+        sparse.to_str().unwrap(),
+    ]);
+    assert!(ppl(&eval(&sparse)).is_finite());
+    let refused = fails(&[
+        "prune",
+        f,
+        "--method",
+        "heads",
+        "--fraction",
+        "0.5",
+        "--importance",
+        "magnitude",
+        "-o",
+        dir.path().join("heads.gguf").to_str().unwrap(),
+    ]);
+    assert!(refused.contains("n_embd / n_head"), "{refused}");
+    let channels = dir.path().join("channels.gguf");
+    ok(&[
+        "prune",
+        f,
+        "--method",
+        "channels",
+        "--fraction",
+        "0.5",
+        "--importance",
+        "magnitude",
+        "-o",
+        channels.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        tensor_shape(&channels, "blk.0.ffn_up.weight")["shape"],
+        serde_json::json!([64, 32])
+    );
+    assert!(ppl(&eval(&channels)).is_finite());
+
+    let student = dir.path().join("student.gguf");
+    ok(&[
+        "distill",
+        f,
+        "--layers",
+        "1",
+        "--train",
+        t,
+        "--eval",
+        t,
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "32",
+        "--eval-windows",
+        "2",
+        "-o",
+        student.to_str().unwrap(),
+    ]);
+    assert!(ppl(&eval(&student)).is_finite());
+    let generated = ok(&[
+        "generate",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        "the",
+        "--max-tokens",
+        "5",
+    ]);
+    assert!(!generated.is_empty());
 }

@@ -6,12 +6,12 @@
 //! ```
 //! use candle_core::Device;
 //! use shrink_calib::{sample_windows, sequential, BlockStats};
-//! use shrink_models::{DecoderBlock, Llama, LlamaConfig};
-//! let mut model = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! use shrink_models::{Block, Transformer, ModelConfig};
+//! let mut model = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
 //! let tokens: Vec<u32> = (0..500).map(|i| (i * 13 % 64) as u32).collect();
 //! let windows = sample_windows(&tokens, 4, 32, 0).unwrap();
 //! let mut seen = vec![];
-//! sequential(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut DecoderBlock, stats: &BlockStats| {
+//! sequential(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut Block, stats: &BlockStats| {
 //!     seen.push((block.index, stats.get("model.layers.0.self_attn.q_proj").map(|s| s.rows)));
 //!     Ok(())
 //! }).unwrap();
@@ -27,7 +27,7 @@ pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use shrink_core::Progress;
-use shrink_models::{DecoderBlock, LinearHook, Llama, NoHook};
+use shrink_models::{Block, LinearHook, NoHook, Transformer};
 use std::collections::BTreeMap;
 
 /// Errors from calibration.
@@ -131,12 +131,12 @@ impl LinearHook for StatsHook {
 /// windows at one depth are held in memory. Without `hessian`, only per-channel statistics are
 /// gathered.
 pub fn sequential(
-    model: &mut Llama,
+    model: &mut Transformer,
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,
     progress: &dyn Progress,
-    compress: &mut dyn FnMut(&mut DecoderBlock, &BlockStats) -> Result<()>,
+    compress: &mut dyn FnMut(&mut Block, &BlockStats) -> Result<()>,
 ) -> Result<()> {
     let batch = batch.max(1);
     let Some(len) = windows.first().map(Vec::len) else {
@@ -177,7 +177,7 @@ pub fn sequential(
 mod tests {
     use super::*;
     use candle_core::Device;
-    use shrink_models::LlamaConfig;
+    use shrink_models::ModelConfig;
 
     #[test]
     fn windows_are_seeded_and_in_range() {
@@ -194,8 +194,8 @@ mod tests {
 
     #[test]
     fn sequential_feeds_compressed_outputs_forward() {
-        let cfg = LlamaConfig::tiny_for_tests();
-        let mut model = Llama::random(&cfg, 1, &Device::Cpu).unwrap();
+        let cfg = ModelConfig::tiny_for_tests();
+        let mut model = Transformer::random(&cfg, 1, &Device::Cpu).unwrap();
         let reference = model.clone();
         let windows = vec![
             vec![1u32, 2, 3, 4, 5, 6],
@@ -244,7 +244,7 @@ mod tests {
         let x1 = model.blocks[0]
             .forward(&x0, &ctx, None, &mut NoHook)
             .unwrap();
-        let h1 = model.blocks[1].input_layernorm.forward(&x1).unwrap();
+        let h1 = model.blocks[1].attn_norm.forward(&x1).unwrap();
         let mut direct = LinearStats::new(cfg.hidden_size);
         direct.accumulate(&h1).unwrap();
         let diff = hessians[1]
@@ -257,13 +257,8 @@ mod tests {
             .forward(&x0, &ctx, None, &mut NoHook)
             .unwrap();
         let mut orig = LinearStats::new(cfg.hidden_size);
-        orig.accumulate(
-            &reference.blocks[1]
-                .input_layernorm
-                .forward(&x1_ref)
-                .unwrap(),
-        )
-        .unwrap();
+        orig.accumulate(&reference.blocks[1].attn_norm.forward(&x1_ref).unwrap())
+            .unwrap();
         let moved = orig
             .hessian
             .iter()

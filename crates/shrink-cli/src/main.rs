@@ -17,7 +17,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use shrink_eval::{EvalConfig, Protocol};
 use shrink_io::Checkpoint;
-use shrink_models::{Llama, Sampler, SamplingConfig};
+use shrink_models::{Sampler, SamplingConfig, Transformer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -71,6 +71,22 @@ enum Command {
     /// Check a pipeline file and print its plan: stages, inputs, outputs, estimated peak memory.
     Validate {
         file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sentence embeddings from an encoder (BERT, MiniLM), pooled as its sentence-transformers
+    /// config says.
+    Embed {
+        model: String,
+        /// Sentences to embed (one per argument).
+        sentences: Vec<String>,
+        /// Embed the sentences of a text instead: DATASET:SPLIT or a file.
+        #[arg(long)]
+        text: Option<String>,
+        /// At most this many sentences of --text.
+        #[arg(long, default_value_t = 64)]
+        count: usize,
+        /// Print token ids and embeddings as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -160,12 +176,16 @@ struct EvalArgs {
     /// Chunks per forward pass.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// A reference model for KL divergence and top-1 agreement.
+    /// A reference model for KL divergence and top-1 agreement (encoders: embedding cosine and
+    /// top-10 neighbour agreement).
     #[arg(long)]
     reference: Option<String>,
+    /// Encoders: held-out sentences of --text to embed.
+    #[arg(long, default_value_t = 512)]
+    sentences: usize,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeType,
-    /// Print the report as JSON (schema shrink.eval/v1).
+    /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
     #[arg(long)]
     json: bool,
 }
@@ -491,6 +511,13 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Convert(args) => convert(args),
         Command::Eval(args) => eval(args),
+        Command::Embed {
+            model,
+            sentences,
+            text,
+            count,
+            json,
+        } => embed(&model, &sentences, text.as_deref(), count, json),
         Command::Generate(args) => generate(args),
         Command::Tokenize { model, text, count } => tokenize(&model, &text, count),
         Command::Quantize(args) => quantize(args),
@@ -536,7 +563,7 @@ fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
     shrink_io::load(&path).with_context(|| format!("loading model {}", path.display()))
 }
 
-fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
+fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
     shrink_pipeline::build_model(checkpoint, dtype)
         .with_context(|| format!("building the model from {}", checkpoint.path.display()))
 }
@@ -735,6 +762,12 @@ fn convert(args: ConvertArgs) -> Result<()> {
 fn eval(args: EvalArgs) -> Result<()> {
     let protocol: Protocol = args.protocol.parse()?;
     let checkpoint = load_checkpoint(&args.model)?;
+    if shrink_models::ModelConfig::from_json(&checkpoint.config)?
+        .arch()?
+        .is_encoder()
+    {
+        return eval_encoder(&args, &checkpoint);
+    }
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
     let (tokens, bos) = shrink_pipeline::eval_tokens(&checkpoint, &read_text(&args.text)?)?;
     let model = build_llama(&checkpoint, args.dtype.dtype())?;
@@ -751,15 +784,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let bar = progress::Bar::new();
     let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
     if args.json {
-        let mut value = serde_json::to_value(&report)?;
-        if let Some(obj) = value.as_object_mut() {
-            obj.insert("model".into(), checkpoint.path.display().to_string().into());
-            obj.insert("text".into(), args.text.clone().into());
-            obj.insert("reference".into(), args.reference.clone().into());
-            obj.insert("parameters".into(), (model.num_parameters() as u64).into());
-        }
-        outln!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
+        return print_eval_json(&report, &checkpoint, &args, &model);
     }
     let p = &report.perplexity;
     outln!(
@@ -805,6 +830,140 @@ fn eval(args: EvalArgs) -> Result<()> {
         report.tokens_per_s,
         report.tokens_processed
     );
+    Ok(())
+}
+
+/// An evaluation report as JSON, with what was evaluated on what.
+fn print_eval_json(
+    report: &impl serde::Serialize,
+    checkpoint: &Checkpoint,
+    args: &EvalArgs,
+    model: &Transformer,
+) -> Result<()> {
+    let mut value = serde_json::to_value(report)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("model".into(), checkpoint.path.display().to_string().into());
+        obj.insert("text".into(), args.text.clone().into());
+        obj.insert("reference".into(), args.reference.clone().into());
+        obj.insert("parameters".into(), (model.num_parameters() as u64).into());
+    }
+    outln!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// `shrink eval` on an encoder: embedding fidelity, throughput, masked-LM scores.
+fn eval_encoder(args: &EvalArgs, checkpoint: &Checkpoint) -> Result<()> {
+    let model = build_llama(checkpoint, args.dtype.dtype())?;
+    let reference = match &args.reference {
+        Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
+        None => None,
+    };
+    let bar = progress::Bar::new();
+    let report = shrink_pipeline::encoder::evaluate_encoder(
+        checkpoint,
+        &model,
+        reference.as_ref(),
+        &read_text(&args.text)?,
+        args.sentences,
+        args.batch.max(1) * 8,
+        &bar,
+    )?;
+    if args.json {
+        return print_eval_json(&report, checkpoint, args, &model);
+    }
+    outln!(
+        "model       {} ({} parameters, encoder)",
+        checkpoint.path.display(),
+        human_count(model.num_parameters() as u64)
+    );
+    outln!(
+        "text        {} ({} sentences, {} tokens; pooling {})",
+        args.text,
+        report.sentences,
+        report.tokens,
+        report.pooling
+    );
+    if let Some(f) = &report.fidelity {
+        outln!("reference   {}", args.reference.as_deref().unwrap_or(""));
+        outln!(
+            "cosine      {:.6} mean, {:.6} min",
+            f.cosine_mean,
+            f.cosine_min
+        );
+        outln!(
+            "top-{}      {:.2}% neighbour agreement",
+            f.neighbours,
+            f.neighbour_agreement * 100.0
+        );
+    }
+    if let Some(m) = &report.masked_lm {
+        outln!(
+            "masked LM   {:.2}% accuracy, pseudo-perplexity {:.4} ({} tokens)",
+            m.accuracy * 100.0,
+            m.pseudo_perplexity,
+            m.tokens_scored
+        );
+    }
+    outln!(
+        "time        {:.1} s, {:.1} tokens/s, {:.1} sentences/s encoding",
+        report.wall_s,
+        report.encode_tokens_per_s,
+        report.sentences_per_s
+    );
+    Ok(())
+}
+
+fn embed(
+    model_spec: &str,
+    sentences: &[String],
+    text: Option<&str>,
+    count: usize,
+    json: bool,
+) -> Result<()> {
+    let checkpoint = load_checkpoint(model_spec)?;
+    let model = build_llama(&checkpoint, DType::F32)?;
+    let tokens = match text {
+        Some(spec) => shrink_pipeline::encoder::sentence_tokens(
+            &checkpoint,
+            &model,
+            &read_text(spec)?,
+            count,
+        )?,
+        None => {
+            if sentences.is_empty() {
+                bail!("give sentences to embed, or --text");
+            }
+            let max = shrink_pipeline::encoder::max_seq_len(&checkpoint, &model)?;
+            let tok = checkpoint.tokenizer()?;
+            sentences
+                .iter()
+                .map(|s| tok.encode_sentence(s, max))
+                .collect::<std::result::Result<_, _>>()?
+        }
+    };
+    let pooling = shrink_pipeline::encoder::pooling_of(&checkpoint)?;
+    let vectors = shrink_eval::embed(&model, &pooling, &tokens, 32, &shrink_core::NoProgress)?;
+    if json {
+        let rows: Vec<serde_json::Value> = tokens
+            .iter()
+            .zip(&vectors)
+            .map(|(t, v)| serde_json::json!({ "tokens": t, "embedding": v }))
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({ "pooling": pooling, "sentences": rows }))?
+        );
+    } else {
+        for (t, v) in tokens.iter().zip(&vectors) {
+            let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:.4}")).collect();
+            outln!(
+                "{} tokens → [{}, …] ({} dims)",
+                t.len(),
+                head.join(", "),
+                v.len()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -957,7 +1116,7 @@ fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
 
 /// A model to compress: its checkpoint, the input file's inspection (size before) and the f32
 /// model built from it.
-fn load_f32_model(spec: &str) -> Result<(Checkpoint, shrink_io::Inspection, Llama)> {
+fn load_f32_model(spec: &str) -> Result<(Checkpoint, shrink_io::Inspection, Transformer)> {
     let checkpoint = load_checkpoint(spec)?;
     let info = shrink_io::inspect(&checkpoint.path)?;
     let model = shrink_pipeline::build_model(&checkpoint, DType::F32)
@@ -987,9 +1146,14 @@ fn calibration_windows(
     seq_len: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    let tokens = checkpoint.tokenizer()?.encode(&read_text(calib)?, false)?;
-    shrink_calib::sample_windows(&tokens, samples, seq_len, seed)
-        .with_context(|| format!("sampling calibration windows from '{calib}'"))
+    shrink_pipeline::encoder::calibration_windows(
+        checkpoint,
+        &read_text(calib)?,
+        samples,
+        seq_len,
+        seed,
+    )
+    .with_context(|| format!("sampling calibration windows from '{calib}'"))
 }
 
 fn quantize(args: QuantizeArgs) -> Result<()> {
@@ -1409,13 +1573,13 @@ fn print_training(t: &shrink_train::TrainOutcome) {
 /// The training windows (all of `--train`) and held-out windows (the first `--eval-windows` of
 /// `--eval`) of `--seq-len` tokens.
 fn training_windows(checkpoint: &Checkpoint, args: &DistillArgs) -> Result<[Vec<Vec<u32>>; 2]> {
-    use shrink_pipeline::distill::chunk_windows;
+    use shrink_pipeline::encoder::training_windows;
     let tokenizer = checkpoint.tokenizer()?;
     let train = tokenizer.encode(&read_text(&args.train)?, false)?;
     let eval = tokenizer.encode(&read_text(&args.eval)?, false)?;
     Ok([
-        chunk_windows(&train, args.seq_len, None),
-        chunk_windows(&eval, args.seq_len, Some(args.eval_windows)),
+        training_windows(checkpoint, &train, args.seq_len, None)?,
+        training_windows(checkpoint, &eval, args.seq_len, Some(args.eval_windows))?,
     ])
 }
 
@@ -1573,13 +1737,21 @@ fn run_pipeline(args: RunArgs) -> Result<ExitCode> {
             }))?
         );
     } else {
+        // Encoders are measured by their sentence embeddings, decoders by perplexity.
+        let encoder = r.rows.iter().any(|m| m.embedding_cosine.is_some())
+            || r.rows.first().is_some_and(|m| !m.perplexity.is_finite());
+        let (quality, fidelity) = if encoder {
+            (("cosine", "top-10"), ("pseudo-ppl", "tok/s"))
+        } else {
+            (("ppl", "Δppl"), ("KL", "top-1"))
+        };
         outln!(
-            "{:<28} {:>9} {:>8} {:>9} {:>7} {:>9} {:>6} {:>9} {:>8}",
+            "{:<28} {:>10} {:>8} {:>10} {:>7} {:>9} {:>6} {:>9} {:>8}",
             "model",
-            "ppl",
-            "Δppl",
-            "KL",
-            "top-1",
+            quality.0,
+            quality.1,
+            fidelity.0,
+            fidelity.1,
             "size MB",
             "bpw",
             "ms/token",
@@ -1587,15 +1759,31 @@ fn run_pipeline(args: RunArgs) -> Result<ExitCode> {
         );
         for m in &r.rows {
             let opt = |v: Option<f64>, scale: f64, digits: usize| {
-                v.map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
+                v.filter(|v| v.is_finite())
+                    .map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
+            };
+            let cells = if encoder {
+                [
+                    opt(m.embedding_cosine, 1.0, 5),
+                    opt(m.neighbour_agreement, 100.0, 1) + "%",
+                    opt(Some(m.perplexity), 1.0, 3),
+                    opt(Some(m.eval_tokens_per_s), 1.0, 0),
+                ]
+            } else {
+                [
+                    opt(Some(m.perplexity), 1.0, 4),
+                    opt(Some(m.ppl_increase_pct), 1.0, 2) + "%",
+                    opt(m.kl_mean, 1.0, 5),
+                    opt(m.top1_agreement, 100.0, 1) + "%",
+                ]
             };
             outln!(
-                "{:<28} {:>9.4} {:>7.2}% {:>9} {:>6}% {:>9.1} {:>6.3} {:>9} {:>8}",
+                "{:<28} {:>10} {:>8} {:>10} {:>7} {:>9.1} {:>6.3} {:>9} {:>8}",
                 m.name,
-                m.perplexity,
-                m.ppl_increase_pct,
-                opt(m.kl_mean, 1.0, 5),
-                opt(m.top1_agreement, 100.0, 1),
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3],
                 m.size_bytes as f64 / 1e6,
                 m.bits_per_weight,
                 opt(m.decode.as_ref().map(|d| d.decode_ms_per_token), 1.0, 1),

@@ -6,8 +6,8 @@
 //! ```
 //! use candle_core::Device;
 //! use shrink_distill::{distill, layer_subset, DistillJob};
-//! use shrink_models::{Llama, LlamaConfig};
-//! let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! use shrink_models::{Transformer, ModelConfig};
+//! let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
 //! // Keep the teacher's second block; match its output to the teacher's.
 //! let student = layer_subset(&teacher, &[1]).unwrap();
 //! let mut job = DistillJob::default();
@@ -24,7 +24,7 @@
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_models::{Llama, LlamaConfig};
+use shrink_models::{ModelConfig, Transformer};
 use shrink_train::{trainable, DistillConfig, Distiller, Teacher, TopKCache};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -105,43 +105,26 @@ pub fn parse_layers(spec: &str, count: usize) -> Result<Vec<usize>> {
 
 /// A student made of the teacher's blocks `layers` (in order), with its embeddings, final norm
 /// and head: DistilBERT's initialisation.
-pub fn layer_subset(teacher: &Llama, layers: &[usize]) -> Result<Llama> {
-    let mut config = teacher.config.clone();
-    config.num_hidden_layers = layers.len();
-    let mut tensors = BTreeMap::new();
-    for (name, t) in teacher.named_tensors() {
-        match name.strip_prefix("model.layers.") {
-            Some(rest) => {
-                let (index, suffix) = rest
-                    .split_once('.')
-                    .ok_or_else(|| DistillError::Student(format!("odd tensor name '{name}'")))?;
-                let index: usize = index
-                    .parse()
-                    .map_err(|_| DistillError::Student(format!("odd tensor name '{name}'")))?;
-                if let Some(new) = layers.iter().position(|&l| l == index) {
-                    tensors.insert(format!("model.layers.{new}.{suffix}"), t);
-                }
-            }
-            None => {
-                tensors.insert(name, t);
-            }
-        }
-    }
-    Ok(Llama::from_tensors(&config, tensors, teacher.dtype())?)
+pub fn layer_subset(teacher: &Transformer, layers: &[usize]) -> Result<Transformer> {
+    Ok(teacher.keep_layers(layers)?)
 }
 
 /// A randomly initialised student with the teacher's vocabulary and `config`'s shape.
-pub fn random_student(teacher: &Llama, mut config: LlamaConfig, seed: u64) -> Result<Llama> {
+pub fn random_student(
+    teacher: &Transformer,
+    mut config: ModelConfig,
+    seed: u64,
+) -> Result<Transformer> {
     config.vocab_size = teacher.config.vocab_size;
-    Ok(Llama::random(&config, seed, &Device::Cpu)?)
+    Ok(Transformer::random(&config, seed, &Device::Cpu)?)
 }
 
 /// The teacher's config with shape keys (`num_hidden_layers`, `hidden_size`,
 /// `intermediate_size`, `num_attention_heads`, `num_key_value_heads`, `head_dim`) overridden.
 pub fn student_config(
-    teacher: &LlamaConfig,
+    teacher: &ModelConfig,
     overrides: &BTreeMap<String, usize>,
-) -> Result<LlamaConfig> {
+) -> Result<ModelConfig> {
     let mut c = teacher.clone();
     for (key, &v) in overrides {
         match key.as_str() {
@@ -172,15 +155,20 @@ pub fn student_config(
 /// and the training log. Neither input model is modified.
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
-    teacher: &Llama,
-    student: &Llama,
+    teacher: &Transformer,
+    student: &Transformer,
     job: &DistillJob,
     windows: &[Vec<u32>],
     eval: &[Vec<u32>],
     workdir: Option<&Path>,
     fingerprint: &str,
     progress: &dyn Progress,
-) -> Result<(Llama, TrainOutcome)> {
+) -> Result<(Transformer, TrainOutcome)> {
+    if teacher.arch.is_encoder() && job.top_k.is_some() {
+        return Err(DistillError::Student(
+            "the top-k cache holds the teacher's token log-probabilities; an encoder is distilled on its hidden states, without top-k".into(),
+        ));
+    }
     let (model, params) = trainable(student, &job.frozen)?;
     let source = match job.top_k {
         None => Teacher::Model(teacher.clone()),

@@ -2,10 +2,10 @@ use super::*;
 use candle_core::Tensor;
 use shrink_core::NoProgress;
 
-fn teacher() -> Llama {
-    let mut c = LlamaConfig::tiny_for_tests();
+fn teacher() -> Transformer {
+    let mut c = ModelConfig::tiny_for_tests();
     c.num_hidden_layers = 4;
-    Llama::random(&c, 0, &Device::Cpu).unwrap()
+    Transformer::random(&c, 0, &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -114,4 +114,115 @@ fn distillation_lowers_the_held_out_kl_and_caches_the_teacher() {
             > 0.0
     });
     assert!(moved);
+}
+
+/// An encoder student (two of a BERT teacher's four layers) learns the teacher's final token
+/// states (cosine) and one layer's attention maps: the held-out cosine to the teacher rises, the
+/// pooler is carried through untouched, and a top-k cache (logits only) is refused.
+#[test]
+fn an_encoder_student_learns_the_teachers_states_and_attention() {
+    let mut c = ModelConfig::tiny_bert_for_tests();
+    c.num_hidden_layers = 4;
+    let mut t = Transformer::random(&c, 1, &Device::Cpu).unwrap();
+    let pooler = Tensor::ones((32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    t.extra.insert("pooler.dense.weight".into(), pooler);
+    let student = layer_subset(&t, &[0, 3]).unwrap();
+    let windows: Vec<Vec<u32>> = (0..8)
+        .map(|w| (0..12).map(|i| (w * 5 + i * i * 7) % 64).collect())
+        .collect();
+    let mut job = DistillJob::default();
+    job.train.steps = 16;
+    job.train.batch = 2;
+    job.train.lr = 3e-3;
+    job.train.warmup = 2;
+    job.loss.hidden_loss = shrink_train::HiddenLoss::Cosine;
+    job.loss.attention = Some((1, 3));
+    let (trained, out) = distill(
+        &t,
+        &student,
+        &job,
+        &windows,
+        &windows[..2],
+        None,
+        "enc",
+        &NoProgress,
+    )
+    .unwrap();
+    let cosine = |i: usize| out.log.eval[i].1[0].1;
+    assert_eq!(out.log.eval[0].1[0].0, "cosine");
+    assert!(cosine(1) > cosine(0), "{:?}", out.log.eval);
+    let parts: Vec<&str> = out.log.train[0]
+        .parts
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(parts, ["output", "attention"]);
+    assert_eq!(
+        trained.extra["pooler.dense.weight"]
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        32.0 * 32.0
+    );
+    job.top_k = Some(8);
+    let err = distill(
+        &t,
+        &student,
+        &job,
+        &windows,
+        &windows[..2],
+        None,
+        "enc",
+        &NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("top-k"), "{err}");
+}
+
+/// With masked-LM heads on teacher and student (BertForMaskedLM), DistilBERT's logit KL joins the
+/// state loss, and the MLM head is trained too.
+#[test]
+fn masked_lm_encoders_add_the_logit_kl() {
+    let mut c = ModelConfig::tiny_bert_for_tests();
+    c.architectures = vec!["BertForMaskedLM".into()];
+    let t = Transformer::random(&c, 2, &Device::Cpu).unwrap();
+    let student = layer_subset(&t, &[1]).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|w| (0..10).map(|i| (w * 3 + i * 11) % 64).collect())
+        .collect();
+    let mut job = DistillJob::default();
+    job.train.steps = 4;
+    job.train.batch = 2;
+    job.train.lr = 3e-3;
+    let (trained, out) = distill(
+        &t,
+        &student,
+        &job,
+        &windows,
+        &windows[..2],
+        None,
+        "mlm",
+        &NoProgress,
+    )
+    .unwrap();
+    let parts: Vec<&str> = out.log.train[0]
+        .parts
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(parts, ["output", "kd"]);
+    let moved = |name: &str| {
+        (&student.named_tensors()[name] - &trained.named_tensors()[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    };
+    assert!(moved("cls.predictions.transform.dense.weight"));
 }

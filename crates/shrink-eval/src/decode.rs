@@ -6,7 +6,7 @@ use crate::{EvalError, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use serde::{Deserialize, Serialize};
-use shrink_models::{Llama, Sampler, SamplingConfig};
+use shrink_models::{Sampler, SamplingConfig, Transformer};
 use std::path::Path;
 use std::time::Instant;
 
@@ -44,7 +44,7 @@ pub fn quantized_decode_speed(
 
 /// The same measurement on shrink's own f32 model (dequantized weights).
 pub fn f32_decode_speed(
-    model: &Llama,
+    model: &Transformer,
     prompt: &[u32],
     decode_tokens: usize,
 ) -> Result<DecodeSpeed> {

@@ -4,9 +4,9 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use shrink_models::{Llama, LlamaConfig};
+//! use shrink_models::{Transformer, ModelConfig};
 //! use shrink_eval::{evaluate, EvalConfig, Protocol};
-//! let model = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! let model = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
 //! let tokens: Vec<u32> = (0..64).map(|i| (i * 7 % 64) as u32).collect();
 //! let cfg = EvalConfig { protocol: Protocol::LlamaCpp, ctx: 16, chunks: None, batch: 2 };
 //! let report = evaluate(&model, Some(&model), &tokens, None, &cfg, &shrink_core::NoProgress).unwrap();
@@ -17,14 +17,19 @@
 //! ```
 
 mod decode;
+mod encoder;
 
 pub use decode::{f32_decode_speed, quantized_decode_speed, DecodeSpeed};
+pub use encoder::{
+    embed, embedding_fidelity, evaluate_encoder, masked_lm, neighbours, sentences,
+    EmbeddingFidelity, EncoderEvalConfig, EncoderReport, MaskedLm, ENCODER_SCHEMA,
+};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_models::{Llama, NoHook};
+use shrink_models::{NoHook, Transformer};
 use std::time::Instant;
 
 /// The JSON schema of [`EvalReport`]; bumped on any incompatible change.
@@ -282,7 +287,7 @@ fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored
 }
 
 /// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
-fn scored_logits(model: &Llama, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f32>>>> {
+fn scored_logits(model: &Transformer, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f32>>>> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|c| c.ids.clone()).collect();
     let len = rows[0].len();
     let first = batch[0].first_scored;
@@ -296,8 +301,8 @@ fn scored_logits(model: &Llama, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f32>>>> 
 /// Evaluates `model` on `tokens`; with `reference`, also KL and top-1 agreement against it.
 /// `bos` is the BOS id when the model adds one (llama.cpp's `add_bos_token`).
 pub fn evaluate(
-    model: &Llama,
-    reference: Option<&Llama>,
+    model: &Transformer,
+    reference: Option<&Transformer>,
     tokens: &[u32],
     bos: Option<u32>,
     cfg: &EvalConfig,

@@ -1,10 +1,10 @@
 use super::*;
 use candle_core::{DType, Device, D};
 use shrink_core::NoProgress;
-use shrink_models::LlamaConfig;
+use shrink_models::ModelConfig;
 
-fn tiny() -> Llama {
-    Llama::random(&LlamaConfig::tiny_for_tests(), 21, &Device::Cpu).unwrap()
+fn tiny() -> Transformer {
+    Transformer::random(&ModelConfig::tiny_for_tests(), 21, &Device::Cpu).unwrap()
 }
 
 fn text(n: usize) -> Vec<u32> {
@@ -61,7 +61,7 @@ fn uniform_logits_give_perplexity_equal_to_vocab_size() {
     let mut tensors = model.named_tensors();
     let head = tensors["lm_head.weight"].zeros_like().unwrap();
     tensors.insert("lm_head.weight".into(), head);
-    model = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
+    model = Transformer::from_tensors(&model.config, tensors, DType::F32).unwrap();
     let r = evaluate(
         &model,
         None,
@@ -81,7 +81,7 @@ fn uniform_logits_give_perplexity_equal_to_vocab_size() {
 }
 
 /// NLL of the scored positions computed from full logits with candle's own log-softmax.
-fn direct_nll(model: &Llama, chunk: &[u32], first: usize) -> Vec<f64> {
+fn direct_nll(model: &Transformer, chunk: &[u32], first: usize) -> Vec<f64> {
     let ids = Tensor::new(chunk, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -143,7 +143,7 @@ fn fidelity_is_zero_against_itself_and_matches_direct_kl() {
     let r = evaluate(&other, Some(&model), &t, None, &c, &NoProgress).unwrap();
     let f = r.fidelity.unwrap();
     // Direct KL(ref || model) over the same positions.
-    let lp = |m: &Llama, chunk: &[u32]| -> Vec<Vec<f32>> {
+    let lp = |m: &Transformer, chunk: &[u32]| -> Vec<Vec<f32>> {
         let ids = Tensor::new(chunk, &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -202,7 +202,7 @@ fn bad_inputs_are_errors() {
     let mut tensors = model.named_tensors();
     let nan = (tensors["model.norm.weight"].ones_like().unwrap() * f64::NAN).unwrap();
     tensors.insert("model.norm.weight".into(), nan);
-    let broken = Llama::from_tensors(&model.config, tensors, DType::F32).unwrap();
+    let broken = Transformer::from_tensors(&model.config, tensors, DType::F32).unwrap();
     let err = evaluate(
         &broken,
         None,
@@ -224,9 +224,9 @@ fn bad_inputs_are_errors() {
 #[test]
 fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
     let vocab = shrink_io::GgufVocab::byte_level(&["<s>", "</s>"], &[], Some("smollm"));
-    let mut config = LlamaConfig::tiny_for_tests();
+    let mut config = ModelConfig::tiny_for_tests();
     config.vocab_size = vocab.tokens.len();
-    let model = Llama::random(&config, 9, &Device::Cpu).unwrap();
+    let model = Transformer::random(&config, 9, &Device::Cpu).unwrap();
     let tokenizer = shrink_io::TokenizerBundle::from_gguf_vocab(
         std::path::Path::new("tiny"),
         vocab,
@@ -243,6 +243,7 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
         tensors: model.named_tensors(),
         tokenizer: Some(tokenizer),
         generation_config: None,
+        side_files: Default::default(),
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
@@ -262,4 +263,81 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
     assert!(quantized.decode_ms_per_token > 0.0 && quantized.prefill_tokens_per_s > 0.0);
     let err = quantized_decode_speed(&dir.path().join("missing.gguf"), &prompt, 1).unwrap_err();
     assert!(err.to_string().contains("missing.gguf"), "{err}");
+}
+
+#[test]
+fn sentences_split_dedupe_and_skip_short_ones() {
+    let text = "To be, or not to be. That is the question!\n\nAy me.  Whether 'tis nobler\nin the mind to suffer?  To be, or not to be.";
+    assert_eq!(
+        crate::sentences(text, 4, 10),
+        [
+            "To be, or not to be.",
+            "That is the question!",
+            "Whether 'tis nobler in the mind to suffer?"
+        ]
+    );
+    assert_eq!(crate::sentences(text, 4, 1).len(), 1);
+}
+
+#[test]
+fn neighbours_and_fidelity_by_hand() {
+    // Four unit vectors at 0°, 10°, 90° and 100°: each one's nearest other is its 10° partner.
+    let v = |deg: f32| vec![deg.to_radians().cos(), deg.to_radians().sin()];
+    let e = vec![v(0.0), v(10.0), v(90.0), v(100.0)];
+    assert_eq!(crate::neighbours(&e, 1), [[1], [0], [3], [2]]);
+    let same = crate::embedding_fidelity(&e, &e, 1).unwrap();
+    assert!((same.cosine_mean - 1.0).abs() < 1e-12 && same.neighbour_agreement == 1.0);
+    // Rotating the third vector to 5° makes it 0°'s nearest neighbour (and 100°'s partner 10°...):
+    // cosine of the moved one is cos 85°; the other three keep theirs.
+    let mut moved = e.clone();
+    moved[2] = v(5.0);
+    let f = crate::embedding_fidelity(&moved, &e, 1).unwrap();
+    let want = (3.0 + 85f64.to_radians().cos()) / 4.0;
+    assert!((f.cosine_mean - want).abs() < 1e-6, "{}", f.cosine_mean);
+    assert!((f.cosine_min - 85f64.to_radians().cos()).abs() < 1e-6);
+    // Neighbours under `moved`: 0→2 (5°), 1→2 (5°), 2→{0,1} tie → 0, 3→1 (90° vs 95°).
+    assert_eq!(crate::neighbours(&moved, 1), [[2], [2], [0], [1]]);
+    assert_eq!(f.neighbour_agreement, 0.0);
+    assert!(crate::embedding_fidelity(&e, &e[..3], 1).is_err());
+}
+
+/// Pseudo-perplexity and masked-token accuracy equal a direct computation: mask each inner
+/// position, read the MLM head's log-softmax at it.
+#[test]
+fn masked_lm_scores_equal_a_direct_computation() {
+    let mut cfg = ModelConfig::tiny_bert_for_tests();
+    cfg.architectures = vec!["BertForMaskedLM".into()];
+    let model = Transformer::random(&cfg, 4, &Device::Cpu).unwrap();
+    let sentences = vec![vec![2u32, 10, 11, 12, 3], vec![2, 40, 41, 3]];
+    let mask = 1u32;
+    let got = crate::masked_lm(&model, &sentences, mask, &shrink_core::NoProgress).unwrap();
+    let (mut nll, mut hits, mut n) = (0f64, 0usize, 0usize);
+    for s in &sentences {
+        for p in 1..s.len() - 1 {
+            let mut c = s.clone();
+            c[p] = mask;
+            let ids = Tensor::new(vec![c], &Device::Cpu).unwrap();
+            let logits: Vec<f32> = model
+                .lm_head(&model.encode(&ids, &[s.len()]).unwrap())
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()[p]
+                .clone();
+            let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+            nll += max + z.ln() - logits[s[p] as usize] as f64;
+            let best = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a)))
+                .unwrap();
+            hits += usize::from(best == s[p] as usize);
+            n += 1;
+        }
+    }
+    assert_eq!(got.tokens_scored, 5);
+    assert!((got.pseudo_perplexity - (nll / n as f64).exp()).abs() < 1e-3 * got.pseudo_perplexity);
+    assert_eq!(got.accuracy, hits as f64 / n as f64);
+    let plain = Transformer::random(&ModelConfig::tiny_bert_for_tests(), 4, &Device::Cpu).unwrap();
+    assert!(crate::masked_lm(&plain, &sentences, mask, &shrink_core::NoProgress).is_err());
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::path::Path;
 
-const SUPPORTED_ARCHS: &str = "llama, qwen2";
+const SUPPORTED_ARCHS: &str = "llama, qwen2, gpt2";
 
 /// Memory-maps a GGUF file; the mapping is read once, tensor by tensor.
 pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
@@ -201,6 +201,52 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
+/// GPT-2's block tensors: (GGUF part, Hugging Face part, weight stored as Conv1D `[in, out]`).
+const GPT2_TENSORS: [(&str, &str, bool); 6] = [
+    ("attn_norm", "ln_1", false),
+    ("attn_qkv", "attn.c_attn", true),
+    ("attn_output", "attn.c_proj", true),
+    ("ffn_norm", "ln_2", false),
+    ("ffn_up", "mlp.c_fc", true),
+    ("ffn_down", "mlp.c_proj", true),
+];
+
+const GPT2_FIXED: [(&str, &str); 4] = [
+    ("token_embd.weight", "wte.weight"),
+    ("position_embd.weight", "wpe.weight"),
+    ("output_norm.weight", "ln_f.weight"),
+    ("output_norm.bias", "ln_f.bias"),
+];
+
+/// A GPT-2 GGUF name as the Hugging Face name, and whether that weight is stored transposed
+/// (Conv1D) there.
+fn gpt2_gguf_to_hf(name: &str) -> Option<(String, bool)> {
+    if let Some((_, hf)) = GPT2_FIXED.iter().find(|(g, _)| *g == name) {
+        return Some((hf.to_string(), false));
+    }
+    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let (_, hf, conv) = GPT2_TENSORS.iter().find(|(g, _, _)| *g == part)?;
+    matches!(kind, "weight" | "bias")
+        .then(|| (format!("h.{layer}.{hf}.{kind}"), *conv && kind == "weight"))
+}
+
+/// A GPT-2 Hugging Face name (with or without `transformer.`) as the GGUF name, and whether the
+/// weight is stored transposed (Conv1D) in the checkpoint.
+fn gpt2_hf_to_gguf(name: &str) -> Option<(String, bool)> {
+    let name = name.strip_prefix("transformer.").unwrap_or(name);
+    if let Some((g, _)) = GPT2_FIXED.iter().find(|(_, hf)| *hf == name) {
+        return Some((g.to_string(), false));
+    }
+    let (layer, rest) = name.strip_prefix("h.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let (g, _, conv) = GPT2_TENSORS.iter().find(|(_, hf, _)| *hf == part)?;
+    matches!(kind, "weight" | "bias")
+        .then(|| (format!("blk.{layer}.{g}.{kind}"), *conv && kind == "weight"))
+}
+
 /// llama.cpp's `llama` architecture stores Q/K rows with RoPE pairs interleaved: HF row
 /// `h*hd + half*hd/2 + j` is GGUF row `h*hd + 2*j + half`. `to_hf` selects the direction.
 fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Tensor> {
@@ -229,6 +275,7 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let model_type = match arch.as_str() {
         "llama" => "llama",
         "qwen2" => "qwen2",
+        "gpt2" => "gpt2",
         _ => {
             return Err(IoError::UnknownArchitecture {
                 path: path.to_path_buf(),
@@ -263,8 +310,13 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
             ));
         }
     }
-    let eps = meta_f64(path, &content, &a("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| meta_err(path, &a("attention.layer_norm_rms_epsilon"), "missing"))?;
+    let eps_key = if arch == "gpt2" {
+        a("attention.layer_norm_epsilon")
+    } else {
+        a("attention.layer_norm_rms_epsilon")
+    };
+    let eps =
+        meta_f64(path, &content, &eps_key)?.ok_or_else(|| meta_err(path, &eps_key, "missing"))?;
     let theta = meta_f64(path, &content, &a("rope.freq_base"))?.unwrap_or(10_000.0);
     let ctx_len = meta_u64(path, &content, &a("context_length"))?.unwrap_or(2048);
 
@@ -323,8 +375,12 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         if name == "rope_freqs.weight" {
             continue; // a precomputed RoPE table; the model computes its own
         }
-        let hf = gguf_to_hf_name(name)
-            .ok_or_else(|| tensor_err("unknown tensor name for the llama architecture".into()))?;
+        let (hf, conv1d) = if arch == "gpt2" {
+            gpt2_gguf_to_hf(name)
+        } else {
+            gguf_to_hf_name(name).map(|n| (n, false))
+        }
+        .ok_or_else(|| tensor_err(format!("unknown tensor name for the {arch} architecture")))?;
         let q = info
             .read(&mut cursor, content.tensor_data_offset, &Device::Cpu)
             .map_err(|e| tensor_err(e.to_string()))?;
@@ -338,10 +394,33 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
                 t = permute_qk(&t, n_head_kv, true).map_err(|e| tensor_err(e.to_string()))?;
             }
         }
+        if conv1d {
+            t = t
+                .t()
+                .and_then(|t| t.contiguous())
+                .map_err(|e| tensor_err(e.to_string()))?;
+        }
         tensors.insert(hf, t);
     }
     let tie = !tensors.contains_key("lm_head.weight");
-    let config = json!({
+    let config = if arch == "gpt2" {
+        json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": hidden,
+            "n_inner": ffn,
+            "n_layer": n_layer,
+            "n_head": n_head,
+            "n_positions": ctx_len,
+            "layer_norm_epsilon": eps,
+            "activation_function": "gelu_new",
+            "vocab_size": vocab_size,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        })
+    } else {
+        json!({
         "architectures": [if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
         "model_type": model_type,
         "hidden_size": hidden,
@@ -360,7 +439,8 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": "float32",
-    });
+        })
+    };
     let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos }));
     Ok(Checkpoint {
         path: path.to_path_buf(),
@@ -369,6 +449,7 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         tensors,
         tokenizer: Some(tokenizer),
         generation_config,
+        side_files: Default::default(),
     })
 }
 
@@ -584,7 +665,7 @@ fn file_type_of(dtype: GgmlDType) -> u32 {
     }
 }
 
-/// Writes a Llama-family checkpoint as a GGUF llama.cpp loads: llama metadata, the tokenizer
+/// Writes a Llama-family or GPT-2 checkpoint as a GGUF llama.cpp loads: its metadata, the tokenizer
 /// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted. Tensors in
 /// `prequantized` (by Hugging Face name) are written block for block as given, never re-rounded;
 /// other 2-D tensors are stored as `weight_type`, 1-D ones as F32.
@@ -600,19 +681,33 @@ pub fn write_llama_gguf(
         key: key.to_string(),
         message: "missing or not a number in config.json".into(),
     };
-    let get = |key: &str| {
+    let model_type = cfg
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("llama");
+    // GPT-2's config.json names the same keys its own way.
+    let gpt2 = model_type == "gpt2";
+    let theirs = |key: &'static str| -> &'static str {
+        match key {
+            "num_attention_heads" if gpt2 => "n_head",
+            "hidden_size" if gpt2 => "n_embd",
+            "num_hidden_layers" if gpt2 => "n_layer",
+            "max_position_embeddings" if gpt2 => "n_positions",
+            "intermediate_size" if gpt2 => "n_inner",
+            other => other,
+        }
+    };
+    let get = |key: &'static str| {
+        let key = theirs(key);
         cfg.get(key)
             .and_then(|v| v.as_u64())
             .ok_or_else(|| bad(key))
     };
     let getf = |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
-    let model_type = cfg
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("llama");
     let arch = match model_type {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
+        "gpt2" => "gpt2",
         other => {
             return Err(IoError::UnknownArchitecture {
                 path: checkpoint.path.clone(),
@@ -634,8 +729,17 @@ pub fn write_llama_gguf(
     let tok = checkpoint.tokenizer()?;
     let vocab = tok.gguf_vocab.as_ref().ok_or_else(|| IoError::Tokenizer {
         path: checkpoint.path.clone(),
-        message: "writing GGUF needs a GGUF vocabulary (convert from a GGUF source)".into(),
+        message: "writing GGUF needs a GGUF vocabulary (a GGUF source, or a GPT-2 folder's byte-level BPE tokenizer.json)".into(),
     })?;
+    // GPT-2's MLP width may be left null (4 × n_embd).
+    let ffn = match cfg
+        .get(theirs("intermediate_size"))
+        .and_then(|v| v.as_u64())
+    {
+        Some(v) => v,
+        None if gpt2 => 4 * hidden,
+        None => get("intermediate_size")?,
+    };
     let a = |k: &str| format!("{arch}.{k}");
     let s = |v: &str| GgufValue::String(v.to_string());
     // The file type names the type most weights have.
@@ -665,7 +769,7 @@ pub fn write_llama_gguf(
         (
             a("context_length"),
             GgufValue::U32(
-                cfg.get("max_position_embeddings")
+                cfg.get(theirs("max_position_embeddings"))
                     .and_then(|v| v.as_u64())
                     .unwrap_or(2048) as u32,
             ),
@@ -675,29 +779,35 @@ pub fn write_llama_gguf(
             a("block_count"),
             GgufValue::U32(get("num_hidden_layers")? as u32),
         ),
-        (
-            a("feed_forward_length"),
-            GgufValue::U32(get("intermediate_size")? as u32),
-        ),
+        (a("feed_forward_length"), GgufValue::U32(ffn as u32)),
         (a("attention.head_count"), GgufValue::U32(n_head as u32)),
         (
             a("attention.head_count_kv"),
             GgufValue::U32(n_head_kv as u32),
         ),
-        (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
-        (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
-        (
-            a("rope.freq_base"),
-            GgufValue::F32(getf("rope_theta", 10_000.0) as f32),
-        ),
-        (
-            a("attention.layer_norm_rms_epsilon"),
-            GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32),
-        ),
-        (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
         (a("vocab_size"), GgufValue::U32(get("vocab_size")? as u32)),
         ("tokenizer.ggml.model".to_string(), s(&vocab.model)),
     ];
+    if gpt2 {
+        metadata.push((
+            a("attention.layer_norm_epsilon"),
+            GgufValue::F32(getf("layer_norm_epsilon", 1e-5) as f32),
+        ));
+    } else {
+        metadata.extend([
+            (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
+            (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
+            (
+                a("rope.freq_base"),
+                GgufValue::F32(getf("rope_theta", 10_000.0) as f32),
+            ),
+            (
+                a("attention.layer_norm_rms_epsilon"),
+                GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32),
+            ),
+            (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
+        ]);
+    }
     if let Some(pre) = &vocab.pre {
         metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
     }
@@ -733,13 +843,21 @@ pub fn write_llama_gguf(
 
     // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
     let mut ordered: Vec<(&String, &Tensor)> = checkpoint.tensors.iter().collect();
+    let gguf_name = |n: &str| -> Option<(String, bool)> {
+        if gpt2 {
+            gpt2_hf_to_gguf(n)
+        } else {
+            hf_to_gguf_name(n).map(|g| (g, false))
+        }
+    };
     let layer_of = |n: &str| -> (usize, usize) {
-        match n
-            .strip_prefix("model.layers.")
+        let g = gguf_name(n).map(|(g, _)| g).unwrap_or_default();
+        match g
+            .strip_prefix("blk.")
             .and_then(|r| r.split('.').next()?.parse().ok())
         {
             Some(l) => (1, l),
-            None if n == "model.embed_tokens.weight" => (0, 0),
+            None if g == "token_embd.weight" || g == "position_embd.weight" => (0, 0),
             None => (2, 0),
         }
     };
@@ -751,8 +869,16 @@ pub fn write_llama_gguf(
             tensor: name.clone(),
             message,
         };
-        let gname =
-            hf_to_gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+        let (gname, conv1d) =
+            gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+        // GGUF rows are output channels: GPT-2's Conv1D `[in, out]` weights are transposed.
+        let t = if conv1d {
+            t.t()
+                .and_then(|t| t.contiguous())
+                .map_err(|e| err(e.to_string()))?
+        } else {
+            t.clone()
+        };
         if let Some(q) = prequantized.get(name.as_str()) {
             let (rows, cols) = t.dims2().map_err(|e| err(e.to_string()))?;
             if !cols.is_multiple_of(q.dtype.block_size())

@@ -110,6 +110,17 @@ pub(crate) fn read_safetensors(
     Ok(())
 }
 
+/// Files carried over verbatim from a Hugging Face folder ([`Checkpoint::side_files`]).
+const SIDE_FILES: [&str; 7] = [
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+];
+
 pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
     let config = read_json(&dir.join("config.json"))?;
     let mut tensors = BTreeMap::new();
@@ -125,6 +136,16 @@ pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
     } else {
         None
     };
+    let mut side_files = BTreeMap::new();
+    for name in SIDE_FILES {
+        let path = dir.join(name);
+        if path.is_file() {
+            side_files.insert(
+                name.to_string(),
+                std::fs::read(&path).map_err(io_error(&path))?,
+            );
+        }
+    }
     Ok(Checkpoint {
         path: dir.to_path_buf(),
         format: Format::HfFolder,
@@ -132,6 +153,7 @@ pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
         tensors,
         tokenizer,
         generation_config,
+        side_files,
     })
 }
 
@@ -253,7 +275,16 @@ pub fn save_hf_with(
         if let Some(t) = &tok.chat_template {
             tc["chat_template"] = t.clone().into();
         }
-        json_file("tokenizer_config.json", &tc)?;
+        if !checkpoint.side_files.contains_key("tokenizer_config.json") {
+            json_file("tokenizer_config.json", &tc)?;
+        }
+    }
+    for (name, bytes) in &checkpoint.side_files {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_error(parent))?;
+        }
+        shrink_core::atomic_write(&path, bytes)?;
     }
     let generation = checkpoint.generation_config.clone().unwrap_or_else(|| {
         serde_json::json!({

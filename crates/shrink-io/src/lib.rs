@@ -97,9 +97,26 @@ pub struct Checkpoint {
     pub tensors: BTreeMap<String, Tensor>,
     pub tokenizer: Option<TokenizerBundle>,
     pub generation_config: Option<serde_json::Value>,
+    /// Small files of a Hugging Face folder carried over verbatim when it is written again, by
+    /// path relative to the folder: sentence-transformers' `modules.json` and
+    /// `1_Pooling/config.json`, the original `tokenizer_config.json`, `vocab.txt`, …
+    pub side_files: BTreeMap<String, Vec<u8>>,
 }
 
 impl Checkpoint {
+    /// A side file parsed as JSON, if the folder had it.
+    pub fn side_json(&self, name: &str) -> Result<Option<serde_json::Value>> {
+        match self.side_files.get(name) {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(bytes)
+                .map(Some)
+                .map_err(|e| IoError::Format {
+                    path: self.path.join(name),
+                    message: format!("invalid JSON: {e}"),
+                }),
+        }
+    }
+
     /// The tokenizer, or an error naming the file when the checkpoint has none.
     pub fn tokenizer(&self) -> Result<&TokenizerBundle> {
         self.tokenizer.as_ref().ok_or_else(|| IoError::Tokenizer {

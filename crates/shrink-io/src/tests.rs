@@ -3,7 +3,7 @@
 
 use super::*;
 use candle_core::{DType, Device};
-use shrink_models::{Llama, LlamaConfig};
+use shrink_models::{ModelConfig, Transformer};
 use std::collections::BTreeMap;
 
 fn tiny_vocab() -> GgufVocab {
@@ -14,16 +14,16 @@ fn tiny_vocab() -> GgufVocab {
     )
 }
 
-fn tiny_config() -> LlamaConfig {
-    let mut cfg = LlamaConfig::tiny_for_tests();
+fn tiny_config() -> ModelConfig {
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.vocab_size = tiny_vocab().tokens.len();
     cfg.tie_word_embeddings = true;
     cfg
 }
 
-fn tiny_checkpoint() -> (Llama, Checkpoint) {
+fn tiny_checkpoint() -> (Transformer, Checkpoint) {
     let cfg = tiny_config();
-    let model = Llama::random(&cfg, 11, &Device::Cpu).unwrap();
+    let model = Transformer::random(&cfg, 11, &Device::Cpu).unwrap();
     let tokenizer = TokenizerBundle::from_gguf_vocab(
         Path::new("test"),
         tiny_vocab(),
@@ -40,6 +40,7 @@ fn tiny_checkpoint() -> (Llama, Checkpoint) {
         tensors: model.named_tensors(),
         tokenizer: Some(tokenizer),
         generation_config: None,
+        side_files: Default::default(),
     };
     (model, checkpoint)
 }
@@ -56,8 +57,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn logits(c: &Checkpoint) -> Tensor {
-    let cfg = LlamaConfig::from_json(&c.config).unwrap();
-    let model = Llama::from_tensors(&cfg, c.tensors.clone(), DType::F32).unwrap();
+    let cfg = ModelConfig::from_json(&c.config).unwrap();
+    let model = Transformer::from_tensors(&cfg, c.tensors.clone(), DType::F32).unwrap();
     let ids = Tensor::new(&[[5u32, 80, 200, 259, 260, 7, 3]], &Device::Cpu).unwrap();
     model.forward(&ids).unwrap()
 }
@@ -93,7 +94,7 @@ fn gguf_f32_round_trip_is_exact_and_hf_round_trip_keeps_logits() {
     for (name, t) in &c.tensors {
         assert_eq!(max_diff(t, &loaded.tensors[name]), 0.0, "{name}");
     }
-    let cfg = LlamaConfig::from_json(&loaded.config).unwrap();
+    let cfg = ModelConfig::from_json(&loaded.config).unwrap();
     assert_eq!(cfg.num_kv_heads(), 2);
     assert!(cfg.tie_word_embeddings);
     let text = "the theatre, 1601";

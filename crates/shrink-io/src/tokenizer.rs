@@ -93,6 +93,26 @@ impl TokenizerBundle {
         Ok(ids)
     }
 
+    /// Encodes one sentence for an encoder, with the tokenizer's own special tokens (BERT's
+    /// `[CLS] … [SEP]`), truncated to `max_len` tokens keeping the final special token, as
+    /// sentence-transformers does with `max_seq_length`.
+    pub fn encode_sentence(&self, text: &str, max_len: usize) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode_fast(text, true)
+            .map_err(|e| IoError::Tokenizer {
+                path: PathBuf::from("<tokenizer>"),
+                message: format!("encoding failed: {e}"),
+            })?;
+        let mut ids = encoding.get_ids().to_vec();
+        if ids.len() > max_len.max(2) {
+            let last = ids[ids.len() - 1];
+            ids.truncate(max_len.max(2) - 1);
+            ids.push(last);
+        }
+        Ok(ids)
+    }
+
     /// Decodes ids back to text (special tokens included when `keep_special`).
     pub fn decode(&self, ids: &[u32], keep_special: bool) -> Result<String> {
         self.tokenizer
@@ -261,10 +281,18 @@ pub(crate) fn load_hf_tokenizer(
     if !path.is_file() {
         return Ok(None);
     }
-    let tokenizer = Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
+    let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| IoError::Tokenizer {
         path: path.clone(),
         message: e.to_string(),
     })?;
+    // Truncation and padding are shrink's to decide (windows, sentence lengths), not the file's.
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| IoError::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?
+        .with_padding(None);
     let tc_path = dir.join("tokenizer_config.json");
     let tc: serde_json::Value = if tc_path.is_file() {
         let text = std::fs::read_to_string(&tc_path).map_err(crate::io_error(&tc_path))?;
@@ -306,12 +334,78 @@ pub(crate) fn load_hf_tokenizer(
         .get("chat_template")
         .and_then(|v| v.as_str())
         .map(str::to_string);
+    // GPT-2 folders become GGUF files: their byte-level BPE is llama.cpp's `gpt2` vocabulary.
+    let gguf_vocab = if config.get("model_type").and_then(|v| v.as_str()) == Some("gpt2") {
+        Some(bpe_gguf_vocab(&path, "gpt-2")?)
+    } else {
+        None
+    };
     Ok(Some(TokenizerBundle {
         tokenizer,
         bos_token_id,
         eos_token_ids,
         add_bos,
         chat_template,
-        gguf_vocab: None,
+        gguf_vocab,
     }))
+}
+
+/// A byte-level BPE `tokenizer.json` as GGUF vocabulary metadata: tokens by id (added special
+/// tokens as control tokens), merges in order.
+fn bpe_gguf_vocab(path: &Path, pre: &str) -> Result<GgufVocab> {
+    let bad = |message: String| IoError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(crate::io_error(path))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let model = &json["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(bad(
+            "GGUF export needs a BPE tokenizer (model.type = BPE)".into()
+        ));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("model.vocab is missing".into()))?;
+    let mut by_id: std::collections::BTreeMap<u64, (String, i32)> = vocab
+        .iter()
+        .filter_map(|(tok, id)| Some((id.as_u64()?, (tok.clone(), 1))))
+        .collect();
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) {
+            let kind = if added["special"].as_bool() == Some(true) {
+                TOKEN_TYPE_CONTROL
+            } else {
+                TOKEN_TYPE_USER_DEFINED
+            };
+            by_id.insert(id, (content.to_string(), kind));
+        }
+    }
+    if by_id.keys().enumerate().any(|(i, &id)| i as u64 != id) {
+        return Err(bad("token ids are not contiguous from 0".into()));
+    }
+    let merges = model["merges"]
+        .as_array()
+        .ok_or_else(|| bad("model.merges is missing".into()))?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(pair) => Ok(pair
+                .iter()
+                .filter_map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")),
+            _ => Err(bad("a merge is neither \"a b\" nor [\"a\", \"b\"]".into())),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (tokens, token_types) = by_id.into_values().unzip();
+    Ok(GgufVocab {
+        model: "gpt2".into(),
+        pre: Some(pre.into()),
+        tokens,
+        token_types,
+        merges,
+    })
 }

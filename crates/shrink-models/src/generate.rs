@@ -1,6 +1,6 @@
 //! Token sampling for generation: greedy, temperature and nucleus (top-p), seeded.
 
-use crate::{Llama, Result};
+use crate::{Result, Transformer};
 use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -30,7 +30,7 @@ impl Generation {
 /// Generates up to `max_tokens` after `prompt` with a KV cache, stopping at a `stop` token (not
 /// included). `on_token` sees each token as it is chosen.
 pub fn generate(
-    model: &Llama,
+    model: &Transformer,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
@@ -160,8 +160,8 @@ mod tests {
 
     #[test]
     fn greedy_generation_follows_the_full_forward() {
-        let cfg = crate::LlamaConfig::tiny_for_tests();
-        let model = Llama::random(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+        let cfg = crate::ModelConfig::tiny_for_tests();
+        let model = Transformer::random(&cfg, 3, &candle_core::Device::Cpu).unwrap();
         let prompt = [1u32, 4, 9];
         let mut sampler = Sampler::new(SamplingConfig::default());
         let g = generate(&model, &prompt, 5, &mut sampler, &[], |_| Ok(())).unwrap();

@@ -1,34 +1,41 @@
-//! Model architectures for shrink, on candle. Every model exposes its linear layers by name, so that
+//! Model architectures for shrink, on candle: one [`Transformer`] for the Transformer family, BERT
+//! encoders and GPT-2. Every model exposes its linear layers by name and by [`Role`], so that
 //! compression stages can observe their inputs ([`LinearHook`]), swap their weights
-//! ([`Llama::linear_mut`]) and run one decoder block at a time ([`Llama::embed`],
-//! [`DecoderBlock::forward`], [`Llama::final_hidden`], [`Llama::lm_head`]).
+//! ([`Transformer::linear_mut`]) and run one block at a time ([`Transformer::embed`],
+//! [`Block::forward`], [`Transformer::final_hidden`], [`Transformer::lm_head`]) whatever the
+//! family.
 //!
 //! ```
 //! use candle_core::{Device, Tensor};
-//! use shrink_models::{Llama, LlamaConfig};
-//! let cfg = LlamaConfig::tiny_for_tests();
-//! let model = Llama::random(&cfg, 0, &Device::Cpu).unwrap();
+//! use shrink_models::{ModelConfig, Transformer};
+//! let cfg = ModelConfig::tiny_for_tests();
+//! let model = Transformer::random(&cfg, 0, &Device::Cpu).unwrap();
 //! let tokens = Tensor::new(&[[1u32, 5, 9, 3]], &Device::Cpu).unwrap();
 //! let logits = model.forward(&tokens).unwrap();
 //! assert_eq!(logits.dims(), &[1, 4, cfg.vocab_size]);
 //! ```
 
 mod chat;
+mod checkpoint;
+mod config;
 mod generate;
 mod kernels;
-mod llama;
+mod pooling;
+mod transformer;
 
 pub use chat::{render_chat, ChatMessage};
+pub use config::{Activation, Arch, ModelConfig};
 pub use generate::{generate, Generation, Sampler, SamplingConfig};
-pub use llama::{
-    ActQuant, AttentionContext, DecoderBlock, KvCache, Linear, LinearHook, Llama, LlamaConfig,
-    NoHook, RmsNorm,
+pub use pooling::{Pooling, PoolingMode};
+pub use transformer::{
+    ActQuant, AttentionContext, Block, KvCache, Linear, LinearHook, MlmHead, NoHook, Norm, Role,
+    ScaleGroup, ScaleSite, Transformer,
 };
 
 /// Errors from building or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported architecture '{0}': shrink supports llama, mistral and qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)")]
+    #[error("unsupported architecture '{0}': shrink supports llama, mistral, qwen2, bert and gpt2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, BertModel, BertForMaskedLM, GPT2LMHeadModel)")]
     UnknownArchitecture(String),
     #[error("model config: {0}")]
     Config(String),

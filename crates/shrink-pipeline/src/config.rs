@@ -539,6 +539,13 @@ pub struct EvalConfig {
     pub prefill_tokens: usize,
     #[serde(default = "default_decode_tokens")]
     pub decode_tokens: usize,
+    /// Encoders: held-out sentences of the evaluation text whose embeddings are compared.
+    #[serde(default = "default_sentences")]
+    pub sentences: usize,
+}
+
+fn default_sentences() -> usize {
+    512
 }
 
 fn default_prompts() -> Vec<String> {
@@ -582,6 +589,7 @@ impl Default for EvalConfig {
             chat: true,
             prefill_tokens: default_prefill_tokens(),
             decode_tokens: default_decode_tokens(),
+            sentences: default_sentences(),
         }
     }
 }
@@ -613,6 +621,10 @@ pub struct Gates {
     pub max_ppl_increase_pct: Option<f64>,
     pub min_top1_agreement: Option<f64>,
     pub max_kl: Option<f64>,
+    /// Encoders: mean sentence-embedding cosine with the input model.
+    pub min_embedding_cosine: Option<f64>,
+    /// Encoders: mean top-10 nearest-neighbour overlap with the input model.
+    pub min_neighbour_agreement: Option<f64>,
     pub max_size_mb: Option<f64>,
     pub min_compression_ratio: Option<f64>,
 }
@@ -814,6 +826,13 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
         ),
         ("min_top1_agreement", g.min_top1_agreement, 0.0, 1.0),
         ("max_kl", g.max_kl, 0.0, f64::MAX),
+        ("min_embedding_cosine", g.min_embedding_cosine, -1.0, 1.0),
+        (
+            "min_neighbour_agreement",
+            g.min_neighbour_agreement,
+            0.0,
+            1.0,
+        ),
         ("max_size_mb", g.max_size_mb, 0.0, f64::MAX),
         (
             "min_compression_ratio",

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
 use shrink_distill::{DistillJob, TrainConfig, TrainOutcome};
 use shrink_io::{Checkpoint, GgufWriteType};
-use shrink_models::Llama;
+use shrink_models::Transformer;
 use shrink_train::{AdamWConfig, DistillConfig, Divergence, HiddenLoss};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -263,9 +263,9 @@ impl DistillRequest {
 pub fn build_student(
     request: &DistillRequest,
     resolved: &mut ResolvedDistill,
-    teacher: &Llama,
-    given: Option<&Llama>,
-) -> Result<Llama> {
+    teacher: &Transformer,
+    given: Option<&Transformer>,
+) -> Result<Transformer> {
     let err = |e: shrink_distill::DistillError| invalid(e.to_string());
     match &request.student {
         StudentInit::Model => given.cloned().ok_or_else(|| {
@@ -313,8 +313,8 @@ pub struct DistillOutcome {
 #[allow(clippy::too_many_arguments)]
 pub fn distill_and_write(
     checkpoint: &Checkpoint,
-    teacher: &Llama,
-    student: &Llama,
+    teacher: &Transformer,
+    student: &Transformer,
     resolved: &ResolvedDistill,
     train: &[Vec<u32>],
     eval: &[Vec<u32>],
@@ -322,7 +322,8 @@ pub fn distill_and_write(
     fingerprint: &str,
     out: &Path,
     progress: &dyn Progress,
-) -> Result<(Llama, DistillOutcome)> {
+) -> Result<(Transformer, DistillOutcome)> {
+    crate::prune::check_export(student, resolved.export)?;
     let (trained, training) = shrink_distill::distill(
         teacher,
         student,
@@ -433,7 +434,7 @@ pub struct ResolvedQat {
 #[allow(clippy::too_many_arguments)]
 pub fn qat_and_write(
     checkpoint: &Checkpoint,
-    model: &mut Llama,
+    model: &mut Transformer,
     resolved: &ResolvedQat,
     calibration: Option<&[Vec<u32>]>,
     batch: usize,
@@ -444,6 +445,7 @@ pub fn qat_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(crate::QuantizeOutcome, TrainOutcome)> {
+    crate::prune::check_export(model, resolved.quantize.export)?;
     let teacher = model.clone();
     let q = &resolved.quantize;
     let initial =

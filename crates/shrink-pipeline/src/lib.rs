@@ -29,6 +29,7 @@
 
 mod config;
 pub mod distill;
+pub mod encoder;
 pub mod prune;
 pub mod quantize;
 pub mod render;

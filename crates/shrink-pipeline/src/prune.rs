@@ -8,7 +8,7 @@ use crate::{PipelineError, Result};
 use serde::Serialize;
 use shrink_core::Progress;
 use shrink_io::{Checkpoint, GgufWriteType};
-use shrink_models::Llama;
+use shrink_models::Transformer;
 use shrink_prune::{
     Importance, LayerCriterion, LayerSparsity, PruneMethod, PrunePlan, SparseGptConfig, Sparsity,
     Structure, StructuredOutcome, Target,
@@ -248,15 +248,27 @@ impl PruneRequest {
 }
 
 /// The checkpoint's config with the model's (possibly pruned) shape.
-pub fn config_for(checkpoint: &Checkpoint, model: &Llama) -> serde_json::Value {
+pub fn config_for(checkpoint: &Checkpoint, model: &Transformer) -> serde_json::Value {
     let mut config = checkpoint.config.clone();
     if let Some(map) = config.as_object_mut() {
-        for (key, value) in shrink_prune::shape_keys(&model.config) {
-            map.insert(key, value.into());
+        for (key, value) in model.config.shape_json() {
+            map.insert(key.into(), value);
         }
-        map.insert("rms_norm_eps".into(), model.config.rms_norm_eps.into());
     }
     config
+}
+
+/// Refuses, before any work, an export the model's family cannot have: shrink writes encoders as
+/// Hugging Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not
+/// write).
+pub fn check_export(model: &Transformer, export: Export) -> Result<()> {
+    if model.arch.is_encoder() && export == Export::Gguf {
+        return Err(invalid(format!(
+            "{:?} encoders are written as Hugging Face folders: use --format hf (pipeline stages: format = \"hf\")",
+            model.arch
+        )));
+    }
+    Ok(())
 }
 
 /// Where and in which float type a pruned or distilled model is written: `gguf` (default) or
@@ -287,13 +299,13 @@ pub fn float_storage(dtype: GgufWriteType) -> (&'static str, f64) {
 /// metadata and the model's own shape in the config.
 pub fn write_model(
     checkpoint: &Checkpoint,
-    model: &Llama,
+    model: &Transformer,
     export: Export,
     dtype: GgufWriteType,
     out: &Path,
 ) -> Result<()> {
     let written = Checkpoint {
-        tensors: model.named_tensors(),
+        tensors: model.checkpoint_tensors()?,
         config: config_for(checkpoint, model),
         ..checkpoint.clone()
     };
@@ -317,7 +329,7 @@ pub fn write_model(
 }
 
 /// Checks a job against the model before any calibration (N:M groups must divide every row).
-pub fn check_prune(resolved: &ResolvedPrune, model: &Llama) -> Result<()> {
+pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> {
     if let PruneJob::Unstructured(plan) = &resolved.job {
         plan.check_model(model)
             .map_err(|e| invalid(e.to_string()))?;
@@ -328,7 +340,7 @@ pub fn check_prune(resolved: &ResolvedPrune, model: &Llama) -> Result<()> {
 /// Prunes `model` (built from `checkpoint`) as `resolved` says and writes the result to `out`.
 pub fn prune_and_write(
     checkpoint: &Checkpoint,
-    model: &mut Llama,
+    model: &mut Transformer,
     resolved: &ResolvedPrune,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
@@ -336,6 +348,7 @@ pub fn prune_and_write(
     progress: &dyn Progress,
 ) -> Result<PruneOutcome> {
     check_prune(resolved, model)?;
+    check_export(model, resolved.export)?;
     let parameters_before = model.num_parameters();
     let (method, layers, structured) = match &resolved.job {
         PruneJob::Unstructured(plan) => {

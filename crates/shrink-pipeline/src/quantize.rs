@@ -7,7 +7,7 @@ use candle_core::DType;
 use serde::Serialize;
 use shrink_core::Progress;
 use shrink_io::{Checkpoint, GgufWriteType, QuantizedBlocks};
-use shrink_models::{ActQuant, Llama, LlamaConfig};
+use shrink_models::{ActQuant, ModelConfig, Transformer};
 use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -314,9 +314,9 @@ impl QuantizeRequest {
 
 /// Builds the f32 (or bf16) model of a checkpoint. A W8A8 checkpoint's linears see int8 per-token
 /// activations, as in vLLM.
-pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
-    let cfg = LlamaConfig::from_json(&checkpoint.config)?;
-    let mut model = Llama::from_tensors(&cfg, checkpoint.tensors.clone(), dtype)?;
+pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
+    let cfg = ModelConfig::from_json(&checkpoint.config)?;
+    let mut model = Transformer::from_checkpoint(&cfg, checkpoint.tensors.clone(), dtype)?;
     let dynamic_tokens = checkpoint
         .config
         .pointer("/quantization_config/config_groups")
@@ -339,13 +339,14 @@ pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Llama> {
 /// required when `resolved.calibrates`.
 pub fn quantize_and_write(
     checkpoint: &Checkpoint,
-    model: &mut Llama,
+    model: &mut Transformer,
     resolved: &ResolvedQuantize,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<QuantizeOutcome> {
+    crate::prune::check_export(model, resolved.export)?;
     let result = shrink_quant::quantize_model(
         model,
         resolved.method,
@@ -362,7 +363,7 @@ pub fn quantize_and_write(
 /// Post-training quantization and QAT both write through here.
 pub fn write_quantized(
     checkpoint: &Checkpoint,
-    model: &Llama,
+    model: &Transformer,
     result: &shrink_quant::QuantizedModel,
     resolved: &ResolvedQuantize,
     out: &Path,
@@ -375,10 +376,22 @@ pub fn write_quantized(
     match resolved.export {
         Export::Hf => {
             // What the model holds now (AWQ and SmoothQuant rescale norms too); quantized weights
-            // in compressed-tensors' layout, everything else in fp16.
-            let hf = shrink_quant::compressed_tensors(&result.tensors, resolved.activations)?;
-            let mut tensors = model.named_tensors();
-            tensors.retain(|name, _| !result.tensors.contains_key(name));
+            // in compressed-tensors' layout, everything else in fp16, under the checkpoint's names.
+            let rename = |name: &str| {
+                model.checkpoint_name(name).ok_or_else(|| {
+                    PipelineError::Invalid(format!(
+                        "'{name}': a quantized {:?} is written as GGUF (its checkpoint stores this weight transposed)",
+                        model.arch
+                    ))
+                })
+            };
+            let mut by_checkpoint = BTreeMap::new();
+            for (name, q) in &result.tensors {
+                by_checkpoint.insert(rename(name)?, q.clone());
+            }
+            let hf = shrink_quant::compressed_tensors(&by_checkpoint, resolved.activations)?;
+            let mut tensors = model.checkpoint_tensors()?;
+            tensors.retain(|name, _| !by_checkpoint.contains_key(name));
             let quantized = Checkpoint {
                 tensors,
                 ..checkpoint.clone()
@@ -393,9 +406,31 @@ pub fn write_quantized(
             .map_err(write_err)?;
         }
         Export::Gguf => {
+            let mut parts = BTreeMap::new();
             for (name, q) in &result.tensors {
-                let (dtype, bytes) = q.to_ggml_blocks()?;
-                blocks.insert(name.clone(), QuantizedBlocks { dtype, bytes });
+                parts.insert(name.clone(), q.to_ggml_blocks()?);
+            }
+            // Weights the checkpoint stacks (GPT-2's c_attn from q, k, v) stack their blocks'
+            // rows too: one GGUF type for all of them.
+            for (stored, sources) in model.stacked_weights() {
+                let found: Vec<_> = sources.iter().filter_map(|s| parts.remove(s)).collect();
+                if found.is_empty() {
+                    continue;
+                }
+                let dtype = found[0].0;
+                if found.len() != sources.len() || found.iter().any(|(d, _)| *d != dtype) {
+                    return Err(PipelineError::Invalid(format!(
+                        "'{stored}' is stored as one GGUF tensor made of {}: quantize them all to the same type",
+                        sources.join(", ")
+                    )));
+                }
+                let bytes = found.into_iter().flat_map(|(_, b)| b).collect();
+                blocks.insert(stored, QuantizedBlocks { dtype, bytes });
+            }
+            if let Some(name) = parts.keys().next() {
+                return Err(PipelineError::Invalid(format!(
+                    "quantized '{name}' is not a linear weight of the model"
+                )));
             }
             // The token embedding (and an untied output head) by round-to-nearest, as
             // llama-quantize does.
@@ -405,8 +440,8 @@ pub fn write_quantized(
                 Some(Err(t)) => weight_type = t,
                 Some(Ok(format)) => {
                     let tensors = model.named_tensors();
-                    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-                        if let Some(t) = tensors.get(name) {
+                    for name in [model.embedding_name(), "lm_head.weight".into()] {
+                        if let Some(t) = tensors.get(&name) {
                             let (rows, cols) = t.dims2()?;
                             let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
                             let q = shrink_quant::rtn_format(
@@ -415,17 +450,17 @@ pub fn write_quantized(
                                 cols,
                                 &resolved.plan.fit(format.with_search(false), cols),
                                 None,
-                                name,
+                                &name,
                             )?;
                             let (dtype, bytes) = q.to_ggml_blocks()?;
-                            blocks.insert(name.to_string(), QuantizedBlocks { dtype, bytes });
+                            blocks.insert(name, QuantizedBlocks { dtype, bytes });
                         }
                     }
                 }
             }
             // What the model holds now: AWQ has rescaled norms as well as linears.
             let quantized = Checkpoint {
-                tensors: model.named_tensors(),
+                tensors: model.checkpoint_tensors()?,
                 ..checkpoint.clone()
             };
             shrink_io::write_llama_gguf(&quantized, out, weight_type, &blocks)

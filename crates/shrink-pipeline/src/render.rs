@@ -3,6 +3,7 @@
 //! external resources). Every user-provided string is escaped for its target format.
 
 use crate::report::{ModelRow, Report, StageLayers};
+use shrink_models::Role;
 use std::fmt::{self, Display, Write};
 
 /// `write!` into a `String`, which cannot fail.
@@ -12,18 +13,9 @@ macro_rules! w {
     }};
 }
 
-const SUMMARY_HEAD: &str = "model,kind,ppl ± se,Δppl %,KL,top-1 %,size MB,bits/w,params,\
+const SUMMARY_HEAD: &str = "model,kind,ppl ± se,Δppl %,KL,top-1 %,emb cos,top-10 %,size MB,bits/w,params,\
     shape,sparsity %,compr. ×,eval tok/s,stage s,peak RSS MB,decode ms/tok,prefill tok/s,backend,cached";
-const LINEAR_KINDS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-/// One colour per `LINEAR_KINDS` entry, then one for anything else (`lm_head`); also the palette
+/// One colour per linear role (`shrink_models::Role::ALL`), then one for anything else (`lm_head`); also the palette
 /// of loss curves.
 const COLOURS: [&str; 8] = [
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c9c9c",
@@ -194,10 +186,22 @@ fn summary_table(report: &Report) -> Table {
         vec![
             r.name.clone(),
             kind,
-            format!("{:.2} ± {:.2}", r.perplexity, r.perplexity_stderr),
-            format!("{:+.2}", r.ppl_increase_pct),
+            // Encoders without a masked-LM head have no perplexity.
+            opt(r.perplexity.is_finite().then_some(r.perplexity), |v| {
+                if r.perplexity_stderr.is_finite() {
+                    format!("{v:.2} ± {:.2}", r.perplexity_stderr)
+                } else {
+                    format!("{v:.2}")
+                }
+            }),
+            opt(
+                r.ppl_increase_pct.is_finite().then_some(r.ppl_increase_pct),
+                |v| format!("{v:+.2}"),
+            ),
             opt(r.kl_mean, |v| format!("{v:.4}")),
             opt(r.top1_agreement, |v| format!("{:.1}", v * 100.0)),
+            opt(r.embedding_cosine, |v| format!("{v:.4}")),
+            opt(r.neighbour_agreement, |v| format!("{:.1}", v * 100.0)),
             mb(r.size_bytes),
             format!("{:.2}", r.bits_per_weight),
             count(r.parameters),
@@ -363,8 +367,17 @@ fn meta_line(r: &Report) -> String {
         r.exported.join(", ")
     };
     format!(
-        "pipeline {} · eval on {} ({}, ctx {}, {} chunks, {} tokens) · wall {:.1} s · exported: {exported}",
-        r.pipeline_file, e.text, e.protocol, e.ctx, e.chunks, e.tokens_scored, r.wall_s
+        "pipeline {} · eval on {} ({}) · wall {:.1} s · exported: {exported}",
+        r.pipeline_file,
+        e.text,
+        match e.sentences {
+            Some(n) => format!("sentence embeddings of {n} sentences"),
+            None => format!(
+                "{}, ctx {}, {} chunks, {} tokens",
+                e.protocol, e.ctx, e.chunks, e.tokens_scored
+            ),
+        },
+        r.wall_s
     )
 }
 
@@ -737,12 +750,10 @@ fn scatter_chart(report: &Report) -> Option<String> {
     Some(o)
 }
 
-/// Index into `LINEAR_KINDS` (or past its end for other linears) from a weight name such as
-/// `model.layers.3.self_attn.q_proj.weight`.
+/// Index into `Role::ALL` (or past its end for other linears) from a weight name in any family,
+/// such as `model.layers.3.self_attn.q_proj.weight` or `encoder.layer.0.output.dense.weight`.
 fn linear_kind(name: &str) -> usize {
-    name.split('.')
-        .find_map(|seg| LINEAR_KINDS.iter().position(|k| *k == seg))
-        .unwrap_or(LINEAR_KINDS.len())
+    Role::of_name(name).map_or(Role::ALL.len(), |r| r as usize)
 }
 
 fn error_chart(stage: &StageLayers) -> Option<String> {
@@ -783,7 +794,7 @@ fn error_chart(stage: &StageLayers) -> Option<String> {
              <title>{i} {name}: {e:.3e}</title></rect>\n"
         );
     }
-    let names = LINEAR_KINDS.iter().chain(["other"].iter());
+    let names = Role::ALL.iter().map(|r| r.short_name()).chain(["other"]);
     let legend: Vec<_> = (names.zip(COLOURS).zip(kinds))
         .filter(|x| x.1)
         .map(|((name, colour), _)| (square(colour), name.to_string()))

@@ -75,6 +75,9 @@ pub struct EvalSettings {
     pub ctx: usize,
     pub chunks: usize,
     pub tokens_scored: usize,
+    /// Encoders: the held-out sentences embedded (chunks and tokens scored are then 0).
+    #[serde(default)]
+    pub sentences: Option<usize>,
 }
 
 /// One model of the run: the input (baseline) or a stage's output.
@@ -93,14 +96,25 @@ pub struct ModelRow {
     pub cached: bool,
     /// For a sweep variant: `key=value`.
     pub sweep_value: Option<String>,
+    /// Perplexity on the evaluation text; an encoder's masked-LM pseudo-perplexity, or not a
+    /// number (`null` in JSON) for an encoder without a masked-LM head.
+    #[serde(deserialize_with = "null_as_nan")]
     pub perplexity: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub perplexity_stderr: f64,
     /// (ppl / baseline ppl − 1) × 100.
+    #[serde(deserialize_with = "null_as_nan")]
     pub ppl_increase_pct: f64,
     /// KL(input model ‖ this model), nats per scored token (`None` for the baseline).
     pub kl_mean: Option<f64>,
     /// Fraction of scored positions where the top token equals the input model's.
     pub top1_agreement: Option<f64>,
+    /// Encoders: mean cosine of each held-out sentence's embedding with the input model's.
+    #[serde(default)]
+    pub embedding_cosine: Option<f64>,
+    /// Encoders: mean overlap of each sentence's top-10 nearest neighbours with the input model's.
+    #[serde(default)]
+    pub neighbour_agreement: Option<f64>,
     pub size_bytes: u64,
     pub bits_per_weight: f64,
     pub parameters: u64,
@@ -198,4 +212,9 @@ pub fn pareto_front(rows: &[&ModelRow]) -> Vec<String> {
             .then(a.perplexity.total_cmp(&b.perplexity))
     });
     front.iter().map(|r| r.name.clone()).collect()
+}
+
+/// `null` (how JSON writes a NaN) read back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }

@@ -16,7 +16,7 @@ use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
 use shrink_io::{Checkpoint, TokenizerBundle};
-use shrink_models::{Llama, Sampler, SamplingConfig};
+use shrink_models::{Sampler, SamplingConfig, Transformer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -83,7 +83,12 @@ struct StageRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Metrics {
     key: String,
-    eval: shrink_eval::EvalReport,
+    /// Perplexity and fidelity (decoders).
+    #[serde(default)]
+    eval: Option<shrink_eval::EvalReport>,
+    /// Embedding fidelity and masked-LM scores (encoders).
+    #[serde(default)]
+    encoder: Option<shrink_eval::EncoderReport>,
     generations: Vec<String>,
     decode: Option<DecodeSpeed>,
     size_bytes: u64,
@@ -250,6 +255,10 @@ struct Bench<'a> {
     decode_prompt: Vec<u32>,
     decode_tokens: usize,
     tokenizer: &'a TokenizerBundle,
+    /// Encoders: the held-out sentences, their pooling and the evaluation settings.
+    sentences: Vec<Vec<u32>>,
+    pooling: shrink_models::Pooling,
+    encoder_eval: shrink_eval::EncoderEvalConfig,
     progress: &'a dyn Progress,
 }
 
@@ -259,10 +268,36 @@ impl Bench<'_> {
     fn measure(
         &self,
         key: String,
-        model: &Llama,
-        reference: Option<&Llama>,
+        model: &Transformer,
+        reference: Option<&Transformer>,
         artifact: &Path,
     ) -> Result<Metrics> {
+        let info = shrink_io::inspect(artifact)?;
+        let sparsity = linear_sparsity(model)?;
+        if model.arch.is_encoder() {
+            // Encoders neither predict the next token nor generate: their sentence embeddings
+            // are compared instead.
+            let encoder = shrink_eval::evaluate_encoder(
+                model,
+                reference,
+                &self.pooling,
+                &self.sentences,
+                &self.encoder_eval,
+                self.progress,
+            )?;
+            return Ok(Metrics {
+                key,
+                eval: None,
+                encoder: Some(encoder),
+                generations: vec![],
+                decode: None,
+                size_bytes: info.file_size_bytes,
+                bits_per_weight: info.bits_per_weight,
+                parameters: info.parameters,
+                sparsity,
+                shape: shape_of(&model.config),
+            });
+        }
         let eval = shrink_eval::evaluate(
             model,
             reference,
@@ -305,27 +340,32 @@ impl Bench<'_> {
                 self.decode_tokens,
             )?)
         };
-        let info = shrink_io::inspect(artifact)?;
-        let (mut zeros, mut weights) = (0.0, 0.0);
-        for block in &model.blocks {
-            for (_, linear) in block.linears() {
-                let n = linear.weight().elem_count() as f64;
-                zeros += zero_fraction(linear.weight())? * n;
-                weights += n;
-            }
-        }
         Ok(Metrics {
             key,
-            eval,
+            eval: Some(eval),
+            encoder: None,
             generations,
             decode,
             size_bytes: info.file_size_bytes,
             bits_per_weight: info.bits_per_weight,
             parameters: info.parameters,
-            sparsity: zeros / weights.max(1.0),
+            sparsity,
             shape: shape_of(&model.config),
         })
     }
+}
+
+/// Fraction of exactly-zero weights over the block linears.
+fn linear_sparsity(model: &Transformer) -> Result<f64> {
+    let (mut zeros, mut weights) = (0.0, 0.0);
+    for block in &model.blocks {
+        for (_, linear) in block.linears() {
+            let n = linear.weight().elem_count() as f64;
+            zeros += zero_fraction(linear.weight())? * n;
+            weights += n;
+        }
+    }
+    Ok(zeros / weights.max(1.0))
 }
 
 /// Runs `pipeline` (validated by [`crate::load`]): every stage not already done, the measurements,
@@ -382,6 +422,7 @@ pub fn run(
     };
 
     let (tokens, bos) = eval_tokens(&checkpoint, &eval_text)?;
+    let baseline_arch = shrink_models::ModelConfig::from_json(&checkpoint.config)?.arch()?;
     let e = &pipeline.eval;
     let bench = Bench {
         decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
@@ -402,6 +443,21 @@ pub fn run(
         stop: tokenizer.eos_token_ids.clone(),
         decode_tokens: e.decode_tokens,
         tokenizer,
+        sentences: if baseline_arch.is_encoder() {
+            crate::encoder::sentence_tokens(
+                &checkpoint,
+                &build_model(&checkpoint, DType::F32)?,
+                &eval_text,
+                e.sentences,
+            )?
+        } else {
+            vec![]
+        },
+        pooling: crate::encoder::pooling_of(&checkpoint)?,
+        encoder_eval: shrink_eval::EncoderEvalConfig {
+            mask_id: crate::encoder::mask_id(&checkpoint),
+            ..Default::default()
+        },
         progress,
     };
     let eval_key = key_of(&serde_json::json!({
@@ -495,9 +551,9 @@ pub fn run(
                     shrink_io::load(&artifacts[&stage.input])?
                 };
                 if let (true, None, Some((text, _))) = (stage.calibrates, &windows, &calib) {
-                    let ids = tokenizer.encode(text, false)?;
-                    windows = Some(shrink_calib::sample_windows(
-                        &ids,
+                    windows = Some(crate::encoder::calibration_windows(
+                        &input,
+                        text,
                         pipeline.data.samples,
                         pipeline.data.seq_len,
                         pipeline.seed,
@@ -630,8 +686,9 @@ pub fn run(
             text: pipeline.data.eval.clone(),
             protocol: pipeline.eval.protocol.clone(),
             ctx: pipeline.eval.ctx,
-            chunks: base.eval.chunks,
-            tokens_scored: base.eval.tokens_scored,
+            chunks: base.eval.as_ref().map_or(0, |e| e.chunks),
+            tokens_scored: base.eval.as_ref().map_or(0, |e| e.tokens_scored),
+            sentences: base.encoder.as_ref().map(|e| e.sentences),
         },
         rows,
         exported,
@@ -672,7 +729,7 @@ struct StageInputs<'a> {
     /// Calibration windows, for stages that calibrate.
     calibration: Option<&'a [Vec<u32>]>,
     /// Distillation's teacher.
-    teacher: Option<&'a Llama>,
+    teacher: Option<&'a Transformer>,
     training: Option<&'a TrainingText>,
 }
 
@@ -683,8 +740,13 @@ impl StageInputs<'_> {
             .training
             .ok_or_else(|| PipelineError::Invalid("no training text was read".into()))?;
         Ok([
-            crate::distill::chunk_windows(&t.train, seq_len, None),
-            crate::distill::chunk_windows(&t.eval, seq_len, Some(eval_windows)),
+            crate::encoder::training_windows(self.checkpoint, &t.train, seq_len, None)?,
+            crate::encoder::training_windows(
+                self.checkpoint,
+                &t.eval,
+                seq_len,
+                Some(eval_windows),
+            )?,
         ])
     }
 }
@@ -716,7 +778,7 @@ fn run_stage(
     };
     let mut training = None;
     // A quantization's record fields, with each linear's sparsity as it is now.
-    let quantized = |outcome: crate::QuantizeOutcome, model: &Llama| -> Result<_> {
+    let quantized = |outcome: crate::QuantizeOutcome, model: &Transformer| -> Result<_> {
         let weights = model.named_tensors();
         let layers = outcome
             .layers
@@ -754,11 +816,17 @@ fn run_stage(
             )?;
             let (format, bits) = crate::prune::float_storage(resolved.dtype);
             let d = &resolved.job.loss;
+            let objective = if teacher.arch.is_encoder() {
+                // Encoders match final states (and the MLM logits only when both have the head).
+                format!("{:?} on the final states", d.hidden_loss).to_lowercase()
+            } else {
+                format!(
+                    "{:?} KL, T = {}, α = {}",
+                    d.divergence, d.temperature, d.alpha
+                )
+            };
             let method = format!(
-                "distill: {:?} KL, T = {}, α = {}{}{} ({} steps)",
-                d.divergence,
-                d.temperature,
-                d.alpha,
+                "distill: {objective}{}{} ({} steps)",
                 if d.hidden.is_empty() {
                     ""
                 } else {
@@ -890,7 +958,7 @@ fn run_stage(
 
 #[allow(clippy::too_many_arguments)]
 /// `30 × 576, MLP 1536, 9/3 heads`: the model's shape in the report.
-fn shape_of(c: &shrink_models::LlamaConfig) -> String {
+fn shape_of(c: &shrink_models::ModelConfig) -> String {
     format!(
         "{} × {}, MLP {}, {}/{} heads",
         c.num_hidden_layers,
@@ -914,7 +982,21 @@ fn row(
     sweep_value: Option<String>,
     cached: bool,
 ) -> ModelRow {
-    let ppl = m.eval.perplexity.ppl;
+    // Encoders: pseudo-perplexity when they have a masked-LM head, else no perplexity at all.
+    let pseudo = |m: &Metrics| {
+        m.encoder
+            .as_ref()
+            .and_then(|e| e.masked_lm.as_ref())
+            .map_or(f64::NAN, |l| l.pseudo_perplexity)
+    };
+    let ppl_of = |m: &Metrics| {
+        m.eval
+            .as_ref()
+            .map_or_else(|| pseudo(m), |e| e.perplexity.ppl)
+    };
+    let ppl = ppl_of(m);
+    let fidelity = m.eval.as_ref().and_then(|e| e.fidelity.as_ref());
+    let embedding = m.encoder.as_ref().and_then(|e| e.fidelity.as_ref());
     ModelRow {
         name: name.into(),
         kind: kind.into(),
@@ -928,17 +1010,25 @@ fn row(
         cached,
         sweep_value,
         perplexity: ppl,
-        perplexity_stderr: m.eval.perplexity.ppl_stderr,
-        ppl_increase_pct: (ppl / base.eval.perplexity.ppl - 1.0) * 100.0,
-        kl_mean: m.eval.fidelity.as_ref().map(|f| f.kl_mean),
-        top1_agreement: m.eval.fidelity.as_ref().map(|f| f.top1_agreement),
+        perplexity_stderr: m
+            .eval
+            .as_ref()
+            .map_or(f64::NAN, |e| e.perplexity.ppl_stderr),
+        ppl_increase_pct: (ppl / ppl_of(base) - 1.0) * 100.0,
+        kl_mean: fidelity.map(|f| f.kl_mean),
+        top1_agreement: fidelity.map(|f| f.top1_agreement),
+        embedding_cosine: embedding.map(|f| f.cosine_mean),
+        neighbour_agreement: embedding.map(|f| f.neighbour_agreement),
         size_bytes: m.size_bytes,
         bits_per_weight: m.bits_per_weight,
         parameters: m.parameters,
         shape: m.shape.clone(),
         sparsity: m.sparsity,
         compression_ratio: base.size_bytes as f64 / m.size_bytes.max(1) as f64,
-        eval_tokens_per_s: m.eval.tokens_per_s,
+        eval_tokens_per_s: m.eval.as_ref().map_or_else(
+            || m.encoder.as_ref().map_or(0.0, |e| e.encode_tokens_per_s),
+            |e| e.tokens_per_s,
+        ),
         stage_wall_s: record.map_or(0.0, |r| r.wall_s),
         peak_rss_bytes: record.map_or(0, |r| r.peak_rss_bytes),
         decode: m.decode.clone(),
@@ -967,6 +1057,22 @@ fn check_gates(gates: &crate::Gates, r: &ModelRow) -> Vec<GateResult> {
             "",
         ),
         ("max_kl", gates.max_kl, r.kl_mean, true, "KL", " nats"),
+        (
+            "min_embedding_cosine",
+            gates.min_embedding_cosine,
+            r.embedding_cosine,
+            false,
+            "embedding cosine",
+            "",
+        ),
+        (
+            "min_neighbour_agreement",
+            gates.min_neighbour_agreement,
+            r.neighbour_agreement,
+            false,
+            "top-10 neighbour agreement",
+            "",
+        ),
         (
             "max_size_mb",
             gates.max_size_mb,
@@ -1033,6 +1139,8 @@ mod tests {
             ppl_increase_pct: ppl_pct,
             kl_mean: Some(0.01),
             top1_agreement: Some(top1),
+            embedding_cosine: None,
+            neighbour_agreement: None,
             size_bytes: size,
             bits_per_weight: 4.5,
             parameters: 1000,
@@ -1054,6 +1162,7 @@ mod tests {
             max_kl: None,
             max_size_mb: Some(100.0),
             min_compression_ratio: Some(2.5),
+            ..Default::default()
         };
         let results = check_gates(&gates, &row_with(4.25, 0.95, 90_000_000));
         assert_eq!(results.len(), 4);

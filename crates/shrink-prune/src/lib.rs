@@ -10,9 +10,9 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use shrink_models::{Llama, LlamaConfig};
+//! use shrink_models::{Transformer, ModelConfig};
 //! use shrink_prune::{prune_model, PruneMethod, PrunePlan, Sparsity};
-//! let mut model = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
+//! let mut model = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &Device::Cpu).unwrap();
 //! let tokens: Vec<u32> = (0..400).map(|i| (i * 7 % 64) as u32).collect();
 //! let windows = shrink_calib::sample_windows(&tokens, 4, 16, 0).unwrap();
 //! let plan = PrunePlan::uniform(PruneMethod::Wanda, Sparsity::NM { n: 2, m: 4 });
@@ -30,7 +30,7 @@ pub use unstructured::{magnitude, sparsegpt, wanda, SparseGptConfig, Sparsity};
 
 use candle_core::{DType, Tensor};
 use shrink_core::Progress;
-use shrink_models::{DecoderBlock, Llama};
+use shrink_models::{Block, Transformer};
 use std::time::Instant;
 
 /// Errors from pruning.
@@ -98,7 +98,7 @@ impl PrunePlan {
     }
 
     /// Checks every target and that every linear's rows split into its N:M groups, before any work.
-    pub fn check_model(&self, model: &Llama) -> Result<()> {
+    pub fn check_model(&self, model: &Transformer) -> Result<()> {
         for block in &model.blocks {
             for (name, linear) in block.linears() {
                 let s = self.sparsity_for(name).validated()?;
@@ -141,7 +141,7 @@ pub struct LayerSparsity {
     pub wall_s: f64,
 }
 
-fn weight_of(block: &DecoderBlock, name: &str) -> Result<(Vec<f32>, usize, usize)> {
+fn weight_of(block: &Block, name: &str) -> Result<(Vec<f32>, usize, usize)> {
     let (_, linear) = block
         .linears()
         .into_iter()
@@ -167,7 +167,7 @@ fn zeros(w: &[f32]) -> f64 {
 /// head stay dense) and writes the pruned weights back into `model`. Wanda and SparseGPT need
 /// calibration `windows`.
 pub fn prune_model(
-    model: &mut Llama,
+    model: &mut Transformer,
     plan: &PrunePlan,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
@@ -177,7 +177,7 @@ pub fn prune_model(
     let mut out = Vec::new();
     let device = model.device().clone();
     let dtype = model.dtype();
-    let mut prune_block = |block: &mut DecoderBlock,
+    let mut prune_block = |block: &mut Block,
                            stats: Option<&shrink_calib::BlockStats>,
                            threshold: Option<(f32, &mut usize)>|
      -> Result<()> {
@@ -278,12 +278,12 @@ pub fn prune_model(
 /// Runs the sequential calibration engine, calling `each` with every block and its input
 /// statistics (before the block's outputs feed the next block); `each`'s error is returned as is.
 pub(crate) fn for_each_block(
-    model: &mut Llama,
+    model: &mut Transformer,
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,
     progress: &dyn Progress,
-    mut each: impl FnMut(&mut DecoderBlock, &shrink_calib::BlockStats) -> Result<()>,
+    mut each: impl FnMut(&mut Block, &shrink_calib::BlockStats) -> Result<()>,
 ) -> Result<()> {
     let mut failure = None;
     shrink_calib::sequential(
@@ -306,7 +306,7 @@ pub(crate) fn for_each_block(
 /// The |w| below which global magnitude pruning removes every block-linear weight, and how many
 /// weights equal to it must go too (the first ones met, in block and linear order), so that exactly
 /// `round(fraction · total)` go.
-fn global_threshold(model: &Llama, fraction: f64) -> Result<(f32, usize)> {
+fn global_threshold(model: &Transformer, fraction: f64) -> Result<(f32, usize)> {
     let mut all: Vec<f32> = Vec::new();
     for block in &model.blocks {
         for (name, linear) in block.linears() {

@@ -13,7 +13,7 @@ use crate::{PruneError, Result};
 use candle_core::{DType, Tensor, D};
 use shrink_calib::BlockStats;
 use shrink_core::Progress;
-use shrink_models::{Llama, LlamaConfig, NoHook};
+use shrink_models::{ModelConfig, NoHook, Role, Transformer};
 use std::collections::BTreeMap;
 
 /// Where importance scores come from.
@@ -104,7 +104,7 @@ impl Structure {
         target: Target,
         fraction: f64,
         criterion: LayerCriterion,
-        cfg: &LlamaConfig,
+        cfg: &ModelConfig,
     ) -> Result<Self> {
         if !(0.0..1.0).contains(&fraction) {
             return Err(PruneError::Config(format!(
@@ -114,6 +114,10 @@ impl Structure {
         let count = |units: usize| ((fraction * units as f64).round() as usize).min(units - 1);
         let kv = cfg.num_kv_heads();
         Ok(match target {
+            // Without grouped-query attention (BERT, GPT-2) every head is its own group.
+            Target::Heads if kv == cfg.num_attention_heads => {
+                Structure::KvGroups { count: count(kv) }
+            }
             Target::Heads => Structure::QueryHeads {
                 per_group: count(cfg.num_attention_heads / kv),
             },
@@ -152,7 +156,7 @@ pub struct StructuredOutcome {
 }
 
 /// The shape keys of a config, as reported.
-pub fn shape_keys(cfg: &LlamaConfig) -> BTreeMap<String, usize> {
+pub fn shape_keys(cfg: &ModelConfig) -> BTreeMap<String, usize> {
     [
         ("hidden_size", cfg.hidden_size),
         ("intermediate_size", cfg.intermediate_size),
@@ -221,7 +225,7 @@ fn output_energy(w: &Tensor, hessian: &[f64], width: usize) -> Result<Vec<f64>> 
 
 /// Importance of each query head (per layer), from `o_proj` (and `q_proj` by magnitude).
 fn head_scores(
-    model: &mut Llama,
+    model: &mut Transformer,
     importance: Importance,
     heads_per_unit: usize,
     windows: Option<&[Vec<u32>]>,
@@ -236,14 +240,14 @@ fn head_scores(
             let p = parameter_scores(model, importance, windows, progress)?;
             (0..model.blocks.len())
                 .map(|i| {
-                    let t = |name: &str| &p[&format!("model.layers.{i}.{name}.weight")];
-                    let q = sum_ranges(&row_sum(t("self_attn.q_proj"))?, width);
-                    let o = sum_ranges(&col_sum(t("self_attn.o_proj"))?, width);
+                    let t = |role: Role| &p[&weight_key(model, i, role)];
+                    let q = sum_ranges(&row_sum(t(Role::Q))?, width);
+                    let o = sum_ranges(&col_sum(t(Role::O))?, width);
                     let mut s: Vec<f64> = q.iter().zip(&o).map(|(a, b)| a + b).collect();
                     if heads_per_unit == group {
                         // A whole KV group also takes its key and value heads.
-                        let k = sum_ranges(&row_sum(t("self_attn.k_proj"))?, hd);
-                        let v = sum_ranges(&row_sum(t("self_attn.v_proj"))?, hd);
+                        let k = sum_ranges(&row_sum(t(Role::K))?, hd);
+                        let v = sum_ranges(&row_sum(t(Role::V))?, hd);
                         for (i, x) in s.iter_mut().enumerate() {
                             *x += k[i] + v[i];
                         }
@@ -256,14 +260,21 @@ fn head_scores(
             let windows = need_windows(windows)?;
             let mut out = Vec::new();
             crate::for_each_block(model, windows, batch, true, progress, |b, stats| {
-                let name = format!("model.layers.{}.self_attn.o_proj", b.index);
-                let st = stats_of(stats, &name)?;
+                let st = stats_of(stats, b.name(Role::O).unwrap_or_default())?;
                 out.push(output_energy(b.o_proj.weight(), &st.hessian, width)?);
                 Ok(())
             })?;
             Ok(out)
         }
     }
+}
+
+/// The weight name of the linear in `role` of block `i`.
+fn weight_key(model: &Transformer, i: usize, role: Role) -> String {
+    model.blocks[i]
+        .name(role)
+        .map(|n| format!("{n}.weight"))
+        .unwrap_or_default()
 }
 
 fn need_windows(windows: Option<&[Vec<u32>]>) -> Result<&[Vec<u32>]> {
@@ -306,17 +317,17 @@ fn head_rows(heads: &[u32], hd: usize) -> Vec<u32> {
 ///
 /// ```
 /// use candle_core::Device;
-/// use shrink_models::{Llama, LlamaConfig};
+/// use shrink_models::{Transformer, ModelConfig};
 /// use shrink_prune::{prune_structured, Importance, Structure};
-/// let cfg = LlamaConfig::tiny_for_tests();
-/// let mut model = Llama::random(&cfg, 0, &Device::Cpu).unwrap();
+/// let cfg = ModelConfig::tiny_for_tests();
+/// let mut model = Transformer::random(&cfg, 0, &Device::Cpu).unwrap();
 /// let out = prune_structured(&mut model, Structure::Channels { count: cfg.intermediate_size / 2 },
 ///     Importance::Magnitude, None, 4, &shrink_core::NoProgress).unwrap();
 /// assert_eq!(model.config.intermediate_size, cfg.intermediate_size - cfg.intermediate_size / 2);
 /// assert!(out.parameters_after < out.parameters_before);
 /// ```
 pub fn prune_structured(
-    model: &mut Llama,
+    model: &mut Transformer,
     structure: Structure,
     importance: Importance,
     windows: Option<&[Vec<u32>]>,
@@ -324,6 +335,16 @@ pub fn prune_structured(
     progress: &dyn Progress,
 ) -> Result<StructuredOutcome> {
     let cfg = model.config.clone();
+    if model.arch == shrink_models::Arch::Gpt2
+        && matches!(
+            structure,
+            Structure::QueryHeads { .. } | Structure::KvGroups { .. }
+        )
+    {
+        return Err(PruneError::Config(
+            "GPT-2's format derives the head size from n_embd / n_head, so a model with heads removed cannot be written; prune MLP channels or layers instead".into(),
+        ));
+    }
     let parameters_before = model.num_parameters();
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let group = nh / nkv;
@@ -331,7 +352,35 @@ pub fn prune_structured(
     new_cfg.head_dim = Some(hd);
     let mut tensors = model.named_tensors();
     let removed: Vec<Vec<usize>>;
-    let layer = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
+    // Tensor names by layer, role and part (`weight` or `bias`); `None` for an absent gate.
+    let role_names: Vec<Vec<Option<String>>> = model
+        .blocks
+        .iter()
+        .map(|b| {
+            Role::ALL
+                .iter()
+                .map(|&r| b.name(r).map(str::to_string))
+                .collect()
+        })
+        .collect();
+    let key = |i: usize, role: Role, part: &str| {
+        role_names[i][role as usize]
+            .as_ref()
+            .map(|n| format!("{n}.{part}"))
+    };
+    // Selects `rows` along `dim` of a tensor, when the model has it.
+    let cut = |tensors: &mut BTreeMap<String, Tensor>,
+               key: Option<String>,
+               dim: usize,
+               rows: &[u32]|
+     -> Result<()> {
+        if let Some(key) = key {
+            if let Some(t) = tensors.get(&key).cloned() {
+                tensors.insert(key, select(&t, dim, rows)?);
+            }
+        }
+        Ok(())
+    };
     let too_many = |what: &str, count: usize, of: usize| {
         PruneError::Config(format!(
             "cannot remove {count} {what} of {of}: at least one must stay"
@@ -354,17 +403,9 @@ pub fn prune_structured(
                 }
                 let keep = keep_complement(nh, &gone);
                 let rows = head_rows(&keep, hd);
-                for (name, dim) in [
-                    ("self_attn.q_proj.weight", 0),
-                    ("self_attn.o_proj.weight", 1),
-                ] {
-                    let key = layer(i, name);
-                    let t = select(&tensors[&key], dim, &rows)?;
-                    tensors.insert(key, t);
-                }
-                if let Some(b) = tensors.get(&layer(i, "self_attn.q_proj.bias")).cloned() {
-                    tensors.insert(layer(i, "self_attn.q_proj.bias"), select(&b, 0, &rows)?);
-                }
+                cut(&mut tensors, key(i, Role::Q, "weight"), 0, &rows)?;
+                cut(&mut tensors, key(i, Role::Q, "bias"), 0, &rows)?;
+                cut(&mut tensors, key(i, Role::O, "weight"), 1, &rows)?;
                 all.push(gone);
             }
             new_cfg.num_attention_heads = nkv * (group - per_group);
@@ -386,19 +427,16 @@ pub fn prune_structured(
                     .collect();
                 let q_rows = head_rows(&keep_heads, hd);
                 let kv_rows = head_rows(&keep_groups, hd);
-                for (name, dim, rows) in [
-                    ("self_attn.q_proj.weight", 0, &q_rows),
-                    ("self_attn.q_proj.bias", 0, &q_rows),
-                    ("self_attn.k_proj.weight", 0, &kv_rows),
-                    ("self_attn.k_proj.bias", 0, &kv_rows),
-                    ("self_attn.v_proj.weight", 0, &kv_rows),
-                    ("self_attn.v_proj.bias", 0, &kv_rows),
-                    ("self_attn.o_proj.weight", 1, &q_rows),
+                for (role, part, dim, rows) in [
+                    (Role::Q, "weight", 0, &q_rows),
+                    (Role::Q, "bias", 0, &q_rows),
+                    (Role::K, "weight", 0, &kv_rows),
+                    (Role::K, "bias", 0, &kv_rows),
+                    (Role::V, "weight", 0, &kv_rows),
+                    (Role::V, "bias", 0, &kv_rows),
+                    (Role::O, "weight", 1, &q_rows),
                 ] {
-                    let key = layer(i, name);
-                    if let Some(t) = tensors.get(&key).cloned() {
-                        tensors.insert(key, select(&t, dim, rows)?);
-                    }
+                    cut(&mut tensors, key(i, role, part), dim, rows)?;
                 }
                 all.push(gone);
             }
@@ -416,10 +454,13 @@ pub fn prune_structured(
                     let p = parameter_scores(model, importance, windows, progress)?;
                     (0..model.blocks.len())
                         .map(|i| {
-                            let t = |name: &str| &p[&format!("model.layers.{i}.mlp.{name}.weight")];
-                            let g = row_sum(t("gate_proj"))?;
-                            let u = row_sum(t("up_proj"))?;
-                            let d = col_sum(t("down_proj"))?;
+                            let t = |role: Role| &p[&weight_key(model, i, role)];
+                            let g = match model.blocks[i].gate_proj {
+                                Some(_) => row_sum(t(Role::Gate))?,
+                                None => vec![0.0; inter],
+                            };
+                            let u = row_sum(t(Role::Up))?;
+                            let d = col_sum(t(Role::Down))?;
                             Ok((0..inter).map(|c| (g[c] + u[c] + d[c]).abs()).collect())
                         })
                         .collect::<Result<_>>()?
@@ -428,8 +469,7 @@ pub fn prune_structured(
                     let windows = need_windows(windows)?;
                     let mut out = Vec::new();
                     crate::for_each_block(model, windows, batch, false, progress, |b, stats| {
-                        let st =
-                            stats_of(stats, &format!("model.layers.{}.mlp.down_proj", b.index))?;
+                        let st = stats_of(stats, b.name(Role::Down).unwrap_or_default())?;
                         let d = col_sq(b.down_proj.weight())?;
                         // ‖W_down[:, c]‖² Σ g_c²: the energy channel c writes to the residual.
                         out.push((0..inter).map(|c| d[c] * st.channel_sq[c]).collect());
@@ -442,17 +482,14 @@ pub fn prune_structured(
             for (i, s) in scores.iter().enumerate() {
                 let gone = lowest(s, count);
                 let keep = keep_complement(inter, &gone);
-                for (name, dim) in [
-                    ("mlp.gate_proj.weight", 0),
-                    ("mlp.gate_proj.bias", 0),
-                    ("mlp.up_proj.weight", 0),
-                    ("mlp.up_proj.bias", 0),
-                    ("mlp.down_proj.weight", 1),
+                for (role, part, dim) in [
+                    (Role::Gate, "weight", 0),
+                    (Role::Gate, "bias", 0),
+                    (Role::Up, "weight", 0),
+                    (Role::Up, "bias", 0),
+                    (Role::Down, "weight", 1),
                 ] {
-                    let key = layer(i, name);
-                    if let Some(t) = tensors.get(&key).cloned() {
-                        tensors.insert(key, select(&t, dim, &keep)?);
-                    }
+                    cut(&mut tensors, key(i, role, part), dim, &keep)?;
                 }
                 all.push(gone);
             }
@@ -466,37 +503,18 @@ pub fn prune_structured(
             }
             let windows = need_windows(windows)?;
             let gone = rank_layers(model, criterion, count, windows, batch, progress)?;
-            // Old layer index → new one (None: removed); other tensors keep their names.
-            let mut next = 0;
-            let new_index: Vec<Option<usize>> = (0..n)
-                .map(|i| {
-                    (!gone.contains(&i)).then(|| {
-                        next += 1;
-                        next - 1
-                    })
-                })
-                .collect();
-            tensors = std::mem::take(&mut tensors)
-                .into_iter()
-                .filter_map(|(name, t)| {
-                    let layer = name
-                        .strip_prefix("model.layers.")
-                        .and_then(|r| r.split_once('.'))
-                        .and_then(|(i, rest)| Some((i.parse::<usize>().ok()?, rest)));
-                    match layer {
-                        Some((i, rest)) => new_index
-                            .get(i)
-                            .copied()
-                            .flatten()
-                            .map(|j| (format!("model.layers.{j}.{rest}"), t)),
-                        None => Some((name, t)),
-                    }
-                })
-                .collect();
+            let kept: Vec<usize> = (0..n).filter(|i| !gone.contains(i)).collect();
+            tensors = model.keep_layers(&kept)?.named_tensors();
             new_cfg.num_hidden_layers = n - count;
             removed = vec![gone];
         }
         Structure::Width { count } => {
+            if !model.arch.is_llama_like() {
+                return Err(PruneError::Config(format!(
+                    "width pruning needs RMSNorm (the Llama family): {:?} normalises with LayerNorm, whose mean and variance change when channels go",
+                    model.arch
+                )));
+            }
             let d = cfg.hidden_size;
             if count >= d {
                 return Err(too_many("hidden channels", count, d));
@@ -590,7 +608,7 @@ pub fn prune_structured(
         }
     }
     let dtype = model.dtype();
-    *model = Llama::from_tensors(&new_cfg, tensors, dtype)?;
+    *model = Transformer::from_tensors(&new_cfg, tensors, dtype)?;
     Ok(StructuredOutcome {
         structure,
         importance,
@@ -602,7 +620,18 @@ pub fn prune_structured(
 }
 
 /// Mean next-token cross-entropy of `model` on `windows`.
-fn calibration_loss(model: &Llama, windows: &[Vec<u32>], batch: usize) -> Result<f64> {
+/// Methods scored by the calibration loss need a token-prediction head.
+fn need_token_loss(model: &Transformer, what: &str) -> Result<()> {
+    if model.has_token_head() {
+        return Ok(());
+    }
+    Err(PruneError::Config(format!(
+        "{what} needs a token-prediction loss, and this encoder has no masked-LM head: use activation or magnitude importance (layers: block-influence or angular)"
+    )))
+}
+
+fn calibration_loss(model: &Transformer, windows: &[Vec<u32>], batch: usize) -> Result<f64> {
+    need_token_loss(model, "the perplexity criterion")?;
     let mut total = 0.0;
     for group in windows.chunks(batch.max(1)) {
         let ids = Tensor::new(group.to_vec(), model.device())?;
@@ -628,7 +657,7 @@ fn col_sum(t: &Tensor) -> Result<Vec<f64>> {
 /// Per-parameter scores whose sum over a part ranks it: W² by magnitude, G ⊙ W by Taylor (whose
 /// sums are taken in absolute value by the callers; W² sums are already non-negative).
 fn parameter_scores(
-    model: &Llama,
+    model: &Transformer,
     importance: Importance,
     windows: Option<&[Vec<u32>]>,
     progress: &dyn Progress,
@@ -647,16 +676,17 @@ fn parameter_scores(
 /// loss summed over `windows`: −Σ over a part of G ⊙ W is the loss change, to first order, of
 /// setting that part to zero.
 fn taylor_products(
-    model: &Llama,
+    model: &Transformer,
     windows: &[Vec<u32>],
     progress: &dyn Progress,
 ) -> Result<BTreeMap<String, Tensor>> {
+    need_token_loss(model, "taylor importance")?;
     let vars: BTreeMap<String, candle_core::Var> = model
         .named_tensors()
         .into_iter()
         .map(|(k, t)| Ok((k, candle_core::Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
         .collect::<Result<_>>()?;
-    let tracked = Llama::from_tensors(
+    let tracked = Transformer::from_tensors(
         &model.config,
         vars.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -705,7 +735,7 @@ fn cosine_sum(a: &Tensor, b: &Tensor) -> Result<(f64, usize)> {
 
 /// The `count` layers to remove under `criterion`, ascending.
 fn rank_layers(
-    model: &Llama,
+    model: &Transformer,
     criterion: LayerCriterion,
     count: usize,
     windows: &[Vec<u32>],

@@ -3,7 +3,7 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use shrink_calib::LinearStats;
 use shrink_core::NoProgress;
-use shrink_models::LlamaConfig;
+use shrink_models::ModelConfig;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -193,8 +193,8 @@ fn bad_weights_and_groups_name_the_tensor() {
     assert!(e.to_string().contains("blk.0.k"), "{e}");
 }
 
-fn tiny() -> (Llama, Vec<Vec<u32>>) {
-    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 5, &Device::Cpu).unwrap();
+fn tiny() -> (Transformer, Vec<Vec<u32>>) {
+    let model = Transformer::random(&ModelConfig::tiny_for_tests(), 5, &Device::Cpu).unwrap();
     let tokens: Vec<u32> = (0..600).map(|i| ((i * 17 + i / 7) % 64) as u32).collect();
     (
         model,
@@ -282,7 +282,7 @@ fn global_magnitude_removes_the_smallest_weights_of_the_whole_model() {
     assert!(s.iter().any(|x| (x - s[0]).abs() > 1e-3), "{s:?}");
 }
 
-fn logits(model: &Llama, windows: &[Vec<u32>]) -> Vec<f32> {
+fn logits(model: &Transformer, windows: &[Vec<u32>]) -> Vec<f32> {
     let ids = Tensor::new(windows[..2].to_vec(), &Device::Cpu).unwrap();
     model
         .forward(&ids)
@@ -313,13 +313,13 @@ fn zero_slice(t: &Tensor, dim: usize, idx: &[usize]) -> Tensor {
     Tensor::new(v, &Device::Cpu).unwrap()
 }
 
-fn heads_config() -> LlamaConfig {
-    LlamaConfig {
+fn heads_config() -> ModelConfig {
+    ModelConfig {
         hidden_size: 48,
         num_attention_heads: 6,
         num_key_value_heads: Some(2),
         head_dim: Some(8),
-        ..LlamaConfig::tiny_for_tests()
+        ..ModelConfig::tiny_for_tests()
     }
 }
 
@@ -327,7 +327,7 @@ fn heads_config() -> LlamaConfig {
 fn structurally_pruned_models_equal_the_zeroed_originals() {
     let tokens: Vec<u32> = (0..600).map(|i| ((i * 13 + i / 5) % 64) as u32).collect();
     let windows = shrink_calib::sample_windows(&tokens, 6, 24, 2).unwrap();
-    let base = Llama::random(&heads_config(), 9, &Device::Cpu).unwrap();
+    let base = Transformer::random(&heads_config(), 9, &Device::Cpu).unwrap();
     let hd = 8;
     let cases = [
         Structure::QueryHeads { per_group: 1 },
@@ -430,7 +430,7 @@ fn importance_picks_the_silent_parts_and_layer_criteria_agree_on_an_identity_blo
     let windows = shrink_calib::sample_windows(&tokens, 6, 24, 2).unwrap();
     let mut cfg = heads_config();
     cfg.num_hidden_layers = 4;
-    let mut base = Llama::random(&cfg, 11, &Device::Cpu).unwrap();
+    let mut base = Transformer::random(&cfg, 11, &Device::Cpu).unwrap();
     // Block 2 writes nothing: every criterion must remove it first.
     {
         let b = &mut base.blocks[2];

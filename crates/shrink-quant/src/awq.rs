@@ -3,15 +3,16 @@
 //! moves quantization precision to the channels that carry large activations. The exponent α in
 //! `s = mean|x|^α` is grid-searched per group of linears to minimise their output error, measured
 //! exactly from the calibration Hessian: Σ_rows δᵀ H δ. The scales are folded into what produces
-//! the input — the RMSNorm weight (q/k/v, gate/up) or the rows of `up_proj` (down) — so the float
-//! model is unchanged. (`v → o` is not scaled: with grouped-query attention one v channel feeds
-//! several o channels.)
+//! the input — the norm before q/k/v and the MLP in pre-norm blocks, the rows of `up_proj` (SwiGLU's
+//! down) or of `v_proj` (o, when each query head has its own value head) — so the float model is
+//! unchanged. The groups come from the model ([`shrink_models::Block::scale_groups`]): a post-norm
+//! encoder (BERT) has only `v → o`, since its norms also feed the residual stream; its other
+//! linears are quantized with the scheme alone.
 
 use crate::{rtn, QuantScheme, Result};
-use candle_core::Tensor;
 use shrink_calib::quadratic;
 use shrink_calib::{BlockStats, LinearStats};
-use shrink_models::{DecoderBlock, Linear};
+use shrink_models::{Block, Linear};
 use std::collections::BTreeMap;
 
 pub(crate) fn weights_of(linear: &Linear) -> Result<(Vec<f32>, usize)> {
@@ -82,50 +83,6 @@ pub fn search_scales(
     Ok(best.map(|(_, s)| s).unwrap_or_else(|| vec![1.0; n]))
 }
 
-fn row<S: Into<candle_core::Shape>>(s: &[f32], shape: S) -> Result<Tensor> {
-    Ok(Tensor::from_slice(s, shape, &candle_core::Device::Cpu)?)
-}
-
-fn scale_columns(linear: &mut Linear, s: &[f32]) -> Result<()> {
-    let w = linear
-        .weight()
-        .broadcast_mul(&row(s, (1, s.len()))?.to_dtype(linear.weight().dtype())?)?;
-    Ok(linear.set_weight(w)?)
-}
-
-/// Folds input scales into a block: q/k/v columns × `attn`, input norm ÷ `attn`; gate/up columns ×
-/// `mlp`, post-attention norm ÷ `mlp`; down columns × `down`, up rows ÷ `down`. The block computes
-/// the same function in float.
-pub fn fold_scales(
-    block: &mut DecoderBlock,
-    attn: &[f32],
-    mlp: &[f32],
-    down: &[f32],
-) -> Result<()> {
-    let inv = |s: &[f32]| -> Vec<f32> { s.iter().map(|v| 1.0 / v).collect() };
-    let norm = &mut block.input_layernorm;
-    norm.weight = norm
-        .weight
-        .broadcast_mul(&row(&inv(attn), (attn.len(),))?.to_dtype(norm.weight.dtype())?)?;
-    for l in [&mut block.q_proj, &mut block.k_proj, &mut block.v_proj] {
-        scale_columns(l, attn)?;
-    }
-    let norm = &mut block.post_attention_layernorm;
-    norm.weight = norm
-        .weight
-        .broadcast_mul(&row(&inv(mlp), (mlp.len(),))?.to_dtype(norm.weight.dtype())?)?;
-    for l in [&mut block.gate_proj, &mut block.up_proj] {
-        scale_columns(l, mlp)?;
-    }
-    scale_columns(&mut block.down_proj, down)?;
-    let up = &mut block.up_proj;
-    let w = up
-        .weight()
-        .broadcast_mul(&row(&inv(down), (down.len(), 1))?.to_dtype(up.weight().dtype())?)?;
-    up.set_weight(w)?;
-    Ok(())
-}
-
 /// Statistics of inputs divided channel-wise by `s`.
 fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
     let n = stats.in_features;
@@ -141,44 +98,48 @@ fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
     out
 }
 
-/// Computes input scales for a block's three input groups (q/k/v, gate/up, down) with `scales`,
-/// folds them in, and returns the statistics of the scaled inputs of the linears they feed.
+/// Computes input scales with `scales` for each of the block's scale groups
+/// ([`Block::scale_groups`]: q/k/v, gate/up and down in the Llama family; q/k/v, up and o in
+/// GPT-2; o in BERT), folds them in, and returns the statistics of the scaled inputs of the
+/// linears they feed.
 pub(crate) fn rescale_block(
-    block: &mut DecoderBlock,
+    block: &mut Block,
     stats: &BlockStats,
     scales: impl Fn(&[&Linear], &LinearStats, &str) -> Result<Vec<f32>>,
 ) -> Result<BTreeMap<String, LinearStats>> {
-    let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
-    let get = |i: usize| {
-        stats.get(&names[i]).ok_or_else(|| {
-            crate::QuantError::Scheme(format!("no calibration statistics for '{}'", names[i]))
-        })
-    };
-    let (attn_stats, mlp_stats, down_stats) = (get(0)?, get(4)?, get(6)?);
-    let attn = scales(
-        &[&block.q_proj, &block.k_proj, &block.v_proj],
-        attn_stats,
-        &names[0],
-    )?;
-    let mlp = scales(&[&block.gate_proj, &block.up_proj], mlp_stats, &names[4])?;
-    let down = scales(&[&block.down_proj], down_stats, &names[6])?;
-    fold_scales(block, &attn, &mlp, &down)?;
-    let mut out = BTreeMap::new();
-    let attn_scaled = scaled_stats(attn_stats, &attn);
-    let mlp_scaled = scaled_stats(mlp_stats, &mlp);
-    for name in &names[..3] {
-        out.insert(name.clone(), attn_scaled.clone());
+    let mut found = vec![];
+    for group in block.scale_groups() {
+        let name = block
+            .name(group.consumers[0])
+            .unwrap_or_default()
+            .to_string();
+        let st = stats.get(&name).ok_or_else(|| {
+            crate::QuantError::Scheme(format!("no calibration statistics for '{name}'"))
+        })?;
+        let linears: Vec<&Linear> = group
+            .consumers
+            .iter()
+            .filter_map(|&r| block.linear(r))
+            .collect();
+        let s = scales(&linears, st, &name)?;
+        found.push((group, scaled_stats(st, &s), s));
     }
-    out.insert(names[4].clone(), mlp_scaled.clone());
-    out.insert(names[5].clone(), mlp_scaled);
-    out.insert(names[6].clone(), scaled_stats(down_stats, &down));
+    let mut out = BTreeMap::new();
+    for (group, scaled, s) in found {
+        block.fold_input_scale(&group, &s)?;
+        for &role in &group.consumers {
+            if let Some(name) = block.name(role) {
+                out.insert(name.to_string(), scaled.clone());
+            }
+        }
+    }
     Ok(out)
 }
 
 /// Searches and folds AWQ scales into `block`; returns the statistics of the scaled inputs of the
 /// linears whose inputs changed, for the quantization that follows.
 pub(crate) fn apply(
-    block: &mut DecoderBlock,
+    block: &mut Block,
     stats: &BlockStats,
     scheme: &QuantScheme,
     grid: usize,

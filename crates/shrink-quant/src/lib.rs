@@ -36,7 +36,7 @@ pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 
 use candle_core::{DType, Tensor};
 use shrink_core::Progress;
-use shrink_models::Llama;
+use shrink_models::Transformer;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -326,7 +326,7 @@ impl QuantPlan {
 
     /// Checks, before any work, that every linear of `model` gets a format whose blocks divide its
     /// rows.
-    pub fn check_model(&self, model: &Llama) -> Result<()> {
+    pub fn check_model(&self, model: &Transformer) -> Result<()> {
         let n_layers = model.blocks.len();
         for block in &model.blocks {
             for (name, linear) in block.linears() {
@@ -396,7 +396,7 @@ fn weight_rows(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
 /// the model measures the quantized weights. GPTQ needs calibration `windows`; with RTN they are
 /// optional and only add the per-layer output error to the report.
 pub fn quantize_model(
-    model: &mut Llama,
+    model: &mut Transformer,
     method: Method,
     plan: &QuantPlan,
     windows: Option<&[Vec<u32>]>,
@@ -406,7 +406,7 @@ pub fn quantize_model(
     plan.check_model(model)?;
     let mut out = QuantizedModel::default();
     let n_layers = model.blocks.len();
-    let mut quantize_block = |block: &mut shrink_models::DecoderBlock,
+    let mut quantize_block = |block: &mut shrink_models::Block,
                               stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
         let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
@@ -517,7 +517,7 @@ pub fn quantize_model(
 }
 
 fn block_linear<'a>(
-    block: &'a mut shrink_models::DecoderBlock,
+    block: &'a mut shrink_models::Block,
     name: &str,
 ) -> Result<&'a mut shrink_models::Linear> {
     block.linear_mut(name).ok_or_else(|| {

@@ -20,7 +20,7 @@ use crate::{LayerReport, QuantError, QuantizedModel, QuantizedWeight, Result};
 use candle_core::{DType, Tensor, Var};
 use half::f16;
 use shrink_core::Progress;
-use shrink_models::{ActQuant, Llama};
+use shrink_models::{ActQuant, Transformer};
 use shrink_train::{trainable, DistillConfig, Distiller, Teacher, TrainConfig, TrainOutcome};
 use std::path::Path;
 
@@ -43,7 +43,10 @@ impl Default for QatJob {
         Self {
             train: TrainConfig::default(),
             loss: DistillConfig::default(),
-            frozen: vec!["embed_tokens".into()],
+            // The token embedding, under each family's name.
+            frozen: ["embed_tokens", "word_embeddings", "wte"]
+                .map(String::from)
+                .to_vec(),
             activations: None,
             learn_scales: true,
         }
@@ -332,8 +335,8 @@ impl QatLinear {
 /// With `workdir`, checkpoints go there and a rerun with the same `fingerprint` resumes.
 #[allow(clippy::too_many_arguments)]
 pub fn qat(
-    teacher: &Llama,
-    start: &Llama,
+    teacher: &Transformer,
+    start: &Transformer,
     initial: &QuantizedModel,
     job: &QatJob,
     windows: &[Vec<u32>],
@@ -341,7 +344,7 @@ pub fn qat(
     workdir: Option<&Path>,
     fingerprint: &str,
     progress: &dyn Progress,
-) -> Result<(Llama, QuantizedModel, TrainOutcome)> {
+) -> Result<(Transformer, QuantizedModel, TrainOutcome)> {
     let train_err = |e: shrink_train::TrainError| QuantError::Scheme(e.to_string());
     let (mut student, mut params) = trainable(start, &job.frozen).map_err(train_err)?;
     let mut linears = Vec::new();
@@ -397,7 +400,7 @@ pub fn qat(
         student.set_act_quant(job.activations);
     }
     let forward_linears = linears.clone();
-    let prepare = move |model: &mut Llama| -> shrink_train::Result<()> {
+    let prepare = move |model: &mut Transformer| -> shrink_train::Result<()> {
         for l in &forward_linears {
             let w = l
                 .weight()
@@ -440,7 +443,7 @@ pub fn qat(
             *t = Tensor::from_vec(q.dequantize()?, (rows, cols), t.device())?;
         }
     }
-    let mut model = Llama::from_tensors(&trained.config, tensors, DType::F32)?;
+    let mut model = Transformer::from_tensors(&trained.config, tensors, DType::F32)?;
     model.set_act_quant(job.activations);
     Ok((model, result, outcome))
 }
@@ -522,9 +525,9 @@ mod tests {
 
     #[test]
     fn qat_lowers_the_kl_of_a_quantized_start_and_exports_exactly_what_it_trained() {
-        use shrink_models::LlamaConfig;
+        use shrink_models::ModelConfig;
         let dev = Device::Cpu;
-        let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+        let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
         let mut start = teacher.clone();
         let plan = crate::QuantPlan::uniform(scheme(2, Grid::SymmetricFull, 16));
         let initial = crate::quantize_model(

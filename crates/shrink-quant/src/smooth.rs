@@ -6,7 +6,7 @@
 use crate::awq::{rescale_block, weights_of};
 use crate::Result;
 use shrink_calib::{BlockStats, LinearStats};
-use shrink_models::{DecoderBlock, Linear};
+use shrink_models::{Block, Linear};
 use std::collections::BTreeMap;
 
 /// SmoothQuant's scales for `linears` sharing one input with statistics `stats`.
@@ -34,7 +34,7 @@ pub fn smoothing_scales(linears: &[&Linear], stats: &LinearStats, alpha: f64) ->
 
 /// Smooths a decoder block in place; returns the statistics of the smoothed inputs.
 pub(crate) fn apply(
-    block: &mut DecoderBlock,
+    block: &mut Block,
     stats: &BlockStats,
     alpha: f64,
 ) -> Result<BTreeMap<String, LinearStats>> {

@@ -255,10 +255,10 @@ fn bad_weights_and_schemes_name_the_tensor() {
 
 #[test]
 fn quantize_model_replaces_every_block_linear() {
-    use shrink_models::{Llama, LlamaConfig};
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    use shrink_models::{ModelConfig, Transformer};
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.intermediate_size = 64; // rows of down_proj must hold whole groups of 32
-    let original = Llama::random(&cfg, 2, &Device::Cpu).unwrap();
+    let original = Transformer::random(&cfg, 2, &Device::Cpu).unwrap();
     let windows: Vec<Vec<u32>> = (0..4)
         .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 64) as u32).collect())
         .collect();
@@ -336,29 +336,68 @@ fn quantize_model_replaces_every_block_linear() {
 }
 
 #[test]
-fn awq_folding_keeps_the_float_model_exact() {
-    use shrink_models::{Llama, LlamaConfig};
-    let cfg = LlamaConfig::tiny_for_tests();
-    let model = Llama::random(&cfg, 4, &Device::Cpu).unwrap();
-    let mut folded = model.clone();
-    let s = |n: usize, k: u64| -> Vec<f32> {
-        random(n, k).iter().map(|v| 0.25 + 8.0 * v.abs()).collect()
-    };
-    for block in folded.blocks.iter_mut() {
-        awq::fold_scales(block, &s(32, 1), &s(32, 2), &s(48, 3)).unwrap();
+fn awq_folding_keeps_the_float_model_exact_in_every_family() {
+    use shrink_models::{ModelConfig, Role, ScaleSite, Transformer};
+    for (cfg, sites) in [
+        (
+            ModelConfig::tiny_for_tests(),
+            vec![ScaleSite::AttnNorm, ScaleSite::MlpNorm, ScaleSite::UpRows],
+        ),
+        (
+            ModelConfig::tiny_gpt2_for_tests(),
+            vec![ScaleSite::AttnNorm, ScaleSite::VRows, ScaleSite::MlpNorm],
+        ),
+        (ModelConfig::tiny_bert_for_tests(), vec![ScaleSite::VRows]),
+    ] {
+        let model = Transformer::random(&cfg, 4, &Device::Cpu).unwrap();
+        let mut folded = model.clone();
+        for block in folded.blocks.iter_mut() {
+            let groups = block.scale_groups();
+            assert_eq!(groups.iter().map(|g| g.site).collect::<Vec<_>>(), sites);
+            for (k, group) in groups.iter().enumerate() {
+                let n = block
+                    .linear(group.consumers[0])
+                    .unwrap()
+                    .weight()
+                    .dim(1)
+                    .unwrap();
+                let s: Vec<f32> = random(n, k as u64)
+                    .iter()
+                    .map(|v| 0.25 + 8.0 * v.abs())
+                    .collect();
+                block.fold_input_scale(group, &s).unwrap();
+            }
+        }
+        let changed = |b: &shrink_models::Block, m: &Transformer, r: Role| {
+            b.linear(r).unwrap().weight().to_vec2::<f32>().unwrap()
+                != m.blocks[0]
+                    .linear(r)
+                    .unwrap()
+                    .weight()
+                    .to_vec2::<f32>()
+                    .unwrap()
+        };
+        assert!(changed(&folded.blocks[0], &model, Role::O) == (cfg.model_type != "llama"));
+        let ids = Tensor::new(&[[3u32, 9, 27, 17, 51, 1]], &Device::Cpu).unwrap();
+        let out = |m: &Transformer| {
+            if m.arch.is_encoder() {
+                m.encode(&ids, &[6]).unwrap()
+            } else {
+                m.forward(&ids).unwrap()
+            }
+        };
+        let diff = (out(&model) - out(&folded))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(
+            diff.to_scalar::<f32>().unwrap() < 1e-4,
+            "{}: {diff}",
+            cfg.model_type
+        );
     }
-    assert_ne!(
-        folded.blocks[0].q_proj.weight().to_vec2::<f32>().unwrap(),
-        model.blocks[0].q_proj.weight().to_vec2::<f32>().unwrap()
-    );
-    let ids = Tensor::new(&[[3u32, 9, 27, 17, 51, 1]], &Device::Cpu).unwrap();
-    let diff = (model.forward(&ids).unwrap() - folded.forward(&ids).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{diff}");
 }
 
 #[test]

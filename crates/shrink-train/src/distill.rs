@@ -8,7 +8,7 @@ use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_models::{LinearHook, Llama};
+use shrink_models::{LinearHook, Transformer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -140,7 +140,7 @@ pub struct TopKCache {
 impl TopKCache {
     /// Runs the teacher over `windows`, `batch` at a time.
     pub fn build(
-        teacher: &Llama,
+        teacher: &Transformer,
         windows: &[Vec<u32>],
         k: usize,
         temperature: f64,
@@ -234,14 +234,14 @@ impl TopKCache {
 #[derive(Debug, Clone)]
 pub enum Teacher {
     /// A forward pass of the teacher on every batch.
-    Model(Llama),
+    Model(Transformer),
     /// Targets cached with [`TopKCache::build`] (logit losses only). The optional model still
     /// serves the held-out KL.
-    TopK(TopKCache, Option<Llama>),
+    TopK(TopKCache, Option<Transformer>),
 }
 
 impl Teacher {
-    fn model(&self) -> Option<&Llama> {
+    fn model(&self) -> Option<&Transformer> {
         match self {
             Teacher::Model(m) => Some(m),
             Teacher::TopK(_, m) => m.as_ref(),
@@ -251,11 +251,11 @@ impl Teacher {
 
 /// Rebuilds the student's effective weights from its parameters before each forward pass (QAT's
 /// fake quantization); identity for plain distillation.
-pub type Prepare = Box<dyn FnMut(&mut Llama) -> Result<()>>;
+pub type Prepare = Box<dyn FnMut(&mut Transformer) -> Result<()>>;
 
 /// Distillation of a teacher into a student whose weights are (partly) [`Var`]s.
 pub struct Distiller {
-    student: Llama,
+    student: Transformer,
     params: Vec<(String, Var)>,
     /// One learned projection per hidden pair (student width → teacher width), when they differ.
     projections: Vec<Option<Var>>,
@@ -268,7 +268,7 @@ impl Distiller {
     /// `params` are the student's trainable weights (see [`crate::trainable`]); learned
     /// projections for hidden pairs of different widths are added to them.
     pub fn new(
-        student: Llama,
+        student: Transformer,
         params: Vec<(String, Var)>,
         teacher: Teacher,
         config: DistillConfig,
@@ -350,7 +350,7 @@ impl Distiller {
     }
 
     /// The student with its current (prepared) weights.
-    pub fn student(&mut self) -> Result<&Llama> {
+    pub fn student(&mut self) -> Result<&Transformer> {
         if let Some(p) = self.prepare.as_mut() {
             p(&mut self.student)?;
         }
@@ -368,7 +368,7 @@ impl Distiller {
         checkpoints: Option<&Path>,
         fingerprint: &str,
         progress: &dyn Progress,
-    ) -> Result<(Llama, crate::TrainOutcome)> {
+    ) -> Result<(Transformer, crate::TrainOutcome)> {
         let outcome = crate::train(
             &mut self,
             config,
@@ -382,14 +382,18 @@ impl Distiller {
     }
 
     /// A plain copy of the student with its current (prepared) weights, detached from training.
-    pub fn trained_student(&mut self) -> Result<Llama> {
+    pub fn trained_student(&mut self) -> Result<Transformer> {
         let student = self.student()?;
         let tensors = student
             .named_tensors()
             .into_iter()
             .map(|(n, t)| (n, t.detach()))
             .collect();
-        Ok(Llama::from_tensors(&student.config, tensors, DType::F32)?)
+        Ok(Transformer::from_tensors(
+            &student.config,
+            tensors,
+            DType::F32,
+        )?)
     }
 
     /// Student logits `(b·t, vocab)` and captured states.
@@ -402,6 +406,14 @@ impl Distiller {
         let hidden = student.forward_hidden(ids, &mut capture)?;
         let logits = student.lm_head(&hidden)?.flatten_to(1)?;
         Ok((logits, capture))
+    }
+}
+
+/// The hidden-state loss chosen for a pair of states.
+fn state_loss(kind: HiddenLoss, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    match kind {
+        HiddenLoss::Mse => loss::hidden_mse(student, teacher),
+        HiddenLoss::Cosine => loss::hidden_cosine(student, teacher),
     }
 }
 
@@ -430,43 +442,88 @@ impl Objective for Distiller {
 
     fn loss(&mut self, batch: &Batch) -> Result<Loss> {
         let c = self.config.clone();
-        let (logits, captured) = self.student_forward(&batch.ids)?;
-        let ce = next_token_ce(&logits, &batch.ids)?;
-        let mut parts = vec![("ce".to_string(), ce.to_scalar::<f32>()? as f64)];
-        let (kd, teacher_states) = match &self.teacher {
-            Teacher::Model(teacher) => {
-                let mut capture =
-                    Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
-                let hidden = teacher.forward_hidden(&batch.ids, &mut capture)?;
-                let t_logits = teacher.lm_head(&hidden)?.flatten_to(1)?.detach();
-                let kd = loss::kl_divergence(
-                    &logits,
-                    Target::Logits(&t_logits),
-                    c.temperature,
-                    c.divergence,
-                )?;
-                (kd, Some(capture))
-            }
-            Teacher::TopK(cache, _) => {
-                let (indices, log_probs) = cache.targets(&batch.windows)?;
-                let kd = loss::kl_divergence(
-                    &logits,
-                    Target::TopK {
-                        indices: &indices,
-                        log_probs: &log_probs,
-                    },
-                    cache.temperature,
-                    c.divergence,
-                )?;
-                (kd, None)
-            }
-        };
-        parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
-        let mut total = if c.alpha > 0.0 {
-            ((&kd * (1.0 - c.alpha))? + (&ce * c.alpha)?)?
+        let mut parts = vec![];
+        let (total, captured, teacher_states) = if self.student.arch.is_encoder() {
+            // Encoders have no next token to predict: the student's final states (what sentence
+            // embeddings pool) are matched to the teacher's, as DistilBERT's cosine loss does.
+            // With masked-LM heads on both sides, DistilBERT's logit KL is added.
+            let mut capture = Capture::new(c.hidden.iter().map(|p| p.0), c.attention.map(|p| p.0));
+            let (s_hidden, s_logits) = {
+                let student = self.student()?;
+                let h = student.forward_hidden(&batch.ids, &mut capture)?;
+                let logits = if student.has_token_head() {
+                    Some(student.lm_head(&h)?.flatten_to(1)?)
+                } else {
+                    None
+                };
+                (h, logits)
+            };
+            let teacher = self.teacher.model().ok_or_else(|| {
+                TrainError::Config(
+                    "an encoder is distilled from a teacher model, not a top-k cache".into(),
+                )
+            })?;
+            let mut t_capture =
+                Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
+            let t_hidden = teacher.forward_hidden(&batch.ids, &mut t_capture)?.detach();
+            let out = state_loss(c.hidden_loss, &s_hidden, &t_hidden)?;
+            parts.push(("output".to_string(), out.to_scalar::<f32>()? as f64));
+            let total = match s_logits.filter(|_| teacher.has_token_head()) {
+                Some(logits) => {
+                    let t_logits = teacher.lm_head(&t_hidden)?.flatten_to(1)?.detach();
+                    let kd = loss::kl_divergence(
+                        &logits,
+                        Target::Logits(&t_logits),
+                        c.temperature,
+                        c.divergence,
+                    )?;
+                    parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
+                    (out + kd)?
+                }
+                None => out,
+            };
+            (total, capture, Some(t_capture))
         } else {
-            kd
+            let (logits, captured) = self.student_forward(&batch.ids)?;
+            let ce = next_token_ce(&logits, &batch.ids)?;
+            parts.push(("ce".to_string(), ce.to_scalar::<f32>()? as f64));
+            let (kd, teacher_states) = match &self.teacher {
+                Teacher::Model(teacher) => {
+                    let mut capture =
+                        Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
+                    let hidden = teacher.forward_hidden(&batch.ids, &mut capture)?;
+                    let t_logits = teacher.lm_head(&hidden)?.flatten_to(1)?.detach();
+                    let kd = loss::kl_divergence(
+                        &logits,
+                        Target::Logits(&t_logits),
+                        c.temperature,
+                        c.divergence,
+                    )?;
+                    (kd, Some(capture))
+                }
+                Teacher::TopK(cache, _) => {
+                    let (indices, log_probs) = cache.targets(&batch.windows)?;
+                    let kd = loss::kl_divergence(
+                        &logits,
+                        Target::TopK {
+                            indices: &indices,
+                            log_probs: &log_probs,
+                        },
+                        cache.temperature,
+                        c.divergence,
+                    )?;
+                    (kd, None)
+                }
+            };
+            parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
+            let total = if c.alpha > 0.0 {
+                ((&kd * (1.0 - c.alpha))? + (&ce * c.alpha)?)?
+            } else {
+                kd
+            };
+            (total, captured, teacher_states)
         };
+        let mut total = total;
         if let Some(t) = &teacher_states {
             if !c.hidden.is_empty() {
                 let mut sum: Option<Tensor> = None;
@@ -479,10 +536,7 @@ impl Objective for Distiller {
                         Some(p) => hs.broadcast_matmul(&p.as_tensor().t()?)?,
                         None => hs.clone(),
                     };
-                    let l = match c.hidden_loss {
-                        HiddenLoss::Mse => loss::hidden_mse(&hs, &ht)?,
-                        HiddenLoss::Cosine => loss::hidden_cosine(&hs, &ht)?,
-                    };
+                    let l = state_loss(c.hidden_loss, &hs, &ht)?;
                     sum = Some(match sum {
                         None => l,
                         Some(acc) => (acc + l)?,
@@ -511,6 +565,22 @@ impl Objective for Distiller {
         let device = self.student.device().clone();
         // Prepared once: QAT's fake quantization does not change during an evaluation.
         let student = self.student()?.clone();
+        if student.arch.is_encoder() {
+            // Mean cosine between the student's and the teacher's final token states.
+            let teacher = self.teacher.model().ok_or_else(|| {
+                TrainError::Config("an encoder is evaluated against its teacher model".into())
+            })?;
+            let (mut sum, mut n) = (0.0, 0.0);
+            for chunk in windows.chunks(2) {
+                let ids = ids_tensor(chunk, &device)?;
+                let s = student.forward_hidden(&ids, &mut shrink_models::NoHook)?;
+                let t = teacher.forward_hidden(&ids, &mut shrink_models::NoHook)?;
+                let dissimilarity = loss::hidden_cosine(&s, &t)?.to_scalar::<f32>()? as f64;
+                sum += (1.0 - dissimilarity) * chunk.len() as f64;
+                n += chunk.len() as f64;
+            }
+            return Ok(vec![("cosine".to_string(), sum / n.max(1.0))]);
+        }
         let (mut ce_sum, mut kl_sum, mut n) = (0.0, 0.0, 0.0);
         for chunk in windows.chunks(2) {
             let ids = ids_tensor(chunk, &device)?;

@@ -5,11 +5,11 @@
 //!
 //! ```
 //! use candle_core::Device;
-//! use shrink_models::{Llama, LlamaConfig};
+//! use shrink_models::{Transformer, ModelConfig};
 //! use shrink_train::{train, trainable, DistillConfig, Distiller, Teacher, TrainConfig};
-//! let config = LlamaConfig::tiny_for_tests();
-//! let teacher = Llama::random(&config, 0, &Device::Cpu).unwrap();
-//! let student = Llama::random(&config, 1, &Device::Cpu).unwrap();
+//! let config = ModelConfig::tiny_for_tests();
+//! let teacher = Transformer::random(&config, 0, &Device::Cpu).unwrap();
+//! let student = Transformer::random(&config, 1, &Device::Cpu).unwrap();
 //! // Train everything except the embeddings.
 //! let (student, params) = trainable(&student, &["embed_tokens".to_string()]).unwrap();
 //! let mut objective =
@@ -34,7 +34,7 @@ pub use trainer::{
 };
 
 use candle_core::{DType, Var};
-use shrink_models::{name_matches, Llama};
+use shrink_models::{name_matches, Transformer};
 use std::path::PathBuf;
 
 /// Errors from training.
@@ -59,14 +59,17 @@ pub enum TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 /// An f32 copy of `model` whose tensors are [`Var`]s, except those whose name matches a `frozen`
-/// pattern (see [`name_matches`]); returns the trainable ones by name. The input model is not
-/// changed.
-pub fn trainable(model: &Llama, frozen: &[String]) -> Result<(Llama, Vec<(String, Var)>)> {
+/// pattern (see [`name_matches`]) and those the forward pass never reads (BERT's pooler, kept in
+/// [`Transformer::extra`]); returns the trainable ones by name. The input model is not changed.
+pub fn trainable(
+    model: &Transformer,
+    frozen: &[String],
+) -> Result<(Transformer, Vec<(String, Var)>)> {
     let mut tensors = std::collections::BTreeMap::new();
     let mut params = Vec::new();
     for (name, tensor) in model.named_tensors() {
         let tensor = tensor.to_dtype(DType::F32)?;
-        if frozen.iter().any(|p| name_matches(p, &name)) {
+        if model.extra.contains_key(&name) || frozen.iter().any(|p| name_matches(p, &name)) {
             tensors.insert(name, tensor.detach());
         } else {
             let var = Var::from_tensor(&tensor)?;
@@ -74,7 +77,7 @@ pub fn trainable(model: &Llama, frozen: &[String]) -> Result<(Llama, Vec<(String
             params.push((name, var));
         }
     }
-    let student = Llama::from_tensors(&model.config, tensors, DType::F32)?;
+    let student = Transformer::from_tensors(&model.config, tensors, DType::F32)?;
     Ok((student, params))
 }
 

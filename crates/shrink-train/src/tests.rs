@@ -1,7 +1,7 @@
 use super::*;
 use candle_core::{Device, Tensor};
 use shrink_core::NoProgress;
-use shrink_models::LlamaConfig;
+use shrink_models::ModelConfig;
 
 fn t(rows: &[&[f32]]) -> Tensor {
     let n = rows[0].len();
@@ -147,7 +147,7 @@ fn adamw_first_step_matches_hand_computed_values() {
     close(matrix.to_vec2::<f32>().unwrap()[0][0] as f64, 0.89, 1e-6);
 }
 
-fn small_student(teacher: &Llama) -> Llama {
+fn small_student(teacher: &Transformer) -> Transformer {
     // The student keeps the teacher's first block only.
     let mut config = teacher.config.clone();
     config.num_hidden_layers = 1;
@@ -156,7 +156,7 @@ fn small_student(teacher: &Llama) -> Llama {
         .into_iter()
         .filter(|(n, _)| !n.starts_with("model.layers.1."))
         .collect();
-    Llama::from_tensors(&config, tensors, DType::F32).unwrap()
+    Transformer::from_tensors(&config, tensors, DType::F32).unwrap()
 }
 
 fn windows(count: usize, len: usize, seed: u32) -> Vec<Vec<u32>> {
@@ -172,12 +172,12 @@ fn windows(count: usize, len: usize, seed: u32) -> Vec<Vec<u32>> {
 #[test]
 fn gradients_reach_every_trainable_parameter() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     // A narrower random student: the hidden pair needs a learned projection.
-    let mut config = LlamaConfig::tiny_for_tests();
+    let mut config = ModelConfig::tiny_for_tests();
     config.hidden_size = 16;
     config.head_dim = Some(8);
-    let student = Llama::random(&config, 1, &dev).unwrap();
+    let student = Transformer::random(&config, 1, &dev).unwrap();
     let (student, params) = trainable(&student, &[]).unwrap();
     let expected = student.named_tensors().len() + 1;
     let distill = DistillConfig {
@@ -211,11 +211,11 @@ fn gradients_reach_every_trainable_parameter() {
 #[test]
 fn distilling_a_tiny_teacher_lowers_the_kl() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     // A randomly initialised student with half the layers.
-    let mut half = LlamaConfig::tiny_for_tests();
+    let mut half = ModelConfig::tiny_for_tests();
     half.num_hidden_layers = 1;
-    let (student, params) = trainable(&Llama::random(&half, 7, &dev).unwrap(), &[]).unwrap();
+    let (student, params) = trainable(&Transformer::random(&half, 7, &dev).unwrap(), &[]).unwrap();
     let mut obj = Distiller::new(
         student,
         params,
@@ -279,7 +279,7 @@ impl Objective for Crashing<'_> {
 #[test]
 fn a_resumed_run_ends_with_bit_identical_weights() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     let start = small_student(&teacher);
     let config = TrainConfig {
         steps: 7,
@@ -388,7 +388,7 @@ fn a_resumed_run_ends_with_bit_identical_weights() {
 #[test]
 fn frozen_parameters_do_not_move() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     let start = small_student(&teacher);
     let frozen = [
         "embed_tokens".to_string(),
@@ -441,7 +441,7 @@ fn frozen_parameters_do_not_move() {
 #[test]
 fn cached_top_k_targets_round_trip_and_train() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     let data = windows(6, 8, 2);
     let cache = TopKCache::build(&teacher, &data, 8, 2.0, 4, &NoProgress).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -482,7 +482,7 @@ fn cached_top_k_targets_round_trip_and_train() {
 #[test]
 fn bad_settings_are_refused() {
     let dev = Device::Cpu;
-    let teacher = Llama::random(&LlamaConfig::tiny_for_tests(), 0, &dev).unwrap();
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
     let (student, params) = trainable(&small_student(&teacher), &[]).unwrap();
     let bad_pair = DistillConfig {
         hidden: vec![(3, 0)],

@@ -47,7 +47,7 @@ fn rope_ref(x: &mut [f32], pos: usize, theta: f64) {
 }
 
 /// Logits of one sequence computed token by token from the equations.
-fn reference_logits(model: &Llama, tokens: &[u32], window: Option<usize>) -> Vec<Vec<f32>> {
+fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) -> Vec<Vec<f32>> {
     let cfg = &model.config;
     let w = model.named_tensors();
     let m2 = |n: &str| vec2(&w[n]);
@@ -145,20 +145,20 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn batch_logits(model: &Llama, batch: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+fn batch_logits(model: &Transformer, batch: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
     let ids = Tensor::new(batch.to_vec(), &cpu()).unwrap();
     model.forward(&ids).unwrap().to_vec3().unwrap()
 }
 
 #[test]
 fn gqa_forward_matches_scalar_reference_with_batch() {
-    let cfg = LlamaConfig::tiny_for_tests();
+    let cfg = ModelConfig::tiny_for_tests();
     assert_eq!(
         cfg.num_attention_heads / cfg.num_kv_heads(),
         2,
         "grouped-query attention"
     );
-    let model = Llama::random(&cfg, 7, &cpu()).unwrap();
+    let model = Transformer::random(&cfg, 7, &cpu()).unwrap();
     let batch = vec![
         vec![3u32, 17, 9, 40, 2, 63, 11],
         vec![5, 5, 60, 1, 0, 22, 31],
@@ -173,13 +173,13 @@ fn gqa_forward_matches_scalar_reference_with_batch() {
 
 #[test]
 fn qwen2_biases_tied_embeddings_and_head_dim_match_reference() {
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.model_type = "qwen2".into();
     cfg.architectures = vec!["Qwen2ForCausalLM".into()];
     cfg.tie_word_embeddings = true;
     cfg.head_dim = Some(6);
     cfg.rope_theta = 1_000_000.0;
-    let model = Llama::random(&cfg, 3, &cpu()).unwrap();
+    let model = Transformer::random(&cfg, 3, &cpu()).unwrap();
     assert!(model
         .named_tensors()
         .contains_key("model.layers.1.self_attn.k_proj.bias"));
@@ -191,10 +191,10 @@ fn qwen2_biases_tied_embeddings_and_head_dim_match_reference() {
 
 #[test]
 fn mistral_sliding_window_matches_reference() {
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.model_type = "mistral".into();
     cfg.sliding_window = Some(3);
-    let model = Llama::random(&cfg, 5, &cpu()).unwrap();
+    let model = Transformer::random(&cfg, 5, &cpu()).unwrap();
     let seq = vec![9u32, 8, 7, 6, 5, 4, 3, 2];
     let got = &batch_logits(&model, std::slice::from_ref(&seq))[0];
     assert!(max_abs_diff(got, &reference_logits(&model, &seq, Some(3))) < 1e-4);
@@ -205,7 +205,7 @@ fn mistral_sliding_window_matches_reference() {
 
 #[test]
 fn causal_mask_hides_future_tokens() {
-    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 1, &cpu()).unwrap();
+    let model = Transformer::random(&ModelConfig::tiny_for_tests(), 1, &cpu()).unwrap();
     let a = batch_logits(&model, &[vec![1, 2, 3, 4, 5, 6]]);
     let b = batch_logits(&model, &[vec![1, 2, 3, 40, 50, 60]]);
     assert_eq!(
@@ -218,7 +218,7 @@ fn causal_mask_hides_future_tokens() {
 
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
-    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 2, &cpu()).unwrap();
+    let model = Transformer::random(&ModelConfig::tiny_for_tests(), 2, &cpu()).unwrap();
     let seq = vec![4u32, 8, 15, 16, 23, 42, 7];
     let full = &batch_logits(&model, std::slice::from_ref(&seq))[0];
     let mut cache = model.new_cache();
@@ -238,8 +238,9 @@ fn kv_cache_decoding_matches_full_forward() {
 
 #[test]
 fn rms_norm_matches_hand_computation() {
-    let norm = RmsNorm {
+    let norm = Norm {
         weight: Tensor::new(&[1f32, 2.0, 0.5, 1.0], &cpu()).unwrap(),
+        bias: None,
         eps: 0.0,
     };
     let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &cpu()).unwrap();
@@ -254,11 +255,11 @@ fn rms_norm_matches_hand_computation() {
 
 #[test]
 fn rope_rotates_pairs_by_position_times_frequency() {
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    let mut cfg = ModelConfig::tiny_for_tests();
     cfg.hidden_size = 16;
     cfg.num_attention_heads = 4;
     cfg.num_key_value_heads = Some(4);
-    let model = Llama::random(&cfg, 0, &cpu()).unwrap();
+    let model = Transformer::random(&cfg, 0, &cpu()).unwrap();
     let ctx = model.attention_context(3, 0).unwrap();
     // head_dim 4: frequencies 1 and 1/100. Position 2, x = (1, 0, 0, 1) (pairs are (x0, x2), (x1, x3)).
     let x = Tensor::new(&[1f32, 0.0, 0.0, 1.0], &cpu()).unwrap();
@@ -266,7 +267,8 @@ fn rope_rotates_pairs_by_position_times_frequency() {
         .unwrap()
         .reshape((1, 1, 3, 4))
         .unwrap();
-    let y = candle_nn::rotary_emb::rope(&x, &ctx.cos, &ctx.sin).unwrap();
+    let (cos, sin) = ctx.rope.as_ref().unwrap();
+    let y = candle_nn::rotary_emb::rope(&x, cos, sin).unwrap();
     let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
     let (a, b) = (2.0f32, 0.02f32);
     let want = [a.cos(), -b.sin(), a.sin(), b.cos()];
@@ -287,8 +289,8 @@ fn hooks_see_every_linear_input() {
             Ok(())
         }
     }
-    let cfg = LlamaConfig::tiny_for_tests();
-    let model = Llama::random(&cfg, 4, &cpu()).unwrap();
+    let cfg = ModelConfig::tiny_for_tests();
+    let model = Transformer::random(&cfg, 4, &cpu()).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &cpu()).unwrap();
     let mut rec = Recorder(vec![], None);
     model.forward_hidden(&ids, &mut rec).unwrap();
@@ -311,7 +313,7 @@ fn hooks_see_every_linear_input() {
     assert_eq!(down.1, vec![2, 3, cfg.intermediate_size]);
     // The first q_proj input is the first block's normalised embedding.
     let want = model.blocks[0]
-        .input_layernorm
+        .attn_norm
         .forward(&model.embed(&ids).unwrap())
         .unwrap();
     let diff = (rec.1.unwrap() - want)
@@ -325,7 +327,7 @@ fn hooks_see_every_linear_input() {
 
 #[test]
 fn block_by_block_execution_equals_forward() {
-    let model = Llama::random(&LlamaConfig::tiny_for_tests(), 9, &cpu()).unwrap();
+    let model = Transformer::random(&ModelConfig::tiny_for_tests(), 9, &cpu()).unwrap();
     let ids = Tensor::new(&[[7u32, 1, 9, 12]], &cpu()).unwrap();
     let ctx = model.attention_context(4, 0).unwrap();
     let mut x = model.embed(&ids).unwrap();
@@ -340,7 +342,7 @@ fn block_by_block_execution_equals_forward() {
 
 #[test]
 fn weights_can_be_swapped_by_name() {
-    let mut model = Llama::random(&LlamaConfig::tiny_for_tests(), 6, &cpu()).unwrap();
+    let mut model = Transformer::random(&ModelConfig::tiny_for_tests(), 6, &cpu()).unwrap();
     let ids = Tensor::new(&[[1u32, 2, 3]], &cpu()).unwrap();
     let before = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
     let name = "model.layers.1.mlp.up_proj";
@@ -369,9 +371,9 @@ fn weights_can_be_swapped_by_name() {
 
 #[test]
 fn bf16_forward_stays_close_to_f32() {
-    let cfg = LlamaConfig::tiny_for_tests();
-    let model = Llama::random(&cfg, 8, &cpu()).unwrap();
-    let bf16 = Llama::from_tensors(&cfg, model.named_tensors(), DType::BF16).unwrap();
+    let cfg = ModelConfig::tiny_for_tests();
+    let model = Transformer::random(&cfg, 8, &cpu()).unwrap();
+    let bf16 = Transformer::from_tensors(&cfg, model.named_tensors(), DType::BF16).unwrap();
     assert_eq!(bf16.dtype(), DType::BF16);
     let ids = Tensor::new(&[[1u32, 2, 3, 4]], &cpu()).unwrap();
     let a = vec2(&model.forward(&ids).unwrap().squeeze(0).unwrap());
@@ -382,12 +384,14 @@ fn bf16_forward_stays_close_to_f32() {
 
 #[test]
 fn bad_weights_and_configs_are_named() {
-    let cfg = LlamaConfig::tiny_for_tests();
-    let good = Llama::random(&cfg, 0, &cpu()).unwrap().named_tensors();
+    let cfg = ModelConfig::tiny_for_tests();
+    let good = Transformer::random(&cfg, 0, &cpu())
+        .unwrap()
+        .named_tensors();
 
     let mut missing = good.clone();
     missing.remove("model.layers.1.mlp.gate_proj.weight");
-    let err = Llama::from_tensors(&cfg, missing, DType::F32)
+    let err = Transformer::from_tensors(&cfg, missing, DType::F32)
         .unwrap_err()
         .to_string();
     assert!(
@@ -400,7 +404,7 @@ fn bad_weights_and_configs_are_named() {
         "model.layers.0.self_attn.k_proj.weight".into(),
         Tensor::zeros((32, 32), DType::F32, &cpu()).unwrap(),
     );
-    let err = Llama::from_tensors(&cfg, wrong, DType::F32)
+    let err = Transformer::from_tensors(&cfg, wrong, DType::F32)
         .unwrap_err()
         .to_string();
     assert!(
@@ -413,7 +417,7 @@ fn bad_weights_and_configs_are_named() {
         "model.layers.0.mlp.extra.weight".into(),
         Tensor::zeros(2, DType::F32, &cpu()).unwrap(),
     );
-    let err = Llama::from_tensors(&cfg, extra, DType::F32)
+    let err = Transformer::from_tensors(&cfg, extra, DType::F32)
         .unwrap_err()
         .to_string();
     assert!(
@@ -424,22 +428,22 @@ fn bad_weights_and_configs_are_named() {
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["model_type"] = "gpt_neox".into();
     json["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
-    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    let err = ModelConfig::from_json(&json).unwrap_err().to_string();
     assert!(err.contains("unsupported architecture 'gpt_neox'"), "{err}");
 
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["num_key_value_heads"] = 3.into();
-    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    let err = ModelConfig::from_json(&json).unwrap_err().to_string();
     assert!(err.contains("multiple of num_key_value_heads"), "{err}");
 
     let mut json = serde_json::to_value(&cfg).unwrap();
     json.as_object_mut().unwrap().remove("hidden_size");
-    let err = LlamaConfig::from_json(&json).unwrap_err().to_string();
+    let err = ModelConfig::from_json(&json).unwrap_err().to_string();
     assert!(err.contains("hidden_size"), "{err}");
 
     let mut json = serde_json::to_value(&cfg).unwrap();
     json["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
-    assert!(LlamaConfig::from_json(&json)
+    assert!(ModelConfig::from_json(&json)
         .unwrap_err()
         .to_string()
         .contains("yarn"));
@@ -447,7 +451,7 @@ fn bad_weights_and_configs_are_named() {
 
 #[test]
 fn llama3_rope_scaling_changes_low_frequencies_only() {
-    let mut cfg = LlamaConfig::tiny_for_tests();
+    let mut cfg = ModelConfig::tiny_for_tests();
     let plain = cfg.rope_inv_freq().unwrap();
     cfg.rope_scaling = Some(serde_json::json!({"rope_type": "llama3", "factor": 8.0,
         "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}));
@@ -479,15 +483,15 @@ fn int8_per_token_activation_quantization_by_hand() {
 
 #[test]
 fn gradients_flow_through_the_differentiable_path_and_match_finite_differences() {
-    let cfg = LlamaConfig::tiny_for_tests();
-    let model = Llama::random(&cfg, 3, &cpu()).unwrap();
+    let cfg = ModelConfig::tiny_for_tests();
+    let model = Transformer::random(&cfg, 3, &cpu()).unwrap();
     let ids = Tensor::new(&[[1u32, 5, 9, 2, 7, 7, 3], [4, 4, 8, 1, 0, 6, 2]], &cpu()).unwrap();
     let vars: BTreeMap<String, candle_core::Var> = model
         .named_tensors()
         .into_iter()
         .map(|(k, t)| (k, candle_core::Var::from_tensor(&t).unwrap()))
         .collect();
-    let tracked = Llama::from_tensors(
+    let tracked = Transformer::from_tensors(
         &cfg,
         vars.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -538,7 +542,7 @@ fn gradients_flow_through_the_differentiable_path_and_match_finite_differences()
             let mut flat: Vec<f32> = t[name].flatten_all().unwrap().to_vec1().unwrap();
             flat[index] += delta;
             t.insert(name.into(), Tensor::from_vec(flat, shape, &cpu()).unwrap());
-            let m = Llama::from_tensors(&cfg, t, DType::F32).unwrap();
+            let m = Transformer::from_tensors(&cfg, t, DType::F32).unwrap();
             m.lm_loss(&ids).unwrap().to_scalar::<f32>().unwrap() as f64
         };
         let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h as f64);
@@ -549,4 +553,397 @@ fn gradients_flow_through_the_differentiable_path_and_match_finite_differences()
             g[index]
         );
     }
+}
+
+fn layer_norm_ref(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f32> {
+    let n = x.len() as f64;
+    let mean: f64 = x.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let var: f64 = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let r = 1.0 / (var + eps).sqrt();
+    x.iter()
+        .zip(w.iter().zip(b))
+        .map(|(v, (g, s))| ((*v as f64 - mean) * r) as f32 * g + s)
+        .collect()
+}
+
+fn gelu_tanh_ref(x: f32) -> f32 {
+    let x = x as f64;
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    (0.5 * x * (1.0 + (c * (x + 0.044715 * x.powi(3))).tanh())) as f32
+}
+
+/// `x · W + b` with GPT-2's Conv1D weight `W` stored `[in, out]`.
+fn conv1d_ref(x: &[f32], w: &[Vec<f32>], b: &[f32]) -> Vec<f32> {
+    (0..b.len())
+        .map(|o| {
+            let dot: f64 = x
+                .iter()
+                .zip(w)
+                .map(|(xi, row)| *xi as f64 * row[o] as f64)
+                .sum();
+            dot as f32 + b[o]
+        })
+        .collect()
+}
+
+/// GPT-2 logits computed token by token from the checkpoint's own tensors (Conv1D weights,
+/// fused `c_attn`), with no code shared with the model.
+fn gpt2_reference_logits(
+    cfg: &ModelConfig,
+    w: &BTreeMap<String, Tensor>,
+    tokens: &[u32],
+) -> Vec<Vec<f32>> {
+    let m2 = |n: &str| vec2(&w[n]);
+    let m1 = |n: &str| vec1(&w[n]);
+    let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
+    let hd = h / nh;
+    let eps = cfg.layer_norm_eps.unwrap();
+    let (wte, wpe) = (m2("wte.weight"), m2("wpe.weight"));
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .enumerate()
+        .map(|(p, &t)| {
+            wte[t as usize]
+                .iter()
+                .zip(&wpe[p])
+                .map(|(a, b)| a + b)
+                .collect()
+        })
+        .collect();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("h.{l}");
+        let ln = |x: &[f32], n: &str| {
+            layer_norm_ref(
+                x,
+                &m1(&format!("{p}.{n}.weight")),
+                &m1(&format!("{p}.{n}.bias")),
+                eps,
+            )
+        };
+        let conv = |x: &[f32], n: &str| {
+            conv1d_ref(
+                x,
+                &m2(&format!("{p}.{n}.weight")),
+                &m1(&format!("{p}.{n}.bias")),
+            )
+        };
+        let qkv: Vec<Vec<f32>> = xs
+            .iter()
+            .map(|x| conv(&ln(x, "ln_1"), "attn.c_attn"))
+            .collect();
+        let mut out = Vec::new();
+        for (i, x) in xs.iter().enumerate() {
+            let mut attn = vec![0f32; h];
+            for head in 0..nh {
+                let q = &qkv[i][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..=i)
+                    .map(|j| {
+                        let k = &qkv[j][h + head * hd..h + (head + 1) * hd];
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for (j, s) in scores.iter().enumerate() {
+                    let pr = ((s - max).exp() / z) as f32;
+                    for d in 0..hd {
+                        attn[head * hd + d] += pr * qkv[j][2 * h + head * hd + d];
+                    }
+                }
+            }
+            let a = conv(&attn, "attn.c_proj");
+            let x: Vec<f32> = x.iter().zip(&a).map(|(u, v)| u + v).collect();
+            let m: Vec<f32> = conv(&ln(&x, "ln_2"), "mlp.c_fc")
+                .into_iter()
+                .map(gelu_tanh_ref)
+                .collect();
+            let m = conv(&m, "mlp.c_proj");
+            out.push(x.iter().zip(&m).map(|(u, v)| u + v).collect());
+        }
+        xs = out;
+    }
+    xs.iter()
+        .map(|x| {
+            let f = layer_norm_ref(x, &m1("ln_f.weight"), &m1("ln_f.bias"), eps);
+            linear_ref(&f, &wte, None)
+        })
+        .collect()
+}
+
+#[test]
+fn gpt2_matches_a_reference_forward_from_its_conv1d_checkpoint() {
+    let cfg = ModelConfig::tiny_gpt2_for_tests();
+    let model = Transformer::random(&cfg, 21, &cpu()).unwrap();
+    let checkpoint = model.checkpoint_tensors().unwrap();
+    // The checkpoint layout: Conv1D `[in, out]` weights and one fused c_attn.
+    assert_eq!(checkpoint["h.0.attn.c_attn.weight"].dims(), &[32, 96]);
+    assert_eq!(checkpoint["h.1.mlp.c_fc.weight"].dims(), &[32, 48]);
+    assert!(!checkpoint.contains_key("h.0.attn.c_attn.q.weight"));
+    assert!(!checkpoint.contains_key("lm_head.weight"), "tied to wte");
+    let batch = vec![
+        vec![3u32, 17, 9, 40, 2, 63, 11],
+        vec![5, 5, 60, 1, 0, 22, 31],
+    ];
+    let logits = batch_logits(&model, &batch);
+    for (seq, got) in batch.iter().zip(&logits) {
+        let want = gpt2_reference_logits(&cfg, &checkpoint, seq);
+        let diff = max_abs_diff(got, &want);
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+    // Loading the checkpoint back (with GPT2LMHeadModel's `transformer.` prefix and a stored
+    // copy of the tied head) gives the same model.
+    let mut prefixed: BTreeMap<String, Tensor> = checkpoint
+        .iter()
+        .map(|(n, t)| (format!("transformer.{n}"), t.clone()))
+        .collect();
+    prefixed.insert("lm_head.weight".into(), model.embed_tokens.clone());
+    let json = cfg.to_json().unwrap();
+    assert_eq!(json["n_embd"], 32);
+    assert!(json.get("hidden_size").is_none());
+    let back = ModelConfig::from_json(&json).unwrap();
+    assert_eq!(back, cfg);
+    let reloaded = Transformer::from_checkpoint(&back, prefixed, DType::F32).unwrap();
+    assert_eq!(batch_logits(&reloaded, &batch), logits);
+    // Incremental decoding uses the right learned positions.
+    let mut cache = reloaded.new_cache();
+    let seq = &batch[0];
+    let mut last = vec![];
+    for (i, &t) in seq.iter().enumerate() {
+        let ids = Tensor::new(&[[t]], &cpu()).unwrap();
+        last = reloaded
+            .forward_cached(&ids, &mut cache)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()[0]
+            .clone();
+        assert!(max_abs_diff(&[last.clone()], &[logits[0][i].clone()]) < 1e-4);
+    }
+    assert_eq!(last.len(), cfg.vocab_size);
+}
+
+/// BERT logits-free forward: each sentence alone equals the same sentence inside a right-padded
+/// batch (padding is never attended to), and the block matches a scalar post-norm reference.
+#[test]
+fn bert_padding_is_masked_and_blocks_are_post_norm() {
+    let cfg = ModelConfig::tiny_bert_for_tests();
+    let model = Transformer::random(&cfg, 5, &cpu()).unwrap();
+    let long = vec![2u32, 17, 9, 40, 2, 63, 11, 3];
+    let short = vec![2u32, 30, 8, 3];
+    let mut padded_short = short.clone();
+    padded_short.resize(long.len(), 0);
+    let batch = Tensor::new(vec![long.clone(), padded_short], &cpu()).unwrap();
+    let both: Vec<Vec<Vec<f32>>> = model.encode(&batch, &[8, 4]).unwrap().to_vec3().unwrap();
+    let alone: Vec<Vec<f32>> = model
+        .encode(&Tensor::new(vec![short.clone()], &cpu()).unwrap(), &[4])
+        .unwrap()
+        .to_vec3()
+        .unwrap()
+        .remove(0);
+    assert!(max_abs_diff(&both[1][..4], &alone) < 1e-5);
+    // Scalar reference for the one-token-at-a-time equations of a BERT block.
+    let w = model.named_tensors();
+    let m2 = |n: &str| vec2(&w[n]);
+    let m1 = |n: &str| vec1(&w[n]);
+    let eps = cfg.layer_norm_eps.unwrap();
+    let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
+    let hd = h / nh;
+    let word = m2("embeddings.word_embeddings.weight");
+    let pos = m2("embeddings.position_embeddings.weight");
+    let seg = m2("embeddings.token_type_embeddings.weight");
+    let mut xs: Vec<Vec<f32>> = short
+        .iter()
+        .enumerate()
+        .map(|(p, &t)| {
+            let e: Vec<f32> = (0..h)
+                .map(|d| word[t as usize][d] + pos[p][d] + seg[0][d])
+                .collect();
+            layer_norm_ref(
+                &e,
+                &m1("embeddings.LayerNorm.weight"),
+                &m1("embeddings.LayerNorm.bias"),
+                eps,
+            )
+        })
+        .collect();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        let lin = |x: &[f32], n: &str| {
+            linear_ref(
+                x,
+                &m2(&format!("{p}.{n}.weight")),
+                Some(&m1(&format!("{p}.{n}.bias"))),
+            )
+        };
+        let ln = |x: &[f32], n: &str| {
+            layer_norm_ref(
+                x,
+                &m1(&format!("{p}.{n}.weight")),
+                &m1(&format!("{p}.{n}.bias")),
+                eps,
+            )
+        };
+        let q: Vec<_> = xs.iter().map(|x| lin(x, "attention.self.query")).collect();
+        let k: Vec<_> = xs.iter().map(|x| lin(x, "attention.self.key")).collect();
+        let v: Vec<_> = xs.iter().map(|x| lin(x, "attention.self.value")).collect();
+        let mut out = vec![];
+        for (i, x) in xs.iter().enumerate() {
+            let mut attn = vec![0f32; h];
+            for head in 0..nh {
+                let r = head * hd..(head + 1) * hd;
+                let s: Vec<f64> = (0..xs.len())
+                    .map(|j| {
+                        q[i][r.clone()]
+                            .iter()
+                            .zip(&k[j][r.clone()])
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|v| (v - max).exp()).sum();
+                for (j, sv) in s.iter().enumerate() {
+                    for d in r.clone() {
+                        attn[d] += ((sv - max).exp() / z) as f32 * v[j][d];
+                    }
+                }
+            }
+            let a = lin(&attn, "attention.output.dense");
+            let x = ln(
+                &x.iter().zip(&a).map(|(u, w)| u + w).collect::<Vec<_>>(),
+                "attention.output.LayerNorm",
+            );
+            let inter: Vec<f32> = lin(&x, "intermediate.dense")
+                .into_iter()
+                .map(|u| {
+                    let u = u as f64;
+                    (0.5 * u * (1.0 + erf(u / std::f64::consts::SQRT_2))) as f32
+                })
+                .collect();
+            let m = lin(&inter, "output.dense");
+            out.push(ln(
+                &x.iter().zip(&m).map(|(u, w)| u + w).collect::<Vec<_>>(),
+                "output.LayerNorm",
+            ));
+        }
+        xs = out;
+    }
+    assert!(
+        max_abs_diff(&alone, &xs) < 1e-4,
+        "{}",
+        max_abs_diff(&alone, &xs)
+    );
+    assert!(
+        model.lm_head(&model.embed(&batch).unwrap()).is_err(),
+        "no MLM head"
+    );
+}
+
+/// erf from its Maclaurin series (to f64 precision for |x| ≤ 5; ±1 beyond).
+fn erf(x: f64) -> f64 {
+    if x.abs() > 5.0 {
+        return x.signum();
+    }
+    let mut sum = 0.0;
+    let mut term = x;
+    for n in 0..200 {
+        sum += term / (2 * n + 1) as f64;
+        term *= -x * x / (n + 1) as f64;
+        if term.abs() < 1e-17 {
+            break;
+        }
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+/// BertForMaskedLM: the checkpoint's `bert.` prefix is removed on load and restored on write, the
+/// tied decoder is not stored twice, and the head computes dense → GELU → LayerNorm → word
+/// embeddingsᵀ + bias.
+#[test]
+fn bert_masked_lm_head_matches_its_equations_and_checkpoint_layout() {
+    let mut cfg = ModelConfig::tiny_bert_for_tests();
+    cfg.architectures = vec!["BertForMaskedLM".into()];
+    let model = Transformer::random(&cfg, 9, &cpu()).unwrap();
+    let stored = model.checkpoint_tensors().unwrap();
+    assert!(stored.contains_key("bert.encoder.layer.1.output.dense.weight"));
+    assert!(stored.contains_key("cls.predictions.transform.dense.weight"));
+    assert_eq!(
+        model
+            .checkpoint_name("encoder.layer.0.attention.self.query.weight")
+            .unwrap(),
+        "bert.encoder.layer.0.attention.self.query.weight"
+    );
+    let mut with_decoder = stored.clone();
+    with_decoder.insert(
+        "cls.predictions.decoder.weight".into(),
+        model.embed_tokens.clone(),
+    );
+    let back = Transformer::from_checkpoint(&cfg, with_decoder, DType::F32).unwrap();
+    let ids = Tensor::new(&[[2u32, 17, 9, 3]], &cpu()).unwrap();
+    let hidden = back.encode(&ids, &[4]).unwrap();
+    let logits: Vec<Vec<f32>> = back
+        .lm_head(&hidden)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let w = back.named_tensors();
+    let h: Vec<Vec<f32>> = hidden.squeeze(0).unwrap().to_vec2().unwrap();
+    let eps = cfg.layer_norm_eps.unwrap();
+    for (pos, x) in h.iter().enumerate() {
+        let t: Vec<f32> = linear_ref(
+            x,
+            &vec2(&w["cls.predictions.transform.dense.weight"]),
+            Some(&vec1(&w["cls.predictions.transform.dense.bias"])),
+        )
+        .into_iter()
+        .map(|u| {
+            let u = u as f64;
+            (0.5 * u * (1.0 + erf(u / std::f64::consts::SQRT_2))) as f32
+        })
+        .collect();
+        let t = layer_norm_ref(
+            &t,
+            &vec1(&w["cls.predictions.transform.LayerNorm.weight"]),
+            &vec1(&w["cls.predictions.transform.LayerNorm.bias"]),
+            eps,
+        );
+        let want = linear_ref(
+            &t,
+            &vec2(&w["embeddings.word_embeddings.weight"]),
+            Some(&vec1(&w["cls.predictions.bias"])),
+        );
+        assert!(max_abs_diff(&[want], &[logits[pos].clone()]) < 1e-4);
+    }
+}
+
+/// transformers writes removed BERT heads as the original head count plus `pruned_heads`; shrink
+/// reads that as fewer heads of the same size and writes it back the same way.
+#[test]
+fn bert_pruned_heads_round_trip_through_config_json() {
+    let mut cfg = ModelConfig::tiny_bert_for_tests();
+    cfg.num_attention_heads = 3;
+    cfg.head_dim = Some(8);
+    let keys: BTreeMap<&str, serde_json::Value> = cfg.shape_json().into_iter().collect();
+    assert_eq!(keys["num_attention_heads"], 4);
+    assert_eq!(keys["pruned_heads"]["1"], serde_json::json!([3]));
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    for (k, v) in keys {
+        json[k] = v;
+    }
+    json.as_object_mut().unwrap().remove("head_dim");
+    let back = ModelConfig::from_json(&json).unwrap();
+    assert_eq!(
+        (back.num_attention_heads, back.head_dim()),
+        (3, 8),
+        "{json}"
+    );
+    json["pruned_heads"] = serde_json::json!({"0": [1], "1": [0, 2]});
+    let err = ModelConfig::from_json(&json).unwrap_err().to_string();
+    assert!(err.contains("same number"), "{err}");
 }
