@@ -762,10 +762,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
 fn eval(args: EvalArgs) -> Result<()> {
     let protocol: Protocol = args.protocol.parse()?;
     let checkpoint = load_checkpoint(&args.model)?;
-    if shrink_models::ModelConfig::from_json(&checkpoint.config)?
-        .arch()?
-        .is_encoder()
-    {
+    if shrink_pipeline::encoder::is_encoder(&checkpoint)? {
         return eval_encoder(&args, &checkpoint);
     }
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.

@@ -7,6 +7,21 @@ use shrink_core::Progress;
 use shrink_io::Checkpoint;
 use shrink_models::{Pooling, Transformer};
 
+/// The model config of a checkpoint; errors name the checkpoint.
+pub fn model_config(checkpoint: &Checkpoint) -> Result<shrink_models::ModelConfig> {
+    shrink_models::ModelConfig::from_json(&checkpoint.config)
+        .map_err(|e| crate::PipelineError::Invalid(format!("{}: {e}", checkpoint.path.display())))
+}
+
+/// Whether a checkpoint is an encoder (BERT): embeddings, not next tokens.
+pub fn is_encoder(checkpoint: &Checkpoint) -> Result<bool> {
+    let config = model_config(checkpoint)?;
+    let arch = config.arch().map_err(|e| {
+        crate::PipelineError::Invalid(format!("{}: {e}", checkpoint.path.display()))
+    })?;
+    Ok(arch.is_encoder())
+}
+
 /// The sentence-transformers pooling a folder declares (mean pooling without one).
 pub fn pooling_of(checkpoint: &Checkpoint) -> Result<Pooling> {
     Ok(Pooling::from_sentence_transformers(
@@ -44,10 +59,10 @@ pub fn sentence_tokens(
 /// How an encoder frames a window of text: its `[CLS]`/`[SEP]` ids and the window's largest
 /// length; `None` for decoders, which take windows as they are.
 fn framing(checkpoint: &Checkpoint, seq_len: usize) -> Result<Option<(u32, u32, usize)>> {
-    let config = shrink_models::ModelConfig::from_json(&checkpoint.config)?;
-    if !config.arch()?.is_encoder() {
+    if !is_encoder(checkpoint)? {
         return Ok(None);
     }
+    let config = model_config(checkpoint)?;
     let frame = checkpoint.tokenizer()?.encode_sentence("", 2)?;
     let (first, last) = match frame.as_slice() {
         [first, .., last] => (*first, *last),

@@ -422,7 +422,7 @@ pub fn run(
     };
 
     let (tokens, bos) = eval_tokens(&checkpoint, &eval_text)?;
-    let baseline_arch = shrink_models::ModelConfig::from_json(&checkpoint.config)?.arch()?;
+    let encoder = crate::encoder::is_encoder(&checkpoint)?;
     let e = &pipeline.eval;
     let bench = Bench {
         decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
@@ -443,7 +443,7 @@ pub fn run(
         stop: tokenizer.eos_token_ids.clone(),
         decode_tokens: e.decode_tokens,
         tokenizer,
-        sentences: if baseline_arch.is_encoder() {
+        sentences: if encoder {
             crate::encoder::sentence_tokens(
                 &checkpoint,
                 &build_model(&checkpoint, DType::F32)?,

@@ -409,6 +409,22 @@ impl Distiller {
     }
 }
 
+/// The logit divergence from the teacher's head on its final states `hidden`.
+fn teacher_kl(
+    logits: &Tensor,
+    teacher: &Transformer,
+    hidden: &Tensor,
+    c: &DistillConfig,
+) -> Result<Tensor> {
+    let t_logits = teacher.lm_head(hidden)?.flatten_to(1)?.detach();
+    loss::kl_divergence(
+        logits,
+        Target::Logits(&t_logits),
+        c.temperature,
+        c.divergence,
+    )
+}
+
 /// The hidden-state loss chosen for a pair of states.
 fn state_loss(kind: HiddenLoss, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     match kind {
@@ -470,13 +486,7 @@ impl Objective for Distiller {
             parts.push(("output".to_string(), out.to_scalar::<f32>()? as f64));
             let total = match s_logits.filter(|_| teacher.has_token_head()) {
                 Some(logits) => {
-                    let t_logits = teacher.lm_head(&t_hidden)?.flatten_to(1)?.detach();
-                    let kd = loss::kl_divergence(
-                        &logits,
-                        Target::Logits(&t_logits),
-                        c.temperature,
-                        c.divergence,
-                    )?;
+                    let kd = teacher_kl(&logits, teacher, &t_hidden, &c)?;
                     parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
                     (out + kd)?
                 }
@@ -492,14 +502,7 @@ impl Objective for Distiller {
                     let mut capture =
                         Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
                     let hidden = teacher.forward_hidden(&batch.ids, &mut capture)?;
-                    let t_logits = teacher.lm_head(&hidden)?.flatten_to(1)?.detach();
-                    let kd = loss::kl_divergence(
-                        &logits,
-                        Target::Logits(&t_logits),
-                        c.temperature,
-                        c.divergence,
-                    )?;
-                    (kd, Some(capture))
+                    (teacher_kl(&logits, teacher, &hidden, &c)?, Some(capture))
                 }
                 Teacher::TopK(cache, _) => {
                     let (indices, log_probs) = cache.targets(&batch.windows)?;
