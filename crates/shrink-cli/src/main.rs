@@ -986,15 +986,21 @@ fn print_plan(
     // Headers only: the embedding's width and the MLP down projection's other dimension.
     let shape = resolve_model_if_present(&pipeline.model.source).and_then(|path| {
         let info = shrink_io::inspect(&path).ok()?;
-        let dims = |names: [&str; 2]| {
+        let dims = |pick: &dyn Fn(&str) -> bool| {
             info.tensors
                 .iter()
-                .find(|t| names.iter().any(|n| t.name.contains(n)) && t.shape.len() == 2)
+                .find(|t| pick(&t.name) && t.shape.len() == 2)
                 .map(|t| (t.shape[0] as u64, t.shape[1] as u64))
         };
-        let (a, b) = dims(["embed_tokens", "token_embd"])?;
+        // Every family's token embedding and MLP down projection (Hugging Face or GGUF names).
+        let embedding = ["embed_tokens", "token_embd", "word_embeddings", "wte."];
+        let (a, b) = dims(&|n| embedding.iter().any(|e| n.contains(e)))?;
         let hidden = a.min(b);
-        let (c, d) = dims(["down_proj.weight", "ffn_down.weight"])?;
+        let (c, d) = dims(&|n| {
+            n.contains("ffn_down.weight")
+                || (n.ends_with(".weight")
+                    && shrink_models::Role::of_name(n) == Some(shrink_models::Role::Down))
+        })?;
         Some((
             info.parameters,
             hidden,
