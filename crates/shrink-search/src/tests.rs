@@ -1,0 +1,182 @@
+use super::*;
+use rand::{Rng, SeedableRng};
+
+/// Every allocation, by brute force: the reference optimum for small cases.
+fn brute_force(items: &[Item], budget: Budget) -> Option<(u64, f64)> {
+    let mut best: Option<(u64, f64)> = None;
+    let mut idx = vec![0usize; items.len()];
+    loop {
+        let size: u64 = items
+            .iter()
+            .zip(&idx)
+            .map(|(it, &c)| it.choices[c].size_bytes)
+            .sum();
+        let loss: f64 = items
+            .iter()
+            .zip(&idx)
+            .map(|(it, &c)| it.choices[c].loss)
+            .sum();
+        let better = match budget {
+            Budget::MaxSize(max) => {
+                size <= max
+                    && best.is_none_or(|(bs, bl)| {
+                        loss < bl - 1e-12 || (loss <= bl + 1e-12 && size < bs)
+                    })
+            }
+            Budget::MaxLoss(max) => {
+                loss <= max + 1e-9
+                    && best.is_none_or(|(bs, bl)| size < bs || (size == bs && loss < bl))
+            }
+        };
+        if better {
+            best = Some((size, loss));
+        }
+        // Next combination.
+        let mut i = 0;
+        loop {
+            if i == items.len() {
+                return best;
+            }
+            idx[i] += 1;
+            if idx[i] < items[i].choices.len() {
+                break;
+            }
+            idx[i] = 0;
+            i += 1;
+        }
+    }
+}
+
+/// Random tables shaped like real ones: per tensor, options from 8.5 down to 2.6 bits per weight
+/// whose loss grows as the bits fall, at a tensor-specific sensitivity.
+fn table(seed: u64, n: usize, max_blocks: u64) -> Vec<Item> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let formats = [
+        ("q8_0", 8.5),
+        ("q6_k", 6.5625),
+        ("q5_k", 5.5),
+        ("q4_k", 4.5),
+        ("q3_k", 3.4375),
+        ("q2_k", 2.625),
+    ];
+    (0..n)
+        .map(|i| {
+            let weights = rng.gen_range(max_blocks / 50..max_blocks) * 32;
+            let sensitivity: f64 = rng.gen_range(0.01..10.0);
+            let choices = formats
+                .iter()
+                .map(|(name, bpw)| {
+                    let noise: f64 = rng.gen_range(0.8..1.2);
+                    let loss = sensitivity * 2f64.powf(-2.0 * bpw) * 1e4 * noise;
+                    Choice::new(name, (weights as f64 * bpw / 8.0) as u64, loss)
+                })
+                .collect();
+            Item::new(&format!("t{i}"), choices)
+        })
+        .collect()
+}
+
+#[test]
+fn small_cases_equal_brute_force_for_both_budgets() {
+    for seed in 0..40 {
+        let items = table(seed, 5, 500);
+        let all8: u64 = items.iter().map(|it| it.choices[0].size_bytes).sum();
+        let all2: u64 = items.iter().map(|it| it.choices[5].size_bytes).sum();
+        for frac in [0.0, 0.2, 0.5, 0.8, 1.0] {
+            let max = all2 + ((all8 - all2) as f64 * frac) as u64;
+            let got = allocate(&items, Budget::MaxSize(max)).unwrap();
+            let (size, loss) = brute_force(&items, Budget::MaxSize(max)).unwrap();
+            assert!(
+                got.met && got.size <= max,
+                "seed {seed}: {got:?} over {max}"
+            );
+            assert!(
+                (got.loss - loss).abs() <= 1e-9 * loss.max(1.0),
+                "seed {seed} frac {frac}: {} vs optimum {loss} (size {size})",
+                got.loss
+            );
+        }
+        let min_loss: f64 = items.iter().map(|it| it.choices[0].loss).sum();
+        let max_loss: f64 = items.iter().map(|it| it.choices[5].loss).sum();
+        for frac in [0.0, 0.1, 0.5, 1.0] {
+            let max = min_loss + (max_loss - min_loss) * frac;
+            let got = allocate(&items, Budget::MaxLoss(max)).unwrap();
+            let (size, _) = brute_force(&items, Budget::MaxLoss(max)).unwrap();
+            assert!(got.met && got.loss <= max + 1e-9, "seed {seed}: {got:?}");
+            // Sizes are exact here: the table's unit is one byte.
+            assert_eq!(got.size, size, "seed {seed} frac {frac}");
+        }
+    }
+}
+
+/// A budget in real units (a 211-tensor model near 100 MB): the size budget is met to within one
+/// table unit of the budget itself and never exceeded, and the loss is no worse than the best
+/// uniform format that fits.
+#[test]
+fn large_tables_meet_the_size_budget_and_beat_uniform_formats() {
+    let items = table(7, 211, 50_000);
+    let total = |f: usize| -> (u64, f64) {
+        (
+            items.iter().map(|it| it.choices[f].size_bytes).sum(),
+            items.iter().map(|it| it.choices[f].loss).sum(),
+        )
+    };
+    for f in 1..5 {
+        let (size, uniform_loss) = total(f);
+        let got = allocate(&items, Budget::MaxSize(size)).unwrap();
+        assert!(got.met && got.size <= size, "{} > {size}", got.size);
+        // The room left is less than the cheapest upgrade of any tensor plus the rounding.
+        let upgrade = items
+            .iter()
+            .zip(&got.choices)
+            .filter(|(_, &c)| c > 0)
+            .map(|(it, &c)| it.choices[c - 1].size_bytes - it.choices[c].size_bytes)
+            .min()
+            .unwrap();
+        let options = 211 * 6;
+        let unit = size.div_ceil((MAX_STEPS / options).min(MAX_TABLE_BYTES / (2 * 211)));
+        assert!(
+            size - got.size < upgrade + 211 * unit,
+            "{} of {size}",
+            got.size
+        );
+        assert!(
+            got.loss <= uniform_loss,
+            "{} vs uniform {uniform_loss}",
+            got.loss
+        );
+    }
+}
+
+#[test]
+fn unmeetable_budgets_return_the_best_effort_and_say_so() {
+    let items = table(3, 4, 500);
+    let smallest: u64 = items.iter().map(|it| it.choices[5].size_bytes).sum();
+    let got = allocate(&items, Budget::MaxSize(smallest - 1)).unwrap();
+    assert!(!got.met);
+    assert_eq!(got.choices, [5, 5, 5, 5]);
+    assert_eq!(got.size, smallest);
+    let least: f64 = items.iter().map(|it| it.choices[0].loss).sum();
+    let got = allocate(&items, Budget::MaxLoss(least * 0.5)).unwrap();
+    assert!(!got.met);
+    assert_eq!(got.choices, [0, 0, 0, 0], "the least loss there is");
+}
+
+#[test]
+fn bad_tables_and_budgets_are_named() {
+    let empty = vec![Item::new("blk.0.attn_q", vec![])];
+    assert_eq!(
+        allocate(&empty, Budget::MaxSize(1))
+            .unwrap_err()
+            .to_string(),
+        "tensor 'blk.0.attn_q' has no options to choose from"
+    );
+    let nan = vec![Item::new("x", vec![Choice::new("q4_0", 10, f64::NAN)])];
+    assert!(allocate(&nan, Budget::MaxSize(10))
+        .unwrap_err()
+        .to_string()
+        .contains("'q4_0'"));
+    let ok = vec![Item::new("x", vec![Choice::new("q4_0", 10, 1.0)])];
+    assert!(allocate(&ok, Budget::MaxSize(0)).is_err());
+    assert!(allocate(&ok, Budget::MaxLoss(f64::NAN)).is_err());
+}
