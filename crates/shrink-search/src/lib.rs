@@ -1,4 +1,5 @@
-//! Budget-driven allocation: given, for every tensor, the options it can be compressed with (a
+//! Budget-driven search. [`sensitivity`] measures, for every linear and candidate format, the KL
+//! its quantization alone adds; [`allocate`] then chooses. Budget-driven allocation: given, for every tensor, the options it can be compressed with (a
 //! format or a sparsity) and for each the size it takes and the quality it is predicted to cost
 //! (a sensitivity measured with only that tensor compressed), choose one option per tensor. This is
 //! a multiple-choice knapsack: minimise the summed predicted loss under a size budget
@@ -20,10 +21,14 @@
 //! assert_eq!((out.size, out.met), (150, true));
 //! ```
 
+mod sensitivity;
+
+pub use sensitivity::sensitivity;
+
 use serde::Serialize;
 
 /// Errors from allocation.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SearchError {
     #[error("tensor '{0}' has no options to choose from")]
     NoOptions(String),
@@ -35,6 +40,14 @@ pub enum SearchError {
     },
     #[error("the budget {0} is not a positive finite number")]
     BadBudget(String),
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Quant(#[from] shrink_quant::QuantError),
+    #[error(transparent)]
+    Model(#[from] shrink_models::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T> = std::result::Result<T, SearchError>;

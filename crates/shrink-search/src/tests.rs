@@ -180,3 +180,78 @@ fn bad_tables_and_budgets_are_named() {
     assert!(allocate(&ok, Budget::MaxSize(0)).is_err());
     assert!(allocate(&ok, Budget::MaxLoss(f64::NAN)).is_err());
 }
+
+/// The block-cached sensitivity equals the KL of the whole model with that one weight swapped,
+/// computed directly; 8 bits cost less than 4 everywhere; sizes are the packed sizes; and the
+/// allocator fed the table meets a budget between the two uniform sizes with less predicted loss
+/// than uniform 4 bits.
+#[test]
+fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
+    use candle_core::{DType, Device, Tensor, D};
+    use shrink_models::{ModelConfig, Transformer};
+    use shrink_quant::Format;
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 64; // rows of down_proj: whole 32-value blocks
+    let model = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
+    let windows: Vec<Vec<u32>> = (0..3)
+        .map(|w| {
+            (0..20)
+                .map(|i| ((w * 11 + i * 7 + i * i) % 64) as u32)
+                .collect()
+        })
+        .collect();
+    let formats = [
+        Format::parse("q8_0").unwrap(),
+        Format::parse("q4_0").unwrap(),
+    ];
+    let items = sensitivity(&model, &windows, &formats, &shrink_core::NoProgress).unwrap();
+    assert_eq!(items.len(), 14);
+    let ids = Tensor::new(windows.clone(), &Device::Cpu).unwrap();
+    let logp = |m: &Transformer| {
+        let l = m.forward(&ids).unwrap().narrow(1, 10, 10).unwrap();
+        candle_nn::ops::log_softmax(&l, D::Minus1).unwrap()
+    };
+    let reference = logp(&model);
+    for (k, item) in items.iter().enumerate() {
+        let (q8, q4) = (&item.choices[0], &item.choices[1]);
+        assert!(
+            q8.loss < q4.loss,
+            "{}: {} vs {}",
+            item.name,
+            q8.loss,
+            q4.loss
+        );
+        if k % 5 != 0 {
+            continue; // a direct check on every fifth linear
+        }
+        let mut m = model.clone();
+        let linear = m.linear_mut(&item.name).unwrap();
+        let (rows, cols) = linear.weight().dims2().unwrap();
+        let w: Vec<f32> = linear.weight().flatten_all().unwrap().to_vec1().unwrap();
+        let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x").unwrap();
+        assert_eq!(q.size_bytes() as u64, q4.size_bytes);
+        let t = Tensor::from_vec(q.dequantize().unwrap(), (rows, cols), &Device::Cpu).unwrap();
+        linear.set_weight(t).unwrap();
+        let direct = (reference.exp().unwrap() * (&reference - logp(&m)).unwrap())
+            .unwrap()
+            .sum(D::Minus1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (direct - q4.loss).abs() < 1e-6 + 1e-3 * direct,
+            "{}: {direct} vs {}",
+            item.name,
+            q4.loss
+        );
+    }
+    let size = |f: usize| items.iter().map(|it| it.choices[f].size_bytes).sum::<u64>();
+    let budget = (size(0) + size(1)) / 2;
+    let got = allocate(&items, Budget::MaxSize(budget)).unwrap();
+    let uniform4: f64 = items.iter().map(|it| it.choices[1].loss).sum();
+    assert!(got.met && got.size <= budget && got.loss < uniform4);
+}
