@@ -762,16 +762,22 @@ fn convert(args: ConvertArgs) -> Result<()> {
 fn eval(args: EvalArgs) -> Result<()> {
     let protocol: Protocol = args.protocol.parse()?;
     let checkpoint = load_checkpoint(&args.model)?;
-    if shrink_pipeline::encoder::is_encoder(&checkpoint)? {
-        return eval_encoder(&args, &checkpoint);
-    }
+    let encoder = shrink_pipeline::encoder::is_encoder(&checkpoint)?;
+    let text = read_text(&args.text)?;
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
-    let (tokens, bos) = shrink_pipeline::eval_tokens(&checkpoint, &read_text(&args.text)?)?;
+    let (tokens, bos) = if encoder {
+        (vec![], None)
+    } else {
+        shrink_pipeline::eval_tokens(&checkpoint, &text)?
+    };
     let model = build_llama(&checkpoint, args.dtype.dtype())?;
     let reference = match &args.reference {
         Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
         None => None,
     };
+    if encoder {
+        return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
+    }
     let cfg = EvalConfig {
         protocol,
         ctx: args.ctx,
@@ -849,24 +855,26 @@ fn print_eval_json(
 }
 
 /// `shrink eval` on an encoder: embedding fidelity, throughput, masked-LM scores.
-fn eval_encoder(args: &EvalArgs, checkpoint: &Checkpoint) -> Result<()> {
-    let model = build_llama(checkpoint, args.dtype.dtype())?;
-    let reference = match &args.reference {
-        Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
-        None => None,
-    };
+fn eval_encoder(
+    args: &EvalArgs,
+    checkpoint: &Checkpoint,
+    text: &str,
+    model: &Transformer,
+    reference: Option<&Transformer>,
+) -> Result<()> {
     let bar = progress::Bar::new();
     let report = shrink_pipeline::encoder::evaluate_encoder(
         checkpoint,
-        &model,
-        reference.as_ref(),
-        &read_text(&args.text)?,
+        model,
+        reference,
+        text,
         args.sentences,
+        // --batch counts decoder chunks; an encoder batch holds 8 short sentences per chunk.
         args.batch.max(1) * 8,
         &bar,
     )?;
     if args.json {
-        return print_eval_json(&report, checkpoint, args, &model);
+        return print_eval_json(&report, checkpoint, args, model);
     }
     outln!(
         "model       {} ({} parameters, encoder)",
@@ -920,23 +928,11 @@ fn embed(
     let checkpoint = load_checkpoint(model_spec)?;
     let model = build_llama(&checkpoint, DType::F32)?;
     let tokens = match text {
-        Some(spec) => shrink_pipeline::encoder::sentence_tokens(
-            &checkpoint,
-            &model,
-            &read_text(spec)?,
-            count,
-        )?,
-        None => {
-            if sentences.is_empty() {
-                bail!("give sentences to embed, or --text");
-            }
-            let max = shrink_pipeline::encoder::max_seq_len(&checkpoint, &model)?;
-            let tok = checkpoint.tokenizer()?;
-            sentences
-                .iter()
-                .map(|s| tok.encode_sentence(s, max))
-                .collect::<std::result::Result<_, _>>()?
+        Some(spec) => {
+            shrink_pipeline::encoder::sentence_tokens(&checkpoint, &read_text(spec)?, count)?
         }
+        None if sentences.is_empty() => bail!("give sentences to embed, or --text"),
+        None => shrink_pipeline::encoder::encode_sentences(&checkpoint, sentences)?,
     };
     let pooling = shrink_pipeline::encoder::pooling_of(&checkpoint)?;
     let vectors = shrink_eval::embed(&model, &pooling, &tokens, 32, &shrink_core::NoProgress)?;

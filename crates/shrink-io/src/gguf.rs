@@ -861,7 +861,7 @@ pub fn write_llama_gguf(
             None => (2, 0),
         }
     };
-    ordered.sort_by(|a, b| layer_of(a.0).cmp(&layer_of(b.0)).then(a.0.cmp(b.0)));
+    ordered.sort_by_cached_key(|(name, _)| (layer_of(name), (*name).clone()));
     let mut out = Vec::with_capacity(ordered.len());
     for (name, t) in ordered {
         let err = |message: String| IoError::Tensor {

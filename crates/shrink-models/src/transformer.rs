@@ -1020,11 +1020,9 @@ impl Transformer {
         let mut tensors = BTreeMap::new();
         for (name, shape) in config.expected_tensors() {
             let n: usize = shape.iter().product();
-            let is_norm = name.contains("norm") || name.contains("LayerNorm") || {
-                let stem = name.trim_end_matches(".weight");
-                ["ln_1", "ln_2", "ln_f"].iter().any(|l| stem.ends_with(l))
-            };
-            let data: Vec<f32> = if is_norm && name.ends_with(".weight") {
+            // Norm scales are the only 1-D weights (biases end in `.bias`).
+            let is_norm = shape.len() == 1 && name.ends_with(".weight");
+            let data: Vec<f32> = if is_norm {
                 (0..n).map(|_| 1.0 + rng.gen_range(-0.2f32..0.2)).collect()
             } else {
                 // Sum of uniforms: an approximately normal draw without extra dependencies.

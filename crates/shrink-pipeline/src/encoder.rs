@@ -7,19 +7,19 @@ use shrink_core::Progress;
 use shrink_io::Checkpoint;
 use shrink_models::{Pooling, Transformer};
 
-/// The model config of a checkpoint; errors name the checkpoint.
+/// The model config of a checkpoint, with its architecture checked; errors name the checkpoint.
 pub fn model_config(checkpoint: &Checkpoint) -> Result<shrink_models::ModelConfig> {
-    shrink_models::ModelConfig::from_json(&checkpoint.config)
-        .map_err(|e| crate::PipelineError::Invalid(format!("{}: {e}", checkpoint.path.display())))
+    let named = |e: shrink_models::ModelError| {
+        crate::PipelineError::Invalid(format!("{}: {e}", checkpoint.path.display()))
+    };
+    let config = shrink_models::ModelConfig::from_json(&checkpoint.config).map_err(named)?;
+    config.arch().map_err(named)?;
+    Ok(config)
 }
 
 /// Whether a checkpoint is an encoder (BERT): embeddings, not next tokens.
 pub fn is_encoder(checkpoint: &Checkpoint) -> Result<bool> {
-    let config = model_config(checkpoint)?;
-    let arch = config.arch().map_err(|e| {
-        crate::PipelineError::Invalid(format!("{}: {e}", checkpoint.path.display()))
-    })?;
-    Ok(arch.is_encoder())
+    Ok(model_config(checkpoint)?.arch()?.is_encoder())
 }
 
 /// The sentence-transformers pooling a folder declares (mean pooling without one).
@@ -32,37 +32,38 @@ pub fn pooling_of(checkpoint: &Checkpoint) -> Result<Pooling> {
 
 /// The longest input the encoder takes: sentence-transformers' `max_seq_length`, else the model's
 /// positions.
-pub fn max_seq_len(checkpoint: &Checkpoint, model: &Transformer) -> Result<usize> {
-    let positions = model.config.max_position_embeddings;
+fn max_seq_len(checkpoint: &Checkpoint) -> Result<usize> {
+    let positions = model_config(checkpoint)?.max_position_embeddings;
     Ok(checkpoint
         .side_json("sentence_bert_config.json")?
         .and_then(|v| v.get("max_seq_length").and_then(|m| m.as_u64()))
         .map_or(positions, |m| (m as usize).min(positions)))
 }
 
-/// The held-out sentences of `text` (at least 4 words each, at most `count`) tokenized as the
-/// encoder takes them.
-pub fn sentence_tokens(
-    checkpoint: &Checkpoint,
-    model: &Transformer,
-    text: &str,
-    count: usize,
-) -> Result<Vec<Vec<u32>>> {
+/// `sentences` tokenized as the encoder takes them: its special tokens around each, truncated to
+/// its longest input.
+pub fn encode_sentences(checkpoint: &Checkpoint, sentences: &[String]) -> Result<Vec<Vec<u32>>> {
     let tokenizer = checkpoint.tokenizer()?;
-    let max = max_seq_len(checkpoint, model)?;
-    shrink_eval::sentences(text, 4, count)
+    let max = max_seq_len(checkpoint)?;
+    sentences
         .iter()
         .map(|s| Ok(tokenizer.encode_sentence(s, max)?))
         .collect()
 }
 
+/// The held-out sentences of `text` (at least 4 words each, at most `count`) tokenized as the
+/// encoder takes them.
+pub fn sentence_tokens(checkpoint: &Checkpoint, text: &str, count: usize) -> Result<Vec<Vec<u32>>> {
+    encode_sentences(checkpoint, &shrink_eval::sentences(text, 4, count))
+}
+
 /// How an encoder frames a window of text: its `[CLS]`/`[SEP]` ids and the window's largest
 /// length; `None` for decoders, which take windows as they are.
 fn framing(checkpoint: &Checkpoint, seq_len: usize) -> Result<Option<(u32, u32, usize)>> {
-    if !is_encoder(checkpoint)? {
+    let config = model_config(checkpoint)?;
+    if !config.arch()?.is_encoder() {
         return Ok(None);
     }
-    let config = model_config(checkpoint)?;
     let frame = checkpoint.tokenizer()?.encode_sentence("", 2)?;
     let (first, last) = match frame.as_slice() {
         [first, .., last] => (*first, *last),
@@ -144,7 +145,7 @@ pub fn evaluate_encoder(
     batch: usize,
     progress: &dyn Progress,
 ) -> Result<shrink_eval::EncoderReport> {
-    let tokens = sentence_tokens(checkpoint, model, text, sentences)?;
+    let tokens = sentence_tokens(checkpoint, text, sentences)?;
     let cfg = shrink_eval::EncoderEvalConfig {
         batch,
         mask_id: mask_id(checkpoint),

@@ -444,12 +444,7 @@ pub fn run(
         decode_tokens: e.decode_tokens,
         tokenizer,
         sentences: if encoder {
-            crate::encoder::sentence_tokens(
-                &checkpoint,
-                &build_model(&checkpoint, DType::F32)?,
-                &eval_text,
-                e.sentences,
-            )?
+            crate::encoder::sentence_tokens(&checkpoint, &eval_text, e.sentences)?
         } else {
             vec![]
         },
