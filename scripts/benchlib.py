@@ -20,3 +20,10 @@ def run(cmd):
     if status != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
     return stdout, stderr, wall, usage.ru_maxrss / 1024
+
+
+def llama_ppl(bin_dir, path, text, threads):
+    """Hamlet-protocol perplexity of a GGUF by llama-perplexity: ctx 512, 32 chunks."""
+    import re
+    _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", text, "-c", "512", "--chunks", "32", "-t", threads])
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))

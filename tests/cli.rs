@@ -487,6 +487,32 @@ fn every_example_pipeline_validates_and_bad_ones_say_where() {
         e.contains("bad.toml:6:1: unknown key `prest`; did you mean `preset`?"),
         "{e}"
     );
+    // Search stages: the budget, its targets and the candidate formats are checked up front.
+    let search = |rest: &str| {
+        std::fs::write(
+            &bad,
+            format!(
+                "name = \"x\"\n[model]\nsource = \"smollm2\"\n[[stage]]\nkind = \"search\"\n{rest}"
+            ),
+        )
+        .unwrap();
+        fails(&["validate", bad.to_str().unwrap()])
+    };
+    let e = search("formats = [\"q4_0\"]\n");
+    assert!(e.contains("needs a [stage.budget] table"), "{e}");
+    let e = search("[stage.budget]\nmax_size_mb = 90\ntarget_bpw = 4.5\n");
+    assert!(e.contains("exactly one of max_size_mb, target_bpw"), "{e}");
+    let e = search("formats = [\"q4_x\"]\n[stage.budget]\nmax_size_mb = 90\n");
+    assert!(e.contains("formats") && e.contains("q4_x"), "{e}");
+    let e = search("[stage.budget]\nmax_size_mb = -1\n");
+    assert!(e.contains("budget.max_size_mb = -1"), "{e}");
+    let e = search("preset = \"q4_0\"\n[stage.budget]\nmax_size_mb = 90\n");
+    assert!(
+        e.contains("`preset` does not apply to a search stage"),
+        "{e}"
+    );
+    let e = search("[stage.budget]\nmax_size_mb = 90\nmax_sise = 3\n");
+    assert!(e.contains("max_sise"), "{e}");
 }
 
 #[test]
@@ -1650,4 +1676,201 @@ fn gpt2_folder_evaluates_converts_quantizes_prunes_and_distils() {
         "5",
     ]);
     assert!(!generated.is_empty());
+}
+
+/// A pipeline of `search` stages on `model`; `stages` is their TOML.
+fn search_pipeline(dir: &Path, model: &Path, stages: &str) -> PathBuf {
+    let text = sample_text();
+    let toml = format!(
+        r#"name = "search"
+seed = 1
+[model]
+source = "{model}"
+[data]
+calib = "{text}"
+eval = "{text}"
+samples = 8
+seq_len = 64
+{stages}
+[eval]
+ctx = 64
+chunks = 4
+prompts = []
+decode_tokens = 0
+"#,
+        model = model.display(),
+        text = text.display()
+    );
+    let path = dir.join(format!("search-{}.toml", toml.len()));
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// `shrink run FILE -o RUN` with its own cache folder; it must succeed.
+fn run_with_cache(file: &Path, run: &Path, cache: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(["run", file.to_str().unwrap(), "-o", run.to_str().unwrap()])
+        .env("SHRINK_CACHE_DIR", cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+}
+
+/// The search stage: a bits-per-weight budget is met with the file size predicted to the byte; a
+/// perplexity budget is met as measured; an impossible size still writes the smallest mix and
+/// says so; the sensitivity table is measured once and reused; the report shows every round and
+/// the sensitivity chart. GPT-2's fused q/k/v get one type.
+#[test]
+fn search_stage_meets_budgets_reuses_sensitivity_and_writes_a_best_effort() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let formats = r#"formats = ["q8_0", "q6_k", "q4_k", "q4_0"]
+embedding_formats = ["q8_0", "q4_0"]"#;
+    let stages = format!(
+        r#"[[stage]]
+kind = "search"
+name = "bpw"
+input = "model"
+{formats}
+[stage.budget]
+target_bpw = 6.0
+[[stage]]
+kind = "search"
+name = "ppl"
+input = "model"
+{formats}
+[stage.budget]
+max_ppl_increase_pct = 2.0
+rounds = 4
+[[stage]]
+kind = "search"
+name = "tight"
+input = "model"
+{formats}
+[stage.budget]
+max_size_mb = 0.001
+"#
+    );
+    let file = search_pipeline(dir.path(), &gguf, &stages);
+    let run = dir.path().join("run");
+    let cache = dir.path().join("cache");
+    run_with_cache(&file, &run, &cache);
+    let record = |name: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(run.join("stages").join(name).join("stage.json"));
+        serde_json::from_str(&text.unwrap()).unwrap()
+    };
+    let file_size = |name: &str| {
+        std::fs::metadata(run.join("stages").join(name).join("model.gguf"))
+            .unwrap()
+            .len()
+    };
+    // The size of a mix as the sensitivity table predicts it: fixed bytes plus each option's.
+    let predicted = |s: &serde_json::Value, choices: &[serde_json::Value]| -> u64 {
+        let items = s["sensitivity"].as_array().unwrap();
+        let bytes: u64 = items
+            .iter()
+            .zip(choices)
+            .map(|(it, c)| {
+                let opts = it["choices"].as_array().unwrap();
+                let o = opts.iter().find(|o| o["name"] == *c).unwrap();
+                o["size_bytes"].as_u64().unwrap()
+            })
+            .sum();
+        s["fixed_bytes"].as_u64().unwrap() + bytes
+    };
+
+    let bpw = record("bpw")["search"].clone();
+    let o = &bpw["outcome"];
+    let best = &o["tried"][o["best"].as_u64().unwrap() as usize];
+    let goal = o["goal"]["max_size"].as_u64().unwrap();
+    let weights = bpw["searched_weights"].as_u64().unwrap();
+    assert_eq!(
+        goal,
+        bpw["fixed_bytes"].as_u64().unwrap() + (6.0 * weights as f64 / 8.0) as u64
+    );
+    assert_eq!(o["met"], true);
+    assert_eq!(bpw["sensitivity_cached"], false);
+    assert_eq!(file_size("bpw"), best["size_bytes"].as_u64().unwrap());
+    assert_eq!(
+        file_size("bpw"),
+        predicted(&bpw, best["choices"].as_array().unwrap())
+    );
+    assert!(file_size("bpw") <= goal);
+    let names: Vec<&str> = best["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    // A mix, not one format: 6 bits on average between 8.5 and 4.5.
+    assert!(
+        names.contains(&"q8_0") && names.iter().any(|n| *n != "q8_0"),
+        "{names:?}"
+    );
+
+    let ppl = record("ppl")["search"].clone();
+    assert_eq!(ppl["sensitivity_cached"], true);
+    let o = &ppl["outcome"];
+    let best = &o["tried"][o["best"].as_u64().unwrap() as usize];
+    assert_eq!(o["met"], true);
+    assert!(best["score"]["ppl_increase_pct"].as_f64().unwrap() <= 2.0);
+    assert_eq!(file_size("ppl"), best["size_bytes"].as_u64().unwrap());
+
+    // Nothing fits 1 kB: the smallest option of every tensor is written, flagged as a miss.
+    let tight = record("tight")["search"].clone();
+    assert_eq!(tight["sensitivity_cached"], true);
+    let o = &tight["outcome"];
+    assert_eq!(o["met"], false);
+    let smallest: Vec<serde_json::Value> = tight["sensitivity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|it| {
+            let opts = it["choices"].as_array().unwrap();
+            let o = opts
+                .iter()
+                .min_by_key(|o| o["size_bytes"].as_u64().unwrap())
+                .unwrap();
+            o["name"].clone()
+        })
+        .collect();
+    assert_eq!(file_size("tight"), predicted(&tight, &smallest));
+
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Search: tight") && md.contains("NOT met"),
+        "{md}"
+    );
+    assert!(
+        md.contains("## Search: bpw") && md.contains("written"),
+        "{md}"
+    );
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(html.contains("Sensitivity — bpw: KL with only this tensor in q4_0"));
+
+    // GPT-2 stores q, k and v as one GGUF tensor: the search gives them one type.
+    let folder = common::tiny_gpt2_folder(dir.path(), 128);
+    let gpt2 = search_pipeline(
+        dir.path(),
+        &folder,
+        r#"[[stage]]
+kind = "search"
+name = "gpt2"
+formats = ["q8_0", "q4_0"]
+[stage.budget]
+target_bpw = 6.5
+"#,
+    );
+    let run2 = dir.path().join("run-gpt2");
+    run_with_cache(&gpt2, &run2, &cache);
+    let text = std::fs::read_to_string(run2.join("stages/gpt2/stage.json")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let items = rec["search"]["sensitivity"].as_array().unwrap();
+    assert!(items.iter().any(|it| it["name"]
+        .as_str()
+        .unwrap()
+        .ends_with("c_attn.q+h.0.attn.c_attn.k+h.0.attn.c_attn.v")
+        || it["name"].as_str().unwrap().contains("c_attn.q+")));
+    assert_eq!(rec["search"]["outcome"]["met"], true);
 }

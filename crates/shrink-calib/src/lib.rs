@@ -27,7 +27,7 @@ pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use shrink_core::Progress;
-use shrink_models::{Block, LinearHook, NoHook, Transformer};
+use shrink_models::{AttentionContext, Block, LinearHook, NoHook, Transformer};
 use std::collections::BTreeMap;
 
 /// Errors from calibration.
@@ -125,6 +125,30 @@ impl LinearHook for StatsHook {
     }
 }
 
+/// The input statistics of `block`'s linears when it runs on the hidden states `xs` (with or
+/// without the full Hessian), checked to be finite.
+pub fn block_stats(
+    block: &Block,
+    xs: &[Tensor],
+    ctx: &AttentionContext,
+    hessian: bool,
+) -> Result<BlockStats> {
+    let mut hook = StatsHook {
+        stats: BlockStats::default(),
+        last: None,
+        hessian,
+    };
+    for x in xs {
+        block.forward(x, ctx, None, &mut hook)?;
+    }
+    for (name, &slot) in &hook.stats.index {
+        if !hook.stats.stats[slot].is_finite() {
+            return Err(CalibError::NonFinite(name.clone()));
+        }
+    }
+    Ok(hook.stats)
+}
+
 /// Runs `windows` through `model` block by block. For each block: its linears' input statistics
 /// are gathered on the current activations, `compress` modifies the block, and the compressed
 /// block's outputs become the next block's inputs. Only the activations of the calibration
@@ -150,20 +174,8 @@ pub fn sequential(
     }
     progress.start("calibrating blocks", model.blocks.len() as u64);
     for block in model.blocks.iter_mut() {
-        let mut hook = StatsHook {
-            stats: BlockStats::default(),
-            last: None,
-            hessian,
-        };
-        for x in &xs {
-            block.forward(x, &ctx, None, &mut hook)?;
-        }
-        for (name, &slot) in &hook.stats.index {
-            if !hook.stats.stats[slot].is_finite() {
-                return Err(CalibError::NonFinite(name.clone()));
-            }
-        }
-        compress(block, &hook.stats)?;
+        let stats = block_stats(block, &xs, &ctx, hessian)?;
+        compress(block, &stats)?;
         for x in xs.iter_mut() {
             *x = block.forward(x, &ctx, None, &mut NoHook)?;
         }

@@ -135,6 +135,8 @@ pub enum StageKind {
     Distill,
     #[serde(rename = "quantize.qat")]
     QuantizeQat,
+    #[serde(rename = "search")]
+    Search,
 }
 
 impl StageKind {
@@ -153,6 +155,7 @@ impl StageKind {
             StageKind::PruneWidth => "prune.width",
             StageKind::Distill => "distill",
             StageKind::QuantizeQat => "quantize.qat",
+            StageKind::Search => "search",
         }
     }
 
@@ -169,7 +172,21 @@ impl StageKind {
         let structured = prune.is_some_and(PruneKind::structured);
         let distill = self == StageKind::Distill;
         let qat = self == StageKind::QuantizeQat;
+        if self == StageKind::Search {
+            return matches!(
+                key,
+                "formats"
+                    | "embedding_formats"
+                    | "embeddings"
+                    | "sensitivity"
+                    | "budget"
+                    | "weights"
+                    | "damp"
+                    | "act_order"
+            );
+        }
         match key {
+            "formats" | "embedding_formats" | "sensitivity" | "budget" => false,
             "teacher" | "layers" | "student" | "hidden" | "hidden_loss" | "hidden_weight"
             | "attention" | "attention_weight" | "top_k" => distill,
             "loss" | "temperature" | "train" | "freeze" => distill || qat,
@@ -325,6 +342,18 @@ pub struct Stage {
     /// Training: steps, batch, learning rate… (`[stage.train]`).
     #[serde(default)]
     pub train: Option<crate::distill::TrainKeys>,
+    /// Search: the candidate block types of the linears.
+    #[serde(default)]
+    pub formats: Option<Vec<String>>,
+    /// Search: the candidate block types of the token embedding (unset: `embeddings`, fixed).
+    #[serde(default)]
+    pub embedding_formats: Option<Vec<String>>,
+    /// Search: `scaled` (one KL per linear, scaled by output error) or `every` format measured.
+    #[serde(default)]
+    pub sensitivity: Option<String>,
+    /// Search: the target and the time budget (`[stage.budget]`).
+    #[serde(default)]
+    pub budget: Option<crate::search::BudgetKeys>,
 }
 
 /// A value written as a string or a number, as text.
@@ -343,6 +372,7 @@ pub enum StageJob {
     Prune(PruneRequest),
     Distill(crate::distill::DistillRequest),
     Qat(crate::distill::QatRequest),
+    Search(crate::search::SearchRequest),
 }
 
 impl StageJob {
@@ -355,6 +385,7 @@ impl StageJob {
             StageJob::Qat(r) => r
                 .resolve()
                 .map(|r| (r.quantize.calibrates, r.quantize.export)),
+            StageJob::Search(r) => r.sensitivity_config().map(|_| (true, Export::Gguf)),
         }
     }
 
@@ -376,6 +407,9 @@ impl Stage {
         if self.kind == StageKind::Distill {
             return Ok(StageJob::Distill(self.distill_request()));
         }
+        if self.kind == StageKind::Search {
+            return self.search_request().map(StageJob::Search);
+        }
         if self.kind == StageKind::QuantizeQat {
             let d = self.distill_request();
             return Ok(StageJob::Qat(crate::distill::QatRequest {
@@ -392,6 +426,38 @@ impl Stage {
             Some(kind) => Ok(StageJob::Prune(self.prune_request(kind))),
             None => self.request().map(StageJob::Quantize),
         }
+    }
+
+    fn search_request(&self) -> Result<crate::search::SearchRequest> {
+        let defaults = QuantizeRequest::default();
+        Ok(crate::search::SearchRequest {
+            formats: self.formats.clone().unwrap_or_else(|| {
+                crate::search::DEFAULT_FORMATS
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect()
+            }),
+            embedding_formats: self.embedding_formats.clone().unwrap_or_default(),
+            embeddings: self.embeddings.clone().unwrap_or_else(|| "q8_0".into()),
+            method: self
+                .weights
+                .as_deref()
+                .map(QuantMethod::parse)
+                .transpose()?
+                .unwrap_or(QuantMethod::Gptq),
+            damp: self.damp.unwrap_or(defaults.damp),
+            act_order: self.act_order.unwrap_or(defaults.act_order),
+            measure: match self.sensitivity.as_deref() {
+                None | Some("scaled") => shrink_search::Measure::Scaled,
+                Some("every") => shrink_search::Measure::Every,
+                Some(other) => {
+                    return Err(PipelineError::Invalid(format!(
+                        "sensitivity `{other}` is not one of: scaled, every"
+                    )))
+                }
+            },
+            budget: self.budget.clone().unwrap_or_default(),
+        })
     }
 
     fn distill_request(&self) -> crate::distill::DistillRequest {
@@ -653,7 +719,8 @@ impl Pipeline {
     /// block's Hessians and a batch's working set; when a stage trains, the teacher, the student
     /// with its gradients and AdamW moments, and the autograd graph of a micro-batch (logits and
     /// their softmaxes, ~12 copies of `vocab` per token; ~10 of `hidden + intermediate` per token
-    /// and layer). Calibrated on distilling SmolLM2 (measured 9.1 GB at 4 × 256 tokens).
+    /// and layer); a search stage adds what its verification holds. Calibrated on distilling
+    /// SmolLM2 (measured 9.1 GB at 4 × 256 tokens).
     pub fn estimated_peak_bytes(
         &self,
         parameters: u64,
@@ -688,7 +755,15 @@ impl Pipeline {
             })
             .max()
             .unwrap_or(0);
-        model + calibration.max(training) + (64 << 20)
+        // A search holds a quantized copy of the model and the model read back from its file,
+        // and the reference and a candidate's log-probabilities (and their exponentials) on 1024
+        // scored positions at a time.
+        let search = if self.planned.iter().any(|s| s.kind == StageKind::Search) {
+            2 * parameters * 4 + 4 * 1024 * vocab * 4
+        } else {
+            0
+        };
+        model + (calibration + search).max(training) + (64 << 20)
     }
 
     /// Stages in the order they run (sweep variants after the stages they branch from), with
@@ -922,7 +997,7 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                     && match &p.job {
                         StageJob::Prune(r) => !r.kind.structured(),
                         StageJob::Quantize(r) => r.keep_zeros,
-                        StageJob::Distill(_) | StageJob::Qat(_) => false,
+                        StageJob::Distill(_) | StageJob::Qat(_) | StageJob::Search(_) => false,
                     }
             });
         }
@@ -1066,6 +1141,10 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
         ("top_k", s.top_k.is_some()),
         ("learn_scales", s.learn_scales.is_some()),
         ("train", s.train.is_some()),
+        ("formats", s.formats.is_some()),
+        ("embedding_formats", s.embedding_formats.is_some()),
+        ("sensitivity", s.sensitivity.is_some()),
+        ("budget", s.budget.is_some()),
     ] {
         if set && !s.kind.accepts(key) {
             return Err((
@@ -1081,6 +1160,29 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
     }
     if s.kind.prune_kind().is_some() {
         return check_prune_stage(s);
+    }
+    if s.kind == StageKind::Search {
+        if let Some(w) = &s.weights {
+            if !["rtn", "gptq"].contains(&w.as_str()) {
+                return Err((
+                    Some("weights"),
+                    format!("weights `{w}` is not one of: rtn, gptq"),
+                ));
+            }
+        }
+        s.budget
+            .as_ref()
+            .ok_or((
+                None,
+                "a search stage needs a [stage.budget] table".to_string(),
+            ))?
+            .check()
+            .map_err(|e| (Some("budget"), e))?;
+        let job = s.job().map_err(|e| (None, e.to_string()))?;
+        if let StageJob::Search(r) = &job {
+            r.sensitivity_config().map_err(|e| (None, e.to_string()))?;
+        }
+        return planned(s);
     }
     if s.kind == StageKind::Distill || s.kind == StageKind::QuantizeQat {
         check_training_keys(s)?;

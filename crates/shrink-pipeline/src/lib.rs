@@ -35,6 +35,7 @@ pub mod quantize;
 pub mod render;
 pub mod report;
 mod run;
+pub mod search;
 mod sys;
 
 pub use config::{
@@ -98,6 +99,8 @@ pub enum PipelineError {
     Train(#[from] shrink_train::TrainError),
     #[error(transparent)]
     Core(#[from] shrink_core::CoreError),
+    #[error(transparent)]
+    Search(#[from] shrink_search::SearchError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

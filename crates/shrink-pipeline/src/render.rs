@@ -2,7 +2,7 @@
 //! and as one self-contained `report.html` (inline CSS, hand-drawn SVG charts, no scripts or
 //! external resources). Every user-provided string is escaped for its target format.
 
-use crate::report::{ModelRow, Report, StageLayers};
+use crate::report::{ModelRow, Report, SearchSection, StageLayers};
 use shrink_models::Role;
 use std::fmt::{self, Display, Write};
 
@@ -41,6 +41,28 @@ pub fn to_markdown(report: &Report) -> String {
             one_line(&s.key)
         );
         md_table(&mut o, &sweep_table(report));
+    }
+    for sec in &report.searches {
+        w!(
+            o,
+            "\n## Search: {}\n\n{}\n\n",
+            one_line(&sec.stage),
+            one_line(&search_line(sec))
+        );
+        md_table(&mut o, &search_table(sec));
+        let mut top: Vec<&(String, f64)> = sec.sensitivity.iter().collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<String> = top
+            .iter()
+            .take(5)
+            .map(|(n, v)| format!("{n} ({v:.2e})"))
+            .collect();
+        w!(
+            o,
+            "\nMost sensitive in {}: {}\n",
+            one_line(&sec.sensitivity_format),
+            one_line(&top.join(", "))
+        );
     }
     if !report.generations.is_empty() {
         o.push_str("\n## Generations\n");
@@ -118,6 +140,16 @@ pub fn to_html(report: &Report) -> String {
     if let Some(s) = &report.sweep {
         w!(o, "<h2>Sweep of {}.{}</h2>\n", esc(&s.stage), esc(&s.key));
         html_table(&mut o, "num", &sweep_table(report));
+    }
+    for sec in &report.searches {
+        w!(
+            o,
+            "<h2>Search: {}</h2>\n<p>{}</p>\n",
+            esc(&sec.stage),
+            esc(&search_line(sec))
+        );
+        html_table(&mut o, "num", &search_table(sec));
+        o.push_str(&sensitivity_chart(sec).unwrap_or_default());
     }
     if !report.generations.is_empty() {
         o.push_str("<h2>Generations</h2>\n");
@@ -757,37 +789,40 @@ fn linear_kind(name: &str) -> usize {
 }
 
 fn error_chart(stage: &StageLayers) -> Option<String> {
-    let h = 300.0;
-    let errs = stage.layers.iter().map(|l| l.relative_output_error);
-    let y = Axis::fit(errs.clone().flatten(), true, h - MB, MT)?;
-    let x = Axis::index(stage.layers.len(), ML, W - MR);
+    let bars: Vec<(String, Option<f64>)> = stage
+        .layers
+        .iter()
+        .map(|l| (l.name.clone(), l.relative_output_error))
+        .collect();
     let title = format!("Relative output error per layer — {}", stage.stage);
-    let mut o = frame(
-        h,
-        &title,
-        &x,
-        &y,
-        "layer (table order)",
-        "relative output error",
-    );
-    let slot = (x.p1 - x.p0) / stage.layers.len() as f64;
+    bar_chart(&title, "relative output error", &bars)
+}
+
+/// One bar per linear (in table order), coloured by its role; non-finite values are left out.
+fn bar_chart(title: &str, y_title: &str, bars: &[(String, Option<f64>)]) -> Option<String> {
+    let h = 300.0;
+    let values = bars.iter().map(|b| b.1.filter(|v| v.is_finite()));
+    let y = Axis::fit(values.clone().flatten(), true, h - MB, MT)?;
+    let x = Axis::index(bars.len(), ML, W - MR);
+    let mut o = frame(h, title, &x, &y, "layer (table order)", y_title);
+    let slot = (x.p1 - x.p0) / bars.len() as f64;
     let (bw, base) = (
         C((slot * 0.8).max(0.8)),
         y.map(if y.log { y.lo } else { 0.0 }),
     );
     let mut kinds = [false; 8];
-    for (i, (l, e)) in stage.layers.iter().zip(errs).enumerate() {
+    for (i, ((name, _), e)) in bars.iter().zip(values).enumerate() {
         let Some(e) = e.filter(|&e| y.plottable(e)) else {
             continue;
         };
-        let kind = linear_kind(&l.name);
+        let kind = linear_kind(name);
         kinds[kind] = true;
         let (bx, by, bh) = (
             C(x.map(i as f64) - slot * 0.4),
             C(y.map(e).min(base)),
             C((base - y.map(e)).abs()),
         );
-        let (colour, name) = (COLOURS[kind], esc(&l.name));
+        let (colour, name) = (COLOURS[kind], esc(name));
         w!(
             o,
             "<rect x=\"{bx}\" y=\"{by}\" width=\"{bw}\" height=\"{bh}\" fill=\"{colour}\">\
@@ -801,6 +836,67 @@ fn error_chart(stage: &StageLayers) -> Option<String> {
         .collect();
     close_with_legend(&mut o, &legend);
     Some(o)
+}
+
+/// A search stage's verdict line.
+fn search_line(s: &SearchSection) -> String {
+    let verdict = if s.met {
+        "met"
+    } else {
+        "NOT met (best effort written)"
+    };
+    let sens = if s.sensitivity_cached {
+        "sensitivity from the cache".to_string()
+    } else {
+        format!("sensitivity measured in {:.0} s", s.sensitivity_s)
+    };
+    format!(
+        "Budget {}: {verdict}. Wrote round {} of {} verified; stopped at {}; {sens}.",
+        s.goal,
+        s.best_round,
+        s.rounds.len(),
+        s.stopped
+    )
+}
+
+/// Every verified round of a search stage.
+fn search_table(s: &SearchSection) -> Table {
+    let rows = s.rounds.iter().map(|r| {
+        let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{t}×{n}")).collect();
+        let mark = match (r.round == s.best_round, r.pareto) {
+            (true, _) => "written",
+            (false, true) => "front",
+            _ => "",
+        };
+        vec![
+            r.round.to_string(),
+            types.join(" "),
+            format!("{:.3}", r.size_bytes as f64 / 1e6),
+            format!("{:.3}", r.bits_per_weight),
+            format!("{:.5}", r.predicted_kl),
+            format!("{:.5}", r.kl),
+            format!("{:+.2}", r.ppl_increase_pct),
+            if r.met { "yes" } else { "no" }.into(),
+            mark.into(),
+        ]
+    });
+    table(
+        "round,types,size MB,bits/w (searched),predicted KL,KL,ppl %,meets budget,",
+        rows,
+    )
+}
+
+fn sensitivity_chart(s: &SearchSection) -> Option<String> {
+    let bars: Vec<(String, Option<f64>)> = s
+        .sensitivity
+        .iter()
+        .map(|(n, v)| (n.clone(), Some(*v)))
+        .collect();
+    let title = format!(
+        "Sensitivity — {}: KL with only this tensor in {}",
+        s.stage, s.sensitivity_format
+    );
+    bar_chart(&title, "KL (nats/token)", &bars)
 }
 
 fn loss_chart(report: &Report) -> Option<String> {

@@ -30,6 +30,9 @@ pub struct Report {
     /// Per-linear tables, one per stage that changed weights.
     pub layers: Vec<StageLayers>,
     pub sweep: Option<SweepSummary>,
+    /// Search stages: what was verified and each tensor's sensitivity.
+    #[serde(default)]
+    pub searches: Vec<SearchSection>,
     /// Loss curves of stages that train (none of today's stage kinds do).
     pub training: Vec<LossCurve>,
     /// Wall time of the whole `shrink run`, cached stages included at their cost of zero.
@@ -172,6 +175,46 @@ pub struct LayerRow {
     pub relative_output_error: Option<f64>,
     /// Fraction of exactly-zero weights.
     pub sparsity: f64,
+}
+
+/// A search stage: every verified mix (the frontier of everything tried) and the sensitivity
+/// table it allocated from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SearchSection {
+    pub stage: String,
+    /// `file ≤ 105.45 MB`, `perplexity increase ≤ 3%`.
+    pub goal: String,
+    pub met: bool,
+    /// Why the refinement stopped.
+    pub stopped: String,
+    /// The round whose model the stage wrote.
+    pub best_round: usize,
+    pub rounds: Vec<SearchRound>,
+    pub sensitivity_cached: bool,
+    pub sensitivity_s: f64,
+    /// The format the sensitivity chart shows.
+    pub sensitivity_format: String,
+    /// Per searched tensor (blocks in order, the embeddings last): the KL it alone adds in
+    /// `sensitivity_format`.
+    pub sensitivity: Vec<(String, f64)>,
+}
+
+/// One verified mix.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SearchRound {
+    pub round: usize,
+    pub size_bytes: u64,
+    /// Bits per weight over the searched tensors.
+    pub bits_per_weight: f64,
+    pub predicted_kl: f64,
+    /// Measured on held-out calibration windows.
+    pub kl: f64,
+    pub ppl_increase_pct: f64,
+    /// Block type → number of searched tensors.
+    pub types: BTreeMap<String, usize>,
+    pub met: bool,
+    /// On the (size, KL) Pareto front of the rounds.
+    pub pareto: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

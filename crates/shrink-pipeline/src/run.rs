@@ -74,6 +74,9 @@ struct StageRecord {
     /// Distillation and QAT: the training log (loss per step, held-out metrics, throughput).
     #[serde(default)]
     training: Option<shrink_train::TrainOutcome>,
+    /// Search: the sensitivity table, everything verified and whether the budget was met.
+    #[serde(default)]
+    search: Option<crate::search::SearchSummary>,
     wall_s: f64,
     peak_rss_bytes: u64,
     shrink_version: String,
@@ -501,6 +504,7 @@ pub fn run(
         })
         .collect();
     let mut layers = Vec::new();
+    let mut searches = Vec::new();
     let mut curves = Vec::new();
     let mut keys: BTreeMap<String, String> = [("model".to_string(), model_sha.clone())].into();
     let mut artifacts: BTreeMap<String, PathBuf> =
@@ -565,6 +569,7 @@ pub fn run(
                     Some(t) => Some(build_model(&shrink_io::load(&artifacts[t])?, DType::F32)?),
                 };
                 let inputs = StageInputs {
+                    input_key,
                     checkpoint: &input,
                     calibration: stage_windows,
                     teacher: teacher.as_ref(),
@@ -603,6 +608,9 @@ pub fn run(
                 stage: stage.name.clone(),
                 points: t.log.train.iter().map(|p| (p.step, p.loss)).collect(),
             });
+        }
+        if let Some(summary) = &record.search {
+            searches.push(summary.section(&stage.name));
         }
         // Structured pruning changes shapes, not individual linears: no per-layer table.
         if !record.layers.is_empty() {
@@ -691,6 +699,7 @@ pub fn run(
         generations,
         layers,
         sweep,
+        searches,
         training: curves,
         wall_s: start.elapsed().as_secs_f64(),
     };
@@ -720,6 +729,8 @@ struct TrainingText {
 
 /// What a stage reads.
 struct StageInputs<'a> {
+    /// The identity of the input (its stage key or the model's hash).
+    input_key: &'a str,
     checkpoint: &'a Checkpoint,
     /// Calibration windows, for stages that calibrate.
     calibration: Option<&'a [Vec<u32>]>,
@@ -772,6 +783,7 @@ fn run_stage(
         None => Ok(0.0),
     };
     let mut training = None;
+    let mut search = None;
     // A quantization's record fields, with each linear's sparsity as it is now.
     let quantized = |outcome: crate::QuantizeOutcome, model: &Transformer| -> Result<_> {
         let weights = model.named_tensors();
@@ -868,6 +880,23 @@ fn run_stage(
             training = Some(log);
             quantized(outcome, &model)?
         }
+        StageJob::Search(request) => {
+            let windows = windows.ok_or_else(|| {
+                PipelineError::Invalid("a search stage needs calibration windows".into())
+            })?;
+            let (outcome, summary) = crate::search::search_and_write(
+                input,
+                &model,
+                inputs.input_key,
+                request,
+                windows,
+                crate::QuantizeRequest::default().batch,
+                &out,
+                progress,
+            )?;
+            search = Some(summary);
+            quantized(outcome, &model)?
+        }
         StageJob::Quantize(request) => {
             let resolved = request.resolve()?;
             let outcome = quantize_and_write(
@@ -938,6 +967,7 @@ fn run_stage(
         layers,
         pruning,
         training,
+        search,
         wall_s,
         peak_rss_bytes: sys::peak_rss_bytes(),
         shrink_version: VERSION.into(),

@@ -35,6 +35,7 @@ pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 
 use candle_core::{DType, Tensor};
+use shrink_calib::LinearStats;
 use shrink_core::Progress;
 use shrink_models::Transformer;
 use std::collections::BTreeMap;
@@ -391,6 +392,44 @@ fn weight_rows(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
     ))
 }
 
+/// One weight `w` (`rows × cols`) in `format` by `method`: GPTQ (which needs the input
+/// statistics `stats`) or round-to-nearest (weighted by the Hessian's diagonal when `stats` are
+/// given, as llama.cpp's imatrix). AWQ and SmoothQuant rescale a whole block first and are
+/// resolved to one of these by [`quantize_model`].
+pub fn quantize_tensor(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    method: Method,
+    stats: Option<&LinearStats>,
+    format: Format,
+    name: &str,
+) -> Result<QuantizedWeight> {
+    Ok(match (method, stats, format) {
+        (Method::Gptq(cfg), Some(st), Format::Scheme(s)) => {
+            QuantizedWeight::Packed(gptq(w, rows, cols, st, &s, &cfg, name)?)
+        }
+        (Method::Gptq(cfg), Some(st), Format::K(k)) => {
+            QuantizedWeight::Blocks(gptq_kquant(w, rows, cols, st, k, &cfg, name)?)
+        }
+        (Method::Gptq(_), None, _) => {
+            return Err(QuantError::Scheme(format!(
+                "GPTQ needs calibration data for '{name}'"
+            )))
+        }
+        (Method::Awq { .. } | Method::SmoothQuant { .. }, _, _) => {
+            return Err(QuantError::Scheme(
+                "AWQ and SmoothQuant resolve to RTN or GPTQ per layer".into(),
+            ))
+        }
+        (Method::Rtn, st, format) => {
+            let importance: Option<Vec<f32>> =
+                st.map(|s| (0..cols).map(|i| s.hessian[i * cols + i] as f32).collect());
+            rtn_format(w, rows, cols, &format, importance.as_deref(), name)?
+        }
+    })
+}
+
 /// Quantizes every linear of every decoder block with its scheme from `plan` (embeddings, norms
 /// and the output head are left as they are) and replaces each weight in `model` by its dequantized value, so that evaluating
 /// the model measures the quantized weights. GPTQ needs calibration `windows`; with RTN they are
@@ -445,29 +484,7 @@ pub fn quantize_model(
             let layer_stats = scaled
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
-            let q = match (method, layer_stats, format) {
-                (Method::Gptq(cfg), Some(st), Format::Scheme(s)) => {
-                    QuantizedWeight::Packed(gptq(&w, rows, cols, st, &s, &cfg, &name)?)
-                }
-                (Method::Gptq(cfg), Some(st), Format::K(k)) => {
-                    QuantizedWeight::Blocks(gptq_kquant(&w, rows, cols, st, k, &cfg, &name)?)
-                }
-                (Method::Gptq(_), None, _) => {
-                    return Err(QuantError::Scheme(format!(
-                        "GPTQ needs calibration data for '{name}'"
-                    )))
-                }
-                (Method::Awq { .. } | Method::SmoothQuant { .. }, _, _) => {
-                    return Err(QuantError::Scheme(
-                        "AWQ and SmoothQuant resolve to RTN or GPTQ per layer".into(),
-                    ))
-                }
-                (Method::Rtn, st, format) => {
-                    let importance: Option<Vec<f32>> =
-                        st.map(|s| (0..cols).map(|i| s.hessian[i * cols + i] as f32).collect());
-                    rtn_format(&w, rows, cols, &format, importance.as_deref(), &name)?
-                }
-            };
+            let q = quantize_tensor(&w, rows, cols, method, layer_stats, format, &name)?;
             let deq = q.dequantize()?;
             let error = layer_stats
                 .map(|st| st.relative_output_error(&w, &deq))

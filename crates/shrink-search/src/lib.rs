@@ -1,5 +1,8 @@
 //! Budget-driven search. [`sensitivity`] measures, for every linear and candidate format, the KL
-//! its quantization alone adds; [`allocate`] then chooses. Budget-driven allocation: given, for every tensor, the options it can be compressed with (a
+//! its quantization alone adds; [`allocate`] chooses; [`refine`] verifies the choice by
+//! quantizing the whole mix for real, corrects the table and chooses again.
+//!
+//! Allocation: given, for every tensor, the options it can be compressed with (a
 //! format or a sparsity) and for each the size it takes and the quality it is predicted to cost
 //! (a sensitivity measured with only that tensor compressed), choose one option per tensor. This is
 //! a multiple-choice knapsack: minimise the summed predicted loss under a size budget
@@ -21,11 +24,16 @@
 //! assert_eq!((out.size, out.met), (150, true));
 //! ```
 
+mod refine;
 mod sensitivity;
 
-pub use sensitivity::sensitivity;
+pub use refine::{refine, Goal, Limits, Measurement, SearchOutcome, Tried, Verifier};
 
-use serde::Serialize;
+pub use sensitivity::{
+    gguf_bytes, sensitivity, Measure, Score, Scorer, SensitivityConfig, EMBEDDINGS,
+};
+
+use serde::{Deserialize, Serialize};
 
 /// Errors from allocation.
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +62,15 @@ pub type Result<T> = std::result::Result<T, SearchError>;
 
 /// One way to store a tensor: its name (`q4_k`, `50%`), the bytes it takes, and the predicted
 /// quality loss of choosing it (e.g. the KL it alone adds).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     pub name: String,
     pub size_bytes: u64,
     pub loss: f64,
+    /// The tensor's relative output error ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs, when
+    /// known: [`refine`] compares it with the error measured when the whole mix is quantized.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<f64>,
 }
 
 impl Choice {
@@ -67,12 +79,13 @@ impl Choice {
             name: name.into(),
             size_bytes,
             loss,
+            error: None,
         }
     }
 }
 
 /// A tensor and its options.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub name: String,
     pub choices: Vec<Choice>,

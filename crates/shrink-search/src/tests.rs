@@ -204,7 +204,13 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
         Format::parse("q8_0").unwrap(),
         Format::parse("q4_0").unwrap(),
     ];
-    let items = sensitivity(&model, &windows, &formats, &shrink_core::NoProgress).unwrap();
+    let config = SensitivityConfig {
+        formats: formats.to_vec(),
+        embeddings: vec![],
+        method: shrink_quant::Method::Rtn,
+        measure: Measure::Every,
+    };
+    let items = sensitivity(&model, &windows, &config, &shrink_core::NoProgress).unwrap();
     assert_eq!(items.len(), 14);
     let ids = Tensor::new(windows.clone(), &Device::Cpu).unwrap();
     let logp = |m: &Transformer| {
@@ -254,4 +260,165 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
     let got = allocate(&items, Budget::MaxSize(budget)).unwrap();
     let uniform4: f64 = items.iter().map(|it| it.choices[1].loss).sum();
     assert!(got.met && got.size <= budget && got.loss < uniform4);
+}
+
+/// A verifier whose "real" KL is each chosen option's loss times a per-item factor (the table
+/// misjudges some tensors), reporting the real relative errors likewise.
+struct Skewed {
+    factor: Vec<f64>,
+    fixed: u64,
+    rounds: Vec<Vec<usize>>,
+    kept: Vec<usize>,
+}
+
+impl Verifier for Skewed {
+    fn measure(&mut self, _: usize, items: &[Item], c: &[usize]) -> Result<Measurement> {
+        self.rounds.push(c.to_vec());
+        let kl: f64 = items
+            .iter()
+            .zip(c)
+            .zip(&self.factor)
+            .map(|((it, &c), f)| it.choices[c].loss * f)
+            .sum();
+        let size = self.fixed
+            + items
+                .iter()
+                .zip(c)
+                .map(|(it, &c)| it.choices[c].size_bytes)
+                .sum::<u64>();
+        let errors = items
+            .iter()
+            .zip(c)
+            .zip(&self.factor)
+            .filter_map(|((it, &c), f)| it.choices[c].error.map(|e| (it.name.clone(), e * f)))
+            .collect();
+        Ok(Measurement {
+            size_bytes: size,
+            score: Score {
+                kl,
+                nll: 2.0 + kl,
+                ppl_increase_pct: 100.0 * (kl.exp() - 1.0),
+            },
+            errors,
+        })
+    }
+    fn keep(&mut self, round: usize) -> Result<()> {
+        self.kept.push(round);
+        Ok(())
+    }
+}
+
+fn with_errors(items: Vec<Item>) -> Vec<Item> {
+    items
+        .into_iter()
+        .map(|mut it| {
+            for c in &mut it.choices {
+                c.error = Some(c.loss);
+            }
+            it
+        })
+        .collect()
+}
+
+/// A size goal: the first allocation trusts the table; the measured errors show one tensor is 4×
+/// more sensitive than measured alone, the corrected table moves bits to it, and the second
+/// round, better as measured, is the one kept. Converges when the allocation repeats.
+#[test]
+fn refinement_corrects_a_misjudged_tensor_under_a_size_goal() {
+    let items = with_errors(table(11, 12, 5000));
+    let mut factor = vec![1.0; items.len()];
+    // The tensor the first allocation squeezes hardest relative to its options.
+    let first = allocate(&items, Budget::MaxSize(size_of(&items, 1))).unwrap();
+    let victim = (0..items.len())
+        .max_by(|&a, &b| {
+            let r = |i: usize| items[i].choices[first.choices[i]].loss;
+            r(a).total_cmp(&r(b))
+        })
+        .unwrap();
+    factor[victim] = 4.0;
+    let mut v = Skewed {
+        factor,
+        fixed: 1000,
+        rounds: vec![],
+        kept: vec![],
+    };
+    let goal = Goal::MaxSize(1000 + size_of(&items, 1));
+    let limits = Limits {
+        deadline: None,
+        max_rounds: 6,
+    };
+    let out = refine(&items, 1000, goal, &limits, &mut v).unwrap();
+    assert_eq!(v.rounds[0], first.choices);
+    assert!(
+        v.rounds.len() >= 2 && v.rounds.len() < 6,
+        "{:?}",
+        out.stopped
+    );
+    assert_eq!(out.stopped, "a repeated allocation");
+    let best = &out.tried[out.best];
+    assert!(out.met && best.size_bytes <= 1000 + size_of(&items, 1));
+    assert!(best.score.kl < out.tried[0].score.kl, "{:?}", out.tried);
+    assert_eq!(*v.kept.last().unwrap(), out.best);
+    // The refined choice gives the misjudged tensor at least the bytes it had.
+    let sizes = |c: &[usize]| items[victim].choices[c[victim]].size_bytes;
+    assert!(sizes(&v.rounds[out.best]) > sizes(&v.rounds[0]));
+}
+
+/// The summed size of every item's option `c`.
+fn size_of(items: &[Item], c: usize) -> u64 {
+    items.iter().map(|it| it.choices[c].size_bytes).sum()
+}
+
+/// A quality goal where every tensor is 1.6× worse than measured: the first allocation misses,
+/// the refined KL target meets the goal, and the smallest passing mix is kept. An unreachable
+/// goal keeps the mix closest to it.
+#[test]
+fn refinement_meets_a_quality_goal_the_table_underestimates() {
+    let mut items = table(5, 20, 5000);
+    for c in items.iter_mut().flat_map(|it| it.choices.iter_mut()) {
+        c.loss *= 1e-5;
+    }
+    let factor = vec![1.6; items.len()];
+    let mut v = Skewed {
+        factor: factor.clone(),
+        fixed: 0,
+        rounds: vec![],
+        kept: vec![],
+    };
+    // A goal between the best (all q8_0-like) and the worst mix.
+    let kl_best: f64 = items.iter().map(|it| it.choices[0].loss).sum::<f64>() * 1.6;
+    let kl_worst: f64 = items.iter().map(|it| it.choices[5].loss).sum::<f64>() * 1.6;
+    let kl_goal = (kl_best * kl_worst).sqrt();
+    let pct = 100.0 * (kl_goal.exp() - 1.0);
+    let limits = Limits {
+        deadline: None,
+        max_rounds: 8,
+    };
+    let out = refine(&items, 0, Goal::MaxPplIncrease(pct), &limits, &mut v).unwrap();
+    assert!(
+        !out.tried[0].met,
+        "the table's own target misses: {:?}",
+        out.tried[0]
+    );
+    assert!(out.met, "{:?}", out.tried);
+    let best = &out.tried[out.best];
+    assert!(best.score.ppl_increase_pct <= pct);
+    for t in out.tried.iter().filter(|t| t.met) {
+        assert!(best.size_bytes <= t.size_bytes);
+    }
+    // No mix meets 0.0001%: the one closest to it is kept, and said not to meet it.
+    let mut v = Skewed {
+        factor,
+        fixed: 0,
+        rounds: vec![],
+        kept: vec![],
+    };
+    let out = refine(&items, 0, Goal::MaxPplIncrease(1e-4), &limits, &mut v).unwrap();
+    assert!(!out.met);
+    let least = out
+        .tried
+        .iter()
+        .map(|t| t.score.ppl_increase_pct)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(out.tried[out.best].score.ppl_increase_pct, least);
 }
