@@ -33,7 +33,8 @@ pub struct BudgetKeys {
     /// The perplexity increase over the input model on held-out calibration windows, in percent.
     #[serde(default)]
     pub max_ppl_increase_pct: Option<f64>,
-    /// No verification round starts after this many minutes (the first always runs).
+    /// No verification round starts after this many minutes of verification, counted once the
+    /// sensitivity table is ready (the first round always runs).
     #[serde(default)]
     pub time_budget_min: Option<f64>,
     /// At most this many verified rounds [default: 6].
@@ -67,8 +68,11 @@ impl BudgetKeys {
                 }
             }
         }
-        if self.rounds == Some(0) {
-            return Err("budget.rounds = 0: expected at least 1".into());
+        if self.target_bpw.is_some_and(|b| b > 32.0) {
+            return Err("budget.target_bpw: expected at most 32 bits per weight".into());
+        }
+        if let Some(r) = self.rounds.filter(|r| !(1..=1000).contains(r)) {
+            return Err(format!("budget.rounds = {r}: expected 1 to 1000"));
         }
         Ok(())
     }
@@ -119,14 +123,15 @@ impl SearchRequest {
 
     /// The sensitivity configuration this request describes.
     pub fn sensitivity_config(&self) -> Result<SensitivityConfig> {
-        let embeddings = if self.embedding_formats.is_empty() {
-            vec![self.embeddings.clone()]
-        } else {
-            self.embedding_formats.clone()
-        };
+        // The fixed embedding type must be one the writer knows.
+        self.quantize(&[], &self.embeddings).resolve()?;
         Ok(SensitivityConfig {
             formats: Self::parse_all(&self.formats, "formats")?,
-            embeddings: Self::parse_all(&embeddings, "embedding_formats")?,
+            embeddings: if self.embedding_formats.is_empty() {
+                Vec::new()
+            } else {
+                Self::parse_all(&self.embedding_formats, "embedding_formats")?
+            },
             method: self.quantize(&[], "q8_0").resolve()?.method,
             measure: self.measure,
         })
@@ -279,12 +284,26 @@ pub fn search_and_write(
             "the search needs at least 2 calibration windows (data.samples)".into(),
         ));
     }
+    if windows
+        .iter()
+        .any(|w| w.len() != windows[0].len() || w.len() < 4)
+    {
+        return Err(PipelineError::Invalid(
+            "the search needs calibration windows of one length, at least 4 tokens".into(),
+        ));
+    }
     let half = (windows.len() / 2).min(8);
     let tokens = windows[0].len().min(256);
     let cut =
         |ws: &[Vec<u32>]| -> Vec<Vec<u32>> { ws.iter().map(|w| w[..tokens].to_vec()).collect() };
     let sens_windows = cut(&windows[..half]);
     let verify_windows = cut(&windows[half..2 * half]);
+    // GPTQ of each verified mix calibrates on every window but the held-out ones it is scored on.
+    let gptq_windows: Vec<Vec<u32>> = windows[..half]
+        .iter()
+        .chain(&windows[2 * half..])
+        .cloned()
+        .collect();
     let config = request.sensitivity_config()?;
 
     // The sensitivity table, cached by everything it depends on.
@@ -294,42 +313,47 @@ pub fn search_and_write(
         "method": request.method, "damp": request.damp, "act_order": request.act_order,
         "measure": request.measure, "windows": sens_windows,
     }));
-    let cache = shrink_core::cache_dir()?
-        .join("sensitivity")
-        .join(format!("{key}.json"));
-    let start = Instant::now();
-    let cached: Option<Vec<Item>> = std::fs::read(&cache)
+    // Best effort: without a cache folder the table is measured every time.
+    let cache = shrink_core::cache_dir()
         .ok()
+        .map(|d| d.join("sensitivity").join(format!("{key}.json")));
+    let start = Instant::now();
+    let cached: Option<Vec<Item>> = cache
+        .as_ref()
+        .and_then(|c| std::fs::read(c).ok())
         .and_then(|b| serde_json::from_slice(&b).ok());
     let sensitivity_cached = cached.is_some();
     let items = match cached {
         Some(items) => items,
         None => {
             let items = shrink_search::sensitivity(model, &sens_windows, &config, progress)?;
-            let json =
-                serde_json::to_vec(&items).map_err(|e| PipelineError::Invalid(e.to_string()))?;
-            shrink_core::atomic_write(&cache, &json)?;
+            if let (Some(c), Ok(json)) = (&cache, serde_json::to_vec(&items)) {
+                let _ = shrink_core::atomic_write(c, &json);
+            }
             items
         }
     };
     let sensitivity_s = start.elapsed().as_secs_f64();
     let items = merge_stacked(model, items);
 
-    let fixed_bytes = fixed_bytes(checkpoint, model, &items, out)?;
+    let fixed_bytes = fixed_bytes(checkpoint, model, &items, &request.embeddings, out)?;
     let b = &request.budget;
     let goal = match (b.max_size_mb, b.target_bpw, b.max_ppl_increase_pct) {
         (Some(mb), _, _) => Goal::MaxSize((mb * 1e6).floor() as u64),
         (_, Some(bpw), _) => {
             let weights = searched_weights(model, &items)?;
-            Goal::MaxSize(fixed_bytes + (bpw * weights as f64 / 8.0).floor() as u64)
+            Goal::MaxSize(fixed_bytes.saturating_add((bpw * weights as f64 / 8.0).floor() as u64))
         }
         (_, _, Some(pct)) => Goal::MaxPplIncrease(pct),
         _ => return Err(PipelineError::Invalid("the budget has no target".into())),
     };
     let limits = Limits {
-        deadline: b
-            .time_budget_min
-            .map(|m| start + Duration::from_secs_f64(m * 60.0)),
+        // The clock starts once the table is ready, cached or not.
+        deadline: b.time_budget_min.and_then(|m| {
+            Duration::try_from_secs_f64(m * 60.0)
+                .ok()
+                .and_then(|d| Instant::now().checked_add(d))
+        }),
         max_rounds: b.rounds.unwrap_or(6),
     };
     let scorer = Scorer::new(model, &verify_windows)?;
@@ -337,21 +361,21 @@ pub fn search_and_write(
         checkpoint,
         model,
         request,
-        windows,
+        windows: &gptq_windows,
         batch,
         scorer,
         out,
         outcomes: BTreeMap::new(),
         progress,
     };
-    let outcome = shrink_search::refine(&items, fixed_bytes, goal, &limits, &mut verifier)?;
-    for round in 0..outcome.tried.len() {
-        let p = verifier.candidate(round);
-        if p.exists() {
-            std::fs::remove_file(&p)
-                .map_err(|e| PipelineError::Invalid(format!("{}: {e}", p.display())))?;
-        }
+    let outcome = shrink_search::refine(&items, fixed_bytes, goal, &limits, &mut verifier);
+    // Round files not kept; on an error, the kept one too.
+    for round in 0..=verifier.outcomes.len() {
+        let _ = std::fs::remove_file(verifier.candidate(round));
     }
+    let outcome = outcome.inspect_err(|_| {
+        let _ = std::fs::remove_file(out);
+    })?;
     let searched_weights = searched_weights(model, &items)?;
     let quantized = verifier
         .outcomes
@@ -447,10 +471,49 @@ fn fixed_bytes(
     checkpoint: &Checkpoint,
     model: &Transformer,
     items: &[Item],
+    embeddings: &str,
     out: &Path,
 ) -> Result<u64> {
     let tensors = model.named_tensors();
     let mut blocks = BTreeMap::new();
+    let mut fixed_blocks = BTreeMap::new();
+    // An embedding that is not searched is written in its fixed type: part of the fixed bytes.
+    let mut weight_type = shrink_io::GgufWriteType::F32;
+    if !items.iter().any(|it| it.name == EMBEDDINGS) {
+        match embeddings {
+            "f32" => {}
+            "f16" => weight_type = shrink_io::GgufWriteType::F16,
+            t => {
+                let dtype = Format::parse(t.strip_prefix("gguf:").unwrap_or(t))?
+                    .ggml_type()
+                    .ok_or_else(|| {
+                        PipelineError::Invalid(format!(
+                            "embeddings: `{t}` is not a GGUF block type"
+                        ))
+                    })?;
+                for name in [model.embedding_name(), "lm_head.weight".into()] {
+                    let Some(t) = tensors.get(&name) else {
+                        continue;
+                    };
+                    let cols = t.dims().last().copied().unwrap_or(0);
+                    if !cols.is_multiple_of(dtype.block_size()) {
+                        return Err(PipelineError::Invalid(format!(
+                            "embeddings: {embeddings} blocks of {} do not divide the {cols}-long rows of '{name}'",
+                            dtype.block_size()
+                        )));
+                    }
+                    let bytes = t.elem_count() / dtype.block_size() * dtype.type_size();
+                    fixed_blocks.insert(
+                        name,
+                        QuantizedBlocks {
+                            dtype,
+                            bytes: vec![0u8; bytes],
+                        },
+                    );
+                }
+            }
+        }
+    }
     for name in items.iter().flat_map(|it| tensor_names(model, it)) {
         let Some(t) = tensors.get(&name) else {
             continue;
@@ -485,12 +548,13 @@ fn fixed_bytes(
         .values()
         .map(|b| shrink_search::gguf_bytes(b.bytes.len()))
         .sum();
+    blocks.extend(fixed_blocks);
     let probe = out.with_extension("probe.gguf");
     let quantized = Checkpoint {
         tensors: model.checkpoint_tensors()?,
         ..checkpoint.clone()
     };
-    shrink_io::write_llama_gguf(&quantized, &probe, shrink_io::GgufWriteType::F32, &blocks)?;
+    shrink_io::write_llama_gguf(&quantized, &probe, weight_type, &blocks)?;
     let size = std::fs::metadata(&probe)
         .map_err(|e| PipelineError::Invalid(format!("{}: {e}", probe.display())))?
         .len();
@@ -561,7 +625,10 @@ impl Verifier for StageVerifier<'_> {
         // The model as written, read back: what llama.cpp will run.
         let written = shrink_io::load(&path).map_err(|e| wrap(e.into()))?;
         let back = crate::build_model(&written, candle_core::DType::F32).map_err(wrap)?;
-        let score = self.scorer.score(&back)?;
+        let score = self
+            .scorer
+            .score(&back)
+            .map_err(|e| shrink_search::SearchError::Input(format!("{}: {e}", path.display())))?;
         let size_bytes = std::fs::metadata(&path)
             .map_err(|e| shrink_search::SearchError::Input(format!("{}: {e}", path.display())))?
             .len();
@@ -579,7 +646,13 @@ impl Verifier for StageVerifier<'_> {
     }
 
     fn keep(&mut self, round: usize) -> shrink_search::Result<()> {
-        std::fs::rename(self.candidate(round), self.out)
-            .map_err(|e| shrink_search::SearchError::Input(format!("{}: {e}", self.out.display())))
+        let from = self.candidate(round);
+        std::fs::rename(&from, self.out).map_err(|e| {
+            shrink_search::SearchError::Input(format!(
+                "moving {} to {}: {e}",
+                from.display(),
+                self.out.display()
+            ))
+        })
     }
 }

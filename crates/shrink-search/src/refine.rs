@@ -103,9 +103,9 @@ fn kl_of_ppl(pct: f64) -> f64 {
 /// Each round allocates on the current table (under `goal`'s size less the fixed bytes, or under
 /// the KL that `goal`'s perplexity increase corresponds to) and verifies the allocation with
 /// `verifier`. Then:
-/// - every tensor's row of the table is rescaled by how far its real output error (quantized
-///   in the whole mix, on the activations of the already-quantized blocks before it) departs
-///   from the one its sensitivity was measured with;
+/// - under a size goal, every tensor's row of the table is rescaled by how far its real output
+///   error (quantized in the whole mix, on the activations of the already-quantized blocks before
+///   it) departs from the one its sensitivity was measured with;
 /// - under a quality goal, the KL target moves by the ratio of the wanted to the measured
 ///   perplexity change, inside the bracket of predicted KLs already seen to pass and fail.
 ///
@@ -159,7 +159,7 @@ pub fn refine(
             stopped = "the time budget".into();
             break;
         }
-        if attempts > 4 * limits.max_rounds.max(1) {
+        if attempts > limits.max_rounds.max(1).saturating_mul(4) {
             stopped = "a repeated allocation".into();
             break;
         }
@@ -207,8 +207,10 @@ pub fn refine(
         }
         tried.push(t);
         seen.push(alloc.choices.clone());
-        // The table's errors against the real ones, tensor by tensor.
-        for (item, &c) in table.iter_mut().zip(&alloc.choices) {
+        // Under a size goal, the table's errors are corrected by the real ones, tensor by tensor
+        // (a quality goal corrects its KL target instead: doing both would correct twice).
+        let correct = matches!(goal, Goal::MaxSize(_));
+        for (item, &c) in table.iter_mut().zip(&alloc.choices).filter(|_| correct) {
             let (Some(predicted), Some(&real)) = (item.choices[c].error, m.errors.get(&item.name))
             else {
                 continue;
@@ -236,8 +238,10 @@ pub fn refine(
                 } else {
                     failed = Some(failed.map_or(alloc.loss, |f: f64| f.min(alloc.loss)));
                 }
+                // One step moves the target at most 4× either way (a measured improvement, a
+                // negative increase, would otherwise send it to the smallest mix at once).
                 let measured = kl_of_ppl(m.score.ppl_increase_pct);
-                let mut next = target * kl_of_ppl(pct) / measured;
+                let mut next = target * (kl_of_ppl(pct) / measured).clamp(0.25, 4.0);
                 let (lo, hi) = (passed.unwrap_or(0.0), failed.unwrap_or(f64::INFINITY));
                 if !(next > lo && next < hi) {
                     next = match (passed, failed) {
