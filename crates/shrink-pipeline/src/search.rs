@@ -337,13 +337,13 @@ pub fn search_and_write(
     let items = merge_stacked(model, items);
 
     let fixed_bytes = fixed_bytes(checkpoint, model, &items, &request.embeddings, out)?;
+    let searched_weights = searched_weights(model, &items)?;
     let b = &request.budget;
     let goal = match (b.max_size_mb, b.target_bpw, b.max_ppl_increase_pct) {
         (Some(mb), _, _) => Goal::MaxSize((mb * 1e6).floor() as u64),
-        (_, Some(bpw), _) => {
-            let weights = searched_weights(model, &items)?;
-            Goal::MaxSize(fixed_bytes.saturating_add((bpw * weights as f64 / 8.0).floor() as u64))
-        }
+        (_, Some(bpw), _) => Goal::MaxSize(
+            fixed_bytes.saturating_add((bpw * searched_weights as f64 / 8.0).floor() as u64),
+        ),
         (_, _, Some(pct)) => Goal::MaxPplIncrease(pct),
         _ => return Err(PipelineError::Invalid("the budget has no target".into())),
     };
@@ -376,7 +376,6 @@ pub fn search_and_write(
     let outcome = outcome.inspect_err(|_| {
         let _ = std::fs::remove_file(out);
     })?;
-    let searched_weights = searched_weights(model, &items)?;
     let quantized = verifier
         .outcomes
         .remove(&outcome.best)

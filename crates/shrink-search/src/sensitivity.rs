@@ -48,27 +48,18 @@ pub fn gguf_bytes(bytes: usize) -> u64 {
     bytes.div_ceil(32) as u64 * 32
 }
 
-/// Log-probabilities `(positions, vocab)` at the scored positions: the second half of each window.
+/// Log-probabilities `(positions, vocab)` at the scored positions (the second half of each
+/// window) from final, normed hidden states.
 fn log_probs(model: &Transformer, hidden: &Tensor) -> Result<Tensor> {
     let (b, t, h) = hidden.dims3()?;
     let half = hidden
         .narrow(1, t / 2, t - t / 2)?
         .reshape((b * (t - t / 2), h))?;
-    let logits = model.lm_head(&model.final_hidden(&half)?)?;
+    let logits = model.lm_head(&half)?;
     Ok(candle_nn::ops::log_softmax(
         &logits.to_dtype(DType::F32)?,
         D::Minus1,
     )?)
-}
-
-/// The last block's output (before the final norm) for token ids `(batch, seq)`.
-fn blocks_output(model: &Transformer, ids: &Tensor) -> Result<Tensor> {
-    let ctx = model.attention_context(ids.dim(1)?, 0)?;
-    let mut x = model.embed(ids)?;
-    for block in &model.blocks {
-        x = block.forward(&x, &ctx, None, &mut NoHook)?;
-    }
-    Ok(x)
 }
 
 /// Mean over positions of KL(reference ‖ model) from log-probabilities.
@@ -133,7 +124,7 @@ impl Scorer {
     }
 
     fn log_probs(&self, model: &Transformer) -> Result<Tensor> {
-        log_probs(model, &blocks_output(model, &self.ids)?)
+        log_probs(model, &model.forward_hidden(&self.ids, &mut NoHook)?)
     }
 
     fn nll(&self, log_probs: &Tensor) -> Result<f64> {
@@ -225,7 +216,7 @@ pub fn sensitivity(
         inputs.push(x.clone());
         x = block.forward(&x, &ctx, None, &mut NoHook)?;
     }
-    let reference = log_probs(model, &x)?;
+    let reference = log_probs(model, &model.final_hidden(&x)?)?;
     let finite = |kl: f64, what: &str| {
         if kl.is_finite() {
             Ok(kl.max(0.0))
@@ -286,7 +277,7 @@ pub fn sensitivity(
                 for later in &model.blocks[i + 1..] {
                     y = later.forward(&y, &ctx, None, &mut NoHook)?;
                 }
-                mean_kl(&reference, &log_probs(model, &y)?)
+                mean_kl(&reference, &log_probs(model, &model.final_hidden(&y)?)?)
             };
             let losses: Vec<f64> = match config.measure {
                 Measure::Every => candidates
@@ -387,7 +378,7 @@ fn embedding_item(
                 mh.set_weight(h)?;
             }
         }
-        let lp = log_probs(&m, &blocks_output(&m, ids)?)?;
+        let lp = log_probs(&m, &m.forward_hidden(ids, &mut NoHook)?)?;
         let kl = mean_kl(reference, &lp)?;
         if !kl.is_finite() {
             return Err(SearchError::Input(format!(
