@@ -22,7 +22,7 @@ SDIST="$ROOT/llama_cpp_python-$VERSION.tar.gz"
 if [ ! -f "$SDIST" ] || ! echo "$SHA256  $SDIST" | sha256sum -c --status; then
   log "fetching llama-cpp-python==$VERSION (sdist)"
   tmp=$(mktemp -d)
-  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$VERSION" >&2
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$tmp" "llama-cpp-python==$VERSION" >&2
   mv "$tmp"/llama_cpp_python-$VERSION.tar.gz "$SDIST.part" && mv "$SDIST.part" "$SDIST"
   rm -rf "$tmp"
 fi
