@@ -7,7 +7,9 @@ VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
 ROOT="$CACHE/llama.cpp/$VERSION"
-BIN="$ROOT/bin"
+# Built without AMX (below): the cache folders name that build.
+BIN="$ROOT/bin-noamx"
+BUILD="$ROOT/build-noamx"
 TOOLS=(llama-perplexity llama-quantize llama-imatrix llama-tokenize)
 
 have_all() { for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done; }
@@ -37,10 +39,14 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
 fi
 
 log "building ${TOOLS[*]} (Release, CPU) — takes several minutes on 2 cores"
-cmake -S "$SRC" -B "$ROOT/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON >&2
-cmake --build "$ROOT/build" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
+# Native ISA, but no AMX: on AMX machines (Sapphire Rapids VMs) ggml's AMX matmul segfaults in
+# llama-perplexity. GCC's explicit -mno-* flags win over -march=native whatever their order.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" >&2
+cmake --build "$BUILD" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
 mkdir -p "$BIN.part"
-for t in "${TOOLS[@]}"; do cp "$ROOT/build/bin/$t" "$BIN.part/"; done
+for t in "${TOOLS[@]}"; do cp "$BUILD/bin/$t" "$BIN.part/"; done
 rm -rf "$BIN" && mv "$BIN.part" "$BIN"
 echo "$BIN"

@@ -4,86 +4,9 @@
 
 mod common;
 
-use shrink_io::{Checkpoint, Format, GgufVocab, GgufWriteType, TokenizerBundle};
-use shrink_models::{ModelConfig, Transformer};
+use common::{fails, ok, sample_text, shrink, tiny_gguf};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn shrink(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args(args)
-        .env(
-            "SHRINK_CACHE_DIR",
-            std::env::temp_dir().join("shrink-cli-test-cache"),
-        )
-        .output()
-        .expect("the shrink binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = shrink(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "shrink {args:?} failed:\n{stderr}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail cleanly; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = shrink(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "shrink {args:?} should exit 1:\n{stderr}"
-    );
-    assert!(
-        !stderr.contains("panicked"),
-        "shrink {args:?} panicked:\n{stderr}"
-    );
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    stderr
-}
-
-fn sample_text() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/samples/tempest_excerpt.txt")
-}
-
-/// A 2-block GQA model with a byte-level tokenizer, written as a GGUF.
-fn tiny_gguf(dir: &Path) -> PathBuf {
-    let vocab = GgufVocab::byte_level(
-        &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        &["Ġ t", "h e", "Ġt he"],
-        Some("smollm"),
-    );
-    let mut cfg = ModelConfig::tiny_for_tests();
-    cfg.vocab_size = vocab.tokens.len();
-    // Rows of 32 (whole Q4_0 groups) and 256 (one k-quant super-block, in down_proj).
-    cfg.intermediate_size = 256;
-    let model = Transformer::random(&cfg, 5, &candle_core::Device::Cpu).unwrap();
-    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n";
-    let tokenizer = TokenizerBundle::from_gguf_vocab(
-        Path::new("tiny"),
-        vocab,
-        Some(1),
-        Some(2),
-        false,
-        Some(template.into()),
-    )
-    .unwrap();
-    let checkpoint = Checkpoint {
-        path: "tiny".into(),
-        format: Format::HfFolder,
-        config: serde_json::to_value(&cfg).unwrap(),
-        tensors: model.named_tensors(),
-        tokenizer: Some(tokenizer),
-        generation_config: None,
-        side_files: Default::default(),
-    };
-    let path = dir.join("tiny.gguf");
-    shrink_io::write_llama_gguf(&checkpoint, &path, GgufWriteType::F32, &Default::default())
-        .unwrap();
-    path
-}
+use std::process::Command;
 
 fn eval_json(model: &str, extra: &[&str]) -> serde_json::Value {
     let text = sample_text();

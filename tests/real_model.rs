@@ -41,7 +41,7 @@ fn llama_tool(tool: &str) -> Option<PathBuf> {
         Some(d) => PathBuf::from(d),
         None => shrink_core::cache_dir()
             .unwrap()
-            .join("llama.cpp/0.3.36/bin"),
+            .join("llama.cpp/0.3.36/bin-noamx"),
     };
     let path = dir.join(tool);
     if path.is_file() {
@@ -86,9 +86,17 @@ fn tokenizer_matches_llama_cpp_on_hamlet_and_round_trips() {
         vec![56, 38348, 3438, 28, 216, 33, 34, 35, 36, 37, 216, 1]
     );
 
-    let Some(tool) = llama_tool("llama-tokenize") else {
+    let Some(theirs) = llama_tokenize_hamlet(&model) else {
         return;
     };
+    assert_eq!(ids.len(), theirs.len());
+    let first_diff = ids.iter().zip(&theirs).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "token ids differ from llama-tokenize");
+}
+
+/// `llama-tokenize` of hamlet with `model`'s vocabulary (plain text, no special tokens parsed).
+fn llama_tokenize_hamlet(model: &std::path::Path) -> Option<Vec<u32>> {
+    let tool = llama_tool("llama-tokenize")?;
     let hamlet_path = asset("shakespeare").unwrap().join("hamlet");
     let out = Command::new(tool)
         .args([
@@ -113,14 +121,44 @@ fn tokenizer_matches_llama_cpp_on_hamlet_and_round_trips() {
         .rev()
         .find(|l| l.starts_with('['))
         .expect("an id list");
-    let theirs: Vec<u32> = list
-        .trim_matches(|c| c == '[' || c == ']')
-        .split(", ")
-        .map(|v| v.parse().unwrap())
-        .collect();
+    Some(
+        list.trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|v| v.parse().unwrap())
+            .collect(),
+    )
+}
+
+/// A Hugging Face folder becomes a GGUF whose vocabulary is built from `tokenizer.json`:
+/// llama.cpp tokenizes hamlet as the folder's tokenizer does and scores the file as shrink
+/// scores the folder.
+#[test]
+fn hugging_face_folder_to_gguf_tokenizes_and_scores_as_in_llama_cpp() {
+    let (Some(model), Some(hamlet)) = (model_path(), text("hamlet")) else {
+        return;
+    };
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let gguf = dir.path().join("from-hf.gguf");
+    let m = model.to_str().unwrap();
+    run_shrink(&["convert", m, "--to", "hf", "-o", hf.to_str().unwrap()]);
+    let h = hf.to_str().unwrap();
+    run_shrink(&["convert", h, "--to", "gguf", "-o", gguf.to_str().unwrap()]);
+    let folder = shrink_io::load(&hf).unwrap();
+    let ids = folder.tokenizer().unwrap().encode(&hamlet, false).unwrap();
+    let theirs = llama_tokenize_hamlet(&gguf).unwrap();
     assert_eq!(ids.len(), theirs.len());
     let first_diff = ids.iter().zip(&theirs).position(|(a, b)| a != b);
     assert_eq!(first_diff, None, "token ids differ from llama-tokenize");
+    let ours = shrink_eval(&hf, 32)["perplexity"]["ppl"].as_f64().unwrap();
+    let llama = llama_perplexity(&tool, &gguf, 32);
+    eprintln!(
+        "HF folder → GGUF: shrink eval (folder) {ours:.4} vs llama-perplexity (GGUF) {llama:.4}"
+    );
+    assert!((ours / llama - 1.0).abs() < 0.005, "{ours} vs {llama}");
 }
 
 #[test]

@@ -35,6 +35,8 @@ use std::collections::BTreeMap;
 pub enum CalibError {
     #[error("calibration needs {needed} tokens per window but the text has only {available}")]
     TooLittleText { needed: usize, available: usize },
+    #[error("calibration needs at least one window (samples = 0): a calibrated method without data would write an uncalibrated model")]
+    NoSamples,
     #[error("the Hessian of '{linear}' is not positive definite even after dampening (pivot {pivot} at column {column})")]
     NotPositiveDefinite {
         linear: String,
@@ -60,6 +62,9 @@ pub fn sample_windows(
     len: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
+    if count == 0 {
+        return Err(CalibError::NoSamples);
+    }
     if tokens.len() < len || len == 0 {
         return Err(CalibError::TooLittleText {
             needed: len,

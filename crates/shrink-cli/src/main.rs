@@ -73,6 +73,10 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Memory the run may use (16G, 512M); default: the machine's. A pipeline estimated
+        /// above it is refused.
+        #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
+        max_memory: Option<u64>,
     },
     /// Sentence embeddings from an encoder (BERT, MiniLM), pooled as its sentence-transformers
     /// config says.
@@ -453,6 +457,10 @@ struct RunArgs {
     /// Print a machine-readable summary (schema shrink.run/v1) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Memory the run may use (16G, 512M); default: the machine's. A run estimated above it is
+    /// refused before any work.
+    #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Args)]
@@ -489,6 +497,11 @@ fn tune_allocator() {
 }
 
 fn main() -> ExitCode {
+    // Errors are for users: candle captures a backtrace into every error when RUST_BACKTRACE is
+    // set, unless library backtraces are switched off (panics keep theirs).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     tune_allocator();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
@@ -498,10 +511,28 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: a cause whose text its parent already
+/// includes (`{path}: {source}` messages) is not repeated.
+fn error_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || message.contains(text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(text);
+    }
+    message
 }
 
 fn run(command: Command) -> Result<ExitCode> {
@@ -523,7 +554,11 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Quantize(args) => quantize(args),
         Command::Prune(args) => prune(args),
         Command::Distill(args) => distill(*args),
-        Command::Validate { file, json } => validate(&file, json),
+        Command::Validate {
+            file,
+            json,
+            max_memory,
+        } => validate(&file, json, max_memory),
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -556,6 +591,13 @@ fn fetch_with_message(manifest: &shrink_data::Manifest) -> Result<PathBuf> {
         );
     }
     shrink_data::fetch(manifest).with_context(|| format!("fetching '{}'", manifest.name))
+}
+
+/// Refuses an output (`-o`) that would overwrite or replace the input model, before any work.
+fn check_output(model: &str, out: &Path) -> Result<()> {
+    let input = resolve_model(model)?;
+    shrink_core::check_output_is_not_input(&input, out, "-o")?;
+    Ok(())
 }
 
 fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
@@ -719,6 +761,7 @@ fn inspect(model: &str, json: bool) -> Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> Result<()> {
+    check_output(&args.model, &args.out)?;
     let checkpoint = load_checkpoint(&args.model)?;
     let start = Instant::now();
     match args.to {
@@ -960,13 +1003,14 @@ fn embed(
     Ok(())
 }
 
-fn validate(file: &Path, json: bool) -> Result<()> {
+fn validate(file: &Path, json: bool, max_memory: Option<u64>) -> Result<()> {
     let pipeline = shrink_pipeline::load(file)?;
     print_plan(
         file,
         &pipeline,
         &Path::new("runs").join(&pipeline.name),
         json,
+        max_memory,
     )
 }
 
@@ -976,35 +1020,14 @@ fn print_plan(
     pipeline: &shrink_pipeline::Pipeline,
     run_dir: &Path,
     json: bool,
+    max_memory: Option<u64>,
 ) -> Result<()> {
     let plan = pipeline.plan();
     // The memory estimate needs the model's shape: read it if the model is already here.
-    // Headers only: the embedding's width and the MLP down projection's other dimension.
-    let shape = resolve_model_if_present(&pipeline.model.source).and_then(|path| {
-        let info = shrink_io::inspect(&path).ok()?;
-        let dims = |pick: &dyn Fn(&str) -> bool| {
-            info.tensors
-                .iter()
-                .find(|t| pick(&t.name) && t.shape.len() == 2)
-                .map(|t| (t.shape[0] as u64, t.shape[1] as u64))
-        };
-        // Every family's token embedding and MLP down projection (Hugging Face or GGUF names).
-        let embedding = ["embed_tokens", "token_embd", "word_embeddings", "wte."];
-        let (a, b) = dims(&|n| embedding.iter().any(|e| n.contains(e)))?;
-        let hidden = a.min(b);
-        let (c, d) = dims(&|n| {
-            n.contains("ffn_down.weight")
-                || (n.ends_with(".weight")
-                    && shrink_models::Role::of_name(n) == Some(shrink_models::Role::Down))
-        })?;
-        Some((
-            info.parameters,
-            hidden,
-            if c == hidden { d } else { c },
-            a.max(b),
-        ))
-    });
-    let peak = shape.map(|(p, h, i, v)| pipeline.estimated_peak_bytes(p, h, i, v));
+    let shape = resolve_model_if_present(&pipeline.model.source)
+        .and_then(|path| shrink_pipeline::memory::model_shape(&path));
+    pipeline.check_memory(shape, shrink_pipeline::memory::memory_limit(max_memory))?;
+    let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape)));
     let stage_dir = |name: &str| run_dir.join("stages").join(name).display().to_string();
     let export = |s: &shrink_pipeline::PlannedStage| match s.export {
         shrink_pipeline::Export::Gguf => "gguf",
@@ -1145,6 +1168,25 @@ fn calibration_windows(
     seq_len: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
+    if samples == 0 {
+        bail!("--samples 0: this method calibrates and needs at least one window");
+    }
+    // The windows and the activations entering and leaving a block, before anything is read.
+    let hidden = checkpoint
+        .config
+        .get("hidden_size")
+        .or_else(|| checkpoint.config.get("n_embd"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1) as u128;
+    let needed = samples as u128 * seq_len as u128 * (4 + 8 * hidden);
+    let limit = shrink_pipeline::memory::memory_limit(None) as u128;
+    if needed > limit {
+        bail!(
+            "--samples {samples} × --seq-len {seq_len} needs an estimated {:.1} GB for calibration, more than this machine's {:.1} GB",
+            needed as f64 / 1e9,
+            limit as f64 / 1e9
+        );
+    }
     shrink_pipeline::encoder::calibration_windows(
         checkpoint,
         &read_text(calib)?,
@@ -1187,10 +1229,14 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         keep_zeros: args.keep_sparsity,
     };
     let resolved = request.resolve()?;
+    check_output(&args.model, &args.out)?;
     let start = Instant::now();
     let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
     // Refuse what the formats cannot hold before fetching and calibrating.
     resolved.plan.check_model(&model)?;
+    if resolved.export == shrink_pipeline::Export::Gguf {
+        shrink_io::gguf_vocab_of(&checkpoint)?;
+    }
     let windows = if resolved.calibrates {
         Some(calibration_windows(
             &checkpoint,
@@ -1315,9 +1361,13 @@ fn prune(args: PruneArgs) -> Result<()> {
         ..PruneRequest::new(kind)
     };
     let resolved = request.resolve()?;
+    check_output(&args.model, &args.out)?;
     let start = Instant::now();
     let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
     shrink_pipeline::prune::check_prune(&resolved, &model)?;
+    if resolved.export == shrink_pipeline::Export::Gguf {
+        shrink_io::gguf_vocab_of(&checkpoint)?;
+    }
     let windows = if resolved.calibrates {
         Some(calibration_windows(
             &checkpoint,
@@ -1473,6 +1523,9 @@ fn distill(args: DistillArgs) -> Result<()> {
         format: args.format.clone(),
         dtype: args.dtype.clone(),
     };
+    for model in std::iter::once(&args.teacher).chain(&args.student) {
+        check_output(model, &args.out)?;
+    }
     if let Some(target) = &args.qat {
         return qat(&args, target, request);
     }
@@ -1679,7 +1732,7 @@ fn run_pipeline(args: RunArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
     if args.dry_run {
-        print_plan(&args.file, &pipeline, &run_dir, args.json)?;
+        print_plan(&args.file, &pipeline, &run_dir, args.json, args.max_memory)?;
         return Ok(ExitCode::SUCCESS);
     }
     // Fetch what the pipeline reads up front, saying so (the library fetches silently).
@@ -1692,6 +1745,7 @@ fn run_pipeline(args: RunArgs) -> Result<ExitCode> {
         pipeline_file: args.file.clone(),
         run_dir: Some(run_dir),
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        max_memory_bytes: args.max_memory,
     };
     let bar = progress::Bar::new();
     let log = |line: &str| {

@@ -34,10 +34,15 @@ where
 {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+    remove_stale_temporaries(dir)?;
     let tmp = tempfile::Builder::new()
-        .prefix(".shrink-tmp-")
+        .prefix(TMP_PREFIX)
         .tempfile_in(dir)
         .map_err(io_err("creating a temporary file in", dir))?;
+    // Locked while it is being written: an unlocked temporary is one a killed process left.
+    tmp.as_file()
+        .lock()
+        .map_err(io_err("locking the temporary file in", dir))?;
     {
         let mut buffered = std::io::BufWriter::new(tmp.as_file());
         write(&mut buffered)?;
@@ -70,6 +75,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 pub struct AtomicDir {
     target: PathBuf,
     staging: Option<tempfile::TempDir>,
+    /// The staging directory, opened and locked while it lives.
+    _lock: std::fs::File,
 }
 
 impl AtomicDir {
@@ -77,13 +84,20 @@ impl AtomicDir {
     pub fn new(target: &Path) -> Result<Self> {
         let dir = parent_dir(target);
         std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+        remove_stale_temporaries(dir)?;
         let staging = tempfile::Builder::new()
-            .prefix(".shrink-staging-")
+            .prefix(STAGING_PREFIX)
             .tempdir_in(dir)
             .map_err(io_err("creating a staging directory in", dir))?;
+        let lock = lock_dir(staging.path(), false)?.ok_or_else(|| CoreError::Io {
+            action: "locking",
+            path: staging.path().to_path_buf(),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        })?;
         Ok(Self {
             target: target.to_path_buf(),
             staging: Some(staging),
+            _lock: lock,
         })
     }
 
@@ -103,13 +117,15 @@ impl AtomicDir {
         let staged = staging.keep();
         if self.target.exists() {
             let old = parent_dir(&self.target).join(format!(
-                ".shrink-old-{}",
+                "{OLD_PREFIX}{}",
                 self.target
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             ));
             let _ = std::fs::remove_dir_all(&old);
+            // Locked while set aside, so that another process's clean-up leaves it alone.
+            let _held = lock_dir(&self.target, false)?;
             std::fs::rename(&self.target, &old)
                 .map_err(io_err("moving aside the previous", &self.target))?;
             std::fs::rename(&staged, &self.target)
@@ -121,6 +137,164 @@ impl AtomicDir {
         }
         Ok(self.target.clone())
     }
+}
+
+const TMP_PREFIX: &str = ".shrink-tmp-";
+const STAGING_PREFIX: &str = ".shrink-staging-";
+const OLD_PREFIX: &str = ".shrink-old-";
+
+/// Opens `dir` and takes an exclusive advisory lock on it (`flock`): waiting for it when `wait`,
+/// else `None` if another process holds it. The lock lasts as long as the returned handle.
+pub fn lock_dir(dir: &Path, wait: bool) -> Result<Option<std::fs::File>> {
+    let file = std::fs::File::open(dir).map_err(io_err("opening", dir))?;
+    if wait {
+        file.lock().map_err(io_err("locking", dir))?;
+        return Ok(Some(file));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("locking", dir)(e)),
+    }
+}
+
+/// Removes the temporaries that shrink's atomic writes left in `dir` when their process was
+/// killed (`.shrink-tmp-*`, `.shrink-staging-*`, `.shrink-old-*`): only those, and only when no
+/// live process holds their lock. Returns how many were removed.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if ![TMP_PREFIX, STAGING_PREFIX, OLD_PREFIX]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_symlink() {
+            continue; // never ours
+        }
+        // A live writer holds the lock; a file or folder that vanished meanwhile is fine.
+        let Ok(handle) = std::fs::File::open(&path) else {
+            continue;
+        };
+        match handle.try_lock() {
+            Ok(()) => {}
+            Err(_) => continue,
+        }
+        let result = if kind.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing the stale temporary", &path)(e)),
+        }
+    }
+    Ok(removed)
+}
+
+/// Why an output would overwrite, or be written inside, the input it is made from.
+fn overlap(input: &Path, output: &Path) -> Option<&'static str> {
+    if input == output {
+        return Some("is the input model");
+    }
+    if output.starts_with(input) {
+        return Some("lies inside the input model");
+    }
+    if input.starts_with(output) {
+        return Some("contains the input model");
+    }
+    None
+}
+
+/// `path` with symbolic links and `..` resolved, for a path that may not exist yet: its deepest
+/// existing ancestor canonicalized, the rest appended.
+pub fn resolve_path(path: &Path) -> Result<PathBuf> {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(io_err("reading the current directory for", path))?
+            .join(path)
+    };
+    let mut rest = Vec::new();
+    let mut base = absolute.as_path();
+    loop {
+        match base.canonicalize() {
+            Ok(real) => {
+                let mut out = real;
+                for part in rest.iter().rev() {
+                    match part {
+                        std::path::Component::ParentDir => {
+                            out.pop();
+                        }
+                        std::path::Component::CurDir => {}
+                        other => out.push(other),
+                    }
+                }
+                return Ok(out);
+            }
+            Err(_) => match (base.parent(), base.components().next_back()) {
+                (Some(parent), Some(last)) => {
+                    rest.push(last);
+                    base = parent;
+                }
+                _ => return Ok(absolute),
+            },
+        }
+    }
+}
+
+/// Refuses an output path that is the input model (same resolved path or the same file through a
+/// hard link), lies inside an input folder, or is a folder holding the input: writing it would
+/// modify or delete the input. `what` names the output in the error (`-o`, `model/`).
+pub fn check_output_is_not_input(input: &Path, output: &Path, what: &str) -> Result<()> {
+    let resolved_in = resolve_path(input)?;
+    let resolved_out = resolve_path(output)?;
+    let mut why = overlap(&resolved_in, &resolved_out);
+    #[cfg(unix)]
+    if why.is_none() {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(a), Ok(b)) = (std::fs::metadata(input), std::fs::metadata(output)) {
+            if a.dev() == b.dev() && a.ino() == b.ino() {
+                why = Some("is the same file as the input model");
+            }
+        }
+    }
+    match why {
+        None => Ok(()),
+        Some(why) => Err(CoreError::OutputOverlapsInput {
+            what: what.to_string(),
+            output: output.to_path_buf(),
+            input: input.to_path_buf(),
+            why,
+        }),
+    }
+}
+
+/// Characters allowed in run and stage names, which become folder names.
+pub const NAME_CHARS: &str = "letters, digits, '.', '_', '-' and '+' (not starting with '.')";
+
+/// Whether `name` is a plain folder name: 1–100 of [`NAME_CHARS`], not starting with '.', so it
+/// can never be absolute, `..`, hidden or empty.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'))
 }
 
 /// The directory under which shrink caches fetched packages, models and reference builds:
@@ -211,6 +385,44 @@ mod tests {
         assert!(r.is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn only_stale_temporaries_are_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let stale = root.path().join(".shrink-tmp-dead");
+        let live = root.path().join(".shrink-tmp-live");
+        std::fs::write(&stale, "x").unwrap();
+        std::fs::write(&live, "x").unwrap();
+        std::fs::write(root.path().join(".shrink-other"), "x").unwrap();
+        std::fs::write(root.path().join("keep"), "x").unwrap();
+        let held = std::fs::File::open(&live).unwrap();
+        held.lock().unwrap();
+        // flock is per open file description: another open sees the lock as another process.
+        assert_eq!(remove_stale_temporaries(root.path()).unwrap(), 1);
+        assert!(!stale.exists() && live.exists());
+        assert!(root.path().join(".shrink-other").exists() && root.path().join("keep").exists());
+        drop(held);
+        assert_eq!(remove_stale_temporaries(root.path()).unwrap(), 1);
+    }
+
+    #[test]
+    fn outputs_that_overlap_the_input_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let input = root.path().join("m.gguf");
+        std::fs::write(&input, "x").unwrap();
+        let dotted = root.path().join("sub/../m.gguf");
+        for out in [input.clone(), dotted, root.path().to_path_buf()] {
+            assert!(
+                check_output_is_not_input(&input, &out, "-o").is_err(),
+                "{out:?}"
+            );
+        }
+        assert!(check_output_is_not_input(&input, &root.path().join("o.gguf"), "-o").is_ok());
+        assert!(is_plain_name("quantize.gptq") && is_plain_name("a-b_c+1"));
+        for bad in ["", "..", ".x", "/abs", "a/b", "a b", &"x".repeat(101)] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
     }
 
     #[test]

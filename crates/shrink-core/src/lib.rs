@@ -15,7 +15,10 @@
 mod fsio;
 mod progress;
 
-pub use fsio::{atomic_write, atomic_write_with, cache_dir, sha256_file, sha256_hex, AtomicDir};
+pub use fsio::{
+    atomic_write, atomic_write_with, cache_dir, check_output_is_not_input, is_plain_name, lock_dir,
+    remove_stale_temporaries, resolve_path, sha256_file, sha256_hex, AtomicDir, NAME_CHARS,
+};
 pub use progress::{NoProgress, Progress};
 
 /// Errors from the shared foundations: always name the file involved.
@@ -30,6 +33,13 @@ pub enum CoreError {
     },
     #[error("cannot locate a cache directory: set SHRINK_CACHE_DIR, XDG_CACHE_HOME or HOME")]
     NoCacheDir,
+    #[error("{what} {output} {why} {input}: writing there would modify or delete the input; choose another output")]
+    OutputOverlapsInput {
+        what: String,
+        output: std::path::PathBuf,
+        input: std::path::PathBuf,
+        why: &'static str,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;

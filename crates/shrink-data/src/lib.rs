@@ -136,6 +136,35 @@ pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
     split_paths(&spec.parse()?)
 }
 
+/// Checks, without fetching anything, that `spec` names a text: an existing file, or a
+/// `DATASET:SPLIT` of a known dataset.
+pub fn check_text(spec: &str) -> Result<()> {
+    if std::path::Path::new(spec).is_file() {
+        return Ok(());
+    }
+    let reference: TextRef = spec.parse()?;
+    split_files(&find(&reference.dataset)?, &reference.split).map(|_| ())
+}
+
+/// Checks, without fetching anything, that `spec` names a model: an existing file or folder, or
+/// a demo model's manifest.
+pub fn check_model(spec: &str) -> Result<()> {
+    let path = std::path::Path::new(spec);
+    if path.exists() {
+        return Ok(());
+    }
+    match find(spec) {
+        Ok(m) if m.kind == Kind::Model => Ok(()),
+        _ if spec.contains(['/', '\\']) || spec.contains('.') => Err(DataError::NoSuchPath {
+            path: path.to_path_buf(),
+        }),
+        Ok(_) => Err(DataError::NotAModel {
+            name: spec.to_string(),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Fetches (if needed) and returns the text of `reference`, the split's files concatenated.
 pub fn load_text(reference: &TextRef) -> Result<String> {
     concat_files(&split_paths(reference)?)

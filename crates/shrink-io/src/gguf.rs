@@ -21,39 +21,14 @@ pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(io_error(path))
 }
 
-/// Reads the header, metadata and tensor table.
+/// Reads the header, metadata and tensor table, after checking the file's layout
+/// ([`crate::check_gguf_layout`]) so that candle's reader only sees well-formed files.
 pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Content> {
-    let content =
-        gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
-            path: path.to_path_buf(),
-            message: format!("corrupt or truncated GGUF header: {e}"),
-        })?;
-    for (name, info) in &content.tensor_infos {
-        let size = tensor_bytes(info.ggml_dtype, info.shape.elem_count()).ok_or_else(|| {
-            IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                message: format!(
-                    "{} elements are not a whole number of {:?} blocks",
-                    info.shape.elem_count(),
-                    info.ggml_dtype
-                ),
-            }
-        })?;
-        let start = content.tensor_data_offset + info.offset;
-        let end = start.saturating_add(size as u64);
-        if end > bytes.len() as u64 {
-            return Err(IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                message: format!(
-                    "the file is truncated: the tensor's data spans bytes {start}..{end} but the file has {} bytes",
-                    bytes.len()
-                ),
-            });
-        }
-    }
-    Ok(content)
+    crate::gguf_layout::check_gguf_layout(path, bytes)?;
+    gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: format!("corrupt GGUF header: {e}"),
+    })
 }
 
 pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
@@ -350,6 +325,10 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         tokens,
         token_types,
         merges,
+        unknown_token_id: meta_u64(path, &content, "tokenizer.ggml.unknown_token_id")?
+            .map(|v| v as u32),
+        padding_token_id: meta_u64(path, &content, "tokenizer.ggml.padding_token_id")?
+            .map(|v| v as u32),
     };
     let vocab_size = meta_u64(path, &content, &a("vocab_size"))?
         .map(|v| v as usize)
@@ -518,26 +497,7 @@ impl GgufValue {
     }
 }
 
-/// ggml's type id (ggml.h `enum ggml_type`).
-fn ggml_type_id(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
-}
+use crate::gguf_layout::ggml_type_id;
 
 /// A tensor to write: its GGUF name and ggml-typed data, in PyTorch dimension order.
 #[derive(Debug)]
@@ -665,6 +625,19 @@ fn file_type_of(dtype: GgmlDType) -> u32 {
     }
 }
 
+/// The GGUF vocabulary of a checkpoint's tokenizer, or why it has none: checked before work
+/// whose result is to be written as GGUF.
+pub fn gguf_vocab_of(checkpoint: &Checkpoint) -> Result<&GgufVocab> {
+    let tok = checkpoint.tokenizer()?;
+    tok.gguf_vocab.as_ref().ok_or_else(|| IoError::Tokenizer {
+        path: checkpoint.path.clone(),
+        message: match &tok.gguf_vocab_error {
+            Some(why) => format!("cannot be written as GGUF: {why}"),
+            None => "cannot be written as GGUF: the tokenizer has no GGUF vocabulary".into(),
+        },
+    })
+}
+
 /// Writes a Llama-family or GPT-2 checkpoint as a GGUF llama.cpp loads: its metadata, the tokenizer
 /// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted. Tensors in
 /// `prequantized` (by Hugging Face name) are written block for block as given, never re-rounded;
@@ -727,10 +700,7 @@ pub fn write_llama_gguf(
         .and_then(|v| v.as_u64())
         .unwrap_or(hidden / n_head as u64);
     let tok = checkpoint.tokenizer()?;
-    let vocab = tok.gguf_vocab.as_ref().ok_or_else(|| IoError::Tokenizer {
-        path: checkpoint.path.clone(),
-        message: "writing GGUF needs a GGUF vocabulary (a GGUF source, or a GPT-2 folder's byte-level BPE tokenizer.json)".into(),
-    })?;
+    let vocab = gguf_vocab_of(checkpoint)?;
     // GPT-2's MLP width may be left null (4 × n_embd).
     let ffn = match cfg
         .get(theirs("intermediate_size"))
@@ -828,6 +798,14 @@ pub fn write_llama_gguf(
     }
     if let Some(eos) = tok.eos_token_ids.first() {
         metadata.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*eos)));
+    }
+    for (key, id) in [
+        ("tokenizer.ggml.unknown_token_id", vocab.unknown_token_id),
+        ("tokenizer.ggml.padding_token_id", vocab.padding_token_id),
+    ] {
+        if let Some(id) = id {
+            metadata.push((key.into(), GgufValue::U32(id)));
+        }
     }
     metadata.push((
         "tokenizer.ggml.add_bos_token".into(),

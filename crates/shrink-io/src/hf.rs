@@ -40,7 +40,23 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 key: format!("weight_map.{tensor}"),
                 message: "not a file name".into(),
             })?;
-            files.insert(dir.join(file));
+            // A shard is a file of this folder: no absolute paths, no `..`.
+            let relative = Path::new(file);
+            if file.is_empty()
+                || !relative
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(IoError::Metadata {
+                    path: index.clone(),
+                    key: format!("weight_map.{tensor}"),
+                    message: format!(
+                        "shard `{file}` is not a file inside the model folder {}",
+                        dir.display()
+                    ),
+                });
+            }
+            files.insert(dir.join(relative));
         }
         return Ok(files.into_iter().collect());
     }

@@ -13,15 +13,17 @@
 
 mod compressed;
 mod gguf;
+mod gguf_layout;
 mod hf;
 mod inspect;
 mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
 pub use gguf::{
-    hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue, GgufWriteType,
-    QuantizedBlocks,
+    gguf_vocab_of, hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue,
+    GgufWriteType, QuantizedBlocks,
 };
+pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
 pub use hf::{save_hf, save_hf_with, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use tokenizer::{GgufVocab, TokenizerBundle};
@@ -104,6 +106,31 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Refuses NaN or infinite values in any floating-point tensor, naming the first such tensor:
+    /// a compression of such a model would write them on.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, t) in &self.tensors {
+            // x − x is 0 for every finite x and NaN for NaN and ±∞: one pass, no copy.
+            let sum = t
+                .sub(t)
+                .and_then(|d| d.to_dtype(candle_core::DType::F32))
+                .and_then(|d| d.sum_all())
+                .and_then(|d| d.to_scalar::<f32>());
+            let problem = match sum {
+                Ok(v) => (v != 0.0).then(|| "holds NaN or infinite values".to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(message) = problem {
+                return Err(IoError::Tensor {
+                    path: self.path.clone(),
+                    tensor: name.clone(),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A side file parsed as JSON, if the folder had it.
     pub fn side_json(&self, name: &str) -> Result<Option<serde_json::Value>> {
         match self.side_files.get(name) {

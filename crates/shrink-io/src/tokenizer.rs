@@ -11,8 +11,14 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_NORMAL: i32 = 1;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+const TOKEN_TYPE_UNUSED: i32 = 5;
+
+/// llama.cpp's pre-tokenizer regexes (llama-vocab.cpp) for `llama-bpe` and `qwen2`.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The raw GGUF vocabulary, kept so that a GGUF written back carries it unchanged.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +28,9 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     pub token_types: Vec<i32>,
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.unknown_token_id` and `padding_token_id`, carried through when present.
+    pub unknown_token_id: Option<u32>,
+    pub padding_token_id: Option<u32>,
 }
 
 impl GgufVocab {
@@ -51,6 +60,8 @@ impl GgufVocab {
             tokens,
             token_types,
             merges: merges.iter().map(|m| m.to_string()).collect(),
+            unknown_token_id: None,
+            padding_token_id: None,
         }
     }
 }
@@ -65,6 +76,8 @@ pub struct TokenizerBundle {
     pub add_bos: bool,
     pub chat_template: Option<String>,
     pub gguf_vocab: Option<GgufVocab>,
+    /// Why a Hugging Face tokenizer has no GGUF vocabulary (it cannot be written as GGUF).
+    pub gguf_vocab_error: Option<String>,
 }
 
 impl TokenizerBundle {
@@ -226,6 +239,7 @@ impl TokenizerBundle {
             add_bos,
             chat_template,
             gguf_vocab: Some(vocab),
+            gguf_vocab_error: None,
         })
     }
 }
@@ -248,8 +262,6 @@ fn pre_tokenizer(path: &Path, pre: Option<&str>) -> Result<PreTokenizerWrapper> 
                 message: format!("pre-tokenizer regex: {e}"),
             })
     };
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     Ok(match pre.unwrap_or("default") {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
         // Digits one by one, then the GPT-2 regex.
@@ -257,9 +269,9 @@ fn pre_tokenizer(path: &Path, pre: Option<&str>) -> Result<PreTokenizerWrapper> 
             Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into()
         }
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => {
-            Sequence::new(vec![split(LLAMA3)?, byte_level(false)]).into()
+            Sequence::new(vec![split(LLAMA3_REGEX)?, byte_level(false)]).into()
         }
-        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2)?, byte_level(false)]).into(),
+        "qwen2" | "deepseek-r1-qwen" => Sequence::new(vec![split(QWEN2_REGEX)?, byte_level(false)]).into(),
         other => {
             return Err(IoError::Metadata {
                 path: path.to_path_buf(),
@@ -334,11 +346,16 @@ pub(crate) fn load_hf_tokenizer(
         .get("chat_template")
         .and_then(|v| v.as_str())
         .map(str::to_string);
-    // GPT-2 folders become GGUF files: their byte-level BPE is llama.cpp's `gpt2` vocabulary.
-    let gguf_vocab = if config.get("model_type").and_then(|v| v.as_str()) == Some("gpt2") {
-        Some(bpe_gguf_vocab(&path, "gpt-2")?)
-    } else {
-        None
+    // The GGUF vocabulary llama.cpp's converter would write, or why there is none (kept for the
+    // GGUF writer to report, so that a folder that only evaluates still loads).
+    let special = |key: &str| token_id(key);
+    let (gguf_vocab, gguf_vocab_error) = match hf_gguf_vocab(&path, config) {
+        Ok(mut v) => {
+            v.unknown_token_id = special("unk_token");
+            v.padding_token_id = special("pad_token");
+            (Some(v), None)
+        }
+        Err(e) => (None, Some(e.to_string())),
     };
     Ok(Some(TokenizerBundle {
         tokenizer,
@@ -347,31 +364,83 @@ pub(crate) fn load_hf_tokenizer(
         add_bos,
         chat_template,
         gguf_vocab,
+        gguf_vocab_error,
     }))
 }
 
-/// A byte-level BPE `tokenizer.json` as GGUF vocabulary metadata: tokens by id (added special
-/// tokens as control tokens), merges in order.
-fn bpe_gguf_vocab(path: &Path, pre: &str) -> Result<GgufVocab> {
+/// The `tokenizer.ggml.pre` name of a byte-level BPE `tokenizer.json` pre-tokenizer: the ones
+/// shrink's GGUF reader (and llama.cpp) implement, recognised by their structure and regex.
+fn pre_tokenizer_name(pre: &serde_json::Value) -> Option<&'static str> {
+    let kind = |v: &serde_json::Value| v["type"].as_str().unwrap_or_default().to_string();
+    let byte_level = |v: &serde_json::Value, regex: bool| {
+        kind(v) == "ByteLevel"
+            && v["use_regex"].as_bool().unwrap_or(true) == regex
+            && !v["add_prefix_space"].as_bool().unwrap_or(false)
+    };
+    let split = |v: &serde_json::Value, regex: &str| {
+        kind(v) == "Split"
+            && v["pattern"]["Regex"].as_str() == Some(regex)
+            && v["behavior"].as_str() == Some("Isolated")
+            && !v["invert"].as_bool().unwrap_or(false)
+    };
+    if byte_level(pre, true) {
+        return Some("gpt-2");
+    }
+    if kind(pre) != "Sequence" {
+        return None;
+    }
+    let parts: Vec<&serde_json::Value> = pre["pretokenizers"].as_array()?.iter().collect();
+    match parts.as_slice() {
+        [d, b] if kind(d) == "Digits" && d["individual_digits"].as_bool() == Some(true) => {
+            byte_level(b, true).then_some("smollm")
+        }
+        [sp, b] if byte_level(b, false) && split(sp, LLAMA3_REGEX) => Some("llama-bpe"),
+        [sp, b] if byte_level(b, false) && split(sp, QWEN2_REGEX) => Some("qwen2"),
+        _ => None,
+    }
+}
+
+/// A Hugging Face `tokenizer.json` as GGUF vocabulary metadata, as llama.cpp's converter writes
+/// it for byte-level BPE models (`tokenizer.ggml.model = gpt2`): tokens by id (added special
+/// tokens as control tokens, other added tokens user-defined, ids the config's `vocab_size` has
+/// beyond the tokenizer as unused `[PAD{id}]`), merges in order, and the pre-tokenizer's name.
+/// Other tokenizers (SentencePiece-style byte-fallback BPE, Unigram, WordPiece) are refused with
+/// the reason.
+fn hf_gguf_vocab(path: &Path, config: &serde_json::Value) -> Result<GgufVocab> {
     let bad = |message: String| IoError::Tokenizer {
         path: path.to_path_buf(),
-        message,
+        message: format!("no GGUF vocabulary: {message}"),
     };
     let text = std::fs::read_to_string(path).map_err(crate::io_error(path))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let model = &json["model"];
-    if model["type"].as_str() != Some("BPE") {
-        return Err(bad(
-            "GGUF export needs a BPE tokenizer (model.type = BPE)".into()
-        ));
+    let model_type = model["type"].as_str().unwrap_or("?");
+    if model_type != "BPE" || model["byte_fallback"].as_bool() == Some(true) {
+        return Err(bad(format!(
+            "the tokenizer is {}; shrink writes GGUF vocabularies for byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen2)",
+            if model_type == "BPE" {
+                "a SentencePiece-style BPE with byte fallback".to_string()
+            } else {
+                format!("a {model_type} model")
+            }
+        )));
     }
+    let pre = match json.get("pre_tokenizer") {
+        Some(p) if !p.is_null() => pre_tokenizer_name(p).ok_or_else(|| {
+            bad(format!(
+                "its pre-tokenizer ({}) is not one llama.cpp implements as gpt-2, smollm, llama-bpe or qwen2, so llama.cpp would split text differently",
+                serde_json::to_string(p).unwrap_or_default().chars().take(200).collect::<String>()
+            ))
+        })?,
+        _ => return Err(bad("it has no pre-tokenizer".into())),
+    };
     let vocab = model["vocab"]
         .as_object()
         .ok_or_else(|| bad("model.vocab is missing".into()))?;
     let mut by_id: std::collections::BTreeMap<u64, (String, i32)> = vocab
         .iter()
-        .filter_map(|(tok, id)| Some((id.as_u64()?, (tok.clone(), 1))))
+        .filter_map(|(tok, id)| Some((id.as_u64()?, (tok.clone(), TOKEN_TYPE_NORMAL))))
         .collect();
     for added in json["added_tokens"].as_array().into_iter().flatten() {
         if let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) {
@@ -383,8 +452,23 @@ fn bpe_gguf_vocab(path: &Path, pre: &str) -> Result<GgufVocab> {
             by_id.insert(id, (content.to_string(), kind));
         }
     }
-    if by_id.keys().enumerate().any(|(i, &id)| i as u64 != id) {
-        return Err(bad("token ids are not contiguous from 0".into()));
+    // The embedding may have more rows than the tokenizer has tokens.
+    let size = config
+        .get("vocab_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+        .max(by_id.keys().next_back().map_or(0, |k| k + 1));
+    if size > 10_000_000 {
+        return Err(bad(format!("vocab_size {size} is not plausible")));
+    }
+    let mut tokens = Vec::with_capacity(size as usize);
+    let mut token_types = Vec::with_capacity(size as usize);
+    for id in 0..size {
+        let (token, kind) = by_id
+            .remove(&id)
+            .unwrap_or_else(|| (format!("[PAD{id}]"), TOKEN_TYPE_UNUSED));
+        tokens.push(token);
+        token_types.push(kind);
     }
     let merges = model["merges"]
         .as_array()
@@ -400,12 +484,13 @@ fn bpe_gguf_vocab(path: &Path, pre: &str) -> Result<GgufVocab> {
             _ => Err(bad("a merge is neither \"a b\" nor [\"a\", \"b\"]".into())),
         })
         .collect::<Result<Vec<_>>>()?;
-    let (tokens, token_types) = by_id.into_values().unzip();
     Ok(GgufVocab {
         model: "gpt2".into(),
         pre: Some(pre.into()),
         tokens,
         token_types,
         merges,
+        unknown_token_id: None,
+        padding_token_id: None,
     })
 }

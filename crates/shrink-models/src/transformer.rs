@@ -697,6 +697,18 @@ impl ModelConfig {
             && self.architectures.iter().any(|a| a == "BertForMaskedLM")
     }
 
+    /// Refuses a layer count the checkpoint's `tensors` cannot hold (every block has at least
+    /// four weights), before anything proportional to the config's count is allocated.
+    pub fn check_layer_count(&self, tensors: usize) -> Result<()> {
+        if self.num_hidden_layers.saturating_mul(4) > tensors {
+            return Err(ModelError::Config(format!(
+                "num_hidden_layers = {} but the checkpoint holds only {tensors} tensors (at least 4 per layer)",
+                self.num_hidden_layers
+            )));
+        }
+        Ok(())
+    }
+
     /// Names and shapes of every weight the model expects, under the names [`Transformer`] uses
     /// (the checkpoint's, with GPT-2's fused qkv split and transposed).
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
@@ -821,6 +833,7 @@ impl Transformer {
         dtype: DType,
     ) -> Result<Self> {
         config.validate()?;
+        config.check_layer_count(tensors.len())?;
         let arch = config.arch()?;
         let names = naming(arch);
         let expected: BTreeMap<String, Vec<usize>> =
@@ -990,6 +1003,7 @@ impl Transformer {
         dtype: DType,
     ) -> Result<Self> {
         config.validate()?;
+        config.check_layer_count(tensors.len())?;
         let tensors = crate::checkpoint::to_model_layout(config, tensors)?;
         Self::from_tensors(config, tensors, dtype)
     }

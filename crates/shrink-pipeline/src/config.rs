@@ -728,14 +728,23 @@ impl Pipeline {
         intermediate: u64,
         vocab: u64,
     ) -> u64 {
+        // In u128 and saturated: settings such as `samples = 1000000000000` must give a huge
+        // estimate, not a wrapped small one.
+        let (parameters, hidden, intermediate, vocab) = (
+            u128::from(parameters),
+            u128::from(hidden),
+            u128::from(intermediate),
+            u128::from(vocab),
+        );
         let model = 3 * parameters * 4;
         let calibrates = self.planned.iter().any(|s| s.calibrates);
         let calibration = if calibrates {
-            let tokens = (self.data.samples * self.data.seq_len) as u64;
+            let tokens = self.data.samples as u128 * self.data.seq_len as u128;
+            let ids = tokens * 4;
             let activations = 2 * tokens * hidden * 4;
             let hessians = (3 * hidden * hidden + intermediate * intermediate) * 8;
-            let batch = 8 * self.data.seq_len as u64 * intermediate * 4 * 4;
-            activations + hessians + batch
+            let batch = 8 * self.data.seq_len as u128 * intermediate * 4 * 4;
+            ids + activations + hessians + batch
         } else {
             0
         };
@@ -748,7 +757,7 @@ impl Pipeline {
                 _ => None,
             })
             .map(|t| {
-                let tokens = (t.batch * t.seq_len) as u64;
+                let tokens = t.batch as u128 * t.seq_len as u128;
                 let layers = parameters / (4 * hidden * hidden + 3 * hidden * intermediate).max(1);
                 let graph = tokens * (12 * vocab + 10 * layers * (hidden + intermediate)) * 4;
                 6 * parameters * 4 + graph
@@ -763,7 +772,8 @@ impl Pipeline {
         } else {
             0
         };
-        model + (calibration + search).max(training) + (64 << 20)
+        let total = model + (calibration + search).max(training) + (64 << 20);
+        u64::try_from(total).unwrap_or(u64::MAX)
     }
 
     /// Stages in the order they run (sweep variants after the stages they branch from), with
@@ -845,17 +855,14 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
     let fail = |place: Place, key: &str, message: String| -> PipelineError {
         at(key_at(place, key), message)
     };
-    if pipeline.name.trim().is_empty()
-        || pipeline
-            .name
-            .contains(|c: char| c == '/' || c == '\\' || c.is_whitespace())
-    {
+    if !shrink_core::is_plain_name(&pipeline.name) {
         return Err(fail(
             Place::Top,
             "name",
             format!(
-                "name `{}` must be a non-empty folder name without spaces or slashes",
-                pipeline.name
+                "name `{}` must be a plain folder name: 1–100 {}",
+                pipeline.name,
+                shrink_core::NAME_CHARS
             ),
         ));
     }
@@ -865,6 +872,13 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             Place::Section("[data]"),
             if d.samples == 0 { "samples" } else { "seq_len" },
             "calibration needs samples ≥ 1 and seq_len ≥ 2".into(),
+        ));
+    }
+    if let Err(err) = shrink_data::check_model(&pipeline.model.source) {
+        return Err(fail(
+            Place::Section("[model]"),
+            "source",
+            format!("source = \"{}\": {err}", pipeline.model.source),
         ));
     }
     let e = &pipeline.eval;
@@ -939,12 +953,44 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             "no [[stage]]: a pipeline needs at least one stage".into(),
         ));
     }
+    // The texts the stages read, known without fetching them.
+    let calibrates = pipeline
+        .stages
+        .iter()
+        .any(|s| check_stage(s).is_ok_and(|p| p.calibrates));
+    let trains = pipeline
+        .stages
+        .iter()
+        .any(|s| matches!(s.kind, StageKind::Distill | StageKind::QuantizeQat));
+    for (key, spec, used) in [
+        ("eval", &pipeline.data.eval, true),
+        ("calib", &pipeline.data.calib, calibrates),
+        ("train", &pipeline.data.train, trains),
+    ] {
+        if let (true, Err(err)) = (used, shrink_data::check_text(spec)) {
+            return Err(fail(
+                Place::Section("[data]"),
+                key,
+                format!("{key} = \"{spec}\": {err}"),
+            ));
+        }
+    }
     let mut pipeline = pipeline;
     let mut names: Vec<String> = vec!["model".into()];
     let mut previous = "model".to_string();
     for (i, s) in pipeline.stages.iter().enumerate() {
         let here = Place::Stage(i);
         let name = s.display_name();
+        if !shrink_core::is_plain_name(&name) {
+            return Err(fail(
+                here,
+                "name",
+                format!(
+                    "stage name `{name}` must be a plain folder name: 1–100 {}",
+                    shrink_core::NAME_CHARS
+                ),
+            ));
+        }
         if names.contains(&name) {
             return Err(fail(
                 here,

@@ -30,6 +30,7 @@
 mod config;
 pub mod distill;
 pub mod encoder;
+pub mod memory;
 pub mod prune;
 pub mod quantize;
 pub mod render;

@@ -209,6 +209,16 @@ impl QuantizeRequest {
                 )))
             }
         };
+        if export == Export::Hf {
+            let formats = std::iter::once(&plan.default)
+                .chain(plan.rules.iter().map(|r| &r.format))
+                .chain(plan.fallbacks.iter().map(|(_, to)| to));
+            for f in formats {
+                if let Some(why) = shrink_quant::hf_unsupported(f, activations.is_some()) {
+                    return Err(invalid(format!("format hf: {why}")));
+                }
+            }
+        }
         if activations.is_some() && export != Export::Hf {
             return Err(invalid(
                 "int8 activations are exported to Hugging Face folders only (format hf)".into(),
@@ -316,6 +326,7 @@ impl QuantizeRequest {
 /// activations, as in vLLM.
 pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
     let cfg = ModelConfig::from_json(&checkpoint.config)?;
+    checkpoint.check_finite()?;
     let mut model = Transformer::from_checkpoint(&cfg, checkpoint.tensors.clone(), dtype)?;
     let dynamic_tokens = checkpoint
         .config

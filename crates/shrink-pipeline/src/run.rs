@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub run_dir: Option<PathBuf>,
     /// The command line, for the report.
     pub command: String,
+    /// The memory the run may use; default: the machine's. A run estimated above it is refused
+    /// before any work.
+    pub max_memory_bytes: Option<u64>,
 }
 
 impl RunOptions {
@@ -41,6 +44,7 @@ impl RunOptions {
             pipeline_file: pipeline_file.into(),
             run_dir: None,
             command: String::new(),
+            max_memory_bytes: None,
         }
     }
 }
@@ -171,22 +175,69 @@ fn read_text_input(
 }
 
 /// Removes what an interrupted run left: staging folders and temporary files of atomic writes.
-fn remove_leftovers(dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.filter_map(|e| e.ok()) {
-        let path = e.path();
-        if e.file_name().to_string_lossy().starts_with(".shrink-") {
-            let removed = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
+/// Refuses, before any work, a quantization whose formats do not fit the shapes of the model it
+/// will read: every quantize stage whose input chain keeps the input model's shapes (no
+/// structured pruning or distillation on the way).
+fn check_stage_shapes(pipeline: &Pipeline, model: &Transformer) -> Result<()> {
+    let plan = pipeline.plan();
+    for stage in plan {
+        let StageJob::Quantize(request) = &stage.job else {
+            continue;
+        };
+        let mut input = stage.input.as_str();
+        let mut same_shapes = true;
+        while let Some(from) = plan.iter().find(|s| s.name == input) {
+            same_shapes &= match &from.job {
+                StageJob::Prune(r) => !r.kind.structured(),
+                StageJob::Distill(_) => false,
+                StageJob::Quantize(_) | StageJob::Qat(_) | StageJob::Search(_) => true,
             };
-            removed.map_err(io_error(&path))?;
+            input = from.input.as_str();
+        }
+        if same_shapes {
+            request
+                .resolve()
+                .and_then(|r| Ok(r.plan.check_model(model)?))
+                .map_err(|e| PipelineError::Stage {
+                    stage: stage.name.clone(),
+                    source: Box::new(e),
+                })?;
         }
     }
     Ok(())
+}
+
+fn remove_leftovers(dir: &Path) -> Result<()> {
+    shrink_core::remove_stale_temporaries(dir)?;
+    Ok(())
+}
+
+/// The folder of a stage under `stages/`: its name when that is a plain folder name (every name a
+/// pipeline gives is), else — for sweep variants such as `q@preset=configs/x.toml` — the name with
+/// other characters replaced and a hash of the full name appended, so it stays one component.
+pub(crate) fn stage_folder(name: &str) -> String {
+    if shrink_core::is_plain_name(name) && !name.contains(['@', '=']) {
+        return name.to_string();
+    }
+    let plain: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '@' | '=') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(80)
+        .collect();
+    let plain = plain.trim_start_matches('.');
+    if plain == name {
+        return name.to_string();
+    }
+    format!(
+        "{plain}~{}",
+        &shrink_core::sha256_hex(name.as_bytes())[..12]
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
@@ -386,10 +437,29 @@ pub fn run(
         .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
     let stages_dir = run_dir.join("stages");
     std::fs::create_dir_all(&stages_dir).map_err(io_error(&stages_dir))?;
+    // One run at a time in a run folder: a second `shrink run` into it stops here.
+    let _lock = shrink_core::lock_dir(&run_dir, false)?.ok_or_else(|| {
+        PipelineError::Invalid(format!(
+            "run folder {} is in use by another shrink run; wait for it to finish or choose another folder with -o",
+            run_dir.display()
+        ))
+    })?;
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
 
     let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
+    // The export replaces model/ and stages replace their folders: never where the input is.
+    for written in ["model", "stages"] {
+        shrink_core::check_output_is_not_input(
+            &model_path,
+            &run_dir.join(written),
+            &format!("the run's {written}/ folder"),
+        )?;
+    }
+    pipeline.check_memory(
+        crate::memory::model_shape(&model_path),
+        crate::memory::memory_limit(opts.max_memory_bytes),
+    )?;
     let model_sha = hash_path(&model_path)?;
     let checkpoint = shrink_io::load(&model_path)?;
     let tokenizer = checkpoint.tokenizer()?;
@@ -478,6 +548,10 @@ pub fn run(
 
     log(&format!("baseline  {}", model_path.display()));
     let baseline = build_model(&checkpoint, DType::F32)?;
+    check_stage_shapes(pipeline, &baseline)?;
+    if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
+        shrink_io::gguf_vocab_of(&checkpoint)?;
+    }
     let base = metrics_for(&run_dir.join("baseline"), &model_sha, &|key| {
         bench.measure(key, &baseline, None, &model_path)
     })?;
@@ -528,7 +602,7 @@ pub fn run(
             "shrink": VERSION, "input": input_key, "job": stage.job, "calibration": calibration,
             "teacher": teacher_key, "training": training_key,
         }));
-        let dir = stages_dir.join(&stage.name);
+        let dir = stages_dir.join(stage_folder(&stage.name));
         let done = read_json::<StageRecord>(&dir.join("stage.json"))
             .filter(|r| r.key == key && dir.join(&r.artifact).exists());
         let cached = done.is_some();
@@ -766,7 +840,10 @@ fn run_stage(
 ) -> Result<StageRecord> {
     let (input, windows) = (inputs.checkpoint, inputs.calibration);
     // Checkpoints of training stages live outside the staging folder, so a rerun resumes.
-    let workdir = dir.with_extension("train");
+    let workdir = dir.with_file_name(format!(
+        "{}.train",
+        dir.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let staged = AtomicDir::new(dir)?;
     let mut model = build_model(input, DType::F32)?;
     let artifact = match stage.export {

@@ -16,6 +16,32 @@ pub struct HfExport {
     pub quantization_config: serde_json::Value,
 }
 
+/// Why `format` cannot be written to a compressed-tensors folder (with int8 activations when
+/// `activations`), if it cannot: checked when a job is resolved, before any work.
+pub fn hf_unsupported(format: &crate::Format, activations: bool) -> Option<String> {
+    let s = match format {
+        crate::Format::Scheme(s) => s,
+        crate::Format::K(k) => {
+            return Some(format!(
+                "{k:?} blocks exist in GGUF only; export to a Hugging Face folder with a grid scheme (e.g. the w4a16-g128 preset)"
+            ))
+        }
+    };
+    if s.grid == Grid::Asymmetric {
+        return Some("asymmetric grids store a float minimum per group, which compressed-tensors cannot represent; use a symmetric grid".into());
+    }
+    if !(s.bits == 4 || s.bits == 8) {
+        return Some(format!(
+            "compressed-tensors packs 4- or 8-bit integers, not {}-bit",
+            s.bits
+        ));
+    }
+    if activations && (s.bits != 8 || s.granularity != Granularity::Channel) {
+        return Some("int8 activations need int8 per-channel weights (the w8a8 preset)".into());
+    }
+    None
+}
+
 /// Converts quantized linears (by weight name, `….weight`) to compressed-tensors tensors. Grids
 /// must be symmetric (compressed-tensors stores integer zero points, not float minima).
 pub fn compressed_tensors(
@@ -39,27 +65,14 @@ pub fn compressed_tensors(
             .strip_suffix(".weight")
             .ok_or_else(|| QuantError::Scheme(format!("'{name}' is not a weight (….weight)")))?;
         let s = q.scheme;
-        if s.grid == Grid::Asymmetric {
-            return Err(QuantError::Scheme(format!(
-                "'{name}': asymmetric grids store a float minimum per group, which compressed-tensors cannot represent; use a symmetric grid"
-            )));
-        }
-        if !(s.bits == 4 || s.bits == 8) {
-            return Err(QuantError::Scheme(format!(
-                "'{name}': compressed-tensors packs 4- or 8-bit integers, not {}-bit",
-                s.bits
-            )));
+        if let Some(why) = hf_unsupported(&crate::Format::Scheme(s), activations.is_some()) {
+            return Err(QuantError::Scheme(format!("'{name}': {why}")));
         }
         let (strategy, group, scale_shape) = match s.granularity {
             Granularity::Tensor => ("tensor", None, vec![1]),
             Granularity::Channel => ("channel", None, vec![q.rows, 1]),
             Granularity::Group(g) => ("group", Some(g), vec![q.rows, q.cols / g]),
         };
-        if activations.is_some() && (s.bits != 8 || strategy != "channel") {
-            return Err(QuantError::Scheme(format!(
-                "'{name}': int8 activations need int8 per-channel weights (the w8a8 preset)"
-            )));
-        }
         let offset = 1i16 << (s.bits - 1);
         let signed: Vec<i8> = q
             .codes()

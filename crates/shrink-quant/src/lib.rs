@@ -27,7 +27,7 @@ pub mod qat;
 pub mod smooth;
 mod tensor;
 
-pub use export::{compressed_tensors, HfExport};
+pub use export::{compressed_tensors, hf_unsupported, HfExport};
 pub use grid::{Grid, GroupParams};
 pub use kquant::{GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};

@@ -161,8 +161,23 @@ impl Preset {
 
     /// Parses and checks a preset; errors name `source` and the line.
     pub fn parse(text: &str, source: &str) -> Result<Preset> {
-        let p: Preset =
-            toml::from_str(text).map_err(|e| QuantError::Scheme(format!("{source}: {e}")))?;
+        // The position and the parser's message only: never the file's text, which may not be
+        // a preset at all (`preset = "/etc/passwd"`).
+        let p: Preset = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start.min(text.len()));
+            let before = &text.as_bytes()[..offset];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = offset
+                - before
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1)
+                + 1;
+            QuantError::Scheme(format!(
+                "{source}: line {line}, column {column}: {}",
+                e.message().trim()
+            ))
+        })?;
         p.plan()
             .and_then(|_| p.embeddings.as_ref().map(|e| e.resolve()).transpose())
             .map_err(|e| QuantError::Scheme(format!("{source}: {e}")))?;
