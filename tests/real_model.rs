@@ -144,9 +144,9 @@ fn hugging_face_folder_to_gguf_tokenizes_and_scores_as_in_llama_cpp() {
     let hf = dir.path().join("hf");
     let gguf = dir.path().join("from-hf.gguf");
     let m = model.to_str().unwrap();
-    run_shrink(&["convert", m, "--to", "hf", "-o", hf.to_str().unwrap()]);
+    run_shrink(&["convert", m, "--to", "hf", hf.to_str().unwrap()]);
     let h = hf.to_str().unwrap();
-    run_shrink(&["convert", h, "--to", "gguf", "-o", gguf.to_str().unwrap()]);
+    run_shrink(&["convert", h, "--to", "gguf", gguf.to_str().unwrap()]);
     let folder = shrink_io::load(&hf).unwrap();
     let ids = folder.tokenizer().unwrap().encode(&hamlet, false).unwrap();
     let theirs = llama_tokenize_hamlet(&gguf).unwrap();
