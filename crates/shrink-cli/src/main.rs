@@ -594,10 +594,11 @@ fn fetch_with_message(manifest: &shrink_data::Manifest) -> Result<PathBuf> {
 }
 
 /// Refuses an output (`-o`) that would overwrite or replace the input model, before any work.
-fn check_output(model: &str, out: &Path) -> Result<()> {
+/// Returns the resolved model path, so that the model is resolved (and verified) once.
+fn check_output(model: &str, out: &Path) -> Result<PathBuf> {
     let input = resolve_model(model)?;
     shrink_core::check_output_is_not_input(&input, out, "-o")?;
-    Ok(())
+    Ok(input)
 }
 
 fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
@@ -761,8 +762,8 @@ fn inspect(model: &str, json: bool) -> Result<()> {
 }
 
 fn convert(args: ConvertArgs) -> Result<()> {
-    check_output(&args.model, &args.out)?;
-    let checkpoint = load_checkpoint(&args.model)?;
+    let model = check_output(&args.model, &args.out)?;
+    let checkpoint = load_checkpoint(model.to_str().unwrap_or(&args.model))?;
     let start = Instant::now();
     match args.to {
         ConvertTarget::Hf => {
@@ -1229,9 +1230,10 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         keep_zeros: args.keep_sparsity,
     };
     let resolved = request.resolve()?;
-    check_output(&args.model, &args.out)?;
+    let input = check_output(&args.model, &args.out)?;
     let start = Instant::now();
-    let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
+    let (checkpoint, size_before, mut model) =
+        load_f32_model(input.to_str().unwrap_or(&args.model))?;
     // Refuse what the formats cannot hold before fetching and calibrating.
     resolved.plan.check_model(&model)?;
     if resolved.export == shrink_pipeline::Export::Gguf {
@@ -1361,9 +1363,10 @@ fn prune(args: PruneArgs) -> Result<()> {
         ..PruneRequest::new(kind)
     };
     let resolved = request.resolve()?;
-    check_output(&args.model, &args.out)?;
+    let input = check_output(&args.model, &args.out)?;
     let start = Instant::now();
-    let (checkpoint, size_before, mut model) = load_f32_model(&args.model)?;
+    let (checkpoint, size_before, mut model) =
+        load_f32_model(input.to_str().unwrap_or(&args.model))?;
     shrink_pipeline::prune::check_prune(&resolved, &model)?;
     if resolved.export == shrink_pipeline::Export::Gguf {
         shrink_io::gguf_vocab_of(&checkpoint)?;

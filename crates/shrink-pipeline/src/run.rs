@@ -216,9 +216,6 @@ fn remove_leftovers(dir: &Path) -> Result<()> {
 /// pipeline gives is), else — for sweep variants such as `q@preset=configs/x.toml` — the name with
 /// other characters replaced and a hash of the full name appended, so it stays one component.
 pub(crate) fn stage_folder(name: &str) -> String {
-    if shrink_core::is_plain_name(name) && !name.contains(['@', '=']) {
-        return name.to_string();
-    }
     let plain: String = name
         .chars()
         .map(|c| {
@@ -228,7 +225,7 @@ pub(crate) fn stage_folder(name: &str) -> String {
                 '_'
             }
         })
-        .take(80)
+        .take(100)
         .collect();
     let plain = plain.trim_start_matches('.');
     if plain == name {
@@ -1293,6 +1290,20 @@ mod tests {
                 .unwrap()
                 .passed
         );
+    }
+
+    #[test]
+    fn stage_folders_are_one_plain_component() {
+        assert_eq!(stage_folder("quantize.gptq"), "quantize.gptq");
+        assert_eq!(stage_folder("int8@bits=4"), "int8@bits=4");
+        let a = stage_folder("q@preset=configs/x.toml");
+        let b = stage_folder("q@preset=configs_x.toml");
+        assert!(
+            a.starts_with("q@preset=configs_x.toml~") && !a.contains('/'),
+            "{a}"
+        );
+        assert_ne!(a, b);
+        assert!(!stage_folder("q@preset=../../etc").contains('/'));
     }
 
     #[test]
