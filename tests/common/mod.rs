@@ -112,18 +112,33 @@ pub fn tiny_gpt2_folder(dir: &Path, positions: usize) -> PathBuf {
     cfg.vocab_size = vocab.tokens.len();
     cfg.intermediate_size = 128;
     cfg.max_position_embeddings = positions;
-    let model = Transformer::random(&cfg, 8, &candle_core::Device::Cpu).unwrap();
-    let tokenizer = TokenizerBundle::from_gguf_vocab(
-        Path::new("tiny-gpt2"),
-        vocab,
-        Some(0),
-        Some(0),
-        false,
-        None,
-    )
-    .unwrap();
+    random_folder(&dir.join("gpt2"), &cfg, vocab, Some(0), 8)
+}
+
+/// A 2-block Llama with `vocab_size` embedding rows, written as a Hugging Face folder (with a
+/// byte-level tokenizer that a test may replace).
+pub fn tiny_llama_folder(dir: &Path, vocab_size: usize) -> PathBuf {
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.vocab_size = vocab_size;
+    let vocab = GgufVocab::byte_level(&["<|endoftext|>"], &[], Some("gpt-2"));
+    random_folder(&dir.join("llama"), &cfg, vocab, None, 9)
+}
+
+/// A model of `cfg` with random weights (`seed`) and `vocab`, saved as a Hugging Face folder at
+/// `path` in the family's own tensor layout.
+fn random_folder(
+    path: &Path,
+    cfg: &ModelConfig,
+    vocab: GgufVocab,
+    bos: Option<u32>,
+    seed: u64,
+) -> PathBuf {
+    let model = Transformer::random(cfg, seed, &candle_core::Device::Cpu).unwrap();
+    let tokenizer =
+        TokenizerBundle::from_gguf_vocab(Path::new("tiny"), vocab, bos, Some(0), false, None)
+            .unwrap();
     let checkpoint = Checkpoint {
-        path: "tiny-gpt2".into(),
+        path: path.to_path_buf(),
         format: Format::HfFolder,
         config: cfg.to_json().unwrap(),
         tensors: model.checkpoint_tensors().unwrap(),
@@ -131,7 +146,6 @@ pub fn tiny_gpt2_folder(dir: &Path, positions: usize) -> PathBuf {
         generation_config: None,
         side_files: Default::default(),
     };
-    let path = dir.join("gpt2");
-    shrink_io::save_hf(&checkpoint, &path, shrink_io::SaveDType::F32).unwrap();
-    path
+    shrink_io::save_hf(&checkpoint, path, shrink_io::SaveDType::F32).unwrap();
+    path.to_path_buf()
 }

@@ -1236,9 +1236,7 @@ fn quantize(args: QuantizeArgs) -> Result<()> {
         load_f32_model(input.to_str().unwrap_or(&args.model))?;
     // Refuse what the formats cannot hold before fetching and calibrating.
     resolved.plan.check_model(&model)?;
-    if resolved.export == shrink_pipeline::Export::Gguf {
-        shrink_io::gguf_vocab_of(&checkpoint)?;
-    }
+    shrink_pipeline::prune::check_export(&checkpoint, &model, resolved.export)?;
     let windows = if resolved.calibrates {
         Some(calibration_windows(
             &checkpoint,
@@ -1368,9 +1366,7 @@ fn prune(args: PruneArgs) -> Result<()> {
     let (checkpoint, size_before, mut model) =
         load_f32_model(input.to_str().unwrap_or(&args.model))?;
     shrink_pipeline::prune::check_prune(&resolved, &model)?;
-    if resolved.export == shrink_pipeline::Export::Gguf {
-        shrink_io::gguf_vocab_of(&checkpoint)?;
-    }
+    shrink_pipeline::prune::check_export(&checkpoint, &model, resolved.export)?;
     let windows = if resolved.calibrates {
         Some(calibration_windows(
             &checkpoint,

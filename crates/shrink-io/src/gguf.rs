@@ -317,10 +317,24 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
             .map_err(|_| meta_err(path, "tokenizer.ggml.merges", "expected strings"))?,
         None => vec![],
     };
+    let scores: Vec<f32> = match meta(&content, "tokenizer.ggml.scores") {
+        Some(_) => meta_array(path, &content, "tokenizer.ggml.scores")?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect::<candle_core::Result<_>>()
+            .map_err(|_| meta_err(path, "tokenizer.ggml.scores", "expected f32 values"))?,
+        None => vec![],
+    };
+    let model = meta_str(path, &content, "tokenizer.ggml.model")?
+        .ok_or_else(|| meta_err(path, "tokenizer.ggml.model", "missing"))?
+        .to_string();
+    // llama.cpp's defaults when the keys are absent: SentencePiece vocabularies put a space
+    // before the text and a BOS token before that.
+    let spm = model == "llama";
     let vocab = GgufVocab {
-        model: meta_str(path, &content, "tokenizer.ggml.model")?
-            .ok_or_else(|| meta_err(path, "tokenizer.ggml.model", "missing"))?
-            .to_string(),
+        add_space_prefix: meta_bool(&content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
+        scores,
+        model,
         pre: meta_str(path, &content, "tokenizer.ggml.pre")?.map(str::to_string),
         tokens,
         token_types,
@@ -335,7 +349,7 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         .unwrap_or(vocab.tokens.len());
     let bos = meta_u64(path, &content, "tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
     let eos = meta_u64(path, &content, "tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
-    let add_bos = meta_bool(&content, "tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let add_bos = meta_bool(&content, "tokenizer.ggml.add_bos_token").unwrap_or(spm);
     let chat_template = meta_str(path, &content, "tokenizer.chat_template")?.map(str::to_string);
     let tokenizer =
         TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
@@ -442,6 +456,7 @@ pub enum GgufValue {
     String(String),
     StringArray(Vec<String>),
     I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
 }
 
 // GGUF value type ids.
@@ -490,6 +505,12 @@ impl GgufValue {
             GgufValue::I32Array(v) => {
                 w.extend(GGUF_ARRAY.to_le_bytes());
                 w.extend(GGUF_I32.to_le_bytes());
+                w.extend((v.len() as u64).to_le_bytes());
+                v.iter().for_each(|x| w.extend(x.to_le_bytes()));
+            }
+            GgufValue::F32Array(v) => {
+                w.extend(GGUF_ARRAY.to_le_bytes());
+                w.extend(GGUF_F32.to_le_bytes());
                 w.extend((v.len() as u64).to_le_bytes());
                 v.iter().for_each(|x| w.extend(x.to_le_bytes()));
             }
@@ -785,14 +806,22 @@ pub fn write_llama_gguf(
         "tokenizer.ggml.tokens".into(),
         GgufValue::StringArray(vocab.tokens.clone()),
     ));
+    if !vocab.scores.is_empty() {
+        metadata.push((
+            "tokenizer.ggml.scores".into(),
+            GgufValue::F32Array(vocab.scores.clone()),
+        ));
+    }
     metadata.push((
         "tokenizer.ggml.token_type".into(),
         GgufValue::I32Array(vocab.token_types.clone()),
     ));
-    metadata.push((
-        "tokenizer.ggml.merges".into(),
-        GgufValue::StringArray(vocab.merges.clone()),
-    ));
+    if !vocab.merges.is_empty() || vocab.model == "gpt2" {
+        metadata.push((
+            "tokenizer.ggml.merges".into(),
+            GgufValue::StringArray(vocab.merges.clone()),
+        ));
+    }
     if let Some(bos) = tok.bos_token_id {
         metadata.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
     }
@@ -813,7 +842,7 @@ pub fn write_llama_gguf(
     ));
     metadata.push((
         "tokenizer.ggml.add_space_prefix".into(),
-        GgufValue::Bool(false),
+        GgufValue::Bool(vocab.add_space_prefix),
     ));
     if let Some(t) = &tok.chat_template {
         metadata.push(("tokenizer.chat_template".into(), s(t)));

@@ -383,3 +383,188 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
         "{e}"
     );
 }
+
+/// A SentencePiece-style `tokenizer.json` (byte-fallback BPE, Llama 2's layout): `<unk> <s> </s>`,
+/// the 256 byte tokens, a few characters and the pieces `merges` make.
+fn spm_tokenizer_json(layout: &str) -> String {
+    let merges = [
+        "▁ t", "h e", "▁t he", "▁ a", "a t", "▁t h", "e r", "▁th e", "▁a t",
+    ];
+    let mut vocab: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    vocab.extend((0..=255).map(|b| format!("<0x{b:02X}>")));
+    vocab.extend("▁thearnd".chars().map(String::from));
+    for m in merges {
+        let piece = m.replace(' ', "");
+        if !vocab.contains(&piece) {
+            vocab.push(piece);
+        }
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, i.into()))
+        .collect();
+    let (normalizer, pre) = match layout {
+        "llama2" => (
+            serde_json::json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}),
+            serde_json::Value::Null,
+        ),
+        "metaspace" => (
+            serde_json::Value::Null,
+            serde_json::json!({"type": "Metaspace", "replacement": "▁",
+                "prepend_scheme": "first", "split": false}),
+        ),
+        _ => (
+            serde_json::Value::Null,
+            serde_json::json!({"type": "Metaspace", "replacement": "▁",
+                "prepend_scheme": "always", "split": true}),
+        ),
+    };
+    let special = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": normalizer,
+        "pre_tokenizer": pre,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    })
+    .to_string()
+}
+
+/// A tiny Llama whose folder holds `tokenizer_json`, loaded.
+fn spm_folder(dir: &Path, tokenizer_json: &str) -> Checkpoint {
+    let src = dir.join("tokenizer-src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("tokenizer.json"), tokenizer_json).unwrap();
+    std::fs::write(
+        src.join("tokenizer_config.json"),
+        r#"{"add_bos_token": true, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}"#,
+    )
+    .unwrap();
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.vocab_size = 280;
+    let config = serde_json::to_value(&cfg).unwrap();
+    let tokenizer = crate::tokenizer::load_hf_tokenizer(&src, &config)
+        .unwrap()
+        .unwrap();
+    let model = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
+    let checkpoint = Checkpoint {
+        path: "spm".into(),
+        format: Format::HfFolder,
+        config,
+        tensors: model.named_tensors(),
+        tokenizer: Some(tokenizer),
+        generation_config: None,
+        side_files: Default::default(),
+    };
+    let hf = dir.join("hf");
+    save_hf(&checkpoint, &hf, SaveDType::F32).unwrap();
+    load(&hf).unwrap()
+}
+
+/// A SentencePiece-style folder becomes a `llama` GGUF vocabulary (scores, byte tokens, space
+/// prefix) that tokenizes as the folder's own tokenizer does, through GGUF and back to a folder.
+#[test]
+fn sentencepiece_style_folders_become_llama_gguf_vocabularies() {
+    let texts = [
+        "the theatre hath a that",
+        "  two  spaces, a tab\tand\nnewlines\n",
+        "naïve ☃ 12 — <s> <0x41> end",
+        "",
+    ];
+    for layout in ["llama2", "metaspace"] {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = spm_folder(dir.path(), &spm_tokenizer_json(layout));
+        let tok = folder.tokenizer().unwrap();
+        let vocab = tok.gguf_vocab.as_ref().unwrap();
+        assert_eq!(
+            (vocab.model.as_str(), vocab.pre.as_deref()),
+            ("llama", Some("default"))
+        );
+        assert!(vocab.add_space_prefix && vocab.merges.is_empty());
+        let id = |t: &str| vocab.tokens.iter().position(|x| x == t).unwrap();
+        // Types: unknown, control, byte, normal, and unused padding up to vocab_size.
+        let types: Vec<i32> = [0, 1, 3 + 0x41, id("▁t"), 279]
+            .iter()
+            .map(|&i| vocab.token_types[i])
+            .collect();
+        assert_eq!(types, vec![2, 3, 6, 1, 5]);
+        assert_eq!(
+            (vocab.tokens[279].as_str(), vocab.tokens.len()),
+            ("[PAD279]", 280)
+        );
+        // Minus the rank of the first merge that makes the piece ("▁the": rank 2, not 7).
+        let score = |t: &str| vocab.scores[id(t)];
+        assert_eq!(
+            (
+                score("▁t"),
+                score("he"),
+                score("▁the"),
+                score("▁th"),
+                score("t")
+            ),
+            (0.0, -1.0, -2.0, -5.0, 0.0)
+        );
+        assert_eq!(vocab.unknown_token_id, Some(0));
+
+        let gguf = dir.path().join("spm.gguf");
+        write_llama_gguf(&folder, &gguf, GgufWriteType::F32, &Default::default()).unwrap();
+        let from_gguf = load(&gguf).unwrap();
+        assert_eq!(
+            from_gguf.tokenizer().unwrap().gguf_vocab.as_ref(),
+            Some(vocab)
+        );
+        let back = dir.path().join("back");
+        save_hf(&from_gguf, &back, SaveDType::F32).unwrap();
+        let back = load(&back).unwrap();
+        for text in texts {
+            let ids = tok.encode(text, false).unwrap();
+            assert_eq!(ids[0], 1, "BOS first");
+            for other in [&from_gguf, &back] {
+                let t = other.tokenizer().unwrap();
+                let theirs = t.encode(text, false).unwrap();
+                if layout == "metaspace" && text.starts_with(' ') {
+                    // Hugging Face's Metaspace puts no `▁` before a text that starts with a space;
+                    // SentencePiece and llama.cpp do.
+                    assert_eq!(theirs[..2], [1, id("▁") as u32]);
+                    assert_eq!(theirs[2..], ids[1..], "{layout}: {text:?}");
+                    continue;
+                }
+                assert_eq!(theirs, ids, "{layout}: {text:?}");
+                assert_eq!(
+                    t.decode(&ids, false).unwrap(),
+                    tok.decode(&ids, false).unwrap()
+                );
+            }
+        }
+        let ids = tok.encode("the ☃", false).unwrap();
+        let pieces: Vec<&str> = ids
+            .iter()
+            .map(|&i| vocab.tokens[i as usize].as_str())
+            .collect();
+        assert_eq!(pieces, ["<s>", "▁the", "▁", "<0xE2>", "<0x98>", "<0x83>"]);
+        assert_eq!(tok.decode(&ids, false).unwrap(), "the ☃");
+    }
+    // A Metaspace that splits words apart cannot be llama.cpp's (it merges across spaces).
+    let dir = tempfile::tempdir().unwrap();
+    let folder = spm_folder(dir.path(), &spm_tokenizer_json("split"));
+    let e = err_of(gguf_vocab_of(&folder).map(|_| ()));
+    assert!(
+        e.contains("tokenizer.json") && e.contains("Metaspace"),
+        "{e}"
+    );
+}

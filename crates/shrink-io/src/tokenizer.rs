@@ -12,9 +12,14 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokeni
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_NORMAL: i32 = 1;
+const TOKEN_TYPE_UNKNOWN: i32 = 2;
 const TOKEN_TYPE_CONTROL: i32 = 3;
 const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 const TOKEN_TYPE_UNUSED: i32 = 5;
+const TOKEN_TYPE_BYTE: i32 = 6;
+
+/// SentencePiece's word-boundary mark, which stands for a space in `llama` vocabularies.
+const SPM_SPACE: &str = "\u{2581}";
 
 /// llama.cpp's pre-tokenizer regexes (llama-vocab.cpp) for `llama-bpe` and `qwen2`.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -28,6 +33,12 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     pub token_types: Vec<i32>,
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores`: the piece scores of a `llama` (SentencePiece) vocabulary, which
+    /// order its merges; empty when the file has none (`gpt2` vocabularies rank merges instead).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix`: a space goes before the text (SentencePiece's dummy
+    /// prefix). llama.cpp's default is true for `llama` vocabularies, false for `gpt2`.
+    pub add_space_prefix: bool,
     /// `tokenizer.ggml.unknown_token_id` and `padding_token_id`, carried through when present.
     pub unknown_token_id: Option<u32>,
     pub padding_token_id: Option<u32>,
@@ -60,6 +71,8 @@ impl GgufVocab {
             tokens,
             token_types,
             merges: merges.iter().map(|m| m.to_string()).collect(),
+            scores: vec![],
+            add_space_prefix: false,
             unknown_token_id: None,
             padding_token_id: None,
         }
@@ -159,12 +172,6 @@ impl TokenizerBundle {
             path: path.to_path_buf(),
             message,
         };
-        if vocab.model != "gpt2" {
-            return Err(bad(format!(
-                "tokenizer.ggml.model '{}' is not supported (supported: gpt2, i.e. byte-level BPE)",
-                vocab.model
-            )));
-        }
         if vocab.token_types.len() != vocab.tokens.len() {
             return Err(bad(format!(
                 "tokenizer.ggml.token_type has {} entries for {} tokens",
@@ -178,26 +185,37 @@ impl TokenizerBundle {
             .enumerate()
             .map(|(id, token)| (token.clone(), id as u32))
             .collect();
-        let mut merges = Vec::with_capacity(vocab.merges.len());
-        for (i, merge) in vocab.merges.iter().enumerate() {
-            let (a, b) = merge.split_once(' ').ok_or_else(|| {
-                bad(format!(
-                    "tokenizer.ggml.merges[{i}] '{merge}' is not two tokens separated by a space"
-                ))
-            })?;
-            merges.push((a.to_string(), b.to_string()));
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(map, merges)
-            .build()
-            .map_err(|e| {
-                bad(format!(
-                    "building BPE from tokenizer.ggml.tokens/merges: {e}"
-                ))
-            })?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        tokenizer.with_pre_tokenizer(Some(pre_tokenizer(path, vocab.pre.as_deref())?));
-        tokenizer.with_decoder(Some(ByteLevel::default()));
+        let mut tokenizer = match vocab.model.as_str() {
+            "gpt2" => {
+                let mut merges = Vec::with_capacity(vocab.merges.len());
+                for (i, merge) in vocab.merges.iter().enumerate() {
+                    let (a, b) = merge.split_once(' ').ok_or_else(|| {
+                        bad(format!(
+                            "tokenizer.ggml.merges[{i}] '{merge}' is not two tokens separated by a space"
+                        ))
+                    })?;
+                    merges.push((a.to_string(), b.to_string()));
+                }
+                let bpe = BPE::builder()
+                    .vocab_and_merges(map, merges)
+                    .build()
+                    .map_err(|e| {
+                        bad(format!(
+                            "building BPE from tokenizer.ggml.tokens/merges: {e}"
+                        ))
+                    })?;
+                let mut tokenizer = Tokenizer::new(bpe);
+                tokenizer.with_pre_tokenizer(Some(pre_tokenizer(path, vocab.pre.as_deref())?));
+                tokenizer.with_decoder(Some(ByteLevel::default()));
+                tokenizer
+            }
+            "llama" => spm_tokenizer(&vocab, map).map_err(bad)?,
+            other => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.model '{other}' is not supported (supported: gpt2, i.e. byte-level BPE, and llama, i.e. SentencePiece BPE)"
+                )))
+            }
+        };
         let added: Vec<AddedToken> = vocab
             .tokens
             .iter()
@@ -242,6 +260,91 @@ impl TokenizerBundle {
             gguf_vocab_error: None,
         })
     }
+}
+
+/// llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm`) as a byte-fallback BPE. Spaces
+/// become `▁` (one goes before the text with `add_space_prefix`); then, repeatedly, the two
+/// neighbouring pieces whose concatenation is the highest-scoring token merge; what is left
+/// outside the vocabulary becomes byte tokens `<0xNN>`. As BPE merges, that is every split of
+/// every token into two tokens, ranked by the token's score (ties by token id, then by the ids of
+/// the two halves), which is also how Hugging Face derives a `tokenizer.json` from a SentencePiece
+/// model.
+fn spm_tokenizer(
+    vocab: &GgufVocab,
+    map: tokenizers::models::bpe::Vocab,
+) -> std::result::Result<Tokenizer, String> {
+    use tokenizers::decoders::{
+        byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as Decoders, strip::Strip,
+    };
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+    if vocab.scores.len() != vocab.tokens.len() {
+        return Err(format!(
+            "tokenizer.ggml.scores has {} entries for {} tokens (a llama vocabulary orders its merges by score)",
+            vocab.scores.len(),
+            vocab.tokens.len()
+        ));
+    }
+    if let Some(i) = vocab.scores.iter().position(|s| !s.is_finite()) {
+        return Err(format!("tokenizer.ggml.scores[{i}] is {}", vocab.scores[i]));
+    }
+    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for (id, token) in vocab.tokens.iter().enumerate() {
+        for (split, _) in token.char_indices().skip(1) {
+            if let (Some(&left), Some(&right)) =
+                (map.get(&token[..split]), map.get(&token[split..]))
+            {
+                ranked.push((vocab.scores[id], id as u32, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        // Scores are finite (checked above); -0 and 0 tie, as in llama.cpp.
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then((a.1, a.2, a.3).cmp(&(b.1, b.2, b.3)))
+    });
+    let text = |id: u32| vocab.tokens[id as usize].clone();
+    let merges = ranked
+        .iter()
+        .map(|&(_, _, left, right)| (text(left), text(right)))
+        .collect();
+    let unknown = vocab
+        .unknown_token_id
+        .and_then(|id| vocab.tokens.get(id as usize))
+        .or_else(|| {
+            vocab
+                .token_types
+                .iter()
+                .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+                .map(|i| &vocab.tokens[i])
+        });
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(map, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unknown) = unknown {
+        bpe = bpe.unk_token(unknown.clone());
+    }
+    let bpe = bpe
+        .build()
+        .map_err(|e| format!("building BPE from tokenizer.ggml.tokens/scores: {e}"))?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    let space = Replace::new(" ", SPM_SPACE).map_err(|e| e.to_string())?;
+    let mut normalizers = Vec::new();
+    if vocab.add_space_prefix {
+        normalizers.push(Prepend::new(SPM_SPACE.into()).into());
+    }
+    normalizers.push(space.into());
+    tokenizer.with_normalizer(Some(Normalizers::new(normalizers)));
+    tokenizer.with_decoder(Some(Decoders::new(vec![
+        Replace::new(SPM_SPACE, " ")
+            .map_err(|e| e.to_string())?
+            .into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+        Strip::new(' ', usize::from(vocab.add_space_prefix), 0).into(),
+    ])));
+    Ok(tokenizer)
 }
 
 /// The pre-tokenizer llama.cpp uses for each `tokenizer.ggml.pre` value (llama-vocab.cpp).
@@ -351,7 +454,7 @@ pub(crate) fn load_hf_tokenizer(
     let special = |key: &str| token_id(key);
     let (gguf_vocab, gguf_vocab_error) = match hf_gguf_vocab(&path, config) {
         Ok(mut v) => {
-            v.unknown_token_id = special("unk_token");
+            v.unknown_token_id = special("unk_token").or(v.unknown_token_id);
             v.padding_token_id = special("pad_token");
             (Some(v), None)
         }
@@ -401,11 +504,14 @@ fn pre_tokenizer_name(pre: &serde_json::Value) -> Option<&'static str> {
 }
 
 /// A Hugging Face `tokenizer.json` as GGUF vocabulary metadata, as llama.cpp's converter writes
-/// it for byte-level BPE models (`tokenizer.ggml.model = gpt2`): tokens by id (added special
-/// tokens as control tokens, other added tokens user-defined, ids the config's `vocab_size` has
-/// beyond the tokenizer as unused `[PAD{id}]`), merges in order, and the pre-tokenizer's name.
-/// Other tokenizers (SentencePiece-style byte-fallback BPE, Unigram, WordPiece) are refused with
-/// the reason.
+/// it. Byte-level BPE (GPT-2, Llama 3, SmolLM, Qwen2) becomes `tokenizer.ggml.model = gpt2`:
+/// merges in order and the pre-tokenizer's name. SentencePiece-style BPE with byte fallback
+/// (Llama 2, Mistral v0.1) becomes `llama`: no merges but scores, a token's score minus the rank
+/// of the first merge that makes it (llama.cpp merges the highest-scoring pair first, as BPE the
+/// lowest-ranked), byte tokens `<0xNN>` typed as bytes, and whether a space goes before the text.
+/// Either way tokens are by id (added special tokens as control tokens, other added tokens
+/// user-defined, ids the config's `vocab_size` has beyond the tokenizer as unused `[PAD{id}]`).
+/// Other tokenizers (Unigram, WordPiece, unknown pre-tokenizers) are refused with the reason.
 fn hf_gguf_vocab(path: &Path, config: &serde_json::Value) -> Result<GgufVocab> {
     let bad = |message: String| IoError::Tokenizer {
         path: path.to_path_buf(),
@@ -416,35 +522,62 @@ fn hf_gguf_vocab(path: &Path, config: &serde_json::Value) -> Result<GgufVocab> {
         serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let model = &json["model"];
     let model_type = model["type"].as_str().unwrap_or("?");
-    if model_type != "BPE" || model["byte_fallback"].as_bool() == Some(true) {
+    if model_type != "BPE" {
         return Err(bad(format!(
-            "the tokenizer is {}; shrink writes GGUF vocabularies for byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen2)",
-            if model_type == "BPE" {
-                "a SentencePiece-style BPE with byte fallback".to_string()
-            } else {
-                format!("a {model_type} model")
-            }
+            "the tokenizer is a {model_type} model; shrink writes GGUF vocabularies for BPE tokenizers: byte-level (GPT-2, Llama 3, SmolLM, Qwen2) or SentencePiece-style with byte fallback (Llama 2, Mistral v0.1)"
         )));
     }
-    let pre = match json.get("pre_tokenizer") {
-        Some(p) if !p.is_null() => pre_tokenizer_name(p).ok_or_else(|| {
+    let spm = model["byte_fallback"].as_bool() == Some(true);
+    let excerpt = |v: &serde_json::Value| -> String {
+        serde_json::to_string(v)
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect()
+    };
+    let (kind, pre, add_space_prefix) = if spm {
+        let prefix = spm_space_prefix(&json).ok_or_else(|| {
             bad(format!(
-                "its pre-tokenizer ({}) is not one llama.cpp implements as gpt-2, smollm, llama-bpe or qwen2, so llama.cpp would split text differently",
-                serde_json::to_string(p).unwrap_or_default().chars().take(200).collect::<String>()
+                "its normalizer ({}) and pre-tokenizer ({}) are not SentencePiece's as llama.cpp implements it (spaces to \u{2581}, optionally one before the text, no splitting)",
+                excerpt(&json["normalizer"]),
+                excerpt(&json["pre_tokenizer"])
             ))
-        })?,
-        _ => return Err(bad("it has no pre-tokenizer".into())),
+        })?;
+        ("llama", "default", prefix)
+    } else {
+        let pre = match json.get("pre_tokenizer") {
+            Some(p) if !p.is_null() => pre_tokenizer_name(p).ok_or_else(|| {
+                bad(format!(
+                    "its pre-tokenizer ({}) is not one llama.cpp implements as gpt-2, smollm, llama-bpe or qwen2, so llama.cpp would split text differently",
+                    excerpt(p)
+                ))
+            })?,
+            _ => return Err(bad("it has no pre-tokenizer".into())),
+        };
+        ("gpt2", pre, false)
     };
     let vocab = model["vocab"]
         .as_object()
         .ok_or_else(|| bad("model.vocab is missing".into()))?;
+    let unknown = model["unk_token"].as_str();
+    let normal_type = |tok: &str| {
+        if spm && Some(tok) == unknown {
+            TOKEN_TYPE_UNKNOWN
+        } else if spm && is_byte_token(tok) {
+            TOKEN_TYPE_BYTE
+        } else {
+            TOKEN_TYPE_NORMAL
+        }
+    };
     let mut by_id: std::collections::BTreeMap<u64, (String, i32)> = vocab
         .iter()
-        .filter_map(|(tok, id)| Some((id.as_u64()?, (tok.clone(), TOKEN_TYPE_NORMAL))))
+        .filter_map(|(tok, id)| Some((id.as_u64()?, (tok.clone(), normal_type(tok)))))
         .collect();
     for added in json["added_tokens"].as_array().into_iter().flatten() {
         if let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) {
-            let kind = if added["special"].as_bool() == Some(true) {
+            let kind = if spm && Some(content) == unknown {
+                TOKEN_TYPE_UNKNOWN
+            } else if added["special"].as_bool() == Some(true) {
                 TOKEN_TYPE_CONTROL
             } else {
                 TOKEN_TYPE_USER_DEFINED
@@ -474,23 +607,105 @@ fn hf_gguf_vocab(path: &Path, config: &serde_json::Value) -> Result<GgufVocab> {
         .as_array()
         .ok_or_else(|| bad("model.merges is missing".into()))?
         .iter()
-        .map(|m| match m {
-            serde_json::Value::String(s) => Ok(s.clone()),
-            serde_json::Value::Array(pair) => Ok(pair
-                .iter()
-                .filter_map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")),
-            _ => Err(bad("a merge is neither \"a b\" nor [\"a\", \"b\"]".into())),
+        .map(|m| {
+            let pair = match m {
+                serde_json::Value::String(s) => s.split_once(' '),
+                serde_json::Value::Array(pair) => match pair.as_slice() {
+                    [a, b] => a.as_str().zip(b.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            pair.ok_or_else(|| bad(format!("merge {m} is neither \"a b\" nor [\"a\", \"b\"]")))
         })
         .collect::<Result<Vec<_>>>()?;
+    let (merges, scores) = if spm {
+        (vec![], spm_scores(&tokens, &token_types, &merges))
+    } else {
+        let merges = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+        (merges, vec![])
+    };
     Ok(GgufVocab {
-        model: "gpt2".into(),
+        model: kind.into(),
         pre: Some(pre.into()),
         tokens,
         token_types,
         merges,
-        unknown_token_id: None,
+        scores,
+        add_space_prefix,
+        unknown_token_id: unknown
+            .and_then(|u| vocab.get(u))
+            .and_then(|id| id.as_u64())
+            .map(|id| id as u32),
         padding_token_id: None,
     })
+}
+
+/// `<0xNN>`: a SentencePiece byte token.
+fn is_byte_token(token: &str) -> bool {
+    token.len() == 6
+        && token.starts_with("<0x")
+        && token.ends_with('>')
+        && token[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Scores under which llama.cpp's SentencePiece tokenizer merges as BPE does with `merges`: a
+/// token made by merges scores minus the rank of the first; a longer token no merge makes scores
+/// below all of them (BPE never makes it; llama.cpp makes it only when nothing else merges);
+/// single characters, bytes and special tokens score 0, which no merge consults.
+fn spm_scores(tokens: &[String], types: &[i32], merges: &[(&str, &str)]) -> Vec<f32> {
+    let mut first: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (rank, (a, b)) in merges.iter().enumerate() {
+        first.entry(format!("{a}{b}")).or_insert(rank);
+    }
+    tokens
+        .iter()
+        .zip(types)
+        .map(|(token, &kind)| match first.get(token) {
+            Some(&rank) => 0.0 - rank as f32,
+            None if kind == TOKEN_TYPE_NORMAL && token.chars().nth(1).is_some() => {
+                -(merges.len() as f32) - 1.0
+            }
+            None => 0.0,
+        })
+        .collect()
+}
+
+/// Whether a byte-fallback BPE `tokenizer.json` prepares text as llama.cpp's SentencePiece
+/// tokenizer does (spaces to `▁`, no splitting), and if so whether it puts a space before the
+/// text. Two layouts do: Llama 2's (normalizer `Prepend("▁")` then `Replace(" ", "▁")`, no
+/// pre-tokenizer) and the Metaspace one (no normalizer, `Metaspace` that does not split).
+fn spm_space_prefix(json: &serde_json::Value) -> Option<bool> {
+    let kind = |v: &serde_json::Value| v["type"].as_str().unwrap_or_default().to_string();
+    let (normalizer, pre) = (&json["normalizer"], &json["pre_tokenizer"]);
+    if pre.is_null() {
+        let parts: Vec<&serde_json::Value> = match kind(normalizer).as_str() {
+            "Sequence" => normalizer["normalizers"].as_array()?.iter().collect(),
+            _ => vec![normalizer],
+        };
+        let replaces_spaces = |v: &serde_json::Value| {
+            kind(v) == "Replace"
+                && v["pattern"]["String"].as_str() == Some(" ")
+                && v["content"].as_str() == Some(SPM_SPACE)
+        };
+        return match parts.as_slice() {
+            [p, r] if kind(p) == "Prepend" && p["prepend"].as_str() == Some(SPM_SPACE) => {
+                replaces_spaces(r).then_some(true)
+            }
+            [r] => replaces_spaces(r).then_some(false),
+            _ => None,
+        };
+    }
+    if !normalizer.is_null()
+        || kind(pre) != "Metaspace"
+        || pre["replacement"].as_str() != Some(SPM_SPACE)
+        || pre["split"].as_bool() != Some(false)
+    {
+        return None;
+    }
+    match pre["prepend_scheme"].as_str()? {
+        "first" | "always" => Some(true),
+        "never" => Some(false),
+        _ => None,
+    }
 }

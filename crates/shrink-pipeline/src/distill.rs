@@ -323,7 +323,7 @@ pub fn distill_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(Transformer, DistillOutcome)> {
-    crate::prune::check_export(student, resolved.export)?;
+    crate::prune::check_export(checkpoint, student, resolved.export)?;
     let (trained, training) = shrink_distill::distill(
         teacher,
         student,
@@ -445,7 +445,7 @@ pub fn qat_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(crate::QuantizeOutcome, TrainOutcome)> {
-    crate::prune::check_export(model, resolved.quantize.export)?;
+    crate::prune::check_export(checkpoint, model, resolved.quantize.export)?;
     let teacher = model.clone();
     let q = &resolved.quantize;
     let initial =

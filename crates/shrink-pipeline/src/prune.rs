@@ -258,16 +258,20 @@ pub fn config_for(checkpoint: &Checkpoint, model: &Transformer) -> serde_json::V
     config
 }
 
-/// Refuses, before any work, an export the model's family cannot have: shrink writes encoders as
-/// Hugging Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not
-/// write).
-pub fn check_export(model: &Transformer, export: Export) -> Result<()> {
-    if model.arch.is_encoder() && export == Export::Gguf {
+/// Refuses, before any work, an export the model cannot have: shrink writes encoders as Hugging
+/// Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not write), and
+/// a GGUF needs a vocabulary shrink can write from `checkpoint`'s tokenizer.
+pub fn check_export(checkpoint: &Checkpoint, model: &Transformer, export: Export) -> Result<()> {
+    if export != Export::Gguf {
+        return Ok(());
+    }
+    if model.arch.is_encoder() {
         return Err(invalid(format!(
             "{:?} encoders are written as Hugging Face folders: use --format hf (pipeline stages: format = \"hf\")",
             model.arch
         )));
     }
+    shrink_io::gguf_vocab_of(checkpoint)?;
     Ok(())
 }
 
@@ -348,7 +352,7 @@ pub fn prune_and_write(
     progress: &dyn Progress,
 ) -> Result<PruneOutcome> {
     check_prune(resolved, model)?;
-    check_export(model, resolved.export)?;
+    check_export(checkpoint, model, resolved.export)?;
     let parameters_before = model.num_parameters();
     let (method, layers, structured) = match &resolved.job {
         PruneJob::Unstructured(plan) => {

@@ -357,7 +357,7 @@ pub fn quantize_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<QuantizeOutcome> {
-    crate::prune::check_export(model, resolved.export)?;
+    crate::prune::check_export(checkpoint, model, resolved.export)?;
     let result = shrink_quant::quantize_model(
         model,
         resolved.method,

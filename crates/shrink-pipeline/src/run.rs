@@ -547,7 +547,7 @@ pub fn run(
     let baseline = build_model(&checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::gguf_vocab_of(&checkpoint)?;
+        crate::prune::check_export(&checkpoint, &baseline, Export::Gguf)?;
     }
     let base = metrics_for(&run_dir.join("baseline"), &model_sha, &|key| {
         bench.measure(key, &baseline, None, &model_path)
