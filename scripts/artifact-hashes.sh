@@ -7,11 +7,18 @@
 #
 #   scripts/artifact-hashes.sh [OUT.txt]    # default: target/artifact-hashes.txt
 #   diff before.txt after.txt               # empty when every artifact is byte-identical
+#
+# SHRINK_BIN=/path/to/shrink hashes that binary instead of building this tree (so a copy of the
+# old binary can be hashed while the tree changes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_file="${1:-target/artifact-hashes.txt}"
-cargo build --release -p shrink-cli >&2
-shrink="$PWD/${CARGO_TARGET_DIR:-target}/release/shrink"
+if [[ -n "${SHRINK_BIN:-}" ]]; then
+  shrink="$SHRINK_BIN"
+else
+  cargo build --release -p shrink-cli >&2
+  shrink="$PWD/${CARGO_TARGET_DIR:-target}/release/shrink"
+fi
 "$shrink" data fetch smollm2 shakespeare minilm >&2
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -22,7 +29,7 @@ step() { echo "[artifacts] $*" >&2; "$shrink" "$@" >/dev/null; }
 step quantize smollm2 --method rtn --format gguf:q4_0 -o "$work/rtn-q4_0.gguf"
 step quantize smollm2 --method gptq --preset q4_k_m "${small[@]}" -o "$work/gptq-q4_k_m.gguf"
 step quantize smollm2 --method awq --format gguf:q4_0 "${small[@]}" -o "$work/awq-q4_0.gguf"
-step quantize smollm2 --method gptq --format hf --bits 4 --group 128 "${small[@]}" -o "$work/gptq-w4-hf"
+step quantize smollm2 --method gptq --format hf --bits 4 --group 64 "${small[@]}" -o "$work/gptq-w4-hf"
 step prune smollm2 --method wanda --sparsity 0.5 "${small[@]}" -o "$work/wanda.gguf"
 step prune smollm2 --method sparsegpt --sparsity 2:4 "${small[@]}" -o "$work/sparsegpt-2of4.gguf"
 step prune smollm2 --method heads --fraction 0.25 -o "$work/heads.gguf"

@@ -1,7 +1,7 @@
 //! The pipeline file's schema, parsing with positions, and validation.
 
-use crate::prune::{PruneKind, PruneRequest};
-use crate::quantize::{Export, QuantMethod, QuantizeRequest};
+use crate::quantize::Export;
+use crate::stage::{check_damp, whole, JobMemory, KeyResult, ModelSizes, StageJob, StageKind};
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -102,129 +102,6 @@ impl Default for DataConfig {
             samples: default_samples(),
             seq_len: default_seq_len(),
             train: default_train(),
-        }
-    }
-}
-
-/// The kinds of stage; technique crates add theirs as they land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-pub enum StageKind {
-    #[serde(rename = "quantize.rtn")]
-    QuantizeRtn,
-    #[serde(rename = "quantize.gptq")]
-    QuantizeGptq,
-    #[serde(rename = "quantize.awq")]
-    QuantizeAwq,
-    #[serde(rename = "quantize.smoothquant")]
-    QuantizeSmoothQuant,
-    #[serde(rename = "prune.magnitude")]
-    PruneMagnitude,
-    #[serde(rename = "prune.wanda")]
-    PruneWanda,
-    #[serde(rename = "prune.sparsegpt")]
-    PruneSparseGpt,
-    #[serde(rename = "prune.heads")]
-    PruneHeads,
-    #[serde(rename = "prune.channels")]
-    PruneChannels,
-    #[serde(rename = "prune.layers")]
-    PruneLayers,
-    #[serde(rename = "prune.width")]
-    PruneWidth,
-    #[serde(rename = "distill")]
-    Distill,
-    #[serde(rename = "quantize.qat")]
-    QuantizeQat,
-    #[serde(rename = "search")]
-    Search,
-}
-
-impl StageKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            StageKind::QuantizeRtn => "quantize.rtn",
-            StageKind::QuantizeGptq => "quantize.gptq",
-            StageKind::QuantizeAwq => "quantize.awq",
-            StageKind::QuantizeSmoothQuant => "quantize.smoothquant",
-            StageKind::PruneMagnitude => "prune.magnitude",
-            StageKind::PruneWanda => "prune.wanda",
-            StageKind::PruneSparseGpt => "prune.sparsegpt",
-            StageKind::PruneHeads => "prune.heads",
-            StageKind::PruneChannels => "prune.channels",
-            StageKind::PruneLayers => "prune.layers",
-            StageKind::PruneWidth => "prune.width",
-            StageKind::Distill => "distill",
-            StageKind::QuantizeQat => "quantize.qat",
-            StageKind::Search => "search",
-        }
-    }
-
-    /// The pruning method of a `prune.*` kind.
-    pub fn prune_kind(self) -> Option<PruneKind> {
-        self.name()
-            .strip_prefix("prune.")
-            .and_then(|k| PruneKind::parse(k).ok())
-    }
-
-    /// Keys that only some kinds accept.
-    fn accepts(self, key: &str) -> bool {
-        let prune = self.prune_kind();
-        let structured = prune.is_some_and(PruneKind::structured);
-        let distill = self == StageKind::Distill;
-        let qat = self == StageKind::QuantizeQat;
-        if self == StageKind::Search {
-            return matches!(
-                key,
-                "formats"
-                    | "embedding_formats"
-                    | "embeddings"
-                    | "sensitivity"
-                    | "budget"
-                    | "weights"
-                    | "damp"
-                    | "act_order"
-            );
-        }
-        match key {
-            "formats" | "embedding_formats" | "sensitivity" | "budget" => false,
-            "teacher" | "layers" | "student" | "hidden" | "hidden_loss" | "hidden_weight"
-            | "attention" | "attention_weight" | "top_k" => distill,
-            "loss" | "temperature" | "train" | "freeze" => distill || qat,
-            "learn_scales" => qat,
-            "alpha" if distill || qat => true,
-            "format" | "dtype" if distill => true,
-            _ if distill => false,
-            "keep_sparsity" | "imatrix" | "awq_grid" if qat => false,
-            "weights" if qat => true,
-            "preset" | "bits" | "group" | "embeddings" | "act_order" | "imatrix" | "alpha"
-            | "awq_grid" | "activations" | "search" | "weights"
-                if prune.is_some() =>
-            {
-                false
-            }
-            "sparsity" | "overrides" | "global" | "block_size" | "fraction" | "importance"
-            | "criterion" | "kv_groups" | "dtype"
-                if prune.is_none() =>
-            {
-                key == "overrides"
-            }
-            "keep_sparsity" => prune.is_none(),
-            "sparsity" | "overrides" => !structured,
-            "global" => prune == Some(PruneKind::Magnitude),
-            "block_size" => prune == Some(PruneKind::Sparsegpt),
-            "fraction" | "importance" => structured,
-            "criterion" => prune == Some(PruneKind::Layers),
-            "kv_groups" => prune == Some(PruneKind::Heads),
-            "damp" if prune.is_some() => prune == Some(PruneKind::Sparsegpt),
-            "damp" | "act_order" => self != StageKind::QuantizeRtn,
-            "imatrix" => self == StageKind::QuantizeRtn,
-            "alpha" => self == StageKind::QuantizeSmoothQuant,
-            "awq_grid" => self == StageKind::QuantizeAwq,
-            "weights" => matches!(
-                self,
-                StageKind::QuantizeAwq | StageKind::QuantizeSmoothQuant
-            ),
-            _ => true,
         }
     }
 }
@@ -356,214 +233,11 @@ pub struct Stage {
     pub budget: Option<crate::search::BudgetKeys>,
 }
 
-/// A value written as a string or a number, as text.
-fn value_text(v: &toml::Value) -> String {
-    match v {
-        toml::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// What a stage does.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum StageJob {
-    Quantize(QuantizeRequest),
-    Prune(PruneRequest),
-    Distill(crate::distill::DistillRequest),
-    Qat(crate::distill::QatRequest),
-    Search(crate::search::SearchRequest),
-}
-
-impl StageJob {
-    /// Whether the job calibrates and where it writes.
-    pub fn resolve(&self) -> Result<(bool, Export)> {
-        match self {
-            StageJob::Quantize(r) => r.resolve().map(|r| (r.calibrates, r.export)),
-            StageJob::Prune(r) => r.resolve().map(|r| (r.calibrates, r.export)),
-            StageJob::Distill(r) => r.resolve().map(|r| (false, r.export)),
-            StageJob::Qat(r) => r
-                .resolve()
-                .map(|r| (r.quantize.calibrates, r.quantize.export)),
-            StageJob::Search(r) => r.sensitivity_config().map(|_| (true, Export::Gguf)),
-        }
-    }
-
-    /// Whether the job trains (and reads the training text).
-    pub fn trains(&self) -> bool {
-        matches!(self, StageJob::Distill(_) | StageJob::Qat(_))
-    }
-}
-
 impl Stage {
     pub fn display_name(&self) -> String {
         self.name
             .clone()
             .unwrap_or_else(|| self.kind.name().to_string())
-    }
-
-    /// The job this stage describes.
-    pub fn job(&self) -> Result<StageJob> {
-        if self.kind == StageKind::Distill {
-            return Ok(StageJob::Distill(self.distill_request()));
-        }
-        if self.kind == StageKind::Search {
-            return self.search_request().map(StageJob::Search);
-        }
-        if self.kind == StageKind::QuantizeQat {
-            let d = self.distill_request();
-            return Ok(StageJob::Qat(crate::distill::QatRequest {
-                loss: d.loss,
-                temperature: d.temperature,
-                alpha: d.alpha,
-                freeze: self.freeze.clone(),
-                learn_scales: self.learn_scales.unwrap_or(true),
-                train: d.train,
-                ..crate::distill::QatRequest::new(self.request()?)
-            }));
-        }
-        match self.kind.prune_kind() {
-            Some(kind) => Ok(StageJob::Prune(self.prune_request(kind))),
-            None => self.request().map(StageJob::Quantize),
-        }
-    }
-
-    fn search_request(&self) -> Result<crate::search::SearchRequest> {
-        let defaults = QuantizeRequest::default();
-        Ok(crate::search::SearchRequest {
-            formats: self.formats.clone().unwrap_or_else(|| {
-                crate::search::DEFAULT_FORMATS
-                    .iter()
-                    .map(|f| f.to_string())
-                    .collect()
-            }),
-            embedding_formats: self.embedding_formats.clone().unwrap_or_default(),
-            embeddings: self.embeddings.clone().unwrap_or_else(|| "q8_0".into()),
-            method: self
-                .weights
-                .as_deref()
-                .map(QuantMethod::parse)
-                .transpose()?
-                .unwrap_or(QuantMethod::Gptq),
-            damp: self.damp.unwrap_or(defaults.damp),
-            act_order: self.act_order.unwrap_or(defaults.act_order),
-            measure: match self.sensitivity.as_deref() {
-                None | Some("scaled") => shrink_search::Measure::Scaled,
-                Some("every") => shrink_search::Measure::Every,
-                Some(other) => {
-                    return Err(PipelineError::Invalid(format!(
-                        "sensitivity `{other}` is not one of: scaled, every"
-                    )))
-                }
-            },
-            budget: self.budget.clone().unwrap_or_default(),
-        })
-    }
-
-    fn distill_request(&self) -> crate::distill::DistillRequest {
-        use crate::distill::{DistillRequest, StudentInit};
-        let d = DistillRequest::default();
-        DistillRequest {
-            student: match (&self.layers, self.student.is_empty()) {
-                (Some(l), _) => StudentInit::Layers(l.clone()),
-                (None, false) => StudentInit::Random(self.student.clone()),
-                (None, true) => StudentInit::Model,
-            },
-            loss: self.loss.clone().unwrap_or(d.loss),
-            temperature: self.temperature.unwrap_or(d.temperature),
-            alpha: self.alpha.unwrap_or(d.alpha),
-            hidden: self.hidden.clone(),
-            hidden_loss: self.hidden_loss.clone().unwrap_or(d.hidden_loss),
-            hidden_weight: self.hidden_weight.unwrap_or(d.hidden_weight),
-            attention: self.attention.clone(),
-            attention_weight: self.attention_weight.unwrap_or(d.attention_weight),
-            freeze: self.freeze.clone().unwrap_or_default(),
-            top_k: self.top_k,
-            train: self.train.clone().unwrap_or_default(),
-            format: self.format.clone(),
-            dtype: self.dtype.clone(),
-        }
-    }
-
-    fn prune_request(&self, kind: PruneKind) -> PruneRequest {
-        let defaults = PruneRequest::new(kind);
-        PruneRequest {
-            sparsity: self.sparsity.as_ref().map(value_text),
-            overrides: self
-                .overrides
-                .iter()
-                .map(|(k, v)| (k.clone(), value_text(v)))
-                .collect(),
-            global: self.global.unwrap_or(false),
-            damp: self.damp.unwrap_or(defaults.damp),
-            block_size: self.block_size.unwrap_or(defaults.block_size),
-            fraction: self.fraction,
-            importance: self.importance.clone(),
-            criterion: self.criterion.clone(),
-            kv_groups: self.kv_groups.unwrap_or(false),
-            format: self.format.clone(),
-            dtype: self.dtype.clone(),
-            ..defaults
-        }
-    }
-
-    /// The quantization job this stage describes.
-    pub fn request(&self) -> Result<QuantizeRequest> {
-        let weights = self
-            .weights
-            .as_deref()
-            .map(QuantMethod::parse)
-            .transpose()?;
-        let (method, smooth) = match self.kind {
-            StageKind::QuantizeRtn => (Some(QuantMethod::Rtn), None),
-            // QAT starts from GPTQ's codes unless `weights = "rtn"`.
-            StageKind::QuantizeQat => (Some(weights.unwrap_or(QuantMethod::Gptq)), None),
-            StageKind::QuantizeGptq => (Some(QuantMethod::Gptq), None),
-            StageKind::QuantizeAwq => (
-                Some(match weights {
-                    Some(QuantMethod::Gptq) => QuantMethod::AwqGptq,
-                    _ => QuantMethod::Awq,
-                }),
-                None,
-            ),
-            // The weights' method defaults to the preset's; alpha to the preset's, then 0.8.
-            StageKind::QuantizeSmoothQuant => {
-                let preset_alpha = match &self.preset {
-                    Some(p) => shrink_quant::Preset::load(p)?.smoothing,
-                    None => None,
-                };
-                (weights, Some(self.alpha.or(preset_alpha).unwrap_or(0.8)))
-            }
-            other => {
-                return Err(PipelineError::Invalid(format!(
-                    "a {} stage is not a quantization",
-                    other.name()
-                )))
-            }
-        };
-        let defaults = QuantizeRequest::default();
-        Ok(QuantizeRequest {
-            preset: self.preset.clone(),
-            method,
-            format: self.format.clone(),
-            bits: self.bits,
-            group: self.group.as_ref().map(value_text),
-            smooth,
-            activations: self.activations.clone(),
-            overrides: self
-                .overrides
-                .iter()
-                .map(|(k, v)| (k.clone(), value_text(v)))
-                .collect(),
-            search: self.search.unwrap_or(false),
-            imatrix: self.imatrix.unwrap_or(false),
-            damp: self.damp.unwrap_or(defaults.damp),
-            act_order: self.act_order.unwrap_or(defaults.act_order),
-            awq_grid: self.awq_grid.unwrap_or(defaults.awq_grid),
-            embeddings: self.embeddings.clone(),
-            batch: defaults.batch,
-            keep_zeros: self.keep_sparsity.unwrap_or(false),
-        })
     }
 
     /// This stage with `key` set to `value` (a sweep variant).
@@ -716,11 +390,8 @@ impl Pipeline {
     /// weights, `hidden` wide with `intermediate` MLP rows and a `vocab`-token vocabulary: the
     /// checkpoint, the f32 model and the reference model the evaluation compares against, plus,
     /// when a stage calibrates, the calibration activations entering and leaving a block, one
-    /// block's Hessians and a batch's working set; when a stage trains, the teacher, the student
-    /// with its gradients and AdamW moments, and the autograd graph of a micro-batch (logits and
-    /// their softmaxes, ~12 copies of `vocab` per token; ~10 of `hidden + intermediate` per token
-    /// and layer); a search stage adds what its verification holds. Calibrated on distilling
-    /// SmolLM2 (measured 9.1 GB at 4 × 256 tokens).
+    /// block's Hessians and a batch's working set, and what the stages' jobs hold beside them
+    /// (a search's copies of the model) or instead of them (training).
     pub fn estimated_peak_bytes(
         &self,
         parameters: u64,
@@ -730,13 +401,14 @@ impl Pipeline {
     ) -> u64 {
         // In u128 and saturated: settings such as `samples = 1000000000000` must give a huge
         // estimate, not a wrapped small one.
-        let (parameters, hidden, intermediate, vocab) = (
-            u128::from(parameters),
-            u128::from(hidden),
-            u128::from(intermediate),
-            u128::from(vocab),
-        );
-        let model = 3 * parameters * 4;
+        let sizes = ModelSizes {
+            parameters: u128::from(parameters),
+            hidden: u128::from(hidden),
+            intermediate: u128::from(intermediate),
+            vocab: u128::from(vocab),
+        };
+        let (hidden, intermediate) = (sizes.hidden, sizes.intermediate);
+        let model = 3 * sizes.parameters * 4;
         let calibrates = self.planned.iter().any(|s| s.calibrates);
         let calibration = if calibrates {
             let tokens = self.data.samples as u128 * self.data.seq_len as u128;
@@ -748,31 +420,15 @@ impl Pipeline {
         } else {
             0
         };
-        let training = self
+        let jobs = self
             .planned
             .iter()
-            .filter_map(|s| match &s.job {
-                StageJob::Distill(r) => Some(&r.train),
-                StageJob::Qat(r) => Some(&r.train),
-                _ => None,
-            })
-            .map(|t| {
-                let tokens = t.batch as u128 * t.seq_len as u128;
-                let layers = parameters / (4 * hidden * hidden + 3 * hidden * intermediate).max(1);
-                let graph = tokens * (12 * vocab + 10 * layers * (hidden + intermediate)) * 4;
-                6 * parameters * 4 + graph
-            })
-            .max()
-            .unwrap_or(0);
-        // A search holds a quantized copy of the model and the model read back from its file,
-        // and the reference and a candidate's log-probabilities (and their exponentials) on 1024
-        // scored positions at a time.
-        let search = if self.planned.iter().any(|s| s.kind == StageKind::Search) {
-            2 * parameters * 4 + 4 * 1024 * vocab * 4
-        } else {
-            0
-        };
-        let total = model + (calibration + search).max(training) + (64 << 20);
+            .map(|s| s.job.job().memory(&sizes))
+            .fold(JobMemory::default(), |a, m| JobMemory {
+                with_calibration: a.with_calibration.max(m.with_calibration),
+                training: a.training.max(m.training),
+            });
+        let total = model + (calibration + jobs.with_calibration).max(jobs.training) + (64 << 20);
         u64::try_from(total).unwrap_or(u64::MAX)
     }
 
@@ -905,32 +561,9 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             ));
         }
     }
-    let g = &pipeline.gates;
-    for (key, value, lo, hi) in [
-        (
-            "max_ppl_increase_pct",
-            g.max_ppl_increase_pct,
-            0.0,
-            f64::MAX,
-        ),
-        ("min_top1_agreement", g.min_top1_agreement, 0.0, 1.0),
-        ("max_kl", g.max_kl, 0.0, f64::MAX),
-        ("min_embedding_cosine", g.min_embedding_cosine, -1.0, 1.0),
-        (
-            "min_neighbour_agreement",
-            g.min_neighbour_agreement,
-            0.0,
-            1.0,
-        ),
-        ("max_size_mb", g.max_size_mb, 0.0, f64::MAX),
-        (
-            "min_compression_ratio",
-            g.min_compression_ratio,
-            0.0,
-            f64::MAX,
-        ),
-    ] {
-        if let Some(v) = value {
+    for gate in crate::gates::GATES {
+        let (key, (lo, hi)) = (gate.key, gate.range);
+        if let Some(v) = (gate.limit)(&pipeline.gates) {
             if !(lo..=hi).contains(&v) || !v.is_finite() {
                 return Err(fail(
                     Place::Section("[gates]"),
@@ -1036,17 +669,12 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             teacher,
             ..planned
         };
-        if let (StageJob::Quantize(request), None) = (&mut planned.job, s.keep_sparsity) {
-            // Quantizing a pruned model keeps its mask unless the stage says otherwise.
-            request.keep_zeros = pipeline.planned.iter().any(|p| {
-                p.name == planned.input
-                    && match &p.job {
-                        StageJob::Prune(r) => !r.kind.structured(),
-                        StageJob::Quantize(r) => r.keep_zeros,
-                        StageJob::Distill(_) | StageJob::Qat(_) | StageJob::Search(_) => false,
-                    }
-            });
-        }
+        // Quantizing a pruned model keeps its mask unless the stage says otherwise.
+        let input_has_mask = pipeline
+            .planned
+            .iter()
+            .any(|p| p.name == planned.input && p.job.job().leaves_mask());
+        planned.job.job_mut().keep_mask(s, input_has_mask);
         pipeline.planned.push(planned);
         previous = name.clone();
         names.push(name);
@@ -1115,11 +743,11 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                 .map_err(|e| problem(e.to_string()))?;
             let mut planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
             let main = &pipeline.planned[index];
-            if let (StageJob::Quantize(r), StageJob::Quantize(m), None) =
-                (&mut planned.job, &main.job, stage.keep_sparsity)
-            {
-                r.keep_zeros = m.keep_zeros; // the same input as the stage as written
-            }
+            // The same input as the stage as written, so the same mask.
+            planned
+                .job
+                .job_mut()
+                .keep_mask(&stage, main.job.job().leaves_mask());
             if planned.job == main.job {
                 continue; // the pipeline as written already runs this value
             }
@@ -1149,7 +777,7 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
 }
 
 /// Checks one stage's own keys and makes its job; on error, the key at fault (if one is) and why.
-fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
+fn check_stage(s: &Stage) -> KeyResult<PlannedStage> {
     for (key, set) in [
         ("damp", s.damp.is_some()),
         ("act_order", s.act_order.is_some()),
@@ -1199,108 +827,9 @@ fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static 
             ));
         }
     }
-    if let Some(damp) = s.damp {
-        if !(0.0..=1.0).contains(&damp) {
-            return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
-        }
-    }
-    if s.kind.prune_kind().is_some() {
-        return check_prune_stage(s);
-    }
-    if s.kind == StageKind::Search {
-        if let Some(w) = &s.weights {
-            if !["rtn", "gptq"].contains(&w.as_str()) {
-                return Err((
-                    Some("weights"),
-                    format!("weights `{w}` is not one of: rtn, gptq"),
-                ));
-            }
-        }
-        s.budget
-            .as_ref()
-            .ok_or((
-                None,
-                "a search stage needs a [stage.budget] table".to_string(),
-            ))?
-            .check()
-            .map_err(|e| (Some("budget"), e))?;
-        let job = s.job().map_err(|e| (None, e.to_string()))?;
-        if let StageJob::Search(r) = &job {
-            r.sensitivity_config().map_err(|e| (None, e.to_string()))?;
-        }
-        return planned(s);
-    }
-    if s.kind == StageKind::Distill || s.kind == StageKind::QuantizeQat {
-        check_training_keys(s)?;
-        if s.kind == StageKind::Distill {
-            return planned(s);
-        }
-    }
-    if let Some(alpha) = s.alpha {
-        if !(0.0..=1.0).contains(&alpha) {
-            return Err((Some("alpha"), format!("alpha = {alpha} is outside 0..=1")));
-        }
-    }
-    if let Some(b) = s.bits {
-        if !(2..=8).contains(&b) {
-            return Err((Some("bits"), format!("bits = {b} is outside 2..=8")));
-        }
-    }
-    if let Some(group) = &s.group {
-        let ok = match group {
-            toml::Value::Integer(n) => *n > 0,
-            toml::Value::String(k) => k == "channel" || k == "tensor",
-            _ => false,
-        };
-        if !ok {
-            return Err((
-                Some("group"),
-                format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
-            ));
-        }
-    }
-    if let Some(w) = &s.weights {
-        if !["rtn", "gptq"].contains(&w.as_str()) {
-            return Err((
-                Some("weights"),
-                format!("weights `{w}` is not one of: rtn, gptq"),
-            ));
-        }
-    }
-    if let Some(p) = &s.preset {
-        shrink_quant::Preset::load(p)
-            .map_err(|e| (Some("preset"), format!("preset `{p}`: {e}")))?;
-    }
-    if let Some(f) = &s.format {
-        if f != "hf" {
-            shrink_quant::Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
-                .map_err(|e| (Some("format"), e.to_string()))?;
-        }
-    }
-    if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
-        return Err((
-            None,
-            "says nothing about the format: give `preset`, `format` or `bits`".into(),
-        ));
-    }
-    for (pattern, ty) in &s.overrides {
-        shrink_quant::Format::parse(&value_text(ty))
-            .map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
-    }
-    if let Some(a) = &s.activations {
-        if !["int8-per-token", "none"].contains(&a.as_str()) {
-            return Err((
-                Some("activations"),
-                format!("activations `{a}` is not one of: int8-per-token, none"),
-            ));
-        }
-    }
-    planned(s)
-}
-
-fn planned(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
-    let job = s.job().map_err(|e| (None, e.to_string()))?;
-    let (calibrates, export) = job.resolve().map_err(|e| (None, e.to_string()))?;
+    check_damp(s)?;
+    let job = s.kind.stage_type().job(s)?;
+    let (calibrates, export) = whole(job.resolve())?;
     Ok(PlannedStage {
         name: s.display_name(),
         kind: s.kind,
@@ -1311,97 +840,6 @@ fn planned(s: &Stage) -> std::result::Result<PlannedStage, (Option<&'static str>
         teacher: None,
         sweep_value: None,
     })
-}
-
-/// `format` (gguf | hf) and `dtype` (f32 | f16) of a stage that writes float weights.
-fn check_float_keys(s: &Stage) -> std::result::Result<(), (Option<&'static str>, String)> {
-    for (key, value, allowed) in [
-        ("format", &s.format, ["gguf", "hf"]),
-        ("dtype", &s.dtype, ["f32", "f16"]),
-    ] {
-        if let Some(v) = value {
-            if !allowed.contains(&v.as_str()) {
-                return Err((
-                    Some(key),
-                    format!("{key} `{v}` is not one of: {}", allowed.join(", ")),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The training keys of a `distill` or `quantize.qat` stage, each error pointing at its key.
-fn check_training_keys(s: &Stage) -> std::result::Result<(), (Option<&'static str>, String)> {
-    if let Some(l) = &s.loss {
-        shrink_train::Divergence::parse(l).map_err(|e| (Some("loss"), e.to_string()))?;
-    }
-    if let Some(h) = &s.hidden_loss {
-        shrink_train::HiddenLoss::parse(h).map_err(|e| (Some("hidden_loss"), e.to_string()))?;
-    }
-    if let Some(t) = s.temperature {
-        if !(t > 0.0 && t.is_finite()) {
-            return Err((
-                Some("temperature"),
-                format!("temperature = {t} must be positive"),
-            ));
-        }
-    }
-    if let Some(a) = s.alpha {
-        if !(0.0..=1.0).contains(&a) {
-            return Err((Some("alpha"), format!("alpha = {a} is outside 0..=1")));
-        }
-    }
-    if let Some(l) = &s.layers {
-        // The count is checked against the teacher when the stage runs.
-        shrink_distill::parse_layers(l, 4096).map_err(|e| (Some("layers"), e.to_string()))?;
-    }
-    if s.layers.is_some() && !s.student.is_empty() {
-        return Err((
-            Some("student"),
-            "give `layers` (a subset of the teacher) or `[stage.student]` (a random config), not both".into(),
-        ));
-    }
-    if s.kind == StageKind::Distill {
-        check_float_keys(s)?;
-    }
-    if let Some(t) = &s.train {
-        t.config().map_err(|e| (Some("train"), e.to_string()))?;
-    }
-    Ok(())
-}
-
-/// The keys of a `prune.*` stage, each error pointing at its key.
-fn check_prune_stage(
-    s: &Stage,
-) -> std::result::Result<PlannedStage, (Option<&'static str>, String)> {
-    if let Some(v) = &s.sparsity {
-        shrink_prune::Sparsity::parse(&value_text(v))
-            .map_err(|e| (Some("sparsity"), e.to_string()))?;
-    }
-    for (pattern, v) in &s.overrides {
-        shrink_prune::Sparsity::parse(&value_text(v))
-            .map_err(|e| (Some("overrides"), format!("override `{pattern}`: {e}")))?;
-    }
-    if let Some(f) = s.fraction {
-        if !(0.0..1.0).contains(&f) {
-            return Err((
-                Some("fraction"),
-                format!("fraction = {f} is outside [0, 1)"),
-            ));
-        }
-    }
-    if let Some(i) = &s.importance {
-        shrink_prune::Importance::parse(i).map_err(|e| (Some("importance"), e.to_string()))?;
-    }
-    if let Some(c) = &s.criterion {
-        shrink_prune::LayerCriterion::parse(c).map_err(|e| (Some("criterion"), e.to_string()))?;
-    }
-    check_float_keys(s)?;
-    if s.block_size == Some(0) {
-        return Err((Some("block_size"), "block_size must be positive".into()));
-    }
-    planned(s)
 }
 
 #[derive(Clone, Copy)]

@@ -28,31 +28,31 @@
 //! demo model, quantizes, evaluates and writes `runs/w4/`.
 
 mod config;
-pub mod distill;
 pub mod encoder;
+mod gates;
+mod measure;
 pub mod memory;
-pub mod prune;
-pub mod quantize;
 pub mod render;
 pub mod report;
 mod run;
-pub mod search;
+mod stage;
 mod sys;
+
+pub use stage::{distill, prune, qat, quantize, search};
 
 pub use config::{
     load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
-    Stage, StageJob, StageKind, Sweep, SWEEP_KEYS,
+    Stage, Sweep, SWEEP_KEYS,
 };
-pub use distill::{
-    distill_and_write, qat_and_write, DistillOutcome, DistillRequest, QatRequest, StudentInit,
-    TrainKeys,
-};
+pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
 pub use prune::{prune_and_write, PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
+pub use qat::{qat_and_write, QatRequest};
 pub use quantize::{
     build_model, quantize_and_write, Export, QuantMethod, QuantizeOutcome, QuantizeRequest,
     ResolvedQuantize,
 };
 pub use run::{eval_tokens, prompt_tokens, run, RunOptions, RunOutcome};
+pub use stage::{StageJob, StageKind};
 
 use std::path::PathBuf;
 

@@ -4,19 +4,19 @@
 //! that the next run removes before doing the stage again. Measurements are cached beside each
 //! artifact under a key that adds the evaluation settings.
 
-use crate::prune::prune_and_write;
-use crate::quantize::{build_model, quantize_and_write, Export};
+use crate::measure::{Bench, Metrics};
+use crate::quantize::{build_model, Export};
 use crate::report::{
-    pareto_front, DecodeSpeed, EvalSettings, GateResult, Generation, InputHash, LayerRow, ModelRow,
-    Provenance, Report, StageLayers, SweepSummary,
+    pareto_front, EvalSettings, GateResult, Generation, InputHash, LayerRow, ModelRow, Provenance,
+    Report, StageLayers, SweepSummary,
 };
-use crate::StageJob;
+use crate::stage::{StageContext, TrainingText};
 use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
 use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
 use shrink_io::{Checkpoint, TokenizerBundle};
-use shrink_models::{Sampler, SamplingConfig, Transformer};
+use shrink_models::Transformer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -84,27 +84,6 @@ struct StageRecord {
     wall_s: f64,
     peak_rss_bytes: u64,
     shrink_version: String,
-}
-
-/// What was measured on one model, cached in `metrics.json` beside it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Metrics {
-    key: String,
-    /// Perplexity and fidelity (decoders).
-    #[serde(default)]
-    eval: Option<shrink_eval::EvalReport>,
-    /// Embedding fidelity and masked-LM scores (encoders).
-    #[serde(default)]
-    encoder: Option<shrink_eval::EncoderReport>,
-    generations: Vec<String>,
-    decode: Option<DecodeSpeed>,
-    size_bytes: u64,
-    bits_per_weight: f64,
-    parameters: u64,
-    sparsity: f64,
-    /// Layers, widths and heads, as `30 × 576, MLP 1536, 9/3 heads`.
-    #[serde(default)]
-    shape: String,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
@@ -181,23 +160,17 @@ fn read_text_input(
 fn check_stage_shapes(pipeline: &Pipeline, model: &Transformer) -> Result<()> {
     let plan = pipeline.plan();
     for stage in plan {
-        let StageJob::Quantize(request) = &stage.job else {
-            continue;
-        };
         let mut input = stage.input.as_str();
         let mut same_shapes = true;
         while let Some(from) = plan.iter().find(|s| s.name == input) {
-            same_shapes &= match &from.job {
-                StageJob::Prune(r) => !r.kind.structured(),
-                StageJob::Distill(_) => false,
-                StageJob::Quantize(_) | StageJob::Qat(_) | StageJob::Search(_) => true,
-            };
+            same_shapes &= from.job.job().keeps_shapes();
             input = from.input.as_str();
         }
         if same_shapes {
-            request
-                .resolve()
-                .and_then(|r| Ok(r.plan.check_model(model)?))
+            stage
+                .job
+                .job()
+                .check_shapes(model)
                 .map_err(|e| PipelineError::Stage {
                     stage: stage.name.clone(),
                     source: Box::new(e),
@@ -284,141 +257,6 @@ pub fn prompt_tokens(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) -> R
     Ok(tokenizer.encode(&text, true)?)
 }
 
-/// Fraction of exactly-zero values of a tensor.
-fn zero_fraction(t: &candle_core::Tensor) -> Result<f64> {
-    let n = t.elem_count().max(1);
-    let zeros = t
-        .eq(0f32)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64;
-    Ok(zeros / n as f64)
-}
-
-/// Everything the measurements of every model share.
-struct Bench<'a> {
-    tokens: Vec<u32>,
-    bos: Option<u32>,
-    eval: shrink_eval::EvalConfig,
-    prompts: Vec<Vec<u32>>,
-    max_new_tokens: usize,
-    stop: Vec<u32>,
-    decode_prompt: Vec<u32>,
-    decode_tokens: usize,
-    tokenizer: &'a TokenizerBundle,
-    /// Encoders: the held-out sentences, their pooling and the evaluation settings.
-    sentences: Vec<Vec<u32>>,
-    pooling: shrink_models::Pooling,
-    encoder_eval: shrink_eval::EncoderEvalConfig,
-    progress: &'a dyn Progress,
-}
-
-impl Bench<'_> {
-    /// Evaluates `model` (loaded from `artifact`) against `reference`, generates from the
-    /// prompts and times decoding.
-    fn measure(
-        &self,
-        key: String,
-        model: &Transformer,
-        reference: Option<&Transformer>,
-        artifact: &Path,
-    ) -> Result<Metrics> {
-        let info = shrink_io::inspect(artifact)?;
-        let sparsity = linear_sparsity(model)?;
-        if model.arch.is_encoder() {
-            // Encoders neither predict the next token nor generate: their sentence embeddings
-            // are compared instead.
-            let encoder = shrink_eval::evaluate_encoder(
-                model,
-                reference,
-                &self.pooling,
-                &self.sentences,
-                &self.encoder_eval,
-                self.progress,
-            )?;
-            return Ok(Metrics {
-                key,
-                eval: None,
-                encoder: Some(encoder),
-                generations: vec![],
-                decode: None,
-                size_bytes: info.file_size_bytes,
-                bits_per_weight: info.bits_per_weight,
-                parameters: info.parameters,
-                sparsity,
-                shape: shape_of(&model.config),
-            });
-        }
-        let eval = shrink_eval::evaluate(
-            model,
-            reference,
-            &self.tokens,
-            self.bos,
-            &self.eval,
-            self.progress,
-        )?;
-        let mut generations = Vec::with_capacity(self.prompts.len());
-        for prompt in &self.prompts {
-            let mut greedy = Sampler::new(SamplingConfig::default());
-            let g = shrink_models::generate(
-                model,
-                prompt,
-                self.max_new_tokens,
-                &mut greedy,
-                &self.stop,
-                |_| Ok(()),
-            )?;
-            generations.push(self.tokenizer.decode(&g.tokens, false)?);
-        }
-        let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
-            None
-        } else if artifact.is_file()
-            && model.config.head_dim() * model.config.num_attention_heads
-                == model.config.hidden_size
-        {
-            // candle's quantized Llama derives the head size from the width; a structurally
-            // pruned model whose heads no longer fill the width runs on the f32 path instead (the
-            // report's backend column says which).
-            Some(shrink_eval::quantized_decode_speed(
-                artifact,
-                &self.decode_prompt,
-                self.decode_tokens,
-            )?)
-        } else {
-            Some(shrink_eval::f32_decode_speed(
-                model,
-                &self.decode_prompt,
-                self.decode_tokens,
-            )?)
-        };
-        Ok(Metrics {
-            key,
-            eval: Some(eval),
-            encoder: None,
-            generations,
-            decode,
-            size_bytes: info.file_size_bytes,
-            bits_per_weight: info.bits_per_weight,
-            parameters: info.parameters,
-            sparsity,
-            shape: shape_of(&model.config),
-        })
-    }
-}
-
-/// Fraction of exactly-zero weights over the block linears.
-fn linear_sparsity(model: &Transformer) -> Result<f64> {
-    let (mut zeros, mut weights) = (0.0, 0.0);
-    for block in &model.blocks {
-        for (_, linear) in block.linears() {
-            let n = linear.weight().elem_count() as f64;
-            zeros += zero_fraction(linear.weight())? * n;
-            weights += n;
-        }
-    }
-    Ok(zeros / weights.max(1.0))
-}
-
 /// Runs `pipeline` (validated by [`crate::load`]): every stage not already done, the measurements,
 /// the export to `model/`, the report files and the gates. `log` receives one line per step.
 pub fn run(
@@ -459,7 +297,8 @@ pub fn run(
     )?;
     let model_sha = hash_path(&model_path)?;
     let checkpoint = shrink_io::load(&model_path)?;
-    let tokenizer = checkpoint.tokenizer()?;
+    // A model without a usable tokenizer is refused before any text is read.
+    checkpoint.tokenizer()?;
     let mut inputs = vec![InputHash {
         role: "model".into(),
         path: model_path.display().to_string(),
@@ -491,40 +330,7 @@ pub fn run(
         None
     };
 
-    let (tokens, bos) = eval_tokens(&checkpoint, &eval_text)?;
-    let encoder = crate::encoder::is_encoder(&checkpoint)?;
-    let e = &pipeline.eval;
-    let bench = Bench {
-        decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
-        tokens,
-        bos,
-        eval: shrink_eval::EvalConfig {
-            protocol: e.protocol.parse()?,
-            ctx: e.ctx,
-            chunks: (e.chunks > 0).then_some(e.chunks),
-            batch: 4,
-        },
-        prompts: e
-            .prompts
-            .iter()
-            .map(|p| prompt_tokens(tokenizer, p, e.chat))
-            .collect::<Result<_>>()?,
-        max_new_tokens: e.max_new_tokens,
-        stop: tokenizer.eos_token_ids.clone(),
-        decode_tokens: e.decode_tokens,
-        tokenizer,
-        sentences: if encoder {
-            crate::encoder::sentence_tokens(&checkpoint, &eval_text, e.sentences)?
-        } else {
-            vec![]
-        },
-        pooling: crate::encoder::pooling_of(&checkpoint)?,
-        encoder_eval: shrink_eval::EncoderEvalConfig {
-            mask_id: crate::encoder::mask_id(&checkpoint),
-            ..Default::default()
-        },
-        progress,
-    };
+    let bench = Bench::new(pipeline, &checkpoint, &eval_text, progress)?;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": eval_sha, "eval": pipeline.eval,
     }));
@@ -639,18 +445,25 @@ pub fn run(
                     Some("model") => Some(baseline.clone()),
                     Some(t) => Some(build_model(&shrink_io::load(&artifacts[t])?, DType::F32)?),
                 };
-                let inputs = StageInputs {
-                    input_key,
+                // Checkpoints of training stages live outside the staging folder, so a rerun
+                // resumes.
+                let workdir = dir.with_file_name(format!(
+                    "{}.train",
+                    dir.file_name().unwrap_or_default().to_string_lossy()
+                ));
+                let cx = StageContext {
                     checkpoint: &input,
+                    input_key,
+                    key: &key,
                     calibration: stage_windows,
                     teacher: teacher.as_ref(),
                     training: training.as_ref(),
+                    workdir: &workdir,
+                    progress,
                 };
-                run_stage(stage, key.clone(), &inputs, &dir, progress).map_err(|e| {
-                    PipelineError::Stage {
-                        stage: stage.name.clone(),
-                        source: Box::new(e),
-                    }
+                run_stage(stage, key.clone(), &cx, &dir).map_err(|e| PipelineError::Stage {
+                    stage: stage.name.clone(),
+                    source: Box::new(e),
                 })?
             }
         };
@@ -722,7 +535,7 @@ pub fn run(
     let gates: Vec<GateResult> = exported
         .iter()
         .filter_map(|name| rows.iter().find(|r| &r.name == name))
-        .flat_map(|r| check_gates(&pipeline.gates, r))
+        .flat_map(|r| crate::gates::check_gates(&pipeline.gates, r))
         .collect();
     let passed = gates.iter().all(|g| g.passed);
     let sweep = pipeline.sweep.as_ref().map(|s| {
@@ -790,59 +603,14 @@ pub fn run(
     })
 }
 
-/// Makes one stage's artifact in a staging folder and commits it as `dir`.
-/// The training and held-out text of training stages, tokenized.
-struct TrainingText {
-    train: Vec<u32>,
-    eval: Vec<u32>,
-    key: String,
-}
-
-/// What a stage reads.
-struct StageInputs<'a> {
-    /// The identity of the input (its stage key or the model's hash).
-    input_key: &'a str,
-    checkpoint: &'a Checkpoint,
-    /// Calibration windows, for stages that calibrate.
-    calibration: Option<&'a [Vec<u32>]>,
-    /// Distillation's teacher.
-    teacher: Option<&'a Transformer>,
-    training: Option<&'a TrainingText>,
-}
-
-impl StageInputs<'_> {
-    /// Training and held-out windows of `seq_len` tokens.
-    fn windows(&self, seq_len: usize, eval_windows: usize) -> Result<[Vec<Vec<u32>>; 2]> {
-        let t = self
-            .training
-            .ok_or_else(|| PipelineError::Invalid("no training text was read".into()))?;
-        Ok([
-            crate::encoder::training_windows(self.checkpoint, &t.train, seq_len, None)?,
-            crate::encoder::training_windows(
-                self.checkpoint,
-                &t.eval,
-                seq_len,
-                Some(eval_windows),
-            )?,
-        ])
-    }
-}
-
 fn run_stage(
     stage: &PlannedStage,
     key: String,
-    inputs: &StageInputs,
+    cx: &StageContext,
     dir: &Path,
-    progress: &dyn Progress,
 ) -> Result<StageRecord> {
-    let (input, windows) = (inputs.checkpoint, inputs.calibration);
-    // Checkpoints of training stages live outside the staging folder, so a rerun resumes.
-    let workdir = dir.with_file_name(format!(
-        "{}.train",
-        dir.file_name().unwrap_or_default().to_string_lossy()
-    ));
     let staged = AtomicDir::new(dir)?;
-    let mut model = build_model(input, DType::F32)?;
+    let mut model = build_model(cx.checkpoint, DType::F32)?;
     let artifact = match stage.export {
         Export::Gguf => "model.gguf",
         Export::Hf => "model",
@@ -850,179 +618,7 @@ fn run_stage(
     let out = staged.path().join(artifact);
     sys::reset_peak_rss();
     let start = Instant::now();
-    let sparsity_of = |weights: &BTreeMap<String, candle_core::Tensor>, name: &str| match weights
-        .get(&format!("{name}.weight"))
-    {
-        Some(w) => zero_fraction(w),
-        None => Ok(0.0),
-    };
-    let mut training = None;
-    let mut search = None;
-    // A quantization's record fields, with each linear's sparsity as it is now.
-    let quantized = |outcome: crate::QuantizeOutcome, model: &Transformer| -> Result<_> {
-        let weights = model.named_tensors();
-        let layers = outcome
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(LayerRow {
-                    name: l.name.clone(),
-                    format: l.format.clone(),
-                    shape: l.shape,
-                    bits_per_weight: l.bits_per_weight,
-                    relative_output_error: l.relative_output_error,
-                    sparsity: sparsity_of(&weights, &l.name)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((
-            outcome.method,
-            outcome.types,
-            outcome.linear_bits_per_weight,
-            layers,
-            None,
-        ))
-    };
-    let (method, types, linear_bits_per_weight, layers, pruning) = match &stage.job {
-        StageJob::Distill(request) => {
-            let mut resolved = request.resolve()?;
-            let teacher = inputs
-                .teacher
-                .ok_or_else(|| PipelineError::Invalid("a distill stage needs a teacher".into()))?;
-            let student =
-                crate::distill::build_student(request, &mut resolved, teacher, Some(&model))?;
-            let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
-            let (trained, outcome) = crate::distill_and_write(
-                input, teacher, &student, &resolved, &train, &eval, &workdir, &key, &out, progress,
-            )?;
-            let (format, bits) = crate::prune::float_storage(resolved.dtype);
-            let d = &resolved.job.loss;
-            let objective = if teacher.arch.is_encoder() {
-                // Encoders match final states (and the MLM logits only when both have the head).
-                format!("{:?} on the final states", d.hidden_loss).to_lowercase()
-            } else {
-                format!(
-                    "{:?} KL, T = {}, α = {}",
-                    d.divergence, d.temperature, d.alpha
-                )
-            };
-            let method = format!(
-                "distill: {objective}{}{} ({} steps)",
-                if d.hidden.is_empty() {
-                    ""
-                } else {
-                    ", hidden states"
-                },
-                if d.attention.is_some() {
-                    ", attention"
-                } else {
-                    ""
-                },
-                resolved.job.train.steps
-            )
-            .to_lowercase();
-            let summary = serde_json::json!({
-                "parameters_before": outcome.parameters_teacher,
-                "parameters_after": outcome.parameters_student,
-                "config": shrink_prune::shape_keys(&trained.config),
-            });
-            training = Some(outcome.training);
-            (
-                method,
-                [(format.to_string(), trained.blocks.len() * 7)].into(),
-                bits,
-                Vec::new(),
-                Some(summary),
-            )
-        }
-        StageJob::Qat(request) => {
-            let resolved = request.resolve()?;
-            let [train, eval] = inputs.windows(resolved.seq_len, resolved.eval_windows)?;
-            let (outcome, log) = crate::qat_and_write(
-                input,
-                &mut model,
-                &resolved,
-                windows,
-                request.quantize.batch,
-                &train,
-                &eval,
-                &workdir,
-                &key,
-                &out,
-                progress,
-            )?;
-            training = Some(log);
-            quantized(outcome, &model)?
-        }
-        StageJob::Search(request) => {
-            let windows = windows.ok_or_else(|| {
-                PipelineError::Invalid("a search stage needs calibration windows".into())
-            })?;
-            let (outcome, summary) = crate::search::search_and_write(
-                input,
-                &model,
-                inputs.input_key,
-                request,
-                windows,
-                crate::QuantizeRequest::default().batch,
-                &out,
-                progress,
-            )?;
-            search = Some(summary);
-            quantized(outcome, &model)?
-        }
-        StageJob::Quantize(request) => {
-            let resolved = request.resolve()?;
-            let outcome = quantize_and_write(
-                input,
-                &mut model,
-                &resolved,
-                windows,
-                request.batch,
-                &out,
-                progress,
-            )?;
-            quantized(outcome, &model)?
-        }
-        StageJob::Prune(request) => {
-            let resolved = request.resolve()?;
-            let outcome = prune_and_write(
-                input,
-                &mut model,
-                &resolved,
-                windows,
-                request.batch,
-                &out,
-                progress,
-            )?;
-            let (format, bits) = crate::prune::float_storage(resolved.dtype);
-            let layers = outcome
-                .layers
-                .iter()
-                .map(|l| LayerRow {
-                    name: l.name.clone(),
-                    format: format!("{format}, sparsity {}", l.target),
-                    shape: l.shape,
-                    bits_per_weight: bits,
-                    relative_output_error: l.relative_output_error,
-                    sparsity: l.sparsity,
-                })
-                .collect();
-            let linears = model.blocks.len() * 7;
-            let pruning = serde_json::json!({
-                "parameters_before": outcome.parameters_before,
-                "parameters_after": outcome.parameters_after,
-                "structured": outcome.structured,
-            });
-            (
-                outcome.method,
-                [(format.to_string(), linears)].into(),
-                bits,
-                layers,
-                Some(pruning),
-            )
-        }
-    };
+    let result = stage.job.job().run(cx, &mut model, &out)?;
     let wall_s = start.elapsed().as_secs_f64();
     let record = StageRecord {
         schema: "shrink.stage/v1".into(),
@@ -1035,13 +631,13 @@ fn run_stage(
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default(),
-        method,
-        types,
-        linear_bits_per_weight,
-        layers,
-        pruning,
-        training,
-        search,
+        method: result.method,
+        types: result.types,
+        linear_bits_per_weight: result.linear_bits_per_weight,
+        layers: result.layers,
+        pruning: result.pruning,
+        training: result.training,
+        search: result.search,
         wall_s,
         peak_rss_bytes: sys::peak_rss_bytes(),
         shrink_version: VERSION.into(),
@@ -1049,23 +645,10 @@ fn run_stage(
     // The record is written last: its presence means the artifact beside it is complete.
     write_json(&staged.path().join("stage.json"), &record)?;
     staged.commit()?;
-    if workdir.exists() {
-        std::fs::remove_dir_all(&workdir).map_err(io_error(&workdir))?;
+    if cx.workdir.exists() {
+        std::fs::remove_dir_all(cx.workdir).map_err(io_error(cx.workdir))?;
     }
     Ok(record)
-}
-
-#[allow(clippy::too_many_arguments)]
-/// `30 × 576, MLP 1536, 9/3 heads`: the model's shape in the report.
-fn shape_of(c: &shrink_models::ModelConfig) -> String {
-    format!(
-        "{} × {}, MLP {}, {}/{} heads",
-        c.num_hidden_layers,
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_attention_heads,
-        c.num_kv_heads()
-    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1134,163 +717,9 @@ fn row(
     }
 }
 
-/// Checks `[gates]` on one exported model.
-fn check_gates(gates: &crate::Gates, r: &ModelRow) -> Vec<GateResult> {
-    let mut out = Vec::new();
-    // (key, limit, value, passes when value ≤ limit, what it measures, unit)
-    let checks = [
-        (
-            "max_ppl_increase_pct",
-            gates.max_ppl_increase_pct,
-            Some(r.ppl_increase_pct),
-            true,
-            "perplexity increase",
-            "%",
-        ),
-        (
-            "min_top1_agreement",
-            gates.min_top1_agreement,
-            r.top1_agreement,
-            false,
-            "top-1 agreement",
-            "",
-        ),
-        ("max_kl", gates.max_kl, r.kl_mean, true, "KL", " nats"),
-        (
-            "min_embedding_cosine",
-            gates.min_embedding_cosine,
-            r.embedding_cosine,
-            false,
-            "embedding cosine",
-            "",
-        ),
-        (
-            "min_neighbour_agreement",
-            gates.min_neighbour_agreement,
-            r.neighbour_agreement,
-            false,
-            "top-10 neighbour agreement",
-            "",
-        ),
-        (
-            "max_size_mb",
-            gates.max_size_mb,
-            Some(r.size_bytes as f64 / 1e6),
-            true,
-            "size",
-            " MB",
-        ),
-        (
-            "min_compression_ratio",
-            gates.min_compression_ratio,
-            Some(r.compression_ratio),
-            false,
-            "compression ratio",
-            "×",
-        ),
-    ];
-    for (gate, limit, value, at_most, what, unit) in checks {
-        let Some(limit) = limit else { continue };
-        // A measurement that is missing (no reference) fails its gate rather than passing.
-        let value = value.unwrap_or(f64::NAN);
-        let passed = if at_most {
-            value <= limit
-        } else {
-            value >= limit
-        };
-        let message = if passed {
-            let bound = if at_most { "≤" } else { "≥" };
-            format!("{what} {value:.4}{unit} {bound} {limit}{unit}")
-        } else {
-            format!(
-                "{what} {value:.4}{unit} {} {limit}{unit} (off by {:.4}{unit})",
-                if at_most { ">" } else { "<" },
-                (value - limit).abs()
-            )
-        };
-        out.push(GateResult {
-            gate: gate.into(),
-            model: r.name.clone(),
-            limit,
-            value,
-            passed,
-            message,
-        });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn row_with(ppl_pct: f64, top1: f64, size: u64) -> ModelRow {
-        ModelRow {
-            name: "q".into(),
-            kind: "quantize.rtn".into(),
-            input: Some("model".into()),
-            artifact: "stages/q/model.gguf".into(),
-            format: "gguf".into(),
-            cached: false,
-            sweep_value: None,
-            perplexity: 10.0,
-            perplexity_stderr: 0.1,
-            ppl_increase_pct: ppl_pct,
-            kl_mean: Some(0.01),
-            top1_agreement: Some(top1),
-            embedding_cosine: None,
-            neighbour_agreement: None,
-            size_bytes: size,
-            bits_per_weight: 4.5,
-            parameters: 1000,
-            shape: String::new(),
-            sparsity: 0.0,
-            compression_ratio: 2.0,
-            eval_tokens_per_s: 1.0,
-            stage_wall_s: 1.0,
-            peak_rss_bytes: 0,
-            decode: None,
-        }
-    }
-
-    #[test]
-    fn gates_say_which_failed_and_by_how_much() {
-        let gates = crate::Gates {
-            max_ppl_increase_pct: Some(3.0),
-            min_top1_agreement: Some(0.9),
-            max_kl: None,
-            max_size_mb: Some(100.0),
-            min_compression_ratio: Some(2.5),
-            ..Default::default()
-        };
-        let results = check_gates(&gates, &row_with(4.25, 0.95, 90_000_000));
-        assert_eq!(results.len(), 4);
-        let failed: Vec<&GateResult> = results.iter().filter(|g| !g.passed).collect();
-        assert_eq!(failed.len(), 2);
-        assert_eq!(failed[0].gate, "max_ppl_increase_pct");
-        assert!(
-            failed[0].message.contains("4.2500% > 3%")
-                && failed[0].message.contains("off by 1.2500%"),
-            "{}",
-            failed[0].message
-        );
-        assert_eq!(failed[1].gate, "min_compression_ratio");
-        assert!(
-            failed[1].message.contains("2.0000× < 2.5×"),
-            "{}",
-            failed[1].message
-        );
-        // A fidelity gate without a measurement fails.
-        let mut r = row_with(0.0, 1.0, 1);
-        r.top1_agreement = None;
-        let g = check_gates(&gates, &r);
-        assert!(
-            !g.iter()
-                .find(|g| g.gate == "min_top1_agreement")
-                .unwrap()
-                .passed
-        );
-    }
 
     #[test]
     fn stage_folders_are_one_plain_component() {

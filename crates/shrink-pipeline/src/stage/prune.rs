@@ -3,7 +3,11 @@
 //! Face folder with the pruned model's own config. The CLI command and pipeline stages both go
 //! through [`PruneRequest`].
 
+use super::{check_float_keys, value_text, Job, KeyResult, StageContext, StageJob, StageKind};
+use super::{StageResult, StageType};
+use crate::config::Stage;
 use crate::quantize::Export;
+use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use serde::Serialize;
 use shrink_core::Progress;
@@ -400,4 +404,131 @@ pub fn prune_and_write(
         parameters_before,
         parameters_after: model.num_parameters(),
     })
+}
+
+/// The `prune.*` stages.
+pub(crate) struct PruneStage;
+
+impl StageType for PruneStage {
+    fn keys(&self, kind: StageKind) -> &'static [&'static str] {
+        match kind {
+            StageKind::PruneMagnitude => &["format", "overrides", "sparsity", "global", "dtype"],
+            StageKind::PruneWanda => &["format", "overrides", "sparsity", "dtype"],
+            StageKind::PruneSparseGpt => &[
+                "format",
+                "overrides",
+                "damp",
+                "sparsity",
+                "block_size",
+                "dtype",
+            ],
+            StageKind::PruneHeads => &["format", "fraction", "importance", "kv_groups", "dtype"],
+            StageKind::PruneLayers => &["format", "fraction", "importance", "criterion", "dtype"],
+            _ => &["format", "fraction", "importance", "dtype"],
+        }
+    }
+
+    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
+        if let Some(v) = &s.sparsity {
+            Sparsity::parse(&value_text(v)).map_err(|e| (Some("sparsity"), e.to_string()))?;
+        }
+        for (pattern, v) in &s.overrides {
+            Sparsity::parse(&value_text(v))
+                .map_err(|e| (Some("overrides"), format!("override `{pattern}`: {e}")))?;
+        }
+        if let Some(f) = s.fraction {
+            if !(0.0..1.0).contains(&f) {
+                return Err((
+                    Some("fraction"),
+                    format!("fraction = {f} is outside [0, 1)"),
+                ));
+            }
+        }
+        if let Some(i) = &s.importance {
+            Importance::parse(i).map_err(|e| (Some("importance"), e.to_string()))?;
+        }
+        if let Some(c) = &s.criterion {
+            LayerCriterion::parse(c).map_err(|e| (Some("criterion"), e.to_string()))?;
+        }
+        check_float_keys(s)?;
+        if s.block_size == Some(0) {
+            return Err((Some("block_size"), "block_size must be positive".into()));
+        }
+        let kind = s
+            .kind
+            .prune_kind()
+            .ok_or((None, format!("a {} stage is not a pruning", s.kind.name())))?;
+        let defaults = PruneRequest::new(kind);
+        Ok(StageJob::Prune(PruneRequest {
+            sparsity: s.sparsity.as_ref().map(value_text),
+            overrides: s
+                .overrides
+                .iter()
+                .map(|(k, v)| (k.clone(), value_text(v)))
+                .collect(),
+            global: s.global.unwrap_or(false),
+            damp: s.damp.unwrap_or(defaults.damp),
+            block_size: s.block_size.unwrap_or(defaults.block_size),
+            fraction: s.fraction,
+            importance: s.importance.clone(),
+            criterion: s.criterion.clone(),
+            kv_groups: s.kv_groups.unwrap_or(false),
+            format: s.format.clone(),
+            dtype: s.dtype.clone(),
+            ..defaults
+        }))
+    }
+}
+
+impl Job for PruneRequest {
+    fn plan(&self) -> Result<(bool, Export)> {
+        self.resolve().map(|r| (r.calibrates, r.export))
+    }
+
+    fn keeps_shapes(&self) -> bool {
+        !self.kind.structured()
+    }
+
+    fn leaves_mask(&self) -> bool {
+        !self.kind.structured()
+    }
+
+    fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
+        let resolved = self.resolve()?;
+        let outcome = prune_and_write(
+            cx.checkpoint,
+            model,
+            &resolved,
+            cx.calibration,
+            self.batch,
+            out,
+            cx.progress,
+        )?;
+        let (format, bits) = float_storage(resolved.dtype);
+        let layers = outcome
+            .layers
+            .iter()
+            .map(|l| LayerRow {
+                name: l.name.clone(),
+                format: format!("{format}, sparsity {}", l.target),
+                shape: l.shape,
+                bits_per_weight: bits,
+                relative_output_error: l.relative_output_error,
+                sparsity: l.sparsity,
+            })
+            .collect();
+        let linears = model.blocks.len() * 7;
+        Ok(StageResult {
+            method: outcome.method,
+            types: [(format.to_string(), linears)].into(),
+            linear_bits_per_weight: bits,
+            layers,
+            pruning: Some(serde_json::json!({
+                "parameters_before": outcome.parameters_before,
+                "parameters_after": outcome.parameters_after,
+                "structured": outcome.structured,
+            })),
+            ..StageResult::default()
+        })
+    }
 }

@@ -3,7 +3,11 @@
 //! measuring it, refined until it converges or the time budget runs out. The best model found is
 //! always written, and the stage says whether it meets the budget.
 
-use crate::quantize::{QuantMethod, QuantizeOutcome, QuantizeRequest};
+use super::quantize::quantized_result;
+use super::{check_weights, whole, Job, JobMemory, KeyResult, ModelSizes, StageContext};
+use super::{StageJob, StageKind, StageResult, StageType};
+use crate::config::Stage;
+use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
@@ -652,6 +656,105 @@ impl Verifier for StageVerifier<'_> {
                 from.display(),
                 self.out.display()
             ))
+        })
+    }
+}
+
+/// The `search` stage.
+pub(crate) struct SearchStage;
+
+impl StageType for SearchStage {
+    fn keys(&self, _kind: StageKind) -> &'static [&'static str] {
+        &[
+            "embeddings",
+            "damp",
+            "act_order",
+            "weights",
+            "formats",
+            "embedding_formats",
+            "sensitivity",
+            "budget",
+        ]
+    }
+
+    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
+        check_weights(s)?;
+        s.budget
+            .as_ref()
+            .ok_or((
+                None,
+                "a search stage needs a [stage.budget] table".to_string(),
+            ))?
+            .check()
+            .map_err(|e| (Some("budget"), e))?;
+        let request = whole(search_request(s))?;
+        whole(request.sensitivity_config())?;
+        Ok(StageJob::Search(request))
+    }
+}
+
+fn search_request(s: &Stage) -> Result<SearchRequest> {
+    let defaults = QuantizeRequest::default();
+    Ok(SearchRequest {
+        formats: s
+            .formats
+            .clone()
+            .unwrap_or_else(|| DEFAULT_FORMATS.iter().map(|f| f.to_string()).collect()),
+        embedding_formats: s.embedding_formats.clone().unwrap_or_default(),
+        embeddings: s.embeddings.clone().unwrap_or_else(|| "q8_0".into()),
+        method: s
+            .weights
+            .as_deref()
+            .map(QuantMethod::parse)
+            .transpose()?
+            .unwrap_or(QuantMethod::Gptq),
+        damp: s.damp.unwrap_or(defaults.damp),
+        act_order: s.act_order.unwrap_or(defaults.act_order),
+        measure: match s.sensitivity.as_deref() {
+            None | Some("scaled") => Measure::Scaled,
+            Some("every") => Measure::Every,
+            Some(other) => {
+                return Err(PipelineError::Invalid(format!(
+                    "sensitivity `{other}` is not one of: scaled, every"
+                )))
+            }
+        },
+        budget: s.budget.clone().unwrap_or_default(),
+    })
+}
+
+impl Job for SearchRequest {
+    fn plan(&self) -> Result<(bool, Export)> {
+        self.sensitivity_config().map(|_| (true, Export::Gguf))
+    }
+
+    /// A search holds a quantized copy of the model and the model read back from its file, and
+    /// the reference and a candidate's log-probabilities (and their exponentials) on 1024 scored
+    /// positions at a time.
+    fn memory(&self, m: &ModelSizes) -> JobMemory {
+        JobMemory {
+            with_calibration: 2 * m.parameters * 4 + 4 * 1024 * m.vocab * 4,
+            ..JobMemory::default()
+        }
+    }
+
+    fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
+        let windows = cx.calibration.ok_or_else(|| {
+            PipelineError::Invalid("a search stage needs calibration windows".into())
+        })?;
+        let (outcome, summary) = search_and_write(
+            cx.checkpoint,
+            model,
+            cx.input_key,
+            self,
+            windows,
+            QuantizeRequest::default().batch,
+            out,
+            cx.progress,
+        )?;
+        Ok(StageResult {
+            search: Some(summary),
+            ..quantized_result(outcome, model)?
         })
     }
 }

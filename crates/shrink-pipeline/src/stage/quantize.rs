@@ -2,6 +2,10 @@
 //! a per-linear plan and a method, run on a model, and written as a GGUF or a compressed-tensors
 //! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
 
+use super::{check_weights, value_text, whole, Job, KeyResult, StageContext, StageJob, StageKind};
+use super::{StageResult, StageType};
+use crate::config::Stage;
+use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use candle_core::DType;
 use serde::Serialize;
@@ -505,5 +509,251 @@ pub fn write_quantized(
         types,
         layers: result.layers.clone(),
         linear_bits_per_weight,
+    })
+}
+
+/// The `quantize.rtn`, `quantize.gptq`, `quantize.awq` and `quantize.smoothquant` stages.
+pub(crate) struct QuantizeStage;
+
+impl StageType for QuantizeStage {
+    fn keys(&self, kind: StageKind) -> &'static [&'static str] {
+        match kind {
+            StageKind::QuantizeRtn => &[
+                "preset",
+                "format",
+                "bits",
+                "group",
+                "overrides",
+                "embeddings",
+                "imatrix",
+                "activations",
+                "search",
+                "keep_sparsity",
+            ],
+            StageKind::QuantizeGptq => &[
+                "preset",
+                "format",
+                "bits",
+                "group",
+                "overrides",
+                "embeddings",
+                "damp",
+                "act_order",
+                "activations",
+                "search",
+                "keep_sparsity",
+            ],
+            StageKind::QuantizeAwq => &[
+                "preset",
+                "format",
+                "bits",
+                "group",
+                "overrides",
+                "embeddings",
+                "damp",
+                "act_order",
+                "awq_grid",
+                "activations",
+                "search",
+                "weights",
+                "keep_sparsity",
+            ],
+            _ => &[
+                "preset",
+                "format",
+                "bits",
+                "group",
+                "overrides",
+                "embeddings",
+                "damp",
+                "act_order",
+                "alpha",
+                "activations",
+                "search",
+                "weights",
+                "keep_sparsity",
+            ],
+        }
+    }
+
+    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
+        check_format_keys(s)?;
+        whole(quantize_request(s)).map(StageJob::Quantize)
+    }
+}
+
+/// The checks of the keys every quantization stage shares, each error pointing at its key.
+pub(crate) fn check_format_keys(s: &Stage) -> KeyResult<()> {
+    if let Some(alpha) = s.alpha {
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err((Some("alpha"), format!("alpha = {alpha} is outside 0..=1")));
+        }
+    }
+    if let Some(b) = s.bits {
+        if !(2..=8).contains(&b) {
+            return Err((Some("bits"), format!("bits = {b} is outside 2..=8")));
+        }
+    }
+    if let Some(group) = &s.group {
+        let ok = match group {
+            toml::Value::Integer(n) => *n > 0,
+            toml::Value::String(k) => k == "channel" || k == "tensor",
+            _ => false,
+        };
+        if !ok {
+            return Err((
+                Some("group"),
+                format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
+            ));
+        }
+    }
+    check_weights(s)?;
+    if let Some(p) = &s.preset {
+        Preset::load(p).map_err(|e| (Some("preset"), format!("preset `{p}`: {e}")))?;
+    }
+    if let Some(f) = &s.format {
+        if f != "hf" {
+            Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
+                .map_err(|e| (Some("format"), e.to_string()))?;
+        }
+    }
+    if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
+        return Err((
+            None,
+            "says nothing about the format: give `preset`, `format` or `bits`".into(),
+        ));
+    }
+    for (pattern, ty) in &s.overrides {
+        Format::parse(&value_text(ty)).map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
+    }
+    if let Some(a) = &s.activations {
+        if !["int8-per-token", "none"].contains(&a.as_str()) {
+            return Err((
+                Some("activations"),
+                format!("activations `{a}` is not one of: int8-per-token, none"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The quantization job a `quantize.*` (or `quantize.qat`) stage describes.
+pub(crate) fn quantize_request(s: &Stage) -> Result<QuantizeRequest> {
+    let weights = s.weights.as_deref().map(QuantMethod::parse).transpose()?;
+    let (method, smooth) = match s.kind {
+        StageKind::QuantizeRtn => (Some(QuantMethod::Rtn), None),
+        // QAT starts from GPTQ's codes unless `weights = "rtn"`.
+        StageKind::QuantizeQat => (Some(weights.unwrap_or(QuantMethod::Gptq)), None),
+        StageKind::QuantizeGptq => (Some(QuantMethod::Gptq), None),
+        StageKind::QuantizeAwq => (
+            Some(match weights {
+                Some(QuantMethod::Gptq) => QuantMethod::AwqGptq,
+                _ => QuantMethod::Awq,
+            }),
+            None,
+        ),
+        // The weights' method defaults to the preset's; alpha to the preset's, then 0.8.
+        StageKind::QuantizeSmoothQuant => {
+            let preset_alpha = match &s.preset {
+                Some(p) => Preset::load(p)?.smoothing,
+                None => None,
+            };
+            (weights, Some(s.alpha.or(preset_alpha).unwrap_or(0.8)))
+        }
+        other => {
+            return Err(PipelineError::Invalid(format!(
+                "a {} stage is not a quantization",
+                other.name()
+            )))
+        }
+    };
+    let defaults = QuantizeRequest::default();
+    Ok(QuantizeRequest {
+        preset: s.preset.clone(),
+        method,
+        format: s.format.clone(),
+        bits: s.bits,
+        group: s.group.as_ref().map(value_text),
+        smooth,
+        activations: s.activations.clone(),
+        overrides: s
+            .overrides
+            .iter()
+            .map(|(k, v)| (k.clone(), value_text(v)))
+            .collect(),
+        search: s.search.unwrap_or(false),
+        imatrix: s.imatrix.unwrap_or(false),
+        damp: s.damp.unwrap_or(defaults.damp),
+        act_order: s.act_order.unwrap_or(defaults.act_order),
+        awq_grid: s.awq_grid.unwrap_or(defaults.awq_grid),
+        embeddings: s.embeddings.clone(),
+        batch: defaults.batch,
+        keep_zeros: s.keep_sparsity.unwrap_or(false),
+    })
+}
+
+impl Job for QuantizeRequest {
+    fn plan(&self) -> Result<(bool, Export)> {
+        self.resolve().map(|r| (r.calibrates, r.export))
+    }
+
+    fn check_shapes(&self, model: &Transformer) -> Result<()> {
+        Ok(self.resolve()?.plan.check_model(model)?)
+    }
+
+    fn leaves_mask(&self) -> bool {
+        self.keep_zeros
+    }
+
+    fn keep_mask(&mut self, stage: &Stage, input_has_mask: bool) {
+        if stage.keep_sparsity.is_none() {
+            self.keep_zeros = input_has_mask;
+        }
+    }
+
+    fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
+        let resolved = self.resolve()?;
+        let outcome = quantize_and_write(
+            cx.checkpoint,
+            model,
+            &resolved,
+            cx.calibration,
+            self.batch,
+            out,
+            cx.progress,
+        )?;
+        quantized_result(outcome, model)
+    }
+}
+
+/// A quantization's stage result, with each linear's sparsity as the model holds it now.
+pub(crate) fn quantized_result(
+    outcome: QuantizeOutcome,
+    model: &Transformer,
+) -> Result<StageResult> {
+    let weights = model.named_tensors();
+    let layers = outcome
+        .layers
+        .iter()
+        .map(|l| {
+            Ok(LayerRow {
+                name: l.name.clone(),
+                format: l.format.clone(),
+                shape: l.shape,
+                bits_per_weight: l.bits_per_weight,
+                relative_output_error: l.relative_output_error,
+                sparsity: match weights.get(&format!("{}.weight", l.name)) {
+                    Some(w) => crate::measure::zero_fraction(w)?,
+                    None => 0.0,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(StageResult {
+        method: outcome.method,
+        types: outcome.types,
+        linear_bits_per_weight: outcome.linear_bits_per_weight,
+        layers,
+        ..StageResult::default()
     })
 }

@@ -1,0 +1,65 @@
+//! `shrink embed`: Sentence embeddings from an encoder.
+
+use crate::common::{build_llama, load_checkpoint, read_text};
+use anyhow::{bail, Result};
+use candle_core::DType;
+use clap::Args;
+
+#[derive(Args)]
+pub(crate) struct EmbedArgs {
+    model: String,
+    /// Sentences to embed (one per argument).
+    sentences: Vec<String>,
+    /// Embed the sentences of a text instead: DATASET:SPLIT or a file.
+    #[arg(long)]
+    text: Option<String>,
+    /// At most this many sentences of --text.
+    #[arg(long, default_value_t = 64)]
+    count: usize,
+    /// Print token ids and embeddings as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: EmbedArgs) -> Result<()> {
+    let EmbedArgs {
+        model: model_spec,
+        sentences,
+        text,
+        count,
+        json,
+    } = args;
+    let checkpoint = load_checkpoint(&model_spec)?;
+    let model = build_llama(&checkpoint, DType::F32)?;
+    let tokens = match text.as_deref() {
+        Some(spec) => {
+            shrink_pipeline::encoder::sentence_tokens(&checkpoint, &read_text(spec)?, count)?
+        }
+        None if sentences.is_empty() => bail!("give sentences to embed, or --text"),
+        None => shrink_pipeline::encoder::encode_sentences(&checkpoint, &sentences)?,
+    };
+    let pooling = shrink_pipeline::encoder::pooling_of(&checkpoint)?;
+    let vectors = shrink_eval::embed(&model, &pooling, &tokens, 32, &shrink_core::NoProgress)?;
+    if json {
+        let rows: Vec<serde_json::Value> = tokens
+            .iter()
+            .zip(&vectors)
+            .map(|(t, v)| serde_json::json!({ "tokens": t, "embedding": v }))
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({ "pooling": pooling, "sentences": rows }))?
+        );
+    } else {
+        for (t, v) in tokens.iter().zip(&vectors) {
+            let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:.4}")).collect();
+            outln!(
+                "{} tokens → [{}, …] ({} dims)",
+                t.len(),
+                head.join(", "),
+                v.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! `shrink eval`: Perplexity and fidelity (decoders), embedding fidelity (encoders).
+
+use super::inspect::human_count;
+use crate::common::{build_llama, load_checkpoint, read_text, ComputeType};
+use crate::progress;
+use anyhow::Result;
+use clap::Args;
+use shrink_eval::{EvalConfig, Protocol};
+use shrink_io::Checkpoint;
+use shrink_models::Transformer;
+
+#[derive(Args)]
+pub(crate) struct EvalArgs {
+    model: String,
+    /// DATASET:SPLIT (e.g. shakespeare:eval) or a text file.
+    #[arg(long, default_value = "shakespeare:eval")]
+    text: String,
+    /// llama-cpp (what llama-perplexity scores) or full (every token after the first).
+    #[arg(long, default_value = "llama-cpp")]
+    protocol: String,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// At most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Chunks per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// A reference model for KL divergence and top-1 agreement (encoders: embedding cosine and
+    /// top-10 neighbour agreement).
+    #[arg(long)]
+    reference: Option<String>,
+    /// Encoders: held-out sentences of --text to embed.
+    #[arg(long, default_value_t = 512)]
+    sentences: usize,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ComputeType,
+    /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: EvalArgs) -> Result<()> {
+    let protocol: Protocol = args.protocol.parse()?;
+    let checkpoint = load_checkpoint(&args.model)?;
+    let encoder = shrink_pipeline::encoder::is_encoder(&checkpoint)?;
+    let text = read_text(&args.text)?;
+    // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
+    let (tokens, bos) = if encoder {
+        (vec![], None)
+    } else {
+        shrink_pipeline::eval_tokens(&checkpoint, &text)?
+    };
+    let model = build_llama(&checkpoint, args.dtype.dtype())?;
+    let reference = match &args.reference {
+        Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
+        None => None,
+    };
+    if encoder {
+        return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
+    }
+    let cfg = EvalConfig {
+        protocol,
+        ctx: args.ctx,
+        chunks: args.chunks,
+        batch: args.batch,
+    };
+    let bar = progress::Bar::new();
+    let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
+    if args.json {
+        return print_eval_json(&report, &checkpoint, &args, &model);
+    }
+    let p = &report.perplexity;
+    outln!(
+        "model       {} ({} parameters)",
+        checkpoint.path.display(),
+        human_count(model.num_parameters() as u64)
+    );
+    outln!(
+        "text        {} ({} tokens)",
+        args.text,
+        report.tokens_in_text
+    );
+    outln!(
+        "protocol    {}, ctx {}, {} chunks, batch {}",
+        protocol,
+        cfg.ctx,
+        report.chunks,
+        cfg.batch
+    );
+    outln!(
+        "perplexity  {:.4} ± {:.4}   ({} tokens scored)",
+        p.ppl,
+        p.ppl_stderr,
+        report.tokens_scored
+    );
+    if let Some(f) = &report.fidelity {
+        outln!(
+            "reference   {} (perplexity {:.4})",
+            args.reference.as_deref().unwrap_or(""),
+            f.reference_ppl
+        );
+        outln!(
+            "KL(ref‖m)   {:.6} ± {:.6} nats/token (max {:.4})",
+            f.kl_mean,
+            f.kl_stderr,
+            f.kl_max
+        );
+        outln!("top-1       {:.2}%", f.top1_agreement * 100.0);
+    }
+    outln!(
+        "time        {:.1} s, {:.1} tokens/s ({} tokens processed)",
+        report.wall_s,
+        report.tokens_per_s,
+        report.tokens_processed
+    );
+    Ok(())
+}
+
+/// An evaluation report as JSON, with what was evaluated on what.
+pub(crate) fn print_eval_json(
+    report: &impl serde::Serialize,
+    checkpoint: &Checkpoint,
+    args: &EvalArgs,
+    model: &Transformer,
+) -> Result<()> {
+    let mut value = serde_json::to_value(report)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("model".into(), checkpoint.path.display().to_string().into());
+        obj.insert("text".into(), args.text.clone().into());
+        obj.insert("reference".into(), args.reference.clone().into());
+        obj.insert("parameters".into(), (model.num_parameters() as u64).into());
+    }
+    outln!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+/// `shrink eval` on an encoder: embedding fidelity, throughput, masked-LM scores.
+pub(crate) fn eval_encoder(
+    args: &EvalArgs,
+    checkpoint: &Checkpoint,
+    text: &str,
+    model: &Transformer,
+    reference: Option<&Transformer>,
+) -> Result<()> {
+    let bar = progress::Bar::new();
+    let report = shrink_pipeline::encoder::evaluate_encoder(
+        checkpoint,
+        model,
+        reference,
+        text,
+        args.sentences,
+        // --batch counts decoder chunks; an encoder batch holds 8 short sentences per chunk.
+        args.batch.max(1) * 8,
+        &bar,
+    )?;
+    if args.json {
+        return print_eval_json(&report, checkpoint, args, model);
+    }
+    outln!(
+        "model       {} ({} parameters, encoder)",
+        checkpoint.path.display(),
+        human_count(model.num_parameters() as u64)
+    );
+    outln!(
+        "text        {} ({} sentences, {} tokens; pooling {})",
+        args.text,
+        report.sentences,
+        report.tokens,
+        report.pooling
+    );
+    if let Some(f) = &report.fidelity {
+        outln!("reference   {}", args.reference.as_deref().unwrap_or(""));
+        outln!(
+            "cosine      {:.6} mean, {:.6} min",
+            f.cosine_mean,
+            f.cosine_min
+        );
+        outln!(
+            "top-{}      {:.2}% neighbour agreement",
+            f.neighbours,
+            f.neighbour_agreement * 100.0
+        );
+    }
+    if let Some(m) = &report.masked_lm {
+        outln!(
+            "masked LM   {:.2}% accuracy, pseudo-perplexity {:.4} ({} tokens)",
+            m.accuracy * 100.0,
+            m.pseudo_perplexity,
+            m.tokens_scored
+        );
+    }
+    outln!(
+        "time        {:.1} s, {:.1} tokens/s, {:.1} sentences/s encoding",
+        report.wall_s,
+        report.encode_tokens_per_s,
+        report.sentences_per_s
+    );
+    Ok(())
+}

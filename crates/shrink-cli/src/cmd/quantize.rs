@@ -1,0 +1,222 @@
+//! `shrink quantize`: Quantization of one model.
+
+use crate::common::{compress, pattern_pairs, CalibrationText};
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum QuantMethod {
+    Rtn,
+    Gptq,
+    /// AWQ scales folded into the norms, then RTN.
+    Awq,
+    /// AWQ scales, then GPTQ.
+    AwqGptq,
+}
+
+#[derive(Args)]
+pub(crate) struct QuantizeArgs {
+    model: String,
+    /// A recipe from configs/quant (q4_0, q4_k_m, w4a16-g128, w8a8) or a preset TOML file; the
+    /// flags below override it.
+    #[arg(long)]
+    preset: Option<String>,
+    /// [default: gptq, or the preset's]
+    #[arg(long, value_enum)]
+    method: Option<QuantMethod>,
+    /// gguf:TYPE with TYPE one of q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k;
+    /// or `hf`: a Hugging Face folder in compressed-tensors' layout (vLLM, transformers), with
+    /// the grid of --bits/--group [default: gguf:q4_0, or the preset's]
+    #[arg(long)]
+    format: Option<String>,
+    /// Weight bits of a grid scheme (with --format hf; with gguf types, checked against the type).
+    #[arg(long)]
+    bits: Option<u8>,
+    /// Group size along the input, or `channel` (with --format hf; checked with gguf types).
+    #[arg(long)]
+    group: Option<String>,
+    /// SmoothQuant: migrate activation outliers into the weights with this alpha (0..1) before
+    /// quantizing [default: the preset's].
+    #[arg(long)]
+    smooth: Option<f64>,
+    /// Quantize activations too: int8-per-token (W8A8, with --format hf) [default: the preset's].
+    #[arg(long)]
+    activations: Option<String>,
+    /// Another block type for the linears whose name matches PATTERN (substring, or glob with
+    /// `*`), e.g. `--override down_proj=q8_0`; repeatable, the last match wins.
+    #[arg(long = "override", value_name = "PATTERN=TYPE")]
+    overrides: Vec<String>,
+    /// Search each group's scale to minimise the activation-weighted error (grid types).
+    #[arg(long)]
+    search: bool,
+    /// With RTN: calibrate and weight the quantization error by each input channel's mean squared
+    /// activation, as llama.cpp's --imatrix (k-quants: ggml's weighted quantizer; other types: the
+    /// scale search).
+    #[arg(long)]
+    imatrix: bool,
+    /// Calibration text: DATASET:SPLIT or a file (required for GPTQ).
+    #[arg(long, default_value = "shakespeare:calib")]
+    calib: String,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
+    samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// GPTQ dampening, as a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    damp: f64,
+    /// Quantize GPTQ columns in their original order instead of by decreasing activation energy.
+    #[arg(long)]
+    no_act_order: bool,
+    /// Type of the token embedding (and untied output head): f32, f16 or a block type
+    /// [default: q8_0, or the preset's].
+    #[arg(long)]
+    embeddings: Option<String>,
+    /// Windows per forward pass during calibration.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// GPTQ keeps weights that are exactly zero (a pruned model's mask) at zero.
+    #[arg(long)]
+    keep_sparsity: bool,
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// Print the summary, with every layer, as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
+    use shrink_pipeline::{QuantMethod as M, QuantizeRequest};
+    if let Some(f) = &args.format {
+        if f != "hf" && !f.starts_with("gguf:") {
+            bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf");
+        }
+    }
+    let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
+    let request = QuantizeRequest {
+        preset: args.preset.clone(),
+        method: args.method.map(|m| match m {
+            QuantMethod::Rtn => M::Rtn,
+            QuantMethod::Gptq => M::Gptq,
+            QuantMethod::Awq => M::Awq,
+            QuantMethod::AwqGptq => M::AwqGptq,
+        }),
+        format: args.format.clone(),
+        bits: args.bits,
+        group: args.group.clone(),
+        smooth: args.smooth,
+        activations: args.activations.clone(),
+        overrides,
+        search: args.search,
+        imatrix: args.imatrix,
+        damp: args.damp,
+        act_order: !args.no_act_order,
+        awq_grid: 20,
+        embeddings: args.embeddings.clone(),
+        batch: args.batch,
+        keep_zeros: args.keep_sparsity,
+    };
+    let resolved = request.resolve()?;
+    let calib = CalibrationText {
+        text: &args.calib,
+        samples: args.samples,
+        seq_len: args.seq_len,
+        seed: args.seed,
+    };
+    let done = compress(
+        &args.model,
+        &args.out,
+        resolved.calibrates,
+        &calib,
+        |checkpoint, model| {
+            resolved.plan.check_model(model)?;
+            Ok(shrink_pipeline::prune::check_export(
+                checkpoint,
+                model,
+                resolved.export,
+            )?)
+        },
+        |checkpoint, model, windows, bar| {
+            Ok(shrink_pipeline::quantize_and_write(
+                checkpoint, model, &resolved, windows, args.batch, &args.out, bar,
+            )?)
+        },
+    )?;
+    let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
+    let (size_before, after) = (&done.size_before, &done.size_after);
+    if args.json {
+        let summary = serde_json::json!({
+            "schema": "shrink.quantize/v1",
+            "model": checkpoint.path.display().to_string(),
+            "out": args.out.display().to_string(),
+            "method": outcome.method,
+            "types": outcome.types,
+            "calibration": done.calibration_json(&calib),
+            "size_bytes_before": size_before.file_size_bytes,
+            "size_bytes_after": after.file_size_bytes,
+            "bits_per_weight_before": size_before.bits_per_weight,
+            "bits_per_weight_after": after.bits_per_weight,
+            "linear_bits_per_weight": outcome.linear_bits_per_weight,
+            "wall_s": wall_s,
+            "layers": outcome.layers,
+        });
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    outln!("model        {}", checkpoint.path.display());
+    outln!("method       {}", outcome.method);
+    outln!(
+        "types        {}",
+        outcome
+            .types
+            .iter()
+            .map(|(t, n)| format!("{n} × {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    done.print_calibration(&calib);
+    outln!("wrote        {}", args.out.display());
+    outln!(
+        "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",
+        size_before.file_size_bytes as f64 / 1e6,
+        after.file_size_bytes as f64 / 1e6,
+        size_before.bits_per_weight,
+        after.bits_per_weight,
+        outcome.linear_bits_per_weight
+    );
+    let errors: Vec<f64> = outcome
+        .layers
+        .iter()
+        .filter_map(|l| l.relative_output_error)
+        .collect();
+    if !errors.is_empty() {
+        let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+        outln!(
+            "error        mean relative output error {mean:.5} over {} layers; worst:",
+            errors.len()
+        );
+        let mut worst: Vec<&shrink_quant::LayerReport> = outcome.layers.iter().collect();
+        worst.sort_by(|a, b| {
+            b.relative_output_error
+                .unwrap_or(0.0)
+                .total_cmp(&a.relative_output_error.unwrap_or(0.0))
+        });
+        for l in worst.iter().take(5) {
+            outln!(
+                "             {:<40} {:.5}",
+                l.name,
+                l.relative_output_error.unwrap_or(0.0)
+            );
+        }
+    }
+    outln!(
+        "time         {:.1} s ({} layers)",
+        wall_s,
+        outcome.layers.len()
+    );
+    Ok(())
+}

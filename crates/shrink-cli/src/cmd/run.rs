@@ -1,0 +1,185 @@
+//! `shrink run`: A pipeline run.
+
+use super::validate::print_plan;
+use crate::common::{read_text, resolve_model};
+use crate::progress;
+use anyhow::Result;
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Args)]
+pub(crate) struct RunArgs {
+    /// A pipeline file (see pipelines/).
+    file: PathBuf,
+    /// The run folder [default: runs/NAME].
+    #[arg(short = 'o', long)]
+    out: Option<PathBuf>,
+    /// Print the plan (as `shrink validate`) and run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print a machine-readable summary (schema shrink.run/v1) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Memory the run may use (16G, 512M); default: the machine's. A run estimated above it is
+    /// refused before any work.
+    #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
+    max_memory: Option<u64>,
+}
+
+/// Exit code of a run whose report was written but whose gates failed.
+const GATES_FAILED: u8 = 3;
+
+pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+    let pipeline = shrink_pipeline::load(&args.file)?;
+    let run_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
+    if args.dry_run {
+        print_plan(&args.file, &pipeline, &run_dir, args.json, args.max_memory)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Fetch what the pipeline reads up front, saying so (the library fetches silently).
+    resolve_model(&pipeline.model.source)?;
+    read_text(&pipeline.data.eval)?;
+    if pipeline.plan().iter().any(|s| s.calibrates) {
+        read_text(&pipeline.data.calib)?;
+    }
+    let opts = shrink_pipeline::RunOptions {
+        pipeline_file: args.file.clone(),
+        run_dir: Some(run_dir),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        max_memory_bytes: args.max_memory,
+    };
+    let bar = progress::Bar::new();
+    let log = |line: &str| {
+        bar.suspend(|| eprintln!("{line}"));
+    };
+    let outcome = shrink_pipeline::run(&pipeline, &opts, &bar, &log)?;
+    let r = &outcome.report;
+    let dir = outcome.run_dir.display().to_string();
+    if args.json {
+        let failed: Vec<&shrink_pipeline::report::GateResult> =
+            r.gates.iter().filter(|g| !g.passed).collect();
+        let models: Vec<serde_json::Value> = r
+            .rows
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "name": m.name, "kind": m.kind, "cached": m.cached,
+                    "perplexity": m.perplexity, "ppl_increase_pct": m.ppl_increase_pct,
+                    "kl_mean": m.kl_mean, "top1_agreement": m.top1_agreement,
+                    "size_bytes": m.size_bytes, "bits_per_weight": m.bits_per_weight,
+                    "compression_ratio": m.compression_ratio, "artifact": m.artifact,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": "shrink.run/v1",
+                "name": r.name,
+                "run_dir": dir,
+                "passed": outcome.passed,
+                "failed_gates": failed,
+                "gates": r.gates,
+                "exported": r.exported,
+                "models": models,
+                "report": {
+                    "json": format!("{dir}/report.json"),
+                    "md": format!("{dir}/report.md"),
+                    "html": format!("{dir}/report.html"),
+                },
+                "wall_s": r.wall_s,
+            }))?
+        );
+    } else {
+        // Encoders are measured by their sentence embeddings, decoders by perplexity.
+        let encoder = r.rows.iter().any(|m| m.embedding_cosine.is_some())
+            || r.rows.first().is_some_and(|m| !m.perplexity.is_finite());
+        let (quality, fidelity) = if encoder {
+            (("cosine", "top-10"), ("pseudo-ppl", "tok/s"))
+        } else {
+            (("ppl", "Δppl"), ("KL", "top-1"))
+        };
+        outln!(
+            "{:<28} {:>10} {:>8} {:>10} {:>7} {:>9} {:>6} {:>9} {:>8}",
+            "model",
+            quality.0,
+            quality.1,
+            fidelity.0,
+            fidelity.1,
+            "size MB",
+            "bpw",
+            "ms/token",
+            "stage s"
+        );
+        for m in &r.rows {
+            let opt = |v: Option<f64>, scale: f64, digits: usize| {
+                v.filter(|v| v.is_finite())
+                    .map_or("-".to_string(), |v| format!("{:.*}", digits, v * scale))
+            };
+            let cells = if encoder {
+                [
+                    opt(m.embedding_cosine, 1.0, 5),
+                    opt(m.neighbour_agreement, 100.0, 1) + "%",
+                    opt(Some(m.perplexity), 1.0, 3),
+                    opt(Some(m.eval_tokens_per_s), 1.0, 0),
+                ]
+            } else {
+                [
+                    opt(Some(m.perplexity), 1.0, 4),
+                    opt(Some(m.ppl_increase_pct), 1.0, 2) + "%",
+                    opt(m.kl_mean, 1.0, 5),
+                    opt(m.top1_agreement, 100.0, 1) + "%",
+                ]
+            };
+            outln!(
+                "{:<28} {:>10} {:>8} {:>10} {:>7} {:>9.1} {:>6.3} {:>9} {:>8}",
+                m.name,
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3],
+                m.size_bytes as f64 / 1e6,
+                m.bits_per_weight,
+                opt(m.decode.as_ref().map(|d| d.decode_ms_per_token), 1.0, 1),
+                if m.kind == "baseline" {
+                    "-".to_string()
+                } else if m.cached {
+                    "reused".to_string()
+                } else {
+                    format!("{:.1}", m.stage_wall_s)
+                }
+            );
+        }
+        if let Some(s) = &r.sweep {
+            outln!("pareto      {} (size vs perplexity)", s.pareto.join(" → "));
+        }
+        for g in &r.gates {
+            outln!(
+                "gate        {} {} on {}: {}",
+                if g.passed { "passed" } else { "FAILED" },
+                g.gate,
+                g.model,
+                g.message
+            );
+        }
+        outln!("model       {dir}/model ({})", r.exported.join(", "));
+        outln!("report      {dir}/report.html (also report.md, report.json)");
+        outln!("time        {:.1} s", r.wall_s);
+    }
+    if outcome.passed {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let failed: Vec<String> = r
+            .gates
+            .iter()
+            .filter(|g| !g.passed)
+            .map(|g| format!("{} on {} ({})", g.gate, g.model, g.message))
+            .collect();
+        eprintln!("error: quality gates failed: {}", failed.join("; "));
+        Ok(ExitCode::from(GATES_FAILED))
+    }
+}

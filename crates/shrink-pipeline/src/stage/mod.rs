@@ -1,0 +1,347 @@
+//! Stage kinds. Each module owns one technique end to end: the job type the CLI command and the
+//! pipeline stage share (`QuantizeRequest`, `PruneRequest`, …), the stage keys it accepts and
+//! their translation into a job ([`StageType`]), and how the job plans, estimates its memory and
+//! runs ([`Job`]). [`stage_kinds!`] is the one registry: a kind added there without a module the
+//! compiler can find does not build.
+//!
+//! Adding a stage kind: a module here with a unit struct implementing [`StageType`] (and a job
+//! type implementing [`Job`], listed in [`StageJob`], when no existing job fits), and one line in
+//! `stage_kinds!`.
+
+pub mod distill;
+pub mod prune;
+pub mod qat;
+pub mod quantize;
+pub mod search;
+
+use crate::config::Stage;
+use crate::report::LayerRow;
+use crate::{Export, PipelineError, Result};
+use serde::{Deserialize, Serialize};
+use shrink_core::Progress;
+use shrink_io::Checkpoint;
+use shrink_models::Transformer;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Declares the stage kinds once: their `kind = "…"` names and the [`StageType`] serving each.
+macro_rules! stage_kinds {
+    ($($variant:ident = $name:literal => $ty:expr,)*) => {
+        /// The kinds of stage, as `kind = "…"` names them.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+        pub enum StageKind {
+            $(#[serde(rename = $name)] $variant,)*
+        }
+
+        impl StageKind {
+            /// Every kind, in the order error messages list them.
+            pub const ALL: &'static [StageKind] = &[$(StageKind::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(StageKind::$variant => $name,)*
+                }
+            }
+
+            /// The module serving this kind.
+            pub(crate) fn stage_type(self) -> &'static dyn StageType {
+                match self {
+                    $(StageKind::$variant => &$ty,)*
+                }
+            }
+        }
+    };
+}
+
+stage_kinds! {
+    QuantizeRtn = "quantize.rtn" => quantize::QuantizeStage,
+    QuantizeGptq = "quantize.gptq" => quantize::QuantizeStage,
+    QuantizeAwq = "quantize.awq" => quantize::QuantizeStage,
+    QuantizeSmoothQuant = "quantize.smoothquant" => quantize::QuantizeStage,
+    PruneMagnitude = "prune.magnitude" => prune::PruneStage,
+    PruneWanda = "prune.wanda" => prune::PruneStage,
+    PruneSparseGpt = "prune.sparsegpt" => prune::PruneStage,
+    PruneHeads = "prune.heads" => prune::PruneStage,
+    PruneChannels = "prune.channels" => prune::PruneStage,
+    PruneLayers = "prune.layers" => prune::PruneStage,
+    PruneWidth = "prune.width" => prune::PruneStage,
+    Distill = "distill" => distill::DistillStage,
+    QuantizeQat = "quantize.qat" => qat::QatStage,
+    Search = "search" => search::SearchStage,
+}
+
+impl StageKind {
+    /// The pruning method of a `prune.*` kind.
+    pub fn prune_kind(self) -> Option<prune::PruneKind> {
+        self.name()
+            .strip_prefix("prune.")
+            .and_then(|k| prune::PruneKind::parse(k).ok())
+    }
+
+    /// Whether a stage of this kind accepts `key` (beside `kind`, `name` and `input`).
+    pub(crate) fn accepts(self, key: &str) -> bool {
+        self.stage_type().keys(self).contains(&key)
+    }
+}
+
+/// A key check's failure: the key at fault (when one is) and why.
+pub(crate) type KeyResult<T> = std::result::Result<T, (Option<&'static str>, String)>;
+
+/// What a kind makes of a stage's keys.
+pub(crate) trait StageType: Sync {
+    /// The keys (beside `kind`, `name` and `input`) a stage of `kind` accepts.
+    fn keys(&self, kind: StageKind) -> &'static [&'static str];
+    /// Checks the stage's own keys, each error naming its key, and makes its job.
+    fn job(&self, stage: &Stage) -> KeyResult<StageJob>;
+}
+
+/// The memory a job needs beyond the models every run holds (bytes).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct JobMemory {
+    /// Held at the same time as the calibration activations.
+    pub with_calibration: u128,
+    /// Held while training (instead of calibrating).
+    pub training: u128,
+}
+
+/// The model a memory estimate is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelSizes {
+    pub parameters: u128,
+    pub hidden: u128,
+    pub intermediate: u128,
+    pub vocab: u128,
+}
+
+/// What a stage reads when it runs.
+pub(crate) struct StageContext<'a> {
+    /// The input model's checkpoint (the model built from it is passed beside).
+    pub checkpoint: &'a Checkpoint,
+    /// The identity of the input (its stage key or the model's hash).
+    pub input_key: &'a str,
+    /// The stage's own key: training resumes only a run with the same key.
+    pub key: &'a str,
+    /// Calibration windows, for jobs that calibrate.
+    pub calibration: Option<&'a [Vec<u32>]>,
+    /// Distillation's teacher.
+    pub teacher: Option<&'a Transformer>,
+    pub training: Option<&'a TrainingText>,
+    /// Where training keeps its checkpoints (outside the staging folder, so a rerun resumes).
+    pub workdir: &'a Path,
+    pub progress: &'a dyn Progress,
+}
+
+/// The training and held-out text of training stages, tokenized.
+pub(crate) struct TrainingText {
+    pub train: Vec<u32>,
+    pub eval: Vec<u32>,
+    pub key: String,
+}
+
+impl StageContext<'_> {
+    /// Training and held-out windows of `seq_len` tokens.
+    pub fn windows(&self, seq_len: usize, eval_windows: usize) -> Result<[Vec<Vec<u32>>; 2]> {
+        let t = self
+            .training
+            .ok_or_else(|| PipelineError::Invalid("no training text was read".into()))?;
+        Ok([
+            crate::encoder::training_windows(self.checkpoint, &t.train, seq_len, None)?,
+            crate::encoder::training_windows(
+                self.checkpoint,
+                &t.eval,
+                seq_len,
+                Some(eval_windows),
+            )?,
+        ])
+    }
+}
+
+/// What a stage's run reports (its record adds the stage's name, key, timing and memory).
+#[derive(Debug, Default)]
+pub(crate) struct StageResult {
+    pub method: String,
+    /// Stored type → number of tensors.
+    pub types: BTreeMap<String, usize>,
+    pub linear_bits_per_weight: f64,
+    pub layers: Vec<LayerRow>,
+    /// Parameters before and after, and for structured pruning what was removed and the shape.
+    pub pruning: Option<serde_json::Value>,
+    pub training: Option<shrink_train::TrainOutcome>,
+    pub search: Option<search::SearchSummary>,
+}
+
+/// A job: what a stage does, as the CLI commands also describe it.
+pub(crate) trait Job {
+    /// Whether the job calibrates, and what it writes.
+    fn plan(&self) -> Result<(bool, Export)>;
+    /// Whether the job reads the training text.
+    fn trains(&self) -> bool {
+        false
+    }
+    /// Its memory beyond the models, on a model of `sizes`.
+    fn memory(&self, _sizes: &ModelSizes) -> JobMemory {
+        JobMemory::default()
+    }
+    /// Whether its output has its input's shapes.
+    fn keeps_shapes(&self) -> bool {
+        true
+    }
+    /// Refuses, before any work, an input model whose shapes the job cannot take.
+    fn check_shapes(&self, _model: &Transformer) -> Result<()> {
+        Ok(())
+    }
+    /// Whether its output holds a pruning mask (exact zeros) that a later quantization keeps.
+    fn leaves_mask(&self) -> bool {
+        false
+    }
+    /// Keeps the input's pruning mask, unless the stage set `keep_sparsity` itself.
+    fn keep_mask(&mut self, _stage: &Stage, _input_has_mask: bool) {}
+    /// Runs the job on `model` (built in f32 from the input) and writes `out`.
+    fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult>;
+}
+
+/// What a stage does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StageJob {
+    Quantize(quantize::QuantizeRequest),
+    Prune(prune::PruneRequest),
+    Distill(distill::DistillRequest),
+    Qat(qat::QatRequest),
+    Search(search::SearchRequest),
+}
+
+impl StageJob {
+    pub(crate) fn job(&self) -> &dyn Job {
+        match self {
+            StageJob::Quantize(r) => r,
+            StageJob::Prune(r) => r,
+            StageJob::Distill(r) => r,
+            StageJob::Qat(r) => r,
+            StageJob::Search(r) => r,
+        }
+    }
+
+    pub(crate) fn job_mut(&mut self) -> &mut dyn Job {
+        match self {
+            StageJob::Quantize(r) => r,
+            StageJob::Prune(r) => r,
+            StageJob::Distill(r) => r,
+            StageJob::Qat(r) => r,
+            StageJob::Search(r) => r,
+        }
+    }
+
+    /// Whether the job calibrates and where it writes.
+    pub fn resolve(&self) -> Result<(bool, Export)> {
+        self.job().plan()
+    }
+
+    /// Whether the job trains (and reads the training text).
+    pub fn trains(&self) -> bool {
+        self.job().trains()
+    }
+}
+
+/// A value written as a string or a number, as text.
+pub(crate) fn value_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `format` (gguf | hf) and `dtype` (f32 | f16) of a stage that writes float weights.
+pub(crate) fn check_float_keys(s: &Stage) -> KeyResult<()> {
+    for (key, value, allowed) in [
+        ("format", &s.format, ["gguf", "hf"]),
+        ("dtype", &s.dtype, ["f32", "f16"]),
+    ] {
+        if let Some(v) = value {
+            if !allowed.contains(&v.as_str()) {
+                return Err((
+                    Some(key),
+                    format!("{key} `{v}` is not one of: {}", allowed.join(", ")),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A key check of a stage's `damp` (every kind that has one).
+pub(crate) fn check_damp(s: &Stage) -> KeyResult<()> {
+    if let Some(damp) = s.damp {
+        if !(0.0..=1.0).contains(&damp) {
+            return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
+        }
+    }
+    Ok(())
+}
+
+/// `weights` (rtn | gptq): how AWQ, SmoothQuant, QAT and the search pick codes.
+pub(crate) fn check_weights(s: &Stage) -> KeyResult<()> {
+    if let Some(w) = &s.weights {
+        if !["rtn", "gptq"].contains(&w.as_str()) {
+            return Err((
+                Some("weights"),
+                format!("weights `{w}` is not one of: rtn, gptq"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A job error as a key check's failure (no key at fault).
+pub(crate) fn whole<T>(r: Result<T>) -> KeyResult<T> {
+    r.map_err(|e| (None, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys `[[stage]]` has, from serde's "expected one of" list.
+    fn stage_fields() -> Vec<String> {
+        let text = "name = \"x\"\n[model]\nsource = \"m.gguf\"\n[[stage]]\nkind = \"search\"\nnot_a_key = 1\n";
+        let e = crate::parse(text, "x.toml").unwrap_err().to_string();
+        let listed = e.split("expected one of: ").nth(1).expect(&e);
+        listed
+            .trim_end_matches(')')
+            .split(", ")
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_accepts_only_stage_keys_and_every_key_has_a_kind() {
+        let fields = stage_fields();
+        assert!(fields.contains(&"preset".to_string()), "{fields:?}");
+        let mut used = std::collections::BTreeSet::new();
+        for kind in StageKind::ALL {
+            for key in kind.stage_type().keys(*kind) {
+                assert!(fields.iter().any(|f| f == key), "{}: `{key}`", kind.name());
+                used.insert(key.to_string());
+            }
+        }
+        for field in fields {
+            if !["kind", "name", "input"].contains(&field.as_str()) {
+                assert!(used.contains(&field), "no kind accepts `{field}`");
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_are_named_once_and_parse_back() {
+        for kind in StageKind::ALL {
+            let parsed: StageKind = serde_json::from_value(serde_json::json!(kind.name())).unwrap();
+            assert_eq!(parsed, *kind);
+        }
+        assert_eq!(
+            StageKind::PruneWanda.prune_kind(),
+            Some(prune::PruneKind::Wanda)
+        );
+        assert!(StageKind::QuantizeGptq.accepts("damp"));
+        assert!(!StageKind::QuantizeRtn.accepts("damp"));
+    }
+}
