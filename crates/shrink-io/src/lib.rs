@@ -12,6 +12,7 @@
 //! ```
 
 mod compressed;
+mod export;
 mod gguf;
 mod gguf_layout;
 mod hf;
@@ -19,6 +20,7 @@ mod inspect;
 mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
+pub use export::{check_export, config_for, write_model, Export};
 pub use gguf::{
     gguf_vocab_of, hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue,
     GgufWriteType, QuantizedBlocks,
@@ -66,8 +68,26 @@ pub enum IoError {
         #[source]
         source: std::io::Error,
     },
+    /// A write that failed, with the file being written.
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: Box<IoError> },
+    /// A model that cannot be written where it was asked to go.
+    #[error("{0}")]
+    Export(String),
+    #[error(transparent)]
+    Model(#[from] shrink_models::ModelError),
     #[error(transparent)]
     Core(#[from] shrink_core::CoreError),
+}
+
+impl IoError {
+    /// `source`, as the error of writing `path`.
+    pub fn written(path: &Path, source: IoError) -> IoError {
+        IoError::Write {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, IoError>;

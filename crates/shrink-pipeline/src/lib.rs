@@ -54,8 +54,6 @@ pub use quantize::{
 pub use run::{eval_tokens, prompt_tokens, run, RunOptions, RunOutcome};
 pub use stage::{StageJob, StageKind};
 
-use std::path::PathBuf;
-
 /// A pipeline that cannot be used or run, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -72,11 +70,6 @@ pub enum PipelineError {
     /// A combination of settings that cannot be carried out.
     #[error("{0}")]
     Invalid(String),
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: Box<shrink_io::IoError>,
-    },
     #[error("stage `{stage}`: {source}")]
     Stage {
         stage: String,

@@ -2,6 +2,7 @@
 //! [`Pipeline::estimated_peak_bytes`] with the real settings, and the refusal of a run whose
 //! estimate exceeds the machine's memory or a `--max-memory` limit before any work starts.
 
+use crate::stage::{JobMemory, ModelSizes};
 use crate::{Pipeline, PipelineError, Result};
 use std::path::Path;
 
@@ -77,6 +78,51 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
 }
 
 impl Pipeline {
+    /// Estimated peak memory in bytes of running the pipeline on a model with `parameters`
+    /// weights, `hidden` wide with `intermediate` MLP rows and a `vocab`-token vocabulary: the
+    /// checkpoint, the f32 model and the reference model the evaluation compares against, plus,
+    /// when a stage calibrates, the calibration activations entering and leaving a block, one
+    /// block's Hessians and a batch's working set, and what the stages' jobs hold beside them
+    /// (a search's copies of the model) or instead of them (training).
+    pub fn estimated_peak_bytes(
+        &self,
+        parameters: u64,
+        hidden: u64,
+        intermediate: u64,
+        vocab: u64,
+    ) -> u64 {
+        // In u128 and saturated: settings such as `samples = 1000000000000` must give a huge
+        // estimate, not a wrapped small one.
+        let sizes = ModelSizes {
+            parameters: u128::from(parameters),
+            hidden: u128::from(hidden),
+            intermediate: u128::from(intermediate),
+            vocab: u128::from(vocab),
+        };
+        let (hidden, intermediate) = (sizes.hidden, sizes.intermediate);
+        let model = 3 * sizes.parameters * 4;
+        let calibrates = self.plan().iter().any(|s| s.calibrates);
+        let calibration = if calibrates {
+            let tokens = self.data.samples as u128 * self.data.seq_len as u128;
+            let ids = tokens * 4;
+            let activations = 2 * tokens * hidden * 4;
+            let hessians = (3 * hidden * hidden + intermediate * intermediate) * 8;
+            let batch = 8 * self.data.seq_len as u128 * intermediate * 4 * 4;
+            ids + activations + hessians + batch
+        } else {
+            0
+        };
+        let jobs = self.plan().iter().map(|s| s.job.job().memory(&sizes)).fold(
+            JobMemory::default(),
+            |a, m| JobMemory {
+                with_calibration: a.with_calibration.max(m.with_calibration),
+                training: a.training.max(m.training),
+            },
+        );
+        let total = model + (calibration + jobs.with_calibration).max(jobs.training) + (64 << 20);
+        u64::try_from(total).unwrap_or(u64::MAX)
+    }
+
     /// The estimated peak memory for a model of `shape`; without a shape (the model is not
     /// here yet), a lower bound from the settings alone: the calibration windows' token ids.
     pub fn estimated_peak_for(&self, shape: Option<ModelShape>) -> u64 {

@@ -108,6 +108,25 @@ fn key_of(value: &serde_json::Value) -> String {
     sha256_hex(value.to_string().as_bytes())
 }
 
+/// Says through `log` that the demo model or dataset `spec` names is about to be fetched (a text
+/// is named `DATASET:SPLIT`), when it is not in the cache yet.
+fn announce_fetch(spec: &str, log: &dyn Fn(&str)) {
+    if Path::new(spec).exists() {
+        return;
+    }
+    let name = spec
+        .parse::<shrink_data::TextRef>()
+        .map_or_else(|_| spec.to_string(), |r| r.dataset);
+    if let Ok(m) = shrink_data::find(&name) {
+        if matches!(shrink_data::is_cached(&m), Ok(false)) {
+            log(&format!(
+                "fetching {} ({}=={}) ...",
+                m.name, m.package.name, m.package.version
+            ));
+        }
+    }
+}
+
 /// sha256 of a file, or of a folder's files (names and contents, in name order).
 fn hash_path(path: &Path) -> Result<String> {
     if path.is_file() {
@@ -133,7 +152,9 @@ fn read_text_input(
     role: &str,
     spec: &str,
     inputs: &mut Vec<InputHash>,
+    log: &dyn Fn(&str),
 ) -> Result<(String, String)> {
+    announce_fetch(spec, log);
     let mut text = String::new();
     let mut hashes = Vec::new();
     for path in shrink_data::text_files(spec)? {
@@ -282,6 +303,7 @@ pub fn run(
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
 
+    announce_fetch(&pipeline.model.source, log);
     let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
     // The export replaces model/ and stages replace their folders: never where the input is.
     for written in ["model", "stages"] {
@@ -305,13 +327,14 @@ pub fn run(
         sha256: model_sha.clone(),
     }];
     let (eval_text, eval_sha) =
-        read_text_input("evaluation text", &pipeline.data.eval, &mut inputs)?;
+        read_text_input("evaluation text", &pipeline.data.eval, &mut inputs, log)?;
     let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
     let calib = if calibrates {
         Some(read_text_input(
             "calibration text",
             &pipeline.data.calib,
             &mut inputs,
+            log,
         )?)
     } else {
         None
@@ -319,7 +342,7 @@ pub fn run(
     let calib_sha = calib.as_ref().map(|(_, key)| key.clone());
     let trains = pipeline.plan().iter().any(|s| s.job.trains());
     let training = if trains {
-        let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs)?;
+        let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs, log)?;
         let tokenizer = checkpoint.tokenizer()?;
         Some(TrainingText {
             train: tokenizer.encode(&text, false)?,
@@ -353,7 +376,7 @@ pub fn run(
     let baseline = build_model(&checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        crate::prune::check_export(&checkpoint, &baseline, Export::Gguf)?;
+        shrink_io::check_export(&checkpoint, &baseline, Export::Gguf)?;
     }
     let base = metrics_for(&run_dir.join("baseline"), &model_sha, &|key| {
         bench.measure(key, &baseline, None, &model_path)
@@ -461,9 +484,12 @@ pub fn run(
                     workdir: &workdir,
                     progress,
                 };
-                run_stage(stage, key.clone(), &cx, &dir).map_err(|e| PipelineError::Stage {
-                    stage: stage.name.clone(),
-                    source: Box::new(e),
+                let built = (stage.input == "model").then_some(&baseline);
+                run_stage(stage, key.clone(), &cx, built, &dir).map_err(|e| {
+                    PipelineError::Stage {
+                        stage: stage.name.clone(),
+                        source: Box::new(e),
+                    }
                 })?
             }
         };
@@ -603,14 +629,20 @@ pub fn run(
     })
 }
 
+/// Runs one stage into `dir` (through a staging folder), on `built`, the input model when it is
+/// already built (the baseline), else on the model built from `cx.checkpoint`.
 fn run_stage(
     stage: &PlannedStage,
     key: String,
     cx: &StageContext,
+    built: Option<&Transformer>,
     dir: &Path,
 ) -> Result<StageRecord> {
     let staged = AtomicDir::new(dir)?;
-    let mut model = build_model(cx.checkpoint, DType::F32)?;
+    let mut model = match built {
+        Some(model) => model.clone(),
+        None => build_model(cx.checkpoint, DType::F32)?,
+    };
     let artifact = match stage.export {
         Export::Gguf => "model.gguf",
         Export::Hf => "model",

@@ -26,6 +26,7 @@ mod preset;
 pub mod qat;
 pub mod smooth;
 mod tensor;
+mod write;
 
 pub use export::{compressed_tensors, hf_unsupported, HfExport};
 pub use grid::{Grid, GroupParams};
@@ -33,6 +34,7 @@ pub use kquant::{GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
+pub use write::{write_quantized, QuantizedOutput, Written};
 
 use candle_core::{DType, Tensor};
 use shrink_calib::LinearStats;
@@ -54,6 +56,11 @@ pub enum QuantError {
     Calib(#[from] shrink_calib::CalibError),
     #[error(transparent)]
     Model(#[from] shrink_models::ModelError),
+    /// A quantized model that cannot be written where it was asked to go.
+    #[error("{0}")]
+    Export(String),
+    #[error(transparent)]
+    Io(#[from] shrink_io::IoError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

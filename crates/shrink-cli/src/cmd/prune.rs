@@ -97,11 +97,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
         &calib,
         |checkpoint, model| {
             shrink_pipeline::prune::check_prune(&resolved, model)?;
-            Ok(shrink_pipeline::prune::check_export(
-                checkpoint,
-                model,
-                resolved.export,
-            )?)
+            Ok(shrink_io::check_export(checkpoint, model, resolved.export)?)
         },
         |checkpoint, model, windows, bar| {
             Ok(shrink_pipeline::prune_and_write(

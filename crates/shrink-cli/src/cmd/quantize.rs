@@ -134,11 +134,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         &calib,
         |checkpoint, model| {
             resolved.plan.check_model(model)?;
-            Ok(shrink_pipeline::prune::check_export(
-                checkpoint,
-                model,
-                resolved.export,
-            )?)
+            Ok(shrink_io::check_export(checkpoint, model, resolved.export)?)
         },
         |checkpoint, model, windows, bar| {
             Ok(shrink_pipeline::quantize_and_write(

@@ -1,7 +1,6 @@
 //! `shrink run`: A pipeline run.
 
 use super::validate::print_plan;
-use crate::common::{read_text, resolve_model};
 use crate::progress;
 use anyhow::Result;
 use clap::Args;
@@ -39,12 +38,6 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     if args.dry_run {
         print_plan(&args.file, &pipeline, &run_dir, args.json, args.max_memory)?;
         return Ok(ExitCode::SUCCESS);
-    }
-    // Fetch what the pipeline reads up front, saying so (the library fetches silently).
-    resolve_model(&pipeline.model.source)?;
-    read_text(&pipeline.data.eval)?;
-    if pipeline.plan().iter().any(|s| s.calibrates) {
-        read_text(&pipeline.data.calib)?;
     }
     let opts = shrink_pipeline::RunOptions {
         pipeline_file: args.file.clone(),

@@ -1,3 +1,4 @@
+use super::locate::levenshtein;
 use super::*;
 
 const GOOD: &str = r#"name = "w4"

@@ -5,7 +5,6 @@
 use super::{check_float_keys, Job, JobMemory, KeyResult, ModelSizes, StageContext, StageJob};
 use super::{StageKind, StageResult, StageType};
 use crate::config::Stage;
-use crate::prune::write_model;
 use crate::quantize::Export;
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
@@ -326,7 +325,7 @@ pub fn distill_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(Transformer, DistillOutcome)> {
-    crate::prune::check_export(checkpoint, student, resolved.export)?;
+    shrink_io::check_export(checkpoint, student, resolved.export)?;
     let (trained, training) = shrink_distill::distill(
         teacher,
         student,
@@ -338,7 +337,7 @@ pub fn distill_and_write(
         progress,
     )
     .map_err(|e| invalid(e.to_string()))?;
-    write_model(checkpoint, &trained, resolved.export, resolved.dtype, out)?;
+    shrink_io::write_model(checkpoint, &trained, resolved.export, resolved.dtype, out)?;
     let outcome = DistillOutcome {
         parameters_student: trained.num_parameters(),
         parameters_teacher: teacher.num_parameters(),

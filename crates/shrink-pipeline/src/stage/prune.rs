@@ -17,7 +17,6 @@ use shrink_prune::{
     Importance, LayerCriterion, LayerSparsity, PruneMethod, PrunePlan, SparseGptConfig, Sparsity,
     Structure, StructuredOutcome, Target,
 };
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The pruning methods, as `shrink prune --method` and the `prune.*` stage kinds name them.
@@ -251,34 +250,6 @@ impl PruneRequest {
     }
 }
 
-/// The checkpoint's config with the model's (possibly pruned) shape.
-pub fn config_for(checkpoint: &Checkpoint, model: &Transformer) -> serde_json::Value {
-    let mut config = checkpoint.config.clone();
-    if let Some(map) = config.as_object_mut() {
-        for (key, value) in model.config.shape_json() {
-            map.insert(key.into(), value);
-        }
-    }
-    config
-}
-
-/// Refuses, before any work, an export the model cannot have: shrink writes encoders as Hugging
-/// Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not write), and
-/// a GGUF needs a vocabulary shrink can write from `checkpoint`'s tokenizer.
-pub fn check_export(checkpoint: &Checkpoint, model: &Transformer, export: Export) -> Result<()> {
-    if export != Export::Gguf {
-        return Ok(());
-    }
-    if model.arch.is_encoder() {
-        return Err(invalid(format!(
-            "{:?} encoders are written as Hugging Face folders: use --format hf (pipeline stages: format = \"hf\")",
-            model.arch
-        )));
-    }
-    shrink_io::gguf_vocab_of(checkpoint)?;
-    Ok(())
-}
-
 /// Where and in which float type a pruned or distilled model is written: `gguf` (default) or
 /// `hf`, `f32` (default) or `f16`.
 pub fn float_export(format: Option<&str>, dtype: Option<&str>) -> Result<(Export, GgufWriteType)> {
@@ -303,39 +274,6 @@ pub fn float_storage(dtype: GgufWriteType) -> (&'static str, f64) {
     }
 }
 
-/// Writes `model` to `out` as a GGUF or a Hugging Face folder, with `checkpoint`'s tokenizer and
-/// metadata and the model's own shape in the config.
-pub fn write_model(
-    checkpoint: &Checkpoint,
-    model: &Transformer,
-    export: Export,
-    dtype: GgufWriteType,
-    out: &Path,
-) -> Result<()> {
-    let written = Checkpoint {
-        tensors: model.checkpoint_tensors()?,
-        config: config_for(checkpoint, model),
-        ..checkpoint.clone()
-    };
-    let write_err = |e: shrink_io::IoError| PipelineError::Write {
-        path: out.to_path_buf(),
-        source: Box::new(e),
-    };
-    match export {
-        Export::Gguf => shrink_io::write_llama_gguf(&written, out, dtype, &BTreeMap::new())
-            .map_err(write_err)?,
-        Export::Hf => {
-            let dtype = match dtype {
-                GgufWriteType::F16 => shrink_io::SaveDType::F16,
-                _ => shrink_io::SaveDType::F32,
-            };
-            shrink_io::save_hf_with(&written, out, dtype, &BTreeMap::new(), None)
-                .map_err(write_err)?
-        }
-    }
-    Ok(())
-}
-
 /// Checks a job against the model before any calibration (N:M groups must divide every row).
 pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> {
     if let PruneJob::Unstructured(plan) = &resolved.job {
@@ -356,7 +294,7 @@ pub fn prune_and_write(
     progress: &dyn Progress,
 ) -> Result<PruneOutcome> {
     check_prune(resolved, model)?;
-    check_export(checkpoint, model, resolved.export)?;
+    shrink_io::check_export(checkpoint, model, resolved.export)?;
     let parameters_before = model.num_parameters();
     let (method, layers, structured) = match &resolved.job {
         PruneJob::Unstructured(plan) => {
@@ -396,7 +334,7 @@ pub fn prune_and_write(
             (name.to_lowercase(), Vec::new(), Some(outcome))
         }
     };
-    write_model(checkpoint, model, resolved.export, resolved.dtype, out)?;
+    shrink_io::write_model(checkpoint, model, resolved.export, resolved.dtype, out)?;
     Ok(PruneOutcome {
         method,
         layers,

@@ -10,7 +10,7 @@ use crate::{PipelineError, Result};
 use candle_core::DType;
 use serde::Serialize;
 use shrink_core::Progress;
-use shrink_io::{Checkpoint, GgufWriteType, QuantizedBlocks};
+use shrink_io::{Checkpoint, GgufWriteType};
 use shrink_models::{ActQuant, ModelConfig, Transformer};
 use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
 use std::collections::BTreeMap;
@@ -42,15 +42,7 @@ impl QuantMethod {
     }
 }
 
-/// Where the quantized model goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Export {
-    /// A GGUF file llama.cpp loads.
-    Gguf,
-    /// A Hugging Face folder in compressed-tensors' layout.
-    Hf,
-}
+pub use shrink_io::Export;
 
 /// What to quantize and how. Unset options take the preset's value, then the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -361,7 +353,7 @@ pub fn quantize_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<QuantizeOutcome> {
-    crate::prune::check_export(checkpoint, model, resolved.export)?;
+    shrink_io::check_export(checkpoint, model, resolved.export)?;
     let result = shrink_quant::quantize_model(
         model,
         resolved.method,
@@ -374,8 +366,7 @@ pub fn quantize_and_write(
 }
 
 /// Writes `model`, whose linears hold the dequantized values of `result`, with those linears
-/// stored packed: a GGUF (the embeddings as `resolved` says) or a compressed-tensors folder.
-/// Post-training quantization and QAT both write through here.
+/// stored packed, as `resolved` says. Post-training quantization and QAT both write through here.
 pub fn write_quantized(
     checkpoint: &Checkpoint,
     model: &Transformer,
@@ -383,132 +374,18 @@ pub fn write_quantized(
     resolved: &ResolvedQuantize,
     out: &Path,
 ) -> Result<QuantizeOutcome> {
-    let mut blocks = BTreeMap::new();
-    let write_err = |e: shrink_io::IoError| PipelineError::Write {
-        path: out.to_path_buf(),
-        source: Box::new(e),
+    let output = shrink_quant::QuantizedOutput {
+        export: resolved.export,
+        plan: &resolved.plan,
+        embeddings: resolved.embeddings,
+        activations: resolved.activations,
     };
-    match resolved.export {
-        Export::Hf => {
-            // What the model holds now (AWQ and SmoothQuant rescale norms too); quantized weights
-            // in compressed-tensors' layout, everything else in fp16, under the checkpoint's names.
-            let rename = |name: &str| {
-                model.checkpoint_name(name).ok_or_else(|| {
-                    PipelineError::Invalid(format!(
-                        "'{name}': a quantized {:?} is written as GGUF (its checkpoint stores this weight transposed)",
-                        model.arch
-                    ))
-                })
-            };
-            let mut by_checkpoint = BTreeMap::new();
-            for (name, q) in &result.tensors {
-                by_checkpoint.insert(rename(name)?, q.clone());
-            }
-            let hf = shrink_quant::compressed_tensors(&by_checkpoint, resolved.activations)?;
-            let mut tensors = model.checkpoint_tensors()?;
-            tensors.retain(|name, _| !by_checkpoint.contains_key(name));
-            let quantized = Checkpoint {
-                tensors,
-                ..checkpoint.clone()
-            };
-            shrink_io::save_hf_with(
-                &quantized,
-                out,
-                shrink_io::SaveDType::F16,
-                &hf.tensors,
-                Some(&hf.quantization_config),
-            )
-            .map_err(write_err)?;
-        }
-        Export::Gguf => {
-            let mut parts = BTreeMap::new();
-            for (name, q) in &result.tensors {
-                parts.insert(name.clone(), q.to_ggml_blocks()?);
-            }
-            // Weights the checkpoint stacks (GPT-2's c_attn from q, k, v) stack their blocks'
-            // rows too: one GGUF type for all of them.
-            for (stored, sources) in model.stacked_weights() {
-                let found: Vec<_> = sources.iter().filter_map(|s| parts.remove(s)).collect();
-                if found.is_empty() {
-                    continue;
-                }
-                let dtype = found[0].0;
-                if found.len() != sources.len() || found.iter().any(|(d, _)| *d != dtype) {
-                    return Err(PipelineError::Invalid(format!(
-                        "'{stored}' is stored as one GGUF tensor made of {}: quantize them all to the same type",
-                        sources.join(", ")
-                    )));
-                }
-                let bytes = found.into_iter().flat_map(|(_, b)| b).collect();
-                blocks.insert(stored, QuantizedBlocks { dtype, bytes });
-            }
-            if let Some(name) = parts.keys().next() {
-                return Err(PipelineError::Invalid(format!(
-                    "quantized '{name}' is not a linear weight of the model"
-                )));
-            }
-            // The token embedding (and an untied output head) by round-to-nearest, as
-            // llama-quantize does.
-            let mut weight_type = GgufWriteType::F32;
-            match resolved.embeddings {
-                None => {}
-                Some(Err(t)) => weight_type = t,
-                Some(Ok(format)) => {
-                    let tensors = model.named_tensors();
-                    for name in [model.embedding_name(), "lm_head.weight".into()] {
-                        if let Some(t) = tensors.get(&name) {
-                            let (rows, cols) = t.dims2()?;
-                            let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                            let q = shrink_quant::rtn_format(
-                                &w,
-                                rows,
-                                cols,
-                                &resolved.plan.fit(format.with_search(false), cols),
-                                None,
-                                &name,
-                            )?;
-                            let (dtype, bytes) = q.to_ggml_blocks()?;
-                            blocks.insert(name, QuantizedBlocks { dtype, bytes });
-                        }
-                    }
-                }
-            }
-            // What the model holds now: AWQ has rescaled norms as well as linears.
-            let quantized = Checkpoint {
-                tensors: model.checkpoint_tensors()?,
-                ..checkpoint.clone()
-            };
-            shrink_io::write_llama_gguf(&quantized, out, weight_type, &blocks)
-                .map_err(write_err)?;
-        }
-    }
-    let weights: f64 = result
-        .layers
-        .iter()
-        .map(|l| (l.shape[0] * l.shape[1]) as f64)
-        .sum();
-    let linear_bits_per_weight = result
-        .layers
-        .iter()
-        .map(|l| l.bits_per_weight * (l.shape[0] * l.shape[1]) as f64)
-        .sum::<f64>()
-        / weights.max(1.0);
-    let mut types: BTreeMap<String, usize> = BTreeMap::new();
-    for l in &result.layers {
-        *types.entry(l.format.clone()).or_default() += 1;
-    }
-    for (name, b) in &blocks {
-        if !result.tensors.contains_key(name) {
-            *types
-                .entry(format!("{:?}", b.dtype).to_lowercase())
-                .or_default() += 1;
-        }
-    }
+    let written = shrink_quant::write_quantized(checkpoint, model, result, &output, out)?;
     Ok(QuantizeOutcome {
         method: format!("{:?}", resolved.method),
-        types,
+        types: written.types,
         layers: result.layers.clone(),
-        linear_bits_per_weight,
+        linear_bits_per_weight: written.linear_bits_per_weight,
     })
 }
 

@@ -1,8 +1,12 @@
 //! The pipeline file's schema, parsing with positions, and validation.
 
+mod locate;
+mod sweep;
+
 use crate::quantize::Export;
-use crate::stage::{check_damp, whole, JobMemory, KeyResult, ModelSizes, StageJob, StageKind};
+use crate::stage::{check_damp, whole, KeyResult, StageJob, StageKind};
 use crate::{PipelineError, Result};
+use locate::{closest, header_offsets, key_offset, line_column, unknown_field, Place};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -386,52 +390,6 @@ pub struct PlannedStage {
 }
 
 impl Pipeline {
-    /// Estimated peak memory in bytes of running the pipeline on a model with `parameters`
-    /// weights, `hidden` wide with `intermediate` MLP rows and a `vocab`-token vocabulary: the
-    /// checkpoint, the f32 model and the reference model the evaluation compares against, plus,
-    /// when a stage calibrates, the calibration activations entering and leaving a block, one
-    /// block's Hessians and a batch's working set, and what the stages' jobs hold beside them
-    /// (a search's copies of the model) or instead of them (training).
-    pub fn estimated_peak_bytes(
-        &self,
-        parameters: u64,
-        hidden: u64,
-        intermediate: u64,
-        vocab: u64,
-    ) -> u64 {
-        // In u128 and saturated: settings such as `samples = 1000000000000` must give a huge
-        // estimate, not a wrapped small one.
-        let sizes = ModelSizes {
-            parameters: u128::from(parameters),
-            hidden: u128::from(hidden),
-            intermediate: u128::from(intermediate),
-            vocab: u128::from(vocab),
-        };
-        let (hidden, intermediate) = (sizes.hidden, sizes.intermediate);
-        let model = 3 * sizes.parameters * 4;
-        let calibrates = self.planned.iter().any(|s| s.calibrates);
-        let calibration = if calibrates {
-            let tokens = self.data.samples as u128 * self.data.seq_len as u128;
-            let ids = tokens * 4;
-            let activations = 2 * tokens * hidden * 4;
-            let hessians = (3 * hidden * hidden + intermediate * intermediate) * 8;
-            let batch = 8 * self.data.seq_len as u128 * intermediate * 4 * 4;
-            ids + activations + hessians + batch
-        } else {
-            0
-        };
-        let jobs = self
-            .planned
-            .iter()
-            .map(|s| s.job.job().memory(&sizes))
-            .fold(JobMemory::default(), |a, m| JobMemory {
-                with_calibration: a.with_calibration.max(m.with_calibration),
-                training: a.training.max(m.training),
-            });
-        let total = model + (calibration + jobs.with_calibration).max(jobs.training) + (64 << 20);
-        u64::try_from(total).unwrap_or(u64::MAX)
-    }
-
     /// Stages in the order they run (sweep variants after the stages they branch from), with
     /// their inputs resolved.
     pub fn plan(&self) -> &[PlannedStage] {
@@ -691,87 +649,7 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
     }
     if let Some(sweep) = pipeline.sweep.clone() {
         let at_sweep = |key: &str, message: String| fail(Place::Section("[sweep]"), key, message);
-        let Some(index) = pipeline
-            .stages
-            .iter()
-            .position(|s| s.display_name() == sweep.stage)
-        else {
-            return Err(at_sweep(
-                "stage",
-                format!(
-                    "sweep stage `{}` is not a stage of this pipeline (stages: {})",
-                    sweep.stage,
-                    names[1..].join(", ")
-                ),
-            ));
-        };
-        let swept = &pipeline.stages[index];
-        if !SWEEP_KEYS.contains(&sweep.key.as_str()) || !swept.kind.accepts(&sweep.key) {
-            let hint = closest(
-                &sweep.key,
-                &SWEEP_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
-            )
-            .map(|k| format!("; did you mean `{k}`?"))
-            .unwrap_or_default();
-            return Err(at_sweep(
-                "key",
-                format!(
-                    "cannot sweep `{}` of a {} stage{hint} (sweepable: {})",
-                    sweep.key,
-                    swept.kind.name(),
-                    SWEEP_KEYS.join(", ")
-                ),
-            ));
-        }
-        if sweep.values.is_empty() {
-            return Err(at_sweep(
-                "values",
-                "a sweep needs at least one value".into(),
-            ));
-        }
-        let mut variants = Vec::new();
-        for value in &sweep.values {
-            let shown = match value {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let label = format!("{}={shown}", sweep.key);
-            let suffix = format!("@{label}");
-            let problem = |message: String| at_sweep("values", format!("{label}: {message}"));
-            let stage = swept
-                .with_value(&sweep.key, value)
-                .map_err(|e| problem(e.to_string()))?;
-            let mut planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
-            let main = &pipeline.planned[index];
-            // The same input as the stage as written, so the same mask.
-            planned
-                .job
-                .job_mut()
-                .keep_mask(&stage, main.job.job().leaves_mask());
-            if planned.job == main.job {
-                continue; // the pipeline as written already runs this value
-            }
-            // The swept stage and every later stage that (transitively) reads from it.
-            let mut renamed: Vec<String> = vec![main.name.clone()];
-            variants.push(PlannedStage {
-                name: format!("{}{suffix}", main.name),
-                input: main.input.clone(),
-                sweep_value: Some(label.clone()),
-                ..planned
-            });
-            for later in &pipeline.planned[index + 1..] {
-                if renamed.contains(&later.input) {
-                    renamed.push(later.name.clone());
-                    variants.push(PlannedStage {
-                        name: format!("{}{suffix}", later.name),
-                        input: format!("{}{suffix}", later.input),
-                        sweep_value: Some(label.clone()),
-                        ..later.clone()
-                    });
-                }
-            }
-        }
-        pipeline.planned.extend(variants);
+        sweep::plan_variants(&mut pipeline, &sweep, &at_sweep)?;
     }
     Ok(pipeline)
 }
@@ -840,102 +718,6 @@ fn check_stage(s: &Stage) -> KeyResult<PlannedStage> {
         teacher: None,
         sweep_value: None,
     })
-}
-
-#[derive(Clone, Copy)]
-enum Place {
-    Top,
-    Stage(usize),
-    Section(&'static str),
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let column = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
-    (line, column)
-}
-
-/// Byte offsets of lines that are exactly `header` (ignoring surrounding spaces).
-fn header_offsets(text: &str, header: &str) -> Vec<usize> {
-    let mut offset = 0;
-    let mut out = vec![];
-    for line in text.split_inclusive('\n') {
-        if line.trim() == header {
-            out.push(offset + line.len() - line.trim_start().len());
-        }
-        offset += line.len();
-    }
-    out
-}
-
-/// The offset of the line that assigns `key` (bare or quoted) at or after `from`, before the next
-/// table header.
-fn key_offset(text: &str, from: usize, key: &str) -> Option<usize> {
-    let from = text[..from.min(text.len())]
-        .rfind('\n')
-        .map(|i| i + 1)
-        .unwrap_or(0);
-    let mut offset = from;
-    for (n, line) in text[from..].split_inclusive('\n').enumerate() {
-        let t = line.trim_start();
-        if n > 0 && t.starts_with('[') {
-            return None;
-        }
-        let k = t.split('=').next().unwrap_or("").trim().trim_matches('"');
-        if t.contains('=') && k == key {
-            return Some(offset + line.len() - t.len());
-        }
-        offset += line.len();
-    }
-    None
-}
-
-/// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`"; or "unknown variant").
-fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
-    let rest = message
-        .strip_prefix("unknown field `")
-        .or_else(|| message.strip_prefix("unknown variant `"))?;
-    let (key, rest) = rest.split_once('`')?;
-    let expected = rest
-        .split('`')
-        .skip(1)
-        .step_by(2)
-        .map(String::from)
-        .collect();
-    Some((key.to_string(), expected))
-}
-
-/// The expected key nearest to `key` by edit distance, if it is close enough to be a typo.
-fn closest<'a>(key: &str, expected: &'a [String]) -> Option<&'a str> {
-    expected
-        .iter()
-        .map(|e| (levenshtein(key, e), e.as_str()))
-        .filter(|(d, e)| *d <= 2.max(e.len() / 3))
-        .min()
-        .map(|(_, e)| e)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
