@@ -45,13 +45,14 @@ pub use config::{
     Stage, Sweep, SWEEP_KEYS,
 };
 pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
+pub use measure::{eval_tokens, prompt_tokens};
 pub use prune::{prune_and_write, PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use qat::{qat_and_write, QatRequest};
 pub use quantize::{
     build_model, quantize_and_write, Export, QuantMethod, QuantizeOutcome, QuantizeRequest,
     ResolvedQuantize,
 };
-pub use run::{eval_tokens, prompt_tokens, run, RunOptions, RunOutcome};
+pub use run::{run, RunOptions, RunOutcome};
 pub use stage::{StageJob, StageKind};
 
 /// A pipeline that cannot be used or run, with where and why.

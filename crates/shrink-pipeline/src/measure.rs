@@ -2,7 +2,6 @@
 //! fidelity (encoders), generations, decode speed, size and sparsity.
 
 use crate::report::DecodeSpeed;
-use crate::run::{eval_tokens, prompt_tokens};
 use crate::{Pipeline, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -223,4 +222,37 @@ pub(crate) fn shape_of(c: &shrink_models::ModelConfig) -> String {
         c.num_attention_heads,
         c.num_kv_heads()
     )
+}
+
+/// The evaluation tokens of `text` as `llama-perplexity` makes them (special-token text not
+/// parsed; a BOS only when the model adds one, given separately) and that BOS.
+pub fn eval_tokens(checkpoint: &Checkpoint, text: &str) -> Result<(Vec<u32>, Option<u32>)> {
+    let tokenizer = checkpoint.tokenizer()?;
+    let tokens = tokenizer.encode(text, false)?;
+    if tokenizer.add_bos {
+        Ok((tokens[1..].to_vec(), tokenizer.bos_token_id))
+    } else {
+        Ok((tokens, None))
+    }
+}
+
+/// A prompt's token ids, wrapped in the model's chat template when `chat` and it has one.
+pub fn prompt_tokens(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let text = match (&tokenizer.chat_template, chat) {
+        (Some(template), true) => {
+            let token =
+                |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
+            shrink_models::render_chat(
+                template,
+                &[shrink_models::ChatMessage {
+                    role: "user".into(),
+                    content: prompt.to_string(),
+                }],
+                &token(tokenizer.bos_token_id),
+                &token(tokenizer.eos_token_ids.first().copied()),
+            )?
+        }
+        _ => prompt.to_string(),
+    };
+    Ok(tokenizer.encode(&text, true)?)
 }

@@ -15,11 +15,18 @@ use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
 use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
-use shrink_io::{Checkpoint, TokenizerBundle};
+use shrink_io::Checkpoint;
 use shrink_models::Transformer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+mod files;
+mod stage;
+
+use files::*;
+pub(crate) use stage::stage_folder;
+use stage::*;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const REPORT_SCHEMA: &str = "shrink.report/v1";
@@ -57,227 +64,6 @@ pub struct RunOutcome {
     pub passed: bool,
 }
 
-/// What a finished stage left in `stages/NAME/stage.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StageRecord {
-    schema: String,
-    key: String,
-    name: String,
-    kind: String,
-    input: String,
-    /// File or folder name inside the stage folder.
-    artifact: String,
-    format: String,
-    method: String,
-    types: BTreeMap<String, usize>,
-    linear_bits_per_weight: f64,
-    layers: Vec<LayerRow>,
-    /// Parameters before and after, and for structured pruning what was removed and the new shape.
-    #[serde(default)]
-    pruning: Option<serde_json::Value>,
-    /// Distillation and QAT: the training log (loss per step, held-out metrics, throughput).
-    #[serde(default)]
-    training: Option<shrink_train::TrainOutcome>,
-    /// Search: the sensitivity table, everything verified and whether the budget was met.
-    #[serde(default)]
-    search: Option<crate::search::SearchSummary>,
-    wall_s: f64,
-    peak_rss_bytes: u64,
-    shrink_version: String,
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
-    move |e| PipelineError::Io {
-        file: path.display().to_string(),
-        message: e.to_string(),
-    }
-}
-
-fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
-}
-
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(|e| PipelineError::Invalid(format!("{}: {e}", path.display())))?;
-    text.push('\n');
-    Ok(shrink_core::atomic_write(path, text.as_bytes())?)
-}
-
-fn key_of(value: &serde_json::Value) -> String {
-    sha256_hex(value.to_string().as_bytes())
-}
-
-/// Says through `log` that the demo model or dataset `spec` names is about to be fetched (a text
-/// is named `DATASET:SPLIT`), when it is not in the cache yet.
-fn announce_fetch(spec: &str, log: &dyn Fn(&str)) {
-    if Path::new(spec).exists() {
-        return;
-    }
-    let name = spec
-        .parse::<shrink_data::TextRef>()
-        .map_or_else(|_| spec.to_string(), |r| r.dataset);
-    if let Ok(m) = shrink_data::find(&name) {
-        if matches!(shrink_data::is_cached(&m), Ok(false)) {
-            log(&format!(
-                "fetching {} ({}=={}) ...",
-                m.name, m.package.name, m.package.version
-            ));
-        }
-    }
-}
-
-/// sha256 of a file, or of a folder's files (names and contents, in name order).
-fn hash_path(path: &Path) -> Result<String> {
-    if path.is_file() {
-        return Ok(sha256_file(path)?);
-    }
-    let mut entries = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-        .map_err(io_error(path))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
-        entries.push(serde_json::json!([name, sha256_file(&f)?]));
-    }
-    Ok(key_of(&serde_json::Value::Array(entries)))
-}
-
-/// The text `spec` names (fetched if needed), each file read once: its sha256 goes into `inputs`
-/// under `role`. Returns the text and a key over the files' hashes.
-fn read_text_input(
-    role: &str,
-    spec: &str,
-    inputs: &mut Vec<InputHash>,
-    log: &dyn Fn(&str),
-) -> Result<(String, String)> {
-    announce_fetch(spec, log);
-    let mut text = String::new();
-    let mut hashes = Vec::new();
-    for path in shrink_data::text_files(spec)? {
-        let bytes = std::fs::read(&path).map_err(io_error(&path))?;
-        let sha256 = sha256_hex(&bytes);
-        match std::str::from_utf8(&bytes) {
-            Ok(t) => text.push_str(t),
-            Err(_) => return Err(shrink_data::DataError::NotUtf8 { path }.into()),
-        }
-        hashes.push(sha256.clone());
-        inputs.push(InputHash {
-            role: role.into(),
-            path: path.display().to_string(),
-            sha256,
-        });
-    }
-    Ok((text, key_of(&serde_json::json!(hashes))))
-}
-
-/// Removes what an interrupted run left: staging folders and temporary files of atomic writes.
-/// Refuses, before any work, a quantization whose formats do not fit the shapes of the model it
-/// will read: every quantize stage whose input chain keeps the input model's shapes (no
-/// structured pruning or distillation on the way).
-fn check_stage_shapes(pipeline: &Pipeline, model: &Transformer) -> Result<()> {
-    let plan = pipeline.plan();
-    for stage in plan {
-        let mut input = stage.input.as_str();
-        let mut same_shapes = true;
-        while let Some(from) = plan.iter().find(|s| s.name == input) {
-            same_shapes &= from.job.job().keeps_shapes();
-            input = from.input.as_str();
-        }
-        if same_shapes {
-            stage
-                .job
-                .job()
-                .check_shapes(model)
-                .map_err(|e| PipelineError::Stage {
-                    stage: stage.name.clone(),
-                    source: Box::new(e),
-                })?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_leftovers(dir: &Path) -> Result<()> {
-    shrink_core::remove_stale_temporaries(dir)?;
-    Ok(())
-}
-
-/// The folder of a stage under `stages/`: its name when that is a plain folder name (every name a
-/// pipeline gives is), else — for sweep variants such as `q@preset=configs/x.toml` — the name with
-/// other characters replaced and a hash of the full name appended, so it stays one component.
-pub(crate) fn stage_folder(name: &str) -> String {
-    let plain: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+' | '@' | '=') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect();
-    let plain = plain.trim_start_matches('.');
-    if plain == name {
-        return name.to_string();
-    }
-    format!(
-        "{plain}~{}",
-        &shrink_core::sha256_hex(name.as_bytes())[..12]
-    )
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(io_error(to))?;
-    for e in std::fs::read_dir(from).map_err(io_error(from))? {
-        let e = e.map_err(io_error(from))?;
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), &target).map_err(io_error(&target))?;
-        }
-    }
-    Ok(())
-}
-
-/// The evaluation tokens of `text` as `llama-perplexity` makes them (special-token text not
-/// parsed; a BOS only when the model adds one, given separately) and that BOS.
-pub fn eval_tokens(checkpoint: &Checkpoint, text: &str) -> Result<(Vec<u32>, Option<u32>)> {
-    let tokenizer = checkpoint.tokenizer()?;
-    let tokens = tokenizer.encode(text, false)?;
-    if tokenizer.add_bos {
-        Ok((tokens[1..].to_vec(), tokenizer.bos_token_id))
-    } else {
-        Ok((tokens, None))
-    }
-}
-
-/// A prompt's token ids, wrapped in the model's chat template when `chat` and it has one.
-pub fn prompt_tokens(tokenizer: &TokenizerBundle, prompt: &str, chat: bool) -> Result<Vec<u32>> {
-    let text = match (&tokenizer.chat_template, chat) {
-        (Some(template), true) => {
-            let token =
-                |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
-            shrink_models::render_chat(
-                template,
-                &[shrink_models::ChatMessage {
-                    role: "user".into(),
-                    content: prompt.to_string(),
-                }],
-                &token(tokenizer.bos_token_id),
-                &token(tokenizer.eos_token_ids.first().copied()),
-            )?
-        }
-        _ => prompt.to_string(),
-    };
-    Ok(tokenizer.encode(&text, true)?)
-}
-
 /// Runs `pipeline` (validated by [`crate::load`]): every stage not already done, the measurements,
 /// the export to `model/`, the report files and the gates. `log` receives one line per step.
 pub fn run(
@@ -303,56 +89,17 @@ pub fn run(
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
 
-    announce_fetch(&pipeline.model.source, log);
-    let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
-    // The export replaces model/ and stages replace their folders: never where the input is.
-    for written in ["model", "stages"] {
-        shrink_core::check_output_is_not_input(
-            &model_path,
-            &run_dir.join(written),
-            &format!("the run's {written}/ folder"),
-        )?;
-    }
-    pipeline.check_memory(
-        crate::memory::model_shape(&model_path),
-        crate::memory::memory_limit(opts.max_memory_bytes),
-    )?;
-    let model_sha = hash_path(&model_path)?;
-    let checkpoint = shrink_io::load(&model_path)?;
-    // A model without a usable tokenizer is refused before any text is read.
-    checkpoint.tokenizer()?;
-    let mut inputs = vec![InputHash {
-        role: "model".into(),
-        path: model_path.display().to_string(),
-        sha256: model_sha.clone(),
-    }];
-    let (eval_text, eval_sha) =
-        read_text_input("evaluation text", &pipeline.data.eval, &mut inputs, log)?;
-    let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
-    let calib = if calibrates {
-        Some(read_text_input(
-            "calibration text",
-            &pipeline.data.calib,
-            &mut inputs,
-            log,
-        )?)
-    } else {
-        None
-    };
+    let RunInputs {
+        model_path,
+        model_sha,
+        checkpoint,
+        inputs,
+        eval_text,
+        eval_sha,
+        calib,
+        training,
+    } = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = calib.as_ref().map(|(_, key)| key.clone());
-    let trains = pipeline.plan().iter().any(|s| s.job.trains());
-    let training = if trains {
-        let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs, log)?;
-        let tokenizer = checkpoint.tokenizer()?;
-        Some(TrainingText {
-            train: tokenizer.encode(&text, false)?,
-            eval: tokenizer.encode(&eval_text, false)?,
-            key: key_of(&serde_json::json!([sha, eval_sha])),
-        })
-    } else {
-        None
-    };
-
     let bench = Bench::new(pipeline, &checkpoint, &eval_text, progress)?;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": eval_sha, "eval": pipeline.eval,
@@ -533,30 +280,7 @@ pub fn run(
         artifacts.insert(stage.name.clone(), artifact);
     }
 
-    // The final models: for each export format, the last stage of the pipeline as written that
-    // produces it.
-    let mut exported = Vec::new();
-    let model_dir = AtomicDir::new(&run_dir.join("model"))?;
-    for format in &pipeline.export.formats {
-        let wanted = if format == "hf" {
-            Export::Hf
-        } else {
-            Export::Gguf
-        };
-        let Some(stage) = pipeline.main_chain().filter(|s| s.export == wanted).last() else {
-            continue; // validation guarantees one
-        };
-        let from = &artifacts[&stage.name];
-        match wanted {
-            Export::Gguf => {
-                let to = model_dir.path().join("model.gguf");
-                std::fs::copy(from, &to).map_err(io_error(&to))?;
-            }
-            Export::Hf => copy_dir(from, &model_dir.path().join("hf"))?,
-        }
-        exported.push(stage.name.clone());
-    }
-    model_dir.commit()?;
+    let exported = export_models(pipeline, &run_dir, &artifacts)?;
 
     let gates: Vec<GateResult> = exported
         .iter()
@@ -564,23 +288,7 @@ pub fn run(
         .flat_map(|r| crate::gates::check_gates(&pipeline.gates, r))
         .collect();
     let passed = gates.iter().all(|g| g.passed);
-    let sweep = pipeline.sweep.as_ref().map(|s| {
-        let variants: Vec<String> = rows
-            .iter()
-            .filter(|r| r.name == s.stage || r.name.starts_with(&format!("{}@", s.stage)))
-            .map(|r| r.name.clone())
-            .collect();
-        let candidates: Vec<&ModelRow> = rows
-            .iter()
-            .filter(|r| r.kind == "baseline" || variants.contains(&r.name))
-            .collect();
-        SweepSummary {
-            stage: s.stage.clone(),
-            key: s.key.clone(),
-            pareto: pareto_front(&candidates),
-            variants,
-        }
-    });
+    let sweep = sweep_summary(pipeline, &rows);
     let report = Report {
         schema: REPORT_SCHEMA.into(),
         name: pipeline.name.clone(),
@@ -613,15 +321,7 @@ pub fn run(
         training: curves,
         wall_s: start.elapsed().as_secs_f64(),
     };
-    write_json(&run_dir.join("report.json"), &report)?;
-    shrink_core::atomic_write(
-        &run_dir.join("report.md"),
-        crate::render::to_markdown(&report).as_bytes(),
-    )?;
-    shrink_core::atomic_write(
-        &run_dir.join("report.html"),
-        crate::render::to_html(&report).as_bytes(),
-    )?;
+    write_report(&run_dir, &report)?;
     Ok(RunOutcome {
         run_dir,
         report,
@@ -629,58 +329,154 @@ pub fn run(
     })
 }
 
-/// Runs one stage into `dir` (through a staging folder), on `built`, the input model when it is
-/// already built (the baseline), else on the model built from `cx.checkpoint`.
-fn run_stage(
-    stage: &PlannedStage,
-    key: String,
-    cx: &StageContext,
-    built: Option<&Transformer>,
-    dir: &Path,
-) -> Result<StageRecord> {
-    let staged = AtomicDir::new(dir)?;
-    let mut model = match built {
-        Some(model) => model.clone(),
-        None => build_model(cx.checkpoint, DType::F32)?,
-    };
-    let artifact = match stage.export {
-        Export::Gguf => "model.gguf",
-        Export::Hf => "model",
-    };
-    let out = staged.path().join(artifact);
-    sys::reset_peak_rss();
-    let start = Instant::now();
-    let result = stage.job.job().run(cx, &mut model, &out)?;
-    let wall_s = start.elapsed().as_secs_f64();
-    let record = StageRecord {
-        schema: "shrink.stage/v1".into(),
-        key,
-        name: stage.name.clone(),
-        kind: stage.kind.name().into(),
-        input: stage.input.clone(),
-        artifact: artifact.into(),
-        format: serde_json::to_value(stage.export)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default(),
-        method: result.method,
-        types: result.types,
-        linear_bits_per_weight: result.linear_bits_per_weight,
-        layers: result.layers,
-        pruning: result.pruning,
-        training: result.training,
-        search: result.search,
-        wall_s,
-        peak_rss_bytes: sys::peak_rss_bytes(),
-        shrink_version: VERSION.into(),
-    };
-    // The record is written last: its presence means the artifact beside it is complete.
-    write_json(&staged.path().join("stage.json"), &record)?;
-    staged.commit()?;
-    if cx.workdir.exists() {
-        std::fs::remove_dir_all(cx.workdir).map_err(io_error(cx.workdir))?;
+/// What a run reads before any stage: the input model (resolved, checked against the run folder
+/// and the memory budget, hashed, loaded) and the texts its stages need, each file hashed into the
+/// provenance.
+struct RunInputs {
+    model_path: PathBuf,
+    model_sha: String,
+    checkpoint: Checkpoint,
+    inputs: Vec<InputHash>,
+    eval_text: String,
+    eval_sha: String,
+    /// The calibration text and its key, when a stage calibrates.
+    calib: Option<(String, String)>,
+    training: Option<TrainingText>,
+}
+
+fn read_inputs(
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    run_dir: &Path,
+    log: &dyn Fn(&str),
+) -> Result<RunInputs> {
+    announce_fetch(&pipeline.model.source, log);
+    let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
+    // The export replaces model/ and stages replace their folders: never where the input is.
+    for written in ["model", "stages"] {
+        shrink_core::check_output_is_not_input(
+            &model_path,
+            &run_dir.join(written),
+            &format!("the run's {written}/ folder"),
+        )?;
     }
-    Ok(record)
+    pipeline.check_memory(
+        crate::memory::model_shape(&model_path),
+        crate::memory::memory_limit(opts.max_memory_bytes),
+    )?;
+    let model_sha = hash_path(&model_path)?;
+    let checkpoint = shrink_io::load(&model_path)?;
+    // A model without a usable tokenizer is refused before any text is read.
+    checkpoint.tokenizer()?;
+    let mut inputs = vec![InputHash {
+        role: "model".into(),
+        path: model_path.display().to_string(),
+        sha256: model_sha.clone(),
+    }];
+    let (eval_text, eval_sha) =
+        read_text_input("evaluation text", &pipeline.data.eval, &mut inputs, log)?;
+    let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
+    let calib = if calibrates {
+        Some(read_text_input(
+            "calibration text",
+            &pipeline.data.calib,
+            &mut inputs,
+            log,
+        )?)
+    } else {
+        None
+    };
+    let trains = pipeline.plan().iter().any(|s| s.job.trains());
+    let training = if trains {
+        let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs, log)?;
+        let tokenizer = checkpoint.tokenizer()?;
+        Some(TrainingText {
+            train: tokenizer.encode(&text, false)?,
+            eval: tokenizer.encode(&eval_text, false)?,
+            key: key_of(&serde_json::json!([sha, eval_sha])),
+        })
+    } else {
+        None
+    };
+
+    Ok(RunInputs {
+        model_path,
+        model_sha,
+        checkpoint,
+        inputs,
+        eval_text,
+        eval_sha,
+        calib,
+        training,
+    })
+}
+
+/// The final models, copied to `model/`: for each export format, the last stage of the pipeline
+/// as written that produces it. Returns the exported stages' names.
+fn export_models(
+    pipeline: &Pipeline,
+    run_dir: &Path,
+    artifacts: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<String>> {
+    let mut exported = Vec::new();
+    let model_dir = AtomicDir::new(&run_dir.join("model"))?;
+    for format in &pipeline.export.formats {
+        let wanted = if format == "hf" {
+            Export::Hf
+        } else {
+            Export::Gguf
+        };
+        let Some(stage) = pipeline.main_chain().filter(|s| s.export == wanted).last() else {
+            continue; // validation guarantees one
+        };
+        let from = &artifacts[&stage.name];
+        match wanted {
+            Export::Gguf => {
+                let to = model_dir.path().join("model.gguf");
+                std::fs::copy(from, &to).map_err(io_error(&to))?;
+            }
+            Export::Hf => copy_dir(from, &model_dir.path().join("hf"))?,
+        }
+        exported.push(stage.name.clone());
+    }
+    model_dir.commit()?;
+
+    Ok(exported)
+}
+
+/// The swept stage's variants and their Pareto front of size against perplexity.
+fn sweep_summary(pipeline: &Pipeline, rows: &[ModelRow]) -> Option<SweepSummary> {
+    pipeline.sweep.as_ref().map(|s| {
+        let variants: Vec<String> = rows
+            .iter()
+            .filter(|r| r.name == s.stage || r.name.starts_with(&format!("{}@", s.stage)))
+            .map(|r| r.name.clone())
+            .collect();
+        let candidates: Vec<&ModelRow> = rows
+            .iter()
+            .filter(|r| r.kind == "baseline" || variants.contains(&r.name))
+            .collect();
+        SweepSummary {
+            stage: s.stage.clone(),
+            key: s.key.clone(),
+            pareto: pareto_front(&candidates),
+            variants,
+        }
+    })
+}
+
+/// `report.json`, `report.md` and `report.html`, each written atomically.
+fn write_report(run_dir: &Path, report: &Report) -> Result<()> {
+    write_json(&run_dir.join("report.json"), report)?;
+    shrink_core::atomic_write(
+        &run_dir.join("report.md"),
+        crate::render::to_markdown(report).as_bytes(),
+    )?;
+    shrink_core::atomic_write(
+        &run_dir.join("report.html"),
+        crate::render::to_html(report).as_bytes(),
+    )?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
