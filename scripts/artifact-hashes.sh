@@ -32,16 +32,18 @@ step quantize smollm2 --method awq --format gguf:q4_0 "${small[@]}" -o "$work/aw
 step quantize smollm2 --method gptq --format hf --bits 4 --group 64 "${small[@]}" -o "$work/gptq-w4-hf"
 step prune smollm2 --method wanda --sparsity 0.5 "${small[@]}" -o "$work/wanda.gguf"
 step prune smollm2 --method sparsegpt --sparsity 2:4 "${small[@]}" -o "$work/sparsegpt-2of4.gguf"
-step prune smollm2 --method heads --fraction 0.25 -o "$work/heads.gguf"
+step prune smollm2 --method heads --fraction 0.25 "${small[@]}" -o "$work/heads.gguf"
 step prune smollm2 --method layers --fraction 0.25 "${small[@]}" -o "$work/layers.gguf"
 step prune minilm --method wanda --sparsity 0.5 --format hf "${small[@]}" -o "$work/minilm-wanda"
 step distill smollm2 --layers every:2 "${train[@]}" -o "$work/distill.gguf"
 step distill smollm2 --qat q4_0 --calib-samples 4 "${train[@]}" -o "$work/qat-q4_0.gguf"
 
-# A tiny random model (2 blocks of width 64, SmolLM2's vocabulary) for the search and a whole run.
+# A tiny model (2 blocks of width 64, SmolLM2's vocabulary, one distillation step from random) for
+# the search and a whole run.
 step distill smollm2 --student-config num_hidden_layers=2 --student-config hidden_size=64 \
   --student-config intermediate_size=256 --student-config num_attention_heads=4 \
-  --student-config num_key_value_heads=2 --steps 0 -o "$work/tiny.gguf"
+  --student-config num_key_value_heads=2 --steps 1 --batch 1 --seq-len 64 --eval-every 0 \
+  --eval-windows 1 --checkpoint-every 0 -o "$work/tiny.gguf"
 cat >"$work/tiny.toml" <<EOF
 name = "tiny"
 seed = 0

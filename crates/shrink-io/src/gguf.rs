@@ -7,6 +7,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use shrink_models::family::{gpt2, llama};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::path::Path;
@@ -113,113 +114,9 @@ fn meta_array<'a>(
         .map_err(|_| meta_err(path, key, "expected an array"))
 }
 
-/// The Hugging Face name for a GGUF tensor name (llama layout), or `None` if unknown.
-fn gguf_to_hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
 /// The GGUF name for a Hugging Face tensor name (llama layout), or `None` if unknown.
 pub fn hf_to_gguf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let g = match part {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
-}
-
-/// GPT-2's block tensors: (GGUF part, Hugging Face part, weight stored as Conv1D `[in, out]`).
-const GPT2_TENSORS: [(&str, &str, bool); 6] = [
-    ("attn_norm", "ln_1", false),
-    ("attn_qkv", "attn.c_attn", true),
-    ("attn_output", "attn.c_proj", true),
-    ("ffn_norm", "ln_2", false),
-    ("ffn_up", "mlp.c_fc", true),
-    ("ffn_down", "mlp.c_proj", true),
-];
-
-const GPT2_FIXED: [(&str, &str); 4] = [
-    ("token_embd.weight", "wte.weight"),
-    ("position_embd.weight", "wpe.weight"),
-    ("output_norm.weight", "ln_f.weight"),
-    ("output_norm.bias", "ln_f.bias"),
-];
-
-/// A GPT-2 GGUF name as the Hugging Face name, and whether that weight is stored transposed
-/// (Conv1D) there.
-fn gpt2_gguf_to_hf(name: &str) -> Option<(String, bool)> {
-    if let Some((_, hf)) = GPT2_FIXED.iter().find(|(g, _)| *g == name) {
-        return Some((hf.to_string(), false));
-    }
-    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let (_, hf, conv) = GPT2_TENSORS.iter().find(|(g, _, _)| *g == part)?;
-    matches!(kind, "weight" | "bias")
-        .then(|| (format!("h.{layer}.{hf}.{kind}"), *conv && kind == "weight"))
-}
-
-/// A GPT-2 Hugging Face name (with or without `transformer.`) as the GGUF name, and whether the
-/// weight is stored transposed (Conv1D) in the checkpoint.
-fn gpt2_hf_to_gguf(name: &str) -> Option<(String, bool)> {
-    let name = name.strip_prefix("transformer.").unwrap_or(name);
-    if let Some((g, _)) = GPT2_FIXED.iter().find(|(_, hf)| *hf == name) {
-        return Some((g.to_string(), false));
-    }
-    let (layer, rest) = name.strip_prefix("h.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let (g, _, conv) = GPT2_TENSORS.iter().find(|(_, hf, _)| *hf == part)?;
-    matches!(kind, "weight" | "bias")
-        .then(|| (format!("blk.{layer}.{g}.{kind}"), *conv && kind == "weight"))
+    llama::GGUF.to_gguf(name).map(|(g, _)| g)
 }
 
 /// llama.cpp's `llama` architecture stores Q/K rows with RoPE pairs interleaved: HF row
@@ -369,10 +266,11 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
             continue; // a precomputed RoPE table; the model computes its own
         }
         let (hf, conv1d) = if arch == "gpt2" {
-            gpt2_gguf_to_hf(name)
+            &gpt2::GGUF
         } else {
-            gguf_to_hf_name(name).map(|n| (n, false))
+            &llama::GGUF
         }
+        .to_hf(name)
         .ok_or_else(|| tensor_err(format!("unknown tensor name for the {arch} architecture")))?;
         let q = info
             .read(&mut cursor, content.tensor_data_offset, &Device::Cpu)
@@ -683,12 +581,12 @@ pub fn write_llama_gguf(
     let gpt2 = model_type == "gpt2";
     let theirs = |key: &'static str| -> &'static str {
         match key {
-            "num_attention_heads" if gpt2 => "n_head",
-            "hidden_size" if gpt2 => "n_embd",
-            "num_hidden_layers" if gpt2 => "n_layer",
-            "max_position_embeddings" if gpt2 => "n_positions",
-            "intermediate_size" if gpt2 => "n_inner",
-            other => other,
+            _ if !gpt2 => key,
+            "intermediate_size" => "n_inner",
+            _ => gpt2::CONFIG_KEYS
+                .iter()
+                .find(|(_, ours)| *ours == key)
+                .map_or(key, |(theirs, _)| theirs),
         }
     };
     let get = |key: &'static str| {
@@ -850,13 +748,8 @@ pub fn write_llama_gguf(
 
     // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
     let mut ordered: Vec<(&String, &Tensor)> = checkpoint.tensors.iter().collect();
-    let gguf_name = |n: &str| -> Option<(String, bool)> {
-        if gpt2 {
-            gpt2_hf_to_gguf(n)
-        } else {
-            hf_to_gguf_name(n).map(|g| (g, false))
-        }
-    };
+    let names = if gpt2 { &gpt2::GGUF } else { &llama::GGUF };
+    let gguf_name = |n: &str| names.to_gguf(n);
     let layer_of = |n: &str| -> (usize, usize) {
         let g = gguf_name(n).map(|(g, _)| g).unwrap_or_default();
         match g
@@ -983,12 +876,15 @@ mod tests {
             "model.layers.3.post_attention_layernorm.weight",
             "lm_head.weight",
         ] {
-            assert_eq!(gguf_to_hf_name(&hf_to_gguf_name(n).unwrap()).unwrap(), n);
+            assert_eq!(
+                llama::GGUF.to_hf(&hf_to_gguf_name(n).unwrap()).unwrap().0,
+                n
+            );
         }
         assert_eq!(
             hf_to_gguf_name("model.layers.1.mlp.gate_proj.weight").unwrap(),
             "blk.1.ffn_gate.weight"
         );
-        assert!(gguf_to_hf_name("blk.1.ffn_gate_exps.weight").is_none());
+        assert!(llama::GGUF.to_hf("blk.1.ffn_gate_exps.weight").is_none());
     }
 }

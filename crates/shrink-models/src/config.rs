@@ -103,16 +103,6 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// GPT-2's key names and ours.
-const GPT2_KEYS: [(&str, &str); 6] = [
-    ("n_embd", "hidden_size"),
-    ("n_layer", "num_hidden_layers"),
-    ("n_head", "num_attention_heads"),
-    ("n_positions", "max_position_embeddings"),
-    ("activation_function", "hidden_act"),
-    ("layer_norm_epsilon", "layer_norm_eps"),
-];
-
 impl ModelConfig {
     /// Parses and validates a `config.json` value.
     pub fn from_json(value: &Value) -> Result<Self> {
@@ -140,7 +130,10 @@ impl ModelConfig {
         match self.arch() {
             Ok(Arch::Gpt2) => {
                 for key in keys.iter_mut() {
-                    if let Some((theirs, _)) = GPT2_KEYS.iter().find(|(_, ours)| *ours == key.0) {
+                    if let Some((theirs, _)) = crate::family::gpt2::CONFIG_KEYS
+                        .iter()
+                        .find(|(_, ours)| *ours == key.0)
+                    {
                         key.0 = theirs;
                     } else if key.0 == "intermediate_size" {
                         key.0 = "n_inner";
@@ -444,7 +437,7 @@ impl ModelConfig {
             serde_json::to_value(self).map_err(|e| ModelError::Config(e.to_string()))?;
         if self.arch()? == Arch::Gpt2 {
             if let Some(map) = value.as_object_mut() {
-                for (theirs, ours) in GPT2_KEYS {
+                for (theirs, ours) in crate::family::gpt2::CONFIG_KEYS {
                     if let Some(v) = map.remove(ours) {
                         map.insert(theirs.into(), v);
                     }
@@ -509,7 +502,7 @@ fn gpt2_keys_to_ours(value: &mut Value) -> Result<()> {
     let Some(map) = value.as_object_mut() else {
         return Err(ModelError::Config("config.json is not an object".into()));
     };
-    for (theirs, ours) in GPT2_KEYS {
+    for (theirs, ours) in crate::family::gpt2::CONFIG_KEYS {
         if let Some(v) = map.remove(theirs) {
             map.entry(ours.to_string()).or_insert(v);
         }

@@ -18,6 +18,7 @@
 mod chat;
 mod checkpoint;
 mod config;
+pub mod family;
 mod generate;
 mod kernels;
 mod pooling;

@@ -7,6 +7,8 @@
 //! and fused qkv before they get here.
 
 use crate::config::{Activation, Arch, ModelConfig};
+use crate::family::bert::{MLM_BIAS, MLM_NORM, MLM_TRANSFORM};
+use crate::family::naming;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -268,7 +270,7 @@ impl Role {
             .strip_suffix(".weight")
             .or_else(|| name.strip_suffix(".bias"))
             .unwrap_or(name);
-        [&LLAMA_NAMES, &BERT_NAMES, &GPT2_NAMES]
+        crate::family::ALL_NAMES
             .iter()
             .find_map(|naming| {
                 naming.linears.iter().position(|suffix| {
@@ -601,93 +603,6 @@ fn repeat_kv(x: Tensor, groups: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .expand((b, n_kv, groups, s, d))?
         .reshape((b, n_kv * groups, s, d))?)
-}
-
-/// Where a family keeps its weights: the checkpoint's own names (GPT-2's fused qkv appears as
-/// `attn.c_attn.q`, `.k`, `.v`).
-struct Naming {
-    embed: &'static str,
-    positions: Option<&'static str>,
-    token_types: Option<&'static str>,
-    embed_norm: Option<&'static str>,
-    layers: &'static str,
-    linears: [&'static str; 7],
-    attn_norm: &'static str,
-    mlp_norm: &'static str,
-    final_norm: Option<&'static str>,
-}
-
-const LLAMA_NAMES: Naming = Naming {
-    embed: "model.embed_tokens",
-    positions: None,
-    token_types: None,
-    embed_norm: None,
-    layers: "model.layers",
-    linears: [
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ],
-    attn_norm: "input_layernorm",
-    mlp_norm: "post_attention_layernorm",
-    final_norm: Some("model.norm"),
-};
-
-const BERT_NAMES: Naming = Naming {
-    embed: "embeddings.word_embeddings",
-    positions: Some("embeddings.position_embeddings"),
-    token_types: Some("embeddings.token_type_embeddings"),
-    embed_norm: Some("embeddings.LayerNorm"),
-    layers: "encoder.layer",
-    linears: [
-        "attention.self.query",
-        "attention.self.key",
-        "attention.self.value",
-        "attention.output.dense",
-        "",
-        "intermediate.dense",
-        "output.dense",
-    ],
-    attn_norm: "attention.output.LayerNorm",
-    mlp_norm: "output.LayerNorm",
-    final_norm: None,
-};
-
-const GPT2_NAMES: Naming = Naming {
-    embed: "wte",
-    positions: Some("wpe"),
-    token_types: None,
-    embed_norm: None,
-    layers: "h",
-    linears: [
-        "attn.c_attn.q",
-        "attn.c_attn.k",
-        "attn.c_attn.v",
-        "attn.c_proj",
-        "",
-        "mlp.c_fc",
-        "mlp.c_proj",
-    ],
-    attn_norm: "ln_1",
-    mlp_norm: "ln_2",
-    final_norm: Some("ln_f"),
-};
-
-/// BERT's masked-language-model head (`BertForMaskedLM`'s `cls.predictions`).
-pub(crate) const MLM_TRANSFORM: &str = "cls.predictions.transform.dense";
-pub(crate) const MLM_NORM: &str = "cls.predictions.transform.LayerNorm";
-pub(crate) const MLM_BIAS: &str = "cls.predictions.bias";
-
-fn naming(arch: Arch) -> &'static Naming {
-    match arch {
-        Arch::Bert => &BERT_NAMES,
-        Arch::Gpt2 => &GPT2_NAMES,
-        _ => &LLAMA_NAMES,
-    }
 }
 
 impl ModelConfig {
