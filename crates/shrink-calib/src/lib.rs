@@ -11,7 +11,7 @@
 //! let tokens: Vec<u32> = (0..500).map(|i| (i * 13 % 64) as u32).collect();
 //! let windows = sample_windows(&tokens, 4, 32, 0).unwrap();
 //! let mut seen = vec![];
-//! sequential(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut Block, stats: &BlockStats| {
+//! sequential::<shrink_calib::CalibError>(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut Block, stats: &BlockStats| {
 //!     seen.push((block.index, stats.get("model.layers.0.self_attn.q_proj").map(|s| s.rows)));
 //!     Ok(())
 //! }).unwrap();
@@ -45,6 +45,7 @@ pub enum CalibError {
     },
     #[error("non-finite values in the inputs of '{0}': the model produced NaN or infinity")]
     NonFinite(String),
+    /// A caller's failure as text, for callers of [`sequential`] without an error type of their own.
     #[error("{0}")]
     Compress(String),
     #[error(transparent)]
@@ -158,31 +159,34 @@ pub fn block_stats(
 /// are gathered on the current activations, `compress` modifies the block, and the compressed
 /// block's outputs become the next block's inputs. Only the activations of the calibration
 /// windows at one depth are held in memory. Without `hessian`, only per-channel statistics are
-/// gathered.
-pub fn sequential(
+/// gathered. `compress` fails with the caller's own error type `E`, returned as it is; the
+/// engine's own failures become `E` through `From<CalibError>`.
+pub fn sequential<E: From<CalibError>>(
     model: &mut Transformer,
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,
     progress: &dyn Progress,
-    compress: &mut dyn FnMut(&mut Block, &BlockStats) -> Result<()>,
-) -> Result<()> {
+    compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     let batch = batch.max(1);
     let Some(len) = windows.first().map(Vec::len) else {
         return Ok(());
     };
-    let ctx = model.attention_context(len, 0)?;
+    let ctx = model.attention_context(len, 0).map_err(CalibError::from)?;
     let mut xs: Vec<Tensor> = Vec::new();
     for group in windows.chunks(batch) {
-        let ids = Tensor::new(group.to_vec(), model.device())?;
-        xs.push(model.embed(&ids)?);
+        let ids = Tensor::new(group.to_vec(), model.device()).map_err(CalibError::from)?;
+        xs.push(model.embed(&ids).map_err(CalibError::from)?);
     }
     progress.start("calibrating blocks", model.blocks.len() as u64);
     for block in model.blocks.iter_mut() {
         let stats = block_stats(block, &xs, &ctx, hessian)?;
         compress(block, &stats)?;
         for x in xs.iter_mut() {
-            *x = block.forward(x, &ctx, None, &mut NoHook)?;
+            *x = block
+                .forward(x, &ctx, None, &mut NoHook)
+                .map_err(CalibError::from)?;
         }
         progress.advance(1, Some(&format!("block {}", block.index)));
     }
@@ -220,7 +224,7 @@ mod tests {
             vec![3, 3, 3, 3, 3, 3],
         ];
         let mut hessians = vec![];
-        sequential(
+        sequential::<CalibError>(
             &mut model,
             &windows,
             2,

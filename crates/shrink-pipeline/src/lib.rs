@@ -93,6 +93,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Train(#[from] shrink_train::TrainError),
     #[error(transparent)]
+    Distill(#[from] shrink_distill::DistillError),
+    #[error(transparent)]
     Core(#[from] shrink_core::CoreError),
     #[error(transparent)]
     Search(#[from] shrink_search::SearchError),

@@ -285,22 +285,7 @@ pub(crate) fn for_each_block(
     progress: &dyn Progress,
     mut each: impl FnMut(&mut Block, &shrink_calib::BlockStats) -> Result<()>,
 ) -> Result<()> {
-    let mut failure = None;
-    shrink_calib::sequential(
-        model,
-        windows,
-        batch,
-        hessian,
-        progress,
-        &mut |block, stats| {
-            each(block, stats).map_err(|e| {
-                let message = e.to_string();
-                failure = Some(e);
-                shrink_calib::CalibError::Compress(message)
-            })
-        },
-    )
-    .map_err(|e| failure.take().unwrap_or(PruneError::from(e)))
+    shrink_calib::sequential(model, windows, batch, hessian, progress, &mut each)
 }
 
 /// The |w| below which global magnitude pruning removes every block-linear weight, and how many

@@ -522,10 +522,7 @@ pub fn quantize_model(
                 batch,
                 true,
                 progress,
-                &mut |block, stats| {
-                    quantize_block(block, Some(stats))
-                        .map_err(|e| shrink_calib::CalibError::Compress(e.to_string()))
-                },
+                &mut |block, stats| quantize_block(block, Some(stats)),
             )?;
         }
         None => {

@@ -84,7 +84,7 @@ impl TrainKeys {
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
         };
-        c.validate().map_err(|e| invalid(e.to_string()))?;
+        c.validate()?;
         if self.seq_len < 2 {
             return Err(invalid("seq_len must be at least 2".into()));
         }
@@ -225,12 +225,11 @@ impl DistillRequest {
             }
         }
         let loss = DistillConfig {
-            divergence: Divergence::parse(&self.loss).map_err(|e| invalid(e.to_string()))?,
+            divergence: Divergence::parse(&self.loss)?,
             temperature: self.temperature,
             alpha: self.alpha,
             hidden,
-            hidden_loss: HiddenLoss::parse(&self.hidden_loss)
-                .map_err(|e| invalid(e.to_string()))?,
+            hidden_loss: HiddenLoss::parse(&self.hidden_loss)?,
             hidden_weight: self.hidden_weight,
             attention,
             attention_weight: self.attention_weight,
@@ -268,7 +267,6 @@ pub fn build_student(
     teacher: &Transformer,
     given: Option<&Transformer>,
 ) -> Result<Transformer> {
-    let err = |e: shrink_distill::DistillError| invalid(e.to_string());
     match &request.student {
         StudentInit::Model => given.cloned().ok_or_else(|| {
             invalid(
@@ -278,15 +276,15 @@ pub fn build_student(
         }),
         StudentInit::Layers(spec) => {
             let layers = shrink_distill::parse_layers(spec, teacher.config.num_hidden_layers)
-                .map_err(err)?;
+                ?;
             if resolved.auto_hidden {
                 resolved.job.loss.hidden = layers.iter().copied().enumerate().collect();
             }
-            shrink_distill::layer_subset(teacher, &layers).map_err(err)
+            shrink_distill::layer_subset(teacher, &layers).map_err(PipelineError::from)
         }
         StudentInit::Random(overrides) => {
-            let config = shrink_distill::student_config(&teacher.config, overrides).map_err(err)?;
-            shrink_distill::random_student(teacher, config, request.train.seed).map_err(err)
+            let config = shrink_distill::student_config(&teacher.config, overrides)?;
+            shrink_distill::random_student(teacher, config, request.train.seed).map_err(PipelineError::from)
         }
     }
 }
@@ -335,8 +333,7 @@ pub fn distill_and_write(
         Some(workdir),
         fingerprint,
         progress,
-    )
-    .map_err(|e| invalid(e.to_string()))?;
+    )?;
     shrink_io::write_model(checkpoint, &trained, resolved.export, resolved.dtype, out)?;
     let outcome = DistillOutcome {
         parameters_student: trained.num_parameters(),

@@ -145,7 +145,7 @@ fn invalid(message: String) -> PipelineError {
 }
 
 fn sparsity(text: &str) -> Result<Sparsity> {
-    Sparsity::parse(text).map_err(|e| invalid(e.to_string()))
+    Ok(Sparsity::parse(text)?)
 }
 
 impl PruneRequest {
@@ -181,11 +181,9 @@ impl PruneRequest {
             if !(0.0..1.0).contains(&fraction) {
                 return Err(invalid(format!("fraction {fraction} is outside [0, 1)")));
             }
-            let importance = Importance::parse(self.importance.as_deref().unwrap_or("activation"))
-                .map_err(|e| invalid(e.to_string()))?;
+            let importance = Importance::parse(self.importance.as_deref().unwrap_or("activation"))?;
             let criterion =
-                LayerCriterion::parse(self.criterion.as_deref().unwrap_or("block-influence"))
-                    .map_err(|e| invalid(e.to_string()))?;
+                LayerCriterion::parse(self.criterion.as_deref().unwrap_or("block-influence"))?;
             let target = match self.kind {
                 PruneKind::Heads if self.kv_groups => Target::KvGroups,
                 PruneKind::Heads => Target::Heads,
@@ -277,8 +275,7 @@ pub fn float_storage(dtype: GgufWriteType) -> (&'static str, f64) {
 /// Checks a job against the model before any calibration (N:M groups must divide every row).
 pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> {
     if let PruneJob::Unstructured(plan) = &resolved.job {
-        plan.check_model(model)
-            .map_err(|e| invalid(e.to_string()))?;
+        plan.check_model(model)?;
     }
     Ok(())
 }
