@@ -374,63 +374,6 @@ impl ModelConfig {
         }
     }
 
-    /// A 2-block GQA Llama small enough for unit tests.
-    pub fn tiny_for_tests() -> Self {
-        ModelConfig {
-            model_type: "llama".into(),
-            architectures: vec!["LlamaForCausalLM".into()],
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: Some(2),
-            head_dim: None,
-            rms_norm_eps: 1e-5,
-            layer_norm_eps: None,
-            rope_theta: 10_000.0,
-            vocab_size: 64,
-            max_position_embeddings: 256,
-            tie_word_embeddings: false,
-            attention_bias: false,
-            sliding_window: None,
-            use_sliding_window: None,
-            rope_scaling: None,
-            hidden_act: Some("silu".into()),
-            mlp_bias: false,
-            type_vocab_size: None,
-            position_embedding_type: None,
-        }
-    }
-
-    /// A 2-block BERT encoder (4 heads, GELU) for unit tests.
-    pub fn tiny_bert_for_tests() -> Self {
-        ModelConfig {
-            model_type: "bert".into(),
-            architectures: vec!["BertModel".into()],
-            num_key_value_heads: None,
-            layer_norm_eps: Some(1e-12),
-            hidden_act: Some("gelu".into()),
-            type_vocab_size: Some(2),
-            position_embedding_type: Some("absolute".into()),
-            max_position_embeddings: 64,
-            ..Self::tiny_for_tests()
-        }
-    }
-
-    /// A 2-block GPT-2 (4 heads, tied embeddings) for unit tests.
-    pub fn tiny_gpt2_for_tests() -> Self {
-        ModelConfig {
-            model_type: "gpt2".into(),
-            architectures: vec!["GPT2LMHeadModel".into()],
-            num_key_value_heads: None,
-            layer_norm_eps: Some(1e-5),
-            hidden_act: Some("gelu_new".into()),
-            tie_word_embeddings: true,
-            max_position_embeddings: 64,
-            ..Self::tiny_for_tests()
-        }
-    }
-
     /// The config as `config.json` for its family (GPT-2 under its own key names).
     pub fn to_json(&self) -> Result<Value> {
         let mut value =

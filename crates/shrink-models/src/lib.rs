@@ -8,7 +8,12 @@
 //! ```
 //! use candle_core::{Device, Tensor};
 //! use shrink_models::{ModelConfig, Transformer};
-//! let cfg = ModelConfig::tiny_for_tests();
+//! let cfg = ModelConfig::from_json(&serde_json::json!({
+//!     "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+//!     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+//!     "vocab_size": 64, "max_position_embeddings": 256,
+//! }))
+//! .unwrap();
 //! let model = Transformer::random(&cfg, 0, &Device::Cpu).unwrap();
 //! let tokens = Tensor::new(&[[1u32, 5, 9, 3]], &Device::Cpu).unwrap();
 //! let logits = model.forward(&tokens).unwrap();
@@ -22,6 +27,8 @@ pub mod family;
 mod generate;
 mod kernels;
 mod pooling;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod transformer;
 
 pub use chat::{render_chat, ChatMessage};

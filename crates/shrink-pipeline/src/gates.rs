@@ -18,71 +18,19 @@ pub(crate) struct Gate {
     value: fn(&ModelRow) -> Option<f64>,
 }
 
-/// Every gate, in the order they are checked and reported.
+const UNBOUNDED: (f64, f64) = (0.0, f64::MAX);
+
+/// Every gate, in the order they are checked and reported: key, what it measures, unit, at most
+/// (else at least), the limits a pipeline may set, the limit and the row's value.
+#[rustfmt::skip]
 pub(crate) const GATES: &[Gate] = &[
-    Gate {
-        key: "max_ppl_increase_pct",
-        what: "perplexity increase",
-        unit: "%",
-        at_most: true,
-        range: (0.0, f64::MAX),
-        limit: |g| g.max_ppl_increase_pct,
-        value: |r| Some(r.ppl_increase_pct),
-    },
-    Gate {
-        key: "min_top1_agreement",
-        what: "top-1 agreement",
-        unit: "",
-        at_most: false,
-        range: (0.0, 1.0),
-        limit: |g| g.min_top1_agreement,
-        value: |r| r.top1_agreement,
-    },
-    Gate {
-        key: "max_kl",
-        what: "KL",
-        unit: " nats",
-        at_most: true,
-        range: (0.0, f64::MAX),
-        limit: |g| g.max_kl,
-        value: |r| r.kl_mean,
-    },
-    Gate {
-        key: "min_embedding_cosine",
-        what: "embedding cosine",
-        unit: "",
-        at_most: false,
-        range: (-1.0, 1.0),
-        limit: |g| g.min_embedding_cosine,
-        value: |r| r.embedding_cosine,
-    },
-    Gate {
-        key: "min_neighbour_agreement",
-        what: "top-10 neighbour agreement",
-        unit: "",
-        at_most: false,
-        range: (0.0, 1.0),
-        limit: |g| g.min_neighbour_agreement,
-        value: |r| r.neighbour_agreement,
-    },
-    Gate {
-        key: "max_size_mb",
-        what: "size",
-        unit: " MB",
-        at_most: true,
-        range: (0.0, f64::MAX),
-        limit: |g| g.max_size_mb,
-        value: |r| Some(r.size_bytes as f64 / 1e6),
-    },
-    Gate {
-        key: "min_compression_ratio",
-        what: "compression ratio",
-        unit: "×",
-        at_most: false,
-        range: (0.0, f64::MAX),
-        limit: |g| g.min_compression_ratio,
-        value: |r| Some(r.compression_ratio),
-    },
+    Gate { key: "max_ppl_increase_pct", what: "perplexity increase", unit: "%", at_most: true, range: UNBOUNDED, limit: |g| g.max_ppl_increase_pct, value: |r| Some(r.ppl_increase_pct) },
+    Gate { key: "min_top1_agreement", what: "top-1 agreement", unit: "", at_most: false, range: (0.0, 1.0), limit: |g| g.min_top1_agreement, value: |r| r.top1_agreement },
+    Gate { key: "max_kl", what: "KL", unit: " nats", at_most: true, range: UNBOUNDED, limit: |g| g.max_kl, value: |r| r.kl_mean },
+    Gate { key: "min_embedding_cosine", what: "embedding cosine", unit: "", at_most: false, range: (-1.0, 1.0), limit: |g| g.min_embedding_cosine, value: |r| r.embedding_cosine },
+    Gate { key: "min_neighbour_agreement", what: "top-10 neighbour agreement", unit: "", at_most: false, range: (0.0, 1.0), limit: |g| g.min_neighbour_agreement, value: |r| r.neighbour_agreement },
+    Gate { key: "max_size_mb", what: "size", unit: " MB", at_most: true, range: UNBOUNDED, limit: |g| g.max_size_mb, value: |r| Some(r.size_bytes as f64 / 1e6) },
+    Gate { key: "min_compression_ratio", what: "compression ratio", unit: "×", at_most: false, range: UNBOUNDED, limit: |g| g.min_compression_ratio, value: |r| Some(r.compression_ratio) },
 ];
 
 /// Checks `[gates]` on one exported model.

@@ -379,8 +379,8 @@ pub(crate) fn training_memory(t: &TrainKeys, m: &ModelSizes) -> JobMemory {
 pub(crate) struct DistillStage;
 
 impl StageType for DistillStage {
-    fn keys(&self, _kind: StageKind) -> &'static [&'static str] {
-        &[
+    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
+        [
             "format",
             "alpha",
             "dtype",
@@ -398,6 +398,7 @@ impl StageType for DistillStage {
             "top_k",
             "train",
         ]
+        .contains(&key)
     }
 
     fn job(&self, s: &Stage) -> KeyResult<StageJob> {

@@ -345,22 +345,16 @@ pub fn prune_and_write(
 pub(crate) struct PruneStage;
 
 impl StageType for PruneStage {
-    fn keys(&self, kind: StageKind) -> &'static [&'static str] {
-        match kind {
-            StageKind::PruneMagnitude => &["format", "overrides", "sparsity", "global", "dtype"],
-            StageKind::PruneWanda => &["format", "overrides", "sparsity", "dtype"],
-            StageKind::PruneSparseGpt => &[
-                "format",
-                "overrides",
-                "damp",
-                "sparsity",
-                "block_size",
-                "dtype",
-            ],
-            StageKind::PruneHeads => &["format", "fraction", "importance", "kv_groups", "dtype"],
-            StageKind::PruneLayers => &["format", "fraction", "importance", "criterion", "dtype"],
-            _ => &["format", "fraction", "importance", "dtype"],
-        }
+    fn accepts(&self, kind: StageKind, key: &str) -> bool {
+        let own: &[&str] = match kind {
+            StageKind::PruneMagnitude => &["overrides", "sparsity", "global"],
+            StageKind::PruneWanda => &["overrides", "sparsity"],
+            StageKind::PruneSparseGpt => &["overrides", "damp", "sparsity", "block_size"],
+            StageKind::PruneHeads => &["fraction", "importance", "kv_groups"],
+            StageKind::PruneLayers => &["fraction", "importance", "criterion"],
+            _ => &["fraction", "importance"],
+        };
+        ["format", "dtype"].contains(&key) || own.contains(&key)
     }
 
     fn job(&self, s: &Stage) -> KeyResult<StageJob> {

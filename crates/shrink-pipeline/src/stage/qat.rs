@@ -2,7 +2,7 @@
 
 use super::distill::TrainKeys;
 use super::distill::{check_training_keys, distill_request, training_memory, DistillRequest};
-use super::quantize::{check_format_keys, quantize_request, quantized_result};
+use super::quantize::{check_format_keys, quantize_request, quantized_result, FORMAT_KEYS};
 use super::{whole, Job, JobMemory, KeyResult, ModelSizes, StageContext, StageJob, StageKind};
 use super::{StageResult, StageType};
 use crate::config::Stage;
@@ -127,26 +127,19 @@ pub fn qat_and_write(
 pub(crate) struct QatStage;
 
 impl StageType for QatStage {
-    fn keys(&self, _kind: StageKind) -> &'static [&'static str] {
-        &[
-            "preset",
-            "format",
-            "bits",
-            "group",
-            "overrides",
-            "embeddings",
+    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
+        let own = [
             "damp",
             "act_order",
             "alpha",
-            "activations",
-            "search",
             "weights",
             "loss",
             "temperature",
             "freeze",
             "learn_scales",
             "train",
-        ]
+        ];
+        FORMAT_KEYS.contains(&key) || own.contains(&key)
     }
 
     fn job(&self, s: &Stage) -> KeyResult<StageJob> {

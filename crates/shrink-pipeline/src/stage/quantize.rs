@@ -392,65 +392,27 @@ pub fn write_quantized(
 /// The `quantize.rtn`, `quantize.gptq`, `quantize.awq` and `quantize.smoothquant` stages.
 pub(crate) struct QuantizeStage;
 
+/// What every quantization stage accepts (`quantize.qat` too).
+pub(crate) const FORMAT_KEYS: &[&str] = &[
+    "preset",
+    "format",
+    "bits",
+    "group",
+    "overrides",
+    "embeddings",
+    "activations",
+    "search",
+];
+
 impl StageType for QuantizeStage {
-    fn keys(&self, kind: StageKind) -> &'static [&'static str] {
-        match kind {
-            StageKind::QuantizeRtn => &[
-                "preset",
-                "format",
-                "bits",
-                "group",
-                "overrides",
-                "embeddings",
-                "imatrix",
-                "activations",
-                "search",
-                "keep_sparsity",
-            ],
-            StageKind::QuantizeGptq => &[
-                "preset",
-                "format",
-                "bits",
-                "group",
-                "overrides",
-                "embeddings",
-                "damp",
-                "act_order",
-                "activations",
-                "search",
-                "keep_sparsity",
-            ],
-            StageKind::QuantizeAwq => &[
-                "preset",
-                "format",
-                "bits",
-                "group",
-                "overrides",
-                "embeddings",
-                "damp",
-                "act_order",
-                "awq_grid",
-                "activations",
-                "search",
-                "weights",
-                "keep_sparsity",
-            ],
-            _ => &[
-                "preset",
-                "format",
-                "bits",
-                "group",
-                "overrides",
-                "embeddings",
-                "damp",
-                "act_order",
-                "alpha",
-                "activations",
-                "search",
-                "weights",
-                "keep_sparsity",
-            ],
-        }
+    fn accepts(&self, kind: StageKind, key: &str) -> bool {
+        let own: &[&str] = match kind {
+            StageKind::QuantizeRtn => &["imatrix"],
+            StageKind::QuantizeGptq => &["damp", "act_order"],
+            StageKind::QuantizeAwq => &["damp", "act_order", "awq_grid", "weights"],
+            _ => &["damp", "act_order", "alpha", "weights"],
+        };
+        FORMAT_KEYS.contains(&key) || own.contains(&key) || key == "keep_sparsity"
     }
 
     fn job(&self, s: &Stage) -> KeyResult<StageJob> {

@@ -664,8 +664,8 @@ impl Verifier for StageVerifier<'_> {
 pub(crate) struct SearchStage;
 
 impl StageType for SearchStage {
-    fn keys(&self, _kind: StageKind) -> &'static [&'static str] {
-        &[
+    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
+        [
             "embeddings",
             "damp",
             "act_order",
@@ -675,6 +675,7 @@ impl StageType for SearchStage {
             "sensitivity",
             "budget",
         ]
+        .contains(&key)
     }
 
     fn job(&self, s: &Stage) -> KeyResult<StageJob> {

@@ -1,0 +1,79 @@
+//! Fixtures for tests, built only for tests (`cfg(test)`) and with the `testing` feature, which the
+//! workspace's crates enable in their dev-dependencies: not part of the library's API.
+
+use crate::ModelConfig;
+
+impl ModelConfig {
+    /// A 2-block GQA Llama small enough for unit tests.
+    pub fn tiny_for_tests() -> Self {
+        ModelConfig {
+            model_type: "llama".into(),
+            architectures: vec!["LlamaForCausalLM".into()],
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            head_dim: None,
+            rms_norm_eps: 1e-5,
+            layer_norm_eps: None,
+            rope_theta: 10_000.0,
+            vocab_size: 64,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            sliding_window: None,
+            use_sliding_window: None,
+            rope_scaling: None,
+            hidden_act: Some("silu".into()),
+            mlp_bias: false,
+            type_vocab_size: None,
+            position_embedding_type: None,
+        }
+    }
+
+    /// A 2-block BERT encoder (4 heads, GELU) for unit tests.
+    pub fn tiny_bert_for_tests() -> Self {
+        ModelConfig {
+            model_type: "bert".into(),
+            architectures: vec!["BertModel".into()],
+            num_key_value_heads: None,
+            layer_norm_eps: Some(1e-12),
+            hidden_act: Some("gelu".into()),
+            type_vocab_size: Some(2),
+            position_embedding_type: Some("absolute".into()),
+            max_position_embeddings: 64,
+            ..Self::tiny_for_tests()
+        }
+    }
+
+    /// A 2-block GPT-2 (4 heads, tied embeddings) for unit tests.
+    pub fn tiny_gpt2_for_tests() -> Self {
+        ModelConfig {
+            model_type: "gpt2".into(),
+            architectures: vec!["GPT2LMHeadModel".into()],
+            num_key_value_heads: None,
+            layer_norm_eps: Some(1e-5),
+            hidden_act: Some("gelu_new".into()),
+            tie_word_embeddings: true,
+            max_position_embeddings: 64,
+            ..Self::tiny_for_tests()
+        }
+    }
+}
+
+/// The largest absolute difference between two equally long sequences of values.
+pub fn max_abs_diff<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        a.into_iter().copied().collect(),
+        b.into_iter().copied().collect(),
+    );
+    assert_eq!(a.len(), b.len(), "compared sequences differ in length");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
