@@ -83,8 +83,9 @@ EOF
 step run "$work/tiny.toml" -o "$work/tiny-run"
 
 {
+  # (tiny.toml is an input, and names this run's temporary folder.)
   (cd "$work" && find . -type f ! -path './tiny-run/*' ! -name '*.log' ! -name 'log.json' \
-    ! -path '*.distill/*' | LC_ALL=C sort | xargs sha256sum)
+    ! -name 'tiny.toml' ! -path '*.distill/*' | LC_ALL=C sort | xargs sha256sum)
   # The run folder: models and stage outputs (reports carry timings, so they are left out).
   (cd "$work" && find tiny-run -type f \( -name '*.gguf' -o -name '*.safetensors' \) \
     | LC_ALL=C sort | xargs sha256sum)
