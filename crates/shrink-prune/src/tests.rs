@@ -3,6 +3,7 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use shrink_calib::LinearStats;
 use shrink_core::NoProgress;
+use shrink_models::testing::max_abs_diff;
 use shrink_models::ModelConfig;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -293,14 +294,6 @@ fn logits(model: &Transformer, windows: &[Vec<u32>]) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn zero_slice(t: &Tensor, dim: usize, idx: &[usize]) -> Tensor {
     let mut v = t.to_vec2::<f32>().unwrap();
     for (r, row) in v.iter_mut().enumerate() {
@@ -415,10 +408,10 @@ fn structurally_pruned_models_equal_the_zeroed_originals() {
                     assert_eq!(pruned.config.head_dim(), 8);
                 }
             }
-            let d = max_diff(&logits(&pruned, &windows), &logits(&zeroed, &windows));
+            let d = max_abs_diff(&logits(&pruned, &windows), &logits(&zeroed, &windows));
             assert!(d < 1e-4, "{structure:?} {importance:?}: {d}");
             // And the removal changed the model (the test would pass trivially otherwise).
-            let moved = max_diff(&logits(&pruned, &windows), &logits(&base, &windows));
+            let moved = max_abs_diff(&logits(&pruned, &windows), &logits(&base, &windows));
             assert!(moved > 1e-3, "{structure:?}: {moved}");
         }
     }

@@ -137,12 +137,9 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
         .collect()
 }
 
+/// The largest difference between two sets of logit rows.
 fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    crate::testing::max_abs_diff(a.iter().flatten(), b.iter().flatten())
 }
 
 fn batch_logits(model: &Transformer, batch: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
