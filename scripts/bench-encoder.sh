@@ -5,27 +5,21 @@
 # machine, re-measures each model's encode throughput with `shrink eval` on the same 512 Hamlet
 # sentences (batches of 32, 2 threads). Prints one row per model: embedding cosine and top-10
 # neighbour agreement vs the original, size, encode tokens/s. Writes target/bench/encoder.json.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-THREADS="${THREADS:-2}"
-TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p shrink-cli >&2
-SHRINK="$TARGET/release/shrink"
-OUT="${OUT:-$PWD/target/bench/encoder}"
-mkdir -p "$OUT"
+BENCH=encoder
+source "$(dirname "$0")/bench-common.sh"
 PIPELINE="$PWD/pipelines/minilm-compress.toml"
-SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$OUT" "$THREADS" "$PIPELINE" <<'PY'
-import json, os, subprocess, sys
-sys.path.insert(0, os.environ["SCRIPTS"])
-from benchlib import run
-shrink, out, threads, pipeline = sys.argv[1:]
-_, _, wall, rss = run([shrink, "--threads", threads, "run", pipeline, "-o", os.path.join(out, "run")])
-report = json.load(open(os.path.join(out, "run", "report.json")))
-original = subprocess.check_output([shrink, "data", "path", "minilm"]).decode().split()[0]
+python3 - "$PIPELINE" <<'PY'
+import json, os, sys
+from benchlib import Bench, run
+pipeline = sys.argv[1]
+bench = Bench()
+_, _, wall, rss = bench.shrink_run("run", pipeline, "-o", os.path.join(bench.out, "run"))
+report = json.load(open(os.path.join(bench.out, "run", "report.json")))
+original = bench.asset("minilm")
 rows = []
 for r in report["rows"]:
-    path = original if r["kind"] == "baseline" else os.path.join(out, "run", r["artifact"])
-    so, _, _, _ = run([shrink, "--threads", threads, "eval", path, "--sentences", "512", "--batch", "4", "--json"])
+    path = original if r["kind"] == "baseline" else os.path.join(bench.out, "run", r["artifact"])
+    so, _, _, _ = bench.shrink_run("eval", path, "--sentences", "512", "--batch", "4", "--json")
     e = json.loads(so)
     rows.append(dict(model=r["name"], kind=r["kind"], cosine=r["embedding_cosine"],
                      top10=r["neighbour_agreement"], size_bytes=r["size_bytes"],
@@ -41,5 +35,5 @@ for r in rows:
     print(f"{r['model']:<12} {cos:>8} {top:>7} {r['size_bytes'] / 1e6:>8.1f} {r['bits_per_weight']:>6.2f} "
           f"{r['encode_tokens_per_s']:>8.0f} {r['encode_tokens_per_s'] / base:>5.2f}×")
 json.dump(dict(pipeline_wall_s=round(wall, 1), peak_rss_mb=round(rss), rows=rows),
-          open(os.path.join(os.path.dirname(out), "encoder.json"), "w"), indent=2)
+          open(os.path.join(os.path.dirname(bench.out), "encoder.json"), "w"), indent=2)
 PY

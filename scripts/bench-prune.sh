@@ -7,30 +7,13 @@
 # width (activation importance; also magnitude and first-order Taylor for the width), plus 25% of
 # the MLP channels (activation and Taylor) and one query head per KV group.
 # Writes target/bench/prune.json. VARIANTS selects a subset: "sparsegpt-50 layers-25 …".
-set -euo pipefail
-cd "$(dirname "$0")/.."
-THREADS="${THREADS:-2}"
-TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p shrink-cli >&2
-SHRINK="$TARGET/release/shrink"
-BIN="$(scripts/build-llama-cpp.sh)"
-OUT="${OUT:-$PWD/target/bench/prune}"
-mkdir -p "$OUT"
-SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
-import json, os, re, subprocess, sys
-sys.path.insert(0, os.environ["SCRIPTS"])
-from benchlib import run
-shrink, bin_dir, out, threads = sys.argv[1:]
-hamlet = subprocess.check_output([shrink, "data", "path", "shakespeare:eval"]).decode().split()[0]
-model = subprocess.check_output([shrink, "data", "path", "smollm2"]).decode().split()[0]
-
-def llama_ppl(path):
-    _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", hamlet, "-c", "512", "--chunks", "32", "-t", threads])
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))
-
-def shrink_ppl(path):
-    so, _, _, _ = run([shrink, "--threads", threads, "eval", path, "--text", "shakespeare:eval", "--ctx", "512", "--chunks", "32", "--json"])
-    return json.loads(so)["perplexity"]["ppl"]
+BENCH=prune LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
+python3 - <<'PY'
+import json, os, sys
+from benchlib import Bench, run
+bench = Bench()
+model = bench.asset("smollm2")
 
 variants = {}
 for method in ["magnitude", "wanda", "sparsegpt"]:
@@ -50,17 +33,17 @@ wanted = os.environ.get("VARIANTS", " ".join(variants)).split()
 rows = []
 for name in wanted:
     args = variants[name]
-    path = os.path.join(out, name.replace(":", "_") + ".gguf")
-    so, _, wall, rss = run([shrink, "--threads", threads, "prune", model, *args, "-o", path, "--json"])
+    path = os.path.join(bench.out, name.replace(":", "_") + ".gguf")
+    so, _, wall, rss = bench.shrink_run("prune", model, *args, "-o", path, "--json")
     s = json.loads(so)
     row = dict(variant=name, args=" ".join(args), bytes=os.path.getsize(path), prune_s=round(wall, 1),
                peak_rss_mb=round(rss), parameters=s["parameters_after"], config=s["config"],
-               linear_sparsity=s["linear_sparsity"], shrink_ppl=shrink_ppl(path), llama_ppl=llama_ppl(path))
+               linear_sparsity=s["linear_sparsity"], shrink_ppl=bench.shrink_ppl(path), llama_ppl=bench.llama_ppl(path))
     rows.append(row)
     print(json.dumps(row), flush=True)
 
 print(f"\n{'variant':<22} {'parameters':>12} {'llama ppl':>10} {'shrink ppl':>10} {'prune s':>8} {'RSS MB':>7}")
 for r in rows:
     print(f"{r['variant']:<22} {r['parameters']:>12,} {r['llama_ppl']:>10.4f} {r['shrink_ppl']:>10.4f} {r['prune_s']:>8} {r['peak_rss_mb']:>7}")
-json.dump(rows, open(os.path.join(os.path.dirname(out), "prune.json"), "w"), indent=2)
+json.dump(rows, open(os.path.join(os.path.dirname(bench.out), "prune.json"), "w"), indent=2)
 PY

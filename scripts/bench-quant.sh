@@ -5,30 +5,13 @@
 # quantization are recorded. Optionally (LLAMA_REFS=1) llama.cpp's own Q4_0 / Q4_K_M with an
 # importance matrix from the same calibration text are made and scored in the same run.
 # Writes target/bench/quant.json. VARIANTS selects a subset: "gptq-q4_0 gptq-q4_k_m …".
-set -euo pipefail
-cd "$(dirname "$0")/.."
-THREADS="${THREADS:-2}"
-cargo build --release -p shrink-cli >&2
-TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-SHRINK="$TARGET/release/shrink"
-BIN="$(scripts/build-llama-cpp.sh)"
-OUT="${OUT:-$PWD/target/bench/quant}"
-mkdir -p "$OUT"
-SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
-import json, os, re, subprocess, sys
-sys.path.insert(0, os.environ["SCRIPTS"])
-from benchlib import run
-shrink, bin_dir, out, threads = sys.argv[1:]
-hamlet = subprocess.check_output([shrink, "data", "path", "shakespeare:eval"]).decode().split()[0]
-model = subprocess.check_output([shrink, "data", "path", "smollm2"]).decode().split()[0]
-
-def llama_ppl(path):
-    _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", hamlet, "-c", "512", "--chunks", "32", "-t", threads])
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))
-
-def shrink_ppl(path):
-    so, _, _, _ = run([shrink, "--threads", threads, "eval", path, "--text", "shakespeare:eval", "--ctx", "512", "--chunks", "32", "--json"])
-    return json.loads(so)["perplexity"]["ppl"]
+BENCH=quant LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
+python3 - <<'PY'
+import json, os, subprocess, sys
+from benchlib import Bench, run
+bench = Bench()
+model = bench.asset("smollm2")
 
 def size(path):
     if os.path.isdir(path):
@@ -48,27 +31,27 @@ wanted = os.environ.get("VARIANTS", " ".join(variants)).split()
 rows = []
 for name in wanted:
     args, kind = variants[name]
-    path = os.path.join(out, name + (".gguf" if kind == "gguf" else ""))
-    so, _, wall, rss = run([shrink, "--threads", threads, "quantize", model, *args, "-o", path, "--json"])
+    path = os.path.join(bench.out, name + (".gguf" if kind == "gguf" else ""))
+    so, _, wall, rss = bench.shrink_run("quantize", model, *args, "-o", path, "--json")
     row = dict(variant=name, args=" ".join(args), bytes=size(path), quantize_s=round(wall, 1), peak_rss_mb=round(rss),
-               types=json.loads(so)["types"], shrink_ppl=shrink_ppl(path))
-    row["llama_ppl"] = llama_ppl(path) if kind == "gguf" else None
+               types=json.loads(so)["types"], shrink_ppl=bench.shrink_ppl(path))
+    row["llama_ppl"] = bench.llama_ppl(path) if kind == "gguf" else None
     rows.append(row)
     print(json.dumps(row), flush=True)
 
 if os.environ.get("LLAMA_REFS") == "1":
-    imatrix = os.path.join(out, "imatrix.dat")
-    calib = os.path.join(out, "calib.txt")
+    imatrix = os.path.join(bench.out, "imatrix.dat")
+    calib = os.path.join(bench.out, "calib.txt")
     with open(calib, "w") as f:
-        for part in subprocess.check_output([shrink, "data", "path", "shakespeare:calib"]).decode().split():
+        for part in subprocess.check_output([bench.shrink, "data", "path", "shakespeare:calib"]).decode().split():
             f.write(open(part).read())
-    f32 = os.path.join(out, "f32.gguf")
-    run([f"{bin_dir}/llama-quantize", "--allow-requantize", model, f32, "F32"])
-    _, _, wall, _ = run([f"{bin_dir}/llama-imatrix", "-m", f32, "-f", calib, "-c", "512", "-t", threads, "-o", imatrix])
+    f32 = os.path.join(bench.out, "f32.gguf")
+    run([f"{bench.bin_dir}/llama-quantize", "--allow-requantize", model, f32, "F32"])
+    _, _, wall, _ = run([f"{bench.bin_dir}/llama-imatrix", "-m", f32, "-f", calib, "-c", "512", "-t", bench.threads, "-o", imatrix])
     for ty in ["Q4_0", "Q4_K_M"]:
-        path = os.path.join(out, f"llama-imatrix-{ty}.gguf")
-        _, _, qwall, _ = run([f"{bin_dir}/llama-quantize", "--imatrix", imatrix, f32, path, ty])
-        row = dict(variant=f"llama.cpp {ty} + imatrix", bytes=size(path), quantize_s=round(wall + qwall, 1), llama_ppl=llama_ppl(path))
+        path = os.path.join(bench.out, f"llama-imatrix-{ty}.gguf")
+        _, _, qwall, _ = run([f"{bench.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, path, ty])
+        row = dict(variant=f"llama.cpp {ty} + imatrix", bytes=size(path), quantize_s=round(wall + qwall, 1), llama_ppl=bench.llama_ppl(path))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -77,5 +60,5 @@ for r in rows:
     lp = f"{r['llama_ppl']:.4f}" if r.get("llama_ppl") else "—"
     sp = f"{r['shrink_ppl']:.4f}" if r.get("shrink_ppl") else "—"
     print(f"{r['variant']:<26} {r['bytes']:>12,} {lp:>10} {sp:>10} {r['quantize_s']:>10} {r.get('peak_rss_mb', '—'):>7}")
-json.dump(rows, open(os.path.join(os.path.dirname(out), "quant.json"), "w"), indent=2)
+json.dump(rows, open(os.path.join(os.path.dirname(bench.out), "quant.json"), "w"), indent=2)
 PY

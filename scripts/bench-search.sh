@@ -4,23 +4,14 @@
 # searched GGUF on Hamlet (ctx 512, 32 chunks) with llama-perplexity in the same run, beside the
 # reference figures of llama.cpp's Q4_K_M and Q4_0 with an importance matrix (../shared/ANCHORS.md:
 # 38.0930 at 105,454,368 bytes, 40.2597 at 91,893,024 bytes). Writes target/bench/search.json.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-THREADS="${THREADS:-2}"
-cargo build --release -p shrink-cli >&2
-TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-SHRINK="$TARGET/release/shrink"
-BIN="$(scripts/build-llama-cpp.sh)"
-OUT="${OUT:-$PWD/target/bench/search}"
-mkdir -p "$OUT"
-SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN" "$OUT" "$THREADS" <<'PY'
-import json, os, subprocess, sys
-sys.path.insert(0, os.environ["SCRIPTS"])
-from benchlib import llama_ppl, run
-shrink, bin_dir, out, threads = sys.argv[1:]
-hamlet = subprocess.check_output([shrink, "data", "path", "shakespeare:eval"]).decode().split()[0]
-run_dir = os.path.join(out, "run")
-_, _, wall, rss = run([shrink, "--threads", threads, "run", "pipelines/smollm2-search.toml", "-o", run_dir])
+BENCH=search LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
+python3 - <<'PY'
+import json, os, sys
+from benchlib import Bench, run
+bench = Bench()
+run_dir = os.path.join(bench.out, "run")
+_, _, wall, rss = bench.shrink_run("run", "pipelines/smollm2-search.toml", "-o", run_dir)
 report = json.load(open(os.path.join(run_dir, "report.json")))
 references = {"at-q4_k_m-size": ("Q4_K_M + imatrix", 105454368, 38.0930),
               "at-q4_0-size": ("Q4_0 + imatrix", 91893024, 40.2597)}
@@ -28,7 +19,7 @@ rows = []
 for sec in report["searches"]:
     name = sec["stage"]
     path = os.path.join(run_dir, "stages", name, "model.gguf")
-    ppl = llama_ppl(bin_dir, path, hamlet, threads)
+    ppl = bench.llama_ppl(path)
     ref_name, ref_bytes, ref_ppl = references[name]
     best = sec["rounds"][sec["best_round"]]
     model_row = next(r for r in report["rows"] if r["name"] == name)
@@ -41,5 +32,5 @@ for sec in report["searches"]:
     rows.append(row)
     print(json.dumps(row), flush=True)
 json.dump(dict(rows=rows, pipeline_wall_s=round(wall, 1), peak_rss_mb=round(rss)),
-          open(os.path.join(out, "..", "search.json"), "w"), indent=1)
+          open(os.path.join(bench.out, "..", "search.json"), "w"), indent=1)
 PY

@@ -1,5 +1,7 @@
 """Shared by the benchmark scripts: run a command, timing it and measuring its own peak RSS."""
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,8 +24,33 @@ def run(cmd):
     return stdout, stderr, wall, usage.ru_maxrss / 1024
 
 
-def llama_ppl(bin_dir, path, text, threads):
-    """Hamlet-protocol perplexity of a GGUF by llama-perplexity: ctx 512, 32 chunks."""
-    import re
-    _, err, _, _ = run([f"{bin_dir}/llama-perplexity", "-m", path, "-f", text, "-c", "512", "--chunks", "32", "-t", threads])
-    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))
+class Bench:
+    """What the benchmarks share, from the environment scripts/bench-common.sh exports: the
+    shrink binary (SHRINK), llama.cpp's tools (BIN, where built), the thread count (THREADS), the
+    output folder (OUT), and the scoring protocol: Hamlet, ctx 512, 32 chunks."""
+
+    def __init__(self):
+        env = os.environ
+        self.shrink, self.bin_dir = env["SHRINK"], env.get("BIN")
+        self.threads, self.out = env["THREADS"], env["OUT"]
+        self.hamlet = self.asset("shakespeare:eval")
+
+    def shrink_run(self, *args):
+        """`shrink --threads THREADS ARGS…` through `run`."""
+        return run([self.shrink, "--threads", self.threads, *args])
+
+    def asset(self, name):
+        """The cached path of a shrink asset (`shrink data path NAME`), fetched if missing."""
+        return subprocess.check_output([self.shrink, "data", "path", name]).decode().split()[0]
+
+    def llama_ppl(self, path):
+        """Perplexity of a GGUF on Hamlet by llama-perplexity."""
+        _, err, _, _ = run([f"{self.bin_dir}/llama-perplexity", "-m", path, "-f", self.hamlet,
+                            "-c", "512", "--chunks", "32", "-t", self.threads])
+        return float(re.search(r"Final estimate: PPL = ([0-9.]+)", err).group(1))
+
+    def shrink_ppl(self, path):
+        """Perplexity of a model on Hamlet by `shrink eval`."""
+        so, _, _, _ = self.shrink_run("eval", path, "--text", "shakespeare:eval", "--ctx", "512",
+                                      "--chunks", "32", "--json")
+        return json.loads(so)["perplexity"]["ppl"]

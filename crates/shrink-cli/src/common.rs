@@ -163,12 +163,29 @@ pub(crate) fn calibration_windows(
     .with_context(|| format!("sampling calibration windows from '{calib}'"))
 }
 
-/// Where a one-model command's calibration windows come from.
-pub(crate) struct CalibrationText<'a> {
-    pub text: &'a str,
+/// The options `shrink quantize` and `shrink prune` share: the calibration, the output and the
+/// summary's form.
+#[derive(clap::Args)]
+pub(crate) struct Compression {
+    /// Calibration text: DATASET:SPLIT or a file (read by the methods that calibrate).
+    #[arg(long, default_value = "shakespeare:calib")]
+    pub calib: String,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 128)]
     pub samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
     pub seq_len: usize,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Windows per forward pass during calibration.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(short = 'o', long)]
+    pub out: PathBuf,
+    /// Print the summary, with every layer, as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// A model compressed by one job (`shrink quantize` or `shrink prune`) and what was measured
@@ -184,66 +201,109 @@ pub(crate) struct Compressed<T> {
     pub wall_s: f64,
 }
 
-impl<T> Compressed<T> {
-    /// The calibration as the commands' JSON summaries give it (`null` when nothing calibrated).
-    pub fn calibration_json(&self, calib: &CalibrationText) -> serde_json::Value {
-        match &self.windows {
-            Some(w) => serde_json::json!({
-                "text": calib.text, "samples": w.len(), "seq_len": calib.seq_len, "seed": calib.seed,
+/// The calibration a command used, as its JSON summary gives it.
+#[derive(serde::Serialize)]
+pub(crate) struct CalibrationUsed<'a> {
+    text: &'a str,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+}
+
+/// The JSON summary of `shrink quantize` and `shrink prune`: the job's outcome (flattened), what
+/// was measured around it and the command's own `details`.
+#[derive(serde::Serialize)]
+pub(crate) struct Summary<'a, T, D> {
+    schema: &'static str,
+    model: String,
+    out: String,
+    #[serde(flatten)]
+    outcome: &'a T,
+    calibration: Option<CalibrationUsed<'a>>,
+    size_bytes_before: u64,
+    size_bytes_after: u64,
+    bits_per_weight_before: f64,
+    bits_per_weight_after: f64,
+    #[serde(flatten)]
+    details: D,
+    wall_s: f64,
+}
+
+impl<T: serde::Serialize> Compressed<T> {
+    /// The summary `--json` prints.
+    pub fn summary<'a, D: serde::Serialize>(
+        &'a self,
+        schema: &'static str,
+        args: &'a Compression,
+        details: D,
+    ) -> Summary<'a, T, D> {
+        Summary {
+            schema,
+            model: self.checkpoint.path.display().to_string(),
+            out: args.out.display().to_string(),
+            outcome: &self.outcome,
+            calibration: self.windows.as_ref().map(|w| CalibrationUsed {
+                text: &args.calib,
+                samples: w.len(),
+                seq_len: args.seq_len,
+                seed: args.seed,
             }),
-            None => serde_json::Value::Null,
+            size_bytes_before: self.size_before.file_size_bytes,
+            size_bytes_after: self.size_after.file_size_bytes,
+            bits_per_weight_before: self.size_before.bits_per_weight,
+            bits_per_weight_after: self.size_after.bits_per_weight,
+            details,
+            wall_s: self.wall_s,
         }
     }
 
     /// The calibration line of the commands' summaries.
-    pub fn print_calibration(&self, calib: &CalibrationText) {
+    pub fn print_calibration(&self, args: &Compression) {
         if let Some(w) = &self.windows {
             outln!(
                 "calibration  {}: {} windows × {} tokens, seed {}",
-                calib.text,
+                args.calib,
                 w.len(),
-                calib.seq_len,
-                calib.seed
+                args.seq_len,
+                args.seed
             );
         }
     }
 }
 
-/// Loads `model` (refusing an `out` that would replace it), runs `check` on it before anything is
-/// calibrated, samples the calibration windows when the job `calibrates`, runs `job` and inspects
-/// what it wrote to `out`.
-pub(crate) fn compress<T>(
+/// Loads `model` (refusing an `out` that would replace it), has `job` check it before anything is
+/// calibrated, samples the calibration windows when the job calibrates, runs the job and inspects
+/// what it wrote.
+pub(crate) fn compress<C: shrink_pipeline::Compress>(
     model: &str,
-    out: &Path,
-    calibrates: bool,
-    calib: &CalibrationText,
-    check: impl FnOnce(&Checkpoint, &Transformer) -> Result<()>,
-    job: impl FnOnce(
-        &Checkpoint,
-        &mut Transformer,
-        Option<&[Vec<u32>]>,
-        &crate::progress::Bar,
-    ) -> Result<T>,
-) -> Result<Compressed<T>> {
-    let input = check_output(model, out)?;
+    args: &Compression,
+    job: &C,
+) -> Result<Compressed<C::Outcome>> {
+    let input = check_output(model, &args.out)?;
     let start = std::time::Instant::now();
     let (checkpoint, size_before, mut model) = load_f32_model(input.to_str().unwrap_or(model))?;
     // Refuse what the job or the format cannot do before fetching and calibrating.
-    check(&checkpoint, &model)?;
-    let windows = if calibrates {
+    job.check(&checkpoint, &model)?;
+    let windows = if job.calibrates() {
         Some(calibration_windows(
             &checkpoint,
-            calib.text,
-            calib.samples,
-            calib.seq_len,
-            calib.seed,
+            &args.calib,
+            args.samples,
+            args.seq_len,
+            args.seed,
         )?)
     } else {
         None
     };
     let bar = crate::progress::Bar::new();
-    let outcome = job(&checkpoint, &mut model, windows.as_deref(), &bar)?;
-    let size_after = shrink_io::inspect(out)?;
+    let input = shrink_pipeline::JobInput {
+        checkpoint: &checkpoint,
+        windows: windows.as_deref(),
+        batch: args.batch,
+        progress: &bar,
+    };
+    let outcome = job.write(&input, &mut model, &args.out)?;
+    let size_after = shrink_io::inspect(&args.out)?;
     Ok(Compressed {
         checkpoint,
         size_before,

@@ -43,3 +43,41 @@ pub enum CoreError {
 }
 
 pub type Result<T> = std::result::Result<T, CoreError>;
+
+/// A weight matrix that a technique refuses before touching it.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("tensor '{tensor}': {len} values for {rows}×{cols}")]
+    Shape {
+        tensor: String,
+        len: usize,
+        rows: usize,
+        cols: usize,
+    },
+    #[error("tensor '{tensor}' has a non-finite value at index {index}")]
+    NonFinite { tensor: String, index: usize },
+}
+
+/// Checks that `w` fills a `rows × cols` matrix with finite values; the error names `tensor`.
+pub fn check_matrix(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    tensor: &str,
+) -> std::result::Result<(), WeightError> {
+    if w.len() != rows * cols {
+        return Err(WeightError::Shape {
+            tensor: tensor.to_string(),
+            len: w.len(),
+            rows,
+            cols,
+        });
+    }
+    match w.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(WeightError::NonFinite {
+            tensor: tensor.to_string(),
+            index,
+        }),
+        None => Ok(()),
+    }
+}

@@ -36,6 +36,9 @@ pub use shrink_train::{TrainConfig, TrainOutcome};
 pub enum DistillError {
     #[error("student: {0}")]
     Student(String),
+    /// A student configuration the model code refuses.
+    #[error("student: {0}")]
+    StudentConfig(#[source] shrink_models::ModelError),
     #[error(transparent)]
     Train(#[from] shrink_train::TrainError),
     #[error(transparent)]
@@ -144,8 +147,7 @@ pub fn student_config(
     if c.head_dim.is_none() && !c.hidden_size.is_multiple_of(c.num_attention_heads.max(1)) {
         c.head_dim = Some(teacher.head_dim());
     }
-    c.validate()
-        .map_err(|e| DistillError::Student(e.to_string()))?;
+    c.validate().map_err(DistillError::StudentConfig)?;
     Ok(c)
 }
 

@@ -7,12 +7,10 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use shrink_models::family::{gpt2, llama};
+use shrink_models::family::{self, gpt2, llama};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Write};
 use std::path::Path;
-
-const SUPPORTED_ARCHS: &str = "llama, qwen2, gpt2";
 
 /// Memory-maps a GGUF file; the mapping is read once, tensor by tensor.
 pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
@@ -144,17 +142,12 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let arch = meta_str(path, &content, "general.architecture")?
         .ok_or_else(|| meta_err(path, "general.architecture", "missing"))?
         .to_string();
-    let model_type = match arch.as_str() {
-        "llama" => "llama",
-        "qwen2" => "qwen2",
-        "gpt2" => "gpt2",
-        _ => {
-            return Err(IoError::UnknownArchitecture {
-                path: path.to_path_buf(),
-                architecture: arch,
-                supported: SUPPORTED_ARCHS,
-            })
-        }
+    let Some(model_type) = family::model_type_of_gguf(&arch) else {
+        return Err(IoError::UnknownArchitecture {
+            path: path.to_path_buf(),
+            architecture: arch,
+            supported: family::GGUF_SUPPORTED,
+        });
     };
     let a = |k: &str| format!("{arch}.{k}");
     let n_head = meta_req_u64(path, &content, &a("attention.head_count"))? as usize;
@@ -596,17 +589,12 @@ pub fn write_llama_gguf(
             .ok_or_else(|| bad(key))
     };
     let getf = |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
-    let arch = match model_type {
-        "llama" | "mistral" => "llama",
-        "qwen2" => "qwen2",
-        "gpt2" => "gpt2",
-        other => {
-            return Err(IoError::UnknownArchitecture {
-                path: checkpoint.path.clone(),
-                architecture: other.to_string(),
-                supported: SUPPORTED_ARCHS,
-            })
-        }
+    let Some(arch) = family::gguf_architecture_of(model_type) else {
+        return Err(IoError::UnknownArchitecture {
+            path: checkpoint.path.clone(),
+            architecture: model_type.to_string(),
+            supported: family::GGUF_SUPPORTED,
+        });
     };
     let n_head = get("num_attention_heads")? as usize;
     let n_head_kv = cfg

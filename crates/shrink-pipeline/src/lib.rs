@@ -46,14 +46,13 @@ pub use config::{
 };
 pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
 pub use measure::{eval_tokens, prompt_tokens};
-pub use prune::{prune_and_write, PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
+pub use prune::{PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use qat::{qat_and_write, QatRequest};
 pub use quantize::{
-    build_model, quantize_and_write, Export, QuantMethod, QuantizeOutcome, QuantizeRequest,
-    ResolvedQuantize,
+    build_model, Export, QuantMethod, QuantizeOutcome, QuantizeRequest, ResolvedQuantize,
 };
 pub use run::{run, RunOptions, RunOutcome};
-pub use stage::{StageJob, StageKind};
+pub use stage::{Compress, JobInput, StageJob, StageKind};
 
 /// A pipeline that cannot be used or run, with where and why.
 #[derive(Debug, thiserror::Error)]

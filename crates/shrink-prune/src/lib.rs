@@ -40,8 +40,8 @@ pub enum PruneError {
     Config(String),
     #[error("tensor '{tensor}': {message}")]
     Shape { tensor: String, message: String },
-    #[error("tensor '{tensor}' has a non-finite value at index {index}")]
-    NonFinite { tensor: String, index: usize },
+    #[error(transparent)]
+    Weights(#[from] shrink_core::WeightError),
     #[error(transparent)]
     Calib(#[from] shrink_calib::CalibError),
     #[error(transparent)]
@@ -196,7 +196,7 @@ pub fn prune_model(
             };
             match (plan.method, threshold.as_mut()) {
                 (PruneMethod::Magnitude { global: true }, Some((t, ties))) => {
-                    unstructured::check_weights(&w, rows, cols, &name)?;
+                    shrink_core::check_matrix(&w, rows, cols, &name)?;
                     for v in w.iter_mut() {
                         let a = v.abs();
                         if a < *t {
@@ -300,7 +300,7 @@ fn global_threshold(model: &Transformer, fraction: f64) -> Result<(f32, usize)> 
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
-            unstructured::check_weights(&w, w.len(), 1, name)?;
+            shrink_core::check_matrix(&w, w.len(), 1, name)?;
             all.extend(w.iter().map(|v| v.abs()));
         }
     }

@@ -103,22 +103,6 @@ impl Default for SparseGptConfig {
     }
 }
 
-pub(crate) fn check_weights(w: &[f32], rows: usize, cols: usize, name: &str) -> Result<()> {
-    if w.len() != rows * cols {
-        return Err(PruneError::Shape {
-            tensor: name.to_string(),
-            message: format!("{} values for {rows}×{cols}", w.len()),
-        });
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(PruneError::NonFinite {
-            tensor: name.to_string(),
-            index: i,
-        });
-    }
-    Ok(())
-}
-
 /// Number of weights to remove among the first `upto` of `total` candidates, so that the count
 /// over consecutive ranges adds up to exactly `round(fraction · total)`.
 fn cumulative(fraction: f64, upto: usize) -> usize {
@@ -188,7 +172,7 @@ pub fn magnitude(
     sparsity: Sparsity,
     name: &str,
 ) -> Result<()> {
-    check_weights(w, rows, cols, name)?;
+    shrink_core::check_matrix(w, rows, cols, name)?;
     sparsity.check(cols, name)?;
     let scores: Vec<f64> = w.iter().map(|v| v.abs() as f64).collect();
     apply_mask(w, &mask_from_scores(&scores, rows, cols, sparsity, false));
@@ -204,7 +188,7 @@ pub fn wanda(
     sparsity: Sparsity,
     name: &str,
 ) -> Result<()> {
-    check_weights(w, rows, cols, name)?;
+    shrink_core::check_matrix(w, rows, cols, name)?;
     sparsity.check(cols, name)?;
     check_stats(stats, cols, name)?;
     let norms: Vec<f64> = stats.channel_sq.iter().map(|v| v.sqrt()).collect();
@@ -249,7 +233,7 @@ pub fn sparsegpt(
     cfg: &SparseGptConfig,
     name: &str,
 ) -> Result<()> {
-    check_weights(w, rows, cols, name)?;
+    shrink_core::check_matrix(w, rows, cols, name)?;
     sparsity.check(cols, name)?;
     check_stats(stats, cols, name)?;
     let n = cols;

@@ -229,23 +229,14 @@ pub(crate) fn check(
     dtype: GgmlDType,
     name: &str,
 ) -> Result<()> {
-    let shape_err = |message: String| QuantError::Shape {
-        tensor: name.to_string(),
-        message,
-    };
-    if w.len() != rows * cols {
-        return Err(shape_err(format!("{} values for {rows}×{cols}", w.len())));
-    }
+    shrink_core::check_matrix(w, rows, cols, name)?;
     if !cols.is_multiple_of(dtype.block_size()) {
-        return Err(shape_err(format!(
-            "{dtype:?} needs rows that are a multiple of {} values, this one has {cols}",
-            dtype.block_size()
-        )));
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite {
+        return Err(QuantError::Shape {
             tensor: name.to_string(),
-            index: i,
+            message: format!(
+                "{dtype:?} needs rows that are a multiple of {} values, this one has {cols}",
+                dtype.block_size()
+            ),
         });
     }
     Ok(())

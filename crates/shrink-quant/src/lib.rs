@@ -50,8 +50,8 @@ pub enum QuantError {
     Scheme(String),
     #[error("tensor '{tensor}': {message}")]
     Shape { tensor: String, message: String },
-    #[error("tensor '{tensor}' has a non-finite value at index {index}")]
-    NonFinite { tensor: String, index: usize },
+    #[error(transparent)]
+    Weights(#[from] shrink_core::WeightError),
     #[error(transparent)]
     Calib(#[from] shrink_calib::CalibError),
     #[error(transparent)]
@@ -61,6 +61,9 @@ pub enum QuantError {
     Export(String),
     #[error(transparent)]
     Io(#[from] shrink_io::IoError),
+    /// Quantization-aware training refused its configuration or failed.
+    #[error("quantization scheme: {0}")]
+    Train(#[from] shrink_train::TrainError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -92,18 +92,7 @@ fn group_params(
 }
 
 fn check(w: &[f32], rows: usize, cols: usize, scheme: &QuantScheme, name: &str) -> Result<()> {
-    if w.len() != rows * cols {
-        return Err(QuantError::Shape {
-            tensor: name.to_string(),
-            message: format!("{} values for {rows}×{cols}", w.len()),
-        });
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite {
-            tensor: name.to_string(),
-            index: i,
-        });
-    }
+    shrink_core::check_matrix(w, rows, cols, name)?;
     scheme.validate(cols).map_err(|e| QuantError::Shape {
         tensor: name.to_string(),
         message: e.to_string(),

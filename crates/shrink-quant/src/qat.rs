@@ -345,8 +345,7 @@ pub fn qat(
     fingerprint: &str,
     progress: &dyn Progress,
 ) -> Result<(Transformer, QuantizedModel, TrainOutcome)> {
-    let train_err = |e: shrink_train::TrainError| QuantError::Scheme(e.to_string());
-    let (mut student, mut params) = trainable(start, &job.frozen).map_err(train_err)?;
+    let (mut student, mut params) = trainable(start, &job.frozen)?;
     let mut linears = Vec::new();
     for (weight_name, q) in &initial.tensors {
         let name = weight_name.trim_end_matches(".weight").to_string();
@@ -414,11 +413,9 @@ pub fn qat(
         params,
         Teacher::Model(teacher.clone()),
         job.loss.clone(),
-    )
-    .map_err(train_err)?
+    )?
     .with_prepare(Box::new(prepare))
-    .fit(&job.train, windows, eval, workdir, fingerprint, progress)
-    .map_err(train_err)?;
+    .fit(&job.train, windows, eval, workdir, fingerprint, progress)?;
     let mut result = QuantizedModel::default();
     for l in &linears {
         let q = l.export()?;

@@ -51,6 +51,8 @@ pub enum SearchError {
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
+    Calib(#[from] shrink_calib::CalibError),
+    #[error(transparent)]
     Quant(#[from] shrink_quant::QuantError),
     #[error(transparent)]
     Model(#[from] shrink_models::ModelError),

@@ -229,8 +229,7 @@ pub fn sensitivity(
     progress.start("measuring sensitivity", (total + embedding_steps) as u64);
     let mut items = Vec::with_capacity(total + embedding_steps);
     for (i, block) in model.blocks.iter().enumerate() {
-        let stats = shrink_calib::block_stats(block, &inputs[i..=i], &ctx, true)
-            .map_err(|e| SearchError::Input(e.to_string()))?;
+        let stats = shrink_calib::block_stats(block, &inputs[i..=i], &ctx, true)?;
         for (name, linear) in block.linears() {
             let (rows, cols) = linear.weight().dims2()?;
             let w: Vec<f32> = linear

@@ -203,19 +203,22 @@ pub(crate) fn run(args: DistillArgs) -> Result<()> {
         &args.out,
         &bar,
     )?;
-    let log_path = workdir.join("log.json");
-    shrink_core::atomic_write(&log_path, &serde_json::to_vec_pretty(&outcome)?)?;
+    let log_path = write_log(&workdir, &outcome)?;
     let wall_s = start.elapsed().as_secs_f64();
     let t = &outcome.training;
     if args.json {
-        let summary = serde_json::json!({
-            "schema": "shrink.distill/v1",
-            "teacher": checkpoint.path.display().to_string(),
-            "out": args.out.display().to_string(),
-            "request": request,
-            "outcome": outcome,
-            "wall_s": wall_s,
-        });
+        #[derive(serde::Serialize)]
+        struct Distilled<'a> {
+            outcome: &'a shrink_pipeline::distill::DistillOutcome,
+        }
+        let summary = Summary {
+            schema: "shrink.distill/v1",
+            source: Source::Teacher(checkpoint.path.display().to_string()),
+            out: args.out.display().to_string(),
+            request: &request,
+            result: Distilled { outcome: &outcome },
+            wall_s,
+        };
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
@@ -241,6 +244,35 @@ pub(crate) fn run(args: DistillArgs) -> Result<()> {
     );
     outln!("time         {wall_s:.1} s");
     Ok(())
+}
+
+/// The JSON summary of `shrink distill` (schema `shrink.distill/v1`) and of `--qat`
+/// (`shrink.qat/v1`).
+#[derive(serde::Serialize)]
+struct Summary<'a, R, T> {
+    schema: &'static str,
+    #[serde(flatten)]
+    source: Source,
+    out: String,
+    request: &'a R,
+    #[serde(flatten)]
+    result: T,
+    wall_s: f64,
+}
+
+/// The model trained: distillation's teacher, or the model QAT quantizes.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Source {
+    Teacher(String),
+    Model(String),
+}
+
+/// Writes a training run's log beside its checkpoints (`WORKDIR/log.json`); returns its path.
+fn write_log(workdir: &std::path::Path, log: &impl serde::Serialize) -> Result<PathBuf> {
+    let path = workdir.join("log.json");
+    shrink_core::atomic_write(&path, &serde_json::to_vec_pretty(log)?)?;
+    Ok(path)
 }
 
 /// The resumed step, held-out metrics and throughput of a training run.
@@ -324,22 +356,31 @@ fn qat(args: &DistillArgs, target: &str, request: shrink_pipeline::DistillReques
         &args.out,
         &bar,
     )?;
-    let log_path = workdir.join("log.json");
-    shrink_core::atomic_write(&log_path, &serde_json::to_vec_pretty(&training)?)?;
+    let log_path = write_log(&workdir, &training)?;
     let after = shrink_io::inspect(&args.out)?;
     let wall_s = start.elapsed().as_secs_f64();
     if args.json {
-        let summary = serde_json::json!({
-            "schema": "shrink.qat/v1",
-            "model": checkpoint.path.display().to_string(),
-            "out": args.out.display().to_string(),
-            "request": qat,
-            "quantization": outcome,
-            "training": training,
-            "size_bytes_before": size_before.file_size_bytes,
-            "size_bytes_after": after.file_size_bytes,
-            "wall_s": wall_s,
-        });
+        #[derive(serde::Serialize)]
+        struct Trained<'a> {
+            quantization: &'a shrink_pipeline::QuantizeOutcome,
+            training: &'a shrink_train::TrainOutcome,
+            size_bytes_before: u64,
+            size_bytes_after: u64,
+        }
+        let result = Trained {
+            quantization: &outcome,
+            training: &training,
+            size_bytes_before: size_before.file_size_bytes,
+            size_bytes_after: after.file_size_bytes,
+        };
+        let summary = Summary {
+            schema: "shrink.qat/v1",
+            source: Source::Model(checkpoint.path.display().to_string()),
+            out: args.out.display().to_string(),
+            request: &qat,
+            result,
+            wall_s,
+        };
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }

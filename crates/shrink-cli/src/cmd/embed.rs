@@ -41,15 +41,26 @@ pub(crate) fn run(args: EmbedArgs) -> Result<()> {
     let pooling = shrink_pipeline::encoder::pooling_of(&checkpoint)?;
     let vectors = shrink_eval::embed(&model, &pooling, &tokens, 32, &shrink_core::NoProgress)?;
     if json {
-        let rows: Vec<serde_json::Value> = tokens
+        #[derive(serde::Serialize)]
+        struct Sentence<'a> {
+            tokens: &'a [u32],
+            embedding: &'a [f32],
+        }
+        #[derive(serde::Serialize)]
+        struct Embeddings<'a, P> {
+            pooling: &'a P,
+            sentences: Vec<Sentence<'a>>,
+        }
+        let sentences = tokens
             .iter()
             .zip(&vectors)
-            .map(|(t, v)| serde_json::json!({ "tokens": t, "embedding": v }))
+            .map(|(tokens, embedding)| Sentence { tokens, embedding })
             .collect();
-        outln!(
-            "{}",
-            serde_json::to_string(&serde_json::json!({ "pooling": pooling, "sentences": rows }))?
-        );
+        let summary = Embeddings {
+            pooling: &pooling,
+            sentences,
+        };
+        outln!("{}", serde_json::to_string(&summary)?);
     } else {
         for (t, v) in tokens.iter().zip(&vectors) {
             let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:.4}")).collect();

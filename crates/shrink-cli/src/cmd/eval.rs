@@ -72,11 +72,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         return print_eval_json(&report, &checkpoint, &args, &model);
     }
     let p = &report.perplexity;
-    outln!(
-        "model       {} ({} parameters)",
-        checkpoint.path.display(),
-        human_count(model.num_parameters() as u64)
-    );
+    print_model(&checkpoint, &model, "");
     outln!(
         "text        {} ({} tokens)",
         args.text,
@@ -119,20 +115,38 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
 }
 
 /// An evaluation report as JSON, with what was evaluated on what.
+/// The summary's first line: the model and its parameter count (`note` follows the count).
+fn print_model(checkpoint: &Checkpoint, model: &Transformer, note: &str) {
+    outln!(
+        "model       {} ({} parameters{note})",
+        checkpoint.path.display(),
+        human_count(model.num_parameters() as u64)
+    );
+}
+
 pub(crate) fn print_eval_json(
     report: &impl serde::Serialize,
     checkpoint: &Checkpoint,
     args: &EvalArgs,
     model: &Transformer,
 ) -> Result<()> {
-    let mut value = serde_json::to_value(report)?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("model".into(), checkpoint.path.display().to_string().into());
-        obj.insert("text".into(), args.text.clone().into());
-        obj.insert("reference".into(), args.reference.clone().into());
-        obj.insert("parameters".into(), (model.num_parameters() as u64).into());
+    #[derive(serde::Serialize)]
+    struct Summary<'a, R> {
+        #[serde(flatten)]
+        report: &'a R,
+        model: String,
+        text: &'a str,
+        reference: &'a Option<String>,
+        parameters: u64,
     }
-    outln!("{}", serde_json::to_string_pretty(&value)?);
+    let summary = Summary {
+        report,
+        model: checkpoint.path.display().to_string(),
+        text: &args.text,
+        reference: &args.reference,
+        parameters: model.num_parameters() as u64,
+    };
+    outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
 
@@ -158,11 +172,7 @@ pub(crate) fn eval_encoder(
     if args.json {
         return print_eval_json(&report, checkpoint, args, model);
     }
-    outln!(
-        "model       {} ({} parameters, encoder)",
-        checkpoint.path.display(),
-        human_count(model.num_parameters() as u64)
-    );
+    print_model(checkpoint, model, ", encoder");
     outln!(
         "text        {} ({} sentences, {} tokens; pooling {})",
         args.text,

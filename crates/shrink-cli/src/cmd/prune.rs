@@ -1,9 +1,8 @@
 //! `shrink prune`: Pruning of one model.
 
-use crate::common::{compress, pattern_pairs, CalibrationText};
+use crate::common::{compress, pattern_pairs, Compression};
 use anyhow::Result;
 use clap::Args;
-use std::path::PathBuf;
 
 #[derive(Args)]
 pub(crate) struct PruneArgs {
@@ -46,22 +45,8 @@ pub(crate) struct PruneArgs {
     /// f32 or f16 [default: f32].
     #[arg(long)]
     dtype: Option<String>,
-    /// Calibration text: DATASET:SPLIT or a file.
-    #[arg(long, default_value = "shakespeare:calib")]
-    calib: String,
-    #[arg(long, default_value_t = 128)]
-    samples: usize,
-    #[arg(long, default_value_t = 512)]
-    seq_len: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    #[arg(short = 'o', long)]
-    out: PathBuf,
-    /// Print the summary, with every layer, as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Compression,
 }
 
 pub(crate) fn run(args: PruneArgs) -> Result<()> {
@@ -80,61 +65,32 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
         kv_groups: args.kv_groups,
         format: args.format.clone(),
         dtype: args.dtype.clone(),
-        batch: args.batch,
+        batch: args.common.batch,
         ..PruneRequest::new(kind)
     };
     let resolved = request.resolve()?;
-    let calib = CalibrationText {
-        text: &args.calib,
-        samples: args.samples,
-        seq_len: args.seq_len,
-        seed: args.seed,
-    };
-    let done = compress(
-        &args.model,
-        &args.out,
-        resolved.calibrates,
-        &calib,
-        |checkpoint, model| {
-            shrink_pipeline::prune::check_prune(&resolved, model)?;
-            Ok(shrink_io::check_export(checkpoint, model, resolved.export)?)
-        },
-        |checkpoint, model, windows, bar| {
-            Ok(shrink_pipeline::prune_and_write(
-                checkpoint, model, &resolved, windows, args.batch, &args.out, bar,
-            )?)
-        },
-    )?;
+    let common = &args.common;
+    let done = compress(&args.model, common, &resolved)?;
     let (checkpoint, outcome, wall_s, model) =
         (&done.checkpoint, &done.outcome, done.wall_s, &done.model);
     let (size_before, after) = (&done.size_before, &done.size_after);
-    let (zeros, weights) = outcome.layers.iter().fold((0.0, 0.0), |(z, n), l| {
-        let w = (l.shape[0] * l.shape[1]) as f64;
-        (z + l.sparsity * w, n + w)
-    });
-    if args.json {
-        let summary = serde_json::json!({
-            "schema": "shrink.prune/v1",
-            "model": checkpoint.path.display().to_string(),
-            "out": args.out.display().to_string(),
-            "method": outcome.method,
-            "calibration": done.calibration_json(&calib),
-            "parameters_before": outcome.parameters_before,
-            "parameters_after": outcome.parameters_after,
-            "config": shrink_prune::shape_keys(&model.config),
-            "size_bytes_before": size_before.file_size_bytes,
-            "size_bytes_after": after.file_size_bytes,
-            "linear_sparsity": (weights > 0.0).then(|| zeros / weights),
-            "structured": outcome.structured,
-            "wall_s": wall_s,
-            "layers": outcome.layers,
-        });
+    if common.json {
+        #[derive(serde::Serialize)]
+        struct Details {
+            config: std::collections::BTreeMap<String, usize>,
+            linear_sparsity: Option<f64>,
+        }
+        let details = Details {
+            config: shrink_prune::shape_keys(&model.config),
+            linear_sparsity: outcome.linear_sparsity(),
+        };
+        let summary = done.summary("shrink.prune/v1", common, details);
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     outln!("model        {}", checkpoint.path.display());
     outln!("method       {}", outcome.method);
-    done.print_calibration(&calib);
+    done.print_calibration(common);
     if outcome.structured.is_some() {
         outln!(
             "parameters   {} → {} ({:.1}% removed)",
@@ -159,7 +115,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
         c.num_kv_heads(),
         c.head_dim()
     );
-    if weights > 0.0 {
+    if let Some(sparsity) = outcome.linear_sparsity() {
         let errors: Vec<f64> = outcome
             .layers
             .iter()
@@ -168,7 +124,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
         let mean = errors.iter().sum::<f64>() / errors.len().max(1) as f64;
         outln!(
             "sparsity     {:.2}% of the block linears' weights are zero{}",
-            100.0 * zeros / weights,
+            100.0 * sparsity,
             if errors.is_empty() {
                 String::new()
             } else {
@@ -176,7 +132,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
             }
         );
     }
-    outln!("wrote        {}", args.out.display());
+    outln!("wrote        {}", common.out.display());
     outln!(
         "size         {:.1} MB → {:.1} MB",
         size_before.file_size_bytes as f64 / 1e6,

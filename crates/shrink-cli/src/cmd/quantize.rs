@@ -1,19 +1,10 @@
 //! `shrink quantize`: Quantization of one model.
 
-use crate::common::{compress, pattern_pairs, CalibrationText};
+use crate::common::{compress, pattern_pairs, Compression};
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
-use std::path::PathBuf;
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum QuantMethod {
-    Rtn,
-    Gptq,
-    /// AWQ scales folded into the norms, then RTN.
-    Awq,
-    /// AWQ scales, then GPTQ.
-    AwqGptq,
-}
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::Args;
+use shrink_pipeline::QuantMethod;
 
 #[derive(Args)]
 pub(crate) struct QuantizeArgs {
@@ -23,7 +14,7 @@ pub(crate) struct QuantizeArgs {
     #[arg(long)]
     preset: Option<String>,
     /// [default: gptq, or the preset's]
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = method_parser())]
     method: Option<QuantMethod>,
     /// gguf:TYPE with TYPE one of q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k;
     /// or `hf`: a Hugging Face folder in compressed-tensors' layout (vLLM, transformers), with
@@ -55,17 +46,6 @@ pub(crate) struct QuantizeArgs {
     /// scale search).
     #[arg(long)]
     imatrix: bool,
-    /// Calibration text: DATASET:SPLIT or a file (required for GPTQ).
-    #[arg(long, default_value = "shakespeare:calib")]
-    calib: String,
-    /// Calibration windows.
-    #[arg(long, default_value_t = 128)]
-    samples: usize,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
-    seq_len: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// GPTQ dampening, as a fraction of the mean Hessian diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
@@ -76,21 +56,15 @@ pub(crate) struct QuantizeArgs {
     /// [default: q8_0, or the preset's].
     #[arg(long)]
     embeddings: Option<String>,
-    /// Windows per forward pass during calibration.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
     /// GPTQ keeps weights that are exactly zero (a pruned model's mask) at zero.
     #[arg(long)]
     keep_sparsity: bool,
-    #[arg(short = 'o', long)]
-    out: PathBuf,
-    /// Print the summary, with every layer, as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    common: Compression,
 }
 
 pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
-    use shrink_pipeline::{QuantMethod as M, QuantizeRequest};
+    use shrink_pipeline::QuantizeRequest;
     if let Some(f) = &args.format {
         if f != "hf" && !f.starts_with("gguf:") {
             bail!("--format {f}: expected gguf:TYPE (e.g. gguf:q4_k) or hf");
@@ -99,12 +73,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
     let request = QuantizeRequest {
         preset: args.preset.clone(),
-        method: args.method.map(|m| match m {
-            QuantMethod::Rtn => M::Rtn,
-            QuantMethod::Gptq => M::Gptq,
-            QuantMethod::Awq => M::Awq,
-            QuantMethod::AwqGptq => M::AwqGptq,
-        }),
+        method: args.method,
         format: args.format.clone(),
         bits: args.bits,
         group: args.group.clone(),
@@ -117,49 +86,16 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         act_order: !args.no_act_order,
         awq_grid: 20,
         embeddings: args.embeddings.clone(),
-        batch: args.batch,
+        batch: args.common.batch,
         keep_zeros: args.keep_sparsity,
     };
     let resolved = request.resolve()?;
-    let calib = CalibrationText {
-        text: &args.calib,
-        samples: args.samples,
-        seq_len: args.seq_len,
-        seed: args.seed,
-    };
-    let done = compress(
-        &args.model,
-        &args.out,
-        resolved.calibrates,
-        &calib,
-        |checkpoint, model| {
-            resolved.plan.check_model(model)?;
-            Ok(shrink_io::check_export(checkpoint, model, resolved.export)?)
-        },
-        |checkpoint, model, windows, bar| {
-            Ok(shrink_pipeline::quantize_and_write(
-                checkpoint, model, &resolved, windows, args.batch, &args.out, bar,
-            )?)
-        },
-    )?;
+    let common = &args.common;
+    let done = compress(&args.model, common, &resolved)?;
     let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
     let (size_before, after) = (&done.size_before, &done.size_after);
-    if args.json {
-        let summary = serde_json::json!({
-            "schema": "shrink.quantize/v1",
-            "model": checkpoint.path.display().to_string(),
-            "out": args.out.display().to_string(),
-            "method": outcome.method,
-            "types": outcome.types,
-            "calibration": done.calibration_json(&calib),
-            "size_bytes_before": size_before.file_size_bytes,
-            "size_bytes_after": after.file_size_bytes,
-            "bits_per_weight_before": size_before.bits_per_weight,
-            "bits_per_weight_after": after.bits_per_weight,
-            "linear_bits_per_weight": outcome.linear_bits_per_weight,
-            "wall_s": wall_s,
-            "layers": outcome.layers,
-        });
+    if common.json {
+        let summary = done.summary("shrink.quantize/v1", common, ());
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
@@ -174,8 +110,8 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    done.print_calibration(&calib);
-    outln!("wrote        {}", args.out.display());
+    done.print_calibration(common);
+    outln!("wrote        {}", common.out.display());
     outln!(
         "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",
         size_before.file_size_bytes as f64 / 1e6,
@@ -215,4 +151,10 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
         outcome.layers.len()
     );
     Ok(())
+}
+
+/// `--method`: the pipeline's own [`QuantMethod`], its names listed in the help.
+fn method_parser() -> impl TypedValueParser<Value = QuantMethod> {
+    PossibleValuesParser::new(QuantMethod::NAMES)
+        .try_map(|name| QuantMethod::parse(&name).map_err(Box::new))
 }

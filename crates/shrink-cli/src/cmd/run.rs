@@ -53,40 +53,7 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
     let r = &outcome.report;
     let dir = outcome.run_dir.display().to_string();
     if args.json {
-        let failed: Vec<&shrink_pipeline::report::GateResult> =
-            r.gates.iter().filter(|g| !g.passed).collect();
-        let models: Vec<serde_json::Value> = r
-            .rows
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "name": m.name, "kind": m.kind, "cached": m.cached,
-                    "perplexity": m.perplexity, "ppl_increase_pct": m.ppl_increase_pct,
-                    "kl_mean": m.kl_mean, "top1_agreement": m.top1_agreement,
-                    "size_bytes": m.size_bytes, "bits_per_weight": m.bits_per_weight,
-                    "compression_ratio": m.compression_ratio, "artifact": m.artifact,
-                })
-            })
-            .collect();
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "schema": "shrink.run/v1",
-                "name": r.name,
-                "run_dir": dir,
-                "passed": outcome.passed,
-                "failed_gates": failed,
-                "gates": r.gates,
-                "exported": r.exported,
-                "models": models,
-                "report": {
-                    "json": format!("{dir}/report.json"),
-                    "md": format!("{dir}/report.md"),
-                    "html": format!("{dir}/report.html"),
-                },
-                "wall_s": r.wall_s,
-            }))?
-        );
+        outln!("{}", serde_json::to_string_pretty(&outcome.summary())?);
     } else {
         // Encoders are measured by their sentence embeddings, decoders by perplexity.
         let encoder = r.rows.iter().any(|m| m.embedding_cosine.is_some())

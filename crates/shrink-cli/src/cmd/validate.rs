@@ -52,31 +52,8 @@ pub(crate) fn print_plan(
         shrink_pipeline::Export::Hf => "hf",
     };
     if json {
-        let stages: Vec<serde_json::Value> = plan
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name, "kind": s.kind.name(), "input": s.input,
-                    "output": stage_dir(&s.name), "format": export(s),
-                    "calibrates": s.calibrates, "sweep_value": s.sweep_value,
-                })
-            })
-            .collect();
-        outln!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "schema": "shrink.plan/v1",
-                "file": file.display().to_string(),
-                "name": pipeline.name,
-                "model": pipeline.model.source,
-                "run_dir": run_dir.display().to_string(),
-                "stages": stages,
-                "export": pipeline.export.formats,
-                "sweep": pipeline.sweep,
-                "gates": pipeline.gates,
-                "estimated_peak_bytes": peak,
-            }))?
-        );
+        let summary = pipeline.plan_summary(file, run_dir, peak);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     outln!("{}: valid", file.display());

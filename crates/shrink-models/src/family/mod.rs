@@ -105,3 +105,52 @@ pub fn gguf_names(arch: Arch) -> Option<&'static GgufNames> {
         Arch::Bert => None,
     }
 }
+
+/// llama.cpp's GGUF architectures that shrink reads and writes: each `general.architecture` with
+/// the Hugging Face `model_type`s written as it (a GGUF read back gets the first).
+const GGUF_ARCHITECTURES: [(&str, &[&str]); 3] = [
+    ("llama", &["llama", "mistral"]),
+    ("qwen2", &["qwen2"]),
+    ("gpt2", &["gpt2"]),
+];
+
+/// The GGUF architectures of [`GGUF_ARCHITECTURES`], as error messages list them.
+pub const GGUF_SUPPORTED: &str = "llama, qwen2, gpt2";
+
+/// The Hugging Face `model_type` a GGUF file of `architecture` reads as.
+pub fn model_type_of_gguf(architecture: &str) -> Option<&'static str> {
+    GGUF_ARCHITECTURES
+        .iter()
+        .find(|(gguf, _)| *gguf == architecture)
+        .map(|(_, types)| types[0])
+}
+
+/// The GGUF architecture a model of `model_type` is written as.
+pub fn gguf_architecture_of(model_type: &str) -> Option<&'static str> {
+    GGUF_ARCHITECTURES
+        .iter()
+        .find(|(_, types)| types.contains(&model_type))
+        .map(|(gguf, _)| *gguf)
+}
+
+#[cfg(test)]
+mod gguf_architecture_tests {
+    use super::*;
+
+    #[test]
+    fn architectures_read_and_write_both_ways() {
+        let listed: Vec<&str> = GGUF_ARCHITECTURES.iter().map(|(g, _)| *g).collect();
+        assert_eq!(listed.join(", "), GGUF_SUPPORTED);
+        assert_eq!(model_type_of_gguf("llama"), Some("llama"));
+        assert_eq!(model_type_of_gguf("qwen2"), Some("qwen2"));
+        assert_eq!(model_type_of_gguf("bert"), None);
+        assert_eq!(gguf_architecture_of("mistral"), Some("llama"));
+        assert_eq!(gguf_architecture_of("gpt2"), Some("gpt2"));
+        assert_eq!(gguf_architecture_of("bert"), None);
+        for (gguf, types) in GGUF_ARCHITECTURES {
+            for t in types {
+                assert_eq!(gguf_architecture_of(t), Some(gguf));
+            }
+        }
+    }
+}

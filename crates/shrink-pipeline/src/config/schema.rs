@@ -385,11 +385,75 @@ pub struct PlannedStage {
     pub sweep_value: Option<String>,
 }
 
+/// A valid pipeline's plan as `shrink validate --json` and `shrink run --dry-run --json` print it
+/// (schema `shrink.plan/v1`).
+#[derive(Debug, Serialize)]
+pub struct PlanSummary<'a> {
+    schema: &'static str,
+    file: String,
+    name: &'a str,
+    model: &'a str,
+    run_dir: String,
+    stages: Vec<StagePlan<'a>>,
+    export: &'a [String],
+    sweep: &'a Option<Sweep>,
+    gates: &'a Gates,
+    estimated_peak_bytes: Option<u64>,
+}
+
+/// One stage of a [`PlanSummary`].
+#[derive(Debug, Serialize)]
+pub struct StagePlan<'a> {
+    name: &'a str,
+    kind: &'static str,
+    input: &'a str,
+    /// The stage's folder in the run folder.
+    output: String,
+    format: Export,
+    calibrates: bool,
+    sweep_value: &'a Option<String>,
+}
+
 impl Pipeline {
     /// Stages in the order they run (sweep variants after the stages they branch from), with
     /// their inputs resolved.
     pub fn plan(&self) -> &[PlannedStage] {
         &self.planned
+    }
+
+    /// The plan of a run in `run_dir`, with the estimated peak memory where the model's shape
+    /// was known.
+    pub fn plan_summary(
+        &self,
+        file: &std::path::Path,
+        run_dir: &std::path::Path,
+        estimated_peak_bytes: Option<u64>,
+    ) -> PlanSummary<'_> {
+        let stages = self
+            .planned
+            .iter()
+            .map(|s| StagePlan {
+                name: &s.name,
+                kind: s.kind.name(),
+                input: &s.input,
+                output: run_dir.join("stages").join(&s.name).display().to_string(),
+                format: s.export,
+                calibrates: s.calibrates,
+                sweep_value: &s.sweep_value,
+            })
+            .collect();
+        PlanSummary {
+            schema: "shrink.plan/v1",
+            file: file.display().to_string(),
+            name: &self.name,
+            model: &self.model.source,
+            run_dir: run_dir.display().to_string(),
+            stages,
+            export: &self.export.formats,
+            sweep: &self.sweep,
+            gates: &self.gates,
+            estimated_peak_bytes,
+        }
     }
 
     /// The planned stages of the pipeline as written, without sweep variants.

@@ -64,6 +64,86 @@ pub struct RunOutcome {
     pub passed: bool,
 }
 
+/// What `shrink run --json` prints (schema `shrink.run/v1`): the verdict, the gates, each model's
+/// headline figures and where the report files are.
+#[derive(Debug, serde::Serialize)]
+pub struct RunSummary<'a> {
+    schema: &'static str,
+    name: &'a str,
+    run_dir: String,
+    passed: bool,
+    failed_gates: Vec<&'a GateResult>,
+    gates: &'a [GateResult],
+    exported: &'a [String],
+    models: Vec<ModelSummary<'a>>,
+    report: ReportFiles,
+    wall_s: f64,
+}
+
+/// One model of a [`RunSummary`]: a report row's headline figures.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelSummary<'a> {
+    name: &'a str,
+    kind: &'a str,
+    cached: bool,
+    perplexity: f64,
+    ppl_increase_pct: f64,
+    kl_mean: Option<f64>,
+    top1_agreement: Option<f64>,
+    size_bytes: u64,
+    bits_per_weight: f64,
+    compression_ratio: f64,
+    artifact: &'a str,
+}
+
+/// The report files of a [`RunSummary`].
+#[derive(Debug, serde::Serialize)]
+pub struct ReportFiles {
+    json: String,
+    md: String,
+    html: String,
+}
+
+impl RunOutcome {
+    /// The run's summary for `--json`.
+    pub fn summary(&self) -> RunSummary<'_> {
+        let r = &self.report;
+        let dir = self.run_dir.display().to_string();
+        RunSummary {
+            schema: "shrink.run/v1",
+            name: &r.name,
+            run_dir: dir.clone(),
+            passed: self.passed,
+            failed_gates: r.gates.iter().filter(|g| !g.passed).collect(),
+            gates: &r.gates,
+            exported: &r.exported,
+            models: r
+                .rows
+                .iter()
+                .map(|m| ModelSummary {
+                    name: &m.name,
+                    kind: &m.kind,
+                    cached: m.cached,
+                    perplexity: m.perplexity,
+                    ppl_increase_pct: m.ppl_increase_pct,
+                    kl_mean: m.kl_mean,
+                    top1_agreement: m.top1_agreement,
+                    size_bytes: m.size_bytes,
+                    bits_per_weight: m.bits_per_weight,
+                    compression_ratio: m.compression_ratio,
+                    artifact: &m.artifact,
+                })
+                .collect(),
+            report: ReportFiles {
+                json: format!("{dir}/report.json"),
+                md: format!("{dir}/report.md"),
+                html: format!("{dir}/report.html"),
+            },
+            wall_s: r.wall_s,
+        }
+    }
+}
+
 /// Runs `pipeline` (validated by [`crate::load`]): every stage not already done, the measurements,
 /// the export to `model/`, the report files and the gates. `log` receives one line per step.
 pub fn run(
@@ -89,20 +169,11 @@ pub fn run(
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
 
-    let RunInputs {
-        model_path,
-        model_sha,
-        checkpoint,
-        inputs,
-        eval_text,
-        eval_sha,
-        calib,
-        training,
-    } = read_inputs(pipeline, opts, &run_dir, log)?;
-    let calib_sha = calib.as_ref().map(|(_, key)| key.clone());
-    let bench = Bench::new(pipeline, &checkpoint, &eval_text, progress)?;
+    let given = read_inputs(pipeline, opts, &run_dir, log)?;
+    let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
+    let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
     let eval_key = key_of(&serde_json::json!({
-        "shrink": VERSION, "text": eval_sha, "eval": pipeline.eval,
+        "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
     }));
     // Measurements are reused while the model and the evaluation settings are unchanged.
     let metrics_for = |dir: &Path,
@@ -119,21 +190,21 @@ pub fn run(
         Ok(metrics)
     };
 
-    log(&format!("baseline  {}", model_path.display()));
-    let baseline = build_model(&checkpoint, DType::F32)?;
+    log(&format!("baseline  {}", given.model_path.display()));
+    let baseline = build_model(&given.checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::check_export(&checkpoint, &baseline, Export::Gguf)?;
+        shrink_io::check_export(&given.checkpoint, &baseline, Export::Gguf)?;
     }
-    let base = metrics_for(&run_dir.join("baseline"), &model_sha, &|key| {
-        bench.measure(key, &baseline, None, &model_path)
+    let base = metrics_for(&run_dir.join("baseline"), &given.model_sha, &|key| {
+        bench.measure(key, &baseline, None, &given.model_path)
     })?;
     let mut rows = vec![row(
         "baseline",
         "baseline",
         None,
-        &model_path,
-        &model_path,
+        &given.model_path,
+        &given.model_path,
         &base,
         &base,
         None,
@@ -153,9 +224,10 @@ pub fn run(
     let mut layers = Vec::new();
     let mut searches = Vec::new();
     let mut curves = Vec::new();
-    let mut keys: BTreeMap<String, String> = [("model".to_string(), model_sha.clone())].into();
+    let mut keys: BTreeMap<String, String> =
+        [("model".to_string(), given.model_sha.clone())].into();
     let mut artifacts: BTreeMap<String, PathBuf> =
-        [("model".to_string(), model_path.clone())].into();
+        [("model".to_string(), given.model_path.clone())].into();
     let mut windows: Option<Vec<Vec<u32>>> = None;
 
     for stage in pipeline.plan() {
@@ -170,7 +242,7 @@ pub fn run(
         let training_key = stage
             .job
             .trains()
-            .then(|| training.as_ref().map(|t| t.key.clone()));
+            .then(|| given.training.as_ref().map(|t| t.key.clone()));
         let key = key_of(&serde_json::json!({
             "shrink": VERSION, "input": input_key, "job": stage.job, "calibration": calibration,
             "teacher": teacher_key, "training": training_key,
@@ -192,11 +264,11 @@ pub fn run(
                     stage.input
                 ));
                 let input = if stage.input == "model" {
-                    checkpoint.clone()
+                    given.checkpoint.clone()
                 } else {
                     shrink_io::load(&artifacts[&stage.input])?
                 };
-                if let (true, None, Some((text, _))) = (stage.calibrates, &windows, &calib) {
+                if let (true, None, Some((text, _))) = (stage.calibrates, &windows, &given.calib) {
                     windows = Some(crate::encoder::calibration_windows(
                         &input,
                         text,
@@ -227,7 +299,7 @@ pub fn run(
                     key: &key,
                     calibration: stage_windows,
                     teacher: teacher.as_ref(),
-                    training: training.as_ref(),
+                    training: given.training.as_ref(),
                     workdir: &workdir,
                     progress,
                 };
@@ -297,7 +369,7 @@ pub fn run(
         provenance: Provenance {
             shrink_version: VERSION.into(),
             config_sha256: sha256_file(&opts.pipeline_file).unwrap_or_default(),
-            inputs,
+            inputs: given.inputs,
             seed: pipeline.seed,
             machine: sys::machine(),
             date_utc: sys::now_utc(),

@@ -200,6 +200,51 @@ pub(crate) trait Job {
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult>;
 }
 
+/// What a compression job reads besides the model.
+#[derive(Clone, Copy)]
+pub struct JobInput<'a> {
+    /// The checkpoint the model was built from (its tokenizer and metadata are written along).
+    pub checkpoint: &'a Checkpoint,
+    /// Calibration windows, for jobs that calibrate.
+    pub windows: Option<&'a [Vec<u32>]>,
+    /// Windows per forward pass.
+    pub batch: usize,
+    pub progress: &'a dyn Progress,
+}
+
+/// A resolved job that changes one model and writes it: quantization or pruning. `shrink quantize`,
+/// `shrink prune`, the pipeline's stages and the search run these jobs through this one interface.
+pub trait Compress {
+    type Outcome;
+    /// Whether the job needs calibration windows.
+    fn calibrates(&self) -> bool;
+    /// Refuses, before anything is calibrated, a model that the job or its output cannot take.
+    fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()>;
+    /// Compresses `model` and writes it to `out` (a GGUF file or a Hugging Face folder,
+    /// atomically).
+    fn write(&self, input: &JobInput, model: &mut Transformer, out: &Path)
+        -> Result<Self::Outcome>;
+}
+
+impl StageContext<'_> {
+    /// Runs a compression job on `model` with this stage's calibration and writes `out`.
+    pub(crate) fn compress<C: Compress>(
+        &self,
+        job: &C,
+        model: &mut Transformer,
+        batch: usize,
+        out: &Path,
+    ) -> Result<C::Outcome> {
+        let input = JobInput {
+            checkpoint: self.checkpoint,
+            windows: self.calibration,
+            batch,
+            progress: self.progress,
+        };
+        job.write(&input, model, out)
+    }
+}
+
 /// What a stage does.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]

@@ -4,13 +4,12 @@
 //! through [`PruneRequest`].
 
 use super::{check_float_keys, value_text, Job, KeyResult, StageContext, StageJob, StageKind};
-use super::{StageResult, StageType};
+use super::{Compress, JobInput, StageResult, StageType};
 use crate::config::Stage;
 use crate::quantize::Export;
 use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use serde::Serialize;
-use shrink_core::Progress;
 use shrink_io::{Checkpoint, GgufWriteType};
 use shrink_models::Transformer;
 use shrink_prune::{
@@ -138,6 +137,17 @@ pub struct PruneOutcome {
     pub structured: Option<StructuredOutcome>,
     pub parameters_before: usize,
     pub parameters_after: usize,
+}
+
+impl PruneOutcome {
+    /// The fraction of the block linears' weights that are zero (`None` without linears).
+    pub fn linear_sparsity(&self) -> Option<f64> {
+        let (zeros, weights) = self.layers.iter().fold((0.0, 0.0), |(z, n), l| {
+            let w = (l.shape[0] * l.shape[1]) as f64;
+            (z + l.sparsity * w, n + w)
+        });
+        (weights > 0.0).then(|| zeros / weights)
+    }
 }
 
 fn invalid(message: String) -> PipelineError {
@@ -280,67 +290,6 @@ pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> 
     Ok(())
 }
 
-/// Prunes `model` (built from `checkpoint`) as `resolved` says and writes the result to `out`.
-pub fn prune_and_write(
-    checkpoint: &Checkpoint,
-    model: &mut Transformer,
-    resolved: &ResolvedPrune,
-    windows: Option<&[Vec<u32>]>,
-    batch: usize,
-    out: &Path,
-    progress: &dyn Progress,
-) -> Result<PruneOutcome> {
-    check_prune(resolved, model)?;
-    shrink_io::check_export(checkpoint, model, resolved.export)?;
-    let parameters_before = model.num_parameters();
-    let (method, layers, structured) = match &resolved.job {
-        PruneJob::Unstructured(plan) => {
-            let layers = shrink_prune::prune_model(model, plan, windows, batch, progress)?;
-            let name = match plan.method {
-                PruneMethod::Magnitude { global: true } => "magnitude (global)".to_string(),
-                PruneMethod::Magnitude { .. } => "magnitude".into(),
-                PruneMethod::Wanda => "wanda".into(),
-                PruneMethod::SparseGpt(c) => {
-                    format!("sparsegpt (damp {}, blocks of {})", c.damp, c.block_size)
-                }
-            };
-            (format!("{name} {}", plan.default), layers, None)
-        }
-        PruneJob::Structured {
-            target,
-            fraction,
-            importance,
-            criterion,
-        } => {
-            let structure =
-                Structure::from_fraction(*target, *fraction, *criterion, &model.config)?;
-            let outcome = shrink_prune::prune_structured(
-                model,
-                structure,
-                *importance,
-                windows,
-                batch,
-                progress,
-            )?;
-            let name = match structure {
-                Structure::Layers { criterion, .. } => {
-                    format!("{target:?} {fraction} by {criterion:?}")
-                }
-                _ => format!("{target:?} {fraction} by {importance:?}"),
-            };
-            (name.to_lowercase(), Vec::new(), Some(outcome))
-        }
-    };
-    shrink_io::write_model(checkpoint, model, resolved.export, resolved.dtype, out)?;
-    Ok(PruneOutcome {
-        method,
-        layers,
-        structured,
-        parameters_before,
-        parameters_after: model.num_parameters(),
-    })
-}
-
 /// The `prune.*` stages.
 pub(crate) struct PruneStage;
 
@@ -409,6 +358,76 @@ impl StageType for PruneStage {
     }
 }
 
+impl Compress for ResolvedPrune {
+    type Outcome = PruneOutcome;
+
+    fn calibrates(&self) -> bool {
+        self.calibrates
+    }
+
+    fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()> {
+        check_prune(self, model)?;
+        Ok(shrink_io::check_export(checkpoint, model, self.export)?)
+    }
+
+    fn write(&self, input: &JobInput, model: &mut Transformer, out: &Path) -> Result<PruneOutcome> {
+        self.check(input.checkpoint, model)?;
+        let parameters_before = model.num_parameters();
+        let (method, layers, structured) = match &self.job {
+            PruneJob::Unstructured(plan) => {
+                let layers = shrink_prune::prune_model(
+                    model,
+                    plan,
+                    input.windows,
+                    input.batch,
+                    input.progress,
+                )?;
+                let name = match plan.method {
+                    PruneMethod::Magnitude { global: true } => "magnitude (global)".to_string(),
+                    PruneMethod::Magnitude { .. } => "magnitude".into(),
+                    PruneMethod::Wanda => "wanda".into(),
+                    PruneMethod::SparseGpt(c) => {
+                        format!("sparsegpt (damp {}, blocks of {})", c.damp, c.block_size)
+                    }
+                };
+                (format!("{name} {}", plan.default), layers, None)
+            }
+            PruneJob::Structured {
+                target,
+                fraction,
+                importance,
+                criterion,
+            } => {
+                let structure =
+                    Structure::from_fraction(*target, *fraction, *criterion, &model.config)?;
+                let outcome = shrink_prune::prune_structured(
+                    model,
+                    structure,
+                    *importance,
+                    input.windows,
+                    input.batch,
+                    input.progress,
+                )?;
+                let name = match structure {
+                    Structure::Layers { criterion, .. } => {
+                        format!("{target:?} {fraction} by {criterion:?}")
+                    }
+                    _ => format!("{target:?} {fraction} by {importance:?}"),
+                };
+                (name.to_lowercase(), Vec::new(), Some(outcome))
+            }
+        };
+        shrink_io::write_model(input.checkpoint, model, self.export, self.dtype, out)?;
+        Ok(PruneOutcome {
+            method,
+            layers,
+            structured,
+            parameters_before,
+            parameters_after: model.num_parameters(),
+        })
+    }
+}
+
 impl Job for PruneRequest {
     fn plan(&self) -> Result<(bool, Export)> {
         self.resolve().map(|r| (r.calibrates, r.export))
@@ -424,15 +443,7 @@ impl Job for PruneRequest {
 
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
         let resolved = self.resolve()?;
-        let outcome = prune_and_write(
-            cx.checkpoint,
-            model,
-            &resolved,
-            cx.calibration,
-            self.batch,
-            out,
-            cx.progress,
-        )?;
+        let outcome = cx.compress(&resolved, model, self.batch, out)?;
         let (format, bits) = float_storage(resolved.dtype);
         let layers = outcome
             .layers

@@ -3,13 +3,12 @@
 //! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
 
 use super::{check_weights, value_text, whole, Job, KeyResult, StageContext, StageJob, StageKind};
-use super::{StageResult, StageType};
+use super::{Compress, JobInput, StageResult, StageType};
 use crate::config::Stage;
 use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use candle_core::DType;
 use serde::Serialize;
-use shrink_core::Progress;
 use shrink_io::{Checkpoint, GgufWriteType};
 use shrink_models::{ActQuant, ModelConfig, Transformer};
 use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
@@ -29,6 +28,9 @@ pub enum QuantMethod {
 }
 
 impl QuantMethod {
+    /// Every method's name, as configs and the command line write it.
+    pub const NAMES: [&'static str; 4] = ["rtn", "gptq", "awq", "awq-gptq"];
+
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "rtn" => Ok(Self::Rtn),
@@ -341,30 +343,6 @@ pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer>
     Ok(model)
 }
 
-/// Quantizes `model` (built from `checkpoint`) as `resolved` says and writes the result to `out`
-/// (a GGUF file or a Hugging Face folder, atomically). `windows` are the calibration windows,
-/// required when `resolved.calibrates`.
-pub fn quantize_and_write(
-    checkpoint: &Checkpoint,
-    model: &mut Transformer,
-    resolved: &ResolvedQuantize,
-    windows: Option<&[Vec<u32>]>,
-    batch: usize,
-    out: &Path,
-    progress: &dyn Progress,
-) -> Result<QuantizeOutcome> {
-    shrink_io::check_export(checkpoint, model, resolved.export)?;
-    let result = shrink_quant::quantize_model(
-        model,
-        resolved.method,
-        &resolved.plan,
-        windows,
-        batch,
-        progress,
-    )?;
-    write_quantized(checkpoint, model, &result, resolved, out)
-}
-
 /// Writes `model`, whose linears hold the dequantized values of `result`, with those linears
 /// stored packed, as `resolved` says. Post-training quantization and QAT both write through here.
 pub fn write_quantized(
@@ -531,6 +509,37 @@ pub(crate) fn quantize_request(s: &Stage) -> Result<QuantizeRequest> {
     })
 }
 
+impl Compress for ResolvedQuantize {
+    type Outcome = QuantizeOutcome;
+
+    fn calibrates(&self) -> bool {
+        self.calibrates
+    }
+
+    fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()> {
+        self.plan.check_model(model)?;
+        Ok(shrink_io::check_export(checkpoint, model, self.export)?)
+    }
+
+    fn write(
+        &self,
+        input: &JobInput,
+        model: &mut Transformer,
+        out: &Path,
+    ) -> Result<QuantizeOutcome> {
+        shrink_io::check_export(input.checkpoint, model, self.export)?;
+        let result = shrink_quant::quantize_model(
+            model,
+            self.method,
+            &self.plan,
+            input.windows,
+            input.batch,
+            input.progress,
+        )?;
+        write_quantized(input.checkpoint, model, &result, self, out)
+    }
+}
+
 impl Job for QuantizeRequest {
     fn plan(&self) -> Result<(bool, Export)> {
         self.resolve().map(|r| (r.calibrates, r.export))
@@ -552,15 +561,7 @@ impl Job for QuantizeRequest {
 
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
         let resolved = self.resolve()?;
-        let outcome = quantize_and_write(
-            cx.checkpoint,
-            model,
-            &resolved,
-            cx.calibration,
-            self.batch,
-            out,
-            cx.progress,
-        )?;
+        let outcome = cx.compress(&resolved, model, self.batch, out)?;
         quantized_result(outcome, model)
     }
 }

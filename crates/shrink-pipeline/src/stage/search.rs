@@ -5,7 +5,7 @@
 
 use super::quantize::quantized_result;
 use super::{check_weights, whole, Job, JobMemory, KeyResult, ModelSizes, StageContext};
-use super::{StageJob, StageKind, StageResult, StageType};
+use super::{Compress, JobInput, StageJob, StageKind, StageResult, StageType};
 use crate::config::Stage;
 use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
 use crate::{PipelineError, Result};
@@ -615,16 +615,13 @@ impl Verifier for StageVerifier<'_> {
             .map_err(wrap)?;
         let path = self.candidate(round);
         let mut model = self.model.clone();
-        let outcome = crate::quantize_and_write(
-            self.checkpoint,
-            &mut model,
-            &resolved,
-            Some(self.windows),
-            self.batch,
-            &path,
-            self.progress,
-        )
-        .map_err(wrap)?;
+        let input = JobInput {
+            checkpoint: self.checkpoint,
+            windows: Some(self.windows),
+            batch: self.batch,
+            progress: self.progress,
+        };
+        let outcome = resolved.write(&input, &mut model, &path).map_err(wrap)?;
         // The model as written, read back: what llama.cpp will run.
         let written = shrink_io::load(&path).map_err(|e| wrap(e.into()))?;
         let back = crate::build_model(&written, candle_core::DType::F32).map_err(wrap)?;

@@ -1,0 +1,370 @@
+//! A transformer block: its linears by role, the scale groups AWQ and SmoothQuant fold through,
+//! its forward pass, and the surgery that removes heads, channels and width.
+
+use super::*;
+
+/// The role of a linear inside a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Role {
+    pub const ALL: [Role; 7] = [
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::O,
+        Role::Gate,
+        Role::Up,
+        Role::Down,
+    ];
+
+    /// The role of a linear (or its weight) from its full name in any family
+    /// (`model.layers.3.mlp.up_proj`, `encoder.layer.0.intermediate.dense.weight`,
+    /// `h.2.attn.c_attn.q`); `None` for the LM head and other tensors.
+    pub fn of_name(name: &str) -> Option<Role> {
+        let stem = name
+            .strip_suffix(".weight")
+            .or_else(|| name.strip_suffix(".bias"))
+            .unwrap_or(name);
+        crate::family::ALL_NAMES
+            .iter()
+            .find_map(|naming| {
+                naming.linears.iter().position(|suffix| {
+                    !suffix.is_empty()
+                        && stem.ends_with(suffix)
+                        && stem[..stem.len() - suffix.len()].ends_with('.')
+                })
+            })
+            .map(|i| Role::ALL[i])
+    }
+
+    /// The Llama-style short name (`q_proj` … `down_proj`), the same for every family: reports
+    /// and charts group linears by it.
+    pub fn short_name(self) -> &'static str {
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ][self as usize]
+    }
+}
+
+/// Where a rescaled input's inverse scale is folded (see [`Block::scale_groups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleSite {
+    /// The attention norm's scale and shift (pre-norm only).
+    AttnNorm,
+    /// The MLP norm's scale and shift (pre-norm only).
+    MlpNorm,
+    /// `up`'s rows and bias (SwiGLU: `silu(gate) · up` is linear in `up`).
+    UpRows,
+    /// `v`'s rows and bias (attention output is linear in `v`).
+    VRows,
+}
+
+/// Linears reading one input, and where a scale of that input folds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleGroup {
+    pub consumers: Vec<Role>,
+    pub site: ScaleSite,
+}
+
+/// One transformer block: attention then MLP, each with a residual. Pre-norm (Transformer, GPT-2)
+/// normalises each sub-layer's input; post-norm (BERT) normalises each residual sum.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub index: usize,
+    /// The attention sub-layer's norm: before it (pre-norm) or after its residual (post-norm).
+    pub attn_norm: Norm,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// The MLP sub-layer's norm: before it (pre-norm) or after its residual (post-norm).
+    pub mlp_norm: Norm,
+    /// SwiGLU's gate; `None` for a plain GELU MLP.
+    pub gate_proj: Option<Linear>,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub(super) num_heads: usize,
+    pub(super) num_kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) post_norm: bool,
+    pub(super) activation: Activation,
+    /// Full names by [`Role`]; empty for an absent gate.
+    pub(super) names: [String; 7],
+}
+
+impl Block {
+    /// Runs the block on hidden states `(batch, seq, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttentionContext,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let h = if self.post_norm {
+            x.clone()
+        } else {
+            self.attn_norm.forward(x)?
+        };
+        for name in &self.names[..3] {
+            hook.observe(name, &h)?;
+        }
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(&h)?, nh)?;
+        let k = heads(self.k_proj.forward(&h)?, nkv)?;
+        let v = heads(self.v_proj.forward(&h)?, nkv)?;
+        let (q, k) = match &ctx.rope {
+            // candle's fused RoPE carries no gradient: the composed form does when training.
+            Some((cos, sin)) => {
+                let rope = |x: &Tensor| -> Result<Tensor> {
+                    Ok(if x.track_op() {
+                        candle_nn::rotary_emb::rope_slow(x, cos, sin)?
+                    } else {
+                        candle_nn::rotary_emb::rope(x, cos, sin)?
+                    })
+                };
+                (rope(&q)?, rope(&k)?)
+            }
+            None => (q, k),
+        };
+        let (k, v) = match cache {
+            Some(cache) => {
+                let (k, v) = match &cache.kv {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                cache.kv = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if ctx.causal {
+            crate::kernels::causal_softmax(&scores, scale, ctx.window)?
+        } else {
+            let scores = (scores.to_dtype(DType::F32)? * scale)?;
+            let scores = match &ctx.key_mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            let probs = if scores.track_op() {
+                candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
+            probs.to_dtype(x.dtype())?
+        };
+        hook.attention(self.index, &probs)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        hook.observe(&self.names[3], &attn)?;
+        let x = (x + self.o_proj.forward(&attn)?)?;
+        let x = if self.post_norm {
+            self.attn_norm.forward(&x)?
+        } else {
+            x
+        };
+
+        let h = if self.post_norm {
+            x.clone()
+        } else {
+            self.mlp_norm.forward(&x)?
+        };
+        let act = match &self.gate_proj {
+            Some(gate) => {
+                hook.observe(&self.names[4], &h)?;
+                hook.observe(&self.names[5], &h)?;
+                crate::kernels::silu_mul(&gate.forward(&h)?, &self.up_proj.forward(&h)?)?
+            }
+            None => {
+                hook.observe(&self.names[5], &h)?;
+                let up = self.up_proj.forward(&h)?;
+                match self.activation {
+                    Activation::GeluTanh => up.gelu()?,
+                    _ => up.gelu_erf()?,
+                }
+            }
+        };
+        hook.observe(&self.names[6], &act)?;
+        let out = (x + self.down_proj.forward(&act)?)?;
+        let out = if self.post_norm {
+            self.mlp_norm.forward(&out)?
+        } else {
+            out
+        };
+        hook.block_output(self.index, &out)?;
+        Ok(out)
+    }
+
+    /// Whether each sub-layer's norm follows its residual sum (BERT) instead of preceding it.
+    pub fn is_post_norm(&self) -> bool {
+        self.post_norm
+    }
+
+    pub fn num_heads(&self) -> usize {
+        self.num_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The full name of the linear in `role` (`None` for an absent gate).
+    pub fn name(&self, role: Role) -> Option<&str> {
+        let n = &self.names[role as usize];
+        (!n.is_empty()).then_some(n.as_str())
+    }
+
+    /// The linear in `role`, if the block has one.
+    pub fn linear(&self, role: Role) -> Option<&Linear> {
+        match role {
+            Role::Q => Some(&self.q_proj),
+            Role::K => Some(&self.k_proj),
+            Role::V => Some(&self.v_proj),
+            Role::O => Some(&self.o_proj),
+            Role::Gate => self.gate_proj.as_ref(),
+            Role::Up => Some(&self.up_proj),
+            Role::Down => Some(&self.down_proj),
+        }
+    }
+
+    /// The linear in `role`, mutably.
+    pub fn linear_by_role_mut(&mut self, role: Role) -> Option<&mut Linear> {
+        match role {
+            Role::Q => Some(&mut self.q_proj),
+            Role::K => Some(&mut self.k_proj),
+            Role::V => Some(&mut self.v_proj),
+            Role::O => Some(&mut self.o_proj),
+            Role::Gate => self.gate_proj.as_mut(),
+            Role::Up => Some(&mut self.up_proj),
+            Role::Down => Some(&mut self.down_proj),
+        }
+    }
+
+    /// The block's linear layers with their full names, in execution order.
+    pub fn linears(&self) -> Vec<(&str, &Linear)> {
+        Role::ALL
+            .iter()
+            .filter_map(|&r| Some((self.name(r)?, self.linear(r)?)))
+            .collect()
+    }
+
+    /// The block's linears with their roles.
+    pub fn roles(&self) -> Vec<Role> {
+        Role::ALL
+            .into_iter()
+            .filter(|&r| self.linear(r).is_some())
+            .collect()
+    }
+
+    /// A linear of this block by its full name (`model.layers.3.mlp.up_proj`), to swap its weight.
+    pub fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        let i = self.names.iter().position(|n| !n.is_empty() && n == name)?;
+        self.linear_by_role_mut(Role::ALL[i])
+    }
+
+    /// The groups of linears that read one input whose channels can be rescaled without changing
+    /// the float block: the scale divides what produces the input and multiplies the linears'
+    /// columns (AWQ, SmoothQuant). Pre-norm blocks fold into their norms; SwiGLU folds `down`'s
+    /// input into `up`'s rows; with one value head per query head, `o`'s input folds into `v`'s
+    /// rows. Post-norm (BERT) norms feed the residual stream too, so only `v → o` remains there.
+    pub fn scale_groups(&self) -> Vec<ScaleGroup> {
+        let mut groups = vec![];
+        if !self.post_norm {
+            groups.push(ScaleGroup {
+                consumers: vec![Role::Q, Role::K, Role::V],
+                site: ScaleSite::AttnNorm,
+            });
+        }
+        if self.num_kv_heads == self.num_heads {
+            groups.push(ScaleGroup {
+                consumers: vec![Role::O],
+                site: ScaleSite::VRows,
+            });
+        }
+        if !self.post_norm {
+            let consumers = if self.gate_proj.is_some() {
+                vec![Role::Gate, Role::Up]
+            } else {
+                vec![Role::Up]
+            };
+            groups.push(ScaleGroup {
+                consumers,
+                site: ScaleSite::MlpNorm,
+            });
+        }
+        if self.gate_proj.is_some() {
+            groups.push(ScaleGroup {
+                consumers: vec![Role::Down],
+                site: ScaleSite::UpRows,
+            });
+        }
+        groups
+    }
+
+    /// Folds the per-input-channel scale `s` of `group`: the consumers' columns × `s`, the
+    /// producer's output ÷ `s`. The block computes the same function in float.
+    pub fn fold_input_scale(&mut self, group: &ScaleGroup, s: &[f32]) -> Result<()> {
+        match group.site {
+            ScaleSite::AttnNorm => self.attn_norm.divide_output(s)?,
+            ScaleSite::MlpNorm => self.mlp_norm.divide_output(s)?,
+            ScaleSite::UpRows => self.up_proj.divide_rows(s)?,
+            ScaleSite::VRows => self.v_proj.divide_rows(s)?,
+        }
+        for &role in &group.consumers {
+            if let Some(l) = self.linear_by_role_mut(role) {
+                l.scale_columns(s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every linear of the block, mutably.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+        ];
+        if let Some(g) = self.gate_proj.as_mut() {
+            out.push(g);
+        }
+        out.push(&mut self.up_proj);
+        out.push(&mut self.down_proj);
+        out
+    }
+}
+
+fn repeat_kv(x: Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x);
+    }
+    let (b, n_kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, n_kv, groups, s, d))?
+        .reshape((b, n_kv * groups, s, d))?)
+}

@@ -1,0 +1,229 @@
+//! The layers blocks are made of: linears (with the hook calibration observes them through and
+//! simulated activation quantization), norms, the attention context and the KV cache.
+
+use super::*;
+
+/// Observes the input of every linear layer during a forward pass (calibration capture).
+pub trait LinearHook {
+    /// Called with the full name of the linear (e.g. `model.layers.3.mlp.down_proj`) and its input,
+    /// shaped `(batch, seq, in_features)`, before the linear runs.
+    fn observe(&mut self, linear: &str, input: &Tensor) -> candle_core::Result<()>;
+
+    /// Called with the attention probabilities of block `layer`, `(batch, heads, seq, keys)`
+    /// (distillation of attention maps). Ignored by default.
+    fn attention(&mut self, _layer: usize, _probs: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+
+    /// Called with the output hidden states of block `layer`, `(batch, seq, hidden)`
+    /// (distillation of hidden states). Ignored by default.
+    fn block_output(&mut self, _layer: usize, _hidden: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// A hook that observes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHook;
+
+impl LinearHook for NoHook {
+    fn observe(&mut self, _: &str, _: &Tensor) -> candle_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b` with `W` shaped `[out, in]`; its weight can be swapped for a
+/// quantized-then-dequantized, masked or fake-quantized version.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    act_quant: Option<ActQuant>,
+}
+
+/// Simulated activation quantization at a linear's input (W8A8 inference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActQuant {
+    /// Each token (row) scaled by its own max |x| / 127 and rounded to int8, as vLLM's dynamic
+    /// per-token W8A8 kernels do.
+    Int8PerToken,
+}
+
+impl ActQuant {
+    /// Quantizes and dequantizes the rows of `x` (`rows × in`).
+    pub fn fake_quantize(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            ActQuant::Int8PerToken => {
+                let scale = (x.abs()?.max_keepdim(1)? / 127.0)?;
+                // All-zero rows keep scale 1 so that 0/1 rounds to 0.
+                let ones = scale.ones_like()?;
+                let safe = scale.eq(0.0)?.where_cond(&ones, &scale)?;
+                let q = x.broadcast_div(&safe)?.round()?.clamp(-127f32, 127f32)?;
+                let q = q.broadcast_mul(&safe)?;
+                // Quantization-aware training: a straight-through gradient (no values are
+                // clipped: the scale comes from each row's own maximum).
+                Ok(if x.track_op() {
+                    (x + (q - x)?.detach())?
+                } else {
+                    q
+                })
+            }
+        }
+    }
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            act_quant: None,
+        }
+    }
+
+    /// Quantizes this linear's input activations in every forward pass from now on.
+    pub fn set_act_quant(&mut self, q: Option<ActQuant>) {
+        self.act_quant = q;
+    }
+
+    pub fn act_quant(&self) -> Option<ActQuant> {
+        self.act_quant
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Replaces the weight; the new one must have the same shape (it is cast to the old dtype).
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if weight.dims() != self.weight.dims() {
+            return Err(ModelError::WrongShape {
+                name: "replacement weight".into(),
+                expected: self.weight.dims().to_vec(),
+                actual: weight.dims().to_vec(),
+            });
+        }
+        self.weight = weight.to_dtype(self.weight.dtype())?;
+        Ok(())
+    }
+
+    /// Multiplies input channel `j` (weight column `j`) by `s[j]`.
+    pub fn scale_columns(&mut self, s: &[f32]) -> Result<()> {
+        let s = Tensor::from_slice(s, (1, s.len()), self.weight.device())?;
+        self.weight = self
+            .weight
+            .broadcast_mul(&s.to_dtype(self.weight.dtype())?)?;
+        Ok(())
+    }
+
+    /// Divides output channel `i` (weight row `i` and bias `i`) by `s[i]`.
+    pub fn divide_rows(&mut self, s: &[f32]) -> Result<()> {
+        let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+        let col = Tensor::from_slice(&inv, (inv.len(), 1), self.weight.device())?;
+        self.weight = self
+            .weight
+            .broadcast_mul(&col.to_dtype(self.weight.dtype())?)?;
+        if let Some(b) = &self.bias {
+            let v = Tensor::from_slice(&inv, inv.len(), b.device())?;
+            self.bias = Some(b.broadcast_mul(&v.to_dtype(b.dtype())?)?);
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_features = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_features.max(1);
+        let mut x2 = x.reshape((rows, in_features))?;
+        if let Some(q) = self.act_quant {
+            x2 = q
+                .fake_quantize(&x2.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?;
+        }
+        let y = x2.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// A normalisation with a learned scale: RMSNorm (no bias) or LayerNorm (with bias).
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub weight: Tensor,
+    /// LayerNorm's shift; `None` for RMSNorm.
+    pub bias: Option<Tensor>,
+    pub eps: f64,
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's fused kernels carry no gradient: the composed forms do when training.
+        let tracked = x.track_op() || self.weight.track_op();
+        let eps = self.eps as f32;
+        Ok(match &self.bias {
+            None if tracked => candle_nn::ops::rms_norm_slow(x, &self.weight, eps)?,
+            None => candle_nn::ops::rms_norm(x, &self.weight, eps)?,
+            Some(b) if tracked || b.track_op() => {
+                candle_nn::ops::layer_norm_slow(x, &self.weight, b, eps)?
+            }
+            Some(b) => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, b, eps)?,
+        })
+    }
+
+    /// Divides the norm's output channel-wise by `s` (its scale and shift), for folding input
+    /// scales into the linears it feeds.
+    pub fn divide_output(&mut self, s: &[f32]) -> Result<()> {
+        let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
+        let inv = Tensor::from_vec(inv, s.len(), self.weight.device())?;
+        self.weight = self
+            .weight
+            .broadcast_mul(&inv.to_dtype(self.weight.dtype())?)?;
+        if let Some(b) = &self.bias {
+            self.bias = Some(b.broadcast_mul(&inv.to_dtype(b.dtype())?)?);
+        }
+        Ok(())
+    }
+}
+
+/// Per-call attention inputs shared by all blocks: RoPE tables for the positions being processed
+/// (Llama family), causality and the sliding window (decoders), or which keys are padding
+/// (encoders).
+#[derive(Debug, Clone)]
+pub struct AttentionContext {
+    pub(super) rope: Option<(Tensor, Tensor)>,
+    pub(super) causal: bool,
+    pub(super) window: Option<usize>,
+    /// `(batch, 1, 1, keys)`: 0 for real tokens, −∞ for padding.
+    pub(super) key_mask: Option<Tensor>,
+}
+
+/// The key/value cache of one decoder block, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub(super) kv: Option<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv
+            .as_ref()
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
