@@ -44,7 +44,8 @@ pub(crate) fn run(args: EmbedArgs) -> Result<()> {
         #[derive(serde::Serialize)]
         struct Sentence<'a> {
             tokens: &'a [u32],
-            embedding: &'a [f32],
+            /// Widened to f64, as the summary has always printed them.
+            embedding: Vec<f64>,
         }
         #[derive(serde::Serialize)]
         struct Embeddings<'a, P> {
@@ -54,7 +55,10 @@ pub(crate) fn run(args: EmbedArgs) -> Result<()> {
         let sentences = tokens
             .iter()
             .zip(&vectors)
-            .map(|(tokens, embedding)| Sentence { tokens, embedding })
+            .map(|(tokens, v)| Sentence {
+                tokens,
+                embedding: v.iter().map(|&x| f64::from(x)).collect(),
+            })
             .collect();
         let summary = Embeddings {
             pooling: &pooling,

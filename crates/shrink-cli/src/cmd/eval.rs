@@ -114,7 +114,6 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// An evaluation report as JSON, with what was evaluated on what.
 /// The summary's first line: the model and its parameter count (`note` follows the count).
 fn print_model(checkpoint: &Checkpoint, model: &Transformer, note: &str) {
     outln!(
@@ -124,6 +123,7 @@ fn print_model(checkpoint: &Checkpoint, model: &Transformer, note: &str) {
     );
 }
 
+/// An evaluation report as JSON, with what was evaluated on what.
 pub(crate) fn print_eval_json(
     report: &impl serde::Serialize,
     checkpoint: &Checkpoint,

@@ -2,7 +2,7 @@
 
 use crate::common::{compress, pattern_pairs, Compression};
 use anyhow::{bail, Result};
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 use shrink_pipeline::QuantMethod;
 
@@ -153,8 +153,10 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--method`: the pipeline's own [`QuantMethod`], its names listed in the help.
+/// `--method`: the pipeline's own [`QuantMethod`], its names and descriptions listed in the help.
 fn method_parser() -> impl TypedValueParser<Value = QuantMethod> {
-    PossibleValuesParser::new(QuantMethod::NAMES)
-        .try_map(|name| QuantMethod::parse(&name).map_err(Box::new))
+    let choices = QuantMethod::CHOICES
+        .iter()
+        .map(|&(name, help)| PossibleValue::new(name).help(help));
+    PossibleValuesParser::new(choices).try_map(|name| QuantMethod::parse(&name).map_err(Box::new))
 }

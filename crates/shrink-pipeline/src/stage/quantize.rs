@@ -28,8 +28,14 @@ pub enum QuantMethod {
 }
 
 impl QuantMethod {
-    /// Every method's name, as configs and the command line write it.
-    pub const NAMES: [&'static str; 4] = ["rtn", "gptq", "awq", "awq-gptq"];
+    /// Every method: its name, as configs and the command line write it, and what it does where
+    /// the name does not say.
+    pub const CHOICES: [(&'static str, Option<&'static str>); 4] = [
+        ("rtn", None),
+        ("gptq", None),
+        ("awq", Some("AWQ scales folded into the norms, then RTN")),
+        ("awq-gptq", Some("AWQ scales, then GPTQ")),
+    ];
 
     pub fn parse(name: &str) -> Result<Self> {
         match name {
