@@ -103,8 +103,7 @@ pub(crate) fn load_f32_model(
 ) -> Result<(Checkpoint, shrink_io::Inspection, Transformer)> {
     let checkpoint = load_checkpoint(spec)?;
     let info = shrink_io::inspect(&checkpoint.path)?;
-    let model = shrink_pipeline::build_model(&checkpoint, DType::F32)
-        .with_context(|| format!("building the model from {}", checkpoint.path.display()))?;
+    let model = build_llama(&checkpoint, DType::F32)?;
     Ok((checkpoint, info, model))
 }
 

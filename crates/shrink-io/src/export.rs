@@ -18,6 +18,16 @@ pub enum Export {
     Hf,
 }
 
+impl Export {
+    /// `gguf` or `hf`, as configs, flags and plans write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Export::Gguf => "gguf",
+            Export::Hf => "hf",
+        }
+    }
+}
+
 /// Refuses, before any work, an export the model cannot have: shrink writes encoders as Hugging
 /// Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not write), and
 /// a GGUF needs a vocabulary shrink can write from `checkpoint`'s tokenizer.

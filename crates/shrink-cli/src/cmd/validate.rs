@@ -40,19 +40,13 @@ pub(crate) fn print_plan(
     json: bool,
     max_memory: Option<u64>,
 ) -> Result<()> {
-    let plan = pipeline.plan();
     // The memory estimate needs the model's shape: read it if the model is already here.
     let shape = resolve_model_if_present(&pipeline.model.source)
         .and_then(|path| shrink_pipeline::memory::model_shape(&path));
     pipeline.check_memory(shape, shrink_pipeline::memory::memory_limit(max_memory))?;
     let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape)));
-    let stage_dir = |name: &str| run_dir.join("stages").join(name).display().to_string();
-    let export = |s: &shrink_pipeline::PlannedStage| match s.export {
-        shrink_pipeline::Export::Gguf => "gguf",
-        shrink_pipeline::Export::Hf => "hf",
-    };
+    let summary = pipeline.plan_summary(file, run_dir, peak);
     if json {
-        let summary = pipeline.plan_summary(file, run_dir, peak);
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
@@ -71,15 +65,15 @@ pub(crate) fn print_plan(
         pipeline.seed,
         pipeline.data.eval
     );
-    for (i, s) in plan.iter().enumerate() {
+    for (i, s) in summary.stages.iter().enumerate() {
         outln!(
             "stage {:<3} {:<28} {:<22} {} → {} ({}){}",
             i + 1,
             s.name,
-            s.kind.name(),
+            s.kind,
             s.input,
-            stage_dir(&s.name),
-            export(s),
+            s.output,
+            s.format.name(),
             if s.calibrates { "  (calibrates)" } else { "" }
         );
     }

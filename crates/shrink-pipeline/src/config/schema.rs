@@ -389,29 +389,29 @@ pub struct PlannedStage {
 /// (schema `shrink.plan/v1`).
 #[derive(Debug, Serialize)]
 pub struct PlanSummary<'a> {
-    schema: &'static str,
-    file: String,
-    name: &'a str,
-    model: &'a str,
-    run_dir: String,
-    stages: Vec<StagePlan<'a>>,
-    export: &'a [String],
-    sweep: &'a Option<Sweep>,
-    gates: &'a Gates,
-    estimated_peak_bytes: Option<u64>,
+    pub schema: &'static str,
+    pub file: String,
+    pub name: &'a str,
+    pub model: &'a str,
+    pub run_dir: String,
+    pub stages: Vec<StagePlan<'a>>,
+    pub export: &'a [String],
+    pub sweep: &'a Option<Sweep>,
+    pub gates: &'a Gates,
+    pub estimated_peak_bytes: Option<u64>,
 }
 
 /// One stage of a [`PlanSummary`].
 #[derive(Debug, Serialize)]
 pub struct StagePlan<'a> {
-    name: &'a str,
-    kind: &'static str,
-    input: &'a str,
+    pub name: &'a str,
+    pub kind: &'static str,
+    pub input: &'a str,
     /// The stage's folder in the run folder.
-    output: String,
-    format: Export,
-    calibrates: bool,
-    sweep_value: &'a Option<String>,
+    pub output: String,
+    pub format: Export,
+    pub calibrates: bool,
+    pub sweep_value: &'a Option<String>,
 }
 
 impl Pipeline {
