@@ -42,14 +42,15 @@ pub use stage::{distill, prune, qat, quantize, search};
 
 pub use config::{
     load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
-    Stage, Sweep, SWEEP_KEYS,
+    Stage, StageKeys, Sweep, SWEEP_KEYS,
 };
 pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
 pub use measure::{eval_tokens, prompt_tokens};
 pub use prune::{PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use qat::{qat_and_write, QatRequest};
 pub use quantize::{
-    build_model, Export, QuantMethod, QuantizeOutcome, QuantizeRequest, ResolvedQuantize,
+    build_model, Export, PresetChoice, QuantMethod, QuantizeOutcome, QuantizeRequest,
+    ResolvedQuantize,
 };
 pub use run::{run, RunOptions, RunOutcome};
 pub use stage::{Compress, JobInput, StageJob, StageKind};

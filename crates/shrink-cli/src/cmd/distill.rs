@@ -308,10 +308,10 @@ fn training_windows(checkpoint: &Checkpoint, args: &DistillArgs) -> Result<[Vec<
 /// `shrink distill --qat`: quantization-aware training of the teacher itself.
 fn qat(args: &DistillArgs, target: &str, request: shrink_pipeline::DistillRequest) -> Result<()> {
     use shrink_pipeline::{distill as d, qat::QatRequest};
-    let is_preset = shrink_quant::Preset::load(target).is_ok();
+    let preset = shrink_pipeline::PresetChoice::load(target).ok();
     let quantize = shrink_pipeline::QuantizeRequest {
-        preset: is_preset.then(|| target.to_string()),
-        format: (!is_preset).then(|| target.to_string()),
+        format: preset.is_none().then(|| target.to_string()),
+        preset,
         method: Some(shrink_pipeline::QuantMethod::parse(&args.qat_init)?),
         activations: args.activations.clone(),
         ..Default::default()

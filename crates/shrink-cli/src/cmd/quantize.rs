@@ -4,7 +4,7 @@ use crate::common::{compress, pattern_pairs, Compression};
 use anyhow::{bail, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
-use shrink_pipeline::QuantMethod;
+use shrink_pipeline::{PresetChoice, QuantMethod};
 
 #[derive(Args)]
 pub(crate) struct QuantizeArgs {
@@ -72,7 +72,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     }
     let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
     let request = QuantizeRequest {
-        preset: args.preset.clone(),
+        preset: args.preset.as_deref().map(PresetChoice::load).transpose()?,
         method: args.method,
         format: args.format.clone(),
         bits: args.bits,

@@ -1,15 +1,18 @@
 //! The pipeline file's schema, parsing with positions, and validation.
 
+mod keys;
 mod locate;
 mod schema;
 mod sweep;
 
 use crate::quantize::Export;
-use crate::stage::{check_damp, whole, KeyResult, StageJob, StageKind};
+use crate::stage::{whole, KeyError, StageJob, StageKind};
 use crate::{PipelineError, Result};
 use locate::{closest, header_offsets, key_offset, line_column, unknown_field, Place};
 use std::path::Path;
 
+pub use keys::StageKeys;
+pub(crate) use keys::{fields, KeyReader, ValueError};
 pub use schema::*;
 
 /// Reads and validates a pipeline file.
@@ -33,38 +36,41 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             message,
         }
     };
-    let pipeline: Pipeline = toml::from_str(text).map_err(|e| {
-        let offset = e.span().map(|s| s.start).unwrap_or(0);
-        let message = e.message().trim().to_string();
-        match unknown_field(&message) {
-            Some((key, expected)) if message.starts_with("unknown variant") => {
-                let hint = closest(&key, &expected)
-                    .map(|k| format!("; did you mean `{k}`?"))
-                    .unwrap_or_default();
-                at(
-                    offset,
-                    format!(
-                        "unknown stage kind `{key}`{hint} (known: {})",
-                        expected.join(", ")
-                    ),
-                )
-            }
+    // A message at `offset`; one about a key (an unknown key, with its "did you mean") at the
+    // start of the key's line.
+    let describe = |offset: usize, key: Option<&str>, message: &str| -> PipelineError {
+        match unknown_field(message) {
             Some((key, expected)) => {
                 let hint = closest(&key, &expected)
                     .map(|k| format!("; did you mean `{k}`?"))
                     .unwrap_or_default();
-                let offset = key_offset(text, offset, &key).unwrap_or(offset);
                 at(
-                    offset,
+                    key_offset(text, offset, &key).unwrap_or(offset),
                     format!(
                         "unknown key `{key}`{hint} (expected one of: {})",
                         expected.join(", ")
                     ),
                 )
             }
-            None => at(offset, message),
+            None => at(
+                key.and_then(|k| key_offset(text, offset, k))
+                    .unwrap_or(offset),
+                message.to_string(),
+            ),
         }
+    };
+    let value_error =
+        |e: ValueError| describe(e.span.map_or(0, |s| s.start), e.key.as_deref(), &e.message);
+    let mut pipeline: Pipeline = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map(|s| s.start).unwrap_or(0);
+        describe(offset, None, e.message().trim())
     })?;
+    pipeline.stages = pipeline
+        .stage_tables
+        .iter()
+        .map(keys::read_stage)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(value_error)?;
     // Semantic checks, each pointing at the key it is about.
     let stage_starts: Vec<usize> = header_offsets(text, "[[stage]]");
     // Where a key is: in the i-th [[stage]], in a [section], or at the top.
@@ -176,7 +182,6 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             ));
         }
     }
-    let mut pipeline = pipeline;
     let mut names: Vec<String> = vec!["model".into()];
     let mut previous = "model".to_string();
     for (i, s) in pipeline.stages.iter().enumerate() {
@@ -199,7 +204,8 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                 format!("stage name `{name}` is used twice (give the stage a `name`)"),
             ));
         }
-        for (key, value) in [("input", &s.input), ("teacher", &s.teacher)] {
+        let teacher = s.keys.text("teacher").map(String::from);
+        for (key, value) in [("input", &s.input), ("teacher", &teacher)] {
             if let Some(v) = value {
                 if !names.contains(v) {
                     return Err(fail(
@@ -213,16 +219,23 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                 }
             }
         }
-        let planned = check_stage(s).map_err(|(key, message)| match key {
-            Some(key) => fail(here, key, message),
-            None => at(
+        let planned = check_stage(s).map_err(|e| match e {
+            KeyError::Key(Some(key), message) => match s.keys.span_of(key) {
+                Some(span) => at(
+                    key_offset(text, span.start, key).unwrap_or(span.start),
+                    message,
+                ),
+                None => fail(here, key, message),
+            },
+            KeyError::Key(None, message) => at(
                 stage_starts.get(i).copied().unwrap_or(0),
                 format!("stage `{name}`: {message}"),
             ),
+            KeyError::Value(e) => value_error(e),
         })?;
         let input = s.input.clone().unwrap_or_else(|| previous.clone());
-        let teacher = (s.kind == StageKind::Distill)
-            .then(|| s.teacher.clone().unwrap_or_else(|| "model".into()));
+        let teacher =
+            (s.kind == StageKind::Distill).then(|| teacher.unwrap_or_else(|| "model".into()));
         if teacher.as_ref() == Some(&input)
             && matches!(&planned.job, StageJob::Distill(r) if r.student == crate::distill::StudentInit::Model)
         {
@@ -242,7 +255,7 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             .planned
             .iter()
             .any(|p| p.name == planned.input && p.job.job().leaves_mask());
-        planned.job.job_mut().keep_mask(s, input_has_mask);
+        planned.job.job_mut().keep_mask(&s.keys, input_has_mask);
         pipeline.planned.push(planned);
         previous = name.clone();
         names.push(name);
@@ -264,59 +277,21 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
     Ok(pipeline)
 }
 
-/// Checks one stage's own keys and makes its job; on error, the key at fault (if one is) and why.
-fn check_stage(s: &Stage) -> KeyResult<PlannedStage> {
-    for (key, set) in [
-        ("damp", s.damp.is_some()),
-        ("act_order", s.act_order.is_some()),
-        ("imatrix", s.imatrix.is_some()),
-        ("alpha", s.alpha.is_some()),
-        ("awq_grid", s.awq_grid.is_some()),
-        ("weights", s.weights.is_some()),
-        ("preset", s.preset.is_some()),
-        ("bits", s.bits.is_some()),
-        ("group", s.group.is_some()),
-        ("embeddings", s.embeddings.is_some()),
-        ("activations", s.activations.is_some()),
-        ("search", s.search.is_some()),
-        ("overrides", !s.overrides.is_empty()),
-        ("sparsity", s.sparsity.is_some()),
-        ("global", s.global.is_some()),
-        ("block_size", s.block_size.is_some()),
-        ("fraction", s.fraction.is_some()),
-        ("importance", s.importance.is_some()),
-        ("criterion", s.criterion.is_some()),
-        ("kv_groups", s.kv_groups.is_some()),
-        ("dtype", s.dtype.is_some()),
-        ("keep_sparsity", s.keep_sparsity.is_some()),
-        ("teacher", s.teacher.is_some()),
-        ("layers", s.layers.is_some()),
-        ("student", !s.student.is_empty()),
-        ("loss", s.loss.is_some()),
-        ("temperature", s.temperature.is_some()),
-        ("hidden", s.hidden.is_some()),
-        ("hidden_loss", s.hidden_loss.is_some()),
-        ("hidden_weight", s.hidden_weight.is_some()),
-        ("attention", s.attention.is_some()),
-        ("attention_weight", s.attention_weight.is_some()),
-        ("freeze", s.freeze.is_some()),
-        ("top_k", s.top_k.is_some()),
-        ("learn_scales", s.learn_scales.is_some()),
-        ("train", s.train.is_some()),
-        ("formats", s.formats.is_some()),
-        ("embedding_formats", s.embedding_formats.is_some()),
-        ("sensitivity", s.sensitivity.is_some()),
-        ("budget", s.budget.is_some()),
-    ] {
-        if set && !s.kind.accepts(key) {
-            return Err((
-                Some(key),
-                format!("`{key}` does not apply to a {} stage", s.kind.name()),
-            ));
-        }
+/// Checks one stage's own keys and makes its job; on error, where (a key, a value's place or
+/// the whole stage) and why.
+fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, KeyError> {
+    s.keys.check_applies(s.kind)?;
+    let reader = KeyReader::new(&s.keys);
+    let job = s.kind.stage_type().job(s.kind, &reader)?;
+    if let Some(key) = reader.unread() {
+        return Err(KeyError::Key(
+            None,
+            format!(
+                "`{key}` is listed for a {} stage but never read (a defect in shrink)",
+                s.kind.name()
+            ),
+        ));
     }
-    check_damp(s)?;
-    let job = s.kind.stage_type().job(s)?;
     let (calibrates, export) = whole(job.resolve())?;
     Ok(PlannedStage {
         name: s.display_name(),

@@ -1,14 +1,13 @@
 //! The pipeline file's schema: what each table and key means and its default. Validation, with
 //! positions, is in the parent module; the stage keys' meaning per kind is in `crate::stage`.
 
+use super::keys::{Located, StageKeys};
 use crate::quantize::Export;
 use crate::stage::{StageJob, StageKind};
-use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 /// A whole pipeline file.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     /// The run's name: its folder is `runs/NAME`.
@@ -20,7 +19,10 @@ pub struct Pipeline {
     pub model: ModelConfig,
     #[serde(default)]
     pub data: DataConfig,
+    /// The `[[stage]]` tables as written; validation reads them into `stages`.
     #[serde(default, rename = "stage")]
+    pub(super) stage_tables: Vec<Located>,
+    #[serde(skip)]
     pub stages: Vec<Stage>,
     #[serde(default)]
     pub eval: EvalConfig,
@@ -106,131 +108,17 @@ impl Default for DataConfig {
     }
 }
 
-/// One step of the pipeline.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// One step of the pipeline: its kind, name and input, and the keys its kind reads (each kind's
+/// module in `crate::stage` owns the structs they are read into).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Stage {
     pub kind: StageKind,
     /// Defaults to the kind; must be unique.
-    #[serde(default)]
     pub name: Option<String>,
     /// `model` or an earlier stage's name; defaults to the previous stage (or the model).
-    #[serde(default)]
     pub input: Option<String>,
-    /// A preset from `configs/quant` or a preset file.
-    #[serde(default)]
-    pub preset: Option<String>,
-    /// A ggml block type (`q4_k`) for GGUF, or `hf` with `bits` / `group`.
-    #[serde(default)]
-    pub format: Option<String>,
-    #[serde(default)]
-    pub bits: Option<u8>,
-    /// A group size or `"channel"`.
-    #[serde(default)]
-    pub group: Option<toml::Value>,
-    /// Name pattern → block type (quantization) or sparsity (pruning).
-    #[serde(default)]
-    pub overrides: BTreeMap<String, toml::Value>,
-    #[serde(default)]
-    pub embeddings: Option<String>,
-    #[serde(default)]
-    pub damp: Option<f64>,
-    #[serde(default)]
-    pub act_order: Option<bool>,
-    #[serde(default)]
-    pub imatrix: Option<bool>,
-    #[serde(default)]
-    pub alpha: Option<f64>,
-    #[serde(default)]
-    pub awq_grid: Option<usize>,
-    /// `int8-per-token` or `none`.
-    #[serde(default)]
-    pub activations: Option<String>,
-    /// Search each group's scale on the activation-weighted error.
-    #[serde(default)]
-    pub search: Option<bool>,
-    /// How AWQ and SmoothQuant pick the codes after rescaling: `rtn` or `gptq`.
-    #[serde(default)]
-    pub weights: Option<String>,
-    /// Unstructured pruning: a fraction (`0.5`), a percentage (`"50%"`) or N:M (`"2:4"`).
-    #[serde(default)]
-    pub sparsity: Option<toml::Value>,
-    /// Magnitude pruning over all block linears at once.
-    #[serde(default)]
-    pub global: Option<bool>,
-    /// SparseGPT's columns per mask selection.
-    #[serde(default)]
-    pub block_size: Option<usize>,
-    /// Structured pruning: the fraction of heads, channels, layers or width removed.
-    #[serde(default)]
-    pub fraction: Option<f64>,
-    /// `magnitude`, `activation` or `taylor`.
-    #[serde(default)]
-    pub importance: Option<String>,
-    /// Layer ranking: `block-influence`, `angular` or `perplexity`.
-    #[serde(default)]
-    pub criterion: Option<String>,
-    /// Heads: remove whole key/value groups.
-    #[serde(default)]
-    pub kv_groups: Option<bool>,
-    /// Pruning: `f32` or `f16` storage.
-    #[serde(default)]
-    pub dtype: Option<String>,
-    /// Quantization: keep exactly-zero weights at zero (a pruning mask). Defaults to true when
-    /// the input is an unstructured pruning stage (or a quantization of one that keeps them).
-    #[serde(default)]
-    pub keep_sparsity: Option<bool>,
-    /// Distillation: the teacher, `model` (the default) or an earlier stage's name.
-    #[serde(default)]
-    pub teacher: Option<String>,
-    /// Distillation: a student made of these teacher layers (`0,2,4`, `0-7`, `every:2`).
-    #[serde(default)]
-    pub layers: Option<String>,
-    /// Distillation: a random student with the teacher's config and these shape keys changed.
-    #[serde(default)]
-    pub student: BTreeMap<String, usize>,
-    /// `forward-kl` or `reverse-kl`.
-    #[serde(default)]
-    pub loss: Option<String>,
-    #[serde(default)]
-    pub temperature: Option<f64>,
-    /// Hidden-state pairs `S:T,S:T`, or `auto` with `layers`.
-    #[serde(default)]
-    pub hidden: Option<String>,
-    /// `mse` or `cosine`.
-    #[serde(default)]
-    pub hidden_loss: Option<String>,
-    #[serde(default)]
-    pub hidden_weight: Option<f64>,
-    /// MiniLM attention transfer `S:T`.
-    #[serde(default)]
-    pub attention: Option<String>,
-    #[serde(default)]
-    pub attention_weight: Option<f64>,
-    /// Tensor name patterns kept frozen.
-    #[serde(default)]
-    pub freeze: Option<Vec<String>>,
-    /// Cache the teacher's top-k log-probabilities.
-    #[serde(default)]
-    pub top_k: Option<usize>,
-    /// QAT: learn the scales (LSQ) [default: true].
-    #[serde(default)]
-    pub learn_scales: Option<bool>,
-    /// Training: steps, batch, learning rate… (`[stage.train]`).
-    #[serde(default)]
-    pub train: Option<crate::distill::TrainKeys>,
-    /// Search: the candidate block types of the linears.
-    #[serde(default)]
-    pub formats: Option<Vec<String>>,
-    /// Search: the candidate block types of the token embedding (unset: `embeddings`, fixed).
-    #[serde(default)]
-    pub embedding_formats: Option<Vec<String>>,
-    /// Search: `scaled` (one KL per linear, scaled by output error) or `every` format measured.
-    #[serde(default)]
-    pub sensitivity: Option<String>,
-    /// Search: the target and the time budget (`[stage.budget]`).
-    #[serde(default)]
-    pub budget: Option<crate::search::BudgetKeys>,
+    /// The kind's own keys, each with its place in the file.
+    pub keys: StageKeys,
 }
 
 impl Stage {
@@ -241,15 +129,11 @@ impl Stage {
     }
 
     /// This stage with `key` set to `value` (a sweep variant).
-    pub fn with_value(&self, key: &str, value: &toml::Value) -> Result<Stage> {
-        let mut table = toml::Value::try_from(self)
-            .map_err(|e| PipelineError::Invalid(format!("stage `{}`: {e}", self.display_name())))?;
-        if let Some(t) = table.as_table_mut() {
-            t.insert(key.to_string(), value.clone());
+    pub fn with_value(&self, key: &str, value: &toml::Value) -> Stage {
+        Stage {
+            keys: self.keys.with_value(key, value),
+            ..self.clone()
         }
-        table
-            .try_into()
-            .map_err(|e| PipelineError::Invalid(format!("sweep value {key} = {value}: {e}")))
     }
 }
 

@@ -31,7 +31,8 @@ pub(super) fn plan_variants(
         ));
     };
     let swept = &pipeline.stages[index];
-    if !SWEEP_KEYS.contains(&sweep.key.as_str()) || !swept.kind.accepts(&sweep.key) {
+    if !SWEEP_KEYS.contains(&sweep.key.as_str()) || !swept.kind.keys().contains(&sweep.key.as_str())
+    {
         let hint = closest(
             &sweep.key,
             &SWEEP_KEYS.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
@@ -63,16 +64,14 @@ pub(super) fn plan_variants(
         let label = format!("{}={shown}", sweep.key);
         let suffix = format!("@{label}");
         let problem = |message: String| at_sweep("values", format!("{label}: {message}"));
-        let stage = swept
-            .with_value(&sweep.key, value)
-            .map_err(|e| problem(e.to_string()))?;
-        let mut planned = check_stage(&stage).map_err(|(_, m)| problem(m))?;
+        let stage = swept.with_value(&sweep.key, value);
+        let mut planned = check_stage(&stage).map_err(|e| problem(e.message().to_string()))?;
         let main = &pipeline.planned[index];
         // The same input as the stage as written, so the same mask.
         planned
             .job
             .job_mut()
-            .keep_mask(&stage, main.job.job().leaves_mask());
+            .keep_mask(&stage.keys, main.job.job().leaves_mask());
         if planned.job == main.job {
             continue; // the pipeline as written already runs this value
         }

@@ -362,3 +362,61 @@ fn prune_stages_plan_and_quantizing_a_sparse_model_keeps_its_mask() {
     );
     assert!(matches!(&p.plan()[5].job, StageJob::Quantize(r) if r.keep_zeros));
 }
+
+const TRAINING: &str = r#"name = "d"
+[model]
+source = "smollm2"
+
+[[stage]]
+kind = "quantize.qat"
+format = "q4_0"
+learn_scales = false
+
+[stage.train]
+steps = 3
+lr = 1e-4
+"#;
+
+#[test]
+fn each_kind_reads_its_keys_with_every_error_at_its_value() {
+    let p = parse(TRAINING, "t.toml").unwrap();
+    let StageJob::Qat(r) = &p.plan()[0].job else {
+        panic!("a QAT stage")
+    };
+    assert_eq!((r.train.steps, r.learn_scales), (3, false));
+    // A type error inside a nested table points at the value, as toml's own errors do.
+    let e = err(&TRAINING.replace("steps = 3", "steps = \"many\""));
+    assert!(
+        e.starts_with("p.toml:11:9: invalid type: string \"many\", expected u64"),
+        "{e}"
+    );
+    let e = err(&TRAINING.replace("learn_scales = false", "learn_scales = \"no\""));
+    assert!(
+        e.starts_with("p.toml:8:16: invalid type: string \"no\", expected a boolean"),
+        "{e}"
+    );
+    // An unknown key lists what this kind reads, not every kind's keys.
+    let e = err(&TRAINING.replace("learn_scales", "learn_scale"));
+    assert!(
+        e.starts_with("p.toml:8:1: unknown key `learn_scale`; did you mean `learn_scales`?"),
+        "{e}"
+    );
+    assert!(e.contains("learn_scales") && !e.contains("sparsity"), "{e}");
+    // A key of another kind does not apply; a key inside [stage.train] is checked there.
+    let e = err(&TRAINING.replace("learn_scales = false", "kv_groups = true"));
+    assert!(
+        e.starts_with("p.toml:8:1: `kv_groups` does not apply to a quantize.qat stage"),
+        "{e}"
+    );
+    let e = err(&TRAINING.replace("lr = 1e-4", "lr = -1.0"));
+    assert!(
+        e.starts_with("p.toml:10:1: training: the learning rate must be positive"),
+        "{e}"
+    );
+    // The kind itself must be a string naming a kind.
+    let e = err(&TRAINING.replace("\"quantize.qat\"", "5"));
+    assert!(
+        e.starts_with("p.toml:6:8: invalid type: integer `5`, expected a string"),
+        "{e}"
+    );
+}

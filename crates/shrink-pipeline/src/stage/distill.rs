@@ -3,8 +3,8 @@
 //! folder. The CLI command and the pipeline stage both go through [`DistillRequest`].
 
 use super::{check_float_keys, Job, JobMemory, KeyResult, ModelSizes, StageContext, StageJob};
-use super::{StageKind, StageResult, StageType};
-use crate::config::Stage;
+use super::{KeyError, StageKind, StageResult, StageType};
+use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
@@ -378,97 +378,132 @@ pub(crate) fn training_memory(t: &TrainKeys, m: &ModelSizes) -> JobMemory {
 /// The `distill` stage.
 pub(crate) struct DistillStage;
 
+/// The training keys of a `distill` or `quantize.qat` stage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrainingKeys {
+    /// `forward-kl` or `reverse-kl`.
+    pub loss: Option<String>,
+    pub temperature: Option<f64>,
+    /// The weight of the distillation loss against the cross-entropy on the text.
+    pub alpha: Option<f64>,
+    /// Tensor name patterns kept frozen.
+    pub freeze: Option<Vec<String>>,
+    /// Steps, batch, learning rate… (`[stage.train]`).
+    pub train: Option<TrainKeys>,
+}
+
+/// A `distill` stage's own keys: the student, the hidden-state and attention losses, the output.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DistillKeys {
+    /// The teacher, `model` (the default) or an earlier stage's name. Its type is checked here;
+    /// the pipeline reads it when it plans the stage's inputs.
+    #[allow(dead_code)]
+    pub teacher: Option<String>,
+    /// A student made of these teacher layers (`0,2,4`, `0-7`, `every:2`).
+    pub layers: Option<String>,
+    /// A random student with the teacher's config and these shape keys changed.
+    #[serde(default)]
+    pub student: BTreeMap<String, usize>,
+    /// Hidden-state pairs `S:T,S:T`, or `auto` with `layers`.
+    pub hidden: Option<String>,
+    /// `mse` or `cosine`.
+    pub hidden_loss: Option<String>,
+    pub hidden_weight: Option<f64>,
+    /// MiniLM attention transfer `S:T`.
+    pub attention: Option<String>,
+    pub attention_weight: Option<f64>,
+    /// Cache the teacher's top-k log-probabilities.
+    pub top_k: Option<usize>,
+    /// `gguf` or `hf`.
+    pub format: Option<String>,
+    /// `f32` or `f16` storage.
+    pub dtype: Option<String>,
+}
+
 impl StageType for DistillStage {
-    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
-        [
-            "format",
-            "alpha",
-            "dtype",
-            "teacher",
-            "layers",
-            "student",
-            "loss",
-            "temperature",
-            "hidden",
-            "hidden_loss",
-            "hidden_weight",
-            "attention",
-            "attention_weight",
-            "freeze",
-            "top_k",
-            "train",
-        ]
-        .contains(&key)
+    fn keys(&self, _kind: StageKind) -> Vec<&'static str> {
+        [fields::<TrainingKeys>(), fields::<DistillKeys>()].concat()
     }
 
-    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
-        check_training_keys(s)?;
-        Ok(StageJob::Distill(distill_request(s)))
+    fn job(&self, _kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+        let training: TrainingKeys = keys.take()?;
+        let own: DistillKeys = keys.take()?;
+        training.check()?;
+        own.check()?;
+        Ok(StageJob::Distill(distill_request(&training, own)))
     }
 }
 
-/// The training keys of a `distill` or `quantize.qat` stage, each error pointing at its key.
-pub(crate) fn check_training_keys(s: &Stage) -> KeyResult<()> {
-    if let Some(l) = &s.loss {
-        Divergence::parse(l).map_err(|e| (Some("loss"), e.to_string()))?;
+impl TrainingKeys {
+    /// The checks of the training keys, each error pointing at its key.
+    pub(crate) fn check(&self) -> KeyResult<()> {
+        if let Some(l) = &self.loss {
+            Divergence::parse(l).map_err(|e| (Some("loss"), e.to_string()))?;
+        }
+        if let Some(t) = self.temperature {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err((
+                    Some("temperature"),
+                    format!("temperature = {t} must be positive"),
+                ));
+            }
+        }
+        if let Some(a) = self.alpha {
+            if !(0.0..=1.0).contains(&a) {
+                return Err((Some("alpha"), format!("alpha = {a} is outside 0..=1")));
+            }
+        }
+        if let Some(t) = &self.train {
+            t.config().map_err(|e| (Some("train"), e.to_string()))?;
+        }
+        Ok(())
     }
-    if let Some(h) = &s.hidden_loss {
-        HiddenLoss::parse(h).map_err(|e| (Some("hidden_loss"), e.to_string()))?;
-    }
-    if let Some(t) = s.temperature {
-        if !(t > 0.0 && t.is_finite()) {
+}
+
+impl DistillKeys {
+    /// The checks of the student, loss and output keys, each error pointing at its key.
+    fn check(&self) -> KeyResult<()> {
+        if let Some(h) = &self.hidden_loss {
+            HiddenLoss::parse(h).map_err(|e| (Some("hidden_loss"), e.to_string()))?;
+        }
+        if let Some(l) = &self.layers {
+            // The count is checked against the teacher when the stage runs.
+            shrink_distill::parse_layers(l, 4096).map_err(|e| (Some("layers"), e.to_string()))?;
+        }
+        if self.layers.is_some() && !self.student.is_empty() {
             return Err((
-                Some("temperature"),
-                format!("temperature = {t} must be positive"),
+                Some("student"),
+                "give `layers` (a subset of the teacher) or `[stage.student]` (a random config), not both".into(),
             ));
         }
+        check_float_keys(&self.format, &self.dtype)
     }
-    if let Some(a) = s.alpha {
-        if !(0.0..=1.0).contains(&a) {
-            return Err((Some("alpha"), format!("alpha = {a} is outside 0..=1")));
-        }
-    }
-    if let Some(l) = &s.layers {
-        // The count is checked against the teacher when the stage runs.
-        shrink_distill::parse_layers(l, 4096).map_err(|e| (Some("layers"), e.to_string()))?;
-    }
-    if s.layers.is_some() && !s.student.is_empty() {
-        return Err((
-            Some("student"),
-            "give `layers` (a subset of the teacher) or `[stage.student]` (a random config), not both".into(),
-        ));
-    }
-    if s.kind == StageKind::Distill {
-        check_float_keys(s)?;
-    }
-    if let Some(t) = &s.train {
-        t.config().map_err(|e| (Some("train"), e.to_string()))?;
-    }
-    Ok(())
 }
 
-/// The distillation a `distill` stage describes (QAT reads its loss and training keys too).
-pub(crate) fn distill_request(s: &Stage) -> DistillRequest {
+/// The distillation a `distill` stage describes (QAT reads its training keys too).
+pub(crate) fn distill_request(t: &TrainingKeys, s: DistillKeys) -> DistillRequest {
     let d = DistillRequest::default();
     DistillRequest {
-        student: match (&s.layers, s.student.is_empty()) {
-            (Some(l), _) => StudentInit::Layers(l.clone()),
-            (None, false) => StudentInit::Random(s.student.clone()),
+        student: match (s.layers, s.student.is_empty()) {
+            (Some(l), _) => StudentInit::Layers(l),
+            (None, false) => StudentInit::Random(s.student),
             (None, true) => StudentInit::Model,
         },
-        loss: s.loss.clone().unwrap_or(d.loss),
-        temperature: s.temperature.unwrap_or(d.temperature),
-        alpha: s.alpha.unwrap_or(d.alpha),
-        hidden: s.hidden.clone(),
-        hidden_loss: s.hidden_loss.clone().unwrap_or(d.hidden_loss),
+        loss: t.loss.clone().unwrap_or(d.loss),
+        temperature: t.temperature.unwrap_or(d.temperature),
+        alpha: t.alpha.unwrap_or(d.alpha),
+        hidden: s.hidden,
+        hidden_loss: s.hidden_loss.unwrap_or(d.hidden_loss),
         hidden_weight: s.hidden_weight.unwrap_or(d.hidden_weight),
-        attention: s.attention.clone(),
+        attention: s.attention,
         attention_weight: s.attention_weight.unwrap_or(d.attention_weight),
-        freeze: s.freeze.clone().unwrap_or_default(),
+        freeze: t.freeze.clone().unwrap_or_default(),
         top_k: s.top_k,
-        train: s.train.clone().unwrap_or_default(),
-        format: s.format.clone(),
-        dtype: s.dtype.clone(),
+        train: t.train.clone().unwrap_or_default(),
+        format: s.format,
+        dtype: s.dtype,
     }
 }
 

@@ -1,12 +1,12 @@
 //! Stage kinds. Each module owns one technique end to end: the job type the CLI command and the
-//! pipeline stage share (`QuantizeRequest`, `PruneRequest`, …), the stage keys it accepts and
-//! their translation into a job ([`StageType`]), and how the job plans, estimates its memory and
-//! runs ([`Job`]). [`stage_kinds!`] is the one registry: a kind added there without a module the
-//! compiler can find does not build.
+//! pipeline stage share (`QuantizeRequest`, `PruneRequest`, …), the structs of the stage keys it
+//! reads and their translation into a job ([`StageType`]), and how the job plans, estimates its
+//! memory and runs ([`Job`]). [`stage_kinds!`] is the one registry: a kind added there without a
+//! module the compiler can find does not build.
 //!
-//! Adding a stage kind: a module here with a unit struct implementing [`StageType`] (and a job
-//! type implementing [`Job`], listed in [`StageJob`], when no existing job fits), and one line in
-//! `stage_kinds!`.
+//! Adding a stage kind: a module here with serde structs of its keys and a unit struct
+//! implementing [`StageType`] (and a job type implementing [`Job`], listed in [`StageJob`], when no
+//! existing job fits), and one line in `stage_kinds!`.
 
 pub mod distill;
 pub mod prune;
@@ -14,7 +14,7 @@ pub mod qat;
 pub mod quantize;
 pub mod search;
 
-use crate::config::Stage;
+use crate::config::{KeyReader, StageKeys, ValueError};
 use crate::report::LayerRow;
 use crate::{Export, PipelineError, Result};
 use serde::{Deserialize, Serialize};
@@ -78,21 +78,47 @@ impl StageKind {
             .and_then(|k| prune::PruneKind::parse(k).ok())
     }
 
-    /// Whether a stage of this kind accepts `key` (beside `kind`, `name` and `input`).
-    pub(crate) fn accepts(self, key: &str) -> bool {
-        self.stage_type().accepts(self, key)
+    /// The keys a stage of this kind reads (beside `kind`, `name` and `input`).
+    pub(crate) fn keys(self) -> Vec<&'static str> {
+        self.stage_type().keys(self)
     }
 }
 
 /// A key check's failure: the key at fault (when one is) and why.
 pub(crate) type KeyResult<T> = std::result::Result<T, (Option<&'static str>, String)>;
 
-/// What a kind makes of a stage's keys.
+/// Why a stage's keys make no job: a key check's failure, or a value that does not fit its key
+/// (placed in the file).
+#[derive(Debug)]
+pub(crate) enum KeyError {
+    Key(Option<&'static str>, String),
+    Value(ValueError),
+}
+
+impl From<(Option<&'static str>, String)> for KeyError {
+    fn from((key, message): (Option<&'static str>, String)) -> Self {
+        KeyError::Key(key, message)
+    }
+}
+
+impl KeyError {
+    pub fn message(&self) -> &str {
+        match self {
+            KeyError::Key(_, m) => m,
+            KeyError::Value(e) => &e.message,
+        }
+    }
+}
+
+/// What a kind makes of a stage's keys. Each kind's module owns serde structs of its keys; a key
+/// that no struct of the kind has is refused before [`StageType::job`] runs.
 pub(crate) trait StageType: Sync {
-    /// Whether a stage of `kind` accepts `key` (beside `kind`, `name` and `input`).
-    fn accepts(&self, kind: StageKind, key: &str) -> bool;
-    /// Checks the stage's own keys, each error naming its key, and makes its job.
-    fn job(&self, stage: &Stage) -> KeyResult<StageJob>;
+    /// The keys a stage of `kind` reads (beside `kind`, `name` and `input`): fields of its keys
+    /// structs (see [`crate::config::fields`]).
+    fn keys(&self, kind: StageKind) -> Vec<&'static str>;
+    /// Reads the stage's keys into the kind's structs, checks them, each error naming its key,
+    /// and makes its job.
+    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError>;
 }
 
 /// The memory a job needs beyond the models every run holds (bytes).
@@ -195,7 +221,7 @@ pub(crate) trait Job {
         false
     }
     /// Keeps the input's pruning mask, unless the stage set `keep_sparsity` itself.
-    fn keep_mask(&mut self, _stage: &Stage, _input_has_mask: bool) {}
+    fn keep_mask(&mut self, _keys: &StageKeys, _input_has_mask: bool) {}
     /// Runs the job on `model` (built in f32 from the input) and writes `out`.
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult>;
 }
@@ -298,10 +324,10 @@ pub(crate) fn value_text(v: &toml::Value) -> String {
 }
 
 /// `format` (gguf | hf) and `dtype` (f32 | f16) of a stage that writes float weights.
-pub(crate) fn check_float_keys(s: &Stage) -> KeyResult<()> {
+pub(crate) fn check_float_keys(format: &Option<String>, dtype: &Option<String>) -> KeyResult<()> {
     for (key, value, allowed) in [
-        ("format", &s.format, ["gguf", "hf"]),
-        ("dtype", &s.dtype, ["f32", "f16"]),
+        ("format", format, ["gguf", "hf"]),
+        ("dtype", dtype, ["f32", "f16"]),
     ] {
         if let Some(v) = value {
             if !allowed.contains(&v.as_str()) {
@@ -316,8 +342,8 @@ pub(crate) fn check_float_keys(s: &Stage) -> KeyResult<()> {
 }
 
 /// A key check of a stage's `damp` (every kind that has one).
-pub(crate) fn check_damp(s: &Stage) -> KeyResult<()> {
-    if let Some(damp) = s.damp {
+pub(crate) fn check_damp(damp: Option<f64>) -> KeyResult<()> {
+    if let Some(damp) = damp {
         if !(0.0..=1.0).contains(&damp) {
             return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
         }
@@ -326,8 +352,8 @@ pub(crate) fn check_damp(s: &Stage) -> KeyResult<()> {
 }
 
 /// `weights` (rtn | gptq): how AWQ, SmoothQuant, QAT and the search pick codes.
-pub(crate) fn check_weights(s: &Stage) -> KeyResult<()> {
-    if let Some(w) = &s.weights {
+pub(crate) fn check_weights(weights: &Option<String>) -> KeyResult<()> {
+    if let Some(w) = weights {
         if !["rtn", "gptq"].contains(&w.as_str()) {
             return Err((
                 Some("weights"),
@@ -347,30 +373,24 @@ pub(crate) fn whole<T>(r: Result<T>) -> KeyResult<T> {
 mod tests {
     use super::*;
 
-    /// The keys `[[stage]]` has, from serde's "expected one of" list.
-    fn stage_fields() -> Vec<String> {
-        let text = "name = \"x\"\n[model]\nsource = \"m.gguf\"\n[[stage]]\nkind = \"search\"\nnot_a_key = 1\n";
-        let e = crate::parse(text, "x.toml").unwrap_err().to_string();
-        let listed = e.split("expected one of: ").nth(1).expect(&e);
-        listed
-            .trim_end_matches(')')
-            .split(", ")
-            .map(String::from)
-            .collect()
-    }
-
     #[test]
-    fn every_stage_key_has_a_kind_that_accepts_it() {
-        let fields = stage_fields();
-        assert!(fields.contains(&"preset".to_string()), "{fields:?}");
-        for field in fields {
-            if !["kind", "name", "input"].contains(&field.as_str()) {
-                assert!(
-                    StageKind::ALL.iter().any(|k| k.accepts(&field)),
-                    "no kind accepts `{field}`"
-                );
+    fn every_kind_reads_its_keys_from_structs() {
+        for kind in StageKind::ALL {
+            let keys = kind.keys();
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(
+                unique.len(),
+                keys.len(),
+                "{kind:?} lists a key twice: {keys:?}"
+            );
+            for key in ["kind", "name", "input"] {
+                assert!(!keys.contains(&key), "{kind:?}");
             }
         }
+        assert!(StageKind::QuantizeQat.keys().contains(&"preset"));
+        assert!(StageKind::Search.keys().contains(&"budget"));
     }
 
     #[test]
@@ -383,7 +403,7 @@ mod tests {
             StageKind::PruneWanda.prune_kind(),
             Some(prune::PruneKind::Wanda)
         );
-        assert!(StageKind::QuantizeGptq.accepts("damp"));
-        assert!(!StageKind::QuantizeRtn.accepts("damp"));
+        assert!(StageKind::QuantizeGptq.keys().contains(&"damp"));
+        assert!(!StageKind::QuantizeRtn.keys().contains(&"damp"));
     }
 }

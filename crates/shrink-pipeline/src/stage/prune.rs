@@ -3,19 +3,20 @@
 //! Face folder with the pruned model's own config. The CLI command and pipeline stages both go
 //! through [`PruneRequest`].
 
-use super::{check_float_keys, value_text, Job, KeyResult, StageContext, StageJob, StageKind};
-use super::{Compress, JobInput, StageResult, StageType};
-use crate::config::Stage;
+use super::{check_damp, check_float_keys, value_text, Job, StageContext, StageJob, StageKind};
+use super::{Compress, JobInput, KeyError, StageResult, StageType};
+use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
 use crate::report::LayerRow;
 use crate::{PipelineError, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shrink_io::{Checkpoint, GgufWriteType};
 use shrink_models::Transformer;
 use shrink_prune::{
     Importance, LayerCriterion, LayerSparsity, PruneMethod, PrunePlan, SparseGptConfig, Sparsity,
     Structure, StructuredOutcome, Target,
 };
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The pruning methods, as `shrink prune --method` and the `prune.*` stage kinds name them.
@@ -293,8 +294,36 @@ pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> 
 /// The `prune.*` stages.
 pub(crate) struct PruneStage;
 
+/// A pruning stage's keys; each kind reads some of them (see [`PruneStage::keys`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PruneKeys {
+    /// Unstructured pruning: a fraction (`0.5`), a percentage (`"50%"`) or N:M (`"2:4"`).
+    pub sparsity: Option<toml::Value>,
+    /// Name pattern → sparsity.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, toml::Value>,
+    /// Magnitude pruning over all block linears at once.
+    pub global: Option<bool>,
+    pub damp: Option<f64>,
+    /// SparseGPT's columns per mask selection.
+    pub block_size: Option<usize>,
+    /// Structured pruning: the fraction of heads, channels, layers or width removed.
+    pub fraction: Option<f64>,
+    /// `magnitude`, `activation` or `taylor`.
+    pub importance: Option<String>,
+    /// Layer ranking: `block-influence`, `angular` or `perplexity`.
+    pub criterion: Option<String>,
+    /// Heads: remove whole key/value groups.
+    pub kv_groups: Option<bool>,
+    /// `gguf` or `hf`.
+    pub format: Option<String>,
+    /// `f32` or `f16` storage.
+    pub dtype: Option<String>,
+}
+
 impl StageType for PruneStage {
-    fn accepts(&self, kind: StageKind, key: &str) -> bool {
+    fn keys(&self, kind: StageKind) -> Vec<&'static str> {
         let own: &[&str] = match kind {
             StageKind::PruneMagnitude => &["overrides", "sparsity", "global"],
             StageKind::PruneWanda => &["overrides", "sparsity"],
@@ -303,56 +332,61 @@ impl StageType for PruneStage {
             StageKind::PruneLayers => &["fraction", "importance", "criterion"],
             _ => &["fraction", "importance"],
         };
-        ["format", "dtype"].contains(&key) || own.contains(&key)
+        debug_assert!(own.iter().all(|k| fields::<PruneKeys>().contains(k)));
+        [&["format", "dtype"], own].concat()
     }
 
-    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
-        if let Some(v) = &s.sparsity {
+    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+        let k: PruneKeys = keys.take()?;
+        if let Some(v) = &k.sparsity {
             Sparsity::parse(&value_text(v)).map_err(|e| (Some("sparsity"), e.to_string()))?;
         }
-        for (pattern, v) in &s.overrides {
+        for (pattern, v) in &k.overrides {
             Sparsity::parse(&value_text(v))
                 .map_err(|e| (Some("overrides"), format!("override `{pattern}`: {e}")))?;
         }
-        if let Some(f) = s.fraction {
+        if let Some(f) = k.fraction {
             if !(0.0..1.0).contains(&f) {
-                return Err((
+                return Err(KeyError::Key(
                     Some("fraction"),
                     format!("fraction = {f} is outside [0, 1)"),
                 ));
             }
         }
-        if let Some(i) = &s.importance {
+        if let Some(i) = &k.importance {
             Importance::parse(i).map_err(|e| (Some("importance"), e.to_string()))?;
         }
-        if let Some(c) = &s.criterion {
+        if let Some(c) = &k.criterion {
             LayerCriterion::parse(c).map_err(|e| (Some("criterion"), e.to_string()))?;
         }
-        check_float_keys(s)?;
-        if s.block_size == Some(0) {
-            return Err((Some("block_size"), "block_size must be positive".into()));
+        check_damp(k.damp)?;
+        check_float_keys(&k.format, &k.dtype)?;
+        if k.block_size == Some(0) {
+            return Err(KeyError::Key(
+                Some("block_size"),
+                "block_size must be positive".into(),
+            ));
         }
-        let kind = s
-            .kind
+        let method = kind
             .prune_kind()
-            .ok_or((None, format!("a {} stage is not a pruning", s.kind.name())))?;
-        let defaults = PruneRequest::new(kind);
+            .ok_or((None, format!("a {} stage is not a pruning", kind.name())))?;
+        let defaults = PruneRequest::new(method);
         Ok(StageJob::Prune(PruneRequest {
-            sparsity: s.sparsity.as_ref().map(value_text),
-            overrides: s
+            sparsity: k.sparsity.as_ref().map(value_text),
+            overrides: k
                 .overrides
                 .iter()
                 .map(|(k, v)| (k.clone(), value_text(v)))
                 .collect(),
-            global: s.global.unwrap_or(false),
-            damp: s.damp.unwrap_or(defaults.damp),
-            block_size: s.block_size.unwrap_or(defaults.block_size),
-            fraction: s.fraction,
-            importance: s.importance.clone(),
-            criterion: s.criterion.clone(),
-            kv_groups: s.kv_groups.unwrap_or(false),
-            format: s.format.clone(),
-            dtype: s.dtype.clone(),
+            global: k.global.unwrap_or(false),
+            damp: k.damp.unwrap_or(defaults.damp),
+            block_size: k.block_size.unwrap_or(defaults.block_size),
+            fraction: k.fraction,
+            importance: k.importance,
+            criterion: k.criterion,
+            kv_groups: k.kv_groups.unwrap_or(false),
+            format: k.format,
+            dtype: k.dtype,
             ..defaults
         }))
     }

@@ -1,14 +1,14 @@
 //! Quantization-aware training: the `quantize.qat` stage and `shrink distill --qat`.
 
 use super::distill::TrainKeys;
-use super::distill::{check_training_keys, distill_request, training_memory, DistillRequest};
-use super::quantize::{check_format_keys, quantize_request, quantized_result, FORMAT_KEYS};
-use super::{whole, Job, JobMemory, KeyResult, ModelSizes, StageContext, StageJob, StageKind};
+use super::distill::{distill_request, training_memory, DistillRequest, TrainingKeys};
+use super::quantize::{quantize_request, quantized_result, FormatKeys, MethodKeys};
+use super::{whole, Job, JobMemory, KeyError, ModelSizes, StageContext, StageJob, StageKind};
 use super::{StageResult, StageType};
-use crate::config::Stage;
+use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
 use crate::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
 use shrink_io::Checkpoint;
 use shrink_models::Transformer;
@@ -123,37 +123,45 @@ pub fn qat_and_write(
     Ok((outcome, training))
 }
 
-/// The `quantize.qat` stage.
+/// The `quantize.qat` stage: what a quantization writes, GPTQ's (or RTN's) start, the training
+/// keys and its own.
 pub(crate) struct QatStage;
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QatKeys {
+    /// Learn the scales (LSQ) [default: true].
+    learn_scales: Option<bool>,
+}
+
 impl StageType for QatStage {
-    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
-        let own = [
-            "damp",
-            "act_order",
-            "alpha",
-            "weights",
-            "loss",
-            "temperature",
-            "freeze",
-            "learn_scales",
-            "train",
-        ];
-        FORMAT_KEYS.contains(&key) || own.contains(&key)
+    fn keys(&self, _kind: StageKind) -> Vec<&'static str> {
+        [
+            fields::<FormatKeys>(),
+            &["damp", "act_order", "weights"],
+            fields::<TrainingKeys>(),
+            fields::<QatKeys>(),
+        ]
+        .concat()
     }
 
-    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
-        check_training_keys(s)?;
-        check_format_keys(s)?;
-        let d = distill_request(s);
+    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+        let format: FormatKeys = keys.take()?;
+        let method: MethodKeys = keys.take()?;
+        let training: TrainingKeys = keys.take()?;
+        let own: QatKeys = keys.take()?;
+        training.check()?;
+        method.check()?;
+        let preset = format.check()?;
+        let d = distill_request(&training, Default::default());
         Ok(StageJob::Qat(QatRequest {
             loss: d.loss,
             temperature: d.temperature,
             alpha: d.alpha,
-            freeze: s.freeze.clone(),
-            learn_scales: s.learn_scales.unwrap_or(true),
+            freeze: training.freeze,
+            learn_scales: own.learn_scales.unwrap_or(true),
             train: d.train,
-            ..QatRequest::new(whole(quantize_request(s))?)
+            ..QatRequest::new(whole(quantize_request(kind, &format, preset, &method))?)
         }))
     }
 }

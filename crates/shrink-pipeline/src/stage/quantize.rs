@@ -2,13 +2,13 @@
 //! a per-linear plan and a method, run on a model, and written as a GGUF or a compressed-tensors
 //! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
 
-use super::{check_weights, value_text, whole, Job, KeyResult, StageContext, StageJob, StageKind};
-use super::{Compress, JobInput, StageResult, StageType};
-use crate::config::Stage;
+use super::{check_damp, check_weights, value_text, whole, Job, KeyResult, StageContext};
+use super::{Compress, JobInput, KeyError, StageJob, StageKind, StageResult, StageType};
+use crate::config::{fields, KeyReader, StageKeys};
 use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use candle_core::DType;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shrink_io::{Checkpoint, GgufWriteType};
 use shrink_models::{ActQuant, ModelConfig, Transformer};
 use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
@@ -52,11 +52,35 @@ impl QuantMethod {
 
 pub use shrink_io::Export;
 
+/// A preset a request names (a built-in name or a preset file), parsed once when the request is
+/// made; it serializes as its name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresetChoice {
+    pub name: String,
+    pub preset: Preset,
+}
+
+impl PresetChoice {
+    /// Reads the built-in preset or the preset file `name`.
+    pub fn load(name: &str) -> Result<PresetChoice> {
+        Ok(PresetChoice {
+            name: name.to_string(),
+            preset: Preset::load(name).map_err(|e| invalid(format!("preset: {e}")))?,
+        })
+    }
+}
+
+impl Serialize for PresetChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
 /// What to quantize and how. Unset options take the preset's value, then the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuantizeRequest {
     /// A built-in preset (`q4_k_m`) or a preset TOML file.
-    pub preset: Option<String>,
+    pub preset: Option<PresetChoice>,
     pub method: Option<QuantMethod>,
     /// `gguf:TYPE` (or just `TYPE`) or `hf`.
     pub format: Option<String>,
@@ -145,12 +169,7 @@ fn block_type(name: &str, search: bool) -> Result<Format> {
 impl QuantizeRequest {
     /// Makes every choice: the preset's, overridden by what the request sets.
     pub fn resolve(&self) -> Result<ResolvedQuantize> {
-        let preset = self
-            .preset
-            .as_deref()
-            .map(Preset::load)
-            .transpose()
-            .map_err(|e| invalid(format!("preset: {e}")))?;
+        let preset = self.preset.as_ref().map(|p| &p.preset);
         let search = self.search || self.imatrix;
         let export = match (&self.format, &preset) {
             (Some(f), _) if f == "hf" => Export::Hf,
@@ -376,94 +395,146 @@ pub fn write_quantized(
 /// The `quantize.rtn`, `quantize.gptq`, `quantize.awq` and `quantize.smoothquant` stages.
 pub(crate) struct QuantizeStage;
 
-/// What every quantization stage accepts (`quantize.qat` too).
-pub(crate) const FORMAT_KEYS: &[&str] = &[
-    "preset",
-    "format",
-    "bits",
-    "group",
-    "overrides",
-    "embeddings",
-    "activations",
-    "search",
-];
+/// What every quantization stage writes (`quantize.qat` too).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FormatKeys {
+    /// A preset from `configs/quant` or a preset file.
+    pub preset: Option<String>,
+    /// A ggml block type (`q4_k`) for GGUF, or `hf` with `bits` / `group`.
+    pub format: Option<String>,
+    pub bits: Option<u8>,
+    /// A group size or `"channel"`.
+    pub group: Option<toml::Value>,
+    /// Name pattern → block type.
+    #[serde(default)]
+    pub overrides: BTreeMap<String, toml::Value>,
+    pub embeddings: Option<String>,
+    /// `int8-per-token` or `none`.
+    pub activations: Option<String>,
+    /// Search each group's scale on the activation-weighted error.
+    pub search: Option<bool>,
+}
+
+/// How a quantization stage picks its codes; each method reads some of these (see
+/// [`QuantizeStage::keys`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MethodKeys {
+    pub damp: Option<f64>,
+    pub act_order: Option<bool>,
+    pub imatrix: Option<bool>,
+    /// SmoothQuant's migration strength.
+    pub alpha: Option<f64>,
+    pub awq_grid: Option<usize>,
+    /// How AWQ, SmoothQuant and QAT pick the codes after rescaling: `rtn` or `gptq`.
+    pub weights: Option<String>,
+    /// Keep exactly-zero weights at zero (a pruning mask). Defaults to true when the input is
+    /// an unstructured pruning stage (or a quantization of one that keeps them).
+    pub keep_sparsity: Option<bool>,
+}
 
 impl StageType for QuantizeStage {
-    fn accepts(&self, kind: StageKind, key: &str) -> bool {
+    fn keys(&self, kind: StageKind) -> Vec<&'static str> {
         let own: &[&str] = match kind {
             StageKind::QuantizeRtn => &["imatrix"],
             StageKind::QuantizeGptq => &["damp", "act_order"],
             StageKind::QuantizeAwq => &["damp", "act_order", "awq_grid", "weights"],
             _ => &["damp", "act_order", "alpha", "weights"],
         };
-        FORMAT_KEYS.contains(&key) || own.contains(&key) || key == "keep_sparsity"
+        [fields::<FormatKeys>(), own, &["keep_sparsity"]].concat()
     }
 
-    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
-        check_format_keys(s)?;
-        whole(quantize_request(s)).map(StageJob::Quantize)
+    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+        let format: FormatKeys = keys.take()?;
+        let method: MethodKeys = keys.take()?;
+        method.check()?;
+        let preset = format.check()?;
+        Ok(StageJob::Quantize(whole(quantize_request(
+            kind, &format, preset, &method,
+        ))?))
     }
 }
 
-/// The checks of the keys every quantization stage shares, each error pointing at its key.
-pub(crate) fn check_format_keys(s: &Stage) -> KeyResult<()> {
-    if let Some(alpha) = s.alpha {
-        if !(0.0..=1.0).contains(&alpha) {
-            return Err((Some("alpha"), format!("alpha = {alpha} is outside 0..=1")));
+impl MethodKeys {
+    /// The checks of the method's keys, each error pointing at its key.
+    pub(crate) fn check(&self) -> KeyResult<()> {
+        if let Some(alpha) = self.alpha {
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err((Some("alpha"), format!("alpha = {alpha} is outside 0..=1")));
+            }
         }
+        check_damp(self.damp)?;
+        check_weights(&self.weights)
     }
-    if let Some(b) = s.bits {
-        if !(2..=8).contains(&b) {
-            return Err((Some("bits"), format!("bits = {b} is outside 2..=8")));
+}
+
+impl FormatKeys {
+    /// The checks of what to write, each error pointing at its key; the preset, read.
+    pub(crate) fn check(&self) -> KeyResult<Option<PresetChoice>> {
+        if let Some(b) = self.bits {
+            if !(2..=8).contains(&b) {
+                return Err((Some("bits"), format!("bits = {b} is outside 2..=8")));
+            }
         }
-    }
-    if let Some(group) = &s.group {
-        let ok = match group {
-            toml::Value::Integer(n) => *n > 0,
-            toml::Value::String(k) => k == "channel" || k == "tensor",
-            _ => false,
+        if let Some(group) = &self.group {
+            let ok = match group {
+                toml::Value::Integer(n) => *n > 0,
+                toml::Value::String(k) => k == "channel" || k == "tensor",
+                _ => false,
+            };
+            if !ok {
+                return Err((
+                    Some("group"),
+                    format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
+                ));
+            }
+        }
+        let preset = match &self.preset {
+            Some(name) => Some(PresetChoice {
+                name: name.clone(),
+                preset: Preset::load(name)
+                    .map_err(|e| (Some("preset"), format!("preset `{name}`: {e}")))?,
+            }),
+            None => None,
         };
-        if !ok {
+        if let Some(f) = &self.format {
+            if f != "hf" {
+                Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
+                    .map_err(|e| (Some("format"), e.to_string()))?;
+            }
+        }
+        if self.preset.is_none() && self.format.is_none() && self.bits.is_none() {
             return Err((
-                Some("group"),
-                format!("group = {group}: expected a positive size, \"channel\" or \"tensor\""),
+                None,
+                "says nothing about the format: give `preset`, `format` or `bits`".into(),
             ));
         }
-    }
-    check_weights(s)?;
-    if let Some(p) = &s.preset {
-        Preset::load(p).map_err(|e| (Some("preset"), format!("preset `{p}`: {e}")))?;
-    }
-    if let Some(f) = &s.format {
-        if f != "hf" {
-            Format::parse(f.strip_prefix("gguf:").unwrap_or(f))
-                .map_err(|e| (Some("format"), e.to_string()))?;
+        for (pattern, ty) in &self.overrides {
+            Format::parse(&value_text(ty))
+                .map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
         }
-    }
-    if s.preset.is_none() && s.format.is_none() && s.bits.is_none() {
-        return Err((
-            None,
-            "says nothing about the format: give `preset`, `format` or `bits`".into(),
-        ));
-    }
-    for (pattern, ty) in &s.overrides {
-        Format::parse(&value_text(ty)).map_err(|e| (None, format!("override `{pattern}`: {e}")))?;
-    }
-    if let Some(a) = &s.activations {
-        if !["int8-per-token", "none"].contains(&a.as_str()) {
-            return Err((
-                Some("activations"),
-                format!("activations `{a}` is not one of: int8-per-token, none"),
-            ));
+        if let Some(a) = &self.activations {
+            if !["int8-per-token", "none"].contains(&a.as_str()) {
+                return Err((
+                    Some("activations"),
+                    format!("activations `{a}` is not one of: int8-per-token, none"),
+                ));
+            }
         }
+        Ok(preset)
     }
-    Ok(())
 }
 
 /// The quantization job a `quantize.*` (or `quantize.qat`) stage describes.
-pub(crate) fn quantize_request(s: &Stage) -> Result<QuantizeRequest> {
-    let weights = s.weights.as_deref().map(QuantMethod::parse).transpose()?;
-    let (method, smooth) = match s.kind {
+pub(crate) fn quantize_request(
+    kind: StageKind,
+    f: &FormatKeys,
+    preset: Option<PresetChoice>,
+    m: &MethodKeys,
+) -> Result<QuantizeRequest> {
+    let weights = m.weights.as_deref().map(QuantMethod::parse).transpose()?;
+    let (method, smooth) = match kind {
         StageKind::QuantizeRtn => (Some(QuantMethod::Rtn), None),
         // QAT starts from GPTQ's codes unless `weights = "rtn"`.
         StageKind::QuantizeQat => (Some(weights.unwrap_or(QuantMethod::Gptq)), None),
@@ -477,11 +548,8 @@ pub(crate) fn quantize_request(s: &Stage) -> Result<QuantizeRequest> {
         ),
         // The weights' method defaults to the preset's; alpha to the preset's, then 0.8.
         StageKind::QuantizeSmoothQuant => {
-            let preset_alpha = match &s.preset {
-                Some(p) => Preset::load(p)?.smoothing,
-                None => None,
-            };
-            (weights, Some(s.alpha.or(preset_alpha).unwrap_or(0.8)))
+            let preset_alpha = preset.as_ref().and_then(|p| p.preset.smoothing);
+            (weights, Some(m.alpha.or(preset_alpha).unwrap_or(0.8)))
         }
         other => {
             return Err(PipelineError::Invalid(format!(
@@ -492,26 +560,26 @@ pub(crate) fn quantize_request(s: &Stage) -> Result<QuantizeRequest> {
     };
     let defaults = QuantizeRequest::default();
     Ok(QuantizeRequest {
-        preset: s.preset.clone(),
+        preset,
         method,
-        format: s.format.clone(),
-        bits: s.bits,
-        group: s.group.as_ref().map(value_text),
+        format: f.format.clone(),
+        bits: f.bits,
+        group: f.group.as_ref().map(value_text),
         smooth,
-        activations: s.activations.clone(),
-        overrides: s
+        activations: f.activations.clone(),
+        overrides: f
             .overrides
             .iter()
             .map(|(k, v)| (k.clone(), value_text(v)))
             .collect(),
-        search: s.search.unwrap_or(false),
-        imatrix: s.imatrix.unwrap_or(false),
-        damp: s.damp.unwrap_or(defaults.damp),
-        act_order: s.act_order.unwrap_or(defaults.act_order),
-        awq_grid: s.awq_grid.unwrap_or(defaults.awq_grid),
-        embeddings: s.embeddings.clone(),
+        search: f.search.unwrap_or(false),
+        imatrix: m.imatrix.unwrap_or(false),
+        damp: m.damp.unwrap_or(defaults.damp),
+        act_order: m.act_order.unwrap_or(defaults.act_order),
+        awq_grid: m.awq_grid.unwrap_or(defaults.awq_grid),
+        embeddings: f.embeddings.clone(),
         batch: defaults.batch,
-        keep_zeros: s.keep_sparsity.unwrap_or(false),
+        keep_zeros: m.keep_sparsity.unwrap_or(false),
     })
 }
 
@@ -559,8 +627,8 @@ impl Job for QuantizeRequest {
         self.keep_zeros
     }
 
-    fn keep_mask(&mut self, stage: &Stage, input_has_mask: bool) {
-        if stage.keep_sparsity.is_none() {
+    fn keep_mask(&mut self, keys: &StageKeys, input_has_mask: bool) {
+        if !keys.has("keep_sparsity") {
             self.keep_zeros = input_has_mask;
         }
     }

@@ -4,9 +4,10 @@
 //! always written, and the stage says whether it meets the budget.
 
 use super::quantize::quantized_result;
-use super::{check_weights, whole, Job, JobMemory, KeyResult, ModelSizes, StageContext};
-use super::{Compress, JobInput, StageJob, StageKind, StageResult, StageType};
-use crate::config::Stage;
+use super::StageType;
+use super::{check_damp, check_weights, whole, Job, JobMemory, ModelSizes};
+use super::{Compress, JobInput, KeyError, StageContext, StageJob, StageKind, StageResult};
+use crate::config::{fields, KeyReader};
 use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
@@ -660,24 +661,36 @@ impl Verifier for StageVerifier<'_> {
 /// The `search` stage.
 pub(crate) struct SearchStage;
 
+/// A `search` stage's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchKeys {
+    /// The candidate block types of the linears.
+    formats: Option<Vec<String>>,
+    /// The candidate block types of the token embedding (unset: `embeddings`, fixed).
+    embedding_formats: Option<Vec<String>>,
+    /// The token embedding's block type when it is not searched.
+    embeddings: Option<String>,
+    /// `scaled` (one KL per linear, scaled by output error) or `every` format measured.
+    sensitivity: Option<String>,
+    /// How the candidates' codes are picked: `gptq` or `rtn`.
+    weights: Option<String>,
+    damp: Option<f64>,
+    act_order: Option<bool>,
+    /// The target and the time budget (`[stage.budget]`).
+    budget: Option<BudgetKeys>,
+}
+
 impl StageType for SearchStage {
-    fn accepts(&self, _kind: StageKind, key: &str) -> bool {
-        [
-            "embeddings",
-            "damp",
-            "act_order",
-            "weights",
-            "formats",
-            "embedding_formats",
-            "sensitivity",
-            "budget",
-        ]
-        .contains(&key)
+    fn keys(&self, _kind: StageKind) -> Vec<&'static str> {
+        fields::<SearchKeys>().to_vec()
     }
 
-    fn job(&self, s: &Stage) -> KeyResult<StageJob> {
-        check_weights(s)?;
-        s.budget
+    fn job(&self, _kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+        let k: SearchKeys = keys.take()?;
+        check_damp(k.damp)?;
+        check_weights(&k.weights)?;
+        k.budget
             .as_ref()
             .ok_or((
                 None,
@@ -685,21 +698,20 @@ impl StageType for SearchStage {
             ))?
             .check()
             .map_err(|e| (Some("budget"), e))?;
-        let request = whole(search_request(s))?;
+        let request = whole(search_request(k))?;
         whole(request.sensitivity_config())?;
         Ok(StageJob::Search(request))
     }
 }
 
-fn search_request(s: &Stage) -> Result<SearchRequest> {
+fn search_request(s: SearchKeys) -> Result<SearchRequest> {
     let defaults = QuantizeRequest::default();
     Ok(SearchRequest {
         formats: s
             .formats
-            .clone()
             .unwrap_or_else(|| DEFAULT_FORMATS.iter().map(|f| f.to_string()).collect()),
-        embedding_formats: s.embedding_formats.clone().unwrap_or_default(),
-        embeddings: s.embeddings.clone().unwrap_or_else(|| "q8_0".into()),
+        embedding_formats: s.embedding_formats.unwrap_or_default(),
+        embeddings: s.embeddings.unwrap_or_else(|| "q8_0".into()),
         method: s
             .weights
             .as_deref()
@@ -717,7 +729,7 @@ fn search_request(s: &Stage) -> Result<SearchRequest> {
                 )))
             }
         },
-        budget: s.budget.clone().unwrap_or_default(),
+        budget: s.budget.unwrap_or_default(),
     })
 }
 
