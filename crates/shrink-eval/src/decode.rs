@@ -25,17 +25,21 @@ pub struct DecodeSpeed {
 }
 
 /// Times a GGUF file through candle's quantized kernels: prefill of `prompt`, then `decode_tokens`
-/// greedy steps of one token each.
+/// greedy steps of one token each. candle reads `gguf`, the file's bytes (as mapped when shrink
+/// loaded it, so the file is not read again); `name` names the file in errors.
 pub fn quantized_decode_speed(
-    path: &Path,
+    gguf: &[u8],
+    name: &Path,
     prompt: &[u32],
     decode_tokens: usize,
 ) -> Result<DecodeSpeed> {
-    let gguf_err = |e: candle_core::Error| EvalError::Config(format!("{}: {e}", path.display()));
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| EvalError::Config(format!("{}: {e}", path.display())))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(gguf_err)?;
-    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).map_err(gguf_err)?;
+    let gguf_err = |e: candle_core::Error| EvalError::Config(format!("{}: {e}", name.display()));
+    let bytes = gguf;
+    let mut reader = std::io::Cursor::new(bytes);
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
+    let mut model =
+        ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).map_err(gguf_err)?;
     time_decode("candle-quantized", prompt, decode_tokens, |ids, pos| {
         let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
         Ok(model.forward(&x, pos)?.squeeze(0)?)

@@ -135,11 +135,13 @@ fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Ten
         .reshape(dims)
 }
 
-/// Loads a GGUF file as a checkpoint.
-pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
-    let mmap = map(path)?;
-    let content = read_content(path, &mmap)?;
-    let arch = meta_str(path, &content, "general.architecture")?
+/// The checkpoint of a mapped GGUF file whose header `content` is already read.
+pub(crate) fn checkpoint_of(
+    path: &Path,
+    mmap: &[u8],
+    content: &gguf_file::Content,
+) -> Result<Checkpoint> {
+    let arch = meta_str(path, content, "general.architecture")?
         .ok_or_else(|| meta_err(path, "general.architecture", "missing"))?
         .to_string();
     let Some(model_type) = family::model_type_of_gguf(&arch) else {
@@ -150,12 +152,12 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         });
     };
     let a = |k: &str| format!("{arch}.{k}");
-    let n_head = meta_req_u64(path, &content, &a("attention.head_count"))? as usize;
+    let n_head = meta_req_u64(path, content, &a("attention.head_count"))? as usize;
     let n_head_kv =
-        meta_u64(path, &content, &a("attention.head_count_kv"))?.unwrap_or(n_head as u64) as usize;
-    let hidden = meta_req_u64(path, &content, &a("embedding_length"))? as usize;
-    let n_layer = meta_req_u64(path, &content, &a("block_count"))? as usize;
-    let ffn = meta_req_u64(path, &content, &a("feed_forward_length"))? as usize;
+        meta_u64(path, content, &a("attention.head_count_kv"))?.unwrap_or(n_head as u64) as usize;
+    let hidden = meta_req_u64(path, content, &a("embedding_length"))? as usize;
+    let n_layer = meta_req_u64(path, content, &a("block_count"))? as usize;
+    let ffn = meta_req_u64(path, content, &a("feed_forward_length"))? as usize;
     if n_head == 0 || n_head_kv == 0 {
         return Err(meta_err(
             path,
@@ -163,10 +165,10 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
             "must be positive",
         ));
     }
-    let head_dim = meta_u64(path, &content, &a("attention.key_length"))?
+    let head_dim = meta_u64(path, content, &a("attention.key_length"))?
         .map(|v| v as usize)
         .unwrap_or(hidden / n_head);
-    if let Some(rot) = meta_u64(path, &content, &a("rope.dimension_count"))? {
+    if let Some(rot) = meta_u64(path, content, &a("rope.dimension_count"))? {
         if rot as usize != head_dim {
             return Err(meta_err(
                 path,
@@ -181,66 +183,66 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
         a("attention.layer_norm_rms_epsilon")
     };
     let eps =
-        meta_f64(path, &content, &eps_key)?.ok_or_else(|| meta_err(path, &eps_key, "missing"))?;
-    let theta = meta_f64(path, &content, &a("rope.freq_base"))?.unwrap_or(10_000.0);
-    let ctx_len = meta_u64(path, &content, &a("context_length"))?.unwrap_or(2048);
+        meta_f64(path, content, &eps_key)?.ok_or_else(|| meta_err(path, &eps_key, "missing"))?;
+    let theta = meta_f64(path, content, &a("rope.freq_base"))?.unwrap_or(10_000.0);
+    let ctx_len = meta_u64(path, content, &a("context_length"))?.unwrap_or(2048);
 
     // Tokenizer.
-    let tokens: Vec<String> = meta_array(path, &content, "tokenizer.ggml.tokens")?
+    let tokens: Vec<String> = meta_array(path, content, "tokenizer.ggml.tokens")?
         .iter()
         .map(|v| v.to_string().cloned())
         .collect::<candle_core::Result<_>>()
         .map_err(|_| meta_err(path, "tokenizer.ggml.tokens", "expected strings"))?;
-    let token_types: Vec<i32> = match meta(&content, "tokenizer.ggml.token_type") {
-        Some(_) => meta_array(path, &content, "tokenizer.ggml.token_type")?
+    let token_types: Vec<i32> = match meta(content, "tokenizer.ggml.token_type") {
+        Some(_) => meta_array(path, content, "tokenizer.ggml.token_type")?
             .iter()
             .map(|v| v.to_i32())
             .collect::<candle_core::Result<_>>()
             .map_err(|_| meta_err(path, "tokenizer.ggml.token_type", "expected i32 values"))?,
         None => vec![1; tokens.len()],
     };
-    let merges: Vec<String> = match meta(&content, "tokenizer.ggml.merges") {
-        Some(_) => meta_array(path, &content, "tokenizer.ggml.merges")?
+    let merges: Vec<String> = match meta(content, "tokenizer.ggml.merges") {
+        Some(_) => meta_array(path, content, "tokenizer.ggml.merges")?
             .iter()
             .map(|v| v.to_string().cloned())
             .collect::<candle_core::Result<_>>()
             .map_err(|_| meta_err(path, "tokenizer.ggml.merges", "expected strings"))?,
         None => vec![],
     };
-    let scores: Vec<f32> = match meta(&content, "tokenizer.ggml.scores") {
-        Some(_) => meta_array(path, &content, "tokenizer.ggml.scores")?
+    let scores: Vec<f32> = match meta(content, "tokenizer.ggml.scores") {
+        Some(_) => meta_array(path, content, "tokenizer.ggml.scores")?
             .iter()
             .map(|v| v.to_f32())
             .collect::<candle_core::Result<_>>()
             .map_err(|_| meta_err(path, "tokenizer.ggml.scores", "expected f32 values"))?,
         None => vec![],
     };
-    let model = meta_str(path, &content, "tokenizer.ggml.model")?
+    let model = meta_str(path, content, "tokenizer.ggml.model")?
         .ok_or_else(|| meta_err(path, "tokenizer.ggml.model", "missing"))?
         .to_string();
     // llama.cpp's defaults when the keys are absent: SentencePiece vocabularies put a space
     // before the text and a BOS token before that.
     let spm = model == "llama";
     let vocab = GgufVocab {
-        add_space_prefix: meta_bool(&content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
+        add_space_prefix: meta_bool(content, "tokenizer.ggml.add_space_prefix").unwrap_or(spm),
         scores,
         model,
-        pre: meta_str(path, &content, "tokenizer.ggml.pre")?.map(str::to_string),
+        pre: meta_str(path, content, "tokenizer.ggml.pre")?.map(str::to_string),
         tokens,
         token_types,
         merges,
-        unknown_token_id: meta_u64(path, &content, "tokenizer.ggml.unknown_token_id")?
+        unknown_token_id: meta_u64(path, content, "tokenizer.ggml.unknown_token_id")?
             .map(|v| v as u32),
-        padding_token_id: meta_u64(path, &content, "tokenizer.ggml.padding_token_id")?
+        padding_token_id: meta_u64(path, content, "tokenizer.ggml.padding_token_id")?
             .map(|v| v as u32),
     };
-    let vocab_size = meta_u64(path, &content, &a("vocab_size"))?
+    let vocab_size = meta_u64(path, content, &a("vocab_size"))?
         .map(|v| v as usize)
         .unwrap_or(vocab.tokens.len());
-    let bos = meta_u64(path, &content, "tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
-    let eos = meta_u64(path, &content, "tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
-    let add_bos = meta_bool(&content, "tokenizer.ggml.add_bos_token").unwrap_or(spm);
-    let chat_template = meta_str(path, &content, "tokenizer.chat_template")?.map(str::to_string);
+    let bos = meta_u64(path, content, "tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+    let eos = meta_u64(path, content, "tokenizer.ggml.eos_token_id")?.map(|v| v as u32);
+    let add_bos = meta_bool(content, "tokenizer.ggml.add_bos_token").unwrap_or(spm);
+    let chat_template = meta_str(path, content, "tokenizer.chat_template")?.map(str::to_string);
     let tokenizer =
         TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
 
@@ -248,7 +250,7 @@ pub(crate) fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(_, info)| info.offset);
     let mut tensors = BTreeMap::new();
-    let mut cursor = Cursor::new(&mmap[..]);
+    let mut cursor = Cursor::new(mmap);
     for (name, info) in infos {
         let tensor_err = |message: String| IoError::Tensor {
             path: path.to_path_buf(),

@@ -67,12 +67,14 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(IoError::NotFound { path: single })
 }
 
-/// Memory-maps one safetensors file and loads its tensors (as f32 unless `keep_dtype`).
+/// Memory-maps one safetensors file, loads its tensors (as f32; integer tensors into `ints`) and
+/// adds each tensor as stored to `stored`; returns the file's size.
 pub(crate) fn read_safetensors(
     path: &Path,
     out: &mut BTreeMap<String, Tensor>,
     ints: &mut BTreeMap<String, crate::compressed::IntTensor>,
-) -> Result<()> {
+    stored: &mut Vec<crate::TensorSummary>,
+) -> Result<u64> {
     if !path.is_file() {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
@@ -86,6 +88,12 @@ pub(crate) fn read_safetensors(
         }
     })?;
     for (name, view) in st.tensors() {
+        stored.push(crate::inspect::stored(
+            name.clone(),
+            view.dtype(),
+            view.shape().to_vec(),
+            view.data().len(),
+        ));
         if matches!(
             view.dtype(),
             safetensors::Dtype::I8 | safetensors::Dtype::I32
@@ -123,7 +131,7 @@ pub(crate) fn read_safetensors(
             });
         }
     }
-    Ok(())
+    Ok(std::fs::metadata(path).map_err(io_error(path))?.len())
 }
 
 /// Files carried over verbatim from a Hugging Face folder ([`Checkpoint::side_files`]).
@@ -137,13 +145,17 @@ const SIDE_FILES: [&str; 7] = [
     "vocab.txt",
 ];
 
-pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
+/// Loads a Hugging Face folder, and inspects it from the same reads.
+pub(crate) fn open_hf(dir: &Path) -> Result<(Checkpoint, crate::Inspection)> {
     let config = read_json(&dir.join("config.json"))?;
     let mut tensors = BTreeMap::new();
     let mut ints = BTreeMap::new();
+    let mut stored = Vec::new();
+    let mut size = 0;
     for file in safetensors_files(dir)? {
-        read_safetensors(&file, &mut tensors, &mut ints)?;
+        size += read_safetensors(&file, &mut tensors, &mut ints, &mut stored)?;
     }
+    let inspection = crate::inspect::of_hf(dir, &config, size, stored);
     crate::compressed::decompress(dir, &config, &mut tensors, ints)?;
     let tokenizer = crate::tokenizer::load_hf_tokenizer(dir, &config)?;
     let gen_path = dir.join("generation_config.json");
@@ -162,7 +174,7 @@ pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
             );
         }
     }
-    Ok(Checkpoint {
+    let checkpoint = Checkpoint {
         path: dir.to_path_buf(),
         format: Format::HfFolder,
         config,
@@ -170,7 +182,8 @@ pub(crate) fn load_hf(dir: &Path) -> Result<Checkpoint> {
         tokenizer,
         generation_config,
         side_files,
-    })
+    };
+    Ok((checkpoint, inspection))
 }
 
 /// The float type tensors are stored in when saving a Hugging Face folder.

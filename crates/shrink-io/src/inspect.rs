@@ -1,7 +1,8 @@
 //! `inspect`: what a model file holds, read from headers only (no tensor data is loaded).
 
 use crate::hf::{read_json, safetensors_files};
-use crate::{io_error, Format, IoError, Result};
+use crate::{Format, IoError, Result};
+use candle_core::quantized::gguf_file;
 use serde::Serialize;
 use std::path::Path;
 
@@ -53,15 +54,8 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             path: path.to_path_buf(),
         });
     }
-    let (format, architecture, file_size_bytes, mut tensors) = if path.is_dir() {
+    if path.is_dir() {
         let config = read_json(&path.join("config.json"))?;
-        let arch = config
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(|a| a.as_str())
-            .or_else(|| config.get("model_type").and_then(|m| m.as_str()))
-            .unwrap_or("unknown")
-            .to_string();
         let mut tensors = Vec::new();
         let mut size = 0;
         for file in safetensors_files(path)? {
@@ -72,77 +66,114 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
                     path: file.clone(),
                     message: format!("corrupt or truncated safetensors header: {e}"),
                 })?;
-            // compressed-tensors: packed int32 words hold 32/bits weights each; scales, zero
-            // points and shapes are overhead, not parameters.
-            let packed_bits = config
-                .pointer("/quantization_config/config_groups")
-                .and_then(|g| g.as_object())
-                .and_then(|g| g.values().next())
-                .and_then(|g| g.pointer("/weights/num_bits"))
-                .and_then(|b| b.as_u64());
             for (name, info) in meta.tensors() {
-                let bytes = (info.data_offsets.1 - info.data_offsets.0) as u64;
-                let mut t = summary(
+                tensors.push(stored(
                     name.clone(),
-                    format!("{:?}", info.dtype),
+                    info.dtype,
                     info.shape.clone(),
-                    bytes,
-                );
-                if let (Some(bits), true) = (packed_bits, name.ends_with(".weight_packed")) {
-                    t = summary(
-                        name.clone(),
-                        format!("I32 (int{bits} packed)"),
-                        info.shape.clone(),
-                        bytes,
-                    );
-                    t.parameters *= 32 / bits.max(1);
-                    t.bits_per_weight = bytes as f64 * 8.0 / t.parameters.max(1) as f64;
-                } else if packed_bits.is_some()
-                    && [
-                        ".weight_scale",
-                        ".weight_zero_point",
-                        ".weight_shape",
-                        ".input_scale",
-                    ]
-                    .iter()
-                    .any(|s| name.ends_with(s))
-                {
-                    t.parameters = 0;
-                    t.bits_per_weight = 0.0;
-                }
-                tensors.push(t);
+                    info.data_offsets.1 - info.data_offsets.0,
+                ));
             }
         }
-        (Format::HfFolder, arch, size, tensors)
+        Ok(of_hf(path, &config, size, tensors))
     } else {
         let mmap = crate::gguf::map(path)?;
         let content = crate::gguf::read_content(path, &mmap)?;
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| "unknown".into());
-        let tensors = content
-            .tensor_infos
+        Ok(of_gguf(path, &content, mmap.len() as u64))
+    }
+}
+
+/// A safetensors tensor as stored.
+pub(crate) fn stored(
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: usize,
+) -> TensorSummary {
+    summary(name, format!("{dtype:?}"), shape, bytes as u64)
+}
+
+/// The inspection of a Hugging Face folder of `size` bytes of safetensors holding `tensors` (as
+/// [`stored`] them).
+pub(crate) fn of_hf(
+    path: &Path,
+    config: &serde_json::Value,
+    size: u64,
+    mut tensors: Vec<TensorSummary>,
+) -> Inspection {
+    let arch = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(|a| a.as_str())
+        .or_else(|| config.get("model_type").and_then(|m| m.as_str()))
+        .unwrap_or("unknown")
+        .to_string();
+    // compressed-tensors: packed int32 words hold 32/bits weights each; scales, zero points and
+    // shapes are overhead, not parameters.
+    let packed_bits = config
+        .pointer("/quantization_config/config_groups")
+        .and_then(|g| g.as_object())
+        .and_then(|g| g.values().next())
+        .and_then(|g| g.pointer("/weights/num_bits"))
+        .and_then(|b| b.as_u64());
+    if let Some(bits) = packed_bits {
+        for t in &mut tensors {
+            if t.name.ends_with(".weight_packed") {
+                t.dtype = format!("I32 (int{bits} packed)");
+                t.parameters *= 32 / bits.max(1);
+                t.bits_per_weight = t.size_bytes as f64 * 8.0 / t.parameters.max(1) as f64;
+            } else if [
+                ".weight_scale",
+                ".weight_zero_point",
+                ".weight_shape",
+                ".input_scale",
+            ]
             .iter()
-            .map(|(name, info)| {
-                let elems = info.shape.elem_count();
-                let bytes = crate::gguf::tensor_bytes(info.ggml_dtype, elems).unwrap_or(0) as u64;
-                summary(
-                    name.clone(),
-                    format!("{:?}", info.ggml_dtype),
-                    info.shape.dims().to_vec(),
-                    bytes,
-                )
-            })
-            .collect();
-        let size = std::fs::metadata(path).map_err(io_error(path))?.len();
-        (Format::Gguf, arch, size, tensors)
-    };
+            .any(|s| t.name.ends_with(s))
+            {
+                t.parameters = 0;
+                t.bits_per_weight = 0.0;
+            }
+        }
+    }
+    finish(path, Format::HfFolder, arch, size, tensors)
+}
+
+/// The inspection of a GGUF file of `size` bytes whose header is `content`.
+pub(crate) fn of_gguf(path: &Path, content: &gguf_file::Content, size: u64) -> Inspection {
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    let tensors = content
+        .tensor_infos
+        .iter()
+        .map(|(name, info)| {
+            let elems = info.shape.elem_count();
+            let bytes = crate::gguf::tensor_bytes(info.ggml_dtype, elems).unwrap_or(0) as u64;
+            summary(
+                name.clone(),
+                format!("{:?}", info.ggml_dtype),
+                info.shape.dims().to_vec(),
+                bytes,
+            )
+        })
+        .collect();
+    finish(path, Format::Gguf, arch, size, tensors)
+}
+
+fn finish(
+    path: &Path,
+    format: Format,
+    architecture: String,
+    file_size_bytes: u64,
+    mut tensors: Vec<TensorSummary>,
+) -> Inspection {
     tensors.sort_by_key(|a| natural_key(&a.name));
     let parameters = tensors.iter().map(|t| t.parameters).sum();
     let tensor_bytes = tensors.iter().map(|t| t.size_bytes).sum::<u64>();
-    Ok(Inspection {
+    Inspection {
         path: path.display().to_string(),
         format,
         architecture,
@@ -155,7 +186,7 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
             tensor_bytes as f64 * 8.0 / parameters as f64
         },
         tensors,
-    })
+    }
 }
 
 /// Sorts `blk.2` before `blk.10`.

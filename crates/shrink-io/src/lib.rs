@@ -175,31 +175,67 @@ impl Checkpoint {
 
 /// Loads a GGUF file or a Hugging Face folder (chosen by what `path` is).
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    open(path).map(|file| file.checkpoint)
+}
+
+/// A model file (or folder) read once: its checkpoint, its [`Inspection`] from the same headers,
+/// and for a GGUF file the mapped bytes, which candle's quantized reader can time decoding from
+/// without opening the file again.
+pub struct ModelFile {
+    pub checkpoint: Checkpoint,
+    pub inspection: Inspection,
+    gguf: Option<memmap2::Mmap>,
+}
+
+impl ModelFile {
+    /// The whole GGUF file, as mapped when it was loaded (`None` for a Hugging Face folder).
+    pub fn gguf_bytes(&self) -> Option<&[u8]> {
+        self.gguf.as_deref()
+    }
+}
+
+/// Loads and inspects a GGUF file or a Hugging Face folder, reading each file once.
+///
+/// ```no_run
+/// let file = shrink_io::open(std::path::Path::new("model.gguf"))?;
+/// println!(
+///     "{} tensors, {:.2} bits per weight",
+///     file.checkpoint.tensors.len(),
+///     file.inspection.bits_per_weight
+/// );
+/// # Ok::<(), shrink_io::IoError>(())
+/// ```
+pub fn open(path: &Path) -> Result<ModelFile> {
     if !path.exists() {
         return Err(IoError::NotFound {
             path: path.to_path_buf(),
         });
     }
     if path.is_dir() {
-        hf::load_hf(path)
-    } else if is_gguf(path)? {
-        gguf::load_gguf(path)
-    } else {
-        Err(IoError::Format {
+        let (checkpoint, inspection) = hf::open_hf(path)?;
+        return Ok(ModelFile {
+            checkpoint,
+            inspection,
+            gguf: None,
+        });
+    }
+    let empty = std::fs::metadata(path).map_err(io_error(path))?.len() == 0;
+    let mmap = if empty { None } else { Some(gguf::map(path)?) };
+    match mmap {
+        Some(mmap) if mmap.starts_with(b"GGUF") => {
+            let content = gguf::read_content(path, &mmap)?;
+            let checkpoint = gguf::checkpoint_of(path, &mmap, &content)?;
+            let inspection = inspect::of_gguf(path, &content, mmap.len() as u64);
+            Ok(ModelFile {
+                checkpoint,
+                inspection,
+                gguf: Some(mmap),
+            })
+        }
+        _ => Err(IoError::Format {
             path: path.to_path_buf(),
             message: "not a GGUF file (bad magic) nor a Hugging Face folder".into(),
-        })
-    }
-}
-
-fn is_gguf(path: &Path) -> Result<bool> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(io_error(path))?;
-    match f.read_exact(&mut magic) {
-        Ok(()) => Ok(&magic == b"GGUF"),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(io_error(path)(e)),
+        }),
     }
 }
 

@@ -6,9 +6,8 @@ use crate::{Pipeline, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_io::{Checkpoint, TokenizerBundle};
+use shrink_io::{Checkpoint, ModelFile, TokenizerBundle};
 use shrink_models::{Sampler, SamplingConfig, Transformer};
-use std::path::Path;
 
 /// What was measured on one model, cached in `metrics.json` beside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,16 +106,16 @@ impl<'a> Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Evaluates `model` (loaded from `artifact`) against `reference`, generates from the
-    /// prompts and times decoding.
+    /// Evaluates `model` (built from `file`) against `reference`, generates from the prompts and
+    /// times decoding; the file's size and bits come from the inspection made when it was read.
     pub(crate) fn measure(
         &self,
         key: String,
         model: &Transformer,
         reference: Option<&Transformer>,
-        artifact: &Path,
+        file: &ModelFile,
     ) -> Result<Metrics> {
-        let info = shrink_io::inspect(artifact)?;
+        let info = &file.inspection;
         let sparsity = linear_sparsity(model)?;
         if model.arch.is_encoder() {
             // Encoders neither predict the next token nor generate: their sentence embeddings
@@ -165,15 +164,16 @@ impl Bench<'_> {
         }
         let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
             None
-        } else if artifact.is_file()
-            && model.config.head_dim() * model.config.num_attention_heads
-                == model.config.hidden_size
-        {
+        } else if let (Some(gguf), true) = (
+            file.gguf_bytes(),
+            model.config.head_dim() * model.config.num_attention_heads == model.config.hidden_size,
+        ) {
             // candle's quantized Llama derives the head size from the width; a structurally
             // pruned model whose heads no longer fill the width runs on the f32 path instead (the
             // report's backend column says which).
             Some(shrink_eval::quantized_decode_speed(
-                artifact,
+                gguf,
+                &file.checkpoint.path,
                 &self.decode_prompt,
                 self.decode_tokens,
             )?)

@@ -15,7 +15,7 @@ use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
 use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
-use shrink_io::Checkpoint;
+use shrink_io::ModelFile;
 use shrink_models::Transformer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,7 +171,12 @@ pub fn run(
 
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
-    let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
+    let bench = Bench::new(
+        pipeline,
+        &given.model.checkpoint,
+        &given.eval_text,
+        progress,
+    )?;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
     }));
@@ -191,13 +196,13 @@ pub fn run(
     };
 
     log(&format!("baseline  {}", given.model_path.display()));
-    let baseline = build_model(&given.checkpoint, DType::F32)?;
+    let baseline = build_model(&given.model.checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::check_export(&given.checkpoint, &baseline, Export::Gguf)?;
+        shrink_io::check_export(&given.model.checkpoint, &baseline, Export::Gguf)?;
     }
     let base = metrics_for(&run_dir.join("baseline"), &given.model_sha, &|key| {
-        bench.measure(key, &baseline, None, &given.model_path)
+        bench.measure(key, &baseline, None, &given.model)
     })?;
     let mut rows = vec![row(
         "baseline",
@@ -264,7 +269,7 @@ pub fn run(
                     stage.input
                 ));
                 let input = if stage.input == "model" {
-                    given.checkpoint.clone()
+                    given.model.checkpoint.clone()
                 } else {
                     shrink_io::load(&artifacts[&stage.input])?
                 };
@@ -314,8 +319,9 @@ pub fn run(
         };
         let artifact = dir.join(&record.artifact);
         let metrics = metrics_for(&dir, &key, &|key| {
-            let model = build_model(&shrink_io::load(&artifact)?, DType::F32)?;
-            bench.measure(key, &model, Some(&baseline), &artifact)
+            let file = shrink_io::open(&artifact)?;
+            let model = build_model(&file.checkpoint, DType::F32)?;
+            bench.measure(key, &model, Some(&baseline), &file)
         })?;
         rows.push(row(
             &stage.name,
@@ -407,7 +413,8 @@ pub fn run(
 struct RunInputs {
     model_path: PathBuf,
     model_sha: String,
-    checkpoint: Checkpoint,
+    /// The input model, read once (its checkpoint, inspection and, for GGUF, mapped bytes).
+    model: ModelFile,
     inputs: Vec<InputHash>,
     eval_text: String,
     eval_sha: String,
@@ -437,9 +444,9 @@ fn read_inputs(
         crate::memory::memory_limit(opts.max_memory_bytes),
     )?;
     let model_sha = hash_path(&model_path)?;
-    let checkpoint = shrink_io::load(&model_path)?;
+    let model = shrink_io::open(&model_path)?;
     // A model without a usable tokenizer is refused before any text is read.
-    checkpoint.tokenizer()?;
+    model.checkpoint.tokenizer()?;
     let mut inputs = vec![InputHash {
         role: "model".into(),
         path: model_path.display().to_string(),
@@ -461,7 +468,7 @@ fn read_inputs(
     let trains = pipeline.plan().iter().any(|s| s.job.trains());
     let training = if trains {
         let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs, log)?;
-        let tokenizer = checkpoint.tokenizer()?;
+        let tokenizer = model.checkpoint.tokenizer()?;
         Some(TrainingText {
             train: tokenizer.encode(&text, false)?,
             eval: tokenizer.encode(&eval_text, false)?,
@@ -474,7 +481,7 @@ fn read_inputs(
     Ok(RunInputs {
         model_path,
         model_sha,
-        checkpoint,
+        model,
         inputs,
         eval_text,
         eval_sha,
