@@ -101,10 +101,11 @@ pub(crate) fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
 pub(crate) fn load_f32_model(
     spec: &str,
 ) -> Result<(Checkpoint, shrink_io::Inspection, Transformer)> {
-    let checkpoint = load_checkpoint(spec)?;
-    let info = shrink_io::inspect(&checkpoint.path)?;
+    let path = resolve_model(spec)?;
+    let shrink_io::ModelFile { checkpoint, view } =
+        shrink_io::open(&path).with_context(|| format!("loading model {}", path.display()))?;
     let model = build_llama(&checkpoint, DType::F32)?;
-    Ok((checkpoint, info, model))
+    Ok((checkpoint, view.inspection, model))
 }
 
 /// `PATTERN=VALUE` options as pairs; `what` and `example` explain a malformed one.

@@ -34,8 +34,7 @@ pub fn quantized_decode_speed(
     decode_tokens: usize,
 ) -> Result<DecodeSpeed> {
     let gguf_err = |e: candle_core::Error| EvalError::Config(format!("{}: {e}", name.display()));
-    let bytes = gguf;
-    let mut reader = std::io::Cursor::new(bytes);
+    let mut reader = std::io::Cursor::new(gguf);
     let content =
         candle_core::quantized::gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
     let mut model =

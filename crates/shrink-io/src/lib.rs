@@ -178,16 +178,22 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     open(path).map(|file| file.checkpoint)
 }
 
-/// A model file (or folder) read once: its checkpoint, its [`Inspection`] from the same headers,
-/// and for a GGUF file the mapped bytes, which candle's quantized reader can time decoding from
-/// without opening the file again.
+/// A model file (or folder) read once: its checkpoint, and what measuring reads besides the
+/// tensors ([`FileView`]).
 pub struct ModelFile {
     pub checkpoint: Checkpoint,
+    pub view: FileView,
+}
+
+/// A model file as measuring sees it: its [`Inspection`], from the headers read when it was
+/// loaded, and for a GGUF file its mapped bytes, which candle's quantized reader can time decoding
+/// from without opening the file again. Drop it once measured: the map keeps the file's pages.
+pub struct FileView {
     pub inspection: Inspection,
     gguf: Option<memmap2::Mmap>,
 }
 
-impl ModelFile {
+impl FileView {
     /// The whole GGUF file, as mapped when it was loaded (`None` for a Hugging Face folder).
     pub fn gguf_bytes(&self) -> Option<&[u8]> {
         self.gguf.as_deref()
@@ -201,7 +207,7 @@ impl ModelFile {
 /// println!(
 ///     "{} tensors, {:.2} bits per weight",
 ///     file.checkpoint.tensors.len(),
-///     file.inspection.bits_per_weight
+///     file.view.inspection.bits_per_weight
 /// );
 /// # Ok::<(), shrink_io::IoError>(())
 /// ```
@@ -215,8 +221,10 @@ pub fn open(path: &Path) -> Result<ModelFile> {
         let (checkpoint, inspection) = hf::open_hf(path)?;
         return Ok(ModelFile {
             checkpoint,
-            inspection,
-            gguf: None,
+            view: FileView {
+                inspection,
+                gguf: None,
+            },
         });
     }
     let empty = std::fs::metadata(path).map_err(io_error(path))?.len() == 0;
@@ -228,8 +236,10 @@ pub fn open(path: &Path) -> Result<ModelFile> {
             let inspection = inspect::of_gguf(path, &content, mmap.len() as u64);
             Ok(ModelFile {
                 checkpoint,
-                inspection,
-                gguf: Some(mmap),
+                view: FileView {
+                    inspection,
+                    gguf: Some(mmap),
+                },
             })
         }
         _ => Err(IoError::Format {

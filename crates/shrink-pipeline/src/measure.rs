@@ -6,8 +6,9 @@ use crate::{Pipeline, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_io::{Checkpoint, ModelFile, TokenizerBundle};
+use shrink_io::{Checkpoint, FileView, TokenizerBundle};
 use shrink_models::{Sampler, SamplingConfig, Transformer};
+use std::path::Path;
 
 /// What was measured on one model, cached in `metrics.json` beside it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,14 +107,15 @@ impl<'a> Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Evaluates `model` (built from `file`) against `reference`, generates from the prompts and
-    /// times decoding; the file's size and bits come from the inspection made when it was read.
+    /// Evaluates `model` (built from the file `file` views) against `reference`, generates from
+    /// the prompts and times decoding; the file's size and bits come from the inspection made when
+    /// it was read.
     pub(crate) fn measure(
         &self,
         key: String,
         model: &Transformer,
         reference: Option<&Transformer>,
-        file: &ModelFile,
+        file: &FileView,
     ) -> Result<Metrics> {
         let info = &file.inspection;
         let sparsity = linear_sparsity(model)?;
@@ -173,7 +175,7 @@ impl Bench<'_> {
             // report's backend column says which).
             Some(shrink_eval::quantized_decode_speed(
                 gguf,
-                &file.checkpoint.path,
+                Path::new(&info.path),
                 &self.decode_prompt,
                 self.decode_tokens,
             )?)

@@ -72,7 +72,12 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     }
     let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
     let request = QuantizeRequest {
-        preset: args.preset.as_deref().map(PresetChoice::load).transpose()?,
+        preset: args
+            .preset
+            .as_deref()
+            .map(PresetChoice::load)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("preset: {e}"))?,
         method: args.method,
         format: args.format.clone(),
         bits: args.bits,

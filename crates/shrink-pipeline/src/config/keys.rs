@@ -10,15 +10,15 @@ use serde::de::{
     self, DeserializeOwned, Error as _, IntoDeserializer, MapAccess, SeqAccess, Visitor,
 };
 use serde::Deserialize;
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 
-/// A TOML value and its byte range in the file; a table's and an array's members keep theirs.
+/// A TOML value and its byte range in the file (unknown for a table made by dotted keys, such as
+/// `train.steps = 3`); a table's and an array's members keep theirs.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Located {
-    pub span: Range<usize>,
+    pub span: Option<Range<usize>>,
     pub node: Node,
 }
 
@@ -30,12 +30,89 @@ pub(crate) enum Node {
     Array(Vec<Located>),
 }
 
+// toml hands a value's span to a struct of this name and these fields (`toml::Spanned`'s own
+// protocol), and plain values when it has no span; `LocatedVisitor` takes either.
+const SPANNED_FIELDS: &[&str] = &[
+    serde_spanned::__unstable::START_FIELD,
+    serde_spanned::__unstable::END_FIELD,
+    serde_spanned::__unstable::VALUE_FIELD,
+];
+
 impl<'de> Deserialize<'de> for Located {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let spanned = toml::Spanned::<Node>::deserialize(d)?;
+        d.deserialize_struct(
+            serde_spanned::__unstable::NAME,
+            SPANNED_FIELDS,
+            LocatedVisitor,
+        )
+    }
+}
+
+struct LocatedVisitor;
+
+impl LocatedVisitor {
+    fn unplaced<E>(node: std::result::Result<Node, E>) -> std::result::Result<Located, E> {
+        node.map(|node| Located { span: None, node })
+    }
+}
+
+impl<'de> Visitor<'de> for LocatedVisitor {
+    type Value = Located;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a TOML value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Located, E> {
+        Self::unplaced(NodeVisitor.visit_bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Located, E> {
+        Self::unplaced(NodeVisitor.visit_i64(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Located, E> {
+        Self::unplaced(NodeVisitor.visit_u64(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Located, E> {
+        Self::unplaced(NodeVisitor.visit_f64(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Located, E> {
+        Self::unplaced(NodeVisitor.visit_str(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Located, A::Error> {
+        Self::unplaced(NodeVisitor.visit_seq(seq))
+    }
+    /// The spanned form (start, end, value), or a table without a span.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Located, A::Error> {
+        let Some(first) = map.next_key::<String>()? else {
+            return Ok(Located {
+                span: None,
+                node: Node::Table(BTreeMap::new()),
+            });
+        };
+        if first == SPANNED_FIELDS[0] {
+            let start: usize = map.next_value()?;
+            let mut end = start;
+            let mut node = None;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == SPANNED_FIELDS[1] {
+                    end = map.next_value()?;
+                } else {
+                    node = Some(map.next_value::<Node>()?);
+                }
+            }
+            let node = node.ok_or_else(|| A::Error::custom("a spanned value without its value"))?;
+            return Ok(Located {
+                span: Some(start..end),
+                node,
+            });
+        }
+        let mut table = BTreeMap::new();
+        table.insert(first, map.next_value::<Located>()?);
+        while let Some((key, value)) = map.next_entry::<String, Located>()? {
+            table.insert(key, value);
+        }
         Ok(Located {
-            span: spanned.span(),
-            node: spanned.into_inner(),
+            span: None,
+            node: Node::Table(table),
         })
     }
 }
@@ -87,7 +164,8 @@ impl<'de> Visitor<'de> for NodeVisitor {
     }
 }
 
-/// A value that does not fit its key, and where the value is (when known).
+/// A stage's keys that make no sense (a value that does not fit its key, an unknown key, a key of
+/// another kind, a missing `kind`), and where (when known).
 #[derive(Debug)]
 pub(crate) struct ValueError {
     pub span: Option<Range<usize>>,
@@ -117,16 +195,18 @@ impl std::error::Error for ValueError {}
 
 impl ValueError {
     /// This error, placed at `span` unless a value inside already placed it.
-    fn at(mut self, span: &Range<usize>) -> Self {
-        self.span.get_or_insert_with(|| span.clone());
+    fn at(mut self, span: &Option<Range<usize>>) -> Self {
+        if self.span.is_none() {
+            self.span.clone_from(span);
+        }
         self
     }
 }
 
 /// Deserializes from a [`Located`] value, placing errors at the innermost value at fault.
-struct From<'a>(&'a Located);
+struct LocatedDe<'a>(&'a Located);
 
-impl<'de> de::Deserializer<'de> for From<'_> {
+impl<'de> de::Deserializer<'de> for LocatedDe<'_> {
     type Error = ValueError;
 
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ValueError> {
@@ -208,7 +288,8 @@ impl<'de> MapAccess<'de> for Entries<'_> {
     ) -> Result<V::Value, ValueError> {
         let (_, value) = self.entries[self.next];
         self.next += 1;
-        seed.deserialize(From(value)).map_err(|e| e.at(&value.span))
+        seed.deserialize(LocatedDe(value))
+            .map_err(|e| e.at(&value.span))
     }
 }
 
@@ -223,20 +304,23 @@ impl<'de> SeqAccess<'de> for Items<'_> {
     ) -> Result<Option<T::Value>, ValueError> {
         self.0
             .next()
-            .map(|item| seed.deserialize(From(item)).map_err(|e| e.at(&item.span)))
+            .map(|item| {
+                seed.deserialize(LocatedDe(item))
+                    .map_err(|e| e.at(&item.span))
+            })
             .transpose()
     }
 }
 
 /// One located value deserialized into a `T`.
 pub(crate) fn value<T: DeserializeOwned>(v: &Located) -> Result<T, ValueError> {
-    T::deserialize(From(v)).map_err(|e| e.at(&v.span))
+    T::deserialize(LocatedDe(v)).map_err(|e| e.at(&v.span))
 }
 
 /// A `[[stage]]` table read into its kind, name, input and own keys.
 pub(super) fn read_stage(table: &Located) -> Result<Stage, ValueError> {
-    let fail = |span: &Range<usize>, message: String| ValueError {
-        span: Some(span.clone()),
+    let fail = |span: &Option<Range<usize>>, message: String| ValueError {
+        span: span.clone(),
         key: None,
         message,
     };
@@ -318,14 +402,14 @@ pub(crate) fn fields<T: DeserializeOwned>() -> &'static [&'static str] {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageKeys {
     /// The `[[stage]]` table's place.
-    pub(crate) span: Range<usize>,
+    pub(crate) span: Option<Range<usize>>,
     pub(crate) entries: BTreeMap<String, Located>,
 }
 
 impl StageKeys {
     /// Where `key`'s value is, if the stage sets it.
     pub fn span_of(&self, key: &str) -> Option<Range<usize>> {
-        self.entries.get(key).map(|v| v.span.clone())
+        self.entries.get(key).and_then(|v| v.span.clone())
     }
 
     /// Whether the stage sets `key`.
@@ -345,7 +429,7 @@ impl StageKeys {
     /// replaces.
     pub fn with_value(&self, key: &str, value: &toml::Value) -> StageKeys {
         let mut keys = self.clone();
-        let span = self.span_of(key).unwrap_or_else(|| self.span.clone());
+        let span = self.span_of(key).or_else(|| self.span.clone());
         keys.entries.insert(
             key.to_string(),
             Located {
@@ -356,11 +440,13 @@ impl StageKeys {
         keys
     }
 
-    /// Refuses a key that a stage of `kind` does not read: "does not apply" when another kind
-    /// reads it, "unknown key … did you mean" otherwise.
+    /// Refuses a key that a stage of `kind` does not read, the first in the file first: "does
+    /// not apply" when another kind reads it, "unknown key … did you mean" otherwise.
     pub(crate) fn check_applies(&self, kind: StageKind) -> Result<(), KeyError> {
         let accepted = kind.keys();
-        for (key, value) in &self.entries {
+        let mut in_file: Vec<(&String, &Located)> = self.entries.iter().collect();
+        in_file.sort_by_key(|(_, v)| v.span.as_ref().map_or(usize::MAX, |s| s.start));
+        for (key, value) in in_file {
             if accepted.contains(&key.as_str()) {
                 continue;
             }
@@ -385,7 +471,7 @@ impl StageKeys {
                 )
             };
             return Err(KeyError::Value(ValueError {
-                span: Some(value.span.clone()),
+                span: value.span.clone().or_else(|| self.span.clone()),
                 key: Some(key.clone()),
                 message,
             }));
@@ -397,20 +483,21 @@ impl StageKeys {
 /// Reads a stage's keys into its kind's structs, and remembers which keys were read.
 pub(crate) struct KeyReader<'a> {
     keys: &'a StageKeys,
-    read: RefCell<BTreeSet<&'static str>>,
+    read: BTreeSet<&'static str>,
 }
 
 impl<'a> KeyReader<'a> {
     pub fn new(keys: &'a StageKeys) -> Self {
         KeyReader {
             keys,
-            read: RefCell::default(),
+            read: BTreeSet::new(),
         }
     }
 
     /// The stage's keys that are fields of `T`, deserialized into a `T`; the others are left to
-    /// other structs.
-    pub fn take<T: DeserializeOwned>(&self) -> Result<T, KeyError> {
+    /// other structs. `T` is a plain struct (no `#[serde(flatten)]`, whose fields serde does not
+    /// list).
+    pub fn take<T: DeserializeOwned>(&mut self) -> Result<T, KeyError> {
         let fields = fields::<T>();
         let entries: Vec<(&String, &Located)> = self
             .keys
@@ -418,9 +505,7 @@ impl<'a> KeyReader<'a> {
             .iter()
             .filter(|(k, _)| fields.contains(&k.as_str()))
             .collect();
-        self.read
-            .borrow_mut()
-            .extend(fields.iter().filter(|f| self.keys.has(f)));
+        self.read.extend(fields.iter().filter(|f| self.keys.has(f)));
         T::deserialize(de::value::MapAccessDeserializer::new(Entries {
             entries,
             next: 0,
@@ -431,11 +516,10 @@ impl<'a> KeyReader<'a> {
     /// A key the stage sets that none of the structs read: a kind that lists a key it never
     /// reads (a defect, not the user's mistake).
     pub fn unread(&self) -> Option<&str> {
-        let read = self.read.borrow();
         self.keys
             .entries
             .keys()
-            .find(|k| !read.contains(k.as_str()))
+            .find(|k| !self.read.contains(k.as_str()))
             .map(String::as_str)
     }
 }
@@ -477,7 +561,7 @@ mod tests {
         assert_eq!(fields::<A>(), ["x", "list"]);
         let text = "[stage]\nx = 3\nlist = [\"a\", \"b\"]\ny = 1\n";
         let k = keys(text);
-        let reader = KeyReader::new(&k);
+        let mut reader = KeyReader::new(&k);
         let a: A = reader.take().unwrap();
         assert_eq!(
             a,

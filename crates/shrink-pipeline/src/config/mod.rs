@@ -59,25 +59,35 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             ),
         }
     };
-    let value_error =
-        |e: ValueError| describe(e.span.map_or(0, |s| s.start), e.key.as_deref(), &e.message);
+    let stage_starts: Vec<usize> = header_offsets(text, "[[stage]]");
+    let stage_start = |i: usize| stage_starts.get(i).copied().unwrap_or(0);
+    // An error in the i-th stage's keys, at its value (or the stage, when it has no place).
+    let value_error = |i: usize, e: ValueError| {
+        let offset = e.span.map_or_else(|| stage_start(i), |s| s.start);
+        describe(offset, e.key.as_deref(), &e.message)
+    };
     let mut pipeline: Pipeline = toml::from_str(text).map_err(|e| {
         let offset = e.span().map(|s| s.start).unwrap_or(0);
         describe(offset, None, e.message().trim())
     })?;
-    pipeline.stages = pipeline
-        .stage_tables
+    // Each [[stage]] read into its kind and keys; keys its kind does not read are refused first,
+    // as the schema's unknown keys are.
+    for (i, table) in std::mem::take(&mut pipeline.stage_tables)
         .iter()
-        .map(keys::read_stage)
-        .collect::<std::result::Result<_, _>>()
-        .map_err(value_error)?;
+        .enumerate()
+    {
+        let stage = keys::read_stage(table).map_err(|e| value_error(i, e))?;
+        if let Err(KeyError::Value(e)) = stage.keys.check_applies(stage.kind) {
+            return Err(value_error(i, e));
+        }
+        pipeline.stages.push(stage);
+    }
     // Semantic checks, each pointing at the key it is about.
-    let stage_starts: Vec<usize> = header_offsets(text, "[[stage]]");
     // Where a key is: in the i-th [[stage]], in a [section], or at the top.
     let key_at = |place: Place, key: &str| -> usize {
         let from = match place {
             Place::Top => 0,
-            Place::Stage(i) => stage_starts.get(i).copied().unwrap_or(0),
+            Place::Stage(i) => stage_start(i),
             Place::Section(h) => header_offsets(text, h).first().copied().unwrap_or(0),
         };
         key_offset(text, from, key).unwrap_or(from)
@@ -227,11 +237,10 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
                 ),
                 None => fail(here, key, message),
             },
-            KeyError::Key(None, message) => at(
-                stage_starts.get(i).copied().unwrap_or(0),
-                format!("stage `{name}`: {message}"),
-            ),
-            KeyError::Value(e) => value_error(e),
+            KeyError::Key(None, message) => {
+                at(stage_start(i), format!("stage `{name}`: {message}"))
+            }
+            KeyError::Value(e) => value_error(i, e),
         })?;
         let input = s.input.clone().unwrap_or_else(|| previous.clone());
         let teacher =
@@ -240,7 +249,7 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             && matches!(&planned.job, StageJob::Distill(r) if r.student == crate::distill::StudentInit::Model)
         {
             return Err(at(
-                stage_starts.get(i).copied().unwrap_or(0),
+                stage_start(i),
                 format!("stage `{name}`: the student would be the teacher itself: take a pruned stage as input, or set `layers` or `[stage.student]`"),
             ));
         }
@@ -281,8 +290,8 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
 /// the whole stage) and why.
 fn check_stage(s: &Stage) -> std::result::Result<PlannedStage, KeyError> {
     s.keys.check_applies(s.kind)?;
-    let reader = KeyReader::new(&s.keys);
-    let job = s.kind.stage_type().job(s.kind, &reader)?;
+    let mut reader = KeyReader::new(&s.keys);
+    let job = s.kind.stage_type().job(s.kind, &mut reader)?;
     if let Some(key) = reader.unread() {
         return Err(KeyError::Key(
             None,

@@ -419,4 +419,25 @@ fn each_kind_reads_its_keys_with_every_error_at_its_value() {
         e.starts_with("p.toml:6:8: invalid type: integer `5`, expected a string"),
         "{e}"
     );
+    // Tables made by dotted keys (no place of their own in toml) read as [stage.train] does, and
+    // their values keep their places.
+    let dotted = TRAINING.replace(
+        "\n[stage.train]\nsteps = 3\nlr = 1e-4\n",
+        "train.steps = 3\n",
+    );
+    let p = parse(&dotted, "t.toml").unwrap();
+    let StageJob::Qat(r) = &p.plan()[0].job else {
+        panic!("a QAT stage")
+    };
+    assert_eq!(r.train.steps, 3);
+    let e = err(&dotted.replace("train.steps = 3", "train.steps = \"many\""));
+    assert!(
+        e.starts_with("p.toml:9:15: invalid type: string \"many\", expected u64"),
+        "{e}"
+    );
+    let e = err(&dotted.replace("train.steps = 3", "train.stepz = 3"));
+    assert!(
+        e.starts_with("p.toml:9:") && e.contains("unknown key `stepz`; did you mean `steps`?"),
+        "{e}"
+    );
 }

@@ -15,7 +15,7 @@ use crate::{sys, Pipeline, PipelineError, PlannedStage, Result};
 use candle_core::DType;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use shrink_core::{sha256_file, sha256_hex, AtomicDir, Progress};
-use shrink_io::ModelFile;
+use shrink_io::{Checkpoint, FileView, ModelFile};
 use shrink_models::Transformer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,12 +171,7 @@ pub fn run(
 
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
-    let bench = Bench::new(
-        pipeline,
-        &given.model.checkpoint,
-        &given.eval_text,
-        progress,
-    )?;
+    let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
     }));
@@ -196,14 +191,16 @@ pub fn run(
     };
 
     log(&format!("baseline  {}", given.model_path.display()));
-    let baseline = build_model(&given.model.checkpoint, DType::F32)?;
+    let baseline = build_model(&given.checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::check_export(&given.model.checkpoint, &baseline, Export::Gguf)?;
+        shrink_io::check_export(&given.checkpoint, &baseline, Export::Gguf)?;
     }
     let base = metrics_for(&run_dir.join("baseline"), &given.model_sha, &|key| {
-        bench.measure(key, &baseline, None, &given.model)
+        bench.measure(key, &baseline, None, &given.view)
     })?;
+    // Measured: the input file's map is let go.
+    drop(given.view);
     let mut rows = vec![row(
         "baseline",
         "baseline",
@@ -269,7 +266,7 @@ pub fn run(
                     stage.input
                 ));
                 let input = if stage.input == "model" {
-                    given.model.checkpoint.clone()
+                    given.checkpoint.clone()
                 } else {
                     shrink_io::load(&artifacts[&stage.input])?
                 };
@@ -319,9 +316,10 @@ pub fn run(
         };
         let artifact = dir.join(&record.artifact);
         let metrics = metrics_for(&dir, &key, &|key| {
-            let file = shrink_io::open(&artifact)?;
-            let model = build_model(&file.checkpoint, DType::F32)?;
-            bench.measure(key, &model, Some(&baseline), &file)
+            let shrink_io::ModelFile { checkpoint, view } = shrink_io::open(&artifact)?;
+            let model = build_model(&checkpoint, DType::F32)?;
+            drop(checkpoint);
+            bench.measure(key, &model, Some(&baseline), &view)
         })?;
         rows.push(row(
             &stage.name,
@@ -413,8 +411,9 @@ pub fn run(
 struct RunInputs {
     model_path: PathBuf,
     model_sha: String,
-    /// The input model, read once (its checkpoint, inspection and, for GGUF, mapped bytes).
-    model: ModelFile,
+    /// The input model, read once, and its file as the baseline's measurement sees it.
+    checkpoint: Checkpoint,
+    view: FileView,
     inputs: Vec<InputHash>,
     eval_text: String,
     eval_sha: String,
@@ -444,9 +443,9 @@ fn read_inputs(
         crate::memory::memory_limit(opts.max_memory_bytes),
     )?;
     let model_sha = hash_path(&model_path)?;
-    let model = shrink_io::open(&model_path)?;
+    let ModelFile { checkpoint, view } = shrink_io::open(&model_path)?;
     // A model without a usable tokenizer is refused before any text is read.
-    model.checkpoint.tokenizer()?;
+    checkpoint.tokenizer()?;
     let mut inputs = vec![InputHash {
         role: "model".into(),
         path: model_path.display().to_string(),
@@ -468,7 +467,7 @@ fn read_inputs(
     let trains = pipeline.plan().iter().any(|s| s.job.trains());
     let training = if trains {
         let (text, sha) = read_text_input("training text", &pipeline.data.train, &mut inputs, log)?;
-        let tokenizer = model.checkpoint.tokenizer()?;
+        let tokenizer = checkpoint.tokenizer()?;
         Some(TrainingText {
             train: tokenizer.encode(&text, false)?,
             eval: tokenizer.encode(&eval_text, false)?,
@@ -481,7 +480,8 @@ fn read_inputs(
     Ok(RunInputs {
         model_path,
         model_sha,
-        model,
+        checkpoint,
+        view,
         inputs,
         eval_text,
         eval_sha,

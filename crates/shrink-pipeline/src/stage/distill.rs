@@ -427,7 +427,11 @@ impl StageType for DistillStage {
         [fields::<TrainingKeys>(), fields::<DistillKeys>()].concat()
     }
 
-    fn job(&self, _kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+    fn job(
+        &self,
+        _kind: StageKind,
+        keys: &mut KeyReader,
+    ) -> std::result::Result<StageJob, KeyError> {
         let training: TrainingKeys = keys.take()?;
         let own: DistillKeys = keys.take()?;
         training.check()?;

@@ -118,7 +118,8 @@ pub(crate) trait StageType: Sync {
     fn keys(&self, kind: StageKind) -> Vec<&'static str>;
     /// Reads the stage's keys into the kind's structs, checks them, each error naming its key,
     /// and makes its job.
-    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError>;
+    fn job(&self, kind: StageKind, keys: &mut KeyReader)
+        -> std::result::Result<StageJob, KeyError>;
 }
 
 /// The memory a job needs beyond the models every run holds (bytes).

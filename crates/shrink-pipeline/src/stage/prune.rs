@@ -336,7 +336,11 @@ impl StageType for PruneStage {
         [&["format", "dtype"], own].concat()
     }
 
-    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+    fn job(
+        &self,
+        kind: StageKind,
+        keys: &mut KeyReader,
+    ) -> std::result::Result<StageJob, KeyError> {
         let k: PruneKeys = keys.take()?;
         if let Some(v) = &k.sparsity {
             Sparsity::parse(&value_text(v)).map_err(|e| (Some("sparsity"), e.to_string()))?;

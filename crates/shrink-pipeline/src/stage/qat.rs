@@ -145,7 +145,11 @@ impl StageType for QatStage {
         .concat()
     }
 
-    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+    fn job(
+        &self,
+        kind: StageKind,
+        keys: &mut KeyReader,
+    ) -> std::result::Result<StageJob, KeyError> {
         let format: FormatKeys = keys.take()?;
         let method: MethodKeys = keys.take()?;
         let training: TrainingKeys = keys.take()?;

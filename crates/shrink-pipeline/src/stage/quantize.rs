@@ -62,10 +62,10 @@ pub struct PresetChoice {
 
 impl PresetChoice {
     /// Reads the built-in preset or the preset file `name`.
-    pub fn load(name: &str) -> Result<PresetChoice> {
+    pub fn load(name: &str) -> std::result::Result<PresetChoice, shrink_quant::QuantError> {
         Ok(PresetChoice {
             name: name.to_string(),
-            preset: Preset::load(name).map_err(|e| invalid(format!("preset: {e}")))?,
+            preset: Preset::load(name)?,
         })
     }
 }
@@ -445,7 +445,11 @@ impl StageType for QuantizeStage {
         [fields::<FormatKeys>(), own, &["keep_sparsity"]].concat()
     }
 
-    fn job(&self, kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+    fn job(
+        &self,
+        kind: StageKind,
+        keys: &mut KeyReader,
+    ) -> std::result::Result<StageJob, KeyError> {
         let format: FormatKeys = keys.take()?;
         let method: MethodKeys = keys.take()?;
         method.check()?;
@@ -490,14 +494,14 @@ impl FormatKeys {
                 ));
             }
         }
-        let preset = match &self.preset {
-            Some(name) => Some(PresetChoice {
-                name: name.clone(),
-                preset: Preset::load(name)
-                    .map_err(|e| (Some("preset"), format!("preset `{name}`: {e}")))?,
-            }),
-            None => None,
-        };
+        let preset = self
+            .preset
+            .as_deref()
+            .map(|name| {
+                PresetChoice::load(name)
+                    .map_err(|e| (Some("preset"), format!("preset `{name}`: {e}")))
+            })
+            .transpose()?;
         if let Some(f) = &self.format {
             if f != "hf" {
                 Format::parse(f.strip_prefix("gguf:").unwrap_or(f))

@@ -686,7 +686,11 @@ impl StageType for SearchStage {
         fields::<SearchKeys>().to_vec()
     }
 
-    fn job(&self, _kind: StageKind, keys: &KeyReader) -> std::result::Result<StageJob, KeyError> {
+    fn job(
+        &self,
+        _kind: StageKind,
+        keys: &mut KeyReader,
+    ) -> std::result::Result<StageJob, KeyError> {
         let k: SearchKeys = keys.take()?;
         check_damp(k.damp)?;
         check_weights(&k.weights)?;
