@@ -28,15 +28,16 @@ impl Generation {
 }
 
 /// Generates up to `max_tokens` after `prompt` with a KV cache, stopping at a `stop` token (not
-/// included). `on_token` sees each token as it is chosen.
-pub fn generate(
+/// included). `on_token` sees each token as it is chosen; its error (the caller's own type, which
+/// model errors convert into) stops the generation and is returned as it is.
+pub fn generate<E: From<crate::ModelError> + From<candle_core::Error>>(
     model: &Transformer,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
     stop: &[u32],
-    mut on_token: impl FnMut(&[u32]) -> Result<()>,
-) -> Result<Generation> {
+    mut on_token: impl FnMut(&[u32]) -> std::result::Result<(), E>,
+) -> std::result::Result<Generation, E> {
     let device = model.device().clone();
     let mut cache = model.new_cache();
     let start = Instant::now();
@@ -164,7 +165,10 @@ mod tests {
         let model = Transformer::random(&cfg, 3, &candle_core::Device::Cpu).unwrap();
         let prompt = [1u32, 4, 9];
         let mut sampler = Sampler::new(SamplingConfig::default());
-        let g = generate(&model, &prompt, 5, &mut sampler, &[], |_| Ok(())).unwrap();
+        let g = generate(&model, &prompt, 5, &mut sampler, &[], |_| {
+            Ok::<(), crate::ModelError>(())
+        })
+        .unwrap();
         assert_eq!(g.tokens.len(), 5);
         // Each token is the argmax of a full forward over everything before it.
         let mut ids = prompt.to_vec();
@@ -182,8 +186,10 @@ mod tests {
         }
         // A stop token ends generation before it is emitted.
         let mut sampler = Sampler::new(SamplingConfig::default());
-        let stopped =
-            generate(&model, &prompt, 5, &mut sampler, &[g.tokens[2]], |_| Ok(())).unwrap();
+        let stopped = generate(&model, &prompt, 5, &mut sampler, &[g.tokens[2]], |_| {
+            Ok::<(), crate::ModelError>(())
+        })
+        .unwrap();
         assert_eq!(stopped.tokens, g.tokens[..2]);
     }
 

@@ -160,7 +160,7 @@ impl Bench<'_> {
                 self.max_new_tokens,
                 &mut greedy,
                 &self.stop,
-                |_| Ok(()),
+                |_| Ok::<(), shrink_models::ModelError>(()),
             )?;
             generations.push(self.tokenizer.decode(&g.tokens, false)?);
         }

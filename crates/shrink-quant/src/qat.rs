@@ -403,7 +403,7 @@ pub fn qat(
         for l in &forward_linears {
             let w = l
                 .weight()
-                .map_err(|e| shrink_train::TrainError::Config(e.to_string()))?;
+                .map_err(|e| shrink_train::TrainError::Hook(Box::new(e)))?;
             model.linear_mut(&l.name)?.set_weight(w)?;
         }
         Ok(())

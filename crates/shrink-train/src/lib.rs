@@ -48,6 +48,9 @@ pub enum TrainError {
     NonFinite { step: u64, loss: f64 },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    /// A caller's hook (such as QAT's weight preparation) failed with its own error.
+    #[error(transparent)]
+    Hook(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Model(#[from] shrink_models::ModelError),
     #[error(transparent)]

@@ -60,9 +60,7 @@ pub(crate) fn run(args: GenerateArgs) -> Result<()> {
         &mut sampler,
         &tok.eos_token_ids,
         |generated| {
-            let text = tok
-                .decode(generated, false)
-                .map_err(|e| shrink_models::ModelError::Config(e.to_string()))?;
+            let text = tok.decode(generated, false)?;
             // Print only complete characters: a byte-level token may end mid-character.
             if !text.ends_with('\u{FFFD}') {
                 let mut out = stdout.lock();
@@ -70,7 +68,7 @@ pub(crate) fn run(args: GenerateArgs) -> Result<()> {
                 let _ = out.flush();
                 printed = text.len();
             }
-            Ok(())
+            Ok::<(), anyhow::Error>(())
         },
     )?;
     outln!();
