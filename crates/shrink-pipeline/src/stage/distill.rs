@@ -3,7 +3,7 @@
 //! folder. The CLI command and the pipeline stage both go through [`DistillRequest`].
 
 use super::{check_float_keys, Job, JobMemory, KeyResult, ModelSizes, StageContext, StageJob};
-use super::{KeyError, StageKind, StageResult, StageType};
+use super::{JobResult, StageKind, StageResult, StageType};
 use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
 use crate::{PipelineError, Result};
@@ -427,11 +427,7 @@ impl StageType for DistillStage {
         [fields::<TrainingKeys>(), fields::<DistillKeys>()].concat()
     }
 
-    fn job(
-        &self,
-        _kind: StageKind,
-        keys: &mut KeyReader,
-    ) -> std::result::Result<StageJob, KeyError> {
+    fn job(&self, _kind: StageKind, keys: &mut KeyReader) -> JobResult {
         let training: TrainingKeys = keys.take()?;
         let own: DistillKeys = keys.take()?;
         training.check()?;

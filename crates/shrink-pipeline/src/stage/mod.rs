@@ -110,6 +110,9 @@ impl KeyError {
     }
 }
 
+/// A kind's job made from a stage's keys, or why not.
+pub(crate) type JobResult = std::result::Result<StageJob, KeyError>;
+
 /// What a kind makes of a stage's keys. Each kind's module owns serde structs of its keys; a key
 /// that no struct of the kind has is refused before [`StageType::job`] runs.
 pub(crate) trait StageType: Sync {

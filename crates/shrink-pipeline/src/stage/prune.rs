@@ -4,7 +4,7 @@
 //! through [`PruneRequest`].
 
 use super::{check_damp, check_float_keys, value_text, Job, StageContext, StageJob, StageKind};
-use super::{Compress, JobInput, KeyError, StageResult, StageType};
+use super::{Compress, JobInput, JobResult, KeyError, StageResult, StageType};
 use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
 use crate::report::LayerRow;
@@ -336,11 +336,7 @@ impl StageType for PruneStage {
         [&["format", "dtype"], own].concat()
     }
 
-    fn job(
-        &self,
-        kind: StageKind,
-        keys: &mut KeyReader,
-    ) -> std::result::Result<StageJob, KeyError> {
+    fn job(&self, kind: StageKind, keys: &mut KeyReader) -> JobResult {
         let k: PruneKeys = keys.take()?;
         if let Some(v) = &k.sparsity {
             Sparsity::parse(&value_text(v)).map_err(|e| (Some("sparsity"), e.to_string()))?;

@@ -2,8 +2,8 @@
 
 use super::distill::TrainKeys;
 use super::distill::{distill_request, training_memory, DistillRequest, TrainingKeys};
-use super::quantize::{quantize_request, quantized_result, FormatKeys, MethodKeys};
-use super::{whole, Job, JobMemory, KeyError, ModelSizes, StageContext, StageJob, StageKind};
+use super::quantize::{quantize_request, quantized_result, take_quantize_keys, FormatKeys};
+use super::{whole, Job, JobMemory, JobResult, ModelSizes, StageContext, StageJob, StageKind};
 use super::{StageResult, StageType};
 use crate::config::{fields, KeyReader};
 use crate::quantize::Export;
@@ -145,18 +145,11 @@ impl StageType for QatStage {
         .concat()
     }
 
-    fn job(
-        &self,
-        kind: StageKind,
-        keys: &mut KeyReader,
-    ) -> std::result::Result<StageJob, KeyError> {
-        let format: FormatKeys = keys.take()?;
-        let method: MethodKeys = keys.take()?;
+    fn job(&self, kind: StageKind, keys: &mut KeyReader) -> JobResult {
         let training: TrainingKeys = keys.take()?;
         let own: QatKeys = keys.take()?;
         training.check()?;
-        method.check()?;
-        let preset = format.check()?;
+        let (format, method, preset) = take_quantize_keys(keys)?;
         let d = distill_request(&training, Default::default());
         Ok(StageJob::Qat(QatRequest {
             loss: d.loss,

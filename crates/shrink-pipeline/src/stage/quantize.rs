@@ -3,7 +3,7 @@
 //! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
 
 use super::{check_damp, check_weights, value_text, whole, Job, KeyResult, StageContext};
-use super::{Compress, JobInput, KeyError, StageJob, StageKind, StageResult, StageType};
+use super::{Compress, JobInput, JobResult, KeyError, StageJob, StageKind, StageResult, StageType};
 use crate::config::{fields, KeyReader, StageKeys};
 use crate::report::LayerRow;
 use crate::{PipelineError, Result};
@@ -445,19 +445,24 @@ impl StageType for QuantizeStage {
         [fields::<FormatKeys>(), own, &["keep_sparsity"]].concat()
     }
 
-    fn job(
-        &self,
-        kind: StageKind,
-        keys: &mut KeyReader,
-    ) -> std::result::Result<StageJob, KeyError> {
-        let format: FormatKeys = keys.take()?;
-        let method: MethodKeys = keys.take()?;
-        method.check()?;
-        let preset = format.check()?;
+    fn job(&self, kind: StageKind, keys: &mut KeyReader) -> JobResult {
+        let (format, method, preset) = take_quantize_keys(keys)?;
         Ok(StageJob::Quantize(whole(quantize_request(
             kind, &format, preset, &method,
         ))?))
     }
+}
+
+/// What every quantization stage reads (`quantize.qat` too): what to write and how codes are
+/// picked, checked; and the preset, read.
+pub(crate) fn take_quantize_keys(
+    keys: &mut KeyReader,
+) -> std::result::Result<(FormatKeys, MethodKeys, Option<PresetChoice>), KeyError> {
+    let format: FormatKeys = keys.take()?;
+    let method: MethodKeys = keys.take()?;
+    method.check()?;
+    let preset = format.check()?;
+    Ok((format, method, preset))
 }
 
 impl MethodKeys {

@@ -6,7 +6,7 @@
 use super::quantize::quantized_result;
 use super::StageType;
 use super::{check_damp, check_weights, whole, Job, JobMemory, ModelSizes};
-use super::{Compress, JobInput, KeyError, StageContext, StageJob, StageKind, StageResult};
+use super::{Compress, JobInput, JobResult, StageContext, StageJob, StageKind, StageResult};
 use crate::config::{fields, KeyReader};
 use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
 use crate::{PipelineError, Result};
@@ -686,11 +686,7 @@ impl StageType for SearchStage {
         fields::<SearchKeys>().to_vec()
     }
 
-    fn job(
-        &self,
-        _kind: StageKind,
-        keys: &mut KeyReader,
-    ) -> std::result::Result<StageJob, KeyError> {
+    fn job(&self, _kind: StageKind, keys: &mut KeyReader) -> JobResult {
         let k: SearchKeys = keys.take()?;
         check_damp(k.damp)?;
         check_weights(&k.weights)?;
