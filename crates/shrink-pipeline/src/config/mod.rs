@@ -170,28 +170,6 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
             "no [[stage]]: a pipeline needs at least one stage".into(),
         ));
     }
-    // The texts the stages read, known without fetching them.
-    let calibrates = pipeline
-        .stages
-        .iter()
-        .any(|s| check_stage(s).is_ok_and(|p| p.calibrates));
-    let trains = pipeline
-        .stages
-        .iter()
-        .any(|s| matches!(s.kind, StageKind::Distill | StageKind::QuantizeQat));
-    for (key, spec, used) in [
-        ("eval", &pipeline.data.eval, true),
-        ("calib", &pipeline.data.calib, calibrates),
-        ("train", &pipeline.data.train, trains),
-    ] {
-        if let (true, Err(err)) = (used, shrink_data::check_text(spec)) {
-            return Err(fail(
-                Place::Section("[data]"),
-                key,
-                format!("{key} = \"{spec}\": {err}"),
-            ));
-        }
-    }
     let mut names: Vec<String> = vec!["model".into()];
     let mut previous = "model".to_string();
     for (i, s) in pipeline.stages.iter().enumerate() {
@@ -268,6 +246,22 @@ pub fn parse(text: &str, file: &str) -> Result<Pipeline> {
         pipeline.planned.push(planned);
         previous = name.clone();
         names.push(name);
+    }
+    // The texts the planned stages read, known without fetching them.
+    let calibrates = pipeline.planned.iter().any(|p| p.calibrates);
+    let trains = pipeline.planned.iter().any(|p| p.job.trains());
+    for (key, spec, used) in [
+        ("eval", &pipeline.data.eval, true),
+        ("calib", &pipeline.data.calib, calibrates),
+        ("train", &pipeline.data.train, trains),
+    ] {
+        if let (true, Err(err)) = (used, shrink_data::check_text(spec)) {
+            return Err(fail(
+                Place::Section("[data]"),
+                key,
+                format!("{key} = \"{spec}\": {err}"),
+            ));
+        }
     }
     for f in &pipeline.export.formats {
         let wanted = if f == "hf" { Export::Hf } else { Export::Gguf };
