@@ -856,7 +856,9 @@ fn a_run_killed_mid_stage_resumes_to_the_same_bytes_and_gates_fail_loudly() {
 /// A weight of a model file as rows, by Hugging Face name.
 fn weight_rows(model: &Path, name: &str) -> Vec<Vec<f32>> {
     let ck = shrink_io::load(model).unwrap();
-    ck.tensors[name]
+    ck.tensors
+        .get(name)
+        .unwrap()
         .to_dtype(candle_core::DType::F32)
         .unwrap()
         .to_vec2()

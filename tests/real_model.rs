@@ -383,12 +383,12 @@ fn gguf_to_hf_folder_round_trip_keeps_logits_and_tokens() {
         &Device::Cpu,
     )
     .unwrap();
-    let a = Transformer::from_tensors(&cfg, gguf.tensors.clone(), DType::F32)
+    let a = Transformer::from_tensors(&cfg, gguf.tensors.load_all().unwrap(), DType::F32)
         .unwrap()
         .forward(&batch)
         .unwrap();
     let hf_cfg = ModelConfig::from_json(&hf.config).unwrap();
-    let b = Transformer::from_tensors(&hf_cfg, hf.tensors, DType::F32)
+    let b = Transformer::from_tensors(&hf_cfg, hf.tensors.load_all().unwrap(), DType::F32)
         .unwrap()
         .forward(&batch)
         .unwrap();
@@ -697,7 +697,8 @@ fn sparsegpt_matches_an_independent_numpy_implementation_on_real_layers() {
     let checkpoint = shrink_io::load(&model).unwrap();
     let cfg = ModelConfig::from_json(&checkpoint.config).unwrap();
     let mut llama =
-        Transformer::from_tensors(&cfg, checkpoint.tensors.clone(), DType::F32).unwrap();
+        Transformer::from_tensors(&cfg, checkpoint.tensors.load_all().unwrap(), DType::F32)
+            .unwrap();
     let ids = checkpoint
         .tokenizer()
         .unwrap()

@@ -11,7 +11,7 @@
 //! let tokens: Vec<u32> = (0..500).map(|i| (i * 13 % 64) as u32).collect();
 //! let windows = sample_windows(&tokens, 4, 32, 0).unwrap();
 //! let mut seen = vec![];
-//! sequential::<shrink_calib::CalibError>(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut Block, stats: &BlockStats| {
+//! sequential::<_, shrink_calib::CalibError>(&mut model, &windows, 2, true, &shrink_core::NoProgress, &mut |block: &mut Block, stats: &BlockStats| {
 //!     seen.push((block.index, stats.get("model.layers.0.self_attn.q_proj").map(|s| s.rows)));
 //!     Ok(())
 //! }).unwrap();
@@ -27,7 +27,7 @@ pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use shrink_core::Progress;
-use shrink_models::{AttentionContext, Block, LinearHook, NoHook, Transformer};
+use shrink_models::{AttentionContext, Block, BlockModel, LinearHook, NoHook};
 use std::collections::BTreeMap;
 
 /// Errors from calibration.
@@ -158,11 +158,12 @@ pub fn block_stats(
 /// Runs `windows` through `model` block by block. For each block: its linears' input statistics
 /// are gathered on the current activations, `compress` modifies the block, and the compressed
 /// block's outputs become the next block's inputs. Only the activations of the calibration
-/// windows at one depth are held in memory. Without `hessian`, only per-channel statistics are
-/// gathered. `compress` fails with the caller's own error type `E`, returned as it is; the
-/// engine's own failures become `E` through `From<CalibError>`.
-pub fn sequential<E: From<CalibError>>(
-    model: &mut Transformer,
+/// windows at one depth are held in memory, and of a [`shrink_models::StreamedModel`] only the
+/// block being compressed (`compress` writes what it keeps). Without `hessian`, only per-channel
+/// statistics are gathered. `compress` fails with the caller's own error type `E`, returned as it
+/// is; the engine's own failures become `E` through `From<CalibError>`.
+pub fn sequential<M: BlockModel, E: From<CalibError>>(
+    model: &mut M,
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,
@@ -173,22 +174,29 @@ pub fn sequential<E: From<CalibError>>(
     let Some(len) = windows.first().map(Vec::len) else {
         return Ok(());
     };
-    let ctx = model.attention_context(len, 0).map_err(CalibError::from)?;
-    let mut xs: Vec<Tensor> = Vec::new();
-    for group in windows.chunks(batch) {
-        let ids = Tensor::new(group.to_vec(), model.device()).map_err(CalibError::from)?;
-        xs.push(model.embed(&ids).map_err(CalibError::from)?);
-    }
-    progress.start("calibrating blocks", model.blocks.len() as u64);
-    for block in model.blocks.iter_mut() {
-        let stats = block_stats(block, &xs, &ctx, hessian)?;
-        compress(block, &stats)?;
-        for x in xs.iter_mut() {
-            *x = block
-                .forward(x, &ctx, None, &mut NoHook)
-                .map_err(CalibError::from)?;
-        }
-        progress.advance(1, Some(&format!("block {}", block.index)));
+    let ctx = model.attention_context(len).map_err(CalibError::from)?;
+    let ids = windows
+        .chunks(batch)
+        .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(CalibError::from)?;
+    let mut xs = model.embed_batches(&ids).map_err(CalibError::from)?;
+    drop(ids);
+    progress.start("calibrating blocks", model.num_blocks() as u64);
+    for index in 0..model.num_blocks() {
+        model
+            .with_block(index, |block| -> std::result::Result<(), E> {
+                let stats = block_stats(block, &xs, &ctx, hessian)?;
+                compress(block, &stats)?;
+                for x in xs.iter_mut() {
+                    *x = block
+                        .forward(x, &ctx, None, &mut NoHook)
+                        .map_err(CalibError::from)?;
+                }
+                Ok(())
+            })
+            .map_err(CalibError::from)??;
+        progress.advance(1, Some(&format!("block {index}")));
     }
     progress.finish();
     Ok(())
@@ -198,7 +206,7 @@ pub fn sequential<E: From<CalibError>>(
 mod tests {
     use super::*;
     use candle_core::Device;
-    use shrink_models::ModelConfig;
+    use shrink_models::{ModelConfig, Transformer};
 
     #[test]
     fn windows_are_seeded_and_in_range() {
@@ -224,7 +232,7 @@ mod tests {
             vec![3, 3, 3, 3, 3, 3],
         ];
         let mut hessians = vec![];
-        sequential::<CalibError>(
+        sequential::<_, CalibError>(
             &mut model,
             &windows,
             2,

@@ -194,8 +194,9 @@ pub(crate) struct Compressed<T> {
     pub checkpoint: Checkpoint,
     pub size_before: shrink_io::Inspection,
     pub size_after: shrink_io::Inspection,
-    /// The model after the job (a structurally pruned one has its new shape).
-    pub model: Transformer,
+    /// The model after the job (a structurally pruned one has its new shape); `None` when the
+    /// job streamed it block by block.
+    pub model: Option<Transformer>,
     pub windows: Option<Vec<Vec<u32>>>,
     pub outcome: T,
     pub wall_s: f64,
@@ -281,9 +282,20 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
 ) -> Result<Compressed<C::Outcome>> {
     let input = check_output(model, &args.out)?;
     let start = std::time::Instant::now();
-    let (checkpoint, size_before, mut model) = load_f32_model(input.to_str().unwrap_or(model))?;
-    // Refuse what the job or the format cannot do before fetching and calibrating.
-    job.check(&checkpoint, &model)?;
+    let path = resolve_model(input.to_str().unwrap_or(model))?;
+    let shrink_io::ModelFile { checkpoint, view } =
+        shrink_io::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let size_before = view.inspection;
+    // Block-wise jobs on Llama-family models read one block at a time; others hold the model.
+    let mut model = if job.streams(&checkpoint) {
+        job.check_streamed(&checkpoint)?;
+        None
+    } else {
+        let model = build_llama(&checkpoint, DType::F32)?;
+        // Refuse what the job or the format cannot do before fetching and calibrating.
+        job.check(&checkpoint, &model)?;
+        Some(model)
+    };
     let windows = if job.calibrates() {
         Some(calibration_windows(
             &checkpoint,
@@ -302,7 +314,10 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         batch: args.batch,
         progress: &bar,
     };
-    let outcome = job.write(&input, &mut model, &args.out)?;
+    let outcome = match &mut model {
+        Some(model) => job.write(&input, model, &args.out)?,
+        None => job.write_streamed(&input, &args.out)?,
+    };
     let size_after = shrink_io::inspect(&args.out)?;
     Ok(Compressed {
         checkpoint,

@@ -65,6 +65,9 @@ enum Command {
     Embed(cmd::embed::EmbedArgs),
     /// Tokenize text with a model's tokenizer.
     Tokenize(cmd::tokenize::TokenizeArgs),
+    /// Write a random-weight model with the exact shapes of a real one (`llama3-8b`) as sharded
+    /// bf16 safetensors, tensor by tensor: for benchmarks of memory and time at scale.
+    Synth(cmd::synth::SynthArgs),
 }
 
 /// candle allocates a fresh buffer for every tensor op, up to hundreds of MB (a batch of logits).
@@ -124,6 +127,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Data(command) => cmd::data::run(command),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Embed(args) => cmd::embed::run(args),
         Command::Generate(args) => cmd::generate::run(args),

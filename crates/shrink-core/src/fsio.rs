@@ -23,43 +23,77 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Writes a file through `write` into a temporary file beside `path`, syncs it, then renames it over
-/// `path`: readers see either the old file or the complete new one, never a partial write.
+/// A file written under a temporary name beside its target and renamed into place by
+/// [`AtomicFile::commit`] once complete and synced: readers see either the old file or the whole
+/// new one, never a partial write. Dropped without commit, the temporary is removed.
+pub struct AtomicFile {
+    target: PathBuf,
+    out: std::io::BufWriter<tempfile::NamedTempFile>,
+}
+
+impl AtomicFile {
+    /// Starts the temporary file beside `target` (removing temporaries a killed process left).
+    pub fn create(target: &Path) -> Result<Self> {
+        let dir = parent_dir(target);
+        std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+        remove_stale_temporaries(dir)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .tempfile_in(dir)
+            .map_err(io_err("creating a temporary file in", dir))?;
+        // Locked while it is being written: an unlocked temporary is one a killed process left.
+        tmp.as_file()
+            .lock()
+            .map_err(io_err("locking the temporary file in", dir))?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            out: std::io::BufWriter::with_capacity(1 << 20, tmp),
+        })
+    }
+
+    /// The file being written, buffered.
+    pub fn writer(&mut self) -> &mut impl Write {
+        &mut self.out
+    }
+
+    /// Where the file goes on commit.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Flushes and syncs the file, then renames it over the target.
+    pub fn commit(self) -> Result<()> {
+        let path = self.target;
+        let tmp = self
+            .out
+            .into_inner()
+            .map_err(|e| io_err("writing", &path)(e.into_error()))?;
+        tmp.as_file().sync_all().map_err(io_err("syncing", &path))?;
+        // Temporary files are created private (0600); an artifact gets the usual 0644.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err("setting permissions of", &path))?;
+        }
+        tmp.persist(&path)
+            .map_err(|e| io_err("renaming into place", &path)(e.error))?;
+        Ok(())
+    }
+}
+
+/// Writes a file through `write` into an [`AtomicFile`], committed when `write` succeeds.
 pub fn atomic_write_with<E>(
     path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::result::Result<(), E>,
+    write: impl FnOnce(&mut dyn Write) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E>
 where
     E: From<CoreError>,
 {
-    let dir = parent_dir(path);
-    std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
-    remove_stale_temporaries(dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(TMP_PREFIX)
-        .tempfile_in(dir)
-        .map_err(io_err("creating a temporary file in", dir))?;
-    // Locked while it is being written: an unlocked temporary is one a killed process left.
-    tmp.as_file()
-        .lock()
-        .map_err(io_err("locking the temporary file in", dir))?;
-    {
-        let mut buffered = std::io::BufWriter::new(tmp.as_file());
-        write(&mut buffered)?;
-        buffered.flush().map_err(io_err("writing", path))?;
-    }
-    tmp.as_file().sync_all().map_err(io_err("syncing", path))?;
-    // Temporary files are created private (0600); an artifact gets the usual 0644.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(io_err("setting permissions of", path))?;
-    }
-    tmp.persist(path)
-        .map_err(|e| io_err("renaming into place", path)(e.error))?;
-    Ok(())
+    let mut file = AtomicFile::create(path)?;
+    write(file.writer())?;
+    Ok(file.commit()?)
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, then rename).

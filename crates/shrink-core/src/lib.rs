@@ -17,7 +17,8 @@ mod progress;
 
 pub use fsio::{
     atomic_write, atomic_write_with, cache_dir, check_output_is_not_input, is_plain_name, lock_dir,
-    remove_stale_temporaries, resolve_path, sha256_file, sha256_hex, AtomicDir, NAME_CHARS,
+    remove_stale_temporaries, resolve_path, sha256_file, sha256_hex, AtomicDir, AtomicFile,
+    NAME_CHARS,
 };
 pub use progress::{NoProgress, Progress};
 

@@ -240,7 +240,7 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
         path: "tiny".into(),
         format: shrink_io::Format::HfFolder,
         config: serde_json::to_value(&config).unwrap(),
-        tensors: model.named_tensors(),
+        tensors: model.named_tensors().into(),
         tokenizer: Some(tokenizer),
         generation_config: None,
         side_files: Default::default(),

@@ -126,7 +126,7 @@ impl IntTensor {
 pub(crate) fn decompress(
     dir: &Path,
     config: &serde_json::Value,
-    tensors: &mut BTreeMap<String, Tensor>,
+    tensors: &mut crate::Tensors,
     mut ints: BTreeMap<String, IntTensor>,
 ) -> Result<()> {
     let qc = config.get("quantization_config");
@@ -174,7 +174,7 @@ pub(crate) fn decompress(
             message,
         };
         let modules: Vec<String> = tensors
-            .keys()
+            .names()
             .filter_map(|n| n.strip_suffix(".weight_scale").map(String::from))
             .collect();
         for module in modules {
@@ -196,15 +196,12 @@ pub(crate) fn decompress(
                 });
             }
             let scale_name = format!("{module}.weight_scale");
-            let scale = tensors
-                .remove(&scale_name)
-                .ok_or_else(|| err(&scale_name, "missing".into()))?;
+            let scale = tensors.take(&scale_name)?;
             let (codes, rows, cols) =
                 if let Some(packed) = ints.remove(&format!("{module}.weight_packed")) {
                     let shape_name = format!("{module}.weight_shape");
                     let shape: Vec<f32> = tensors
-                        .remove(&shape_name)
-                        .ok_or_else(|| err(&shape_name, "missing".into()))?
+                        .take(&shape_name)?
                         .flatten_all()
                         .and_then(|t| t.to_vec1())
                         .map_err(|e| err(&shape_name, e.to_string()))?;
@@ -260,8 +257,8 @@ pub(crate) fn decompress(
                     Some(unpack_columns(&z, bits, rows, per_row).map_err(|m| err(&zp_name, m))?)
                 }
                 Some(z) => Some(z.values),
-                None => tensors
-                    .remove(&zp_name)
+                None if !tensors.contains(&zp_name) => None,
+                None => Some(tensors.take(&zp_name)?)
                     .map(|t| {
                         t.flatten_all()
                             .and_then(|t| t.to_vec1::<f32>())
@@ -461,14 +458,14 @@ mod tests {
                     },
                 );
             }
-            (tensors, ints)
+            (crate::Tensors::from(tensors), ints)
         };
         let run = |bits, scales, zero| {
             let (mut t, i) = setup(scales, zero);
             decompress(dir, &config(bits), &mut t, i).map(|_| t)
         };
         let t = run(8, 4, Some(4)).unwrap();
-        assert_eq!(t["l.weight"].dims(), &[4, 8]);
+        assert_eq!(t.shape("l.weight"), Some(&[4, 8][..]));
         assert!(run(0, 4, None)
             .unwrap_err()
             .to_string()

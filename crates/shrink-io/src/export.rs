@@ -31,14 +31,17 @@ impl Export {
 /// Refuses, before any work, an export the model cannot have: shrink writes encoders as Hugging
 /// Face folders only (llama.cpp's BERT GGUF needs a WordPiece vocabulary it does not write), and
 /// a GGUF needs a vocabulary shrink can write from `checkpoint`'s tokenizer.
-pub fn check_export(checkpoint: &Checkpoint, model: &Transformer, export: Export) -> Result<()> {
+pub fn check_export(
+    checkpoint: &Checkpoint,
+    arch: shrink_models::Arch,
+    export: Export,
+) -> Result<()> {
     if export != Export::Gguf {
         return Ok(());
     }
-    if model.arch.is_encoder() {
+    if arch.is_encoder() {
         return Err(IoError::Export(format!(
-            "{:?} encoders are written as Hugging Face folders: use --format hf (pipeline stages: format = \"hf\")",
-            model.arch
+            "{arch:?} encoders are written as Hugging Face folders: use --format hf (pipeline stages: format = \"hf\")"
         )));
     }
     crate::gguf_vocab_of(checkpoint)?;
@@ -66,7 +69,7 @@ pub fn write_model(
     out: &Path,
 ) -> Result<()> {
     let written = Checkpoint {
-        tensors: model.checkpoint_tensors()?,
+        tensors: model.checkpoint_tensors()?.into(),
         config: config_for(checkpoint, model),
         ..checkpoint.clone()
     };

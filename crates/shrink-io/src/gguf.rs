@@ -138,7 +138,7 @@ fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core::Result<Ten
 /// The checkpoint of a mapped GGUF file whose header `content` is already read.
 pub(crate) fn checkpoint_of(
     path: &Path,
-    mmap: &[u8],
+    mmap: &std::sync::Arc<memmap2::Mmap>,
     content: &gguf_file::Content,
 ) -> Result<Checkpoint> {
     let arch = meta_str(path, content, "general.architecture")?
@@ -246,12 +246,9 @@ pub(crate) fn checkpoint_of(
     let tokenizer =
         TokenizerBundle::from_gguf_vocab(path, vocab, bos, eos, add_bos, chat_template)?;
 
-    // Tensors, in file order, dequantized to f32 under HF names.
-    let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
-    infos.sort_by_key(|(_, info)| info.offset);
-    let mut tensors = BTreeMap::new();
-    let mut cursor = Cursor::new(mmap);
-    for (name, info) in infos {
+    // Tensors under HF names, each dequantized from the map when it is loaded.
+    let mut tensors = crate::Tensors::empty(path.to_path_buf());
+    for (name, info) in &content.tensor_infos {
         let tensor_err = |message: String| IoError::Tensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
@@ -267,28 +264,50 @@ pub(crate) fn checkpoint_of(
         }
         .to_hf(name)
         .ok_or_else(|| tensor_err(format!("unknown tensor name for the {arch} architecture")))?;
-        let q = info
-            .read(&mut cursor, content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| tensor_err(e.to_string()))?;
-        let mut t = q
-            .dequantize(&Device::Cpu)
-            .map_err(|e| tensor_err(format!("cannot dequantize {:?}: {e}", info.ggml_dtype)))?;
-        if arch == "llama" {
-            if hf.contains("self_attn.q_proj") {
-                t = permute_qk(&t, n_head, true).map_err(|e| tensor_err(e.to_string()))?;
-            } else if hf.contains("self_attn.k_proj") {
-                t = permute_qk(&t, n_head_kv, true).map_err(|e| tensor_err(e.to_string()))?;
-            }
-        }
+        let heads = match () {
+            _ if arch != "llama" => None,
+            _ if hf.contains("self_attn.q_proj") => Some(n_head),
+            _ if hf.contains("self_attn.k_proj") => Some(n_head_kv),
+            _ => None,
+        };
+        let mut shape = info.shape.dims().to_vec();
         if conv1d {
-            t = t
-                .t()
-                .and_then(|t| t.contiguous())
-                .map_err(|e| tensor_err(e.to_string()))?;
+            shape.reverse();
         }
-        tensors.insert(hf, t);
+        let (ggml_dtype, dims, offset) = (info.ggml_dtype, info.shape.clone(), info.offset);
+        let (mmap, data_offset) = (mmap.clone(), content.tensor_data_offset);
+        let (path, gguf_name) = (path.to_path_buf(), name.clone());
+        let load = move |dtype: DType| -> Result<Tensor> {
+            let tensor_err = |message: String| IoError::Tensor {
+                path: path.clone(),
+                tensor: gguf_name.clone(),
+                message,
+            };
+            let info = gguf_file::TensorInfo {
+                ggml_dtype,
+                shape: dims.clone(),
+                offset,
+            };
+            let q = info
+                .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)
+                .map_err(|e| tensor_err(e.to_string()))?;
+            let mut t = q
+                .dequantize(&Device::Cpu)
+                .map_err(|e| tensor_err(format!("cannot dequantize {ggml_dtype:?}: {e}")))?;
+            if let Some(heads) = heads {
+                t = permute_qk(&t, heads, true).map_err(|e| tensor_err(e.to_string()))?;
+            }
+            if conv1d {
+                t = t
+                    .t()
+                    .and_then(|t| t.contiguous())
+                    .map_err(|e| tensor_err(e.to_string()))?;
+            }
+            t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
+        };
+        tensors.insert_stored(hf, shape, std::sync::Arc::new(load))?;
     }
-    let tie = !tensors.contains_key("lm_head.weight");
+    let tie = !tensors.contains("lm_head.weight");
     let config = if arch == "gpt2" {
         json!({
             "architectures": ["GPT2LMHeadModel"],
@@ -420,55 +439,169 @@ pub struct GgufTensor {
     pub tensor: QTensor,
 }
 
-/// Writes a GGUF (version 3) atomically: header, metadata in the given order, tensor table, data
-/// aligned to 32 bytes.
+/// A tensor of a GGUF being written: its name, ggml type and shape (PyTorch order), known before
+/// its data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufEntry {
+    pub name: String,
+    pub dtype: GgmlDType,
+    pub dims: Vec<usize>,
+}
+
+impl GgufEntry {
+    /// The data's size in bytes (`None` when the rows do not hold whole blocks).
+    pub fn bytes(&self) -> Option<usize> {
+        let row = *self.dims.last().unwrap_or(&1);
+        row.is_multiple_of(self.dtype.block_size())
+            .then(|| tensor_bytes(self.dtype, self.dims.iter().product()))
+            .flatten()
+    }
+}
+
+const GGUF_ALIGN: usize = 32;
+
+fn gguf_pad(n: usize) -> usize {
+    (GGUF_ALIGN - n % GGUF_ALIGN) % GGUF_ALIGN
+}
+
+/// A GGUF (version 3) written as its tensors become ready: the header, metadata and tensor table
+/// go first, their offsets computed from the planned types and shapes, then each tensor's data is
+/// appended in plan order, aligned to 32 bytes. The file appears under its name only when
+/// [`GgufWriter::finish`] finds every tensor written.
+pub struct GgufWriter {
+    file: shrink_core::AtomicFile,
+    plan: Vec<GgufEntry>,
+    next: usize,
+}
+
+impl GgufWriter {
+    /// Writes the header for `metadata` (in the given order) and the tensors of `plan`.
+    pub fn create(
+        path: &Path,
+        metadata: &[(String, GgufValue)],
+        plan: Vec<GgufEntry>,
+    ) -> Result<Self> {
+        let mut header = Vec::new();
+        let w = &mut header;
+        w.extend(0x4655_4747u32.to_le_bytes());
+        w.extend(3u32.to_le_bytes());
+        w.extend((plan.len() as u64).to_le_bytes());
+        w.extend((metadata.len() as u64).to_le_bytes());
+        for (key, value) in metadata {
+            put_str(w, key);
+            value.encode(w);
+        }
+        let mut offset = 0usize;
+        for t in &plan {
+            let bytes = t.bytes().ok_or_else(|| IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: t.name.clone(),
+                message: format!(
+                    "a {:?} tensor cannot have shape {:?}: its rows must hold whole blocks of {}",
+                    t.dtype,
+                    t.dims,
+                    t.dtype.block_size()
+                ),
+            })?;
+            put_str(w, &t.name);
+            w.extend((t.dims.len() as u32).to_le_bytes());
+            for &d in t.dims.iter().rev() {
+                w.extend((d as u64).to_le_bytes());
+            }
+            w.extend(ggml_type_id(t.dtype).to_le_bytes());
+            w.extend((offset as u64).to_le_bytes());
+            offset += bytes + gguf_pad(bytes);
+        }
+        header.extend(std::iter::repeat_n(0u8, gguf_pad(header.len())));
+        let mut file = shrink_core::AtomicFile::create(path)?;
+        file.writer().write_all(&header).map_err(io_error(path))?;
+        Ok(Self {
+            file,
+            plan,
+            next: 0,
+        })
+    }
+
+    /// The tensor the next [`GgufWriter::append`] must write.
+    pub fn next(&self) -> Option<&GgufEntry> {
+        self.plan.get(self.next)
+    }
+
+    /// Appends the data of the next planned tensor, which must be `name` with exactly its size.
+    pub fn append(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.file.target().to_path_buf();
+        let err = |message: String| IoError::Tensor {
+            path: path.clone(),
+            tensor: name.to_string(),
+            message,
+        };
+        let Some(entry) = self.plan.get(self.next) else {
+            return Err(err("written after every planned tensor".into()));
+        };
+        if entry.name != name {
+            return Err(err(format!(
+                "written out of order: '{}' comes next",
+                entry.name
+            )));
+        }
+        let want = entry.bytes().unwrap_or(0);
+        if data.len() != want {
+            return Err(err(format!(
+                "{} bytes of data for a {:?} tensor of shape {:?} ({want} bytes)",
+                data.len(),
+                entry.dtype,
+                entry.dims
+            )));
+        }
+        let out = self.file.writer();
+        out.write_all(data).map_err(io_error(&path))?;
+        out.write_all(&[0u8; GGUF_ALIGN][..gguf_pad(data.len())])
+            .map_err(io_error(&path))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks that every planned tensor was written, then puts the file in place.
+    pub fn finish(self) -> Result<()> {
+        if let Some(missing) = self.plan.get(self.next) {
+            return Err(IoError::Tensor {
+                path: self.file.target().to_path_buf(),
+                tensor: missing.name.clone(),
+                message: format!(
+                    "never written ({} of {} tensors were)",
+                    self.next,
+                    self.plan.len()
+                ),
+            });
+        }
+        Ok(self.file.commit()?)
+    }
+}
+
+/// Writes a GGUF atomically from tensors already in memory (see [`GgufWriter`]).
 pub fn write_gguf(
     path: &Path,
     metadata: &[(String, GgufValue)],
     tensors: &[GgufTensor],
 ) -> Result<()> {
-    const ALIGN: usize = 32;
-    let pad = |n: usize| (ALIGN - n % ALIGN) % ALIGN;
-    let mut header = Vec::new();
-    let w = &mut header;
-    w.extend(0x4655_4747u32.to_le_bytes());
-    w.extend(3u32.to_le_bytes());
-    w.extend((tensors.len() as u64).to_le_bytes());
-    w.extend((metadata.len() as u64).to_le_bytes());
-    for (key, value) in metadata {
-        put_str(w, key);
-        value.encode(w);
-    }
-    let mut offset = 0usize;
-    let mut datas = Vec::with_capacity(tensors.len());
+    let plan = tensors
+        .iter()
+        .map(|t| GgufEntry {
+            name: t.name.clone(),
+            dtype: t.tensor.dtype(),
+            dims: t.tensor.shape().dims().to_vec(),
+        })
+        .collect();
+    let mut writer = GgufWriter::create(path, metadata, plan)?;
     for t in tensors {
-        put_str(w, &t.name);
-        let dims = t.tensor.shape().dims();
-        w.extend((dims.len() as u32).to_le_bytes());
-        for &d in dims.iter().rev() {
-            w.extend((d as u64).to_le_bytes());
-        }
-        w.extend(ggml_type_id(t.tensor.dtype()).to_le_bytes());
-        w.extend((offset as u64).to_le_bytes());
         let data = t.tensor.data().map_err(|e| IoError::Tensor {
             path: path.to_path_buf(),
             tensor: t.name.clone(),
             message: e.to_string(),
         })?;
-        offset += data.len() + pad(data.len());
-        datas.push(data);
+        writer.append(&t.name, &data)?;
     }
-    let header_pad = pad(header.len());
-    header.extend(std::iter::repeat_n(0u8, header_pad));
-    shrink_core::atomic_write_with(path, |out| -> Result<()> {
-        out.write_all(&header).map_err(io_error(path))?;
-        for data in &datas {
-            out.write_all(data).map_err(io_error(path))?;
-            out.write_all(&vec![0u8; pad(data.len())])
-                .map_err(io_error(path))?;
-        }
-        Ok(())
-    })
+    writer.finish()
 }
 
 /// The ggml type to store a checkpoint's 2-D weights in (1-D tensors always stay F32).
@@ -555,274 +688,361 @@ pub fn gguf_vocab_of(checkpoint: &Checkpoint) -> Result<&GgufVocab> {
 /// Writes a Llama-family or GPT-2 checkpoint as a GGUF llama.cpp loads: its metadata, the tokenizer
 /// vocabulary (which must have come from a GGUF), tensors renamed and Q/K permuted. Tensors in
 /// `prequantized` (by Hugging Face name) are written block for block as given, never re-rounded;
-/// other 2-D tensors are stored as `weight_type`, 1-D ones as F32.
+/// other 2-D tensors are stored as `weight_type`, 1-D ones as F32. One tensor is loaded (and
+/// converted) at a time.
 pub fn write_llama_gguf(
     checkpoint: &Checkpoint,
     path: &Path,
     weight_type: GgufWriteType,
     prequantized: &BTreeMap<String, QuantizedBlocks>,
 ) -> Result<()> {
-    let cfg = &checkpoint.config;
-    let bad = |key: &str| IoError::Metadata {
-        path: checkpoint.path.clone(),
-        key: key.to_string(),
-        message: "missing or not a number in config.json".into(),
-    };
-    let model_type = cfg
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("llama");
-    // GPT-2's config.json names the same keys its own way.
-    let gpt2 = model_type == "gpt2";
-    let theirs = |key: &'static str| -> &'static str {
-        match key {
-            _ if !gpt2 => key,
-            "intermediate_size" => "n_inner",
-            _ => gpt2::CONFIG_KEYS
-                .iter()
-                .find(|(_, ours)| *ours == key)
-                .map_or(key, |(theirs, _)| theirs),
-        }
-    };
-    let get = |key: &'static str| {
-        let key = theirs(key);
-        cfg.get(key)
-            .and_then(|v| v.as_u64())
-            .ok_or_else(|| bad(key))
-    };
-    let getf = |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
-    let Some(arch) = family::gguf_architecture_of(model_type) else {
-        return Err(IoError::UnknownArchitecture {
-            path: checkpoint.path.clone(),
-            architecture: model_type.to_string(),
-            supported: family::GGUF_SUPPORTED,
-        });
-    };
-    let n_head = get("num_attention_heads")? as usize;
-    let n_head_kv = cfg
-        .get("num_key_value_heads")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(n_head as u64) as usize;
-    let hidden = get("hidden_size")?;
-    let head_dim = cfg
-        .get("head_dim")
-        .and_then(|v| v.as_u64())
-        .unwrap_or(hidden / n_head as u64);
-    let tok = checkpoint.tokenizer()?;
-    let vocab = gguf_vocab_of(checkpoint)?;
-    // GPT-2's MLP width may be left null (4 × n_embd).
-    let ffn = match cfg
-        .get(theirs("intermediate_size"))
-        .and_then(|v| v.as_u64())
-    {
-        Some(v) => v,
-        None if gpt2 => 4 * hidden,
-        None => get("intermediate_size")?,
-    };
-    let a = |k: &str| format!("{arch}.{k}");
-    let s = |v: &str| GgufValue::String(v.to_string());
-    // The file type names the type most weights have.
-    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
-    for q in prequantized.values() {
-        *counts.entry(file_type_of(q.dtype)).or_default() += 1;
-    }
-    let file_type = counts
+    let types = prequantized
         .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(t, _)| *t)
-        .unwrap_or(weight_type.file_type());
-    let mut metadata = vec![
-        ("general.architecture".to_string(), s(arch)),
-        (
-            "general.name".to_string(),
-            s(cfg
-                .get("_name_or_path")
-                .and_then(|v| v.as_str())
-                .unwrap_or("shrink")),
-        ),
-        ("general.file_type".to_string(), GgufValue::U32(file_type)),
-        (
-            "general.quantization_version".to_string(),
-            GgufValue::U32(2),
-        ),
-        (
-            a("context_length"),
-            GgufValue::U32(
-                cfg.get(theirs("max_position_embeddings"))
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(2048) as u32,
-            ),
-        ),
-        (a("embedding_length"), GgufValue::U32(hidden as u32)),
-        (
-            a("block_count"),
-            GgufValue::U32(get("num_hidden_layers")? as u32),
-        ),
-        (a("feed_forward_length"), GgufValue::U32(ffn as u32)),
-        (a("attention.head_count"), GgufValue::U32(n_head as u32)),
-        (
-            a("attention.head_count_kv"),
-            GgufValue::U32(n_head_kv as u32),
-        ),
-        (a("vocab_size"), GgufValue::U32(get("vocab_size")? as u32)),
-        ("tokenizer.ggml.model".to_string(), s(&vocab.model)),
-    ];
-    if gpt2 {
-        metadata.push((
-            a("attention.layer_norm_epsilon"),
-            GgufValue::F32(getf("layer_norm_epsilon", 1e-5) as f32),
-        ));
-    } else {
-        metadata.extend([
-            (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
-            (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
-            (
-                a("rope.freq_base"),
-                GgufValue::F32(getf("rope_theta", 10_000.0) as f32),
-            ),
-            (
-                a("attention.layer_norm_rms_epsilon"),
-                GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32),
-            ),
-            (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
-        ]);
+        .map(|(name, q)| (name.clone(), q.dtype))
+        .collect();
+    let layout = LlamaGguf::plan(checkpoint, path, weight_type, &types)?;
+    let mut writer = GgufWriter::create(path, &layout.metadata, layout.entries.clone())?;
+    for (i, name) in layout.names.iter().enumerate() {
+        let data = match prequantized.get(name) {
+            Some(q) => layout.blocks_data(i, &q.bytes)?,
+            None => layout.tensor_data(i, &checkpoint.tensors.get(name)?)?,
+        };
+        writer.append(&layout.entries[i].name, &data)?;
     }
-    if let Some(pre) = &vocab.pre {
-        metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
-    }
-    metadata.push((
-        "tokenizer.ggml.tokens".into(),
-        GgufValue::StringArray(vocab.tokens.clone()),
-    ));
-    if !vocab.scores.is_empty() {
-        metadata.push((
-            "tokenizer.ggml.scores".into(),
-            GgufValue::F32Array(vocab.scores.clone()),
-        ));
-    }
-    metadata.push((
-        "tokenizer.ggml.token_type".into(),
-        GgufValue::I32Array(vocab.token_types.clone()),
-    ));
-    if !vocab.merges.is_empty() || vocab.model == "gpt2" {
-        metadata.push((
-            "tokenizer.ggml.merges".into(),
-            GgufValue::StringArray(vocab.merges.clone()),
-        ));
-    }
-    if let Some(bos) = tok.bos_token_id {
-        metadata.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
-    }
-    if let Some(eos) = tok.eos_token_ids.first() {
-        metadata.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*eos)));
-    }
-    for (key, id) in [
-        ("tokenizer.ggml.unknown_token_id", vocab.unknown_token_id),
-        ("tokenizer.ggml.padding_token_id", vocab.padding_token_id),
-    ] {
-        if let Some(id) = id {
-            metadata.push((key.into(), GgufValue::U32(id)));
+    writer.finish()
+}
+
+/// A checkpoint laid out as a llama.cpp GGUF, before any data: the metadata, the tensors in
+/// llama.cpp's order (embeddings, blocks, output) with their GGUF names, types and shapes, and the
+/// conversion of each tensor's data (GPT-2's Conv1D transposed, Llama's Q/K rows permuted). A
+/// writer appends the data of `names[i]` as `entries[i]` whenever it is ready.
+#[derive(Debug, Clone)]
+pub struct LlamaGguf {
+    pub metadata: Vec<(String, GgufValue)>,
+    pub entries: Vec<GgufEntry>,
+    /// The Hugging Face name of each entry.
+    pub names: Vec<String>,
+    path: std::path::PathBuf,
+    /// Per entry: the heads whose Q/K rows llama.cpp interleaves, and whether it is a Conv1D
+    /// weight stored `[in, out]`.
+    permute: Vec<Option<usize>>,
+    conv1d: Vec<bool>,
+}
+
+impl LlamaGguf {
+    /// The layout of `checkpoint` to be written to `path`, with the tensors of `quantized` (by Hugging
+    /// Face name) in the given block types, other 2-D tensors as `weight_type` and 1-D ones as F32.
+    pub fn plan(
+        checkpoint: &Checkpoint,
+        path: &Path,
+        weight_type: GgufWriteType,
+        quantized: &BTreeMap<String, GgmlDType>,
+    ) -> Result<Self> {
+        let cfg = &checkpoint.config;
+        let bad = |key: &str| IoError::Metadata {
+            path: checkpoint.path.clone(),
+            key: key.to_string(),
+            message: "missing or not a number in config.json".into(),
+        };
+        let model_type = cfg
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama");
+        // GPT-2's config.json names the same keys its own way.
+        let gpt2 = model_type == "gpt2";
+        let theirs = |key: &'static str| -> &'static str {
+            match key {
+                _ if !gpt2 => key,
+                "intermediate_size" => "n_inner",
+                _ => gpt2::CONFIG_KEYS
+                    .iter()
+                    .find(|(_, ours)| *ours == key)
+                    .map_or(key, |(theirs, _)| theirs),
+            }
+        };
+        let get = |key: &'static str| {
+            let key = theirs(key);
+            cfg.get(key)
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| bad(key))
+        };
+        let getf =
+            |key: &str, default: f64| cfg.get(key).and_then(|v| v.as_f64()).unwrap_or(default);
+        let Some(arch) = family::gguf_architecture_of(model_type) else {
+            return Err(IoError::UnknownArchitecture {
+                path: checkpoint.path.clone(),
+                architecture: model_type.to_string(),
+                supported: family::GGUF_SUPPORTED,
+            });
+        };
+        let n_head = get("num_attention_heads")? as usize;
+        let n_head_kv = cfg
+            .get("num_key_value_heads")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(n_head as u64) as usize;
+        let hidden = get("hidden_size")?;
+        let head_dim = cfg
+            .get("head_dim")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(hidden / n_head as u64);
+        let tok = checkpoint.tokenizer()?;
+        let vocab = gguf_vocab_of(checkpoint)?;
+        // GPT-2's MLP width may be left null (4 × n_embd).
+        let ffn = match cfg
+            .get(theirs("intermediate_size"))
+            .and_then(|v| v.as_u64())
+        {
+            Some(v) => v,
+            None if gpt2 => 4 * hidden,
+            None => get("intermediate_size")?,
+        };
+        let a = |k: &str| format!("{arch}.{k}");
+        let s = |v: &str| GgufValue::String(v.to_string());
+        // The file type names the type most weights have.
+        let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+        for dtype in quantized.values() {
+            *counts.entry(file_type_of(*dtype)).or_default() += 1;
         }
-    }
-    metadata.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        GgufValue::Bool(tok.add_bos),
-    ));
-    metadata.push((
-        "tokenizer.ggml.add_space_prefix".into(),
-        GgufValue::Bool(vocab.add_space_prefix),
-    ));
-    if let Some(t) = &tok.chat_template {
-        metadata.push(("tokenizer.chat_template".into(), s(t)));
+        let file_type = counts
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .map(|(t, _)| *t)
+            .unwrap_or(weight_type.file_type());
+        let mut metadata = vec![
+            ("general.architecture".to_string(), s(arch)),
+            (
+                "general.name".to_string(),
+                s(cfg
+                    .get("_name_or_path")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("shrink")),
+            ),
+            ("general.file_type".to_string(), GgufValue::U32(file_type)),
+            (
+                "general.quantization_version".to_string(),
+                GgufValue::U32(2),
+            ),
+            (
+                a("context_length"),
+                GgufValue::U32(
+                    cfg.get(theirs("max_position_embeddings"))
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(2048) as u32,
+                ),
+            ),
+            (a("embedding_length"), GgufValue::U32(hidden as u32)),
+            (
+                a("block_count"),
+                GgufValue::U32(get("num_hidden_layers")? as u32),
+            ),
+            (a("feed_forward_length"), GgufValue::U32(ffn as u32)),
+            (a("attention.head_count"), GgufValue::U32(n_head as u32)),
+            (
+                a("attention.head_count_kv"),
+                GgufValue::U32(n_head_kv as u32),
+            ),
+            (a("vocab_size"), GgufValue::U32(get("vocab_size")? as u32)),
+            ("tokenizer.ggml.model".to_string(), s(&vocab.model)),
+        ];
+        if gpt2 {
+            metadata.push((
+                a("attention.layer_norm_epsilon"),
+                GgufValue::F32(getf("layer_norm_epsilon", 1e-5) as f32),
+            ));
+        } else {
+            metadata.extend([
+                (a("attention.key_length"), GgufValue::U32(head_dim as u32)),
+                (a("attention.value_length"), GgufValue::U32(head_dim as u32)),
+                (
+                    a("rope.freq_base"),
+                    GgufValue::F32(getf("rope_theta", 10_000.0) as f32),
+                ),
+                (
+                    a("attention.layer_norm_rms_epsilon"),
+                    GgufValue::F32(getf("rms_norm_eps", 1e-6) as f32),
+                ),
+                (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
+            ]);
+        }
+        if let Some(pre) = &vocab.pre {
+            metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
+        }
+        metadata.push((
+            "tokenizer.ggml.tokens".into(),
+            GgufValue::StringArray(vocab.tokens.clone()),
+        ));
+        if !vocab.scores.is_empty() {
+            metadata.push((
+                "tokenizer.ggml.scores".into(),
+                GgufValue::F32Array(vocab.scores.clone()),
+            ));
+        }
+        metadata.push((
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::I32Array(vocab.token_types.clone()),
+        ));
+        if !vocab.merges.is_empty() || vocab.model == "gpt2" {
+            metadata.push((
+                "tokenizer.ggml.merges".into(),
+                GgufValue::StringArray(vocab.merges.clone()),
+            ));
+        }
+        if let Some(bos) = tok.bos_token_id {
+            metadata.push(("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(bos)));
+        }
+        if let Some(eos) = tok.eos_token_ids.first() {
+            metadata.push(("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(*eos)));
+        }
+        for (key, id) in [
+            ("tokenizer.ggml.unknown_token_id", vocab.unknown_token_id),
+            ("tokenizer.ggml.padding_token_id", vocab.padding_token_id),
+        ] {
+            if let Some(id) = id {
+                metadata.push((key.into(), GgufValue::U32(id)));
+            }
+        }
+        metadata.push((
+            "tokenizer.ggml.add_bos_token".into(),
+            GgufValue::Bool(tok.add_bos),
+        ));
+        metadata.push((
+            "tokenizer.ggml.add_space_prefix".into(),
+            GgufValue::Bool(vocab.add_space_prefix),
+        ));
+        if let Some(t) = &tok.chat_template {
+            metadata.push(("tokenizer.chat_template".into(), s(t)));
+        }
+
+        // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
+        let mut ordered: Vec<&String> = checkpoint.tensors.names().collect();
+        let names = if gpt2 { &gpt2::GGUF } else { &llama::GGUF };
+        let gguf_name = |n: &str| names.to_gguf(n);
+        let layer_of = |n: &str| -> (usize, usize) {
+            let g = gguf_name(n).map(|(g, _)| g).unwrap_or_default();
+            match g
+                .strip_prefix("blk.")
+                .and_then(|r| r.split('.').next()?.parse().ok())
+            {
+                Some(l) => (1, l),
+                None if g == "token_embd.weight" || g == "position_embd.weight" => (0, 0),
+                None => (2, 0),
+            }
+        };
+        ordered.sort_by_cached_key(|name| (layer_of(name), (*name).clone()));
+        let mut layout = LlamaGguf {
+            metadata,
+            entries: Vec::with_capacity(ordered.len()),
+            names: Vec::with_capacity(ordered.len()),
+            path: path.to_path_buf(),
+            permute: Vec::with_capacity(ordered.len()),
+            conv1d: Vec::with_capacity(ordered.len()),
+        };
+        for name in ordered {
+            let err = |message: String| IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                message,
+            };
+            let (gname, conv1d) =
+                gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
+            let mut dims = checkpoint
+                .tensors
+                .shape(name)
+                .ok_or_else(|| err("missing".into()))?
+                .to_vec();
+            // GGUF rows are output channels: GPT-2's Conv1D `[in, out]` weights are transposed.
+            if conv1d {
+                dims.reverse();
+            }
+            let dtype = match quantized.get(name.as_str()) {
+                Some(&dtype) => {
+                    if dims.len() != 2 || !dims[1].is_multiple_of(dtype.block_size()) {
+                        return Err(err(format!(
+                            "{dtype:?} blocks do not fit a tensor of shape {dims:?}"
+                        )));
+                    }
+                    dtype
+                }
+                None => {
+                    let row = *dims.last().unwrap_or(&0);
+                    if dims.len() == 2 && row % weight_type.ggml().block_size() == 0 {
+                        weight_type.ggml()
+                    } else {
+                        GgmlDType::F32
+                    }
+                }
+            };
+            let permute = match () {
+                _ if arch != "llama" => None,
+                _ if name.contains("self_attn.q_proj") => Some(n_head),
+                _ if name.contains("self_attn.k_proj") => Some(n_head_kv),
+                _ => None,
+            };
+            layout.entries.push(GgufEntry {
+                name: gname,
+                dtype,
+                dims,
+            });
+            layout.names.push(name.clone());
+            layout.permute.push(permute);
+            layout.conv1d.push(conv1d);
+        }
+        Ok(layout)
     }
 
-    // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
-    let mut ordered: Vec<(&String, &Tensor)> = checkpoint.tensors.iter().collect();
-    let names = if gpt2 { &gpt2::GGUF } else { &llama::GGUF };
-    let gguf_name = |n: &str| names.to_gguf(n);
-    let layer_of = |n: &str| -> (usize, usize) {
-        let g = gguf_name(n).map(|(g, _)| g).unwrap_or_default();
-        match g
-            .strip_prefix("blk.")
-            .and_then(|r| r.split('.').next()?.parse().ok())
-        {
-            Some(l) => (1, l),
-            None if g == "token_embd.weight" || g == "position_embd.weight" => (0, 0),
-            None => (2, 0),
-        }
-    };
-    ordered.sort_by_cached_key(|(name, _)| (layer_of(name), (*name).clone()));
-    let mut out = Vec::with_capacity(ordered.len());
-    for (name, t) in ordered {
-        let err = |message: String| IoError::Tensor {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
+    fn error(&self, i: usize, message: String) -> IoError {
+        IoError::Tensor {
+            path: self.path.clone(),
+            tensor: self.names[i].clone(),
             message,
-        };
-        let (gname, conv1d) =
-            gguf_name(name).ok_or_else(|| err("no GGUF name for this tensor".into()))?;
-        // GGUF rows are output channels: GPT-2's Conv1D `[in, out]` weights are transposed.
-        let t = if conv1d {
-            t.t()
-                .and_then(|t| t.contiguous())
-                .map_err(|e| err(e.to_string()))?
+        }
+    }
+
+    /// The data of entry `i` from ggml blocks of its type in Hugging Face row order.
+    pub fn blocks_data(&self, i: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+        let entry = &self.entries[i];
+        if entry.bytes() != Some(bytes.len()) {
+            return Err(self.error(
+                i,
+                format!(
+                    "{} bytes of {:?} blocks do not fit a {:?} tensor",
+                    bytes.len(),
+                    entry.dtype,
+                    entry.dims
+                ),
+            ));
+        }
+        Ok(match self.permute[i] {
+            Some(heads) => permute_block_rows(bytes, entry.dims[0], heads),
+            None => bytes.to_vec(),
+        })
+    }
+
+    /// The data of entry `i` from its tensor (Hugging Face layout), converted to its type.
+    pub fn tensor_data(&self, i: usize, t: &Tensor) -> Result<Vec<u8>> {
+        let err = |e: candle_core::Error| self.error(i, e.to_string());
+        let t = if self.conv1d[i] {
+            t.t().and_then(|t| t.contiguous()).map_err(err)?
         } else {
             t.clone()
         };
-        if let Some(q) = prequantized.get(name.as_str()) {
-            let (rows, cols) = t.dims2().map_err(|e| err(e.to_string()))?;
-            if !cols.is_multiple_of(q.dtype.block_size())
-                || tensor_bytes(q.dtype, rows * cols) != Some(q.bytes.len())
-            {
-                return Err(err(format!(
-                    "{} bytes of {:?} blocks do not fit a {rows}×{cols} tensor",
-                    q.bytes.len(),
-                    q.dtype
-                )));
-            }
-            let bytes = match (
-                arch,
-                name.contains("self_attn.q_proj"),
-                name.contains("self_attn.k_proj"),
-            ) {
-                ("llama", true, _) => permute_block_rows(&q.bytes, rows, n_head),
-                ("llama", _, true) => permute_block_rows(&q.bytes, rows, n_head_kv),
-                _ => q.bytes.clone(),
-            };
-            let tensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                q.dtype,
-                &bytes,
-                vec![rows, cols],
-                &Device::Cpu,
-            )
-            .map_err(|e| err(e.to_string()))?;
-            out.push(GgufTensor {
-                name: gname,
-                tensor,
-            });
-            continue;
+        let mut t = t.to_dtype(DType::F32).map_err(err)?;
+        if let Some(heads) = self.permute[i] {
+            t = permute_qk(&t, heads, false).map_err(err)?;
         }
-        let mut t = t.to_dtype(DType::F32).map_err(|e| err(e.to_string()))?;
-        if arch == "llama" {
-            if name.contains("self_attn.q_proj") {
-                t = permute_qk(&t, n_head, false).map_err(|e| err(e.to_string()))?;
-            } else if name.contains("self_attn.k_proj") {
-                t = permute_qk(&t, n_head_kv, false).map_err(|e| err(e.to_string()))?;
-            }
+        if t.dims() != self.entries[i].dims.as_slice() {
+            return Err(self.error(
+                i,
+                format!(
+                    "shape {:?}, but the layout holds {:?}",
+                    t.dims(),
+                    self.entries[i].dims
+                ),
+            ));
         }
-        let row = *t.dims().last().unwrap_or(&0);
-        let ggml = if t.rank() == 2 && row % weight_type.ggml().block_size() == 0 {
-            weight_type.ggml()
-        } else {
-            GgmlDType::F32
-        };
-        let q = QTensor::quantize(&t, ggml).map_err(|e| err(e.to_string()))?;
-        out.push(GgufTensor {
-            name: gname,
-            tensor: q,
-        });
+        let q = QTensor::quantize(&t, self.entries[i].dtype).map_err(err)?;
+        q.data().map(|d| d.to_vec()).map_err(err)
     }
-    write_gguf(path, &metadata, &out)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use crate::{io_error, Checkpoint, Format, IoError, Result};
 use candle_core::{DType, Tensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     if !path.is_file() {
@@ -67,11 +68,12 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(IoError::NotFound { path: single })
 }
 
-/// Memory-maps one safetensors file, loads its tensors (as f32; integer tensors into `ints`) and
-/// adds each tensor as stored to `stored`; returns the file's size.
+/// Memory-maps one safetensors file and adds its float tensors to `out`, each converted from its
+/// stored type when it is loaded (integer tensors are read into `ints` now), and each tensor as
+/// stored to `stored`; returns the file's size.
 pub(crate) fn read_safetensors(
     path: &Path,
-    out: &mut BTreeMap<String, Tensor>,
+    out: &mut crate::Tensors,
     ints: &mut BTreeMap<String, crate::compressed::IntTensor>,
     stored: &mut Vec<crate::TensorSummary>,
 ) -> Result<u64> {
@@ -87,6 +89,7 @@ pub(crate) fn read_safetensors(
             message: format!("corrupt or truncated safetensors file: {e}"),
         }
     })?;
+    let st = Arc::new(st);
     for (name, view) in st.tensors() {
         stored.push(crate::inspect::stored(
             name.clone(),
@@ -94,6 +97,13 @@ pub(crate) fn read_safetensors(
             view.shape().to_vec(),
             view.data().len(),
         ));
+        if out.contains(&name) || ints.contains_key(&name) {
+            return Err(IoError::Tensor {
+                path: path.to_path_buf(),
+                tensor: name,
+                message: "appears in more than one shard".into(),
+            });
+        }
         if matches!(
             view.dtype(),
             safetensors::Dtype::I8 | safetensors::Dtype::I32
@@ -101,35 +111,23 @@ pub(crate) fn read_safetensors(
             ints.insert(name.clone(), crate::compressed::IntTensor::from_view(&view));
             continue;
         }
-        let t = st
-            .load(&name, &candle_core::Device::Cpu)
-            .map_err(|e| IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                message: e.to_string(),
-            })?;
-        let t = match t.dtype() {
-            DType::F32 => t,
-            DType::F16 | DType::BF16 | DType::F64 => {
-                t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    message: e.to_string(),
-                })?
-            }
-            other => t.to_dtype(DType::F32).map_err(|e| IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name.clone(),
-                message: format!("cannot convert {other:?} to f32: {e}"),
-            })?,
+        let (st, file, tensor) = (st.clone(), path.to_path_buf(), name.clone());
+        let load = move |dtype: DType| -> Result<Tensor> {
+            let err = |message: String| IoError::Tensor {
+                path: file.clone(),
+                tensor: tensor.clone(),
+                message,
+            };
+            let t = st
+                .load(&tensor, &candle_core::Device::Cpu)
+                .map_err(|e| err(e.to_string()))?;
+            let stored = t.dtype();
+            t.to_dtype(dtype).map_err(|e| match stored {
+                DType::F32 | DType::F16 | DType::BF16 | DType::F64 => err(e.to_string()),
+                other => err(format!("cannot convert {other:?} to {dtype:?}: {e}")),
+            })
         };
-        if out.insert(name.clone(), t).is_some() {
-            return Err(IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: name,
-                message: "appears in more than one shard".into(),
-            });
-        }
+        out.insert_stored(name, view.shape().to_vec(), Arc::new(load))?;
     }
     Ok(std::fs::metadata(path).map_err(io_error(path))?.len())
 }
@@ -148,7 +146,7 @@ const SIDE_FILES: [&str; 7] = [
 /// Loads a Hugging Face folder, and inspects it from the same reads.
 pub(crate) fn open_hf(dir: &Path) -> Result<(Checkpoint, crate::Inspection)> {
     let config = read_json(&dir.join("config.json"))?;
-    let mut tensors = BTreeMap::new();
+    let mut tensors = crate::Tensors::empty(dir.to_path_buf());
     let mut ints = BTreeMap::new();
     let mut stored = Vec::new();
     let mut size = 0;
@@ -229,14 +227,6 @@ pub fn save_hf_with(
 ) -> Result<()> {
     let staged = shrink_core::AtomicDir::new(out)?;
     let dir = staged.path().to_path_buf();
-    let json_file = |name: &str, value: &serde_json::Value| -> Result<()> {
-        let mut text = serde_json::to_string_pretty(value).map_err(|e| IoError::Format {
-            path: dir.join(name),
-            message: e.to_string(),
-        })?;
-        text.push('\n');
-        Ok(shrink_core::atomic_write(&dir.join(name), text.as_bytes())?)
-    };
     let mut config = checkpoint.config.clone();
     if let Some(obj) = config.as_object_mut() {
         obj.insert("torch_dtype".into(), dtype.torch_name().into());
@@ -244,10 +234,11 @@ pub fn save_hf_with(
             obj.insert("quantization_config".into(), q.clone());
         }
     }
-    json_file("config.json", &config)?;
+    write_json(&dir.join("config.json"), &config)?;
 
     let mut converted: BTreeMap<String, crate::compressed::RawTensor> = BTreeMap::new();
-    for (name, t) in &checkpoint.tensors {
+    for name in checkpoint.tensors.names() {
+        let t = checkpoint.tensors.get(name)?;
         let t = t.to_dtype(dtype.dtype()).map_err(|e| IoError::Tensor {
             path: out.to_path_buf(),
             tensor: name.clone(),
@@ -278,6 +269,30 @@ pub fn save_hf_with(
     })?;
     shrink_core::atomic_write(&st_path, &bytes)?;
 
+    save_hf_files(checkpoint, &dir, &config)?;
+    staged.commit()?;
+    Ok(())
+}
+
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    text.push('\n');
+    Ok(shrink_core::atomic_write(path, text.as_bytes())?)
+}
+
+/// Everything of a Hugging Face folder but `config.json` and the weights: the tokenizer files,
+/// the side files carried over and `generation_config.json`, written into `dir` for a model of
+/// `config`.
+pub fn save_hf_files(
+    checkpoint: &Checkpoint,
+    dir: &Path,
+    config: &serde_json::Value,
+) -> Result<()> {
+    let json_file = |name: &str, value: &serde_json::Value| write_json(&dir.join(name), value);
     if let Some(tok) = &checkpoint.tokenizer {
         let text = tok
             .tokenizer
@@ -322,6 +337,5 @@ pub fn save_hf_with(
         })
     });
     json_file("generation_config.json", &generation)?;
-    staged.commit()?;
     Ok(())
 }

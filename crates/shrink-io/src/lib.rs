@@ -17,20 +17,24 @@ mod gguf;
 mod gguf_layout;
 mod hf;
 mod inspect;
+mod shards;
+mod tensors;
 mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
 pub use export::{check_export, config_for, write_model, Export};
 pub use gguf::{
-    gguf_vocab_of, hf_to_gguf_name, write_gguf, write_llama_gguf, GgufTensor, GgufValue,
-    GgufWriteType, QuantizedBlocks,
+    gguf_vocab_of, hf_to_gguf_name, write_gguf, write_llama_gguf, GgufEntry, GgufTensor, GgufValue,
+    GgufWriteType, GgufWriter, LlamaGguf, QuantizedBlocks,
 };
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
-pub use hf::{save_hf, save_hf_with, SaveDType};
+pub use hf::{save_hf, save_hf_files, save_hf_with, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
+pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
+pub use tensors::Tensors;
 pub use tokenizer::{GgufVocab, TokenizerBundle};
 
-use candle_core::Tensor;
+use candle_core::DType;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -115,8 +119,9 @@ pub struct Checkpoint {
     pub format: Format,
     /// The Hugging Face `config.json` (for GGUF files, derived from the metadata).
     pub config: serde_json::Value,
-    /// Tensors under Hugging Face names, `[out, in]` layout, f32 (or the file's float dtype).
-    pub tensors: BTreeMap<String, Tensor>,
+    /// Tensors under Hugging Face names and `[out, in]` layout, each read from the file (and
+    /// dequantized) only when loaded.
+    pub tensors: Tensors,
     pub tokenizer: Option<TokenizerBundle>,
     pub generation_config: Option<serde_json::Value>,
     /// Small files of a Hugging Face folder carried over verbatim when it is written again, by
@@ -126,29 +131,59 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Refuses NaN or infinite values in any floating-point tensor, naming the first such tensor:
-    /// a compression of such a model would write them on.
-    pub fn check_finite(&self) -> Result<()> {
-        for (name, t) in &self.tensors {
-            // x − x is 0 for every finite x and NaN for NaN and ±∞: one pass, no copy.
-            let sum = t
-                .sub(t)
-                .and_then(|d| d.to_dtype(candle_core::DType::F32))
-                .and_then(|d| d.sum_all())
-                .and_then(|d| d.to_scalar::<f32>());
-            let problem = match sum {
-                Ok(v) => (v != 0.0).then(|| "holds NaN or infinite values".to_string()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(message) = problem {
-                return Err(IoError::Tensor {
-                    path: self.path.clone(),
-                    tensor: name.clone(),
-                    message,
-                });
-            }
+    /// Every tensor loaded in f32, refusing NaN or infinite values and naming the first tensor
+    /// that holds one: a compression of such a model would write them on.
+    pub fn load_finite(&self) -> Result<BTreeMap<String, candle_core::Tensor>> {
+        self.tensors
+            .names()
+            .map(|name| Ok((name.clone(), self.load_checked(name, DType::F32)?)))
+            .collect()
+    }
+
+    /// One tensor in `dtype`, refusing NaN or infinite values.
+    pub fn load_checked(&self, name: &str, dtype: DType) -> Result<candle_core::Tensor> {
+        let t = self.tensors.get_as(name, dtype)?;
+        // x − x is 0 for every finite x and NaN for NaN and ±∞: one pass, no copy.
+        let sum = t
+            .sub(&t)
+            .and_then(|d| d.to_dtype(DType::F32))
+            .and_then(|d| d.sum_all())
+            .and_then(|d| d.to_scalar::<f32>());
+        let problem = match sum {
+            Ok(v) => (v != 0.0).then(|| "holds NaN or infinite values".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        match problem {
+            Some(message) => Err(IoError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                message,
+            }),
+            None => Ok(t),
         }
-        Ok(())
+    }
+
+    /// The model read block by block from this checkpoint's (memory-mapped) file, in `dtype`:
+    /// each tensor is loaded, checked to be finite, when its block is worked on. Only the Llama
+    /// family streams.
+    pub fn streamed(&self, dtype: DType) -> Result<shrink_models::StreamedModel> {
+        let config = shrink_models::ModelConfig::from_json(&self.config)?;
+        let checkpoint = Checkpoint {
+            tensors: self.tensors.clone(),
+            tokenizer: None,
+            side_files: BTreeMap::new(),
+            ..self.clone()
+        };
+        let load = move |name: &str, dtype: DType| {
+            checkpoint
+                .load_checked(name, dtype)
+                .map_err(|e| shrink_models::ModelError::Load(Box::new(e)))
+        };
+        Ok(shrink_models::StreamedModel::new(
+            &config,
+            dtype,
+            Box::new(load),
+        )?)
     }
 
     /// A side file parsed as JSON, if the folder had it.
@@ -190,13 +225,13 @@ pub struct ModelFile {
 /// from without opening the file again. Drop it once measured: the map keeps the file's pages.
 pub struct FileView {
     pub inspection: Inspection,
-    gguf: Option<memmap2::Mmap>,
+    gguf: Option<std::sync::Arc<memmap2::Mmap>>,
 }
 
 impl FileView {
     /// The whole GGUF file, as mapped when it was loaded (`None` for a Hugging Face folder).
     pub fn gguf_bytes(&self) -> Option<&[u8]> {
-        self.gguf.as_deref()
+        self.gguf.as_ref().map(|m| &m[..])
     }
 }
 
@@ -228,7 +263,11 @@ pub fn open(path: &Path) -> Result<ModelFile> {
         });
     }
     let empty = std::fs::metadata(path).map_err(io_error(path))?.len() == 0;
-    let mmap = if empty { None } else { Some(gguf::map(path)?) };
+    let mmap = if empty {
+        None
+    } else {
+        Some(std::sync::Arc::new(gguf::map(path)?))
+    };
     match mmap {
         Some(mmap) if mmap.starts_with(b"GGUF") => {
             let content = gguf::read_content(path, &mmap)?;

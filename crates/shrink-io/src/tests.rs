@@ -2,7 +2,7 @@
 //! bad input named in the error.
 
 use super::*;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use shrink_models::{ModelConfig, Transformer};
 use std::collections::BTreeMap;
 
@@ -37,7 +37,7 @@ fn tiny_checkpoint() -> (Transformer, Checkpoint) {
         path: "tiny".into(),
         format: Format::HfFolder,
         config: serde_json::to_value(&cfg).unwrap(),
-        tensors: model.named_tensors(),
+        tensors: model.named_tensors().into(),
         tokenizer: Some(tokenizer),
         generation_config: None,
         side_files: Default::default(),
@@ -58,7 +58,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn logits(c: &Checkpoint) -> Tensor {
     let cfg = ModelConfig::from_json(&c.config).unwrap();
-    let model = Transformer::from_tensors(&cfg, c.tensors.clone(), DType::F32).unwrap();
+    let model = Transformer::from_tensors(&cfg, c.tensors.load_all().unwrap(), DType::F32).unwrap();
     let ids = Tensor::new(&[[5u32, 80, 200, 259, 260, 7, 3]], &Device::Cpu).unwrap();
     model.forward(&ids).unwrap()
 }
@@ -91,8 +91,12 @@ fn gguf_f32_round_trip_is_exact_and_hf_round_trip_keeps_logits() {
     let loaded = load(&gguf).unwrap();
     assert_eq!(loaded.format, Format::Gguf);
     assert_eq!(loaded.tensors.len(), c.tensors.len());
-    for (name, t) in &c.tensors {
-        assert_eq!(max_diff(t, &loaded.tensors[name]), 0.0, "{name}");
+    for (name, t) in &c.tensors.load_all().unwrap() {
+        assert_eq!(
+            max_diff(t, &loaded.tensors.get(name).unwrap()),
+            0.0,
+            "{name}"
+        );
     }
     let cfg = ModelConfig::from_json(&loaded.config).unwrap();
     assert_eq!(cfg.num_kv_heads(), 2);
@@ -147,7 +151,10 @@ fn q8_gguf_is_close_and_inspect_reports_bits_per_weight() {
     write_llama_gguf(&c, &path, GgufWriteType::Q8_0, &Default::default()).unwrap();
     let loaded = load(&path).unwrap();
     let name = "model.layers.0.self_attn.q_proj.weight";
-    let (orig, q) = (&c.tensors[name], &loaded.tensors[name]);
+    let (orig, q) = (
+        &c.tensors.get(name).unwrap(),
+        &loaded.tensors.get(name).unwrap(),
+    );
     let scale = orig
         .abs()
         .unwrap()
@@ -165,7 +172,10 @@ fn q8_gguf_is_close_and_inspect_reports_bits_per_weight() {
     assert_eq!(info.architecture, "llama");
     assert_eq!(
         info.parameters as usize,
-        c.tensors.values().map(|t| t.elem_count()).sum::<usize>()
+        c.tensors
+            .names()
+            .map(|n| c.tensors.shape(n).unwrap().iter().product::<usize>())
+            .sum::<usize>()
     );
     let t = info
         .tensors
@@ -198,15 +208,15 @@ fn sharded_folders_load_through_the_index() {
     let dir = tempfile::tempdir().unwrap();
     save_hf(&c, dir.path(), SaveDType::F32).unwrap();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    let names: Vec<&String> = c.tensors.keys().collect();
+    let all = c.tensors.load_all().unwrap();
+    let names: Vec<&String> = all.keys().collect();
     let (a, b) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
     for (file, part) in [
         ("model-00001-of-00002.safetensors", a),
         ("model-00002-of-00002.safetensors", b),
     ] {
-        let tensors: Vec<(&str, &Tensor)> =
-            part.iter().map(|n| (n.as_str(), &c.tensors[*n])).collect();
+        let tensors: Vec<(&str, &Tensor)> = part.iter().map(|n| (n.as_str(), &all[*n])).collect();
         safetensors::serialize_to_file(tensors, None, &dir.path().join(file)).unwrap();
         for n in part.iter() {
             map.insert(n.to_string(), file.into());
@@ -332,7 +342,7 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
         "model.layers.0.self_attn.q_proj.weight",
         "model.layers.1.mlp.up_proj.weight",
     ] {
-        let q = QTensor::quantize(&c.tensors[name], GgmlDType::Q4_0).unwrap();
+        let q = QTensor::quantize(&c.tensors.get(name).unwrap(), GgmlDType::Q4_0).unwrap();
         pre.insert(
             name.to_string(),
             QuantizedBlocks {
@@ -364,11 +374,15 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
     // Loading undoes the row permutation: the dequantized blocks come back in HF row order.
     let loaded = load(&path).unwrap();
     for name in pre.keys() {
-        let want = QTensor::quantize(&c.tensors[name], GgmlDType::Q4_0)
+        let want = QTensor::quantize(&c.tensors.get(name).unwrap(), GgmlDType::Q4_0)
             .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap();
-        assert_eq!(max_diff(&loaded.tensors[name], &want), 0.0, "{name}");
+        assert_eq!(
+            max_diff(&loaded.tensors.get(name).unwrap(), &want),
+            0.0,
+            "{name}"
+        );
     }
     let mut bad = pre.clone();
     bad.get_mut("model.layers.1.mlp.up_proj.weight")
@@ -466,7 +480,7 @@ fn spm_folder(dir: &Path, tokenizer_json: &str) -> Checkpoint {
         path: "spm".into(),
         format: Format::HfFolder,
         config,
-        tensors: model.named_tensors(),
+        tensors: model.named_tensors().into(),
         tokenizer: Some(tokenizer),
         generation_config: None,
         side_files: Default::default(),
@@ -567,4 +581,188 @@ fn sentencepiece_style_folders_become_llama_gguf_vocabularies() {
         e.contains("tokenizer.json") && e.contains("Metaspace"),
         "{e}"
     );
+}
+
+#[test]
+fn gguf_writer_streams_the_bytes_candle_writes_and_refuses_misuse() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let t = |dtype, rows: usize, cols: usize, seed: f32| {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f32 + seed) * 0.37).sin())
+            .collect();
+        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, dtype).unwrap()
+    };
+    // Sizes that need padding (3 × 5 f32 = 60 bytes) and block types.
+    let tensors = [
+        ("a.weight", t(GgmlDType::F32, 3, 5, 0.0)),
+        ("b.weight", t(GgmlDType::Q4_0, 2, 64, 1.0)),
+        ("c.weight", t(GgmlDType::F16, 4, 32, 2.0)),
+    ];
+    let metadata = [
+        ("general.name".to_string(), GgufValue::String("x".into())),
+        ("k".to_string(), GgufValue::U32(7)),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.gguf");
+    let plan: Vec<GgufEntry> = tensors
+        .iter()
+        .map(|(n, q)| GgufEntry {
+            name: n.to_string(),
+            dtype: q.dtype(),
+            dims: q.shape().dims().to_vec(),
+        })
+        .collect();
+    let mut w = GgufWriter::create(&path, &metadata, plan.clone()).unwrap();
+    for (n, q) in &tensors {
+        assert!(!path.exists(), "the file appears only when finished");
+        w.append(n, &q.data().unwrap()).unwrap();
+    }
+    w.finish().unwrap();
+    let ours = std::fs::read(&path).unwrap();
+    // candle's own writer (version 2) is an independent implementation of the same layout.
+    let mut theirs = std::io::Cursor::new(Vec::new());
+    let values = [
+        gguf_file::Value::String("x".into()),
+        gguf_file::Value::U32(7),
+    ];
+    gguf_file::write(
+        &mut theirs,
+        &[("general.name", &values[0]), ("k", &values[1])],
+        &tensors.iter().map(|(n, q)| (*n, q)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let theirs = theirs.into_inner();
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(&ours[4..8], &3u32.to_le_bytes());
+    assert_eq!(&ours[8..], &theirs[8..]);
+    assert_eq!(
+        load_layout(&path),
+        check_gguf_layout(&path, &theirs).unwrap().tensors.len()
+    );
+
+    // Out of order, wrong size, unplanned, unfinished: errors naming the tensor, no file.
+    let bad = dir.path().join("bad.gguf");
+    let data = tensors[1].1.data().unwrap();
+    let mut w = GgufWriter::create(&bad, &metadata, plan.clone()).unwrap();
+    let e = err_of(w.append("b.weight", &data));
+    assert!(
+        e.contains("b.weight") && e.contains("'a.weight' comes next"),
+        "{e}"
+    );
+    let e = err_of(w.append("a.weight", &data));
+    assert!(e.contains("a.weight") && e.contains("bytes of data"), "{e}");
+    w.append("a.weight", &tensors[0].1.data().unwrap()).unwrap();
+    let e = err_of(w.finish());
+    assert!(
+        e.contains("b.weight") && e.contains("never written (1 of 3"),
+        "{e}"
+    );
+    assert!(!bad.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, vec![std::ffi::OsString::from("s.gguf")]);
+    let e = GgufWriter::create(
+        &bad,
+        &metadata,
+        vec![GgufEntry {
+            name: "q".into(),
+            dtype: GgmlDType::Q4_0,
+            dims: vec![2, 40],
+        }],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("'q'") && e.contains("whole blocks of 32"), "{e}");
+}
+
+fn load_layout(path: &Path) -> usize {
+    check_gguf_layout(path, &std::fs::read(path).unwrap())
+        .unwrap()
+        .tensors
+        .len()
+}
+
+#[test]
+fn sharded_writer_splits_as_hugging_face_and_reads_back() {
+    let (_, c) = tiny_checkpoint();
+    let all = c.tensors.load_all().unwrap();
+    let plan: Vec<SafetensorsEntry> = all
+        .iter()
+        .map(|(name, t)| SafetensorsEntry {
+            name: name.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: t.dims().to_vec(),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let staged = shrink_core::AtomicDir::new(&dir.path().join("m")).unwrap();
+    // 3 KB shards: tensors fill a shard in order, and one larger than that gets its own.
+    let mut w = ShardedWriter::create(staged.path(), plan.clone(), 3_000).unwrap();
+    for (name, t) in &all {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.append(name, &bytes).unwrap();
+    }
+    let files = w.finish().unwrap();
+    let config = c.config.clone();
+    write_json_for_tests(staged.path(), &config);
+    save_hf_files(&c, staged.path(), &config).unwrap();
+    let out = staged.commit().unwrap();
+    assert!(files.len() > 2, "{files:?}");
+    assert_eq!(
+        files[0],
+        format!("model-00001-of-{:05}.safetensors", files.len())
+    );
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    for f in &files {
+        let bytes = std::fs::read(out.join(f)).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        let data = bytes.len() as u64 - header - 8;
+        let held = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter(|v| v.as_str() == Some(f.as_str()))
+            .count();
+        assert!(
+            data <= 3_000 || held == 1,
+            "{f}: {data} bytes in {held} tensors"
+        );
+    }
+    let loaded = load(&out).unwrap();
+    assert_eq!(loaded.tensors.len(), all.len());
+    for (name, t) in &all {
+        assert_eq!(
+            max_diff(t, &loaded.tensors.get(name).unwrap()),
+            0.0,
+            "{name}"
+        );
+    }
+    // One shard: a plain model.safetensors, no index.
+    let one = dir.path().join("one");
+    std::fs::create_dir(&one).unwrap();
+    let mut w = ShardedWriter::create(&one, plan[..1].to_vec(), MAX_SHARD_BYTES).unwrap();
+    let e = err_of(w.append(&plan[1].name, &[]));
+    assert!(e.contains("comes next"), "{e}");
+    let e = err_of(w.append(&plan[0].name, &[0u8; 3]));
+    assert!(e.contains("bytes of data"), "{e}");
+    let e = err_of(
+        ShardedWriter::create(&one, plan[..1].to_vec(), MAX_SHARD_BYTES)
+            .unwrap()
+            .finish(),
+    );
+    assert!(e.contains("never written"), "{e}");
+    let names: Vec<_> = std::fs::read_dir(&one).unwrap().collect();
+    assert!(names.is_empty(), "nothing is left behind");
+}
+
+fn write_json_for_tests(dir: &Path, value: &serde_json::Value) {
+    std::fs::write(dir.join("config.json"), value.to_string()).unwrap();
 }

@@ -36,8 +36,8 @@ pub use config::{Activation, Arch, ModelConfig};
 pub use generate::{generate, Generation, Sampler, SamplingConfig};
 pub use pooling::{Pooling, PoolingMode};
 pub use transformer::{
-    ActQuant, AttentionContext, Block, KvCache, Linear, LinearHook, MlmHead, NoHook, Norm, Role,
-    ScaleGroup, ScaleSite, Transformer,
+    ActQuant, AttentionContext, Block, BlockModel, KvCache, Linear, LinearHook, MlmHead, NoHook,
+    Norm, Role, ScaleGroup, ScaleSite, StreamedModel, TensorLoader, Transformer,
 };
 
 /// Errors from building or running a model.
@@ -61,6 +61,9 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A tensor a streamed model could not read from its file (the reader's error, as it is).
+    #[error(transparent)]
+    Load(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

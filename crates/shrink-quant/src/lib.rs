@@ -34,12 +34,12 @@ pub use kquant::{GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
-pub use write::{write_quantized, QuantizedOutput, Written};
+pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
 
 use candle_core::{DType, Tensor};
 use shrink_calib::LinearStats;
 use shrink_core::Progress;
-use shrink_models::Transformer;
+use shrink_models::{BlockModel, Transformer};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -337,22 +337,27 @@ impl QuantPlan {
 
     /// Checks, before any work, that every linear of `model` gets a format whose blocks divide its
     /// rows.
-    pub fn check_model(&self, model: &Transformer) -> Result<()> {
-        let n_layers = model.blocks.len();
-        for block in &model.blocks {
-            for (name, linear) in block.linears() {
-                let (_, cols) = linear.weight().dims2()?;
-                let format = self.format_for(name, cols, n_layers);
-                let multiple = format.row_multiple();
-                if !cols.is_multiple_of(multiple) {
-                    return Err(QuantError::Shape {
-                        tensor: name.to_string(),
-                        message: format!(
-                            "{} needs rows that are a multiple of {multiple} values, this one has {cols}",
-                            format.label()
-                        ),
-                    });
-                }
+    pub fn check_model(&self, model: &impl BlockModel) -> Result<()> {
+        let config = model.config();
+        let n_layers = config.num_hidden_layers;
+        for (name, shape) in config.expected_tensors() {
+            let Some(name) = name.strip_suffix(".weight") else {
+                continue;
+            };
+            if shrink_models::Role::of_name(name).is_none() || shape.len() != 2 {
+                continue;
+            }
+            let cols = shape[1];
+            let format = self.format_for(name, cols, n_layers);
+            let multiple = format.row_multiple();
+            if !cols.is_multiple_of(multiple) {
+                return Err(QuantError::Shape {
+                    tensor: name.to_string(),
+                    message: format!(
+                        "{} needs rows that are a multiple of {multiple} values, this one has {cols}",
+                        format.label()
+                    ),
+                });
             }
         }
         Ok(())
@@ -441,9 +446,10 @@ pub fn quantize_tensor(
 }
 
 /// Quantizes every linear of every decoder block with its scheme from `plan` (embeddings, norms
-/// and the output head are left as they are) and replaces each weight in `model` by its dequantized value, so that evaluating
-/// the model measures the quantized weights. GPTQ needs calibration `windows`; with RTN they are
-/// optional and only add the per-layer output error to the report.
+/// and the output head are left as they are) and replaces each weight in `model` by its
+/// dequantized value, so that evaluating the model measures the quantized weights. GPTQ needs
+/// calibration `windows`; with RTN they are optional and only add the per-layer output error to
+/// the report.
 pub fn quantize_model(
     model: &mut Transformer,
     method: Method,
@@ -452,9 +458,45 @@ pub fn quantize_model(
     batch: usize,
     progress: &dyn Progress,
 ) -> Result<QuantizedModel> {
+    let mut tensors = BTreeMap::new();
+    let mut out = quantize_blocks(
+        model,
+        method,
+        plan,
+        windows,
+        batch,
+        progress,
+        &mut |_, quantized| {
+            tensors.append(quantized);
+            Ok(())
+        },
+    )?;
+    out.tensors = tensors;
+    Ok(out)
+}
+
+/// What [`quantize_blocks`] hands each quantized block to: the block and its quantized weights.
+pub type BlockDone<'a> =
+    dyn FnMut(&shrink_models::Block, &mut BTreeMap<String, QuantizedWeight>) -> Result<()> + 'a;
+
+/// [`quantize_model`] block by block on any [`BlockModel`]: `done` receives each block once its
+/// linears are quantized (and hold their dequantized values), with their quantized weights by
+/// weight name, and keeps what it takes out of the map; the rest is dropped. The result holds the
+/// per-layer reports (its `tensors` stay empty). On a [`shrink_models::StreamedModel`] only one
+/// block is ever in memory, so `done` writes it.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_blocks<M: BlockModel>(
+    model: &mut M,
+    method: Method,
+    plan: &QuantPlan,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    progress: &dyn Progress,
+    done: &mut BlockDone<'_>,
+) -> Result<QuantizedModel> {
     plan.check_model(model)?;
     let mut out = QuantizedModel::default();
-    let n_layers = model.blocks.len();
+    let n_layers = model.num_blocks();
     let mut quantize_block = |block: &mut shrink_models::Block,
                               stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
@@ -486,6 +528,7 @@ pub fn quantize_model(
             Method::SmoothQuant { gptq: None, .. } => Method::Rtn,
             m => m,
         };
+        let mut quantized = BTreeMap::new();
         for name in names {
             let start = Instant::now();
             let linear = block_linear(block, &name)?;
@@ -513,9 +556,9 @@ pub fn quantize_model(
                 relative_output_error: error,
                 wall_s: start.elapsed().as_secs_f64(),
             });
-            out.tensors.insert(format!("{name}.weight"), q);
+            quantized.insert(format!("{name}.weight"), q);
         }
-        Ok(())
+        done(block, &mut quantized)
     };
     match windows {
         Some(windows) => {
@@ -529,9 +572,9 @@ pub fn quantize_model(
             )?;
         }
         None => {
-            progress.start("quantizing blocks", model.blocks.len() as u64);
-            for block in model.blocks.iter_mut() {
-                quantize_block(block, None)?;
+            progress.start("quantizing blocks", n_layers as u64);
+            for index in 0..n_layers {
+                model.with_block(index, |block| quantize_block(block, None))??;
                 progress.advance(1, None);
             }
             progress.finish();

@@ -602,3 +602,119 @@ fn gptq_keeps_a_pruning_mask_when_asked() {
         err(&q.dequantize())
     );
 }
+
+/// The streamed path (a model read block by block from its file, the GGUF written as each block
+/// is quantized) writes the very bytes of the whole-model path, for every block-wise method, with
+/// rounded embeddings and an untied head, from a GGUF and from a sharded safetensors folder.
+#[test]
+fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
+    use shrink_io::{Checkpoint, Export, GgufVocab, GgufWriteType, TokenizerBundle};
+    use shrink_models::{ModelConfig, Transformer};
+    let vocab = GgufVocab::byte_level(&["<s>", "</s>"], &["a b", "ab c"], Some("llama-bpe"));
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 64;
+    cfg.vocab_size = vocab.tokens.len();
+    cfg.tie_word_embeddings = false;
+    let model = Transformer::random(&cfg, 5, &Device::Cpu).unwrap();
+    let tokenizer = TokenizerBundle::from_gguf_vocab(
+        std::path::Path::new("t"),
+        vocab,
+        Some(0),
+        Some(1),
+        true,
+        None,
+    )
+    .unwrap();
+    let source = Checkpoint {
+        path: "tiny".into(),
+        format: shrink_io::Format::HfFolder,
+        config: serde_json::to_value(&cfg).unwrap(),
+        tensors: model.checkpoint_tensors().unwrap().into(),
+        tokenizer: Some(tokenizer),
+        generation_config: None,
+        side_files: Default::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("in.gguf");
+    shrink_io::write_llama_gguf(&source, &gguf, GgufWriteType::F16, &Default::default()).unwrap();
+    let hf = dir.path().join("in-hf");
+    shrink_io::save_hf(&source, &hf, shrink_io::SaveDType::BF16).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 200) as u32).collect())
+        .collect();
+    let plan = QuantPlan {
+        default: QuantScheme::Q4_0.into(),
+        rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],
+        fallbacks: vec![],
+    };
+    let output = QuantizedOutput {
+        export: Export::Gguf,
+        plan: &plan,
+        embeddings: Some(Ok(QuantScheme::Q8_0.into())),
+        activations: None,
+    };
+    for input in [&gguf, &hf] {
+        let checkpoint = shrink_io::load(input).unwrap();
+        for method in [
+            Method::Rtn,
+            Method::Gptq(GptqConfig::default()),
+            Method::Awq {
+                grid: 10,
+                gptq: None,
+            },
+        ] {
+            let whole_path = dir.path().join("whole.gguf");
+            let mut whole =
+                Transformer::from_checkpoint(&cfg, checkpoint.load_finite().unwrap(), DType::F32)
+                    .unwrap();
+            let q = quantize_model(
+                &mut whole,
+                method,
+                &plan,
+                Some(&windows),
+                2,
+                &shrink_core::NoProgress,
+            )
+            .unwrap();
+            let a = write_quantized(&checkpoint, &whole, &q, &output, &whole_path).unwrap();
+            let streamed_path = dir.path().join("streamed.gguf");
+            let mut streamed = checkpoint.streamed(DType::F32).unwrap();
+            let (r, b) = quantize_streamed(
+                &checkpoint,
+                &mut streamed,
+                method,
+                &output,
+                Some(&windows),
+                2,
+                &shrink_core::NoProgress,
+                &streamed_path,
+            )
+            .unwrap();
+            let (whole_bytes, streamed_bytes) = (
+                std::fs::read(&whole_path).unwrap(),
+                std::fs::read(&streamed_path).unwrap(),
+            );
+            assert!(
+                whole_bytes == streamed_bytes,
+                "{method:?} from {}",
+                input.display()
+            );
+            let facts = |layers: &[LayerReport]| {
+                layers
+                    .iter()
+                    .map(|l| (l.name.clone(), l.format.clone(), l.relative_output_error))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(a.types, b.types);
+            assert_eq!(facts(&r.layers), facts(&q.layers));
+            // What was written loads back, with the rounded head as Q8_0.
+            let info = shrink_io::inspect(&streamed_path).unwrap();
+            let head = info
+                .tensors
+                .iter()
+                .find(|t| t.name == "output.weight")
+                .unwrap();
+            assert_eq!(head.dtype, "Q8_0");
+        }
+    }
+}

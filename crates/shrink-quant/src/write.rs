@@ -3,9 +3,9 @@
 //! `llama-quantize` does) or a Hugging Face folder in compressed-tensors' layout. Post-training
 //! quantization, QAT and the search all write through [`write_quantized`].
 
-use crate::{Format, QuantError, QuantPlan, QuantizedModel, Result};
-use shrink_io::{Checkpoint, Export, GgufWriteType, IoError, QuantizedBlocks};
-use shrink_models::{ActQuant, Transformer};
+use crate::{Format, QuantError, QuantPlan, QuantizedModel, QuantizedWeight, Result};
+use shrink_io::{Checkpoint, Export, GgufWriteType, IoError};
+use shrink_models::{ActQuant, BlockModel, StreamedModel, Transformer};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -40,7 +40,7 @@ pub fn write_quantized(
     output: &QuantizedOutput,
     out: &Path,
 ) -> Result<Written> {
-    let mut blocks = BTreeMap::new();
+    let mut extra_types = BTreeMap::new();
     let written = |e: IoError| QuantError::Io(IoError::written(out, e));
     match output.export {
         Export::Hf => {
@@ -62,7 +62,7 @@ pub fn write_quantized(
             let mut tensors = model.checkpoint_tensors()?;
             tensors.retain(|name, _| !by_checkpoint.contains_key(name));
             let quantized = Checkpoint {
-                tensors,
+                tensors: tensors.into(),
                 ..checkpoint.clone()
             };
             shrink_io::save_hf_with(
@@ -75,66 +75,25 @@ pub fn write_quantized(
             .map_err(written)?;
         }
         Export::Gguf => {
-            let mut parts = BTreeMap::new();
-            for (name, q) in &result.tensors {
-                parts.insert(name.clone(), q.to_ggml_blocks()?);
-            }
-            // Weights the checkpoint stacks (GPT-2's c_attn from q, k, v) stack their blocks'
-            // rows too: one GGUF type for all of them.
-            for (stored, sources) in model.stacked_weights() {
-                let found: Vec<_> = sources.iter().filter_map(|s| parts.remove(s)).collect();
-                if found.is_empty() {
-                    continue;
-                }
-                let dtype = found[0].0;
-                if found.len() != sources.len() || found.iter().any(|(d, _)| *d != dtype) {
-                    return Err(QuantError::Export(format!(
-                        "'{stored}' is stored as one GGUF tensor made of {}: quantize them all to the same type",
-                        sources.join(", ")
-                    )));
-                }
-                let bytes = found.into_iter().flat_map(|(_, b)| b).collect();
-                blocks.insert(stored, QuantizedBlocks { dtype, bytes });
-            }
-            if let Some(name) = parts.keys().next() {
-                return Err(QuantError::Export(format!(
-                    "quantized '{name}' is not a linear weight of the model"
-                )));
-            }
-            // The token embedding (and an untied output head) by round-to-nearest, as
-            // llama-quantize does.
-            let mut weight_type = GgufWriteType::F32;
-            match output.embeddings {
-                None => {}
-                Some(Err(t)) => weight_type = t,
-                Some(Ok(format)) => {
-                    let tensors = model.named_tensors();
-                    for name in [model.embedding_name(), "lm_head.weight".into()] {
-                        if let Some(t) = tensors.get(&name) {
-                            let (rows, cols) = t.dims2()?;
-                            let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                            let q = crate::rtn_format(
-                                &w,
-                                rows,
-                                cols,
-                                &output.plan.fit(format.with_search(false), cols),
-                                None,
-                                &name,
-                            )?;
-                            let (dtype, bytes) = q.to_ggml_blocks()?;
-                            blocks.insert(name, QuantizedBlocks { dtype, bytes });
-                        }
-                    }
-                }
-            }
             // What the model holds now: AWQ has rescaled norms as well as linears.
-            let quantized = Checkpoint {
-                tensors: model.checkpoint_tensors()?,
+            let written_model = Checkpoint {
+                tensors: model.checkpoint_tensors()?.into(),
                 ..checkpoint.clone()
             };
-            shrink_io::write_llama_gguf(&quantized, out, weight_type, &blocks).map_err(written)?;
+            let mut gguf = QuantizedGguf::create(&written_model, &model.config, output, out)?;
+            gguf.quantized(result.tensors.clone())?;
+            for name in written_model.tensors.names() {
+                gguf.tensor(name, written_model.tensors.get(name)?)?;
+            }
+            extra_types = gguf.finish()?;
         }
     }
+    Ok(written_of(result, extra_types))
+}
+
+/// What was written: the quantized linears' types and bits, and the other tensors stored in a
+/// block type (`extra_types`).
+fn written_of(result: &QuantizedModel, extra_types: BTreeMap<String, usize>) -> Written {
     let weights: f64 = result
         .layers
         .iter()
@@ -150,15 +109,282 @@ pub fn write_quantized(
     for l in &result.layers {
         *types.entry(l.format.clone()).or_default() += 1;
     }
-    for (name, b) in &blocks {
-        if !result.tensors.contains_key(name) {
-            *types
-                .entry(format!("{:?}", b.dtype).to_lowercase())
-                .or_default() += 1;
-        }
+    for (t, n) in extra_types {
+        *types.entry(t).or_default() += n;
     }
-    Ok(Written {
+    Written {
         types,
         linear_bits_per_weight,
+    }
+}
+
+/// Quantizes a model read block by block from `checkpoint` (a [`StreamedModel`] of it) and
+/// writes the GGUF as it goes: the embedding first, each block as soon as it is quantized, then
+/// the output tensors. Only one block's weights (and the calibration activations) are in memory
+/// at a time; the bytes are those [`crate::quantize_model`] and [`write_quantized`] write.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_streamed(
+    checkpoint: &Checkpoint,
+    model: &mut StreamedModel,
+    method: crate::Method,
+    output: &QuantizedOutput,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    progress: &dyn shrink_core::Progress,
+    out: &Path,
+) -> Result<(QuantizedModel, Written)> {
+    if output.export != Export::Gguf {
+        return Err(QuantError::Export(
+            "a streamed quantization writes GGUF files only".into(),
+        ));
+    }
+    output.plan.check_model(model)?;
+    let config = model.config().clone();
+    let arch = config.arch()?;
+    let mut gguf = QuantizedGguf::create(checkpoint, &config, output, out)?;
+    let embedding = config.embedding_name();
+    gguf.tensor(&embedding, model.tensor(&embedding)?)?;
+    let result = crate::quantize_blocks(
+        model,
+        method,
+        output.plan,
+        windows,
+        batch,
+        progress,
+        &mut |block, quantized| {
+            gguf.quantized(std::mem::take(quantized))?;
+            for (name, t) in block.named_tensors(arch) {
+                gguf.tensor(&name, t)?;
+            }
+            Ok(())
+        },
+    )?;
+    let rest: Vec<String> = checkpoint
+        .tensors
+        .names()
+        .filter(|name| gguf.wants(name))
+        .cloned()
+        .collect();
+    for name in rest {
+        gguf.tensor(&name, model.tensor(&name)?)?;
+    }
+    let extra_types = gguf.finish()?;
+    let written = written_of(&result, extra_types);
+    Ok((result, written))
+}
+
+/// A quantized model's GGUF, written as its tensors become ready (see [`shrink_io::GgufWriter`]):
+/// the layout is planned from the model's tensor names and shapes and the quantization plan, then
+/// each tensor is appended in llama.cpp's order as soon as it and those before it are supplied. A
+/// streamed quantization supplies the embedding, then each block as it is quantized, then the
+/// output tensors, and so holds one block at a time; an in-memory one supplies everything at once.
+pub struct QuantizedGguf<'a> {
+    layout: shrink_io::LlamaGguf,
+    writer: shrink_io::GgufWriter,
+    next: usize,
+    pending: BTreeMap<String, Pending>,
+    /// Checkpoint weights made of several quantized model weights (GPT-2's `c_attn`), and the
+    /// parts received so far.
+    stacked: Vec<(String, Vec<String>)>,
+    parts: BTreeMap<String, (GgmlDType, Vec<u8>)>,
+    output: &'a QuantizedOutput<'a>,
+    embedding: String,
+    out: std::path::PathBuf,
+    /// Tensors other than the quantized linears stored in a block type, by type.
+    extra_types: BTreeMap<String, usize>,
+}
+
+enum Pending {
+    Blocks(Vec<u8>),
+    Tensor(candle_core::Tensor),
+}
+
+use candle_core::quantized::GgmlDType;
+
+impl<'a> QuantizedGguf<'a> {
+    /// Plans the GGUF of `written` (the quantized model's tensors, under the checkpoint's names,
+    /// their shapes known without loading them; its config and tokenizer) for `config`'s linears
+    /// quantized as `output.plan` says, and writes its header to a temporary file beside `out`.
+    pub fn create(
+        written: &Checkpoint,
+        config: &shrink_models::ModelConfig,
+        output: &'a QuantizedOutput<'a>,
+        out: &Path,
+    ) -> Result<Self> {
+        let io = |e: IoError| QuantError::Io(IoError::written(out, e));
+        let n_layers = config.num_hidden_layers;
+        let mut types: BTreeMap<String, GgmlDType> = BTreeMap::new();
+        let formats: BTreeMap<String, Format> = config
+            .block_linears()
+            .into_iter()
+            .map(|(name, [_, cols])| {
+                let format = output.plan.format_for(&name, cols, n_layers);
+                (format!("{name}.weight"), format)
+            })
+            .collect();
+        let stacked = config.stacked_weights();
+        for (stored, sources) in &stacked {
+            let dtypes = sources
+                .iter()
+                .map(|s| ggml_type_of(&formats[s], s))
+                .collect::<Result<Vec<_>>>()?;
+            if dtypes.iter().any(|d| *d != dtypes[0]) {
+                return Err(QuantError::Export(format!(
+                    "'{stored}' is stored as one GGUF tensor made of {}: quantize them all to the same type",
+                    sources.join(", ")
+                )));
+            }
+            types.insert(stored.clone(), dtypes[0]);
+        }
+        // The token embedding (and an untied output head) by round-to-nearest, as llama-quantize
+        // does.
+        let embedding = config.embedding_name();
+        let mut weight_type = GgufWriteType::F32;
+        match output.embeddings {
+            None => {}
+            Some(Err(t)) => weight_type = t,
+            Some(Ok(format)) => {
+                for name in [embedding.as_str(), "lm_head.weight"] {
+                    if let Some(&[_, cols]) = written.tensors.shape(name) {
+                        let format = output.plan.fit(format.with_search(false), cols);
+                        types.insert(name.to_string(), ggml_type_of(&format, name)?);
+                    }
+                }
+            }
+        }
+        let layout = shrink_io::LlamaGguf::plan(written, out, weight_type, &types).map_err(io)?;
+        let writer = shrink_io::GgufWriter::create(out, &layout.metadata, layout.entries.clone())
+            .map_err(io)?;
+        Ok(Self {
+            layout,
+            writer,
+            next: 0,
+            pending: BTreeMap::new(),
+            stacked,
+            parts: BTreeMap::new(),
+            output,
+            embedding,
+            out: out.to_path_buf(),
+            extra_types: BTreeMap::new(),
+        })
+    }
+
+    fn io(&self) -> impl Fn(IoError) -> QuantError + '_ {
+        |e| QuantError::Io(IoError::written(&self.out, e))
+    }
+
+    /// Supplies quantized linears (by model weight name); a stacked weight is written once all
+    /// its parts are here.
+    pub fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
+        for (name, q) in weights {
+            self.parts.insert(name, q.to_ggml_blocks()?);
+        }
+        for (stored, sources) in &self.stacked {
+            if !sources.iter().all(|s| self.parts.contains_key(s)) {
+                continue;
+            }
+            let planned = self
+                .layout
+                .names
+                .iter()
+                .position(|n| n == stored)
+                .map(|i| self.layout.entries[i].dtype);
+            let mut bytes = Vec::new();
+            for s in sources {
+                let (dtype, b) = self.parts.remove(s).unwrap_or((GgmlDType::F32, vec![]));
+                if Some(dtype) != planned {
+                    return Err(QuantError::Export(format!(
+                        "'{s}' was quantized to {dtype:?}, but the plan writes it as {planned:?}"
+                    )));
+                }
+                bytes.extend(b);
+            }
+            self.pending.insert(stored.clone(), Pending::Blocks(bytes));
+        }
+        self.flush()
+    }
+
+    /// Supplies a tensor that is not a quantized linear (by checkpoint name): the embedding and
+    /// an untied head are rounded to their planned block type, others written as planned.
+    /// Tensors whose quantized blocks were supplied are skipped.
+    pub fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
+        if !self.wants(name) {
+            return Ok(());
+        }
+        let index = self.layout.names.iter().position(|n| n == name);
+        let rounded = (name == self.embedding || name == "lm_head.weight")
+            && matches!(self.output.embeddings, Some(Ok(_)));
+        let pending = match (rounded, index) {
+            (true, Some(i)) => {
+                let (rows, cols) = t.dims2()?;
+                let Some(Ok(format)) = self.output.embeddings else {
+                    unreachable!("checked above")
+                };
+                let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                let format = self.output.plan.fit(format.with_search(false), cols);
+                let q = crate::rtn_format(&w, rows, cols, &format, None, name)?;
+                let (dtype, bytes) = q.to_ggml_blocks()?;
+                debug_assert_eq!(dtype, self.layout.entries[i].dtype);
+                *self
+                    .extra_types
+                    .entry(format!("{dtype:?}").to_lowercase())
+                    .or_default() += 1;
+                Pending::Blocks(bytes)
+            }
+            _ => Pending::Tensor(t),
+        };
+        self.pending.insert(name.to_string(), pending);
+        self.flush()
+    }
+
+    /// Whether `name` (a checkpoint name) is still to be supplied as a tensor: planned, not a
+    /// quantized linear, not written or supplied yet.
+    pub fn wants(&self, name: &str) -> bool {
+        let index = self.layout.names.iter().position(|n| n == name);
+        index.is_some_and(|i| i >= self.next)
+            && !self.pending.contains_key(name)
+            && !self.stacked.iter().any(|(s, _)| s == name)
+    }
+
+    /// Appends every supplied tensor that is next in the file.
+    fn flush(&mut self) -> Result<()> {
+        while let Some(name) = self.layout.names.get(self.next) {
+            let Some(pending) = self.pending.remove(name) else {
+                break;
+            };
+            let data = match pending {
+                Pending::Blocks(bytes) => self.layout.blocks_data(self.next, &bytes),
+                Pending::Tensor(t) => self.layout.tensor_data(self.next, &t),
+            }
+            .map_err(self.io())?;
+            let entry = self.layout.entries[self.next].name.clone();
+            self.writer.append(&entry, &data).map_err(self.io())?;
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor was supplied and puts the file in place; returns the block types
+    /// of the tensors other than the quantized linears (the rounded embedding and head).
+    pub fn finish(mut self) -> Result<BTreeMap<String, usize>> {
+        self.flush()?;
+        if let Some(name) = self.parts.keys().next() {
+            return Err(QuantError::Export(format!(
+                "quantized '{name}' is not a linear weight of the model"
+            )));
+        }
+        let io = |e: IoError| QuantError::Io(IoError::written(&self.out, e));
+        self.writer.finish().map_err(io)?;
+        Ok(self.extra_types)
+    }
+}
+
+/// The ggml type a format is stored in, or an error naming the weight when GGUF has none.
+fn ggml_type_of(format: &Format, name: &str) -> Result<GgmlDType> {
+    format.ggml_type().ok_or_else(|| {
+        QuantError::Export(format!(
+            "'{name}': {} has no GGUF block type (write it as a Hugging Face folder)",
+            format.label()
+        ))
     })
 }

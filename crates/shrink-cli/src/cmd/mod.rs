@@ -10,5 +10,6 @@ pub(crate) mod inspect;
 pub(crate) mod prune;
 pub(crate) mod quantize;
 pub(crate) mod run;
+pub(crate) mod synth;
 pub(crate) mod tokenize;
 pub(crate) mod validate;

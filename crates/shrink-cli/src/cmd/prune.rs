@@ -1,6 +1,7 @@
 //! `shrink prune`: Pruning of one model.
 
 use crate::common::{compress, pattern_pairs, Compression};
+use anyhow::Context;
 use anyhow::Result;
 use clap::Args;
 
@@ -71,8 +72,11 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
     let resolved = request.resolve()?;
     let common = &args.common;
     let done = compress(&args.model, common, &resolved)?;
-    let (checkpoint, outcome, wall_s, model) =
-        (&done.checkpoint, &done.outcome, done.wall_s, &done.model);
+    let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
+    let model = done
+        .model
+        .as_ref()
+        .context("pruning holds the model whole, so it has one after")?;
     let (size_before, after) = (&done.size_before, &done.size_after);
     if common.json {
         #[derive(serde::Serialize)]

@@ -108,6 +108,29 @@ pub struct Block {
 }
 
 impl Block {
+    /// Every weight of the block under the model's names (`arch` names its norms).
+    pub fn named_tensors(&self, arch: Arch) -> BTreeMap<String, Tensor> {
+        let names = crate::family::naming(arch);
+        let mut out = BTreeMap::new();
+        let p = format!("{}.{}", names.layers, self.index);
+        for (name, n) in [
+            (names.attn_norm, &self.attn_norm),
+            (names.mlp_norm, &self.mlp_norm),
+        ] {
+            out.insert(format!("{p}.{name}.weight"), n.weight.clone());
+            if let Some(b) = &n.bias {
+                out.insert(format!("{p}.{name}.bias"), b.clone());
+            }
+        }
+        for (name, linear) in self.linears() {
+            out.insert(format!("{name}.weight"), linear.weight().clone());
+            if let Some(bias) = linear.bias() {
+                out.insert(format!("{name}.bias"), bias.clone());
+            }
+        }
+        out
+    }
+
     /// Runs the block on hidden states `(batch, seq, hidden)`.
     pub fn forward(
         &self,

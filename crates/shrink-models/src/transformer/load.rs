@@ -22,6 +22,34 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The token embedding's tensor name (`model.embed_tokens.weight`, `wte.weight`, …).
+    pub fn embedding_name(&self) -> String {
+        format!(
+            "{}.weight",
+            naming(self.arch().unwrap_or(Arch::Llama)).embed
+        )
+    }
+
+    /// The linears of the blocks, by name (`model.layers.0.self_attn.q_proj`), with their weights'
+    /// `[rows, cols]`, in block order.
+    pub fn block_linears(&self) -> Vec<(String, [usize; 2])> {
+        self.expected_tensors()
+            .into_iter()
+            .filter_map(|(name, shape)| {
+                let stem = name.strip_suffix(".weight")?;
+                (Role::of_name(stem).is_some() && shape.len() == 2)
+                    .then(|| (stem.to_string(), [shape[0], shape[1]]))
+            })
+            .collect()
+    }
+
+    /// Each block linear weight as the checkpoint stores it (see
+    /// [`Transformer::stacked_weights`]).
+    pub fn stacked_weights(&self) -> Vec<(String, Vec<String>)> {
+        let linears: Vec<String> = self.block_linears().into_iter().map(|(n, _)| n).collect();
+        crate::checkpoint::stacked_weights(self, &linears)
+    }
+
     /// Names and shapes of every weight the model expects, under the names [`Transformer`] uses
     /// (the checkpoint's, with GPT-2's fused qkv split and transposed).
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
@@ -102,6 +130,108 @@ fn is_buffer(name: &str) -> bool {
         || name.ends_with(".attn.masked_bias")
 }
 
+/// `t`, the tensor `name`, checked against the shape the model expects and converted to `dtype`.
+pub(super) fn checked(
+    expected: &BTreeMap<String, Vec<usize>>,
+    name: String,
+    t: Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let shape = expected
+        .get(&name)
+        .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
+    if t.dims() != shape.as_slice() {
+        return Err(ModelError::WrongShape {
+            name,
+            expected: shape.clone(),
+            actual: t.dims().to_vec(),
+        });
+    }
+    Ok(t.to_dtype(dtype)?)
+}
+
+/// The norm called `name` (its weight, and its bias for LayerNorm families).
+fn load_norm(
+    config: &ModelConfig,
+    name: &str,
+    get: &mut dyn FnMut(String) -> Result<Tensor>,
+) -> Result<Norm> {
+    let layer_norm = !config.arch()?.is_llama_like();
+    Ok(Norm {
+        weight: get(format!("{name}.weight"))?,
+        bias: if layer_norm {
+            Some(get(format!("{name}.bias"))?)
+        } else {
+            None
+        },
+        eps: config.norm_eps(),
+    })
+}
+
+impl Block {
+    /// Block `index` of a model of `config`, its tensors (under the model's names) taken from
+    /// `get`.
+    pub fn load(
+        config: &ModelConfig,
+        index: usize,
+        get: &mut dyn FnMut(String) -> Result<Tensor>,
+    ) -> Result<Block> {
+        let arch = config.arch()?;
+        let names = naming(arch);
+        let p = format!("{}.{index}", names.layers);
+        let full: [String; 7] = std::array::from_fn(|r| {
+            if names.linears[r].is_empty() || (r == Role::Gate as usize && !arch.is_llama_like()) {
+                String::new()
+            } else {
+                format!("{p}.{}", names.linears[r])
+            }
+        });
+        let mut linear = |role: Role, bias: bool| -> Result<Linear> {
+            let name = &full[role as usize];
+            let weight = get(format!("{name}.weight"))?;
+            let bias = if bias {
+                Some(get(format!("{name}.bias"))?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let (qkv_bias, o_bias, mlp_bias) =
+            (config.qkv_bias(), config.o_bias(), config.mlp_biases());
+        let q_proj = linear(Role::Q, qkv_bias)?;
+        let k_proj = linear(Role::K, qkv_bias)?;
+        let v_proj = linear(Role::V, qkv_bias)?;
+        let o_proj = linear(Role::O, o_bias)?;
+        let gate_proj = if full[Role::Gate as usize].is_empty() {
+            None
+        } else {
+            Some(linear(Role::Gate, false)?)
+        };
+        let up_proj = linear(Role::Up, mlp_bias)?;
+        let down_proj = linear(Role::Down, mlp_bias)?;
+        let attn_norm = load_norm(config, &format!("{p}.{}", names.attn_norm), get)?;
+        let mlp_norm = load_norm(config, &format!("{p}.{}", names.mlp_norm), get)?;
+        Ok(Block {
+            index,
+            attn_norm,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            mlp_norm,
+            gate_proj,
+            up_proj,
+            down_proj,
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_kv_heads(),
+            head_dim: config.head_dim(),
+            post_norm: arch == Arch::Bert,
+            activation: config.activation()?,
+            names: full,
+        })
+    }
+}
+
 impl Transformer {
     /// Builds the model from tensors under its own names ([`ModelConfig::expected_tensors`]),
     /// checking every name and shape. Tensors are converted to `dtype`; unused tensors are an
@@ -118,33 +248,13 @@ impl Transformer {
         let expected: BTreeMap<String, Vec<usize>> =
             config.expected_tensors().into_iter().collect();
         let mut get = |name: String| -> Result<Tensor> {
-            let shape = expected
-                .get(&name)
-                .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
             let t = tensors
                 .remove(&name)
                 .ok_or_else(|| ModelError::MissingTensor(name.clone()))?;
-            if t.dims() != shape.as_slice() {
-                return Err(ModelError::WrongShape {
-                    name,
-                    expected: shape.clone(),
-                    actual: t.dims().to_vec(),
-                });
-            }
-            Ok(t.to_dtype(dtype)?)
+            checked(&expected, name, t, dtype)
         };
-        let eps = config.norm_eps();
-        let layer_norm = !arch.is_llama_like();
         let norm = |name: &str, get: &mut dyn FnMut(String) -> Result<Tensor>| {
-            Ok::<_, ModelError>(Norm {
-                weight: get(format!("{name}.weight"))?,
-                bias: if layer_norm {
-                    Some(get(format!("{name}.bias"))?)
-                } else {
-                    None
-                },
-                eps,
-            })
+            load_norm(config, name, get)
         };
         let embed_tokens = get(format!("{}.weight", names.embed))?;
         let embed_positions = match names.positions {
@@ -159,63 +269,9 @@ impl Transformer {
             Some(p) => Some(norm(p, &mut get)?),
             None => None,
         };
-        let activation = config.activation()?;
-        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
-        for index in 0..config.num_hidden_layers {
-            let p = format!("{}.{index}", names.layers);
-            let full: [String; 7] = std::array::from_fn(|r| {
-                if names.linears[r].is_empty()
-                    || (r == Role::Gate as usize && !arch.is_llama_like())
-                {
-                    String::new()
-                } else {
-                    format!("{p}.{}", names.linears[r])
-                }
-            });
-            let mut linear = |role: Role, bias: bool| -> Result<Linear> {
-                let name = &full[role as usize];
-                let weight = get(format!("{name}.weight"))?;
-                let bias = if bias {
-                    Some(get(format!("{name}.bias"))?)
-                } else {
-                    None
-                };
-                Ok(Linear::new(weight, bias))
-            };
-            let (qkv_bias, o_bias, mlp_bias) =
-                (config.qkv_bias(), config.o_bias(), config.mlp_biases());
-            let q_proj = linear(Role::Q, qkv_bias)?;
-            let k_proj = linear(Role::K, qkv_bias)?;
-            let v_proj = linear(Role::V, qkv_bias)?;
-            let o_proj = linear(Role::O, o_bias)?;
-            let gate_proj = if full[Role::Gate as usize].is_empty() {
-                None
-            } else {
-                Some(linear(Role::Gate, false)?)
-            };
-            let up_proj = linear(Role::Up, mlp_bias)?;
-            let down_proj = linear(Role::Down, mlp_bias)?;
-            let attn_norm = norm(&format!("{p}.{}", names.attn_norm), &mut get)?;
-            let mlp_norm = norm(&format!("{p}.{}", names.mlp_norm), &mut get)?;
-            blocks.push(Block {
-                index,
-                attn_norm,
-                q_proj,
-                k_proj,
-                v_proj,
-                o_proj,
-                mlp_norm,
-                gate_proj,
-                up_proj,
-                down_proj,
-                num_heads: config.num_attention_heads,
-                num_kv_heads: config.num_kv_heads(),
-                head_dim: config.head_dim(),
-                post_norm: arch == Arch::Bert,
-                activation,
-                names: full,
-            });
-        }
+        let blocks = (0..config.num_hidden_layers)
+            .map(|index| Block::load(config, index, &mut get))
+            .collect::<Result<Vec<_>>>()?;
         let norm_final = match names.final_norm {
             Some(f) => Some(norm(f, &mut get)?),
             None => None,

@@ -9,9 +9,11 @@
 mod block;
 mod layers;
 mod load;
+mod stream;
 
 pub use block::*;
 pub use layers::*;
+pub use stream::{BlockModel, StreamedModel, TensorLoader};
 
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::family::bert::{MLM_BIAS, MLM_NORM, MLM_TRANSFORM};
@@ -55,6 +57,77 @@ pub struct Transformer {
     sliding_window: Option<usize>,
 }
 
+/// The embedding tensors of a model, borrowed.
+pub(crate) struct Embeddings<'a> {
+    pub tokens: &'a Tensor,
+    pub positions: Option<&'a Tensor>,
+    pub token_types: Option<&'a Tensor>,
+    pub norm: Option<&'a Norm>,
+}
+
+impl Embeddings<'_> {
+    /// Token ids `(batch, seq)` to embeddings at positions `offset..offset + seq`.
+    pub fn forward(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.tokens.dim(1)?;
+        let flat = ids.flatten_all()?;
+        let mut x = self.tokens.index_select(&flat, 0)?.reshape((b, t, h))?;
+        if let Some(pos) = self.positions {
+            let max = pos.dim(0)?;
+            if offset + t > max {
+                return Err(ModelError::Config(format!(
+                    "sequence of {} positions exceeds max_position_embeddings ({max})",
+                    offset + t
+                )));
+            }
+            x = x.broadcast_add(&pos.narrow(0, offset, t)?.unsqueeze(0)?)?;
+        }
+        if let Some(types) = self.token_types {
+            x = x.broadcast_add(&types.narrow(0, 0, 1)?)?;
+        }
+        match self.norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+}
+
+/// Attention inputs for `seq_len` new positions after `offset` cached ones (`at`): RoPE tables
+/// from `inv_freq` and the causal mask for decoders, full attention for encoders.
+pub(crate) fn attention_context(
+    inv_freq: &[f64],
+    arch: Arch,
+    window: Option<usize>,
+    (seq_len, offset): (usize, usize),
+    device: &Device,
+    dtype: DType,
+) -> Result<AttentionContext> {
+    let rope = if inv_freq.is_empty() {
+        None
+    } else {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(seq_len * half);
+        let mut sin = Vec::with_capacity(seq_len * half);
+        for pos in offset..offset + seq_len {
+            for f in inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Some((
+            Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?,
+        ))
+    };
+    Ok(AttentionContext {
+        rope,
+        causal: !arch.is_encoder(),
+        window,
+        key_mask: None,
+    })
+}
+
 impl Transformer {
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
@@ -71,61 +144,26 @@ impl Transformer {
 
     /// Token ids `(batch, seq)` to embeddings at positions `offset..offset + seq`.
     pub fn embed_at(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let h = self.config.hidden_size;
-        let flat = ids.flatten_all()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, t, h))?;
-        if let Some(pos) = &self.embed_positions {
-            let max = pos.dim(0)?;
-            if offset + t > max {
-                return Err(ModelError::Config(format!(
-                    "sequence of {} positions exceeds max_position_embeddings ({max})",
-                    offset + t
-                )));
-            }
-            x = x.broadcast_add(&pos.narrow(0, offset, t)?.unsqueeze(0)?)?;
-        }
-        if let Some(types) = &self.embed_token_types {
-            x = x.broadcast_add(&types.narrow(0, 0, 1)?)?;
-        }
-        match &self.embed_norm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
-        }
+        let embeddings = Embeddings {
+            tokens: &self.embed_tokens,
+            positions: self.embed_positions.as_ref(),
+            token_types: self.embed_token_types.as_ref(),
+            norm: self.embed_norm.as_ref(),
+        };
+        embeddings.forward(ids, offset)
     }
 
     /// Attention inputs for `seq_len` new positions after `offset` cached ones: RoPE tables and
     /// the causal mask for decoders, full attention for encoders.
     pub fn attention_context(&self, seq_len: usize, offset: usize) -> Result<AttentionContext> {
-        let rope = if self.inv_freq.is_empty() {
-            None
-        } else {
-            let half = self.inv_freq.len();
-            let mut cos = Vec::with_capacity(seq_len * half);
-            let mut sin = Vec::with_capacity(seq_len * half);
-            for pos in offset..offset + seq_len {
-                for f in &self.inv_freq {
-                    let angle = pos as f64 * f;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
-            let device = self.device();
-            let dtype = self.dtype();
-            Some((
-                Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?,
-                Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?,
-            ))
-        };
-        Ok(AttentionContext {
-            rope,
-            causal: !self.arch.is_encoder(),
-            window: self.sliding_window,
-            key_mask: None,
-        })
+        attention_context(
+            &self.inv_freq,
+            self.arch,
+            self.sliding_window,
+            (seq_len, offset),
+            self.device(),
+            self.dtype(),
+        )
     }
 
     /// Attention inputs for an encoder batch padded on the right: sequence `i` has `lengths[i]`
@@ -306,7 +344,7 @@ impl Transformer {
 
     /// The token embedding's tensor name (`model.embed_tokens.weight`, `wte.weight`, …).
     pub fn embedding_name(&self) -> String {
-        format!("{}.weight", naming(self.arch).embed)
+        self.config.embedding_name()
     }
 
     /// The same model with only blocks `layers` (ascending), renumbered from 0: depth pruning and
@@ -368,15 +406,7 @@ impl Transformer {
             norm(&mut out, p, n);
         }
         for b in &self.blocks {
-            let p = format!("{}.{}", names.layers, b.index);
-            norm(&mut out, &format!("{p}.{}", names.attn_norm), &b.attn_norm);
-            norm(&mut out, &format!("{p}.{}", names.mlp_norm), &b.mlp_norm);
-            for (name, linear) in b.linears() {
-                out.insert(format!("{name}.weight"), linear.weight().clone());
-                if let Some(bias) = linear.bias() {
-                    out.insert(format!("{name}.bias"), bias.clone());
-                }
-            }
+            out.extend(b.named_tensors(self.arch));
         }
         if let (Some(f), Some(n)) = (names.final_norm, &self.norm) {
             norm(&mut out, f, n);

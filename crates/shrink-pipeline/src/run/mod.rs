@@ -194,7 +194,7 @@ pub fn run(
     let baseline = build_model(&given.checkpoint, DType::F32)?;
     check_stage_shapes(pipeline, &baseline)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::check_export(&given.checkpoint, &baseline, Export::Gguf)?;
+        shrink_io::check_export(&given.checkpoint, baseline.arch, Export::Gguf)?;
     }
     let base = metrics_for(&run_dir.join("baseline"), &given.model_sha, &|key| {
         bench.measure(key, &baseline, None, &given.view)

@@ -323,7 +323,7 @@ pub fn distill_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(Transformer, DistillOutcome)> {
-    shrink_io::check_export(checkpoint, student, resolved.export)?;
+    shrink_io::check_export(checkpoint, student.arch, resolved.export)?;
     let (trained, training) = shrink_distill::distill(
         teacher,
         student,

@@ -254,6 +254,24 @@ pub trait Compress {
     /// atomically).
     fn write(&self, input: &JobInput, model: &mut Transformer, out: &Path)
         -> Result<Self::Outcome>;
+    /// Whether the job can read `checkpoint`'s model block by block
+    /// ([`Compress::write_streamed`]) rather than hold it whole: the same method and the same
+    /// bytes, in the memory of one block.
+    fn streams(&self, _checkpoint: &Checkpoint) -> bool {
+        false
+    }
+    /// [`Compress::check`] for a model read block by block: refuses, before anything is
+    /// calibrated, what the job or its output cannot take.
+    fn check_streamed(&self, _checkpoint: &Checkpoint) -> Result<()> {
+        Ok(())
+    }
+    /// Checks, compresses and writes the model read block by block from `input.checkpoint`; only
+    /// called when [`Compress::streams`] says so.
+    fn write_streamed(&self, _input: &JobInput, _out: &Path) -> Result<Self::Outcome> {
+        Err(PipelineError::Invalid(
+            "this job holds the model whole; it does not stream".into(),
+        ))
+    }
 }
 
 impl StageContext<'_> {

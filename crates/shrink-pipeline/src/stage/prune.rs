@@ -401,7 +401,11 @@ impl Compress for ResolvedPrune {
 
     fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()> {
         check_prune(self, model)?;
-        Ok(shrink_io::check_export(checkpoint, model, self.export)?)
+        Ok(shrink_io::check_export(
+            checkpoint,
+            model.arch,
+            self.export,
+        )?)
     }
 
     fn write(&self, input: &JobInput, model: &mut Transformer, out: &Path) -> Result<PruneOutcome> {

@@ -98,7 +98,7 @@ pub fn qat_and_write(
     out: &Path,
     progress: &dyn Progress,
 ) -> Result<(crate::QuantizeOutcome, TrainOutcome)> {
-    shrink_io::check_export(checkpoint, model, resolved.quantize.export)?;
+    shrink_io::check_export(checkpoint, model.arch, resolved.quantize.export)?;
     let teacher = model.clone();
     let q = &resolved.quantize;
     let initial =

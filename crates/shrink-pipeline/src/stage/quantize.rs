@@ -10,7 +10,7 @@ use crate::{PipelineError, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_io::{Checkpoint, GgufWriteType};
-use shrink_models::{ActQuant, ModelConfig, Transformer};
+use shrink_models::{ActQuant, BlockModel, ModelConfig, Transformer};
 use shrink_quant::{Format, GptqConfig, Granularity, Method, Preset, QuantPlan, Rule};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -349,20 +349,8 @@ impl QuantizeRequest {
 /// activations, as in vLLM.
 pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
     let cfg = ModelConfig::from_json(&checkpoint.config)?;
-    checkpoint.check_finite()?;
-    let mut model = Transformer::from_checkpoint(&cfg, checkpoint.tensors.clone(), dtype)?;
-    let dynamic_tokens = checkpoint
-        .config
-        .pointer("/quantization_config/config_groups")
-        .and_then(|g| g.as_object())
-        .is_some_and(|groups| {
-            groups.values().any(|g| {
-                g.pointer("/input_activations/strategy")
-                    .and_then(|s| s.as_str())
-                    == Some("token")
-            })
-        });
-    if dynamic_tokens {
+    let mut model = Transformer::from_checkpoint(&cfg, checkpoint.load_finite()?, dtype)?;
+    if dynamic_tokens(checkpoint) {
         model.set_act_quant(Some(ActQuant::Int8PerToken));
     }
     Ok(model)
@@ -377,13 +365,8 @@ pub fn write_quantized(
     resolved: &ResolvedQuantize,
     out: &Path,
 ) -> Result<QuantizeOutcome> {
-    let output = shrink_quant::QuantizedOutput {
-        export: resolved.export,
-        plan: &resolved.plan,
-        embeddings: resolved.embeddings,
-        activations: resolved.activations,
-    };
-    let written = shrink_quant::write_quantized(checkpoint, model, result, &output, out)?;
+    let written =
+        shrink_quant::write_quantized(checkpoint, model, result, &resolved.output(), out)?;
     Ok(QuantizeOutcome {
         method: format!("{:?}", resolved.method),
         types: written.types,
@@ -601,7 +584,11 @@ impl Compress for ResolvedQuantize {
 
     fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()> {
         self.plan.check_model(model)?;
-        Ok(shrink_io::check_export(checkpoint, model, self.export)?)
+        Ok(shrink_io::check_export(
+            checkpoint,
+            model.arch,
+            self.export,
+        )?)
     }
 
     fn write(
@@ -610,7 +597,7 @@ impl Compress for ResolvedQuantize {
         model: &mut Transformer,
         out: &Path,
     ) -> Result<QuantizeOutcome> {
-        shrink_io::check_export(input.checkpoint, model, self.export)?;
+        shrink_io::check_export(input.checkpoint, model.arch, self.export)?;
         let result = shrink_quant::quantize_model(
             model,
             self.method,
@@ -620,6 +607,73 @@ impl Compress for ResolvedQuantize {
             input.progress,
         )?;
         write_quantized(input.checkpoint, model, &result, self, out)
+    }
+
+    fn streams(&self, checkpoint: &Checkpoint) -> bool {
+        let llama = ModelConfig::from_json(&checkpoint.config)
+            .and_then(|c| c.arch())
+            .is_ok_and(|a| a.is_llama_like());
+        llama && self.export == Export::Gguf && !dynamic_tokens(checkpoint)
+    }
+
+    fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let model = checkpoint.streamed(DType::F32)?;
+        self.plan.check_model(&model)?;
+        Ok(shrink_io::check_export(
+            checkpoint,
+            model.config().arch()?,
+            self.export,
+        )?)
+    }
+
+    fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<QuantizeOutcome> {
+        self.check_streamed(input.checkpoint)?;
+        let mut model = input.checkpoint.streamed(DType::F32)?;
+        let output = self.output();
+        let (result, written) = shrink_quant::quantize_streamed(
+            input.checkpoint,
+            &mut model,
+            self.method,
+            &output,
+            input.windows,
+            input.batch,
+            input.progress,
+            out,
+        )?;
+        Ok(QuantizeOutcome {
+            method: format!("{:?}", self.method),
+            types: written.types,
+            layers: result.layers,
+            linear_bits_per_weight: written.linear_bits_per_weight,
+        })
+    }
+}
+
+/// Whether a checkpoint's linears see int8 per-token activations (a W8A8 compressed-tensors
+/// folder), as in vLLM.
+fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
+    checkpoint
+        .config
+        .pointer("/quantization_config/config_groups")
+        .and_then(|g| g.as_object())
+        .is_some_and(|groups| {
+            groups.values().any(|g| {
+                g.pointer("/input_activations/strategy")
+                    .and_then(|s| s.as_str())
+                    == Some("token")
+            })
+        })
+}
+
+impl ResolvedQuantize {
+    /// How the quantized model is written.
+    fn output(&self) -> shrink_quant::QuantizedOutput<'_> {
+        shrink_quant::QuantizedOutput {
+            export: self.export,
+            plan: &self.plan,
+            embeddings: self.embeddings,
+            activations: self.activations,
+        }
     }
 }
 

@@ -555,7 +555,7 @@ fn fixed_bytes(
     blocks.extend(fixed_blocks);
     let probe = out.with_extension("probe.gguf");
     let quantized = Checkpoint {
-        tensors: model.checkpoint_tensors()?,
+        tensors: model.checkpoint_tensors()?.into(),
         ..checkpoint.clone()
     };
     shrink_io::write_llama_gguf(&quantized, &probe, weight_type, &blocks)?;

@@ -1,0 +1,153 @@
+//! Models worked on block by block: [`BlockModel`] is what the block-wise engines (calibration,
+//! quantization, pruning) need of a model, whether it is held whole in memory ([`Transformer`]) or
+//! read from a memory-mapped checkpoint one block at a time ([`StreamedModel`]).
+
+use super::*;
+
+/// What the block-wise engines need of a model: its embeddings, its attention inputs and its
+/// blocks, one at a time, in order.
+pub trait BlockModel {
+    fn config(&self) -> &ModelConfig;
+
+    fn num_blocks(&self) -> usize;
+
+    /// Each batch of token ids `(batch, seq)` embedded at positions from 0. A streamed model
+    /// loads the embedding once for all the batches and drops it after.
+    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>>;
+
+    /// Attention inputs for `seq_len` positions from 0.
+    fn attention_context(&self, seq_len: usize) -> Result<AttentionContext>;
+
+    /// Runs `f` on block `index`: the model's own (what `f` changes stays) or one loaded from the
+    /// checkpoint for the call (dropped after it; `f` must write what it wants to keep).
+    fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R>;
+}
+
+impl BlockModel for Transformer {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
+        batches.iter().map(|ids| self.embed(ids)).collect()
+    }
+
+    fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
+        Transformer::attention_context(self, seq_len, 0)
+    }
+
+    fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R> {
+        let n = self.blocks.len();
+        let block = self
+            .blocks
+            .get_mut(index)
+            .ok_or_else(|| ModelError::Config(format!("block {index} of a model of {n} blocks")))?;
+        Ok(f(block))
+    }
+}
+
+/// Loads one tensor, under the model's own name, in the asked float type.
+pub type TensorLoader = dyn Fn(&str, DType) -> Result<Tensor> + Send + Sync;
+
+/// A model read from its checkpoint one block at a time: only the block being worked on (and,
+/// while embedding, the embedding) is ever materialized. Tensors are loaded through a
+/// [`TensorLoader`] (a memory-mapped GGUF or safetensors file) and checked against the shapes
+/// the config implies, as [`Transformer::from_tensors`] checks them.
+pub struct StreamedModel {
+    config: ModelConfig,
+    arch: Arch,
+    dtype: DType,
+    expected: BTreeMap<String, Vec<usize>>,
+    load: Box<TensorLoader>,
+    inv_freq: Vec<f64>,
+    window: Option<usize>,
+}
+
+impl std::fmt::Debug for StreamedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedModel")
+            .field("arch", &self.arch)
+            .field("dtype", &self.dtype)
+            .field("blocks", &self.config.num_hidden_layers)
+            .finish()
+    }
+}
+
+impl StreamedModel {
+    /// A model of `config` in `dtype` whose tensors `load` reads. Only decoders whose checkpoint
+    /// layout is the model's own (the Llama family) stream; the config is validated now, the
+    /// tensors as each block is loaded.
+    pub fn new(config: &ModelConfig, dtype: DType, load: Box<TensorLoader>) -> Result<Self> {
+        config.validate()?;
+        let arch = config.arch()?;
+        if !arch.is_llama_like() {
+            return Err(ModelError::Config(format!(
+                "{arch:?} models are read whole, not block by block (only the Llama family streams)"
+            )));
+        }
+        Ok(Self {
+            config: config.clone(),
+            arch,
+            dtype,
+            expected: config.expected_tensors().into_iter().collect(),
+            load,
+            inv_freq: config.rope_inv_freq()?,
+            window: config.effective_sliding_window(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The tensor `name` (a model name), checked against its expected shape.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = (self.load)(name, self.dtype)?;
+        load::checked(&self.expected, name.to_string(), t, self.dtype)
+    }
+}
+
+impl BlockModel for StreamedModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
+        let tokens = self.tensor(&format!("{}.weight", naming(self.arch).embed))?;
+        let embeddings = Embeddings {
+            tokens: &tokens,
+            positions: None,
+            token_types: None,
+            norm: None,
+        };
+        batches
+            .iter()
+            .map(|ids| embeddings.forward(ids, 0))
+            .collect()
+    }
+
+    fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
+        attention_context(
+            &self.inv_freq,
+            self.arch,
+            self.window,
+            (seq_len, 0),
+            &Device::Cpu,
+            self.dtype,
+        )
+    }
+
+    fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R> {
+        let mut get = |name: String| self.tensor(&name);
+        let mut block = Block::load(&self.config, index, &mut get)?;
+        Ok(f(&mut block))
+    }
+}
