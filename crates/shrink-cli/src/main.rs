@@ -76,7 +76,13 @@ enum Command {
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn tune_allocator() {
+/// Commands that read a model block by block keep mimalloc's default (freed memory goes back to
+/// the kernel after 10 ms): what they hold is one block, and memory kept for reuse would make their
+/// peak the sum of every block's buffers instead.
+fn tune_allocator(command: &Command) {
+    if matches!(command, Command::Quantize(_) | Command::Synth(_)) {
+        return;
+    }
     // SAFETY: sets an allocator option before any other thread exists (15 = mi_option_purge_delay;
     // -1 never purges).
     unsafe { libmimalloc_sys::mi_option_set(15, -1) }
@@ -88,8 +94,8 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
-    tune_allocator();
     let cli = Cli::parse();
+    tune_allocator(&cli.command);
     if let Some(n) = cli.threads {
         // Read by candle when it sizes its thread pool, before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

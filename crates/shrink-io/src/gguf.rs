@@ -20,6 +20,28 @@ pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(io_error(path))
 }
 
+/// Lets the kernel take back the pages of `range` of a read-only map once its bytes were copied
+/// out: they stay in the page cache but leave this process's resident set, so reading a model
+/// tensor by tensor never keeps the whole file resident. Only an optimisation: errors are ignored.
+pub(crate) fn release(mmap: &memmap2::Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    {
+        let page = 4096;
+        let start = range.start / page * page;
+        let end = range.end.min(mmap.len());
+        if end > start {
+            // SAFETY: the map is read-only and backed by a file; MADV_DONTNEED only drops this
+            // process's copies of the pages, which are read again from the file if touched.
+            // No reference into the range is alive: the caller has copied its bytes.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (mmap, range);
+}
+
 /// Reads the header, metadata and tensor table, after checking the file's layout
 /// ([`crate::check_gguf_layout`]) so that candle's reader only sees well-formed files.
 pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Content> {
@@ -291,6 +313,9 @@ pub(crate) fn checkpoint_of(
             let q = info
                 .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)
                 .map_err(|e| tensor_err(e.to_string()))?;
+            let start = (data_offset + offset) as usize;
+            let bytes = tensor_bytes(ggml_dtype, info.shape.elem_count()).unwrap_or(0);
+            release(&mmap, start..start + bytes);
             let mut t = q
                 .dequantize(&Device::Cpu)
                 .map_err(|e| tensor_err(format!("cannot dequantize {ggml_dtype:?}: {e}")))?;
@@ -305,7 +330,7 @@ pub(crate) fn checkpoint_of(
             }
             t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
         };
-        tensors.insert_stored(hf, shape, std::sync::Arc::new(load))?;
+        tensors.insert_stored(hf, shape, DType::F32, std::sync::Arc::new(load))?;
     }
     let tie = !tensors.contains("lm_head.weight");
     let config = if arch == "gpt2" {

@@ -82,14 +82,11 @@ pub(crate) fn read_safetensors(
             path: path.to_path_buf(),
         });
     }
-    // SAFETY: read-only mapping of an input file that shrink never writes.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-        IoError::Format {
-            path: path.to_path_buf(),
-            message: format!("corrupt or truncated safetensors file: {e}"),
-        }
+    let mmap = Arc::new(crate::gguf::map(path)?);
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| IoError::Format {
+        path: path.to_path_buf(),
+        message: format!("corrupt or truncated safetensors file: {e}"),
     })?;
-    let st = Arc::new(st);
     for (name, view) in st.tensors() {
         stored.push(crate::inspect::stored(
             name.clone(),
@@ -111,15 +108,17 @@ pub(crate) fn read_safetensors(
             ints.insert(name.clone(), crate::compressed::IntTensor::from_view(&view));
             continue;
         }
-        let (st, file, tensor) = (st.clone(), path.to_path_buf(), name.clone());
+        let (stored_dtype, shape) = (view.dtype(), view.shape().to_vec());
+        let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        let range = start..start + view.data().len();
+        let (mmap, file, tensor) = (mmap.clone(), path.to_path_buf(), name.clone());
         let load = move |dtype: DType| -> Result<Tensor> {
             let err = |message: String| IoError::Tensor {
                 path: file.clone(),
                 tensor: tensor.clone(),
                 message,
             };
-            let t = st
-                .load(&tensor, &candle_core::Device::Cpu)
+            let t = tensor_from_map(&mmap, range.clone(), stored_dtype, &shape)
                 .map_err(|e| err(e.to_string()))?;
             let stored = t.dtype();
             t.to_dtype(dtype).map_err(|e| match stored {
@@ -127,9 +126,64 @@ pub(crate) fn read_safetensors(
                 other => err(format!("cannot convert {other:?} to {dtype:?}: {e}")),
             })
         };
-        out.insert_stored(name, view.shape().to_vec(), Arc::new(load))?;
+        let natural = match stored_dtype {
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            _ => DType::F32,
+        };
+        out.insert_stored(name, view.shape().to_vec(), natural, Arc::new(load))?;
     }
     Ok(std::fs::metadata(path).map_err(io_error(path))?.len())
+}
+
+/// The tensor of `dtype` and `shape` stored (little-endian) in `range` of a map: its bytes copied
+/// a slice at a time straight into the tensor's buffer, each slice's pages released once copied
+/// ([`crate::gguf::release`]), so the tensor is resident once, never twice. The values are those
+/// candle's safetensors reader gives.
+fn tensor_from_map(
+    mmap: &memmap2::Mmap,
+    range: std::ops::Range<usize>,
+    dtype: safetensors::Dtype,
+    shape: &[usize],
+) -> candle_core::Result<Tensor> {
+    fn owned<T: candle_core::WithDType>(
+        mmap: &memmap2::Mmap,
+        range: std::ops::Range<usize>,
+        shape: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        const SLICE: usize = 1 << 24;
+        let size = std::mem::size_of::<T>();
+        let n = range.len() / size;
+        let bytes = &mmap[range.start..range.start + n * size];
+        let mut values: Vec<T> = Vec::with_capacity(n);
+        let dst = values.as_mut_ptr() as *mut u8;
+        for (k, slice) in bytes.chunks(SLICE).enumerate() {
+            // SAFETY: `values` has room for `n` elements, `n * size` bytes, and the slices cover
+            // exactly those bytes once each.
+            unsafe {
+                std::ptr::copy_nonoverlapping(slice.as_ptr(), dst.add(k * SLICE), slice.len())
+            };
+            let at = range.start + k * SLICE;
+            crate::gguf::release(mmap, at..at + slice.len());
+        }
+        // SAFETY: all `n` elements were written above; they are plain numbers, for which every
+        // bit pattern is valid.
+        unsafe { values.set_len(n) };
+        Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
+    }
+    use safetensors::Dtype as D;
+    match dtype {
+        D::F32 => owned::<f32>(mmap, range, shape),
+        D::F16 => owned::<half::f16>(mmap, range, shape),
+        D::BF16 => owned::<half::bf16>(mmap, range, shape),
+        D::F64 => owned::<f64>(mmap, range, shape),
+        D::U8 => owned::<u8>(mmap, range, shape),
+        D::U32 => owned::<u32>(mmap, range, shape),
+        D::I64 => owned::<i64>(mmap, range, shape),
+        other => Err(candle_core::Error::Msg(format!(
+            "unsupported safetensors dtype {other:?}"
+        ))),
+    }
 }
 
 /// Files carried over verbatim from a Hugging Face folder ([`Checkpoint::side_files`]).

@@ -17,6 +17,7 @@ enum Entry {
     Memory(Tensor),
     Stored {
         shape: Vec<usize>,
+        dtype: DType,
         load: Arc<LoadFn>,
     },
 }
@@ -72,16 +73,18 @@ impl Tensors {
         }
     }
 
-    /// Adds a tensor that `load` reads from the file when asked for.
+    /// Adds a tensor of `shape` that `load` reads from the file when asked for; `dtype` is the
+    /// float type it loads in without conversion.
     pub(crate) fn insert_stored(
         &mut self,
         name: String,
         shape: Vec<usize>,
+        dtype: DType,
         load: Arc<LoadFn>,
     ) -> Result<()> {
         if self
             .entries
-            .insert(name.clone(), Entry::Stored { shape, load })
+            .insert(name.clone(), Entry::Stored { shape, dtype, load })
             .is_some()
         {
             return Err(self.error(&name, "appears more than once".into()));
@@ -120,6 +123,22 @@ impl Tensors {
             Entry::Memory(t) => t.dims(),
             Entry::Stored { shape, .. } => shape.as_slice(),
         })
+    }
+
+    /// The float type a tensor loads in without conversion (f32 for dequantized GGUF blocks, the
+    /// stored type for safetensors).
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).map(|e| match e {
+            Entry::Memory(t) => t.dtype(),
+            Entry::Stored { dtype, .. } => *dtype,
+        })
+    }
+
+    /// The float type every tensor loads in without conversion, if they share one.
+    pub fn common_dtype(&self) -> Option<DType> {
+        let mut dtypes = self.names().filter_map(|n| self.dtype(n));
+        let first = dtypes.next()?;
+        dtypes.all(|d| d == first).then_some(first)
     }
 
     /// The tensor in f32, read from the file now if it is stored there.

@@ -497,6 +497,7 @@ pub fn quantize_blocks<M: BlockModel>(
     plan.check_model(model)?;
     let mut out = QuantizedModel::default();
     let n_layers = model.num_blocks();
+    let keeps_blocks = model.keeps_blocks();
     let mut quantize_block = |block: &mut shrink_models::Block,
                               stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
@@ -538,16 +539,22 @@ pub fn quantize_blocks<M: BlockModel>(
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
             let q = quantize_tensor(&w, rows, cols, method, layer_stats, format, &name)?;
-            let deq = q.dequantize()?;
-            let error = layer_stats
-                .map(|st| st.relative_output_error(&w, &deq))
-                .transpose()?;
-            let linear = block_linear(block, &name)?;
-            linear.set_weight(Tensor::from_vec(
-                deq,
-                (rows, cols),
-                linear.weight().device(),
-            )?)?;
+            // The dequantized weight goes back into the block when something reads it after: the
+            // next block's calibration, or a model kept whole (evaluated afterwards). A streamed
+            // block without calibration is only written, then dropped.
+            let mut error = None;
+            if layer_stats.is_some() || keeps_blocks {
+                let deq = q.dequantize()?;
+                error = layer_stats
+                    .map(|st| st.relative_output_error(&w, &deq))
+                    .transpose()?;
+                let linear = block_linear(block, &name)?;
+                linear.set_weight(Tensor::from_vec(
+                    deq,
+                    (rows, cols),
+                    linear.weight().device(),
+                )?)?;
+            }
             out.layers.push(LayerReport {
                 name: name.clone(),
                 format: format.label(),

@@ -655,13 +655,17 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
     };
     for input in [&gguf, &hf] {
         let checkpoint = shrink_io::load(input).unwrap();
-        for method in [
-            Method::Rtn,
-            Method::Gptq(GptqConfig::default()),
-            Method::Awq {
-                grid: 10,
-                gptq: None,
-            },
+        for (method, windows) in [
+            (Method::Rtn, None),
+            (Method::Rtn, Some(&windows[..])),
+            (Method::Gptq(GptqConfig::default()), Some(&windows[..])),
+            (
+                Method::Awq {
+                    grid: 10,
+                    gptq: None,
+                },
+                Some(&windows[..]),
+            ),
         ] {
             let whole_path = dir.path().join("whole.gguf");
             let mut whole =
@@ -671,20 +675,26 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 &mut whole,
                 method,
                 &plan,
-                Some(&windows),
+                windows,
                 2,
                 &shrink_core::NoProgress,
             )
             .unwrap();
             let a = write_quantized(&checkpoint, &whole, &q, &output, &whole_path).unwrap();
             let streamed_path = dir.path().join("streamed.gguf");
-            let mut streamed = checkpoint.streamed(DType::F32).unwrap();
+            // Rounding alone streams blocks in the file's own 16-bit type, as `shrink quantize`
+            // does.
+            let dtype = match checkpoint.tensors.common_dtype() {
+                Some(DType::BF16) if windows.is_none() => DType::BF16,
+                _ => DType::F32,
+            };
+            let mut streamed = checkpoint.streamed(dtype).unwrap();
             let (r, b) = quantize_streamed(
                 &checkpoint,
                 &mut streamed,
                 method,
                 &output,
-                Some(&windows),
+                windows,
                 2,
                 &shrink_core::NoProgress,
                 &streamed_path,
@@ -716,5 +726,41 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 .unwrap();
             assert_eq!(head.dtype, "Q8_0");
         }
+    }
+}
+
+#[test]
+fn rounding_a_slice_of_rows_at_a_time_gives_the_bytes_of_the_whole() {
+    let (rows, cols) = (7, 512);
+    let w = random(rows * cols, 9);
+    let t = candle_core::Tensor::from_vec(w.clone(), (rows, cols), &Device::Cpu).unwrap();
+    for format in [
+        Format::from(QuantScheme::Q4_0),
+        Format::from(QuantScheme::Q8_0),
+        Format::K(KQuant::Q4K),
+        Format::K(KQuant::Q6K),
+    ] {
+        let whole = rtn_format(&w, rows, cols, &format, None, "e")
+            .unwrap()
+            .to_ggml_blocks()
+            .unwrap();
+        for chunk in [1, cols, 3 * cols + 5, rows * cols] {
+            let sliced = crate::write::round_rows(&t, &format, "e", chunk).unwrap();
+            assert!(sliced == whole, "{} in slices of {chunk}", format.label());
+        }
+        // From bf16, as a bf16 embedding is read: the values of its f32 widening.
+        let bf16 = t.to_dtype(DType::BF16).unwrap();
+        let widened: Vec<f32> = bf16
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want = rtn_format(&widened, rows, cols, &format, None, "e")
+            .unwrap()
+            .to_ggml_blocks()
+            .unwrap();
+        assert!(crate::write::round_rows(&bf16, &format, "e", cols).unwrap() == want);
     }
 }

@@ -4,6 +4,7 @@
 //! quantization, QAT and the search all write through [`write_quantized`].
 
 use crate::{Format, QuantError, QuantPlan, QuantizedModel, QuantizedWeight, Result};
+use candle_core::DType;
 use shrink_io::{Checkpoint, Export, GgufWriteType, IoError};
 use shrink_models::{ActQuant, BlockModel, StreamedModel, Transformer};
 use std::collections::BTreeMap;
@@ -142,8 +143,14 @@ pub fn quantize_streamed(
     let config = model.config().clone();
     let arch = config.arch()?;
     let mut gguf = QuantizedGguf::create(checkpoint, &config, output, out)?;
+    // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
+    // not widened to f32 whole: it is rounded a slice of rows at a time).
+    let natural = |name: &str| -> Result<candle_core::Tensor> {
+        let dtype = checkpoint.tensors.dtype(name).unwrap_or(DType::F32);
+        Ok(checkpoint.load_checked(name, dtype)?)
+    };
     let embedding = config.embedding_name();
-    gguf.tensor(&embedding, model.tensor(&embedding)?)?;
+    gguf.tensor(&embedding, natural(&embedding)?)?;
     let result = crate::quantize_blocks(
         model,
         method,
@@ -166,7 +173,7 @@ pub fn quantize_streamed(
         .cloned()
         .collect();
     for name in rest {
-        gguf.tensor(&name, model.tensor(&name)?)?;
+        gguf.tensor(&name, natural(&name)?)?;
     }
     let extra_types = gguf.finish()?;
     let written = written_of(&result, extra_types);
@@ -316,14 +323,12 @@ impl<'a> QuantizedGguf<'a> {
             && matches!(self.output.embeddings, Some(Ok(_)));
         let pending = match (rounded, index) {
             (true, Some(i)) => {
-                let (rows, cols) = t.dims2()?;
+                let (_, cols) = t.dims2()?;
                 let Some(Ok(format)) = self.output.embeddings else {
                     unreachable!("checked above")
                 };
-                let w: Vec<f32> = t.flatten_all()?.to_vec1()?;
                 let format = self.output.plan.fit(format.with_search(false), cols);
-                let q = crate::rtn_format(&w, rows, cols, &format, None, name)?;
-                let (dtype, bytes) = q.to_ggml_blocks()?;
+                let (dtype, bytes) = round_rows(&t, &format, name, ROUND_CHUNK)?;
                 debug_assert_eq!(dtype, self.layout.entries[i].dtype);
                 *self
                     .extra_types
@@ -377,6 +382,40 @@ impl<'a> QuantizedGguf<'a> {
         self.writer.finish().map_err(io)?;
         Ok(self.extra_types)
     }
+}
+
+/// Values rounded per slice of rows by [`round_rows`] (64 MB of f32).
+const ROUND_CHUNK: usize = 1 << 24;
+
+/// `t` (rows × cols, any float type) rounded to `format` by round-to-nearest, as ggml blocks, a
+/// slice of at most `chunk` values at a time: blocks never span rows, so the bytes are those of
+/// the whole tensor at once, and a 128k-token embedding never exists in f32 twice.
+pub(crate) fn round_rows(
+    t: &candle_core::Tensor,
+    format: &Format,
+    name: &str,
+    chunk: usize,
+) -> Result<(GgmlDType, Vec<u8>)> {
+    let (rows, cols) = t.dims2()?;
+    let step = (chunk / cols.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut dtype = None;
+    for start in (0..rows).step_by(step) {
+        let n = step.min(rows - start);
+        let w: Vec<f32> = t
+            .narrow(0, start, n)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let (d, bytes) = crate::rtn_format(&w, n, cols, format, None, name)?.to_ggml_blocks()?;
+        dtype = Some(d);
+        out.extend(bytes);
+    }
+    let dtype = dtype.ok_or_else(|| QuantError::Shape {
+        tensor: name.to_string(),
+        message: "no rows to round".into(),
+    })?;
+    Ok((dtype, out))
 }
 
 /// The ggml type a format is stored in, or an error naming the weight when GGUF has none.

@@ -18,6 +18,10 @@ pub trait BlockModel {
     /// Attention inputs for `seq_len` positions from 0.
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext>;
 
+    /// Whether the blocks outlive [`BlockModel::with_block`] (a model held whole), so that what
+    /// a compression leaves in them is read again.
+    fn keeps_blocks(&self) -> bool;
+
     /// Runs `f` on block `index`: the model's own (what `f` changes stays) or one loaded from the
     /// checkpoint for the call (dropped after it; `f` must write what it wants to keep).
     fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R>;
@@ -38,6 +42,10 @@ impl BlockModel for Transformer {
 
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
         Transformer::attention_context(self, seq_len, 0)
+    }
+
+    fn keeps_blocks(&self) -> bool {
+        true
     }
 
     fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R> {
@@ -143,6 +151,10 @@ impl BlockModel for StreamedModel {
             &Device::Cpu,
             self.dtype,
         )
+    }
+
+    fn keeps_blocks(&self) -> bool {
+        false
     }
 
     fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R> {

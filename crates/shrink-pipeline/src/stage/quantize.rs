@@ -628,7 +628,14 @@ impl Compress for ResolvedQuantize {
 
     fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<QuantizeOutcome> {
         self.check_streamed(input.checkpoint)?;
-        let mut model = input.checkpoint.streamed(DType::F32)?;
+        // Without calibration, blocks are only rounded: they load in the checkpoint's own 16-bit
+        // type when every tensor has it (half the memory; widened to f32 one linear at a time,
+        // exactly). Calibration runs the blocks, in f32.
+        let dtype = match input.checkpoint.tensors.common_dtype() {
+            Some(d @ (DType::BF16 | DType::F16)) if input.windows.is_none() => d,
+            _ => DType::F32,
+        };
+        let mut model = input.checkpoint.streamed(dtype)?;
         let output = self.output();
         let (result, written) = shrink_quant::quantize_streamed(
             input.checkpoint,

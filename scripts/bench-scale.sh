@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Scaling benchmark (issue #19): a random-weight model with Llama-3-8B's exact shapes
+# (`shrink synth llama3-8b`, sharded bf16, ~16 GB) quantized block by block, with peak RSS and wall
+# time of every step, against llama-quantize on the same model (its F16 GGUF written by shrink), in
+# one run. Needs ~35 GB of disk under OUT; files are removed as soon as they are measured.
+#
+#   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
+#
+# Prints one line per step: step, peak RSS (MB), wall time (s).
+BENCH=scale LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
+hamlet="$("$SHRINK" data path shakespeare:eval)"
+measure() { # name, command...
+  local name="$1"; shift
+  /usr/bin/time -f "%M %e" -o "$OUT/$name.time" "$@" >"$OUT/$name.log" 2>&1
+  read -r kb s <"$OUT/$name.time"
+  printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
+}
+[ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
+measure shrink-rtn-q4_k_m-from-bf16 "$SHRINK" --threads "$THREADS" quantize "$OUT/synth-8b" \
+  --method rtn --preset q4_k_m -o "$OUT/rtn-q4_k_m.gguf"
+# llama.cpp loads it: two chunks of 128 tokens.
+measure llama-perplexity-on-shrink-q4_k_m "$BIN/llama-perplexity" -m "$OUT/rtn-q4_k_m.gguf" \
+  -f "$hamlet" -c 128 --chunks 2 -t "$THREADS"
+grep -o 'Final estimate: PPL = [0-9.]*' "$OUT/llama-perplexity-on-shrink-q4_k_m.log"
+rm -f "$OUT/rtn-q4_k_m.gguf"
+measure shrink-convert-f16-gguf "$SHRINK" convert "$OUT/synth-8b" --to gguf "$OUT/f16.gguf" --dtype f16
+measure llama-quantize-q4_k_m "$BIN/llama-quantize" "$OUT/f16.gguf" "$OUT/lq-q4_k_m.gguf" Q4_K_M "$THREADS"
+ls -l "$OUT/lq-q4_k_m.gguf" | awk '{printf "llama-quantize Q4_K_M: %.1f MB\n", $5 / 1e6}'
+rm -f "$OUT/lq-q4_k_m.gguf"
+measure shrink-rtn-q4_k_m-from-f16-gguf "$SHRINK" --threads "$THREADS" quantize "$OUT/f16.gguf" \
+  --method rtn --preset q4_k_m -o "$OUT/rtn-f16-q4_k_m.gguf"
+ls -l "$OUT/rtn-f16-q4_k_m.gguf" | awk '{printf "shrink Q4_K_M: %.1f MB\n", $5 / 1e6}'
+rm -f "$OUT/rtn-f16-q4_k_m.gguf"
