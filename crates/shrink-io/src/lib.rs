@@ -15,6 +15,7 @@ mod compressed;
 mod export;
 mod gguf;
 mod gguf_layout;
+mod gguf_write;
 mod hf;
 mod inspect;
 mod shards;
@@ -24,10 +25,10 @@ mod tokenizer;
 pub use compressed::{pack_rows, IntTensor, RawTensor};
 pub use export::{check_export, config_for, write_model, Export};
 pub use gguf::{
-    gguf_vocab_of, hf_to_gguf_name, write_gguf, write_llama_gguf, GgufEntry, GgufTensor, GgufValue,
-    GgufWriteType, GgufWriter, LlamaGguf, QuantizedBlocks,
+    gguf_vocab_of, hf_to_gguf_name, write_llama_gguf, GgufWriteType, LlamaGguf, QuantizedBlocks,
 };
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
+pub use gguf_write::{write_gguf, GgufEntry, GgufTensor, GgufValue, GgufWriter};
 pub use hf::{save_hf, save_hf_files, save_hf_with, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
@@ -182,11 +183,15 @@ impl Checkpoint {
     /// family streams.
     pub fn streamed(&self, dtype: DType) -> Result<shrink_models::StreamedModel> {
         let config = shrink_models::ModelConfig::from_json(&self.config)?;
+        // What loading needs: the tensors and the path errors name (not the tokenizer).
         let checkpoint = Checkpoint {
+            path: self.path.clone(),
+            format: self.format,
+            config: serde_json::Value::Null,
             tensors: self.tensors.clone(),
             tokenizer: None,
+            generation_config: None,
             side_files: BTreeMap::new(),
-            ..self.clone()
         };
         let load = move |name: &str, dtype: DType| {
             checkpoint
