@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export THREADS="${THREADS:-2}"
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release -p shrink-cli >&2
-export SHRINK="$TARGET/release/shrink"
+# SHRINK set by the caller: that binary (a copy, so that a build meanwhile cannot change it).
+if [ -z "${SHRINK:-}" ]; then
+  cargo build --release -p shrink-cli >&2
+  export SHRINK="$TARGET/release/shrink"
+fi
 export OUT="${OUT:-$PWD/target/bench/$BENCH}"
 mkdir -p "$OUT"
 if [ -n "${LLAMA:-}" ]; then

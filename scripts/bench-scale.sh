@@ -5,8 +5,11 @@
 # one run. Needs ~35 GB of disk under OUT; files are removed as soon as they are measured.
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
+#   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq (default all)
 #
-# Prints one line per step: step, peak RSS (MB), wall time (s).
+# Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
+# GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
+# seconds per block (forward passes and Hessians apart from GPTQ itself) and the projection to 32.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -16,7 +19,12 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-[ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
+STEPS="${STEPS:-rtn llama-quantize gptq}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+if want rtn || want llama-quantize; then
+  [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
+fi
+if want rtn; then
 measure shrink-rtn-q4_k_m-from-bf16 "$SHRINK" --threads "$THREADS" quantize "$OUT/synth-8b" \
   --method rtn --preset q4_k_m -o "$OUT/rtn-q4_k_m.gguf"
 # llama.cpp loads it: two chunks of 128 tokens.
@@ -24,6 +32,8 @@ measure llama-perplexity-on-shrink-q4_k_m "$BIN/llama-perplexity" -m "$OUT/rtn-q
   -f "$hamlet" -c 128 --chunks 2 -t "$THREADS"
 grep -o 'Final estimate: PPL = [0-9.]*' "$OUT/llama-perplexity-on-shrink-q4_k_m.log"
 rm -f "$OUT/rtn-q4_k_m.gguf"
+fi
+if want llama-quantize; then
 measure shrink-convert-f16-gguf "$SHRINK" convert "$OUT/synth-8b" --to gguf "$OUT/f16.gguf" --dtype f16
 measure llama-quantize-q4_k_m "$BIN/llama-quantize" "$OUT/f16.gguf" "$OUT/lq-q4_k_m.gguf" Q4_K_M "$THREADS"
 ls -l "$OUT/lq-q4_k_m.gguf" | awk '{printf "llama-quantize Q4_K_M: %.1f MB\n", $5 / 1e6}'
@@ -32,3 +42,28 @@ measure shrink-rtn-q4_k_m-from-f16-gguf "$SHRINK" --threads "$THREADS" quantize 
   --method rtn --preset q4_k_m -o "$OUT/rtn-f16-q4_k_m.gguf"
 ls -l "$OUT/rtn-f16-q4_k_m.gguf" | awk '{printf "shrink Q4_K_M: %.1f MB\n", $5 / 1e6}'
 rm -f "$OUT/rtn-f16-q4_k_m.gguf"
+rm -f "$OUT/f16.gguf"
+fi
+if want gptq; then
+  blocks="${GPTQ_BLOCKS:-4}"
+  model="$OUT/synth-8b-$blocks"
+  [ -d "$model" ] || "$SHRINK" synth llama3-8b --layers "$blocks" -o "$model" >/dev/null
+  measure "shrink-gptq-q4_0-$blocks-blocks" "$SHRINK" --threads "$THREADS" quantize "$model" \
+    --method gptq --format gguf:q4_0 --samples 16 --seq-len 512 --json -o "$OUT/gptq-q4_0.gguf"
+  python3 - "$OUT/shrink-gptq-q4_0-$blocks-blocks.log" "$OUT/shrink-gptq-q4_0-$blocks-blocks.time" "$blocks" <<'PY'
+import json, re, sys
+text = open(sys.argv[1]).read()
+summary = json.loads(text[text.index("{"):])
+wall = float(open(sys.argv[2]).read().split()[1])
+blocks = int(sys.argv[3])
+per_block = {}
+for layer in summary["layers"]:
+    b = int(re.search(r"layers\.(\d+)\.", layer["name"]).group(1))
+    per_block[b] = per_block.get(b, 0.0) + layer["wall_s"]
+gptq = sum(per_block.values()) / blocks
+print(f"gptq: {wall / blocks:.1f} s per block over {blocks} blocks (GPTQ itself {gptq:.1f} s, "
+      f"forwards and Hessians {(wall - gptq * blocks) / blocks:.1f} s); 32 blocks: "
+      f"{32 * wall / blocks / 60:.0f} min")
+PY
+  rm -f "$OUT/gptq-q4_0.gguf"
+fi

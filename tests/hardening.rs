@@ -230,6 +230,124 @@ fn stale_temporaries_are_cleaned_on_the_next_write() {
     assert_eq!(left, [".hidden-not-ours", "m.gguf"]);
 }
 
+// 4b. A streaming quantization killed mid-model (SIGKILL: nothing is cleaned up) resumes at the
+// block after the last one it recorded and ends with the bytes of a run never interrupted.
+#[test]
+fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("small");
+    ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
+    let text = sample_text();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "quantize",
+            s(&model),
+            "--method",
+            "gptq",
+            "--format",
+            "gguf:q4_0",
+            "--calib",
+            s(&text),
+            "--samples",
+            "32",
+            "--seq-len",
+            "64",
+            "--json",
+            "-o",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let run = |out: &Path| -> serde_json::Value {
+        let args = args(out);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let whole = dir.path().join("whole.gguf");
+    let uninterrupted = run(&whole);
+    assert!(uninterrupted.get("resumed_at_block").is_none());
+
+    let out = dir.path().join("out.gguf");
+    let state = dir.path().join(".shrink-resume-out.gguf/state.json");
+    let recorded = || -> Option<u64> {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        json["blocks"].as_u64()
+    };
+    // Killed as soon as a block is recorded; a run that finishes first (a stalled test thread)
+    // does not count, and the next attempt starts afresh.
+    let mut killed_at = None;
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+            .args(args(&out))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let blocks = loop {
+            if let Some(blocks) = recorded().filter(|&b| b >= 1) {
+                child.kill().unwrap();
+                break Some(blocks);
+            }
+            if child.try_wait().unwrap().is_some() {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let status = child.wait().unwrap();
+        if !status.success() {
+            killed_at = blocks;
+            break;
+        }
+        std::fs::remove_file(&out).unwrap();
+    }
+    let killed_at = killed_at.expect("a run killed mid-model");
+    assert!(!out.exists(), "a killed run leaves no output");
+    // The kill may land after a later record: the state says where the run resumes.
+    let resume_at = recorded().unwrap();
+    assert!(
+        (killed_at..12).contains(&resume_at),
+        "{killed_at} {resume_at}"
+    );
+    eprintln!("killed after block {killed_at} was recorded; resuming at block {resume_at} of 12");
+
+    let resumed = run(&out);
+    assert_eq!(resumed["resumed_at_block"], resume_at);
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap(),
+        "the resumed file differs from the uninterrupted one"
+    );
+    assert!(
+        !state.parent().unwrap().exists(),
+        "the resume folder is removed"
+    );
+    // Every layer is reported, with the errors measured before the kill.
+    let facts = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["name"].to_string(),
+                    l["relative_output_error"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(facts(&resumed), facts(&uninterrupted));
+    assert_eq!(facts(&resumed).len(), 12 * 7);
+
+    // A different job into the same output starts over rather than resuming another's blocks.
+    let partial = dir.path().join(".shrink-resume-out.gguf");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("job"), "another job").unwrap();
+    std::fs::write(partial.join("state.json"), "{\"blocks\": 5}").unwrap();
+    let fresh = run(&out);
+    assert!(fresh.get("resumed_at_block").is_none());
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap());
+}
+
 // 5. Two runs into one folder: the second stops with a clear message.
 #[test]
 fn a_second_run_into_a_locked_run_folder_stops() {
@@ -385,6 +503,36 @@ fn settings_that_cannot_work_never_start() {
     ok(&["validate", s(&small)]);
     let e = fails(&["validate", s(&small), "--max-memory", "1M"]);
     assert!(e.contains("estimated"), "{e}");
+    // `shrink quantize` reading the model block by block: the formula's estimate, refused above
+    // --max-memory before anything is written, and reported beside the measured peak.
+    let calib = sample_text();
+    let q = dir.path().join("q.gguf");
+    let quantize = |samples: &str, extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["quantize", g, "--method", "gptq", "--format", "gguf:q4_0"];
+        args.extend(["--calib", s(&calib), "--samples", samples, "-o", s(&q)]);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let e = fails(&strs(&quantize("1000000", &[])));
+    assert!(
+        e.contains("block by block") && e.contains("--samples"),
+        "{e}"
+    );
+    assert!(!q.exists());
+    let e = fails(&strs(&quantize("4", &["--max-memory", "300M"])));
+    assert!(
+        e.contains("estimated") && e.contains("0.3 GB allowed"),
+        "{e}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&ok(&strs(&quantize("4", &["--seq-len", "32", "--json"])))).unwrap();
+    let memory = &summary["memory"];
+    assert!(memory["estimated_peak_bytes"].as_u64().unwrap() > 256 << 20);
+    assert!(memory["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(memory["estimate"]["hessians"].as_u64().unwrap() > 0);
 
     // 12. A calibrated method without samples.
     let out = dir.path().join("zero.gguf");

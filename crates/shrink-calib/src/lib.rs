@@ -45,6 +45,8 @@ pub enum CalibError {
     },
     #[error("non-finite values in the inputs of '{0}': the model produced NaN or infinity")]
     NonFinite(String),
+    #[error("cannot resume calibration: {0}")]
+    Resume(String),
     /// A caller's failure as text, for callers of [`sequential`] without an error type of their own.
     #[error("{0}")]
     Compress(String),
@@ -170,20 +172,73 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
     progress: &dyn Progress,
     compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
+    sequential_from(
+        model,
+        windows,
+        batch,
+        hessian,
+        progress,
+        None,
+        compress,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// Where a [`sequential_from`] pass starts: at `block`, from the activations entering it (one
+/// tensor per batch of windows, as [`sequential_from`]'s `finished` received them).
+#[derive(Debug)]
+pub struct Resume {
+    pub block: usize,
+    pub activations: Vec<Tensor>,
+}
+
+/// What [`sequential_from`] calls after each block: its index and the activations leaving it.
+pub type Finished<'a, E> = dyn FnMut(usize, &[Tensor]) -> std::result::Result<(), E> + 'a;
+
+/// [`sequential`] that starts at a later block when given `start` (a resumed job), and hands
+/// `finished` each block's index and output activations once it is done: all a killed pass needs
+/// to resume at the next block.
+#[allow(clippy::too_many_arguments)]
+pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
+    model: &mut M,
+    windows: &[Vec<u32>],
+    batch: usize,
+    hessian: bool,
+    progress: &dyn Progress,
+    start: Option<Resume>,
+    compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
+    finished: &mut Finished<'_, E>,
+) -> std::result::Result<(), E> {
     let batch = batch.max(1);
     let Some(len) = windows.first().map(Vec::len) else {
         return Ok(());
     };
     let ctx = model.attention_context(len).map_err(CalibError::from)?;
-    let ids = windows
-        .chunks(batch)
-        .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(CalibError::from)?;
-    let mut xs = model.embed_batches(&ids).map_err(CalibError::from)?;
-    drop(ids);
+    let (first, mut xs) = match start {
+        Some(Resume { block, activations }) => {
+            let expected = windows.len().div_ceil(batch);
+            if activations.len() != expected || block > model.num_blocks() {
+                return Err(CalibError::Resume(format!(
+                    "{} batches of activations entering block {block} of {}, expected {expected}",
+                    activations.len(),
+                    model.num_blocks()
+                ))
+                .into());
+            }
+            (block, activations)
+        }
+        None => {
+            let ids = windows
+                .chunks(batch)
+                .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(CalibError::from)?;
+            (0, model.embed_batches(&ids).map_err(CalibError::from)?)
+        }
+    };
     progress.start("calibrating blocks", model.num_blocks() as u64);
-    for index in 0..model.num_blocks() {
+    progress.advance(first as u64, None);
+    for index in first..model.num_blocks() {
         model
             .with_block(index, |block| -> std::result::Result<(), E> {
                 let stats = block_stats(block, &xs, &ctx, hessian)?;
@@ -196,6 +251,7 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
                 Ok(())
             })
             .map_err(CalibError::from)??;
+        finished(index, &xs)?;
         progress.advance(1, Some(&format!("block {index}")));
     }
     progress.finish();
@@ -298,5 +354,68 @@ mod tests {
             moved > 1e-2,
             "compression of block 0 must change block 1's statistics"
         );
+    }
+
+    #[test]
+    fn a_pass_resumed_from_recorded_activations_is_the_uninterrupted_pass() {
+        let cfg = ModelConfig::tiny_for_tests();
+        let windows: Vec<Vec<u32>> = (0..3)
+            .map(|w| (0..6).map(|t| w * 7 + t).collect())
+            .collect();
+        // Block 0 "compressed" by halving its down projection; each block's Hessians recorded.
+        let run = |model: &mut Transformer, start: Option<Resume>| {
+            let (mut hessians, mut after) = (vec![], vec![]);
+            sequential_from::<_, CalibError>(
+                model,
+                &windows,
+                2,
+                true,
+                &shrink_core::NoProgress,
+                start,
+                &mut |block, stats| {
+                    let q = format!("model.layers.{}.self_attn.q_proj", block.index);
+                    hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
+                    let half = (block.down_proj.weight() * 0.5)?;
+                    block.down_proj.set_weight(half)?;
+                    Ok(())
+                },
+                &mut |index, xs| {
+                    after.push((index, xs.to_vec()));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            (hessians, after)
+        };
+        let fresh = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
+        let (whole, after) = run(&mut fresh.clone(), None);
+        assert_eq!(after.len(), 2);
+        assert_eq!(after[0].1.len(), 2, "one tensor per batch of windows");
+        // Resumed at block 1 with what block 0 left (on a model whose block 0 was never run).
+        let (resumed, _) = run(
+            &mut fresh.clone(),
+            Some(Resume {
+                block: 1,
+                activations: after[0].1.clone(),
+            }),
+        );
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].0, 1);
+        assert!(resumed[0].1 == whole[1].1, "bit-identical statistics");
+        let wrong = sequential_from::<_, CalibError>(
+            &mut fresh.clone(),
+            &windows,
+            2,
+            true,
+            &shrink_core::NoProgress,
+            Some(Resume {
+                block: 1,
+                activations: vec![],
+            }),
+            &mut |_, _| Ok(()),
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(wrong.to_string().contains("cannot resume"), "{wrong}");
     }
 }

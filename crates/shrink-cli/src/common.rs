@@ -186,6 +186,10 @@ pub(crate) struct Compression {
     /// Print the summary, with every layer, as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Memory the job may use (16G, 512M); default: the machine's. A job that reads the model
+    /// block by block and is estimated above it is refused before any work.
+    #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
+    pub max_memory: Option<u64>,
 }
 
 /// A model compressed by one job (`shrink quantize` or `shrink prune`) and what was measured
@@ -199,7 +203,18 @@ pub(crate) struct Compressed<T> {
     pub model: Option<Transformer>,
     pub windows: Option<Vec<Vec<u32>>>,
     pub outcome: T,
+    /// The memory formula's estimate for a job that streamed, and the measured peak RSS.
+    pub memory: Option<MemoryUsed>,
     pub wall_s: f64,
+}
+
+/// The peak memory of a job that read the model block by block: the formula's terms and total,
+/// and what the process measured.
+#[derive(serde::Serialize, Clone, Copy)]
+pub(crate) struct MemoryUsed {
+    pub estimate: shrink_pipeline::memory::StreamedPeak,
+    pub estimated_peak_bytes: u64,
+    pub peak_rss_bytes: u64,
 }
 
 /// The calibration a command used, as its JSON summary gives it.
@@ -227,6 +242,8 @@ pub(crate) struct Summary<'a, T, D> {
     bits_per_weight_after: f64,
     #[serde(flatten)]
     details: D,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<MemoryUsed>,
     wall_s: f64,
 }
 
@@ -254,6 +271,7 @@ impl<T: serde::Serialize> Compressed<T> {
             bits_per_weight_before: self.size_before.bits_per_weight,
             bits_per_weight_after: self.size_after.bits_per_weight,
             details,
+            memory: self.memory,
             wall_s: self.wall_s,
         }
     }
@@ -287,8 +305,19 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         shrink_io::open(&path).with_context(|| format!("loading model {}", path.display()))?;
     let size_before = view.inspection;
     // Block-wise jobs on Llama-family models read one block at a time; others hold the model.
+    let calibration =
+        job.calibrates()
+            .then_some((args.samples as u64, args.seq_len as u64, args.batch as u64));
+    let mut estimate = None;
     let mut model = if job.streams(&checkpoint) {
         job.check_streamed(&checkpoint)?;
+        let shape = shrink_pipeline::memory::model_shape(&path);
+        if let (Some(shape), Some(streamed)) = (shape, job.streamed_job(&checkpoint, calibration)) {
+            let peak = shrink_pipeline::memory::streamed_peak(&shape, &streamed);
+            let limit = shrink_pipeline::memory::memory_limit(args.max_memory);
+            shrink_pipeline::memory::check_streamed_memory(&peak, limit)?;
+            estimate = Some(peak);
+        }
         None
     } else {
         let model = build_llama(&checkpoint, DType::F32)?;
@@ -326,6 +355,11 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         model,
         windows,
         outcome,
+        memory: estimate.map(|estimate| MemoryUsed {
+            estimate,
+            estimated_peak_bytes: estimate.total(),
+            peak_rss_bytes: shrink_pipeline::peak_rss_bytes(),
+        }),
         wall_s: start.elapsed().as_secs_f64(),
     })
 }

@@ -25,10 +25,19 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// A file written under a temporary name beside its target and renamed into place by
 /// [`AtomicFile::commit`] once complete and synced: readers see either the old file or the whole
-/// new one, never a partial write. Dropped without commit, the temporary is removed.
+/// new one, never a partial write. Dropped without commit, the temporary is removed, except the
+/// partial file of a resumable job ([`AtomicFile::resume`]), which stays for the next run.
 pub struct AtomicFile {
     target: PathBuf,
-    out: std::io::BufWriter<tempfile::NamedTempFile>,
+    out: std::io::BufWriter<std::fs::File>,
+    tmp: Temporary,
+}
+
+enum Temporary {
+    /// Removed when dropped.
+    Named(tempfile::TempPath),
+    /// Kept when dropped: the partial output a resumed run continues.
+    Partial(PathBuf),
 }
 
 impl AtomicFile {
@@ -45,9 +54,47 @@ impl AtomicFile {
         tmp.as_file()
             .lock()
             .map_err(io_err("locking the temporary file in", dir))?;
+        let (file, path) = tmp.into_parts();
         Ok(Self {
             target: target.to_path_buf(),
-            out: std::io::BufWriter::with_capacity(1 << 20, tmp),
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            tmp: Temporary::Named(path),
+        })
+    }
+
+    /// Continues the partial file `partial` (on the target's file system, in a [`ResumeDir`])
+    /// from its first `len` bytes: what follows them, written by a run killed before it recorded
+    /// them, is cut off. `len` 0 starts it afresh. The partial file is kept if the writer is
+    /// dropped without a commit.
+    pub fn resume(target: &Path, partial: &Path, len: u64) -> Result<Self> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(partial)
+            .map_err(io_err("opening", partial))?;
+        let have = file
+            .metadata()
+            .map_err(io_err("reading the size of", partial))?
+            .len();
+        if have < len {
+            return Err(CoreError::Io {
+                action: "resuming",
+                path: partial.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the partial file holds {have} bytes, {len} were recorded"),
+                ),
+            });
+        }
+        file.set_len(len).map_err(io_err("truncating", partial))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map_err(io_err("seeking in", partial))?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            out: std::io::BufWriter::with_capacity(1 << 20, file),
+            tmp: Temporary::Partial(partial.to_path_buf()),
         })
     }
 
@@ -61,27 +108,121 @@ impl AtomicFile {
         &self.target
     }
 
+    /// Flushes what was written to the disk and returns the file's length: a record of progress
+    /// made after this holds even if the process is killed.
+    pub fn sync(&mut self) -> Result<u64> {
+        let target = &self.target;
+        self.out.flush().map_err(io_err("writing", target))?;
+        let file = self.out.get_ref();
+        file.sync_data().map_err(io_err("syncing", target))?;
+        Ok(file.metadata().map_err(io_err("syncing", target))?.len())
+    }
+
     /// Flushes and syncs the file, then renames it over the target.
     pub fn commit(self) -> Result<()> {
         let path = self.target;
-        let tmp = self
+        let file = self
             .out
             .into_inner()
             .map_err(|e| io_err("writing", &path)(e.into_error()))?;
-        tmp.as_file().sync_all().map_err(io_err("syncing", &path))?;
+        file.sync_all().map_err(io_err("syncing", &path))?;
         // Temporary files are created private (0600); an artifact gets the usual 0644.
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            tmp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(0o644))
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))
                 .map_err(io_err("setting permissions of", &path))?;
         }
-        tmp.persist(&path)
-            .map_err(|e| io_err("renaming into place", &path)(e.error))?;
+        match self.tmp {
+            Temporary::Named(tmp) => tmp
+                .persist(&path)
+                .map_err(|e| io_err("renaming into place", &path)(e.error))?,
+            Temporary::Partial(partial) => {
+                std::fs::rename(&partial, &path).map_err(io_err("renaming into place", &path))?
+            }
+        }
         Ok(())
     }
 }
+
+/// The folder beside an output where a long job records what it has finished, so that the same
+/// job run again after a kill resumes where it stopped: `.shrink-resume-<output name>`. It is
+/// locked while a job uses it, belongs to one job (a description of everything that decides the
+/// output's bytes: a different job empties it first) and is removed once the output is complete.
+#[derive(Debug)]
+pub struct ResumeDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl ResumeDir {
+    /// Opens (or creates) the resume folder of `target` for the job described by `job`: what an
+    /// earlier run of another job left there is removed. Fails if another process uses it.
+    pub fn open(target: &Path, job: &str) -> Result<Self> {
+        let dir = parent_dir(target);
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path = dir.join(format!("{RESUME_PREFIX}{name}"));
+        std::fs::create_dir_all(&path).map_err(io_err("creating directory", &path))?;
+        let lock = lock_dir(&path, false)?.ok_or_else(|| CoreError::Io {
+            action: "locking (another shrink process is writing the same output)",
+            path: path.clone(),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        })?;
+        let resume = Self { path, _lock: lock };
+        if resume.read(JOB_FILE)?.as_deref() != Some(job.as_bytes()) {
+            for entry in std::fs::read_dir(&resume.path)
+                .map_err(io_err("listing", &resume.path))?
+                .filter_map(|e| e.ok())
+            {
+                let p = entry.path();
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                removed.map_err(io_err("removing", &p))?;
+            }
+            resume.write(JOB_FILE, job.as_bytes())?;
+        }
+        Ok(resume)
+    }
+
+    /// The path of the file `name` in the folder.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The contents of the file `name`, if it exists.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.file(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path)(e)),
+        }
+    }
+
+    /// Replaces the file `name` with `bytes`, atomically and synced.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.file(name);
+        let tmp = self.file(&format!("{name}.tmp"));
+        let mut file = std::fs::File::create(&tmp).map_err(io_err("writing", &tmp))?;
+        file.write_all(bytes).map_err(io_err("writing", &tmp))?;
+        file.sync_data().map_err(io_err("syncing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err("renaming into place", &path))
+    }
+
+    /// Removes the folder: the output is complete.
+    pub fn remove(self) -> Result<()> {
+        std::fs::remove_dir_all(&self.path).map_err(io_err("removing", &self.path))
+    }
+}
+
+const RESUME_PREFIX: &str = ".shrink-resume-";
+const JOB_FILE: &str = "job";
 
 /// Writes a file through `write` into an [`AtomicFile`], committed when `write` succeeds.
 pub fn atomic_write_with<E>(
@@ -373,6 +514,46 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_file_continues_from_its_recorded_length() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("out.bin");
+        let resume = ResumeDir::open(&target, "job A").unwrap();
+        let partial = resume.file("partial");
+        let mut file = AtomicFile::resume(&target, &partial, 0).unwrap();
+        file.writer().write_all(b"hello ").unwrap();
+        assert_eq!(file.sync().unwrap(), 6);
+        file.writer().write_all(b"unrecorded").unwrap();
+        drop(file); // a kill after the record: the partial file stays, with more than recorded
+        resume.write("state", b"6").unwrap();
+        assert!(
+            ResumeDir::open(&target, "job A").is_err(),
+            "locked while in use"
+        );
+        drop(resume);
+        assert!(!target.exists());
+
+        let resume = ResumeDir::open(&target, "job A").unwrap();
+        assert_eq!(resume.read("state").unwrap().as_deref(), Some(&b"6"[..]));
+        assert!(
+            AtomicFile::resume(&target, &partial, 100).is_err(),
+            "shorter than recorded"
+        );
+        let mut file = AtomicFile::resume(&target, &partial, 6).unwrap();
+        file.writer().write_all(b"world").unwrap();
+        file.commit().unwrap();
+        resume.remove().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+
+        // Another job's leftovers are removed before it starts.
+        let resume = ResumeDir::open(&target, "job A").unwrap();
+        resume.write("state", b"1").unwrap();
+        drop(resume);
+        let resume = ResumeDir::open(&target, "job B").unwrap();
+        assert_eq!(resume.read("state").unwrap(), None);
+    }
 
     #[test]
     fn atomic_dir_replaces_previous_version() {

@@ -18,7 +18,7 @@ mod progress;
 pub use fsio::{
     atomic_write, atomic_write_with, cache_dir, check_output_is_not_input, is_plain_name, lock_dir,
     remove_stale_temporaries, resolve_path, sha256_file, sha256_hex, AtomicDir, AtomicFile,
-    NAME_CHARS,
+    ResumeDir, NAME_CHARS,
 };
 pub use progress::{NoProgress, Progress};
 

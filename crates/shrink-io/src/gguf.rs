@@ -484,7 +484,7 @@ pub fn write_llama_gguf(
     let mut writer = GgufWriter::create(path, &layout.metadata, layout.entries.clone())?;
     for (i, name) in layout.names.iter().enumerate() {
         let data = match prequantized.get(name) {
-            Some(q) => layout.blocks_data(i, &q.bytes)?,
+            Some(q) => layout.blocks_data(i, q.bytes.clone())?,
             None => layout.tensor_data(i, &checkpoint.tensors.get(name)?)?,
         };
         writer.append(&layout.entries[i].name, &data)?;
@@ -779,7 +779,7 @@ impl LlamaGguf {
     }
 
     /// The data of entry `i` from ggml blocks of its type in Hugging Face row order.
-    pub fn blocks_data(&self, i: usize, bytes: &[u8]) -> Result<Vec<u8>> {
+    pub fn blocks_data(&self, i: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
         let entry = &self.entries[i];
         if entry.bytes() != Some(bytes.len()) {
             return Err(self.error(
@@ -793,8 +793,8 @@ impl LlamaGguf {
             ));
         }
         Ok(match self.permute[i] {
-            Some(heads) => permute_block_rows(bytes, entry.dims[0], heads),
-            None => bytes.to_vec(),
+            Some(heads) => permute_block_rows(&bytes, entry.dims[0], heads),
+            None => bytes,
         })
     }
 

@@ -129,6 +129,17 @@ impl GgufWriter {
         metadata: &[(String, GgufValue)],
         plan: Vec<GgufEntry>,
     ) -> Result<Self> {
+        Self::start(shrink_core::AtomicFile::create(path)?, metadata, plan)
+    }
+
+    /// [`GgufWriter::create`] into `file` (a fresh [`shrink_core::AtomicFile`]).
+    pub fn start(
+        mut file: shrink_core::AtomicFile,
+        metadata: &[(String, GgufValue)],
+        plan: Vec<GgufEntry>,
+    ) -> Result<Self> {
+        let path = file.target().to_path_buf();
+        let path = path.as_path();
         let mut header = Vec::new();
         let w = &mut header;
         w.extend(0x4655_4747u32.to_le_bytes());
@@ -161,13 +172,27 @@ impl GgufWriter {
             offset += bytes + gguf_pad(bytes);
         }
         header.extend(std::iter::repeat_n(0u8, gguf_pad(header.len())));
-        let mut file = shrink_core::AtomicFile::create(path)?;
         file.writer().write_all(&header).map_err(io_error(path))?;
         Ok(Self {
             file,
             plan,
             next: 0,
         })
+    }
+
+    /// Continues the GGUF of `plan` in `file`, a partial file holding its header and the first
+    /// `written` tensors (as [`GgufWriter::sync`] recorded them).
+    pub fn resume(file: shrink_core::AtomicFile, plan: Vec<GgufEntry>, written: usize) -> Self {
+        Self {
+            file,
+            plan,
+            next: written,
+        }
+    }
+
+    /// Flushes what was written to the disk; returns how many tensors and bytes the file holds.
+    pub fn sync(&mut self) -> Result<(usize, u64)> {
+        Ok((self.next, self.file.sync()?))
     }
 
     /// The tensor the next [`GgufWriter::append`] must write.

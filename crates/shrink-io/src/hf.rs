@@ -281,13 +281,7 @@ pub fn save_hf_with(
 ) -> Result<()> {
     let staged = shrink_core::AtomicDir::new(out)?;
     let dir = staged.path().to_path_buf();
-    let mut config = checkpoint.config.clone();
-    if let Some(obj) = config.as_object_mut() {
-        obj.insert("torch_dtype".into(), dtype.torch_name().into());
-        if let Some(q) = quantization_config {
-            obj.insert("quantization_config".into(), q.clone());
-        }
-    }
+    let config = hf_config(checkpoint, dtype, quantization_config);
     write_json(&dir.join("config.json"), &config)?;
 
     let mut converted: BTreeMap<String, crate::compressed::RawTensor> = BTreeMap::new();
@@ -328,8 +322,24 @@ pub fn save_hf_with(
     Ok(())
 }
 
+/// The `config.json` of `checkpoint`'s model written in `dtype`, with its `quantization_config`.
+pub fn hf_config(
+    checkpoint: &Checkpoint,
+    dtype: SaveDType,
+    quantization_config: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut config = checkpoint.config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
+        if let Some(q) = quantization_config {
+            obj.insert("quantization_config".into(), q.clone());
+        }
+    }
+    config
+}
+
 /// Writes `value` as pretty JSON to `path`, atomically.
-pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| IoError::Format {
         path: path.to_path_buf(),
         message: e.to_string(),

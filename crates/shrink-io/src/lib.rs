@@ -29,7 +29,7 @@ pub use gguf::{
 };
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
 pub use gguf_write::{write_gguf, GgufEntry, GgufTensor, GgufValue, GgufWriter};
-pub use hf::{save_hf, save_hf_files, save_hf_with, SaveDType};
+pub use hf::{hf_config, save_hf, save_hf_files, save_hf_with, write_json, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
 pub use tensors::Tensors;

@@ -41,6 +41,23 @@ pub struct ShardedWriter {
     open: Option<(usize, shrink_core::AtomicFile)>,
 }
 
+/// A writer that counts the bytes through it.
+struct Counted<'a, W: Write> {
+    inner: &'a mut W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 impl ShardedWriter {
     /// Plans the shards of `plan` in `dir`.
     pub fn create(dir: &Path, plan: Vec<SafetensorsEntry>, max_shard_bytes: u64) -> Result<Self> {
@@ -106,6 +123,17 @@ impl ShardedWriter {
 
     /// Appends the data (little-endian, row-major) of the next planned tensor, `name`.
     pub fn append(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.append_with(name, data.len() as u64, &mut |w| w.write_all(data))
+    }
+
+    /// [`ShardedWriter::append`] of `len` bytes that `write` produces a piece at a time (a large
+    /// tensor converted a slice of rows at a time is never held whole in its written type).
+    pub fn append_with(
+        &mut self,
+        name: &str,
+        len: u64,
+        write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<()> {
         let shard = *self.shard_of.get(self.next).unwrap_or(&usize::MAX);
         let path = match self.files.get(shard) {
             Some(file) => self.dir.join(file),
@@ -126,10 +154,10 @@ impl ShardedWriter {
                 entry.name
             )));
         }
-        if data.len() as u64 != entry.bytes() {
+        if len != entry.bytes() {
             return Err(err(format!(
                 "{} bytes of data for a {:?} tensor of shape {:?} ({} bytes)",
-                data.len(),
+                len,
                 entry.dtype,
                 entry.shape,
                 entry.bytes()
@@ -144,7 +172,17 @@ impl ShardedWriter {
             self.open = Some((shard, file));
         }
         if let Some((_, file)) = &mut self.open {
-            file.writer().write_all(data).map_err(io_error(&path))?;
+            let mut counted = Counted {
+                inner: file.writer(),
+                bytes: 0,
+            };
+            write(&mut counted).map_err(io_error(&path))?;
+            if counted.bytes != len {
+                return Err(err(format!(
+                    "{} bytes written, {len} announced",
+                    counted.bytes
+                )));
+            }
         }
         self.next += 1;
         Ok(())

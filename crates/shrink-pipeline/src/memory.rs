@@ -13,6 +13,8 @@ pub struct ModelShape {
     pub hidden: u64,
     pub intermediate: u64,
     pub vocab: u64,
+    /// The weights of one decoder block (the first).
+    pub block_parameters: u64,
 }
 
 /// The shape of the model at `path`, from its header only (no weights are read): the embedding's
@@ -34,12 +36,147 @@ pub fn model_shape(path: &Path) -> Option<ModelShape> {
             || (n.ends_with(".weight")
                 && shrink_models::Role::of_name(n) == Some(shrink_models::Role::Down))
     })?;
+    // Block 0's tensors under every family's names (GGUF, Llama/BERT/GPT-2 checkpoints).
+    let first_block = ["blk.0.", "layers.0.", "layer.0.", "h.0."];
+    let block_parameters = info
+        .tensors
+        .iter()
+        .filter(|t| first_block.iter().any(|p| t.name.contains(p)))
+        .map(|t| t.parameters)
+        .sum();
     Some(ModelShape {
         parameters: info.parameters,
         hidden,
         intermediate: if c == hidden { d } else { c },
         vocab: a.max(b),
+        block_parameters,
     })
+}
+
+/// A job that reads the model one block at a time, as the memory formula sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamedJob {
+    /// Calibration windows, tokens per window and windows per forward pass, when it calibrates.
+    pub calibration: Option<(u64, u64, u64)>,
+    /// Whether the job accumulates full Hessians (GPTQ, AWQ, SmoothQuant, SparseGPT) rather than
+    /// per-channel statistics (Wanda).
+    pub hessians: bool,
+    /// Whether GPTQ (or SparseGPT) factors the Hessians.
+    pub factors: bool,
+    /// Bytes per value of a block's weights in memory (4 in f32; 2 when rounding 16-bit blocks).
+    pub block_value_bytes: u64,
+    /// Bytes per value of the token embedding as stored (read in that type).
+    pub embedding_value_bytes: u64,
+}
+
+/// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
+/// embedding (and an untied head) on its own, then holds one block at a time:
+///
+/// `peak = base + max(embedding, block + activations + hessians + max(accumulation, factoring))`
+///
+/// - `embedding`: `V·h` values as stored, plus its packed blocks (at most `V·h` bytes) and the
+///   copies of a 64 MB f32 slice being rounded (four);
+/// - `block`: one block's weights `P_b` at the compute width, plus three f32 copies of its widest
+///   linear (`i·h`: the weights read out, GPTQ's working copy, the dequantized values);
+/// - `activations`: the calibration windows' hidden states entering and leaving the block,
+///   `2 · T · h · 4` with `T = samples · seq_len` tokens;
+/// - `hessians`: every input statistic of the block held until it is compressed, in f64:
+///   `(3·h² + i²) · 8` (q/k/v, o, gate/up share two `h × h`; down has `i × i`), or four vectors
+///   per channel without Hessians;
+/// - `accumulation`: a batch's forward pass (`b·s·(3·i + 4·h)` f32 values and the attention scores
+///   `b·(h/64)·s²`) and the f32 product `XᵀX` of the widest input with its copy (`2 · i² · 4`);
+/// - `factoring`: GPTQ's inverse-Hessian factor of the widest input, two `i × i` f64 matrices at
+///   a time (`2 · i² · 8`);
+/// - `base`: the program, the tokenizer and the memory-mapped pages in flight (~256 MB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StreamedPeak {
+    pub base: u64,
+    pub embedding: u64,
+    pub block: u64,
+    pub activations: u64,
+    pub hessians: u64,
+    pub accumulation: u64,
+    pub factoring: u64,
+}
+
+impl StreamedPeak {
+    /// The formula's peak.
+    pub fn total(&self) -> u64 {
+        let blocks = self
+            .block
+            .saturating_add(self.activations)
+            .saturating_add(self.hessians)
+            .saturating_add(self.accumulation.max(self.factoring));
+        self.base.saturating_add(self.embedding.max(blocks))
+    }
+}
+
+/// The peak memory of `job` on a model of `shape`, by the formula of [`StreamedPeak`] (in
+/// saturating arithmetic: absurd settings give a huge estimate, never a wrapped small one).
+pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let widest = m(i, h);
+    let embedding = m(
+        m(shape.vocab, h),
+        job.embedding_value_bytes.saturating_add(1),
+    )
+    .saturating_add(4 * (64 << 20));
+    let block = m(shape.block_parameters, job.block_value_bytes).saturating_add(m(widest, 12));
+    let (activations, hessians, accumulation) = match job.calibration {
+        None => (0, 0, 0),
+        Some((samples, seq_len, batch)) => {
+            let tokens = m(samples, seq_len);
+            let b = batch.min(samples).max(1);
+            let forward = m(m(b, seq_len), m(3, i).saturating_add(m(4, h)))
+                .saturating_add(m(m(b, h / 64), m(seq_len, seq_len)));
+            let stats = if job.hessians {
+                m(m(3, m(h, h)).saturating_add(m(i, i)), 8)
+            } else {
+                m(m(3, h).saturating_add(i), 32)
+            };
+            let product = if job.hessians { m(m(i, i), 8) } else { 0 };
+            (
+                m(m(tokens, h), 8),
+                stats,
+                m(forward, 4).saturating_add(product),
+            )
+        }
+    };
+    StreamedPeak {
+        base: 256 << 20,
+        embedding,
+        block,
+        activations,
+        hessians,
+        accumulation,
+        factoring: if job.factors && job.calibration.is_some() {
+            m(m(i, i), 16)
+        } else {
+            0
+        },
+    }
+}
+
+/// Refuses a block-by-block job whose estimated peak exceeds `limit` bytes.
+pub fn check_streamed_memory(peak: &StreamedPeak, limit: u64) -> Result<()> {
+    let estimate = peak.total();
+    if estimate > limit {
+        let gb = |b: u64| b as f64 / 1e9;
+        return Err(PipelineError::Invalid(format!(
+            "the job needs an estimated {:.1} GB of memory reading the model block by block \
+             (one block {:.1} GB, activations {:.1} GB, statistics {:.1} GB, the largest \
+             Hessian's factor {:.1} GB), more than the {:.1} GB allowed (the machine's memory, or \
+             --max-memory): lower --samples or --seq-len",
+            gb(estimate),
+            gb(peak.block),
+            gb(peak.activations),
+            gb(peak.hessians),
+            gb(peak.factoring),
+            gb(limit)
+        )));
+    }
+    Ok(())
 }
 
 /// The memory a run may use: `max_bytes` if given, else the machine's memory.
@@ -163,6 +300,62 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_streamed_formula_by_hand() {
+        let shape = |block_parameters| ModelShape {
+            parameters: 0,
+            hidden: 64,
+            intermediate: 128,
+            vocab: 512,
+            block_parameters,
+        };
+        let job = StreamedJob {
+            calibration: Some((8, 32, 2)),
+            hessians: true,
+            factors: true,
+            block_value_bytes: 4,
+            embedding_value_bytes: 2,
+        };
+        let peak = streamed_peak(&shape(100_000), &job);
+        assert_eq!(
+            peak,
+            StreamedPeak {
+                base: 256 << 20,
+                embedding: 512 * 64 * 3 + 4 * (64 << 20),
+                block: 400_000 + 128 * 64 * 12,
+                activations: 8 * 32 * 64 * 8,
+                hessians: (3 * 64 * 64 + 128 * 128) * 8,
+                // b·s·(3i + 4h) + b·(h/64)·s², in f32, and XᵀX of down's input with its copy.
+                accumulation: (2 * 32 * (3 * 128 + 4 * 64) + 2 * 32 * 32) * 4 + 128 * 128 * 8,
+                factoring: 128 * 128 * 16,
+            }
+        );
+        // The embedding's phase is the larger here; a block of 100M weights is larger still.
+        assert_eq!(peak.total(), (256 << 20) + 512 * 64 * 3 + 4 * (64 << 20));
+        let big = streamed_peak(&shape(100_000_000), &job);
+        assert_eq!(
+            big.total(),
+            (256 << 20) + 400_098_304 + 131_072 + 229_376 + 172_032 + 131_072
+        );
+        // Rounding alone: no activations, statistics or factor.
+        let rounding = StreamedJob {
+            calibration: None,
+            factors: true,
+            ..job
+        };
+        let r = streamed_peak(&shape(100_000_000), &rounding);
+        assert_eq!((r.activations, r.hessians, r.factoring), (0, 0, 0));
+        assert!(check_streamed_memory(&big, big.total()).is_ok());
+        let e = check_streamed_memory(&big, big.total() - 1).unwrap_err();
+        assert!(e.to_string().contains("block by block"), "{e}");
+        // Absurd settings saturate instead of wrapping.
+        let absurd = StreamedJob {
+            calibration: Some((u64::MAX, 1 << 20, 8)),
+            ..job
+        };
+        assert_eq!(streamed_peak(&shape(1), &absurd).total(), u64::MAX);
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -241,7 +241,7 @@ pub fn sparsegpt(
     if let Sparsity::NM { m, .. } = sparsity {
         bs = bs.div_ceil(m) * m; // N:M groups never straddle two blocks
     }
-    let u = shrink_calib::damped_inverse_cholesky_upper(&stats.hessian, n, cfg.damp, name)?;
+    let u = shrink_calib::damped_inverse_cholesky_upper(stats.hessian.clone(), n, cfg.damp, name)?;
     let mut x: Vec<f64> = w.iter().map(|&v| v as f64).collect();
     let mut start = 0;
     while start < n {

@@ -68,11 +68,7 @@ pub fn compressed_tensors(
         if let Some(why) = hf_unsupported(&crate::Format::Scheme(s), activations.is_some()) {
             return Err(QuantError::Scheme(format!("'{name}': {why}")));
         }
-        let (strategy, group, scale_shape) = match s.granularity {
-            Granularity::Tensor => ("tensor", None, vec![1]),
-            Granularity::Channel => ("channel", None, vec![q.rows, 1]),
-            Granularity::Group(g) => ("group", Some(g), vec![q.rows, q.cols / g]),
-        };
+        let (strategy, group, scale_shape) = strategy_of(&s, q.rows, q.cols);
         let offset = 1i16 << (s.bits - 1);
         let signed: Vec<i8> = q
             .codes()
@@ -105,6 +101,85 @@ pub fn compressed_tensors(
             .or_default()
             .push(module.to_string());
     }
+    Ok(HfExport {
+        tensors,
+        quantization_config: quantization_config(groups, activations),
+    })
+}
+
+/// compressed-tensors' strategy name, group size and scale shape of a `rows × cols` weight.
+fn strategy_of(
+    s: &crate::QuantScheme,
+    rows: usize,
+    cols: usize,
+) -> (&'static str, Option<usize>, Vec<usize>) {
+    match s.granularity {
+        Granularity::Tensor => ("tensor", None, vec![1]),
+        Granularity::Channel => ("channel", None, vec![rows, 1]),
+        Granularity::Group(g) => ("group", Some(g), vec![rows, cols / g]),
+    }
+}
+
+/// The tensors (name, safetensors type, shape) [`compressed_tensors`] writes for the weight of
+/// `module` (`rows × cols`, quantized by `s`), known before it is quantized: what a folder written
+/// as its blocks finish plans its shards from. `None` when compressed-tensors cannot hold it.
+pub fn compressed_layout(
+    module: &str,
+    s: &crate::QuantScheme,
+    rows: usize,
+    cols: usize,
+    activations: bool,
+) -> Option<Vec<shrink_io::SafetensorsEntry>> {
+    if hf_unsupported(&crate::Format::Scheme(*s), activations).is_some() {
+        return None;
+    }
+    let entry = |suffix: &str, dtype, shape| shrink_io::SafetensorsEntry {
+        name: format!("{module}.{suffix}"),
+        dtype,
+        shape,
+    };
+    let (_, _, scale_shape) = strategy_of(s, rows, cols);
+    let scale = entry("weight_scale", safetensors::Dtype::F16, scale_shape);
+    Some(if activations {
+        vec![
+            entry("weight", safetensors::Dtype::I8, vec![rows, cols]),
+            scale,
+        ]
+    } else {
+        let per_row = cols.div_ceil((32 / s.bits) as usize);
+        vec![
+            entry(
+                "weight_packed",
+                safetensors::Dtype::I32,
+                vec![rows, per_row],
+            ),
+            scale,
+            entry("weight_shape", safetensors::Dtype::I64, vec![2]),
+        ]
+    })
+}
+
+/// The `quantization_config` of a folder whose quantized modules are `modules` (name → scheme
+/// and shape), as [`compressed_tensors`] writes it.
+pub fn quantization_config_of(
+    modules: &BTreeMap<String, (crate::QuantScheme, usize, usize)>,
+    activations: Option<ActQuant>,
+) -> serde_json::Value {
+    let mut groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>> = BTreeMap::new();
+    for (module, (s, rows, cols)) in modules {
+        let (strategy, group, _) = strategy_of(s, *rows, *cols);
+        groups
+            .entry((s.bits, strategy, group))
+            .or_default()
+            .push(module.clone());
+    }
+    quantization_config(groups, activations)
+}
+
+fn quantization_config(
+    groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>>,
+    activations: Option<ActQuant>,
+) -> serde_json::Value {
     let uniform = groups.len() == 1;
     let config_groups: serde_json::Map<String, serde_json::Value> = groups
         .into_iter()
@@ -138,16 +213,13 @@ pub fn compressed_tensors(
     } else {
         "pack-quantized"
     };
-    Ok(HfExport {
-        tensors,
-        quantization_config: serde_json::json!({
-            "quant_method": "compressed-tensors",
-            "format": format,
-            "quantization_status": "compressed",
-            "config_groups": config_groups,
-            "ignore": ["lm_head"],
-            "kv_cache_scheme": null,
-            "global_compression_ratio": null,
-        }),
+    serde_json::json!({
+        "quant_method": "compressed-tensors",
+        "format": format,
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": null,
+        "global_compression_ratio": null,
     })
 }

@@ -27,14 +27,18 @@ pub mod qat;
 pub mod smooth;
 mod tensor;
 mod write;
+pub mod write_hf;
 
-pub use export::{compressed_tensors, hf_unsupported, HfExport};
+pub use export::{
+    compressed_layout, compressed_tensors, hf_unsupported, quantization_config_of, HfExport,
+};
 pub use grid::{Grid, GroupParams};
 pub use kquant::{GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
+pub use write_hf::QuantizedHf;
 
 use candle_core::{DType, Tensor};
 use shrink_calib::LinearStats;
@@ -379,7 +383,7 @@ impl QuantPlan {
 }
 
 /// What happened to one linear layer.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     pub name: String,
     /// The stored format (`q4_k`, `q5_0`, `int4 symmetric g128`).
@@ -396,6 +400,8 @@ pub struct LayerReport {
 pub struct QuantizedModel {
     pub tensors: BTreeMap<String, QuantizedWeight>,
     pub layers: Vec<LayerReport>,
+    /// The block a resumed streamed quantization started at.
+    pub resumed_at: Option<usize>,
 }
 
 fn weight_rows(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
@@ -466,10 +472,12 @@ pub fn quantize_model(
         windows,
         batch,
         progress,
+        None,
         &mut |_, quantized| {
             tensors.append(quantized);
             Ok(())
         },
+        &mut |_, _, _| Ok(()),
     )?;
     out.tensors = tensors;
     Ok(out)
@@ -479,11 +487,17 @@ pub fn quantize_model(
 pub type BlockDone<'a> =
     dyn FnMut(&shrink_models::Block, &mut BTreeMap<String, QuantizedWeight>) -> Result<()> + 'a;
 
+/// What [`quantize_blocks`] calls once a block is finished: its index, the calibration
+/// activations leaving it (when calibrating) and the reports of every layer quantized so far.
+pub type BlockFinished<'a> = dyn FnMut(usize, Option<&[Tensor]>, &[LayerReport]) -> Result<()> + 'a;
+
 /// [`quantize_model`] block by block on any [`BlockModel`]: `done` receives each block once its
 /// linears are quantized (and hold their dequantized values), with their quantized weights by
 /// weight name, and keeps what it takes out of the map; the rest is dropped. The result holds the
 /// per-layer reports (its `tensors` stay empty). On a [`shrink_models::StreamedModel`] only one
-/// block is ever in memory, so `done` writes it.
+/// block is ever in memory, so `done` writes it. A resumed job gives `start` (the first block to
+/// quantize and, when calibrating, the activations entering it) and records its progress in
+/// `finished`; the reports then cover the blocks from `start` on.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_blocks<M: BlockModel>(
     model: &mut M,
@@ -492,10 +506,12 @@ pub fn quantize_blocks<M: BlockModel>(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     progress: &dyn Progress,
+    start: Option<shrink_calib::Resume>,
     done: &mut BlockDone<'_>,
+    finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
     plan.check_model(model)?;
-    let mut out = QuantizedModel::default();
+    let layers = std::cell::RefCell::new(Vec::new());
     let n_layers = model.num_blocks();
     let keeps_blocks = model.keeps_blocks();
     let mut quantize_block = |block: &mut shrink_models::Block,
@@ -555,7 +571,7 @@ pub fn quantize_blocks<M: BlockModel>(
                     linear.weight().device(),
                 )?)?;
             }
-            out.layers.push(LayerReport {
+            layers.borrow_mut().push(LayerReport {
                 name: name.clone(),
                 format: format.label(),
                 shape: [rows, cols],
@@ -569,25 +585,33 @@ pub fn quantize_blocks<M: BlockModel>(
     };
     match windows {
         Some(windows) => {
-            shrink_calib::sequential(
+            shrink_calib::sequential_from(
                 model,
                 windows,
                 batch,
                 true,
                 progress,
+                start,
                 &mut |block, stats| quantize_block(block, Some(stats)),
+                &mut |index, xs| finished(index, Some(xs), &layers.borrow()),
             )?;
         }
         None => {
+            let first = start.map_or(0, |s| s.block);
             progress.start("quantizing blocks", n_layers as u64);
-            for index in 0..n_layers {
+            progress.advance(first as u64, None);
+            for index in first..n_layers {
                 model.with_block(index, |block| quantize_block(block, None))??;
+                finished(index, None, &layers.borrow())?;
                 progress.advance(1, None);
             }
             progress.finish();
         }
     }
-    Ok(out)
+    Ok(QuantizedModel {
+        layers: layers.into_inner(),
+        ..Default::default()
+    })
 }
 
 fn block_linear<'a>(

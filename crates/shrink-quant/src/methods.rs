@@ -169,7 +169,7 @@ fn prepare(
     let hp: Vec<f64> = (0..n * n)
         .map(|k| stats.hessian[perm[k / n] * n + perm[k % n]])
         .collect();
-    let u = shrink_calib::damped_inverse_cholesky_upper(&hp, n, cfg.damp, name)?;
+    let u = shrink_calib::damped_inverse_cholesky_upper(hp, n, cfg.damp, name)?;
     Ok(Prepared {
         w,
         perm,

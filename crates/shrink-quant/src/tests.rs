@@ -730,6 +730,123 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
 }
 
 #[test]
+fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_path() {
+    use shrink_io::{Checkpoint, Export};
+    use shrink_models::{ModelConfig, Transformer};
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 64;
+    cfg.tie_word_embeddings = false;
+    let model = Transformer::random(&cfg, 6, &Device::Cpu).unwrap();
+    let source = Checkpoint {
+        path: "tiny".into(),
+        format: shrink_io::Format::HfFolder,
+        config: serde_json::to_value(&cfg).unwrap(),
+        tensors: model.checkpoint_tensors().unwrap().into(),
+        tokenizer: None,
+        generation_config: None,
+        side_files: Default::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in-hf");
+    shrink_io::save_hf(&source, &input, shrink_io::SaveDType::BF16).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..16).map(|i| ((i * 5 + s * 11) % 60) as u32).collect())
+        .collect();
+    let w4 = QuantScheme {
+        bits: 4,
+        grid: crate::Grid::Symmetric,
+        granularity: Granularity::Group(32),
+        search: false,
+    };
+    let plan = QuantPlan {
+        default: w4.into(),
+        rules: vec![Rule::new("down_proj", QuantScheme { bits: 8, ..w4 })],
+        fallbacks: vec![],
+    };
+    let w8a8 = QuantPlan::uniform(QuantScheme {
+        bits: 8,
+        granularity: Granularity::Channel,
+        ..w4
+    });
+    let checkpoint = shrink_io::load(&input).unwrap();
+    for (plan, activations, method) in [
+        (&plan, None, Method::Gptq(GptqConfig::default())),
+        (&plan, None, Method::Rtn),
+        (
+            &w8a8,
+            Some(shrink_models::ActQuant::Int8PerToken),
+            Method::SmoothQuant {
+                alpha: 0.5,
+                gptq: None,
+            },
+        ),
+    ] {
+        let output = QuantizedOutput {
+            export: Export::Hf,
+            plan,
+            embeddings: None,
+            activations,
+        };
+        let windows = (method != Method::Rtn).then_some(&windows[..]);
+        let whole_path = dir.path().join("whole");
+        let mut whole =
+            Transformer::from_checkpoint(&cfg, checkpoint.load_finite().unwrap(), DType::F32)
+                .unwrap();
+        let q = quantize_model(
+            &mut whole,
+            method,
+            plan,
+            windows,
+            2,
+            &shrink_core::NoProgress,
+        )
+        .unwrap();
+        write_quantized(&checkpoint, &whole, &q, &output, &whole_path).unwrap();
+        let streamed_path = dir.path().join("streamed");
+        let mut streamed = checkpoint.streamed(DType::F32).unwrap();
+        quantize_streamed(
+            &checkpoint,
+            &mut streamed,
+            method,
+            &output,
+            windows,
+            2,
+            &shrink_core::NoProgress,
+            &streamed_path,
+        )
+        .unwrap();
+        let read = |dir: &std::path::Path| {
+            let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut all: Vec<(String, String, Vec<usize>, Vec<u8>)> = st
+                .tensors()
+                .into_iter()
+                .map(|(n, v)| {
+                    (
+                        n,
+                        format!("{:?}", v.dtype()),
+                        v.shape().to_vec(),
+                        v.data().to_vec(),
+                    )
+                })
+                .collect();
+            all.sort();
+            let config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+            (all, config)
+        };
+        let (a, b) = (read(&whole_path), read(&streamed_path));
+        assert_eq!(a.0.len(), b.0.len(), "{method:?}");
+        for (x, y) in a.0.iter().zip(&b.0) {
+            assert!(x == y, "{method:?}: tensor {} differs", x.0);
+        }
+        assert_eq!(a.1, b.1, "{method:?}: config.json");
+        // The folder loads back (shrink decompresses compressed-tensors modules when it opens one).
+        shrink_io::load(&streamed_path).unwrap();
+    }
+}
+
+#[test]
 fn rounding_a_slice_of_rows_at_a_time_gives_the_bytes_of_the_whole() {
     let (rows, cols) = (7, 512);
     let w = random(rows * cols, 9);

@@ -120,9 +120,16 @@ fn written_of(result: &QuantizedModel, extra_types: BTreeMap<String, usize>) -> 
 }
 
 /// Quantizes a model read block by block from `checkpoint` (a [`StreamedModel`] of it) and
-/// writes the GGUF as it goes: the embedding first, each block as soon as it is quantized, then
-/// the output tensors. Only one block's weights (and the calibration activations) are in memory
-/// at a time; the bytes are those [`crate::quantize_model`] and [`write_quantized`] write.
+/// writes the GGUF (or the compressed-tensors folder) as it goes: the embedding first, each block
+/// as soon as it is quantized, then the output tensors. Only one block's weights (and the
+/// calibration activations) are in memory at a time. A GGUF has the bytes
+/// [`crate::quantize_model`] and [`write_quantized`] write; a folder has their tensors, in the
+/// model's order and in 5 GB shards (see [`crate::write_hf`]).
+///
+/// A GGUF job records each finished block in the resume folder beside `out` (a
+/// [`shrink_core::ResumeDir`]): the partial GGUF, how much of it is final, the layer reports and,
+/// when calibrating, the activations leaving the block. The same job run again after a kill
+/// continues at the next block and writes the same bytes as a run that was never interrupted.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_streamed(
     checkpoint: &Checkpoint,
@@ -134,15 +141,56 @@ pub fn quantize_streamed(
     progress: &dyn shrink_core::Progress,
     out: &Path,
 ) -> Result<(QuantizedModel, Written)> {
-    if output.export != Export::Gguf {
-        return Err(QuantError::Export(
-            "a streamed quantization writes GGUF files only".into(),
-        ));
-    }
     output.plan.check_model(model)?;
     let config = model.config().clone();
     let arch = config.arch()?;
-    let mut gguf = QuantizedGguf::create(checkpoint, &config, output, out)?;
+    let job = streamed_job(checkpoint, method, output, windows, batch);
+    let io = |e: shrink_core::CoreError| QuantError::Io(e.into());
+    let resume = shrink_core::ResumeDir::open(out, &job).map_err(io)?;
+    let state = match resume.read(STATE).map_err(io)? {
+        Some(bytes) => Some(serde_json::from_slice::<Recorded>(&bytes).map_err(|e| {
+            QuantError::Export(format!(
+                "{}: unreadable ({e}); remove it to start over",
+                resume.file(STATE).display()
+            ))
+        })?),
+        None => None,
+    };
+    let start = match (&state, windows) {
+        (Some(s), Some(_)) => Some(shrink_calib::Resume {
+            block: s.blocks,
+            activations: load_activations(&resume.file(&activations_file(s.blocks)))?,
+        }),
+        (Some(s), None) => Some(shrink_calib::Resume {
+            block: s.blocks,
+            activations: vec![],
+        }),
+        (None, _) => None,
+    };
+    let sink = match output.export {
+        Export::Gguf => {
+            let file = shrink_core::AtomicFile::resume(
+                out,
+                &resume.file(PARTIAL),
+                state.as_ref().map_or(0, |s| s.bytes),
+            )
+            .map_err(io)?;
+            Sink::Gguf(QuantizedGguf::resumable(
+                checkpoint,
+                &config,
+                output,
+                file,
+                state.as_ref().map(|s| (s.tensors, s.extra_types.clone())),
+            )?)
+        }
+        // A folder is written again from the start (no partial folder is kept).
+        Export::Hf => Sink::Hf(crate::write_hf::QuantizedHf::create(
+            checkpoint, &config, output, out,
+        )?),
+    };
+    let gguf = std::cell::RefCell::new(sink);
+    let resumed_at = state.as_ref().map(|s| s.blocks);
+    let earlier = state.map(|s| s.layers).unwrap_or_default();
     // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
     // not widened to f32 whole: it is rounded a slice of rows at a time).
     let natural = |name: &str| -> Result<candle_core::Tensor> {
@@ -150,22 +198,53 @@ pub fn quantize_streamed(
         Ok(checkpoint.load_checked(name, dtype)?)
     };
     let embedding = config.embedding_name();
-    gguf.tensor(&embedding, natural(&embedding)?)?;
-    let result = crate::quantize_blocks(
+    if gguf.borrow().wants(&embedding) {
+        gguf.borrow_mut().tensor(&embedding, natural(&embedding)?)?;
+    }
+    let mut result = crate::quantize_blocks(
         model,
         method,
         output.plan,
         windows,
         batch,
         progress,
+        start,
         &mut |block, quantized| {
+            let mut gguf = gguf.borrow_mut();
             gguf.quantized(std::mem::take(quantized))?;
             for (name, t) in block.named_tensors(arch) {
                 gguf.tensor(&name, t)?;
             }
             Ok(())
         },
+        &mut |index, xs, layers| {
+            // Recorded only where the file holds whole blocks and nothing is waiting.
+            let mut gguf = gguf.borrow_mut();
+            let Some((tensors, bytes)) = gguf.checkpoint()? else {
+                return Ok(());
+            };
+            let blocks = index + 1;
+            if let Some(xs) = xs {
+                save_activations(&resume, blocks, xs)?;
+            }
+            let recorded = Recorded {
+                blocks,
+                tensors,
+                bytes,
+                layers: earlier.iter().chain(layers).cloned().collect(),
+                extra_types: gguf.extra_types(),
+            };
+            let json = serde_json::to_vec(&recorded)
+                .map_err(|e| QuantError::Export(format!("recording progress: {e}")))?;
+            resume.write(STATE, &json).map_err(io)?;
+            // The activations entering earlier blocks are no longer needed.
+            for old in 0..blocks {
+                let _ = std::fs::remove_file(resume.file(&activations_file(old)));
+            }
+            Ok(())
+        },
     )?;
+    let mut gguf = gguf.into_inner();
     let rest: Vec<String> = checkpoint
         .tensors
         .names()
@@ -176,8 +255,164 @@ pub fn quantize_streamed(
         gguf.tensor(&name, natural(&name)?)?;
     }
     let extra_types = gguf.finish()?;
+    resume.remove().map_err(io)?;
+    result.layers = earlier.into_iter().chain(result.layers).collect();
+    result.resumed_at = resumed_at;
     let written = written_of(&result, extra_types);
     Ok((result, written))
+}
+
+/// Where a streamed quantization writes.
+enum Sink<'a> {
+    Gguf(QuantizedGguf<'a>),
+    Hf(crate::write_hf::QuantizedHf<'a>),
+}
+
+impl Sink<'_> {
+    fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
+        match self {
+            Sink::Gguf(g) => g.quantized(weights),
+            Sink::Hf(h) => h.quantized(weights),
+        }
+    }
+    fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
+        match self {
+            Sink::Gguf(g) => g.tensor(name, t),
+            Sink::Hf(h) => h.tensor(name, t),
+        }
+    }
+    fn wants(&self, name: &str) -> bool {
+        match self {
+            Sink::Gguf(g) => g.wants(name),
+            Sink::Hf(h) => h.wants(name),
+        }
+    }
+    /// A point to resume from (GGUF files only).
+    fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
+        match self {
+            Sink::Gguf(g) => g.checkpoint(),
+            Sink::Hf(_) => Ok(None),
+        }
+    }
+    fn extra_types(&self) -> BTreeMap<String, usize> {
+        match self {
+            Sink::Gguf(g) => g.extra_types.clone(),
+            Sink::Hf(_) => BTreeMap::new(),
+        }
+    }
+    fn finish(self) -> Result<BTreeMap<String, usize>> {
+        match self {
+            Sink::Gguf(g) => g.finish(),
+            Sink::Hf(h) => h.finish().map(|()| BTreeMap::new()),
+        }
+    }
+}
+
+/// What a streamed quantization has finished, recorded after each block.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Recorded {
+    /// Blocks finished.
+    blocks: usize,
+    /// Tensors and bytes of the partial GGUF that are final.
+    tensors: usize,
+    bytes: u64,
+    layers: Vec<crate::LayerReport>,
+    extra_types: BTreeMap<String, usize>,
+}
+
+const STATE: &str = "state.json";
+const PARTIAL: &str = "partial.gguf";
+
+fn activations_file(block: usize) -> String {
+    format!("activations-{block}.safetensors")
+}
+
+/// Saves the calibration activations entering block `block` (exactly, in their own dtype).
+fn save_activations(
+    resume: &shrink_core::ResumeDir,
+    block: usize,
+    xs: &[candle_core::Tensor],
+) -> Result<()> {
+    let path = resume.file(&activations_file(block));
+    let tmp = resume.file(&format!("{}.tmp", activations_file(block)));
+    let named: std::collections::HashMap<String, candle_core::Tensor> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (i.to_string(), x.clone()))
+        .collect();
+    candle_core::safetensors::save(&named, &tmp)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_data())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| QuantError::Io(IoError::Io { path, source }))
+}
+
+fn load_activations(path: &Path) -> Result<Vec<candle_core::Tensor>> {
+    let mut named = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
+    (0..named.len())
+        .map(|i| {
+            named.remove(&i.to_string()).ok_or_else(|| {
+                QuantError::Export(format!(
+                    "{}: batch {i} of the recorded activations is missing",
+                    path.display()
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Everything that decides a streamed quantization's bytes, to tell a resumable run of the same
+/// job from another: shrink's version and the running program (size, modification time: another
+/// build may round differently), the input files (names, sizes, modification times), the method,
+/// the plan and output settings, the batch, the thread count and the calibration windows.
+fn streamed_job(
+    checkpoint: &Checkpoint,
+    method: crate::Method,
+    output: &QuantizedOutput,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+) -> String {
+    let identity = |p: &Path| -> Option<String> {
+        let m = std::fs::metadata(p).ok()?;
+        let modified = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        Some(format!("{} {} {modified}", p.display(), m.len()))
+    };
+    let path = &checkpoint.path;
+    let listed: Vec<std::path::PathBuf> = match std::fs::read_dir(path) {
+        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+        Err(_) => vec![path.clone()],
+    };
+    let mut files: Vec<String> = listed.iter().filter_map(|p| identity(p)).collect();
+    files.sort();
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| identity(&p))
+        .unwrap_or_default();
+    let ids: Vec<u8> = windows
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|w| w.iter().flat_map(|t| t.to_le_bytes()))
+        .collect();
+    format!(
+        "shrink {} streamed quantization\nprogram {program}\ninput {}\nmethod {method:?}\n\
+         export {:?}\nplan {:?}\nembeddings {:?}\nactivations {:?}\nbatch {batch}\n\
+         threads {}\n\
+         windows {} × {} sha256 {}\n",
+        env!("CARGO_PKG_VERSION"),
+        files.join("; "),
+        output.export,
+        output.plan,
+        output.embeddings,
+        output.activations,
+        rayon::current_num_threads(),
+        windows.map_or(0, <[_]>::len),
+        windows.and_then(|w| w.first()).map_or(0, Vec::len),
+        shrink_core::sha256_hex(&ids),
+    )
 }
 
 /// A quantized model's GGUF, written as its tensors become ready (see [`shrink_io::GgufWriter`]):
@@ -218,6 +453,22 @@ impl<'a> QuantizedGguf<'a> {
         output: &'a QuantizedOutput<'a>,
         out: &Path,
     ) -> Result<Self> {
+        let file = shrink_core::AtomicFile::create(out).map_err(|e| QuantError::Io(e.into()))?;
+        Self::resumable(written, config, output, file, None)
+    }
+
+    /// [`QuantizedGguf::create`] into `file`; with `resumed`, `file` is a partial GGUF of the same
+    /// plan holding its first tensors (how many, as [`QuantizedGguf::checkpoint`] recorded them,
+    /// and the block types of the rounded tensors among them).
+    pub fn resumable(
+        written: &Checkpoint,
+        config: &shrink_models::ModelConfig,
+        output: &'a QuantizedOutput<'a>,
+        file: shrink_core::AtomicFile,
+        resumed: Option<(usize, BTreeMap<String, usize>)>,
+    ) -> Result<Self> {
+        let out = file.target().to_path_buf();
+        let out = out.as_path();
         let io = |e: IoError| QuantError::Io(IoError::written(out, e));
         let n_layers = config.num_hidden_layers;
         let mut types: BTreeMap<String, GgmlDType> = BTreeMap::new();
@@ -260,20 +511,45 @@ impl<'a> QuantizedGguf<'a> {
             }
         }
         let layout = shrink_io::LlamaGguf::plan(written, out, weight_type, &types).map_err(io)?;
-        let writer = shrink_io::GgufWriter::create(out, &layout.metadata, layout.entries.clone())
-            .map_err(io)?;
+        let (writer, next, extra_types) = match resumed {
+            None => (
+                shrink_io::GgufWriter::start(file, &layout.metadata, layout.entries.clone())
+                    .map_err(io)?,
+                0,
+                BTreeMap::new(),
+            ),
+            Some((next, extra_types)) => (
+                shrink_io::GgufWriter::resume(file, layout.entries.clone(), next),
+                next,
+                extra_types,
+            ),
+        };
         Ok(Self {
             layout,
             writer,
-            next: 0,
+            next,
             pending: BTreeMap::new(),
             stacked,
             parts: BTreeMap::new(),
             output,
             embedding,
             out: out.to_path_buf(),
-            extra_types: BTreeMap::new(),
+            extra_types,
         })
+    }
+
+    /// When every tensor supplied so far is written (none waits for an earlier one), flushes the
+    /// file to the disk and returns how many tensors and bytes it holds: a point to resume from.
+    pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
+        if !self.pending.is_empty() || !self.parts.is_empty() {
+            return Ok(None);
+        }
+        let out = self.out.clone();
+        let (tensors, bytes) = self
+            .writer
+            .sync()
+            .map_err(|e| QuantError::Io(IoError::written(&out, e)))?;
+        Ok(Some((tensors, bytes)))
     }
 
     fn io(&self) -> impl Fn(IoError) -> QuantError + '_ {
@@ -358,7 +634,7 @@ impl<'a> QuantizedGguf<'a> {
                 break;
             };
             let data = match pending {
-                Pending::Blocks(bytes) => self.layout.blocks_data(self.next, &bytes),
+                Pending::Blocks(bytes) => self.layout.blocks_data(self.next, bytes),
                 Pending::Tensor(t) => self.layout.tensor_data(self.next, &t),
             }
             .map_err(self.io())?;
@@ -398,7 +674,11 @@ pub(crate) fn round_rows(
 ) -> Result<(GgmlDType, Vec<u8>)> {
     let (rows, cols) = t.dims2()?;
     let step = (chunk / cols.max(1)).max(1);
-    let mut out = Vec::new();
+    // The whole tensor's blocks, allocated once (a growing buffer would reach twice its size).
+    let bytes = format
+        .ggml_type()
+        .map_or(0, |d| rows * cols / d.block_size() * d.type_size());
+    let mut out = Vec::with_capacity(bytes);
     let mut dtype = None;
     for start in (0..rows).step_by(step) {
         let n = step.min(rows - start);

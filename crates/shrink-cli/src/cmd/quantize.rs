@@ -116,7 +116,17 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
             .join(", ")
     );
     done.print_calibration(common);
+    if let Some(block) = outcome.resumed_at_block {
+        outln!("resumed      at block {block} of a killed run (its finished blocks were kept)");
+    }
     outln!("wrote        {}", common.out.display());
+    if let Some(m) = &done.memory {
+        outln!(
+            "memory       peak RSS {:.2} GB (block by block; estimated {:.2} GB)",
+            m.peak_rss_bytes as f64 / 1e9,
+            m.estimated_peak_bytes as f64 / 1e9
+        );
+    }
     outln!(
         "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",
         size_before.file_size_bytes as f64 / 1e6,

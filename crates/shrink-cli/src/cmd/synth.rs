@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 pub(crate) struct SynthArgs {
     /// The shape: `llama3-8b` (32 layers, hidden 4096, MLP 14336, 32 heads / 8 KV heads, vocab
-    /// 128,256) or `tiny-llama` (2 layers, hidden 64; for tests).
+    /// 128,256), `small-llama` (8 layers, hidden 256, MLP 768) or `tiny-llama` (2 layers, hidden
+    /// 64); the last two for tests.
     shape: String,
-    /// Keep only the first N blocks (every tensor keeps its shape).
+    /// The number of blocks, if not the shape's own (every tensor keeps its shape).
     #[arg(long)]
     layers: Option<usize>,
     /// Seed of the weights.
@@ -28,12 +29,16 @@ pub(crate) struct SynthArgs {
     out: PathBuf,
 }
 
+/// The most blocks `--layers` asks for.
+const MAX_LAYERS: usize = 1024;
+
 /// `(config, control tokens)` of a shape.
 fn shape(name: &str) -> Result<(serde_json::Value, usize)> {
     let (h, i, layers, heads, kv, vocab, specials) = match name {
         "llama3-8b" => (4096, 14336, 32, 32, 8, 128_256, 256),
         "tiny-llama" => (64, 128, 2, 4, 2, 512, 2),
-        other => bail!("unknown shape '{other}' (llama3-8b, tiny-llama)"),
+        "small-llama" => (256, 768, 8, 4, 2, 512, 2),
+        other => bail!("unknown shape '{other}' (llama3-8b, small-llama, tiny-llama)"),
     };
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
@@ -127,12 +132,8 @@ fn values(name: &str, elems: usize, seed: u64, out: &mut Vec<u8>) {
 pub(crate) fn run(args: SynthArgs) -> Result<()> {
     let (mut config, specials) = shape(&args.shape)?;
     if let Some(layers) = args.layers {
-        if layers == 0 || layers > config["num_hidden_layers"].as_u64().unwrap_or(0) as usize {
-            bail!(
-                "--layers {layers}: expected 1 to {} for {}",
-                config["num_hidden_layers"],
-                args.shape
-            );
+        if !(1..=MAX_LAYERS).contains(&layers) {
+            bail!("--layers {layers}: expected 1 to {MAX_LAYERS}");
         }
         config["num_hidden_layers"] = layers.into();
     }

@@ -265,6 +265,15 @@ pub trait Compress {
     fn check_streamed(&self, _checkpoint: &Checkpoint) -> Result<()> {
         Ok(())
     }
+    /// What the memory formula ([`crate::memory::streamed_peak`]) needs to know of the job when
+    /// it streams `checkpoint` with `calibration` (windows, tokens per window, windows per pass).
+    fn streamed_job(
+        &self,
+        _checkpoint: &Checkpoint,
+        _calibration: Option<(u64, u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        None
+    }
     /// Checks, compresses and writes the model read block by block from `input.checkpoint`; only
     /// called when [`Compress::streams`] says so.
     fn write_streamed(&self, _input: &JobInput, _out: &Path) -> Result<Self::Outcome> {

@@ -155,6 +155,9 @@ pub struct QuantizeOutcome {
     pub layers: Vec<shrink_quant::LayerReport>,
     /// Bits per weight over the quantized linears.
     pub linear_bits_per_weight: f64,
+    /// The block a killed streamed run was resumed at (its reports cover the blocks before it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_at_block: Option<usize>,
 }
 
 fn invalid(message: String) -> PipelineError {
@@ -372,6 +375,7 @@ pub fn write_quantized(
         types: written.types,
         layers: result.layers.clone(),
         linear_bits_per_weight: written.linear_bits_per_weight,
+        resumed_at_block: None,
     })
 }
 
@@ -613,7 +617,7 @@ impl Compress for ResolvedQuantize {
         let llama = ModelConfig::from_json(&checkpoint.config)
             .and_then(|c| c.arch())
             .is_ok_and(|a| a.is_llama_like());
-        llama && self.export == Export::Gguf && !dynamic_tokens(checkpoint)
+        llama && !dynamic_tokens(checkpoint)
     }
 
     fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
@@ -626,15 +630,32 @@ impl Compress for ResolvedQuantize {
         )?)
     }
 
+    fn streamed_job(
+        &self,
+        checkpoint: &Checkpoint,
+        calibration: Option<(u64, u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        let embedding = ModelConfig::from_json(&checkpoint.config)
+            .ok()?
+            .embedding_name();
+        let bytes = |d: DType| d.size_in_bytes() as u64;
+        Some(crate::memory::StreamedJob {
+            calibration,
+            hessians: true,
+            factors: matches!(
+                self.method,
+                Method::Gptq(_)
+                    | Method::Awq { gptq: Some(_), .. }
+                    | Method::SmoothQuant { gptq: Some(_), .. }
+            ),
+            block_value_bytes: bytes(streamed_dtype(checkpoint, calibration.is_some())),
+            embedding_value_bytes: checkpoint.tensors.dtype(&embedding).map_or(4, bytes),
+        })
+    }
+
     fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<QuantizeOutcome> {
         self.check_streamed(input.checkpoint)?;
-        // Without calibration, blocks are only rounded: they load in the checkpoint's own 16-bit
-        // type when every tensor has it (half the memory; widened to f32 one linear at a time,
-        // exactly). Calibration runs the blocks, in f32.
-        let dtype = match input.checkpoint.tensors.common_dtype() {
-            Some(d @ (DType::BF16 | DType::F16)) if input.windows.is_none() => d,
-            _ => DType::F32,
-        };
+        let dtype = streamed_dtype(input.checkpoint, input.windows.is_some());
         let mut model = input.checkpoint.streamed(dtype)?;
         let output = self.output();
         let (result, written) = shrink_quant::quantize_streamed(
@@ -652,7 +673,18 @@ impl Compress for ResolvedQuantize {
             types: written.types,
             layers: result.layers,
             linear_bits_per_weight: written.linear_bits_per_weight,
+            resumed_at_block: result.resumed_at,
         })
+    }
+}
+
+/// The type a streamed quantization holds its blocks in. Without calibration, blocks are only
+/// rounded: they load in the checkpoint's own 16-bit type when every tensor has it (half the
+/// memory; widened to f32 one linear at a time, exactly). Calibration runs the blocks, in f32.
+fn streamed_dtype(checkpoint: &Checkpoint, calibrates: bool) -> DType {
+    match checkpoint.tensors.common_dtype() {
+        Some(d @ (DType::BF16 | DType::F16)) if !calibrates => d,
+        _ => DType::F32,
     }
 }
 
