@@ -338,6 +338,38 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     assert_eq!(facts(&resumed), facts(&uninterrupted));
     assert_eq!(facts(&resumed).len(), 12 * 7);
 
+    // A record whose partial file is gone (a kill after the rename, before the clean-up) is
+    // dropped: the job starts over.
+    std::fs::remove_file(&out).unwrap();
+    let partial = dir.path().join(".shrink-resume-out.gguf");
+    std::fs::create_dir_all(&partial).unwrap();
+    let job = {
+        // The job file of this very job: run it, keep its resume folder's `job` from a kill.
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+            .args(args(&out))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while !partial.join("job").exists() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::read(partial.join("job")).unwrap()
+    };
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("job"), job).unwrap();
+    std::fs::write(
+        partial.join("state.json"),
+        r#"{"blocks": 3, "tensors": 40, "bytes": 1000000, "layers": [], "extra_types": {}}"#,
+    )
+    .unwrap();
+    let again = run(&out);
+    assert!(again.get("resumed_at_block").is_none());
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap());
+
     // A different job into the same output starts over rather than resuming another's blocks.
     let partial = dir.path().join(".shrink-resume-out.gguf");
     std::fs::create_dir_all(&partial).unwrap();

@@ -156,6 +156,14 @@ pub fn quantize_streamed(
         })?),
         None => None,
     };
+    // A record the files no longer back (a kill after the output was renamed into place, say)
+    // is dropped: the job starts over.
+    let backed = |s: &Recorded| {
+        let partial = std::fs::metadata(resume.file(PARTIAL)).map_or(0, |m| m.len());
+        let activations = windows.is_none() || resume.file(&activations_file(s.blocks)).exists();
+        output.export == Export::Gguf && partial >= s.bytes && activations
+    };
+    let state = state.filter(backed);
     let start = match (&state, windows) {
         (Some(s), Some(_)) => Some(shrink_calib::Resume {
             block: s.blocks,
