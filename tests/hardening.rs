@@ -264,6 +264,15 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         serde_json::from_str(&ok(&args)).unwrap()
     };
+    // The same command in the background, its output discarded, to be killed.
+    let spawn = |out: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+            .args(args(out))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let whole = dir.path().join("whole.gguf");
     let uninterrupted = run(&whole);
     assert!(uninterrupted.get("resumed_at_block").is_none());
@@ -278,12 +287,7 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     // does not count, and the next attempt starts afresh.
     let mut killed_at = None;
     for _ in 0..5 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
-            .args(args(&out))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn(&out);
         let blocks = loop {
             if let Some(blocks) = recorded().filter(|&b| b >= 1) {
                 child.kill().unwrap();
@@ -345,12 +349,7 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     std::fs::create_dir_all(&partial).unwrap();
     let job = {
         // The job file of this very job: run it, keep its resume folder's `job` from a kill.
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
-            .args(args(&out))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn(&out);
         while !partial.join("job").exists() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

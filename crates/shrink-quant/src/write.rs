@@ -196,7 +196,7 @@ pub fn quantize_streamed(
             checkpoint, &config, output, out,
         )?),
     };
-    let gguf = std::cell::RefCell::new(sink);
+    let sink = std::cell::RefCell::new(sink);
     let resumed_at = state.as_ref().map(|s| s.blocks);
     let earlier = state.map(|s| s.layers).unwrap_or_default();
     // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
@@ -206,8 +206,8 @@ pub fn quantize_streamed(
         Ok(checkpoint.load_checked(name, dtype)?)
     };
     let embedding = config.embedding_name();
-    if gguf.borrow().wants(&embedding) {
-        gguf.borrow_mut().tensor(&embedding, natural(&embedding)?)?;
+    if sink.borrow().wants(&embedding) {
+        sink.borrow_mut().tensor(&embedding, natural(&embedding)?)?;
     }
     let mut result = crate::quantize_blocks(
         model,
@@ -218,17 +218,17 @@ pub fn quantize_streamed(
         progress,
         start,
         &mut |block, quantized| {
-            let mut gguf = gguf.borrow_mut();
-            gguf.quantized(std::mem::take(quantized))?;
+            let mut sink = sink.borrow_mut();
+            sink.quantized(std::mem::take(quantized))?;
             for (name, t) in block.named_tensors(arch) {
-                gguf.tensor(&name, t)?;
+                sink.tensor(&name, t)?;
             }
             Ok(())
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
-            let mut gguf = gguf.borrow_mut();
-            let Some((tensors, bytes)) = gguf.checkpoint()? else {
+            let mut sink = sink.borrow_mut();
+            let Some((tensors, bytes)) = sink.checkpoint()? else {
                 return Ok(());
             };
             let blocks = index + 1;
@@ -240,7 +240,7 @@ pub fn quantize_streamed(
                 tensors,
                 bytes,
                 layers: earlier.iter().chain(layers).cloned().collect(),
-                extra_types: gguf.extra_types(),
+                extra_types: sink.extra_types(),
             };
             let json = serde_json::to_vec(&recorded)
                 .map_err(|e| QuantError::Export(format!("recording progress: {e}")))?;
@@ -252,17 +252,17 @@ pub fn quantize_streamed(
             Ok(())
         },
     )?;
-    let mut gguf = gguf.into_inner();
+    let mut sink = sink.into_inner();
     let rest: Vec<String> = checkpoint
         .tensors
         .names()
-        .filter(|name| gguf.wants(name))
+        .filter(|name| sink.wants(name))
         .cloned()
         .collect();
     for name in rest {
-        gguf.tensor(&name, natural(&name)?)?;
+        sink.tensor(&name, natural(&name)?)?;
     }
-    let extra_types = gguf.finish()?;
+    let extra_types = sink.finish()?;
     resume.remove().map_err(io)?;
     result.layers = earlier.into_iter().chain(result.layers).collect();
     result.resumed_at = resumed_at;
