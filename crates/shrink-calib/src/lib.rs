@@ -22,7 +22,7 @@ mod hessian;
 mod linalg;
 
 pub use hessian::{quadratic, LinearStats};
-pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper};
+pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};

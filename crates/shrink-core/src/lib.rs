@@ -14,6 +14,7 @@
 
 mod fsio;
 mod progress;
+mod simd;
 
 pub use fsio::{
     atomic_write, atomic_write_with, cache_dir, check_output_is_not_input, is_plain_name, lock_dir,

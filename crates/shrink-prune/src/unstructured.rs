@@ -278,10 +278,11 @@ pub fn sparsegpt(
                     let c = start + j;
                     let err = row[c] / u[c * n + c];
                     row[c] = 0.0;
-                    let urow = &u[c * n + c + 1..(c + 1) * n];
-                    for (xj, &ucj) in row[c + 1..].iter_mut().zip(urow) {
-                        *xj -= err * ucj;
-                    }
+                    shrink_calib::subtract_scaled(
+                        &mut row[c + 1..],
+                        err,
+                        &u[c * n + c + 1..(c + 1) * n],
+                    );
                 }
                 // Removed weights stay exactly zero (later updates never reach back).
             });

@@ -2,8 +2,9 @@
 //!
 //! GPTQ (Frantar et al., 2022) quantizes columns in order and spreads each column's rounding error
 //! over the columns not yet quantized, using the upper Cholesky factor `U` of the inverse Hessian.
-//! Rows are independent given `U`, so each row runs the whole recurrence on its own, in parallel;
-//! that is the CPU-friendly form of the same computation (no lazy batch update needed).
+//! Rows are independent given `U`, so each row runs the whole recurrence on its own, in parallel
+//! tiles of rows that share each row of `U` while it is in cache; that is the CPU-friendly form of
+//! the same computation (no lazy batch update needed).
 
 use crate::grid::GroupParams;
 use crate::kquant::{Affine, GgmlTensor, KQuant, QK_K};
@@ -178,21 +179,30 @@ fn prepare(
     })
 }
 
-/// One row of GPTQ: columns in `perm` order, each quantized by `quantize(i, x[i..])` (which
-/// returns the dequantized value it chose), its error spread over the remaining columns by `u`.
-fn error_feedback_row(
-    row: &[f32],
+/// Rows of a tile of GPTQ: they share each row of `u` while it is in cache (rows are
+/// independent; per row the arithmetic is unchanged, so the bits do not depend on the tile).
+const TILE_ROWS: usize = 8;
+
+/// GPTQ on a tile of rows (`tile` holds whole rows of `perm.len()` columns): per row, columns in
+/// `perm` order, each quantized by `quantize(row_in_tile, i, x[i..])` (which returns the
+/// dequantized value it chose), its error spread over the remaining columns by `u`.
+fn error_feedback_rows(
+    tile: &[f32],
     perm: &[usize],
     u: &[f64],
-    mut quantize: impl FnMut(usize, &[f64]) -> f64,
+    mut quantize: impl FnMut(usize, usize, &[f64]) -> f64,
 ) {
     let n = perm.len();
-    let mut x: Vec<f64> = perm.iter().map(|&c| row[c] as f64).collect();
+    let mut xs: Vec<Vec<f64>> = tile
+        .chunks(n)
+        .map(|row| perm.iter().map(|&c| row[c] as f64).collect())
+        .collect();
     for i in 0..n {
-        let err = (x[i] - quantize(i, &x[i..])) / u[i * n + i];
+        let uii = u[i * n + i];
         let urow = &u[i * n + i + 1..(i + 1) * n];
-        for (xj, &uij) in x[i + 1..].iter_mut().zip(urow) {
-            *xj -= err * uij;
+        for (t, x) in xs.iter_mut().enumerate() {
+            let err = (x[i] - quantize(t, i, &x[i..])) / uii;
+            shrink_calib::subtract_scaled(&mut x[i + 1..], err, urow);
         }
     }
 }
@@ -223,12 +233,15 @@ pub fn gptq(
     };
     let (grid, bits) = (scheme.grid, scheme.bits);
     let rows_out: Vec<(Vec<u8>, Vec<GroupParams>)> = w
-        .par_chunks(n)
+        .par_chunks(n * TILE_ROWS)
         .enumerate()
-        .map(|(r, row)| {
-            let mut codes = vec![0u8; n];
-            let mut dynamic = Vec::new();
-            error_feedback_row(row, &perm, &u, |i, x| {
+        .flat_map_iter(|(t, tile)| {
+            // Per row of the tile: its codes and (without fixed groups) its groups' parameters.
+            let mut out: Vec<(Vec<u8>, Vec<GroupParams>)> =
+                tile.chunks(n).map(|_| (vec![0u8; n], Vec::new())).collect();
+            error_feedback_rows(tile, &perm, &u, |k, i, x| {
+                let (r, row) = (t * TILE_ROWS + k, &tile[k * n..(k + 1) * n]);
+                let (codes, dynamic) = &mut out[k];
                 let orig = perm[i];
                 let params = match &static_params {
                     Some(p) => p[scheme.group_of(n, r, orig)],
@@ -258,7 +271,7 @@ pub fn gptq(
                 codes[orig] = q;
                 grid.value(bits, &params, q) as f64
             });
-            (codes, dynamic)
+            out
         })
         .collect();
     let mut codes = Vec::with_capacity(rows * n);
@@ -302,18 +315,38 @@ pub fn gptq_kquant(
     } else {
         None
     };
+    /// One row's blocks (scales and minima first, codes written at the end), their grids, codes
+    /// and the first failure of ggml's quantizer.
+    struct RowBlocks {
+        bytes: Vec<u8>,
+        grids: Vec<Vec<Affine>>,
+        codes: Vec<u8>,
+        failure: Option<QuantError>,
+    }
     let rows_out: Vec<Result<Vec<u8>>> = w
-        .par_chunks(n)
+        .par_chunks(n * TILE_ROWS)
         .enumerate()
-        .map(|(r, row)| {
-            let mut bytes = match &static_blocks {
-                Some(b) => b[r * blocks_per_row * bb..(r + 1) * blocks_per_row * bb].to_vec(),
-                None => vec![0u8; blocks_per_row * bb],
-            };
-            let mut grids: Vec<Vec<Affine>> = bytes.chunks(bb).map(|b| k.grids(b)).collect();
-            let mut codes = vec![0u8; n];
-            let mut failure = None;
-            error_feedback_row(row, &perm, &u, |i, x| {
+        .flat_map_iter(|(t, tile)| {
+            let mut out: Vec<RowBlocks> = (0..tile.len() / n)
+                .map(|k_row| {
+                    let r = t * TILE_ROWS + k_row;
+                    let bytes = match &static_blocks {
+                        Some(b) => {
+                            b[r * blocks_per_row * bb..(r + 1) * blocks_per_row * bb].to_vec()
+                        }
+                        None => vec![0u8; blocks_per_row * bb],
+                    };
+                    RowBlocks {
+                        grids: bytes.chunks(bb).map(|b| k.grids(b)).collect(),
+                        bytes,
+                        codes: vec![0u8; n],
+                        failure: None,
+                    }
+                })
+                .collect();
+            error_feedback_rows(tile, &perm, &u, |k_row, i, x| {
+                let row = &tile[k_row * n..(k_row + 1) * n];
+                let blocks = &mut out[k_row];
                 let orig = perm[i];
                 let sb = orig / QK_K;
                 if static_blocks.is_none() && orig.is_multiple_of(QK_K) {
@@ -328,10 +361,10 @@ pub fn gptq_kquant(
                         name,
                     ) {
                         Ok(block) => {
-                            grids[sb] = k.grids(&block.bytes);
-                            bytes[sb * bb..(sb + 1) * bb].copy_from_slice(&block.bytes);
+                            blocks.grids[sb] = k.grids(&block.bytes);
+                            blocks.bytes[sb * bb..(sb + 1) * bb].copy_from_slice(&block.bytes);
                         }
-                        Err(e) => failure = Some(e),
+                        Err(e) => blocks.failure = Some(e),
                     }
                 }
                 let target = if cfg.keep_zeros && row[orig] == 0.0 {
@@ -339,17 +372,19 @@ pub fn gptq_kquant(
                 } else {
                     x[0] as f32
                 };
-                let (q, v) = grids[sb][(orig % QK_K) / k.group()].nearest(target);
-                codes[orig] = q;
+                let (q, v) = blocks.grids[sb][(orig % QK_K) / k.group()].nearest(target);
+                blocks.codes[orig] = q;
                 v as f64
             });
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            for (sb, block) in bytes.chunks_mut(bb).enumerate() {
-                k.write_codes(block, &codes[sb * QK_K..(sb + 1) * QK_K]);
-            }
-            Ok(bytes)
+            out.into_iter().map(move |mut blocks| {
+                if let Some(e) = blocks.failure {
+                    return Err(e);
+                }
+                for (sb, block) in blocks.bytes.chunks_mut(bb).enumerate() {
+                    k.write_codes(block, &blocks.codes[sb * QK_K..(sb + 1) * QK_K]);
+                }
+                Ok(blocks.bytes)
+            })
         })
         .collect();
     let mut bytes = Vec::with_capacity(rows * blocks_per_row * bb);
