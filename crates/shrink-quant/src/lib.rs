@@ -392,7 +392,15 @@ pub struct LayerReport {
     pub bits_per_weight: f64,
     /// ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration inputs (when calibration data was given).
     pub relative_output_error: Option<f64>,
+    /// Fraction of the stored weight's values that are exactly zero: a pruning mask that was
+    /// kept, and values rounded to zero.
+    pub zero_fraction: f64,
     pub wall_s: f64,
+}
+
+/// Fraction of `values` that are exactly zero.
+pub fn zero_fraction(values: &[f32]) -> f64 {
+    values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len().max(1) as f64
 }
 
 /// The quantized linears of a model, by Hugging Face weight name (`….q_proj.weight`).
@@ -555,15 +563,16 @@ pub fn quantize_blocks<M: BlockModel>(
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
             let q = quantize_tensor(&w, rows, cols, method, layer_stats, format, &name)?;
-            // The dequantized weight goes back into the block when something reads it after: the
-            // next block's calibration, or a model kept whole (evaluated afterwards). A streamed
-            // block without calibration is only written, then dropped.
-            let mut error = None;
+            // The dequantized weight is measured (zeros, output error) and goes back into the
+            // block when something reads it after: the next block's calibration, or a model kept
+            // whole (evaluated afterwards). A streamed block without calibration is only written,
+            // then dropped.
+            let deq = q.dequantize()?;
+            let zeros = zero_fraction(&deq);
+            let error = layer_stats
+                .map(|st| st.relative_output_error(&w, &deq))
+                .transpose()?;
             if layer_stats.is_some() || keeps_blocks {
-                let deq = q.dequantize()?;
-                error = layer_stats
-                    .map(|st| st.relative_output_error(&w, &deq))
-                    .transpose()?;
                 let linear = block_linear(block, &name)?;
                 linear.set_weight(Tensor::from_vec(
                     deq,
@@ -577,6 +586,7 @@ pub fn quantize_blocks<M: BlockModel>(
                 shape: [rows, cols],
                 bits_per_weight: q.bits_per_weight(),
                 relative_output_error: error,
+                zero_fraction: zeros,
                 wall_s: start.elapsed().as_secs_f64(),
             });
             quantized.insert(format!("{name}.weight"), q);

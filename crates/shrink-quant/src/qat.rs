@@ -428,6 +428,7 @@ pub fn qat(
             shape: [l.rows, l.cols],
             bits_per_weight: q.bits_per_weight(),
             relative_output_error: None,
+            zero_fraction: crate::zero_fraction(&q.dequantize()?),
             wall_s: 0.0,
         });
         result.tensors.insert(format!("{}.weight", l.name), q);

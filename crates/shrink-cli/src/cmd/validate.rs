@@ -41,10 +41,18 @@ pub(crate) fn print_plan(
     max_memory: Option<u64>,
 ) -> Result<()> {
     // The memory estimate needs the model's shape: read it if the model is already here.
-    let shape = resolve_model_if_present(&pipeline.model.source)
-        .and_then(|path| shrink_pipeline::memory::model_shape(&path));
-    pipeline.check_memory(shape, shrink_pipeline::memory::memory_limit(max_memory))?;
-    let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape)));
+    let path = resolve_model_if_present(&pipeline.model.source);
+    let shape = path
+        .as_deref()
+        .and_then(shrink_pipeline::memory::model_shape);
+    // Its header tells which stages read it block by block.
+    let checkpoint = path
+        .as_deref()
+        .and_then(|p| shrink_io::open(p).ok())
+        .map(|f| f.checkpoint);
+    let limit = shrink_pipeline::memory::memory_limit(max_memory);
+    pipeline.check_memory(shape, checkpoint.as_ref(), limit)?;
+    let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape), checkpoint.as_ref()));
     let summary = pipeline.plan_summary(file, run_dir, peak);
     if json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);

@@ -49,9 +49,10 @@ fn a_good_pipeline_plans_its_stages() {
     assert!(plan[0].calibrates && !plan[1].calibrates);
     assert_eq!(p.data.seq_len, 512, "defaults fill what is not given");
     assert_eq!(p.eval.chunks, 8);
-    // SmolLM2: 134.5M parameters, width 576, MLP 1536, 16 × 512 calibration tokens.
+    // SmolLM2: 134.5M parameters, width 576, MLP 1536, 16 × 512 calibration tokens (the default
+    // pipeline, with 128 × 512, measured 2.18 GB when its GPTQ stage held the model whole).
     let gb = p.estimated_peak_bytes(134_515_008, 576, 1536, 49_152) as f64 / 1e9;
-    assert!((1.5..2.2).contains(&gb), "{gb}");
+    assert!((2.2..2.8).contains(&gb), "{gb}");
 }
 
 #[test]

@@ -438,12 +438,13 @@ fn read_inputs(
             &format!("the run's {written}/ folder"),
         )?;
     }
+    let ModelFile { checkpoint, view } = shrink_io::open(&model_path)?;
     pipeline.check_memory(
         crate::memory::model_shape(&model_path),
+        Some(&checkpoint),
         crate::memory::memory_limit(opts.max_memory_bytes),
     )?;
     let model_sha = hash_path(&model_path)?;
-    let ModelFile { checkpoint, view } = shrink_io::open(&model_path)?;
     // A model without a usable tokenizer is refused before any text is read.
     checkpoint.tokenizer()?;
     let mut inputs = vec![InputHash {

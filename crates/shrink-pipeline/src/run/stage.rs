@@ -94,10 +94,6 @@ pub(super) fn run_stage(
     dir: &Path,
 ) -> Result<StageRecord> {
     let staged = AtomicDir::new(dir)?;
-    let mut model = match built {
-        Some(model) => model.clone(),
-        None => build_model(cx.checkpoint, DType::F32)?,
-    };
     let artifact = match stage.export {
         Export::Gguf => "model.gguf",
         Export::Hf => "model",
@@ -105,7 +101,17 @@ pub(super) fn run_stage(
     let out = staged.path().join(artifact);
     sys::reset_peak_rss();
     let start = Instant::now();
-    let result = stage.job.job().run(cx, &mut model, &out)?;
+    // A block-wise job reads its input one block at a time; others get the model whole.
+    let job = stage.job.job();
+    let result = if job.streams(cx.checkpoint) {
+        job.run_streamed(cx, &out)?
+    } else {
+        let mut model = match built {
+            Some(model) => model.clone(),
+            None => build_model(cx.checkpoint, DType::F32)?,
+        };
+        job.run(cx, &mut model, &out)?
+    };
     let wall_s = start.elapsed().as_secs_f64();
     let record = StageRecord {
         schema: "shrink.stage/v1".into(),

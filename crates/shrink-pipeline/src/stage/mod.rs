@@ -228,6 +228,27 @@ pub(crate) trait Job {
     fn keep_mask(&mut self, _keys: &StageKeys, _input_has_mask: bool) {}
     /// Runs the job on `model` (built in f32 from the input) and writes `out`.
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult>;
+    /// Whether the job reads its input block by block ([`Job::run_streamed`]) instead of a model
+    /// built whole: the same bytes in the memory of one block ([`Compress::streams`]).
+    fn streams(&self, _checkpoint: &Checkpoint) -> bool {
+        false
+    }
+    /// What the memory formula needs to know of the job when it streams `checkpoint`, with
+    /// `calibration` windows and tokens per window when the stage calibrates.
+    fn streamed_job(
+        &self,
+        _checkpoint: &Checkpoint,
+        _calibration: Option<(u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        None
+    }
+    /// Runs the job on the model read block by block from `cx.checkpoint` and writes `out`; only
+    /// called when [`Job::streams`] says so.
+    fn run_streamed(&self, _cx: &StageContext, _out: &Path) -> Result<StageResult> {
+        Err(PipelineError::Invalid(
+            "this stage holds the model whole; it does not stream".into(),
+        ))
+    }
 }
 
 /// What a compression job reads besides the model.
@@ -292,13 +313,17 @@ impl StageContext<'_> {
         batch: usize,
         out: &Path,
     ) -> Result<C::Outcome> {
-        let input = JobInput {
+        job.write(&self.job_input(batch), model, out)
+    }
+
+    /// What a compression job reads besides the model: this stage's input and calibration.
+    pub(crate) fn job_input(&self, batch: usize) -> JobInput<'_> {
+        JobInput {
             checkpoint: self.checkpoint,
             windows: self.calibration,
             batch,
             progress: self.progress,
-        };
-        job.write(&input, model, out)
+        }
     }
 }
 

@@ -195,7 +195,7 @@ impl Job for QatRequest {
         )?;
         Ok(StageResult {
             training: Some(log),
-            ..quantized_result(outcome, model)?
+            ..quantized_result(outcome)
         })
     }
 }

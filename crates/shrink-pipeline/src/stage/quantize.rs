@@ -738,38 +738,49 @@ impl Job for QuantizeRequest {
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
         let resolved = self.resolve()?;
         let outcome = cx.compress(&resolved, model, self.batch, out)?;
-        quantized_result(outcome, model)
+        Ok(quantized_result(outcome))
+    }
+
+    fn streams(&self, checkpoint: &Checkpoint) -> bool {
+        self.resolve().is_ok_and(|r| r.streams(checkpoint))
+    }
+
+    fn streamed_job(
+        &self,
+        checkpoint: &Checkpoint,
+        calibration: Option<(u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        let calibration = calibration.map(|(samples, len)| (samples, len, self.batch as u64));
+        self.resolve().ok()?.streamed_job(checkpoint, calibration)
+    }
+
+    fn run_streamed(&self, cx: &StageContext, out: &Path) -> Result<StageResult> {
+        let outcome = self
+            .resolve()?
+            .write_streamed(&cx.job_input(self.batch), out)?;
+        Ok(quantized_result(outcome))
     }
 }
 
-/// A quantization's stage result, with each linear's sparsity as the model holds it now.
-pub(crate) fn quantized_result(
-    outcome: QuantizeOutcome,
-    model: &Transformer,
-) -> Result<StageResult> {
-    let weights = model.named_tensors();
+/// A quantization's stage result.
+pub(crate) fn quantized_result(outcome: QuantizeOutcome) -> StageResult {
     let layers = outcome
         .layers
         .iter()
-        .map(|l| {
-            Ok(LayerRow {
-                name: l.name.clone(),
-                format: l.format.clone(),
-                shape: l.shape,
-                bits_per_weight: l.bits_per_weight,
-                relative_output_error: l.relative_output_error,
-                sparsity: match weights.get(&format!("{}.weight", l.name)) {
-                    Some(w) => crate::measure::zero_fraction(w)?,
-                    None => 0.0,
-                },
-            })
+        .map(|l| LayerRow {
+            name: l.name.clone(),
+            format: l.format.clone(),
+            shape: l.shape,
+            bits_per_weight: l.bits_per_weight,
+            relative_output_error: l.relative_output_error,
+            sparsity: l.zero_fraction,
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(StageResult {
+        .collect();
+    StageResult {
         method: outcome.method,
         types: outcome.types,
         linear_bits_per_weight: outcome.linear_bits_per_weight,
         layers,
         ..StageResult::default()
-    })
+    }
 }

@@ -764,7 +764,7 @@ impl Job for SearchRequest {
         )?;
         Ok(StageResult {
             search: Some(summary),
-            ..quantized_result(outcome, model)?
+            ..quantized_result(outcome)
         })
     }
 }
