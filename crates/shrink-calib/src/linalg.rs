@@ -91,8 +91,8 @@ struct LowerPanels {
 
 impl LowerPanels {
     fn offset(&self, panel: usize) -> usize {
-        // Σ over earlier panels of (n - c0) rows of TILE.
-        (0..panel).map(|q| (self.n - q * TILE) * TILE).sum()
+        // Σ_{q < panel} (n - q·TILE)·TILE: earlier panels' rows of TILE values each.
+        TILE * (panel * self.n - TILE * panel * panel.saturating_sub(1) / 2)
     }
 
     /// Panel `p` from row `k = p·TILE` on.
