@@ -3,13 +3,18 @@
 # llama.cpp's reference tools from the vendored source (cached), then run every test, including the
 # real-model tests against llama.cpp, the default pipeline on SmolLM2 and the check that its
 # report.html renders in headless Chromium, and SparseGPT against an independent numpy
-# implementation. Extra arguments go to `cargo test`.
+# implementation, and GPTQ split over two MPI processes (the `mpi` feature, built against
+# Debian's OpenMPI). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# cmake builds llama.cpp; Debian's chromium renders report.html.
+# cmake builds llama.cpp; Debian's chromium renders report.html; OpenMPI (and libclang, for the
+# bindings' generator) builds and runs the `mpi` feature.
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v mpirun >/dev/null || missing+=(openmpi-bin)
+command -v mpicc >/dev/null || missing+=(libopenmpi-dev)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[test] installing ${missing[*]}" >&2
@@ -26,7 +31,7 @@ if ! python3 -c "import numpy" 2>/dev/null; then
     || python3 -m pip install --quiet --user --break-system-packages numpy >&2
 fi
 export SHRINK_LLAMA_CPP_BIN="$(scripts/build-llama-cpp.sh)"
-cargo build --release -p shrink-cli
+cargo build --release -p shrink-cli --features shrink-cli/mpi
 "${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare minilm
 export SHRINK_REAL_TESTS=require
-cargo test --workspace --release "$@"
+cargo test --workspace --release --features shrink-cli/mpi "$@"

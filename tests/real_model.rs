@@ -631,6 +631,113 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
     );
 }
 
+/// `mpirun -n 2 shrink quantize … --method gptq` splits the calibration windows across two
+/// processes and writes the bytes one process writes (with one thread or two); commands that do
+/// not split and a calibration with fewer batches than processes are refused on every rank.
+#[cfg(feature = "mpi")]
+#[test]
+fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
+    let Some(model) = model_path() else { return };
+    let Ok(mpirun) = which("mpirun") else {
+        assert!(
+            !required(),
+            "mpirun is missing: apt-get install openmpi-bin"
+        );
+        eprintln!("SKIPPED: mpirun not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let shrink = env!("CARGO_BIN_EXE_shrink");
+    let job = |out: &std::path::Path, batch: &str| -> Vec<String> {
+        [
+            "quantize",
+            model.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--format",
+            "gguf:q4_0",
+            "--samples",
+            "8",
+            "--seq-len",
+            "128",
+            "--batch",
+            batch,
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // OpenMPI refuses to start as root unless told that it is meant.
+    let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let mpi = |args: &[String]| {
+        let mut cmd = Command::new(&mpirun);
+        if root {
+            cmd.arg("--allow-run-as-root");
+        }
+        cmd.args(["--oversubscribe", "-n", "2", shrink, "--threads", "1"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let two = dir.path().join("two-ranks.gguf");
+    let out = mpi(&job(&two, "2"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 MPI processes split the calibration"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("wrote ").count(),
+        1,
+        "rank 0 alone reports: {stdout}"
+    );
+    for threads in ["1", "2"] {
+        let one = dir.path().join(format!("one-{threads}.gguf"));
+        let mut args = vec!["--threads".to_string(), threads.to_string()];
+        args.extend(job(&one, "2"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_shrink(&args);
+        assert!(
+            std::fs::read(&one).unwrap() == std::fs::read(&two).unwrap(),
+            "2 ranks and 1 process with {threads} thread(s) wrote different files"
+        );
+    }
+    // Refusals end every rank with a message and leave no output.
+    let refused = dir.path().join("refused.gguf");
+    let out = mpi(&job(&refused, "8"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("2 ranks need at least 2 batches"),
+        "{stderr}"
+    );
+    let out = mpi(&["inspect".to_string(), model.display().to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("only `shrink quantize` splits"), "{stderr}");
+    assert!(!refused.exists());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 3, "no temporaries left: {left:?}");
+}
+
+/// A program on the `PATH`.
+#[cfg(feature = "mpi")]
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(program))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
+
 /// A `.npy` file (format 1.0, little-endian) of `values` shaped `shape`.
 fn write_npy<T: Copy>(path: &std::path::Path, shape: &[usize], descr: &str, values: &[T]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();

@@ -46,32 +46,73 @@ impl LinearStats {
 
     /// Adds the rows of `x` (any shape ending in `in_features`).
     pub fn accumulate(&mut self, x: &Tensor) -> candle_core::Result<()> {
+        let partial = self.partial(x)?;
+        self.add(&partial);
+        Ok(())
+    }
+
+    /// One batch's contribution: the statistics of the rows of `x` alone, in f32, as
+    /// [`LinearStats::add`] takes them.
+    pub fn partial(&self, x: &Tensor) -> candle_core::Result<Partial> {
         let n = self.in_features;
         let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
         let rows = x.dim(0)?;
-        if self.has_hessian() {
-            // XᵀX in f32 by candle's matmul, summed in f64 across calls.
-            let xtx: Vec<f32> = x.t()?.matmul(&x)?.flatten_all()?.to_vec1()?;
-            for (h, v) in self.hessian.iter_mut().zip(&xtx) {
-                *h += *v as f64;
-            }
-        }
-        let sq: Vec<f32> = x.sqr()?.sum(0)?.to_vec1()?;
+        // XᵀX in f32 by candle's matmul, summed in f64 across batches.
+        let xtx = if self.has_hessian() {
+            x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
         let absx = x.abs()?;
-        let abs: Vec<f32> = absx.sum(0)?.to_vec1()?;
-        let max: Vec<f32> = absx.max(0)?.to_vec1()?;
+        let mut channels = x.sqr()?.sum(0)?.to_vec1::<f32>()?;
+        channels.extend(absx.sum(0)?.to_vec1::<f32>()?);
+        channels.extend(absx.max(0)?.to_vec1::<f32>()?);
+        Ok(Partial {
+            xtx,
+            channels,
+            rows: rows as u64,
+        })
+    }
+
+    /// Adds one batch's [`Partial`]: batches added in the same order give the same bits however
+    /// they were computed.
+    pub fn add(&mut self, partial: &Partial) {
+        let n = self.in_features;
+        for (h, v) in self.hessian.iter_mut().zip(&partial.xtx) {
+            *h += *v as f64;
+        }
+        let (sq, rest) = partial.channels.split_at(n);
+        let (abs, max) = rest.split_at(n);
         for j in 0..n {
             self.channel_sq[j] += sq[j] as f64;
             self.channel_abs[j] += abs[j] as f64;
             self.channel_max[j] = self.channel_max[j].max(max[j] as f64);
         }
-        self.rows += rows;
-        Ok(())
+        self.rows += partial.rows as usize;
+    }
+
+    /// An empty [`Partial`] of these statistics' size, to receive one into.
+    pub fn empty_partial(&self) -> Partial {
+        Partial {
+            xtx: vec![0.0; self.hessian.len()],
+            channels: vec![0.0; 3 * self.in_features],
+            rows: 0,
+        }
     }
 
     pub fn is_finite(&self) -> bool {
         self.hessian.iter().all(|v| v.is_finite()) && self.channel_sq.iter().all(|v| v.is_finite())
     }
+}
+
+/// The statistics of one batch of rows in f32, as [`LinearStats::partial`] computes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partial {
+    /// `XᵀX`, row-major; empty without the Hessian.
+    pub xtx: Vec<f32>,
+    /// `Σ x²`, `Σ |x|` and `max |x|` per channel, one after the other.
+    pub channels: Vec<f32>,
+    pub rows: u64,
 }
 
 impl LinearStats {

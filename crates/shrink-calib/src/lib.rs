@@ -21,12 +21,12 @@
 mod hessian;
 mod linalg;
 
-pub use hessian::{quadratic, LinearStats};
+pub use hessian::{quadratic, LinearStats, Partial};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
-use shrink_core::Progress;
+use shrink_core::{Alone, Collective, Progress};
 use shrink_models::{AttentionContext, Block, BlockModel, LinearHook, NoHook};
 use std::collections::BTreeMap;
 
@@ -45,6 +45,10 @@ pub enum CalibError {
     },
     #[error("non-finite values in the inputs of '{0}': the model produced NaN or infinity")]
     NonFinite(String),
+    #[error("{ranks} ranks need at least {ranks} batches of calibration windows, there are {batches}: use a smaller --batch or more --samples")]
+    TooFewBatches { ranks: usize, batches: usize },
+    #[error("rank {rank} compressed block {block} differently from rank 0: the ranks' machines compute differently (run every rank on the same kind of CPU)")]
+    RanksDiffer { rank: usize, block: usize },
     #[error("cannot resume calibration: {0}")]
     Resume(String),
     /// A caller's failure as text, for callers of [`sequential`] without an error type of their own.
@@ -103,6 +107,9 @@ struct StatsHook {
     stats: BlockStats,
     last: Option<(candle_core::TensorId, usize)>,
     hessian: bool,
+    /// With several ranks, this batch's statistics by slot, exchanged once the batch has run
+    /// ([`exchange`]); alone, they are added at once.
+    pending: Option<Vec<Option<Partial>>>,
 }
 
 impl LinearHook for StatsHook {
@@ -123,7 +130,16 @@ impl LinearHook for StatsHook {
                         self.stats.stats.len() - 1
                     }
                 };
-                self.stats.stats[slot].accumulate(input)?;
+                let partial = self.stats.stats[slot].partial(input)?;
+                match &mut self.pending {
+                    None => self.stats.stats[slot].add(&partial),
+                    Some(pending) => {
+                        if pending.len() <= slot {
+                            pending.resize(slot + 1, None);
+                        }
+                        pending[slot] = Some(partial);
+                    }
+                }
                 slot
             }
         };
@@ -141,13 +157,35 @@ pub fn block_stats(
     ctx: &AttentionContext,
     hessian: bool,
 ) -> Result<BlockStats> {
+    block_stats_in(&Alone, block, xs, ctx, hessian, xs.len())
+}
+
+/// [`block_stats`] over `batches` batches split across the ranks of `world`: this rank holds
+/// batches `rank`, `rank + size`, … (`xs`). Each rank runs its batch of a round, then every batch's
+/// statistics are broadcast and every rank adds them in batch order: all ranks get the statistics
+/// of all batches, the same bits as one process running every batch.
+pub fn block_stats_in(
+    world: &dyn Collective,
+    block: &Block,
+    xs: &[Tensor],
+    ctx: &AttentionContext,
+    hessian: bool,
+    batches: usize,
+) -> Result<BlockStats> {
+    let size = world.size();
     let mut hook = StatsHook {
         stats: BlockStats::default(),
         last: None,
         hessian,
+        pending: (size > 1).then(Vec::new),
     };
-    for x in xs {
-        block.forward(x, ctx, None, &mut hook)?;
+    for round in 0..batches.div_ceil(size) {
+        if let Some(x) = xs.get(round) {
+            block.forward(x, ctx, None, &mut hook)?;
+        }
+        if size > 1 {
+            exchange(world, &mut hook, (batches - round * size).min(size));
+        }
     }
     for (name, &slot) in &hook.stats.index {
         if !hook.stats.stats[slot].is_finite() {
@@ -155,6 +193,59 @@ pub fn block_stats(
         }
     }
     Ok(hook.stats)
+}
+
+/// One round's exchange: for each slot, the batches of ranks `0..contributors` in rank order
+/// (which is batch order), each broadcast by its rank and added by every rank.
+fn exchange(world: &dyn Collective, hook: &mut StatsHook, contributors: usize) {
+    let mut pending = hook.pending.replace(Vec::new()).unwrap_or_default();
+    for (slot, stats) in hook.stats.stats.iter_mut().enumerate() {
+        let mut mine = pending.get_mut(slot).and_then(Option::take);
+        let mut received = None;
+        for rank in 0..contributors {
+            let partial = match &mut mine {
+                Some(p) if rank == world.rank() => p,
+                _ => received.get_or_insert_with(|| stats.empty_partial()),
+            };
+            world.broadcast(rank, bytemuck::cast_slice_mut(&mut partial.xtx));
+            world.broadcast(rank, bytemuck::cast_slice_mut(&mut partial.channels));
+            let mut rows = partial.rows.to_le_bytes();
+            world.broadcast(rank, &mut rows);
+            partial.rows = u64::from_le_bytes(rows);
+            stats.add(partial);
+        }
+    }
+}
+
+/// Checks that every rank holds the same block after compressing it (a digest of its weights,
+/// compared with rank 0's).
+fn check_same_block(world: &dyn Collective, block: &Block) -> Result<()> {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    let norms = [&block.attn_norm, &block.mlp_norm];
+    let tensors = norms
+        .iter()
+        .flat_map(|n| std::iter::once(&n.weight).chain(&n.bias))
+        .chain(
+            block
+                .linears()
+                .into_iter()
+                .flat_map(|(_, l)| std::iter::once(l.weight()).chain(l.bias())),
+        );
+    for t in tensors {
+        let values = t.flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        digest.update(bytemuck::cast_slice(&values.to_vec1::<f32>()?));
+    }
+    let mine: [u8; 32] = digest.finalize().into();
+    let mut first = mine;
+    world.broadcast(0, &mut first);
+    if first != mine {
+        return Err(CalibError::RanksDiffer {
+            rank: world.rank(),
+            block: block.index,
+        });
+    }
+    Ok(())
 }
 
 /// Runs `windows` through `model` block by block. For each block: its linears' input statistics
@@ -177,6 +268,7 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
         windows,
         batch,
         hessian,
+        &Alone,
         progress,
         None,
         compress,
@@ -185,7 +277,8 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
 }
 
 /// Where a [`sequential_from`] pass starts: at `block`, from the activations entering it (one
-/// tensor per batch of windows, as [`sequential_from`]'s `finished` received them).
+/// tensor per batch of windows this rank holds, as [`sequential_from`]'s `finished` received
+/// them).
 #[derive(Debug)]
 pub struct Resume {
     pub block: usize,
@@ -204,6 +297,7 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,
+    world: &dyn Collective,
     progress: &dyn Progress,
     start: Option<Resume>,
     compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
@@ -213,23 +307,30 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     let Some(len) = windows.first().map(Vec::len) else {
         return Ok(());
     };
+    let (rank, ranks) = (world.rank(), world.size());
+    let batches = windows.len().div_ceil(batch);
+    if batches < ranks {
+        return Err(CalibError::TooFewBatches { ranks, batches }.into());
+    }
+    // This rank's batches: rank, rank + ranks, …
+    let mine: Vec<&[Vec<u32>]> = windows.chunks(batch).skip(rank).step_by(ranks).collect();
     let ctx = model.attention_context(len).map_err(CalibError::from)?;
     let (first, mut xs) = match start {
         Some(Resume { block, activations }) => {
-            let expected = windows.len().div_ceil(batch);
-            if activations.len() != expected || block > model.num_blocks() {
+            if activations.len() != mine.len() || block > model.num_blocks() {
                 return Err(CalibError::Resume(format!(
-                    "{} batches of activations entering block {block} of {}, expected {expected}",
+                    "{} batches of activations entering block {block} of {}, expected {}",
                     activations.len(),
-                    model.num_blocks()
+                    model.num_blocks(),
+                    mine.len()
                 ))
                 .into());
             }
             (block, activations)
         }
         None => {
-            let ids = windows
-                .chunks(batch)
+            let ids = mine
+                .iter()
                 .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
                 .collect::<candle_core::Result<Vec<_>>>()
                 .map_err(CalibError::from)?;
@@ -241,8 +342,12 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     for index in first..model.num_blocks() {
         model
             .with_block(index, |block| -> std::result::Result<(), E> {
-                let stats = block_stats(block, &xs, &ctx, hessian)?;
+                let stats = block_stats_in(world, block, &xs, &ctx, hessian, batches)?;
                 compress(block, &stats)?;
+                drop(stats);
+                if ranks > 1 {
+                    check_same_block(world, block)?;
+                }
                 for x in xs.iter_mut() {
                     *x = block
                         .forward(x, &ctx, None, &mut NoHook)
@@ -370,6 +475,7 @@ mod tests {
                 &windows,
                 2,
                 true,
+                &Alone,
                 &shrink_core::NoProgress,
                 start,
                 &mut |block, stats| {
@@ -407,6 +513,7 @@ mod tests {
             &windows,
             2,
             true,
+            &Alone,
             &shrink_core::NoProgress,
             Some(Resume {
                 block: 1,
@@ -417,5 +524,151 @@ mod tests {
         )
         .unwrap_err();
         assert!(wrong.to_string().contains("cannot resume"), "{wrong}");
+    }
+
+    #[test]
+    fn ranks_that_split_the_batches_get_one_process_statistics_bit_for_bit() {
+        let cfg = ModelConfig::tiny_for_tests();
+        let windows: Vec<Vec<u32>> = (0..7)
+            .map(|w| (0..6).map(|t| (w * 11 + t * 5) % 64).collect())
+            .collect();
+        let fresh = Transformer::random(&cfg, 5, &Device::Cpu).unwrap();
+        // Each block's statistics are recorded and steer its "compression" (down_proj scaled by
+        // a factor of its Hessian), so that a difference in any block shows in the next ones.
+        let run = |world: &dyn Collective| {
+            let mut model = fresh.clone();
+            let mut seen = vec![];
+            sequential_from::<_, CalibError>(
+                &mut model,
+                &windows,
+                2,
+                true,
+                world,
+                &shrink_core::NoProgress,
+                None,
+                &mut |block, stats| {
+                    let up = stats
+                        .get(&format!("model.layers.{}.mlp.up_proj", block.index))
+                        .unwrap();
+                    let o = stats
+                        .get(&format!("model.layers.{}.self_attn.o_proj", block.index))
+                        .unwrap();
+                    seen.push((up.clone(), o.clone()));
+                    let f = 1.0 / (1.0 + up.hessian[1].abs().sqrt());
+                    let w = (block.down_proj.weight() * f)?;
+                    block.down_proj.set_weight(w)?;
+                    Ok(())
+                },
+                &mut |_, _| Ok(()),
+            )
+            .unwrap();
+            let weights: Vec<Vec<f32>> = model
+                .blocks
+                .iter()
+                .map(|b| {
+                    b.down_proj
+                        .weight()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
+            (seen, weights)
+        };
+        let alone = run(&Alone);
+        assert_eq!(alone.0[0].0.rows, 7 * 6);
+        for size in [2, 3, 4] {
+            let ranks = shrink_core::ThreadGroup::new(size);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks.iter().map(|r| s.spawn(|| run(r))).collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (rank, got) in results.iter().enumerate() {
+                assert!(
+                    *got == alone,
+                    "{size} ranks: rank {rank} differs from one process"
+                );
+            }
+        }
+        // Fewer batches than ranks is refused on every rank.
+        let ranks = shrink_core::ThreadGroup::new(5);
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|r| {
+                    s.spawn(|| {
+                        sequential_from::<_, CalibError>(
+                            &mut fresh.clone(),
+                            &windows,
+                            2,
+                            true,
+                            r,
+                            &shrink_core::NoProgress,
+                            None,
+                            &mut |_, _| Ok(()),
+                            &mut |_, _| Ok(()),
+                        )
+                        .unwrap_err()
+                        .to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            errors
+                .iter()
+                .all(|e| e.contains("5 ranks need at least 5 batches")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn the_exchange_adds_the_ranks_batches_in_batch_order() {
+        // f64 addition is not associative: 1 − 1 + 2⁻⁶⁰ is 2⁻⁶⁰ in batch order, 0 in reverse.
+        let values = [1.0f32, -1.0, 2f32.powi(-60)];
+        let single = {
+            let mut s = LinearStats::new(1);
+            for v in values {
+                s.add(&Partial {
+                    xtx: vec![v],
+                    channels: vec![v, v.abs(), v.abs()],
+                    rows: 1,
+                });
+            }
+            s
+        };
+        assert_eq!(single.hessian[0], 2f64.powi(-60));
+        let ranks = shrink_core::ThreadGroup::new(3);
+        let got: Vec<LinearStats> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .zip(values)
+                .map(|(rank, v)| {
+                    s.spawn(move || {
+                        let mut hook = StatsHook {
+                            stats: BlockStats {
+                                stats: vec![LinearStats::new(1)],
+                                index: BTreeMap::new(),
+                            },
+                            last: None,
+                            hessian: true,
+                            pending: Some(vec![Some(Partial {
+                                xtx: vec![v],
+                                channels: vec![v, v.abs(), v.abs()],
+                                rows: 1,
+                            })]),
+                        };
+                        exchange(rank, &mut hook, 3);
+                        hook.stats.stats.remove(0)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for stats in got {
+            assert!(stats == single, "{stats:?}");
+        }
     }
 }

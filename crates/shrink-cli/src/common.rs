@@ -208,13 +208,18 @@ pub(crate) struct Compressed<T> {
     pub wall_s: f64,
 }
 
-/// The peak memory of a job that read the model block by block: the formula's terms and total,
-/// and what the process measured.
+/// The peak memory of a job that read the model block by block: the formula's terms and total
+/// (per process), and what the process measured.
 #[derive(serde::Serialize, Clone, Copy)]
 pub(crate) struct MemoryUsed {
     pub estimate: shrink_pipeline::memory::StreamedPeak,
     pub estimated_peak_bytes: u64,
     pub peak_rss_bytes: u64,
+    /// With several MPI ranks: their number and the highest peak RSS among them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes_any_rank: Option<u64>,
 }
 
 /// The calibration a command used, as its JSON summary gives it.
@@ -292,13 +297,24 @@ impl<T: serde::Serialize> Compressed<T> {
 
 /// Loads `model` (refusing an `out` that would replace it), has `job` check it before anything is
 /// calibrated, samples the calibration windows when the job calibrates, runs the job and inspects
-/// what it wrote.
+/// what it wrote. With several ranks (`world`), the job streams, its calibration is split across
+/// them and rank 0 writes; the other ranks return `None`.
 pub(crate) fn compress<C: shrink_pipeline::Compress>(
     model: &str,
     args: &Compression,
     job: &C,
-) -> Result<Compressed<C::Outcome>> {
-    let input = check_output(model, &args.out)?;
+    world: &dyn shrink_core::Collective,
+) -> Result<Option<Compressed<C::Outcome>>> {
+    let (rank, ranks) = (world.rank(), world.size());
+    // Rank 0 fetches a demo model the others then find in the cache.
+    let first = (rank == 0)
+        .then(|| check_output(model, &args.out))
+        .transpose()?;
+    world.broadcast(0, &mut [0]);
+    let input = match first {
+        Some(input) => input,
+        None => check_output(model, &args.out)?,
+    };
     let start = std::time::Instant::now();
     let path = resolve_model(input.to_str().unwrap_or(model))?;
     let shrink_io::ModelFile { checkpoint, view } =
@@ -309,12 +325,23 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         job.calibrates()
             .then_some((args.samples as u64, args.seq_len as u64, args.batch as u64));
     let mut estimate = None;
-    let mut model = if job.streams(&checkpoint) {
+    let streams = job.streams(&checkpoint);
+    if ranks > 1 && !streams {
+        bail!(
+            "{}: only a job that reads the model block by block (a Llama-family model quantized \
+             to a GGUF or a compressed-tensors folder) splits across MPI processes",
+            path.display()
+        );
+    }
+    let mut model = if streams {
         job.check_streamed(&checkpoint)?;
         let shape = shrink_pipeline::memory::model_shape(&path);
         if let (Some(shape), Some(streamed)) = (shape, job.streamed_job(&checkpoint, calibration)) {
-            let peak = shrink_pipeline::memory::streamed_peak(&shape, &streamed);
-            let limit = shrink_pipeline::memory::memory_limit(args.max_memory);
+            let peak =
+                shrink_pipeline::memory::streamed_peak_per_rank(&shape, &streamed, ranks as u64);
+            // Ranks on one machine share its memory.
+            let limit = shrink_pipeline::memory::memory_limit(args.max_memory)
+                / world.ranks_on_this_machine().max(1) as u64;
             shrink_pipeline::memory::check_streamed_memory(&peak, limit)?;
             estimate = Some(peak);
         }
@@ -336,19 +363,44 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
     } else {
         None
     };
+    // Refused here, before anything is written, rather than by every rank in calibration.
+    if let Some(windows) = &windows {
+        let batches = windows.len().div_ceil(args.batch.max(1));
+        if batches < ranks {
+            return Err(shrink_calib::CalibError::TooFewBatches { ranks, batches }.into());
+        }
+    }
     let bar = crate::progress::Bar::new();
     let input = shrink_pipeline::JobInput {
         checkpoint: &checkpoint,
         windows: windows.as_deref(),
         batch: args.batch,
-        progress: &bar,
+        world,
+        progress: if rank == 0 {
+            &bar
+        } else {
+            &shrink_core::NoProgress
+        },
     };
     let outcome = match &mut model {
         Some(model) => job.write(&input, model, &args.out)?,
         None => job.write_streamed(&input, &args.out)?,
     };
+    // Every rank's peak, for rank 0 to report the highest.
+    let peak_rss = shrink_pipeline::peak_rss_bytes();
+    let mut highest = peak_rss;
+    if ranks > 1 {
+        for from in 0..ranks {
+            let mut bytes = peak_rss.to_le_bytes();
+            world.broadcast(from, &mut bytes);
+            highest = highest.max(u64::from_le_bytes(bytes));
+        }
+    }
+    if rank != 0 {
+        return Ok(None);
+    }
     let size_after = shrink_io::inspect(&args.out)?;
-    Ok(Compressed {
+    Ok(Some(Compressed {
         checkpoint,
         size_before,
         size_after,
@@ -358,8 +410,10 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         memory: estimate.map(|estimate| MemoryUsed {
             estimate,
             estimated_peak_bytes: estimate.total(),
-            peak_rss_bytes: shrink_pipeline::peak_rss_bytes(),
+            peak_rss_bytes: peak_rss,
+            ranks: (ranks > 1).then_some(ranks),
+            peak_rss_bytes_any_rank: (ranks > 1).then_some(highest),
         }),
         wall_s: start.elapsed().as_secs_f64(),
-    })
+    }))
 }

@@ -13,6 +13,7 @@ macro_rules! outln {
 mod cmd;
 mod common;
 mod progress;
+mod world;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -100,10 +101,23 @@ fn main() -> ExitCode {
         // Read by candle when it sizes its thread pool, before any tensor work.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
-    match run(cli.command) {
-        Ok(code) => code,
+    let world = match world::start() {
+        Ok(world) => world,
         Err(e) => {
             eprintln!("error: {}", error_message(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let ranks = world.collective();
+    match run(cli.command, ranks) {
+        Ok(code) => code,
+        Err(e) => {
+            let rank = match ranks.size() {
+                1 => String::new(),
+                _ => format!("rank {}: ", ranks.rank()),
+            };
+            eprintln!("error: {rank}{}", error_message(&e));
+            world.abort();
             ExitCode::FAILURE
         }
     }
@@ -127,7 +141,14 @@ fn error_message(e: &anyhow::Error) -> String {
     message
 }
 
-fn run(command: Command) -> Result<ExitCode> {
+fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode> {
+    if world.size() > 1 && !matches!(command, Command::Quantize(_)) {
+        anyhow::bail!(
+            "started as one of {} MPI processes: only `shrink quantize` splits its calibration \
+             across processes; run this command as one process",
+            world.size()
+        );
+    }
     match command {
         Command::Run(args) => return cmd::run::run(args),
         Command::Data(command) => cmd::data::run(command),
@@ -138,7 +159,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Embed(args) => cmd::embed::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Tokenize(args) => cmd::tokenize::run(args),
-        Command::Quantize(args) => cmd::quantize::run(args),
+        Command::Quantize(args) => cmd::quantize::run(args, world),
         Command::Prune(args) => cmd::prune::run(args),
         Command::Distill(args) => cmd::distill::run(*args),
         Command::Validate(args) => cmd::validate::run(args),

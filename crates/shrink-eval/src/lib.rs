@@ -29,7 +29,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
-use shrink_models::{NoHook, Transformer};
+use shrink_models::{BlockModel, Head, NoHook, Transformer};
 use std::time::Instant;
 
 /// The JSON schema of [`EvalReport`]; bumped on any incompatible change.
@@ -287,7 +287,12 @@ fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored
 }
 
 /// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
-fn scored_logits(model: &Transformer, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f32>>>> {
+type Logits = Vec<Vec<Vec<f32>>>;
+
+/// The logits of batch `k` (its chunks given): the model's, and the reference's when there is one.
+type LogitsOf<'a> = dyn FnMut(usize, &[Chunk]) -> Result<(Logits, Option<Logits>)> + 'a;
+
+fn scored_logits(model: &Transformer, batch: &[Chunk]) -> Result<Logits> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|c| c.ids.clone()).collect();
     let len = rows[0].len();
     let first = batch[0].first_scored;
@@ -298,24 +303,36 @@ fn scored_logits(model: &Transformer, batch: &[&Chunk]) -> Result<Vec<Vec<Vec<f3
     Ok(model.lm_head(&hidden)?.to_vec3()?)
 }
 
-/// Evaluates `model` on `tokens`; with `reference`, also KL and top-1 agreement against it.
-/// `bos` is the BOS id when the model adds one (llama.cpp's `add_bos_token`).
-pub fn evaluate(
-    model: &Transformer,
-    reference: Option<&Transformer>,
+/// The chunks run together: runs of at most `batch` equal-length chunks (only the last chunk of
+/// protocol `full` can be shorter).
+fn batches(chunks: &[Chunk], batch: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chunks.len() {
+        let len = chunks[i].ids.len();
+        let mut j = i;
+        while j < chunks.len() && j - i < batch && chunks[j].ids.len() == len {
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
+}
+
+/// The tokens checked against the model's vocabulary, cut into chunks.
+fn checked_chunks(
+    vocab: usize,
+    reference_vocab: Option<usize>,
     tokens: &[u32],
     bos: Option<u32>,
     cfg: &EvalConfig,
-    progress: &dyn Progress,
-) -> Result<EvalReport> {
-    let vocab = model.config.vocab_size;
-    if let Some(r) = reference {
-        if r.config.vocab_size != vocab {
-            return Err(EvalError::VocabMismatch {
-                model: vocab,
-                reference: r.config.vocab_size,
-            });
-        }
+) -> Result<Vec<Chunk>> {
+    if let Some(reference) = reference_vocab.filter(|&r| r != vocab) {
+        return Err(EvalError::VocabMismatch {
+            model: vocab,
+            reference,
+        });
     }
     if let Some((position, &id)) = tokens
         .iter()
@@ -328,28 +345,157 @@ pub fn evaluate(
             vocab,
         });
     }
+    make_chunks(tokens, bos, cfg)
+}
+
+/// Evaluates `model` on `tokens`; with `reference`, also KL and top-1 agreement against it.
+/// `bos` is the BOS id when the model adds one (llama.cpp's `add_bos_token`).
+pub fn evaluate(
+    model: &Transformer,
+    reference: Option<&Transformer>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    cfg: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    let chunks = checked_chunks(
+        model.config.vocab_size,
+        reference.map(|r| r.config.vocab_size),
+        tokens,
+        bos,
+        cfg,
+    )?;
     let start = Instant::now();
-    let chunks = make_chunks(tokens, bos, cfg)?;
+    score_batches(
+        tokens.len(),
+        &chunks,
+        cfg,
+        reference.is_some(),
+        start,
+        progress,
+        &mut |_, batch| {
+            let logits = scored_logits(model, batch)?;
+            let reference = reference.map(|r| scored_logits(r, batch)).transpose()?;
+            Ok((logits, reference))
+        },
+    )
+}
+
+/// [`evaluate`] on models read block by block ([`shrink_models::StreamedModel`]): every chunk is
+/// run through one block at a time, holding the hidden states of all chunks at one depth and one
+/// block (each model's in turn, with a reference), then the final norm and output head score them
+/// batch by batch. Gives the bits [`evaluate`] gives on the same models held whole.
+pub fn evaluate_streamed<M: BlockModel>(
+    model: &mut M,
+    reference: Option<&mut M>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    cfg: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    let chunks = checked_chunks(
+        model.config().vocab_size,
+        reference.as_ref().map(|r| r.config().vocab_size),
+        tokens,
+        bos,
+        cfg,
+    )?;
+    let start = Instant::now();
+    let ranges = batches(&chunks, cfg.batch);
+    let (hidden, head) = scored_hidden(model, &chunks, &ranges, progress)?;
+    let reference = match reference {
+        Some(r) => Some(scored_hidden(r, &chunks, &ranges, progress)?),
+        None => None,
+    };
+    score_batches(
+        tokens.len(),
+        &chunks,
+        cfg,
+        reference.is_some(),
+        start,
+        progress,
+        &mut |k, _| {
+            let logits = |hidden: &[Tensor], head: &Head| -> Result<Logits> {
+                Ok(head.logits(&hidden[k])?.to_vec3()?)
+            };
+            let theirs = reference
+                .as_ref()
+                .map(|(h, head)| logits(h, head))
+                .transpose()?;
+            Ok((logits(&hidden, &head)?, theirs))
+        },
+    )
+}
+
+/// Every batch of chunks through `model` block by block: the normalized final hidden states of
+/// each batch's scored positions, and the model's head.
+fn scored_hidden<M: BlockModel>(
+    model: &mut M,
+    chunks: &[Chunk],
+    ranges: &[std::ops::Range<usize>],
+    progress: &dyn Progress,
+) -> Result<(Vec<Tensor>, Head)> {
+    let device = candle_core::Device::Cpu;
+    let ids = ranges
+        .iter()
+        .map(|r| {
+            let rows: Vec<Vec<u32>> = chunks[r.clone()].iter().map(|c| c.ids.clone()).collect();
+            Tensor::new(rows, &device)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut xs = model.embed_batches(&ids)?;
+    let mut contexts = std::collections::BTreeMap::new();
+    for r in ranges {
+        let len = chunks[r.start].ids.len();
+        if let std::collections::btree_map::Entry::Vacant(e) = contexts.entry(len) {
+            e.insert(model.attention_context(len)?);
+        }
+    }
+    progress.start("evaluating blocks", model.num_blocks() as u64);
+    for index in 0..model.num_blocks() {
+        model.with_block(index, |block| -> Result<()> {
+            for (x, r) in xs.iter_mut().zip(ranges) {
+                let ctx = &contexts[&chunks[r.start].ids.len()];
+                *x = block.forward(x, ctx, None, &mut NoHook)?;
+            }
+            Ok(())
+        })??;
+        progress.advance(1, Some(&format!("block {index}")));
+    }
+    progress.finish();
+    let head = model.head()?;
+    let hidden = xs
+        .into_iter()
+        .zip(ranges)
+        .map(|(x, r)| {
+            let (len, first) = (chunks[r.start].ids.len(), chunks[r.start].first_scored);
+            Ok(head.final_hidden(&x)?.narrow(1, first, len - 1 - first)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((hidden, head))
+}
+
+/// Scores every batch of chunks with the logits `logits_of` gives for it (the model's, and the
+/// reference's when `with_reference`), in order.
+fn score_batches(
+    tokens_in_text: usize,
+    chunks: &[Chunk],
+    cfg: &EvalConfig,
+    with_reference: bool,
+    start: Instant,
+    progress: &dyn Progress,
+    logits_of: &mut LogitsOf<'_>,
+) -> Result<EvalReport> {
     progress.start("evaluating", chunks.len() as u64);
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let (mut kl, mut kl2, mut kl_max, mut agree, mut ref_nll) = (0f64, 0f64, 0f64, 0usize, 0f64);
     let mut chunk_ppl = Vec::with_capacity(chunks.len());
     let mut processed = 0;
     let mut done = 0;
-    // Batches of equal-length chunks (only the last chunk of protocol `full` can be shorter).
-    let mut i = 0;
-    while i < chunks.len() {
-        let len = chunks[i].ids.len();
-        let mut j = i;
-        while j < chunks.len() && j - i < cfg.batch && chunks[j].ids.len() == len {
-            j += 1;
-        }
-        let batch: Vec<&Chunk> = chunks[i..j].iter().collect();
-        let logits = scored_logits(model, &batch)?;
-        let ref_logits = match reference {
-            Some(r) => Some(scored_logits(r, &batch)?),
-            None => None,
-        };
+    for (k, range) in batches(chunks, cfg.batch).into_iter().enumerate() {
+        let i = range.start;
+        let batch = &chunks[range];
+        let (logits, ref_logits) = logits_of(k, batch)?;
         for (b, chunk) in batch.iter().enumerate() {
             let rows = &logits[b];
             // Score positions in parallel; sum in position order so results do not depend on
@@ -389,7 +535,6 @@ pub fn evaluate(
             batch.len() as u64,
             Some(&format!("ppl {running:.4} [{done}/{}]", chunks.len())),
         );
-        i = j;
     }
     progress.finish();
     let wall_s = start.elapsed().as_secs_f64();
@@ -402,7 +547,7 @@ pub fn evaluate(
     } else {
         0.0
     };
-    let fidelity = reference.map(|_| {
+    let fidelity = with_reference.then(|| {
         let kl_mean = kl / n;
         let kl_var = kl2 / n - kl_mean * kl_mean;
         Fidelity {
@@ -420,7 +565,7 @@ pub fn evaluate(
     Ok(EvalReport {
         schema: EVAL_SCHEMA.to_string(),
         config: *cfg,
-        tokens_in_text: tokens.len(),
+        tokens_in_text,
         chunks: chunks.len(),
         tokens_processed: processed,
         tokens_scored: count,

@@ -343,3 +343,57 @@ fn masked_lm_scores_equal_a_direct_computation() {
     let plain = Transformer::random(&ModelConfig::tiny_bert_for_tests(), 4, &Device::Cpu).unwrap();
     assert!(crate::masked_lm(&plain, &sentences, mask, &shrink_core::NoProgress).is_err());
 }
+
+/// A model read block by block from `model`'s own tensors (as from a memory-mapped checkpoint).
+fn streamed(model: &Transformer) -> shrink_models::StreamedModel {
+    let tensors = model.named_tensors();
+    shrink_models::StreamedModel::new(
+        &model.config,
+        DType::F32,
+        Box::new(move |name: &str, dtype: DType| {
+            Ok(tensors
+                .get(name)
+                .ok_or_else(|| shrink_models::ModelError::MissingTensor(name.into()))?
+                .to_dtype(dtype)?)
+        }),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_streamed_evaluation_gives_the_whole_model_bits() {
+    for tied in [true, false] {
+        let mut config = ModelConfig::tiny_for_tests();
+        config.tie_word_embeddings = tied;
+        let model = Transformer::random(&config, 4, &Device::Cpu).unwrap();
+        let mut other = model.clone();
+        let w = other.linear_mut("model.layers.1.mlp.up_proj").unwrap();
+        let noisy = (w.weight() * 1.5).unwrap();
+        w.set_weight(noisy).unwrap();
+        let t = text(150);
+        // llama.cpp's protocol in batches of 2 of 4 chunks; every token, with a shorter last
+        // chunk run on its own context.
+        for c in [
+            cfg(Protocol::LlamaCpp, 32, None, 3),
+            cfg(Protocol::Full, 32, None, 2),
+        ] {
+            let whole = evaluate(&other, Some(&model), &t, Some(1), &c, &NoProgress).unwrap();
+            let got = evaluate_streamed(
+                &mut streamed(&other),
+                Some(&mut streamed(&model)),
+                &t,
+                Some(1),
+                &c,
+                &NoProgress,
+            )
+            .unwrap();
+            assert!(whole.fidelity.as_ref().unwrap().kl_mean > 1e-6);
+            let timeless = |r: EvalReport| EvalReport {
+                wall_s: 0.0,
+                tokens_per_s: 0.0,
+                ..r
+            };
+            assert_eq!(timeless(got), timeless(whole), "tied {tied}, {c:?}");
+        }
+    }
+}

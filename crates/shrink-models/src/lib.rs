@@ -36,8 +36,8 @@ pub use config::{Activation, Arch, ModelConfig};
 pub use generate::{generate, Generation, Sampler, SamplingConfig};
 pub use pooling::{Pooling, PoolingMode};
 pub use transformer::{
-    ActQuant, AttentionContext, Block, BlockModel, KvCache, Linear, LinearHook, MlmHead, NoHook,
-    Norm, Role, ScaleGroup, ScaleSite, StreamedModel, TensorLoader, Transformer,
+    ActQuant, AttentionContext, Block, BlockModel, Head, KvCache, Linear, LinearHook, MlmHead,
+    NoHook, Norm, Role, ScaleGroup, ScaleSite, StreamedModel, TensorLoader, Transformer,
 };
 
 /// Errors from building or running a model.

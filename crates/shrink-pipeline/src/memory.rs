@@ -164,6 +164,36 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
     }
 }
 
+/// The peak memory of one of `ranks` processes that split `job`'s calibration (MPI): each holds
+/// the activations of its own batches of windows (`⌈batches / ranks⌉` of them), and, to exchange
+/// statistics, one batch's f32 statistics of the block (`(3·h² + i²) · 4`) and a buffer to
+/// receive the widest (`i² · 4`), on top of the accumulation term. One rank is [`streamed_peak`].
+pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64) -> StreamedPeak {
+    let ranks = ranks.max(1);
+    let Some((samples, seq_len, batch)) = job.calibration.filter(|_| ranks > 1) else {
+        return streamed_peak(shape, job);
+    };
+    let batch = batch.max(1);
+    let mine = samples
+        .div_ceil(batch)
+        .div_ceil(ranks)
+        .saturating_mul(batch);
+    let share = StreamedJob {
+        calibration: Some((mine.min(samples), seq_len, batch)),
+        ..*job
+    };
+    let mut peak = streamed_peak(shape, &share);
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let (h, i) = (shape.hidden, shape.intermediate);
+    let exchange = if job.hessians {
+        m(m(3, m(h, h)).saturating_add(m(2, m(i, i))), 4)
+    } else {
+        m(m(3, h).saturating_add(i), 24)
+    };
+    peak.accumulation = peak.accumulation.saturating_add(exchange);
+    peak
+}
+
 /// Refuses a block-by-block job whose estimated peak exceeds `limit` bytes.
 pub fn check_streamed_memory(peak: &StreamedPeak, limit: u64) -> Result<()> {
     let estimate = peak.total();
@@ -464,6 +494,48 @@ mod tests {
             p.estimated_peak_bytes(134_515_008, 576, 1536, 49_152)
         );
         assert!(whole > streamed, "{whole} vs {streamed}");
+    }
+
+    #[test]
+    fn each_rank_holds_its_share_of_activations_and_the_exchange_buffers() {
+        // Llama-3-8B's shape; GPTQ over 16 × 512 tokens in batches of 2 (8 batches).
+        let shape = ModelShape {
+            parameters: 8_030_261_248,
+            hidden: 4096,
+            intermediate: 14_336,
+            vocab: 128_256,
+            block_parameters: 218_112_000,
+        };
+        let job = StreamedJob {
+            calibration: Some((16, 512, 2)),
+            hessians: true,
+            factors: true,
+            block_value_bytes: 4,
+            embedding_value_bytes: 2,
+        };
+        let one = streamed_peak(&shape, &job);
+        assert_eq!(streamed_peak_per_rank(&shape, &job, 1), one);
+        // Three ranks: ⌈8 / 3⌉ = 3 batches of 2 windows each, 6 × 512 tokens of 4096 values.
+        let three = streamed_peak_per_rank(&shape, &job, 3);
+        assert_eq!(three.activations, 6 * 512 * 4096 * 8);
+        let (h, i) = (4096u64, 14_336u64);
+        assert_eq!(
+            three.accumulation,
+            one.accumulation + (3 * h * h + 2 * i * i) * 4
+        );
+        assert_eq!(
+            (three.block, three.hessians, three.factoring),
+            (one.block, one.hessians, one.factoring)
+        );
+        // Without calibration there is nothing to split.
+        let rtn = StreamedJob {
+            calibration: None,
+            ..job
+        };
+        assert_eq!(
+            streamed_peak_per_rank(&shape, &rtn, 4),
+            streamed_peak(&shape, &rtn)
+        );
     }
 
     #[test]

@@ -479,6 +479,7 @@ pub fn quantize_model(
         plan,
         windows,
         batch,
+        &shrink_core::Alone,
         progress,
         None,
         &mut |_, quantized| {
@@ -505,7 +506,8 @@ pub type BlockFinished<'a> = dyn FnMut(usize, Option<&[Tensor]>, &[LayerReport])
 /// per-layer reports (its `tensors` stay empty). On a [`shrink_models::StreamedModel`] only one
 /// block is ever in memory, so `done` writes it. A resumed job gives `start` (the first block to
 /// quantize and, when calibrating, the activations entering it) and records its progress in
-/// `finished`; the reports then cover the blocks from `start` on.
+/// `finished`; the reports then cover the blocks from `start` on. Calibration is split across the
+/// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_blocks<M: BlockModel>(
     model: &mut M,
@@ -513,6 +515,7 @@ pub fn quantize_blocks<M: BlockModel>(
     plan: &QuantPlan,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
+    world: &dyn shrink_core::Collective,
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
     done: &mut BlockDone<'_>,
@@ -600,6 +603,7 @@ pub fn quantize_blocks<M: BlockModel>(
                 windows,
                 batch,
                 true,
+                world,
                 progress,
                 start,
                 &mut |block, stats| quantize_block(block, Some(stats)),

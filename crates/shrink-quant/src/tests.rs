@@ -696,6 +696,7 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 &output,
                 windows,
                 2,
+                &shrink_core::Alone,
                 &shrink_core::NoProgress,
                 &streamed_path,
             )
@@ -811,6 +812,7 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
             &output,
             windows,
             2,
+            &shrink_core::Alone,
             &shrink_core::NoProgress,
             &streamed_path,
         )

@@ -138,50 +138,64 @@ pub fn quantize_streamed(
     output: &QuantizedOutput,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
+    world: &dyn shrink_core::Collective,
     progress: &dyn shrink_core::Progress,
     out: &Path,
 ) -> Result<(QuantizedModel, Written)> {
     output.plan.check_model(model)?;
     let config = model.config().clone();
     let arch = config.arch()?;
-    let job = streamed_job(checkpoint, method, output, windows, batch);
     let io = |e: shrink_core::CoreError| QuantError::Io(e.into());
-    let resume = shrink_core::ResumeDir::open(out, &job).map_err(io)?;
-    let state = match resume.read(STATE).map_err(io)? {
-        Some(bytes) => Some(serde_json::from_slice::<Recorded>(&bytes).map_err(|e| {
-            QuantError::Export(format!(
-                "{}: unreadable ({e}); remove it to start over",
-                resume.file(STATE).display()
-            ))
-        })?),
+    // With several ranks, rank 0 writes and the others discard what they quantize; such a job
+    // does not resume (each rank holds the activations of its own windows).
+    let resume = if world.size() == 1 {
+        let job = streamed_job(checkpoint, method, output, windows, batch);
+        Some(shrink_core::ResumeDir::open(out, &job).map_err(io)?)
+    } else {
+        None
+    };
+    let state = match &resume {
+        Some(resume) => match resume.read(STATE).map_err(io)? {
+            Some(bytes) => Some(serde_json::from_slice::<Recorded>(&bytes).map_err(|e| {
+                QuantError::Export(format!(
+                    "{}: unreadable ({e}); remove it to start over",
+                    resume.file(STATE).display()
+                ))
+            })?),
+            None => None,
+        },
         None => None,
     };
     // A record the files no longer back (a kill after the output was renamed into place, say)
     // is dropped: the job starts over.
-    let backed = |s: &Recorded| {
+    let backed = |s: &Recorded, resume: &shrink_core::ResumeDir| {
         let partial = std::fs::metadata(resume.file(PARTIAL)).map_or(0, |m| m.len());
         let activations = windows.is_none() || resume.file(&activations_file(s.blocks)).exists();
         output.export == Export::Gguf && partial >= s.bytes && activations
     };
-    let state = state.filter(backed);
-    let start = match (&state, windows) {
-        (Some(s), Some(_)) => Some(shrink_calib::Resume {
+    let state = state.filter(|s| resume.as_ref().is_some_and(|r| backed(s, r)));
+    let start = match (&state, &resume, windows) {
+        (Some(s), Some(resume), Some(_)) => Some(shrink_calib::Resume {
             block: s.blocks,
             activations: load_activations(&resume.file(&activations_file(s.blocks)))?,
         }),
-        (Some(s), None) => Some(shrink_calib::Resume {
+        (Some(s), _, _) => Some(shrink_calib::Resume {
             block: s.blocks,
             activations: vec![],
         }),
-        (None, _) => None,
+        (None, _, _) => None,
     };
     let sink = match output.export {
+        _ if world.rank() != 0 => Sink::Discard,
         Export::Gguf => {
-            let file = shrink_core::AtomicFile::resume(
-                out,
-                &resume.file(PARTIAL),
-                state.as_ref().map_or(0, |s| s.bytes),
-            )
+            let file = match &resume {
+                Some(resume) => shrink_core::AtomicFile::resume(
+                    out,
+                    &resume.file(PARTIAL),
+                    state.as_ref().map_or(0, |s| s.bytes),
+                ),
+                None => shrink_core::AtomicFile::create(out),
+            }
             .map_err(io)?;
             Sink::Gguf(QuantizedGguf::resumable(
                 checkpoint,
@@ -215,6 +229,7 @@ pub fn quantize_streamed(
         output.plan,
         windows,
         batch,
+        world,
         progress,
         start,
         &mut |block, quantized| {
@@ -227,13 +242,16 @@ pub fn quantize_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
+            let Some(resume) = &resume else {
+                return Ok(());
+            };
             let mut sink = sink.borrow_mut();
             let Some((tensors, bytes)) = sink.checkpoint()? else {
                 return Ok(());
             };
             let blocks = index + 1;
             if let Some(xs) = xs {
-                save_activations(&resume, blocks, xs)?;
+                save_activations(resume, blocks, xs)?;
             }
             let recorded = Recorded {
                 blocks,
@@ -263,7 +281,9 @@ pub fn quantize_streamed(
         sink.tensor(&name, natural(&name)?)?;
     }
     let extra_types = sink.finish()?;
-    resume.remove().map_err(io)?;
+    if let Some(resume) = resume {
+        resume.remove().map_err(io)?;
+    }
     result.layers = earlier.into_iter().chain(result.layers).collect();
     result.resumed_at = resumed_at;
     let written = written_of(&result, extra_types);
@@ -274,6 +294,8 @@ pub fn quantize_streamed(
 enum Sink<'a> {
     Gguf(QuantizedGguf<'a>),
     Hf(crate::write_hf::QuantizedHf<'a>),
+    /// Nowhere: a rank other than 0 of a job split across ranks.
+    Discard,
 }
 
 impl Sink<'_> {
@@ -281,37 +303,41 @@ impl Sink<'_> {
         match self {
             Sink::Gguf(g) => g.quantized(weights),
             Sink::Hf(h) => h.quantized(weights),
+            Sink::Discard => Ok(()),
         }
     }
     fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
         match self {
             Sink::Gguf(g) => g.tensor(name, t),
             Sink::Hf(h) => h.tensor(name, t),
+            Sink::Discard => Ok(()),
         }
     }
     fn wants(&self, name: &str) -> bool {
         match self {
             Sink::Gguf(g) => g.wants(name),
             Sink::Hf(h) => h.wants(name),
+            Sink::Discard => false,
         }
     }
     /// A point to resume from (GGUF files only).
     fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
         match self {
             Sink::Gguf(g) => g.checkpoint(),
-            Sink::Hf(_) => Ok(None),
+            Sink::Hf(_) | Sink::Discard => Ok(None),
         }
     }
     fn extra_types(&self) -> BTreeMap<String, usize> {
         match self {
             Sink::Gguf(g) => g.extra_types.clone(),
-            Sink::Hf(_) => BTreeMap::new(),
+            Sink::Hf(_) | Sink::Discard => BTreeMap::new(),
         }
     }
     fn finish(self) -> Result<BTreeMap<String, usize>> {
         match self {
             Sink::Gguf(g) => g.finish(),
             Sink::Hf(h) => h.finish().map(|()| BTreeMap::new()),
+            Sink::Discard => Ok(BTreeMap::new()),
         }
     }
 }

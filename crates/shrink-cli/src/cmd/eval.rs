@@ -36,6 +36,11 @@ pub(crate) struct EvalArgs {
     sentences: usize,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeType,
+    /// Read the model (and reference) block by block from the checkpoint instead of building it
+    /// whole (Llama-family decoders): the same scores, with one block in memory at a time.
+    /// Chosen by itself when the models built whole would not fit in the machine's memory.
+    #[arg(long)]
+    stream: bool,
     /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
     #[arg(long)]
     json: bool,
@@ -52,27 +57,51 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     } else {
         shrink_pipeline::eval_tokens(&checkpoint, &text)?
     };
-    let model = build_llama(&checkpoint, args.dtype.dtype())?;
-    let reference = match &args.reference {
-        Some(spec) => Some(build_llama(&load_checkpoint(spec)?, args.dtype.dtype())?),
-        None => None,
-    };
-    if encoder {
-        return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
-    }
     let cfg = EvalConfig {
         protocol,
         ctx: args.ctx,
         chunks: args.chunks,
         batch: args.batch,
     };
+    let reference_checkpoint = args.reference.as_deref().map(load_checkpoint).transpose()?;
     let bar = progress::Bar::new();
-    let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
+    let (report, parameters, streamed) = if !encoder
+        && (args.stream || !fits_whole(&checkpoint, reference_checkpoint.as_ref(), args.dtype))
+    {
+        let dtype = args.dtype.dtype();
+        let mut model = checkpoint.streamed(dtype)?;
+        let mut reference = reference_checkpoint
+            .as_ref()
+            .map(|r| r.streamed(dtype))
+            .transpose()?;
+        let report = shrink_eval::evaluate_streamed(
+            &mut model,
+            reference.as_mut(),
+            &tokens,
+            bos,
+            &cfg,
+            &bar,
+        )?;
+        let parameters =
+            shrink_pipeline::memory::model_shape(&checkpoint.path).map_or(0, |s| s.parameters);
+        (report, parameters, true)
+    } else {
+        let model = build_llama(&checkpoint, args.dtype.dtype())?;
+        let reference = reference_checkpoint
+            .as_ref()
+            .map(|r| build_llama(r, args.dtype.dtype()))
+            .transpose()?;
+        if encoder {
+            return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
+        }
+        let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
+        (report, model.num_parameters() as u64, false)
+    };
     if args.json {
-        return print_eval_json(&report, &checkpoint, &args, &model);
+        return print_eval_json(&report, &checkpoint, &args, parameters);
     }
     let p = &report.perplexity;
-    print_model(&checkpoint, &model, "");
+    print_model(&checkpoint, parameters, "");
     outln!(
         "text        {} ({} tokens)",
         args.text,
@@ -111,15 +140,35 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         report.tokens_per_s,
         report.tokens_processed
     );
+    if streamed {
+        outln!(
+            "memory      peak RSS {:.2} GB (block by block)",
+            shrink_pipeline::peak_rss_bytes() as f64 / 1e9
+        );
+    }
     Ok(())
 }
 
+/// Whether the model (and the reference) built whole in `dtype` fit in this machine's memory,
+/// with a quarter to spare for activations and logits.
+fn fits_whole(checkpoint: &Checkpoint, reference: Option<&Checkpoint>, dtype: ComputeType) -> bool {
+    let bytes = |c: &Checkpoint| {
+        shrink_pipeline::memory::model_shape(&c.path)
+            .map_or(0, |s| s.parameters * dtype.dtype().size_in_bytes() as u64)
+    };
+    let held = bytes(checkpoint) + reference.map_or(0, bytes);
+    let streams = shrink_models::ModelConfig::from_json(&checkpoint.config)
+        .and_then(|c| c.arch())
+        .is_ok_and(|a| a.is_llama_like());
+    !streams || held + held / 4 < shrink_pipeline::memory::memory_limit(None)
+}
+
 /// The summary's first line: the model and its parameter count (`note` follows the count).
-fn print_model(checkpoint: &Checkpoint, model: &Transformer, note: &str) {
+fn print_model(checkpoint: &Checkpoint, parameters: u64, note: &str) {
     outln!(
         "model       {} ({} parameters{note})",
         checkpoint.path.display(),
-        human_count(model.num_parameters() as u64)
+        human_count(parameters)
     );
 }
 
@@ -128,7 +177,7 @@ pub(crate) fn print_eval_json(
     report: &impl serde::Serialize,
     checkpoint: &Checkpoint,
     args: &EvalArgs,
-    model: &Transformer,
+    parameters: u64,
 ) -> Result<()> {
     #[derive(serde::Serialize)]
     struct Summary<'a, R> {
@@ -144,7 +193,7 @@ pub(crate) fn print_eval_json(
         model: checkpoint.path.display().to_string(),
         text: &args.text,
         reference: &args.reference,
-        parameters: model.num_parameters() as u64,
+        parameters,
     };
     outln!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -170,9 +219,9 @@ pub(crate) fn eval_encoder(
         &bar,
     )?;
     if args.json {
-        return print_eval_json(&report, checkpoint, args, model);
+        return print_eval_json(&report, checkpoint, args, model.num_parameters() as u64);
     }
-    print_model(checkpoint, model, ", encoder");
+    print_model(checkpoint, model.num_parameters() as u64, ", encoder");
     outln!(
         "text        {} ({} sentences, {} tokens; pooling {})",
         args.text,

@@ -71,7 +71,9 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
     };
     let resolved = request.resolve()?;
     let common = &args.common;
-    let done = compress(&args.model, common, &resolved)?;
+    let Some(done) = compress(&args.model, common, &resolved, &shrink_core::Alone)? else {
+        return Ok(());
+    };
     let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
     let model = done
         .model

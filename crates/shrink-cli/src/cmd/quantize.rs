@@ -63,7 +63,7 @@ pub(crate) struct QuantizeArgs {
     common: Compression,
 }
 
-pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
+pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Result<()> {
     use shrink_pipeline::QuantizeRequest;
     if let Some(f) = &args.format {
         if f != "hf" && !f.starts_with("gguf:") {
@@ -96,7 +96,10 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     };
     let resolved = request.resolve()?;
     let common = &args.common;
-    let done = compress(&args.model, common, &resolved)?;
+    // Ranks other than 0 have written nothing and print nothing.
+    let Some(done) = compress(&args.model, common, &resolved, world)? else {
+        return Ok(());
+    };
     let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
     let (size_before, after) = (&done.size_before, &done.size_after);
     if common.json {
@@ -126,6 +129,12 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
             m.peak_rss_bytes as f64 / 1e9,
             m.estimated_peak_bytes as f64 / 1e9
         );
+        if let (Some(ranks), Some(any)) = (m.ranks, m.peak_rss_bytes_any_rank) {
+            outln!(
+                "ranks        {ranks} MPI processes split the calibration (rank 0 wrote); highest peak RSS {:.2} GB",
+                any as f64 / 1e9
+            );
+        }
     }
     outln!(
         "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",

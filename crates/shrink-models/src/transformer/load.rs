@@ -151,7 +151,7 @@ pub(super) fn checked(
 }
 
 /// The norm called `name` (its weight, and its bias for LayerNorm families).
-fn load_norm(
+pub(super) fn load_norm(
     config: &ModelConfig,
     name: &str,
     get: &mut dyn FnMut(String) -> Result<Tensor>,

@@ -25,6 +25,33 @@ pub trait BlockModel {
     /// Runs `f` on block `index`: the model's own (what `f` changes stays) or one loaded from the
     /// checkpoint for the call (dropped after it; `f` must write what it wants to keep).
     fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R>;
+
+    /// The output side of a decoder: its final norm and LM head. A streamed model loads them for
+    /// the caller, who drops them when done.
+    fn head(&self) -> Result<Head>;
+}
+
+/// A decoder's final norm and output projection (the token embedding when tied), as
+/// [`Transformer::final_hidden`] and [`Transformer::lm_head`] apply them.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub norm: Option<Norm>,
+    pub projection: Linear,
+}
+
+impl Head {
+    /// The last block's outputs, normalized.
+    pub fn final_hidden(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.norm {
+            Some(n) => n.forward(hidden),
+            None => Ok(hidden.clone()),
+        }
+    }
+
+    /// Final hidden states `(..., hidden)` to f32 logits `(..., vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.projection.forward(hidden)?.to_dtype(DType::F32)?)
+    }
 }
 
 impl BlockModel for Transformer {
@@ -55,6 +82,21 @@ impl BlockModel for Transformer {
             .get_mut(index)
             .ok_or_else(|| ModelError::Config(format!("block {index} of a model of {n} blocks")))?;
         Ok(f(block))
+    }
+
+    fn head(&self) -> Result<Head> {
+        if self.arch.is_encoder() {
+            return Err(ModelError::Config(
+                "an encoder has no decoder head to score next tokens with".into(),
+            ));
+        }
+        Ok(Head {
+            norm: self.norm.clone(),
+            projection: match &self.lm_head {
+                Some(head) => head.clone(),
+                None => Linear::new(self.embed_tokens.clone(), None),
+            },
+        })
     }
 }
 
@@ -161,5 +203,23 @@ impl BlockModel for StreamedModel {
         let mut get = |name: String| self.tensor(&name);
         let mut block = Block::load(&self.config, index, &mut get)?;
         Ok(f(&mut block))
+    }
+
+    fn head(&self) -> Result<Head> {
+        let names = naming(self.arch);
+        let mut get = |name: String| self.tensor(&name);
+        let norm = match names.final_norm {
+            Some(name) => Some(load::load_norm(&self.config, name, &mut get)?),
+            None => None,
+        };
+        let projection = if self.config.ties_embeddings() {
+            format!("{}.weight", names.embed)
+        } else {
+            "lm_head.weight".to_string()
+        };
+        Ok(Head {
+            norm,
+            projection: Linear::new(self.tensor(&projection)?, None),
+        })
     }
 }

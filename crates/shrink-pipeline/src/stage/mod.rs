@@ -260,6 +260,8 @@ pub struct JobInput<'a> {
     pub windows: Option<&'a [Vec<u32>]>,
     /// Windows per forward pass.
     pub batch: usize,
+    /// The ranks calibration is split across (MPI), or [`shrink_core::Alone`]; rank 0 writes.
+    pub world: &'a dyn shrink_core::Collective,
     pub progress: &'a dyn Progress,
 }
 
@@ -322,6 +324,7 @@ impl StageContext<'_> {
             checkpoint: self.checkpoint,
             windows: self.calibration,
             batch,
+            world: &shrink_core::Alone,
             progress: self.progress,
         }
     }

@@ -665,6 +665,7 @@ impl Compress for ResolvedQuantize {
             &output,
             input.windows,
             input.batch,
+            input.world,
             input.progress,
             out,
         )?;

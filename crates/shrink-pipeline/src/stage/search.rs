@@ -620,6 +620,7 @@ impl Verifier for StageVerifier<'_> {
             checkpoint: self.checkpoint,
             windows: Some(self.windows),
             batch: self.batch,
+            world: &shrink_core::Alone,
             progress: self.progress,
         };
         let outcome = resolved.write(&input, &mut model, &path).map_err(wrap)?;

@@ -1,0 +1,110 @@
+//! The processes of a data-parallel job: MPI ranks (the CLI's `mpi` feature), threads of one
+//! process (tests), or one process alone.
+//!
+//! Calibration splits its batches of windows across ranks and exchanges each batch's statistics
+//! with [`Collective::broadcast`], every rank adding them in batch order: the sums are the ones a
+//! single process makes, to the bit.
+//!
+//! ```
+//! use shrink_core::{Collective, ThreadGroup};
+//! let ranks = ThreadGroup::new(3);
+//! let got: Vec<Vec<u8>> = std::thread::scope(|s| {
+//!     let handles: Vec<_> = ranks
+//!         .iter()
+//!         .map(|rank| {
+//!             s.spawn(move || {
+//!                 let mut data = vec![rank.rank() as u8; 4];
+//!                 rank.broadcast(1, &mut data);
+//!                 data
+//!             })
+//!         })
+//!         .collect();
+//!     handles.into_iter().map(|h| h.join().unwrap()).collect()
+//! });
+//! assert_eq!(got, vec![vec![1u8; 4]; 3]);
+//! ```
+
+use std::sync::{Arc, Barrier, Mutex};
+
+/// A group of processes (ranks) that run the same job in step. Every rank calls the same
+/// collective operations in the same order.
+pub trait Collective {
+    /// This process's rank, from 0.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Copies `root`'s `data` into `data` on every other rank (the same length on every rank).
+    fn broadcast(&self, root: usize, data: &mut [u8]);
+    /// Ranks that share this machine's memory, this one included.
+    fn ranks_on_this_machine(&self) -> usize {
+        self.size()
+    }
+}
+
+/// One process alone: rank 0 of 1.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Alone;
+
+impl Collective for Alone {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn broadcast(&self, root: usize, _data: &mut [u8]) {
+        assert_eq!(root, 0, "one process has only rank 0");
+    }
+}
+
+/// Ranks as threads of one process, each holding one of the handles [`ThreadGroup::new`] makes:
+/// checks of what a reduction across ranks gives, without MPI.
+#[derive(Debug)]
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    size: usize,
+    barrier: Barrier,
+    data: Mutex<Vec<u8>>,
+}
+
+impl ThreadGroup {
+    /// `size` ranks, one handle per rank, in rank order.
+    pub fn new(size: usize) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            size,
+            barrier: Barrier::new(size),
+            data: Mutex::new(Vec::new()),
+        });
+        (0..size)
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+    fn broadcast(&self, root: usize, data: &mut [u8]) {
+        let lock = || self.shared.data.lock().unwrap_or_else(|e| e.into_inner());
+        if self.rank == root {
+            *lock() = data.to_vec();
+        }
+        self.shared.barrier.wait();
+        if self.rank != root {
+            data.copy_from_slice(&lock());
+        }
+        self.shared.barrier.wait();
+    }
+}
