@@ -53,6 +53,17 @@ pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Conte
     })
 }
 
+/// The float type a GGUF tensor type holds its values in, read as they are; `None` for block
+/// types, which are dequantized to f32.
+fn float_dtype(dtype: GgmlDType) -> Option<DType> {
+    match dtype {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
     let block = dtype.block_size();
     elems
@@ -311,15 +322,25 @@ pub(crate) fn checkpoint_of(
                 shape: dims.clone(),
                 offset,
             };
-            let q = info
-                .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)
-                .map_err(|e| tensor_err(e.to_string()))?;
             let start = (data_offset + offset) as usize;
             let bytes = tensor_bytes(ggml_dtype, info.shape.elem_count()).unwrap_or(0);
+            // Float tensors are copied from the file in their own type (an f16 matrix is not
+            // widened to f32 on the way); blocks are dequantized to f32.
+            let mut t = match float_dtype(ggml_dtype) {
+                Some(float) => {
+                    let data = mmap
+                        .get(start..start + bytes)
+                        .ok_or_else(|| tensor_err("its data lies outside the file".into()))?;
+                    Tensor::from_raw_buffer(data, float, info.shape.dims(), &Device::Cpu)
+                        .map_err(|e| tensor_err(e.to_string()))?
+                }
+                None => info
+                    .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)
+                    .map_err(|e| tensor_err(e.to_string()))?
+                    .dequantize(&Device::Cpu)
+                    .map_err(|e| tensor_err(format!("cannot dequantize {ggml_dtype:?}: {e}")))?,
+            };
             release(&mmap, start..start + bytes);
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .map_err(|e| tensor_err(format!("cannot dequantize {ggml_dtype:?}: {e}")))?;
             if let Some(heads) = heads {
                 t = permute_qk(&t, heads, true).map_err(|e| tensor_err(e.to_string()))?;
             }
@@ -331,7 +352,8 @@ pub(crate) fn checkpoint_of(
             }
             t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
         };
-        tensors.insert_stored(hf, shape, DType::F32, std::sync::Arc::new(load))?;
+        let stored = float_dtype(ggml_dtype).unwrap_or(DType::F32);
+        tensors.insert_stored(hf, shape, stored, std::sync::Arc::new(load))?;
     }
     let tie = !tensors.contains("lm_head.weight");
     let config = if arch == "gpt2" {

@@ -182,6 +182,17 @@ impl Checkpoint {
     /// each tensor is loaded, checked to be finite, when its block is worked on. Only the Llama
     /// family streams.
     pub fn streamed(&self, dtype: DType) -> Result<shrink_models::StreamedModel> {
+        self.streamed_with(dtype, false)
+    }
+
+    /// [`Checkpoint::streamed`] with every tensor in the float type it is stored in (f32 for
+    /// GGUF blocks, which are dequantized): a job that only reads the weights (rounding without
+    /// calibration) holds an f16 or bf16 block at 2 bytes a weight, whatever the norms are stored in.
+    pub fn streamed_as_stored(&self) -> Result<shrink_models::StreamedModel> {
+        self.streamed_with(DType::F32, true)
+    }
+
+    fn streamed_with(&self, dtype: DType, stored: bool) -> Result<shrink_models::StreamedModel> {
         let config = shrink_models::ModelConfig::from_json(&self.config)?;
         // What loading needs: the tensors and the path errors name (not the tokenizer).
         let checkpoint = Checkpoint {
@@ -194,15 +205,20 @@ impl Checkpoint {
             side_files: BTreeMap::new(),
         };
         let load = move |name: &str, dtype: DType| {
+            let dtype = match stored {
+                true => checkpoint.tensors.dtype(name).unwrap_or(DType::F32),
+                false => dtype,
+            };
             checkpoint
                 .load_checked(name, dtype)
                 .map_err(|e| shrink_models::ModelError::Load(Box::new(e)))
         };
-        Ok(shrink_models::StreamedModel::new(
-            &config,
-            dtype,
-            Box::new(load),
-        )?)
+        let model = shrink_models::StreamedModel::new(&config, dtype, Box::new(load))?;
+        Ok(if stored {
+            model.keeping_stored_types()
+        } else {
+            model
+        })
     }
 
     /// A side file parsed as JSON, if the folder had it.

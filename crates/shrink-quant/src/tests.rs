@@ -682,13 +682,22 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
             .unwrap();
             let a = write_quantized(&checkpoint, &whole, &q, &output, &whole_path).unwrap();
             let streamed_path = dir.path().join("streamed.gguf");
-            // Rounding alone streams blocks in the file's own 16-bit type, as `shrink quantize`
-            // does.
-            let dtype = match checkpoint.tensors.common_dtype() {
-                Some(DType::BF16) if windows.is_none() => DType::BF16,
-                _ => DType::F32,
+            // Rounding alone streams every tensor in its stored type (the GGUF's f16 linears
+            // beside f32 norms, the folder's bf16), as `shrink quantize` does.
+            let mut streamed = match windows {
+                None => {
+                    let m = checkpoint.streamed_as_stored().unwrap();
+                    let q = m.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+                    let norm = m.tensor("model.layers.0.input_layernorm.weight").unwrap();
+                    let want = match input == &gguf {
+                        true => (DType::F16, DType::F32),
+                        false => (DType::BF16, DType::BF16),
+                    };
+                    assert_eq!((q.dtype(), norm.dtype()), want);
+                    m
+                }
+                Some(_) => checkpoint.streamed(DType::F32).unwrap(),
             };
-            let mut streamed = checkpoint.streamed(dtype).unwrap();
             let (r, b) = quantize_streamed(
                 &checkpoint,
                 &mut streamed,

@@ -115,6 +115,8 @@ pub struct StreamedModel {
     load: Box<TensorLoader>,
     inv_freq: Vec<f64>,
     window: Option<usize>,
+    /// Tensors keep the float type the loader gives them (see [`StreamedModel::keeping_stored_types`]).
+    stored: bool,
 }
 
 impl std::fmt::Debug for StreamedModel {
@@ -147,7 +149,17 @@ impl StreamedModel {
             load,
             inv_freq: config.rope_inv_freq()?,
             window: config.effective_sliding_window(),
+            stored: false,
         })
+    }
+
+    /// The model with each tensor in the type its loader gives it (a loader that reads every
+    /// tensor as stored: f16 linears beside f32 norms, say) instead of converted to one compute
+    /// type: for jobs that only read the weights and never run the blocks (rounding without
+    /// calibration), so that no tensor is widened or narrowed.
+    pub fn keeping_stored_types(mut self) -> Self {
+        self.stored = true;
+        self
     }
 
     pub fn dtype(&self) -> DType {
@@ -157,7 +169,8 @@ impl StreamedModel {
     /// The tensor `name` (a model name), checked against its expected shape.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let t = (self.load)(name, self.dtype)?;
-        load::checked(&self.expected, name.to_string(), t, self.dtype)
+        let dtype = if self.stored { t.dtype() } else { self.dtype };
+        load::checked(&self.expected, name.to_string(), t, dtype)
     }
 }
 

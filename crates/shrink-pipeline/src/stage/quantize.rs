@@ -648,15 +648,26 @@ impl Compress for ResolvedQuantize {
                     | Method::Awq { gptq: Some(_), .. }
                     | Method::SmoothQuant { gptq: Some(_), .. }
             ),
-            block_value_bytes: bytes(streamed_dtype(checkpoint, calibration.is_some())),
+            block_value_bytes: if calibration.is_some() {
+                4
+            } else {
+                // Rounding alone holds the linears as stored (dequantized GGUF blocks in f32);
+                // only the Llama family streams, under these names.
+                let q_proj = "model.layers.0.self_attn.q_proj.weight";
+                checkpoint.tensors.dtype(q_proj).map_or(4, bytes)
+            },
             embedding_value_bytes: checkpoint.tensors.dtype(&embedding).map_or(4, bytes),
         })
     }
 
     fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<QuantizeOutcome> {
         self.check_streamed(input.checkpoint)?;
-        let dtype = streamed_dtype(input.checkpoint, input.windows.is_some());
-        let mut model = input.checkpoint.streamed(dtype)?;
+        // Rounding alone reads the weights as stored (f16 or bf16 linears are not widened);
+        // calibration runs the blocks in f32.
+        let mut model = match input.windows {
+            Some(_) => input.checkpoint.streamed(DType::F32)?,
+            None => input.checkpoint.streamed_as_stored()?,
+        };
         let output = self.output();
         let (result, written) = shrink_quant::quantize_streamed(
             input.checkpoint,
@@ -676,16 +687,6 @@ impl Compress for ResolvedQuantize {
             linear_bits_per_weight: written.linear_bits_per_weight,
             resumed_at_block: result.resumed_at,
         })
-    }
-}
-
-/// The type a streamed quantization holds its blocks in. Without calibration, blocks are only
-/// rounded: they load in the checkpoint's own 16-bit type when every tensor has it (half the
-/// memory; widened to f32 one linear at a time, exactly). Calibration runs the blocks, in f32.
-fn streamed_dtype(checkpoint: &Checkpoint, calibrates: bool) -> DType {
-    match checkpoint.tensors.common_dtype() {
-        Some(d @ (DType::BF16 | DType::F16)) if !calibrates => d,
-        _ => DType::F32,
     }
 }
 
