@@ -337,6 +337,17 @@ fn presets_kquants_and_hugging_face_exports() {
         kl_w8a8 > kl_w8 && kl_w8a8 < 0.05,
         "int8 activations add a little error: {kl_w8a8} vs {kl_w8}"
     );
+    // Read block by block, a folder and its reference score as built whole, to the bit; int8
+    // activations, which only the model built whole applies, are refused.
+    let scores = |extra: &[&str]| {
+        let mut args = vec!["--reference", g];
+        args.extend_from_slice(extra);
+        let r = eval_json(w8.to_str().unwrap(), &args);
+        (r["perplexity"].clone(), r["fidelity"].clone())
+    };
+    assert_eq!(scores(&["--stream"]), scores(&[]));
+    let e = fails(&["eval", w8a8.to_str().unwrap(), "--text", calib, "--stream"]);
+    assert!(e.contains("without int8 activations"), "{e}");
 
     // What the formats cannot hold is refused by name.
     let e = fails(&[

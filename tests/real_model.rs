@@ -717,6 +717,13 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         stderr.contains("2 ranks need at least 2 batches"),
         "{stderr}"
     );
+    let rtn = ["quantize", model.to_str().unwrap(), "--method", "rtn", "-o"];
+    let mut args: Vec<String> = rtn.map(String::from).to_vec();
+    args.push(refused.display().to_string());
+    let out = mpi(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("only a job that calibrates"), "{stderr}");
     let out = mpi(&["inspect".to_string(), model.display().to_string()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -173,6 +173,13 @@ pub fn block_stats_in(
     batches: usize,
 ) -> Result<BlockStats> {
     let size = world.size();
+    // Every rank must run a batch in the first round, where the statistics' slots are made.
+    if batches < size {
+        return Err(CalibError::TooFewBatches {
+            ranks: size,
+            batches,
+        });
+    }
     let mut hook = StatsHook {
         stats: BlockStats::default(),
         last: None,
@@ -218,7 +225,9 @@ fn exchange(world: &dyn Collective, hook: &mut StatsHook, contributors: usize) {
 }
 
 /// Checks that every rank holds the same block after compressing it (a digest of its weights,
-/// compared with rank 0's).
+/// compared with rank 0's): ranks whose compression computes differently are caught. Ranks whose
+/// forward passes compute differently are not (each rank's batches are its own, and every rank
+/// adds the same statistics), so the ranks must run on machines that compute alike.
 fn check_same_block(world: &dyn Collective, block: &Block) -> Result<()> {
     use sha2::Digest;
     let mut digest = sha2::Sha256::new();

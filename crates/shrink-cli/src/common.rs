@@ -306,9 +306,20 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
     world: &dyn shrink_core::Collective,
 ) -> Result<Option<Compressed<C::Outcome>>> {
     let (rank, ranks) = (world.rank(), world.size());
-    // Rank 0 fetches a demo model the others then find in the cache.
+    if ranks > 1 && !job.calibrates() {
+        bail!(
+            "started as one of {ranks} MPI processes: only a job that calibrates splits across \
+             processes (this one would run whole on every rank); run it as one process"
+        );
+    }
+    // Rank 0 fetches a demo model and the calibration text; the others then find them cached.
     let first = (rank == 0)
-        .then(|| check_output(model, &args.out))
+        .then(|| -> Result<PathBuf> {
+            if ranks > 1 {
+                read_text(&args.calib)?;
+            }
+            check_output(model, &args.out)
+        })
         .transpose()?;
     world.broadcast(0, &mut [0]);
     let input = match first {

@@ -69,6 +69,13 @@ mod mpi_world {
 
     pub(crate) fn start() -> Result<Mpi> {
         let universe = mpi::initialize().context("initializing MPI")?;
+        // A rank that panics ends them all: unwinding would finalize MPI, which waits for the
+        // other ranks, themselves waiting for this one in a broadcast.
+        let report = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            report(info);
+            SimpleCommunicator::world().abort(101)
+        }));
         let world = universe.world();
         let local = world.split_shared(world.rank()).size() as usize;
         Ok(Mpi {

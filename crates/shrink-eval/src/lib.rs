@@ -469,7 +469,11 @@ fn scored_hidden<M: BlockModel>(
         .zip(ranges)
         .map(|(x, r)| {
             let (len, first) = (chunks[r.start].ids.len(), chunks[r.start].first_scored);
-            Ok(head.final_hidden(&x)?.narrow(1, first, len - 1 - first)?)
+            // A copy of the scored positions: the rest of the chunk is freed.
+            Ok(head
+                .final_hidden(&x)?
+                .narrow(1, first, len - 1 - first)?
+                .contiguous()?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((hidden, head))

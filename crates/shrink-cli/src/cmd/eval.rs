@@ -65,9 +65,26 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     };
     let reference_checkpoint = args.reference.as_deref().map(load_checkpoint).transpose()?;
     let bar = progress::Bar::new();
-    let (report, parameters, streamed) = if !encoder
+    // Llama-family models stream, except folders whose linears quantize their activations to
+    // int8 (W8A8), which only the model built whole applies.
+    let streams = |c: &Checkpoint| {
+        shrink_models::ModelConfig::from_json(&c.config)
+            .and_then(|c| c.arch())
+            .is_ok_and(|a| a.is_llama_like())
+            && !shrink_pipeline::quantize::dynamic_tokens(c)
+    };
+    let can_stream =
+        !encoder && streams(&checkpoint) && reference_checkpoint.as_ref().is_none_or(streams);
+    if args.stream && !can_stream {
+        anyhow::bail!(
+            "--stream: only Llama-family decoders without int8 activations (W8A8) are read block \
+             by block"
+        );
+    }
+    let (report, parameters, streamed) = if can_stream
         && (args.stream || !fits_whole(&checkpoint, reference_checkpoint.as_ref(), args.dtype))
     {
+        check_streamed_memory(&checkpoint, reference_checkpoint.is_some(), &tokens, &cfg)?;
         let dtype = args.dtype.dtype();
         let mut model = checkpoint.streamed(dtype)?;
         let mut reference = reference_checkpoint
@@ -157,10 +174,39 @@ fn fits_whole(checkpoint: &Checkpoint, reference: Option<&Checkpoint>, dtype: Co
             .map_or(0, |s| s.parameters * dtype.dtype().size_in_bytes() as u64)
     };
     let held = bytes(checkpoint) + reference.map_or(0, bytes);
-    let streams = shrink_models::ModelConfig::from_json(&checkpoint.config)
-        .and_then(|c| c.arch())
-        .is_ok_and(|a| a.is_llama_like());
-    !streams || held + held / 4 < shrink_pipeline::memory::memory_limit(None)
+    held + held / 4 < shrink_pipeline::memory::memory_limit(None)
+}
+
+/// Refuses a streamed evaluation whose hidden states and heads would not fit: every chunk's
+/// hidden states at one depth (twice while a block runs), their scored half kept for each model,
+/// and each model's output head in f32.
+fn check_streamed_memory(
+    checkpoint: &Checkpoint,
+    reference: bool,
+    tokens: &[u32],
+    cfg: &EvalConfig,
+) -> Result<()> {
+    let Some(shape) = shrink_pipeline::memory::model_shape(&checkpoint.path) else {
+        return Ok(());
+    };
+    let models = 1 + u64::from(reference);
+    let chunks = (tokens.len() / cfg.ctx.max(1) + 1).min(cfg.chunks.unwrap_or(usize::MAX)) as u64;
+    let hidden = chunks * cfg.ctx as u64 * shape.hidden * 4;
+    let heads = models * shape.vocab * shape.hidden * 4;
+    let estimate = 2 * hidden + models * hidden / 2 + heads + (256 << 20);
+    let limit = shrink_pipeline::memory::memory_limit(None);
+    if estimate > limit {
+        anyhow::bail!(
+            "evaluating block by block needs an estimated {:.1} GB (hidden states of {chunks} \
+             chunks {:.1} GB, output heads {:.1} GB), more than this machine's {:.1} GB: lower \
+             --chunks or --ctx",
+            estimate as f64 / 1e9,
+            (2 * hidden + models * hidden / 2) as f64 / 1e9,
+            heads as f64 / 1e9,
+            limit as f64 / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// The summary's first line: the model and its parameter count (`note` follows the count).

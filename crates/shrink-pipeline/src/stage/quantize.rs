@@ -651,10 +651,24 @@ impl Compress for ResolvedQuantize {
             block_value_bytes: if calibration.is_some() {
                 4
             } else {
-                // Rounding alone holds the linears as stored (dequantized GGUF blocks in f32);
-                // only the Llama family streams, under these names.
-                let q_proj = "model.layers.0.self_attn.q_proj.weight";
-                checkpoint.tensors.dtype(q_proj).map_or(4, bytes)
+                // Rounding alone holds the linears as stored (dequantized GGUF blocks in f32):
+                // the widest of block 0's (only the Llama family streams, under these names).
+                [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "mlp.gate_proj",
+                    "mlp.up_proj",
+                    "mlp.down_proj",
+                ]
+                .iter()
+                .map(|l| {
+                    let name = format!("model.layers.0.{l}.weight");
+                    checkpoint.tensors.dtype(&name).map_or(4, bytes)
+                })
+                .max()
+                .unwrap_or(4)
             },
             embedding_value_bytes: checkpoint.tensors.dtype(&embedding).map_or(4, bytes),
         })
@@ -692,7 +706,7 @@ impl Compress for ResolvedQuantize {
 
 /// Whether a checkpoint's linears see int8 per-token activations (a W8A8 compressed-tensors
 /// folder), as in vLLM.
-fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
+pub fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
     checkpoint
         .config
         .pointer("/quantization_config/config_groups")
