@@ -165,9 +165,11 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
 }
 
 /// The peak memory of one of `ranks` processes that split `job`'s calibration (MPI): each holds
-/// the activations of its own batches of windows (`⌈batches / ranks⌉` of them), and, to exchange
-/// statistics, one batch's f32 statistics of the block (`(3·h² + i²) · 4`) and a buffer to
-/// receive the widest (`i² · 4`), on top of the accumulation term. One rank is [`streamed_peak`].
+/// the activations of its own batches of windows (`⌈batches / ranks⌉` of them), and one batch's
+/// f32 statistics of the block until they are exchanged. While the batch runs, the statistics of
+/// the inputs before `down_proj`'s (`3·h² · 4`) are held beside the accumulation term (its forward
+/// pass and `down_proj`'s product, `2·i² · 4`); the exchange then holds all of them and a buffer to
+/// receive the widest (`(3·h² + 2·i²) · 4`), which is no more. One rank is [`streamed_peak`].
 pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64) -> StreamedPeak {
     let ranks = ranks.max(1);
     let Some((samples, seq_len, batch)) = job.calibration.filter(|_| ranks > 1) else {
@@ -185,12 +187,13 @@ pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64)
     let mut peak = streamed_peak(shape, &share);
     let m = |a: u64, b: u64| a.saturating_mul(b);
     let (h, i) = (shape.hidden, shape.intermediate);
-    let exchange = if job.hessians {
-        m(m(3, m(h, h)).saturating_add(m(2, m(i, i))), 4)
+    peak.accumulation = if job.hessians {
+        peak.accumulation.saturating_add(m(m(3, m(h, h)), 4))
     } else {
-        m(m(3, h).saturating_add(i), 24)
+        // Three f32 vectors per input, held and received.
+        peak.accumulation
+            .saturating_add(m(m(3, h).saturating_add(i), 24))
     };
-    peak.accumulation = peak.accumulation.saturating_add(exchange);
     peak
 }
 
@@ -519,10 +522,10 @@ mod tests {
         let three = streamed_peak_per_rank(&shape, &job, 3);
         assert_eq!(three.activations, 6 * 512 * 4096 * 8);
         let (h, i) = (4096u64, 14_336u64);
-        assert_eq!(
-            three.accumulation,
-            one.accumulation + (3 * h * h + 2 * i * i) * 4
-        );
+        // The batch's statistics before down_proj's beside its forward pass and product, which
+        // hold at least what the exchange holds.
+        assert_eq!(three.accumulation, one.accumulation + 3 * h * h * 4);
+        assert!((3 * h * h + 2 * i * i) * 4 < three.accumulation);
         assert_eq!(
             (three.block, three.hessians, three.factoring),
             (one.block, one.hessians, one.factoring)
