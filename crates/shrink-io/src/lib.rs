@@ -15,6 +15,7 @@ mod compressed;
 mod export;
 mod gguf;
 mod gguf_layout;
+mod gguf_llama;
 mod gguf_write;
 mod hf;
 mod inspect;
@@ -24,10 +25,9 @@ mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
 pub use export::{check_export, config_for, write_model, Export};
-pub use gguf::{
-    gguf_vocab_of, hf_to_gguf_name, write_llama_gguf, GgufWriteType, LlamaGguf, QuantizedBlocks,
-};
+pub use gguf::hf_to_gguf_name;
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
+pub use gguf_llama::{gguf_vocab_of, write_llama_gguf, GgufWriteType, LlamaGguf, QuantizedBlocks};
 pub use gguf_write::{write_gguf, GgufEntry, GgufTensor, GgufValue, GgufWriter};
 pub use hf::{hf_config, save_hf, save_hf_files, save_hf_with, write_json, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};

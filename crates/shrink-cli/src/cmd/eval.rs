@@ -65,14 +65,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     };
     let reference_checkpoint = args.reference.as_deref().map(load_checkpoint).transpose()?;
     let bar = progress::Bar::new();
-    // Llama-family models stream, except folders whose linears quantize their activations to
-    // int8 (W8A8), which only the model built whole applies.
-    let streams = |c: &Checkpoint| {
-        shrink_models::ModelConfig::from_json(&c.config)
-            .and_then(|c| c.arch())
-            .is_ok_and(|a| a.is_llama_like())
-            && !shrink_pipeline::quantize::dynamic_tokens(c)
-    };
+    let streams = shrink_pipeline::quantize::reads_block_by_block;
     let can_stream =
         !encoder && streams(&checkpoint) && reference_checkpoint.as_ref().is_none_or(streams);
     if args.stream && !can_stream {

@@ -22,6 +22,20 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The full names of block `index`'s linears by [`Role`] (empty for a role the family does
+    /// not have: GPT-2 and BERT have no gate).
+    pub fn block_linear_names(&self, index: usize) -> Result<[String; 7]> {
+        let arch = self.arch()?;
+        let names = naming(arch);
+        Ok(std::array::from_fn(|r| {
+            if names.linears[r].is_empty() || (r == Role::Gate as usize && !arch.is_llama_like()) {
+                String::new()
+            } else {
+                format!("{}.{index}.{}", names.layers, names.linears[r])
+            }
+        }))
+    }
+
     /// The token embedding's tensor name (`model.embed_tokens.weight`, `wte.weight`, …).
     pub fn embedding_name(&self) -> String {
         format!(
@@ -179,13 +193,7 @@ impl Block {
         let arch = config.arch()?;
         let names = naming(arch);
         let p = format!("{}.{index}", names.layers);
-        let full: [String; 7] = std::array::from_fn(|r| {
-            if names.linears[r].is_empty() || (r == Role::Gate as usize && !arch.is_llama_like()) {
-                String::new()
-            } else {
-                format!("{p}.{}", names.linears[r])
-            }
-        });
+        let full = config.block_linear_names(index)?;
         let mut linear = |role: Role, bias: bool| -> Result<Linear> {
             let name = &full[role as usize];
             let weight = get(format!("{name}.weight"))?;

@@ -614,10 +614,7 @@ impl Compress for ResolvedQuantize {
     }
 
     fn streams(&self, checkpoint: &Checkpoint) -> bool {
-        let llama = ModelConfig::from_json(&checkpoint.config)
-            .and_then(|c| c.arch())
-            .is_ok_and(|a| a.is_llama_like());
-        llama && !dynamic_tokens(checkpoint)
+        reads_block_by_block(checkpoint)
     }
 
     fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
@@ -635,9 +632,8 @@ impl Compress for ResolvedQuantize {
         checkpoint: &Checkpoint,
         calibration: Option<(u64, u64, u64)>,
     ) -> Option<crate::memory::StreamedJob> {
-        let embedding = ModelConfig::from_json(&checkpoint.config)
-            .ok()?
-            .embedding_name();
+        let config = ModelConfig::from_json(&checkpoint.config).ok()?;
+        let embedding = config.embedding_name();
         let bytes = |d: DType| d.size_in_bytes() as u64;
         Some(crate::memory::StreamedJob {
             calibration,
@@ -652,23 +648,18 @@ impl Compress for ResolvedQuantize {
                 4
             } else {
                 // Rounding alone holds the linears as stored (dequantized GGUF blocks in f32):
-                // the widest of block 0's (only the Llama family streams, under these names).
-                [
-                    "self_attn.q_proj",
-                    "self_attn.k_proj",
-                    "self_attn.v_proj",
-                    "self_attn.o_proj",
-                    "mlp.gate_proj",
-                    "mlp.up_proj",
-                    "mlp.down_proj",
-                ]
-                .iter()
-                .map(|l| {
-                    let name = format!("model.layers.0.{l}.weight");
-                    checkpoint.tensors.dtype(&name).map_or(4, bytes)
-                })
-                .max()
-                .unwrap_or(4)
+                // the widest of block 0's.
+                config
+                    .block_linear_names(0)
+                    .ok()?
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        let name = format!("{n}.weight");
+                        checkpoint.tensors.dtype(&name).map_or(4, bytes)
+                    })
+                    .max()
+                    .unwrap_or(4)
             },
             embedding_value_bytes: checkpoint.tensors.dtype(&embedding).map_or(4, bytes),
         })
@@ -704,9 +695,18 @@ impl Compress for ResolvedQuantize {
     }
 }
 
+/// Whether a checkpoint can be read block by block as it is: a Llama-family model whose linears
+/// do not quantize their activations to int8 (which only a model built whole applies).
+pub fn reads_block_by_block(checkpoint: &Checkpoint) -> bool {
+    let llama = ModelConfig::from_json(&checkpoint.config)
+        .and_then(|c| c.arch())
+        .is_ok_and(|a| a.is_llama_like());
+    llama && !dynamic_tokens(checkpoint)
+}
+
 /// Whether a checkpoint's linears see int8 per-token activations (a W8A8 compressed-tensors
 /// folder), as in vLLM.
-pub fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
+fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
     checkpoint
         .config
         .pointer("/quantization_config/config_groups")
