@@ -48,11 +48,14 @@ pub fn check_export(
     Ok(())
 }
 
-/// The checkpoint's config with the model's (possibly pruned) shape.
-pub fn config_for(checkpoint: &Checkpoint, model: &Transformer) -> serde_json::Value {
+/// The checkpoint's config with the shape of `model` (a possibly pruned model of it).
+pub fn config_for(
+    checkpoint: &Checkpoint,
+    model: &shrink_models::ModelConfig,
+) -> serde_json::Value {
     let mut config = checkpoint.config.clone();
     if let Some(map) = config.as_object_mut() {
-        for (key, value) in model.config.shape_json() {
+        for (key, value) in model.shape_json() {
             map.insert(key.into(), value);
         }
     }
@@ -70,18 +73,87 @@ pub fn write_model(
 ) -> Result<()> {
     let written = Checkpoint {
         tensors: model.checkpoint_tensors()?.into(),
-        config: config_for(checkpoint, model),
+        config: config_for(checkpoint, &model.config),
         ..checkpoint.clone()
     };
     match export {
         Export::Gguf => crate::write_llama_gguf(&written, out, dtype, &BTreeMap::new()),
-        Export::Hf => {
-            let dtype = match dtype {
-                GgufWriteType::F16 => SaveDType::F16,
-                _ => SaveDType::F32,
-            };
-            crate::save_hf_with(&written, out, dtype, &BTreeMap::new(), None)
-        }
+        Export::Hf => crate::save_hf_with(
+            &written,
+            out,
+            SaveDType::of_gguf(dtype),
+            &BTreeMap::new(),
+            None,
+        ),
     }
     .map_err(|e| IoError::written(out, e))
+}
+
+/// [`write_model`] for a model supplied block by block: the output of `checkpoint`'s model with
+/// the shape of `config`, planned before any data, each tensor written in the file's order as
+/// soon as it and those before it are supplied (see [`crate::GgufStream`], [`crate::HfStream`]).
+/// The same bytes as [`write_model`] for a GGUF; the same tensors for a folder, in the model's
+/// order and in 5 GB shards.
+pub enum ModelStream<'a> {
+    Gguf(crate::GgufStream),
+    Hf(crate::HfStream<'a>),
+}
+
+impl<'a> ModelStream<'a> {
+    /// Plans the output at `out` of `written`: `checkpoint` with its config given `config`'s
+    /// shape (see [`config_for`]); the caller keeps it alive while the folder is written.
+    pub fn create(
+        written: &'a Checkpoint,
+        config: &shrink_models::ModelConfig,
+        export: Export,
+        dtype: GgufWriteType,
+        out: &Path,
+    ) -> Result<Self> {
+        Ok(match export {
+            Export::Gguf => ModelStream::Gguf(crate::GgufStream::create(
+                written,
+                out,
+                dtype,
+                &BTreeMap::new(),
+            )?),
+            Export::Hf => {
+                let save = SaveDType::of_gguf(dtype);
+                let entries =
+                    crate::HfStream::model_order(written.tensors.names(), &config.embedding_name())
+                        .into_iter()
+                        .map(|name| crate::SafetensorsEntry {
+                            dtype: save.safetensors(),
+                            shape: written.tensors.shape(&name).unwrap_or(&[]).to_vec(),
+                            name,
+                        })
+                        .collect();
+                let hf_config = crate::hf_config(written, save, None);
+                ModelStream::Hf(crate::HfStream::create(written, entries, hf_config, out)?)
+            }
+        })
+    }
+
+    /// Whether `name` (a checkpoint name) is planned and not supplied yet.
+    pub fn wants(&self, name: &str) -> bool {
+        match self {
+            ModelStream::Gguf(g) => g.wants(name),
+            ModelStream::Hf(h) => h.wants(name),
+        }
+    }
+
+    /// Supplies tensor `name` (a checkpoint name), converted to its planned type.
+    pub fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
+        match self {
+            ModelStream::Gguf(g) => g.tensor(name, t),
+            ModelStream::Hf(h) => h.tensor(name, t),
+        }
+    }
+
+    /// Checks that every planned tensor was supplied and puts the output in place.
+    pub fn finish(self) -> Result<()> {
+        match self {
+            ModelStream::Gguf(g) => g.finish(),
+            ModelStream::Hf(h) => h.finish(),
+        }
+    }
 }

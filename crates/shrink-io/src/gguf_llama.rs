@@ -37,6 +37,9 @@ impl GgufWriteType {
     }
 }
 
+/// Values converted per slice when a float tensor is written (16M: 64 MB of f32).
+const FLOAT_SLICE: usize = 1 << 24;
+
 /// A weight already quantized into ggml blocks (row-major, Hugging Face row order), written as is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedBlocks {
@@ -425,29 +428,63 @@ impl LlamaGguf {
         })
     }
 
-    /// The data of entry `i` from its tensor (Hugging Face layout), converted to its type.
+    /// The data of entry `i` from its tensor (Hugging Face layout), converted to its type. Float
+    /// types are converted a slice of rows at a time into the output, so that a large embedding
+    /// never exists in f32 beside its stored copy and its output.
     pub fn tensor_data(&self, i: usize, t: &Tensor) -> Result<Vec<u8>> {
         let err = |e: candle_core::Error| self.error(i, e.to_string());
-        let t = if self.conv1d[i] {
+        let mut t = if self.conv1d[i] {
             t.t().and_then(|t| t.contiguous()).map_err(err)?
         } else {
             t.clone()
         };
-        let mut t = t.to_dtype(DType::F32).map_err(err)?;
         if let Some(heads) = self.permute[i] {
+            t = t.to_dtype(DType::F32).map_err(err)?;
             t = permute_qk(&t, heads, false).map_err(err)?;
         }
-        if t.dims() != self.entries[i].dims.as_slice() {
+        let entry = &self.entries[i];
+        if t.dims() != entry.dims.as_slice() {
             return Err(self.error(
                 i,
                 format!(
                     "shape {:?}, but the layout holds {:?}",
                     t.dims(),
-                    self.entries[i].dims
+                    entry.dims
                 ),
             ));
         }
-        let q = QTensor::quantize(&t, self.entries[i].dtype).map_err(err)?;
-        q.data().map(|d| d.to_vec()).map_err(err)
+        let float = match entry.dtype {
+            GgmlDType::F32 => Some(DType::F32),
+            GgmlDType::F16 => Some(DType::F16),
+            _ => None,
+        };
+        let Some(dtype) = float else {
+            let t = t.to_dtype(DType::F32).map_err(err)?;
+            let q = QTensor::quantize(&t, entry.dtype).map_err(err)?;
+            return q.data().map(|d| d.to_vec()).map_err(err);
+        };
+        let flat = t.flatten_all().map_err(err)?;
+        let len = flat.elem_count();
+        let mut out = Vec::with_capacity(len * dtype.size_in_bytes());
+        for start in (0..len).step_by(FLOAT_SLICE) {
+            let slice = flat
+                .narrow(0, start, FLOAT_SLICE.min(len - start))
+                .and_then(|s| s.to_dtype(DType::F32))
+                .and_then(|s| s.to_dtype(dtype))
+                .map_err(err)?;
+            match dtype {
+                DType::F16 => {
+                    for v in slice.to_vec1::<half::f16>().map_err(err)? {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+                _ => {
+                    for v in slice.to_vec1::<f32>().map_err(err)? {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 }

@@ -247,6 +247,23 @@ pub enum SaveDType {
 }
 
 impl SaveDType {
+    /// The float type a [`crate::GgufWriteType`] stores weights in, in a folder (F32 for Q8_0).
+    pub fn of_gguf(t: crate::GgufWriteType) -> Self {
+        match t {
+            crate::GgufWriteType::F16 => SaveDType::F16,
+            _ => SaveDType::F32,
+        }
+    }
+
+    /// The safetensors type of this float type.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            SaveDType::F32 => safetensors::Dtype::F32,
+            SaveDType::F16 => safetensors::Dtype::F16,
+            SaveDType::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+
     fn dtype(self) -> DType {
         match self {
             SaveDType::F32 => DType::F32,

@@ -20,11 +20,12 @@ mod gguf_write;
 mod hf;
 mod inspect;
 mod shards;
+mod stream;
 mod tensors;
 mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
-pub use export::{check_export, config_for, write_model, Export};
+pub use export::{check_export, config_for, write_model, Export, ModelStream};
 pub use gguf::hf_to_gguf_name;
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};
 pub use gguf_llama::{gguf_vocab_of, write_llama_gguf, GgufWriteType, LlamaGguf, QuantizedBlocks};
@@ -32,6 +33,7 @@ pub use gguf_write::{write_gguf, GgufEntry, GgufTensor, GgufValue, GgufWriter};
 pub use hf::{hf_config, save_hf, save_hf_files, save_hf_with, write_json, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
+pub use stream::{GgufStream, HfStream};
 pub use tensors::Tensors;
 pub use tokenizer::{GgufVocab, TokenizerBundle};
 
@@ -204,6 +206,8 @@ impl Checkpoint {
             generation_config: None,
             side_files: BTreeMap::new(),
         };
+        let tensors = self.tensors.clone();
+        let stored_type = move |name: &str| tensors.dtype(name);
         let load = move |name: &str, dtype: DType| {
             let dtype = match stored {
                 true => checkpoint.tensors.dtype(name).unwrap_or(DType::F32),
@@ -213,7 +217,8 @@ impl Checkpoint {
                 .load_checked(name, dtype)
                 .map_err(|e| shrink_models::ModelError::Load(Box::new(e)))
         };
-        let model = shrink_models::StreamedModel::new(&config, dtype, Box::new(load))?;
+        let model = shrink_models::StreamedModel::new(&config, dtype, Box::new(load))?
+            .knowing_stored_types(Box::new(stored_type));
         Ok(if stored {
             model.keeping_stored_types()
         } else {

@@ -37,7 +37,8 @@ pub use generate::{generate, Generation, Sampler, SamplingConfig};
 pub use pooling::{Pooling, PoolingMode};
 pub use transformer::{
     ActQuant, AttentionContext, Block, BlockModel, Head, KvCache, Linear, LinearHook, MlmHead,
-    NoHook, Norm, Role, ScaleGroup, ScaleSite, StreamedModel, TensorLoader, Transformer,
+    NoHook, Norm, Role, ScaleGroup, ScaleSite, StoredType, StreamedModel, TensorLoader,
+    Transformer,
 };
 
 /// Errors from building or running a model.

@@ -130,6 +130,8 @@ fn written_of(result: &QuantizedModel, extra_types: BTreeMap<String, usize>) -> 
 /// [`shrink_core::ResumeDir`]): the partial GGUF, how much of it is final, the layer reports and,
 /// when calibrating, the activations leaving the block. The same job run again after a kill
 /// continues at the next block and writes the same bytes as a run that was never interrupted.
+/// With `spill`, the calibration activations live in a scratch file in that folder
+/// ([`shrink_calib::Activations`]): the same bytes in less memory.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_streamed(
     checkpoint: &Checkpoint,
@@ -139,6 +141,7 @@ pub fn quantize_streamed(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     world: &dyn shrink_core::Collective,
+    spill: Option<&Path>,
     progress: &dyn shrink_core::Progress,
     out: &Path,
 ) -> Result<(QuantizedModel, Written)> {
@@ -177,11 +180,14 @@ pub fn quantize_streamed(
     let start = match (&state, &resume, windows) {
         (Some(s), Some(resume), Some(_)) => Some(shrink_calib::Resume {
             block: s.blocks,
-            activations: load_activations(&resume.file(&activations_file(s.blocks)))?,
+            activations: shrink_calib::Activations::load(
+                &resume.file(&activations_file(s.blocks)),
+                spill,
+            )?,
         }),
         (Some(s), _, _) => Some(shrink_calib::Resume {
             block: s.blocks,
-            activations: vec![],
+            activations: shrink_calib::Activations::in_memory(vec![]),
         }),
         (None, _, _) => None,
     };
@@ -232,6 +238,7 @@ pub fn quantize_streamed(
         world,
         progress,
         start,
+        spill,
         &mut |block, quantized| {
             let mut sink = sink.borrow_mut();
             sink.quantized(std::mem::take(quantized))?;
@@ -358,41 +365,19 @@ const STATE: &str = "state.json";
 const PARTIAL: &str = "partial.gguf";
 
 fn activations_file(block: usize) -> String {
-    format!("activations-{block}.safetensors")
+    format!("activations-{block}.f32")
 }
 
-/// Saves the calibration activations entering block `block` (exactly, in their own dtype).
+/// Saves the calibration activations entering block `block` (exactly).
 fn save_activations(
     resume: &shrink_core::ResumeDir,
     block: usize,
-    xs: &[candle_core::Tensor],
+    xs: &shrink_calib::Activations,
 ) -> Result<()> {
     let path = resume.file(&activations_file(block));
     let tmp = resume.file(&format!("{}.tmp", activations_file(block)));
-    let named: std::collections::HashMap<String, candle_core::Tensor> = xs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| (i.to_string(), x.clone()))
-        .collect();
-    candle_core::safetensors::save(&named, &tmp)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_data())
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|source| QuantError::Io(IoError::Io { path, source }))
-}
-
-fn load_activations(path: &Path) -> Result<Vec<candle_core::Tensor>> {
-    let mut named = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
-    (0..named.len())
-        .map(|i| {
-            named.remove(&i.to_string()).ok_or_else(|| {
-                QuantError::Export(format!(
-                    "{}: batch {i} of the recorded activations is missing",
-                    path.display()
-                ))
-            })
-        })
-        .collect()
+    xs.save(&tmp)?;
+    std::fs::rename(&tmp, &path).map_err(|source| QuantError::Io(IoError::Io { path, source }))
 }
 
 /// Everything that decides a streamed quantization's bytes, to tell a resumable run of the same
@@ -449,30 +434,20 @@ fn streamed_job(
     )
 }
 
-/// A quantized model's GGUF, written as its tensors become ready (see [`shrink_io::GgufWriter`]):
-/// the layout is planned from the model's tensor names and shapes and the quantization plan, then
-/// each tensor is appended in llama.cpp's order as soon as it and those before it are supplied. A
-/// streamed quantization supplies the embedding, then each block as it is quantized, then the
-/// output tensors, and so holds one block at a time; an in-memory one supplies everything at once.
+/// A quantized model's GGUF, written as its tensors become ready (a [`shrink_io::GgufStream`]
+/// planned from the model's tensor names and shapes and the quantization plan). A streamed
+/// quantization supplies the embedding, then each block as it is quantized, then the output
+/// tensors, and so holds one block at a time; an in-memory one supplies everything at once.
 pub struct QuantizedGguf<'a> {
-    layout: shrink_io::LlamaGguf,
-    writer: shrink_io::GgufWriter,
-    next: usize,
-    pending: BTreeMap<String, Pending>,
+    stream: shrink_io::GgufStream,
     /// Checkpoint weights made of several quantized model weights (GPT-2's `c_attn`), and the
     /// parts received so far.
     stacked: Vec<(String, Vec<String>)>,
     parts: BTreeMap<String, (GgmlDType, Vec<u8>)>,
     output: &'a QuantizedOutput<'a>,
     embedding: String,
-    out: std::path::PathBuf,
     /// Tensors other than the quantized linears stored in a block type, by type.
     extra_types: BTreeMap<String, usize>,
-}
-
-enum Pending {
-    Blocks(Vec<u8>),
-    Tensor(candle_core::Tensor),
 }
 
 use candle_core::quantized::GgmlDType;
@@ -501,9 +476,6 @@ impl<'a> QuantizedGguf<'a> {
         file: shrink_core::AtomicFile,
         resumed: Option<(usize, BTreeMap<String, usize>)>,
     ) -> Result<Self> {
-        let out = file.target().to_path_buf();
-        let out = out.as_path();
-        let io = |e: IoError| QuantError::Io(IoError::written(out, e));
         let n_layers = config.num_hidden_layers;
         let mut types: BTreeMap<String, GgmlDType> = BTreeMap::new();
         let formats: BTreeMap<String, Format> = config
@@ -544,30 +516,17 @@ impl<'a> QuantizedGguf<'a> {
                 }
             }
         }
-        let layout = shrink_io::LlamaGguf::plan(written, out, weight_type, &types).map_err(io)?;
-        let (writer, next, extra_types) = match resumed {
-            None => (
-                shrink_io::GgufWriter::start(file, &layout.metadata, layout.entries.clone())
-                    .map_err(io)?,
-                0,
-                BTreeMap::new(),
-            ),
-            Some((next, extra_types)) => (
-                shrink_io::GgufWriter::resume(file, layout.entries.clone(), next),
-                next,
-                extra_types,
-            ),
+        let (next, extra_types) = match resumed {
+            Some((next, extra)) => (Some(next), extra),
+            None => (None, BTreeMap::new()),
         };
+        let stream = shrink_io::GgufStream::resumable(written, weight_type, &types, file, next)?;
         Ok(Self {
-            layout,
-            writer,
-            next,
-            pending: BTreeMap::new(),
+            stream,
             stacked,
             parts: BTreeMap::new(),
             output,
             embedding,
-            out: out.to_path_buf(),
             extra_types,
         })
     }
@@ -575,19 +534,10 @@ impl<'a> QuantizedGguf<'a> {
     /// When every tensor supplied so far is written (none waits for an earlier one), flushes the
     /// file to the disk and returns how many tensors and bytes it holds: a point to resume from.
     pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
-        if !self.pending.is_empty() || !self.parts.is_empty() {
+        if !self.parts.is_empty() {
             return Ok(None);
         }
-        let out = self.out.clone();
-        let (tensors, bytes) = self
-            .writer
-            .sync()
-            .map_err(|e| QuantError::Io(IoError::written(&out, e)))?;
-        Ok(Some((tensors, bytes)))
-    }
-
-    fn io(&self) -> impl Fn(IoError) -> QuantError + '_ {
-        |e| QuantError::Io(IoError::written(&self.out, e))
+        Ok(self.stream.checkpoint()?)
     }
 
     /// Supplies quantized linears (by model weight name); a stacked weight is written once all
@@ -600,12 +550,7 @@ impl<'a> QuantizedGguf<'a> {
             if !sources.iter().all(|s| self.parts.contains_key(s)) {
                 continue;
             }
-            let planned = self
-                .layout
-                .names
-                .iter()
-                .position(|n| n == stored)
-                .map(|i| self.layout.entries[i].dtype);
+            let planned = self.stream.planned_type(stored);
             let mut bytes = Vec::new();
             for s in sources {
                 let (dtype, b) = self.parts.remove(s).unwrap_or((GgmlDType::F32, vec![]));
@@ -616,9 +561,9 @@ impl<'a> QuantizedGguf<'a> {
                 }
                 bytes.extend(b);
             }
-            self.pending.insert(stored.clone(), Pending::Blocks(bytes));
+            self.stream.blocks(stored, bytes)?;
         }
-        self.flush()
+        Ok(())
     }
 
     /// Supplies a tensor that is not a quantized linear (by checkpoint name): the embedding and
@@ -628,68 +573,40 @@ impl<'a> QuantizedGguf<'a> {
         if !self.wants(name) {
             return Ok(());
         }
-        let index = self.layout.names.iter().position(|n| n == name);
         let rounded = (name == self.embedding || name == "lm_head.weight")
             && matches!(self.output.embeddings, Some(Ok(_)));
-        let pending = match (rounded, index) {
-            (true, Some(i)) => {
+        match self.output.embeddings {
+            Some(Ok(format)) if rounded => {
                 let (_, cols) = t.dims2()?;
-                let Some(Ok(format)) = self.output.embeddings else {
-                    unreachable!("checked above")
-                };
                 let format = self.output.plan.fit(format.with_search(false), cols);
                 let (dtype, bytes) = round_rows(&t, &format, name, ROUND_CHUNK)?;
-                debug_assert_eq!(dtype, self.layout.entries[i].dtype);
+                debug_assert_eq!(Some(dtype), self.stream.planned_type(name));
                 *self
                     .extra_types
                     .entry(format!("{dtype:?}").to_lowercase())
                     .or_default() += 1;
-                Pending::Blocks(bytes)
+                self.stream.blocks(name, bytes)?;
             }
-            _ => Pending::Tensor(t),
-        };
-        self.pending.insert(name.to_string(), pending);
-        self.flush()
+            _ => self.stream.tensor(name, t)?,
+        }
+        Ok(())
     }
 
     /// Whether `name` (a checkpoint name) is still to be supplied as a tensor: planned, not a
     /// quantized linear, not written or supplied yet.
     pub fn wants(&self, name: &str) -> bool {
-        let index = self.layout.names.iter().position(|n| n == name);
-        index.is_some_and(|i| i >= self.next)
-            && !self.pending.contains_key(name)
-            && !self.stacked.iter().any(|(s, _)| s == name)
-    }
-
-    /// Appends every supplied tensor that is next in the file.
-    fn flush(&mut self) -> Result<()> {
-        while let Some(name) = self.layout.names.get(self.next) {
-            let Some(pending) = self.pending.remove(name) else {
-                break;
-            };
-            let data = match pending {
-                Pending::Blocks(bytes) => self.layout.blocks_data(self.next, bytes),
-                Pending::Tensor(t) => self.layout.tensor_data(self.next, &t),
-            }
-            .map_err(self.io())?;
-            let entry = self.layout.entries[self.next].name.clone();
-            self.writer.append(&entry, &data).map_err(self.io())?;
-            self.next += 1;
-        }
-        Ok(())
+        self.stream.wants(name) && !self.stacked.iter().any(|(s, _)| s == name)
     }
 
     /// Checks that every tensor was supplied and puts the file in place; returns the block types
     /// of the tensors other than the quantized linears (the rounded embedding and head).
-    pub fn finish(mut self) -> Result<BTreeMap<String, usize>> {
-        self.flush()?;
+    pub fn finish(self) -> Result<BTreeMap<String, usize>> {
         if let Some(name) = self.parts.keys().next() {
             return Err(QuantError::Export(format!(
                 "quantized '{name}' is not a linear weight of the model"
             )));
         }
-        let io = |e: IoError| QuantError::Io(IoError::written(&self.out, e));
-        self.writer.finish().map_err(io)?;
+        self.stream.finish()?;
         Ok(self.extra_types)
     }
 }

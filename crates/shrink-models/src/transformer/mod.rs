@@ -13,7 +13,7 @@ mod stream;
 
 pub use block::*;
 pub use layers::*;
-pub use stream::{BlockModel, Head, StreamedModel, TensorLoader};
+pub use stream::{BlockModel, Head, StoredType, StreamedModel, TensorLoader};
 
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::family::bert::{MLM_BIAS, MLM_NORM, MLM_TRANSFORM};

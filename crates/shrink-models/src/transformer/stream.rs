@@ -117,7 +117,13 @@ pub struct StreamedModel {
     window: Option<usize>,
     /// Tensors keep the float type the loader gives them (see [`StreamedModel::keeping_stored_types`]).
     stored: bool,
+    /// The float type each tensor is stored in, when the loader's checkpoint knows it (see
+    /// [`StreamedModel::knowing_stored_types`]).
+    stored_type: Option<Box<StoredType>>,
 }
+
+/// The float type a tensor is stored in (loads without conversion), if known.
+pub type StoredType = dyn Fn(&str) -> Option<DType> + Send + Sync;
 
 impl std::fmt::Debug for StreamedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +156,16 @@ impl StreamedModel {
             inv_freq: config.rope_inv_freq()?,
             window: config.effective_sliding_window(),
             stored: false,
+            stored_type: None,
         })
+    }
+
+    /// The model told the type each tensor is stored in, so that the embedding is read in it and
+    /// only the rows a batch looks up are widened to the compute type (a bf16 128k × 4096
+    /// embedding holds 1 GB while the batches are embedded, not 2 GB in f32).
+    pub fn knowing_stored_types(mut self, stored_type: Box<StoredType>) -> Self {
+        self.stored_type = Some(stored_type);
+        self
     }
 
     /// The model with each tensor in the type its loader gives it (a loader that reads every
@@ -184,7 +199,23 @@ impl BlockModel for StreamedModel {
     }
 
     fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
-        let tokens = self.tensor(&format!("{}.weight", naming(self.arch).embed))?;
+        let name = format!("{}.weight", naming(self.arch).embed);
+        // Rows are looked up in the stored type and widened after: the same values as widening
+        // the whole table first (a Llama embedding is a plain lookup).
+        let stored = self
+            .stored_type
+            .as_ref()
+            .and_then(|f| f(&name))
+            .filter(|d| d.is_float() && !self.stored);
+        let tokens = match stored {
+            Some(dtype) => load::checked(
+                &self.expected,
+                name.clone(),
+                (self.load)(&name, dtype)?,
+                dtype,
+            )?,
+            None => self.tensor(&name)?,
+        };
         let embeddings = Embeddings {
             tokens: &tokens,
             positions: None,
@@ -193,7 +224,12 @@ impl BlockModel for StreamedModel {
         };
         batches
             .iter()
-            .map(|ids| embeddings.forward(ids, 0))
+            .map(|ids| {
+                embeddings
+                    .forward(ids, 0)?
+                    .to_dtype(self.dtype)
+                    .map_err(Into::into)
+            })
             .collect()
     }
 
