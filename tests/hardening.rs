@@ -238,8 +238,12 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     let model = dir.path().join("small");
     ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
     let text = sample_text();
+    // Runs into `out.gguf` keep their activations in a scratch file (`--spill-activations`):
+    // killed, resumed from the recorded activations, they still end with the bytes of a run
+    // that held them in memory.
     let args = |out: &Path| -> Vec<String> {
-        [
+        let spill = out.ends_with("out.gguf");
+        let mut args: Vec<String> = [
             "quantize",
             s(&model),
             "--method",
@@ -257,7 +261,11 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
             s(out),
         ]
         .map(String::from)
-        .to_vec()
+        .to_vec();
+        if spill {
+            args.push("--spill-activations".into());
+        }
+        args
     };
     let run = |out: &Path| -> serde_json::Value {
         let args = args(out);
@@ -377,6 +385,30 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     let fresh = run(&out);
     assert!(fresh.get("resumed_at_block").is_none());
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap());
+    assert_eq!(fresh["memory"]["spilled_activations"], true);
+    assert_eq!(uninterrupted["memory"]["spilled_activations"], false);
+    // No scratch file is left beside the output.
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| ["small", "sample.txt", "whole.gguf", "out.gguf"].contains(&n.as_str())),
+        "{names:?}"
+    );
+    // Spilling is refused where it means nothing, not ignored.
+    let e = fails(&[
+        "quantize",
+        s(&model),
+        "--method",
+        "rtn",
+        "--spill-activations",
+        "-o",
+        s(&dir.path().join("rtn.gguf")),
+    ]);
+    assert!(e.contains("does not calibrate"), "{e}");
 }
 
 // 5. Two runs into one folder: the second stops with a clear message.
@@ -547,9 +579,10 @@ fn settings_that_cannot_work_never_start() {
     fn strs(args: &[String]) -> Vec<&str> {
         args.iter().map(String::as_str).collect()
     }
-    let e = fails(&strs(&quantize("1000000", &[])));
+    // A billion windows' activations fit neither in memory nor, spilled, on any disk (131 PB).
+    let e = fails(&strs(&quantize("1000000000", &[])));
     assert!(
-        e.contains("block by block") && e.contains("--samples"),
+        e.contains("spilling the calibration activations") && e.contains("--samples"),
         "{e}"
     );
     assert!(!q.exists());

@@ -18,9 +18,11 @@
 //! assert_eq!(seen, [(0, Some(4 * 32)), (1, None)]);
 //! ```
 
+mod activations;
 mod hessian;
 mod linalg;
 
+pub use activations::Activations;
 pub use hessian::{quadratic, LinearStats, Partial};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
 
@@ -51,6 +53,8 @@ pub enum CalibError {
     RanksDiffer { rank: usize, block: usize },
     #[error("cannot resume calibration: {0}")]
     Resume(String),
+    #[error("spilled activations: {0}")]
+    Spill(String),
     /// A caller's failure as text, for callers of [`sequential`] without an error type of their own.
     #[error("{0}")]
     Compress(String),
@@ -157,7 +161,8 @@ pub fn block_stats(
     ctx: &AttentionContext,
     hessian: bool,
 ) -> Result<BlockStats> {
-    block_stats_in(&Alone, block, xs, ctx, hessian, xs.len())
+    let xs = Activations::in_memory(xs.to_vec());
+    block_stats_in(&Alone, block, &xs, ctx, hessian, xs.len())
 }
 
 /// [`block_stats`] over `batches` batches split across the ranks of `world`: this rank holds
@@ -167,7 +172,7 @@ pub fn block_stats(
 pub fn block_stats_in(
     world: &dyn Collective,
     block: &Block,
-    xs: &[Tensor],
+    xs: &Activations,
     ctx: &AttentionContext,
     hessian: bool,
     batches: usize,
@@ -187,8 +192,8 @@ pub fn block_stats_in(
         pending: (size > 1).then(Vec::new),
     };
     for round in 0..batches.div_ceil(size) {
-        if let Some(x) = xs.get(round) {
-            block.forward(x, ctx, None, &mut hook)?;
+        if round < xs.len() {
+            block.forward(&xs.get(round)?, ctx, None, &mut hook)?;
         }
         if size > 1 {
             exchange(world, &mut hook, (batches - round * size).min(size));
@@ -280,6 +285,7 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
         &Alone,
         progress,
         None,
+        None,
         compress,
         &mut |_, _| Ok(()),
     )
@@ -291,15 +297,17 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
 #[derive(Debug)]
 pub struct Resume {
     pub block: usize,
-    pub activations: Vec<Tensor>,
+    pub activations: Activations,
 }
 
 /// What [`sequential_from`] calls after each block: its index and the activations leaving it.
-pub type Finished<'a, E> = dyn FnMut(usize, &[Tensor]) -> std::result::Result<(), E> + 'a;
+pub type Finished<'a, E> = dyn FnMut(usize, &Activations) -> std::result::Result<(), E> + 'a;
 
 /// [`sequential`] that starts at a later block when given `start` (a resumed job), and hands
 /// `finished` each block's index and output activations once it is done: all a killed pass needs
-/// to resume at the next block.
+/// to resume at the next block. With `spill`, the activations live in a scratch file in that
+/// folder ([`Activations`]) and one batch at a time is in memory, embedding included: the same
+/// bits, in less memory, at the cost of writing and reading them once per block.
 #[allow(clippy::too_many_arguments)]
 pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     model: &mut M,
@@ -309,6 +317,7 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     world: &dyn Collective,
     progress: &dyn Progress,
     start: Option<Resume>,
+    spill: Option<&std::path::Path>,
     compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
     finished: &mut Finished<'_, E>,
 ) -> std::result::Result<(), E> {
@@ -343,7 +352,23 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
                 .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
                 .collect::<candle_core::Result<Vec<_>>>()
                 .map_err(CalibError::from)?;
-            (0, model.embed_batches(&ids).map_err(CalibError::from)?)
+            let xs = match spill {
+                // One batch embedded at a time, each written out before the next.
+                Some(dir) => {
+                    let mut xs = Activations::spilled_in(dir)?;
+                    for ids in &ids {
+                        let x = model.embed_batches(std::slice::from_ref(ids));
+                        for x in x.map_err(CalibError::from)? {
+                            xs.push(x)?;
+                        }
+                    }
+                    xs
+                }
+                None => {
+                    Activations::in_memory(model.embed_batches(&ids).map_err(CalibError::from)?)
+                }
+            };
+            (0, xs)
         }
     };
     progress.start("calibrating blocks", model.num_blocks() as u64);
@@ -357,10 +382,11 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
                 if ranks > 1 {
                     check_same_block(world, block)?;
                 }
-                for x in xs.iter_mut() {
-                    *x = block
-                        .forward(x, &ctx, None, &mut NoHook)
+                for k in 0..xs.len() {
+                    let x = block
+                        .forward(&xs.get(k)?, &ctx, None, &mut NoHook)
                         .map_err(CalibError::from)?;
+                    xs.set(k, x)?;
                 }
                 Ok(())
             })
@@ -477,33 +503,50 @@ mod tests {
             .map(|w| (0..6).map(|t| w * 7 + t).collect())
             .collect();
         // Block 0 "compressed" by halving its down projection; each block's Hessians recorded.
-        let run = |model: &mut Transformer, start: Option<Resume>| {
-            let (mut hessians, mut after) = (vec![], vec![]);
-            sequential_from::<_, CalibError>(
-                model,
-                &windows,
-                2,
-                true,
-                &Alone,
-                &shrink_core::NoProgress,
-                start,
-                &mut |block, stats| {
-                    let q = format!("model.layers.{}.self_attn.q_proj", block.index);
-                    hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
-                    let half = (block.down_proj.weight() * 0.5)?;
-                    block.down_proj.set_weight(half)?;
-                    Ok(())
-                },
-                &mut |index, xs| {
-                    after.push((index, xs.to_vec()));
-                    Ok(())
-                },
-            )
-            .unwrap();
-            (hessians, after)
-        };
+        let scratch = tempfile::tempdir().unwrap();
+        let run_in =
+            |model: &mut Transformer, start: Option<Resume>, spill: Option<&std::path::Path>| {
+                let (mut hessians, mut after) = (vec![], vec![]);
+                sequential_from::<_, CalibError>(
+                    model,
+                    &windows,
+                    2,
+                    true,
+                    &Alone,
+                    &shrink_core::NoProgress,
+                    start,
+                    spill,
+                    &mut |block, stats| {
+                        let q = format!("model.layers.{}.self_attn.q_proj", block.index);
+                        hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
+                        let half = (block.down_proj.weight() * 0.5)?;
+                        block.down_proj.set_weight(half)?;
+                        Ok(())
+                    },
+                    &mut |index, xs| {
+                        let xs: Vec<Tensor> = (0..xs.len()).map(|k| xs.get(k).unwrap()).collect();
+                        after.push((index, xs));
+                        Ok(())
+                    },
+                )
+                .unwrap();
+                (hessians, after)
+            };
+        let run = |model: &mut Transformer, start| run_in(model, start, None);
         let fresh = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
         let (whole, after) = run(&mut fresh.clone(), None);
+        // Activations spilled to a scratch file: the same bits, and no file left behind.
+        let (spilled, spilled_after) = run_in(&mut fresh.clone(), None, Some(scratch.path()));
+        assert!(spilled == whole, "bit-identical statistics");
+        let bits = |xs: &[Tensor]| -> Vec<Vec<f32>> {
+            xs.iter()
+                .map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        for ((_, a), (_, b)) in after.iter().zip(&spilled_after) {
+            assert!(bits(a) == bits(b));
+        }
+        assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
         assert_eq!(after.len(), 2);
         assert_eq!(after[0].1.len(), 2, "one tensor per batch of windows");
         // Resumed at block 1 with what block 0 left (on a model whose block 0 was never run).
@@ -511,7 +554,7 @@ mod tests {
             &mut fresh.clone(),
             Some(Resume {
                 block: 1,
-                activations: after[0].1.clone(),
+                activations: Activations::in_memory(after[0].1.clone()),
             }),
         );
         assert_eq!(resumed.len(), 1);
@@ -526,8 +569,9 @@ mod tests {
             &shrink_core::NoProgress,
             Some(Resume {
                 block: 1,
-                activations: vec![],
+                activations: Activations::in_memory(vec![]),
             }),
+            None,
             &mut |_, _| Ok(()),
             &mut |_, _| Ok(()),
         )
@@ -554,6 +598,7 @@ mod tests {
                 true,
                 world,
                 &shrink_core::NoProgress,
+                None,
                 None,
                 &mut |block, stats| {
                     let up = stats
@@ -614,6 +659,7 @@ mod tests {
                             true,
                             r,
                             &shrink_core::NoProgress,
+                            None,
                             None,
                             &mut |_, _| Ok(()),
                             &mut |_, _| Ok(()),

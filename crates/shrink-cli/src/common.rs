@@ -126,25 +126,29 @@ pub(crate) fn pattern_pairs(
         .collect()
 }
 
-/// Seeded calibration windows from a text, tokenized by the model's tokenizer.
+/// Seeded calibration windows from a text, tokenized by the model's tokenizer; refused up front
+/// when they and the activations they make (unless `spilled` to disk) would not fit in memory.
 pub(crate) fn calibration_windows(
     checkpoint: &Checkpoint,
     calib: &str,
     samples: usize,
     seq_len: usize,
     seed: u64,
+    spilled: bool,
 ) -> Result<Vec<Vec<u32>>> {
     if samples == 0 {
         bail!("--samples 0: this method calibrates and needs at least one window");
     }
-    // The windows and the activations entering and leaving a block, before anything is read.
+    // The windows and the activations entering and leaving a block (unless they are spilled to
+    // disk), before anything is read.
     let hidden = checkpoint
         .config
         .get("hidden_size")
         .or_else(|| checkpoint.config.get("n_embd"))
         .and_then(|v| v.as_u64())
         .unwrap_or(1) as u128;
-    let needed = samples as u128 * seq_len as u128 * (4 + 8 * hidden);
+    let held = if spilled { 0 } else { 8 * hidden };
+    let needed = samples as u128 * seq_len as u128 * (4 + held);
     let limit = shrink_pipeline::memory::memory_limit(None) as u128;
     if needed > limit {
         bail!(
@@ -190,6 +194,11 @@ pub(crate) struct Compression {
     /// block by block and is estimated above it is refused before any work.
     #[arg(long, value_parser = shrink_pipeline::memory::parse_size)]
     pub max_memory: Option<u64>,
+    /// Keep the calibration activations in a scratch file beside the output, one batch in
+    /// memory at a time (the same bytes; a job that reads the model block by block). Chosen
+    /// without the flag when the activations would not fit in memory otherwise.
+    #[arg(long)]
+    pub spill_activations: bool,
 }
 
 /// A model compressed by one job (`shrink quantize` or `shrink prune`) and what was measured
@@ -208,6 +217,31 @@ pub(crate) struct Compressed<T> {
     pub wall_s: f64,
 }
 
+impl<T> Compressed<T> {
+    /// The memory lines of a job that read the model block by block.
+    pub(crate) fn print_memory(&self) {
+        let Some(m) = &self.memory else {
+            return;
+        };
+        outln!(
+            "memory       peak RSS {:.2} GB (block by block{}; estimated {:.2} GB)",
+            m.peak_rss_bytes as f64 / 1e9,
+            if m.spilled_activations {
+                ", activations spilled to disk"
+            } else {
+                ""
+            },
+            m.estimated_peak_bytes as f64 / 1e9
+        );
+        if let (Some(ranks), Some(any)) = (m.ranks, m.peak_rss_bytes_any_rank) {
+            outln!(
+                "ranks        {ranks} MPI processes split the calibration (rank 0 wrote); highest peak RSS {:.2} GB",
+                any as f64 / 1e9
+            );
+        }
+    }
+}
+
 /// The peak memory of a job that read the model block by block: the formula's terms and total
 /// (per process), and what the process measured.
 #[derive(serde::Serialize, Clone, Copy)]
@@ -215,6 +249,8 @@ pub(crate) struct MemoryUsed {
     pub estimate: shrink_pipeline::memory::StreamedPeak,
     pub estimated_peak_bytes: u64,
     pub peak_rss_bytes: u64,
+    /// Whether the calibration activations were spilled to a scratch file.
+    pub spilled_activations: bool,
     /// With several MPI ranks: their number and the highest peak RSS among them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ranks: Option<usize>,
@@ -336,25 +372,75 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         job.calibrates()
             .then_some((args.samples as u64, args.seq_len as u64, args.batch as u64));
     let mut estimate = None;
+    let mut spill = args.spill_activations;
+    // A scratch file of spilled activations goes beside the output (the disk the user chose).
+    let scratch = match args.out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let streams = job.streams(&checkpoint);
     if ranks > 1 && !streams {
         bail!(
-            "{}: only a job that reads the model block by block (a Llama-family model quantized \
-             to a GGUF or a compressed-tensors folder) splits across MPI processes",
+            "{}: only a job that reads the model block by block (a Llama-family model quantized, \
+             or pruned unstructured) splits across MPI processes",
             path.display()
+        );
+    }
+    if args.spill_activations && !(streams && job.calibrates()) {
+        bail!(
+            "--spill-activations applies to a job that calibrates while reading the model block \
+             by block (a Llama-family model quantized or pruned unstructured); this one {}",
+            if streams {
+                "does not calibrate"
+            } else {
+                "holds the model whole"
+            }
         );
     }
     let mut model = if streams {
         job.check_streamed(&checkpoint)?;
         let shape = shrink_pipeline::memory::model_shape(&path);
         if let (Some(shape), Some(streamed)) = (shape, job.streamed_job(&checkpoint, calibration)) {
-            let peak =
-                shrink_pipeline::memory::streamed_peak_per_rank(&shape, &streamed, ranks as u64);
+            use shrink_pipeline::memory::{streamed_peak_per_rank, StreamedJob};
+            let peak = |spilled| {
+                let job = StreamedJob {
+                    spilled,
+                    ..streamed
+                };
+                streamed_peak_per_rank(&shape, &job, ranks as u64)
+            };
             // Ranks on one machine share its memory.
             let limit = shrink_pipeline::memory::memory_limit(args.max_memory)
                 / world.ranks_on_this_machine().max(1) as u64;
-            shrink_pipeline::memory::check_streamed_memory(&peak, limit)?;
-            estimate = Some(peak);
+            // Activations that do not fit go to disk, when that is enough.
+            let chosen = !spill
+                && calibration.is_some()
+                && peak(false).total() > limit
+                && peak(true).total() <= limit;
+            spill |= chosen;
+            shrink_pipeline::memory::check_streamed_memory(&peak(spill), limit)?;
+            estimate = Some(peak(spill));
+            if let (true, Some(calibration)) = (spill, calibration) {
+                let needed =
+                    shrink_pipeline::memory::spilled_disk_bytes(&shape, calibration, ranks as u64);
+                let free = shrink_pipeline::free_disk_bytes(&scratch).unwrap_or(u64::MAX);
+                if needed > free {
+                    bail!(
+                        "spilling the calibration activations needs an estimated {:.1} GB of disk \
+                         in {}, which has {:.1} GB free: lower --samples or --seq-len",
+                        needed as f64 / 1e9,
+                        scratch.display(),
+                        free as f64 / 1e9
+                    );
+                }
+            }
+            if chosen && rank == 0 {
+                eprintln!(
+                    "note: the calibration activations would not fit in {:.1} GB: they are kept \
+                     in a scratch file beside the output, one batch in memory at a time",
+                    limit as f64 / 1e9
+                );
+            }
         }
         None
     } else {
@@ -370,6 +456,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             args.samples,
             args.seq_len,
             args.seed,
+            spill,
         )?)
     } else {
         None
@@ -387,6 +474,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         windows: windows.as_deref(),
         batch: args.batch,
         world,
+        spill: (spill && streams && windows.is_some()).then_some(scratch.as_path()),
         progress: if rank == 0 {
             &bar
         } else {
@@ -422,6 +510,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             estimate,
             estimated_peak_bytes: estimate.total(),
             peak_rss_bytes: peak_rss,
+            spilled_activations: spill,
             ranks: (ranks > 1).then_some(ranks),
             peak_rss_bytes_any_rank: (ranks > 1).then_some(highest),
         }),

@@ -54,7 +54,7 @@ pub use quantize::{
 };
 pub use run::{run, RunOptions, RunOutcome};
 pub use stage::{Compress, JobInput, StageJob, StageKind};
-pub use sys::peak_rss_bytes;
+pub use sys::{free_disk_bytes, peak_rss_bytes};
 
 /// A pipeline that cannot be used or run, with where and why.
 #[derive(Debug, thiserror::Error)]

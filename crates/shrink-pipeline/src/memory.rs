@@ -65,8 +65,18 @@ pub struct StreamedJob {
     pub factors: bool,
     /// Bytes per value of a block's weights in memory (4 in f32; 2 when rounding 16-bit blocks).
     pub block_value_bytes: u64,
+    /// Bytes per weight of the copies of the widest linear held beside the block while it is
+    /// compressed: 12 for quantization (three f32 copies), 8 for magnitude and Wanda pruning (the
+    /// weights read out and their magnitudes), 16 for SparseGPT (the weights read out, the
+    /// unpruned ones kept to measure the error, and its f64 working copy).
+    pub widest_copies: u64,
     /// Bytes per value of the token embedding as stored (read in that type).
     pub embedding_value_bytes: u64,
+    /// Bytes per value of the token embedding as written (4 in f32, 2 in f16; 1 bounds a block
+    /// type's packed bytes).
+    pub embedding_written_bytes: u64,
+    /// Whether the calibration activations are spilled to a scratch file (one batch in memory).
+    pub spilled: bool,
 }
 
 /// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
@@ -75,12 +85,16 @@ pub struct StreamedJob {
 /// `work = max(embedding, block + activations + hessians + max(accumulation, factoring))`,
 /// `peak = base + work + work / 8`
 ///
-/// - `embedding`: `V·h` values as stored, plus its packed blocks (at most `V·h` bytes) and the
-///   copies of a 64 MB f32 slice being rounded (four);
-/// - `block`: one block's weights `P_b` at the compute width, plus three f32 copies of its widest
-///   linear (`i·h`: the weights read out, GPTQ's working copy, the dequantized values);
+/// - `embedding`: `V·h` values as stored, plus what is written of it (its packed blocks, at most
+///   `V·h` bytes, or its f32/f16 values) and the copies of a 64 MB f32 slice being converted
+///   (four);
+/// - `block`: one block's weights `P_b` at the compute width, plus the copies of its widest
+///   linear (`i·h` weights) the technique works on: three f32 copies to quantize (the weights
+///   read out, GPTQ's working copy, the dequantized values), 8 bytes a weight for magnitude or
+///   Wanda pruning, 16 for SparseGPT (see [`StreamedJob::widest_copies`]);
 /// - `activations`: the calibration windows' hidden states entering and leaving the block,
-///   `2 · T · h · 4` with `T = samples · seq_len` tokens;
+///   `2 · T · h · 4` with `T = samples · seq_len` tokens (spilled to a scratch file: one batch's,
+///   `T = batch · seq_len`);
 /// - `hessians`: every input statistic of the block held until it is compressed, in f64:
 ///   `(3·h² + i²) · 8` (q/k/v, o, gate/up share two `h × h`; down has `i × i`), or four vectors
 ///   per channel without Hessians;
@@ -125,10 +139,12 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
     let widest = m(i, h);
     let embedding = m(
         m(shape.vocab, h),
-        job.embedding_value_bytes.saturating_add(1),
+        job.embedding_value_bytes
+            .saturating_add(job.embedding_written_bytes),
     )
     .saturating_add(4 * (64 << 20));
-    let block = m(shape.block_parameters, job.block_value_bytes).saturating_add(m(widest, 12));
+    let block = m(shape.block_parameters, job.block_value_bytes)
+        .saturating_add(m(widest, job.widest_copies));
     let (activations, hessians, accumulation) = match job.calibration {
         None => (0, 0, 0),
         Some((samples, seq_len, batch)) => {
@@ -142,8 +158,9 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
                 m(m(3, h).saturating_add(i), 32)
             };
             let product = if job.hessians { m(m(i, i), 8) } else { 0 };
+            let held = if job.spilled { m(b, seq_len) } else { tokens };
             (
-                m(m(tokens, h), 8),
+                m(m(held, h), 8),
                 stats,
                 m(forward, 4).saturating_add(product),
             )
@@ -197,6 +214,22 @@ pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64)
     peak
 }
 
+/// The disk one of `ranks` processes needs to spill its calibration activations: the hidden
+/// states of its windows (`T·h·4` bytes, written over in place block after block), and as much
+/// again for a resumable job's record of the activations leaving the last finished block.
+pub fn spilled_disk_bytes(shape: &ModelShape, calibration: (u64, u64, u64), ranks: u64) -> u64 {
+    let (samples, seq_len, batch) = calibration;
+    let batch = batch.max(1);
+    let mine = samples
+        .div_ceil(batch)
+        .div_ceil(ranks.max(1))
+        .saturating_mul(batch)
+        .min(samples);
+    mine.saturating_mul(seq_len)
+        .saturating_mul(shape.hidden)
+        .saturating_mul(8)
+}
+
 /// Refuses a block-by-block job whose estimated peak exceeds `limit` bytes.
 pub fn check_streamed_memory(peak: &StreamedPeak, limit: u64) -> Result<()> {
     let estimate = peak.total();
@@ -206,7 +239,8 @@ pub fn check_streamed_memory(peak: &StreamedPeak, limit: u64) -> Result<()> {
             "the job needs an estimated {:.1} GB of memory reading the model block by block \
              (one block {:.1} GB, activations {:.1} GB, statistics {:.1} GB, the largest \
              Hessian's factor {:.1} GB), more than the {:.1} GB allowed (the machine's memory, or \
-             --max-memory): lower --samples or --seq-len",
+             --max-memory): lower --samples or --seq-len, or spill the activations to disk \
+             (--spill-activations)",
             gb(estimate),
             gb(peak.block),
             gb(peak.activations),
@@ -404,7 +438,10 @@ mod tests {
             hessians: true,
             factors: true,
             block_value_bytes: 4,
+            widest_copies: 12,
             embedding_value_bytes: 2,
+            embedding_written_bytes: 1,
+            spilled: false,
         };
         let peak = streamed_peak(&shape(100_000), &job);
         assert_eq!(
@@ -479,7 +516,10 @@ mod tests {
             hessians: true,
             factors,
             block_value_bytes: 4,
+            widest_copies: 12,
             embedding_value_bytes: 4,
+            embedding_written_bytes: 1,
+            spilled: false,
         };
         let held = 4 * shape.parameters;
         let gptq = streamed_peak(&shape, &job(Some((16, 512, 8)), true)).total() + held;
@@ -514,7 +554,10 @@ mod tests {
             hessians: true,
             factors: true,
             block_value_bytes: 4,
+            widest_copies: 12,
             embedding_value_bytes: 2,
+            embedding_written_bytes: 1,
+            spilled: false,
         };
         let one = streamed_peak(&shape, &job);
         assert_eq!(streamed_peak_per_rank(&shape, &job, 1), one);

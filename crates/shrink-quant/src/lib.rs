@@ -482,6 +482,7 @@ pub fn quantize_model(
         &shrink_core::Alone,
         progress,
         None,
+        None,
         &mut |_, quantized| {
             tensors.append(quantized);
             Ok(())
@@ -498,7 +499,8 @@ pub type BlockDone<'a> =
 
 /// What [`quantize_blocks`] calls once a block is finished: its index, the calibration
 /// activations leaving it (when calibrating) and the reports of every layer quantized so far.
-pub type BlockFinished<'a> = dyn FnMut(usize, Option<&[Tensor]>, &[LayerReport]) -> Result<()> + 'a;
+pub type BlockFinished<'a> =
+    dyn FnMut(usize, Option<&shrink_calib::Activations>, &[LayerReport]) -> Result<()> + 'a;
 
 /// [`quantize_model`] block by block on any [`BlockModel`]: `done` receives each block once its
 /// linears are quantized (and hold their dequantized values), with their quantized weights by
@@ -507,7 +509,8 @@ pub type BlockFinished<'a> = dyn FnMut(usize, Option<&[Tensor]>, &[LayerReport])
 /// block is ever in memory, so `done` writes it. A resumed job gives `start` (the first block to
 /// quantize and, when calibrating, the activations entering it) and records its progress in
 /// `finished`; the reports then cover the blocks from `start` on. Calibration is split across the
-/// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block.
+/// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block. With
+/// `spill`, the calibration activations live in a scratch file in that folder.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_blocks<M: BlockModel>(
     model: &mut M,
@@ -518,6 +521,7 @@ pub fn quantize_blocks<M: BlockModel>(
     world: &dyn shrink_core::Collective,
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
+    spill: Option<&std::path::Path>,
     done: &mut BlockDone<'_>,
     finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
@@ -606,6 +610,7 @@ pub fn quantize_blocks<M: BlockModel>(
                 world,
                 progress,
                 start,
+                spill,
                 &mut |block, stats| quantize_block(block, Some(stats)),
                 &mut |index, xs| finished(index, Some(xs), &layers.borrow()),
             )?;

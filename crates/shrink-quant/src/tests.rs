@@ -605,7 +605,8 @@ fn gptq_keeps_a_pruning_mask_when_asked() {
 
 /// The streamed path (a model read block by block from its file, the GGUF written as each block
 /// is quantized) writes the very bytes of the whole-model path, for every block-wise method, with
-/// rounded embeddings and an untied head, from a GGUF and from a sharded safetensors folder.
+/// rounded embeddings and an untied head, from a GGUF and from a sharded safetensors folder, with
+/// the calibration activations in memory or spilled to a scratch file.
 #[test]
 fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
     use shrink_io::{Checkpoint, Export, GgufVocab, GgufWriteType, TokenizerBundle};
@@ -698,6 +699,9 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 }
                 Some(_) => checkpoint.streamed(DType::F32).unwrap(),
             };
+            // GPTQ and AWQ keep their activations in a scratch file: the same bytes.
+            let spill =
+                matches!(method, Method::Gptq(_) | Method::Awq { .. }).then_some(dir.path());
             let (r, b) = quantize_streamed(
                 &checkpoint,
                 &mut streamed,
@@ -706,6 +710,7 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 windows,
                 2,
                 &shrink_core::Alone,
+                spill,
                 &shrink_core::NoProgress,
                 &streamed_path,
             )
@@ -822,6 +827,7 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
             windows,
             2,
             &shrink_core::Alone,
+            None,
             &shrink_core::NoProgress,
             &streamed_path,
         )

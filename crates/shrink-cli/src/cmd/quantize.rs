@@ -123,19 +123,7 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         outln!("resumed      at block {block} of a killed run (its finished blocks were kept)");
     }
     outln!("wrote        {}", common.out.display());
-    if let Some(m) = &done.memory {
-        outln!(
-            "memory       peak RSS {:.2} GB (block by block; estimated {:.2} GB)",
-            m.peak_rss_bytes as f64 / 1e9,
-            m.estimated_peak_bytes as f64 / 1e9
-        );
-        if let (Some(ranks), Some(any)) = (m.ranks, m.peak_rss_bytes_any_rank) {
-            outln!(
-                "ranks        {ranks} MPI processes split the calibration (rank 0 wrote); highest peak RSS {:.2} GB",
-                any as f64 / 1e9
-            );
-        }
-    }
+    done.print_memory();
     outln!(
         "size         {:.1} MB → {:.1} MB ({:.3} → {:.3} bits/weight; quantized linears {:.3})",
         size_before.file_size_bytes as f64 / 1e6,

@@ -262,6 +262,9 @@ pub struct JobInput<'a> {
     pub batch: usize,
     /// The ranks calibration is split across (MPI), or [`shrink_core::Alone`]; rank 0 writes.
     pub world: &'a dyn shrink_core::Collective,
+    /// A folder where a streamed job keeps its calibration activations, one batch in memory at
+    /// a time, instead of holding them all ([`shrink_calib::Activations`]).
+    pub spill: Option<&'a Path>,
     pub progress: &'a dyn Progress,
 }
 
@@ -325,6 +328,7 @@ impl StageContext<'_> {
             windows: self.calibration,
             batch,
             world: &shrink_core::Alone,
+            spill: None,
             progress: self.progress,
         }
     }

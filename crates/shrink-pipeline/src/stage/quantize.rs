@@ -661,7 +661,16 @@ impl Compress for ResolvedQuantize {
                     .max()
                     .unwrap_or(4)
             },
+            widest_copies: 12,
             embedding_value_bytes: checkpoint.tensors.dtype(&embedding).map_or(4, bytes),
+            embedding_written_bytes: match self.embeddings {
+                None | Some(Err(GgufWriteType::F32)) => 4,
+                Some(Err(GgufWriteType::F16)) => 2,
+                // Q8_0 goes through an f32 copy and ggml's own buffer.
+                Some(Err(GgufWriteType::Q8_0)) => 6,
+                Some(Ok(_)) => 1,
+            },
+            spilled: false,
         })
     }
 
@@ -682,6 +691,7 @@ impl Compress for ResolvedQuantize {
             input.windows,
             input.batch,
             input.world,
+            input.spill,
             input.progress,
             out,
         )?;
