@@ -5,11 +5,17 @@
 # one run. Needs ~35 GB of disk under OUT; files are removed as soon as they are measured.
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
-#   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq (default all)
+#   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill
+#                                     # (default all)
 #
 # Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
 # GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
 # seconds per block (forward passes and Hessians apart from GPTQ itself) and the projection to 32.
+# The prune step prunes the whole 8B model by magnitude (50%, per layer) to an F16 GGUF block by
+# block, and llama.cpp loads the result. The spill step runs Wanda (50%) with the calibration
+# activations in memory and spilled to disk (--spill-activations): on SPILL_BLOCKS (2) blocks of
+# the 8B shapes with 32 × 512 tokens, and on SmolLM2 with 128 × 512, where both files are compared
+# byte for byte.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -19,9 +25,9 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-STEPS="${STEPS:-rtn llama-quantize gptq}"
+STEPS="${STEPS:-rtn llama-quantize gptq prune spill}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-if want rtn || want llama-quantize; then
+if want rtn || want llama-quantize || want prune; then
   [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
 fi
 if want rtn; then
@@ -66,4 +72,37 @@ print(f"gptq: {wall / blocks:.1f} s per block over {blocks} blocks (GPTQ itself 
       f"{32 * wall / blocks / 60:.0f} min")
 PY
   rm -f "$OUT/gptq-q4_0.gguf"
+fi
+if want prune; then
+  measure shrink-magnitude-50-f16 "$SHRINK" --threads "$THREADS" prune "$OUT/synth-8b" \
+    --method magnitude --sparsity 0.5 --dtype f16 --json -o "$OUT/magnitude-f16.gguf"
+  python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.loads(t[t.index("{"):])["memory"]; print("prune estimate: %.0f MB" % (m["estimated_peak_bytes"]/2**20))' \
+    "$OUT/shrink-magnitude-50-f16.log"
+  ls -l "$OUT/magnitude-f16.gguf" | awk '{printf "pruned F16 GGUF: %.1f MB\n", $5 / 1e6}'
+  measure llama-perplexity-on-shrink-pruned "$BIN/llama-perplexity" -m "$OUT/magnitude-f16.gguf" \
+    -f "$hamlet" -c 128 --chunks 2 -t "$THREADS"
+  grep -o 'Final estimate: PPL = [0-9.]*' "$OUT/llama-perplexity-on-shrink-pruned.log"
+  rm -f "$OUT/magnitude-f16.gguf"
+fi
+if want spill; then
+  blocks="${SPILL_BLOCKS:-2}"
+  model="$OUT/synth-8b-$blocks"
+  [ -d "$model" ] || "$SHRINK" synth llama3-8b --layers "$blocks" -o "$model" >/dev/null
+  estimate() {
+    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.loads(t[t.index("{"):])["memory"]; print("  estimate %.0f MB, spilled: %s" % (m["estimated_peak_bytes"]/2**20, m["spilled_activations"]))' "$1"
+  }
+  for how in memory spilled; do
+    flag=(); [ "$how" = spilled ] && flag=(--spill-activations)
+    measure "shrink-wanda-8b-$blocks-blocks-$how" "$SHRINK" --threads "$THREADS" prune "$model" \
+      --method wanda --sparsity 0.5 --samples 32 --seq-len 512 --json "${flag[@]}" \
+      -o "$OUT/wanda-8b-$how.gguf"
+    estimate "$OUT/shrink-wanda-8b-$blocks-blocks-$how.log"
+    measure "shrink-wanda-smollm2-$how" "$SHRINK" --threads "$THREADS" prune smollm2 \
+      --method wanda --sparsity 0.5 --json "${flag[@]}" -o "$OUT/wanda-smollm2-$how.gguf"
+    estimate "$OUT/shrink-wanda-smollm2-$how.log"
+  done
+  for m in 8b smollm2; do
+    cmp "$OUT/wanda-$m-memory.gguf" "$OUT/wanda-$m-spilled.gguf" && echo "wanda $m: same bytes"
+    rm -f "$OUT/wanda-$m-memory.gguf" "$OUT/wanda-$m-spilled.gguf"
+  done
 fi

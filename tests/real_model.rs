@@ -632,8 +632,9 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
 }
 
 /// `mpirun -n 2 shrink quantize … --method gptq` splits the calibration windows across two
-/// processes and writes the bytes one process writes (with one thread or two); commands that do
-/// not split and a calibration with fewer batches than processes are refused on every rank.
+/// processes and writes the bytes one process writes (with one thread or two), and so does
+/// `shrink prune --method sparsegpt` with its activations spilled to disk; commands that do not
+/// split and a calibration with fewer batches than processes are refused on every rank.
 #[cfg(feature = "mpi")]
 #[test]
 fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
@@ -708,6 +709,45 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
             "2 ranks and 1 process with {threads} thread(s) wrote different files"
         );
     }
+    // SparseGPT over two ranks, each spilling its activations, against one process holding them.
+    let sparse = |out: &std::path::Path, spill: bool| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "prune",
+            model.to_str().unwrap(),
+            "--method",
+            "sparsegpt",
+            "--sparsity",
+            "0.5",
+            "--samples",
+            "8",
+            "--seq-len",
+            "128",
+            "--batch",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if spill {
+            args.push("--spill-activations".into());
+        }
+        args
+    };
+    let two_sparse = dir.path().join("two-ranks-sparsegpt.gguf");
+    let out = mpi(&sparse(&two_sparse, true));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one_sparse = dir.path().join("one-sparsegpt.gguf");
+    let args = sparse(&one_sparse, false);
+    run_shrink(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        std::fs::read(&one_sparse).unwrap() == std::fs::read(&two_sparse).unwrap(),
+        "SparseGPT over 2 ranks (spilled) and 1 process wrote different files"
+    );
     // Refusals end every rank with a message and leave no output.
     let refused = dir.path().join("refused.gguf");
     let out = mpi(&job(&refused, "8"));
@@ -727,10 +767,13 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     let out = mpi(&["inspect".to_string(), model.display().to_string()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("only `shrink quantize` splits"), "{stderr}");
+    assert!(
+        stderr.contains("only `shrink quantize` and `shrink prune` split"),
+        "{stderr}"
+    );
     assert!(!refused.exists());
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-    assert_eq!(left.len(), 3, "no temporaries left: {left:?}");
+    assert_eq!(left.len(), 5, "no temporaries left: {left:?}");
 }
 
 /// A program on the `PATH`.

@@ -142,10 +142,10 @@ fn error_message(e: &anyhow::Error) -> String {
 }
 
 fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode> {
-    if world.size() > 1 && !matches!(command, Command::Quantize(_)) {
+    if world.size() > 1 && !matches!(command, Command::Quantize(_) | Command::Prune(_)) {
         anyhow::bail!(
-            "started as one of {} MPI processes: only `shrink quantize` splits its calibration \
-             across processes; run this command as one process",
+            "started as one of {} MPI processes: only `shrink quantize` and `shrink prune` split \
+             their calibration across processes; run this command as one process",
             world.size()
         );
     }
@@ -160,7 +160,7 @@ fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode
         Command::Generate(args) => cmd::generate::run(args),
         Command::Tokenize(args) => cmd::tokenize::run(args),
         Command::Quantize(args) => cmd::quantize::run(args, world),
-        Command::Prune(args) => cmd::prune::run(args),
+        Command::Prune(args) => cmd::prune::run(args, world),
         Command::Distill(args) => cmd::distill::run(*args),
         Command::Validate(args) => cmd::validate::run(args),
     }?;

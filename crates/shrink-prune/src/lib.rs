@@ -30,7 +30,7 @@ pub use unstructured::{magnitude, sparsegpt, wanda, SparseGptConfig, Sparsity};
 
 use candle_core::{DType, Tensor};
 use shrink_core::Progress;
-use shrink_models::{Block, Transformer};
+use shrink_models::{Block, BlockModel, Transformer};
 use std::time::Instant;
 
 /// Errors from pruning.
@@ -42,6 +42,8 @@ pub enum PruneError {
     Shape { tensor: String, message: String },
     #[error(transparent)]
     Weights(#[from] shrink_core::WeightError),
+    #[error(transparent)]
+    Io(#[from] shrink_io::IoError),
     #[error(transparent)]
     Calib(#[from] shrink_calib::CalibError),
     #[error(transparent)]
@@ -97,21 +99,17 @@ impl PrunePlan {
             .unwrap_or(self.default)
     }
 
-    /// Checks every target and that every linear's rows split into its N:M groups, before any work.
-    pub fn check_model(&self, model: &Transformer) -> Result<()> {
-        for block in &model.blocks {
-            for (name, linear) in block.linears() {
-                let s = self.sparsity_for(name).validated()?;
-                let cols = linear.weight().dim(1)?;
-                if let Sparsity::NM { m, .. } = s {
-                    if cols % m != 0 {
-                        return Err(PruneError::Shape {
-                            tensor: name.to_string(),
-                            message: format!(
-                                "rows of {cols} weights do not split into groups of {m}"
-                            ),
-                        });
-                    }
+    /// Checks every target and that every linear's rows split into its N:M groups, before any work
+    /// (from the config's shapes: a model read block by block is not loaded for it).
+    pub fn check_model(&self, model: &impl BlockModel) -> Result<()> {
+        for (name, [_, cols]) in model.config().block_linears() {
+            let s = self.sparsity_for(&name).validated()?;
+            if let Sparsity::NM { m, .. } = s {
+                if cols % m != 0 {
+                    return Err(PruneError::Shape {
+                        tensor: name,
+                        message: format!("rows of {cols} weights do not split into groups of {m}"),
+                    });
                 }
             }
         }
@@ -120,6 +118,20 @@ impl PrunePlan {
         {
             return Err(PruneError::Config(
                 "global magnitude pruning takes one fraction for the whole model (no N:M, no per-layer rules)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PrunePlan {
+    /// [`PrunePlan::check_model`] for a model read block by block, which global magnitude
+    /// pruning (ranking every weight of the model at once) cannot use.
+    pub fn check_streamed(&self, model: &impl BlockModel) -> Result<()> {
+        self.check_model(model)?;
+        if matches!(self.method, PruneMethod::Magnitude { global: true }) {
+            return Err(PruneError::Config(
+                "global magnitude pruning ranks every weight of the model at once: it holds the model whole, not block by block".into(),
             ));
         }
         Ok(())
@@ -174,21 +186,155 @@ pub fn prune_model(
     progress: &dyn Progress,
 ) -> Result<Vec<LayerSparsity>> {
     plan.check_model(model)?;
+    let threshold = match plan.method {
+        PruneMethod::Magnitude { global: true } => {
+            Some(global_threshold(model, plan.default.fraction())?)
+        }
+        _ => None,
+    };
+    run_blocks(
+        model,
+        plan,
+        windows,
+        batch,
+        threshold,
+        &shrink_core::Alone,
+        None,
+        progress,
+        &mut |_| Ok(()),
+    )
+}
+
+/// [`prune_model`] block by block on any [`BlockModel`]: `done` receives each block once its
+/// linears are pruned. On a [`shrink_models::StreamedModel`] only one block is ever in memory, so
+/// `done` writes it. Global magnitude pruning, which ranks every weight of the model at once, is
+/// refused: it needs the model whole ([`prune_model`]). With `spill`, the calibration activations
+/// live in a scratch file in that folder ([`shrink_calib::Activations`]). Calibration is split
+/// across the ranks of `world` ([`shrink_calib::sequential_from`]).
+#[allow(clippy::too_many_arguments)]
+pub fn prune_blocks<M: BlockModel>(
+    model: &mut M,
+    plan: &PrunePlan,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    world: &dyn shrink_core::Collective,
+    spill: Option<&std::path::Path>,
+    progress: &dyn Progress,
+    done: &mut dyn FnMut(&Block) -> Result<()>,
+) -> Result<Vec<LayerSparsity>> {
+    plan.check_streamed(model)?;
+    run_blocks(
+        model, plan, windows, batch, None, world, spill, progress, done,
+    )
+}
+
+/// Prunes the model read block by block from `checkpoint` (unstructured or N:M, as `plan` says)
+/// and writes it to `out` as it goes (a GGUF or a Hugging Face folder of float type `dtype`,
+/// atomically): the embedding first, each block as soon as it is pruned, then the output
+/// tensors. Only one block's weights (and the calibration activations) are in memory at a time.
+/// A GGUF has the bytes [`prune_model`] and [`shrink_io::write_model`] write; a folder has their
+/// tensors, in the model's order and in 5 GB shards. With `spill`, the calibration activations live
+/// in a scratch file in that folder. Calibration is split across the ranks of `world`
+/// ([`shrink_calib::sequential_from`]); every rank prunes every block and rank 0 alone writes.
+#[allow(clippy::too_many_arguments)]
+pub fn prune_streamed(
+    checkpoint: &shrink_io::Checkpoint,
+    plan: &PrunePlan,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    world: &dyn shrink_core::Collective,
+    spill: Option<&std::path::Path>,
+    export: shrink_io::Export,
+    dtype: shrink_io::GgufWriteType,
+    progress: &dyn Progress,
+    out: &std::path::Path,
+) -> Result<Vec<LayerSparsity>> {
+    let mut model = checkpoint.streamed(DType::F32)?;
+    plan.check_streamed(&model)?;
+    if world.rank() != 0 {
+        // The other ranks calibrate and prune (each block's weights are checked against rank
+        // 0's) but write nothing.
+        return prune_blocks(
+            &mut model,
+            plan,
+            windows,
+            batch,
+            world,
+            spill,
+            progress,
+            &mut |_| Ok(()),
+        );
+    }
+    let config = model.config().clone();
+    let arch = config.arch()?;
+    let written = shrink_io::Checkpoint {
+        config: shrink_io::config_for(checkpoint, &config),
+        ..checkpoint.clone()
+    };
+    let mut sink = shrink_io::ModelStream::create(&written, &config, export, dtype, out)?;
+    // The tensors outside the blocks as stored (a bf16 embedding is not widened whole).
+    let natural = |name: &str| {
+        let dtype = checkpoint.tensors.dtype(name).unwrap_or(DType::F32);
+        checkpoint.load_checked(name, dtype)
+    };
+    let embedding = config.embedding_name();
+    sink.tensor(&embedding, natural(&embedding)?)?;
+    let layers = prune_blocks(
+        &mut model,
+        plan,
+        windows,
+        batch,
+        world,
+        spill,
+        progress,
+        &mut |block| {
+            for (name, t) in block.named_tensors(arch) {
+                sink.tensor(&name, t)?;
+            }
+            Ok(())
+        },
+    )?;
+    let rest: Vec<String> = checkpoint
+        .tensors
+        .names()
+        .filter(|name| sink.wants(name))
+        .cloned()
+        .collect();
+    for name in rest {
+        sink.tensor(&name, natural(&name)?)?;
+    }
+    sink.finish()?;
+    Ok(layers)
+}
+
+/// Prunes each block of `model` in order (through the sequential engine when calibrating) and
+/// hands it to `done`. `threshold`: global magnitude pruning's |w| and ties (see
+/// [`global_threshold`]).
+#[allow(clippy::too_many_arguments)]
+fn run_blocks<M: BlockModel>(
+    model: &mut M,
+    plan: &PrunePlan,
+    windows: Option<&[Vec<u32>]>,
+    batch: usize,
+    threshold: Option<(f32, usize)>,
+    world: &dyn shrink_core::Collective,
+    spill: Option<&std::path::Path>,
+    progress: &dyn Progress,
+    done: &mut dyn FnMut(&Block) -> Result<()>,
+) -> Result<Vec<LayerSparsity>> {
     let mut out = Vec::new();
-    let device = model.device().clone();
-    let dtype = model.dtype();
+    let mut threshold = threshold;
     let mut prune_block = |block: &mut Block,
-                           stats: Option<&shrink_calib::BlockStats>,
-                           threshold: Option<(f32, &mut usize)>|
+                           stats: Option<&shrink_calib::BlockStats>|
      -> Result<()> {
         let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
-        let mut threshold = threshold;
         for name in names {
             let start = Instant::now();
-            let (orig, rows, cols) = weight_of(block, &name)?;
-            let mut w = orig.clone();
+            let (mut w, rows, cols) = weight_of(block, &name)?;
             let sparsity = plan.sparsity_for(&name);
             let st = stats.and_then(|s| s.get(&name));
+            // The unpruned weights, kept only to measure the output error (SparseGPT's Hessian).
+            let orig = st.filter(|s| s.has_hessian()).map(|_| w.clone());
             let need = || {
                 st.ok_or_else(|| {
                     PruneError::Config(format!("no calibration statistics for '{name}'"))
@@ -201,9 +347,9 @@ pub fn prune_model(
                         let a = v.abs();
                         if a < *t {
                             *v = 0.0;
-                        } else if a == *t && **ties > 0 {
+                        } else if a == *t && *ties > 0 {
                             *v = 0.0;
-                            **ties -= 1;
+                            *ties -= 1;
                         }
                     }
                 }
@@ -215,15 +361,16 @@ pub fn prune_model(
                     sparsegpt(&mut w, rows, cols, need()?, sparsity, &cfg, &name)?
                 }
             }
-            let relative_output_error = st
-                .filter(|s| s.has_hessian())
-                .map(|s| s.relative_output_error(&orig, &w))
-                .transpose()?;
+            let relative_output_error = match (st, orig) {
+                (Some(s), Some(orig)) => Some(s.relative_output_error(&orig, &w)?),
+                _ => None,
+            };
+            let zero_fraction = zeros(&w);
             let linear = block
                 .linear_mut(&name)
                 .ok_or_else(|| PruneError::Config(format!("no linear '{name}'")))?;
-            linear
-                .set_weight(Tensor::from_vec(w.clone(), (rows, cols), &device)?.to_dtype(dtype)?)?;
+            let (device, dtype) = (linear.weight().device().clone(), linear.weight().dtype());
+            linear.set_weight(Tensor::from_vec(w, (rows, cols), &device)?.to_dtype(dtype)?)?;
             out.push(LayerSparsity {
                 name,
                 shape: [rows, cols],
@@ -231,40 +378,38 @@ pub fn prune_model(
                     PruneMethod::Magnitude { global: true } => format!("{} global", plan.default),
                     _ => sparsity.to_string(),
                 },
-                sparsity: zeros(&w),
+                sparsity: zero_fraction,
                 relative_output_error,
                 wall_s: start.elapsed().as_secs_f64(),
             });
         }
-        Ok(())
+        done(block)
     };
     match (plan.method, windows) {
-        (PruneMethod::Magnitude { global }, None) => {
-            let mut threshold = None;
-            if global {
-                threshold = Some(global_threshold(model, plan.default.fraction())?);
-            }
-            progress.start("pruning blocks", model.blocks.len() as u64);
-            for block in model.blocks.iter_mut() {
-                let t = threshold.as_mut().map(|(t, ties)| (*t, ties));
-                prune_block(block, None, t)?;
-                progress.advance(1, Some(&format!("block {}", block.index)));
+        (PruneMethod::Magnitude { .. }, None) => {
+            let n = model.num_blocks();
+            progress.start("pruning blocks", n as u64);
+            for index in 0..n {
+                model.with_block(index, |block| prune_block(block, None))??;
+                progress.advance(1, Some(&format!("block {index}")));
             }
             progress.finish();
         }
         (method, Some(windows)) => {
-            let mut threshold = match method {
-                PruneMethod::Magnitude { global: true } => {
-                    Some(global_threshold(model, plan.default.fraction())?)
-                }
-                _ => None,
-            };
             // Wanda reads only the channel norms: no Hessian, half the calibration time or less.
             let hessian = !matches!(method, PruneMethod::Wanda);
-            for_each_block(model, windows, batch, hessian, progress, |block, stats| {
-                let t = threshold.as_mut().map(|(t, ties)| (*t, ties));
-                prune_block(block, Some(stats), t)
-            })?;
+            shrink_calib::sequential_from(
+                model,
+                windows,
+                batch,
+                hessian,
+                world,
+                progress,
+                None,
+                spill,
+                &mut |block, stats| prune_block(block, Some(stats)),
+                &mut |_, _| Ok(()),
+            )?;
         }
         (_, None) => {
             return Err(PruneError::Config(
@@ -277,8 +422,8 @@ pub fn prune_model(
 
 /// Runs the sequential calibration engine, calling `each` with every block and its input
 /// statistics (before the block's outputs feed the next block); `each`'s error is returned as is.
-pub(crate) fn for_each_block(
-    model: &mut Transformer,
+pub(crate) fn for_each_block<M: BlockModel>(
+    model: &mut M,
     windows: &[Vec<u32>],
     batch: usize,
     hessian: bool,

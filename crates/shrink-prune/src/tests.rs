@@ -124,6 +124,85 @@ fn every_method_hits_the_exact_sparsity_and_every_n_m_group() {
     }
 }
 
+/// The weights removed, by the definition: the `k` smallest scores of each range (the matrix,
+/// a row or an N:M group), ties to the lower index, by a full sort.
+fn removed_by_sorting(scores: &[f64], ranges: &[(usize, usize, usize)]) -> Vec<bool> {
+    let mut removed = vec![false; scores.len()];
+    for &(start, len, k) in ranges {
+        let mut idx: Vec<usize> = (start..start + len).collect();
+        idx.sort_by(|a, b| scores[*a].total_cmp(&scores[*b]).then(a.cmp(b)));
+        for i in &idx[..k] {
+            removed[*i] = true;
+        }
+    }
+    removed
+}
+
+#[test]
+fn magnitude_and_wanda_remove_the_smallest_scores_with_ties_to_the_lower_index() {
+    // Few distinct magnitudes (many ties, ±, and zeros already there) so that the threshold's
+    // tie-breaking decides most of the mask.
+    let (rows, cols) = (12, 16);
+    let n = rows * cols;
+    let w0: Vec<f32> = (0..n)
+        .map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.25 * if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let norms: Vec<f64> = (0..cols).map(|j| 1.0 + (j % 3) as f64).collect();
+    let mut stats = LinearStats::new(cols);
+    stats.channel_sq = norms.iter().map(|v| v * v).collect();
+    let rows_of = |f: f64| -> Vec<(usize, usize, usize)> {
+        (0..rows)
+            .map(|r| {
+                let k = (f * ((r + 1) * cols) as f64).round() as usize
+                    - (f * (r * cols) as f64).round() as usize;
+                (r * cols, cols, k)
+            })
+            .collect()
+    };
+    let groups = |n_keep: usize, m: usize| -> Vec<(usize, usize, usize)> {
+        (0..n / m).map(|g| (g * m, m, m - n_keep)).collect()
+    };
+    let magnitudes: Vec<f64> = w0.iter().map(|v| v.abs() as f64).collect();
+    let wanda_scores: Vec<f64> = w0
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.abs() as f64 * norms[i % cols])
+        .collect();
+    for (sparsity, layer, rowwise) in [
+        (
+            Sparsity::Fraction(0.3),
+            vec![(0, n, (0.3 * n as f64).round() as usize)],
+            rows_of(0.3),
+        ),
+        (
+            Sparsity::Fraction(0.55),
+            vec![(0, n, (0.55 * n as f64).round() as usize)],
+            rows_of(0.55),
+        ),
+        (Sparsity::NM { n: 2, m: 4 }, groups(2, 4), groups(2, 4)),
+    ] {
+        for (method, scores, ranges) in [
+            ("magnitude", &magnitudes, &layer),
+            ("wanda", &wanda_scores, &rowwise),
+        ] {
+            let mut w = w0.clone();
+            match method {
+                "magnitude" => magnitude(&mut w, rows, cols, sparsity, "t").unwrap(),
+                _ => wanda(&mut w, rows, cols, &stats, sparsity, "t").unwrap(),
+            }
+            let want = removed_by_sorting(scores, ranges);
+            for i in 0..n {
+                let expect = if want[i] { 0.0 } else { w0[i] };
+                assert_eq!(
+                    w[i].to_bits(),
+                    expect.to_bits(),
+                    "{method} {sparsity} weight {i}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sparsegpt_beats_wanda_beats_magnitude_on_correlated_inputs() {
     let (rows, cols) = (64, 128);
@@ -507,4 +586,172 @@ fn importance_picks_the_silent_parts_and_layer_criteria_agree_on_an_identity_blo
     )
     .unwrap_err();
     assert!(e.to_string().contains("calibration"), "{e}");
+}
+
+/// The streamed path (a model read block by block from its file, written as each block is
+/// pruned) writes the very bytes of the whole-model path to a GGUF, and the same tensors to a
+/// folder, for every method that streams, from a GGUF and from a safetensors folder.
+#[test]
+fn streamed_pruning_writes_what_the_whole_model_path_writes() {
+    use shrink_io::{Checkpoint, Export, GgufVocab, GgufWriteType, TokenizerBundle};
+    let vocab = GgufVocab::byte_level(&["<s>", "</s>"], &["a b", "ab c"], Some("llama-bpe"));
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 64;
+    cfg.vocab_size = vocab.tokens.len();
+    cfg.tie_word_embeddings = false;
+    let model = Transformer::random(&cfg, 7, &Device::Cpu).unwrap();
+    let tokenizer = TokenizerBundle::from_gguf_vocab(
+        std::path::Path::new("t"),
+        vocab,
+        Some(0),
+        Some(1),
+        true,
+        None,
+    )
+    .unwrap();
+    let source = Checkpoint {
+        path: "tiny".into(),
+        format: shrink_io::Format::HfFolder,
+        config: serde_json::to_value(&cfg).unwrap(),
+        tensors: model.checkpoint_tensors().unwrap().into(),
+        tokenizer: Some(tokenizer),
+        generation_config: None,
+        side_files: Default::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("in.gguf");
+    shrink_io::write_llama_gguf(&source, &gguf, GgufWriteType::F16, &Default::default()).unwrap();
+    let hf = dir.path().join("in-hf");
+    shrink_io::save_hf(&source, &hf, shrink_io::SaveDType::BF16).unwrap();
+    let windows: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 200) as u32).collect())
+        .collect();
+    let mut mixed = PrunePlan::uniform(PruneMethod::Wanda, Sparsity::NM { n: 2, m: 4 });
+    mixed
+        .rules
+        .push(("down_proj".into(), Sparsity::Fraction(0.3)));
+    let plans = [
+        (
+            PrunePlan::uniform(
+                PruneMethod::Magnitude { global: false },
+                Sparsity::Fraction(0.5),
+            ),
+            false,
+        ),
+        (mixed, true),
+        (
+            PrunePlan::uniform(
+                PruneMethod::SparseGpt(SparseGptConfig {
+                    damp: 0.01,
+                    block_size: 8,
+                }),
+                Sparsity::Fraction(0.5),
+            ),
+            true,
+        ),
+    ];
+    for input in [&gguf, &hf] {
+        let checkpoint = shrink_io::load(input).unwrap();
+        for (plan, calibrates) in &plans {
+            let windows = calibrates.then_some(&windows[..]);
+            // Built as the pipeline builds it: from the file's own config.
+            let config = ModelConfig::from_json(&checkpoint.config).unwrap();
+            let mut whole = Transformer::from_checkpoint(
+                &config,
+                checkpoint.load_finite().unwrap(),
+                DType::F32,
+            )
+            .unwrap();
+            let a = prune_model(&mut whole, plan, windows, 2, &NoProgress).unwrap();
+            for (export, dtype) in [
+                (Export::Gguf, GgufWriteType::F16),
+                (Export::Gguf, GgufWriteType::F32),
+                (Export::Hf, GgufWriteType::F16),
+            ] {
+                let name = format!("{}-{dtype:?}", export.name());
+                let (whole_path, streamed_path) = (
+                    dir.path().join(format!("whole-{name}")),
+                    dir.path().join(format!("streamed-{name}")),
+                );
+                shrink_io::write_model(&checkpoint, &whole, export, dtype, &whole_path).unwrap();
+                // Folders are written with the activations spilled to a scratch file.
+                let spill = (export == Export::Hf).then_some(dir.path());
+                let b = prune_streamed(
+                    &checkpoint,
+                    plan,
+                    windows,
+                    2,
+                    &shrink_core::Alone,
+                    spill,
+                    export,
+                    dtype,
+                    &NoProgress,
+                    &streamed_path,
+                )
+                .unwrap();
+                let facts = |layers: &[LayerSparsity]| {
+                    layers
+                        .iter()
+                        .map(|l| (l.name.clone(), l.sparsity, l.relative_output_error))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(facts(&a), facts(&b), "{plan:?}");
+                let case = format!("{:?} from {} to {name}", plan.method, input.display());
+                match export {
+                    Export::Gguf => assert!(
+                        std::fs::read(&whole_path).unwrap()
+                            == std::fs::read(&streamed_path).unwrap(),
+                        "{case}"
+                    ),
+                    Export::Hf => {
+                        let (x, y) = (
+                            shrink_io::load(&whole_path).unwrap(),
+                            shrink_io::load(&streamed_path).unwrap(),
+                        );
+                        assert_eq!(x.config, y.config, "{case}");
+                        let names: Vec<&String> = x.tensors.names().collect();
+                        assert_eq!(names, y.tensors.names().collect::<Vec<_>>(), "{case}");
+                        for n in names {
+                            let (p, q) = (x.tensors.get(n).unwrap(), y.tensors.get(n).unwrap());
+                            assert_eq!(p.dtype(), q.dtype(), "{case}: {n}");
+                            let bits = |t: &Tensor| {
+                                t.to_dtype(DType::F32)
+                                    .unwrap()
+                                    .flatten_all()
+                                    .unwrap()
+                                    .to_vec1::<f32>()
+                                    .unwrap()
+                                    .iter()
+                                    .map(|v| v.to_bits())
+                                    .collect::<Vec<_>>()
+                            };
+                            assert!(bits(&p) == bits(&q), "{case}: {n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Global magnitude pruning ranks the whole model's weights: it does not stream.
+    let checkpoint = shrink_io::load(&gguf).unwrap();
+    let global = PrunePlan::uniform(
+        PruneMethod::Magnitude { global: true },
+        Sparsity::Fraction(0.5),
+    );
+    let out = dir.path().join("global.gguf");
+    let e = prune_streamed(
+        &checkpoint,
+        &global,
+        None,
+        2,
+        &shrink_core::Alone,
+        None,
+        Export::Gguf,
+        GgufWriteType::F32,
+        &NoProgress,
+        &out,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("holds the model whole"), "{e}");
+    assert!(!out.exists());
 }

@@ -123,48 +123,44 @@ fn smallest(scores: &[f64], k: usize) -> Vec<usize> {
     idx
 }
 
-/// The removal mask (`true` = removed) of a `rows × cols` score matrix: for a fraction, the
-/// smallest scores within each row (`per_row`) or over the whole matrix; for N:M, the `m − n`
-/// smallest in every group of `m` of a row.
-pub(crate) fn mask_from_scores(
-    scores: &[f64],
-    rows: usize,
+/// The weights to remove from row `r` of a matrix, given the row's scores: for a fraction, the
+/// row's share of the smallest (shares spread so that the matrix loses exactly
+/// `round(fraction · rows · cols)`); for N:M, the `m − n` smallest in every group of `m`.
+fn row_removals(scores: &[f64], r: usize, sparsity: Sparsity) -> Vec<usize> {
+    let cols = scores.len();
+    match sparsity {
+        Sparsity::NM { n, m } => scores
+            .chunks(m)
+            .enumerate()
+            .flat_map(|(g, sg)| smallest(sg, m - n).into_iter().map(move |i| g * m + i))
+            .collect(),
+        Sparsity::Fraction(f) => smallest(
+            scores,
+            cumulative(f, (r + 1) * cols) - cumulative(f, r * cols),
+        ),
+    }
+}
+
+/// Zeroes, row by row in parallel, the weights [`row_removals`] picks by `score(column, weight)`:
+/// one row's scores in memory per thread, never a score for every weight of the matrix.
+fn prune_rows(
+    w: &mut [f32],
     cols: usize,
     sparsity: Sparsity,
-    per_row: bool,
-) -> Vec<bool> {
-    let mut mask = vec![false; rows * cols];
-    match sparsity {
-        Sparsity::NM { n, m } => {
-            mask.par_chunks_mut(m)
-                .zip(scores.par_chunks(m))
-                .for_each(|(mg, sg)| {
-                    for i in smallest(sg, m - n) {
-                        mg[i] = true;
-                    }
-                });
+    score: impl Fn(usize, f32) -> f64 + Sync,
+) {
+    w.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        let scores: Vec<f64> = row.iter().enumerate().map(|(c, &v)| score(c, v)).collect();
+        for i in row_removals(&scores, r, sparsity) {
+            row[i] = 0.0;
         }
-        Sparsity::Fraction(f) if per_row => {
-            mask.par_chunks_mut(cols)
-                .zip(scores.par_chunks(cols))
-                .enumerate()
-                .for_each(|(r, (mr, sr))| {
-                    let k = cumulative(f, (r + 1) * cols) - cumulative(f, r * cols);
-                    for i in smallest(sr, k) {
-                        mr[i] = true;
-                    }
-                });
-        }
-        Sparsity::Fraction(f) => {
-            for i in smallest(scores, cumulative(f, rows * cols)) {
-                mask[i] = true;
-            }
-        }
-    }
-    mask
+    });
 }
 
 /// Magnitude pruning: removes the smallest |w| over the layer (or in each N:M group), in place.
+/// Over the layer, the `k`-th smallest |w| is found on a copy of the magnitudes (4 bytes a
+/// weight) and every smaller weight is removed, then the ties at it in index order: the `k`
+/// smallest by (|w|, index).
 pub fn magnitude(
     w: &mut [f32],
     rows: usize,
@@ -174,8 +170,28 @@ pub fn magnitude(
 ) -> Result<()> {
     shrink_core::check_matrix(w, rows, cols, name)?;
     sparsity.check(cols, name)?;
-    let scores: Vec<f64> = w.iter().map(|v| v.abs() as f64).collect();
-    apply_mask(w, &mask_from_scores(&scores, rows, cols, sparsity, false));
+    match sparsity {
+        Sparsity::Fraction(f) => {
+            let k = cumulative(f, rows * cols);
+            if k == 0 {
+                return Ok(());
+            }
+            let mut magnitudes: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+            let (_, &mut t, _) = magnitudes.select_nth_unstable_by(k - 1, f32::total_cmp);
+            drop(magnitudes);
+            let mut ties = k - w.iter().filter(|v| v.abs() < t).count();
+            for v in w.iter_mut() {
+                let a = v.abs();
+                if a < t {
+                    *v = 0.0;
+                } else if a == t && ties > 0 {
+                    *v = 0.0;
+                    ties -= 1;
+                }
+            }
+        }
+        nm => prune_rows(w, cols, nm, |_, v| v.abs() as f64),
+    }
     Ok(())
 }
 
@@ -192,12 +208,7 @@ pub fn wanda(
     sparsity.check(cols, name)?;
     check_stats(stats, cols, name)?;
     let norms: Vec<f64> = stats.channel_sq.iter().map(|v| v.sqrt()).collect();
-    let scores: Vec<f64> = w
-        .iter()
-        .enumerate()
-        .map(|(i, v)| v.abs() as f64 * norms[i % cols])
-        .collect();
-    apply_mask(w, &mask_from_scores(&scores, rows, cols, sparsity, true));
+    prune_rows(w, cols, sparsity, |c, v| v.abs() as f64 * norms[c]);
     Ok(())
 }
 
@@ -212,14 +223,6 @@ fn check_stats(stats: &LinearStats, cols: usize, name: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-fn apply_mask(w: &mut [f32], mask: &[bool]) {
-    for (v, &m) in w.iter_mut().zip(mask) {
-        if m {
-            *v = 0.0;
-        }
-    }
 }
 
 /// SparseGPT, in place: removes weights block by block with adaptive masks and OBS updates of the
@@ -266,7 +269,17 @@ pub fn sparsegpt(
                 }
                 mask
             }
-            nm => mask_from_scores(&scores, rows, width, nm, true),
+            nm => {
+                let mut mask = vec![false; rows * width];
+                mask.par_chunks_mut(width)
+                    .zip(scores.par_chunks(width))
+                    .for_each(|(mr, sr)| {
+                        for i in row_removals(sr, 0, nm) {
+                            mr[i] = true;
+                        }
+                    });
+                mask
+            }
         };
         x.par_chunks_mut(n)
             .zip(mask.par_chunks(width))

@@ -50,7 +50,7 @@ pub(crate) struct PruneArgs {
     common: Compression,
 }
 
-pub(crate) fn run(args: PruneArgs) -> Result<()> {
+pub(crate) fn run(args: PruneArgs, world: &dyn shrink_core::Collective) -> Result<()> {
     use shrink_pipeline::PruneRequest;
     let kind = shrink_pipeline::PruneKind::parse(&args.method)?;
     let overrides = pattern_pairs(&args.overrides, "SPARSITY", "down_proj=0.3")?;
@@ -71,14 +71,16 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
     };
     let resolved = request.resolve()?;
     let common = &args.common;
-    let Some(done) = compress(&args.model, common, &resolved, &shrink_core::Alone)? else {
+    let Some(done) = compress(&args.model, common, &resolved, world)? else {
         return Ok(());
     };
     let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
-    let model = done
-        .model
-        .as_ref()
-        .context("pruning holds the model whole, so it has one after")?;
+    // A model held whole has its pruned shape; one read block by block kept the input's.
+    let config = match &done.model {
+        Some(model) => model.config.clone(),
+        None => shrink_models::ModelConfig::from_json(&checkpoint.config)
+            .context("reading the pruned model's config")?,
+    };
     let (size_before, after) = (&done.size_before, &done.size_after);
     if common.json {
         #[derive(serde::Serialize)]
@@ -87,7 +89,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
             linear_sparsity: Option<f64>,
         }
         let details = Details {
-            config: shrink_prune::shape_keys(&model.config),
+            config: shrink_prune::shape_keys(&config),
             linear_sparsity: outcome.linear_sparsity(),
         };
         let summary = done.summary("shrink.prune/v1", common, details);
@@ -111,7 +113,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
             outcome.parameters_after
         );
     }
-    let c = &model.config;
+    let c = &config;
     outln!(
         "shape        {} layers, hidden {}, MLP {}, {} query / {} KV heads of {}",
         c.num_hidden_layers,
@@ -139,6 +141,7 @@ pub(crate) fn run(args: PruneArgs) -> Result<()> {
         );
     }
     outln!("wrote        {}", common.out.display());
+    done.print_memory();
     outln!(
         "size         {:.1} MB → {:.1} MB",
         size_before.file_size_bytes as f64 / 1e6,

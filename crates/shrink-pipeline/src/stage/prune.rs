@@ -11,7 +11,7 @@ use crate::report::LayerRow;
 use crate::{PipelineError, Result};
 use serde::{Deserialize, Serialize};
 use shrink_io::{Checkpoint, GgufWriteType};
-use shrink_models::Transformer;
+use shrink_models::{BlockModel, Transformer};
 use shrink_prune::{
     Importance, LayerCriterion, LayerSparsity, PruneMethod, PrunePlan, SparseGptConfig, Sparsity,
     Structure, StructuredOutcome, Target,
@@ -284,6 +284,35 @@ pub fn float_storage(dtype: GgufWriteType) -> (&'static str, f64) {
 }
 
 /// Checks a job against the model before any calibration (N:M groups must divide every row).
+/// How an unstructured pruning is named in reports (`wanda 0.5`).
+fn unstructured_name(plan: &PrunePlan) -> String {
+    let name = match plan.method {
+        PruneMethod::Magnitude { global: true } => "magnitude (global)".to_string(),
+        PruneMethod::Magnitude { .. } => "magnitude".into(),
+        PruneMethod::Wanda => "wanda".into(),
+        PruneMethod::SparseGpt(c) => {
+            format!("sparsegpt (damp {}, blocks of {})", c.damp, c.block_size)
+        }
+    };
+    format!("{name} {}", plan.default)
+}
+
+impl ResolvedPrune {
+    /// The plan of a pruning that can read its model block by block: unstructured or N:M, but
+    /// not global magnitude pruning (which ranks every weight of the model at once). Structured
+    /// pruning changes shapes across blocks and holds the model whole.
+    fn streamed_plan(&self) -> Option<&PrunePlan> {
+        match &self.job {
+            PruneJob::Unstructured(plan)
+                if !matches!(plan.method, PruneMethod::Magnitude { global: true }) =>
+            {
+                Some(plan)
+            }
+            _ => None,
+        }
+    }
+}
+
 pub fn check_prune(resolved: &ResolvedPrune, model: &Transformer) -> Result<()> {
     if let PruneJob::Unstructured(plan) = &resolved.job {
         plan.check_model(model)?;
@@ -420,15 +449,7 @@ impl Compress for ResolvedPrune {
                     input.batch,
                     input.progress,
                 )?;
-                let name = match plan.method {
-                    PruneMethod::Magnitude { global: true } => "magnitude (global)".to_string(),
-                    PruneMethod::Magnitude { .. } => "magnitude".into(),
-                    PruneMethod::Wanda => "wanda".into(),
-                    PruneMethod::SparseGpt(c) => {
-                        format!("sparsegpt (damp {}, blocks of {})", c.damp, c.block_size)
-                    }
-                };
-                (format!("{name} {}", plan.default), layers, None)
+                (unstructured_name(plan), layers, None)
             }
             PruneJob::Structured {
                 target,
@@ -464,6 +485,82 @@ impl Compress for ResolvedPrune {
             parameters_after: model.num_parameters(),
         })
     }
+
+    fn streams(&self, checkpoint: &Checkpoint) -> bool {
+        self.streamed_plan().is_some() && crate::quantize::reads_block_by_block(checkpoint)
+    }
+
+    fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
+        let model = checkpoint.streamed(candle_core::DType::F32)?;
+        if let Some(plan) = self.streamed_plan() {
+            plan.check_model(&model)?;
+        }
+        Ok(shrink_io::check_export(
+            checkpoint,
+            model.config().arch()?,
+            self.export,
+        )?)
+    }
+
+    fn streamed_job(
+        &self,
+        checkpoint: &Checkpoint,
+        calibration: Option<(u64, u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        let plan = self.streamed_plan()?;
+        let config = shrink_models::ModelConfig::from_json(&checkpoint.config).ok()?;
+        let embedding = config.embedding_name();
+        let stored = checkpoint
+            .tensors
+            .dtype(&embedding)
+            .map_or(4, |d| d.size_in_bytes() as u64);
+        Some(crate::memory::StreamedJob {
+            calibration,
+            hessians: !matches!(plan.method, PruneMethod::Wanda),
+            factors: matches!(plan.method, PruneMethod::SparseGpt(_)),
+            block_value_bytes: 4,
+            widest_copies: match plan.method {
+                PruneMethod::SparseGpt(_) => 16,
+                _ => 8,
+            },
+            embedding_value_bytes: stored,
+            embedding_written_bytes: float_storage(self.dtype).1 as u64 / 8,
+            spilled: false,
+        })
+    }
+
+    fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<PruneOutcome> {
+        self.check_streamed(input.checkpoint)?;
+        let plan = self.streamed_plan().ok_or_else(|| {
+            invalid("this pruning holds the model whole; it does not stream".into())
+        })?;
+        let layers = shrink_prune::prune_streamed(
+            input.checkpoint,
+            plan,
+            input.windows,
+            input.batch,
+            input.world,
+            input.spill,
+            self.export,
+            self.dtype,
+            input.progress,
+            out,
+        )?;
+        let parameters = input
+            .checkpoint
+            .tensors
+            .names()
+            .filter_map(|n| input.checkpoint.tensors.shape(n))
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        Ok(PruneOutcome {
+            method: unstructured_name(plan),
+            layers,
+            structured: None,
+            parameters_before: parameters,
+            parameters_after: parameters,
+        })
+    }
 }
 
 impl Job for PruneRequest {
@@ -482,31 +579,59 @@ impl Job for PruneRequest {
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
         let resolved = self.resolve()?;
         let outcome = cx.compress(&resolved, model, self.batch, out)?;
-        let (format, bits) = float_storage(resolved.dtype);
-        let layers = outcome
-            .layers
-            .iter()
-            .map(|l| LayerRow {
-                name: l.name.clone(),
-                format: format!("{format}, sparsity {}", l.target),
-                shape: l.shape,
-                bits_per_weight: bits,
-                relative_output_error: l.relative_output_error,
-                sparsity: l.sparsity,
-            })
-            .collect();
-        let linears = model.blocks.len() * 7;
-        Ok(StageResult {
-            method: outcome.method,
-            types: [(format.to_string(), linears)].into(),
-            linear_bits_per_weight: bits,
-            layers,
-            pruning: Some(serde_json::json!({
-                "parameters_before": outcome.parameters_before,
-                "parameters_after": outcome.parameters_after,
-                "structured": outcome.structured,
-            })),
-            ..StageResult::default()
+        Ok(pruned_result(
+            &outcome,
+            resolved.dtype,
+            model.blocks.len() * 7,
+        ))
+    }
+
+    fn streams(&self, checkpoint: &Checkpoint) -> bool {
+        self.resolve().is_ok_and(|r| r.streams(checkpoint))
+    }
+
+    fn streamed_job(
+        &self,
+        checkpoint: &Checkpoint,
+        calibration: Option<(u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        let calibration = calibration.map(|(samples, len)| (samples, len, self.batch as u64));
+        self.resolve().ok()?.streamed_job(checkpoint, calibration)
+    }
+
+    fn run_streamed(&self, cx: &StageContext, out: &Path) -> Result<StageResult> {
+        let resolved = self.resolve()?;
+        let outcome = resolved.write_streamed(&cx.job_input(self.batch), out)?;
+        let linears = outcome.layers.len();
+        Ok(pruned_result(&outcome, resolved.dtype, linears))
+    }
+}
+
+/// A pruning's stage result: the `linears` block linears stored as `dtype`, with their sparsity.
+fn pruned_result(outcome: &PruneOutcome, dtype: GgufWriteType, linears: usize) -> StageResult {
+    let (format, bits) = float_storage(dtype);
+    let layers: Vec<LayerRow> = outcome
+        .layers
+        .iter()
+        .map(|l| LayerRow {
+            name: l.name.clone(),
+            format: format!("{format}, sparsity {}", l.target),
+            shape: l.shape,
+            bits_per_weight: bits,
+            relative_output_error: l.relative_output_error,
+            sparsity: l.sparsity,
         })
+        .collect();
+    StageResult {
+        method: outcome.method.clone(),
+        types: [(format.to_string(), linears)].into(),
+        linear_bits_per_weight: bits,
+        layers,
+        pruning: Some(serde_json::json!({
+            "parameters_before": outcome.parameters_before,
+            "parameters_after": outcome.parameters_after,
+            "structured": outcome.structured,
+        })),
+        ..StageResult::default()
     }
 }
