@@ -21,7 +21,9 @@ source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
 measure() { # name, command...
   local name="$1"; shift
-  /usr/bin/time -f "%M %e" -o "$OUT/$name.time" "$@" >"$OUT/$name.log" 2>&1
+  # TRACE=1: the memory of every step over time too ($OUT/NAME.rss.tsv, scripts/rss-trace.sh).
+  local trace=(); [ -n "${TRACE:-}" ] && trace=(scripts/rss-trace.sh "$OUT/$name.rss.tsv")
+  /usr/bin/time -f "%M %e" -o "$OUT/$name.time" "${trace[@]}" "$@" >"$OUT/$name.log" 2>&1
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
@@ -59,7 +61,7 @@ if want gptq; then
   python3 - "$OUT/shrink-gptq-q4_0-$blocks-blocks.log" "$OUT/shrink-gptq-q4_0-$blocks-blocks.time" "$blocks" <<'PY'
 import json, re, sys
 text = open(sys.argv[1]).read()
-summary = json.loads(text[text.index("{"):])
+summary = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]
 wall = float(open(sys.argv[2]).read().split()[1])
 blocks = int(sys.argv[3])
 per_block = {}
@@ -76,7 +78,7 @@ fi
 if want prune; then
   measure shrink-magnitude-50-f16 "$SHRINK" --threads "$THREADS" prune "$OUT/synth-8b" \
     --method magnitude --sparsity 0.5 --dtype f16 --json -o "$OUT/magnitude-f16.gguf"
-  python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.loads(t[t.index("{"):])["memory"]; print("prune estimate: %.0f MB" % (m["estimated_peak_bytes"]/2**20))' \
+  python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.JSONDecoder().raw_decode(t[t.index("{"):])[0]["memory"]; print("prune estimate: %.0f MB" % (m["estimated_peak_bytes"]/2**20))' \
     "$OUT/shrink-magnitude-50-f16.log"
   ls -l "$OUT/magnitude-f16.gguf" | awk '{printf "pruned F16 GGUF: %.1f MB\n", $5 / 1e6}'
   measure llama-perplexity-on-shrink-pruned "$BIN/llama-perplexity" -m "$OUT/magnitude-f16.gguf" \
@@ -89,7 +91,7 @@ if want spill; then
   model="$OUT/synth-8b-$blocks"
   [ -d "$model" ] || "$SHRINK" synth llama3-8b --layers "$blocks" -o "$model" >/dev/null
   estimate() {
-    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.loads(t[t.index("{"):])["memory"]; print("  estimate %.0f MB, spilled: %s" % (m["estimated_peak_bytes"]/2**20, m["spilled_activations"]))' "$1"
+    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); m=json.JSONDecoder().raw_decode(t[t.index("{"):])[0]["memory"]; print("  estimate %.0f MB, spilled: %s" % (m["estimated_peak_bytes"]/2**20, m["spilled_activations"]))' "$1"
   }
   for how in memory spilled; do
     flag=(); [ "$how" = spilled ] && flag=(--spill-activations)

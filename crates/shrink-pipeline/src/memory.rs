@@ -463,6 +463,15 @@ mod tests {
         let big = streamed_peak(&shape(100_000_000), &job);
         let work = 400_098_304 + 131_072 + 229_376 + 172_032 + 131_072;
         assert_eq!(big.total(), (256 << 20) + work + work / 8);
+        // Pruning holds its own copies of the widest linear; spilled activations are one batch's.
+        let sparsegpt = StreamedJob {
+            widest_copies: 16,
+            spilled: true,
+            ..job
+        };
+        let p = streamed_peak(&shape(100_000), &sparsegpt);
+        assert_eq!(p.block, 400_000 + 128 * 64 * 16);
+        assert_eq!(p.activations, 2 * 32 * 64 * 8);
         // Rounding alone: no activations, statistics or factor.
         let rounding = StreamedJob {
             calibration: None,
