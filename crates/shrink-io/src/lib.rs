@@ -22,6 +22,8 @@ mod inspect;
 mod shards;
 mod stream;
 mod tensors;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod tokenizer;
 
 pub use compressed::{pack_rows, IntTensor, RawTensor};
@@ -141,6 +143,13 @@ impl Checkpoint {
             .names()
             .map(|name| Ok((name.clone(), self.load_checked(name, DType::F32)?)))
             .collect()
+    }
+
+    /// One tensor in the float type it is stored in (f32 for a dequantized GGUF block type),
+    /// refusing NaN or infinite values: a bf16 embedding is not widened whole to be written on.
+    pub fn load_stored(&self, name: &str) -> Result<candle_core::Tensor> {
+        let dtype = self.tensors.dtype(name).unwrap_or(DType::F32);
+        self.load_checked(name, dtype)
     }
 
     /// One tensor in `dtype`, refusing NaN or infinite values.

@@ -251,34 +251,24 @@ pub fn prune_streamed(
 ) -> Result<Vec<LayerSparsity>> {
     let mut model = checkpoint.streamed(DType::F32)?;
     plan.check_streamed(&model)?;
-    if world.rank() != 0 {
-        // The other ranks calibrate and prune (each block's weights are checked against rank
-        // 0's) but write nothing.
-        return prune_blocks(
-            &mut model,
-            plan,
-            windows,
-            batch,
-            world,
-            spill,
-            progress,
-            &mut |_| Ok(()),
-        );
-    }
     let config = model.config().clone();
     let arch = config.arch()?;
     let written = shrink_io::Checkpoint {
         config: shrink_io::config_for(checkpoint, &config),
         ..checkpoint.clone()
     };
-    let mut sink = shrink_io::ModelStream::create(&written, &config, export, dtype, out)?;
-    // The tensors outside the blocks as stored (a bf16 embedding is not widened whole).
-    let natural = |name: &str| {
-        let dtype = checkpoint.tensors.dtype(name).unwrap_or(DType::F32);
-        checkpoint.load_checked(name, dtype)
+    // Rank 0 writes; the other ranks calibrate and prune (each block's weights are checked
+    // against rank 0's) but write nothing. The tensors outside the blocks are written as stored.
+    let mut sink = match world.rank() {
+        0 => Some(shrink_io::ModelStream::create(
+            &written, &config, export, dtype, out,
+        )?),
+        _ => None,
     };
     let embedding = config.embedding_name();
-    sink.tensor(&embedding, natural(&embedding)?)?;
+    if let Some(sink) = &mut sink {
+        sink.tensor(&embedding, checkpoint.load_stored(&embedding)?)?;
+    }
     let layers = prune_blocks(
         &mut model,
         plan,
@@ -288,22 +278,26 @@ pub fn prune_streamed(
         spill,
         progress,
         &mut |block| {
-            for (name, t) in block.named_tensors(arch) {
-                sink.tensor(&name, t)?;
+            if let Some(sink) = &mut sink {
+                for (name, t) in block.named_tensors(arch) {
+                    sink.tensor(&name, t)?;
+                }
             }
             Ok(())
         },
     )?;
-    let rest: Vec<String> = checkpoint
-        .tensors
-        .names()
-        .filter(|name| sink.wants(name))
-        .cloned()
-        .collect();
-    for name in rest {
-        sink.tensor(&name, natural(&name)?)?;
+    if let Some(mut sink) = sink {
+        let rest: Vec<String> = checkpoint
+            .tensors
+            .names()
+            .filter(|name| sink.wants(name))
+            .cloned()
+            .collect();
+        for name in rest {
+            sink.tensor(&name, checkpoint.load_stored(&name)?)?;
+        }
+        sink.finish()?;
     }
-    sink.finish()?;
     Ok(layers)
 }
 

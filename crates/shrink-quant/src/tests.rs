@@ -609,40 +609,15 @@ fn gptq_keeps_a_pruning_mask_when_asked() {
 /// the calibration activations in memory or spilled to a scratch file.
 #[test]
 fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
-    use shrink_io::{Checkpoint, Export, GgufVocab, GgufWriteType, TokenizerBundle};
-    use shrink_models::{ModelConfig, Transformer};
-    let vocab = GgufVocab::byte_level(&["<s>", "</s>"], &["a b", "ab c"], Some("llama-bpe"));
-    let mut cfg = ModelConfig::tiny_for_tests();
-    cfg.intermediate_size = 64;
-    cfg.vocab_size = vocab.tokens.len();
-    cfg.tie_word_embeddings = false;
-    let model = Transformer::random(&cfg, 5, &Device::Cpu).unwrap();
-    let tokenizer = TokenizerBundle::from_gguf_vocab(
-        std::path::Path::new("t"),
-        vocab,
-        Some(0),
-        Some(1),
-        true,
-        None,
-    )
-    .unwrap();
-    let source = Checkpoint {
-        path: "tiny".into(),
-        format: shrink_io::Format::HfFolder,
-        config: serde_json::to_value(&cfg).unwrap(),
-        tensors: model.checkpoint_tensors().unwrap().into(),
-        tokenizer: Some(tokenizer),
-        generation_config: None,
-        side_files: Default::default(),
-    };
+    use shrink_io::Export;
+    use shrink_models::Transformer;
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("in.gguf");
-    shrink_io::write_llama_gguf(&source, &gguf, GgufWriteType::F16, &Default::default()).unwrap();
-    let hf = dir.path().join("in-hf");
-    shrink_io::save_hf(&source, &hf, shrink_io::SaveDType::BF16).unwrap();
-    let windows: Vec<Vec<u32>> = (0..4)
-        .map(|s| (0..16).map(|i| ((i * 7 + s * 13) % 200) as u32).collect())
-        .collect();
+    let shrink_io::testing::TinyStreamable {
+        config: cfg,
+        gguf,
+        hf,
+        windows,
+    } = shrink_io::testing::tiny_streamable(5, dir.path());
     let plan = QuantPlan {
         default: QuantScheme::Q4_0.into(),
         rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],

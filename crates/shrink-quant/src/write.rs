@@ -4,7 +4,6 @@
 //! quantization, QAT and the search all write through [`write_quantized`].
 
 use crate::{Format, QuantError, QuantPlan, QuantizedModel, QuantizedWeight, Result};
-use candle_core::DType;
 use shrink_io::{Checkpoint, Export, GgufWriteType, IoError};
 use shrink_models::{ActQuant, BlockModel, StreamedModel, Transformer};
 use std::collections::BTreeMap;
@@ -221,13 +220,10 @@ pub fn quantize_streamed(
     let earlier = state.map(|s| s.layers).unwrap_or_default();
     // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
     // not widened to f32 whole: it is rounded a slice of rows at a time).
-    let natural = |name: &str| -> Result<candle_core::Tensor> {
-        let dtype = checkpoint.tensors.dtype(name).unwrap_or(DType::F32);
-        Ok(checkpoint.load_checked(name, dtype)?)
-    };
     let embedding = config.embedding_name();
     if sink.borrow().wants(&embedding) {
-        sink.borrow_mut().tensor(&embedding, natural(&embedding)?)?;
+        sink.borrow_mut()
+            .tensor(&embedding, checkpoint.load_stored(&embedding)?)?;
     }
     let mut result = crate::quantize_blocks(
         model,
@@ -285,7 +281,7 @@ pub fn quantize_streamed(
         .cloned()
         .collect();
     for name in rest {
-        sink.tensor(&name, natural(&name)?)?;
+        sink.tensor(&name, checkpoint.load_stored(&name)?)?;
     }
     let extra_types = sink.finish()?;
     if let Some(resume) = resume {
