@@ -353,15 +353,10 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
                 .collect::<candle_core::Result<Vec<_>>>()
                 .map_err(CalibError::from)?;
             let xs = match spill {
-                // One batch embedded at a time, each written out before the next.
+                // The embedding read once; each batch written out before the next is embedded.
                 Some(dir) => {
                     let mut xs = Activations::spilled_in(dir)?;
-                    for ids in &ids {
-                        let x = model.embed_batches(std::slice::from_ref(ids));
-                        for x in x.map_err(CalibError::from)? {
-                            xs.push(x)?;
-                        }
-                    }
+                    model.embed_each(&ids, |x| xs.push(x))?;
                     xs
                 }
                 None => {

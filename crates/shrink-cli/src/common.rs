@@ -474,7 +474,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         windows: windows.as_deref(),
         batch: args.batch,
         world,
-        spill: (spill && streams && windows.is_some()).then_some(scratch.as_path()),
+        spill: spill.then_some(scratch.as_path()),
         progress: if rank == 0 {
             &bar
         } else {

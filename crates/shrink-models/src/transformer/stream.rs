@@ -11,9 +11,24 @@ pub trait BlockModel {
 
     fn num_blocks(&self) -> usize;
 
-    /// Each batch of token ids `(batch, seq)` embedded at positions from 0. A streamed model
-    /// loads the embedding once for all the batches and drops it after.
-    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>>;
+    /// Each batch of token ids `(batch, seq)` embedded at positions from 0, handed to `each` in
+    /// order (which may write it out before the next is made). A streamed model loads the
+    /// embedding once for all the batches and drops it after.
+    fn embed_each<E: From<ModelError>>(
+        &self,
+        batches: &[Tensor],
+        each: impl FnMut(Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E>;
+
+    /// Every batch embedded ([`BlockModel::embed_each`]), held together.
+    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut xs = Vec::with_capacity(batches.len());
+        self.embed_each(batches, |x| {
+            xs.push(x);
+            Ok::<(), ModelError>(())
+        })?;
+        Ok(xs)
+    }
 
     /// Attention inputs for `seq_len` positions from 0.
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext>;
@@ -63,8 +78,15 @@ impl BlockModel for Transformer {
         self.blocks.len()
     }
 
-    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
-        batches.iter().map(|ids| self.embed(ids)).collect()
+    fn embed_each<E: From<ModelError>>(
+        &self,
+        batches: &[Tensor],
+        mut each: impl FnMut(Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        for ids in batches {
+            each(self.embed(ids)?)?;
+        }
+        Ok(())
     }
 
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
@@ -198,7 +220,11 @@ impl BlockModel for StreamedModel {
         self.config.num_hidden_layers
     }
 
-    fn embed_batches(&self, batches: &[Tensor]) -> Result<Vec<Tensor>> {
+    fn embed_each<E: From<ModelError>>(
+        &self,
+        batches: &[Tensor],
+        mut each: impl FnMut(Tensor) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         let name = format!("{}.weight", naming(self.arch).embed);
         // Rows are looked up in the stored type and widened after: the same values as widening
         // the whole table first (a Llama embedding is a plain lookup).
@@ -222,15 +248,11 @@ impl BlockModel for StreamedModel {
             token_types: None,
             norm: None,
         };
-        batches
-            .iter()
-            .map(|ids| {
-                embeddings
-                    .forward(ids, 0)?
-                    .to_dtype(self.dtype)
-                    .map_err(Into::into)
-            })
-            .collect()
+        for ids in batches {
+            let x = embeddings.forward(ids, 0)?;
+            each(x.to_dtype(self.dtype).map_err(ModelError::from)?)?;
+        }
+        Ok(())
     }
 
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
