@@ -7,8 +7,9 @@ VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CACHE="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
 ROOT="$CACHE/llama.cpp/$VERSION"
-# Built without AMX (below): the cache folders name that build.
-BIN="$ROOT/bin-noamx"
+# Built without AMX and with llama-perplexity's log flushed at exit (both below): the binaries'
+# cache folder names that build.
+BIN="$ROOT/bin-noamx-logflush"
 BUILD="$ROOT/build-noamx"
 TOOLS=(llama-perplexity llama-quantize llama-imatrix llama-tokenize)
 
@@ -38,6 +39,22 @@ if [ ! -f "$SRC/CMakeLists.txt" ]; then
   mv "$SRC.part" "$SRC"
 fi
 
+# llama.cpp's logger is a leaked singleton whose worker thread prints asynchronously: a process
+# that exits right after its last line can lose its tail, and llama-perplexity's last lines are its
+# per-chunk values and "Final estimate". On a loaded 2-core machine that happened 5 runs in a row.
+# The tool's main() (a 4-line wrapper round llama_perplexity) is rewritten to stop the logger,
+# which prints every queued line, before returning; the computation is untouched.
+cat > "$SRC/tools/perplexity/main.cpp" <<'CPP'
+#include "log.h"
+
+int llama_perplexity(int argc, char ** argv);
+
+int main(int argc, char ** argv) {
+    const int rc = llama_perplexity(argc, argv);
+    common_log_pause(common_log_main());
+    return rc;
+}
+CPP
 log "building ${TOOLS[*]} (Release, CPU) — takes several minutes on 2 cores"
 # Native ISA, but no AMX: on AMX machines (Sapphire Rapids VMs) ggml's AMX matmul segfaults in
 # llama-perplexity. GCC's explicit -mno-* flags win over -march=native whatever their order.

@@ -41,7 +41,7 @@ fn llama_tool(tool: &str) -> Option<PathBuf> {
         Some(d) => PathBuf::from(d),
         None => shrink_core::cache_dir()
             .unwrap()
-            .join("llama.cpp/0.3.36/bin-noamx"),
+            .join("llama.cpp/0.3.36/bin-noamx-logflush"),
     };
     let path = dir.join(tool);
     if path.is_file() {
@@ -436,45 +436,40 @@ fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value {
     serde_json::from_slice(&run_shrink(&args)).unwrap()
 }
 
-/// `llama-perplexity -c 512` on hamlet: its final estimate. llama.cpp's logging thread can lose
-/// its last lines when a run exits within milliseconds (tiny models), so a run that printed no
-/// estimate is repeated.
+/// `llama-perplexity -c 512` on hamlet: its final estimate (the build script makes the tool print
+/// every queued log line before it exits).
 fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usize) -> f64 {
     let hamlet = asset("shakespeare").unwrap().join("hamlet");
     let chunks = chunks.to_string();
-    let mut last = String::new();
-    for _ in 0..5 {
-        let out = Command::new(tool)
-            .args([
-                "-m",
-                model.to_str().unwrap(),
-                "-f",
-                hamlet.to_str().unwrap(),
-                "-c",
-                "512",
-                "--chunks",
-                &chunks,
-                "-t",
-                "2",
-            ])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{stderr}");
-        if let Some(line) = stderr.lines().find(|l| l.contains("Final estimate: PPL =")) {
-            return line
-                .split("PPL =")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-        }
-        last = stderr;
-    }
-    panic!("no final estimate from llama-perplexity in 5 runs:\n{last}")
+    let out = Command::new(tool)
+        .args([
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            hamlet.to_str().unwrap(),
+            "-c",
+            "512",
+            "--chunks",
+            &chunks,
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Final estimate: PPL ="))
+        .unwrap_or_else(|| panic!("no final estimate from llama-perplexity:\n{stderr}"));
+    line.split("PPL =")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The acceptance check of the evaluation: `shrink eval` and `llama-perplexity` on the same GGUF
