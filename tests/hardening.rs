@@ -230,73 +230,67 @@ fn stale_temporaries_are_cleaned_on_the_next_write() {
     assert_eq!(left, [".hidden-not-ours", "m.gguf"]);
 }
 
-// 4b. A streaming quantization killed mid-model (SIGKILL: nothing is cleaned up) resumes at the
-// block after the last one it recorded and ends with the bytes of a run never interrupted.
-#[test]
-fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("small");
-    ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
-    let text = sample_text();
-    // Runs into `out.gguf` keep their activations in a scratch file (`--spill-activations`):
-    // killed, resumed from the recorded activations, they still end with the bytes of a run
-    // that held them in memory.
-    let args = |out: &Path| -> Vec<String> {
-        let spill = out.ends_with("out.gguf");
-        let mut args: Vec<String> = [
-            "quantize",
-            s(&model),
-            "--method",
-            "gptq",
-            "--format",
-            "gguf:q4_0",
-            "--calib",
-            s(&text),
-            "--samples",
-            "32",
-            "--seq-len",
-            "64",
-            "--json",
-            "-o",
-            s(out),
-        ]
-        .map(String::from)
-        .to_vec();
-        if spill {
-            args.push("--spill-activations".into());
-        }
-        args
-    };
-    let run = |out: &Path| -> serde_json::Value {
-        let args = args(out);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        serde_json::from_str(&ok(&args)).unwrap()
-    };
-    // The same command in the background, its output discarded, to be killed.
-    let spawn = |out: &Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
-            .args(args(out))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let whole = dir.path().join("whole.gguf");
-    let uninterrupted = run(&whole);
-    assert!(uninterrupted.get("resumed_at_block").is_none());
+/// `head` (a streamed command and its settings) calibrating on 32 × 64 tokens of `text`, its
+/// summary as JSON, into `out`; with `spill`, its activations in a scratch file.
+fn streamed_args(head: &[&str], text: &Path, out: &Path, spill: bool) -> Vec<String> {
+    let tail = [
+        "--calib",
+        s(text),
+        "--samples",
+        "32",
+        "--seq-len",
+        "64",
+        "--json",
+        "-o",
+        s(out),
+    ];
+    let spilled = spill.then_some("--spill-activations");
+    head.iter()
+        .chain(&tail)
+        .chain(&spilled)
+        .map(|a| a.to_string())
+        .collect()
+}
 
-    let out = dir.path().join("out.gguf");
-    let state = dir.path().join(".shrink-resume-out.gguf/state.json");
+/// Runs shrink with `args` and reads its JSON summary.
+fn run_json(args: &[String]) -> serde_json::Value {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serde_json::from_str(&ok(&args)).unwrap()
+}
+
+/// Starts shrink with `args` in the background, its output discarded (to be killed).
+fn spawn_quiet(args: &[String]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs the streamed job `args` gives for an output into `dir/whole.gguf`, then into
+/// `dir/out.gguf` until its resume record shows a finished block, kills it (SIGKILL: nothing is
+/// cleaned up; a run that finishes first, a stalled test thread, does not count and the next
+/// attempt starts afresh), runs it again and checks that it resumed where the record says, wrote
+/// the uninterrupted run's bytes and removed its resume folder. Returns both runs' summaries.
+fn killed_and_resumed(
+    dir: &Path,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    blocks: u64,
+) -> (serde_json::Value, serde_json::Value) {
+    let whole = dir.join("whole.gguf");
+    let uninterrupted = run_json(&args(&whole));
+    assert!(uninterrupted.get("resumed_at_block").is_none());
+    let out = dir.join("out.gguf");
+    let state = dir.join(".shrink-resume-out.gguf/state.json");
     let recorded = || -> Option<u64> {
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
         json["blocks"].as_u64()
     };
-    // Killed as soon as a block is recorded; a run that finishes first (a stalled test thread)
-    // does not count, and the next attempt starts afresh.
     let mut killed_at = None;
     for _ in 0..5 {
-        let mut child = spawn(&out);
-        let blocks = loop {
+        let mut child = spawn_quiet(&args(&out));
+        let finished = loop {
             if let Some(blocks) = recorded().filter(|&b| b >= 1) {
                 child.kill().unwrap();
                 break Some(blocks);
@@ -308,7 +302,7 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
         };
         let status = child.wait().unwrap();
         if !status.success() {
-            killed_at = blocks;
+            killed_at = finished;
             break;
         }
         std::fs::remove_file(&out).unwrap();
@@ -318,12 +312,13 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     // The kill may land after a later record: the state says where the run resumes.
     let resume_at = recorded().unwrap();
     assert!(
-        (killed_at..12).contains(&resume_at),
+        (killed_at..blocks).contains(&resume_at),
         "{killed_at} {resume_at}"
     );
-    eprintln!("killed after block {killed_at} was recorded; resuming at block {resume_at} of 12");
-
-    let resumed = run(&out);
+    eprintln!(
+        "killed after block {killed_at} was recorded; resuming at block {resume_at} of {blocks}"
+    );
+    let resumed = run_json(&args(&out));
     assert_eq!(resumed["resumed_at_block"], resume_at);
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap(),
@@ -333,6 +328,33 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
         !state.parent().unwrap().exists(),
         "the resume folder is removed"
     );
+    (uninterrupted, resumed)
+}
+
+// 4b. A streaming quantization killed mid-model (SIGKILL: nothing is cleaned up) resumes at the
+// block after the last one it recorded and ends with the bytes of a run never interrupted.
+#[test]
+fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("small");
+    ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
+    let text = sample_text();
+    // Runs into `out.gguf` keep their activations in a scratch file (`--spill-activations`):
+    // killed, resumed from the recorded activations, they still end with the bytes of a run
+    // that held them in memory.
+    let head = [
+        "quantize",
+        s(&model),
+        "--method",
+        "gptq",
+        "--format",
+        "gguf:q4_0",
+    ];
+    let args = |out: &Path| streamed_args(&head, &text, out, out.ends_with("out.gguf"));
+    let run = |out: &Path| run_json(&args(out));
+    let spawn = |out: &Path| spawn_quiet(&args(out));
+    let (uninterrupted, resumed) = killed_and_resumed(dir.path(), &args, 12);
+    let (whole, out) = (dir.path().join("whole.gguf"), dir.path().join("out.gguf"));
     // Every layer is reported, with the errors measured before the kill.
     let facts = |v: &serde_json::Value| -> Vec<(String, String)> {
         v["layers"]
@@ -409,6 +431,40 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
         s(&dir.path().join("rtn.gguf")),
     ]);
     assert!(e.contains("does not calibrate"), "{e}");
+}
+
+// 4c. A streaming pruning killed mid-model resumes the same way (the resume record and the partial
+// GGUF are the quantization's, below both: shrink_calib::BlockJob): SparseGPT calibrating with
+// spilled activations, and magnitude, which does not calibrate.
+#[test]
+fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("small");
+    ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
+    let text = sample_text();
+    for method in ["sparsegpt", "magnitude"] {
+        let head = ["prune", s(&model), "--method", method, "--sparsity", "0.5"];
+        let spill = |out: &Path| method == "sparsegpt" && out.ends_with("out.gguf");
+        let args = |out: &Path| streamed_args(&head, &text, out, spill(out));
+        let (uninterrupted, resumed) = killed_and_resumed(dir.path(), &args, 12);
+        let facts = |v: &serde_json::Value| -> Vec<String> {
+            v["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {} {}",
+                        l["name"], l["sparsity"], l["relative_output_error"]
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(facts(&resumed), facts(&uninterrupted), "{method}");
+        assert_eq!(facts(&resumed).len(), 12 * 7);
+        std::fs::remove_file(dir.path().join("out.gguf")).unwrap();
+        std::fs::remove_file(dir.path().join("whole.gguf")).unwrap();
+    }
 }
 
 // 5. Two runs into one folder: the second stops with a clear message.

@@ -21,10 +21,12 @@
 mod activations;
 mod hessian;
 mod linalg;
+mod resume;
 
 pub use activations::Activations;
 pub use hessian::{quadratic, LinearStats, Partial};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
+pub use resume::{job_description, BlockJob, Recorded};
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -51,13 +53,15 @@ pub enum CalibError {
     TooFewBatches { ranks: usize, batches: usize },
     #[error("rank {rank} compressed block {block} differently from rank 0: the ranks' machines compute differently (run every rank on the same kind of CPU)")]
     RanksDiffer { rank: usize, block: usize },
-    #[error("cannot resume calibration: {0}")]
+    #[error("resuming a killed job: {0}")]
     Resume(String),
     #[error("spilled activations: {0}")]
     Spill(String),
     /// A caller's failure as text, for callers of [`sequential`] without an error type of their own.
     #[error("{0}")]
     Compress(String),
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
     #[error(transparent)]
     Model(#[from] shrink_models::ModelError),
     #[error(transparent)]
@@ -571,7 +575,10 @@ mod tests {
             &mut |_, _| Ok(()),
         )
         .unwrap_err();
-        assert!(wrong.to_string().contains("cannot resume"), "{wrong}");
+        assert!(
+            wrong.to_string().contains("resuming a killed job"),
+            "{wrong}"
+        );
     }
 
     #[test]

@@ -149,6 +149,14 @@ impl<'a> ModelStream<'a> {
         }
     }
 
+    /// A point to resume from (GGUF files only; see [`crate::GgufStream::checkpoint`]).
+    pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
+        match self {
+            ModelStream::Gguf(g) => g.checkpoint(),
+            ModelStream::Hf(_) => Ok(None),
+        }
+    }
+
     /// Checks that every planned tensor was supplied and puts the output in place.
     pub fn finish(self) -> Result<()> {
         match self {

@@ -139,7 +139,7 @@ impl PrunePlan {
 }
 
 /// What pruning did to one linear.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerSparsity {
     pub name: String,
     pub shape: [usize; 2],
@@ -201,16 +201,25 @@ pub fn prune_model(
         &shrink_core::Alone,
         None,
         progress,
+        None,
         &mut |_| Ok(()),
+        &mut |_, _, _| Ok(()),
     )
 }
+
+/// What [`prune_blocks`] calls after each block: its index, the activations leaving it (when
+/// calibrating) and the layers pruned so far in this run. All a killed job needs to resume at the
+/// next block ([`shrink_calib::BlockJob`]).
+pub type BlockFinished<'a> =
+    dyn FnMut(usize, Option<&shrink_calib::Activations>, &[LayerSparsity]) -> Result<()> + 'a;
 
 /// [`prune_model`] block by block on any [`BlockModel`]: `done` receives each block once its
 /// linears are pruned. On a [`shrink_models::StreamedModel`] only one block is ever in memory, so
 /// `done` writes it. Global magnitude pruning, which ranks every weight of the model at once, is
 /// refused: it needs the model whole ([`prune_model`]). With `spill`, the calibration activations
 /// live in a scratch file in that folder ([`shrink_calib::Activations`]). Calibration is split
-/// across the ranks of `world` ([`shrink_calib::sequential_from`]).
+/// across the ranks of `world` ([`shrink_calib::sequential_from`]). With `start`, a resumed job
+/// begins at a later block; `finished` is called after each block.
 #[allow(clippy::too_many_arguments)]
 pub fn prune_blocks<M: BlockModel>(
     model: &mut M,
@@ -220,11 +229,13 @@ pub fn prune_blocks<M: BlockModel>(
     world: &dyn shrink_core::Collective,
     spill: Option<&std::path::Path>,
     progress: &dyn Progress,
+    start: Option<shrink_calib::Resume>,
     done: &mut dyn FnMut(&Block) -> Result<()>,
+    finished: &mut BlockFinished<'_>,
 ) -> Result<Vec<LayerSparsity>> {
     plan.check_streamed(model)?;
     run_blocks(
-        model, plan, windows, batch, None, world, spill, progress, done,
+        model, plan, windows, batch, None, world, spill, progress, start, done, finished,
     )
 }
 
@@ -248,7 +259,7 @@ pub fn prune_streamed(
     dtype: shrink_io::GgufWriteType,
     progress: &dyn Progress,
     out: &std::path::Path,
-) -> Result<Vec<LayerSparsity>> {
+) -> Result<Streamed> {
     let mut model = checkpoint.streamed(DType::F32)?;
     plan.check_streamed(&model)?;
     let config = model.config().clone();
@@ -259,14 +270,47 @@ pub fn prune_streamed(
     };
     // Rank 0 writes; the other ranks calibrate and prune (each block's weights are checked
     // against rank 0's) but write nothing. The tensors outside the blocks are written as stored.
-    let mut sink = match world.rank() {
-        0 => Some(shrink_io::ModelStream::create(
+    // A GGUF job of one process records each finished block beside `out` and resumes after a
+    // kill ([`shrink_calib::BlockJob`]); a folder is written again from the start.
+    let job = match (world.size(), export) {
+        (1, shrink_io::Export::Gguf) => {
+            let settings = format!(
+                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {dtype:?}",
+                plan.method, plan.default, plan.rules
+            );
+            let job = shrink_calib::job_description(&checkpoint.path, &settings, windows, batch);
+            Some(shrink_calib::BlockJob::open(out, &job, windows.is_some())?)
+        }
+        _ => None,
+    };
+    let (state, start) = match &job {
+        Some(job) => job.resumed::<Report>(spill)?.unzip(),
+        None => (None, None),
+    };
+    let sink = match (world.rank(), &job) {
+        (0, Some(job)) => {
+            let partial = state.as_ref().map_or(0, |s| s.bytes);
+            let file = shrink_core::AtomicFile::resume(out, &job.partial(), partial)
+                .map_err(shrink_io::IoError::from)?;
+            let stream = shrink_io::GgufStream::resumable(
+                &written,
+                dtype,
+                &Default::default(),
+                file,
+                state.as_ref().map(|s| s.tensors),
+            )?;
+            Some(shrink_io::ModelStream::Gguf(stream))
+        }
+        (0, None) => Some(shrink_io::ModelStream::create(
             &written, &config, export, dtype, out,
         )?),
         _ => None,
     };
+    let resumed_at = state.as_ref().map(|s| s.blocks);
+    let earlier = state.map(|s| s.report.layers).unwrap_or_default();
+    let sink = std::cell::RefCell::new(sink);
     let embedding = config.embedding_name();
-    if let Some(sink) = &mut sink {
+    if let Some(sink) = sink.borrow_mut().as_mut().filter(|s| s.wants(&embedding)) {
         sink.tensor(&embedding, checkpoint.load_stored(&embedding)?)?;
     }
     let layers = prune_blocks(
@@ -277,16 +321,36 @@ pub fn prune_streamed(
         world,
         spill,
         progress,
+        start,
         &mut |block| {
-            if let Some(sink) = &mut sink {
+            if let Some(sink) = sink.borrow_mut().as_mut() {
                 for (name, t) in block.named_tensors(arch) {
                     sink.tensor(&name, t)?;
                 }
             }
             Ok(())
         },
+        &mut |index, xs, layers| {
+            // Recorded only where the file holds whole blocks and nothing is waiting.
+            let mut sink = sink.borrow_mut();
+            let (Some(job), Some(sink)) = (&job, sink.as_mut()) else {
+                return Ok(());
+            };
+            let Some((tensors, bytes)) = sink.checkpoint()? else {
+                return Ok(());
+            };
+            let state = shrink_calib::Recorded {
+                blocks: index + 1,
+                tensors,
+                bytes,
+                report: Report {
+                    layers: earlier.iter().chain(layers).cloned().collect(),
+                },
+            };
+            Ok(job.record(&state, xs)?)
+        },
     )?;
-    if let Some(mut sink) = sink {
+    if let Some(mut sink) = sink.into_inner() {
         let rest: Vec<String> = checkpoint
             .tensors
             .names()
@@ -298,7 +362,25 @@ pub fn prune_streamed(
         }
         sink.finish()?;
     }
-    Ok(layers)
+    if let Some(job) = job {
+        job.remove()?;
+    }
+    let layers = earlier.into_iter().chain(layers).collect();
+    Ok(Streamed { layers, resumed_at })
+}
+
+/// A streamed pruning's report of its finished blocks, recorded after each block.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Report {
+    layers: Vec<LayerSparsity>,
+}
+
+/// What [`prune_streamed`] did: every linear's pruning (blocks finished before a kill included)
+/// and the block a resumed job began at.
+#[derive(Debug)]
+pub struct Streamed {
+    pub layers: Vec<LayerSparsity>,
+    pub resumed_at: Option<usize>,
 }
 
 /// Prunes each block of `model` in order (through the sequential engine when calibrating) and
@@ -314,9 +396,11 @@ fn run_blocks<M: BlockModel>(
     world: &dyn shrink_core::Collective,
     spill: Option<&std::path::Path>,
     progress: &dyn Progress,
+    start: Option<shrink_calib::Resume>,
     done: &mut dyn FnMut(&Block) -> Result<()>,
+    finished: &mut BlockFinished<'_>,
 ) -> Result<Vec<LayerSparsity>> {
-    let mut out = Vec::new();
+    let out = std::cell::RefCell::new(Vec::new());
     let mut threshold = threshold;
     let mut prune_block = |block: &mut Block,
                            stats: Option<&shrink_calib::BlockStats>|
@@ -365,7 +449,7 @@ fn run_blocks<M: BlockModel>(
                 .ok_or_else(|| PruneError::Config(format!("no linear '{name}'")))?;
             let (device, dtype) = (linear.weight().device().clone(), linear.weight().dtype());
             linear.set_weight(Tensor::from_vec(w, (rows, cols), &device)?.to_dtype(dtype)?)?;
-            out.push(LayerSparsity {
+            out.borrow_mut().push(LayerSparsity {
                 name,
                 shape: [rows, cols],
                 target: match plan.method {
@@ -382,9 +466,12 @@ fn run_blocks<M: BlockModel>(
     match (plan.method, windows) {
         (PruneMethod::Magnitude { .. }, None) => {
             let n = model.num_blocks();
+            let first = start.map_or(0, |s| s.block);
             progress.start("pruning blocks", n as u64);
-            for index in 0..n {
+            progress.advance(first as u64, None);
+            for index in first..n {
                 model.with_block(index, |block| prune_block(block, None))??;
+                finished(index, None, &out.borrow())?;
                 progress.advance(1, Some(&format!("block {index}")));
             }
             progress.finish();
@@ -399,10 +486,10 @@ fn run_blocks<M: BlockModel>(
                 hessian,
                 world,
                 progress,
-                None,
+                start,
                 spill,
                 &mut |block, stats| prune_block(block, Some(stats)),
-                &mut |_, _| Ok(()),
+                &mut |index, xs| finished(index, Some(xs), &out.borrow()),
             )?;
         }
         (_, None) => {
@@ -411,7 +498,7 @@ fn run_blocks<M: BlockModel>(
             ))
         }
     }
-    Ok(out)
+    Ok(out.into_inner())
 }
 
 /// Runs the sequential calibration engine, calling `each` with every block and its input

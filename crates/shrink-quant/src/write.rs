@@ -149,54 +149,27 @@ pub fn quantize_streamed(
     let arch = config.arch()?;
     let io = |e: shrink_core::CoreError| QuantError::Io(e.into());
     // With several ranks, rank 0 writes and the others discard what they quantize; such a job
-    // does not resume (each rank holds the activations of its own windows).
-    let resume = if world.size() == 1 {
-        let job = streamed_job(checkpoint, method, output, windows, batch);
-        Some(shrink_core::ResumeDir::open(out, &job).map_err(io)?)
-    } else {
-        None
+    // does not resume (each rank holds the activations of its own windows). A folder is written
+    // again from the start (no partial folder is kept).
+    let job = match (world.size(), output.export) {
+        (1, Export::Gguf) => Some(shrink_calib::BlockJob::open(
+            out,
+            &streamed_job(checkpoint, method, output, windows, batch),
+            windows.is_some(),
+        )?),
+        _ => None,
     };
-    let state = match &resume {
-        Some(resume) => match resume.read(STATE).map_err(io)? {
-            Some(bytes) => Some(serde_json::from_slice::<Recorded>(&bytes).map_err(|e| {
-                QuantError::Export(format!(
-                    "{}: unreadable ({e}); remove it to start over",
-                    resume.file(STATE).display()
-                ))
-            })?),
-            None => None,
-        },
-        None => None,
-    };
-    // A record the files no longer back (a kill after the output was renamed into place, say)
-    // is dropped: the job starts over.
-    let backed = |s: &Recorded, resume: &shrink_core::ResumeDir| {
-        let partial = std::fs::metadata(resume.file(PARTIAL)).map_or(0, |m| m.len());
-        let activations = windows.is_none() || resume.file(&activations_file(s.blocks)).exists();
-        output.export == Export::Gguf && partial >= s.bytes && activations
-    };
-    let state = state.filter(|s| resume.as_ref().is_some_and(|r| backed(s, r)));
-    let start = match (&state, &resume, windows) {
-        (Some(s), Some(resume), Some(_)) => Some(shrink_calib::Resume {
-            block: s.blocks,
-            activations: shrink_calib::Activations::load(
-                &resume.file(&activations_file(s.blocks)),
-                spill,
-            )?,
-        }),
-        (Some(s), _, _) => Some(shrink_calib::Resume {
-            block: s.blocks,
-            activations: shrink_calib::Activations::in_memory(vec![]),
-        }),
-        (None, _, _) => None,
+    let (state, start) = match &job {
+        Some(job) => job.resumed::<Report>(spill)?.unzip(),
+        None => (None, None),
     };
     let sink = match output.export {
         _ if world.rank() != 0 => Sink::Discard,
         Export::Gguf => {
-            let file = match &resume {
-                Some(resume) => shrink_core::AtomicFile::resume(
+            let file = match &job {
+                Some(job) => shrink_core::AtomicFile::resume(
                     out,
-                    &resume.file(PARTIAL),
+                    &job.partial(),
                     state.as_ref().map_or(0, |s| s.bytes),
                 ),
                 None => shrink_core::AtomicFile::create(out),
@@ -207,17 +180,18 @@ pub fn quantize_streamed(
                 &config,
                 output,
                 file,
-                state.as_ref().map(|s| (s.tensors, s.extra_types.clone())),
+                state
+                    .as_ref()
+                    .map(|s| (s.tensors, s.report.extra_types.clone())),
             )?)
         }
-        // A folder is written again from the start (no partial folder is kept).
         Export::Hf => Sink::Hf(crate::write_hf::QuantizedHf::create(
             checkpoint, &config, output, out,
         )?),
     };
     let sink = std::cell::RefCell::new(sink);
     let resumed_at = state.as_ref().map(|s| s.blocks);
-    let earlier = state.map(|s| s.layers).unwrap_or_default();
+    let earlier = state.map(|s| s.report.layers).unwrap_or_default();
     // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
     // not widened to f32 whole: it is rounded a slice of rows at a time).
     let embedding = config.embedding_name();
@@ -245,32 +219,24 @@ pub fn quantize_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
-            let Some(resume) = &resume else {
+            let Some(job) = &job else {
                 return Ok(());
             };
             let mut sink = sink.borrow_mut();
             let Some((tensors, bytes)) = sink.checkpoint()? else {
                 return Ok(());
             };
-            let blocks = index + 1;
-            if let Some(xs) = xs {
-                save_activations(resume, blocks, xs)?;
-            }
-            let recorded = Recorded {
-                blocks,
-                tensors,
-                bytes,
+            let report = Report {
                 layers: earlier.iter().chain(layers).cloned().collect(),
                 extra_types: sink.extra_types(),
             };
-            let json = serde_json::to_vec(&recorded)
-                .map_err(|e| QuantError::Export(format!("recording progress: {e}")))?;
-            resume.write(STATE, &json).map_err(io)?;
-            // The activations entering earlier blocks are no longer needed.
-            for old in 0..blocks {
-                let _ = std::fs::remove_file(resume.file(&activations_file(old)));
-            }
-            Ok(())
+            let state = shrink_calib::Recorded {
+                blocks: index + 1,
+                tensors,
+                bytes,
+                report,
+            };
+            Ok(job.record(&state, xs)?)
         },
     )?;
     let mut sink = sink.into_inner();
@@ -284,8 +250,8 @@ pub fn quantize_streamed(
         sink.tensor(&name, checkpoint.load_stored(&name)?)?;
     }
     let extra_types = sink.finish()?;
-    if let Some(resume) = resume {
-        resume.remove().map_err(io)?;
+    if let Some(job) = job {
+        job.remove()?;
     }
     result.layers = earlier.into_iter().chain(result.layers).collect();
     result.resumed_at = resumed_at;
@@ -345,41 +311,15 @@ impl Sink<'_> {
     }
 }
 
-/// What a streamed quantization has finished, recorded after each block.
+/// A streamed quantization's report of its finished blocks, recorded after each block.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Recorded {
-    /// Blocks finished.
-    blocks: usize,
-    /// Tensors and bytes of the partial GGUF that are final.
-    tensors: usize,
-    bytes: u64,
+struct Report {
     layers: Vec<crate::LayerReport>,
     extra_types: BTreeMap<String, usize>,
 }
 
-const STATE: &str = "state.json";
-const PARTIAL: &str = "partial.gguf";
-
-fn activations_file(block: usize) -> String {
-    format!("activations-{block}.f32")
-}
-
-/// Saves the calibration activations entering block `block` (exactly).
-fn save_activations(
-    resume: &shrink_core::ResumeDir,
-    block: usize,
-    xs: &shrink_calib::Activations,
-) -> Result<()> {
-    let path = resume.file(&activations_file(block));
-    let tmp = resume.file(&format!("{}.tmp", activations_file(block)));
-    xs.save(&tmp)?;
-    std::fs::rename(&tmp, &path).map_err(|source| QuantError::Io(IoError::Io { path, source }))
-}
-
-/// Everything that decides a streamed quantization's bytes, to tell a resumable run of the same
-/// job from another: shrink's version and the running program (size, modification time: another
-/// build may round differently), the input files (names, sizes, modification times), the method,
-/// the plan and output settings, the batch, the thread count and the calibration windows.
+/// Everything that decides a streamed quantization's bytes beyond the input and the calibration
+/// ([`shrink_calib::job_description`]): the method, the plan and the output settings.
 fn streamed_job(
     checkpoint: &Checkpoint,
     method: crate::Method,
@@ -387,47 +327,12 @@ fn streamed_job(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
 ) -> String {
-    let identity = |p: &Path| -> Option<String> {
-        let m = std::fs::metadata(p).ok()?;
-        let modified = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        Some(format!("{} {} {modified}", p.display(), m.len()))
-    };
-    let path = &checkpoint.path;
-    let listed: Vec<std::path::PathBuf> = match std::fs::read_dir(path) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
-        Err(_) => vec![path.clone()],
-    };
-    let mut files: Vec<String> = listed.iter().filter_map(|p| identity(p)).collect();
-    files.sort();
-    let program = std::env::current_exe()
-        .ok()
-        .and_then(|p| identity(&p))
-        .unwrap_or_default();
-    let ids: Vec<u8> = windows
-        .unwrap_or_default()
-        .iter()
-        .flat_map(|w| w.iter().flat_map(|t| t.to_le_bytes()))
-        .collect();
-    format!(
-        "shrink {} streamed quantization\nprogram {program}\ninput {}\nmethod {method:?}\n\
-         export {:?}\nplan {:?}\nembeddings {:?}\nactivations {:?}\nbatch {batch}\n\
-         threads {}\n\
-         windows {} × {} sha256 {}\n",
-        env!("CARGO_PKG_VERSION"),
-        files.join("; "),
-        output.export,
-        output.plan,
-        output.embeddings,
-        output.activations,
-        rayon::current_num_threads(),
-        windows.map_or(0, <[_]>::len),
-        windows.and_then(|w| w.first()).map_or(0, Vec::len),
-        shrink_core::sha256_hex(&ids),
-    )
+    let settings = format!(
+        "quantization\nmethod {method:?}\nexport {:?}\nplan {:?}\nembeddings {:?}\n\
+         activations {:?}",
+        output.export, output.plan, output.embeddings, output.activations,
+    );
+    shrink_calib::job_description(&checkpoint.path, &settings, windows, batch)
 }
 
 /// A quantized model's GGUF, written as its tensors become ready (a [`shrink_io::GgufStream`]

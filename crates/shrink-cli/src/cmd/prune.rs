@@ -99,6 +99,9 @@ pub(crate) fn run(args: PruneArgs, world: &dyn shrink_core::Collective) -> Resul
     outln!("model        {}", checkpoint.path.display());
     outln!("method       {}", outcome.method);
     done.print_calibration(common);
+    if let Some(block) = outcome.resumed_at_block {
+        outln!("resumed      at block {block} of a killed run (its finished blocks were kept)");
+    }
     if outcome.structured.is_some() {
         outln!(
             "parameters   {} → {} ({:.1}% removed)",

@@ -138,6 +138,9 @@ pub struct PruneOutcome {
     pub structured: Option<StructuredOutcome>,
     pub parameters_before: usize,
     pub parameters_after: usize,
+    /// The block a killed streamed run was resumed at (its reports cover the blocks before it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_at_block: Option<usize>,
 }
 
 impl PruneOutcome {
@@ -483,6 +486,7 @@ impl Compress for ResolvedPrune {
             structured,
             parameters_before,
             parameters_after: model.num_parameters(),
+            resumed_at_block: None,
         })
     }
 
@@ -534,7 +538,7 @@ impl Compress for ResolvedPrune {
         let plan = self.streamed_plan().ok_or_else(|| {
             invalid("this pruning holds the model whole; it does not stream".into())
         })?;
-        let layers = shrink_prune::prune_streamed(
+        let streamed = shrink_prune::prune_streamed(
             input.checkpoint,
             plan,
             input.windows,
@@ -555,10 +559,11 @@ impl Compress for ResolvedPrune {
             .sum();
         Ok(PruneOutcome {
             method: unstructured_name(plan),
-            layers,
+            layers: streamed.layers,
             structured: None,
             parameters_before: parameters,
             parameters_after: parameters,
+            resumed_at_block: streamed.resumed_at,
         })
     }
 }
