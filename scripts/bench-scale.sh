@@ -5,8 +5,8 @@
 # one run. Needs ~35 GB of disk under OUT; files are removed as soon as they are measured.
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
-#   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill
-#                                     # (default all)
+#   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill,
+#                                     # activations (default all)
 #
 # Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
 # GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
@@ -15,7 +15,10 @@
 # block, and llama.cpp loads the result. The spill step runs Wanda (50%) with the calibration
 # activations in memory and spilled to disk (--spill-activations): on SPILL_BLOCKS (2) blocks of
 # the 8B shapes with 32 × 512 tokens, and on SmolLM2 with 128 × 512, where both files are compared
-# byte for byte.
+# byte for byte. The activations step quantizes SmolLM2 by GPTQ to Q4_0 (128 × 512 calibration
+# tokens) with the activations kept in f32, bf16 and f16 (--activations-dtype), and scores each
+# file in llama-perplexity on Hamlet and on the off-domain text (pip-docs:eval, pip's documentation)
+# with -c 512: the quality cost of half the activation memory, with peak RSS and time.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -27,7 +30,7 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-STEPS="${STEPS:-rtn llama-quantize gptq prune spill}"
+STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 if want rtn || want llama-quantize || want prune; then
   [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
@@ -107,4 +110,27 @@ if want spill; then
     cmp "$OUT/wanda-$m-memory.gguf" "$OUT/wanda-$m-spilled.gguf" && echo "wanda $m: same bytes"
     rm -f "$OUT/wanda-$m-memory.gguf" "$OUT/wanda-$m-spilled.gguf"
   done
+fi
+if want activations; then
+  "$SHRINK" data fetch pip-docs >/dev/null
+  docs="$OUT/pip-docs.txt"
+  # The split's files concatenated, as shrink reads DATASET:SPLIT.
+  "$SHRINK" data path pip-docs:eval | xargs cat >"$docs"
+  for dtype in f32 bf16 f16; do
+    measure "shrink-gptq-smollm2-activations-$dtype" "$SHRINK" --threads "$THREADS" quantize smollm2 \
+      --method gptq --format gguf:q4_0 --activations-dtype "$dtype" --json \
+      -o "$OUT/gptq-activations-$dtype.gguf"
+    for text in hamlet docs; do
+      file="$hamlet"; [ "$text" = docs ] && file="$docs"
+      "$BIN/llama-perplexity" -m "$OUT/gptq-activations-$dtype.gguf" -f "$file" -c 512 \
+        -t "$THREADS" >"$OUT/ppl-$dtype-$text.log" 2>&1
+      printf '  %s on %s: %s\n' "$dtype" "$text" \
+        "$(grep -o 'Final estimate: PPL = [0-9.]* +/- [0-9.]*' "$OUT/ppl-$dtype-$text.log")"
+    done
+  done
+  for dtype in bf16 f16; do
+    cmp -s "$OUT/gptq-activations-f32.gguf" "$OUT/gptq-activations-$dtype.gguf" \
+      && echo "$dtype: the f32 file's bytes" || echo "$dtype: other bytes than f32"
+  done
+  rm -f "$OUT"/gptq-activations-*.gguf
 fi

@@ -1,7 +1,9 @@
 //! The hidden states of the calibration windows at one depth, one tensor per batch of windows:
 //! held in memory, or spilled to an unnamed scratch file and read back one batch at a time, so
 //! that calibration holds one batch's states instead of all of them. Spilled values are the
-//! stored bits (f32), so a spilled pass computes exactly what an in-memory one does.
+//! stored bits, so a spilled pass computes exactly what an in-memory one does. The states are
+//! kept in f32 (exact) or, at half the memory and disk, rounded to f16 or bf16 ([`Keep`]); they
+//! are read back as f32 either way.
 
 use crate::{CalibError, Result};
 use candle_core::{DType, Device, Tensor};
@@ -12,6 +14,50 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct Activations {
     store: Store,
+    /// The type the values are kept in.
+    dtype: DType,
+}
+
+/// Where and in what type a calibration pass keeps the activations between blocks: in memory or
+/// spilled to a scratch file in `spill`, in f32 (the default: exact) or rounded to f16 or bf16
+/// (half the bytes; the statistics then see the rounded inputs).
+#[derive(Debug, Clone, Copy)]
+pub struct Keep<'a> {
+    pub spill: Option<&'a Path>,
+    pub dtype: DType,
+}
+
+impl Default for Keep<'_> {
+    fn default() -> Self {
+        Self {
+            spill: None,
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl<'a> Keep<'a> {
+    /// Spilled to a scratch file in `dir`, in f32.
+    pub fn spilled(dir: &'a Path) -> Self {
+        Self {
+            spill: Some(dir),
+            ..Self::default()
+        }
+    }
+
+    /// An empty store kept this way.
+    pub fn store(&self) -> Result<Activations> {
+        let store = match self.spill {
+            Some(dir) => Activations::spilled_in(dir)?,
+            None => Activations::in_memory(vec![]),
+        };
+        store.kept_in(self.dtype)
+    }
+
+    /// Bytes per value kept.
+    pub fn value_bytes(&self) -> usize {
+        self.dtype.size_in_bytes()
+    }
 }
 
 #[derive(Debug)]
@@ -36,7 +82,28 @@ impl Activations {
     pub fn in_memory(batches: Vec<Tensor>) -> Self {
         Self {
             store: Store::Memory(batches),
+            dtype: DType::F32,
         }
+    }
+
+    /// The same (empty) store keeping its values in `dtype`: f32, f16 or bf16.
+    pub fn kept_in(self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(CalibError::Spill(format!(
+                "activations are kept in f32, f16 or bf16, not {dtype:?}"
+            )));
+        }
+        if !self.is_empty() {
+            return Err(CalibError::Spill(
+                "the type of a store that holds batches".into(),
+            ));
+        }
+        Ok(Self { dtype, ..self })
+    }
+
+    /// The type the values are kept in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// An empty store spilled to a scratch file in `dir` (removed by the system when the store is
@@ -51,6 +118,7 @@ impl Activations {
                 offsets: vec![],
                 end: 0,
             },
+            dtype: DType::F32,
         })
     }
 
@@ -70,8 +138,9 @@ impl Activations {
         self.len() == 0
     }
 
-    /// Adds a batch after the last.
+    /// Adds a batch after the last (rounded to the type the store keeps).
     pub fn push(&mut self, x: Tensor) -> Result<()> {
+        let x = x.to_dtype(self.dtype)?;
         match &mut self.store {
             Store::Memory(xs) => xs.push(x),
             Store::Spilled {
@@ -81,7 +150,7 @@ impl Activations {
                 offsets,
                 end,
             } => {
-                let bytes = f32_bytes(&x)?;
+                let bytes = value_bytes(&x)?;
                 file.write_all_at(&bytes, *end)
                     .map_err(|e| spill_error(dir, e))?;
                 shapes.push(x.dims().to_vec());
@@ -92,11 +161,11 @@ impl Activations {
         Ok(())
     }
 
-    /// Batch `k` (read back from the scratch file when spilled).
+    /// Batch `k` in f32 (read back from the scratch file when spilled).
     pub fn get(&self, k: usize) -> Result<Tensor> {
         let missing = || CalibError::Spill(format!("no batch {k} of {}", self.len()));
-        match &self.store {
-            Store::Memory(xs) => xs.get(k).cloned().ok_or_else(missing),
+        let x = match &self.store {
+            Store::Memory(xs) => xs.get(k).cloned().ok_or_else(missing)?,
             Store::Spilled {
                 file,
                 dir,
@@ -106,20 +175,18 @@ impl Activations {
             } => {
                 let shape = shapes.get(k).ok_or_else(missing)?;
                 let n: usize = shape.iter().product();
-                let mut bytes = vec![0u8; n * 4];
+                let mut bytes = vec![0u8; n * self.dtype.size_in_bytes()];
                 file.read_exact_at(&mut bytes, offsets[k])
                     .map_err(|e| spill_error(dir, e))?;
-                let values: Vec<f32> = bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
+                from_value_bytes(&bytes, self.dtype, shape)?
             }
-        }
+        };
+        Ok(x.to_dtype(DType::F32)?)
     }
 
     /// Replaces batch `k` (of the same shape when spilled: it is written over the old one).
     pub fn set(&mut self, k: usize, x: Tensor) -> Result<()> {
+        let x = x.to_dtype(self.dtype)?;
         let len = self.len();
         let missing = || CalibError::Spill(format!("no batch {k} of {len}"));
         match &mut self.store {
@@ -138,15 +205,15 @@ impl Activations {
                         x.dims()
                     )));
                 }
-                file.write_all_at(&f32_bytes(&x)?, offsets[k])
+                file.write_all_at(&value_bytes(&x)?, offsets[k])
                     .map_err(|e| spill_error(dir, e))?;
             }
         }
         Ok(())
     }
 
-    /// Writes every batch to `path` (a small header of shapes, then the f32 values), one batch
-    /// at a time: what a resumed job reads back with [`Activations::load`].
+    /// Writes every batch to `path` (a small header of the type and the shapes, then the values
+    /// as kept), one batch at a time: what a resumed job reads back with [`Activations::load`].
     pub fn save(&self, path: &Path) -> Result<()> {
         let io = |e: std::io::Error| spill_error(path, e);
         let shapes: Vec<Vec<usize>> = (0..self.len())
@@ -155,7 +222,7 @@ impl Activations {
                 Store::Spilled { shapes, .. } => shapes[k].clone(),
             })
             .collect();
-        let header = shapes
+        let shapes = shapes
             .iter()
             .map(|s| {
                 s.iter()
@@ -165,21 +232,23 @@ impl Activations {
             })
             .collect::<Vec<_>>()
             .join(",");
+        let header = format!("{}:{shapes}", self.dtype.as_str());
         let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
         use std::io::Write;
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;
         for k in 0..self.len() {
-            out.write_all(&f32_bytes(&self.get(k)?)?).map_err(io)?;
+            let x = self.get(k)?.to_dtype(self.dtype)?;
+            out.write_all(&value_bytes(&x)?).map_err(io)?;
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_data().map_err(io)
     }
 
-    /// The batches [`Activations::save`] wrote to `path`, in memory or, with `spill`, spilled to
-    /// a scratch file there.
-    pub fn load(path: &Path, spill: Option<&Path>) -> Result<Self> {
+    /// The batches [`Activations::save`] wrote to `path`, kept as `keep` says (in memory or
+    /// spilled; in the type they were saved in, which must be `keep`'s).
+    pub fn load(path: &Path, keep: Keep) -> Result<Self> {
         let bad = |what: String| CalibError::Resume(format!("{}: {what}", path.display()));
         let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
         let mut len = [0u8; 8];
@@ -193,43 +262,77 @@ impl Activations {
         file.read_exact_at(&mut header, 8)
             .map_err(|e| bad(e.to_string()))?;
         let header = String::from_utf8(header).map_err(|e| bad(e.to_string()))?;
-        let shapes = header
+        let (dtype, shapes) = header
+            .split_once(':')
+            .ok_or_else(|| bad("no type in the header".into()))?;
+        if dtype != keep.dtype.as_str() {
+            return Err(bad(format!(
+                "activations saved in {dtype}, the job keeps them in {}",
+                keep.dtype.as_str()
+            )));
+        }
+        let shapes = shapes
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|s| s.split('x').map(|d| d.parse::<usize>()).collect())
             .collect::<std::result::Result<Vec<Vec<usize>>, _>>()
             .map_err(|e| bad(format!("header: {e}")))?;
-        let mut store = match spill {
-            Some(dir) => Self::spilled_in(dir)?,
-            None => Self::in_memory(vec![]),
-        };
+        let mut store = keep.store()?;
         let mut offset = 8 + len;
         for shape in shapes {
             let n: usize = shape.iter().product();
-            let mut bytes = vec![0u8; n * 4];
+            let mut bytes = vec![0u8; n * keep.value_bytes()];
             file.read_exact_at(&mut bytes, offset)
                 .map_err(|e| bad(format!("truncated ({e})")))?;
             offset += bytes.len() as u64;
-            let values: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            store.push(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)?;
+            store.push(from_value_bytes(&bytes, keep.dtype, &shape)?)?;
         }
         Ok(store)
     }
 }
 
-/// The little-endian bytes of an f32 tensor's values.
-fn f32_bytes(x: &Tensor) -> Result<Vec<u8>> {
-    if x.dtype() != DType::F32 {
-        return Err(CalibError::Spill(format!(
-            "activations of {:?} are spilled only in f32",
-            x.dtype()
-        )));
-    }
-    let values = x.flatten_all()?.to_vec1::<f32>()?;
-    Ok(bytemuck::cast_slice(&values).to_vec())
+/// The little-endian bytes of a tensor's values (f32, f16 or bf16).
+fn value_bytes(x: &Tensor) -> Result<Vec<u8>> {
+    let x = x.flatten_all()?;
+    Ok(match x.dtype() {
+        DType::F32 => bytemuck::cast_slice(&x.to_vec1::<f32>()?).to_vec(),
+        DType::F16 => x
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::BF16 => x
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        other => {
+            return Err(CalibError::Spill(format!(
+                "activations of {other:?} are kept only in f32, f16 or bf16"
+            )))
+        }
+    })
+}
+
+/// The tensor of `shape` whose values of `dtype` [`value_bytes`] wrote.
+fn from_value_bytes(bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    let cpu = &Device::Cpu;
+    let u16s = || {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    Ok(match dtype {
+        DType::F16 => Tensor::from_vec(u16s().map(half::f16::from_bits).collect(), shape, cpu)?,
+        DType::BF16 => Tensor::from_vec(u16s().map(half::bf16::from_bits).collect(), shape, cpu)?,
+        _ => {
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Tensor::from_vec(values, shape, cpu)?
+        }
+    })
 }
 
 #[cfg(test)]
@@ -266,8 +369,8 @@ mod tests {
         let saved = dir.path().join("saved");
         spilled.save(&saved).unwrap();
         for loaded in [
-            Activations::load(&saved, None).unwrap(),
-            Activations::load(&saved, Some(dir.path())).unwrap(),
+            Activations::load(&saved, Keep::default()).unwrap(),
+            Activations::load(&saved, Keep::spilled(dir.path())).unwrap(),
         ] {
             assert_eq!(loaded.len(), 3);
             for k in 0..3 {
@@ -277,8 +380,76 @@ mod tests {
                 assert_eq!(loaded.get(k).unwrap().dims(), memory.get(k).unwrap().dims());
             }
         }
-        std::fs::write(&saved, [3u8, 0, 0, 0, 0, 0, 0, 0, b'2', b'x', b'3']).unwrap();
-        let e = Activations::load(&saved, None).unwrap_err();
+        std::fs::write(&saved, b"\x07\0\0\0\0\0\0\0f32:2x3").unwrap();
+        let e = Activations::load(&saved, Keep::default()).unwrap_err();
         assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn batches_kept_in_16_bits_are_rounded_once_the_same_in_memory_spilled_and_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Tensor::from_vec(
+            (0..24)
+                .map(|i| (i as f32 * 0.731).sin() * 1e3)
+                .collect::<Vec<_>>(),
+            (2, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (dtype, bits) in [(DType::F16, 11), (DType::BF16, 8)] {
+            // Each value as the type rounds it, computed by hand from the f32 (round to nearest
+            // even on the mantissa bits the type keeps; no value here is out of f16's range).
+            let by_hand: Vec<f32> = values(&x)
+                .iter()
+                .map(|&v| {
+                    if v == 0.0 {
+                        return 0.0;
+                    }
+                    let e = v.abs().log2().floor() as i32;
+                    let ulp = 2f32.powi(e - (bits - 1));
+                    let q = v / ulp;
+                    let r = q.round();
+                    let even = if (q - q.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+                        r - q.signum()
+                    } else {
+                        r
+                    };
+                    even * ulp
+                })
+                .collect();
+            let memory = Keep { spill: None, dtype };
+            let spilled = Keep {
+                spill: Some(dir.path()),
+                dtype,
+            };
+            for keep in [memory, spilled] {
+                let mut xs = keep.store().unwrap();
+                xs.push(x.clone()).unwrap();
+                xs.push(x.clone()).unwrap();
+                xs.set(1, (x.clone() * 2.0).unwrap()).unwrap();
+                assert_eq!(xs.get(0).unwrap().dtype(), DType::F32);
+                assert_eq!(values(&xs.get(0).unwrap()), by_hand, "{dtype:?}");
+                let twice: Vec<f32> = by_hand.iter().map(|v| v * 2.0).collect();
+                assert_eq!(values(&xs.get(1).unwrap()), twice);
+                let saved = dir.path().join("saved");
+                xs.save(&saved).unwrap();
+                assert_eq!(
+                    std::fs::metadata(&saved).unwrap().len(),
+                    8 + format!("{}:2x3x4,2x3x4", dtype.as_str()).len() as u64 + 2 * 24 * 2
+                );
+                let loaded = Activations::load(&saved, keep).unwrap();
+                assert_eq!(values(&loaded.get(0).unwrap()), by_hand);
+                assert_eq!(values(&loaded.get(1).unwrap()), twice);
+                let e = Activations::load(&saved, Keep::default()).unwrap_err();
+                assert!(e.to_string().contains("keeps them in f32"), "{e}");
+            }
+        }
+        assert!(Keep {
+            spill: None,
+            dtype: DType::U8
+        }
+        .store()
+        .is_err());
     }
 }

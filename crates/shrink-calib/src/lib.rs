@@ -23,7 +23,7 @@ mod hessian;
 mod linalg;
 mod resume;
 
-pub use activations::Activations;
+pub use activations::{Activations, Keep};
 pub use hessian::{quadratic, LinearStats, Partial};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
 pub use resume::{job_description, BlockJob, Recorded};
@@ -289,7 +289,7 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
         &Alone,
         progress,
         None,
-        None,
+        Keep::default(),
         compress,
         &mut |_, _| Ok(()),
     )
@@ -309,9 +309,10 @@ pub type Finished<'a, E> = dyn FnMut(usize, &Activations) -> std::result::Result
 
 /// [`sequential`] that starts at a later block when given `start` (a resumed job), and hands
 /// `finished` each block's index and output activations once it is done: all a killed pass needs
-/// to resume at the next block. With `spill`, the activations live in a scratch file in that
-/// folder ([`Activations`]) and one batch at a time is in memory, embedding included: the same
-/// bits, in less memory, at the cost of writing and reading them once per block.
+/// to resume at the next block. The activations are kept as `keep` says ([`Keep`]): spilled to a
+/// scratch file, one batch at a time is in memory, embedding included (the same bits, in less
+/// memory, at the cost of writing and reading them once per block); in f16 or bf16, half the
+/// bytes (the statistics see the rounded inputs: other bits).
 #[allow(clippy::too_many_arguments)]
 pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     model: &mut M,
@@ -321,7 +322,7 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     world: &dyn Collective,
     progress: &dyn Progress,
     start: Option<Resume>,
-    spill: Option<&std::path::Path>,
+    keep: Keep,
     compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
     finished: &mut Finished<'_, E>,
 ) -> std::result::Result<(), E> {
@@ -356,17 +357,10 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
                 .map(|group| Tensor::new(group.to_vec(), &candle_core::Device::Cpu))
                 .collect::<candle_core::Result<Vec<_>>>()
                 .map_err(CalibError::from)?;
-            let xs = match spill {
-                // The embedding read once; each batch written out before the next is embedded.
-                Some(dir) => {
-                    let mut xs = Activations::spilled_in(dir)?;
-                    model.embed_each(&ids, |x| xs.push(x))?;
-                    xs
-                }
-                None => {
-                    Activations::in_memory(model.embed_batches(&ids).map_err(CalibError::from)?)
-                }
-            };
+            // The embedding read once; each batch kept (written out, when spilled) before the
+            // next is embedded.
+            let mut xs = keep.store()?;
+            model.embed_each(&ids, |x| xs.push(x))?;
             (0, xs)
         }
     };
@@ -503,39 +497,39 @@ mod tests {
             .collect();
         // Block 0 "compressed" by halving its down projection; each block's Hessians recorded.
         let scratch = tempfile::tempdir().unwrap();
-        let run_in =
-            |model: &mut Transformer, start: Option<Resume>, spill: Option<&std::path::Path>| {
-                let (mut hessians, mut after) = (vec![], vec![]);
-                sequential_from::<_, CalibError>(
-                    model,
-                    &windows,
-                    2,
-                    true,
-                    &Alone,
-                    &shrink_core::NoProgress,
-                    start,
-                    spill,
-                    &mut |block, stats| {
-                        let q = format!("model.layers.{}.self_attn.q_proj", block.index);
-                        hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
-                        let half = (block.down_proj.weight() * 0.5)?;
-                        block.down_proj.set_weight(half)?;
-                        Ok(())
-                    },
-                    &mut |index, xs| {
-                        let xs: Vec<Tensor> = (0..xs.len()).map(|k| xs.get(k).unwrap()).collect();
-                        after.push((index, xs));
-                        Ok(())
-                    },
-                )
-                .unwrap();
-                (hessians, after)
-            };
-        let run = |model: &mut Transformer, start| run_in(model, start, None);
+        let run_in = |model: &mut Transformer, start: Option<Resume>, keep: Keep| {
+            let (mut hessians, mut after) = (vec![], vec![]);
+            sequential_from::<_, CalibError>(
+                model,
+                &windows,
+                2,
+                true,
+                &Alone,
+                &shrink_core::NoProgress,
+                start,
+                keep,
+                &mut |block, stats| {
+                    let q = format!("model.layers.{}.self_attn.q_proj", block.index);
+                    hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
+                    let half = (block.down_proj.weight() * 0.5)?;
+                    block.down_proj.set_weight(half)?;
+                    Ok(())
+                },
+                &mut |index, xs| {
+                    let xs: Vec<Tensor> = (0..xs.len()).map(|k| xs.get(k).unwrap()).collect();
+                    after.push((index, xs));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            (hessians, after)
+        };
+        let run = |model: &mut Transformer, start| run_in(model, start, Keep::default());
         let fresh = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
         let (whole, after) = run(&mut fresh.clone(), None);
         // Activations spilled to a scratch file: the same bits, and no file left behind.
-        let (spilled, spilled_after) = run_in(&mut fresh.clone(), None, Some(scratch.path()));
+        let (spilled, spilled_after) =
+            run_in(&mut fresh.clone(), None, Keep::spilled(scratch.path()));
         assert!(spilled == whole, "bit-identical statistics");
         let bits = |xs: &[Tensor]| -> Vec<Vec<f32>> {
             xs.iter()
@@ -546,6 +540,25 @@ mod tests {
             assert!(bits(a) == bits(b));
         }
         assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+        // Kept in bf16: the same statistics in memory and spilled, other bits than in f32 but
+        // within bf16's rounding (2⁻⁹ relative per input value) of them.
+        let bf16 = |spill| Keep {
+            spill,
+            dtype: candle_core::DType::BF16,
+        };
+        let (rounded, _) = run_in(&mut fresh.clone(), None, bf16(None));
+        let (rounded_spilled, _) = run_in(&mut fresh.clone(), None, bf16(Some(scratch.path())));
+        assert!(rounded == rounded_spilled);
+        for ((_, exact), (_, rounded)) in whole.iter().zip(&rounded) {
+            let difference: f64 = exact
+                .iter()
+                .zip(rounded)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum();
+            let norm: f64 = exact.iter().map(|a| a * a).sum();
+            let relative = (difference / norm).sqrt();
+            assert!(relative > 0.0 && relative < 1e-2, "{relative}");
+        }
         assert_eq!(after.len(), 2);
         assert_eq!(after[0].1.len(), 2, "one tensor per batch of windows");
         // Resumed at block 1 with what block 0 left (on a model whose block 0 was never run).
@@ -570,7 +583,7 @@ mod tests {
                 block: 1,
                 activations: Activations::in_memory(vec![]),
             }),
-            None,
+            Keep::default(),
             &mut |_, _| Ok(()),
             &mut |_, _| Ok(()),
         )
@@ -601,7 +614,7 @@ mod tests {
                 world,
                 &shrink_core::NoProgress,
                 None,
-                None,
+                Keep::default(),
                 &mut |block, stats| {
                     let up = stats
                         .get(&format!("model.layers.{}.mlp.up_proj", block.index))
@@ -662,7 +675,7 @@ mod tests {
                             r,
                             &shrink_core::NoProgress,
                             None,
-                            None,
+                            Keep::default(),
                             &mut |_, _| Ok(()),
                             &mut |_, _| Ok(()),
                         )

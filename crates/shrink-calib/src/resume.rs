@@ -1,7 +1,7 @@
 //! What a streamed block-by-block job (quantization, pruning) records after each block so that the
 //! same job run again after a kill continues at the next block and writes the same bytes.
 
-use crate::{Activations, CalibError, Result, Resume};
+use crate::{Activations, CalibError, Keep, Result, Resume};
 use std::path::{Path, PathBuf};
 
 /// A streamed job's record after a block: how many blocks are finished, how much of the partial
@@ -26,14 +26,14 @@ pub struct Recorded<R> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let out = dir.path().join("model.gguf");
 /// let job = shrink_calib::BlockJob::open(&out, "a job", false)?;
-/// assert!(job.resumed::<()>(None)?.is_none());
+/// assert!(job.resumed::<()>(Default::default())?.is_none());
 /// std::fs::write(job.partial(), [0u8; 64]).unwrap();
 /// let state = shrink_calib::Recorded { blocks: 1, tensors: 3, bytes: 64, report: () };
 /// job.record(&state, None)?;
 /// drop(job);
 /// // The same job again: it continues after block 0.
 /// let job = shrink_calib::BlockJob::open(&out, "a job", false)?;
-/// let (state, resume) = job.resumed::<()>(None)?.unwrap();
+/// let (state, resume) = job.resumed::<()>(Default::default())?.unwrap();
 /// assert_eq!((state.tensors, state.bytes, resume.block), (3, 64, 1));
 /// job.remove()?;
 /// # Ok(()) }
@@ -68,12 +68,12 @@ impl BlockJob {
     }
 
     /// The state a killed run of this job recorded and where the sequential engine resumes
-    /// (the activations loaded, spilled to a scratch file in `spill` if given), or `None` to start
+    /// (the activations loaded and kept as `keep` says), or `None` to start
     /// over: nothing recorded, or a record the files no longer back (a kill after the output was
     /// renamed into place, say).
     pub fn resumed<R: serde::de::DeserializeOwned>(
         &self,
-        spill: Option<&Path>,
+        keep: Keep,
     ) -> Result<Option<(Recorded<R>, Resume)>> {
         let Some(bytes) = self.dir.read(STATE)? else {
             return Ok(None);
@@ -90,7 +90,7 @@ impl BlockJob {
             return Ok(None);
         }
         let activations = match self.calibrating {
-            true => Activations::load(&xs, spill)?,
+            true => Activations::load(&xs, keep)?,
             false => Activations::in_memory(vec![]),
         };
         let resume = Resume {

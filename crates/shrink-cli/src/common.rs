@@ -127,14 +127,15 @@ pub(crate) fn pattern_pairs(
 }
 
 /// Seeded calibration windows from a text, tokenized by the model's tokenizer; refused up front
-/// when they and the activations they make (unless `spilled` to disk) would not fit in memory.
+/// when they and the activations they make (kept in memory in `held_value_bytes` a value; 0 when
+/// spilled to disk) would not fit in memory.
 pub(crate) fn calibration_windows(
     checkpoint: &Checkpoint,
     calib: &str,
     samples: usize,
     seq_len: usize,
     seed: u64,
-    spilled: bool,
+    held_value_bytes: u64,
 ) -> Result<Vec<Vec<u32>>> {
     if samples == 0 {
         bail!("--samples 0: this method calibrates and needs at least one window");
@@ -147,7 +148,7 @@ pub(crate) fn calibration_windows(
         .or_else(|| checkpoint.config.get("n_embd"))
         .and_then(|v| v.as_u64())
         .unwrap_or(1) as u128;
-    let held = if spilled { 0 } else { 8 * hidden };
+    let held = 2 * held_value_bytes as u128 * hidden;
     let needed = samples as u128 * seq_len as u128 * (4 + held);
     let limit = shrink_pipeline::memory::memory_limit(None) as u128;
     if needed > limit {
@@ -199,6 +200,11 @@ pub(crate) struct Compression {
     /// without the flag when the activations would not fit in memory otherwise.
     #[arg(long)]
     pub spill_activations: bool,
+    /// The type the calibration activations are kept in between blocks: f32 (exact), or f16 or
+    /// bf16 (half the memory or disk; the statistics then see rounded inputs, so other bytes). A
+    /// job that reads the model block by block.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub activations_dtype: String,
 }
 
 /// A model compressed by one job (`shrink quantize` or `shrink prune`) and what was measured
@@ -226,10 +232,11 @@ impl<T> Compressed<T> {
         outln!(
             "memory       peak RSS {:.2} GB (block by block{}; estimated {:.2} GB)",
             m.peak_rss_bytes as f64 / 1e9,
-            if m.spilled_activations {
-                ", activations spilled to disk"
-            } else {
-                ""
+            match (m.spilled_activations, m.activations_dtype) {
+                (true, "f32") => ", activations spilled to disk".to_string(),
+                (true, d) => format!(", activations spilled to disk in {d}"),
+                (false, "f32") => String::new(),
+                (false, d) => format!(", activations in {d}"),
             },
             m.estimated_peak_bytes as f64 / 1e9
         );
@@ -251,6 +258,8 @@ pub(crate) struct MemoryUsed {
     pub peak_rss_bytes: u64,
     /// Whether the calibration activations were spilled to a scratch file.
     pub spilled_activations: bool,
+    /// The type they were kept in.
+    pub activations_dtype: &'static str,
     /// With several MPI ranks: their number and the highest peak RSS among them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ranks: Option<usize>,
@@ -386,10 +395,22 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             path.display()
         );
     }
-    if args.spill_activations && !(streams && job.calibrates()) {
+    let activations_dtype = match args.activations_dtype.as_str() {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
+    let keeps_16_bits = activations_dtype != DType::F32;
+    let value_bytes = activations_dtype.size_in_bytes() as u64;
+    if (args.spill_activations || keeps_16_bits) && !(streams && job.calibrates()) {
         bail!(
-            "--spill-activations applies to a job that calibrates while reading the model block \
-             by block (a Llama-family model quantized or pruned unstructured); this one {}",
+            "{} applies to a job that calibrates while reading the model block by block (a \
+             Llama-family model quantized or pruned unstructured); this one {}",
+            if args.spill_activations {
+                "--spill-activations"
+            } else {
+                "--activations-dtype"
+            },
             if streams {
                 "does not calibrate"
             } else {
@@ -405,6 +426,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             let peak = |spilled| {
                 let job = StreamedJob {
                     spilled,
+                    activation_value_bytes: value_bytes,
                     ..streamed
                 };
                 streamed_peak_per_rank(&shape, &job, ranks as u64)
@@ -421,8 +443,12 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             shrink_pipeline::memory::check_streamed_memory(&peak(spill), limit)?;
             estimate = Some(peak(spill));
             if let (true, Some(calibration)) = (spill, calibration) {
-                let needed =
-                    shrink_pipeline::memory::spilled_disk_bytes(&shape, calibration, ranks as u64);
+                let needed = shrink_pipeline::memory::spilled_disk_bytes(
+                    &shape,
+                    calibration,
+                    ranks as u64,
+                    value_bytes,
+                );
                 let free = shrink_pipeline::free_disk_bytes(&scratch).unwrap_or(u64::MAX);
                 if needed > free {
                     bail!(
@@ -456,7 +482,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             args.samples,
             args.seq_len,
             args.seed,
-            spill,
+            if spill { 0 } else { value_bytes },
         )?)
     } else {
         None
@@ -474,7 +500,10 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         windows: windows.as_deref(),
         batch: args.batch,
         world,
-        spill: spill.then_some(scratch.as_path()),
+        keep: shrink_calib::Keep {
+            spill: spill.then_some(scratch.as_path()),
+            dtype: activations_dtype,
+        },
         progress: if rank == 0 {
             &bar
         } else {
@@ -511,6 +540,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
             estimated_peak_bytes: estimate.total(),
             peak_rss_bytes: peak_rss,
             spilled_activations: spill,
+            activations_dtype: activations_dtype.as_str(),
             ranks: (ranks > 1).then_some(ranks),
             peak_rss_bytes_any_rank: (ranks > 1).then_some(highest),
         }),

@@ -12,6 +12,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
     ("smollm2", include_str!("../../../datasets/smollm2.toml")),
     ("minilm", include_str!("../../../datasets/minilm.toml")),
+    ("pip-docs", include_str!("../../../datasets/pip-docs.toml")),
 ];
 
 /// What a manifest describes.

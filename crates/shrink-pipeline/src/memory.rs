@@ -77,6 +77,8 @@ pub struct StreamedJob {
     pub embedding_written_bytes: u64,
     /// Whether the calibration activations are spilled to a scratch file (one batch in memory).
     pub spilled: bool,
+    /// Bytes per value the calibration activations are kept in (4 in f32, 2 in f16 or bf16).
+    pub activation_value_bytes: u64,
 }
 
 /// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
@@ -93,8 +95,8 @@ pub struct StreamedJob {
 ///   read out, GPTQ's working copy, the dequantized values), 8 bytes a weight for magnitude or
 ///   Wanda pruning, 16 for SparseGPT (see [`StreamedJob::widest_copies`]);
 /// - `activations`: the calibration windows' hidden states entering and leaving the block,
-///   `2 · T · h · 4` with `T = samples · seq_len` tokens (spilled to a scratch file: one batch's,
-///   `T = batch · seq_len`);
+///   `2 · T · h · a` with `T = samples · seq_len` tokens kept in `a` bytes a value (4 in f32, 2
+///   in f16 or bf16; spilled to a scratch file: one batch's, computed in f32, `2 · b·s · h · 4`);
 /// - `hessians`: every input statistic of the block held until it is compressed, in f64:
 ///   `(3·h² + i²) · 8` (q/k/v, o, gate/up share two `h × h`; down has `i × i`), or four vectors
 ///   per channel without Hessians;
@@ -158,9 +160,12 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
                 m(m(3, h).saturating_add(i), 32)
             };
             let product = if job.hessians { m(m(i, i), 8) } else { 0 };
-            let held = if job.spilled { m(b, seq_len) } else { tokens };
+            let held = match job.spilled {
+                true => m(m(b, seq_len), 4),
+                false => m(tokens, job.activation_value_bytes),
+            };
             (
-                m(m(held, h), 8),
+                m(m(held, h), 2),
                 stats,
                 m(forward, 4).saturating_add(product),
             )
@@ -215,9 +220,15 @@ pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64)
 }
 
 /// The disk one of `ranks` processes needs to spill its calibration activations: the hidden
-/// states of its windows (`T·h·4` bytes, written over in place block after block), and as much
-/// again for a resumable job's record of the activations leaving the last finished block.
-pub fn spilled_disk_bytes(shape: &ModelShape, calibration: (u64, u64, u64), ranks: u64) -> u64 {
+/// states of its windows (`T·h·a` bytes, `a` a value as kept, written over in place block after
+/// block), and as much again for a resumable job's record of the activations leaving the last
+/// finished block.
+pub fn spilled_disk_bytes(
+    shape: &ModelShape,
+    calibration: (u64, u64, u64),
+    ranks: u64,
+    value_bytes: u64,
+) -> u64 {
     let (samples, seq_len, batch) = calibration;
     let batch = batch.max(1);
     let mine = samples
@@ -227,7 +238,7 @@ pub fn spilled_disk_bytes(shape: &ModelShape, calibration: (u64, u64, u64), rank
         .min(samples);
     mine.saturating_mul(seq_len)
         .saturating_mul(shape.hidden)
-        .saturating_mul(8)
+        .saturating_mul(2 * value_bytes)
 }
 
 /// Refuses a block-by-block job whose estimated peak exceeds `limit` bytes.
@@ -442,6 +453,7 @@ mod tests {
             embedding_value_bytes: 2,
             embedding_written_bytes: 1,
             spilled: false,
+            activation_value_bytes: 4,
         };
         let peak = streamed_peak(&shape(100_000), &job);
         assert_eq!(
@@ -467,11 +479,26 @@ mod tests {
         let sparsegpt = StreamedJob {
             widest_copies: 16,
             spilled: true,
+            activation_value_bytes: 4,
             ..job
         };
         let p = streamed_peak(&shape(100_000), &sparsegpt);
         assert_eq!(p.block, 400_000 + 128 * 64 * 16);
         assert_eq!(p.activations, 2 * 32 * 64 * 8);
+        // Kept in 16 bits: half the bytes held; spilled, the batch in flight is f32 all the same.
+        let half = |spilled| StreamedJob {
+            activation_value_bytes: 2,
+            spilled,
+            ..job
+        };
+        assert_eq!(
+            streamed_peak(&shape(100_000), &half(false)).activations,
+            8 * 32 * 64 * 4
+        );
+        assert_eq!(
+            streamed_peak(&shape(100_000), &half(true)).activations,
+            2 * 32 * 64 * 8
+        );
         // Rounding alone: no activations, statistics or factor.
         let rounding = StreamedJob {
             calibration: None,
@@ -529,6 +556,7 @@ mod tests {
             embedding_value_bytes: 4,
             embedding_written_bytes: 1,
             spilled: false,
+            activation_value_bytes: 4,
         };
         let held = 4 * shape.parameters;
         let gptq = streamed_peak(&shape, &job(Some((16, 512, 8)), true)).total() + held;
@@ -567,6 +595,7 @@ mod tests {
             embedding_value_bytes: 2,
             embedding_written_bytes: 1,
             spilled: false,
+            activation_value_bytes: 4,
         };
         let one = streamed_peak(&shape, &job);
         assert_eq!(streamed_peak_per_rank(&shape, &job, 1), one);

@@ -199,7 +199,7 @@ pub fn prune_model(
         batch,
         threshold,
         &shrink_core::Alone,
-        None,
+        Default::default(),
         progress,
         None,
         &mut |_| Ok(()),
@@ -216,8 +216,8 @@ pub type BlockFinished<'a> =
 /// [`prune_model`] block by block on any [`BlockModel`]: `done` receives each block once its
 /// linears are pruned. On a [`shrink_models::StreamedModel`] only one block is ever in memory, so
 /// `done` writes it. Global magnitude pruning, which ranks every weight of the model at once, is
-/// refused: it needs the model whole ([`prune_model`]). With `spill`, the calibration activations
-/// live in a scratch file in that folder ([`shrink_calib::Activations`]). Calibration is split
+/// refused: it needs the model whole ([`prune_model`]). The calibration activations are kept as
+/// `keep` says ([`shrink_calib::Keep`]). Calibration is split
 /// across the ranks of `world` ([`shrink_calib::sequential_from`]). With `start`, a resumed job
 /// begins at a later block; `finished` is called after each block.
 #[allow(clippy::too_many_arguments)]
@@ -227,7 +227,7 @@ pub fn prune_blocks<M: BlockModel>(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     world: &dyn shrink_core::Collective,
-    spill: Option<&std::path::Path>,
+    keep: shrink_calib::Keep,
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
     done: &mut dyn FnMut(&Block) -> Result<()>,
@@ -235,7 +235,7 @@ pub fn prune_blocks<M: BlockModel>(
 ) -> Result<Vec<LayerSparsity>> {
     plan.check_streamed(model)?;
     run_blocks(
-        model, plan, windows, batch, None, world, spill, progress, start, done, finished,
+        model, plan, windows, batch, None, world, keep, progress, start, done, finished,
     )
 }
 
@@ -244,8 +244,8 @@ pub fn prune_blocks<M: BlockModel>(
 /// atomically): the embedding first, each block as soon as it is pruned, then the output
 /// tensors. Only one block's weights (and the calibration activations) are in memory at a time.
 /// A GGUF has the bytes [`prune_model`] and [`shrink_io::write_model`] write; a folder has their
-/// tensors, in the model's order and in 5 GB shards. With `spill`, the calibration activations live
-/// in a scratch file in that folder. Calibration is split across the ranks of `world`
+/// tensors, in the model's order and in 5 GB shards. The calibration activations are kept as `keep`
+/// says ([`shrink_calib::Keep`]). Calibration is split across the ranks of `world`
 /// ([`shrink_calib::sequential_from`]); every rank prunes every block and rank 0 alone writes.
 #[allow(clippy::too_many_arguments)]
 pub fn prune_streamed(
@@ -254,7 +254,7 @@ pub fn prune_streamed(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     world: &dyn shrink_core::Collective,
-    spill: Option<&std::path::Path>,
+    keep: shrink_calib::Keep,
     export: shrink_io::Export,
     dtype: shrink_io::GgufWriteType,
     progress: &dyn Progress,
@@ -275,8 +275,8 @@ pub fn prune_streamed(
     let job = match (world.size(), export) {
         (1, shrink_io::Export::Gguf) => {
             let settings = format!(
-                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {dtype:?}",
-                plan.method, plan.default, plan.rules
+                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {dtype:?}\nkept in {:?}",
+                plan.method, plan.default, plan.rules, keep.dtype
             );
             let job = shrink_calib::job_description(&checkpoint.path, &settings, windows, batch);
             Some(shrink_calib::BlockJob::open(out, &job, windows.is_some())?)
@@ -284,7 +284,7 @@ pub fn prune_streamed(
         _ => None,
     };
     let (state, start) = match &job {
-        Some(job) => job.resumed::<Report>(spill)?.unzip(),
+        Some(job) => job.resumed::<Report>(keep)?.unzip(),
         None => (None, None),
     };
     let sink = match (world.rank(), &job) {
@@ -319,7 +319,7 @@ pub fn prune_streamed(
         windows,
         batch,
         world,
-        spill,
+        keep,
         progress,
         start,
         &mut |block| {
@@ -394,7 +394,7 @@ fn run_blocks<M: BlockModel>(
     batch: usize,
     threshold: Option<(f32, usize)>,
     world: &dyn shrink_core::Collective,
-    spill: Option<&std::path::Path>,
+    keep: shrink_calib::Keep,
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
     done: &mut dyn FnMut(&Block) -> Result<()>,
@@ -487,7 +487,7 @@ fn run_blocks<M: BlockModel>(
                 world,
                 progress,
                 start,
-                spill,
+                keep,
                 &mut |block, stats| prune_block(block, Some(stats)),
                 &mut |index, xs| finished(index, Some(xs), &out.borrow()),
             )?;

@@ -647,14 +647,17 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
                 );
                 shrink_io::write_model(&checkpoint, &whole, export, dtype, &whole_path).unwrap();
                 // Folders are written with the activations spilled to a scratch file.
-                let spill = (export == Export::Hf).then_some(dir.path());
+                let keep = shrink_calib::Keep {
+                    spill: (export == Export::Hf).then_some(dir.path()),
+                    ..Default::default()
+                };
                 let b = prune_streamed(
                     &checkpoint,
                     plan,
                     windows,
                     2,
                     &shrink_core::Alone,
-                    spill,
+                    keep,
                     export,
                     dtype,
                     &NoProgress,
@@ -718,7 +721,7 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
         None,
         2,
         &shrink_core::Alone,
-        None,
+        Default::default(),
         Export::Gguf,
         GgufWriteType::F32,
         &NoProgress,

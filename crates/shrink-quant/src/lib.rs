@@ -482,7 +482,7 @@ pub fn quantize_model(
         &shrink_core::Alone,
         progress,
         None,
-        None,
+        Default::default(),
         &mut |_, quantized| {
             tensors.append(quantized);
             Ok(())
@@ -510,7 +510,7 @@ pub type BlockFinished<'a> =
 /// quantize and, when calibrating, the activations entering it) and records its progress in
 /// `finished`; the reports then cover the blocks from `start` on. Calibration is split across the
 /// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block. With
-/// `spill`, the calibration activations live in a scratch file in that folder.
+/// The calibration activations are kept as `keep` says ([`shrink_calib::Keep`]).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_blocks<M: BlockModel>(
     model: &mut M,
@@ -521,7 +521,7 @@ pub fn quantize_blocks<M: BlockModel>(
     world: &dyn shrink_core::Collective,
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
-    spill: Option<&std::path::Path>,
+    keep: shrink_calib::Keep,
     done: &mut BlockDone<'_>,
     finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
@@ -610,7 +610,7 @@ pub fn quantize_blocks<M: BlockModel>(
                 world,
                 progress,
                 start,
-                spill,
+                keep,
                 &mut |block, stats| quantize_block(block, Some(stats)),
                 &mut |index, xs| finished(index, Some(xs), &layers.borrow()),
             )?;

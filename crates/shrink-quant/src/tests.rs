@@ -677,6 +677,10 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
             // GPTQ and AWQ keep their activations in a scratch file: the same bytes.
             let spill =
                 matches!(method, Method::Gptq(_) | Method::Awq { .. }).then_some(dir.path());
+            let keep = shrink_calib::Keep {
+                spill,
+                ..Default::default()
+            };
             let (r, b) = quantize_streamed(
                 &checkpoint,
                 &mut streamed,
@@ -685,7 +689,7 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 windows,
                 2,
                 &shrink_core::Alone,
-                spill,
+                keep,
                 &shrink_core::NoProgress,
                 &streamed_path,
             )
@@ -802,7 +806,7 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
             windows,
             2,
             &shrink_core::Alone,
-            None,
+            Default::default(),
             &shrink_core::NoProgress,
             &streamed_path,
         )

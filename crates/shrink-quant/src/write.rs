@@ -129,8 +129,8 @@ fn written_of(result: &QuantizedModel, extra_types: BTreeMap<String, usize>) -> 
 /// [`shrink_core::ResumeDir`]): the partial GGUF, how much of it is final, the layer reports and,
 /// when calibrating, the activations leaving the block. The same job run again after a kill
 /// continues at the next block and writes the same bytes as a run that was never interrupted.
-/// With `spill`, the calibration activations live in a scratch file in that folder
-/// ([`shrink_calib::Activations`]): the same bytes in less memory.
+/// The calibration activations are kept as `keep` says ([`shrink_calib::Keep`]): spilled to a
+/// scratch file, the same bytes in less memory; in 16 bits, half the bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_streamed(
     checkpoint: &Checkpoint,
@@ -140,7 +140,7 @@ pub fn quantize_streamed(
     windows: Option<&[Vec<u32>]>,
     batch: usize,
     world: &dyn shrink_core::Collective,
-    spill: Option<&Path>,
+    keep: shrink_calib::Keep,
     progress: &dyn shrink_core::Progress,
     out: &Path,
 ) -> Result<(QuantizedModel, Written)> {
@@ -154,13 +154,13 @@ pub fn quantize_streamed(
     let job = match (world.size(), output.export) {
         (1, Export::Gguf) => Some(shrink_calib::BlockJob::open(
             out,
-            &streamed_job(checkpoint, method, output, windows, batch),
+            &streamed_job(checkpoint, method, output, windows, batch, keep),
             windows.is_some(),
         )?),
         _ => None,
     };
     let (state, start) = match &job {
-        Some(job) => job.resumed::<Report>(spill)?.unzip(),
+        Some(job) => job.resumed::<Report>(keep)?.unzip(),
         None => (None, None),
     };
     let sink = match output.export {
@@ -208,7 +208,7 @@ pub fn quantize_streamed(
         world,
         progress,
         start,
-        spill,
+        keep,
         &mut |block, quantized| {
             let mut sink = sink.borrow_mut();
             sink.quantized(std::mem::take(quantized))?;
@@ -326,11 +326,12 @@ fn streamed_job(
     output: &QuantizedOutput,
     windows: Option<&[Vec<u32>]>,
     batch: usize,
+    keep: shrink_calib::Keep,
 ) -> String {
     let settings = format!(
         "quantization\nmethod {method:?}\nexport {:?}\nplan {:?}\nembeddings {:?}\n\
-         activations {:?}",
-        output.export, output.plan, output.embeddings, output.activations,
+         activations {:?}\nkept in {:?}",
+        output.export, output.plan, output.embeddings, output.activations, keep.dtype,
     );
     shrink_calib::job_description(&checkpoint.path, &settings, windows, batch)
 }

@@ -335,7 +335,7 @@ fn qat(args: &DistillArgs, target: &str, request: shrink_pipeline::DistillReques
             args.calib_samples,
             512,
             args.seed,
-            false,
+            4,
         )?)
     } else {
         None

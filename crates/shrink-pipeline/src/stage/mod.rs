@@ -262,9 +262,10 @@ pub struct JobInput<'a> {
     pub batch: usize,
     /// The ranks calibration is split across (MPI), or [`shrink_core::Alone`]; rank 0 writes.
     pub world: &'a dyn shrink_core::Collective,
-    /// A folder where a streamed job keeps its calibration activations, one batch in memory at
-    /// a time, instead of holding them all ([`shrink_calib::Activations`]).
-    pub spill: Option<&'a Path>,
+    /// Where and in what type a streamed job keeps its calibration activations
+    /// ([`shrink_calib::Keep`]): in memory or spilled to a scratch file in a folder, one batch in
+    /// memory at a time; in f32, or f16/bf16.
+    pub keep: shrink_calib::Keep<'a>,
     pub progress: &'a dyn Progress,
 }
 
@@ -328,7 +329,7 @@ impl StageContext<'_> {
             windows: self.calibration,
             batch,
             world: &shrink_core::Alone,
-            spill: None,
+            keep: Default::default(),
             progress: self.progress,
         }
     }

@@ -530,6 +530,7 @@ impl Compress for ResolvedPrune {
             embedding_value_bytes: stored,
             embedding_written_bytes: float_storage(self.dtype).1 as u64 / 8,
             spilled: false,
+            activation_value_bytes: 4,
         })
     }
 
@@ -544,7 +545,7 @@ impl Compress for ResolvedPrune {
             input.windows,
             input.batch,
             input.world,
-            input.spill,
+            input.keep,
             self.export,
             self.dtype,
             input.progress,

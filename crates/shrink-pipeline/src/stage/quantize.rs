@@ -671,6 +671,7 @@ impl Compress for ResolvedQuantize {
                 Some(Ok(_)) => 1,
             },
             spilled: false,
+            activation_value_bytes: 4,
         })
     }
 
@@ -691,7 +692,7 @@ impl Compress for ResolvedQuantize {
             input.windows,
             input.batch,
             input.world,
-            input.spill,
+            input.keep,
             input.progress,
             out,
         )?;

@@ -621,7 +621,7 @@ impl Verifier for StageVerifier<'_> {
             windows: Some(self.windows),
             batch: self.batch,
             world: &shrink_core::Alone,
-            spill: None,
+            keep: Default::default(),
             progress: self.progress,
         };
         let outcome = resolved.write(&input, &mut model, &path).map_err(wrap)?;
