@@ -17,8 +17,9 @@
 # the 8B shapes with 32 × 512 tokens, and on SmolLM2 with 128 × 512, where both files are compared
 # byte for byte. The activations step quantizes SmolLM2 by GPTQ to Q4_0 (128 × 512 calibration
 # tokens) with the activations kept in f32, bf16 and f16 (--activations-dtype), and scores each
-# file in llama-perplexity on Hamlet and on the off-domain text (pip-docs:eval, pip's documentation)
-# with -c 512: the quality cost of half the activation memory, with peak RSS and time.
+# file in llama-perplexity (-c 512) on Hamlet (its first 32 chunks, and whole) and on the
+# off-domain text (pip-docs:eval, pip's documentation, whole): the quality cost of half the
+# activation memory, with peak RSS and time.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -120,10 +121,12 @@ if want activations; then
     measure "shrink-gptq-smollm2-activations-$dtype" "$SHRINK" --threads "$THREADS" quantize smollm2 \
       --method gptq --format gguf:q4_0 --activations-dtype "$dtype" --json \
       -o "$OUT/gptq-activations-$dtype.gguf"
-    for text in hamlet docs; do
-      file="$hamlet"; [ "$text" = docs ] && file="$docs"
+    # Hamlet's first 32 chunks (the README's protocol), all of Hamlet, all of the docs.
+    for text in hamlet-32 hamlet docs; do
+      file="$hamlet" chunks=(); [ "$text" = docs ] && file="$docs"
+      [ "$text" = hamlet-32 ] && chunks=(--chunks 32)
       "$BIN/llama-perplexity" -m "$OUT/gptq-activations-$dtype.gguf" -f "$file" -c 512 \
-        -t "$THREADS" >"$OUT/ppl-$dtype-$text.log" 2>&1
+        "${chunks[@]}" -t "$THREADS" >"$OUT/ppl-$dtype-$text.log" 2>&1
       printf '  %s on %s: %s\n' "$dtype" "$text" \
         "$(grep -o 'Final estimate: PPL = [0-9.]* +/- [0-9.]*' "$OUT/ppl-$dtype-$text.log")"
     done

@@ -431,6 +431,21 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
         s(&dir.path().join("rtn.gguf")),
     ]);
     assert!(e.contains("does not calibrate"), "{e}");
+    // And so is keeping activations in 16 bits.
+    let e = fails(&[
+        "quantize",
+        s(&model),
+        "--method",
+        "rtn",
+        "--activations-dtype",
+        "bf16",
+        "-o",
+        s(&dir.path().join("rtn.gguf")),
+    ]);
+    assert!(
+        e.contains("--activations-dtype") && e.contains("does not calibrate"),
+        "{e}"
+    );
 }
 
 // 4c. A streaming pruning killed mid-model resumes the same way (the resume record and the partial
@@ -442,9 +457,24 @@ fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
     let model = dir.path().join("small");
     ok(&["synth", "small-llama", "--layers", "12", "-o", s(&model)]);
     let text = sample_text();
-    for method in ["sparsegpt", "magnitude"] {
-        let head = ["prune", s(&model), "--method", method, "--sparsity", "0.5"];
-        let spill = |out: &Path| method == "sparsegpt" && out.ends_with("out.gguf");
+    // Wanda keeps its activations in bf16: the uninterrupted run in memory, the killed and
+    // resumed one spilled to disk and read back from its record, in bf16 too.
+    for (method, dtype) in [
+        ("sparsegpt", "f32"),
+        ("magnitude", "f32"),
+        ("wanda", "bf16"),
+    ] {
+        let head = [
+            "prune",
+            s(&model),
+            "--method",
+            method,
+            "--sparsity",
+            "0.5",
+            "--activations-dtype",
+            dtype,
+        ];
+        let spill = |out: &Path| method != "magnitude" && out.ends_with("out.gguf");
         let args = |out: &Path| streamed_args(&head, &text, out, spill(out));
         let (uninterrupted, resumed) = killed_and_resumed(dir.path(), &args, 12);
         let facts = |v: &serde_json::Value| -> Vec<String> {
@@ -462,6 +492,7 @@ fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
         };
         assert_eq!(facts(&resumed), facts(&uninterrupted), "{method}");
         assert_eq!(facts(&resumed).len(), 12 * 7);
+        assert_eq!(resumed["memory"]["activations_dtype"], dtype);
         std::fs::remove_file(dir.path().join("out.gguf")).unwrap();
         std::fs::remove_file(dir.path().join("whole.gguf")).unwrap();
     }
