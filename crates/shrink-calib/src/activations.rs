@@ -106,6 +106,22 @@ impl Activations {
         self.dtype
     }
 
+    /// `x` in the type the store keeps; a value beyond f16's range is refused rather than kept
+    /// as an infinity.
+    fn rounded(&self, x: Tensor) -> Result<Tensor> {
+        if self.dtype == DType::F16 {
+            let largest = x.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?;
+            let largest = largest.to_scalar::<f32>()?;
+            if largest > f32::from(half::f16::MAX) {
+                return Err(CalibError::Spill(format!(
+                    "a hidden state of {largest} is beyond f16's range (65504): keep the \
+                     activations in bf16 or f32"
+                )));
+            }
+        }
+        Ok(x.to_dtype(self.dtype)?)
+    }
+
     /// An empty store spilled to a scratch file in `dir` (removed by the system when the store is
     /// dropped, or the process killed); batches are added with [`Activations::push`].
     pub fn spilled_in(dir: &Path) -> Result<Self> {
@@ -140,7 +156,7 @@ impl Activations {
 
     /// Adds a batch after the last (rounded to the type the store keeps).
     pub fn push(&mut self, x: Tensor) -> Result<()> {
-        let x = x.to_dtype(self.dtype)?;
+        let x = self.rounded(x)?;
         match &mut self.store {
             Store::Memory(xs) => xs.push(x),
             Store::Spilled {
@@ -186,7 +202,7 @@ impl Activations {
 
     /// Replaces batch `k` (of the same shape when spilled: it is written over the old one).
     pub fn set(&mut self, k: usize, x: Tensor) -> Result<()> {
-        let x = x.to_dtype(self.dtype)?;
+        let x = self.rounded(x)?;
         let len = self.len();
         let missing = || CalibError::Spill(format!("no batch {k} of {len}"));
         match &mut self.store {
@@ -451,5 +467,17 @@ mod tests {
         }
         .store()
         .is_err());
+        // Beyond f16's range: refused, not kept as an infinity; bf16 keeps it.
+        let big = Tensor::new(&[1.0f32, -70_000.0], &Device::Cpu).unwrap();
+        let keep = |dtype| Keep { spill: None, dtype };
+        let e = keep(DType::F16)
+            .store()
+            .unwrap()
+            .push(big.clone())
+            .unwrap_err();
+        assert!(e.to_string().contains("beyond f16's range"), "{e}");
+        let mut bf16 = keep(DType::BF16).store().unwrap();
+        bf16.push(big).unwrap();
+        assert_eq!(values(&bf16.get(0).unwrap()), [1.0, -70_144.0]);
     }
 }
