@@ -99,6 +99,26 @@ pub enum ModelStream<'a> {
     Hf(crate::HfStream<'a>),
 }
 
+impl crate::TensorSink for ModelStream<'_> {
+    type Error = crate::IoError;
+
+    /// Whether `name` (a checkpoint name) is planned and not supplied yet.
+    fn wants(&self, name: &str) -> bool {
+        match self {
+            ModelStream::Gguf(g) => g.wants(name),
+            ModelStream::Hf(h) => h.wants(name),
+        }
+    }
+
+    /// Supplies tensor `name` (a checkpoint name), converted to its planned type.
+    fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
+        match self {
+            ModelStream::Gguf(g) => g.tensor(name, t),
+            ModelStream::Hf(h) => h.tensor(name, t),
+        }
+    }
+}
+
 impl<'a> ModelStream<'a> {
     /// Plans the output at `out` of `written`: `checkpoint` with its config given `config`'s
     /// shape (see [`config_for`]); the caller keeps it alive while the folder is written.
@@ -131,22 +151,6 @@ impl<'a> ModelStream<'a> {
                 ModelStream::Hf(crate::HfStream::create(written, entries, hf_config, out)?)
             }
         })
-    }
-
-    /// Whether `name` (a checkpoint name) is planned and not supplied yet.
-    pub fn wants(&self, name: &str) -> bool {
-        match self {
-            ModelStream::Gguf(g) => g.wants(name),
-            ModelStream::Hf(h) => h.wants(name),
-        }
-    }
-
-    /// Supplies tensor `name` (a checkpoint name), converted to its planned type.
-    pub fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
-        match self {
-            ModelStream::Gguf(g) => g.tensor(name, t),
-            ModelStream::Hf(h) => h.tensor(name, t),
-        }
     }
 
     /// A point to resume from (GGUF files only; see [`crate::GgufStream::checkpoint`]).

@@ -35,7 +35,7 @@ pub use gguf_write::{write_gguf, GgufEntry, GgufTensor, GgufValue, GgufWriter};
 pub use hf::{hf_config, save_hf, save_hf_files, save_hf_with, write_json, SaveDType};
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
-pub use stream::{GgufStream, HfStream};
+pub use stream::{GgufStream, HfStream, TensorSink};
 pub use tensors::Tensors;
 pub use tokenizer::{GgufVocab, TokenizerBundle};
 

@@ -151,6 +151,38 @@ impl GgufStream {
     }
 }
 
+/// A streamed writer that takes tensors by checkpoint name, as [`Checkpoint::supply_stored`]
+/// feeds them.
+pub trait TensorSink {
+    type Error: From<IoError>;
+    /// Whether `name` is planned and not supplied yet.
+    fn wants(&self, name: &str) -> bool;
+    /// Supplies tensor `name`.
+    fn tensor(&mut self, name: &str, t: Tensor) -> std::result::Result<(), Self::Error>;
+}
+
+impl Checkpoint {
+    /// Supplies `sink` the tensor `only`, or every tensor of the checkpoint in its order, if
+    /// `sink` still wants it, each read in its stored type: what a streamed job writes as stored
+    /// (the embedding first, the tensors outside the blocks last).
+    pub fn supply_stored<S: TensorSink>(
+        &self,
+        sink: &mut S,
+        only: Option<&str>,
+    ) -> std::result::Result<(), S::Error> {
+        let names: Vec<String> = match only {
+            Some(name) => vec![name.to_string()],
+            None => self.tensors.names().cloned().collect(),
+        };
+        for name in &names {
+            if sink.wants(name) {
+                sink.tensor(name, self.load_stored(name)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Values converted per slice when a float tensor is written to a folder (16M: 32 MB of f16).
 const SLICE: usize = 1 << 24;
 

@@ -30,6 +30,7 @@ pub use unstructured::{magnitude, sparsegpt, wanda, SparseGptConfig, Sparsity};
 
 use candle_core::{DType, Tensor};
 use shrink_core::Progress;
+use shrink_io::TensorSink;
 use shrink_models::{Block, BlockModel, Transformer};
 use std::time::Instant;
 
@@ -309,9 +310,8 @@ pub fn prune_streamed(
     let resumed_at = state.as_ref().map(|s| s.blocks);
     let earlier = state.map(|s| s.report.layers).unwrap_or_default();
     let sink = std::cell::RefCell::new(sink);
-    let embedding = config.embedding_name();
-    if let Some(sink) = sink.borrow_mut().as_mut().filter(|s| s.wants(&embedding)) {
-        sink.tensor(&embedding, checkpoint.load_stored(&embedding)?)?;
+    if let Some(sink) = sink.borrow_mut().as_mut() {
+        checkpoint.supply_stored(sink, Some(&config.embedding_name()))?;
     }
     let layers = prune_blocks(
         &mut model,
@@ -351,15 +351,7 @@ pub fn prune_streamed(
         },
     )?;
     if let Some(mut sink) = sink.into_inner() {
-        let rest: Vec<String> = checkpoint
-            .tensors
-            .names()
-            .filter(|name| sink.wants(name))
-            .cloned()
-            .collect();
-        for name in rest {
-            sink.tensor(&name, checkpoint.load_stored(&name)?)?;
-        }
+        checkpoint.supply_stored(&mut sink, None)?;
         sink.finish()?;
     }
     if let Some(job) = job {

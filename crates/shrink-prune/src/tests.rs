@@ -597,7 +597,7 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
     let dir = tempfile::tempdir().unwrap();
     let shrink_io::testing::TinyStreamable {
         gguf, hf, windows, ..
-    } = shrink_io::testing::tiny_streamable(7, dir.path());
+    } = shrink_io::testing::tiny_streamable(7, dir.path()).unwrap();
     let mut mixed = PrunePlan::uniform(PruneMethod::Wanda, Sparsity::NM { n: 2, m: 4 });
     mixed
         .rules

@@ -617,7 +617,7 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
         gguf,
         hf,
         windows,
-    } = shrink_io::testing::tiny_streamable(5, dir.path());
+    } = shrink_io::testing::tiny_streamable(5, dir.path()).unwrap();
     let plan = QuantPlan {
         default: QuantScheme::Q4_0.into(),
         rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],

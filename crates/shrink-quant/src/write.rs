@@ -4,7 +4,7 @@
 //! quantization, QAT and the search all write through [`write_quantized`].
 
 use crate::{Format, QuantError, QuantPlan, QuantizedModel, QuantizedWeight, Result};
-use shrink_io::{Checkpoint, Export, GgufWriteType, IoError};
+use shrink_io::{Checkpoint, Export, GgufWriteType, IoError, TensorSink};
 use shrink_models::{ActQuant, BlockModel, StreamedModel, Transformer};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -194,11 +194,7 @@ pub fn quantize_streamed(
     let earlier = state.map(|s| s.report.layers).unwrap_or_default();
     // The embedding and the output tensors in the type they are stored in (a bf16 embedding is
     // not widened to f32 whole: it is rounded a slice of rows at a time).
-    let embedding = config.embedding_name();
-    if sink.borrow().wants(&embedding) {
-        sink.borrow_mut()
-            .tensor(&embedding, checkpoint.load_stored(&embedding)?)?;
-    }
+    checkpoint.supply_stored(&mut *sink.borrow_mut(), Some(&config.embedding_name()))?;
     let mut result = crate::quantize_blocks(
         model,
         method,
@@ -240,15 +236,7 @@ pub fn quantize_streamed(
         },
     )?;
     let mut sink = sink.into_inner();
-    let rest: Vec<String> = checkpoint
-        .tensors
-        .names()
-        .filter(|name| sink.wants(name))
-        .cloned()
-        .collect();
-    for name in rest {
-        sink.tensor(&name, checkpoint.load_stored(&name)?)?;
-    }
+    checkpoint.supply_stored(&mut sink, None)?;
     let extra_types = sink.finish()?;
     if let Some(job) = job {
         job.remove()?;
@@ -267,12 +255,14 @@ enum Sink<'a> {
     Discard,
 }
 
-impl Sink<'_> {
-    fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
+impl shrink_io::TensorSink for Sink<'_> {
+    type Error = QuantError;
+
+    fn wants(&self, name: &str) -> bool {
         match self {
-            Sink::Gguf(g) => g.quantized(weights),
-            Sink::Hf(h) => h.quantized(weights),
-            Sink::Discard => Ok(()),
+            Sink::Gguf(g) => g.wants(name),
+            Sink::Hf(h) => h.wants(name),
+            Sink::Discard => false,
         }
     }
     fn tensor(&mut self, name: &str, t: candle_core::Tensor) -> Result<()> {
@@ -282,11 +272,14 @@ impl Sink<'_> {
             Sink::Discard => Ok(()),
         }
     }
-    fn wants(&self, name: &str) -> bool {
+}
+
+impl Sink<'_> {
+    fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
         match self {
-            Sink::Gguf(g) => g.wants(name),
-            Sink::Hf(h) => h.wants(name),
-            Sink::Discard => false,
+            Sink::Gguf(g) => g.quantized(weights),
+            Sink::Hf(h) => h.quantized(weights),
+            Sink::Discard => Ok(()),
         }
     }
     /// A point to resume from (GGUF files only).
