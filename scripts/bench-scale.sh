@@ -6,7 +6,7 @@
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
 #   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill,
-#                                     # activations (default all)
+#                                     # activations, pipeline (default all)
 #
 # Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
 # GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
@@ -19,7 +19,10 @@
 # tokens) with the activations kept in f32, bf16 and f16 (--activations-dtype), and scores each
 # file in llama-perplexity (-c 512) on Hamlet (its first 32 chunks, and whole) and on the
 # off-domain text (pip-docs:eval, pip's documentation, whole): the quality cost of half the
-# activation memory, with peak RSS and time.
+# activation memory, with peak RSS and time. The pipeline step runs a pipeline on the 8B shapes
+# (RTN into the q4_k_m mix, PIPELINE_CHUNKS (4) chunks of 512 Hamlet tokens): held whole its run
+# would need ~100 GB, so it evaluates block by block ([eval] stream = "auto"); its peak RSS against
+# the estimate `shrink validate` prints, and each model's perplexity and KL.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -31,9 +34,9 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations}"
+STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations pipeline}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-if want rtn || want llama-quantize || want prune; then
+if want rtn || want llama-quantize || want prune || want pipeline; then
   [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
 fi
 if want rtn; then
@@ -136,4 +139,40 @@ if want activations; then
       && echo "$dtype: the f32 file's bytes" || echo "$dtype: other bytes than f32"
   done
   rm -f "$OUT"/gptq-activations-*.gguf
+fi
+if want pipeline; then
+  cat >"$OUT/pipeline-8b.toml" <<EOF
+name = "synth-8b-rtn-q4_k_m"
+[model]
+source = "$OUT/synth-8b"
+[data]
+eval = "shakespeare:eval"
+[[stage]]
+kind = "quantize.rtn"
+name = "q4_k_m"
+preset = "q4_k_m"
+[eval]
+ctx = 512
+chunks = ${PIPELINE_CHUNKS:-4}
+prompts = []
+decode_tokens = 0
+[export]
+formats = ["gguf"]
+EOF
+  "$SHRINK" validate "$OUT/pipeline-8b.toml" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("  estimate %.0f MB, block by block: %s" % (d["estimated_peak_bytes"]/2**20, d["eval_block_by_block"]))'
+  rm -rf "$OUT/run-8b"
+  measure shrink-run-8b-rtn-q4_k_m "$SHRINK" --threads "$THREADS" run "$OUT/pipeline-8b.toml" \
+    -o "$OUT/run-8b" --json
+  python3 - "$OUT/run-8b" <<'PY'
+import json, sys
+run = sys.argv[1]
+report = json.load(open(f"{run}/report.json"))
+stage = json.load(open(f"{run}/stages/q4_k_m/stage.json"))
+print(f"  block by block: {report['eval']['block_by_block']}; stage peak "
+      f"{stage['peak_rss_bytes'] / 2**20:.0f} MB, {stage['wall_s']:.0f} s")
+for r in report["rows"]:
+    print(f"  {r['name']}: ppl {r['perplexity']:.4f}, KL {r['kl_mean']}, "
+          f"top-1 {r['top1_agreement']}, {r['size_bytes'] / 1e6:.1f} MB")
+PY
+  rm -rf "$OUT/run-8b"
 fi

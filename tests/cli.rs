@@ -1061,15 +1061,11 @@ fn prune_unstructured_and_structured_write_loadable_models() {
     assert!(!out.exists());
 }
 
-#[test]
-fn prune_then_quantize_pipeline_keeps_the_sparsity_and_reports_shapes() {
-    let dir = tempfile::tempdir().unwrap();
-    let gguf = tiny_gguf(dir.path());
-    let text = sample_text();
-    let text = text.to_str().unwrap();
-    let toml = format!(
-        r#"name = "sparse"
-[model]
+/// A pipeline's `[model]` and `[data]` on `model` and `text`, and two stages: SparseGPT 2:4
+/// (`sparse`), then GPTQ Q4_0 of it (`sparse-q4`).
+fn sparse_then_q4(model: &Path, text: &Path) -> String {
+    format!(
+        r#"[model]
 source = "{model}"
 [data]
 calib = "{text}"
@@ -1084,7 +1080,109 @@ sparsity = "2:4"
 kind = "quantize.gptq"
 name = "sparse-q4"
 format = "q4_0"
-[[stage]]
+"#,
+        model = model.display(),
+        text = text.display()
+    )
+}
+
+#[test]
+fn a_pipeline_evaluated_block_by_block_reports_the_same_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let text = sample_text();
+    let pipeline = |stream: &str, extra: &str| {
+        let toml = format!(
+            r#"name = "streamed"
+{sparse_then_q4}[[stage]]
+kind = "quantize.rtn"
+name = "w4"
+input = "model"
+format = "hf"
+bits = 4
+group = 32
+{extra}
+[eval]
+ctx = 64
+chunks = 5
+prompts = ["To be"]
+max_new_tokens = 4
+prefill_tokens = 16
+decode_tokens = 4
+stream = "{stream}"
+"#,
+            sparse_then_q4 = sparse_then_q4(&gguf, &text),
+        );
+        let file = dir.path().join(format!("{stream}-{}.toml", extra.len()));
+        std::fs::write(&file, toml).unwrap();
+        file
+    };
+    let run = |stream: &str| {
+        let file = pipeline(stream, "");
+        let out = dir.path().join(stream);
+        ok(&["run", file.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        (out, report)
+    };
+    let (whole_dir, whole) = run("never");
+    let (streamed_dir, streamed) = run("always");
+    assert_eq!(whole["eval"]["block_by_block"], false);
+    assert_eq!(streamed["eval"]["block_by_block"], true);
+    // Every model scores the same bits either way: perplexity, KL and top-1 against the input
+    // model, and the sparsity, size and shape read from its blocks.
+    let rows = |r: &serde_json::Value| r["rows"].as_array().unwrap().clone();
+    assert_eq!(rows(&whole).len(), 4);
+    for (w, s) in rows(&whole).iter().zip(&rows(&streamed)) {
+        for key in [
+            "name",
+            "perplexity",
+            "kl_mean",
+            "top1_agreement",
+            "sparsity",
+            "size_bytes",
+            "bits_per_weight",
+            "parameters",
+            "shape",
+        ] {
+            assert_eq!(w[key], s[key], "{key} of {}", w["name"]);
+        }
+        assert!(w["perplexity"].as_f64().unwrap().is_finite());
+        assert!(w["decode"].is_object(), "{w}");
+        assert!(s["decode"].is_null(), "{s}");
+    }
+    assert!(rows(&whole)[1]["kl_mean"].as_f64().unwrap() > 0.0);
+    assert_eq!(rows(&whole)[1]["sparsity"], 0.5);
+    // The same artifacts; the generations need the models whole and are left out.
+    assert_eq!(artifacts(&whole_dir), artifacts(&streamed_dir));
+    assert_eq!(whole["generations"].as_array().unwrap().len(), 1);
+    assert!(streamed["generations"].as_array().unwrap().is_empty());
+    let md = std::fs::read_to_string(streamed_dir.join("report.md")).unwrap();
+    assert!(md.contains("block by block: no generations"), "{md}");
+
+    // A stage that holds its model whole cannot be evaluated block by block: refused at once.
+    let layers = pipeline(
+        "always",
+        "[[stage]]\nkind = \"prune.layers\"\nname = \"shallow\"\ninput = \"model\"\nfraction = 0.5",
+    );
+    let out = dir.path().join("refused");
+    let e = fails(&["run", layers.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(
+        e.contains("stream = \"always\"") && e.contains("stage `shallow`"),
+        "{e}"
+    );
+    assert!(!out.join("stages").join("sparse").exists());
+    let e = fails(&["validate", layers.to_str().unwrap()]);
+    assert!(e.contains("stage `shallow`"), "{e}");
+}
+
+#[test]
+fn prune_then_quantize_pipeline_keeps_the_sparsity_and_reports_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let toml = format!(
+        r#"name = "sparse"
+{sparse_then_q4}[[stage]]
 kind = "prune.layers"
 name = "shallow"
 input = "model"
@@ -1108,7 +1206,7 @@ stage = "sparse"
 key = "sparsity"
 values = ["2:4", 0.25]
 "#,
-        model = gguf.display()
+        sparse_then_q4 = sparse_then_q4(&gguf, &sample_text()),
     );
     let file = dir.path().join("sparse.toml");
     std::fs::write(&file, toml).unwrap();

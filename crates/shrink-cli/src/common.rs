@@ -96,6 +96,29 @@ pub(crate) fn resolve_model_if_present(spec: &str) -> Option<PathBuf> {
     resolve_model(spec).ok()
 }
 
+/// How a pipeline's run will use memory ([`shrink_pipeline::Pipeline::check_memory`]), read from
+/// its model's header when the model is here, with the model's shape when known.
+pub(crate) fn pipeline_memory(
+    pipeline: &shrink_pipeline::Pipeline,
+    max_memory: Option<u64>,
+) -> Result<(
+    Option<shrink_pipeline::memory::ModelShape>,
+    shrink_pipeline::memory::MemoryPlan,
+)> {
+    let path = resolve_model_if_present(&pipeline.model.source);
+    let shape = path
+        .as_deref()
+        .and_then(shrink_pipeline::memory::model_shape);
+    // Its header tells which stages read it block by block.
+    let checkpoint = path
+        .as_deref()
+        .and_then(|p| shrink_io::open(p).ok())
+        .map(|f| f.checkpoint);
+    let limit = shrink_pipeline::memory::memory_limit(max_memory);
+    let plan = pipeline.check_memory(shape, checkpoint.as_ref(), limit, None)?;
+    Ok((shape, plan))
+}
+
 /// A model to compress: its checkpoint, the input file's inspection (size before) and the f32
 /// model built from it.
 pub(crate) fn load_f32_model(

@@ -80,13 +80,13 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Commands that read a model block by block keep mimalloc's default (freed memory goes back to
 /// the kernel after 10 ms): what they hold is one block, and memory kept for reuse would make their
 /// peak the sum of every block's buffers instead (a streamed pruning of the 8B shapes held the
-/// embedding phase's 2.9 GB through every block without it).
+/// embedding phase's 2.9 GB through every block without it). So does a pipeline run that
+/// evaluates block by block (its stages too: they read their inputs block by block).
 fn tune_allocator(command: &Command) {
-    if matches!(
-        command,
-        Command::Quantize(_) | Command::Prune(_) | Command::Synth(_)
-    ) {
-        return;
+    match command {
+        Command::Quantize(_) | Command::Prune(_) | Command::Synth(_) => return,
+        Command::Run(args) if cmd::run::evaluates_block_by_block(args) => return,
+        _ => {}
     }
     // SAFETY: sets an allocator option before any other thread exists (15 = mi_option_purge_delay;
     // -1 never purges).

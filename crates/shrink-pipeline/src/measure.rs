@@ -7,7 +7,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
 use shrink_io::{Checkpoint, FileView, TokenizerBundle};
-use shrink_models::{Sampler, SamplingConfig, Transformer};
+use shrink_models::{BlockModel, Sampler, SamplingConfig, StreamedModel, Transformer};
 use std::path::Path;
 
 /// What was measured on one model, cached in `metrics.json` beside it.
@@ -80,7 +80,7 @@ impl<'a> Bench<'a> {
                 protocol: e.protocol.parse()?,
                 ctx: e.ctx,
                 chunks: (e.chunks > 0).then_some(e.chunks),
-                batch: 4,
+                batch: crate::memory::EVAL_BATCH,
             },
             prompts: e
                 .prompts
@@ -201,17 +201,70 @@ impl Bench<'_> {
     }
 }
 
+impl Bench<'_> {
+    /// [`Bench::measure`] of the model of `checkpoint` read block by block, against the
+    /// `reference` checkpoint read so too: the same perplexity, KL, top-1 and sparsity with one
+    /// block in memory at a time ([`shrink_eval::evaluate_streamed`]); no generations or decode
+    /// speed, which need the model whole.
+    pub(crate) fn measure_streamed(
+        &self,
+        key: String,
+        checkpoint: &Checkpoint,
+        reference: Option<&Checkpoint>,
+        file: &FileView,
+    ) -> Result<Metrics> {
+        let info = &file.inspection;
+        let mut model = checkpoint.streamed(DType::F32)?;
+        let mut reference = reference.map(|r| r.streamed(DType::F32)).transpose()?;
+        let eval = shrink_eval::evaluate_streamed(
+            &mut model,
+            reference.as_mut(),
+            &self.tokens,
+            self.bos,
+            &self.eval,
+            self.progress,
+        )?;
+        Ok(Metrics {
+            key,
+            eval: Some(eval),
+            encoder: None,
+            generations: vec![],
+            decode: None,
+            size_bytes: info.file_size_bytes,
+            bits_per_weight: info.bits_per_weight,
+            parameters: info.parameters,
+            sparsity: streamed_sparsity(&mut model)?,
+            shape: shape_of(model.config()),
+        })
+    }
+}
+
 /// Fraction of exactly-zero weights over the block linears.
 pub(crate) fn linear_sparsity(model: &Transformer) -> Result<f64> {
-    let (mut zeros, mut weights) = (0.0, 0.0);
+    let mut counts = (0.0, 0.0);
     for block in &model.blocks {
-        for (_, linear) in block.linears() {
-            let n = linear.weight().elem_count() as f64;
-            zeros += zero_fraction(linear.weight())? * n;
-            weights += n;
-        }
+        count_zeros(block, &mut counts)?;
     }
-    Ok(zeros / weights.max(1.0))
+    Ok(counts.0 / counts.1.max(1.0))
+}
+
+/// [`linear_sparsity`] of a model read block by block.
+fn streamed_sparsity(model: &mut StreamedModel) -> Result<f64> {
+    let mut counts = (0.0, 0.0);
+    for index in 0..model.num_blocks() {
+        model.with_block(index, |block| count_zeros(block, &mut counts))??;
+    }
+    Ok(counts.0 / counts.1.max(1.0))
+}
+
+/// Adds a block's exactly-zero linear weights and its linear weights to `(zeros, weights)`.
+fn count_zeros(block: &shrink_models::Block, counts: &mut (f64, f64)) -> Result<()> {
+    for (_, linear) in block.linears() {
+        let n = linear.weight().elem_count() as f64;
+        counts.0 += zero_fraction(linear.weight())? * n;
+        counts.1 += n;
+    }
+    Ok(())
 }
 
 /// `30 × 576, MLP 1536, 9/3 heads`: the model's shape in the report.

@@ -361,11 +361,16 @@ impl Pipeline {
     ///
     /// With the input's `checkpoint`, a stage that reads it block by block (a quantization of a
     /// Llama-family model) counts as the baseline model the run holds (`4·P`) plus its job's
-    /// [`streamed_peak`], instead of a whole copy with the whole-model calibration terms.
+    /// [`streamed_peak`], instead of a whole copy with the whole-model calibration terms. When
+    /// the evaluation too goes block by block (`block_by_block`), no model is held whole: the
+    /// peak is the largest of the stages' [`streamed_peak`]s and the evaluation's
+    /// [`streamed_eval_peak`] on `eval_chunks` chunks.
     pub fn estimated_peak_for(
         &self,
         shape: Option<ModelShape>,
         checkpoint: Option<&shrink_io::Checkpoint>,
+        block_by_block: bool,
+        eval_chunks: u64,
     ) -> u64 {
         let Some(shape) = shape else {
             return if self.plan().iter().any(|s| s.calibrates) {
@@ -378,13 +383,42 @@ impl Pipeline {
         };
         let calibration = (self.data.samples as u64, self.data.seq_len as u64);
         let streamed = |s: &PlannedStage| {
-            let checkpoint = checkpoint.filter(|_| s.input == "model")?;
+            let checkpoint = checkpoint.filter(|_| s.input == "model" || block_by_block)?;
             let job = s.job.job();
             if !job.streams(checkpoint) {
                 return None;
             }
             job.streamed_job(checkpoint, s.calibrates.then_some(calibration))
         };
+        let stages = self.plan().iter().filter_map(streamed).map(|job| {
+            streamed_peak(&shape, &job)
+                .total()
+                .saturating_add(if block_by_block {
+                    0
+                } else {
+                    shape.parameters.saturating_mul(4)
+                })
+        });
+        if block_by_block {
+            let eval = streamed_eval_peak(
+                &shape,
+                &StreamedEval {
+                    chunks: eval_chunks,
+                    ctx: self.eval.ctx as u64,
+                    scored: scored_per_chunk(
+                        self.eval
+                            .protocol
+                            .parse()
+                            .unwrap_or(shrink_eval::Protocol::Full),
+                        self.eval.ctx,
+                    ),
+                    batch: EVAL_BATCH as u64,
+                    models: 2,
+                    widened_head_bytes: checkpoint.map_or(2, |c| widened_head_bytes([c])),
+                },
+            );
+            return stages.fold(eval, u64::max);
+        }
         let sizes = ModelSizes {
             parameters: u128::from(shape.parameters),
             hidden: u128::from(shape.hidden),
@@ -392,43 +426,201 @@ impl Pipeline {
             vocab: u128::from(shape.vocab),
         };
         let held = self.peak_holding(sizes, &|s| streamed(s).is_none());
-        self.plan()
-            .iter()
-            .filter_map(streamed)
-            .map(|job| {
-                streamed_peak(&shape, &job)
-                    .total()
-                    .saturating_add(shape.parameters.saturating_mul(4))
-            })
-            .fold(held, u64::max)
+        stages.fold(held, u64::max)
     }
 
-    /// Refuses a run whose estimated peak memory exceeds `limit` bytes, with the estimate shown.
-    /// Returns the estimate.
+    /// Whether the run can evaluate its models block by block: a Llama-family decoder read as
+    /// it is stored, every stage reading its input block by block and writing a model that is
+    /// read so too. The reason when not.
+    pub fn evaluation_can_stream(
+        &self,
+        checkpoint: &shrink_io::Checkpoint,
+    ) -> std::result::Result<(), String> {
+        if !crate::quantize::reads_block_by_block(checkpoint) {
+            return Err(
+                "only Llama-family decoders without int8 activations (W8A8) are evaluated \
+                        block by block"
+                    .into(),
+            );
+        }
+        match self.plan().iter().find(|s| {
+            let job = s.job.job();
+            !job.streams(checkpoint) || !job.writes_streamable()
+        }) {
+            Some(s) => Err(format!(
+                "stage `{}` holds its model whole or writes one that is read whole ({})",
+                s.name,
+                s.kind.name()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// How the run uses memory: whether it evaluates block by block ([`crate::StreamEval`]:
+    /// `auto` does when the models held whole would exceed `limit` and the run can) and the
+    /// estimated peak. Refuses, before any work, a run estimated above `limit`, or one set to
+    /// evaluate block by block that cannot. `eval_chunks`: the chunks the evaluation scores
+    /// (the text's, when it has been read; else the setting, or 64 for every chunk).
     pub fn check_memory(
         &self,
         shape: Option<ModelShape>,
         checkpoint: Option<&shrink_io::Checkpoint>,
         limit: u64,
-    ) -> Result<u64> {
-        let estimate = self.estimated_peak_for(shape, checkpoint);
+        eval_chunks: Option<u64>,
+    ) -> Result<MemoryPlan> {
+        let chunks = eval_chunks.unwrap_or(match self.eval.chunks {
+            0 => 64,
+            n => n as u64,
+        });
+        let can = checkpoint.map_or(Err("the model is not here yet".to_string()), |c| {
+            self.evaluation_can_stream(c)
+        });
+        let whole = self.estimated_peak_for(shape, checkpoint, false, chunks);
+        let block_by_block = match self.eval.stream {
+            crate::StreamEval::Never => false,
+            crate::StreamEval::Always => match can {
+                Ok(()) => true,
+                Err(why) => {
+                    return Err(PipelineError::Invalid(format!(
+                        "[eval] stream = \"always\": {why}"
+                    )))
+                }
+            },
+            crate::StreamEval::Auto => can.is_ok() && whole > limit,
+        };
+        let estimate = match block_by_block {
+            true => self.estimated_peak_for(shape, checkpoint, true, chunks),
+            false => whole,
+        };
         if estimate > limit {
             let gb = |b: u64| b as f64 / 1e9;
             return Err(PipelineError::Invalid(format!(
                 "the run needs an estimated {:.1} GB of memory{}, more than the {:.1} GB allowed \
                  (the machine's memory, or --max-memory): lower [data] samples or seq_len, or \
-                 the training batch",
+                 the training batch{}",
                 gb(estimate),
                 if shape.is_none() {
                     " for its calibration token ids alone"
+                } else if block_by_block {
+                    " evaluating block by block"
                 } else {
                     ""
                 },
-                gb(limit)
+                gb(limit),
+                match (&can, block_by_block) {
+                    (Ok(()), false) => "; or evaluate block by block ([eval] stream = \"auto\")",
+                    _ => "",
+                }
             )));
         }
-        Ok(estimate)
+        Ok(MemoryPlan {
+            estimate,
+            block_by_block,
+        })
     }
+}
+
+/// The positions of a chunk the evaluation scores: the second half under llama.cpp's protocol,
+/// all but the first otherwise.
+pub fn scored_per_chunk(protocol: shrink_eval::Protocol, ctx: usize) -> u64 {
+    let ctx = ctx as u64;
+    match protocol {
+        shrink_eval::Protocol::LlamaCpp => ctx.saturating_sub(1 + ctx / 2),
+        shrink_eval::Protocol::Full => ctx.saturating_sub(1),
+    }
+}
+
+/// Chunks per forward pass of a run's evaluation.
+pub(crate) const EVAL_BATCH: usize = 4;
+
+/// How a run uses memory ([`Pipeline::check_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// The estimated peak, in bytes.
+    pub estimate: u64,
+    /// Whether the models are evaluated block by block.
+    pub block_by_block: bool,
+}
+
+/// An evaluation read block by block, as [`streamed_eval_peak`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamedEval {
+    /// Chunks scored, tokens per chunk, the positions of a chunk that are scored (its second
+    /// half under llama.cpp's protocol) and chunks per forward pass.
+    pub chunks: u64,
+    pub ctx: u64,
+    pub scored: u64,
+    pub batch: u64,
+    /// 1, or 2 with a reference model.
+    pub models: u64,
+    /// Bytes a value of an output head read in a 16-bit type and then widened (2), which holds
+    /// both copies for a moment; 0 for heads read as f32 (or dequantized from GGUF blocks).
+    pub widened_head_bytes: u64,
+}
+
+/// [`StreamedEval::widened_head_bytes`] of the output heads of `checkpoints`: 2 when one of them
+/// stores its head (or tied embedding) in f16 or bf16.
+pub fn widened_head_bytes<'a>(
+    checkpoints: impl IntoIterator<Item = &'a shrink_io::Checkpoint>,
+) -> u64 {
+    checkpoints
+        .into_iter()
+        .filter_map(|c| {
+            let config = shrink_models::ModelConfig::from_json(&c.config).ok()?;
+            let head = match config.ties_embeddings() {
+                true => config.embedding_name(),
+                false => "lm_head.weight".to_string(),
+            };
+            c.tensors.dtype(&head)
+        })
+        .map(|d| match d {
+            candle_core::DType::F16 | candle_core::DType::BF16 => 2,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The peak memory of evaluating block by block ([`shrink_eval::evaluate_streamed`]): every
+/// chunk's hidden states at one depth are held (`S = c·n·h·4` bytes, `c` chunks of `n` tokens),
+/// twice while a block runs on them a batch of `b` chunks at a time (its forward pass, `F`, as
+/// [`StreamedPeak`]'s accumulation counts it), beside one block in f32 (`4·P_b`) and the
+/// normalized states of the scored positions that the models already run keep (`K = c·k·h·4`
+/// each, `k` scored positions a chunk, `m·K` for `m` models at most); then the `m` output heads
+/// in f32 (`m·V·h·4`; the last one read beside its stored 16-bit copy, `V·h·w`, for a moment) and
+/// one chunk's logits of its scored positions (`k·V·4` for each model), one of them also as the
+/// tensor it is read from (`2·m − 1` copies). Embedding: the table (`V·h·4` at most) beside `S`.
+///
+/// `peak = 256 MB + work + work / 4`, `work = max(4·V·h + S, 4·P_b + 2·S + F + m·K,
+/// m·V·h·4 + m·K + max(V·h·w, (2m − 1)·k·V·4))`, `F = 4·(b·n·(3i + 4h) + b·(h/64)·n²)`. The
+/// allowance `work / 4` is fitted to a measurement, not derived (as [`StreamedPeak`]'s): on the
+/// 8B shapes the process held ~0.9 GB more than the terms at the moment the second head was
+/// widened (6.28 GB measured; the terms with `work / 8` gave 6.22 GB).
+pub fn streamed_eval_peak(shape: &ModelShape, eval: &StreamedEval) -> u64 {
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    let (h, v) = (shape.hidden, shape.vocab);
+    let states = m(m(eval.chunks, eval.ctx), m(h, 4));
+    let scored = m(eval.models, m(m(eval.chunks, eval.scored), m(h, 4)));
+    let embedding = m(m(v, h), 4).saturating_add(states);
+    let batch = eval.batch.min(eval.chunks).max(1);
+    let forward = m(
+        m(
+            m(batch, eval.ctx),
+            m(3, shape.intermediate).saturating_add(m(4, h)),
+        )
+        .saturating_add(m(m(batch, h / 64), m(eval.ctx, eval.ctx))),
+        4,
+    );
+    let running = m(shape.block_parameters, 4)
+        .saturating_add(m(states, 2))
+        .saturating_add(forward)
+        .saturating_add(scored);
+    let logits = m(m(2, eval.models).saturating_sub(1), m(eval.scored, m(v, 4)));
+    let scoring = m(m(eval.models, v), m(h, 4))
+        .saturating_add(scored)
+        .saturating_add(logits.max(m(m(v, h), eval.widened_head_bytes)));
+    let work = embedding.max(running).max(scoring);
+    (256u64 << 20).saturating_add(work).saturating_add(work / 4)
 }
 
 #[cfg(test)]
@@ -564,16 +756,124 @@ mod tests {
         // The evaluation still holds three models and two windows of logits.
         let work = 3 * held + 2 * 512 * shape.vocab * 4;
         let evaluation = (256 << 20) + work + work / 8;
-        let streamed = p.estimated_peak_for(Some(shape), Some(&checkpoint));
+        let streamed = p.estimated_peak_for(Some(shape), Some(&checkpoint), false, 32);
         assert_eq!(streamed, evaluation.max(gptq).max(rtn));
         // Without the checkpoint (or for a family that does not stream) every stage holds the
         // model and the whole-model calibration terms count.
-        let whole = p.estimated_peak_for(Some(shape), None);
+        let whole = p.estimated_peak_for(Some(shape), None, false, 32);
         assert_eq!(
             whole,
             p.estimated_peak_bytes(134_515_008, 576, 1536, 49_152)
         );
         assert!(whole > streamed, "{whole} vs {streamed}");
+        // Evaluated block by block, no model is held: the stages' own peaks and the
+        // evaluation's (two models, 32 chunks of 512 tokens, 4 at a time).
+        let eval = streamed_eval_peak(
+            &shape,
+            &StreamedEval {
+                chunks: 32,
+                ctx: 512,
+                scored: 255,
+                batch: 4,
+                models: 2,
+                widened_head_bytes: 0,
+            },
+        );
+        let gptq_alone = gptq - held;
+        let block_by_block = p.estimated_peak_for(Some(shape), Some(&checkpoint), true, 32);
+        assert_eq!(block_by_block, eval.max(gptq_alone).max(rtn - held));
+        assert!(block_by_block < streamed, "{block_by_block} vs {streamed}");
+
+        // `auto` evaluates block by block only when the models held whole do not fit.
+        let plan = |limit| p.check_memory(Some(shape), Some(&checkpoint), limit, Some(32));
+        assert_eq!(
+            plan(u64::MAX).unwrap(),
+            MemoryPlan {
+                estimate: streamed,
+                block_by_block: false
+            }
+        );
+        assert_eq!(
+            plan(streamed - 1).unwrap(),
+            MemoryPlan {
+                estimate: block_by_block,
+                block_by_block: true
+            }
+        );
+        let e = plan(block_by_block - 1).unwrap_err().to_string();
+        assert!(e.contains("evaluating block by block"), "{e}");
+        // `never` refuses what does not fit whole; `always` evaluates block by block even when
+        // it would fit, and refuses a model that cannot be read so.
+        let mut never = p.clone();
+        never.eval.stream = crate::StreamEval::Never;
+        let e = never
+            .check_memory(Some(shape), Some(&checkpoint), streamed - 1, Some(32))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stream = \"auto\""), "{e}");
+        let mut always = p.clone();
+        always.eval.stream = crate::StreamEval::Always;
+        assert!(
+            always
+                .check_memory(Some(shape), Some(&checkpoint), u64::MAX, Some(32))
+                .unwrap()
+                .block_by_block
+        );
+        let e = always
+            .check_memory(Some(shape), None, u64::MAX, Some(32))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[eval] stream = \"always\""), "{e}");
+    }
+
+    #[test]
+    fn the_streamed_evaluation_formula_by_hand() {
+        let shape = ModelShape {
+            parameters: 0,
+            hidden: 64,
+            intermediate: 128,
+            vocab: 1000,
+            block_parameters: 50_000,
+        };
+        let eval = |chunks, models| StreamedEval {
+            chunks,
+            ctx: 16,
+            scored: 7,
+            batch: 4,
+            models,
+            widened_head_bytes: 0,
+        };
+        let kept = 10 * 7 * 64 * 4;
+        // Scoring dominates: two heads, the kept states, one chunk's logits of its scored
+        // positions three times (both models', one also as a tensor).
+        let work = 2 * 1000 * 64 * 4 + 2 * kept + 3 * 7 * 1000 * 4;
+        assert_eq!(
+            streamed_eval_peak(&shape, &eval(10, 2)),
+            (256 << 20) + work + work / 4
+        );
+        // One chunk: the batch is that chunk (its forward pass: 16 tokens through an MLP of
+        // 128 and one 16 × 16 attention head); one model's logits once.
+        let (states, kept) = (16 * 64 * 4, 7 * 64 * 4);
+        let forward = (16 * (3 * 128 + 4 * 64) + 16 * 16) * 4;
+        let work: u64 = (1000 * 64 * 4 + states)
+            .max(50_000 * 4 + 2 * states + forward + kept)
+            .max(1000 * 64 * 4 + kept + 7 * 1000 * 4);
+        assert_eq!(
+            streamed_eval_peak(&shape, &eval(1, 1)),
+            (256 << 20) + work + work / 4
+        );
+        assert_eq!(streamed_eval_peak(&shape, &eval(u64::MAX, 2)), u64::MAX);
+        // A bf16 head read and widened beside the other model's: its stored copy, not the
+        // logits, sets the scoring phase.
+        let bf16 = StreamedEval {
+            widened_head_bytes: 2,
+            ..eval(10, 2)
+        };
+        let work = 2 * 1000 * 64 * 4 + 2 * 10 * 7 * 64 * 4 + 1000 * 64 * 2;
+        assert_eq!(
+            streamed_eval_peak(&shape, &bf16),
+            (256 << 20) + work + work / 4
+        );
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct EvalSettings {
     /// Encoders: the held-out sentences embedded (chunks and tokens scored are then 0).
     #[serde(default)]
     pub sentences: Option<usize>,
+    /// The models were evaluated block by block (no generations or decode speed).
+    #[serde(default)]
+    pub block_by_block: bool,
 }
 
 /// One model of the run: the input (baseline) or a stage's output.

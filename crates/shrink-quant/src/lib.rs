@@ -339,10 +339,9 @@ impl QuantPlan {
         self.fit(format, cols)
     }
 
-    /// Checks, before any work, that every linear of `model` gets a format whose blocks divide its
-    /// rows.
-    pub fn check_model(&self, model: &impl BlockModel) -> Result<()> {
-        let config = model.config();
+    /// Checks, before any work, that every linear of a model of `config` gets a format whose
+    /// blocks divide its rows.
+    pub fn check_model(&self, config: &shrink_models::ModelConfig) -> Result<()> {
         let n_layers = config.num_hidden_layers;
         for (name, shape) in config.expected_tensors() {
             let Some(name) = name.strip_suffix(".weight") else {
@@ -525,7 +524,7 @@ pub fn quantize_blocks<M: BlockModel>(
     done: &mut BlockDone<'_>,
     finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
-    plan.check_model(model)?;
+    plan.check_model(model.config())?;
     let layers = std::cell::RefCell::new(Vec::new());
     let n_layers = model.num_blocks();
     let keeps_blocks = model.keeps_blocks();

@@ -144,7 +144,7 @@ pub fn quantize_streamed(
     progress: &dyn shrink_core::Progress,
     out: &Path,
 ) -> Result<(QuantizedModel, Written)> {
-    output.plan.check_model(model)?;
+    output.plan.check_model(model.config())?;
     let config = model.config().clone();
     let arch = config.arch()?;
     let io = |e: shrink_core::CoreError| QuantError::Io(e.into());

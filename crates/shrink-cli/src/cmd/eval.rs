@@ -77,7 +77,7 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     let (report, parameters, streamed) = if can_stream
         && (args.stream || !fits_whole(&checkpoint, reference_checkpoint.as_ref(), args.dtype))
     {
-        check_streamed_memory(&checkpoint, reference_checkpoint.is_some(), &tokens, &cfg)?;
+        check_streamed_memory(&checkpoint, reference_checkpoint.as_ref(), &tokens, &cfg)?;
         let dtype = args.dtype.dtype();
         let mut model = checkpoint.streamed(dtype)?;
         let mut reference = reference_checkpoint
@@ -170,32 +170,40 @@ fn fits_whole(checkpoint: &Checkpoint, reference: Option<&Checkpoint>, dtype: Co
     held + held / 4 < shrink_pipeline::memory::memory_limit(None)
 }
 
-/// Refuses a streamed evaluation whose hidden states and heads would not fit: every chunk's
-/// hidden states at one depth (twice while a block runs), their scored half kept for each model,
-/// and each model's output head in f32.
+/// Refuses a streamed evaluation estimated above this machine's memory
+/// ([`shrink_pipeline::memory::streamed_eval_peak`]).
 fn check_streamed_memory(
     checkpoint: &Checkpoint,
-    reference: bool,
+    reference: Option<&Checkpoint>,
     tokens: &[u32],
     cfg: &EvalConfig,
 ) -> Result<()> {
     let Some(shape) = shrink_pipeline::memory::model_shape(&checkpoint.path) else {
         return Ok(());
     };
-    let models = 1 + u64::from(reference);
     let chunks = (tokens.len() / cfg.ctx.max(1) + 1).min(cfg.chunks.unwrap_or(usize::MAX)) as u64;
-    let hidden = chunks * cfg.ctx as u64 * shape.hidden * 4;
-    let heads = models * shape.vocab * shape.hidden * 4;
-    let estimate = 2 * hidden + models * hidden / 2 + heads + (256 << 20);
+    let estimate = shrink_pipeline::memory::streamed_eval_peak(
+        &shape,
+        &shrink_pipeline::memory::StreamedEval {
+            chunks,
+            ctx: cfg.ctx as u64,
+            scored: shrink_pipeline::memory::scored_per_chunk(cfg.protocol, cfg.ctx),
+            batch: cfg.batch as u64,
+            models: 1 + u64::from(reference.is_some()),
+            widened_head_bytes: shrink_pipeline::memory::widened_head_bytes(
+                std::iter::once(checkpoint).chain(reference),
+            ),
+        },
+    );
     let limit = shrink_pipeline::memory::memory_limit(None);
     if estimate > limit {
         anyhow::bail!(
-            "evaluating block by block needs an estimated {:.1} GB (hidden states of {chunks} \
-             chunks {:.1} GB, output heads {:.1} GB), more than this machine's {:.1} GB: lower \
-             --chunks or --ctx",
+            "evaluating block by block needs an estimated {:.1} GB ({chunks} chunks of {} \
+             tokens, {} at a time, and each model's output head in f32), more than this \
+             machine's {:.1} GB: lower --chunks, --ctx or --batch",
             estimate as f64 / 1e9,
-            (2 * hidden + models * hidden / 2) as f64 / 1e9,
-            heads as f64 / 1e9,
+            cfg.ctx,
+            cfg.batch,
             limit as f64 / 1e9
         );
     }

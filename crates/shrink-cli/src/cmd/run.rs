@@ -26,6 +26,15 @@ pub(crate) struct RunArgs {
     max_memory: Option<u64>,
 }
 
+/// Whether the run will evaluate its models block by block (as far as can be told before it
+/// starts: from the pipeline file and its model's header, when the model is here).
+pub(crate) fn evaluates_block_by_block(args: &RunArgs) -> bool {
+    shrink_pipeline::load(&args.file)
+        .ok()
+        .and_then(|p| crate::common::pipeline_memory(&p, args.max_memory).ok())
+        .is_some_and(|(_, memory)| memory.block_by_block)
+}
+
 /// Exit code of a run whose report was written but whose gates failed.
 const GATES_FAILED: u8 = 3;
 

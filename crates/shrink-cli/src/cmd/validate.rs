@@ -1,6 +1,5 @@
 //! `shrink validate`: A pipeline file's plan.
 
-use crate::common::resolve_model_if_present;
 use anyhow::Result;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -41,19 +40,9 @@ pub(crate) fn print_plan(
     max_memory: Option<u64>,
 ) -> Result<()> {
     // The memory estimate needs the model's shape: read it if the model is already here.
-    let path = resolve_model_if_present(&pipeline.model.source);
-    let shape = path
-        .as_deref()
-        .and_then(shrink_pipeline::memory::model_shape);
-    // Its header tells which stages read it block by block.
-    let checkpoint = path
-        .as_deref()
-        .and_then(|p| shrink_io::open(p).ok())
-        .map(|f| f.checkpoint);
-    let limit = shrink_pipeline::memory::memory_limit(max_memory);
-    pipeline.check_memory(shape, checkpoint.as_ref(), limit)?;
-    let peak = shape.map(|shape| pipeline.estimated_peak_for(Some(shape), checkpoint.as_ref()));
-    let summary = pipeline.plan_summary(file, run_dir, peak);
+    let (shape, memory) = crate::common::pipeline_memory(pipeline, max_memory)?;
+    let peak = shape.map(|_| memory.estimate);
+    let summary = pipeline.plan_summary(file, run_dir, peak, memory.block_by_block);
     if json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
@@ -114,7 +103,15 @@ pub(crate) fn print_plan(
         run_dir.join("report.{json,md,html}").display()
     );
     match peak {
-        Some(b) => outln!("memory    ≈ {:.1} GB peak (estimate)", b as f64 / 1e9),
+        Some(b) => outln!(
+            "memory    ≈ {:.1} GB peak (estimate){}",
+            b as f64 / 1e9,
+            if memory.block_by_block {
+                ", models evaluated block by block"
+            } else {
+                ""
+            }
+        ),
         None => outln!("memory    unknown until the model is fetched"),
     }
     Ok(())

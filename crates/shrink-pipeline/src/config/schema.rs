@@ -166,6 +166,26 @@ pub struct EvalConfig {
     /// Encoders: held-out sentences of the evaluation text whose embeddings are compared.
     #[serde(default = "default_sentences")]
     pub sentences: usize,
+    /// Whether the models are evaluated block by block: the same perplexity, KL and top-1 with
+    /// one block in memory at a time, without generations or decode speed (they need the model
+    /// whole).
+    #[serde(default)]
+    pub stream: StreamEval,
+}
+
+/// When a run evaluates its models block by block ([`EvalConfig::stream`]).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamEval {
+    /// When the run, holding its models whole, would need more than the memory allowed, and
+    /// every stage reads its input block by block.
+    #[default]
+    Auto,
+    /// Always; a pipeline that cannot (an encoder, a stage that holds the model whole) is
+    /// refused.
+    Always,
+    /// Never: the models are built whole.
+    Never,
 }
 
 fn default_sentences() -> usize {
@@ -214,6 +234,7 @@ impl Default for EvalConfig {
             prefill_tokens: default_prefill_tokens(),
             decode_tokens: default_decode_tokens(),
             sentences: default_sentences(),
+            stream: StreamEval::Auto,
         }
     }
 }
@@ -283,6 +304,8 @@ pub struct PlanSummary<'a> {
     pub sweep: &'a Option<Sweep>,
     pub gates: &'a Gates,
     pub estimated_peak_bytes: Option<u64>,
+    /// Whether the run will evaluate its models block by block ([`EvalConfig::stream`]).
+    pub eval_block_by_block: bool,
 }
 
 /// One stage of a [`PlanSummary`].
@@ -312,6 +335,7 @@ impl Pipeline {
         file: &std::path::Path,
         run_dir: &std::path::Path,
         estimated_peak_bytes: Option<u64>,
+        eval_block_by_block: bool,
     ) -> PlanSummary<'_> {
         let stages = self
             .planned
@@ -337,6 +361,7 @@ impl Pipeline {
             sweep: &self.sweep,
             gates: &self.gates,
             estimated_peak_bytes,
+            eval_block_by_block,
         }
     }
 

@@ -245,8 +245,16 @@ fn meta_line(r: &Report) -> String {
         match e.sentences {
             Some(n) => format!("sentence embeddings of {n} sentences"),
             None => format!(
-                "{}, ctx {}, {} chunks, {} tokens",
-                e.protocol, e.ctx, e.chunks, e.tokens_scored
+                "{}, ctx {}, {} chunks, {} tokens{}",
+                e.protocol,
+                e.ctx,
+                e.chunks,
+                e.tokens_scored,
+                if e.block_by_block {
+                    ", block by block: no generations or decode speed"
+                } else {
+                    ""
+                }
             ),
         },
         r.wall_s

@@ -172,8 +172,10 @@ pub fn run(
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
     let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
+    let block_by_block = given.memory.block_by_block;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
+        "block_by_block": block_by_block,
     }));
     // Measurements are reused while the model and the evaluation settings are unchanged.
     let metrics_for = |dir: &Path,
@@ -190,15 +192,33 @@ pub fn run(
         Ok(metrics)
     };
 
-    log(&format!("baseline  {}", given.model_path.display()));
-    let baseline = build_model(&given.checkpoint, DType::F32)?;
-    check_stage_shapes(pipeline, &baseline)?;
+    log(&format!(
+        "baseline  {}{}",
+        given.model_path.display(),
+        if block_by_block {
+            " (evaluated block by block)"
+        } else {
+            ""
+        }
+    ));
+    let config = shrink_models::ModelConfig::from_json(&given.checkpoint.config)?;
+    check_stage_shapes(pipeline, &config)?;
     if pipeline.plan().iter().any(|s| s.export == Export::Gguf) {
-        shrink_io::check_export(&given.checkpoint, baseline.arch, Export::Gguf)?;
+        shrink_io::check_export(&given.checkpoint, config.arch()?, Export::Gguf)?;
     }
-    let base = metrics_for(&run_dir.join("baseline"), &given.model_sha, &|key| {
-        bench.measure(key, &baseline, None, &given.view)
-    })?;
+    // Evaluated block by block, no model is built whole (every stage streams too).
+    let baseline = match block_by_block {
+        true => None,
+        false => Some(build_model(&given.checkpoint, DType::F32)?),
+    };
+    let base = metrics_for(
+        &run_dir.join("baseline"),
+        &given.model_sha,
+        &|key| match &baseline {
+            Some(model) => bench.measure(key, model, None, &given.view),
+            None => bench.measure_streamed(key, &given.checkpoint, None, &given.view),
+        },
+    )?;
     // Measured: the input file's map is let go.
     drop(given.view);
     let mut rows = vec![row(
@@ -286,7 +306,10 @@ pub fn run(
                 };
                 let teacher = match stage.teacher.as_deref() {
                     None => None,
-                    Some("model") => Some(baseline.clone()),
+                    Some("model") => Some(match &baseline {
+                        Some(model) => model.clone(),
+                        None => build_model(&given.checkpoint, DType::F32)?,
+                    }),
                     Some(t) => Some(build_model(&shrink_io::load(&artifacts[t])?, DType::F32)?),
                 };
                 // Checkpoints of training stages live outside the staging folder, so a rerun
@@ -305,7 +328,7 @@ pub fn run(
                     workdir: &workdir,
                     progress,
                 };
-                let built = (stage.input == "model").then_some(&baseline);
+                let built = baseline.as_ref().filter(|_| stage.input == "model");
                 run_stage(stage, key.clone(), &cx, built, &dir).map_err(|e| {
                     PipelineError::Stage {
                         stage: stage.name.clone(),
@@ -317,9 +340,14 @@ pub fn run(
         let artifact = dir.join(&record.artifact);
         let metrics = metrics_for(&dir, &key, &|key| {
             let shrink_io::ModelFile { checkpoint, view } = shrink_io::open(&artifact)?;
-            let model = build_model(&checkpoint, DType::F32)?;
-            drop(checkpoint);
-            bench.measure(key, &model, Some(&baseline), &view)
+            match &baseline {
+                Some(baseline) => {
+                    let model = build_model(&checkpoint, DType::F32)?;
+                    drop(checkpoint);
+                    bench.measure(key, &model, Some(baseline), &view)
+                }
+                None => bench.measure_streamed(key, &checkpoint, Some(&given.checkpoint), &view),
+            }
         })?;
         rows.push(row(
             &stage.name,
@@ -386,6 +414,7 @@ pub fn run(
             chunks: base.eval.as_ref().map_or(0, |e| e.chunks),
             tokens_scored: base.eval.as_ref().map_or(0, |e| e.tokens_scored),
             sentences: base.encoder.as_ref().map(|e| e.sentences),
+            block_by_block,
         },
         rows,
         exported,
@@ -414,6 +443,8 @@ struct RunInputs {
     /// The input model, read once, and its file as the baseline's measurement sees it.
     checkpoint: Checkpoint,
     view: FileView,
+    /// Whether the models are evaluated block by block, and the run's estimated peak.
+    memory: crate::memory::MemoryPlan,
     inputs: Vec<InputHash>,
     eval_text: String,
     eval_sha: String,
@@ -439,11 +470,10 @@ fn read_inputs(
         )?;
     }
     let ModelFile { checkpoint, view } = shrink_io::open(&model_path)?;
-    pipeline.check_memory(
-        crate::memory::model_shape(&model_path),
-        Some(&checkpoint),
-        crate::memory::memory_limit(opts.max_memory_bytes),
-    )?;
+    // Before any text is read, with the evaluation's chunk setting; again below with the text's.
+    let shape = crate::memory::model_shape(&model_path);
+    let limit = crate::memory::memory_limit(opts.max_memory_bytes);
+    pipeline.check_memory(shape, Some(&checkpoint), limit, None)?;
     let model_sha = hash_path(&model_path)?;
     // A model without a usable tokenizer is refused before any text is read.
     checkpoint.tokenizer()?;
@@ -454,6 +484,17 @@ fn read_inputs(
     }];
     let (eval_text, eval_sha) =
         read_text_input("evaluation text", &pipeline.data.eval, &mut inputs, log)?;
+    // The chunks the evaluation will score (at most one more than the text fills).
+    let chunks = (crate::measure::eval_tokens(&checkpoint, &eval_text)?
+        .0
+        .len()
+        / pipeline.eval.ctx.max(1)
+        + 1)
+    .min(match pipeline.eval.chunks {
+        0 => usize::MAX,
+        n => n,
+    });
+    let memory = pipeline.check_memory(shape, Some(&checkpoint), limit, Some(chunks as u64))?;
     let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
     let calib = if calibrates {
         Some(read_text_input(
@@ -483,6 +524,7 @@ fn read_inputs(
         model_sha,
         checkpoint,
         view,
+        memory,
         inputs,
         eval_text,
         eval_sha,

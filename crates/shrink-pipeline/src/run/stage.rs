@@ -36,7 +36,10 @@ pub(super) struct StageRecord {
 /// Refuses, before any work, a quantization whose formats do not fit the shapes of the model it
 /// will read: every quantize stage whose input chain keeps the input model's shapes (no
 /// structured pruning or distillation on the way).
-pub(super) fn check_stage_shapes(pipeline: &Pipeline, model: &Transformer) -> Result<()> {
+pub(super) fn check_stage_shapes(
+    pipeline: &Pipeline,
+    config: &shrink_models::ModelConfig,
+) -> Result<()> {
     let plan = pipeline.plan();
     for stage in plan {
         let mut input = stage.input.as_str();
@@ -49,7 +52,7 @@ pub(super) fn check_stage_shapes(pipeline: &Pipeline, model: &Transformer) -> Re
             stage
                 .job
                 .job()
-                .check_shapes(model)
+                .check_shapes(config)
                 .map_err(|e| PipelineError::Stage {
                     stage: stage.name.clone(),
                     source: Box::new(e),

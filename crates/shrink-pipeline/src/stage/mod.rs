@@ -217,8 +217,13 @@ pub(crate) trait Job {
         true
     }
     /// Refuses, before any work, an input model whose shapes the job cannot take.
-    fn check_shapes(&self, _model: &Transformer) -> Result<()> {
+    fn check_shapes(&self, _config: &shrink_models::ModelConfig) -> Result<()> {
         Ok(())
+    }
+    /// Whether what it writes can be read block by block (not a model whose linears quantize
+    /// their activations to int8, which only a model built whole applies).
+    fn writes_streamable(&self) -> bool {
+        true
     }
     /// Whether its output holds a pruning mask (exact zeros) that a later quantization keeps.
     fn leaves_mask(&self) -> bool {

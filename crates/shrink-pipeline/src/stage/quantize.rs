@@ -587,7 +587,7 @@ impl Compress for ResolvedQuantize {
     }
 
     fn check(&self, checkpoint: &Checkpoint, model: &Transformer) -> Result<()> {
-        self.plan.check_model(model)?;
+        self.plan.check_model(&model.config)?;
         Ok(shrink_io::check_export(
             checkpoint,
             model.arch,
@@ -619,7 +619,7 @@ impl Compress for ResolvedQuantize {
 
     fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
         let model = checkpoint.streamed(DType::F32)?;
-        self.plan.check_model(&model)?;
+        self.plan.check_model(model.config())?;
         Ok(shrink_io::check_export(
             checkpoint,
             model.config().arch()?,
@@ -748,8 +748,12 @@ impl Job for QuantizeRequest {
         self.resolve().map(|r| (r.calibrates, r.export))
     }
 
-    fn check_shapes(&self, model: &Transformer) -> Result<()> {
-        Ok(self.resolve()?.plan.check_model(model)?)
+    fn check_shapes(&self, config: &ModelConfig) -> Result<()> {
+        Ok(self.resolve()?.plan.check_model(config)?)
+    }
+
+    fn writes_streamable(&self) -> bool {
+        self.resolve().is_ok_and(|r| r.activations.is_none())
     }
 
     fn leaves_mask(&self) -> bool {
