@@ -594,7 +594,7 @@ pub fn widened_head_bytes<'a>(
 /// `peak = 256 MB + work + work / 4`, `work = max(4·V·h + S, 4·P_b + 2·S + F + m·K,
 /// m·V·h·4 + m·K + max(V·h·w, (2m − 1)·k·V·4))`, `F = 4·(b·n·(3i + 4h) + b·(h/64)·n²)`. The
 /// allowance `work / 4` is fitted to a measurement, not derived (as [`StreamedPeak`]'s): on the
-/// 8B shapes the process held ~0.9 GB more than the terms at the moment the second head was
+/// 8B shapes the process held ~0.7 GB more than the terms at the moment the second head was
 /// widened (6.28 GB measured; the terms with `work / 8` gave 6.22 GB).
 pub fn streamed_eval_peak(shape: &ModelShape, eval: &StreamedEval) -> u64 {
     let m = |a: u64, b: u64| a.saturating_mul(b);
