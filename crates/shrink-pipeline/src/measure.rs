@@ -107,6 +107,11 @@ impl<'a> Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// At most how many chunks the evaluation scores ([`crate::memory::eval_chunk_bound`]).
+    pub(crate) fn chunk_bound(&self) -> u64 {
+        crate::memory::eval_chunk_bound(self.tokens.len(), self.eval.ctx, self.eval.chunks)
+    }
+
     /// Evaluates `model` (built from the file `file` views) against `reference`, generates from
     /// the prompts and times decoding; the file's size and bits come from the inspection made when
     /// it was read.

@@ -181,7 +181,7 @@ fn check_streamed_memory(
     let Some(shape) = shrink_pipeline::memory::model_shape(&checkpoint.path) else {
         return Ok(());
     };
-    let chunks = (tokens.len() / cfg.ctx.max(1) + 1).min(cfg.chunks.unwrap_or(usize::MAX)) as u64;
+    let chunks = shrink_pipeline::memory::eval_chunk_bound(tokens.len(), cfg.ctx, cfg.chunks);
     let estimate = shrink_pipeline::memory::streamed_eval_peak(
         &shape,
         &shrink_pipeline::memory::StreamedEval {

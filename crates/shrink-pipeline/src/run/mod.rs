@@ -172,7 +172,16 @@ pub fn run(
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
     let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
-    let block_by_block = given.memory.block_by_block;
+    // Checked again with the evaluation text's own chunks: whether the run evaluates block by
+    // block.
+    let block_by_block = pipeline
+        .check_memory(
+            given.shape,
+            Some(&given.checkpoint),
+            given.limit,
+            Some(bench.chunk_bound()),
+        )?
+        .block_by_block;
     let eval_key = key_of(&serde_json::json!({
         "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
         "block_by_block": block_by_block,
@@ -443,8 +452,9 @@ struct RunInputs {
     /// The input model, read once, and its file as the baseline's measurement sees it.
     checkpoint: Checkpoint,
     view: FileView,
-    /// Whether the models are evaluated block by block, and the run's estimated peak.
-    memory: crate::memory::MemoryPlan,
+    /// The model's shape (from its header) and the memory the run may use.
+    shape: Option<crate::memory::ModelShape>,
+    limit: u64,
     inputs: Vec<InputHash>,
     eval_text: String,
     eval_sha: String,
@@ -470,7 +480,8 @@ fn read_inputs(
         )?;
     }
     let ModelFile { checkpoint, view } = shrink_io::open(&model_path)?;
-    // Before any text is read, with the evaluation's chunk setting; again below with the text's.
+    // Before any text is read, with the evaluation's chunk setting; again by the run with the
+    // text's.
     let shape = crate::memory::model_shape(&model_path);
     let limit = crate::memory::memory_limit(opts.max_memory_bytes);
     pipeline.check_memory(shape, Some(&checkpoint), limit, None)?;
@@ -484,17 +495,6 @@ fn read_inputs(
     }];
     let (eval_text, eval_sha) =
         read_text_input("evaluation text", &pipeline.data.eval, &mut inputs, log)?;
-    // The chunks the evaluation will score (at most one more than the text fills).
-    let chunks = (crate::measure::eval_tokens(&checkpoint, &eval_text)?
-        .0
-        .len()
-        / pipeline.eval.ctx.max(1)
-        + 1)
-    .min(match pipeline.eval.chunks {
-        0 => usize::MAX,
-        n => n,
-    });
-    let memory = pipeline.check_memory(shape, Some(&checkpoint), limit, Some(chunks as u64))?;
     let calibrates = pipeline.plan().iter().any(|s| s.calibrates);
     let calib = if calibrates {
         Some(read_text_input(
@@ -524,7 +524,8 @@ fn read_inputs(
         model_sha,
         checkpoint,
         view,
-        memory,
+        shape,
+        limit,
         inputs,
         eval_text,
         eval_sha,
