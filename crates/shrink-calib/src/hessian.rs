@@ -21,21 +21,23 @@ pub struct LinearStats {
 impl LinearStats {
     pub fn new(in_features: usize) -> Self {
         Self {
-            in_features,
             hessian: vec![0.0; in_features * in_features],
-            channel_sq: vec![0.0; in_features],
-            channel_abs: vec![0.0; in_features],
-            channel_max: vec![0.0; in_features],
-            rows: 0,
+            ..Self::diagonal(in_features)
         }
     }
 
     /// Per-channel statistics only, without the `in × in` Hessian (Wanda needs no more; the
-    /// Hessian's product dominates calibration time on wide layers).
+    /// Hessian's product dominates calibration time on wide layers). The Hessian is never
+    /// allocated: zeroing `in²` f64s of reused memory for nothing raised the peak of a Wanda or
+    /// structured pruning of the 8B shapes by ~1.1 GB.
     pub fn diagonal(in_features: usize) -> Self {
         Self {
+            in_features,
             hessian: Vec::new(),
-            ..Self::new(in_features)
+            channel_sq: vec![0.0; in_features],
+            channel_abs: vec![0.0; in_features],
+            channel_max: vec![0.0; in_features],
+            rows: 0,
         }
     }
 
