@@ -6,7 +6,7 @@
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
 #   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill,
-#                                     # activations, pipeline (default all)
+#                                     # activations, pipeline, structured (default all)
 #
 # Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
 # GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
@@ -22,7 +22,11 @@
 # activation memory, with peak RSS and time. The pipeline step runs a pipeline on the 8B shapes
 # (RTN into the q4_k_m mix, PIPELINE_CHUNKS (4) chunks of 512 Hamlet tokens): held whole its run
 # would need ~100 GB, so it evaluates block by block ([eval] stream = "auto"); its peak RSS against
-# the estimate `shrink validate` prints, and each model's perplexity and KL.
+# the estimate `shrink validate` prints, and each model's perplexity and KL. The structured step
+# prunes block by block: the whole 8B model's width by 25% (magnitude) to an F16 GGUF that
+# llama.cpp loads; MLP channels by 25% (activation) and one of STRUCTURED_BLOCKS (2) layers (Block
+# Influence) of the 8B shapes with 16 × 512 calibration tokens; and SmolLM2's width (activation,
+# 64 × 512) and depth (Block Influence) by 25%, as pipelines/smollm2-structured.toml does.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -34,9 +38,9 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations pipeline}"
+STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations pipeline structured}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
-if want rtn || want llama-quantize || want prune || want pipeline; then
+if want rtn || want llama-quantize || want prune || want pipeline || want structured; then
   [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
 fi
 if want rtn; then
@@ -175,4 +179,37 @@ for r in report["rows"]:
           f"top-1 {r['top1_agreement']}, {r['size_bytes'] / 1e6:.1f} MB")
 PY
   rm -rf "$OUT/run-8b"
+fi
+if want structured; then
+  memory() { # the job's estimate beside its peak RSS
+    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); s=json.JSONDecoder().raw_decode(t[t.index("{"):])[0]; m=s["memory"]; print("  estimate %.0f MB; shape %s" % (m["estimated_peak_bytes"]/2**20, s["config"]))' "$1"
+  }
+  measure shrink-width-25-8b-f16 "$SHRINK" --threads "$THREADS" prune "$OUT/synth-8b" \
+    --method width --fraction 0.25 --importance magnitude --dtype f16 --json -o "$OUT/width-f16.gguf"
+  memory "$OUT/shrink-width-25-8b-f16.log"
+  ls -l "$OUT/width-f16.gguf" | awk '{printf "  width-pruned F16 GGUF: %.1f MB\n", $5 / 1e6}'
+  measure llama-perplexity-on-shrink-width "$BIN/llama-perplexity" -m "$OUT/width-f16.gguf" \
+    -f "$hamlet" -c 128 --chunks 2 -t "$THREADS"
+  grep -o 'Final estimate: PPL = [0-9.]*' "$OUT/llama-perplexity-on-shrink-width.log"
+  rm -f "$OUT/width-f16.gguf"
+  blocks="${STRUCTURED_BLOCKS:-2}"
+  model="$OUT/synth-8b-$blocks"
+  [ -d "$model" ] || "$SHRINK" synth llama3-8b --layers "$blocks" -o "$model" >/dev/null
+  measure "shrink-channels-25-8b-$blocks-blocks" "$SHRINK" --threads "$THREADS" prune "$model" \
+    --method channels --fraction 0.25 --samples 16 --seq-len 512 --dtype f16 --json \
+    -o "$OUT/channels.gguf"
+  memory "$OUT/shrink-channels-25-8b-$blocks-blocks.log"
+  measure "shrink-layers-8b-$blocks-blocks" "$SHRINK" --threads "$THREADS" prune "$model" \
+    --method layers --fraction 0.5 --samples 16 --seq-len 512 --dtype f16 --json \
+    -o "$OUT/layers.gguf"
+  memory "$OUT/shrink-layers-8b-$blocks-blocks.log"
+  rm -f "$OUT/channels.gguf" "$OUT/layers.gguf"
+  measure shrink-width-25-smollm2 "$SHRINK" --threads "$THREADS" prune smollm2 --method width \
+    --fraction 0.25 --samples 64 --seq-len 512 --json -o "$OUT/smollm2-width.gguf"
+  memory "$OUT/shrink-width-25-smollm2.log"
+  measure shrink-layers-25-smollm2 "$SHRINK" --threads "$THREADS" prune smollm2 --method layers \
+    --fraction 0.25 --samples 64 --seq-len 512 --json -o "$OUT/smollm2-layers.gguf"
+  memory "$OUT/shrink-layers-25-smollm2.log"
+  sha256sum "$OUT/smollm2-width.gguf" "$OUT/smollm2-layers.gguf" | sed 's/^/  /'
+  rm -f "$OUT/smollm2-width.gguf" "$OUT/smollm2-layers.gguf"
 fi

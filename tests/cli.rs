@@ -1101,6 +1101,11 @@ input = "model"
 format = "hf"
 bits = 4
 group = 32
+[[stage]]
+kind = "prune.channels"
+name = "narrow"
+input = "model"
+fraction = 0.25
 {extra}
 [eval]
 ctx = 64
@@ -1130,9 +1135,11 @@ stream = "{stream}"
     assert_eq!(whole["eval"]["block_by_block"], false);
     assert_eq!(streamed["eval"]["block_by_block"], true);
     // Every model scores the same bits either way: perplexity, KL and top-1 against the input
-    // model, and the sparsity, size and shape read from its blocks.
+    // model, and the sparsity, size and shape read from its blocks (a structured pruning's
+    // narrower MLP among them).
     let rows = |r: &serde_json::Value| r["rows"].as_array().unwrap().clone();
-    assert_eq!(rows(&whole).len(), 4);
+    assert_eq!(rows(&whole).len(), 5);
+    assert_ne!(rows(&whole)[4]["shape"], rows(&whole)[0]["shape"]);
     for (w, s) in rows(&whole).iter().zip(&rows(&streamed)) {
         for key in [
             "name",
@@ -1160,10 +1167,11 @@ stream = "{stream}"
     let md = std::fs::read_to_string(streamed_dir.join("report.md")).unwrap();
     assert!(md.contains("block by block: no generations"), "{md}");
 
-    // A stage that holds its model whole cannot be evaluated block by block: refused at once.
+    // A stage that holds its model whole (layers ranked by the loss without each) cannot be
+    // evaluated block by block: refused at once.
     let layers = pipeline(
         "always",
-        "[[stage]]\nkind = \"prune.layers\"\nname = \"shallow\"\ninput = \"model\"\nfraction = 0.5",
+        "[[stage]]\nkind = \"prune.layers\"\nname = \"shallow\"\ninput = \"model\"\nfraction = 0.5\ncriterion = \"perplexity\"",
     );
     let out = dir.path().join("refused");
     let e = fails(&["run", layers.to_str().unwrap(), "-o", out.to_str().unwrap()]);

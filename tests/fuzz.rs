@@ -187,7 +187,7 @@ fn pipeline_parser_never_panics() {
     let read = |b: &[u8]| {
         if let Ok(text) = std::str::from_utf8(b) {
             if let Ok(p) = shrink_pipeline::parse(text, "fuzz.toml") {
-                let _ = p.estimated_peak_for(None, None, true, u64::MAX);
+                let _ = p.estimated_peak_for(None, None, true, u64::MAX, u64::MAX);
                 let _ = p.estimated_peak_bytes(u64::MAX, u64::MAX, u64::MAX, u64::MAX);
             }
         }

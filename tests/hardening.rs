@@ -666,10 +666,16 @@ fn settings_that_cannot_work_never_start() {
     fn strs(args: &[String]) -> Vec<&str> {
         args.iter().map(String::as_str).collect()
     }
-    // A billion windows' activations fit neither in memory nor, spilled, on any disk (131 PB).
+    // A billion windows: their token ids alone (2 TB) do not fit in memory, spilled or not; with
+    // memory enough, their activations do not fit, spilled, on any disk (131 PB).
     let e = fails(&strs(&quantize("1000000000", &[])));
+    assert!(e.contains("estimated") && e.contains("--samples"), "{e}");
+    let e = fails(&strs(&quantize(
+        "1000000000",
+        &["--spill-activations", "--max-memory", "1000T"],
+    )));
     assert!(
-        e.contains("spilling the calibration activations") && e.contains("--samples"),
+        e.contains("spilling the calibration activations") && e.contains("samples"),
         "{e}"
     );
     assert!(!q.exists());

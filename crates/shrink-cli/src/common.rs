@@ -414,7 +414,8 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
     if ranks > 1 && !streams {
         bail!(
             "{}: only a job that reads the model block by block (a Llama-family model quantized, \
-             or pruned unstructured) splits across MPI processes",
+             or pruned other than by Taylor importance, the perplexity criterion or global \
+             magnitude) splits across MPI processes",
             path.display()
         );
     }
@@ -428,7 +429,7 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
     if (args.spill_activations || keeps_16_bits) && !(streams && job.calibrates()) {
         bail!(
             "{} applies to a job that calibrates while reading the model block by block (a \
-             Llama-family model quantized or pruned unstructured); this one {}",
+             Llama-family model quantized or pruned); this one {}",
             if args.spill_activations {
                 "--spill-activations"
             } else {
@@ -445,44 +446,27 @@ pub(crate) fn compress<C: shrink_pipeline::Compress>(
         job.check_streamed(&checkpoint)?;
         let shape = shrink_pipeline::memory::model_shape(&path);
         if let (Some(shape), Some(streamed)) = (shape, job.streamed_job(&checkpoint, calibration)) {
-            use shrink_pipeline::memory::{streamed_peak_per_rank, StreamedJob};
-            let peak = |spilled| {
-                let job = StreamedJob {
-                    spilled,
-                    activation_value_bytes: value_bytes,
-                    ..streamed
-                };
-                streamed_peak_per_rank(&shape, &job, ranks as u64)
-            };
+            use shrink_pipeline::memory::{self, Spill};
             // Ranks on one machine share its memory.
-            let limit = shrink_pipeline::memory::memory_limit(args.max_memory)
-                / world.ranks_on_this_machine().max(1) as u64;
-            // Activations that do not fit go to disk, when that is enough.
-            let chosen = !spill
-                && calibration.is_some()
-                && peak(false).total() > limit
-                && peak(true).total() <= limit;
-            spill |= chosen;
-            shrink_pipeline::memory::check_streamed_memory(&peak(spill), limit)?;
-            estimate = Some(peak(spill));
-            if let (true, Some(calibration)) = (spill, calibration) {
-                let needed = shrink_pipeline::memory::spilled_disk_bytes(
-                    &shape,
-                    calibration,
-                    ranks as u64,
-                    value_bytes,
-                );
-                let free = shrink_pipeline::free_disk_bytes(&scratch).unwrap_or(u64::MAX);
-                if needed > free {
-                    bail!(
-                        "spilling the calibration activations needs an estimated {:.1} GB of disk \
-                         in {}, which has {:.1} GB free: lower --samples or --seq-len",
-                        needed as f64 / 1e9,
-                        scratch.display(),
-                        free as f64 / 1e9
-                    );
-                }
-            }
+            let limit =
+                memory::memory_limit(args.max_memory) / world.ranks_on_this_machine().max(1) as u64;
+            let spill_setting = match spill {
+                true => Spill::Always,
+                false => Spill::Auto,
+            };
+            let (job, chosen) = memory::keep_activations(
+                &shape,
+                &streamed,
+                value_bytes,
+                spill_setting,
+                ranks as u64,
+                limit,
+            );
+            spill = job.spilled;
+            let peak = memory::streamed_peak_per_rank(&shape, &job, ranks as u64);
+            memory::check_streamed_memory(&peak, limit)?;
+            memory::check_spill_disk(&shape, &job, ranks as u64, &scratch)?;
+            estimate = Some(peak);
             if chosen && rank == 0 {
                 eprintln!(
                     "note: the calibration activations would not fit in {:.1} GB: they are kept \

@@ -36,7 +36,7 @@ pub use hf::{hf_config, save_hf, save_hf_files, save_hf_with, write_json, SaveDT
 pub use inspect::{inspect, Inspection, TensorSummary};
 pub use shards::{SafetensorsEntry, ShardedWriter, MAX_SHARD_BYTES};
 pub use stream::{GgufStream, HfStream, TensorSink};
-pub use tensors::Tensors;
+pub use tensors::{LoadFn, Tensors};
 pub use tokenizer::{GgufVocab, TokenizerBundle};
 
 use candle_core::DType;

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Loads one stored tensor in the asked float type (its conversions, Q/K un-permutation and
-/// transposes done).
-pub(crate) type LoadFn = dyn Fn(DType) -> Result<Tensor> + Send + Sync;
+/// transposes done), or makes it from others (a tensor of a lazily pruned checkpoint).
+pub type LoadFn = dyn Fn(DType) -> Result<Tensor> + Send + Sync;
 
 #[derive(Clone)]
 enum Entry {
@@ -66,16 +66,16 @@ impl From<BTreeMap<String, Tensor>> for Tensors {
 
 impl Tensors {
     /// No tensors yet; errors about the ones added later name `path`.
-    pub(crate) fn empty(path: PathBuf) -> Self {
+    pub fn empty(path: PathBuf) -> Self {
         Tensors {
             path,
             entries: BTreeMap::new(),
         }
     }
 
-    /// Adds a tensor of `shape` that `load` reads from the file when asked for; `dtype` is the
-    /// float type it loads in without conversion.
-    pub(crate) fn insert_stored(
+    /// Adds a tensor of `shape` that `load` reads from the file (or makes from other tensors)
+    /// when asked for; `dtype` is the float type it loads in without conversion.
+    pub fn insert_stored(
         &mut self,
         name: String,
         shape: Vec<usize>,

@@ -81,6 +81,12 @@ impl Arch {
     /// Names accepted in errors about unknown architectures.
     pub const SUPPORTED: &'static str = "llama, mistral, qwen2, bert, gpt2";
 
+    /// The checkpoint prefix of the blocks' tensors (`model.layers`, `encoder.layer`, `h`): block
+    /// `i`'s tensors are named `{prefix}.{i}.…`.
+    pub fn layer_prefix(self) -> &'static str {
+        crate::family::naming(self).layers
+    }
+
     /// Encoders attend in both directions and produce embeddings rather than next tokens.
     pub fn is_encoder(self) -> bool {
         self == Arch::Bert

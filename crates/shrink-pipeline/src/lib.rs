@@ -41,8 +41,8 @@ mod sys;
 pub use stage::{distill, prune, qat, quantize, search};
 
 pub use config::{
-    load, parse, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig, Pipeline, PlannedStage,
-    Stage, StageKeys, StreamEval, Sweep, SWEEP_KEYS,
+    load, parse, ActivationsType, DataConfig, EvalConfig, ExportConfig, Gates, ModelConfig,
+    Pipeline, PlannedStage, Stage, StageKeys, StreamEval, Sweep, SWEEP_KEYS,
 };
 pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
 pub use measure::{eval_tokens, prompt_tokens};

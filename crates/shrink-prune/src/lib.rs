@@ -6,7 +6,8 @@
 //!   pruned on the outputs of the already-pruned blocks before it.
 //! - **Structured** ([`prune_structured`]): attention heads (query heads within KV groups, or
 //!   whole KV groups), MLP channels, decoder layers and the hidden width, removed for real, so
-//!   the model and its config shrink.
+//!   the model and its config shrink; [`prune_structured_streamed`] does it to a model read
+//!   block by block from its file.
 //!
 //! ```
 //! use candle_core::Device;
@@ -24,7 +25,8 @@ mod structured;
 mod unstructured;
 
 pub use structured::{
-    prune_structured, shape_keys, Importance, LayerCriterion, Structure, StructuredOutcome, Target,
+    check_structure, prune_structured, prune_structured_streamed, scores_block_by_block,
+    shape_keys, Importance, LayerCriterion, Structure, StructuredOutcome, Target,
 };
 pub use unstructured::{magnitude, sparsegpt, wanda, SparseGptConfig, Sparsity};
 
@@ -240,27 +242,44 @@ pub fn prune_blocks<M: BlockModel>(
     )
 }
 
+/// What a pruning of a model read block by block needs besides the model and the method: the
+/// calibration windows and windows per forward pass, the ranks calibration is split across (rank
+/// 0 writes), how the calibration activations are kept ([`shrink_calib::Keep`]), the output's
+/// format and float type, and progress.
+#[derive(Clone, Copy)]
+pub struct StreamedRun<'a> {
+    pub windows: Option<&'a [Vec<u32>]>,
+    pub batch: usize,
+    pub world: &'a dyn shrink_core::Collective,
+    pub keep: shrink_calib::Keep<'a>,
+    pub export: shrink_io::Export,
+    pub dtype: shrink_io::GgufWriteType,
+    pub progress: &'a dyn Progress,
+}
+
 /// Prunes the model read block by block from `checkpoint` (unstructured or N:M, as `plan` says)
-/// and writes it to `out` as it goes (a GGUF or a Hugging Face folder of float type `dtype`,
+/// and writes it to `out` as it goes (a GGUF or a Hugging Face folder of `run`'s float type,
 /// atomically): the embedding first, each block as soon as it is pruned, then the output
 /// tensors. Only one block's weights (and the calibration activations) are in memory at a time.
 /// A GGUF has the bytes [`prune_model`] and [`shrink_io::write_model`] write; a folder has their
-/// tensors, in the model's order and in 5 GB shards. The calibration activations are kept as `keep`
-/// says ([`shrink_calib::Keep`]). Calibration is split across the ranks of `world`
+/// tensors, in the model's order and in 5 GB shards. The calibration activations are kept as
+/// `run.keep` says. Calibration is split across the ranks of `run.world`
 /// ([`shrink_calib::sequential_from`]); every rank prunes every block and rank 0 alone writes.
-#[allow(clippy::too_many_arguments)]
 pub fn prune_streamed(
     checkpoint: &shrink_io::Checkpoint,
     plan: &PrunePlan,
-    windows: Option<&[Vec<u32>]>,
-    batch: usize,
-    world: &dyn shrink_core::Collective,
-    keep: shrink_calib::Keep,
-    export: shrink_io::Export,
-    dtype: shrink_io::GgufWriteType,
-    progress: &dyn Progress,
+    run: &StreamedRun,
     out: &std::path::Path,
 ) -> Result<Streamed> {
+    let StreamedRun {
+        windows,
+        batch,
+        world,
+        keep,
+        export,
+        dtype,
+        progress,
+    } = *run;
     let mut model = checkpoint.streamed(DType::F32)?;
     plan.check_streamed(&model)?;
     let config = model.config().clone();
@@ -491,19 +510,6 @@ fn run_blocks<M: BlockModel>(
         }
     }
     Ok(out.into_inner())
-}
-
-/// Runs the sequential calibration engine, calling `each` with every block and its input
-/// statistics (before the block's outputs feed the next block); `each`'s error is returned as is.
-pub(crate) fn for_each_block<M: BlockModel>(
-    model: &mut M,
-    windows: &[Vec<u32>],
-    batch: usize,
-    hessian: bool,
-    progress: &dyn Progress,
-    mut each: impl FnMut(&mut Block, &shrink_calib::BlockStats) -> Result<()>,
-) -> Result<()> {
-    shrink_calib::sequential(model, windows, batch, hessian, progress, &mut each)
 }
 
 /// The |w| below which global magnitude pruning removes every block-linear weight, and how many

@@ -651,19 +651,14 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
                     spill: (export == Export::Hf).then_some(dir.path()),
                     ..Default::default()
                 };
-                let b = prune_streamed(
-                    &checkpoint,
-                    plan,
+                let run = StreamedRun {
                     windows,
-                    2,
-                    &shrink_core::Alone,
                     keep,
                     export,
                     dtype,
-                    &NoProgress,
-                    &streamed_path,
-                )
-                .unwrap();
+                    ..streamed_run(&[], &shrink_core::Alone)
+                };
+                let b = prune_streamed(&checkpoint, plan, &run, &streamed_path).unwrap();
                 assert_eq!(b.resumed_at, None);
                 let facts = |layers: &[LayerSparsity]| {
                     layers
@@ -673,38 +668,7 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
                 };
                 assert_eq!(facts(&a), facts(&b.layers), "{plan:?}");
                 let case = format!("{:?} from {} to {name}", plan.method, input.display());
-                match export {
-                    Export::Gguf => assert!(
-                        std::fs::read(&whole_path).unwrap()
-                            == std::fs::read(&streamed_path).unwrap(),
-                        "{case}"
-                    ),
-                    Export::Hf => {
-                        let (x, y) = (
-                            shrink_io::load(&whole_path).unwrap(),
-                            shrink_io::load(&streamed_path).unwrap(),
-                        );
-                        assert_eq!(x.config, y.config, "{case}");
-                        let names: Vec<&String> = x.tensors.names().collect();
-                        assert_eq!(names, y.tensors.names().collect::<Vec<_>>(), "{case}");
-                        for n in names {
-                            let (p, q) = (x.tensors.get(n).unwrap(), y.tensors.get(n).unwrap());
-                            assert_eq!(p.dtype(), q.dtype(), "{case}: {n}");
-                            let bits = |t: &Tensor| {
-                                t.to_dtype(DType::F32)
-                                    .unwrap()
-                                    .flatten_all()
-                                    .unwrap()
-                                    .to_vec1::<f32>()
-                                    .unwrap()
-                                    .iter()
-                                    .map(|v| v.to_bits())
-                                    .collect::<Vec<_>>()
-                            };
-                            assert!(bits(&p) == bits(&q), "{case}: {n}");
-                        }
-                    }
-                }
+                assert_same_output(export, &whole_path, &streamed_path, &case);
             }
         }
     }
@@ -715,19 +679,66 @@ fn streamed_pruning_writes_what_the_whole_model_path_writes() {
         Sparsity::Fraction(0.5),
     );
     let out = dir.path().join("global.gguf");
-    let e = prune_streamed(
-        &checkpoint,
-        &global,
-        None,
-        2,
-        &shrink_core::Alone,
-        Default::default(),
-        Export::Gguf,
-        GgufWriteType::F32,
-        &NoProgress,
-        &out,
-    )
-    .unwrap_err();
+    let run = StreamedRun {
+        windows: None,
+        ..streamed_run(&[], &shrink_core::Alone)
+    };
+    let e = prune_streamed(&checkpoint, &global, &run, &out).unwrap_err();
     assert!(e.to_string().contains("holds the model whole"), "{e}");
     assert!(!out.exists());
+}
+
+/// Checks that two outputs hold the same model: a GGUF byte for byte; a folder's config, tensor
+/// names, types and values bit for bit.
+pub(crate) fn assert_same_output(
+    export: shrink_io::Export,
+    a: &std::path::Path,
+    b: &std::path::Path,
+    case: &str,
+) {
+    match export {
+        shrink_io::Export::Gguf => assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{case}"
+        ),
+        shrink_io::Export::Hf => {
+            let (x, y) = (shrink_io::load(a).unwrap(), shrink_io::load(b).unwrap());
+            assert_eq!(x.config, y.config, "{case}");
+            let names: Vec<&String> = x.tensors.names().collect();
+            assert_eq!(names, y.tensors.names().collect::<Vec<_>>(), "{case}");
+            for n in names {
+                let (p, q) = (x.tensors.get(n).unwrap(), y.tensors.get(n).unwrap());
+                assert_eq!(p.dtype(), q.dtype(), "{case}: {n}");
+                let bits = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert!(bits(&p) == bits(&q), "{case}: {n}");
+            }
+        }
+    }
+}
+
+/// A streamed pruning's settings for tests: `windows` in batches of 2, activations in memory, an
+/// F32 GGUF.
+pub(crate) fn streamed_run<'a>(
+    windows: &'a [Vec<u32>],
+    world: &'a dyn shrink_core::Collective,
+) -> StreamedRun<'a> {
+    StreamedRun {
+        windows: Some(windows),
+        batch: 2,
+        world,
+        keep: Default::default(),
+        export: shrink_io::Export::Gguf,
+        dtype: shrink_io::GgufWriteType::F32,
+        progress: &NoProgress,
+    }
 }

@@ -75,11 +75,15 @@ pub(crate) fn run(args: PruneArgs, world: &dyn shrink_core::Collective) -> Resul
         return Ok(());
     };
     let (checkpoint, outcome, wall_s) = (&done.checkpoint, &done.outcome, done.wall_s);
-    // A model held whole has its pruned shape; one read block by block kept the input's.
+    // A model held whole has its pruned shape; one read block by block is read back.
     let config = match &done.model {
         Some(model) => model.config.clone(),
-        None => shrink_models::ModelConfig::from_json(&checkpoint.config)
-            .context("reading the pruned model's config")?,
+        None => {
+            let written = shrink_io::load(&common.out)
+                .with_context(|| format!("reading back {}", common.out.display()))?;
+            shrink_models::ModelConfig::from_json(&written.config)
+                .context("reading the pruned model's config")?
+        }
     };
     let (size_before, after) = (&done.size_before, &done.size_after);
     if common.json {

@@ -1,5 +1,5 @@
 //! A transformer block: its linears by role, the scale groups AWQ and SmoothQuant fold through,
-//! its forward pass, and the surgery that removes heads, channels and width.
+//! and its forward pass.
 
 use super::*;
 

@@ -382,7 +382,7 @@ impl Transformer {
 
     /// The name prefix of the blocks (`model.layers`, `encoder.layer`, `h`).
     pub fn layer_prefix(&self) -> &'static str {
-        naming(self.arch).layers
+        self.arch.layer_prefix()
     }
 
     /// Every weight under the model's own names (the inverse of [`Transformer::from_tensors`]).

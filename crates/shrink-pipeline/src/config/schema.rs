@@ -77,6 +77,36 @@ pub struct DataConfig {
     /// Training text for distillation and QAT.
     #[serde(default = "default_train")]
     pub train: String,
+    /// The type a stage that calibrates reading its model block by block keeps the calibration
+    /// activations in: `f32` (exact), `bf16` or `f16` (half the memory; the statistics see the
+    /// rounded values).
+    #[serde(default)]
+    pub activations: ActivationsType,
+    /// Whether such a stage spills the activations to a scratch file in the run folder (one
+    /// batch in memory): `auto` when in memory they would exceed the memory allowed and spilled
+    /// they would not, `always` or `never`. The same bytes either way.
+    #[serde(default)]
+    pub spill: crate::memory::Spill,
+}
+
+/// The type calibration activations are kept in ([`DataConfig::activations`]).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationsType {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ActivationsType {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 fn default_train() -> String {
@@ -104,6 +134,8 @@ impl Default for DataConfig {
             samples: default_samples(),
             seq_len: default_seq_len(),
             train: default_train(),
+            activations: ActivationsType::default(),
+            spill: crate::memory::Spill::default(),
         }
     }
 }

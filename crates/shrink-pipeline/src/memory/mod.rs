@@ -79,6 +79,9 @@ pub struct StreamedJob {
     pub spilled: bool,
     /// Bytes per value the calibration activations are kept in (4 in f32, 2 in f16 or bf16).
     pub activation_value_bytes: u64,
+    /// Copies of the calibration windows' hidden states held at once: 2 (entering and leaving
+    /// a block); `span + 1` for the angular criterion that ranks runs of `span` layers.
+    pub activation_copies: u64,
 }
 
 /// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
@@ -95,8 +98,10 @@ pub struct StreamedJob {
 ///   read out, GPTQ's working copy, the dequantized values), 8 bytes a weight for magnitude or
 ///   Wanda pruning, 16 for SparseGPT (see [`StreamedJob::widest_copies`]);
 /// - `activations`: the calibration windows' hidden states entering and leaving the block,
-///   `2 · T · h · a` with `T = samples · seq_len` tokens kept in `a` bytes a value (4 in f32, 2
-///   in f16 or bf16; spilled to a scratch file: one batch's, computed in f32, `2 · b·s · h · 4`);
+///   `c · T · h · a` with `c = 2` copies (`span + 1` for the angular layer criterion),
+///   `T = samples · seq_len` tokens kept in `a` bytes a value (4 in f32, 2 in f16 or bf16;
+///   spilled to a scratch file: one batch's, computed in f32, `c · b·s · h · 4`), and the
+///   windows' token ids (`4 · T`, held either way);
 /// - `hessians`: every input statistic of the block held until it is compressed, in f64:
 ///   `(3·h² + i²) · 8` (q/k/v, o, gate/up share two `h × h`; down has `i × i`), or four vectors
 ///   per channel without Hessians;
@@ -165,7 +170,8 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
                 false => m(tokens, job.activation_value_bytes),
             };
             (
-                m(m(held, h), 2),
+                // The windows' token ids are held whether or not the states are spilled.
+                m(m(held, h), job.activation_copies).saturating_add(m(tokens, 4)),
                 stats,
                 m(forward, 4).saturating_add(product),
             )
@@ -208,6 +214,10 @@ pub fn streamed_peak_per_rank(shape: &ModelShape, job: &StreamedJob, ranks: u64)
     };
     let mut peak = streamed_peak(shape, &share);
     let m = |a: u64, b: u64| a.saturating_mul(b);
+    // Every rank holds every window's token ids.
+    peak.activations = peak
+        .activations
+        .saturating_add(m(samples.saturating_sub(mine.min(samples)), m(seq_len, 4)));
     let (h, i) = (shape.hidden, shape.intermediate);
     peak.accumulation = if job.hessians {
         peak.accumulation.saturating_add(m(m(3, m(h, h)), 4))
@@ -239,6 +249,71 @@ pub fn spilled_disk_bytes(
     mine.saturating_mul(seq_len)
         .saturating_mul(shape.hidden)
         .saturating_mul(2 * value_bytes)
+}
+
+/// Whether a block-by-block job spills its calibration activations to a scratch file
+/// ([`shrink_calib::Keep`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spill {
+    /// When held in memory they would take the job above the memory allowed and spilled they
+    /// would not.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// `job` with its calibration activations kept in `value_bytes` a value and spilled as `spill`
+/// decides, on a model of `shape` split across `ranks` under `limit` bytes (per rank); and
+/// whether `Auto` chose to spill. `shrink quantize`/`prune` and a pipeline's stages decide alike.
+pub fn keep_activations(
+    shape: &ModelShape,
+    job: &StreamedJob,
+    value_bytes: u64,
+    spill: Spill,
+    ranks: u64,
+    limit: u64,
+) -> (StreamedJob, bool) {
+    let with = |spilled| StreamedJob {
+        spilled,
+        activation_value_bytes: value_bytes,
+        ..*job
+    };
+    let peak = |spilled| streamed_peak_per_rank(shape, &with(spilled), ranks).total();
+    let chosen = spill == Spill::Auto
+        && job.calibration.is_some()
+        && peak(false) > limit
+        && peak(true) <= limit;
+    (with(spill == Spill::Always || chosen), chosen)
+}
+
+/// Refuses spilling the activations of `job` (split across `ranks`) to `scratch` when its disk
+/// has less free space than they need ([`spilled_disk_bytes`]).
+pub fn check_spill_disk(
+    shape: &ModelShape,
+    job: &StreamedJob,
+    ranks: u64,
+    scratch: &Path,
+) -> Result<()> {
+    let (true, Some(calibration)) = (job.spilled, job.calibration) else {
+        return Ok(());
+    };
+    // Two copies' worth (the states, and a resumable job's record), or one scratch file per copy
+    // of the states held (the angular layer criterion's span + 1).
+    let needed = (spilled_disk_bytes(shape, calibration, ranks, job.activation_value_bytes) / 2)
+        .saturating_mul(job.activation_copies.max(2));
+    let free = crate::free_disk_bytes(scratch).unwrap_or(u64::MAX);
+    if needed > free {
+        return Err(PipelineError::Invalid(format!(
+            "spilling the calibration activations needs an estimated {:.1} GB of disk in {}, \
+             which has {:.1} GB free: lower the calibration samples or their length",
+            needed as f64 / 1e9,
+            scratch.display(),
+            free as f64 / 1e9
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a block-by-block job whose estimated peak exceeds `limit` bytes.
@@ -364,13 +439,15 @@ impl Pipeline {
     /// [`streamed_peak`], instead of a whole copy with the whole-model calibration terms. When
     /// the evaluation too goes block by block (`block_by_block`), no model is held whole: the
     /// peak is the largest of the stages' [`streamed_peak`]s and the evaluation's
-    /// [`streamed_eval_peak`] on `eval_chunks` chunks.
+    /// [`streamed_eval_peak`] on `eval_chunks` chunks. A streamed stage keeps its activations as
+    /// `[data] activations` and `spill` say ([`keep_activations`], against `limit`).
     pub fn estimated_peak_for(
         &self,
         shape: Option<ModelShape>,
         checkpoint: Option<&shrink_io::Checkpoint>,
         block_by_block: bool,
         eval_chunks: u64,
+        limit: u64,
     ) -> u64 {
         let Some(shape) = shape else {
             return if self.plan().iter().any(|s| s.calibrates) {
@@ -382,23 +459,27 @@ impl Pipeline {
             };
         };
         let calibration = (self.data.samples as u64, self.data.seq_len as u64);
+        // Beside a streamed stage, a run that evaluates whole holds the baseline model (4·P).
+        let baseline = match block_by_block {
+            true => 0,
+            false => shape.parameters.saturating_mul(4),
+        };
+        let value_bytes = self.data.activations.dtype().size_in_bytes() as u64;
         let streamed = |s: &PlannedStage| {
             let checkpoint = checkpoint.filter(|_| s.input == "model" || block_by_block)?;
             let job = s.job.job();
             if !job.streams(checkpoint) {
                 return None;
             }
-            job.streamed_job(checkpoint, s.calibrates.then_some(calibration))
+            let job = job.streamed_job(checkpoint, s.calibrates.then_some(calibration))?;
+            let room = limit.saturating_sub(baseline);
+            Some(keep_activations(&shape, &job, value_bytes, self.data.spill, 1, room).0)
         };
-        let stages = self.plan().iter().filter_map(streamed).map(|job| {
-            streamed_peak(&shape, &job)
-                .total()
-                .saturating_add(if block_by_block {
-                    0
-                } else {
-                    shape.parameters.saturating_mul(4)
-                })
-        });
+        let stages = self
+            .plan()
+            .iter()
+            .filter_map(streamed)
+            .map(|job| streamed_peak(&shape, &job).total().saturating_add(baseline));
         if block_by_block {
             let eval = streamed_eval_peak(
                 &shape,
@@ -456,6 +537,36 @@ impl Pipeline {
         }
     }
 
+    /// Refuses `[data] activations` other than `f32`, or `spill = "always"`, for a `stage` that
+    /// calibrates holding its model (read from `input`) whole: the setting would be ignored.
+    pub(crate) fn check_kept_activations(
+        &self,
+        stage: &PlannedStage,
+        input: &shrink_io::Checkpoint,
+    ) -> Result<()> {
+        let data = &self.data;
+        let set = data.activations != crate::ActivationsType::F32 || data.spill == Spill::Always;
+        if set && stage.calibrates && !stage.job.job().streams(input) {
+            return Err(PipelineError::Invalid(format!(
+                "stage `{}` ({}) calibrates holding its model whole, where [data] activations = \
+                 \"{}\" and spill = \"{}\" do not apply: they apply to stages that calibrate \
+                 reading their model block by block (a Llama-family model quantized, or pruned \
+                 other than by Taylor importance or the calibration-loss criterion)",
+                stage.name,
+                stage.kind.name(),
+                serde_json::to_value(data.activations)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                serde_json::to_value(data.spill)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+            )));
+        }
+        Ok(())
+    }
+
     /// How the run uses memory: whether it evaluates block by block ([`crate::StreamEval`]:
     /// `auto` does when the models held whole would exceed `limit` and the run can) and the
     /// estimated peak. Refuses, before any work, a run estimated above `limit`, or one set to
@@ -468,6 +579,13 @@ impl Pipeline {
         limit: u64,
         eval_chunks: Option<u64>,
     ) -> Result<MemoryPlan> {
+        // Judged on the input model, before any work (each stage is checked again on its own
+        // input when it runs).
+        if let Some(checkpoint) = checkpoint {
+            for stage in self.plan() {
+                self.check_kept_activations(stage, checkpoint)?;
+            }
+        }
         let chunks = eval_chunks.unwrap_or(match self.eval.chunks {
             0 => 64,
             n => n as u64,
@@ -475,7 +593,7 @@ impl Pipeline {
         let can = checkpoint.map_or(Err("the model is not here yet".to_string()), |c| {
             self.evaluation_can_stream(c)
         });
-        let whole = self.estimated_peak_for(shape, checkpoint, false, chunks);
+        let whole = self.estimated_peak_for(shape, checkpoint, false, chunks, limit);
         let block_by_block = match self.eval.stream {
             crate::StreamEval::Never => false,
             crate::StreamEval::Always => match can {
@@ -489,7 +607,7 @@ impl Pipeline {
             crate::StreamEval::Auto => can.is_ok() && whole > limit,
         };
         let estimate = match block_by_block {
-            true => self.estimated_peak_for(shape, checkpoint, true, chunks),
+            true => self.estimated_peak_for(shape, checkpoint, true, chunks, limit),
             false => whole,
         };
         if estimate > limit {

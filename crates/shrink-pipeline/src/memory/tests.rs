@@ -19,6 +19,7 @@ fn the_streamed_formula_by_hand() {
         embedding_written_bytes: 1,
         spilled: false,
         activation_value_bytes: 4,
+        activation_copies: 2,
     };
     let peak = streamed_peak(&shape(100_000), &job);
     assert_eq!(
@@ -27,7 +28,7 @@ fn the_streamed_formula_by_hand() {
             base: 256 << 20,
             embedding: 512 * 64 * 3 + 4 * (64 << 20),
             block: 400_000 + 128 * 64 * 12,
-            activations: 8 * 32 * 64 * 8,
+            activations: 8 * 32 * 64 * 8 + 8 * 32 * 4,
             hessians: (3 * 64 * 64 + 128 * 128) * 8,
             // b·s·(3i + 4h) + b·(h/64)·s², in f32, and XᵀX of down's input with its copy.
             accumulation: (2 * 32 * (3 * 128 + 4 * 64) + 2 * 32 * 32) * 4 + 128 * 128 * 8,
@@ -38,7 +39,7 @@ fn the_streamed_formula_by_hand() {
     let embedding = 512 * 64 * 3 + 4 * (64 << 20);
     assert_eq!(peak.total(), (256 << 20) + embedding + embedding / 8);
     let big = streamed_peak(&shape(100_000_000), &job);
-    let work = 400_098_304 + 131_072 + 229_376 + 172_032 + 131_072;
+    let work = 400_098_304 + 131_072 + 1_024 + 229_376 + 172_032 + 131_072;
     assert_eq!(big.total(), (256 << 20) + work + work / 8);
     // Pruning holds its own copies of the widest linear; spilled activations are one batch's.
     let sparsegpt = StreamedJob {
@@ -49,7 +50,7 @@ fn the_streamed_formula_by_hand() {
     };
     let p = streamed_peak(&shape(100_000), &sparsegpt);
     assert_eq!(p.block, 400_000 + 128 * 64 * 16);
-    assert_eq!(p.activations, 2 * 32 * 64 * 8);
+    assert_eq!(p.activations, 2 * 32 * 64 * 8 + 8 * 32 * 4);
     // Kept in 16 bits: half the bytes held; spilled, the batch in flight is f32 all the same.
     let half = |spilled| StreamedJob {
         activation_value_bytes: 2,
@@ -58,11 +59,11 @@ fn the_streamed_formula_by_hand() {
     };
     assert_eq!(
         streamed_peak(&shape(100_000), &half(false)).activations,
-        8 * 32 * 64 * 4
+        8 * 32 * 64 * 4 + 8 * 32 * 4
     );
     assert_eq!(
         streamed_peak(&shape(100_000), &half(true)).activations,
-        2 * 32 * 64 * 8
+        2 * 32 * 64 * 8 + 8 * 32 * 4
     );
     // Rounding alone: no activations, statistics or factor.
     let rounding = StreamedJob {
@@ -122,6 +123,7 @@ fn a_pipeline_whose_quantizations_stream_is_estimated_by_the_streamed_formula() 
         embedding_written_bytes: 1,
         spilled: false,
         activation_value_bytes: 4,
+        activation_copies: 2,
     };
     let held = 4 * shape.parameters;
     let gptq = streamed_peak(&shape, &job(Some((16, 512, 8)), true)).total() + held;
@@ -129,11 +131,11 @@ fn a_pipeline_whose_quantizations_stream_is_estimated_by_the_streamed_formula() 
     // The evaluation still holds three models and two windows of logits.
     let work = 3 * held + 2 * 512 * shape.vocab * 4;
     let evaluation = (256 << 20) + work + work / 8;
-    let streamed = p.estimated_peak_for(Some(shape), Some(&checkpoint), false, 32);
+    let streamed = p.estimated_peak_for(Some(shape), Some(&checkpoint), false, 32, u64::MAX);
     assert_eq!(streamed, evaluation.max(gptq).max(rtn));
     // Without the checkpoint (or for a family that does not stream) every stage holds the
     // model and the whole-model calibration terms count.
-    let whole = p.estimated_peak_for(Some(shape), None, false, 32);
+    let whole = p.estimated_peak_for(Some(shape), None, false, 32, u64::MAX);
     assert_eq!(
         whole,
         p.estimated_peak_bytes(134_515_008, 576, 1536, 49_152)
@@ -153,7 +155,7 @@ fn a_pipeline_whose_quantizations_stream_is_estimated_by_the_streamed_formula() 
         },
     );
     let gptq_alone = gptq - held;
-    let block_by_block = p.estimated_peak_for(Some(shape), Some(&checkpoint), true, 32);
+    let block_by_block = p.estimated_peak_for(Some(shape), Some(&checkpoint), true, 32, u64::MAX);
     assert_eq!(block_by_block, eval.max(gptq_alone).max(rtn - held));
     assert!(block_by_block < streamed, "{block_by_block} vs {streamed}");
 
@@ -269,12 +271,14 @@ fn each_rank_holds_its_share_of_activations_and_the_exchange_buffers() {
         embedding_written_bytes: 1,
         spilled: false,
         activation_value_bytes: 4,
+        activation_copies: 2,
     };
     let one = streamed_peak(&shape, &job);
     assert_eq!(streamed_peak_per_rank(&shape, &job, 1), one);
-    // Three ranks: ⌈8 / 3⌉ = 3 batches of 2 windows each, 6 × 512 tokens of 4096 values.
+    // Three ranks: ⌈8 / 3⌉ = 3 batches of 2 windows each, 6 × 512 tokens of 4096 values; the
+    // token ids of all 16 windows.
     let three = streamed_peak_per_rank(&shape, &job, 3);
-    assert_eq!(three.activations, 6 * 512 * 4096 * 8);
+    assert_eq!(three.activations, 6 * 512 * 4096 * 8 + 16 * 512 * 4);
     let (h, i) = (4096u64, 14_336u64);
     // The batch's statistics before down_proj's beside its forward pass and product, which
     // hold at least what the exchange holds.
@@ -304,4 +308,72 @@ fn sizes_parse_with_units() {
     assert!(parse_size("lots").is_err());
     assert!(parse_size("5X").is_err());
     assert!(parse_size("0").is_err());
+}
+
+#[test]
+fn activations_are_spilled_when_only_spilled_they_fit() {
+    // Wide activations (16 windows of 4096 tokens) against a small block: in memory they are
+    // most of the peak, spilled one batch of 2 windows is left.
+    let shape = ModelShape {
+        parameters: 0,
+        hidden: 1024,
+        intermediate: 2048,
+        vocab: 512,
+        block_parameters: 1 << 20,
+    };
+    let job = StreamedJob {
+        calibration: Some((16, 4096, 2)),
+        hessians: false,
+        factors: false,
+        block_value_bytes: 4,
+        widest_copies: 8,
+        embedding_value_bytes: 4,
+        embedding_written_bytes: 4,
+        spilled: false,
+        activation_value_bytes: 4,
+        activation_copies: 2,
+    };
+    let total = |spilled, bytes| {
+        let job = StreamedJob {
+            spilled,
+            activation_value_bytes: bytes,
+            ..job
+        };
+        streamed_peak(&shape, &job).total()
+    };
+    let (memory, disk) = (total(false, 4), total(true, 4));
+    // 2 copies × 65,536 tokens × 1,024 × 4 bytes held, against one batch's.
+    assert!(memory - disk > 400 << 20, "{memory} {disk}");
+    let decide = |spill, limit| keep_activations(&shape, &job, 4, spill, 1, limit);
+    // Auto spills only when that is what makes the job fit.
+    assert!(!decide(Spill::Auto, memory).0.spilled);
+    let (spilled, chosen) = decide(Spill::Auto, memory - 1);
+    assert!(spilled.spilled && chosen);
+    assert!(!decide(Spill::Auto, disk - 1).0.spilled);
+    // Always and Never are obeyed; neither is a choice.
+    assert_eq!(
+        decide(Spill::Always, u64::MAX),
+        (
+            StreamedJob {
+                spilled: true,
+                ..job
+            },
+            false
+        )
+    );
+    assert!(!decide(Spill::Never, 0).0.spilled);
+    // Half the bytes a value: kept in bf16 they fit where f32 would have spilled.
+    let (half, chosen) = keep_activations(&shape, &job, 2, Spill::Auto, 1, total(false, 2));
+    assert!(!half.spilled && !chosen);
+    assert_eq!(half.activation_value_bytes, 2);
+    // Without calibration there is nothing to spill.
+    let rounding = StreamedJob {
+        calibration: None,
+        ..job
+    };
+    assert!(
+        !keep_activations(&shape, &rounding, 4, Spill::Auto, 1, 0)
+            .0
+            .spilled
+    );
 }

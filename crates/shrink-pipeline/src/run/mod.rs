@@ -264,10 +264,15 @@ pub fn run(
     for stage in pipeline.plan() {
         let input_key = &keys[&stage.input];
         let calibration = stage.calibrates.then(|| {
-            serde_json::json!({
+            let mut c = serde_json::json!({
                 "text": calib_sha, "samples": pipeline.data.samples,
                 "seq_len": pipeline.data.seq_len, "seed": pipeline.seed,
-            })
+            });
+            // Rounded activations change the statistics (spilled ones do not).
+            if pipeline.data.activations != crate::ActivationsType::F32 {
+                c["activations"] = serde_json::json!(pipeline.data.activations);
+            }
+            c
         });
         let teacher_key = stage.teacher.as_ref().map(|t| keys[t].clone());
         let training_key = stage
@@ -327,7 +332,24 @@ pub fn run(
                     "{}.train",
                     dir.file_name().unwrap_or_default().to_string_lossy()
                 ));
+                let shape = match stage.input.as_str() {
+                    "model" => given.shape,
+                    other => crate::memory::model_shape(&artifacts[other]),
+                };
+                let keep = stage_keep(pipeline, stage, &input, shape, given.limit, &stages_dir)
+                    .map_err(|e| PipelineError::Stage {
+                        stage: stage.name.clone(),
+                        source: Box::new(e),
+                    })?;
+                if keep.spill.is_some() {
+                    log(&format!(
+                        "stage     {}: calibration activations spilled to a scratch file in {}",
+                        stage.name,
+                        stages_dir.display()
+                    ));
+                }
                 let cx = StageContext {
+                    keep,
                     checkpoint: &input,
                     input_key,
                     key: &key,
@@ -461,6 +483,47 @@ struct RunInputs {
     /// The calibration text and its key, when a stage calibrates.
     calib: Option<(String, String)>,
     training: Option<TrainingText>,
+}
+
+/// How a stage keeps its calibration activations: as `[data] activations` and `spill` say, for a
+/// stage that calibrates reading `input` (of `shape`) block by block, spilled to a scratch file in
+/// `scratch` when `spill = "auto"` finds that in memory they would exceed `limit` and spilled
+/// they would not. Refuses those settings on a stage that holds its model whole
+/// ([`Pipeline::check_kept_activations`]), and a spill the disk cannot hold.
+fn stage_keep<'a>(
+    pipeline: &Pipeline,
+    stage: &PlannedStage,
+    input: &Checkpoint,
+    shape: Option<crate::memory::ModelShape>,
+    limit: u64,
+    scratch: &'a Path,
+) -> Result<shrink_calib::Keep<'a>> {
+    use crate::memory::{self, Spill};
+    let data = &pipeline.data;
+    let dtype = data.activations.dtype();
+    let job = stage.job.job();
+    if !stage.calibrates {
+        return Ok(shrink_calib::Keep::default());
+    }
+    pipeline.check_kept_activations(stage, input)?;
+    if !job.streams(input) {
+        return Ok(shrink_calib::Keep::default());
+    }
+    let calibration = Some((data.samples as u64, data.seq_len as u64));
+    let spilled = match (shape, job.streamed_job(input, calibration)) {
+        (Some(shape), Some(streamed)) => {
+            let bytes = dtype.size_in_bytes() as u64;
+            let (streamed, _) =
+                memory::keep_activations(&shape, &streamed, bytes, data.spill, 1, limit);
+            memory::check_spill_disk(&shape, &streamed, 1, scratch)?;
+            streamed.spilled
+        }
+        _ => data.spill == Spill::Always,
+    };
+    Ok(shrink_calib::Keep {
+        spill: spilled.then_some(scratch),
+        dtype,
+    })
 }
 
 fn read_inputs(

@@ -159,6 +159,8 @@ pub(crate) struct StageContext<'a> {
     /// Where training keeps its checkpoints (outside the staging folder, so a rerun resumes).
     pub workdir: &'a Path,
     pub progress: &'a dyn Progress,
+    /// How a stage that calibrates block by block keeps its activations.
+    pub keep: shrink_calib::Keep<'a>,
 }
 
 /// The training and held-out text of training stages, tokenized.
@@ -334,7 +336,7 @@ impl StageContext<'_> {
             windows: self.calibration,
             batch,
             world: &shrink_core::Alone,
-            keep: Default::default(),
+            keep: self.keep,
             progress: self.progress,
         }
     }

@@ -301,9 +301,8 @@ fn unstructured_name(plan: &PrunePlan) -> String {
 }
 
 impl ResolvedPrune {
-    /// The plan of a pruning that can read its model block by block: unstructured or N:M, but
-    /// not global magnitude pruning (which ranks every weight of the model at once). Structured
-    /// pruning changes shapes across blocks and holds the model whole.
+    /// The plan of an unstructured pruning that can read its model block by block: not global
+    /// magnitude pruning (which ranks every weight of the model at once).
     fn streamed_plan(&self) -> Option<&PrunePlan> {
         match &self.job {
             PruneJob::Unstructured(plan)
@@ -313,6 +312,56 @@ impl ResolvedPrune {
             }
             _ => None,
         }
+    }
+
+    /// Whether the job reads its model block by block: unstructured (but not global
+    /// magnitude) pruning, and structured pruning scored block by block (not by Taylor
+    /// importance or the perplexity criterion, which need the model whole).
+    fn streams_blocks(&self) -> bool {
+        match &self.job {
+            PruneJob::Unstructured(_) => self.streamed_plan().is_some(),
+            PruneJob::Structured {
+                target,
+                importance,
+                criterion,
+                ..
+            } => {
+                // The structure's counts do not matter here, only its kind.
+                let structure = match target {
+                    Target::Layers => Structure::Layers {
+                        count: 0,
+                        criterion: *criterion,
+                    },
+                    _ => Structure::Channels { count: 0 },
+                };
+                shrink_prune::scores_block_by_block(structure, *importance)
+            }
+        }
+    }
+
+    /// The structure the job removes from a model shaped `config`, and how it is named in
+    /// reports (`channels 0.25 by activation`).
+    fn structure(
+        &self,
+        config: &shrink_models::ModelConfig,
+    ) -> Result<Option<(Structure, String)>> {
+        let PruneJob::Structured {
+            target,
+            fraction,
+            importance,
+            criterion,
+        } = &self.job
+        else {
+            return Ok(None);
+        };
+        let structure = Structure::from_fraction(*target, *fraction, *criterion, config)?;
+        let name = match structure {
+            Structure::Layers { criterion, .. } => {
+                format!("{target:?} {fraction} by {criterion:?}")
+            }
+            _ => format!("{target:?} {fraction} by {importance:?}"),
+        };
+        Ok(Some((structure, name.to_lowercase())))
     }
 }
 
@@ -454,14 +503,10 @@ impl Compress for ResolvedPrune {
                 )?;
                 (unstructured_name(plan), layers, None)
             }
-            PruneJob::Structured {
-                target,
-                fraction,
-                importance,
-                criterion,
-            } => {
-                let structure =
-                    Structure::from_fraction(*target, *fraction, *criterion, &model.config)?;
+            PruneJob::Structured { importance, .. } => {
+                let (structure, name) = self
+                    .structure(&model.config)?
+                    .ok_or_else(|| invalid("a structured pruning without a structure".into()))?;
                 let outcome = shrink_prune::prune_structured(
                     model,
                     structure,
@@ -470,13 +515,7 @@ impl Compress for ResolvedPrune {
                     input.batch,
                     input.progress,
                 )?;
-                let name = match structure {
-                    Structure::Layers { criterion, .. } => {
-                        format!("{target:?} {fraction} by {criterion:?}")
-                    }
-                    _ => format!("{target:?} {fraction} by {importance:?}"),
-                };
-                (name.to_lowercase(), Vec::new(), Some(outcome))
+                (name, Vec::new(), Some(outcome))
             }
         };
         shrink_io::write_model(input.checkpoint, model, self.export, self.dtype, out)?;
@@ -491,17 +530,21 @@ impl Compress for ResolvedPrune {
     }
 
     fn streams(&self, checkpoint: &Checkpoint) -> bool {
-        self.streamed_plan().is_some() && crate::quantize::reads_block_by_block(checkpoint)
+        self.streams_blocks() && crate::quantize::reads_block_by_block(checkpoint)
     }
 
     fn check_streamed(&self, checkpoint: &Checkpoint) -> Result<()> {
         let model = checkpoint.streamed(candle_core::DType::F32)?;
+        let config = model.config();
         if let Some(plan) = self.streamed_plan() {
             plan.check_model(&model)?;
         }
+        if let Some((structure, _)) = self.structure(config)? {
+            shrink_prune::check_structure(config.arch()?, config, structure)?;
+        }
         Ok(shrink_io::check_export(
             checkpoint,
-            model.config().arch()?,
+            config.arch()?,
             self.export,
         )?)
     }
@@ -511,46 +554,85 @@ impl Compress for ResolvedPrune {
         checkpoint: &Checkpoint,
         calibration: Option<(u64, u64, u64)>,
     ) -> Option<crate::memory::StreamedJob> {
-        let plan = self.streamed_plan()?;
+        if !self.streams_blocks() {
+            return None;
+        }
         let config = shrink_models::ModelConfig::from_json(&checkpoint.config).ok()?;
         let embedding = config.embedding_name();
         let stored = checkpoint
             .tensors
             .dtype(&embedding)
             .map_or(4, |d| d.size_in_bytes() as u64);
+        let structure = self.structure(&config).ok()?.map(|(s, _)| s);
+        let (hessians, factors, widest_copies) = match (&self.job, structure) {
+            (PruneJob::Unstructured(plan), _) => match plan.method {
+                PruneMethod::SparseGpt(_) => (true, true, 16),
+                PruneMethod::Wanda => (false, false, 8),
+                _ => (true, false, 8),
+            },
+            // Heads are scored from o_proj's input Hessian; the rest from per-channel
+            // statistics, or the weights and their squares.
+            (_, Some(Structure::QueryHeads { .. } | Structure::KvGroups { .. })) => {
+                (true, false, 8)
+            }
+            _ => (false, false, 8),
+        };
         Some(crate::memory::StreamedJob {
             calibration,
-            hessians: !matches!(plan.method, PruneMethod::Wanda),
-            factors: matches!(plan.method, PruneMethod::SparseGpt(_)),
+            hessians,
+            factors,
             block_value_bytes: 4,
-            widest_copies: match plan.method {
-                PruneMethod::SparseGpt(_) => 16,
-                _ => 8,
-            },
+            widest_copies,
             embedding_value_bytes: stored,
             embedding_written_bytes: float_storage(self.dtype).1 as u64 / 8,
             spilled: false,
             activation_value_bytes: 4,
+            activation_copies: match structure {
+                Some(Structure::Layers {
+                    count,
+                    criterion: LayerCriterion::Angular,
+                }) => count as u64 + 1,
+                _ => 2,
+            },
         })
     }
 
     fn write_streamed(&self, input: &JobInput, out: &Path) -> Result<PruneOutcome> {
         self.check_streamed(input.checkpoint)?;
+        let run = shrink_prune::StreamedRun {
+            windows: input.windows,
+            batch: input.batch,
+            world: input.world,
+            keep: input.keep,
+            export: self.export,
+            dtype: self.dtype,
+            progress: input.progress,
+        };
+        if let PruneJob::Structured { importance, .. } = &self.job {
+            let config = shrink_models::ModelConfig::from_json(&input.checkpoint.config)?;
+            let (structure, method) = self
+                .structure(&config)?
+                .ok_or_else(|| invalid("a structured pruning without a structure".into()))?;
+            let outcome = shrink_prune::prune_structured_streamed(
+                input.checkpoint,
+                structure,
+                *importance,
+                &run,
+                out,
+            )?;
+            return Ok(PruneOutcome {
+                method,
+                layers: Vec::new(),
+                parameters_before: outcome.parameters_before,
+                parameters_after: outcome.parameters_after,
+                structured: Some(outcome),
+                resumed_at_block: None,
+            });
+        }
         let plan = self.streamed_plan().ok_or_else(|| {
             invalid("this pruning holds the model whole; it does not stream".into())
         })?;
-        let streamed = shrink_prune::prune_streamed(
-            input.checkpoint,
-            plan,
-            input.windows,
-            input.batch,
-            input.world,
-            input.keep,
-            self.export,
-            self.dtype,
-            input.progress,
-            out,
-        )?;
+        let streamed = shrink_prune::prune_streamed(input.checkpoint, plan, &run, out)?;
         let parameters = input
             .checkpoint
             .tensors
@@ -608,7 +690,11 @@ impl Job for PruneRequest {
     fn run_streamed(&self, cx: &StageContext, out: &Path) -> Result<StageResult> {
         let resolved = self.resolve()?;
         let outcome = resolved.write_streamed(&cx.job_input(self.batch), out)?;
-        let linears = outcome.layers.len();
+        // A structured pruning reports no linear by linear sparsity: its blocks' linears.
+        let linears = match &outcome.structured {
+            Some(s) => s.config.get("num_hidden_layers").copied().unwrap_or(0) * 7,
+            None => outcome.layers.len(),
+        };
         Ok(pruned_result(&outcome, resolved.dtype, linears))
     }
 }

@@ -672,6 +672,7 @@ impl Compress for ResolvedQuantize {
             },
             spilled: false,
             activation_value_bytes: 4,
+            activation_copies: 2,
         })
     }
 

@@ -1,0 +1,259 @@
+//! Structured pruning of a model read from its file one block at a time: the units to remove
+//! are scored block by block (as [`super::prune_structured`] scores a model held whole, by the
+//! same code), then the pruned model is written tensor by tensor, each cut from the original
+//! file as it is written. Only one block (or one tensor) is in memory at a time.
+
+use super::scores::{removal_by_blocks, Calibration};
+use super::{
+    check_structure, plan_cuts, scores_block_by_block, shape_keys, Importance, Structure,
+    StructuredOutcome,
+};
+use crate::{PruneError, Result, StreamedRun};
+use candle_core::DType;
+use shrink_io::{Checkpoint, IoError};
+use std::path::Path;
+use std::sync::Arc;
+
+/// [`super::prune_structured`] on the model read block by block from `checkpoint`, written to
+/// `out` (a GGUF or a Hugging Face folder of `run`'s float type, atomically) with the bytes the
+/// whole-model path writes. Heads, groups and channels are scored per block from the weights or
+/// the calibration statistics; layers by block influence or the angular distance; the width
+/// from the weights (the embedding widened a slice at a time) or the norms' outputs. Taylor
+/// importance and the perplexity criterion need the model whole and are refused. Calibration is
+/// split across the ranks of `run.world`, its activations kept as `run.keep` says; rank 0 alone
+/// writes.
+///
+/// Memory: one block and the calibration activations while scoring (`span + 1` copies of the
+/// activations for the angular criterion over `span` layers), then one tensor at a time.
+pub fn prune_structured_streamed(
+    checkpoint: &Checkpoint,
+    structure: Structure,
+    importance: Importance,
+    run: &StreamedRun,
+    out: &Path,
+) -> Result<StructuredOutcome> {
+    let mut model = checkpoint.streamed(DType::F32)?;
+    let cfg = shrink_models::BlockModel::config(&model).clone();
+    let arch = cfg.arch()?;
+    check_structure(arch, &cfg, structure)?;
+    if !scores_block_by_block(structure, importance) {
+        return Err(PruneError::Config(format!(
+            "{structure:?} by {importance:?} needs the model whole: it does not stream"
+        )));
+    }
+    let embedding = cfg.embedding_name();
+    let removed = removal_by_blocks(
+        &mut model,
+        structure,
+        importance,
+        &|| Ok(checkpoint.load_stored(&embedding)?),
+        Calibration {
+            windows: run.windows,
+            batch: run.batch,
+            world: run.world,
+            keep: run.keep,
+            progress: run.progress,
+        },
+    )?;
+    drop(model);
+    let source = Arc::new(checkpoint.tensors.clone());
+    let (new_cfg, cuts) = plan_cuts(&cfg, arch, structure, &removed, source.names())?;
+    // The pruned checkpoint: each tensor cut from the original file when it is loaded.
+    let mut tensors = shrink_io::Tensors::empty(checkpoint.path.clone());
+    let (mut before, mut after) = (0, 0);
+    for name in source.names() {
+        before += source
+            .shape(name)
+            .map_or(0, |s| s.iter().product::<usize>());
+    }
+    for (name, cut) in cuts {
+        let missing = || PruneError::Config(format!("no tensor '{}'", cut.source));
+        let shape = cut.shape(source.shape(&cut.source).ok_or_else(missing)?);
+        after += shape.iter().product::<usize>();
+        // Norms rescaled for the width are computed in f32, as a model held whole computes them.
+        let widen = cut.scale.is_some();
+        let stored = source.dtype(&cut.source).ok_or_else(missing)?;
+        let (source, path, tensor) = (source.clone(), checkpoint.path.clone(), name.clone());
+        let load = move |asked: DType| {
+            let t = source.get_as(&cut.source, if widen { DType::F32 } else { asked })?;
+            cut.apply(&t)
+                .and_then(|t| Ok(t.to_dtype(asked)?))
+                .map_err(|e| IoError::Tensor {
+                    path: path.clone(),
+                    tensor: tensor.clone(),
+                    message: e.to_string(),
+                })
+        };
+        let loads_in = if widen { DType::F32 } else { stored };
+        tensors.insert_stored(name, shape, loads_in, Arc::new(load))?;
+    }
+    let written = Checkpoint {
+        tensors,
+        config: shrink_io::config_for(checkpoint, &new_cfg),
+        ..checkpoint.clone()
+    };
+    if run.world.rank() == 0 {
+        let mut sink =
+            shrink_io::ModelStream::create(&written, &new_cfg, run.export, run.dtype, out)?;
+        let order =
+            shrink_io::HfStream::model_order(written.tensors.names(), &new_cfg.embedding_name());
+        let progress = run.progress;
+        progress.start("writing tensors", order.len() as u64);
+        for name in &order {
+            written.supply_stored(&mut sink, Some(name))?;
+            progress.advance(1, None);
+        }
+        progress.finish();
+        sink.finish()?;
+    }
+    Ok(StructuredOutcome {
+        structure,
+        importance,
+        removed,
+        parameters_before: before,
+        parameters_after: after,
+        config: shape_keys(&new_cfg),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::{assert_same_output, streamed_run};
+    use crate::LayerCriterion;
+    use shrink_core::NoProgress;
+    use shrink_io::{Export, GgufWriteType};
+    use shrink_models::{ModelConfig, Transformer};
+
+    /// Every structure that scores block by block, pruned from a model read block by block,
+    /// writes what the whole-model path writes (a GGUF byte for byte, a folder bit for bit), from
+    /// a GGUF and from a bf16 folder, with its activations in memory or spilled; two ranks
+    /// splitting the calibration write what one process writes; Taylor importance and the
+    /// perplexity criterion are refused before anything is written.
+    #[test]
+    fn streamed_structured_pruning_writes_what_the_whole_model_path_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let shrink_io::testing::TinyStreamable {
+            gguf, hf, windows, ..
+        } = shrink_io::testing::tiny_streamable(11, dir.path()).unwrap();
+        use Importance::{Activation, Magnitude};
+        let layers = |criterion| Structure::Layers {
+            count: 1,
+            criterion,
+        };
+        let cases = [
+            (Structure::QueryHeads { per_group: 1 }, Magnitude),
+            (Structure::QueryHeads { per_group: 1 }, Activation),
+            (Structure::KvGroups { count: 1 }, Magnitude),
+            (Structure::KvGroups { count: 1 }, Activation),
+            (Structure::Channels { count: 24 }, Magnitude),
+            (Structure::Channels { count: 24 }, Activation),
+            (layers(LayerCriterion::BlockInfluence), Activation),
+            (layers(LayerCriterion::Angular), Activation),
+            (Structure::Width { count: 8 }, Magnitude),
+            (Structure::Width { count: 8 }, Activation),
+        ];
+        let outputs = [
+            (Export::Gguf, GgufWriteType::F16),
+            (Export::Gguf, GgufWriteType::F32),
+            (Export::Hf, GgufWriteType::F16),
+        ];
+        for input in [&gguf, &hf] {
+            let checkpoint = shrink_io::load(input).unwrap();
+            let config = ModelConfig::from_json(&checkpoint.config).unwrap();
+            for (structure, importance) in cases {
+                let mut whole = Transformer::from_checkpoint(
+                    &config,
+                    checkpoint.load_finite().unwrap(),
+                    DType::F32,
+                )
+                .unwrap();
+                let a = crate::prune_structured(
+                    &mut whole,
+                    structure,
+                    importance,
+                    Some(&windows),
+                    2,
+                    &NoProgress,
+                )
+                .unwrap();
+                for (export, dtype) in outputs {
+                    let case = format!(
+                        "{structure:?} by {importance:?} from {} to {} {dtype:?}",
+                        input.display(),
+                        export.name()
+                    );
+                    let (whole_path, streamed_path) =
+                        (dir.path().join("whole"), dir.path().join("streamed"));
+                    shrink_io::write_model(&checkpoint, &whole, export, dtype, &whole_path)
+                        .unwrap();
+                    let keep = shrink_calib::Keep {
+                        spill: (export == Export::Hf).then_some(dir.path()),
+                        ..Default::default()
+                    };
+                    let run = StreamedRun {
+                        keep,
+                        export,
+                        dtype,
+                        ..streamed_run(&windows, &shrink_core::Alone)
+                    };
+                    let b = prune_structured_streamed(
+                        &checkpoint,
+                        structure,
+                        importance,
+                        &run,
+                        &streamed_path,
+                    )
+                    .unwrap();
+                    assert_eq!(a, b, "{case}");
+                    assert_same_output(export, &whole_path, &streamed_path, &case);
+                    for path in [whole_path, streamed_path] {
+                        match export {
+                            Export::Gguf => std::fs::remove_file(path).unwrap(),
+                            Export::Hf => std::fs::remove_dir_all(path).unwrap(),
+                        }
+                    }
+                }
+            }
+        }
+        // Two ranks split the calibration (block influence and activation statistics alike):
+        // rank 0 writes one process's bytes, rank 1 nothing.
+        let checkpoint = shrink_io::load(&gguf).unwrap();
+        for (structure, importance) in [cases[1], cases[6]] {
+            let run = |world: &dyn shrink_core::Collective, out: &Path| {
+                let run = StreamedRun {
+                    batch: 1,
+                    ..streamed_run(&windows, world)
+                };
+                prune_structured_streamed(&checkpoint, structure, importance, &run, out).unwrap()
+            };
+            let alone = dir.path().join("alone.gguf");
+            let one = run(&shrink_core::Alone, &alone);
+            let ranks = shrink_core::ThreadGroup::new(2);
+            let outs = [dir.path().join("rank0.gguf"), dir.path().join("rank1.gguf")];
+            let got: Vec<StructuredOutcome> = std::thread::scope(|s| {
+                let handles: Vec<_> = ranks
+                    .iter()
+                    .zip(&outs)
+                    .map(|(r, out)| s.spawn(|| run(r, out)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert!(got.iter().all(|g| *g == one), "{structure:?}");
+            assert!(std::fs::read(&alone).unwrap() == std::fs::read(&outs[0]).unwrap());
+            assert!(!outs[1].exists());
+        }
+        // What needs the model whole is refused, and nothing is written.
+        for (structure, importance) in [
+            (Structure::Channels { count: 8 }, Importance::Taylor),
+            (layers(LayerCriterion::Perplexity), Activation),
+        ] {
+            let out = dir.path().join("refused.gguf");
+            let run = streamed_run(&windows, &shrink_core::Alone);
+            let e = prune_structured_streamed(&checkpoint, structure, importance, &run, &out)
+                .unwrap_err();
+            assert!(e.to_string().contains("needs the model whole"), "{e}");
+            assert!(!out.exists());
+        }
+    }
+}
