@@ -743,6 +743,33 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         std::fs::read(&one_sparse).unwrap() == std::fs::read(&two_sparse).unwrap(),
         "SparseGPT over 2 ranks (spilled) and 1 process wrote different files"
     );
+    // Structured pruning by activation importance: the statistics split the same way.
+    let channels = |out: &std::path::Path| -> Vec<String> {
+        let m = model.to_str().unwrap();
+        let args = ["prune", m, "--method", "channels", "--fraction", "0.25"];
+        let mut args: Vec<String> = args.map(String::from).to_vec();
+        for a in ["--samples", "8", "--seq-len", "128", "--batch", "2", "-o"] {
+            args.push(a.into());
+        }
+        args.push(out.display().to_string());
+        args
+    };
+    let (two_channels, one_channels) = (
+        dir.path().join("two-ranks-channels.gguf"),
+        dir.path().join("one-channels.gguf"),
+    );
+    let out = mpi(&channels(&two_channels));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let args = channels(&one_channels);
+    run_shrink(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        std::fs::read(&one_channels).unwrap() == std::fs::read(&two_channels).unwrap(),
+        "channel pruning over 2 ranks and 1 process wrote different files"
+    );
     // Refusals end every rank with a message and leave no output.
     let refused = dir.path().join("refused.gguf");
     let out = mpi(&job(&refused, "8"));
@@ -768,7 +795,7 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     );
     assert!(!refused.exists());
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-    assert_eq!(left.len(), 5, "no temporaries left: {left:?}");
+    assert_eq!(left.len(), 7, "no temporaries left: {left:?}");
 }
 
 /// A program on the `PATH`.

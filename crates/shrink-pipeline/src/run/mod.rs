@@ -336,10 +336,18 @@ pub fn run(
                     "model" => given.shape,
                     other => crate::memory::model_shape(&artifacts[other]),
                 };
-                let keep = stage_keep(pipeline, stage, &input, shape, given.limit, &stages_dir)
-                    .map_err(|e| PipelineError::Stage {
-                        stage: stage.name.clone(),
-                        source: Box::new(e),
+                // Beside the baseline model, when the run holds it, as the estimate counts it.
+                let held = match (&baseline, given.shape) {
+                    (Some(_), Some(s)) => s.parameters.saturating_mul(4),
+                    _ => 0,
+                };
+                let room = given.limit.saturating_sub(held);
+                let keep =
+                    stage_keep(pipeline, stage, &input, shape, room, &stages_dir).map_err(|e| {
+                        PipelineError::Stage {
+                            stage: stage.name.clone(),
+                            source: Box::new(e),
+                        }
                     })?;
                 if keep.spill.is_some() {
                     log(&format!(
