@@ -31,6 +31,31 @@ pub(crate) struct Metrics {
     pub(crate) shape: String,
 }
 
+impl Metrics {
+    /// What is known of a model before it is evaluated: its file's size and bits (`file`), its
+    /// sparsity and its shape (`config`).
+    fn of_file(
+        key: String,
+        file: &FileView,
+        sparsity: f64,
+        config: &shrink_models::ModelConfig,
+    ) -> Self {
+        let info = &file.inspection;
+        Metrics {
+            key,
+            eval: None,
+            encoder: None,
+            generations: vec![],
+            decode: None,
+            size_bytes: info.file_size_bytes,
+            bits_per_weight: info.bits_per_weight,
+            parameters: info.parameters,
+            sparsity,
+            shape: shape_of(config),
+        }
+    }
+}
+
 /// Fraction of exactly-zero values of a tensor.
 pub(crate) fn zero_fraction(t: &candle_core::Tensor) -> Result<f64> {
     let n = t.elem_count().max(1);
@@ -136,16 +161,8 @@ impl Bench<'_> {
                 self.progress,
             )?;
             return Ok(Metrics {
-                key,
-                eval: None,
                 encoder: Some(encoder),
-                generations: vec![],
-                decode: None,
-                size_bytes: info.file_size_bytes,
-                bits_per_weight: info.bits_per_weight,
-                parameters: info.parameters,
-                sparsity,
-                shape: shape_of(&model.config),
+                ..Metrics::of_file(key, file, sparsity, &model.config)
             });
         }
         let eval = shrink_eval::evaluate(
@@ -192,16 +209,10 @@ impl Bench<'_> {
             )?)
         };
         Ok(Metrics {
-            key,
             eval: Some(eval),
-            encoder: None,
             generations,
             decode,
-            size_bytes: info.file_size_bytes,
-            bits_per_weight: info.bits_per_weight,
-            parameters: info.parameters,
-            sparsity,
-            shape: shape_of(&model.config),
+            ..Metrics::of_file(key, file, sparsity, &model.config)
         })
     }
 }
@@ -218,7 +229,6 @@ impl Bench<'_> {
         reference: Option<&Checkpoint>,
         file: &FileView,
     ) -> Result<Metrics> {
-        let info = &file.inspection;
         let mut model = checkpoint.streamed(DType::F32)?;
         let mut reference = reference.map(|r| r.streamed(DType::F32)).transpose()?;
         let eval = shrink_eval::evaluate_streamed(
@@ -229,17 +239,10 @@ impl Bench<'_> {
             &self.eval,
             self.progress,
         )?;
+        let sparsity = streamed_sparsity(&mut model)?;
         Ok(Metrics {
-            key,
             eval: Some(eval),
-            encoder: None,
-            generations: vec![],
-            decode: None,
-            size_bytes: info.file_size_bytes,
-            bits_per_weight: info.bits_per_weight,
-            parameters: info.parameters,
-            sparsity: streamed_sparsity(&mut model)?,
-            shape: shape_of(model.config()),
+            ..Metrics::of_file(key, file, sparsity, model.config())
         })
     }
 }

@@ -16,6 +16,8 @@
 
 mod scores;
 mod streamed;
+#[cfg(test)]
+mod tests;
 
 pub use streamed::prune_structured_streamed;
 
@@ -463,11 +465,12 @@ pub(crate) fn plan_cuts<'n>(
 /// use shrink_models::{Transformer, ModelConfig};
 /// use shrink_prune::{prune_structured, Importance, Structure};
 /// let cfg = ModelConfig::tiny_for_tests();
-/// let mut model = Transformer::random(&cfg, 0, &Device::Cpu).unwrap();
+/// let mut model = Transformer::random(&cfg, 0, &Device::Cpu)?;
 /// let out = prune_structured(&mut model, Structure::Channels { count: cfg.intermediate_size / 2 },
-///     Importance::Magnitude, None, 4, &shrink_core::NoProgress).unwrap();
+///     Importance::Magnitude, None, 4, &shrink_core::NoProgress)?;
 /// assert_eq!(model.config.intermediate_size, cfg.intermediate_size - cfg.intermediate_size / 2);
 /// assert!(out.parameters_after < out.parameters_before);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn prune_structured(
     model: &mut Transformer,

@@ -1,16 +1,10 @@
 use super::*;
 
-#[test]
-fn the_streamed_formula_by_hand() {
-    let shape = |block_parameters| ModelShape {
-        parameters: 0,
-        hidden: 64,
-        intermediate: 128,
-        vocab: 512,
-        block_parameters,
-    };
-    let job = StreamedJob {
-        calibration: Some((8, 32, 2)),
+/// GPTQ's job on `calibration`: Hessians factored, three f32 copies of the widest linear beside
+/// an f32 block, a 16-bit embedding written in 8-bit blocks, activations in f32 in memory.
+fn gptq(calibration: Option<(u64, u64, u64)>) -> StreamedJob {
+    StreamedJob {
+        calibration,
         hessians: true,
         factors: true,
         block_value_bytes: 4,
@@ -20,7 +14,19 @@ fn the_streamed_formula_by_hand() {
         spilled: false,
         activation_value_bytes: 4,
         activation_copies: 2,
+    }
+}
+
+#[test]
+fn the_streamed_formula_by_hand() {
+    let shape = |block_parameters| ModelShape {
+        parameters: 0,
+        hidden: 64,
+        intermediate: 128,
+        vocab: 512,
+        block_parameters,
     };
+    let job = gptq(Some((8, 32, 2)));
     let peak = streamed_peak(&shape(100_000), &job);
     assert_eq!(
         peak,
@@ -114,16 +120,9 @@ fn a_pipeline_whose_quantizations_stream_is_estimated_by_the_streamed_formula() 
         block_parameters: 3_540_096,
     };
     let job = |calibration, factors| StreamedJob {
-        calibration,
-        hessians: true,
         factors,
-        block_value_bytes: 4,
-        widest_copies: 12,
         embedding_value_bytes: 4,
-        embedding_written_bytes: 1,
-        spilled: false,
-        activation_value_bytes: 4,
-        activation_copies: 2,
+        ..gptq(calibration)
     };
     let held = 4 * shape.parameters;
     let gptq = streamed_peak(&shape, &job(Some((16, 512, 8)), true)).total() + held;
@@ -261,18 +260,7 @@ fn each_rank_holds_its_share_of_activations_and_the_exchange_buffers() {
         vocab: 128_256,
         block_parameters: 218_112_000,
     };
-    let job = StreamedJob {
-        calibration: Some((16, 512, 2)),
-        hessians: true,
-        factors: true,
-        block_value_bytes: 4,
-        widest_copies: 12,
-        embedding_value_bytes: 2,
-        embedding_written_bytes: 1,
-        spilled: false,
-        activation_value_bytes: 4,
-        activation_copies: 2,
-    };
+    let job = gptq(Some((16, 512, 2)));
     let one = streamed_peak(&shape, &job);
     assert_eq!(streamed_peak_per_rank(&shape, &job, 1), one);
     // Three ranks: ⌈8 / 3⌉ = 3 batches of 2 windows each, 6 × 512 tokens of 4096 values; the
@@ -322,16 +310,12 @@ fn activations_are_spilled_when_only_spilled_they_fit() {
         block_parameters: 1 << 20,
     };
     let job = StreamedJob {
-        calibration: Some((16, 4096, 2)),
         hessians: false,
         factors: false,
-        block_value_bytes: 4,
         widest_copies: 8,
         embedding_value_bytes: 4,
         embedding_written_bytes: 4,
-        spilled: false,
-        activation_value_bytes: 4,
-        activation_copies: 2,
+        ..gptq(Some((16, 4096, 2)))
     };
     let total = |spilled, bytes| {
         let job = StreamedJob {
