@@ -6,7 +6,7 @@
 #
 #   scripts/bench-scale.sh            # OUT=target/bench/scale THREADS=2
 #   STEPS=gptq scripts/bench-scale.sh # only some steps: rtn, llama-quantize, gptq, prune, spill,
-#                                     # activations, pipeline, structured (default all)
+#                                     # activations, pipeline, structured, search (default all)
 #
 # Prints one line per step: step, peak RSS (MB), wall time (s). The gptq step quantizes the first
 # GPTQ_BLOCKS (4) blocks of the 8B shapes by GPTQ to Q4_0 on 16 × 512 calibration tokens and prints
@@ -26,7 +26,8 @@
 # prunes block by block: the whole 8B model's width by 25% (magnitude) to an F16 GGUF that
 # llama.cpp loads; MLP channels by 25% (activation) and one of STRUCTURED_BLOCKS (2) layers (Block
 # Influence) of the 8B shapes with 16 × 512 calibration tokens; and SmolLM2's width (activation,
-# 64 × 512) and depth (Block Influence) by 25%, as pipelines/smollm2-structured.toml does.
+# 64 × 512) and depth (Block Influence) by 25%, as pipelines/smollm2-structured.toml does. The
+# search step runs a pipeline's search stage on the 8B shapes, read block by block.
 BENCH=scale LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 hamlet="$("$SHRINK" data path shakespeare:eval)"
@@ -38,7 +39,7 @@ measure() { # name, command...
   read -r kb s <"$OUT/$name.time"
   printf '%-34s %8.0f MB %8.1f s\n' "$name" "$((kb / 1024))" "$s"
 }
-STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations pipeline structured}"
+STEPS="${STEPS:-rtn llama-quantize gptq prune spill activations pipeline structured search}"
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 if want rtn || want llama-quantize || want prune || want pipeline || want structured; then
   [ -d "$OUT/synth-8b" ] || measure synth "$SHRINK" synth llama3-8b -o "$OUT/synth-8b"
@@ -212,4 +213,54 @@ if want structured; then
   memory "$OUT/shrink-layers-25-smollm2.log"
   sha256sum "$OUT/smollm2-width.gguf" "$OUT/smollm2-layers.gguf" | sed 's/^/  /'
   rm -f "$OUT/smollm2-width.gguf" "$OUT/smollm2-layers.gguf"
+fi
+if want search; then
+  # A search stage on SEARCH_BLOCKS (2) blocks of the 8B shapes, read block by block: the
+  # sensitivity (q8_0/q4_k/q4_0 codes by SEARCH_WEIGHTS, rtn by default: GPTQ's own cost on these
+  # shapes is the gptq step's; 8 × 256 tokens), up to 2 verified mixes; its peak RSS against the
+  # estimate, seconds per linear measured.
+  blocks="${SEARCH_BLOCKS:-2}"
+  model="$OUT/synth-8b-$blocks"
+  [ -d "$model" ] || "$SHRINK" synth llama3-8b --layers "$blocks" -o "$model" >/dev/null
+  cat >"$OUT/search-8b.toml" <<EOF
+name = "synth-8b-search"
+[model]
+source = "$model"
+[data]
+samples = 24
+seq_len = 512
+[[stage]]
+kind = "search"
+name = "search"
+formats = ["q8_0", "q4_k", "q4_0"]
+weights = "${SEARCH_WEIGHTS:-rtn}"
+[stage.budget]
+target_bpw = 5.0
+rounds = 2
+[eval]
+ctx = 512
+chunks = 2
+prompts = []
+decode_tokens = 0
+stream = "always"
+[export]
+formats = ["gguf"]
+EOF
+  "$SHRINK" validate "$OUT/search-8b.toml" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("  estimate %.0f MB" % (d["estimated_peak_bytes"]/2**20))'
+  rm -rf "$OUT/run-search"
+  measure "shrink-search-8b-$blocks-blocks" "$SHRINK" --threads "$THREADS" run \
+    "$OUT/search-8b.toml" -o "$OUT/run-search" --json
+  python3 - "$OUT/run-search" <<'PY'
+import json, sys
+stage = json.load(open(f"{sys.argv[1]}/stages/search/stage.json"))
+s = stage["search"]
+linears = sum(1 for it in s["sensitivity"] if it["name"] != "embeddings")
+print(f"  stage peak {stage['peak_rss_bytes'] / 2**20:.0f} MB "
+      f"(estimate {stage.get('estimated_peak_bytes', 0) / 2**20:.0f} MB), {stage['wall_s']:.0f} s; "
+      f"sensitivity {s['sensitivity_s']:.0f} s ({s['sensitivity_s'] / linears:.1f} s per linear)")
+for t in s["outcome"]["tried"]:
+    print(f"  round {t['round']}: {t['size_bytes'] / 1e6:.1f} MB, KL {t['score']['kl']:.5f}, "
+          f"met {t['met']}")
+PY
+  rm -rf "$OUT/run-search"
 fi

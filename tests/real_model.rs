@@ -628,8 +628,10 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
 
 /// `mpirun -n 2 shrink quantize … --method gptq` splits the calibration windows across two
 /// processes and writes the bytes one process writes (with one thread or two), and so does
-/// `shrink prune --method sparsegpt` with its activations spilled to disk; commands that do not
-/// split and a calibration with fewer batches than processes are refused on every rank.
+/// `shrink prune --method sparsegpt` with its activations spilled to disk, channel pruning, and
+/// `shrink run` of a pipeline whose GPTQ, search and SparseGPT stages split across the ranks;
+/// commands that do not split and a calibration with fewer batches than processes are refused on
+/// every rank.
 #[cfg(feature = "mpi")]
 #[test]
 fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
@@ -770,6 +772,152 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         std::fs::read(&one_channels).unwrap() == std::fs::read(&two_channels).unwrap(),
         "channel pruning over 2 ranks and 1 process wrote different files"
     );
+    // A pipeline run: its GPTQ, search (the sensitivity split by tensors, the verified GPTQ by
+    // windows) and SparseGPT stages split across 2 ranks, rank 0 writing the run folder: the
+    // stages' files are one process's, and so are the figures of the report.
+    let runs = dir.path().join("runs");
+    let tiny = common::tiny_gguf(&runs);
+    let pipeline = |samples: usize| {
+        let text = common::sample_text();
+        let toml = format!(
+            r#"name = "mpi"
+[model]
+source = "{}"
+[data]
+calib = "{}"
+eval = "{}"
+samples = {samples}
+seq_len = 64
+[eval]
+ctx = 64
+chunks = 2
+prompts = []
+decode_tokens = 0
+[[stage]]
+kind = "quantize.gptq"
+name = "gptq"
+format = "q4_0"
+[[stage]]
+kind = "search"
+name = "search"
+input = "model"
+formats = ["q8_0", "q5_0", "q4_0"]
+embedding_formats = ["q8_0", "q4_0"]
+[stage.budget]
+target_bpw = 5.5
+rounds = 2
+[[stage]]
+kind = "prune.sparsegpt"
+name = "sparse"
+input = "model"
+sparsity = 0.5
+"#,
+            tiny.display(),
+            text.display(),
+            text.display()
+        );
+        let path = runs.join(format!("pipeline-{samples}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        path.display().to_string()
+    };
+    let file = pipeline(24);
+    let cache = runs.join("cache");
+    let run = |ranks: usize, out: &str| {
+        let out = runs.join(out).display().to_string();
+        let args = ["run", file.as_str(), "-o", out.as_str()].map(String::from);
+        let output = match ranks {
+            1 => Command::new(shrink)
+                .args(["--threads", "1"])
+                .args(&args)
+                .env("SHRINK_CACHE_DIR", &cache)
+                .output()
+                .unwrap(),
+            _ => {
+                // Each run its own sensitivity cache, so that both measure it.
+                std::fs::remove_dir_all(cache.join("sensitivity")).ok();
+                let mut cmd = Command::new(&mpirun);
+                if root {
+                    cmd.arg("--allow-run-as-root");
+                }
+                cmd.args(["--oversubscribe", "-x", "SHRINK_CACHE_DIR", "-n", "2"])
+                    .args([shrink, "--threads", "1"])
+                    .args(&args)
+                    .env("SHRINK_CACHE_DIR", &cache)
+                    .output()
+                    .unwrap()
+            }
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "{stderr}");
+        stderr
+    };
+    run(1, "one");
+    let stderr = run(2, "two");
+    assert!(
+        stderr.contains("2 MPI processes split the stages"),
+        "{stderr}"
+    );
+    for stage in ["gptq", "search", "sparse"] {
+        let file = |run: &str| {
+            std::fs::read(runs.join(run).join("stages").join(stage).join("model.gguf")).unwrap()
+        };
+        assert!(
+            file("one") == file("two"),
+            "stage {stage}: 2 ranks and 1 process differ"
+        );
+    }
+    let report = |run: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(runs.join(run).join("report.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let figures = |r: &serde_json::Value| -> Vec<(f64, f64)> {
+        let rows = r["rows"].as_array().unwrap();
+        rows.iter()
+            .map(|m| {
+                (
+                    m["perplexity"].as_f64().unwrap(),
+                    m["kl_mean"].as_f64().unwrap_or(0.0),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(figures(&report("one")), figures(&report("two")));
+    // Only rank 0 wrote: the run folder holds what one process's holds.
+    let entries = |run: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(runs.join(run).join("stages"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(entries("one"), entries("two"));
+    // Too few windows for 2 ranks: refused before any stage, naming the stage.
+    let few = pipeline(8);
+    let mut cmd = Command::new(&mpirun);
+    if root {
+        cmd.arg("--allow-run-as-root");
+    }
+    let out = cmd
+        .args([
+            "--oversubscribe",
+            "-n",
+            "2",
+            shrink,
+            "run",
+            few.as_str(),
+            "-o",
+        ])
+        .arg(runs.join("few"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("stage `gptq`: 2 MPI processes need at least 2 batches"),
+        "{stderr}"
+    );
+    assert!(!runs.join("few").join("stages").join("gptq").exists());
     // Refusals end every rank with a message and leave no output.
     let refused = dir.path().join("refused.gguf");
     let out = mpi(&job(&refused, "8"));
@@ -790,12 +938,12 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("only `shrink quantize` and `shrink prune` split"),
+        stderr.contains("only `shrink quantize`, `shrink prune` and `shrink run` split"),
         "{stderr}"
     );
     assert!(!refused.exists());
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-    assert_eq!(left.len(), 7, "no temporaries left: {left:?}");
+    assert_eq!(left.len(), 8, "no temporaries left: {left:?}");
 }
 
 /// A program on the `PATH`.

@@ -146,15 +146,20 @@ fn error_message(e: &anyhow::Error) -> String {
 }
 
 fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode> {
-    if world.size() > 1 && !matches!(command, Command::Quantize(_) | Command::Prune(_)) {
+    if world.size() > 1
+        && !matches!(
+            command,
+            Command::Quantize(_) | Command::Prune(_) | Command::Run(_)
+        )
+    {
         anyhow::bail!(
-            "started as one of {} MPI processes: only `shrink quantize` and `shrink prune` split \
-             their calibration across processes; run this command as one process",
+            "started as one of {} MPI processes: only `shrink quantize`, `shrink prune` and \
+             `shrink run` split their work across processes; run this command as one process",
             world.size()
         );
     }
     match command {
-        Command::Run(args) => return cmd::run::run(args),
+        Command::Run(args) => return cmd::run::run(args, world),
         Command::Data(command) => cmd::data::run(command),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Convert(args) => cmd::convert::run(args),

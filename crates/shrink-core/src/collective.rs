@@ -39,6 +39,39 @@ pub trait Collective {
     fn ranks_on_this_machine(&self) -> usize {
         self.size()
     }
+    /// `root`'s `data`, of any length, on every rank (what other ranks pass is ignored).
+    fn share(&self, root: usize, data: Vec<u8>) -> Vec<u8> {
+        if self.size() == 1 {
+            return data;
+        }
+        let mut len = (data.len() as u64).to_le_bytes();
+        self.broadcast(root, &mut len);
+        let mut out = if self.rank() == root {
+            data
+        } else {
+            vec![0u8; u64::from_le_bytes(len) as usize]
+        };
+        self.broadcast(root, &mut out);
+        out
+    }
+}
+
+/// `root`'s `value` on every rank, sent as JSON (exact for floats: the workspace's serde_json
+/// round-trips them); what other ranks pass is ignored.
+pub fn share_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    world: &dyn Collective,
+    root: usize,
+    value: Option<&T>,
+) -> crate::Result<T> {
+    let error = |e: serde_json::Error| crate::CoreError::Shared {
+        rank: root,
+        message: e.to_string(),
+    };
+    let bytes = match value {
+        Some(v) if world.rank() == root => serde_json::to_vec(v).map_err(error)?,
+        _ => Vec::new(),
+    };
+    serde_json::from_slice(&world.share(root, bytes)).map_err(error)
 }
 
 /// One process alone: rank 0 of 1.

@@ -344,21 +344,7 @@ fn masked_lm_scores_equal_a_direct_computation() {
     assert!(crate::masked_lm(&plain, &sentences, mask, &shrink_core::NoProgress).is_err());
 }
 
-/// A model read block by block from `model`'s own tensors (as from a memory-mapped checkpoint).
-fn streamed(model: &Transformer) -> shrink_models::StreamedModel {
-    let tensors = model.named_tensors();
-    shrink_models::StreamedModel::new(
-        &model.config,
-        DType::F32,
-        Box::new(move |name: &str, dtype: DType| {
-            Ok(tensors
-                .get(name)
-                .ok_or_else(|| shrink_models::ModelError::MissingTensor(name.into()))?
-                .to_dtype(dtype)?)
-        }),
-    )
-    .unwrap()
-}
+use shrink_models::testing::streamed_copy as streamed;
 
 #[test]
 fn a_streamed_evaluation_gives_the_whole_model_bits() {

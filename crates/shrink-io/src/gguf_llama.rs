@@ -140,6 +140,11 @@ pub struct LlamaGguf {
 }
 
 impl LlamaGguf {
+    /// The size of the file this layout makes, in bytes.
+    pub fn file_size(&self) -> Result<u64> {
+        crate::gguf_write::gguf_file_size(&self.path, &self.metadata, &self.entries)
+    }
+
     /// The layout of `checkpoint` to be written to `path`, with the tensors of `quantized` (by Hugging
     /// Face name) in the given block types, other 2-D tensors as `weight_type` and 1-D ones as F32.
     pub fn plan(

@@ -108,6 +108,59 @@ impl GgufEntry {
 
 const GGUF_ALIGN: usize = 32;
 
+/// The header, metadata and tensor table of a GGUF of `plan` (padded to the alignment), and the
+/// bytes of its data (every tensor padded).
+fn header(
+    path: &Path,
+    metadata: &[(String, GgufValue)],
+    plan: &[GgufEntry],
+) -> Result<(Vec<u8>, u64)> {
+    let mut header = Vec::new();
+    let w = &mut header;
+    w.extend(0x4655_4747u32.to_le_bytes());
+    w.extend(3u32.to_le_bytes());
+    w.extend((plan.len() as u64).to_le_bytes());
+    w.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        put_str(w, key);
+        value.encode(w);
+    }
+    let mut offset = 0usize;
+    for t in plan {
+        let bytes = t.bytes().ok_or_else(|| IoError::Tensor {
+            path: path.to_path_buf(),
+            tensor: t.name.clone(),
+            message: format!(
+                "a {:?} tensor cannot have shape {:?}: its rows must hold whole blocks of {}",
+                t.dtype,
+                t.dims,
+                t.dtype.block_size()
+            ),
+        })?;
+        put_str(w, &t.name);
+        w.extend((t.dims.len() as u32).to_le_bytes());
+        for &d in t.dims.iter().rev() {
+            w.extend((d as u64).to_le_bytes());
+        }
+        w.extend(ggml_type_id(t.dtype).to_le_bytes());
+        w.extend((offset as u64).to_le_bytes());
+        offset += bytes + gguf_pad(bytes);
+    }
+    header.extend(std::iter::repeat_n(0u8, gguf_pad(header.len())));
+    Ok((header, offset as u64))
+}
+
+/// The size in bytes of the GGUF [`GgufWriter`] writes for `metadata` and `plan` (`path` names
+/// the file in errors).
+pub fn gguf_file_size(
+    path: &Path,
+    metadata: &[(String, GgufValue)],
+    plan: &[GgufEntry],
+) -> Result<u64> {
+    let (header, data) = header(path, metadata, plan)?;
+    Ok(header.len() as u64 + data)
+}
+
 fn gguf_pad(n: usize) -> usize {
     (GGUF_ALIGN - n % GGUF_ALIGN) % GGUF_ALIGN
 }
@@ -139,40 +192,8 @@ impl GgufWriter {
         plan: Vec<GgufEntry>,
     ) -> Result<Self> {
         let path = file.target().to_path_buf();
-        let path = path.as_path();
-        let mut header = Vec::new();
-        let w = &mut header;
-        w.extend(0x4655_4747u32.to_le_bytes());
-        w.extend(3u32.to_le_bytes());
-        w.extend((plan.len() as u64).to_le_bytes());
-        w.extend((metadata.len() as u64).to_le_bytes());
-        for (key, value) in metadata {
-            put_str(w, key);
-            value.encode(w);
-        }
-        let mut offset = 0usize;
-        for t in &plan {
-            let bytes = t.bytes().ok_or_else(|| IoError::Tensor {
-                path: path.to_path_buf(),
-                tensor: t.name.clone(),
-                message: format!(
-                    "a {:?} tensor cannot have shape {:?}: its rows must hold whole blocks of {}",
-                    t.dtype,
-                    t.dims,
-                    t.dtype.block_size()
-                ),
-            })?;
-            put_str(w, &t.name);
-            w.extend((t.dims.len() as u32).to_le_bytes());
-            for &d in t.dims.iter().rev() {
-                w.extend((d as u64).to_le_bytes());
-            }
-            w.extend(ggml_type_id(t.dtype).to_le_bytes());
-            w.extend((offset as u64).to_le_bytes());
-            offset += bytes + gguf_pad(bytes);
-        }
-        header.extend(std::iter::repeat_n(0u8, gguf_pad(header.len())));
-        file.writer().write_all(&header).map_err(io_error(path))?;
+        let (header, _) = header(&path, metadata, &plan)?;
+        file.writer().write_all(&header).map_err(io_error(&path))?;
         Ok(Self {
             file,
             plan,

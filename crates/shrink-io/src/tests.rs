@@ -354,6 +354,13 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pre.gguf");
     write_llama_gguf(&c, &path, GgufWriteType::F32, &pre).unwrap();
+    // The planned size is the written file's, to the byte.
+    let types = pre.iter().map(|(n, q)| (n.clone(), q.dtype)).collect();
+    let planned = crate::LlamaGguf::plan(&c, &path, GgufWriteType::F32, &types)
+        .unwrap()
+        .file_size()
+        .unwrap();
+    assert_eq!(planned, std::fs::metadata(&path).unwrap().len());
     let info = inspect(&path).unwrap();
     let ty = |n: &str| {
         info.tensors

@@ -77,3 +77,20 @@ pub fn max_abs_diff<'a>(
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A model read block by block from `model`'s own tensors (as from a memory-mapped checkpoint),
+/// each converted to the asked type when loaded.
+pub fn streamed_copy(model: &crate::Transformer) -> crate::StreamedModel {
+    let tensors = model.named_tensors();
+    crate::StreamedModel::new(
+        &model.config,
+        candle_core::DType::F32,
+        Box::new(move |name: &str, dtype: candle_core::DType| {
+            Ok(tensors
+                .get(name)
+                .ok_or_else(|| crate::ModelError::MissingTensor(name.into()))?
+                .to_dtype(dtype)?)
+        }),
+    )
+    .expect("a valid test model streams")
+}

@@ -52,7 +52,7 @@ pub use quantize::{
     build_model, Export, PresetChoice, QuantMethod, QuantizeOutcome, QuantizeRequest,
     ResolvedQuantize,
 };
-pub use run::{run, RunOptions, RunOutcome};
+pub use run::{follow, run, run_in, RunOptions, RunOutcome};
 pub use stage::{Compress, JobInput, StageJob, StageKind};
 pub use sys::{free_disk_bytes, peak_rss_bytes};
 

@@ -1,13 +1,14 @@
 //! Per-tensor sensitivity: the KL divergence from the input model, on calibration windows, when
-//! only one tensor is stored in a candidate format. Each block's input is computed once; a change
-//! in block `i` reruns only blocks `i..` from that cached input, so a linear costs about half a
-//! forward pass per measured format instead of a whole one.
+//! only one tensor is stored in a candidate format. The model is read block by block (held whole
+//! or from its file): a change in block `i` runs only blocks `i..`, from block `i`'s input in the
+//! input model, so a linear costs about half a forward pass per measured format instead of a
+//! whole one, and every variant of block `i` goes through each later block together.
 
 use crate::{Choice, Item, Result, SearchError};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
-use shrink_core::Progress;
-use shrink_models::{NoHook, Transformer};
+use shrink_core::{Collective, Progress};
+use shrink_models::{AttentionContext, Block, BlockModel, Head, Linear, NoHook};
 use shrink_quant::{Format, Method};
 
 /// The name of the item that stands for the token embedding (and an untied output head, stored
@@ -49,17 +50,46 @@ pub fn gguf_bytes(bytes: usize) -> u64 {
 }
 
 /// Log-probabilities `(positions, vocab)` at the scored positions (the second half of each
-/// window) from final, normed hidden states.
-fn log_probs(model: &Transformer, hidden: &Tensor) -> Result<Tensor> {
+/// window) from the last block's outputs.
+fn log_probs(head: &Head, hidden: &Tensor) -> Result<Tensor> {
+    let hidden = head.final_hidden(hidden)?;
     let (b, t, h) = hidden.dims3()?;
     let half = hidden
         .narrow(1, t / 2, t - t / 2)?
         .reshape((b * (t - t / 2), h))?;
-    let logits = model.lm_head(&half)?;
+    let logits = head.logits(&half)?;
     Ok(candle_nn::ops::log_softmax(
         &logits.to_dtype(DType::F32)?,
         D::Minus1,
     )?)
+}
+
+/// Runs each of `xs` through blocks `from..` of `model`, each block read once for all of them.
+fn run_from<M: BlockModel>(
+    model: &mut M,
+    from: usize,
+    xs: &mut [Tensor],
+    ctx: &AttentionContext,
+) -> Result<()> {
+    if xs.is_empty() {
+        return Ok(());
+    }
+    for j in from..model.num_blocks() {
+        model.with_block(j, |block| -> Result<()> {
+            for x in xs.iter_mut() {
+                *x = block.forward(x, ctx, None, &mut NoHook)?;
+            }
+            Ok(())
+        })??;
+    }
+    Ok(())
+}
+
+/// Token ids `(windows, tokens)` embedded in one batch.
+fn embed<M: BlockModel>(model: &M, ids: &Tensor) -> Result<Tensor> {
+    Ok(model
+        .embed_batches(std::slice::from_ref(ids))?
+        .swap_remove(0))
 }
 
 /// Mean over positions of KL(reference ‖ model) from log-probabilities.
@@ -100,9 +130,9 @@ pub struct Scorer {
 
 impl Scorer {
     /// Runs `reference` once on `windows` (all of one length).
-    pub fn new(reference: &Transformer, windows: &[Vec<u32>]) -> Result<Self> {
+    pub fn new<M: BlockModel>(reference: &mut M, windows: &[Vec<u32>]) -> Result<Self> {
         let len = check_windows(windows)?;
-        let ids = Tensor::new(windows.to_vec(), reference.device())?;
+        let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
         // The token after each scored position (the last position has none and is not scored
         // for the likelihood).
         let targets = Tensor::new(
@@ -110,12 +140,12 @@ impl Scorer {
                 .iter()
                 .flat_map(|w| w[len / 2 + 1..].iter().copied())
                 .collect::<Vec<u32>>(),
-            reference.device(),
+            &Device::Cpu,
         )?;
         let mut s = Self {
             ids,
             targets,
-            reference: Tensor::zeros(1, DType::F32, reference.device())?,
+            reference: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
             reference_nll: 0.0,
         };
         s.reference = s.log_probs(reference)?;
@@ -123,8 +153,12 @@ impl Scorer {
         Ok(s)
     }
 
-    fn log_probs(&self, model: &Transformer) -> Result<Tensor> {
-        log_probs(model, &model.forward_hidden(&self.ids, &mut NoHook)?)
+    /// The model's log-probabilities, its blocks read in order.
+    fn log_probs<M: BlockModel>(&self, model: &mut M) -> Result<Tensor> {
+        let ctx = model.attention_context(self.ids.dim(1)?)?;
+        let mut xs = [embed(model, &self.ids)?];
+        run_from(model, 0, &mut xs, &ctx)?;
+        log_probs(&model.head()?, &xs[0])
     }
 
     fn nll(&self, log_probs: &Tensor) -> Result<f64> {
@@ -140,7 +174,7 @@ impl Scorer {
     }
 
     /// The score of `model`; an error if its predictions are not finite.
-    pub fn score(&self, model: &Transformer) -> Result<Score> {
+    pub fn score<M: BlockModel>(&self, model: &mut M) -> Result<Score> {
         let lp = self.log_probs(model)?;
         let kl = mean_kl(&self.reference, &lp)?;
         let nll = self.nll(&lp)?;
@@ -157,14 +191,35 @@ impl Scorer {
     }
 }
 
-/// One linear quantized in one format: its stored bytes, relative output error and dequantized
-/// weight.
+/// One linear quantized in one format: its stored bytes and relative output error.
 struct Candidate {
     format: Format,
     bytes: u64,
     bits: f64,
     error: f64,
-    weight: Vec<f32>,
+}
+
+/// A linear this rank measures: its candidates and which of them get a measured KL (one
+/// variant of the block's output each, in order).
+struct Pending {
+    name: String,
+    candidates: Vec<Candidate>,
+    measured: Vec<usize>,
+}
+
+/// Which rank measures the `index`-th tensor (linears in block order, then the embedding's
+/// formats): tensors are dealt to the ranks in turn.
+fn owner(world: &dyn Collective, index: usize) -> usize {
+    index % world.size()
+}
+
+/// `item` (its owner's) on every rank.
+fn share<T: Serialize + serde::de::DeserializeOwned>(
+    world: &dyn Collective,
+    root: usize,
+    item: Option<&T>,
+) -> Result<T> {
+    shrink_core::share_json(world, root, item).map_err(|e| SearchError::Input(e.to_string()))
 }
 
 /// For every block linear of `model` (and the token embedding when `config.embeddings` is not
@@ -173,74 +228,153 @@ struct Candidate {
 /// exact size in a GGUF and, for linears, the relative output error on the calibration inputs.
 /// Returns one [`Item`] per tensor, ready for [`crate::allocate`].
 ///
+/// The model is read block by block ([`BlockModel`]: held whole, or read from its file one block
+/// at a time, with the same results): a reference pass gives the input model's predictions; then
+/// at block `i` each measured linear's candidate makes one variant of the block's output, and all
+/// of block `i`'s variants go through blocks `i + 1..` together, each block read once for them.
+/// The tensors are dealt to the ranks of `world` in turn (MPI: each rank measures its share,
+/// every rank gets every result, the same as one process's).
+///
 /// ```
 /// use candle_core::Device;
 /// use shrink_models::{ModelConfig, Transformer};
 /// use shrink_quant::{Format, Method};
 /// use shrink_search::{sensitivity, Measure, SensitivityConfig};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let mut cfg = ModelConfig::tiny_for_tests();
 /// cfg.intermediate_size = 64; // down_proj's rows: whole 32-value blocks
-/// let model = Transformer::random(&cfg, 0, &Device::Cpu).unwrap();
+/// let mut model = Transformer::random(&cfg, 0, &Device::Cpu)?;
 /// let windows = vec![(0..16).map(|i| (i * 7 % 64) as u32).collect::<Vec<_>>()];
 /// let config = SensitivityConfig {
-///     formats: vec![Format::parse("q8_0").unwrap(), Format::parse("q4_0").unwrap()],
+///     formats: vec![Format::parse("q8_0")?, Format::parse("q4_0")?],
 ///     embeddings: vec![],
 ///     method: Method::Rtn,
 ///     measure: Measure::Every,
 /// };
-/// let items = sensitivity(&model, &windows, &config, &shrink_core::NoProgress).unwrap();
+/// let alone = shrink_core::Alone;
+/// let items = sensitivity(&mut model, &windows, &config, &alone, &shrink_core::NoProgress)?;
 /// assert_eq!(items.len(), 14);
 /// assert!(items[0].choices[0].loss < items[0].choices[1].loss);
+/// # Ok(())
+/// # }
 /// ```
-pub fn sensitivity(
-    model: &Transformer,
+pub fn sensitivity<M: BlockModel>(
+    model: &mut M,
     windows: &[Vec<u32>],
     config: &SensitivityConfig,
+    world: &dyn Collective,
     progress: &dyn Progress,
 ) -> Result<Vec<Item>> {
     let len = check_windows(windows)?;
-    if !model.has_token_head() {
+    if model.config().arch()?.is_encoder() {
         return Err(SearchError::Input(
-            "sensitivity compares next-token predictions: the model needs a token head".into(),
+            "sensitivity compares next-token predictions: it runs on decoders".into(),
         ));
     }
     if config.formats.is_empty() {
         return Err(SearchError::Input("no candidate formats".into()));
     }
-    let ids = Tensor::new(windows.to_vec(), model.device())?;
-    let ctx = model.attention_context(len, 0)?;
-    // Each block's input, and the reference log-probabilities.
-    let mut inputs = Vec::with_capacity(model.blocks.len());
-    let mut x = model.embed(&ids)?;
-    for block in &model.blocks {
-        inputs.push(x.clone());
-        x = block.forward(&x, &ctx, None, &mut NoHook)?;
-    }
-    let reference = log_probs(model, &model.final_hidden(&x)?)?;
-    let finite = |kl: f64, what: &str| {
-        if kl.is_finite() {
-            Ok(kl.max(0.0))
-        } else {
-            Err(SearchError::Input(format!("{what}: the KL is not finite")))
-        }
+    let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
+    let ctx = model.attention_context(len)?;
+    // The reference log-probabilities: one pass.
+    let reference = {
+        let mut xs = [embed(model, &ids)?];
+        run_from(model, 0, &mut xs, &ctx)?;
+        log_probs(&model.head()?, &xs[0])?
     };
-    let total: usize = model.blocks.iter().map(|b| b.linears().len()).sum();
+    let mut x = embed(model, &ids)?;
+    let blocks = model.num_blocks();
+    let cfg = model.config();
+    let total: usize = (0..blocks)
+        .map(|i| {
+            cfg.block_linear_names(i)
+                .map_or(0, |n| n.iter().filter(|n| !n.is_empty()).count())
+        })
+        .sum();
     let embedding_steps = usize::from(!config.embeddings.is_empty());
     progress.start("measuring sensitivity", (total + embedding_steps) as u64);
     let mut items = Vec::with_capacity(total + embedding_steps);
-    for (i, block) in model.blocks.iter().enumerate() {
-        let stats = shrink_calib::block_stats(block, &inputs[i..=i], &ctx, true)?;
-        for (name, linear) in block.linears() {
+    let mut offset = 0;
+    for i in 0..blocks {
+        // `x` is block i's input in the input model.
+        let (pending, mut variants, next, count) = model.with_block(i, |block| {
+            measure_block(block, &x, &ctx, config, world, offset)
+        })??;
+        run_from(model, i + 1, &mut variants, &ctx)?;
+        let kls = if variants.is_empty() {
+            Vec::new()
+        } else {
+            let head = model.head()?;
+            variants
+                .iter()
+                .map(|y| mean_kl(&reference, &log_probs(&head, y)?))
+                .collect::<Result<Vec<f64>>>()?
+        };
+        drop(variants);
+        let mut mine = items_of(&pending, &kls, config.measure)?.into_iter();
+        for j in 0..count {
+            let root = owner(world, offset + j);
+            let item = if root == world.rank() {
+                mine.next()
+            } else {
+                None
+            };
+            let item: Item = share(world, root, item.as_ref())?;
+            progress.advance(1, Some(&item.name));
+            items.push(item);
+        }
+        x = next;
+        offset += count;
+    }
+    drop(x);
+    if !config.embeddings.is_empty() {
+        items.push(embedding_item(
+            model,
+            &ids,
+            &ctx,
+            &reference,
+            &config.embeddings,
+            world,
+            offset,
+        )?);
+        progress.advance(1, Some(EMBEDDINGS));
+    }
+    progress.finish();
+    Ok(items)
+}
+
+/// Block `i`'s part of [`sensitivity`] on its input `x`: the candidates of the linears this rank
+/// measures, one variant of the block's output per measured candidate, the block's own output
+/// and its number of linears.
+fn measure_block(
+    block: &mut Block,
+    x: &Tensor,
+    ctx: &AttentionContext,
+    config: &SensitivityConfig,
+    world: &dyn Collective,
+    offset: usize,
+) -> Result<(Vec<Pending>, Vec<Tensor>, Tensor, usize)> {
+    let linears = block.linears();
+    let mine: Vec<usize> = (0..linears.len())
+        .filter(|j| owner(world, offset + j) == world.rank())
+        .collect();
+    let mut pending = Vec::with_capacity(mine.len());
+    let mut variants = Vec::new();
+    if !mine.is_empty() {
+        let stats = shrink_calib::block_stats(block, std::slice::from_ref(x), ctx, true)?;
+        for j in mine {
+            let (name, linear) = linears[j];
+            let st = stats
+                .get(name)
+                .ok_or_else(|| SearchError::Input(format!("'{name}' saw no input")))?;
             let (rows, cols) = linear.weight().dims2()?;
             let w: Vec<f32> = linear
                 .weight()
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
-            let st = stats
-                .get(name)
-                .ok_or_else(|| SearchError::Input(format!("'{name}' saw no input")))?;
             let mut candidates = Vec::new();
+            let mut weights = Vec::new();
             for &format in &config.formats {
                 if !cols.is_multiple_of(format.row_multiple()) {
                     continue;
@@ -260,75 +394,91 @@ pub fn sensitivity(
                     bytes: gguf_bytes(q.size_bytes()),
                     bits: q.bits_per_weight(),
                     error: st.relative_output_error(&w, &weight)?,
-                    weight,
                 });
+                weights.push(weight);
             }
-            // The KL with this linear alone replaced by `weight`.
-            let kl_of = |weight: &[f32]| -> Result<f64> {
+            let measured: Vec<usize> = match config.measure {
+                Measure::Every => (0..candidates.len()).collect(),
+                Measure::Scaled => reference_candidate(&candidates).into_iter().collect(),
+            };
+            // The block with this linear alone replaced by each measured candidate.
+            for &c in &measured {
                 let mut changed = block.clone();
-                let t = Tensor::from_slice(weight, (rows, cols), linear.weight().device())?
+                let t = Tensor::from_slice(&weights[c], (rows, cols), linear.weight().device())?
                     .to_dtype(linear.weight().dtype())?;
                 changed
                     .linear_mut(name)
                     .ok_or_else(|| SearchError::Input(format!("no linear '{name}'")))?
                     .set_weight(t)?;
-                let mut y = changed.forward(&inputs[i], &ctx, None, &mut NoHook)?;
-                for later in &model.blocks[i + 1..] {
-                    y = later.forward(&y, &ctx, None, &mut NoHook)?;
-                }
-                mean_kl(&reference, &log_probs(model, &model.final_hidden(&y)?)?)
-            };
-            let losses: Vec<f64> = match config.measure {
-                Measure::Every => candidates
-                    .iter()
-                    .map(|c| {
-                        finite(
-                            kl_of(&c.weight)?,
-                            &format!("'{name}' in {}", c.format.label()),
-                        )
-                    })
-                    .collect::<Result<_>>()?,
-                Measure::Scaled => match reference_candidate(&candidates) {
-                    None => Vec::new(),
-                    Some(r) => {
-                        let c = &candidates[r];
-                        let kl = finite(
-                            kl_of(&c.weight)?,
-                            &format!("'{name}' in {}", c.format.label()),
-                        )?;
-                        candidates
-                            .iter()
-                            .map(|o| {
-                                if c.error > 0.0 {
-                                    kl * o.error / c.error
-                                } else {
-                                    kl
-                                }
-                            })
-                            .collect()
-                    }
-                },
-            };
-            let choices: Vec<Choice> = candidates
-                .iter()
-                .zip(losses)
-                .map(|(c, loss)| Choice {
-                    error: Some(c.error),
-                    ..Choice::new(&c.format.label(), c.bytes, loss)
-                })
-                .collect();
-            if choices.is_empty() {
-                return Err(SearchError::NoOptions(name.to_string()));
+                variants.push(changed.forward(x, ctx, None, &mut NoHook)?);
             }
-            items.push(Item::new(name, choices));
-            progress.advance(1, Some(name));
+            pending.push(Pending {
+                name: name.to_string(),
+                candidates,
+                measured,
+            });
         }
     }
-    if !config.embeddings.is_empty() {
-        items.push(embedding_item(model, &ids, &reference, &config.embeddings)?);
-        progress.advance(1, Some(EMBEDDINGS));
+    let count = linears.len();
+    let next = block.forward(x, ctx, None, &mut NoHook)?;
+    Ok((pending, variants, next, count))
+}
+
+/// The KL, or an error naming what made it not finite.
+fn finite(kl: f64, what: &str) -> Result<f64> {
+    if kl.is_finite() {
+        Ok(kl.max(0.0))
+    } else {
+        Err(SearchError::Input(format!("{what}: the KL is not finite")))
     }
-    progress.finish();
+}
+
+/// The items of `pending` linears from the KLs of their measured candidates, in order.
+fn items_of(pending: &[Pending], kls: &[f64], measure: Measure) -> Result<Vec<Item>> {
+    let mut kls = kls.iter();
+    let mut items = Vec::with_capacity(pending.len());
+    for p in pending {
+        let mut measured = Vec::with_capacity(p.measured.len());
+        for &c in &p.measured {
+            let kl = *kls
+                .next()
+                .ok_or_else(|| SearchError::Input("a measured variant is missing".into()))?;
+            let what = format!("'{}' in {}", p.name, p.candidates[c].format.label());
+            measured.push(finite(kl, &what)?);
+        }
+        let losses: Vec<f64> = match measure {
+            Measure::Every => measured,
+            Measure::Scaled => match (p.measured.first(), measured.first()) {
+                (Some(&r), Some(&kl)) => {
+                    let c = &p.candidates[r];
+                    p.candidates
+                        .iter()
+                        .map(|o| {
+                            if c.error > 0.0 {
+                                kl * o.error / c.error
+                            } else {
+                                kl
+                            }
+                        })
+                        .collect()
+                }
+                _ => Vec::new(),
+            },
+        };
+        let choices: Vec<Choice> = p
+            .candidates
+            .iter()
+            .zip(losses)
+            .map(|(c, loss)| Choice {
+                error: Some(c.error),
+                ..Choice::new(&c.format.label(), c.bytes, loss)
+            })
+            .collect();
+        if choices.is_empty() {
+            return Err(SearchError::NoOptions(p.name.clone()));
+        }
+        items.push(Item::new(&p.name, choices));
+    }
     Ok(items)
 }
 
@@ -341,54 +491,85 @@ fn reference_candidate(candidates: &[Candidate]) -> Option<usize> {
         .or_else(|| (0..candidates.len()).max_by(by_bits))
 }
 
-/// The token embedding (and an untied head) rounded to each format: a whole forward pass each.
-fn embedding_item(
-    model: &Transformer,
+/// `t` rounded to `format` (as llama-quantize and shrink's writer store embeddings) and its
+/// bytes in a GGUF; `None` when the format's blocks do not divide its rows.
+fn rounded(t: &Tensor, format: Format, what: &str) -> Result<Option<(Tensor, u64)>> {
+    let (rows, cols) = t.dims2()?;
+    if !cols.is_multiple_of(format.row_multiple()) {
+        return Ok(None);
+    }
+    let w: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let q = shrink_quant::rtn_format(&w, rows, cols, &format.with_search(false), None, what)?;
+    let back = Tensor::from_vec(q.dequantize()?, (rows, cols), t.device())?.to_dtype(t.dtype())?;
+    Ok(Some((back, gguf_bytes(q.size_bytes()))))
+}
+
+/// The token embedding (and an untied head) rounded to each format, which this rank measures
+/// when dealt it (`offset` tensors came before): all of them through the blocks together.
+fn embedding_item<M: BlockModel>(
+    model: &mut M,
     ids: &Tensor,
+    ctx: &AttentionContext,
     reference: &Tensor,
     formats: &[Format],
+    world: &dyn Collective,
+    offset: usize,
 ) -> Result<Item> {
-    let mut choices = Vec::new();
-    for &format in formats {
-        let mut m = model.clone();
-        let mut bytes = 0;
-        let mut round = |t: &Tensor, what: &str| -> Result<Option<Tensor>> {
-            let (rows, cols) = t.dims2()?;
-            if !cols.is_multiple_of(format.row_multiple()) {
-                return Ok(None);
-            }
-            let w: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let q =
-                shrink_quant::rtn_format(&w, rows, cols, &format.with_search(false), None, what)?;
-            bytes += gguf_bytes(q.size_bytes());
-            Ok(Some(
-                Tensor::from_vec(q.dequantize()?, (rows, cols), t.device())?.to_dtype(t.dtype())?,
-            ))
-        };
-        let Some(e) = round(&model.embed_tokens, "token embedding")? else {
-            continue;
-        };
-        m.embed_tokens = e;
-        if let Some(head) = &model.lm_head {
-            let Some(h) = round(head.weight(), "output head")? else {
+    let mine: Vec<usize> = (0..formats.len())
+        .filter(|&f| owner(world, offset + f) == world.rank())
+        .collect();
+    let mut measured = Vec::new();
+    let mut xs = Vec::new();
+    if !mine.is_empty() {
+        let table = model.token_embedding()?;
+        let head = model.head()?;
+        for &f in &mine {
+            let format = formats[f];
+            let Some((e, bytes)) = rounded(&table, format, "token embedding")? else {
                 continue;
             };
-            if let Some(mh) = m.lm_head.as_mut() {
-                mh.set_weight(h)?;
+            let cols = head.projection.weight().dims2()?.1;
+            if !head.tied && !cols.is_multiple_of(format.row_multiple()) {
+                continue;
             }
+            xs.push(model.embed_with(&e, ids)?);
+            measured.push((f, bytes));
         }
-        let lp = log_probs(&m, &m.forward_hidden(ids, &mut NoHook)?)?;
-        let kl = mean_kl(reference, &lp)?;
-        if !kl.is_finite() {
-            return Err(SearchError::Input(format!(
-                "the embeddings in {}: the KL is not finite",
-                format.label()
-            )));
-        }
-        choices.push(Choice::new(&format.label(), bytes, kl.max(0.0)));
     }
-    if choices.is_empty() {
+    run_from(model, 0, &mut xs, ctx)?;
+    let mut choices: Vec<Option<Choice>> = vec![None; formats.len()];
+    if !xs.is_empty() {
+        let head = model.head()?;
+        for (&(f, bytes), y) in measured.iter().zip(&xs) {
+            let format = formats[f];
+            // A tied head is the rounded embedding; an untied one is rounded too.
+            let what = if head.tied {
+                "token embedding"
+            } else {
+                "output head"
+            };
+            let Some((projection, head_bytes)) = rounded(head.projection.weight(), format, what)?
+            else {
+                continue;
+            };
+            let rounded_head = Head {
+                projection: Linear::new(projection, None),
+                ..head.clone()
+            };
+            let kl = mean_kl(reference, &log_probs(&rounded_head, y)?)?;
+            let kl = finite(kl, &format!("the embeddings in {}", format.label()))?;
+            let bytes = bytes + if head.tied { 0 } else { head_bytes };
+            choices[f] = Some(Choice::new(&format.label(), bytes, kl));
+        }
+    }
+    let mut shared = Vec::new();
+    for (f, choice) in choices.iter().enumerate() {
+        let root = owner(world, offset + f);
+        let choice: Option<Choice> = share(world, root, Some(choice))?;
+        shared.extend(choice);
+    }
+    if shared.is_empty() {
         return Err(SearchError::NoOptions(EMBEDDINGS.into()));
     }
-    Ok(Item::new(EMBEDDINGS, choices))
+    Ok(Item::new(EMBEDDINGS, shared))
 }

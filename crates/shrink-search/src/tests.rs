@@ -1,5 +1,6 @@
 use super::*;
 use rand::{Rng, SeedableRng};
+use shrink_core::NoProgress;
 
 /// Every allocation, by brute force: the reference optimum for small cases.
 fn brute_force(items: &[Item], budget: Budget) -> Option<(u64, f64)> {
@@ -192,7 +193,7 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
     use shrink_quant::Format;
     let mut cfg = ModelConfig::tiny_for_tests();
     cfg.intermediate_size = 64; // rows of down_proj: whole 32-value blocks
-    let model = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
+    let mut model = Transformer::random(&cfg, 3, &Device::Cpu).unwrap();
     let windows: Vec<Vec<u32>> = (0..3)
         .map(|w| {
             (0..20)
@@ -210,7 +211,8 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
         method: shrink_quant::Method::Rtn,
         measure: Measure::Every,
     };
-    let items = sensitivity(&model, &windows, &config, &shrink_core::NoProgress).unwrap();
+    let alone = shrink_core::Alone;
+    let items = sensitivity(&mut model, &windows, &config, &alone, &NoProgress).unwrap();
     assert_eq!(items.len(), 14);
     let ids = Tensor::new(windows.clone(), &Device::Cpu).unwrap();
     let logp = |m: &Transformer| {
@@ -257,6 +259,20 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
     }
     let size = |f: usize| items.iter().map(|it| it.choices[f].size_bytes).sum::<u64>();
     let budget = (size(0) + size(1)) / 2;
+    // The scorer gives the same KL for a model with one weight changed as measured directly.
+    let mut m = model.clone();
+    let name = &items[3].name;
+    let linear = m.linear_mut(name).unwrap();
+    let (rows, cols) = linear.weight().dims2().unwrap();
+    let w: Vec<f32> = linear.weight().flatten_all().unwrap().to_vec1().unwrap();
+    let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x").unwrap();
+    let t = Tensor::from_vec(q.dequantize().unwrap(), (rows, cols), &Device::Cpu).unwrap();
+    linear.set_weight(t).unwrap();
+    let scored = Scorer::new(&mut model.clone(), &windows)
+        .unwrap()
+        .score(&mut m)
+        .unwrap();
+    assert_eq!(scored.kl, items[3].choices[1].loss, "{name}");
     let got = allocate(&items, Budget::MaxSize(budget)).unwrap();
     let uniform4: f64 = items.iter().map(|it| it.choices[1].loss).sum();
     assert!(got.met && got.size <= budget && got.loss < uniform4);
@@ -421,4 +437,71 @@ fn refinement_meets_a_quality_goal_the_table_underestimates() {
         .map(|t| t.score.ppl_increase_pct)
         .fold(f64::INFINITY, f64::min);
     assert_eq!(out.tried[out.best].score.ppl_increase_pct, least);
+}
+
+/// The sensitivity of a model read block by block equals the model held whole's, bit for bit,
+/// and so does the table measured by 3 ranks (threads) that share the tensors out: with GPTQ
+/// codes, both measures, the embedding searched, tied and untied heads. The scorer too.
+#[test]
+fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
+    use candle_core::Device;
+    use shrink_models::testing::streamed_copy;
+    use shrink_models::{ModelConfig, Transformer};
+    use shrink_quant::Format;
+    let windows: Vec<Vec<u32>> = (0..3)
+        .map(|w| {
+            (0..16)
+                .map(|i| ((w * 13 + i * 5 + i * i) % 64) as u32)
+                .collect()
+        })
+        .collect();
+    for (tied, measure) in [(true, Measure::Scaled), (false, Measure::Every)] {
+        let mut cfg = ModelConfig::tiny_for_tests();
+        cfg.intermediate_size = 64;
+        cfg.tie_word_embeddings = tied;
+        let model = Transformer::random(&cfg, 5, &Device::Cpu).unwrap();
+        let config = SensitivityConfig {
+            formats: ["q8_0", "q4_0", "q2_k"]
+                .map(|f| Format::parse(f).unwrap())
+                .to_vec(),
+            embeddings: ["q8_0", "q4_0"].map(|f| Format::parse(f).unwrap()).to_vec(),
+            method: shrink_quant::Method::Gptq(shrink_quant::GptqConfig::default()),
+            measure,
+        };
+        let alone = shrink_core::Alone;
+        let whole =
+            sensitivity(&mut model.clone(), &windows, &config, &alone, &NoProgress).unwrap();
+        assert_eq!(whole.len(), 15);
+        assert_eq!(whole[14].name, EMBEDDINGS);
+        let streamed = sensitivity(
+            &mut streamed_copy(&model),
+            &windows,
+            &config,
+            &alone,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(streamed, whole, "tied {tied}");
+        let ranks = shrink_core::ThreadGroup::new(3);
+        let split: Vec<Vec<Item>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|rank| {
+                    let (model, windows, config) = (&model, &windows, &config);
+                    s.spawn(move || {
+                        let mut m = streamed_copy(model);
+                        sensitivity(&mut m, windows, config, rank, &NoProgress).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(split.iter().all(|t| *t == whole), "tied {tied}");
+        let scorer = Scorer::new(&mut streamed_copy(&model), &windows).unwrap();
+        let held = Scorer::new(&mut model.clone(), &windows).unwrap();
+        assert_eq!(
+            scorer.score(&mut model.clone()).unwrap(),
+            held.score(&mut streamed_copy(&model)).unwrap()
+        );
+    }
 }

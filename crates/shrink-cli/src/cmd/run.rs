@@ -38,13 +38,18 @@ pub(crate) fn evaluates_block_by_block(args: &RunArgs) -> bool {
 /// Exit code of a run whose report was written but whose gates failed.
 const GATES_FAILED: u8 = 3;
 
-pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
+/// Runs the pipeline; under `mpirun -n N`, rank 0 runs it and the other ranks take their part of
+/// every stage that calibrates reading its model block by block, printing nothing.
+pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<ExitCode> {
     let pipeline = shrink_pipeline::load(&args.file)?;
     let run_dir = args
         .out
         .clone()
         .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
     if args.dry_run {
+        if world.size() > 1 {
+            anyhow::bail!("a dry run plans as one process: run it without mpirun");
+        }
         print_plan(&args.file, &pipeline, &run_dir, args.json, args.max_memory)?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -54,11 +59,21 @@ pub(crate) fn run(args: RunArgs) -> Result<ExitCode> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         max_memory_bytes: args.max_memory,
     };
+    if world.rank() > 0 {
+        shrink_pipeline::follow(world, &pipeline, &opts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let bar = progress::Bar::new();
     let log = |line: &str| {
         bar.suspend(|| eprintln!("{line}"));
     };
-    let outcome = shrink_pipeline::run(&pipeline, &opts, &bar, &log)?;
+    if world.size() > 1 {
+        log(&format!(
+            "{} MPI processes split the stages that calibrate block by block",
+            world.size()
+        ));
+    }
+    let outcome = shrink_pipeline::run_in(world, &pipeline, &opts, &bar, &log)?;
     let r = &outcome.report;
     let dir = outcome.run_dir.display().to_string();
     if args.json {

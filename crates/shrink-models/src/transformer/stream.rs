@@ -44,6 +44,13 @@ pub trait BlockModel {
     /// The output side of a decoder: its final norm and LM head. A streamed model loads them for
     /// the caller, who drops them when done.
     fn head(&self) -> Result<Head>;
+
+    /// The token embedding table, in the compute type (a streamed model loads it for the call).
+    fn token_embedding(&self) -> Result<Tensor>;
+
+    /// Token ids `(batch, seq)` embedded as [`BlockModel::embed_each`] embeds them, with `tokens`
+    /// in place of the model's token table (a rounded copy of it, say).
+    fn embed_with(&self, tokens: &Tensor, ids: &Tensor) -> Result<Tensor>;
 }
 
 /// A decoder's final norm and output projection (the token embedding when tied), as
@@ -52,6 +59,8 @@ pub trait BlockModel {
 pub struct Head {
     pub norm: Option<Norm>,
     pub projection: Linear,
+    /// Whether the projection is the token embedding.
+    pub tied: bool,
 }
 
 impl Head {
@@ -118,7 +127,22 @@ impl BlockModel for Transformer {
                 Some(head) => head.clone(),
                 None => Linear::new(self.embed_tokens.clone(), None),
             },
+            tied: self.lm_head.is_none(),
         })
+    }
+
+    fn token_embedding(&self) -> Result<Tensor> {
+        Ok(self.embed_tokens.clone())
+    }
+
+    fn embed_with(&self, tokens: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        Embeddings {
+            tokens,
+            positions: self.embed_positions.as_ref(),
+            token_types: self.embed_token_types.as_ref(),
+            norm: self.embed_norm.as_ref(),
+        }
+        .forward(ids, 0)
     }
 }
 
@@ -283,7 +307,8 @@ impl BlockModel for StreamedModel {
             Some(name) => Some(load::load_norm(&self.config, name, &mut get)?),
             None => None,
         };
-        let projection = if self.config.ties_embeddings() {
+        let tied = self.config.ties_embeddings();
+        let projection = if tied {
             format!("{}.weight", names.embed)
         } else {
             "lm_head.weight".to_string()
@@ -291,6 +316,21 @@ impl BlockModel for StreamedModel {
         Ok(Head {
             norm,
             projection: Linear::new(self.tensor(&projection)?, None),
+            tied,
         })
+    }
+
+    fn token_embedding(&self) -> Result<Tensor> {
+        self.tensor(&format!("{}.weight", naming(self.arch).embed))
+    }
+
+    fn embed_with(&self, tokens: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let embeddings = Embeddings {
+            tokens,
+            positions: None,
+            token_types: None,
+            norm: None,
+        };
+        Ok(embeddings.forward(ids, 0)?.to_dtype(self.dtype)?)
     }
 }

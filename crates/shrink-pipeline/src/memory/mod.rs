@@ -82,6 +82,19 @@ pub struct StreamedJob {
     /// Copies of the calibration windows' hidden states held at once: 2 (entering and leaving
     /// a block); `span + 1` for the angular criterion that ranks runs of `span` layers.
     pub activation_copies: u64,
+    /// A search's sensitivity and scoring, beside the quantization it verifies.
+    pub scoring: Option<Scoring>,
+}
+
+/// What a search holds beside the quantizations it verifies: the reference log-probabilities of
+/// the scored positions (kept while every mix is verified), and the sensitivity's variants of a
+/// block's output (each measured linear's, with the block's input and output).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scoring {
+    /// Positions whose next-token distributions are compared.
+    pub positions: u64,
+    /// Tokens of hidden states held at once by the sensitivity: its windows' tokens × copies.
+    pub states: u64,
 }
 
 /// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
@@ -109,6 +122,11 @@ pub struct StreamedJob {
 ///   `b·(h/64)·s²`) and the f32 product `XᵀX` of the widest input with its copy (`2 · i² · 4`);
 /// - `factoring`: GPTQ's inverse-Hessian factor of the widest input, two `i × i` f64 matrices at
 ///   a time (`2 · i² · 8`);
+/// - a search ([`Scoring`]): the reference log-probabilities of its `n` scored positions held
+///   throughout (`scoring = n·V·4`); the block term's activations are at least the sensitivity's
+///   variants (`states · h · 4`); and a third arm, the head: its f32 projection, the variants,
+///   and a candidate's log-probabilities with the KL's temporaries (`V·h·4 + states·h·4 +
+///   4·n·V·4`), so that `work = max(embedding, blocks, head) + scoring`;
 /// - `base`: the program, the tokenizer and the memory-mapped pages in flight (~256 MB);
 /// - `work / 8`: what the terms miss: memory the allocator keeps after it was freed, and
 ///   transient copies as the factorization moves from one matrix to the next (an allowance
@@ -123,6 +141,10 @@ pub struct StreamedPeak {
     pub hessians: u64,
     pub accumulation: u64,
     pub factoring: u64,
+    /// A search's output head at work (0 for other jobs).
+    pub head: u64,
+    /// A search's reference log-probabilities, held throughout (0 for other jobs).
+    pub scoring: u64,
 }
 
 impl StreamedPeak {
@@ -133,7 +155,11 @@ impl StreamedPeak {
             .saturating_add(self.activations)
             .saturating_add(self.hessians)
             .saturating_add(self.accumulation.max(self.factoring));
-        let work = self.embedding.max(blocks);
+        let work = self
+            .embedding
+            .max(blocks)
+            .max(self.head)
+            .saturating_add(self.scoring);
         self.base.saturating_add(work).saturating_add(work / 8)
     }
 }
@@ -177,6 +203,20 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
             )
         }
     };
+    let (activations, head, scoring) = match job.scoring {
+        None => (activations, 0, 0),
+        Some(s) => {
+            let states = m(m(s.states, h), 4);
+            let log_probs = m(m(s.positions, shape.vocab), 4);
+            (
+                activations.max(states),
+                m(m(shape.vocab, h), 4)
+                    .saturating_add(states)
+                    .saturating_add(m(log_probs, 4)),
+                log_probs,
+            )
+        }
+    };
     StreamedPeak {
         base: 256 << 20,
         embedding,
@@ -189,6 +229,8 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
         } else {
             0
         },
+        head,
+        scoring,
     }
 }
 

@@ -14,6 +14,7 @@ fn gptq(calibration: Option<(u64, u64, u64)>) -> StreamedJob {
         spilled: false,
         activation_value_bytes: 4,
         activation_copies: 2,
+        scoring: None,
     }
 }
 
@@ -39,6 +40,8 @@ fn the_streamed_formula_by_hand() {
             // b·s·(3i + 4h) + b·(h/64)·s², in f32, and XᵀX of down's input with its copy.
             accumulation: (2 * 32 * (3 * 128 + 4 * 64) + 2 * 32 * 32) * 4 + 128 * 128 * 8,
             factoring: 128 * 128 * 16,
+            head: 0,
+            scoring: 0,
         }
     );
     // The embedding's phase is the larger here; a block of 100M weights is larger still.
@@ -47,6 +50,23 @@ fn the_streamed_formula_by_hand() {
     let big = streamed_peak(&shape(100_000_000), &job);
     let work = 400_098_304 + 131_072 + 1_024 + 229_376 + 172_032 + 131_072;
     assert_eq!(big.total(), (256 << 20) + work + work / 8);
+    // A search: the reference log-probabilities of 1,000 positions held throughout, the
+    // sensitivity's variants as activations when they are more, and the head as a third arm.
+    let search = StreamedJob {
+        scoring: Some(Scoring {
+            positions: 1_000,
+            states: 10_000,
+        }),
+        ..job
+    };
+    let s = streamed_peak(&shape(100_000), &search);
+    let log_probs = 1_000 * 512 * 4;
+    let states = 10_000 * 64 * 4;
+    assert_eq!(s.scoring, log_probs);
+    assert_eq!(s.activations, states.max(peak.activations));
+    assert_eq!(s.head, 512 * 64 * 4 + states + 4 * log_probs);
+    let work = s.head.max(embedding) + log_probs;
+    assert_eq!(s.total(), (256 << 20) + work + work / 8);
     // Pruning holds its own copies of the widest linear; spilled activations are one batch's.
     let sparsegpt = StreamedJob {
         widest_copies: 16,

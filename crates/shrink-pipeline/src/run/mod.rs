@@ -22,9 +22,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod files;
+mod ranks;
 mod stage;
 
 use files::*;
+pub use ranks::follow;
 pub(crate) use stage::stage_folder;
 use stage::*;
 
@@ -152,6 +154,19 @@ pub fn run(
     progress: &dyn Progress,
     log: &dyn Fn(&str),
 ) -> Result<RunOutcome> {
+    run_in(&shrink_core::Alone, pipeline, opts, progress, log)
+}
+
+/// [`run`] as rank 0 of `world` (MPI): every stage that calibrates reading its model block by
+/// block is split across the ranks, which run [`follow`] meanwhile; the same bytes as one
+/// process.
+pub fn run_in(
+    world: &dyn shrink_core::Collective,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    log: &dyn Fn(&str),
+) -> Result<RunOutcome> {
     let start = Instant::now();
     let run_dir = opts
         .run_dir
@@ -168,6 +183,7 @@ pub fn run(
     })?;
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
+    ranks::check_batches(world, pipeline)?;
 
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
@@ -261,7 +277,7 @@ pub fn run(
         [("model".to_string(), given.model_path.clone())].into();
     let mut windows: Option<Vec<Vec<u32>>> = None;
 
-    for stage in pipeline.plan() {
+    for (index, stage) in pipeline.plan().iter().enumerate() {
         let input_key = &keys[&stage.input];
         let calibration = stage.calibrates.then(|| {
             let mut c = serde_json::json!({
@@ -341,20 +357,37 @@ pub fn run(
                     (Some(_), Some(s)) => s.parameters.saturating_mul(4),
                     _ => 0,
                 };
-                let room = given.limit.saturating_sub(held);
-                let keep =
+                // Ranks on one machine share its memory.
+                let room = given.limit.saturating_sub(held) / world.ranks_on_this_machine() as u64;
+                let (keep, estimate) =
                     stage_keep(pipeline, stage, &input, shape, room, &stages_dir).map_err(|e| {
                         PipelineError::Stage {
                             stage: stage.name.clone(),
                             source: Box::new(e),
                         }
                     })?;
+                let estimate = estimate.map(|e| e.saturating_add(held));
                 if keep.spill.is_some() {
                     log(&format!(
                         "stage     {}: calibration activations spilled to a scratch file in {}",
                         stage.name,
                         stages_dir.display()
                     ));
+                }
+                let split = ranks::splits(world, stage, &input);
+                if split {
+                    let task = ranks::Task {
+                        stage: index,
+                        input: match stage.input.as_str() {
+                            "model" => given.model_path.clone(),
+                            other => artifacts[other].clone(),
+                        },
+                        input_key: input_key.clone(),
+                        key: key.clone(),
+                        windows: stage_windows.map(<[_]>::to_vec).unwrap_or_default(),
+                        spill: keep.spill.is_some(),
+                    };
+                    ranks::send(world, &ranks::Message::Stage(task))?;
                 }
                 let cx = StageContext {
                     keep,
@@ -366,9 +399,10 @@ pub fn run(
                     training: given.training.as_ref(),
                     workdir: &workdir,
                     progress,
+                    world: if split { world } else { &shrink_core::Alone },
                 };
                 let built = baseline.as_ref().filter(|_| stage.input == "model");
-                run_stage(stage, key.clone(), &cx, built, &dir).map_err(|e| {
+                run_stage(stage, key.clone(), &cx, built, &dir, estimate).map_err(|e| {
                     PipelineError::Stage {
                         stage: stage.name.clone(),
                         source: Box::new(e),
@@ -423,6 +457,7 @@ pub fn run(
         artifacts.insert(stage.name.clone(), artifact);
     }
 
+    ranks::send(world, &ranks::Message::Done)?;
     let exported = export_models(pipeline, &run_dir, &artifacts)?;
 
     let gates: Vec<GateResult> = exported
@@ -497,7 +532,8 @@ struct RunInputs {
 /// stage that calibrates reading `input` (of `shape`) block by block, spilled to a scratch file in
 /// `scratch` when `spill = "auto"` finds that in memory they would exceed `limit` and spilled
 /// they would not. Refuses those settings on a stage that holds its model whole
-/// ([`Pipeline::check_kept_activations`]), and a spill the disk cannot hold.
+/// ([`Pipeline::check_kept_activations`]), and a spill the disk cannot hold. With the formula's
+/// estimate of the stage's peak when it reads its input block by block.
 fn stage_keep<'a>(
     pipeline: &Pipeline,
     stage: &PlannedStage,
@@ -505,33 +541,39 @@ fn stage_keep<'a>(
     shape: Option<crate::memory::ModelShape>,
     limit: u64,
     scratch: &'a Path,
-) -> Result<shrink_calib::Keep<'a>> {
+) -> Result<(shrink_calib::Keep<'a>, Option<u64>)> {
     use crate::memory::{self, Spill};
     let data = &pipeline.data;
     let dtype = data.activations.dtype();
     let job = stage.job.job();
-    if !stage.calibrates {
-        return Ok(shrink_calib::Keep::default());
+    if stage.calibrates {
+        pipeline.check_kept_activations(stage, input)?;
     }
-    pipeline.check_kept_activations(stage, input)?;
     if !job.streams(input) {
-        return Ok(shrink_calib::Keep::default());
+        return Ok((shrink_calib::Keep::default(), None));
     }
-    let calibration = Some((data.samples as u64, data.seq_len as u64));
-    let spilled = match (shape, job.streamed_job(input, calibration)) {
+    let calibration = stage
+        .calibrates
+        .then_some((data.samples as u64, data.seq_len as u64));
+    let (spilled, estimate) = match (shape, job.streamed_job(input, calibration)) {
         (Some(shape), Some(streamed)) => {
             let bytes = dtype.size_in_bytes() as u64;
             let (streamed, _) =
                 memory::keep_activations(&shape, &streamed, bytes, data.spill, 1, limit);
             memory::check_spill_disk(&shape, &streamed, 1, scratch)?;
-            streamed.spilled
+            let estimate = memory::streamed_peak(&shape, &streamed).total();
+            (streamed.spilled, Some(estimate))
         }
-        _ => data.spill == Spill::Always,
+        _ => (data.spill == Spill::Always, None),
     };
-    Ok(shrink_calib::Keep {
-        spill: spilled.then_some(scratch),
-        dtype,
-    })
+    let keep = match stage.calibrates {
+        true => shrink_calib::Keep {
+            spill: spilled.then_some(scratch),
+            dtype,
+        },
+        false => shrink_calib::Keep::default(),
+    };
+    Ok((keep, estimate))
 }
 
 fn read_inputs(

@@ -29,6 +29,10 @@ pub(super) struct StageRecord {
     pub(super) search: Option<crate::search::SearchSummary>,
     pub(super) wall_s: f64,
     pub(super) peak_rss_bytes: u64,
+    /// The memory formula's estimate of the stage's peak, when it read its input block by block
+    /// (with the baseline model the run holds, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) estimated_peak_bytes: Option<u64>,
     pub(super) shrink_version: String,
 }
 
@@ -95,6 +99,7 @@ pub(super) fn run_stage(
     cx: &StageContext,
     built: Option<&Transformer>,
     dir: &Path,
+    estimate: Option<u64>,
 ) -> Result<StageRecord> {
     let staged = AtomicDir::new(dir)?;
     let artifact = match stage.export {
@@ -136,6 +141,7 @@ pub(super) fn run_stage(
         search: result.search,
         wall_s,
         peak_rss_bytes: sys::peak_rss_bytes(),
+        estimated_peak_bytes: estimate.filter(|_| job.streams(cx.checkpoint)),
         shrink_version: VERSION.into(),
     };
     // The record is written last: its presence means the artifact beside it is complete.

@@ -161,6 +161,9 @@ pub(crate) struct StageContext<'a> {
     pub progress: &'a dyn Progress,
     /// How a stage that calibrates block by block keeps its activations.
     pub keep: shrink_calib::Keep<'a>,
+    /// The ranks a stage that calibrates block by block splits its work across (MPI), or
+    /// [`shrink_core::Alone`]; rank 0 writes.
+    pub world: &'a dyn shrink_core::Collective,
 }
 
 /// The training and held-out text of training stages, tokenized.
@@ -335,7 +338,7 @@ impl StageContext<'_> {
             checkpoint: self.checkpoint,
             windows: self.calibration,
             batch,
-            world: &shrink_core::Alone,
+            world: self.world,
             keep: self.keep,
             progress: self.progress,
         }

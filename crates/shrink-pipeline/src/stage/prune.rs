@@ -594,6 +594,7 @@ impl Compress for ResolvedPrune {
                 }) => count as u64 + 1,
                 _ => 2,
             },
+            scoring: None,
         })
     }
 

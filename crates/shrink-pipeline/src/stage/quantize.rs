@@ -673,6 +673,7 @@ impl Compress for ResolvedQuantize {
             spilled: false,
             activation_value_bytes: 4,
             activation_copies: 2,
+            scoring: None,
         })
     }
 

@@ -10,14 +10,14 @@ use super::{Compress, JobInput, JobResult, StageContext, StageJob, StageKind, St
 use crate::config::{fields, KeyReader};
 use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
 use crate::{PipelineError, Result};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
-use shrink_core::Progress;
-use shrink_io::{Checkpoint, QuantizedBlocks};
-use shrink_models::Transformer;
+use shrink_io::Checkpoint;
+use shrink_models::{ModelConfig, Transformer};
 use shrink_quant::Format;
 use shrink_search::{
-    Goal, Item, Limits, Measure, Measurement, Scorer, SearchOutcome, SensitivityConfig, Verifier,
-    EMBEDDINGS,
+    sensitivity, Goal, Item, Limits, Measure, Measurement, Scorer, SearchOutcome,
+    SensitivityConfig, Verifier, EMBEDDINGS,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,26 +260,54 @@ impl SearchSummary {
     }
 }
 
+/// Of `windows` calibration windows of `len` tokens, how many measure the sensitivity (as many
+/// again score the verified mixes) and their tokens.
+fn scored_windows(windows: usize, len: usize) -> (usize, usize) {
+    ((windows / 2).min(8), len.min(256))
+}
+
 fn hash_hex(value: &serde_json::Value) -> String {
     shrink_core::sha256_hex(value.to_string().as_bytes())
 }
 
-/// Runs the search on `model` (built from `checkpoint`, whose identity is `input_key`) and writes
-/// the best mix to `out`. The calibration windows are split: the first half (up to 8, cut to 256
-/// tokens) measures the sensitivity, the second half (as many) scores the verified mixes; GPTQ
-/// calibrates on all of them.
-#[allow(clippy::too_many_arguments)]
+/// The model a search reads: held whole (built from its checkpoint), or read block by block from
+/// the checkpoint, with the same results.
+#[derive(Clone, Copy)]
+pub enum SearchInput<'a> {
+    Whole(&'a Transformer),
+    BlockByBlock,
+}
+
+impl SearchInput<'_> {
+    fn config(&self, checkpoint: &Checkpoint) -> Result<ModelConfig> {
+        Ok(match self {
+            SearchInput::Whole(m) => m.config.clone(),
+            SearchInput::BlockByBlock => ModelConfig::from_json(&checkpoint.config)?,
+        })
+    }
+}
+
+/// Runs the search on `input` (from `job.checkpoint`, whose identity is `input_key`) and writes
+/// the best mix to `out`. The calibration windows (`job.windows`) are split: the first half (up to
+/// 8, cut to 256 tokens) measures the sensitivity, the second half (as many) scores the verified
+/// mixes; GPTQ calibrates on all of them. The sensitivity table is read from and written to
+/// `cache`, a folder, when given. With several ranks (`job.world`), the sensitivity's tensors and
+/// the verified GPTQ's windows are split across them; rank 0 writes, scores and shares the
+/// scores.
 pub fn search_and_write(
-    checkpoint: &Checkpoint,
-    model: &Transformer,
+    job: &JobInput,
+    input: SearchInput,
     input_key: &str,
+    cache: Option<&Path>,
     request: &SearchRequest,
-    windows: &[Vec<u32>],
-    batch: usize,
     out: &Path,
-    progress: &dyn Progress,
 ) -> Result<(QuantizeOutcome, SearchSummary)> {
-    if model.arch.is_encoder() {
+    let (checkpoint, world, progress) = (job.checkpoint, job.world, job.progress);
+    let windows = job
+        .windows
+        .ok_or_else(|| PipelineError::Invalid("a search stage needs calibration windows".into()))?;
+    let model_config = input.config(checkpoint)?;
+    if model_config.arch()?.is_encoder() {
         return Err(PipelineError::Invalid(
             "the search scores next-token predictions: it runs on decoders".into(),
         ));
@@ -297,8 +325,7 @@ pub fn search_and_write(
             "the search needs calibration windows of one length, at least 4 tokens".into(),
         ));
     }
-    let half = (windows.len() / 2).min(8);
-    let tokens = windows[0].len().min(256);
+    let (half, tokens) = scored_windows(windows.len(), windows[0].len());
     let cut =
         |ws: &[Vec<u32>]| -> Vec<Vec<u32>> { ws.iter().map(|w| w[..tokens].to_vec()).collect() };
     let sens_windows = cut(&windows[..half]);
@@ -319,30 +346,50 @@ pub fn search_and_write(
         "measure": request.measure, "windows": sens_windows,
     }));
     // Best effort: without a cache folder the table is measured every time.
-    let cache = shrink_core::cache_dir()
-        .ok()
-        .map(|d| d.join("sensitivity").join(format!("{key}.json")));
+    let cache = cache.map(|d| d.join(format!("{key}.json")));
     let start = Instant::now();
+    let root = world.rank() == 0;
+    // Rank 0 reads the cache and tells the others what it found.
     let cached: Option<Vec<Item>> = cache
         .as_ref()
+        .filter(|_| root)
         .and_then(|c| std::fs::read(c).ok())
         .and_then(|b| serde_json::from_slice(&b).ok());
+    let cached = shrink_core::share_json(world, 0, Some(&cached))?;
     let sensitivity_cached = cached.is_some();
     let items = match cached {
         Some(items) => items,
         None => {
-            let items = shrink_search::sensitivity(model, &sens_windows, &config, progress)?;
-            if let (Some(c), Ok(json)) = (&cache, serde_json::to_vec(&items)) {
+            let items = match input {
+                SearchInput::Whole(m) => {
+                    sensitivity(&mut m.clone(), &sens_windows, &config, world, progress)?
+                }
+                SearchInput::BlockByBlock => sensitivity(
+                    &mut checkpoint.streamed(DType::F32)?,
+                    &sens_windows,
+                    &config,
+                    world,
+                    progress,
+                )?,
+            };
+            if let (Some(c), Ok(json), true) = (&cache, serde_json::to_vec(&items), root) {
                 let _ = shrink_core::atomic_write(c, &json);
             }
             items
         }
     };
     let sensitivity_s = start.elapsed().as_secs_f64();
-    let items = merge_stacked(model, items);
-
-    let fixed_bytes = fixed_bytes(checkpoint, model, &items, &request.embeddings, out)?;
-    let searched_weights = searched_weights(model, &items)?;
+    let items = merge_stacked(&model_config, items);
+    // What a verified mix's file holds, planned before any data.
+    let written = match input {
+        SearchInput::Whole(m) => Checkpoint {
+            tensors: m.checkpoint_tensors()?.into(),
+            ..checkpoint.clone()
+        },
+        SearchInput::BlockByBlock => checkpoint.clone(),
+    };
+    let fixed_bytes = fixed_bytes(&written, &model_config, &items, &request.embeddings, out)?;
+    let searched_weights = searched_weights(&model_config, &items);
     let b = &request.budget;
     let goal = match (b.max_size_mb, b.target_bpw, b.max_ppl_increase_pct) {
         (Some(mb), _, _) => Goal::MaxSize((mb * 1e6).floor() as u64),
@@ -361,25 +408,37 @@ pub fn search_and_write(
         }),
         max_rounds: b.rounds.unwrap_or(6),
     };
-    let scorer = Scorer::new(model, &verify_windows)?;
+    // Rank 0 scores the verified mixes.
+    let scorer = match input {
+        _ if !root => None,
+        SearchInput::Whole(m) => Some(Scorer::new(&mut m.clone(), &verify_windows)?),
+        SearchInput::BlockByBlock => Some(Scorer::new(
+            &mut checkpoint.streamed(DType::F32)?,
+            &verify_windows,
+        )?),
+    };
     let mut verifier = StageVerifier {
-        checkpoint,
-        model,
+        job: JobInput {
+            windows: Some(&gptq_windows),
+            ..*job
+        },
+        input,
         request,
-        windows: &gptq_windows,
-        batch,
         scorer,
         out,
         outcomes: BTreeMap::new(),
-        progress,
     };
     let outcome = shrink_search::refine(&items, fixed_bytes, goal, &limits, &mut verifier);
     // Round files not kept; on an error, the kept one too.
-    for round in 0..=verifier.outcomes.len() {
-        let _ = std::fs::remove_file(verifier.candidate(round));
+    if root {
+        for round in 0..=verifier.outcomes.len() {
+            let _ = std::fs::remove_file(verifier.candidate(round));
+        }
     }
     let outcome = outcome.inspect_err(|_| {
-        let _ = std::fs::remove_file(out);
+        if root {
+            let _ = std::fs::remove_file(out);
+        }
     })?;
     let quantized = verifier
         .outcomes
@@ -402,9 +461,9 @@ pub fn search_and_write(
 
 /// The weight names an item stands for: the embedding and an untied head, or the linears joined
 /// by `+` (GPT-2's q, k and v, stored as one tensor).
-fn tensor_names(model: &Transformer, item: &Item) -> Vec<String> {
+fn tensor_names(config: &ModelConfig, item: &Item) -> Vec<String> {
     if item.name == EMBEDDINGS {
-        vec![model.embedding_name(), "lm_head.weight".into()]
+        vec![config.embedding_name(), "lm_head.weight".into()]
     } else {
         item.name
             .split('+')
@@ -416,8 +475,8 @@ fn tensor_names(model: &Transformer, item: &Item) -> Vec<String> {
 /// Linears a checkpoint stores as one GGUF tensor (GPT-2's q, k and v) must share a type: their
 /// items become one named `q+k+v`, whose options are the formats all of them have, with sizes and
 /// losses summed.
-fn merge_stacked(model: &Transformer, mut items: Vec<Item>) -> Vec<Item> {
-    for (_, sources) in model.stacked_weights() {
+fn merge_stacked(config: &ModelConfig, mut items: Vec<Item>) -> Vec<Item> {
+    for (_, sources) in config.stacked_weights() {
         if sources.len() < 2 {
             continue;
         }
@@ -458,29 +517,33 @@ fn merge_stacked(model: &Transformer, mut items: Vec<Item>) -> Vec<Item> {
     items
 }
 
-/// The weights of the searched tensors.
-fn searched_weights(model: &Transformer, items: &[Item]) -> Result<u64> {
-    let tensors = model.named_tensors();
-    Ok(items
-        .iter()
-        .flat_map(|it| tensor_names(model, it))
-        .filter_map(|n| tensors.get(&n).map(|t| t.elem_count() as u64))
-        .sum())
+/// The model's weights by name (GPT-2's q, k and v apart), with their shapes.
+fn shapes(config: &ModelConfig) -> BTreeMap<String, Vec<usize>> {
+    config.expected_tensors().into_iter().collect()
 }
 
-/// The file's bytes besides the searched tensors: a probe GGUF with every searched tensor as
-/// zero-filled Q8_0 blocks, less those blocks. Tensor types take a fixed number of header bytes,
-/// so this is exact for any mix.
+/// The weights of the searched tensors.
+fn searched_weights(config: &ModelConfig, items: &[Item]) -> u64 {
+    let shapes = shapes(config);
+    items
+        .iter()
+        .flat_map(|it| tensor_names(config, it))
+        .filter_map(|n| shapes.get(&n).map(|s| s.iter().product::<usize>() as u64))
+        .sum()
+}
+
+/// The file's bytes besides the searched tensors: the size of the GGUF of `written` planned with
+/// every searched tensor in Q8_0, less those tensors' bytes. Tensor types take a fixed number of
+/// header bytes, so this is exact for any mix.
 fn fixed_bytes(
-    checkpoint: &Checkpoint,
-    model: &Transformer,
+    written: &Checkpoint,
+    config: &ModelConfig,
     items: &[Item],
     embeddings: &str,
     out: &Path,
 ) -> Result<u64> {
-    let tensors = model.named_tensors();
-    let mut blocks = BTreeMap::new();
-    let mut fixed_blocks = BTreeMap::new();
+    let shapes = shapes(config);
+    let mut types = BTreeMap::new();
     // An embedding that is not searched is written in its fixed type: part of the fixed bytes.
     let mut weight_type = shrink_io::GgufWriteType::F32;
     if !items.iter().any(|it| it.name == EMBEDDINGS) {
@@ -495,93 +558,102 @@ fn fixed_bytes(
                             "embeddings: `{t}` is not a GGUF block type"
                         ))
                     })?;
-                for name in [model.embedding_name(), "lm_head.weight".into()] {
-                    let Some(t) = tensors.get(&name) else {
+                for name in [config.embedding_name(), "lm_head.weight".into()] {
+                    let Some(&cols) = shapes.get(&name).and_then(|s| s.last()) else {
                         continue;
                     };
-                    let cols = t.dims().last().copied().unwrap_or(0);
                     if !cols.is_multiple_of(dtype.block_size()) {
                         return Err(PipelineError::Invalid(format!(
                             "embeddings: {embeddings} blocks of {} do not divide the {cols}-long rows of '{name}'",
                             dtype.block_size()
                         )));
                     }
-                    let bytes = t.elem_count() / dtype.block_size() * dtype.type_size();
-                    fixed_blocks.insert(
-                        name,
-                        QuantizedBlocks {
-                            dtype,
-                            bytes: vec![0u8; bytes],
-                        },
-                    );
+                    types.insert(name, dtype);
                 }
             }
         }
     }
-    for name in items.iter().flat_map(|it| tensor_names(model, it)) {
-        let Some(t) = tensors.get(&name) else {
-            continue;
-        };
-        let bytes = t.elem_count() / 32 * 34;
-        blocks.insert(
-            name,
-            QuantizedBlocks {
-                dtype: candle_core::quantized::GgmlDType::Q8_0,
-                bytes: vec![0u8; bytes],
-            },
-        );
-    }
-    // Stacked weights are written as one tensor, as the quantized writer stacks them.
-    for (stored, sources) in model.stacked_weights() {
-        if sources.len() > 1 && sources.iter().all(|s| blocks.contains_key(s)) {
-            let bytes = sources
-                .iter()
-                .filter_map(|s| blocks.remove(s))
-                .flat_map(|b| b.bytes)
-                .collect();
-            blocks.insert(
-                stored,
-                QuantizedBlocks {
-                    dtype: candle_core::quantized::GgmlDType::Q8_0,
-                    bytes,
-                },
-            );
+    // Each searched tensor's Q8_0 bytes; stacked weights are one tensor, as the writer stacks
+    // them.
+    let q8_0 = candle_core::quantized::GgmlDType::Q8_0;
+    let mut searched: BTreeMap<String, usize> = items
+        .iter()
+        .flat_map(|it| tensor_names(config, it))
+        .filter_map(|n| {
+            let elems: usize = shapes.get(&n)?.iter().product();
+            Some((n, elems / 32 * 34))
+        })
+        .collect();
+    for (stored, sources) in config.stacked_weights() {
+        if sources.len() > 1 && sources.iter().all(|s| searched.contains_key(s)) {
+            let bytes = sources.iter().filter_map(|s| searched.remove(s)).sum();
+            searched.insert(stored, bytes);
         }
     }
-    let searched: u64 = blocks
+    let searched_bytes: u64 = searched
         .values()
-        .map(|b| shrink_search::gguf_bytes(b.bytes.len()))
+        .map(|&b| shrink_search::gguf_bytes(b))
         .sum();
-    blocks.extend(fixed_blocks);
+    types.extend(searched.into_keys().map(|n| (n, q8_0)));
     let probe = out.with_extension("probe.gguf");
-    let quantized = Checkpoint {
-        tensors: model.checkpoint_tensors()?.into(),
-        ..checkpoint.clone()
-    };
-    shrink_io::write_llama_gguf(&quantized, &probe, weight_type, &blocks)?;
-    let size = std::fs::metadata(&probe)
-        .map_err(|e| PipelineError::Invalid(format!("{}: {e}", probe.display())))?
-        .len();
-    std::fs::remove_file(&probe)
-        .map_err(|e| PipelineError::Invalid(format!("{}: {e}", probe.display())))?;
-    Ok(size.saturating_sub(searched))
+    let size = shrink_io::LlamaGguf::plan(written, &probe, weight_type, &types)?.file_size()?;
+    Ok(size.saturating_sub(searched_bytes))
 }
 
 struct StageVerifier<'a> {
-    checkpoint: &'a Checkpoint,
-    model: &'a Transformer,
+    /// The verified quantizations' input, calibration and ranks.
+    job: JobInput<'a>,
+    input: SearchInput<'a>,
     request: &'a SearchRequest,
-    windows: &'a [Vec<u32>],
-    batch: usize,
-    scorer: Scorer,
+    /// Rank 0's.
+    scorer: Option<Scorer>,
     out: &'a Path,
     outcomes: BTreeMap<usize, QuantizeOutcome>,
-    progress: &'a dyn Progress,
 }
 
 impl StageVerifier<'_> {
     fn candidate(&self, round: usize) -> PathBuf {
         self.out.with_extension(format!("round{round}.gguf"))
+    }
+
+    /// The file at `path` read back and scored: its size, its score and the output errors its
+    /// quantization measured.
+    fn score(
+        &self,
+        scorer: &Scorer,
+        path: &Path,
+        outcome: &QuantizeOutcome,
+    ) -> shrink_search::Result<Measurement> {
+        let failed =
+            |e: String| shrink_search::SearchError::Input(format!("{}: {e}", path.display()));
+        let written = shrink_io::load(path).map_err(|e| failed(e.to_string()))?;
+        let score = match self.input {
+            SearchInput::Whole(_) => {
+                let mut back =
+                    crate::build_model(&written, DType::F32).map_err(|e| failed(e.to_string()))?;
+                scorer.score(&mut back)
+            }
+            SearchInput::BlockByBlock => {
+                let mut back = written
+                    .streamed(DType::F32)
+                    .map_err(|e| failed(e.to_string()))?;
+                scorer.score(&mut back)
+            }
+        }
+        .map_err(|e| failed(e.to_string()))?;
+        let size_bytes = std::fs::metadata(path)
+            .map_err(|e| failed(e.to_string()))?
+            .len();
+        let errors = outcome
+            .layers
+            .iter()
+            .filter_map(|l| l.relative_output_error.map(|e| (l.name.clone(), e)))
+            .collect();
+        Ok(Measurement {
+            size_bytes,
+            score,
+            errors,
+        })
     }
 }
 
@@ -593,8 +665,9 @@ impl Verifier for StageVerifier<'_> {
         choices: &[usize],
     ) -> shrink_search::Result<Measurement> {
         let wrap = |e: PipelineError| shrink_search::SearchError::Input(e.to_string());
+        let root = self.job.world.rank() == 0;
         // The previous round's file, unless it was kept.
-        if round > 0 {
+        if round > 0 && root {
             let _ = std::fs::remove_file(self.candidate(round - 1));
         }
         let mut linears = Vec::new();
@@ -615,40 +688,27 @@ impl Verifier for StageVerifier<'_> {
             .resolve()
             .map_err(wrap)?;
         let path = self.candidate(round);
-        let mut model = self.model.clone();
-        let input = JobInput {
-            checkpoint: self.checkpoint,
-            windows: Some(self.windows),
-            batch: self.batch,
-            world: &shrink_core::Alone,
-            keep: Default::default(),
-            progress: self.progress,
+        let outcome = match self.input {
+            SearchInput::Whole(m) => resolved.write(&self.job, &mut m.clone(), &path),
+            SearchInput::BlockByBlock => resolved.write_streamed(&self.job, &path),
+        }
+        .map_err(wrap)?;
+        // Rank 0 reads the model back as written (what llama.cpp will run), scores it and
+        // shares the measurement.
+        let measured = match &self.scorer {
+            Some(scorer) if root => Some(self.score(scorer, &path, &outcome)?),
+            _ => None,
         };
-        let outcome = resolved.write(&input, &mut model, &path).map_err(wrap)?;
-        // The model as written, read back: what llama.cpp will run.
-        let written = shrink_io::load(&path).map_err(|e| wrap(e.into()))?;
-        let back = crate::build_model(&written, candle_core::DType::F32).map_err(wrap)?;
-        let score = self
-            .scorer
-            .score(&back)
-            .map_err(|e| shrink_search::SearchError::Input(format!("{}: {e}", path.display())))?;
-        let size_bytes = std::fs::metadata(&path)
-            .map_err(|e| shrink_search::SearchError::Input(format!("{}: {e}", path.display())))?
-            .len();
-        let errors = outcome
-            .layers
-            .iter()
-            .filter_map(|l| l.relative_output_error.map(|e| (l.name.clone(), e)))
-            .collect();
+        let measurement = shrink_core::share_json(self.job.world, 0, measured.as_ref())
+            .map_err(|e| shrink_search::SearchError::Input(e.to_string()))?;
         self.outcomes.insert(round, outcome);
-        Ok(Measurement {
-            size_bytes,
-            score,
-            errors,
-        })
+        Ok(measurement)
     }
 
     fn keep(&mut self, round: usize) -> shrink_search::Result<()> {
+        if self.job.world.rank() != 0 {
+            return Ok(());
+        }
         let from = self.candidate(round);
         std::fs::rename(&from, self.out).map_err(|e| {
             shrink_search::SearchError::Input(format!(
@@ -751,22 +811,66 @@ impl Job for SearchRequest {
     }
 
     fn run(&self, cx: &StageContext, model: &mut Transformer, out: &Path) -> Result<StageResult> {
-        let windows = cx.calibration.ok_or_else(|| {
-            PipelineError::Invalid("a search stage needs calibration windows".into())
-        })?;
-        let (outcome, summary) = search_and_write(
-            cx.checkpoint,
-            model,
-            cx.input_key,
-            self,
-            windows,
-            QuantizeRequest::default().batch,
-            out,
-            cx.progress,
-        )?;
+        self.search(cx, SearchInput::Whole(model), out)
+    }
+
+    fn streams(&self, checkpoint: &Checkpoint) -> bool {
+        super::quantize::reads_block_by_block(checkpoint)
+    }
+
+    /// The verified quantization's job, which calibrates on the windows the sensitivity and
+    /// the scoring leave, beside the search's [`crate::memory::Scoring`].
+    fn streamed_job(
+        &self,
+        checkpoint: &Checkpoint,
+        calibration: Option<(u64, u64)>,
+    ) -> Option<crate::memory::StreamedJob> {
+        let (samples, seq_len) = calibration?;
+        let config = ModelConfig::from_json(&checkpoint.config).ok()?;
+        let (half, tokens) = scored_windows(samples as usize, seq_len as usize);
+        let (half, tokens) = (half as u64, tokens as u64);
+        let linears = config.block_linear_names(0).ok()?;
+        let linears = linears.iter().filter(|n| !n.is_empty()).count() as u64;
+        let variants = match self.measure {
+            Measure::Scaled => linears,
+            Measure::Every => linears * self.formats.len() as u64,
+        }
+        .max(self.embedding_formats.len() as u64);
+        let verified = self.quantize(&[], &self.embeddings);
+        let mut job = Job::streamed_job(&verified, checkpoint, Some((samples - half, seq_len)))?;
+        // The sensitivity takes every linear's input statistics (for the output errors), even
+        // when the verified mixes are rounded without calibration.
+        job.hessians = true;
+        if job.calibration.is_none() {
+            job.calibration = Some((half, tokens, QuantizeRequest::default().batch as u64));
+        }
+        Some(crate::memory::StreamedJob {
+            scoring: Some(crate::memory::Scoring {
+                positions: half * (tokens - tokens / 2),
+                states: half * tokens * (variants + 2),
+            }),
+            ..job
+        })
+    }
+
+    fn run_streamed(&self, cx: &StageContext, out: &Path) -> Result<StageResult> {
+        self.search(cx, SearchInput::BlockByBlock, out)
+    }
+}
+
+impl SearchRequest {
+    /// Runs the search on `input`, held whole or read block by block.
+    fn search(&self, cx: &StageContext, input: SearchInput, out: &Path) -> Result<StageResult> {
+        let cache = shrink_core::cache_dir().ok().map(|d| d.join("sensitivity"));
+        let job = cx.job_input(QuantizeRequest::default().batch);
+        let (outcome, summary) =
+            search_and_write(&job, input, cx.input_key, cache.as_deref(), self, out)?;
         Ok(StageResult {
             search: Some(summary),
             ..quantized_result(outcome)
         })
     }
 }
+
+#[cfg(test)]
+mod tests;
