@@ -27,7 +27,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 /// A group of processes (ranks) that run the same job in step. Every rank calls the same
-/// collective operations in the same order.
+/// collective operations in the same order: a decision that could differ between ranks (a clock,
+/// a file only one rank reads, an error only one rank meets) is one rank's, shared.
 pub trait Collective {
     /// This process's rank, from 0.
     fn rank(&self) -> usize;

@@ -54,6 +54,12 @@ pub trait Verifier {
     fn measure(&mut self, round: usize, items: &[Item], choices: &[usize]) -> Result<Measurement>;
     /// Round `round` is the best so far: keep its artifact.
     fn keep(&mut self, round: usize) -> Result<()>;
+    /// Whether the time budget is spent, given that this process's clock says `past_deadline`:
+    /// a verifier whose work is split across ranks answers with one rank's clock on all of them,
+    /// so that they stop at the same round.
+    fn out_of_time(&mut self, past_deadline: bool) -> Result<bool> {
+        Ok(past_deadline)
+    }
 }
 
 /// Everything tried, the best of it, whether it meets the goal and why the search stopped.
@@ -155,7 +161,9 @@ pub fn refine(
     let mut attempts = 0;
     while tried.len() < limits.max_rounds.max(1) {
         attempts += 1;
-        if !tried.is_empty() && limits.deadline.is_some_and(|d| Instant::now() >= d) {
+        if !tried.is_empty()
+            && verifier.out_of_time(limits.deadline.is_some_and(|d| Instant::now() >= d))?
+        {
             stopped = "the time budget".into();
             break;
         }

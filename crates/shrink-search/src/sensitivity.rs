@@ -222,6 +222,47 @@ fn share<T: Serialize + serde::de::DeserializeOwned>(
     shrink_core::share_json(world, root, item).map_err(|e| SearchError::Input(e.to_string()))
 }
 
+/// The results of tensors `offset..offset + count`, each measured by its owner, on every rank:
+/// this rank's own (`mine`, in order) sent, the others' received, `each` called on every one. An
+/// error of any rank ends every rank (this rank's own error as it is).
+fn share_all<T: Serialize + serde::de::DeserializeOwned>(
+    world: &dyn Collective,
+    offset: usize,
+    count: usize,
+    mine: Result<Vec<T>>,
+    mut each: impl FnMut(&T),
+) -> Result<Vec<T>> {
+    let (mut mine, failure) = match mine {
+        Ok(items) => (items.into_iter(), None),
+        Err(e) => (Vec::new().into_iter(), Some(e)),
+    };
+    let mut shared = Vec::with_capacity(count);
+    let mut failed = None;
+    for j in 0..count {
+        let root = owner(world, offset + j);
+        let sent = (root == world.rank()).then(|| match &failure {
+            Some(e) => Err(e.to_string()),
+            None => mine
+                .next()
+                .ok_or_else(|| "a measurement is missing".to_string()),
+        });
+        match share::<std::result::Result<T, String>>(world, root, sent.as_ref())? {
+            Ok(item) => {
+                each(&item);
+                shared.push(item);
+            }
+            Err(e) => {
+                failed.get_or_insert(format!("rank {root}: {e}"));
+            }
+        }
+    }
+    match (failure, failed) {
+        (Some(e), _) => Err(e),
+        (None, Some(e)) => Err(SearchError::Input(e)),
+        (None, None) => Ok(shared),
+    }
+}
+
 /// For every block linear of `model` (and the token embedding when `config.embeddings` is not
 /// empty) and every candidate format that fits it, the KL its quantization alone adds on `windows`
 /// (scored on the second half of each window, as llama.cpp scores perplexity), with the tensor's
@@ -297,32 +338,29 @@ pub fn sensitivity<M: BlockModel>(
     let mut offset = 0;
     for i in 0..blocks {
         // `x` is block i's input in the input model.
-        let (pending, mut variants, next, count) = model.with_block(i, |block| {
+        let (measured, next, count) = model.with_block(i, |block| {
             measure_block(block, &x, &ctx, config, world, offset)
         })??;
-        run_from(model, i + 1, &mut variants, &ctx)?;
-        let kls = if variants.is_empty() {
-            Vec::new()
-        } else {
-            let head = model.head()?;
-            variants
-                .iter()
-                .map(|y| mean_kl(&reference, &log_probs(&head, y)?))
-                .collect::<Result<Vec<f64>>>()?
-        };
-        drop(variants);
-        let mut mine = items_of(&pending, &kls, config.measure)?.into_iter();
-        for j in 0..count {
-            let root = owner(world, offset + j);
-            let item = if root == world.rank() {
-                mine.next()
+        // What this rank measures of the block; an error is shared like a result, so that
+        // every rank stops together.
+        let mine = measured.and_then(|(pending, mut variants)| {
+            run_from(model, i + 1, &mut variants, &ctx)?;
+            let kls = if variants.is_empty() {
+                Vec::new()
             } else {
-                None
+                let head = model.head()?;
+                variants
+                    .iter()
+                    .map(|y| mean_kl(&reference, &log_probs(&head, y)?))
+                    .collect::<Result<Vec<f64>>>()?
             };
-            let item: Item = share(world, root, item.as_ref())?;
-            progress.advance(1, Some(&item.name));
-            items.push(item);
-        }
+            drop(variants);
+            items_of(&pending, &kls, config.measure)
+        });
+        let shared = share_all(world, offset, count, mine, |item: &Item| {
+            progress.advance(1, Some(&item.name))
+        })?;
+        items.extend(shared);
         x = next;
         offset += count;
     }
@@ -343,9 +381,12 @@ pub fn sensitivity<M: BlockModel>(
     Ok(items)
 }
 
-/// Block `i`'s part of [`sensitivity`] on its input `x`: the candidates of the linears this rank
-/// measures, one variant of the block's output per measured candidate, the block's own output
-/// and its number of linears.
+/// What this rank measured of a block: the candidates of its linears and one variant of the
+/// block's output per measured candidate.
+type Measured = (Vec<Pending>, Vec<Tensor>);
+
+/// Block `i`'s part of [`sensitivity`] on its input `x`: what this rank measures of it (or why it
+/// could not), the block's own output and its number of linears.
 fn measure_block(
     block: &mut Block,
     x: &Tensor,
@@ -353,7 +394,23 @@ fn measure_block(
     config: &SensitivityConfig,
     world: &dyn Collective,
     offset: usize,
-) -> Result<(Vec<Pending>, Vec<Tensor>, Tensor, usize)> {
+) -> Result<(Result<Measured>, Tensor, usize)> {
+    let measured = measure_linears(block, x, ctx, config, world, offset);
+    let count = block.linears().len();
+    let next = block.forward(x, ctx, None, &mut NoHook)?;
+    Ok((measured, next, count))
+}
+
+/// The linears of `block` this rank measures: their candidates, and the block's output with each
+/// measured candidate in place.
+fn measure_linears(
+    block: &Block,
+    x: &Tensor,
+    ctx: &AttentionContext,
+    config: &SensitivityConfig,
+    world: &dyn Collective,
+    offset: usize,
+) -> Result<Measured> {
     let linears = block.linears();
     let mine: Vec<usize> = (0..linears.len())
         .filter(|j| owner(world, offset + j) == world.rank())
@@ -373,8 +430,22 @@ fn measure_block(
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?;
+            // The block with this linear alone replaced by `weight`.
+            let variant = |weight: &[f32]| -> Result<Tensor> {
+                let mut changed = block.clone();
+                let t = Tensor::from_slice(weight, (rows, cols), linear.weight().device())?
+                    .to_dtype(linear.weight().dtype())?;
+                changed
+                    .linear_mut(name)
+                    .ok_or_else(|| SearchError::Input(format!("no linear '{name}'")))?
+                    .set_weight(t)?;
+                Ok(changed.forward(x, ctx, None, &mut NoHook)?)
+            };
             let mut candidates = Vec::new();
-            let mut weights = Vec::new();
+            // Measuring every format, each candidate's variant is made at once; measuring one,
+            // only the weights of the reference so far are kept (the reference of all the
+            // candidates is the reference of the candidates up to itself).
+            let mut kept: Option<(usize, Vec<f32>)> = None;
             for &format in &config.formats {
                 if !cols.is_multiple_of(format.row_multiple()) {
                     continue;
@@ -395,22 +466,27 @@ fn measure_block(
                     bits: q.bits_per_weight(),
                     error: st.relative_output_error(&w, &weight)?,
                 });
-                weights.push(weight);
+                let c = candidates.len() - 1;
+                match config.measure {
+                    Measure::Every => variants.push(variant(&weight)?),
+                    Measure::Scaled => {
+                        if reference_candidate(&candidates) == Some(c) {
+                            kept = Some((c, weight));
+                        }
+                    }
+                }
             }
             let measured: Vec<usize> = match config.measure {
                 Measure::Every => (0..candidates.len()).collect(),
                 Measure::Scaled => reference_candidate(&candidates).into_iter().collect(),
             };
-            // The block with this linear alone replaced by each measured candidate.
-            for &c in &measured {
-                let mut changed = block.clone();
-                let t = Tensor::from_slice(&weights[c], (rows, cols), linear.weight().device())?
-                    .to_dtype(linear.weight().dtype())?;
-                changed
-                    .linear_mut(name)
-                    .ok_or_else(|| SearchError::Input(format!("no linear '{name}'")))?
-                    .set_weight(t)?;
-                variants.push(changed.forward(x, ctx, None, &mut NoHook)?);
+            if let (Measure::Scaled, Some((c, weight))) = (config.measure, &kept) {
+                if measured != [*c] {
+                    return Err(SearchError::Input(format!(
+                        "'{name}': the reference candidate's weights were not kept"
+                    )));
+                }
+                variants.push(variant(weight)?);
             }
             pending.push(Pending {
                 name: name.to_string(),
@@ -419,9 +495,7 @@ fn measure_block(
             });
         }
     }
-    let count = linears.len();
-    let next = block.forward(x, ctx, None, &mut NoHook)?;
-    Ok((pending, variants, next, count))
+    Ok((pending, variants))
 }
 
 /// The KL, or an error naming what made it not finite.
@@ -500,6 +574,8 @@ fn rounded(t: &Tensor, format: Format, what: &str) -> Result<Option<(Tensor, u64
     }
     let w: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let q = shrink_quant::rtn_format(&w, rows, cols, &format.with_search(false), None, what)?;
+    // The copy is let go before the dequantized one is made (an embedding is the largest tensor).
+    drop(w);
     let back = Tensor::from_vec(q.dequantize()?, (rows, cols), t.device())?.to_dtype(t.dtype())?;
     Ok(Some((back, gguf_bytes(q.size_bytes()))))
 }
@@ -518,36 +594,33 @@ fn embedding_item<M: BlockModel>(
     let mine: Vec<usize> = (0..formats.len())
         .filter(|&f| owner(world, offset + f) == world.rank())
         .collect();
-    let mut measured = Vec::new();
-    let mut xs = Vec::new();
-    if !mine.is_empty() {
-        let table = model.token_embedding()?;
-        let head = model.head()?;
-        for &f in &mine {
-            let format = formats[f];
-            let Some((e, bytes)) = rounded(&table, format, "token embedding")? else {
-                continue;
-            };
-            let cols = head.projection.weight().dims2()?.1;
-            if !head.tied && !cols.is_multiple_of(format.row_multiple()) {
-                continue;
+    // This rank's formats, each a choice or none (its blocks do not divide the rows).
+    let mut measure = || -> Result<Vec<Option<Choice>>> {
+        let mut choices = vec![None; mine.len()];
+        let mut measured = Vec::new();
+        let mut xs = Vec::new();
+        if !mine.is_empty() {
+            // The output head has the embedding's rows: a format fits both or neither.
+            let table = model.token_embedding()?;
+            for (k, &f) in mine.iter().enumerate() {
+                if let Some((e, bytes)) = rounded(&table, formats[f], "token embedding")? {
+                    xs.push(model.embed_with(&e, ids)?);
+                    measured.push((k, bytes));
+                }
             }
-            xs.push(model.embed_with(&e, ids)?);
-            measured.push((f, bytes));
         }
-    }
-    run_from(model, 0, &mut xs, ctx)?;
-    let mut choices: Vec<Option<Choice>> = vec![None; formats.len()];
-    if !xs.is_empty() {
+        run_from(model, 0, &mut xs, ctx)?;
+        if xs.is_empty() {
+            return Ok(choices);
+        }
         let head = model.head()?;
-        for (&(f, bytes), y) in measured.iter().zip(&xs) {
-            let format = formats[f];
-            // A tied head is the rounded embedding; an untied one is rounded too.
-            let what = if head.tied {
-                "token embedding"
-            } else {
-                "output head"
-            };
+        // A tied head is the rounded embedding; an untied one is rounded too.
+        let what = match head.tied {
+            true => "token embedding",
+            false => "output head",
+        };
+        for (&(k, bytes), y) in measured.iter().zip(&xs) {
+            let format = formats[mine[k]];
             let Some((projection, head_bytes)) = rounded(head.projection.weight(), format, what)?
             else {
                 continue;
@@ -559,15 +632,15 @@ fn embedding_item<M: BlockModel>(
             let kl = mean_kl(reference, &log_probs(&rounded_head, y)?)?;
             let kl = finite(kl, &format!("the embeddings in {}", format.label()))?;
             let bytes = bytes + if head.tied { 0 } else { head_bytes };
-            choices[f] = Some(Choice::new(&format.label(), bytes, kl));
+            choices[k] = Some(Choice::new(&format.label(), bytes, kl));
         }
-    }
-    let mut shared = Vec::new();
-    for (f, choice) in choices.iter().enumerate() {
-        let root = owner(world, offset + f);
-        let choice: Option<Choice> = share(world, root, Some(choice))?;
-        shared.extend(choice);
-    }
+        Ok(choices)
+    };
+    let mine = measure();
+    let shared: Vec<Choice> = share_all(world, offset, formats.len(), mine, |_| {})?
+        .into_iter()
+        .flatten()
+        .collect();
     if shared.is_empty() {
         return Err(SearchError::NoOptions(EMBEDDINGS.into()));
     }

@@ -505,3 +505,56 @@ fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
         );
     }
 }
+
+/// A tensor that no candidate fits fails the sensitivity on every rank, not only on the rank
+/// that measures it (the others would wait for its result forever), and one process names it.
+#[test]
+fn a_failure_on_one_rank_ends_every_rank() {
+    use candle_core::Device;
+    use shrink_models::testing::streamed_copy;
+    use shrink_models::{ModelConfig, Transformer};
+    let mut cfg = ModelConfig::tiny_for_tests();
+    // down_proj's rows of 48 hold no whole Q8_0 block; the other linears' rows of 32 do.
+    cfg.intermediate_size = 48;
+    let model = Transformer::random(&cfg, 5, &Device::Cpu).unwrap();
+    let windows = vec![(0..16).map(|i| (i * 7 % 64) as u32).collect::<Vec<_>>(); 2];
+    let config = SensitivityConfig {
+        formats: vec![shrink_quant::Format::parse("q8_0").unwrap()],
+        embeddings: vec![],
+        method: shrink_quant::Method::Rtn,
+        measure: Measure::Scaled,
+    };
+    let down = "model.layers.0.mlp.down_proj";
+    let alone = shrink_core::Alone;
+    let e = sensitivity(
+        &mut streamed_copy(&model),
+        &windows,
+        &config,
+        &alone,
+        &NoProgress,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, SearchError::NoOptions(ref n) if n == down),
+        "{e}"
+    );
+    // down_proj is the 7th linear: rank 0 of 2 measures it, rank 1 hears of its failure.
+    let ranks = shrink_core::ThreadGroup::new(2);
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|rank| {
+                let (model, windows, config) = (&model, &windows, &config);
+                s.spawn(move || {
+                    let mut m = streamed_copy(model);
+                    sensitivity(&mut m, windows, config, rank, &NoProgress)
+                        .unwrap_err()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(errors[0], e.to_string());
+    assert_eq!(errors[1], format!("rank 0: {e}"));
+}

@@ -95,6 +95,9 @@ pub struct Scoring {
     pub positions: u64,
     /// Tokens of hidden states held at once by the sensitivity: its windows' tokens × copies.
     pub states: u64,
+    /// f32 copies of the output head held at once: 1, or 2 when the embedding is searched (its
+    /// rounded copy beside it, as the embedding table beside its own before).
+    pub head_copies: u64,
 }
 
 /// The terms of the peak memory of a block-by-block job, in bytes. The job first writes the token
@@ -124,9 +127,10 @@ pub struct Scoring {
 ///   a time (`2 · i² · 8`);
 /// - a search ([`Scoring`]): the reference log-probabilities of its `n` scored positions held
 ///   throughout (`scoring = n·V·4`); the block term's activations are at least the sensitivity's
-///   variants (`states · h · 4`); and a third arm, the head: its f32 projection, the variants,
-///   and a candidate's log-probabilities with the KL's temporaries (`V·h·4 + states·h·4 +
-///   4·n·V·4`), so that `work = max(embedding, blocks, head) + scoring`;
+///   variants (`states · h · 4`); and a third arm, the head: its f32 projection (twice when the
+///   embedding is searched: a rounded copy beside it), the variants, and a candidate's
+///   log-probabilities with the KL's temporaries (`c·V·h·4 + states·h·4 + 4·n·V·4`), so that
+///   `work = max(embedding, blocks, head) + scoring`;
 /// - `base`: the program, the tokenizer and the memory-mapped pages in flight (~256 MB);
 /// - `work / 8`: what the terms miss: memory the allocator keeps after it was freed, and
 ///   transient copies as the factorization moves from one matrix to the next (an allowance
@@ -210,7 +214,7 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
             let log_probs = m(m(s.positions, shape.vocab), 4);
             (
                 activations.max(states),
-                m(m(shape.vocab, h), 4)
+                m(m(m(shape.vocab, h), 4), s.head_copies.max(1))
                     .saturating_add(states)
                     .saturating_add(m(log_probs, 4)),
                 log_probs,

@@ -56,6 +56,7 @@ fn the_streamed_formula_by_hand() {
         scoring: Some(Scoring {
             positions: 1_000,
             states: 10_000,
+            head_copies: 2,
         }),
         ..job
     };
@@ -64,7 +65,7 @@ fn the_streamed_formula_by_hand() {
     let states = 10_000 * 64 * 4;
     assert_eq!(s.scoring, log_probs);
     assert_eq!(s.activations, states.max(peak.activations));
-    assert_eq!(s.head, 512 * 64 * 4 + states + 4 * log_probs);
+    assert_eq!(s.head, 2 * 512 * 64 * 4 + states + 4 * log_probs);
     let work = s.head.max(embedding) + log_probs;
     assert_eq!(s.total(), (256 << 20) + work + work / 8);
     // Pruning holds its own copies of the widest linear; spilled activations are one batch's.

@@ -183,9 +183,9 @@ pub fn run_in(
     })?;
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
-    ranks::check_batches(world, pipeline)?;
 
     let given = read_inputs(pipeline, opts, &run_dir, log)?;
+    ranks::check_batches(world, pipeline, &given.checkpoint)?;
     let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
     let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
     // Checked again with the evaluation text's own chunks: whether the run evaluates block by

@@ -43,12 +43,18 @@ pub(super) fn splits(world: &dyn Collective, stage: &PlannedStage, input: &Check
     world.size() > 1 && stage.calibrates && stage.job.job().streams(input)
 }
 
-/// Refuses, before any work, a run whose calibrating stages have fewer batches of windows (8 a
-/// pass) than there are ranks: some rank would have none (a search's verified GPTQ calibrates on
-/// the windows its sensitivity and scoring leave).
-pub(super) fn check_batches(world: &dyn Collective, pipeline: &Pipeline) -> Result<()> {
+/// Refuses, before any work, a run whose stages split across the ranks (those that calibrate and
+/// read `model`, the input model, block by block; a later stage's input is judged by the same
+/// kind of reading) have fewer batches of windows (8 a pass) than there are ranks: some rank
+/// would have none (a search's verified GPTQ calibrates on the windows its sensitivity and
+/// scoring leave).
+pub(super) fn check_batches(
+    world: &dyn Collective,
+    pipeline: &Pipeline,
+    model: &Checkpoint,
+) -> Result<()> {
     let ranks = world.size();
-    for stage in pipeline.plan().iter().filter(|s| s.calibrates && ranks > 1) {
+    for stage in pipeline.plan().iter().filter(|s| splits(world, s, model)) {
         let samples = pipeline.data.samples;
         let windows = match &stage.job {
             crate::StageJob::Search(_) => samples - (samples / 2).min(8),
@@ -76,7 +82,8 @@ pub(super) fn send(world: &dyn Collective, message: &Message) -> Result<()> {
 }
 
 /// What a rank other than 0 does in a run: its part of every stage rank 0 splits, until rank 0
-/// says the stages are done. It writes nothing (what it computes is exchanged with rank 0).
+/// says the stages are done. It writes nothing in the run folder (what it computes is exchanged
+/// with rank 0); spilled activations go to unnamed scratch files in `stages/`.
 pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) -> Result<()> {
     let run_dir = opts
         .run_dir

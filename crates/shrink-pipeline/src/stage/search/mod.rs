@@ -290,7 +290,7 @@ impl SearchInput<'_> {
 /// Runs the search on `input` (from `job.checkpoint`, whose identity is `input_key`) and writes
 /// the best mix to `out`. The calibration windows (`job.windows`) are split: the first half (up to
 /// 8, cut to 256 tokens) measures the sensitivity, the second half (as many) scores the verified
-/// mixes; GPTQ calibrates on all of them. The sensitivity table is read from and written to
+/// mixes; GPTQ calibrates on every window but the scored ones. The sensitivity table is read from and written to
 /// `cache`, a folder, when given. With several ranks (`job.world`), the sensitivity's tensors and
 /// the verified GPTQ's windows are split across them; rank 0 writes, scores and shares the
 /// scores.
@@ -303,6 +303,11 @@ pub fn search_and_write(
     out: &Path,
 ) -> Result<(QuantizeOutcome, SearchSummary)> {
     let (checkpoint, world, progress) = (job.checkpoint, job.world, job.progress);
+    if world.size() > 1 && matches!(input, SearchInput::Whole(_)) {
+        return Err(PipelineError::Invalid(
+            "a search splits across ranks only when it reads its model block by block".into(),
+        ));
+    }
     let windows = job
         .windows
         .ok_or_else(|| PipelineError::Invalid("a search stage needs calibration windows".into()))?;
@@ -705,6 +710,12 @@ impl Verifier for StageVerifier<'_> {
         Ok(measurement)
     }
 
+    /// Rank 0's clock decides for every rank.
+    fn out_of_time(&mut self, past_deadline: bool) -> shrink_search::Result<bool> {
+        shrink_core::share_json(self.job.world, 0, Some(&past_deadline))
+            .map_err(|e| shrink_search::SearchError::Input(e.to_string()))
+    }
+
     fn keep(&mut self, round: usize) -> shrink_search::Result<()> {
         if self.job.world.rank() != 0 {
             return Ok(());
@@ -848,6 +859,11 @@ impl Job for SearchRequest {
             scoring: Some(crate::memory::Scoring {
                 positions: half * (tokens - tokens / 2),
                 states: half * tokens * (variants + 2),
+                head_copies: if self.embedding_formats.is_empty() {
+                    1
+                } else {
+                    2
+                },
             }),
             ..job
         })
