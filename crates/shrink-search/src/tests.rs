@@ -439,6 +439,22 @@ fn refinement_meets_a_quality_goal_the_table_underestimates() {
     assert_eq!(out.tried[out.best].score.ppl_increase_pct, least);
 }
 
+/// `f` run by `n` ranks (threads of one process), each given its handle; the results in rank
+/// order.
+fn on_ranks<T: Send>(n: usize, f: impl Fn(&shrink_core::ThreadGroup) -> T + Sync) -> Vec<T> {
+    let ranks = shrink_core::ThreadGroup::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter()
+            .map(|rank| {
+                let f = &f;
+                s.spawn(move || f(rank))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// The sensitivity of a model read block by block equals the model held whole's, bit for bit,
 /// and so does the table measured by 3 ranks (threads) that share the tensors out: with GPTQ
 /// codes, both measures, the embedding searched, tied and untied heads. The scorer too.
@@ -482,19 +498,9 @@ fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
         )
         .unwrap();
         assert_eq!(streamed, whole, "tied {tied}");
-        let ranks = shrink_core::ThreadGroup::new(3);
-        let split: Vec<Vec<Item>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranks
-                .iter()
-                .map(|rank| {
-                    let (model, windows, config) = (&model, &windows, &config);
-                    s.spawn(move || {
-                        let mut m = streamed_copy(model);
-                        sensitivity(&mut m, windows, config, rank, &NoProgress).unwrap()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let split = on_ranks(3, |rank| {
+            let mut m = streamed_copy(&model);
+            sensitivity(&mut m, &windows, &config, rank, &NoProgress).unwrap()
         });
         assert!(split.iter().all(|t| *t == whole), "tied {tied}");
         let scorer = Scorer::new(&mut streamed_copy(&model), &windows).unwrap();
@@ -539,21 +545,10 @@ fn a_failure_on_one_rank_ends_every_rank() {
         "{e}"
     );
     // down_proj is the 7th linear: rank 0 of 2 measures it, rank 1 hears of its failure.
-    let ranks = shrink_core::ThreadGroup::new(2);
-    let errors: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranks
-            .iter()
-            .map(|rank| {
-                let (model, windows, config) = (&model, &windows, &config);
-                s.spawn(move || {
-                    let mut m = streamed_copy(model);
-                    sensitivity(&mut m, windows, config, rank, &NoProgress)
-                        .unwrap_err()
-                        .to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let errors = on_ranks(2, |rank| {
+        let mut m = streamed_copy(&model);
+        let e = sensitivity(&mut m, &windows, &config, rank, &NoProgress).unwrap_err();
+        e.to_string()
     });
     assert_eq!(errors[0], e.to_string());
     assert_eq!(errors[1], format!("rank 0: {e}"));
