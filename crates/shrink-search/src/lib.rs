@@ -58,6 +58,8 @@ pub enum SearchError {
     Model(#[from] shrink_models::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
 }
 
 pub type Result<T> = std::result::Result<T, SearchError>;

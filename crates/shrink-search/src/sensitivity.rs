@@ -219,7 +219,7 @@ fn share<T: Serialize + serde::de::DeserializeOwned>(
     root: usize,
     item: Option<&T>,
 ) -> Result<T> {
-    shrink_core::share_json(world, root, item).map_err(|e| SearchError::Input(e.to_string()))
+    Ok(shrink_core::share_json(world, root, item)?)
 }
 
 /// The results of tensors `offset..offset + count`, each measured by its owner, on every rank:

@@ -103,16 +103,18 @@ impl Verifier for StageVerifier<'_> {
             Some(scorer) if root => Some(self.score(scorer, &path, &outcome)?),
             _ => None,
         };
-        let measurement = shrink_core::share_json(self.job.world, 0, measured.as_ref())
-            .map_err(|e| shrink_search::SearchError::Input(e.to_string()))?;
+        let measurement = shrink_core::share_json(self.job.world, 0, measured.as_ref())?;
         self.outcomes.insert(round, outcome);
         Ok(measurement)
     }
 
     /// Rank 0's clock decides for every rank.
     fn out_of_time(&mut self, past_deadline: bool) -> shrink_search::Result<bool> {
-        shrink_core::share_json(self.job.world, 0, Some(&past_deadline))
-            .map_err(|e| shrink_search::SearchError::Input(e.to_string()))
+        Ok(shrink_core::share_json(
+            self.job.world,
+            0,
+            Some(&past_deadline),
+        )?)
     }
 
     fn keep(&mut self, round: usize) -> shrink_search::Result<()> {
