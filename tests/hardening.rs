@@ -6,6 +6,7 @@
 mod common;
 
 use common::{fails, ok, sample_text, shrink, tiny_gguf};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the tensor info of `name` keeps its type id and its data offset in a GGUF header.
@@ -268,21 +269,45 @@ fn spawn_quiet(args: &[String]) -> std::process::Child {
         .unwrap()
 }
 
-/// Runs the streamed job `args` gives for an output into `dir/whole.gguf`, then into
-/// `dir/out.gguf` until its resume record shows a finished block, kills it (SIGKILL: nothing is
-/// cleaned up; a run that finishes first, a stalled test thread, does not count and the next
-/// attempt starts afresh), runs it again and checks that it resumed where the record says, wrote
-/// the uninterrupted run's bytes and removed its resume folder. Returns both runs' summaries.
+/// The bytes of the file at `path`, or of every file in the folder at `path`, by name.
+fn contents(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect(),
+        Err(_) => [(String::new(), std::fs::read(path).unwrap())].into(),
+    }
+}
+
+/// Removes the file or folder at `path`.
+fn remove(path: &Path) {
+    match path.is_dir() {
+        true => std::fs::remove_dir_all(path).unwrap(),
+        false => std::fs::remove_file(path).unwrap(),
+    }
+}
+
+/// Runs the streamed job `args` gives for an output into `dir/whole{suffix}` (`.gguf`, or `""`
+/// for a folder), then into `dir/out{suffix}` until its resume record shows a finished block,
+/// kills it (SIGKILL: nothing is cleaned up; a run that finishes first, a stalled test thread,
+/// does not count and the next attempt starts afresh), runs it again and checks that it resumed
+/// where the record says, wrote the uninterrupted run's bytes (every file of a folder) and
+/// removed its resume folder. Returns both runs' summaries.
 fn killed_and_resumed(
     dir: &Path,
+    suffix: &str,
     args: &dyn Fn(&Path) -> Vec<String>,
     blocks: u64,
 ) -> (serde_json::Value, serde_json::Value) {
-    let whole = dir.join("whole.gguf");
+    let whole = dir.join(format!("whole{suffix}"));
     let uninterrupted = run_json(&args(&whole));
     assert!(uninterrupted.get("resumed_at_block").is_none());
-    let out = dir.join("out.gguf");
-    let state = dir.join(".shrink-resume-out.gguf/state.json");
+    let out = dir.join(format!("out{suffix}"));
+    let state = dir.join(format!(".shrink-resume-out{suffix}/state.json"));
     let recorded = || -> Option<u64> {
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
         json["blocks"].as_u64()
@@ -305,7 +330,7 @@ fn killed_and_resumed(
             killed_at = finished;
             break;
         }
-        std::fs::remove_file(&out).unwrap();
+        remove(&out);
     }
     let killed_at = killed_at.expect("a run killed mid-model");
     assert!(!out.exists(), "a killed run leaves no output");
@@ -321,8 +346,8 @@ fn killed_and_resumed(
     let resumed = run_json(&args(&out));
     assert_eq!(resumed["resumed_at_block"], resume_at);
     assert!(
-        std::fs::read(&out).unwrap() == std::fs::read(&whole).unwrap(),
-        "the resumed file differs from the uninterrupted one"
+        contents(&out) == contents(&whole),
+        "the resumed output differs from the uninterrupted one"
     );
     assert!(
         !state.parent().unwrap().exists(),
@@ -353,7 +378,7 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
     let args = |out: &Path| streamed_args(&head, &text, out, out.ends_with("out.gguf"));
     let run = |out: &Path| run_json(&args(out));
     let spawn = |out: &Path| spawn_quiet(&args(out));
-    let (uninterrupted, resumed) = killed_and_resumed(dir.path(), &args, 12);
+    let (uninterrupted, resumed) = killed_and_resumed(dir.path(), ".gguf", &args, 12);
     let (whole, out) = (dir.path().join("whole.gguf"), dir.path().join("out.gguf"));
     // Every layer is reported, with the errors measured before the kill.
     let facts = |v: &serde_json::Value| -> Vec<(String, String)> {
@@ -420,6 +445,24 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
             .all(|n| ["small", "sample.txt", "whole.gguf", "out.gguf"].contains(&n.as_str())),
         "{names:?}"
     );
+    // A compressed-tensors folder (GPTQ W4, group 64) resumes the same way: its shards are
+    // cut after the recorded tensors and continued.
+    let folder = [
+        "quantize",
+        s(&model),
+        "--method",
+        "gptq",
+        "--format",
+        "hf",
+        "--bits",
+        "4",
+        "--group",
+        "64",
+    ];
+    let args = |out: &Path| streamed_args(&folder, &text, out, false);
+    let (uninterrupted, resumed) = killed_and_resumed(dir.path(), "", &args, 12);
+    assert_eq!(facts(&resumed), facts(&uninterrupted));
+    assert!(contents(&dir.path().join("out")).contains_key("config.json"));
     // Spilling is refused where it means nothing, not ignored.
     let e = fails(&[
         "quantize",
@@ -449,8 +492,9 @@ fn a_killed_streaming_quantization_resumes_to_the_same_bytes() {
 }
 
 // 4c. A streaming pruning killed mid-model resumes the same way (the resume record and the partial
-// GGUF are the quantization's, below both: shrink_calib::BlockJob): SparseGPT calibrating with
-// spilled activations, and magnitude, which does not calibrate.
+// GGUF or folder are the quantization's, below both: shrink_calib::BlockJob): SparseGPT
+// calibrating with spilled activations, and magnitude, which does not calibrate; to a GGUF and to
+// a folder.
 #[test]
 fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -459,11 +503,14 @@ fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
     let text = sample_text();
     // Wanda keeps its activations in bf16: the uninterrupted run in memory, the killed and
     // resumed one spilled to disk and read back from its record, in bf16 too.
-    for (method, dtype) in [
-        ("sparsegpt", "f32"),
-        ("magnitude", "f32"),
-        ("wanda", "bf16"),
+    // The last: to a Hugging Face folder, its shards continued after the recorded tensors.
+    for (method, dtype, suffix) in [
+        ("sparsegpt", "f32", ".gguf"),
+        ("magnitude", "f32", ".gguf"),
+        ("wanda", "bf16", ".gguf"),
+        ("sparsegpt", "f32", ""),
     ] {
+        let format = if suffix.is_empty() { "hf" } else { "gguf" };
         let head = [
             "prune",
             s(&model),
@@ -473,10 +520,12 @@ fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
             "0.5",
             "--activations-dtype",
             dtype,
+            "--format",
+            format,
         ];
-        let spill = |out: &Path| method != "magnitude" && out.ends_with("out.gguf");
+        let spill = |out: &Path| method != "magnitude" && out.ends_with(format!("out{suffix}"));
         let args = |out: &Path| streamed_args(&head, &text, out, spill(out));
-        let (uninterrupted, resumed) = killed_and_resumed(dir.path(), &args, 12);
+        let (uninterrupted, resumed) = killed_and_resumed(dir.path(), suffix, &args, 12);
         let facts = |v: &serde_json::Value| -> Vec<String> {
             v["layers"]
                 .as_array()
@@ -493,8 +542,8 @@ fn a_killed_streaming_pruning_resumes_to_the_same_bytes() {
         assert_eq!(facts(&resumed), facts(&uninterrupted), "{method}");
         assert_eq!(facts(&resumed).len(), 12 * 7);
         assert_eq!(resumed["memory"]["activations_dtype"], dtype);
-        std::fs::remove_file(dir.path().join("out.gguf")).unwrap();
-        std::fs::remove_file(dir.path().join("whole.gguf")).unwrap();
+        remove(&dir.path().join(format!("out{suffix}")));
+        remove(&dir.path().join(format!("whole{suffix}")));
     }
 }
 

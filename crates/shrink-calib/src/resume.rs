@@ -62,7 +62,8 @@ impl BlockJob {
         })
     }
 
-    /// The partial output file: continued by a resumed job, renamed into place when complete.
+    /// The partial output, a file or a folder: continued by a resumed job, renamed into place
+    /// when complete.
     pub fn partial(&self) -> PathBuf {
         self.dir.file(PARTIAL)
     }
@@ -84,9 +85,15 @@ impl BlockJob {
                 self.dir.file(STATE).display()
             ))
         })?;
-        let partial = std::fs::metadata(self.partial()).map_or(0, |m| m.len());
+        // A partial folder's shards are checked by its writer; a partial file must hold what
+        // was recorded.
+        let backed = match std::fs::metadata(self.partial()) {
+            Ok(m) if m.is_dir() => true,
+            Ok(m) => m.len() >= state.bytes,
+            Err(_) => false,
+        };
         let xs = self.dir.file(&activations_file(state.blocks));
-        if partial < state.bytes || (self.calibrating && !xs.exists()) {
+        if !backed || (self.calibrating && !xs.exists()) {
             return Ok(None);
         }
         let activations = match self.calibrating {

@@ -245,13 +245,31 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// A directory built under a temporary name and renamed into place by [`AtomicDir::commit`]; dropped
-/// without commit, it is removed, so an interrupted run never leaves a half-written folder.
+/// without commit, it is removed, so an interrupted run never leaves a half-written folder —
+/// except the partial folder of a resumable job ([`AtomicDir::resume`]), kept for the next run.
 #[derive(Debug)]
 pub struct AtomicDir {
     target: PathBuf,
-    staging: Option<tempfile::TempDir>,
+    staging: Option<Staging>,
     /// The staging directory, opened and locked while it lives.
     _lock: std::fs::File,
+}
+
+#[derive(Debug)]
+enum Staging {
+    /// Removed when dropped.
+    Temporary(tempfile::TempDir),
+    /// Kept when dropped: the partial folder a resumed run continues.
+    Partial(PathBuf),
+}
+
+impl Staging {
+    fn path(&self) -> &Path {
+        match self {
+            Staging::Temporary(t) => t.path(),
+            Staging::Partial(p) => p,
+        }
+    }
 }
 
 impl AtomicDir {
@@ -264,6 +282,18 @@ impl AtomicDir {
             .prefix(STAGING_PREFIX)
             .tempdir_in(dir)
             .map_err(io_err("creating a staging directory in", dir))?;
+        Self::staged(target, Staging::Temporary(staging))
+    }
+
+    /// Continues the partial folder `partial` (on the target's file system, in a
+    /// [`ResumeDir`]), created if missing: what a killed run wrote there stays, for the writer to
+    /// keep or cut. The partial folder is kept if this is dropped without a commit.
+    pub fn resume(target: &Path, partial: &Path) -> Result<Self> {
+        std::fs::create_dir_all(partial).map_err(io_err("creating directory", partial))?;
+        Self::staged(target, Staging::Partial(partial.to_path_buf()))
+    }
+
+    fn staged(target: &Path, staging: Staging) -> Result<Self> {
         let lock = lock_dir(staging.path(), false)?.ok_or_else(|| CoreError::Io {
             action: "locking",
             path: staging.path().to_path_buf(),
@@ -286,10 +316,11 @@ impl AtomicDir {
 
     /// Replaces `target` (removing a previous version) with the staged directory.
     pub fn commit(mut self) -> Result<PathBuf> {
-        let Some(staging) = self.staging.take() else {
-            return Ok(self.target.clone());
+        let staged = match self.staging.take() {
+            None => return Ok(self.target.clone()),
+            Some(Staging::Temporary(t)) => t.keep(),
+            Some(Staging::Partial(p)) => p,
         };
-        let staged = staging.keep();
         if self.target.exists() {
             let old = parent_dir(&self.target).join(format!(
                 "{OLD_PREFIX}{}",

@@ -129,13 +129,34 @@ impl<'a> ModelStream<'a> {
         dtype: GgufWriteType,
         out: &Path,
     ) -> Result<Self> {
+        Self::resumable(written, config, export, dtype, out, None)
+    }
+
+    /// [`ModelStream::create`] for a job that can be resumed: written in `partial` (a file or
+    /// folder kept across a kill, in a `shrink_core::ResumeDir`), continuing after the tensors
+    /// and bytes a killed run of the same plan recorded there (`(0, 0)`: from the start).
+    pub fn resumable(
+        written: &'a Checkpoint,
+        config: &shrink_models::ModelConfig,
+        export: Export,
+        dtype: GgufWriteType,
+        out: &Path,
+        partial: Option<(&Path, usize, u64)>,
+    ) -> Result<Self> {
         Ok(match export {
-            Export::Gguf => ModelStream::Gguf(crate::GgufStream::create(
-                written,
-                out,
-                dtype,
-                &BTreeMap::new(),
-            )?),
+            Export::Gguf => {
+                let file = match partial {
+                    Some((partial, _, bytes)) => {
+                        shrink_core::AtomicFile::resume(out, partial, bytes)?
+                    }
+                    None => shrink_core::AtomicFile::create(out)?,
+                };
+                let done = partial.map(|(_, tensors, _)| tensors).filter(|&t| t > 0);
+                let types = BTreeMap::new();
+                ModelStream::Gguf(crate::GgufStream::resumable(
+                    written, dtype, &types, file, done,
+                )?)
+            }
             Export::Hf => {
                 let save = SaveDType::of_gguf(dtype);
                 let entries =
@@ -148,16 +169,20 @@ impl<'a> ModelStream<'a> {
                         })
                         .collect();
                 let hf_config = crate::hf_config(written, save, None);
-                ModelStream::Hf(crate::HfStream::create(written, entries, hf_config, out)?)
+                let partial = partial.map(|(partial, tensors, _)| (partial, tensors));
+                ModelStream::Hf(crate::HfStream::resumable(
+                    written, entries, hf_config, out, partial,
+                )?)
             }
         })
     }
 
-    /// A point to resume from (GGUF files only; see [`crate::GgufStream::checkpoint`]).
+    /// A point to resume from ([`crate::GgufStream::checkpoint`],
+    /// [`crate::HfStream::checkpoint`]).
     pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
         match self {
             ModelStream::Gguf(g) => g.checkpoint(),
-            ModelStream::Hf(_) => Ok(None),
+            ModelStream::Hf(h) => h.checkpoint(),
         }
     }
 

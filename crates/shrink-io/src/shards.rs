@@ -39,6 +39,14 @@ pub struct ShardedWriter {
     headers: Vec<Vec<u8>>,
     next: usize,
     open: Option<(usize, shrink_core::AtomicFile)>,
+    /// Shards are written as `.partial-<file>`, kept across a kill (a resumable job's), instead
+    /// of under temporary names.
+    resumable: bool,
+}
+
+/// Where a resumable writer writes shard `file` until it is complete.
+fn partial_name(file: &str) -> String {
+    format!(".partial-{file}")
 }
 
 /// A writer that counts the bytes through it.
@@ -113,7 +121,80 @@ impl ShardedWriter {
             headers,
             next: 0,
             open: None,
+            resumable: false,
         })
+    }
+
+    /// [`ShardedWriter::create`] for a job that can be resumed, continuing in `dir` what a
+    /// killed run of the same plan wrote there, of which the first `done` tensors were recorded
+    /// (as [`ShardedWriter::sync`] counted them): the shards before the one holding tensor `done`
+    /// are put in place if they are not, that one is cut after its recorded tensors, and the
+    /// later ones are removed. With `done` 0 it starts afresh.
+    pub fn resume(
+        dir: &Path,
+        plan: Vec<SafetensorsEntry>,
+        max_shard_bytes: u64,
+        done: usize,
+    ) -> Result<Self> {
+        let mut w = Self::create(dir, plan, max_shard_bytes)?;
+        w.resumable = true;
+        if done > w.plan.len() {
+            return Err(IoError::Format {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "resuming after {done} tensors of a folder that plans {}",
+                    w.plan.len()
+                ),
+            });
+        }
+        // The shard the next tensor goes to (past the last when every tensor is written).
+        let current = w.shard_of.get(done).copied().unwrap_or(w.files.len());
+        for (shard, file) in w.files.iter().enumerate() {
+            let (path, partial) = (dir.join(file), dir.join(partial_name(file)));
+            let written: u64 = w
+                .plan
+                .iter()
+                .zip(&w.shard_of)
+                .take(done)
+                .filter(|(_, s)| **s == shard)
+                .map(|(e, _)| e.bytes())
+                .sum();
+            let len = w.headers[shard].len() as u64 + written;
+            let removed = |p: &Path| match std::fs::remove_file(p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(p)(e)),
+                _ => Ok(()),
+            };
+            if shard < current {
+                // Complete: in place already, or still under its partial name.
+                if !path.exists() {
+                    shrink_core::AtomicFile::resume(&path, &partial, len)?.commit()?;
+                }
+            } else if shard == current && written > 0 {
+                // Put in place by a run killed after it finished the shard: continued again.
+                if !partial.exists() && path.exists() {
+                    std::fs::rename(&path, &partial).map_err(io_error(&path))?;
+                }
+                w.open = Some((
+                    shard,
+                    shrink_core::AtomicFile::resume(&path, &partial, len)?,
+                ));
+            } else {
+                removed(&partial)?;
+                removed(&path)?;
+            }
+        }
+        w.next = done;
+        Ok(w)
+    }
+
+    /// Flushes the shard being written to the disk and returns how many tensors are written
+    /// and that shard's length: a point to resume from.
+    pub fn sync(&mut self) -> Result<(usize, u64)> {
+        let bytes = match &mut self.open {
+            Some((_, file)) => file.sync()?,
+            None => 0,
+        };
+        Ok((self.next, bytes))
     }
 
     /// The tensor the next [`ShardedWriter::append`] must write.
@@ -165,7 +246,13 @@ impl ShardedWriter {
         }
         if self.open.as_ref().map(|(s, _)| *s) != Some(shard) {
             self.close()?;
-            let mut file = shrink_core::AtomicFile::create(&path)?;
+            let mut file = match self.resumable {
+                true => {
+                    let partial = self.dir.join(partial_name(&self.files[shard]));
+                    shrink_core::AtomicFile::resume(&path, &partial, 0)?
+                }
+                false => shrink_core::AtomicFile::create(&path)?,
+            };
             file.writer()
                 .write_all(&self.headers[shard])
                 .map_err(io_error(&path))?;

@@ -237,10 +237,37 @@ impl<'a> HfStream<'a> {
         config: serde_json::Value,
         out: &Path,
     ) -> Result<Self> {
+        Self::resumable(written, entries, config, out, None)
+    }
+
+    /// [`HfStream::create`] for a job that can be resumed: with `partial` (a folder kept
+    /// across a kill, in a `shrink_core::ResumeDir`) and the number of tensors a killed run of
+    /// the same plan recorded there (as [`HfStream::checkpoint`] counted them), the folder
+    /// continues from them.
+    pub fn resumable(
+        written: &'a Checkpoint,
+        entries: Vec<SafetensorsEntry>,
+        config: serde_json::Value,
+        out: &Path,
+        partial: Option<(&Path, usize)>,
+    ) -> Result<Self> {
         let written_to = |e: IoError| IoError::written(out, e);
-        let staged = shrink_core::AtomicDir::new(out).map_err(|e| written_to(e.into()))?;
-        let writer = ShardedWriter::create(staged.path(), entries.clone(), crate::MAX_SHARD_BYTES)
-            .map_err(written_to)?;
+        let max = crate::MAX_SHARD_BYTES;
+        let (staged, writer) = match partial {
+            None => {
+                let staged = shrink_core::AtomicDir::new(out).map_err(|e| written_to(e.into()))?;
+                let writer = ShardedWriter::create(staged.path(), entries.clone(), max);
+                (staged, writer)
+            }
+            Some((partial, done)) => {
+                let staged = shrink_core::AtomicDir::resume(out, partial)
+                    .map_err(|e| written_to(e.into()))?;
+                let writer = ShardedWriter::resume(staged.path(), entries.clone(), max, done);
+                (staged, writer)
+            }
+        };
+        let writer = writer.map_err(written_to)?;
+        let next = partial.map_or(0, |(_, done)| done);
         let position = entries
             .iter()
             .enumerate()
@@ -251,7 +278,7 @@ impl<'a> HfStream<'a> {
             writer,
             entries,
             position,
-            next: 0,
+            next,
             pending: BTreeMap::new(),
             checkpoint: written,
             config,
@@ -302,6 +329,16 @@ impl<'a> HfStream<'a> {
             self.next += 1;
         }
         Ok(())
+    }
+
+    /// When every tensor supplied so far is written, flushes the shard being written to the disk
+    /// and returns how many tensors are written and that shard's length: a point to resume from.
+    pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
+        if !self.pending.is_empty() {
+            return Ok(None);
+        }
+        let synced = self.writer.sync();
+        Ok(Some(synced.map_err(|e| IoError::written(&self.out, e))?))
     }
 
     /// Checks that every planned tensor was written, writes `config.json`, the tokenizer and side

@@ -693,18 +693,22 @@ fn load_layout(path: &Path) -> usize {
         .len()
 }
 
-#[test]
-fn sharded_writer_splits_as_hugging_face_and_reads_back() {
-    let (_, c) = tiny_checkpoint();
-    let all = c.tensors.load_all().unwrap();
-    let plan: Vec<SafetensorsEntry> = all
-        .iter()
+/// Every tensor of `all` as an F32 entry, in order.
+fn f32_plan(all: &BTreeMap<String, Tensor>) -> Vec<SafetensorsEntry> {
+    all.iter()
         .map(|(name, t)| SafetensorsEntry {
             name: name.clone(),
             dtype: safetensors::Dtype::F32,
             shape: t.dims().to_vec(),
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn sharded_writer_splits_as_hugging_face_and_reads_back() {
+    let (_, c) = tiny_checkpoint();
+    let all = c.tensors.load_all().unwrap();
+    let plan = f32_plan(&all);
     let dir = tempfile::tempdir().unwrap();
     let staged = shrink_core::AtomicDir::new(&dir.path().join("m")).unwrap();
     // 3 KB shards: tensors fill a shard in order, and one larger than that gets its own.
@@ -768,6 +772,80 @@ fn sharded_writer_splits_as_hugging_face_and_reads_back() {
     assert!(e.contains("never written"), "{e}");
     let names: Vec<_> = std::fs::read_dir(&one).unwrap().collect();
     assert!(names.is_empty(), "nothing is left behind");
+}
+
+/// A resumable sharded folder "killed" (dropped unfinished, its partial files kept) at every
+/// point, after more tensors than it recorded, then resumed from the record: the same files as
+/// a folder written in one go, and nothing else in the folder.
+#[test]
+fn a_resumed_sharded_folder_is_the_uninterrupted_one() {
+    let (_, c) = tiny_checkpoint();
+    let all = c.tensors.load_all().unwrap();
+    let plan = f32_plan(&all);
+    let data: Vec<Vec<u8>> = all
+        .values()
+        .map(|t| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
+        .collect();
+    let names: Vec<&String> = all.keys().collect();
+    let files = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole");
+    std::fs::create_dir(&whole).unwrap();
+    let mut w = ShardedWriter::create(&whole, plan.clone(), 3_000).unwrap();
+    for (name, d) in names.iter().zip(&data) {
+        w.append(name, d).unwrap();
+    }
+    w.finish().unwrap();
+    let expected = files(&whole);
+    assert!(expected.len() > 3, "several shards: {:?}", expected.keys());
+    for recorded in 0..=plan.len() {
+        for beyond in [0, 1, 3] {
+            let killed = (recorded + beyond).min(plan.len());
+            let dir = tmp.path().join(format!("resumed-{recorded}-{beyond}"));
+            std::fs::create_dir(&dir).unwrap();
+            let mut w = ShardedWriter::resume(&dir, plan.clone(), 3_000, 0).unwrap();
+            for (i, (name, d)) in names.iter().zip(&data).enumerate().take(killed) {
+                w.append(name, d).unwrap();
+                if i + 1 == recorded {
+                    assert_eq!(w.sync().unwrap().0, recorded);
+                }
+            }
+            drop(w);
+            let mut w = ShardedWriter::resume(&dir, plan.clone(), 3_000, recorded).unwrap();
+            for (name, d) in names.iter().zip(&data).skip(recorded) {
+                w.append(name, d).unwrap();
+            }
+            w.finish().unwrap();
+            assert!(
+                files(&dir) == expected,
+                "recorded {recorded}, killed after {killed}"
+            );
+        }
+    }
+    // A record the files do not back (a shard gone) is an error naming the file.
+    let dir = tmp.path().join("gone");
+    std::fs::create_dir(&dir).unwrap();
+    let mut w = ShardedWriter::resume(&dir, plan.clone(), 3_000, 0).unwrap();
+    for (name, d) in names.iter().zip(&data) {
+        w.append(name, d).unwrap();
+    }
+    drop(w);
+    let first = dir.join(expected.keys().next().unwrap());
+    std::fs::remove_file(&first).unwrap();
+    let e = err_of(ShardedWriter::resume(&dir, plan.clone(), 3_000, plan.len()).map(|_| ()));
+    assert!(e.contains("model-00001-of"), "{e}");
 }
 
 fn write_json_for_tests(dir: &Path, value: &serde_json::Value) {

@@ -290,10 +290,10 @@ pub fn prune_streamed(
     };
     // Rank 0 writes; the other ranks calibrate and prune (each block's weights are checked
     // against rank 0's) but write nothing. The tensors outside the blocks are written as stored.
-    // A GGUF job of one process records each finished block beside `out` and resumes after a
-    // kill ([`shrink_calib::BlockJob`]); a folder is written again from the start.
-    let job = match (world.size(), export) {
-        (1, shrink_io::Export::Gguf) => {
+    // A job of one process records each finished block beside `out` and resumes after a kill
+    // ([`shrink_calib::BlockJob`]), to a GGUF or a folder.
+    let job = match world.size() {
+        1 => {
             let settings = format!(
                 "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {dtype:?}\nkept in {:?}",
                 plan.method, plan.default, plan.rules, keep.dtype
@@ -307,22 +307,18 @@ pub fn prune_streamed(
         Some(job) => job.resumed::<Report>(keep)?.unzip(),
         None => (None, None),
     };
-    let sink = match (world.rank(), &job) {
-        (0, Some(job)) => {
-            let partial = state.as_ref().map_or(0, |s| s.bytes);
-            let file = shrink_core::AtomicFile::resume(out, &job.partial(), partial)
-                .map_err(shrink_io::IoError::from)?;
-            let stream = shrink_io::GgufStream::resumable(
-                &written,
-                dtype,
-                &Default::default(),
-                file,
-                state.as_ref().map(|s| s.tensors),
-            )?;
-            Some(shrink_io::ModelStream::Gguf(stream))
-        }
-        (0, None) => Some(shrink_io::ModelStream::create(
-            &written, &config, export, dtype, out,
+    let partial = job.as_ref().map(|job| job.partial());
+    let sink = match world.rank() {
+        0 => Some(shrink_io::ModelStream::resumable(
+            &written,
+            &config,
+            export,
+            dtype,
+            out,
+            partial.as_deref().map(|partial| {
+                let (tensors, bytes) = state.as_ref().map_or((0, 0), |s| (s.tensors, s.bytes));
+                (partial, tensors, bytes)
+            }),
         )?),
         _ => None,
     };

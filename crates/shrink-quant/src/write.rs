@@ -149,10 +149,10 @@ pub fn quantize_streamed(
     let arch = config.arch()?;
     let io = |e: shrink_core::CoreError| QuantError::Io(e.into());
     // With several ranks, rank 0 writes and the others discard what they quantize; such a job
-    // does not resume (each rank holds the activations of its own windows). A folder is written
-    // again from the start (no partial folder is kept).
-    let job = match (world.size(), output.export) {
-        (1, Export::Gguf) => Some(shrink_calib::BlockJob::open(
+    // does not resume (each rank holds the activations of its own windows). One process resumes
+    // a GGUF or a folder.
+    let job = match world.size() {
+        1 => Some(shrink_calib::BlockJob::open(
             out,
             &streamed_job(checkpoint, method, output, windows, batch, keep),
             windows.is_some(),
@@ -163,6 +163,7 @@ pub fn quantize_streamed(
         Some(job) => job.resumed::<Report>(keep)?.unzip(),
         None => (None, None),
     };
+    let partial = job.as_ref().map(|job| job.partial());
     let sink = match output.export {
         _ if world.rank() != 0 => Sink::Discard,
         Export::Gguf => {
@@ -185,9 +186,16 @@ pub fn quantize_streamed(
                     .map(|s| (s.tensors, s.report.extra_types.clone())),
             )?)
         }
-        Export::Hf => Sink::Hf(crate::write_hf::QuantizedHf::create(
-            checkpoint, &config, output, out,
-        )?),
+        Export::Hf => {
+            let tensors = state.as_ref().map_or(0, |s| s.tensors);
+            Sink::Hf(crate::write_hf::QuantizedHf::create(
+                checkpoint,
+                &config,
+                output,
+                out,
+                partial.as_deref().map(|partial| (partial, tensors)),
+            )?)
+        }
     };
     let sink = std::cell::RefCell::new(sink);
     let resumed_at = state.as_ref().map(|s| s.blocks);
@@ -282,11 +290,12 @@ impl Sink<'_> {
             Sink::Discard => Ok(()),
         }
     }
-    /// A point to resume from (GGUF files only).
+    /// A point to resume from.
     fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
         match self {
             Sink::Gguf(g) => g.checkpoint(),
-            Sink::Hf(_) | Sink::Discard => Ok(None),
+            Sink::Hf(h) => h.checkpoint(),
+            Sink::Discard => Ok(None),
         }
     }
     fn extra_types(&self) -> BTreeMap<String, usize> {

@@ -22,12 +22,15 @@ pub struct QuantizedHf<'a> {
 impl<'a> QuantizedHf<'a> {
     /// Plans the folder of `written` (the model's tensors under the checkpoint's names, their
     /// shapes known without loading them; its config and tokenizer) with `config`'s linears
-    /// quantized as `output.plan` says, and stages it beside `out`.
+    /// quantized as `output.plan` says, and stages it beside `out` — or, for a job that can be
+    /// resumed, in `partial` (a folder kept across a kill), continuing after the tensors a killed
+    /// run of the same plan recorded there ([`HfStream::resumable`]).
     pub fn create(
         written: &'a Checkpoint,
         config: &shrink_models::ModelConfig,
         output: &'a QuantizedOutput<'a>,
         out: &Path,
+        partial: Option<(&Path, usize)>,
     ) -> Result<Self> {
         let n_layers = config.num_hidden_layers;
         let activations = output.activations.is_some();
@@ -71,7 +74,7 @@ impl<'a> QuantizedHf<'a> {
             Some(&quantization_config),
         );
         Ok(Self {
-            stream: HfStream::create(written, entries, config, out)?,
+            stream: HfStream::resumable(written, entries, config, out, partial)?,
             quantized: layouts.into_keys().collect(),
             output,
         })
@@ -100,6 +103,11 @@ impl<'a> QuantizedHf<'a> {
     /// Whether `name` (a checkpoint name) is still to be supplied as a tensor.
     pub fn wants(&self, name: &str) -> bool {
         !self.quantized.contains(name) && self.stream.wants(name)
+    }
+
+    /// A point to resume from ([`HfStream::checkpoint`]).
+    pub fn checkpoint(&mut self) -> Result<Option<(usize, u64)>> {
+        Ok(self.stream.checkpoint()?)
     }
 
     /// Checks that every tensor was supplied, writes `config.json` (with the
