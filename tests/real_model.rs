@@ -629,7 +629,8 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
 /// `mpirun -n 2 shrink quantize … --method gptq` splits the calibration windows across two
 /// processes and writes the bytes one process writes (with one thread or two), and so does
 /// `shrink prune --method sparsegpt` with its activations spilled to disk, channel pruning, and
-/// `shrink run` of a pipeline whose GPTQ, search and SparseGPT stages split across the ranks;
+/// `shrink run` of a pipeline whose GPTQ, search and SparseGPT stages split across the ranks and
+/// whose sweep's variants are dealt to them;
 /// commands that do not split and a calibration with fewer batches than processes are refused on
 /// every rank.
 #[cfg(feature = "mpi")]
@@ -773,8 +774,9 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         "channel pruning over 2 ranks and 1 process wrote different files"
     );
     // A pipeline run: its GPTQ, search (the sensitivity split by tensors, the verified GPTQ by
-    // windows) and SparseGPT stages split across 2 ranks, rank 0 writing the run folder: the
-    // stages' files are one process's, and so are the figures of the report.
+    // windows) and SparseGPT stages split across 2 ranks, rank 0 writing the run folder, and the
+    // sweep's two variants dealt one to each rank: the stages' files are one process's, and so
+    // are the figures of the report.
     let runs = dir.path().join("runs");
     let tiny = common::tiny_gguf(&runs);
     let pipeline = |samples: usize| {
@@ -811,6 +813,10 @@ kind = "prune.sparsegpt"
 name = "sparse"
 input = "model"
 sparsity = 0.5
+[sweep]
+stage = "gptq"
+key = "format"
+values = ["q4_0", "q5_0", "q8_0"]
 "#,
             tiny.display(),
             text.display(),
@@ -854,10 +860,23 @@ sparsity = 0.5
     run(1, "one");
     let stderr = run(2, "two");
     assert!(
-        stderr.contains("2 MPI processes split the stages"),
+        stderr.contains("2 MPI processes split the stages")
+            && stderr.contains("deal out the sweep's variants"),
         "{stderr}"
     );
-    for stage in ["gptq", "search", "sparse"] {
+    // The variants q5_0 and q8_0 go to ranks 0 and 1, each run whole by its rank.
+    assert!(
+        stderr.contains("stage     gptq@format=q8_0: run by rank 1")
+            && stderr.contains("stage     gptq@format=q5_0: quantize.gptq ← model"),
+        "{stderr}"
+    );
+    for stage in [
+        "gptq",
+        "search",
+        "sparse",
+        "gptq@format=q5_0",
+        "gptq@format=q8_0",
+    ] {
         let file = |run: &str| {
             std::fs::read(runs.join(run).join("stages").join(stage).join("model.gguf")).unwrap()
         };
@@ -882,6 +901,15 @@ sparsity = 0.5
             .collect()
     };
     assert_eq!(figures(&report("one")), figures(&report("two")));
+    // Every model measured in this run, none reused: the variant rank 1 ran is not "cached".
+    let fresh = |r: &serde_json::Value| -> Vec<(String, bool)> {
+        let rows = r["rows"].as_array().unwrap();
+        rows.iter()
+            .map(|m| (m["name"].as_str().unwrap().to_string(), m["cached"] == true))
+            .collect()
+    };
+    assert_eq!(fresh(&report("one")), fresh(&report("two")));
+    assert!(fresh(&report("two")).iter().all(|(_, cached)| !cached));
     // Only rank 0 wrote: the run folder holds what one process's holds.
     let entries = |run: &str| {
         let mut names: Vec<String> = std::fs::read_dir(runs.join(run).join("stages"))
@@ -918,6 +946,52 @@ sparsity = 0.5
         "{stderr}"
     );
     assert!(!runs.join("few").join("stages").join("gptq").exists());
+    // `shrink eval` over 2 ranks, each running its batches of chunks (the models built whole,
+    // and read block by block): one process's report but its timings.
+    let one_gguf = dir.path().join("one-1.gguf");
+    for stream in [false, true] {
+        let mut args: Vec<String> = [
+            "eval",
+            one_gguf.to_str().unwrap(),
+            "--reference",
+            model.to_str().unwrap(),
+            "--ctx",
+            "128",
+            "--chunks",
+            "5",
+            "--batch",
+            "1",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        if stream {
+            args.push("--stream".into());
+        }
+        let out = mpi(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut one_args = vec!["--threads", "1"];
+        one_args.extend(args.iter().map(String::as_str));
+        let timeless = |text: &str| -> serde_json::Value {
+            let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
+            for timing in ["wall_s", "tokens_per_s", "peak_rss_bytes"] {
+                v.as_object_mut().unwrap().remove(timing);
+            }
+            v
+        };
+        let two = timeless(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(two["chunks"], 5, "{two}");
+        let one = run_shrink(&one_args);
+        assert_eq!(
+            timeless(&String::from_utf8_lossy(&one)),
+            two,
+            "stream {stream}"
+        );
+    }
     // Refusals end every rank with a message and leave no output.
     let refused = dir.path().join("refused.gguf");
     let out = mpi(&job(&refused, "8"));
@@ -938,7 +1012,9 @@ sparsity = 0.5
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("only `shrink quantize`, `shrink prune` and `shrink run` split"),
+        stderr.contains(
+            "only `shrink quantize`, `shrink prune`, `shrink run` and `shrink eval` split"
+        ),
         "{stderr}"
     );
     assert!(!refused.exists());

@@ -149,12 +149,13 @@ fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode
     if world.size() > 1
         && !matches!(
             command,
-            Command::Quantize(_) | Command::Prune(_) | Command::Run(_)
+            Command::Quantize(_) | Command::Prune(_) | Command::Run(_) | Command::Eval(_)
         )
     {
         anyhow::bail!(
-            "started as one of {} MPI processes: only `shrink quantize`, `shrink prune` and \
-             `shrink run` split their work across processes; run this command as one process",
+            "started as one of {} MPI processes: only `shrink quantize`, `shrink prune`, \
+             `shrink run` and `shrink eval` split their work across processes; run this \
+             command as one process",
             world.size()
         );
     }
@@ -164,7 +165,7 @@ fn run(command: Command, world: &dyn shrink_core::Collective) -> Result<ExitCode
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Synth(args) => cmd::synth::run(args),
-        Command::Eval(args) => cmd::eval::run(args),
+        Command::Eval(args) => cmd::eval::run(args, world),
         Command::Embed(args) => cmd::embed::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Tokenize(args) => cmd::tokenize::run(args),

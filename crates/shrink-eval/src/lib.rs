@@ -28,7 +28,7 @@ pub use encoder::{
 use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use shrink_core::Progress;
+use shrink_core::{Alone, Collective, Progress};
 use shrink_models::{BlockModel, Head, NoHook, Transformer};
 use std::time::Instant;
 
@@ -59,10 +59,15 @@ pub enum EvalError {
     VocabMismatch { model: usize, reference: usize },
     #[error("non-finite logits in chunk {chunk}: the model produced NaN or infinity")]
     NonFinite { chunk: usize },
+    /// What another MPI rank met.
+    #[error("MPI rank {rank}: {message}")]
+    Rank { rank: usize, message: String },
     #[error(transparent)]
     Model(#[from] shrink_models::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Core(#[from] shrink_core::CoreError),
 }
 
 pub type Result<T> = std::result::Result<T, EvalError>;
@@ -261,6 +266,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// What one scored position contributes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Scored {
     nll: f64,
     /// KL(ref ‖ model), whether the top-1 tokens agree, the reference's NLL.
@@ -289,8 +295,26 @@ fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored
 /// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
 type Logits = Vec<Vec<Vec<f32>>>;
 
-/// The logits of batch `k` (its chunks given): the model's, and the reference's when there is one.
-type LogitsOf<'a> = dyn FnMut(usize, &[Chunk]) -> Result<(Logits, Option<Logits>)> + 'a;
+/// The scores of a batch: for each chunk, each scored position's (`None` where a logit is not
+/// finite).
+type BatchScores = Vec<Vec<Option<Scored>>>;
+
+/// Scores the positions of `batch` from its logits (and the reference's), in parallel.
+fn score_batch(batch: &[Chunk], logits: &Logits, reference: Option<&Logits>) -> BatchScores {
+    batch
+        .iter()
+        .enumerate()
+        .map(|(b, chunk)| {
+            (0..logits[b].len())
+                .into_par_iter()
+                .map(|p| {
+                    let target = chunk.ids[chunk.first_scored + p + 1] as usize;
+                    score(&logits[b][p], reference.map(|r| r[b][p].as_slice()), target)
+                })
+                .collect()
+        })
+        .collect()
+}
 
 fn scored_logits(model: &Transformer, batch: &[Chunk]) -> Result<Logits> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|c| c.ids.clone()).collect();
@@ -358,6 +382,21 @@ pub fn evaluate(
     cfg: &EvalConfig,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
+    evaluate_in(&Alone, model, reference, tokens, bos, cfg, progress)
+}
+
+/// [`evaluate`] split across the ranks of `world` (every rank calls it with the same models and
+/// text): batch `k` of chunks is rank `k mod N`'s, and every rank adds every position's scores
+/// in chunk order, so the report is one process's to the bit (but its timings).
+pub fn evaluate_in(
+    world: &dyn Collective,
+    model: &Transformer,
+    reference: Option<&Transformer>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    cfg: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
     let chunks = checked_chunks(
         model.config.vocab_size,
         reference.map(|r| r.config.vocab_size),
@@ -366,18 +405,28 @@ pub fn evaluate(
         cfg,
     )?;
     let start = Instant::now();
-    score_batches(
+    let ranges = batches(&chunks, cfg.batch);
+    let mine = owned(world, ranges.len());
+    progress.start("evaluating", mine.len() as u64);
+    let scores = mine
+        .iter()
+        .map(|&k| {
+            let batch = &chunks[ranges[k].clone()];
+            let logits = scored_logits(model, batch)?;
+            let theirs = reference.map(|r| scored_logits(r, batch)).transpose()?;
+            progress.advance(1, Some(&format!("batch {}/{}", k + 1, ranges.len())));
+            Ok(score_batch(batch, &logits, theirs.as_ref()))
+        })
+        .collect::<Result<Vec<_>>>();
+    progress.finish();
+    let scores = share_scores(world, ranges.len(), scores)?;
+    tally(
         tokens.len(),
         &chunks,
         cfg,
         reference.is_some(),
         start,
-        progress,
-        &mut |_, batch| {
-            let logits = scored_logits(model, batch)?;
-            let reference = reference.map(|r| scored_logits(r, batch)).transpose()?;
-            Ok((logits, reference))
-        },
+        scores,
     )
 }
 
@@ -395,6 +444,20 @@ pub fn evaluate_streamed<M: BlockModel>(
     cfg: &EvalConfig,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
+    evaluate_streamed_in(&Alone, model, reference, tokens, bos, cfg, progress)
+}
+
+/// [`evaluate_streamed`] split across the ranks of `world` as [`evaluate_in`] splits it: each
+/// rank runs only its batches through the blocks (reading every block) and scores them.
+pub fn evaluate_streamed_in<M: BlockModel>(
+    world: &dyn Collective,
+    model: &mut M,
+    reference: Option<&mut M>,
+    tokens: &[u32],
+    bos: Option<u32>,
+    cfg: &EvalConfig,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
     let chunks = checked_chunks(
         model.config().vocab_size,
         reference.as_ref().map(|r| r.config().vocab_size),
@@ -404,36 +467,47 @@ pub fn evaluate_streamed<M: BlockModel>(
     )?;
     let start = Instant::now();
     let ranges = batches(&chunks, cfg.batch);
-    let (hidden, head) = scored_hidden(model, &chunks, &ranges, progress)?;
-    let reference = match reference {
-        Some(r) => Some(scored_hidden(r, &chunks, &ranges, progress)?),
-        None => None,
-    };
-    let one_at_a_time = EvalConfig { batch: 1, ..*cfg };
-    let mut report = score_batches(
-        tokens.len(),
-        &chunks,
-        &one_at_a_time,
-        reference.is_some(),
-        start,
-        progress,
-        &mut |k, _| {
-            let logits = |hidden: &[Tensor], head: &Head| -> Result<Logits> {
-                Ok(head.logits(&hidden[k])?.to_vec3()?)
-            };
-            let theirs = reference
-                .as_ref()
-                .map(|(h, head)| logits(h, head))
-                .transpose()?;
-            Ok((logits(&hidden, &head)?, theirs))
-        },
-    )?;
+    let mine: Vec<_> = owned(world, ranges.len())
+        .into_iter()
+        .map(|k| ranges[k].clone())
+        .collect();
+    let with_reference = reference.is_some();
+    let scores = (|| {
+        let (hidden, head) = scored_hidden(model, &chunks, &mine, progress)?;
+        let reference = match reference {
+            Some(r) => Some(scored_hidden(r, &chunks, &mine, progress)?),
+            None => None,
+        };
+        // One chunk's logits at a time; `hidden` holds my chunks in order.
+        let mut at = 0;
+        let mut scores = Vec::with_capacity(mine.len());
+        for range in &mine {
+            let mut batch = Vec::with_capacity(range.len());
+            for chunk in &chunks[range.clone()] {
+                let logits = head.logits(&hidden[at])?.to_vec3()?;
+                let theirs = match &reference {
+                    Some((h, head)) => Some(head.logits(&h[at])?.to_vec3()?),
+                    None => None,
+                };
+                batch.extend(score_batch(
+                    std::slice::from_ref(chunk),
+                    &logits,
+                    theirs.as_ref(),
+                ));
+                at += 1;
+            }
+            scores.push(batch);
+        }
+        Ok(scores)
+    })();
+    let scores = share_scores(world, ranges.len(), scores)?;
+    let mut report = tally(tokens.len(), &chunks, cfg, with_reference, start, scores)?;
     report.config = *cfg;
     Ok(report)
 }
-
-/// Every batch of chunks through `model` block by block: the normalized final hidden states of
-/// each chunk's scored positions (`(1, scored, hidden)`, in chunk order), and the model's head.
+/// The batches of chunks `ranges` through `model` block by block: the normalized final hidden
+/// states of each of their chunks' scored positions (`(1, scored, hidden)`, in order), and the
+/// model's head.
 fn scored_hidden<M: BlockModel>(
     model: &mut M,
     chunks: &[Chunk],
@@ -481,68 +555,87 @@ fn scored_hidden<M: BlockModel>(
     Ok((hidden, head))
 }
 
-/// Scores every batch of chunks with the logits `logits_of` gives for it (the model's, and the
-/// reference's when `with_reference`), in order.
-fn score_batches(
+/// The batches (of `batches`) that are this rank's: batch `k` is rank `k mod N`'s.
+fn owned(world: &dyn Collective, batches: usize) -> Vec<usize> {
+    (world.rank()..batches).step_by(world.size()).collect()
+}
+
+/// Every batch's scores on every rank, in batch order, each sent by the rank that made it
+/// (`mine`: this rank's batches, in order). An error is the rank's own, else the first that
+/// another rank met.
+fn share_scores(
+    world: &dyn Collective,
+    batches: usize,
+    mine: Result<Vec<BatchScores>>,
+) -> Result<Vec<BatchScores>> {
+    if world.size() == 1 {
+        return mine;
+    }
+    let mut own = mine.iter().flatten();
+    let failure = mine.as_ref().err().map(|e| e.to_string());
+    let mut all = Vec::with_capacity(batches);
+    let mut failed = None;
+    for k in 0..batches {
+        let root = k % world.size();
+        let sent: Option<std::result::Result<BatchScores, String>> =
+            (root == world.rank()).then(|| match &failure {
+                Some(e) => Err(e.clone()),
+                None => own
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| "a batch's scores are missing".to_string()),
+            });
+        let shared: std::result::Result<BatchScores, String> =
+            shrink_core::share_json(world, root, sent.as_ref())?;
+        match shared {
+            Ok(scores) => all.push(scores),
+            Err(message) => {
+                failed.get_or_insert((root, message));
+            }
+        }
+    }
+    mine?;
+    match failed {
+        Some((rank, message)) => Err(EvalError::Rank { rank, message }),
+        None => Ok(all),
+    }
+}
+
+/// The report of the scores of every batch of `chunks` (in order): sums in position order, so
+/// that they do not depend on the thread or rank count.
+fn tally(
     tokens_in_text: usize,
     chunks: &[Chunk],
     cfg: &EvalConfig,
     with_reference: bool,
     start: Instant,
-    progress: &dyn Progress,
-    logits_of: &mut LogitsOf<'_>,
+    scores: Vec<BatchScores>,
 ) -> Result<EvalReport> {
-    progress.start("evaluating", chunks.len() as u64);
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let (mut kl, mut kl2, mut kl_max, mut agree, mut ref_nll) = (0f64, 0f64, 0f64, 0usize, 0f64);
     let mut chunk_ppl = Vec::with_capacity(chunks.len());
     let mut processed = 0;
-    let mut done = 0;
-    for (k, range) in batches(chunks, cfg.batch).into_iter().enumerate() {
-        let i = range.start;
-        let batch = &chunks[range];
-        let (logits, ref_logits) = logits_of(k, batch)?;
-        for (b, chunk) in batch.iter().enumerate() {
-            let rows = &logits[b];
-            // Score positions in parallel; sum in position order so results do not depend on
-            // the thread count.
-            let scores: Vec<Option<Scored>> = (0..rows.len())
-                .into_par_iter()
-                .map(|p| {
-                    let target = chunk.ids[chunk.first_scored + p + 1] as usize;
-                    score(
-                        &rows[p],
-                        ref_logits.as_ref().map(|r| r[b][p].as_slice()),
-                        target,
-                    )
-                })
-                .collect();
-            let mut chunk_nll = 0f64;
-            for s in scores {
-                let s = s.ok_or(EvalError::NonFinite { chunk: i + b })?;
-                nll += s.nll;
-                nll2 += s.nll * s.nll;
-                chunk_nll += s.nll;
-                if let Some((d, same, r_nll)) = s.reference {
-                    kl += d;
-                    kl2 += d * d;
-                    kl_max = kl_max.max(d);
-                    agree += usize::from(same);
-                    ref_nll += r_nll;
-                }
+    let per_chunk = scores.into_iter().flatten();
+    for (i, (chunk, positions)) in chunks.iter().zip(per_chunk).enumerate() {
+        let mut chunk_nll = 0f64;
+        let scored = positions.len();
+        for s in positions {
+            let s = s.ok_or(EvalError::NonFinite { chunk: i })?;
+            nll += s.nll;
+            nll2 += s.nll * s.nll;
+            chunk_nll += s.nll;
+            if let Some((d, same, r_nll)) = s.reference {
+                kl += d;
+                kl2 += d * d;
+                kl_max = kl_max.max(d);
+                agree += usize::from(same);
+                ref_nll += r_nll;
             }
-            count += rows.len();
-            chunk_ppl.push((chunk_nll / rows.len().max(1) as f64).exp());
-            processed += chunk.ids.len();
         }
-        done += batch.len();
-        let running = (nll / count.max(1) as f64).exp();
-        progress.advance(
-            batch.len() as u64,
-            Some(&format!("ppl {running:.4} [{done}/{}]", chunks.len())),
-        );
+        count += scored;
+        chunk_ppl.push((chunk_nll / scored.max(1) as f64).exp());
+        processed += chunk.ids.len();
     }
-    progress.finish();
     let wall_s = start.elapsed().as_secs_f64();
     let n = count as f64;
     let nll_mean = nll / n;

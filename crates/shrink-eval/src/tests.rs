@@ -383,3 +383,72 @@ fn a_streamed_evaluation_gives_the_whole_model_bits() {
         }
     }
 }
+
+/// 1, 2 and 3 ranks (threads) sharing the batches out give one process's report, whole models
+/// and models read block by block, with and without a reference; a rank's error ends every rank.
+#[test]
+fn an_evaluation_split_across_ranks_gives_one_process_bits() {
+    let model = tiny();
+    let mut other = model.clone();
+    let w = other.linear_mut("model.layers.0.self_attn.o_proj").unwrap();
+    let noisy = (w.weight() * 1.3).unwrap();
+    w.set_weight(noisy).unwrap();
+    let t = text(200);
+    let timeless = |r: EvalReport| EvalReport {
+        wall_s: 0.0,
+        tokens_per_s: 0.0,
+        ..r
+    };
+    let on_ranks =
+        |n: usize, f: &(dyn Fn(&shrink_core::ThreadGroup) -> Result<EvalReport> + Sync)| {
+            let ranks = shrink_core::ThreadGroup::new(n);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = ranks.iter().map(|r| s.spawn(move || f(r))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        };
+    // 6 batches of llama.cpp's chunks; every token, the last chunk shorter.
+    for c in [
+        cfg(Protocol::LlamaCpp, 32, None, 1),
+        cfg(Protocol::Full, 24, None, 2),
+    ] {
+        for reference in [None, Some(&model)] {
+            let one = timeless(evaluate(&other, reference, &t, Some(1), &c, &NoProgress).unwrap());
+            for n in [2, 3] {
+                let whole = on_ranks(n, &|r| {
+                    evaluate_in(r, &other, reference, &t, Some(1), &c, &NoProgress)
+                });
+                let read = on_ranks(n, &|r| {
+                    let mut their = reference.map(streamed);
+                    evaluate_streamed_in(
+                        r,
+                        &mut streamed(&other),
+                        their.as_mut(),
+                        &t,
+                        Some(1),
+                        &c,
+                        &NoProgress,
+                    )
+                });
+                for got in whole.into_iter().chain(read) {
+                    assert_eq!(timeless(got.unwrap()), one, "{n} ranks, {c:?}");
+                }
+            }
+        }
+    }
+    // A model with a NaN weight: every rank reports the non-finite chunk, as one process does.
+    let mut broken = model.clone();
+    let w = broken.linear_mut("model.layers.1.mlp.down_proj").unwrap();
+    let nan = (w.weight() * f64::NAN).unwrap();
+    w.set_weight(nan).unwrap();
+    let c = cfg(Protocol::LlamaCpp, 32, None, 1);
+    let one = evaluate(&broken, None, &t, Some(1), &c, &NoProgress).unwrap_err();
+    for got in on_ranks(2, &|r| {
+        evaluate_in(r, &broken, None, &t, Some(1), &c, &NoProgress)
+    }) {
+        assert_eq!(got.unwrap_err().to_string(), one.to_string());
+    }
+}

@@ -72,6 +72,9 @@ pub enum PipelineError {
     /// A combination of settings that cannot be carried out.
     #[error("{0}")]
     Invalid(String),
+    /// What another MPI rank met.
+    #[error("MPI rank {rank}: {message}")]
+    Rank { rank: usize, message: String },
     #[error("stage `{stage}`: {source}")]
     Stage {
         stage: String,

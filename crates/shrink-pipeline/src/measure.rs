@@ -5,7 +5,7 @@ use crate::report::DecodeSpeed;
 use crate::{Pipeline, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
-use shrink_core::Progress;
+use shrink_core::{Collective, Progress};
 use shrink_io::{Checkpoint, FileView, TokenizerBundle};
 use shrink_models::{BlockModel, Sampler, SamplingConfig, StreamedModel, Transformer};
 use std::path::Path;
@@ -78,7 +78,9 @@ pub(crate) struct Bench<'a> {
     decode_prompt: Vec<u32>,
     decode_tokens: usize,
     tokenizer: &'a TokenizerBundle,
-    /// Encoders: the held-out sentences, their pooling and the evaluation settings.
+    /// Encoders: whether the models are, the held-out sentences, their pooling and the
+    /// evaluation settings.
+    encoder: bool,
     sentences: Vec<Vec<u32>>,
     pooling: shrink_models::Pooling,
     encoder_eval: shrink_eval::EncoderEvalConfig,
@@ -116,6 +118,7 @@ impl<'a> Bench<'a> {
             stop: tokenizer.eos_token_ids.clone(),
             decode_tokens: e.decode_tokens,
             tokenizer,
+            encoder,
             sentences: if encoder {
                 crate::encoder::sentence_tokens(checkpoint, eval_text, e.sentences)?
             } else {
@@ -137,11 +140,56 @@ impl Bench<'_> {
         crate::memory::eval_chunk_bound(self.tokens.len(), self.eval.ctx, self.eval.chunks)
     }
 
-    /// Evaluates `model` (built from the file `file` views) against `reference`, generates from
-    /// the prompts and times decoding; the file's size and bits come from the inspection made when
-    /// it was read.
+    /// The evaluation of `model` against `reference` on the text, split across the ranks of
+    /// `world` (each calls it with the same models).
+    pub(crate) fn evaluate(
+        &self,
+        world: &dyn Collective,
+        model: &Transformer,
+        reference: Option<&Transformer>,
+    ) -> Result<shrink_eval::EvalReport> {
+        Ok(shrink_eval::evaluate_in(
+            world,
+            model,
+            reference,
+            &self.tokens,
+            self.bos,
+            &self.eval,
+            self.progress,
+        )?)
+    }
+
+    /// [`Bench::evaluate`] of models read block by block.
+    pub(crate) fn evaluate_streamed(
+        &self,
+        world: &dyn Collective,
+        model: &mut StreamedModel,
+        reference: Option<&Checkpoint>,
+    ) -> Result<shrink_eval::EvalReport> {
+        let mut reference = reference.map(|r| r.streamed(DType::F32)).transpose()?;
+        Ok(shrink_eval::evaluate_streamed_in(
+            world,
+            model,
+            reference.as_mut(),
+            &self.tokens,
+            self.bos,
+            &self.eval,
+            self.progress,
+        )?)
+    }
+
+    /// Whether the models measured are encoders (compared by their sentence embeddings, on one
+    /// rank).
+    pub(crate) fn encoder(&self) -> bool {
+        self.encoder
+    }
+
+    /// Evaluates `model` (built from the file `file` views) against `reference` (the evaluation
+    /// split across the ranks of `world`), generates from the prompts and times decoding; the
+    /// file's size and bits come from the inspection made when it was read.
     pub(crate) fn measure(
         &self,
+        world: &dyn Collective,
         key: String,
         model: &Transformer,
         reference: Option<&Transformer>,
@@ -165,14 +213,7 @@ impl Bench<'_> {
                 ..Metrics::of_file(key, file, sparsity, &model.config)
             });
         }
-        let eval = shrink_eval::evaluate(
-            model,
-            reference,
-            &self.tokens,
-            self.bos,
-            &self.eval,
-            self.progress,
-        )?;
+        let eval = self.evaluate(world, model, reference)?;
         let mut generations = Vec::with_capacity(self.prompts.len());
         for prompt in &self.prompts {
             let mut greedy = Sampler::new(SamplingConfig::default());
@@ -224,21 +265,14 @@ impl Bench<'_> {
     /// speed, which need the model whole.
     pub(crate) fn measure_streamed(
         &self,
+        world: &dyn Collective,
         key: String,
         checkpoint: &Checkpoint,
         reference: Option<&Checkpoint>,
         file: &FileView,
     ) -> Result<Metrics> {
         let mut model = checkpoint.streamed(DType::F32)?;
-        let mut reference = reference.map(|r| r.streamed(DType::F32)).transpose()?;
-        let eval = shrink_eval::evaluate_streamed(
-            &mut model,
-            reference.as_mut(),
-            &self.tokens,
-            self.bos,
-            &self.eval,
-            self.progress,
-        )?;
+        let eval = self.evaluate_streamed(world, &mut model, reference)?;
         let sparsity = streamed_sparsity(&mut model)?;
         Ok(Metrics {
             eval: Some(eval),

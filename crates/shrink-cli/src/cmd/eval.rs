@@ -46,10 +46,30 @@ pub(crate) struct EvalArgs {
     json: bool,
 }
 
-pub(crate) fn run(args: EvalArgs) -> Result<()> {
+/// Evaluates; under `mpirun -n N` the ranks share the chunks out (rank `k mod N` runs batch `k`)
+/// and rank 0 alone prints the report, one process's figures.
+pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result<()> {
     let protocol: Protocol = args.protocol.parse()?;
+    // Rank 0 fetches a demo model, the reference and the text; the others then find them cached.
+    if world.size() > 1 {
+        if world.rank() == 0 {
+            crate::common::resolve_model(&args.model)?;
+            if let Some(reference) = &args.reference {
+                crate::common::resolve_model(reference)?;
+            }
+            read_text(&args.text)?;
+        }
+        world.broadcast(0, &mut [0]);
+    }
     let checkpoint = load_checkpoint(&args.model)?;
     let encoder = shrink_pipeline::encoder::is_encoder(&checkpoint)?;
+    if encoder && world.size() > 1 {
+        anyhow::bail!(
+            "started as one of {} MPI processes: an encoder's evaluation does not split across \
+             processes; run it as one process",
+            world.size()
+        );
+    }
     let text = read_text(&args.text)?;
     // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
     let (tokens, bos) = if encoder {
@@ -68,6 +88,8 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     let streams = shrink_pipeline::quantize::reads_block_by_block;
     let can_stream =
         !encoder && streams(&checkpoint) && reference_checkpoint.as_ref().is_none_or(streams);
+    // Ranks on one machine share its memory.
+    let limit = shrink_pipeline::memory::memory_limit(None) / world.ranks_on_this_machine() as u64;
     if args.stream && !can_stream {
         anyhow::bail!(
             "--stream: only Llama-family decoders without int8 activations (W8A8) are read block \
@@ -75,16 +97,28 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         );
     }
     let (report, parameters, streamed) = if can_stream
-        && (args.stream || !fits_whole(&checkpoint, reference_checkpoint.as_ref(), args.dtype))
-    {
-        check_streamed_memory(&checkpoint, reference_checkpoint.as_ref(), &tokens, &cfg)?;
+        && (args.stream
+            || !fits_whole(
+                &checkpoint,
+                reference_checkpoint.as_ref(),
+                args.dtype,
+                limit,
+            )) {
+        check_streamed_memory(
+            &checkpoint,
+            reference_checkpoint.as_ref(),
+            &tokens,
+            &cfg,
+            world,
+        )?;
         let dtype = args.dtype.dtype();
         let mut model = checkpoint.streamed(dtype)?;
         let mut reference = reference_checkpoint
             .as_ref()
             .map(|r| r.streamed(dtype))
             .transpose()?;
-        let report = shrink_eval::evaluate_streamed(
+        let report = shrink_eval::evaluate_streamed_in(
+            world,
             &mut model,
             reference.as_mut(),
             &tokens,
@@ -104,9 +138,13 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
         if encoder {
             return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
         }
-        let report = shrink_eval::evaluate(&model, reference.as_ref(), &tokens, bos, &cfg, &bar)?;
+        let reference = reference.as_ref();
+        let report = shrink_eval::evaluate_in(world, &model, reference, &tokens, bos, &cfg, &bar)?;
         (report, model.num_parameters() as u64, false)
     };
+    if world.rank() > 0 {
+        return Ok(());
+    }
     if args.json {
         return print_eval_json(&report, &checkpoint, &args, parameters);
     }
@@ -159,29 +197,38 @@ pub(crate) fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Whether the model (and the reference) built whole in `dtype` fit in this machine's memory,
-/// with a quarter to spare for activations and logits.
-fn fits_whole(checkpoint: &Checkpoint, reference: Option<&Checkpoint>, dtype: ComputeType) -> bool {
+/// Whether the model (and the reference) built whole in `dtype` fit in `limit` (this rank's
+/// share of the machine's memory), with a quarter to spare for activations and logits.
+fn fits_whole(
+    checkpoint: &Checkpoint,
+    reference: Option<&Checkpoint>,
+    dtype: ComputeType,
+    limit: u64,
+) -> bool {
     let bytes = |c: &Checkpoint| {
         shrink_pipeline::memory::model_shape(&c.path)
             .map_or(0, |s| s.parameters * dtype.dtype().size_in_bytes() as u64)
     };
     let held = bytes(checkpoint) + reference.map_or(0, bytes);
-    held + held / 4 < shrink_pipeline::memory::memory_limit(None)
+    held + held / 4 < limit
 }
 
 /// Refuses a streamed evaluation estimated above this machine's memory
-/// ([`shrink_pipeline::memory::streamed_eval_peak`]).
+/// ([`shrink_pipeline::memory::streamed_eval_peak`]), shared by the ranks of `world` on it (each
+/// holding its share of the chunks).
 fn check_streamed_memory(
     checkpoint: &Checkpoint,
     reference: Option<&Checkpoint>,
     tokens: &[u32],
     cfg: &EvalConfig,
+    world: &dyn shrink_core::Collective,
 ) -> Result<()> {
     let Some(shape) = shrink_pipeline::memory::model_shape(&checkpoint.path) else {
         return Ok(());
     };
-    let chunks = shrink_pipeline::memory::eval_chunk_bound(tokens.len(), cfg.ctx, cfg.chunks);
+    let all = shrink_pipeline::memory::eval_chunk_bound(tokens.len(), cfg.ctx, cfg.chunks);
+    let batches = all.div_ceil(cfg.batch as u64);
+    let chunks = (batches.div_ceil(world.size() as u64) * cfg.batch as u64).min(all);
     let estimate = shrink_pipeline::memory::streamed_eval_peak(
         &shape,
         &shrink_pipeline::memory::StreamedEval {
@@ -195,12 +242,13 @@ fn check_streamed_memory(
             ),
         },
     );
-    let limit = shrink_pipeline::memory::memory_limit(None);
+    // Ranks on one machine share its memory.
+    let limit = shrink_pipeline::memory::memory_limit(None) / world.ranks_on_this_machine() as u64;
     if estimate > limit {
         anyhow::bail!(
             "evaluating block by block needs an estimated {:.1} GB ({chunks} chunks of {} \
              tokens, {} at a time, and each model's output head in f32), more than this \
-             machine's {:.1} GB: lower --chunks, --ctx or --batch",
+             process's share of the machine's memory, {:.1} GB: lower --chunks, --ctx or --batch",
             estimate as f64 / 1e9,
             cfg.ctx,
             cfg.batch,

@@ -39,7 +39,8 @@ pub(crate) fn evaluates_block_by_block(args: &RunArgs) -> bool {
 const GATES_FAILED: u8 = 3;
 
 /// Runs the pipeline; under `mpirun -n N`, rank 0 runs it and the other ranks take their part of
-/// every stage that calibrates reading its model block by block, printing nothing.
+/// every stage that calibrates reading its model block by block and of every evaluation, and
+/// their share of the sweep's variants, printing nothing.
 pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<ExitCode> {
     let pipeline = shrink_pipeline::load(&args.file)?;
     let run_dir = args
@@ -68,8 +69,13 @@ pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<
         bar.suspend(|| eprintln!("{line}"));
     };
     if world.size() > 1 {
+        let sweep = match pipeline.sweep {
+            Some(_) => " and deal out the sweep's variants",
+            None => "",
+        };
         log(&format!(
-            "{} MPI processes split the stages that calibrate block by block",
+            "{} MPI processes split the stages that calibrate block by block and the \
+             evaluations{sweep}",
             world.size()
         ));
     }

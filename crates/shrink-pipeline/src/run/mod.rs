@@ -23,6 +23,7 @@ use std::time::Instant;
 
 mod files;
 mod ranks;
+mod runner;
 mod stage;
 
 use files::*;
@@ -184,9 +185,8 @@ pub fn run_in(
     remove_leftovers(&run_dir)?;
     remove_leftovers(&stages_dir)?;
 
-    let given = read_inputs(pipeline, opts, &run_dir, log)?;
+    let (given, view) = read_inputs(pipeline, opts, &run_dir, log)?;
     ranks::check_batches(world, pipeline, &given.checkpoint)?;
-    let calib_sha = given.calib.as_ref().map(|(_, key)| key.clone());
     let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
     // Checked again with the evaluation text's own chunks: whether the run evaluates block by
     // block.
@@ -198,25 +198,6 @@ pub fn run_in(
             Some(bench.chunk_bound()),
         )?
         .block_by_block;
-    let eval_key = key_of(&serde_json::json!({
-        "shrink": VERSION, "text": given.eval_sha, "eval": pipeline.eval,
-        "block_by_block": block_by_block,
-    }));
-    // Measurements are reused while the model and the evaluation settings are unchanged.
-    let metrics_for = |dir: &Path,
-                       model_key: &str,
-                       measure: &dyn Fn(String) -> Result<Metrics>|
-     -> Result<Metrics> {
-        let key = key_of(&serde_json::json!([model_key, eval_key]));
-        let path = dir.join("metrics.json");
-        if let Some(m) = read_json::<Metrics>(&path).filter(|m| m.key == key) {
-            return Ok(m);
-        }
-        let metrics = measure(key)?;
-        write_json(&path, &metrics)?;
-        Ok(metrics)
-    };
-
     log(&format!(
         "baseline  {}{}",
         given.model_path.display(),
@@ -236,16 +217,30 @@ pub fn run_in(
         true => None,
         false => Some(build_model(&given.checkpoint, DType::F32)?),
     };
-    let base = metrics_for(
-        &run_dir.join("baseline"),
-        &given.model_sha,
-        &|key| match &baseline {
-            Some(model) => bench.measure(key, model, None, &given.view),
-            None => bench.measure_streamed(key, &given.checkpoint, None, &given.view),
-        },
-    )?;
+    let mut runner = runner::Runner {
+        pipeline,
+        given: &given,
+        bench: &bench,
+        baseline: baseline.as_ref(),
+        stages_dir: &stages_dir,
+        eval_key: runner::eval_key(pipeline, &given.eval_sha, block_by_block),
+        world,
+        split: true,
+        progress,
+        log,
+        keys: [("model".to_string(), given.model_sha.clone())].into(),
+        artifacts: [("model".to_string(), given.model_path.clone())].into(),
+        windows: None,
+    };
+    let base = runner.metrics(&run_dir.join("baseline"), &given.model_sha, &|key| {
+        let world = runner.eval_world(None, false)?;
+        match &baseline {
+            Some(model) => bench.measure(world, key, model, None, &view),
+            None => bench.measure_streamed(world, key, &given.checkpoint, None, &view),
+        }
+    })?;
     // Measured: the input file's map is let go.
-    drop(given.view);
+    drop(view);
     let mut rows = vec![row(
         "baseline",
         "baseline",
@@ -271,163 +266,30 @@ pub fn run_in(
     let mut layers = Vec::new();
     let mut searches = Vec::new();
     let mut curves = Vec::new();
-    let mut keys: BTreeMap<String, String> =
-        [("model".to_string(), given.model_sha.clone())].into();
-    let mut artifacts: BTreeMap<String, PathBuf> =
-        [("model".to_string(), given.model_path.clone())].into();
-    let mut windows: Option<Vec<Vec<u32>>> = None;
+    // Under MPI, the sweep's variants are dealt to the ranks, each running its own whole.
+    let sweep_from = ranks::sweep_start(world, pipeline);
+    let mut run_by = BTreeMap::new();
 
     for (index, stage) in pipeline.plan().iter().enumerate() {
-        let input_key = &keys[&stage.input];
-        let calibration = stage.calibrates.then(|| {
-            let mut c = serde_json::json!({
-                "text": calib_sha, "samples": pipeline.data.samples,
-                "seq_len": pipeline.data.seq_len, "seed": pipeline.seed,
-            });
-            // Rounded activations change the statistics (spilled ones do not).
-            if pipeline.data.activations != crate::ActivationsType::F32 {
-                c["activations"] = serde_json::json!(pipeline.data.activations);
-            }
-            c
-        });
-        let teacher_key = stage.teacher.as_ref().map(|t| keys[t].clone());
-        let training_key = stage
-            .job
-            .trains()
-            .then(|| given.training.as_ref().map(|t| t.key.clone()));
-        let key = key_of(&serde_json::json!({
-            "shrink": VERSION, "input": input_key, "job": stage.job, "calibration": calibration,
-            "teacher": teacher_key, "training": training_key,
-        }));
-        let dir = stages_dir.join(stage_folder(&stage.name));
-        let done = read_json::<StageRecord>(&dir.join("stage.json"))
-            .filter(|r| r.key == key && dir.join(&r.artifact).exists());
-        let cached = done.is_some();
-        let record = match done {
-            Some(r) => {
-                log(&format!("stage     {}: done before, reused", stage.name));
-                r
-            }
-            None => {
-                log(&format!(
-                    "stage     {}: {} ← {}",
-                    stage.name,
-                    stage.kind.name(),
-                    stage.input
-                ));
-                let input = if stage.input == "model" {
-                    given.checkpoint.clone()
-                } else {
-                    shrink_io::load(&artifacts[&stage.input])?
-                };
-                if let (true, None, Some((text, _))) = (stage.calibrates, &windows, &given.calib) {
-                    windows = Some(crate::encoder::calibration_windows(
-                        &input,
-                        text,
-                        pipeline.data.samples,
-                        pipeline.data.seq_len,
-                        pipeline.seed,
-                    )?);
-                }
-                let stage_windows = if stage.calibrates {
-                    windows.as_deref()
-                } else {
-                    None
-                };
-                let teacher = match stage.teacher.as_deref() {
-                    None => None,
-                    Some("model") => Some(match &baseline {
-                        Some(model) => model.clone(),
-                        None => build_model(&given.checkpoint, DType::F32)?,
-                    }),
-                    Some(t) => Some(build_model(&shrink_io::load(&artifacts[t])?, DType::F32)?),
-                };
-                // Checkpoints of training stages live outside the staging folder, so a rerun
-                // resumes.
-                let workdir = dir.with_file_name(format!(
-                    "{}.train",
-                    dir.file_name().unwrap_or_default().to_string_lossy()
-                ));
-                let shape = match stage.input.as_str() {
-                    "model" => given.shape,
-                    other => crate::memory::model_shape(&artifacts[other]),
-                };
-                // Beside the baseline model, when the run holds it, as the estimate counts it.
-                let held = match (&baseline, given.shape) {
-                    (Some(_), Some(s)) => s.parameters.saturating_mul(4),
-                    _ => 0,
-                };
-                // Ranks on one machine share its memory.
-                let room = given.limit.saturating_sub(held) / world.ranks_on_this_machine() as u64;
-                let (keep, estimate) =
-                    stage_keep(pipeline, stage, &input, shape, room, &stages_dir).map_err(|e| {
-                        PipelineError::Stage {
-                            stage: stage.name.clone(),
-                            source: Box::new(e),
-                        }
-                    })?;
-                let estimate = estimate.map(|e| e.saturating_add(held));
-                if keep.spill.is_some() {
-                    log(&format!(
-                        "stage     {}: calibration activations spilled to a scratch file in {}",
-                        stage.name,
-                        stages_dir.display()
-                    ));
-                }
-                let split = ranks::splits(world, stage, &input);
-                if split {
-                    let task = ranks::Task {
-                        stage: index,
-                        input: match stage.input.as_str() {
-                            "model" => given.model_path.clone(),
-                            other => artifacts[other].clone(),
-                        },
-                        input_key: input_key.clone(),
-                        key: key.clone(),
-                        windows: stage_windows.map(<[_]>::to_vec).unwrap_or_default(),
-                        spill: keep.spill.is_some(),
-                    };
-                    ranks::send(world, &ranks::Message::Stage(task))?;
-                }
-                let cx = StageContext {
-                    keep,
-                    checkpoint: &input,
-                    input_key,
-                    key: &key,
-                    calibration: stage_windows,
-                    teacher: teacher.as_ref(),
-                    training: given.training.as_ref(),
-                    workdir: &workdir,
-                    progress,
-                    world: if split { world } else { &shrink_core::Alone },
-                };
-                let built = baseline.as_ref().filter(|_| stage.input == "model");
-                run_stage(stage, key.clone(), &cx, built, &dir, estimate).map_err(|e| {
-                    PipelineError::Stage {
-                        stage: stage.name.clone(),
-                        source: Box::new(e),
-                    }
-                })?
-            }
-        };
-        let artifact = dir.join(&record.artifact);
-        let metrics = metrics_for(&dir, &key, &|key| {
-            let shrink_io::ModelFile { checkpoint, view } = shrink_io::open(&artifact)?;
-            match &baseline {
-                Some(baseline) => {
-                    let model = build_model(&checkpoint, DType::F32)?;
-                    drop(checkpoint);
-                    bench.measure(key, &model, Some(baseline), &view)
-                }
-                None => bench.measure_streamed(key, &checkpoint, Some(&given.checkpoint), &view),
-            }
-        })?;
+        if sweep_from == Some(index) {
+            run_by = ranks::run_sweep(world, &mut runner, block_by_block)?;
+        }
+        let (record, reused) = runner.stage(index, stage)?;
+        let cached = reused && !run_by.contains_key(&index);
+        match run_by.get(&index) {
+            _ if !reused => {}
+            Some(0) => {}
+            Some(rank) => log(&format!("stage     {}: run by rank {rank}", stage.name)),
+            None => log(&format!("stage     {}: done before, reused", stage.name)),
+        }
+        let metrics = runner.measure(stage)?;
+        let artifact = &runner.artifacts[&stage.name];
         rows.push(row(
             &stage.name,
             stage.kind.name(),
             Some(&stage.input),
             &run_dir,
-            &artifact,
+            artifact,
             &metrics,
             &base,
             Some(&record),
@@ -453,12 +315,10 @@ pub fn run_in(
                 layers: record.layers.clone(),
             });
         }
-        keys.insert(stage.name.clone(), key);
-        artifacts.insert(stage.name.clone(), artifact);
     }
 
     ranks::send(world, &ranks::Message::Done)?;
-    let exported = export_models(pipeline, &run_dir, &artifacts)?;
+    let exported = export_models(pipeline, &run_dir, &runner.artifacts)?;
 
     let gates: Vec<GateResult> = exported
         .iter()
@@ -510,13 +370,13 @@ pub fn run_in(
 
 /// What a run reads before any stage: the input model (resolved, checked against the run folder
 /// and the memory budget, hashed, loaded) and the texts its stages need, each file hashed into the
-/// provenance.
+/// provenance. [`read_inputs`] returns them with the model file's view, for the baseline's
+/// measurement.
 struct RunInputs {
     model_path: PathBuf,
     model_sha: String,
-    /// The input model, read once, and its file as the baseline's measurement sees it.
+    /// The input model, read once.
     checkpoint: Checkpoint,
-    view: FileView,
     /// The model's shape (from its header) and the memory the run may use.
     shape: Option<crate::memory::ModelShape>,
     limit: u64,
@@ -581,7 +441,7 @@ fn read_inputs(
     opts: &RunOptions,
     run_dir: &Path,
     log: &dyn Fn(&str),
-) -> Result<RunInputs> {
+) -> Result<(RunInputs, FileView)> {
     announce_fetch(&pipeline.model.source, log);
     let model_path = shrink_data::resolve_model(&pipeline.model.source)?;
     // The export replaces model/ and stages replace their folders: never where the input is.
@@ -632,11 +492,10 @@ fn read_inputs(
         None
     };
 
-    Ok(RunInputs {
+    let inputs = RunInputs {
         model_path,
         model_sha,
         checkpoint,
-        view,
         shape,
         limit,
         inputs,
@@ -644,7 +503,8 @@ fn read_inputs(
         eval_sha,
         calib,
         training,
-    })
+    };
+    Ok((inputs, view))
 }
 
 /// The final models, copied to `model/`: for each export format, the last stage of the pipeline

@@ -1,17 +1,26 @@
 //! A run over several ranks (MPI, `mpirun -n N shrink run …`): rank 0 runs the pipeline as one
-//! process does (it alone reads the records, writes the run folder, evaluates and reports); a
-//! stage that calibrates reading its model block by block is split across all ranks (its
-//! calibration windows, and a search's sensitivity by tensors), the others doing only that part
-//! ([`follow`]). Rank 0 tells them each such stage, with what it needs: its input's path, its keys,
-//! the calibration windows and whether its activations are spilled. The ranks must see the run
-//! folder at the same path (one machine, or a shared folder).
+//! process does (it alone reads the records, evaluates, exports and reports); a stage that
+//! calibrates reading its model block by block is split across all ranks (its calibration
+//! windows, and a search's sensitivity by tensors), the others doing only that part ([`follow`]).
+//! Rank 0 tells them each such stage, with what it needs: its input's path, its keys, the
+//! calibration windows and whether its activations are spilled.
+//!
+//! A sweep's variants are dealt out whole instead: variant `v` (the swept stage with one value and
+//! the later stages that read it) goes to rank `v mod N`, which runs and measures its stages alone
+//! and writes their folders, as one process would; rank 0 then reads them. The ranks must see the
+//! run folder at the same path (one machine, or a shared folder).
 
-use super::{stage_folder, RunOptions};
+use super::runner::{eval_key, Runner};
+use super::{build_model, read_inputs, stage_folder, RunInputs, RunOptions};
+use crate::measure::Bench;
 use crate::stage::StageContext;
 use crate::{Pipeline, PipelineError, PlannedStage, Result};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_core::{share_json, Collective};
 use shrink_io::Checkpoint;
+use shrink_models::Transformer;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// What rank 0 tells the other ranks.
@@ -19,6 +28,10 @@ use std::path::{Path, PathBuf};
 pub(super) enum Message {
     /// Run your part of a stage.
     Stage(Task),
+    /// Run your variants of the sweep.
+    Sweep(SweepTask),
+    /// Evaluate your chunks of a model.
+    Measure(Measure),
     /// The stages are done: nothing more to do.
     Done,
 }
@@ -35,6 +48,28 @@ pub(super) struct Task {
     pub windows: Vec<Vec<u32>>,
     /// Whether the calibration activations go to a scratch file in the run's `stages/`.
     pub spill: bool,
+}
+
+/// A model rank 0 evaluates, the ranks sharing its chunks out.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Measure {
+    /// Its file (`None`: the run's input model).
+    pub model: Option<PathBuf>,
+    /// Whether against the run's input model.
+    pub reference: bool,
+    /// Whether read block by block (else built whole).
+    pub block_by_block: bool,
+}
+
+/// What a rank needs to run sweep variants: what the stages before them left.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SweepTask {
+    keys: BTreeMap<String, String>,
+    artifacts: BTreeMap<String, PathBuf>,
+    windows: Option<Vec<Vec<u32>>>,
+    /// Whether the run evaluates block by block (rank 0's judgement, part of the measurements'
+    /// key).
+    block_by_block: bool,
 }
 
 /// Whether `stage` (reading `input`) is split across the ranks of `world`: it calibrates,
@@ -54,7 +89,10 @@ pub(super) fn check_batches(
     model: &Checkpoint,
 ) -> Result<()> {
     let ranks = world.size();
-    for stage in pipeline.plan().iter().filter(|s| splits(world, s, model)) {
+    // Variants run whole on one rank each, when there is a sweep to deal out.
+    let dealt = sweep_start(world, pipeline).is_some();
+    let split = |s: &&PlannedStage| splits(world, s, model) && !(dealt && s.sweep_value.is_some());
+    for stage in pipeline.plan().iter().filter(split) {
         let samples = pipeline.data.samples;
         let windows = match &stage.job {
             crate::StageJob::Search(_) => samples - (samples / 2).min(8),
@@ -91,9 +129,25 @@ pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) ->
         .unwrap_or_else(|| Path::new("runs").join(&pipeline.name));
     let stages_dir = run_dir.join("stages");
     let plan = pipeline.plan();
+    // The run's inputs, read as rank 0 read them (once it has: a demo model or text is fetched
+    // by then), and the input model built whole, when first needed.
+    let mut inputs = None;
+    let mut baseline = None;
     loop {
         let task = match share_json::<Message>(world, 0, None)? {
             Message::Stage(task) => task,
+            Message::Sweep(task) => {
+                let mine = read_once(&mut inputs, pipeline, opts, &run_dir).and_then(|given| {
+                    run_variants_here(world, pipeline, given, &mut baseline, &stages_dir, task)
+                });
+                gather(world, mine)?;
+                continue;
+            }
+            Message::Measure(task) => {
+                let given = read_once(&mut inputs, pipeline, opts, &run_dir)?;
+                evaluate_here(world, pipeline, given, &mut baseline, task)?;
+                continue;
+            }
             Message::Done => return Ok(()),
         };
         let stage = plan.get(task.stage).ok_or_else(|| {
@@ -131,5 +185,182 @@ pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) ->
                 stage: stage.name.clone(),
                 source: Box::new(e),
             })?;
+    }
+}
+
+/// The plan's index of the first sweep variant, when `world` has ranks to deal variants to.
+pub(super) fn sweep_start(world: &dyn Collective, pipeline: &Pipeline) -> Option<usize> {
+    let plan = pipeline.plan();
+    (world.size() > 1)
+        .then(|| plan.iter().position(|s| s.sweep_value.is_some()))
+        .flatten()
+}
+
+/// The sweep's variants: for each value, the plan's indices of its stages (which follow every
+/// stage of the pipeline as written, a value's stages together).
+fn variants(pipeline: &Pipeline) -> Vec<Vec<usize>> {
+    let mut variants: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (index, stage) in pipeline.plan().iter().enumerate() {
+        let Some(value) = stage.sweep_value.as_deref() else {
+            continue;
+        };
+        match variants.last_mut() {
+            Some((v, stages)) if *v == value => stages.push(index),
+            _ => variants.push((value, vec![index])),
+        }
+    }
+    variants.into_iter().map(|(_, stages)| stages).collect()
+}
+
+/// Rank 0 deals the sweep's variants out, runs its own, and waits for the others' (which leave
+/// their stages' folders, records and measurements in the run folder). Returns the stages each
+/// rank ran (those it found done are not counted).
+pub(super) fn run_sweep(
+    world: &dyn Collective,
+    runner: &mut Runner,
+    block_by_block: bool,
+) -> Result<BTreeMap<usize, usize>> {
+    let task = SweepTask {
+        keys: runner.keys.clone(),
+        artifacts: runner.artifacts.clone(),
+        windows: runner.windows.clone(),
+        block_by_block,
+    };
+    send(world, &Message::Sweep(task))?;
+    // Each variant runs whole on its rank, the others busy with theirs.
+    runner.split = false;
+    let mine = run_variants(world, runner);
+    runner.split = true;
+    gather(world, mine)
+}
+
+/// This rank's variants (variant `v` is rank `v mod N`'s), each stage run (or found done) and
+/// measured by `runner`. Returns the indices of the stages it ran.
+fn run_variants(world: &dyn Collective, runner: &mut Runner) -> Result<Vec<usize>> {
+    let plan = runner.pipeline.plan();
+    let mut ran = Vec::new();
+    for (v, stages) in variants(runner.pipeline).into_iter().enumerate() {
+        if v % world.size() != world.rank() {
+            continue;
+        }
+        for index in stages {
+            let (_, reused) = runner.stage(index, &plan[index])?;
+            runner.measure(&plan[index])?;
+            if !reused {
+                ran.push(index);
+            }
+        }
+    }
+    Ok(ran)
+}
+
+/// The run's inputs, read the first time they are needed.
+fn read_once<'a>(
+    inputs: &'a mut Option<RunInputs>,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    run_dir: &Path,
+) -> Result<&'a RunInputs> {
+    if inputs.is_none() {
+        let (given, view) = read_inputs(pipeline, opts, run_dir, &|_| {})?;
+        drop(view);
+        *inputs = Some(given);
+    }
+    inputs
+        .as_ref()
+        .ok_or_else(|| PipelineError::Invalid("the run's inputs were not read".into()))
+}
+
+/// The input model built whole, the first time it is needed.
+fn built<'a>(baseline: &'a mut Option<Transformer>, given: &RunInputs) -> Result<&'a Transformer> {
+    if baseline.is_none() {
+        *baseline = Some(build_model(&given.checkpoint, DType::F32)?);
+    }
+    baseline
+        .as_ref()
+        .ok_or_else(|| PipelineError::Invalid("the input model was not built".into()))
+}
+
+/// A rank other than 0 evaluates its chunks of the model rank 0 evaluates (the evaluation's
+/// scores go to every rank; only rank 0 keeps them).
+fn evaluate_here(
+    world: &dyn Collective,
+    pipeline: &Pipeline,
+    given: &RunInputs,
+    baseline: &mut Option<Transformer>,
+    task: Measure,
+) -> Result<()> {
+    let progress = shrink_core::NoProgress;
+    let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, &progress)?;
+    let file = task.model.as_deref().map(shrink_io::load).transpose()?;
+    let checkpoint = file.as_ref().unwrap_or(&given.checkpoint);
+    let reference = task.reference.then_some(&given.checkpoint);
+    if task.block_by_block {
+        bench.evaluate_streamed(world, &mut checkpoint.streamed(DType::F32)?, reference)?;
+    } else {
+        let model = match &file {
+            Some(file) => Some(build_model(file, DType::F32)?),
+            None => None,
+        };
+        let base = built(baseline, given)?;
+        let reference = task.reference.then_some(base);
+        bench.evaluate(world, model.as_ref().unwrap_or(base), reference)?;
+    }
+    Ok(())
+}
+
+/// A rank other than 0 runs its variants of the sweep, on the run's inputs as rank 0 read them
+/// and what the stages before the sweep left (`task`), each stage alone.
+fn run_variants_here(
+    world: &dyn Collective,
+    pipeline: &Pipeline,
+    given: &RunInputs,
+    baseline: &mut Option<Transformer>,
+    stages_dir: &Path,
+    task: SweepTask,
+) -> Result<Vec<usize>> {
+    let progress = shrink_core::NoProgress;
+    let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, &progress)?;
+    let baseline = match task.block_by_block {
+        true => None,
+        false => Some(built(baseline, given)?),
+    };
+    let mut runner = Runner {
+        pipeline,
+        given,
+        bench: &bench,
+        baseline,
+        stages_dir,
+        eval_key: eval_key(pipeline, &given.eval_sha, task.block_by_block),
+        world,
+        split: false,
+        progress: &progress,
+        log: &|_| {},
+        keys: task.keys,
+        artifacts: task.artifacts,
+        windows: task.windows,
+    };
+    run_variants(world, &mut runner)
+}
+
+/// Every rank's outcome of its variants, shared in rank order: which stages each rank ran, or
+/// this rank's own error, or the first error another rank met.
+fn gather(world: &dyn Collective, mine: Result<Vec<usize>>) -> Result<BTreeMap<usize, usize>> {
+    let sent = mine.as_ref().map(Vec::clone).map_err(|e| e.to_string());
+    let mut run_by = BTreeMap::new();
+    let mut failed = None;
+    for rank in 0..world.size() {
+        let shared: std::result::Result<Vec<usize>, String> =
+            share_json(world, rank, (rank == world.rank()).then_some(&sent))?;
+        match shared {
+            Ok(stages) => run_by.extend(stages.into_iter().map(|s| (s, rank))),
+            Err(message) if failed.is_none() => failed = Some((rank, message)),
+            Err(_) => {}
+        }
+    }
+    mine?;
+    match failed {
+        Some((rank, message)) => Err(PipelineError::Rank { rank, message }),
+        None => Ok(run_by),
     }
 }
