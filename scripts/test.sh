@@ -30,6 +30,14 @@ if ! python3 -c "import numpy" 2>/dev/null; then
   python3 -m pip install --quiet --user numpy >&2 \
     || python3 -m pip install --quiet --user --break-system-packages numpy >&2
 fi
+# The tests write up to 2.5 GB of temporary files at once (measured on the real-model tests) and
+# the release build takes a few more: say how much room there is, so that a run that fails for
+# want of disk says so first.
+free_mb=$(df -Pm "${TMPDIR:-/tmp}" . | awk 'NR > 1 { print $4 }' | sort -n | head -1)
+echo "[test] free disk: ${free_mb} MB (temporary files and target/)" >&2
+if [ "${free_mb:-0}" -lt 6000 ]; then
+  echo "[test] warning: under 6 GB free; the real-model tests may fail with 'No space left on device'" >&2
+fi
 export SHRINK_LLAMA_CPP_BIN="$(scripts/build-llama-cpp.sh)"
 cargo build --release -p shrink-cli --features shrink-cli/mpi
 "${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare minilm
