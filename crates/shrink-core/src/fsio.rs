@@ -289,6 +289,9 @@ impl AtomicDir {
     /// [`ResumeDir`]), created if missing: what a killed run wrote there stays, for the writer to
     /// keep or cut. The partial folder is kept if this is dropped without a commit.
     pub fn resume(target: &Path, partial: &Path) -> Result<Self> {
+        let dir = parent_dir(target);
+        std::fs::create_dir_all(dir).map_err(io_err("creating directory", dir))?;
+        remove_stale_temporaries(dir)?;
         std::fs::create_dir_all(partial).map_err(io_err("creating directory", partial))?;
         Self::staged(target, Staging::Partial(partial.to_path_buf()))
     }

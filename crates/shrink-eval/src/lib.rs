@@ -473,6 +473,10 @@ pub fn evaluate_streamed_in<M: BlockModel>(
         .collect();
     let with_reference = reference.is_some();
     let scores = (|| {
+        // A rank with no batch reads nothing.
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
         let (hidden, head) = scored_hidden(model, &chunks, &mine, progress)?;
         let reference = match reference {
             Some(r) => Some(scored_hidden(r, &chunks, &mine, progress)?),

@@ -295,7 +295,7 @@ pub fn prune_streamed(
     let job = match world.size() {
         1 => {
             let settings = format!(
-                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {dtype:?}\nkept in {:?}",
+                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {export:?} {dtype:?}\nkept in {:?}",
                 plan.method, plan.default, plan.rules, keep.dtype
             );
             let job = shrink_calib::job_description(&checkpoint.path, &settings, windows, batch);

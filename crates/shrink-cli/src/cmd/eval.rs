@@ -96,21 +96,28 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
              by block"
         );
     }
-    let (report, parameters, streamed) = if can_stream
-        && (args.stream
-            || !fits_whole(
-                &checkpoint,
-                reference_checkpoint.as_ref(),
-                args.dtype,
-                limit,
-            )) {
-        check_streamed_memory(
-            &checkpoint,
-            reference_checkpoint.as_ref(),
-            &tokens,
-            &cfg,
-            world,
-        )?;
+    // Whether to read block by block, and whether that fits: rank 0's judgement, for every rank.
+    let decide = || -> Result<bool> {
+        let reference = reference_checkpoint.as_ref();
+        let stream =
+            can_stream && (args.stream || !fits_whole(&checkpoint, reference, args.dtype, limit));
+        if stream {
+            check_streamed_memory(&checkpoint, reference, &tokens, &cfg, world)?;
+        }
+        Ok(stream)
+    };
+    let stream = match world.size() {
+        1 => decide()?,
+        _ => {
+            let mut decided = [0u8];
+            if world.rank() == 0 {
+                decided[0] = u8::from(decide()?);
+            }
+            world.broadcast(0, &mut decided);
+            decided[0] == 1
+        }
+    };
+    let (report, parameters, streamed) = if stream {
         let dtype = args.dtype.dtype();
         let mut model = checkpoint.streamed(dtype)?;
         let mut reference = reference_checkpoint
@@ -215,7 +222,7 @@ fn fits_whole(
 
 /// Refuses a streamed evaluation estimated above this machine's memory
 /// ([`shrink_pipeline::memory::streamed_eval_peak`]), shared by the ranks of `world` on it (each
-/// holding its share of the chunks).
+/// holding its share of the chunks; judged by rank 0 for all, on its machine).
 fn check_streamed_memory(
     checkpoint: &Checkpoint,
     reference: Option<&Checkpoint>,
@@ -227,7 +234,8 @@ fn check_streamed_memory(
         return Ok(());
     };
     let all = shrink_pipeline::memory::eval_chunk_bound(tokens.len(), cfg.ctx, cfg.chunks);
-    let batches = all.div_ceil(cfg.batch as u64);
+    // A shorter last chunk runs as a batch of its own.
+    let batches = (all.saturating_sub(1).div_ceil(cfg.batch as u64) + 1).min(all);
     let chunks = (batches.div_ceil(world.size() as u64) * cfg.batch as u64).min(all);
     let estimate = shrink_pipeline::memory::streamed_eval_peak(
         &shape,

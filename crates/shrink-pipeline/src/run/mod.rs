@@ -189,12 +189,16 @@ pub fn run_in(
     ranks::check_batches(world, pipeline, &given.checkpoint)?;
     let bench = Bench::new(pipeline, &given.checkpoint, &given.eval_text, progress)?;
     // Checked again with the evaluation text's own chunks: whether the run evaluates block by
-    // block.
+    // block. Sweep variants dealt to ranks run at once: those on this machine share its memory.
+    let sharing = match ranks::sweep_start(world, pipeline) {
+        Some(_) => world.ranks_on_this_machine() as u64,
+        None => 1,
+    };
     let block_by_block = pipeline
         .check_memory(
             given.shape,
             Some(&given.checkpoint),
-            given.limit,
+            given.limit / sharing,
             Some(bench.chunk_bound()),
         )?
         .block_by_block;

@@ -282,7 +282,9 @@ fn built<'a>(baseline: &'a mut Option<Transformer>, given: &RunInputs) -> Result
 }
 
 /// A rank other than 0 evaluates its chunks of the model rank 0 evaluates (the evaluation's
-/// scores go to every rank; only rank 0 keeps them).
+/// scores go to every rank; only rank 0 keeps them). It reads the models block by block whenever
+/// they can be (the same scores as built whole), so that it holds one block, not whole models,
+/// beside rank 0.
 fn evaluate_here(
     world: &dyn Collective,
     pipeline: &Pipeline,
@@ -295,7 +297,8 @@ fn evaluate_here(
     let file = task.model.as_deref().map(shrink_io::load).transpose()?;
     let checkpoint = file.as_ref().unwrap_or(&given.checkpoint);
     let reference = task.reference.then_some(&given.checkpoint);
-    if task.block_by_block {
+    let streams = crate::quantize::reads_block_by_block;
+    if task.block_by_block || (streams(checkpoint) && reference.is_none_or(streams)) {
         bench.evaluate_streamed(world, &mut checkpoint.streamed(DType::F32)?, reference)?;
     } else {
         let model = match &file {
