@@ -195,7 +195,6 @@ impl Bench<'_> {
         reference: Option<&Transformer>,
         file: &FileView,
     ) -> Result<Metrics> {
-        let info = &file.inspection;
         let sparsity = linear_sparsity(model)?;
         if model.arch.is_encoder() {
             // Encoders neither predict the next token nor generate: their sentence embeddings
@@ -227,27 +226,16 @@ impl Bench<'_> {
             )?;
             generations.push(self.tokenizer.decode(&g.tokens, false)?);
         }
-        let decode = if self.decode_tokens == 0 || self.decode_prompt.is_empty() {
-            None
-        } else if let (Some(gguf), true) = (
-            file.gguf_bytes(),
-            model.config.head_dim() * model.config.num_attention_heads == model.config.hidden_size,
-        ) {
-            // candle's quantized Llama derives the head size from the width; a structurally
-            // pruned model whose heads no longer fill the width runs on the f32 path instead (the
-            // report's backend column says which).
-            Some(shrink_eval::quantized_decode_speed(
-                gguf,
-                Path::new(&info.path),
-                &self.decode_prompt,
-                self.decode_tokens,
-            )?)
-        } else {
-            Some(shrink_eval::f32_decode_speed(
-                model,
-                &self.decode_prompt,
-                self.decode_tokens,
-            )?)
+        let decode = match self.timed() {
+            false => None,
+            true => match self.quantized_decode(file, &model.config)? {
+                Some(speed) => Some(speed),
+                None => Some(shrink_eval::f32_decode_speed(
+                    model,
+                    &self.decode_prompt,
+                    self.decode_tokens,
+                )?),
+            },
         };
         Ok(Metrics {
             eval: Some(eval),
@@ -259,10 +247,38 @@ impl Bench<'_> {
 }
 
 impl Bench<'_> {
+    /// Whether decoding is timed.
+    fn timed(&self) -> bool {
+        self.decode_tokens > 0 && !self.decode_prompt.is_empty()
+    }
+
+    /// The decode speed of `file` (a model of `config`) through candle's quantized kernels, when
+    /// it is a GGUF they run and decoding is timed. candle's quantized Llama derives the head
+    /// size from the width: a structurally pruned model whose heads no longer fill the width is
+    /// left to the f32 path (the report's backend column says which).
+    fn quantized_decode(
+        &self,
+        file: &FileView,
+        config: &shrink_models::ModelConfig,
+    ) -> Result<Option<DecodeSpeed>> {
+        let fills = config.head_dim() * config.num_attention_heads == config.hidden_size;
+        match (self.timed() && fills, file.gguf_bytes()) {
+            (true, Some(gguf)) => Ok(Some(shrink_eval::quantized_decode_speed(
+                gguf,
+                Path::new(&file.inspection.path),
+                &self.decode_prompt,
+                self.decode_tokens,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
     /// [`Bench::measure`] of the model of `checkpoint` read block by block, against the
     /// `reference` checkpoint read so too: the same perplexity, KL, top-1 and sparsity with one
-    /// block in memory at a time ([`shrink_eval::evaluate_streamed`]); no generations or decode
-    /// speed, which need the model whole.
+    /// block in memory at a time ([`shrink_eval::evaluate_streamed`]). No generations, which need
+    /// the model whole in f32; the decode speed of a GGUF through candle's quantized kernels,
+    /// which hold its tensors as stored (the file's size), when that fits in `limit` with a
+    /// quarter to spare — after the evaluation, whose memory is freed by then.
     pub(crate) fn measure_streamed(
         &self,
         world: &dyn Collective,
@@ -270,12 +286,19 @@ impl Bench<'_> {
         checkpoint: &Checkpoint,
         reference: Option<&Checkpoint>,
         file: &FileView,
+        limit: u64,
     ) -> Result<Metrics> {
         let mut model = checkpoint.streamed(DType::F32)?;
         let eval = self.evaluate_streamed(world, &mut model, reference)?;
         let sparsity = streamed_sparsity(&mut model)?;
+        let held = file.gguf_bytes().map_or(u64::MAX, |g| g.len() as u64);
+        let decode = match held.saturating_add(held / 4) <= limit {
+            true => self.quantized_decode(file, model.config())?,
+            false => None,
+        };
         Ok(Metrics {
             eval: Some(eval),
+            decode,
             ..Metrics::of_file(key, file, sparsity, model.config())
         })
     }

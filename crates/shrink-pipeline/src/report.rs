@@ -81,7 +81,7 @@ pub struct EvalSettings {
     /// Encoders: the held-out sentences embedded (chunks and tokens scored are then 0).
     #[serde(default)]
     pub sentences: Option<usize>,
-    /// The models were evaluated block by block (no generations or decode speed).
+    /// The models were evaluated block by block (no generations; decode speed of GGUFs only).
     #[serde(default)]
     pub block_by_block: bool,
 }

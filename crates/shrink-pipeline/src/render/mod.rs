@@ -251,7 +251,7 @@ fn meta_line(r: &Report) -> String {
                 e.chunks,
                 e.tokens_scored,
                 if e.block_by_block {
-                    ", block by block: no generations or decode speed"
+                    ", block by block: no generations, decode speed of GGUFs only"
                 } else {
                     ""
                 }

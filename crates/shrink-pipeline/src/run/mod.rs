@@ -240,7 +240,10 @@ pub fn run_in(
         let world = runner.eval_world(None, false)?;
         match &baseline {
             Some(model) => bench.measure(world, key, model, None, &view),
-            None => bench.measure_streamed(world, key, &given.checkpoint, None, &view),
+            None => {
+                let (input, limit) = (&given.checkpoint, given.limit);
+                bench.measure_streamed(world, key, input, None, &view, limit)
+            }
         }
     })?;
     // Measured: the input file's map is let go.

@@ -117,8 +117,9 @@ impl Runner<'_> {
                 }
                 None => {
                     let reference = Some(&self.given.checkpoint);
+                    let limit = self.given.limit;
                     self.bench
-                        .measure_streamed(world, key, &checkpoint, reference, &view)
+                        .measure_streamed(world, key, &checkpoint, reference, &view, limit)
                 }
             }
         })
