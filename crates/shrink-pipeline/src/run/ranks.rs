@@ -59,6 +59,8 @@ pub(super) struct Measure {
     pub reference: bool,
     /// Whether read block by block (else built whole).
     pub block_by_block: bool,
+    /// The sha256 of the run's input model, as rank 0 read it.
+    pub model_sha: String,
 }
 
 /// What a rank needs to run sweep variants: what the stages before them left.
@@ -137,14 +139,17 @@ pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) ->
         let task = match share_json::<Message>(world, 0, None)? {
             Message::Stage(task) => task,
             Message::Sweep(task) => {
-                let mine = read_once(&mut inputs, pipeline, opts, &run_dir).and_then(|given| {
-                    run_variants_here(world, pipeline, given, &mut baseline, &stages_dir, task)
-                });
+                let model_sha = task.keys.get("model").cloned().unwrap_or_default();
+                let mine = read_once(&mut inputs, world, pipeline, opts, &run_dir, &model_sha)
+                    .and_then(|given| {
+                        run_variants_here(world, pipeline, given, &mut baseline, &stages_dir, task)
+                    });
                 gather(world, mine)?;
                 continue;
             }
             Message::Measure(task) => {
-                let given = read_once(&mut inputs, pipeline, opts, &run_dir)?;
+                let sha = &task.model_sha;
+                let given = read_once(&mut inputs, world, pipeline, opts, &run_dir, sha)?;
                 evaluate_here(world, pipeline, given, &mut baseline, task)?;
                 continue;
             }
@@ -254,16 +259,28 @@ fn run_variants(world: &dyn Collective, runner: &mut Runner) -> Result<Vec<usize
     Ok(ran)
 }
 
-/// The run's inputs, read the first time they are needed.
+/// The run's inputs, read the first time they are needed, their model checked against rank 0's
+/// (`model_sha`): a rank on another machine that finds another file at the model's path would
+/// otherwise compute on it under rank 0's keys.
 fn read_once<'a>(
     inputs: &'a mut Option<RunInputs>,
+    world: &dyn Collective,
     pipeline: &Pipeline,
     opts: &RunOptions,
     run_dir: &Path,
+    model_sha: &str,
 ) -> Result<&'a RunInputs> {
     if inputs.is_none() {
         let (given, view) = read_inputs(pipeline, opts, run_dir, &|_| {})?;
         drop(view);
+        if given.model_sha != model_sha {
+            return Err(PipelineError::Invalid(format!(
+                "rank {}: the input model {} is not rank 0's (sha256 {}, rank 0 read {model_sha})",
+                world.rank(),
+                given.model_path.display(),
+                given.model_sha
+            )));
+        }
         *inputs = Some(given);
     }
     inputs

@@ -96,6 +96,7 @@ impl Runner<'_> {
             model: model.map(Path::to_path_buf),
             reference,
             block_by_block: self.baseline.is_none(),
+            model_sha: self.given.model_sha.clone(),
         };
         ranks::send(self.world, &ranks::Message::Measure(task))?;
         Ok(self.world)
