@@ -75,6 +75,60 @@ pub fn share_json<T: serde::Serialize + serde::de::DeserializeOwned>(
     serde_json::from_slice(&world.share(root, bytes)).map_err(error)
 }
 
+/// Items `offset..offset + count` dealt to the ranks in turn (item `i` is rank `i mod N`'s),
+/// each made by its owner and shared with every rank in order: `mine` is this rank's, in order.
+/// Every rank takes part in every share even when it failed (sending its error in its turns), so
+/// no rank waits for one that stopped. Returns every item, or this rank's own error, or the first
+/// error another rank sent, made by `other` from its rank and message.
+pub fn share_dealt<T, E>(
+    world: &dyn Collective,
+    offset: usize,
+    count: usize,
+    mine: std::result::Result<Vec<T>, E>,
+    other: impl FnOnce(usize, String) -> E,
+) -> std::result::Result<Vec<T>, E>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+    E: std::fmt::Display + From<crate::CoreError>,
+{
+    if world.size() == 1 {
+        return mine;
+    }
+    let failure = mine.as_ref().err().map(|e| e.to_string());
+    let mut own = mine.as_ref().ok().into_iter().flatten();
+    let mut shared = Vec::with_capacity(count);
+    let mut failed = None;
+    for i in offset..offset + count {
+        let root = i % world.size();
+        let sent: Option<std::result::Result<&T, &str>> =
+            (root == world.rank()).then(|| match &failure {
+                Some(e) => Err(e.as_str()),
+                None => own.next().ok_or("an item is missing"),
+            });
+        let error = |e: serde_json::Error| crate::CoreError::Shared {
+            rank: root,
+            message: e.to_string(),
+        };
+        let bytes = match &sent {
+            Some(item) => serde_json::to_vec(item).map_err(error)?,
+            None => Vec::new(),
+        };
+        let got: std::result::Result<T, String> =
+            serde_json::from_slice(&world.share(root, bytes)).map_err(error)?;
+        match got {
+            Ok(item) => shared.push(item),
+            Err(message) => {
+                failed.get_or_insert((root, message));
+            }
+        }
+    }
+    mine?;
+    match failed {
+        Some((rank, message)) => Err(other(rank, message)),
+        None => Ok(shared),
+    }
+}
+
 /// One process alone: rank 0 of 1.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Alone;

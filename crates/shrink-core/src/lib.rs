@@ -17,7 +17,7 @@ mod fsio;
 mod progress;
 mod simd;
 
-pub use collective::{share_json, Alone, Collective, ThreadGroup};
+pub use collective::{share_dealt, share_json, Alone, Collective, ThreadGroup};
 pub use fsio::{
     atomic_write, atomic_write_with, cache_dir, check_output_is_not_input, is_plain_name, lock_dir,
     remove_stale_temporaries, resolve_path, sha256_file, sha256_hex, AtomicDir, AtomicFile,

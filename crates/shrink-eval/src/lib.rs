@@ -565,44 +565,16 @@ fn owned(world: &dyn Collective, batches: usize) -> Vec<usize> {
 }
 
 /// Every batch's scores on every rank, in batch order, each sent by the rank that made it
-/// (`mine`: this rank's batches, in order). An error is the rank's own, else the first that
-/// another rank met.
+/// (`mine`: this rank's batches, in order; [`shrink_core::share_dealt`]).
 fn share_scores(
     world: &dyn Collective,
     batches: usize,
     mine: Result<Vec<BatchScores>>,
 ) -> Result<Vec<BatchScores>> {
-    if world.size() == 1 {
-        return mine;
-    }
-    let mut own = mine.iter().flatten();
-    let failure = mine.as_ref().err().map(|e| e.to_string());
-    let mut all = Vec::with_capacity(batches);
-    let mut failed = None;
-    for k in 0..batches {
-        let root = k % world.size();
-        let sent: Option<std::result::Result<BatchScores, String>> =
-            (root == world.rank()).then(|| match &failure {
-                Some(e) => Err(e.clone()),
-                None => own
-                    .next()
-                    .cloned()
-                    .ok_or_else(|| "a batch's scores are missing".to_string()),
-            });
-        let shared: std::result::Result<BatchScores, String> =
-            shrink_core::share_json(world, root, sent.as_ref())?;
-        match shared {
-            Ok(scores) => all.push(scores),
-            Err(message) => {
-                failed.get_or_insert((root, message));
-            }
-        }
-    }
-    mine?;
-    match failed {
-        Some((rank, message)) => Err(EvalError::Rank { rank, message }),
-        None => Ok(all),
-    }
+    shrink_core::share_dealt(world, 0, batches, mine, |rank, message| EvalError::Rank {
+        rank,
+        message,
+    })
 }
 
 /// The report of the scores of every batch of `chunks` (in order): sums in position order, so

@@ -213,54 +213,22 @@ fn owner(world: &dyn Collective, index: usize) -> usize {
     index % world.size()
 }
 
-/// `item` (its owner's) on every rank.
-fn share<T: Serialize + serde::de::DeserializeOwned>(
-    world: &dyn Collective,
-    root: usize,
-    item: Option<&T>,
-) -> Result<T> {
-    Ok(shrink_core::share_json(world, root, item)?)
-}
-
 /// The results of tensors `offset..offset + count`, each measured by its owner, on every rank:
 /// this rank's own (`mine`, in order) sent, the others' received, `each` called on every one. An
-/// error of any rank ends every rank (this rank's own error as it is).
+/// error of any rank ends every rank (this rank's own error as it is;
+/// [`shrink_core::share_dealt`]).
 fn share_all<T: Serialize + serde::de::DeserializeOwned>(
     world: &dyn Collective,
     offset: usize,
     count: usize,
     mine: Result<Vec<T>>,
-    mut each: impl FnMut(&T),
+    each: impl FnMut(&T),
 ) -> Result<Vec<T>> {
-    let (mut mine, failure) = match mine {
-        Ok(items) => (items.into_iter(), None),
-        Err(e) => (Vec::new().into_iter(), Some(e)),
-    };
-    let mut shared = Vec::with_capacity(count);
-    let mut failed = None;
-    for j in 0..count {
-        let root = owner(world, offset + j);
-        let sent = (root == world.rank()).then(|| match &failure {
-            Some(e) => Err(e.to_string()),
-            None => mine
-                .next()
-                .ok_or_else(|| "a measurement is missing".to_string()),
-        });
-        match share::<std::result::Result<T, String>>(world, root, sent.as_ref())? {
-            Ok(item) => {
-                each(&item);
-                shared.push(item);
-            }
-            Err(e) => {
-                failed.get_or_insert(format!("rank {root}: {e}"));
-            }
-        }
-    }
-    match (failure, failed) {
-        (Some(e), _) => Err(e),
-        (None, Some(e)) => Err(SearchError::Input(e)),
-        (None, None) => Ok(shared),
-    }
+    let shared = shrink_core::share_dealt(world, offset, count, mine, |rank, e| {
+        SearchError::Input(format!("rank {rank}: {e}"))
+    })?;
+    shared.iter().for_each(each);
+    Ok(shared)
 }
 
 /// For every block linear of `model` (and the token embedding when `config.embeddings` is not

@@ -363,24 +363,16 @@ fn run_variants_here(
     run_variants(world, &mut runner)
 }
 
-/// Every rank's outcome of its variants, shared in rank order: which stages each rank ran, or
-/// this rank's own error, or the first error another rank met.
+/// Every rank's outcome of its variants, shared in rank order ([`shrink_core::share_dealt`],
+/// one item per rank): which stages each rank ran, or this rank's own error, or the first error
+/// another rank met.
 fn gather(world: &dyn Collective, mine: Result<Vec<usize>>) -> Result<BTreeMap<usize, usize>> {
-    let sent = mine.as_ref().map(Vec::clone).map_err(|e| e.to_string());
-    let mut run_by = BTreeMap::new();
-    let mut failed = None;
-    for rank in 0..world.size() {
-        let shared: std::result::Result<Vec<usize>, String> =
-            share_json(world, rank, (rank == world.rank()).then_some(&sent))?;
-        match shared {
-            Ok(stages) => run_by.extend(stages.into_iter().map(|s| (s, rank))),
-            Err(message) if failed.is_none() => failed = Some((rank, message)),
-            Err(_) => {}
-        }
-    }
-    mine?;
-    match failed {
-        Some((rank, message)) => Err(PipelineError::Rank { rank, message }),
-        None => Ok(run_by),
-    }
+    let mine = mine.map(|stages| vec![stages]);
+    let every = shrink_core::share_dealt(world, 0, world.size(), mine, |rank, message| {
+        PipelineError::Rank { rank, message }
+    })?;
+    let by_rank = every.into_iter().enumerate();
+    Ok(by_rank
+        .flat_map(|(rank, stages)| stages.into_iter().map(move |s| (s, rank)))
+        .collect())
 }
