@@ -627,7 +627,8 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
 }
 
 /// `mpirun -n 2 shrink quantize … --method gptq` splits the calibration windows across two
-/// processes and writes the bytes one process writes (with one thread or two), and so does
+/// processes and writes the bytes one process writes (with one thread or two), killed mid-model
+/// and run again too, and so does
 /// `shrink prune --method sparsegpt` with its activations spilled to disk, channel pruning, and
 /// `shrink run` of a pipeline whose GPTQ, search and SparseGPT stages split across the ranks and
 /// whose sweep's variants are dealt to them;
@@ -707,6 +708,78 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
             "2 ranks and 1 process with {threads} thread(s) wrote different files"
         );
     }
+    // Killed mid-model (SIGTERM to mpirun, which ends both ranks) once rank 0 recorded a block,
+    // and run again: both ranks resume at the recorded block, each from its own activations,
+    // and the file is the uninterrupted run's.
+    let resumed = dir.path().join("resumed-ranks.gguf");
+    let state = dir
+        .path()
+        .join(".shrink-resume-resumed-ranks.gguf/state.json");
+    let recorded = || -> Option<u64> {
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).ok()?).ok()?;
+        json["blocks"].as_u64()
+    };
+    let mut killed = false;
+    for _ in 0..5 {
+        let mut cmd = Command::new(&mpirun);
+        if root {
+            cmd.arg("--allow-run-as-root");
+        }
+        let mut child = cmd
+            .args(["--oversubscribe", "-n", "2", shrink, "--threads", "1"])
+            .args(job(&resumed, "2"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let done = loop {
+            if recorded().is_some() {
+                let pid = child.id().to_string();
+                Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+                break false;
+            }
+            if child.try_wait().unwrap().is_some() {
+                break true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let status = child.wait().unwrap();
+        if !done && !status.success() {
+            killed = true;
+            break;
+        }
+        let _ = std::fs::remove_file(&resumed);
+    }
+    assert!(killed, "a run over 2 ranks killed mid-model");
+    assert!(!resumed.exists(), "a killed run leaves no output");
+    let at = recorded().unwrap();
+    eprintln!("2 ranks killed after a recorded block; resuming at block {at}");
+    let out = mpi(&job(&resumed, "2"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("resumed      at block {at} ")),
+        "{stdout}"
+    );
+    assert!(
+        std::fs::read(&resumed).unwrap() == std::fs::read(&two).unwrap(),
+        "the run over 2 ranks resumed after a kill wrote another file"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".shrink-resume-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "every rank's resume folder is removed: {left:?}"
+    );
+    std::fs::remove_file(&resumed).unwrap();
     // SparseGPT over two ranks, each spilling its activations, against one process holding them.
     let sparse = |out: &std::path::Path, spill: bool| -> Vec<String> {
         let mut args: Vec<String> = [

@@ -21,19 +21,27 @@ pub struct Recorded<R> {
 /// it): the partial output, the last [`Recorded`] state and, when calibrating, the activations
 /// entering the next block (exactly, so the resumed job computes the same bits).
 ///
+/// A job split across the ranks of an MPI world resumes too: rank 0 keeps the folder above, and
+/// every other rank `r` a folder of its own (`.shrink-resume-<output>.rank<r>`, on its machine)
+/// holding the activations of its windows. Each record is a step of all ranks: every rank saves
+/// its activations, and only once all have does rank 0 record the state; the other ranks keep
+/// their last two activations, so whichever block rank 0's state names when a kill lands, every
+/// rank can resume there.
+///
 /// ```
 /// # fn main() -> Result<(), shrink_calib::CalibError> {
 /// let dir = tempfile::tempdir().unwrap();
 /// let out = dir.path().join("model.gguf");
-/// let job = shrink_calib::BlockJob::open(&out, "a job", false)?;
-/// assert!(job.resumed::<()>(Default::default())?.is_none());
+/// let world = shrink_core::Alone;
+/// let job = shrink_calib::BlockJob::open(&out, "a job", false, &world)?;
+/// assert!(job.resumed::<()>(Default::default(), &world)?.is_none());
 /// std::fs::write(job.partial(), [0u8; 64]).unwrap();
 /// let state = shrink_calib::Recorded { blocks: 1, tensors: 3, bytes: 64, report: () };
-/// job.record(&state, None)?;
+/// job.record(&world, 1, Some(&state), None)?;
 /// drop(job);
 /// // The same job again: it continues after block 0.
-/// let job = shrink_calib::BlockJob::open(&out, "a job", false)?;
-/// let (state, resume) = job.resumed::<()>(Default::default())?.unwrap();
+/// let job = shrink_calib::BlockJob::open(&out, "a job", false, &world)?;
+/// let (state, resume) = job.resumed::<()>(Default::default(), &world)?.unwrap();
 /// assert_eq!((state.tensors, state.bytes, resume.block), (3, 64, 1));
 /// job.remove()?;
 /// # Ok(()) }
@@ -42,6 +50,7 @@ pub struct Recorded<R> {
 pub struct BlockJob {
     dir: shrink_core::ResumeDir,
     calibrating: bool,
+    rank: usize,
 }
 
 const STATE: &str = "state.json";
@@ -52,50 +61,75 @@ fn activations_file(block: usize) -> String {
 }
 
 impl BlockJob {
-    /// Opens the resume folder of output `out` for the job `job` describes (see
-    /// [`job_description`]); what another job left there is removed. `calibrating`: the job
-    /// records the activations entering each next block.
-    pub fn open(out: &Path, job: &str, calibrating: bool) -> Result<Self> {
+    /// Opens this rank's resume folder of output `out` for the job `job` describes (see
+    /// [`job_description`]; the number of ranks is added to it); what another job left there is
+    /// removed. `calibrating`: the job records the activations entering each next block.
+    pub fn open(
+        out: &Path,
+        job: &str,
+        calibrating: bool,
+        world: &dyn shrink_core::Collective,
+    ) -> Result<Self> {
+        let rank = world.rank();
+        let target = match rank {
+            0 => out.to_path_buf(),
+            r => {
+                let name = out.file_name().map(|n| n.to_string_lossy().into_owned());
+                out.with_file_name(format!("{}.rank{r}", name.unwrap_or_default()))
+            }
+        };
+        let job = format!("{job}ranks {}\n", world.size());
         Ok(Self {
-            dir: shrink_core::ResumeDir::open(out, job)?,
+            dir: shrink_core::ResumeDir::open(&target, &job)?,
             calibrating,
+            rank,
         })
     }
 
     /// The partial output, a file or a folder: continued by a resumed job, renamed into place
-    /// when complete.
+    /// when complete (rank 0's).
     pub fn partial(&self) -> PathBuf {
         self.dir.file(PARTIAL)
     }
 
-    /// The state a killed run of this job recorded and where the sequential engine resumes
-    /// (the activations loaded and kept as `keep` says), or `None` to start
-    /// over: nothing recorded, or a record the files no longer back (a kill after the output was
-    /// renamed into place, say).
+    /// The state a killed run of this job recorded (rank 0's, on every rank) and where the
+    /// sequential engine resumes (this rank's activations loaded and kept as `keep` says), or
+    /// `None` on every rank to start over: nothing recorded, a record the files no longer back (a
+    /// kill after the output was renamed into place, say), or a rank missing its activations.
     pub fn resumed<R: serde::de::DeserializeOwned>(
         &self,
         keep: Keep,
+        world: &dyn shrink_core::Collective,
     ) -> Result<Option<(Recorded<R>, Resume)>> {
-        let Some(bytes) = self.dir.read(STATE)? else {
+        let recorded = match self.rank {
+            0 => self.backed_state()?.unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let recorded = world.share(0, recorded);
+        let state = match recorded.is_empty() {
+            true => None,
+            false => Some(
+                serde_json::from_slice::<Recorded<R>>(&recorded).map_err(|e| {
+                    CalibError::Resume(format!(
+                        "{}: unreadable ({e}); remove it to start over",
+                        self.dir.file(STATE).display()
+                    ))
+                })?,
+            ),
+        };
+        let xs = state
+            .as_ref()
+            .map(|s| self.dir.file(&activations_file(s.blocks)));
+        let ready = xs
+            .as_ref()
+            .is_some_and(|xs| !self.calibrating || xs.exists());
+        let everywhere =
+            shrink_core::share_dealt(world, 0, world.size(), Ok(vec![ready]), |r, m| {
+                CalibError::Resume(format!("rank {r}: {m}"))
+            })?;
+        let (Some(state), Some(xs), true) = (state, xs, everywhere.iter().all(|&r| r)) else {
             return Ok(None);
         };
-        let state: Recorded<R> = serde_json::from_slice(&bytes).map_err(|e| {
-            CalibError::Resume(format!(
-                "{}: unreadable ({e}); remove it to start over",
-                self.dir.file(STATE).display()
-            ))
-        })?;
-        // A partial folder's shards are checked by its writer; a partial file must hold what
-        // was recorded.
-        let backed = match std::fs::metadata(self.partial()) {
-            Ok(m) if m.is_dir() => true,
-            Ok(m) => m.len() >= state.bytes,
-            Err(_) => false,
-        };
-        let xs = self.dir.file(&activations_file(state.blocks));
-        if !backed || (self.calibrating && !xs.exists()) {
-            return Ok(None);
-        }
         let activations = match self.calibrating {
             true => Activations::load(&xs, keep)?,
             false => Activations::in_memory(vec![]),
@@ -107,31 +141,81 @@ impl BlockJob {
         Ok(Some((state, resume)))
     }
 
-    /// Records `state` (the partial file synced up to `state.bytes`) and, when calibrating,
-    /// `xs`: the activations entering block `state.blocks`. Older activations are removed.
+    /// Rank 0's recorded state as stored, if its partial output holds what it says.
+    fn backed_state(&self) -> Result<Option<Vec<u8>>> {
+        let Some(bytes) = self.dir.read(STATE)? else {
+            return Ok(None);
+        };
+        #[derive(serde::Deserialize)]
+        struct Extent {
+            bytes: u64,
+        }
+        let extent: Extent = serde_json::from_slice(&bytes).map_err(|e| {
+            CalibError::Resume(format!(
+                "{}: unreadable ({e}); remove it to start over",
+                self.dir.file(STATE).display()
+            ))
+        })?;
+        // A partial folder's shards are checked by its writer; a partial file must hold what
+        // was recorded.
+        let backed = match std::fs::metadata(self.partial()) {
+            Ok(m) if m.is_dir() => true,
+            Ok(m) => m.len() >= extent.bytes,
+            Err(_) => false,
+        };
+        Ok(backed.then_some(bytes))
+    }
+
+    /// Records that `blocks` blocks are finished, a step every rank takes after each block:
+    /// `state` is rank 0's (the partial file synced up to `state.bytes`), `None` where its file
+    /// holds no point to resume from (then no rank records); when calibrating, each rank saves
+    /// `xs`, its activations entering block `blocks`, and rank 0 writes the state only once every
+    /// rank has. Older activations are removed (a rank other than 0 keeps the previous ones:
+    /// rank 0's state may still name them).
     pub fn record<R: serde::Serialize>(
         &self,
-        state: &Recorded<R>,
+        world: &dyn shrink_core::Collective,
+        blocks: usize,
+        state: Option<&Recorded<R>>,
         xs: Option<&Activations>,
     ) -> Result<()> {
-        if let (true, Some(xs)) = (self.calibrating, xs) {
-            let path = self.dir.file(&activations_file(state.blocks));
-            let tmp = self
-                .dir
-                .file(&format!("{}.tmp", activations_file(state.blocks)));
-            xs.save(&tmp)?;
-            std::fs::rename(&tmp, &path).map_err(|source| shrink_core::CoreError::Io {
-                action: "renaming into place",
-                path,
-                source,
-            })?;
+        let mut point = [u8::from(state.is_some())];
+        world.broadcast(0, &mut point);
+        if point[0] == 0 {
+            return Ok(());
         }
-        let json = serde_json::to_vec(state)
-            .map_err(|e| CalibError::Resume(format!("recording its progress: {e}")))?;
-        self.dir.write(STATE, &json)?;
-        for old in 0..state.blocks {
+        let saved = match (self.calibrating, xs) {
+            (true, Some(xs)) => self.save(blocks, xs),
+            _ => Ok(()),
+        };
+        shrink_core::share_dealt(world, 0, world.size(), saved.map(|()| vec![()]), |r, m| {
+            CalibError::Resume(format!("rank {r}: {m}"))
+        })?;
+        if let Some(state) = state.filter(|_| self.rank == 0) {
+            let json = serde_json::to_vec(state)
+                .map_err(|e| CalibError::Resume(format!("recording its progress: {e}")))?;
+            self.dir.write(STATE, &json)?;
+        }
+        let kept = match self.rank {
+            0 => blocks,
+            _ => blocks.saturating_sub(1),
+        };
+        for old in 0..kept {
             let _ = std::fs::remove_file(self.dir.file(&activations_file(old)));
         }
+        Ok(())
+    }
+
+    /// Saves `xs` as the activations entering block `blocks`.
+    fn save(&self, blocks: usize, xs: &Activations) -> Result<()> {
+        let path = self.dir.file(&activations_file(blocks));
+        let tmp = self.dir.file(&format!("{}.tmp", activations_file(blocks)));
+        xs.save(&tmp)?;
+        std::fs::rename(&tmp, &path).map_err(|source| shrink_core::CoreError::Io {
+            action: "renaming into place",
+            path,
+            source,
+        })?;
         Ok(())
     }
 
@@ -185,4 +269,90 @@ pub fn job_description(
         windows.and_then(|w| w.first()).map_or(0, Vec::len),
         shrink_core::sha256_hex(&ids),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use shrink_core::Collective;
+
+    /// Two ranks (threads) record blocks 1 and 2, each its own activations; run again, both
+    /// resume at block 2 with rank 0's state and their own activations. Rank 1 keeps the
+    /// activations rank 0's previous state names; a rank missing them makes both start over.
+    #[test]
+    fn ranks_resume_together_from_their_own_activations() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| CalibError::Resume(e.to_string()))?;
+        let out = dir.path().join("model.gguf");
+        let xs = |rank: usize, block: usize| -> Result<Activations> {
+            let v = (0..6).map(|i| (i + 10 * block + 100 * rank) as f32);
+            let t = Tensor::from_iter(v, &Device::Cpu)?.reshape((2, 3))?;
+            Ok(Activations::in_memory(vec![t]))
+        };
+        let run = |record: bool| -> Vec<Result<Option<(usize, usize, Vec<f32>)>>> {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = shrink_core::ThreadGroup::new(2)
+                    .into_iter()
+                    .map(|world| {
+                        let (out, xs) = (&out, &xs);
+                        s.spawn(move || -> Result<Option<(usize, usize, Vec<f32>)>> {
+                            let job = BlockJob::open(out, "a job\n", true, &world)?;
+                            if record {
+                                for blocks in 1..=2 {
+                                    let state = (world.rank() == 0).then(|| {
+                                        let bytes = 16 * blocks as u64;
+                                        std::fs::write(job.partial(), vec![0u8; bytes as usize])
+                                            .map(|()| Recorded {
+                                                blocks,
+                                                tensors: blocks,
+                                                bytes,
+                                                report: (),
+                                            })
+                                    });
+                                    let state = state
+                                        .transpose()
+                                        .map_err(|e| CalibError::Resume(e.to_string()))?;
+                                    let xs = xs(world.rank(), blocks)?;
+                                    job.record(&world, blocks, state.as_ref(), Some(&xs))?;
+                                }
+                                return Ok(None);
+                            }
+                            let Some((state, resume)) =
+                                job.resumed::<()>(Keep::default(), &world)?
+                            else {
+                                return Ok(None);
+                            };
+                            let got = resume.activations.get(0)?.flatten_all()?.to_vec1()?;
+                            Ok(Some((state.blocks, resume.block, got)))
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        for r in run(true) {
+            assert!(r?.is_none());
+        }
+        let rank1 = dir.path().join(".shrink-resume-model.gguf.rank1");
+        let rank0 = dir.path().join(".shrink-resume-model.gguf");
+        assert!(rank1.join("activations-1.f32").exists());
+        assert!(rank1.join("activations-2.f32").exists());
+        assert!(!rank0.join("activations-1.f32").exists());
+        assert!(!rank1.join(STATE).exists(), "rank 0 alone keeps the state");
+        for (rank, r) in run(false).into_iter().enumerate() {
+            let (blocks, block, got) = r?.expect("resumed");
+            assert_eq!((blocks, block), (2, 2));
+            let want: Vec<f32> = (0..6).map(|i| (i + 20 + 100 * rank) as f32).collect();
+            assert_eq!(got, want, "rank {rank} resumes from its own activations");
+        }
+        std::fs::remove_file(rank1.join("activations-2.f32"))
+            .map_err(|e| CalibError::Resume(e.to_string()))?;
+        for r in run(false) {
+            assert!(
+                r?.is_none(),
+                "a rank without its activations: every rank starts over"
+            );
+        }
+        Ok(())
+    }
 }

@@ -290,24 +290,16 @@ pub fn prune_streamed(
     };
     // Rank 0 writes; the other ranks calibrate and prune (each block's weights are checked
     // against rank 0's) but write nothing. The tensors outside the blocks are written as stored.
-    // A job of one process records each finished block beside `out` and resumes after a kill
-    // ([`shrink_calib::BlockJob`]), to a GGUF or a folder.
-    let job = match world.size() {
-        1 => {
-            let settings = format!(
-                "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {export:?} {dtype:?}\nkept in {:?}",
-                plan.method, plan.default, plan.rules, keep.dtype
-            );
-            let job = shrink_calib::job_description(&checkpoint.path, &settings, windows, batch);
-            Some(shrink_calib::BlockJob::open(out, &job, windows.is_some())?)
-        }
-        _ => None,
-    };
-    let (state, start) = match &job {
-        Some(job) => job.resumed::<Report>(keep)?.unzip(),
-        None => (None, None),
-    };
-    let partial = job.as_ref().map(|job| job.partial());
+    // The job records each finished block beside `out` (every rank its own activations) and
+    // resumes after a kill ([`shrink_calib::BlockJob`]), to a GGUF or a folder.
+    let settings = format!(
+        "pruning\nmethod {:?}\nplan {:?} {:?}\nwritten {export:?} {dtype:?}\nkept in {:?}",
+        plan.method, plan.default, plan.rules, keep.dtype
+    );
+    let job = shrink_calib::job_description(&checkpoint.path, &settings, windows, batch);
+    let job = shrink_calib::BlockJob::open(out, &job, windows.is_some(), world)?;
+    let (state, start) = job.resumed::<Report>(keep, world)?.unzip();
+    let partial = job.partial();
     let sink = match world.rank() {
         0 => Some(shrink_io::ModelStream::resumable(
             &written,
@@ -315,9 +307,9 @@ pub fn prune_streamed(
             export,
             dtype,
             out,
-            partial.as_deref().map(|partial| {
+            Some({
                 let (tensors, bytes) = state.as_ref().map_or((0, 0), |s| (s.tensors, s.bytes));
-                (partial, tensors, bytes)
+                (partial.as_path(), tensors, bytes)
             }),
         )?),
         _ => None,
@@ -347,31 +339,26 @@ pub fn prune_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
-            let mut sink = sink.borrow_mut();
-            let (Some(job), Some(sink)) = (&job, sink.as_mut()) else {
-                return Ok(());
+            let point = match sink.borrow_mut().as_mut() {
+                Some(sink) => sink.checkpoint()?,
+                None => None,
             };
-            let Some((tensors, bytes)) = sink.checkpoint()? else {
-                return Ok(());
-            };
-            let state = shrink_calib::Recorded {
+            let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,
                 bytes,
                 report: Report {
                     layers: earlier.iter().chain(layers).cloned().collect(),
                 },
-            };
-            Ok(job.record(&state, xs)?)
+            });
+            Ok(job.record(world, index + 1, state.as_ref(), xs)?)
         },
     )?;
     if let Some(mut sink) = sink.into_inner() {
         checkpoint.supply_stored(&mut sink, None)?;
         sink.finish()?;
     }
-    if let Some(job) = job {
-        job.remove()?;
-    }
+    job.remove()?;
     let layers = earlier.into_iter().chain(layers).collect();
     Ok(Streamed { layers, resumed_at })
 }

@@ -125,10 +125,11 @@ fn written_of(result: &QuantizedModel, extra_types: BTreeMap<String, usize>) -> 
 /// [`crate::quantize_model`] and [`write_quantized`] write; a folder has their tensors, in the
 /// model's order and in 5 GB shards (see [`crate::write_hf`]).
 ///
-/// A GGUF job records each finished block in the resume folder beside `out` (a
-/// [`shrink_core::ResumeDir`]): the partial GGUF, how much of it is final, the layer reports and,
-/// when calibrating, the activations leaving the block. The same job run again after a kill
-/// continues at the next block and writes the same bytes as a run that was never interrupted.
+/// The job records each finished block in the resume folder beside `out` (a
+/// [`shrink_calib::BlockJob`]): the partial GGUF or folder, how much of it is final, the layer
+/// reports and, when calibrating, the activations leaving the block (each rank's own, when the
+/// calibration is split across ranks). The same job run again after a kill continues at the next
+/// block and writes the same bytes as a run that was never interrupted.
 /// The calibration activations are kept as `keep` says ([`shrink_calib::Keep`]): spilled to a
 /// scratch file, the same bytes in less memory; in 16 bits, half the bytes.
 #[allow(clippy::too_many_arguments)]
@@ -148,33 +149,24 @@ pub fn quantize_streamed(
     let config = model.config().clone();
     let arch = config.arch()?;
     let io = |e: shrink_core::CoreError| QuantError::Io(e.into());
-    // With several ranks, rank 0 writes and the others discard what they quantize; such a job
-    // does not resume (each rank holds the activations of its own windows). One process resumes
-    // a GGUF or a folder.
-    let job = match world.size() {
-        1 => Some(shrink_calib::BlockJob::open(
-            out,
-            &streamed_job(checkpoint, method, output, windows, batch, keep),
-            windows.is_some(),
-        )?),
-        _ => None,
-    };
-    let (state, start) = match &job {
-        Some(job) => job.resumed::<Report>(keep)?.unzip(),
-        None => (None, None),
-    };
-    let partial = job.as_ref().map(|job| job.partial());
+    // With several ranks, rank 0 writes and the others discard what they quantize; every rank
+    // records its own activations, so a job split across ranks resumes too.
+    let job = shrink_calib::BlockJob::open(
+        out,
+        &streamed_job(checkpoint, method, output, windows, batch, keep),
+        windows.is_some(),
+        world,
+    )?;
+    let (state, start) = job.resumed::<Report>(keep, world)?.unzip();
+    let partial = job.partial();
     let sink = match output.export {
         _ if world.rank() != 0 => Sink::Discard,
         Export::Gguf => {
-            let file = match &job {
-                Some(job) => shrink_core::AtomicFile::resume(
-                    out,
-                    &job.partial(),
-                    state.as_ref().map_or(0, |s| s.bytes),
-                ),
-                None => shrink_core::AtomicFile::create(out),
-            }
+            let file = shrink_core::AtomicFile::resume(
+                out,
+                &partial,
+                state.as_ref().map_or(0, |s| s.bytes),
+            )
             .map_err(io)?;
             Sink::Gguf(QuantizedGguf::resumable(
                 checkpoint,
@@ -193,7 +185,7 @@ pub fn quantize_streamed(
                 &config,
                 output,
                 out,
-                partial.as_deref().map(|partial| (partial, tensors)),
+                Some((partial.as_path(), tensors)),
             )?)
         }
     };
@@ -223,32 +215,23 @@ pub fn quantize_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
-            let Some(job) = &job else {
-                return Ok(());
-            };
-            let mut sink = sink.borrow_mut();
-            let Some((tensors, bytes)) = sink.checkpoint()? else {
-                return Ok(());
-            };
-            let report = Report {
-                layers: earlier.iter().chain(layers).cloned().collect(),
-                extra_types: sink.extra_types(),
-            };
-            let state = shrink_calib::Recorded {
+            let point = sink.borrow_mut().checkpoint()?;
+            let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,
                 bytes,
-                report,
-            };
-            Ok(job.record(&state, xs)?)
+                report: Report {
+                    layers: earlier.iter().chain(layers).cloned().collect(),
+                    extra_types: sink.borrow().extra_types(),
+                },
+            });
+            Ok(job.record(world, index + 1, state.as_ref(), xs)?)
         },
     )?;
     let mut sink = sink.into_inner();
     checkpoint.supply_stored(&mut sink, None)?;
     let extra_types = sink.finish()?;
-    if let Some(job) = job {
-        job.remove()?;
-    }
+    job.remove()?;
     result.layers = earlier.into_iter().chain(result.layers).collect();
     result.resumed_at = resumed_at;
     let written = written_of(&result, extra_types);

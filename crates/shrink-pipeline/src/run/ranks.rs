@@ -174,22 +174,28 @@ pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) ->
             progress: &shrink_core::NoProgress,
             world,
         };
-        // Never created: a rank other than 0 writes nothing.
-        let out = stages_dir
-            .join(format!(
-                ".rank{}-{}",
-                world.rank(),
-                stage_folder(&stage.name)
-            ))
-            .join("model");
-        stage
-            .job
-            .job()
-            .run_streamed(&cx, &out)
-            .map_err(|e| PipelineError::Stage {
-                stage: stage.name.clone(),
-                source: Box::new(e),
-            })?;
+        // A rank other than 0 writes no model: only its job's resume folder, inside a folder
+        // of its own, removed when the stage ends.
+        let own = stages_dir.join(format!(
+            ".rank{}-{}",
+            world.rank(),
+            stage_folder(&stage.name)
+        ));
+        let ran = stage.job.job().run_streamed(&cx, &own.join("model"));
+        if let Err(e) = std::fs::remove_dir_all(&own) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(shrink_core::CoreError::Io {
+                    action: "removing",
+                    path: own,
+                    source: e,
+                }
+                .into());
+            }
+        }
+        ran.map_err(|e| PipelineError::Stage {
+            stage: stage.name.clone(),
+            source: Box::new(e),
+        })?;
     }
 }
 
