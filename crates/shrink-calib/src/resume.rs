@@ -277,6 +277,9 @@ mod tests {
     use candle_core::{Device, Tensor};
     use shrink_core::Collective;
 
+    /// The state's blocks, the engine's block and the activations a rank resumed with.
+    type Resumed = (usize, usize, Vec<f32>);
+
     /// Two ranks (threads) record blocks 1 and 2, each its own activations; run again, both
     /// resume at block 2 with rank 0's state and their own activations. Rank 1 keeps the
     /// activations rank 0's previous state names; a rank missing them makes both start over.
@@ -289,13 +292,13 @@ mod tests {
             let t = Tensor::from_iter(v, &Device::Cpu)?.reshape((2, 3))?;
             Ok(Activations::in_memory(vec![t]))
         };
-        let run = |record: bool| -> Vec<Result<Option<(usize, usize, Vec<f32>)>>> {
+        let run = |record: bool| -> Vec<Result<Option<Resumed>>> {
             std::thread::scope(|s| {
                 let handles: Vec<_> = shrink_core::ThreadGroup::new(2)
                     .into_iter()
                     .map(|world| {
                         let (out, xs) = (&out, &xs);
-                        s.spawn(move || -> Result<Option<(usize, usize, Vec<f32>)>> {
+                        s.spawn(move || -> Result<Option<Resumed>> {
                             let job = BlockJob::open(out, "a job\n", true, &world)?;
                             if record {
                                 for blocks in 1..=2 {
