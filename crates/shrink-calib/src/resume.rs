@@ -157,11 +157,11 @@ impl BlockJob {
             ))
         })?;
         // A partial folder's shards are checked by its writer; a partial file must hold what
-        // was recorded.
+        // was recorded (nothing, before a job's writing begins).
         let backed = match std::fs::metadata(self.partial()) {
             Ok(m) if m.is_dir() => true,
             Ok(m) => m.len() >= extent.bytes,
-            Err(_) => false,
+            Err(_) => extent.bytes == 0,
         };
         Ok(backed.then_some(bytes))
     }

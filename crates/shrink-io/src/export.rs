@@ -145,8 +145,10 @@ impl<'a> ModelStream<'a> {
     ) -> Result<Self> {
         Ok(match export {
             Export::Gguf => {
+                // No tensor recorded: the header is written again, from the start.
                 let file = match partial {
-                    Some((partial, _, bytes)) => {
+                    Some((partial, tensors, bytes)) => {
+                        let bytes = if tensors == 0 { 0 } else { bytes };
                         shrink_core::AtomicFile::resume(out, partial, bytes)?
                     }
                     None => shrink_core::AtomicFile::create(out)?,

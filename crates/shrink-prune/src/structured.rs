@@ -165,6 +165,10 @@ pub struct StructuredOutcome {
     pub parameters_after: usize,
     /// The pruned model's shape keys (`hidden_size`, `num_hidden_layers`, …) after pruning.
     pub config: BTreeMap<String, usize>,
+    /// The block a resumed job began at (its scoring's, or the number of blocks when the scoring
+    /// was over and the writing resumed): [`prune_structured_streamed`] only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<usize>,
 }
 
 /// The shape keys of a config, as reported.
@@ -511,6 +515,8 @@ pub fn prune_structured(
                 importance,
                 &|| Ok(embedding.clone()),
                 calibration,
+                None,
+                &mut |_, _, _| Ok(()),
             )?
         }
     };
@@ -530,5 +536,6 @@ pub fn prune_structured(
         parameters_before,
         parameters_after: model.num_parameters(),
         config: shape_keys(&model.config),
+        resumed_at: None,
     })
 }

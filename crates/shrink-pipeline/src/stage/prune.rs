@@ -626,8 +626,8 @@ impl Compress for ResolvedPrune {
                 layers: Vec::new(),
                 parameters_before: outcome.parameters_before,
                 parameters_after: outcome.parameters_after,
+                resumed_at_block: outcome.resumed_at,
                 structured: Some(outcome),
-                resumed_at_block: None,
             });
         }
         let plan = self.streamed_plan().ok_or_else(|| {

@@ -202,16 +202,38 @@ pub(super) struct Calibration<'a> {
     pub progress: &'a dyn Progress,
 }
 
+/// A calibrated scoring pass's progress over the blocks finished so far: the units each removes
+/// (heads, groups, channels) or the width's sums over them. Recorded after each block, with the
+/// activations leaving it, so that a killed job resumes at the next block.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct Scored {
+    pub removed: Vec<Vec<usize>>,
+    pub width: Vec<f64>,
+}
+
+/// What a calibrated scoring pass calls after each block: its index, the activations leaving it
+/// and the scores so far.
+pub(super) type ScoredBlock<'a> =
+    dyn FnMut(usize, &shrink_calib::Activations, &Scored) -> Result<()> + 'a;
+
+/// Where a resumed calibrated scoring pass begins: the finished blocks' scores and the engine's
+/// start.
+pub(super) type ScoringStart = (Scored, shrink_calib::Resume);
+
 /// The units `structure` removes, ranked by `importance` (magnitude or activation) or, for
 /// layers, by a block-influence or angular criterion: per layer for heads, groups and channels,
 /// one list for layers and width. Reads the model one block at a time; `embedding` loads the
-/// token embedding (for the width's magnitude).
+/// token embedding (for the width's magnitude). A calibrated pass by activation importance
+/// (heads, groups, channels, width) begins at `start` when given and calls `finished` after
+/// each block; the others score from the first block and call nothing.
 pub(super) fn removal_by_blocks<M: BlockModel>(
     model: &mut M,
     structure: Structure,
     importance: Importance,
     embedding: &dyn Fn() -> Result<Tensor>,
     calibration: Calibration,
+    start: Option<ScoringStart>,
+    finished: &mut ScoredBlock<'_>,
 ) -> Result<Vec<Vec<usize>>> {
     let cfg = model.config().clone();
     let Calibration { progress, .. } = calibration;
@@ -235,7 +257,7 @@ pub(super) fn removal_by_blocks<M: BlockModel>(
         }
         (_, Importance::Taylor) => Err(whole_only("taylor importance")),
         (Structure::Width { count }, importance) => {
-            let scores = width_scores(model, importance, embedding, calibration)?;
+            let scores = width_scores(model, importance, embedding, calibration, start, finished)?;
             Ok(vec![lowest(&scores, count)])
         }
         (_, Importance::Magnitude) => {
@@ -254,23 +276,33 @@ pub(super) fn removal_by_blocks<M: BlockModel>(
         }
         (_, Importance::Activation) => {
             let heads = !matches!(structure, Structure::Channels { .. });
-            let mut out = Vec::new();
-            calibrate(model, heads, calibration, &mut |b, stats| {
-                let scores = if heads {
-                    let st = stats_of(stats, b.name(Role::O).unwrap_or_default())?;
-                    output_energy(b.o_proj.weight(), &st.hessian, head_width(structure, &cfg))?
-                } else {
-                    let st = stats_of(stats, b.name(Role::Down).unwrap_or_default())?;
-                    let d = col_sq(b.down_proj.weight())?;
-                    // ‖W_down[:, c]‖² Σ g_c²: the energy channel c writes to the residual.
-                    (0..cfg.intermediate_size)
-                        .map(|c| d[c] * st.channel_sq[c])
-                        .collect()
-                };
-                out.push(removed_units(structure, &cfg, &scores));
-                Ok(())
-            })?;
-            Ok(out)
+            let (scored, start) = start.unzip();
+            let scored = std::cell::RefCell::new(scored.unwrap_or_default());
+            calibrate(
+                model,
+                heads,
+                calibration,
+                start,
+                &mut |b, stats| {
+                    let scores = if heads {
+                        let st = stats_of(stats, b.name(Role::O).unwrap_or_default())?;
+                        let width = head_width(structure, &cfg);
+                        output_energy(b.o_proj.weight(), &st.hessian, width)?
+                    } else {
+                        let st = stats_of(stats, b.name(Role::Down).unwrap_or_default())?;
+                        let d = col_sq(b.down_proj.weight())?;
+                        // ‖W_down[:, c]‖² Σ g_c²: the energy channel c writes to the residual.
+                        (0..cfg.intermediate_size)
+                            .map(|c| d[c] * st.channel_sq[c])
+                            .collect()
+                    };
+                    let removed = removed_units(structure, &cfg, &scores);
+                    scored.borrow_mut().removed.push(removed);
+                    Ok(())
+                },
+                &mut |index, xs| finished(index, xs, &scored.borrow()),
+            )?;
+            Ok(scored.into_inner().removed)
         }
     }
 }
@@ -281,13 +313,16 @@ fn whole_only(what: &str) -> PruneError {
     ))
 }
 
-/// Runs the sequential calibration engine over the original blocks, calling `each` with every
-/// block and its input statistics (full Hessians with `hessian`).
+/// Runs the sequential calibration engine over the original blocks (from `start` when given),
+/// calling `each` with every block and its input statistics (full Hessians with `hessian`) and
+/// `finished` after it.
 fn calibrate<M: BlockModel>(
     model: &mut M,
     hessian: bool,
     c: Calibration,
+    start: Option<shrink_calib::Resume>,
     each: &mut dyn FnMut(&mut Block, &BlockStats) -> Result<()>,
+    finished: &mut dyn FnMut(usize, &shrink_calib::Activations) -> Result<()>,
 ) -> Result<()> {
     shrink_calib::sequential_from(
         model,
@@ -296,21 +331,24 @@ fn calibrate<M: BlockModel>(
         hessian,
         c.world,
         c.progress,
-        None,
+        start,
         c.keep,
         each,
-        &mut |_, _| Ok(()),
+        finished,
     )
 }
 
 /// The importance of each hidden channel: its squared weight norms in the embedding and in
 /// every `o_proj` and `down_proj` row (magnitude), or the RMS of each channel at the output of
-/// both norms on the calibration tokens (activation; Minitron).
+/// both norms on the calibration tokens (activation; Minitron, from `start` when given, calling
+/// `finished` after each block).
 fn width_scores<M: BlockModel>(
     model: &mut M,
     importance: Importance,
     embedding: &dyn Fn() -> Result<Tensor>,
     calibration: Calibration,
+    start: Option<ScoringStart>,
+    finished: &mut ScoredBlock<'_>,
 ) -> Result<Vec<f64>> {
     let progress = calibration.progress;
     let mut s = vec![0.0; model.config().hidden_size];
@@ -332,16 +370,32 @@ fn width_scores<M: BlockModel>(
             }
             progress.finish();
         }
-        _ => calibrate(model, false, calibration, &mut |b, stats| {
-            for role in [Role::Q, Role::Gate] {
-                let name = b.name(role).unwrap_or_default();
-                let st = stats_of(stats, name)?;
-                for (x, v) in s.iter_mut().zip(&st.channel_sq) {
-                    *x += (v / st.rows.max(1) as f64).sqrt();
-                }
-            }
-            Ok(())
-        })?,
+        _ => {
+            let (scored, start) = start.unzip();
+            let scored = std::cell::RefCell::new(scored.unwrap_or(Scored {
+                removed: Vec::new(),
+                width: s,
+            }));
+            calibrate(
+                model,
+                false,
+                calibration,
+                start,
+                &mut |b, stats| {
+                    let sums = &mut scored.borrow_mut().width;
+                    for role in [Role::Q, Role::Gate] {
+                        let name = b.name(role).unwrap_or_default();
+                        let st = stats_of(stats, name)?;
+                        for (x, v) in sums.iter_mut().zip(&st.channel_sq) {
+                            *x += (v / st.rows.max(1) as f64).sqrt();
+                        }
+                    }
+                    Ok(())
+                },
+                &mut |index, xs| finished(index, xs, &scored.borrow()),
+            )?;
+            s = scored.into_inner().width;
+        }
     }
     Ok(s)
 }

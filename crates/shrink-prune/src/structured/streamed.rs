@@ -3,7 +3,7 @@
 //! same code), then the pruned model is written tensor by tensor, each cut from the original
 //! file as it is written. Only one block (or one tensor) is in memory at a time.
 
-use super::scores::{removal_by_blocks, Calibration};
+use super::scores::{removal_by_blocks, Calibration, Scored};
 use super::{
     check_structure, plan_cuts, scores_block_by_block, shape_keys, Importance, Structure,
     StructuredOutcome,
@@ -25,6 +25,12 @@ use std::sync::Arc;
 ///
 /// Memory: one block and the calibration activations while scoring (`span + 1` copies of the
 /// activations for the angular criterion over `span` layers), then one tensor at a time.
+///
+/// The job records its progress beside `out` ([`shrink_calib::BlockJob`]): a scoring pass by
+/// activation importance after each block (the scores so far and each rank's activations), the
+/// writing after each tensor written; the same job run again after a kill continues there and
+/// writes the same bytes. Scoring by magnitude (the weights alone, one read of each block) and
+/// the layer criteria start their scoring over; their writing resumes.
 pub fn prune_structured_streamed(
     checkpoint: &Checkpoint,
     structure: Structure,
@@ -41,20 +47,57 @@ pub fn prune_structured_streamed(
             "{structure:?} by {importance:?} needs the model whole: it does not stream"
         )));
     }
-    let embedding = cfg.embedding_name();
-    let removed = removal_by_blocks(
-        &mut model,
-        structure,
-        importance,
-        &|| Ok(checkpoint.load_stored(&embedding)?),
-        Calibration {
-            windows: run.windows,
-            batch: run.batch,
-            world: run.world,
-            keep: run.keep,
-            progress: run.progress,
-        },
-    )?;
+    // Only a calibrated pass by activation importance records its blocks (and activations).
+    let calibrated = importance == Importance::Activation
+        && !matches!(structure, Structure::Layers { .. })
+        && run.windows.is_some();
+    let settings = format!(
+        "structured pruning\n{structure:?} by {importance:?}\nwritten {:?} {:?}\nkept in {:?}",
+        run.export, run.dtype, run.keep.dtype
+    );
+    let description =
+        shrink_calib::job_description(&checkpoint.path, &settings, run.windows, run.batch);
+    let job = shrink_calib::BlockJob::open(out, &description, calibrated, run.world)?;
+    let recorded = job.resumed::<Progress>(run.keep, run.world)?;
+    let resumed_at = recorded.as_ref().map(|(state, _)| state.blocks);
+    let n = shrink_models::BlockModel::num_blocks(&model);
+    let (written_so_far, removed) = match recorded {
+        Some((state, _)) if state.report.removed.is_some() => (
+            (state.tensors, state.bytes),
+            state.report.removed.unwrap_or_default(),
+        ),
+        recorded => {
+            let start = recorded.map(|(state, resume)| (state.report.scored, resume));
+            let embedding = cfg.embedding_name();
+            let removed = removal_by_blocks(
+                &mut model,
+                structure,
+                importance,
+                &|| Ok(checkpoint.load_stored(&embedding)?),
+                Calibration {
+                    windows: run.windows,
+                    batch: run.batch,
+                    world: run.world,
+                    keep: run.keep,
+                    progress: run.progress,
+                },
+                start,
+                &mut |index, xs, scored| {
+                    let state = (run.world.rank() == 0).then(|| shrink_calib::Recorded {
+                        blocks: index + 1,
+                        tensors: 0,
+                        bytes: 0,
+                        report: Progress {
+                            scored: scored.clone(),
+                            removed: None,
+                        },
+                    });
+                    Ok(job.record(run.world, index + 1, state.as_ref(), Some(xs))?)
+                },
+            )?;
+            ((0, 0), removed)
+        }
+    };
     drop(model);
     let source = Arc::new(checkpoint.tensors.clone());
     let (new_cfg, cuts) = plan_cuts(&cfg, arch, structure, &removed, source.names())?;
@@ -92,20 +135,54 @@ pub fn prune_structured_streamed(
         config: shrink_io::config_for(checkpoint, &new_cfg),
         ..checkpoint.clone()
     };
-    if run.world.rank() == 0 {
-        let mut sink =
-            shrink_io::ModelStream::create(&written, &new_cfg, run.export, run.dtype, out)?;
-        let order =
-            shrink_io::HfStream::model_order(written.tensors.names(), &new_cfg.embedding_name());
-        let progress = run.progress;
-        progress.start("writing tensors", order.len() as u64);
-        for name in &order {
-            written.supply_stored(&mut sink, Some(name))?;
-            progress.advance(1, None);
+    // Rank 0 writes, recording after each tensor; the other ranks take part in each record.
+    let partial = job.partial();
+    let mut sink = match run.world.rank() {
+        0 => Some(shrink_io::ModelStream::resumable(
+            &written,
+            &new_cfg,
+            run.export,
+            run.dtype,
+            out,
+            Some((partial.as_path(), written_so_far.0, written_so_far.1)),
+        )?),
+        _ => None,
+    };
+    let order =
+        shrink_io::HfStream::model_order(written.tensors.names(), &new_cfg.embedding_name());
+    let record = |sink: &mut Option<shrink_io::ModelStream>| -> Result<()> {
+        let point = match sink.as_mut() {
+            Some(sink) => sink.checkpoint()?,
+            None => None,
+        };
+        let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
+            blocks: n,
+            tensors,
+            bytes,
+            report: Progress {
+                scored: Scored::default(),
+                removed: Some(removed.clone()),
+            },
+        });
+        // The activations leaving the last block (none: scoring is over) mark the record.
+        let none = shrink_calib::Activations::in_memory(Vec::new());
+        Ok(job.record(run.world, n, state.as_ref(), Some(&none))?)
+    };
+    let progress = run.progress;
+    progress.start("writing tensors", order.len() as u64);
+    record(&mut sink)?;
+    for name in &order {
+        if let Some(sink) = sink.as_mut() {
+            written.supply_stored(sink, Some(name))?;
         }
-        progress.finish();
+        record(&mut sink)?;
+        progress.advance(1, None);
+    }
+    progress.finish();
+    if let Some(sink) = sink {
         sink.finish()?;
     }
+    job.remove()?;
     Ok(StructuredOutcome {
         structure,
         importance,
@@ -113,5 +190,14 @@ pub fn prune_structured_streamed(
         parameters_before: before,
         parameters_after: after,
         config: shape_keys(&new_cfg),
+        resumed_at,
     })
+}
+
+/// A streamed structured pruning's record: while scoring, the finished blocks' scores; once
+/// scoring is over, the units removed (and the tensors written so far).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Progress {
+    scored: Scored,
+    removed: Option<Vec<Vec<usize>>>,
 }
