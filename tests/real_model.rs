@@ -670,24 +670,25 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     };
     // OpenMPI refuses to start as root unless told that it is meant.
     let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-    let mpi = |args: &[String]| {
+    let ranks = || {
         let mut cmd = Command::new(&mpirun);
         if root {
             cmd.arg("--allow-run-as-root");
         }
-        cmd.args(["--oversubscribe", "-n", "2", shrink, "--threads", "1"])
-            .args(args)
-            .output()
-            .unwrap()
+        cmd.args(["--oversubscribe", "-n", "2", shrink, "--threads", "1"]);
+        cmd
+    };
+    let mpi = |args: &[String]| ranks().args(args).output().unwrap();
+    // Its standard output, once it succeeded.
+    let mpi_ok = |args: &[String]| -> String {
+        let out = mpi(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        stdout
     };
     let two = dir.path().join("two-ranks.gguf");
-    let out = mpi(&job(&two, "2"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = mpi_ok(&job(&two, "2"));
     assert!(
         stdout.contains("2 MPI processes split the calibration"),
         "{stdout}"
@@ -721,12 +722,7 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     };
     let mut killed = false;
     for _ in 0..5 {
-        let mut cmd = Command::new(&mpirun);
-        if root {
-            cmd.arg("--allow-run-as-root");
-        }
-        let mut child = cmd
-            .args(["--oversubscribe", "-n", "2", shrink, "--threads", "1"])
+        let mut child = ranks()
             .args(job(&resumed, "2"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -754,13 +750,7 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
     assert!(!resumed.exists(), "a killed run leaves no output");
     let at = recorded().unwrap();
     eprintln!("2 ranks killed after a recorded block; resuming at block {at}");
-    let out = mpi(&job(&resumed, "2"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = mpi_ok(&job(&resumed, "2"));
     assert!(
         stdout.contains(&format!("resumed      at block {at} ")),
         "{stdout}"
@@ -806,12 +796,7 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         args
     };
     let two_sparse = dir.path().join("two-ranks-sparsegpt.gguf");
-    let out = mpi(&sparse(&two_sparse, true));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mpi_ok(&sparse(&two_sparse, true));
     let one_sparse = dir.path().join("one-sparsegpt.gguf");
     let args = sparse(&one_sparse, false);
     run_shrink(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -834,12 +819,7 @@ fn gptq_over_two_mpi_processes_writes_the_bytes_of_one_process() {
         dir.path().join("two-ranks-channels.gguf"),
         dir.path().join("one-channels.gguf"),
     );
-    let out = mpi(&channels(&two_channels));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mpi_ok(&channels(&two_channels));
     let args = channels(&one_channels);
     run_shrink(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(

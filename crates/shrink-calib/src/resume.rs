@@ -51,6 +51,8 @@ pub struct BlockJob {
     dir: shrink_core::ResumeDir,
     calibrating: bool,
     rank: usize,
+    /// The block of this rank's previous record (rank 0's state may still name it).
+    previous: std::cell::Cell<Option<usize>>,
 }
 
 const STATE: &str = "state.json";
@@ -83,6 +85,7 @@ impl BlockJob {
             dir: shrink_core::ResumeDir::open(&target, &job)?,
             calibrating,
             rank,
+            previous: std::cell::Cell::new(None),
         })
     }
 
@@ -110,10 +113,11 @@ impl BlockJob {
             true => None,
             false => Some(
                 serde_json::from_slice::<Recorded<R>>(&recorded).map_err(|e| {
-                    CalibError::Resume(format!(
-                        "{}: unreadable ({e}); remove it to start over",
-                        self.dir.file(STATE).display()
-                    ))
+                    let file = match self.rank {
+                        0 => self.dir.file(STATE).display().to_string(),
+                        _ => format!("rank 0's {STATE}"),
+                    };
+                    CalibError::Resume(format!("{file}: unreadable ({e}); remove it to start over"))
                 })?,
             ),
         };
@@ -170,8 +174,8 @@ impl BlockJob {
     /// `state` is rank 0's (the partial file synced up to `state.bytes`), `None` where its file
     /// holds no point to resume from (then no rank records); when calibrating, each rank saves
     /// `xs`, its activations entering block `blocks`, and rank 0 writes the state only once every
-    /// rank has. Older activations are removed (a rank other than 0 keeps the previous ones:
-    /// rank 0's state may still name them).
+    /// rank has. Older activations are removed (a rank other than 0 keeps those of its previous
+    /// record: rank 0's state may still name them).
     pub fn record<R: serde::Serialize>(
         &self,
         world: &dyn shrink_core::Collective,
@@ -198,7 +202,7 @@ impl BlockJob {
         }
         let kept = match self.rank {
             0 => blocks,
-            _ => blocks.saturating_sub(1),
+            _ => self.previous.replace(Some(blocks)).unwrap_or(0).min(blocks),
         };
         for old in 0..kept {
             let _ = std::fs::remove_file(self.dir.file(&activations_file(old)));
@@ -222,6 +226,32 @@ impl BlockJob {
     /// Removes the folder: the output is complete.
     pub fn remove(self) -> Result<()> {
         Ok(self.dir.remove()?)
+    }
+
+    /// Ends the job, a step of every rank once rank 0's output is in place: `done` is this
+    /// rank's outcome (rank 0's, writing the output, or another rank's, discarding it). Only
+    /// when every rank succeeded does every rank remove its folder (so that none drops the
+    /// activations rank 0's state names while rank 0 may still fail); otherwise this rank's
+    /// error, or the first another rank had, is returned and the records are kept.
+    pub fn complete<T, E>(
+        self,
+        world: &dyn shrink_core::Collective,
+        done: std::result::Result<T, E>,
+    ) -> std::result::Result<T, E>
+    where
+        E: std::fmt::Display + From<CalibError>,
+    {
+        let mine = match &done {
+            Ok(_) => Ok(vec![()]),
+            Err(e) => Err(CalibError::Compress(e.to_string())),
+        };
+        let shared = shrink_core::share_dealt(world, 0, world.size(), mine, |r, m| {
+            CalibError::Compress(format!("rank {r}: {m}"))
+        });
+        let value = done?;
+        shared?;
+        self.remove()?;
+        Ok(value)
     }
 }
 

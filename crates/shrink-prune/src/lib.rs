@@ -354,11 +354,14 @@ pub fn prune_streamed(
             Ok(job.record(world, index + 1, state.as_ref(), xs)?)
         },
     )?;
-    if let Some(mut sink) = sink.into_inner() {
-        checkpoint.supply_stored(&mut sink, None)?;
-        sink.finish()?;
-    }
-    job.remove()?;
+    let finished = match sink.into_inner() {
+        Some(mut sink) => checkpoint
+            .supply_stored(&mut sink, None)
+            .map_err(PruneError::from)
+            .and_then(|()| Ok(sink.finish()?)),
+        None => Ok(()),
+    };
+    job.complete(world, finished)?;
     let layers = earlier.into_iter().chain(layers).collect();
     Ok(Streamed { layers, resumed_at })
 }

@@ -229,9 +229,10 @@ pub fn quantize_streamed(
         },
     )?;
     let mut sink = sink.into_inner();
-    checkpoint.supply_stored(&mut sink, None)?;
-    let extra_types = sink.finish()?;
-    job.remove()?;
+    let finished = checkpoint
+        .supply_stored(&mut sink, None)
+        .and_then(|()| sink.finish());
+    let extra_types = job.complete(world, finished)?;
     result.layers = earlier.into_iter().chain(result.layers).collect();
     result.resumed_at = resumed_at;
     let written = written_of(&result, extra_types);

@@ -181,6 +181,8 @@ pub fn follow(world: &dyn Collective, pipeline: &Pipeline, opts: &RunOptions) ->
             world.rank(),
             stage_folder(&stage.name)
         ));
+        // Removed whatever the outcome: rank 0 stages a stage in a fresh temporary folder, so a
+        // pipeline stage never resumes mid-model.
         let ran = stage.job.job().run_streamed(&cx, &own.join("model"));
         if let Err(e) = std::fs::remove_dir_all(&own) {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -59,8 +59,9 @@ pub fn prune_structured_streamed(
         shrink_calib::job_description(&checkpoint.path, &settings, run.windows, run.batch);
     let job = shrink_calib::BlockJob::open(out, &description, calibrated, run.world)?;
     let recorded = job.resumed::<Progress>(run.keep, run.world)?;
-    let resumed_at = recorded.as_ref().map(|(state, _)| state.blocks);
     let n = shrink_models::BlockModel::num_blocks(&model);
+    // The writing's records name block n + 1 (see below): reported as n, where it resumed.
+    let resumed_at = recorded.as_ref().map(|(state, _)| state.blocks.min(n));
     let (written_so_far, removed) = match recorded {
         Some((state, _)) if state.report.removed.is_some() => (
             (state.tensors, state.bytes),
@@ -155,8 +156,10 @@ pub fn prune_structured_streamed(
             Some(sink) => sink.checkpoint()?,
             None => None,
         };
+        // Block n + 1: the writing's records (an empty set of activations marks them) never
+        // replace the activations the last scoring record names.
         let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
-            blocks: n,
+            blocks: n + 1,
             tensors,
             bytes,
             report: Progress {
@@ -164,9 +167,8 @@ pub fn prune_structured_streamed(
                 removed: Some(removed.clone()),
             },
         });
-        // The activations leaving the last block (none: scoring is over) mark the record.
-        let none = shrink_calib::Activations::in_memory(Vec::new());
-        Ok(job.record(run.world, n, state.as_ref(), Some(&none))?)
+        let none = shrink_calib::Activations::in_memory(Vec::new()).kept_in(run.keep.dtype)?;
+        Ok(job.record(run.world, n + 1, state.as_ref(), Some(&none))?)
     };
     let progress = run.progress;
     progress.start("writing tensors", order.len() as u64);
@@ -179,10 +181,11 @@ pub fn prune_structured_streamed(
         progress.advance(1, None);
     }
     progress.finish();
-    if let Some(sink) = sink {
-        sink.finish()?;
-    }
-    job.remove()?;
+    let finished = match sink {
+        Some(sink) => sink.finish().map_err(PruneError::from),
+        None => Ok(()),
+    };
+    job.complete(run.world, finished)?;
     Ok(StructuredOutcome {
         structure,
         importance,
