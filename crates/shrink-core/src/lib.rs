@@ -16,6 +16,7 @@ mod collective;
 mod fsio;
 mod progress;
 mod simd;
+mod stamp;
 
 pub use collective::{share_dealt, share_json, Alone, Collective, ThreadGroup};
 pub use fsio::{
@@ -24,6 +25,7 @@ pub use fsio::{
     ResumeDir, NAME_CHARS,
 };
 pub use progress::{NoProgress, Progress};
+pub use stamp::{sha256_file_stamped, sha256_file_stamped_in};
 
 /// Errors from the shared foundations: always name the file involved.
 #[derive(Debug, thiserror::Error)]

@@ -91,7 +91,7 @@ pub fn fetch_with(manifest: &Manifest, fetcher: &dyn Fetcher) -> Result<PathBuf>
     let mut missing = Vec::new();
     for (key, entry) in &manifest.files {
         let path = dir.join(key);
-        if !(path.is_file() && sha256_file(&path)? == entry.sha256) {
+        if !(path.is_file() && shrink_core::sha256_file_stamped(&path)? == entry.sha256) {
             missing.push(key.as_str());
         }
     }

@@ -47,7 +47,7 @@ pub(super) fn announce_fetch(spec: &str, log: &dyn Fn(&str)) {
 /// sha256 of a file, or of a folder's files (names and contents, in name order).
 pub(super) fn hash_path(path: &Path) -> Result<String> {
     if path.is_file() {
-        return Ok(sha256_file(path)?);
+        return Ok(shrink_core::sha256_file_stamped(path)?);
     }
     let mut entries = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -58,7 +58,10 @@ pub(super) fn hash_path(path: &Path) -> Result<String> {
     files.sort();
     for f in files {
         let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
-        entries.push(serde_json::json!([name, sha256_file(&f)?]));
+        entries.push(serde_json::json!([
+            name,
+            shrink_core::sha256_file_stamped(&f)?
+        ]));
     }
     Ok(key_of(&serde_json::Value::Array(entries)))
 }
