@@ -210,9 +210,13 @@ impl BlockJob {
         Ok(())
     }
 
-    /// Saves `xs` as the activations entering block `blocks`.
+    /// Saves `xs` as the activations entering block `blocks`, unless an earlier record of the
+    /// same block saved them (a structured pruning records its writing as one block, each tensor).
     fn save(&self, blocks: usize, xs: &Activations) -> Result<()> {
         let path = self.dir.file(&activations_file(blocks));
+        if path.exists() {
+            return Ok(());
+        }
         let tmp = self.dir.file(&format!("{}.tmp", activations_file(blocks)));
         xs.save(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|source| shrink_core::CoreError::Io {
@@ -302,90 +306,4 @@ pub fn job_description(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Tensor};
-    use shrink_core::Collective;
-
-    /// The state's blocks, the engine's block and the activations a rank resumed with.
-    type Resumed = (usize, usize, Vec<f32>);
-
-    /// Two ranks (threads) record blocks 1 and 2, each its own activations; run again, both
-    /// resume at block 2 with rank 0's state and their own activations. Rank 1 keeps the
-    /// activations rank 0's previous state names; a rank missing them makes both start over.
-    #[test]
-    fn ranks_resume_together_from_their_own_activations() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| CalibError::Resume(e.to_string()))?;
-        let out = dir.path().join("model.gguf");
-        let xs = |rank: usize, block: usize| -> Result<Activations> {
-            let v = (0..6).map(|i| (i + 10 * block + 100 * rank) as f32);
-            let t = Tensor::from_iter(v, &Device::Cpu)?.reshape((2, 3))?;
-            Ok(Activations::in_memory(vec![t]))
-        };
-        let run = |record: bool| -> Vec<Result<Option<Resumed>>> {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = shrink_core::ThreadGroup::new(2)
-                    .into_iter()
-                    .map(|world| {
-                        let (out, xs) = (&out, &xs);
-                        s.spawn(move || -> Result<Option<Resumed>> {
-                            let job = BlockJob::open(out, "a job\n", true, &world)?;
-                            if record {
-                                for blocks in 1..=2 {
-                                    let state = (world.rank() == 0).then(|| {
-                                        let bytes = 16 * blocks as u64;
-                                        std::fs::write(job.partial(), vec![0u8; bytes as usize])
-                                            .map(|()| Recorded {
-                                                blocks,
-                                                tensors: blocks,
-                                                bytes,
-                                                report: (),
-                                            })
-                                    });
-                                    let state = state
-                                        .transpose()
-                                        .map_err(|e| CalibError::Resume(e.to_string()))?;
-                                    let xs = xs(world.rank(), blocks)?;
-                                    job.record(&world, blocks, state.as_ref(), Some(&xs))?;
-                                }
-                                return Ok(None);
-                            }
-                            let Some((state, resume)) =
-                                job.resumed::<()>(Keep::default(), &world)?
-                            else {
-                                return Ok(None);
-                            };
-                            let got = resume.activations.get(0)?.flatten_all()?.to_vec1()?;
-                            Ok(Some((state.blocks, resume.block, got)))
-                        })
-                    })
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap()).collect()
-            })
-        };
-        for r in run(true) {
-            assert!(r?.is_none());
-        }
-        let rank1 = dir.path().join(".shrink-resume-model.gguf.rank1");
-        let rank0 = dir.path().join(".shrink-resume-model.gguf");
-        assert!(rank1.join("activations-1.f32").exists());
-        assert!(rank1.join("activations-2.f32").exists());
-        assert!(!rank0.join("activations-1.f32").exists());
-        assert!(!rank1.join(STATE).exists(), "rank 0 alone keeps the state");
-        for (rank, r) in run(false).into_iter().enumerate() {
-            let (blocks, block, got) = r?.expect("resumed");
-            assert_eq!((blocks, block), (2, 2));
-            let want: Vec<f32> = (0..6).map(|i| (i + 20 + 100 * rank) as f32).collect();
-            assert_eq!(got, want, "rank {rank} resumes from its own activations");
-        }
-        std::fs::remove_file(rank1.join("activations-2.f32"))
-            .map_err(|e| CalibError::Resume(e.to_string()))?;
-        for r in run(false) {
-            assert!(
-                r?.is_none(),
-                "a rank without its activations: every rank starts over"
-            );
-        }
-        Ok(())
-    }
-}
+mod tests;

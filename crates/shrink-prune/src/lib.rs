@@ -339,10 +339,7 @@ pub fn prune_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded only where the file holds whole blocks and nothing is waiting.
-            let point = match sink.borrow_mut().as_mut() {
-                Some(sink) => sink.checkpoint()?,
-                None => None,
-            };
+            let point = resume_point(sink.borrow_mut().as_mut())?;
             let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,
@@ -364,6 +361,17 @@ pub fn prune_streamed(
     job.complete(world, finished)?;
     let layers = earlier.into_iter().chain(layers).collect();
     Ok(Streamed { layers, resumed_at })
+}
+
+/// Where rank 0's output can resume from now (see [`shrink_io::ModelStream::checkpoint`]);
+/// `None` on the other ranks, which write nothing.
+pub(crate) fn resume_point(
+    sink: Option<&mut shrink_io::ModelStream>,
+) -> Result<Option<(usize, u64)>> {
+    Ok(match sink {
+        Some(sink) => sink.checkpoint()?,
+        None => None,
+    })
 }
 
 /// A streamed pruning's report of its finished blocks, recorded after each block.
