@@ -330,8 +330,18 @@ pub(crate) fn checkpoint_of(
                     let data = mmap
                         .get(start..start + bytes)
                         .ok_or_else(|| tensor_err("its data lies outside the file".into()))?;
-                    Tensor::from_raw_buffer(data, float, info.shape.dims(), &Device::Cpu)
-                        .map_err(|e| tensor_err(e.to_string()))?
+                    let stored = match float {
+                        DType::F16 => safetensors::Dtype::F16,
+                        DType::BF16 => safetensors::Dtype::BF16,
+                        _ => safetensors::Dtype::F32,
+                    };
+                    crate::hf::tensor_from_map(
+                        &mmap,
+                        start..start + data.len(),
+                        stored,
+                        info.shape.dims(),
+                    )
+                    .map_err(|e| tensor_err(e.to_string()))?
                 }
                 None => info
                     .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)

@@ -137,10 +137,10 @@ pub(crate) fn read_safetensors(
 }
 
 /// The tensor of `dtype` and `shape` stored (little-endian) in `range` of a map: its bytes copied
-/// a slice at a time straight into the tensor's buffer, each slice's pages released once copied
-/// ([`crate::gguf::release`]), so the tensor is resident once, never twice. The values are those
-/// candle's safetensors reader gives.
-fn tensor_from_map(
+/// a slice at a time straight into the tensor's buffer, the slices in parallel, each slice's pages
+/// released once copied ([`crate::gguf::release`]), so the tensor is resident once, never twice.
+/// The values are those candle's safetensors reader gives.
+pub(crate) fn tensor_from_map(
     mmap: &memmap2::Mmap,
     range: std::ops::Range<usize>,
     dtype: safetensors::Dtype,
@@ -151,21 +151,29 @@ fn tensor_from_map(
         range: std::ops::Range<usize>,
         shape: &[usize],
     ) -> candle_core::Result<Tensor> {
-        const SLICE: usize = 1 << 24;
+        use rayon::prelude::*;
+        const SLICE: usize = 1 << 20;
         let size = std::mem::size_of::<T>();
         let n = range.len() / size;
         let bytes = &mmap[range.start..range.start + n * size];
         let mut values: Vec<T> = Vec::with_capacity(n);
-        let dst = values.as_mut_ptr() as *mut u8;
-        for (k, slice) in bytes.chunks(SLICE).enumerate() {
-            // SAFETY: `values` has room for `n` elements, `n * size` bytes, and the slices cover
-            // exactly those bytes once each.
-            unsafe {
-                std::ptr::copy_nonoverlapping(slice.as_ptr(), dst.add(k * SLICE), slice.len())
-            };
-            let at = range.start + k * SLICE;
-            crate::gguf::release(mmap, at..at + slice.len());
-        }
+        values.spare_capacity_mut()[..n]
+            .par_chunks_mut(SLICE / size)
+            .zip(bytes.par_chunks(SLICE))
+            .enumerate()
+            .for_each(|(k, (dst, slice))| {
+                // SAFETY: `dst` holds `slice.len() / size` elements, `slice.len()` bytes, and
+                // does not overlap the map.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        slice.as_ptr(),
+                        dst.as_mut_ptr() as *mut u8,
+                        slice.len(),
+                    )
+                };
+                let at = range.start + k * SLICE;
+                crate::gguf::release(mmap, at..at + slice.len());
+            });
         // SAFETY: all `n` elements were written above; they are plain numbers, for which every
         // bit pattern is valid.
         unsafe { values.set_len(n) };

@@ -155,26 +155,7 @@ impl Checkpoint {
     /// One tensor in `dtype`, refusing NaN or infinite values.
     pub fn load_checked(&self, name: &str, dtype: DType) -> Result<candle_core::Tensor> {
         let t = self.tensors.get_as(name, dtype)?;
-        // x − x is 0 for every finite x and NaN for NaN and ±∞; checked a slice of rows at a
-        // time, so that the check holds no more than 16M values besides the tensor.
-        let finite = |x: &candle_core::Tensor| -> candle_core::Result<bool> {
-            let d = x.sub(x)?.to_dtype(DType::F32)?.sum_all()?;
-            Ok(d.to_scalar::<f32>()? == 0.0)
-        };
-        let rows = t.dims().first().copied().unwrap_or(1).max(1);
-        let per_row = (t.elem_count() / rows).max(1);
-        let chunk = ((1usize << 24) / per_row).max(1);
-        let check = || -> candle_core::Result<bool> {
-            if t.rank() == 0 {
-                return finite(&t);
-            }
-            for start in (0..rows).step_by(chunk) {
-                if !finite(&t.narrow(0, start, chunk.min(rows - start))?)? {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        };
+        let check = || all_finite(&t);
         let problem = match check() {
             Ok(ok) => (!ok).then(|| "holds NaN or infinite values".to_string()),
             Err(e) => Some(e.to_string()),
@@ -335,6 +316,49 @@ pub fn open(path: &Path) -> Result<ModelFile> {
             message: "not a GGUF file (bad magic) nor a Hugging Face folder".into(),
         }),
     }
+}
+
+/// Whether every value of `t` is finite: one read of its storage, testing each value's exponent
+/// bits (all ones is NaN or ±∞), without a temporary tensor.
+fn all_finite(t: &candle_core::Tensor) -> candle_core::Result<bool> {
+    use candle_core::{CpuStorage, Storage};
+    fn all<T: Copy>(values: &[T], finite: impl Fn(T) -> bool) -> bool {
+        // Branch-free within a chunk (vectorized), stopping at the first chunk that fails.
+        values
+            .chunks(4096)
+            .all(|c| c.iter().fold(true, |ok, &x| ok & finite(x)))
+    }
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("a contiguous tensor has no offsets".into()))?;
+    Ok(match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            all(&v[start..end], |x| x.to_bits() & 0x7f80_0000 != 0x7f80_0000)
+        }
+        Storage::Cpu(CpuStorage::F64(v)) => all(&v[start..end], f64::is_finite),
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            all(&v[start..end], |x| x.to_bits() & 0x7f80 != 0x7f80)
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => all(&v[start..end], |x| x.to_bits() & 0x7c00 != 0x7c00),
+        Storage::Cpu(
+            CpuStorage::U8(_)
+            | CpuStorage::U32(_)
+            | CpuStorage::I16(_)
+            | CpuStorage::I32(_)
+            | CpuStorage::I64(_),
+        ) => true,
+        // Other types and devices: x − x is 0 for every finite x, NaN for NaN and ±∞.
+        _ => {
+            drop(storage);
+            t.sub(&t)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?
+                == 0.0
+        }
+    })
 }
 
 #[cfg(test)]

@@ -851,3 +851,30 @@ fn a_resumed_sharded_folder_is_the_uninterrupted_one() {
 fn write_json_for_tests(dir: &Path, value: &serde_json::Value) {
     std::fs::write(dir.join("config.json"), value.to_string()).unwrap();
 }
+
+#[test]
+fn finiteness_is_read_from_each_float_types_exponent_bits() {
+    use candle_core::{DType, Device, Tensor};
+    let finite = [1.0f32, -2.5, 0.0, -0.0, 65504.0, 1e-30];
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        let t = Tensor::new(&finite[..], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        assert!(super::all_finite(&t).unwrap(), "{dtype:?}");
+        // A strided view (the transpose) is read in its own order too.
+        let m = t.reshape((2, 3)).unwrap().t().unwrap();
+        assert!(super::all_finite(&m).unwrap(), "{dtype:?}");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = vec![0.5f32; 5000];
+            v[4999] = bad;
+            let t = Tensor::new(v, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            assert!(!super::all_finite(&t).unwrap(), "{dtype:?} {bad}");
+            // Outside a narrowed view the value does not count.
+            assert!(super::all_finite(&t.narrow(0, 0, 4999).unwrap()).unwrap());
+        }
+    }
+}

@@ -61,13 +61,12 @@ impl Grid {
                 (amax / ((1u32 << (bits - 1)) - 1) as f32, 0.0)
             }
             Grid::SymmetricFull => {
-                let (mut amax, mut max) = (0f32, 0f32);
-                for &v in values {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
+                // The first value of largest magnitude (llama.cpp's strict `>` scan), found in
+                // two passes that vectorize: the largest magnitude, then its first value.
+                let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let first = values.iter().find(|v| v.abs() == amax).copied();
+                // All zeros: +0 as the scan leaves it (a first -0.0 would flip the scale's sign).
+                let max = first.filter(|_| amax > 0.0).unwrap_or(0.0);
                 (max * clip / -((1u32 << (bits - 1)) as f32), 0.0)
             }
             Grid::Asymmetric => {
@@ -85,33 +84,48 @@ impl Grid {
         }
     }
 
-    /// The code of `x`, exactly as llama.cpp's reference quantizers round.
+    /// The code of `x`, exactly as llama.cpp's reference quantizers round. (Casts truncate toward
+    /// zero as C's do, without a call to `truncf`; values are finite.)
+    #[inline]
     pub fn code(self, bits: u8, p: &GroupParams, x: f32) -> u8 {
-        let top = ((1u32 << bits) - 1) as f32;
+        let top = (1i32 << bits) - 1;
         let q = match self {
             // roundf(x·id), then shifted to unsigned.
             Grid::Symmetric => {
-                let half = self.offset(bits);
-                ((x * p.inv_scale).round().clamp(-(half - 1.0), half - 1.0)) + half
+                let half = 1i32 << (bits - 1);
+                let y = (x * p.inv_scale).clamp(-(half as f32), half as f32);
+                let t = y as i32;
+                // roundf: halves away from zero (y - t is exact).
+                let r = t + i32::from(y - t as f32 >= 0.5) - i32::from(y - t as f32 <= -0.5);
+                r.clamp(-(half - 1), half - 1) + half
             }
             // (int8)(x·id + 8.5), capped at 15.
-            Grid::SymmetricFull => (x * p.inv_scale + self.offset(bits) + 0.5)
-                .trunc()
-                .clamp(0.0, top),
+            Grid::SymmetricFull => {
+                ((x * p.inv_scale + self.offset(bits) + 0.5) as i32).clamp(0, top)
+            }
             // (int8)((x - min)·id + 0.5), capped at 15. llama.cpp uses the unrounded minimum here.
-            Grid::Asymmetric => ((x - p.min_unrounded) * p.inv_scale + 0.5)
-                .trunc()
-                .clamp(0.0, top),
+            Grid::Asymmetric => (((x - p.min_unrounded) * p.inv_scale + 0.5) as i32).clamp(0, top),
         };
         q as u8
     }
 
     /// The value a code stands for (what llama.cpp's dequantizer computes).
+    #[inline]
     pub fn value(self, bits: u8, p: &GroupParams, code: u8) -> f32 {
-        let d = p.scale.to_f32();
-        match self {
-            Grid::Symmetric | Grid::SymmetricFull => (code as f32 - self.offset(bits)) * d,
-            Grid::Asymmetric => code as f32 * d + p.min.to_f32(),
+        self.decoder(bits, p)(code)
+    }
+
+    /// [`Grid::value`] for every code of one group: the scale (and minimum) widened once.
+    #[inline]
+    pub fn decoder(self, bits: u8, p: &GroupParams) -> impl Fn(u8) -> f32 + Copy {
+        let (d, min, offset) = (p.scale.to_f32(), p.min.to_f32(), self.offset(bits));
+        let asymmetric = self == Grid::Asymmetric;
+        move |code| {
+            if asymmetric {
+                code as f32 * d + min
+            } else {
+                (code as f32 - offset) * d
+            }
         }
     }
 
@@ -156,10 +170,22 @@ impl Grid {
                 }
             }
         }
-        for (c, &x) in codes.iter_mut().zip(values) {
-            *c = self.code(bits, &best, x);
-        }
+        self.write_codes(bits, &best, values, codes);
         best
+    }
+
+    /// The codes of `values` on one group's grid, the grid's branch taken once per group.
+    fn write_codes(self, bits: u8, p: &GroupParams, values: &[f32], codes: &mut [u8]) {
+        fn fill(codes: &mut [u8], values: &[f32], code: impl Fn(f32) -> u8) {
+            for (c, &x) in codes.iter_mut().zip(values) {
+                *c = code(x);
+            }
+        }
+        match self {
+            Grid::Symmetric => fill(codes, values, |x| Grid::Symmetric.code(bits, p, x)),
+            Grid::SymmetricFull => fill(codes, values, |x| Grid::SymmetricFull.code(bits, p, x)),
+            Grid::Asymmetric => fill(codes, values, |x| Grid::Asymmetric.code(bits, p, x)),
+        }
     }
 
     /// `make_qx_quants`: for inverse scales `-(nmax + 0.1·k)/max`, k ∈ -9..=9, round, then refit
@@ -203,6 +229,47 @@ impl Grid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_match_llama_cpps_float_formulas_at_every_tie() {
+        // The casts against the C formulas written with float rounding (roundf, truncf): a sweep
+        // over quarter steps (exact ties at .5) and the floats either side of each.
+        let mut xs = vec![];
+        for k in -600..=600 {
+            let x = k as f32 * 0.25;
+            xs.extend([x, x.next_up(), x.next_down()]);
+        }
+        for (grid, bits, top) in [
+            (Grid::Symmetric, 8u8, 127.0f32),
+            (Grid::SymmetricFull, 4, -8.0),
+            (Grid::SymmetricFull, 5, -16.0),
+            (Grid::Asymmetric, 4, 15.0),
+        ] {
+            // Scale 1 (and minimum 0) so that x·id is x itself; then a scale of 1/3.
+            for values in [vec![top, 0.0], vec![top / 3.0, 0.0]] {
+                let p = grid.params(bits, &values, 1.0);
+                let half = (1u32 << (bits - 1)) as f32;
+                let levels = ((1u32 << bits) - 1) as f32;
+                for &x in &xs {
+                    let reference = match grid {
+                        Grid::Symmetric => {
+                            (x * p.inv_scale).round().clamp(-(half - 1.0), half - 1.0) + half
+                        }
+                        Grid::SymmetricFull => {
+                            (x * p.inv_scale + half + 0.5).trunc().clamp(0.0, levels)
+                        }
+                        Grid::Asymmetric => ((x - p.min_unrounded) * p.inv_scale + 0.5)
+                            .trunc()
+                            .clamp(0.0, levels),
+                    } as u8;
+                    assert_eq!(grid.code(bits, &p, x), reference, "{grid:?} {bits} {x}");
+                }
+            }
+        }
+        // An all-zero group keeps a +0 scale even when it starts with -0.0.
+        let p = Grid::SymmetricFull.params(4, &[-0.0, 0.0], 1.0);
+        assert_eq!(p.scale.to_bits(), half::f16::from_f32(0.0 / -8.0).to_bits());
+    }
 
     #[test]
     fn q4_0_hand_example() {

@@ -208,6 +208,14 @@ impl QuantizedWeight {
         }
     }
 
+    /// The fraction of weights whose value is exactly zero.
+    pub fn zero_fraction(&self) -> Result<f64> {
+        match self {
+            QuantizedWeight::Packed(q) => Ok(q.zero_fraction()),
+            QuantizedWeight::Blocks(b) => Ok(zero_fraction(&b.dequantize()?)),
+        }
+    }
+
     pub fn size_bytes(&self) -> usize {
         match self {
             QuantizedWeight::Packed(q) => q.size_bytes(),
@@ -411,13 +419,47 @@ pub struct QuantizedModel {
     pub resumed_at: Option<usize>,
 }
 
-fn weight_rows(t: &Tensor) -> Result<(Vec<f32>, usize, usize)> {
-    let (rows, cols) = t.dims2()?;
-    Ok((
-        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-        rows,
-        cols,
-    ))
+/// A tensor's values in f32, row-major: borrowed from its storage when it is contiguous f32 on
+/// the CPU (no copy), converted otherwise.
+pub(crate) enum F32Values<'a> {
+    /// The storage's read guard (candle's lock type) and the tensor's range in it.
+    Stored(
+        Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+        std::ops::Range<usize>,
+    ),
+    Converted(Vec<f32>),
+}
+
+impl<'a> F32Values<'a> {
+    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
+        use candle_core::{CpuStorage, Storage};
+        if t.dtype() == DType::F32 {
+            let (storage, layout) = t.storage_and_layout();
+            let cpu = matches!(&*storage, Storage::Cpu(CpuStorage::F32(_)));
+            if let (Some((start, end)), true) = (layout.contiguous_offsets(), cpu) {
+                return Ok(F32Values::Stored(Box::new(storage), start..end));
+            }
+        }
+        Ok(F32Values::Converted(
+            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        ))
+    }
+}
+
+impl std::ops::Deref for F32Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        use candle_core::{CpuStorage, Storage};
+        match self {
+            F32Values::Stored(storage, range) => match &***storage {
+                Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
+                // `of` stores only CPU f32 storage.
+                _ => &[],
+            },
+            F32Values::Converted(v) => v,
+        }
+    }
 }
 
 /// One weight `w` (`rows × cols`) in `format` by `method`: GPTQ (which needs the input
@@ -562,23 +604,26 @@ pub fn quantize_blocks<M: BlockModel>(
         let mut quantized = BTreeMap::new();
         for name in names {
             let start = Instant::now();
-            let linear = block_linear(block, &name)?;
-            let (w, rows, cols) = weight_rows(linear.weight())?;
+            // The weight's own storage, read in place (the block gets a new tensor below).
+            let weight = block_linear(block, &name)?.weight().clone();
+            let (rows, cols) = weight.dims2()?;
+            let w = F32Values::of(&weight)?;
             let format = plan.format_for(&name, cols, n_layers);
             let layer_stats = scaled
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
             let q = quantize_tensor(&w, rows, cols, method, layer_stats, format, &name)?;
-            // The dequantized weight is measured (zeros, output error) and goes back into the
-            // block when something reads it after: the next block's calibration, or a model kept
-            // whole (evaluated afterwards). A streamed block without calibration is only written,
-            // then dropped.
-            let deq = q.dequantize()?;
-            let zeros = zero_fraction(&deq);
-            let error = layer_stats
-                .map(|st| st.relative_output_error(&w, &deq))
-                .transpose()?;
+            // The dequantized weight is measured (output error) and goes back into the block
+            // when something reads it after: the next block's calibration, or a model kept whole
+            // (evaluated afterwards). A streamed block without calibration is only written, then
+            // dropped, and never dequantized.
+            let zeros = q.zero_fraction()?;
+            let mut error = None;
             if layer_stats.is_some() || keeps_blocks {
+                let deq = q.dequantize()?;
+                error = layer_stats
+                    .map(|st| st.relative_output_error(&w, &deq))
+                    .transpose()?;
                 let linear = block_linear(block, &name)?;
                 linear.set_weight(Tensor::from_vec(
                     deq,

@@ -40,56 +40,46 @@ impl Default for GptqConfig {
     }
 }
 
-/// Parameters of every group from the given values (and importance per column).
-fn group_params(
+/// Parameters of every group from the given values (and importance per column), and the codes
+/// of every weight on its group's grid, row-major.
+fn group_codes(
     scheme: &QuantScheme,
     w: &[f32],
     rows: usize,
     cols: usize,
     importance: Option<&[f32]>,
-) -> Vec<GroupParams> {
-    let mut scratch =
-        vec![0u8; cols.max(rows * cols * usize::from(scheme.granularity == Granularity::Tensor))];
-    match scheme.granularity {
+) -> (Vec<GroupParams>, Vec<u8>) {
+    let mut codes = vec![0u8; rows * cols];
+    let (grid, bits, search) = (scheme.grid, scheme.bits, scheme.search);
+    let params = match scheme.granularity {
         Granularity::Tensor => {
             let imp: Option<Vec<f32>> =
                 importance.map(|i| (0..rows).flat_map(|_| i.iter().copied()).collect());
-            vec![scheme.grid.quantize_group(
-                scheme.bits,
-                w,
-                imp.as_deref(),
-                scheme.search,
-                &mut scratch,
-            )]
+            vec![grid.quantize_group(bits, w, imp.as_deref(), search, &mut codes)]
         }
         Granularity::Channel => w
             .par_chunks(cols)
-            .map(|row| {
-                scheme.grid.quantize_group(
-                    scheme.bits,
-                    row,
-                    importance,
-                    scheme.search,
-                    &mut vec![0u8; cols],
-                )
-            })
+            .zip(codes.par_chunks_mut(cols))
+            .map(|(row, codes)| grid.quantize_group(bits, row, importance, search, codes))
             .collect(),
-        Granularity::Group(g) => w
-            .par_chunks(g)
-            .enumerate()
-            .map(|(k, group)| {
-                let start = (k * g) % cols;
-                let imp = importance.map(|i| &i[start..start + g]);
-                scheme.grid.quantize_group(
-                    scheme.bits,
-                    group,
-                    imp,
-                    scheme.search,
-                    &mut vec![0u8; g],
-                )
-            })
-            .collect(),
-    }
+        Granularity::Group(g) => {
+            // Written in place, a row's groups at a time (no list of pieces to join).
+            let mut params =
+                vec![GroupParams::from_stored(half::f16::ZERO, half::f16::ZERO); rows * (cols / g)];
+            w.par_chunks(cols)
+                .zip(codes.par_chunks_mut(cols))
+                .zip(params.par_chunks_mut(cols / g))
+                .for_each(|((row, codes), params)| {
+                    let groups = row.chunks(g).zip(codes.chunks_mut(g));
+                    for (k, ((group, codes), p)) in groups.zip(params).enumerate() {
+                        let imp = importance.map(|i| &i[k * g..(k + 1) * g]);
+                        *p = grid.quantize_group(bits, group, imp, search, codes);
+                    }
+                });
+            params
+        }
+    };
+    (params, codes)
 }
 
 fn check(w: &[f32], rows: usize, cols: usize, scheme: &QuantScheme, name: &str) -> Result<()> {
@@ -111,16 +101,7 @@ pub fn rtn(
     name: &str,
 ) -> Result<QuantizedTensor> {
     check(w, rows, cols, scheme, name)?;
-    let params = group_params(scheme, w, rows, cols, importance);
-    let codes: Vec<u8> = (0..rows * cols)
-        .into_par_iter()
-        .map(|k| {
-            let (r, c) = (k / cols, k % cols);
-            scheme
-                .grid
-                .code(scheme.bits, &params[scheme.group_of(cols, r, c)], w[k])
-        })
-        .collect();
+    let (params, codes) = group_codes(scheme, w, rows, cols, importance);
     Ok(QuantizedTensor::from_parts(
         rows, cols, *scheme, &codes, &params,
     ))
@@ -226,7 +207,7 @@ pub fn gptq(
     let n = cols;
     let fixed =
         cfg.static_groups || cfg.act_order || !matches!(scheme.granularity, Granularity::Group(_));
-    let static_params = fixed.then(|| group_params(scheme, &w, rows, cols, Some(&importance)));
+    let static_params = fixed.then(|| group_codes(scheme, &w, rows, cols, Some(&importance)).0);
     let group_size = match scheme.granularity {
         Granularity::Group(g) => g,
         _ => n,

@@ -4,6 +4,7 @@ use crate::grid::{Grid, GroupParams};
 use crate::{pack, QuantError, Result};
 use candle_core::quantized::GgmlDType;
 use half::f16;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Which weights share a scale.
@@ -89,6 +90,15 @@ impl QuantScheme {
         }
     }
 
+    /// Weights per group in row-major order (a whole tensor's group: `usize::MAX`).
+    pub(crate) fn group_len(&self, cols: usize) -> usize {
+        match self.granularity {
+            Granularity::Tensor => usize::MAX,
+            Granularity::Channel => cols,
+            Granularity::Group(g) => g,
+        }
+    }
+
     pub(crate) fn group_of(&self, cols: usize, r: usize, c: usize) -> usize {
         match self.granularity {
             Granularity::Tensor => 0,
@@ -151,22 +161,63 @@ impl QuantizedTensor {
 
     /// The values the codes stand for, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        use rayon::prelude::*;
         let codes = self.codes();
-        let grid = self.scheme.grid;
-        (0..codes.len())
-            .into_par_iter()
-            .map(|k| {
-                let g = self
-                    .scheme
-                    .group_of(self.cols, k / self.cols, k % self.cols);
-                let p = GroupParams::from_stored(
-                    self.scales[g],
-                    self.mins.get(g).copied().unwrap_or(f16::ZERO),
-                );
-                grid.value(self.scheme.bits, &p, codes[k])
-            })
-            .collect()
+        let (grid, bits) = (self.scheme.grid, self.scheme.bits);
+        let len = self.scheme.group_len(self.cols).max(1);
+        let mut out = vec![0f32; codes.len()];
+        out.par_chunks_mut(len)
+            .zip(codes.par_chunks(len))
+            .with_min_len(64)
+            .enumerate()
+            .for_each(|(g, (out, codes))| {
+                let value = grid.decoder(bits, &self.params_of(g));
+                for (o, &c) in out.iter_mut().zip(codes) {
+                    *o = value(c);
+                }
+            });
+        out
+    }
+
+    /// The fraction of weights whose value is exactly zero (without dequantizing the tensor).
+    pub fn zero_fraction(&self) -> f64 {
+        let (grid, bits) = (self.scheme.grid, self.scheme.bits);
+        let len = self
+            .scheme
+            .group_len(self.cols)
+            .min(self.rows * self.cols)
+            .max(1);
+        let zeros_in = |g: usize, codes: &[u8]| {
+            let value = grid.decoder(bits, &self.params_of(g));
+            codes.iter().filter(|&&c| value(c) == 0.0).count()
+        };
+        let zeros: usize = if (len * bits as usize).is_multiple_of(8) && len <= 256 {
+            // Each group is whole bytes of the packed stream: unpacked a group at a time.
+            self.packed
+                .par_chunks(len * bits as usize / 8)
+                .with_min_len(64)
+                .enumerate()
+                .map(|(g, packed)| {
+                    let mut codes = [0u8; 256];
+                    pack::unpack_into(packed, bits, &mut codes[..len]);
+                    zeros_in(g, &codes[..len])
+                })
+                .sum()
+        } else {
+            let codes = self.codes();
+            codes
+                .chunks(len)
+                .enumerate()
+                .map(|(g, c)| zeros_in(g, c))
+                .sum()
+        };
+        zeros as f64 / (self.rows * self.cols).max(1) as f64
+    }
+
+    fn params_of(&self, group: usize) -> GroupParams {
+        GroupParams::from_stored(
+            self.scales[group],
+            self.mins.get(group).copied().unwrap_or(f16::ZERO),
+        )
     }
 
     /// Bytes of storage: packed codes plus fp16 scales and minimums.
@@ -187,24 +238,40 @@ impl QuantizedTensor {
                 self.scheme
             ))
         })?;
-        let codes = self.codes();
-        let mut out = Vec::with_capacity(self.rows * self.cols / 32 * dtype.type_size());
-        for (g, block) in codes.chunks(32).enumerate() {
-            out.extend(self.scales[g].to_le_bytes());
-            match dtype {
-                GgmlDType::Q8_0 => out.extend(block.iter().map(|&q| (q as i32 - 128) as i8 as u8)),
-                _ => {
-                    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
-                        out.extend(self.mins[g].to_le_bytes());
-                    }
-                    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-                        let qh = (0..32).fold(0u32, |h, j| h | ((block[j] >> 4) as u32) << j);
-                        out.extend(qh.to_le_bytes());
-                    }
-                    out.extend((0..16).map(|j| (block[j] & 15) | (block[j + 16] & 15) << 4));
+        // A group of 32 codes is `4 · bits` whole bytes of the packed stream.
+        let (bits, size) = (self.scheme.bits, dtype.type_size());
+        let mut out = vec![0u8; self.rows * self.cols / 32 * size];
+        out.par_chunks_mut(size)
+            .zip(self.packed.par_chunks(4 * bits as usize))
+            .enumerate()
+            .with_min_len(256)
+            .for_each(|(g, (out, packed))| {
+                let mut block = [0u8; 32];
+                pack::unpack_into(packed, bits, &mut block);
+                out[..2].copy_from_slice(&self.scales[g].to_le_bytes());
+                let mut at = 2;
+                if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+                    out[2..4].copy_from_slice(&self.mins[g].to_le_bytes());
+                    at = 4;
                 }
-            }
-        }
+                match dtype {
+                    GgmlDType::Q8_0 => {
+                        for (o, &q) in out[at..].iter_mut().zip(&block) {
+                            *o = (q as i32 - 128) as i8 as u8;
+                        }
+                    }
+                    _ => {
+                        if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+                            let qh = (0..32).fold(0u32, |h, j| h | ((block[j] >> 4) as u32) << j);
+                            out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
+                            at += 4;
+                        }
+                        for (j, o) in out[at..at + 16].iter_mut().enumerate() {
+                            *o = (block[j] & 15) | (block[j + 16] & 15) << 4;
+                        }
+                    }
+                }
+            });
         Ok((dtype, out))
     }
 }

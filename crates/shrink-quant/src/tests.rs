@@ -46,7 +46,24 @@ fn rtn_blocks_are_byte_identical_to_llama_cpp_quantizers() {
             .unwrap();
         assert_eq!(deq, ours.dequantize(), "{dtype:?} values");
         assert_eq!(ours.size_bytes(), bytes.len());
+        // The zeros counted without dequantizing are the dequantized values' zeros.
+        assert_eq!(
+            ours.zero_fraction(),
+            crate::zero_fraction(&deq),
+            "{dtype:?}"
+        );
     }
+    // Groups that are not whole bytes (3 bits per channel of 45) are counted from the codes.
+    let odd = QuantScheme {
+        bits: 3,
+        granularity: Granularity::Channel,
+        ..QuantScheme::Q4_1
+    };
+    let mut w = random(4 * 45, 2);
+    (0..45).for_each(|i| w[i] = 0.0);
+    let q = rtn(&w, 4, 45, &odd, None, "t").unwrap();
+    assert!(q.zero_fraction() >= 0.25);
+    assert_eq!(q.zero_fraction(), crate::zero_fraction(&q.dequantize()));
 }
 
 #[test]
@@ -231,6 +248,13 @@ fn bad_weights_and_schemes_name_the_tensor() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("blk.3.attn_q") && e.contains("index 9"), "{e}");
+    // Past the first chunk the test reads at once: still the exact index.
+    let mut w = random(2 * 4096 + 64, 0);
+    w[5000] = f32::NEG_INFINITY;
+    let e = rtn(&w, 2, 4128, &QuantScheme::Q4_0, None, "x")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("index 5000"), "{e}");
     let e = rtn(&random(2 * 48, 0), 2, 48, &QuantScheme::Q4_0, None, "x")
         .unwrap_err()
         .to_string();
