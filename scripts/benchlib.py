@@ -24,6 +24,35 @@ def run(cmd):
     return stdout, stderr, wall, usage.ru_maxrss / 1024
 
 
+def loadavg():
+    """The 1-minute load average (/proc/loadavg)."""
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def repeated(commands, repeats):
+    """Times each of `commands` (name -> argv) `repeats` times, alternating them so that a change
+    in the machine's load hits all alike. Returns name -> dict(median_s, min_s, max_s, spread (max
+    over min), walls, peak_rss_mb), with the load average before and after under "load"."""
+    walls = {name: [] for name in commands}
+    rss = {name: 0.0 for name in commands}
+    before = loadavg()
+    for _ in range(repeats):
+        for name, cmd in commands.items():
+            _, _, wall, peak = run(cmd)
+            walls[name].append(wall)
+            rss[name] = max(rss[name], peak)
+    after = loadavg()
+    out = {}
+    for name, w in walls.items():
+        s = sorted(w)
+        median = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+        out[name] = dict(median_s=median, min_s=s[0], max_s=s[-1], spread=s[-1] / s[0], walls=w,
+                         peak_rss_mb=rss[name])
+    out["load"] = dict(before=before, after=after)
+    return out
+
+
 class Bench:
     """What the benchmarks share, from the environment scripts/bench-common.sh exports: the
     shrink binary (SHRINK), llama.cpp's tools (BIN, where built), the thread count (THREADS), the

@@ -26,7 +26,7 @@ mod resume;
 pub use activations::{Activations, Keep};
 pub use hessian::{quadratic, LinearStats, Partial};
 pub use linalg::{cholesky_lower, damped_inverse_cholesky_upper, subtract_scaled};
-pub use resume::{job_description, BlockJob, Recorded};
+pub use resume::{job_description, BlockJob, Recorded, RECORD_INTERVAL};
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};

@@ -53,7 +53,14 @@ pub struct BlockJob {
     rank: usize,
     /// The block of this rank's previous record (rank 0's state may still name it).
     previous: std::cell::Cell<Option<usize>>,
+    /// When this run last recorded.
+    last: std::cell::Cell<Option<std::time::Instant>>,
 }
+
+/// The least time between two records of a run ([`BlockJob::due`]): a job whose blocks take
+/// milliseconds does not spend most of its time syncing files and saving activations, and a
+/// kill loses at most this much work beyond the block under way.
+pub const RECORD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 const STATE: &str = "state.json";
 const PARTIAL: &str = "partial";
@@ -86,6 +93,7 @@ impl BlockJob {
             calibrating,
             rank,
             previous: std::cell::Cell::new(None),
+            last: std::cell::Cell::new(None),
         })
     }
 
@@ -170,6 +178,15 @@ impl BlockJob {
         Ok(backed.then_some(bytes))
     }
 
+    /// Whether a record is due after this block: the run has not recorded yet, or
+    /// [`RECORD_INTERVAL`] has passed since it last did. Callers ask before syncing their output
+    /// and pass no state when it is not (only rank 0's answer counts: it decides for all).
+    pub fn due(&self) -> bool {
+        self.last
+            .get()
+            .is_none_or(|at| at.elapsed() >= RECORD_INTERVAL)
+    }
+
     /// Records that `blocks` blocks are finished, a step every rank takes after each block:
     /// `state` is rank 0's (the partial file synced up to `state.bytes`), `None` where its file
     /// holds no point to resume from (then no rank records); when calibrating, each rank saves
@@ -200,6 +217,7 @@ impl BlockJob {
                 .map_err(|e| CalibError::Resume(format!("recording its progress: {e}")))?;
             self.dir.write(STATE, &json)?;
         }
+        self.last.set(Some(std::time::Instant::now()));
         let kept = match self.rank {
             0 => blocks,
             _ => self.previous.replace(Some(blocks)).unwrap_or(0).min(blocks),

@@ -338,8 +338,11 @@ pub fn prune_streamed(
             Ok(())
         },
         &mut |index, xs, layers| {
-            // Recorded only where the file holds whole blocks and nothing is waiting.
-            let point = resume_point(sink.borrow_mut().as_mut())?;
+            // Recorded when due, where the file holds whole blocks and nothing is waiting.
+            let point = match job.due() {
+                true => resume_point(sink.borrow_mut().as_mut())?,
+                false => None,
+            };
             let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,

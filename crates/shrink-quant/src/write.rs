@@ -214,8 +214,11 @@ pub fn quantize_streamed(
             Ok(())
         },
         &mut |index, xs, layers| {
-            // Recorded only where the file holds whole blocks and nothing is waiting.
-            let point = sink.borrow_mut().checkpoint()?;
+            // Recorded when due, where the file holds whole blocks and nothing is waiting.
+            let point = match job.due() {
+                true => sink.borrow_mut().checkpoint()?,
+                false => None,
+            };
             let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,
@@ -521,11 +524,8 @@ pub(crate) fn round_rows(
     let mut dtype = None;
     for start in (0..rows).step_by(step) {
         let n = step.min(rows - start);
-        let w: Vec<f32> = t
-            .narrow(0, start, n)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let slice = t.narrow(0, start, n)?;
+        let w = crate::F32Values::of(&slice)?;
         let (d, bytes) = crate::rtn_format(&w, n, cols, format, None, name)?.to_ggml_blocks()?;
         dtype = Some(d);
         out.extend(bytes);

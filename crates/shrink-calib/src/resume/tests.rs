@@ -83,3 +83,28 @@ fn ranks_resume_together_from_their_own_activations() -> Result<()> {
     }
     Ok(())
 }
+
+/// A run's first record is due; the next only once `RECORD_INTERVAL` has passed; a block with
+/// no state (not due) records nothing and leaves the clock alone.
+#[test]
+fn records_are_due_first_then_once_per_interval() -> Result<()> {
+    let dir = tempfile::tempdir().map_err(|e| CalibError::Resume(e.to_string()))?;
+    let world = shrink_core::Alone;
+    let job = BlockJob::open(&dir.path().join("m.gguf"), "a job", false, &world)?;
+    assert!(job.due());
+    job.record::<()>(&world, 1, None, None)?;
+    assert!(job.due(), "nothing recorded");
+    std::fs::write(job.partial(), [0u8; 8]).map_err(|e| CalibError::Resume(e.to_string()))?;
+    let state = Recorded {
+        blocks: 1,
+        tensors: 1,
+        bytes: 8,
+        report: (),
+    };
+    job.record(&world, 1, Some(&state), None)?;
+    assert!(!job.due());
+    job.last
+        .set(Some(std::time::Instant::now() - RECORD_INTERVAL));
+    assert!(job.due());
+    Ok(())
+}

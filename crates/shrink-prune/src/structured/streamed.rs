@@ -84,7 +84,8 @@ pub fn prune_structured_streamed(
                 },
                 start,
                 &mut |index, xs, scored| {
-                    let state = (run.world.rank() == 0).then(|| shrink_calib::Recorded {
+                    let due = run.world.rank() == 0 && job.due();
+                    let state = due.then(|| shrink_calib::Recorded {
                         blocks: index + 1,
                         tensors: 0,
                         bytes: 0,
@@ -152,7 +153,10 @@ pub fn prune_structured_streamed(
     let order =
         shrink_io::HfStream::model_order(written.tensors.names(), &new_cfg.embedding_name());
     let record = |sink: &mut Option<shrink_io::ModelStream>| -> Result<()> {
-        let point = crate::resume_point(sink.as_mut())?;
+        let point = match job.due() {
+            true => crate::resume_point(sink.as_mut())?,
+            false => None,
+        };
         // Block n + 1: the writing's records (an empty set of activations marks them) never
         // replace the activations the last scoring record names.
         let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
