@@ -17,6 +17,7 @@ mod fsio;
 mod progress;
 mod simd;
 mod stamp;
+mod timing;
 
 pub use collective::{share_dealt, share_json, Alone, Collective, ThreadGroup};
 pub use fsio::{
@@ -26,6 +27,7 @@ pub use fsio::{
 };
 pub use progress::{NoProgress, Progress};
 pub use stamp::{sha256_file_stamped, sha256_file_stamped_in};
+pub use timing::{median_spread, LoadProbe, MachineLoad, Timing, UNDER_LOAD};
 
 /// Errors from the shared foundations: always name the file involved.
 #[derive(Debug, thiserror::Error)]

@@ -30,7 +30,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shrink_core::{Alone, Collective, Progress};
 use shrink_models::{BlockModel, Head, NoHook, Transformer};
-use std::time::Instant;
 
 /// The JSON schema of [`EvalReport`]; bumped on any incompatible change.
 pub const EVAL_SCHEMA: &str = "shrink.eval/v1";
@@ -170,6 +169,9 @@ pub struct EvalReport {
     /// Tokens run through the evaluated model per second of wall time (both models' forward
     /// passes count in wall time when a reference is given).
     pub tokens_per_s: f64,
+    /// How busy the machine was during the evaluation, where it can be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<shrink_core::MachineLoad>,
 }
 
 /// One chunk: its input ids and the positions whose next-token prediction is scored.
@@ -404,7 +406,7 @@ pub fn evaluate_in(
         bos,
         cfg,
     )?;
-    let start = Instant::now();
+    let start = shrink_core::Timing::start();
     let ranges = batches(&chunks, cfg.batch);
     let mine = owned(world, ranges.len());
     progress.start("evaluating", mine.len() as u64);
@@ -465,7 +467,7 @@ pub fn evaluate_streamed_in<M: BlockModel>(
         bos,
         cfg,
     )?;
-    let start = Instant::now();
+    let start = shrink_core::Timing::start();
     let ranges = batches(&chunks, cfg.batch);
     let mine: Vec<_> = owned(world, ranges.len())
         .into_iter()
@@ -584,7 +586,7 @@ fn tally(
     chunks: &[Chunk],
     cfg: &EvalConfig,
     with_reference: bool,
-    start: Instant,
+    start: shrink_core::Timing,
     scores: Vec<BatchScores>,
 ) -> Result<EvalReport> {
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
@@ -612,7 +614,7 @@ fn tally(
         chunk_ppl.push((chunk_nll / scored.max(1) as f64).exp());
         processed += chunk.ids.len();
     }
-    let wall_s = start.elapsed().as_secs_f64();
+    let wall_s = start.elapsed_s();
     let n = count as f64;
     let nll_mean = nll / n;
     let var = nll2 / n - nll_mean * nll_mean;
@@ -653,6 +655,7 @@ fn tally(
         fidelity,
         wall_s,
         tokens_per_s: processed as f64 / wall_s.max(1e-9),
+        load: start.load(),
     })
 }
 

@@ -256,14 +256,22 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
     .unwrap();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 29 % 200 + 3) as u32).collect();
     let bytes = std::fs::read(&path).unwrap();
-    let quantized = quantized_decode_speed(&bytes, &path, &prompt, 16).unwrap();
-    let ours = f32_decode_speed(&model, &prompt, 16).unwrap();
+    let quantized = quantized_decode_speed(&bytes, &path, &prompt, 16, 3).unwrap();
+    // Repeated runs start new sequences (a cache kept across runs would change the tokens,
+    // which is an error): the f32 model decodes the same continuation.
+    let ours = f32_decode_speed(&model, &prompt, 16, 3).unwrap();
     assert_eq!(quantized.backend, "candle-quantized");
     assert_eq!(quantized.tokens.len(), 17);
     assert_eq!(quantized.tokens, ours.tokens);
     assert!(quantized.decode_ms_per_token > 0.0 && quantized.prefill_tokens_per_s > 0.0);
+    assert_eq!((quantized.repeats, ours.repeats), (3, 3));
+    assert!(quantized.decode_spread >= 1.0 && quantized.prefill_spread >= 1.0);
+    assert_eq!(
+        ours.load.is_some(),
+        std::path::Path::new("/proc/stat").exists()
+    );
     // A cut file is refused, naming it.
-    let err = quantized_decode_speed(&bytes[..bytes.len() / 2], &path, &prompt, 1).unwrap_err();
+    let err = quantized_decode_speed(&bytes[..bytes.len() / 2], &path, &prompt, 1, 1).unwrap_err();
     assert!(err.to_string().contains("tiny.gguf"), "{err}");
 }
 
@@ -377,6 +385,7 @@ fn a_streamed_evaluation_gives_the_whole_model_bits() {
             let timeless = |r: EvalReport| EvalReport {
                 wall_s: 0.0,
                 tokens_per_s: 0.0,
+                load: None,
                 ..r
             };
             assert_eq!(timeless(got), timeless(whole), "tied {tied}, {c:?}");
@@ -397,6 +406,7 @@ fn an_evaluation_split_across_ranks_gives_one_process_bits() {
     let timeless = |r: EvalReport| EvalReport {
         wall_s: 0.0,
         tokens_per_s: 0.0,
+        load: None,
         ..r
     };
     let on_ranks =

@@ -97,6 +97,7 @@ mod tests {
             sparsity: 0.0,
             compression_ratio: 2.0,
             eval_tokens_per_s: 1.0,
+            eval_load: None,
             stage_wall_s: 1.0,
             peak_rss_bytes: 0,
             decode: None,

@@ -77,6 +77,7 @@ pub(crate) struct Bench<'a> {
     stop: Vec<u32>,
     decode_prompt: Vec<u32>,
     decode_tokens: usize,
+    speed_repeats: usize,
     tokenizer: &'a TokenizerBundle,
     /// Encoders: whether the models are, the held-out sentences, their pooling and the
     /// evaluation settings.
@@ -117,6 +118,7 @@ impl<'a> Bench<'a> {
             max_new_tokens: e.max_new_tokens,
             stop: tokenizer.eos_token_ids.clone(),
             decode_tokens: e.decode_tokens,
+            speed_repeats: e.speed_repeats,
             tokenizer,
             encoder,
             sentences: if encoder {
@@ -234,6 +236,7 @@ impl Bench<'_> {
                     model,
                     &self.decode_prompt,
                     self.decode_tokens,
+                    self.speed_repeats,
                 )?),
             },
         };
@@ -268,6 +271,7 @@ impl Bench<'_> {
                 Path::new(&file.inspection.path),
                 &self.decode_prompt,
                 self.decode_tokens,
+                self.speed_repeats,
             )?)),
             _ => Ok(None),
         }

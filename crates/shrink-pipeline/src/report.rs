@@ -133,6 +133,9 @@ pub struct ModelRow {
     pub compression_ratio: f64,
     /// Evaluation throughput (f32 forward on the dequantized weights).
     pub eval_tokens_per_s: f64,
+    /// How busy the machine was during the evaluation, where it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_load: Option<shrink_core::MachineLoad>,
     /// Wall time of making the model (0 for the baseline).
     pub stage_wall_s: f64,
     /// Peak resident memory while making the model (0 for the baseline).

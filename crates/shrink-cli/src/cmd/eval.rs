@@ -195,6 +195,9 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
         report.tokens_per_s,
         report.tokens_processed
     );
+    if let Some(note) = report.load.as_ref().and_then(|l| l.note()) {
+        outln!("            {note}");
+    }
     if streamed {
         outln!(
             "memory      peak RSS {:.2} GB (block by block)",

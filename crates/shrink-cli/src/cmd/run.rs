@@ -134,7 +134,8 @@ pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<
                 cells[3],
                 m.size_bytes as f64 / 1e6,
                 m.bits_per_weight,
-                opt(m.decode.as_ref().map(|d| d.decode_ms_per_token), 1.0, 1),
+                opt(m.decode.as_ref().map(|d| d.decode_ms_per_token), 1.0, 1)
+                    + if loaded(m) { "*" } else { "" },
                 if m.kind == "baseline" {
                     "-".to_string()
                 } else if m.cached {
@@ -143,6 +144,12 @@ pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<
                     format!("{:.1}", m.stage_wall_s)
                 }
             );
+        }
+        if let Some(note) = r.rows.iter().find(|m| loaded(m)).and_then(|m| {
+            let d = m.decode.as_ref().and_then(|d| d.load);
+            d.or(m.eval_load).and_then(|l| l.note())
+        }) {
+            outln!("* speed measured {note}");
         }
         if let Some(s) = &r.sweep {
             outln!("pareto      {} (size vs perplexity)", s.pareto.join(" → "));
@@ -172,4 +179,13 @@ pub(crate) fn run(args: RunArgs, world: &dyn shrink_core::Collective) -> Result<
         eprintln!("error: quality gates failed: {}", failed.join("; "));
         Ok(ExitCode::from(GATES_FAILED))
     }
+}
+
+/// Whether a row's speed figures were measured under load (`shrink_core::MachineLoad`).
+fn loaded(m: &shrink_pipeline::report::ModelRow) -> bool {
+    let decode = m.decode.as_ref().and_then(|d| d.load);
+    [decode, m.eval_load]
+        .iter()
+        .flatten()
+        .any(|l| l.under_load())
 }

@@ -195,6 +195,9 @@ pub struct EvalConfig {
     pub prefill_tokens: usize,
     #[serde(default = "default_decode_tokens")]
     pub decode_tokens: usize,
+    /// Timed runs of the decode-speed measurement: the report gives their median and spread.
+    #[serde(default = "default_speed_repeats")]
+    pub speed_repeats: usize,
     /// Encoders: held-out sentences of the evaluation text whose embeddings are compared.
     #[serde(default = "default_sentences")]
     pub sentences: usize,
@@ -243,6 +246,9 @@ fn default_prefill_tokens() -> usize {
 fn default_decode_tokens() -> usize {
     32
 }
+fn default_speed_repeats() -> usize {
+    5
+}
 
 fn default_protocol() -> String {
     "llama-cpp".into()
@@ -265,6 +271,7 @@ impl Default for EvalConfig {
             chat: true,
             prefill_tokens: default_prefill_tokens(),
             decode_tokens: default_decode_tokens(),
+            speed_repeats: default_speed_repeats(),
             sentences: default_sentences(),
             stream: StreamEval::Auto,
         }

@@ -80,18 +80,42 @@ fn summary_table(report: &Report) -> Table {
             r.shape.clone(),
             format!("{:.1}", r.sparsity * 100.0),
             format!("{:.2}", r.compression_ratio),
-            format!("{:.0}", r.eval_tokens_per_s),
+            speed(r.eval_tokens_per_s, 0, None, r.eval_load.as_ref()),
             opt((!base).then_some(r.stage_wall_s), |v| format!("{v:.1}")),
             opt((!base).then_some(r.peak_rss_bytes as f64 / 1e6), |v| {
                 format!("{v:.1}")
             }),
-            opt(d.map(|d| d.decode_ms_per_token), |v| format!("{v:.1}")),
-            opt(d.map(|d| d.prefill_tokens_per_s), |v| format!("{v:.0}")),
+            d.map_or("-".into(), |d| {
+                let spread = (d.repeats > 1).then_some(d.decode_spread);
+                speed(d.decode_ms_per_token, 1, spread, d.load.as_ref())
+            }),
+            d.map_or("-".into(), |d| {
+                let spread = (d.repeats > 1).then_some(d.prefill_spread);
+                speed(d.prefill_tokens_per_s, 0, spread, d.load.as_ref())
+            }),
             d.map_or("-".into(), |d| d.backend.clone()),
             if r.cached { "cached" } else { "" }.into(),
         ]
     });
     table(SUMMARY_HEAD, rows)
+}
+
+/// A speed figure: the value, the spread of its timed runs (slowest over fastest, as a
+/// percentage) and, when it was measured under load, what the machine was doing.
+fn speed(
+    value: f64,
+    digits: usize,
+    spread: Option<f64>,
+    load: Option<&shrink_core::MachineLoad>,
+) -> String {
+    let mut cell = format!("{value:.digits$}");
+    if let Some(s) = spread {
+        w!(cell, " (spread {:.0}%)", (s - 1.0) * 100.0);
+    }
+    if let Some(note) = load.and_then(|l| l.note()) {
+        w!(cell, " ⚠ {note}");
+    }
+    cell
 }
 
 fn gates_table(report: &Report) -> Table {

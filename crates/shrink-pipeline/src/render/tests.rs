@@ -163,3 +163,26 @@ fn axis_handles_wide_and_flat_ranges() {
     assert!(flat.hi > flat.lo && flat.map(5.0).is_finite());
     assert!(flat.ticks().iter().all(|t| t.0.is_finite()));
 }
+
+#[test]
+fn speed_figures_carry_their_spread_and_a_load_warning() {
+    let mut r = sample();
+    let load = shrink_core::MachineLoad {
+        loadavg_before: 1.5,
+        loadavg_after: 2.25,
+        others: 0.23,
+    };
+    let d = r.rows[1].decode.as_mut().unwrap();
+    (d.repeats, d.decode_spread, d.prefill_spread, d.load) = (5, 1.04, 1.5, Some(load));
+    r.rows[2].eval_load = Some(shrink_core::MachineLoad {
+        others: 0.02,
+        ..load
+    });
+    let md = to_markdown(&r);
+    let note = "⚠ under load: others took 23% of the CPU (load average 1.50 → 2.25)";
+    assert!(md.contains(&format!("| 21.5 (spread 4%) {note} |")), "{md}");
+    assert!(md.contains(&format!("| 400 (spread 50%) {note} |")));
+    // An old report (one run, no load) and a quiet machine: the plain figure.
+    assert!(md.contains("| 900 |") && !md.contains("| 900 ⚠"));
+    assert!(to_html(&r).contains("(spread 4%) ⚠ under load"));
+}

@@ -642,6 +642,7 @@ fn row(
             || m.encoder.as_ref().map_or(0.0, |e| e.encode_tokens_per_s),
             |e| e.tokens_per_s,
         ),
+        eval_load: m.eval.as_ref().and_then(|e| e.load),
         stage_wall_s: record.map_or(0.0, |r| r.wall_s),
         peak_rss_bytes: record.map_or(0, |r| r.peak_rss_bytes),
         decode: m.decode.clone(),
