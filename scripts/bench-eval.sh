@@ -2,22 +2,12 @@
 # Benchmark (not a test): evaluation throughput of `shrink eval` against `llama-perplexity` on the
 # same F32 GGUF of SmolLM2-135M, same text and protocol (hamlet, ctx 512, 32 chunks), 2 threads,
 # measured back to back in one run. Prints a table and writes target/bench/eval.json.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-THREADS="${THREADS:-2}"
+BENCH=eval LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
 CHUNKS="${CHUNKS:-32}"
-cargo build --release -p shrink-cli >&2
-SHRINK=target/release/shrink
-BIN="$(scripts/build-llama-cpp.sh)"
 MODEL="$($SHRINK data path smollm2)"
 HAMLET="$($SHRINK data path shakespeare:eval)"
-CACHE="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
-F32="$CACHE/bench/smollm2-f32.gguf"
-if [ ! -f "$F32" ]; then
-  mkdir -p "$(dirname "$F32")"
-  "$BIN/llama-quantize" --allow-requantize "$MODEL" "$F32.part" F32 >/dev/null 2>&1
-  mv "$F32.part" "$F32"
-fi
+F32="$(smollm2_f32)"
 mkdir -p target/bench
 SCRIPTS="$PWD/scripts" python3 - "$SHRINK" "$BIN/llama-perplexity" "$F32" "$MODEL" "$HAMLET" "$THREADS" "$CHUNKS" <<'PY'
 import json, os, re, sys

@@ -6,14 +6,7 @@
 # before and after are printed, with the ratio of the medians. Writes target/bench/rtn/rtn.json.
 BENCH=rtn LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
-MODEL="$($SHRINK data path smollm2)"
-CACHE="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
-F32="$CACHE/bench/smollm2-f32.gguf"
-if [ ! -f "$F32" ]; then
-  mkdir -p "$(dirname "$F32")"
-  "$BIN/llama-quantize" --allow-requantize "$MODEL" "$F32.part" F32 >/dev/null 2>&1
-  mv "$F32.part" "$F32"
-fi
+F32="$(smollm2_f32)"
 python3 - "$F32" "${REPEATS:-7}" <<'PY'
 import json, os, sys
 from benchlib import Bench, repeated
