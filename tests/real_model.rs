@@ -1031,7 +1031,7 @@ values = ["q4_0", "q5_0", "q8_0"]
         one_args.extend(args.iter().map(String::as_str));
         let timeless = |text: &str| -> serde_json::Value {
             let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
-            for timing in ["wall_s", "tokens_per_s", "peak_rss_bytes"] {
+            for timing in ["wall_s", "tokens_per_s", "peak_rss_bytes", "load"] {
                 v.as_object_mut().unwrap().remove(timing);
             }
             v

@@ -59,9 +59,12 @@ impl LinearStats {
         let n = self.in_features;
         let x = x.to_dtype(DType::F32)?.reshape(((), n))?;
         let rows = x.dim(0)?;
-        // XᵀX in f32 by candle's matmul, summed in f64 across batches.
+        // XᵀX in f32, each entry one chain over the rows in order (the same bits on any CPU),
+        // summed in f64 across batches.
         let xtx = if self.has_hessian() {
-            x.t()?.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?
+            let mut xtx = vec![0f32; n * n];
+            shrink_core::gemm::gram(&shrink_models::F32Values::of(&x)?, rows, n, &mut xtx);
+            xtx
         } else {
             Vec::new()
         };
@@ -148,8 +151,20 @@ impl LinearStats {
 
 /// Σ_rows vᵀ H v for the rows of `v` (`rows × n`), by one matrix product.
 pub fn quadratic(v: &[f32], n: usize, h: &Tensor) -> candle_core::Result<f64> {
-    let v = Tensor::from_slice(v, (v.len() / n, n), &candle_core::Device::Cpu)?;
-    Ok((v.matmul(h)? * &v)?.sum_all()?.to_scalar::<f32>()? as f64)
+    use shrink_core::gemm::{gemm, Operand};
+    let rows = v.len() / n;
+    let mut vh = vec![0f32; rows * n];
+    let h = shrink_models::F32Values::of(h)?;
+    gemm(
+        rows,
+        n,
+        n,
+        Operand::row_major(v, n),
+        Operand::row_major(&h, n),
+        &mut vh,
+        false,
+    );
+    Ok(vh.iter().zip(v).map(|(a, b)| a * b).sum::<f32>() as f64)
 }
 
 #[cfg(test)]

@@ -100,6 +100,10 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let cli = Cli::parse();
+    if let Err(e) = shrink_core::gemm::Kernel::from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     tune_allocator(&cli.command);
     if let Some(n) = cli.threads {
         // Read by candle when it sizes its thread pool, before any tensor work.

@@ -14,6 +14,7 @@
 
 mod collective;
 mod fsio;
+pub mod gemm;
 mod progress;
 mod simd;
 mod stamp;

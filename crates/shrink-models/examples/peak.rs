@@ -2,9 +2,10 @@
 //!
 //! - the f32 FMA peak: independent fused multiply-adds on registers only (AVX-512 and AVX2
 //!   where the CPU has them), on 1 thread and on every thread;
-//! - f32 GEMM at shrink's shapes through candle (its `gemm` crate: what the forward pass uses
-//!   today) and, built with `--features shrink-models/openblas`, through OpenBLAS's `cblas_sgemm`
-//!   (Debian's `libopenblas-dev`);
+//! - f32 GEMM at shrink's shapes through candle (its `gemm` crate), built with `--features
+//!   shrink-models/openblas` through OpenBLAS's `cblas_sgemm` (Debian's `libopenblas-dev`), and through shrink's own `shrink_core::gemm` (one reduction
+//!   order on every CPU: what the forward uses since issue #20, item 3), with the Hessian's `XᵀX`
+//!   by candle's product and by shrink's `gram` (the upper triangle);
 //! - the memory bandwidth: the STREAM triad `a = b + s·c` over arrays far larger than the caches;
 //! - shrink's own forward pass (`Transformer::forward`, random weights of SmolLM2-135M's shapes,
 //!   one window of 512 tokens): the useful flops it does (linears, causal attention, head) per
@@ -181,6 +182,25 @@ fn gemm(threads: usize, m: usize, k: usize, n: usize, what: &str) -> candle_core
         "gemm       {what:<34} {m:>5} × {k:>5} × {n:>5}  candle   {} GFLOP/s",
         rate(flops, candle)
     );
+    {
+        use shrink_core::gemm::{gemm, Operand};
+        let mut c = vec![0f32; m * n];
+        let own = timed(repeats, || {
+            gemm(
+                m,
+                n,
+                k,
+                Operand::row_major(&a, k),
+                Operand::row_major(&b, n),
+                &mut c,
+                false,
+            )
+        });
+        println!(
+            "gemm       {what:<34} {m:>5} × {k:>5} × {n:>5}  shrink   {} GFLOP/s",
+            rate(flops, own)
+        );
+    }
     #[cfg(feature = "openblas")]
     {
         let mut c = vec![0f32; m * n];
@@ -193,6 +213,34 @@ fn gemm(threads: usize, m: usize, k: usize, n: usize, what: &str) -> candle_core
         );
     }
     let _ = threads;
+    Ok(())
+}
+
+/// The Hessian's `XᵀX` of `rows × n` activations: candle's full product against shrink's
+/// [`shrink_core::gemm::gram`] (the upper triangle, mirrored), both as useful flops `rows · n²`
+/// … counted as a full product's `2 · rows · n²` so the two compare directly.
+fn gram(rows: usize, n: usize, what: &str) -> candle_core::Result<()> {
+    let x: Vec<f32> = (0..rows * n)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0)
+        .collect();
+    let flops = (2 * rows * n * n) as f64;
+    let tx = Tensor::from_slice(&x, (rows, n), &Device::Cpu)?;
+    let mut failed = None;
+    let candle = timed(7, || {
+        if let Err(e) = tx.t().and_then(|t| t.matmul(&tx)) {
+            failed = Some(e);
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let mut c = vec![0f32; n * n];
+    let own = timed(7, || shrink_core::gemm::gram(&x, rows, n, &mut c));
+    println!(
+        "xᵀx        {what:<34} candle {} / shrink gram {} GFLOP/s (full-product flops)",
+        rate(flops, candle),
+        rate(flops, own)
+    );
     Ok(())
 }
 
@@ -307,6 +355,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (512, 4096, 14336, "Llama-3-8B gate/up, 512 tokens"),
     ] {
         gemm(threads, m, k, n, what)?;
+    }
+    for (rows, n, what) in [
+        (2048, 576, "SmolLM2 q/k/v/gate/up input, 2048 rows"),
+        (2048, 1536, "SmolLM2 down input, 2048 rows"),
+    ] {
+        gram(rows, n, what)?;
     }
     println!(
         "triad      a = b + s·c, 3 × 512 MB  {} GB/s",

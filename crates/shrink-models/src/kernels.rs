@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use shrink_core::gemm::{gemm, Operand};
 
 fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
@@ -162,6 +163,116 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor
     }
 }
 
+/// A tensor's values in f32, row-major: borrowed from its storage when it is contiguous f32 on
+/// the CPU (no copy), converted otherwise.
+pub enum F32Values<'a> {
+    /// The storage's read guard (candle's lock type) and the tensor's range in it.
+    Stored(
+        Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
+        std::ops::Range<usize>,
+    ),
+    Converted(Vec<f32>),
+}
+
+impl<'a> F32Values<'a> {
+    pub fn of(t: &'a Tensor) -> candle_core::Result<Self> {
+        use candle_core::{CpuStorage, Storage};
+        if t.dtype() == candle_core::DType::F32 {
+            let (storage, layout) = t.storage_and_layout();
+            let cpu = matches!(&*storage, Storage::Cpu(CpuStorage::F32(_)));
+            if let (Some((start, end)), true) = (layout.contiguous_offsets(), cpu) {
+                return Ok(F32Values::Stored(Box::new(storage), start..end));
+            }
+        }
+        Ok(F32Values::Converted(
+            t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?,
+        ))
+    }
+}
+
+impl std::ops::Deref for F32Values<'_> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        use candle_core::{CpuStorage, Storage};
+        match self {
+            F32Values::Stored(storage, range) => match &***storage {
+                Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
+                // `of` stores only CPU f32 storage.
+                _ => &[],
+            },
+            F32Values::Converted(v) => v,
+        }
+    }
+}
+
+/// Whether a product of these tensors runs on [`shrink_core::gemm`] (the same bits on every CPU):
+/// f32 on the CPU, outside any gradient computation. Other products use candle's.
+fn fixed_order(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op())
+}
+
+/// `x · wᵀ` for rows `x` (`rows × in`) and a linear layer's weight `w` (`out × in`).
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if !fixed_order(&[x, w]) {
+        return x.matmul(&w.t()?);
+    }
+    let (rows, k) = x.dims2()?;
+    let n = w.dim(0)?;
+    let (xs, ws) = (F32Values::of(x)?, F32Values::of(w)?);
+    let mut y = vec![0f32; rows * n];
+    gemm(
+        rows,
+        n,
+        k,
+        Operand::row_major(&xs, k),
+        Operand::transposed(&ws, k),
+        &mut y,
+        false,
+    );
+    Tensor::from_vec(y, (rows, n), x.device())
+}
+
+/// Per head, `a · b` (`b_transposed`: `a · bᵀ`) for `a` (`batch × heads × m × k`) and `b` with
+/// `heads / groups` heads (grouped-query attention: head `h` reads `b`'s head `h / groups`);
+/// `None` when the product is not [`fixed_order`]'s (the caller then uses candle's).
+pub(crate) fn per_head(
+    a: &Tensor,
+    b: &Tensor,
+    groups: usize,
+    b_transposed: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fixed_order(&[a, b]) {
+        return Ok(None);
+    }
+    let (batch, heads, m, k) = a.dims4()?;
+    let (_, kv_heads, r, c) = b.dims4()?;
+    let n = if b_transposed { r } else { c };
+    if kv_heads * groups != heads || (if b_transposed { c } else { r }) != k {
+        candle_core::bail!("per-head product: {:?} by {:?}", a.dims(), b.dims());
+    }
+    let (a_values, b_values) = (F32Values::of(a)?, F32Values::of(b)?);
+    let (av, bv): (&[f32], &[f32]) = (&a_values, &b_values);
+    let mut out = vec![0f32; batch * heads * m * n];
+    out.par_chunks_mut((m * n).max(1))
+        .enumerate()
+        .for_each(|(i, o)| {
+            let a = &av[i * m * k..(i + 1) * m * k];
+            let j = (i / heads) * kv_heads + (i % heads) / groups;
+            let b = &bv[j * r * c..(j + 1) * r * c];
+            let b = if b_transposed {
+                Operand::transposed(b, k)
+            } else {
+                Operand::row_major(b, n)
+            };
+            gemm(m, n, k, Operand::row_major(a, k), b, o, false);
+        });
+    Tensor::from_vec(out, (batch, heads, m, n), a.device()).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +294,37 @@ mod tests {
                 .unwrap();
             assert!(diff < 1e-6, "window {window}: {diff}");
         }
+    }
+
+    #[test]
+    fn fixed_order_products_are_candles_products() {
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        };
+        let x = Tensor::randn(0f32, 1.0, (37, 70), &Device::Cpu).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (45, 70), &Device::Cpu).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(close(&linear(&x, &w).unwrap(), &want) < 1e-4);
+        // Grouped-query attention: 6 heads of q over 2 heads of k and v (groups of 3).
+        let q = Tensor::randn(0f32, 1.0, (2, 6, 5, 8), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, 7, 8), &Device::Cpu).unwrap();
+        let kr = k
+            .unsqueeze(2)
+            .unwrap()
+            .expand((2, 2, 3, 7, 8))
+            .unwrap()
+            .reshape((2, 6, 7, 8))
+            .unwrap();
+        let scores = per_head(&q, &k, 3, true).unwrap().unwrap();
+        let want = q.matmul(&kr.t().unwrap()).unwrap();
+        assert!(close(&scores, &want) < 1e-5);
+        let v = k;
+        let attn = per_head(&scores, &v, 3, false).unwrap().unwrap();
+        assert!(close(&attn, &scores.matmul(&kr).unwrap()) < 1e-4);
+        // Under a gradient, candle's product.
+        let var = candle_core::Var::from_tensor(&q).unwrap();
+        assert!(per_head(var.as_tensor(), &v, 3, true).unwrap().is_none());
     }
 
     #[test]

@@ -34,6 +34,7 @@ mod transformer;
 pub use chat::{render_chat, ChatMessage};
 pub use config::{Activation, Arch, ModelConfig};
 pub use generate::{generate, Generation, Sampler, SamplingConfig};
+pub use kernels::F32Values;
 pub use pooling::{Pooling, PoolingMode};
 pub use transformer::{
     ActQuant, AttentionContext, Block, BlockModel, Head, KvCache, Linear, LinearHook, MlmHead,

@@ -40,7 +40,7 @@ pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
 pub use write_hf::QuantizedHf;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use shrink_calib::LinearStats;
 use shrink_core::Progress;
 use shrink_models::{BlockModel, Transformer};
@@ -419,49 +419,6 @@ pub struct QuantizedModel {
     pub resumed_at: Option<usize>,
 }
 
-/// A tensor's values in f32, row-major: borrowed from its storage when it is contiguous f32 on
-/// the CPU (no copy), converted otherwise.
-pub(crate) enum F32Values<'a> {
-    /// The storage's read guard (candle's lock type) and the tensor's range in it.
-    Stored(
-        Box<dyn std::ops::Deref<Target = candle_core::Storage> + 'a>,
-        std::ops::Range<usize>,
-    ),
-    Converted(Vec<f32>),
-}
-
-impl<'a> F32Values<'a> {
-    pub(crate) fn of(t: &'a Tensor) -> Result<Self> {
-        use candle_core::{CpuStorage, Storage};
-        if t.dtype() == DType::F32 {
-            let (storage, layout) = t.storage_and_layout();
-            let cpu = matches!(&*storage, Storage::Cpu(CpuStorage::F32(_)));
-            if let (Some((start, end)), true) = (layout.contiguous_offsets(), cpu) {
-                return Ok(F32Values::Stored(Box::new(storage), start..end));
-            }
-        }
-        Ok(F32Values::Converted(
-            t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-        ))
-    }
-}
-
-impl std::ops::Deref for F32Values<'_> {
-    type Target = [f32];
-
-    fn deref(&self) -> &[f32] {
-        use candle_core::{CpuStorage, Storage};
-        match self {
-            F32Values::Stored(storage, range) => match &***storage {
-                Storage::Cpu(CpuStorage::F32(v)) => &v[range.clone()],
-                // `of` stores only CPU f32 storage.
-                _ => &[],
-            },
-            F32Values::Converted(v) => v,
-        }
-    }
-}
-
 /// One weight `w` (`rows × cols`) in `format` by `method`: GPTQ (which needs the input
 /// statistics `stats`) or round-to-nearest (weighted by the Hessian's diagonal when `stats` are
 /// given, as llama.cpp's imatrix). AWQ and SmoothQuant rescale a whole block first and are
@@ -607,7 +564,7 @@ pub fn quantize_blocks<M: BlockModel>(
             // The weight's own storage, read in place (the block gets a new tensor below).
             let weight = block_linear(block, &name)?.weight().clone();
             let (rows, cols) = weight.dims2()?;
-            let w = F32Values::of(&weight)?;
+            let w = shrink_models::F32Values::of(&weight)?;
             let format = plan.format_for(&name, cols, n_layers);
             let layer_stats = scaled
                 .get(&name)

@@ -1,6 +1,6 @@
 use super::*;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use shrink_calib::LinearStats;
 

@@ -525,7 +525,7 @@ pub(crate) fn round_rows(
     for start in (0..rows).step_by(step) {
         let n = step.min(rows - start);
         let slice = t.narrow(0, start, n)?;
-        let w = crate::F32Values::of(&slice)?;
+        let w = shrink_models::F32Values::of(&slice)?;
         let (d, bytes) = crate::rtn_format(&w, n, cols, format, None, name)?.to_ggml_blocks()?;
         dtype = Some(d);
         out.extend(bytes);

@@ -180,9 +180,12 @@ impl Block {
             }
             None => (k, v),
         };
-        let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
+        let groups = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?;
+        let scores = match crate::kernels::per_head(&q, &k, groups, true)? {
+            Some(scores) => scores,
+            None => q.matmul(&repeat_kv(k.clone(), groups)?.t()?)?,
+        };
         let probs = if ctx.causal {
             crate::kernels::causal_softmax(&scores, scale, ctx.window)?
         } else {
@@ -199,10 +202,11 @@ impl Block {
             probs.to_dtype(x.dtype())?
         };
         hook.attention(self.index, &probs)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let attn = match crate::kernels::per_head(&probs, &v, groups, false)? {
+            Some(attn) => attn,
+            None => probs.matmul(&repeat_kv(v, groups)?)?,
+        };
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         hook.observe(&self.names[3], &attn)?;
         let x = (x + self.o_proj.forward(&attn)?)?;
         let x = if self.post_norm {

@@ -145,7 +145,7 @@ impl Linear {
                 .fake_quantize(&x2.to_dtype(DType::F32)?)?
                 .to_dtype(x.dtype())?;
         }
-        let y = x2.matmul(&self.weight.t()?)?;
+        let y = crate::kernels::linear(&x2, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
