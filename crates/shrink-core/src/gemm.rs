@@ -254,23 +254,14 @@ pub fn gemm_with(
                     }
                 }
                 let a_tile = if q < full_panels {
-                    Strided {
+                    Operand {
                         data: &a.data[q * MR * a.row_stride + p0 * a.col_stride..],
-                        lane: a.row_stride,
-                        step: a.col_stride,
+                        ..a
                     }
                 } else {
-                    Strided {
-                        data: &edge[p0 * MR..],
-                        lane: 1,
-                        step: MR,
-                    }
+                    Operand::transposed(&edge[p0 * MR..], MR)
                 };
-                let b_tile = Strided {
-                    data: &b_panel[p0 * b_step..],
-                    lane: 1,
-                    step: b_step,
-                };
+                let b_tile = Operand::row_major(&b_panel[p0 * b_step..], b_step);
                 tile_on(kernel, a_tile, b_tile, p1 - p0, &mut acc);
                 for (r, row) in acc.iter().enumerate().take(rows) {
                     // SAFETY: as above.
@@ -307,40 +298,26 @@ impl SharedOut {
     }
 }
 
-/// The operand of a tile: lane `l` at step `p` is `data[l * lane + p * step]`.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    lane: usize,
-    step: usize,
-}
-
-impl Strided<'_> {
-    /// Whether `lanes` lanes of `k` steps lie inside `data`.
-    fn holds(&self, lanes: usize, k: usize) -> bool {
-        k == 0 || (lanes - 1) * self.lane + (k - 1) * self.step < self.data.len()
-    }
-}
-
-/// One register tile: `acc[r][l] ← a(r, p) · b(l, p) + acc[r][l]` for p = 0 … k − 1 in order.
-fn tile_portable(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR]) {
+/// One register tile: `acc[r][l] ← a(r, p) · b(p, l) + acc[r][l]` for p = 0 … k − 1 in order,
+/// `a` an MR × k and `b` a k × NR operand.
+fn tile_portable(a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR]) {
     for p in 0..k {
         for (r, row) in acc.iter_mut().enumerate() {
-            let x = a.data[r * a.lane + p * a.step];
+            let x = a.data[r * a.row_stride + p * a.col_stride];
             for (l, c) in row.iter_mut().enumerate() {
-                *c = x.mul_add(b.data[l * b.lane + p * b.step], *c);
+                *c = x.mul_add(b.data[p * b.row_stride + l * b.col_stride], *c);
             }
         }
     }
 }
 
-/// [`tile_portable`] on AVX-512: the tile's MR × 32 sums in 2·MR registers. `b.lane` must be 1.
+/// [`tile_portable`] on AVX-512: the tile's MR × 32 sums in 2·MR registers. `b`'s rows must be contiguous (`col_stride` 1).
 ///
 /// # Safety
 /// The CPU must have AVX-512F and FMA; `a` must hold MR lanes and `b` NR lanes of `k` steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn tile_avx512(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR]) {
+unsafe fn tile_avx512(a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::*;
     // SAFETY: every load is inside `a` or `b` (the caller's contract), every store inside `acc`.
     unsafe {
@@ -352,11 +329,11 @@ unsafe fn tile_avx512(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR
         }
         let (pa, pb) = (a.data.as_ptr(), b.data.as_ptr());
         for p in 0..k {
-            let b0 = _mm512_loadu_ps(pb.add(p * b.step));
-            let b1 = _mm512_loadu_ps(pb.add(p * b.step + 16));
-            let ap = pa.add(p * a.step);
+            let b0 = _mm512_loadu_ps(pb.add(p * b.row_stride));
+            let b1 = _mm512_loadu_ps(pb.add(p * b.row_stride + 16));
+            let ap = pa.add(p * a.col_stride);
             for r in 0..MR {
-                let x = _mm512_set1_ps(*ap.add(r * a.lane));
+                let x = _mm512_set1_ps(*ap.add(r * a.row_stride));
                 lo[r] = _mm512_fmadd_ps(x, b0, lo[r]);
                 hi[r] = _mm512_fmadd_ps(x, b1, hi[r]);
             }
@@ -369,13 +346,13 @@ unsafe fn tile_avx512(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR
 }
 
 /// [`tile_portable`] on AVX2: the tile in quarters of 4 × 16 sums (8 of the 16 registers),
-/// each a pass over `k`. `b.lane` must be 1.
+/// each a pass over `k`. `b`'s rows must be contiguous (`col_stride` 1).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `a` must hold MR lanes and `b` NR lanes of `k` steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR]) {
+unsafe fn tile_avx2(a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::*;
     // SAFETY: every load is inside `a` or `b` (the caller's contract), every store inside `acc`.
     unsafe {
@@ -387,13 +364,16 @@ unsafe fn tile_avx2(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR])
                     lo[r] = _mm256_loadu_ps(acc[r0 + r].as_ptr().add(l0));
                     hi[r] = _mm256_loadu_ps(acc[r0 + r].as_ptr().add(l0 + 8));
                 }
-                let (pa, pb) = (a.data.as_ptr().add(r0 * a.lane), b.data.as_ptr().add(l0));
+                let (pa, pb) = (
+                    a.data.as_ptr().add(r0 * a.row_stride),
+                    b.data.as_ptr().add(l0),
+                );
                 for p in 0..k {
-                    let b0 = _mm256_loadu_ps(pb.add(p * b.step));
-                    let b1 = _mm256_loadu_ps(pb.add(p * b.step + 8));
-                    let ap = pa.add(p * a.step);
+                    let b0 = _mm256_loadu_ps(pb.add(p * b.row_stride));
+                    let b1 = _mm256_loadu_ps(pb.add(p * b.row_stride + 8));
+                    let ap = pa.add(p * a.col_stride);
                     for r in 0..4 {
-                        let x = _mm256_set1_ps(*ap.add(r * a.lane));
+                        let x = _mm256_set1_ps(*ap.add(r * a.row_stride));
                         lo[r] = _mm256_fmadd_ps(x, b0, lo[r]);
                         hi[r] = _mm256_fmadd_ps(x, b1, hi[r]);
                     }
@@ -407,9 +387,9 @@ unsafe fn tile_avx2(a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR])
     }
 }
 
-fn tile_on(kernel: Kernel, a: Strided, b: Strided, k: usize, acc: &mut [[f32; NR]; MR]) {
+fn tile_on(kernel: Kernel, a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR]) {
     assert!(
-        a.holds(MR, k) && b.holds(NR, k) && b.lane == 1,
+        a.fits(MR, k) && b.fits(k, NR) && b.col_stride == 1,
         "gemm tile out of its operands"
     );
     #[cfg(target_arch = "x86_64")]

@@ -339,10 +339,7 @@ pub fn prune_streamed(
         },
         &mut |index, xs, layers| {
             // Recorded when due, where the file holds whole blocks and nothing is waiting.
-            let point = match job.due() {
-                true => resume_point(sink.borrow_mut().as_mut())?,
-                false => None,
-            };
+            let point = resume_point(&job, sink.borrow_mut().as_mut())?;
             let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
                 blocks: index + 1,
                 tensors,
@@ -366,14 +363,16 @@ pub fn prune_streamed(
     Ok(Streamed { layers, resumed_at })
 }
 
-/// Where rank 0's output can resume from now (see [`shrink_io::ModelStream::checkpoint`]);
-/// `None` on the other ranks, which write nothing.
+/// Where rank 0's output can resume from now (see [`shrink_io::ModelStream::checkpoint`]), when
+/// a record is due ([`shrink_calib::BlockJob::due`]); `None` otherwise, and on the other ranks,
+/// which write nothing.
 pub(crate) fn resume_point(
+    job: &shrink_calib::BlockJob,
     sink: Option<&mut shrink_io::ModelStream>,
 ) -> Result<Option<(usize, u64)>> {
     Ok(match sink {
-        Some(sink) => sink.checkpoint()?,
-        None => None,
+        Some(sink) if job.due() => sink.checkpoint()?,
+        _ => None,
     })
 }
 

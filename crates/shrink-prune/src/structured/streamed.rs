@@ -153,10 +153,7 @@ pub fn prune_structured_streamed(
     let order =
         shrink_io::HfStream::model_order(written.tensors.names(), &new_cfg.embedding_name());
     let record = |sink: &mut Option<shrink_io::ModelStream>| -> Result<()> {
-        let point = match job.due() {
-            true => crate::resume_point(sink.as_mut())?,
-            false => None,
-        };
+        let point = crate::resume_point(&job, sink.as_mut())?;
         // Block n + 1: the writing's records (an empty set of activations marks them) never
         // replace the activations the last scoring record names.
         let state = point.map(|(tensors, bytes)| shrink_calib::Recorded {
