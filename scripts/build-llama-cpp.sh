@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's reference tools (llama-perplexity, llama-quantize, llama-imatrix, llama-tokenize)
+# Builds llama.cpp's reference tools (llama-perplexity, llama-quantize, llama-imatrix, llama-tokenize,
+# llama-bench)
 # from the llama.cpp source vendored in the llama-cpp-python sdist, once per machine.
 # Prints the directory holding the binaries. Cached under $SHRINK_CACHE_DIR (default ~/.cache/shrink).
 set -euo pipefail
@@ -11,7 +12,7 @@ ROOT="$CACHE/llama.cpp/$VERSION"
 # cache folder names that build.
 BIN="$ROOT/bin-noamx-logflush"
 BUILD="$ROOT/build-noamx"
-TOOLS=(llama-perplexity llama-quantize llama-imatrix llama-tokenize)
+TOOLS=(llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-bench)
 
 have_all() { for t in "${TOOLS[@]}"; do [ -x "$BIN/$t" ] || return 1; done; }
 if have_all; then echo "$BIN"; exit 0; fi

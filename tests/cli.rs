@@ -67,6 +67,17 @@ fn inspect_eval_convert_generate_on_a_tiny_model() {
     let q = eval_json(q8.to_str().unwrap(), &["--reference", g]);
     let kl = q["fidelity"]["kl_mean"].as_f64().unwrap();
     assert!(kl > 0.0 && kl < 1e-2, "{kl}");
+    // Its Q8_0 weights multiply as llama.cpp's (8-bit activations, integer products, f16 keys and
+    // values): the same figures read block by block; `--dequantize` multiplies f32 weights.
+    let q8s = q8.to_str().unwrap();
+    let streamed = eval_json(q8s, &["--reference", g, "--stream"]);
+    assert_eq!(
+        (&streamed["perplexity"], &streamed["fidelity"]),
+        (&q["perplexity"], &q["fidelity"])
+    );
+    let float = eval_json(q8s, &["--reference", g, "--dequantize"]);
+    assert_ne!(float["perplexity"]["ppl"], q["perplexity"]["ppl"]);
+    assert!(float["fidelity"]["kl_mean"].as_f64().unwrap() < kl);
 
     // Human-readable eval, protocol full.
     let text = sample_text();

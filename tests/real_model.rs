@@ -473,9 +473,10 @@ fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usi
 }
 
 /// The acceptance check of the evaluation: `shrink eval` and `llama-perplexity` on the same GGUF
-/// and text, same protocol, computed live.
+/// (the packaged Q4_1 file) and text, same protocol, computed live: within 0.1%, and much closer
+/// than the dequantized f32 weights score.
 #[test]
-fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
+fn eval_agrees_with_llama_perplexity() {
     let (Some(model), Some(_)) = (model_path(), text("hamlet")) else {
         return;
     };
@@ -490,9 +491,28 @@ fn eval_agrees_with_llama_perplexity_within_half_a_percent() {
     let theirs = llama_perplexity(&tool, &model, 32);
     let ratio = ours / theirs;
     eprintln!("shrink {ours:.4} vs llama-perplexity {theirs:.4}: ratio {ratio:.5}");
+    // Multiplied as llama.cpp multiplies the Q4_1 blocks: 37.2919 vs 37.2951 when measured
+    // (0.009%); the dequantized f32 weights score 37.1896 (0.28% low).
     assert!(
-        (ratio - 1.0).abs() < 0.005,
+        (ratio - 1.0).abs() < 0.001,
         "shrink {ours} vs llama.cpp {theirs}"
+    );
+    let args = [
+        "eval",
+        model.to_str().unwrap(),
+        "--text",
+        "shakespeare:eval",
+        "--ctx",
+        "512",
+    ];
+    let f32_path: serde_json::Value = serde_json::from_slice(&run_shrink(
+        &[&args[..], &["--chunks", "32", "--dequantize", "--json"]].concat(),
+    ))
+    .unwrap();
+    let dequantized = f32_path["perplexity"]["ppl"].as_f64().unwrap();
+    assert!(
+        (dequantized / theirs - 1.0).abs() > 2.0 * (ratio - 1.0).abs(),
+        "dequantized {dequantized}, integer {ours}, llama.cpp {theirs}"
     );
 }
 
@@ -618,8 +638,9 @@ fn gptq_q4_0_gguf_scores_the_same_in_llama_cpp() {
     let ours = shrink_eval(&out, 16)["perplexity"]["ppl"].as_f64().unwrap();
     let theirs = llama_perplexity(&tool, &out, 16);
     eprintln!("GPTQ Q4_0: shrink {ours:.4} vs llama-perplexity {theirs:.4}");
-    // llama.cpp rounds activations to 8 bits in its Q4_0 kernels and shrink evaluates in f32:
-    // on this 16-chunk slice the gap measured 0.51% (42.2377 vs 42.4556).
+    // shrink multiplies as llama.cpp's `vec_dot` does; llama.cpp's default repacked Q4_0 kernels
+    // score this model up to 0.3% away from its own `vec_dot` path (the f32 path measured 0.51%
+    // low here, 42.2377 vs 42.4556).
     assert!(
         (ours / theirs - 1.0).abs() < 0.006,
         "shrink {ours} vs llama.cpp {theirs}"
@@ -1843,3 +1864,143 @@ min_embedding_cosine = 0.99
         .join("runs/minilm-test/model/hf/modules.json")
         .is_file());
 }
+
+/// llama.cpp's own kernels, called from a small C program linked against the reference build's
+/// ggml libraries: for every block type shrink multiplies by, `shrink_core::qmatmul` gives what
+/// `ggml_vec_dot_*` gives after `from_float` rounds the activations into the paired 8-bit
+/// blocks, up to the order in which the blocks' float terms are added.
+#[test]
+fn integer_products_are_llama_cpp_s() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use shrink_core::qmatmul::{BlockType, QMatrix};
+    let root = shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36");
+    let (libs, include) = (
+        root.join("build-noamx/ggml/src"),
+        root.join("src/ggml/include"),
+    );
+    if !libs.join("libggml-cpu.a").is_file() || !include.join("ggml-cpu.h").is_file() {
+        assert!(
+            !required(),
+            "llama.cpp's ggml libraries are missing: run scripts/build-llama-cpp.sh"
+        );
+        eprintln!("SKIPPED: llama.cpp's ggml libraries not built (scripts/build-llama-cpp.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("vec_dot.c");
+    std::fs::write(&source, VEC_DOT_C).unwrap();
+    let exe = dir.path().join("vec_dot");
+    let built = Command::new("cc")
+        .args([
+            "-O2",
+            source.to_str().unwrap(),
+            "-I",
+            include.to_str().unwrap(),
+        ])
+        .args(["-L", libs.to_str().unwrap(), "-lggml-cpu", "-lggml-base"])
+        .args([
+            "-lstdc++",
+            "-lm",
+            "-lpthread",
+            "-fopenmp",
+            "-o",
+            exe.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let (rows, cols, t) = (8, 512, 5);
+    let w = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu).unwrap();
+    // Activations with a few large channels, as a model's are.
+    let x: Vec<f32> = (0..t * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * if i % 97 == 0 { 20.0 } else { 1.0 })
+        .collect();
+    std::fs::write(
+        dir.path().join("x.bin"),
+        x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let types = [
+        (GgmlDType::Q4_0, BlockType::Q4_0, 2),
+        (GgmlDType::Q4_1, BlockType::Q4_1, 3),
+        (GgmlDType::Q5_0, BlockType::Q5_0, 6),
+        (GgmlDType::Q5_1, BlockType::Q5_1, 7),
+        (GgmlDType::Q8_0, BlockType::Q8_0, 8),
+        (GgmlDType::Q2K, BlockType::Q2K, 10),
+        (GgmlDType::Q3K, BlockType::Q3K, 11),
+        (GgmlDType::Q4K, BlockType::Q4K, 12),
+        (GgmlDType::Q5K, BlockType::Q5K, 13),
+        (GgmlDType::Q6K, BlockType::Q6K, 14),
+    ];
+    for (ggml, ty, id) in types {
+        let blocks = QTensor::quantize(&w, ggml)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec();
+        std::fs::write(dir.path().join("w.bin"), &blocks).unwrap();
+        let out = Command::new(&exe)
+            .current_dir(dir.path())
+            .args([id, cols, rows, t].map(|v| v.to_string()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{ty:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Vec<f32> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        let ours = QMatrix::new(ty, rows, cols, blocks).unwrap().matmul(&x, t);
+        let largest = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{ty:?}: largest output {largest:.3}, largest difference {worst:.2e}");
+        assert_eq!(ours.len(), theirs.len());
+        assert!(worst <= 2e-6 * largest, "{ty:?}: {worst} of {largest}");
+    }
+}
+
+/// `vec_dot TYPE COLS ROWS T` reads `w.bin` (ROWS rows of TYPE blocks) and `x.bin` (T × COLS f32),
+/// rounds each activation row with the paired type's `from_float` and prints `vec_dot` of every
+/// token and row, token-major.
+const VEC_DOT_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include "ggml.h"
+#include "ggml-cpu.h"
+int main(int argc, char **argv) {
+    if (argc != 5) return 2;
+    int type = atoi(argv[1]), cols = atoi(argv[2]), rows = atoi(argv[3]), t = atoi(argv[4]);
+    ggml_cpu_init();
+    const struct ggml_type_traits_cpu *tr = ggml_get_type_traits_cpu(type);
+    const struct ggml_type_traits_cpu *act = ggml_get_type_traits_cpu(tr->vec_dot_type);
+    size_t wrow = ggml_row_size(type, cols), arow = ggml_row_size(tr->vec_dot_type, cols);
+    char *w = malloc(wrow * rows), *a = malloc(arow * t);
+    float *x = malloc(sizeof(float) * cols * t);
+    FILE *f = fopen("w.bin", "rb");
+    if (!f || fread(w, 1, wrow * rows, f) != wrow * rows) return 3;
+    fclose(f);
+    f = fopen("x.bin", "rb");
+    if (!f || fread(x, sizeof(float), cols * t, f) != (size_t) cols * t) return 4;
+    fclose(f);
+    for (int i = 0; i < t; i++) act->from_float(x + i * cols, a + i * arow, cols);
+    for (int i = 0; i < t; i++)
+        for (int r = 0; r < rows; r++) {
+            float s;
+            tr->vec_dot(cols, &s, 0, w + r * wrow, 0, a + i * arow, 0, 1);
+            printf("%.9g\n", s);
+        }
+    return 0;
+}
+"#;

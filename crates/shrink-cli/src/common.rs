@@ -70,6 +70,26 @@ pub(crate) fn build_llama(checkpoint: &Checkpoint, dtype: DType) -> Result<Trans
         .with_context(|| format!("building the model from {}", checkpoint.path.display()))
 }
 
+/// Whether a command multiplies a GGUF's quantized weights as llama.cpp does (integer products
+/// of 8-bit activations, f16 keys and values): in f32 compute, unless `--dequantize` asks for f32
+/// products of the dequantized weights.
+pub(crate) fn multiplies_packed(dtype: DType, dequantize: bool) -> bool {
+    !dequantize && dtype == DType::F32
+}
+
+/// [`build_llama`], its quantized linears multiplied as llama.cpp does when `packed`.
+pub(crate) fn build_runnable(
+    checkpoint: &Checkpoint,
+    dtype: DType,
+    packed: bool,
+) -> Result<Transformer> {
+    let mut model = build_llama(checkpoint, dtype)?;
+    if packed {
+        model.set_packed(&*checkpoint.packed_source())?;
+    }
+    Ok(model)
+}
+
 pub(crate) fn read_text(spec: &str) -> Result<String> {
     if let Ok(reference) = spec.parse::<shrink_data::TextRef>() {
         if !Path::new(spec).exists() {

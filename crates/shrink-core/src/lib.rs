@@ -16,6 +16,7 @@ mod collective;
 mod fsio;
 pub mod gemm;
 mod progress;
+pub mod qmatmul;
 mod simd;
 mod stamp;
 mod timing;

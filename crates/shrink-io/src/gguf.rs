@@ -8,6 +8,7 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
+use shrink_core::qmatmul::{BlockType, QMatrix};
 use shrink_models::family::{self, gpt2, llama};
 use std::io::Cursor;
 use std::path::Path;
@@ -168,6 +169,63 @@ pub(crate) fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core:
         .reshape(dims)
 }
 
+/// The block type of `dtype` if shrink computes its products with integer dot products.
+fn block_type(dtype: GgmlDType) -> Option<BlockType> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => BlockType::Q4_0,
+        GgmlDType::Q4_1 => BlockType::Q4_1,
+        GgmlDType::Q5_0 => BlockType::Q5_0,
+        GgmlDType::Q5_1 => BlockType::Q5_1,
+        GgmlDType::Q8_0 => BlockType::Q8_0,
+        GgmlDType::Q2K => BlockType::Q2K,
+        GgmlDType::Q3K => BlockType::Q3K,
+        GgmlDType::Q4K => BlockType::Q4K,
+        GgmlDType::Q5K => BlockType::Q5K,
+        GgmlDType::Q6K => BlockType::Q6K,
+        _ => return None,
+    })
+}
+
+/// Reads a `rows × cols` matrix's blocks at `start` of the map, its rows put in Hugging Face's
+/// order for Q and K (llama.cpp permutes them: the permutation is found by permuting row
+/// indices).
+fn packed_reader(
+    path: &Path,
+    mmap: &std::sync::Arc<memmap2::Mmap>,
+    gguf_name: &str,
+    ty: BlockType,
+    (rows, cols): (usize, usize),
+    start: usize,
+    heads: Option<usize>,
+) -> std::sync::Arc<crate::tensors::PackedFn> {
+    let (path, mmap, gguf_name) = (path.to_path_buf(), mmap.clone(), gguf_name.to_string());
+    std::sync::Arc::new(move || {
+        let tensor_err = |message: String| IoError::Tensor {
+            path: path.clone(),
+            tensor: gguf_name.clone(),
+            message,
+        };
+        let len = (rows * cols)
+            .checked_div(ty.block_len())
+            .map(|blocks| blocks * ty.block_bytes())
+            .unwrap_or(0);
+        let data = mmap
+            .get(start..start + len)
+            .ok_or_else(|| tensor_err("its data lies outside the file".into()))?;
+        let m =
+            QMatrix::new(ty, rows, cols, data.to_vec()).map_err(|e| tensor_err(e.to_string()))?;
+        release(&mmap, start..start + len);
+        let Some(heads) = heads else { return Ok(m) };
+        let index: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+        let order = Tensor::from_vec(index, (rows, 1), &Device::Cpu)
+            .and_then(|t| permute_qk(&t, heads, true))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| tensor_err(e.to_string()))?;
+        let order: Vec<usize> = order.into_iter().map(|r| r as usize).collect();
+        Ok(m.permute_rows(&order))
+    })
+}
+
 /// The checkpoint of a mapped GGUF file whose header `content` is already read.
 pub(crate) fn checkpoint_of(
     path: &Path,
@@ -307,6 +365,18 @@ pub(crate) fn checkpoint_of(
         if conv1d {
             shape.reverse();
         }
+        let packed = match (block_type(info.ggml_dtype), shape.as_slice(), conv1d) {
+            (Some(ty), &[rows, cols], false) => Some(packed_reader(
+                path,
+                mmap,
+                name,
+                ty,
+                (rows, cols),
+                (content.tensor_data_offset + info.offset) as usize,
+                heads,
+            )),
+            _ => None,
+        };
         let (ggml_dtype, dims, offset) = (info.ggml_dtype, info.shape.clone(), info.offset);
         let (mmap, data_offset) = (mmap.clone(), content.tensor_data_offset);
         let (path, gguf_name) = (path.to_path_buf(), name.clone());
@@ -362,7 +432,10 @@ pub(crate) fn checkpoint_of(
             t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
         };
         let stored = float_dtype(ggml_dtype).unwrap_or(DType::F32);
-        tensors.insert_stored(hf, shape, stored, std::sync::Arc::new(load))?;
+        tensors.insert_stored(hf.clone(), shape, stored, std::sync::Arc::new(load))?;
+        if let Some(read) = packed {
+            tensors.set_packed(&hf, read)?;
+        }
     }
     let tie = !tensors.contains("lm_head.weight");
     let config = if arch == "gpt2" {

@@ -216,6 +216,20 @@ impl Checkpoint {
         })
     }
 
+    /// Where the weights this checkpoint stores in ggml blocks are read from, for
+    /// [`shrink_models::Transformer::set_packed`] and
+    /// [`shrink_models::StreamedModel::multiplying_packed`]: a weight's blocks are read from the
+    /// file when asked for; float tensors (and checkpoints that are not GGUF files) have none.
+    pub fn packed_source(&self) -> Box<shrink_models::PackedLoader> {
+        let tensors = self.tensors.clone();
+        Box::new(move |name: &str| {
+            tensors
+                .packed(name)
+                .map(|p| p.map(std::sync::Arc::new))
+                .map_err(|e| shrink_models::ModelError::Load(Box::new(e)))
+        })
+    }
+
     /// A side file parsed as JSON, if the folder had it.
     pub fn side_json(&self, name: &str) -> Result<Option<serde_json::Value>> {
         match self.side_files.get(name) {

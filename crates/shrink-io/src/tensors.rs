@@ -4,6 +4,7 @@
 
 use crate::{IoError, Result};
 use candle_core::{DType, Tensor};
+use shrink_core::qmatmul::QMatrix;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use std::sync::Arc;
 /// transposes done), or makes it from others (a tensor of a lazily pruned checkpoint).
 pub type LoadFn = dyn Fn(DType) -> Result<Tensor> + Send + Sync;
 
+/// Reads one stored tensor's ggml blocks, rows in the model's order (a GGUF's quantized linears).
+pub type PackedFn = dyn Fn() -> Result<QMatrix> + Send + Sync;
+
 #[derive(Clone)]
 enum Entry {
     Memory(Tensor),
@@ -19,6 +23,7 @@ enum Entry {
         shape: Vec<usize>,
         dtype: DType,
         load: Arc<LoadFn>,
+        packed: Option<Arc<PackedFn>>,
     },
 }
 
@@ -84,12 +89,42 @@ impl Tensors {
     ) -> Result<()> {
         if self
             .entries
-            .insert(name.clone(), Entry::Stored { shape, dtype, load })
+            .insert(
+                name.clone(),
+                Entry::Stored {
+                    shape,
+                    dtype,
+                    load,
+                    packed: None,
+                },
+            )
             .is_some()
         {
             return Err(self.error(&name, "appears more than once".into()));
         }
         Ok(())
+    }
+
+    /// Gives a stored tensor a reader of its ggml blocks (see [`Tensors::packed`]).
+    pub fn set_packed(&mut self, name: &str, read: Arc<PackedFn>) -> Result<()> {
+        match self.entries.get_mut(name) {
+            Some(Entry::Stored { packed, .. }) => {
+                *packed = Some(read);
+                Ok(())
+            }
+            _ => Err(self.error(name, "is not stored in a file".into())),
+        }
+    }
+
+    /// The tensor's ggml blocks, read from the file now, when it is stored in a block type whose
+    /// products shrink computes as llama.cpp does (`None` otherwise).
+    pub fn packed(&self, name: &str) -> Result<Option<QMatrix>> {
+        match self.entries.get(name) {
+            Some(Entry::Stored {
+                packed: Some(read), ..
+            }) => read().map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn error(&self, name: &str, message: String) -> IoError {

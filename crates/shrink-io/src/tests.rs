@@ -390,7 +390,20 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
             0.0,
             "{name}"
         );
+        // The packed blocks come back in HF row order too: they dequantize to the same tensor,
+        // and are the written blocks, rows moved whole.
+        let packed = loaded.tensors.packed(name).unwrap().unwrap();
+        let values = Tensor::from_vec(packed.dequantize(), want.dims(), &Device::Cpu).unwrap();
+        assert_eq!(max_diff(&values, &want), 0.0, "{name}");
+        let mut sorted = packed.data().to_vec();
+        let mut written = pre[name].bytes.clone();
+        sorted.sort_unstable();
+        written.sort_unstable();
+        assert_eq!(sorted, written, "{name}");
     }
+    // Float tensors have no blocks to multiply by.
+    let float = "model.layers.1.mlp.down_proj.weight";
+    assert!(loaded.tensors.packed(float).unwrap().is_none());
     let mut bad = pre.clone();
     bad.get_mut("model.layers.1.mlp.up_proj.weight")
         .unwrap()

@@ -236,6 +236,27 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(y, (rows, n), x.device())
 }
 
+/// `x · wᵀ` with `w` in ggml blocks: the activations rounded to llama.cpp's 8-bit blocks and
+/// multiplied by integer dot products ([`shrink_core::qmatmul`]). `None` when `x` takes part in a
+/// gradient computation (the caller then uses the float weight).
+pub(crate) fn packed_linear(
+    x: &Tensor,
+    w: &shrink_core::qmatmul::QMatrix,
+) -> candle_core::Result<Option<Tensor>> {
+    if x.track_op() || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    let (rows, k) = x.dims2()?;
+    if k != w.cols() {
+        candle_core::bail!("packed linear: {k} inputs for {} columns", w.cols());
+    }
+    let xs = F32Values::of(x)?;
+    let y = w.matmul(&xs, rows);
+    Tensor::from_vec(y, (rows, w.rows()), x.device())?
+        .to_dtype(x.dtype())
+        .map(Some)
+}
+
 /// Per head, `a · b` (`b_transposed`: `a · bᵀ`) for `a` (`batch × heads × m × k`) and `b` with
 /// `heads / groups` heads (grouped-query attention: head `h` reads `b`'s head `h / groups`);
 /// `None` when the product is not [`fixed_order`]'s (the caller then uses candle's).

@@ -38,8 +38,8 @@ pub use kernels::F32Values;
 pub use pooling::{Pooling, PoolingMode};
 pub use transformer::{
     ActQuant, AttentionContext, Block, BlockModel, Head, KvCache, Linear, LinearHook, MlmHead,
-    NoHook, Norm, Role, ScaleGroup, ScaleSite, StoredType, StreamedModel, TensorLoader,
-    Transformer,
+    NoHook, Norm, PackedLoader, PackedSource, Role, ScaleGroup, ScaleSite, StoredType,
+    StreamedModel, TensorLoader, Transformer,
 };
 
 /// Errors from building or running a model.

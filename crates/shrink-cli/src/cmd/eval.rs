@@ -1,7 +1,7 @@
 //! `shrink eval`: Perplexity and fidelity (decoders), embedding fidelity (encoders).
 
 use super::inspect::human_count;
-use crate::common::{build_llama, load_checkpoint, read_text, ComputeType};
+use crate::common::{build_runnable, load_checkpoint, multiplies_packed, read_text, ComputeType};
 use crate::progress;
 use anyhow::Result;
 use clap::Args;
@@ -41,6 +41,11 @@ pub(crate) struct EvalArgs {
     /// Chosen by itself when the models built whole would not fit in the machine's memory.
     #[arg(long)]
     stream: bool,
+    /// Multiply a GGUF's quantized weights in f32 after dequantizing them, instead of as
+    /// llama.cpp does (activations rounded to 8-bit blocks, integer dot products), which is what
+    /// `llama-perplexity` scores.
+    #[arg(long)]
+    dequantize: bool,
     /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
     #[arg(long)]
     json: bool,
@@ -84,6 +89,8 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
         batch: args.batch,
     };
     let reference_checkpoint = args.reference.as_deref().map(load_checkpoint).transpose()?;
+    // Quantized GGUF weights are multiplied as llama.cpp multiplies them (f32 compute only).
+    let integer = multiplies_packed(args.dtype.dtype(), args.dequantize);
     let bar = progress::Bar::new();
     let streams = shrink_pipeline::quantize::reads_block_by_block;
     let can_stream =
@@ -99,10 +106,10 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
     // Whether to read block by block, and whether that fits: rank 0's judgement, for every rank.
     let decide = || -> Result<bool> {
         let reference = reference_checkpoint.as_ref();
-        let stream =
-            can_stream && (args.stream || !fits_whole(&checkpoint, reference, args.dtype, limit));
+        let stream = can_stream
+            && (args.stream || !fits_whole(&checkpoint, reference, args.dtype, integer, limit));
         if stream {
-            check_streamed_memory(&checkpoint, reference, &tokens, &cfg, world)?;
+            check_streamed_memory(&checkpoint, reference, &tokens, &cfg, integer, world)?;
         }
         Ok(stream)
     };
@@ -119,10 +126,14 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
     };
     let (report, parameters, streamed) = if stream {
         let dtype = args.dtype.dtype();
-        let mut model = checkpoint.streamed(dtype)?;
+        let packed = |c: &Checkpoint, model: shrink_models::StreamedModel| match integer {
+            true => model.multiplying_packed(c.packed_source()),
+            false => model,
+        };
+        let mut model = packed(&checkpoint, checkpoint.streamed(dtype)?);
         let mut reference = reference_checkpoint
             .as_ref()
-            .map(|r| r.streamed(dtype))
+            .map(|r| r.streamed(dtype).map(|m| packed(r, m)))
             .transpose()?;
         let report = shrink_eval::evaluate_streamed_in(
             world,
@@ -137,11 +148,9 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             shrink_pipeline::memory::model_shape(&checkpoint.path).map_or(0, |s| s.parameters);
         (report, parameters, true)
     } else {
-        let model = build_llama(&checkpoint, args.dtype.dtype())?;
-        let reference = reference_checkpoint
-            .as_ref()
-            .map(|r| build_llama(r, args.dtype.dtype()))
-            .transpose()?;
+        let build = |c: &Checkpoint| build_runnable(c, args.dtype.dtype(), integer);
+        let model = build(&checkpoint)?;
+        let reference = reference_checkpoint.as_ref().map(build).transpose()?;
         if encoder {
             return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
         }
@@ -213,11 +222,17 @@ fn fits_whole(
     checkpoint: &Checkpoint,
     reference: Option<&Checkpoint>,
     dtype: ComputeType,
+    packed: bool,
     limit: u64,
 ) -> bool {
+    let per_weight = dtype.dtype().size_in_bytes() as u64
+        + if packed {
+            shrink_pipeline::memory::PACKED_BYTES
+        } else {
+            0
+        };
     let bytes = |c: &Checkpoint| {
-        shrink_pipeline::memory::model_shape(&c.path)
-            .map_or(0, |s| s.parameters * dtype.dtype().size_in_bytes() as u64)
+        shrink_pipeline::memory::model_shape(&c.path).map_or(0, |s| s.parameters * per_weight)
     };
     let held = bytes(checkpoint) + reference.map_or(0, bytes);
     held + held / 4 < limit
@@ -231,6 +246,7 @@ fn check_streamed_memory(
     reference: Option<&Checkpoint>,
     tokens: &[u32],
     cfg: &EvalConfig,
+    packed: bool,
     world: &dyn shrink_core::Collective,
 ) -> Result<()> {
     let Some(shape) = shrink_pipeline::memory::model_shape(&checkpoint.path) else {
@@ -251,6 +267,7 @@ fn check_streamed_memory(
             widened_head_bytes: shrink_pipeline::memory::widened_head_bytes(
                 std::iter::once(checkpoint).chain(reference),
             ),
+            packed,
         },
     );
     // Ranks on one machine share its memory.

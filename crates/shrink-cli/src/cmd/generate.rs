@@ -1,6 +1,6 @@
 //! `shrink generate`: Text generation with a KV cache.
 
-use crate::common::{build_llama, load_checkpoint, ComputeType};
+use crate::common::{build_runnable, load_checkpoint, multiplies_packed, ComputeType};
 use anyhow::{bail, Result};
 use clap::Args;
 use shrink_models::{Sampler, SamplingConfig};
@@ -25,6 +25,10 @@ pub(crate) struct GenerateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ComputeType,
+    /// Multiply a GGUF's quantized weights in f32 after dequantizing them, instead of as
+    /// llama.cpp does (8-bit activations, integer dot products, f16 keys and values).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 pub(crate) fn run(args: GenerateArgs) -> Result<()> {
@@ -37,7 +41,12 @@ pub(crate) fn run(args: GenerateArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let model = build_llama(&checkpoint, args.dtype.dtype())?;
+    let dtype = args.dtype.dtype();
+    let model = build_runnable(
+        &checkpoint,
+        dtype,
+        multiplies_packed(dtype, args.dequantize),
+    )?;
     let max_len = model.config.max_position_embeddings;
     if ids.len() + args.max_tokens > max_len {
         bail!(

@@ -63,3 +63,80 @@ fn silu_mul_matches_separate_ops() {
         .unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
 }
+
+/// Every block type through candle's quantizer: shrink's decoding of the blocks gives candle's
+/// (an independent implementation of ggml's) dequantized values exactly.
+#[test]
+fn packed_blocks_decode_as_candle_dequantizes_them() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use shrink_core::qmatmul::{BlockType, QMatrix};
+    let types = [
+        (GgmlDType::Q4_0, BlockType::Q4_0),
+        (GgmlDType::Q4_1, BlockType::Q4_1),
+        (GgmlDType::Q5_0, BlockType::Q5_0),
+        (GgmlDType::Q5_1, BlockType::Q5_1),
+        (GgmlDType::Q8_0, BlockType::Q8_0),
+        (GgmlDType::Q2K, BlockType::Q2K),
+        (GgmlDType::Q3K, BlockType::Q3K),
+        (GgmlDType::Q4K, BlockType::Q4K),
+        (GgmlDType::Q5K, BlockType::Q5K),
+        (GgmlDType::Q6K, BlockType::Q6K),
+    ];
+    let w = Tensor::randn(0f32, 1.0, (6, 512), &Device::Cpu).unwrap();
+    for (ggml, ty) in types {
+        let q = QTensor::quantize(&w, ggml).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let packed = QMatrix::new(ty, 6, 512, q.data().unwrap().to_vec()).unwrap();
+        assert_eq!(packed.dequantize(), want, "{ty:?}");
+    }
+}
+
+/// A linear given packed blocks multiplies by them (as `QMatrix::matmul`, plus its bias); any
+/// change to its weight drops them; blocks of another shape are refused.
+#[test]
+fn packed_linear_multiplies_by_its_blocks_until_the_weight_changes() {
+    use crate::Linear;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use shrink_core::qmatmul::{BlockType, QMatrix};
+    let w = Tensor::randn(0f32, 1.0, (5, 64), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    let packed = QMatrix::new(BlockType::Q8_0, 5, 64, q.data().unwrap().to_vec()).unwrap();
+    let dequantized = Tensor::from_vec(packed.dequantize(), (5, 64), &Device::Cpu).unwrap();
+    let bias = Tensor::new(&[1f32, 2.0, 3.0, 4.0, 5.0], &Device::Cpu).unwrap();
+    let mut linear = Linear::new(dequantized, Some(bias));
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 64), &Device::Cpu).unwrap();
+    let float = linear.forward(&x).unwrap();
+    linear
+        .set_packed(Some(std::sync::Arc::new(packed.clone())))
+        .unwrap();
+    let y: Vec<f32> = linear
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = packed
+        .matmul(&xs, 3)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + (i % 5 + 1) as f32)
+        .collect();
+    assert_eq!(y, want);
+    assert_ne!(y, float.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    linear.scale_columns(&[1.0; 64]).unwrap();
+    assert!(linear.packed().is_none());
+    assert_eq!(
+        linear.forward(&x).unwrap().to_vec3::<f32>().unwrap(),
+        float.to_vec3::<f32>().unwrap()
+    );
+    let other = QMatrix::new(BlockType::Q8_0, 4, 64, vec![0; 4 * 2 * 34]).unwrap();
+    assert!(linear.set_packed(Some(std::sync::Arc::new(other))).is_err());
+}

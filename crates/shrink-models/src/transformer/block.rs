@@ -105,6 +105,9 @@ pub struct Block {
     pub(super) activation: Activation,
     /// Full names by [`Role`]; empty for an absent gate.
     pub(super) names: [String; 7],
+    /// Keys and values rounded to f16 as they enter attention, as llama.cpp's default KV cache
+    /// stores them (set with packed weights: [`Block::set_packed`]).
+    pub(super) kv_f16: bool,
 }
 
 impl Block {
@@ -168,6 +171,14 @@ impl Block {
                 (rope(&q)?, rope(&k)?)
             }
             None => (q, k),
+        };
+        // Rounded before the cache takes them: cached keys and values are held as rounded.
+        let (k, v) = match self.kv_f16 && k.dtype() == DType::F32 {
+            true => {
+                let f16 = |x: Tensor| x.to_dtype(DType::F16)?.to_dtype(DType::F32);
+                (f16(k)?, f16(v)?)
+            }
+            false => (k, v),
         };
         let (k, v) = match cache {
             Some(cache) => {
@@ -367,6 +378,25 @@ impl Block {
             }
         }
         Ok(())
+    }
+
+    /// Gives each linear the stored blocks `get` finds for its weight ([`Linear::set_packed`]);
+    /// returns how many it found. A block with any such weight computes as llama.cpp does
+    /// throughout: its keys and values are also rounded to f16, as llama.cpp's KV cache holds
+    /// them by default.
+    pub fn set_packed(&mut self, get: &super::PackedSource) -> Result<usize> {
+        let mut found = 0;
+        for role in self.roles() {
+            let Some(name) = self.name(role).map(|n| format!("{n}.weight")) else {
+                continue;
+            };
+            if let (Some(p), Some(linear)) = (get(&name)?, self.linear_by_role_mut(role)) {
+                linear.set_packed(Some(p))?;
+                found += 1;
+            }
+        }
+        self.kv_f16 = found > 0;
+        Ok(found)
     }
 
     /// Every linear of the block, mutably.

@@ -39,6 +39,9 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     act_quant: Option<ActQuant>,
+    /// The weight as stored in ggml blocks, when it was read from a quantized GGUF and is to be
+    /// multiplied as llama.cpp multiplies it (see [`Linear::set_packed`]).
+    pub(super) packed: Option<std::sync::Arc<shrink_core::qmatmul::QMatrix>>,
 }
 
 /// Simulated activation quantization at a linear's input (W8A8 inference).
@@ -79,11 +82,40 @@ impl Linear {
             weight,
             bias,
             act_quant: None,
+            packed: None,
         }
+    }
+
+    /// From now on, forward passes outside any gradient computation multiply by `packed` (the
+    /// stored blocks this linear's weight was dequantized from) with llama.cpp's integer
+    /// products instead of by the f32 weight; `None` goes back to the f32 weight. Changing the
+    /// weight in any way drops the blocks.
+    pub fn set_packed(
+        &mut self,
+        packed: Option<std::sync::Arc<shrink_core::qmatmul::QMatrix>>,
+    ) -> Result<()> {
+        if let Some(p) = &packed {
+            let (out, inp) = self.weight.dims2()?;
+            if (p.rows(), p.cols()) != (out, inp) {
+                return Err(ModelError::WrongShape {
+                    name: "packed weight".into(),
+                    expected: vec![out, inp],
+                    actual: vec![p.rows(), p.cols()],
+                });
+            }
+        }
+        self.packed = packed;
+        Ok(())
+    }
+
+    /// The stored blocks forward passes multiply by, if any.
+    pub fn packed(&self) -> Option<&std::sync::Arc<shrink_core::qmatmul::QMatrix>> {
+        self.packed.as_ref()
     }
 
     /// Quantizes this linear's input activations in every forward pass from now on.
     pub fn set_act_quant(&mut self, q: Option<ActQuant>) {
+        self.packed = None;
         self.act_quant = q;
     }
 
@@ -101,6 +133,7 @@ impl Linear {
 
     /// Replaces the weight; the new one must have the same shape (it is cast to the old dtype).
     pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        self.packed = None;
         if weight.dims() != self.weight.dims() {
             return Err(ModelError::WrongShape {
                 name: "replacement weight".into(),
@@ -114,6 +147,7 @@ impl Linear {
 
     /// Multiplies input channel `j` (weight column `j`) by `s[j]`.
     pub fn scale_columns(&mut self, s: &[f32]) -> Result<()> {
+        self.packed = None;
         let s = Tensor::from_slice(s, (1, s.len()), self.weight.device())?;
         self.weight = self
             .weight
@@ -123,6 +157,7 @@ impl Linear {
 
     /// Divides output channel `i` (weight row `i` and bias `i`) by `s[i]`.
     pub fn divide_rows(&mut self, s: &[f32]) -> Result<()> {
+        self.packed = None;
         let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
         let col = Tensor::from_slice(&inv, (inv.len(), 1), self.weight.device())?;
         self.weight = self
@@ -145,7 +180,14 @@ impl Linear {
                 .fake_quantize(&x2.to_dtype(DType::F32)?)?
                 .to_dtype(x.dtype())?;
         }
-        let y = crate::kernels::linear(&x2, &self.weight)?;
+        let packed = match (&self.packed, self.act_quant) {
+            (Some(p), None) => crate::kernels::packed_linear(&x2, p)?,
+            _ => None,
+        };
+        let y = match packed {
+            Some(y) => y,
+            None => crate::kernels::linear(&x2, &self.weight)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -236,6 +236,7 @@ impl Block {
             post_norm: arch == Arch::Bert,
             activation: config.activation()?,
             names: full,
+            kv_f16: false,
         })
     }
 }
@@ -335,6 +336,7 @@ impl Transformer {
             lm_head,
             mlm_head,
             extra,
+            tied_packed: None,
         })
     }
 

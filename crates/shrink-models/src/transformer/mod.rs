@@ -13,7 +13,7 @@ mod stream;
 
 pub use block::*;
 pub use layers::*;
-pub use stream::{BlockModel, Head, StoredType, StreamedModel, TensorLoader};
+pub use stream::{BlockModel, Head, PackedLoader, StoredType, StreamedModel, TensorLoader};
 
 use crate::config::{Activation, Arch, ModelConfig};
 use crate::family::bert::{MLM_BIAS, MLM_NORM, MLM_TRANSFORM};
@@ -21,7 +21,9 @@ use crate::family::naming;
 use crate::{ModelError, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
+use shrink_core::qmatmul::QMatrix;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// BERT's masked-LM head: dense, GELU, LayerNorm, then the tied word embeddings plus a bias.
 #[derive(Debug, Clone)]
@@ -55,7 +57,13 @@ pub struct Transformer {
     pub extra: BTreeMap<String, Tensor>,
     inv_freq: Vec<f64>,
     sliding_window: Option<usize>,
+    /// The token embedding's stored blocks, multiplied by when the head is tied to it.
+    tied_packed: Option<Arc<QMatrix>>,
 }
+
+/// Finds the stored ggml blocks of a weight by its tensor name (`Ok(None)`: it is not stored in
+/// blocks, or not to be multiplied that way).
+pub type PackedSource<'a> = dyn Fn(&str) -> Result<Option<Arc<QMatrix>>> + 'a;
 
 /// The embedding tensors of a model, borrowed.
 pub(crate) struct Embeddings<'a> {
@@ -197,7 +205,7 @@ impl Transformer {
     /// Projects final hidden states `(..., hidden)` to f32 logits `(..., vocab)`: the LM head of
     /// decoders, the masked-LM head of encoders that have one.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let tied = || Linear::new(self.embed_tokens.clone(), None);
+        let tied = || self.tied_head();
         let logits = if self.arch.is_encoder() {
             let head = self.mlm_head.as_ref().ok_or_else(|| {
                 ModelError::Config(
@@ -219,6 +227,38 @@ impl Transformer {
             }
         };
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The head tied to the token embedding (with its stored blocks, if they are used).
+    pub(crate) fn tied_head(&self) -> Linear {
+        let mut head = Linear::new(self.embed_tokens.clone(), None);
+        head.packed = self.tied_packed.clone();
+        head
+    }
+
+    /// Multiplies every linear (and a tied head) whose weight `get` finds stored in ggml blocks
+    /// by those blocks, as llama.cpp does, from now on ([`Linear::set_packed`]). Returns how many
+    /// weights it found.
+    pub fn set_packed(&mut self, get: &PackedSource) -> Result<usize> {
+        let mut found = 0;
+        for block in &mut self.blocks {
+            found += block.set_packed(get)?;
+        }
+        if let Some(head) = &mut self.lm_head {
+            if let Some(p) = get("lm_head.weight")? {
+                head.set_packed(Some(p))?;
+                found += 1;
+            }
+        }
+        if self.lm_head.is_none() && !self.arch.is_encoder() {
+            let name = self.embedding_name();
+            self.tied_packed = get(&name)?;
+            if let Some(p) = &self.tied_packed {
+                self.tied_head().set_packed(Some(p.clone()))?; // checks the shape
+                found += 1;
+            }
+        }
+        Ok(found)
     }
 
     /// Whether [`Transformer::lm_head`] gives logits (decoders, and encoders with an MLM head).

@@ -125,7 +125,7 @@ impl BlockModel for Transformer {
             norm: self.norm.clone(),
             projection: match &self.lm_head {
                 Some(head) => head.clone(),
-                None => Linear::new(self.embed_tokens.clone(), None),
+                None => self.tied_head(),
             },
             tied: self.lm_head.is_none(),
         })
@@ -166,7 +166,14 @@ pub struct StreamedModel {
     /// The float type each tensor is stored in, when the loader's checkpoint knows it (see
     /// [`StreamedModel::knowing_stored_types`]).
     stored_type: Option<Box<StoredType>>,
+    /// Where each block's weights stored in ggml blocks are found, when they are multiplied as
+    /// stored (see [`StreamedModel::multiplying_packed`]).
+    packed: Option<Box<PackedLoader>>,
 }
+
+/// [`super::PackedSource`] owned by a streamed model.
+pub type PackedLoader =
+    dyn Fn(&str) -> Result<Option<std::sync::Arc<shrink_core::qmatmul::QMatrix>>> + Send + Sync;
 
 /// The float type a tensor is stored in (loads without conversion), if known.
 pub type StoredType = dyn Fn(&str) -> Option<DType> + Send + Sync;
@@ -203,6 +210,7 @@ impl StreamedModel {
             window: config.effective_sliding_window(),
             stored: false,
             stored_type: None,
+            packed: None,
         })
     }
 
@@ -220,6 +228,13 @@ impl StreamedModel {
     /// calibration), so that no tensor is widened or narrowed.
     pub fn keeping_stored_types(mut self) -> Self {
         self.stored = true;
+        self
+    }
+
+    /// The model with every linear (and the head) whose weight `packed` finds in ggml blocks
+    /// multiplied by those blocks as llama.cpp does ([`Linear::set_packed`]).
+    pub fn multiplying_packed(mut self, packed: Box<PackedLoader>) -> Self {
+        self.packed = Some(packed);
         self
     }
 
@@ -297,6 +312,9 @@ impl BlockModel for StreamedModel {
     fn with_block<R>(&mut self, index: usize, f: impl FnOnce(&mut Block) -> R) -> Result<R> {
         let mut get = |name: String| self.tensor(&name);
         let mut block = Block::load(&self.config, index, &mut get)?;
+        if let Some(packed) = &self.packed {
+            block.set_packed(packed.as_ref())?;
+        }
         Ok(f(&mut block))
     }
 
@@ -313,9 +331,13 @@ impl BlockModel for StreamedModel {
         } else {
             "lm_head.weight".to_string()
         };
+        let mut head = Linear::new(self.tensor(&projection)?, None);
+        if let Some(packed) = &self.packed {
+            head.set_packed(packed(&projection)?)?;
+        }
         Ok(Head {
             norm,
-            projection: Linear::new(self.tensor(&projection)?, None),
+            projection: head,
             tied,
         })
     }

@@ -542,6 +542,7 @@ impl Pipeline {
                     batch: EVAL_BATCH as u64,
                     models: 2,
                     widened_head_bytes: checkpoint.map_or(2, |c| widened_head_bytes([c])),
+                    packed: false,
                 },
             );
             return stages.fold(eval, u64::max);
@@ -726,7 +727,14 @@ pub struct StreamedEval {
     /// Bytes a value of an output head read in a 16-bit type and then widened (2), which holds
     /// both copies for a moment; 0 for heads read as f32 (or dequantized from GGUF blocks).
     pub widened_head_bytes: u64,
+    /// Whether quantized weights are multiplied as llama.cpp does: each is then also held as its
+    /// blocks and its codes taken apart, up to [`PACKED_BYTES`] a weight beside the f32 copy.
+    pub packed: bool,
 }
+
+/// What multiplying by a weight's blocks holds beside its f32 copy, at most, a weight: the blocks
+/// (Q8_0's 1.06 bytes at most) and the codes taken apart (1 byte, with their scales).
+pub const PACKED_BYTES: u64 = 3;
 
 /// [`StreamedEval::widened_head_bytes`] of the output heads of `checkpoints`: 2 when one of them
 /// stores its head (or tied embedding) in f16 or bf16.
@@ -781,12 +789,13 @@ pub fn streamed_eval_peak(shape: &ModelShape, eval: &StreamedEval) -> u64 {
         .saturating_add(m(m(batch, h / 64), m(eval.ctx, eval.ctx))),
         4,
     );
-    let running = m(shape.block_parameters, 4)
+    let weight_bytes = if eval.packed { 4 + PACKED_BYTES } else { 4 };
+    let running = m(shape.block_parameters, weight_bytes)
         .saturating_add(m(states, 2))
         .saturating_add(forward)
         .saturating_add(scored);
     let logits = m(m(2, eval.models).saturating_sub(1), m(eval.scored, m(v, 4)));
-    let scoring = m(m(eval.models, v), m(h, 4))
+    let scoring = m(m(eval.models, v), m(h, weight_bytes))
         .saturating_add(scored)
         .saturating_add(logits.max(m(m(v, h), eval.widened_head_bytes)));
     let work = embedding.max(running).max(scoring);

@@ -172,6 +172,7 @@ fn a_pipeline_whose_quantizations_stream_is_estimated_by_the_streamed_formula() 
             batch: 4,
             models: 2,
             widened_head_bytes: 0,
+            packed: false,
         },
     );
     let gptq_alone = gptq - held;
@@ -237,6 +238,7 @@ fn the_streamed_evaluation_formula_by_hand() {
         batch: 4,
         models,
         widened_head_bytes: 0,
+        packed: false,
     };
     let kept = 10 * 7 * 64 * 4;
     // Scoring dominates: two heads, the kept states, one chunk's logits of its scored

@@ -1,0 +1,699 @@
+//! Products with ggml-quantized weights, computed as llama.cpp's CPU backend computes them: each
+//! row of activations is rounded into the 8-bit blocks llama.cpp pairs with the weight's type
+//! (`q8_0` for Q4_0/Q5_0/Q8_0, `q8_1` for Q4_1/Q5_1, `q8_K` for the k-quants, with llama.cpp's
+//! scales and its round-half-to-even), and every block's product is an exact integer dot product
+//! of the codes, scaled once by the two blocks' scales (and corrected by the weight's minimum).
+//! What differs from llama.cpp is only the order in which the blocks' float terms are added.
+//!
+//! The terms of one output are added in one fixed order — block after block, each a fused
+//! multiply-add — whatever kernel runs them (AVX-512 VNNI, or the portable loop) and however many
+//! threads: the bits do not depend on the CPU. They do depend on nothing else but the weights and
+//! that output's own activation row.
+//!
+//! ```
+//! use shrink_core::qmatmul::{BlockType, QMatrix};
+//! // One row of 32 weights as a Q8_0 block: scale 0.5 (f16 0x3800), codes 0..32.
+//! let mut block = vec![0x00, 0x38];
+//! block.extend((0..32u8).map(|c| c as u8));
+//! let w = QMatrix::new(BlockType::Q8_0, 1, 32, block).unwrap();
+//! // The activations are all 1: rounded to q8_0 they are exact (code 127, scale 1/127).
+//! let y = w.matmul(&[1.0; 32], 1);
+//! let exact: f32 = (0..32).map(|c| 0.5 * c as f32).sum();
+//! assert!((y[0] - exact).abs() < 1e-3 * exact);
+//! ```
+
+use half::f16;
+use rayon::prelude::*;
+
+mod kernel;
+
+/// A ggml block type whose products shrink computes with integer dot products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// The 8-bit blocks llama.cpp rounds a weight type's activations into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActType {
+    /// 32 values, scale `max|x| / 127` stored in f16.
+    Q8_0,
+    /// `Q8_0` with the f16 sum `d · Σq` beside it (for the types with a minimum).
+    Q8_1,
+    /// 256 values, f32 scale `max / -127` signed by the largest value.
+    Q8K,
+}
+
+/// How a type's minimum enters the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mins {
+    None,
+    /// `m` per block, times the activation block's stored `d · Σq` (Q4_1, Q5_1).
+    PerBlock,
+    /// An integer minimum per sub-block, times `dmin` and the activation's sub-block sums.
+    PerSub,
+}
+
+impl BlockType {
+    /// Every type, in ggml's numbering order.
+    pub const ALL: [BlockType; 10] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
+        BlockType::Q2K,
+        BlockType::Q3K,
+        BlockType::Q4K,
+        BlockType::Q5K,
+        BlockType::Q6K,
+    ];
+
+    /// The type of ggml's numbering (`ggml_type`), if shrink computes with it.
+    pub fn from_ggml(id: u32) -> Option<BlockType> {
+        Some(match id {
+            2 => BlockType::Q4_0,
+            3 => BlockType::Q4_1,
+            6 => BlockType::Q5_0,
+            7 => BlockType::Q5_1,
+            8 => BlockType::Q8_0,
+            10 => BlockType::Q2K,
+            11 => BlockType::Q3K,
+            12 => BlockType::Q4K,
+            13 => BlockType::Q5K,
+            14 => BlockType::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Weights per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => 32,
+            BlockType::Q8_0 => 32,
+            _ => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockType::Q4_0 => 18,
+            BlockType::Q4_1 => 20,
+            BlockType::Q5_0 => 22,
+            BlockType::Q5_1 => 24,
+            BlockType::Q8_0 => 34,
+            BlockType::Q2K => 84,
+            BlockType::Q3K => 110,
+            BlockType::Q4K => 144,
+            BlockType::Q5K => 176,
+            BlockType::Q6K => 210,
+        }
+    }
+
+    /// Weights per sub-block (one integer scale each).
+    fn sub_len(self) -> usize {
+        match self {
+            BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => 16,
+            _ => 32,
+        }
+    }
+
+    /// What the unsigned codes are shifted by: a weight is `scale · (code − offset)`.
+    fn offset(self) -> i32 {
+        match self {
+            BlockType::Q4_0 => 8,
+            BlockType::Q5_0 => 16,
+            BlockType::Q8_0 => 128,
+            BlockType::Q3K => 4,
+            BlockType::Q6K => 32,
+            _ => 0,
+        }
+    }
+
+    fn act(self) -> ActType {
+        match self {
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActType::Q8_0,
+            BlockType::Q4_1 | BlockType::Q5_1 => ActType::Q8_1,
+            _ => ActType::Q8K,
+        }
+    }
+
+    fn mins(self) -> Mins {
+        match self {
+            BlockType::Q4_1 | BlockType::Q5_1 => Mins::PerBlock,
+            BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => Mins::PerSub,
+            _ => Mins::None,
+        }
+    }
+}
+
+/// Why a packed matrix was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QMatrixError {
+    #[error("{ty:?} rows hold whole blocks of {block} weights, not {cols}")]
+    Ragged {
+        ty: BlockType,
+        block: usize,
+        cols: usize,
+    },
+    #[error("{rows} × {cols} {ty:?} weights take {expected} bytes, not {actual}")]
+    Size {
+        ty: BlockType,
+        rows: usize,
+        cols: usize,
+        expected: usize,
+        actual: usize,
+    },
+}
+
+/// A `rows × cols` weight matrix (a linear layer's `out × in`) stored in ggml blocks, row after
+/// row, as a GGUF file holds it, beside its codes taken apart once for the kernels (one byte a
+/// weight, rows in panels of [`LANES`]).
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    ty: BlockType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    panels: RowPanels,
+}
+
+impl PartialEq for QMatrix {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ty, self.rows, self.cols) == (other.ty, other.rows, other.cols)
+            && self.data == other.data
+    }
+}
+
+impl QMatrix {
+    /// Checks that `data` holds `rows` rows of `cols` weights in whole blocks of `ty`.
+    pub fn new(
+        ty: BlockType,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, QMatrixError> {
+        let block = ty.block_len();
+        if !cols.is_multiple_of(block) {
+            return Err(QMatrixError::Ragged { ty, block, cols });
+        }
+        let expected = rows * cols / block * ty.block_bytes();
+        if data.len() != expected {
+            return Err(QMatrixError::Size {
+                ty,
+                rows,
+                cols,
+                expected,
+                actual: data.len(),
+            });
+        }
+        let mut m = QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+            panels: RowPanels::default(),
+        };
+        m.panels = RowPanels::of(&m);
+        Ok(m)
+    }
+
+    pub fn block_type(&self) -> BlockType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored blocks.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_len() * self.ty.block_bytes()
+    }
+
+    /// The same matrix with its rows reordered: row `i` of the result is row `order[i]` of this
+    /// one (`order` must be a permutation of the rows).
+    pub fn permute_rows(&self, order: &[usize]) -> Self {
+        assert_eq!(order.len(), self.rows, "one index per row");
+        let rb = self.row_bytes();
+        let data = order
+            .iter()
+            .flat_map(|&r| &self.data[r * rb..(r + 1) * rb])
+            .copied()
+            .collect();
+        let mut m = QMatrix {
+            data,
+            panels: RowPanels::default(),
+            ..*self
+        };
+        m.panels = RowPanels::of(&m);
+        m
+    }
+
+    /// The weights as f32, row-major (ggml's dequantization).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let mut row = Decoded::new(self.ty, self.cols);
+        for (r, chunk) in out.chunks_mut(self.cols).enumerate() {
+            row.decode(self.ty, self.row(r));
+            row.values(self.ty, chunk);
+        }
+        out
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// `y = x · Wᵀ` for `t` rows of activations `x` (`t × cols`, row-major): `t × rows`,
+    /// row-major. Each activation row is rounded to the type's 8-bit blocks first, as llama.cpp
+    /// does.
+    pub fn matmul(&self, x: &[f32], t: usize) -> Vec<f32> {
+        self.matmul_with(kernel::Kernel::current(), x, t)
+    }
+
+    fn matmul_with(&self, kernel: kernel::Kernel, x: &[f32], t: usize) -> Vec<f32> {
+        assert_eq!(x.len(), t * self.cols, "activations are t × cols");
+        let acts = Activations::quantize(self.ty.act(), x, t, self.cols);
+        // Each panel of LANES weight rows against every token, panels on rayon's threads.
+        let n = self.rows;
+        // Panels shared out in runs of at least ~256k products, so that a token's decoding step
+        // is not spent handing out tiny tasks. Each panel writes its own columns of `y`.
+        let per_panel = t * self.cols * LANES;
+        let mut y = vec![0f32; t * n];
+        let out = Columns(y.as_mut_ptr());
+        (0..self.panels.count)
+            .into_par_iter()
+            .with_min_len((1 << 18) / per_panel.max(1))
+            .for_each_init(
+                || vec![0f32; t * LANES],
+                |lanes, p| {
+                    kernel::panel(kernel, self.ty, &self.panels, p, &acts, lanes);
+                    let rows = (n - p * LANES).min(LANES);
+                    for (tok, v) in lanes.chunks(LANES).enumerate() {
+                        // SAFETY: `y` holds t × n values; panel p alone writes columns
+                        // p·LANES .. p·LANES + rows of each token's row.
+                        unsafe { out.write(tok * n + p * LANES, &v[..rows]) };
+                    }
+                },
+            );
+        y
+    }
+}
+
+/// Where the panels write their columns of the output, from several threads at once (each panel
+/// its own columns).
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+// SAFETY: the threads write disjoint parts (see `matmul_with`) of an output that outlives them.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// # Safety
+    /// `at + v.len()` must lie within the output and no other thread may touch that range.
+    unsafe fn write(self, at: usize, v: &[f32]) {
+        // SAFETY: as the caller promises.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(at), v.len()) };
+    }
+}
+
+/// Every row's codes, scales and minima, [`LANES`] rows side by side: for each step of 4 codes,
+/// the panel's rows' 4 codes one after the other (64 bytes); for each sub-block and block, the
+/// rows' scales. Rows past the matrix's last are zero.
+#[derive(Clone, Debug, Default)]
+struct RowPanels {
+    count: usize,
+    /// Per panel: `cols / 4` steps × `LANES` rows × 4 codes.
+    codes: Vec<u8>,
+    /// Per panel, per sub-block: `LANES` integer scales (1 for the types without).
+    scales: Vec<i32>,
+    /// Per panel, per sub-block: `LANES` integer minima (the k-quants with minima).
+    mins: Vec<i32>,
+    /// Per panel, per block: `LANES` scales.
+    d: Vec<f32>,
+    /// Per panel, per block: `LANES` minimum scales (or Q4_1/Q5_1's minima).
+    dmin: Vec<f32>,
+}
+
+impl RowPanels {
+    fn of(m: &QMatrix) -> Self {
+        let (ty, cols) = (m.ty, m.cols);
+        let count = m.rows.div_ceil(LANES);
+        let (steps, subs, blocks) = (cols / 4, cols / ty.sub_len(), cols / ty.block_len());
+        let mut p = RowPanels {
+            count,
+            codes: vec![0; count * steps * LANES * 4],
+            scales: vec![0; count * subs * LANES],
+            mins: vec![0; count * subs * LANES],
+            d: vec![0.0; count * blocks * LANES],
+            dmin: vec![0.0; count * blocks * LANES],
+        };
+        if count == 0 || cols == 0 {
+            return p;
+        }
+        // Panels taken apart in parallel, each from its own rows.
+        let sub_lanes = subs * LANES;
+        let block_lanes = blocks * LANES;
+        p.codes
+            .par_chunks_mut(steps * LANES * 4)
+            .zip(p.scales.par_chunks_mut(sub_lanes))
+            .zip(p.mins.par_chunks_mut(sub_lanes))
+            .zip(p.d.par_chunks_mut(block_lanes))
+            .zip(p.dmin.par_chunks_mut(block_lanes))
+            .enumerate()
+            .for_each(|(panel, ((((codes, scales), mins), d), dmin))| {
+                let mut row = Decoded::new(ty, cols);
+                for lane in 0..LANES.min(m.rows - panel * LANES) {
+                    row.decode(ty, m.row(panel * LANES + lane));
+                    for (step, c) in row.codes.chunks(4).enumerate() {
+                        let at = (step * LANES + lane) * 4;
+                        codes[at..at + 4].copy_from_slice(c);
+                    }
+                    for j in 0..subs {
+                        scales[j * LANES + lane] = row.scales[j];
+                        mins[j * LANES + lane] = row.mins[j];
+                    }
+                    for b in 0..blocks {
+                        d[b * LANES + lane] = row.d[b];
+                        dmin[b * LANES + lane] = row.dmin[b];
+                    }
+                }
+            });
+        p
+    }
+}
+
+/// One weight row taken apart: unsigned codes, an integer scale (and minimum) per sub-block, a
+/// float scale (and minimum scale) per block.
+#[derive(Clone, Debug)]
+struct Decoded {
+    codes: Vec<u8>,
+    scales: Vec<i32>,
+    mins: Vec<i32>,
+    d: Vec<f32>,
+    dmin: Vec<f32>,
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Q4_K/Q5_K's 6-bit scale and minimum of sub-block `j` (ggml's `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    if j < 4 {
+        ((q[j] & 63) as i32, (q[j + 4] & 63) as i32)
+    } else {
+        (
+            ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)) as i32,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i32,
+        )
+    }
+}
+
+impl Decoded {
+    fn new(ty: BlockType, cols: usize) -> Self {
+        let subs = cols / ty.sub_len();
+        let blocks = cols / ty.block_len();
+        Decoded {
+            codes: vec![0; cols],
+            scales: vec![1; subs],
+            mins: vec![0; subs],
+            d: vec![0.0; blocks],
+            dmin: vec![0.0; blocks],
+        }
+    }
+
+    /// The weights, `d · scale · (code − offset) − dmin · min` (or `+ m`).
+    fn values(&self, ty: BlockType, out: &mut [f32]) {
+        let (g, per) = (ty.sub_len(), ty.block_len() / ty.sub_len());
+        for (j, (out, codes)) in out.chunks_mut(g).zip(self.codes.chunks(g)).enumerate() {
+            let b = j / per;
+            let dl = self.d[b] * self.scales[j] as f32;
+            let ml = match ty.mins() {
+                Mins::None => 0.0,
+                Mins::PerBlock => -self.dmin[b],
+                Mins::PerSub => self.dmin[b] * self.mins[j] as f32,
+            };
+            for (o, &c) in out.iter_mut().zip(codes) {
+                *o = dl * (c as i32 - ty.offset()) as f32 - ml;
+            }
+        }
+    }
+
+    fn decode(&mut self, ty: BlockType, row: &[u8]) {
+        let (bl, bb) = (ty.block_len(), ty.block_bytes());
+        for (b, x) in row.chunks_exact(bb).enumerate() {
+            let codes = &mut self.codes[b * bl..(b + 1) * bl];
+            let subs = bl / ty.sub_len();
+            let (scales, mins) = (
+                &mut self.scales[b * subs..(b + 1) * subs],
+                &mut self.mins[b * subs..(b + 1) * subs],
+            );
+            match ty {
+                BlockType::Q4_0 | BlockType::Q4_1 => {
+                    let qs = if ty == BlockType::Q4_0 { 2 } else { 4 };
+                    self.d[b] = f16_at(x, 0);
+                    if ty == BlockType::Q4_1 {
+                        self.dmin[b] = f16_at(x, 2);
+                    }
+                    for i in 0..16 {
+                        codes[i] = x[qs + i] & 0xF;
+                        codes[i + 16] = x[qs + i] >> 4;
+                    }
+                }
+                BlockType::Q5_0 | BlockType::Q5_1 => {
+                    let at = if ty == BlockType::Q5_0 { 2 } else { 4 };
+                    self.d[b] = f16_at(x, 0);
+                    if ty == BlockType::Q5_1 {
+                        self.dmin[b] = f16_at(x, 2);
+                    }
+                    let qh = u32::from_le_bytes([x[at], x[at + 1], x[at + 2], x[at + 3]]);
+                    let qs = &x[at + 4..at + 20];
+                    for i in 0..16 {
+                        let h0 = (((qh >> i) << 4) & 0x10) as u8;
+                        let h1 = ((qh >> (i + 12)) & 0x10) as u8;
+                        codes[i] = (qs[i] & 0xF) | h0;
+                        codes[i + 16] = (qs[i] >> 4) | h1;
+                    }
+                }
+                BlockType::Q8_0 => {
+                    self.d[b] = f16_at(x, 0);
+                    for i in 0..32 {
+                        codes[i] = (x[2 + i] as i8 as i32 + 128) as u8;
+                    }
+                }
+                BlockType::Q2K => {
+                    let (sc, qs) = (&x[..16], &x[16..80]);
+                    self.d[b] = f16_at(x, 80);
+                    self.dmin[b] = f16_at(x, 82);
+                    for (j, &s) in sc.iter().enumerate() {
+                        scales[j] = (s & 0xF) as i32;
+                        mins[j] = (s >> 4) as i32;
+                    }
+                    for n in 0..2 {
+                        for j in 0..4 {
+                            for l in 0..32 {
+                                codes[n * 128 + j * 32 + l] = (qs[n * 32 + l] >> (2 * j)) & 3;
+                            }
+                        }
+                    }
+                }
+                BlockType::Q3K => {
+                    let (hm, qs, sc) = (&x[..32], &x[32..96], &x[96..108]);
+                    self.d[b] = f16_at(x, 108);
+                    let aux = |i: usize| {
+                        u32::from_le_bytes([sc[4 * i], sc[4 * i + 1], sc[4 * i + 2], sc[4 * i + 3]])
+                    };
+                    let (a0, a1, tmp) = (aux(0), aux(1), aux(2));
+                    let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+                    let words = [
+                        (a0 & k2) | ((tmp & k1) << 4),
+                        (a1 & k2) | (((tmp >> 2) & k1) << 4),
+                        ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+                        ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4),
+                    ];
+                    for (j, s) in scales.iter_mut().enumerate() {
+                        *s = ((words[j / 4] >> (8 * (j % 4))) & 0xFF) as i8 as i32 - 32;
+                    }
+                    for n in 0..2 {
+                        for j in 0..4 {
+                            let m = 1u8 << (n * 4 + j);
+                            for l in 0..32 {
+                                let low = (qs[n * 32 + l] >> (2 * j)) & 3;
+                                let high = if hm[l] & m != 0 { 4 } else { 0 };
+                                codes[n * 128 + j * 32 + l] = low | high;
+                            }
+                        }
+                    }
+                }
+                BlockType::Q4K | BlockType::Q5K => {
+                    self.d[b] = f16_at(x, 0);
+                    self.dmin[b] = f16_at(x, 2);
+                    let sc = &x[4..16];
+                    for j in 0..8 {
+                        (scales[j], mins[j]) = scale_min_k4(j, sc);
+                    }
+                    let (qh, ql) = if ty == BlockType::Q5K {
+                        (Some(&x[16..48]), &x[48..176])
+                    } else {
+                        (None, &x[16..144])
+                    };
+                    for c in 0..4 {
+                        for l in 0..32 {
+                            let q = ql[c * 32 + l];
+                            let (mut lo, mut hi) = (q & 0xF, q >> 4);
+                            if let Some(qh) = qh {
+                                lo |= ((qh[l] >> (2 * c)) & 1) << 4;
+                                hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                            }
+                            codes[c * 64 + l] = lo;
+                            codes[c * 64 + 32 + l] = hi;
+                        }
+                    }
+                }
+                BlockType::Q6K => {
+                    let (ql, qh, sc) = (&x[..128], &x[128..192], &x[192..208]);
+                    self.d[b] = f16_at(x, 208);
+                    for (s, &v) in scales.iter_mut().zip(sc) {
+                        *s = v as i8 as i32;
+                    }
+                    for n in 0..2 {
+                        let (ql, qh) = (&ql[n * 64..], &qh[n * 32..]);
+                        let out = &mut codes[n * 128..];
+                        for l in 0..32 {
+                            out[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                            out[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                            out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                            out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows per panel: one 512-bit vector of i32 lanes.
+const LANES: usize = 16;
+
+/// Activation rows rounded to 8-bit blocks, token after token.
+struct Activations {
+    /// `t × cols` codes.
+    codes: Vec<i8>,
+    /// Per token, per block of the activation type: the scale.
+    d: Vec<f32>,
+    /// Per token, per 16 codes: their sum.
+    sums: Vec<i32>,
+    /// Q8_1 only: per token, per block: the f16-rounded `d · Σq`.
+    s: Vec<f32>,
+    t: usize,
+    cols: usize,
+}
+
+/// Rounds to the nearest integer, ties to even (the x86 `cvtps` that llama.cpp's AVX paths use),
+/// by llama.cpp's `nearest_int`: adding 1.5 · 2²³ leaves the rounded value in the low mantissa
+/// bits. Exact for |v| < 2²², which the ±127-scaled activations are.
+fn round_even(v: f32) -> i32 {
+    debug_assert!(v.abs() < (1 << 22) as f32);
+    let bits = (v + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+impl ActType {
+    fn block_len(self) -> usize {
+        match self {
+            ActType::Q8_0 | ActType::Q8_1 => 32,
+            ActType::Q8K => 256,
+        }
+    }
+
+    /// Rounds one block: writes the codes, returns the scale the dot product uses and (Q8_1)
+    /// the stored sum term.
+    fn quantize_block(self, x: &[f32], q: &mut [i8]) -> (f32, f32) {
+        match self {
+            ActType::Q8_0 | ActType::Q8_1 => {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                let mut sum = 0i32;
+                for (q, &v) in q.iter_mut().zip(x) {
+                    *q = round_even(v * id) as i8;
+                    sum += *q as i32;
+                }
+                let s = f16::from_f32(d * sum as f32).to_f32();
+                (f16::from_f32(d).to_f32(), s)
+            }
+            ActType::Q8K => {
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in x {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                if amax == 0.0 {
+                    q.fill(0);
+                    return (0.0, 0.0);
+                }
+                let iscale = -127.0 / max;
+                for (q, &v) in q.iter_mut().zip(x) {
+                    *q = round_even(iscale * v).min(127) as i8;
+                }
+                (1.0 / iscale, 0.0)
+            }
+        }
+    }
+}
+
+impl Activations {
+    fn quantize(act: ActType, x: &[f32], t: usize, cols: usize) -> Self {
+        let bl = act.block_len();
+        let (blocks, sixteens) = (cols / bl, cols / 16);
+        let mut a = Activations {
+            codes: vec![0; t * cols],
+            d: vec![0.0; t * blocks],
+            sums: vec![0; t * sixteens],
+            s: vec![0.0; t * blocks],
+            t,
+            cols,
+        };
+        let rows = a.codes.chunks_mut(cols).zip(a.d.chunks_mut(blocks));
+        let rows = rows
+            .zip(a.s.chunks_mut(blocks))
+            .zip(a.sums.chunks_mut(sixteens));
+        for (tok, (((q, d), s), sums)) in rows.enumerate() {
+            let row = &x[tok * cols..(tok + 1) * cols];
+            for (b, (xb, qb)) in row.chunks(bl).zip(q.chunks_mut(bl)).enumerate() {
+                (d[b], s[b]) = act.quantize_block(xb, qb);
+            }
+            for (sum, q16) in sums.iter_mut().zip(q.chunks(16)) {
+                *sum = q16.iter().map(|&v| v as i32).sum();
+            }
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests;
