@@ -171,19 +171,7 @@ pub(crate) fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core:
 
 /// The block type of `dtype` if shrink computes its products with integer dot products.
 fn block_type(dtype: GgmlDType) -> Option<BlockType> {
-    Some(match dtype {
-        GgmlDType::Q4_0 => BlockType::Q4_0,
-        GgmlDType::Q4_1 => BlockType::Q4_1,
-        GgmlDType::Q5_0 => BlockType::Q5_0,
-        GgmlDType::Q5_1 => BlockType::Q5_1,
-        GgmlDType::Q8_0 => BlockType::Q8_0,
-        GgmlDType::Q2K => BlockType::Q2K,
-        GgmlDType::Q3K => BlockType::Q3K,
-        GgmlDType::Q4K => BlockType::Q4K,
-        GgmlDType::Q5K => BlockType::Q5K,
-        GgmlDType::Q6K => BlockType::Q6K,
-        _ => return None,
-    })
+    BlockType::from_ggml(crate::gguf_layout::ggml_type_id(dtype))
 }
 
 /// Reads a `rows × cols` matrix's blocks at `start` of the map, its rows put in Hugging Face's
