@@ -117,7 +117,15 @@ fn main() -> ExitCode {
         }
     };
     let ranks = world.collective();
-    match run(cli.command, ranks) {
+    let outcome = match world.alone() {
+        Some(alone) => rayon::ThreadPoolBuilder::new()
+            .stack_size(8 << 20)
+            .build_global()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| rayon::scope(|_| run(cli.command, alone))),
+        None => run(cli.command, ranks),
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             let rank = match ranks.size() {

@@ -45,6 +45,15 @@ impl World {
         }
     }
 
+    /// The lone process's collective (`None` under MPI).
+    pub(crate) fn alone(&self) -> Option<&shrink_core::Alone> {
+        match self {
+            World::Alone(a) => Some(a),
+            #[cfg(feature = "mpi")]
+            World::Mpi(_) => None,
+        }
+    }
+
     /// Ends every rank after this one failed: the others would wait for it forever.
     pub(crate) fn abort(&self) {
         #[cfg(feature = "mpi")]

@@ -207,6 +207,16 @@ pub fn gemm_with(
         }
         return;
     }
+    if m == 1 && !upper {
+        // One row (a decoding step's attention): no tile would be more than a twelfth used, and
+        // packing B would cost as much as the product. Each output's chain runs directly, B read
+        // where it lies.
+        c.par_chunks_mut(ROW_COLS)
+            .with_min_len((1 << 14) / (k * ROW_COLS).max(1) + 1)
+            .enumerate()
+            .for_each(|(jb, out)| row_on(kernel, a, b, k, jb * ROW_COLS, out, accumulate));
+        return;
+    }
     // A is read where it lies (one broadcast per row and step), except its last MR rows when m is
     // not a multiple of MR: those are copied, zero-padded, to a panel of k × MR.
     let full_panels = m / MR;
@@ -385,6 +395,104 @@ unsafe fn tile_avx2(a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR])
             }
         }
     }
+}
+
+/// Columns of one row's output per task of the one-row product.
+const ROW_COLS: usize = 64;
+
+/// One row of a product: `out[l] ← Σ_p a(0, p) · b(p, j0 + l)` as the chain over p in order
+/// (from `out[l]` when accumulating), for the `out.len()` columns from `j0`.
+fn row_portable(a: Operand, b: Operand, k: usize, j0: usize, out: &mut [f32], accumulate: bool) {
+    if !accumulate {
+        out.fill(0.0);
+    }
+    for p in 0..k {
+        let x = a.data[p * a.col_stride];
+        for (l, c) in out.iter_mut().enumerate() {
+            *c = x.mul_add(b.data[p * b.row_stride + (j0 + l) * b.col_stride], *c);
+        }
+    }
+}
+
+/// [`row_portable`] on AVX-512: the (up to) 64 columns in four vectors of 16, whose chains are
+/// independent (one would wait on each fused multiply-add's latency), B loaded (unit column
+/// stride) or gathered, lanes past the end masked.
+///
+/// # Safety
+/// The CPU must have AVX-512F and FMA; `a` must hold `k` steps and `b` the columns
+/// `j0 .. j0 + out.len()` of `k` rows, with `(j0 + out.len()) · col_stride` below 2³¹;
+/// `out.len() <= ROW_COLS`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn row_avx512(
+    a: Operand,
+    b: Operand,
+    k: usize,
+    j0: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    const V: usize = ROW_COLS / 16;
+    // SAFETY: every lane read or written is masked to the columns of `out`, inside `b` and `out`
+    // (the caller's contract).
+    unsafe {
+        let lanes = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(b.col_stride as i32),
+        );
+        let mask: [__mmask16; V] = std::array::from_fn(|v| {
+            let n = out.len().saturating_sub(16 * v).min(16);
+            ((1u32 << n) - 1) as u16
+        });
+        let dst = out.as_mut_ptr();
+        let mut acc: [__m512; V] = std::array::from_fn(|v| match accumulate {
+            true => _mm512_maskz_loadu_ps(mask[v], dst.add(16 * v)),
+            false => _mm512_setzero_ps(),
+        });
+        let base = b.data.as_ptr().add(j0 * b.col_stride);
+        for p in 0..k {
+            let x = _mm512_set1_ps(*a.data.get_unchecked(p * a.col_stride));
+            let row = base.add(p * b.row_stride);
+            for v in 0..V {
+                let src = row.add(16 * v * b.col_stride);
+                let y = if b.col_stride == 1 {
+                    _mm512_maskz_loadu_ps(mask[v], src)
+                } else {
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask[v], lanes, src)
+                };
+                acc[v] = _mm512_fmadd_ps(x, y, acc[v]);
+            }
+        }
+        for v in 0..V {
+            _mm512_mask_storeu_ps(dst.add(16 * v), mask[v], acc[v]);
+        }
+    }
+}
+
+fn row_on(
+    kernel: Kernel,
+    a: Operand,
+    b: Operand,
+    k: usize,
+    j0: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(
+        a.fits(1, k)
+            && b.fits(k, j0 + out.len())
+            && (j0 + out.len()) * b.col_stride < 1 << 31
+            && out.len() <= ROW_COLS,
+        "gemm row out of its operands"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512 && Kernel::detect() >= Kernel::Avx512 {
+        // SAFETY: `Kernel::detect` found the features; the operands hold the row (asserted).
+        return unsafe { row_avx512(a, b, k, j0, out, accumulate) };
+    }
+    let _ = kernel;
+    row_portable(a, b, k, j0, out, accumulate)
 }
 
 fn tile_on(kernel: Kernel, a: Operand, b: Operand, k: usize, acc: &mut [[f32; NR]; MR]) {

@@ -140,6 +140,18 @@ impl BlockType {
         }
     }
 
+    /// The width of the unsigned codes the panels hold.
+    fn code_bits(self) -> u32 {
+        match self {
+            BlockType::Q2K => 2,
+            BlockType::Q3K => 3,
+            BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q4K => 4,
+            BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 5,
+            BlockType::Q6K => 6,
+            BlockType::Q8_0 => 8,
+        }
+    }
+
     fn act(self) -> ActType {
         match self {
             BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActType::Q8_0,
@@ -340,20 +352,23 @@ impl Columns {
 
 /// Every row's codes, scales and minima, [`LANES`] rows side by side: for each step of 4 codes,
 /// the panel's rows' 4 codes one after the other (64 bytes); for each sub-block and block, the
-/// rows' scales. Rows past the matrix's last are zero.
+/// rows' scales. Codes below 16 ([`RowPanels::nibbles`]) are held two to a byte: each 64 bytes
+/// carry two steps, the even one in the low halves. Rows past the matrix's last are zero.
 #[derive(Clone, Debug, Default)]
 struct RowPanels {
     count: usize,
-    /// Per panel: `cols / 4` steps × `LANES` rows × 4 codes.
+    /// Whether codes are held as 4-bit halves of bytes.
+    nibbles: bool,
+    /// Per panel: `cols / 4` steps × `LANES` rows × 4 codes (half a byte each with `nibbles`).
     codes: Vec<u8>,
     /// Per panel, per sub-block: `LANES` integer scales (1 for the types without).
-    scales: Vec<i32>,
+    scales: Vec<i8>,
     /// Per panel, per sub-block: `LANES` integer minima (the k-quants with minima).
-    mins: Vec<i32>,
-    /// Per panel, per block: `LANES` scales.
-    d: Vec<f32>,
-    /// Per panel, per block: `LANES` minimum scales (or Q4_1/Q5_1's minima).
-    dmin: Vec<f32>,
+    mins: Vec<i8>,
+    /// Per panel, per block: `LANES` scales (every type's are f16).
+    d: Vec<f16>,
+    /// Per panel, per block: `LANES` minimum scales (or Q4_1/Q5_1's minima), f16 too.
+    dmin: Vec<f16>,
 }
 
 impl RowPanels {
@@ -361,13 +376,16 @@ impl RowPanels {
         let (ty, cols) = (m.ty, m.cols);
         let count = m.rows.div_ceil(LANES);
         let (steps, subs, blocks) = (cols / 4, cols / ty.sub_len(), cols / ty.block_len());
+        let nibbles = ty.code_bits() <= 4;
+        let panel_bytes = steps * LANES * 4 / if nibbles { 2 } else { 1 };
         let mut p = RowPanels {
             count,
-            codes: vec![0; count * steps * LANES * 4],
+            nibbles,
+            codes: vec![0; count * panel_bytes],
             scales: vec![0; count * subs * LANES],
             mins: vec![0; count * subs * LANES],
-            d: vec![0.0; count * blocks * LANES],
-            dmin: vec![0.0; count * blocks * LANES],
+            d: vec![f16::ZERO; count * blocks * LANES],
+            dmin: vec![f16::ZERO; count * blocks * LANES],
         };
         if count == 0 || cols == 0 {
             return p;
@@ -376,7 +394,7 @@ impl RowPanels {
         let sub_lanes = subs * LANES;
         let block_lanes = blocks * LANES;
         p.codes
-            .par_chunks_mut(steps * LANES * 4)
+            .par_chunks_mut(panel_bytes)
             .zip(p.scales.par_chunks_mut(sub_lanes))
             .zip(p.mins.par_chunks_mut(sub_lanes))
             .zip(p.d.par_chunks_mut(block_lanes))
@@ -387,20 +405,37 @@ impl RowPanels {
                 for lane in 0..LANES.min(m.rows - panel * LANES) {
                     row.decode(ty, m.row(panel * LANES + lane));
                     for (step, c) in row.codes.chunks(4).enumerate() {
-                        let at = (step * LANES + lane) * 4;
-                        codes[at..at + 4].copy_from_slice(c);
+                        let (pair, shift) = match nibbles {
+                            true => (step / 2, 4 * (step % 2)),
+                            false => (step, 0),
+                        };
+                        let at = (pair * LANES + lane) * 4;
+                        for (to, &c) in codes[at..at + 4].iter_mut().zip(c) {
+                            *to |= c << shift;
+                        }
                     }
                     for j in 0..subs {
-                        scales[j * LANES + lane] = row.scales[j];
-                        mins[j * LANES + lane] = row.mins[j];
+                        // Every type's sub-block scales and minima lie in -32..=63.
+                        scales[j * LANES + lane] = row.scales[j] as i8;
+                        mins[j * LANES + lane] = row.mins[j] as i8;
                     }
                     for b in 0..blocks {
-                        d[b * LANES + lane] = row.d[b];
-                        dmin[b * LANES + lane] = row.dmin[b];
+                        // Read from f16: held exactly.
+                        d[b * LANES + lane] = f16::from_f32(row.d[b]);
+                        dmin[b * LANES + lane] = f16::from_f32(row.dmin[b]);
                     }
                 }
             });
         p
+    }
+
+    /// The code of column `k` of lane `lane` in panel `p` (`steps` = columns / 4).
+    fn code(&self, p: usize, steps: usize, k: usize, lane: usize) -> u8 {
+        let step = p * steps + k / 4;
+        match self.nibbles {
+            true => self.codes[((step / 2) * LANES + lane) * 4 + k % 4] >> (4 * (step % 2)) & 15,
+            false => self.codes[(step * LANES + lane) * 4 + k % 4],
+        }
     }
 }
 

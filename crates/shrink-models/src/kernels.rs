@@ -51,21 +51,99 @@ impl CustomOp1 for CausalSoftmax {
         dst.par_chunks_mut(s)
             .zip(src.par_chunks(s))
             .enumerate()
-            .for_each(|(row, (out, x))| {
-                let pos = offset + row % t;
-                let lo = (pos + 1).saturating_sub(self.window);
-                let (x, out) = (&x[lo..=pos], &mut out[lo..=pos]);
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
-                let mut sum = 0f32;
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = (v * self.scale - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                out.iter_mut().for_each(|o| *o *= inv);
-            });
+            .for_each(|(row, (out, x))| self.row(x, out, 0, offset + row % t));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
+}
+
+impl CausalSoftmax {
+    /// One query row at position `pos`: `out[j]` for the keys `j` of `x` (keys `first ..`), the
+    /// visible ones from the scaled scores, the others 0.
+    fn row(&self, x: &[f32], out: &mut [f32], first: usize, pos: usize) {
+        let lo = (pos + 1).saturating_sub(self.window).max(first) - first;
+        let hi = pos + 1 - first;
+        out[..lo].fill(0.0);
+        out[hi..].fill(0.0);
+        let (x, out) = (&x[lo..hi], &mut out[lo..hi]);
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * self.scale;
+        let mut sum = 0f32;
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (v * self.scale - max).exp();
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// Query rows per task of [`causal_attention`].
+const QUERY_BLOCK: usize = 36;
+
+/// Causal attention for inference, `softmax(scale · q·kᵀ + mask) · v` per head, for `q`
+/// (`batch × heads × t × d`) and `k`, `v` (`batch × heads/groups × s × d`, grouped-query heads as
+/// in [`per_head`]), query row `i` at position `s − t + i`. Each task takes a block of query rows
+/// and only the keys they can see: the `t × s` scores are never held whole, and the keys after a
+/// block's last row cost nothing. The values are those of [`per_head`] → [`causal_softmax`] →
+/// [`per_head`] (the same chains: a product's terms for hidden keys are zeros). `None` when the
+/// inputs are not [`fixed_order`]'s.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    groups: usize,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fixed_order(&[q, k, v]) {
+        return Ok(None);
+    }
+    let (batch, heads, t, d) = q.dims4()?;
+    let (_, kv_heads, s, _) = k.dims4()?;
+    if kv_heads * groups != heads || k.dims() != v.dims() || k.dim(3)? != d || t > s {
+        candle_core::bail!(
+            "causal attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let softmax = CausalSoftmax {
+        scale: scale as f32,
+        window: window.unwrap_or(usize::MAX),
+    };
+    let (qs, ks, vs) = (F32Values::of(q)?, F32Values::of(k)?, F32Values::of(v)?);
+    let (qv, kv, vv): (&[f32], &[f32], &[f32]) = (&qs, &ks, &vs);
+    let mut out = vec![0f32; batch * heads * t * d];
+    out.par_chunks_mut((t * d).max(1))
+        .enumerate()
+        .for_each(|(i, head_out)| {
+            let q = &qv[i * t * d..(i + 1) * t * d];
+            let j = (i / heads) * kv_heads + (i % heads) / groups;
+            let (k, v) = (
+                &kv[j * s * d..(j + 1) * s * d],
+                &vv[j * s * d..(j + 1) * s * d],
+            );
+            head_out
+                .par_chunks_mut(QUERY_BLOCK * d)
+                .enumerate()
+                .for_each(|(blk, o)| {
+                    let (r0, rows) = (blk * QUERY_BLOCK, o.len() / d);
+                    let (first_pos, last_pos) = (s - t + r0, s - t + r0 + rows - 1);
+                    let first = (first_pos + 1).saturating_sub(softmax.window);
+                    let n = last_pos + 1 - first;
+                    let mut scores = vec![0f32; rows * n];
+                    let q = Operand::row_major(&q[r0 * d..(r0 + rows) * d], d);
+                    let keys = Operand::transposed(&k[first * d..(last_pos + 1) * d], d);
+                    gemm(rows, n, d, q, keys, &mut scores, false);
+                    let mut probs = vec![0f32; rows * n];
+                    for (r, (x, p)) in scores.chunks(n).zip(probs.chunks_mut(n)).enumerate() {
+                        softmax.row(x, p, first, first_pos + r);
+                    }
+                    let values = Operand::row_major(&v[first * d..(last_pos + 1) * d], d);
+                    gemm(rows, d, n, Operand::row_major(&probs, n), values, o, false);
+                });
+        });
+    Tensor::from_vec(out, (batch, heads, t, d), q.device()).map(Some)
 }
 
 /// `softmax(scale * scores + causal/window mask)` over the last dimension, computed in f32.

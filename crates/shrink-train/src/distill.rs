@@ -111,6 +111,9 @@ impl LinearHook for Capture {
     fn observe(&mut self, _: &str, _: &Tensor) -> candle_core::Result<()> {
         Ok(())
     }
+    fn wants_attention(&self, layer: usize) -> bool {
+        self.attention_layers.contains(&layer)
+    }
     fn attention(&mut self, layer: usize, probs: &Tensor) -> candle_core::Result<()> {
         if self.attention_layers.contains(&layer) {
             self.attention.insert(layer, probs.clone());

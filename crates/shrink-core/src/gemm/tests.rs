@@ -30,8 +30,12 @@ fn reference(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32]
     }
 }
 
-const SHAPES: [(usize, usize, usize); 8] = [
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
+    // One row (a decoding step): columns past one task's 64 and a masked last vector.
+    (1, 70, 64),
+    (1, 64, 530),
+    (1, 131, 2100),
     (3, 5, 7),
     (8, 32, 16),
     (17, 33, 65),

@@ -118,23 +118,23 @@ fn portable(
                 for j in b * l.per..(b + 1) * l.per {
                     let mut isum = 0i32;
                     for (k, &a) in codes.iter().enumerate().skip(j * l.g).take(l.g) {
-                        let c = w.codes[((p * steps + k / 4) * LANES + lane) * 4 + k % 4];
-                        isum += c as i32 * a as i32;
+                        isum += w.code(p, steps, k, lane) as i32 * a as i32;
                     }
                     let qsum: i32 = (0..l.g / 16)
                         .map(|s| acts.sums[tok * sixteens + j * l.g / 16 + s])
                         .sum();
                     let at = (p * subs + j) * LANES + lane;
-                    iacc += w.scales[at] * (isum - l.offset * qsum);
-                    mint += w.mins[at] * qsum;
+                    iacc += w.scales[at] as i32 * (isum - l.offset * qsum);
+                    mint += w.mins[at] as i32 * qsum;
                 }
                 let (at, a) = ((p * l.blocks + b) * LANES + lane, tok * act_blocks + b);
                 let da = acts.d[a];
-                acc = (w.d[at] * da).mul_add(iacc as f32, acc);
+                let (d, dmin) = (w.d[at].to_f32(), w.dmin[at].to_f32());
+                acc = (d * da).mul_add(iacc as f32, acc);
                 match l.mins {
                     Mins::None => {}
-                    Mins::PerSub => acc = (-(w.dmin[at] * da)).mul_add(mint as f32, acc),
-                    Mins::PerBlock => acc = w.dmin[at].mul_add(acts.s[a], acc),
+                    Mins::PerSub => acc = (-(dmin * da)).mul_add(mint as f32, acc),
+                    Mins::PerBlock => acc = dmin.mul_add(acts.s[a], acc),
                 }
             }
             *f = acc;
@@ -163,13 +163,14 @@ mod vnni {
         let (steps, sixteens) = (cols / 4, cols / 16);
         let act_blocks = acts.d.len() / acts.t.max(1);
         let zero = _mm512_setzero_si512();
-        let load_i = |v: &[i32], at: usize| {
+        let load_i = |v: &[i8], at: usize| {
             // SAFETY: every caller's `at` leaves LANES values in `v`.
-            unsafe { _mm512_loadu_si512(v.as_ptr().add(at).cast()) }
+            unsafe { _mm512_cvtepi8_epi32(_mm_loadu_si128(v.as_ptr().add(at).cast())) }
         };
-        let load_f = |v: &[f32], at: usize| {
+        let low = _mm512_set1_epi8(15);
+        let load_f = |v: &[half::f16], at: usize| {
             // SAFETY: as for `load_i`.
-            unsafe { _mm512_loadu_ps(v.as_ptr().add(at)) }
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(at).cast())) }
         };
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..l.blocks {
@@ -178,9 +179,19 @@ mod vnni {
             for j in b * l.per..(b + 1) * l.per {
                 let mut isum = [zero; N];
                 for step in j * l.g / 4..(j + 1) * l.g / 4 {
-                    let at = (p * steps + step) * LANES * 4;
-                    // SAFETY: the panel holds `steps` steps of LANES × 4 codes.
-                    let codes = unsafe { _mm512_loadu_si512(w.codes.as_ptr().add(at).cast()) };
+                    let step_at = |step: usize| {
+                        // SAFETY: the panel holds `steps` steps of LANES × 4 codes (two steps to
+                        // 64 bytes with nibbles).
+                        unsafe { _mm512_loadu_si512(w.codes.as_ptr().add(step * LANES * 4).cast()) }
+                    };
+                    let codes = match (w.nibbles, (p * steps + step) % 2) {
+                        (false, _) => step_at(p * steps + step),
+                        (true, 0) => _mm512_and_si512(step_at((p * steps + step) / 2), low),
+                        (true, _) => _mm512_and_si512(
+                            _mm512_srli_epi32::<4>(step_at((p * steps + step) / 2)),
+                            low,
+                        ),
+                    };
                     for (t, isum) in isum.iter_mut().enumerate() {
                         let at = (first + t) * cols + step * 4;
                         debug_assert!(at + 4 <= acts.codes.len());
@@ -209,7 +220,11 @@ mod vnni {
                 }
             }
             let at = (p * l.blocks + b) * LANES;
-            let (d, dmin) = (load_f(&w.d, at), load_f(&w.dmin, at));
+            let d = load_f(&w.d, at);
+            let dmin = match l.mins {
+                Mins::None => _mm512_setzero_ps(),
+                _ => load_f(&w.dmin, at),
+            };
             for t in 0..N {
                 let a = (first + t) * act_blocks + b;
                 let da = _mm512_set1_ps(acts.d[a]);

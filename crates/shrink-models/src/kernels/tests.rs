@@ -20,6 +20,41 @@ fn causal_softmax_matches_mask_then_softmax() {
 }
 
 #[test]
+fn causal_attention_is_the_materialised_attention_bit_for_bit() {
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // 6 query heads over 2 key/value heads; query blocks cut at 36 rows; t < s (cached keys), a
+    // single query row (a decoding step), and a sliding window.
+    for (t, s, window) in [
+        (80, 80, None),
+        (80, 95, None),
+        (1, 40, None),
+        (80, 90, Some(20)),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (2, 6, t, 8), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, s, 8), &Device::Cpu).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 2, s, 8), &Device::Cpu).unwrap();
+        let got = causal_attention(&q, &k, &v, 3, 0.3, window)
+            .unwrap()
+            .unwrap();
+        let scores = per_head(&q, &k, 3, true).unwrap().unwrap();
+        let probs = causal_softmax(&scores, 0.3, window).unwrap();
+        let want = per_head(&probs, &v, 3, false).unwrap().unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(
+            values(&got),
+            values(&want),
+            "t {t}, s {s}, window {window:?}"
+        );
+    }
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 4, 8), &Device::Cpu).unwrap();
+    let q = Tensor::randn(0f32, 1.0, (1, 6, 5, 8), &Device::Cpu).unwrap();
+    assert!(
+        causal_attention(&q, &k, &k, 3, 0.3, None).is_err(),
+        "more queries than keys"
+    );
+}
+
+#[test]
 fn fixed_order_products_are_candles_products() {
     let close = |a: &Tensor, b: &Tensor| {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();

@@ -191,31 +191,16 @@ impl Block {
             }
             None => (k, v),
         };
-        let groups = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = match crate::kernels::per_head(&q, &k, groups, true)? {
-            Some(scores) => scores,
-            None => q.matmul(&repeat_kv(k.clone(), groups)?.t()?)?,
+        let fused = match ctx.causal && !hook.wants_attention(self.index) {
+            true => {
+                let scale = 1.0 / (hd as f64).sqrt();
+                crate::kernels::causal_attention(&q, &k, &v, nh / nkv, scale, ctx.window)?
+            }
+            false => None,
         };
-        let probs = if ctx.causal {
-            crate::kernels::causal_softmax(&scores, scale, ctx.window)?
-        } else {
-            let scores = (scores.to_dtype(DType::F32)? * scale)?;
-            let scores = match &ctx.key_mask {
-                Some(mask) => scores.broadcast_add(mask)?,
-                None => scores,
-            };
-            let probs = if scores.track_op() {
-                candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            };
-            probs.to_dtype(x.dtype())?
-        };
-        hook.attention(self.index, &probs)?;
-        let attn = match crate::kernels::per_head(&probs, &v, groups, false)? {
+        let attn = match fused {
             Some(attn) => attn,
-            None => probs.matmul(&repeat_kv(v, groups)?)?,
+            None => self.attention(x, &q, k, v, ctx, hook)?,
         };
         let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         hook.observe(&self.names[3], &attn)?;
@@ -255,6 +240,45 @@ impl Block {
         };
         hook.block_output(self.index, &out)?;
         Ok(out)
+    }
+
+    /// Attention with its probabilities materialised (`batch × heads × t × s`, shown to the
+    /// hook): bidirectional attention, training, or a hook that asks for them.
+    fn attention(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: &AttentionContext,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = match crate::kernels::per_head(q, &k, groups, true)? {
+            Some(scores) => scores,
+            None => q.matmul(&repeat_kv(k.clone(), groups)?.t()?)?,
+        };
+        let probs = if ctx.causal {
+            crate::kernels::causal_softmax(&scores, scale, ctx.window)?
+        } else {
+            let scores = (scores.to_dtype(DType::F32)? * scale)?;
+            let scores = match &ctx.key_mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            let probs = if scores.track_op() {
+                candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
+            probs.to_dtype(x.dtype())?
+        };
+        hook.attention(self.index, &probs)?;
+        Ok(match crate::kernels::per_head(&probs, &v, groups, false)? {
+            Some(attn) => attn,
+            None => probs.matmul(&repeat_kv(v, groups)?)?,
+        })
     }
 
     /// Whether each sub-layer's norm follows its residual sum (BERT) instead of preceding it.

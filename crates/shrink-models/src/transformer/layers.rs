@@ -15,6 +15,12 @@ pub trait LinearHook {
         Ok(())
     }
 
+    /// Whether [`LinearHook::attention`] should be called for block `layer` (the probabilities
+    /// are then materialised; otherwise causal attention is computed without holding them).
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+
     /// Called with the output hidden states of block `layer`, `(batch, seq, hidden)`
     /// (distillation of hidden states). Ignored by default.
     fn block_output(&mut self, _layer: usize, _hidden: &Tensor) -> candle_core::Result<()> {
