@@ -305,21 +305,22 @@ impl QMatrix {
 
     fn matmul_with(&self, kernel: kernel::Kernel, x: &[f32], t: usize) -> Vec<f32> {
         assert_eq!(x.len(), t * self.cols, "activations are t × cols");
-        let acts = Activations::quantize(self.ty.act(), x, t, self.cols);
+        let mut acts = Activations::quantize(self.ty.act(), x, t, self.cols);
+        acts.sub_sums(self.ty.sub_len(), self.ty.offset());
         // Each panel of LANES weight rows against every token, panels on rayon's threads.
         let n = self.rows;
-        // Panels shared out in runs of at least ~256k products, so that a token's decoding step
+        // Panels shared out in runs of at least ~64k products, so that a token's decoding step
         // is not spent handing out tiny tasks. Each panel writes its own columns of `y`.
         let per_panel = t * self.cols * LANES;
         let mut y = vec![0f32; t * n];
         let out = Columns(y.as_mut_ptr());
         (0..self.panels.count)
             .into_par_iter()
-            .with_min_len((1 << 18) / per_panel.max(1))
+            .with_min_len((1 << 16) / per_panel.max(1))
             .for_each_init(
-                || vec![0f32; t * LANES],
-                |lanes, p| {
-                    kernel::panel(kernel, self.ty, &self.panels, p, &acts, lanes);
+                || (vec![0f32; t * LANES], Vec::new()),
+                |(lanes, scratch), p| {
+                    kernel::panel(kernel, self.ty, &self.panels, p, &acts, lanes, scratch);
                     let rows = (n - p * LANES).min(LANES);
                     for (tok, v) in lanes.chunks(LANES).enumerate() {
                         // SAFETY: `y` holds t × n values; panel p alone writes columns
@@ -427,6 +428,12 @@ impl RowPanels {
                 }
             });
         p
+    }
+
+    /// Panel `p`'s codes (`steps` = columns / 4).
+    fn panel_codes(&self, p: usize, steps: usize) -> &[u8] {
+        let len = steps * LANES * 4 / if self.nibbles { 2 } else { 1 };
+        &self.codes[p * len..(p + 1) * len]
     }
 
     /// The code of column `k` of lane `lane` in panel `p` (`steps` = columns / 4).
@@ -642,6 +649,10 @@ struct Activations {
     sums: Vec<i32>,
     /// Q8_1 only: per token, per block: the f16-rounded `d · Σq`.
     s: Vec<f32>,
+    /// Per token, per sub-block of the weight type: the codes' sum, and that sum times the
+    /// negated offset of the weight's codes ([`Activations::sub_sums`]).
+    qsum: Vec<i32>,
+    start: Vec<i32>,
     t: usize,
     cols: usize,
 }
@@ -710,23 +721,38 @@ impl Activations {
             d: vec![0.0; t * blocks],
             sums: vec![0; t * sixteens],
             s: vec![0.0; t * blocks],
+            qsum: Vec::new(),
+            start: Vec::new(),
             t,
             cols,
         };
-        let rows = a.codes.chunks_mut(cols).zip(a.d.chunks_mut(blocks));
-        let rows = rows
-            .zip(a.s.chunks_mut(blocks))
-            .zip(a.sums.chunks_mut(sixteens));
-        for (tok, (((q, d), s), sums)) in rows.enumerate() {
-            let row = &x[tok * cols..(tok + 1) * cols];
-            for (b, (xb, qb)) in row.chunks(bl).zip(q.chunks_mut(bl)).enumerate() {
-                (d[b], s[b]) = act.quantize_block(xb, qb);
-            }
-            for (sum, q16) in sums.iter_mut().zip(q.chunks(16)) {
-                *sum = q16.iter().map(|&v| v as i32).sum();
-            }
+        if t == 0 || cols == 0 {
+            return a;
         }
+        // Rows rounded in parallel, each on its own.
+        let rows = a.codes.par_chunks_mut(cols).zip(a.d.par_chunks_mut(blocks));
+        let rows = rows
+            .zip(a.s.par_chunks_mut(blocks))
+            .zip(a.sums.par_chunks_mut(sixteens));
+        rows.zip(x.par_chunks(cols))
+            .with_min_len((1 << 14) / cols)
+            .for_each(|((((q, d), s), sums), row)| {
+                for (b, (xb, qb)) in row.chunks(bl).zip(q.chunks_mut(bl)).enumerate() {
+                    (d[b], s[b]) = act.quantize_block(xb, qb);
+                }
+                for (sum, q16) in sums.iter_mut().zip(q.chunks(16)) {
+                    *sum = q16.iter().map(|&v| v as i32).sum();
+                }
+            });
         a
+    }
+
+    /// Per token, per sub-block of `g` codes of the weight type: the codes' sum, and that sum
+    /// times `-offset` (the term that takes the weight codes' offset out of an integer dot
+    /// product), as the VNNI kernel starts its sums from.
+    fn sub_sums(&mut self, g: usize, offset: i32) {
+        self.qsum = self.sums.chunks(g / 16).map(|c| c.iter().sum()).collect();
+        self.start = self.qsum.iter().map(|&q| -offset * q).collect();
     }
 }
 

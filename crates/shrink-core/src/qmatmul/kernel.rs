@@ -63,7 +63,12 @@ impl Layout {
     }
 }
 
-/// Computes panel `p`'s outputs for every token: `out[token * LANES + lane]`.
+/// From this many tokens on, a panel's 4-bit codes are spread to a byte each once (into
+/// `scratch`) rather than unpacked at every step for every group of [`TOKENS`] tokens.
+const UNPACK_TOKENS: usize = 4 * TOKENS;
+
+/// Computes panel `p`'s outputs for every token: `out[token * LANES + lane]`. `scratch` is the
+/// caller's buffer for the panel's unpacked codes.
 pub(super) fn panel(
     kernel: Kernel,
     ty: BlockType,
@@ -71,8 +76,28 @@ pub(super) fn panel(
     p: usize,
     acts: &Activations,
     out: &mut [f32],
+    scratch: &mut Vec<u8>,
 ) {
     let l = Layout::new(ty, acts.cols);
+    let held = w.panel_codes(p, acts.cols / 4);
+    let codes = match w.nibbles && acts.t >= UNPACK_TOKENS {
+        true => {
+            scratch.clear();
+            // Each 64 bytes hold two steps: the even one in the low halves.
+            for pair in held.chunks(LANES * 4) {
+                scratch.extend(pair.iter().map(|&c| c & 15));
+                scratch.extend(pair.iter().map(|&c| c >> 4));
+            }
+            Codes {
+                bytes: scratch,
+                nibbles: false,
+            }
+        }
+        false => Codes {
+            bytes: held,
+            nibbles: w.nibbles,
+        },
+    };
     for first in (0..acts.t).step_by(TOKENS) {
         let tokens = (acts.t - first).min(TOKENS);
         let out = &mut out[first * LANES..(first + tokens) * LANES];
@@ -82,15 +107,23 @@ pub(super) fn panel(
             // AVX-512 VNNI.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => match tokens {
-                4 => unsafe { vnni::tile::<4>(&l, w, p, acts, first, out) },
-                3 => unsafe { vnni::tile::<3>(&l, w, p, acts, first, out) },
-                2 => unsafe { vnni::tile::<2>(&l, w, p, acts, first, out) },
-                _ => unsafe { vnni::tile::<1>(&l, w, p, acts, first, out) },
+                4 => unsafe { vnni::tile::<4>(&l, w, codes, p, acts, first, out) },
+                3 => unsafe { vnni::tile::<3>(&l, w, codes, p, acts, first, out) },
+                2 => unsafe { vnni::tile::<2>(&l, w, codes, p, acts, first, out) },
+                _ => unsafe { vnni::tile::<1>(&l, w, codes, p, acts, first, out) },
             },
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::Vnni => unreachable!("VNNI is only chosen on x86-64"),
         }
     }
+}
+
+/// One panel's codes as the VNNI kernel reads them: a step's 64 bytes each, or (`nibbles`) two
+/// steps to 64 bytes.
+#[derive(Clone, Copy)]
+struct Codes<'a> {
+    bytes: &'a [u8],
+    nibbles: bool,
 }
 
 /// The definition, one output at a time: per block, the integer sum of each sub-block's code
@@ -144,7 +177,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Activations, Layout, Mins, RowPanels, LANES};
+    use super::{Activations, Codes, Layout, Mins, RowPanels, LANES};
     use std::arch::x86_64::*;
 
     /// [`super::portable`] for `N` tokens at once, the panel's rows in the lanes: each step loads
@@ -153,6 +186,7 @@ mod vnni {
     pub(super) fn tile<const N: usize>(
         l: &Layout,
         w: &RowPanels,
+        codes: Codes,
         p: usize,
         acts: &Activations,
         first: usize,
@@ -160,7 +194,6 @@ mod vnni {
     ) {
         debug_assert_eq!(out.len(), N * LANES);
         let (cols, subs) = (acts.cols, l.blocks * l.per);
-        let (steps, sixteens) = (cols / 4, cols / 16);
         let act_blocks = acts.d.len() / acts.t.max(1);
         let zero = _mm512_setzero_si512();
         let load_i = |v: &[i8], at: usize| {
@@ -177,20 +210,25 @@ mod vnni {
             let mut iacc = [zero; N];
             let mut mint = [zero; N];
             for j in b * l.per..(b + 1) * l.per {
-                let mut isum = [zero; N];
+                // Each sum starts from -offset · Σ(the token's codes): the offset comes out as
+                // the products go in.
+                let mut isum: [__m512i; N] =
+                    std::array::from_fn(|t| _mm512_set1_epi32(acts.start[(first + t) * subs + j]));
                 for step in j * l.g / 4..(j + 1) * l.g / 4 {
                     let step_at = |step: usize| {
+                        debug_assert!((step + 1) * LANES * 4 <= codes.bytes.len());
                         // SAFETY: the panel holds `steps` steps of LANES × 4 codes (two steps to
                         // 64 bytes with nibbles).
-                        unsafe { _mm512_loadu_si512(w.codes.as_ptr().add(step * LANES * 4).cast()) }
+                        unsafe {
+                            _mm512_loadu_si512(codes.bytes.as_ptr().add(step * LANES * 4).cast())
+                        }
                     };
-                    let codes = match (w.nibbles, (p * steps + step) % 2) {
-                        (false, _) => step_at(p * steps + step),
-                        (true, 0) => _mm512_and_si512(step_at((p * steps + step) / 2), low),
-                        (true, _) => _mm512_and_si512(
-                            _mm512_srli_epi32::<4>(step_at((p * steps + step) / 2)),
-                            low,
-                        ),
+                    let codes = match (codes.nibbles, step % 2) {
+                        (false, _) => step_at(step),
+                        (true, 0) => _mm512_and_si512(step_at(step / 2), low),
+                        (true, _) => {
+                            _mm512_and_si512(_mm512_srli_epi32::<4>(step_at(step / 2)), low)
+                        }
                     };
                     for (t, isum) in isum.iter_mut().enumerate() {
                         let at = (first + t) * cols + step * 4;
@@ -203,18 +241,17 @@ mod vnni {
                 }
                 let at = (p * subs + j) * LANES;
                 for t in 0..N {
-                    let tok = first + t;
-                    let qsum: i32 = (0..l.g / 16)
-                        .map(|s| acts.sums[tok * sixteens + j * l.g / 16 + s])
-                        .sum();
-                    let v = _mm512_sub_epi32(isum[t], _mm512_set1_epi32(l.offset * qsum));
-                    iacc[t] = if l.scaled {
-                        _mm512_add_epi32(iacc[t], _mm512_mullo_epi32(load_i(&w.scales, at), v))
-                    } else {
-                        _mm512_add_epi32(iacc[t], v)
+                    iacc[t] = match (l.scaled, l.per) {
+                        (true, _) => _mm512_add_epi32(
+                            iacc[t],
+                            _mm512_mullo_epi32(load_i(&w.scales, at), isum[t]),
+                        ),
+                        (false, 1) => isum[t],
+                        (false, _) => _mm512_add_epi32(iacc[t], isum[t]),
                     };
                     if l.mins == Mins::PerSub {
-                        let m = _mm512_mullo_epi32(load_i(&w.mins, at), _mm512_set1_epi32(qsum));
+                        let qsum = _mm512_set1_epi32(acts.qsum[(first + t) * subs + j]);
+                        let m = _mm512_mullo_epi32(load_i(&w.mins, at), qsum);
                         mint[t] = _mm512_add_epi32(mint[t], m);
                     }
                 }
