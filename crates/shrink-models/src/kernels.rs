@@ -97,9 +97,9 @@ pub(crate) fn causal_attention(
     if !fixed_order(&[q, k, v]) {
         return Ok(None);
     }
-    let (batch, heads, t, d) = q.dims4()?;
-    let (_, kv_heads, s, _) = k.dims4()?;
-    if kv_heads * groups != heads || k.dims() != v.dims() || k.dim(3)? != d || t > s {
+    let (batch, heads, _, d) = q.dims4()?;
+    let (kv_batch, kv_heads, s, _) = k.dims4()?;
+    if kv_batch != batch || kv_heads * groups != heads || k.dims() != v.dims() || k.dim(3)? != d {
         candle_core::bail!(
             "causal attention: q {:?}, k {:?}, v {:?}",
             q.dims(),
@@ -107,22 +107,114 @@ pub(crate) fn causal_attention(
             v.dims()
         );
     }
+    let (ks, vs) = (F32Values::of(k)?, F32Values::of(v)?);
+    let (kv, vv): (&[f32], &[f32]) = (&ks, &vs);
+    let heads_of = |j: usize| {
+        let at = j * s * d..(j + 1) * s * d;
+        (Keys::Rows(&kv[at.clone()]), &vv[at])
+    };
+    attend(q, groups, s, scale, window, heads_of).map(Some)
+}
+
+/// [`causal_attention`] of `q` over the positions in `held` and `k`, `v` after them, which are
+/// added to `held` first. `None` when the inputs are not [`fixed_order`]'s and nothing is held
+/// yet (the caller then keeps its cache as tensors).
+pub(crate) fn causal_attention_cached(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    held: &mut HeldKv,
+    groups: usize,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fixed_order(&[q, k, v]) {
+        if held.len > 0 {
+            candle_core::bail!(
+                "cached attention: inputs that are not f32 on the CPU after f32 ones"
+            );
+        }
+        return Ok(None);
+    }
+    let (batch, kv_heads, t, d) = k.dims4()?;
+    if k.dims() != v.dims() || q.dims4()? != (batch, kv_heads * groups, t, d) {
+        candle_core::bail!(
+            "cached attention: q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    held.append(
+        &F32Values::of(k)?,
+        &F32Values::of(v)?,
+        batch * kv_heads,
+        t,
+        d,
+    )?;
+    let (cap, s) = (held.cap, held.len);
+    let heads_of = |j: usize| {
+        let keys = &held.keys[j * d * cap..(j + 1) * d * cap];
+        (
+            Keys::Columns(keys, cap),
+            &held.values[j * cap * d..(j + 1) * cap * d],
+        )
+    };
+    attend(q, groups, s, scale, window, heads_of).map(Some)
+}
+
+/// One key/value head's keys as [`attend`] reads them.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// `s × d`, a key per row.
+    Rows(&'a [f32]),
+    /// `d × cap`, a key per column (a cache's layout: a step's keys are read along rows).
+    Columns(&'a [f32], usize),
+}
+
+impl<'a> Keys<'a> {
+    /// Keys `first .. end` as the `d × (end − first)` right operand of `q · kᵀ`.
+    fn operand(self, d: usize, first: usize, end: usize) -> Operand<'a> {
+        match self {
+            Keys::Rows(k) => Operand::transposed(&k[first * d..end * d], d),
+            Keys::Columns(k, cap) => Operand {
+                data: &k[first..(d - 1) * cap + end],
+                row_stride: cap,
+                col_stride: 1,
+            },
+        }
+    }
+}
+
+/// The attention of `q` over `s` positions, key/value head `j`'s keys and values (rows of `d`)
+/// given by `heads_of(j)`.
+fn attend<'a>(
+    q: &Tensor,
+    groups: usize,
+    s: usize,
+    scale: f64,
+    window: Option<usize>,
+    heads_of: impl Fn(usize) -> (Keys<'a>, &'a [f32]) + Sync,
+) -> candle_core::Result<Tensor> {
+    let (batch, heads, t, d) = q.dims4()?;
+    if t > s || groups == 0 || heads % groups != 0 {
+        candle_core::bail!(
+            "causal attention: {t} queries over {s} keys, {heads} heads in groups of {groups}"
+        );
+    }
+    let kv_heads = heads / groups;
     let softmax = CausalSoftmax {
         scale: scale as f32,
         window: window.unwrap_or(usize::MAX),
     };
-    let (qs, ks, vs) = (F32Values::of(q)?, F32Values::of(k)?, F32Values::of(v)?);
-    let (qv, kv, vv): (&[f32], &[f32], &[f32]) = (&qs, &ks, &vs);
+    let qs = F32Values::of(q)?;
+    let qv: &[f32] = &qs;
     let mut out = vec![0f32; batch * heads * t * d];
     out.par_chunks_mut((t * d).max(1))
         .enumerate()
         .for_each(|(i, head_out)| {
             let q = &qv[i * t * d..(i + 1) * t * d];
-            let j = (i / heads) * kv_heads + (i % heads) / groups;
-            let (k, v) = (
-                &kv[j * s * d..(j + 1) * s * d],
-                &vv[j * s * d..(j + 1) * s * d],
-            );
+            let (keys, v) = heads_of((i / heads) * kv_heads + (i % heads) / groups);
             head_out
                 .par_chunks_mut(QUERY_BLOCK * d)
                 .enumerate()
@@ -133,8 +225,15 @@ pub(crate) fn causal_attention(
                     let n = last_pos + 1 - first;
                     let mut scores = vec![0f32; rows * n];
                     let q = Operand::row_major(&q[r0 * d..(r0 + rows) * d], d);
-                    let keys = Operand::transposed(&k[first * d..(last_pos + 1) * d], d);
-                    gemm(rows, n, d, q, keys, &mut scores, false);
+                    gemm(
+                        rows,
+                        n,
+                        d,
+                        q,
+                        keys.operand(d, first, last_pos + 1),
+                        &mut scores,
+                        false,
+                    );
                     let mut probs = vec![0f32; rows * n];
                     for (r, (x, p)) in scores.chunks(n).zip(probs.chunks_mut(n)).enumerate() {
                         softmax.row(x, p, first, first_pos + r);
@@ -143,7 +242,74 @@ pub(crate) fn causal_attention(
                     gemm(rows, d, n, Operand::row_major(&probs, n), values, o, false);
                 });
         });
-    Tensor::from_vec(out, (batch, heads, t, d), q.device()).map(Some)
+    Tensor::from_vec(out, (batch, heads, t, d), q.device())
+}
+
+/// A decoder block's cached keys and values as [`causal_attention_cached`] reads them: per
+/// key/value head (batch × heads), keys as the columns of a `d × cap` matrix and values as the
+/// rows of a `cap × d` one, room for `cap` positions (doubled when full), `len` of them filled.
+/// A step adds its positions in place: nothing already held is copied again.
+#[derive(Clone, Debug, Default)]
+pub struct HeldKv {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    heads: usize,
+    d: usize,
+    len: usize,
+    cap: usize,
+}
+
+impl HeldKv {
+    /// Number of positions held.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Adds `t` positions of `heads` heads: `k`, `v` are `heads × t × d`, row-major.
+    fn append(
+        &mut self,
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        t: usize,
+        d: usize,
+    ) -> candle_core::Result<()> {
+        if self.len > 0 && (heads, d) != (self.heads, self.d) {
+            candle_core::bail!(
+                "cached attention: {heads} heads of {d} after {} of {}",
+                self.heads,
+                self.d
+            );
+        }
+        (self.heads, self.d) = (heads, d);
+        if self.len + t > self.cap {
+            let cap = (2 * self.cap).max(self.len + t).max(64);
+            let (mut keys, mut values) = (vec![0f32; heads * d * cap], vec![0f32; heads * cap * d]);
+            for h in 0..heads {
+                for c in 0..d {
+                    let (from, to) = ((h * d + c) * self.cap, (h * d + c) * cap);
+                    keys[to..to + self.len].copy_from_slice(&self.keys[from..from + self.len]);
+                }
+                let (from, to) = (h * self.cap * d, h * cap * d);
+                values[to..to + self.len * d]
+                    .copy_from_slice(&self.values[from..from + self.len * d]);
+            }
+            (self.keys, self.values, self.cap) = (keys, values, cap);
+        }
+        let cap = self.cap;
+        for h in 0..heads {
+            for r in 0..t {
+                let row = (h * t + r) * d;
+                for (c, &x) in k[row..row + d].iter().enumerate() {
+                    self.keys[(h * d + c) * cap + self.len + r] = x;
+                }
+                let at = (h * cap + self.len + r) * d;
+                self.values[at..at + d].copy_from_slice(&v[row..row + d]);
+            }
+        }
+        self.len += t;
+        Ok(())
+    }
 }
 
 /// `softmax(scale * scores + causal/window mask)` over the last dimension, computed in f32.

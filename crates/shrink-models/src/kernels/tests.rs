@@ -55,6 +55,45 @@ fn causal_attention_is_the_materialised_attention_bit_for_bit() {
 }
 
 #[test]
+fn held_cache_attention_is_the_concatenated_attention_bit_for_bit() {
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // Steps of 50, 1, 30 and 1 positions: the held cache grows past its first 64 and then 128.
+    for window in [None, Some(40)] {
+        let mut held = HeldKv::default();
+        let (mut ks, mut vs) = (vec![], vec![]);
+        for (step, t) in [50, 1, 30, 1, 60].into_iter().enumerate() {
+            let seed = |x: Tensor| (x * (1.0 + step as f64)).unwrap();
+            let q = seed(Tensor::randn(0f32, 1.0, (2, 6, t, 8), &Device::Cpu).unwrap());
+            let k = seed(Tensor::randn(0f32, 1.0, (2, 2, t, 8), &Device::Cpu).unwrap());
+            let v = seed(Tensor::randn(0f32, 1.0, (2, 2, t, 8), &Device::Cpu).unwrap());
+            let got = causal_attention_cached(&q, &k, &v, &mut held, 3, 0.3, window)
+                .unwrap()
+                .unwrap();
+            ks.push(k);
+            vs.push(v);
+            let (k, v) = (Tensor::cat(&ks, 2).unwrap(), Tensor::cat(&vs, 2).unwrap());
+            let want = causal_attention(&q, &k, &v, 3, 0.3, window)
+                .unwrap()
+                .unwrap();
+            assert_eq!(held.len(), k.dim(2).unwrap());
+            assert_eq!(
+                values(&got),
+                values(&want),
+                "step {step}, window {window:?}"
+            );
+        }
+    }
+    // Another shape after the first is refused.
+    let mut held = HeldKv::default();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 3, 8), &Device::Cpu).unwrap();
+    let q = Tensor::randn(0f32, 1.0, (1, 6, 3, 8), &Device::Cpu).unwrap();
+    causal_attention_cached(&q, &k, &k, &mut held, 3, 0.3, None).unwrap();
+    let k4 = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &Device::Cpu).unwrap();
+    let q4 = Tensor::randn(0f32, 1.0, (1, 6, 3, 4), &Device::Cpu).unwrap();
+    assert!(causal_attention_cached(&q4, &k4, &k4, &mut held, 3, 0.3, None).is_err());
+}
+
+#[test]
 fn fixed_order_products_are_candles_products() {
     let close = |a: &Tensor, b: &Tensor| {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();

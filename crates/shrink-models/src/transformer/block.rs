@@ -180,28 +180,7 @@ impl Block {
             }
             false => (k, v),
         };
-        let (k, v) = match cache {
-            Some(cache) => {
-                let (k, v) = match &cache.kv {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                    None => (k, v),
-                };
-                cache.kv = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let fused = match ctx.causal && !hook.wants_attention(self.index) {
-            true => {
-                let scale = 1.0 / (hd as f64).sqrt();
-                crate::kernels::causal_attention(&q, &k, &v, nh / nkv, scale, ctx.window)?
-            }
-            false => None,
-        };
-        let attn = match fused {
-            Some(attn) => attn,
-            None => self.attention(x, &q, k, v, ctx, hook)?,
-        };
+        let attn = self.attend(x, &q, k, v, ctx, cache, hook)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         hook.observe(&self.names[3], &attn)?;
         let x = (x + self.o_proj.forward(&attn)?)?;
@@ -240,6 +219,57 @@ impl Block {
         };
         hook.block_output(self.index, &out)?;
         Ok(out)
+    }
+
+    /// Attention of `q` over `k`, `v` and the positions cached before them (which `k`, `v` join):
+    /// causal attention outside training by query blocks, its cache held in place
+    /// ([`crate::kernels::causal_attention_cached`]); otherwise [`Block::attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        x: &Tensor,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: &AttentionContext,
+        cache: Option<&mut KvCache>,
+        hook: &mut dyn LinearHook,
+    ) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let fused = ctx.causal && !hook.wants_attention(self.index);
+        let (k, v) = match cache {
+            Some(cache) => {
+                if fused && cache.kv.is_none() {
+                    let (held, w) = (&mut cache.held, ctx.window);
+                    let attn =
+                        crate::kernels::causal_attention_cached(q, &k, &v, held, groups, scale, w)?;
+                    if let Some(attn) = attn {
+                        return Ok(attn);
+                    }
+                }
+                if cache.held.len() > 0 {
+                    return Err(ModelError::Config(
+                        "a KV cache held for fused attention used by another attention".into(),
+                    ));
+                }
+                let (k, v) = match &cache.kv {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+                    None => (k, v),
+                };
+                cache.kv = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        if fused {
+            if let Some(attn) =
+                crate::kernels::causal_attention(q, &k, &v, groups, scale, ctx.window)?
+            {
+                return Ok(attn);
+            }
+        }
+        self.attention(x, q, k, v, ctx, hook)
     }
 
     /// Attention with its probabilities materialised (`batch × heads × t × s`, shown to the

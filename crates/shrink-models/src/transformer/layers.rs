@@ -259,7 +259,11 @@ pub struct AttentionContext {
 /// The key/value cache of one decoder block, for incremental decoding.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
+    /// Keys and values as tensors, `(batch, kv_heads, positions, head_dim)` (grown by
+    /// concatenation), where the attention is not [`crate::kernels::causal_attention_cached`]'s.
     pub(super) kv: Option<(Tensor, Tensor)>,
+    /// Keys and values held in place for [`crate::kernels::causal_attention_cached`].
+    pub(super) held: crate::kernels::HeldKv,
 }
 
 impl KvCache {
@@ -268,7 +272,7 @@ impl KvCache {
         self.kv
             .as_ref()
             .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+            .unwrap_or(self.held.len())
     }
 
     pub fn is_empty(&self) -> bool {
