@@ -214,3 +214,12 @@ fn packed_linear_multiplies_by_its_blocks_until_the_weight_changes() {
     let other = QMatrix::new(BlockType::Q8_0, 4, 64, vec![0; 4 * 2 * 34]).unwrap();
     assert!(linear.set_packed(Some(std::sync::Arc::new(other))).is_err());
 }
+
+#[test]
+fn max_of_is_the_largest_value_at_every_length() {
+    let x: Vec<f32> = (0..70).map(|i| ((i * 37) % 71) as f32 - 35.0).collect();
+    for n in [0, 1, 15, 16, 17, 33, 70] {
+        let want = x[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        assert_eq!(max_of(&x[..n]), want, "{n} values");
+    }
+}
