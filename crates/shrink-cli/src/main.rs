@@ -117,6 +117,9 @@ fn main() -> ExitCode {
         }
     };
     let ranks = world.collective();
+    // A lone process runs its command on a worker of rayon's pool: each parallel product is
+    // then a join among workers, not a hand-off from this thread and a wake-up back (a decoding
+    // step makes hundreds). Under MPI the command stays here: the communicator is not `Sync`.
     let outcome = match world.alone() {
         Some(alone) => rayon::ThreadPoolBuilder::new()
             .stack_size(8 << 20)

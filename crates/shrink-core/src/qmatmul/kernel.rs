@@ -80,7 +80,7 @@ pub(super) fn panel(
 ) {
     let l = Layout::new(ty, acts.cols);
     let held = w.panel_codes(p, acts.cols / 4);
-    let codes = match w.nibbles && acts.t >= UNPACK_TOKENS {
+    let codes = match kernel == Kernel::Vnni && w.nibbles && acts.t >= UNPACK_TOKENS {
         true => {
             scratch.clear();
             // Each 64 bytes hold two steps: the even one in the low halves.
