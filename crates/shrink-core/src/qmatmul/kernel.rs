@@ -4,7 +4,8 @@
 
 use super::{Activations, BlockType, Mins, RowPanels, LANES};
 
-/// Tokens run against a panel at once (the VNNI kernel's register tile).
+/// Tokens run against a panel at once (the VNNI kernel's register tile); twice as many for the
+/// types without per-sub-block minima.
 const TOKENS: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,8 +99,14 @@ pub(super) fn panel(
             nibbles: w.nibbles,
         },
     };
-    for first in (0..acts.t).step_by(TOKENS) {
-        let tokens = (acts.t - first).min(TOKENS);
+    // Types without per-sub-block minima keep fewer sums per token in registers: twice the
+    // tokens per tile.
+    let tile = match l.mins {
+        Mins::PerSub => TOKENS,
+        _ => 2 * TOKENS,
+    };
+    for first in (0..acts.t).step_by(tile) {
+        let tokens = (acts.t - first).min(tile);
         let out = &mut out[first * LANES..(first + tokens) * LANES];
         match kernel {
             Kernel::Portable => portable(&l, w, p, acts, first, out),
@@ -107,6 +114,10 @@ pub(super) fn panel(
             // AVX-512 VNNI.
             #[cfg(target_arch = "x86_64")]
             Kernel::Vnni => match tokens {
+                8 => unsafe { vnni::tile::<8>(&l, w, codes, p, acts, first, out) },
+                7 => unsafe { vnni::tile::<7>(&l, w, codes, p, acts, first, out) },
+                6 => unsafe { vnni::tile::<6>(&l, w, codes, p, acts, first, out) },
+                5 => unsafe { vnni::tile::<5>(&l, w, codes, p, acts, first, out) },
                 4 => unsafe { vnni::tile::<4>(&l, w, codes, p, acts, first, out) },
                 3 => unsafe { vnni::tile::<3>(&l, w, codes, p, acts, first, out) },
                 2 => unsafe { vnni::tile::<2>(&l, w, codes, p, acts, first, out) },
