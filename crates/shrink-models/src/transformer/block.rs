@@ -269,22 +269,21 @@ impl Block {
                 return Ok(attn);
             }
         }
-        self.attention(x, q, k, v, ctx, hook)
+        self.attention(x, q, (k, v), (groups, scale), ctx, hook)
     }
 
     /// Attention with its probabilities materialised (`batch × heads × t × s`, shown to the
     /// hook): bidirectional attention, training, or a hook that asks for them.
+    /// `groups` query heads share a key/value head; scores are scaled by `scale`.
     fn attention(
         &self,
         x: &Tensor,
         q: &Tensor,
-        k: Tensor,
-        v: Tensor,
+        (k, v): (Tensor, Tensor),
+        (groups, scale): (usize, f64),
         ctx: &AttentionContext,
         hook: &mut dyn LinearHook,
     ) -> Result<Tensor> {
-        let groups = self.num_heads / self.num_kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = match crate::kernels::per_head(q, &k, groups, true)? {
             Some(scores) => scores,
             None => q.matmul(&repeat_kv(k.clone(), groups)?.t()?)?,
