@@ -16,7 +16,7 @@
 //! job.loss.hidden = vec![(0, 1)];
 //! let windows: Vec<Vec<u32>> = (0..4).map(|w| (0..16).map(|i| (w + i * 5) % 64).collect()).collect();
 //! let (trained, outcome) =
-//!     distill(&teacher, &student, &job, &windows, &windows[..1], None, "doc", &shrink_core::NoProgress).unwrap();
+//!     distill(&teacher, student, &job, &windows, &windows[..1], None, "doc", &shrink_core::NoProgress).unwrap();
 //! assert_eq!(trained.config.num_hidden_layers, 1);
 //! assert_eq!(outcome.log.train.len(), 4);
 //! ```
@@ -154,11 +154,12 @@ pub fn student_config(
 /// Distils `teacher` into `student` on `windows`, evaluating on `eval`. With `workdir`, checkpoints
 /// go to `workdir` (a rerun with the same `fingerprint` resumes) and the top-k cache, when asked
 /// for, to `workdir/teacher-top-k.safetensors`. Returns the trained student (plain f32 tensors)
-/// and the training log. Neither input model is modified.
+/// and the training log. The teacher is not modified; the student is consumed (dropped once its
+/// trainable copy exists, so that training does not hold it twice).
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
     teacher: &Transformer,
-    student: &Transformer,
+    student: Transformer,
     job: &DistillJob,
     windows: &[Vec<u32>],
     eval: &[Vec<u32>],
@@ -171,7 +172,8 @@ pub fn distill(
             "the top-k cache holds the teacher's token log-probabilities; an encoder is distilled on its hidden states, without top-k".into(),
         ));
     }
-    let (model, params) = trainable(student, &job.frozen)?;
+    let (model, params) = trainable(&student, &job.frozen)?;
+    drop(student);
     let source = match job.top_k {
         None => Teacher::Model(teacher.clone()),
         Some(k) => {

@@ -87,7 +87,7 @@ fn distillation_lowers_the_held_out_kl_and_caches_the_teacher() {
     let dir = tempfile::tempdir().unwrap();
     let (trained, out) = distill(
         &t,
-        &student,
+        student.clone(),
         &job,
         &windows,
         &windows[..2],
@@ -139,7 +139,7 @@ fn an_encoder_student_learns_the_teachers_states_and_attention() {
     job.loss.attention = Some((1, 3));
     let (trained, out) = distill(
         &t,
-        &student,
+        student.clone(),
         &job,
         &windows,
         &windows[..2],
@@ -168,7 +168,7 @@ fn an_encoder_student_learns_the_teachers_states_and_attention() {
     job.top_k = Some(8);
     let err = distill(
         &t,
-        &student,
+        student.clone(),
         &job,
         &windows,
         &windows[..2],
@@ -198,7 +198,7 @@ fn masked_lm_encoders_add_the_logit_kl() {
     job.train.lr = 3e-3;
     let (trained, out) = distill(
         &t,
-        &student,
+        student.clone(),
         &job,
         &windows,
         &windows[..2],

@@ -5,12 +5,14 @@
 use crate::loss::{self, Divergence, Target};
 use crate::trainer::{Batch, Loss, Objective};
 use crate::{Result, TrainError};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use shrink_core::Progress;
 use shrink_models::{LinearHook, Transformer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+
+mod recompute;
 
 /// How hidden states are compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,6 +267,8 @@ pub struct Distiller {
     teacher: Teacher,
     config: DistillConfig,
     prepare: Option<Prepare>,
+    /// Logit values held per slice of the head when activations are recomputed.
+    pub(crate) head_slice_values: usize,
 }
 
 impl Distiller {
@@ -343,6 +347,7 @@ impl Distiller {
             teacher,
             config,
             prepare: None,
+            head_slice_values: recompute::HEAD_SLICE_VALUES,
         })
     }
 
@@ -442,16 +447,234 @@ fn ids_tensor(windows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (windows.len(), seq), device)?)
 }
 
-/// Cross-entropy of next-token prediction for logits `(b·t, vocab)` of windows `ids` `(b, t)`.
-fn next_token_ce(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+/// The teacher's distribution for some rows (flattened positions) of a batch.
+pub(crate) enum RowTargets {
+    Logits(Tensor),
+    TopK {
+        indices: Tensor,
+        log_probs: Tensor,
+        temperature: f64,
+    },
+}
+
+/// Loss terms summed into the training log by name, in the order first added.
+#[derive(Debug, Default)]
+pub(crate) struct Parts(pub Vec<(String, f64)>);
+
+impl Parts {
+    pub fn add(&mut self, name: &str, value: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => *v += value,
+            None => self.0.push((name.to_string(), value)),
+        }
+    }
+}
+
+/// The shares of a batch's mean next-token cross-entropy and of its mean divergence (`kind`:
+/// temperature and direction; cached top-k targets bring their own temperature) contributed by
+/// rows `rows` (flattened positions), from the student's logits for those rows. Cross-entropy
+/// covers the rows with a next token (`None` when there is none), and is differentiable only with
+/// `ce_graph`.
+pub(crate) fn row_losses(
+    logits: &Tensor,
+    rows: std::ops::Range<usize>,
+    ids: &Tensor,
+    target: Option<RowTargets>,
+    kind: (f64, Divergence),
+    ce_graph: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (b, t) = ids.dims2()?;
-    let v = logits.dim(D::Minus1)?;
-    let logits = logits
-        .reshape((b, t, v))?
-        .narrow(1, 0, t - 1)?
-        .flatten_to(1)?;
-    let targets = ids.narrow(1, 1, t - 1)?.flatten_all()?;
-    loss::cross_entropy(&logits, &targets)
+    let share = |n: usize, of: usize| (n != of).then_some(n as f64 / of as f64);
+    let weigh = |x: Tensor, w: Option<f64>| -> Result<Tensor> {
+        Ok(match w {
+            Some(w) => (x * w)?,
+            None => x,
+        })
+    };
+    let ids_flat = ids.flatten_all()?.to_vec1::<u32>()?;
+    let (mut picked, mut next) = (Vec::new(), Vec::new());
+    for (i, r) in rows.clone().enumerate() {
+        if r % t < t - 1 {
+            picked.push(i as u32);
+            next.push(ids_flat[r + 1]);
+        }
+    }
+    let device = logits.device();
+    let ce_logits = if ce_graph {
+        logits.clone()
+    } else {
+        logits.detach()
+    };
+    let ce = match picked.len() {
+        0 => None,
+        n => {
+            let rows_ce = Tensor::from_vec(picked, n, device)?;
+            let targets = Tensor::from_vec(next, n, device)?;
+            let ce = loss::cross_entropy(&ce_logits.index_select(&rows_ce, 0)?, &targets)?;
+            Some(weigh(ce, share(n, b * (t - 1)))?)
+        }
+    };
+    let (temperature, divergence) = kind;
+    let kd = match &target {
+        None => None,
+        Some(RowTargets::Logits(t_logits)) => Some(loss::kl_divergence(
+            logits,
+            Target::Logits(t_logits),
+            temperature,
+            divergence,
+        )?),
+        Some(RowTargets::TopK {
+            indices,
+            log_probs,
+            temperature,
+        }) => Some(loss::kl_divergence(
+            logits,
+            Target::TopK { indices, log_probs },
+            *temperature,
+            divergence,
+        )?),
+    };
+    let kd = match kd {
+        Some(kd) => Some(weigh(kd, share(rows.end - rows.start, b * t))?),
+        None => None,
+    };
+    Ok((ce, kd))
+}
+
+impl Distiller {
+    /// The teacher's final states and captured pairs on `ids` (none with cached top-k targets).
+    pub(crate) fn teacher_forward(&self, ids: &Tensor) -> Result<Option<(Tensor, Capture)>> {
+        let c = &self.config;
+        let Some(teacher) = self.teacher.model().filter(|_| {
+            self.student.arch.is_encoder() || matches!(self.teacher, Teacher::Model(_))
+        }) else {
+            return Ok(None);
+        };
+        let mut capture = Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
+        let hidden = teacher.forward_hidden(ids, &mut capture)?.detach();
+        Ok(Some((hidden, capture)))
+    }
+
+    /// The teacher's targets for rows `rows` of the batch (`teacher`: its final states).
+    pub(crate) fn row_targets(
+        &self,
+        batch: &Batch,
+        rows: std::ops::Range<usize>,
+        teacher: Option<&Tensor>,
+    ) -> Result<RowTargets> {
+        let n = rows.end - rows.start;
+        match (&self.teacher, teacher) {
+            (Teacher::TopK(cache, _), _) => {
+                let (indices, log_probs) = cache.targets(&batch.windows)?;
+                Ok(RowTargets::TopK {
+                    indices: indices.narrow(0, rows.start, n)?,
+                    log_probs: log_probs.narrow(0, rows.start, n)?,
+                    temperature: cache.temperature,
+                })
+            }
+            (Teacher::Model(model), Some(hidden)) => {
+                let flat = hidden.flatten_to(1)?.narrow(0, rows.start, n)?;
+                Ok(RowTargets::Logits(model.lm_head(&flat)?.detach()))
+            }
+            (Teacher::Model(_), None) => Err(TrainError::Config(
+                "the teacher's states are missing".into(),
+            )),
+        }
+    }
+
+    /// A decoder's logit loss on rows `rows` (flattened positions) of the batch, from the
+    /// student's logits for those rows, weighted by the rows' share of the batch:
+    /// `(1 − α)·KD + α·CE`. Adds the shares of KD and CE to `parts`.
+    pub(crate) fn logit_loss(
+        &self,
+        logits: &Tensor,
+        rows: std::ops::Range<usize>,
+        ids: &Tensor,
+        target: RowTargets,
+        parts: &mut Parts,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let kind = (c.temperature, c.divergence);
+        let ce_graph = c.alpha > 0.0;
+        let (ce, kd) = row_losses(logits, rows, ids, Some(target), kind, ce_graph)?;
+        let kd = kd.ok_or_else(|| TrainError::Config("no teacher targets".into()))?;
+        let value = |t: &Option<Tensor>| -> Result<f64> {
+            Ok(match t {
+                Some(t) => t.to_scalar::<f32>()? as f64,
+                None => 0.0,
+            })
+        };
+        parts.add("ce", value(&ce)?);
+        parts.add("kd", kd.to_scalar::<f32>()? as f64);
+        Ok(match ce.filter(|_| ce_graph) {
+            Some(ce) => ((&kd * (1.0 - c.alpha))? + (ce * c.alpha)?)?,
+            None => kd,
+        })
+    }
+
+    /// An encoder's loss on the student's final states `hidden`: the states matched to the
+    /// teacher's (`t_hidden`), plus the masked-LM logit KL when both have the head.
+    pub(crate) fn encoder_loss(
+        &self,
+        student: &Transformer,
+        hidden: &Tensor,
+        t_hidden: &Tensor,
+        parts: &mut Parts,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let teacher = self.teacher.model().ok_or_else(|| {
+            TrainError::Config(
+                "an encoder is distilled from a teacher model, not a top-k cache".into(),
+            )
+        })?;
+        let out = state_loss(c.hidden_loss, hidden, t_hidden)?;
+        parts.add("output", out.to_scalar::<f32>()? as f64);
+        if !(student.has_token_head() && teacher.has_token_head()) {
+            return Ok(out);
+        }
+        let logits = student.lm_head(hidden)?.flatten_to(1)?;
+        let kd = teacher_kl(&logits, teacher, t_hidden, c)?;
+        parts.add("kd", kd.to_scalar::<f32>()? as f64);
+        Ok((out + kd)?)
+    }
+
+    /// Hidden pair `n`'s loss between the student's state (projected when the widths differ)
+    /// and the teacher's.
+    pub(crate) fn hidden_term(
+        &self,
+        n: usize,
+        student: &Tensor,
+        teacher: &Tensor,
+    ) -> Result<Tensor> {
+        let hs = match &self.projections[n] {
+            Some(p) => student.broadcast_matmul(&p.as_tensor().t()?)?,
+            None => student.clone(),
+        };
+        state_loss(self.config.hidden_loss, &hs, &teacher.detach())
+    }
+
+    /// The attention pair's loss between the student's and the teacher's distributions.
+    pub(crate) fn attention_term(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+        loss::attention_kl(
+            &student.to_dtype(DType::F32)?,
+            &teacher.detach().to_dtype(DType::F32)?,
+        )
+    }
+}
+
+/// A captured state of layer `layer`, or which pair was not captured.
+pub(crate) fn captured<'a>(
+    map: &'a BTreeMap<usize, Tensor>,
+    layer: usize,
+    what: &str,
+    pair: (usize, usize),
+) -> Result<&'a Tensor> {
+    map.get(&layer).ok_or_else(|| {
+        TrainError::Config(format!(
+            "{what} pair {}:{} was not captured",
+            pair.0, pair.1
+        ))
+    })
 }
 
 impl Objective for Distiller {
@@ -459,90 +682,48 @@ impl Objective for Distiller {
         self.params.clone()
     }
 
+    fn gradients(&mut self, batch: &Batch, scale: f64, recompute: bool) -> Result<crate::Step> {
+        if recompute {
+            return self.recomputed(batch, scale);
+        }
+        let loss = self.loss(batch)?;
+        crate::trainer::backward(&self.params, loss, scale)
+    }
+
     fn loss(&mut self, batch: &Batch) -> Result<Loss> {
         let c = self.config.clone();
-        let mut parts = vec![];
-        let (total, captured, teacher_states) = if self.student.arch.is_encoder() {
-            // Encoders have no next token to predict: the student's final states (what sentence
-            // embeddings pool) are matched to the teacher's, as DistilBERT's cosine loss does.
-            // With masked-LM heads on both sides, DistilBERT's logit KL is added.
+        let mut parts = Parts::default();
+        let (b, t) = batch.ids.dims2()?;
+        let (student_states, logits) = if self.student.arch.is_encoder() {
             let mut capture = Capture::new(c.hidden.iter().map(|p| p.0), c.attention.map(|p| p.0));
-            let (s_hidden, s_logits) = {
-                let student = self.student()?;
-                let h = student.forward_hidden(&batch.ids, &mut capture)?;
-                let logits = if student.has_token_head() {
-                    Some(student.lm_head(&h)?.flatten_to(1)?)
-                } else {
-                    None
-                };
-                (h, logits)
-            };
-            let teacher = self.teacher.model().ok_or_else(|| {
-                TrainError::Config(
-                    "an encoder is distilled from a teacher model, not a top-k cache".into(),
-                )
-            })?;
-            let mut t_capture =
-                Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
-            let t_hidden = teacher.forward_hidden(&batch.ids, &mut t_capture)?.detach();
-            let out = state_loss(c.hidden_loss, &s_hidden, &t_hidden)?;
-            parts.push(("output".to_string(), out.to_scalar::<f32>()? as f64));
-            let total = match s_logits.filter(|_| teacher.has_token_head()) {
-                Some(logits) => {
-                    let kd = teacher_kl(&logits, teacher, &t_hidden, &c)?;
-                    parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
-                    (out + kd)?
-                }
-                None => out,
-            };
-            (total, capture, Some(t_capture))
+            let student = self.student()?.clone();
+            let hidden = student.forward_hidden(&batch.ids, &mut capture)?;
+            (capture, Err((student, hidden)))
         } else {
-            let (logits, captured) = self.student_forward(&batch.ids)?;
-            let ce = next_token_ce(&logits, &batch.ids)?;
-            parts.push(("ce".to_string(), ce.to_scalar::<f32>()? as f64));
-            let (kd, teacher_states) = match &self.teacher {
-                Teacher::Model(teacher) => {
-                    let mut capture =
-                        Capture::new(c.hidden.iter().map(|p| p.1), c.attention.map(|p| p.1));
-                    let hidden = teacher.forward_hidden(&batch.ids, &mut capture)?;
-                    (teacher_kl(&logits, teacher, &hidden, &c)?, Some(capture))
-                }
-                Teacher::TopK(cache, _) => {
-                    let (indices, log_probs) = cache.targets(&batch.windows)?;
-                    let kd = loss::kl_divergence(
-                        &logits,
-                        Target::TopK {
-                            indices: &indices,
-                            log_probs: &log_probs,
-                        },
-                        cache.temperature,
-                        c.divergence,
-                    )?;
-                    (kd, None)
-                }
-            };
-            parts.push(("kd".into(), kd.to_scalar::<f32>()? as f64));
-            let total = if c.alpha > 0.0 {
-                ((&kd * (1.0 - c.alpha))? + (&ce * c.alpha)?)?
-            } else {
-                kd
-            };
-            (total, captured, teacher_states)
+            let (logits, capture) = self.student_forward(&batch.ids)?;
+            (capture, Ok(logits))
         };
-        let mut total = total;
-        if let Some(t) = &teacher_states {
+        let teacher = self.teacher_forward(&batch.ids)?;
+        let t_hidden = teacher.as_ref().map(|(h, _)| h);
+        let mut total = match logits {
+            Ok(logits) => {
+                let target = self.row_targets(batch, 0..b * t, t_hidden)?;
+                self.logit_loss(&logits, 0..b * t, &batch.ids, target, &mut parts)?
+            }
+            Err((student, hidden)) => {
+                let t_hidden = t_hidden.ok_or_else(|| {
+                    TrainError::Config("an encoder is distilled from a teacher model".into())
+                })?;
+                self.encoder_loss(&student, &hidden, t_hidden, &mut parts)?
+            }
+        };
+        if let Some((_, t)) = &teacher {
             if !c.hidden.is_empty() {
                 let mut sum: Option<Tensor> = None;
-                for (n, &(s, tl)) in c.hidden.iter().enumerate() {
-                    let missing =
-                        || TrainError::Config(format!("hidden pair {s}:{tl} was not captured"));
-                    let hs = captured.hidden.get(&s).ok_or_else(missing)?;
-                    let ht = t.hidden.get(&tl).ok_or_else(missing)?.detach();
-                    let hs = match &self.projections[n] {
-                        Some(p) => hs.broadcast_matmul(&p.as_tensor().t()?)?,
-                        None => hs.clone(),
-                    };
-                    let l = state_loss(c.hidden_loss, &hs, &ht)?;
+                for (n, &pair) in c.hidden.iter().enumerate() {
+                    let hs = captured(&student_states.hidden, pair.0, "hidden", pair)?;
+                    let ht = captured(&t.hidden, pair.1, "hidden", pair)?;
+                    let l = self.hidden_term(n, hs, ht)?;
                     sum = Some(match sum {
                         None => l,
                         Some(acc) => (acc + l)?,
@@ -550,27 +731,29 @@ impl Objective for Distiller {
                 }
                 if let Some(sum) = sum {
                     let mean = (sum / c.hidden.len() as f64)?;
-                    parts.push(("hidden".into(), mean.to_scalar::<f32>()? as f64));
+                    parts.add("hidden", mean.to_scalar::<f32>()? as f64);
                     total = (total + (mean * c.hidden_weight)?)?;
                 }
             }
-            if let Some((s, tl)) = c.attention {
-                let missing =
-                    || TrainError::Config(format!("attention pair {s}:{tl} was not captured"));
-                let a_s = captured.attention.get(&s).ok_or_else(missing)?;
-                let a_t = t.attention.get(&tl).ok_or_else(missing)?.detach();
-                let l = loss::attention_kl(&a_s.to_dtype(DType::F32)?, &a_t.to_dtype(DType::F32)?)?;
-                parts.push(("attention".into(), l.to_scalar::<f32>()? as f64));
+            if let Some(pair) = c.attention {
+                let a_s = captured(&student_states.attention, pair.0, "attention", pair)?;
+                let a_t = captured(&t.attention, pair.1, "attention", pair)?;
+                let l = Self::attention_term(a_s, a_t)?;
+                parts.add("attention", l.to_scalar::<f32>()? as f64);
                 total = (total + (l * c.attention_weight)?)?;
             }
         }
-        Ok(Loss { total, parts })
+        Ok(Loss {
+            total,
+            parts: parts.0,
+        })
     }
 
     fn evaluate(&mut self, windows: &[Vec<u32>]) -> Result<Vec<(String, f64)>> {
         let device = self.student.device().clone();
-        // Prepared once: QAT's fake quantization does not change during an evaluation.
-        let student = self.student()?.clone();
+        // Prepared once: QAT's fake quantization does not change during an evaluation. Detached:
+        // no graph is built, and the inference kernels run.
+        let student = self.student()?.detached();
         if student.arch.is_encoder() {
             // Mean cosine between the student's and the teacher's final token states.
             let teacher = self.teacher.model().ok_or_else(|| {
@@ -587,18 +770,48 @@ impl Objective for Distiller {
             }
             return Ok(vec![("cosine".to_string(), sum / n.max(1.0))]);
         }
+        // The head a slice of rows at a time, as in training with recomputation.
         let (mut ce_sum, mut kl_sum, mut n) = (0.0, 0.0, 0.0);
+        let teacher = self.teacher.model();
+        let value = |t: Option<Tensor>| -> Result<f64> {
+            Ok(match t {
+                Some(t) => t.to_scalar::<f32>()? as f64,
+                None => 0.0,
+            })
+        };
         for chunk in windows.chunks(2) {
             let ids = ids_tensor(chunk, &device)?;
-            let logits = student.forward(&ids)?.flatten_to(1)?.detach();
-            let w = chunk.len() as f64;
-            ce_sum += next_token_ce(&logits, &ids)?.to_scalar::<f32>()? as f64 * w;
-            if let Some(teacher) = self.teacher.model() {
-                let t = teacher.forward(&ids)?.flatten_to(1)?;
-                let kl =
-                    loss::kl_divergence(&logits, Target::Logits(&t), 1.0, Divergence::Forward)?;
-                kl_sum += kl.to_scalar::<f32>()? as f64 * w;
+            let (b, t) = ids.dims2()?;
+            let hidden = student.forward_hidden(&ids, &mut shrink_models::NoHook)?;
+            let hidden = hidden.flatten_to(1)?;
+            let t_hidden = match teacher {
+                Some(m) => Some(
+                    m.forward_hidden(&ids, &mut shrink_models::NoHook)?
+                        .flatten_to(1)?,
+                ),
+                None => None,
+            };
+            let slice = (self.head_slice_values / student.config.vocab_size.max(1)).clamp(1, b * t);
+            let (mut ce, mut kl) = (0.0, 0.0);
+            for start in (0..b * t).step_by(slice) {
+                let rows = start..(start + slice).min(b * t);
+                let logits = student.lm_head(&hidden.narrow(0, start, rows.len())?)?;
+                let target = match (teacher, &t_hidden) {
+                    (Some(m), Some(h)) => Some(RowTargets::Logits(m.lm_head(&h.narrow(
+                        0,
+                        start,
+                        rows.len(),
+                    )?)?)),
+                    _ => None,
+                };
+                let kind = (1.0, Divergence::Forward);
+                let (c, k) = row_losses(&logits, rows, &ids, target, kind, false)?;
+                ce += value(c)?;
+                kl += value(k)?;
             }
+            let w = chunk.len() as f64;
+            ce_sum += ce * w;
+            kl_sum += kl * w;
             n += w;
         }
         let mut out = vec![("ppl".to_string(), (ce_sum / n).exp())];

@@ -30,7 +30,7 @@ pub use distill::{Capture, DistillConfig, Distiller, HiddenLoss, Prepare, Teache
 pub use loss::{Divergence, Target};
 pub use optim::{AdamW, AdamWConfig, Schedule};
 pub use trainer::{
-    global_norm, train, Batch, LogPoint, Loss, Objective, TrainConfig, TrainLog, TrainOutcome,
+    global_norm, train, Batch, LogPoint, Loss, Objective, Step, TrainConfig, TrainLog, TrainOutcome,
 };
 
 use candle_core::{DType, Var};

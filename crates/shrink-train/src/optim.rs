@@ -2,7 +2,8 @@
 //! and the warmup + cosine learning-rate schedule.
 
 use crate::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -27,23 +28,37 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW over named parameters.
+/// AdamW over named f32 parameters. The moments are plain vectors updated in place, one fused
+/// pass per parameter over its moments, gradient and weight (in parallel, element by element: the
+/// same bits on any thread count).
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     /// Updates applied so far (for bias correction).
     t: u64,
 }
 
+/// Elements per parallel task of an update.
+const CHUNK: usize = 1 << 14;
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 impl AdamW {
     pub fn new(params: Vec<(String, Var)>, config: AdamWConfig) -> Result<Self> {
-        let m = params
+        if let Some((name, _)) = params.iter().find(|(_, p)| p.dtype() != DType::F32) {
+            return Err(crate::TrainError::Config(format!(
+                "parameter '{name}' is not f32: AdamW trains f32 parameters"
+            )));
+        }
+        let m: Vec<Vec<f32>> = params
             .iter()
-            .map(|(_, p)| p.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(_, p)| vec![0f32; p.elem_count()])
+            .collect();
         Ok(Self {
             config,
             v: m.clone(),
@@ -59,35 +74,67 @@ impl AdamW {
 
     /// Applies one update with learning rate `lr`; `grads[i]` is the gradient of `params()[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(grads, 1.0, lr)
+    }
+
+    /// [`AdamW::step`] with the gradients multiplied by `scale` (clipping) as they are read.
+    pub fn step_scaled(&mut self, grads: &[Tensor], scale: f64, lr: f64) -> Result<()> {
         let c = self.config;
         self.t += 1;
-        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        let bc1 = (1.0 - c.beta1.powi(self.t as i32)) as f32;
+        let bc2 = (1.0 - c.beta2.powi(self.t as i32)) as f32;
+        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
+        let (o1, o2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let (scale, lr32) = (scale as f32, lr as f32);
         for (i, ((_, p), g)) in self.params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let w = p.as_tensor();
-            let decayed = if c.weight_decay > 0.0 && w.rank() >= 2 {
-                (w * (1.0 - lr * c.weight_decay))?
+            if g.dims() != w.dims() {
+                return Err(crate::TrainError::Shape(format!(
+                    "gradient {:?} for a parameter {:?}",
+                    g.dims(),
+                    w.dims()
+                )));
+            }
+            let decay = if c.weight_decay > 0.0 && w.rank() >= 2 {
+                (1.0 - lr * c.weight_decay) as f32
             } else {
-                w.clone()
+                1.0
             };
-            p.set(&(decayed - (update * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            let g = values(g)?;
+            let mut new = values(w)?;
+            new.par_chunks_mut(CHUNK)
+                .zip(self.m[i].par_chunks_mut(CHUNK))
+                .zip(self.v[i].par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for j in 0..w.len() {
+                        let g = g[j] * scale;
+                        m[j] = m[j] * b1 + g * o1;
+                        v[j] = v[j] * b2 + g * g * o2;
+                        let update = (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
+                        w[j] = w[j] * decay - update * lr32;
+                    }
+                });
+            p.set(&Tensor::from_vec(new, w.shape(), w.device())?)?;
         }
         Ok(())
     }
 
     /// The moments under `m.NAME` / `v.NAME`, for a checkpoint.
-    pub fn state(&self) -> (u64, HashMap<String, Tensor>) {
+    pub fn state(&self) -> Result<(u64, HashMap<String, Tensor>)> {
         let mut map = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            map.insert(format!("m.{name}"), self.m[i].clone());
-            map.insert(format!("v.{name}"), self.v[i].clone());
+        for (i, (name, p)) in self.params.iter().enumerate() {
+            let (shape, device) = (p.as_tensor().shape(), p.device());
+            map.insert(
+                format!("m.{name}"),
+                Tensor::from_slice(&self.m[i], shape, device)?,
+            );
+            map.insert(
+                format!("v.{name}"),
+                Tensor::from_slice(&self.v[i], shape, device)?,
+            );
         }
-        (self.t, map)
+        Ok((self.t, map))
     }
 
     /// Restores moments saved by [`AdamW::state`]; every parameter's must be present.
@@ -105,7 +152,7 @@ impl AdamW {
                         p.as_tensor().dims()
                     )));
                 }
-                *slot = saved.clone();
+                *slot = values(saved)?;
             }
         }
         self.t = t;

@@ -265,11 +265,14 @@ impl Objective for Crashing<'_> {
         self.inner.parameters()
     }
     fn loss(&mut self, batch: &Batch) -> Result<Loss> {
+        self.inner.loss(batch)
+    }
+    fn gradients(&mut self, batch: &Batch, scale: f64, recompute: bool) -> Result<crate::Step> {
         self.calls += 1;
         if self.calls == self.crash_at {
             return Err(TrainError::Config("killed".into()));
         }
-        self.inner.loss(batch)
+        self.inner.gradients(batch, scale, recompute)
     }
     fn evaluate(&mut self, w: &[Vec<u32>]) -> Result<Vec<(String, f64)>> {
         self.inner.evaluate(w)
@@ -526,4 +529,109 @@ fn bad_settings_are_refused() {
         &NoProgress
     )
     .is_err());
+}
+
+/// The largest difference between two lists of gradients, relative to the largest magnitude.
+fn max_relative_difference(a: &[Option<Tensor>], b: &[Option<Tensor>]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut diff, mut size) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+        let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (p, q) in x.iter().zip(&y) {
+            diff = diff.max((p - q).abs() as f64);
+            size = size.max(p.abs() as f64);
+        }
+    }
+    diff / size
+}
+
+#[test]
+fn recomputed_gradients_equal_the_whole_graphs() {
+    let dev = Device::Cpu;
+    let ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2, 4], [8, 6, 0, 2, 63, 11, 5]], &dev).unwrap();
+    let batch = Batch {
+        ids,
+        windows: vec![0, 1],
+    };
+    let check = |mut obj: Distiller, what: &str| {
+        let whole = obj.gradients(&batch, 0.5, false).unwrap();
+        // Slices of 3 rows of the head (14 rows: 5 slices, the last one short).
+        obj.head_slice_values = 3 * 64;
+        let again = obj.gradients(&batch, 0.5, true).unwrap();
+        close(again.loss, whole.loss, 1e-5 * whole.loss.abs());
+        let names = |s: &crate::Step| s.parts.iter().map(|p| p.0.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&again), names(&whole), "{what}");
+        for ((_, a), (_, b)) in again.parts.iter().zip(&whole.parts) {
+            close(*a, *b, 1e-5 * b.abs().max(1e-3));
+        }
+        assert!(whole.grads.iter().all(Option::is_some), "{what}");
+        let d = max_relative_difference(&again.grads, &whole.grads);
+        assert!(d < 1e-5, "{what}: gradients differ by {d}");
+    };
+    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
+    // A narrower student: hidden pairs with learned projections, an attention pair, CE.
+    let mut narrow = ModelConfig::tiny_for_tests();
+    narrow.hidden_size = 16;
+    narrow.head_dim = Some(8);
+    let student = Transformer::random(&narrow, 1, &dev).unwrap();
+    let (student, params) = trainable(&student, &[]).unwrap();
+    let distill = DistillConfig {
+        alpha: 0.3,
+        hidden: vec![(0, 1), (1, 1), (1, 0)],
+        attention: Some((0, 1)),
+        ..DistillConfig::default()
+    };
+    let teach = Teacher::Model(teacher.clone());
+    check(
+        Distiller::new(student, params, teach, distill).unwrap(),
+        "pairs",
+    );
+    // Reverse KL at T = 2 with the embeddings and the head frozen.
+    let frozen = ["embed".to_string(), "lm_head".to_string()];
+    let (student, params) = trainable(&small_student(&teacher), &frozen).unwrap();
+    let reverse = DistillConfig {
+        divergence: Divergence::Reverse,
+        temperature: 2.0,
+        ..DistillConfig::default()
+    };
+    let teach = Teacher::Model(teacher.clone());
+    check(
+        Distiller::new(student, params, teach, reverse).unwrap(),
+        "frozen",
+    );
+    // Cached top-k targets.
+    let data: Vec<Vec<u32>> = batch.ids.to_vec2().unwrap();
+    let cache = TopKCache::build(&teacher, &data, 5, 1.0, 2, &NoProgress).unwrap();
+    let (student, params) = trainable(&small_student(&teacher), &[]).unwrap();
+    let teach = Teacher::TopK(cache, None);
+    let obj = Distiller::new(student, params, teach, DistillConfig::default()).unwrap();
+    check(obj, "top-k");
+    // GPT-2: the head tied to the token embedding, learned positions, LayerNorm.
+    let gpt2 = Transformer::random(&ModelConfig::tiny_gpt2_for_tests(), 3, &dev).unwrap();
+    let (student, params) = trainable(&gpt2.keep_layers(&[0]).unwrap(), &[]).unwrap();
+    let mixed = DistillConfig {
+        alpha: 0.5,
+        ..DistillConfig::default()
+    };
+    let teach = Teacher::Model(gpt2.clone());
+    check(
+        Distiller::new(student, params, teach, mixed).unwrap(),
+        "tied",
+    );
+    // An encoder with a masked-LM head, a hidden pair and attention transfer.
+    let bert = Transformer::random(&ModelConfig::tiny_bert_for_tests(), 2, &dev).unwrap();
+    let (student, params) = trainable(&bert.keep_layers(&[1]).unwrap(), &[]).unwrap();
+    let encoder = DistillConfig {
+        hidden: vec![(0, 1)],
+        attention: Some((0, 0)),
+        hidden_loss: HiddenLoss::Cosine,
+        ..DistillConfig::default()
+    };
+    let teach = Teacher::Model(bert.clone());
+    check(
+        Distiller::new(student, params, teach, encoder).unwrap(),
+        "encoder",
+    );
 }

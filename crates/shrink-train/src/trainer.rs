@@ -26,12 +26,30 @@ pub struct Loss {
     pub parts: Vec<(String, f64)>,
 }
 
+/// One micro-batch's loss and the gradients of `scale ×` it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The loss (not scaled).
+    pub loss: f64,
+    pub parts: Vec<(String, f64)>,
+    /// In [`Objective::parameters`]' order; `None` for a parameter the loss does not reach.
+    pub grads: Vec<Option<Tensor>>,
+}
+
 /// What is trained: parameters, a loss per batch and held-out metrics.
 pub trait Objective {
     /// The trainable parameters by name, in a fixed order.
     fn parameters(&self) -> Vec<(String, Var)>;
     /// The loss of one micro-batch.
     fn loss(&mut self, batch: &Batch) -> Result<Loss>;
+    /// The loss of one micro-batch and the gradients of `scale ×` it. By default the backward
+    /// pass of [`Objective::loss`]'s whole graph; with `recompute`, an objective may recompute
+    /// activations instead of holding them (see [`crate::Distiller`]).
+    fn gradients(&mut self, batch: &Batch, scale: f64, recompute: bool) -> Result<Step> {
+        let _ = recompute;
+        let loss = self.loss(batch)?;
+        backward(&self.parameters(), loss, scale)
+    }
     /// Named metrics on held-out windows (the first one is the headline, lower is better).
     fn evaluate(&mut self, windows: &[Vec<u32>]) -> Result<Vec<(String, f64)>>;
 }
@@ -59,6 +77,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Seeds the order of the windows in every epoch.
     pub seed: u64,
+    /// Recompute each block's activations in the backward pass instead of holding them all
+    /// (per-block activation checkpointing; objectives that support it).
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +96,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             checkpoint_every: 0,
             seed: 0,
+            recompute: true,
         }
     }
 }
@@ -256,27 +278,30 @@ pub fn train(
                 .map(|p| order.window(p))
                 .collect();
             let batch = make_batch(windows, picked, &device)?;
-            let loss = objective.loss(&batch)?;
-            let value = loss.total.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite { step, loss: value });
+            let scale = 1.0 / config.accumulation as f64;
+            let micro = objective.gradients(&batch, scale, config.recompute)?;
+            if !micro.loss.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    loss: micro.loss,
+                });
             }
-            loss_sum += value;
-            for (name, v) in loss.parts {
+            loss_sum += micro.loss;
+            for (name, v) in micro.parts {
                 match parts_sum.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, s)) => *s += v,
                     None => parts_sum.push((name, v)),
                 }
             }
-            let grads = (loss.total / config.accumulation as f64)?.backward()?;
             let mut these = Vec::with_capacity(optimizer.params().len());
-            for (name, p) in optimizer.params() {
-                let g = grads.get(p.as_tensor()).ok_or_else(|| {
+            let mut grads = micro.grads.into_iter();
+            for (name, _) in optimizer.params() {
+                let g = grads.next().flatten().ok_or_else(|| {
                     TrainError::Config(format!(
                         "parameter '{name}' receives no gradient from the loss; freeze it"
                     ))
                 })?;
-                these.push(g.clone());
+                these.push(g);
             }
             sum = Some(match sum {
                 None => these,
@@ -288,7 +313,7 @@ pub fn train(
             });
             session_tokens += (config.batch * seq) as u64;
         }
-        let mut grads = sum.unwrap_or_default();
+        let grads = sum.unwrap_or_default();
         let grad_norm = global_norm(&grads)?;
         if !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -296,16 +321,12 @@ pub fn train(
                 loss: grad_norm,
             });
         }
-        if let Some(clip) = config.clip_norm {
-            if grad_norm > clip {
-                let scale = clip / grad_norm;
-                grads = grads
-                    .iter()
-                    .map(|g| g * scale)
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-            }
-        }
-        optimizer.step(&grads, lr)?;
+        // Clipping scales each gradient as the optimizer reaches it (no second set held).
+        let clip = match config.clip_norm {
+            Some(clip) if grad_norm > clip => clip / grad_norm,
+            _ => 1.0,
+        };
+        optimizer.step_scaled(&grads, clip, lr)?;
         let n = config.accumulation as f64;
         log.tokens += (config.accumulation * config.batch * seq) as u64;
         let loss = loss_sum / n;
@@ -353,6 +374,25 @@ pub fn train(
     })
 }
 
+/// The backward pass of `scale × loss` (nothing when the loss is not finite: the caller stops).
+pub(crate) fn backward(params: &[(String, Var)], loss: Loss, scale: f64) -> Result<Step> {
+    let value = loss.total.to_scalar::<f32>()? as f64;
+    let grads = if value.is_finite() {
+        let store = (loss.total * scale)?.backward()?;
+        params
+            .iter()
+            .map(|(_, p)| store.get(p.as_tensor()).cloned())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Step {
+        loss: value,
+        parts: loss.parts,
+        grads,
+    })
+}
+
 fn make_batch(windows: &[Vec<u32>], picked: Vec<usize>, device: &Device) -> Result<Batch> {
     let seq = windows[0].len();
     let flat: Vec<u32> = picked
@@ -394,7 +434,7 @@ fn save_checkpoint(
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    let (t, moments) = optimizer.state();
+    let (t, moments) = optimizer.state()?;
     let staged: PathBuf = dir.path().to_path_buf();
     candle_core::safetensors::save(&params, staged.join("params.safetensors"))
         .map_err(|e| checkpoint_err(path, e))?;

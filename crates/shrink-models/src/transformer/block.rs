@@ -134,6 +134,18 @@ impl Block {
         out
     }
 
+    /// The same block with its tensors detached from any gradient computation (the same
+    /// storage): its forward pass takes the inference kernels.
+    pub(super) fn detached(&self) -> Self {
+        let mut block = self.clone();
+        block.attn_norm = self.attn_norm.detached();
+        block.mlp_norm = self.mlp_norm.detached();
+        for linear in block.linears_mut() {
+            *linear = linear.detached();
+        }
+        block
+    }
+
     /// Runs the block on hidden states `(batch, seq, hidden)`.
     pub fn forward(
         &self,

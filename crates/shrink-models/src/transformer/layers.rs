@@ -176,6 +176,15 @@ impl Linear {
         Ok(())
     }
 
+    /// The same linear with its tensors detached from any gradient computation.
+    pub(super) fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            ..self.clone()
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_features = dims[dims.len() - 1];
@@ -215,6 +224,15 @@ pub struct Norm {
 }
 
 impl Norm {
+    /// The same norm with its tensors detached from any gradient computation.
+    pub(super) fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernels carry no gradient: the composed forms do when training.
         let tracked = x.track_op() || self.weight.track_op();

@@ -261,6 +261,33 @@ impl Transformer {
         Ok(found)
     }
 
+    /// The same model with every tensor detached from any gradient computation, sharing their
+    /// storage: a trained model's forward pass without a graph, through the inference kernels
+    /// (activation recomputation runs the model this way first).
+    pub fn detached(&self) -> Self {
+        let norm = |n: &Option<Norm>| n.as_ref().map(Norm::detached);
+        Self {
+            embed_tokens: self.embed_tokens.detach(),
+            embed_positions: self.embed_positions.as_ref().map(Tensor::detach),
+            embed_token_types: self.embed_token_types.as_ref().map(Tensor::detach),
+            embed_norm: norm(&self.embed_norm),
+            blocks: self.blocks.iter().map(Block::detached).collect(),
+            norm: norm(&self.norm),
+            lm_head: self.lm_head.as_ref().map(Linear::detached),
+            mlm_head: self.mlm_head.as_ref().map(|h| MlmHead {
+                transform: h.transform.detached(),
+                norm: h.norm.detached(),
+                bias: h.bias.detach(),
+            }),
+            extra: self
+                .extra
+                .iter()
+                .map(|(n, t)| (n.clone(), t.detach()))
+                .collect(),
+            ..self.clone()
+        }
+    }
+
     /// Whether [`Transformer::lm_head`] gives logits (decoders, and encoders with an MLM head).
     pub fn has_token_head(&self) -> bool {
         !self.arch.is_encoder() || self.mlm_head.is_some()

@@ -44,6 +44,9 @@ pub struct TrainKeys {
     /// Checkpoint every this many updates (0: never).
     pub checkpoint_every: u64,
     pub seed: u64,
+    /// Recompute each block's activations in the backward pass instead of holding the whole
+    /// graph (a third of the memory, a second forward pass of the student's blocks).
+    pub recompute: bool,
 }
 
 impl Default for TrainKeys {
@@ -62,6 +65,7 @@ impl Default for TrainKeys {
             eval_windows: 8,
             checkpoint_every: 50,
             seed: 0,
+            recompute: true,
         }
     }
 }
@@ -83,6 +87,7 @@ impl TrainKeys {
             eval_every: self.eval_every,
             checkpoint_every: self.checkpoint_every,
             seed: self.seed,
+            recompute: self.recompute,
         };
         c.validate()?;
         if self.seq_len < 2 {
@@ -309,12 +314,13 @@ pub struct DistillOutcome {
 
 /// Distils `teacher` into `student` and writes the student to `out` (with `checkpoint`'s
 /// tokenizer and the student's shape). `workdir` holds checkpoints and the top-k cache, so an
-/// interrupted run resumes there; `fingerprint` identifies the run.
+/// interrupted run resumes there; `fingerprint` identifies the run. The student is consumed: its
+/// trainable copy replaces it (the caller keeps no second copy through training).
 #[allow(clippy::too_many_arguments)]
 pub fn distill_and_write(
     checkpoint: &Checkpoint,
     teacher: &Transformer,
-    student: &Transformer,
+    student: Transformer,
     resolved: &ResolvedDistill,
     train: &[Vec<u32>],
     eval: &[Vec<u32>],
@@ -362,13 +368,23 @@ pub fn fingerprint(request: &impl Serialize, sources: &[&Path], train: &[Vec<u32
 }
 
 /// What training holds beyond the models every run has: the teacher, the student with its
-/// gradients and AdamW moments, and the autograd graph of a micro-batch (logits and their
-/// softmaxes, ~12 copies of `vocab` per token; ~10 of `hidden + intermediate` per token and layer).
-/// Calibrated on distilling SmolLM2 (measured 9.1 GB at 4 × 256 tokens).
+/// gradients and AdamW moments (six model sizes in all), and the activations of a micro-batch.
+/// Holding the whole graph (`recompute = false`): the logits and their softmaxes (~12 copies of
+/// `vocab` per token) and ~10 of `hidden + intermediate` per token and layer (measured 9.1 GB
+/// distilling SmolLM2 at 4 × 256 tokens). Recomputed block by block (the default): every block's
+/// input, one block's graph (~12 of `hidden + intermediate` per token, and its attention
+/// probabilities with heads of 64), a slice of the head (~10 copies of 2²² logits) and two
+/// head-weight-sized buffers (measured 2.8 GB on the same job).
 pub(crate) fn training_memory(t: &TrainKeys, m: &ModelSizes) -> JobMemory {
     let tokens = t.batch as u128 * t.seq_len as u128;
     let layers = m.parameters / (4 * m.hidden * m.hidden + 3 * m.hidden * m.intermediate).max(1);
-    let graph = tokens * (12 * m.vocab + 10 * layers * (m.hidden + m.intermediate)) * 4;
+    let graph = if t.recompute {
+        let heads = (m.hidden / 64).max(1);
+        let block = 12 * (m.hidden + m.intermediate) + 3 * heads * t.seq_len as u128;
+        (tokens * (layers * m.hidden + block) + 10 * (1 << 22) + 2 * m.vocab * m.hidden) * 4
+    } else {
+        tokens * (12 * m.vocab + 10 * layers * (m.hidden + m.intermediate)) * 4
+    };
     JobMemory {
         training: 6 * m.parameters * 4 + graph,
         ..JobMemory::default()
@@ -534,7 +550,7 @@ impl Job for DistillRequest {
         let (trained, outcome) = distill_and_write(
             cx.checkpoint,
             teacher,
-            &student,
+            student,
             &resolved,
             &train,
             &eval,
