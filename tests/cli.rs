@@ -695,7 +695,7 @@ fn pipeline_runs_end_to_end_reuses_stages_and_reports() {
         assert_eq!(row["cached"], false);
         assert!(row["decode"]["decode_ms_per_token"].as_f64().unwrap() > 0.0);
     }
-    assert_eq!(gptq["decode"]["backend"], "candle-quantized");
+    assert_eq!(gptq["decode"]["backend"], "shrink-integer");
     assert_eq!(int8["decode"]["backend"], "candle-f32");
     assert!(int4["size_bytes"].as_u64() < int8["size_bytes"].as_u64());
     assert!(
@@ -1166,12 +1166,20 @@ stream = "{stream}"
             assert_eq!(w[key], s[key], "{key} of {}", w["name"]);
         }
         assert!(w["perplexity"].as_f64().unwrap().is_finite());
-        // Decode speed: GGUFs through candle's quantized kernels either way (holding the file's
-        // tensors as stored), nothing else when evaluated block by block.
+        // Decode speed: a whole GGUF's blocks multiplied by shrink's integer products, and
+        // through candle's quantized kernels (holding the file's tensors as stored) when read
+        // block by block; nothing else is timed block by block.
         assert!(w["decode"].is_object(), "{w}");
-        match w["decode"]["backend"].as_str() {
-            Some("candle-quantized") => assert_eq!(s["decode"]["backend"], "candle-quantized"),
+        let backend = w["decode"]["backend"].as_str();
+        match s["decode"]["backend"].as_str() {
+            Some("candle-quantized") => assert!(
+                matches!(backend, Some("shrink-integer" | "candle-f32")),
+                "{w}"
+            ),
             _ => assert!(s["decode"].is_null(), "{s}"),
+        }
+        if w["format"] == "gguf" && w["bits_per_weight"].as_f64().unwrap() < 16.0 {
+            assert_eq!(backend, Some("shrink-integer"), "{w}");
         }
     }
     assert!(rows(&whole)[1]["kl_mean"].as_f64().unwrap() > 0.0);

@@ -1435,7 +1435,7 @@ fn default_pipeline_runs_end_to_end() {
     assert!((ppl / theirs - 1.0).abs() < 0.01, "{ppl} vs {theirs}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["rows"][1]["decode"]["backend"], "candle-quantized");
+    assert_eq!(report["rows"][1]["decode"]["backend"], "shrink-integer");
     assert_eq!(report["layers"][0]["layers"].as_array().unwrap().len(), 210);
     let rendered =
         common::check_report_renders(&run.join("report.html"), &dir.path().join("report.png"));

@@ -1,6 +1,9 @@
-//! Serving speed: prefill throughput and per-token decode latency. GGUF files run through candle's
-//! quantized kernels (candle-transformers' quantized Llama reading the file itself, so this also
-//! checks that an independent reader loads what shrink wrote); anything else runs the f32 model.
+//! Serving speed: prefill throughput and per-token decode latency of shrink's own model — with
+//! a GGUF's block weights multiplied as llama.cpp multiplies them ([`decode_speed`] of a model
+//! given its stored blocks, `shrink-integer`) or in f32 (`candle-f32`) — or of a GGUF file through
+//! candle's quantized kernels ([`quantized_decode_speed`]: candle-transformers' quantized Llama
+//! reading the file itself, holding only the file's tensors, which also checks that an
+//! independent reader loads what shrink wrote).
 
 use crate::{EvalError, Result};
 use candle_core::{Device, Tensor};
@@ -14,7 +17,8 @@ use std::time::Instant;
 /// the figures are the medians of the runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecodeSpeed {
-    /// `candle-quantized` or `candle-f32`.
+    /// `shrink-integer` (shrink's integer products on a GGUF's blocks), `candle-f32` (shrink's
+    /// model in f32) or `candle-quantized` (candle's quantized kernels).
     pub backend: String,
     pub prefill_tokens: usize,
     pub prefill_tokens_per_s: f64,
@@ -73,15 +77,20 @@ pub fn quantized_decode_speed(
     )
 }
 
-/// The same measurement on shrink's own f32 model (dequantized weights).
-pub fn f32_decode_speed(
+/// The same measurement on shrink's own model: `shrink-integer` when it multiplies stored ggml
+/// blocks ([`Transformer::set_packed`]), `candle-f32` otherwise.
+pub fn decode_speed(
     model: &Transformer,
     prompt: &[u32],
     decode_tokens: usize,
     repeats: usize,
 ) -> Result<DecodeSpeed> {
     let mut cache = model.new_cache();
-    time_decode("candle-f32", prompt, decode_tokens, repeats, |ids, pos| {
+    let backend = match model.multiplies_packed() {
+        true => "shrink-integer",
+        false => "candle-f32",
+    };
+    time_decode(backend, prompt, decode_tokens, repeats, |ids, pos| {
         if pos == 0 {
             cache = model.new_cache();
         }

@@ -19,7 +19,7 @@
 mod decode;
 mod encoder;
 
-pub use decode::{f32_decode_speed, quantized_decode_speed, DecodeSpeed};
+pub use decode::{decode_speed, quantized_decode_speed, DecodeSpeed};
 pub use encoder::{
     embed, embedding_fidelity, evaluate_encoder, masked_lm, neighbours, sentences,
     EmbeddingFidelity, EncoderEvalConfig, EncoderReport, MaskedLm, ENCODER_SCHEMA,

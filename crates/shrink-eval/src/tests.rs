@@ -259,7 +259,7 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
     let quantized = quantized_decode_speed(&bytes, &path, &prompt, 16, 3).unwrap();
     // Repeated runs start new sequences (a cache kept across runs would change the tokens,
     // which is an error): the f32 model decodes the same continuation.
-    let ours = f32_decode_speed(&model, &prompt, 16, 3).unwrap();
+    let ours = decode_speed(&model, &prompt, 16, 3).unwrap();
     assert_eq!(quantized.backend, "candle-quantized");
     assert_eq!(quantized.tokens.len(), 17);
     assert_eq!(quantized.tokens, ours.tokens);
@@ -273,6 +273,27 @@ fn candle_quantized_llama_reads_shrink_gguf_and_agrees() {
     // A cut file is refused, naming it.
     let err = quantized_decode_speed(&bytes[..bytes.len() / 2], &path, &prompt, 1, 1).unwrap_err();
     assert!(err.to_string().contains("tiny.gguf"), "{err}");
+
+    // A Q8_0 file: shrink's model multiplying its blocks (activations rounded to 8-bit blocks, as
+    // llama.cpp and candle's quantized kernels do) decodes candle's continuation.
+    let q8 = dir.path().join("tiny-q8_0.gguf");
+    let q8_type = shrink_io::GgufWriteType::Q8_0;
+    shrink_io::write_llama_gguf(&checkpoint, &q8, q8_type, &Default::default()).unwrap();
+    let file = shrink_io::load(&q8).unwrap();
+    let mut packed = Transformer::from_checkpoint(
+        &ModelConfig::from_json(&file.config).unwrap(),
+        file.load_finite().unwrap(),
+        DType::F32,
+    )
+    .unwrap();
+    assert!(!packed.multiplies_packed());
+    assert!(packed.set_packed(&*file.packed_source()).unwrap() > 0);
+    assert!(packed.multiplies_packed());
+    let integer = decode_speed(&packed, &prompt, 16, 2).unwrap();
+    let bytes = std::fs::read(&q8).unwrap();
+    let candle = quantized_decode_speed(&bytes, &q8, &prompt, 16, 1).unwrap();
+    assert_eq!(integer.backend, "shrink-integer");
+    assert_eq!(integer.tokens, candle.tokens);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use shrink_core::{Collective, Progress};
 use shrink_io::{Checkpoint, FileView, TokenizerBundle};
+use shrink_models::PackedLoader;
 use shrink_models::{BlockModel, Sampler, SamplingConfig, StreamedModel, Transformer};
 use std::path::Path;
 
@@ -187,8 +188,9 @@ impl Bench<'_> {
     }
 
     /// Evaluates `model` (built from the file `file` views) against `reference` (the evaluation
-    /// split across the ranks of `world`), generates from the prompts and times decoding; the
-    /// file's size and bits come from the inspection made when it was read.
+    /// split across the ranks of `world`), generates from the prompts and times decoding — with
+    /// the weights `packed` finds stored in ggml blocks multiplied as llama.cpp multiplies them;
+    /// the file's size and bits come from the inspection made when it was read.
     pub(crate) fn measure(
         &self,
         world: &dyn Collective,
@@ -196,6 +198,7 @@ impl Bench<'_> {
         model: &Transformer,
         reference: Option<&Transformer>,
         file: &FileView,
+        packed: &PackedLoader,
     ) -> Result<Metrics> {
         let sparsity = linear_sparsity(model)?;
         if model.arch.is_encoder() {
@@ -230,15 +233,18 @@ impl Bench<'_> {
         }
         let decode = match self.timed() {
             false => None,
-            true => match self.quantized_decode(file, &model.config)? {
-                Some(speed) => Some(speed),
-                None => Some(shrink_eval::f32_decode_speed(
-                    model,
+            true => {
+                // A GGUF's block weights as llama.cpp multiplies them (the clone shares the
+                // f32 tensors); other files, and models with none, in f32.
+                let mut runnable = model.clone();
+                runnable.set_packed(packed)?;
+                Some(shrink_eval::decode_speed(
+                    &runnable,
                     &self.decode_prompt,
                     self.decode_tokens,
                     self.speed_repeats,
-                )?),
-            },
+                )?)
+            }
         };
         Ok(Metrics {
             eval: Some(eval),
@@ -255,10 +261,10 @@ impl Bench<'_> {
         self.decode_tokens > 0 && !self.decode_prompt.is_empty()
     }
 
-    /// The decode speed of `file` (a model of `config`) through candle's quantized kernels, when
-    /// it is a GGUF they run and decoding is timed. candle's quantized Llama derives the head
-    /// size from the width: a structurally pruned model whose heads no longer fill the width is
-    /// left to the f32 path (the report's backend column says which).
+    /// The decode speed of `file` (a model of `config`) through candle's quantized kernels (which
+    /// hold only the file's tensors: a model measured block by block), when it is a GGUF they run
+    /// and decoding is timed. candle's quantized Llama derives the head size from the width: a
+    /// structurally pruned model whose heads no longer fill the width is not timed.
     fn quantized_decode(
         &self,
         file: &FileView,

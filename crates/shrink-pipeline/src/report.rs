@@ -2,9 +2,10 @@
 //! `report.md` and the self-contained `report.html` are rendered.
 
 use serde::{Deserialize, Serialize};
-/// Speed of the model as it would be served: prefill and greedy decoding, `candle-quantized`
-/// (candle's quantized GGUF kernels) or `candle-f32` (dequantized weights, for formats candle has
-/// no kernels for).
+/// Speed of the model as it would be served: prefill and greedy decoding, `shrink-integer` (a
+/// GGUF's block weights multiplied as llama.cpp multiplies them), `candle-f32` (f32 weights: other
+/// formats) or `candle-quantized` (candle's quantized GGUF kernels, for a model measured block by
+/// block).
 pub use shrink_eval::DecodeSpeed;
 use std::collections::BTreeMap;
 

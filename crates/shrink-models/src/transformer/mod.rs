@@ -288,6 +288,17 @@ impl Transformer {
         }
     }
 
+    /// Whether any linear (or a tied head) multiplies by stored ggml blocks
+    /// ([`Transformer::set_packed`]).
+    pub fn multiplies_packed(&self) -> bool {
+        self.tied_packed.is_some()
+            || self.lm_head.as_ref().is_some_and(|h| h.packed().is_some())
+            || self
+                .blocks
+                .iter()
+                .any(|b| b.linears().iter().any(|(_, l)| l.packed().is_some()))
+    }
+
     /// Whether [`Transformer::lm_head`] gives logits (decoders, and encoders with an MLM head).
     pub fn has_token_head(&self) -> bool {
         !self.arch.is_encoder() || self.mlm_head.is_some()

@@ -239,7 +239,10 @@ pub fn run_in(
     let base = runner.metrics(&run_dir.join("baseline"), &given.model_sha, &|key| {
         let world = runner.eval_world(None, false)?;
         match &baseline {
-            Some(model) => bench.measure(world, key, model, None, &view),
+            Some(model) => {
+                let packed = given.checkpoint.packed_source();
+                bench.measure(world, key, model, None, &view, &*packed)
+            }
             None => {
                 let (input, limit) = (&given.checkpoint, given.limit);
                 bench.measure_streamed(world, key, input, None, &view, limit)

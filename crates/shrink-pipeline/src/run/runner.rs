@@ -112,9 +112,10 @@ impl Runner<'_> {
             match self.baseline {
                 Some(baseline) => {
                     let model = build_model(&checkpoint, DType::F32)?;
+                    let packed = checkpoint.packed_source();
                     drop(checkpoint);
                     self.bench
-                        .measure(world, key, &model, Some(baseline), &view)
+                        .measure(world, key, &model, Some(baseline), &view, &*packed)
                 }
                 None => {
                     let reference = Some(&self.given.checkpoint);
