@@ -10,6 +10,9 @@
 use crate::{Result, TrainError};
 use candle_core::{DType, Tensor, D};
 
+mod fused;
+pub use fused::{logit_rows, RowSums};
+
 /// Smallest probability used inside logarithms (tail buckets, attention maps with zeros).
 const FLOOR: f64 = 1e-12;
 

@@ -635,3 +635,78 @@ fn recomputed_gradients_equal_the_whole_graphs() {
         "encoder",
     );
 }
+
+#[test]
+fn fused_logit_rows_equal_the_reference_losses_and_gradients() {
+    let dev = Device::Cpu;
+    let (rows, vocab) = (5, 37);
+    let gen = |seed: u32| -> Vec<f32> {
+        (0..rows * vocab)
+            .map(|i| (((i as u32 * 2654435761u32) ^ seed) % 1000) as f32 / 150.0 - 3.0)
+            .collect()
+    };
+    let (s, t) = (gen(1), gen(7));
+    // The last row has no next token.
+    let targets = [Some(3u32), Some(36), Some(0), Some(17), None];
+    for (temperature, divergence, alpha) in [
+        (1.0, Divergence::Forward, 0.0),
+        (2.0, Divergence::Forward, 0.4),
+        (0.5, Divergence::Reverse, 0.25),
+    ] {
+        let (kd_w, ce_w) = ((1.0 - alpha) / rows as f64, alpha / 4.0);
+        let mut grad = vec![0f32; rows * vocab];
+        let sums = loss::logit_rows(
+            &s,
+            &t,
+            vocab,
+            &targets,
+            temperature,
+            divergence,
+            (kd_w, ce_w),
+            &mut grad,
+        )
+        .unwrap();
+        // The reference: candle's graph over the same rows.
+        let student = candle_core::Var::from_vec(s.clone(), (rows, vocab), &dev).unwrap();
+        let teacher = Tensor::from_vec(t.clone(), (rows, vocab), &dev).unwrap();
+        let kd = loss::kl_divergence(
+            student.as_tensor(),
+            Target::Logits(&teacher),
+            temperature,
+            divergence,
+        )
+        .unwrap();
+        let picked = Tensor::new(&[0u32, 1, 2, 3], &dev).unwrap();
+        let next = Tensor::new(&[3u32, 36, 0, 17], &dev).unwrap();
+        let with_next = student.as_tensor().index_select(&picked, 0).unwrap();
+        let ce = loss::cross_entropy(&with_next, &next).unwrap();
+        close(sums.kd / rows as f64, scalar(kd.clone()), 1e-5);
+        close(sums.ce / 4.0, scalar(ce.clone()), 1e-5);
+        let total = ((kd * (1.0 - alpha)).unwrap() + (ce * alpha).unwrap()).unwrap();
+        let reference = total.backward().unwrap();
+        let reference = reference.get(student.as_tensor()).unwrap();
+        let fused = Tensor::from_vec(grad, (rows, vocab), &dev).unwrap();
+        // q − p cancels: the f32 graph's own rounding is ~1e-5 of the largest gradient here.
+        let d = max_relative_difference(&[Some(fused)], &[Some(reference.clone())]);
+        assert!(
+            d < 1e-4,
+            "T = {temperature}, {divergence:?}: gradients differ by {d}"
+        );
+    }
+    // Wrong sizes and a target outside the vocabulary are refused.
+    let mut grad = vec![0f32; rows * vocab];
+    let run = |t: &[f32], targets: &[Option<u32>], grad: &mut [f32]| {
+        loss::logit_rows(
+            &s,
+            t,
+            vocab,
+            targets,
+            1.0,
+            Divergence::Forward,
+            (1.0, 0.0),
+            grad,
+        )
+    };
+    assert!(run(&t[1..], &targets, &mut grad).is_err());
+    assert!(run(&t, &[Some(37), None, None, None, None], &mut grad).is_err());
+}

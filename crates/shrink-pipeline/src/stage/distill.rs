@@ -373,7 +373,7 @@ pub fn fingerprint(request: &impl Serialize, sources: &[&Path], train: &[Vec<u32
 /// `vocab` per token) and ~10 of `hidden + intermediate` per token and layer (measured 9.1 GB
 /// distilling SmolLM2 at 4 × 256 tokens). Recomputed block by block (the default): every block's
 /// input, one block's graph (~12 of `hidden + intermediate` per token, and its attention
-/// probabilities with heads of 64), a slice of the head (~10 copies of 2²² logits) and two
+/// probabilities with heads of 64), a slice of the head (~4 buffers of 2²³ logits) and two
 /// head-weight-sized buffers (measured 2.8 GB on the same job).
 pub(crate) fn training_memory(t: &TrainKeys, m: &ModelSizes) -> JobMemory {
     let tokens = t.batch as u128 * t.seq_len as u128;
@@ -381,7 +381,7 @@ pub(crate) fn training_memory(t: &TrainKeys, m: &ModelSizes) -> JobMemory {
     let graph = if t.recompute {
         let heads = (m.hidden / 64).max(1);
         let block = 12 * (m.hidden + m.intermediate) + 3 * heads * t.seq_len as u128;
-        (tokens * (layers * m.hidden + block) + 10 * (1 << 22) + 2 * m.vocab * m.hidden) * 4
+        (tokens * (layers * m.hidden + block) + 4 * (1 << 23) + 2 * m.vocab * m.hidden) * 4
     } else {
         tokens * (12 * m.vocab + 10 * layers * (m.hidden + m.intermediate)) * 4
     };

@@ -7,15 +7,17 @@
 //! whole batch's, at the cost of a second forward pass of the student's blocks (the first one
 //! through the inference kernels).
 
-use super::{captured, Capture, Distiller, Parts};
+use super::{captured, Capture, Distiller, Parts, RowTargets};
+use crate::loss;
 use crate::{Batch, Result, Step, TrainError};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use shrink_core::gemm::{gemm, Operand};
 use shrink_models::{NoHook, Transformer};
+use std::ops::Range;
 
 /// Logit values held per slice of the head: rows × vocabulary ≈ this many.
-pub(super) const HEAD_SLICE_VALUES: usize = 1 << 22;
+pub(super) const HEAD_SLICE_VALUES: usize = 1 << 23;
 
 /// Gradients summed per parameter over the backward passes of one micro-batch.
 struct Sums<'a> {
@@ -78,13 +80,13 @@ impl Head {
         })
     }
 
-    /// The loss `loss(logits)` of final states `states` `(rows, hidden)` and the gradient of
-    /// `states` (what `loss` returns is differentiated: scale it there).
+    /// The gradient of final states `states` `(rows, hidden)` given `loss`, which takes their
+    /// logits `(rows × vocab)` and returns the gradient of the loss with respect to them.
     fn step(
         &mut self,
         states: &Tensor,
-        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<(Tensor, Tensor)> {
+        loss: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
+    ) -> Result<Tensor> {
         let rows = states.dim(0)?;
         let x = states
             .detach()
@@ -103,14 +105,7 @@ impl Head {
             &mut logits,
             false,
         );
-        let logits = Var::from_vec(logits, (rows, v), states.device())?;
-        let value = loss(logits.as_tensor())?;
-        let dl = value
-            .backward()?
-            .get(logits.as_tensor())
-            .ok_or_else(|| TrainError::Config("the loss does not depend on the logits".into()))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let dl = loss(logits)?;
         if let Some(grad) = self.grad.as_mut() {
             let dl_t = Operand::transposed(&dl, v);
             gemm(v, h, rows, dl_t, Operand::row_major(&x, h), grad, true);
@@ -125,8 +120,7 @@ impl Head {
             &mut dx,
             false,
         );
-        let dx = Tensor::from_vec(dx, (rows, h), states.device())?.to_dtype(states.dtype())?;
-        Ok((value, dx))
+        Ok(Tensor::from_vec(dx, (rows, h), states.device())?.to_dtype(states.dtype())?)
     }
 
     /// `Σ W ⊙ ∂W`, whose backward pass takes `∂W` to the parameters the weight comes from.
@@ -149,6 +143,67 @@ fn plus(a: Option<Tensor>, b: Option<&Tensor>) -> Result<Option<Tensor>> {
 }
 
 impl Distiller {
+    /// A decoder's logit loss on rows `rows` of the batch from the student's `logits` for them
+    /// (`rows × vocab`): its value (the rows' share, [`Distiller::logit_loss`]'s) and the gradient
+    /// of `scale ×` it with respect to the logits. Against a teacher's logits in one fused pass
+    /// ([`loss::logit_rows`]); cached top-k targets through the loss's graph.
+    fn head_loss(
+        &self,
+        logits: Vec<f32>,
+        rows: Range<usize>,
+        ids: &Tensor,
+        target: RowTargets,
+        scale: f64,
+        parts: &mut Parts,
+    ) -> Result<(f64, Vec<f32>)> {
+        let (n, device) = (rows.len(), ids.device());
+        let vocab = logits.len() / n.max(1);
+        let teacher = match target {
+            RowTargets::Logits(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            other => {
+                let logits = Var::from_vec(logits, (n, vocab), device)?;
+                let loss = self.logit_loss(logits.as_tensor(), rows, ids, other, parts)?;
+                let value = loss.to_scalar::<f32>()? as f64;
+                let dl = (loss * scale)?
+                    .backward()?
+                    .get(logits.as_tensor())
+                    .ok_or_else(|| TrainError::Config("the loss does not reach the logits".into()))?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                return Ok((value, dl));
+            }
+        };
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let targets: Vec<Option<u32>> = rows
+            .clone()
+            .map(|r| (r % t < t - 1).then(|| ids[r + 1]))
+            .collect();
+        // The whole batch's means: KD over its b·t positions, CE over the b·(t − 1) with a next
+        // token; (1 − α)·KD + α·CE when α > 0.
+        let (kd_of, ce_of) = ((b * t) as f64, (b * (t - 1)).max(1) as f64);
+        let (kd_mix, ce_mix) = match c.alpha > 0.0 {
+            true => (1.0 - c.alpha, c.alpha),
+            false => (1.0, 0.0),
+        };
+        let mut dl = vec![0f32; logits.len()];
+        let sums = loss::logit_rows(
+            &logits,
+            &teacher,
+            vocab,
+            &targets,
+            c.temperature,
+            c.divergence,
+            (scale * kd_mix / kd_of, scale * ce_mix / ce_of),
+            &mut dl,
+        )?;
+        let (kd, ce) = (sums.kd / kd_of, sums.ce / ce_of);
+        parts.add("ce", ce);
+        parts.add("kd", kd);
+        Ok((kd_mix * kd + ce_mix * ce, dl))
+    }
+
     /// [`crate::Objective::gradients`] with activations recomputed block by block (see the
     /// module's documentation). The same loss and gradients as the whole graph's backward pass,
     /// up to the order of floating-point sums.
@@ -196,12 +251,12 @@ impl Distiller {
                 let n = range.len();
                 let states = student.final_hidden(&flat.narrow(0, start, n)?)?;
                 let target = self.row_targets(batch, range.clone(), t_hidden)?;
-                let (loss, g_states) = head.step(&states, |logits| {
-                    let loss = self.logit_loss(logits, range, ids, target, &mut parts)?;
-                    total += loss.to_scalar::<f32>()? as f64;
-                    Ok((loss * scale)?)
+                let g_states = head.step(&states, |logits| {
+                    let (value, dl) =
+                        self.head_loss(logits, range, ids, target, scale, &mut parts)?;
+                    total += value;
+                    Ok(dl)
                 })?;
-                drop(loss);
                 let store = (states * g_states)?.sum_all()?.backward()?;
                 sums.add(&store)?;
                 g = plus(g, store.get(last.as_tensor()))?;
