@@ -3,7 +3,7 @@
 //! cached top-k, cross-entropy on the text, hidden-state and attention-map losses.
 
 use crate::loss::{self, Divergence, Target};
-use crate::trainer::{Batch, Loss, Objective};
+use crate::trainer::{Batch, Loss, Objective, Parts};
 use crate::{Result, TrainError};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -403,18 +403,6 @@ impl Distiller {
             DType::F32,
         )?)
     }
-
-    /// Student logits `(b·t, vocab)` and captured states.
-    fn student_forward(&mut self, ids: &Tensor) -> Result<(Tensor, Capture)> {
-        let mut capture = Capture::new(
-            self.config.hidden.iter().map(|p| p.0),
-            self.config.attention.map(|p| p.0),
-        );
-        let student = self.student()?;
-        let hidden = student.forward_hidden(ids, &mut capture)?;
-        let logits = student.lm_head(&hidden)?.flatten_to(1)?;
-        Ok((logits, capture))
-    }
 }
 
 /// The logit divergence from the teacher's head on its final states `hidden`.
@@ -457,17 +445,12 @@ pub(crate) enum RowTargets {
     },
 }
 
-/// Loss terms summed into the training log by name, in the order first added.
-#[derive(Debug, Default)]
-pub(crate) struct Parts(pub Vec<(String, f64)>);
-
-impl Parts {
-    pub fn add(&mut self, name: &str, value: f64) {
-        match self.0.iter_mut().find(|(n, _)| n == name) {
-            Some((_, v)) => *v += value,
-            None => self.0.push((name.to_string(), value)),
-        }
-    }
+/// The next token of each of rows `rows` (flattened positions) of windows `ids` `(b, t)`; `None`
+/// at a window's last position.
+pub(crate) fn next_tokens(ids: &Tensor, rows: std::ops::Range<usize>) -> Result<Vec<Option<u32>>> {
+    let t = ids.dim(1)?;
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    Ok(rows.map(|r| (r % t < t - 1).then(|| ids[r + 1])).collect())
 }
 
 /// The shares of a batch's mean next-token cross-entropy and of its mean divergence (`kind`:
@@ -491,12 +474,11 @@ pub(crate) fn row_losses(
             None => x,
         })
     };
-    let ids_flat = ids.flatten_all()?.to_vec1::<u32>()?;
     let (mut picked, mut next) = (Vec::new(), Vec::new());
-    for (i, r) in rows.clone().enumerate() {
-        if r % t < t - 1 {
+    for (i, token) in next_tokens(ids, rows.clone())?.into_iter().enumerate() {
+        if let Some(token) = token {
             picked.push(i as u32);
-            next.push(ids_flat[r + 1]);
+            next.push(token);
         }
     }
     let device = logits.device();
@@ -542,6 +524,19 @@ pub(crate) fn row_losses(
 }
 
 impl Distiller {
+    /// The batch's `rows` flattened positions in slices whose logits (`vocab` each) hold about
+    /// [`Distiller::head_slice_values`] values.
+    pub(crate) fn head_slices(
+        &self,
+        rows: usize,
+        vocab: usize,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let slice = (self.head_slice_values / vocab.max(1)).clamp(1, rows.max(1));
+        (0..rows)
+            .step_by(slice)
+            .map(move |start| start..(start + slice).min(rows))
+    }
+
     /// The teacher's final states and captured pairs on `ids` (none with cached top-k targets).
     pub(crate) fn teacher_forward(&self, ids: &Tensor) -> Result<Option<(Tensor, Capture)>> {
         let c = &self.config;
@@ -618,11 +613,11 @@ impl Distiller {
         &self,
         student: &Transformer,
         hidden: &Tensor,
-        t_hidden: &Tensor,
+        t_hidden: Option<&Tensor>,
         parts: &mut Parts,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let teacher = self.teacher.model().ok_or_else(|| {
+        let (teacher, t_hidden) = self.teacher.model().zip(t_hidden).ok_or_else(|| {
             TrainError::Config(
                 "an encoder is distilled from a teacher model, not a top-k cache".into(),
             )
@@ -694,28 +689,18 @@ impl Objective for Distiller {
         let c = self.config.clone();
         let mut parts = Parts::default();
         let (b, t) = batch.ids.dims2()?;
-        let (student_states, logits) = if self.student.arch.is_encoder() {
-            let mut capture = Capture::new(c.hidden.iter().map(|p| p.0), c.attention.map(|p| p.0));
-            let student = self.student()?.clone();
-            let hidden = student.forward_hidden(&batch.ids, &mut capture)?;
-            (capture, Err((student, hidden)))
-        } else {
-            let (logits, capture) = self.student_forward(&batch.ids)?;
-            (capture, Ok(logits))
-        };
+        let mut student_states =
+            Capture::new(c.hidden.iter().map(|p| p.0), c.attention.map(|p| p.0));
+        let student = self.student()?.clone();
+        let hidden = student.forward_hidden(&batch.ids, &mut student_states)?;
         let teacher = self.teacher_forward(&batch.ids)?;
         let t_hidden = teacher.as_ref().map(|(h, _)| h);
-        let mut total = match logits {
-            Ok(logits) => {
-                let target = self.row_targets(batch, 0..b * t, t_hidden)?;
-                self.logit_loss(&logits, 0..b * t, &batch.ids, target, &mut parts)?
-            }
-            Err((student, hidden)) => {
-                let t_hidden = t_hidden.ok_or_else(|| {
-                    TrainError::Config("an encoder is distilled from a teacher model".into())
-                })?;
-                self.encoder_loss(&student, &hidden, t_hidden, &mut parts)?
-            }
+        let mut total = if student.arch.is_encoder() {
+            self.encoder_loss(&student, &hidden, t_hidden, &mut parts)?
+        } else {
+            let logits = student.lm_head(&hidden)?.flatten_to(1)?;
+            let target = self.row_targets(batch, 0..b * t, t_hidden)?;
+            self.logit_loss(&logits, 0..b * t, &batch.ids, target, &mut parts)?
         };
         if let Some((_, t)) = &teacher {
             if !c.hidden.is_empty() {
@@ -791,10 +776,9 @@ impl Objective for Distiller {
                 ),
                 None => None,
             };
-            let slice = (self.head_slice_values / student.config.vocab_size.max(1)).clamp(1, b * t);
             let (mut ce, mut kl) = (0.0, 0.0);
-            for start in (0..b * t).step_by(slice) {
-                let rows = start..(start + slice).min(b * t);
+            for rows in self.head_slices(b * t, student.config.vocab_size) {
+                let start = rows.start;
                 let logits = student.lm_head(&hidden.narrow(0, start, rows.len())?)?;
                 let target = match (teacher, &t_hidden) {
                     (Some(m), Some(h)) => Some(RowTargets::Logits(m.lm_head(&h.narrow(

@@ -100,7 +100,8 @@ impl AdamW {
             } else {
                 1.0
             };
-            let g = values(g)?;
+            // Read in place; the weight is copied once, updated, then set.
+            let g = shrink_models::F32Values::of(g)?;
             let mut new = values(w)?;
             new.par_chunks_mut(CHUNK)
                 .zip(self.m[i].par_chunks_mut(CHUNK))

@@ -36,6 +36,19 @@ pub struct Step {
     pub grads: Vec<Option<Tensor>>,
 }
 
+/// Loss terms summed into the training log by name, in the order first added.
+#[derive(Debug, Default)]
+pub(crate) struct Parts(pub Vec<(String, f64)>);
+
+impl Parts {
+    pub fn add(&mut self, name: &str, value: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => *v += value,
+            None => self.0.push((name.to_string(), value)),
+        }
+    }
+}
+
 /// What is trained: parameters, a loss per batch and held-out metrics.
 pub trait Objective {
     /// The trainable parameters by name, in a fixed order.
@@ -271,7 +284,7 @@ pub fn train(
         let lr = schedule.lr(step);
         let mut sum: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
-        let mut parts_sum: Vec<(String, f64)> = Vec::new();
+        let mut parts_sum = Parts::default();
         for micro in 0..config.accumulation {
             let first = (step as usize * config.accumulation + micro) * config.batch;
             let picked: Vec<usize> = (first..first + config.batch)
@@ -288,10 +301,7 @@ pub fn train(
             }
             loss_sum += micro.loss;
             for (name, v) in micro.parts {
-                match parts_sum.iter_mut().find(|(n, _)| *n == name) {
-                    Some((_, s)) => *s += v,
-                    None => parts_sum.push((name, v)),
-                }
+                parts_sum.add(&name, v);
             }
             let mut these = Vec::with_capacity(optimizer.params().len());
             let mut grads = micro.grads.into_iter();
@@ -334,7 +344,7 @@ pub fn train(
             step: step + 1,
             lr,
             loss,
-            parts: parts_sum.into_iter().map(|(k, v)| (k, v / n)).collect(),
+            parts: parts_sum.0.into_iter().map(|(k, v)| (k, v / n)).collect(),
             grad_norm,
         });
         let done = step + 1;

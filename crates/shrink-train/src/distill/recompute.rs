@@ -7,13 +7,14 @@
 //! whole batch's, at the cost of a second forward pass of the student's blocks (the first one
 //! through the inference kernels).
 
-use super::{captured, Capture, Distiller, Parts, RowTargets};
+use super::{captured, next_tokens, Capture, Distiller, RowTargets};
 use crate::loss;
+use crate::trainer::Parts;
 use crate::{Batch, Result, Step, TrainError};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use shrink_core::gemm::{gemm, Operand};
-use shrink_models::{NoHook, Transformer};
+use shrink_models::{F32Values, NoHook, Transformer};
 use std::ops::Range;
 
 /// Logit values held per slice of the head: rows × vocabulary ≈ this many.
@@ -52,7 +53,6 @@ impl<'a> Sums<'a> {
 struct Head {
     /// The head's weight as it enters the product (tied: the token embedding).
     weight: Tensor,
-    values: Vec<f32>,
     vocab: usize,
     hidden: usize,
     /// `∂W` summed over the slices, when the weight is trained.
@@ -66,14 +66,9 @@ impl Head {
             None => model.embed_tokens.clone(),
         };
         let (vocab, hidden) = weight.dims2()?;
-        let values = weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
         let grad = weight.track_op().then(|| vec![0f32; vocab * hidden]);
         Ok(Self {
             weight,
-            values,
             vocab,
             hidden,
             grad,
@@ -88,20 +83,18 @@ impl Head {
         loss: impl FnOnce(Vec<f32>) -> Result<Vec<f32>>,
     ) -> Result<Tensor> {
         let rows = states.dim(0)?;
-        let x = states
-            .detach()
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let states_f32 = states.detach().to_dtype(DType::F32)?;
+        let x = F32Values::of(&states_f32)?;
         let (v, h) = (self.vocab, self.hidden);
         let mut logits = vec![0f32; rows * v];
-        let w = &self.values;
+        // Read in place (the weight's values are not copied).
+        let w = F32Values::of(&self.weight)?;
         gemm(
             rows,
             v,
             h,
             Operand::row_major(&x, h),
-            Operand::transposed(w, h),
+            Operand::transposed(&w, h),
             &mut logits,
             false,
         );
@@ -116,7 +109,7 @@ impl Head {
             h,
             v,
             Operand::row_major(&dl, v),
-            Operand::row_major(w, h),
+            Operand::row_major(&w, h),
             &mut dx,
             false,
         );
@@ -175,11 +168,7 @@ impl Distiller {
         };
         let c = &self.config;
         let (b, t) = ids.dims2()?;
-        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-        let targets: Vec<Option<u32>> = rows
-            .clone()
-            .map(|r| (r % t < t - 1).then(|| ids[r + 1]))
-            .collect();
+        let targets = next_tokens(ids, rows)?;
         // The whole batch's means: KD over its b·t positions, CE over the b·(t − 1) with a next
         // token; (1 − α)·KD + α·CE when α > 0.
         let (kd_of, ce_of) = ((b * t) as f64, (b * (t - 1)).max(1) as f64);
@@ -233,9 +222,6 @@ impl Distiller {
         let last = Var::from_tensor(&x)?;
         let mut g = None;
         if student.arch.is_encoder() {
-            let t_hidden = t_hidden.ok_or_else(|| {
-                TrainError::Config("an encoder is distilled from a teacher model".into())
-            })?;
             let loss = self.encoder_loss(&student, last.as_tensor(), t_hidden, &mut parts)?;
             total += loss.to_scalar::<f32>()? as f64;
             let store = (loss * scale)?.backward()?;
@@ -245,11 +231,8 @@ impl Distiller {
             let mut head = Head::of(&student)?;
             let rows = b * t;
             let flat = last.as_tensor().flatten_to(1)?;
-            let slice = (self.head_slice_values / head.vocab).clamp(1, rows);
-            for start in (0..rows).step_by(slice) {
-                let range = start..(start + slice).min(rows);
-                let n = range.len();
-                let states = student.final_hidden(&flat.narrow(0, start, n)?)?;
+            for range in self.head_slices(rows, head.vocab) {
+                let states = student.final_hidden(&flat.narrow(0, range.start, range.len())?)?;
                 let target = self.row_targets(batch, range.clone(), t_hidden)?;
                 let g_states = head.step(&states, |logits| {
                     let (value, dl) =
