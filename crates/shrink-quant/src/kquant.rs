@@ -8,6 +8,7 @@ use crate::{QuantError, Result};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Weights per super-block.
@@ -299,6 +300,26 @@ impl GgmlTensor {
             &Device::Cpu,
         )?;
         Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// The fraction of weights whose value is exactly zero: counted in the blocks for the legacy
+    /// types (Q4_0 … Q8_0), from the dequantized weights for the others.
+    pub fn zero_fraction(&self) -> Result<f64> {
+        let Some(scheme) = crate::QuantScheme::of_ggml(self.dtype) else {
+            return Ok(crate::zero_fraction(&self.dequantize()?));
+        };
+        let zeros: usize = self
+            .bytes
+            .par_chunks(self.dtype.type_size())
+            .with_min_len(256)
+            .map(|block| {
+                let (codes, scale, min) = crate::tensor::decode_block(self.dtype, block);
+                let params = crate::grid::GroupParams::from_stored(scale, min);
+                let value = scheme.grid.decoder(scheme.bits, &params);
+                codes.iter().filter(|&&c| value(c) == 0.0).count()
+            })
+            .sum();
+        Ok(zeros as f64 / (self.rows * self.cols).max(1) as f64)
     }
 
     pub fn size_bytes(&self) -> usize {

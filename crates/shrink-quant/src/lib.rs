@@ -34,7 +34,7 @@ pub use export::{
 };
 pub use grid::{Grid, GroupParams};
 pub use kquant::{GgmlTensor, KQuant};
-pub use methods::{gptq, gptq_kquant, rtn, GptqConfig};
+pub use methods::{gptq, gptq_kquant, rtn, rtn_blocks, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
@@ -212,7 +212,7 @@ impl QuantizedWeight {
     pub fn zero_fraction(&self) -> Result<f64> {
         match self {
             QuantizedWeight::Packed(q) => Ok(q.zero_fraction()),
-            QuantizedWeight::Blocks(b) => Ok(zero_fraction(&b.dequantize()?)),
+            QuantizedWeight::Blocks(b) => b.zero_fraction(),
         }
     }
 
@@ -231,17 +231,19 @@ impl QuantizedWeight {
     }
 
     /// The ggml type and blocks llama.cpp reads.
-    pub fn to_ggml_blocks(&self) -> Result<(candle_core::quantized::GgmlDType, Vec<u8>)> {
+    pub fn into_ggml_blocks(self) -> Result<(candle_core::quantized::GgmlDType, Vec<u8>)> {
         match self {
             QuantizedWeight::Packed(q) => q.to_ggml_blocks(),
-            QuantizedWeight::Blocks(b) => Ok((b.dtype, b.bytes.clone())),
+            QuantizedWeight::Blocks(b) => Ok((b.dtype, b.bytes)),
         }
     }
 }
 
 /// Quantizes one weight matrix by round-to-nearest into `format`; `importance` (one weight per
 /// input column) steers the scale search of grid schemes and the k-quants' importance-weighted
-/// quantizer (llama.cpp's imatrix).
+/// quantizer (llama.cpp's imatrix). With `ggml`, a scheme that is a legacy ggml block type is
+/// written straight into its blocks ([`QuantizedWeight::Blocks`], the same bytes): for a GGUF
+/// that nothing reads back.
 pub fn rtn_format(
     w: &[f32],
     rows: usize,
@@ -249,8 +251,12 @@ pub fn rtn_format(
     format: &Format,
     importance: Option<&[f32]>,
     name: &str,
+    ggml: bool,
 ) -> Result<QuantizedWeight> {
     Ok(match format {
+        Format::Scheme(s) if ggml && s.ggml_type().is_some() => {
+            QuantizedWeight::Blocks(rtn_blocks(w, rows, cols, s, importance, name)?)
+        }
         Format::Scheme(s) => QuantizedWeight::Packed(rtn(w, rows, cols, s, importance, name)?),
         Format::K(k) => QuantizedWeight::Blocks(GgmlTensor::quantize(
             w,
@@ -422,7 +428,8 @@ pub struct QuantizedModel {
 /// One weight `w` (`rows × cols`) in `format` by `method`: GPTQ (which needs the input
 /// statistics `stats`) or round-to-nearest (weighted by the Hessian's diagonal when `stats` are
 /// given, as llama.cpp's imatrix). AWQ and SmoothQuant rescale a whole block first and are
-/// resolved to one of these by [`quantize_model`].
+/// resolved to one of these by [`quantize_model`]. `ggml` as in [`rtn_format`].
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_tensor(
     w: &[f32],
     rows: usize,
@@ -431,6 +438,7 @@ pub fn quantize_tensor(
     stats: Option<&LinearStats>,
     format: Format,
     name: &str,
+    ggml: bool,
 ) -> Result<QuantizedWeight> {
     Ok(match (method, stats, format) {
         (Method::Gptq(cfg), Some(st), Format::Scheme(s)) => {
@@ -452,7 +460,7 @@ pub fn quantize_tensor(
         (Method::Rtn, st, format) => {
             let importance: Option<Vec<f32>> =
                 st.map(|s| (0..cols).map(|i| s.hessian[i * cols + i] as f32).collect());
-            rtn_format(w, rows, cols, &format, importance.as_deref(), name)?
+            rtn_format(w, rows, cols, &format, importance.as_deref(), name, ggml)?
         }
     })
 }
@@ -481,6 +489,7 @@ pub fn quantize_model(
         progress,
         None,
         Default::default(),
+        false,
         &mut |_, quantized| {
             tensors.append(quantized);
             Ok(())
@@ -507,8 +516,10 @@ pub type BlockFinished<'a> =
 /// block is ever in memory, so `done` writes it. A resumed job gives `start` (the first block to
 /// quantize and, when calibrating, the activations entering it) and records its progress in
 /// `finished`; the reports then cover the blocks from `start` on. Calibration is split across the
-/// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block. With
-/// The calibration activations are kept as `keep` says ([`shrink_calib::Keep`]).
+/// ranks of `world` ([`shrink_calib::sequential_from`]); every rank quantizes every block. The
+/// calibration activations are kept as `keep` says ([`shrink_calib::Keep`]). With `ggml` (`done`
+/// writes a GGUF), a weight nothing reads back — rounded without calibration in a block that is
+/// not kept — goes straight into its ggml blocks ([`rtn_format`]).
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_blocks<M: BlockModel>(
     model: &mut M,
@@ -520,6 +531,7 @@ pub fn quantize_blocks<M: BlockModel>(
     progress: &dyn Progress,
     start: Option<shrink_calib::Resume>,
     keep: shrink_calib::Keep,
+    ggml: bool,
     done: &mut BlockDone<'_>,
     finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
@@ -569,14 +581,24 @@ pub fn quantize_blocks<M: BlockModel>(
             let layer_stats = scaled
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
-            let q = quantize_tensor(&w, rows, cols, method, layer_stats, format, &name)?;
+            let read_back = layer_stats.is_some() || keeps_blocks;
+            let q = quantize_tensor(
+                &w,
+                rows,
+                cols,
+                method,
+                layer_stats,
+                format,
+                &name,
+                ggml && !read_back,
+            )?;
             // The dequantized weight is measured (output error) and goes back into the block
             // when something reads it after: the next block's calibration, or a model kept whole
             // (evaluated afterwards). A streamed block without calibration is only written, then
             // dropped, and never dequantized.
             let zeros = q.zero_fraction()?;
             let mut error = None;
-            if layer_stats.is_some() || keeps_blocks {
+            if read_back {
                 let deq = q.dequantize()?;
                 error = layer_stats
                     .map(|st| st.relative_output_error(&w, &deq))

@@ -107,6 +107,44 @@ pub fn rtn(
     ))
 }
 
+/// [`rtn`] of a scheme that is a legacy ggml block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) written
+/// straight into its blocks: the bytes of `rtn(…).to_ggml_blocks()`, without the codes and the
+/// packed stream between (what a GGUF written without calibration needs).
+pub fn rtn_blocks(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: &QuantScheme,
+    importance: Option<&[f32]>,
+    name: &str,
+) -> Result<GgmlTensor> {
+    check(w, rows, cols, scheme, name)?;
+    let dtype = scheme.ggml_type().ok_or_else(|| QuantError::Shape {
+        tensor: name.to_string(),
+        message: format!("{scheme:?} is not a ggml block type"),
+    })?;
+    let (grid, bits, size, per_row) = (scheme.grid, scheme.bits, dtype.type_size(), cols / 32);
+    let mut bytes = vec![0u8; rows * per_row * size];
+    bytes
+        .par_chunks_mut(size)
+        .zip(w.par_chunks(32))
+        .enumerate()
+        .with_min_len(256)
+        .for_each(|(g, (out, group))| {
+            let k = g % per_row;
+            let imp = importance.map(|i| &i[k * 32..(k + 1) * 32]);
+            let mut codes = [0u8; 32];
+            let p = grid.quantize_group(bits, group, imp, scheme.search, &mut codes);
+            crate::tensor::encode_block(dtype, &codes, p.scale, p.min, out);
+        });
+    Ok(GgmlTensor {
+        dtype,
+        rows,
+        cols,
+        bytes,
+    })
+}
+
 /// GPTQ with the input statistics of the layer.
 /// What GPTQ needs before quantizing rows: the weights with dead inputs zeroed, the column order,
 /// the upper Cholesky factor of the (permuted, damped) inverse Hessian, and per-column importance.

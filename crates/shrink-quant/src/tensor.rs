@@ -118,6 +118,13 @@ impl QuantScheme {
             _ => None,
         }
     }
+
+    /// The scheme a legacy ggml block type is (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), without search.
+    pub fn of_ggml(dtype: GgmlDType) -> Option<QuantScheme> {
+        [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q8_0]
+            .into_iter()
+            .find(|s| s.ggml_type() == Some(dtype))
+    }
 }
 
 /// A quantized `rows × cols` weight: codes packed at `bits` bits, fp16 scales (and minimums).
@@ -248,30 +255,72 @@ impl QuantizedTensor {
             .for_each(|(g, (out, packed))| {
                 let mut block = [0u8; 32];
                 pack::unpack_into(packed, bits, &mut block);
-                out[..2].copy_from_slice(&self.scales[g].to_le_bytes());
-                let mut at = 2;
-                if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
-                    out[2..4].copy_from_slice(&self.mins[g].to_le_bytes());
-                    at = 4;
-                }
-                match dtype {
-                    GgmlDType::Q8_0 => {
-                        for (o, &q) in out[at..].iter_mut().zip(&block) {
-                            *o = (q as i32 - 128) as i8 as u8;
-                        }
-                    }
-                    _ => {
-                        if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
-                            let qh = (0..32).fold(0u32, |h, j| h | ((block[j] >> 4) as u32) << j);
-                            out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
-                            at += 4;
-                        }
-                        for (j, o) in out[at..at + 16].iter_mut().enumerate() {
-                            *o = (block[j] & 15) | (block[j + 16] & 15) << 4;
-                        }
-                    }
-                }
+                let min = self.mins.get(g).copied().unwrap_or(f16::ZERO);
+                encode_block(dtype, &block, self.scales[g], min, out);
             });
         Ok((dtype, out))
     }
 }
+
+/// Writes one group of 32 codes with its scale (and minimum) as a ggml block of `dtype` (Q4_0,
+/// Q4_1, Q5_0, Q5_1 or Q8_0) into `out`, its `type_size()` bytes.
+pub(crate) fn encode_block(
+    dtype: GgmlDType,
+    codes: &[u8; 32],
+    scale: f16,
+    min: f16,
+    out: &mut [u8],
+) {
+    out[..2].copy_from_slice(&scale.to_le_bytes());
+    let mut at = 2;
+    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+        out[2..4].copy_from_slice(&min.to_le_bytes());
+        at = 4;
+    }
+    if dtype == GgmlDType::Q8_0 {
+        for (o, &q) in out[at..].iter_mut().zip(codes) {
+            *o = (q as i32 - 128) as i8 as u8;
+        }
+        return;
+    }
+    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+        let qh = (0..32).fold(0u32, |h, j| h | ((codes[j] >> 4) as u32) << j);
+        out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
+        at += 4;
+    }
+    for (j, o) in out[at..at + 16].iter_mut().enumerate() {
+        *o = (codes[j] & 15) | (codes[j + 16] & 15) << 4;
+    }
+}
+
+/// The codes, scale and minimum of one ggml block of `dtype` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0):
+/// the inverse of [`encode_block`].
+pub(crate) fn decode_block(dtype: GgmlDType, block: &[u8]) -> ([u8; 32], f16, f16) {
+    let half = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]);
+    let (scale, mut at) = (half(0), 2);
+    let mut min = f16::ZERO;
+    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+        min = half(2);
+        at = 4;
+    }
+    let mut codes = [0u8; 32];
+    if dtype == GgmlDType::Q8_0 {
+        for (c, &q) in codes.iter_mut().zip(&block[at..]) {
+            *c = (q as i8 as i32 + 128) as u8;
+        }
+        return (codes, scale, min);
+    }
+    let mut qh = 0u32;
+    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+        qh = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+        at += 4;
+    }
+    for (j, &b) in block[at..at + 16].iter().enumerate() {
+        codes[j] = (b & 15) | (((qh >> j) & 1) as u8) << 4;
+        codes[j + 16] = (b >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+    }
+    (codes, scale, min)
+}
+
+#[cfg(test)]
+mod tests;

@@ -309,14 +309,16 @@ fn quantize_model_replaces_every_block_linear() {
         .unwrap();
         assert_eq!(
             q.tensors["model.layers.1.mlp.down_proj.weight"]
-                .to_ggml_blocks()
+                .clone()
+                .into_ggml_blocks()
                 .unwrap()
                 .0,
             GgmlDType::Q8_0
         );
         assert_eq!(
             q.tensors["model.layers.0.mlp.down_proj.weight"]
-                .to_ggml_blocks()
+                .clone()
+                .into_ggml_blocks()
                 .unwrap()
                 .0,
             GgmlDType::Q4_0
@@ -874,9 +876,9 @@ fn rounding_a_slice_of_rows_at_a_time_gives_the_bytes_of_the_whole() {
         Format::K(KQuant::Q4K),
         Format::K(KQuant::Q6K),
     ] {
-        let whole = rtn_format(&w, rows, cols, &format, None, "e")
+        let whole = rtn_format(&w, rows, cols, &format, None, "e", false)
             .unwrap()
-            .to_ggml_blocks()
+            .into_ggml_blocks()
             .unwrap();
         for chunk in [1, cols, 3 * cols + 5, rows * cols] {
             let sliced = crate::write::round_rows(&t, &format, "e", chunk).unwrap();
@@ -891,9 +893,9 @@ fn rounding_a_slice_of_rows_at_a_time_gives_the_bytes_of_the_whole() {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let want = rtn_format(&widened, rows, cols, &format, None, "e")
+        let want = rtn_format(&widened, rows, cols, &format, None, "e", false)
             .unwrap()
-            .to_ggml_blocks()
+            .into_ggml_blocks()
             .unwrap();
         assert!(crate::write::round_rows(&bf16, &format, "e", cols).unwrap() == want);
     }

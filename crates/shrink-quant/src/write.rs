@@ -205,6 +205,7 @@ pub fn quantize_streamed(
         progress,
         start,
         keep,
+        output.export == Export::Gguf,
         &mut |block, quantized| {
             let mut sink = sink.borrow_mut();
             sink.quantized(std::mem::take(quantized))?;
@@ -435,7 +436,7 @@ impl<'a> QuantizedGguf<'a> {
     /// its parts are here.
     pub fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
         for (name, q) in weights {
-            self.parts.insert(name, q.to_ggml_blocks()?);
+            self.parts.insert(name, q.into_ggml_blocks()?);
         }
         for (stored, sources) in &self.stacked {
             if !sources.iter().all(|s| self.parts.contains_key(s)) {
@@ -526,7 +527,8 @@ pub(crate) fn round_rows(
         let n = step.min(rows - start);
         let slice = t.narrow(0, start, n)?;
         let w = shrink_models::F32Values::of(&slice)?;
-        let (d, bytes) = crate::rtn_format(&w, n, cols, format, None, name)?.to_ggml_blocks()?;
+        let (d, bytes) =
+            crate::rtn_format(&w, n, cols, format, None, name, true)?.into_ggml_blocks()?;
         dtype = Some(d);
         out.extend(bytes);
     }

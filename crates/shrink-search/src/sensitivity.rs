@@ -426,6 +426,7 @@ fn measure_linears(
                     Some(st),
                     format,
                     name,
+                    false,
                 )?;
                 let weight = q.dequantize()?;
                 candidates.push(Candidate {
@@ -541,7 +542,15 @@ fn rounded(t: &Tensor, format: Format, what: &str) -> Result<Option<(Tensor, u64
         return Ok(None);
     }
     let w: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let q = shrink_quant::rtn_format(&w, rows, cols, &format.with_search(false), None, what)?;
+    let q = shrink_quant::rtn_format(
+        &w,
+        rows,
+        cols,
+        &format.with_search(false),
+        None,
+        what,
+        false,
+    )?;
     // The copy is let go before the dequantized one is made (an embedding is the largest tensor).
     drop(w);
     let back = Tensor::from_vec(q.dequantize()?, (rows, cols), t.device())?.to_dtype(t.dtype())?;

@@ -236,7 +236,7 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
         let linear = m.linear_mut(&item.name).unwrap();
         let (rows, cols) = linear.weight().dims2().unwrap();
         let w: Vec<f32> = linear.weight().flatten_all().unwrap().to_vec1().unwrap();
-        let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x").unwrap();
+        let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x", false).unwrap();
         assert_eq!(q.size_bytes() as u64, q4.size_bytes);
         let t = Tensor::from_vec(q.dequantize().unwrap(), (rows, cols), &Device::Cpu).unwrap();
         linear.set_weight(t).unwrap();
@@ -265,7 +265,7 @@ fn sensitivity_equals_a_direct_computation_and_feeds_the_allocator() {
     let linear = m.linear_mut(name).unwrap();
     let (rows, cols) = linear.weight().dims2().unwrap();
     let w: Vec<f32> = linear.weight().flatten_all().unwrap().to_vec1().unwrap();
-    let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x").unwrap();
+    let q = shrink_quant::rtn_format(&w, rows, cols, &formats[1], None, "x", false).unwrap();
     let t = Tensor::from_vec(q.dequantize().unwrap(), (rows, cols), &Device::Cpu).unwrap();
     linear.set_weight(t).unwrap();
     let scored = Scorer::new(&mut model.clone(), &windows)
