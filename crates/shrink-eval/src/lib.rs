@@ -29,7 +29,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use shrink_core::{Alone, Collective, Progress};
-use shrink_models::{BlockModel, Head, NoHook, Transformer};
+use shrink_models::{BlockModel, F32Values, Head, NoHook, Transformer};
 
 /// The JSON schema of [`EvalReport`]; bumped on any incompatible change.
 pub const EVAL_SCHEMA: &str = "shrink.eval/v1";
@@ -244,17 +244,15 @@ fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec
     Ok(out)
 }
 
-/// Log-probabilities of one row of logits, as llama.cpp computes them (f32 max, f64 sum).
-fn log_softmax_row(row: &[f32], out: &mut Vec<f64>) -> Option<()> {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
+/// `log Σ exp(row)` of one row of logits, as llama.cpp computes it (f32 max, f64 sum), or
+/// `None` when a logit is not finite.
+fn log_normalizer(row: &[f32]) -> Option<f64> {
+    if !row.iter().all(|v| v.is_finite()) {
         return None;
     }
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
-    out.clear();
-    out.extend(row.iter().map(|&v| v as f64 - log_z));
-    out.iter().all(|v| v.is_finite()).then_some(())
+    Some(max as f64 + sum.ln())
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -277,48 +275,69 @@ struct Scored {
 
 /// Scores one position; `None` when a logit is not finite.
 fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored> {
-    let mut lp = Vec::with_capacity(row.len());
-    log_softmax_row(row, &mut lp)?;
+    let log_z = log_normalizer(row)?;
     let reference = match reference {
         Some(rrow) => {
-            let mut lr = Vec::with_capacity(rrow.len());
-            log_softmax_row(rrow, &mut lr)?;
-            let kl: f64 = lr.iter().zip(&lp).map(|(r, m)| r.exp() * (r - m)).sum();
-            Some((kl, argmax(rrow) == argmax(row), -lr[target]))
+            let log_zr = log_normalizer(rrow)?;
+            // Σ p_ref · (log p_ref − log p), each log-probability formed as llama.cpp forms it.
+            let kl: f64 = rrow
+                .iter()
+                .zip(row)
+                .map(|(&r, &m)| {
+                    let (lr, lm) = (r as f64 - log_zr, m as f64 - log_z);
+                    lr.exp() * (lr - lm)
+                })
+                .sum();
+            let top = argmax(rrow) == argmax(row);
+            Some((kl, top, -(rrow[target] as f64 - log_zr)))
         }
         None => None,
     };
     Some(Scored {
-        nll: -lp[target],
+        nll: -(row[target] as f64 - log_z),
         reference,
     })
 }
-
-/// Logits of the scored positions of a batch of equal-length chunks: `(chunks, scored, vocab)`.
-type Logits = Vec<Vec<Vec<f32>>>;
 
 /// The scores of a batch: for each chunk, each scored position's (`None` where a logit is not
 /// finite).
 type BatchScores = Vec<Vec<Option<Scored>>>;
 
-/// Scores the positions of `batch` from its logits (and the reference's), in parallel.
-fn score_batch(batch: &[Chunk], logits: &Logits, reference: Option<&Logits>) -> BatchScores {
-    batch
+/// Scores the positions of `batch` from its logits (and the reference's), `(chunks, scored,
+/// vocab)` tensors read in place, in parallel.
+fn score_batch(
+    batch: &[Chunk],
+    logits: &Tensor,
+    reference: Option<&Tensor>,
+) -> Result<BatchScores> {
+    let (_, scored, vocab) = logits.dims3()?;
+    let mine = F32Values::of(logits)?;
+    let theirs = reference.map(F32Values::of).transpose()?;
+    let (mine, theirs): (&[f32], Option<&[f32]>) = (&mine, theirs.as_deref());
+    fn row(values: &[f32], at: usize, vocab: usize) -> &[f32] {
+        &values[at * vocab..(at + 1) * vocab]
+    }
+    Ok(batch
         .iter()
         .enumerate()
         .map(|(b, chunk)| {
-            (0..logits[b].len())
+            (0..scored)
                 .into_par_iter()
                 .map(|p| {
                     let target = chunk.ids[chunk.first_scored + p + 1] as usize;
-                    score(&logits[b][p], reference.map(|r| r[b][p].as_slice()), target)
+                    let at = b * scored + p;
+                    score(
+                        row(mine, at, vocab),
+                        theirs.map(|t| row(t, at, vocab)),
+                        target,
+                    )
                 })
                 .collect()
         })
-        .collect()
+        .collect())
 }
 
-fn scored_logits(model: &Transformer, batch: &[Chunk]) -> Result<Logits> {
+fn scored_logits(model: &Transformer, batch: &[Chunk]) -> Result<Tensor> {
     let rows: Vec<Vec<u32>> = batch.iter().map(|c| c.ids.clone()).collect();
     let len = rows[0].len();
     let first = batch[0].first_scored;
@@ -326,7 +345,7 @@ fn scored_logits(model: &Transformer, batch: &[Chunk]) -> Result<Logits> {
     let hidden = model.forward_hidden(&ids, &mut NoHook)?;
     // Only the scored positions go through the (large) output projection.
     let hidden = hidden.narrow(1, first, len - 1 - first)?;
-    Ok(model.lm_head(&hidden)?.to_vec3()?)
+    Ok(model.lm_head(&hidden)?)
 }
 
 /// The chunks run together: runs of at most `batch` equal-length chunks (only the last chunk of
@@ -417,7 +436,7 @@ pub fn evaluate_in(
             let logits = scored_logits(model, batch)?;
             let theirs = reference.map(|r| scored_logits(r, batch)).transpose()?;
             progress.advance(1, Some(&format!("batch {}/{}", k + 1, ranges.len())));
-            Ok(score_batch(batch, &logits, theirs.as_ref()))
+            score_batch(batch, &logits, theirs.as_ref())
         })
         .collect::<Result<Vec<_>>>();
     progress.finish();
@@ -490,16 +509,16 @@ pub fn evaluate_streamed_in<M: BlockModel>(
         for range in &mine {
             let mut batch = Vec::with_capacity(range.len());
             for chunk in &chunks[range.clone()] {
-                let logits = head.logits(&hidden[at])?.to_vec3()?;
+                let logits = head.logits(&hidden[at])?;
                 let theirs = match &reference {
-                    Some((h, head)) => Some(head.logits(&h[at])?.to_vec3()?),
+                    Some((h, head)) => Some(head.logits(&h[at])?),
                     None => None,
                 };
                 batch.extend(score_batch(
                     std::slice::from_ref(chunk),
                     &logits,
                     theirs.as_ref(),
-                ));
+                )?);
                 at += 1;
             }
             scores.push(batch);
