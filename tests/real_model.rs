@@ -7,57 +7,11 @@
 
 mod common;
 
+use common::real::*;
+
 use candle_core::{DType, Device, Tensor};
 use shrink_models::{ModelConfig, Transformer};
-use std::path::PathBuf;
 use std::process::Command;
-
-fn required() -> bool {
-    std::env::var("SHRINK_REAL_TESTS").as_deref() == Ok("require")
-}
-
-/// The asset directory of a manifest, fetched when required, `None` (skip) when absent.
-fn asset(name: &str) -> Option<PathBuf> {
-    let m = shrink_data::find(name).unwrap();
-    if required() || shrink_data::is_cached(&m).unwrap() {
-        return Some(shrink_data::fetch(&m).unwrap_or_else(|e| panic!("fetching {name}: {e}")));
-    }
-    eprintln!("SKIPPED: '{name}' is not cached; run `shrink data fetch {name}` or set SHRINK_REAL_TESTS=require");
-    None
-}
-
-fn model_path() -> Option<PathBuf> {
-    let m = shrink_data::find("smollm2").unwrap();
-    Some(asset("smollm2")?.join(m.model.unwrap()))
-}
-
-fn text(file: &str) -> Option<String> {
-    Some(std::fs::read_to_string(asset("shakespeare")?.join(file)).unwrap())
-}
-
-/// A llama.cpp tool from `$SHRINK_LLAMA_CPP_BIN` or the cache the build script fills.
-fn llama_tool(tool: &str) -> Option<PathBuf> {
-    let dir = match std::env::var_os("SHRINK_LLAMA_CPP_BIN") {
-        Some(d) => PathBuf::from(d),
-        None => shrink_core::cache_dir()
-            .unwrap()
-            .join("llama.cpp/0.3.36/bin-noamx-logflush"),
-    };
-    let path = dir.join(tool);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(
-        !required(),
-        "{} is missing: run scripts/build-llama-cpp.sh",
-        path.display()
-    );
-    eprintln!(
-        "SKIPPED: {} not built (scripts/build-llama-cpp.sh)",
-        path.display()
-    );
-    None
-}
 
 #[test]
 fn tokenizer_matches_llama_cpp_on_hamlet_and_round_trips() {
@@ -404,19 +358,6 @@ fn gguf_to_hf_folder_round_trip_keeps_logits_and_tokens() {
 }
 
 /// Runs `shrink` with `args`, asserting success; returns stdout.
-fn run_shrink(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "shrink {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// `shrink eval --json` on hamlet, llama-cpp protocol, ctx 512.
 fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value {
     let chunks = chunks.to_string();
@@ -514,38 +455,6 @@ fn eval_agrees_with_llama_perplexity() {
         (dequantized / theirs - 1.0).abs() > 2.0 * (ratio - 1.0).abs(),
         "dequantized {dequantized}, integer {ours}, llama.cpp {theirs}"
     );
-}
-
-/// The cached F32 reference GGUF (`llama-quantize --allow-requantize … F32`), made on first use.
-fn f32_reference(model: &std::path::Path) -> Option<PathBuf> {
-    let quantize = llama_tool("llama-quantize")?;
-    let out = shrink_core::cache_dir()
-        .unwrap()
-        .join("bench/smollm2-f32.gguf");
-    // Tests run in parallel: one makes the file while the others wait.
-    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
-    if !out.is_file() {
-        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let part = out.with_extension(format!("part-{}", std::process::id()));
-        // llama-quantize takes its options before the positional arguments.
-        let st = Command::new(quantize)
-            .args([
-                "--allow-requantize",
-                model.to_str().unwrap(),
-                part.to_str().unwrap(),
-                "F32",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
-        std::fs::rename(&part, &out).unwrap();
-    }
-    Some(out)
 }
 
 fn gguf_tensor_bytes(
@@ -1098,7 +1007,7 @@ values = ["q4_0", "q5_0", "q8_0"]
 
 /// A program on the `PATH`.
 #[cfg(feature = "mpi")]
-fn which(program: &str) -> Result<PathBuf, ()> {
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)

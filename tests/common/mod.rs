@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end test binaries (each uses some of them).
 #![allow(dead_code)]
 
+pub mod real;
+
 use shrink_io::{Checkpoint, Format, GgufVocab, GgufWriteType, TokenizerBundle};
 use shrink_models::{ModelConfig, Transformer};
 use std::path::{Path, PathBuf};

@@ -18,11 +18,15 @@
 
 mod decode;
 mod encoder;
+mod kld;
 
 pub use decode::{decode_speed, quantized_decode_speed, DecodeSpeed};
 pub use encoder::{
     embed, embedding_fidelity, evaluate_encoder, masked_lm, neighbours, sentences,
     EmbeddingFidelity, EncoderEvalConfig, EncoderReport, MaskedLm, ENCODER_SCHEMA,
+};
+pub use kld::{
+    BaseHeader, BaseLogits, BaseWriter, Estimate, KlAgainstBase, KlReport, NoLogits, ScoredLogits,
 };
 
 use candle_core::Tensor;
@@ -56,6 +60,11 @@ pub enum EvalError {
     },
     #[error("the reference model's vocabulary ({reference}) differs from the model's ({model})")]
     VocabMismatch { model: usize, reference: usize },
+    #[error("base log-probabilities '{path}': {message}")]
+    BaseFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("non-finite logits in chunk {chunk}: the model produced NaN or infinity")]
     NonFinite { chunk: usize },
     /// What another MPI rank met.
@@ -75,9 +84,10 @@ pub type Result<T> = std::result::Result<T, EvalError>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
-    /// `llama-perplexity`: consecutive chunks of `ctx` tokens (at most `text/ctx`), each from an
-    /// empty cache, first token replaced by BOS when the model adds one, and only the second half
-    /// of each chunk scored (positions `ctx/2 .. ctx-2` predicting the next token).
+    /// `llama-perplexity`: consecutive chunks of `ctx` tokens of the text tokenized as it does
+    /// (BOS in front when the model adds one), at most `tokens/ctx`, each from an empty cache,
+    /// its first token replaced by BOS when the model adds one, and only the second half of each
+    /// chunk scored (positions `ctx/2 .. ctx-2` predicting the next token).
     LlamaCpp,
     /// Every token after the first of each chunk (after BOS when the model adds one); the last,
     /// shorter chunk included.
@@ -172,6 +182,9 @@ pub struct EvalReport {
     /// How busy the machine was during the evaluation, where it can be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<shrink_core::MachineLoad>,
+    /// Against saved base log-probabilities ([`KlAgainstBase`]), when scored so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_base: Option<KlReport>,
 }
 
 /// One chunk: its input ids and the positions whose next-token prediction is scored.
@@ -198,14 +211,17 @@ fn make_chunks(tokens: &[u32], bos: Option<u32>, cfg: &EvalConfig) -> Result<Vec
     let mut out = Vec::new();
     match cfg.protocol {
         Protocol::LlamaCpp => {
-            if tokens.len() < 2 * ctx {
+            let len = tokens.len() + usize::from(bos.is_some());
+            if len < 2 * ctx {
                 return Err(EvalError::TooFewTokens {
-                    tokens: tokens.len(),
+                    tokens: len,
                     protocol: cfg.protocol,
                     ctx,
                     needed: 2 * ctx,
                 });
             }
+            // llama-perplexity's tokens: BOS in front when the model adds one.
+            let tokens: Vec<u32> = bos.into_iter().chain(tokens.iter().copied()).collect();
             let n = (tokens.len() / ctx).min(limit);
             for i in 0..n {
                 let mut ids = tokens[i * ctx..(i + 1) * ctx].to_vec();
@@ -403,12 +419,24 @@ pub fn evaluate(
     cfg: &EvalConfig,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
-    evaluate_in(&Alone, model, reference, tokens, bos, cfg, progress)
+    evaluate_in(
+        &Alone,
+        model,
+        reference,
+        tokens,
+        bos,
+        cfg,
+        &mut NoLogits,
+        progress,
+    )
 }
 
 /// [`evaluate`] split across the ranks of `world` (every rank calls it with the same models and
 /// text): batch `k` of chunks is rank `k mod N`'s, and every rank adds every position's scores
-/// in chunk order, so the report is one process's to the bit (but its timings).
+/// in chunk order, so the report is one process's to the bit (but its timings). `visit` receives
+/// the scored logits of this rank's chunks in order (e.g. a [`BaseWriter`] or [`KlAgainstBase`]:
+/// one process).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_in(
     world: &dyn Collective,
     model: &Transformer,
@@ -416,6 +444,7 @@ pub fn evaluate_in(
     tokens: &[u32],
     bos: Option<u32>,
     cfg: &EvalConfig,
+    visit: &mut dyn ScoredLogits,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let chunks = checked_chunks(
@@ -435,6 +464,11 @@ pub fn evaluate_in(
             let batch = &chunks[ranges[k].clone()];
             let logits = scored_logits(model, batch)?;
             let theirs = reference.map(|r| scored_logits(r, batch)).transpose()?;
+            let (_, scored, vocab) = logits.dims3()?;
+            let values = F32Values::of(&logits)?;
+            for (b, rows) in values.chunks(scored * vocab).enumerate() {
+                visit.chunk(ranges[k].start + b, rows, vocab)?;
+            }
             progress.advance(1, Some(&format!("batch {}/{}", k + 1, ranges.len())));
             score_batch(batch, &logits, theirs.as_ref())
         })
@@ -465,11 +499,22 @@ pub fn evaluate_streamed<M: BlockModel>(
     cfg: &EvalConfig,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
-    evaluate_streamed_in(&Alone, model, reference, tokens, bos, cfg, progress)
+    evaluate_streamed_in(
+        &Alone,
+        model,
+        reference,
+        tokens,
+        bos,
+        cfg,
+        &mut NoLogits,
+        progress,
+    )
 }
 
 /// [`evaluate_streamed`] split across the ranks of `world` as [`evaluate_in`] splits it: each
-/// rank runs only its batches through the blocks (reading every block) and scores them.
+/// rank runs only its batches through the blocks (reading every block) and scores them; `visit`
+/// as in [`evaluate_in`].
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_streamed_in<M: BlockModel>(
     world: &dyn Collective,
     model: &mut M,
@@ -477,6 +522,7 @@ pub fn evaluate_streamed_in<M: BlockModel>(
     tokens: &[u32],
     bos: Option<u32>,
     cfg: &EvalConfig,
+    visit: &mut dyn ScoredLogits,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
     let chunks = checked_chunks(
@@ -508,8 +554,9 @@ pub fn evaluate_streamed_in<M: BlockModel>(
         let mut scores = Vec::with_capacity(mine.len());
         for range in &mine {
             let mut batch = Vec::with_capacity(range.len());
-            for chunk in &chunks[range.clone()] {
+            for (index, chunk) in range.clone().zip(&chunks[range.clone()]) {
                 let logits = head.logits(&hidden[at])?;
+                visit.chunk(index, &F32Values::of(&logits)?, logits.dim(2)?)?;
                 let theirs = match &reference {
                     Some((h, head)) => Some(head.logits(&h[at])?),
                     None => None,
@@ -675,6 +722,7 @@ fn tally(
         wall_s,
         tokens_per_s: processed as f64 / wall_s.max(1e-9),
         load: start.load(),
+        kl_base: None,
     })
 }
 

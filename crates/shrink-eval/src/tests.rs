@@ -27,10 +27,15 @@ fn llama_cpp_chunks_follow_perplexity_cpp() {
     assert_eq!(c.len(), 6, "100 / 16 whole chunks");
     assert_eq!(c[1].ids, t[16..32].to_vec());
     assert_eq!(c[0].first_scored, 8);
+    // With BOS, llama.cpp's token list starts with it: chunk k is list[16k..16k+16], its first
+    // token replaced by BOS.
     let c = make_chunks(&t, Some(63), &cfg(Protocol::LlamaCpp, 16, Some(2), 4)).unwrap();
     assert_eq!(c.len(), 2);
+    assert_eq!(c[0].ids[1..], t[..15]);
     assert_eq!(c[1].ids[0], 63, "first token replaced by BOS");
-    assert_eq!(c[1].ids[1..], t[17..32]);
+    assert_eq!(c[1].ids[1..], t[16..31]);
+    let c = make_chunks(&t[..31], Some(63), &cfg(Protocol::LlamaCpp, 16, None, 4)).unwrap();
+    assert_eq!(c.len(), 2, "31 tokens and BOS are two chunks");
     let err = make_chunks(&t[..31], None, &cfg(Protocol::LlamaCpp, 16, None, 4)).unwrap_err();
     assert!(err.to_string().contains("needs at least 32"), "{err}");
 }
@@ -450,7 +455,16 @@ fn an_evaluation_split_across_ranks_gives_one_process_bits() {
             let one = timeless(evaluate(&other, reference, &t, Some(1), &c, &NoProgress).unwrap());
             for n in [2, 3] {
                 let whole = on_ranks(n, &|r| {
-                    evaluate_in(r, &other, reference, &t, Some(1), &c, &NoProgress)
+                    evaluate_in(
+                        r,
+                        &other,
+                        reference,
+                        &t,
+                        Some(1),
+                        &c,
+                        &mut NoLogits,
+                        &NoProgress,
+                    )
                 });
                 let read = on_ranks(n, &|r| {
                     let mut their = reference.map(streamed);
@@ -461,6 +475,7 @@ fn an_evaluation_split_across_ranks_gives_one_process_bits() {
                         &t,
                         Some(1),
                         &c,
+                        &mut NoLogits,
                         &NoProgress,
                     )
                 });
@@ -478,8 +493,74 @@ fn an_evaluation_split_across_ranks_gives_one_process_bits() {
     let c = cfg(Protocol::LlamaCpp, 32, None, 1);
     let one = evaluate(&broken, None, &t, Some(1), &c, &NoProgress).unwrap_err();
     for got in on_ranks(2, &|r| {
-        evaluate_in(r, &broken, None, &t, Some(1), &c, &NoProgress)
+        evaluate_in(
+            r,
+            &broken,
+            None,
+            &t,
+            Some(1),
+            &c,
+            &mut NoLogits,
+            &NoProgress,
+        )
     }) {
         assert_eq!(got.unwrap_err().to_string(), one.to_string());
     }
+}
+
+/// Base log-probabilities saved by a whole and by a streamed evaluation are the same file, with
+/// llama.cpp's token list (BOS in front); the model scored against it has no divergence, and
+/// another model the divergence its reference evaluation measures.
+#[test]
+fn saved_base_logits_score_models_as_a_reference_does() {
+    let model = tiny();
+    let mut other = model.clone();
+    let w = other.linear_mut("model.layers.1.mlp.up_proj").unwrap();
+    let noisy = (w.weight() * 1.4).unwrap();
+    w.set_weight(noisy).unwrap();
+    let (t, c) = (text(150), cfg(Protocol::LlamaCpp, 32, None, 3));
+    let dir = tempfile::tempdir().unwrap();
+    let save = |name: &str, streamed_run: bool| {
+        let path = dir.path().join(name);
+        let llama: Vec<u32> = std::iter::once(1).chain(t.iter().copied()).collect();
+        let mut w = BaseWriter::new(&path, 32, 4, &llama).unwrap();
+        match streamed_run {
+            false => evaluate_in(&Alone, &model, None, &t, Some(1), &c, &mut w, &NoProgress),
+            true => {
+                let mut m = streamed(&model);
+                evaluate_streamed_in(&Alone, &mut m, None, &t, Some(1), &c, &mut w, &NoProgress)
+            }
+        }
+        .unwrap();
+        w.finish().unwrap();
+        std::fs::read(path).unwrap()
+    };
+    let whole = save("whole.kld", false);
+    assert!(whole == save("streamed.kld", true));
+    assert_eq!(
+        &whole[20..28],
+        &[1, 0, 0, 0, t[0].to_le_bytes()[0], 0, 0, 0]
+    );
+    let path = dir.path().join("whole.kld");
+    let score = |m: &Transformer| {
+        let base = BaseLogits::open(&path).unwrap();
+        let tokens = base.text_tokens(Some(1)).unwrap().to_vec();
+        let mut k = KlAgainstBase::new(base);
+        let r = evaluate_in(&Alone, m, None, &tokens, Some(1), &c, &mut k, &NoProgress).unwrap();
+        (k.finish(r.chunks).unwrap(), r)
+    };
+    let (same, _) = score(&model);
+    assert!(same.kld.value.abs() < 1e-5 && same.same_top.value == 1.0);
+    let (kl, r) = score(&other);
+    let exact = evaluate(&other, Some(&model), &t, Some(1), &c, &NoProgress).unwrap();
+    let f = exact.fidelity.unwrap();
+    assert_eq!(kl.positions, r.tokens_scored);
+    assert!(
+        f.kl_mean > 1e-4 && (kl.kld.value / f.kl_mean - 1.0).abs() < 1e-3,
+        "{} vs {}",
+        kl.kld.value,
+        f.kl_mean
+    );
+    assert!((kl.ppl.value / r.perplexity.ppl - 1.0).abs() < 1e-5);
+    assert!((kl.same_top.value - f.top1_agreement).abs() < 0.02);
 }

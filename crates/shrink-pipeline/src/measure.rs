@@ -158,6 +158,7 @@ impl Bench<'_> {
             &self.tokens,
             self.bos,
             &self.eval,
+            &mut shrink_eval::NoLogits,
             self.progress,
         )?)
     }
@@ -177,6 +178,7 @@ impl Bench<'_> {
             &self.tokens,
             self.bos,
             &self.eval,
+            &mut shrink_eval::NoLogits,
             self.progress,
         )?)
     }

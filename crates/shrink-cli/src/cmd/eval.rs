@@ -5,9 +5,10 @@ use crate::common::{build_runnable, load_checkpoint, multiplies_packed, read_tex
 use crate::progress;
 use anyhow::Result;
 use clap::Args;
-use shrink_eval::{EvalConfig, Protocol};
+use shrink_eval::{EvalConfig, Protocol, ScoredLogits};
 use shrink_io::Checkpoint;
 use shrink_models::Transformer;
+use std::path::Path;
 
 #[derive(Args)]
 pub(crate) struct EvalArgs {
@@ -46,9 +47,29 @@ pub(crate) struct EvalArgs {
     /// `llama-perplexity` scores.
     #[arg(long)]
     dequantize: bool,
+    /// Also save the scored positions' log-probabilities to this file, in the format of
+    /// `llama-perplexity --kl-divergence-base` (for `--kl-base` here or `llama-perplexity
+    /// --kl-divergence` later; ~(ctx/2)·vocab·2 bytes a chunk).
+    #[arg(long, value_name = "FILE", conflicts_with = "kl_base")]
+    save_kl_base: Option<String>,
+    /// Score against base log-probabilities saved by `--save-kl-base` or by `llama-perplexity
+    /// --kl-divergence-base`: the text, ctx and chunks are the file's, and the statistics are
+    /// `llama-perplexity --kl-divergence`'s (KL percentiles, Δp, same top token).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "text", "ctx"])]
+    kl_base: Option<String>,
     /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
     #[arg(long)]
     json: bool,
+}
+
+impl EvalArgs {
+    /// What was evaluated: the text, or the tokens of the base file scored against.
+    fn text_label(&self) -> String {
+        match &self.kl_base {
+            Some(base) => format!("the tokens of {base}"),
+            None => self.text.clone(),
+        }
+    }
 }
 
 /// Evaluates; under `mpirun -n N` the ranks share the chunks out (rank `k mod N` runs batch `k`)
@@ -75,18 +96,69 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             world.size()
         );
     }
-    let text = read_text(&args.text)?;
-    // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
-    let (tokens, bos) = if encoder {
-        (vec![], None)
-    } else {
-        shrink_pipeline::eval_tokens(&checkpoint, &text)?
+    let base = args
+        .kl_base
+        .as_deref()
+        .map(|p| shrink_eval::BaseLogits::open(Path::new(p)))
+        .transpose()?;
+    let kl_job = base.is_some() || args.save_kl_base.is_some();
+    if kl_job && (encoder || protocol != Protocol::LlamaCpp || world.size() > 1) {
+        anyhow::bail!(
+            "--kl-base and --save-kl-base score a decoder by llama.cpp's protocol in one process \
+             (not an encoder, --protocol full or MPI)"
+        );
+    }
+    let text = match base {
+        Some(_) => String::new(),
+        None => read_text(&args.text)?,
     };
-    let cfg = EvalConfig {
-        protocol,
-        ctx: args.ctx,
-        chunks: args.chunks,
-        batch: args.batch,
+    // As llama-perplexity: special-token text is not parsed; BOS only if the model adds one.
+    let (tokens, bos) = match &base {
+        _ if encoder => (vec![], None),
+        None => shrink_pipeline::eval_tokens(&checkpoint, &text)?,
+        Some(b) => {
+            let t = checkpoint.tokenizer()?;
+            let bos = t.bos_token_id.filter(|_| t.add_bos);
+            (b.text_tokens(bos)?.to_vec(), bos)
+        }
+    };
+    let cfg = match &base {
+        None => EvalConfig {
+            protocol,
+            ctx: args.ctx,
+            chunks: args.chunks,
+            batch: args.batch,
+        },
+        Some(b) => EvalConfig {
+            protocol,
+            ctx: b.header.ctx,
+            chunks: Some(
+                args.chunks
+                    .map_or(b.header.chunks, |c| c.min(b.header.chunks)),
+            ),
+            batch: args.batch,
+        },
+    };
+    // What receives the scored logits: a base file being written or one scored against.
+    let mut writer = match &args.save_kl_base {
+        Some(path) => {
+            let llama: Vec<u32> = bos.into_iter().chain(tokens.iter().copied()).collect();
+            let chunks = (llama.len() / cfg.ctx).min(cfg.chunks.unwrap_or(usize::MAX));
+            Some(shrink_eval::BaseWriter::new(
+                Path::new(path),
+                cfg.ctx,
+                chunks,
+                &llama,
+            )?)
+        }
+        None => None,
+    };
+    let mut against = base.map(shrink_eval::KlAgainstBase::new);
+    let mut nothing = shrink_eval::NoLogits;
+    let visit: &mut dyn ScoredLogits = match (&mut writer, &mut against) {
+        (Some(w), _) => w,
+        (_, Some(k)) => k,
+        _ => &mut nothing,
     };
     let reference_checkpoint = args.reference.as_deref().map(load_checkpoint).transpose()?;
     // Quantized GGUF weights are multiplied as llama.cpp multiplies them (f32 compute only).
@@ -142,6 +214,7 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             &tokens,
             bos,
             &cfg,
+            visit,
             &bar,
         )?;
         let parameters =
@@ -155,9 +228,17 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
         }
         let reference = reference.as_ref();
-        let report = shrink_eval::evaluate_in(world, &model, reference, &tokens, bos, &cfg, &bar)?;
+        let report =
+            shrink_eval::evaluate_in(world, &model, reference, &tokens, bos, &cfg, visit, &bar)?;
         (report, model.num_parameters() as u64, false)
     };
+    let mut report = report;
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    if let Some(k) = against {
+        report.kl_base = Some(k.finish(report.chunks)?);
+    }
     if world.rank() > 0 {
         return Ok(());
     }
@@ -168,7 +249,7 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
     print_model(&checkpoint, parameters, "");
     outln!(
         "text        {} ({} tokens)",
-        args.text,
+        args.text_label(),
         report.tokens_in_text
     );
     outln!(
@@ -197,6 +278,12 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             f.kl_max
         );
         outln!("top-1       {:.2}%", f.top1_agreement * 100.0);
+    }
+    if let Some(k) = &report.kl_base {
+        print_kl(args.kl_base.as_deref().unwrap_or(""), k);
+    }
+    if let Some(path) = &args.save_kl_base {
+        outln!("saved       base log-probabilities to {path}");
     }
     outln!(
         "time        {:.1} s, {:.1} tokens/s ({} tokens processed)",
@@ -287,6 +374,32 @@ fn check_streamed_memory(
 }
 
 /// The summary's first line: the model and its parameter count (`note` follows the count).
+/// The statistics as `llama-perplexity --kl-divergence` prints them.
+fn print_kl(base: &str, k: &shrink_eval::KlReport) {
+    let pm = |e: &shrink_eval::Estimate| format!("{:10.6} ± {:10.6}", e.value, e.uncertainty);
+    outln!("against     {base} ({} positions)", k.positions);
+    outln!("Mean PPL(Q)                   : {}", pm(&k.ppl));
+    outln!("Mean PPL(base)                : {}", pm(&k.ppl_base));
+    outln!(
+        "Cor(ln(PPL(Q)), ln(PPL(base))): {:6.2}%",
+        100.0 * k.ln_ppl_correlation
+    );
+    outln!("Mean ln(PPL(Q)/PPL(base))     : {}", pm(&k.ln_ppl_ratio));
+    outln!("Mean    KLD: {}", pm(&k.kld));
+    for (label, v) in &k.kld_percentiles {
+        outln!("{label:<8}KLD: {v:10.6}");
+    }
+    let pct = |e: &shrink_eval::Estimate| {
+        format!("{:6.3} ± {:5.3} %", 100.0 * e.value, 100.0 * e.uncertainty)
+    };
+    outln!("Mean    Δp: {}", pct(&k.p_diff));
+    for (label, v) in &k.p_diff_percentiles {
+        outln!("{label:<8}Δp: {:6.3}%", 100.0 * v);
+    }
+    outln!("RMS Δp    : {}", pct(&k.p_diff_rms));
+    outln!("Same top p: {}", pct(&k.same_top));
+}
+
 fn print_model(checkpoint: &Checkpoint, parameters: u64, note: &str) {
     outln!(
         "model       {} ({} parameters{note})",
@@ -307,14 +420,14 @@ pub(crate) fn print_eval_json(
         #[serde(flatten)]
         report: &'a R,
         model: String,
-        text: &'a str,
+        text: String,
         reference: &'a Option<String>,
         parameters: u64,
     }
     let summary = Summary {
         report,
         model: checkpoint.path.display().to_string(),
-        text: &args.text,
+        text: args.text_label(),
         reference: &args.reference,
         parameters,
     };

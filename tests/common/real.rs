@@ -1,0 +1,98 @@
+//! Helpers of the tests on real assets: the demo model and text (fetched when
+//! `SHRINK_REAL_TESTS=require`, as CI sets it; otherwise a test whose inputs are missing says so and
+//! passes without checking anything) and llama.cpp's tools built from the vendored source.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub fn required() -> bool {
+    std::env::var("SHRINK_REAL_TESTS").as_deref() == Ok("require")
+}
+
+/// The asset directory of a manifest, fetched when required, `None` (skip) when absent.
+pub fn asset(name: &str) -> Option<PathBuf> {
+    let m = shrink_data::find(name).unwrap();
+    if required() || shrink_data::is_cached(&m).unwrap() {
+        return Some(shrink_data::fetch(&m).unwrap_or_else(|e| panic!("fetching {name}: {e}")));
+    }
+    eprintln!("SKIPPED: '{name}' is not cached; run `shrink data fetch {name}` or set SHRINK_REAL_TESTS=require");
+    None
+}
+
+pub fn model_path() -> Option<PathBuf> {
+    let m = shrink_data::find("smollm2").unwrap();
+    Some(asset("smollm2")?.join(m.model.unwrap()))
+}
+
+pub fn text(file: &str) -> Option<String> {
+    Some(std::fs::read_to_string(asset("shakespeare")?.join(file)).unwrap())
+}
+
+/// A llama.cpp tool from `$SHRINK_LLAMA_CPP_BIN` or the cache the build script fills.
+pub fn llama_tool(tool: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("SHRINK_LLAMA_CPP_BIN") {
+        Some(d) => PathBuf::from(d),
+        None => shrink_core::cache_dir()
+            .unwrap()
+            .join("llama.cpp/0.3.36/bin-noamx-logflush"),
+    };
+    let path = dir.join(tool);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        !required(),
+        "{} is missing: run scripts/build-llama-cpp.sh",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {} not built (scripts/build-llama-cpp.sh)",
+        path.display()
+    );
+    None
+}
+
+pub fn run_shrink(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shrink {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The cached F32 reference GGUF (`llama-quantize --allow-requantize … F32`), made on first use.
+pub fn f32_reference(model: &std::path::Path) -> Option<PathBuf> {
+    let quantize = llama_tool("llama-quantize")?;
+    let out = shrink_core::cache_dir()
+        .unwrap()
+        .join("bench/smollm2-f32.gguf");
+    // Tests run in parallel: one makes the file while the others wait.
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if !out.is_file() {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let part = out.with_extension(format!("part-{}", std::process::id()));
+        // llama-quantize takes its options before the positional arguments.
+        let st = Command::new(quantize)
+            .args([
+                "--allow-requantize",
+                model.to_str().unwrap(),
+                part.to_str().unwrap(),
+                "F32",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        std::fs::rename(&part, &out).unwrap();
+    }
+    Some(out)
+}
