@@ -19,6 +19,7 @@
 pub mod awq;
 mod export;
 mod grid;
+pub mod iquant;
 pub mod kquant;
 mod methods;
 pub mod pack;

@@ -1,0 +1,251 @@
+//! llama.cpp's i-quant block types, byte for byte: the layouts, the dequantizers and the
+//! importance-weighted quantizers of ggml (`ggml-quants.c`), with its f32 arithmetic in its order
+//! (the reference build compiles them without fused multiply-adds), so that a row quantized here
+//! is the row `ggml_quantize_chunk` writes. The codebooks are the format's, generated from
+//! llama.cpp's source ([`tables`]).
+//!
+//! So far IQ4_NL (blocks of 32: an f16 scale and sixteen bytes of 4-bit indices into a
+//! non-linear codebook) and IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
+//! scales and the same indices). Reading and writing them in GGUF files is still to come (the
+//! GGUF reader knows candle's block types only).
+//!
+//! ```
+//! use shrink_quant::iquant::IQuant;
+//! let row: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+//! let mut blocks = vec![0u8; IQuant::IQ4XS.row_bytes(256)];
+//! IQuant::IQ4XS.quantize_row(&row, None, &mut blocks);
+//! let mut back = vec![0f32; 256];
+//! IQuant::IQ4XS.dequantize_row(&blocks, &mut back);
+//! let err: f32 = row.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / 256.0;
+//! assert!(err < 1e-3, "{err}");
+//! ```
+
+pub mod tables;
+
+use half::f16;
+use tables::KVALUES_IQ4NL;
+
+/// An i-quant block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IQuant {
+    /// 32 weights: f16 scale, 16 bytes of indices (4.5 bits per weight).
+    IQ4NL,
+    /// 256 weights: f16 scale, 6-bit scales of eight sub-blocks, 128 bytes of indices (4.25).
+    IQ4XS,
+}
+
+/// ggml's `GROUP_MAX_EPS`: a group with a smaller magnitude is stored as zeros.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+impl IQuant {
+    /// ggml's type id (`enum ggml_type`).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            IQuant::IQ4NL => 20,
+            IQuant::IQ4XS => 23,
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            IQuant::IQ4NL => 32,
+            IQuant::IQ4XS => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            IQuant::IQ4NL => 18,
+            IQuant::IQ4XS => 136,
+        }
+    }
+
+    /// Bytes of a row of `n` weights (a multiple of the block size).
+    pub fn row_bytes(self, n: usize) -> usize {
+        n / self.block_size() * self.type_size()
+    }
+
+    /// Quantizes one row (`row.len()` a multiple of the block size) into `out`, as
+    /// `ggml_quantize_chunk` does: with `importance` (one weight per column, llama.cpp's imatrix)
+    /// the error is weighted by `importance · √(σ² + x²)`, else by `x²`.
+    pub fn quantize_row(self, row: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
+        let (n, size) = (self.block_size(), self.type_size());
+        assert_eq!(row.len() % n, 0, "a row of whole blocks");
+        assert_eq!(out.len(), self.row_bytes(row.len()), "the row's bytes");
+        for (b, (x, block)) in row.chunks(n).zip(out.chunks_mut(size)).enumerate() {
+            let qw = importance.map(|w| &w[b * n..(b + 1) * n]);
+            quantize_iq4(x, qw, block, self);
+        }
+    }
+
+    /// The weights a row of blocks stands for (ggml's `dequantize_row_*`).
+    pub fn dequantize_row(self, blocks: &[u8], out: &mut [f32]) {
+        let (n, size) = (self.block_size(), self.type_size());
+        assert_eq!(blocks.len(), self.row_bytes(out.len()), "the row's bytes");
+        for (block, y) in blocks.chunks(size).zip(out.chunks_mut(n)) {
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            match self {
+                IQuant::IQ4NL => nibbles(&block[2..18], d, y),
+                IQuant::IQ4XS => {
+                    let scales_h = u16::from_le_bytes([block[2], block[3]]);
+                    let (scales_l, qs) = (&block[4..8], &block[8..136]);
+                    for (ib, (q, y)) in qs.chunks(16).zip(y.chunks_mut(32)).enumerate() {
+                        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
+                        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                        let ls = (low | high << 4) as i32;
+                        nibbles(q, d * (ls - 32) as f32, y);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 32 weights from 16 bytes of indices (low nibbles first, then high) and a scale.
+fn nibbles(qs: &[u8], d: f32, y: &mut [f32]) {
+    for (j, &q) in qs.iter().enumerate() {
+        y[j] = d * KVALUES_IQ4NL[(q & 0xf) as usize] as f32;
+        y[j + 16] = d * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+    }
+}
+
+/// ggml's `best_index_int8`: the index of the codebook value nearest `x` (ties to the upper one).
+fn best_index(values: &[i8; 16], x: f32) -> u8 {
+    if x <= values[0] as f32 {
+        return 0;
+    }
+    if x >= values[15] as f32 {
+        return 15;
+    }
+    let (mut ml, mut mu) = (0usize, 15usize);
+    while mu - ml > 1 {
+        let mav = (ml + mu) / 2;
+        if x < values[mav] as f32 {
+            mu = mav;
+        } else {
+            ml = mav;
+        }
+    }
+    if x - (values[mu - 1] as f32) < values[mu] as f32 - x {
+        (mu - 1) as u8
+    } else {
+        mu as u8
+    }
+}
+
+/// ggml's `nearest_int`: round half to even through the f32 mantissa.
+fn nearest_int(x: f32) -> i32 {
+    let bits = (x + 12_582_912.0).to_bits() as i32;
+    (bits & 0x007f_ffff) - 0x0040_0000
+}
+
+/// Σ w·q·x and Σ w·q² of a sub-block at inverse scale `id`, the indices written to `l`.
+fn fit(x: &[f32], weight: &[f32], id: f32, l: &mut [u8]) -> (f32, f32) {
+    let (mut sumqx, mut sumq2) = (0f32, 0f32);
+    for ((&x, &w), l) in x.iter().zip(weight).zip(l) {
+        *l = best_index(&KVALUES_IQ4NL, id * x);
+        let q = KVALUES_IQ4NL[*l as usize] as f32;
+        sumqx += w * q * x;
+        sumq2 += w * q * q;
+    }
+    (sumqx, sumq2)
+}
+
+/// ggml's `quantize_row_iq4_nl_impl` with `ntry = 7` (what `quantize_iq4_nl` / `quantize_iq4_xs`
+/// pass) for one block of `kind`.
+fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
+    let values = &KVALUES_IQ4NL;
+    let ntry = 7i32;
+    let n = x.len();
+    let mut sigma2 = 0f32;
+    for &v in x {
+        sigma2 += v * v;
+    }
+    sigma2 *= 2.0 / n as f32;
+    let subs = n / 32;
+    let mut scales = [0f32; 8];
+    let mut l = [0u8; 256];
+    let mut weight = [0f32; 32];
+    let mut scratch = [0u8; 32];
+    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
+    for ib in 0..subs {
+        let xb = &x[ib * 32..(ib + 1) * 32];
+        for (j, w) in weight.iter_mut().enumerate() {
+            *w = match qw {
+                Some(qw) => qw[ib * 32 + j] * (sigma2 + xb[j] * xb[j]).sqrt(),
+                None => xb[j] * xb[j],
+            };
+        }
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                (amax, max) = (v.abs(), v);
+            }
+        }
+        if amax < GROUP_MAX_EPS {
+            scales[ib] = 0.0;
+            continue;
+        }
+        let first = values[0] as f32;
+        let id = 1.0 / (-max / first);
+        let (sumqx, sumq2) = fit(xb, &weight, id, &mut l[ib * 32..(ib + 1) * 32]);
+        let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+        let mut best = d * sumqx;
+        for itry in -ntry..=ntry {
+            let id = (itry + values[0] as i32) as f32 / max;
+            let (sumqx, sumq2) = fit(xb, &weight, id, &mut scratch);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+        scales[ib] = d;
+        if d.abs() > amax_scale {
+            (amax_scale, max_scale) = (d.abs(), d);
+        }
+    }
+    out.fill(0);
+    let qs_at = match kind {
+        IQuant::IQ4NL => {
+            out[..2].copy_from_slice(&f16::from_f32(scales[0]).to_le_bytes());
+            let id = if scales[0] != 0.0 {
+                1.0 / scales[0]
+            } else {
+                0.0
+            };
+            for (l, &v) in l.iter_mut().zip(x) {
+                *l = best_index(values, id * v);
+            }
+            2
+        }
+        IQuant::IQ4XS => {
+            let d = -max_scale / 32.0;
+            out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut scales_h = 0u16;
+            for ib in 0..subs {
+                let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
+                let dl = d * ls as f32;
+                let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+                for j in 0..32 {
+                    l[ib * 32 + j] = best_index(values, idl * x[ib * 32 + j]);
+                }
+                let ls = (ls + 32) as u8;
+                out[4 + ib / 2] |= (ls & 0xf) << (4 * (ib % 2));
+                scales_h |= ((ls >> 4) as u16) << (2 * ib);
+            }
+            out[2..4].copy_from_slice(&scales_h.to_le_bytes());
+            8
+        }
+    };
+    for i in 0..subs {
+        for j in 0..16 {
+            out[qs_at + 16 * i + j] = l[32 * i + j] | l[32 * i + 16 + j] << 4;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! shrink's i-quant blocks against ggml's own functions (issue #21, item 1): a C harness built
+//! against the reference build's `libggml-base` quantizes the same rows with `ggml_quantize_chunk`
+//! (with and without an importance matrix) and dequantizes them with the type's `to_float`;
+//! shrink's quantizer must write the same bytes and its dequantizer read llama.cpp's bytes as the
+//! same floats.
+
+mod common;
+
+use common::real::required;
+use shrink_quant::iquant::IQuant;
+use std::process::Command;
+
+const HARNESS_C: &str = r#"
+#include "ggml.h"
+#include <stdio.h>
+#include <stdlib.h>
+
+static void *slurp(const char *path, size_t bytes) {
+    void *p = malloc(bytes);
+    FILE *f = fopen(path, "rb");
+    if (!f || fread(p, 1, bytes, f) != bytes) { fprintf(stderr, "reading %s\n", path); exit(1); }
+    fclose(f);
+    return p;
+}
+
+static void spill(const char *path, const void *p, size_t bytes) {
+    FILE *f = fopen(path, "wb");
+    if (!f || fwrite(p, 1, bytes, f) != bytes) { fprintf(stderr, "writing %s\n", path); exit(1); }
+    fclose(f);
+}
+
+/* iquant DIR ROWS COLS TYPE_ID: x.bin (and imatrix.bin) in DIR -> TYPE_ID[-imatrix].{q,f32} */
+int main(int argc, char **argv) {
+    const char *dir = argv[1];
+    int rows = atoi(argv[2]), cols = atoi(argv[3]);
+    enum ggml_type type = (enum ggml_type) atoi(argv[4]);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/x.bin", dir);
+    float *x = slurp(path, sizeof(float) * rows * cols);
+    snprintf(path, sizeof path, "%s/imatrix.bin", dir);
+    float *imatrix = slurp(path, sizeof(float) * cols);
+    size_t row = ggml_row_size(type, cols);
+    void *q = malloc(row * rows);
+    float *y = malloc(sizeof(float) * rows * cols);
+    for (int weighted = 0; weighted < 2; weighted++) {
+        ggml_quantize_chunk(type, x, q, 0, rows, cols, weighted ? imatrix : NULL);
+        ggml_get_type_traits(type)->to_float(q, y, (int64_t) rows * cols);
+        snprintf(path, sizeof path, "%s/%d-%d.q", dir, (int) type, weighted);
+        spill(path, q, row * rows);
+        snprintf(path, sizeof path, "%s/%d-%d.f32", dir, (int) type, weighted);
+        spill(path, y, sizeof(float) * rows * cols);
+    }
+    return 0;
+}
+"#;
+
+#[test]
+fn iq4_blocks_are_ggml_s() {
+    let root = shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36");
+    let (libs, include) = (
+        root.join("build-noamx/ggml/src"),
+        root.join("src/ggml/include"),
+    );
+    if !libs.join("libggml-base.a").is_file() || !include.join("ggml.h").is_file() {
+        assert!(
+            !required(),
+            "llama.cpp's ggml libraries are missing: run scripts/build-llama-cpp.sh"
+        );
+        eprintln!("SKIPPED: llama.cpp's ggml libraries not built (scripts/build-llama-cpp.sh)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("iquant.c");
+    std::fs::write(&source, HARNESS_C).unwrap();
+    let exe = dir.path().join("iquant");
+    let built = Command::new("cc")
+        .args([
+            "-O2",
+            source.to_str().unwrap(),
+            "-I",
+            include.to_str().unwrap(),
+        ])
+        .args(["-L", libs.to_str().unwrap(), "-lggml-base"])
+        .args(["-lstdc++", "-lm", "-lpthread", "-fopenmp"])
+        .args(["-o", exe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // Rows like a model's: mostly small, a few large weights, one all-zero sub-block, one tiny row.
+    let (rows, cols) = (6usize, 512usize);
+    let mut x: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 2003) as f32 / 1001.5 - 1.0) * if i % 89 == 0 { 9.0 } else { 0.05 })
+        .collect();
+    x[64..96].fill(0.0);
+    x[4 * cols..5 * cols].iter_mut().for_each(|v| *v *= 1e-3);
+    let importance: Vec<f32> = (0..cols).map(|c| 0.01 + ((c * 31) % 17) as f32).collect();
+    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(dir.path().join("x.bin"), bytes(&x)).unwrap();
+    std::fs::write(dir.path().join("imatrix.bin"), bytes(&importance)).unwrap();
+    for kind in [IQuant::IQ4NL, IQuant::IQ4XS] {
+        let id = kind.ggml_id().to_string();
+        let (r, c) = (rows.to_string(), cols.to_string());
+        let run = Command::new(&exe)
+            .args([dir.path().to_str().unwrap(), &r, &c, &id])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        for (weighted, imp) in [(0, None), (1, Some(&importance[..]))] {
+            let theirs = std::fs::read(dir.path().join(format!("{id}-{weighted}.q"))).unwrap();
+            let mut ours = vec![0u8; rows * kind.row_bytes(cols)];
+            for (row, out) in x.chunks(cols).zip(ours.chunks_mut(kind.row_bytes(cols))) {
+                kind.quantize_row(row, imp, out);
+            }
+            let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+            assert_eq!(differing, 0, "{kind:?} weighted {weighted}: bytes differ");
+            let floats = std::fs::read(dir.path().join(format!("{id}-{weighted}.f32"))).unwrap();
+            let mut back = vec![0f32; rows * cols];
+            for (blocks, y) in theirs
+                .chunks(kind.row_bytes(cols))
+                .zip(back.chunks_mut(cols))
+            {
+                kind.dequantize_row(blocks, y);
+            }
+            assert!(
+                bytes(&back) == floats,
+                "{kind:?} weighted {weighted}: values differ"
+            );
+        }
+    }
+}
