@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes crates/shrink-quant/src/iquant/tables.rs: the codebooks and sign tables of llama.cpp's
+"""Writes crates/shrink-core/src/iquant/tables.rs: the codebooks and sign tables of llama.cpp's
 i-quant block types (IQ1_S … IQ4_XS), facts of the GGUF format, taken from ggml-common.h in the
 llama.cpp source that scripts/build-llama-cpp.sh fetches (never typed by hand).
 
@@ -26,7 +26,7 @@ TABLES = [
     ("iq1s_grid", "IQ1S_GRID", "u64"),
 ]
 DEFINES = [("NGRID_IQ1S", "usize"), ("IQ1S_DELTA", "f32"), ("IQ1M_DELTA", "f32")]
-OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "shrink-quant", "src", "iquant", "tables.rs")
+OUT = os.path.join(os.path.dirname(__file__), "..", "crates", "shrink-core", "src", "iquant", "tables.rs")
 
 
 def header_path():

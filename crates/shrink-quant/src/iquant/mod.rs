@@ -1,113 +1,36 @@
-//! llama.cpp's i-quant block types, byte for byte: the layouts, the dequantizers and the
-//! importance-weighted quantizers of ggml (`ggml-quants.c`), with its f32 arithmetic in its order
-//! (the reference build compiles them without fused multiply-adds), so that a row quantized here
-//! is the row `ggml_quantize_chunk` writes. The codebooks are the format's, generated from
-//! llama.cpp's source ([`tables`]).
-//!
-//! So far IQ4_NL (blocks of 32: an f16 scale and sixteen bytes of 4-bit indices into a
-//! non-linear codebook) and IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
-//! scales and the same indices). Reading and writing them in GGUF files is still to come (the
-//! GGUF reader knows candle's block types only).
+//! Quantizers of llama.cpp's i-quant block types ([`shrink_core::iquant`] holds the layouts and
+//! dequantizers): ggml's importance-weighted quantizers (`ggml-quants.c`) with its f32 arithmetic
+//! in its order (the reference build compiles them without fused multiply-adds), so that a row
+//! quantized here is the row `ggml_quantize_chunk` writes.
 //!
 //! ```
-//! use shrink_quant::iquant::IQuant;
+//! use shrink_core::iquant::IQuant;
 //! let row: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
 //! let mut blocks = vec![0u8; IQuant::IQ4XS.row_bytes(256)];
-//! IQuant::IQ4XS.quantize_row(&row, None, &mut blocks);
+//! shrink_quant::iquant::quantize_row(IQuant::IQ4XS, &row, None, &mut blocks);
 //! let mut back = vec![0f32; 256];
 //! IQuant::IQ4XS.dequantize_row(&blocks, &mut back);
 //! let err: f32 = row.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / 256.0;
 //! assert!(err < 1e-3, "{err}");
 //! ```
 
-pub mod tables;
-
 use half::f16;
-use tables::KVALUES_IQ4NL;
-
-/// An i-quant block type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum IQuant {
-    /// 32 weights: f16 scale, 16 bytes of indices (4.5 bits per weight).
-    IQ4NL,
-    /// 256 weights: f16 scale, 6-bit scales of eight sub-blocks, 128 bytes of indices (4.25).
-    IQ4XS,
-}
+use shrink_core::iquant::tables::KVALUES_IQ4NL;
+use shrink_core::iquant::IQuant;
 
 /// ggml's `GROUP_MAX_EPS`: a group with a smaller magnitude is stored as zeros.
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-impl IQuant {
-    /// ggml's type id (`enum ggml_type`).
-    pub fn ggml_id(self) -> u32 {
-        match self {
-            IQuant::IQ4NL => 20,
-            IQuant::IQ4XS => 23,
-        }
-    }
-
-    /// Weights per block.
-    pub fn block_size(self) -> usize {
-        match self {
-            IQuant::IQ4NL => 32,
-            IQuant::IQ4XS => 256,
-        }
-    }
-
-    /// Bytes per block.
-    pub fn type_size(self) -> usize {
-        match self {
-            IQuant::IQ4NL => 18,
-            IQuant::IQ4XS => 136,
-        }
-    }
-
-    /// Bytes of a row of `n` weights (a multiple of the block size).
-    pub fn row_bytes(self, n: usize) -> usize {
-        n / self.block_size() * self.type_size()
-    }
-
-    /// Quantizes one row (`row.len()` a multiple of the block size) into `out`, as
-    /// `ggml_quantize_chunk` does: with `importance` (one weight per column, llama.cpp's imatrix)
-    /// the error is weighted by `importance · √(σ² + x²)`, else by `x²`.
-    pub fn quantize_row(self, row: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
-        let (n, size) = (self.block_size(), self.type_size());
-        assert_eq!(row.len() % n, 0, "a row of whole blocks");
-        assert_eq!(out.len(), self.row_bytes(row.len()), "the row's bytes");
-        for (b, (x, block)) in row.chunks(n).zip(out.chunks_mut(size)).enumerate() {
-            let qw = importance.map(|w| &w[b * n..(b + 1) * n]);
-            quantize_iq4(x, qw, block, self);
-        }
-    }
-
-    /// The weights a row of blocks stands for (ggml's `dequantize_row_*`).
-    pub fn dequantize_row(self, blocks: &[u8], out: &mut [f32]) {
-        let (n, size) = (self.block_size(), self.type_size());
-        assert_eq!(blocks.len(), self.row_bytes(out.len()), "the row's bytes");
-        for (block, y) in blocks.chunks(size).zip(out.chunks_mut(n)) {
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-            match self {
-                IQuant::IQ4NL => nibbles(&block[2..18], d, y),
-                IQuant::IQ4XS => {
-                    let scales_h = u16::from_le_bytes([block[2], block[3]]);
-                    let (scales_l, qs) = (&block[4..8], &block[8..136]);
-                    for (ib, (q, y)) in qs.chunks(16).zip(y.chunks_mut(32)).enumerate() {
-                        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf;
-                        let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                        let ls = (low | high << 4) as i32;
-                        nibbles(q, d * (ls - 32) as f32, y);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// 32 weights from 16 bytes of indices (low nibbles first, then high) and a scale.
-fn nibbles(qs: &[u8], d: f32, y: &mut [f32]) {
-    for (j, &q) in qs.iter().enumerate() {
-        y[j] = d * KVALUES_IQ4NL[(q & 0xf) as usize] as f32;
-        y[j + 16] = d * KVALUES_IQ4NL[(q >> 4) as usize] as f32;
+/// Quantizes one row (`row.len()` a multiple of the block size) into `out`, as
+/// `ggml_quantize_chunk` does: with `importance` (one weight per column, llama.cpp's imatrix)
+/// the error is weighted by `importance · √(σ² + x²)`, else by `x²`.
+pub fn quantize_row(kind: IQuant, row: &[f32], importance: Option<&[f32]>, out: &mut [u8]) {
+    let (n, size) = (kind.block_size(), kind.type_size());
+    assert_eq!(row.len() % n, 0, "a row of whole blocks");
+    assert_eq!(out.len(), kind.row_bytes(row.len()), "the row's bytes");
+    for (b, (x, block)) in row.chunks(n).zip(out.chunks_mut(size)).enumerate() {
+        let qw = importance.map(|w| &w[b * n..(b + 1) * n]);
+        quantize_iq4(x, qw, block, kind);
     }
 }
 
