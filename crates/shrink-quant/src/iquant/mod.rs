@@ -11,7 +11,7 @@
 //! let mut back = vec![0f32; 256];
 //! IQuant::IQ4XS.dequantize_row(&blocks, &mut back);
 //! let err: f32 = row.iter().zip(&back).map(|(a, b)| (a - b).powi(2)).sum::<f32>() / 256.0;
-//! assert!(err < 1e-3, "{err}");
+//! assert!(err < 5e-3, "{err}"); // the rows mean square is 0.33
 //! ```
 
 use half::f16;
