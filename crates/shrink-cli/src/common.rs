@@ -91,12 +91,14 @@ pub(crate) fn build_runnable(
 }
 
 pub(crate) fn read_text(spec: &str) -> Result<String> {
-    if let Ok(reference) = spec.parse::<shrink_data::TextRef>() {
-        if !Path::new(spec).exists() {
-            if let Ok(m) = shrink_data::find(&reference.dataset) {
-                // Check the split before downloading anything.
-                shrink_data::split_files(&m, &reference.split)?;
-                fetch_with_message(&m)?;
+    for part in shrink_data::text_parts(spec) {
+        if let Ok(reference) = part.parse::<shrink_data::TextRef>() {
+            if !Path::new(part).exists() {
+                if let Ok(m) = shrink_data::find(&reference.dataset) {
+                    // Check the split before downloading anything.
+                    shrink_data::split_files(&m, &reference.split)?;
+                    fetch_with_message(&m)?;
+                }
             }
         }
     }

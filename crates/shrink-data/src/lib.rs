@@ -126,24 +126,39 @@ pub fn split_paths(reference: &TextRef) -> Result<Vec<PathBuf>> {
     Ok(keys.into_iter().map(|k| dir.join(k)).collect())
 }
 
-/// The files that `spec` names: an existing file, or the files of a `DATASET:SPLIT` reference
-/// (fetched and verified if needed).
-pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
-    let path = std::path::Path::new(spec);
-    if path.is_file() {
-        return Ok(vec![path.to_path_buf()]);
+/// The texts a spec joins with `+` (`shakespeare:calib+click-code:calib`), in order; an existing
+/// file is one text whatever its name.
+pub fn text_parts(spec: &str) -> Vec<&str> {
+    match std::path::Path::new(spec).is_file() {
+        true => vec![spec],
+        false => spec.split('+').collect(),
     }
-    split_paths(&spec.parse()?)
 }
 
-/// Checks, without fetching anything, that `spec` names a text: an existing file, or a
-/// `DATASET:SPLIT` of a known dataset.
-pub fn check_text(spec: &str) -> Result<()> {
-    if std::path::Path::new(spec).is_file() {
-        return Ok(());
+/// The files that `spec` names: existing files, or the files of `DATASET:SPLIT` references
+/// (fetched and verified if needed), texts joined by `+` in order.
+pub fn text_files(spec: &str) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for part in text_parts(spec) {
+        let path = std::path::Path::new(part);
+        match path.is_file() {
+            true => files.push(path.to_path_buf()),
+            false => files.extend(split_paths(&part.parse()?)?),
+        }
     }
-    let reference: TextRef = spec.parse()?;
-    split_files(&find(&reference.dataset)?, &reference.split).map(|_| ())
+    Ok(files)
+}
+
+/// Checks, without fetching anything, that `spec` names a text: existing files, or `DATASET:SPLIT`
+/// references of known datasets, joined by `+`.
+pub fn check_text(spec: &str) -> Result<()> {
+    for part in text_parts(spec) {
+        if !std::path::Path::new(part).is_file() {
+            let reference: TextRef = part.parse()?;
+            split_files(&find(&reference.dataset)?, &reference.split)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks, without fetching anything, that `spec` names a model: an existing file or folder, or

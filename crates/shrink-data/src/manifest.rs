@@ -13,6 +13,18 @@ const BUILTIN: &[(&str, &str)] = &[
     ("smollm2", include_str!("../../../datasets/smollm2.toml")),
     ("minilm", include_str!("../../../datasets/minilm.toml")),
     ("pip-docs", include_str!("../../../datasets/pip-docs.toml")),
+    (
+        "requests-code",
+        include_str!("../../../datasets/requests-code.toml"),
+    ),
+    (
+        "setuptools-docs",
+        include_str!("../../../datasets/setuptools-docs.toml"),
+    ),
+    (
+        "click-code",
+        include_str!("../../../datasets/click-code.toml"),
+    ),
 ];
 
 /// What a manifest describes.

@@ -61,20 +61,23 @@ pub(crate) fn run(cmd: DataCommand) -> Result<()> {
             }
         }
         DataCommand::Path { name } => {
-            let (dataset, split) = match name.split_once(':') {
-                Some((d, s)) => (d.to_string(), Some(s.to_string())),
-                None => (name.clone(), None),
-            };
-            let m = shrink_data::find(&dataset)?;
-            let dir = fetch_with_message(&m)?;
-            match (split, &m.model) {
-                (Some(split), _) => {
-                    for key in shrink_data::split_files(&m, &split)? {
-                        outln!("{}", dir.join(key).display());
+            // Texts joined by `+`: every part's files, in order.
+            for part in name.split('+') {
+                let (dataset, split) = match part.split_once(':') {
+                    Some((d, s)) => (d.to_string(), Some(s.to_string())),
+                    None => (part.to_string(), None),
+                };
+                let m = shrink_data::find(&dataset)?;
+                let dir = fetch_with_message(&m)?;
+                match (split, &m.model) {
+                    (Some(split), _) => {
+                        for key in shrink_data::split_files(&m, &split)? {
+                            outln!("{}", dir.join(key).display());
+                        }
                     }
+                    (None, Some(model)) => outln!("{}", dir.join(model).display()),
+                    (None, None) => outln!("{}", dir.display()),
                 }
-                (None, Some(model)) => outln!("{}", dir.join(model).display()),
-                (None, None) => outln!("{}", dir.display()),
             }
         }
     }

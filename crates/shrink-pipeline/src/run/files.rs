@@ -28,18 +28,20 @@ pub(super) fn key_of(value: &serde_json::Value) -> String {
 /// Says through `log` that the demo model or dataset `spec` names is about to be fetched (a text
 /// is named `DATASET:SPLIT`), when it is not in the cache yet.
 pub(super) fn announce_fetch(spec: &str, log: &dyn Fn(&str)) {
-    if Path::new(spec).exists() {
-        return;
-    }
-    let name = spec
-        .parse::<shrink_data::TextRef>()
-        .map_or_else(|_| spec.to_string(), |r| r.dataset);
-    if let Ok(m) = shrink_data::find(&name) {
-        if matches!(shrink_data::is_cached(&m), Ok(false)) {
-            log(&format!(
-                "fetching {} ({}=={}) ...",
-                m.name, m.package.name, m.package.version
-            ));
+    for part in shrink_data::text_parts(spec) {
+        if Path::new(part).exists() {
+            continue;
+        }
+        let name = part
+            .parse::<shrink_data::TextRef>()
+            .map_or_else(|_| part.to_string(), |r| r.dataset);
+        if let Ok(m) = shrink_data::find(&name) {
+            if matches!(shrink_data::is_cached(&m), Ok(false)) {
+                log(&format!(
+                    "fetching {} ({}=={}) ...",
+                    m.name, m.package.name, m.package.version
+                ));
+            }
         }
     }
 }

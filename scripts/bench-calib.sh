@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Benchmark (not a test) of issue #21, item 0: does a quantizer's gain carry off the calibration
+# domain? For each calibration text in CALIBS it makes shrink's GPTQ `q4_k_m` file (the preset,
+# 128 × 512 windows) and llama.cpp's reference — `llama-imatrix` over the same text, then
+# `llama-quantize --imatrix … Q4_K_M` — and scores every file in llama.cpp on Hamlet (32 chunks)
+# and on the two off-domain texts that are in no calibration set, pip-docs:eval (technical prose,
+# 37 chunks) and requests-code:eval (Python code, 59 chunks): perplexity and mean KL divergence to
+# the F32 model (`llama-perplexity --kl-divergence` against the F32 GGUF's saved logits).
+#
+#   CALIBS="shakespeare:calib shakespeare:calib+setuptools-docs:calib+click-code:calib" (default)
+#   GPTQ_ARGS="--damp 0.1"    extra arguments for every shrink file (e.g. a dampening to try)
+#   LABEL=damp0.1             appended to the shrink files' names
+#   FILES="a.gguf b.gguf"     score these files too (made elsewhere)
+#
+# Writes target/bench/calib/calib.json and prints a table; files already made are reused.
+BENCH=calib LLAMA=1
+source "$(dirname "$0")/bench-common.sh"
+F32="$(smollm2_f32)"
+python3 - "$F32" <<'PY'
+import json, os, re, subprocess, sys
+from benchlib import Bench, run
+f32 = sys.argv[1]
+b = Bench()
+calibs = os.environ.get("CALIBS", "shakespeare:calib shakespeare:calib+setuptools-docs:calib+click-code:calib").split()
+gptq_args = os.environ.get("GPTQ_ARGS", "").split()
+label = os.environ.get("LABEL", "")
+texts = [("shakespeare:eval", 32), ("pip-docs:eval", None), ("requests-code:eval", None)]
+
+def joined(spec):
+    """The text as one file (what llama.cpp's tools read), the parts of a `+` spec in order."""
+    path = os.path.join(b.out, re.sub(r"[^A-Za-z0-9_.-]+", "_", spec) + ".txt")
+    if not os.path.exists(path):
+        files = subprocess.check_output([b.shrink, "data", "path", spec]).decode().split()
+        with open(path, "wb") as out:
+            for f in files:
+                out.write(open(f, "rb").read())
+    return path
+
+def short(spec):
+    return "+".join(p.split(":")[0] for p in spec.split("+"))
+
+files = []
+for calib in calibs:
+    name = f"gptq-q4_k_m-{short(calib)}{'-' + label if label else ''}.gguf"
+    path = os.path.join(b.out, name)
+    if not os.path.exists(path):
+        _, _, wall, _ = b.shrink_run("quantize", "smollm2", "--preset", "q4_k_m", "--calib", calib,
+                                     *gptq_args, "-o", path)
+        print(f"{name}: {wall:.0f} s", flush=True)
+    files.append((f"shrink GPTQ q4_k_m {' '.join(gptq_args)}".strip(), calib, path))
+    ref = os.path.join(b.out, f"llama-imatrix-Q4_K_M-{short(calib)}.gguf")
+    if not os.path.exists(ref):
+        imatrix = ref.replace(".gguf", ".imatrix")
+        run([f"{b.bin_dir}/llama-imatrix", "-m", f32, "-f", joined(calib), "-c", "512", "-t", b.threads, "-o", imatrix])
+        run([f"{b.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, ref, "Q4_K_M"])
+    files.append(("llama.cpp Q4_K_M + imatrix", calib, ref))
+files += [("given", "", f) for f in os.environ.get("FILES", "").split()]
+
+rows = []
+for text, chunks in texts:
+    limit = ["--chunks", str(chunks)] if chunks else []
+    base = os.path.join(b.out, f"f32-{text.split(':')[0]}.kld")
+    if not os.path.exists(base):
+        run([f"{b.bin_dir}/llama-perplexity", "-m", f32, "-f", joined(text), "-c", "512", "-t", b.threads,
+             *limit, "--kl-divergence-base", base])
+    for kind, calib, path in files:
+        so, se, _, _ = run([f"{b.bin_dir}/llama-perplexity", "-m", path, "-c", "512", "-t", b.threads,
+                            "--kl-divergence", "--kl-divergence-base", base])
+        log = se + so
+        ppl = float(re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", log).group(1))
+        kld = float(re.search(r"Mean    KLD:\s*([0-9.]+)", log).group(1))
+        rows.append(dict(text=text, kind=kind, calib=calib, file=os.path.basename(path),
+                         bytes=os.path.getsize(path), ppl=ppl, kld=kld))
+        print(json.dumps(rows[-1]), flush=True)
+
+print(f"\n{'text':<19} {'file':<48} {'bytes':>12} {'ppl':>9} {'mean KL':>9}")
+for r in rows:
+    print(f"{r['text']:<19} {r['file'][:48]:<48} {r['bytes']:>12,} {r['ppl']:>9.4f} {r['kld']:>9.6f}")
+json.dump(dict(rows=rows), open(os.path.join(b.out, "calib.json"), "w"), indent=2)
+PY
