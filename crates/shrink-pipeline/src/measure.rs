@@ -359,13 +359,18 @@ pub(crate) fn shape_of(c: &shrink_models::ModelConfig) -> String {
 /// The evaluation tokens of `text` as `llama-perplexity` makes them (special-token text not
 /// parsed; a BOS only when the model adds one, given separately) and that BOS.
 pub fn eval_tokens(checkpoint: &Checkpoint, text: &str) -> Result<(Vec<u32>, Option<u32>)> {
-    let tokenizer = checkpoint.tokenizer()?;
-    let tokens = tokenizer.encode(text, false)?;
-    if tokenizer.add_bos {
-        Ok((tokens[1..].to_vec(), tokenizer.bos_token_id))
-    } else {
-        Ok((tokens, None))
+    let tokens = checkpoint.tokenizer()?.encode(text, false)?;
+    match eval_bos(checkpoint)? {
+        // The tokenizer put BOS in front: the evaluation puts it back where llama.cpp does.
+        Some(bos) => Ok((tokens[1..].to_vec(), Some(bos))),
+        None => Ok((tokens, None)),
     }
+}
+
+/// The BOS id when the model's tokenizer adds one (llama.cpp's `add_bos_token`, with a BOS id).
+pub fn eval_bos(checkpoint: &Checkpoint) -> Result<Option<u32>> {
+    let tokenizer = checkpoint.tokenizer()?;
+    Ok(tokenizer.bos_token_id.filter(|_| tokenizer.add_bos))
 }
 
 /// A prompt's token ids, wrapped in the model's chat template when `chat` and it has one.

@@ -117,8 +117,7 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
         _ if encoder => (vec![], None),
         None => shrink_pipeline::eval_tokens(&checkpoint, &text)?,
         Some(b) => {
-            let t = checkpoint.tokenizer()?;
-            let bos = t.bos_token_id.filter(|_| t.add_bos);
+            let bos = shrink_pipeline::eval_bos(&checkpoint)?;
             (b.text_tokens(bos)?.to_vec(), bos)
         }
     };
