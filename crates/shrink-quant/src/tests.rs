@@ -307,22 +307,9 @@ fn quantize_model_replaces_every_block_linear() {
             &shrink_core::NoProgress,
         )
         .unwrap();
-        assert_eq!(
-            q.tensors["model.layers.1.mlp.down_proj.weight"]
-                .clone()
-                .into_ggml_blocks()
-                .unwrap()
-                .0,
-            GgmlDType::Q8_0
-        );
-        assert_eq!(
-            q.tensors["model.layers.0.mlp.down_proj.weight"]
-                .clone()
-                .into_ggml_blocks()
-                .unwrap()
-                .0,
-            GgmlDType::Q4_0
-        );
+        let ty = |n: &str| q.tensors[n].clone().into_ggml_blocks().unwrap().0;
+        assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), GgmlDType::Q8_0);
+        assert_eq!(ty("model.layers.0.mlp.down_proj.weight"), GgmlDType::Q4_0);
         assert_eq!(q.tensors.len(), 2 * 7);
         assert_eq!(q.layers.len(), 14);
         for (name, qt) in &q.tensors {

@@ -16,6 +16,7 @@
 //! assert!(y.iter().all(|&v| v == 0.5));
 //! ```
 
+#[rustfmt::skip]
 pub mod tables;
 
 use half::f16;
