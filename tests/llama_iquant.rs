@@ -1,12 +1,12 @@
 //! shrink's i-quant blocks against ggml's own functions (issue #21, item 1): a C harness built
-//! against the reference build's `libggml-base` quantizes the same rows with `ggml_quantize_chunk`
+//! against the reference build's ggml libraries quantizes the same rows with `ggml_quantize_chunk`
 //! (with and without an importance matrix) and dequantizes them with the type's `to_float`;
 //! shrink's quantizer must write the same bytes and its dequantizer read llama.cpp's bytes as the
 //! same floats.
 
 mod common;
 
-use common::real::required;
+use common::real::ggml_harness;
 use shrink_core::iquant::IQuant;
 use std::process::Command;
 
@@ -56,40 +56,9 @@ int main(int argc, char **argv) {
 
 #[test]
 fn iq4_blocks_are_ggml_s() {
-    let root = shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36");
-    let (libs, include) = (
-        root.join("build-noamx/ggml/src"),
-        root.join("src/ggml/include"),
-    );
-    if !libs.join("libggml-base.a").is_file() || !include.join("ggml.h").is_file() {
-        assert!(
-            !required(),
-            "llama.cpp's ggml libraries are missing: run scripts/build-llama-cpp.sh"
-        );
-        eprintln!("SKIPPED: llama.cpp's ggml libraries not built (scripts/build-llama-cpp.sh)");
+    let Some((dir, exe)) = ggml_harness("iquant", HARNESS_C) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("iquant.c");
-    std::fs::write(&source, HARNESS_C).unwrap();
-    let exe = dir.path().join("iquant");
-    let built = Command::new("cc")
-        .args([
-            "-O2",
-            source.to_str().unwrap(),
-            "-I",
-            include.to_str().unwrap(),
-        ])
-        .args(["-L", libs.to_str().unwrap(), "-lggml-base"])
-        .args(["-lstdc++", "-lm", "-lpthread", "-fopenmp"])
-        .args(["-o", exe.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    };
     // Rows like a model's: mostly small, a few large weights, one all-zero sub-block, one tiny row.
     let (rows, cols) = (6usize, 512usize);
     let mut x: Vec<f32> = (0..rows * cols)

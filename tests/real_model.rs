@@ -1782,46 +1782,9 @@ min_embedding_cosine = 0.99
 fn integer_products_are_llama_cpp_s() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use shrink_core::qmatmul::{BlockType, QMatrix};
-    let root = shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36");
-    let (libs, include) = (
-        root.join("build-noamx/ggml/src"),
-        root.join("src/ggml/include"),
-    );
-    if !libs.join("libggml-cpu.a").is_file() || !include.join("ggml-cpu.h").is_file() {
-        assert!(
-            !required(),
-            "llama.cpp's ggml libraries are missing: run scripts/build-llama-cpp.sh"
-        );
-        eprintln!("SKIPPED: llama.cpp's ggml libraries not built (scripts/build-llama-cpp.sh)");
+    let Some((dir, exe)) = ggml_harness("vec_dot", VEC_DOT_C) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let source = dir.path().join("vec_dot.c");
-    std::fs::write(&source, VEC_DOT_C).unwrap();
-    let exe = dir.path().join("vec_dot");
-    let built = Command::new("cc")
-        .args([
-            "-O2",
-            source.to_str().unwrap(),
-            "-I",
-            include.to_str().unwrap(),
-        ])
-        .args(["-L", libs.to_str().unwrap(), "-lggml-cpu", "-lggml-base"])
-        .args([
-            "-lstdc++",
-            "-lm",
-            "-lpthread",
-            "-fopenmp",
-            "-o",
-            exe.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    };
     let (rows, cols, t) = (8, 512, 5);
     let w = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu).unwrap();
     // Activations with a few large channels, as a model's are.

@@ -96,3 +96,44 @@ pub fn f32_reference(model: &std::path::Path) -> Option<PathBuf> {
     }
     Some(out)
 }
+
+/// A C program `source` compiled against the reference build's ggml libraries (`-lggml-cpu
+/// -lggml-base`), in a temporary folder it returns with the executable; `None` (the test is
+/// skipped) when the libraries are not built and the real tests are not required.
+pub fn ggml_harness(name: &str, source: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+    let root = shrink_core::cache_dir().unwrap().join("llama.cpp/0.3.36");
+    let (libs, include) = (
+        root.join("build-noamx/ggml/src"),
+        root.join("src/ggml/include"),
+    );
+    if !libs.join("libggml-cpu.a").is_file() || !include.join("ggml-cpu.h").is_file() {
+        assert!(
+            !required(),
+            "llama.cpp's ggml libraries are missing: run scripts/build-llama-cpp.sh"
+        );
+        eprintln!("SKIPPED: llama.cpp's ggml libraries not built (scripts/build-llama-cpp.sh)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{name}.c"));
+    std::fs::write(&file, source).unwrap();
+    let exe = dir.path().join(name);
+    let built = Command::new("cc")
+        .args([
+            "-O2",
+            file.to_str().unwrap(),
+            "-I",
+            include.to_str().unwrap(),
+        ])
+        .args(["-L", libs.to_str().unwrap(), "-lggml-cpu", "-lggml-base"])
+        .args(["-lstdc++", "-lm", "-lpthread", "-fopenmp"])
+        .args(["-o", exe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    Some((dir, exe))
+}
