@@ -319,17 +319,23 @@ fn score(row: &[f32], reference: Option<&[f32]>, target: usize) -> Option<Scored
 /// finite).
 type BatchScores = Vec<Vec<Option<Scored>>>;
 
-/// Scores the positions of `batch` from its logits (and the reference's), `(chunks, scored,
-/// vocab)` tensors read in place, in parallel.
+/// Scores the positions of `batch` (chunks `first..` of the text) from its logits (and the
+/// reference's), `(chunks, scored, vocab)` tensors read in place, in parallel, after handing each
+/// chunk's logits to `visit`.
 fn score_batch(
     batch: &[Chunk],
+    first: usize,
     logits: &Tensor,
     reference: Option<&Tensor>,
+    visit: &mut dyn ScoredLogits,
 ) -> Result<BatchScores> {
     let (_, scored, vocab) = logits.dims3()?;
     let mine = F32Values::of(logits)?;
     let theirs = reference.map(F32Values::of).transpose()?;
     let (mine, theirs): (&[f32], Option<&[f32]>) = (&mine, theirs.as_deref());
+    for (b, rows) in mine.chunks(scored * vocab).enumerate() {
+        visit.chunk(first + b, rows, vocab)?;
+    }
     fn row(values: &[f32], at: usize, vocab: usize) -> &[f32] {
         &values[at * vocab..(at + 1) * vocab]
     }
@@ -464,13 +470,8 @@ pub fn evaluate_in(
             let batch = &chunks[ranges[k].clone()];
             let logits = scored_logits(model, batch)?;
             let theirs = reference.map(|r| scored_logits(r, batch)).transpose()?;
-            let (_, scored, vocab) = logits.dims3()?;
-            let values = F32Values::of(&logits)?;
-            for (b, rows) in values.chunks(scored * vocab).enumerate() {
-                visit.chunk(ranges[k].start + b, rows, vocab)?;
-            }
             progress.advance(1, Some(&format!("batch {}/{}", k + 1, ranges.len())));
-            score_batch(batch, &logits, theirs.as_ref())
+            score_batch(batch, ranges[k].start, &logits, theirs.as_ref(), visit)
         })
         .collect::<Result<Vec<_>>>();
     progress.finish();
@@ -556,15 +557,16 @@ pub fn evaluate_streamed_in<M: BlockModel>(
             let mut batch = Vec::with_capacity(range.len());
             for (index, chunk) in range.clone().zip(&chunks[range.clone()]) {
                 let logits = head.logits(&hidden[at])?;
-                visit.chunk(index, &F32Values::of(&logits)?, logits.dim(2)?)?;
                 let theirs = match &reference {
                     Some((h, head)) => Some(head.logits(&h[at])?),
                     None => None,
                 };
                 batch.extend(score_batch(
                     std::slice::from_ref(chunk),
+                    index,
                     &logits,
                     theirs.as_ref(),
+                    visit,
                 )?);
                 at += 1;
             }
