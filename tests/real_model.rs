@@ -357,62 +357,6 @@ fn gguf_to_hf_folder_round_trip_keeps_logits_and_tokens() {
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
 }
 
-/// Runs `shrink` with `args`, asserting success; returns stdout.
-/// `shrink eval --json` on hamlet, llama-cpp protocol, ctx 512.
-fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value {
-    let chunks = chunks.to_string();
-    let args = [
-        "eval",
-        model.to_str().unwrap(),
-        "--text",
-        "shakespeare:eval",
-        "--protocol",
-        "llama-cpp",
-        "--ctx",
-        "512",
-        "--chunks",
-        &chunks,
-        "--json",
-    ];
-    serde_json::from_slice(&run_shrink(&args)).unwrap()
-}
-
-/// `llama-perplexity -c 512` on hamlet: its final estimate (the build script makes the tool print
-/// every queued log line before it exits).
-fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usize) -> f64 {
-    let hamlet = asset("shakespeare").unwrap().join("hamlet");
-    let chunks = chunks.to_string();
-    let out = Command::new(tool)
-        .args([
-            "-m",
-            model.to_str().unwrap(),
-            "-f",
-            hamlet.to_str().unwrap(),
-            "-c",
-            "512",
-            "--chunks",
-            &chunks,
-            "-t",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("Final estimate: PPL ="))
-        .unwrap_or_else(|| panic!("no final estimate from llama-perplexity:\n{stderr}"));
-    line.split("PPL =")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// The acceptance check of the evaluation: `shrink eval` and `llama-perplexity` on the same GGUF
 /// (the packaged Q4_1 file) and text, same protocol, computed live: within 0.1%, and much closer
 /// than the dequantized f32 weights score.
@@ -455,31 +399,6 @@ fn eval_agrees_with_llama_perplexity() {
         (dequantized / theirs - 1.0).abs() > 2.0 * (ratio - 1.0).abs(),
         "dequantized {dequantized}, integer {ours}, llama.cpp {theirs}"
     );
-}
-
-fn gguf_tensor_bytes(
-    path: &std::path::Path,
-) -> std::collections::BTreeMap<String, (String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let content =
-        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
-            .unwrap();
-    content
-        .tensor_infos
-        .iter()
-        .map(|(name, info)| {
-            let start = (content.tensor_data_offset + info.offset) as usize;
-            let len = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
-            (
-                name.clone(),
-                (
-                    format!("{:?}", info.ggml_dtype),
-                    bytes[start..start + len].to_vec(),
-                ),
-            )
-        })
-        .collect()
 }
 
 /// RTN to Q4_0 writes exactly the blocks `llama-quantize` writes from the same F32 weights.

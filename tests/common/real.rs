@@ -137,3 +137,76 @@ pub fn ggml_harness(name: &str, source: &str) -> Option<(tempfile::TempDir, Path
     );
     Some((dir, exe))
 }
+
+/// `shrink eval --json` on hamlet, llama-cpp protocol, ctx 512.
+pub fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value {
+    let chunks = chunks.to_string();
+    let args = [
+        "eval",
+        model.to_str().unwrap(),
+        "--text",
+        "shakespeare:eval",
+        "--protocol",
+        "llama-cpp",
+        "--ctx",
+        "512",
+        "--chunks",
+        &chunks,
+        "--json",
+    ];
+    serde_json::from_slice(&run_shrink(&args)).unwrap()
+}
+
+/// `llama-perplexity -c 512` on hamlet: its final estimate (the build script makes the tool print
+/// every queued log line before it exits).
+pub fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usize) -> f64 {
+    let hamlet = asset("shakespeare").unwrap().join("hamlet");
+    let chunks = chunks.to_string();
+    let out = Command::new(tool)
+        .args([
+            "-m",
+            model.to_str().unwrap(),
+            "-f",
+            hamlet.to_str().unwrap(),
+            "-c",
+            "512",
+            "--chunks",
+            &chunks,
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Final estimate: PPL ="))
+        .unwrap_or_else(|| panic!("no final estimate from llama-perplexity:\n{stderr}"));
+    line.split("PPL =")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Every tensor of a GGUF file: its ggml type's name and its data, read through shrink's own
+/// header reader (candle's rejects the i-quant types).
+pub fn gguf_tensor_bytes(
+    path: &std::path::Path,
+) -> std::collections::BTreeMap<String, (String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let layout = shrink_io::check_gguf_layout(path, &bytes).unwrap();
+    layout
+        .tensors
+        .iter()
+        .map(|t| {
+            let start = (layout.data_offset + t.offset) as usize;
+            let data = bytes[start..start + t.size_bytes as usize].to_vec();
+            (t.name.clone(), (format!("{:?}", t.dtype), data))
+        })
+        .collect()
+}

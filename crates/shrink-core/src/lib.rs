@@ -15,6 +15,7 @@
 mod collective;
 mod fsio;
 pub mod gemm;
+pub mod ggml;
 pub mod iquant;
 mod progress;
 pub mod qmatmul;

@@ -2,15 +2,15 @@
 //! rebuild config and tokenizer from metadata). Writing: `gguf_write` (the format) and
 //! `gguf_llama` (a checkpoint in llama.cpp's layout).
 
+use crate::ggml::GgmlType;
+use crate::gguf_layout::GgufLayout;
 use crate::tokenizer::{GgufVocab, TokenizerBundle};
 use crate::{io_error, Checkpoint, Format, IoError, Result};
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use shrink_core::qmatmul::{BlockType, QMatrix};
 use shrink_models::family::{self, gpt2, llama};
-use std::io::Cursor;
 use std::path::Path;
 
 /// Memory-maps a GGUF file; the mapping is read once, tensor by tensor.
@@ -43,35 +43,24 @@ pub(crate) fn release(mmap: &memmap2::Mmap, range: std::ops::Range<usize>) {
     let _ = (mmap, range);
 }
 
-/// Reads the header, metadata and tensor table, after checking the file's layout
-/// ([`crate::check_gguf_layout`]) so that candle's reader only sees well-formed files.
-pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<gguf_file::Content> {
-    crate::gguf_layout::check_gguf_layout(path, bytes)?;
-    gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(|e| IoError::Format {
-        path: path.to_path_buf(),
-        message: format!("corrupt GGUF header: {e}"),
-    })
+/// Reads the header, metadata and tensor table, checking the file's layout
+/// ([`crate::check_gguf_layout`]).
+pub(crate) fn read_content(path: &Path, bytes: &[u8]) -> Result<GgufLayout> {
+    crate::gguf_layout::check_gguf_layout(path, bytes)
 }
 
 /// The float type a GGUF tensor type holds its values in, read as they are; `None` for block
 /// types, which are dequantized to f32.
-fn float_dtype(dtype: GgmlDType) -> Option<DType> {
+fn float_dtype(dtype: GgmlType) -> Option<DType> {
     match dtype {
-        GgmlDType::F32 => Some(DType::F32),
-        GgmlDType::F16 => Some(DType::F16),
-        GgmlDType::BF16 => Some(DType::BF16),
+        GgmlType::F32 => Some(DType::F32),
+        GgmlType::F16 => Some(DType::F16),
+        GgmlType::BF16 => Some(DType::BF16),
         _ => None,
     }
 }
 
-pub(crate) fn tensor_bytes(dtype: GgmlDType, elems: usize) -> Option<usize> {
-    let block = dtype.block_size();
-    elems
-        .is_multiple_of(block)
-        .then(|| elems / block * dtype.type_size())
-}
-
-fn meta<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a Value> {
+fn meta<'a>(content: &'a GgufLayout, key: &str) -> Option<&'a Value> {
     content.metadata.get(key)
 }
 
@@ -83,7 +72,7 @@ fn meta_err(path: &Path, key: &str, message: impl Into<String>) -> IoError {
     }
 }
 
-fn meta_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Option<u64>> {
+fn meta_u64(path: &Path, content: &GgufLayout, key: &str) -> Result<Option<u64>> {
     match meta(content, key) {
         None => Ok(None),
         Some(v) => v
@@ -101,11 +90,11 @@ fn meta_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Opti
     }
 }
 
-fn meta_req_u64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<u64> {
+fn meta_req_u64(path: &Path, content: &GgufLayout, key: &str) -> Result<u64> {
     meta_u64(path, content, key)?.ok_or_else(|| meta_err(path, key, "missing"))
 }
 
-fn meta_f64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Option<f64>> {
+fn meta_f64(path: &Path, content: &GgufLayout, key: &str) -> Result<Option<f64>> {
     match meta(content, key) {
         None => Ok(None),
         Some(v) => v
@@ -117,11 +106,7 @@ fn meta_f64(path: &Path, content: &gguf_file::Content, key: &str) -> Result<Opti
     }
 }
 
-fn meta_str<'a>(
-    path: &Path,
-    content: &'a gguf_file::Content,
-    key: &str,
-) -> Result<Option<&'a str>> {
+fn meta_str<'a>(path: &Path, content: &'a GgufLayout, key: &str) -> Result<Option<&'a str>> {
     match meta(content, key) {
         None => Ok(None),
         Some(v) => v
@@ -131,15 +116,11 @@ fn meta_str<'a>(
     }
 }
 
-fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
+fn meta_bool(content: &GgufLayout, key: &str) -> Option<bool> {
     meta(content, key).and_then(|v| v.to_bool().ok())
 }
 
-fn meta_array<'a>(
-    path: &Path,
-    content: &'a gguf_file::Content,
-    key: &str,
-) -> Result<&'a Vec<Value>> {
+fn meta_array<'a>(path: &Path, content: &'a GgufLayout, key: &str) -> Result<&'a Vec<Value>> {
     meta(content, key)
         .ok_or_else(|| meta_err(path, key, "missing"))?
         .to_vec()
@@ -170,8 +151,8 @@ pub(crate) fn permute_qk(t: &Tensor, n_head: usize, to_hf: bool) -> candle_core:
 }
 
 /// The block type of `dtype` if shrink computes its products with integer dot products.
-fn block_type(dtype: GgmlDType) -> Option<BlockType> {
-    BlockType::from_ggml(crate::gguf_layout::ggml_type_id(dtype))
+fn block_type(dtype: GgmlType) -> Option<BlockType> {
+    BlockType::from_ggml(dtype.id())
 }
 
 /// Reads a `rows × cols` matrix's blocks at `start` of the map, its rows put in Hugging Face's
@@ -218,7 +199,7 @@ fn packed_reader(
 pub(crate) fn checkpoint_of(
     path: &Path,
     mmap: &std::sync::Arc<memmap2::Mmap>,
-    content: &gguf_file::Content,
+    content: &GgufLayout,
 ) -> Result<Checkpoint> {
     let arch = meta_str(path, content, "general.architecture")?
         .ok_or_else(|| meta_err(path, "general.architecture", "missing"))?
@@ -327,7 +308,8 @@ pub(crate) fn checkpoint_of(
 
     // Tensors under HF names, each dequantized from the map when it is loaded.
     let mut tensors = crate::Tensors::empty(path.to_path_buf());
-    for (name, info) in &content.tensor_infos {
+    for info in &content.tensors {
+        let name = &info.name;
         let tensor_err = |message: String| IoError::Tensor {
             path: path.to_path_buf(),
             tensor: name.clone(),
@@ -349,63 +331,50 @@ pub(crate) fn checkpoint_of(
             _ if hf.contains("self_attn.k_proj") => Some(n_head_kv),
             _ => None,
         };
-        let mut shape = info.shape.dims().to_vec();
+        // ggml's dimensions run fastest first; a tensor's shape is the reverse.
+        let stored_shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        let mut shape = stored_shape.clone();
         if conv1d {
             shape.reverse();
         }
-        let packed = match (block_type(info.ggml_dtype), shape.as_slice(), conv1d) {
+        let start = (content.data_offset + info.offset) as usize;
+        let packed = match (block_type(info.dtype), shape.as_slice(), conv1d) {
             (Some(ty), &[rows, cols], false) => Some(packed_reader(
                 path,
                 mmap,
                 name,
                 ty,
                 (rows, cols),
-                (content.tensor_data_offset + info.offset) as usize,
+                start,
                 heads,
             )),
             _ => None,
         };
-        let (ggml_dtype, dims, offset) = (info.ggml_dtype, info.shape.clone(), info.offset);
-        let (mmap, data_offset) = (mmap.clone(), content.tensor_data_offset);
-        let (path, gguf_name) = (path.to_path_buf(), name.clone());
+        let (ggml_type, bytes) = (info.dtype, info.size_bytes as usize);
+        let (mmap, path, gguf_name) = (mmap.clone(), path.to_path_buf(), name.clone());
         let load = move |dtype: DType| -> Result<Tensor> {
             let tensor_err = |message: String| IoError::Tensor {
                 path: path.clone(),
                 tensor: gguf_name.clone(),
                 message,
             };
-            let info = gguf_file::TensorInfo {
-                ggml_dtype,
-                shape: dims.clone(),
-                offset,
-            };
-            let start = (data_offset + offset) as usize;
-            let bytes = tensor_bytes(ggml_dtype, info.shape.elem_count()).unwrap_or(0);
+            let data = mmap
+                .get(start..start + bytes)
+                .ok_or_else(|| tensor_err("its data lies outside the file".into()))?;
             // Float tensors are copied from the file in their own type (an f16 matrix is not
             // widened to f32 on the way); blocks are dequantized to f32.
-            let mut t = match float_dtype(ggml_dtype) {
+            let mut t = match float_dtype(ggml_type) {
                 Some(float) => {
-                    let data = mmap
-                        .get(start..start + bytes)
-                        .ok_or_else(|| tensor_err("its data lies outside the file".into()))?;
                     let stored = match float {
                         DType::F16 => safetensors::Dtype::F16,
                         DType::BF16 => safetensors::Dtype::BF16,
                         _ => safetensors::Dtype::F32,
                     };
-                    crate::hf::tensor_from_map(
-                        &mmap,
-                        start..start + data.len(),
-                        stored,
-                        info.shape.dims(),
-                    )
-                    .map_err(|e| tensor_err(e.to_string()))?
+                    crate::hf::tensor_from_map(&mmap, start..start + bytes, stored, &stored_shape)
+                        .map_err(|e| tensor_err(e.to_string()))?
                 }
-                None => info
-                    .read(&mut Cursor::new(&mmap[..]), data_offset, &Device::Cpu)
-                    .map_err(|e| tensor_err(e.to_string()))?
-                    .dequantize(&Device::Cpu)
-                    .map_err(|e| tensor_err(format!("cannot dequantize {ggml_dtype:?}: {e}")))?,
+                None => crate::ggml::dequantize(ggml_type, data, &stored_shape)
+                    .map_err(|e| tensor_err(format!("cannot dequantize {ggml_type:?}: {e}")))?,
             };
             release(&mmap, start..start + bytes);
             if let Some(heads) = heads {
@@ -419,7 +388,7 @@ pub(crate) fn checkpoint_of(
             }
             t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
         };
-        let stored = float_dtype(ggml_dtype).unwrap_or(DType::F32);
+        let stored = float_dtype(ggml_type).unwrap_or(DType::F32);
         tensors.insert_stored(hf.clone(), shape, stored, std::sync::Arc::new(load))?;
         if let Some(read) = packed {
             tensors.set_packed(&hf, read)?;

@@ -1,45 +1,14 @@
-//! A strict reading of a GGUF file's layout, done before candle's reader sees the file: every
+//! The one reader of a GGUF file's header, strict about its layout: every
 //! count, length and size checked against the bytes present with checked arithmetic, and the rules
 //! llama.cpp's `gguf_init_from_file` enforces (version 2 or 3, a power-of-two `general.alignment`
 //! of type u32, unique keys and tensor names, at most 4 dimensions, rows of whole blocks, tensor
 //! data laid out in order without gaps or overlaps, a data section that holds exactly the tensors).
 
+use crate::ggml::GgmlType;
 use crate::{IoError, Result};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
-
-/// ggml's type ids (ggml.h `enum ggml_type`) of the types candle reads.
-pub(crate) const GGML_TYPES: [(u32, GgmlDType); 15] = [
-    (0, GgmlDType::F32),
-    (1, GgmlDType::F16),
-    (2, GgmlDType::Q4_0),
-    (3, GgmlDType::Q4_1),
-    (6, GgmlDType::Q5_0),
-    (7, GgmlDType::Q5_1),
-    (8, GgmlDType::Q8_0),
-    (9, GgmlDType::Q8_1),
-    (10, GgmlDType::Q2K),
-    (11, GgmlDType::Q3K),
-    (12, GgmlDType::Q4K),
-    (13, GgmlDType::Q5K),
-    (14, GgmlDType::Q6K),
-    (15, GgmlDType::Q8K),
-    (30, GgmlDType::BF16),
-];
-
-/// The ggml type of a type id, if candle reads it.
-pub(crate) fn ggml_type(id: u32) -> Option<GgmlDType> {
-    GGML_TYPES.iter().find(|(i, _)| *i == id).map(|(_, t)| *t)
-}
-
-/// ggml's type id of a type.
-pub(crate) fn ggml_type_id(dtype: GgmlDType) -> u32 {
-    GGML_TYPES
-        .iter()
-        .find(|(_, t)| *t == dtype)
-        .map(|(i, _)| *i)
-        .unwrap_or(0)
-}
 
 /// llama.cpp's limits (ggml.h): dimensions per tensor and bytes in a tensor name.
 const MAX_DIMS: u32 = 4;
@@ -52,18 +21,20 @@ pub struct GgufTensorLayout {
     pub name: String,
     /// Dimensions in ggml order (fastest first).
     pub dims: Vec<u64>,
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     pub elements: u64,
     /// Offset from the start of the data section.
     pub offset: u64,
     pub size_bytes: u64,
 }
 
-/// A GGUF file's checked layout.
-#[derive(Debug, Clone, PartialEq)]
+/// A GGUF file's checked layout and its metadata.
+#[derive(Debug, Clone)]
 pub struct GgufLayout {
     pub version: u32,
     pub alignment: u64,
+    /// Every metadata value, by key.
+    pub metadata: BTreeMap<String, Value>,
     /// Where the data section starts in the file.
     pub data_offset: u64,
     pub tensors: Vec<GgufTensorLayout>,
@@ -114,57 +85,49 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| self.fail(format!("{what} is not UTF-8")))
     }
 
-    /// Skips one value of type `ty`; `key` names it in errors.
-    fn skip_value(&mut self, ty: u32, key: &str, in_array: bool) -> Result<()> {
-        let fixed = |ty: u32| -> Option<u64> {
-            match ty {
-                0 | 1 | 7 => Some(1),
-                2 | 3 => Some(2),
-                4..=6 => Some(4),
-                10..=12 => Some(8),
-                _ => None,
-            }
-        };
-        if let Some(n) = fixed(ty) {
-            self.take(n, key)?;
-            return Ok(());
-        }
-        match ty {
-            8 => {
-                let len = self.u64(key)?;
-                self.take(len, key)?;
-            }
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let b = self.take(N as u64, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(b);
+        Ok(a)
+    }
+
+    /// Reads one value of GGUF value type `ty`; `key` names it in errors. Arrays grow as their
+    /// elements are read, so a stated count never allocates more than the bytes present hold.
+    fn value(&mut self, ty: u32, key: &str, in_array: bool) -> Result<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.array::<1>(key)?[0]),
+            1 => Value::I8(self.array::<1>(key)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(self.array(key)?)),
+            3 => Value::I16(i16::from_le_bytes(self.array(key)?)),
+            4 => Value::U32(u32::from_le_bytes(self.array(key)?)),
+            5 => Value::I32(i32::from_le_bytes(self.array(key)?)),
+            6 => Value::F32(f32::from_le_bytes(self.array(key)?)),
+            7 => Value::Bool(self.array::<1>(key)?[0] != 0),
+            8 => Value::String(self.string(key)?),
+            10 => Value::U64(u64::from_le_bytes(self.array(key)?)),
+            11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
+            12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             9 if !in_array => {
                 let elem = self.u32(key)?;
-                let count = self.u64(key)?;
-                match (elem, fixed(elem)) {
-                    (_, Some(n)) => {
-                        let total = count.checked_mul(n).ok_or_else(|| {
-                            self.fail(format!(
-                                "metadata `{key}`: array of {count} elements overflows"
-                            ))
-                        })?;
-                        self.take(total, key)?;
-                    }
-                    (8, None) => {
-                        for _ in 0..count {
-                            self.skip_value(8, key, true)?;
-                        }
-                    }
-                    (other, None) => {
-                        return Err(self.fail(format!(
-                            "metadata `{key}`: arrays of value type {other} are not valid GGUF"
-                        )))
-                    }
+                if elem == 9 || elem > 12 {
+                    return Err(self.fail(format!(
+                        "metadata `{key}`: arrays of value type {elem} are not valid GGUF"
+                    )));
                 }
+                let count = self.u64(key)?;
+                let mut values = Vec::new();
+                for _ in 0..count {
+                    values.push(self.value(elem, key, true)?);
+                }
+                Value::Array(values)
             }
             other => {
                 return Err(self.fail(format!(
                     "metadata `{key}` has value type {other}, which is not a GGUF type"
                 )))
             }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -189,10 +152,10 @@ pub fn check_gguf_layout(path: &Path, bytes: &[u8]) -> Result<GgufLayout> {
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
     let mut alignment = DEFAULT_ALIGNMENT;
-    let mut keys = std::collections::BTreeSet::new();
+    let mut metadata = BTreeMap::new();
     for i in 0..kv_count {
         let key = r.string(&format!("metadata key {i}"))?;
-        if !keys.insert(key.clone()) {
+        if metadata.contains_key(&key) {
             return Err(IoError::Metadata {
                 path: path.to_path_buf(),
                 key,
@@ -211,12 +174,15 @@ pub fn check_gguf_layout(path: &Path, bytes: &[u8]) -> Result<GgufLayout> {
                     "must be a u32 (value type 4), found type {ty}"
                 )));
             }
-            alignment = u64::from(r.u32(&key)?);
+            let value = r.u32(&key)?;
+            alignment = u64::from(value);
             if alignment == 0 || !alignment.is_power_of_two() {
                 return Err(bad(format!("{alignment} is not a power of two")));
             }
+            metadata.insert(key, Value::U32(value));
         } else {
-            r.skip_value(ty, &key, false)?;
+            let value = r.value(ty, &key, false)?;
+            metadata.insert(key, value);
         }
     }
     let mut names = std::collections::BTreeSet::new();
@@ -260,9 +226,9 @@ pub fn check_gguf_layout(path: &Path, bytes: &[u8]) -> Result<GgufLayout> {
             dims.push(d);
         }
         let type_id = r.u32(&name)?;
-        let dtype = ggml_type(type_id).ok_or_else(|| {
+        let dtype = GgmlType::from_id(type_id).ok_or_else(|| {
             tensor_err(format!(
-                "ggml type id {type_id} is not one shrink reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K–Q6_K, Q8_K)"
+                "ggml type id {type_id} is not one shrink reads (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K–Q6_K, Q8_K, IQ4_NL, IQ4_XS)"
             ))
         })?;
         let block = dtype.block_size() as u64;
@@ -334,7 +300,87 @@ pub fn check_gguf_layout(path: &Path, bytes: &[u8]) -> Result<GgufLayout> {
     Ok(GgufLayout {
         version,
         alignment,
+        metadata,
         data_offset,
         tensors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GgufEntry, GgufValue, GgufWriter};
+
+    /// What shrink's writer puts in a header — metadata of every kind it writes and an i-quant
+    /// tensor candle could not read — comes back from the reader, and the tensor's blocks
+    /// dequantize as the format says.
+    #[test]
+    fn metadata_and_i_quant_tensors_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let metadata = vec![
+            ("a.u32".to_string(), GgufValue::U32(7)),
+            ("a.i32".to_string(), GgufValue::I32(-3)),
+            ("a.f32".to_string(), GgufValue::F32(0.25)),
+            ("a.bool".to_string(), GgufValue::Bool(true)),
+            ("a.str".to_string(), GgufValue::String("héllo".into())),
+            (
+                "a.strs".to_string(),
+                GgufValue::StringArray(vec!["x".into(), String::new()]),
+            ),
+            ("a.i32s".to_string(), GgufValue::I32Array(vec![1, -2])),
+            ("a.f32s".to_string(), GgufValue::F32Array(vec![1.5])),
+        ];
+        let entry = GgufEntry {
+            name: "w".into(),
+            dtype: GgmlType::IQ4NL,
+            dims: vec![2, 32],
+        };
+        let mut writer = GgufWriter::create(&path, &metadata, vec![entry]).unwrap();
+        // Two IQ4_NL blocks: scales 1 and -0.5, indices 0..15 twice (low nibbles, then high).
+        let mut data = vec![];
+        for d in [1.0f32, -0.5] {
+            data.extend(half::f16::from_f32(d).to_le_bytes());
+            data.extend((0..16u8).map(|i| i | (15 - i) << 4));
+        }
+        writer.append("w", &data).unwrap();
+        writer.finish().unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        let layout = check_gguf_layout(&path, &bytes).unwrap();
+        let m = &layout.metadata;
+        assert_eq!(m["a.u32"].to_u32().unwrap(), 7);
+        assert_eq!(m["a.i32"].to_i32().unwrap(), -3);
+        assert_eq!(m["a.f32"].to_f32().unwrap(), 0.25);
+        assert!(m["a.bool"].to_bool().unwrap());
+        assert_eq!(m["a.str"].to_string().unwrap(), "héllo");
+        let strs: Vec<String> = m["a.strs"]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_string().unwrap().clone())
+            .collect();
+        assert_eq!(strs, ["x", ""]);
+        assert_eq!(m["a.i32s"].to_vec().unwrap()[1].to_i32().unwrap(), -2);
+        assert_eq!(m["a.f32s"].to_vec().unwrap()[0].to_f32().unwrap(), 1.5);
+        assert_eq!(m.len(), metadata.len());
+
+        let t = &layout.tensors[0];
+        assert_eq!(
+            (t.dtype, t.dims.clone(), t.size_bytes),
+            (GgmlType::IQ4NL, vec![32, 2], 36)
+        );
+        let start = (layout.data_offset + t.offset) as usize;
+        let w = crate::ggml::dequantize(t.dtype, &bytes[start..start + 36], &[2, 32])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let book = shrink_core::iquant::tables::KVALUES_IQ4NL;
+        for (r, d) in [1.0f32, -0.5].into_iter().enumerate() {
+            for i in 0..16 {
+                assert_eq!(w[r][i], d * book[i] as f32);
+                assert_eq!(w[r][16 + i], d * book[15 - i] as f32);
+            }
+        }
+    }
 }

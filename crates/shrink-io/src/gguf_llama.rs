@@ -1,11 +1,12 @@
 //! A checkpoint written as llama.cpp lays it out: tensor names, Q/K permutation, metadata and
 //! tokenizer, planned before any data (`LlamaGguf`) and written tensor by tensor.
 
+use crate::ggml::GgmlType;
 use crate::gguf::permute_qk;
 use crate::gguf_write::{GgufEntry, GgufValue, GgufWriter};
 use crate::tokenizer::GgufVocab;
 use crate::{Checkpoint, IoError, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 use shrink_models::family::{self, gpt2, llama};
 use std::collections::BTreeMap;
@@ -20,11 +21,11 @@ pub enum GgufWriteType {
 }
 
 impl GgufWriteType {
-    fn ggml(self) -> GgmlDType {
+    fn ggml(self) -> GgmlType {
         match self {
-            GgufWriteType::F32 => GgmlDType::F32,
-            GgufWriteType::F16 => GgmlDType::F16,
-            GgufWriteType::Q8_0 => GgmlDType::Q8_0,
+            GgufWriteType::F32 => GgmlType::F32,
+            GgufWriteType::F16 => GgmlType::F16,
+            GgufWriteType::Q8_0 => GgmlType::Q8_0,
         }
     }
 
@@ -43,7 +44,7 @@ const FLOAT_SLICE: usize = 1 << 24;
 /// A weight already quantized into ggml blocks (row-major, Hugging Face row order), written as is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantizedBlocks {
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     pub bytes: Vec<u8>,
 }
 
@@ -63,23 +64,6 @@ fn permute_block_rows(bytes: &[u8], rows: usize, n_head: usize) -> Vec<u8> {
         }
     }
     out
-}
-
-fn file_type_of(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q8_0 => 7,
-        GgmlDType::Q5_0 => 8,
-        GgmlDType::Q5_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 12,
-        GgmlDType::Q4K => 15,
-        GgmlDType::Q5K => 17,
-        GgmlDType::Q6K => 18,
-        _ => 0,
-    }
 }
 
 /// The GGUF vocabulary of a checkpoint's tokenizer, or why it has none: checked before work
@@ -151,7 +135,7 @@ impl LlamaGguf {
         checkpoint: &Checkpoint,
         path: &Path,
         weight_type: GgufWriteType,
-        quantized: &BTreeMap<String, GgmlDType>,
+        quantized: &BTreeMap<String, GgmlType>,
     ) -> Result<Self> {
         let cfg = &checkpoint.config;
         let bad = |key: &str| IoError::Metadata {
@@ -216,7 +200,7 @@ impl LlamaGguf {
         // The file type names the type most weights have.
         let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
         for dtype in quantized.values() {
-            *counts.entry(file_type_of(*dtype)).or_default() += 1;
+            *counts.entry(GgmlType::file_type(*dtype)).or_default() += 1;
         }
         let file_type = counts
             .iter()
@@ -383,7 +367,7 @@ impl LlamaGguf {
                     if dims.len() == 2 && row % weight_type.ggml().block_size() == 0 {
                         weight_type.ggml()
                     } else {
-                        GgmlDType::F32
+                        GgmlType::F32
                     }
                 }
             };
@@ -459,13 +443,22 @@ impl LlamaGguf {
             ));
         }
         let float = match entry.dtype {
-            GgmlDType::F32 => Some(DType::F32),
-            GgmlDType::F16 => Some(DType::F16),
+            GgmlType::F32 => Some(DType::F32),
+            GgmlType::F16 => Some(DType::F16),
             _ => None,
         };
         let Some(dtype) = float else {
             let t = t.to_dtype(DType::F32).map_err(err)?;
-            let q = QTensor::quantize(&t, entry.dtype).map_err(err)?;
+            let candle = crate::ggml::to_candle(entry.dtype).ok_or_else(|| {
+                self.error(
+                    i,
+                    format!(
+                        "{:?} blocks are written from quantized weights only",
+                        entry.dtype
+                    ),
+                )
+            })?;
+            let q = QTensor::quantize(&t, candle).map_err(err)?;
             return q.data().map(|d| d.to_vec()).map_err(err);
         };
         let flat = t.flatten_all().map_err(err)?;

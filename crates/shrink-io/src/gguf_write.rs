@@ -1,10 +1,9 @@
 //! The GGUF writer: metadata values, and a file written as its tensors become ready (header and
 //! offsets planned first, data appended in order, renamed into place when complete).
 
-use crate::gguf::tensor_bytes;
-use crate::gguf_layout::ggml_type_id;
+use crate::ggml::GgmlType;
 use crate::{io_error, IoError, Result};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use std::io::Write;
 use std::path::Path;
 
@@ -92,7 +91,7 @@ pub struct GgufTensor {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufEntry {
     pub name: String,
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     pub dims: Vec<usize>,
 }
 
@@ -100,9 +99,8 @@ impl GgufEntry {
     /// The data's size in bytes (`None` when the rows do not hold whole blocks).
     pub fn bytes(&self) -> Option<usize> {
         let row = *self.dims.last().unwrap_or(&1);
-        row.is_multiple_of(self.dtype.block_size())
-            .then(|| tensor_bytes(self.dtype, self.dims.iter().product()))
-            .flatten()
+        self.dtype.row_bytes(row)?;
+        self.dtype.row_bytes(self.dims.iter().product())
     }
 }
 
@@ -142,7 +140,7 @@ fn header(
         for &d in t.dims.iter().rev() {
             w.extend((d as u64).to_le_bytes());
         }
-        w.extend(ggml_type_id(t.dtype).to_le_bytes());
+        w.extend(t.dtype.id().to_le_bytes());
         w.extend((offset as u64).to_le_bytes());
         offset += bytes + gguf_pad(bytes);
     }
@@ -282,7 +280,7 @@ pub fn write_gguf(
         .iter()
         .map(|t| GgufEntry {
             name: t.name.clone(),
-            dtype: t.tensor.dtype(),
+            dtype: crate::ggml::from_candle(t.tensor.dtype()),
             dims: t.tensor.shape().dims().to_vec(),
         })
         .collect();

@@ -2,7 +2,6 @@
 
 use crate::hf::{read_json, safetensors_files};
 use crate::{Format, IoError, Result};
-use candle_core::quantized::gguf_file;
 use serde::Serialize;
 use std::path::Path;
 
@@ -140,23 +139,22 @@ pub(crate) fn of_hf(
 }
 
 /// The inspection of a GGUF file of `size` bytes whose header is `content`.
-pub(crate) fn of_gguf(path: &Path, content: &gguf_file::Content, size: u64) -> Inspection {
+pub(crate) fn of_gguf(path: &Path, content: &crate::GgufLayout, size: u64) -> Inspection {
     let arch = content
         .metadata
         .get("general.architecture")
         .and_then(|v| v.to_string().ok().cloned())
         .unwrap_or_else(|| "unknown".into());
     let tensors = content
-        .tensor_infos
+        .tensors
         .iter()
-        .map(|(name, info)| {
-            let elems = info.shape.elem_count();
-            let bytes = crate::gguf::tensor_bytes(info.ggml_dtype, elems).unwrap_or(0) as u64;
+        .map(|t| {
+            let shape = t.dims.iter().rev().map(|&d| d as usize).collect();
             summary(
-                name.clone(),
-                format!("{:?}", info.ggml_dtype),
-                info.shape.dims().to_vec(),
-                bytes,
+                t.name.clone(),
+                format!("{:?}", t.dtype),
+                shape,
+                t.size_bytes,
             )
         })
         .collect();

@@ -13,6 +13,7 @@
 
 mod compressed;
 mod export;
+pub mod ggml;
 mod gguf;
 mod gguf_layout;
 mod gguf_llama;

@@ -6,11 +6,11 @@
 //! these.
 
 use crate::compressed::RawTensor;
+use crate::ggml::GgmlType;
 use crate::gguf_llama::{GgufWriteType, LlamaGguf};
 use crate::gguf_write::GgufWriter;
 use crate::shards::{SafetensorsEntry, ShardedWriter};
 use crate::{Checkpoint, IoError, Result};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ impl GgufStream {
     pub fn resumable(
         written: &Checkpoint,
         weight_type: GgufWriteType,
-        types: &BTreeMap<String, GgmlDType>,
+        types: &BTreeMap<String, GgmlType>,
         file: shrink_core::AtomicFile,
         resumed: Option<usize>,
     ) -> Result<Self> {
@@ -70,14 +70,14 @@ impl GgufStream {
         written: &Checkpoint,
         out: &Path,
         weight_type: GgufWriteType,
-        types: &BTreeMap<String, GgmlDType>,
+        types: &BTreeMap<String, GgmlType>,
     ) -> Result<Self> {
         let file = shrink_core::AtomicFile::create(out)?;
         Self::resumable(written, weight_type, types, file, None)
     }
 
     /// The ggml type `name` (a Hugging Face name) is planned in.
-    pub fn planned_type(&self, name: &str) -> Option<GgmlDType> {
+    pub fn planned_type(&self, name: &str) -> Option<GgmlType> {
         let i = self.layout.names.iter().position(|n| n == name)?;
         Some(self.layout.entries[i].dtype)
     }

@@ -346,7 +346,7 @@ fn prequantized_blocks_are_written_verbatim_with_qk_rows_permuted() {
         pre.insert(
             name.to_string(),
             QuantizedBlocks {
-                dtype: GgmlDType::Q4_0,
+                dtype: crate::ggml::GgmlType::Q4_0,
                 bytes: q.data().unwrap().to_vec(),
             },
         );
@@ -629,7 +629,7 @@ fn gguf_writer_streams_the_bytes_candle_writes_and_refuses_misuse() {
         .iter()
         .map(|(n, q)| GgufEntry {
             name: n.to_string(),
-            dtype: q.dtype(),
+            dtype: crate::ggml::from_candle(q.dtype()),
             dims: q.shape().dims().to_vec(),
         })
         .collect();
@@ -689,7 +689,7 @@ fn gguf_writer_streams_the_bytes_candle_writes_and_refuses_misuse() {
         &metadata,
         vec![GgufEntry {
             name: "q".into(),
-            dtype: GgmlDType::Q4_0,
+            dtype: crate::ggml::GgmlType::Q4_0,
             dims: vec![2, 40],
         }],
     )

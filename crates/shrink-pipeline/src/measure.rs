@@ -266,21 +266,32 @@ impl Bench<'_> {
     /// The decode speed of `file` (a model of `config`) through candle's quantized kernels (which
     /// hold only the file's tensors: a model measured block by block), when it is a GGUF they run
     /// and decoding is timed. candle's quantized Llama derives the head size from the width: a
-    /// structurally pruned model whose heads no longer fill the width is not timed.
+    /// structurally pruned model whose heads no longer fill the width is not timed, nor a file
+    /// with block types candle has no kernels for (the i-quants).
     fn quantized_decode(
         &self,
         file: &FileView,
         config: &shrink_models::ModelConfig,
     ) -> Result<Option<DecodeSpeed>> {
         let fills = config.head_dim() * config.num_attention_heads == config.hidden_size;
+        let path = Path::new(&file.inspection.path);
+        let candle_runs = |gguf: &[u8]| -> Result<bool> {
+            let layout = shrink_io::check_gguf_layout(path, gguf)?;
+            Ok(layout
+                .tensors
+                .iter()
+                .all(|t| shrink_io::ggml::to_candle(t.dtype).is_some()))
+        };
         match (self.timed() && fills, file.gguf_bytes()) {
-            (true, Some(gguf)) => Ok(Some(shrink_eval::quantized_decode_speed(
-                gguf,
-                Path::new(&file.inspection.path),
-                &self.decode_prompt,
-                self.decode_tokens,
-                self.speed_repeats,
-            )?)),
+            (true, Some(gguf)) if candle_runs(gguf)? => {
+                Ok(Some(shrink_eval::quantized_decode_speed(
+                    gguf,
+                    path,
+                    &self.decode_prompt,
+                    self.decode_tokens,
+                    self.speed_repeats,
+                )?))
+            }
             _ => Ok(None),
         }
     }

@@ -21,9 +21,10 @@ pub struct HfExport {
 pub fn hf_unsupported(format: &crate::Format, activations: bool) -> Option<String> {
     let s = match format {
         crate::Format::Scheme(s) => s,
-        crate::Format::K(k) => {
+        crate::Format::K(_) | crate::Format::I(_) => {
             return Some(format!(
-                "{k:?} blocks exist in GGUF only; export to a Hugging Face folder with a grid scheme (e.g. the w4a16-g128 preset)"
+                "{} blocks exist in GGUF only; export to a Hugging Face folder with a grid scheme (e.g. the w4a16-g128 preset)",
+                format.label()
             ))
         }
     };

@@ -5,11 +5,12 @@
 //! llama.cpp's exact arithmetic, and codes are written back into the block at their bit positions.
 
 use crate::{QuantError, Result};
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use shrink_io::ggml::{to_candle, GgmlType};
 
 /// Weights per super-block.
 pub const QK_K: usize = 256;
@@ -64,17 +65,17 @@ impl KQuant {
         KQuant::Q6K,
     ];
 
-    pub fn ggml(self) -> GgmlDType {
+    pub fn ggml(self) -> GgmlType {
         match self {
-            KQuant::Q2K => GgmlDType::Q2K,
-            KQuant::Q3K => GgmlDType::Q3K,
-            KQuant::Q4K => GgmlDType::Q4K,
-            KQuant::Q5K => GgmlDType::Q5K,
-            KQuant::Q6K => GgmlDType::Q6K,
+            KQuant::Q2K => GgmlType::Q2K,
+            KQuant::Q3K => GgmlType::Q3K,
+            KQuant::Q4K => GgmlType::Q4K,
+            KQuant::Q5K => GgmlType::Q5K,
+            KQuant::Q6K => GgmlType::Q6K,
         }
     }
 
-    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+    pub fn from_ggml(dtype: GgmlType) -> Option<Self> {
         KQuant::ALL.into_iter().find(|k| k.ggml() == dtype)
     }
 
@@ -227,7 +228,7 @@ pub(crate) fn check(
     w: &[f32],
     rows: usize,
     cols: usize,
-    dtype: GgmlDType,
+    dtype: GgmlType,
     name: &str,
 ) -> Result<()> {
     shrink_core::check_matrix(w, rows, cols, name)?;
@@ -243,39 +244,57 @@ pub(crate) fn check(
     Ok(())
 }
 
-/// A weight matrix stored as ggml blocks of any type candle can quantize, row-major.
+/// A weight matrix stored as ggml blocks (legacy, k-quant or i-quant), row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgmlTensor {
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     pub rows: usize,
     pub cols: usize,
     pub bytes: Vec<u8>,
 }
 
 impl GgmlTensor {
-    /// Quantizes by candle's (ggml's) reference quantizer; with `importance` (one weight per input
-    /// column, e.g. mean squared activation) by the importance-weighted one, as llama.cpp's
-    /// `--imatrix`. Importance weighting exists for the k-quants only.
+    /// Quantizes by ggml's reference quantizer (candle's port; shrink's for i-quants); with
+    /// `importance` (one weight per input column, e.g. mean squared activation) by the
+    /// importance-weighted one, as llama.cpp's `--imatrix`. Importance weighting exists for the
+    /// k-quants and i-quants.
     pub fn quantize(
         w: &[f32],
         rows: usize,
         cols: usize,
-        dtype: GgmlDType,
+        dtype: GgmlType,
         importance: Option<&[f32]>,
         name: &str,
     ) -> Result<Self> {
         check(w, rows, cols, dtype, name)?;
+        if let Some(imp) = importance.filter(|imp| imp.len() != cols) {
+            return Err(QuantError::Shape {
+                tensor: name.to_string(),
+                message: format!("{} importance weights for rows of {cols}", imp.len()),
+            });
+        }
+        if let Some(kind) = dtype.iquant() {
+            let row_bytes = kind.row_bytes(cols);
+            let mut bytes = vec![0u8; rows * row_bytes];
+            bytes
+                .par_chunks_mut(row_bytes)
+                .zip(w.par_chunks(cols))
+                .for_each(|(out, row)| crate::iquant::quantize_row(kind, row, importance, out));
+            return Ok(Self {
+                dtype,
+                rows,
+                cols,
+                bytes,
+            });
+        }
+        let candle = to_candle(dtype).ok_or_else(|| {
+            QuantError::Scheme(format!("{dtype:?} blocks cannot be quantized here"))
+        })?;
         let t = Tensor::from_slice(w, (rows, cols), &Device::Cpu)?;
         let q = match importance {
-            None => QTensor::quantize(&t, dtype)?,
+            None => QTensor::quantize(&t, candle)?,
             Some(imp) if KQuant::from_ggml(dtype).is_some() => {
-                if imp.len() != cols {
-                    return Err(QuantError::Shape {
-                        tensor: name.to_string(),
-                        message: format!("{} importance weights for rows of {cols}", imp.len()),
-                    });
-                }
-                QTensor::quantize_imatrix(&t, imp, dtype)?
+                QTensor::quantize_imatrix(&t, imp, candle)?
             }
             Some(_) => {
                 return Err(QuantError::Scheme(format!(
@@ -291,15 +310,10 @@ impl GgmlTensor {
         })
     }
 
-    /// The weights as llama.cpp reads them (candle's dequantizer).
+    /// The weights as llama.cpp reads them (candle's dequantizer, shrink's for i-quants).
     pub fn dequantize(&self) -> Result<Vec<f32>> {
-        let q = qtensor_from_ggml(
-            self.dtype,
-            &self.bytes,
-            vec![self.rows, self.cols],
-            &Device::Cpu,
-        )?;
-        Ok(q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        let t = shrink_io::ggml::dequantize(self.dtype, &self.bytes, &[self.rows, self.cols])?;
+        Ok(t.flatten_all()?.to_vec1()?)
     }
 
     /// The fraction of weights whose value is exactly zero: counted in the blocks for the legacy

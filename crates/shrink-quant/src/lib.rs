@@ -37,6 +37,7 @@ pub use grid::{Grid, GroupParams};
 pub use kquant::{GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_kquant, rtn, rtn_blocks, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
+pub use shrink_core::iquant::IQuant;
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
 pub use write_hf::QuantizedHf;
@@ -93,16 +94,19 @@ pub enum Method {
 }
 
 /// The storage format of one quantized weight: a grid scheme (any bits and granularity; the
-/// llama.cpp-compatible ones map to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks) or a k-quant block type.
+/// llama.cpp-compatible ones map to Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks), a k-quant or an i-quant
+/// block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     Scheme(QuantScheme),
     K(KQuant),
+    I(IQuant),
 }
 
 impl Format {
-    /// Parses a ggml type name: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k.
+    /// Parses a ggml type name: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
+    /// iq4_nl, iq4_xs.
     pub fn parse(name: &str) -> Result<Format> {
         let lower = name.to_ascii_lowercase();
         Ok(match lower.as_str() {
@@ -113,19 +117,23 @@ impl Format {
             "q8_0" => Format::Scheme(QuantScheme::Q8_0),
             other => match KQuant::ALL.into_iter().find(|k| k.name() == other) {
                 Some(k) => Format::K(k),
-                None => {
-                    return Err(QuantError::Scheme(format!(
-                        "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)"
-                    )))
-                }
+                None => match IQuant::ALL.into_iter().find(|q| q.name() == other) {
+                    Some(q) => Format::I(q),
+                    None => {
+                        return Err(QuantError::Scheme(format!(
+                            "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs)"
+                        )))
+                    }
+                },
             },
         })
     }
 
-    pub fn ggml_type(&self) -> Option<candle_core::quantized::GgmlDType> {
+    pub fn ggml_type(&self) -> Option<shrink_io::ggml::GgmlType> {
         match self {
             Format::Scheme(s) => s.ggml_type(),
             Format::K(k) => Some(k.ggml()),
+            Format::I(q) => Some(shrink_io::ggml::GgmlType::of_iquant(*q)),
         }
     }
 
@@ -133,6 +141,7 @@ impl Format {
     pub fn label(&self) -> String {
         match self {
             Format::K(k) => k.name().to_string(),
+            Format::I(q) => q.name().to_string(),
             Format::Scheme(s) => match s.ggml_type() {
                 Some(t) => format!("{t:?}").to_lowercase(),
                 None => format!(
@@ -160,6 +169,7 @@ impl Format {
                 _ => 1,
             },
             Format::K(_) => kquant::QK_K,
+            Format::I(q) => q.block_size(),
         }
     }
 
@@ -174,6 +184,13 @@ impl Format {
                     _ => Grid::Asymmetric,
                 },
                 granularity: Granularity::Group(k.group()),
+                search: false,
+            },
+            // 4-bit codes under one scale per 32 weights (a non-uniform codebook).
+            Format::I(_) => QuantScheme {
+                bits: 4,
+                grid: Grid::SymmetricFull,
+                granularity: Granularity::Group(32),
                 search: false,
             },
         }
@@ -232,7 +249,7 @@ impl QuantizedWeight {
     }
 
     /// The ggml type and blocks llama.cpp reads.
-    pub fn into_ggml_blocks(self) -> Result<(candle_core::quantized::GgmlDType, Vec<u8>)> {
+    pub fn into_ggml_blocks(self) -> Result<(shrink_io::ggml::GgmlType, Vec<u8>)> {
         match self {
             QuantizedWeight::Packed(q) => q.to_ggml_blocks(),
             QuantizedWeight::Blocks(b) => Ok((b.dtype, b.bytes)),
@@ -259,14 +276,10 @@ pub fn rtn_format(
             QuantizedWeight::Blocks(rtn_blocks(w, rows, cols, s, importance, name)?)
         }
         Format::Scheme(s) => QuantizedWeight::Packed(rtn(w, rows, cols, s, importance, name)?),
-        Format::K(k) => QuantizedWeight::Blocks(GgmlTensor::quantize(
-            w,
-            rows,
-            cols,
-            k.ggml(),
-            importance,
-            name,
-        )?),
+        Format::K(_) | Format::I(_) => {
+            let ty = format.ggml_type().unwrap_or(shrink_io::ggml::GgmlType::F32);
+            QuantizedWeight::Blocks(GgmlTensor::quantize(w, rows, cols, ty, importance, name)?)
+        }
     })
 }
 
@@ -447,6 +460,12 @@ pub fn quantize_tensor(
         }
         (Method::Gptq(cfg), Some(st), Format::K(k)) => {
             QuantizedWeight::Blocks(gptq_kquant(w, rows, cols, st, k, &cfg, name)?)
+        }
+        (Method::Gptq(_), Some(_), Format::I(q)) => {
+            return Err(QuantError::Scheme(format!(
+                "'{name}': GPTQ does not pick codes inside {} blocks yet; use --method rtn (with calibration, importance-weighted as llama.cpp's imatrix)",
+                q.name()
+            )))
         }
         (Method::Gptq(_), None, _) => {
             return Err(QuantError::Scheme(format!(

@@ -16,6 +16,8 @@ use std::path::Path;
 
 /// The presets shipped in `configs/quant/`.
 pub const BUILTIN: &[(&str, &str)] = &[
+    ("iq4_nl", include_str!("../../../configs/quant/iq4_nl.toml")),
+    ("iq4_xs", include_str!("../../../configs/quant/iq4_xs.toml")),
     ("q4_0", include_str!("../../../configs/quant/q4_0.toml")),
     ("q4_k_m", include_str!("../../../configs/quant/q4_k_m.toml")),
     (

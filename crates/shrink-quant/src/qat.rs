@@ -63,7 +63,7 @@ enum Quantizer {
         /// The asymmetric grid's minimums, `(groups, 1)`.
         min: Option<Var>,
     },
-    K(candle_core::quantized::GgmlDType),
+    K(shrink_io::ggml::GgmlType),
 }
 
 #[derive(Debug, Clone)]

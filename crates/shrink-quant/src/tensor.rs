@@ -2,10 +2,10 @@
 
 use crate::grid::{Grid, GroupParams};
 use crate::{pack, QuantError, Result};
-use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use shrink_io::ggml::GgmlType;
 
 /// Which weights share a scale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,19 +108,19 @@ impl QuantScheme {
     }
 
     /// The ggml block type this scheme is, if any.
-    pub fn ggml_type(&self) -> Option<GgmlDType> {
+    pub fn ggml_type(&self) -> Option<GgmlType> {
         match (self.bits, self.grid, self.granularity) {
-            (4, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlDType::Q4_0),
-            (4, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlDType::Q4_1),
-            (5, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlDType::Q5_0),
-            (5, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlDType::Q5_1),
-            (8, Grid::Symmetric, Granularity::Group(32)) => Some(GgmlDType::Q8_0),
+            (4, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlType::Q4_0),
+            (4, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlType::Q4_1),
+            (5, Grid::SymmetricFull, Granularity::Group(32)) => Some(GgmlType::Q5_0),
+            (5, Grid::Asymmetric, Granularity::Group(32)) => Some(GgmlType::Q5_1),
+            (8, Grid::Symmetric, Granularity::Group(32)) => Some(GgmlType::Q8_0),
             _ => None,
         }
     }
 
     /// The scheme a legacy ggml block type is (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), without search.
-    pub fn of_ggml(dtype: GgmlDType) -> Option<QuantScheme> {
+    pub fn of_ggml(dtype: GgmlType) -> Option<QuantScheme> {
         [Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q8_0]
             .into_iter()
             .find(|s| s.ggml_type() == Some(dtype))
@@ -238,7 +238,7 @@ impl QuantizedTensor {
 
     /// The tensor as ggml blocks (Q4_0, Q4_1 or Q8_0), row-major, byte-identical to what
     /// llama.cpp writes for the same codes and scales.
-    pub fn to_ggml_blocks(&self) -> Result<(GgmlDType, Vec<u8>)> {
+    pub fn to_ggml_blocks(&self) -> Result<(GgmlType, Vec<u8>)> {
         let dtype = self.scheme.ggml_type().ok_or_else(|| {
             QuantError::Scheme(format!(
                 "{:?} is not a ggml block type (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 need groups of 32)",
@@ -265,7 +265,7 @@ impl QuantizedTensor {
 /// Writes one group of 32 codes with its scale (and minimum) as a ggml block of `dtype` (Q4_0,
 /// Q4_1, Q5_0, Q5_1 or Q8_0) into `out`, its `type_size()` bytes.
 pub(crate) fn encode_block(
-    dtype: GgmlDType,
+    dtype: GgmlType,
     codes: &[u8; 32],
     scale: f16,
     min: f16,
@@ -273,17 +273,17 @@ pub(crate) fn encode_block(
 ) {
     out[..2].copy_from_slice(&scale.to_le_bytes());
     let mut at = 2;
-    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+    if matches!(dtype, GgmlType::Q4_1 | GgmlType::Q5_1) {
         out[2..4].copy_from_slice(&min.to_le_bytes());
         at = 4;
     }
-    if dtype == GgmlDType::Q8_0 {
+    if dtype == GgmlType::Q8_0 {
         for (o, &q) in out[at..].iter_mut().zip(codes) {
             *o = (q as i32 - 128) as i8 as u8;
         }
         return;
     }
-    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+    if matches!(dtype, GgmlType::Q5_0 | GgmlType::Q5_1) {
         let qh = (0..32).fold(0u32, |h, j| h | ((codes[j] >> 4) as u32) << j);
         out[at..at + 4].copy_from_slice(&qh.to_le_bytes());
         at += 4;
@@ -295,23 +295,23 @@ pub(crate) fn encode_block(
 
 /// The codes, scale and minimum of one ggml block of `dtype` (Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0):
 /// the inverse of [`encode_block`].
-pub(crate) fn decode_block(dtype: GgmlDType, block: &[u8]) -> ([u8; 32], f16, f16) {
+pub(crate) fn decode_block(dtype: GgmlType, block: &[u8]) -> ([u8; 32], f16, f16) {
     let half = |at: usize| f16::from_le_bytes([block[at], block[at + 1]]);
     let (scale, mut at) = (half(0), 2);
     let mut min = f16::ZERO;
-    if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_1) {
+    if matches!(dtype, GgmlType::Q4_1 | GgmlType::Q5_1) {
         min = half(2);
         at = 4;
     }
     let mut codes = [0u8; 32];
-    if dtype == GgmlDType::Q8_0 {
+    if dtype == GgmlType::Q8_0 {
         for (c, &q) in codes.iter_mut().zip(&block[at..]) {
             *c = (q as i8 as i32 + 128) as u8;
         }
         return (codes, scale, min);
     }
     let mut qh = 0u32;
-    if matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+    if matches!(dtype, GgmlType::Q5_0 | GgmlType::Q5_1) {
         qh = u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
         at += 4;
     }

@@ -3,6 +3,7 @@ use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{DType, Device};
 use rand::{Rng, SeedableRng};
 use shrink_calib::LinearStats;
+use shrink_io::ggml::GgmlType;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -28,7 +29,7 @@ fn rtn_blocks_are_byte_identical_to_llama_cpp_quantizers() {
     ] {
         let ours = rtn(&w, rows, cols, &scheme, None, "t").unwrap();
         let (ty, bytes) = ours.to_ggml_blocks().unwrap();
-        assert_eq!(ty, dtype);
+        assert_eq!(ty, shrink_io::ggml::from_candle(dtype));
         let theirs = QTensor::quantize(&t, dtype)
             .unwrap()
             .data()
@@ -308,8 +309,8 @@ fn quantize_model_replaces_every_block_linear() {
         )
         .unwrap();
         let ty = |n: &str| q.tensors[n].clone().into_ggml_blocks().unwrap().0;
-        assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), GgmlDType::Q8_0);
-        assert_eq!(ty("model.layers.0.mlp.down_proj.weight"), GgmlDType::Q4_0);
+        assert_eq!(ty("model.layers.1.mlp.down_proj.weight"), GgmlType::Q8_0);
+        assert_eq!(ty("model.layers.0.mlp.down_proj.weight"), GgmlType::Q4_0);
         assert_eq!(q.tensors.len(), 2 * 7);
         assert_eq!(q.layers.len(), 14);
         for (name, qt) in &q.tensors {

@@ -335,14 +335,14 @@ pub struct QuantizedGguf<'a> {
     /// Checkpoint weights made of several quantized model weights (GPT-2's `c_attn`), and the
     /// parts received so far.
     stacked: Vec<(String, Vec<String>)>,
-    parts: BTreeMap<String, (GgmlDType, Vec<u8>)>,
+    parts: BTreeMap<String, (GgmlType, Vec<u8>)>,
     output: &'a QuantizedOutput<'a>,
     embedding: String,
     /// Tensors other than the quantized linears stored in a block type, by type.
     extra_types: BTreeMap<String, usize>,
 }
 
-use candle_core::quantized::GgmlDType;
+use shrink_io::ggml::GgmlType;
 
 impl<'a> QuantizedGguf<'a> {
     /// Plans the GGUF of `written` (the quantized model's tensors, under the checkpoint's names,
@@ -369,7 +369,7 @@ impl<'a> QuantizedGguf<'a> {
         resumed: Option<(usize, BTreeMap<String, usize>)>,
     ) -> Result<Self> {
         let n_layers = config.num_hidden_layers;
-        let mut types: BTreeMap<String, GgmlDType> = BTreeMap::new();
+        let mut types: BTreeMap<String, GgmlType> = BTreeMap::new();
         let formats: BTreeMap<String, Format> = config
             .block_linears()
             .into_iter()
@@ -445,7 +445,7 @@ impl<'a> QuantizedGguf<'a> {
             let planned = self.stream.planned_type(stored);
             let mut bytes = Vec::new();
             for s in sources {
-                let (dtype, b) = self.parts.remove(s).unwrap_or((GgmlDType::F32, vec![]));
+                let (dtype, b) = self.parts.remove(s).unwrap_or((GgmlType::F32, vec![]));
                 if Some(dtype) != planned {
                     return Err(QuantError::Export(format!(
                         "'{s}' was quantized to {dtype:?}, but the plan writes it as {planned:?}"
@@ -514,7 +514,7 @@ pub(crate) fn round_rows(
     format: &Format,
     name: &str,
     chunk: usize,
-) -> Result<(GgmlDType, Vec<u8>)> {
+) -> Result<(GgmlType, Vec<u8>)> {
     let (rows, cols) = t.dims2()?;
     let step = (chunk / cols.max(1)).max(1);
     // The whole tensor's blocks, allocated once (a growing buffer would reach twice its size).
@@ -540,7 +540,7 @@ pub(crate) fn round_rows(
 }
 
 /// The ggml type a format is stored in, or an error naming the weight when GGUF has none.
-fn ggml_type_of(format: &Format, name: &str) -> Result<GgmlDType> {
+fn ggml_type_of(format: &Format, name: &str) -> Result<GgmlType> {
     format.ggml_type().ok_or_else(|| {
         QuantError::Export(format!(
             "'{name}': {} has no GGUF block type (write it as a Hugging Face folder)",

@@ -42,7 +42,7 @@ pub(crate) struct QuantizeArgs {
     #[arg(long)]
     search: bool,
     /// With RTN: calibrate and weight the quantization error by each input channel's mean squared
-    /// activation, as llama.cpp's --imatrix (k-quants: ggml's weighted quantizer; other types: the
+    /// activation, as llama.cpp's --imatrix (k- and i-quants: ggml's weighted quantizers; others: the
     /// scale search).
     #[arg(long)]
     imatrix: bool,

@@ -23,7 +23,8 @@ use half::f16;
 use tables::KVALUES_IQ4NL;
 
 /// An i-quant block type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IQuant {
     /// 32 weights: f16 scale, 16 bytes of indices (4.5 bits per weight).
     IQ4NL,
@@ -32,6 +33,17 @@ pub enum IQuant {
 }
 
 impl IQuant {
+    /// Every i-quant shrink reads and writes.
+    pub const ALL: [IQuant; 2] = [IQuant::IQ4NL, IQuant::IQ4XS];
+
+    /// ggml's type name (`iq4_xs`).
+    pub fn name(self) -> &'static str {
+        match self {
+            IQuant::IQ4NL => "iq4_nl",
+            IQuant::IQ4XS => "iq4_xs",
+        }
+    }
+
     /// ggml's type id (`enum ggml_type`).
     pub fn ggml_id(self) -> u32 {
         match self {

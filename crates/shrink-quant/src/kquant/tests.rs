@@ -81,13 +81,13 @@ fn importance_weighting_lowers_weighted_error() {
 #[test]
 fn bad_shapes_and_values_are_named() {
     let w = vec![0.5f32; 2 * 576];
-    let e = GgmlTensor::quantize(&w, 2, 576, GgmlDType::Q4K, None, "blk.0.attn_q")
+    let e = GgmlTensor::quantize(&w, 2, 576, GgmlType::Q4K, None, "blk.0.attn_q")
         .unwrap_err()
         .to_string();
     assert!(e.contains("blk.0.attn_q") && e.contains("256"), "{e}");
     let mut w = vec![0.5f32; 256];
     w[9] = f32::NAN;
-    let e = GgmlTensor::quantize(&w, 1, 256, GgmlDType::Q6K, None, "x")
+    let e = GgmlTensor::quantize(&w, 1, 256, GgmlType::Q6K, None, "x")
         .unwrap_err()
         .to_string();
     assert!(e.contains("index 9"), "{e}");

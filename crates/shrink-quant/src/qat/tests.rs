@@ -161,20 +161,13 @@ fn k_quant_weights_pass_a_straight_through_gradient() {
         latent: latent.clone(),
         rows: 1,
         cols: 256,
-        quantizer: Quantizer::K(candle_core::quantized::GgmlDType::Q4K),
+        quantizer: Quantizer::K(shrink_io::ggml::GgmlType::Q4K),
     };
     let w = l.weight().unwrap();
-    let expected = GgmlTensor::quantize(
-        &values,
-        1,
-        256,
-        candle_core::quantized::GgmlDType::Q4K,
-        None,
-        "x",
-    )
-    .unwrap()
-    .dequantize()
-    .unwrap();
+    let expected = GgmlTensor::quantize(&values, 1, 256, shrink_io::ggml::GgmlType::Q4K, None, "x")
+        .unwrap()
+        .dequantize()
+        .unwrap();
     assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
     let g = w.sum_all().unwrap().backward().unwrap();
     let g = g

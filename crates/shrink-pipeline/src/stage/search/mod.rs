@@ -583,7 +583,7 @@ fn fixed_bytes(
     }
     // Each searched tensor's Q8_0 bytes; stacked weights are one tensor, as the writer stacks
     // them.
-    let q8_0 = candle_core::quantized::GgmlDType::Q8_0;
+    let q8_0 = shrink_io::ggml::GgmlType::Q8_0;
     let mut searched: BTreeMap<String, usize> = items
         .iter()
         .flat_map(|it| tensor_names(config, it))
