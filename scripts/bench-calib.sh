@@ -11,6 +11,8 @@
 #   GPTQ_ARGS="--damp 0.1"    extra arguments for every shrink file (e.g. a dampening to try)
 #   LABEL=damp0.1             appended to the shrink files' names
 #   FILES="a.gguf b.gguf"     score these files too (made elsewhere)
+#   PRESETS="q4_k_m:Q4_K_M iq4_xs:IQ4_XS"   shrink presets and the llama-quantize types they
+#                             mirror (default q4_k_m:Q4_K_M)
 #
 # Writes target/bench/calib/calib.json and prints a table; files already made are reused.
 BENCH=calib LLAMA=1
@@ -24,6 +26,7 @@ b = Bench()
 calibs = os.environ.get("CALIBS", "shakespeare:calib shakespeare:calib+setuptools-docs:calib+click-code:calib").split()
 gptq_args = os.environ.get("GPTQ_ARGS", "").split()
 label = os.environ.get("LABEL", "")
+presets = [p.split(":") for p in os.environ.get("PRESETS", "q4_k_m:Q4_K_M").split()]
 texts = [("shakespeare:eval", 32), ("pip-docs:eval", None), ("requests-code:eval", None)]
 
 def joined(spec):
@@ -41,19 +44,21 @@ def short(spec):
 
 files = []
 for calib in calibs:
-    name = f"gptq-q4_k_m-{short(calib)}{'-' + label if label else ''}.gguf"
-    path = os.path.join(b.out, name)
-    if not os.path.exists(path):
-        _, _, wall, _ = b.shrink_run("quantize", "smollm2", "--preset", "q4_k_m", "--calib", calib,
-                                     *gptq_args, "-o", path)
-        print(f"{name}: {wall:.0f} s", flush=True)
-    files.append((f"shrink GPTQ q4_k_m {' '.join(gptq_args)}".strip(), calib, path))
-    ref = os.path.join(b.out, f"llama-imatrix-Q4_K_M-{short(calib)}.gguf")
-    if not os.path.exists(ref):
-        imatrix = ref.replace(".gguf", ".imatrix")
-        run([f"{b.bin_dir}/llama-imatrix", "-m", f32, "-f", joined(calib), "-c", "512", "-t", b.threads, "-o", imatrix])
-        run([f"{b.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, ref, "Q4_K_M"])
-    files.append(("llama.cpp Q4_K_M + imatrix", calib, ref))
+    for preset, ftype in presets:
+        name = f"gptq-{preset}-{short(calib)}{'-' + label if label else ''}.gguf"
+        path = os.path.join(b.out, name)
+        if not os.path.exists(path):
+            _, _, wall, _ = b.shrink_run("quantize", "smollm2", "--preset", preset, "--calib", calib,
+                                         *gptq_args, "-o", path)
+            print(f"{name}: {wall:.0f} s", flush=True)
+        files.append((f"shrink GPTQ {preset} {' '.join(gptq_args)}".strip(), calib, path))
+        imatrix = os.path.join(b.out, f"llama-{short(calib)}.imatrix")
+        if not os.path.exists(imatrix):
+            run([f"{b.bin_dir}/llama-imatrix", "-m", f32, "-f", joined(calib), "-c", "512", "-t", b.threads, "-o", imatrix])
+        ref = os.path.join(b.out, f"llama-imatrix-{ftype}-{short(calib)}.gguf")
+        if not os.path.exists(ref):
+            run([f"{b.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, ref, ftype])
+        files.append((f"llama.cpp {ftype} + imatrix", calib, ref))
 files += [("given", "", f) for f in os.environ.get("FILES", "").split()]
 
 rows = []

@@ -154,7 +154,14 @@ fn iq4_files_are_llama_quantize_s_and_score_alike() {
             String::from_utf8_lossy(&st.stderr)
         );
         let ours = dir.path().join(format!("shrink-{preset}.gguf"));
-        let mut args = vec!["quantize", model.to_str().unwrap(), "--preset", preset];
+        let mut args = vec![
+            "quantize",
+            model.to_str().unwrap(),
+            "--preset",
+            preset,
+            "--method",
+            "rtn",
+        ];
         for o in overrides {
             args.extend(["--override", o]);
         }

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use shrink_core::iquant::IQuant;
 use shrink_io::ggml::{to_candle, GgmlType};
 
 /// Weights per super-block.
@@ -219,6 +220,78 @@ impl KQuant {
                     }
                 }
             }
+        }
+    }
+}
+
+/// A block type whose codes GPTQ chooses inside scales fixed per block: a k-quant (affine grids
+/// per group) or an i-quant (a codebook under one scale per 32 weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeBlocks {
+    K(KQuant),
+    I(IQuant),
+}
+
+/// The values one group of a block can take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CodeGrid {
+    Affine(Affine),
+    /// The i-quants' non-linear codebook times a scale.
+    Book(f32),
+}
+
+impl CodeGrid {
+    /// The nearest code to `x`, and its value.
+    pub fn nearest(&self, x: f32) -> (u8, f32) {
+        match self {
+            CodeGrid::Affine(a) => a.nearest(x),
+            CodeGrid::Book(d) => crate::iquant::nearest(*d, x),
+        }
+    }
+}
+
+impl CodeBlocks {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            CodeBlocks::K(k) => k.ggml(),
+            CodeBlocks::I(q) => GgmlType::of_iquant(q),
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_len(self) -> usize {
+        self.ggml().block_size()
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        self.ggml().type_size()
+    }
+
+    /// Weights per group sharing one grid.
+    pub fn group(self) -> usize {
+        match self {
+            CodeBlocks::K(k) => k.group(),
+            CodeBlocks::I(_) => 32,
+        }
+    }
+
+    /// The per-group grids of one block.
+    pub fn grids(self, b: &[u8]) -> Vec<CodeGrid> {
+        match self {
+            CodeBlocks::K(k) => k.grids(b).into_iter().map(CodeGrid::Affine).collect(),
+            CodeBlocks::I(q) => crate::iquant::sub_scales(q, b)
+                .into_iter()
+                .map(CodeGrid::Book)
+                .collect(),
+        }
+    }
+
+    /// Writes one block's codes, keeping its scales.
+    pub fn write_codes(self, b: &mut [u8], codes: &[u8]) {
+        match self {
+            CodeBlocks::K(k) => k.write_codes(b, codes),
+            CodeBlocks::I(q) => crate::iquant::write_indices(q, b, codes),
         }
     }
 }

@@ -34,8 +34,8 @@ pub use export::{
     compressed_layout, compressed_tensors, hf_unsupported, quantization_config_of, HfExport,
 };
 pub use grid::{Grid, GroupParams};
-pub use kquant::{GgmlTensor, KQuant};
-pub use methods::{gptq, gptq_kquant, rtn, rtn_blocks, GptqConfig};
+pub use kquant::{CodeBlocks, CodeGrid, GgmlTensor, KQuant};
+pub use methods::{gptq, gptq_blocks, rtn, rtn_blocks, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use shrink_core::iquant::IQuant;
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
@@ -458,15 +458,24 @@ pub fn quantize_tensor(
         (Method::Gptq(cfg), Some(st), Format::Scheme(s)) => {
             QuantizedWeight::Packed(gptq(w, rows, cols, st, &s, &cfg, name)?)
         }
-        (Method::Gptq(cfg), Some(st), Format::K(k)) => {
-            QuantizedWeight::Blocks(gptq_kquant(w, rows, cols, st, k, &cfg, name)?)
-        }
-        (Method::Gptq(_), Some(_), Format::I(q)) => {
-            return Err(QuantError::Scheme(format!(
-                "'{name}': GPTQ does not pick codes inside {} blocks yet; use --method rtn (with calibration, importance-weighted as llama.cpp's imatrix)",
-                q.name()
-            )))
-        }
+        (Method::Gptq(cfg), Some(st), Format::K(k)) => QuantizedWeight::Blocks(gptq_blocks(
+            w,
+            rows,
+            cols,
+            st,
+            CodeBlocks::K(k),
+            &cfg,
+            name,
+        )?),
+        (Method::Gptq(cfg), Some(st), Format::I(q)) => QuantizedWeight::Blocks(gptq_blocks(
+            w,
+            rows,
+            cols,
+            st,
+            CodeBlocks::I(q),
+            &cfg,
+            name,
+        )?),
         (Method::Gptq(_), None, _) => {
             return Err(QuantError::Scheme(format!(
                 "GPTQ needs calibration data for '{name}'"

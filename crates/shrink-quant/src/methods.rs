@@ -7,7 +7,7 @@
 //! the same computation (no lazy batch update needed).
 
 use crate::grid::GroupParams;
-use crate::kquant::{Affine, GgmlTensor, KQuant, QK_K};
+use crate::kquant::{CodeBlocks, CodeGrid, GgmlTensor};
 use crate::{Granularity, QuantError, QuantScheme, QuantizedTensor, Result};
 use rayon::prelude::*;
 use shrink_calib::LinearStats;
@@ -305,16 +305,16 @@ pub fn gptq(
     ))
 }
 
-/// GPTQ into k-quant blocks. Each super-block's scales and minima come from ggml's
+/// GPTQ into k-quant or i-quant blocks. Each block's scales (and minima) come from ggml's
 /// importance-weighted quantizer (on the original weights with act-order or static groups,
-/// otherwise on the error-updated weights when GPTQ reaches the super-block); GPTQ then chooses
-/// every code inside those fixed grids, and the codes are written into the blocks as chosen.
-pub fn gptq_kquant(
+/// otherwise on the error-updated weights when GPTQ reaches the block); GPTQ then chooses every
+/// code inside those fixed grids, and the codes are written into the blocks as chosen.
+pub fn gptq_blocks(
     w: &[f32],
     rows: usize,
     cols: usize,
     stats: &LinearStats,
-    k: KQuant,
+    k: CodeBlocks,
     cfg: &GptqConfig,
     name: &str,
 ) -> Result<GgmlTensor> {
@@ -326,7 +326,8 @@ pub fn gptq_kquant(
         importance,
     } = prepare(w, rows, cols, stats, cfg, name)?;
     let n = cols;
-    let blocks_per_row = n / QK_K;
+    let block_len = k.block_len();
+    let blocks_per_row = n / block_len;
     let bb = k.block_bytes();
     let fixed = cfg.static_groups || cfg.act_order;
     let static_blocks = if fixed {
@@ -338,7 +339,7 @@ pub fn gptq_kquant(
     /// and the first failure of ggml's quantizer.
     struct RowBlocks {
         bytes: Vec<u8>,
-        grids: Vec<Vec<Affine>>,
+        grids: Vec<Vec<CodeGrid>>,
         codes: Vec<u8>,
         failure: Option<QuantError>,
     }
@@ -367,16 +368,16 @@ pub fn gptq_kquant(
                 let row = &tile[k_row * n..(k_row + 1) * n];
                 let blocks = &mut out[k_row];
                 let orig = perm[i];
-                let sb = orig / QK_K;
-                if static_blocks.is_none() && orig.is_multiple_of(QK_K) {
+                let sb = orig / block_len;
+                if static_blocks.is_none() && orig.is_multiple_of(block_len) {
                     // No act-order: perm is the identity and the super-block starts here.
-                    let values: Vec<f32> = x[..QK_K].iter().map(|&v| v as f32).collect();
+                    let values: Vec<f32> = x[..block_len].iter().map(|&v| v as f32).collect();
                     match GgmlTensor::quantize(
                         &values,
                         1,
-                        QK_K,
+                        block_len,
                         k.ggml(),
-                        Some(&importance[i..i + QK_K]),
+                        Some(&importance[i..i + block_len]),
                         name,
                     ) {
                         Ok(block) => {
@@ -391,7 +392,7 @@ pub fn gptq_kquant(
                 } else {
                     x[0] as f32
                 };
-                let (q, v) = blocks.grids[sb][(orig % QK_K) / k.group()].nearest(target);
+                let (q, v) = blocks.grids[sb][(orig % block_len) / k.group()].nearest(target);
                 blocks.codes[orig] = q;
                 v as f64
             });
@@ -400,7 +401,7 @@ pub fn gptq_kquant(
                     return Err(e);
                 }
                 for (sb, block) in blocks.bytes.chunks_mut(bb).enumerate() {
-                    k.write_codes(block, &blocks.codes[sb * QK_K..(sb + 1) * QK_K]);
+                    k.write_codes(block, &blocks.codes[sb * block_len..(sb + 1) * block_len]);
                 }
                 Ok(blocks.bytes)
             })

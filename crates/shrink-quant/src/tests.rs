@@ -181,7 +181,7 @@ fn gptq_beats_rtn_on_correlated_inputs_and_is_deterministic() {
 }
 
 #[test]
-fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
+fn gptq_into_k_and_i_quant_blocks_beats_imatrix_rtn() {
     // GPTQ keeps the importance-weighted quantizer's block scales and only chooses codes, so it
     // must beat that quantizer on the layer objective; and with dynamic super-blocks too.
     let (rows, cols) = (24, 512);
@@ -195,7 +195,11 @@ fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
             .relative_output_error(&w, &q.dequantize().unwrap())
             .unwrap()
     };
-    for k in KQuant::ALL {
+    let kinds = KQuant::ALL
+        .map(CodeBlocks::K)
+        .into_iter()
+        .chain(IQuant::ALL.map(CodeBlocks::I));
+    for k in kinds {
         let rtn_err =
             error(&GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&imp), "t").unwrap());
         for act_order in [false, true] {
@@ -205,16 +209,16 @@ fn gptq_into_kquant_blocks_beats_imatrix_rtn() {
                 static_groups: act_order,
                 ..Default::default()
             };
-            let q = gptq_kquant(&w, rows, cols, &stats, k, &cfg, "t").unwrap();
+            let q = gptq_blocks(&w, rows, cols, &stats, k, &cfg, "t").unwrap();
             let e = error(&q);
             assert!(
                 e < 0.8 * rtn_err,
                 "{k:?} {cfg:?}: GPTQ {e} vs imatrix RTN {rtn_err}"
             );
-            assert_eq!(q.bytes.len(), rows * cols / 256 * k.block_bytes());
+            assert_eq!(q.bytes.len(), rows * cols / k.block_len() * k.block_bytes());
             assert_eq!(
                 q,
-                gptq_kquant(&w, rows, cols, &stats, k, &cfg, "t").unwrap()
+                gptq_blocks(&w, rows, cols, &stats, k, &cfg, "t").unwrap()
             );
         }
     }
@@ -587,7 +591,16 @@ fn gptq_keeps_a_pruning_mask_when_asked() {
     };
     let q = gptq(&w, rows, cols, &stats, &QuantScheme::Q4_0, &keep, "t").unwrap();
     assert_eq!(masked(&q.dequantize()), 0);
-    let k = gptq_kquant(&w, rows, cols, &stats, KQuant::Q6K, &keep, "t").unwrap();
+    let k = gptq_blocks(
+        &w,
+        rows,
+        cols,
+        &stats,
+        CodeBlocks::K(KQuant::Q6K),
+        &keep,
+        "t",
+    )
+    .unwrap();
     assert_eq!(masked(&k.dequantize().unwrap()), 0);
     // Without it the error feedback fills the holes.
     let plain = gptq(

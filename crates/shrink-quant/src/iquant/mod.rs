@@ -130,7 +130,8 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
         }
     }
     out.fill(0);
-    let qs_at = match kind {
+    let qs_at = indices_at(kind);
+    match kind {
         IQuant::IQ4NL => {
             out[..2].copy_from_slice(&f16::from_f32(scales[0]).to_le_bytes());
             let id = if scales[0] != 0.0 {
@@ -141,7 +142,6 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
             for (l, &v) in l.iter_mut().zip(x) {
                 *l = best_index(values, id * v);
             }
-            2
         }
         IQuant::IQ4XS => {
             let d = -max_scale / 32.0;
@@ -160,14 +160,60 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
                 scales_h |= ((ls >> 4) as u16) << (2 * ib);
             }
             out[2..4].copy_from_slice(&scales_h.to_le_bytes());
-            8
-        }
-    };
-    for i in 0..subs {
-        for j in 0..16 {
-            out[qs_at + 16 * i + j] = l[32 * i + j] | l[32 * i + 16 + j] << 4;
         }
     }
+    pack_indices(&mut out[qs_at..], &l[..n]);
+}
+
+/// Where a block's indices start.
+fn indices_at(kind: IQuant) -> usize {
+    match kind {
+        IQuant::IQ4NL => 2,
+        IQuant::IQ4XS => 8,
+    }
+}
+
+/// Packs 4-bit indices, 32 per sub-block: byte j holds index j (low nibble) and j + 16.
+fn pack_indices(qs: &mut [u8], l: &[u8]) {
+    for (q, l) in qs.chunks_mut(16).zip(l.chunks(32)) {
+        for j in 0..16 {
+            q[j] = l[j] | l[16 + j] << 4;
+        }
+    }
+}
+
+/// The scale of each 32-weight sub-block of a block as stored (what dequantization multiplies
+/// the codebook values by).
+pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
+    let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+    match kind {
+        IQuant::IQ4NL => vec![d],
+        IQuant::IQ4XS => {
+            let scales_h = u16::from_le_bytes([block[2], block[3]]);
+            (0..8)
+                .map(|ib| {
+                    let low = (block[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                    d * ((low | high << 4) as i32 - 32) as f32
+                })
+                .collect()
+        }
+    }
+}
+
+/// The codebook index whose value under sub-block scale `d` is nearest `x`, and that value.
+pub fn nearest(d: f32, x: f32) -> (u8, f32) {
+    if d == 0.0 {
+        return (best_index(&KVALUES_IQ4NL, 0.0), 0.0);
+    }
+    let i = best_index(&KVALUES_IQ4NL, x / d);
+    (i, d * KVALUES_IQ4NL[i as usize] as f32)
+}
+
+/// Writes a block's indices (one per weight, in order), keeping its scales.
+pub fn write_indices(kind: IQuant, block: &mut [u8], l: &[u8]) {
+    debug_assert_eq!(l.len(), kind.block_size());
+    pack_indices(&mut block[indices_at(kind)..], l);
 }
 
 #[cfg(test)]
