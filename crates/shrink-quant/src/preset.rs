@@ -18,8 +18,12 @@ use std::path::Path;
 pub const BUILTIN: &[(&str, &str)] = &[
     ("iq4_nl", include_str!("../../../configs/quant/iq4_nl.toml")),
     ("iq4_xs", include_str!("../../../configs/quant/iq4_xs.toml")),
+    ("q2_k", include_str!("../../../configs/quant/q2_k.toml")),
+    ("q3_k_m", include_str!("../../../configs/quant/q3_k_m.toml")),
     ("q4_0", include_str!("../../../configs/quant/q4_0.toml")),
     ("q4_k_m", include_str!("../../../configs/quant/q4_k_m.toml")),
+    ("q5_k_m", include_str!("../../../configs/quant/q5_k_m.toml")),
+    ("q6_k", include_str!("../../../configs/quant/q6_k.toml")),
     (
         "w4a16-g128",
         include_str!("../../../configs/quant/w4a16-g128.toml"),
