@@ -55,7 +55,7 @@ int main(int argc, char **argv) {
 "#;
 
 #[test]
-fn iq4_blocks_are_ggml_s() {
+fn i_quant_blocks_are_ggml_s() {
     let Some((dir, exe)) = ggml_harness("iquant", HARNESS_C) else {
         return;
     };
@@ -70,7 +70,7 @@ fn iq4_blocks_are_ggml_s() {
     let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
     std::fs::write(dir.path().join("x.bin"), bytes(&x)).unwrap();
     std::fs::write(dir.path().join("imatrix.bin"), bytes(&importance)).unwrap();
-    for kind in [IQuant::IQ4NL, IQuant::IQ4XS] {
+    for kind in IQuant::ALL {
         let id = kind.ggml_id().to_string();
         let (r, c) = (rows.to_string(), cols.to_string());
         let run = Command::new(&exe)

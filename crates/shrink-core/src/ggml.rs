@@ -35,10 +35,11 @@ pub enum GgmlType {
     Q8K,
     IQ4NL,
     IQ4XS,
+    IQ3XXS,
 }
 
 /// (type, ggml's id, weights per block, bytes per block).
-const TYPES: [(GgmlType, u32, usize, usize); 17] = [
+const TYPES: [(GgmlType, u32, usize, usize); 18] = [
     (GgmlType::F32, 0, 1, 4),
     (GgmlType::F16, 1, 1, 2),
     (GgmlType::BF16, 30, 1, 2),
@@ -56,6 +57,7 @@ const TYPES: [(GgmlType, u32, usize, usize); 17] = [
     (GgmlType::Q8K, 15, 256, 292),
     (GgmlType::IQ4NL, 20, 32, 18),
     (GgmlType::IQ4XS, 23, 256, 136),
+    (GgmlType::IQ3XXS, 18, 256, 98),
 ];
 
 impl GgmlType {
@@ -105,6 +107,7 @@ impl GgmlType {
         match self {
             GgmlType::IQ4NL => Some(IQuant::IQ4NL),
             GgmlType::IQ4XS => Some(IQuant::IQ4XS),
+            GgmlType::IQ3XXS => Some(IQuant::IQ3XXS),
             _ => None,
         }
     }
@@ -114,6 +117,7 @@ impl GgmlType {
         match q {
             IQuant::IQ4NL => GgmlType::IQ4NL,
             IQuant::IQ4XS => GgmlType::IQ4XS,
+            IQuant::IQ3XXS => GgmlType::IQ3XXS,
         }
     }
 
@@ -135,6 +139,7 @@ impl GgmlType {
             GgmlType::Q6K => 18,
             GgmlType::IQ4NL => 25,
             GgmlType::IQ4XS => 30,
+            GgmlType::IQ3XXS => 23,
             GgmlType::BF16 => 32,
             // No file is "mostly" these: the activation-side types.
             GgmlType::Q8_1 | GgmlType::Q8K => 0,

@@ -106,7 +106,7 @@ pub enum Format {
 
 impl Format {
     /// Parses a ggml type name: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
-    /// iq4_nl, iq4_xs.
+    /// iq4_nl, iq4_xs, iq3_xxs.
     pub fn parse(name: &str) -> Result<Format> {
         let lower = name.to_ascii_lowercase();
         Ok(match lower.as_str() {
@@ -121,7 +121,7 @@ impl Format {
                     Some(q) => Format::I(q),
                     None => {
                         return Err(QuantError::Scheme(format!(
-                            "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs)"
+                            "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs)"
                         )))
                     }
                 },
@@ -186,9 +186,9 @@ impl Format {
                 granularity: Granularity::Group(k.group()),
                 search: false,
             },
-            // 4-bit codes under one scale per 32 weights (a non-uniform codebook).
-            Format::I(_) => QuantScheme {
-                bits: 4,
+            // Codes under one scale per 32 weights (a non-uniform codebook or grid).
+            Format::I(q) => QuantScheme {
+                bits: q.bits(),
                 grid: Grid::SymmetricFull,
                 granularity: Granularity::Group(32),
                 search: false,

@@ -319,6 +319,14 @@ pub fn gptq_blocks(
     name: &str,
 ) -> Result<GgmlTensor> {
     crate::kquant::check(w, rows, cols, k.ggml(), name)?;
+    if let CodeBlocks::I(q) = k {
+        if !crate::iquant::per_weight_codes(q) {
+            return Err(QuantError::Scheme(format!(
+                "'{name}': GPTQ does not pick codes inside {} blocks yet (a grid point stands for four weights); use --method rtn",
+                q.name()
+            )));
+        }
+    }
     let Prepared {
         w,
         perm,

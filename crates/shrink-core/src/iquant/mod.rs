@@ -3,8 +3,10 @@
 //! generated from llama.cpp's source). The quantizers are `shrink_quant::iquant`'s.
 //!
 //! So far IQ4_NL (blocks of 32: an f16 scale and sixteen bytes of 4-bit indices into a
-//! non-linear codebook) and IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
-//! scales and the same indices).
+//! non-linear codebook), IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
+//! scales and the same indices) and IQ3_XXS (super-blocks of 256: an f16 scale, one byte per four
+//! weights indexing a grid of 256 magnitude quadruples, and per 32 weights a 4-bit scale and
+//! seven sign bits per eight weights).
 //!
 //! ```
 //! use shrink_core::iquant::IQuant;
@@ -20,7 +22,7 @@
 pub mod tables;
 
 use half::f16;
-use tables::KVALUES_IQ4NL;
+use tables::{IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS, KVALUES_IQ4NL};
 
 /// An i-quant block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -30,17 +32,29 @@ pub enum IQuant {
     IQ4NL,
     /// 256 weights: f16 scale, 6-bit scales of eight sub-blocks, 128 bytes of indices (4.25).
     IQ4XS,
+    /// 256 weights: f16 scale, 64 indices into a grid of 256 points of 4 magnitudes, and per
+    /// sub-block of 32 a 4-bit scale and 28 bits of signs (3.0625).
+    IQ3XXS,
 }
 
 impl IQuant {
     /// Every i-quant shrink reads and writes.
-    pub const ALL: [IQuant; 2] = [IQuant::IQ4NL, IQuant::IQ4XS];
+    pub const ALL: [IQuant; 3] = [IQuant::IQ4NL, IQuant::IQ4XS, IQuant::IQ3XXS];
 
     /// ggml's type name (`iq4_xs`).
     pub fn name(self) -> &'static str {
         match self {
             IQuant::IQ4NL => "iq4_nl",
             IQuant::IQ4XS => "iq4_xs",
+            IQuant::IQ3XXS => "iq3_xxs",
+        }
+    }
+
+    /// Bits of a weight's code, before scales and signs (4 for the IQ4 types, 3 for IQ3_XXS).
+    pub fn bits(self) -> u8 {
+        match self {
+            IQuant::IQ4NL | IQuant::IQ4XS => 4,
+            IQuant::IQ3XXS => 3,
         }
     }
 
@@ -49,6 +63,7 @@ impl IQuant {
         match self {
             IQuant::IQ4NL => 20,
             IQuant::IQ4XS => 23,
+            IQuant::IQ3XXS => 18,
         }
     }
 
@@ -56,7 +71,7 @@ impl IQuant {
     pub fn block_size(self) -> usize {
         match self {
             IQuant::IQ4NL => 32,
-            IQuant::IQ4XS => 256,
+            IQuant::IQ4XS | IQuant::IQ3XXS => 256,
         }
     }
 
@@ -65,6 +80,7 @@ impl IQuant {
         match self {
             IQuant::IQ4NL => 18,
             IQuant::IQ4XS => 136,
+            IQuant::IQ3XXS => 98,
         }
     }
 
@@ -89,6 +105,24 @@ impl IQuant {
                         let high = ((scales_h >> (2 * ib)) & 3) as u8;
                         let ls = (low | high << 4) as i32;
                         nibbles(q, d * (ls - 32) as f32, y);
+                    }
+                }
+                IQuant::IQ3XXS => {
+                    let (qs, signs) = (&block[2..66], &block[66..98]);
+                    for (ib, y) in y.chunks_mut(32).enumerate() {
+                        let aux = u32::from_le_bytes(signs[4 * ib..4 * ib + 4].try_into().unwrap());
+                        let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
+                        for (l, y) in y.chunks_mut(8).enumerate() {
+                            let sign = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                            for (half, y) in y.chunks_mut(4).enumerate() {
+                                let grid = IQ3XXS_GRID[qs[8 * ib + 2 * l + half] as usize];
+                                for (j, y) in y.iter_mut().enumerate() {
+                                    let g = (grid >> (8 * j)) as u8 as f32;
+                                    let neg = sign & KMASK_IQ2XS[4 * half + j] != 0;
+                                    *y = db * g * if neg { -1.0 } else { 1.0 };
+                                }
+                            }
+                        }
                     }
                 }
             }

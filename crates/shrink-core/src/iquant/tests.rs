@@ -32,3 +32,31 @@ fn hand_made_blocks_dequantize_to_their_values() {
         assert!(sub.iter().all(|&v| v == want), "sub-block {k}: {sub:?}");
     }
 }
+
+#[test]
+fn hand_made_iq3_xxs_block_dequantizes_to_its_values() {
+    // Scale 1; sub-block k has 4-bit scale k (db = (0.5 + k)/2), grid point k in every group, and
+    // sign pattern 1 (minus on its first weight, and by parity on its eighth) in group 0 only.
+    let mut b = vec![0u8; 98];
+    b[..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+    for k in 0..8 {
+        b[2 + 8 * k..10 + 8 * k].fill(k as u8);
+        let word = (k as u32) << 28 | 1;
+        b[66 + 4 * k..70 + 4 * k].copy_from_slice(&word.to_le_bytes());
+    }
+    let mut y = vec![0f32; 256];
+    IQuant::IQ3XXS.dequantize_row(&b, &mut y);
+    assert_eq!(KSIGNS_IQ2XS[1], 0x81);
+    for (k, sub) in y.chunks(32).enumerate() {
+        let db = (0.5 + k as f32) * 0.5;
+        let point = IQ3XXS_GRID[k].to_le_bytes();
+        for (i, &v) in sub.iter().enumerate() {
+            let sign = if i == 0 || i == 7 { -1.0 } else { 1.0 };
+            assert_eq!(
+                v,
+                sign * db * point[i % 4] as f32,
+                "sub-block {k}, weight {i}"
+            );
+        }
+    }
+}

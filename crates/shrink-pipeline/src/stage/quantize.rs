@@ -189,7 +189,7 @@ impl QuantizeRequest {
                     let (bits, group) = match format {
                         Format::Scheme(s) => (s.bits, s.granularity),
                         Format::K(k) => (k.bits(), Granularity::Group(k.group())),
-                        Format::I(_) => (4, Granularity::Group(32)),
+                        Format::I(q) => (q.bits(), Granularity::Group(32)),
                     };
                     if self.bits.is_some_and(|b| b != bits)
                         || (self.group.is_some() && want.granularity != group)

@@ -14,6 +14,8 @@
 //! assert!(err < 5e-3, "{err}"); // the rows mean square is 0.33
 //! ```
 
+mod iq3;
+
 use half::f16;
 use shrink_core::iquant::tables::KVALUES_IQ4NL;
 use shrink_core::iquant::IQuant;
@@ -30,7 +32,10 @@ pub fn quantize_row(kind: IQuant, row: &[f32], importance: Option<&[f32]>, out: 
     assert_eq!(out.len(), kind.row_bytes(row.len()), "the row's bytes");
     for (b, (x, block)) in row.chunks(n).zip(out.chunks_mut(size)).enumerate() {
         let qw = importance.map(|w| &w[b * n..(b + 1) * n]);
-        quantize_iq4(x, qw, block, kind);
+        match kind {
+            IQuant::IQ4NL | IQuant::IQ4XS => quantize_iq4(x, qw, block, kind),
+            IQuant::IQ3XXS => iq3::quantize_block(x, qw, block),
+        }
     }
 }
 
@@ -143,7 +148,7 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
                 *l = best_index(values, id * v);
             }
         }
-        IQuant::IQ4XS => {
+        _ => {
             let d = -max_scale / 32.0;
             out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -165,11 +170,17 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
     pack_indices(&mut out[qs_at..], &l[..n]);
 }
 
-/// Where a block's indices start.
+/// Whether GPTQ can pick a block's codes one weight at a time: a codebook index per weight
+/// (IQ4_NL, IQ4_XS), not a grid point per four weights (IQ3_XXS).
+pub fn per_weight_codes(kind: IQuant) -> bool {
+    matches!(kind, IQuant::IQ4NL | IQuant::IQ4XS)
+}
+
+/// Where a block's 4-bit indices start (types with [`per_weight_codes`]).
 fn indices_at(kind: IQuant) -> usize {
     match kind {
         IQuant::IQ4NL => 2,
-        IQuant::IQ4XS => 8,
+        _ => 8,
     }
 }
 
@@ -183,11 +194,12 @@ fn pack_indices(qs: &mut [u8], l: &[u8]) {
 }
 
 /// The scale of each 32-weight sub-block of a block as stored (what dequantization multiplies
-/// the codebook values by).
+/// the codebook values by); none for types without [`per_weight_codes`].
 pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
     match kind {
         IQuant::IQ4NL => vec![d],
+        IQuant::IQ3XXS => vec![],
         IQuant::IQ4XS => {
             let scales_h = u16::from_le_bytes([block[2], block[3]]);
             (0..8)
