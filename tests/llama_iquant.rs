@@ -42,7 +42,8 @@ int main(int argc, char **argv) {
     size_t row = ggml_row_size(type, cols);
     void *q = malloc(row * rows);
     float *y = malloc(sizeof(float) * rows * cols);
-    for (int weighted = 0; weighted < 2; weighted++) {
+    /* ggml refuses some types without an importance matrix (IQ2_XS): only the weighted pass. */
+    for (int weighted = ggml_quantize_requires_imatrix(type); weighted < 2; weighted++) {
         ggml_quantize_chunk(type, x, q, 0, rows, cols, weighted ? imatrix : NULL);
         ggml_get_type_traits(type)->to_float(q, y, (int64_t) rows * cols);
         snprintf(path, sizeof path, "%s/%d-%d.q", dir, (int) type, weighted);
@@ -83,7 +84,13 @@ fn i_quant_blocks_are_ggml_s() {
             String::from_utf8_lossy(&run.stderr)
         );
         for (weighted, imp) in [(0, None), (1, Some(&importance[..]))] {
-            let theirs = std::fs::read(dir.path().join(format!("{id}-{weighted}.q"))).unwrap();
+            let path = dir.path().join(format!("{id}-{weighted}.q"));
+            // ggml quantizes IQ2_XS only with an importance matrix (shrink weights by x² then).
+            if weighted == 0 && kind == IQuant::IQ2XS {
+                assert!(!path.exists());
+                continue;
+            }
+            let theirs = std::fs::read(path).unwrap();
             let mut ours = vec![0u8; rows * kind.row_bytes(cols)];
             for (row, out) in x.chunks(cols).zip(ours.chunks_mut(kind.row_bytes(cols))) {
                 shrink_quant::iquant::quantize_row(kind, row, imp, out);

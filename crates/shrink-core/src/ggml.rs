@@ -36,10 +36,11 @@ pub enum GgmlType {
     IQ4NL,
     IQ4XS,
     IQ3XXS,
+    IQ2XS,
 }
 
 /// (type, ggml's id, weights per block, bytes per block).
-const TYPES: [(GgmlType, u32, usize, usize); 18] = [
+const TYPES: [(GgmlType, u32, usize, usize); 19] = [
     (GgmlType::F32, 0, 1, 4),
     (GgmlType::F16, 1, 1, 2),
     (GgmlType::BF16, 30, 1, 2),
@@ -58,6 +59,7 @@ const TYPES: [(GgmlType, u32, usize, usize); 18] = [
     (GgmlType::IQ4NL, 20, 32, 18),
     (GgmlType::IQ4XS, 23, 256, 136),
     (GgmlType::IQ3XXS, 18, 256, 98),
+    (GgmlType::IQ2XS, 17, 256, 74),
 ];
 
 impl GgmlType {
@@ -108,6 +110,7 @@ impl GgmlType {
             GgmlType::IQ4NL => Some(IQuant::IQ4NL),
             GgmlType::IQ4XS => Some(IQuant::IQ4XS),
             GgmlType::IQ3XXS => Some(IQuant::IQ3XXS),
+            GgmlType::IQ2XS => Some(IQuant::IQ2XS),
             _ => None,
         }
     }
@@ -118,6 +121,7 @@ impl GgmlType {
             IQuant::IQ4NL => GgmlType::IQ4NL,
             IQuant::IQ4XS => GgmlType::IQ4XS,
             IQuant::IQ3XXS => GgmlType::IQ3XXS,
+            IQuant::IQ2XS => GgmlType::IQ2XS,
         }
     }
 
@@ -140,6 +144,7 @@ impl GgmlType {
             GgmlType::IQ4NL => 25,
             GgmlType::IQ4XS => 30,
             GgmlType::IQ3XXS => 23,
+            GgmlType::IQ2XS => 20,
             GgmlType::BF16 => 32,
             // No file is "mostly" these: the activation-side types.
             GgmlType::Q8_1 | GgmlType::Q8K => 0,

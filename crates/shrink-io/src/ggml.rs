@@ -24,7 +24,7 @@ pub fn to_candle(t: GgmlType) -> Option<GgmlDType> {
         GgmlType::Q5K => GgmlDType::Q5K,
         GgmlType::Q6K => GgmlDType::Q6K,
         GgmlType::Q8K => GgmlDType::Q8K,
-        GgmlType::IQ4NL | GgmlType::IQ4XS | GgmlType::IQ3XXS => return None,
+        GgmlType::IQ4NL | GgmlType::IQ4XS | GgmlType::IQ3XXS | GgmlType::IQ2XS => return None,
     })
 }
 

@@ -6,7 +6,9 @@
 //! non-linear codebook), IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
 //! scales and the same indices) and IQ3_XXS (super-blocks of 256: an f16 scale, one byte per four
 //! weights indexing a grid of 256 magnitude quadruples, and per 32 weights a 4-bit scale and
-//! seven sign bits per eight weights).
+//! seven sign bits per eight weights) and IQ2_XS (super-blocks of 256: an f16 scale, a 16-bit
+//! word per eight weights holding an index into a grid of 512 magnitude octets and seven sign
+//! bits, and a 4-bit scale per 16 weights).
 //!
 //! ```
 //! use shrink_core::iquant::IQuant;
@@ -22,7 +24,7 @@
 pub mod tables;
 
 use half::f16;
-use tables::{IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS, KVALUES_IQ4NL};
+use tables::{IQ2XS_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS, KVALUES_IQ4NL};
 
 /// An i-quant block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -35,11 +37,14 @@ pub enum IQuant {
     /// 256 weights: f16 scale, 64 indices into a grid of 256 points of 4 magnitudes, and per
     /// sub-block of 32 a 4-bit scale and 28 bits of signs (3.0625).
     IQ3XXS,
+    /// 256 weights: f16 scale, per eight weights a 16-bit word (9-bit index into a grid of 512
+    /// magnitude octets, 7 sign bits), a 4-bit scale per 16 weights (2.3125).
+    IQ2XS,
 }
 
 impl IQuant {
     /// Every i-quant shrink reads and writes.
-    pub const ALL: [IQuant; 3] = [IQuant::IQ4NL, IQuant::IQ4XS, IQuant::IQ3XXS];
+    pub const ALL: [IQuant; 4] = [IQuant::IQ4NL, IQuant::IQ4XS, IQuant::IQ3XXS, IQuant::IQ2XS];
 
     /// ggml's type name (`iq4_xs`).
     pub fn name(self) -> &'static str {
@@ -47,14 +52,16 @@ impl IQuant {
             IQuant::IQ4NL => "iq4_nl",
             IQuant::IQ4XS => "iq4_xs",
             IQuant::IQ3XXS => "iq3_xxs",
+            IQuant::IQ2XS => "iq2_xs",
         }
     }
 
-    /// Bits of a weight's code, before scales and signs (4 for the IQ4 types, 3 for IQ3_XXS).
+    /// Bits of a weight's code, before scales and signs (4 for the IQ4 types, 3 for IQ3_XXS, 2 for IQ2_XS).
     pub fn bits(self) -> u8 {
         match self {
             IQuant::IQ4NL | IQuant::IQ4XS => 4,
             IQuant::IQ3XXS => 3,
+            IQuant::IQ2XS => 2,
         }
     }
 
@@ -64,6 +71,7 @@ impl IQuant {
             IQuant::IQ4NL => 20,
             IQuant::IQ4XS => 23,
             IQuant::IQ3XXS => 18,
+            IQuant::IQ2XS => 17,
         }
     }
 
@@ -71,7 +79,7 @@ impl IQuant {
     pub fn block_size(self) -> usize {
         match self {
             IQuant::IQ4NL => 32,
-            IQuant::IQ4XS | IQuant::IQ3XXS => 256,
+            IQuant::IQ4XS | IQuant::IQ3XXS | IQuant::IQ2XS => 256,
         }
     }
 
@@ -81,6 +89,7 @@ impl IQuant {
             IQuant::IQ4NL => 18,
             IQuant::IQ4XS => 136,
             IQuant::IQ3XXS => 98,
+            IQuant::IQ2XS => 74,
         }
     }
 
@@ -122,6 +131,21 @@ impl IQuant {
                                     *y = db * g * if neg { -1.0 } else { 1.0 };
                                 }
                             }
+                        }
+                    }
+                }
+                IQuant::IQ2XS => {
+                    let scales = &block[66..74];
+                    for (k, y) in y.chunks_mut(8).enumerate() {
+                        let q = u16::from_le_bytes([block[2 + 2 * k], block[3 + 2 * k]]);
+                        let s = scales[k / 4] >> (4 * (k % 4 / 2)) & 0xf;
+                        let db = d * (0.5 + s as f32) * 0.25;
+                        let grid = IQ2XS_GRID[(q & 511) as usize];
+                        let sign = KSIGNS_IQ2XS[(q >> 9) as usize];
+                        for (j, y) in y.iter_mut().enumerate() {
+                            let g = (grid >> (8 * j)) as u8 as f32;
+                            let neg = sign & KMASK_IQ2XS[j] != 0;
+                            *y = db * g * if neg { -1.0 } else { 1.0 };
                         }
                     }
                 }

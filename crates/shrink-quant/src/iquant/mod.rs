@@ -14,6 +14,8 @@
 //! assert!(err < 5e-3, "{err}"); // the rows mean square is 0.33
 //! ```
 
+mod grid;
+mod iq2;
 mod iq3;
 
 use half::f16;
@@ -35,6 +37,7 @@ pub fn quantize_row(kind: IQuant, row: &[f32], importance: Option<&[f32]>, out: 
         match kind {
             IQuant::IQ4NL | IQuant::IQ4XS => quantize_iq4(x, qw, block, kind),
             IQuant::IQ3XXS => iq3::quantize_block(x, qw, block),
+            IQuant::IQ2XS => iq2::quantize_block(x, qw, block),
         }
     }
 }
@@ -199,7 +202,7 @@ pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
     match kind {
         IQuant::IQ4NL => vec![d],
-        IQuant::IQ3XXS => vec![],
+        IQuant::IQ3XXS | IQuant::IQ2XS => vec![],
         IQuant::IQ4XS => {
             let scales_h = u16::from_le_bytes([block[2], block[3]]);
             (0..8)
