@@ -34,7 +34,7 @@ rows = []
 for name in wanted:
     args = variants[name]
     path = os.path.join(bench.out, name.replace(":", "_") + ".gguf")
-    so, _, wall, rss = bench.shrink_run("prune", model, *args, "-o", path, "--json")
+    so, _, wall, rss = bench.shrink_run("prune", model, *args, "--calib", "shakespeare:calib", "-o", path, "--json")
     s = json.loads(so)
     row = dict(variant=name, args=" ".join(args), bytes=os.path.getsize(path), prune_s=round(wall, 1),
                peak_rss_mb=round(rss), parameters=s["parameters_after"], config=s["config"],

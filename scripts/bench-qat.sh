@@ -19,10 +19,10 @@ model = bench.asset("smollm2")
 
 gptq = os.environ.get("GPTQ") or os.path.join(bench.out, "gptq-q4_0.gguf")
 if not os.path.exists(gptq):
-    bench.shrink_run("quantize", model, "--method", "gptq", "--format", "gguf:q4_0", "-o", gptq)
+    bench.shrink_run("quantize", model, "--method", "gptq", "--format", "gguf:q4_0", "--calib", "shakespeare:calib", "-o", gptq)
 qat = os.path.join(bench.out, f"qat-q4_0-{steps}.gguf")
 args = ["--qat", "q4_0", "--steps", steps, "--batch", "4", "--seq-len", "256", "--lr", lr,
-        "--warmup", "5", "--eval-every", "0", "--eval-windows", "8", "--checkpoint-every", "0"]
+        "--calib", "shakespeare:calib", "--warmup", "5", "--eval-every", "0", "--eval-windows", "8", "--checkpoint-every", "0"]
 so, _, wall, rss = bench.shrink_run("distill", model, *args, "-o", qat, "--json")
 s = json.loads(so)
 t = s["training"]

@@ -12,6 +12,8 @@ import json, os, subprocess, sys
 from benchlib import Bench, run
 bench = Bench()
 model = bench.asset("smollm2")
+# The figures of the README were measured calibrated on Shakespeare (CALIB=… for another text).
+CALIB = os.environ.get("CALIB", "shakespeare:calib")
 
 def size(path):
     if os.path.isdir(path):
@@ -32,7 +34,7 @@ rows = []
 for name in wanted:
     args, kind = variants[name]
     path = os.path.join(bench.out, name + (".gguf" if kind == "gguf" else ""))
-    so, _, wall, rss = bench.shrink_run("quantize", model, *args, "-o", path, "--json")
+    so, _, wall, rss = bench.shrink_run("quantize", model, *args, "--calib", CALIB, "-o", path, "--json")
     row = dict(variant=name, args=" ".join(args), bytes=size(path), quantize_s=round(wall, 1), peak_rss_mb=round(rss),
                types=json.loads(so)["types"], shrink_ppl=bench.shrink_ppl(path))
     row["llama_ppl"] = bench.llama_ppl(path) if kind == "gguf" else None
@@ -43,7 +45,7 @@ if os.environ.get("LLAMA_REFS") == "1":
     imatrix = os.path.join(bench.out, "imatrix.dat")
     calib = os.path.join(bench.out, "calib.txt")
     with open(calib, "w") as f:
-        for part in subprocess.check_output([bench.shrink, "data", "path", "shakespeare:calib"]).decode().split():
+        for part in subprocess.check_output([bench.shrink, "data", "path", CALIB]).decode().split():
             f.write(open(part).read())
     f32 = os.path.join(bench.out, "f32.gguf")
     run([f"{bench.bin_dir}/llama-quantize", "--allow-requantize", model, f32, "F32"])

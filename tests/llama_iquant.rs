@@ -204,3 +204,55 @@ fn iq4_files_are_llama_quantize_s_and_score_alike() {
         );
     }
 }
+
+/// The grid i-quants in whole files: shrink writes SmolLM2 with IQ3_XXS or IQ2_XS where rows hold
+/// super-blocks (the `ffn_down` weights) and IQ4_NL elsewhere, by ggml's importance-weighted
+/// quantizers from a small calibration (IQ2_XS needs one), through a preset file; llama.cpp loads
+/// each file and scores it within 0.5% of `shrink eval` on 32 chunks (shrink multiplies the
+/// dequantized i-quants in f32, llama.cpp rounds activations to 8 bits: on 8 chunks the IQ3_XXS
+/// file calibrated on Shakespeare measured 0.62% apart, on 32 chunks 0.43%; on the default mix
+/// 0.49%, IQ2_XS 0.24%).
+#[test]
+fn grid_i_quant_files_load_in_llama_cpp_and_score_alike() {
+    let Some(model) = model_path() else { return };
+    let Some(perplexity) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for kind in [IQuant::IQ3XXS, IQuant::IQ2XS] {
+        let name = kind.name();
+        let preset = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &preset,
+            format!(
+                "description = \"{name} where rows hold super-blocks\"\nmethod = \"rtn\"\n\
+                 format = \"{name}\"\nembeddings = \"q8_0\"\nexport = \"gguf\"\n\n\
+                 [fallback]\n{name} = \"iq4_nl\"\n"
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(format!("{name}.gguf"));
+        run_shrink(&[
+            "quantize",
+            model.to_str().unwrap(),
+            "--preset",
+            preset.to_str().unwrap(),
+            "--imatrix",
+            "--samples",
+            "4",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        let types = gguf_tensor_bytes(&out);
+        let count = |t: &str| types.values().filter(|(ty, _)| ty == t).count();
+        let stored = format!("{:?}", shrink_core::ggml::GgmlType::of_iquant(kind));
+        assert_eq!((count(&stored), count("IQ4NL")), (30, 180), "{name}");
+        let shrink = shrink_eval(&out, 32)["perplexity"]["ppl"].as_f64().unwrap();
+        let llama = llama_perplexity(&perplexity, &out, 32);
+        eprintln!("{name}: shrink eval {shrink:.4}, llama-perplexity {llama:.4}");
+        assert!(
+            (shrink / llama - 1.0).abs() < 0.005,
+            "{name}: {shrink} vs {llama}"
+        );
+    }
+}

@@ -217,8 +217,9 @@ pub(crate) fn calibration_windows(
 /// summary's form.
 #[derive(clap::Args)]
 pub(crate) struct Compression {
-    /// Calibration text: DATASET:SPLIT or a file (read by the methods that calibrate).
-    #[arg(long, default_value = "shakespeare:calib")]
+    /// Calibration text: DATASET:SPLIT or a file, several joined by `+` (read by the methods
+    /// that calibrate) [default: Shakespeare, setuptools' guide and click's source].
+    #[arg(long, default_value = shrink_data::DEFAULT_CALIB, hide_default_value = true)]
     pub calib: String,
     /// Calibration windows.
     #[arg(long, default_value_t = 128)]

@@ -27,6 +27,12 @@ pub struct GptqConfig {
     /// on a pruned model keeps its sparsity, as SparseGPT's joint sparsify-and-quantize pass does.
     #[serde(default)]
     pub keep_zeros: bool,
+    /// Fraction `b` of the Hessian's off-diagonal taken out before GPTQ: H' = (1 − b)·H +
+    /// b·diag(H). 0 is GPTQ; 1 keeps only the diagonal (llama.cpp's importance weighting, each
+    /// column's error no longer fed to the others); between them the error feedback trusts the
+    /// calibration text's input correlations less.
+    #[serde(default)]
+    pub blend: f64,
 }
 
 impl Default for GptqConfig {
@@ -36,6 +42,7 @@ impl Default for GptqConfig {
             act_order: true,
             static_groups: true,
             keep_zeros: false,
+            blend: 0.0,
         }
     }
 }
@@ -186,8 +193,15 @@ fn prepare(
     if cfg.act_order {
         perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
     }
+    let keep = 1.0 - cfg.blend;
     let hp: Vec<f64> = (0..n * n)
-        .map(|k| stats.hessian[perm[k / n] * n + perm[k % n]])
+        .map(|k| {
+            let h = stats.hessian[perm[k / n] * n + perm[k % n]];
+            match k / n == k % n || cfg.blend == 0.0 {
+                true => h,
+                false => keep * h,
+            }
+        })
         .collect();
     let u = shrink_calib::damped_inverse_cholesky_upper(hp, n, cfg.damp, name)?;
     Ok(Prepared {
@@ -425,4 +439,63 @@ pub fn gptq_blocks(
         cols,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod blend_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// `blend` is GPTQ on H' = (1 − b)·H + b·diag(H), built here by hand: the same codes.
+    #[test]
+    fn blend_is_gptq_on_the_hand_blended_hessian() {
+        let (rows, cols) = (6, 64);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-0.1..0.1)).collect();
+        // Correlated inputs: each a mix of a shared signal and its own noise.
+        let x: Vec<Vec<f64>> = (0..200)
+            .map(|_| {
+                let s: f64 = rng.gen_range(-1.0..1.0);
+                (0..cols)
+                    .map(|_| s + 0.3 * rng.gen_range(-1.0..1.0))
+                    .collect()
+            })
+            .collect();
+        let mut stats = LinearStats::new(cols);
+        for row in &x {
+            for i in 0..cols {
+                for j in 0..cols {
+                    stats.hessian[i * cols + j] += row[i] * row[j];
+                }
+            }
+        }
+        let gptq_on = |hessian: Vec<f64>, blend: f64| {
+            let mut s = LinearStats::new(cols);
+            s.hessian = hessian;
+            let cfg = GptqConfig {
+                blend,
+                ..Default::default()
+            };
+            gptq(&w, rows, cols, &s, &QuantScheme::Q4_0, &cfg, "t").unwrap()
+        };
+        let by_hand = |b: f64| -> Vec<f64> {
+            let h = &stats.hessian;
+            (0..cols * cols)
+                .map(|k| match k / cols == k % cols {
+                    true => h[k],
+                    false => (1.0 - b) * h[k],
+                })
+                .collect()
+        };
+        let plain = gptq_on(stats.hessian.clone(), 0.0);
+        for b in [0.5, 1.0] {
+            let blended = gptq_on(stats.hessian.clone(), b);
+            assert_eq!(blended, gptq_on(by_hand(b), 0.0), "blend {b}");
+            assert_ne!(blended, plain, "blend {b} changes the codes");
+        }
+        // Only the diagonal left: no error feedback, each weight rounded on its group's grid.
+        let diagonal = gptq_on(stats.hessian.clone(), 1.0);
+        let rtn = rtn(&w, rows, cols, &QuantScheme::Q4_0, None, "t").unwrap();
+        assert_eq!(diagonal, rtn);
+    }
 }

@@ -63,8 +63,8 @@ pub(crate) struct DistillArgs {
     /// QAT: also fake-quantize the linears' input activations (int8-per-token).
     #[arg(long)]
     activations: Option<String>,
-    /// QAT: calibration text for GPTQ's initial codes.
-    #[arg(long, default_value = "shakespeare:calib")]
+    /// QAT: calibration text for GPTQ's initial codes [default: as `shrink quantize`'s].
+    #[arg(long, default_value = shrink_data::DEFAULT_CALIB, hide_default_value = true)]
     calib: String,
     /// QAT: calibration windows of 512 tokens.
     #[arg(long, default_value_t = 128)]

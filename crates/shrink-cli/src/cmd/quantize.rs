@@ -52,6 +52,10 @@ pub(crate) struct QuantizeArgs {
     /// Quantize GPTQ columns in their original order instead of by decreasing activation energy.
     #[arg(long)]
     no_act_order: bool,
+    /// GPTQ: fraction of the Hessian's off-diagonal taken out, H' = (1 − b)·H + b·diag(H)
+    /// (0: GPTQ; 1: only the diagonal importance, as llama.cpp weighs the error).
+    #[arg(long, default_value_t = 0.0, value_parser = unit_interval)]
+    blend: f64,
     /// Type of the token embedding (and untied output head): f32, f16 or a block type
     /// [default: q8_0, or the preset's].
     #[arg(long)]
@@ -89,6 +93,7 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         imatrix: args.imatrix,
         damp: args.damp,
         act_order: !args.no_act_order,
+        blend: args.blend,
         awq_grid: 20,
         embeddings: args.embeddings.clone(),
         batch: args.common.batch,
@@ -171,4 +176,12 @@ fn method_parser() -> impl TypedValueParser<Value = QuantMethod> {
         .iter()
         .map(|&(name, help)| PossibleValue::new(name).help(help));
     PossibleValuesParser::new(choices).try_map(|name| QuantMethod::parse(&name).map_err(Box::new))
+}
+
+fn unit_interval(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Ok(x) => Err(format!("{x} is outside 0..=1")),
+        Err(e) => Err(e.to_string()),
+    }
 }

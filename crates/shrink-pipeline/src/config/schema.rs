@@ -114,7 +114,7 @@ fn default_train() -> String {
 }
 
 fn default_calib() -> String {
-    "shakespeare:calib".into()
+    shrink_data::DEFAULT_CALIB.into()
 }
 fn default_eval() -> String {
     "shakespeare:eval".into()

@@ -99,6 +99,9 @@ pub struct QuantizeRequest {
     pub imatrix: bool,
     pub damp: f64,
     pub act_order: bool,
+    /// GPTQ's Hessian blended toward its diagonal ([`GptqConfig::blend`]).
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub blend: f64,
     pub awq_grid: usize,
     /// `f32`, `f16` or a block type for the token embedding and an untied head.
     pub embeddings: Option<String>,
@@ -124,6 +127,7 @@ impl Default for QuantizeRequest {
             imatrix: false,
             damp: 0.01,
             act_order: true,
+            blend: 0.0,
             awq_grid: 20,
             embeddings: None,
             batch: 8,
@@ -268,6 +272,7 @@ impl QuantizeRequest {
             act_order: self.act_order,
             static_groups: true,
             keep_zeros: self.keep_zeros,
+            blend: self.blend,
         };
         let method_name = match (self.method, &preset) {
             (Some(m), _) => m,
@@ -411,6 +416,8 @@ pub(crate) struct FormatKeys {
 pub(crate) struct MethodKeys {
     pub damp: Option<f64>,
     pub act_order: Option<bool>,
+    /// GPTQ's Hessian blended toward its diagonal, 0..=1.
+    pub blend: Option<f64>,
     pub imatrix: Option<bool>,
     /// SmoothQuant's migration strength.
     pub alpha: Option<f64>,
@@ -426,9 +433,9 @@ impl StageType for QuantizeStage {
     fn keys(&self, kind: StageKind) -> Vec<&'static str> {
         let own: &[&str] = match kind {
             StageKind::QuantizeRtn => &["imatrix"],
-            StageKind::QuantizeGptq => &["damp", "act_order"],
-            StageKind::QuantizeAwq => &["damp", "act_order", "awq_grid", "weights"],
-            _ => &["damp", "act_order", "alpha", "weights"],
+            StageKind::QuantizeGptq => &["damp", "act_order", "blend"],
+            StageKind::QuantizeAwq => &["damp", "act_order", "blend", "awq_grid", "weights"],
+            _ => &["damp", "act_order", "blend", "alpha", "weights"],
         };
         [fields::<FormatKeys>(), own, &["keep_sparsity"]].concat()
     }
@@ -462,6 +469,11 @@ impl MethodKeys {
             }
         }
         check_damp(self.damp)?;
+        if let Some(blend) = self.blend {
+            if !(0.0..=1.0).contains(&blend) {
+                return Err((Some("blend"), format!("blend = {blend} is outside 0..=1")));
+            }
+        }
         check_weights(&self.weights)
     }
 }
@@ -573,6 +585,7 @@ pub(crate) fn quantize_request(
         imatrix: m.imatrix.unwrap_or(false),
         damp: m.damp.unwrap_or(defaults.damp),
         act_order: m.act_order.unwrap_or(defaults.act_order),
+        blend: m.blend.unwrap_or(defaults.blend),
         awq_grid: m.awq_grid.unwrap_or(defaults.awq_grid),
         embeddings: f.embeddings.clone(),
         batch: defaults.batch,
@@ -817,4 +830,8 @@ pub(crate) fn quantized_result(outcome: QuantizeOutcome) -> StageResult {
         layers,
         ..StageResult::default()
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
