@@ -1704,7 +1704,7 @@ fn integer_products_are_llama_cpp_s() {
     let Some((dir, exe)) = ggml_harness("vec_dot", VEC_DOT_C) else {
         return;
     };
-    let (rows, cols, t) = (8, 512, 5);
+    let (rows, cols, t) = (40, 1536, 70);
     let w = candle_core::Tensor::randn(0f32, 1.0, (rows, cols), &candle_core::Device::Cpu).unwrap();
     // Activations with a few large channels, as a model's are.
     let x: Vec<f32> = (0..t * cols)
@@ -1727,12 +1727,36 @@ fn integer_products_are_llama_cpp_s() {
         (GgmlDType::Q5K, BlockType::Q5K, 13),
         (GgmlDType::Q6K, BlockType::Q6K, 14),
     ];
-    for (ggml, ty, id) in types {
-        let blocks = QTensor::quantize(&w, ggml)
-            .unwrap()
-            .data()
-            .unwrap()
-            .to_vec();
+    // The i-quants: random blocks (any byte is a valid index, sign or sub-block scale) with a
+    // realistic f16 scale first.
+    let i_quants = [
+        (BlockType::IQ2XS, 17),
+        (BlockType::IQ3XXS, 18),
+        (BlockType::IQ4NL, 20),
+        (BlockType::IQ4XS, 23),
+    ];
+    let i_quant_blocks = |ty: BlockType| {
+        let n = rows * cols / ty.block_len() * ty.block_bytes();
+        let mut bytes: Vec<u8> = (0..n).map(|i| ((i * 2654435761) >> 7) as u8).collect();
+        for (b, block) in bytes.chunks_mut(ty.block_bytes()).enumerate() {
+            let d = half::f16::from_f32(0.002 + 0.0001 * (b % 13) as f32);
+            block[..2].copy_from_slice(&d.to_le_bytes());
+        }
+        bytes
+    };
+    let all = types
+        .into_iter()
+        .map(|(ggml, ty, id)| (Some(ggml), ty, id))
+        .chain(i_quants.into_iter().map(|(ty, id)| (None, ty, id)));
+    for (ggml, ty, id) in all {
+        let blocks = match ggml {
+            Some(ggml) => QTensor::quantize(&w, ggml)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec(),
+            None => i_quant_blocks(ty),
+        };
         std::fs::write(dir.path().join("w.bin"), &blocks).unwrap();
         let out = Command::new(&exe)
             .current_dir(dir.path())

@@ -1,8 +1,10 @@
 //! Products with ggml-quantized weights, computed as llama.cpp's CPU backend computes them: each
 //! row of activations is rounded into the 8-bit blocks llama.cpp pairs with the weight's type
-//! (`q8_0` for Q4_0/Q5_0/Q8_0, `q8_1` for Q4_1/Q5_1, `q8_K` for the k-quants, with llama.cpp's
-//! scales and its round-half-to-even), and every block's product is an exact integer dot product
-//! of the codes, scaled once by the two blocks' scales (and corrected by the weight's minimum).
+//! (`q8_0` for Q4_0/Q5_0/Q8_0/IQ4_NL, `q8_1` for Q4_1/Q5_1, `q8_K` for the k-quants and the
+//! other i-quants, with llama.cpp's scales and its round-half-to-even), and every block's product
+//! is an exact integer dot product of the codes (an i-quant's codes are its codebook or grid
+//! values with their signs), scaled once by the two blocks' scales (and corrected by the weight's
+//! minimum).
 //! What differs from llama.cpp is only the order in which the blocks' float terms are added.
 //!
 //! The terms of one output are added in one fixed order — block after block, each a fused
@@ -22,6 +24,7 @@
 //! assert!((y[0] - exact).abs() < 1e-3 * exact);
 //! ```
 
+use crate::iquant::tables::{IQ2XS_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS, KVALUES_IQ4NL};
 use half::f16;
 use rayon::prelude::*;
 
@@ -40,6 +43,10 @@ pub enum BlockType {
     Q4K,
     Q5K,
     Q6K,
+    IQ4NL,
+    IQ4XS,
+    IQ3XXS,
+    IQ2XS,
 }
 
 /// The 8-bit blocks llama.cpp rounds a weight type's activations into.
@@ -65,7 +72,7 @@ enum Mins {
 
 impl BlockType {
     /// Every type, in ggml's numbering order.
-    pub const ALL: [BlockType; 10] = [
+    pub const ALL: [BlockType; 14] = [
         BlockType::Q4_0,
         BlockType::Q4_1,
         BlockType::Q5_0,
@@ -76,6 +83,10 @@ impl BlockType {
         BlockType::Q4K,
         BlockType::Q5K,
         BlockType::Q6K,
+        BlockType::IQ2XS,
+        BlockType::IQ3XXS,
+        BlockType::IQ4NL,
+        BlockType::IQ4XS,
     ];
 
     /// The type of ggml's numbering (`ggml_type`), if shrink computes with it.
@@ -91,6 +102,10 @@ impl BlockType {
             12 => BlockType::Q4K,
             13 => BlockType::Q5K,
             14 => BlockType::Q6K,
+            17 => BlockType::IQ2XS,
+            18 => BlockType::IQ3XXS,
+            20 => BlockType::IQ4NL,
+            23 => BlockType::IQ4XS,
             _ => return None,
         })
     }
@@ -99,7 +114,7 @@ impl BlockType {
     pub fn block_len(self) -> usize {
         match self {
             BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => 32,
-            BlockType::Q8_0 => 32,
+            BlockType::Q8_0 | BlockType::IQ4NL => 32,
             _ => 256,
         }
     }
@@ -117,13 +132,17 @@ impl BlockType {
             BlockType::Q4K => 144,
             BlockType::Q5K => 176,
             BlockType::Q6K => 210,
+            BlockType::IQ4NL => 18,
+            BlockType::IQ4XS => 136,
+            BlockType::IQ3XXS => 98,
+            BlockType::IQ2XS => 74,
         }
     }
 
     /// Weights per sub-block (one integer scale each).
     fn sub_len(self) -> usize {
         match self {
-            BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => 16,
+            BlockType::Q2K | BlockType::Q3K | BlockType::Q6K | BlockType::IQ2XS => 16,
             _ => 32,
         }
     }
@@ -134,6 +153,8 @@ impl BlockType {
             BlockType::Q4_0 => 8,
             BlockType::Q5_0 => 16,
             BlockType::Q8_0 => 128,
+            // The i-quants' signed codebook values, shifted to be unsigned.
+            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => 128,
             BlockType::Q3K => 4,
             BlockType::Q6K => 32,
             _ => 0,
@@ -149,12 +170,23 @@ impl BlockType {
             BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 5,
             BlockType::Q6K => 6,
             BlockType::Q8_0 => 8,
+            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => 8,
+        }
+    }
+
+    /// The power of two every product is scaled by at the end (the grid i-quants hold their
+    /// sub-block scales as odd integers `2·ls + 1`: ggml's `(0.5 + ls) · 0.5` or `· 0.25`).
+    fn factor(self) -> f32 {
+        match self {
+            BlockType::IQ3XXS => 0.25,
+            BlockType::IQ2XS => 0.125,
+            _ => 1.0,
         }
     }
 
     fn act(self) -> ActType {
         match self {
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => ActType::Q8_0,
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::IQ4NL => ActType::Q8_0,
             BlockType::Q4_1 | BlockType::Q5_1 => ActType::Q8_1,
             _ => ActType::Q8K,
         }
@@ -329,6 +361,11 @@ impl QMatrix {
                     }
                 },
             );
+        let factor = self.ty.factor();
+        if factor != 1.0 {
+            // A power of two: exact.
+            y.iter_mut().for_each(|v| *v *= factor);
+        }
         y
     }
 }
@@ -491,7 +528,7 @@ impl Decoded {
         let (g, per) = (ty.sub_len(), ty.block_len() / ty.sub_len());
         for (j, (out, codes)) in out.chunks_mut(g).zip(self.codes.chunks(g)).enumerate() {
             let b = j / per;
-            let dl = self.d[b] * self.scales[j] as f32;
+            let dl = self.d[b] * (self.scales[j] as f32 * ty.factor());
             let ml = match ty.mins() {
                 Mins::None => 0.0,
                 Mins::PerBlock => -self.dmin[b],
@@ -614,6 +651,54 @@ impl Decoded {
                         }
                     }
                 }
+                BlockType::IQ4NL => {
+                    self.d[b] = f16_at(x, 0);
+                    iq4_codes(&x[2..18], codes);
+                }
+                BlockType::IQ4XS => {
+                    self.d[b] = f16_at(x, 0);
+                    let scales_h = u16::from_le_bytes([x[2], x[3]]);
+                    for (ib, s) in scales.iter_mut().enumerate() {
+                        let low = (x[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+                        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+                        *s = (low | high << 4) as i32 - 32;
+                        iq4_codes(&x[8 + 16 * ib..24 + 16 * ib], &mut codes[32 * ib..]);
+                    }
+                }
+                BlockType::IQ3XXS => {
+                    self.d[b] = f16_at(x, 0);
+                    let (qs, signs) = (&x[2..66], &x[66..98]);
+                    for (ib, s) in scales.iter_mut().enumerate() {
+                        let aux = u32::from_le_bytes(signs[4 * ib..4 * ib + 4].try_into().unwrap());
+                        *s = 2 * (aux >> 28) as i32 + 1;
+                        for l in 0..4 {
+                            let sign = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                            for half in 0..2 {
+                                let grid = IQ3XXS_GRID[qs[8 * ib + 2 * l + half] as usize];
+                                let at = 32 * ib + 8 * l + 4 * half;
+                                for j in 0..4 {
+                                    let neg = sign & KMASK_IQ2XS[4 * half + j] != 0;
+                                    codes[at + j] = signed_code((grid >> (8 * j)) as u8, neg);
+                                }
+                            }
+                        }
+                    }
+                }
+                BlockType::IQ2XS => {
+                    self.d[b] = f16_at(x, 0);
+                    for (j, s) in scales.iter_mut().enumerate() {
+                        *s = 2 * ((x[66 + j / 2] >> (4 * (j % 2))) & 0xf) as i32 + 1;
+                    }
+                    for k in 0..32 {
+                        let q = u16::from_le_bytes([x[2 + 2 * k], x[3 + 2 * k]]);
+                        let grid = IQ2XS_GRID[(q & 511) as usize];
+                        let sign = KSIGNS_IQ2XS[(q >> 9) as usize];
+                        for j in 0..8 {
+                            let neg = sign & KMASK_IQ2XS[j] != 0;
+                            codes[8 * k + j] = signed_code((grid >> (8 * j)) as u8, neg);
+                        }
+                    }
+                }
                 BlockType::Q6K => {
                     let (ql, qh, sc) = (&x[..128], &x[128..192], &x[192..208]);
                     self.d[b] = f16_at(x, 208);
@@ -634,6 +719,21 @@ impl Decoded {
             }
         }
     }
+}
+
+/// 32 IQ4 codes from 16 bytes of indices (low nibbles first, then high): the codebook's values
+/// shifted by 128.
+fn iq4_codes(qs: &[u8], codes: &mut [u8]) {
+    for (i, &q) in qs.iter().enumerate() {
+        codes[i] = (KVALUES_IQ4NL[(q & 0xf) as usize] as i32 + 128) as u8;
+        codes[i + 16] = (KVALUES_IQ4NL[(q >> 4) as usize] as i32 + 128) as u8;
+    }
+}
+
+/// A grid magnitude with its sign, shifted by 128.
+fn signed_code(magnitude: u8, negative: bool) -> u8 {
+    let v = magnitude as i32;
+    (if negative { 128 - v } else { 128 + v }) as u8
 }
 
 /// Weight rows per panel: one 512-bit vector of i32 lanes.

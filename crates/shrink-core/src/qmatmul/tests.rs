@@ -31,6 +31,7 @@ fn f16_fields(ty: BlockType) -> &'static [usize] {
         BlockType::Q2K => &[80, 82],
         BlockType::Q3K => &[108],
         BlockType::Q6K => &[208],
+        BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => &[0],
     }
 }
 
@@ -203,4 +204,31 @@ fn permuted_rows_move_whole_rows() {
     assert_eq!(p.row(0), w.row(2));
     assert_eq!(p.row(1), w.row(0));
     assert_eq!(p.row(2), w.row(1));
+}
+
+#[test]
+fn i_quant_codes_are_the_dequantizers_values() {
+    use crate::iquant::IQuant;
+    // The codes, scales and factor taken apart for the kernels give back ggml's dequantization
+    // (`IQuant::dequantize_row`, checked against ggml's own) bit for bit.
+    for (ty, iq) in [
+        (BlockType::IQ4NL, IQuant::IQ4NL),
+        (BlockType::IQ4XS, IQuant::IQ4XS),
+        (BlockType::IQ3XXS, IQuant::IQ3XXS),
+        (BlockType::IQ2XS, IQuant::IQ2XS),
+    ] {
+        let (rows, cols) = (3, 512);
+        let w = random_matrix(ty, rows, cols, 9);
+        let mut theirs = vec![0f32; rows * cols];
+        for (r, out) in theirs.chunks_mut(cols).enumerate() {
+            iq.dequantize_row(w.row(r), out);
+        }
+        let ours = w.dequantize();
+        assert!(
+            ours.iter()
+                .zip(&theirs)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{ty:?}"
+        );
+    }
 }
