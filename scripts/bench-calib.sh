@@ -54,10 +54,13 @@ for calib in calibs:
         files.append((f"shrink GPTQ {preset} {' '.join(gptq_args)}".strip(), calib, path))
         imatrix = os.path.join(b.out, f"llama-{short(calib)}.imatrix")
         if not os.path.exists(imatrix):
-            run([f"{b.bin_dir}/llama-imatrix", "-m", f32, "-f", joined(calib), "-c", "512", "-t", b.threads, "-o", imatrix])
+            run([f"{b.bin_dir}/llama-imatrix", "-m", f32, "-f", joined(calib), "-c", "512", "-t", b.threads, "-o", imatrix + ".part"])
+            os.rename(imatrix + ".part", imatrix)
         ref = os.path.join(b.out, f"llama-imatrix-{ftype}-{short(calib)}.gguf")
         if not os.path.exists(ref):
-            run([f"{b.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, ref, ftype])
+            # llama-quantize writes in place: a killed run must not leave a file to reuse.
+            run([f"{b.bin_dir}/llama-quantize", "--imatrix", imatrix, f32, ref + ".part", ftype])
+            os.rename(ref + ".part", ref)
         files.append((f"llama.cpp {ftype} + imatrix", calib, ref))
 files += [("given", "", f) for f in os.environ.get("FILES", "").split()]
 
