@@ -151,15 +151,7 @@ fn iq4_files_are_llama_quantize_s_and_score_alike() {
         ),
     ] {
         let theirs = dir.path().join(format!("llama-{preset}.gguf"));
-        let st = Command::new(&quantize)
-            .args([f32_ref.to_str().unwrap(), theirs.to_str().unwrap(), ftype])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        llama_quantize(&quantize, &f32_ref, &theirs, ftype);
         let ours = dir.path().join(format!("shrink-{preset}.gguf"));
         let mut args = vec![
             "quantize",

@@ -6,7 +6,6 @@
 mod common;
 
 use common::real::*;
-use std::process::Command;
 
 #[test]
 fn presets_give_every_tensor_llama_quantize_s_type() {
@@ -30,15 +29,7 @@ fn presets_give_every_tensor_llama_quantize_s_type() {
         // tests/llama_iquant.rs checks them with those overrides.
     ] {
         let theirs = dir.path().join(format!("llama-{preset}.gguf"));
-        let st = Command::new(&quantize)
-            .args([f32_ref.to_str().unwrap(), theirs.to_str().unwrap(), ftype])
-            .output()
-            .unwrap();
-        assert!(
-            st.status.success(),
-            "{}",
-            String::from_utf8_lossy(&st.stderr)
-        );
+        llama_quantize(&quantize, &f32_ref, &theirs, ftype);
         let ours = dir.path().join(format!("shrink-{preset}.gguf"));
         // Round to nearest: the types are the plan's, whatever the method.
         run_shrink(&[

@@ -65,6 +65,24 @@ pub fn run_shrink(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// `llama-quantize INPUT OUTPUT FTYPE`, which must succeed.
+pub fn llama_quantize(
+    tool: &std::path::Path,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    ftype: &str,
+) {
+    let st = Command::new(tool)
+        .args([input.to_str().unwrap(), output.to_str().unwrap(), ftype])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
 /// The cached F32 reference GGUF (`llama-quantize --allow-requantize … F32`), made on first use.
 pub fn f32_reference(model: &std::path::Path) -> Option<PathBuf> {
     let quantize = llama_tool("llama-quantize")?;
