@@ -29,7 +29,7 @@ fn presets_give_every_tensor_llama_quantize_s_type() {
         // tests/llama_iquant.rs checks them with those overrides.
     ] {
         let theirs = dir.path().join(format!("llama-{preset}.gguf"));
-        llama_quantize(&quantize, &f32_ref, &theirs, ftype);
+        llama_quantize(&quantize, None, &f32_ref, &theirs, ftype);
         let ours = dir.path().join(format!("shrink-{preset}.gguf"));
         // Round to nearest: the types are the plan's, whatever the method.
         run_shrink(&[

@@ -65,14 +65,17 @@ pub fn run_shrink(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-/// `llama-quantize INPUT OUTPUT FTYPE`, which must succeed.
+/// `llama-quantize [--imatrix IMATRIX] INPUT OUTPUT FTYPE`, which must succeed.
 pub fn llama_quantize(
     tool: &std::path::Path,
+    imatrix: Option<&std::path::Path>,
     input: &std::path::Path,
     output: &std::path::Path,
     ftype: &str,
 ) {
+    let weighted = imatrix.map(|m| ["--imatrix", m.to_str().unwrap()]);
     let st = Command::new(tool)
+        .args(weighted.iter().flatten())
         .args([input.to_str().unwrap(), output.to_str().unwrap(), ftype])
         .output()
         .unwrap();

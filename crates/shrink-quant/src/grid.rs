@@ -133,7 +133,10 @@ impl Grid {
     /// llama.cpp's plain quantizer. With `search`, candidate parameters are tried and the ones
     /// with the least Σ importance·error² kept: for the full symmetric grid, llama.cpp's
     /// `make_qx_quants` sweep of 19 inverse scales around `-2^(b-1)/max`, each with its
-    /// least-squares optimal scale; for the other grids, shrinking the range by up to 40%.
+    /// least-squares optimal scale; for the other grids, shrinking the range by up to 40%, and
+    /// for the asymmetric grid also `make_qkx3_quants`' sweep of 37 inverse scales, each with its
+    /// least-squares scale and minimum (which finds a group that already lies on a coarser grid
+    /// of the same kind: Q4_1 weights in Q5_1 exactly).
     pub fn quantize_group(
         self,
         bits: u8,
@@ -156,12 +159,15 @@ impl Grid {
         let mut best = self.params(bits, values, 1.0);
         if search {
             let mut best_err = error(&best);
-            let candidates: Vec<GroupParams> = match self {
+            let mut candidates: Vec<GroupParams> = match self {
                 Grid::SymmetricFull => self.least_squares_candidates(bits, values, &weight),
                 _ => (1..=20)
                     .map(|step| self.params(bits, values, 1.0 - 0.02 * step as f32))
                     .collect(),
             };
+            if self == Grid::Asymmetric {
+                candidates.extend(affine_least_squares_candidates(bits, values, &weight));
+            }
             for p in candidates {
                 let e = error(&p);
                 if e < best_err {
@@ -224,6 +230,58 @@ impl Grid {
             })
             .collect()
     }
+}
+
+/// `make_qkx3_quants`' candidates for the asymmetric grid: for inverse scales
+/// `(2^b − 1 − 0.9 + 0.05·k)/(max − min)`, k ∈ 0..=36 (the minimum at most 0), round, then refit
+/// the scale and minimum by weighted least squares (the minimum kept at most 0).
+fn affine_least_squares_candidates(
+    bits: u8,
+    values: &[f32],
+    weight: &dyn Fn(usize) -> f32,
+) -> Vec<GroupParams> {
+    let nmax = ((1u32 << bits) - 1) as f64;
+    let lo = values.iter().fold(0f32, |m, &v| m.min(v)) as f64;
+    let hi = values.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    if hi <= lo {
+        return vec![];
+    }
+    let (mut sum_w, mut sum_x) = (0f64, 0f64);
+    for (j, &x) in values.iter().enumerate() {
+        sum_w += weight(j) as f64;
+        sum_x += weight(j) as f64 * x as f64;
+    }
+    (0..=36)
+        .filter_map(|k| {
+            let iscale = (nmax - 0.9 + 0.05 * k as f64) / (hi - lo);
+            let (mut sum_l, mut sum_l2, mut sum_xl) = (0f64, 0f64, 0f64);
+            for (j, &x) in values.iter().enumerate() {
+                let l = (iscale * (x as f64 - lo)).round().clamp(0.0, nmax);
+                let w = weight(j) as f64;
+                sum_l += w * l;
+                sum_l2 += w * l * l;
+                sum_xl += w * l * x as f64;
+            }
+            let det = sum_w * sum_l2 - sum_l * sum_l;
+            if det <= 0.0 {
+                return None;
+            }
+            let (mut scale, mut min) = (
+                (sum_w * sum_xl - sum_x * sum_l) / det,
+                (sum_l2 * sum_x - sum_l * sum_xl) / det,
+            );
+            if min > 0.0 {
+                (scale, min) = (sum_xl / sum_l2, 0.0);
+            }
+            let stored = f16::from_f32(scale as f32);
+            (stored.to_f32() > 0.0).then(|| GroupParams {
+                scale: stored,
+                min: f16::from_f32(min as f32),
+                min_unrounded: f16::from_f32(min as f32).to_f32(),
+                inv_scale: 1.0 / stored.to_f32(),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

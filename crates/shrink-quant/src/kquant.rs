@@ -225,7 +225,8 @@ impl KQuant {
 }
 
 /// A block type whose codes GPTQ chooses inside scales fixed per block: a k-quant (affine grids
-/// per group) or an i-quant (a codebook under one scale per 32 weights).
+/// per group) or an i-quant (a codebook under one scale per 32 weights, or a grid point and
+/// signs per eight weights).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodeBlocks {
     K(KQuant),
@@ -238,14 +239,26 @@ pub enum CodeGrid {
     Affine(Affine),
     /// The i-quants' non-linear codebook times a scale.
     Book(f32),
+    /// A grid type's points and signs for eight weights, times a scale.
+    Octet(IQuant, f32),
 }
 
 impl CodeGrid {
-    /// The nearest code to `x`, and its value.
-    pub fn nearest(&self, x: f32) -> (u8, f32) {
+    /// The code of the next [`CodeBlocks::code_len`] weights `x` nearest them in the
+    /// `w`-weighted error (a code of one weight: simply the nearest), and its values.
+    pub fn nearest(&self, x: &[f32], w: &[f32], values: &mut [f32]) -> u32 {
+        let one = |(q, v): (u8, f32), values: &mut [f32]| {
+            values[0] = v;
+            q as u32
+        };
         match self {
-            CodeGrid::Affine(a) => a.nearest(x),
-            CodeGrid::Book(d) => crate::iquant::nearest(*d, x),
+            CodeGrid::Affine(a) => one(a.nearest(x[0]), values),
+            CodeGrid::Book(d) => one(crate::iquant::nearest(*d, x[0]), values),
+            CodeGrid::Octet(q, d) => {
+                let (code, v) = crate::iquant::nearest_octet(*q, *d, x, w);
+                values.copy_from_slice(&v);
+                code
+            }
         }
     }
 }
@@ -272,7 +285,16 @@ impl CodeBlocks {
     pub fn group(self) -> usize {
         match self {
             CodeBlocks::K(k) => k.group(),
+            CodeBlocks::I(q) if crate::iquant::is_grid(q) => crate::iquant::OCTET,
             CodeBlocks::I(_) => 32,
+        }
+    }
+
+    /// Weights one code stands for: eight in the grid types, else one.
+    pub fn code_len(self) -> usize {
+        match self {
+            CodeBlocks::I(q) if crate::iquant::is_grid(q) => crate::iquant::OCTET,
+            _ => 1,
         }
     }
 
@@ -280,6 +302,10 @@ impl CodeBlocks {
     pub fn grids(self, b: &[u8]) -> Vec<CodeGrid> {
         match self {
             CodeBlocks::K(k) => k.grids(b).into_iter().map(CodeGrid::Affine).collect(),
+            CodeBlocks::I(q) if crate::iquant::is_grid(q) => crate::iquant::octet_scales(q, b)
+                .into_iter()
+                .map(|d| CodeGrid::Octet(q, d))
+                .collect(),
             CodeBlocks::I(q) => crate::iquant::sub_scales(q, b)
                 .into_iter()
                 .map(CodeGrid::Book)
@@ -287,11 +313,16 @@ impl CodeBlocks {
         }
     }
 
-    /// Writes one block's codes, keeping its scales.
-    pub fn write_codes(self, b: &mut [u8], codes: &[u8]) {
+    /// Writes one block's codes (one per [`code_len`](Self::code_len) weights), keeping its
+    /// scales.
+    pub fn write_codes(self, b: &mut [u8], codes: &[u32]) {
+        let bytes = || codes.iter().map(|&c| c as u8).collect::<Vec<u8>>();
         match self {
-            CodeBlocks::K(k) => k.write_codes(b, codes),
-            CodeBlocks::I(q) => crate::iquant::write_indices(q, b, codes),
+            CodeBlocks::K(k) => k.write_codes(b, &bytes()),
+            CodeBlocks::I(q) if crate::iquant::is_grid(q) => {
+                crate::iquant::write_octets(q, b, codes)
+            }
+            CodeBlocks::I(q) => crate::iquant::write_indices(q, b, &bytes()),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! tiles of rows that share each row of `U` while it is in cache; that is the CPU-friendly form of
 //! the same computation (no lazy batch update needed).
 
-use crate::grid::GroupParams;
+use crate::grid::{Grid, GroupParams};
 use crate::kquant::{CodeBlocks, CodeGrid, GgmlTensor};
 use crate::{Granularity, QuantError, QuantScheme, QuantizedTensor, Result};
 use rayon::prelude::*;
@@ -153,8 +153,9 @@ pub fn rtn_blocks(
 }
 
 /// GPTQ with the input statistics of the layer.
-/// What GPTQ needs before quantizing rows: the weights with dead inputs zeroed, the column order,
-/// the upper Cholesky factor of the (permuted, damped) inverse Hessian, and per-column importance.
+/// What GPTQ needs before quantizing rows: the weights with dead inputs zeroed, the column order
+/// (with act-order, runs of `unit` columns that share a code keep together and in order), the upper
+/// Cholesky factor of the (permuted, damped) inverse Hessian, and per-column importance.
 struct Prepared {
     w: Vec<f32>,
     perm: Vec<usize>,
@@ -168,6 +169,7 @@ fn prepare(
     cols: usize,
     stats: &LinearStats,
     cfg: &GptqConfig,
+    unit: usize,
     name: &str,
 ) -> Result<Prepared> {
     if stats.in_features != cols {
@@ -191,7 +193,13 @@ fn prepare(
     }
     let mut perm: Vec<usize> = (0..n).collect();
     if cfg.act_order {
-        perm.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
+        let mut units: Vec<usize> = (0..n / unit).collect();
+        let weight = |u: usize| diag[u * unit..(u + 1) * unit].iter().sum::<f64>();
+        units.sort_by(|&a, &b| weight(b).total_cmp(&weight(a)).then(a.cmp(&b)));
+        perm = units
+            .iter()
+            .flat_map(|&u| u * unit..(u + 1) * unit)
+            .collect();
     }
     let keep = 1.0 - cfg.blend;
     let hp: Vec<f64> = (0..n * n)
@@ -255,11 +263,17 @@ pub fn gptq(
         perm,
         u,
         importance,
-    } = prepare(w, rows, cols, stats, cfg, name)?;
+    } = prepare(w, rows, cols, stats, cfg, 1, name)?;
     let n = cols;
     let fixed =
         cfg.static_groups || cfg.act_order || !matches!(scheme.granularity, Granularity::Group(_));
-    let static_params = fixed.then(|| group_codes(scheme, &w, rows, cols, Some(&importance)).0);
+    // ggml's asymmetric blocks (Q4_1, Q5_1) get the grids llama.cpp's importance-weighted
+    // quantizer would search (`make_qkx3_quants`); the stored scheme is unchanged.
+    let searched = QuantScheme {
+        search: scheme.search || (scheme.grid == Grid::Asymmetric && scheme.ggml_type().is_some()),
+        ..*scheme
+    };
+    let static_params = fixed.then(|| group_codes(&searched, &w, rows, cols, Some(&importance)).0);
     let group_size = match scheme.granularity {
         Granularity::Group(g) => g,
         _ => n,
@@ -288,7 +302,7 @@ pub fn gptq(
                                 bits,
                                 &values,
                                 Some(&importance[i..i + group_size]),
-                                scheme.search,
+                                searched.search,
                                 &mut scratch,
                             ));
                         }
@@ -323,6 +337,12 @@ pub fn gptq(
 /// importance-weighted quantizer (on the original weights with act-order or static groups,
 /// otherwise on the error-updated weights when GPTQ reaches the block); GPTQ then chooses every
 /// code inside those fixed grids, and the codes are written into the blocks as chosen.
+///
+/// Where a code stands for eight weights (a grid point and signs: IQ3_XXS, IQ2_XS), GPTQ chooses
+/// it when it reaches the first of them, as the best code for their error-updated values with
+/// each weight's error weighted by 1/[H⁻¹]ᵢᵢ (its cost in the layer objective, as GPTQ's own
+/// error scaling), and feeds back each of the eight errors in turn (as GPTVQ does). Act-order
+/// orders these types' runs of eight weights by their summed importance, never splitting one.
 pub fn gptq_blocks(
     w: &[f32],
     rows: usize,
@@ -333,20 +353,13 @@ pub fn gptq_blocks(
     name: &str,
 ) -> Result<GgmlTensor> {
     crate::kquant::check(w, rows, cols, k.ggml(), name)?;
-    if let CodeBlocks::I(q) = k {
-        if !crate::iquant::per_weight_codes(q) {
-            return Err(QuantError::Scheme(format!(
-                "'{name}': GPTQ does not pick codes inside {} blocks yet (a grid point stands for four weights); use --method rtn",
-                q.name()
-            )));
-        }
-    }
+    let unit = k.code_len();
     let Prepared {
         w,
         perm,
         u,
         importance,
-    } = prepare(w, rows, cols, stats, cfg, name)?;
+    } = prepare(w, rows, cols, stats, cfg, unit, name)?;
     let n = cols;
     let block_len = k.block_len();
     let blocks_per_row = n / block_len;
@@ -357,12 +370,17 @@ pub fn gptq_blocks(
     } else {
         None
     };
-    /// One row's blocks (scales and minima first, codes written at the end), their grids, codes
-    /// and the first failure of ggml's quantizer.
+    // Each weight's cost per squared error in the layer objective, 1/[H⁻¹]ᵢᵢ = 1/uᵢᵢ².
+    let cost: Vec<f32> = (0..n)
+        .map(|i| (1.0 / (u[i * n + i].powi(2))) as f32)
+        .collect();
+    /// One row's blocks (scales and minima first, codes written at the end), their grids, codes,
+    /// the values of the code being fed back, and the first failure of ggml's quantizer.
     struct RowBlocks {
         bytes: Vec<u8>,
         grids: Vec<Vec<CodeGrid>>,
-        codes: Vec<u8>,
+        codes: Vec<u32>,
+        values: Vec<f32>,
         failure: Option<QuantError>,
     }
     let rows_out: Vec<Result<Vec<u8>>> = w
@@ -381,11 +399,13 @@ pub fn gptq_blocks(
                     RowBlocks {
                         grids: bytes.chunks(bb).map(|b| k.grids(b)).collect(),
                         bytes,
-                        codes: vec![0u8; n],
+                        codes: vec![0u32; n / unit],
+                        values: vec![0f32; unit],
                         failure: None,
                     }
                 })
                 .collect();
+            let cost = &cost;
             error_feedback_rows(tile, &perm, &u, |k_row, i, x| {
                 let row = &tile[k_row * n..(k_row + 1) * n];
                 let blocks = &mut out[k_row];
@@ -409,21 +429,27 @@ pub fn gptq_blocks(
                         Err(e) => blocks.failure = Some(e),
                     }
                 }
-                let target = if cfg.keep_zeros && row[orig] == 0.0 {
-                    0.0
-                } else {
-                    x[0] as f32
-                };
-                let (q, v) = blocks.grids[sb][(orig % block_len) / k.group()].nearest(target);
-                blocks.codes[orig] = q;
-                v as f64
+                if orig.is_multiple_of(unit) {
+                    // A code's first weight (with codes of one weight: every weight).
+                    let target: Vec<f32> = (0..unit)
+                        .map(|j| match cfg.keep_zeros && row[orig + j] == 0.0 {
+                            true => 0.0,
+                            false => x[j] as f32,
+                        })
+                        .collect();
+                    let grid = &blocks.grids[sb][(orig % block_len) / k.group()];
+                    blocks.codes[orig / unit] =
+                        grid.nearest(&target, &cost[i..i + unit], &mut blocks.values);
+                }
+                blocks.values[orig % unit] as f64
             });
             out.into_iter().map(move |mut blocks| {
                 if let Some(e) = blocks.failure {
                     return Err(e);
                 }
+                let per_block = block_len / unit;
                 for (sb, block) in blocks.bytes.chunks_mut(bb).enumerate() {
-                    k.write_codes(block, &blocks.codes[sb * block_len..(sb + 1) * block_len]);
+                    k.write_codes(block, &blocks.codes[sb * per_block..(sb + 1) * per_block]);
                 }
                 Ok(blocks.bytes)
             })
@@ -439,6 +465,60 @@ pub fn gptq_blocks(
         cols,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod asymmetric_tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Weights that lie on a Q4_1 grid (the demo model's own format) come back exactly from GPTQ
+    /// into Q5_1, whose grid holds Q4_1's at half the scale: the searched grids find it, where
+    /// the plain min/max grid (scale (max − min)/31) cannot.
+    #[test]
+    fn gptq_into_q5_1_keeps_q4_1_weights_exactly() {
+        let (rows, cols) = (4, 128);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut w = vec![0f32; rows * cols];
+        for group in w.chunks_mut(32) {
+            let d = half::f16::from_f32(rng.gen_range(0.001..0.01)).to_f32();
+            let m = half::f16::from_f32(rng.gen_range(-0.1..-0.01)).to_f32();
+            for (j, v) in group.iter_mut().enumerate() {
+                // Both ends of the range in every group, as Q4_1's quantizer leaves them.
+                let q = match j {
+                    0 => 0,
+                    1 => 15,
+                    _ => rng.gen_range(0..16),
+                };
+                *v = q as f32 * d + m;
+            }
+        }
+        let mut stats = LinearStats::new(cols);
+        for _ in 0..300 {
+            let x: Vec<f64> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            for i in 0..cols {
+                for j in 0..cols {
+                    stats.hessian[i * cols + j] += x[i] * x[j];
+                }
+            }
+        }
+        for act_order in [false, true] {
+            let cfg = GptqConfig {
+                act_order,
+                ..Default::default()
+            };
+            let q = gptq(&w, rows, cols, &stats, &QuantScheme::Q5_1, &cfg, "t").unwrap();
+            assert_eq!(q.dequantize(), w, "act-order {act_order}");
+            assert_eq!(q.scheme, QuantScheme::Q5_1);
+        }
+        let mut codes = vec![0u8; 32];
+        let plain = Grid::Asymmetric.quantize_group(5, &w[..32], None, false, &mut codes);
+        let back: Vec<f32> = codes
+            .iter()
+            .map(|&c| Grid::Asymmetric.value(5, &plain, c))
+            .collect();
+        assert_ne!(back, w[..32], "min/max alone is not exact");
+    }
 }
 
 #[cfg(test)]

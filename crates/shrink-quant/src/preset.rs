@@ -16,6 +16,11 @@ use std::path::Path;
 
 /// The presets shipped in `configs/quant/`.
 pub const BUILTIN: &[(&str, &str)] = &[
+    ("iq2_xs", include_str!("../../../configs/quant/iq2_xs.toml")),
+    (
+        "iq3_xxs",
+        include_str!("../../../configs/quant/iq3_xxs.toml"),
+    ),
     ("iq4_nl", include_str!("../../../configs/quant/iq4_nl.toml")),
     ("iq4_xs", include_str!("../../../configs/quant/iq4_xs.toml")),
     ("q2_k", include_str!("../../../configs/quant/q2_k.toml")),
@@ -133,6 +138,9 @@ pub struct Preset {
     /// SmoothQuant migration strength alpha.
     #[serde(default)]
     pub smoothing: Option<f64>,
+    /// GPTQ's Hessian blended toward its diagonal ([`crate::GptqConfig::blend`]), 0..=1.
+    #[serde(default)]
+    pub blend: Option<f64>,
     /// gguf or hf.
     pub export: String,
 }
@@ -206,10 +214,10 @@ impl Preset {
                 )));
             }
         }
-        if let Some(alpha) = p.smoothing {
-            if !(0.0..=1.0).contains(&alpha) {
+        for (key, value) in [("smoothing", p.smoothing), ("blend", p.blend)] {
+            if let Some(v) = value.filter(|v| !(0.0..=1.0).contains(v)) {
                 return Err(QuantError::Scheme(format!(
-                    "{source}: smoothing {alpha} is outside 0..=1"
+                    "{source}: {key} {v} is outside 0..=1"
                 )));
             }
         }

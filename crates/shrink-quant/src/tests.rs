@@ -198,7 +198,7 @@ fn gptq_into_k_and_i_quant_blocks_beats_imatrix_rtn() {
     let kinds = KQuant::ALL
         .map(CodeBlocks::K)
         .into_iter()
-        .chain([IQuant::IQ4NL, IQuant::IQ4XS].map(CodeBlocks::I));
+        .chain(IQuant::ALL.map(CodeBlocks::I));
     for k in kinds {
         let rtn_err =
             error(&GgmlTensor::quantize(&w, rows, cols, k.ggml(), Some(&imp), "t").unwrap());

@@ -53,9 +53,10 @@ pub(crate) struct QuantizeArgs {
     #[arg(long)]
     no_act_order: bool,
     /// GPTQ: fraction of the Hessian's off-diagonal taken out, H' = (1 − b)·H + b·diag(H)
-    /// (0: GPTQ; 1: only the diagonal importance, as llama.cpp weighs the error).
-    #[arg(long, default_value_t = 0.0, value_parser = unit_interval)]
-    blend: f64,
+    /// (0: GPTQ; 1: only the diagonal importance, as llama.cpp weighs the error) [default: the
+    /// preset's, else 0].
+    #[arg(long, value_parser = unit_interval)]
+    blend: Option<f64>,
     /// Type of the token embedding (and untied output head): f32, f16 or a block type
     /// [default: q8_0, or the preset's].
     #[arg(long)]

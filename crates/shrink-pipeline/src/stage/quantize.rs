@@ -99,9 +99,10 @@ pub struct QuantizeRequest {
     pub imatrix: bool,
     pub damp: f64,
     pub act_order: bool,
-    /// GPTQ's Hessian blended toward its diagonal ([`GptqConfig::blend`]).
-    #[serde(skip_serializing_if = "is_zero", default)]
-    pub blend: f64,
+    /// GPTQ's Hessian blended toward its diagonal ([`GptqConfig::blend`]); unset, the preset's
+    /// `blend`, else 0.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub blend: Option<f64>,
     pub awq_grid: usize,
     /// `f32`, `f16` or a block type for the token embedding and an untied head.
     pub embeddings: Option<String>,
@@ -127,7 +128,7 @@ impl Default for QuantizeRequest {
             imatrix: false,
             damp: 0.01,
             act_order: true,
-            blend: 0.0,
+            blend: None,
             awq_grid: 20,
             embeddings: None,
             batch: 8,
@@ -272,7 +273,10 @@ impl QuantizeRequest {
             act_order: self.act_order,
             static_groups: true,
             keep_zeros: self.keep_zeros,
-            blend: self.blend,
+            blend: self
+                .blend
+                .or(preset.as_ref().and_then(|p| p.blend))
+                .unwrap_or(0.0),
         };
         let method_name = match (self.method, &preset) {
             (Some(m), _) => m,
@@ -585,7 +589,7 @@ pub(crate) fn quantize_request(
         imatrix: m.imatrix.unwrap_or(false),
         damp: m.damp.unwrap_or(defaults.damp),
         act_order: m.act_order.unwrap_or(defaults.act_order),
-        blend: m.blend.unwrap_or(defaults.blend),
+        blend: m.blend.or(defaults.blend),
         awq_grid: m.awq_grid.unwrap_or(defaults.awq_grid),
         embeddings: f.embeddings.clone(),
         batch: defaults.batch,
@@ -830,8 +834,4 @@ pub(crate) fn quantized_result(outcome: QuantizeOutcome) -> StageResult {
         layers,
         ..StageResult::default()
     }
-}
-
-fn is_zero(x: &f64) -> bool {
-    *x == 0.0
 }

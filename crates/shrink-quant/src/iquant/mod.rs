@@ -17,6 +17,9 @@
 mod grid;
 mod iq2;
 mod iq3;
+mod octet;
+
+pub use octet::{is_grid, nearest_octet, octet_scales, write_octets, OCTET};
 
 use half::f16;
 use shrink_core::iquant::tables::KVALUES_IQ4NL;
@@ -173,13 +176,7 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
     pack_indices(&mut out[qs_at..], &l[..n]);
 }
 
-/// Whether GPTQ can pick a block's codes one weight at a time: a codebook index per weight
-/// (IQ4_NL, IQ4_XS), not a grid point per four weights (IQ3_XXS).
-pub fn per_weight_codes(kind: IQuant) -> bool {
-    matches!(kind, IQuant::IQ4NL | IQuant::IQ4XS)
-}
-
-/// Where a block's 4-bit indices start (types with [`per_weight_codes`]).
+/// Where a block's 4-bit indices start (IQ4_NL, IQ4_XS).
 fn indices_at(kind: IQuant) -> usize {
     match kind {
         IQuant::IQ4NL => 2,
@@ -197,7 +194,7 @@ fn pack_indices(qs: &mut [u8], l: &[u8]) {
 }
 
 /// The scale of each 32-weight sub-block of a block as stored (what dequantization multiplies
-/// the codebook values by); none for types without [`per_weight_codes`].
+/// the codebook values by); none for the grid types ([`octet_scales`]).
 pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
     match kind {
