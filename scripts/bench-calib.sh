@@ -14,7 +14,8 @@
 #   PRESETS="q4_k_m:Q4_K_M iq4_xs:IQ4_XS"   shrink presets and the llama-quantize types they
 #                             mirror (default q4_k_m:Q4_K_M)
 #
-# Writes target/bench/calib/calib.json and prints a table; files already made are reused.
+# Adds its rows to target/bench/calib/calib.json (`scripts/plot-curve.py` draws the curve from it)
+# and prints a table; files already made are reused.
 BENCH=calib LLAMA=1
 source "$(dirname "$0")/bench-common.sh"
 F32="$(smollm2_f32)"
@@ -84,5 +85,11 @@ for text, chunks in texts:
 print(f"\n{'text':<19} {'file':<48} {'bytes':>12} {'ppl':>9} {'mean KL':>9}")
 for r in rows:
     print(f"{r['text']:<19} {r['file'][:48]:<48} {r['bytes']:>12,} {r['ppl']:>9.4f} {r['kld']:>9.6f}")
-json.dump(dict(rows=rows), open(os.path.join(b.out, "calib.json"), "w"), indent=2)
+# The curve accumulates over runs: a file's row for a text replaces the earlier one.
+out = os.path.join(b.out, "calib.json")
+kept = json.load(open(out))["rows"] if os.path.exists(out) else []
+fresh = {(r["text"], r["file"]) for r in rows}
+kept = [r for r in kept if (r["text"], r["file"]) not in fresh] + rows
+json.dump(dict(rows=kept), open(out + ".part", "w"), indent=2)
+os.replace(out + ".part", out)
 PY
