@@ -12,6 +12,7 @@ are drawn; variants with a label are left out.
 """
 import json
 import math
+import os
 import re
 import sys
 
@@ -76,7 +77,6 @@ def main():
            + "\n".join(body + legend) + "\n</svg>\n")
     with open(dst + ".part", "w") as f:
         f.write(svg)
-    import os
     os.replace(dst + ".part", dst)
     print(f"{dst}: {sum(len(points(rows, t, p)) for t, _ in TEXTS for _, _, p in SERIES)} points")
 

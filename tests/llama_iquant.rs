@@ -74,15 +74,7 @@ fn i_quant_blocks_are_ggml_s() {
     for kind in IQuant::ALL {
         let id = kind.ggml_id().to_string();
         let (r, c) = (rows.to_string(), cols.to_string());
-        let run = Command::new(&exe)
-            .args([dir.path().to_str().unwrap(), &r, &c, &id])
-            .output()
-            .unwrap();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        run_ok(Command::new(&exe).args([dir.path().to_str().unwrap(), &r, &c, &id]));
         for (weighted, imp) in [(0, None), (1, Some(&importance[..]))] {
             let path = dir.path().join(format!("{id}-{weighted}.q"));
             // ggml quantizes IQ2_XS only with an importance matrix (shrink weights by x² then).
@@ -214,21 +206,16 @@ fn grid_i_quant_files_are_llama_cpp_s_mixes_and_score_alike() {
     // llama.cpp writes these types only with an importance matrix: one from two windows.
     let calib = String::from_utf8(run_shrink(&["data", "path", "shakespeare:calib"])).unwrap();
     let imatrix = dir.path().join("calib.imatrix");
-    let st = Command::new(imatrix_tool)
-        .args([
-            "-m",
-            f32_ref.to_str().unwrap(),
-            "-f",
-            calib.lines().next().unwrap(),
-        ])
-        .args(["-c", "512", "--chunks", "2", "-t", "2", "-o"])
-        .arg(&imatrix)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
+    run_ok(
+        Command::new(imatrix_tool)
+            .args([
+                "-m",
+                f32_ref.to_str().unwrap(),
+                "-f",
+                calib.lines().next().unwrap(),
+            ])
+            .args(["-c", "512", "--chunks", "2", "-t", "2", "-o"])
+            .arg(&imatrix),
     );
     let rtn: &[&str] = &["--method", "rtn", "--imatrix"];
     for (kind, ftype, method) in [

@@ -52,17 +52,19 @@ pub fn llama_tool(tool: &str) -> Option<PathBuf> {
     None
 }
 
-pub fn run_shrink(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(env!("CARGO_BIN_EXE_shrink"))
-        .args(args)
-        .output()
-        .unwrap();
+/// Runs `command`, which must succeed (else its stderr is the failure); its output.
+pub fn run_ok(command: &mut Command) -> std::process::Output {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
-        "shrink {args:?}: {}",
+        "{command:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out.stdout
+    out
+}
+
+pub fn run_shrink(args: &[&str]) -> Vec<u8> {
+    run_ok(Command::new(env!("CARGO_BIN_EXE_shrink")).args(args)).stdout
 }
 
 /// `llama-quantize [--imatrix IMATRIX] INPUT OUTPUT FTYPE`, which must succeed.
@@ -74,16 +76,11 @@ pub fn llama_quantize(
     ftype: &str,
 ) {
     let weighted = imatrix.map(|m| ["--imatrix", m.to_str().unwrap()]);
-    let st = Command::new(tool)
-        .args(weighted.iter().flatten())
-        .args([input.to_str().unwrap(), output.to_str().unwrap(), ftype])
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    run_ok(Command::new(tool).args(weighted.iter().flatten()).args([
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+        ftype,
+    ]));
 }
 
 /// The cached F32 reference GGUF (`llama-quantize --allow-requantize … F32`), made on first use.

@@ -431,15 +431,15 @@ pub fn gptq_blocks(
                 }
                 if orig.is_multiple_of(unit) {
                     // A code's first weight (with codes of one weight: every weight).
-                    let target: Vec<f32> = (0..unit)
-                        .map(|j| match cfg.keep_zeros && row[orig + j] == 0.0 {
-                            true => 0.0,
-                            false => x[j] as f32,
-                        })
-                        .collect();
+                    let mut target = [0f32; crate::iquant::OCTET];
+                    for (j, t) in target[..unit].iter_mut().enumerate() {
+                        if !(cfg.keep_zeros && row[orig + j] == 0.0) {
+                            *t = x[j] as f32;
+                        }
+                    }
                     let grid = &blocks.grids[sb][(orig % block_len) / k.group()];
                     blocks.codes[orig / unit] =
-                        grid.nearest(&target, &cost[i..i + unit], &mut blocks.values);
+                        grid.nearest(&target[..unit], &cost[i..i + unit], &mut blocks.values);
                 }
                 blocks.values[orig % unit] as f64
             });
@@ -493,15 +493,7 @@ mod asymmetric_tests {
                 *v = q as f32 * d + m;
             }
         }
-        let mut stats = LinearStats::new(cols);
-        for _ in 0..300 {
-            let x: Vec<f64> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            for i in 0..cols {
-                for j in 0..cols {
-                    stats.hessian[i * cols + j] += x[i] * x[j];
-                }
-            }
-        }
+        let stats = crate::tests::correlated_stats(cols, 300, 7);
         for act_order in [false, true] {
             let cfg = GptqConfig {
                 act_order,

@@ -117,7 +117,7 @@ fn packed_storage_is_at_the_real_bit_width() {
 }
 
 /// Inputs with strongly correlated channels (a few latent factors plus noise).
-fn correlated_stats(cols: usize, rows: usize, seed: u64) -> LinearStats {
+pub(crate) fn correlated_stats(cols: usize, rows: usize, seed: u64) -> LinearStats {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let factors = 6;
     let mix: Vec<f32> = (0..factors * cols)
