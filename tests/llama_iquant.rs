@@ -77,8 +77,9 @@ fn i_quant_blocks_are_ggml_s() {
         run_ok(Command::new(&exe).args([dir.path().to_str().unwrap(), &r, &c, &id]));
         for (weighted, imp) in [(0, None), (1, Some(&importance[..]))] {
             let path = dir.path().join(format!("{id}-{weighted}.q"));
-            // ggml quantizes IQ2_XS only with an importance matrix (shrink weights by x² then).
-            if weighted == 0 && kind == IQuant::IQ2XS {
+            // ggml quantizes IQ2_XS and IQ2_XXS only with an importance matrix (shrink weights
+            // by x² then).
+            if weighted == 0 && matches!(kind, IQuant::IQ2XS | IQuant::IQ2XXS) {
                 assert!(!path.exists());
                 continue;
             }
@@ -87,7 +88,18 @@ fn i_quant_blocks_are_ggml_s() {
             for (row, out) in x.chunks(cols).zip(ours.chunks_mut(kind.row_bytes(cols))) {
                 shrink_quant::iquant::quantize_row(kind, row, imp, out);
             }
-            let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+            // ggml's IQ3_S quantizer skips a sub-block of zeros without advancing its index and
+            // sign pointers (`quantize_row_iq3_s_impl`: `continue` before `qs += bs4`), so the
+            // rest of that block lands 8 and 4 bytes early and dequantizes to other weights:
+            // shrink writes each sub-block in its place, and such blocks are not compared.
+            let size = kind.type_size();
+            let broken = |b: usize| {
+                let x = &x[b * 256..(b + 1) * 256];
+                kind == IQuant::IQ3S && x.chunks(32).any(|s| s.iter().all(|&v| v == 0.0))
+            };
+            let differing = (ours.chunks(size).zip(theirs.chunks(size)).enumerate())
+                .filter(|&(b, (a, t))| a != t && !broken(b))
+                .count();
             assert_eq!(differing, 0, "{kind:?} weighted {weighted}: bytes differ");
             let floats = std::fs::read(dir.path().join(format!("{id}-{weighted}.f32"))).unwrap();
             let mut back = vec![0f32; rows * cols];
@@ -183,12 +195,13 @@ fn iq4_files_are_llama_quantize_s_and_score_alike() {
     }
 }
 
-/// The grid i-quants in whole files: the `iq3_xxs` and `iq2_xs` presets (GPTQ choosing each code
-/// of eight weights, from a small calibration) give every tensor of SmolLM2 the type
-/// `llama-quantize --imatrix … IQ3_XXS|IQ2_XS` gives it (IQ3_XXS or IQ2_XS where rows hold
-/// super-blocks, the `ffn_down` weights; IQ4_NL, Q4_0 and Q2_K as llama.cpp's mix elsewhere), and
-/// llama.cpp loads each file and scores it as `shrink eval` does ([`scores_alike`]; with products
-/// of dequantized i-quants in f32 `shrink eval` was 0.43–0.62% away).
+/// The grid i-quants in whole files: the `iq3_xxs`, `iq2_xs`, `iq3_s`, `iq2_m` and `iq2_xxs`
+/// presets (RTN with an importance matrix, or GPTQ choosing each code of eight weights, from a
+/// small calibration) give every tensor of SmolLM2 the type `llama-quantize --imatrix …` gives it
+/// for the same type name (the grid type where rows hold super-blocks, the `ffn_down` weights;
+/// IQ3_S, IQ4_NL, Q4_0 and Q2_K as llama.cpp's mix elsewhere), and llama.cpp loads each file and
+/// scores it as `shrink eval` does ([`scores_alike`]; with products of dequantized i-quants in
+/// f32 `shrink eval` was 0.43–0.62% away).
 #[test]
 fn grid_i_quant_files_are_llama_cpp_s_mixes_and_score_alike() {
     let Some(model) = model_path() else { return };
@@ -218,11 +231,13 @@ fn grid_i_quant_files_are_llama_cpp_s_mixes_and_score_alike() {
             .arg(&imatrix),
     );
     let rtn: &[&str] = &["--method", "rtn", "--imatrix"];
-    for (kind, ftype, method) in [
-        (IQuant::IQ3XXS, "IQ3_XXS", rtn),
-        (IQuant::IQ2XS, "IQ2_XS", &[]),
+    for (name, kind, ftype, method) in [
+        ("iq3_xxs", IQuant::IQ3XXS, "IQ3_XXS", rtn),
+        ("iq2_xs", IQuant::IQ2XS, "IQ2_XS", &[]),
+        ("iq3_s", IQuant::IQ3S, "IQ3_S", rtn),
+        ("iq2_m", IQuant::IQ2S, "IQ2_M", &[]),
+        ("iq2_xxs", IQuant::IQ2XXS, "IQ2_XXS", rtn),
     ] {
-        let name = kind.name();
         let theirs = dir.path().join(format!("llama-{name}.gguf"));
         llama_quantize(&quantize, Some(&imatrix), &f32_ref, &theirs, ftype);
         let ours = dir.path().join(format!("{name}.gguf"));
@@ -239,7 +254,9 @@ fn grid_i_quant_files_are_llama_cpp_s_mixes_and_score_alike() {
         let stored = format!("{:?}", shrink_core::ggml::GgmlType::of_iquant(kind));
         let count = a.values().filter(|(ty, _)| *ty == stored).count();
         assert!(count >= 27, "{name}: {count} {stored} tensors");
+        let started = std::time::Instant::now();
         scores_alike(name, &perplexity, &ours);
+        eprintln!("{name}: scored in {:?}", started.elapsed());
     }
 }
 

@@ -1730,9 +1730,12 @@ fn integer_products_are_llama_cpp_s() {
     // The i-quants: random blocks (any byte is a valid index, sign or sub-block scale) with a
     // realistic f16 scale first.
     let i_quants = [
+        (BlockType::IQ2XXS, 16),
         (BlockType::IQ2XS, 17),
         (BlockType::IQ3XXS, 18),
         (BlockType::IQ4NL, 20),
+        (BlockType::IQ3S, 21),
+        (BlockType::IQ2S, 22),
         (BlockType::IQ4XS, 23),
     ];
     let i_quant_blocks = |ty: BlockType| {

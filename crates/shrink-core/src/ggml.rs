@@ -36,11 +36,14 @@ pub enum GgmlType {
     IQ4NL,
     IQ4XS,
     IQ3XXS,
+    IQ3S,
+    IQ2XXS,
     IQ2XS,
+    IQ2S,
 }
 
 /// (type, ggml's id, weights per block, bytes per block).
-const TYPES: [(GgmlType, u32, usize, usize); 19] = [
+const TYPES: [(GgmlType, u32, usize, usize); 22] = [
     (GgmlType::F32, 0, 1, 4),
     (GgmlType::F16, 1, 1, 2),
     (GgmlType::BF16, 30, 1, 2),
@@ -59,7 +62,10 @@ const TYPES: [(GgmlType, u32, usize, usize); 19] = [
     (GgmlType::IQ4NL, 20, 32, 18),
     (GgmlType::IQ4XS, 23, 256, 136),
     (GgmlType::IQ3XXS, 18, 256, 98),
+    (GgmlType::IQ3S, 21, 256, 110),
+    (GgmlType::IQ2XXS, 16, 256, 66),
     (GgmlType::IQ2XS, 17, 256, 74),
+    (GgmlType::IQ2S, 22, 256, 82),
 ];
 
 impl GgmlType {
@@ -110,7 +116,10 @@ impl GgmlType {
             GgmlType::IQ4NL => Some(IQuant::IQ4NL),
             GgmlType::IQ4XS => Some(IQuant::IQ4XS),
             GgmlType::IQ3XXS => Some(IQuant::IQ3XXS),
+            GgmlType::IQ3S => Some(IQuant::IQ3S),
+            GgmlType::IQ2XXS => Some(IQuant::IQ2XXS),
             GgmlType::IQ2XS => Some(IQuant::IQ2XS),
+            GgmlType::IQ2S => Some(IQuant::IQ2S),
             _ => None,
         }
     }
@@ -121,7 +130,10 @@ impl GgmlType {
             IQuant::IQ4NL => GgmlType::IQ4NL,
             IQuant::IQ4XS => GgmlType::IQ4XS,
             IQuant::IQ3XXS => GgmlType::IQ3XXS,
+            IQuant::IQ3S => GgmlType::IQ3S,
+            IQuant::IQ2XXS => GgmlType::IQ2XXS,
             IQuant::IQ2XS => GgmlType::IQ2XS,
+            IQuant::IQ2S => GgmlType::IQ2S,
         }
     }
 
@@ -144,7 +156,10 @@ impl GgmlType {
             GgmlType::IQ4NL => 25,
             GgmlType::IQ4XS => 30,
             GgmlType::IQ3XXS => 23,
+            GgmlType::IQ3S => 26,
+            GgmlType::IQ2XXS => 19,
             GgmlType::IQ2XS => 20,
+            GgmlType::IQ2S => 28,
             GgmlType::BF16 => 32,
             // No file is "mostly" these: the activation-side types.
             GgmlType::Q8_1 | GgmlType::Q8K => 0,
@@ -169,6 +184,6 @@ mod tests {
                 assert_eq!(q.type_size(), t.type_size());
             }
         }
-        assert_eq!(GgmlType::from_id(16), None); // IQ2_XXS: not yet
+        assert_eq!(GgmlType::from_id(19), None); // IQ1_S: not yet
     }
 }

@@ -24,7 +24,10 @@
 //! assert!((y[0] - exact).abs() < 1e-3 * exact);
 //! ```
 
-use crate::iquant::tables::{IQ2XS_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS, KVALUES_IQ4NL};
+use crate::iquant::tables::{
+    IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS,
+    KVALUES_IQ4NL,
+};
 use half::f16;
 use rayon::prelude::*;
 
@@ -46,7 +49,10 @@ pub enum BlockType {
     IQ4NL,
     IQ4XS,
     IQ3XXS,
+    IQ3S,
+    IQ2XXS,
     IQ2XS,
+    IQ2S,
 }
 
 /// The 8-bit blocks llama.cpp rounds a weight type's activations into.
@@ -72,7 +78,7 @@ enum Mins {
 
 impl BlockType {
     /// Every type, in ggml's numbering order.
-    pub const ALL: [BlockType; 14] = [
+    pub const ALL: [BlockType; 17] = [
         BlockType::Q4_0,
         BlockType::Q4_1,
         BlockType::Q5_0,
@@ -83,9 +89,12 @@ impl BlockType {
         BlockType::Q4K,
         BlockType::Q5K,
         BlockType::Q6K,
+        BlockType::IQ2XXS,
         BlockType::IQ2XS,
         BlockType::IQ3XXS,
         BlockType::IQ4NL,
+        BlockType::IQ3S,
+        BlockType::IQ2S,
         BlockType::IQ4XS,
     ];
 
@@ -102,9 +111,12 @@ impl BlockType {
             12 => BlockType::Q4K,
             13 => BlockType::Q5K,
             14 => BlockType::Q6K,
+            16 => BlockType::IQ2XXS,
             17 => BlockType::IQ2XS,
             18 => BlockType::IQ3XXS,
             20 => BlockType::IQ4NL,
+            21 => BlockType::IQ3S,
+            22 => BlockType::IQ2S,
             23 => BlockType::IQ4XS,
             _ => return None,
         })
@@ -135,14 +147,18 @@ impl BlockType {
             BlockType::IQ4NL => 18,
             BlockType::IQ4XS => 136,
             BlockType::IQ3XXS => 98,
+            BlockType::IQ3S => 110,
+            BlockType::IQ2XXS => 66,
             BlockType::IQ2XS => 74,
+            BlockType::IQ2S => 82,
         }
     }
 
     /// Weights per sub-block (one integer scale each).
     fn sub_len(self) -> usize {
         match self {
-            BlockType::Q2K | BlockType::Q3K | BlockType::Q6K | BlockType::IQ2XS => 16,
+            BlockType::Q2K | BlockType::Q3K | BlockType::Q6K => 16,
+            BlockType::IQ2XS | BlockType::IQ2S => 16,
             _ => 32,
         }
     }
@@ -154,7 +170,8 @@ impl BlockType {
             BlockType::Q5_0 => 16,
             BlockType::Q8_0 => 128,
             // The i-quants' signed codebook values, shifted to be unsigned.
-            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => 128,
+            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ3S => 128,
+            BlockType::IQ2XXS | BlockType::IQ2XS | BlockType::IQ2S => 128,
             BlockType::Q3K => 4,
             BlockType::Q6K => 32,
             _ => 0,
@@ -170,7 +187,8 @@ impl BlockType {
             BlockType::Q5_0 | BlockType::Q5_1 | BlockType::Q5K => 5,
             BlockType::Q6K => 6,
             BlockType::Q8_0 => 8,
-            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => 8,
+            BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ3S => 8,
+            BlockType::IQ2XXS | BlockType::IQ2XS | BlockType::IQ2S => 8,
         }
     }
 
@@ -179,7 +197,7 @@ impl BlockType {
     fn factor(self) -> f32 {
         match self {
             BlockType::IQ3XXS => 0.25,
-            BlockType::IQ2XS => 0.125,
+            BlockType::IQ2XXS | BlockType::IQ2XS | BlockType::IQ2S => 0.125,
             _ => 1.0,
         }
     }
@@ -676,27 +694,56 @@ impl Decoded {
                             for half in 0..2 {
                                 let grid = IQ3XXS_GRID[qs[8 * ib + 2 * l + half] as usize];
                                 let at = 32 * ib + 8 * l + 4 * half;
-                                for j in 0..4 {
-                                    let neg = sign & KMASK_IQ2XS[4 * half + j] != 0;
-                                    codes[at + j] = signed_code((grid >> (8 * j)) as u8, neg);
-                                }
+                                grid_codes(grid as u64, sign >> (4 * half), &mut codes[at..at + 4]);
                             }
                         }
                     }
                 }
-                BlockType::IQ2XS => {
+                BlockType::IQ3S => {
                     self.d[b] = f16_at(x, 0);
+                    let (qs, qh, signs) = (&x[2..66], &x[66..74], &x[74..106]);
+                    for (ib, s) in scales.iter_mut().enumerate() {
+                        *s = 2 * ((x[106 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i32 + 1;
+                        for k in 0..8 {
+                            let high = ((qh[ib] >> k) & 1) as usize;
+                            let grid = IQ3S_GRID[qs[8 * ib + k] as usize | high << 8];
+                            let sign = signs[4 * ib + k / 2] >> (4 * (k % 2));
+                            let at = 32 * ib + 4 * k;
+                            grid_codes(grid as u64, sign, &mut codes[at..at + 4]);
+                        }
+                    }
+                }
+                BlockType::IQ2XXS => {
+                    self.d[b] = f16_at(x, 0);
+                    for (ib, s) in scales.iter_mut().enumerate() {
+                        let q = &x[2 + 8 * ib..10 + 8 * ib];
+                        let aux = u32::from_le_bytes(q[4..8].try_into().unwrap());
+                        *s = 2 * (aux >> 28) as i32 + 1;
+                        for l in 0..4 {
+                            let sign = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+                            let at = 32 * ib + 8 * l;
+                            grid_codes(IQ2XXS_GRID[q[l] as usize], sign, &mut codes[at..at + 8]);
+                        }
+                    }
+                }
+                BlockType::IQ2XS | BlockType::IQ2S => {
+                    self.d[b] = f16_at(x, 0);
+                    let sc = if ty == BlockType::IQ2XS { 66 } else { 74 };
                     for (j, s) in scales.iter_mut().enumerate() {
-                        *s = 2 * ((x[66 + j / 2] >> (4 * (j % 2))) & 0xf) as i32 + 1;
+                        *s = 2 * ((x[sc + j / 2] >> (4 * (j % 2))) & 0xf) as i32 + 1;
                     }
                     for k in 0..32 {
-                        let q = u16::from_le_bytes([x[2 + 2 * k], x[3 + 2 * k]]);
-                        let grid = IQ2XS_GRID[(q & 511) as usize];
-                        let sign = KSIGNS_IQ2XS[(q >> 9) as usize];
-                        for j in 0..8 {
-                            let neg = sign & KMASK_IQ2XS[j] != 0;
-                            codes[8 * k + j] = signed_code((grid >> (8 * j)) as u8, neg);
-                        }
+                        let (grid, sign) = if ty == BlockType::IQ2XS {
+                            let q = u16::from_le_bytes([x[2 + 2 * k], x[3 + 2 * k]]);
+                            (
+                                IQ2XS_GRID[(q & 511) as usize],
+                                KSIGNS_IQ2XS[(q >> 9) as usize],
+                            )
+                        } else {
+                            let high = ((x[66 + k / 4] >> (2 * (k % 4))) & 3) as usize;
+                            (IQ2S_GRID[x[2 + k] as usize | high << 8], x[34 + k])
+                        };
+                        grid_codes(grid, sign, &mut codes[8 * k..8 * k + 8]);
                     }
                 }
                 BlockType::Q6K => {
@@ -731,6 +778,14 @@ fn iq4_codes(qs: &[u8], codes: &mut [u8]) {
 }
 
 /// A grid magnitude with its sign, shifted by 128.
+/// The codes of a grid point's magnitudes (a byte each, as many as `codes` holds) under `sign`'s
+/// bits (ggml's `kmask_iq2xs`).
+fn grid_codes(grid: u64, sign: u8, codes: &mut [u8]) {
+    for (j, c) in codes.iter_mut().enumerate() {
+        *c = signed_code((grid >> (8 * j)) as u8, sign & KMASK_IQ2XS[j] != 0);
+    }
+}
+
 fn signed_code(magnitude: u8, negative: bool) -> u8 {
     let v = magnitude as i32;
     (if negative { 128 - v } else { 128 + v }) as u8

@@ -24,7 +24,13 @@ pub fn to_candle(t: GgmlType) -> Option<GgmlDType> {
         GgmlType::Q5K => GgmlDType::Q5K,
         GgmlType::Q6K => GgmlDType::Q6K,
         GgmlType::Q8K => GgmlDType::Q8K,
-        GgmlType::IQ4NL | GgmlType::IQ4XS | GgmlType::IQ3XXS | GgmlType::IQ2XS => return None,
+        GgmlType::IQ4NL
+        | GgmlType::IQ4XS
+        | GgmlType::IQ3XXS
+        | GgmlType::IQ3S
+        | GgmlType::IQ2XXS
+        | GgmlType::IQ2XS
+        | GgmlType::IQ2S => return None,
     })
 }
 

@@ -106,7 +106,7 @@ pub enum Format {
 
 impl Format {
     /// Parses a ggml type name: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
-    /// iq4_nl, iq4_xs, iq3_xxs, iq2_xs.
+    /// iq4_nl, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs.
     pub fn parse(name: &str) -> Result<Format> {
         let lower = name.to_ascii_lowercase();
         Ok(match lower.as_str() {
@@ -121,7 +121,7 @@ impl Format {
                     Some(q) => Format::I(q),
                     None => {
                         return Err(QuantError::Scheme(format!(
-                            "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_xxs, iq2_xs)"
+                            "unknown block type '{name}' (known: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, iq3_s, iq3_xxs, iq2_s, iq2_xs, iq2_xxs)"
                         )))
                     }
                 },

@@ -16,11 +16,17 @@ use std::path::Path;
 
 /// The presets shipped in `configs/quant/`.
 pub const BUILTIN: &[(&str, &str)] = &[
+    ("iq2_m", include_str!("../../../configs/quant/iq2_m.toml")),
     ("iq2_xs", include_str!("../../../configs/quant/iq2_xs.toml")),
+    (
+        "iq2_xxs",
+        include_str!("../../../configs/quant/iq2_xxs.toml"),
+    ),
     (
         "iq3_xxs",
         include_str!("../../../configs/quant/iq3_xxs.toml"),
     ),
+    ("iq3_s", include_str!("../../../configs/quant/iq3_s.toml")),
     ("iq4_nl", include_str!("../../../configs/quant/iq4_nl.toml")),
     ("iq4_xs", include_str!("../../../configs/quant/iq4_xs.toml")),
     ("q2_k", include_str!("../../../configs/quant/q2_k.toml")),

@@ -31,7 +31,8 @@ fn f16_fields(ty: BlockType) -> &'static [usize] {
         BlockType::Q2K => &[80, 82],
         BlockType::Q3K => &[108],
         BlockType::Q6K => &[208],
-        BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ2XS => &[0],
+        BlockType::IQ4NL | BlockType::IQ4XS | BlockType::IQ3XXS | BlockType::IQ3S => &[0],
+        BlockType::IQ2XXS | BlockType::IQ2XS | BlockType::IQ2S => &[0],
     }
 }
 
@@ -215,7 +216,10 @@ fn i_quant_codes_are_the_dequantizers_values() {
         (BlockType::IQ4NL, IQuant::IQ4NL),
         (BlockType::IQ4XS, IQuant::IQ4XS),
         (BlockType::IQ3XXS, IQuant::IQ3XXS),
+        (BlockType::IQ3S, IQuant::IQ3S),
+        (BlockType::IQ2XXS, IQuant::IQ2XXS),
         (BlockType::IQ2XS, IQuant::IQ2XS),
+        (BlockType::IQ2S, IQuant::IQ2S),
     ] {
         let (rows, cols) = (3, 512);
         let w = random_matrix(ty, rows, cols, 9);

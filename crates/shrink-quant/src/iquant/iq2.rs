@@ -1,57 +1,95 @@
-//! ggml's IQ2_XS quantizer (`quantize_row_iq2_xs_impl`, grid of 512 points of eight 2-bit
-//! magnitudes): per sub-block of 16, two grid points each with 7 sign bits (a 16-bit word: index
-//! and signs) and a 4-bit scale under the block's f16 scale. ggml requires an importance matrix
-//! for it; shrink weights by x² without one, as ggml's other i-quants do.
+//! ggml's IQ2 quantizers (`quantize_row_iq2_{xxs,xs,s}_impl`), grids of points of eight 2-bit
+//! magnitudes: IQ2_XXS (256 points; per sub-block of 32 four indices, 28 sign bits and a 4-bit
+//! scale), IQ2_XS (512 points; per sub-block of 16 two 16-bit words of index and seven sign bits,
+//! a 4-bit scale) and IQ2_S (1024 points; per sub-block of 16 two 10-bit indices, sixteen sign
+//! bits, a 4-bit scale). ggml requires an importance matrix for IQ2_XXS and IQ2_XS; shrink
+//! weights by x² without one, as ggml's other i-quants do.
 
-use super::grid::{error_weights, sub_block, Grid, Search};
-use super::nearest_int;
-use half::f16;
-use shrink_core::iquant::tables::IQ2XS_GRID;
+use super::grid::{block_scales, error_weights, sub_block, Grid, Refit, Search};
+use shrink_core::iquant::tables::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID};
+use shrink_core::iquant::IQuant;
 use std::sync::OnceLock;
 
-fn grid() -> &'static Grid<8> {
-    static GRID: OnceLock<Grid<8>> = OnceLock::new();
-    GRID.get_or_init(|| Grid::build(&IQ2XS_GRID, 3, 2, 2))
+fn grid(kind: IQuant) -> &'static Grid<8> {
+    static XXS: OnceLock<Grid<8>> = OnceLock::new();
+    static XS: OnceLock<Grid<8>> = OnceLock::new();
+    static S: OnceLock<Grid<8>> = OnceLock::new();
+    match kind {
+        IQuant::IQ2XXS => XXS.get_or_init(|| Grid::build(&IQ2XXS_GRID, 3, 2, 2)),
+        IQuant::IQ2XS => XS.get_or_init(|| Grid::build(&IQ2XS_GRID, 3, 2, 2)),
+        _ => S.get_or_init(|| Grid::build(&IQ2S_GRID, 3, 2, 1)),
+    }
 }
 
-const SEARCH: Search = Search {
-    kmax: 3,
-    steps: 9,
-    step: 0.1,
-    eps: 1e-15,
-};
+fn search(kind: IQuant) -> Search {
+    Search {
+        kmax: 3,
+        steps: if kind == IQuant::IQ2XXS { 6 } else { 9 },
+        step: 0.1,
+        eps: if kind == IQuant::IQ2S { 1e-8 } else { 1e-15 },
+        parity: kind != IQuant::IQ2S,
+        qp_start: kind == IQuant::IQ2XXS,
+        refit: if kind == IQuant::IQ2XXS {
+            Refit::All
+        } else {
+            Refit::OffGrid
+        },
+    }
+}
 
-/// One block of 256 weights into its 74 bytes: f16 scale, 32 words (grid index | signs << 9),
-/// then eight bytes of two 4-bit sub-block scales.
-pub(super) fn quantize_block(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
-    let g = grid();
+/// One block of 256 weights of `kind` (IQ2_XXS: 66 bytes, IQ2_XS: 74, IQ2_S: 82).
+pub(super) fn quantize_block(kind: IQuant, x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
+    let (g, s) = (grid(kind), search(kind));
     out.fill(0);
-    let weight = error_weights(x, qw, 1.0);
-    let mut q2 = [0u16; 32];
-    let mut scales = [0f32; 16];
-    let mut max_scale = 0f32;
-    for ib in 0..16 {
-        let r = 16 * ib..16 * ib + 16;
-        let Some(sb) = sub_block(g, &SEARCH, &x[r.clone()], &weight[r]) else {
+    let (sub, weight) = match kind {
+        IQuant::IQ2XXS => (32, error_weights(x, qw, 1.0, 0.0)),
+        IQuant::IQ2XS => (16, error_weights(x, qw, 1.0, 0.0)),
+        _ => (16, error_weights(x, qw, 2.0, 0.25)),
+    };
+    let mut scales = vec![0f32; 256 / sub];
+    for (ib, scale) in scales.iter_mut().enumerate() {
+        let r = sub * ib..sub * ib + sub;
+        let Some(sb) = sub_block(g, &s, &x[r.clone()], &weight[r]) else {
             continue;
         };
-        for k in 0..2 {
-            q2[2 * ib + k] = sb.indices[k] as u16 | (sb.signs[k] as u16) << 9;
+        *scale = sb.scale;
+        for (k, (&index, &signs)) in sb.indices.iter().zip(&sb.signs).enumerate() {
+            match kind {
+                IQuant::IQ2XXS => {
+                    out[2 + 8 * ib + k] = index as u8;
+                    or_u32(out, 6 + 8 * ib, (signs as u32) << (7 * k));
+                }
+                IQuant::IQ2XS => {
+                    let word = index as u16 | (signs as u16) << 9;
+                    let at = 2 + 2 * (2 * ib + k);
+                    out[at..at + 2].copy_from_slice(&word.to_le_bytes());
+                }
+                _ => {
+                    let i8 = 2 * ib + k;
+                    out[2 + i8] = index as u8;
+                    out[66 + i8 / 4] |= ((index >> 8) as u8) << (2 * (i8 % 4));
+                    out[34 + i8] = signs;
+                }
+            }
         }
-        scales[ib] = sb.scale;
-        max_scale = max_scale.max(sb.scale);
     }
-    if max_scale == 0.0 {
+    let fudge = if kind == IQuant::IQ2S { 0.9875 } else { 1.0 };
+    let Some((d, ls)) = block_scales(&scales, fudge) else {
+        out.fill(0);
         return;
+    };
+    out[..2].copy_from_slice(&d);
+    for (ib, &l) in ls.iter().enumerate() {
+        match kind {
+            IQuant::IQ2XXS => or_u32(out, 6 + 8 * ib, (l as u32) << 28),
+            IQuant::IQ2XS => out[66 + ib / 2] |= l << (4 * (ib % 2)),
+            _ => out[74 + ib / 2] |= l << (4 * (ib % 2)),
+        }
     }
-    let d = max_scale / 31.0;
-    out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-    for (k, &q) in q2.iter().enumerate() {
-        out[2 + 2 * k..4 + 2 * k].copy_from_slice(&q.to_le_bytes());
-    }
-    let id = 1.0 / d;
-    for (ib, &s) in scales.iter().enumerate() {
-        let l = nearest_int(0.5 * (id * s - 1.0)).clamp(0, 15) as u8;
-        out[66 + ib / 2] |= l << (4 * (ib % 2));
-    }
+}
+
+/// ORs `bits` into the little-endian word at `at`.
+fn or_u32(out: &mut [u8], at: usize, bits: u32) {
+    let w = u32::from_le_bytes(out[at..at + 4].try_into().unwrap()) | bits;
+    out[at..at + 4].copy_from_slice(&w.to_le_bytes());
 }

@@ -1,63 +1,83 @@
-//! ggml's IQ3_XXS quantizer (`quantize_row_iq3_xxs_impl`, grid of 256 points of four 3-bit
-//! magnitudes): per sub-block of 32, eight grid points, 28 sign bits and a 4-bit scale under the
-//! block's f16 scale (with ggml's fudge factor 1.0125).
+//! ggml's IQ3 quantizers (`quantize_row_iq3_xxs_impl`, `quantize_row_iq3_s_impl`), grids of points
+//! of four 3-bit magnitudes, a 4-bit scale per sub-block of 32: IQ3_XXS (256 points; eight 8-bit
+//! indices, 28 sign bits by parity; ggml's fudge factor 1.0125 on the block scale) and IQ3_S
+//! (512 points; eight 9-bit indices, 32 sign bits; fudge 1.033).
 
-use super::grid::{error_weights, sub_block, Grid, Search};
-use super::nearest_int;
-use half::f16;
-use shrink_core::iquant::tables::IQ3XXS_GRID;
+use super::grid::{block_scales, error_weights, sub_block, Grid, Refit, Search};
+use shrink_core::iquant::tables::{IQ3S_GRID, IQ3XXS_GRID};
+use shrink_core::iquant::IQuant;
 use std::sync::OnceLock;
 
-fn grid() -> &'static Grid<4> {
-    static GRID: OnceLock<Grid<4>> = OnceLock::new();
-    GRID.get_or_init(|| {
-        let table: Vec<u64> = IQ3XXS_GRID.iter().map(|&p| p as u64).collect();
-        Grid::build(&table, 8, 3, 2)
-    })
+fn grid(kind: IQuant) -> &'static Grid<4> {
+    static XXS: OnceLock<Grid<4>> = OnceLock::new();
+    static S: OnceLock<Grid<4>> = OnceLock::new();
+    let build = |table: &[u32], nwant| {
+        let table: Vec<u64> = table.iter().map(|&p| p as u64).collect();
+        Grid::build(&table, 8, 3, nwant)
+    };
+    match kind {
+        IQuant::IQ3XXS => XXS.get_or_init(|| build(&IQ3XXS_GRID, 2)),
+        _ => S.get_or_init(|| build(&IQ3S_GRID, 3)),
+    }
 }
 
-const SEARCH: Search = Search {
-    kmax: 8,
-    steps: 15,
-    step: 0.2,
-    eps: 1e-8,
-};
+fn search(kind: IQuant) -> Search {
+    let xxs = kind == IQuant::IQ3XXS;
+    Search {
+        kmax: 8,
+        steps: if xxs { 15 } else { 9 },
+        step: 0.2,
+        eps: if xxs { 1e-8 } else { 0.0 },
+        parity: xxs,
+        qp_start: false,
+        refit: if xxs {
+            Refit::OffGrid
+        } else {
+            Refit::AllIfAnyOff
+        },
+    }
+}
 
-/// One block of 256 weights into its 98 bytes: f16 scale, 64 grid indices, then per sub-block
-/// a word of four 7-bit sign groups and the 4-bit scale.
-pub(super) fn quantize_block(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
-    let g = grid();
+/// One block of 256 weights of `kind` (IQ3_XXS: 98 bytes, IQ3_S: 110).
+pub(super) fn quantize_block(kind: IQuant, x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
+    let (g, s) = (grid(kind), search(kind));
     out.fill(0);
-    let weight = error_weights(x, qw, 2.0);
-    let mut q3 = [0u8; 96];
+    let weight = error_weights(x, qw, 2.0, 0.0);
     let mut scales = [0f32; 8];
-    let mut max_scale = 0f32;
-    for ib in 0..8 {
+    for (ib, scale) in scales.iter_mut().enumerate() {
         let r = 32 * ib..32 * ib + 32;
-        let Some(sb) = sub_block(g, &SEARCH, &x[r.clone()], &weight[r]) else {
+        let Some(sb) = sub_block(g, &s, &x[r.clone()], &weight[r]) else {
             continue;
         };
+        *scale = sb.scale;
         for (k, &index) in sb.indices.iter().enumerate() {
-            q3[8 * ib + k] = index as u8;
+            out[2 + 8 * ib + k] = index as u8;
+            if kind == IQuant::IQ3S {
+                out[66 + ib] |= ((index >> 8) as u8) << k;
+            }
         }
-        let signs = sb
-            .signs
-            .iter()
-            .enumerate()
-            .fold(0u32, |w, (k, &s)| w | (s as u32) << (7 * k));
-        q3[64 + 4 * ib..68 + 4 * ib].copy_from_slice(&signs.to_le_bytes());
-        scales[ib] = sb.scale;
-        max_scale = max_scale.max(sb.scale);
+        if kind == IQuant::IQ3XXS {
+            let signs =
+                (sb.signs.iter().enumerate()).fold(0u32, |w, (k, &s)| w | (s as u32) << (7 * k));
+            out[66 + 4 * ib..70 + 4 * ib].copy_from_slice(&signs.to_le_bytes());
+        } else {
+            out[74 + 4 * ib..78 + 4 * ib].copy_from_slice(&sb.signs);
+        }
     }
-    if max_scale == 0.0 {
+    let fudge = if kind == IQuant::IQ3XXS {
+        1.0125
+    } else {
+        1.033
+    };
+    let Some((d, ls)) = block_scales(&scales, fudge) else {
+        out.fill(0);
         return;
+    };
+    out[..2].copy_from_slice(&d);
+    for (ib, &l) in ls.iter().enumerate() {
+        match kind {
+            IQuant::IQ3XXS => out[69 + 4 * ib] |= l << 4,
+            _ => out[106 + ib / 2] |= l << (4 * (ib % 2)),
+        }
     }
-    let d = max_scale / 31.0;
-    out[..2].copy_from_slice(&f16::from_f32(d * 1.0125).to_le_bytes());
-    let id = 1.0 / d;
-    for (ib, &s) in scales.iter().enumerate() {
-        let l = nearest_int(0.5 * (id * s - 1.0)).clamp(0, 15) as u8;
-        q3[64 + 4 * ib + 3] |= l << 4;
-    }
-    out[2..].copy_from_slice(&q3);
 }

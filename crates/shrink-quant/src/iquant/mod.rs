@@ -39,8 +39,10 @@ pub fn quantize_row(kind: IQuant, row: &[f32], importance: Option<&[f32]>, out: 
         let qw = importance.map(|w| &w[b * n..(b + 1) * n]);
         match kind {
             IQuant::IQ4NL | IQuant::IQ4XS => quantize_iq4(x, qw, block, kind),
-            IQuant::IQ3XXS => iq3::quantize_block(x, qw, block),
-            IQuant::IQ2XS => iq2::quantize_block(x, qw, block),
+            IQuant::IQ3XXS | IQuant::IQ3S => iq3::quantize_block(kind, x, qw, block),
+            IQuant::IQ2XXS | IQuant::IQ2XS | IQuant::IQ2S => {
+                iq2::quantize_block(kind, x, qw, block)
+            }
         }
     }
 }
@@ -199,7 +201,6 @@ pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
     match kind {
         IQuant::IQ4NL => vec![d],
-        IQuant::IQ3XXS | IQuant::IQ2XS => vec![],
         IQuant::IQ4XS => {
             let scales_h = u16::from_le_bytes([block[2], block[3]]);
             (0..8)
@@ -210,6 +211,7 @@ pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
                 })
                 .collect()
         }
+        _ => vec![],
     }
 }
 

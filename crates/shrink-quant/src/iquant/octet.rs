@@ -1,58 +1,62 @@
-//! Codes inside the grid types' blocks (IQ3_XXS, IQ2_XS), chosen eight weights at a time under
-//! scales that are already fixed: what GPTQ needs where one code stands for several weights.
+//! Codes inside the grid types' blocks (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S), chosen eight
+//! weights at a time under scales that are already fixed: what GPTQ needs where one code stands
+//! for several weights.
 //!
-//! Eight weights share seven stored sign bits (the eighth makes the count of minus signs even)
-//! and one grid point of eight magnitudes (IQ2_XS) or two of four (IQ3_XXS). For a given point
-//! the best signs are the weights' own, except that an odd count of negative weights must flip
-//! the one sign that costs least; [`nearest_octet`] minimizes the weighted error over every
-//! point exactly that way, so it finds the best code of the eight, not a neighbour of it.
+//! Eight weights share one grid point of eight magnitudes (the IQ2 types) or two of four (the
+//! IQ3 types) and their signs: all eight stored (the S types), or seven, the eighth making the
+//! count of minus signs even (XXS, XS). For a given point the best signs are the weights' own,
+//! except that an odd count of negative weights must flip the one sign that costs least;
+//! [`nearest_octet`] minimizes the weighted error over every point exactly that way, so it finds
+//! the best code of the eight, not a neighbour of it.
 
-use shrink_core::iquant::tables::{IQ2XS_GRID, IQ3XXS_GRID};
+use shrink_core::iquant::tables::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use shrink_core::iquant::IQuant;
 use std::sync::OnceLock;
 
 /// Weights per code: eight (one sign group).
 pub const OCTET: usize = 8;
 
-/// The grid's points as the dequantizer's magnitudes: IQ2_XS's 512 points of eight and IQ3_XXS's
-/// 256 points of four.
+/// The grid's points as the dequantizer's magnitudes (points of eight for IQ2, of four for IQ3).
 fn points(kind: IQuant) -> &'static [Vec<f32>] {
-    static IQ2: OnceLock<Vec<Vec<f32>>> = OnceLock::new();
-    static IQ3: OnceLock<Vec<Vec<f32>>> = OnceLock::new();
+    static GRIDS: [OnceLock<Vec<Vec<f32>>>; 5] = [const { OnceLock::new() }; 5];
     let bytes = |p: u64, n: usize| (0..n).map(|j| (p >> (8 * j)) as u8 as f32).collect();
+    let of = |table: &[u64], n: usize| table.iter().map(|&p| bytes(p, n)).collect();
+    let wide = |table: &[u32]| table.iter().map(|&p| bytes(p as u64, 4)).collect();
     match kind {
-        IQuant::IQ2XS => IQ2.get_or_init(|| IQ2XS_GRID.iter().map(|&p| bytes(p, 8)).collect()),
-        IQuant::IQ3XXS => {
-            IQ3.get_or_init(|| IQ3XXS_GRID.iter().map(|&p| bytes(p as u64, 4)).collect())
-        }
+        IQuant::IQ2XXS => GRIDS[0].get_or_init(|| of(&IQ2XXS_GRID, 8)),
+        IQuant::IQ2XS => GRIDS[1].get_or_init(|| of(&IQ2XS_GRID, 8)),
+        IQuant::IQ2S => GRIDS[2].get_or_init(|| of(&IQ2S_GRID, 8)),
+        IQuant::IQ3XXS => GRIDS[3].get_or_init(|| wide(&IQ3XXS_GRID)),
+        IQuant::IQ3S => GRIDS[4].get_or_init(|| wide(&IQ3S_GRID)),
         IQuant::IQ4NL | IQuant::IQ4XS => panic!("{} has a code per weight", kind.name()),
     }
 }
 
-/// Whether `kind` stores a code per eight weights (a grid point and seven signs).
+/// Whether `kind` stores a code per eight weights (grid points and signs).
 pub fn is_grid(kind: IQuant) -> bool {
-    matches!(kind, IQuant::IQ3XXS | IQuant::IQ2XS)
+    !matches!(kind, IQuant::IQ4NL | IQuant::IQ4XS)
+}
+
+/// Whether the eighth sign of a group follows from the other seven (even parity).
+fn parity(kind: IQuant) -> bool {
+    matches!(kind, IQuant::IQ3XXS | IQuant::IQ2XXS | IQuant::IQ2XS)
 }
 
 /// The scale each group of eight weights of one block is dequantized with (ggml's `db`).
 pub fn octet_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-    match kind {
-        IQuant::IQ3XXS => (0..32)
-            .map(|k| {
-                let ib = k / 4;
-                let aux = u32::from_le_bytes(block[66 + 4 * ib..70 + 4 * ib].try_into().unwrap());
-                d * (0.5 + (aux >> 28) as f32) * 0.5
-            })
-            .collect(),
-        IQuant::IQ2XS => (0..32)
-            .map(|k| {
-                let s = block[66 + k / 4] >> (4 * (k % 4 / 2)) & 0xf;
-                d * (0.5 + s as f32) * 0.25
-            })
-            .collect(),
-        IQuant::IQ4NL | IQuant::IQ4XS => panic!("{} has a code per weight", kind.name()),
-    }
+    let word = |at: usize| u32::from_le_bytes(block[at..at + 4].try_into().unwrap());
+    let nibble = |at: usize, j: usize| block[at + j / 2] >> (4 * (j % 2)) & 0xf;
+    (0..32)
+        .map(|k| match kind {
+            IQuant::IQ3XXS => d * (0.5 + (word(66 + 4 * (k / 4)) >> 28) as f32) * 0.5,
+            IQuant::IQ3S => d * (1 + 2 * nibble(106, k / 4) as i32) as f32,
+            IQuant::IQ2XXS => d * (0.5 + (word(6 + 8 * (k / 4)) >> 28) as f32) * 0.25,
+            IQuant::IQ2XS => d * (0.5 + nibble(66, k / 2) as f32) * 0.25,
+            IQuant::IQ2S => d * (0.5 + nibble(74, k / 2) as f32) * 0.25,
+            IQuant::IQ4NL | IQuant::IQ4XS => panic!("{} has a code per weight", kind.name()),
+        })
+        .collect()
 }
 
 /// A grid point and its weighted error.
@@ -93,9 +97,10 @@ fn scan(grid: &[Vec<f32>], db: f32, a: &[f32], w: &[f32], flip: bool) -> (Best, 
     (best, best_flip)
 }
 
-/// The code of eight weights `x` (grid index or indices and the seven stored sign bits, packed as
-/// [`write_octets`] reads them) whose dequantized values at scale `db` are nearest `x` in the
-/// `w`-weighted squared error, and those values (bit for bit the dequantizer's).
+/// The code of eight weights `x` (one or two grid indices of 10 bits and the eight sign bits,
+/// `i0 | i1 << 10 | signs << 20`, as [`write_octets`] reads it) whose dequantized values at scale
+/// `db` are nearest `x` in the `w`-weighted squared error, and those values (bit for bit the
+/// dequantizer's).
 pub fn nearest_octet(kind: IQuant, db: f32, x: &[f32], w: &[f32]) -> (u32, [f32; OCTET]) {
     debug_assert_eq!((x.len(), w.len()), (OCTET, OCTET));
     let grid = points(kind);
@@ -104,31 +109,28 @@ pub fn nearest_octet(kind: IQuant, db: f32, x: &[f32], w: &[f32]) -> (u32, [f32;
         .iter()
         .enumerate()
         .fold(0u8, |s, (k, &v)| s | ((v < 0.0) as u8) << k);
-    let odd = signs.count_ones() % 2 == 1;
-    let (indices, flip) = match kind {
-        IQuant::IQ2XS => {
-            let (best, at) = scan(grid, db, &a, w, odd);
-            (vec![best.index], at)
-        }
-        _ => {
-            // Two points of four share the signs: the flip goes to one half or the other.
-            let free: Vec<Best> = (0..2)
-                .map(|h| scan(grid, db, &a[4 * h..4 * h + 4], &w[4 * h..4 * h + 4], false).0)
+    let odd = parity(kind) && signs.count_ones() % 2 == 1;
+    let (indices, flip) = if grid[0].len() == OCTET {
+        let (best, at) = scan(grid, db, &a, w, odd);
+        (vec![best.index], at)
+    } else {
+        // Two points of four share the signs: the flip goes to one half or the other.
+        let free: Vec<Best> = (0..2)
+            .map(|h| scan(grid, db, &a[4 * h..4 * h + 4], &w[4 * h..4 * h + 4], false).0)
+            .collect();
+        if odd {
+            let flipped: Vec<(Best, usize)> = (0..2)
+                .map(|h| scan(grid, db, &a[4 * h..4 * h + 4], &w[4 * h..4 * h + 4], true))
                 .collect();
-            if odd {
-                let flipped: Vec<(Best, usize)> = (0..2)
-                    .map(|h| scan(grid, db, &a[4 * h..4 * h + 4], &w[4 * h..4 * h + 4], true))
-                    .collect();
-                let first = flipped[0].0.cost + free[1].cost;
-                let second = free[0].cost + flipped[1].0.cost;
-                if first <= second {
-                    (vec![flipped[0].0.index, free[1].index], flipped[0].1)
-                } else {
-                    (vec![free[0].index, flipped[1].0.index], 4 + flipped[1].1)
-                }
+            let first = flipped[0].0.cost + free[1].cost;
+            let second = free[0].cost + flipped[1].0.cost;
+            if first <= second {
+                (vec![flipped[0].0.index, free[1].index], flipped[0].1)
             } else {
-                (free.iter().map(|b| b.index).collect(), 0)
+                (vec![free[0].index, flipped[1].0.index], 4 + flipped[1].1)
             }
+        } else {
+            (free.iter().map(|b| b.index).collect(), 0)
         }
     };
     if odd {
@@ -140,32 +142,53 @@ pub fn nearest_octet(kind: IQuant, db: f32, x: &[f32], w: &[f32]) -> (u32, [f32;
         let m = db * grid[indices[k / per]][k % per];
         *v = if signs >> k & 1 == 1 { -m } else { m };
     }
-    let code = match kind {
-        IQuant::IQ2XS => indices[0] as u32 | ((signs & 127) as u32) << 9,
-        _ => indices[0] as u32 | (indices[1] as u32) << 8 | ((signs & 127) as u32) << 16,
-    };
-    (code, values)
+    let second = indices.get(1).copied().unwrap_or(0) as u32;
+    (
+        indices[0] as u32 | second << 10 | (signs as u32) << 20,
+        values,
+    )
 }
 
 /// Writes one block's 32 octet codes (from [`nearest_octet`]), keeping its scales.
 pub fn write_octets(kind: IQuant, block: &mut [u8], codes: &[u32]) {
     debug_assert_eq!(codes.len(), 32);
-    match kind {
-        IQuant::IQ2XS => {
-            for (k, &c) in codes.iter().enumerate() {
-                block[2 + 2 * k..4 + 2 * k].copy_from_slice(&(c as u16).to_le_bytes());
+    let set_bits = |block: &mut [u8], at: usize, shift: usize, width: u32, value: u32| {
+        let mut w = u32::from_le_bytes(block[at..at + 4].try_into().unwrap());
+        let mask = ((1u32 << width) - 1) << shift;
+        w = w & !mask | (value << shift) & mask;
+        block[at..at + 4].copy_from_slice(&w.to_le_bytes());
+    };
+    for (k, &c) in codes.iter().enumerate() {
+        let (i0, i1, signs) = (c & 1023, (c >> 10) & 1023, (c >> 20) & 255);
+        let (ib, l) = (k / 4, k % 4);
+        match kind {
+            IQuant::IQ3XXS => {
+                block[2 + 8 * ib + 2 * l] = i0 as u8;
+                block[3 + 8 * ib + 2 * l] = i1 as u8;
+                set_bits(block, 66 + 4 * ib, 7 * l, 7, signs);
             }
-        }
-        _ => {
-            for (k, &c) in codes.iter().enumerate() {
-                let (ib, l) = (k / 4, k % 4);
-                block[2 + 8 * ib + 2 * l] = c as u8;
-                block[2 + 8 * ib + 2 * l + 1] = (c >> 8) as u8;
-                let at = 66 + 4 * ib;
-                let mut aux = u32::from_le_bytes(block[at..at + 4].try_into().unwrap());
-                aux = aux & !(127 << (7 * l)) | ((c >> 16) & 127) << (7 * l);
-                block[at..at + 4].copy_from_slice(&aux.to_le_bytes());
+            IQuant::IQ3S => {
+                block[2 + 8 * ib + 2 * l] = i0 as u8;
+                block[3 + 8 * ib + 2 * l] = i1 as u8;
+                let high = (i0 >> 8 | (i1 >> 8) << 1) as u8;
+                block[66 + ib] = block[66 + ib] & !(3 << (2 * l)) | high << (2 * l);
+                block[74 + k] = signs as u8;
             }
+            IQuant::IQ2XXS => {
+                block[2 + 8 * ib + l] = i0 as u8;
+                set_bits(block, 6 + 8 * ib, 7 * l, 7, signs);
+            }
+            IQuant::IQ2XS => {
+                let word = (i0 | (signs & 127) << 9) as u16;
+                block[2 + 2 * k..4 + 2 * k].copy_from_slice(&word.to_le_bytes());
+            }
+            IQuant::IQ2S => {
+                block[2 + k] = i0 as u8;
+                let q = &mut block[66 + ib];
+                *q = *q & !(3 << (2 * l)) | ((i0 >> 8) as u8) << (2 * l);
+                block[34 + k] = signs as u8;
+            }
+            IQuant::IQ4NL | IQuant::IQ4XS => panic!("{} has a code per weight", kind.name()),
         }
     }
 }
@@ -177,18 +200,41 @@ mod tests {
     use shrink_core::iquant::tables::KSIGNS_IQ2XS;
 
     /// Every code of eight weights by brute force: each point (pair of points) and each of the
-    /// 128 sign patterns of even parity.
+    /// 128 sign patterns of even parity; with free signs each group of a point's size alone,
+    /// every point and every sign pattern.
     fn brute(kind: IQuant, db: f32, x: &[f32], w: &[f32]) -> f32 {
         let grid = points(kind);
+        let d = grid[0].len();
+        if !parity(kind) {
+            return (0..8 / d)
+                .map(|h| {
+                    let mut best = f32::INFINITY;
+                    for g in grid {
+                        for s in 0..1u32 << d {
+                            let c: f32 = (0..d)
+                                .map(|j| {
+                                    let m = db * g[j] * if s >> j & 1 == 1 { -1.0 } else { 1.0 };
+                                    w[h * d + j] * (m - x[h * d + j]).powi(2)
+                                })
+                                .sum();
+                            best = best.min(c);
+                        }
+                    }
+                    best
+                })
+                .sum();
+        }
         let cost = |vals: &dyn Fn(usize) -> f32| -> f32 {
             (0..8).map(|k| w[k] * (vals(k) - x[k]).powi(2)).sum()
         };
         let mut best = f32::INFINITY;
-        let pairs: Vec<Vec<usize>> = match kind {
-            IQuant::IQ2XS => (0..512).map(|i| vec![i]).collect(),
-            _ => (0..256)
-                .flat_map(|i| (0..256).map(move |j| vec![i, j]))
-                .collect(),
+        let n = grid.len();
+        let pairs: Vec<Vec<usize>> = if d == 8 {
+            (0..n).map(|i| vec![i]).collect()
+        } else {
+            (0..n)
+                .flat_map(|i| (0..n).map(move |j| vec![i, j]))
+                .collect()
         };
         for p in &pairs {
             let per = 8 / p.len();
@@ -211,7 +257,13 @@ mod tests {
     #[test]
     fn nearest_octet_is_the_best_of_every_code() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
-        for (kind, cases) in [(IQuant::IQ2XS, 40), (IQuant::IQ3XXS, 3)] {
+        for (kind, cases) in [
+            (IQuant::IQ2XXS, 40),
+            (IQuant::IQ2XS, 40),
+            (IQuant::IQ2S, 20),
+            (IQuant::IQ3XXS, 3),
+            (IQuant::IQ3S, 20),
+        ] {
             for _ in 0..cases {
                 let db: f32 = rng.gen_range(0.001..0.01);
                 let x: Vec<f32> = (0..8).map(|_| rng.gen_range(-0.3..0.3)).collect();
@@ -227,7 +279,7 @@ mod tests {
     #[test]
     fn written_octets_dequantize_to_the_chosen_values_and_keep_the_scales() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
-        for kind in [IQuant::IQ2XS, IQuant::IQ3XXS] {
+        for kind in IQuant::ALL.into_iter().filter(|&k| is_grid(k)) {
             let row: Vec<f32> = (0..256).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut block = vec![0u8; kind.type_size()];
             super::super::quantize_row(kind, &row, None, &mut block);
