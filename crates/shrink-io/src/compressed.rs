@@ -312,7 +312,7 @@ pub(crate) fn decompress(
 
 /// compressed-tensors targets: a class name (`Linear`), an exact module name or `re:REGEX`; the
 /// regexes supported are the `.*`-separated literal patterns llm-compressor writes.
-fn target_matches(target: &str, module: &str) -> bool {
+pub fn target_matches(target: &str, module: &str) -> bool {
     match target.strip_prefix("re:") {
         None => target == "Linear" || target == module,
         Some(re) => {

@@ -27,7 +27,7 @@ mod tensors;
 pub mod testing;
 mod tokenizer;
 
-pub use compressed::{pack_rows, IntTensor, RawTensor};
+pub use compressed::{pack_rows, target_matches, IntTensor, RawTensor};
 pub use export::{check_export, config_for, write_model, Export, ModelStream};
 pub use gguf::hf_to_gguf_name;
 pub use gguf_layout::{check_gguf_layout, GgufLayout, GgufTensorLayout};

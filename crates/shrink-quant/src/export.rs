@@ -9,6 +9,35 @@ use shrink_io::RawTensor;
 use shrink_models::ActQuant;
 use std::collections::BTreeMap;
 
+/// Dynamic activation quantization: `quant` at the input of every block linear except those
+/// whose name matches a pattern of `except` (as a rule's pattern: a substring, or a glob with
+/// `*`), whose inputs stay in 16 bits (W8A8 with `mlp.down_proj` kept: its inputs, the gated
+/// product, carry the outliers smoothing does not tame).
+///
+/// ```
+/// use shrink_models::ActQuant;
+/// let a = shrink_quant::Activations { quant: ActQuant::Int8PerToken, except: vec!["down_proj".into()] };
+/// assert_eq!(a.for_linear("model.layers.3.mlp.up_proj"), Some(ActQuant::Int8PerToken));
+/// assert_eq!(a.for_linear("model.layers.3.mlp.down_proj"), None);
+/// ```
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Activations {
+    pub quant: ActQuant,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<String>,
+}
+
+impl Activations {
+    /// How the inputs of the linear called `name` are quantized, if they are.
+    pub fn for_linear(&self, name: &str) -> Option<ActQuant> {
+        let kept = self
+            .except
+            .iter()
+            .any(|p| shrink_models::name_matches(p, name));
+        (!kept).then_some(self.quant)
+    }
+}
+
 /// Tensors (by safetensors name) and the `quantization_config` for `config.json`.
 #[derive(Debug, Clone)]
 pub struct HfExport {
@@ -47,11 +76,10 @@ pub fn hf_unsupported(format: &crate::Format, activations: bool) -> Option<Strin
 /// must be symmetric (compressed-tensors stores integer zero points, not float minima).
 pub fn compressed_tensors(
     weights: &BTreeMap<String, QuantizedWeight>,
-    activations: Option<ActQuant>,
+    activations: Option<&Activations>,
 ) -> Result<HfExport> {
     let mut tensors = BTreeMap::new();
-    // (bits, strategy, group) → module names
-    let mut groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>> = BTreeMap::new();
+    let mut groups: Groups = BTreeMap::new();
     for (name, w) in weights {
         let q = match w {
             QuantizedWeight::Packed(q) => q,
@@ -97,8 +125,9 @@ pub fn compressed_tensors(
                 RawTensor::i64(vec![2], &[q.rows as i64, q.cols as i64]),
             );
         }
+        let a8 = activations.and_then(|a| a.for_linear(module)).is_some();
         groups
-            .entry((s.bits, strategy, group))
+            .entry((s.bits, strategy, group, a8))
             .or_default()
             .push(module.to_string());
     }
@@ -164,29 +193,30 @@ pub fn compressed_layout(
 /// and shape), as [`compressed_tensors`] writes it.
 pub fn quantization_config_of(
     modules: &BTreeMap<String, (crate::QuantScheme, usize, usize)>,
-    activations: Option<ActQuant>,
+    activations: Option<&Activations>,
 ) -> serde_json::Value {
-    let mut groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>> = BTreeMap::new();
+    let mut groups: Groups = BTreeMap::new();
     for (module, (s, rows, cols)) in modules {
         let (strategy, group, _) = strategy_of(s, *rows, *cols);
+        let a8 = activations.and_then(|a| a.for_linear(module)).is_some();
         groups
-            .entry((s.bits, strategy, group))
+            .entry((s.bits, strategy, group, a8))
             .or_default()
             .push(module.clone());
     }
     quantization_config(groups, activations)
 }
 
-fn quantization_config(
-    groups: BTreeMap<(u8, &'static str, Option<usize>), Vec<String>>,
-    activations: Option<ActQuant>,
-) -> serde_json::Value {
+/// (bits, strategy, group size, int8 inputs) → module names.
+type Groups = BTreeMap<(u8, &'static str, Option<usize>, bool), Vec<String>>;
+
+fn quantization_config(groups: Groups, activations: Option<&Activations>) -> serde_json::Value {
     let uniform = groups.len() == 1;
     let config_groups: serde_json::Map<String, serde_json::Value> = groups
         .into_iter()
         .enumerate()
-        .map(|(i, ((bits, strategy, group), modules))| {
-            let input = activations.map(|_| {
+        .map(|(i, ((bits, strategy, group, a8), modules))| {
+            let input = a8.then(|| {
                 serde_json::json!({
                     "num_bits": 8, "type": "int", "symmetric": true, "strategy": "token",
                     "dynamic": true, "group_size": null, "block_structure": null,

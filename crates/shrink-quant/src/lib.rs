@@ -31,7 +31,8 @@ mod write;
 pub mod write_hf;
 
 pub use export::{
-    compressed_layout, compressed_tensors, hf_unsupported, quantization_config_of, HfExport,
+    compressed_layout, compressed_tensors, hf_unsupported, quantization_config_of, Activations,
+    HfExport,
 };
 pub use grid::{Grid, GroupParams};
 pub use kquant::{CodeBlocks, CodeGrid, GgmlTensor, KQuant};

@@ -141,6 +141,9 @@ pub struct Preset {
     /// `"int8-per-token"`: activations quantized dynamically per token at every linear input.
     #[serde(default)]
     pub activations: Option<String>,
+    /// Linears (rule patterns) whose inputs stay in 16 bits when `activations` is set.
+    #[serde(default)]
+    pub activations_except: Option<Vec<String>>,
     /// SmoothQuant migration strength alpha.
     #[serde(default)]
     pub smoothing: Option<f64>,
@@ -219,6 +222,11 @@ impl Preset {
                     "{source}: activations '{a}' (expected int8-per-token)"
                 )));
             }
+        }
+        if p.activations_except.is_some() && p.activations.is_none() {
+            return Err(QuantError::Scheme(format!(
+                "{source}: activations_except without activations"
+            )));
         }
         for (key, value) in [("smoothing", p.smoothing), ("blend", p.blend)] {
             if let Some(v) = value.filter(|v| !(0.0..=1.0).contains(v)) {

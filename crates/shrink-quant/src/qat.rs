@@ -20,7 +20,7 @@ use crate::{LayerReport, QuantError, QuantizedModel, QuantizedWeight, Result};
 use candle_core::{DType, Tensor, Var};
 use half::f16;
 use shrink_core::Progress;
-use shrink_models::{ActQuant, Transformer};
+use shrink_models::Transformer;
 use shrink_train::{trainable, DistillConfig, Distiller, Teacher, TrainConfig, TrainOutcome};
 use std::path::Path;
 
@@ -32,8 +32,8 @@ pub struct QatJob {
     /// Student tensors kept frozen (the token embedding by default: it is quantized at export by
     /// round-to-nearest, like llama-quantize does).
     pub frozen: Vec<String>,
-    /// Fake-quantize the linears' input activations too (W8A8).
-    pub activations: Option<ActQuant>,
+    /// Fake-quantize the linears' input activations too (W8A8), as this says for each linear.
+    pub activations: Option<crate::Activations>,
     /// Learn the grid schemes' scales (LSQ); off keeps the initial scales fixed.
     pub learn_scales: bool,
 }
@@ -395,8 +395,8 @@ pub fn qat(
             quantizer,
         });
     }
-    if job.activations.is_some() {
-        student.set_act_quant(job.activations);
+    if let Some(a) = &job.activations {
+        student.set_act_quant_by(|name| a.for_linear(name));
     }
     let forward_linears = linears.clone();
     let prepare = move |model: &mut Transformer| -> shrink_train::Result<()> {
@@ -442,7 +442,9 @@ pub fn qat(
         }
     }
     let mut model = Transformer::from_tensors(&trained.config, tensors, DType::F32)?;
-    model.set_act_quant(job.activations);
+    if let Some(a) = &job.activations {
+        model.set_act_quant_by(|name| a.for_linear(name));
+    }
     Ok((model, result, outcome))
 }
 

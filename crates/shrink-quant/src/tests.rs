@@ -792,7 +792,10 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
         (&plan, None, Method::Rtn),
         (
             &w8a8,
-            Some(shrink_models::ActQuant::Int8PerToken),
+            Some(crate::Activations {
+                quant: shrink_models::ActQuant::Int8PerToken,
+                except: vec![],
+            }),
             Method::SmoothQuant {
                 alpha: 0.5,
                 gptq: None,
@@ -803,7 +806,7 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
             export: Export::Hf,
             plan,
             embeddings: None,
-            activations,
+            activations: activations.as_ref(),
         };
         let windows = (method != Method::Rtn).then_some(&windows[..]);
         let whole_path = dir.path().join("whole");

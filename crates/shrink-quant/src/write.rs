@@ -5,7 +5,7 @@
 
 use crate::{Format, QuantError, QuantPlan, QuantizedModel, QuantizedWeight, Result};
 use shrink_io::{Checkpoint, Export, GgufWriteType, IoError, TensorSink};
-use shrink_models::{ActQuant, BlockModel, StreamedModel, Transformer};
+use shrink_models::{BlockModel, StreamedModel, Transformer};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -19,7 +19,7 @@ pub struct QuantizedOutput<'a> {
     /// `Some(Ok(f))` block format `f`, by round-to-nearest.
     pub embeddings: Option<std::result::Result<Format, GgufWriteType>>,
     /// Dynamic activation quantization recorded in a compressed-tensors config.
-    pub activations: Option<ActQuant>,
+    pub activations: Option<&'a crate::Activations>,
 }
 
 /// What was written.

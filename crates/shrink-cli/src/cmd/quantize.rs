@@ -34,6 +34,10 @@ pub(crate) struct QuantizeArgs {
     /// Quantize activations too: int8-per-token (W8A8, with --format hf) [default: the preset's].
     #[arg(long)]
     activations: Option<String>,
+    /// With --activations: the linears whose inputs stay in 16 bits (name PATTERN, substring or
+    /// glob), e.g. `--activations-except down_proj`; repeatable [default: the preset's].
+    #[arg(long = "activations-except", value_name = "PATTERN")]
+    activations_except: Vec<String>,
     /// Another block type for the linears whose name matches PATTERN (substring, or glob with
     /// `*`), e.g. `--override down_proj=q8_0`; repeatable, the last match wins.
     #[arg(long = "override", value_name = "PATTERN=TYPE")]
@@ -89,6 +93,8 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         group: args.group.clone(),
         smooth: args.smooth,
         activations: args.activations.clone(),
+        activations_except: (!args.activations_except.is_empty())
+            .then(|| args.activations_except.clone()),
         overrides,
         search: args.search,
         imatrix: args.imatrix,

@@ -394,9 +394,18 @@ impl Transformer {
 
     /// Simulates activation quantization at the input of every block linear (not the LM head).
     pub fn set_act_quant(&mut self, q: Option<ActQuant>) {
+        self.set_act_quant_by(|_| q);
+    }
+
+    /// Simulates activation quantization at the input of each block linear as `of` says for its
+    /// full name (`model.layers.3.mlp.down_proj`; `None`: its inputs stay as they are).
+    pub fn set_act_quant_by(&mut self, of: impl Fn(&str) -> Option<ActQuant>) {
         for b in &mut self.blocks {
-            for l in b.linears_mut() {
-                l.set_act_quant(q);
+            let names: Vec<String> = b.linears().iter().map(|(n, _)| n.to_string()).collect();
+            for name in names {
+                if let Some(l) = b.linear_mut(&name) {
+                    l.set_act_quant(of(&name));
+                }
             }
         }
     }

@@ -91,6 +91,10 @@ pub struct QuantizeRequest {
     pub smooth: Option<f64>,
     /// `int8-per-token` or `none`.
     pub activations: Option<String>,
+    /// Linears (name patterns) whose inputs stay in 16 bits under `activations`; unset, the
+    /// preset's `activations_except`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub activations_except: Option<Vec<String>>,
     /// (name pattern, block type), later ones win.
     pub overrides: Vec<(String, String)>,
     /// Search each group's scale on the activation-weighted error.
@@ -123,6 +127,7 @@ impl Default for QuantizeRequest {
             group: None,
             smooth: None,
             activations: None,
+            activations_except: None,
             overrides: Vec::new(),
             search: false,
             imatrix: false,
@@ -143,7 +148,7 @@ pub struct ResolvedQuantize {
     pub plan: QuantPlan,
     pub method: Method,
     pub export: Export,
-    pub activations: Option<ActQuant>,
+    pub activations: Option<shrink_quant::Activations>,
     /// `None`: f32; `Some(Err(t))`: a float type; `Some(Ok(f))`: a block format.
     pub embeddings: Option<std::result::Result<Format, GgufWriteType>>,
     /// Whether the method needs calibration windows.
@@ -234,7 +239,14 @@ impl QuantizeRequest {
             .or(preset.as_ref().and_then(|p| p.activations.as_deref()))
         {
             None | Some("none") => None,
-            Some("int8-per-token") => Some(ActQuant::Int8PerToken),
+            Some("int8-per-token") => Some(shrink_quant::Activations {
+                quant: ActQuant::Int8PerToken,
+                except: self
+                    .activations_except
+                    .clone()
+                    .or(preset.as_ref().and_then(|p| p.activations_except.clone()))
+                    .unwrap_or_default(),
+            }),
             Some(other) => {
                 return Err(invalid(format!(
                     "activations '{other}': expected int8-per-token or none"
@@ -363,8 +375,11 @@ impl QuantizeRequest {
 pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
     let cfg = ModelConfig::from_json(&checkpoint.config)?;
     let mut model = Transformer::from_checkpoint(&cfg, checkpoint.load_finite()?, dtype)?;
-    if dynamic_tokens(checkpoint) {
-        model.set_act_quant(Some(ActQuant::Int8PerToken));
+    if let Some(targets) = dynamic_token_targets(checkpoint) {
+        model.set_act_quant_by(|name| {
+            let hit = targets.iter().any(|t| shrink_io::target_matches(t, name));
+            hit.then_some(ActQuant::Int8PerToken)
+        });
     }
     Ok(model)
 }
@@ -409,6 +424,8 @@ pub(crate) struct FormatKeys {
     pub embeddings: Option<String>,
     /// `int8-per-token` or `none`.
     pub activations: Option<String>,
+    /// Linears (name patterns) whose inputs stay in 16 bits under `activations`.
+    pub activations_except: Option<Vec<String>>,
     /// Search each group's scale on the activation-weighted error.
     pub search: Option<bool>,
 }
@@ -580,6 +597,7 @@ pub(crate) fn quantize_request(
         group: f.group.as_ref().map(value_text),
         smooth,
         activations: f.activations.clone(),
+        activations_except: f.activations_except.clone(),
         overrides: f
             .overrides
             .iter()
@@ -732,23 +750,31 @@ pub fn reads_block_by_block(checkpoint: &Checkpoint) -> bool {
     let llama = ModelConfig::from_json(&checkpoint.config)
         .and_then(|c| c.arch())
         .is_ok_and(|a| a.is_llama_like());
-    llama && !dynamic_tokens(checkpoint)
+    llama && dynamic_token_targets(checkpoint).is_none()
 }
 
-/// Whether a checkpoint's linears see int8 per-token activations (a W8A8 compressed-tensors
-/// folder), as in vLLM.
-fn dynamic_tokens(checkpoint: &Checkpoint) -> bool {
-    checkpoint
+/// The targets of the config groups whose linears see int8 per-token activations (a W8A8
+/// compressed-tensors folder), as in vLLM; `None` when no group does.
+fn dynamic_token_targets(checkpoint: &Checkpoint) -> Option<Vec<String>> {
+    let groups = checkpoint
         .config
-        .pointer("/quantization_config/config_groups")
-        .and_then(|g| g.as_object())
-        .is_some_and(|groups| {
-            groups.values().any(|g| {
-                g.pointer("/input_activations/strategy")
-                    .and_then(|s| s.as_str())
-                    == Some("token")
-            })
+        .pointer("/quantization_config/config_groups")?
+        .as_object()?;
+    let targets: Vec<String> = groups
+        .values()
+        .filter(|g| {
+            g.pointer("/input_activations/strategy")
+                .and_then(|s| s.as_str())
+                == Some("token")
         })
+        .flat_map(|g| {
+            let t = g.get("targets").and_then(|t| t.as_array());
+            t.into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str().map(String::from))
+        })
+        .collect();
+    (!targets.is_empty()).then_some(targets)
 }
 
 impl ResolvedQuantize {
@@ -758,7 +784,7 @@ impl ResolvedQuantize {
             export: self.export,
             plan: &self.plan,
             embeddings: self.embeddings,
-            activations: self.activations,
+            activations: self.activations.as_ref(),
         }
     }
 }

@@ -185,7 +185,9 @@ fn k_quant_weights_pass_a_straight_through_gradient() {
 fn activation_fake_quantization_passes_a_straight_through_gradient() {
     let dev = Device::Cpu;
     let x = Var::new(&[[0.5f32, -1.27, 0.013], [2.0, 0.0, -0.3]], &dev).unwrap();
-    let q = ActQuant::Int8PerToken.fake_quantize(x.as_tensor()).unwrap();
+    let q = shrink_models::ActQuant::Int8PerToken
+        .fake_quantize(x.as_tensor())
+        .unwrap();
     // Row 1: scale 1.27/127 = 0.01, so 0.013 rounds to 0.01; row 2 keeps its grid.
     let got = q.to_vec2::<f32>().unwrap();
     assert!((got[0][2] - 0.01).abs() < 1e-6, "{got:?}");
