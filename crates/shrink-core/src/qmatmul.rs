@@ -777,7 +777,6 @@ fn iq4_codes(qs: &[u8], codes: &mut [u8]) {
     }
 }
 
-/// A grid magnitude with its sign, shifted by 128.
 /// The codes of a grid point's magnitudes (a byte each, as many as `codes` holds) under `sign`'s
 /// bits (ggml's `kmask_iq2xs`).
 fn grid_codes(grid: u64, sign: u8, codes: &mut [u8]) {
@@ -786,6 +785,7 @@ fn grid_codes(grid: u64, sign: u8, codes: &mut [u8]) {
     }
 }
 
+/// A grid magnitude with its sign, shifted by 128.
 fn signed_code(magnitude: u8, negative: bool) -> u8 {
     let v = magnitude as i32;
     (if negative { 128 - v } else { 128 + v }) as u8

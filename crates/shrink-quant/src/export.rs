@@ -97,7 +97,7 @@ pub fn compressed_tensors(
         if let Some(why) = hf_unsupported(&crate::Format::Scheme(s), activations.is_some()) {
             return Err(QuantError::Scheme(format!("'{name}': {why}")));
         }
-        let (strategy, group, scale_shape) = strategy_of(&s, q.rows, q.cols);
+        let (_, _, scale_shape) = strategy_of(&s, q.rows, q.cols);
         let offset = 1i16 << (s.bits - 1);
         let signed: Vec<i8> = q
             .codes()
@@ -125,9 +125,8 @@ pub fn compressed_tensors(
                 RawTensor::i64(vec![2], &[q.rows as i64, q.cols as i64]),
             );
         }
-        let a8 = activations.and_then(|a| a.for_linear(module)).is_some();
         groups
-            .entry((s.bits, strategy, group, a8))
+            .entry(group_key(&s, q.rows, q.cols, module, activations))
             .or_default()
             .push(module.to_string());
     }
@@ -197,10 +196,8 @@ pub fn quantization_config_of(
 ) -> serde_json::Value {
     let mut groups: Groups = BTreeMap::new();
     for (module, (s, rows, cols)) in modules {
-        let (strategy, group, _) = strategy_of(s, *rows, *cols);
-        let a8 = activations.and_then(|a| a.for_linear(module)).is_some();
         groups
-            .entry((s.bits, strategy, group, a8))
+            .entry(group_key(s, *rows, *cols, module, activations))
             .or_default()
             .push(module.clone());
     }
@@ -208,7 +205,21 @@ pub fn quantization_config_of(
 }
 
 /// (bits, strategy, group size, int8 inputs) → module names.
-type Groups = BTreeMap<(u8, &'static str, Option<usize>, bool), Vec<String>>;
+type Groups = BTreeMap<GroupKey, Vec<String>>;
+type GroupKey = (u8, &'static str, Option<usize>, bool);
+
+/// The config group of `module` (`rows × cols`, quantized by `s`).
+fn group_key(
+    s: &crate::QuantScheme,
+    rows: usize,
+    cols: usize,
+    module: &str,
+    activations: Option<&Activations>,
+) -> GroupKey {
+    let (strategy, group, _) = strategy_of(s, rows, cols);
+    let a8 = activations.and_then(|a| a.for_linear(module)).is_some();
+    (s.bits, strategy, group, a8)
+}
 
 fn quantization_config(groups: Groups, activations: Option<&Activations>) -> serde_json::Value {
     let uniform = groups.len() == 1;

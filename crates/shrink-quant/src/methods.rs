@@ -338,7 +338,8 @@ pub fn gptq(
 /// otherwise on the error-updated weights when GPTQ reaches the block); GPTQ then chooses every
 /// code inside those fixed grids, and the codes are written into the blocks as chosen.
 ///
-/// Where a code stands for eight weights (a grid point and signs: IQ3_XXS, IQ2_XS), GPTQ chooses
+/// Where a code stands for eight weights (grid points and signs: IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS,
+/// IQ2_XXS), GPTQ chooses
 /// it when it reaches the first of them, as the best code for their error-updated values with
 /// each weight's error weighted by 1/[H⁻¹]ᵢᵢ (its cost in the layer objective, as GPTQ's own
 /// error scaling), and feeds back each of the eight errors in turn (as GPTVQ does). Act-order

@@ -138,7 +138,8 @@ pub struct Preset {
     pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub fallback: BTreeMap<String, String>,
-    /// `"int8-per-token"`: activations quantized dynamically per token at every linear input.
+    /// `"int8-per-token"`: activations quantized dynamically per token at every linear input
+    /// (but those of `activations_except`).
     #[serde(default)]
     pub activations: Option<String>,
     /// Linears (rule patterns) whose inputs stay in 16 bits when `activations` is set.

@@ -6,8 +6,9 @@
 //! non-linear codebook), IQ4_XS (super-blocks of 256: an f16 scale, eight 6-bit sub-block
 //! scales and the same indices) and IQ3_XXS (super-blocks of 256: an f16 scale, one byte per four
 //! weights indexing a grid of 256 magnitude quadruples, and per 32 weights a 4-bit scale and
-//! seven sign bits per eight weights), IQ3_S (the same with a grid of 512 points, all eight sign
-//! bits stored), IQ2_XXS (super-blocks of 256: per 32 weights four bytes indexing a grid of 256
+//! seven sign bits per eight weights), IQ3_S (super-blocks of 256: an f16 scale, per four
+//! weights a 9-bit index into a grid of 512 quadruples, its eighth bit in a separate byte per 32
+//! weights, a sign byte per eight weights, and a 4-bit scale `1 + 2s` per 32), IQ2_XXS (super-blocks of 256: per 32 weights four bytes indexing a grid of 256
 //! magnitude octets, 28 sign bits and a 4-bit scale), IQ2_XS (a 16-bit word per eight weights
 //! holding an index into a grid of 512 octets and seven sign bits, and a 4-bit scale per 16
 //! weights) and IQ2_S (a 10-bit index into a grid of 1024 octets, eight sign bits, a 4-bit scale
@@ -108,7 +109,12 @@ impl IQuant {
     pub fn block_size(self) -> usize {
         match self {
             IQuant::IQ4NL => 32,
-            _ => 256,
+            IQuant::IQ4XS
+            | IQuant::IQ3XXS
+            | IQuant::IQ3S
+            | IQuant::IQ2XXS
+            | IQuant::IQ2XS
+            | IQuant::IQ2S => 256,
         }
     }
 

@@ -253,6 +253,12 @@ impl QuantizeRequest {
                 )))
             }
         };
+        if activations.is_none() && self.activations_except.is_some() {
+            return Err(invalid(
+                "activations_except without int8 activations (activations = \"int8-per-token\")"
+                    .into(),
+            ));
+        }
         if export == Export::Hf {
             let formats = std::iter::once(&plan.default)
                 .chain(plan.rules.iter().map(|r| &r.format))
@@ -370,8 +376,8 @@ impl QuantizeRequest {
     }
 }
 
-/// Builds the f32 (or bf16) model of a checkpoint. A W8A8 checkpoint's linears see int8 per-token
-/// activations, as in vLLM.
+/// Builds the f32 (or bf16) model of a checkpoint. The linears a W8A8 checkpoint's token groups
+/// target see int8 per-token activations, as in vLLM.
 pub fn build_model(checkpoint: &Checkpoint, dtype: DType) -> Result<Transformer> {
     let cfg = ModelConfig::from_json(&checkpoint.config)?;
     let mut model = Transformer::from_checkpoint(&cfg, checkpoint.load_finite()?, dtype)?;

@@ -6,6 +6,7 @@
 //! weights by x² without one, as ggml's other i-quants do.
 
 use super::grid::{block_scales, error_weights, sub_block, Grid, Refit, Search};
+use super::octet::write_octets;
 use shrink_core::iquant::tables::{IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID};
 use shrink_core::iquant::IQuant;
 use std::sync::OnceLock;
@@ -47,32 +48,19 @@ pub(super) fn quantize_block(kind: IQuant, x: &[f32], qw: Option<&[f32]>, out: &
         _ => (16, error_weights(x, qw, 2.0, 0.25)),
     };
     let mut scales = vec![0f32; 256 / sub];
+    let mut codes = [0u32; 32];
     for (ib, scale) in scales.iter_mut().enumerate() {
         let r = sub * ib..sub * ib + sub;
         let Some(sb) = sub_block(g, &s, &x[r.clone()], &weight[r]) else {
             continue;
         };
         *scale = sb.scale;
-        for (k, (&index, &signs)) in sb.indices.iter().zip(&sb.signs).enumerate() {
-            match kind {
-                IQuant::IQ2XXS => {
-                    out[2 + 8 * ib + k] = index as u8;
-                    or_u32(out, 6 + 8 * ib, (signs as u32) << (7 * k));
-                }
-                IQuant::IQ2XS => {
-                    let word = index as u16 | (signs as u16) << 9;
-                    let at = 2 + 2 * (2 * ib + k);
-                    out[at..at + 2].copy_from_slice(&word.to_le_bytes());
-                }
-                _ => {
-                    let i8 = 2 * ib + k;
-                    out[2 + i8] = index as u8;
-                    out[66 + i8 / 4] |= ((index >> 8) as u8) << (2 * (i8 % 4));
-                    out[34 + i8] = signs;
-                }
-            }
+        let octets = codes[sub / 8 * ib..].iter_mut();
+        for (code, (&index, &signs)) in octets.zip(sb.indices.iter().zip(&sb.signs)) {
+            *code = index as u32 | (signs as u32) << 20;
         }
     }
+    write_octets(kind, out, &codes);
     let fudge = if kind == IQuant::IQ2S { 0.9875 } else { 1.0 };
     let Some((d, ls)) = block_scales(&scales, fudge) else {
         out.fill(0);
@@ -81,15 +69,9 @@ pub(super) fn quantize_block(kind: IQuant, x: &[f32], qw: Option<&[f32]>, out: &
     out[..2].copy_from_slice(&d);
     for (ib, &l) in ls.iter().enumerate() {
         match kind {
-            IQuant::IQ2XXS => or_u32(out, 6 + 8 * ib, (l as u32) << 28),
+            IQuant::IQ2XXS => out[9 + 8 * ib] |= l << 4,
             IQuant::IQ2XS => out[66 + ib / 2] |= l << (4 * (ib % 2)),
             _ => out[74 + ib / 2] |= l << (4 * (ib % 2)),
         }
     }
-}
-
-/// ORs `bits` into the little-endian word at `at`.
-fn or_u32(out: &mut [u8], at: usize, bits: u32) {
-    let w = u32::from_le_bytes(out[at..at + 4].try_into().unwrap()) | bits;
-    out[at..at + 4].copy_from_slice(&w.to_le_bytes());
 }

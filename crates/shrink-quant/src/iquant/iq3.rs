@@ -4,6 +4,7 @@
 //! (512 points; eight 9-bit indices, 32 sign bits; fudge 1.033).
 
 use super::grid::{block_scales, error_weights, sub_block, Grid, Refit, Search};
+use super::octet::write_octets;
 use shrink_core::iquant::tables::{IQ3S_GRID, IQ3XXS_GRID};
 use shrink_core::iquant::IQuant;
 use std::sync::OnceLock;
@@ -44,26 +45,20 @@ pub(super) fn quantize_block(kind: IQuant, x: &[f32], qw: Option<&[f32]>, out: &
     out.fill(0);
     let weight = error_weights(x, qw, 2.0, 0.0);
     let mut scales = [0f32; 8];
+    let mut codes = [0u32; 32];
     for (ib, scale) in scales.iter_mut().enumerate() {
         let r = 32 * ib..32 * ib + 32;
         let Some(sb) = sub_block(g, &s, &x[r.clone()], &weight[r]) else {
             continue;
         };
         *scale = sb.scale;
-        for (k, &index) in sb.indices.iter().enumerate() {
-            out[2 + 8 * ib + k] = index as u8;
-            if kind == IQuant::IQ3S {
-                out[66 + ib] |= ((index >> 8) as u8) << k;
-            }
-        }
-        if kind == IQuant::IQ3XXS {
-            let signs =
-                (sb.signs.iter().enumerate()).fold(0u32, |w, (k, &s)| w | (s as u32) << (7 * k));
-            out[66 + 4 * ib..70 + 4 * ib].copy_from_slice(&signs.to_le_bytes());
-        } else {
-            out[74 + 4 * ib..78 + 4 * ib].copy_from_slice(&sb.signs);
+        // Two points of four per octet of weights.
+        for (l, code) in codes[4 * ib..4 * ib + 4].iter_mut().enumerate() {
+            let (i0, i1) = (sb.indices[2 * l] as u32, sb.indices[2 * l + 1] as u32);
+            *code = i0 | i1 << 10 | (sb.signs[l] as u32) << 20;
         }
     }
+    write_octets(kind, out, &codes);
     let fudge = if kind == IQuant::IQ3XXS {
         1.0125
     } else {

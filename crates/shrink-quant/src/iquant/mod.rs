@@ -211,7 +211,7 @@ pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
                 })
                 .collect()
         }
-        _ => vec![],
+        IQuant::IQ3XXS | IQuant::IQ3S | IQuant::IQ2XXS | IQuant::IQ2XS | IQuant::IQ2S => vec![],
     }
 }
 
