@@ -97,7 +97,7 @@ fn reference(w: &QMatrix, x: &[f32], t: usize) -> Vec<f64> {
             for (b, (q, d, d_raw)) in blocks.iter().enumerate() {
                 let wb = &weights[r * k + b * bl..r * k + (b + 1) * bl];
                 let m = if ty.mins() == Mins::PerBlock {
-                    f16_at(w.row(r), b * ty.block_bytes() + 2) as f64
+                    decoded::f16_at(w.row(r), b * ty.block_bytes() + 2) as f64
                 } else {
                     0.0
                 };
