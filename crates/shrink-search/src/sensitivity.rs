@@ -11,6 +11,8 @@ use shrink_core::{Collective, Progress};
 use shrink_models::{AttentionContext, Block, BlockModel, Head, Linear, NoHook};
 use shrink_quant::{Format, Method};
 
+mod fisher;
+
 /// The name of the item that stands for the token embedding (and an untied output head, stored
 /// in the same format).
 pub const EMBEDDINGS: &str = "embeddings";
@@ -27,6 +29,14 @@ pub enum Measure {
     /// adds is a quadratic form in the linear's output change, so for one linear it grows with
     /// that error; this costs one measurement per linear instead of one per format.
     Scaled,
+    /// No KL pass per linear: a gradient score. One forward pass keeps each block's input, then
+    /// one backward pass per window, block by block from the last, gives each linear's gradient
+    /// of the window's negative log-likelihood (at the scored positions); their squares summed
+    /// over the windows and divided by the scored positions are the diagonal `F` of the empirical
+    /// Fisher information per position, and a format's predicted KL is `½ Σ F (W − Ŵ)²` (the
+    /// second-order term of the KL with the Fisher as its curvature). The embeddings' formats
+    /// are still measured.
+    Fisher,
 }
 
 /// What [`sensitivity`] measures.
@@ -192,7 +202,7 @@ impl Scorer {
 }
 
 /// One linear quantized in one format: its stored bytes and relative output error.
-struct Candidate {
+pub(crate) struct Candidate {
     format: Format,
     bytes: u64,
     bits: f64,
@@ -285,12 +295,30 @@ pub fn sensitivity<M: BlockModel>(
     }
     let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
     let ctx = model.attention_context(len)?;
-    // The reference log-probabilities: one pass.
-    let reference = {
+    let reference_pass = |model: &mut M| -> Result<Tensor> {
         let mut xs = [embed(model, &ids)?];
         run_from(model, 0, &mut xs, &ctx)?;
-        log_probs(&model.head()?, &xs[0])?
+        log_probs(&model.head()?, &xs[0])
     };
+    if config.measure == Measure::Fisher {
+        let mut items = fisher::items(model, &ids, &ctx, config, world, progress)?;
+        if !config.embeddings.is_empty() {
+            let reference = reference_pass(model)?;
+            let offset = items.len();
+            items.push(embedding_item(
+                model,
+                &ids,
+                &ctx,
+                &reference,
+                &config.embeddings,
+                world,
+                offset,
+            )?);
+        }
+        return Ok(items);
+    }
+    // The reference log-probabilities: one pass.
+    let reference = reference_pass(model)?;
     let mut x = embed(model, &ids)?;
     let blocks = model.num_blocks();
     let cfg = model.config();
@@ -414,27 +442,8 @@ fn measure_linears(
             // only the weights of the reference so far are kept (the reference of all the
             // candidates is the reference of the candidates up to itself).
             let mut kept: Option<(usize, Vec<f32>)> = None;
-            for &format in &config.formats {
-                if !cols.is_multiple_of(format.row_multiple()) {
-                    continue;
-                }
-                let q = shrink_quant::quantize_tensor(
-                    &w,
-                    rows,
-                    cols,
-                    config.method,
-                    Some(st),
-                    format,
-                    name,
-                    false,
-                )?;
-                let weight = q.dequantize()?;
-                candidates.push(Candidate {
-                    format,
-                    bytes: gguf_bytes(q.size_bytes()),
-                    bits: q.bits_per_weight(),
-                    error: st.relative_output_error(&w, &weight)?,
-                });
+            each_candidate(&w, rows, cols, name, st, config, |candidate, weight| {
+                candidates.push(candidate);
                 let c = candidates.len() - 1;
                 match config.measure {
                     Measure::Every => variants.push(variant(&weight)?),
@@ -443,11 +452,17 @@ fn measure_linears(
                             kept = Some((c, weight));
                         }
                     }
+                    Measure::Fisher => {
+                        return Err(SearchError::Input(
+                            "the Fisher measure has its own pass".into(),
+                        ))
+                    }
                 }
-            }
+                Ok(())
+            })?;
             let measured: Vec<usize> = match config.measure {
-                Measure::Every => (0..candidates.len()).collect(),
                 Measure::Scaled => reference_candidate(&candidates).into_iter().collect(),
+                _ => (0..candidates.len()).collect(),
             };
             if let (Measure::Scaled, Some((c, weight))) = (config.measure, &kept) {
                 if measured != [*c] {
@@ -465,6 +480,44 @@ fn measure_linears(
         }
     }
     Ok((pending, variants))
+}
+
+/// Each candidate format of the linear `name` (weights `w`, `rows × cols`, inputs described by
+/// `st`) whose blocks divide its rows, quantized as `config` says: its size and output error, and
+/// its dequantized weights.
+pub(crate) fn each_candidate(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    name: &str,
+    st: &shrink_calib::LinearStats,
+    config: &SensitivityConfig,
+    mut each: impl FnMut(Candidate, Vec<f32>) -> Result<()>,
+) -> Result<()> {
+    for &format in &config.formats {
+        if !cols.is_multiple_of(format.row_multiple()) {
+            continue;
+        }
+        let q = shrink_quant::quantize_tensor(
+            w,
+            rows,
+            cols,
+            config.method,
+            Some(st),
+            format,
+            name,
+            false,
+        )?;
+        let weight = q.dequantize()?;
+        let candidate = Candidate {
+            format,
+            bytes: gguf_bytes(q.size_bytes()),
+            bits: q.bits_per_weight(),
+            error: st.relative_output_error(w, &weight)?,
+        };
+        each(candidate, weight)?;
+    }
+    Ok(())
 }
 
 /// The KL, or an error naming what made it not finite.
@@ -490,7 +543,7 @@ fn items_of(pending: &[Pending], kls: &[f64], measure: Measure) -> Result<Vec<It
             measured.push(finite(kl, &what)?);
         }
         let losses: Vec<f64> = match measure {
-            Measure::Every => measured,
+            Measure::Every | Measure::Fisher => measured,
             Measure::Scaled => match (p.measured.first(), measured.first()) {
                 (Some(&r), Some(&kl)) => {
                     let c = &p.candidates[r];
@@ -508,21 +561,25 @@ fn items_of(pending: &[Pending], kls: &[f64], measure: Measure) -> Result<Vec<It
                 _ => Vec::new(),
             },
         };
-        let choices: Vec<Choice> = p
-            .candidates
-            .iter()
-            .zip(losses)
-            .map(|(c, loss)| Choice {
-                error: Some(c.error),
-                ..Choice::new(&c.format.label(), c.bytes, loss)
-            })
-            .collect();
-        if choices.is_empty() {
-            return Err(SearchError::NoOptions(p.name.clone()));
-        }
-        items.push(Item::new(&p.name, choices));
+        items.push(item_of(&p.name, &p.candidates, losses)?);
     }
     Ok(items)
+}
+
+/// The item of the linear `name` from its candidates and their predicted losses, in order.
+pub(crate) fn item_of(name: &str, candidates: &[Candidate], losses: Vec<f64>) -> Result<Item> {
+    let choices: Vec<Choice> = candidates
+        .iter()
+        .zip(losses)
+        .map(|(c, loss)| Choice {
+            error: Some(c.error),
+            ..Choice::new(&c.format.label(), c.bytes, loss)
+        })
+        .collect();
+    if choices.is_empty() {
+        return Err(SearchError::NoOptions(name.to_string()));
+    }
+    Ok(Item::new(name, choices))
 }
 
 /// The candidate whose KL is measured under [`Measure::Scaled`].

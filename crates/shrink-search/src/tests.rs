@@ -471,7 +471,11 @@ fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
                 .collect()
         })
         .collect();
-    for (tied, measure) in [(true, Measure::Scaled), (false, Measure::Every)] {
+    for (tied, measure) in [
+        (true, Measure::Scaled),
+        (false, Measure::Every),
+        (true, Measure::Fisher),
+    ] {
         let mut cfg = ModelConfig::tiny_for_tests();
         cfg.intermediate_size = 64;
         cfg.tie_word_embeddings = tied;
@@ -510,6 +514,149 @@ fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
             held.score(&mut streamed_copy(&model)).unwrap()
         );
     }
+}
+
+/// The gradient score of a linear equals `½ Σ F (W − Ŵ)²` with `F` computed independently: each
+/// window's gradient from candle's autodiff through the whole model (the score chains it block by
+/// block), squared, summed and divided by the scored positions. It also ranks the linears as the
+/// measured KL does.
+#[test]
+fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
+    use candle_core::{Device, Tensor, Var, D};
+    use shrink_models::{ModelConfig, Transformer};
+    use shrink_quant::Format;
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 64;
+    let model = Transformer::random(&cfg, 7, &Device::Cpu).unwrap();
+    let (len, half) = (20usize, 10usize);
+    let windows: Vec<Vec<u32>> = (0..3)
+        .map(|w| {
+            (0..len)
+                .map(|i| ((w * 17 + i * 3 + i * i) % 64) as u32)
+                .collect()
+        })
+        .collect();
+    let formats = ["q8_0", "q4_0"].map(|f| Format::parse(f).unwrap()).to_vec();
+    let config = |measure| SensitivityConfig {
+        formats: formats.clone(),
+        embeddings: vec![],
+        method: shrink_quant::Method::Rtn,
+        measure,
+    };
+    let alone = shrink_core::Alone;
+    let fisher = sensitivity(
+        &mut model.clone(),
+        &windows,
+        &config(Measure::Fisher),
+        &alone,
+        &NoProgress,
+    )
+    .unwrap();
+    let kl = sensitivity(
+        &mut model.clone(),
+        &windows,
+        &config(Measure::Every),
+        &alone,
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(fisher.len(), 14);
+    let positions = (windows.len() * (len - half - 1)) as f64;
+    // The first block's q_proj (its gradient passes every block) and the last block's down_proj.
+    for k in [0, 13] {
+        let name = &fisher[k].name;
+        let mut m = model.clone();
+        let linear = m.linear_mut(name).unwrap();
+        let (rows, cols) = linear.weight().dims2().unwrap();
+        let w: Vec<f32> = linear.weight().flatten_all().unwrap().to_vec1().unwrap();
+        let var = Var::from_tensor(linear.weight()).unwrap();
+        linear.set_weight(var.as_tensor().clone()).unwrap();
+        let mut f = vec![0f64; w.len()];
+        for window in &windows {
+            let ids = Tensor::new(&window[..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = m
+                .forward(&ids)
+                .unwrap()
+                .narrow(1, half, len - half - 1)
+                .unwrap();
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+            let targets = Tensor::new(&window[half + 1..], &Device::Cpu).unwrap();
+            let nll = lp
+                .squeeze(0)
+                .unwrap()
+                .gather(&targets.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .neg()
+                .unwrap();
+            let g: Vec<f32> = nll
+                .backward()
+                .unwrap()
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (a, v) in f.iter_mut().zip(g) {
+                *a += (v as f64).powi(2);
+            }
+        }
+        for (format, choice) in formats.iter().zip(&fisher[k].choices) {
+            let q = shrink_quant::rtn_format(&w, rows, cols, format, None, "x", false).unwrap();
+            let back = q.dequantize().unwrap();
+            let expected: f64 = f
+                .iter()
+                .zip(w.iter().zip(&back))
+                .map(|(f, (a, b))| f * ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                * 0.5
+                / positions;
+            assert!(expected > 0.0);
+            let rel = (choice.loss - expected).abs() / expected;
+            assert!(
+                rel < 1e-3,
+                "{name} {}: {} vs {expected}",
+                choice.name,
+                choice.loss
+            );
+        }
+    }
+    // Ranked against the measured KL over every (linear, format).
+    let pairs: Vec<(f64, f64)> = fisher
+        .iter()
+        .zip(&kl)
+        .flat_map(|(a, b)| {
+            a.choices
+                .iter()
+                .zip(&b.choices)
+                .map(|(x, y)| (x.loss, y.loss))
+        })
+        .collect();
+    let rho = spearman(&pairs);
+    assert!(rho > 0.8, "rank correlation {rho}");
+}
+
+/// Spearman's rank correlation of the pairs (no ties expected).
+fn spearman(pairs: &[(f64, f64)]) -> f64 {
+    let ranks = |v: Vec<f64>| {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        let mut r = vec![0f64; v.len()];
+        for (rank, i) in order.into_iter().enumerate() {
+            r[i] = rank as f64;
+        }
+        r
+    };
+    let a = ranks(pairs.iter().map(|p| p.0).collect());
+    let b = ranks(pairs.iter().map(|p| p.1).collect());
+    let n = pairs.len() as f64;
+    let d2: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum();
+    1.0 - 6.0 * d2 / (n * (n * n - 1.0))
 }
 
 /// A tensor that no candidate fits fails the sensitivity on every rank, not only on the rank

@@ -621,7 +621,8 @@ struct SearchKeys {
     embedding_formats: Option<Vec<String>>,
     /// The token embedding's block type when it is not searched.
     embeddings: Option<String>,
-    /// `scaled` (one KL per linear, scaled by output error) or `every` format measured.
+    /// `scaled` (one KL per linear, scaled by output error), `every` format measured, or
+    /// `fisher` (a gradient score from one backward pass per window, no KL pass per linear).
     sensitivity: Option<String>,
     /// How the candidates' codes are picked: `gptq` or `rtn`.
     weights: Option<String>,
@@ -673,9 +674,10 @@ fn search_request(s: SearchKeys) -> Result<SearchRequest> {
         measure: match s.sensitivity.as_deref() {
             None | Some("scaled") => Measure::Scaled,
             Some("every") => Measure::Every,
+            Some("fisher") => Measure::Fisher,
             Some(other) => {
                 return Err(PipelineError::Invalid(format!(
-                    "sensitivity `{other}` is not one of: scaled, every"
+                    "sensitivity `{other}` is not one of: scaled, every, fisher"
                 )))
             }
         },
@@ -722,6 +724,8 @@ impl Job for SearchRequest {
         let variants = match self.measure {
             Measure::Scaled => linears,
             Measure::Every => linears * self.formats.len() as u64,
+            // Every block's input is kept for the backward pass.
+            Measure::Fisher => config.num_hidden_layers as u64,
         }
         .max(self.embedding_formats.len() as u64);
         let verified = self.quantize(&[], &self.embeddings);

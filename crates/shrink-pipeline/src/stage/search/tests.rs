@@ -3,7 +3,7 @@ use super::*;
 /// A search that reads its model block by block (the sensitivity, the verified quantizations and
 /// their scores) writes the bytes and the summary of the search on the model held whole, from
 /// an F16 GGUF and from a bf16 folder; the fixed bytes are the written file's less its searched
-/// tensors, to the byte.
+/// tensors, to the byte. The folder's search takes the gradient sensitivity.
 #[test]
 fn a_search_read_block_by_block_writes_the_whole_model_search_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -18,7 +18,11 @@ fn a_search_read_block_by_block_writes_the_whole_model_search_bytes() {
         },
         ..search_request(SearchKeys::default()).unwrap()
     };
-    for source in [&tiny.gguf, &tiny.hf] {
+    for (source, measure) in [(&tiny.gguf, Measure::Scaled), (&tiny.hf, Measure::Fisher)] {
+        let request = SearchRequest {
+            measure,
+            ..request.clone()
+        };
         let checkpoint = shrink_io::load(source).unwrap();
         let model = crate::build_model(&checkpoint, DType::F32).unwrap();
         let search = |input: SearchInput, out: &Path| {

@@ -1,0 +1,198 @@
+//! [`Measure::Fisher`](super::Measure::Fisher): each linear's sensitivity from gradients instead
+//! of KL passes. The model is read block by block, as the KL table reads it: one forward pass
+//! keeps every block's input (windows × tokens × hidden values per block), the head gives the
+//! gradient of each window's negative log-likelihood with respect to the last block's output, and
+//! the backward pass goes from the last block to the first, one window at a time through one
+//! block, chaining the gradient with respect to the block's input to the block before. Only one
+//! block's weights and their squared gradients are held at a time.
+
+use super::{
+    each_candidate, embed, item_of, log_probs, owner, share_all, Candidate, SensitivityConfig,
+};
+use crate::{Item, Result, SearchError};
+use candle_core::{DType, Tensor, Var};
+use shrink_core::{Collective, Progress};
+use shrink_models::{AttentionContext, Block, BlockModel, NoHook};
+
+/// The items of every block linear of `model` on the windows `ids` (as [`super::sensitivity`]
+/// returns them, without the embeddings), each format's loss the Fisher prediction of its KL.
+pub(super) fn items<M: BlockModel>(
+    model: &mut M,
+    ids: &Tensor,
+    ctx: &AttentionContext,
+    config: &SensitivityConfig,
+    world: &dyn Collective,
+    progress: &dyn Progress,
+) -> Result<Vec<Item>> {
+    let (windows, len) = ids.dims2()?;
+    let blocks = model.num_blocks();
+    progress.start("gradient sensitivity", 2 * blocks as u64);
+    // The forward pass: every block's input.
+    let mut inputs = Vec::with_capacity(blocks);
+    let mut x = embed(model, ids)?;
+    for i in 0..blocks {
+        let next = model.with_block(i, |b| b.forward(&x, ctx, None, &mut NoHook))??;
+        inputs.push(std::mem::replace(&mut x, next));
+        progress.advance(1, None);
+    }
+    // The gradient of each window's negative log-likelihood with respect to the last output.
+    let head = model.head()?;
+    let scored = len - len / 2 - 1;
+    let mut grads = Vec::with_capacity(windows);
+    for w in 0..windows {
+        let hidden = Var::from_tensor(&x.narrow(0, w, 1)?.to_dtype(DType::F32)?)?;
+        let lp = log_probs(&head, hidden.as_tensor())?.narrow(0, 0, scored)?;
+        let targets = ids.narrow(0, w, 1)?.narrow(1, len / 2 + 1, scored)?;
+        let nll = lp
+            .gather(&targets.reshape((scored, 1))?, 1)?
+            .sum_all()?
+            .neg()?;
+        let g = nll.backward()?;
+        grads.push(gradient(&g, &hidden, "the last block's output")?);
+    }
+    drop((x, head));
+    // Each block's linears in the order of the KL table: tensors dealt by their index.
+    let counts: Vec<usize> = (0..blocks)
+        .map(|i| {
+            model
+                .config()
+                .block_linear_names(i)
+                .map_or(0, |n| n.iter().filter(|n| !n.is_empty()).count())
+        })
+        .collect();
+    let positions = (windows * scored) as f64;
+    let mut per_block: Vec<Vec<Item>> = vec![Vec::new(); blocks];
+    for i in (0..blocks).rev() {
+        let x = inputs
+            .pop()
+            .ok_or_else(|| SearchError::Input("a block input is missing".into()))?;
+        let offset: usize = counts[..i].iter().sum();
+        let (mine, below) = model.with_block(i, |block| {
+            block_items(
+                block,
+                &x,
+                &grads,
+                ctx,
+                config,
+                world,
+                offset,
+                positions,
+                i > 0,
+            )
+        })??;
+        per_block[i] = share_all(world, offset, counts[i], mine, |_| {})?;
+        grads = below;
+        progress.advance(1, Some(format!("block {i}").as_str()));
+    }
+    progress.finish();
+    Ok(per_block.into_iter().flatten().collect())
+}
+
+/// The gradient `g` holds for `var`, or an error naming `what`.
+fn gradient(g: &candle_core::backprop::GradStore, var: &Var, what: &str) -> Result<Tensor> {
+    g.get(var.as_tensor())
+        .cloned()
+        .ok_or_else(|| SearchError::Input(format!("no gradient reached {what}")))
+}
+
+/// Block `i`'s part of the backward pass on its input `x` (all windows), given the gradient of
+/// each window's loss with respect to the block's output: the items of the linears this rank
+/// measures (or why it could not), and, when `chain`, the gradients with respect to the block's
+/// input, per window.
+#[allow(clippy::too_many_arguments)]
+fn block_items(
+    block: &Block,
+    x: &Tensor,
+    grads: &[Tensor],
+    ctx: &AttentionContext,
+    config: &SensitivityConfig,
+    world: &dyn Collective,
+    offset: usize,
+    positions: f64,
+    chain: bool,
+) -> Result<(Result<Vec<Item>>, Vec<Tensor>)> {
+    let linears = block.linears();
+    let mine: Vec<usize> = (0..linears.len())
+        .filter(|j| owner(world, offset + j) == world.rank())
+        .collect();
+    // The block with its weights as variables, in f32.
+    let mut tracked = block.clone();
+    let mut vars = Vec::with_capacity(linears.len());
+    for (name, linear) in &linears {
+        let var = Var::from_tensor(&linear.weight().to_dtype(DType::F32)?)?;
+        tracked
+            .linear_mut(name)
+            .ok_or_else(|| SearchError::Input(format!("no linear '{name}'")))?
+            .set_weight(var.as_tensor().clone())?;
+        vars.push(var);
+    }
+    // Squared gradients summed over the windows, for this rank's linears.
+    let mut fisher: Vec<Option<Vec<f64>>> = (0..linears.len())
+        .map(|j| {
+            mine.contains(&j)
+                .then(|| vec![0f64; linears[j].1.weight().elem_count()])
+        })
+        .collect();
+    let mut below = Vec::with_capacity(if chain { grads.len() } else { 0 });
+    for (w, g_out) in grads.iter().enumerate() {
+        let input = Var::from_tensor(&x.narrow(0, w, 1)?)?;
+        let y = tracked.forward(input.as_tensor(), ctx, None, &mut NoHook)?;
+        let g = (y.to_dtype(DType::F32)? * g_out)?.sum_all()?.backward()?;
+        for (j, acc) in fisher.iter_mut().enumerate() {
+            if let Some(acc) = acc {
+                let gw: Vec<f32> = gradient(&g, &vars[j], linears[j].0)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for (a, v) in acc.iter_mut().zip(gw) {
+                    *a += (v as f64) * (v as f64);
+                }
+            }
+        }
+        if chain {
+            below.push(gradient(&g, &input, "a block's input")?);
+        }
+    }
+    drop((tracked, vars));
+    let predicted = || -> Result<Vec<Item>> {
+        if mine.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stats = shrink_calib::block_stats(block, std::slice::from_ref(x), ctx, true)?;
+        let mut items = Vec::with_capacity(mine.len());
+        for &j in &mine {
+            let (name, linear) = linears[j];
+            let st = stats
+                .get(name)
+                .ok_or_else(|| SearchError::Input(format!("'{name}' saw no input")))?;
+            let (rows, cols) = linear.weight().dims2()?;
+            let w: Vec<f32> = linear
+                .weight()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            let f = fisher[j].as_deref().unwrap_or_default();
+            let mut candidates: Vec<Candidate> = Vec::new();
+            let mut losses = Vec::new();
+            each_candidate(&w, rows, cols, name, st, config, |candidate, weight| {
+                let quadratic: f64 = f
+                    .iter()
+                    .zip(w.iter().zip(&weight))
+                    .map(|(&f, (&a, &b))| f * ((a - b) as f64).powi(2))
+                    .sum();
+                let kl = 0.5 * quadratic / positions;
+                if !kl.is_finite() {
+                    return Err(SearchError::Input(format!(
+                        "'{name}' in {}: the gradient score is not finite",
+                        candidate.format.label()
+                    )));
+                }
+                candidates.push(candidate);
+                losses.push(kl);
+                Ok(())
+            })?;
+            items.push(item_of(name, &candidates, losses)?);
+        }
+        Ok(items)
+    };
+    Ok((predicted(), below))
+}
