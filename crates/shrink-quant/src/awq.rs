@@ -101,19 +101,22 @@ fn scaled_stats(stats: &LinearStats, s: &[f32]) -> LinearStats {
 /// Computes input scales with `scales` for each of the block's scale groups
 /// ([`Block::scale_groups`]: q/k/v, gate/up and down in the Llama family; q/k/v, up and o in
 /// GPT-2; o in BERT), folds them in, and returns the statistics of the scaled inputs of the
-/// linears they feed.
+/// linears they feed. `scales` gets the group's linears, their shared input's statistics and
+/// their names.
 pub(crate) fn rescale_block(
     block: &mut Block,
     stats: &BlockStats,
-    scales: impl Fn(&[&Linear], &LinearStats, &str) -> Result<Vec<f32>>,
+    scales: impl Fn(&[&Linear], &LinearStats, &[&str]) -> Result<Vec<f32>>,
 ) -> Result<BTreeMap<String, LinearStats>> {
     let mut found = vec![];
     for group in block.scale_groups() {
-        let name = block
-            .name(group.consumers[0])
-            .unwrap_or_default()
-            .to_string();
-        let st = stats.get(&name).ok_or_else(|| {
+        let names: Vec<&str> = group
+            .consumers
+            .iter()
+            .filter_map(|&r| block.name(r))
+            .collect();
+        let name = names.first().copied().unwrap_or_default();
+        let st = stats.get(name).ok_or_else(|| {
             crate::QuantError::Scheme(format!("no calibration statistics for '{name}'"))
         })?;
         let linears: Vec<&Linear> = group
@@ -121,7 +124,7 @@ pub(crate) fn rescale_block(
             .iter()
             .filter_map(|&r| block.linear(r))
             .collect();
-        let s = scales(&linears, st, &name)?;
+        let s = scales(&linears, st, &names)?;
         found.push((group, scaled_stats(st, &s), s));
     }
     let mut out = BTreeMap::new();
@@ -144,7 +147,7 @@ pub(crate) fn apply(
     scheme: &QuantScheme,
     grid: usize,
 ) -> Result<BTreeMap<String, LinearStats>> {
-    rescale_block(block, stats, |linears, st, name| {
-        search_scales(linears, st, scheme, grid, name)
+    rescale_block(block, stats, |linears, st, names| {
+        search_scales(linears, st, scheme, grid, names[0])
     })
 }

@@ -333,11 +333,14 @@ impl Rule {
 /// one wins). A pattern with `*` is a glob over the whole name (`model.layers.*.mlp.down_proj`);
 /// without, it matches any name containing it (`down_proj`). A format whose blocks do not divide
 /// a row length is replaced through `fallbacks` (llama.cpp: Q4_K → Q5_0 on 576-wide rows).
+/// `activations` says which linears' inputs are quantized too (W8A8): SmoothQuant smooths only
+/// those inputs, and the export and the loader round them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantPlan {
     pub default: Format,
     pub rules: Vec<Rule>,
     pub fallbacks: Vec<(Format, Format)>,
+    pub activations: Option<Activations>,
 }
 
 impl QuantPlan {
@@ -346,6 +349,7 @@ impl QuantPlan {
             default: format.into(),
             rules: vec![],
             fallbacks: vec![],
+            activations: None,
         }
     }
 
@@ -578,7 +582,9 @@ pub fn quantize_blocks<M: BlockModel>(
             (Method::Awq { grid, .. }, Some(stats)) => {
                 awq::apply(block, stats, &plan.default.simulation_scheme(), grid)?
             }
-            (Method::SmoothQuant { alpha, .. }, Some(stats)) => smooth::apply(block, stats, alpha)?,
+            (Method::SmoothQuant { alpha, .. }, Some(stats)) => {
+                smooth::apply(block, stats, alpha, plan.activations.as_ref())?
+            }
             (Method::Awq { .. }, None) => {
                 return Err(QuantError::Scheme("AWQ needs calibration data".into()))
             }
@@ -711,6 +717,7 @@ mod plan_tests {
                 Rule::new("model.layers.1*.mlp.down_proj", QuantScheme::Q4_1),
             ],
             fallbacks: vec![],
+            activations: None,
         };
         let f = |name: &str| plan.format_for(name, 1536, 30);
         assert_eq!(
@@ -748,6 +755,7 @@ mod plan_tests {
                 (q4k, QuantScheme::Q5_0.into()),
                 (q6k, QuantScheme::Q8_0.into()),
             ],
+            activations: None,
         };
         assert_eq!(
             plan.format_for("model.layers.4.mlp.down_proj", 1536, 30),

@@ -273,6 +273,7 @@ impl Preset {
             default: self.format.resolve()?,
             rules,
             fallbacks,
+            activations: None,
         })
     }
 

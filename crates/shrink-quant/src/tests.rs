@@ -302,6 +302,7 @@ fn quantize_model_replaces_every_block_linear() {
             default: QuantScheme::Q4_0.into(),
             rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],
             fallbacks: vec![],
+            activations: None,
         };
         let q = quantize_model(
             &mut model,
@@ -646,12 +647,12 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
         default: QuantScheme::Q4_0.into(),
         rules: vec![Rule::new("layers.1.mlp.down_proj", QuantScheme::Q8_0)],
         fallbacks: vec![],
+        activations: None,
     };
     let output = QuantizedOutput {
         export: Export::Gguf,
         plan: &plan,
         embeddings: Some(Ok(QuantScheme::Q8_0.into())),
-        activations: None,
     };
     for input in [&gguf, &hf] {
         let checkpoint = shrink_io::load(input).unwrap();
@@ -780,22 +781,25 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
         default: w4.into(),
         rules: vec![Rule::new("down_proj", QuantScheme { bits: 8, ..w4 })],
         fallbacks: vec![],
+        activations: None,
     };
-    let w8a8 = QuantPlan::uniform(QuantScheme {
-        bits: 8,
-        granularity: Granularity::Channel,
-        ..w4
-    });
+    let w8a8 = QuantPlan {
+        activations: Some(crate::Activations {
+            quant: shrink_models::ActQuant::Int8PerToken,
+            except: vec![],
+        }),
+        ..QuantPlan::uniform(QuantScheme {
+            bits: 8,
+            granularity: Granularity::Channel,
+            ..w4
+        })
+    };
     let checkpoint = shrink_io::load(&input).unwrap();
-    for (plan, activations, method) in [
-        (&plan, None, Method::Gptq(GptqConfig::default())),
-        (&plan, None, Method::Rtn),
+    for (plan, method) in [
+        (&plan, Method::Gptq(GptqConfig::default())),
+        (&plan, Method::Rtn),
         (
             &w8a8,
-            Some(crate::Activations {
-                quant: shrink_models::ActQuant::Int8PerToken,
-                except: vec![],
-            }),
             Method::SmoothQuant {
                 alpha: 0.5,
                 gptq: None,
@@ -806,7 +810,6 @@ fn a_streamed_compressed_tensors_folder_holds_the_tensors_of_the_whole_model_pat
             export: Export::Hf,
             plan,
             embeddings: None,
-            activations: activations.as_ref(),
         };
         let windows = (method != Method::Rtn).then_some(&windows[..]);
         let whole_path = dir.path().join("whole");

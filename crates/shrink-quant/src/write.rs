@@ -18,8 +18,6 @@ pub struct QuantizedOutput<'a> {
     /// The token embedding and an untied head: `None` f32; `Some(Err(t))` the float type `t`;
     /// `Some(Ok(f))` block format `f`, by round-to-nearest.
     pub embeddings: Option<std::result::Result<Format, GgufWriteType>>,
-    /// Dynamic activation quantization recorded in a compressed-tensors config.
-    pub activations: Option<&'a crate::Activations>,
 }
 
 /// What was written.
@@ -58,7 +56,7 @@ pub fn write_quantized(
             for (name, q) in &result.tensors {
                 by_checkpoint.insert(rename(name)?, q.clone());
             }
-            let hf = crate::compressed_tensors(&by_checkpoint, output.activations)?;
+            let hf = crate::compressed_tensors(&by_checkpoint, output.plan.activations.as_ref())?;
             let mut tensors = model.checkpoint_tensors()?;
             tensors.retain(|name, _| !by_checkpoint.contains_key(name));
             let quantized = Checkpoint {
@@ -320,8 +318,8 @@ fn streamed_job(
 ) -> String {
     let settings = format!(
         "quantization\nmethod {method:?}\nexport {:?}\nplan {:?}\nembeddings {:?}\n\
-         activations {:?}\nkept in {:?}",
-        output.export, output.plan, output.embeddings, output.activations, keep.dtype,
+kept in {:?}",
+        output.export, output.plan, output.embeddings, keep.dtype,
     );
     shrink_calib::job_description(&checkpoint.path, &settings, windows, batch)
 }

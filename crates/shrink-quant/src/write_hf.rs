@@ -33,7 +33,7 @@ impl<'a> QuantizedHf<'a> {
         partial: Option<(&Path, usize)>,
     ) -> Result<Self> {
         let n_layers = config.num_hidden_layers;
-        let activations = output.activations.is_some();
+        let activations = output.plan.activations.is_some();
         let mut modules = BTreeMap::new();
         let mut layouts = BTreeMap::new();
         for (module, [rows, cols]) in config.block_linears() {
@@ -67,7 +67,8 @@ impl<'a> QuantizedHf<'a> {
                 }),
             }
         }
-        let quantization_config = crate::quantization_config_of(&modules, output.activations);
+        let quantization_config =
+            crate::quantization_config_of(&modules, output.plan.activations.as_ref());
         let config = shrink_io::hf_config(
             written,
             shrink_io::SaveDType::F16,
@@ -84,7 +85,7 @@ impl<'a> QuantizedHf<'a> {
     pub fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
         for (name, q) in weights {
             let one = BTreeMap::from([(name, q)]);
-            let hf = crate::compressed_tensors(&one, self.output.activations)?;
+            let hf = crate::compressed_tensors(&one, self.output.plan.activations.as_ref())?;
             for (name, t) in hf.tensors {
                 self.stream.raw(&name, t)?;
             }

@@ -60,7 +60,7 @@ impl QatRequest {
             train: distill.job.train,
             loss: distill.job.loss,
             frozen: self.freeze.clone().unwrap_or(defaults.frozen),
-            activations: quantize.activations.clone(),
+            activations: quantize.plan.activations.clone(),
             learn_scales: self.learn_scales,
         };
         Ok(ResolvedQat {

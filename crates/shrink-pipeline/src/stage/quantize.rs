@@ -148,7 +148,6 @@ pub struct ResolvedQuantize {
     pub plan: QuantPlan,
     pub method: Method,
     pub export: Export,
-    pub activations: Option<shrink_quant::Activations>,
     /// `None`: f32; `Some(Err(t))`: a float type; `Some(Ok(f))`: a block format.
     pub embeddings: Option<std::result::Result<Format, GgufWriteType>>,
     /// Whether the method needs calibration windows.
@@ -345,10 +344,12 @@ impl QuantizeRequest {
         };
         let calibrates = !matches!(method, Method::Rtn) || search;
         Ok(ResolvedQuantize {
-            plan,
+            plan: QuantPlan {
+                activations,
+                ..plan
+            },
             method,
             export,
-            activations,
             embeddings,
             calibrates,
         })
@@ -790,7 +791,6 @@ impl ResolvedQuantize {
             export: self.export,
             plan: &self.plan,
             embeddings: self.embeddings,
-            activations: self.activations.as_ref(),
         }
     }
 }
@@ -805,7 +805,7 @@ impl Job for QuantizeRequest {
     }
 
     fn writes_streamable(&self) -> bool {
-        self.resolve().is_ok_and(|r| r.activations.is_none())
+        self.resolve().is_ok_and(|r| r.plan.activations.is_none())
     }
 
     fn leaves_mask(&self) -> bool {
