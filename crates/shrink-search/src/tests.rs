@@ -641,6 +641,62 @@ fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
     assert!(rho > 0.8, "rank correlation {rho}");
 }
 
+/// Every block type is a candidate where its blocks divide the rows: legacy, k- and i-quants on a
+/// 256-wide down_proj (GPTQ codes inside each, the gradient score), only the 32-value types on
+/// the 32-wide linears; 8 bits cost less than 4, and 4 less than 2.
+#[test]
+fn the_sensitivity_covers_every_block_type() {
+    use candle_core::Device;
+    use shrink_models::{ModelConfig, Transformer};
+    use shrink_quant::{Format, IQuant, KQuant};
+    let mut cfg = ModelConfig::tiny_for_tests();
+    cfg.intermediate_size = 256;
+    cfg.num_hidden_layers = 1;
+    let mut model = Transformer::random(&cfg, 9, &Device::Cpu).unwrap();
+    let windows: Vec<Vec<u32>> = (0..2)
+        .map(|w| (0..16).map(|i| ((w * 5 + i * 11) % 64) as u32).collect())
+        .collect();
+    let legacy = ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"].map(|f| Format::parse(f).unwrap());
+    let formats: Vec<Format> = legacy
+        .into_iter()
+        .chain(KQuant::ALL.into_iter().map(Format::K))
+        .chain(IQuant::ALL.into_iter().map(Format::I))
+        .collect();
+    let config = SensitivityConfig {
+        formats: formats.clone(),
+        embeddings: vec![],
+        method: shrink_quant::Method::Gptq(shrink_quant::GptqConfig::default()),
+        measure: Measure::Fisher,
+    };
+    let items = sensitivity(
+        &mut model,
+        &windows,
+        &config,
+        &shrink_core::Alone,
+        &NoProgress,
+    )
+    .unwrap();
+    let loss = |item: &Item, f: &str| item.choices.iter().find(|c| c.name == f).unwrap().loss;
+    for item in &items {
+        let names: Vec<&str> = item.choices.iter().map(|c| c.name.as_str()).collect();
+        if item.name.ends_with("down_proj") {
+            assert_eq!(names.len(), formats.len(), "{names:?}");
+            assert!(loss(item, "q8_0") < loss(item, "iq4_xs"));
+            assert!(loss(item, "iq4_xs") < loss(item, "iq2_xxs"));
+            assert!(loss(item, "q4_k") < loss(item, "q2_k"));
+        } else {
+            // 32 wide: the legacy types and IQ4_NL.
+            assert_eq!(
+                names,
+                ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"],
+                "{}",
+                item.name
+            );
+            assert!(loss(item, "q8_0") < loss(item, "q4_0"));
+        }
+    }
+}
+
 /// Spearman's rank correlation of the pairs (no ties expected).
 fn spearman(pairs: &[(f64, f64)]) -> f64 {
     let ranks = |v: Vec<f64>| {

@@ -417,12 +417,22 @@ pub(crate) fn check_float_keys(format: &Option<String>, dtype: &Option<String>) 
 
 /// A key check of a stage's `damp` (every kind that has one).
 pub(crate) fn check_damp(damp: Option<f64>) -> KeyResult<()> {
-    if let Some(damp) = damp {
-        if !(0.0..=1.0).contains(&damp) {
-            return Err((Some("damp"), format!("damp = {damp} is outside 0..=1")));
+    check_unit("damp", damp)
+}
+
+/// `blend` (GPTQ's Hessian toward its diagonal) is a fraction.
+pub(crate) fn check_blend(blend: Option<f64>) -> KeyResult<()> {
+    check_unit("blend", blend)
+}
+
+/// A key whose value must lie in 0..=1.
+fn check_unit(key: &'static str, value: Option<f64>) -> KeyResult<()> {
+    match value {
+        Some(v) if !(0.0..=1.0).contains(&v) => {
+            Err((Some(key), format!("{key} = {v} is outside 0..=1")))
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `weights` (rtn | gptq): how AWQ, SmoothQuant, QAT and the search pick codes.

@@ -2,7 +2,9 @@
 //! a per-linear plan and a method, run on a model, and written as a GGUF or a compressed-tensors
 //! folder. The CLI command and pipeline stages both go through [`QuantizeRequest`].
 
-use super::{check_damp, check_weights, value_text, whole, Job, KeyResult, StageContext};
+use super::{
+    check_blend, check_damp, check_weights, value_text, whole, Job, KeyResult, StageContext,
+};
 use super::{Compress, JobInput, JobResult, KeyError, StageJob, StageKind, StageResult, StageType};
 use crate::config::{fields, KeyReader, StageKeys};
 use crate::report::LayerRow;
@@ -497,11 +499,7 @@ impl MethodKeys {
             }
         }
         check_damp(self.damp)?;
-        if let Some(blend) = self.blend {
-            if !(0.0..=1.0).contains(&blend) {
-                return Err((Some("blend"), format!("blend = {blend} is outside 0..=1")));
-            }
-        }
+        check_blend(self.blend)?;
         check_weights(&self.weights)
     }
 }

@@ -5,7 +5,7 @@
 
 use super::quantize::quantized_result;
 use super::StageType;
-use super::{check_damp, check_weights, whole, Job, JobMemory, ModelSizes};
+use super::{check_blend, check_damp, check_weights, whole, Job, JobMemory, ModelSizes};
 use super::{Compress, JobInput, JobResult, StageContext, StageJob, StageKind, StageResult};
 use crate::config::{fields, KeyReader};
 use crate::quantize::{Export, QuantMethod, QuantizeOutcome, QuantizeRequest};
@@ -99,13 +99,17 @@ pub struct SearchRequest {
     pub method: QuantMethod,
     pub damp: f64,
     pub act_order: bool,
+    /// GPTQ's Hessian blended toward its diagonal, in the sensitivity and the verified mix.
+    pub blend: f64,
     pub measure: Measure,
     pub budget: BudgetKeys,
 }
 
-/// The default candidates: llama.cpp's block types from 8 down to 2 bits.
+/// The default candidates: llama.cpp's block types from 8 down to 2 bits, legacy, k- and i-quants
+/// (a type whose blocks do not divide a linear's rows is not a candidate for it).
 pub const DEFAULT_FORMATS: &[&str] = &[
-    "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k",
+    "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "iq4_xs", "iq4_nl", "q4_1", "q4_0", "q3_k",
+    "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs",
 ];
 
 impl SearchRequest {
@@ -158,6 +162,7 @@ impl SearchRequest {
             embeddings: Some(embeddings.to_string()),
             damp: self.damp,
             act_order: self.act_order,
+            blend: Some(self.blend),
             ..QuantizeRequest::default()
         }
     }
@@ -351,6 +356,7 @@ pub fn search_and_write(
         "shrink": env!("CARGO_PKG_VERSION"), "input": input_key, "formats": request.formats,
         "embeddings": config.embeddings.iter().map(Format::label).collect::<Vec<_>>(),
         "method": request.method, "damp": request.damp, "act_order": request.act_order,
+        "blend": request.blend,
         "measure": request.measure, "windows": sens_windows,
     }));
     // Best effort: without a cache folder the table is measured every time.
@@ -628,6 +634,8 @@ struct SearchKeys {
     weights: Option<String>,
     damp: Option<f64>,
     act_order: Option<bool>,
+    /// GPTQ's Hessian blended toward its diagonal (0..=1, default 0).
+    blend: Option<f64>,
     /// The target and the time budget (`[stage.budget]`).
     budget: Option<BudgetKeys>,
 }
@@ -640,6 +648,7 @@ impl StageType for SearchStage {
     fn job(&self, _kind: StageKind, keys: &mut KeyReader) -> JobResult {
         let k: SearchKeys = keys.take()?;
         check_damp(k.damp)?;
+        check_blend(k.blend)?;
         check_weights(&k.weights)?;
         k.budget
             .as_ref()
@@ -671,6 +680,7 @@ fn search_request(s: SearchKeys) -> Result<SearchRequest> {
             .unwrap_or(QuantMethod::Gptq),
         damp: s.damp.unwrap_or(defaults.damp),
         act_order: s.act_order.unwrap_or(defaults.act_order),
+        blend: s.blend.unwrap_or(0.0),
         measure: match s.sensitivity.as_deref() {
             None | Some("scaled") => Measure::Scaled,
             Some("every") => Measure::Every,
