@@ -2,7 +2,8 @@
 # Benchmark (not a test) of issue #21, item 5: the gradient (Fisher) sensitivity against the KL
 # tables. One `search` stage per measure in MEASURES (default "fisher scaled every") on SmolLM2 at
 # the byte size of llama.cpp's Q4_K_M file, calibrated on the mix (shrink's default), one verified
-# round each; the sensitivity cache is emptied first, so every table is measured in this run.
+# round each; shrink's sensitivity cache is emptied first (every model's tables), so every table
+# is measured in this run. With `every` the run takes about an hour and a half on 2 cores.
 # Prints and writes to target/bench/sensitivity/sensitivity.json: each table's time, Spearman's
 # rank correlation of every table with the others over every (linear, format) pair and over the
 # linears in one format, and each searched file's `llama-perplexity` and mean KL on Hamlet, pip
@@ -88,6 +89,8 @@ names = list(tables)
 for i, p in enumerate(names):
     for q in names[i + 1:]:
         keys = [k for k in tables[p] if k[0] != "embeddings" and k in tables[q]]
+        if len(keys) < 3:
+            continue
         row = dict(pair=f"{p} vs {q}", all=round(spearman([(tables[p][k], tables[q][k]) for k in keys]), 4))
         for fmt in ["q8_0", "q4_0", "q4_k"]:
             ks = [k for k in keys if k[1] == fmt]
@@ -96,6 +99,14 @@ for i, p in enumerate(names):
         correlations.append(row)
         print(json.dumps(row), flush=True)
 json.dump(dict(searches=rows, correlations=correlations), open(os.path.join(b.out, "sensitivity.json"), "w"), indent=1)
-print(" ".join(os.path.join(run_dir, "stages", m, "model.gguf") for m in names), file=open(os.path.join(b.out, "files"), "w"))
+# Each searched file under a name of its own (the scoring keys its rows by file name).
+files = []
+for m in names:
+    link = os.path.join(b.out, f"search-{m}.gguf")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.join(run_dir, "stages", m, "model.gguf"), link)
+    files.append(link)
+print(" ".join(files), file=open(os.path.join(b.out, "files"), "w"))
 PY
 FILES="$(cat "$OUT/files")" PRESETS="" OUT="$PWD/target/bench/calib" scripts/bench-calib.sh

@@ -148,6 +148,12 @@ pub(crate) fn apply(
     grid: usize,
 ) -> Result<BTreeMap<String, LinearStats>> {
     rescale_block(block, stats, |linears, st, names| {
-        search_scales(linears, st, scheme, grid, names[0])
+        search_scales(
+            linears,
+            st,
+            scheme,
+            grid,
+            names.first().copied().unwrap_or_default(),
+        )
     })
 }

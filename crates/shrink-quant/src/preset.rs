@@ -239,7 +239,7 @@ impl Preset {
         Ok(p)
     }
 
-    /// The per-linear plan.
+    /// The per-linear plan: formats, and which inputs are quantized.
     pub fn plan(&self) -> Result<QuantPlan> {
         let mut rules = Vec::with_capacity(self.rules.len());
         for r in &self.rules {
@@ -273,7 +273,11 @@ impl Preset {
             default: self.format.resolve()?,
             rules,
             fallbacks,
-            activations: None,
+            // Checked when the preset was read: int8 per token, or none.
+            activations: self.activations.as_ref().map(|_| crate::Activations {
+                quant: shrink_models::ActQuant::Int8PerToken,
+                except: self.activations_except.clone().unwrap_or_default(),
+            }),
         })
     }
 

@@ -2,7 +2,9 @@
 //! only one tensor is stored in a candidate format. The model is read block by block (held whole
 //! or from its file): a change in block `i` runs only blocks `i..`, from block `i`'s input in the
 //! input model, so a linear costs about half a forward pass per measured format instead of a
-//! whole one, and every variant of block `i` goes through each later block together.
+//! whole one, and every variant of block `i` goes through each later block together. The
+//! gradient score ([`Measure::Fisher`], `sensitivity/fisher.rs`) predicts the KL instead, from
+//! one backward pass per window.
 
 use crate::{Choice, Item, Result, SearchError};
 use candle_core::{DType, Device, Tensor, D};
@@ -31,11 +33,14 @@ pub enum Measure {
     Scaled,
     /// No KL pass per linear: a gradient score. One forward pass keeps each block's input, then
     /// one backward pass per window, block by block from the last, gives each linear's gradient
-    /// of the window's negative log-likelihood (at the scored positions); their squares summed
-    /// over the windows and divided by the scored positions are the diagonal `F` of the empirical
-    /// Fisher information per position, and a format's predicted KL is `½ Σ F (W − Ŵ)²` (the
-    /// second-order term of the KL with the Fisher as its curvature). The embeddings' formats
-    /// are still measured.
+    /// of the window's summed negative log-likelihood (at the scored positions); their squares
+    /// summed over the windows and divided by the scored positions estimate the diagonal `F` of
+    /// the empirical Fisher information per position (exactly so only if the positions'
+    /// gradients were uncorrelated: a per-window estimate, noisy with few windows), and a
+    /// format's predicted KL is `½ Σ F (W − Ŵ)²` (the second-order term of the KL with the Fisher
+    /// as its curvature). The embeddings' formats are still measured. f32 models only; the
+    /// products with a gradient are candle's, whose kernels are chosen by the CPU, so the table
+    /// is reproducible on one machine, not bit for bit across CPUs.
     Fisher,
 }
 
@@ -102,6 +107,31 @@ fn embed<M: BlockModel>(model: &M, ids: &Tensor) -> Result<Tensor> {
         .swap_remove(0))
 }
 
+/// The log-probabilities of `model` on the windows `ids` at the scored positions, its blocks
+/// read in order.
+fn model_log_probs<M: BlockModel>(
+    model: &mut M,
+    ids: &Tensor,
+    ctx: &AttentionContext,
+) -> Result<Tensor> {
+    let mut xs = [embed(model, ids)?];
+    run_from(model, 0, &mut xs, ctx)?;
+    log_probs(&model.head()?, &xs[0])
+}
+
+/// Of a window of `len` tokens, the first position whose next token is scored and how many are:
+/// the second half, but for the last position (which has no next token).
+fn scored_targets(len: usize) -> (usize, usize) {
+    (len / 2, len - len / 2 - 1)
+}
+
+/// The number of linears of block `i`.
+fn linear_count(config: &shrink_models::ModelConfig, i: usize) -> usize {
+    config
+        .block_linear_names(i)
+        .map_or(0, |n| n.iter().filter(|n| !n.is_empty()).count())
+}
+
 /// Mean over positions of KL(reference ‖ model) from log-probabilities.
 fn mean_kl(reference: &Tensor, model: &Tensor) -> Result<f64> {
     let kl = (reference.exp()? * (reference - model)?)?.sum(D::Minus1)?;
@@ -145,10 +175,11 @@ impl Scorer {
         let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
         // The token after each scored position (the last position has none and is not scored
         // for the likelihood).
+        let (first, _) = scored_targets(len);
         let targets = Tensor::new(
             windows
                 .iter()
-                .flat_map(|w| w[len / 2 + 1..].iter().copied())
+                .flat_map(|w| w[first + 1..].iter().copied())
                 .collect::<Vec<u32>>(),
             &Device::Cpu,
         )?;
@@ -166,19 +197,17 @@ impl Scorer {
     /// The model's log-probabilities, its blocks read in order.
     fn log_probs<M: BlockModel>(&self, model: &mut M) -> Result<Tensor> {
         let ctx = model.attention_context(self.ids.dim(1)?)?;
-        let mut xs = [embed(model, &self.ids)?];
-        run_from(model, 0, &mut xs, &ctx)?;
-        log_probs(&model.head()?, &xs[0])
+        model_log_probs(model, &self.ids, &ctx)
     }
 
     fn nll(&self, log_probs: &Tensor) -> Result<f64> {
         let (b, t) = self.ids.dims2()?;
-        let scored = t - t / 2;
+        let (_, scored) = scored_targets(t);
         let v = log_probs.dim(1)?;
         let lp = log_probs
-            .reshape((b, scored, v))?
-            .narrow(1, 0, scored - 1)?
-            .reshape((b * (scored - 1), v))?;
+            .reshape((b, scored + 1, v))?
+            .narrow(1, 0, scored)?
+            .reshape((b * scored, v))?;
         let picked = lp.gather(&self.targets.unsqueeze(1)?, 1)?;
         Ok(-(picked.mean_all()?.to_scalar::<f32>()? as f64))
     }
@@ -295,15 +324,11 @@ pub fn sensitivity<M: BlockModel>(
     }
     let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
     let ctx = model.attention_context(len)?;
-    let reference_pass = |model: &mut M| -> Result<Tensor> {
-        let mut xs = [embed(model, &ids)?];
-        run_from(model, 0, &mut xs, &ctx)?;
-        log_probs(&model.head()?, &xs[0])
-    };
     if config.measure == Measure::Fisher {
-        let mut items = fisher::items(model, &ids, &ctx, config, world, progress)?;
-        if !config.embeddings.is_empty() {
-            let reference = reference_pass(model)?;
+        let searched = !config.embeddings.is_empty();
+        let (mut items, reference) =
+            fisher::items(model, &ids, &ctx, config, world, progress, searched)?;
+        if let Some(reference) = reference {
             let offset = items.len();
             items.push(embedding_item(
                 model,
@@ -318,16 +343,11 @@ pub fn sensitivity<M: BlockModel>(
         return Ok(items);
     }
     // The reference log-probabilities: one pass.
-    let reference = reference_pass(model)?;
+    let reference = model_log_probs(model, &ids, &ctx)?;
     let mut x = embed(model, &ids)?;
     let blocks = model.num_blocks();
     let cfg = model.config();
-    let total: usize = (0..blocks)
-        .map(|i| {
-            cfg.block_linear_names(i)
-                .map_or(0, |n| n.iter().filter(|n| !n.is_empty()).count())
-        })
-        .sum();
+    let total: usize = (0..blocks).map(|i| linear_count(cfg, i)).sum();
     let embedding_steps = usize::from(!config.embeddings.is_empty());
     progress.start("measuring sensitivity", (total + embedding_steps) as u64);
     let mut items = Vec::with_capacity(total + embedding_steps);
@@ -462,7 +482,7 @@ fn measure_linears(
             })?;
             let measured: Vec<usize> = match config.measure {
                 Measure::Scaled => reference_candidate(&candidates).into_iter().collect(),
-                _ => (0..candidates.len()).collect(),
+                Measure::Every | Measure::Fisher => (0..candidates.len()).collect(),
             };
             if let (Measure::Scaled, Some((c, weight))) = (config.measure, &kept) {
                 if measured != [*c] {

@@ -619,7 +619,7 @@ fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
             assert!(expected > 0.0);
             let rel = (choice.loss - expected).abs() / expected;
             assert!(
-                rel < 1e-3,
+                rel < 1e-5,
                 "{name} {}: {} vs {expected}",
                 choice.name,
                 choice.loss

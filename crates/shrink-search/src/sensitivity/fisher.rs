@@ -4,10 +4,12 @@
 //! gradient of each window's negative log-likelihood with respect to the last block's output, and
 //! the backward pass goes from the last block to the first, one window at a time through one
 //! block, chaining the gradient with respect to the block's input to the block before. Only one
-//! block's weights and their squared gradients are held at a time.
+//! block's weights and their squared gradients are held at a time; each rank makes variables of
+//! the weights it scores only (every rank runs the whole chain).
 
 use super::{
-    each_candidate, embed, item_of, log_probs, owner, share_all, Candidate, SensitivityConfig,
+    each_candidate, embed, item_of, linear_count, log_probs, owner, scored_targets, share_all,
+    Candidate, SensitivityConfig,
 };
 use crate::{Item, Result, SearchError};
 use candle_core::{DType, Tensor, Var};
@@ -15,7 +17,9 @@ use shrink_core::{Collective, Progress};
 use shrink_models::{AttentionContext, Block, BlockModel, NoHook};
 
 /// The items of every block linear of `model` on the windows `ids` (as [`super::sensitivity`]
-/// returns them, without the embeddings), each format's loss the Fisher prediction of its KL.
+/// returns them, without the embeddings), each format's loss the Fisher prediction of its KL,
+/// and, when `reference`, the model's log-probabilities at the scored positions (for measuring
+/// the embeddings' formats without another pass).
 pub(super) fn items<M: BlockModel>(
     model: &mut M,
     ids: &Tensor,
@@ -23,13 +27,20 @@ pub(super) fn items<M: BlockModel>(
     config: &SensitivityConfig,
     world: &dyn Collective,
     progress: &dyn Progress,
-) -> Result<Vec<Item>> {
+    reference: bool,
+) -> Result<(Vec<Item>, Option<Tensor>)> {
     let (windows, len) = ids.dims2()?;
     let blocks = model.num_blocks();
+    let mut x = embed(model, ids)?;
+    if x.dtype() != DType::F32 {
+        return Err(SearchError::Input(format!(
+            "the gradient sensitivity runs on f32 models, not {:?}",
+            x.dtype()
+        )));
+    }
     progress.start("gradient sensitivity", 2 * blocks as u64);
     // The forward pass: every block's input.
     let mut inputs = Vec::with_capacity(blocks);
-    let mut x = embed(model, ids)?;
     for i in 0..blocks {
         let next = model.with_block(i, |b| b.forward(&x, ctx, None, &mut NoHook))??;
         inputs.push(std::mem::replace(&mut x, next));
@@ -37,12 +48,12 @@ pub(super) fn items<M: BlockModel>(
     }
     // The gradient of each window's negative log-likelihood with respect to the last output.
     let head = model.head()?;
-    let scored = len - len / 2 - 1;
+    let (first, scored) = scored_targets(len);
     let mut grads = Vec::with_capacity(windows);
     for w in 0..windows {
-        let hidden = Var::from_tensor(&x.narrow(0, w, 1)?.to_dtype(DType::F32)?)?;
+        let hidden = Var::from_tensor(&x.narrow(0, w, 1)?)?;
         let lp = log_probs(&head, hidden.as_tensor())?.narrow(0, 0, scored)?;
-        let targets = ids.narrow(0, w, 1)?.narrow(1, len / 2 + 1, scored)?;
+        let targets = ids.narrow(0, w, 1)?.narrow(1, first + 1, scored)?;
         let nll = lp
             .gather(&targets.reshape((scored, 1))?, 1)?
             .sum_all()?
@@ -50,15 +61,11 @@ pub(super) fn items<M: BlockModel>(
         let g = nll.backward()?;
         grads.push(gradient(&g, &hidden, "the last block's output")?);
     }
+    let reference = reference.then(|| log_probs(&head, &x)).transpose()?;
     drop((x, head));
     // Each block's linears in the order of the KL table: tensors dealt by their index.
     let counts: Vec<usize> = (0..blocks)
-        .map(|i| {
-            model
-                .config()
-                .block_linear_names(i)
-                .map_or(0, |n| n.iter().filter(|n| !n.is_empty()).count())
-        })
+        .map(|i| linear_count(model.config(), i))
         .collect();
     let positions = (windows * scored) as f64;
     let mut per_block: Vec<Vec<Item>> = vec![Vec::new(); blocks];
@@ -66,26 +73,27 @@ pub(super) fn items<M: BlockModel>(
         let x = inputs
             .pop()
             .ok_or_else(|| SearchError::Input("a block input is missing".into()))?;
-        let offset: usize = counts[..i].iter().sum();
+        let dealt = Dealt {
+            world,
+            offset: counts[..i].iter().sum(),
+            count: counts[i],
+        };
         let (mine, below) = model.with_block(i, |block| {
-            block_items(
-                block,
-                &x,
-                &grads,
-                ctx,
-                config,
-                world,
-                offset,
-                positions,
-                i > 0,
-            )
+            block_items(block, &x, &grads, ctx, config, &dealt, positions, i > 0)
         })??;
-        per_block[i] = share_all(world, offset, counts[i], mine, |_| {})?;
+        per_block[i] = share_all(world, dealt.offset, dealt.count, mine, |_| {})?;
         grads = below;
         progress.advance(1, Some(format!("block {i}").as_str()));
     }
     progress.finish();
-    Ok(per_block.into_iter().flatten().collect())
+    Ok((per_block.into_iter().flatten().collect(), reference))
+}
+
+/// A block's linears among the ranks: tensors `offset..offset + count` of the table.
+struct Dealt<'a> {
+    world: &'a dyn Collective,
+    offset: usize,
+    count: usize,
 }
 
 /// The gradient `g` holds for `var`, or an error naming `what`.
@@ -95,10 +103,11 @@ fn gradient(g: &candle_core::backprop::GradStore, var: &Var, what: &str) -> Resu
         .ok_or_else(|| SearchError::Input(format!("no gradient reached {what}")))
 }
 
-/// Block `i`'s part of the backward pass on its input `x` (all windows), given the gradient of
+/// A block's part of the backward pass on its input `x` (all windows), given the gradient of
 /// each window's loss with respect to the block's output: the items of the linears this rank
-/// measures (or why it could not), and, when `chain`, the gradients with respect to the block's
-/// input, per window.
+/// scores (or why it could not: an error only this rank meets travels with its items, so that
+/// every rank still shares), and, when `chain`, the gradients with respect to the block's input,
+/// per window.
 #[allow(clippy::too_many_arguments)]
 fn block_items(
     block: &Block,
@@ -106,20 +115,28 @@ fn block_items(
     grads: &[Tensor],
     ctx: &AttentionContext,
     config: &SensitivityConfig,
-    world: &dyn Collective,
-    offset: usize,
+    dealt: &Dealt,
     positions: f64,
     chain: bool,
 ) -> Result<(Result<Vec<Item>>, Vec<Tensor>)> {
     let linears = block.linears();
+    if linears.len() != dealt.count {
+        return Err(SearchError::Input(format!(
+            "a block has {} linears where its configuration names {}",
+            linears.len(),
+            dealt.count
+        )));
+    }
+    let world = dealt.world;
     let mine: Vec<usize> = (0..linears.len())
-        .filter(|j| owner(world, offset + j) == world.rank())
+        .filter(|j| owner(world, dealt.offset + j) == world.rank())
         .collect();
-    // The block with its weights as variables, in f32.
+    // The block with this rank's weights as variables.
     let mut tracked = block.clone();
-    let mut vars = Vec::with_capacity(linears.len());
-    for (name, linear) in &linears {
-        let var = Var::from_tensor(&linear.weight().to_dtype(DType::F32)?)?;
+    let mut vars = Vec::with_capacity(mine.len());
+    for &j in &mine {
+        let (name, linear) = linears[j];
+        let var = Var::from_tensor(linear.weight())?;
         tracked
             .linear_mut(name)
             .ok_or_else(|| SearchError::Input(format!("no linear '{name}'")))?
@@ -127,26 +144,28 @@ fn block_items(
         vars.push(var);
     }
     // Squared gradients summed over the windows, for this rank's linears.
-    let mut fisher: Vec<Option<Vec<f64>>> = (0..linears.len())
-        .map(|j| {
-            mine.contains(&j)
-                .then(|| vec![0f64; linears[j].1.weight().elem_count()])
-        })
+    let mut fisher: Vec<Vec<f32>> = mine
+        .iter()
+        .map(|&j| vec![0f32; linears[j].1.weight().elem_count()])
         .collect();
+    let mut own: Result<()> = Ok(());
     let mut below = Vec::with_capacity(if chain { grads.len() } else { 0 });
     for (w, g_out) in grads.iter().enumerate() {
         let input = Var::from_tensor(&x.narrow(0, w, 1)?)?;
         let y = tracked.forward(input.as_tensor(), ctx, None, &mut NoHook)?;
-        let g = (y.to_dtype(DType::F32)? * g_out)?.sum_all()?.backward()?;
-        for (j, acc) in fisher.iter_mut().enumerate() {
-            if let Some(acc) = acc {
-                let gw: Vec<f32> = gradient(&g, &vars[j], linears[j].0)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                for (a, v) in acc.iter_mut().zip(gw) {
-                    *a += (v as f64) * (v as f64);
-                }
-            }
+        let g = (y * g_out)?.sum_all()?.backward()?;
+        if own.is_ok() {
+            own = fisher
+                .iter_mut()
+                .zip(&vars)
+                .zip(&mine)
+                .try_for_each(|((acc, var), &j)| {
+                    let gw: Vec<f32> = gradient(&g, var, linears[j].0)?.flatten_all()?.to_vec1()?;
+                    for (a, v) in acc.iter_mut().zip(gw) {
+                        *a += v * v;
+                    }
+                    Ok(())
+                });
         }
         if chain {
             below.push(gradient(&g, &input, "a block's input")?);
@@ -154,30 +173,26 @@ fn block_items(
     }
     drop((tracked, vars));
     let predicted = || -> Result<Vec<Item>> {
+        own?;
         if mine.is_empty() {
             return Ok(Vec::new());
         }
         let stats = shrink_calib::block_stats(block, std::slice::from_ref(x), ctx, true)?;
         let mut items = Vec::with_capacity(mine.len());
-        for &j in &mine {
+        for (&j, f) in mine.iter().zip(&fisher) {
             let (name, linear) = linears[j];
             let st = stats
                 .get(name)
                 .ok_or_else(|| SearchError::Input(format!("'{name}' saw no input")))?;
             let (rows, cols) = linear.weight().dims2()?;
-            let w: Vec<f32> = linear
-                .weight()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            let f = fisher[j].as_deref().unwrap_or_default();
+            let w: Vec<f32> = linear.weight().flatten_all()?.to_vec1()?;
             let mut candidates: Vec<Candidate> = Vec::new();
             let mut losses = Vec::new();
             each_candidate(&w, rows, cols, name, st, config, |candidate, weight| {
                 let quadratic: f64 = f
                     .iter()
                     .zip(w.iter().zip(&weight))
-                    .map(|(&f, (&a, &b))| f * ((a - b) as f64).powi(2))
+                    .map(|(&f, (&a, &b))| f as f64 * ((a - b) as f64).powi(2))
                     .sum();
                 let kl = 0.5 * quadratic / positions;
                 if !kl.is_finite() {
