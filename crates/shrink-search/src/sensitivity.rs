@@ -324,43 +324,60 @@ pub fn sensitivity<M: BlockModel>(
     }
     let ids = Tensor::new(windows.to_vec(), &Device::Cpu)?;
     let ctx = model.attention_context(len)?;
-    if config.measure == Measure::Fisher {
-        let searched = !config.embeddings.is_empty();
-        let (mut items, reference) =
-            fisher::items(model, &ids, &ctx, config, world, progress, searched)?;
-        if let Some(reference) = reference {
-            let offset = items.len();
-            items.push(embedding_item(
-                model,
-                &ids,
-                &ctx,
-                &reference,
-                &config.embeddings,
-                world,
-                offset,
-            )?);
+    let searched = !config.embeddings.is_empty();
+    let (mut items, reference) = match config.measure {
+        Measure::Fisher => fisher::items(model, &ids, &ctx, config, world, progress, searched)?,
+        Measure::Every | Measure::Scaled => {
+            let (items, reference) = kl_items(model, &ids, &ctx, config, world, progress)?;
+            (items, Some(reference))
         }
-        return Ok(items);
+    };
+    if let (true, Some(reference)) = (searched, reference) {
+        let offset = items.len();
+        progress.start("measuring the embeddings' formats", 1);
+        items.push(embedding_item(
+            model,
+            &ids,
+            &ctx,
+            &reference,
+            &config.embeddings,
+            world,
+            offset,
+        )?);
+        progress.advance(1, Some(EMBEDDINGS));
+        progress.finish();
     }
+    Ok(items)
+}
+
+/// The KL table's items of every block linear, and the model's log-probabilities at the scored
+/// positions (the reference every variant is compared with).
+fn kl_items<M: BlockModel>(
+    model: &mut M,
+    ids: &Tensor,
+    ctx: &AttentionContext,
+    config: &SensitivityConfig,
+    world: &dyn Collective,
+    progress: &dyn Progress,
+) -> Result<(Vec<Item>, Tensor)> {
     // The reference log-probabilities: one pass.
-    let reference = model_log_probs(model, &ids, &ctx)?;
-    let mut x = embed(model, &ids)?;
+    let reference = model_log_probs(model, ids, ctx)?;
+    let mut x = embed(model, ids)?;
     let blocks = model.num_blocks();
     let cfg = model.config();
     let total: usize = (0..blocks).map(|i| linear_count(cfg, i)).sum();
-    let embedding_steps = usize::from(!config.embeddings.is_empty());
-    progress.start("measuring sensitivity", (total + embedding_steps) as u64);
-    let mut items = Vec::with_capacity(total + embedding_steps);
+    progress.start("measuring sensitivity", total as u64);
+    let mut items = Vec::with_capacity(total + 1);
     let mut offset = 0;
     for i in 0..blocks {
         // `x` is block i's input in the input model.
         let (measured, next, count) = model.with_block(i, |block| {
-            measure_block(block, &x, &ctx, config, world, offset)
+            measure_block(block, &x, ctx, config, world, offset)
         })??;
         // What this rank measures of the block; an error is shared like a result, so that
         // every rank stops together.
         let mine = measured.and_then(|(pending, mut variants)| {
-            run_from(model, i + 1, &mut variants, &ctx)?;
+            run_from(model, i + 1, &mut variants, ctx)?;
             let kls = if variants.is_empty() {
                 Vec::new()
             } else {
@@ -380,21 +397,8 @@ pub fn sensitivity<M: BlockModel>(
         x = next;
         offset += count;
     }
-    drop(x);
-    if !config.embeddings.is_empty() {
-        items.push(embedding_item(
-            model,
-            &ids,
-            &ctx,
-            &reference,
-            &config.embeddings,
-            world,
-            offset,
-        )?);
-        progress.advance(1, Some(EMBEDDINGS));
-    }
     progress.finish();
-    Ok(items)
+    Ok((items, reference))
 }
 
 /// What this rank measured of a block: the candidates of its linears and one variant of the
