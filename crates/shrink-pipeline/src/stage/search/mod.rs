@@ -743,6 +743,11 @@ impl Job for SearchRequest {
         // The sensitivity takes every linear's input statistics (for the output errors), even
         // when the verified mixes are rounded without calibration.
         job.hessians = true;
+        if self.measure == Measure::Fisher {
+            // The gradient score holds, beside a block's weights, three f32 copies of them: the
+            // variables, one window's gradients and the squared sums.
+            job.block_value_bytes = job.block_value_bytes.max(4) + 12;
+        }
         if job.calibration.is_none() {
             job.calibration = Some((half, tokens, QuantizeRequest::default().batch as u64));
         }
