@@ -14,6 +14,8 @@ use shrink_models::{AttentionContext, Block, BlockModel, Head, Linear, NoHook};
 use shrink_quant::{Format, Method};
 
 mod fisher;
+#[cfg(test)]
+pub(crate) use fisher::sampled_targets;
 
 /// The name of the item that stands for the token embedding (and an untied output head, stored
 /// in the same format).
@@ -33,12 +35,13 @@ pub enum Measure {
     Scaled,
     /// No KL pass per linear: a gradient score. One forward pass keeps each block's input, then
     /// one backward pass per window, block by block from the last, gives each linear's gradient
-    /// of the window's summed negative log-likelihood (at the scored positions); their squares
-    /// summed over the windows and divided by the scored positions estimate the diagonal `F` of
-    /// the empirical Fisher information per position (exactly so only if the positions'
-    /// gradients were uncorrelated: a per-window estimate, noisy with few windows), and a
-    /// format's predicted KL is `½ Σ F (W − Ŵ)²` (the second-order term of the KL with the Fisher
-    /// as its curvature). The embeddings' formats are still measured. f32 models only; the
+    /// of the window's summed negative log-likelihood of tokens drawn from the model's own
+    /// predictions, one per scored position (seeded by the window's index). The draws are
+    /// independent with zero-mean gradients, so the squares summed over the windows and divided
+    /// by the scored positions estimate the diagonal `F` of the Fisher information per position
+    /// — the KL's own curvature at the input model — without bias (with the text's tokens, the
+    /// empirical Fisher, their shared drift inflated it about twelvefold on SmolLM2); a format's
+    /// predicted KL is `½ Σ F (W − Ŵ)²`, the second-order term of the KL. The embeddings' formats are still measured. f32 models only; the
     /// products with a gradient are candle's, whose kernels are chosen by the CPU, so the table
     /// is reproducible on one machine, not bit for bit across CPUs.
     Fisher,

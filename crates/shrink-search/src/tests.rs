@@ -517,7 +517,8 @@ fn sensitivity_read_block_by_block_or_split_across_ranks_is_the_same_table() {
 }
 
 /// The gradient score of a linear equals `½ Σ F (W − Ŵ)²` with `F` computed independently: each
-/// window's gradient from candle's autodiff through the whole model (the score chains it block by
+/// window's gradient (of the log-likelihood of the same tokens drawn from the model's
+/// predictions) from candle's autodiff through the whole model (the score chains it block by
 /// block), squared, summed and divided by the scored positions. It also ranks the linears as the
 /// measured KL does.
 #[test]
@@ -561,7 +562,7 @@ fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
     )
     .unwrap();
     assert_eq!(fisher.len(), 14);
-    let positions = (windows.len() * (len - half - 1)) as f64;
+    let positions = (windows.len() * (len - half)) as f64;
     // The first block's q_proj (its gradient passes every block) and the last block's down_proj.
     for k in [0, 13] {
         let name = &fisher[k].name;
@@ -572,7 +573,7 @@ fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
         let var = Var::from_tensor(linear.weight()).unwrap();
         linear.set_weight(var.as_tensor().clone()).unwrap();
         let mut f = vec![0f64; w.len()];
-        for window in &windows {
+        for (index, window) in windows.iter().enumerate() {
             let ids = Tensor::new(&window[..], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
@@ -580,13 +581,14 @@ fn fisher_scores_equal_whole_model_gradients_and_rank_as_the_kl() {
             let logits = m
                 .forward(&ids)
                 .unwrap()
-                .narrow(1, half, len - half - 1)
+                .narrow(1, half, len - half)
                 .unwrap();
-            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-            let targets = Tensor::new(&window[half + 1..], &Device::Cpu).unwrap();
-            let nll = lp
-                .squeeze(0)
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)
                 .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let targets = crate::sensitivity::sampled_targets(&lp, index).unwrap();
+            let nll = lp
                 .gather(&targets.unsqueeze(1).unwrap(), 1)
                 .unwrap()
                 .sum_all()

@@ -1,15 +1,17 @@
 //! [`Measure::Fisher`](super::Measure::Fisher): each linear's sensitivity from gradients instead
 //! of KL passes. The model is read block by block, as the KL table reads it: one forward pass
 //! keeps every block's input (windows × tokens × hidden values per block), the head gives the
-//! gradient of each window's negative log-likelihood with respect to the last block's output, and
+//! gradient of each window's negative log-likelihood of tokens drawn from the model's own
+//! predictions (one per scored position: the Fisher information of the KL, not the empirical
+//! one of the text's tokens) with respect to the last block's output, and
 //! the backward pass goes from the last block to the first, one window at a time through one
 //! block, chaining the gradient with respect to the block's input to the block before. Only one
 //! block's weights and their squared gradients are held at a time; each rank makes variables of
 //! the weights it scores only (every rank runs the whole chain).
 
 use super::{
-    each_candidate, embed, item_of, linear_count, log_probs, owner, scored_targets, share_all,
-    Candidate, SensitivityConfig,
+    each_candidate, embed, item_of, linear_count, log_probs, owner, share_all, Candidate,
+    SensitivityConfig,
 };
 use crate::{Item, Result, SearchError};
 use candle_core::{DType, Tensor, Var};
@@ -48,16 +50,12 @@ pub(super) fn items<M: BlockModel>(
     }
     // The gradient of each window's negative log-likelihood with respect to the last output.
     let head = model.head()?;
-    let (first, scored) = scored_targets(len);
     let mut grads = Vec::with_capacity(windows);
     for w in 0..windows {
         let hidden = Var::from_tensor(&x.narrow(0, w, 1)?)?;
-        let lp = log_probs(&head, hidden.as_tensor())?.narrow(0, 0, scored)?;
-        let targets = ids.narrow(0, w, 1)?.narrow(1, first + 1, scored)?;
-        let nll = lp
-            .gather(&targets.reshape((scored, 1))?, 1)?
-            .sum_all()?
-            .neg()?;
+        let lp = log_probs(&head, hidden.as_tensor())?;
+        let targets = sampled_targets(&lp, w)?;
+        let nll = lp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()?;
         let g = nll.backward()?;
         grads.push(gradient(&g, &hidden, "the last block's output")?);
     }
@@ -67,7 +65,7 @@ pub(super) fn items<M: BlockModel>(
     let counts: Vec<usize> = (0..blocks)
         .map(|i| linear_count(model.config(), i))
         .collect();
-    let positions = (windows * scored) as f64;
+    let positions = (windows * (len - len / 2)) as f64;
     let mut per_block: Vec<Vec<Item>> = vec![Vec::new(); blocks];
     for i in (0..blocks).rev() {
         let x = inputs
@@ -87,6 +85,30 @@ pub(super) fn items<M: BlockModel>(
     }
     progress.finish();
     Ok((per_block.into_iter().flatten().collect(), reference))
+}
+
+/// One token per row of `log_probs` (a window's scored positions), drawn from that row's
+/// distribution by a generator seeded with the window's index: the targets whose log-likelihood
+/// gradients square to the Fisher information of the KL (their expectation over the draws).
+pub(crate) fn sampled_targets(log_probs: &Tensor, window: usize) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(window as u64);
+    let rows: Vec<Vec<f32>> = log_probs.detach().exp()?.to_vec2()?;
+    let targets: Vec<u32> = rows
+        .iter()
+        .map(|p| {
+            let u = rng.gen::<f64>() * p.iter().map(|&v| v as f64).sum::<f64>();
+            let mut acc = 0f64;
+            let last = p.len().saturating_sub(1);
+            p.iter()
+                .position(|&v| {
+                    acc += v as f64;
+                    acc > u
+                })
+                .unwrap_or(last) as u32
+        })
+        .collect();
+    Ok(Tensor::new(targets, log_probs.device())?)
 }
 
 /// A block's linears among the ranks: tensors `offset..offset + count` of the table.
