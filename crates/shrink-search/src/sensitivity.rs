@@ -39,9 +39,12 @@ pub enum Measure {
     /// predictions, one per scored position (seeded by the window's index). The draws are
     /// independent with zero-mean gradients, so the squares summed over the windows and divided
     /// by the scored positions estimate the diagonal `F` of the Fisher information per position
-    /// — the KL's own curvature at the input model — without bias (with the text's tokens, the
-    /// empirical Fisher, their shared drift inflated it about twelvefold on SmolLM2); a format's
-    /// predicted KL is `½ Σ F (W − Ŵ)²`, the second-order term of the KL. The embeddings' formats are still measured. f32 models only; the
+    /// (the KL's own curvature at the input model); a format's predicted KL is
+    /// `½ Σ F (W − Ŵ)²`, the second-order term of the KL. The diagonal leaves out the
+    /// correlations between a row's inputs, which GPTQ's codes exploit, so it overestimates the
+    /// KL of GPTQ codes (about sevenfold on SmolLM2; twelvefold with the text's own tokens, whose
+    /// gradients share a drift) while ranking the candidates nearly as the measured KL does. The
+    /// embeddings' formats are still measured. f32 models only; the
     /// products with a gradient are candle's, whose kernels are chosen by the CPU, so the table
     /// is reproducible on one machine, not bit for bit across CPUs.
     Fisher,
