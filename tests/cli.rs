@@ -158,7 +158,7 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
         ok(&args)
     };
     let mut kls = vec![];
-    for method in ["rtn", "gptq", "awq", "awq-gptq"] {
+    for method in ["rtn", "gptq", "awq", "awq-gptq", "signround"] {
         let out = dir.path().join(format!("{method}.gguf"));
         let summary: serde_json::Value =
             serde_json::from_str(&quantize(method, "gguf:q4_0", &out, &["--json"])).unwrap();
@@ -190,7 +190,7 @@ fn quantize_rtn_and_gptq_write_loadable_smaller_ggufs() {
     }
     // Every method stays close to the original; none is far worse than plain RTN (a GGUF whose
     // norms missed AWQ's folding would be).
-    eprintln!("KL vs original for rtn, gptq, awq, awq-gptq: {kls:?}");
+    eprintln!("KL vs original for rtn, gptq, awq, awq-gptq, signround: {kls:?}");
     assert!(
         kls.iter().all(|&kl| kl > 0.0 && kl < 1.5 * kls[0]),
         "{kls:?}"

@@ -290,9 +290,18 @@ pub fn sequential<M: BlockModel, E: From<CalibError>>(
         progress,
         None,
         Keep::default(),
-        compress,
+        &mut |block, stats, _| compress(block, stats),
         &mut |_, _| Ok(()),
     )
+}
+
+/// What a block being compressed reads besides its statistics: the hidden states entering it
+/// (this rank's batches, the outputs of the blocks already compressed), the attention context
+/// they run with, and the ranks sharing the work.
+pub struct BlockInputs<'a> {
+    pub xs: &'a Activations,
+    pub ctx: &'a AttentionContext,
+    pub world: &'a dyn Collective,
 }
 
 /// Where a [`sequential_from`] pass starts: at `block`, from the activations entering it (one
@@ -323,7 +332,7 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
     progress: &dyn Progress,
     start: Option<Resume>,
     keep: Keep,
-    compress: &mut dyn FnMut(&mut Block, &BlockStats) -> std::result::Result<(), E>,
+    compress: &mut dyn FnMut(&mut Block, &BlockStats, &BlockInputs) -> std::result::Result<(), E>,
     finished: &mut Finished<'_, E>,
 ) -> std::result::Result<(), E> {
     let batch = batch.max(1);
@@ -370,7 +379,12 @@ pub fn sequential_from<M: BlockModel, E: From<CalibError>>(
         model
             .with_block(index, |block| -> std::result::Result<(), E> {
                 let stats = block_stats_in(world, block, &xs, &ctx, hessian, batches)?;
-                compress(block, &stats)?;
+                let inputs = BlockInputs {
+                    xs: &xs,
+                    ctx: &ctx,
+                    world,
+                };
+                compress(block, &stats, &inputs)?;
                 drop(stats);
                 if ranks > 1 {
                     check_same_block(world, block)?;

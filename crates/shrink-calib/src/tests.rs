@@ -113,7 +113,7 @@ fn a_pass_resumed_from_recorded_activations_is_the_uninterrupted_pass() {
             &shrink_core::NoProgress,
             start,
             keep,
-            &mut |block, stats| {
+            &mut |block, stats, _| {
                 let q = format!("model.layers.{}.self_attn.q_proj", block.index);
                 hessians.push((block.index, stats.get(&q).unwrap().hessian.clone()));
                 let half = (block.down_proj.weight() * 0.5)?;
@@ -188,7 +188,7 @@ fn a_pass_resumed_from_recorded_activations_is_the_uninterrupted_pass() {
             activations: Activations::in_memory(vec![]),
         }),
         Keep::default(),
-        &mut |_, _| Ok(()),
+        &mut |_, _, _| Ok(()),
         &mut |_, _| Ok(()),
     )
     .unwrap_err();
@@ -219,7 +219,7 @@ fn ranks_that_split_the_batches_get_one_process_statistics_bit_for_bit() {
             &shrink_core::NoProgress,
             None,
             Keep::default(),
-            &mut |block, stats| {
+            &mut |block, stats, _| {
                 let up = stats
                     .get(&format!("model.layers.{}.mlp.up_proj", block.index))
                     .unwrap();
@@ -280,7 +280,7 @@ fn ranks_that_split_the_batches_get_one_process_statistics_bit_for_bit() {
                         &shrink_core::NoProgress,
                         None,
                         Keep::default(),
-                        &mut |_, _| Ok(()),
+                        &mut |_, _, _| Ok(()),
                         &mut |_, _| Ok(()),
                     )
                     .unwrap_err()

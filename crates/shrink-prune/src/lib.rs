@@ -495,7 +495,7 @@ fn run_blocks<M: BlockModel>(
                 progress,
                 start,
                 keep,
-                &mut |block, stats| prune_block(block, Some(stats)),
+                &mut |block, stats, _| prune_block(block, Some(stats)),
                 &mut |index, xs| finished(index, Some(xs), &out.borrow()),
             )?;
         }

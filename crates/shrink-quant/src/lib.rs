@@ -25,6 +25,7 @@ mod methods;
 pub mod pack;
 mod preset;
 pub mod qat;
+pub mod signround;
 pub mod smooth;
 mod tensor;
 mod write;
@@ -39,6 +40,7 @@ pub use kquant::{CodeBlocks, CodeGrid, GgmlTensor, KQuant};
 pub use methods::{gptq, gptq_blocks, rtn, rtn_blocks, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use shrink_core::iquant::IQuant;
+pub use signround::SignRoundConfig;
 pub use tensor::{Granularity, QuantScheme, QuantizedTensor};
 pub use write::{quantize_streamed, write_quantized, QuantizedGguf, QuantizedOutput, Written};
 pub use write_hf::QuantizedHf;
@@ -92,6 +94,8 @@ pub enum Method {
         alpha: f64,
         gptq: Option<GptqConfig>,
     },
+    /// Rounding learned per block by signed gradient descent ([`signround`]).
+    SignRound(SignRoundConfig),
 }
 
 /// The storage format of one quantized weight: a grid scheme (any bits and granularity; the
@@ -491,6 +495,11 @@ pub fn quantize_tensor(
                 "AWQ and SmoothQuant resolve to RTN or GPTQ per layer".into(),
             ))
         }
+        (Method::SignRound(_), _, _) => {
+            return Err(QuantError::Scheme(format!(
+                "SignRound learns a whole block's rounding at once, not '{name}' alone"
+            )))
+        }
         (Method::Rtn, st, format) => {
             let importance: Option<Vec<f32>> =
                 st.map(|s| (0..cols).map(|i| s.hessian[i * cols + i] as f32).collect());
@@ -574,7 +583,8 @@ pub fn quantize_blocks<M: BlockModel>(
     let n_layers = model.num_blocks();
     let keeps_blocks = model.keeps_blocks();
     let mut quantize_block = |block: &mut shrink_models::Block,
-                              stats: Option<&shrink_calib::BlockStats>|
+                              stats: Option<&shrink_calib::BlockStats>,
+                              inputs: Option<&shrink_calib::BlockInputs>|
      -> Result<()> {
         let names: Vec<String> = block.linears().iter().map(|(n, _)| n.to_string()).collect();
         // AWQ rescales the block first; its linears then see scaled inputs.
@@ -591,6 +601,25 @@ pub fn quantize_blocks<M: BlockModel>(
             (Method::SmoothQuant { .. }, None) => {
                 return Err(QuantError::Scheme(
                     "SmoothQuant needs calibration data".into(),
+                ))
+            }
+            _ => BTreeMap::new(),
+        };
+        // SignRound learns every linear's codes of the block together.
+        let mut learned = match (method, stats, inputs) {
+            (Method::SignRound(cfg), Some(stats), Some(inputs)) => {
+                let formats: Vec<(String, Format)> = names
+                    .iter()
+                    .map(|name| {
+                        let cols = block_linear(block, name)?.weight().dim(1)?;
+                        Ok((name.clone(), plan.format_for(name, cols, n_layers)))
+                    })
+                    .collect::<Result<_>>()?;
+                signround::learn(block, stats, inputs, &formats, &cfg)?
+            }
+            (Method::SignRound(_), _, _) => {
+                return Err(QuantError::Scheme(
+                    "SignRound needs calibration data".into(),
                 ))
             }
             _ => BTreeMap::new(),
@@ -618,16 +647,19 @@ pub fn quantize_blocks<M: BlockModel>(
                 .get(&name)
                 .or_else(|| stats.and_then(|s| s.get(&name)));
             let read_back = layer_stats.is_some() || keeps_blocks;
-            let q = quantize_tensor(
-                &w,
-                rows,
-                cols,
-                method,
-                layer_stats,
-                format,
-                &name,
-                ggml && !read_back,
-            )?;
+            let q = match learned.remove(&name) {
+                Some(q) => q,
+                None => quantize_tensor(
+                    &w,
+                    rows,
+                    cols,
+                    method,
+                    layer_stats,
+                    format,
+                    &name,
+                    ggml && !read_back,
+                )?,
+            };
             // The dequantized weight is measured (output error) and goes back into the block
             // when something reads it after: the next block's calibration, or a model kept whole
             // (evaluated afterwards). A streamed block without calibration is only written, then
@@ -670,7 +702,7 @@ pub fn quantize_blocks<M: BlockModel>(
                 progress,
                 start,
                 keep,
-                &mut |block, stats| quantize_block(block, Some(stats)),
+                &mut |block, stats, inputs| quantize_block(block, Some(stats), Some(inputs)),
                 &mut |index, xs| finished(index, Some(xs), &layers.borrow()),
             )?;
         }
@@ -679,7 +711,7 @@ pub fn quantize_blocks<M: BlockModel>(
             progress.start("quantizing blocks", n_layers as u64);
             progress.advance(first as u64, None);
             for index in first..n_layers {
-                model.with_block(index, |block| quantize_block(block, None))??;
+                model.with_block(index, |block| quantize_block(block, None, None))??;
                 finished(index, None, &layers.borrow())?;
                 progress.advance(1, None);
             }

@@ -49,7 +49,7 @@ impl Default for GptqConfig {
 
 /// Parameters of every group from the given values (and importance per column), and the codes
 /// of every weight on its group's grid, row-major.
-fn group_codes(
+pub(crate) fn group_codes(
     scheme: &QuantScheme,
     w: &[f32],
     rows: usize,
@@ -89,7 +89,13 @@ fn group_codes(
     (params, codes)
 }
 
-fn check(w: &[f32], rows: usize, cols: usize, scheme: &QuantScheme, name: &str) -> Result<()> {
+pub(crate) fn check(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: &QuantScheme,
+    name: &str,
+) -> Result<()> {
     shrink_core::check_matrix(w, rows, cols, name)?;
     scheme.validate(cols).map_err(|e| QuantError::Shape {
         tensor: name.to_string(),

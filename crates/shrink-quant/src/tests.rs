@@ -667,6 +667,10 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 },
                 Some(&windows[..]),
             ),
+            (
+                Method::SignRound(crate::SignRoundConfig { steps: 6, lr: None }),
+                Some(&windows[..]),
+            ),
         ] {
             let whole_path = dir.path().join("whole.gguf");
             let mut whole =
@@ -699,9 +703,12 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 }
                 Some(_) => checkpoint.streamed(DType::F32).unwrap(),
             };
-            // GPTQ and AWQ keep their activations in a scratch file: the same bytes.
-            let spill =
-                matches!(method, Method::Gptq(_) | Method::Awq { .. }).then_some(dir.path());
+            // GPTQ, AWQ and SignRound keep their activations in a scratch file: the same bytes.
+            let spill = matches!(
+                method,
+                Method::Gptq(_) | Method::Awq { .. } | Method::SignRound(_)
+            )
+            .then_some(dir.path());
             let keep = shrink_calib::Keep {
                 spill,
                 ..Default::default()

@@ -68,6 +68,12 @@ pub(crate) struct QuantizeArgs {
     /// GPTQ keeps weights that are exactly zero (a pruned model's mask) at zero.
     #[arg(long)]
     keep_sparsity: bool,
+    /// SignRound: signed-gradient steps per block, one calibration batch each.
+    #[arg(long, default_value_t = shrink_quant::SignRoundConfig::default().steps)]
+    steps: usize,
+    /// SignRound: the first step's size in grid steps, decaying linearly [default: 1 / steps].
+    #[arg(long)]
+    lr: Option<f64>,
     #[command(flatten)]
     common: Compression,
 }
@@ -105,6 +111,10 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         embeddings: args.embeddings.clone(),
         batch: args.common.batch,
         keep_zeros: args.keep_sparsity,
+        signround: shrink_quant::SignRoundConfig {
+            steps: args.steps,
+            lr: args.lr,
+        },
     };
     let resolved = request.resolve()?;
     let common = &args.common;

@@ -442,3 +442,43 @@ fn each_kind_reads_its_keys_with_every_error_at_its_value() {
         "{e}"
     );
 }
+
+#[test]
+fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
+    let text = GOOD.replace(
+        "kind = \"quantize.gptq\"\npreset = \"q4_k_m\"\ndamp = 0.01",
+        "kind = \"quantize.signround\"\npreset = \"q2_k\"\nsteps = 50\nlr = 0.01",
+    );
+    let p = parse(&text, "p.toml").unwrap();
+    let StageJob::Quantize(r) = &p.plan()[0].job else {
+        panic!("a quantization stage")
+    };
+    assert_eq!(r.method, Some(crate::QuantMethod::SignRound));
+    assert_eq!(
+        r.signround,
+        shrink_quant::SignRoundConfig {
+            steps: 50,
+            lr: Some(0.01)
+        }
+    );
+    assert!(matches!(
+        r.resolve().unwrap().method,
+        shrink_quant::Method::SignRound(c) if c.steps == 50
+    ));
+    let e = err(&text.replace("steps = 50", "steps = 0"));
+    assert!(
+        e.starts_with("p.toml:14:1: steps = 0: SignRound needs at least one"),
+        "{e}"
+    );
+    let e = err(&text.replace("lr = 0.01", "lr = 2.0"));
+    assert!(
+        e.starts_with("p.toml:15:1: lr = 2 is outside (0, 1]"),
+        "{e}"
+    );
+    // GPTQ's settings do not apply to it.
+    let e = err(&text.replace("lr = 0.01", "damp = 0.1"));
+    assert!(
+        e.contains("`damp` does not apply to a quantize.signround stage"),
+        "{e}"
+    );
+}

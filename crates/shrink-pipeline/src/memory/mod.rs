@@ -82,6 +82,9 @@ pub struct StreamedJob {
     /// Copies of the calibration windows' hidden states held at once: 2 (entering and leaving
     /// a block); `span + 1` for the angular criterion that ranks runs of `span` layers.
     pub activation_copies: u64,
+    /// Whether the unquantized block's outputs on every window are held in memory in f32 beside
+    /// the activations, spilled or not (SignRound's targets).
+    pub targets: bool,
     /// A search's sensitivity and scoring, beside the quantization it verifies.
     pub scoring: Option<Scoring>,
 }
@@ -201,7 +204,9 @@ pub fn streamed_peak(shape: &ModelShape, job: &StreamedJob) -> StreamedPeak {
             };
             (
                 // The windows' token ids are held whether or not the states are spilled.
-                m(m(held, h), job.activation_copies).saturating_add(m(tokens, 4)),
+                m(m(held, h), job.activation_copies)
+                    .saturating_add(m(tokens, 4))
+                    .saturating_add(if job.targets { m(m(tokens, h), 4) } else { 0 }),
                 stats,
                 m(forward, 4).saturating_add(product),
             )

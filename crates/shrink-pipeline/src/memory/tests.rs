@@ -13,6 +13,7 @@ fn gptq(calibration: Option<(u64, u64, u64)>) -> StreamedJob {
         embedding_written_bytes: 1,
         spilled: false,
         activation_value_bytes: 4,
+        targets: false,
         activation_copies: 2,
         scoring: None,
     }

@@ -56,6 +56,7 @@ macro_rules! stage_kinds {
 stage_kinds! {
     QuantizeRtn = "quantize.rtn" => quantize::QuantizeStage,
     QuantizeGptq = "quantize.gptq" => quantize::QuantizeStage,
+    QuantizeSignRound = "quantize.signround" => quantize::QuantizeStage,
     QuantizeAwq = "quantize.awq" => quantize::QuantizeStage,
     QuantizeSmoothQuant = "quantize.smoothquant" => quantize::QuantizeStage,
     PruneMagnitude = "prune.magnitude" => prune::PruneStage,

@@ -587,6 +587,7 @@ impl Compress for ResolvedPrune {
             embedding_written_bytes: float_storage(self.dtype).1 as u64 / 8,
             spilled: false,
             activation_value_bytes: 4,
+            targets: false,
             activation_copies: match structure {
                 Some(Structure::Layers {
                     count,

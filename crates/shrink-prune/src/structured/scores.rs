@@ -333,7 +333,7 @@ fn calibrate<M: BlockModel>(
         c.progress,
         start,
         c.keep,
-        each,
+        &mut |block, stats, _| each(block, stats),
         finished,
     )
 }
