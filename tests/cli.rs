@@ -1960,3 +1960,54 @@ target_bpw = 6.5
         || it["name"].as_str().unwrap().contains("c_attn.q+")));
     assert_eq!(rec["search"]["outcome"]["met"], true);
 }
+
+/// SignRound's settings go with SignRound only, and GPTQ's settings are refused with it rather
+/// than ignored; it does not run as the start of QAT.
+#[test]
+fn signround_settings_are_refused_where_they_would_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let g = gguf.to_str().unwrap();
+    let out = dir.path().join("x.gguf");
+    let o = out.to_str().unwrap();
+    let e = fails(&[
+        "quantize",
+        g,
+        "--format",
+        "gguf:q4_0",
+        "--steps",
+        "5",
+        "-o",
+        o,
+    ]);
+    assert!(
+        e.contains("--steps and --lr are SignRound's settings"),
+        "{e}"
+    );
+    for extra in [&["--blend", "0.5"][..], &["--no-act-order"], &["--imatrix"]] {
+        let mut args = vec![
+            "quantize",
+            g,
+            "--format",
+            "gguf:q4_0",
+            "--method",
+            "signround",
+        ];
+        args.extend_from_slice(extra);
+        args.extend(["-o", o]);
+        let e = fails(&args);
+        assert!(e.contains("SignRound fixes its grids"), "{extra:?}: {e}");
+    }
+    let e = fails(&[
+        "distill",
+        g,
+        "--qat",
+        "q4_0",
+        "--qat-init",
+        "signround",
+        "-o",
+        o,
+    ]);
+    assert!(e.contains("expected gptq or rtn"), "{e}");
+    assert!(!out.exists());
+}

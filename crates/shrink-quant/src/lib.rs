@@ -579,6 +579,11 @@ pub fn quantize_blocks<M: BlockModel>(
     finished: &mut BlockFinished<'_>,
 ) -> Result<QuantizedModel> {
     plan.check_model(model.config())?;
+    if matches!(method, Method::SignRound(_)) && world.size() > 1 {
+        return Err(QuantError::Scheme(
+            "SignRound runs on one process: its gradient steps are not split across ranks".into(),
+        ));
+    }
     let layers = std::cell::RefCell::new(Vec::new());
     let n_layers = model.num_blocks();
     let keeps_blocks = model.keeps_blocks();
@@ -605,7 +610,9 @@ pub fn quantize_blocks<M: BlockModel>(
             }
             _ => BTreeMap::new(),
         };
-        // SignRound learns every linear's codes of the block together.
+        // SignRound learns every linear's codes of the block together; each linear's report
+        // carries an equal share of that time.
+        let learning = Instant::now();
         let mut learned = match (method, stats, inputs) {
             (Method::SignRound(cfg), Some(stats), Some(inputs)) => {
                 let formats: Vec<(String, Format)> = names
@@ -624,6 +631,8 @@ pub fn quantize_blocks<M: BlockModel>(
             }
             _ => BTreeMap::new(),
         };
+        let learned_any = !learned.is_empty();
+        let learned_share = learning.elapsed().as_secs_f64() / names.len().max(1) as f64;
         let method = match method {
             Method::Awq {
                 gptq: Some(cfg), ..
@@ -685,7 +694,8 @@ pub fn quantize_blocks<M: BlockModel>(
                 bits_per_weight: q.bits_per_weight(),
                 relative_output_error: error,
                 zero_fraction: zeros,
-                wall_s: start.elapsed().as_secs_f64(),
+                wall_s: start.elapsed().as_secs_f64()
+                    + if learned_any { learned_share } else { 0.0 },
             });
             quantized.insert(format!("{name}.weight"), q);
         }

@@ -12,8 +12,8 @@
 //! of the blocks already quantized, as GPTQ sees them), and moves every offset by `lr` against
 //! the sign of its gradient (straight through the rounding), `lr` decaying linearly to zero. The
 //! codes written are the ones the offsets choose on the saved grids: what was trained is what is
-//! stored. The learned offsets are kept only if their output error over every calibration batch
-//! is below the round-to-nearest codes'.
+//! stored. The learned offsets are kept only if their output error, averaged over the
+//! calibration batches, is below the round-to-nearest codes'.
 //!
 //! Unlike AutoRound, the clipping range is not learned: the grids keep the importance-weighted
 //! scale search of the format's own quantizer.
@@ -39,6 +39,10 @@ pub struct SignRoundConfig {
     /// steps); `None` is AutoRound's `1 / steps`.
     #[serde(default)]
     pub lr: Option<f64>,
+    /// Weights that are exactly zero (a pruning mask) keep a zero offset, so they are stored as
+    /// the grid value nearest zero (zero itself on symmetric grids), as GPTQ's `keep_zeros`.
+    #[serde(default)]
+    pub keep_zeros: bool,
 }
 
 impl Default for SignRoundConfig {
@@ -46,6 +50,7 @@ impl Default for SignRoundConfig {
         Self {
             steps: 200,
             lr: None,
+            keep_zeros: false,
         }
     }
 }
@@ -305,6 +310,11 @@ pub fn learn(
         linears.push(Rounded::new(name, w, rows, cols, *format, importance)?);
     }
     // The unquantized block's outputs: what every step is measured against.
+    if inputs.xs.is_empty() {
+        return Err(QuantError::Scheme(
+            "SignRound needs calibration batches on this rank".into(),
+        ));
+    }
     let mut targets = Vec::with_capacity(inputs.xs.len());
     for k in 0..inputs.xs.len() {
         let x = inputs.xs.get(k)?.to_dtype(DType::F32)?;
@@ -354,16 +364,20 @@ pub fn learn(
         let grads = loss.backward()?;
         let rate = (lr * (1.0 - step as f64 / cfg.steps as f64)) as f32;
         for ((l, v), var) in linears.iter().zip(&mut offsets).zip(&vars) {
+            let frozen = |i: usize| cfg.keep_zeros && l.w[i] == 0.0;
             let g = grads
                 .get(var.as_tensor())
                 .ok_or_else(|| QuantError::Scheme(format!("no gradient reached '{}'", l.name)))?;
             let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            v.par_iter_mut().zip(g.par_iter()).for_each(|(v, &g)| {
-                // The step is positive: the offset's gradient has the weight's sign.
-                if g != 0.0 {
-                    *v = (*v - rate * g.signum()).clamp(-0.5, 0.5);
-                }
-            });
+            v.par_iter_mut()
+                .zip(g.par_iter())
+                .enumerate()
+                .for_each(|(i, (v, &g))| {
+                    // The step is positive: the offset's gradient has the weight's sign.
+                    if g != 0.0 && !frozen(i) {
+                        *v = (*v - rate * g.signum()).clamp(-0.5, 0.5);
+                    }
+                });
         }
         set(&linears, &offsets, &mut buffers, &vars)?;
     }

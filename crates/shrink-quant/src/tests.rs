@@ -668,7 +668,10 @@ fn streamed_quantization_writes_the_bytes_of_the_whole_model_path() {
                 Some(&windows[..]),
             ),
             (
-                Method::SignRound(crate::SignRoundConfig { steps: 6, lr: None }),
+                Method::SignRound(crate::SignRoundConfig {
+                    steps: 6,
+                    ..Default::default()
+                }),
                 Some(&windows[..]),
             ),
         ] {

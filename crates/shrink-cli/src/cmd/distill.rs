@@ -318,7 +318,10 @@ fn qat(args: &DistillArgs, target: &str, request: shrink_pipeline::DistillReques
     let quantize = shrink_pipeline::QuantizeRequest {
         format: preset.is_none().then(|| target.to_string()),
         preset,
-        method: Some(shrink_pipeline::QuantMethod::parse(&args.qat_init)?),
+        method: Some(match args.qat_init.as_str() {
+            "gptq" | "rtn" => shrink_pipeline::QuantMethod::parse(&args.qat_init)?,
+            other => anyhow::bail!("--qat-init {other}: expected gptq or rtn"),
+        }),
         activations: args.activations.clone(),
         ..Default::default()
     };

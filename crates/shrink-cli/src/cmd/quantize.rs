@@ -68,9 +68,9 @@ pub(crate) struct QuantizeArgs {
     /// GPTQ keeps weights that are exactly zero (a pruned model's mask) at zero.
     #[arg(long)]
     keep_sparsity: bool,
-    /// SignRound: signed-gradient steps per block, one calibration batch each.
-    #[arg(long, default_value_t = shrink_quant::SignRoundConfig::default().steps)]
-    steps: usize,
+    /// SignRound: signed-gradient steps per block, one calibration batch each [default: 200].
+    #[arg(long)]
+    steps: Option<usize>,
     /// SignRound: the first step's size in grid steps, decaying linearly [default: 1 / steps].
     #[arg(long)]
     lr: Option<f64>,
@@ -86,6 +86,9 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         }
     }
     let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
+    if (args.steps.is_some() || args.lr.is_some()) && args.method != Some(QuantMethod::SignRound) {
+        bail!("--steps and --lr are SignRound's settings: give them with --method signround");
+    }
     let request = QuantizeRequest {
         preset: args
             .preset
@@ -112,8 +115,11 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         batch: args.common.batch,
         keep_zeros: args.keep_sparsity,
         signround: shrink_quant::SignRoundConfig {
-            steps: args.steps,
+            steps: args
+                .steps
+                .unwrap_or(shrink_quant::SignRoundConfig::default().steps),
             lr: args.lr,
+            keep_zeros: false,
         },
     };
     let resolved = request.resolve()?;

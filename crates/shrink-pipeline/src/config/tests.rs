@@ -458,7 +458,8 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
         r.signround,
         shrink_quant::SignRoundConfig {
             steps: 50,
-            lr: Some(0.01)
+            lr: Some(0.01),
+            keep_zeros: false
         }
     );
     assert!(matches!(

@@ -127,7 +127,9 @@ pub struct QuantizeRequest {
     /// GPTQ keeps exactly-zero weights (a pruning mask) at the grid value nearest zero.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub keep_zeros: bool,
-    /// SignRound's steps and learning rate.
+    /// SignRound's steps and learning rate (left out of the stage's key when at their defaults,
+    /// so other methods' keys are unchanged).
+    #[serde(skip_serializing_if = "is_default_signround")]
     pub signround: SignRoundConfig,
 }
 
@@ -155,6 +157,10 @@ impl Default for QuantizeRequest {
             signround: SignRoundConfig::default(),
         }
     }
+}
+
+fn is_default_signround(c: &SignRoundConfig) -> bool {
+    *c == SignRoundConfig::default()
 }
 
 /// A request with every choice made.
@@ -323,7 +329,7 @@ impl QuantizeRequest {
             },
             (_, Some(_)) => {
                 return Err(invalid(
-                    "SmoothQuant combines with rtn or gptq weights, not AWQ".into(),
+                    "SmoothQuant combines with rtn or gptq weights, not AWQ or SignRound".into(),
                 ))
             }
             (QuantMethod::Rtn, None) => Method::Rtn,
@@ -337,14 +343,31 @@ impl QuantizeRequest {
                 gptq: Some(gptq),
             },
             (QuantMethod::SignRound, None) => {
-                let SignRoundConfig { steps, lr } = self.signround;
+                let SignRoundConfig { steps, lr, .. } = self.signround;
+                // GPTQ's settings would do nothing: refused rather than ignored.
+                let defaults = QuantizeRequest::default();
+                let unused = [
+                    (self.blend.is_some(), "blend"),
+                    (self.act_order != defaults.act_order, "act-order off"),
+                    (self.damp != defaults.damp, "damp"),
+                    (self.imatrix, "imatrix"),
+                ];
+                if let Some((_, what)) = unused.iter().find(|(set, _)| *set) {
+                    return Err(invalid(format!(
+                        "{what} is a setting of GPTQ or RTN; SignRound fixes its grids by the \
+                         format's importance-weighted quantizer and learns the rounding"
+                    )));
+                }
                 if steps == 0 {
                     return Err(invalid("SignRound needs at least one step".into()));
                 }
                 if let Some(lr) = lr.filter(|lr| !(*lr > 0.0 && *lr <= 1.0)) {
                     return Err(invalid(format!("SignRound's lr = {lr} is outside (0, 1]")));
                 }
-                Method::SignRound(self.signround)
+                Method::SignRound(SignRoundConfig {
+                    keep_zeros: self.keep_zeros,
+                    ..self.signround
+                })
             }
         };
         let embeddings_spec = match (&self.embeddings, &preset) {

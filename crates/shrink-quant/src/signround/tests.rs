@@ -74,6 +74,7 @@ fn no_steps_taken_is_importance_weighted_rtn() {
     let frozen = Method::SignRound(SignRoundConfig {
         steps: 2,
         lr: Some(0.0),
+        ..Default::default()
     });
     for format in formats() {
         let (_, a) = quantized(&model, &windows, frozen, format);
@@ -122,14 +123,14 @@ fn no_steps_taken_is_importance_weighted_rtn() {
 }
 
 /// Learned offsets lower the model's output error below importance-weighted RTN in every kind of
-/// block (a uniform grid, affine k-quant groups, the IQ4_NL codebook, IQ3_XXS grid points of
-/// four), keep each block's scales (the grids are fixed), and run to the same bytes twice.
+/// block (a uniform grid, affine k-quant groups, the IQ4_NL codebook, IQ3_XXS codes of eight
+/// weights: two grid points of four and the signs), keep each block's scales (the grids are fixed), and run to the same bytes twice.
 #[test]
 fn learned_rounding_beats_rtn_on_fixed_grids_in_every_block_type() {
     let (model, windows) = model_and_windows();
     let cfg = SignRoundConfig {
         steps: 40,
-        lr: None,
+        ..Default::default()
     };
     for format in formats() {
         let (q_rtn, rtn) = quantized(&model, &windows, Method::Rtn, format);
@@ -173,7 +174,10 @@ fn learned_rounding_beats_rtn_on_fixed_grids_in_every_block_type() {
 #[test]
 fn signround_without_steps_or_calibration_is_refused() {
     let (model, windows) = model_and_windows();
-    let none = Method::SignRound(SignRoundConfig { steps: 0, lr: None });
+    let none = Method::SignRound(SignRoundConfig {
+        steps: 0,
+        ..Default::default()
+    });
     let plan = QuantPlan::uniform(QuantScheme::Q4_0);
     for w in [Some(windows.as_slice()), None] {
         let e = quantize_model(
@@ -188,4 +192,51 @@ fn signround_without_steps_or_calibration_is_refused() {
         .to_string();
         assert!(e.contains("SignRound"), "{e}");
     }
+}
+
+/// With `keep_zeros`, a pruned model's zeros stay zero (Q4_0 holds zero exactly); without, large
+/// learned offsets move some of them.
+#[test]
+fn keep_zeros_keeps_a_pruning_mask() {
+    let (mut model, windows) = model_and_windows();
+    for block in &mut model.blocks {
+        for linear in block.linears_mut() {
+            let w = linear.weight();
+            let (rows, cols) = w.dims2().unwrap();
+            let mut v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            for (i, x) in v.iter_mut().enumerate() {
+                if (i * 7) % 3 == 0 {
+                    *x = 0.0;
+                }
+            }
+            linear
+                .set_weight(Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let zeros_kept = |keep_zeros: bool| -> bool {
+        // Steps of a tenth of a grid step: offsets reach ±½, where a zero rounds away.
+        let cfg = SignRoundConfig {
+            steps: 40,
+            lr: Some(0.1),
+            keep_zeros,
+        };
+        let (_, q) = quantized(
+            &model,
+            &windows,
+            Method::SignRound(cfg),
+            QuantScheme::Q4_0.into(),
+        );
+        q.tensors.iter().all(|(name, t)| {
+            let w: Vec<f32> = model.named_tensors()[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = t.dequantize().unwrap();
+            w.iter().zip(&d).all(|(a, b)| *a != 0.0 || *b == 0.0)
+        })
+    };
+    assert!(zeros_kept(true));
+    assert!(!zeros_kept(false));
 }

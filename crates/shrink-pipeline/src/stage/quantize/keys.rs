@@ -230,6 +230,7 @@ pub(crate) fn quantize_request(
         signround: SignRoundConfig {
             steps: m.steps.unwrap_or(defaults.signround.steps),
             lr: m.lr,
+            keep_zeros: false,
         },
     })
 }
