@@ -13,7 +13,12 @@
 //! the sign of its gradient (straight through the rounding), `lr` decaying linearly to zero. The
 //! codes written are the ones the offsets choose on the saved grids: what was trained is what is
 //! stored. The learned offsets are kept only if their output error, averaged over the
-//! calibration batches, is below the round-to-nearest codes'.
+//! calibration batches, is below the starting codes'.
+//!
+//! With [`SignRoundConfig::gptq`] the start is GPTQ's file instead: its grids, and offsets that
+//! move each weight from GPTQ's value (zero offsets are GPTQ's codes), so the learning refines
+//! GPTQ's error-feedback choices with the block's output error, which GPTQ's per-linear
+//! objective does not see.
 //!
 //! Unlike AutoRound, the clipping range is not learned: the grids keep the importance-weighted
 //! scale search of the format's own quantizer.
@@ -43,6 +48,11 @@ pub struct SignRoundConfig {
     /// the grid value nearest zero (zero itself on symmetric grids), as GPTQ's `keep_zeros`.
     #[serde(default)]
     pub keep_zeros: bool,
+    /// Start from GPTQ's codes (with these settings) instead of round-to-nearest's: the grids are
+    /// GPTQ's, and each offset moves its weight from GPTQ's value rather than from the weight, so
+    /// zero offsets are GPTQ's file and the learning refines it.
+    #[serde(default)]
+    pub gptq: Option<crate::GptqConfig>,
 }
 
 impl Default for SignRoundConfig {
@@ -51,6 +61,7 @@ impl Default for SignRoundConfig {
             steps: 200,
             lr: None,
             keep_zeros: false,
+            gptq: None,
         }
     }
 }
@@ -80,6 +91,8 @@ struct Rounded {
     step: Vec<f32>,
     /// The per-column importance the i-quants' grid points are chosen with.
     importance: Vec<f32>,
+    /// The values the offsets move from when not the weights (GPTQ's).
+    base: Option<Vec<f32>>,
 }
 
 /// The typical distance between neighbouring values of one group's grid.
@@ -108,12 +121,24 @@ impl Rounded {
         cols: usize,
         format: Format,
         importance: Vec<f32>,
+        start: Option<QuantizedWeight>,
     ) -> Result<Self> {
+        let base = start.as_ref().map(|q| q.dequantize()).transpose()?;
         let (grids, step) = match format {
             Format::Scheme(scheme) => {
                 crate::methods::check(&w, rows, cols, &scheme, name)?;
-                let (params, _) =
-                    crate::methods::group_codes(&scheme, &w, rows, cols, Some(&importance));
+                let params = match &start {
+                    Some(QuantizedWeight::Packed(q)) => q
+                        .scales
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &d)| {
+                            let min = q.mins.get(k).copied().unwrap_or(half::f16::ZERO);
+                            GroupParams::from_stored(d, min)
+                        })
+                        .collect(),
+                    _ => crate::methods::group_codes(&scheme, &w, rows, cols, Some(&importance)).0,
+                };
                 let per_row = |r: usize, c: usize| match scheme.granularity {
                     Granularity::Tensor => 0,
                     Granularity::Channel => r,
@@ -130,8 +155,12 @@ impl Rounded {
                     Format::I(q) => CodeBlocks::I(q),
                     Format::Scheme(_) => unreachable!(),
                 };
-                let blocks =
-                    GgmlTensor::quantize(&w, rows, cols, kind.ggml(), Some(&importance), name)?;
+                let blocks = match start {
+                    Some(QuantizedWeight::Blocks(b)) => b,
+                    _ => {
+                        GgmlTensor::quantize(&w, rows, cols, kind.ggml(), Some(&importance), name)?
+                    }
+                };
                 let grids: Vec<Vec<CodeGrid>> = blocks
                     .bytes
                     .chunks(kind.block_bytes())
@@ -163,13 +192,15 @@ impl Rounded {
             grids,
             step,
             importance,
+            base,
         })
     }
 
-    /// The values (and codes) of `w + v·step` on the fixed grids.
+    /// The values (and codes) of `base + v·step` on the fixed grids, the base being the weights
+    /// (or GPTQ's values).
     fn round(&self, v: &[f32], values: &mut [f32], codes: &mut [u32]) {
         let cols = self.cols;
-        let (w, step) = (&self.w, &self.step);
+        let (w, step) = (self.base.as_ref().unwrap_or(&self.w), &self.step);
         let target = |r: usize, c: usize| {
             let i = r * cols + c;
             w[i] + v[i] * step[i]
@@ -307,7 +338,28 @@ pub fn learn(
             ))
         })?;
         let importance: Vec<f32> = (0..cols).map(|i| st.hessian[i * cols + i] as f32).collect();
-        linears.push(Rounded::new(name, w, rows, cols, *format, importance)?);
+        let start = cfg
+            .gptq
+            .map(|g| {
+                let g = crate::GptqConfig {
+                    keep_zeros: cfg.keep_zeros,
+                    ..g
+                };
+                crate::quantize_tensor(
+                    &w,
+                    rows,
+                    cols,
+                    crate::Method::Gptq(g),
+                    Some(st),
+                    *format,
+                    name,
+                    false,
+                )
+            })
+            .transpose()?;
+        linears.push(Rounded::new(
+            name, w, rows, cols, *format, importance, start,
+        )?);
     }
     // The unquantized block's outputs: what every step is measured against.
     if inputs.xs.is_empty() {

@@ -86,7 +86,11 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
         }
     }
     let overrides = pattern_pairs(&args.overrides, "TYPE", "down_proj=q8_0")?;
-    if (args.steps.is_some() || args.lr.is_some()) && args.method != Some(QuantMethod::SignRound) {
+    let signround = matches!(
+        args.method,
+        Some(QuantMethod::SignRound | QuantMethod::GptqSignRound)
+    );
+    if (args.steps.is_some() || args.lr.is_some()) && !signround {
         bail!("--steps and --lr are SignRound's settings: give them with --method signround");
     }
     let request = QuantizeRequest {
@@ -120,6 +124,7 @@ pub(crate) fn run(args: QuantizeArgs, world: &dyn shrink_core::Collective) -> Re
                 .unwrap_or(shrink_quant::SignRoundConfig::default().steps),
             lr: args.lr,
             keep_zeros: false,
+            gptq: None,
         },
     };
     let resolved = request.resolve()?;

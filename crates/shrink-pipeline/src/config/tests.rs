@@ -459,7 +459,8 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
         shrink_quant::SignRoundConfig {
             steps: 50,
             lr: Some(0.01),
-            keep_zeros: false
+            keep_zeros: false,
+            gptq: None
         }
     );
     assert!(matches!(
@@ -476,10 +477,19 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
         e.starts_with("p.toml:15:1: lr = 2 is outside (0, 1]"),
         "{e}"
     );
-    // GPTQ's settings do not apply to it.
+    // GPTQ's settings apply only when it starts from GPTQ's codes.
     let e = err(&text.replace("lr = 0.01", "damp = 0.1"));
-    assert!(
-        e.contains("`damp` does not apply to a quantize.signround stage"),
-        "{e}"
-    );
+    assert!(e.contains("damp is a setting of GPTQ or RTN"), "{e}");
+    let p = parse(
+        &text.replace("lr = 0.01", "weights = \"gptq\"\ndamp = 0.1"),
+        "p.toml",
+    )
+    .unwrap();
+    let StageJob::Quantize(r) = &p.plan()[0].job else {
+        panic!("a quantization stage")
+    };
+    assert!(matches!(
+        r.resolve().unwrap().method,
+        shrink_quant::Method::SignRound(c) if c.gptq.is_some_and(|g| g.damp == 0.1)
+    ));
 }

@@ -32,12 +32,15 @@ pub enum QuantMethod {
     /// Rounding learned per block by signed gradient descent on the block's output error.
     #[serde(rename = "signround")]
     SignRound,
+    /// GPTQ's codes refined by SignRound.
+    #[serde(rename = "gptq-signround")]
+    GptqSignRound,
 }
 
 impl QuantMethod {
     /// Every method: its name, as configs and the command line write it, and what it does where
     /// the name does not say.
-    pub const CHOICES: [(&'static str, Option<&'static str>); 5] = [
+    pub const CHOICES: [(&'static str, Option<&'static str>); 6] = [
         ("rtn", None),
         ("gptq", None),
         ("awq", Some("AWQ scales folded into the norms, then RTN")),
@@ -46,6 +49,7 @@ impl QuantMethod {
             "signround",
             Some("rounding learned per block by signed gradient descent (AutoRound)"),
         ),
+        ("gptq-signround", Some("GPTQ's codes refined by SignRound")),
     ];
 
     pub fn parse(name: &str) -> Result<Self> {
@@ -55,8 +59,9 @@ impl QuantMethod {
             "awq" => Ok(Self::Awq),
             "awq-gptq" => Ok(Self::AwqGptq),
             "signround" => Ok(Self::SignRound),
+            "gptq-signround" => Ok(Self::GptqSignRound),
             other => Err(invalid(format!(
-                "method '{other}' (expected rtn, gptq, awq, awq-gptq or signround)"
+                "method '{other}' (expected rtn, gptq, awq, awq-gptq, signround or gptq-signround)"
             ))),
         }
     }
@@ -342,8 +347,16 @@ impl QuantizeRequest {
                 grid: self.awq_grid,
                 gptq: Some(gptq),
             },
-            (QuantMethod::SignRound, None) => {
+            (QuantMethod::SignRound | QuantMethod::GptqSignRound, None)
+                if self.signround.steps == 0
+                    || self.signround.lr.is_some_and(|lr| !(lr > 0.0 && lr <= 1.0)) =>
+            {
                 let SignRoundConfig { steps, lr, .. } = self.signround;
+                return Err(invalid(format!(
+                    "SignRound needs at least one step and an lr in (0, 1] (steps = {steps}, lr = {lr:?})"
+                )));
+            }
+            (QuantMethod::SignRound, None) => {
                 // GPTQ's settings would do nothing: refused rather than ignored.
                 let defaults = QuantizeRequest::default();
                 let unused = [
@@ -355,20 +368,20 @@ impl QuantizeRequest {
                 if let Some((_, what)) = unused.iter().find(|(set, _)| *set) {
                     return Err(invalid(format!(
                         "{what} is a setting of GPTQ or RTN; SignRound fixes its grids by the \
-                         format's importance-weighted quantizer and learns the rounding"
+                         format's importance-weighted quantizer and learns the rounding \
+                         (gptq-signround starts from GPTQ's codes and reads GPTQ's settings)"
                     )));
-                }
-                if steps == 0 {
-                    return Err(invalid("SignRound needs at least one step".into()));
-                }
-                if let Some(lr) = lr.filter(|lr| !(*lr > 0.0 && *lr <= 1.0)) {
-                    return Err(invalid(format!("SignRound's lr = {lr} is outside (0, 1]")));
                 }
                 Method::SignRound(SignRoundConfig {
                     keep_zeros: self.keep_zeros,
                     ..self.signround
                 })
             }
+            (QuantMethod::GptqSignRound, None) => Method::SignRound(SignRoundConfig {
+                keep_zeros: self.keep_zeros,
+                gptq: Some(gptq),
+                ..self.signround
+            }),
         };
         let embeddings_spec = match (&self.embeddings, &preset) {
             (Some(e), _) => e.clone(),
@@ -523,6 +536,7 @@ impl Compress for ResolvedQuantize {
                 Method::Gptq(_)
                     | Method::Awq { gptq: Some(_), .. }
                     | Method::SmoothQuant { gptq: Some(_), .. }
+                    | Method::SignRound(shrink_quant::SignRoundConfig { gptq: Some(_), .. })
             ),
             block_value_bytes: if calibration.is_some() {
                 match self.method {

@@ -62,7 +62,9 @@ impl StageType for QuantizeStage {
             StageKind::QuantizeRtn => &["imatrix"],
             StageKind::QuantizeGptq => &["damp", "act_order", "blend"],
             StageKind::QuantizeAwq => &["damp", "act_order", "blend", "awq_grid", "weights"],
-            StageKind::QuantizeSignRound => &["steps", "lr"],
+            StageKind::QuantizeSignRound => {
+                &["steps", "lr", "weights", "damp", "act_order", "blend"]
+            }
             _ => &["damp", "act_order", "blend", "alpha", "weights"],
         };
         [fields::<FormatKeys>(), own, &["keep_sparsity"]].concat()
@@ -183,7 +185,14 @@ pub(crate) fn quantize_request(
         // QAT starts from GPTQ's codes unless `weights = "rtn"`.
         StageKind::QuantizeQat => (Some(weights.unwrap_or(QuantMethod::Gptq)), None),
         StageKind::QuantizeGptq => (Some(QuantMethod::Gptq), None),
-        StageKind::QuantizeSignRound => (Some(QuantMethod::SignRound), None),
+        // Rounding learned from round-to-nearest's codes, or from GPTQ's (`weights = "gptq"`).
+        StageKind::QuantizeSignRound => (
+            Some(match weights {
+                Some(QuantMethod::Gptq) => QuantMethod::GptqSignRound,
+                _ => QuantMethod::SignRound,
+            }),
+            None,
+        ),
         StageKind::QuantizeAwq => (
             Some(match weights {
                 Some(QuantMethod::Gptq) => QuantMethod::AwqGptq,
@@ -231,6 +240,7 @@ pub(crate) fn quantize_request(
             steps: m.steps.unwrap_or(defaults.signround.steps),
             lr: m.lr,
             keep_zeros: false,
+            gptq: None,
         },
     })
 }
