@@ -95,6 +95,16 @@ struct Rounded {
     base: Option<Vec<f32>>,
 }
 
+/// The index of the group holding weight (`r`, `c`) of a `cols`-wide matrix in `scheme`, in the
+/// row-major order of its group parameters.
+fn group_of(scheme: &QuantScheme, cols: usize, r: usize, c: usize) -> usize {
+    match scheme.granularity {
+        Granularity::Tensor => 0,
+        Granularity::Channel => r,
+        Granularity::Group(g) => r * (cols / g) + c / g,
+    }
+}
+
 /// The typical distance between neighbouring values of one group's grid.
 fn grid_step(grid: &CodeGrid) -> f32 {
     match *grid {
@@ -139,13 +149,13 @@ impl Rounded {
                         .collect(),
                     _ => crate::methods::group_codes(&scheme, &w, rows, cols, Some(&importance)).0,
                 };
-                let per_row = |r: usize, c: usize| match scheme.granularity {
-                    Granularity::Tensor => 0,
-                    Granularity::Channel => r,
-                    Granularity::Group(g) => r * (cols / g) + c / g,
-                };
                 let step = (0..rows * cols)
-                    .map(|i| params[per_row(i / cols, i % cols)].scale.to_f32().abs())
+                    .map(|i| {
+                        params[group_of(&scheme, cols, i / cols, i % cols)]
+                            .scale
+                            .to_f32()
+                            .abs()
+                    })
                     .collect();
                 (Grids::Scheme { scheme, params }, step)
             }
@@ -214,11 +224,7 @@ impl Rounded {
                     .enumerate()
                     .for_each(|(r, (values, codes))| {
                         for c in 0..cols {
-                            let p = &params[match scheme.granularity {
-                                Granularity::Tensor => 0,
-                                Granularity::Channel => r,
-                                Granularity::Group(g) => r * (cols / g) + c / g,
-                            }];
+                            let p = &params[group_of(scheme, cols, r, c)];
                             let q = grid.code(bits, p, target(r, c));
                             codes[c] = q as u32;
                             values[c] = grid.value(bits, p, q);
