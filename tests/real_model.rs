@@ -1273,8 +1273,9 @@ fn default_pipeline_runs_end_to_end() {
     );
 }
 
-/// A distilled student and a QAT Q4_0 model (packed through the quantization writer) are standard
-/// GGUFs: llama.cpp loads them and scores them as shrink does.
+/// A distilled student and QAT models in Q4_0 and at the Q2_K preset (packed through the
+/// quantization writer; Q3_K blocks trained on their saved grid) are standard GGUFs: llama.cpp
+/// loads them and scores them as shrink does.
 #[test]
 fn distilled_and_qat_smollm2_ggufs_score_the_same_in_llama_cpp() {
     let Some(model) = model_path() else { return };
@@ -1337,7 +1338,32 @@ fn distilled_and_qat_smollm2_ggufs_score_the_same_in_llama_cpp() {
         "{}",
         q["quantization"]["types"]
     );
-    for (path, tolerance) in [(&student, 0.005), (&qat, 0.01)] {
+    // At the Q2_K preset's size the 576-wide linears fall back to Q4_0 and ffn_down is Q3_K,
+    // trained on its saved grid (super-block and group scales learned).
+    let qat_k = dir.path().join("qat-q2_k.gguf");
+    let mut args = vec![
+        "distill",
+        model.to_str().unwrap(),
+        "--qat",
+        "q2_k",
+        "--qat-init",
+        "rtn",
+        "--lr",
+        "5e-5",
+    ];
+    args.extend(common);
+    args.extend(["-o", qat_k.to_str().unwrap()]);
+    let q: serde_json::Value = serde_json::from_slice(&run_shrink(&args)).unwrap();
+    assert_eq!(
+        (
+            &q["quantization"]["types"]["q3_k"],
+            &q["quantization"]["types"]["q4_0"]
+        ),
+        (&serde_json::json!(30), &serde_json::json!(180)),
+        "{}",
+        q["quantization"]["types"]
+    );
+    for (path, tolerance) in [(&student, 0.005), (&qat, 0.01), (&qat_k, 0.01)] {
         let ours = shrink_eval(path, 8)["perplexity"]["ppl"].as_f64().unwrap();
         let theirs = llama_perplexity(&tool, path, 8);
         eprintln!(

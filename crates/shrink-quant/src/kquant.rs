@@ -53,8 +53,16 @@ impl Affine {
     }
 }
 
-fn h(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+/// One k-quant block's scales as stored: `value = d·sc·(q − offset) − dmin·mn` per group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KScales {
+    pub d: f16,
+    /// Zero for the types without minima (Q3_K, Q6_K).
+    pub dmin: f16,
+    /// Each group's integer scale.
+    pub sc: Vec<i32>,
+    /// Each group's integer minimum (zero for the types without minima).
+    pub mn: Vec<i32>,
 }
 
 impl KQuant {
@@ -113,32 +121,57 @@ impl KQuant {
         }
     }
 
-    /// The per-group grids of one block.
-    pub fn grids(self, b: &[u8]) -> Vec<Affine> {
+    /// The range of a group's integer scale: `value = d·scale·(q − offset) − dmin·min`.
+    pub fn scale_range(self) -> (i32, i32) {
+        match self {
+            KQuant::Q2K => (0, 15),
+            KQuant::Q3K => (-32, 31),
+            KQuant::Q4K | KQuant::Q5K => (0, 63),
+            KQuant::Q6K => (-128, 127),
+        }
+    }
+
+    /// The largest integer minimum, for the types that have one (Q2_K, Q4_K, Q5_K).
+    pub fn min_max(self) -> Option<i32> {
+        match self {
+            KQuant::Q2K => Some(15),
+            KQuant::Q4K | KQuant::Q5K => Some(63),
+            KQuant::Q3K | KQuant::Q6K => None,
+        }
+    }
+
+    /// The code that stands for zero (Q3_K's and Q6_K's codes are signed values plus it).
+    pub fn offset(self) -> f32 {
+        match self {
+            KQuant::Q3K => 4.0,
+            KQuant::Q6K => 32.0,
+            _ => 0.0,
+        }
+    }
+
+    /// Where a block stores its super-block scale and (for the types with minima) minimum.
+    fn super_at(self) -> (usize, Option<usize>) {
+        match self {
+            KQuant::Q2K => (80, Some(82)),
+            KQuant::Q3K => (108, None),
+            KQuant::Q4K | KQuant::Q5K => (0, Some(2)),
+            KQuant::Q6K => (208, None),
+        }
+    }
+
+    /// One block's scales as stored: the super-block's `d` and `dmin` and each group's integer
+    /// scale and minimum (zero for the types without minima).
+    pub fn scales(self, b: &[u8]) -> KScales {
         let n = QK_K / self.group();
-        let qmax = ((1u32 << self.bits()) - 1) as u8;
-        (0..n)
+        let (at_d, at_min) = self.super_at();
+        let (sc, mn) = (0..n)
             .map(|g| match self {
-                KQuant::Q2K => {
-                    let sc = b[g];
-                    Affine {
-                        a: h(b, 80) * (sc & 15) as f32,
-                        m: h(b, 82) * (sc >> 4) as f32,
-                        offset: 0.0,
-                        qmax,
-                    }
-                }
+                KQuant::Q2K => ((b[g] & 15) as i32, (b[g] >> 4) as i32),
                 KQuant::Q3K => {
                     let s = &b[96..108];
                     let low = if g < 8 { s[g] & 15 } else { s[g - 8] >> 4 };
                     let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
-                    let sc = (low | high << 4) as i32 - 32;
-                    Affine {
-                        a: h(b, 108) * sc as f32,
-                        m: 0.0,
-                        offset: 4.0,
-                        qmax,
-                    }
+                    ((low | high << 4) as i32 - 32, 0)
                 }
                 KQuant::Q4K | KQuant::Q5K => {
                     let s = &b[4..16];
@@ -150,19 +183,92 @@ impl KQuant {
                             (s[g + 4] >> 4) | (s[g] >> 6) << 4,
                         )
                     };
-                    Affine {
-                        a: h(b, 0) * sc as f32,
-                        m: h(b, 2) * mn as f32,
-                        offset: 0.0,
-                        qmax,
+                    (sc as i32, mn as i32)
+                }
+                KQuant::Q6K => (b[192 + g] as i8 as i32, 0),
+            })
+            .unzip();
+        KScales {
+            d: f16::from_le_bytes([b[at_d], b[at_d + 1]]),
+            dmin: at_min.map_or(f16::ZERO, |at| f16::from_le_bytes([b[at], b[at + 1]])),
+            sc,
+            mn,
+        }
+    }
+
+    /// Writes one block's scales (the inverse of [`scales`](Self::scales)), keeping its codes.
+    /// Integer scales and minima must lie in [`scale_range`](Self::scale_range) and
+    /// `0..=`[`min_max`](Self::min_max).
+    pub fn write_scales(self, b: &mut [u8], s: &KScales) {
+        let n = QK_K / self.group();
+        let (lo, hi) = self.scale_range();
+        debug_assert!(s.sc.len() == n && s.mn.len() == n, "{self:?}: {n} groups");
+        debug_assert!(
+            s.sc.iter().all(|x| (lo..=hi).contains(x)),
+            "{self:?} {:?}",
+            s.sc
+        );
+        debug_assert!(
+            s.mn.iter()
+                .all(|&x| (0..=self.min_max().unwrap_or(0)).contains(&x)),
+            "{self:?} {:?}",
+            s.mn
+        );
+        let (at_d, at_min) = self.super_at();
+        b[at_d..at_d + 2].copy_from_slice(&s.d.to_le_bytes());
+        if let Some(at) = at_min {
+            b[at..at + 2].copy_from_slice(&s.dmin.to_le_bytes());
+        }
+        match self {
+            KQuant::Q2K => {
+                for ((b, &sc), &mn) in b[..16].iter_mut().zip(&s.sc).zip(&s.mn) {
+                    *b = (sc as u8 & 15) | (mn as u8 & 15) << 4;
+                }
+            }
+            KQuant::Q3K => {
+                let t = &mut b[96..108];
+                t.fill(0);
+                for g in 0..16 {
+                    let v = (s.sc[g] + 32) as u8;
+                    t[g % 8] |= (v & 15) << (4 * (g / 8));
+                    t[8 + g % 4] |= (v >> 4 & 3) << (2 * (g / 4));
+                }
+            }
+            KQuant::Q4K | KQuant::Q5K => {
+                let t = &mut b[4..16];
+                t.fill(0);
+                for g in 0..8 {
+                    let (sc, mn) = (s.sc[g] as u8 & 63, s.mn[g] as u8 & 63);
+                    if g < 4 {
+                        t[g] |= sc;
+                        t[g + 4] |= mn;
+                    } else {
+                        t[g + 4] = (sc & 15) | (mn & 15) << 4;
+                        t[g - 4] |= (sc >> 4) << 6;
+                        t[g] |= (mn >> 4) << 6;
                     }
                 }
-                KQuant::Q6K => Affine {
-                    a: h(b, 208) * b[192 + g] as i8 as f32,
-                    m: 0.0,
-                    offset: 32.0,
-                    qmax,
-                },
+            }
+            KQuant::Q6K => {
+                for (b, &sc) in b[192..208].iter_mut().zip(&s.sc) {
+                    *b = sc as i8 as u8;
+                }
+            }
+        }
+    }
+
+    /// The per-group grids of one block.
+    pub fn grids(self, b: &[u8]) -> Vec<Affine> {
+        let s = self.scales(b);
+        let qmax = ((1u32 << self.bits()) - 1) as u8;
+        let (d, dmin) = (s.d.to_f32(), s.dmin.to_f32());
+        s.sc.iter()
+            .zip(&s.mn)
+            .map(|(&sc, &mn)| Affine {
+                a: d * sc as f32,
+                m: dmin * mn as f32,
+                offset: self.offset(),
+                qmax,
             })
             .collect()
     }

@@ -36,7 +36,7 @@ pub use export::{
     HfExport,
 };
 pub use grid::{Grid, GroupParams};
-pub use kquant::{CodeBlocks, CodeGrid, GgmlTensor, KQuant};
+pub use kquant::{CodeBlocks, CodeGrid, GgmlTensor, KQuant, KScales};
 pub use methods::{gptq, gptq_blocks, rtn, rtn_blocks, GptqConfig};
 pub use preset::{FormatSpec, Preset, BUILTIN as BUILTIN_PRESETS};
 pub use shrink_core::iquant::IQuant;

@@ -7,14 +7,20 @@
 //!   asymmetric grid, the minimum) is a trained parameter. Scales are rounded to fp16 in the
 //!   forward pass, as they are stored, so the exported codes and scales reproduce the trained
 //!   model exactly.
-//! - K-quants: the weight is quantized and dequantized by the k-quant quantizer at every step
-//!   (its scales are fitted, not learned) with a straight-through gradient.
+//! - K-quants (Q2_K … Q6_K) train on the saved grid: each weight's value is `d·sc·(q − offset) −
+//!   dmin·mn` exactly as llama.cpp decodes the block, with the super-block's `d` and `dmin`
+//!   (rounded to fp16 as stored) and each group's integer scale `sc` and minimum `mn` (rounded,
+//!   clipped to their bit widths) all learned: LSQ twice over, the group scales quantized by the
+//!   super-block scale as the weights are by the group scales, each rounding straight-through.
+//!   What is trained is the block that is written, bit for bit.
+//! - I-quants: the weight is quantized and dequantized by the i-quant quantizer at every step
+//!   (its scales are refitted, not learned) with a straight-through gradient.
 //!
 //! The result is a [`QuantizedModel`], written through the same GGUF / compressed-tensors path
 //! as post-training quantization.
 
 use crate::grid::{Grid, GroupParams};
-use crate::kquant::GgmlTensor;
+use crate::kquant::{GgmlTensor, KQuant, KScales, QK_K};
 use crate::tensor::{Granularity, QuantScheme, QuantizedTensor};
 use crate::{LayerReport, QuantError, QuantizedModel, QuantizedWeight, Result};
 use candle_core::{DType, Tensor, Var};
@@ -34,7 +40,9 @@ pub struct QatJob {
     pub frozen: Vec<String>,
     /// Fake-quantize the linears' input activations too (W8A8), as this says for each linear.
     pub activations: Option<crate::Activations>,
-    /// Learn the grid schemes' scales (LSQ); off keeps the initial scales fixed.
+    /// Learn the scales (LSQ): the grid schemes' group scales and minima, the k-quants'
+    /// super-block and group scales and minima; off keeps the initial scales fixed (the weights
+    /// still train on the saved grid). The i-quants' scales are refitted either way.
     pub learn_scales: bool,
 }
 
@@ -63,7 +71,24 @@ enum Quantizer {
         /// The asymmetric grid's minimums, `(groups, 1)`.
         min: Option<Var>,
     },
-    K(shrink_io::ggml::GgmlType),
+    /// A k-quant on its saved grid (see [`KGrid`]).
+    K(KGrid),
+    /// An i-quant, quantized and dequantized at every step.
+    Refit(shrink_io::ggml::GgmlType),
+}
+
+/// A k-quant linear's learned block scales. The super-block variables hold `d / unit` (`unit`
+/// a power of two near the largest integer scale), so they are of the size of a group scale and
+/// the optimizer's steps move them by as much, relatively, as the group scales.
+#[derive(Debug, Clone)]
+struct KGrid {
+    kind: KQuant,
+    /// `(blocks, 1)`: `d / unit`.
+    sup: Var,
+    /// `(blocks, groups per block)`: each group's scale `d·sc` before its rounding.
+    scale: Var,
+    /// The minima's `dmin / unit` and `dmin·mn`, for Q2_K, Q4_K and Q5_K.
+    min: Option<(Var, Var)>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,13 +132,60 @@ struct FakeQuantOp {
     hi: f32,
     group: usize,
     asymmetric: bool,
+    params: Params,
+}
+
+/// How [`FakeQuantOp`] reads a group's scale and minimum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Params {
+    /// Rounded to fp16 as a grid scheme stores them, a zero scale (an all-zero group) read as 1.
+    Stored,
+    /// As given (a k-quant group's `d·sc` and `−dmin·mn`).
+    Exact,
+    /// A k-quant super-block scale held as `d / unit`: the scale is `fp16(s·unit)` (the
+    /// gradient passes straight through the fp16 rounding, times `unit`). Used without a
+    /// minimum (the group minima are rounded as scales of their own).
+    Super(f32),
 }
 
 impl FakeQuantOp {
-    /// The fp16 scale and minimum as stored, with a scale of 0 (an all-zero group) read as 1.
-    fn params(s: f32, m: f32) -> (f32, f32) {
-        let s = f16::from_f32(s).to_f32();
-        (if s == 0.0 { 1.0 } else { s }, f16::from_f32(m).to_f32())
+    /// The scale and minimum the group computes with, or `None` for a zero scale outside the
+    /// grid schemes (every value is then the minimum).
+    fn params(&self, s: f32, m: f32) -> Option<(f32, f32)> {
+        match self.params {
+            Params::Stored => {
+                let s = f16::from_f32(s).to_f32();
+                Some((if s == 0.0 { 1.0 } else { s }, f16::from_f32(m).to_f32()))
+            }
+            Params::Exact => (s != 0.0).then_some((s, m)),
+            Params::Super(unit) => {
+                let s = f16::from_f32(s * unit).to_f32();
+                (s != 0.0).then_some((s, f16::from_f32(m * unit).to_f32()))
+            }
+        }
+    }
+
+    /// The gradient of the variable holding a scale, per unit gradient of the scale.
+    fn scale_unit(&self) -> f32 {
+        match self.params {
+            Params::Super(unit) => unit,
+            _ => 1.0,
+        }
+    }
+
+    /// The code of `w` in a group of scale `s` and minimum `m` (signed, relative to the grid's
+    /// offset).
+    fn code(&self, w: f32, s: f32, m: f32) -> f32 {
+        self.position(w, s, m).clamp(self.lo, self.hi).round()
+    }
+
+    /// The value of `code`.
+    fn value(&self, code: f32, s: f32, m: f32) -> f32 {
+        if self.asymmetric {
+            code * s + m
+        } else {
+            code * s
+        }
     }
 
     /// The unclipped code position of `w`.
@@ -163,22 +235,23 @@ impl candle_core::CustomOp3 for FakeQuantOp {
         out.par_chunks_mut(self.group)
             .zip(w.par_chunks(self.group))
             .enumerate()
-            .for_each(|(g, (o, w))| {
-                let (s, m) = Self::params(scale[g], min[g]);
-                for (o, &w) in o.iter_mut().zip(w) {
-                    let code = self.position(w, s, m).clamp(self.lo, self.hi).round();
-                    *o = if self.asymmetric {
-                        code * s + m
-                    } else {
-                        code * s
-                    };
+            .for_each(|(g, (o, w))| match self.params(scale[g], min[g]) {
+                Some((s, m)) => {
+                    for (o, &w) in o.iter_mut().zip(w) {
+                        *o = self.value(self.code(w, s, m), s, m);
+                    }
                 }
+                None => o.fill(if self.asymmetric { min[g] } else { 0.0 }),
             });
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
     }
 
     /// Straight-through for the rounding, zero outside the clip range; LSQ for the scale
-    /// (`round(x) − x` inside, the bound outside) and the minimum (0 inside, 1 outside).
+    /// (`round(x) − x` inside, the bound outside) and the minimum (0 inside, 1 outside). A group
+    /// of zero scale outside the grid schemes is LSQ's limit as the scale goes to zero: every
+    /// value at the bound on its side of the minimum, so the scale can grow again. A group scale
+    /// rounded under a super-block scale ([`Params::Super`]) that has left its range still gets
+    /// the gradient that moves it back in (otherwise a scale below zero would be stuck there).
     fn bwd(
         &self,
         w: &Tensor,
@@ -196,19 +269,33 @@ impl candle_core::CustomOp3 for FakeQuantOp {
             .zip(wv.par_chunks(self.group).zip(gv.par_chunks(self.group)))
             .enumerate()
             .map(|(g, (gw, (w, grad)))| {
-                let (s, m) = Self::params(sv[g], mv[g]);
+                let Some((s, m)) = self.params(sv[g], mv[g]) else {
+                    let m = if self.asymmetric { mv[g] } else { 0.0 };
+                    let bound = |w: f32| match w.partial_cmp(&m) {
+                        Some(std::cmp::Ordering::Greater) => self.hi,
+                        Some(std::cmp::Ordering::Less) => self.lo,
+                        _ => 0.0,
+                    };
+                    let gs: f32 = w.iter().zip(grad).map(|(&w, &d)| d * bound(w)).sum();
+                    return (gs * self.scale_unit(), grad.iter().sum());
+                };
+                let back_in = matches!(self.params, Params::Super(_));
                 let (mut gs, mut gm) = (0f32, 0f32);
                 for ((gw, &w), &d) in gw.iter_mut().zip(w).zip(grad) {
                     let x = self.position(w, s, m);
                     if x < self.lo || x > self.hi {
                         gs += d * if x < self.lo { self.lo } else { self.hi };
                         gm += d;
+                        // A descent step moves w against d·s: back towards the range?
+                        if back_in && ((x < self.lo) == (d * s < 0.0)) {
+                            *gw = d;
+                        }
                     } else {
                         *gw = d;
                         gs += d * (x.round() - x);
                     }
                 }
-                (gs, gm)
+                (gs * self.scale_unit(), gm)
             })
             .collect();
         let device = w.device();
@@ -233,15 +320,26 @@ pub fn fake_quantize(
     scheme: &QuantScheme,
 ) -> candle_core::Result<Tensor> {
     let (rows, cols) = w.dims2()?;
-    let group = group_len(scheme, rows, cols);
-    let groups = rows * cols / group;
     let (lo, hi) = code_range(scheme);
     let op = FakeQuantOp {
         lo: lo as f32,
         hi: hi as f32,
-        group,
+        group: group_len(scheme, rows, cols),
         asymmetric: min.is_some(),
+        params: Params::Stored,
     };
+    apply(op, w, scale, min)
+}
+
+/// `op` on `w` (any shape, its groups consecutive in row-major order) with one scale (and
+/// minimum) per group.
+fn apply(
+    op: FakeQuantOp,
+    w: &Tensor,
+    scale: &Tensor,
+    min: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let groups = w.elem_count() / op.group;
     let scale = scale.reshape((groups, 1))?.contiguous()?;
     let min = match min {
         Some(m) => m.reshape((groups, 1))?.contiguous()?,
@@ -250,6 +348,180 @@ pub fn fake_quantize(
     w.to_dtype(DType::F32)?
         .contiguous()?
         .apply_op3(&scale, &min, op)
+}
+
+impl KGrid {
+    /// The variables, initialized to the blocks' stored scales.
+    fn new(kind: KQuant, bytes: &[u8], device: &candle_core::Device) -> Result<Self> {
+        let unit = Self::unit(kind);
+        let blocks: Vec<KScales> = bytes
+            .chunks(kind.block_bytes())
+            .map(|b| kind.scales(b))
+            .collect();
+        let n = blocks.len();
+        let var = |v: Vec<f32>, cols: usize| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::from_vec(v, (n, cols), device)?)?)
+        };
+        let per = QK_K / kind.group();
+        let sup = |d: fn(&KScales) -> f16| blocks.iter().map(|s| d(s).to_f32() / unit).collect();
+        let groups = |d: fn(&KScales) -> f16, v: fn(&KScales) -> &[i32]| {
+            blocks
+                .iter()
+                .flat_map(|s| v(s).iter().map(move |&x| d(s).to_f32() * x as f32))
+                .collect()
+        };
+        Ok(Self {
+            kind,
+            sup: var(sup(|s| s.d), 1)?,
+            scale: var(groups(|s| s.d, |s| &s.sc), per)?,
+            min: match kind.min_max() {
+                Some(_) => Some((
+                    var(sup(|s| s.dmin), 1)?,
+                    var(groups(|s| s.dmin, |s| &s.mn), per)?,
+                )),
+                None => None,
+            },
+        })
+    }
+
+    /// The power of two the super-block variables are held in units of (near the largest
+    /// integer scale).
+    fn unit(kind: KQuant) -> f32 {
+        match kind {
+            KQuant::Q2K => 1.0 / 16.0,
+            KQuant::Q3K => 1.0 / 32.0,
+            KQuant::Q4K | KQuant::Q5K => 1.0 / 64.0,
+            KQuant::Q6K => 1.0 / 128.0,
+        }
+    }
+
+    /// The op that rounds the group scales (to integers `lo..=hi`) under their super-block's
+    /// scale.
+    fn scale_op(&self, lo: i32, hi: i32) -> FakeQuantOp {
+        FakeQuantOp {
+            lo: lo as f32,
+            hi: hi as f32,
+            group: QK_K / self.kind.group(),
+            asymmetric: false,
+            params: Params::Super(Self::unit(self.kind)),
+        }
+    }
+
+    /// The op that rounds the weights under their groups' scales and minima.
+    fn weight_op(&self) -> FakeQuantOp {
+        let offset = self.kind.offset();
+        FakeQuantOp {
+            lo: -offset,
+            hi: ((1u32 << self.kind.bits()) - 1) as f32 - offset,
+            group: self.kind.group(),
+            asymmetric: self.min.is_some(),
+            params: Params::Exact,
+        }
+    }
+
+    /// Each group's scale `d·sc` and (negated) minimum `−dmin·mn`, `(groups, 1)`, as stored.
+    fn group_params(&self) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let (lo, hi) = self.kind.scale_range();
+        let scale = apply(
+            self.scale_op(lo, hi),
+            self.scale.as_tensor(),
+            self.sup.as_tensor(),
+            None,
+        )?;
+        let min = match &self.min {
+            Some((sup, min)) => {
+                let top = self.kind.min_max().unwrap_or(0);
+                Some(
+                    apply(
+                        self.scale_op(0, top),
+                        min.as_tensor(),
+                        sup.as_tensor(),
+                        None,
+                    )?
+                    .neg()?,
+                )
+            }
+            None => None,
+        };
+        Ok((scale, min))
+    }
+
+    /// The fake-quantized weight.
+    fn weight(&self, w: &Tensor) -> candle_core::Result<Tensor> {
+        let (scale, min) = self.group_params()?;
+        apply(self.weight_op(), w, &scale, min.as_ref())
+    }
+
+    /// The blocks of the current weight `w`: the scales and codes the forward pass used. A
+    /// weight or scale that is not finite (a diverged run) is an error naming the linear.
+    fn export(&self, name: &str, w: &[f32], rows: usize, cols: usize) -> Result<GgmlTensor> {
+        let kind = self.kind;
+        let vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1()?) };
+        let mut vars = vec![&self.sup, &self.scale];
+        if let Some((sup, min)) = &self.min {
+            vars.extend([sup, min]);
+        }
+        for v in vars {
+            shrink_core::check_matrix(&vec(v.as_tensor())?, 1, v.elem_count(), name)?;
+        }
+        shrink_core::check_matrix(w, rows, cols, name)?;
+        let (scale, min) = self.group_params()?;
+        let (a, m) = (vec(&scale)?, min.as_ref().map(vec).transpose()?);
+        let per = QK_K / kind.group();
+        let (lo, hi) = kind.scale_range();
+        // The integer scales and minima, by the rounding `group_params` did.
+        let ints = |op: FakeQuantOp, sup: &Var, v: &Var| -> Result<(Vec<f16>, Vec<i32>)> {
+            let (sup, v) = (vec(sup.as_tensor())?, vec(v.as_tensor())?);
+            let d: Vec<f16> = sup
+                .iter()
+                .map(|&s| op.params(s, 0.0).map_or(f16::ZERO, |p| f16::from_f32(p.0)))
+                .collect();
+            let codes = v
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| match op.params(sup[i / per], 0.0) {
+                    Some((s, _)) => op.code(x, s, 0.0) as i32,
+                    None => 0,
+                })
+                .collect();
+            Ok((d, codes))
+        };
+        let (d, sc) = ints(self.scale_op(lo, hi), &self.sup, &self.scale)?;
+        let (dmin, mn) = match &self.min {
+            Some((sup, min)) => ints(self.scale_op(0, kind.min_max().unwrap_or(0)), sup, min)?,
+            None => (vec![f16::ZERO; d.len()], vec![0; sc.len()]),
+        };
+        let op = self.weight_op();
+        let (g, offset) = (kind.group(), kind.offset());
+        let mut bytes = vec![0u8; rows * cols / QK_K * kind.block_bytes()];
+        for (b, out) in bytes.chunks_mut(kind.block_bytes()).enumerate() {
+            let codes: Vec<u8> = (b * QK_K..(b + 1) * QK_K)
+                .map(|i| {
+                    let mi = m.as_ref().map_or(0.0, |m| m[i / g]);
+                    match op.params(a[i / g], mi) {
+                        Some((s, mi)) => (op.code(w[i], s, mi) + offset) as u8,
+                        None => offset as u8,
+                    }
+                })
+                .collect();
+            kind.write_codes(out, &codes);
+            kind.write_scales(
+                out,
+                &KScales {
+                    d: d[b],
+                    dmin: dmin[b],
+                    sc: sc[b * per..(b + 1) * per].to_vec(),
+                    mn: mn[b * per..(b + 1) * per].to_vec(),
+                },
+            );
+        }
+        Ok(GgmlTensor {
+            dtype: kind.ggml(),
+            rows,
+            cols,
+            bytes,
+        })
+    }
 }
 
 impl QatLinear {
@@ -262,7 +534,8 @@ impl QatLinear {
                 min.as_ref().map(|m| m.as_tensor()),
                 scheme,
             )?,
-            Quantizer::K(dtype) => {
+            Quantizer::K(k) => k.weight(w)?,
+            Quantizer::Refit(dtype) => {
                 let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
                 let q =
                     GgmlTensor::quantize(&values, self.rows, self.cols, *dtype, None, &self.name)?
@@ -277,7 +550,10 @@ impl QatLinear {
     fn export(&self) -> Result<QuantizedWeight> {
         let values: Vec<f32> = self.latent.as_tensor().flatten_all()?.to_vec1()?;
         Ok(match &self.quantizer {
-            Quantizer::K(dtype) => QuantizedWeight::Blocks(GgmlTensor::quantize(
+            Quantizer::K(k) => {
+                QuantizedWeight::Blocks(k.export(&self.name, &values, self.rows, self.cols)?)
+            }
+            Quantizer::Refit(dtype) => QuantizedWeight::Blocks(GgmlTensor::quantize(
                 &values, self.rows, self.cols, *dtype, None, &self.name,
             )?),
             Quantizer::Grid { scheme, scale, min } => {
@@ -305,15 +581,17 @@ impl QatLinear {
                     hi: hi as f32,
                     group: g,
                     asymmetric: min.is_some(),
+                    params: Params::Stored,
                 };
                 // The forward pass's arithmetic, code by code.
                 let codes: Vec<u8> = values
                     .iter()
                     .enumerate()
                     .map(|(i, &w)| {
-                        let (s, m) =
-                            FakeQuantOp::params(scales[i / g].to_f32(), mins[i / g].to_f32());
-                        (op.position(w, s, m).clamp(op.lo, op.hi).round() + offset) as u8
+                        let (s, m) = op
+                            .params(scales[i / g].to_f32(), mins[i / g].to_f32())
+                            .unwrap_or((1.0, 0.0));
+                        (op.code(w, s, m) + offset) as u8
                     })
                     .collect();
                 let params: Vec<GroupParams> = scales
@@ -385,7 +663,21 @@ pub fn qat(
                     min,
                 }
             }
-            QuantizedWeight::Blocks(b) => Quantizer::K(b.dtype),
+            QuantizedWeight::Blocks(b) => match KQuant::from_ggml(b.dtype) {
+                Some(kind) => {
+                    let k = KGrid::new(kind, &b.bytes, &device)?;
+                    if job.learn_scales {
+                        params.push((format!("{name}.qat_super"), k.sup.clone()));
+                        params.push((format!("{name}.qat_scale"), k.scale.clone()));
+                        if let Some((sup, min)) = &k.min {
+                            params.push((format!("{name}.qat_super_min"), sup.clone()));
+                            params.push((format!("{name}.qat_min"), min.clone()));
+                        }
+                    }
+                    Quantizer::K(k)
+                }
+                None => Quantizer::Refit(b.dtype),
+            },
         };
         linears.push(QatLinear {
             name,
@@ -423,7 +715,11 @@ pub fn qat(
             name: l.name.clone(),
             format: match &l.quantizer {
                 Quantizer::Grid { scheme, .. } => crate::Format::Scheme(*scheme).label(),
-                Quantizer::K(d) => format!("{d:?}").to_lowercase(),
+                Quantizer::K(k) => k.kind.name().to_string(),
+                Quantizer::Refit(d) => match d.iquant() {
+                    Some(q) => crate::Format::I(q).label(),
+                    None => format!("{d:?}").to_lowercase(),
+                },
             },
             shape: [l.rows, l.cols],
             bits_per_weight: q.bits_per_weight(),

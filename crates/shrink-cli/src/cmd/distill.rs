@@ -57,7 +57,8 @@ pub(crate) struct DistillArgs {
     /// QAT: how the initial codes are chosen (gptq or rtn).
     #[arg(long, default_value = "gptq")]
     qat_init: String,
-    /// QAT: keep the initial scales instead of learning them (LSQ).
+    /// QAT: keep the initial scales instead of learning them (LSQ; in the k-quants the
+    /// super-block and group scales and minima).
     #[arg(long)]
     fixed_scales: bool,
     /// QAT: also fake-quantize the linears' input activations (int8-per-token).

@@ -27,7 +27,7 @@ pub struct QatRequest {
     pub alpha: f64,
     /// Frozen tensors [default: the token embedding].
     pub freeze: Option<Vec<String>>,
-    /// Learn the grid schemes' scales (LSQ).
+    /// Learn the scales (LSQ): grid schemes' and k-quants' (super-block and group).
     pub learn_scales: bool,
     pub train: TrainKeys,
 }

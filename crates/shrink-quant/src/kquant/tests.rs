@@ -92,3 +92,76 @@ fn bad_shapes_and_values_are_named() {
         .to_string();
     assert!(e.contains("index 9"), "{e}");
 }
+
+/// Writing a block's scales is the exact inverse of reading them, and scales written anywhere in
+/// their ranges are read back by candle's dequantizer (a port of ggml's) as the grids say: the
+/// scale layouts agree bit for bit with candle's.
+#[test]
+fn scale_layouts_round_trip_and_agree_with_candles_dequantizer() {
+    let (rows, cols) = (2, 512);
+    let w = sample(rows * cols, 3);
+    for k in KQuant::ALL {
+        let q = GgmlTensor::quantize(&w, rows, cols, k.ggml(), None, "t").unwrap();
+        let deq = q.dequantize().unwrap();
+        for (bi, block) in q.bytes.chunks(k.block_bytes()).enumerate() {
+            let s = k.scales(block);
+            let grids = k.grids(block);
+            let mut out = vec![0u8; k.block_bytes()];
+            let codes: Vec<u8> = (0..QK_K)
+                .map(|y| grids[y / k.group()].nearest(deq[bi * QK_K + y]).0)
+                .collect();
+            k.write_codes(&mut out, &codes);
+            k.write_scales(&mut out, &s);
+            assert_eq!(out, block, "{k:?} block {bi}: scales and codes round trip");
+            // Every scale and minimum of the ranges, spread over the groups.
+            let (lo, hi) = k.scale_range();
+            let n = s.sc.len();
+            let spread = KScales {
+                d: half::f16::from_f32(0.01),
+                dmin: if k.min_max().is_some() {
+                    half::f16::from_f32(0.003)
+                } else {
+                    half::f16::ZERO
+                },
+                sc: (0..n as i32)
+                    .map(|g| lo + (g * 7 + bi as i32 * 5) % (hi - lo + 1))
+                    .collect(),
+                mn: (0..n as i32)
+                    .map(|g| k.min_max().map_or(0, |m| (g * 5 + 3) % (m + 1)))
+                    .collect(),
+            };
+            k.write_scales(&mut out, &spread);
+            assert_eq!(k.scales(&out), spread, "{k:?}");
+            let grids = k.grids(&out);
+            let t = GgmlTensor {
+                dtype: k.ggml(),
+                rows: 1,
+                cols: QK_K,
+                bytes: out.clone(),
+            };
+            let back = t.dequantize().unwrap();
+            for y in 0..QK_K {
+                assert_eq!(back[y], grids[y / k.group()].value(codes[y]), "{k:?} {y}");
+            }
+        }
+    }
+    // The extremes are representable.
+    for k in KQuant::ALL {
+        let (lo, hi) = k.scale_range();
+        for v in [lo, hi] {
+            let s = KScales {
+                d: half::f16::ONE,
+                dmin: half::f16::ZERO,
+                sc: vec![v; QK_K / k.group()],
+                mn: vec![k.min_max().unwrap_or(0); QK_K / k.group()],
+            };
+            let mut out = vec![0u8; k.block_bytes()];
+            k.write_scales(&mut out, &s);
+            let mut expect = s.clone();
+            if k.min_max().is_none() {
+                expect.mn = vec![0; QK_K / k.group()];
+            }
+            assert_eq!(k.scales(&out), expect, "{k:?} {v}");
+        }
+    }
+}

@@ -148,37 +148,213 @@ fn qat_lowers_the_kl_of_a_quantized_start_and_exports_exactly_what_it_trained() 
     }
 }
 
-#[test]
-fn k_quant_weights_pass_a_straight_through_gradient() {
+fn k_linear(kind: KQuant, values: Vec<f32>, rows: usize, cols: usize) -> (QatLinear, GgmlTensor) {
     let dev = Device::Cpu;
-    let values: Vec<f32> = (0..256)
-        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
-        .collect();
-    let latent =
-        Var::from_tensor(&Tensor::from_vec(values.clone(), (1, 256), &dev).unwrap()).unwrap();
+    let blocks = GgmlTensor::quantize(&values, rows, cols, kind.ggml(), None, "x").unwrap();
+    let start = blocks.dequantize().unwrap();
+    let latent = Var::from_tensor(&Tensor::from_vec(start, (rows, cols), &dev).unwrap()).unwrap();
     let l = QatLinear {
         name: "x".into(),
-        latent: latent.clone(),
-        rows: 1,
-        cols: 256,
-        quantizer: Quantizer::K(shrink_io::ggml::GgmlType::Q4K),
+        latent,
+        rows,
+        cols,
+        quantizer: Quantizer::K(KGrid::new(kind, &blocks.bytes, &dev).unwrap()),
     };
-    let w = l.weight().unwrap();
-    let expected = GgmlTensor::quantize(&values, 1, 256, shrink_io::ggml::GgmlType::Q4K, None, "x")
-        .unwrap()
-        .dequantize()
-        .unwrap();
-    assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
-    let g = w.sum_all().unwrap().backward().unwrap();
-    let g = g
-        .get(latent.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    assert!(g.iter().all(|&x| x == 1.0));
-    assert_eq!(l.export().unwrap().dequantize().unwrap(), expected);
+    (l, blocks)
+}
+
+fn sample(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0 * if i % 53 == 0 { 3.0 } else { 1.0 })
+        .collect()
+}
+
+/// Started from a k-quant file, the fake-quantized weight is the file's dequantized weight and
+/// the export is the file, byte for byte, in every k-quant type.
+#[test]
+fn k_quant_qat_starts_on_the_saved_blocks_and_exports_them_bit_for_bit() {
+    for kind in KQuant::ALL {
+        let (l, blocks) = k_linear(kind, sample(3 * 512), 3, 512);
+        let w = l.weight().unwrap().flatten_all().unwrap();
+        assert_eq!(
+            w.to_vec1::<f32>().unwrap(),
+            blocks.dequantize().unwrap(),
+            "{kind:?}"
+        );
+        let QuantizedWeight::Blocks(out) = l.export().unwrap() else {
+            panic!("{kind:?}: not blocks")
+        };
+        assert_eq!(out, blocks, "{kind:?}");
+    }
+}
+
+/// The gradients of the blocks' learned scales, against a scalar implementation of the
+/// formulas: LSQ for each group scale (`round(x) − x` inside the code range, the bound outside,
+/// `x` clipped before it is rounded; a group of zero scale at the bound on each weight's side)
+/// and the group minimum (0 inside, −1 outside, as `−dmin·mn` is subtracted), straight through
+/// the integer scales' rounding to the super-block scales (LSQ again: `sc − a/d` times the group
+/// scale's gradient, times the variable's unit; a group scale out of its range passes the
+/// gradient that moves it back). Moved weights stay on the saved grid: the export decodes to
+/// exactly the forward pass's values.
+#[test]
+fn k_quant_block_scales_get_lsq_gradients_through_both_roundings() {
+    let (rows, cols) = (2, 512);
+    let n = rows * cols;
+    for kind in KQuant::ALL {
+        let (l, _) = k_linear(kind, sample(n), rows, cols);
+        let Quantizer::K(k) = &l.quantizer else {
+            unreachable!()
+        };
+        // Move the weights off the grid (some beyond its range) and the scales off their
+        // integers (some beyond their range, one to zero), then weight each value's gradient
+        // differently.
+        let moved: Vec<f32> = sample(n)
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| w * if i % 11 == 0 { 1.7 } else { 0.93 } + 1e-4)
+            .collect();
+        l.latent
+            .set(&Tensor::from_vec(moved.clone(), (rows, cols), &Device::Cpu).unwrap())
+            .unwrap();
+        let vals =
+            |v: &Var| -> Vec<f32> { v.as_tensor().flatten_all().unwrap().to_vec1().unwrap() };
+        let set = |v: &Var, x: Vec<f32>| {
+            v.set(&Tensor::from_vec(x, v.as_tensor().shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        };
+        let mut alpha = vals(&k.scale);
+        for (j, a) in alpha.iter_mut().enumerate() {
+            *a *= [1.09, 0.8, 1.3, -0.2][j % 4];
+        }
+        alpha[1] = 0.0;
+        set(&k.scale, alpha.clone());
+        if let Some((_, min)) = &k.min {
+            set(min, vals(min).iter().map(|m| m * 0.95).collect());
+        }
+        let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let out = l.weight().unwrap();
+        let loss = out
+            .flatten_all()
+            .unwrap()
+            .mul(&Tensor::new(weights.as_slice(), &Device::Cpu).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let get = |v: &Var| -> Vec<f32> {
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // The scalar reference.
+        let unit = KGrid::unit(kind);
+        let (lo, hi) = kind.scale_range();
+        let (lo, hi) = (lo as f32, hi as f32);
+        let per = QK_K / kind.group();
+        let stored = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| f16::from_f32(x * unit).to_f32())
+                .collect()
+        };
+        let d = stored(&vals(&k.sup));
+        let (dmin, mu) = match &k.min {
+            Some((s, m)) => (stored(&vals(s)), vals(m)),
+            None => (vec![0.0; d.len()], vec![0.0; alpha.len()]),
+        };
+        let top = kind.min_max().unwrap_or(0) as f32;
+        let int = |x: f32, d: f32, lo: f32, hi: f32| {
+            if d == 0.0 {
+                0.0
+            } else {
+                (x / d).clamp(lo, hi).round()
+            }
+        };
+        let sc: Vec<f32> = (0..alpha.len())
+            .map(|j| int(alpha[j], d[j / per], lo, hi))
+            .collect();
+        let mn: Vec<f32> = (0..mu.len())
+            .map(|j| int(mu[j], dmin[j / per], 0.0, top))
+            .collect();
+        assert!(sc.contains(&0.0), "{kind:?}: a zero group scale");
+        let offset = kind.offset();
+        let qmax = ((1u32 << kind.bits()) - 1) as f32;
+        let g = kind.group();
+        let (mut ga, mut gm) = (vec![0f32; alpha.len()], vec![0f32; alpha.len()]);
+        let mut values = vec![0f32; n];
+        for i in 0..n {
+            let j = i / g;
+            let (a, m) = (d[j / per] * sc[j], dmin[j / per] * mn[j]);
+            let x = (moved[i] + m) / a + offset;
+            let q = x.round().clamp(0.0, qmax);
+            values[i] = a * (q - offset) - m;
+            if !(0.0..=qmax).contains(&x) {
+                ga[j] += weights[i] * (q - offset);
+                gm[j] -= weights[i];
+            } else {
+                ga[j] += weights[i] * (x.round() - x);
+            }
+        }
+        let got = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..n {
+            assert!(
+                (got[i] - values[i]).abs() <= 1e-6 * values[i].abs().max(1e-3),
+                "{kind:?} {i}"
+            );
+        }
+        let close = |a: f32, b: f32, scale: f32| (a - b).abs() <= 1e-4 * scale;
+        // One group scale's gradient and its share of its super-block's.
+        let expect = |x: f32, d: f32, code: f32, g: f32, lo: f32, hi: f32| -> (f32, f32) {
+            let r = x / d;
+            if (lo..=hi).contains(&r) {
+                (g, g * (code - r))
+            } else {
+                let back = (r < lo) == (g * d < 0.0);
+                (if back { g } else { 0.0 }, g * code)
+            }
+        };
+        let check = |name: &str,
+                     sup: &Var,
+                     v: &Var,
+                     x: &[f32],
+                     d: &[f32],
+                     codes: &[f32],
+                     gx: &[f32],
+                     lo: f32,
+                     hi: f32| {
+            let (g_v, g_sup) = (get(v), get(sup));
+            let mut want_sup = vec![0f32; d.len()];
+            for j in 0..x.len() {
+                let (want, share) = expect(x[j], d[j / per], codes[j], gx[j], lo, hi);
+                let scale = gx.iter().map(|g| g.abs()).fold(1e-3, f32::max);
+                assert!(
+                    close(g_v[j], want, scale),
+                    "{kind:?} {name} {j}: {} vs {want}",
+                    g_v[j]
+                );
+                want_sup[j / per] += share;
+            }
+            for (b, want) in want_sup.iter().enumerate() {
+                let want = unit * want;
+                let scale = want.abs().max(1e-6);
+                assert!(
+                    close(g_sup[b], want, scale * 10.0),
+                    "{kind:?} {name} block {b}: {} vs {want}",
+                    g_sup[b]
+                );
+            }
+        };
+        check("scale", &k.sup, &k.scale, &alpha, &d, &sc, &ga, lo, hi);
+        if let Some((sup, min)) = &k.min {
+            // `gm` is the gradient of the subtracted minimum `dmin·mn`.
+            check("min", sup, min, &mu, &dmin, &mn, &gm, 0.0, top);
+        }
+        // The export decodes to the forward pass's values.
+        assert_eq!(l.export().unwrap().dequantize().unwrap(), got, "{kind:?}");
+    }
 }
 
 #[test]
@@ -194,4 +370,118 @@ fn activation_fake_quantization_passes_a_straight_through_gradient() {
     let g = q.sum_all().unwrap().backward().unwrap();
     let g = g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(g, [[1.0; 3], [1.0; 3]]);
+}
+
+/// QAT in Q2_K trains the blocks that are written: the KL falls, further than with the start's
+/// scales kept, the exported blocks score what training measured, and the super-block and group
+/// scales moved.
+#[test]
+fn q2_k_qat_learns_block_scales_and_exports_what_it_trained() {
+    use shrink_models::ModelConfig;
+    let dev = Device::Cpu;
+    let config = ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 1,
+        ..ModelConfig::tiny_for_tests()
+    };
+    let teacher = Transformer::random(&config, 1, &dev).unwrap();
+    let mut start = teacher.clone();
+    let plan = crate::QuantPlan::uniform(crate::Format::K(KQuant::Q2K));
+    let initial = crate::quantize_model(
+        &mut start,
+        crate::Method::Rtn,
+        &plan,
+        None,
+        1,
+        &shrink_core::NoProgress,
+    )
+    .unwrap();
+    let job = QatJob {
+        train: TrainConfig {
+            steps: 20,
+            batch: 4,
+            lr: 5e-4,
+            warmup: 2,
+            ..TrainConfig::default()
+        },
+        frozen: vec![],
+        ..QatJob::default()
+    };
+    let data = windows(12, 12, 3);
+    let held_out = data[..3].to_vec();
+    let (model, stored, out) = qat(
+        &teacher,
+        &start,
+        &initial,
+        &job,
+        &data,
+        &held_out,
+        None,
+        "t",
+        &shrink_core::NoProgress,
+    )
+    .unwrap();
+    let kl = |i: usize| out.log.eval[i].1[1].1;
+    assert!(kl(1) < 0.8 * kl(0), "{:?}", out.log.eval);
+    // Learning the block scales beats training the weights under the start's scales (observed
+    // 0.102 against 0.145 from 0.366).
+    let fixed = QatJob {
+        learn_scales: false,
+        ..job.clone()
+    };
+    let (_, kept_stored, kept) = qat(
+        &teacher,
+        &start,
+        &initial,
+        &fixed,
+        &data,
+        &held_out,
+        None,
+        "t",
+        &shrink_core::NoProgress,
+    )
+    .unwrap();
+    assert!(kl(1) < 0.9 * kept.log.eval[1].1[1].1, "{:?}", kept.log.eval);
+    // With fixed scales the weights train on the start's grids: every block's scales kept.
+    for (name, q) in &kept_stored.tensors {
+        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) = (q, &initial.tensors[name])
+        else {
+            panic!("{name}: not blocks")
+        };
+        for (x, y) in a.bytes.chunks(84).zip(b.bytes.chunks(84)) {
+            assert_eq!(KQuant::Q2K.scales(x), KQuant::Q2K.scales(y), "{name}");
+        }
+    }
+    let ids = Tensor::new(held_out.clone(), &dev).unwrap();
+    let t = teacher.forward(&ids).unwrap().flatten_to(1).unwrap();
+    let s = model.forward(&ids).unwrap().flatten_to(1).unwrap();
+    let again = shrink_train::loss::kl_divergence(
+        &s,
+        shrink_train::Target::Logits(&t),
+        1.0,
+        shrink_train::Divergence::Forward,
+    )
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap() as f64;
+    assert!(
+        (again - kl(1)).abs() < 1e-5 * kl(1).max(1.0),
+        "{again} vs {}",
+        kl(1)
+    );
+    let (mut supers, mut groups) = (0, 0);
+    for (name, q) in &stored.tensors {
+        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) = (q, &initial.tensors[name])
+        else {
+            panic!("{name}: not Q2_K blocks")
+        };
+        assert_eq!(a.dtype, shrink_io::ggml::GgmlType::Q2K);
+        for (x, y) in a.bytes.chunks(84).zip(b.bytes.chunks(84)) {
+            let (x, y) = (KQuant::Q2K.scales(x), KQuant::Q2K.scales(y));
+            supers += usize::from(x.d != y.d || x.dmin != y.dmin);
+            groups += usize::from(x.sc != y.sc || x.mn != y.mn);
+        }
+    }
+    assert!(supers > 0 && groups > 0, "{supers} {groups}");
 }
