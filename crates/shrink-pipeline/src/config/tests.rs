@@ -493,3 +493,31 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
         shrink_quant::Method::SignRound(c) if c.gptq.is_some_and(|g| g.damp == 0.1)
     ));
 }
+
+/// `search` reaches every grid format a plan can write: the default, the rules and a preset's
+/// fallbacks (q2_k's Q4_0 for rows that are not whole k-quant blocks).
+#[test]
+fn search_applies_to_a_presets_fallbacks() {
+    let request = crate::QuantizeRequest {
+        preset: Some(crate::PresetChoice::load("q2_k").unwrap()),
+        search: true,
+        ..Default::default()
+    };
+    let plan = request.resolve().unwrap().plan;
+    assert!(!plan.fallbacks.is_empty());
+    for (from, to) in &plan.fallbacks {
+        match to {
+            shrink_quant::Format::Scheme(s) => assert!(s.search, "{from:?} → {to:?}"),
+            other => panic!("{from:?} falls back to {other:?}"),
+        }
+    }
+    let plain = crate::QuantizeRequest {
+        search: false,
+        ..request
+    };
+    let plan = plain.resolve().unwrap().plan;
+    assert!(plan
+        .fallbacks
+        .iter()
+        .all(|(_, to)| matches!(to, shrink_quant::Format::Scheme(s) if !s.search)));
+}
