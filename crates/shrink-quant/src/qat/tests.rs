@@ -71,72 +71,101 @@ fn windows(count: u32, len: u32, seed: u32) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A tiny QAT run's inputs: the teacher, its RTN quantization to one format and the windows.
+struct Run {
+    teacher: Transformer,
+    start: Transformer,
+    initial: QuantizedModel,
+    data: Vec<Vec<u32>>,
+}
+
+impl Run {
+    fn new(config: &shrink_models::ModelConfig, seed: u64, format: crate::Format) -> Self {
+        let teacher = Transformer::random(config, seed, &Device::Cpu).unwrap();
+        let mut start = teacher.clone();
+        let initial = crate::quantize_model(
+            &mut start,
+            crate::Method::Rtn,
+            &crate::QuantPlan::uniform(format),
+            None,
+            1,
+            &shrink_core::NoProgress,
+        )
+        .unwrap();
+        let data = windows(12, 12, seed as u32 * 3);
+        Self {
+            teacher,
+            start,
+            initial,
+            data,
+        }
+    }
+
+    /// `steps` updates, evaluated on the first three windows before and after.
+    fn train(&self, steps: u64, learn_scales: bool) -> (Transformer, QuantizedModel, TrainOutcome) {
+        let job = QatJob {
+            train: TrainConfig {
+                steps,
+                batch: 4,
+                lr: 5e-4,
+                warmup: 2,
+                ..TrainConfig::default()
+            },
+            frozen: vec![],
+            learn_scales,
+            ..QatJob::default()
+        };
+        qat(
+            &self.teacher,
+            &self.start,
+            &self.initial,
+            &job,
+            &self.data,
+            &self.data[..3],
+            None,
+            "t",
+            &shrink_core::NoProgress,
+        )
+        .unwrap()
+    }
+
+    /// The KL on the held-out windows training measured last, checked against the exported
+    /// model's (its codes and scales as stored).
+    fn final_kl(&self, model: &Transformer, out: &TrainOutcome) -> f64 {
+        let kl = out.log.eval.last().unwrap().1[1].1;
+        let ids = Tensor::new(self.data[..3].to_vec(), &Device::Cpu).unwrap();
+        let t = self.teacher.forward(&ids).unwrap().flatten_to(1).unwrap();
+        let s = model.forward(&ids).unwrap().flatten_to(1).unwrap();
+        let again = shrink_train::loss::kl_divergence(
+            &s,
+            shrink_train::Target::Logits(&t),
+            1.0,
+            shrink_train::Divergence::Forward,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+        assert!((again - kl).abs() < 1e-5 * kl.max(1.0), "{again} vs {kl}");
+        kl
+    }
+}
+
 #[test]
 fn qat_lowers_the_kl_of_a_quantized_start_and_exports_exactly_what_it_trained() {
-    use shrink_models::ModelConfig;
-    let dev = Device::Cpu;
-    let teacher = Transformer::random(&ModelConfig::tiny_for_tests(), 0, &dev).unwrap();
-    let mut start = teacher.clone();
-    let plan = crate::QuantPlan::uniform(scheme(2, Grid::SymmetricFull, 16));
-    let initial = crate::quantize_model(
-        &mut start,
-        crate::Method::Rtn,
-        &plan,
-        None,
-        1,
-        &shrink_core::NoProgress,
-    )
-    .unwrap();
-    let job = QatJob {
-        train: TrainConfig {
-            steps: 30,
-            batch: 4,
-            lr: 5e-4,
-            warmup: 2,
-            ..TrainConfig::default()
-        },
-        frozen: vec![],
-        ..QatJob::default()
-    };
-    let data = windows(12, 12, 0);
-    let held_out = data[..3].to_vec();
-    let (model, stored, out) = qat(
-        &teacher,
-        &start,
-        &initial,
-        &job,
-        &data,
-        &held_out,
-        None,
-        "t",
-        &shrink_core::NoProgress,
-    )
-    .unwrap();
-    let kl = |i: usize| out.log.eval[i].1[1].1;
-    assert!(kl(1) < 0.8 * kl(0), "{:?}", out.log.eval);
-    // The exported model (codes and fp16 scales as stored) scores what training measured.
-    let ids = Tensor::new(held_out.clone(), &dev).unwrap();
-    let t = teacher.forward(&ids).unwrap().flatten_to(1).unwrap();
-    let s = model.forward(&ids).unwrap().flatten_to(1).unwrap();
-    let again = shrink_train::loss::kl_divergence(
-        &s,
-        shrink_train::Target::Logits(&t),
-        1.0,
-        shrink_train::Divergence::Forward,
-    )
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap() as f64;
-    assert!(
-        (again - kl(1)).abs() < 1e-5 * kl(1).max(1.0),
-        "{again} vs {}",
-        kl(1)
+    let run = Run::new(
+        &shrink_models::ModelConfig::tiny_for_tests(),
+        0,
+        scheme(2, Grid::SymmetricFull, 16).into(),
     );
+    let (model, stored, out) = run.train(30, true);
+    // The exported model (codes and fp16 scales as stored) scores what training measured.
+    let kl = run.final_kl(&model, &out);
+    assert!(kl < 0.8 * out.log.eval[0].1[1].1, "{:?}", out.log.eval);
     // LSQ moved scales; codes stay in the 2-bit range.
     let moved = stored
         .tensors
         .iter()
-        .any(|(name, q)| match (q, &initial.tensors[name]) {
+        .any(|(name, q)| match (q, &run.initial.tensors[name]) {
             (QuantizedWeight::Packed(a), QuantizedWeight::Packed(b)) => a.scales != b.scales,
             _ => false,
         });
@@ -377,75 +406,28 @@ fn activation_fake_quantization_passes_a_straight_through_gradient() {
 /// scales moved.
 #[test]
 fn q2_k_qat_learns_block_scales_and_exports_what_it_trained() {
-    use shrink_models::ModelConfig;
-    let dev = Device::Cpu;
-    let config = ModelConfig {
+    let config = shrink_models::ModelConfig {
         hidden_size: 256,
         intermediate_size: 512,
         num_hidden_layers: 1,
-        ..ModelConfig::tiny_for_tests()
+        ..shrink_models::ModelConfig::tiny_for_tests()
     };
-    let teacher = Transformer::random(&config, 1, &dev).unwrap();
-    let mut start = teacher.clone();
-    let plan = crate::QuantPlan::uniform(crate::Format::K(KQuant::Q2K));
-    let initial = crate::quantize_model(
-        &mut start,
-        crate::Method::Rtn,
-        &plan,
-        None,
-        1,
-        &shrink_core::NoProgress,
-    )
-    .unwrap();
-    let job = QatJob {
-        train: TrainConfig {
-            steps: 20,
-            batch: 4,
-            lr: 5e-4,
-            warmup: 2,
-            ..TrainConfig::default()
-        },
-        frozen: vec![],
-        ..QatJob::default()
-    };
-    let data = windows(12, 12, 3);
-    let held_out = data[..3].to_vec();
-    let (model, stored, out) = qat(
-        &teacher,
-        &start,
-        &initial,
-        &job,
-        &data,
-        &held_out,
-        None,
-        "t",
-        &shrink_core::NoProgress,
-    )
-    .unwrap();
-    let kl = |i: usize| out.log.eval[i].1[1].1;
-    assert!(kl(1) < 0.8 * kl(0), "{:?}", out.log.eval);
+    let run = Run::new(&config, 1, crate::Format::K(KQuant::Q2K));
+    let (model, stored, out) = run.train(20, true);
+    let kl = run.final_kl(&model, &out);
+    assert!(kl < 0.8 * out.log.eval[0].1[1].1, "{:?}", out.log.eval);
     // Learning the block scales beats training the weights under the start's scales (observed
     // 0.102 against 0.145 from 0.366).
-    let fixed = QatJob {
-        learn_scales: false,
-        ..job.clone()
-    };
-    let (_, kept_stored, kept) = qat(
-        &teacher,
-        &start,
-        &initial,
-        &fixed,
-        &data,
-        &held_out,
-        None,
-        "t",
-        &shrink_core::NoProgress,
-    )
-    .unwrap();
-    assert!(kl(1) < 0.9 * kept.log.eval[1].1[1].1, "{:?}", kept.log.eval);
+    let (kept_model, kept_stored, kept) = run.train(20, false);
+    assert!(
+        kl < 0.9 * run.final_kl(&kept_model, &kept),
+        "{:?}",
+        kept.log.eval
+    );
     // With fixed scales the weights train on the start's grids: every block's scales kept.
     for (name, q) in &kept_stored.tensors {
-        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) = (q, &initial.tensors[name])
+        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) =
+            (q, &run.initial.tensors[name])
         else {
             panic!("{name}: not blocks")
         };
@@ -453,26 +435,10 @@ fn q2_k_qat_learns_block_scales_and_exports_what_it_trained() {
             assert_eq!(KQuant::Q2K.scales(x), KQuant::Q2K.scales(y), "{name}");
         }
     }
-    let ids = Tensor::new(held_out.clone(), &dev).unwrap();
-    let t = teacher.forward(&ids).unwrap().flatten_to(1).unwrap();
-    let s = model.forward(&ids).unwrap().flatten_to(1).unwrap();
-    let again = shrink_train::loss::kl_divergence(
-        &s,
-        shrink_train::Target::Logits(&t),
-        1.0,
-        shrink_train::Divergence::Forward,
-    )
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap() as f64;
-    assert!(
-        (again - kl(1)).abs() < 1e-5 * kl(1).max(1.0),
-        "{again} vs {}",
-        kl(1)
-    );
     let (mut supers, mut groups) = (0, 0);
     for (name, q) in &stored.tensors {
-        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) = (q, &initial.tensors[name])
+        let (QuantizedWeight::Blocks(a), QuantizedWeight::Blocks(b)) =
+            (q, &run.initial.tensors[name])
         else {
             panic!("{name}: not Q2_K blocks")
         };
