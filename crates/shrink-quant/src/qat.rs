@@ -384,27 +384,25 @@ impl KGrid {
         })
     }
 
-    /// The power of two the super-block variables are held in units of (near the largest
-    /// integer scale).
+    /// The power of two the super-block variables are held in units of: one over the number
+    /// of integer scales on the wider side of zero (16, 32, 64, 128).
     fn unit(kind: KQuant) -> f32 {
-        match kind {
-            KQuant::Q2K => 1.0 / 16.0,
-            KQuant::Q3K => 1.0 / 32.0,
-            KQuant::Q4K | KQuant::Q5K => 1.0 / 64.0,
-            KQuant::Q6K => 1.0 / 128.0,
-        }
+        let (lo, hi) = kind.scale_range();
+        1.0 / lo.unsigned_abs().max(hi as u32 + 1).next_power_of_two() as f32
     }
 
-    /// The op that rounds the group scales (to integers `lo..=hi`) under their super-block's
-    /// scale.
-    fn scale_op(&self, lo: i32, hi: i32) -> FakeQuantOp {
-        FakeQuantOp {
+    /// The ops that round the group scales and the group minima (to their integers) under
+    /// their super-block's scales.
+    fn scale_ops(&self) -> (FakeQuantOp, FakeQuantOp) {
+        let op = |lo: i32, hi: i32| FakeQuantOp {
             lo: lo as f32,
             hi: hi as f32,
             group: QK_K / self.kind.group(),
             asymmetric: false,
             params: Params::Super(Self::unit(self.kind)),
-        }
+        };
+        let (lo, hi) = self.kind.scale_range();
+        (op(lo, hi), op(0, self.kind.min_max().unwrap_or(0)))
     }
 
     /// The op that rounds the weights under their groups' scales and minima.
@@ -421,26 +419,10 @@ impl KGrid {
 
     /// Each group's scale `d·sc` and (negated) minimum `−dmin·mn`, `(groups, 1)`, as stored.
     fn group_params(&self) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let (lo, hi) = self.kind.scale_range();
-        let scale = apply(
-            self.scale_op(lo, hi),
-            self.scale.as_tensor(),
-            self.sup.as_tensor(),
-            None,
-        )?;
+        let (scale_op, min_op) = self.scale_ops();
+        let scale = apply(scale_op, self.scale.as_tensor(), self.sup.as_tensor(), None)?;
         let min = match &self.min {
-            Some((sup, min)) => {
-                let top = self.kind.min_max().unwrap_or(0);
-                Some(
-                    apply(
-                        self.scale_op(0, top),
-                        min.as_tensor(),
-                        sup.as_tensor(),
-                        None,
-                    )?
-                    .neg()?,
-                )
-            }
+            Some((sup, min)) => Some(apply(min_op, min.as_tensor(), sup.as_tensor(), None)?.neg()?),
             None => None,
         };
         Ok((scale, min))
@@ -468,7 +450,7 @@ impl KGrid {
         let (scale, min) = self.group_params()?;
         let (a, m) = (vec(&scale)?, min.as_ref().map(vec).transpose()?);
         let per = QK_K / kind.group();
-        let (lo, hi) = kind.scale_range();
+        let (scale_op, min_op) = self.scale_ops();
         // The integer scales and minima, by the rounding `group_params` did.
         let ints = |op: FakeQuantOp, sup: &Var, v: &Var| -> Result<(Vec<f16>, Vec<i32>)> {
             let (sup, v) = (vec(sup.as_tensor())?, vec(v.as_tensor())?);
@@ -486,9 +468,9 @@ impl KGrid {
                 .collect();
             Ok((d, codes))
         };
-        let (d, sc) = ints(self.scale_op(lo, hi), &self.sup, &self.scale)?;
+        let (d, sc) = ints(scale_op, &self.sup, &self.scale)?;
         let (dmin, mn) = match &self.min {
-            Some((sup, min)) => ints(self.scale_op(0, kind.min_max().unwrap_or(0)), sup, min)?,
+            Some((sup, min)) => ints(min_op, sup, min)?,
             None => (vec![f16::ZERO; d.len()], vec![0; sc.len()]),
         };
         let op = self.weight_op();
