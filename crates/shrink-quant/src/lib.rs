@@ -403,6 +403,19 @@ impl QuantPlan {
         Ok(())
     }
 
+    /// Every grid format of the plan (the default, the rules' and the fallbacks') with its
+    /// scale search switched on: `--search`, or a preset's `search = true`.
+    pub fn search_scales(&mut self) {
+        self.default = self.default.with_search(true);
+        for r in &mut self.rules {
+            r.format = r.format.with_search(true);
+        }
+        // The fallbacks too (q2_k's Q4_0 for rows that are not whole k-quant blocks).
+        for (_, to) in &mut self.fallbacks {
+            *to = to.with_search(true);
+        }
+    }
+
     /// `format`, or its fallback when its blocks do not divide rows of `cols` values.
     pub fn fit(&self, mut format: Format, cols: usize) -> Format {
         for _ in 0..self.fallbacks.len() {

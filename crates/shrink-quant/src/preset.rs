@@ -151,6 +151,10 @@ pub struct Preset {
     /// GPTQ's Hessian blended toward its diagonal ([`crate::GptqConfig::blend`]), 0..=1.
     #[serde(default)]
     pub blend: Option<f64>,
+    /// Every grid format's scale search on (the default's, the rules' and the fallbacks':
+    /// q2_k's Q4_0 for 576-wide rows), as `--search` does.
+    #[serde(default)]
+    pub search: bool,
     /// gguf or hf.
     pub export: String,
 }
@@ -269,7 +273,7 @@ impl Preset {
             .iter()
             .map(|(from, to)| Ok((Format::parse(from)?, Format::parse(to)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(QuantPlan {
+        let mut plan = QuantPlan {
             default: self.format.resolve()?,
             rules,
             fallbacks,
@@ -278,7 +282,11 @@ impl Preset {
                 quant: shrink_models::ActQuant::Int8PerToken,
                 except: self.activations_except.clone().unwrap_or_default(),
             }),
-        })
+        };
+        if self.search {
+            plan.search_scales();
+        }
+        Ok(plan)
     }
 
     /// The embedding format for rows of `cols` values, after fallbacks.

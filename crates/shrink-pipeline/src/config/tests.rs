@@ -495,29 +495,33 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
 }
 
 /// `search` reaches every grid format a plan can write: the default, the rules and a preset's
-/// fallbacks (q2_k's Q4_0 for rows that are not whole k-quant blocks).
+/// fallbacks (q4_k_m's Q5_0 and Q8_0 for rows that are not whole k-quant blocks); a preset's
+/// `search = true` (q2_k's) is the same plan as `--search`.
 #[test]
 fn search_applies_to_a_presets_fallbacks() {
-    let request = crate::QuantizeRequest {
-        preset: Some(crate::PresetChoice::load("q2_k").unwrap()),
-        search: true,
-        ..Default::default()
-    };
-    let plan = request.resolve().unwrap().plan;
-    assert!(!plan.fallbacks.is_empty());
-    for (from, to) in &plan.fallbacks {
-        match to {
-            shrink_quant::Format::Scheme(s) => assert!(s.search, "{from:?} → {to:?}"),
-            other => panic!("{from:?} falls back to {other:?}"),
+    let plan = |preset: &str, search: bool| {
+        crate::QuantizeRequest {
+            preset: Some(crate::PresetChoice::load(preset).unwrap()),
+            search,
+            ..Default::default()
         }
-    }
-    let plain = crate::QuantizeRequest {
-        search: false,
-        ..request
+        .resolve()
+        .unwrap()
+        .plan
     };
-    let plan = plain.resolve().unwrap().plan;
-    assert!(plan
-        .fallbacks
-        .iter()
-        .all(|(_, to)| matches!(to, shrink_quant::Format::Scheme(s) if !s.search)));
+    let searched = |plan: &shrink_quant::QuantPlan| -> Vec<bool> {
+        assert!(!plan.fallbacks.is_empty());
+        plan.fallbacks
+            .iter()
+            .map(|(from, to)| match to {
+                shrink_quant::Format::Scheme(s) => s.search,
+                other => panic!("{from:?} falls back to {other:?}"),
+            })
+            .collect()
+    };
+    assert!(searched(&plan("q4_k_m", true)).iter().all(|&s| s));
+    assert!(searched(&plan("q4_k_m", false)).iter().all(|&s| !s));
+    // q2_k's preset searches by itself: --search changes nothing.
+    assert!(searched(&plan("q2_k", false)).iter().all(|&s| s));
+    assert_eq!(plan("q2_k", false), plan("q2_k", true));
 }

@@ -300,14 +300,7 @@ impl QuantizeRequest {
             ));
         }
         if search {
-            plan.default = plan.default.with_search(true);
-            for r in &mut plan.rules {
-                r.format = r.format.with_search(true);
-            }
-            // A preset's fallbacks too (q2_k's Q4_0 for rows that are not whole k-quant blocks).
-            for (_, to) in &mut plan.fallbacks {
-                *to = to.with_search(true);
-            }
+            plan.search_scales();
         }
         for (pattern, f) in &self.overrides {
             plan.rules.push(Rule::new(
