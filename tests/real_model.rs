@@ -1319,9 +1319,10 @@ fn distilled_and_qat_smollm2_ggufs_score_the_same_in_llama_cpp() {
             .len(),
         2
     );
-    // QAT from RTN codes: Q4_0 everywhere, and at the Q2_K preset's size, where the 576-wide
+    // QAT from RTN codes: Q4_0 everywhere; at the Q2_K preset's size, where the 576-wide
     // linears fall back to Q4_0 and ffn_down is Q3_K, trained on its saved grid (super-block and
-    // group scales learned). Each file's linear types as the summary counts them.
+    // group scales learned); and at IQ4_XS's, ffn_down IQ4_XS and the rest IQ4_NL, both on their
+    // saved grids too. Each file's linear types as the summary counts them.
     let qat_file = |target: &str, types: serde_json::Value| {
         let path = dir.path().join(format!("qat-{target}.gguf"));
         let mut args = vec![
@@ -1345,14 +1346,21 @@ fn distilled_and_qat_smollm2_ggufs_score_the_same_in_llama_cpp() {
     };
     let qat = qat_file("q4_0", serde_json::json!({"q4_0": 210}));
     let qat_k = qat_file("q2_k", serde_json::json!({"q3_k": 30, "q4_0": 180}));
-    for (path, tolerance) in [(&student, 0.005), (&qat, 0.01), (&qat_k, 0.01)] {
+    let qat_i = qat_file("iq4_xs", serde_json::json!({"iq4_xs": 30, "iq4_nl": 180}));
+    for (path, tolerance) in [
+        (&student, 0.005),
+        (&qat, 0.01),
+        (&qat_k, 0.01),
+        (&qat_i, 0.01),
+    ] {
         let ours = shrink_eval(path, 8)["perplexity"]["ppl"].as_f64().unwrap();
         let theirs = llama_perplexity(&tool, path, 8);
         eprintln!(
             "{}: shrink {ours:.4} vs llama-perplexity {theirs:.4}",
             path.display()
         );
-        // Q4_0 in llama.cpp multiplies against 8-bit activations: a little more slack.
+        // Q4_0 and the IQ4 types in llama.cpp multiply against 8-bit activations: a little more
+        // slack.
         assert!(
             (ours / theirs - 1.0).abs() < tolerance,
             "{}: shrink {ours} vs llama.cpp {theirs}",

@@ -13,19 +13,27 @@
 //!   clipped to their bit widths) all learned: LSQ twice over, the group scales quantized by the
 //!   super-block scale as the weights are by the group scales, each rounding straight-through.
 //!   What is trained is the block that is written, bit for bit.
-//! - I-quants: the weight is quantized and dequantized by the i-quant quantizer at every step
-//!   (its scales are refitted, not learned) with a straight-through gradient.
+//! - IQ4_XS trains on its saved grid the same way: `d·ls·v` with `d` and each sub-block's signed
+//!   6-bit `ls` learned, each weight the nearest of IQ4_NL's 16 levels `v` (LSQ's gradient with
+//!   the nearest level in place of the rounded code); IQ4_NL likewise under its blocks' fp16 `d`.
+//! - The other i-quants (IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S): the weight is quantized and
+//!   dequantized by the i-quant quantizer at every step (their scales are refitted, not
+//!   learned) with a straight-through gradient.
 //!
 //! The result is a [`QuantizedModel`], written through the same GGUF / compressed-tensors path
 //! as post-training quantization.
 
 use crate::grid::{Grid, GroupParams};
-use crate::kquant::{GgmlTensor, KQuant, KScales, QK_K};
+use crate::kquant::{GgmlTensor, KScales, QK_K};
 use crate::tensor::{Granularity, QuantScheme, QuantizedTensor};
 use crate::{LayerReport, QuantError, QuantizedModel, QuantizedWeight, Result};
 use candle_core::{DType, Tensor, Var};
 use half::f16;
+use saved::Saved;
+use shrink_core::iquant::tables::KVALUES_IQ4NL;
+use shrink_core::iquant::IQuant;
 use shrink_core::Progress;
+use shrink_io::ggml::GgmlType;
 use shrink_models::Transformer;
 use shrink_train::{trainable, DistillConfig, Distiller, Teacher, TrainConfig, TrainOutcome};
 use std::path::Path;
@@ -40,9 +48,10 @@ pub struct QatJob {
     pub frozen: Vec<String>,
     /// Fake-quantize the linears' input activations too (W8A8), as this says for each linear.
     pub activations: Option<crate::Activations>,
-    /// Learn the scales (LSQ): the grid schemes' group scales and minima, the k-quants'
-    /// super-block and group scales and minima; off keeps the initial scales fixed (the weights
-    /// still train on the saved grid). The i-quants' scales are refitted either way.
+    /// Learn the scales (LSQ): the grid schemes' group scales and minima, the k-quants' and
+    /// IQ4_XS's super-block and group scales and minima, IQ4_NL's block scales; off keeps the
+    /// initial scales fixed (the weights still train on the saved grid). The other i-quants'
+    /// scales are refitted either way.
     pub learn_scales: bool,
 }
 
@@ -71,21 +80,25 @@ enum Quantizer {
         /// The asymmetric grid's minimums, `(groups, 1)`.
         min: Option<Var>,
     },
-    /// A k-quant on its saved grid (see [`KGrid`]).
+    /// A k-quant or IQ4_XS on its saved grid (see [`KGrid`]).
     K(KGrid),
+    /// IQ4_NL on its saved grid: `(blocks, 1)` scales `128·d` (`d` stored in fp16), each
+    /// weight the nearest of the 16 levels over 128 times it.
+    Levels(Var),
     /// An i-quant, quantized and dequantized at every step.
-    Refit(shrink_io::ggml::GgmlType),
+    Refit(GgmlType),
 }
 
-/// A k-quant linear's learned block scales. The super-block variables hold `d / unit` (`unit`
-/// a power of two near the largest integer scale), so they are of the size of a group scale and
-/// the optimizer's steps move them by as much, relatively, as the group scales.
+/// A k-quant (or IQ4_XS) linear's learned block scales. The super-block variables hold
+/// `held·d / unit` (`unit` a power of two near the largest integer scale; `held` 1, or 128 in
+/// IQ4_XS, whose codes are held as the levels over 128), so they are of the size of a group
+/// scale and the optimizer's steps move them by as much, relatively, as the group scales.
 #[derive(Debug, Clone)]
 struct KGrid {
-    kind: KQuant,
-    /// `(blocks, 1)`: `d / unit`.
+    kind: Saved,
+    /// `(blocks, 1)`: `held·d / unit`.
     sup: Var,
-    /// `(blocks, groups per block)`: each group's scale `d·sc` before its rounding.
+    /// `(blocks, groups per block)`: each group's scale `held·d·sc` before its rounding.
     scale: Var,
     /// The minima's `dmin / unit` and `dmin·mn`, for Q2_K, Q4_K and Q5_K.
     min: Option<(Var, Var)>,
@@ -99,6 +112,20 @@ struct QatLinear {
     cols: usize,
     quantizer: Quantizer,
 }
+
+/// IQ4_NL's level nearest `x` over 128 (ties to the upper one, as ggml): its index and its value.
+/// Held over 128, the levels span about ±1 as the k-quants' codes span a few units, so the
+/// scales QAT learns are of the weights' size and Adam's steps move them as much.
+fn nearest_level(x: f32) -> (u8, f32) {
+    let i = crate::iquant::best_index(&KVALUES_IQ4NL, x * 128.0);
+    (i, KVALUES_IQ4NL[i as usize] as f32 / 128.0)
+}
+
+/// The span of [`nearest_level`]'s levels.
+const LEVELS_SPAN: (f32, f32) = (
+    KVALUES_IQ4NL[0] as f32 / 128.0,
+    KVALUES_IQ4NL[15] as f32 / 128.0,
+);
 
 /// `round(x)` with an identity gradient.
 pub fn round_ste(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -133,6 +160,9 @@ struct FakeQuantOp {
     group: usize,
     asymmetric: bool,
     params: Params,
+    /// The codes are IQ4_NL's 16 levels over 128 ([`nearest_level`], spanning `lo..=hi`),
+    /// not the integers `lo..=hi`.
+    levels: bool,
 }
 
 /// How [`FakeQuantOp`] reads a group's scale and minimum.
@@ -142,10 +172,15 @@ enum Params {
     Stored,
     /// As given (a k-quant group's `d·sc` and `−dmin·mn`).
     Exact,
-    /// A k-quant super-block scale held as `d / unit`: the scale is `fp16(s·unit)` (the
-    /// gradient passes straight through the fp16 rounding, times `unit`). Used without a
-    /// minimum (the group minima are rounded as scales of their own).
-    Super(f32),
+    /// A scale held as `held·d`, `d` stored in fp16 (IQ4_NL's, `held` 128): the scale is
+    /// `held·fp16(s / held)`, what the stored `d` decodes to, subnormal or not; a zero scale
+    /// leaves zeros; no minimum.
+    Half { held: f32 },
+    /// A super-block scale `d` held as `held·d / unit` (k-quants: `held` 1; IQ4_XS: 128): the
+    /// scale is `held·fp16(s·unit / held)` (the gradient passes straight through the fp16
+    /// rounding, times `unit`). Used without a minimum (the group minima are rounded as scales
+    /// of their own).
+    Super { unit: f32, held: f32 },
 }
 
 impl FakeQuantOp {
@@ -158,17 +193,30 @@ impl FakeQuantOp {
                 Some((if s == 0.0 { 1.0 } else { s }, f16::from_f32(m).to_f32()))
             }
             Params::Exact => (s != 0.0).then_some((s, m)),
-            Params::Super(unit) => {
-                let s = f16::from_f32(s * unit).to_f32();
-                (s != 0.0).then_some((s, f16::from_f32(m * unit).to_f32()))
+            Params::Half { held } => {
+                let s = held * self.stored(s).to_f32();
+                (s != 0.0).then_some((s, 0.0))
             }
+            Params::Super { held, .. } => {
+                let s = held * self.stored(s).to_f32();
+                (s != 0.0).then_some((s, held * self.stored(m).to_f32()))
+            }
+        }
+    }
+
+    /// The fp16 a held scale is stored as ([`Params::Half`], [`Params::Super`]).
+    fn stored(&self, s: f32) -> f16 {
+        match self.params {
+            Params::Half { held } => f16::from_f32(s / held),
+            Params::Super { unit, held } => f16::from_f32(s * unit / held),
+            Params::Stored | Params::Exact => f16::from_f32(s),
         }
     }
 
     /// The gradient of the variable holding a scale, per unit gradient of the scale.
     fn scale_unit(&self) -> f32 {
         match self.params {
-            Params::Super(unit) => unit,
+            Params::Super { unit, .. } => unit,
             _ => 1.0,
         }
     }
@@ -176,7 +224,16 @@ impl FakeQuantOp {
     /// The code of `w` in a group of scale `s` and minimum `m` (signed, relative to the grid's
     /// offset).
     fn code(&self, w: f32, s: f32, m: f32) -> f32 {
-        self.position(w, s, m).clamp(self.lo, self.hi).round()
+        self.snap(self.position(w, s, m))
+    }
+
+    /// The code nearest the position `x`: the rounded integer in the range, or the nearest level.
+    fn snap(&self, x: f32) -> f32 {
+        if self.levels {
+            nearest_level(x).1
+        } else {
+            x.clamp(self.lo, self.hi).round()
+        }
     }
 
     /// The value of `code`.
@@ -247,7 +304,7 @@ impl candle_core::CustomOp3 for FakeQuantOp {
     }
 
     /// Straight-through for the rounding, zero outside the clip range; LSQ for the scale
-    /// (`round(x) − x` inside, the bound outside) and the minimum (0 inside, 1 outside). A group
+    /// (`snap(x) − x` inside: the rounded code, or the nearest level, less `x`; the bound outside) and the minimum (0 inside, 1 outside). A group
     /// of zero scale outside the grid schemes is LSQ's limit as the scale goes to zero: every
     /// value at the bound on its side of the minimum, so the scale can grow again. A group scale
     /// rounded under a super-block scale ([`Params::Super`]) that has left its range still gets
@@ -279,7 +336,7 @@ impl candle_core::CustomOp3 for FakeQuantOp {
                     let gs: f32 = w.iter().zip(grad).map(|(&w, &d)| d * bound(w)).sum();
                     return (gs * self.scale_unit(), grad.iter().sum());
                 };
-                let back_in = matches!(self.params, Params::Super(_));
+                let back_in = matches!(self.params, Params::Super { .. });
                 let (mut gs, mut gm) = (0f32, 0f32);
                 for ((gw, &w), &d) in gw.iter_mut().zip(w).zip(grad) {
                     let x = self.position(w, s, m);
@@ -292,7 +349,7 @@ impl candle_core::CustomOp3 for FakeQuantOp {
                         }
                     } else {
                         *gw = d;
-                        gs += d * (x.round() - x);
+                        gs += d * (self.snap(x) - x);
                     }
                 }
                 (gs * self.scale_unit(), gm)
@@ -327,6 +384,7 @@ pub fn fake_quantize(
         group: group_len(scheme, rows, cols),
         asymmetric: min.is_some(),
         params: Params::Stored,
+        levels: false,
     };
     apply(op, w, scale, min)
 }
@@ -352,8 +410,8 @@ fn apply(
 
 impl KGrid {
     /// The variables, initialized to the blocks' stored scales.
-    fn new(kind: KQuant, bytes: &[u8], device: &candle_core::Device) -> Result<Self> {
-        let unit = Self::unit(kind);
+    fn new(kind: Saved, bytes: &[u8], device: &candle_core::Device) -> Result<Self> {
+        let (unit, held) = (Self::unit(kind), kind.held());
         let blocks: Vec<KScales> = bytes
             .chunks(kind.block_bytes())
             .map(|b| kind.scales(b))
@@ -362,12 +420,13 @@ impl KGrid {
         let var = |v: Vec<f32>, cols: usize| -> Result<Var> {
             Ok(Var::from_tensor(&Tensor::from_vec(v, (n, cols), device)?)?)
         };
-        let per = QK_K / kind.group();
-        let sup = |d: fn(&KScales) -> f16| blocks.iter().map(|s| d(s).to_f32() / unit).collect();
+        let per = kind.groups();
+        let sup =
+            |d: fn(&KScales) -> f16| blocks.iter().map(|s| held * d(s).to_f32() / unit).collect();
         let groups = |d: fn(&KScales) -> f16, v: fn(&KScales) -> &[i32]| {
             blocks
                 .iter()
-                .flat_map(|s| v(s).iter().map(move |&x| d(s).to_f32() * x as f32))
+                .flat_map(|s| v(s).iter().map(move |&x| held * d(s).to_f32() * x as f32))
                 .collect()
         };
         Ok(Self {
@@ -386,7 +445,7 @@ impl KGrid {
 
     /// The power of two the super-block variables are held in units of: one over the number
     /// of integer scales on the wider side of zero (16, 32, 64, 128).
-    fn unit(kind: KQuant) -> f32 {
+    fn unit(kind: Saved) -> f32 {
         let (lo, hi) = kind.scale_range();
         1.0 / lo.unsigned_abs().max(hi as u32 + 1).next_power_of_two() as f32
     }
@@ -397,9 +456,13 @@ impl KGrid {
         let op = |lo: i32, hi: i32| FakeQuantOp {
             lo: lo as f32,
             hi: hi as f32,
-            group: QK_K / self.kind.group(),
+            group: self.kind.groups(),
             asymmetric: false,
-            params: Params::Super(Self::unit(self.kind)),
+            params: Params::Super {
+                unit: Self::unit(self.kind),
+                held: self.kind.held(),
+            },
+            levels: false,
         };
         let (lo, hi) = self.kind.scale_range();
         (op(lo, hi), op(0, self.kind.min_max().unwrap_or(0)))
@@ -407,13 +470,14 @@ impl KGrid {
 
     /// The op that rounds the weights under their groups' scales and minima.
     fn weight_op(&self) -> FakeQuantOp {
-        let offset = self.kind.offset();
+        let (lo, hi, levels) = self.kind.codes();
         FakeQuantOp {
-            lo: -offset,
-            hi: ((1u32 << self.kind.bits()) - 1) as f32 - offset,
+            lo,
+            hi,
             group: self.kind.group(),
             asymmetric: self.min.is_some(),
             params: Params::Exact,
+            levels,
         }
     }
 
@@ -449,14 +513,16 @@ impl KGrid {
         shrink_core::check_matrix(w, rows, cols, name)?;
         let (scale, min) = self.group_params()?;
         let (a, m) = (vec(&scale)?, min.as_ref().map(vec).transpose()?);
-        let per = QK_K / kind.group();
+        let per = kind.groups();
         let (scale_op, min_op) = self.scale_ops();
         // The integer scales and minima, by the rounding `group_params` did.
         let ints = |op: FakeQuantOp, sup: &Var, v: &Var| -> Result<(Vec<f16>, Vec<i32>)> {
             let (sup, v) = (vec(sup.as_tensor())?, vec(v.as_tensor())?);
             let d: Vec<f16> = sup
                 .iter()
-                .map(|&s| op.params(s, 0.0).map_or(f16::ZERO, |p| f16::from_f32(p.0)))
+                // As the forward pass reads it; a zero keeps its sign (ggml writes IQ4_XS's zero
+                // blocks with d = −0).
+                .map(|&s| op.stored(s))
                 .collect();
             let codes = v
                 .iter()
@@ -474,28 +540,25 @@ impl KGrid {
             None => (vec![f16::ZERO; d.len()], vec![0; sc.len()]),
         };
         let op = self.weight_op();
-        let (g, offset) = (kind.group(), kind.offset());
+        let g = kind.group();
         let mut bytes = vec![0u8; rows * cols / QK_K * kind.block_bytes()];
         for (b, out) in bytes.chunks_mut(kind.block_bytes()).enumerate() {
             let codes: Vec<u8> = (b * QK_K..(b + 1) * QK_K)
                 .map(|i| {
                     let mi = m.as_ref().map_or(0.0, |m| m[i / g]);
-                    match op.params(a[i / g], mi) {
-                        Some((s, mi)) => (op.code(w[i], s, mi) + offset) as u8,
-                        None => offset as u8,
-                    }
+                    kind.stored(match op.params(a[i / g], mi) {
+                        Some((s, mi)) => op.code(w[i], s, mi),
+                        None => 0.0,
+                    })
                 })
                 .collect();
-            kind.write_codes(out, &codes);
-            kind.write_scales(
-                out,
-                &KScales {
-                    d: d[b],
-                    dmin: dmin[b],
-                    sc: sc[b * per..(b + 1) * per].to_vec(),
-                    mn: mn[b * per..(b + 1) * per].to_vec(),
-                },
-            );
+            let scales = KScales {
+                d: d[b],
+                dmin: dmin[b],
+                sc: sc[b * per..(b + 1) * per].to_vec(),
+                mn: mn[b * per..(b + 1) * per].to_vec(),
+            };
+            kind.write(out, &scales, &codes);
         }
         Ok(GgmlTensor {
             dtype: kind.ggml(),
@@ -504,6 +567,105 @@ impl KGrid {
             bytes,
         })
     }
+}
+
+impl Quantizer {
+    /// The quantizer of a linear stored as `q`, its scales initialized to the stored ones, and
+    /// the variables holding them (named `qat_scale`, `qat_min`, `qat_super`, `qat_super_min`).
+    fn start(
+        q: &QuantizedWeight,
+        device: &candle_core::Device,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let column = |f: Vec<f32>| -> Result<Var> {
+            let n = f.len();
+            Ok(Var::from_tensor(&Tensor::from_vec(f, (n, 1), device)?)?)
+        };
+        let half = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let named = |n: &str, v: &Var| (n.to_string(), v.clone());
+        Ok(match q {
+            QuantizedWeight::Packed(t) => {
+                let scale = column(half(&t.scales))?;
+                let min = if t.scheme.grid == Grid::Asymmetric {
+                    Some(column(half(&t.mins))?)
+                } else {
+                    None
+                };
+                let mut vars = vec![named("qat_scale", &scale)];
+                vars.extend(min.iter().map(|m| named("qat_min", m)));
+                let grid = Quantizer::Grid {
+                    scheme: t.scheme,
+                    scale,
+                    min,
+                };
+                (grid, vars)
+            }
+            QuantizedWeight::Blocks(b) if b.dtype == GgmlType::IQ4NL => {
+                let d = b
+                    .bytes
+                    .chunks(IQuant::IQ4NL.type_size())
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32() * 128.0)
+                    .collect();
+                let d = column(d)?;
+                let vars = vec![named("qat_scale", &d)];
+                (Quantizer::Levels(d), vars)
+            }
+            QuantizedWeight::Blocks(b) => match Saved::of(b.dtype) {
+                Some(kind) => {
+                    let k = KGrid::new(kind, &b.bytes, device)?;
+                    let mut vars = vec![named("qat_super", &k.sup), named("qat_scale", &k.scale)];
+                    if let Some((sup, min)) = &k.min {
+                        vars.extend([named("qat_super_min", sup), named("qat_min", min)]);
+                    }
+                    (Quantizer::K(k), vars)
+                }
+                None => (Quantizer::Refit(b.dtype), vec![]),
+            },
+        })
+    }
+}
+
+/// IQ4_NL's op: each weight the nearest of the 16 levels (over 128) times its block's scale
+/// (`128·d`, rounded to fp16 as `d` is stored).
+fn nl_op() -> FakeQuantOp {
+    FakeQuantOp {
+        lo: LEVELS_SPAN.0,
+        hi: LEVELS_SPAN.1,
+        group: IQuant::IQ4NL.block_size(),
+        asymmetric: false,
+        params: Params::Half { held: 128.0 },
+        levels: true,
+    }
+}
+
+/// The IQ4_NL blocks of the weight `w` under the scales `d` (`128·d`), by [`nl_op`]'s
+/// arithmetic.
+fn nl_export(name: &str, w: &[f32], d: &[f32], rows: usize, cols: usize) -> Result<GgmlTensor> {
+    shrink_core::check_matrix(d, 1, d.len(), name)?;
+    shrink_core::check_matrix(w, rows, cols, name)?;
+    let (kind, op) = (IQuant::IQ4NL, nl_op());
+    let mut bytes = vec![0u8; kind.row_bytes(rows * cols)];
+    for ((out, w), &d) in bytes
+        .chunks_mut(kind.type_size())
+        .zip(w.chunks(op.group))
+        .zip(d)
+    {
+        // A zero scale writes the level nearest zero, as ggml does.
+        let index = |w: f32| {
+            let x = op
+                .params(d, 0.0)
+                .map_or(0.0, |(s, _)| op.position(w, s, 0.0));
+            nearest_level(x).0
+        };
+        let l: Vec<u8> = w.iter().map(|&w| index(w)).collect();
+        out[..2].copy_from_slice(&op.stored(d).to_le_bytes());
+        crate::iquant::write_indices(kind, out, &l);
+    }
+    Ok(GgmlTensor {
+        dtype: GgmlType::IQ4NL,
+        rows,
+        cols,
+        bytes,
+    })
 }
 
 impl QatLinear {
@@ -517,6 +679,7 @@ impl QatLinear {
                 scheme,
             )?,
             Quantizer::K(k) => k.weight(w)?,
+            Quantizer::Levels(d) => apply(nl_op(), w, d.as_tensor(), None)?,
             Quantizer::Refit(dtype) => {
                 let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
                 let q =
@@ -535,6 +698,13 @@ impl QatLinear {
             Quantizer::K(k) => {
                 QuantizedWeight::Blocks(k.export(&self.name, &values, self.rows, self.cols)?)
             }
+            Quantizer::Levels(d) => QuantizedWeight::Blocks(nl_export(
+                &self.name,
+                &values,
+                &d.as_tensor().flatten_all()?.to_vec1()?,
+                self.rows,
+                self.cols,
+            )?),
             Quantizer::Refit(dtype) => QuantizedWeight::Blocks(GgmlTensor::quantize(
                 &values, self.rows, self.cols, *dtype, None, &self.name,
             )?),
@@ -564,6 +734,7 @@ impl QatLinear {
                     group: g,
                     asymmetric: min.is_some(),
                     params: Params::Stored,
+                    levels: false,
                 };
                 // The forward pass's arithmetic, code by code.
                 let codes: Vec<u8> = values
@@ -620,47 +791,10 @@ pub fn qat(
             })?;
         let (rows, cols) = latent.as_tensor().dims2()?;
         let device = latent.device().clone();
-        let quantizer = match q {
-            QuantizedWeight::Packed(t) => {
-                let column = |v: &[f16]| -> Result<Var> {
-                    let f: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
-                    let n = f.len();
-                    Ok(Var::from_tensor(&Tensor::from_vec(f, (n, 1), &device)?)?)
-                };
-                let scale = column(&t.scales)?;
-                let min = if t.scheme.grid == Grid::Asymmetric {
-                    Some(column(&t.mins)?)
-                } else {
-                    None
-                };
-                if job.learn_scales {
-                    params.push((format!("{name}.qat_scale"), scale.clone()));
-                    if let Some(m) = &min {
-                        params.push((format!("{name}.qat_min"), m.clone()));
-                    }
-                }
-                Quantizer::Grid {
-                    scheme: t.scheme,
-                    scale,
-                    min,
-                }
-            }
-            QuantizedWeight::Blocks(b) => match KQuant::from_ggml(b.dtype) {
-                Some(kind) => {
-                    let k = KGrid::new(kind, &b.bytes, &device)?;
-                    if job.learn_scales {
-                        params.push((format!("{name}.qat_super"), k.sup.clone()));
-                        params.push((format!("{name}.qat_scale"), k.scale.clone()));
-                        if let Some((sup, min)) = &k.min {
-                            params.push((format!("{name}.qat_super_min"), sup.clone()));
-                            params.push((format!("{name}.qat_min"), min.clone()));
-                        }
-                    }
-                    Quantizer::K(k)
-                }
-                None => Quantizer::Refit(b.dtype),
-            },
-        };
+        let (quantizer, scales) = Quantizer::start(q, &device)?;
+        if job.learn_scales {
+            params.extend(scales.into_iter().map(|(n, v)| (format!("{name}.{n}"), v)));
+        }
         linears.push(QatLinear {
             name,
             latent,
@@ -698,6 +832,7 @@ pub fn qat(
             format: match &l.quantizer {
                 Quantizer::Grid { scheme, .. } => crate::Format::Scheme(*scheme).label(),
                 Quantizer::K(k) => k.kind.name().to_string(),
+                Quantizer::Levels(_) => IQuant::IQ4NL.name().to_string(),
                 Quantizer::Refit(d) => match d.iquant() {
                     Some(q) => crate::Format::I(q).label(),
                     None => format!("{d:?}").to_lowercase(),
@@ -726,5 +861,6 @@ pub fn qat(
     Ok((model, result, outcome))
 }
 
+mod saved;
 #[cfg(test)]
 mod tests;

@@ -58,7 +58,8 @@ pub(crate) struct DistillArgs {
     #[arg(long, default_value = "gptq")]
     qat_init: String,
     /// QAT: keep the initial scales instead of learning them (LSQ; in the k-quants the
-    /// super-block and group scales and minima).
+    /// super-block and group scales and minima, in IQ4_XS the super-block and group scales, in
+    /// IQ4_NL the block scales).
     #[arg(long)]
     fixed_scales: bool,
     /// QAT: also fake-quantize the linears' input activations (int8-per-token).

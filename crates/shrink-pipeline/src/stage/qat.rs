@@ -27,7 +27,8 @@ pub struct QatRequest {
     pub alpha: f64,
     /// Frozen tensors [default: the token embedding].
     pub freeze: Option<Vec<String>>,
-    /// Learn the scales (LSQ): grid schemes' and k-quants' (super-block and group).
+    /// Learn the scales (LSQ): grid schemes', k-quants' and IQ4_XS's (super-block and group),
+    /// IQ4_NL's (block).
     pub learn_scales: bool,
     pub train: TrainKeys,
 }

@@ -48,7 +48,7 @@ pub fn quantize_row(kind: IQuant, row: &[f32], importance: Option<&[f32]>, out: 
 }
 
 /// ggml's `best_index_int8`: the index of the codebook value nearest `x` (ties to the upper one).
-fn best_index(values: &[i8; 16], x: f32) -> u8 {
+pub(crate) fn best_index(values: &[i8; 16], x: f32) -> u8 {
     if x <= values[0] as f32 {
         return 0;
     }
@@ -158,21 +158,17 @@ fn quantize_iq4(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], kind: IQuant) {
         }
         _ => {
             let d = -max_scale / 32.0;
-            out[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut scales_h = 0u16;
+            let mut ls = [0i32; 8];
             for ib in 0..subs {
-                let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
-                let dl = d * ls as f32;
+                ls[ib] = nearest_int(id * scales[ib]).clamp(-32, 31);
+                let dl = d * ls[ib] as f32;
                 let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
                 for j in 0..32 {
                     l[ib * 32 + j] = best_index(values, idl * x[ib * 32 + j]);
                 }
-                let ls = (ls + 32) as u8;
-                out[4 + ib / 2] |= (ls & 0xf) << (4 * (ib % 2));
-                scales_h |= ((ls >> 4) as u16) << (2 * ib);
             }
-            out[2..4].copy_from_slice(&scales_h.to_le_bytes());
+            write_iq4xs_scales(out, f16::from_f32(d), &ls);
         }
     }
     pack_indices(&mut out[qs_at..], &l[..n]);
@@ -195,6 +191,33 @@ fn pack_indices(qs: &mut [u8], l: &[u8]) {
     }
 }
 
+/// An IQ4_XS block's super-block scale `d` and its eight signed 6-bit sub-block scales: the
+/// sub-block of 32 weights decodes as `d·ls` times the codebook values.
+pub fn iq4xs_scales(block: &[u8]) -> (f16, [i32; 8]) {
+    let scales_h = u16::from_le_bytes([block[2], block[3]]);
+    let ls = std::array::from_fn(|ib| {
+        let low = (block[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
+        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+        (low | high << 4) as i32 - 32
+    });
+    (f16::from_le_bytes([block[0], block[1]]), ls)
+}
+
+/// Writes an IQ4_XS block's scales (the inverse of [`iq4xs_scales`]; each `ls` in −32..=31),
+/// keeping its indices.
+pub fn write_iq4xs_scales(block: &mut [u8], d: f16, ls: &[i32; 8]) {
+    block[..2].copy_from_slice(&d.to_le_bytes());
+    block[4..8].fill(0);
+    let mut scales_h = 0u16;
+    for (ib, &l) in ls.iter().enumerate() {
+        debug_assert!((-32..=31).contains(&l), "{l}");
+        let l = (l + 32) as u8;
+        block[4 + ib / 2] |= (l & 0xf) << (4 * (ib % 2));
+        scales_h |= ((l >> 4) as u16) << (2 * ib);
+    }
+    block[2..4].copy_from_slice(&scales_h.to_le_bytes());
+}
+
 /// The scale of each 32-weight sub-block of a block as stored (what dequantization multiplies
 /// the codebook values by); none for the grid types ([`octet_scales`]).
 pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
@@ -202,14 +225,8 @@ pub fn sub_scales(kind: IQuant, block: &[u8]) -> Vec<f32> {
     match kind {
         IQuant::IQ4NL => vec![d],
         IQuant::IQ4XS => {
-            let scales_h = u16::from_le_bytes([block[2], block[3]]);
-            (0..8)
-                .map(|ib| {
-                    let low = (block[4 + ib / 2] >> (4 * (ib % 2))) & 0xf;
-                    let high = ((scales_h >> (2 * ib)) & 3) as u8;
-                    d * ((low | high << 4) as i32 - 32) as f32
-                })
-                .collect()
+            let (d, ls) = iq4xs_scales(block);
+            ls.iter().map(|&l| d.to_f32() * l as f32).collect()
         }
         IQuant::IQ3XXS | IQuant::IQ3S | IQuant::IQ2XXS | IQuant::IQ2XS | IQuant::IQ2S => vec![],
     }
