@@ -13,7 +13,8 @@ pub struct AdamWConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
-    /// Decoupled weight decay, applied to matrices only (not to norms or biases).
+    /// Decoupled weight decay, applied to weight matrices only: parameters of rank 2 or more
+    /// named `….weight` (not to norms, biases, or other trained values such as QAT's scales).
     pub weight_decay: f64,
 }
 
@@ -86,7 +87,7 @@ impl AdamW {
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         let (o1, o2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
         let (scale, lr32) = (scale as f32, lr as f32);
-        for (i, ((_, p), g)) in self.params.iter().zip(grads).enumerate() {
+        for (i, ((name, p), g)) in self.params.iter().zip(grads).enumerate() {
             let w = p.as_tensor();
             if g.dims() != w.dims() {
                 return Err(crate::TrainError::Shape(format!(
@@ -95,7 +96,7 @@ impl AdamW {
                     w.dims()
                 )));
             }
-            let decay = if c.weight_decay > 0.0 && w.rank() >= 2 {
+            let decay = if c.weight_decay > 0.0 && w.rank() >= 2 && name.ends_with(".weight") {
                 (1.0 - lr * c.weight_decay) as f32
             } else {
                 1.0

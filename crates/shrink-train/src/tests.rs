@@ -127,24 +127,32 @@ fn adamw_first_step_matches_hand_computed_values() {
     let dev = Device::Cpu;
     let vector = Var::new(&[1.0f32], &dev).unwrap();
     let matrix = Var::new(&[[1.0f32]], &dev).unwrap();
+    let scales = Var::new(&[[1.0f32]], &dev).unwrap();
     let config = AdamWConfig {
         weight_decay: 0.1,
         eps: 0.0,
         ..AdamWConfig::default()
     };
     let mut opt = AdamW::new(
-        vec![("v".into(), vector.clone()), ("m".into(), matrix.clone())],
+        vec![
+            ("norm.weight".into(), vector.clone()),
+            ("proj.weight".into(), matrix.clone()),
+            ("proj.qat_scale".into(), scales.clone()),
+        ],
         config,
     )
     .unwrap();
     let grads = [
         Tensor::new(&[0.5f32], &dev).unwrap(),
         Tensor::new(&[[0.5f32]], &dev).unwrap(),
+        Tensor::new(&[[0.5f32]], &dev).unwrap(),
     ];
     opt.step(&grads, 0.1).unwrap();
-    // m̂ = g, v̂ = g², so the step is lr·sign(g); decay only on the matrix: 1·(1 − 0.01) − 0.1.
+    // m̂ = g, v̂ = g², so the step is lr·sign(g); decay only on the weight matrix: 1·(1 − 0.01)
+    // − 0.1 (not on the norm, nor on QAT's scales, a matrix of another name).
     close(vector.to_vec1::<f32>().unwrap()[0] as f64, 0.9, 1e-6);
     close(matrix.to_vec2::<f32>().unwrap()[0][0] as f64, 0.89, 1e-6);
+    close(scales.to_vec2::<f32>().unwrap()[0][0] as f64, 0.9, 1e-6);
 }
 
 fn small_student(teacher: &Transformer) -> Transformer {
