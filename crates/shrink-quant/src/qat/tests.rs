@@ -206,6 +206,19 @@ fn sample(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Moves `l`'s weights off its grid, some beyond its range (the sample at `magnitude`, scaled
+/// by 0.93, every 11th by 1.7); returns them.
+fn move_off_grid(l: &QatLinear, magnitude: f32) -> Vec<f32> {
+    let moved: Vec<f32> = sample(l.rows * l.cols)
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (w * if i % 11 == 0 { 1.7 } else { 0.93 } + 1e-4) * magnitude)
+        .collect();
+    let t = Tensor::from_vec(moved.clone(), (l.rows, l.cols), &Device::Cpu).unwrap();
+    l.latent.set(&t).unwrap();
+    moved
+}
+
 /// The block types QAT trains with learned scales.
 fn learned_types() -> Vec<GgmlType> {
     let mut types: Vec<GgmlType> = KQuant::ALL.iter().map(|k| k.ggml()).collect();
@@ -267,17 +280,9 @@ fn k_quant_block_scales_get_lsq_gradients_through_both_roundings() {
         let Quantizer::K(k) = &l.quantizer else {
             unreachable!()
         };
-        // Move the weights off the grid (some beyond its range) and the scales off their
-        // integers (some beyond their range, one to zero), then weight each value's gradient
-        // differently.
-        let moved: Vec<f32> = sample(n)
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| w * if i % 11 == 0 { 1.7 } else { 0.93 } + 1e-4 * magnitude)
-            .collect();
-        l.latent
-            .set(&Tensor::from_vec(moved.clone(), (rows, cols), &Device::Cpu).unwrap())
-            .unwrap();
+        // Move the weights off the grid and the scales off their integers (some beyond their
+        // range, one to zero), then weight each value's gradient differently.
+        let moved = move_off_grid(&l, magnitude);
         let vals =
             |v: &Var| -> Vec<f32> { v.as_tensor().flatten_all().unwrap().to_vec1().unwrap() };
         let set = |v: &Var, x: Vec<f32>| {
@@ -450,14 +455,7 @@ fn iq4_nl_gradients(magnitude: f32) {
     let Quantizer::Levels(dv) = &l.quantizer else {
         panic!("IQ4_NL: {:?}", l.quantizer)
     };
-    let moved: Vec<f32> = sample(n)
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| w * if i % 11 == 0 { 1.7 } else { 0.93 } + 1e-4 * magnitude)
-        .collect();
-    l.latent
-        .set(&Tensor::from_vec(moved.clone(), (rows, cols), &dev).unwrap())
-        .unwrap();
+    let moved = move_off_grid(&l, magnitude);
     let mut d: Vec<f32> = dv.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
     for (j, x) in d.iter_mut().enumerate() {
         *x *= [1.09, 0.8, 0.6][j % 3];
