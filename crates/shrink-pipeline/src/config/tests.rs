@@ -523,7 +523,10 @@ fn search_applies_to_a_presets_fallbacks() {
     assert!(searched(&plan("q4_k_m", false)).iter().all(|&s| !s));
     // These presets search by themselves: --search changes nothing.
     for preset in ["q2_k", "q3_k_m", "q5_k_m"] {
-        assert!(searched(&plan(preset, false)).iter().all(|&s| s), "{preset}");
+        assert!(
+            searched(&plan(preset, false)).iter().all(|&s| s),
+            "{preset}"
+        );
         assert_eq!(plan(preset, false), plan(preset, true), "{preset}");
     }
     let w8a8 = plan("w8a8", false);
