@@ -496,7 +496,7 @@ fn a_signround_stage_reads_its_steps_and_refuses_bad_ones_at_their_key() {
 
 /// `search` reaches every grid format a plan can write: the default, the rules and a preset's
 /// fallbacks (q4_k_m's Q5_0 and Q8_0 for rows that are not whole k-quant blocks); a preset's
-/// `search = true` (q2_k's, q3_k_m's, q5_k_m's, w8a8's) is the same plan as `--search`.
+/// `search = true` (q2_k's, q3_k_m's, q5_k_m's, q6_k's, w8a8's) is the same plan as `--search`.
 #[test]
 fn search_applies_to_a_presets_fallbacks() {
     let plan = |preset: &str, search: bool| {
@@ -522,7 +522,7 @@ fn search_applies_to_a_presets_fallbacks() {
     assert!(searched(&plan("q4_k_m", true)).iter().all(|&s| s));
     assert!(searched(&plan("q4_k_m", false)).iter().all(|&s| !s));
     // These presets search by themselves: --search changes nothing.
-    for preset in ["q2_k", "q3_k_m", "q5_k_m"] {
+    for preset in ["q2_k", "q3_k_m", "q5_k_m", "q6_k"] {
         assert!(
             searched(&plan(preset, false)).iter().all(|&s| s),
             "{preset}"
