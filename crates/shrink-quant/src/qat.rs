@@ -117,14 +117,17 @@ struct QatLinear {
 /// Held over 128, the levels span about ±1 as the k-quants' codes span a few units, so the
 /// scales QAT learns are of the weights' size and Adam's steps move them as much.
 fn nearest_level(x: f32) -> (u8, f32) {
-    let i = crate::iquant::best_index(&KVALUES_IQ4NL, x * 128.0);
-    (i, KVALUES_IQ4NL[i as usize] as f32 / 128.0)
+    let i = crate::iquant::best_index(&KVALUES_IQ4NL, x * LEVELS_HELD);
+    (i, KVALUES_IQ4NL[i as usize] as f32 / LEVELS_HELD)
 }
+
+/// What QAT divides IQ4_NL's levels by, and so multiplies the IQ4 scales by.
+const LEVELS_HELD: f32 = 128.0;
 
 /// The span of [`nearest_level`]'s levels.
 const LEVELS_SPAN: (f32, f32) = (
-    KVALUES_IQ4NL[0] as f32 / 128.0,
-    KVALUES_IQ4NL[15] as f32 / 128.0,
+    KVALUES_IQ4NL[0] as f32 / LEVELS_HELD,
+    KVALUES_IQ4NL[15] as f32 / LEVELS_HELD,
 );
 
 /// `round(x)` with an identity gradient.
@@ -304,11 +307,12 @@ impl candle_core::CustomOp3 for FakeQuantOp {
     }
 
     /// Straight-through for the rounding, zero outside the clip range; LSQ for the scale
-    /// (`snap(x) − x` inside: the rounded code, or the nearest level, less `x`; the bound outside) and the minimum (0 inside, 1 outside). A group
-    /// of zero scale outside the grid schemes is LSQ's limit as the scale goes to zero: every
-    /// value at the bound on its side of the minimum, so the scale can grow again. A group scale
-    /// rounded under a super-block scale ([`Params::Super`]) that has left its range still gets
-    /// the gradient that moves it back in (otherwise a scale below zero would be stuck there).
+    /// (`snap(x) − x` inside: the rounded code, or the nearest level, less `x`; the bound
+    /// outside) and the minimum (0 inside, 1 outside). A group of zero scale outside the grid
+    /// schemes is LSQ's limit as the scale goes to zero: every value at the bound on its side of
+    /// the minimum, so the scale can grow again. A group scale rounded under a super-block scale
+    /// ([`Params::Super`]) that has left its range still gets the gradient that moves it back in
+    /// (otherwise a scale below zero would be stuck there).
     fn bwd(
         &self,
         w: &Tensor,
@@ -603,7 +607,7 @@ impl Quantizer {
                 let d = b
                     .bytes
                     .chunks(IQuant::IQ4NL.type_size())
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32() * 128.0)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32() * LEVELS_HELD)
                     .collect();
                 let d = column(d)?;
                 let vars = vec![named("qat_scale", &d)];
@@ -632,7 +636,7 @@ fn nl_op() -> FakeQuantOp {
         hi: LEVELS_SPAN.1,
         group: IQuant::IQ4NL.block_size(),
         asymmetric: false,
-        params: Params::Half { held: 128.0 },
+        params: Params::Half { held: LEVELS_HELD },
         levels: true,
     }
 }

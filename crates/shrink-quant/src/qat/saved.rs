@@ -98,7 +98,7 @@ impl Saved {
     pub fn held(self) -> f32 {
         match self {
             Saved::K(_) => 1.0,
-            Saved::IQ4XS => 128.0,
+            Saved::IQ4XS => super::LEVELS_HELD,
         }
     }
 
