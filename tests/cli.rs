@@ -317,6 +317,12 @@ fn presets_kquants_and_hugging_face_exports() {
     assert_eq!(qc["format"], "pack-quantized");
     assert_eq!(qc["config_groups"]["group_0"]["weights"]["group_size"], 32);
     assert_eq!(qc["config_groups"]["group_0"]["weights"]["num_bits"], 4);
+    // Targets every Linear; the one left in 16 bits (the head) is ignored by name.
+    assert_eq!(
+        qc["config_groups"]["group_0"]["targets"],
+        serde_json::json!(["Linear"])
+    );
+    assert_eq!(qc["ignore"], serde_json::json!(["lm_head"]));
     let types = dtypes(&hf);
     assert_eq!(types.get("I32 (int4 packed)"), Some(&14), "{types:?}");
     let kl_hf = kl(&hf);

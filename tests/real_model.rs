@@ -1545,6 +1545,12 @@ fn minilm_compresses_with_every_technique() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(w8.join("config.json")).unwrap()).unwrap();
     assert!(config["quantization_config"]["config_groups"].is_object());
+    // Every block linear is quantized; BERT's pooler stays in 16 bits, so the config, which
+    // targets every Linear, ignores it (else sentence-transformers expects packed codes there).
+    assert_eq!(
+        config["quantization_config"]["ignore"],
+        serde_json::json!(["pooler.dense"])
+    );
     let f = minilm_fidelity(&w8, &minilm);
     assert_eq!(f["schema"], "shrink.eval-encoder/v1");
     assert!(

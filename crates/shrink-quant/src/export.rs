@@ -73,10 +73,13 @@ pub fn hf_unsupported(format: &crate::Format, activations: bool) -> Option<Strin
 }
 
 /// Converts quantized linears (by weight name, `….weight`) to compressed-tensors tensors. Grids
-/// must be symmetric (compressed-tensors stores integer zero points, not float minima).
+/// must be symmetric (compressed-tensors stores integer zero points, not float minima). `ignore`
+/// names the model's other linears, kept in 16 bits
+/// ([`shrink_models::ModelConfig::hf_linear_modules`]): the config's `ignore` list.
 pub fn compressed_tensors(
     weights: &BTreeMap<String, QuantizedWeight>,
     activations: Option<&Activations>,
+    ignore: Vec<String>,
 ) -> Result<HfExport> {
     let mut tensors = BTreeMap::new();
     let mut groups: Groups = BTreeMap::new();
@@ -132,7 +135,7 @@ pub fn compressed_tensors(
     }
     Ok(HfExport {
         tensors,
-        quantization_config: quantization_config(groups, activations),
+        quantization_config: quantization_config(groups, activations, ignore),
     })
 }
 
@@ -189,10 +192,11 @@ pub fn compressed_layout(
 }
 
 /// The `quantization_config` of a folder whose quantized modules are `modules` (name → scheme
-/// and shape), as [`compressed_tensors`] writes it.
+/// and shape) and whose other linears are `ignore`, as [`compressed_tensors`] writes it.
 pub fn quantization_config_of(
     modules: &BTreeMap<String, (crate::QuantScheme, usize, usize)>,
     activations: Option<&Activations>,
+    ignore: Vec<String>,
 ) -> serde_json::Value {
     let mut groups: Groups = BTreeMap::new();
     for (module, (s, rows, cols)) in modules {
@@ -201,7 +205,7 @@ pub fn quantization_config_of(
             .or_default()
             .push(module.clone());
     }
-    quantization_config(groups, activations)
+    quantization_config(groups, activations, ignore)
 }
 
 /// (bits, strategy, group size, int8 inputs) → module names.
@@ -221,7 +225,14 @@ fn group_key(
     (s.bits, strategy, group, a8)
 }
 
-fn quantization_config(groups: Groups, activations: Option<&Activations>) -> serde_json::Value {
+/// The config: one group per distinct scheme, targeting every `Linear` when there is one (what
+/// llm-compressor writes), else each group its modules by name; `ignore` lists the linears left
+/// in 16 bits, which a `Linear` target would otherwise claim.
+fn quantization_config(
+    groups: Groups,
+    activations: Option<&Activations>,
+    ignore: Vec<String>,
+) -> serde_json::Value {
     let uniform = groups.len() == 1;
     let config_groups: serde_json::Map<String, serde_json::Value> = groups
         .into_iter()
@@ -260,7 +271,7 @@ fn quantization_config(groups: Groups, activations: Option<&Activations>) -> ser
         "format": format,
         "quantization_status": "compressed",
         "config_groups": config_groups,
-        "ignore": ["lm_head"],
+        "ignore": ignore,
         "kv_cache_scheme": null,
         "global_compression_ratio": null,
     })

@@ -528,7 +528,7 @@ fn compressed_tensors_export_decodes_to_the_quantized_values() {
         let want = q.dequantize();
         let mut weights = std::collections::BTreeMap::new();
         weights.insert("m.weight".to_string(), QuantizedWeight::Packed(q));
-        let hf = compressed_tensors(&weights, None).unwrap();
+        let hf = compressed_tensors(&weights, None, vec!["head".into()]).unwrap();
         let packed = &hf.tensors["m.weight_packed"];
         let words: Vec<u32> = packed
             .data
@@ -558,6 +558,10 @@ fn compressed_tensors_export_decodes_to_the_quantized_values() {
             hf.quantization_config["config_groups"]["group_0"]["weights"]["num_bits"],
             bits
         );
+        assert_eq!(
+            hf.quantization_config["ignore"],
+            serde_json::json!(["head"])
+        );
     }
     // Asymmetric grids (float minima) and k-quant blocks are refused by name.
     let mut weights = std::collections::BTreeMap::new();
@@ -565,7 +569,9 @@ fn compressed_tensors_export_decodes_to_the_quantized_values() {
         "a.weight".to_string(),
         QuantizedWeight::Packed(rtn(&w, rows, cols, &QuantScheme::Q4_1, None, "a").unwrap()),
     );
-    let e = compressed_tensors(&weights, None).unwrap_err().to_string();
+    let e = compressed_tensors(&weights, None, vec![])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("a.weight") && e.contains("asymmetric"), "{e}");
 }
 

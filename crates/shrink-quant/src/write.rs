@@ -56,9 +56,16 @@ pub fn write_quantized(
             for (name, q) in &result.tensors {
                 by_checkpoint.insert(rename(name)?, q.clone());
             }
-            let hf = crate::compressed_tensors(&by_checkpoint, output.plan.activations.as_ref())?;
             let mut tensors = model.checkpoint_tensors()?;
             tensors.retain(|name, _| !by_checkpoint.contains_key(name));
+            let ignore = model
+                .config
+                .hf_linear_modules(tensors.iter().map(|(n, t)| (n.as_str(), t.dims())));
+            let hf = crate::compressed_tensors(
+                &by_checkpoint,
+                output.plan.activations.as_ref(),
+                ignore,
+            )?;
             let quantized = Checkpoint {
                 tensors: tensors.into(),
                 ..checkpoint.clone()

@@ -57,18 +57,24 @@ impl<'a> QuantizedHf<'a> {
             modules.insert(module, (s, rows, cols));
         }
         let mut entries = vec![];
+        let mut kept = vec![];
         for name in HfStream::model_order(written.tensors.names(), &config.embedding_name()) {
             match layouts.get(&name) {
                 Some(layout) => entries.extend(layout.iter().cloned()),
-                None => entries.push(SafetensorsEntry {
-                    dtype: safetensors::Dtype::F16,
-                    shape: written.tensors.shape(&name).unwrap_or(&[]).to_vec(),
-                    name,
-                }),
+                None => {
+                    let shape = written.tensors.shape(&name).unwrap_or(&[]);
+                    kept.push((name.clone(), shape.to_vec()));
+                    entries.push(SafetensorsEntry {
+                        dtype: safetensors::Dtype::F16,
+                        shape: shape.to_vec(),
+                        name,
+                    })
+                }
             }
         }
+        let ignore = config.hf_linear_modules(kept.iter().map(|(n, s)| (n.as_str(), &s[..])));
         let quantization_config =
-            crate::quantization_config_of(&modules, output.plan.activations.as_ref());
+            crate::quantization_config_of(&modules, output.plan.activations.as_ref(), ignore);
         let config = shrink_io::hf_config(
             written,
             shrink_io::SaveDType::F16,
@@ -85,7 +91,8 @@ impl<'a> QuantizedHf<'a> {
     pub fn quantized(&mut self, weights: BTreeMap<String, QuantizedWeight>) -> Result<()> {
         for (name, q) in weights {
             let one = BTreeMap::from([(name, q)]);
-            let hf = crate::compressed_tensors(&one, self.output.plan.activations.as_ref())?;
+            let hf =
+                crate::compressed_tensors(&one, self.output.plan.activations.as_ref(), vec![])?;
             for (name, t) in hf.tensors {
                 self.stream.raw(&name, t)?;
             }

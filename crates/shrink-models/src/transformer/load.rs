@@ -57,6 +57,45 @@ impl ModelConfig {
             .collect()
     }
 
+    /// The `nn.Linear` modules, by Hugging Face name and sorted, whose weights are among `tensors`
+    /// (names and shapes as a folder of this model stores them), plus the output head a tied
+    /// model builds from the token embedding and stores no weight for (`lm_head`;
+    /// `BertForMaskedLM`'s `cls.predictions.decoder`). Embedding tables and GPT-2's `Conv1D`
+    /// weights are not linears. A compressed-tensors config that targets every `Linear` must
+    /// `ignore` those of them it leaves unquantized, or its readers expect packed codes for them.
+    pub fn hf_linear_modules<'a>(
+        &self,
+        tensors: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+    ) -> Vec<String> {
+        let arch = self.arch().unwrap_or(Arch::Llama);
+        let names = naming(arch);
+        let tables: Vec<String> = [Some(names.embed), names.positions, names.token_types]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| crate::checkpoint::checkpoint_name(self, &format!("{t}.weight")))
+            .collect();
+        let blocks = format!("{}.", names.layers);
+        let conv1d = |stem: &str| arch == Arch::Gpt2 && stem.starts_with(&blocks);
+        let mut out: Vec<String> = tensors
+            .into_iter()
+            .filter(|(name, shape)| shape.len() == 2 && !tables.iter().any(|t| t == name))
+            .filter_map(|(name, _)| name.strip_suffix(".weight"))
+            .filter(|stem| !conv1d(stem))
+            .map(str::to_string)
+            .collect();
+        let head = if self.has_mlm_head() {
+            Some("cls.predictions.decoder")
+        } else if !arch.is_encoder() && self.ties_embeddings() {
+            Some("lm_head")
+        } else {
+            None
+        };
+        out.extend(head.map(str::to_string));
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Each block linear weight as the checkpoint stores it (see
     /// [`Transformer::stacked_weights`]).
     pub fn stacked_weights(&self) -> Vec<(String, Vec<String>)> {

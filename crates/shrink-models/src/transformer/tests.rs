@@ -944,3 +944,45 @@ fn bert_pruned_heads_round_trip_through_config_json() {
     let err = ModelConfig::from_json(&json).unwrap_err().to_string();
     assert!(err.contains("same number"), "{err}");
 }
+
+/// The `nn.Linear`s a compressed-tensors `ignore` list names: BERT's pooler (carried through, not
+/// a block linear) counts, embedding tables and GPT-2's Conv1D weights do not, and a tied head
+/// counts though the file has no weight for it.
+#[test]
+fn hf_linear_modules_are_the_linears_transformers_builds() {
+    let stems = |cfg: &ModelConfig, extra: &[(&str, Vec<usize>)]| {
+        let model = Transformer::random(cfg, 1, &cpu()).unwrap();
+        let mut tensors: Vec<(String, Vec<usize>)> = model
+            .checkpoint_tensors()
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        tensors.extend(extra.iter().map(|(n, s)| (n.to_string(), s.clone())));
+        cfg.hf_linear_modules(tensors.iter().map(|(n, s)| (n.as_str(), &s[..])))
+    };
+    let block = |cfg: &ModelConfig| -> Vec<String> {
+        let mut names: Vec<String> = cfg.block_linears().into_iter().map(|(n, _)| n).collect();
+        names.sort();
+        names
+    };
+
+    let bert = ModelConfig::tiny_bert_for_tests();
+    let pooler = [
+        ("pooler.dense.weight", vec![32, 32]),
+        ("pooler.dense.bias", vec![32]),
+    ];
+    let mut want = block(&bert);
+    want.push("pooler.dense".into());
+    assert_eq!(stems(&bert, &pooler), want);
+
+    let mut llama = ModelConfig::tiny_for_tests();
+    let mut want = block(&llama);
+    want.insert(0, "lm_head".into());
+    assert_eq!(stems(&llama, &[]), want, "untied: its lm_head.weight");
+    llama.tie_word_embeddings = true;
+    assert_eq!(stems(&llama, &[]), want, "tied: no weight, still a module");
+
+    let gpt2 = ModelConfig::tiny_gpt2_for_tests();
+    assert_eq!(stems(&gpt2, &[]), vec!["lm_head".to_string()]);
+}
