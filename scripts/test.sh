@@ -4,7 +4,8 @@
 # real-model tests against llama.cpp, the default pipeline on SmolLM2 and the check that its
 # report.html renders in headless Chromium, and SparseGPT against an independent numpy
 # implementation, and GPTQ split over two MPI processes (the `mpi` feature, built against
-# Debian's OpenMPI). Extra arguments go to `cargo test`.
+# Debian's OpenMPI), then the client checks (scripts/check-clients.sh). Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # cmake builds llama.cpp; Debian's chromium renders report.html; OpenMPI (and libclang, for the
@@ -43,3 +44,6 @@ cargo build --release -p shrink-cli --features shrink-cli/mpi
 "${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 shakespeare setuptools-docs click-code pip-docs requests-code minilm
 export SHRINK_REAL_TESTS=require
 cargo test --workspace --release --features shrink-cli/mpi "$@"
+# The exports loaded by the libraries their users load them with, scored against shrink eval
+# (issue #22; a cached venv of torch, transformers, compressed-tensors, sentence-transformers).
+scripts/check-clients.sh "${CARGO_TARGET_DIR:-target}/release/shrink"

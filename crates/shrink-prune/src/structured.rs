@@ -141,9 +141,16 @@ impl Structure {
                 count: count(cfg.num_hidden_layers),
                 criterion,
             },
-            Target::Width => Structure::Width {
-                count: count(cfg.hidden_size),
-            },
+            // The kept width is a whole number of heads: transformers refuses a hidden size
+            // that is not a multiple of the head count, even when `head_dim` is given.
+            Target::Width => {
+                let heads = cfg.num_attention_heads.max(1);
+                let kept = cfg.hidden_size - count(cfg.hidden_size);
+                let kept = ((kept as f64 / heads as f64).round() as usize).max(1) * heads;
+                Structure::Width {
+                    count: cfg.hidden_size.saturating_sub(kept),
+                }
+            }
         })
     }
 

@@ -234,6 +234,11 @@ fn quantization_config(
     ignore: Vec<String>,
 ) -> serde_json::Value {
     let uniform = groups.len() == 1;
+    let format = if activations.is_some() {
+        "int-quantized"
+    } else {
+        "pack-quantized"
+    };
     let config_groups: serde_json::Map<String, serde_json::Value> = groups
         .into_iter()
         .enumerate()
@@ -257,15 +262,14 @@ fn quantization_config(
                     },
                     "input_activations": input,
                     "output_activations": null,
+                    // Each group's own: compressed-tensors otherwise infers a weight-only
+                    // group's format (W8A8's down_proj) as pack-quantized and reads int8
+                    // weights as packed words.
+                    "format": format,
                 }),
             )
         })
         .collect();
-    let format = if activations.is_some() {
-        "int-quantized"
-    } else {
-        "pack-quantized"
-    };
     serde_json::json!({
         "quant_method": "compressed-tensors",
         "format": format,
