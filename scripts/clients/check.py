@@ -9,6 +9,8 @@ computes:
 - decoders: perplexity on the same tokens (read from the base file `shrink eval --save-kl-base`
   writes, so no tokenizer can differ), llama.cpp's protocol (chunks of CTX tokens, BOS first when
   the model adds one, the second half of each chunk scored), within 0.1%;
+- the Q8_0 GGUF: every `tokenizer.*` key of the source GGUF carried with its value (gguf's
+  reader);
 - the MiniLM W8 folder: `SentenceTransformer(folder).encode` against `shrink embed`, cosine of
   every sentence's embedding at least 0.9999.
 
@@ -208,6 +210,25 @@ def check_encoder(binary, name, path, sentences):
             "plain": plain, "warnings": caught, "ok": ok}
 
 
+def check_gguf_tokenizer(name, source, written):
+    """Every `tokenizer.*` key of the source GGUF carried into shrink's, with the same value."""
+    import gguf
+
+    def keys(path):
+        fields = gguf.GGUFReader(path).fields.items()
+        return {k: f.contents() for k, f in fields if k.startswith("tokenizer.")}
+
+    want, got = keys(source), keys(written)
+    differ = sorted(k for k in want if got.get(k, "missing") != want[k])
+    ok = not differ
+    print(
+        f"{'ok  ' if ok else 'FAIL'} {name}: {len(want)} tokenizer keys of the source, "
+        f"{len(want) - len(differ)} carried with their values"
+        f"{'; missing or changed: ' + ', '.join(differ) if differ else ''}"
+    )
+    return {"name": name, "keys": len(want), "differ": differ, "ok": ok}
+
+
 def main():
     binary, work = sys.argv[1], Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)
@@ -241,6 +262,7 @@ def main():
         results.append(check_decoder(binary, work, f"{method}-pruned folder", pruned))
     q8 = made("q8_0.gguf", "quantize", smollm2, "--format", "gguf:q8_0", "--method", "rtn")
     results.append(check_decoder(binary, work, "Q8_0 GGUF", q8, gguf=True, eval_args=["--dequantize"]))
+    results.append(check_gguf_tokenizer("Q8_0 GGUF tokenizer keys", smollm2, q8))
 
     text = shrink(binary, "data", "path", "pip-docs:eval").split()[0]
     lines = [l.strip() for l in Path(text).read_text().splitlines() if len(l.strip()) > 40]
