@@ -6,7 +6,7 @@ folders; sentence-transformers for the MiniLM folder) and must load without a wa
 missing, unexpected or mismatched weight, and compute what `shrink eval` / `shrink embed` say it
 computes:
 
-- decoders: perplexity on the same tokens (read from the base file `shrink eval --save-kl-base`
+- decoders: perplexity on the same tokens (4 chunks; the W8A8 folder on the whole text) (read from the base file `shrink eval --save-kl-base`
   writes, so no tokenizer can differ), llama.cpp's protocol (chunks of CTX tokens, BOS first when
   the model adds one, the second half of each chunk scored), within 0.1%;
 - the Q8_0 GGUF: every `tokenizer.*` key of the source GGUF carried with its value (gguf's
@@ -124,10 +124,15 @@ def check_decoder(binary, work, name, path, gguf=False, eval_args=(), int8_input
     from transformers import AutoModelForCausalLM
 
     base = work / f"{name}.kl"
+    # Int8 activations are scored on the whole text: rounded per token, a handful of values that
+    # fall on or near a rounding boundary (ties broken half-to-even by torch, half-away by
+    # shrink) change a chunk's perplexity by up to 0.9% between implementations, which averages
+    # out over the text's 37 chunks (see the README's Clients section).
+    chunks = [] if int8_inputs else ["--chunks", str(CHUNKS)]
     report = json.loads(
         shrink(
-            binary, "eval", str(path), "--text", TEXT, "--ctx", str(CTX), "--chunks",
-            str(CHUNKS), "--json", "--save-kl-base", str(base), *eval_args,
+            binary, "eval", str(path), "--text", TEXT, "--ctx", str(CTX), *chunks, "--json",
+            "--save-kl-base", str(base), *eval_args,
         )
     )
     want = report["perplexity"]["ppl"]
@@ -157,8 +162,8 @@ def check_decoder(binary, work, name, path, gguf=False, eval_args=(), int8_input
     note = ""
     if int8_inputs:
         # compressed-tensors scales int8 activations by max/127.5, vLLM and shrink by max/127:
-        # also scored with vLLM's convention, for the record (not a pass condition: measured
-        # further from shrink than compressed-tensors' own, a gap not yet explained).
+        # also scored with vLLM's scale, for the record (both conventions land within the
+        # rounding-realization spread of each other on the whole text).
         with VllmRounding():
             vllm = perplexity(model, chunks, bos)
         vllm_rel = abs(vllm - want) / want
