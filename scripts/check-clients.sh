@@ -6,7 +6,8 @@
 # (default ~/.cache/shrink; about 5.5 GB, torch's CUDA libraries included). Usage:
 #   scripts/check-clients.sh [SHRINK_BINARY] [WORK_DIR]
 # Writes WORK_DIR/clients.json (default: a temporary folder, removed afterwards); exit 1 when a
-# check fails.
+# check fails. Exports already in a given WORK_DIR are reused, not remade (for iterating on the
+# checks): pass a fresh folder to check a new binary's writers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHRINK="${1:-${CARGO_TARGET_DIR:-target}/release/shrink}"
@@ -17,7 +18,7 @@ log() { echo "[check-clients] $*" >&2; }
 if [ ! -f "$VENV/.complete" ]; then
   log "building the client venv in $VENV"
   rm -rf "$VENV"
-  python3 -m venv "$VENV"
+  python3 -m venv "$VENV" || { log "python3 -m venv failed (Debian: apt-get install python3-venv)"; exit 2; }
   "$VENV/bin/pip" install --quiet --no-cache-dir -r "$REQ" >&2
   touch "$VENV/.complete"
 fi

@@ -111,7 +111,8 @@ pub enum Target {
 
 impl Structure {
     /// The structure removing `fraction` of the target's units of a model shaped like `cfg`
-    /// (rounded to the nearest whole unit; at least one unit is always kept).
+    /// (rounded to the nearest whole unit; at least one unit is always kept; width keeps a
+    /// multiple of the head count, at least one head's worth, at most the whole heads it has).
     pub fn from_fraction(
         target: Target,
         fraction: f64,
@@ -144,11 +145,15 @@ impl Structure {
             // The kept width is a whole number of heads: transformers refuses a hidden size
             // that is not a multiple of the head count, even when `head_dim` is given.
             Target::Width => {
-                let heads = cfg.num_attention_heads.max(1);
-                let kept = cfg.hidden_size - count(cfg.hidden_size);
-                let kept = ((kept as f64 / heads as f64).round() as usize).max(1) * heads;
+                let (hidden, heads) = (cfg.hidden_size, cfg.num_attention_heads.max(1));
+                let removed = count(hidden);
+                let whole = (hidden / heads).max(1);
+                let kept = ((hidden - removed) as f64 / heads as f64).round() as usize;
                 Structure::Width {
-                    count: cfg.hidden_size.saturating_sub(kept),
+                    count: match removed {
+                        0 => 0,
+                        _ => hidden.saturating_sub(kept.clamp(1, whole) * heads),
+                    },
                 }
             }
         })

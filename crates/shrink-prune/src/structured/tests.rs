@@ -141,27 +141,34 @@ fn streamed_structured_pruning_writes_what_the_whole_model_path_writes() {
 }
 
 /// Width pruning keeps a whole number of heads (transformers refuses any other hidden size):
-/// SmolLM2's 576 channels and 9 heads, 5% off, keep 549 rounded to 549/9 = 61 heads' worth.
+/// SmolLM2's 576 channels and 9 heads, 5% off: the 547 kept round to 61 × 9 = 549. A width that
+/// is not a multiple of the heads (547, from an older pruning) keeps at most its whole heads, and
+/// a fraction of 0 removes nothing.
 #[test]
 fn width_from_a_fraction_keeps_a_multiple_of_the_head_count() {
     let mut cfg = ModelConfig::tiny_for_tests();
     cfg.hidden_size = 576;
     cfg.num_attention_heads = 9;
     cfg.num_key_value_heads = Some(3);
-    let width = |fraction| match Structure::from_fraction(
+    let width = |cfg: &ModelConfig, fraction| match Structure::from_fraction(
         Target::Width,
         fraction,
         LayerCriterion::BlockInfluence,
-        &cfg,
+        cfg,
     )
     .unwrap()
     {
         Structure::Width { count } => count,
         s => panic!("{s:?}"),
     };
-    assert_eq!(width(0.05), 576 - 549);
-    assert_eq!(width(0.25), 144);
+    assert_eq!(width(&cfg, 0.05), 576 - 549);
+    assert_eq!(width(&cfg, 0.25), 144);
     for f in [0.01, 0.05, 0.1, 0.3, 0.9] {
-        assert_eq!((576 - width(f)) % 9, 0, "{f}");
+        assert_eq!((576 - width(&cfg, f)) % 9, 0, "{f}");
     }
+    assert_eq!(width(&cfg, 0.0), 0);
+    cfg.hidden_size = 547;
+    assert_eq!(width(&cfg, 0.0), 0);
+    assert_eq!(width(&cfg, 0.001), 547 - 540, "60 whole heads, not 61");
+    assert_eq!(width(&cfg, 0.5), 547 - 270);
 }
