@@ -3,7 +3,7 @@
 # (torch, transformers, compressed-tensors, sentence-transformers, gguf; versions pinned in
 # scripts/clients/requirements.txt), each scored against `shrink eval` / `shrink embed` on the same
 # tokens. The venv is built once per requirements file and cached under $SHRINK_CACHE_DIR
-# (default ~/.cache/shrink; about 5.5 GB, torch's CUDA libraries included). Usage:
+# (default ~/.cache/shrink; about 5.8 GB, torch's CUDA libraries included). Usage:
 #   scripts/check-clients.sh [SHRINK_BINARY] [WORK_DIR]
 # Writes WORK_DIR/clients.json (default: a temporary folder, removed afterwards); exit 1 when a
 # check fails. Exports already in a given WORK_DIR are reused, not remade (for iterating on the

@@ -57,22 +57,22 @@ impl<'a> QuantizedHf<'a> {
             modules.insert(module, (s, rows, cols));
         }
         let mut entries = vec![];
-        let mut kept = vec![];
         for name in HfStream::model_order(written.tensors.names(), &config.embedding_name()) {
             match layouts.get(&name) {
                 Some(layout) => entries.extend(layout.iter().cloned()),
-                None => {
-                    let shape = written.tensors.shape(&name).unwrap_or(&[]);
-                    kept.push((name.clone(), shape.to_vec()));
-                    entries.push(SafetensorsEntry {
-                        dtype: safetensors::Dtype::F16,
-                        shape: shape.to_vec(),
-                        name,
-                    })
-                }
+                None => entries.push(SafetensorsEntry {
+                    dtype: safetensors::Dtype::F16,
+                    shape: written.tensors.shape(&name).unwrap_or(&[]).to_vec(),
+                    name,
+                }),
             }
         }
-        let ignore = config.hf_linear_modules(kept.iter().map(|(n, s)| (n.as_str(), &s[..])));
+        let kept = written
+            .tensors
+            .names()
+            .filter(|n| !layouts.contains_key(*n));
+        let ignore = config
+            .hf_linear_modules(kept.filter_map(|n| Some((n.as_str(), written.tensors.shape(n)?))));
         let quantization_config =
             crate::quantization_config_of(&modules, output.plan.activations.as_ref(), ignore);
         let config = shrink_io::hf_config(
