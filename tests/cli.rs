@@ -2017,3 +2017,167 @@ fn signround_settings_are_refused_where_they_would_do_nothing() {
     assert!(e.contains("expected gptq or rtn"), "{e}");
     assert!(!out.exists());
 }
+
+/// Qwen3 and Gemma 3 (Hugging Face folders generated here) through every technique: GGUF
+/// conversion, RTN/GPTQ/AWQ/AWQ-GPTQ/SignRound to Q8_0 (AWQ folds its scales into Gemma's
+/// `1 + w` norms), the Q4_K_M preset, SmoothQuant W8A8 and W4 compressed-tensors folders,
+/// unstructured and 2:4 pruning, heads, channels, layers and width (Gemma's norms rescaled as
+/// `1 + w`, QK-norms kept whole), a layer-subset student, QAT and a search stage. Quantized files
+/// stay close to the float model; every output loads and scores.
+#[test]
+fn qwen3_and_gemma3_run_every_technique() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = sample_text();
+    let t = text.to_str().unwrap();
+    let eval = |m: &Path| -> f64 {
+        let v: serde_json::Value = serde_json::from_str(&ok(&[
+            "eval",
+            m.to_str().unwrap(),
+            "--text",
+            t,
+            "--ctx",
+            "128",
+            "--chunks",
+            "3",
+            "--protocol",
+            "full",
+            "--json",
+        ]))
+        .unwrap();
+        v["perplexity"]["ppl"].as_f64().unwrap()
+    };
+    let calib = ["--calib", t, "--samples", "8", "--seq-len", "64"];
+    for family in ["qwen3", "gemma3"] {
+        let folder = common::tiny_family_folder(dir.path(), family);
+        let f = folder.to_str().unwrap();
+        let out = |name: &str| dir.path().join(format!("{family}-{name}"));
+        let base = eval(&folder);
+        assert!(base.is_finite() && base > 1.0, "{family}: {base}");
+
+        let gguf = out("f32.gguf");
+        ok(&["convert", f, "--to", "gguf", gguf.to_str().unwrap()]);
+        let back = eval(&gguf);
+        assert!(
+            (back / base - 1.0).abs() < 1e-5,
+            "{family}: {back} vs {base}"
+        );
+
+        for method in ["rtn", "gptq", "awq", "awq-gptq", "signround"] {
+            let q8 = out(&format!("{method}-q8_0.gguf"));
+            let mut args = vec!["quantize", f, "--method", method, "--format", "gguf:q8_0"];
+            args.extend(calib);
+            args.extend(["-o", q8.to_str().unwrap()]);
+            ok(&args);
+            let q = eval(&q8);
+            eprintln!("{family} {method} q8_0: {q:.4} (float {base:.4})");
+            assert!(
+                (q / base - 1.0).abs() < 0.02,
+                "{family} {method}: {q} vs {base}"
+            );
+        }
+        let mut outputs = vec![];
+        let quantize: [&[&str]; 3] = [
+            &["--preset", "q4_k_m", "--method", "gptq"],
+            &["--preset", "w8a8"],
+            &[
+                "--format", "hf", "--bits", "4", "--group", "32", "--method", "gptq",
+            ],
+        ];
+        for (i, extra) in quantize.iter().enumerate() {
+            let o = out(&format!("quant-{i}"));
+            let mut args = vec!["quantize", f];
+            args.extend(*extra);
+            args.extend(calib);
+            args.extend(["-o", o.to_str().unwrap()]);
+            ok(&args);
+            outputs.push(o);
+        }
+        let prune: [&[&str]; 7] = [
+            &["--method", "magnitude", "--sparsity", "0.5"],
+            &["--method", "wanda", "--sparsity", "0.5"],
+            &["--method", "sparsegpt", "--sparsity", "2:4"],
+            &["--method", "heads", "--fraction", "0.5"],
+            &["--method", "channels", "--fraction", "0.25"],
+            &["--method", "layers", "--fraction", "0.34"],
+            &["--method", "width", "--fraction", "0.25"],
+        ];
+        for (i, extra) in prune.iter().enumerate() {
+            let o = out(&format!("prune-{i}.gguf"));
+            let mut args = vec!["prune", f];
+            args.extend(*extra);
+            args.extend(calib);
+            args.extend(["-o", o.to_str().unwrap()]);
+            ok(&args);
+            outputs.push(o);
+        }
+        let width = out("prune-6.gguf");
+        let q_norm = tensor_shape(&width, "blk.0.attn_q_norm.weight");
+        assert_eq!(q_norm["shape"], serde_json::json!([16]), "{q_norm}");
+        assert_eq!(
+            tensor_shape(&width, "blk.0.attn_norm.weight")["shape"],
+            serde_json::json!([24])
+        );
+        let layers = if family == "gemma3" { "0,5" } else { "1" };
+        let student = out("student.gguf");
+        let train = [
+            "--train",
+            t,
+            "--eval",
+            t,
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--eval-windows",
+            "2",
+        ];
+        let mut args = vec!["distill", f, "--layers", layers];
+        args.extend(train);
+        args.extend(["-o", student.to_str().unwrap()]);
+        ok(&args);
+        outputs.push(student);
+        let qat = out("qat.gguf");
+        let mut args = vec![
+            "distill",
+            f,
+            "--qat",
+            "q8_0",
+            "--calib",
+            t,
+            "--calib-samples",
+            "4",
+            "--lr",
+            "2e-4",
+        ];
+        args.extend(train);
+        args.extend(["-o", qat.to_str().unwrap()]);
+        ok(&args);
+        let q = eval(&qat);
+        assert!((q / base - 1.0).abs() < 0.05, "{family} QAT: {q} vs {base}");
+        for o in &outputs {
+            let p = eval(o);
+            eprintln!("{family} {}: {p:.4}", o.display());
+            assert!(p.is_finite() && p > 1.0, "{family} {}: {p}", o.display());
+        }
+        let stages = r#"[[stage]]
+kind = "search"
+name = "bpw"
+input = "model"
+formats = ["q8_0", "q4_0"]
+embedding_formats = ["q8_0"]
+[stage.budget]
+target_bpw = 6.0
+"#;
+        let file = search_pipeline(dir.path(), &folder, stages);
+        let run = out("run");
+        run_with_cache(&file, &run, &out("cache"));
+        let searched = run.join("stages").join("bpw").join("model.gguf");
+        let p = eval(&searched);
+        assert!(
+            (p / base - 1.0).abs() < 0.05,
+            "{family} search: {p} vs {base}"
+        );
+    }
+}

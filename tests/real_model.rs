@@ -1497,6 +1497,97 @@ fn gpt2_ggufs_score_the_same_in_llama_cpp() {
     }
 }
 
+/// Qwen3 (QK-norm) and Gemma 3 (sandwich norms stored as `w` in the folder and as `1 + w` in the
+/// GGUF, GeGLU, √hidden embedding scale, sliding-window layers with their own RoPE base) written
+/// by shrink as GGUF from Hugging Face folders generated here: llama.cpp scores them as shrink
+/// does, in F32 and as GPTQ Q8_0, and shrink scores the folder and its GGUF alike.
+#[test]
+fn qwen3_and_gemma3_ggufs_score_the_same_in_llama_cpp() {
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    if asset("shakespeare").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["qwen3", "gemma3"] {
+        let folder = common::tiny_family_folder(dir.path(), family);
+        let f32_gguf = dir.path().join(format!("{family}-f32.gguf"));
+        run_shrink(&[
+            "convert",
+            folder.to_str().unwrap(),
+            "--to",
+            "gguf",
+            f32_gguf.to_str().unwrap(),
+        ]);
+        let q8 = dir.path().join(format!("{family}-q8_0.gguf"));
+        run_shrink(&[
+            "quantize",
+            folder.to_str().unwrap(),
+            "--method",
+            "gptq",
+            "--format",
+            "gguf:q8_0",
+            "--samples",
+            "16",
+            "--seq-len",
+            "128",
+            "-o",
+            q8.to_str().unwrap(),
+        ]);
+        let folder_ppl = shrink_eval(&folder, 2)["perplexity"]["ppl"]
+            .as_f64()
+            .unwrap();
+        for model in [&f32_gguf, &q8] {
+            let ours = shrink_eval(model, 2)["perplexity"]["ppl"].as_f64().unwrap();
+            let theirs = llama_perplexity(&tool, model, 2);
+            eprintln!(
+                "{}: shrink {ours:.4}, llama.cpp {theirs:.4} (folder {folder_ppl:.4})",
+                model.display()
+            );
+            assert!(
+                (ours / theirs - 1.0).abs() < 0.005,
+                "{}: shrink {ours} vs llama.cpp {theirs}",
+                model.display()
+            );
+        }
+        let gguf_ppl = shrink_eval(&f32_gguf, 2)["perplexity"]["ppl"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (gguf_ppl / folder_ppl - 1.0).abs() < 1e-5,
+            "{family}: folder {folder_ppl} vs its GGUF {gguf_ppl}"
+        );
+        // The agreement is not loose: the model read without one of its ingredients scores
+        // well outside the tolerance.
+        let config_path = folder.join("config.json");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        let changes: &[(&str, serde_json::Value)] = match family {
+            "qwen3" => &[("rope_theta", serde_json::json!(10_000.0))],
+            _ => &[
+                ("rope_local_base_freq", serde_json::json!(1_000_000.0)),
+                ("sliding_window", serde_json::json!(512)),
+                ("query_pre_attn_scalar", serde_json::json!(64)),
+            ],
+        };
+        for (key, value) in changes {
+            let mut changed = config.clone();
+            changed[*key] = value.clone();
+            std::fs::write(&config_path, serde_json::to_vec(&changed).unwrap()).unwrap();
+            let off = shrink_eval(&folder, 2)["perplexity"]["ppl"]
+                .as_f64()
+                .unwrap();
+            eprintln!("{family} with {key} = {value}: {off:.4} (folder {folder_ppl:.4})");
+            assert!(
+                (off / folder_ppl - 1.0).abs() > 0.01,
+                "{family} {key}: {off}"
+            );
+        }
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    }
+}
+
 /// `shrink eval --json` of an encoder against the original MiniLM on Hamlet's first 64 sentences.
 fn minilm_fidelity(model: &std::path::Path, reference: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&run_shrink(&[

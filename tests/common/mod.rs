@@ -126,6 +126,32 @@ pub fn tiny_llama_folder(dir: &Path, vocab_size: usize) -> PathBuf {
     random_folder(&dir.join("llama"), &cfg, vocab, None, 9)
 }
 
+/// A 2-block Qwen3 (QK-norm) or a 6-block Gemma 3 (sandwich norms stored as `w`, GeGLU, the
+/// embedding scaled, five sliding-window layers of 100 positions with RoPE base 10,000 and a
+/// global one), with a byte-level BPE tokenizer, written as a Hugging Face folder.
+pub fn tiny_family_folder(dir: &Path, family: &str) -> PathBuf {
+    let vocab = GgufVocab::byte_level(&["<|endoftext|>"], &["Ġ t", "h e", "Ġt he"], Some("gpt-2"));
+    let mut cfg = match family {
+        "qwen3" => ModelConfig {
+            head_dim: Some(16), // o_proj rows of 64: whole Q8_0 blocks
+            ..ModelConfig::tiny_qwen3_for_tests()
+        },
+        "gemma3" => {
+            let mut cfg = ModelConfig::tiny_gemma3_for_tests();
+            cfg.num_hidden_layers = 6;
+            cfg.layer_types = None; // llama.cpp's default: every 6th layer global
+            cfg.sliding_window = Some(100);
+            cfg.query_pre_attn_scalar = cfg.head_dim.map(|d| d as f64);
+            cfg
+        }
+        other => panic!("no tiny {other}"),
+    };
+    cfg.vocab_size = vocab.tokens.len();
+    cfg.intermediate_size = 128;
+    cfg.max_position_embeddings = 1024;
+    random_folder(&dir.join(family), &cfg, vocab, None, 21)
+}
+
 /// A model of `cfg` with random weights (`seed`) and `vocab`, saved as a Hugging Face folder at
 /// `path` in the family's own tensor layout.
 fn random_folder(

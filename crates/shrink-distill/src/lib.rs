@@ -131,7 +131,12 @@ pub fn student_config(
     let mut c = teacher.clone();
     for (key, &v) in overrides {
         match key.as_str() {
-            "num_hidden_layers" => c.num_hidden_layers = v,
+            "num_hidden_layers" => {
+                if v != c.num_hidden_layers {
+                    c.layer_types = None; // a new depth takes the family's pattern
+                }
+                c.num_hidden_layers = v
+            }
             "hidden_size" => c.hidden_size = v,
             "intermediate_size" => c.intermediate_size = v,
             "num_attention_heads" => c.num_attention_heads = v,

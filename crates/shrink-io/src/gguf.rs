@@ -10,7 +10,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use shrink_core::qmatmul::{BlockType, QMatrix};
-use shrink_models::family::{self, gpt2, llama};
+use shrink_models::family::{self, llama};
 use std::path::Path;
 
 /// Memory-maps a GGUF file; the mapping is read once, tensor by tensor.
@@ -127,6 +127,71 @@ fn meta_array<'a>(path: &Path, content: &'a GgufLayout, key: &str) -> Result<&'a
         .map_err(|_| meta_err(path, key, "expected an array"))
 }
 
+/// Gemma 3's keys of the config read from a GGUF file: GeGLU, the sliding window (all but every
+/// 6th layer, or `attention.sliding_window_pattern`), the local RoPE base (`rope.freq_base_swa`,
+/// llama.cpp's default 10,000) and the score scale llama.cpp uses (`head_dim^-0.5`; the 27B's
+/// `(hidden / heads)^-0.5`). A final-logit soft cap is carried into the config, which refuses it.
+fn gemma3_config(
+    path: &Path,
+    content: &GgufLayout,
+    config: &mut serde_json::Value,
+    (n_layer, hidden, n_head, head_dim): (usize, usize, usize, usize),
+) -> Result<()> {
+    let a = |k: &str| format!("gemma3.{k}");
+    let map = config.as_object_mut().expect("a JSON object");
+    map.remove("hidden_act");
+    map.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+    let scalar = if n_layer == 62 {
+        hidden / n_head
+    } else {
+        head_dim
+    };
+    map.insert("query_pre_attn_scalar".into(), json!(scalar));
+    if let Some(window) = meta_u64(path, content, &a("attention.sliding_window"))? {
+        map.insert("sliding_window".into(), json!(window));
+        let local = meta_f64(path, content, &a("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+        map.insert("rope_local_base_freq".into(), json!(local));
+        let key = a("attention.sliding_window_pattern");
+        let types: Vec<&str> = match meta(content, &key) {
+            None => (0..n_layer)
+                .map(|i| (i + 1) % 6 != 0)
+                .map(|sliding| {
+                    if sliding {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect(),
+            Some(Value::Array(flags)) => flags
+                .iter()
+                .map(|f| match f.to_bool() {
+                    Ok(true) => Ok("sliding_attention"),
+                    Ok(false) => Ok("full_attention"),
+                    Err(_) => Err(meta_err(path, &key, "expected booleans")),
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => {
+                let every = meta_u64(path, content, &key)?.unwrap_or(6).max(1) as usize;
+                (0..n_layer)
+                    .map(|i| {
+                        if (i + 1) % every != 0 {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect()
+            }
+        };
+        map.insert("layer_types".into(), json!(types));
+    }
+    if let Some(cap) = meta_f64(path, content, &a("final_logit_softcapping"))? {
+        map.insert("final_logit_softcapping".into(), json!(cap));
+    }
+    Ok(())
+}
+
 /// The GGUF name for a Hugging Face tensor name (llama layout), or `None` if unknown.
 pub fn hf_to_gguf_name(name: &str) -> Option<String> {
     llama::GGUF.to_gguf(name).map(|(g, _)| g)
@@ -211,6 +276,7 @@ pub(crate) fn checkpoint_of(
             supported: family::GGUF_SUPPORTED,
         });
     };
+    let names = family::gguf_names_of(&arch).unwrap_or(&llama::GGUF);
     let a = |k: &str| format!("{arch}.{k}");
     let n_head = meta_req_u64(path, content, &a("attention.head_count"))? as usize;
     let n_head_kv =
@@ -318,13 +384,10 @@ pub(crate) fn checkpoint_of(
         if name == "rope_freqs.weight" {
             continue; // a precomputed RoPE table; the model computes its own
         }
-        let (hf, conv1d) = if arch == "gpt2" {
-            &gpt2::GGUF
-        } else {
-            &llama::GGUF
-        }
-        .to_hf(name)
-        .ok_or_else(|| tensor_err(format!("unknown tensor name for the {arch} architecture")))?;
+        let (hf, conv1d) = names.to_hf(name).ok_or_else(|| {
+            tensor_err(format!("unknown tensor name for the {arch} architecture"))
+        })?;
+        let shift = names.shift_of(&hf);
         let heads = match () {
             _ if arch != "llama" => None,
             _ if hf.contains("self_attn.q_proj") => Some(n_head),
@@ -386,6 +449,13 @@ pub(crate) fn checkpoint_of(
                     .and_then(|t| t.contiguous())
                     .map_err(|e| tensor_err(e.to_string()))?;
             }
+            if shift != 0.0 {
+                // In f32: `1 + w` read back as `w` (exact for scales of at least one half).
+                t = t
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.affine(1.0, -shift as f64))
+                    .map_err(|e| tensor_err(e.to_string()))?;
+            }
             t.to_dtype(dtype).map_err(|e| tensor_err(e.to_string()))
         };
         let stored = float_dtype(ggml_type).unwrap_or(DType::F32);
@@ -412,8 +482,14 @@ pub(crate) fn checkpoint_of(
             "torch_dtype": "float32",
         })
     } else {
-        json!({
-        "architectures": [if model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        let class = match model_type {
+            "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
+            "gemma3_text" => "Gemma3ForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        let mut config = json!({
+        "architectures": [class],
         "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": ffn,
@@ -431,7 +507,16 @@ pub(crate) fn checkpoint_of(
         "bos_token_id": bos,
         "eos_token_id": eos,
         "torch_dtype": "float32",
-        })
+        });
+        if model_type == "gemma3_text" {
+            gemma3_config(
+                path,
+                content,
+                &mut config,
+                (n_layer, hidden, n_head, head_dim),
+            )?;
+        }
+        config
     };
     let generation_config = Some(json!({ "bos_token_id": bos, "eos_token_id": eos }));
     Ok(Checkpoint {

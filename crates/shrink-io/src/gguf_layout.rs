@@ -330,6 +330,10 @@ mod tests {
             ),
             ("a.i32s".to_string(), GgufValue::I32Array(vec![1, -2])),
             ("a.f32s".to_string(), GgufValue::F32Array(vec![1.5])),
+            (
+                "a.bools".to_string(),
+                GgufValue::BoolArray(vec![true, false]),
+            ),
         ];
         let entry = GgufEntry {
             name: "w".into(),
@@ -353,6 +357,13 @@ mod tests {
         assert_eq!(m["a.i32"].to_i32().unwrap(), -3);
         assert_eq!(m["a.f32"].to_f32().unwrap(), 0.25);
         assert!(m["a.bool"].to_bool().unwrap());
+        let bools: Vec<bool> = m["a.bools"]
+            .to_vec()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bool().unwrap())
+            .collect();
+        assert_eq!(bools, [true, false]);
         assert_eq!(m["a.str"].to_string().unwrap(), "héllo");
         let strs: Vec<String> = m["a.strs"]
             .to_vec()

@@ -106,6 +106,49 @@ pub fn write_llama_gguf(
     writer.finish()
 }
 
+/// Gemma 3's keys beyond the Llama family's: the sliding window, each layer's attention as a
+/// boolean per layer (`true`: sliding), the sliding layers' RoPE base. A final-logit soft cap is
+/// refused by the config before a file is planned.
+fn gemma3_metadata(checkpoint: &Checkpoint) -> Result<Vec<(String, GgufValue)>> {
+    let config = shrink_models::ModelConfig::from_json(&checkpoint.config)?;
+    // llama.cpp scales scores by head_dim^-0.5 (the 62-layer 27B: (hidden / heads)^-0.5).
+    let theirs = match config.num_hidden_layers {
+        62 => config.hidden_size / config.num_attention_heads,
+        _ => config.head_dim(),
+    };
+    let ours = config
+        .query_pre_attn_scalar
+        .unwrap_or(config.head_dim() as f64);
+    if ours != theirs as f64 {
+        return Err(IoError::Format {
+            path: checkpoint.path.clone(),
+            message: format!(
+                "query_pre_attn_scalar = {ours}, but llama.cpp's gemma3 scales attention by {theirs}^-0.5: the GGUF would compute another model"
+            ),
+        });
+    }
+    let mut out = vec![];
+    if let Some(window) = config.sliding_window {
+        out.push((
+            "gemma3.attention.sliding_window".to_string(),
+            GgufValue::U32(window as u32),
+        ));
+        out.push((
+            "gemma3.attention.sliding_window_pattern".to_string(),
+            GgufValue::BoolArray(
+                (0..config.num_hidden_layers)
+                    .map(|i| config.is_sliding_layer(i))
+                    .collect(),
+            ),
+        ));
+        out.push((
+            "gemma3.rope.freq_base_swa".to_string(),
+            GgufValue::F32(config.rope_local_base_freq.unwrap_or(10_000.0) as f32),
+        ));
+    }
+    Ok(out)
+}
+
 /// A checkpoint laid out as a llama.cpp GGUF, before any data: the metadata, the tensors in
 /// llama.cpp's order (embeddings, blocks, output) with their GGUF names, types and shapes, and the
 /// conversion of each tensor's data (GPT-2's Conv1D transposed, Llama's Q/K rows permuted). A
@@ -121,6 +164,8 @@ pub struct LlamaGguf {
     /// weight stored `[in, out]`.
     permute: Vec<Option<usize>>,
     conv1d: Vec<bool>,
+    /// Per entry: what the file adds to the checkpoint's values (Gemma's norms: `1 + w`).
+    shift: Vec<f32>,
 }
 
 impl LlamaGguf {
@@ -263,6 +308,9 @@ impl LlamaGguf {
                 (a("rope.dimension_count"), GgufValue::U32(head_dim as u32)),
             ]);
         }
+        if model_type == "gemma3_text" {
+            metadata.extend(gemma3_metadata(checkpoint)?);
+        }
         if let Some(pre) = &vocab.pre {
             metadata.push(("tokenizer.ggml.pre".into(), s(pre)));
         }
@@ -314,7 +362,7 @@ impl LlamaGguf {
 
         // Tensors in llama.cpp's conventional order: embeddings, blocks, output.
         let mut ordered: Vec<&String> = checkpoint.tensors.names().collect();
-        let names = if gpt2 { &gpt2::GGUF } else { &llama::GGUF };
+        let names = family::gguf_names_of(arch).unwrap_or(&llama::GGUF);
         let gguf_name = |n: &str| names.to_gguf(n);
         let layer_of = |n: &str| -> (usize, usize) {
             let g = gguf_name(n).map(|(g, _)| g).unwrap_or_default();
@@ -335,6 +383,7 @@ impl LlamaGguf {
             path: path.to_path_buf(),
             permute: Vec::with_capacity(ordered.len()),
             conv1d: Vec::with_capacity(ordered.len()),
+            shift: Vec::with_capacity(ordered.len()),
         };
         for name in ordered {
             let err = |message: String| IoError::Tensor {
@@ -385,6 +434,7 @@ impl LlamaGguf {
             layout.names.push(name.clone());
             layout.permute.push(permute);
             layout.conv1d.push(conv1d);
+            layout.shift.push(names.shift_of(name));
         }
         Ok(layout)
     }
@@ -430,6 +480,10 @@ impl LlamaGguf {
         if let Some(heads) = self.permute[i] {
             t = t.to_dtype(DType::F32).map_err(err)?;
             t = permute_qk(&t, heads, false).map_err(err)?;
+        }
+        if self.shift[i] != 0.0 {
+            t = t.to_dtype(DType::F32).map_err(err)?;
+            t = t.affine(1.0, self.shift[i] as f64).map_err(err)?;
         }
         let entry = &self.entries[i];
         if t.dims() != entry.dims.as_slice() {

@@ -18,6 +18,7 @@ pub enum GgufValue {
     StringArray(Vec<String>),
     I32Array(Vec<i32>),
     F32Array(Vec<f32>),
+    BoolArray(Vec<bool>),
 }
 
 // GGUF value type ids.
@@ -74,6 +75,12 @@ impl GgufValue {
                 w.extend(GGUF_F32.to_le_bytes());
                 w.extend((v.len() as u64).to_le_bytes());
                 v.iter().for_each(|x| w.extend(x.to_le_bytes()));
+            }
+            GgufValue::BoolArray(v) => {
+                w.extend(GGUF_ARRAY.to_le_bytes());
+                w.extend(GGUF_BOOL.to_le_bytes());
+                w.extend((v.len() as u64).to_le_bytes());
+                w.extend(v.iter().map(|&b| u8::from(b)));
             }
         }
     }

@@ -1,5 +1,5 @@
 //! The model config: the subset of a Hugging Face `config.json` that defines the shape of every
-//! family shrink runs (Llama, Mistral, Qwen2, BERT, GPT-2). GPT-2's own key names (`n_embd`,
+//! family shrink runs (Llama, Mistral, Qwen2, Qwen3, Gemma 3, BERT, GPT-2). GPT-2's own key names (`n_embd`,
 //! `n_layer`, …) are read and written back under those names.
 
 use crate::{ModelError, Result};
@@ -51,6 +51,26 @@ pub struct ModelConfig {
     pub type_vocab_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_embedding_type: Option<String>,
+    /// Gemma's name for the MLP activation (`gelu_pytorch_tanh`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-0.5` (else `head_dim^-0.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 3: the RoPE base of the sliding-window layers (`rope_theta` is the global layers').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma 3: each layer's attention, `sliding_attention` or `full_attention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 (older configs): every `sliding_window_pattern`-th layer is global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 2's soft caps, which Gemma 3 dropped: refused when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
 }
 
 fn default_rms_norm_eps() -> f64 {
@@ -70,6 +90,11 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3: Qwen2 without q/k/v biases, with an RMSNorm on each query and key head (QK-norm).
+    Qwen3,
+    /// Gemma 3: QK-norm, a norm before and after each sub-layer (`1 + w`), GeGLU, the embedding
+    /// scaled by `√hidden`, sliding-window and global layers with their own RoPE bases.
+    Gemma3,
     /// BERT-style encoders (BERT, MiniLM): absolute positions, post-norm LayerNorm, GELU, biases,
     /// bidirectional attention.
     Bert,
@@ -79,7 +104,7 @@ pub enum Arch {
 
 impl Arch {
     /// Names accepted in errors about unknown architectures.
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, bert, gpt2";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma3_text, bert, gpt2";
 
     /// The checkpoint prefix of the blocks' tensors (`model.layers`, `encoder.layer`, `h`): block
     /// `i`'s tensors are named `{prefix}.{i}.…`.
@@ -92,9 +117,31 @@ impl Arch {
         self == Arch::Bert
     }
 
-    /// The Llama family: RMSNorm, RoPE, gated SiLU MLP.
+    /// The Llama family and its descendants: RMSNorm, RoPE, a gated MLP.
     pub fn is_llama_like(self) -> bool {
-        matches!(self, Arch::Llama | Arch::Mistral | Arch::Qwen2)
+        matches!(
+            self,
+            Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3
+        )
+    }
+
+    /// An RMSNorm over each query and key head before RoPE (`q_norm`, `k_norm`).
+    pub fn has_qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// A second norm on each sub-layer's output before its residual sum (Gemma's sandwich).
+    pub fn has_post_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// RMSNorm scales stored as `w` and applied as `1 + w` (Gemma).
+    pub fn norm_offset(self) -> f32 {
+        if self == Arch::Gemma3 {
+            1.0
+        } else {
+            0.0
+        }
     }
 }
 
@@ -107,6 +154,8 @@ pub enum Activation {
     GeluErf,
     /// GELU's tanh approximation (GPT-2's `gelu_new`).
     GeluTanh,
+    /// `gelu_tanh(gate) · up` (Gemma's GeGLU).
+    GeluTanhGated,
 }
 
 impl ModelConfig {
@@ -177,6 +226,8 @@ impl ModelConfig {
             "llama" => Some(Arch::Llama),
             "mistral" => Some(Arch::Mistral),
             "qwen2" => Some(Arch::Qwen2),
+            "qwen3" => Some(Arch::Qwen3),
+            "gemma3_text" => Some(Arch::Gemma3),
             "bert" => Some(Arch::Bert),
             "gpt2" => Some(Arch::Gpt2),
             _ => None,
@@ -185,6 +236,8 @@ impl ModelConfig {
             "LlamaForCausalLM" => Some(Arch::Llama),
             "MistralForCausalLM" => Some(Arch::Mistral),
             "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Qwen3ForCausalLM" => Some(Arch::Qwen3),
+            "Gemma3ForCausalLM" => Some(Arch::Gemma3),
             "BertModel" | "BertForMaskedLM" => Some(Arch::Bert),
             "GPT2LMHeadModel" | "GPT2Model" => Some(Arch::Gpt2),
             _ => None,
@@ -231,6 +284,34 @@ impl ModelConfig {
             if self.mlp_bias {
                 return bad("mlp_bias = true is not supported".into());
             }
+            for (key, cap) in [
+                ("final_logit_softcapping", self.final_logit_softcapping),
+                ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ] {
+                if cap.is_some() {
+                    return bad(format!("{key} (Gemma 2's soft caps) is not supported"));
+                }
+            }
+            if let Some(types) = &self.layer_types {
+                if types.len() != self.num_hidden_layers {
+                    return bad(format!(
+                        "layer_types has {} entries for {} layers",
+                        types.len(),
+                        self.num_hidden_layers
+                    ));
+                }
+                if let Some(t) = types
+                    .iter()
+                    .find(|t| !matches!(t.as_str(), "sliding_attention" | "full_attention"))
+                {
+                    return bad(format!(
+                        "layer_types holds '{t}' (expected sliding_attention or full_attention)"
+                    ));
+                }
+            }
+            if self.sliding_window_pattern == Some(0) {
+                return bad("sliding_window_pattern must be positive".into());
+            }
             self.rope_inv_freq().map(|_| ())
         } else {
             if kv != self.num_attention_heads {
@@ -256,8 +337,13 @@ impl ModelConfig {
     /// The MLP activation the config names, checked against the family.
     pub fn activation(&self) -> Result<Activation> {
         let arch = self.arch()?;
-        let act = self.hidden_act.as_deref();
+        let act = self
+            .hidden_act
+            .as_deref()
+            .or(self.hidden_activation.as_deref());
         let found = match (arch, act) {
+            (Arch::Gemma3, None | Some("gelu_pytorch_tanh")) => Some(Activation::GeluTanhGated),
+            (Arch::Gemma3, _) => None,
             (a, None | Some("silu")) if a.is_llama_like() => Some(Activation::SiluGated),
             (Arch::Bert, None | Some("gelu")) => Some(Activation::GeluErf),
             (Arch::Bert | Arch::Gpt2, Some("gelu_new" | "gelu_pytorch_tanh")) => {
@@ -296,6 +382,7 @@ impl ModelConfig {
     pub(crate) fn qkv_bias(&self) -> bool {
         match self.arch() {
             Ok(Arch::Qwen2 | Arch::Bert | Arch::Gpt2) => true,
+            Ok(Arch::Gemma3) => false,
             _ => self.attention_bias,
         }
     }
@@ -303,7 +390,7 @@ impl ModelConfig {
     pub(crate) fn o_bias(&self) -> bool {
         match self.arch() {
             Ok(Arch::Bert | Arch::Gpt2) => true,
-            Ok(Arch::Qwen2) => false,
+            Ok(Arch::Qwen2 | Arch::Gemma3) => false,
             _ => self.attention_bias,
         }
     }
@@ -320,21 +407,91 @@ impl ModelConfig {
 
     pub(crate) fn effective_sliding_window(&self) -> Option<usize> {
         match self.arch().ok()? {
-            Arch::Mistral => self.sliding_window,
-            Arch::Qwen2 if self.use_sliding_window == Some(true) => self.sliding_window,
+            Arch::Mistral | Arch::Gemma3 => self.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 if self.use_sliding_window == Some(true) => {
+                self.sliding_window
+            }
             _ => None,
         }
+    }
+
+    /// Whether layer `index` attends through the sliding window (when the model has one) with
+    /// the local RoPE base: every layer of Mistral and windowed Qwen; Gemma 3's `layer_types`, or
+    /// all but every `sliding_window_pattern`-th layer (6 by default).
+    pub fn is_sliding_layer(&self, index: usize) -> bool {
+        if self.effective_sliding_window().is_none() {
+            return false;
+        }
+        if self.arch().ok() != Some(Arch::Gemma3) {
+            return true;
+        }
+        match &self.layer_types {
+            Some(types) => types.get(index).is_some_and(|t| t == "sliding_attention"),
+            None => !(index + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(6)),
+        }
+    }
+
+    /// The factor scaling attention scores: `query_pre_attn_scalar^-0.5` (Gemma) or
+    /// `head_dim^-0.5`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim() as f64)
+            .sqrt()
+    }
+
+    /// The config of the same model with only layers `kept` (ascending), renumbered from 0: each
+    /// keeps its own attention (Gemma 3's `layer_types` are cut, not recomputed by index).
+    pub fn with_layers(&self, kept: &[usize]) -> ModelConfig {
+        let mut c = self.clone();
+        c.num_hidden_layers = kept.len();
+        if self.arch().ok() == Some(Arch::Gemma3) && self.effective_sliding_window().is_some() {
+            c.layer_types = Some(
+                kept.iter()
+                    .map(|&i| match self.is_sliding_layer(i) {
+                        true => "sliding_attention".to_string(),
+                        false => "full_attention".to_string(),
+                    })
+                    .collect(),
+            );
+        }
+        c
+    }
+
+    /// The factor the token embeddings are multiplied by (Gemma: `√hidden_size`).
+    pub fn embedding_scale(&self) -> Option<f64> {
+        (self.arch().ok() == Some(Arch::Gemma3)).then(|| (self.hidden_size as f64).sqrt())
     }
 
     /// RoPE inverse frequencies, with Llama-3 style scaling when `rope_scaling` asks for it; empty
     /// for families with learned positions.
     pub(crate) fn rope_inv_freq(&self) -> Result<Vec<f64>> {
+        self.rope_inv_freq_with(self.rope_theta)
+    }
+
+    /// The sliding-window layers' RoPE inverse frequencies when their base differs from the
+    /// global one (Gemma 3's `rope_local_base_freq`, unscaled).
+    pub(crate) fn rope_local_inv_freq(&self) -> Result<Option<Vec<f64>>> {
+        match self.rope_local_base_freq {
+            Some(base) if self.effective_sliding_window().is_some() => {
+                let d = self.head_dim();
+                Ok(Some(
+                    (0..d / 2)
+                        .map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64))
+                        .collect(),
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn rope_inv_freq_with(&self, theta: f64) -> Result<Vec<f64>> {
         if !self.arch()?.is_llama_like() {
             return Ok(vec![]);
         }
         let d = self.head_dim();
         let mut inv: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64))
             .collect();
         let Some(scaling) = &self.rope_scaling else {
             return Ok(inv);
@@ -354,6 +511,13 @@ impl ModelConfig {
         };
         match kind {
             "default" => Ok(inv),
+            "linear" => {
+                let factor = num("factor")?;
+                for f in inv.iter_mut() {
+                    *f /= factor;
+                }
+                Ok(inv)
+            }
             "llama3" => {
                 let factor = num("factor")?;
                 let low = num("low_freq_factor")?;
@@ -375,7 +539,7 @@ impl ModelConfig {
                 Ok(inv)
             }
             other => Err(ModelError::Config(format!(
-                "rope_scaling type '{other}' is not supported (supported: default, llama3)"
+                "rope_scaling type '{other}' is not supported (supported: default, linear, llama3)"
             ))),
         }
     }

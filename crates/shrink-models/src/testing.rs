@@ -29,6 +29,52 @@ impl ModelConfig {
             mlp_bias: false,
             type_vocab_size: None,
             position_embedding_type: None,
+            hidden_activation: None,
+            query_pre_attn_scalar: None,
+            rope_local_base_freq: None,
+            layer_types: None,
+            sliding_window_pattern: None,
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+        }
+    }
+
+    /// A 2-block Qwen3 (QK-norm, no q/k/v biases, a head size of its own, tied embeddings).
+    pub fn tiny_qwen3_for_tests() -> Self {
+        ModelConfig {
+            model_type: "qwen3".into(),
+            architectures: vec!["Qwen3ForCausalLM".into()],
+            head_dim: Some(12),
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            tie_word_embeddings: true,
+            ..Self::tiny_for_tests()
+        }
+    }
+
+    /// A 3-block Gemma 3: sandwich norms stored as `w` (applied as `1 + w`), QK-norm, GeGLU, the
+    /// embedding scaled by `√hidden`, two sliding-window layers (window 3, RoPE base 10,000)
+    /// around a global one (base 1,000,000), `query_pre_attn_scalar` unlike the head size.
+    pub fn tiny_gemma3_for_tests() -> Self {
+        ModelConfig {
+            model_type: "gemma3_text".into(),
+            architectures: vec!["Gemma3ForCausalLM".into()],
+            num_hidden_layers: 3,
+            head_dim: Some(16),
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            rope_local_base_freq: Some(10_000.0),
+            sliding_window: Some(3),
+            layer_types: Some(vec![
+                "sliding_attention".into(),
+                "full_attention".into(),
+                "sliding_attention".into(),
+            ]),
+            query_pre_attn_scalar: Some(20.0),
+            tie_word_embeddings: true,
+            hidden_act: None,
+            hidden_activation: Some("gelu_pytorch_tanh".into()),
+            ..Self::tiny_for_tests()
         }
     }
 

@@ -254,7 +254,8 @@ pub fn scores_block_by_block(structure: Structure, importance: Importance) -> bo
 pub(crate) struct Cut {
     source: String,
     select: Option<(usize, Arc<Vec<u32>>)>,
-    scale: Option<f64>,
+    /// `x · a + b` after the selection (a norm's scale rescaled for a narrower width).
+    scale: Option<(f64, f64)>,
 }
 
 impl Cut {
@@ -267,7 +268,7 @@ impl Cut {
             None => t.clone(),
         };
         Ok(match self.scale {
-            Some(s) => (t * s)?,
+            Some((a, b)) => t.affine(a, b)?,
             None => t,
         })
     }
@@ -433,7 +434,10 @@ pub(crate) fn plan_cuts<'n>(
                     }
                 }
             }
-            new_cfg.num_hidden_layers = kept.len();
+            new_cfg = ModelConfig {
+                head_dim: new_cfg.head_dim,
+                ..cfg.with_layers(&kept)
+            };
         }
         Structure::Width { count } => {
             let d = cfg.hidden_size;
@@ -443,13 +447,20 @@ pub(crate) fn plan_cuts<'n>(
             // removed channels are silent.
             new_cfg.rms_norm_eps = cfg.rms_norm_eps * d as f64 / (d - count) as f64;
             let rescale = (d as f64 / (d - count) as f64).sqrt();
+            // A norm applied as `offset + w` (Gemma) is rescaled as a whole: (o + w)·r − o.
+            let offset = arch.norm_offset() as f64;
+            let norm_scale = Some((rescale, offset * (rescale - 1.0)));
+            // QK-norms act across a head, not the width: they are kept whole.
+            let qk_norm = |name: &str| name.contains(".q_norm.") || name.contains(".k_norm.");
             for name in names {
                 let role = linear_part(prefix, name).map(|(_, role, part)| (role, part));
                 let (dim, scale) =
                     if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
                         (Some(1), None)
+                    } else if qk_norm(name) {
+                        (None, None)
                     } else if name.ends_with("norm.weight") {
-                        (Some(0), Some(rescale))
+                        (Some(0), norm_scale)
                     } else {
                         match role {
                             // o and down write the residual stream; the other linears read it.

@@ -21,6 +21,8 @@ pub(crate) const NAMES: Naming = Naming {
     ],
     attn_norm: "attention.output.LayerNorm",
     mlp_norm: "output.LayerNorm",
+    qk_norms: ["", ""],
+    post_norms: ["", ""],
     final_norm: None,
 };
 

@@ -20,6 +20,8 @@ pub(crate) const NAMES: Naming = Naming {
     ],
     attn_norm: "ln_1",
     mlp_norm: "ln_2",
+    qk_norms: ["", ""],
+    post_norms: ["", ""],
     final_norm: Some("ln_f"),
 };
 
@@ -42,6 +44,7 @@ pub const GGUF: GgufNames = GgufNames {
     layers: "h",
     optional_prefix: Some("transformer."),
     weights_and_biases_only: true,
+    norm_shift: 0.0,
 };
 
 /// `config.json` keys GPT-2 spells its own way: (theirs, ours). `n_inner` (the MLP width, `null`

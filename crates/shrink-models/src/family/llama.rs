@@ -1,4 +1,4 @@
-//! Llama, Mistral and Qwen2: RMSNorm, RoPE, gated SiLU MLP.
+//! Llama, Mistral, Qwen2 and Qwen3: RMSNorm, RoPE, gated SiLU MLP (Qwen3: QK-norm).
 
 use super::{GgufNames, Naming};
 
@@ -20,10 +20,12 @@ pub(crate) const NAMES: Naming = Naming {
     ],
     attn_norm: "input_layernorm",
     mlp_norm: "post_attention_layernorm",
+    qk_norms: ["self_attn.q_norm", "self_attn.k_norm"],
+    post_norms: ["", ""],
     final_norm: Some("model.norm"),
 };
 
-/// GGUF names (llama.cpp's `llama` and `qwen2` architectures).
+/// GGUF names (llama.cpp's `llama`, `qwen2` and `qwen3` architectures).
 pub const GGUF: GgufNames = GgufNames {
     fixed: &[
         ("token_embd.weight", "model.embed_tokens.weight"),
@@ -36,6 +38,8 @@ pub const GGUF: GgufNames = GgufNames {
         ("attn_k", "self_attn.k_proj", false),
         ("attn_v", "self_attn.v_proj", false),
         ("attn_output", "self_attn.o_proj", false),
+        ("attn_q_norm", "self_attn.q_norm", false),
+        ("attn_k_norm", "self_attn.k_norm", false),
         ("ffn_norm", "post_attention_layernorm", false),
         ("ffn_gate", "mlp.gate_proj", false),
         ("ffn_up", "mlp.up_proj", false),
@@ -44,4 +48,5 @@ pub const GGUF: GgufNames = GgufNames {
     layers: "model.layers",
     optional_prefix: None,
     weights_and_biases_only: false,
+    norm_shift: 0.0,
 };

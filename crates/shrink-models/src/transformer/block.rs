@@ -98,6 +98,16 @@ pub struct Block {
     pub gate_proj: Option<Linear>,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// QK-norm: RMSNorms over each query and each key head (`head_dim` wide), before RoPE.
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    /// Norms on the attention and MLP outputs before their residual sums (Gemma).
+    pub attn_post_norm: Option<Norm>,
+    pub mlp_post_norm: Option<Norm>,
+    /// Attends through the context's sliding window with its local RoPE tables.
+    pub(super) sliding: bool,
+    /// The factor attention scores are scaled by.
+    pub(super) attn_scale: f64,
     pub(super) num_heads: usize,
     pub(super) num_kv_heads: usize,
     pub(super) head_dim: usize,
@@ -113,16 +123,11 @@ pub struct Block {
 impl Block {
     /// Every weight of the block under the model's names (`arch` names its norms).
     pub fn named_tensors(&self, arch: Arch) -> BTreeMap<String, Tensor> {
-        let names = crate::family::naming(arch);
         let mut out = BTreeMap::new();
-        let p = format!("{}.{}", names.layers, self.index);
-        for (name, n) in [
-            (names.attn_norm, &self.attn_norm),
-            (names.mlp_norm, &self.mlp_norm),
-        ] {
-            out.insert(format!("{p}.{name}.weight"), n.weight.clone());
+        for (name, n) in self.norms(arch) {
+            out.insert(format!("{name}.weight"), n.weight.clone());
             if let Some(b) = &n.bias {
-                out.insert(format!("{p}.{name}.bias"), b.clone());
+                out.insert(format!("{name}.bias"), b.clone());
             }
         }
         for (name, linear) in self.linears() {
@@ -134,12 +139,47 @@ impl Block {
         out
     }
 
+    /// The block's norms with their full names (`model.layers.3.input_layernorm`): the two every
+    /// block has, then QK-norm and post-norms where the family has them.
+    pub fn norms(&self, arch: Arch) -> Vec<(String, &Norm)> {
+        let names = crate::family::naming(arch);
+        let p = format!("{}.{}", names.layers, self.index);
+        [
+            (names.attn_norm, Some(&self.attn_norm)),
+            (names.mlp_norm, Some(&self.mlp_norm)),
+            (names.qk_norms[0], self.q_norm.as_ref()),
+            (names.qk_norms[1], self.k_norm.as_ref()),
+            (names.post_norms[0], self.attn_post_norm.as_ref()),
+            (names.post_norms[1], self.mlp_post_norm.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, n)| Some((format!("{p}.{name}"), n?)))
+        .collect()
+    }
+
+    /// Every norm of the block, mutably.
+    fn norms_mut(&mut self) -> Vec<&mut Norm> {
+        let mut out = vec![&mut self.attn_norm, &mut self.mlp_norm];
+        out.extend(
+            [
+                self.q_norm.as_mut(),
+                self.k_norm.as_mut(),
+                self.attn_post_norm.as_mut(),
+                self.mlp_post_norm.as_mut(),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        out
+    }
+
     /// The same block with its tensors detached from any gradient computation (the same
     /// storage): its forward pass takes the inference kernels.
     pub(super) fn detached(&self) -> Self {
         let mut block = self.clone();
-        block.attn_norm = self.attn_norm.detached();
-        block.mlp_norm = self.mlp_norm.detached();
+        for norm in block.norms_mut() {
+            *norm = norm.detached();
+        }
         for linear in block.linears_mut() {
             *linear = linear.detached();
         }
@@ -167,10 +207,18 @@ impl Block {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(&h)?, nh)?;
-        let k = heads(self.k_proj.forward(&h)?, nkv)?;
+        let head_norm = |x: Tensor, norm: &Option<Norm>| match norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        };
+        let q = head_norm(heads(self.q_proj.forward(&h)?, nh)?, &self.q_norm)?;
+        let k = head_norm(heads(self.k_proj.forward(&h)?, nkv)?, &self.k_norm)?;
         let v = heads(self.v_proj.forward(&h)?, nkv)?;
-        let (q, k) = match &ctx.rope {
+        let rope = match (self.sliding, &ctx.rope_local) {
+            (true, Some(local)) => Some(local),
+            _ => ctx.rope.as_ref(),
+        };
+        let (q, k) = match rope {
             // candle's fused RoPE carries no gradient: the composed form does when training.
             Some((cos, sin)) => {
                 let rope = |x: &Tensor| -> Result<Tensor> {
@@ -195,7 +243,7 @@ impl Block {
         let attn = self.attend(x, &q, k, v, ctx, cache, hook)?;
         let attn = attn.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         hook.observe(&self.names[3], &attn)?;
-        let x = (x + self.o_proj.forward(&attn)?)?;
+        let x = (x + head_norm(self.o_proj.forward(&attn)?, &self.attn_post_norm)?)?;
         let x = if self.post_norm {
             self.attn_norm.forward(&x)?
         } else {
@@ -211,7 +259,11 @@ impl Block {
             Some(gate) => {
                 hook.observe(&self.names[4], &h)?;
                 hook.observe(&self.names[5], &h)?;
-                crate::kernels::silu_mul(&gate.forward(&h)?, &self.up_proj.forward(&h)?)?
+                let (g, u) = (gate.forward(&h)?, self.up_proj.forward(&h)?);
+                match self.activation {
+                    Activation::GeluTanhGated => (g.gelu()? * u)?,
+                    _ => crate::kernels::silu_mul(&g, &u)?,
+                }
             }
             None => {
                 hook.observe(&self.names[5], &h)?;
@@ -223,7 +275,7 @@ impl Block {
             }
         };
         hook.observe(&self.names[6], &act)?;
-        let out = (x + self.down_proj.forward(&act)?)?;
+        let out = (x + head_norm(self.down_proj.forward(&act)?, &self.mlp_post_norm)?)?;
         let out = if self.post_norm {
             self.mlp_norm.forward(&out)?
         } else {
@@ -248,12 +300,13 @@ impl Block {
         hook: &mut dyn LinearHook,
     ) -> Result<Tensor> {
         let groups = self.num_heads / self.num_kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.attn_scale;
+        let window = self.window(ctx);
         let fused = ctx.causal && !hook.wants_attention(self.index);
         let (k, v) = match cache {
             Some(cache) => {
                 if fused && cache.kv.is_none() {
-                    let (held, w) = (&mut cache.held, ctx.window);
+                    let (held, w) = (&mut cache.held, window);
                     let attn =
                         crate::kernels::causal_attention_cached(q, &k, &v, held, groups, scale, w)?;
                     if let Some(attn) = attn {
@@ -275,8 +328,7 @@ impl Block {
             None => (k, v),
         };
         if fused {
-            if let Some(attn) =
-                crate::kernels::causal_attention(q, &k, &v, groups, scale, ctx.window)?
+            if let Some(attn) = crate::kernels::causal_attention(q, &k, &v, groups, scale, window)?
             {
                 return Ok(attn);
             }
@@ -301,7 +353,7 @@ impl Block {
             None => q.matmul(&repeat_kv(k.clone(), groups)?.t()?)?,
         };
         let probs = if ctx.causal {
-            crate::kernels::causal_softmax(&scores, scale, ctx.window)?
+            crate::kernels::causal_softmax(&scores, scale, self.window(ctx))?
         } else {
             let scores = (scores.to_dtype(DType::F32)? * scale)?;
             let scores = match &ctx.key_mask {
@@ -320,6 +372,11 @@ impl Block {
             Some(attn) => attn,
             None => probs.matmul(&repeat_kv(v, groups)?)?,
         })
+    }
+
+    /// The sliding window this block attends through (`None`: every earlier position).
+    fn window(&self, ctx: &AttentionContext) -> Option<usize> {
+        ctx.window.filter(|_| self.sliding)
     }
 
     /// Whether each sub-layer's norm follows its residual sum (BERT) instead of preceding it.

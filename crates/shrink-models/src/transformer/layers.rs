@@ -221,6 +221,9 @@ pub struct Norm {
     /// LayerNorm's shift; `None` for RMSNorm.
     pub bias: Option<Tensor>,
     pub eps: f64,
+    /// Added to the stored scale when applied: Gemma stores `w` and scales by `1 + w` (0 for
+    /// every other family).
+    pub offset: f32,
 }
 
 impl Norm {
@@ -229,21 +232,32 @@ impl Norm {
         Self {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
-            eps: self.eps,
+            ..*self
         }
+    }
+
+    /// The scale applied to normalized values: the weight plus [`Norm::offset`], computed in
+    /// f32 and applied in `x`'s type.
+    pub fn scale(&self, dtype: DType) -> Result<Tensor> {
+        if self.offset == 0.0 {
+            return Ok(self.weight.clone());
+        }
+        let w = self.weight.to_dtype(DType::F32)?;
+        Ok(w.affine(1.0, self.offset as f64)?.to_dtype(dtype)?)
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused kernels carry no gradient: the composed forms do when training.
         let tracked = x.track_op() || self.weight.track_op();
         let eps = self.eps as f32;
+        let scale = self.scale(self.weight.dtype())?;
         Ok(match &self.bias {
-            None if tracked => candle_nn::ops::rms_norm_slow(x, &self.weight, eps)?,
-            None => candle_nn::ops::rms_norm(x, &self.weight, eps)?,
+            None if tracked => candle_nn::ops::rms_norm_slow(x, &scale, eps)?,
+            None => candle_nn::ops::rms_norm(x, &scale, eps)?,
             Some(b) if tracked || b.track_op() => {
-                candle_nn::ops::layer_norm_slow(x, &self.weight, b, eps)?
+                candle_nn::ops::layer_norm_slow(x, &scale, b, eps)?
             }
-            Some(b) => candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, b, eps)?,
+            Some(b) => candle_nn::ops::layer_norm(&x.contiguous()?, &scale, b, eps)?,
         })
     }
 
@@ -252,9 +266,12 @@ impl Norm {
     pub fn divide_output(&mut self, s: &[f32]) -> Result<()> {
         let inv: Vec<f32> = s.iter().map(|v| 1.0 / v).collect();
         let inv = Tensor::from_vec(inv, s.len(), self.weight.device())?;
+        let dtype = self.weight.dtype();
         self.weight = self
-            .weight
-            .broadcast_mul(&inv.to_dtype(self.weight.dtype())?)?;
+            .scale(DType::F32)?
+            .broadcast_mul(&inv)?
+            .affine(1.0, -self.offset as f64)?
+            .to_dtype(dtype)?;
         if let Some(b) = &self.bias {
             self.bias = Some(b.broadcast_mul(&inv.to_dtype(b.dtype())?)?);
         }
@@ -264,10 +281,12 @@ impl Norm {
 
 /// Per-call attention inputs shared by all blocks: RoPE tables for the positions being processed
 /// (Llama family), causality and the sliding window (decoders), or which keys are padding
-/// (encoders).
+/// (encoders). Sliding-window layers take `window` and `rope_local` (when their RoPE base is
+/// their own); global layers attend to every earlier position with `rope`.
 #[derive(Debug, Clone)]
 pub struct AttentionContext {
     pub(super) rope: Option<(Tensor, Tensor)>,
+    pub(super) rope_local: Option<(Tensor, Tensor)>,
     pub(super) causal: bool,
     pub(super) window: Option<usize>,
     /// `(batch, 1, 1, keys)`: 0 for real tokens, −∞ for padding.

@@ -149,6 +149,16 @@ impl ModelConfig {
                 out.push((format!("{}.bias", linear(Role::O)), vec![h]));
             }
             norm(&mut out, format!("{p}.{}", names.mlp_norm));
+            if arch.has_qk_norm() {
+                for n in names.qk_norms {
+                    out.push((format!("{p}.{n}.weight"), vec![hd]));
+                }
+            }
+            if arch.has_post_norms() {
+                for n in names.post_norms {
+                    norm(&mut out, format!("{p}.{n}"));
+                }
+            }
             if gated {
                 out.push((format!("{}.weight", linear(Role::Gate)), vec![i, h]));
             }
@@ -209,7 +219,8 @@ pub(super) fn load_norm(
     name: &str,
     get: &mut dyn FnMut(String) -> Result<Tensor>,
 ) -> Result<Norm> {
-    let layer_norm = !config.arch()?.is_llama_like();
+    let arch = config.arch()?;
+    let layer_norm = !arch.is_llama_like();
     Ok(Norm {
         weight: get(format!("{name}.weight"))?,
         bias: if layer_norm {
@@ -218,6 +229,7 @@ pub(super) fn load_norm(
             None
         },
         eps: config.norm_eps(),
+        offset: arch.norm_offset(),
     })
 }
 
@@ -256,8 +268,17 @@ impl Block {
         };
         let up_proj = linear(Role::Up, mlp_bias)?;
         let down_proj = linear(Role::Down, mlp_bias)?;
-        let attn_norm = load_norm(config, &format!("{p}.{}", names.attn_norm), get)?;
-        let mlp_norm = load_norm(config, &format!("{p}.{}", names.mlp_norm), get)?;
+        let mut norm = |name: &str| load_norm(config, &format!("{p}.{name}"), get);
+        let attn_norm = norm(names.attn_norm)?;
+        let mlp_norm = norm(names.mlp_norm)?;
+        let [q_norm, k_norm] = match arch.has_qk_norm() {
+            true => names.qk_norms.map(|n| norm(n).map(Some)),
+            false => [Ok(None), Ok(None)],
+        };
+        let [attn_post_norm, mlp_post_norm] = match arch.has_post_norms() {
+            true => names.post_norms.map(|n| norm(n).map(Some)),
+            false => [Ok(None), Ok(None)],
+        };
         Ok(Block {
             index,
             attn_norm,
@@ -269,6 +290,12 @@ impl Block {
             gate_proj,
             up_proj,
             down_proj,
+            q_norm: q_norm?,
+            k_norm: k_norm?,
+            attn_post_norm: attn_post_norm?,
+            mlp_post_norm: mlp_post_norm?,
+            sliding: config.is_sliding_layer(index),
+            attn_scale: config.attention_scale(),
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_kv_heads(),
             head_dim: config.head_dim(),
@@ -362,8 +389,7 @@ impl Transformer {
             )));
         }
         Ok(Self {
-            inv_freq: config.rope_inv_freq()?,
-            sliding_window: config.effective_sliding_window(),
+            attention: AttentionSpec::new(config)?,
             config: config.clone(),
             arch,
             embed_tokens,

@@ -55,8 +55,7 @@ pub struct Transformer {
     pub mlm_head: Option<MlmHead>,
     /// Tensors carried through unchanged (BERT's pooler).
     pub extra: BTreeMap<String, Tensor>,
-    inv_freq: Vec<f64>,
-    sliding_window: Option<usize>,
+    attention: AttentionSpec,
     /// The token embedding's stored blocks, multiplied by when the head is tied to it.
     tied_packed: Option<Arc<QMatrix>>,
 }
@@ -71,15 +70,25 @@ pub(crate) struct Embeddings<'a> {
     pub positions: Option<&'a Tensor>,
     pub token_types: Option<&'a Tensor>,
     pub norm: Option<&'a Norm>,
+    /// The factor token embeddings are multiplied by (Gemma's `√hidden`).
+    pub scale: Option<f64>,
 }
 
 impl Embeddings<'_> {
-    /// Token ids `(batch, seq)` to embeddings at positions `offset..offset + seq`.
-    pub fn forward(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
+    /// Token ids `(batch, seq)` to embeddings at positions `offset..offset + seq`, in `dtype`
+    /// (rows are looked up in the table's own type and converted before anything else).
+    pub fn forward(&self, ids: &Tensor, offset: usize, dtype: DType) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let h = self.tokens.dim(1)?;
         let flat = ids.flatten_all()?;
-        let mut x = self.tokens.index_select(&flat, 0)?.reshape((b, t, h))?;
+        let mut x = self
+            .tokens
+            .index_select(&flat, 0)?
+            .reshape((b, t, h))?
+            .to_dtype(dtype)?;
+        if let Some(scale) = self.scale {
+            x = (x * scale)?;
+        }
         if let Some(pos) = self.positions {
             let max = pos.dim(0)?;
             if offset + t > max {
@@ -100,40 +109,64 @@ impl Embeddings<'_> {
     }
 }
 
-/// Attention inputs for `seq_len` new positions after `offset` cached ones (`at`): RoPE tables
-/// from `inv_freq` and the causal mask for decoders, full attention for encoders.
-pub(crate) fn attention_context(
-    inv_freq: &[f64],
-    arch: Arch,
+/// What a model's attention context is made from: RoPE frequencies (global, and local for
+/// sliding-window layers with their own base), causality and the sliding window.
+#[derive(Debug, Clone)]
+pub(crate) struct AttentionSpec {
+    inv_freq: Vec<f64>,
+    local_inv_freq: Option<Vec<f64>>,
+    causal: bool,
     window: Option<usize>,
-    (seq_len, offset): (usize, usize),
-    device: &Device,
-    dtype: DType,
-) -> Result<AttentionContext> {
-    let rope = if inv_freq.is_empty() {
-        None
-    } else {
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(seq_len * half);
-        let mut sin = Vec::with_capacity(seq_len * half);
-        for pos in offset..offset + seq_len {
-            for f in inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+}
+
+impl AttentionSpec {
+    pub fn new(config: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            inv_freq: config.rope_inv_freq()?,
+            local_inv_freq: config.rope_local_inv_freq()?,
+            causal: !config.arch()?.is_encoder(),
+            window: config.effective_sliding_window(),
+        })
+    }
+
+    /// Attention inputs for `seq_len` new positions after `offset` cached ones (`at`): RoPE
+    /// tables and the causal mask for decoders, full attention for encoders.
+    pub fn context(
+        &self,
+        (seq_len, offset): (usize, usize),
+        device: &Device,
+        dtype: DType,
+    ) -> Result<AttentionContext> {
+        let tables = |inv_freq: &[f64]| -> Result<Option<(Tensor, Tensor)>> {
+            if inv_freq.is_empty() {
+                return Ok(None);
             }
-        }
-        Some((
-            Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?,
-            Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?,
-        ))
-    };
-    Ok(AttentionContext {
-        rope,
-        causal: !arch.is_encoder(),
-        window,
-        key_mask: None,
-    })
+            let half = inv_freq.len();
+            let mut cos = Vec::with_capacity(seq_len * half);
+            let mut sin = Vec::with_capacity(seq_len * half);
+            for pos in offset..offset + seq_len {
+                for f in inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+            Ok(Some((
+                Tensor::from_vec(cos, (seq_len, half), device)?.to_dtype(dtype)?,
+                Tensor::from_vec(sin, (seq_len, half), device)?.to_dtype(dtype)?,
+            )))
+        };
+        Ok(AttentionContext {
+            rope: tables(&self.inv_freq)?,
+            rope_local: match &self.local_inv_freq {
+                Some(f) => tables(f)?,
+                None => None,
+            },
+            causal: self.causal,
+            window: self.window,
+            key_mask: None,
+        })
+    }
 }
 
 impl Transformer {
@@ -152,26 +185,26 @@ impl Transformer {
 
     /// Token ids `(batch, seq)` to embeddings at positions `offset..offset + seq`.
     pub fn embed_at(&self, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let embeddings = Embeddings {
-            tokens: &self.embed_tokens,
+        self.embeddings(&self.embed_tokens)
+            .forward(ids, offset, self.dtype())
+    }
+
+    /// The model's embeddings with `tokens` as the token table.
+    pub(crate) fn embeddings<'a>(&'a self, tokens: &'a Tensor) -> Embeddings<'a> {
+        Embeddings {
+            tokens,
             positions: self.embed_positions.as_ref(),
             token_types: self.embed_token_types.as_ref(),
             norm: self.embed_norm.as_ref(),
-        };
-        embeddings.forward(ids, offset)
+            scale: self.config.embedding_scale(),
+        }
     }
 
     /// Attention inputs for `seq_len` new positions after `offset` cached ones: RoPE tables and
     /// the causal mask for decoders, full attention for encoders.
     pub fn attention_context(&self, seq_len: usize, offset: usize) -> Result<AttentionContext> {
-        attention_context(
-            &self.inv_freq,
-            self.arch,
-            self.sliding_window,
-            (seq_len, offset),
-            self.device(),
-            self.dtype(),
-        )
+        self.attention
+            .context((seq_len, offset), self.device(), self.dtype())
     }
 
     /// Attention inputs for an encoder batch padded on the right: sequence `i` has `lengths[i]`
@@ -462,9 +495,7 @@ impl Transformer {
                 }
             }
         }
-        let mut config = self.config.clone();
-        config.num_hidden_layers = layers.len();
-        Self::from_tensors(&config, tensors, self.dtype())
+        Self::from_tensors(&self.config.with_layers(layers), tensors, self.dtype())
     }
 
     /// The name prefix of the blocks (`model.layers`, `encoder.layer`, `h`).

@@ -136,13 +136,7 @@ impl BlockModel for Transformer {
     }
 
     fn embed_with(&self, tokens: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        Embeddings {
-            tokens,
-            positions: self.embed_positions.as_ref(),
-            token_types: self.embed_token_types.as_ref(),
-            norm: self.embed_norm.as_ref(),
-        }
-        .forward(ids, 0)
+        self.embeddings(tokens).forward(ids, 0, self.dtype())
     }
 }
 
@@ -159,8 +153,7 @@ pub struct StreamedModel {
     dtype: DType,
     expected: BTreeMap<String, Vec<usize>>,
     load: Box<TensorLoader>,
-    inv_freq: Vec<f64>,
-    window: Option<usize>,
+    attention: AttentionSpec,
     /// Tensors keep the float type the loader gives them (see [`StreamedModel::keeping_stored_types`]).
     stored: bool,
     /// The float type each tensor is stored in, when the loader's checkpoint knows it (see
@@ -206,8 +199,7 @@ impl StreamedModel {
             dtype,
             expected: config.expected_tensors().into_iter().collect(),
             load,
-            inv_freq: config.rope_inv_freq()?,
-            window: config.effective_sliding_window(),
+            attention: AttentionSpec::new(config)?,
             stored: false,
             stored_type: None,
             packed: None,
@@ -240,6 +232,17 @@ impl StreamedModel {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The (decoder's) embeddings with `tokens` as the token table.
+    fn embeddings<'a>(&self, tokens: &'a Tensor) -> Embeddings<'a> {
+        Embeddings {
+            tokens,
+            positions: None,
+            token_types: None,
+            norm: None,
+            scale: self.config.embedding_scale(),
+        }
     }
 
     /// The tensor `name` (a model name), checked against its expected shape.
@@ -281,28 +284,16 @@ impl BlockModel for StreamedModel {
             )?,
             None => self.tensor(&name)?,
         };
-        let embeddings = Embeddings {
-            tokens: &tokens,
-            positions: None,
-            token_types: None,
-            norm: None,
-        };
+        let embeddings = self.embeddings(&tokens);
         for ids in batches {
-            let x = embeddings.forward(ids, 0)?;
-            each(x.to_dtype(self.dtype).map_err(ModelError::from)?)?;
+            each(embeddings.forward(ids, 0, self.dtype)?)?;
         }
         Ok(())
     }
 
     fn attention_context(&self, seq_len: usize) -> Result<AttentionContext> {
-        attention_context(
-            &self.inv_freq,
-            self.arch,
-            self.window,
-            (seq_len, 0),
-            &Device::Cpu,
-            self.dtype,
-        )
+        self.attention
+            .context((seq_len, 0), &Device::Cpu, self.dtype)
     }
 
     fn keeps_blocks(&self) -> bool {
@@ -347,12 +338,6 @@ impl BlockModel for StreamedModel {
     }
 
     fn embed_with(&self, tokens: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        let embeddings = Embeddings {
-            tokens,
-            positions: None,
-            token_types: None,
-            norm: None,
-        };
-        Ok(embeddings.forward(ids, 0)?.to_dtype(self.dtype)?)
+        self.embeddings(tokens).forward(ids, 0, self.dtype)
     }
 }

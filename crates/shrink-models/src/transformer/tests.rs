@@ -46,17 +46,49 @@ fn rope_ref(x: &mut [f32], pos: usize, theta: f64) {
     }
 }
 
-/// Logits of one sequence computed token by token from the equations.
+fn gelu_tanh(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+}
+
+/// Logits of one sequence computed token by token from the equations, from the checkpoint's
+/// tensors: Llama, Mistral (`window`), Qwen2 (biases), Qwen3 (QK-norm) and Gemma 3 (norms
+/// applied as `1 + w` before and after each sub-layer, QK-norm, GeGLU, the embedding × √hidden,
+/// `layer_types` choosing each layer's window and RoPE base, `query_pre_attn_scalar`).
 fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) -> Vec<Vec<f32>> {
     let cfg = &model.config;
-    let w = model.named_tensors();
+    let w = model.checkpoint_tensors().unwrap();
     let m2 = |n: &str| vec2(&w[n]);
     let m1 = |n: &str| vec1(&w[n]);
+    let gemma = cfg.model_type == "gemma3_text";
+    // Gemma's norms scale by 1 + w.
+    let norm_w = |n: &str| -> Vec<f32> {
+        m1(n)
+            .into_iter()
+            .map(|v| if gemma { 1.0 + v } else { v })
+            .collect()
+    };
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let embed = m2("model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f32>> = tokens.iter().map(|&t| embed[t as usize].clone()).collect();
+    let embed_scale = if gemma {
+        (cfg.hidden_size as f64).sqrt() as f32
+    } else {
+        1.0
+    };
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&t| embed[t as usize].iter().map(|v| v * embed_scale).collect())
+        .collect();
+    let score_scale = 1.0 / cfg.query_pre_attn_scalar.unwrap_or(hd as f64).sqrt();
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
+        let (window, theta) = match &cfg.layer_types {
+            Some(types) if types[l] == "sliding_attention" => (
+                cfg.sliding_window,
+                cfg.rope_local_base_freq.unwrap_or(cfg.rope_theta),
+            ),
+            Some(_) => (None, cfg.rope_theta),
+            None => (window, cfg.rope_theta),
+        };
         let bias = |n: &str| w.get(&format!("{p}.self_attn.{n}.bias")).map(vec1);
         let (wq, wk, wv, wo) = (
             m2(&format!("{p}.self_attn.q_proj.weight")),
@@ -70,7 +102,11 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
             bias("v_proj"),
             bias("o_proj"),
         );
-        let ln1 = m1(&format!("{p}.input_layernorm.weight"));
+        let qk_norm = ["q_norm", "k_norm"].map(|n| {
+            let name = format!("{p}.self_attn.{n}.weight");
+            w.contains_key(&name).then(|| norm_w(&name))
+        });
+        let ln1 = norm_w(&format!("{p}.input_layernorm.weight"));
         let mut qs = vec![];
         let mut ks = vec![];
         let mut vs = vec![];
@@ -78,8 +114,14 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
             let h = rms_ref(x, &ln1, cfg.rms_norm_eps);
             let mut q = linear_ref(&h, &wq, bq.as_ref());
             let mut k = linear_ref(&h, &wk, bk.as_ref());
-            for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
-                rope_ref(head, pos, cfg.rope_theta);
+            for (v, norm) in [(&mut q, &qk_norm[0]), (&mut k, &qk_norm[1])] {
+                for head in v.chunks_mut(hd) {
+                    if let Some(g) = norm {
+                        let normed = rms_ref(head, g, cfg.rms_norm_eps);
+                        head.copy_from_slice(&normed);
+                    }
+                    rope_ref(head, pos, theta);
+                }
             }
             qs.push(q);
             ks.push(k);
@@ -99,7 +141,7 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
                             .zip(k)
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum::<f64>()
-                            / (hd as f64).sqrt()
+                            * score_scale
                     })
                     .collect();
                 let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -111,11 +153,23 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
                     }
                 }
             }
-            let o = linear_ref(&attn, &wo, bo.as_ref());
+            let mut o = linear_ref(&attn, &wo, bo.as_ref());
+            if gemma {
+                o = rms_ref(
+                    &o,
+                    &norm_w(&format!("{p}.post_attention_layernorm.weight")),
+                    cfg.rms_norm_eps,
+                );
+            }
             let x: Vec<f32> = xs[i].iter().zip(&o).map(|(a, b)| a + b).collect();
+            let mlp_norm = if gemma {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            };
             let h = rms_ref(
                 &x,
-                &m1(&format!("{p}.post_attention_layernorm.weight")),
+                &norm_w(&format!("{p}.{mlp_norm}.weight")),
                 cfg.rms_norm_eps,
             );
             let g = linear_ref(&h, &m2(&format!("{p}.mlp.gate_proj.weight")), None);
@@ -123,15 +177,30 @@ fn reference_logits(model: &Transformer, tokens: &[u32], window: Option<usize>) 
             let a: Vec<f32> = g
                 .iter()
                 .zip(&u)
-                .map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp())) as f32 * u)
+                .map(|(g, u)| {
+                    let g = *g as f64;
+                    let act = if gemma {
+                        gelu_tanh(g)
+                    } else {
+                        g / (1.0 + (-g).exp())
+                    };
+                    act as f32 * u
+                })
                 .collect();
-            let dn = linear_ref(&a, &m2(&format!("{p}.mlp.down_proj.weight")), None);
+            let mut dn = linear_ref(&a, &m2(&format!("{p}.mlp.down_proj.weight")), None);
+            if gemma {
+                dn = rms_ref(
+                    &dn,
+                    &norm_w(&format!("{p}.post_feedforward_layernorm.weight")),
+                    cfg.rms_norm_eps,
+                );
+            }
             new_xs.push(x.iter().zip(&dn).map(|(a, b)| a + b).collect());
         }
         xs = new_xs;
     }
     let head = w.get("lm_head.weight").map(vec2).unwrap_or(embed);
-    let norm = m1("model.norm.weight");
+    let norm = norm_w("model.norm.weight");
     xs.iter()
         .map(|x| linear_ref(&rms_ref(x, &norm, cfg.rms_norm_eps), &head, None))
         .collect()
@@ -187,6 +256,87 @@ fn qwen2_biases_tied_embeddings_and_head_dim_match_reference() {
 }
 
 #[test]
+fn qwen3_qk_norm_without_biases_matches_reference() {
+    let cfg = ModelConfig::tiny_qwen3_for_tests();
+    let model = Transformer::random(&cfg, 11, &cpu()).unwrap();
+    let names = model.named_tensors();
+    assert_eq!(
+        names["model.layers.1.self_attn.q_norm.weight"].dims(),
+        [12],
+        "QK-norm is head_dim wide"
+    );
+    assert!(!names.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    let batch = vec![vec![1u32, 2, 3, 50, 4, 33], vec![7u32, 7, 60, 0, 12, 5]];
+    let logits = batch_logits(&model, &batch);
+    for (seq, got) in batch.iter().zip(&logits) {
+        let diff = max_abs_diff(got, &reference_logits(&model, seq, None));
+        assert!(diff < 1e-4, "max abs diff {diff}");
+    }
+    // The norms matter: with q_norm's scale doubled the logits move.
+    let mut doubled = model.clone();
+    let q_norm = doubled.blocks[0].q_norm.as_mut().unwrap();
+    q_norm.weight = (&q_norm.weight * 2.0).unwrap();
+    let moved = batch_logits(&doubled, &batch[..1]);
+    assert!(max_abs_diff(&moved[0], &logits[0]) > 1e-3);
+}
+
+#[test]
+fn gemma3_matches_reference() {
+    let cfg = ModelConfig::tiny_gemma3_for_tests();
+    let model = Transformer::random(&cfg, 13, &cpu()).unwrap();
+    assert_eq!(
+        model.blocks.iter().map(|b| b.sliding).collect::<Vec<_>>(),
+        [true, false, true]
+    );
+    let names = model.named_tensors();
+    for n in [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ] {
+        assert_eq!(names[&format!("model.layers.2.{n}.weight")].dims(), [32]);
+    }
+    let batch = vec![
+        vec![3u32, 17, 9, 40, 2, 63, 11, 8],
+        vec![5, 5, 60, 1, 0, 22, 31, 30],
+    ];
+    let logits = batch_logits(&model, &batch);
+    for (seq, got) in batch.iter().zip(&logits) {
+        let diff = max_abs_diff(got, &reference_logits(&model, seq, None));
+        assert!(diff < 1e-3, "max abs diff {diff}");
+    }
+    // Each ingredient matters: a reference without the window, or with one RoPE base, or
+    // without the embedding scale, differs.
+    let mut variants = vec![];
+    let mut c = cfg.clone();
+    c.sliding_window = Some(100);
+    variants.push(c);
+    let mut c = cfg.clone();
+    c.rope_local_base_freq = None;
+    variants.push(c);
+    let mut c = cfg.clone();
+    c.query_pre_attn_scalar = None;
+    variants.push(c);
+    for c in variants {
+        let mut other = model.clone();
+        other.config = c.clone();
+        let want = reference_logits(&other, &batch[0], None);
+        assert!(max_abs_diff(&logits[0], &want) > 1e-3, "{c:?}");
+    }
+    // Decoding with the KV cache gives the full forward's logits.
+    let seq = &batch[1];
+    let mut cache = model.new_cache();
+    for (i, &tok) in seq.iter().enumerate() {
+        let ids = Tensor::new(&[[tok]], &cpu()).unwrap();
+        let step = model.forward_cached(&ids, &mut cache).unwrap();
+        let step: Vec<f32> = step.flatten_all().unwrap().to_vec1().unwrap();
+        let diff = crate::testing::max_abs_diff(&step, &logits[1][i]);
+        assert!(diff < 1e-3, "position {i}: {diff}");
+    }
+}
+
+#[test]
 fn mistral_sliding_window_matches_reference() {
     let mut cfg = ModelConfig::tiny_for_tests();
     cfg.model_type = "mistral".into();
@@ -239,6 +389,7 @@ fn rms_norm_matches_hand_computation() {
         weight: Tensor::new(&[1f32, 2.0, 0.5, 1.0], &cpu()).unwrap(),
         bias: None,
         eps: 0.0,
+        offset: 0.0,
     };
     let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &cpu()).unwrap();
     // mean(x²) = 7.5, so x / sqrt(7.5) * w.
@@ -985,4 +1136,37 @@ fn hf_linear_modules_are_the_linears_transformers_builds() {
 
     let gpt2 = ModelConfig::tiny_gpt2_for_tests();
     assert_eq!(stems(&gpt2, &[]), vec!["lm_head".to_string()]);
+}
+
+/// Folding input scales (AWQ, SmoothQuant) leaves a Gemma 3 block's float function unchanged:
+/// its norms are applied as `1 + w`, so a folded scale rescales `1 + w`, not `w`.
+#[test]
+fn scale_folding_keeps_gemma3_and_qwen3_outputs() {
+    for cfg in [
+        ModelConfig::tiny_gemma3_for_tests(),
+        ModelConfig::tiny_qwen3_for_tests(),
+    ] {
+        let model = Transformer::random(&cfg, 17, &cpu()).unwrap();
+        let batch = vec![vec![3u32, 17, 9, 40, 2, 63, 11, 8]];
+        let want = batch_logits(&model, &batch);
+        let mut folded = model.clone();
+        for block in &mut folded.blocks {
+            for group in block.scale_groups() {
+                let role = group.consumers[0];
+                let n = block.linear(role).unwrap().weight().dim(1).unwrap();
+                let s: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+                block.fold_input_scale(&group, &s).unwrap();
+            }
+        }
+        let got = batch_logits(&folded, &batch);
+        let diff = max_abs_diff(&got[0], &want[0]);
+        assert!(diff < 1e-4, "{}: {diff}", cfg.model_type);
+        assert!(
+            crate::testing::max_abs_diff(
+                &vec1(&folded.blocks[0].attn_norm.weight),
+                &vec1(&model.blocks[0].attn_norm.weight)
+            ) > 0.1,
+            "the scales were folded"
+        );
+    }
 }

@@ -531,6 +531,8 @@ pub(super) fn removal_by_taylor(
         for (name, t) in &p {
             let add: Vec<f64> = if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
                 col_sum(t)?
+            } else if name.contains(".q_norm.") || name.contains(".k_norm.") {
+                continue; // QK-norms act across a head, not the width
             } else if name.ends_with("norm.weight") {
                 t.to_vec1::<f32>()?.into_iter().map(f64::from).collect()
             } else if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
