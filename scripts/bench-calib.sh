@@ -13,12 +13,17 @@
 #   FILES="a.gguf b.gguf"     score these files too (made elsewhere)
 #   PRESETS="q4_k_m:Q4_K_M iq4_xs:IQ4_XS"   shrink presets and the llama-quantize types they
 #                             mirror (default q4_k_m:Q4_K_M)
+#   MODEL=gemma3              another packaged model (default smollm2; its files go to
+#                             target/bench/calib-MODEL)
 #
 # Adds its rows to target/bench/calib/calib.json (`scripts/plot-curve.py` draws the curve from it)
 # and prints a table; files already made are reused.
+MODEL="${MODEL:-smollm2}"
 BENCH=calib LLAMA=1
+[ "$MODEL" = smollm2 ] || BENCH="calib-$MODEL"
 source "$(dirname "$0")/bench-common.sh"
-F32="$(smollm2_f32)"
+F32="$(model_f32 "$MODEL")"
+export MODEL
 python3 - "$F32" <<'PY'
 import json, os, re, subprocess, sys
 from benchlib import Bench, run
@@ -49,7 +54,7 @@ for calib in calibs:
         name = f"gptq-{preset}-{short(calib)}{'-' + label if label else ''}.gguf"
         path = os.path.join(b.out, name)
         if not os.path.exists(path):
-            _, _, wall, _ = b.shrink_run("quantize", "smollm2", "--preset", preset, "--calib", calib,
+            _, _, wall, _ = b.shrink_run("quantize", os.environ["MODEL"], "--preset", preset, "--calib", calib,
                                          *gptq_args, "-o", path)
             print(f"{name}: {wall:.0f} s", flush=True)
         files.append((f"shrink GPTQ {preset} {' '.join(gptq_args)}".strip(), calib, path))

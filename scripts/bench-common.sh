@@ -19,15 +19,18 @@ if [ -n "${LLAMA:-}" ]; then
 fi
 export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 
-# The F32 GGUF of SmolLM2, made once from the packaged Q4_1 file by llama-quantize and cached: what
-# shrink and llama.cpp both start from in the speed benchmarks (needs LLAMA=1). Prints its path.
-smollm2_f32() {
+# The F32 GGUF of a packaged model (`smollm2`, `gemma3`), made once from its quantized file by
+# llama-quantize and cached: what shrink and llama.cpp both start from in the benchmarks (needs
+# LLAMA=1). Prints its path.
+model_f32() {
   local cache="${SHRINK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/shrink}"
-  local f32="$cache/bench/smollm2-f32.gguf"
+  local f32="$cache/bench/$1-f32.gguf"
   if [ ! -f "$f32" ]; then
     mkdir -p "$(dirname "$f32")"
-    "$BIN/llama-quantize" --allow-requantize "$("$SHRINK" data path smollm2)" "$f32.part" F32 >/dev/null 2>&1
+    "$SHRINK" data fetch "$1" >/dev/null
+    "$BIN/llama-quantize" --allow-requantize "$("$SHRINK" data path "$1")" "$f32.part" F32 >/dev/null 2>&1
     mv "$f32.part" "$f32"
   fi
   echo "$f32"
 }
+smollm2_f32() { model_f32 smollm2; }

@@ -1497,6 +1497,64 @@ fn gpt2_ggufs_score_the_same_in_llama_cpp() {
     }
 }
 
+/// The real Gemma 3 270M (llama.cpp's Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K blocks; five sliding
+/// layers to one global; a 262,144-token SentencePiece vocabulary, BOS added, no space prefix):
+/// shrink reads, tokenizes and scores it as llama-perplexity does, on Hamlet and on pip's
+/// documentation, within 0.5%.
+#[test]
+fn gemma3_real_file_scores_as_llama_cpp() {
+    let Some(tool) = llama_tool("llama-perplexity") else {
+        return;
+    };
+    let Some(dir) = asset("gemma3") else { return };
+    if asset("shakespeare").is_none() || asset("pip-docs").is_none() {
+        return;
+    }
+    let model = dir.join("gemma-3-270m-q4_k_m.gguf");
+    let ours = shrink_eval(&model, 4)["perplexity"]["ppl"]
+        .as_f64()
+        .unwrap();
+    let theirs = llama_perplexity(&tool, &model, 4);
+    eprintln!("gemma3 on Hamlet: shrink {ours:.4}, llama.cpp {theirs:.4}");
+    assert!((ours / theirs - 1.0).abs() < 0.005, "{ours} vs {theirs}");
+    let pip = run_shrink(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--text",
+        "pip-docs:eval",
+        "--protocol",
+        "llama-cpp",
+        "--ctx",
+        "512",
+        "--chunks",
+        "8",
+        "--json",
+    ]);
+    let pip: serde_json::Value = serde_json::from_slice(&pip).unwrap();
+    let ours = pip["perplexity"]["ppl"].as_f64().unwrap();
+    let joined = tempfile::NamedTempFile::new().unwrap();
+    let files = String::from_utf8(run_shrink(&["data", "path", "pip-docs:eval"])).unwrap();
+    let bytes: Vec<u8> = files
+        .split_whitespace()
+        .flat_map(|f| std::fs::read(f).unwrap())
+        .collect();
+    std::fs::write(joined.path(), bytes).unwrap();
+    let theirs = llama_perplexity_of(&tool, &model, joined.path(), 8);
+    eprintln!("gemma3 on pip docs: shrink {ours:.4}, llama.cpp {theirs:.4}");
+    assert!((ours / theirs - 1.0).abs() < 0.005, "{ours} vs {theirs}");
+    // Token for token as llama-tokenize splits Hamlet.
+    let tok = shrink_io::load(&model).unwrap();
+    let ids = tok
+        .tokenizer()
+        .unwrap()
+        .encode(&text("hamlet").unwrap(), false)
+        .unwrap();
+    let theirs = llama_tokenize_hamlet(&model).unwrap();
+    assert_eq!(ids.len(), theirs.len());
+    let first_diff = ids.iter().zip(&theirs).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "token ids differ from llama-tokenize");
+}
+
 /// Qwen3 (QK-norm) and Gemma 3 (sandwich norms stored as `w` in the folder and as `1 + w` in the
 /// GGUF, GeGLU, √hidden embedding scale, sliding-window layers with their own RoPE base) written
 /// by shrink as GGUF from Hugging Face folders generated here: llama.cpp scores them as shrink

@@ -179,6 +179,16 @@ pub fn shrink_eval(model: &std::path::Path, chunks: usize) -> serde_json::Value 
 /// every queued log line before it exits).
 pub fn llama_perplexity(tool: &std::path::Path, model: &std::path::Path, chunks: usize) -> f64 {
     let hamlet = asset("shakespeare").unwrap().join("hamlet");
+    llama_perplexity_of(tool, model, &hamlet, chunks)
+}
+
+/// `llama-perplexity -c 512` on the text file `text`: its final estimate.
+pub fn llama_perplexity_of(
+    tool: &std::path::Path,
+    model: &std::path::Path,
+    hamlet: &std::path::Path,
+    chunks: usize,
+) -> f64 {
     let chunks = chunks.to_string();
     let out = Command::new(tool)
         .args([

