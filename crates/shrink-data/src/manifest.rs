@@ -151,7 +151,7 @@ impl Manifest {
             if entry.sha256.len() != 64 || !entry.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(bad(format!("file '{key}': sha256 must be 64 hex digits")));
             }
-            if entry.member.is_some() == !entry.parts.is_empty() {
+            if entry.member.is_some() != entry.parts.is_empty() {
                 return Err(bad(format!(
                     "file '{key}' needs either `member` or `parts`, not both"
                 )));
