@@ -2181,3 +2181,128 @@ target_bpw = 6.0
         );
     }
 }
+
+/// A request file of `docs` PIQA-format documents (OLMES layout, gzipped): two solutions each,
+/// one line per choice plus an unconditioned line to skip.
+fn piqa_requests(dir: &Path, docs: usize) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("piqa.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&path).unwrap(),
+        flate2::Compression::default(),
+    );
+    let words = [
+        "the tempest",
+        "a storm",
+        "the king",
+        "be or not",
+        "a ship",
+        "the isle",
+    ];
+    for d in 0..docs {
+        let doc = serde_json::json!({
+            "goal": format!("How is {}?", words[d % 6]),
+            "sol1": format!("It is {}.", words[(d + 1) % 6]),
+            "sol2": format!("Not {} at all", words[(d + 2) % 6]),
+            "label": d % 2,
+        });
+        for doc_id in [d, d, 1_000_000 + d] {
+            writeln!(gz, "{}", serde_json::json!({"doc_id": doc_id, "doc": doc})).unwrap();
+        }
+    }
+    gz.finish().unwrap();
+    path
+}
+
+/// `shrink eval --task` and `[eval] tasks`: zero-shot accuracy beside the perplexity, in the
+/// JSON, the report's tasks table and the task gates; a bad task is refused with its name.
+#[test]
+fn tasks_are_scored_by_eval_and_pipelines_and_gated() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = tiny_gguf(dir.path());
+    let requests = piqa_requests(dir.path(), 12);
+    let spec = format!("piqa={}", requests.display());
+    let text = sample_text();
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        gguf.to_str().unwrap(),
+        "--text",
+        text.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--chunks",
+        "2",
+        "--task",
+        &spec,
+        "--task",
+        &format!("{spec}:5"),
+        "--json",
+    ]))
+    .unwrap();
+    let tasks = out["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[0]["task"], "piqa");
+    assert_eq!(tasks[0]["docs"], 12);
+    assert_eq!(tasks[1]["docs"], 5);
+    let acc = tasks[0]["acc_norm"].as_f64().unwrap();
+    assert!(
+        (0.0..=1.0).contains(&acc) && (acc * 12.0).fract() < 1e-9,
+        "{acc}"
+    );
+    let t = text.to_str().unwrap();
+    let e = fails(&[
+        "eval",
+        gguf.to_str().unwrap(),
+        "--text",
+        t,
+        "--task",
+        "trivia",
+    ]);
+    assert!(e.contains("unknown task 'trivia'"), "{e}");
+
+    let toml = format!(
+        r#"name = "tasks"
+seed = 1
+[model]
+source = "{model}"
+[data]
+calib = "{text}"
+eval = "{text}"
+samples = 4
+seq_len = 32
+[[stage]]
+kind = "quantize.rtn"
+name = "q8"
+format = "gguf:q8_0"
+[eval]
+ctx = 64
+chunks = 2
+prompts = []
+decode_tokens = 0
+tasks = ["{spec}"]
+[gates]
+min_acc_norm = 0.0
+max_acc_norm_drop = 100.0
+"#,
+        model = gguf.display(),
+        text = text.display(),
+    );
+    let file = dir.path().join("tasks.toml");
+    std::fs::write(&file, toml).unwrap();
+    let run = dir.path().join("run");
+    ok(&["run", file.to_str().unwrap(), "-o", run.to_str().unwrap()]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["tasks"][0]["docs"], 12, "the baseline is scored");
+    assert!(rows[1]["acc_norm_drop"].is_number(), "{}", rows[1]);
+    let gates = report["gates"].as_array().unwrap();
+    assert!(gates
+        .iter()
+        .any(|g| g["gate"] == "max_acc_norm_drop" && g["passed"] == true));
+    let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Tasks (zero-shot)") && md.contains("| piqa |"),
+        "{md}"
+    );
+}

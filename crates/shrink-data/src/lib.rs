@@ -67,6 +67,8 @@ pub enum DataError {
     Archive { archive: PathBuf, message: String },
     #[error("'{name}' is a dataset, not a model")]
     NotAModel { name: String },
+    #[error("task {0}")]
+    BadTask(String),
     #[error("{path}: no such file or directory")]
     NoSuchPath { path: PathBuf },
     #[error("text file {path} is not valid UTF-8")]
@@ -210,6 +212,41 @@ fn concat_files(paths: &[PathBuf]) -> Result<String> {
         );
     }
     Ok(text)
+}
+
+/// The built-in manifest that holds the multiple-choice tasks.
+pub const TASKS_MANIFEST: &str = "olmo-tasks";
+
+/// A multiple-choice task, `NAME` or `NAME:DOCS` (its first DOCS documents): the name and the
+/// count.
+pub fn parse_task(spec: &str) -> Result<(String, Option<usize>)> {
+    let (name, docs) = match spec.split_once(':') {
+        Some((n, d)) => (
+            n,
+            Some(d.parse::<usize>().ok().filter(|&d| d > 0).ok_or_else(|| {
+                DataError::BadTask(format!(
+                    "'{spec}': the document count after ':' must be a positive integer"
+                ))
+            })?),
+        ),
+        None => (spec, None),
+    };
+    let manifest = find(TASKS_MANIFEST)?;
+    if !manifest.files.contains_key(name) {
+        let known: Vec<&str> = manifest.files.keys().map(String::as_str).collect();
+        return Err(DataError::BadTask(format!(
+            "unknown task '{name}' (known: {})",
+            known.join(", ")
+        )));
+    }
+    Ok((name.to_string(), docs))
+}
+
+/// The request file of task `name` (see [`parse_task`]), fetched and verified if needed.
+pub fn task_file(name: &str) -> Result<PathBuf> {
+    let manifest = find(TASKS_MANIFEST)?;
+    let dir = fetch(&manifest)?;
+    Ok(dir.join(name))
 }
 
 /// The model that `spec` names: an existing file or folder, or a demo model's manifest name

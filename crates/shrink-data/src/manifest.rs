@@ -12,6 +12,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ),
     ("smollm2", include_str!("../../../datasets/smollm2.toml")),
     ("gemma3", include_str!("../../../datasets/gemma3.toml")),
+    (
+        "olmo-tasks",
+        include_str!("../../../datasets/olmo-tasks.toml"),
+    ),
     ("minilm", include_str!("../../../datasets/minilm.toml")),
     ("pip-docs", include_str!("../../../datasets/pip-docs.toml")),
     (
@@ -34,6 +38,8 @@ const BUILTIN: &[(&str, &str)] = &[
 pub enum Kind {
     Text,
     Model,
+    /// Multiple-choice task files, keyed by task name.
+    Tasks,
 }
 
 /// How the package is distributed on the package registry.

@@ -19,6 +19,7 @@
 mod decode;
 mod encoder;
 mod kld;
+mod tasks;
 
 pub use decode::{decode_speed, quantized_decode_speed, DecodeSpeed};
 pub use encoder::{
@@ -28,6 +29,7 @@ pub use encoder::{
 pub use kld::{
     BaseHeader, BaseLogits, BaseWriter, Estimate, KlAgainstBase, KlReport, NoLogits, ScoredLogits,
 };
+pub use tasks::{choice_log_likelihoods, McDoc, McRequest, McTask, TaskReport, TASKS};
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -52,6 +54,8 @@ pub enum EvalError {
     },
     #[error("invalid evaluation setting: {0}")]
     Config(String),
+    #[error("task: {0}")]
+    Task(String),
     #[error("token id {id} at position {position} is outside the model's vocabulary of {vocab}")]
     TokenOutOfRange {
         id: u32,
@@ -185,6 +189,9 @@ pub struct EvalReport {
     /// Against saved base log-probabilities ([`KlAgainstBase`]), when scored so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kl_base: Option<KlReport>,
+    /// Zero-shot multiple-choice tasks scored with the perplexity ([`TaskReport`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskReport>,
 }
 
 /// One chunk: its input ids and the positions whose next-token prediction is scored.
@@ -725,6 +732,7 @@ fn tally(
         tokens_per_s: processed as f64 / wall_s.max(1e-9),
         load: start.load(),
         kl_base: None,
+        tasks: Vec::new(),
     })
 }
 

@@ -31,6 +31,8 @@ pub(crate) const GATES: &[Gate] = &[
     Gate { key: "min_neighbour_agreement", what: "top-10 neighbour agreement", unit: "", at_most: false, range: (0.0, 1.0), limit: |g| g.min_neighbour_agreement, value: |r| r.neighbour_agreement },
     Gate { key: "max_size_mb", what: "size", unit: " MB", at_most: true, range: UNBOUNDED, limit: |g| g.max_size_mb, value: |r| Some(r.size_bytes as f64 / 1e6) },
     Gate { key: "min_compression_ratio", what: "compression ratio", unit: "×", at_most: false, range: UNBOUNDED, limit: |g| g.min_compression_ratio, value: |r| Some(r.compression_ratio) },
+    Gate { key: "min_acc_norm", what: "lowest task acc_norm", unit: "", at_most: false, range: (0.0, 1.0), limit: |g| g.min_acc_norm, value: |r| r.tasks.iter().map(|t| t.acc_norm).reduce(f64::min) },
+    Gate { key: "max_acc_norm_drop", what: "largest task acc_norm drop", unit: " points", at_most: true, range: (0.0, 100.0), limit: |g| g.max_acc_norm_drop, value: |r| r.acc_norm_drop },
 ];
 
 /// Checks `[gates]` on one exported model.

@@ -45,7 +45,7 @@ pub use config::{
     Pipeline, PlannedStage, Stage, StageKeys, StreamEval, Sweep, SWEEP_KEYS,
 };
 pub use distill::{distill_and_write, DistillOutcome, DistillRequest, StudentInit, TrainKeys};
-pub use measure::{eval_bos, eval_tokens, prompt_tokens};
+pub use measure::{eval_bos, eval_tokens, prompt_tokens, score_tasks, task_requests};
 pub use prune::{PruneJob, PruneKind, PruneOutcome, PruneRequest, ResolvedPrune};
 pub use qat::{qat_and_write, QatRequest};
 pub use quantize::{

@@ -86,6 +86,8 @@ pub(crate) struct Bench<'a> {
     sentences: Vec<Vec<u32>>,
     pooling: shrink_models::Pooling,
     encoder_eval: shrink_eval::EncoderEvalConfig,
+    /// `[eval] tasks` and their requests, tokenized.
+    tasks: Vec<(shrink_eval::McTask, Vec<shrink_eval::McRequest>)>,
     progress: &'a dyn Progress,
 }
 
@@ -131,6 +133,14 @@ impl<'a> Bench<'a> {
             encoder_eval: shrink_eval::EncoderEvalConfig {
                 mask_id: crate::encoder::mask_id(checkpoint),
                 ..Default::default()
+            },
+            tasks: match encoder {
+                true => vec![],
+                false => e
+                    .tasks
+                    .iter()
+                    .map(|spec| task_requests(checkpoint, spec))
+                    .collect::<Result<_>>()?,
             },
             progress,
         })
@@ -219,7 +229,9 @@ impl Bench<'_> {
                 ..Metrics::of_file(key, file, sparsity, &model.config)
             });
         }
-        let eval = self.evaluate(world, model, reference)?;
+        let mut eval = self.evaluate(world, model, reference)?;
+        // The tasks run on the same model (a clone shares its tensors).
+        eval.tasks = score_tasks(&mut model.clone(), &self.tasks, TASK_BATCH, self.progress)?;
         let mut generations = Vec::with_capacity(self.prompts.len());
         for prompt in &self.prompts {
             let mut greedy = Sampler::new(SamplingConfig::default());
@@ -312,7 +324,8 @@ impl Bench<'_> {
         limit: u64,
     ) -> Result<Metrics> {
         let mut model = checkpoint.streamed(DType::F32)?;
-        let eval = self.evaluate_streamed(world, &mut model, reference)?;
+        let mut eval = self.evaluate_streamed(world, &mut model, reference)?;
+        eval.tasks = score_tasks(&mut model, &self.tasks, TASK_BATCH, self.progress)?;
         let sparsity = streamed_sparsity(&mut model)?;
         let held = file.gguf_bytes().map_or(u64::MAX, |g| g.len() as u64);
         let decode = match held.saturating_add(held / 4) <= limit {
@@ -376,6 +389,59 @@ pub fn eval_tokens(checkpoint: &Checkpoint, text: &str) -> Result<(Vec<u32>, Opt
         Some(bos) => Ok((tokens[1..].to_vec(), Some(bos))),
         None => Ok((tokens, None)),
     }
+}
+
+/// Sequences a forward pass when tasks are scored.
+const TASK_BATCH: usize = 16;
+
+/// A multiple-choice task and its scoring requests tokenized by `checkpoint`'s tokenizer (BOS as
+/// the model adds one, special-token text not parsed). `spec` is `NAME[:DOCS]` (a task of the
+/// `olmo-tasks` dataset, its first DOCS documents) or `NAME=FILE[:DOCS]` (a request file of the
+/// same format for task NAME).
+pub fn task_requests(
+    checkpoint: &Checkpoint,
+    spec: &str,
+) -> Result<(shrink_eval::McTask, Vec<shrink_eval::McRequest>)> {
+    let (task, path, docs) = match spec.split_once('=') {
+        Some((name, rest)) => {
+            let (file, docs) = match rest.rsplit_once(':') {
+                Some((f, d)) if d.parse::<usize>().is_ok() => (f, d.parse().ok()),
+                _ => (rest, None),
+            };
+            (name.to_string(), std::path::PathBuf::from(file), docs)
+        }
+        None => {
+            let (name, docs) = shrink_data::parse_task(spec)?;
+            let path = shrink_data::task_file(&name)?;
+            (name, path, docs)
+        }
+    };
+    let task = shrink_eval::McTask::read(&task, &path, docs)?;
+    let tokenizer = checkpoint.tokenizer()?;
+    let encode = |text: &str| -> shrink_eval::Result<Vec<u32>> {
+        tokenizer
+            .encode(text, false)
+            .map_err(|e| shrink_eval::EvalError::Task(e.to_string()))
+    };
+    let requests = task.requests(&encode)?;
+    Ok((task, requests))
+}
+
+/// Each task's accuracy and length-normalized accuracy under `model` (held whole or read block
+/// by block), `batch` sequences a forward pass.
+pub fn score_tasks<M: shrink_models::BlockModel>(
+    model: &mut M,
+    tasks: &[(shrink_eval::McTask, Vec<shrink_eval::McRequest>)],
+    batch: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<shrink_eval::TaskReport>> {
+    tasks
+        .iter()
+        .map(|(task, requests)| {
+            let lls = shrink_eval::choice_log_likelihoods(model, requests, batch, progress)?;
+            Ok(task.report(requests, &lls))
+        })
+        .collect()
 }
 
 /// The BOS id when the model's tokenizer adds one (llama.cpp's `add_bos_token`, with a BOS id).

@@ -142,6 +142,13 @@ pub struct ModelRow {
     /// Peak resident memory while making the model (0 for the baseline).
     pub peak_rss_bytes: u64,
     pub decode: Option<DecodeSpeed>,
+    /// `[eval] tasks`: each task's accuracy and length-normalized accuracy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<shrink_eval::TaskReport>,
+    /// The largest drop of a task's length-normalized accuracy below the baseline's, in
+    /// percentage points (`None` without tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acc_norm_drop: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -57,6 +57,12 @@ pub(crate) struct EvalArgs {
     /// `llama-perplexity --kl-divergence`'s (KL percentiles, Δp, same top token).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["reference", "text", "ctx"])]
     kl_base: Option<String>,
+    /// Also score a zero-shot multiple-choice task as lm-evaluation-harness does (accuracy and
+    /// length-normalized accuracy): `hellaswag`, `piqa`, `arc_easy` or `arc_challenge` (the
+    /// `olmo-tasks` dataset), `NAME:DOCS` for its first DOCS documents, or `NAME=FILE[:DOCS]` for
+    /// an OLMES request file of that task's format; repeatable.
+    #[arg(long = "task", value_name = "TASK")]
+    pub tasks: Vec<String>,
     /// Print the report as JSON (schema shrink.eval/v1; encoders shrink.eval-encoder/v1).
     #[arg(long)]
     json: bool,
@@ -195,6 +201,16 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             decided[0] == 1
         }
     };
+    if !args.tasks.is_empty() && (encoder || world.size() > 1 || kl_job) {
+        anyhow::bail!(
+            "--task scores a decoder in one process, without --kl-base or --save-kl-base"
+        );
+    }
+    let tasks = args
+        .tasks
+        .iter()
+        .map(|spec| shrink_pipeline::task_requests(&checkpoint, spec))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let (report, parameters, streamed) = if stream {
         let dtype = args.dtype.dtype();
         let packed = |c: &Checkpoint, model: shrink_models::StreamedModel| match integer {
@@ -218,6 +234,8 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
         )?;
         let parameters =
             shrink_pipeline::memory::model_shape(&checkpoint.path).map_or(0, |s| s.parameters);
+        let mut report = report;
+        report.tasks = shrink_pipeline::score_tasks(&mut model, &tasks, args.batch * 4, &bar)?;
         (report, parameters, true)
     } else {
         let build = |c: &Checkpoint| build_runnable(c, args.dtype.dtype(), integer);
@@ -227,8 +245,10 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
             return eval_encoder(&args, &checkpoint, &text, &model, reference.as_ref());
         }
         let reference = reference.as_ref();
-        let report =
+        let mut report =
             shrink_eval::evaluate_in(world, &model, reference, &tokens, bos, &cfg, visit, &bar)?;
+        let mut model = model;
+        report.tasks = shrink_pipeline::score_tasks(&mut model, &tasks, args.batch * 4, &bar)?;
         (report, model.num_parameters() as u64, false)
     };
     let mut report = report;
@@ -283,6 +303,17 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
     }
     if let Some(path) = &args.save_kl_base {
         outln!("saved       base log-probabilities to {path}");
+    }
+    for t in &report.tasks {
+        outln!(
+            "{:<11} acc {:.2} ± {:.2}%, acc_norm {:.2} ± {:.2}%   ({} documents, zero-shot)",
+            t.task,
+            t.acc * 100.0,
+            t.acc_stderr * 100.0,
+            t.acc_norm * 100.0,
+            t.acc_norm_stderr * 100.0,
+            t.docs
+        );
     }
     outln!(
         "time        {:.1} s, {:.1} tokens/s ({} tokens processed)",

@@ -206,6 +206,10 @@ pub struct EvalConfig {
     /// whole).
     #[serde(default)]
     pub stream: StreamEval,
+    /// Zero-shot multiple-choice tasks scored on every model, as `shrink eval --task` takes them
+    /// (`hellaswag:500`, `piqa`): accuracy and length-normalized accuracy beside the perplexity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<String>,
 }
 
 /// When a run evaluates its models block by block ([`EvalConfig::stream`]).
@@ -274,6 +278,7 @@ impl Default for EvalConfig {
             speed_repeats: default_speed_repeats(),
             sentences: default_sentences(),
             stream: StreamEval::Auto,
+            tasks: Vec::new(),
         }
     }
 }
@@ -311,6 +316,11 @@ pub struct Gates {
     pub min_neighbour_agreement: Option<f64>,
     pub max_size_mb: Option<f64>,
     pub min_compression_ratio: Option<f64>,
+    /// Every `[eval] tasks` task's length-normalized accuracy (a fraction) at least this.
+    pub min_acc_norm: Option<f64>,
+    /// No task's length-normalized accuracy more than this many percentage points below the
+    /// baseline's.
+    pub max_acc_norm_drop: Option<f64>,
 }
 
 /// A stage ready to run: its input resolved, its quantization job made, its output format known.

@@ -27,6 +27,8 @@ fn row_with(ppl_pct: f64, top1: f64, size: u64) -> ModelRow {
         stage_wall_s: 1.0,
         peak_rss_bytes: 0,
         decode: None,
+        tasks: vec![],
+        acc_norm_drop: None,
     }
 }
 
@@ -66,4 +68,35 @@ fn gates_say_which_failed_and_by_how_much() {
             .unwrap()
             .passed
     );
+}
+
+/// The task gates: the lowest task's acc_norm, the largest drop below the baseline in points; a
+/// pipeline without tasks fails them (nothing measured).
+#[test]
+fn task_gates_take_the_worst_task() {
+    let gates = crate::Gates {
+        min_acc_norm: Some(0.4),
+        max_acc_norm_drop: Some(2.0),
+        ..Default::default()
+    };
+    let task = |name: &str, acc_norm: f64| shrink_eval::TaskReport {
+        task: name.into(),
+        docs: 100,
+        acc: acc_norm,
+        acc_stderr: 0.0,
+        acc_norm,
+        acc_norm_stderr: 0.0,
+    };
+    let mut r = row_with(0.0, 1.0, 1);
+    r.tasks = vec![task("piqa", 0.65), task("hellaswag", 0.38)];
+    r.acc_norm_drop = Some(1.5);
+    let g = check_gates(&gates, &r);
+    assert!(
+        !g[0].passed && g[0].message.contains("0.3800 < 0.4"),
+        "{}",
+        g[0].message
+    );
+    assert!(g[1].passed, "{}", g[1].message);
+    let g = check_gates(&gates, &row_with(0.0, 1.0, 1));
+    assert!(g.iter().all(|g| !g.passed));
 }

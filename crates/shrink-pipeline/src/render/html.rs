@@ -40,6 +40,10 @@ pub fn to_html(report: &Report) -> String {
     if let Some(svg) = loss_chart(report) {
         w!(o, "<h3>Training loss</h3>\n{svg}");
     }
+    if let Some(t) = tasks_table(report) {
+        o.push_str("<h2>Tasks (zero-shot)</h2>\n");
+        html_table(&mut o, "num", &t);
+    }
     if !report.gates.is_empty() {
         o.push_str("<h2>Gates</h2>\n");
         html_table(&mut o, "", &gates_table(report));

@@ -10,6 +10,10 @@ pub fn to_markdown(report: &Report) -> String {
     let (status, meta) = (one_line(&status_line(report)), one_line(&meta_line(report)));
     w!(o, "**Status:** {status}\n\n{meta}\n\n## Models\n\n");
     md_table(&mut o, &summary_table(report));
+    if let Some(t) = tasks_table(report) {
+        o.push_str("\n## Tasks (zero-shot)\n\n");
+        md_table(&mut o, &t);
+    }
     if !report.gates.is_empty() {
         o.push_str("\n## Gates\n\n");
         md_table(&mut o, &gates_table(report));

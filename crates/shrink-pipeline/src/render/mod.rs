@@ -133,6 +133,37 @@ fn gates_table(report: &Report) -> Table {
     table("gate,model,limit,value,result,message", rows)
 }
 
+/// Each model's zero-shot task scores (`[eval] tasks`): accuracy and length-normalized accuracy
+/// with their standard errors, and the drop below the baseline; `None` without tasks.
+fn tasks_table(report: &Report) -> Option<Table> {
+    let rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .flat_map(|m| {
+            m.tasks.iter().map(|t| {
+                vec![
+                    m.name.clone(),
+                    t.task.clone(),
+                    count(t.docs as u64),
+                    format!("{:.2} ± {:.2}", t.acc * 100.0, t.acc_stderr * 100.0),
+                    format!(
+                        "{:.2} ± {:.2}",
+                        t.acc_norm * 100.0,
+                        t.acc_norm_stderr * 100.0
+                    ),
+                    opt(m.acc_norm_drop, |d| format!("{d:.2}")),
+                ]
+            })
+        })
+        .collect();
+    (!rows.is_empty()).then(|| {
+        table(
+            "model,task,documents,acc %,acc_norm %,worst acc_norm drop (points)",
+            rows,
+        )
+    })
+}
+
 /// The variants, then front members that are not variants (the baseline), so the whole front shows.
 fn sweep_table(report: &Report) -> Table {
     let Some(s) = &report.sweep else {

@@ -649,7 +649,20 @@ fn row(
         stage_wall_s: record.map_or(0.0, |r| r.wall_s),
         peak_rss_bytes: record.map_or(0, |r| r.peak_rss_bytes),
         decode: m.decode.clone(),
+        tasks: tasks_of(m).to_vec(),
+        acc_norm_drop: tasks_of(m)
+            .iter()
+            .filter_map(|t| {
+                let b = tasks_of(base).iter().find(|b| b.task == t.task)?;
+                Some((b.acc_norm - t.acc_norm) * 100.0)
+            })
+            .reduce(f64::max),
     }
+}
+
+/// The task scores of a model's evaluation.
+fn tasks_of(m: &Metrics) -> &[shrink_eval::TaskReport] {
+    m.eval.as_ref().map_or(&[], |e| &e.tasks)
 }
 
 #[cfg(test)]
