@@ -209,8 +209,8 @@ pub(crate) fn run(args: EvalArgs, world: &dyn shrink_core::Collective) -> Result
     let tasks = args
         .tasks
         .iter()
-        .map(|spec| shrink_pipeline::task_requests(&checkpoint, spec))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
+        .map(|spec| shrink_pipeline::task_requests(&checkpoint, spec).map_err(anyhow::Error::from))
+        .collect::<Result<Vec<_>>>()?;
     let (report, parameters, streamed) = if stream {
         let dtype = args.dtype.dtype();
         let packed = |c: &Checkpoint, model: shrink_models::StreamedModel| match integer {
