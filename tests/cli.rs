@@ -2137,7 +2137,26 @@ fn qwen3_and_gemma3_run_every_technique() {
         args.extend(train);
         args.extend(["-o", student.to_str().unwrap()]);
         ok(&args);
+        // The student keeps each kept layer's attention: Gemma's layer 5 is its global one.
+        let config = shrink_io::load(&student).unwrap().config;
+        let kinds = shrink_models::ModelConfig::from_json(&config).unwrap();
+        let sliding: Vec<bool> = (0..kinds.num_hidden_layers)
+            .map(|i| kinds.is_sliding_layer(i))
+            .collect();
+        let want = if family == "gemma3" {
+            vec![true, false]
+        } else {
+            vec![false]
+        };
+        assert_eq!(sliding, want, "{family} student");
         outputs.push(student);
+        let layers_pruned = out("prune-5.gguf");
+        let config = shrink_io::load(&layers_pruned).unwrap().config;
+        let pruned = shrink_models::ModelConfig::from_json(&config).unwrap();
+        assert_eq!(
+            pruned.num_hidden_layers,
+            if family == "gemma3" { 4 } else { 1 }
+        );
         let qat = out("qat.gguf");
         let mut args = vec![
             "distill",

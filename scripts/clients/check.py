@@ -12,7 +12,10 @@ computes:
 - the Q8_0 GGUF: every `tokenizer.*` key of the source GGUF carried with its value (gguf's
   reader);
 - the MiniLM W8 folder: `SentenceTransformer(folder).encode` against `shrink embed`, cosine of
-  every sentence's embedding at least 0.9999.
+  every sentence's embedding at least 0.9999;
+- the zero-shot task evaluator: PIQA's first documents scored on the f16 folder by `shrink eval
+  --task` and here, independently, with transformers and its tokenizer as lm-evaluation-harness
+  scores them (continuation log-likelihoods, acc and per-character acc_norm): the same counts.
 
 Usage: python check.py SHRINK WORKDIR   (run by scripts/check-clients.sh inside its venv)
 """
@@ -277,6 +280,60 @@ def check_gguf_tokenizer(name, source, written):
     return {"name": name, "keys": len(want), "differ": differ, "ok": ok}
 
 
+TASK_DOCS = 100
+
+
+def check_task(binary, folder):
+    """PIQA's first TASK_DOCS documents: shrink's acc and acc_norm against an independent
+    implementation of lm-evaluation-harness's loglikelihood scoring on transformers."""
+    import gzip
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = json.loads(
+        shrink(binary, "eval", str(folder), "--text", TEXT, "--chunks", "1",
+               "--task", f"piqa:{TASK_DOCS}", "--json")
+    )
+    want = report["tasks"][0]
+    docs, seen = [], set()
+    path = shrink(binary, "data", "path", "olmo-tasks:piqa").strip()
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["doc_id"] >= 1_000_000 or r["doc_id"] in seen:
+                continue
+            seen.add(r["doc_id"])
+            docs.append(r["doc"])
+            if len(docs) == TASK_DOCS:
+                break
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.eval()
+    acc = acc_norm = 0
+    for doc in docs:
+        context = f"Question: {doc['goal']}\nAnswer:"
+        choices = [doc["sol1"], doc["sol2"]]
+        lls = []
+        for choice in choices:
+            ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+            whole = tok(context + " " + choice, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx_ids):]
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            lls.append(sum(float(logp[len(ctx_ids) - 1 + i, t]) for i, t in enumerate(cont)))
+        norm = [ll / len(c) for ll, c in zip(lls, choices)]
+        acc += int(np.argmax(lls) == doc["label"])
+        acc_norm += int(np.argmax(norm) == doc["label"])
+    got = {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+    ok = all(abs(got[k] - want[k]) < 1e-9 for k in got)
+    print(
+        f"{'ok  ' if ok else 'FAIL'} PIQA {len(docs)} docs: transformers acc {got['acc']:.4f} "
+        f"acc_norm {got['acc_norm']:.4f}, shrink eval acc {want['acc']:.4f} "
+        f"acc_norm {want['acc_norm']:.4f}"
+    )
+    return {"name": "PIQA task scores", "transformers": got, "shrink": want, "ok": ok}
+
+
 def main():
     binary, work = sys.argv[1], Path(sys.argv[2])
     work.mkdir(parents=True, exist_ok=True)
@@ -297,6 +354,7 @@ def main():
     if not f16.exists():
         shrink(binary, "convert", smollm2, str(f16), "--to", "hf", "--dtype", "f16")
     results.append(check_decoder(binary, work, "f16 folder", f16))
+    results.append(check_task(binary, f16))
     w4 = made("w4", "quantize", smollm2, "--format", "hf", "--bits", "4", "--group", "64",
               "--method", "rtn")
     results.append(check_decoder(binary, work, "W4 g64 folder", w4))

@@ -240,7 +240,7 @@ fn exchange(world: &dyn Collective, hook: &mut StatsHook, contributors: usize) {
 fn check_same_block(world: &dyn Collective, block: &Block) -> Result<()> {
     use sha2::Digest;
     let mut digest = sha2::Sha256::new();
-    let norms = [&block.attn_norm, &block.mlp_norm];
+    let norms = block.all_norms();
     let tensors = norms
         .iter()
         .flat_map(|n| std::iter::once(&n.weight).chain(&n.bias))

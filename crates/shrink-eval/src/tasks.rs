@@ -1,8 +1,8 @@
 //! Zero-shot multiple-choice tasks scored as lm-evaluation-harness scores them: each choice's
 //! log-likelihood as a continuation of the context, accuracy (the most likely choice is the gold
 //! one) and length-normalized accuracy (the log-likelihood divided by the choice's length in
-//! characters). Requests are tokenized as the harness does: the context's trailing spaces move to
-//! the continuation, `context + continuation` is encoded whole and the continuation is every token
+//! characters). Requests are tokenized as the harness does: the context's trailing whitespace
+//! moves to the continuation, `context + continuation` is encoded whole and the continuation is every token
 //! after the context's own encoding.
 //!
 //! The documents come from OLMES request files (`requests.jsonl.gz`, one line per choice; the
@@ -82,14 +82,14 @@ impl McTask {
         })
     }
 
-    /// Every choice of every document as a scoring request, tokenized by `encode` (which adds
-    /// the model's BOS as it does for any text).
+    /// Every choice of every document as a scoring request, tokenized by `encode` (which adds a
+    /// BOS where the harness does: for Gemma only, its default for Hugging Face models).
     pub fn requests(&self, encode: &dyn Fn(&str) -> Result<Vec<u32>>) -> Result<Vec<McRequest>> {
         let mut out = Vec::new();
         for (d, doc) in self.docs.iter().enumerate() {
             for (c, choice) in doc.choices.iter().enumerate() {
                 let continuation = format!(" {choice}");
-                let trimmed = doc.context.trim_end_matches(' ');
+                let trimmed = doc.context.trim_end();
                 let moved = &doc.context[trimmed.len()..];
                 let (context, continuation) = (trimmed, format!("{moved}{continuation}"));
                 let context_ids = encode(context)?;

@@ -163,23 +163,24 @@ fn gemma3_config(
                     }
                 })
                 .collect(),
+            // A flag per layer (llama.cpp writes booleans or 0/1 integers).
             Some(Value::Array(flags)) => flags
                 .iter()
-                .map(|f| match f.to_bool() {
-                    Ok(true) => Ok("sliding_attention"),
-                    Ok(false) => Ok("full_attention"),
-                    Err(_) => Err(meta_err(path, &key, "expected booleans")),
-                })
+                .map(
+                    |f| match f.to_bool().or_else(|_| f.to_u32().map(|v| v != 0)) {
+                        Ok(true) => Ok("sliding_attention"),
+                        Ok(false) => Ok("full_attention"),
+                        Err(_) => Err(meta_err(path, &key, "expected a boolean per layer")),
+                    },
+                )
                 .collect::<Result<_>>()?,
+            // Every `every`-th layer global; 0: every layer sliding (llama.cpp's reading).
             Some(_) => {
-                let every = meta_u64(path, content, &key)?.unwrap_or(6).max(1) as usize;
+                let every = meta_u64(path, content, &key)?.unwrap_or(6) as usize;
                 (0..n_layer)
-                    .map(|i| {
-                        if (i + 1) % every != 0 {
-                            "sliding_attention"
-                        } else {
-                            "full_attention"
-                        }
+                    .map(|i| match every == 0 || (i + 1) % every != 0 {
+                        true => "sliding_attention",
+                        false => "full_attention",
                     })
                     .collect()
             }
@@ -311,6 +312,15 @@ pub(crate) fn checkpoint_of(
     let eps =
         meta_f64(path, content, &eps_key)?.ok_or_else(|| meta_err(path, &eps_key, "missing"))?;
     let theta = meta_f64(path, content, &a("rope.freq_base"))?.unwrap_or(10_000.0);
+    if let Some(kind) = meta_str(path, content, &a("rope.scaling.type"))? {
+        if kind != "none" {
+            return Err(meta_err(
+                path,
+                &a("rope.scaling.type"),
+                format!("RoPE scaling '{kind}' is not supported when reading GGUF files"),
+            ));
+        }
+    }
     let ctx_len = meta_u64(path, content, &a("context_length"))?.unwrap_or(2048);
 
     // Tokenizer.

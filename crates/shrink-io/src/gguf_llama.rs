@@ -219,6 +219,24 @@ impl LlamaGguf {
                 supported: family::GGUF_SUPPORTED,
             });
         };
+        // llama.cpp needs RoPE scaling as its own keys (or a frequency table): not written here,
+        // so refused rather than dropped.
+        if let Some(kind) = cfg.get("rope_scaling").filter(|v| !v.is_null()).map(|v| {
+            v.get("rope_type")
+                .or_else(|| v.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("?")
+                .to_string()
+        }) {
+            if kind != "default" {
+                return Err(IoError::Format {
+                    path: checkpoint.path.clone(),
+                    message: format!(
+                        "rope_scaling '{kind}' is not written to GGUF files by shrink (llama.cpp would run the model unscaled)"
+                    ),
+                });
+            }
+        }
         let n_head = get("num_attention_heads")? as usize;
         let n_head_kv = cfg
             .get("num_key_value_heads")

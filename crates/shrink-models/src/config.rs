@@ -162,6 +162,7 @@ impl ModelConfig {
     /// Parses and validates a `config.json` value.
     pub fn from_json(value: &Value) -> Result<Self> {
         let mut value = value.clone();
+        rope_parameters_to_ours(&mut value)?;
         match value.get("model_type").and_then(Value::as_str) {
             Some("gpt2") => gpt2_keys_to_ours(&mut value)?,
             Some("bert") => bert_pruned_heads(&mut value)?,
@@ -215,6 +216,10 @@ impl ModelConfig {
                 keys.push(("num_key_value_heads", self.num_kv_heads().into()));
                 keys.push(("head_dim", self.head_dim().into()));
                 keys.push(("rms_norm_eps", self.rms_norm_eps.into()));
+                // Each layer's attention follows its layer when layers are removed.
+                if let Some(types) = &self.layer_types {
+                    keys.push(("layer_types", types.clone().into()));
+                }
             }
         }
         keys
@@ -445,7 +450,11 @@ impl ModelConfig {
     pub fn with_layers(&self, kept: &[usize]) -> ModelConfig {
         let mut c = self.clone();
         c.num_hidden_layers = kept.len();
-        if self.arch().ok() == Some(Arch::Gemma3) && self.effective_sliding_window().is_some() {
+        if let Some(types) = &self.layer_types {
+            c.layer_types = Some(kept.iter().filter_map(|&i| types.get(i).cloned()).collect());
+        } else if self.arch().ok() == Some(Arch::Gemma3)
+            && self.effective_sliding_window().is_some()
+        {
             c.layer_types = Some(
                 kept.iter()
                     .map(|&i| match self.is_sliding_layer(i) {
@@ -607,6 +616,60 @@ fn bert_pruned_heads(value: &mut Value) -> Result<()> {
     }
     map.insert("head_dim".into(), (hidden / heads).into());
     map.insert("num_attention_heads".into(), (heads - removed).into());
+    Ok(())
+}
+
+/// transformers 5's `rope_parameters` (one set, or one per attention kind: `full_attention`,
+/// `sliding_attention`) as the older keys: `rope_theta`, `rope_local_base_freq` and, when not
+/// the default, `rope_scaling`. Other kinds of layer are refused.
+fn rope_parameters_to_ours(value: &mut Value) -> Result<()> {
+    let Some(params) = value.get("rope_parameters").cloned() else {
+        return Ok(());
+    };
+    let Some(map) = value.as_object_mut() else {
+        return Err(ModelError::Config("config.json is not an object".into()));
+    };
+    map.remove("rope_parameters");
+    let Some(by_kind) = params.as_object() else {
+        return Ok(()); // null: the defaults
+    };
+    // One set per attention kind: its values are objects.
+    let per_kind = by_kind.values().any(Value::is_object);
+    let set_of = |params: &Value, theta_key: &str, map: &mut serde_json::Map<String, Value>| {
+        if let Some(theta) = params.get("rope_theta") {
+            map.insert(theta_key.into(), theta.clone());
+        }
+        let kind = params
+            .get("rope_type")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if kind != "default" && theta_key == "rope_theta" {
+            map.insert("rope_scaling".into(), params.clone());
+        }
+    };
+    if !per_kind {
+        set_of(&params, "rope_theta", map);
+        return Ok(());
+    }
+    for (kind, params) in by_kind {
+        match kind.as_str() {
+            "full_attention" => set_of(params, "rope_theta", map),
+            "sliding_attention" => {
+                let local = params.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+                if local != "default" {
+                    return Err(ModelError::Config(format!(
+                        "rope_parameters.sliding_attention.rope_type '{local}' is not supported (only default)"
+                    )));
+                }
+                set_of(params, "rope_local_base_freq", map)
+            }
+            other => {
+                return Err(ModelError::Config(format!(
+                    "rope_parameters.{other}: unknown attention kind (expected full_attention, sliding_attention)"
+                )))
+            }
+        }
+    }
     Ok(())
 }
 

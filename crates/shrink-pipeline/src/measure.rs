@@ -417,11 +417,24 @@ pub fn task_requests(
         }
     };
     let task = shrink_eval::McTask::read(&task, &path, docs)?;
-    let tokenizer = checkpoint.tokenizer()?;
+    let bundle = checkpoint.tokenizer()?;
+    // Special-token text is not parsed; one tokenizer for every request.
+    let mut plain = bundle.tokenizer.clone();
+    plain.set_encode_special_tokens(true);
+    // lm-evaluation-harness adds no BOS to Hugging Face models but Gemma's.
+    let gemma = shrink_models::ModelConfig::from_json(&checkpoint.config)
+        .ok()
+        .and_then(|c| c.arch().ok())
+        == Some(shrink_models::Arch::Gemma3);
+    let bos = bundle.bos_token_id.filter(|_| gemma);
     let encode = |text: &str| -> shrink_eval::Result<Vec<u32>> {
-        tokenizer
-            .encode(text, false)
-            .map_err(|e| shrink_eval::EvalError::Task(e.to_string()))
+        let encoding = plain
+            .encode_fast(text, false)
+            .map_err(|e| shrink_eval::EvalError::Task(format!("tokenizing: {e}")))?;
+        Ok(bos
+            .into_iter()
+            .chain(encoding.get_ids().iter().copied())
+            .collect())
     };
     let requests = task.requests(&encode)?;
     Ok((task, requests))

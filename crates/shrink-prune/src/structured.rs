@@ -452,23 +452,31 @@ pub(crate) fn plan_cuts<'n>(
             let norm_scale = Some((rescale, offset * (rescale - 1.0)));
             // QK-norms act across a head, not the width: they are kept whole.
             let qk_norm = |name: &str| name.contains(".q_norm.") || name.contains(".k_norm.");
+            // An embedding scaled by √width (Gemma) is rescaled by √(d / d') so that the kept
+            // channels enter the blocks unchanged; a head tied to it then gives logits × √(d / d'),
+            // which the final norm, left unrescaled, takes back.
+            let scaled_embedding = cfg.embedding_scale().is_some();
+            let tied = cfg.ties_embeddings();
             for name in names {
                 let role = linear_part(prefix, name).map(|(_, role, part)| (role, part));
-                let (dim, scale) =
-                    if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
-                        (Some(1), None)
-                    } else if qk_norm(name) {
-                        (None, None)
-                    } else if name.ends_with("norm.weight") {
-                        (Some(0), norm_scale)
-                    } else {
-                        match role {
-                            // o and down write the residual stream; the other linears read it.
-                            Some((Role::O | Role::Down, _)) => (Some(0), None),
-                            Some((_, part)) if part == "weight" => (Some(1), None),
-                            _ => (None, None),
-                        }
-                    };
+                let (dim, scale) = if name == "model.embed_tokens.weight" && scaled_embedding {
+                    (Some(1), Some((rescale, 0.0)))
+                } else if name == "model.norm.weight" && scaled_embedding && tied {
+                    (Some(0), None)
+                } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                    (Some(1), None)
+                } else if qk_norm(name) {
+                    (None, None)
+                } else if name.ends_with("norm.weight") {
+                    (Some(0), norm_scale)
+                } else {
+                    match role {
+                        // o and down write the residual stream; the other linears read it.
+                        Some((Role::O | Role::Down, _)) => (Some(0), None),
+                        Some((_, part)) if part == "weight" => (Some(1), None),
+                        _ => (None, None),
+                    }
+                };
                 let cut = Cut {
                     select: dim.map(|dim| (dim, keep.clone())),
                     scale,

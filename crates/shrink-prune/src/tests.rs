@@ -742,3 +742,69 @@ pub(crate) fn streamed_run<'a>(
         progress: &NoProgress,
     }
 }
+
+/// Width pruning is exact when the removed channels are silent (zero in the embedding and in
+/// every row that writes the residual stream): Llama, and Gemma 3 with its embedding scaled by
+/// √width (rescaled for the new width, the tied head's final norm left as it was), its norms
+/// applied as `1 + w` and its QK-norms kept whole.
+#[test]
+fn width_pruning_of_silent_channels_keeps_the_logits() {
+    for cfg in [
+        ModelConfig::tiny_for_tests(),
+        ModelConfig::tiny_gemma3_for_tests(),
+    ] {
+        let mut model = Transformer::random(&cfg, 4, &candle_core::Device::Cpu).unwrap();
+        let silent = [3usize, 17, 30, 31];
+        let zero = |t: &Tensor, dim: usize| -> Tensor {
+            let mut mask = vec![1f32; t.dim(dim).unwrap()];
+            for &c in &silent {
+                mask[c] = 0.0;
+            }
+            let shape: Vec<usize> = (0..t.rank())
+                .map(|d| if d == dim { mask.len() } else { 1 })
+                .collect();
+            let mask = Tensor::from_vec(mask, shape, t.device()).unwrap();
+            t.broadcast_mul(&mask).unwrap()
+        };
+        model.embed_tokens = zero(&model.embed_tokens, 1);
+        for b in &mut model.blocks {
+            for l in [&mut b.o_proj, &mut b.down_proj] {
+                let w = zero(l.weight(), 0);
+                l.set_weight(w).unwrap();
+            }
+        }
+        if let Some(head) = &mut model.lm_head {
+            let w = zero(head.weight(), 1);
+            head.set_weight(w).unwrap();
+        }
+        let ids = Tensor::new(&[[3u32, 9, 27, 40, 2, 61]], &candle_core::Device::Cpu).unwrap();
+        let want: Vec<Vec<f32>> = model
+            .forward(&ids)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut pruned = model.clone();
+        let out = prune_structured(
+            &mut pruned,
+            Structure::Width { count: 4 },
+            Importance::Magnitude,
+            None,
+            2,
+            &NoProgress,
+        )
+        .unwrap();
+        assert_eq!(out.removed[0], silent.to_vec(), "{}", cfg.model_type);
+        let got: Vec<Vec<f32>> = pruned
+            .forward(&ids)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let diff =
+            shrink_models::testing::max_abs_diff(got.iter().flatten(), want.iter().flatten());
+        assert!(diff < 1e-3, "{}: {diff}", cfg.model_type);
+    }
+}

@@ -66,12 +66,12 @@ fn documents_are_read_in_the_harness_format() {
 /// the whole is encoded at once and the continuation is what follows the context's encoding.
 #[test]
 fn requests_split_context_and_continuation_as_the_harness() {
-    // One id per character; "ab" merges into one token, as a BPE merge would across the seam.
+    // One id per character; "a " merges into one token, as a BPE merge across the seam would.
     let encode = |s: &str| -> Result<Vec<u32>> {
         let mut ids = vec![0u32]; // BOS
         let mut chars = s.chars().peekable();
         while let Some(c) = chars.next() {
-            if c == 'a' && chars.peek() == Some(&'b') {
+            if c == 'a' && chars.peek() == Some(&' ') {
                 chars.next();
                 ids.push(100);
             } else {
@@ -83,20 +83,36 @@ fn requests_split_context_and_continuation_as_the_harness() {
     let task = McTask {
         name: "arc_easy".into(),
         docs: vec![McDoc {
-            context: "Q: a ".into(),
+            context: "Q: a \n".into(),
             choices: vec!["b".into(), "cd".into()],
             gold: 1,
         }],
     };
     let r = task.requests(&encode).unwrap();
-    // Context "Q: a" (the space moved), continuation "  b": "Q: a  b".
-    assert_eq!(r[0].ids, encode("Q: a  b").unwrap());
+    // Context "Q: a" (its trailing space and newline moved), continuation " \n b": the whole
+    // "Q: a \n b" encodes "a " as one token, which counts as context (the harness's split).
+    assert_eq!(r[0].ids, encode("Q: a \n b").unwrap());
+    assert_eq!(
+        r[0].ids,
+        vec![
+            0,
+            'Q' as u32,
+            ':' as u32,
+            ' ' as u32,
+            100,
+            '\n' as u32,
+            ' ' as u32,
+            'b' as u32
+        ]
+    );
     assert_eq!(r[0].context_len, encode("Q: a").unwrap().len());
-    assert_eq!(r[1].ids.len() - r[1].context_len, 4); // "  cd"
+    assert_eq!(
+        &r[0].ids[r[0].context_len..],
+        &['\n' as u32, ' ' as u32, 'b' as u32]
+    );
+    assert_eq!(r[1].ids.len() - r[1].context_len, 4); // "\n cd"
 }
 
-/// Accuracy takes the first most likely choice; length-normalized accuracy divides by each
-/// choice's characters; the standard errors are the harness's.
 #[test]
 fn accuracy_and_normalized_accuracy_by_hand() {
     let task = McTask {

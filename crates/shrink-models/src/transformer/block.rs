@@ -157,6 +157,22 @@ impl Block {
         .collect()
     }
 
+    /// Every norm of the block, in [`Block::norms`]' order, without names.
+    pub fn all_norms(&self) -> Vec<&Norm> {
+        let mut out = vec![&self.attn_norm, &self.mlp_norm];
+        out.extend(
+            [
+                self.q_norm.as_ref(),
+                self.k_norm.as_ref(),
+                self.attn_post_norm.as_ref(),
+                self.mlp_post_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        out
+    }
+
     /// Every norm of the block, mutably.
     fn norms_mut(&mut self) -> Vec<&mut Norm> {
         let mut out = vec![&mut self.attn_norm, &mut self.mlp_norm];

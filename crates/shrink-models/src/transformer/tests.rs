@@ -1170,3 +1170,37 @@ fn scale_folding_keeps_gemma3_and_qwen3_outputs() {
         );
     }
 }
+
+/// transformers 5 writes `rope_parameters` (per attention kind for Gemma 3): read as the bases
+/// they name; a layer kind shrink does not know is refused; `layer_types` follow kept layers.
+#[test]
+fn rope_parameters_and_layer_types_are_read() {
+    let mut json = ModelConfig::tiny_gemma3_for_tests().to_json().unwrap();
+    let map = json.as_object_mut().unwrap();
+    map.remove("rope_theta");
+    map.remove("rope_local_base_freq");
+    map.insert(
+        "rope_parameters".into(),
+        serde_json::json!({
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}
+        }),
+    );
+    let cfg = ModelConfig::from_json(&json).unwrap();
+    assert_eq!((cfg.rope_theta, cfg.rope_local_base_freq), (1e6, Some(1e4)));
+    let mut qwen = ModelConfig::tiny_qwen3_for_tests().to_json().unwrap();
+    qwen["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 5e5});
+    assert_eq!(ModelConfig::from_json(&qwen).unwrap().rope_theta, 5e5);
+    json["rope_parameters"] = serde_json::json!({"chunked_attention": {"rope_theta": 1.0}});
+    let e = ModelConfig::from_json(&json).unwrap_err().to_string();
+    assert!(e.contains("chunked_attention"), "{e}");
+    let kept = cfg.with_layers(&[1, 2]);
+    assert_eq!(
+        kept.layer_types.unwrap(),
+        ["full_attention", "sliding_attention"]
+    );
+    let shape = cfg.with_layers(&[1]).shape_json();
+    assert!(shape
+        .iter()
+        .any(|(k, v)| *k == "layer_types" && v.as_array().unwrap().len() == 1));
+}

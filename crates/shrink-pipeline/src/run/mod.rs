@@ -653,7 +653,9 @@ fn row(
         acc_norm_drop: tasks_of(m)
             .iter()
             .filter_map(|t| {
-                let b = tasks_of(base).iter().find(|b| b.task == t.task)?;
+                let b = tasks_of(base)
+                    .iter()
+                    .find(|b| b.task == t.task && b.docs == t.docs)?;
                 Some((b.acc_norm - t.acc_norm) * 100.0)
             })
             .reduce(f64::max),
