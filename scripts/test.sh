@@ -41,7 +41,7 @@ if [ "${free_mb:-0}" -lt 6000 ]; then
 fi
 export SHRINK_LLAMA_CPP_BIN="$(scripts/build-llama-cpp.sh)"
 cargo build --release -p shrink-cli --features shrink-cli/mpi
-"${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 gemma3 shakespeare setuptools-docs click-code pip-docs requests-code minilm
+"${CARGO_TARGET_DIR:-target}/release/shrink" data fetch smollm2 gemma3 olmo-tasks shakespeare setuptools-docs click-code pip-docs requests-code minilm
 export SHRINK_REAL_TESTS=require
 cargo test --workspace --release --features shrink-cli/mpi "$@"
 # The exports loaded by the libraries their users load them with, scored against shrink eval
