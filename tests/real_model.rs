@@ -1459,42 +1459,7 @@ fn gpt2_ggufs_score_the_same_in_llama_cpp() {
     }
     let dir = tempfile::tempdir().unwrap();
     let folder = common::tiny_gpt2_folder(dir.path(), 512);
-    let f32_gguf = dir.path().join("gpt2-f32.gguf");
-    run_shrink(&[
-        "convert",
-        folder.to_str().unwrap(),
-        "--to",
-        "gguf",
-        f32_gguf.to_str().unwrap(),
-    ]);
-    let q8 = dir.path().join("gpt2-q8_0.gguf");
-    run_shrink(&[
-        "quantize",
-        folder.to_str().unwrap(),
-        "--method",
-        "gptq",
-        "--format",
-        "gguf:q8_0",
-        "--samples",
-        "16",
-        "--seq-len",
-        "128",
-        "-o",
-        q8.to_str().unwrap(),
-    ]);
-    for model in [&f32_gguf, &q8] {
-        let ours = shrink_eval(model, 2)["perplexity"]["ppl"].as_f64().unwrap();
-        let theirs = llama_perplexity(&tool, model, 2);
-        eprintln!(
-            "{}: shrink {ours:.4}, llama.cpp {theirs:.4}",
-            model.display()
-        );
-        assert!(
-            (ours / theirs - 1.0).abs() < 0.005,
-            "{}: shrink {ours} vs llama.cpp {theirs}",
-            model.display()
-        );
-    }
+    ggufs_score_as_llama_cpp(&tool, &folder, dir.path(), "gpt2");
 }
 
 /// The real Gemma 3 270M (llama.cpp's Q4_K_M: Q5_0, Q8_0, Q4_K and Q6_K blocks; five sliding
@@ -1555,6 +1520,54 @@ fn gemma3_real_file_scores_as_llama_cpp() {
     assert_eq!(first_diff, None, "token ids differ from llama-tokenize");
 }
 
+/// Converts `folder` to an F32 GGUF and quantizes it to a GPTQ Q8_0 GGUF (in `dir`, named
+/// after `name`); asserts `shrink eval` scores each within 0.5% of `llama-perplexity` on 2 chunks
+/// of Hamlet. Returns the F32 GGUF.
+fn ggufs_score_as_llama_cpp(
+    tool: &std::path::Path,
+    folder: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+) -> std::path::PathBuf {
+    let f32_gguf = dir.join(format!("{name}-f32.gguf"));
+    run_shrink(&[
+        "convert",
+        folder.to_str().unwrap(),
+        "--to",
+        "gguf",
+        f32_gguf.to_str().unwrap(),
+    ]);
+    let q8 = dir.join(format!("{name}-q8_0.gguf"));
+    run_shrink(&[
+        "quantize",
+        folder.to_str().unwrap(),
+        "--method",
+        "gptq",
+        "--format",
+        "gguf:q8_0",
+        "--samples",
+        "16",
+        "--seq-len",
+        "128",
+        "-o",
+        q8.to_str().unwrap(),
+    ]);
+    for model in [&f32_gguf, &q8] {
+        let ours = shrink_eval(model, 2)["perplexity"]["ppl"].as_f64().unwrap();
+        let theirs = llama_perplexity(tool, model, 2);
+        eprintln!(
+            "{}: shrink {ours:.4}, llama.cpp {theirs:.4}",
+            model.display()
+        );
+        assert!(
+            (ours / theirs - 1.0).abs() < 0.005,
+            "{}: shrink {ours} vs llama.cpp {theirs}",
+            model.display()
+        );
+    }
+    f32_gguf
+}
+
 /// Qwen3 (QK-norm) and Gemma 3 (sandwich norms stored as `w` in the folder and as `1 + w` in the
 /// GGUF, GeGLU, √hidden embedding scale, sliding-window layers with their own RoPE base) written
 /// by shrink as GGUF from Hugging Face folders generated here: llama.cpp scores them as shrink
@@ -1570,45 +1583,10 @@ fn qwen3_and_gemma3_ggufs_score_the_same_in_llama_cpp() {
     let dir = tempfile::tempdir().unwrap();
     for family in ["qwen3", "gemma3"] {
         let folder = common::tiny_family_folder(dir.path(), family);
-        let f32_gguf = dir.path().join(format!("{family}-f32.gguf"));
-        run_shrink(&[
-            "convert",
-            folder.to_str().unwrap(),
-            "--to",
-            "gguf",
-            f32_gguf.to_str().unwrap(),
-        ]);
-        let q8 = dir.path().join(format!("{family}-q8_0.gguf"));
-        run_shrink(&[
-            "quantize",
-            folder.to_str().unwrap(),
-            "--method",
-            "gptq",
-            "--format",
-            "gguf:q8_0",
-            "--samples",
-            "16",
-            "--seq-len",
-            "128",
-            "-o",
-            q8.to_str().unwrap(),
-        ]);
+        let f32_gguf = ggufs_score_as_llama_cpp(&tool, &folder, dir.path(), family);
         let folder_ppl = shrink_eval(&folder, 2)["perplexity"]["ppl"]
             .as_f64()
             .unwrap();
-        for model in [&f32_gguf, &q8] {
-            let ours = shrink_eval(model, 2)["perplexity"]["ppl"].as_f64().unwrap();
-            let theirs = llama_perplexity(&tool, model, 2);
-            eprintln!(
-                "{}: shrink {ours:.4}, llama.cpp {theirs:.4} (folder {folder_ppl:.4})",
-                model.display()
-            );
-            assert!(
-                (ours / theirs - 1.0).abs() < 0.005,
-                "{}: shrink {ours} vs llama.cpp {theirs}",
-                model.display()
-            );
-        }
         let gguf_ppl = shrink_eval(&f32_gguf, 2)["perplexity"]["ppl"]
             .as_f64()
             .unwrap();

@@ -152,40 +152,36 @@ fn gemma3_config(
         let local = meta_f64(path, content, &a("rope.freq_base_swa"))?.unwrap_or(10_000.0);
         map.insert("rope_local_base_freq".into(), json!(local));
         let key = a("attention.sliding_window_pattern");
-        let types: Vec<&str> = match meta(content, &key) {
-            None => (0..n_layer)
-                .map(|i| (i + 1) % 6 != 0)
-                .map(|sliding| {
-                    if sliding {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                })
-                .collect(),
+        match meta(content, &key) {
+            // Absent: the config's default (every 6th layer global), as llama.cpp's.
+            None => {}
             // A flag per layer (llama.cpp writes booleans or 0/1 integers).
-            Some(Value::Array(flags)) => flags
-                .iter()
-                .map(
-                    |f| match f.to_bool().or_else(|_| f.to_u32().map(|v| v != 0)) {
-                        Ok(true) => Ok("sliding_attention"),
-                        Ok(false) => Ok("full_attention"),
-                        Err(_) => Err(meta_err(path, &key, "expected a boolean per layer")),
-                    },
-                )
-                .collect::<Result<_>>()?,
-            // Every `every`-th layer global; 0: every layer sliding (llama.cpp's reading).
-            Some(_) => {
-                let every = meta_u64(path, content, &key)?.unwrap_or(6) as usize;
-                (0..n_layer)
-                    .map(|i| match every == 0 || (i + 1) % every != 0 {
-                        true => "sliding_attention",
-                        false => "full_attention",
-                    })
-                    .collect()
+            Some(Value::Array(flags)) => {
+                let types = flags
+                    .iter()
+                    .map(
+                        |f| match f.to_bool().or_else(|_| f.to_u32().map(|v| v != 0)) {
+                            Ok(true) => Ok("sliding_attention"),
+                            Ok(false) => Ok("full_attention"),
+                            Err(_) => Err(meta_err(path, &key, "expected a boolean per layer")),
+                        },
+                    )
+                    .collect::<Result<Vec<_>>>()?;
+                map.insert("layer_types".into(), json!(types));
             }
-        };
-        map.insert("layer_types".into(), json!(types));
+            // Every `every`-th layer global; 0: every layer sliding (llama.cpp's reading).
+            Some(_) => match meta_u64(path, content, &key)?.unwrap_or(6) {
+                0 => {
+                    map.insert(
+                        "layer_types".into(),
+                        json!(vec!["sliding_attention"; n_layer]),
+                    );
+                }
+                every => {
+                    map.insert("sliding_window_pattern".into(), json!(every));
+                }
+            },
+        }
     }
     if let Some(cap) = meta_f64(path, content, &a("final_logit_softcapping"))? {
         map.insert("final_logit_softcapping".into(), json!(cap));

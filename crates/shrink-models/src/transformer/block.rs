@@ -144,33 +144,37 @@ impl Block {
     pub fn norms(&self, arch: Arch) -> Vec<(String, &Norm)> {
         let names = crate::family::naming(arch);
         let p = format!("{}.{}", names.layers, self.index);
-        [
-            (names.attn_norm, Some(&self.attn_norm)),
-            (names.mlp_norm, Some(&self.mlp_norm)),
-            (names.qk_norms[0], self.q_norm.as_ref()),
-            (names.qk_norms[1], self.k_norm.as_ref()),
-            (names.post_norms[0], self.attn_post_norm.as_ref()),
-            (names.post_norms[1], self.mlp_post_norm.as_ref()),
-        ]
-        .into_iter()
-        .filter_map(|(name, n)| Some((format!("{p}.{name}"), n?)))
-        .collect()
+        let slot_names = [
+            names.attn_norm,
+            names.mlp_norm,
+            names.qk_norms[0],
+            names.qk_norms[1],
+            names.post_norms[0],
+            names.post_norms[1],
+        ];
+        slot_names
+            .into_iter()
+            .zip(self.norm_slots())
+            .filter_map(|(name, n)| Some((format!("{p}.{name}"), n?)))
+            .collect()
     }
 
     /// Every norm of the block, in [`Block::norms`]' order, without names.
     pub fn all_norms(&self) -> Vec<&Norm> {
-        let mut out = vec![&self.attn_norm, &self.mlp_norm];
-        out.extend(
-            [
-                self.q_norm.as_ref(),
-                self.k_norm.as_ref(),
-                self.attn_post_norm.as_ref(),
-                self.mlp_post_norm.as_ref(),
-            ]
-            .into_iter()
-            .flatten(),
-        );
-        out
+        self.norm_slots().into_iter().flatten().collect()
+    }
+
+    /// The block's six norm places (attention, MLP, query, key, attention output, MLP output),
+    /// `None` where the family has none.
+    fn norm_slots(&self) -> [Option<&Norm>; 6] {
+        [
+            Some(&self.attn_norm),
+            Some(&self.mlp_norm),
+            self.q_norm.as_ref(),
+            self.k_norm.as_ref(),
+            self.attn_post_norm.as_ref(),
+            self.mlp_post_norm.as_ref(),
+        ]
     }
 
     /// Every norm of the block, mutably.
